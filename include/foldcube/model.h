@@ -1,0 +1,63 @@
+// The AlphaFold2 Evoformer stack (inference).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "foldcube/config.h"
+#include "foldcube/io.h"
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+
+namespace fc {
+
+struct BlockWeights;  // src/model/weights.h
+
+// Called after each module's residual update: block index, module name (golden trace name, e.g.
+// "msa_att_row"), stream ("m" or "z") and the updated stream tensor.
+using TraceFn = std::function<void(int block, const std::string& module, const std::string& stream,
+                                   const Tensor& value)>;
+
+struct ForwardOptions {
+  TraceFn trace;       // optional
+  int64_t chunk = 0;   // rows per chunk inside modules; 0 = automatic
+};
+
+class EvoformerStack {
+ public:
+  EvoformerStack();
+  ~EvoformerStack();
+  EvoformerStack(EvoformerStack&&) noexcept;
+  EvoformerStack& operator=(EvoformerStack&&) noexcept;
+
+  // Weights under OpenFold state_dict names (blocks.<i>.…, linear.*). Every tensor must be
+  // present, F32 and of the shape the config implies; otherwise a user error naming it.
+  static Status load(const EvoformerConfig& cfg, const TensorFile& weights, EvoformerStack* out);
+  // Seeded random weights scaled so that activations stay O(1) (for the embedded default job
+  // and benchmarks).
+  static EvoformerStack random(const EvoformerConfig& cfg, uint64_t seed);
+
+  // m [s, r, c_m] and z [r, r, c_z] (contiguous F32) are updated in place to the stack output.
+  // msa_mask [s, r], pair_mask [r, r]: undefined tensors mean all ones. s_out (if non-null)
+  // receives linear(m[0]) [r, c_s].
+  Status forward(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                 Tensor* s_out, const ForwardOptions& opts = {}) const;
+
+  const EvoformerConfig& config() const { return cfg_; }
+  int64_t param_bytes() const;
+  // Writes the weights under their state_dict names.
+  void export_weights(TensorFile* out) const;
+
+ private:
+  EvoformerConfig cfg_;
+  std::vector<std::unique_ptr<BlockWeights>> blocks_;
+  Tensor linear_w_, linear_b_;  // [c_s, c_m], [c_s]
+};
+
+// Matmul FLOPs of one Evoformer block's forward at (s, r) (formula in docs/benchmarks.md).
+double evoformer_block_flops(const EvoformerConfig& cfg, int64_t s, int64_t r);
+
+}  // namespace fc

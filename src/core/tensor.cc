@@ -1,0 +1,210 @@
+#include "foldcube/tensor.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "foldcube/memory.h"
+
+namespace fc {
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F64: return 8;
+    case DType::BF16: return 2;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "F32";
+    case DType::F64: return "F64";
+    case DType::BF16: return "BF16";
+  }
+  return "?";
+}
+
+std::string shape_str(const Shape& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(s[i]);
+  }
+  return out + "]";
+}
+
+int64_t shape_numel(const Shape& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+Buffer::Buffer(size_t bytes) : data_(tracked_alloc(bytes)), bytes_(bytes) {}
+Buffer::~Buffer() { tracked_free(data_, bytes_); }
+
+namespace {
+Shape contiguous_strides(const Shape& shape) {
+  Shape st(shape.size());
+  int64_t s = 1;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
+    st[i] = s;
+    s *= shape[i];
+  }
+  return st;
+}
+}  // namespace
+
+Tensor Tensor::empty(const Shape& shape, DType dtype) {
+  for (int64_t d : shape) FC_CHECK_MSG(d >= 0, "negative dimension in " + shape_str(shape));
+  Tensor t;
+  t.buf_ = std::make_shared<Buffer>(static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype));
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  return t;
+}
+
+Tensor Tensor::zeros(const Shape& shape, DType dtype) {
+  Tensor t = empty(shape, dtype);
+  std::memset(t.buf_->data(), 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::full(const Shape& shape, float value) {
+  Tensor t = empty(shape, DType::F32);
+  std::fill_n(t.data<float>(), t.numel(), value);
+  return t;
+}
+
+int64_t Tensor::dim(int i) const {
+  if (i < 0) i += ndim();
+  FC_CHECK(i >= 0 && i < ndim());
+  return shape_[i];
+}
+
+bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_) || numel() <= 1; }
+
+float* Tensor::f32() const {
+  FC_CHECK_MSG(defined() && dtype_ == DType::F32, "tensor is not F32");
+  return data<float>();
+}
+
+Tensor Tensor::slice(int d, int64_t begin, int64_t end) const {
+  if (d < 0) d += ndim();
+  FC_CHECK(d >= 0 && d < ndim() && 0 <= begin && begin <= end && end <= shape_[d]);
+  Tensor t = *this;
+  t.offset_ += begin * strides_[d];
+  t.shape_[d] = end - begin;
+  return t;
+}
+
+Tensor Tensor::select(int d, int64_t index) const {
+  if (d < 0) d += ndim();
+  Tensor t = slice(d, index, index + 1);
+  t.shape_.erase(t.shape_.begin() + d);
+  t.strides_.erase(t.strides_.begin() + d);
+  return t;
+}
+
+Tensor Tensor::permute(const std::vector<int>& order) const {
+  FC_CHECK(static_cast<int>(order.size()) == ndim());
+  Tensor t = *this;
+  std::vector<bool> seen(order.size(), false);
+  for (size_t i = 0; i < order.size(); ++i) {
+    FC_CHECK(order[i] >= 0 && order[i] < ndim() && !seen[order[i]]);
+    seen[order[i]] = true;
+    t.shape_[i] = shape_[order[i]];
+    t.strides_[i] = strides_[order[i]];
+  }
+  return t;
+}
+
+Tensor Tensor::transpose(int a, int b) const {
+  std::vector<int> order(ndim());
+  for (int i = 0; i < ndim(); ++i) order[i] = i;
+  if (a < 0) a += ndim();
+  if (b < 0) b += ndim();
+  std::swap(order[a], order[b]);
+  return permute(order);
+}
+
+Tensor Tensor::reshape(const Shape& shape) const {
+  FC_CHECK_MSG(is_contiguous(), "reshape of a non-contiguous view");
+  FC_CHECK_MSG(shape_numel(shape) == numel(), "reshape " + shape_str(shape_) + " -> " + shape_str(shape));
+  Tensor t = *this;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  return t;
+}
+
+Tensor Tensor::contiguous() const {
+  if (is_contiguous()) return *this;
+  return clone();
+}
+
+Tensor Tensor::clone() const {
+  Tensor t = empty(shape_, dtype_);
+  t.copy_from(*this);
+  return t;
+}
+
+Tensor Tensor::to(DType dtype) const {
+  Tensor t = empty(shape_, dtype);
+  t.copy_from(*this);
+  return t;
+}
+
+namespace {
+template <typename D, typename S>
+void strided_copy(D* dst, const Shape& dstr, const S* src, const Shape& sstr, const Shape& shape) {
+  const int nd = static_cast<int>(shape.size());
+  if (nd == 0) {
+    dst[0] = static_cast<D>(src[0]);
+    return;
+  }
+  const int64_t inner = shape[nd - 1], di = dstr[nd - 1], si = sstr[nd - 1];
+  const int64_t outer = shape_numel(shape) / std::max<int64_t>(inner, 1);
+  if (inner == 0) return;
+  std::vector<int64_t> idx(nd, 0);
+  for (int64_t o = 0; o < outer; ++o) {
+    int64_t doff = 0, soff = 0;
+    for (int k = 0; k < nd - 1; ++k) {
+      doff += idx[k] * dstr[k];
+      soff += idx[k] * sstr[k];
+    }
+    for (int64_t i = 0; i < inner; ++i) dst[doff + i * di] = static_cast<D>(src[soff + i * si]);
+    for (int k = nd - 2; k >= 0; --k) {
+      if (++idx[k] < shape[k]) break;
+      idx[k] = 0;
+    }
+  }
+}
+}  // namespace
+
+void Tensor::copy_from(const Tensor& src) {
+  FC_CHECK_MSG(src.shape_ == shape_, "copy_from shape " + shape_str(src.shape_) + " -> " + shape_str(shape_));
+  FC_CHECK(dtype_ != DType::BF16 && src.dtype_ != DType::BF16);
+  if (dtype_ == src.dtype_ && is_contiguous() && src.is_contiguous()) {
+    std::memmove(data<char>(), src.data<char>(), nbytes());
+    return;
+  }
+  if (dtype_ == DType::F32 && src.dtype_ == DType::F32)
+    strided_copy(data<float>(), strides_, src.data<float>(), src.strides_, shape_);
+  else if (dtype_ == DType::F32 && src.dtype_ == DType::F64)
+    strided_copy(data<float>(), strides_, src.data<double>(), src.strides_, shape_);
+  else if (dtype_ == DType::F64 && src.dtype_ == DType::F32)
+    strided_copy(data<double>(), strides_, src.data<float>(), src.strides_, shape_);
+  else
+    strided_copy(data<double>(), strides_, src.data<double>(), src.strides_, shape_);
+}
+
+Status expect_shape(const std::string& name, const Tensor& t, const Shape& want) {
+  if (!t.defined()) return Status::NotFound("tensor '" + name + "' is missing");
+  if (t.shape() != want)
+    return Status::InvalidArgument("tensor '" + name + "' has shape " + shape_str(t.shape()) +
+                                   ", expected " + shape_str(want));
+  return Status::OK();
+}
+
+}  // namespace fc
