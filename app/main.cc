@@ -1,1 +1,50 @@
-int main() { return 0; }
+// foldcube command line: `foldcube run` (Evoformer inference) and `foldcube bench`.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <string>
+
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"foldcube: AlphaFold-family trunks (Evoformer) on the CPU"};
+  app.require_subcommand(1);
+
+  fc::app::RunArgs ra;
+  CLI::App* run = app.add_subcommand(
+      "run", "Evoformer stack forward pass. Without --weights/--inputs it uses seeded random "
+             "weights and inputs at AF2 model_1 dimensions (the embedded default job).");
+  run->add_option("--weights", ra.weights, "safetensors with OpenFold state_dict names");
+  run->add_option("--inputs", ra.inputs, "safetensors with input.m, input.z [, input.msa_mask, input.pair_mask]");
+  run->add_option("--config", ra.config, "model config JSON (default: weights metadata, else inferred from shapes)");
+  run->add_option("--out", ra.out, "write output.m, output.z, output.s (F32) here");
+  run->add_option("--report", ra.report, "write time and memory as JSON here");
+  run->add_option("--s", ra.s, "random inputs: number of sequences")->check(CLI::Range(1, 1 << 20));
+  run->add_option("--r", ra.r, "random inputs: number of residues")->check(CLI::Range(1, 1 << 20));
+  run->add_option("--blocks", ra.blocks, "random weights: number of Evoformer blocks")->check(CLI::Range(1, 1024));
+  run->add_option("--seed", ra.seed, "seed for random weights and inputs");
+  run->add_option("--threads", ra.threads, "threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::Range(1, 4096));
+  run->add_option("--chunk", ra.chunk, "force batch items per chunk in every module (0 = automatic)")->check(CLI::Range(0, 1 << 30));
+  run->add_option("--repeats", ra.repeats, "timed forward passes (median reported)")->check(CLI::Range(1, 1000));
+  run->add_option("--warmup", ra.warmup, "untimed forward passes first")->check(CLI::Range(0, 1000));
+  run->add_flag("--quiet", ra.quiet, "no human summary");
+
+  fc::app::BenchArgs ba;
+  CLI::App* bench = app.add_subcommand("bench", "Evoformer forward benchmark table with same-run SGEMM peak");
+  bench->add_option("--threads", ba.threads, "threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::Range(1, 4096));
+  bench->add_option("--repeats", ba.repeats, "timed repeats per row (median reported)")->check(CLI::Range(1, 100));
+  bench->add_option("--shapes", ba.shapes, "comma-separated s:r list (default 128:256,512:256)");
+  bench->add_option("--blocks", ba.blocks, "comma-separated block counts (default 1,4)");
+  bench->add_option("--json", ba.out_json, "also write the table as JSON here");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "foldcube: error: %s (see --help)\n", e.what());
+    return 2;
+  }
+  if (*run) return fc::app::run_command(ra);
+  if (*bench) return fc::app::bench_command(ba, argv[0]);
+  return 2;
+}

@@ -56,6 +56,14 @@ void add_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t row
 // y[r, :] += bias[:] for every row.
 void add_bias_rows(float* y, int64_t ldy, const float* bias, int64_t rows, int64_t n);
 
+// ---- Layout and broadcast kernels (src/kernels/layout.cc) ---------------------------------------
+// dst[c * ldd + r] = src[r * lds + c] for a [rows, cols] source (cache-blocked, parallel).
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+// y *= x, elementwise.
+void mul_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
+// y[r, :] *= s[r] for every row.
+void scale_rows(float* y, int64_t ldy, const float* s, int64_t rows, int64_t n);
+
 // ---- Gated multi-head attention with additive biases ------------------------------------------
 // For every batch b, head h, query i, key j (channel index h*C + c, "head-major"):
 //   logit[i,j] = scale * q[b,i,h,:]·k[b,j,h,:] + mask_bias[b,j] + pair_bias[h,i,j]
@@ -97,6 +105,9 @@ void sigmoid_inplace(float* x, int64_t ld, int64_t rows, int64_t n);
 void relu_inplace(float* x, int64_t ld, int64_t rows, int64_t n);
 void add_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
 void add_bias_rows(float* y, int64_t ldy, const float* bias, int64_t rows, int64_t n);
+void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
+void mul_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
+void scale_rows(float* y, int64_t ldy, const float* s, int64_t rows, int64_t n);
 // Naive attention: materialises one [Lk] logit row at a time in scratch of Lk floats.
 void attention(const AttentionArgs& a, float* scratch);
 }  // namespace ref

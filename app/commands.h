@@ -1,0 +1,31 @@
+// The foldcube CLI subcommands. Each returns the process exit code and prints a one-line
+// "foldcube: error: ..." on user errors.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fc::app {
+
+struct RunArgs {
+  std::string weights, inputs, config, out, report;
+  int64_t s = 128, r = 256, blocks = 2;
+  uint64_t seed = 0;
+  int threads = 0;  // 0 = OMP default
+  int64_t chunk = 0;
+  int repeats = 1;  // timed forward passes; the report gives the median
+  int warmup = 0;
+  bool quiet = false;
+};
+int run_command(const RunArgs& a);
+
+struct BenchArgs {
+  int threads = 0;
+  int repeats = 3;
+  std::string out_json;   // optional: write all rows as JSON
+  std::string shapes;     // "s:r,s:r" (default "128:256,512:256")
+  std::string blocks;     // "1,4"
+};
+int bench_command(const BenchArgs& a, const std::string& self_exe);
+
+}  // namespace fc::app

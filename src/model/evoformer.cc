@@ -1,0 +1,278 @@
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "core/rng.h"
+#include "foldcube/model.h"
+#include "foldcube/runtime.h"
+#include "kernels/kernels.h"
+#include "model/modules.h"
+#include "model/weights.h"
+
+namespace fc {
+
+EvoformerStack::EvoformerStack() = default;
+EvoformerStack::~EvoformerStack() = default;
+EvoformerStack::EvoformerStack(EvoformerStack&&) noexcept = default;
+EvoformerStack& EvoformerStack::operator=(EvoformerStack&&) noexcept = default;
+
+namespace {
+std::string block_prefix(int i) { return "blocks." + std::to_string(i) + "."; }
+
+// Fills t with seed-stream values: weights U(-a, a) with variance 1/fan_in, LayerNorm weights
+// 1 + U(-0.1, 0.1), biases U(-0.1, 0.1).
+void random_fill(const std::string& name, Tensor t, uint64_t seed) {
+  uint64_t h = seed;
+  for (char ch : name) h = splitmix64(h ^ static_cast<unsigned char>(ch));
+  const bool is_bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+  const bool is_ln = name.find("layer_norm") != std::string::npos;
+  float scale, offset = 0.f;
+  if (is_bias) {
+    scale = 0.1f;
+  } else if (is_ln) {
+    scale = 0.1f;
+    offset = 1.f;
+  } else {
+    scale = std::sqrt(3.f / static_cast<float>(t.dim(-1)));
+  }
+  Tensor tmp = Tensor::empty(t.shape());
+  float* p = tmp.f32();
+  for (int64_t i = 0; i < tmp.numel(); ++i) p[i] = offset + scale * uniform_pm1(h, i);
+  t.copy_from(tmp);
+}
+
+Status check_finite(const std::string& name, const Tensor& t) {
+  const float* p = t.f32();
+  const int64_t n = t.numel();
+  int64_t bad = -1;
+#pragma omp parallel for reduction(max : bad)
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) bad = std::max(bad, i);
+  if (bad >= 0)
+    return Status::InvalidArgument("tensor '" + name + "' has a non-finite value at flat index " +
+                                   std::to_string(bad));
+  return Status::OK();
+}
+
+Status check_input(const std::string& name, const Tensor& t, const Shape& shape) {
+  FC_RETURN_IF_ERROR(expect_shape(name, t, shape));
+  if (t.dtype() != DType::F32)
+    return Status::InvalidArgument("tensor '" + name + "' has dtype " + dtype_name(t.dtype()) +
+                                   ", expected F32");
+  if (!t.is_contiguous()) return Status::InvalidArgument("tensor '" + name + "' is not contiguous");
+  return check_finite(name, t);
+}
+
+Status check_mask(const std::string& name, const Tensor& t, const Shape& shape) {
+  FC_RETURN_IF_ERROR(check_input(name, t, shape));
+  const float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (p[i] != 0.f && p[i] != 1.f)
+      return Status::InvalidArgument("mask '" + name + "' must hold only 0 and 1 (found " +
+                                     std::to_string(p[i]) + " at flat index " + std::to_string(i) +
+                                     ")");
+  return Status::OK();
+}
+}  // namespace
+
+Status EvoformerStack::load(const EvoformerConfig& cfg, const TensorFile& weights,
+                            EvoformerStack* out) {
+  FC_RETURN_IF_ERROR(cfg.validate());
+  for (const std::string& name : weights.names) {
+    if (name.rfind("blocks.", 0) != 0) continue;
+    const long idx = std::strtol(name.c_str() + 7, nullptr, 10);
+    if (idx >= cfg.no_blocks)
+      return Status::InvalidArgument("weights hold '" + name + "' but the config has no_blocks=" +
+                                     std::to_string(cfg.no_blocks));
+  }
+  EvoformerStack st;
+  st.cfg_ = cfg;
+  for (int i = 0; i < cfg.no_blocks; ++i) {
+    auto w = std::make_unique<BlockWeights>();
+    allocate_block(cfg, w.get());
+    for (auto& [name, view] : named_params(*w, block_prefix(i))) {
+      Tensor t;
+      FC_RETURN_IF_ERROR(weights.get_f32(name, view.shape(), &t));
+      FC_RETURN_IF_ERROR(check_finite(name, t));
+      view.copy_from(t);
+    }
+    st.blocks_.push_back(std::move(w));
+  }
+  FC_RETURN_IF_ERROR(weights.get_f32("linear.weight", {cfg.c_s, cfg.c_m}, &st.linear_w_));
+  FC_RETURN_IF_ERROR(weights.get_f32("linear.bias", {cfg.c_s}, &st.linear_b_));
+  st.linear_w_ = st.linear_w_.clone();
+  st.linear_b_ = st.linear_b_.clone();
+  *out = std::move(st);
+  return Status::OK();
+}
+
+EvoformerStack EvoformerStack::random(const EvoformerConfig& cfg, uint64_t seed) {
+  EvoformerStack st;
+  st.cfg_ = cfg;
+  for (int i = 0; i < cfg.no_blocks; ++i) {
+    auto w = std::make_unique<BlockWeights>();
+    allocate_block(cfg, w.get());
+    for (auto& [name, view] : named_params(*w, block_prefix(i))) random_fill(name, view, seed);
+    st.blocks_.push_back(std::move(w));
+  }
+  st.linear_w_ = Tensor::empty({cfg.c_s, cfg.c_m});
+  st.linear_b_ = Tensor::empty({cfg.c_s});
+  random_fill("linear.weight", st.linear_w_, seed);
+  random_fill("linear.bias", st.linear_b_, seed);
+  return st;
+}
+
+int64_t EvoformerStack::param_bytes() const {
+  int64_t n = static_cast<int64_t>(linear_w_.nbytes() + linear_b_.nbytes());
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    for (auto& [name, t] : named_params(*blocks_[i], "")) n += static_cast<int64_t>(t.nbytes());
+  return n;
+}
+
+void EvoformerStack::export_weights(TensorFile* out) const {
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    for (auto& [name, t] : named_params(*blocks_[i], block_prefix(static_cast<int>(i))))
+      out->put(name, t);
+  out->put("linear.weight", linear_w_);
+  out->put("linear.bias", linear_b_);
+}
+
+Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
+                               const Tensor& pair_mask_in, Tensor* s_out,
+                               const ForwardOptions& opts) const {
+  const EvoformerConfig& cfg = cfg_;
+  if (!m.defined() || m.ndim() != 3)
+    return Status::InvalidArgument("input m must have shape [s, r, c_m=" + std::to_string(cfg.c_m) +
+                                   "], got " + (m.defined() ? shape_str(m.shape()) : "nothing"));
+  const int64_t s = m.dim(0), r = m.dim(1);
+  if (s < 1 || r < 1) return Status::InvalidArgument("input m has an empty dimension");
+  FC_RETURN_IF_ERROR(check_input("input.m", m, {s, r, cfg.c_m}));
+  FC_RETURN_IF_ERROR(check_input("input.z", z, {r, r, cfg.c_z}));
+  Tensor msa_mask = msa_mask_in.defined() ? msa_mask_in : Tensor::full({s, r}, 1.f);
+  Tensor pair_mask = pair_mask_in.defined() ? pair_mask_in : Tensor::full({r, r}, 1.f);
+  FC_RETURN_IF_ERROR(check_mask("input.msa_mask", msa_mask, {s, r}));
+  FC_RETURN_IF_ERROR(check_mask("input.pair_mask", pair_mask, {r, r}));
+
+  // Mask biases inf*(mask-1), and their transposes for the column-wise modules.
+  Tensor msa_bias = Tensor::empty({s, r}), msa_bias_t = Tensor::empty({r, s});
+  Tensor pair_bias = Tensor::empty({r, r}), pair_bias_t = Tensor::empty({r, r});
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = cfg.inf * (msa_mask.f32()[i * r + j] - 1.f);
+      msa_bias.f32()[i * r + j] = v;
+      msa_bias_t.f32()[j * s + i] = v;
+    }
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = cfg.inf * (pair_mask.f32()[i * r + j] - 1.f);
+      pair_bias.f32()[i * r + j] = v;
+      pair_bias_t.f32()[j * r + i] = v;
+    }
+
+  BlockContext ctx;
+  ctx.cfg = &cfg;
+  ctx.s = s;
+  ctx.r = r;
+  ctx.msa_mask = msa_mask.f32();
+  ctx.msa_bias = msa_bias.f32();
+  ctx.msa_bias_t = msa_bias_t.f32();
+  ctx.pair_mask = pair_mask.f32();
+  ctx.pair_bias = pair_bias.f32();
+  ctx.pair_bias_t = pair_bias_t.f32();
+  ctx.chunk = opts.chunk;
+  ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, s, r);
+  ctx.threads = num_threads();
+
+  float* mp = m.f32();
+  float* zp = z.f32();
+  auto trace = [&](int b, const char* name, bool is_m) {
+    if (opts.trace) opts.trace(b, name, is_m ? "m" : "z", is_m ? m : z);
+  };
+  for (int b = 0; b < static_cast<int>(blocks_.size()); ++b) {
+    const BlockWeights& w = *blocks_[b];
+    msa_row_attention(w.msa_att_row, ctx, mp, zp);
+    trace(b, "msa_att_row", true);
+    msa_column_attention(w.msa_att_col, ctx, mp);
+    trace(b, "msa_att_col", true);
+    transition(w.msa_transition, ctx, mp, s * r, cfg.c_m);
+    trace(b, "msa_transition", true);
+    outer_product_mean(w.outer_product_mean, ctx, mp, zp);
+    trace(b, "outer_product_mean", false);
+    triangle_multiplication(w.tri_mul_out, ctx, true, zp);
+    trace(b, "tri_mul_out", false);
+    triangle_multiplication(w.tri_mul_in, ctx, false, zp);
+    trace(b, "tri_mul_in", false);
+    triangle_attention(w.tri_att_start, ctx, false, zp);
+    trace(b, "tri_att_start", false);
+    triangle_attention(w.tri_att_end, ctx, true, zp);
+    trace(b, "tri_att_end", false);
+    transition(w.pair_transition, ctx, zp, r * r, cfg.c_z);
+    trace(b, "pair_transition", false);
+  }
+  if (s_out != nullptr) {
+    *s_out = Tensor::empty({r, cfg.c_s});
+    kern::linear(mp, cfg.c_m, r, cfg.c_m, linear_w_.f32(), linear_b_.f32(), cfg.c_s, s_out->f32(),
+                 cfg.c_s);
+  }
+  return Status::OK();
+}
+
+int64_t default_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+  const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(mz / 8, 4 << 20);
+}
+
+Status infer_config_from_weights(const TensorFile& w, EvoformerConfig* out) {
+  auto dim = [&](const std::string& name, int d, int64_t* v) -> Status {
+    auto it = w.tensors.find(name);
+    if (it == w.tensors.end() || it->second.ndim() <= d)
+      return Status::InvalidArgument("cannot infer the config: weights lack '" + name + "'");
+    *v = it->second.dim(d);
+    return Status::OK();
+  };
+  EvoformerConfig c;
+  const std::string b = "blocks.0.";
+  int64_t qrows = 0, prows = 0, t1 = 0;
+  FC_RETURN_IF_ERROR(dim(b + "msa_att_row.layer_norm_m.weight", 0, &c.c_m));
+  FC_RETURN_IF_ERROR(dim(b + "msa_att_row.layer_norm_z.weight", 0, &c.c_z));
+  FC_RETURN_IF_ERROR(dim(b + "msa_att_row.linear_z.weight", 0, &c.no_heads_msa));
+  FC_RETURN_IF_ERROR(dim(b + "msa_att_row.mha.linear_q.weight", 0, &qrows));
+  FC_RETURN_IF_ERROR(dim(b + "pair_stack.tri_att_start.linear.weight", 0, &c.no_heads_pair));
+  FC_RETURN_IF_ERROR(dim(b + "pair_stack.tri_att_start.mha.linear_q.weight", 0, &prows));
+  FC_RETURN_IF_ERROR(dim(b + "outer_product_mean.linear_1.weight", 0, &c.c_hidden_opm));
+  FC_RETURN_IF_ERROR(dim(b + "pair_stack.tri_mul_out.linear_a_p.weight", 0, &c.c_hidden_mul));
+  FC_RETURN_IF_ERROR(dim(b + "msa_transition.linear_1.weight", 0, &t1));
+  FC_RETURN_IF_ERROR(dim("linear.weight", 0, &c.c_s));
+  if (c.no_heads_msa <= 0 || c.no_heads_pair <= 0 || c.c_m <= 0 || qrows % c.no_heads_msa ||
+      prows % c.no_heads_pair || t1 % c.c_m)
+    return Status::InvalidArgument("cannot infer the config: inconsistent parameter shapes");
+  c.c_hidden_msa_att = qrows / c.no_heads_msa;
+  c.c_hidden_pair_att = prows / c.no_heads_pair;
+  c.transition_n = t1 / c.c_m;
+  int64_t blocks = 0;
+  for (const std::string& name : w.names)
+    if (name.rfind("blocks.", 0) == 0)
+      blocks = std::max<int64_t>(blocks, std::strtol(name.c_str() + 7, nullptr, 10) + 1);
+  c.no_blocks = blocks;
+  FC_RETURN_IF_ERROR(c.validate());
+  *out = c;
+  return Status::OK();
+}
+
+double evoformer_block_flops(const EvoformerConfig& c, int64_t s_, int64_t r_) {
+  const double S = s_, R = r_, cm = c.c_m, cz = c.c_z, n = c.transition_n;
+  const double hm = c.no_heads_msa * c.c_hidden_msa_att, hp = c.no_heads_pair * c.c_hidden_pair_att;
+  const double co = c.c_hidden_opm, ct = c.c_hidden_mul;
+  const double R2 = R * R;
+  double f = 0;
+  f += 2 * R2 * cz * c.no_heads_msa + 2 * S * R * cm * 4 * hm + 4 * S * R2 * hm + 2 * S * R * hm * cm;
+  f += 2 * S * R * cm * 4 * hm + 4 * R * S * S * hm + 2 * S * R * hm * cm;
+  f += 4 * S * R * cm * n * cm;
+  f += 2 * S * R * cm * 2 * co + 2 * R2 * S + 2 * R2 * co * co * S + 2 * R2 * co * co * cz;
+  f += 2 * (2 * R2 * cz * 4 * ct + 2 * R2 * R * ct + 2 * R2 * ct * cz + 2 * R2 * cz * cz);
+  f += 2 * (2 * R2 * cz * c.no_heads_pair + 2 * R2 * cz * 4 * hp + 4 * R * R2 * hp + 2 * R2 * hp * cz);
+  f += 4 * R2 * cz * n * cz;
+  return f;
+}
+
+}  // namespace fc

@@ -1,0 +1,309 @@
+#include "model/modules.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+#include "kernels/kernels.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+
+// Gated self-attention over L positions for B batch items.
+// x [B, L, c_in] is the normalised input; out [B, L, c_in] receives linear_o(gated attention).
+// mask_bias [B, L] (per key), bias [H, L, L] (shared over the batch) or nullptr.
+// Allocates qkvg [B*L, 4*H*C] and the attention scratch.
+void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float* x, int64_t B,
+                     int64_t L, const float* mask_bias, const float* bias, float* out, int threads) {
+  const int64_t c_in = w.w_qkvg.dim(1), hc = H * C, ld = 4 * hc;
+  Tensor qkvg = Tensor::empty({B * L, ld});  // [B*L, q | k | v | g]
+  float* p = qkvg.f32();
+  kern::linear(x, c_in, B * L, c_in, w.w_qkvg.f32(), w.b_qkvg.f32(), ld, p, ld);
+  kern::AttentionArgs a;
+  a.B = B, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
+  a.scale = 1.f / std::sqrt(static_cast<float>(C));
+  a.q = p, a.q_bs = L * ld, a.q_rs = ld;
+  a.k = p + hc, a.k_bs = L * ld, a.k_rs = ld;
+  a.v = p + 2 * hc, a.v_bs = L * ld, a.v_rs = ld;
+  a.gate = p + 3 * hc, a.g_bs = L * ld, a.g_rs = ld;
+  a.o = p, a.o_bs = L * ld, a.o_rs = ld;  // each (b, h) item overwrites only its own q slot
+  a.mask_bias = mask_bias;
+  a.pair_bias = bias;
+  {
+    Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, threads)});
+    kern::attention(a, scratch.f32(), threads);
+  }
+  kern::linear(p, ld, B * L, hc, w.o.w.f32(), w.o.b.f32(), c_in, out, c_in);
+}
+
+int64_t gated_attention_bytes(int64_t H, int64_t C, int64_t B, int64_t L, int threads) {
+  return B * L * 4 * H * C * kF + static_cast<int64_t>(std::max(threads, 1)) * L * L * kF;
+}
+
+// bias [H, r, r] from the pair stream: bias[h][q][k] = (LN(z) W^T)[q, k, h] (or [k, q, h] when
+// transposed). Allocates t [r*r, H] plus an LN chunk.
+Tensor pair_bias_heads(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                       const float* z, bool transposed) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
+  Tensor bias = Tensor::empty({H, r, r});
+  Tensor t = Tensor::empty({r * r, H});  // [(q, k), h]
+  const int64_t ch = pick_chunk(ctx, r, r * cz * kF);
+  {
+    Tensor x = Tensor::empty({ch * r, cz});
+    for (int64_t i0 = 0; i0 < r; i0 += ch) {
+      const int64_t n = std::min(ch, r - i0);
+      kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(),
+                      ctx.cfg->eps_ln);
+      kern::linear(x.f32(), cz, n * r, cz, lin.w.f32(), nullptr, H, t.f32() + i0 * r * H, H);
+    }
+  }
+  const float* tp = t.f32();
+  float* bp = bias.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < r; ++q)
+    for (int64_t k = 0; k < r; ++k) {
+      const float* src = tp + (transposed ? k * r + q : q * r + k) * H;
+      for (int64_t h = 0; h < H; ++h) bp[(h * r + q) * r + k] = src[h];
+    }
+  return bias;
+}
+
+int64_t pair_bias_heads_bytes(const BlockContext& ctx, int64_t H) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z;
+  const int64_t ch = pick_chunk(ctx, r, r * cz * kF);
+  return 2 * H * r * r * kF + ch * r * cz * kF;
+}
+
+// Attention module over a stream S viewed as [N, L, c] (batch over N, attention over L), or, when
+// transposed, S viewed as [L, N, c] with batch over N = dim 1. bias: [H, L, L] or nullptr.
+// mask_bias: [N, L].
+void attention_module(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                      const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
+                      bool transposed, const float* mask_bias, const float* bias) {
+  const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
+  Tensor x = Tensor::empty({ch, L, c});    // normalised input chunk
+  Tensor out = Tensor::empty({ch, L, c});  // update chunk
+  const float eps = ctx.cfg->eps_ln;
+  for (int64_t n0 = 0; n0 < N; n0 += ch) {
+    const int64_t n = std::min(ch, N - n0);
+    if (!transposed) {
+      kern::layernorm(S + n0 * L * c, c, x.f32(), c, n * L, c, ln.w.f32(), ln.b.f32(), eps);
+    } else {
+      for (int64_t b = 0; b < n; ++b)
+        kern::layernorm(S + (n0 + b) * c, N * c, x.f32() + b * L * c, c, L, c, ln.w.f32(),
+                        ln.b.f32(), eps);
+    }
+    gated_attention(w, H, C, x.f32(), n, L, mask_bias + n0 * L, bias, out.f32(), ctx.threads);
+    if (!transposed) {
+      kern::add_inplace(S + n0 * L * c, c, out.f32(), c, n * L, c);
+    } else {
+      for (int64_t b = 0; b < n; ++b)
+        kern::add_inplace(S + (n0 + b) * c, N * c, out.f32() + b * L * c, c, L, c);
+    }
+  }
+}
+
+int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, int64_t N, int64_t L,
+                               int64_t c) {
+  const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
+  return 2 * ch * L * c * kF + gated_attention_bytes(H, C, ch, L, ctx.threads);
+}
+}  // namespace
+
+int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_item) {
+  if (batch <= 0) return 1;
+  if (ctx.chunk > 0) return std::min(ctx.chunk, batch);
+  const int64_t target = std::max<int64_t>(ctx.chunk_target_bytes, 1);
+  return std::clamp<int64_t>(target / std::max<int64_t>(bytes_per_item, 1), 1, batch);
+}
+
+void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m, const float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  Tensor bias = pair_bias_heads(w.ln_z, w.lin_z, ctx, z, false);  // [H_m, r, r]
+  attention_module(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.s, ctx.r,
+                   cfg.c_m, false, ctx.msa_bias, bias.f32());
+}
+
+void msa_column_attention(const MsaColumnAttentionW& w, const BlockContext& ctx, float* m) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  attention_module(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.r, ctx.s,
+                   cfg.c_m, true, ctx.msa_bias_t, nullptr);
+}
+
+void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bool ending, float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  Tensor bias = pair_bias_heads(w.ln, w.lin, ctx, z, ending);  // [H_p, r, r]
+  attention_module(w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r,
+                   cfg.c_z, ending, ending ? ctx.pair_bias_t : ctx.pair_bias, bias.f32());
+}
+
+void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows, int64_t c) {
+  const int64_t nc = w.l1.w.dim(0);
+  const int64_t ch = pick_chunk(ctx, rows, (c + nc) * kF);
+  Tensor t = Tensor::empty({ch, c});   // LN(x) chunk
+  Tensor h = Tensor::empty({ch, nc});  // hidden chunk
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    kern::layernorm(x + r0 * c, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+    kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+    kern::relu_inplace(h.f32(), nc, n, nc);
+    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, x + r0 * c, c, true);
+  }
+}
+
+void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  Tensor a = Tensor::empty({s, r, co});  // linear_1(LN(m)) * mask
+  Tensor b = Tensor::empty({s, r, co});  // linear_2(LN(m)) * mask
+  {
+    const int64_t ch = pick_chunk(ctx, s, r * (cm + 2 * co) * kF);
+    Tensor x = Tensor::empty({ch * r, cm});
+    Tensor ab = Tensor::empty({ch * r, 2 * co});
+    for (int64_t s0 = 0; s0 < s; s0 += ch) {
+      const int64_t n = std::min(ch, s - s0);
+      kern::layernorm(m + s0 * r * cm, cm, x.f32(), cm, n * r, cm, w.ln.w.f32(), w.ln.b.f32(),
+                      cfg.eps_ln);
+      kern::linear(x.f32(), cm, n * r, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(), 2 * co);
+      const float* abp = ab.f32();
+      float* ap = a.f32() + s0 * r * co;
+      float* bp = b.f32() + s0 * r * co;
+      const float* mask = ctx.msa_mask + s0 * r;
+#pragma omp parallel for schedule(static)
+      for (int64_t row = 0; row < n * r; ++row)
+        for (int64_t c = 0; c < co; ++c) {
+          ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
+          bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
+        }
+    }
+  }
+  Tensor norm = Tensor::empty({r, r});  // sum_s mask[s,i] mask[s,j]
+  kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, norm.f32(), r);
+
+  const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
+  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});
+  for (int64_t i0 = 0; i0 < r; i0 += ch) {
+    const int64_t n = std::min(ch, r - i0);
+    kern::gemm(true, false, n * co, r * co, s, 1.f, a.f32() + i0 * co, r * co, b.f32(), r * co, 0.f,
+               o.f32(), r * co);
+    const float* op = o.f32();
+    float* pp = p.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t c = 0; c < co; ++c)
+          std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * r * co + j * co,
+                      co * kF);
+    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
+    const float* yp = y.f32();
+    const float* np = norm.f32() + i0 * r;
+    float* zp = z + i0 * r * cz;
+    const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n * r; ++row) {
+      const float inv = 1.f / (np[row] + eps);
+      for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
+    }
+  }
+}
+
+void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
+                             float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
+  const float eps = cfg.eps_ln;
+  Tensor P = Tensor::empty({ct, r, r});  // triangle products, channel-major
+  {
+    Tensor A = Tensor::empty({ct, r, r});  // a[c][i][k] = mask * sigmoid(a_g) * a_p
+    Tensor B = Tensor::empty({ct, r, r});
+    const int64_t ch = pick_chunk(ctx, r, r * (cz + 4 * ct) * kF);
+    Tensor x = Tensor::empty({ch * r, cz});
+    Tensor t = Tensor::empty({ch * r, 4 * ct});  // a_p | a_g | b_p | b_g
+    for (int64_t i0 = 0; i0 < r; i0 += ch) {
+      const int64_t n = std::min(ch, r - i0);
+      kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(),
+                      eps);
+      kern::linear(x.f32(), cz, n * r, cz, w.ab.w.f32(), w.ab.b.f32(), 4 * ct, t.f32(), 4 * ct);
+      float* tp = t.f32();
+      const float* mask = ctx.pair_mask + i0 * r;
+      for (int64_t part = 0; part < 2; ++part) {  // a, then b
+        float* proj = tp + 2 * part * ct;         // [n*r, ct] with ld 4*ct
+        kern::sigmoid_inplace(proj + ct, 4 * ct, n * r, ct);
+        kern::mul_inplace(proj, 4 * ct, proj + ct, 4 * ct, n * r, ct);
+        kern::scale_rows(proj, 4 * ct, mask, n * r, ct);
+        kern::transpose(proj, 4 * ct, (part ? B : A).f32() + i0 * r, rr, n * r, ct);
+      }
+    }
+    // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
+    kern::gemm_batched(ct, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
+                       P.f32(), r, rr);
+  }
+  const int64_t ch = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
+  Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
+  Tensor x = Tensor::empty({ch * r, cz});
+  Tensor y = Tensor::empty({ch * r, cz});
+  Tensor g = Tensor::empty({ch * r, cz});
+  for (int64_t i0 = 0; i0 < r; i0 += ch) {
+    const int64_t n = std::min(ch, r - i0);
+    float* pp = pc.f32();
+    kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
+    kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+    float* zr = z + i0 * r * cz;
+    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+    kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, g.f32(), cz);
+    kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
+    kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
+  }
+}
+
+int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z;
+  const std::string name = module;
+  if (name == "msa_att_row") {
+    const int64_t Hm = cfg.no_heads_msa;
+    return std::max(pair_bias_heads_bytes(ctx, Hm),
+                    Hm * r * r * kF +
+                        attention_module_bytes(Hm, cfg.c_hidden_msa_att, ctx, s, r, cm));
+  }
+  if (name == "msa_att_col")
+    return attention_module_bytes(cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, r, s, cm);
+  if (name == "tri_att_start" || name == "tri_att_end") {
+    const int64_t Hp = cfg.no_heads_pair;
+    return std::max(pair_bias_heads_bytes(ctx, Hp),
+                    Hp * r * r * kF +
+                        attention_module_bytes(Hp, cfg.c_hidden_pair_att, ctx, r, r, cz));
+  }
+  if (name == "msa_transition" || name == "pair_transition") {
+    const int64_t c = name == "msa_transition" ? cm : cz;
+    const int64_t rows = name == "msa_transition" ? s * r : r * r, nc = cfg.transition_n * c;
+    return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
+  }
+  if (name == "outer_product_mean") {
+    const int64_t co = cfg.c_hidden_opm;
+    const int64_t ab = 2 * s * r * co * kF;
+    const int64_t ch1 = pick_chunk(ctx, s, r * (cm + 2 * co) * kF);
+    const int64_t ch2 = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
+    return ab + std::max(ch1 * r * (cm + 2 * co) * kF,
+                         r * r * kF + ch2 * (2 * co * r * co + r * cz) * kF);
+  }
+  if (name == "tri_mul_out" || name == "tri_mul_in") {
+    const int64_t ct = cfg.c_hidden_mul;
+    const int64_t ch1 = pick_chunk(ctx, r, r * (cz + 4 * ct) * kF);
+    const int64_t ch2 = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
+    return std::max(3 * ct * r * r * kF + ch1 * r * (cz + 4 * ct) * kF,
+                    ct * r * r * kF + ch2 * r * (ct + 3 * cz) * kF);
+  }
+  FC_CHECK_MSG(false, "unknown module " + name);
+  return 0;
+}
+
+}  // namespace fc

@@ -1,0 +1,85 @@
+// Parameter structs of the Evoformer block. Projections that read the same input are stored
+// fused (one GEMM instead of several); the OpenFold-named parameters are views into them.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "foldcube/config.h"
+#include "foldcube/tensor.h"
+
+namespace fc {
+
+struct LayerNormW {
+  Tensor w, b;  // [c], [c]
+};
+
+struct LinearW {
+  Tensor w, b;  // [out, in], [out] (b undefined: no bias)
+};
+
+// Gated multi-head attention: q, k, v, g fused as rows of one weight.
+struct GatedAttentionW {
+  Tensor w_qkvg;  // [4*H*C, c_in]: rows q | k | v | g
+  Tensor b_qkvg;  // [4*H*C]: zeros for q, k, v; linear_g.bias for g
+  LinearW o;      // [c_in, H*C], [c_in]
+};
+
+struct MsaRowAttentionW {
+  LayerNormW ln_m;     // [c_m]
+  LayerNormW ln_z;     // [c_z]
+  LinearW lin_z;       // [H_m, c_z], no bias
+  GatedAttentionW mha;
+};
+
+struct MsaColumnAttentionW {
+  LayerNormW ln_m;
+  GatedAttentionW mha;
+};
+
+struct TransitionW {
+  LayerNormW ln;  // [c]
+  LinearW l1;     // [n*c, c]
+  LinearW l2;     // [c, n*c]
+};
+
+struct OuterProductMeanW {
+  LayerNormW ln;   // [c_m]
+  LinearW l12;     // fused linear_1 | linear_2: [2*c_o, c_m], [2*c_o]
+  LinearW out;     // [c_z, c_o*c_o], [c_z]
+};
+
+struct TriangleMultiplicationW {
+  LayerNormW ln_in;   // [c_z]
+  LinearW ab;         // fused a_p | a_g | b_p | b_g: [4*c_t, c_z], [4*c_t]
+  LayerNormW ln_out;  // [c_t]
+  LinearW lin_z;      // [c_z, c_t], [c_z]
+  LinearW lin_g;      // [c_z, c_z], [c_z]
+};
+
+struct TriangleAttentionW {
+  LayerNormW ln;  // [c_z]
+  LinearW lin;    // [H_p, c_z], no bias
+  GatedAttentionW mha;
+};
+
+struct BlockWeights {
+  MsaRowAttentionW msa_att_row;
+  MsaColumnAttentionW msa_att_col;
+  TransitionW msa_transition;
+  OuterProductMeanW outer_product_mean;
+  TriangleMultiplicationW tri_mul_out, tri_mul_in;
+  TriangleAttentionW tri_att_start, tri_att_end;
+  TransitionW pair_transition;
+};
+
+// Allocates every parameter of one block (uninitialised) for cfg.
+void allocate_block(const EvoformerConfig& cfg, BlockWeights* w);
+
+// The block's parameters under OpenFold state_dict names with prefix "blocks.<i>." as views into
+// the fused storage (writing a view writes the parameter). Biases that OpenFold does not have
+// (q, k, v parts of b_qkvg) are not listed.
+std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w, const std::string& prefix);
+
+}  // namespace fc

@@ -1,0 +1,28 @@
+// Shared helpers for the test suite.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "foldcube/tensor.h"
+
+namespace fc::test {
+
+inline std::string data_path(const std::string& name) {
+  return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;
+}
+
+// The golden README metric: max |x - ref| / max(rms(ref), 1). Shapes must match.
+inline double golden_err(const Tensor& x, const Tensor& ref) {
+  Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
+  const double* pa = a.data<double>();
+  const double* pb = b.data<double>();
+  double ss = 0, mx = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) ss += pb[i] * pb[i];
+  for (int64_t i = 0; i < b.numel(); ++i) mx = std::max(mx, std::abs(pa[i] - pb[i]));
+  const double rms = std::sqrt(ss / std::max<int64_t>(b.numel(), 1));
+  return mx / std::max(rms, 1.0);
+}
+
+}  // namespace fc::test
