@@ -1,0 +1,249 @@
+// The foldcube CLI end to end: golden files as weights and inputs, the embedded default job, the
+// report JSON, and one-line errors with non-zero exit codes for bad input.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "foldcube/io.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+struct Result {
+  int code;
+  std::string out;  // stdout + stderr
+};
+
+Result run_cli(const std::string& args) {
+  const std::string cmd = std::string(FOLDCUBE_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  Result r{-1, ""};
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int st = pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+std::string tmp(const std::string& name) { return ::testing::TempDir() + "/fc_cli_" + name; }
+
+int count_lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+// Asserts a clean user error: exit code 1, exactly one line, "foldcube: error:" and `needle`.
+void expect_user_error(const Result& r, const std::string& needle) {
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_EQ(count_lines(r.out), 1) << r.out;
+  EXPECT_NE(r.out.find("foldcube: error:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(needle), std::string::npos) << "wanted '" << needle << "' in: " << r.out;
+}
+
+TEST(Cli, GoldenFileAsWeightsAndInputs) {
+  const std::string g = test::data_path("evo_tiny.safetensors");
+  const std::string out = tmp("out.safetensors"), rep = tmp("report.json");
+  Result r = run_cli("run --weights " + g + " --inputs " + g + " --out " + out + " --report " + rep +
+                     " --threads 2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("tracked peak"), std::string::npos);
+  TensorFile ref, got;
+  ASSERT_TRUE(read_safetensors(g, &ref).ok());
+  ASSERT_TRUE(read_safetensors(out, &got).ok());
+  for (const char* name : {"output.m", "output.z", "output.s"}) {
+    ASSERT_TRUE(got.has(name)) << name;
+    EXPECT_EQ(got.tensors[name].dtype(), DType::F32);
+    EXPECT_LT(test::golden_err(got.tensors[name], ref.tensors[name]), 1e-4) << name;
+  }
+  std::ifstream f(rep);
+  nlohmann::json j = nlohmann::json::parse(f);
+  for (const char* key : {"time_ms", "peak_tracked_bytes", "peak_rss_bytes"}) {
+    ASSERT_TRUE(j.contains(key)) << key;
+    EXPECT_GT(j[key].get<double>(), 0) << key;
+  }
+}
+
+TEST(Cli, RandomDefaultJobSmall) {
+  Result r = run_cli("run --s 4 --r 8 --blocks 1 --threads 1");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("GFLOP/s"), std::string::npos) << r.out;
+}
+
+TEST(Cli, MasksOptional) {
+  // Inputs without masks: all-ones masks are used.
+  TensorFile g, in;
+  ASSERT_TRUE(read_safetensors(test::data_path("evo_tiny.safetensors"), &g).ok());
+  in.put("input.m", g.tensors["input.m"]);
+  in.put("input.z", g.tensors["input.z"]);
+  ASSERT_TRUE(write_safetensors(tmp("nomask.safetensors"), in).ok());
+  Result r = run_cli("run --weights " + test::data_path("evo_tiny.safetensors") + " --inputs " +
+                     tmp("nomask.safetensors"));
+  EXPECT_EQ(r.code, 0) << r.out;
+}
+
+class CliBadInput : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(read_safetensors(test::data_path("evo_tiny.safetensors"), &golden_).ok());
+  }
+  // Writes golden_ with `edit` applied and runs it as --weights and --inputs.
+  Result run_edited(const std::string& name, const std::function<void(TensorFile*)>& edit) {
+    TensorFile f = golden_;
+    edit(&f);
+    const std::string path = tmp(name);
+    EXPECT_TRUE(write_safetensors(path, f).ok());
+    return run_cli("run --weights " + path + " --inputs " + path);
+  }
+  static void drop(TensorFile* f, const std::string& name) {
+    f->tensors.erase(name);
+    f->names.erase(std::find(f->names.begin(), f->names.end(), name));
+  }
+  TensorFile golden_;
+};
+
+TEST_F(CliBadInput, MissingParameter) {
+  expect_user_error(run_edited("missing.safetensors",
+                               [](TensorFile* f) {
+                                 drop(f, "blocks.1.pair_stack.tri_mul_in.linear_g.weight");
+                               }),
+                    "blocks.1.pair_stack.tri_mul_in.linear_g.weight");
+}
+
+TEST_F(CliBadInput, MissingInput) {
+  expect_user_error(run_edited("noinput.safetensors", [](TensorFile* f) { drop(f, "input.z"); }),
+                    "input.z");
+}
+
+TEST_F(CliBadInput, WrongParameterShape) {
+  expect_user_error(
+      run_edited("shape.safetensors",
+                 [](TensorFile* f) {
+                   f->tensors["blocks.0.msa_transition.linear_1.bias"] = Tensor::zeros({7});
+                 }),
+      "blocks.0.msa_transition.linear_1.bias");
+}
+
+TEST_F(CliBadInput, WrongParameterDtype) {
+  expect_user_error(run_edited("dtype.safetensors",
+                               [](TensorFile* f) {
+                                 Tensor& t = f->tensors["blocks.0.msa_att_row.linear_z.weight"];
+                                 t = t.to(DType::F64);
+                               }),
+                    "F64");
+}
+
+TEST_F(CliBadInput, WrongInputShape) {
+  expect_user_error(run_edited("inshape.safetensors",
+                               [](TensorFile* f) { f->tensors["input.z"] = Tensor::zeros({12, 12, 5}); }),
+                    "input.z");
+}
+
+TEST_F(CliBadInput, NonBinaryMask) {
+  expect_user_error(run_edited("mask.safetensors",
+                               [](TensorFile* f) {
+                                 Tensor t = f->tensors["input.msa_mask"].clone();
+                                 t.f32()[3] = 0.5f;
+                                 f->tensors["input.msa_mask"] = t;
+                               }),
+                    "msa_mask");
+}
+
+TEST_F(CliBadInput, NanInput) {
+  expect_user_error(run_edited("nan.safetensors",
+                               [](TensorFile* f) {
+                                 Tensor t = f->tensors["input.m"].clone();
+                                 t.f32()[10] = std::nanf("");
+                                 f->tensors["input.m"] = t;
+                               }),
+                    "non-finite");
+}
+
+TEST_F(CliBadInput, ConfigInconsistentWithWeights) {
+  const std::string cfg = tmp("cfg.json");
+  std::ofstream(cfg) << R"({"c_m": 64, "c_z": 16, "no_blocks": 2})";
+  Result r = run_cli("run --weights " + test::data_path("evo_tiny.safetensors") + " --config " + cfg);
+  expect_user_error(r, "shape");
+  std::ofstream(cfg) << R"({"c_m": 32, "c_z": 16, "c_hidden_msa_att": 8, "no_heads_msa": 4,
+    "c_hidden_pair_att": 8, "no_heads_pair": 2, "c_hidden_opm": 8, "c_hidden_mul": 16,
+    "transition_n": 4, "c_s": 24, "no_blocks": 1})";
+  expect_user_error(run_cli("run --weights " + test::data_path("evo_tiny.safetensors") +
+                            " --config " + cfg),
+                    "no_blocks");
+}
+
+// Raw byte-level damage to a real file.
+std::string golden_bytes() {
+  std::ifstream f(test::data_path("evo_tiny.safetensors"), std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+Result run_bytes(const std::string& name, const std::string& bytes) {
+  const std::string path = tmp(name);
+  std::ofstream(path, std::ios::binary) << bytes;
+  return run_cli("run --weights " + path + " --inputs " + path);
+}
+
+TEST(CliHostileFile, Truncated) {
+  const std::string b = golden_bytes();
+  expect_user_error(run_bytes("trunc.safetensors", b.substr(0, b.size() / 2)), "trunc");
+}
+
+TEST(CliHostileFile, HeaderLengthBeyondFile) {
+  std::string b = golden_bytes();
+  const uint64_t n = b.size() + 100;
+  std::memcpy(b.data(), &n, 8);
+  Result r = run_bytes("hdrlen.safetensors", b);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_EQ(count_lines(r.out), 1) << r.out;
+}
+
+TEST(CliHostileFile, NonJsonHeader) {
+  std::string b = golden_bytes();
+  b[8] = '#';
+  Result r = run_bytes("json.safetensors", b);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_EQ(count_lines(r.out), 1) << r.out;
+}
+
+TEST(CliHostileFile, OffsetsOutOfRangeAndOverlapping) {
+  std::string b = golden_bytes();
+  uint64_t n;
+  std::memcpy(&n, b.data(), 8);
+  std::string header = b.substr(8, n);
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(header);
+  auto rewrite = [&](const nlohmann::ordered_json& jj) {
+    std::string h = jj.dump();
+    h.resize(n, ' ');
+    return b.substr(0, 8) + h + b.substr(8 + n);
+  };
+  nlohmann::ordered_json far = j;
+  far["input.m"]["data_offsets"][1] = far["input.m"]["data_offsets"][1].get<uint64_t>() + (1ull << 40);
+  Result r = run_bytes("range.safetensors", rewrite(far));
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_EQ(count_lines(r.out), 1) << r.out;
+  nlohmann::ordered_json ov = j;
+  ov["input.z"]["data_offsets"] = ov["input.m"]["data_offsets"];
+  ov["input.z"]["shape"] = ov["input.m"]["shape"];
+  r = run_bytes("overlap.safetensors", rewrite(ov));
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("overlap"), std::string::npos) << r.out;
+}
+
+TEST(Cli, MissingFileAndBadFlags) {
+  expect_user_error(run_cli("run --weights /nonexistent/w.safetensors"), "/nonexistent/w.safetensors");
+  Result r = run_cli("run --s -3");
+  EXPECT_EQ(r.code, 2) << r.out;
+  r = run_cli("frobnicate");
+  EXPECT_EQ(r.code, 2) << r.out;
+}
+
+}  // namespace
+}  // namespace fc
