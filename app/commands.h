@@ -16,6 +16,7 @@ struct RunArgs {
   int repeats = 1;  // timed forward passes; the report gives the median
   int warmup = 0;
   bool quiet = false;
+  bool profile = false;  // per-module time breakdown (last timed pass)
 };
 int run_command(const RunArgs& a);
 

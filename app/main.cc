@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   run->add_option("--repeats", ra.repeats, "timed forward passes (median reported)")->check(CLI::Range(1, 1000));
   run->add_option("--warmup", ra.warmup, "untimed forward passes first")->check(CLI::Range(0, 1000));
   run->add_flag("--quiet", ra.quiet, "no human summary");
+  run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
 
   fc::app::BenchArgs ba;
   CLI::App* bench = app.add_subcommand("bench", "Evoformer forward benchmark table with same-run SGEMM peak");

@@ -89,6 +89,19 @@ int run_command(const RunArgs& a) {
 
   ForwardOptions opts;
   opts.chunk = a.chunk;
+  std::vector<std::pair<std::string, double>> module_ms;  // in first-seen order
+  auto mark = std::chrono::steady_clock::now();
+  if (a.profile) {
+    opts.trace = [&](int, const std::string& module, const std::string&, const Tensor&) {
+      const auto now = std::chrono::steady_clock::now();
+      const double ms = std::chrono::duration<double, std::milli>(now - mark).count();
+      mark = now;
+      auto it = std::find_if(module_ms.begin(), module_ms.end(),
+                             [&](const auto& e) { return e.first == module; });
+      if (it == module_ms.end()) module_ms.emplace_back(module, ms);
+      else it->second += ms;
+    };
+  }
   Tensor m, z, s_out;
   std::vector<double> times;
   int64_t peak_tracked = 0;
@@ -96,7 +109,9 @@ int run_command(const RunArgs& a) {
     m = m0.clone();
     z = z0.clone();
     MemoryScope scope;
+    module_ms.clear();
     const auto t0 = std::chrono::steady_clock::now();
+    mark = t0;
     st = stack.forward(m, z, msa_mask, pair_mask, &s_out, opts);
     const auto t1 = std::chrono::steady_clock::now();
     if (!st.ok()) return fail(st);
@@ -130,6 +145,8 @@ int run_command(const RunArgs& a) {
                 peak_tracked / 1048576.0, static_cast<double>(peak_tracked) / mz_bytes,
                 mz_bytes / 1048576.0, stack.param_bytes() / 1048576.0);
     std::printf("  peak RSS    %9.1f MiB\n", rss / 1048576.0);
+    for (const auto& [module, ms] : module_ms)
+      std::printf("    %-20s %9.1f ms\n", module.c_str(), ms);
     if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
   }
   if (!a.report.empty()) {
@@ -148,6 +165,8 @@ int run_command(const RunArgs& a) {
     j["threads"] = num_threads();
     j["chunk"] = a.chunk;
     j["config"] = nlohmann::json::parse(cfg.to_json());
+    if (a.profile)
+      for (const auto& [module, ms] : module_ms) j["module_ms"][module] = ms;
     std::ofstream f(a.report);
     f << j.dump(2) << "\n";
     if (!f) return fail(Status::IOError("cannot write report " + a.report));
