@@ -104,10 +104,18 @@ int run_command(const RunArgs& a) {
   }
   Tensor m, z, s_out;
   std::vector<double> times;
-  int64_t peak_tracked = 0;
-  for (int it = 0; it < a.warmup + a.repeats; ++it) {
-    m = m0.clone();
-    z = z0.clone();
+  int64_t peak_tracked = 0, inference_peak = 0;
+  const int64_t mz_bytes = static_cast<int64_t>(m0.nbytes() + z0.nbytes());
+  const int passes = a.warmup + a.repeats;
+  for (int it = 0; it < passes; ++it) {
+    if (it + 1 < passes) {  // keep pristine inputs for the next pass
+      m = m0.clone();
+      z = z0.clone();
+    } else {  // last pass runs on the inputs themselves: no extra copy is live
+      m = std::move(m0);
+      z = std::move(z0);
+      ifile = TensorFile();
+    }
     MemoryScope scope;
     module_ms.clear();
     const auto t0 = std::chrono::steady_clock::now();
@@ -116,11 +124,11 @@ int run_command(const RunArgs& a) {
     const auto t1 = std::chrono::steady_clock::now();
     if (!st.ok()) return fail(st);
     peak_tracked = std::max(peak_tracked, scope.peak());
+    inference_peak = std::max(inference_peak, scope.peak() - scope.start_live() + mz_bytes);
     if (it >= a.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   const double time_ms = median(times);
   const double gflop = evoformer_block_flops(cfg, s, r) * cfg.no_blocks / 1e9;
-  const int64_t mz_bytes = static_cast<int64_t>(m.nbytes() + z.nbytes());
   const int64_t rss = peak_rss_bytes();
 
   if (!a.out.empty()) {
@@ -141,9 +149,11 @@ int run_command(const RunArgs& a) {
                 a.weights.empty() ? ", random weights" : "");
     std::printf("  time        %10.1f ms  (median of %d; %.1f GFLOP, %.1f GFLOP/s)\n", time_ms,
                 a.repeats, gflop, gflop / (time_ms / 1e3));
-    std::printf("  tracked peak %9.1f MiB  (%.2f x bytes of m+z = %.1f MiB; weights %.1f MiB)\n",
-                peak_tracked / 1048576.0, static_cast<double>(peak_tracked) / mz_bytes,
-                mz_bytes / 1048576.0, stack.param_bytes() / 1048576.0);
+    std::printf("  tracked peak %9.1f MiB  (all tensors: weights %.1f MiB, inputs, masks, work)\n",
+                peak_tracked / 1048576.0, stack.param_bytes() / 1048576.0);
+    std::printf("  inference   %9.1f MiB  (m+z+workspace = %.2f x bytes of m+z = %.1f MiB)\n",
+                inference_peak / 1048576.0, static_cast<double>(inference_peak) / mz_bytes,
+                mz_bytes / 1048576.0);
     std::printf("  peak RSS    %9.1f MiB\n", rss / 1048576.0);
     for (const auto& [module, ms] : module_ms)
       std::printf("    %-20s %9.1f ms\n", module.c_str(), ms);
@@ -155,6 +165,7 @@ int run_command(const RunArgs& a) {
     j["times_ms"] = times;
     j["peak_tracked_bytes"] = peak_tracked;
     j["peak_rss_bytes"] = rss;
+    j["inference_peak_bytes"] = inference_peak;
     j["param_bytes"] = stack.param_bytes();
     j["mz_bytes"] = mz_bytes;
     j["gflop"] = gflop;

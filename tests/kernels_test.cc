@@ -54,7 +54,12 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
                                            GemmShape{17, 3, 33, true, false},
                                            GemmShape{31, 29, 65, true, true},
                                            GemmShape{128, 96, 64, false, true},
-                                           GemmShape{5, 200, 1, false, false}));
+                                           GemmShape{5, 200, 1, false, false}),
+                         [](const auto& info) {
+                           const GemmShape& g = info.param;
+                           return std::to_string(g.M) + "x" + std::to_string(g.N) + "x" +
+                                  std::to_string(g.K) + (g.ta ? "_ta" : "") + (g.tb ? "_tb" : "");
+                         });
 
 TEST(Gemm, BatchedMatchesLoop) {
   for (int64_t batch : {1, 3, 16}) {
@@ -80,6 +85,25 @@ TEST(Linear, MatchesReferenceWithBiasAndAccumulate) {
       kern::ref::linear(x.data(), ldx, rows, in, W.data(), bias, out, y2.data(), ldy, acc);
       EXPECT_LT(rel_err(y1.data(), y2.data(), rows * ldy), 1e-5) << acc << " " << (bias != nullptr);
     }
+}
+
+TEST(Layout, TransposeMulScaleMatchReference) {
+  for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 70}, {33, 17}, {300, 257}}) {
+    const int64_t lds = cols + 3, ldd = rows + 5;
+    auto src = rnd(rows * lds, 20);
+    std::vector<float> d1(cols * ldd, -3.f), d2(cols * ldd, -3.f);
+    kern::transpose(src.data(), lds, d1.data(), ldd, rows, cols);
+    kern::ref::transpose(src.data(), lds, d2.data(), ldd, rows, cols);
+    EXPECT_EQ(d1, d2) << rows << "x" << cols;  // includes untouched padding
+    auto y0 = rnd(rows * lds, 21), x = rnd(rows * lds, 22), sc = rnd(rows, 23);
+    auto y1 = y0, y2 = y0;
+    kern::mul_inplace(y1.data(), lds, x.data(), lds, rows, cols);
+    kern::ref::mul_inplace(y2.data(), lds, x.data(), lds, rows, cols);
+    EXPECT_EQ(y1, y2);
+    kern::scale_rows(y1.data(), lds, sc.data(), rows, cols);
+    kern::ref::scale_rows(y2.data(), lds, sc.data(), rows, cols);
+    EXPECT_EQ(y1, y2);
+  }
 }
 
 struct AttnShape {
@@ -129,7 +153,13 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnShape{2, 5, 5, 3, 4, true, true, true, true},
                       AttnShape{3, 7, 11, 2, 8, true, false, true, false},
                       AttnShape{4, 17, 17, 4, 32, true, true, false, true},
-                      AttnShape{5, 33, 33, 8, 8, true, true, true, true}));
+                      AttnShape{5, 33, 33, 8, 8, true, true, true, true}),
+    [](const auto& info) {
+      const AttnShape& p = info.param;
+      return "B" + std::to_string(p.B) + "_Lq" + std::to_string(p.Lq) + "_Lk" + std::to_string(p.Lk) +
+             "_H" + std::to_string(p.H) + "_C" + std::to_string(p.C) + (p.mask ? "_mask" : "") +
+             (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") + (p.strided ? "_strided" : "");
+    });
 
 }  // namespace
 }  // namespace fc

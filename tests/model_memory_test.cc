@@ -69,7 +69,12 @@ TEST_P(ModuleMemory, WorkspaceMatchesTrackedPeak) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ModuleMemory,
                          ::testing::Values(MemCase{8, 12, 0}, MemCase{16, 40, 0}, MemCase{5, 33, 3},
-                                           MemCase{16, 40, 1}));
+                                           MemCase{16, 40, 1}),
+                         [](const auto& info) {
+                           return "s" + std::to_string(info.param.s) + "_r" +
+                                  std::to_string(info.param.r) + "_chunk" +
+                                  std::to_string(info.param.chunk);
+                         });
 
 // Issue bound: a block's inference peak (above weights and inputs) <= 6 x bytes(m + z), at AF2
 // dimensions on a shape small enough for the default suite.
