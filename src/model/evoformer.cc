@@ -6,6 +6,7 @@
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
+#include "model/common.h"
 #include "model/modules.h"
 #include "model/weights.h"
 
@@ -16,64 +17,6 @@ EvoformerStack::~EvoformerStack() = default;
 EvoformerStack::EvoformerStack(EvoformerStack&&) noexcept = default;
 EvoformerStack& EvoformerStack::operator=(EvoformerStack&&) noexcept = default;
 
-namespace {
-std::string block_prefix(int i) { return "blocks." + std::to_string(i) + "."; }
-
-// Fills t with seed-stream values: weights U(-a, a) with variance 1/fan_in, LayerNorm weights
-// 1 + U(-0.1, 0.1), biases U(-0.1, 0.1).
-void random_fill(const std::string& name, Tensor t, uint64_t seed) {
-  uint64_t h = seed;
-  for (char ch : name) h = splitmix64(h ^ static_cast<unsigned char>(ch));
-  const bool is_bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-  const bool is_ln = name.find("layer_norm") != std::string::npos;
-  float scale, offset = 0.f;
-  if (is_bias) {
-    scale = 0.1f;
-  } else if (is_ln) {
-    scale = 0.1f;
-    offset = 1.f;
-  } else {
-    scale = std::sqrt(3.f / static_cast<float>(t.dim(-1)));
-  }
-  Tensor tmp = Tensor::empty(t.shape());
-  float* p = tmp.f32();
-  for (int64_t i = 0; i < tmp.numel(); ++i) p[i] = offset + scale * uniform_pm1(h, i);
-  t.copy_from(tmp);
-}
-
-Status check_finite(const std::string& name, const Tensor& t) {
-  const float* p = t.f32();
-  const int64_t n = t.numel();
-  int64_t bad = -1;
-#pragma omp parallel for reduction(max : bad)
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(p[i])) bad = std::max(bad, i);
-  if (bad >= 0)
-    return Status::InvalidArgument("tensor '" + name + "' has a non-finite value at flat index " +
-                                   std::to_string(bad));
-  return Status::OK();
-}
-
-Status check_input(const std::string& name, const Tensor& t, const Shape& shape) {
-  FC_RETURN_IF_ERROR(expect_shape(name, t, shape));
-  if (t.dtype() != DType::F32)
-    return Status::InvalidArgument("tensor '" + name + "' has dtype " + dtype_name(t.dtype()) +
-                                   ", expected F32");
-  if (!t.is_contiguous()) return Status::InvalidArgument("tensor '" + name + "' is not contiguous");
-  return check_finite(name, t);
-}
-
-Status check_mask(const std::string& name, const Tensor& t, const Shape& shape) {
-  FC_RETURN_IF_ERROR(check_input(name, t, shape));
-  const float* p = t.f32();
-  for (int64_t i = 0; i < t.numel(); ++i)
-    if (p[i] != 0.f && p[i] != 1.f)
-      return Status::InvalidArgument("mask '" + name + "' must hold only 0 and 1 (found " +
-                                     std::to_string(p[i]) + " at flat index " + std::to_string(i) +
-                                     ")");
-  return Status::OK();
-}
-}  // namespace
 
 Status EvoformerStack::load(const EvoformerConfig& cfg, const TensorFile& weights,
                             EvoformerStack* out) {
@@ -141,47 +84,10 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
                                const Tensor& pair_mask_in, Tensor* s_out,
                                const ForwardOptions& opts) const {
   const EvoformerConfig& cfg = cfg_;
-  if (!m.defined() || m.ndim() != 3)
-    return Status::InvalidArgument("input m must have shape [s, r, c_m=" + std::to_string(cfg.c_m) +
-                                   "], got " + (m.defined() ? shape_str(m.shape()) : "nothing"));
-  const int64_t s = m.dim(0), r = m.dim(1);
-  if (s < 1 || r < 1) return Status::InvalidArgument("input m has an empty dimension");
-  FC_RETURN_IF_ERROR(check_input("input.m", m, {s, r, cfg.c_m}));
-  FC_RETURN_IF_ERROR(check_input("input.z", z, {r, r, cfg.c_z}));
-  Tensor msa_mask = msa_mask_in.defined() ? msa_mask_in : Tensor::full({s, r}, 1.f);
-  Tensor pair_mask = pair_mask_in.defined() ? pair_mask_in : Tensor::full({r, r}, 1.f);
-  FC_RETURN_IF_ERROR(check_mask("input.msa_mask", msa_mask, {s, r}));
-  FC_RETURN_IF_ERROR(check_mask("input.pair_mask", pair_mask, {r, r}));
-
-  // Mask biases inf*(mask-1), and their transposes for the column-wise modules.
-  Tensor msa_bias = Tensor::empty({s, r}), msa_bias_t = Tensor::empty({r, s});
-  Tensor pair_bias = Tensor::empty({r, r}), pair_bias_t = Tensor::empty({r, r});
-  for (int64_t i = 0; i < s; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      const float v = cfg.inf * (msa_mask.f32()[i * r + j] - 1.f);
-      msa_bias.f32()[i * r + j] = v;
-      msa_bias_t.f32()[j * s + i] = v;
-    }
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      const float v = cfg.inf * (pair_mask.f32()[i * r + j] - 1.f);
-      pair_bias.f32()[i * r + j] = v;
-      pair_bias_t.f32()[j * r + i] = v;
-    }
-
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = s;
-  ctx.r = r;
-  ctx.msa_mask = msa_mask.f32();
-  ctx.msa_bias = msa_bias.f32();
-  ctx.msa_bias_t = msa_bias_t.f32();
-  ctx.pair_mask = pair_mask.f32();
-  ctx.pair_bias = pair_bias.f32();
-  ctx.pair_bias_t = pair_bias_t.f32();
-  ctx.chunk = opts.chunk;
-  ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, s, r);
-  ctx.threads = num_threads();
+  StackInputs in;
+  FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
+  const int64_t s = in.s, r = in.r;
+  const BlockContext ctx = make_context(cfg, in, opts.chunk);
 
   float* mp = m.f32();
   float* zp = z.f32();

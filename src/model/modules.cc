@@ -42,7 +42,9 @@ void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float
 }
 
 int64_t gated_attention_bytes(int64_t H, int64_t C, int64_t B, int64_t L, int threads) {
-  return B * L * 4 * H * C * kF + static_cast<int64_t>(std::max(threads, 1)) * L * L * kF;
+  kern::AttentionArgs a;
+  a.B = B, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
+  return B * L * 4 * H * C * kF + kern::attention_scratch_floats(a, threads) * kF;
 }
 
 // bias [H, r, r] from the pair stream: bias[h][q][k] = (LN(z) W^T)[q, k, h] (or [k, q, h] when
@@ -302,8 +304,92 @@ int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
     return std::max(3 * ct * r * r * kF + ch1 * r * (cz + 4 * ct) * kF,
                     ct * r * r * kF + ch2 * r * (ct + 3 * cz) * kF);
   }
+  if (name == "msa_att_col_global") return msa_column_global_attention_bytes(ctx);
   FC_CHECK_MSG(false, "unknown module " + name);
   return 0;
+}
+
+// ---- ExtraMSA: global column attention ----------------------------------------------------------
+
+namespace {
+// Chunk buffers per residue column: x [s, c_e], kvg [s, 2C + H*C], mean [c_e], q/o [H*C].
+int64_t global_attention_item_bytes(const EvoformerConfig& cfg, int64_t s) {
+  const int64_t ce = cfg.c_m, C = cfg.c_hidden_msa_att, hc = cfg.no_heads_msa * C;
+  return (s * ce + s * (2 * C + hc) + ce + hc) * kF;
+}
+
+// The global attention as the attention kernel sees it: per residue b, the H heads are H queries
+// of ONE kernel head of width C over the s keys. Sizes only; the caller sets the pointers.
+kern::AttentionArgs global_attention_dims(const EvoformerConfig& cfg, int64_t n, int64_t s) {
+  kern::AttentionArgs a;
+  a.B = n, a.Lq = cfg.no_heads_msa, a.Lk = s, a.H = 1, a.C = cfg.c_hidden_msa_att;
+  a.scale = 1.f / std::sqrt(static_cast<float>(a.C));
+  return a;
+}
+}  // namespace
+
+void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                 float eps, float* m) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, ce = cfg.c_m;
+  const int64_t C = cfg.c_hidden_msa_att, hc = cfg.no_heads_msa * C, ld = 2 * C + hc;
+  const int64_t ch = pick_chunk(ctx, r, global_attention_item_bytes(cfg, s));
+  Tensor x = Tensor::empty({ch, s, ce});     // LN(m^T) chunk, then the update
+  Tensor kvg = Tensor::empty({ch * s, ld});  // [(b, j), k | v | g]
+  Tensor mean = Tensor::empty({ch, ce});     // masked mean of x over the sequences
+  Tensor qo = Tensor::empty({ch, hc});       // q, then the attention output o (in place)
+  Tensor scratch = Tensor::empty(
+      {kern::attention_scratch_floats(global_attention_dims(cfg, ch, s), ctx.threads)});
+  float* xp = x.f32();
+  float* kp = kvg.f32();
+  float* gp = kp + 2 * C;  // gate columns of kvg
+  float* mp = mean.f32();
+  float* qp = qo.f32();
+  for (int64_t r0 = 0; r0 < r; r0 += ch) {
+    const int64_t n = std::min(ch, r - r0);
+    for (int64_t b = 0; b < n; ++b)
+      kern::layernorm(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce, w.ln_m.w.f32(),
+                      w.ln_m.b.f32(), cfg.eps_ln);
+      // mean[b] = sum_j x[b, j] mask[j, b] / (sum_j mask[j, b] + eps)
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      float* mu = mp + b * ce;
+      std::fill(mu, mu + ce, 0.f);
+      float count = 0.f;
+      for (int64_t j = 0; j < s; ++j) {
+        const float mk = ctx.msa_mask[j * r + r0 + b];
+        const float* xr = xp + (b * s + j) * ce;
+        count += mk;
+        for (int64_t c = 0; c < ce; ++c) mu[c] += mk * xr[c];
+      }
+      for (int64_t c = 0; c < ce; ++c) mu[c] /= count + eps;
+    }
+    kern::linear(mp, ce, n, ce, w.q.w.f32(), nullptr, hc, qp, hc);
+    kern::linear(xp, ce, n * s, ce, w.kvg.w.f32(), w.kvg.b.f32(), ld, kp, ld);
+    kern::AttentionArgs a = global_attention_dims(cfg, n, s);
+    a.q = qp, a.q_bs = hc, a.q_rs = C;  // q [b, h*C + c]: head h is query h
+    a.k = kp, a.k_bs = s * ld, a.k_rs = ld;
+    a.v = kp + C, a.v_bs = s * ld, a.v_rs = ld;
+    a.mask_bias = ctx.msa_bias_t + r0 * s;  // [n, s]
+    a.o = qp, a.o_bs = hc, a.o_rs = C;      // a query tile is read before it is overwritten
+    kern::attention(a, scratch.f32(), ctx.threads);
+    // g[b, j] = o[b] * sigmoid(linear_g(x[b, j]))
+    kern::sigmoid_inplace(gp, ld, n * s, hc);
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n * s; ++row)
+      kern::mul_inplace(gp + row * ld, ld, qp + (row / s) * hc, hc, 1, hc);
+    kern::linear(gp, ld, n * s, hc, w.o.w.f32(), w.o.b.f32(), ce, xp, ce);
+    for (int64_t b = 0; b < n; ++b)
+      kern::add_inplace(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce);
+  }
+}
+
+int64_t msa_column_global_attention_bytes(const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t item = global_attention_item_bytes(cfg, ctx.s);
+  const int64_t ch = pick_chunk(ctx, ctx.r, item);
+  return ch * item +
+         kern::attention_scratch_floats(global_attention_dims(cfg, ch, ctx.s), ctx.threads) * kF;
 }
 
 }  // namespace fc

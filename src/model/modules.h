@@ -42,4 +42,13 @@ void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bo
 // tests check it against the tracking allocator). Module names as in the golden traces.
 int64_t module_workspace_bytes(const char* module, const BlockContext& ctx);
 
+// ExtraMSA column attention: m [s, r, c_e] += MSAColumnGlobalAttention(m, msa_mask), i.e. global
+// attention over the sequences of each residue column (chunked over residues; c_e = cfg.c_m).
+// eps is added to each column's mask count before the masked mean (OpenFold: 1e-8). A column
+// whose mask is all zero gets a finite (implementation-defined) update.
+void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                 float eps, float* m);
+// Its workspace; module_workspace_bytes("msa_att_col_global") returns the same.
+int64_t msa_column_global_attention_bytes(const BlockContext& ctx);
+
 }  // namespace fc

@@ -127,4 +127,61 @@ std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w, 
   return v;
 }
 
+// ---- ExtraMSA block --------------------------------------------------------------------------
+
+void allocate_extra_msa_block(const EvoformerConfig& cfg, ExtraMsaBlockWeights* w) {
+  const int64_t ce = cfg.c_m, H = cfg.no_heads_msa, C = cfg.c_hidden_msa_att;
+  BlockWeights b;  // the modules both block types share; its column attention is dropped
+  allocate_block(cfg, &b);
+  w->msa_att_row = std::move(b.msa_att_row);
+  w->msa_transition = std::move(b.msa_transition);
+  w->outer_product_mean = std::move(b.outer_product_mean);
+  w->tri_mul_out = std::move(b.tri_mul_out);
+  w->tri_mul_in = std::move(b.tri_mul_in);
+  w->tri_att_start = std::move(b.tri_att_start);
+  w->tri_att_end = std::move(b.tri_att_end);
+  w->pair_transition = std::move(b.pair_transition);
+
+  MsaColumnGlobalAttentionW& g = w->msa_att_col;
+  ln(ce, &g.ln_m);
+  lin(H * C, ce, false, &g.q);
+  g.kvg.w = Tensor::empty({2 * C + H * C, ce});
+  g.kvg.b = Tensor::zeros({2 * C + H * C});
+  lin(ce, H * C, true, &g.o);
+}
+
+std::vector<std::pair<std::string, Tensor>> named_params(const ExtraMsaBlockWeights& w,
+                                                         const std::string& p) {
+  Named v;
+  add_ln(&v, p + "msa_att_row.layer_norm_m", w.msa_att_row.ln_m);
+  add_ln(&v, p + "msa_att_row.layer_norm_z", w.msa_att_row.ln_z);
+  add_lin(&v, p + "msa_att_row.linear_z", w.msa_att_row.lin_z);
+  add_mha(&v, p + "msa_att_row.mha", w.msa_att_row.mha);
+  const MsaColumnGlobalAttentionW& g = w.msa_att_col;
+  const std::string ga = p + "msa_att_col.global_attention";
+  const int64_t C = (g.kvg.w.dim(0) - g.q.w.dim(0)) / 2, hc = g.q.w.dim(0);
+  add_ln(&v, p + "msa_att_col.layer_norm_m", g.ln_m);
+  add_lin(&v, ga + ".linear_q", g.q);
+  v.emplace_back(ga + ".linear_k.weight", g.kvg.w.slice(0, 0, C));
+  v.emplace_back(ga + ".linear_v.weight", g.kvg.w.slice(0, C, 2 * C));
+  v.emplace_back(ga + ".linear_g.weight", g.kvg.w.slice(0, 2 * C, 2 * C + hc));
+  v.emplace_back(ga + ".linear_g.bias", g.kvg.b.slice(0, 2 * C, 2 * C + hc));
+  add_lin(&v, ga + ".linear_o", g.o);
+  add_transition(&v, p + "msa_transition", w.msa_transition);
+  const OuterProductMeanW& o = w.outer_product_mean;
+  const int64_t co = o.l12.w.dim(0) / 2;
+  add_ln(&v, p + "outer_product_mean.layer_norm", o.ln);
+  v.emplace_back(p + "outer_product_mean.linear_1.weight", o.l12.w.slice(0, 0, co));
+  v.emplace_back(p + "outer_product_mean.linear_1.bias", o.l12.b.slice(0, 0, co));
+  v.emplace_back(p + "outer_product_mean.linear_2.weight", o.l12.w.slice(0, co, 2 * co));
+  v.emplace_back(p + "outer_product_mean.linear_2.bias", o.l12.b.slice(0, co, 2 * co));
+  add_lin(&v, p + "outer_product_mean.linear_out", o.out);
+  add_tri_mul(&v, p + "pair_stack.tri_mul_out", w.tri_mul_out);
+  add_tri_mul(&v, p + "pair_stack.tri_mul_in", w.tri_mul_in);
+  add_tri_att(&v, p + "pair_stack.tri_att_start", w.tri_att_start);
+  add_tri_att(&v, p + "pair_stack.tri_att_end", w.tri_att_end);
+  add_transition(&v, p + "pair_stack.pair_transition", w.pair_transition);
+  return v;
+}
+
 }  // namespace fc

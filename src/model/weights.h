@@ -82,4 +82,33 @@ void allocate_block(const EvoformerConfig& cfg, BlockWeights* w);
 // (q, k, v parts of b_qkvg) are not listed.
 std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w, const std::string& prefix);
 
+// ---- ExtraMSA block (OpenFold ExtraMSABlock) ------------------------------------------------
+// Global column attention (MSAColumnGlobalAttention); k and v have ONE head shared by all H
+// query heads. k, v and g read the same input and are fused.
+struct MsaColumnGlobalAttentionW {
+  LayerNormW ln_m;  // [c_e]
+  LinearW q;        // [H*C, c_e], no bias
+  LinearW kvg;      // fused k | v | g: [2*C + H*C, c_e], [2*C + H*C] (zeros for k, v)
+  LinearW o;        // [c_e, H*C], [c_e]
+};
+
+// As BlockWeights, with global column attention (c_m of the config holds c_e).
+struct ExtraMsaBlockWeights {
+  MsaRowAttentionW msa_att_row;
+  MsaColumnGlobalAttentionW msa_att_col;
+  TransitionW msa_transition;
+  OuterProductMeanW outer_product_mean;
+  TriangleMultiplicationW tri_mul_out, tri_mul_in;
+  TriangleAttentionW tri_att_start, tri_att_end;
+  TransitionW pair_transition;
+};
+
+// Allocates every parameter of one ExtraMSA block (uninitialised) for cfg.
+void allocate_extra_msa_block(const EvoformerConfig& cfg, ExtraMsaBlockWeights* w);
+
+// OpenFold state_dict names (prefix "blocks.<i>.") as views into the fused storage, as
+// named_params; the k, v parts of kvg's bias are not listed.
+std::vector<std::pair<std::string, Tensor>> named_params(const ExtraMsaBlockWeights& w,
+                                                         const std::string& prefix);
+
 }  // namespace fc

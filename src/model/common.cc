@@ -1,0 +1,113 @@
+#include "model/common.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.h"
+#include "foldcube/model.h"
+#include "foldcube/runtime.h"
+
+namespace fc {
+
+std::string block_prefix(int i) { return "blocks." + std::to_string(i) + "."; }
+
+Status check_finite(const std::string& name, const Tensor& t) {
+  const float* p = t.f32();
+  const int64_t n = t.numel();
+  int64_t bad = -1;
+#pragma omp parallel for reduction(max : bad)
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) bad = std::max(bad, i);
+  if (bad >= 0)
+    return Status::InvalidArgument("tensor '" + name + "' has a non-finite value at flat index " +
+                                   std::to_string(bad));
+  return Status::OK();
+}
+
+Status check_input(const std::string& name, const Tensor& t, const Shape& shape) {
+  FC_RETURN_IF_ERROR(expect_shape(name, t, shape));
+  if (t.dtype() != DType::F32)
+    return Status::InvalidArgument("tensor '" + name + "' has dtype " + dtype_name(t.dtype()) +
+                                   ", expected F32");
+  if (!t.is_contiguous()) return Status::InvalidArgument("tensor '" + name + "' is not contiguous");
+  return check_finite(name, t);
+}
+
+Status check_mask(const std::string& name, const Tensor& t, const Shape& shape) {
+  FC_RETURN_IF_ERROR(check_input(name, t, shape));
+  const float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (p[i] != 0.f && p[i] != 1.f)
+      return Status::InvalidArgument("mask '" + name + "' must hold only 0 and 1 (found " +
+                                     std::to_string(p[i]) + " at flat index " + std::to_string(i) +
+                                     ")");
+  return Status::OK();
+}
+
+Status prepare_inputs(const EvoformerConfig& cfg, const Tensor& m, const Tensor& z,
+                      const Tensor& msa_mask, const Tensor& pair_mask, StackInputs* out) {
+  if (!m.defined() || m.ndim() != 3)
+    return Status::InvalidArgument("input m must have shape [s, r, c_m=" + std::to_string(cfg.c_m) +
+                                   "], got " + (m.defined() ? shape_str(m.shape()) : "nothing"));
+  const int64_t s = m.dim(0), r = m.dim(1);
+  if (s < 1 || r < 1) return Status::InvalidArgument("input m has an empty dimension");
+  FC_RETURN_IF_ERROR(check_input("input.m", m, {s, r, cfg.c_m}));
+  FC_RETURN_IF_ERROR(check_input("input.z", z, {r, r, cfg.c_z}));
+  StackInputs in;
+  in.s = s;
+  in.r = r;
+  in.msa_mask = msa_mask.defined() ? msa_mask : Tensor::full({s, r}, 1.f);
+  in.pair_mask = pair_mask.defined() ? pair_mask : Tensor::full({r, r}, 1.f);
+  FC_RETURN_IF_ERROR(check_mask("input.msa_mask", in.msa_mask, {s, r}));
+  FC_RETURN_IF_ERROR(check_mask("input.pair_mask", in.pair_mask, {r, r}));
+  in.msa_bias = Tensor::empty({s, r});
+  in.msa_bias_t = Tensor::empty({r, s});
+  in.pair_bias = Tensor::empty({r, r});
+  in.pair_bias_t = Tensor::empty({r, r});
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = cfg.inf * (in.msa_mask.f32()[i * r + j] - 1.f);
+      in.msa_bias.f32()[i * r + j] = v;
+      in.msa_bias_t.f32()[j * s + i] = v;
+    }
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const float v = cfg.inf * (in.pair_mask.f32()[i * r + j] - 1.f);
+      in.pair_bias.f32()[i * r + j] = v;
+      in.pair_bias_t.f32()[j * r + i] = v;
+    }
+  *out = std::move(in);
+  return Status::OK();
+}
+
+BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk) {
+  BlockContext ctx;
+  ctx.cfg = &cfg;
+  ctx.s = in.s;
+  ctx.r = in.r;
+  ctx.msa_mask = in.msa_mask.f32();
+  ctx.msa_bias = in.msa_bias.f32();
+  ctx.msa_bias_t = in.msa_bias_t.f32();
+  ctx.pair_mask = in.pair_mask.f32();
+  ctx.pair_bias = in.pair_bias.f32();
+  ctx.pair_bias_t = in.pair_bias_t.f32();
+  ctx.chunk = chunk;
+  ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, in.s, in.r);
+  ctx.threads = num_threads();
+  return ctx;
+}
+
+void random_fill(const std::string& name, Tensor t, uint64_t seed) {
+  uint64_t h = seed;
+  for (char ch : name) h = splitmix64(h ^ static_cast<unsigned char>(ch));
+  const bool is_bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+  const bool is_ln = name.find("layer_norm") != std::string::npos;
+  const float scale = is_bias || is_ln ? 0.1f : std::sqrt(3.f / static_cast<float>(t.dim(-1)));
+  const float offset = is_ln && !is_bias ? 1.f : 0.f;
+  Tensor tmp = Tensor::empty(t.shape());
+  float* p = tmp.f32();
+  for (int64_t i = 0; i < tmp.numel(); ++i) p[i] = offset + scale * uniform_pm1(h, i);
+  t.copy_from(tmp);
+}
+
+}  // namespace fc
