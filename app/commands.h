@@ -17,6 +17,9 @@ struct RunArgs {
   int warmup = 0;
   bool quiet = false;
   bool profile = false;  // per-module time breakdown (last timed pass)
+  bool backward = false;  // training step: forward + backward
+  std::string grad_outputs;  // safetensors with grad.output.m, grad.output.z
+  std::string policy;        // recompute policy, one or comma-separated per block
 };
 int run_command(const RunArgs& a);
 

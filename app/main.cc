@@ -29,6 +29,9 @@ int main(int argc, char** argv) {
   run->add_option("--warmup", ra.warmup, "untimed forward passes first")->check(CLI::Range(0, 1000));
   run->add_flag("--quiet", ra.quiet, "no human summary");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
+  run->add_flag("--backward", ra.backward, "training step: forward and backward (random upstream gradients unless --grad-outputs)");
+  run->add_option("--grad-outputs", ra.grad_outputs, "safetensors with grad.output.m and grad.output.z (implies --backward)");
+  run->add_option("--policy", ra.policy, "recompute policy none|module|block, or a comma-separated list per block (implies --backward)");
 
   fc::app::BenchArgs ba;
   CLI::App* bench = app.add_subcommand("bench", "Evoformer forward benchmark table with same-run SGEMM peak");

@@ -46,45 +46,58 @@ double median(std::vector<double> v) {
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
+
+struct Job {
+  EvoformerConfig cfg;
+  EvoformerStack stack;
+  TensorFile ifile;
+  Tensor m0, z0, msa_mask, pair_mask;
+};
+
+Status setup_job(const RunArgs& a, Job* job) {
+  TensorFile wfile;
+  if (!a.weights.empty()) FC_RETURN_IF_ERROR(read_safetensors(a.weights, &wfile));
+  FC_RETURN_IF_ERROR(resolve_config(a, a.weights.empty() ? nullptr : &wfile, &job->cfg));
+  if (!a.weights.empty()) {
+    FC_RETURN_IF_ERROR(EvoformerStack::load(job->cfg, wfile, &job->stack));
+  } else {
+    job->stack = EvoformerStack::random(job->cfg, a.seed);
+  }
+  if (!a.inputs.empty()) {
+    TensorFile& f = job->ifile;
+    FC_RETURN_IF_ERROR(read_safetensors(a.inputs, &f));
+    FC_RETURN_IF_ERROR(f.get_f32("input.m", {}, &job->m0));
+    if (job->m0.ndim() != 3)
+      return Status::InvalidArgument("input.m must be [s, r, c_m], got " +
+                                     shape_str(job->m0.shape()));
+    FC_RETURN_IF_ERROR(f.get_f32("input.z", {}, &job->z0));
+    const int64_t s = job->m0.dim(0), r = job->m0.dim(1);
+    if (f.has("input.msa_mask")) FC_RETURN_IF_ERROR(f.get_f32("input.msa_mask", {s, r}, &job->msa_mask));
+    if (f.has("input.pair_mask")) FC_RETURN_IF_ERROR(f.get_f32("input.pair_mask", {r, r}, &job->pair_mask));
+  } else {
+    job->m0 = random_tensor({a.s, a.r, job->cfg.c_m}, a.seed * 2 + 1);
+    job->z0 = random_tensor({a.r, a.r, job->cfg.c_z}, a.seed * 2 + 2);
+  }
+  return Status::OK();
+}
+
+int run_training(const RunArgs& a, Job& job);
+
 }  // namespace
 
 int run_command(const RunArgs& a) {
   set_num_threads(a.threads);
-  TensorFile wfile, ifile;
-  if (!a.weights.empty()) {
-    Status st = read_safetensors(a.weights, &wfile);
-    if (!st.ok()) return fail(st);
-  }
-  EvoformerConfig cfg;
-  Status st = resolve_config(a, a.weights.empty() ? nullptr : &wfile, &cfg);
+  Job job;
+  Status st = setup_job(a, &job);
   if (!st.ok()) return fail(st);
-
-  EvoformerStack stack;
-  if (!a.weights.empty()) {
-    st = EvoformerStack::load(cfg, wfile, &stack);
-    if (!st.ok()) return fail(st);
-    wfile = TensorFile();  // the stack holds its own copy
-  } else {
-    stack = EvoformerStack::random(cfg, a.seed);
-  }
-
-  Tensor m0, z0, msa_mask, pair_mask;
-  if (!a.inputs.empty()) {
-    st = read_safetensors(a.inputs, &ifile);
-    if (!st.ok()) return fail(st);
-    st = ifile.get_f32("input.m", {}, &m0);
-    if (st.ok() && m0.ndim() != 3)
-      st = Status::InvalidArgument("input.m must be [s, r, c_m], got " + shape_str(m0.shape()));
-    if (st.ok()) st = ifile.get_f32("input.z", {}, &z0);
-    if (st.ok() && ifile.has("input.msa_mask"))
-      st = ifile.get_f32("input.msa_mask", {m0.dim(0), m0.dim(1)}, &msa_mask);
-    if (st.ok() && ifile.has("input.pair_mask"))
-      st = ifile.get_f32("input.pair_mask", {m0.dim(1), m0.dim(1)}, &pair_mask);
-    if (!st.ok()) return fail(st);
-  } else {
-    m0 = random_tensor({a.s, a.r, cfg.c_m}, a.seed * 2 + 1);
-    z0 = random_tensor({a.r, a.r, cfg.c_z}, a.seed * 2 + 2);
-  }
+  if (a.backward || !a.grad_outputs.empty() || !a.policy.empty()) return run_training(a, job);
+  const EvoformerConfig& cfg = job.cfg;
+  const EvoformerStack& stack = job.stack;
+  TensorFile& ifile = job.ifile;
+  Tensor& m0 = job.m0;
+  Tensor& z0 = job.z0;
+  const Tensor& msa_mask = job.msa_mask;
+  const Tensor& pair_mask = job.pair_mask;
   const int64_t s = m0.dim(0), r = m0.dim(1);
 
   ForwardOptions opts;
@@ -184,5 +197,101 @@ int run_command(const RunArgs& a) {
   }
   return 0;
 }
+
+
+namespace {
+// Forward + backward (`--backward`, `--grad-outputs`, `--policy`).
+int run_training(const RunArgs& a, Job& job) {
+  const EvoformerConfig& cfg = job.cfg;
+  const int64_t s = job.m0.dim(0), r = job.m0.dim(1);
+  TrainOptions opts;
+  opts.chunk = a.chunk;
+  for (size_t p = 0, q; p <= a.policy.size(); p = q + 1) {
+    q = a.policy.find(',', p);
+    if (q == std::string::npos) q = a.policy.size();
+    if (q == p && a.policy.empty()) break;
+    Recompute rc;
+    Status st = parse_recompute(a.policy.substr(p, q - p), &rc);
+    if (!st.ok()) return fail(st);
+    opts.policy.push_back(rc);
+  }
+  Tensor gm, gz;
+  if (!a.grad_outputs.empty()) {
+    TensorFile g;
+    Status st = read_safetensors(a.grad_outputs, &g);
+    if (st.ok()) st = g.get_f32("grad.output.m", job.m0.shape(), &gm);
+    if (st.ok()) st = g.get_f32("grad.output.z", job.z0.shape(), &gz);
+    if (!st.ok()) return fail(st);
+  } else {
+    gm = random_tensor(job.m0.shape(), a.seed * 2 + 3);
+    gz = random_tensor(job.z0.shape(), a.seed * 2 + 4);
+  }
+  std::vector<double> fwd, bwd, tot;
+  TrainResult res;
+  Tensor m, z;
+  const int passes = a.warmup + a.repeats;
+  for (int it = 0; it < passes; ++it) {
+    m = it + 1 < passes ? job.m0.clone() : job.m0;
+    z = it + 1 < passes ? job.z0.clone() : job.z0;
+    if (it + 1 == passes) job.ifile = TensorFile();
+    Status st = job.stack.train_step(m, z, job.msa_mask, job.pair_mask, gm, gz, opts, &res);
+    if (!st.ok()) return fail(st);
+    if (it >= a.warmup) {
+      fwd.push_back(res.forward_ms);
+      bwd.push_back(res.backward_ms);
+      tot.push_back(res.forward_ms + res.backward_ms);
+    }
+  }
+  const int64_t rss = peak_rss_bytes();
+  if (!a.out.empty()) {
+    TensorFile out;
+    out.metadata["format"] = "foldcube-output/1";
+    out.metadata["config"] = cfg.to_json();
+    out.put("output.m", m);
+    out.put("output.z", z);
+    out.put("grad.input.m", res.grad_m);
+    out.put("grad.input.z", res.grad_z);
+    for (const auto& [name, t] : res.grad_params) out.put("grad.param." + name, t);
+    Status st = write_safetensors(a.out, out);
+    if (!st.ok()) return fail(st);
+  }
+  std::string policy = opts.policy.empty() ? "none" : "";
+  for (size_t i = 0; i < opts.policy.size(); ++i)
+    policy += std::string(i ? "," : "") + recompute_name(opts.policy[i]);
+  if (!a.quiet) {
+    std::printf("foldcube run (training step, no dropout): Evoformer %lld block(s), s=%lld r=%lld, "
+                "policy %s, %d thread(s)\n",
+                static_cast<long long>(cfg.no_blocks), static_cast<long long>(s),
+                static_cast<long long>(r), policy.c_str(), num_threads());
+    std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
+                median(tot), median(fwd), median(bwd), a.repeats);
+    std::printf("  activations %9.1f MiB  (kept from forward for backward)\n",
+                res.activation_bytes / 1048576.0);
+    std::printf("  step peak   %9.1f MiB  (tracked, above weights and inputs)\n",
+                res.peak_bytes / 1048576.0);
+    std::printf("  peak RSS    %9.1f MiB\n", rss / 1048576.0);
+    if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
+  }
+  if (!a.report.empty()) {
+    nlohmann::json j;
+    j["time_ms"] = median(tot);
+    j["forward_ms"] = median(fwd);
+    j["backward_ms"] = median(bwd);
+    j["activation_bytes"] = res.activation_bytes;
+    j["step_peak_bytes"] = res.peak_bytes;
+    j["peak_tracked_bytes"] = mem_stats().peak_bytes;
+    j["peak_rss_bytes"] = rss;
+    j["policy"] = policy;
+    j["s"] = s;
+    j["r"] = r;
+    j["blocks"] = cfg.no_blocks;
+    j["threads"] = num_threads();
+    std::ofstream f(a.report);
+    f << j.dump(2) << "\n";
+    if (!f) return fail(Status::IOError("cannot write report " + a.report));
+  }
+  return 0;
+}
+}  // namespace
 
 }  // namespace fc::app

@@ -26,6 +26,28 @@ struct ForwardOptions {
   int64_t chunk = 0;   // rows per chunk inside modules; 0 = automatic
 };
 
+// Activation recompute policy of one block in training (see src/model/train.h):
+// kNone keeps every module's saved state, kModule ("small") keeps each module's input and
+// recomputes the module in backward, kBlock ("large") keeps the block input and recomputes the
+// block. Gradients do not depend on the policy.
+enum class Recompute { kNone, kModule, kBlock };
+const char* recompute_name(Recompute p);  // "none", "module", "block"
+Status parse_recompute(const std::string& name, Recompute* out);
+
+struct TrainOptions {
+  std::vector<Recompute> policy;  // one per block, or a single entry for all (empty = kNone)
+  int64_t chunk = 0;              // as ForwardOptions::chunk
+};
+
+struct TrainResult {
+  Tensor grad_m, grad_z;  // dL/d input m, z
+  // dL/d parameter under OpenFold state_dict names (every parameter except linear.*).
+  std::vector<std::pair<std::string, Tensor>> grad_params;
+  int64_t activation_bytes = 0;  // tracked bytes kept alive from the forward for the backward
+  int64_t peak_bytes = 0;        // tracked peak of the step above what was live before it
+  double forward_ms = 0, backward_ms = 0;
+};
+
 class EvoformerStack {
  public:
   EvoformerStack();
@@ -45,6 +67,12 @@ class EvoformerStack {
   // receives linear(m[0]) [r, c_s].
   Status forward(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                  Tensor* s_out, const ForwardOptions& opts = {}) const;
+
+  // One training step without dropout: forward (m, z updated in place to the outputs), then
+  // backward of L with dL/d output.m = grad_out_m and dL/d output.z = grad_out_z.
+  Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                    TrainResult* out) const;
 
   const EvoformerConfig& config() const { return cfg_; }
   int64_t param_bytes() const;

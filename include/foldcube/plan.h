@@ -1,0 +1,22 @@
+// Analytic memory model of the training step (the plan layer's first piece). Byte counts are
+// exact for the tracked allocator (tests/train_memory_test.cc checks them against it).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "foldcube/config.h"
+#include "foldcube/model.h"
+
+namespace fc {
+
+// Bytes one block keeps from its forward for its backward under `policy`, at (s, r), for
+// elements of `elem_bytes` bytes (4 for fp32; 2 predicts a bf16/fp16 engine with the same plan).
+int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
+                               int64_t elem_bytes = 4);
+
+// Activation bytes of a stack: sum over blocks (policy: one entry per block, or one for all).
+int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
+                               const std::vector<Recompute>& policy, int64_t elem_bytes = 4);
+
+}  // namespace fc

@@ -1,0 +1,71 @@
+// The analytic activation-memory model (include/foldcube/plan.h) against the tracking allocator,
+// for each recompute policy and a mixed plan.
+#include <gtest/gtest.h>
+
+#include "foldcube/model.h"
+#include "foldcube/plan.h"
+
+namespace fc {
+namespace {
+
+EvoformerConfig small_cfg() {
+  EvoformerConfig cfg;
+  cfg.c_m = 32;
+  cfg.c_z = 16;
+  cfg.c_hidden_msa_att = 8;
+  cfg.no_heads_msa = 4;
+  cfg.c_hidden_pair_att = 8;
+  cfg.no_heads_pair = 2;
+  cfg.c_hidden_opm = 8;
+  cfg.c_hidden_mul = 16;
+  cfg.c_s = 24;
+  cfg.no_blocks = 3;
+  return cfg;
+}
+
+struct Case {
+  int64_t s, r;
+  std::vector<Recompute> policy;
+};
+
+class TrainMemory : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TrainMemory, ActivationBytesMatchAllocator) {
+  const Case c = GetParam();
+  const EvoformerConfig cfg = small_cfg();
+  EvoformerStack stack = EvoformerStack::random(cfg, 11);
+  Tensor m = Tensor::full({c.s, c.r, cfg.c_m}, 0.3f), z = Tensor::full({c.r, c.r, cfg.c_z}, -0.2f);
+  Tensor gm = Tensor::full(m.shape(), 1.f), gz = Tensor::full(z.shape(), 1.f);
+  TrainOptions opts;
+  opts.policy = c.policy;
+  TrainResult res;
+  ASSERT_TRUE(stack.train_step(m, z, Tensor(), Tensor(), gm, gz, opts, &res).ok());
+  EXPECT_EQ(res.activation_bytes,
+            stack_activation_bytes(cfg, c.s, c.r, cfg.no_blocks, c.policy));
+  EXPECT_GE(res.peak_bytes, res.activation_bytes);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Policies, TrainMemory,
+    ::testing::Values(Case{6, 10, {Recompute::kNone}}, Case{6, 10, {Recompute::kModule}},
+                      Case{6, 10, {Recompute::kBlock}}, Case{9, 13, {Recompute::kBlock}},
+                      Case{5, 7, {Recompute::kBlock, Recompute::kModule, Recompute::kNone}}),
+    [](const auto& info) {
+      std::string n = "s" + std::to_string(info.param.s) + "_r" + std::to_string(info.param.r);
+      for (Recompute p : info.param.policy) n += std::string("_") + recompute_name(p);
+      return n;
+    });
+
+TEST(TrainMemoryModel, PolicyOrderingAtAf2Dims) {
+  const EvoformerConfig cfg;  // AF2 model_1
+  const int64_t none = block_activation_bytes(cfg, 128, 256, Recompute::kNone);
+  const int64_t module = block_activation_bytes(cfg, 128, 256, Recompute::kModule);
+  const int64_t block = block_activation_bytes(cfg, 128, 256, Recompute::kBlock);
+  EXPECT_GT(none, module);
+  EXPECT_GT(module, block);
+  EXPECT_EQ(block, (128 * 256 * 256 + 256 * 256 * 128) * 4);
+  EXPECT_EQ(block_activation_bytes(cfg, 128, 256, Recompute::kBlock, 2), block / 2);
+}
+
+}  // namespace
+}  // namespace fc
