@@ -1,0 +1,454 @@
+// Backward kernels (see backward.h for the contracts). The row-wise and elementwise ones use
+// Highway SIMD, compiled once per x86 target and chosen at run time with HWY_DYNAMIC_DISPATCH, like
+// elementwise_hwy.cc; linear_backward and attention_backward are built on kern::gemm (oneDNN) and
+// the forward kernels of kernels.h.
+#include "kernels/backward.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "foldcube/status.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/backward.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// Per-target headers: must come after foreach_target.h, which re-includes this file per target.
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace fc::kern {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using D = hn::ScalableTag<float>;
+using V = hn::Vec<D>;
+
+namespace {
+// Loads count <= Lanes elements; a partial vector goes through a zero-filled stack copy so that no
+// load touches memory past the row (the same scheme as LoadTail in elementwise_hwy.cc). Every
+// kernel below is written so that zero tail lanes contribute nothing to its sums.
+HWY_INLINE V LoadPart(D d, const float* p, size_t count) {
+  if (count == hn::Lanes(d)) return hn::LoadU(d, p);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
+  for (size_t i = 0; i < count; ++i) buf[i] = p[i];
+  return hn::Load(d, buf);
+}
+
+HWY_INLINE void StorePart(D d, V v, float* p, size_t count) {
+  if (count == hn::Lanes(d)) return hn::StoreU(v, d, p);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(v, d, buf);
+  for (size_t i = 0; i < count; ++i) p[i] = buf[i];
+}
+
+// Writes v to p[0, count), or adds it to what is there.
+HWY_INLINE void Output(D d, V v, float* p, size_t count, bool accumulate) {
+  if (accumulate) v = hn::Add(LoadPart(d, p, count), v);
+  StorePart(d, v, p, count);
+}
+
+// s = sigmoid(g) and ds = s * (1 - s), both from e = exp(-|g|) in (0, 1]: s = 1/(1+e) or e/(1+e),
+// ds = e/(1+e)^2. No overflow, no cancellation in 1 - s, full relative accuracy in the tails. NaN
+// lanes are kept away from Exp (undefined float->int step on EMU128) and propagate to s and ds.
+HWY_INLINE void SigmoidAndSlope(D d, V g, V& s, V& ds) {
+  const auto nan = hn::IsNaN(g);
+  const V e = hn::Exp(d, hn::Neg(hn::IfThenZeroElse(nan, hn::Abs(g))));
+  const V r = hn::Div(hn::Set(d, 1.f), hn::Add(hn::Set(d, 1.f), e));
+  const V er = hn::Mul(e, r);
+  s = hn::IfThenElse(nan, g, hn::IfThenElse(hn::Lt(g, hn::Zero(d)), er, r));
+  ds = hn::IfThenElse(nan, g, hn::Mul(er, r));
+}
+}  // namespace
+
+// Rows of one fixed block. pg/pb ([n], zeroed by the caller, or nullptr) receive the block's
+// partial sums of dy * xhat and dy. Two passes per row (the row stays in L1): the two row sums and
+// the partials, then dx.
+void LayerNormBackwardRows(const float* x, int64_t ldx, const float* dy, int64_t lddy, int64_t rows,
+                           int64_t n, const float* gamma, const float* mean, const float* rstd,
+                           float* dx, int64_t lddx, bool accumulate, float* pg, float* pb) {
+  const D d;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  const V inv_n = hn::Set(d, 1.f / static_cast<float>(n));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;     // [n]
+    const float* dyr = dy + r * lddy;  // [n]
+    float* dxr = dx + r * lddx;        // [n]
+    const V vmu = hn::Set(d, mean[r]), vrs = hn::Set(d, rstd[r]);
+    V sum_g = hn::Zero(d), sum_gx = hn::Zero(d);
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const V vdy = LoadPart(d, dyr + i, c);
+      const V xhat = hn::Mul(hn::Sub(LoadPart(d, xr + i, c), vmu), vrs);
+      const V g = hn::Mul(vdy, LoadPart(d, gamma + i, c));
+      sum_g = hn::Add(sum_g, g);
+      sum_gx = hn::MulAdd(g, xhat, sum_gx);
+      if (pg) StorePart(d, hn::MulAdd(vdy, xhat, LoadPart(d, pg + i, c)), pg + i, c);
+      if (pb) StorePart(d, hn::Add(vdy, LoadPart(d, pb + i, c)), pb + i, c);
+    }
+    const V a = hn::Mul(hn::SumOfLanes(d, sum_g), inv_n);
+    const V b = hn::Mul(hn::SumOfLanes(d, sum_gx), inv_n);
+    // dx = rstd * (g - (a + xhat * b)). In place over dy or x is safe: element i is read first.
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const V xhat = hn::Mul(hn::Sub(LoadPart(d, xr + i, c), vmu), vrs);
+      const V g = hn::Mul(LoadPart(d, dyr + i, c), LoadPart(d, gamma + i, c));
+      Output(d, hn::Mul(vrs, hn::Sub(g, hn::MulAdd(xhat, b, a))), dxr + i, c, accumulate);
+    }
+  }
+}
+
+void SoftmaxBackwardRows(const float* p, int64_t ldp, const float* dp, int64_t lddp, float* dx,
+                         int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  const D d;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = p + r * ldp;     // [n]
+    const float* dpr = dp + r * lddp;  // [n]
+    float* dxr = dx + r * lddx;        // [n]
+    // Four accumulators: FMA latency (~4 cycles) x two FMA ports.
+    V a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    size_t i = 0;
+    for (; i + 4 * N <= un; i += 4 * N) {
+      a0 = hn::MulAdd(hn::LoadU(d, pr + i), hn::LoadU(d, dpr + i), a0);
+      a1 = hn::MulAdd(hn::LoadU(d, pr + i + N), hn::LoadU(d, dpr + i + N), a1);
+      a2 = hn::MulAdd(hn::LoadU(d, pr + i + 2 * N), hn::LoadU(d, dpr + i + 2 * N), a2);
+      a3 = hn::MulAdd(hn::LoadU(d, pr + i + 3 * N), hn::LoadU(d, dpr + i + 3 * N), a3);
+    }
+    for (; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      a0 = hn::MulAdd(LoadPart(d, pr + i, c), LoadPart(d, dpr + i, c), a0);
+    }
+    const V dot = hn::SumOfLanes(d, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)));
+    for (i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const V v = hn::Mul(LoadPart(d, pr + i, c), hn::Sub(LoadPart(d, dpr + i, c), dot));
+      Output(d, v, dxr + i, c, accumulate);
+    }
+  }
+}
+
+// The elementwise kernels below treat contiguous operands (every ld == n) as one long row.
+
+void SigmoidMulBackwardRows(const float* a, int64_t lda, const float* g, int64_t ldg,
+                            const float* dy, int64_t lddy, float* da, int64_t ldda, float* dg,
+                            int64_t lddg, int64_t rows, int64_t n, bool accumulate) {
+  if (lda == n && ldg == n && lddy == n && (!da || ldda == n) && (!dg || lddg == n))
+    n *= std::exchange(rows, 1);
+  const D d;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  for (int64_t r = 0; r < rows; ++r)
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const V vdy = LoadPart(d, dy + r * lddy + i, c);
+      const V va = LoadPart(d, a + r * lda + i, c);
+      V s, ds;
+      SigmoidAndSlope(d, LoadPart(d, g + r * ldg + i, c), s, ds);
+      // Every input is loaded before anything is stored: da, dg may alias the inputs.
+      if (da) Output(d, hn::Mul(vdy, s), da + r * ldda + i, c, accumulate);
+      if (dg) Output(d, hn::Mul(hn::Mul(vdy, va), ds), dg + r * lddg + i, c, accumulate);
+    }
+}
+
+void ReluBackwardRows(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                      int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  if (ldx == n && lddy == n && lddx == n) n *= std::exchange(rows, 1);
+  const D d;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  for (int64_t r = 0; r < rows; ++r)
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const auto pos = hn::Gt(LoadPart(d, x + r * ldx + i, c), hn::Zero(d));
+      Output(d, hn::IfThenElseZero(pos, LoadPart(d, dy + r * lddy + i, c)), dx + r * lddx + i, c,
+             accumulate);
+    }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace fc::kern
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace fc::kern {
+
+HWY_EXPORT(LayerNormBackwardRows);
+HWY_EXPORT(SoftmaxBackwardRows);
+HWY_EXPORT(SigmoidMulBackwardRows);
+HWY_EXPORT(ReluBackwardRows);
+
+namespace {
+// Below this many elements a fork/join (~1-2 us) costs more than it saves.
+constexpr int64_t kParallelMinElems = int64_t{1} << 15;
+
+// Calls f(r0, r1) on disjoint row blocks covering [0, rows): one block per thread for large
+// matrices, a single block on the calling thread otherwise or inside a parallel region. (Same
+// policy as elementwise_hwy.cc; rows are independent, so the split never changes results.)
+template <class F>
+void for_row_blocks(int64_t rows, int64_t n, F f) {
+  if (rows <= 0 || n <= 0) return;
+  int64_t blocks = 1;
+  if (rows > 1 && rows * n >= kParallelMinElems && !omp_in_parallel())
+    blocks = std::min<int64_t>(rows, omp_get_max_threads());
+  if (blocks == 1) {
+    f(int64_t{0}, rows);
+    return;
+  }
+#pragma omp parallel for schedule(static) num_threads(static_cast <int>(blocks))
+  for (int64_t b = 0; b < blocks; ++b) f(rows * b / blocks, rows * (b + 1) / blocks);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// sums[j] += sum over rows of y[r, j], in double. Columns go in chunks of kColChunk, one chunk per
+// task, rows in order within a chunk: the result does not depend on the thread count.
+constexpr int64_t kColChunk = 64;
+void column_sums(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums) {
+  const int64_t chunks = ceil_div(n, kColChunk);
+  const bool par = chunks > 1 && rows * n >= kParallelMinElems && !omp_in_parallel();
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t c0 = ch * kColChunk, w = std::min(kColChunk, n - c0);
+    double acc[kColChunk] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* yr = y + r * ld + c0;  // [w]
+      for (int64_t j = 0; j < w; ++j) acc[j] += yr[j];
+    }
+    for (int64_t j = 0; j < w; ++j) sums[c0 + j] = static_cast<float>(sums[c0 + j] + acc[j]);
+  }
+}
+
+// Row blocks of layernorm_backward: large enough that the partial slots are < 1% of x, small
+// enough to give every thread several blocks at Evoformer shapes (s*r or r*r rows).
+constexpr int64_t kLnRowBlock = 256;
+}  // namespace
+
+// ---- linear ------------------------------------------------------------------------------------
+
+void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* W,
+                     int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx, float* dW,
+                     float* db, bool accumulate) {
+  // dx[rows, in] = dy[rows, out] @ W[out, in]
+  if (dx) gemm(false, false, rows, in, out, 1.f, dy, lddy, W, in, accumulate ? 1.f : 0.f, dx, lddx);
+  // dW[out, in] += dy^T[out, rows] @ x[rows, in]
+  if (dW) gemm(true, false, out, in, rows, 1.f, dy, lddy, x, ldx, 1.f, dW, in);
+  if (db) column_sums(dy, lddy, rows, out, db);
+}
+
+// ---- layernorm ---------------------------------------------------------------------------------
+
+int64_t layernorm_backward_row_block() { return kLnRowBlock; }
+
+int64_t layernorm_backward_scratch_floats(int64_t rows, int64_t n) {
+  return ceil_div(std::max<int64_t>(rows, 0), kLnRowBlock) * 2 * n;
+}
+
+void layernorm_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, int64_t rows,
+                        int64_t n, const float* gamma, const float* mean, const float* rstd,
+                        float* dx, int64_t lddx, float* dgamma, float* dbeta, float* scratch,
+                        bool accumulate) {
+  if (rows <= 0 || n <= 0) return;
+  const bool params = dgamma != nullptr || dbeta != nullptr;
+  FC_CHECK(!params || scratch != nullptr);
+  const int64_t blocks = ceil_div(rows, kLnRowBlock);
+  const bool par = blocks > 1 && rows * n >= kParallelMinElems && !omp_in_parallel();
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t r0 = blk * kLnRowBlock, r1 = std::min(rows, r0 + kLnRowBlock);
+    float* pg = params ? scratch + blk * 2 * n : nullptr;  // [2, n]: dgamma | dbeta partials
+    if (pg) std::fill(pg, pg + 2 * n, 0.f);
+    HWY_DYNAMIC_DISPATCH(LayerNormBackwardRows)
+    (x + r0 * ldx, ldx, dy + r0 * lddy, lddy, r1 - r0, n, gamma, mean + r0, rstd + r0,
+     dx + r0 * lddx, lddx, accumulate, dgamma ? pg : nullptr, dbeta ? pg + n : nullptr);
+  }
+  if (!params) return;
+  // Blocks in order, in double: fixed and independent of the thread count.
+  for (int64_t i = 0; i < n; ++i) {
+    double sg = 0, sb = 0;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      sg += scratch[blk * 2 * n + i];
+      sb += scratch[blk * 2 * n + n + i];
+    }
+    if (dgamma) dgamma[i] = static_cast<float>(dgamma[i] + sg);
+    if (dbeta) dbeta[i] = static_cast<float>(dbeta[i] + sb);
+  }
+}
+
+// ---- row-wise and elementwise ------------------------------------------------------------------
+
+void softmax_backward(const float* p, int64_t ldp, const float* dp, int64_t lddp, float* dx,
+                      int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(SoftmaxBackwardRows)
+    (p + r0 * ldp, ldp, dp + r0 * lddp, lddp, dx + r0 * lddx, lddx, r1 - r0, n, accumulate);
+  });
+}
+
+void sigmoid_mul_backward(const float* a, int64_t lda, const float* g, int64_t ldg, const float* dy,
+                          int64_t lddy, float* da, int64_t ldda, float* dg, int64_t lddg,
+                          int64_t rows, int64_t n, bool accumulate) {
+  if (!da && !dg) return;
+  for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(SigmoidMulBackwardRows)
+    (a + r0 * lda, lda, g + r0 * ldg, ldg, dy + r0 * lddy, lddy, da ? da + r0 * ldda : nullptr,
+     ldda, dg ? dg + r0 * lddg : nullptr, lddg, r1 - r0, n, accumulate);
+  });
+}
+
+void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                   int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(ReluBackwardRows)
+    (x + r0 * ldx, ldx, dy + r0 * lddy, lddy, dx + r0 * lddx, lddx, r1 - r0, n, accumulate);
+  });
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+
+namespace {
+// Queries per tile, as in the forward: the [tile, Lk] blocks stay in L2 between the products.
+constexpr int64_t kQueryTile = 64;
+// Every scratch buffer starts on a 64-byte multiple from the slot start, and slots are multiples
+// of 64 bytes, so all threads see the same alignment (and GEMM code paths) for the same item.
+constexpr int64_t kAlignFloats = 16;
+
+// Offsets (in floats) of one thread's buffers:
+//   K, V, dK, dV [Lk, C] | Q, dO, O [qt, C] (O doubles as the dQ tile) | dP [qt, Lk] |
+//   S [qt or Lq, Lk]: logits -> P -> dS of the current tile; the whole item's dS with d_pair_bias.
+struct BwdLayout {
+  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, total;
+};
+
+BwdLayout bwd_layout(const AttentionArgs& a, bool pair_grad) {
+  BwdLayout L{};
+  L.qt = std::min(a.Lq, kQueryTile);
+  int64_t off = 0;
+  auto take = [&off](int64_t floats) {
+    const int64_t at = off;
+    off += ceil_div(floats, kAlignFloats) * kAlignFloats;
+    return at;
+  };
+  L.K = take(a.Lk * a.C);
+  L.V = take(a.Lk * a.C);
+  L.dK = take(a.Lk * a.C);
+  L.dV = take(a.Lk * a.C);
+  L.Q = take(L.qt * a.C);
+  L.dO = take(L.qt * a.C);
+  L.O = take(L.qt * a.C);
+  L.dP = take(L.qt * a.Lk);
+  L.S = take((pair_grad ? a.Lq : L.qt) * a.Lk);
+  L.total = off;
+  return L;
+}
+
+// Dense [rows, C] <-> strided rows. Dense operands keep GEMM loads off power-of-two strides (a
+// 4 KiB row stride maps every row to the same L1 sets).
+void pack(const float* src, int64_t ld, int64_t rows, int64_t C, float* dst) {
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * C, src + i * ld, C * sizeof(float));
+}
+void unpack(const float* src, int64_t rows, int64_t C, float* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, src + i * C, C * sizeof(float));
+}
+
+// One (b, h) item on the calling thread. With pair_grad, S ends holding the item's dS [Lq, Lk].
+void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, int64_t b, int64_t h,
+                             const BwdLayout& L, bool pair_grad, float* ws) {
+  const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
+  float* K = ws + L.K;    // [Lk, C]
+  float* V = ws + L.V;    // [Lk, C]
+  float* dK = ws + L.dK;  // [Lk, C]
+  float* dV = ws + L.dV;  // [Lk, C]
+  float* Q = ws + L.Q;    // [qt, C]
+  float* dO = ws + L.dO;  // [qt, C]
+  float* O = ws + L.O;    // [qt, C]
+  float* dP = ws + L.dP;  // [qt, Lk]
+  pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
+  pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
+  std::fill(dK, dK + Lk * C, 0.f);
+  std::fill(dV, dV + Lk * C, 0.f);
+  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;
+  const bool need_ds = g.dq || g.dk || pair_grad;
+  for (int64_t i0 = 0; i0 < Lq; i0 += L.qt) {
+    const int64_t n = std::min(L.qt, Lq - i0);
+    float* P = ws + L.S + (pair_grad ? i0 * Lk : 0);  // [n, Lk]
+    // Recompute P exactly as the forward does.
+    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
+    gemm(false, true, n, Lk, C, a.scale, Q, C, K, C, 0.f, P, Lk);
+    if (mb) add_bias_rows(P, Lk, mb, n, Lk);
+    if (a.pair_bias) add_inplace(P, Lk, a.pair_bias + (h * Lq + i0) * Lk, Lk, n, Lk);
+    softmax_rows(P, Lk, n, Lk);
+    // Gating: dO = d_out * sigmoid(gate), dgate from O = P V recomputed.
+    const float* dout = g.d_out + b * a.o_bs + i0 * a.o_rs + h * C;
+    if (a.gate) {
+      gemm(false, false, n, C, Lk, 1.f, P, Lk, V, C, 0.f, O, C);
+      const int64_t go = b * a.g_bs + i0 * a.g_rs + h * C;
+      sigmoid_mul_backward(O, C, a.gate + go, a.g_rs, dout, a.o_rs, dO, C,
+                           g.dgate ? g.dgate + go : nullptr, a.g_rs, n, C);
+    } else {
+      pack(dout, a.o_rs, n, C, dO);
+    }
+    if (g.dv) gemm(true, false, Lk, C, n, 1.f, P, Lk, dO, C, 1.f, dV, C);  // dV += P^T dO
+    if (!need_ds) continue;
+    gemm(false, true, n, Lk, C, 1.f, dO, C, V, C, 0.f, dP, Lk);  // dP = dO V^T
+    softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);               // P <- dS
+    if (g.dq) {                                                  // dQ = scale dS K
+      gemm(false, false, n, C, Lk, a.scale, P, Lk, K, C, 0.f, O, C);
+      unpack(O, n, C, g.dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
+    }
+    if (g.dk) gemm(true, false, Lk, C, n, a.scale, P, Lk, Q, C, 1.f, dK, C);  // dK += scale dS^T Q
+  }
+  if (g.dk) unpack(dK, Lk, C, g.dk + b * a.k_bs + h * C, a.k_rs);
+  if (g.dv) unpack(dV, Lk, C, g.dv + b * a.v_bs + h * C, a.v_rs);
+}
+}  // namespace
+
+int64_t attention_backward_scratch_floats(const AttentionArgs& a, int threads,
+                                          bool pair_bias_grad) {
+  return static_cast<int64_t>(std::max(threads, 1)) * bwd_layout(a, pair_bias_grad).total;
+}
+
+void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* scratch,
+                        int threads) {
+  const int64_t items = a.B * a.H;
+  if (items == 0 || a.C == 0) return;
+  FC_CHECK(g.d_out != nullptr);
+  FC_CHECK(a.Lq == 0 || a.Lk > 0);
+  const bool pair_grad = g.d_pair_bias != nullptr;
+  const BwdLayout L = bwd_layout(a, pair_grad);
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  const int64_t head = a.Lq * a.Lk;
+#pragma omp parallel num_threads(nt)
+  {
+    // Nested kernels (GEMM, row kernels) run on this thread also when nt == 1, where the region is
+    // inactive and they would otherwise go parallel: per-item results then never depend on the
+    // thread count. This sets the ICV of this region's implicit task only.
+    omp_set_num_threads(1);
+    float* ws = scratch + static_cast<int64_t>(omp_get_thread_num()) * L.total;
+    if (pair_grad) {
+      // Items in head-major order; the ordered adds sum every head's dS over b = 0, 1, ... .
+#pragma omp for schedule(dynamic, 1) ordered
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t h = it / a.B, b = it % a.B;
+        attention_backward_item(a, g, b, h, L, true, ws);
+#pragma omp ordered
+        add_inplace(g.d_pair_bias + h * head, a.Lk, ws + L.S, a.Lk, a.Lq, a.Lk);
+      }
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it)
+        attention_backward_item(a, g, it % a.B, it / a.B, L, false, ws);
+    }
+  }
+}
+
+}  // namespace fc::kern
+#endif  // HWY_ONCE
