@@ -20,6 +20,7 @@ struct RunArgs {
   bool backward = false;  // training step: forward + backward
   std::string grad_outputs;  // safetensors with grad.output.m, grad.output.z
   std::string policy;        // recompute policy, one or comma-separated per block
+  bool train = false;        // training mode: AF2 dropout on (implies backward)
 };
 int run_command(const RunArgs& a);
 

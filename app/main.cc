@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
   run->add_flag("--backward", ra.backward, "training step: forward and backward (random upstream gradients unless --grad-outputs)");
   run->add_option("--grad-outputs", ra.grad_outputs, "safetensors with grad.output.m and grad.output.z (implies --backward)");
+  run->add_flag("--train", ra.train, "training mode: AF2 dropout (seeded by --seed; implies --backward)");
   run->add_option("--policy", ra.policy, "recompute policy none|module|block, or a comma-separated list per block (implies --backward)");
 
   fc::app::BenchArgs ba;

@@ -90,7 +90,8 @@ int run_command(const RunArgs& a) {
   Job job;
   Status st = setup_job(a, &job);
   if (!st.ok()) return fail(st);
-  if (a.backward || !a.grad_outputs.empty() || !a.policy.empty()) return run_training(a, job);
+  if (a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty())
+    return run_training(a, job);
   const EvoformerConfig& cfg = job.cfg;
   const EvoformerStack& stack = job.stack;
   TensorFile& ifile = job.ifile;
@@ -206,6 +207,8 @@ int run_training(const RunArgs& a, Job& job) {
   const int64_t s = job.m0.dim(0), r = job.m0.dim(1);
   TrainOptions opts;
   opts.chunk = a.chunk;
+  opts.dropout = a.train;
+  opts.seed = a.seed;
   for (size_t p = 0, q; p <= a.policy.size(); p = q + 1) {
     q = a.policy.find(',', p);
     if (q == std::string::npos) q = a.policy.size();
@@ -259,8 +262,9 @@ int run_training(const RunArgs& a, Job& job) {
   for (size_t i = 0; i < opts.policy.size(); ++i)
     policy += std::string(i ? "," : "") + recompute_name(opts.policy[i]);
   if (!a.quiet) {
-    std::printf("foldcube run (training step, no dropout): Evoformer %lld block(s), s=%lld r=%lld, "
+    std::printf("foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, "
                 "policy %s, %d thread(s)\n",
+                a.train ? "dropout on" : "eval mode, no dropout",
                 static_cast<long long>(cfg.no_blocks), static_cast<long long>(s),
                 static_cast<long long>(r), policy.c_str(), num_threads());
     std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",

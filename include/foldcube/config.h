@@ -24,6 +24,8 @@ struct EvoformerConfig {
   float inf = 1e9f;                // attention mask bias magnitude
   float eps_ln = 1e-5f;            // LayerNorm eps
   float eps_opm = 1e-3f;           // OuterProductMean eps
+  float msa_dropout = 0.15f;       // training: after MSA row attention (row-wise shared mask)
+  float pair_dropout = 0.25f;      // training: after triangle mult./attention (row- or column-wise)
 
   // User error when any size is non-positive or absurd.
   Status validate() const;

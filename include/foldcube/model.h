@@ -37,6 +37,10 @@ Status parse_recompute(const std::string& name, Recompute* out);
 struct TrainOptions {
   std::vector<Recompute> policy;  // one per block, or a single entry for all (empty = kNone)
   int64_t chunk = 0;              // as ForwardOptions::chunk
+  // Training-mode dropout as in AF2 (rates from the config): masks come from a counter-based RNG
+  // keyed by (seed, block, module, element), so recompute reproduces them and runs repeat.
+  bool dropout = false;
+  uint64_t seed = 0;
 };
 
 struct TrainResult {
@@ -68,8 +72,8 @@ class EvoformerStack {
   Status forward(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                  Tensor* s_out, const ForwardOptions& opts = {}) const;
 
-  // One training step without dropout: forward (m, z updated in place to the outputs), then
-  // backward of L with dL/d output.m = grad_out_m and dL/d output.z = grad_out_z.
+  // One training step: forward (m, z updated in place to the outputs; with opts.dropout in
+  // training mode), then backward of L with dL/d output.m = grad_out_m, dL/d output.z = grad_out_z.
   Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                     const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
                     TrainResult* out) const;

@@ -49,7 +49,11 @@ constexpr FloatField kFloatFields[] = {
     {"inf", &EvoformerConfig::inf, {"attention_mask_inf", nullptr}},
     {"eps_ln", &EvoformerConfig::eps_ln, {"layer_norm_eps", nullptr}},
     {"eps_opm", &EvoformerConfig::eps_opm, {"outer_product_mean_eps", nullptr}},
+    {"msa_dropout", &EvoformerConfig::msa_dropout, {nullptr, nullptr}},
+    {"pair_dropout", &EvoformerConfig::pair_dropout, {nullptr, nullptr}},
 };
+
+bool is_rate(const FloatField& f) { return std::string(f.name).find("_dropout") != std::string::npos; }
 
 // Shortest decimal text of a float ("1e-05", not "0.000010").
 std::string float_str(float f) {
@@ -180,6 +184,12 @@ Status EvoformerConfig::validate() const {
   }
   for (const FloatField& f : kFloatFields) {
     const float v = this->*f.member;
+    if (is_rate(f)) {
+      if (!(v >= 0.0f && v < 1.0f))
+        return Status::InvalidArgument("config: " + std::string(f.name) +
+                                       " must be in [0, 1), got " + float_str(v));
+      continue;
+    }
     if (!std::isfinite(v) || !(v > 0.0f))
       return Status::InvalidArgument("config: " + std::string(f.name) +
                                      " must be a positive finite number, got " + float_str(v));

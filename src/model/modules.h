@@ -23,6 +23,10 @@ struct BlockContext {
   int64_t chunk = 0;                   // batch items per chunk; 0 = from chunk_target_bytes
   int64_t chunk_target_bytes = 0;      // automatic chunking: bytes of chunk buffers to aim for
   int threads = 1;
+  // Training-mode dropout (training functions only): off when false; masks keyed by dropout_key,
+  // which the driver derives from (seed, block index).
+  bool dropout = false;
+  uint64_t dropout_key = 0;
 };
 
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.

@@ -6,6 +6,7 @@
 #include "foldcube/status.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/dropout.h"
 #include "model/train.h"
 
 namespace fc {
@@ -97,8 +98,8 @@ void bias_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln, Li
 
 // Attention forward on a gathered input: fills x_in (from S), the LN, q|k|v|g and the gated
 // output in st, and adds the update to the stream S.
-void attention_train(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
-                     const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
+void attention_train(const char* module, const LayerNormW& ln, const GatedAttentionW& w, int64_t H,
+                     int64_t C, const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
                      bool transposed, const float* mask_bias, AttentionState* st) {
   const int64_t hc = H * C, rows = N * L;
   st->x_in = Tensor::empty({N, L, c});
@@ -119,18 +120,21 @@ void attention_train(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, 
   }
   Tensor u = Tensor::empty({N, L, c});  // update
   kern::linear(st->og.f32(), hc, rows, hc, w.o.w.f32(), w.o.b.f32(), c, u.f32(), c);
+  apply_dropout(u.f32(), N, L, c, dropout_mask(ctx, module, L, c));
   scatter_add(u.f32(), N, L, c, transposed, S);
 }
 
 // Attention backward. dS holds dL/d(stream out); on return dL/d(stream in) (accumulated).
 // dbias [H, L, L] accumulates the bias gradient when non-null.
-void attention_backward(const LayerNormW& ln, const GatedAttentionW& w, LayerNormW* gln,
+void attention_backward(const char* module, const LayerNormW& ln, const GatedAttentionW& w,
+                        LayerNormW* gln,
                         GatedAttentionW* gw, int64_t H, int64_t C, const BlockContext& ctx,
                         float* dS, int64_t N, int64_t L, int64_t c, bool transposed,
                         const float* mask_bias, const AttentionState& st, float* dbias) {
   const int64_t hc = H * C, rows = N * L;
   Tensor du = Tensor::empty({N, L, c});  // dL/d update, then dL/d x_in
   gather(dS, N, L, c, transposed, du.f32());
+  apply_dropout(du.f32(), N, L, c, dropout_mask(ctx, module, L, c));
   Tensor dog = Tensor::empty({rows, hc});
   kern::linear_backward(st.og.f32(), hc, rows, hc, w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
                         gw->o.w.f32(), gw->o.b.f32());
@@ -163,7 +167,7 @@ void msa_row_attention_train(const MsaRowAttentionW& w, const BlockContext& ctx,
                              const float* z, AttentionState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
   bias_train(w.ln_z, w.lin_z, ctx, z, false, st);
-  attention_train(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.s, ctx.r,
+  attention_train("msa_att_row", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.s, ctx.r,
                   cfg.c_m, false, ctx.msa_bias, st);
 }
 
@@ -173,7 +177,7 @@ void msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t H = cfg.no_heads_msa, r = ctx.r;
   Tensor dbias = Tensor::zeros({H, r, r});
-  attention_backward(w.ln_m, w.mha, &g->ln_m, &g->mha, H, cfg.c_hidden_msa_att, ctx, dm, ctx.s, r,
+  attention_backward("msa_att_row", w.ln_m, w.mha, &g->ln_m, &g->mha, H, cfg.c_hidden_msa_att, ctx, dm, ctx.s, r,
                      cfg.c_m, false, ctx.msa_bias, st, dbias.f32());
   bias_backward(w.ln_z, w.lin_z, &g->ln_z, &g->lin_z, ctx, false, st, dbias.f32(), dz);
 }
@@ -181,14 +185,14 @@ void msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
 void msa_column_attention_train(const MsaColumnAttentionW& w, const BlockContext& ctx, float* m,
                                 AttentionState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  attention_train(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.r, ctx.s,
+  attention_train("msa_att_col", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.r, ctx.s,
                   cfg.c_m, true, ctx.msa_bias_t, st);
 }
 
 void msa_column_attention_backward(const MsaColumnAttentionW& w, MsaColumnAttentionW* g,
                                    const BlockContext& ctx, const AttentionState& st, float* dm) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  attention_backward(w.ln_m, w.mha, &g->ln_m, &g->mha, cfg.no_heads_msa, cfg.c_hidden_msa_att,
+  attention_backward("msa_att_col", w.ln_m, w.mha, &g->ln_m, &g->mha, cfg.no_heads_msa, cfg.c_hidden_msa_att,
                      ctx, dm, ctx.r, ctx.s, cfg.c_m, true, ctx.msa_bias_t, st, nullptr);
 }
 
@@ -196,7 +200,7 @@ void triangle_attention_train(const TriangleAttentionW& w, const BlockContext& c
                               float* z, AttentionState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
   bias_train(w.ln, w.lin, ctx, z, ending, st);
-  attention_train(w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r,
+  attention_train(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r,
                   cfg.c_z, ending, ending ? ctx.pair_bias_t : ctx.pair_bias, st);
 }
 
@@ -206,7 +210,7 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t H = cfg.no_heads_pair, r = ctx.r;
   Tensor dbias = Tensor::zeros({H, r, r});
-  attention_backward(w.ln, w.mha, &g->ln, &g->mha, H, cfg.c_hidden_pair_att, ctx, dz, r, r, cfg.c_z,
+  attention_backward(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, &g->ln, &g->mha, H, cfg.c_hidden_pair_att, ctx, dz, r, r, cfg.c_z,
                      ending, ending ? ctx.pair_bias_t : ctx.pair_bias, st, dbias.f32());
   bias_backward(w.ln, w.lin, &g->ln, &g->lin, ctx, ending, st, dbias.f32(), dz);
 }

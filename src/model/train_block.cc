@@ -3,6 +3,7 @@
 #include <cstring>
 #include <memory>
 
+#include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "model/common.h"
@@ -253,7 +254,14 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in));
   FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
   FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
-  const BlockContext ctx = make_context(cfg, in, opts.chunk);
+  BlockContext ctx = make_context(cfg, in, opts.chunk);
+  ctx.dropout = opts.dropout;
+  // Per-block dropout keys: block b's masks depend on (seed, b) only.
+  auto block_ctx = [&](int b) {
+    BlockContext c = ctx;
+    c.dropout_key = splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
+    return c;
+  };
   auto policy = [&](int b) {
     if (opts.policy.empty()) return Recompute::kNone;
     return opts.policy.size() == 1 ? opts.policy[0] : opts.policy[b];
@@ -265,7 +273,7 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   std::vector<std::unique_ptr<BlockState>> states;
   for (int b = 0; b < nb; ++b) {
     states.push_back(std::make_unique<BlockState>());
-    block_forward(*blocks_[b], ctx, m.f32(), z.f32(), policy(b), states.back().get());
+    block_forward(*blocks_[b], block_ctx(b), m.f32(), z.f32(), policy(b), states.back().get());
   }
   out->forward_ms = ms_since(t0);
   out->activation_bytes = mem_stats().live_bytes - live0;
@@ -278,7 +286,8 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
     grads[b] = std::make_unique<BlockWeights>();
     allocate_block_grads(cfg, grads[b].get());
     const Tensor m_in = block_input_m(*states[b]);
-    block_backward(*blocks_[b], grads[b].get(), ctx, states[b].get(), m_out, dm.f32(), dz.f32());
+    block_backward(*blocks_[b], grads[b].get(), block_ctx(b), states[b].get(), m_out, dm.f32(),
+                   dz.f32());
     states[b].reset();
     m_out = m_in;
   }

@@ -9,6 +9,7 @@
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/dropout.h"
 #include "model/train.h"
 
 namespace fc {
@@ -300,24 +301,33 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
   kern::linear(st->x_ln.f32(), cz, rr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, st->g.f32(), cz);
   Tensor u = st->y.clone();  // [rr, cz] the update y * sigmoid(g)
   kern::sigmoid_mul(u.f32(), cz, st->g.f32(), cz, rr, cz);
+  apply_dropout(u.f32(), r, r, cz, dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz));
   kern::add_inplace(z, cz, u.f32(), cz, rr, cz);
 }
 
 // dL/d out (dz) is fully read by sigmoid_mul_backward before anything accumulates into dz, so it
-// needs no copy.
+// needs no copy (with dropout, the masked copy du is read instead).
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
                                       const BlockContext& ctx, bool outgoing,
                                       const TriangleMultiplicationState& st, float* dz) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
+  Tensor du;  // [rr, cz] dL/d update through the dropout mask (training mode only)
+  const Tensor mask = dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz);
+  if (mask.defined()) {
+    du = Tensor::empty({rr, cz});
+    std::memcpy(du.f32(), dz, du.nbytes());
+    apply_dropout(du.f32(), r, r, cz, mask);
+  }
+  const float* dupd = mask.defined() ? du.f32() : dz;
   Tensor dxln = Tensor::empty({rr, cz});  // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, r, r});  // dL/d triangle products, channel-major
   {
     Tensor dy = Tensor::empty({rr, cz});  // dL/d y (linear_z output, before gating)
     {
       Tensor dg = Tensor::empty({rr, cz});  // dL/d g (pre-sigmoid gate)
-      kern::sigmoid_mul_backward(st.y.f32(), cz, st.g.f32(), cz, dz, cz, dy.f32(), cz, dg.f32(), cz,
-                                 rr, cz);
+      kern::sigmoid_mul_backward(st.y.f32(), cz, st.g.f32(), cz, dupd, cz, dy.f32(), cz, dg.f32(),
+                                 cz, rr, cz);
       kern::linear_backward(st.x_ln.f32(), cz, rr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
                             dxln.f32(), cz, g->lin_g.w.f32(), g->lin_g.b.f32());
     }
