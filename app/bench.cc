@@ -1,5 +1,7 @@
-// `foldcube bench`: the Evoformer forward table. Each row runs in a fresh `foldcube run` process
-// so that its peak RSS is its own; the SGEMM peak of the same BLAS is measured in this run.
+// `foldcube bench`: the Evoformer forward table, or with --train the training-step table per
+// recompute policy beside the memory model (include/foldcube/plan.h). Each row runs in a fresh
+// `foldcube run` process so that its peak RSS is its own; the SGEMM peak of the same BLAS is
+// measured in this run (forward table).
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +15,8 @@
 #include <vector>
 
 #include "commands.h"
+#include "foldcube/model.h"
+#include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
 #include "kernels/kernels.h"
@@ -50,29 +54,185 @@ std::string self_exe() {
   buf[n] = '\0';
   return buf;
 }
+
+// A temporary file for the rows' reports (empty on failure).
+std::string temp_report() {
+  char tmpl[] = "/tmp/foldcube_benchXXXXXX";
+  const int fd = mkstemp(tmpl);
+  if (fd < 0) {
+    std::fprintf(stderr, "foldcube: error: cannot create a temporary file\n");
+    return "";
+  }
+  close(fd);
+  return tmpl;
+}
+
+// Runs one benchmark row (a `foldcube run ... --report report` command) and reads its report.
+bool run_row(const std::string& cmd, const std::string& report, nlohmann::json* j) {
+  if (std::system(cmd.c_str()) != 0) {
+    std::fprintf(stderr, "foldcube: error: benchmark row failed: %s\n", cmd.c_str());
+    return false;
+  }
+  std::ifstream f(report);
+  *j = nlohmann::json::parse(f, nullptr, false);
+  if (j->is_discarded()) {
+    std::fprintf(stderr, "foldcube: error: unreadable report from: %s\n", cmd.c_str());
+    return false;
+  }
+  return true;
+}
+
+// A positive integer list entry ("128", "4"); false (with a message) otherwise.
+bool parse_count(const std::string& text, const char* what, int64_t* out) {
+  char* end = nullptr;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || *end != '\0' || v <= 0) {
+    std::fprintf(stderr, "foldcube: error: bad %s '%s' (want a positive integer)\n", what,
+                 text.c_str());
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
+double mib(double bytes) { return bytes / 1048576.0; }
+
+// `bench --train`: per shape and block count, one `foldcube run --backward` row per recompute
+// policy, with the memory model's predictions beside the measurements; then the model at 48
+// blocks in fp32 and fp16 next to the seeds' published fp16 activation memory.
+int bench_train(const BenchArgs& a, int threads, const std::string& exe,
+                const std::string& report) {
+  const auto shapes = split(a.shapes.empty() ? "128:256" : a.shapes, ',');
+  const auto blocks = split(a.blocks.empty() ? "2,4" : a.blocks, ',');
+  const int repeats = a.repeats > 0 ? a.repeats : 1;
+  const EvoformerConfig cfg;  // AF2 model_1 dims, as `foldcube run` without weights
+  struct Policy {
+    Recompute p;
+    const char* label;
+    double seeds_fp16_mb;  // seeds' fp16 activation memory, 48 blocks, (s, r) = (128, 256)
+  };
+  const Policy policies[] = {{Recompute::kNone, "none", 0},
+                             {Recompute::kModule, "small (module)", 7462},
+                             {Recompute::kBlock, "large (block)", 2070}};
+  constexpr int64_t kAf2Blocks = 48;
+
+  std::printf(
+      "foldcube bench --train: Evoformer training step (forward + backward, no dropout), "
+      "AF2 model_1 dims, %d thread(s), fp32, %d repeat(s) per row; MB = 2^20 bytes\n",
+      threads, repeats);
+  std::printf(
+      "peak/activation mem: tracked bytes above weights and inputs (peak: whole step; "
+      "activation: kept from forward for backward); predicted: include/foldcube/plan.h\n");
+  nlohmann::json rows = nlohmann::json::array(), extrapolated = nlohmann::json::array();
+  for (const std::string& shape : shapes) {
+    const auto sr = split(shape, ':');
+    int64_t s = 0, r = 0;
+    if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) {
+      std::fprintf(stderr, "foldcube: error: bad shape '%s' (want s:r)\n", shape.c_str());
+      return 2;
+    }
+    std::printf("\ns=%lld r=%lld\n\n", static_cast<long long>(s), static_cast<long long>(r));
+    std::printf(
+        "| policy | blocks | peak mem (MB) | activation mem (MB) | time (ms) | "
+        "predicted peak (MB) | predicted activation (MB) | peak RSS (MB) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|\n");
+    std::vector<std::string> ratios;
+    for (const std::string& nb_text : blocks) {
+      int64_t nb = 0;
+      if (!parse_count(nb_text, "block count", &nb)) return 2;
+      double time_none = 0, time_block = 0;
+      for (const Policy& pol : policies) {
+        const std::string cmd = "'" + exe + "' run --backward --policy " + recompute_name(pol.p) +
+                                " --quiet --s " + sr[0] + " --r " + sr[1] + " --blocks " + nb_text +
+                                " --threads " + std::to_string(threads) + " --warmup 0 --repeats " +
+                                std::to_string(repeats) + " --report '" + report + "'";
+        nlohmann::json j;
+        if (!run_row(cmd, report, &j)) return 1;
+        const int64_t pred_peak = stack_step_peak_bytes(cfg, s, r, nb, {pol.p}, threads);
+        const int64_t pred_act = stack_activation_bytes(cfg, s, r, nb, {pol.p});
+        const double ms = j["time_ms"].get<double>();
+        if (pol.p == Recompute::kNone) time_none = ms;
+        if (pol.p == Recompute::kBlock) time_block = ms;
+        std::printf("| %s | %lld | %.1f | %.1f | %.0f | %.1f | %.1f | %.1f |\n", pol.label,
+                    static_cast<long long>(nb), mib(j["step_peak_bytes"].get<double>()),
+                    mib(j["activation_bytes"].get<double>()), ms, mib(pred_peak), mib(pred_act),
+                    mib(j["peak_rss_bytes"].get<double>()));
+        std::fflush(stdout);
+        j["predicted_peak_bytes"] = pred_peak;
+        j["predicted_activation_bytes"] = pred_act;
+        rows.push_back(j);
+      }
+      char line[160];
+      std::snprintf(line, sizeof(line),
+                    "time(block) / time(none) at %lld block(s): %.2f (%.0f ms / %.0f ms)",
+                    static_cast<long long>(nb), time_block / time_none, time_block, time_none);
+      ratios.push_back(line);
+    }
+    std::printf("\n");
+    for (const std::string& line : ratios) std::printf("%s\n", line.c_str());
+
+    const bool seeds_shape = s == 128 && r == 256;
+    std::printf("\nMemory model extrapolated to %lld blocks, s=%lld r=%lld, %d thread(s)\n\n",
+                static_cast<long long>(kAf2Blocks), static_cast<long long>(s),
+                static_cast<long long>(r), threads);
+    std::printf(
+        "| policy | activation fp32 (MB) | peak fp32 (MB) | activation fp16 (MB) | "
+        "peak fp16 (MB) | seeds' activation fp16 (MB) |\n");
+    std::printf("|---|---|---|---|---|---|\n");
+    for (const Policy& pol : policies) {
+      nlohmann::json e = {
+          {"s", s}, {"r", r}, {"blocks", kAf2Blocks}, {"policy", recompute_name(pol.p)}};
+      std::string seeds = "-";
+      if (seeds_shape && pol.seeds_fp16_mb > 0) {
+        seeds = std::to_string(static_cast<int>(pol.seeds_fp16_mb));
+        e["seeds_activation_fp16_mb"] = pol.seeds_fp16_mb;
+      }
+      std::printf("| %s |", pol.label);
+      for (const int64_t eb : {int64_t{4}, int64_t{2}}) {
+        const int64_t act = stack_activation_bytes(cfg, s, r, kAf2Blocks, {pol.p}, eb);
+        const int64_t pk = stack_step_peak_bytes(cfg, s, r, kAf2Blocks, {pol.p}, threads, eb);
+        std::printf(" %.0f | %.0f |", mib(act), mib(pk));
+        const std::string suffix = eb == 4 ? "_fp32" : "_fp16";
+        e["activation_bytes" + suffix] = act;
+        e["peak_bytes" + suffix] = pk;
+      }
+      std::printf(" %s |\n", seeds.c_str());
+      extrapolated.push_back(e);
+    }
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << nlohmann::json{{"threads", threads}, {"rows", rows}, {"extrapolated", extrapolated}}.dump(
+             2)
+      << "\n";
+  }
+  return 0;
+}
 }  // namespace
 
 int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
   const std::string exe = self_exe();
+  const std::string report = temp_report();
+  if (report.empty()) return 1;
+  if (a.train) {
+    const int rc = bench_train(a, threads, exe, report);
+    std::remove(report.c_str());
+    return rc;
+  }
   const auto shapes = split(a.shapes.empty() ? "128:256,512:256" : a.shapes, ',');
   const auto blocks = split(a.blocks.empty() ? "1,4" : a.blocks, ',');
+  const int repeats = a.repeats > 0 ? a.repeats : 3;
 
   const double peak = sgemm_gflops(2048, 5);
   std::printf("foldcube bench: Evoformer forward, AF2 model_1 dims, %d thread(s), fp32\n", threads);
   std::printf("SGEMM n=2048 (oneDNN, same run): %.1f GFLOP/s\n\n", peak);
-  std::printf("| s | r | blocks | median ms | GFLOP | GFLOP/s | %% of SGEMM | tracked peak MiB | peak/(m+z) | RSS peak MiB |\n");
+  std::printf(
+      "| s | r | blocks | median ms | GFLOP | GFLOP/s | %% of SGEMM | tracked peak MiB | "
+      "peak/(m+z) | RSS peak MiB |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   nlohmann::json rows = nlohmann::json::array();
-  char tmpl[] = "/tmp/foldcube_benchXXXXXX";
-  const int fd = mkstemp(tmpl);
-  if (fd < 0) {
-    std::fprintf(stderr, "foldcube: error: cannot create a temporary file\n");
-    return 1;
-  }
-  close(fd);
-  const std::string report = tmpl;
   for (const std::string& shape : shapes) {
     const auto sr = split(shape, ':');
     if (sr.size() != 2) {
@@ -82,18 +242,10 @@ int bench_command(const BenchArgs& a, const std::string&) {
     for (const std::string& nb : blocks) {
       const std::string cmd = "'" + exe + "' run --quiet --s " + sr[0] + " --r " + sr[1] +
                               " --blocks " + nb + " --threads " + std::to_string(threads) +
-                              " --warmup 1 --repeats " + std::to_string(a.repeats) +
-                              " --report '" + report + "'";
-      if (std::system(cmd.c_str()) != 0) {
-        std::fprintf(stderr, "foldcube: error: benchmark row failed: %s\n", cmd.c_str());
-        return 1;
-      }
-      std::ifstream f(report);
-      nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
-      if (j.is_discarded()) {
-        std::fprintf(stderr, "foldcube: error: unreadable report from: %s\n", cmd.c_str());
-        return 1;
-      }
+                              " --warmup 1 --repeats " + std::to_string(repeats) + " --report '" +
+                              report + "'";
+      nlohmann::json j;
+      if (!run_row(cmd, report, &j)) return 1;
       const double gfs = j["gflops_per_s"].get<double>();
       std::printf("| %s | %s | %s | %.0f | %.0f | %.1f | %.1f %% | %.1f | %.2f | %.1f |\n",
                   sr[0].c_str(), sr[1].c_str(), nb.c_str(), j["time_ms"].get<double>(),
@@ -109,7 +261,8 @@ int bench_command(const BenchArgs& a, const std::string&) {
   std::remove(report.c_str());
   if (!a.out_json.empty()) {
     std::ofstream f(a.out_json);
-    f << nlohmann::json{{"sgemm_gflops", peak}, {"threads", threads}, {"rows", rows}}.dump(2) << "\n";
+    f << nlohmann::json{{"sgemm_gflops", peak}, {"threads", threads}, {"rows", rows}}.dump(2)
+      << "\n";
   }
   return 0;
 }

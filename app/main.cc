@@ -35,12 +35,24 @@ int main(int argc, char** argv) {
   run->add_option("--policy", ra.policy, "recompute policy none|module|block, or a comma-separated list per block (implies --backward)");
 
   fc::app::BenchArgs ba;
-  CLI::App* bench = app.add_subcommand("bench", "Evoformer forward benchmark table with same-run SGEMM peak");
-  bench->add_option("--threads", ba.threads, "threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::Range(1, 4096));
-  bench->add_option("--repeats", ba.repeats, "timed repeats per row (median reported)")->check(CLI::Range(1, 100));
-  bench->add_option("--shapes", ba.shapes, "comma-separated s:r list (default 128:256,512:256)");
-  bench->add_option("--blocks", ba.blocks, "comma-separated block counts (default 1,4)");
+  CLI::App* bench = app.add_subcommand(
+      "bench",
+      "Evoformer forward benchmark table with same-run SGEMM peak (--train: training-step table)");
+  bench->add_option("--threads", ba.threads, "threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(CLI::Range(1, 4096));
+  bench
+      ->add_option("--repeats", ba.repeats,
+                   "timed repeats per row, median reported (default 3; 1 with --train)")
+      ->check(CLI::Range(1, 100));
+  bench->add_option("--shapes", ba.shapes,
+                    "comma-separated s:r list (default 128:256,512:256; 128:256 with --train)");
+  bench->add_option("--blocks", ba.blocks,
+                    "comma-separated block counts (default 1,4; 2,4 with --train)");
   bench->add_option("--json", ba.out_json, "also write the table as JSON here");
+  bench->add_flag("--train", ba.train,
+                  "training step (forward + backward) per recompute policy none/small/large: "
+                  "measured peak and activation memory and time beside the memory model's "
+                  "predictions, and the model at 48 blocks (fp32, fp16)");
 
   try {
     app.parse(argc, argv);

@@ -1,5 +1,7 @@
 // Analytic memory model of the training step (the plan layer's first piece). Byte counts are
-// exact for the tracked allocator (tests/train_memory_test.cc checks them against it).
+// exact for the tracked allocator (tests/train_memory_test.cc and tests/train_peak_test.cc check
+// them against it). Predictions for elem_bytes != 4 keep the fp32 plan (same chunk sizes) and
+// scale every buffer, i.e. they describe a bf16/fp16 engine with the same allocation sequence.
 #pragma once
 
 #include <cstdint>
@@ -18,5 +20,14 @@ int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
 // Activation bytes of a stack: sum over blocks (policy: one entry per block, or one for all).
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                                const std::vector<Recompute>& policy, int64_t elem_bytes = 4);
+
+// Peak of EvoformerStack::train_step (TrainResult::peak_bytes: tracked bytes above those live
+// before the step) without dropout, automatic chunking (TrainOptions::chunk = 0) and `threads`
+// threads (kernel scratch is per thread): the activations, the dm/dz copies, the per-block
+// parameter-gradient structs (alive until the end of the step), the recompute states and the
+// transient buffers of whichever module forward or backward is running at the peak.
+int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
+                              const std::vector<Recompute>& policy, int threads,
+                              int64_t elem_bytes = 4);
 
 }  // namespace fc
