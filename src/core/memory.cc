@@ -1,5 +1,6 @@
 #include "foldcube/memory.h"
 
+#include <malloc.h>
 #include <sys/resource.h>
 
 #include <atomic>
@@ -18,6 +19,17 @@ void raise_peak(int64_t live) {
   }
 }
 size_t round_up(size_t n) { return (n + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment; }
+
+// Large tensors would each come from a fresh mmap and go back with munmap, so every reuse of the
+// same shape pays first-touch page faults again (measured: 3.3 s of system time in a 4.8 s
+// training step; 10 % of an inference pass). Serving them from the heap and never trimming it lets
+// freed blocks be reused. Peak RSS is unchanged; RSS simply does not shrink after the peak.
+struct HeapOnlyLargeBlocks {
+  HeapOnlyLargeBlocks() {
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, -1);  // -1: never trim (glibc treats it as the largest size)
+  }
+} g_heap_only;
 }  // namespace
 
 void* try_tracked_alloc(size_t bytes) {
