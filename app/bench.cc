@@ -118,7 +118,7 @@ int bench_train(const BenchArgs& a, int threads, const std::string& exe,
 
   std::printf(
       "foldcube bench --train: Evoformer training step (forward + backward, no dropout), "
-      "AF2 model_1 dims, %d thread(s), fp32, %d repeat(s) per row; MB = 2^20 bytes\n",
+      "AF2 model_1 dims, %d thread(s), fp32, one warm-up step then %d timed step(s) per row; MB = 2^20 bytes\n",
       threads, repeats);
   std::printf(
       "peak/activation mem: tracked bytes above weights and inputs (peak: whole step; "
@@ -144,7 +144,7 @@ int bench_train(const BenchArgs& a, int threads, const std::string& exe,
       for (const Policy& pol : policies) {
         const std::string cmd = "'" + exe + "' run --backward --policy " + recompute_name(pol.p) +
                                 " --quiet --s " + sr[0] + " --r " + sr[1] + " --blocks " + nb_text +
-                                " --threads " + std::to_string(threads) + " --warmup 0 --repeats " +
+                                " --threads " + std::to_string(threads) + " --warmup 1 --repeats " +
                                 std::to_string(repeats) + " --report '" + report + "'";
         nlohmann::json j;
         if (!run_row(cmd, report, &j)) return 1;
