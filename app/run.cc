@@ -11,6 +11,7 @@
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 
 namespace fc::app {
@@ -103,6 +104,21 @@ int run_command(const RunArgs& a) {
 
   ForwardOptions opts;
   opts.chunk = a.chunk;
+  InferencePlan plan;
+  int64_t budget = 0;
+  if (!a.memory_budget.empty()) {
+    Status st = parse_bytes(a.memory_budget, &budget);
+    if (st.ok() && a.chunk > 0)
+      st = Status::InvalidArgument("--memory-budget chooses the chunk sizes; drop --chunk");
+    if (!st.ok()) return fail(st);
+    ifile = TensorFile();  // only m0, z0 and the masks stay live
+    const int64_t mz = static_cast<int64_t>(m0.nbytes() + z0.nbytes());
+    const int64_t base = mem_stats().live_bytes + (a.warmup + a.repeats > 1 ? mz : 0);
+    st = plan_inference(cfg, s, r, msa_mask.defined() && pair_mask.defined(), base, budget,
+                        num_threads(), &plan);
+    if (!st.ok()) return fail(st);
+    opts.chunk_target_bytes = plan.chunk_target_bytes;
+  }
   std::vector<std::pair<std::string, double>> module_ms;  // in first-seen order
   auto mark = std::chrono::steady_clock::now();
   if (a.profile) {
@@ -171,11 +187,21 @@ int run_command(const RunArgs& a) {
     std::printf("  peak RSS    %9.1f MiB\n", rss / 1048576.0);
     for (const auto& [module, ms] : module_ms)
       std::printf("    %-20s %9.1f ms\n", module.c_str(), ms);
+    if (budget > 0)
+      std::printf("  budget      %9.1f MiB  (chunk target %.2f MiB; predicted peak %.1f MiB, "
+                  "measured %.1f MiB)\n",
+                  budget / 1048576.0, plan.chunk_target_bytes / 1048576.0,
+                  plan.predicted_peak_bytes / 1048576.0, peak_tracked / 1048576.0);
     if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
   }
   if (!a.report.empty()) {
     nlohmann::json j;
     j["time_ms"] = time_ms;
+    if (budget > 0) {
+      j["memory_budget_bytes"] = budget;
+      j["chunk_target_bytes"] = plan.chunk_target_bytes;
+      j["predicted_peak_bytes"] = plan.predicted_peak_bytes;
+    }
     j["times_ms"] = times;
     j["peak_tracked_bytes"] = peak_tracked;
     j["peak_rss_bytes"] = rss;

@@ -237,6 +237,21 @@ TEST(CliHostileFile, OffsetsOutOfRangeAndOverlapping) {
   EXPECT_NE(r.out.find("overlap"), std::string::npos) << r.out;
 }
 
+TEST(Cli, MemoryBudget) {
+  expect_user_error(run_cli("run --s 16 --r 24 --blocks 1 --memory-budget 1MiB"),
+                    "smallest feasible budget");
+  expect_user_error(run_cli("run --s 16 --r 24 --blocks 1 --memory-budget lots"), "lots");
+  const std::string rep = tmp("budget.json");
+  Result r = run_cli("run --s 16 --r 24 --blocks 1 --memory-budget 64MiB --report " + rep);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::ifstream f(rep);
+  nlohmann::json j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["memory_budget_bytes"].get<int64_t>(), int64_t{64} << 20);
+  EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), int64_t{64} << 20);
+  EXPECT_EQ(j["predicted_peak_bytes"].get<int64_t>(), j["peak_tracked_bytes"].get<int64_t>());
+  EXPECT_GT(j["chunk_target_bytes"].get<int64_t>(), 0);
+}
+
 TEST(Cli, MissingFileAndBadFlags) {
   expect_user_error(run_cli("run --weights /nonexistent/w.safetensors"), "/nonexistent/w.safetensors");
   Result r = run_cli("run --s -3");

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "foldcube/config.h"
@@ -29,5 +30,27 @@ int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads,
                               int64_t elem_bytes = 4);
+
+// ---- Inference memory plan ---------------------------------------------------------------------
+// Tracked bytes EvoformerStack::forward allocates at its peak above what was live before it, at
+// (s, r) with the given chunking (chunk / chunk_target_bytes as in ForwardOptions; 0 = default):
+// the mask buffers plus the largest module workspace (module_workspace_bytes), or the output s.
+int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
+                           int64_t chunk, int64_t chunk_target_bytes, int threads);
+
+struct InferencePlan {
+  int64_t chunk_target_bytes = 0;    // pass as ForwardOptions::chunk_target_bytes
+  int64_t predicted_peak_bytes = 0;  // base_bytes + forward_peak_bytes
+};
+// The default chunking if its predicted tracked peak (base_bytes, i.e. weights and inputs already
+// live, plus the forward's own peak) fits in budget_bytes, else the coarsest finer chunking that
+// fits. A user error naming the smallest
+// feasible budget when even the finest chunking does not fit.
+Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
+                      int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out);
+
+// Parses "6GiB", "512MiB", "40GB", "1.5G", "1000000" (bytes). GB/MB/KB are decimal, GiB/MiB/KiB
+// and bare G/M/K binary.
+Status parse_bytes(const std::string& text, int64_t* out);
 
 }  // namespace fc
