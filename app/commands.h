@@ -21,6 +21,7 @@ struct RunArgs {
   std::string grad_outputs;  // safetensors with grad.output.m, grad.output.z
   std::string policy;        // recompute policy, one or comma-separated per block
   bool train = false;        // training mode: AF2 dropout on (implies backward)
+  std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;  // inference: tracked-peak budget, e.g. "6GiB"
 };
 int run_command(const RunArgs& a);

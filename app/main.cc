@@ -28,6 +28,9 @@ int main(int argc, char** argv) {
   run->add_option("--repeats", ra.repeats, "timed forward passes (median reported)")->check(CLI::Range(1, 1000));
   run->add_option("--warmup", ra.warmup, "untimed forward passes first")->check(CLI::Range(0, 1000));
   run->add_flag("--quiet", ra.quiet, "no human summary");
+  run->add_option("--stack", ra.stack,
+                  "evoformer | extra_msa | auto (default: the weights' metadata 'kind', else "
+                  "evoformer)");
   run->add_option("--memory-budget", ra.memory_budget,
                   "inference: keep the tracked peak (weights, inputs, work) under this size, e.g. "
                   "6GiB; chunk sizes come from the memory model; refuses if nothing fits");

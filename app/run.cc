@@ -8,6 +8,7 @@
 
 #include "commands.h"
 #include "core/rng.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
@@ -50,7 +51,9 @@ double median(std::vector<double> v) {
 
 struct Job {
   EvoformerConfig cfg;
+  bool extra = false;        // ExtraMSA stack instead of the Evoformer stack
   EvoformerStack stack;
+  ExtraMsaStack extra_stack;
   TensorFile ifile;
   Tensor m0, z0, msa_mask, pair_mask;
 };
@@ -58,8 +61,28 @@ struct Job {
 Status setup_job(const RunArgs& a, Job* job) {
   TensorFile wfile;
   if (!a.weights.empty()) FC_RETURN_IF_ERROR(read_safetensors(a.weights, &wfile));
-  FC_RETURN_IF_ERROR(resolve_config(a, a.weights.empty() ? nullptr : &wfile, &job->cfg));
-  if (!a.weights.empty()) {
+  if (a.stack == "extra_msa") {
+    job->extra = true;
+  } else if (a.stack == "auto") {
+    auto kind = wfile.metadata.find("kind");
+    job->extra = kind != wfile.metadata.end() && kind->second == "extra_msa";
+  } else if (a.stack != "evoformer") {
+    return Status::InvalidArgument("unknown --stack '" + a.stack + "' (evoformer|extra_msa|auto)");
+  }
+  if (job->extra && a.weights.empty() && a.config.empty()) {
+    job->cfg = EvoformerConfig();  // AF2 extra-MSA stack: c_e = 64, 8 heads of 8
+    job->cfg.c_m = 64;
+    job->cfg.c_hidden_msa_att = 8;
+    job->cfg.no_blocks = a.blocks;
+  } else {
+    FC_RETURN_IF_ERROR(resolve_config(a, a.weights.empty() ? nullptr : &wfile, &job->cfg));
+  }
+  if (job->extra) {
+    if (!a.weights.empty())
+      FC_RETURN_IF_ERROR(ExtraMsaStack::load(job->cfg, wfile, &job->extra_stack));
+    else
+      job->extra_stack = ExtraMsaStack::random(job->cfg, a.seed);
+  } else if (!a.weights.empty()) {
     FC_RETURN_IF_ERROR(EvoformerStack::load(job->cfg, wfile, &job->stack));
   } else {
     job->stack = EvoformerStack::random(job->cfg, a.seed);
@@ -91,8 +114,11 @@ int run_command(const RunArgs& a) {
   Job job;
   Status st = setup_job(a, &job);
   if (!st.ok()) return fail(st);
-  if (a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty())
-    return run_training(a, job);
+  const bool training = a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty();
+  if (job.extra && (training || !a.memory_budget.empty()))
+    return fail(Status::InvalidArgument(
+        "the ExtraMSA stack runs inference only (no training or --memory-budget yet)"));
+  if (training) return run_training(a, job);
   const EvoformerConfig& cfg = job.cfg;
   const EvoformerStack& stack = job.stack;
   TensorFile& ifile = job.ifile;
@@ -150,7 +176,8 @@ int run_command(const RunArgs& a) {
     module_ms.clear();
     const auto t0 = std::chrono::steady_clock::now();
     mark = t0;
-    st = stack.forward(m, z, msa_mask, pair_mask, &s_out, opts);
+    st = job.extra ? job.extra_stack.forward(m, z, msa_mask, pair_mask, opts)
+                   : stack.forward(m, z, msa_mask, pair_mask, &s_out, opts);
     const auto t1 = std::chrono::steady_clock::now();
     if (!st.ok()) return fail(st);
     peak_tracked = std::max(peak_tracked, scope.peak());
@@ -158,7 +185,9 @@ int run_command(const RunArgs& a) {
     if (it >= a.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   const double time_ms = median(times);
-  const double gflop = evoformer_block_flops(cfg, s, r) * cfg.no_blocks / 1e9;
+  // The FLOP formula is the Evoformer block's; the ExtraMSA block's global attention differs.
+  const double gflop = job.extra ? 0.0 : evoformer_block_flops(cfg, s, r) * cfg.no_blocks / 1e9;
+  const int64_t param_bytes = job.extra ? job.extra_stack.param_bytes() : stack.param_bytes();
   const int64_t rss = peak_rss_bytes();
 
   if (!a.out.empty()) {
@@ -167,20 +196,24 @@ int run_command(const RunArgs& a) {
     out.metadata["config"] = cfg.to_json();
     out.put("output.m", m);
     out.put("output.z", z);
-    out.put("output.s", s_out);
+    if (s_out.defined()) out.put("output.s", s_out);
     st = write_safetensors(a.out, out);
     if (!st.ok()) return fail(st);
   }
   if (!a.quiet) {
-    std::printf("foldcube run: Evoformer %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, %d thread(s)%s\n",
+    std::printf("foldcube run: %s %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, %d thread(s)%s\n",
+                job.extra ? "ExtraMSA" : "Evoformer",
                 static_cast<long long>(cfg.no_blocks), static_cast<long long>(s),
                 static_cast<long long>(r), static_cast<long long>(cfg.c_m),
                 static_cast<long long>(cfg.c_z), num_threads(),
                 a.weights.empty() ? ", random weights" : "");
-    std::printf("  time        %10.1f ms  (median of %d; %.1f GFLOP, %.1f GFLOP/s)\n", time_ms,
-                a.repeats, gflop, gflop / (time_ms / 1e3));
+    if (gflop > 0)
+      std::printf("  time        %10.1f ms  (median of %d; %.1f GFLOP, %.1f GFLOP/s)\n", time_ms,
+                  a.repeats, gflop, gflop / (time_ms / 1e3));
+    else
+      std::printf("  time        %10.1f ms  (median of %d)\n", time_ms, a.repeats);
     std::printf("  tracked peak %9.1f MiB  (all tensors: weights %.1f MiB, inputs, masks, work)\n",
-                peak_tracked / 1048576.0, stack.param_bytes() / 1048576.0);
+                peak_tracked / 1048576.0, param_bytes / 1048576.0);
     std::printf("  inference   %9.1f MiB  (m+z+workspace = %.2f x bytes of m+z = %.1f MiB)\n",
                 inference_peak / 1048576.0, static_cast<double>(inference_peak) / mz_bytes,
                 mz_bytes / 1048576.0);
@@ -206,7 +239,8 @@ int run_command(const RunArgs& a) {
     j["peak_tracked_bytes"] = peak_tracked;
     j["peak_rss_bytes"] = rss;
     j["inference_peak_bytes"] = inference_peak;
-    j["param_bytes"] = stack.param_bytes();
+    j["param_bytes"] = param_bytes;
+    j["stack"] = job.extra ? "extra_msa" : "evoformer";
     j["mz_bytes"] = mz_bytes;
     j["gflop"] = gflop;
     j["gflops_per_s"] = gflop / (time_ms / 1e3);

@@ -71,6 +71,22 @@ TEST(Cli, GoldenFileAsWeightsAndInputs) {
   }
 }
 
+TEST(Cli, ExtraMsaGoldenFileDetectedFromMetadata) {
+  const std::string g = test::data_path("extra_tiny.safetensors");
+  const std::string out = tmp("extra_out.safetensors");
+  Result r = run_cli("run --weights " + g + " --inputs " + g + " --out " + out);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+  TensorFile ref, got;
+  ASSERT_TRUE(read_safetensors(g, &ref).ok());
+  ASSERT_TRUE(read_safetensors(out, &got).ok());
+  for (const char* name : {"output.m", "output.z"})
+    EXPECT_LT(test::golden_err(got.tensors[name], ref.tensors[name]), 1e-4) << name;
+  EXPECT_FALSE(got.has("output.s"));
+  expect_user_error(run_cli("run --weights " + g + " --inputs " + g + " --backward"), "ExtraMSA");
+  expect_user_error(run_cli("run --weights " + g + " --stack pairformer"), "pairformer");
+}
+
 TEST(Cli, RandomDefaultJobSmall) {
   Result r = run_cli("run --s 4 --r 8 --blocks 1 --threads 1");
   EXPECT_EQ(r.code, 0) << r.out;
