@@ -246,8 +246,6 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
 
 // ---- layernorm ---------------------------------------------------------------------------------
 
-int64_t layernorm_backward_row_block() { return kLnRowBlock; }
-
 int64_t layernorm_backward_scratch_floats(int64_t rows, int64_t n) {
   return ceil_div(std::max<int64_t>(rows, 0), kLnRowBlock) * 2 * n;
 }
@@ -321,14 +319,28 @@ constexpr int64_t kQueryTile = 64;
 // of 64 bytes, so all threads see the same alignment (and GEMM code paths) for the same item.
 constexpr int64_t kAlignFloats = 16;
 
+// Schedules (see backward.h): no d_pair_bias: (b, h) items, dynamic; kHeads: heads as tasks, each
+// running its batch elements in order; kRanges: contiguous ranges of (b, h) items in head-major
+// order, one per thread, with a partial-sum slot for a range that starts inside a head.
+enum class Schedule { kItems, kHeads, kRanges };
+
+Schedule schedule(const AttentionArgs& a, int threads, bool pair_grad) {
+  if (!pair_grad) return Schedule::kItems;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, a.B * a.H));
+  return a.H % nt == 0 || a.H >= 4 * nt ? Schedule::kHeads : Schedule::kRanges;
+}
+
+// kRanges: thread t of nt runs items [range_begin(items, t, nt), range_begin(items, t + 1, nt)).
+int64_t range_begin(int64_t items, int t, int nt) { return items * t / nt; }
+
 // Offsets (in floats) of one thread's buffers:
 //   K, V, dK, dV [Lk, C] | Q, dO, O [qt, C] (O doubles as the dQ tile) | dP [qt, Lk] |
-//   S [qt or Lq, Lk]: logits -> P -> dS of the current tile; the whole item's dS with d_pair_bias.
+//   S [qt, Lk]: logits -> P -> dS of the current tile | slot [Lq, Lk] (kRanges only).
 struct BwdLayout {
-  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, total;
+  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, slot, total;
 };
 
-BwdLayout bwd_layout(const AttentionArgs& a, bool pair_grad) {
+BwdLayout bwd_layout(const AttentionArgs& a, Schedule sched) {
   BwdLayout L{};
   L.qt = std::min(a.Lq, kQueryTile);
   int64_t off = 0;
@@ -345,7 +357,8 @@ BwdLayout bwd_layout(const AttentionArgs& a, bool pair_grad) {
   L.dO = take(L.qt * a.C);
   L.O = take(L.qt * a.C);
   L.dP = take(L.qt * a.Lk);
-  L.S = take((pair_grad ? a.Lq : L.qt) * a.Lk);
+  L.S = take(L.qt * a.Lk);
+  L.slot = take(sched == Schedule::kRanges ? a.Lq * a.Lk : 0);
   L.total = off;
   return L;
 }
@@ -359,9 +372,10 @@ void unpack(const float* src, int64_t rows, int64_t C, float* dst, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, src + i * C, C * sizeof(float));
 }
 
-// One (b, h) item on the calling thread. With pair_grad, S ends holding the item's dS [Lq, Lk].
+// One (b, h) item on the calling thread; dS is added into dpb [Lq, Lk] (d_pair_bias[h] or a
+// slot) unless dpb is nullptr.
 void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, int64_t b, int64_t h,
-                             const BwdLayout& L, bool pair_grad, float* ws) {
+                             const BwdLayout& L, float* dpb, float* ws) {
   const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
   float* K = ws + L.K;    // [Lk, C]
   float* V = ws + L.V;    // [Lk, C]
@@ -376,10 +390,10 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   std::fill(dK, dK + Lk * C, 0.f);
   std::fill(dV, dV + Lk * C, 0.f);
   const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;
-  const bool need_ds = g.dq || g.dk || pair_grad;
+  const bool need_ds = g.dq || g.dk || dpb;
   for (int64_t i0 = 0; i0 < Lq; i0 += L.qt) {
     const int64_t n = std::min(L.qt, Lq - i0);
-    float* P = ws + L.S + (pair_grad ? i0 * Lk : 0);  // [n, Lk]
+    float* P = ws + L.S;  // [n, Lk]
     // Recompute P exactly as the forward does.
     pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
     gemm(false, true, n, Lk, C, a.scale, Q, C, K, C, 0.f, P, Lk);
@@ -405,6 +419,7 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       unpack(O, n, C, g.dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
     }
     if (g.dk) gemm(true, false, Lk, C, n, a.scale, P, Lk, Q, C, 1.f, dK, C);  // dK += scale dS^T Q
+    if (dpb) add_inplace(dpb + i0 * Lk, Lk, P, Lk, n, Lk);
   }
   if (g.dk) unpack(dK, Lk, C, g.dk + b * a.k_bs + h * C, a.k_rs);
   if (g.dv) unpack(dV, Lk, C, g.dv + b * a.v_bs + h * C, a.v_rs);
@@ -413,7 +428,8 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
 
 int64_t attention_backward_scratch_floats(const AttentionArgs& a, int threads,
                                           bool pair_bias_grad) {
-  return static_cast<int64_t>(std::max(threads, 1)) * bwd_layout(a, pair_bias_grad).total;
+  const Schedule sched = schedule(a, threads, pair_bias_grad);
+  return static_cast<int64_t>(std::max(threads, 1)) * bwd_layout(a, sched).total;
 }
 
 void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* scratch,
@@ -422,30 +438,56 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
   if (items == 0 || a.C == 0) return;
   FC_CHECK(g.d_out != nullptr);
   FC_CHECK(a.Lq == 0 || a.Lk > 0);
-  const bool pair_grad = g.d_pair_bias != nullptr;
-  const BwdLayout L = bwd_layout(a, pair_grad);
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  const Schedule sched = schedule(a, threads, g.d_pair_bias != nullptr);
+  const BwdLayout L = bwd_layout(a, sched);
   const int64_t head = a.Lq * a.Lk;
+  const int64_t tasks = sched == Schedule::kHeads ? a.H : items;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, tasks)));
 #pragma omp parallel num_threads(nt)
   {
     // Nested kernels (GEMM, row kernels) run on this thread also when nt == 1, where the region is
     // inactive and they would otherwise go parallel: per-item results then never depend on the
     // thread count. This sets the ICV of this region's implicit task only.
     omp_set_num_threads(1);
-    float* ws = scratch + static_cast<int64_t>(omp_get_thread_num()) * L.total;
-    if (pair_grad) {
-      // Items in head-major order; the ordered adds sum every head's dS over b = 0, 1, ... .
-#pragma omp for schedule(dynamic, 1) ordered
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t h = it / a.B, b = it % a.B;
-        attention_backward_item(a, g, b, h, L, true, ws);
-#pragma omp ordered
-        add_inplace(g.d_pair_bias + h * head, a.Lk, ws + L.S, a.Lk, a.Lq, a.Lk);
-      }
-    } else {
+    const int t = omp_get_thread_num(), team = omp_get_num_threads();
+    float* ws = scratch + static_cast<int64_t>(t) * L.total;
+    if (sched == Schedule::kItems) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it)
-        attention_backward_item(a, g, it % a.B, it / a.B, L, false, ws);
+        attention_backward_item(a, g, it % a.B, it / a.B, L, nullptr, ws);
+    } else if (sched == Schedule::kHeads) {
+      // The thread owns d_pair_bias[h] and adds the batch elements in order.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t h = 0; h < a.H; ++h)
+        for (int64_t b = 0; b < a.B; ++b)
+          attention_backward_item(a, g, b, h, L, g.d_pair_bias + h * head, ws);
+    } else {
+      // A head whose b = 0 lies in this range is added straight into d_pair_bias, by this range
+      // alone, in b order; later ranges reaching into it start mid-way. A range that starts
+      // mid-way (b > 0) sums that first head into its slot instead; the slots are added after all
+      // ranges, in thread order, so the result depends on the ranges, i.e. on the thread count.
+      const int64_t i0 = range_begin(items, t, team), i1 = range_begin(items, t + 1, team);
+      float* slot = ws + L.slot;  // [Lq, Lk]
+      const bool mid = i0 < i1 && i0 % a.B != 0;
+      if (mid) std::fill(slot, slot + head, 0.f);
+      for (int64_t it = i0; it < i1; ++it) {
+        const int64_t h = it / a.B, b = it % a.B;
+        float* dpb = mid && h == i0 / a.B ? slot : g.d_pair_bias + h * head;
+        attention_backward_item(a, g, b, h, L, dpb, ws);
+      }
+#pragma omp barrier
+      const int64_t tiles = a.Lq == 0 ? 0 : ceil_div(a.Lq, L.qt);
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < a.H * tiles; ++task) {  // (head, query tile)
+        const int64_t h = task / tiles, r0 = task % tiles * L.qt;
+        const int64_t rows = std::min(L.qt, a.Lq - r0);
+        for (int u = 0; u < team; ++u) {
+          const int64_t u0 = range_begin(items, u, team), u1 = range_begin(items, u + 1, team);
+          if (u0 < u1 && u0 % a.B != 0 && u0 / a.B == h)
+            add_inplace(g.d_pair_bias + h * head + r0 * a.Lk, a.Lk,
+                        scratch + u * L.total + L.slot + r0 * a.Lk, a.Lk, rows, a.Lk);
+        }
+      }
     }
   }
 }

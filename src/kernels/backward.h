@@ -8,9 +8,10 @@
 //  - parameter gradients (dW, db, dgamma, dbeta, d_pair_bias) always ACCUMULATE (+=), so that
 //    chunks of a batch and recomputed blocks can sum into one buffer;
 //  - input gradients (dx, da, dg, ...) OVERWRITE by default, or add when `accumulate` is true.
-// Determinism: every kernel gives bit-identical results for the same inputs and thread count. All
-// except linear_backward (oneDNN GEMM) are also independent of the thread count: reductions over
-// rows or over the batch run in a fixed order that does not depend on how work is split.
+// Determinism: every kernel gives bit-identical results for the same inputs and thread count.
+// Reductions over rows or over the batch run in a fixed order that does not depend on how work is
+// split, so results are also independent of the thread count, except for linear_backward (oneDNN
+// GEMM) and attention's d_pair_bias when there are more threads than heads (see below).
 // Every kernel has a naive reference in namespace fc::kern::ref (src/kernels/backward_ref.cc); the
 // fast ones (src/kernels/backward.cc) are tested against it and the references against finite
 // differences (tests/backward_test.cc), and both are benchmarked (bench/backward_bench.cc).
@@ -39,12 +40,11 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
 //   dx = rstd * (g - mean_n(g) - xhat * mean_n(g * xhat)),  g = dy * gamma
 //        (overwrite, or += when accumulate; without accumulate dx may alias dy or x)
 //   dgamma[n] += sum over rows of dy * xhat,  dbeta[n] += sum over rows of dy  (either may be null)
-// Rows go in fixed blocks of layernorm_backward_row_block() rows; each block writes its partial
-// dgamma/dbeta sums to its own slot of scratch, and the slots are added in block order at the end.
-// The block split depends on rows only, so results do not depend on the thread count.
-// Scratch: layernorm_backward_scratch_floats(rows, n) floats (0 when dgamma and dbeta are null;
-// scratch may then be nullptr).
-int64_t layernorm_backward_row_block();
+// Rows go in fixed blocks of 256; each block writes its partial dgamma/dbeta sums (float) to its
+// own slot of scratch, and the slots are added in block order, in double, at the end. The split
+// depends on rows only, so results do not depend on the thread count.
+// Scratch: layernorm_backward_scratch_floats(rows, n) = ceil(rows / 256) * 2n floats (under 1% of
+// x), needed only with dgamma or dbeta (otherwise scratch may be nullptr).
 int64_t layernorm_backward_scratch_floats(int64_t rows, int64_t n);
 void layernorm_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, int64_t rows,
                         int64_t n, const float* gamma, const float* mean, const float* rstd,
@@ -90,19 +90,27 @@ struct AttentionGrads {
   float* dgate = nullptr;        // layout of gate; overwritten; nullptr (or no gate) skips it
   float* d_pair_bias = nullptr;  // [H, Lq, Lk]; ACCUMULATED over the batch; nullptr skips it
 };
-// Work item = (batch, head), items in head-major order. Per item K, V (and dK, dV accumulators) are
-// packed densely; queries go in tiles: logits and softmax are recomputed from q, k and the biases
-// (no saved probabilities), then O = P V (with a gate), dV += P^T dO, dP = dO V^T, dS, dQ, dK += .
-// Only [tile, Lk] blocks of an item live in scratch, except that with d_pair_bias the item keeps
-// its whole dS [Lq, Lk]; items then add it to d_pair_bias in an `omp ordered` section, so for every
-// head the batch items are summed in order b = 0, 1, ... whatever the thread count (the serialised
-// add is ~Lq*Lk adds against ~12*Lq*Lk*C flops of GEMM per item). Results are bit-identical across
-// runs and thread counts. Outputs must not alias inputs; dq, dk, dv, dgate may share one buffer
-// (interleaved like q | k | v | g) since items write disjoint columns.
+// Work item = one (batch, head): K, V (and the dK, dV accumulators) packed densely, then query
+// tiles: logits and softmax recomputed from q, k and the biases (nothing saved by the forward),
+// then O = P V (with a gate), dV += P^T dO, dP = dO V^T, dS, dQ, dK += , d_pair_bias += dS. Scratch
+// holds [tile, Lk] blocks per thread (plus one [Lq, Lk] slot in the third schedule below). dq, dk,
+// dv, dgate come from one item each: bit-identical across runs and thread counts. The sum of
+// d_pair_bias over the batch never waits for other threads and is deterministic:
+//  - no d_pair_bias: (b, h) items, dynamically scheduled;
+//  - when H is a multiple of the thread count, or at least 4x it: heads as tasks; a thread runs all
+//    batch elements of its head in order, adding each dS tile straight into d_pair_bias[h]. Every
+//    element is summed over b = 0, 1, ... in order: the same bits for every such thread count, and
+//    a call on a batch equals, bit for bit, calls on its batch elements one at a time;
+//  - otherwise (more threads than heads): each thread a contiguous range of (b, h) items in
+//    head-major order; a range that starts inside a head sums that head's part into its slot, the
+//    slots being added to d_pair_bias after all ranges, in thread order. Bit-identical for a fixed
+//    thread count; across thread counts equal to rounding.
+// Outputs must not alias inputs; dq, dk, dv, dgate may share one buffer (interleaved like
+// q | k | v | g) since items write disjoint columns.
 // Fully masked key rows (mask bias -1e9 everywhere) give the same uniform softmax as the forward
 // and finite gradients.
-// Scratch: attention_backward_scratch_floats(a, threads, pair_bias_grad) floats; pass
-// pair_bias_grad = false only when d_pair_bias will be nullptr.
+// Scratch: attention_backward_scratch_floats(a, threads, pair_bias_grad) floats for the same
+// threads as the call; pass pair_bias_grad = false only when d_pair_bias will be nullptr.
 int64_t attention_backward_scratch_floats(const AttentionArgs& a, int threads,
                                           bool pair_bias_grad = true);
 void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* scratch,

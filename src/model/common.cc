@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "core/rng.h"
 #include "foldcube/model.h"
@@ -41,6 +42,29 @@ Status check_mask(const std::string& name, const Tensor& t, const Shape& shape) 
       return Status::InvalidArgument("mask '" + name + "' must hold only 0 and 1 (found " +
                                      std::to_string(p[i]) + " at flat index " + std::to_string(i) +
                                      ")");
+  return Status::OK();
+}
+
+Status check_block_count(const EvoformerConfig& cfg, const TensorFile& weights) {
+  for (const std::string& name : weights.names) {
+    if (name.rfind("blocks.", 0) != 0) continue;
+    const long idx = std::strtol(name.c_str() + 7, nullptr, 10);
+    if (idx >= cfg.no_blocks)
+      return Status::InvalidArgument("weights hold '" + name + "' but the config has no_blocks=" +
+                                     std::to_string(cfg.no_blocks));
+  }
+  return Status::OK();
+}
+
+Status load_params(const std::vector<std::pair<std::string, Tensor>>& params,
+                   const TensorFile& weights) {
+  for (const auto& [name, view] : params) {
+    Tensor t;
+    FC_RETURN_IF_ERROR(weights.get_f32(name, view.shape(), &t));
+    FC_RETURN_IF_ERROR(check_finite(name, t));
+    Tensor dst = view;
+    dst.copy_from(t);
+  }
   return Status::OK();
 }
 

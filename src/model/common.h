@@ -4,8 +4,11 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "foldcube/config.h"
+#include "foldcube/io.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "model/modules.h"
@@ -18,6 +21,13 @@ std::string block_prefix(int i);  // "blocks.<i>."
 Status check_finite(const std::string& name, const Tensor& t);
 Status check_input(const std::string& name, const Tensor& t, const Shape& shape);
 Status check_mask(const std::string& name, const Tensor& t, const Shape& shape);
+
+// User error when the weights name a block "blocks.<i>." with i >= cfg.no_blocks.
+Status check_block_count(const EvoformerConfig& cfg, const TensorFile& weights);
+// Copies each named parameter from the file into its view: present, F32, of the view's shape and
+// finite, else a user error naming it.
+Status load_params(const std::vector<std::pair<std::string, Tensor>>& params,
+                   const TensorFile& weights);
 
 // Validated stream inputs and masks plus the mask biases inf*(mask-1) and their transposes.
 struct StackInputs {

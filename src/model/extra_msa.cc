@@ -82,25 +82,14 @@ Status read_extra_msa_metadata(const TensorFile& f, float* eps) {
 Status ExtraMsaStack::load(const EvoformerConfig& cfg, const TensorFile& weights,
                            ExtraMsaStack* out) {
   FC_RETURN_IF_ERROR(cfg.validate());
-  for (const std::string& name : weights.names) {
-    if (name.rfind("blocks.", 0) != 0) continue;
-    const long idx = std::strtol(name.c_str() + 7, nullptr, 10);
-    if (idx >= cfg.no_blocks)
-      return Status::InvalidArgument("weights hold '" + name + "' but the config has no_blocks=" +
-                                     std::to_string(cfg.no_blocks));
-  }
+  FC_RETURN_IF_ERROR(check_block_count(cfg, weights));
   ExtraMsaStack st;
   st.cfg_ = cfg;
   FC_RETURN_IF_ERROR(read_extra_msa_metadata(weights, &st.eps_global_));
   for (int i = 0; i < cfg.no_blocks; ++i) {
     auto w = std::make_unique<ExtraMsaBlockWeights>();
     allocate_extra_msa_block(cfg, w.get());
-    for (auto& [name, view] : named_params(*w, block_prefix(i))) {
-      Tensor t;
-      FC_RETURN_IF_ERROR(weights.get_f32(name, view.shape(), &t));
-      FC_RETURN_IF_ERROR(check_finite(name, t));
-      view.copy_from(t);
-    }
+    FC_RETURN_IF_ERROR(load_params(named_params(*w, block_prefix(i)), weights));
     st.blocks_.push_back(std::move(w));
   }
   *out = std::move(st);
