@@ -118,7 +118,8 @@ int bench_train(const BenchArgs& a, int threads, const std::string& exe,
 
   std::printf(
       "foldcube bench --train: Evoformer training step (forward + backward, no dropout), "
-      "AF2 model_1 dims, %d thread(s), fp32, one warm-up step then %d timed step(s) per row; MB = 2^20 bytes\n",
+      "AF2 model_1 dims, %d thread(s), fp32, one warm-up step then %d timed step(s) per row; MB = "
+      "2^20 bytes\n",
       threads, repeats);
   std::printf(
       "peak/activation mem: tracked bytes above weights and inputs (peak: whole step; "

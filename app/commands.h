@@ -16,13 +16,13 @@ struct RunArgs {
   int repeats = 1;  // timed forward passes; the report gives the median
   int warmup = 0;
   bool quiet = false;
-  bool profile = false;  // per-module time breakdown (last timed pass)
-  bool backward = false;  // training step: forward + backward
-  std::string grad_outputs;  // safetensors with grad.output.m, grad.output.z
-  std::string policy;        // recompute policy, one or comma-separated per block
-  bool train = false;        // training mode: AF2 dropout on (implies backward)
+  bool profile = false;        // per-module time breakdown (last timed pass)
+  bool backward = false;       // training step: forward + backward
+  std::string grad_outputs;    // safetensors with grad.output.m, grad.output.z
+  std::string policy;          // recompute policy, one or comma-separated per block
+  bool train = false;          // training mode: AF2 dropout on (implies backward)
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
-  std::string memory_budget;  // inference: tracked-peak budget, e.g. "6GiB"
+  std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
 };
 int run_command(const RunArgs& a);
 

@@ -1,6 +1,5 @@
 // foldcube command line: `foldcube run` (Evoformer inference) and `foldcube bench`.
 #include <CLI/CLI.hpp>
-
 #include <cstdio>
 #include <string>
 
@@ -12,21 +11,30 @@ int main(int argc, char** argv) {
 
   fc::app::RunArgs ra;
   CLI::App* run = app.add_subcommand(
-      "run", "Evoformer stack forward pass. Without --weights/--inputs it uses seeded random "
-             "weights and inputs at AF2 model_1 dimensions (the embedded default job).");
+      "run",
+      "Evoformer stack forward pass. Without --weights/--inputs it uses seeded random "
+      "weights and inputs at AF2 model_1 dimensions (the embedded default job).");
   run->add_option("--weights", ra.weights, "safetensors with OpenFold state_dict names");
-  run->add_option("--inputs", ra.inputs, "safetensors with input.m, input.z [, input.msa_mask, input.pair_mask]");
-  run->add_option("--config", ra.config, "model config JSON (default: weights metadata, else inferred from shapes)");
+  run->add_option("--inputs", ra.inputs,
+                  "safetensors with input.m, input.z [, input.msa_mask, input.pair_mask]");
+  run->add_option("--config", ra.config,
+                  "model config JSON (default: weights metadata, else inferred from shapes)");
   run->add_option("--out", ra.out, "write output.m, output.z, output.s (F32) here");
   run->add_option("--report", ra.report, "write time and memory as JSON here");
   run->add_option("--s", ra.s, "random inputs: number of sequences")->check(CLI::Range(1, 1 << 20));
   run->add_option("--r", ra.r, "random inputs: number of residues")->check(CLI::Range(1, 1 << 20));
-  run->add_option("--blocks", ra.blocks, "random weights: number of Evoformer blocks")->check(CLI::Range(1, 1024));
+  run->add_option("--blocks", ra.blocks, "random weights: number of Evoformer blocks")
+      ->check(CLI::Range(1, 1024));
   run->add_option("--seed", ra.seed, "seed for random weights and inputs");
-  run->add_option("--threads", ra.threads, "threads (default: OMP_NUM_THREADS or all cores)")->check(CLI::Range(1, 4096));
-  run->add_option("--chunk", ra.chunk, "force batch items per chunk in every module (0 = automatic)")->check(CLI::Range(0, 1 << 30));
-  run->add_option("--repeats", ra.repeats, "timed forward passes (median reported)")->check(CLI::Range(1, 1000));
-  run->add_option("--warmup", ra.warmup, "untimed forward passes first")->check(CLI::Range(0, 1000));
+  run->add_option("--threads", ra.threads, "threads (default: OMP_NUM_THREADS or all cores)")
+      ->check(CLI::Range(1, 4096));
+  run->add_option("--chunk", ra.chunk,
+                  "force batch items per chunk in every module (0 = automatic)")
+      ->check(CLI::Range(0, 1 << 30));
+  run->add_option("--repeats", ra.repeats, "timed forward passes (median reported)")
+      ->check(CLI::Range(1, 1000));
+  run->add_option("--warmup", ra.warmup, "untimed forward passes first")
+      ->check(CLI::Range(0, 1000));
   run->add_flag("--quiet", ra.quiet, "no human summary");
   run->add_option("--stack", ra.stack,
                   "evoformer | extra_msa | auto (default: the weights' metadata 'kind', else "
@@ -35,10 +43,16 @@ int main(int argc, char** argv) {
                   "inference: keep the tracked peak (weights, inputs, work) under this size, e.g. "
                   "6GiB; chunk sizes come from the memory model; refuses if nothing fits");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
-  run->add_flag("--backward", ra.backward, "training step: forward and backward (random upstream gradients unless --grad-outputs)");
-  run->add_option("--grad-outputs", ra.grad_outputs, "safetensors with grad.output.m and grad.output.z (implies --backward)");
-  run->add_flag("--train", ra.train, "training mode: AF2 dropout (seeded by --seed; implies --backward)");
-  run->add_option("--policy", ra.policy, "recompute policy none|module|block, or a comma-separated list per block (implies --backward)");
+  run->add_flag(
+      "--backward", ra.backward,
+      "training step: forward and backward (random upstream gradients unless --grad-outputs)");
+  run->add_option("--grad-outputs", ra.grad_outputs,
+                  "safetensors with grad.output.m and grad.output.z (implies --backward)");
+  run->add_flag("--train", ra.train,
+                "training mode: AF2 dropout (seeded by --seed; implies --backward)");
+  run->add_option("--policy", ra.policy,
+                  "recompute policy none|module|block, or a comma-separated list per block "
+                  "(implies --backward)");
 
   fc::app::BenchArgs ba;
   CLI::App* bench = app.add_subcommand(

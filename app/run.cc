@@ -35,7 +35,8 @@ Tensor random_tensor(const Shape& shape, uint64_t seed) {
 Status resolve_config(const RunArgs& a, const TensorFile* weights, EvoformerConfig* cfg) {
   if (!a.config.empty()) return EvoformerConfig::from_json_file(a.config, cfg);
   if (weights != nullptr) {
-    if (weights->metadata.count("c_m")) return EvoformerConfig::from_metadata(weights->metadata, cfg);
+    if (weights->metadata.count("c_m"))
+      return EvoformerConfig::from_metadata(weights->metadata, cfg);
     return infer_config_from_weights(*weights, cfg);
   }
   *cfg = EvoformerConfig();
@@ -51,7 +52,7 @@ double median(std::vector<double> v) {
 
 struct Job {
   EvoformerConfig cfg;
-  bool extra = false;        // ExtraMSA stack instead of the Evoformer stack
+  bool extra = false;  // ExtraMSA stack instead of the Evoformer stack
   EvoformerStack stack;
   ExtraMsaStack extra_stack;
   TensorFile ifile;
@@ -96,8 +97,10 @@ Status setup_job(const RunArgs& a, Job* job) {
                                      shape_str(job->m0.shape()));
     FC_RETURN_IF_ERROR(f.get_f32("input.z", {}, &job->z0));
     const int64_t s = job->m0.dim(0), r = job->m0.dim(1);
-    if (f.has("input.msa_mask")) FC_RETURN_IF_ERROR(f.get_f32("input.msa_mask", {s, r}, &job->msa_mask));
-    if (f.has("input.pair_mask")) FC_RETURN_IF_ERROR(f.get_f32("input.pair_mask", {r, r}, &job->pair_mask));
+    if (f.has("input.msa_mask"))
+      FC_RETURN_IF_ERROR(f.get_f32("input.msa_mask", {s, r}, &job->msa_mask));
+    if (f.has("input.pair_mask"))
+      FC_RETURN_IF_ERROR(f.get_f32("input.pair_mask", {r, r}, &job->pair_mask));
   } else {
     job->m0 = random_tensor({a.s, a.r, job->cfg.c_m}, a.seed * 2 + 1);
     job->z0 = random_tensor({a.r, a.r, job->cfg.c_z}, a.seed * 2 + 2);
@@ -154,8 +157,10 @@ int run_command(const RunArgs& a) {
       mark = now;
       auto it = std::find_if(module_ms.begin(), module_ms.end(),
                              [&](const auto& e) { return e.first == module; });
-      if (it == module_ms.end()) module_ms.emplace_back(module, ms);
-      else it->second += ms;
+      if (it == module_ms.end())
+        module_ms.emplace_back(module, ms);
+      else
+        it->second += ms;
     };
   }
   Tensor m, z, s_out;
@@ -202,10 +207,9 @@ int run_command(const RunArgs& a) {
   }
   if (!a.quiet) {
     std::printf("foldcube run: %s %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, %d thread(s)%s\n",
-                job.extra ? "ExtraMSA" : "Evoformer",
-                static_cast<long long>(cfg.no_blocks), static_cast<long long>(s),
-                static_cast<long long>(r), static_cast<long long>(cfg.c_m),
-                static_cast<long long>(cfg.c_z), num_threads(),
+                job.extra ? "ExtraMSA" : "Evoformer", static_cast<long long>(cfg.no_blocks),
+                static_cast<long long>(s), static_cast<long long>(r),
+                static_cast<long long>(cfg.c_m), static_cast<long long>(cfg.c_z), num_threads(),
                 a.weights.empty() ? ", random weights" : "");
     if (gflop > 0)
       std::printf("  time        %10.1f ms  (median of %d; %.1f GFLOP, %.1f GFLOP/s)\n", time_ms,
@@ -221,10 +225,11 @@ int run_command(const RunArgs& a) {
     for (const auto& [module, ms] : module_ms)
       std::printf("    %-20s %9.1f ms\n", module.c_str(), ms);
     if (budget > 0)
-      std::printf("  budget      %9.1f MiB  (chunk target %.2f MiB; predicted peak %.1f MiB, "
-                  "measured %.1f MiB)\n",
-                  budget / 1048576.0, plan.chunk_target_bytes / 1048576.0,
-                  plan.predicted_peak_bytes / 1048576.0, peak_tracked / 1048576.0);
+      std::printf(
+          "  budget      %9.1f MiB  (chunk target %.2f MiB; predicted peak %.1f MiB, "
+          "measured %.1f MiB)\n",
+          budget / 1048576.0, plan.chunk_target_bytes / 1048576.0,
+          plan.predicted_peak_bytes / 1048576.0, peak_tracked / 1048576.0);
     if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
   }
   if (!a.report.empty()) {
@@ -258,7 +263,6 @@ int run_command(const RunArgs& a) {
   }
   return 0;
 }
-
 
 namespace {
 // Forward + backward (`--backward`, `--grad-outputs`, `--policy`).
@@ -322,11 +326,11 @@ int run_training(const RunArgs& a, Job& job) {
   for (size_t i = 0; i < opts.policy.size(); ++i)
     policy += std::string(i ? "," : "") + recompute_name(opts.policy[i]);
   if (!a.quiet) {
-    std::printf("foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, "
-                "policy %s, %d thread(s)\n",
-                a.train ? "dropout on" : "eval mode, no dropout",
-                static_cast<long long>(cfg.no_blocks), static_cast<long long>(s),
-                static_cast<long long>(r), policy.c_str(), num_threads());
+    std::printf(
+        "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, "
+        "policy %s, %d thread(s)\n",
+        a.train ? "dropout on" : "eval mode, no dropout", static_cast<long long>(cfg.no_blocks),
+        static_cast<long long>(s), static_cast<long long>(r), policy.c_str(), num_threads());
     std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
                 median(tot), median(fwd), median(bwd), a.repeats);
     std::printf("  activations %9.1f MiB  (kept from forward for backward)\n",

@@ -41,16 +41,18 @@ void BM_Attention(benchmark::State& st) {
   const int64_t B = st.range(0), L = st.range(1), H = st.range(2), C = st.range(3);
   Buffers b = make(B, L, H, C, false);
   for (auto _ : st) fc::kern::attention(b.a, b.scratch.data(), fc::num_threads());
-  st.counters["GFLOP/s"] = benchmark::Counter(4.0 * B * H * L * L * C * st.iterations(),
-                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] =
+      benchmark::Counter(4.0 * B * H * L * L * C * st.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
 }
 
 void BM_AttentionReference(benchmark::State& st) {
   const int64_t B = st.range(0), L = st.range(1), H = st.range(2), C = st.range(3);
   Buffers b = make(B, L, H, C, true);
   for (auto _ : st) fc::kern::ref::attention(b.a, b.scratch.data());
-  st.counters["GFLOP/s"] = benchmark::Counter(4.0 * B * H * L * L * C * st.iterations(),
-                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] =
+      benchmark::Counter(4.0 * B * H * L * L * C * st.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
 }
 
 BENCHMARK(BM_Attention)
@@ -59,7 +61,10 @@ BENCHMARK(BM_Attention)
     ->Args({32, 128, 8, 32})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_AttentionReference)->Args({1, 256, 8, 32})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AttentionReference)
+    ->Args({1, 256, 8, 32})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 void BM_GemmBatched(benchmark::State& st) {
   // Triangle multiplication: c_t products of r x r x r.
@@ -68,10 +73,15 @@ void BM_GemmBatched(benchmark::State& st) {
   for (auto _ : st)
     fc::kern::gemm_batched(batch, false, true, n, n, n, 1.f, A.data(), n, n * n, B.data(), n, n * n,
                            0.f, C.data(), n, n * n);
-  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * batch * n * n * n * st.iterations(),
-                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * batch * n * n * n * st.iterations(), benchmark::Counter::kIsRate,
+                         benchmark::Counter::kIs1000);
 }
-BENCHMARK(BM_GemmBatched)->Args({128, 256})->Args({128, 128})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_GemmBatched)
+    ->Args({128, 256})
+    ->Args({128, 128})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

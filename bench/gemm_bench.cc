@@ -37,8 +37,8 @@ void run(benchmark::State& st, int lib) {
       fc::kern::ref::gemm(false, true, M, N, K, 1.f, A.data(), K, B.data(), K, 0.f, C.data(), N);
     benchmark::DoNotOptimize(C.data());
   }
-  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * M * N * K * st.iterations(),
-                                              benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] = benchmark::Counter(
+      2.0 * M * N * K * st.iterations(), benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 
 void BM_Sgemm_oneDNN(benchmark::State& st) { run(st, 0); }

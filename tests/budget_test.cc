@@ -57,8 +57,10 @@ TEST(InferenceBudget, PredictedEqualsMeasuredAndFitsBudget) {
       ref_z = z;
     } else {  // chunking changes the split of the work, not the result
       double dm = 0, dz = 0;
-      for (int64_t i = 0; i < m.numel(); ++i) dm = std::max(dm, double(std::abs(m.f32()[i] - ref_m.f32()[i])));
-      for (int64_t i = 0; i < z.numel(); ++i) dz = std::max(dz, double(std::abs(z.f32()[i] - ref_z.f32()[i])));
+      for (int64_t i = 0; i < m.numel(); ++i)
+        dm = std::max(dm, double(std::abs(m.f32()[i] - ref_m.f32()[i])));
+      for (int64_t i = 0; i < z.numel(); ++i)
+        dz = std::max(dz, double(std::abs(z.f32()[i] - ref_z.f32()[i])));
       EXPECT_LT(dm, 1e-4) << budget_mib;
       EXPECT_LT(dz, 1e-4) << budget_mib;
     }

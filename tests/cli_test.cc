@@ -51,8 +51,8 @@ void expect_user_error(const Result& r, const std::string& needle) {
 TEST(Cli, GoldenFileAsWeightsAndInputs) {
   const std::string g = test::data_path("evo_tiny.safetensors");
   const std::string out = tmp("out.safetensors"), rep = tmp("report.json");
-  Result r = run_cli("run --weights " + g + " --inputs " + g + " --out " + out + " --report " + rep +
-                     " --threads 2");
+  Result r = run_cli("run --weights " + g + " --inputs " + g + " --out " + out + " --report " +
+                     rep + " --threads 2");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("tracked peak"), std::string::npos);
   TensorFile ref, got;
@@ -126,11 +126,10 @@ class CliBadInput : public ::testing::Test {
 };
 
 TEST_F(CliBadInput, MissingParameter) {
-  expect_user_error(run_edited("missing.safetensors",
-                               [](TensorFile* f) {
-                                 drop(f, "blocks.1.pair_stack.tri_mul_in.linear_g.weight");
-                               }),
-                    "blocks.1.pair_stack.tri_mul_in.linear_g.weight");
+  expect_user_error(
+      run_edited("missing.safetensors",
+                 [](TensorFile* f) { drop(f, "blocks.1.pair_stack.tri_mul_in.linear_g.weight"); }),
+      "blocks.1.pair_stack.tri_mul_in.linear_g.weight");
 }
 
 TEST_F(CliBadInput, MissingInput) {
@@ -139,12 +138,12 @@ TEST_F(CliBadInput, MissingInput) {
 }
 
 TEST_F(CliBadInput, WrongParameterShape) {
-  expect_user_error(
-      run_edited("shape.safetensors",
-                 [](TensorFile* f) {
-                   f->tensors["blocks.0.msa_transition.linear_1.bias"] = Tensor::zeros({7});
-                 }),
-      "blocks.0.msa_transition.linear_1.bias");
+  expect_user_error(run_edited("shape.safetensors",
+                               [](TensorFile* f) {
+                                 f->tensors["blocks.0.msa_transition.linear_1.bias"] =
+                                     Tensor::zeros({7});
+                               }),
+                    "blocks.0.msa_transition.linear_1.bias");
 }
 
 TEST_F(CliBadInput, WrongParameterDtype) {
@@ -158,7 +157,9 @@ TEST_F(CliBadInput, WrongParameterDtype) {
 
 TEST_F(CliBadInput, WrongInputShape) {
   expect_user_error(run_edited("inshape.safetensors",
-                               [](TensorFile* f) { f->tensors["input.z"] = Tensor::zeros({12, 12, 5}); }),
+                               [](TensorFile* f) {
+                                 f->tensors["input.z"] = Tensor::zeros({12, 12, 5});
+                               }),
                     "input.z");
 }
 
@@ -185,14 +186,15 @@ TEST_F(CliBadInput, NanInput) {
 TEST_F(CliBadInput, ConfigInconsistentWithWeights) {
   const std::string cfg = tmp("cfg.json");
   std::ofstream(cfg) << R"({"c_m": 64, "c_z": 16, "no_blocks": 2})";
-  Result r = run_cli("run --weights " + test::data_path("evo_tiny.safetensors") + " --config " + cfg);
+  Result r =
+      run_cli("run --weights " + test::data_path("evo_tiny.safetensors") + " --config " + cfg);
   expect_user_error(r, "shape");
   std::ofstream(cfg) << R"({"c_m": 32, "c_z": 16, "c_hidden_msa_att": 8, "no_heads_msa": 4,
     "c_hidden_pair_att": 8, "no_heads_pair": 2, "c_hidden_opm": 8, "c_hidden_mul": 16,
     "transition_n": 4, "c_s": 24, "no_blocks": 1})";
-  expect_user_error(run_cli("run --weights " + test::data_path("evo_tiny.safetensors") +
-                            " --config " + cfg),
-                    "no_blocks");
+  expect_user_error(
+      run_cli("run --weights " + test::data_path("evo_tiny.safetensors") + " --config " + cfg),
+      "no_blocks");
 }
 
 // Raw byte-level damage to a real file.
@@ -241,7 +243,8 @@ TEST(CliHostileFile, OffsetsOutOfRangeAndOverlapping) {
     return b.substr(0, 8) + h + b.substr(8 + n);
   };
   nlohmann::ordered_json far = j;
-  far["input.m"]["data_offsets"][1] = far["input.m"]["data_offsets"][1].get<uint64_t>() + (1ull << 40);
+  far["input.m"]["data_offsets"][1] =
+      far["input.m"]["data_offsets"][1].get<uint64_t>() + (1ull << 40);
   Result r = run_bytes("range.safetensors", rewrite(far));
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_EQ(count_lines(r.out), 1) << r.out;
@@ -269,7 +272,8 @@ TEST(Cli, MemoryBudget) {
 }
 
 TEST(Cli, MissingFileAndBadFlags) {
-  expect_user_error(run_cli("run --weights /nonexistent/w.safetensors"), "/nonexistent/w.safetensors");
+  expect_user_error(run_cli("run --weights /nonexistent/w.safetensors"),
+                    "/nonexistent/w.safetensors");
   Result r = run_cli("run --s -3");
   EXPECT_EQ(r.code, 2) << r.out;
   r = run_cli("frobnicate");

@@ -1,5 +1,7 @@
 // Training-mode dropout: mask statistics and sharing, reproducibility across recompute policies,
 // and gradients of the dropped-out step against finite differences.
+#include "model/dropout.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,7 +9,6 @@
 
 #include "core/rng.h"
 #include "foldcube/model.h"
-#include "model/dropout.h"
 
 namespace fc {
 namespace {
@@ -44,8 +45,10 @@ TEST(Dropout, MaskStatisticsAndKeys) {
     int64_t zeros = 0;
     for (int64_t i = 0; i < m.numel(); ++i) {
       const float v = m.f32()[i];
-      if (v == 0.f) ++zeros;
-      else EXPECT_FLOAT_EQ(v, 1.f / (1.f - p));
+      if (v == 0.f)
+        ++zeros;
+      else
+        EXPECT_FLOAT_EQ(v, 1.f / (1.f - p));
     }
     const double n = static_cast<double>(m.numel()), frac = zeros / n;
     EXPECT_NEAR(frac, p, 4 * std::sqrt(p * (1 - p) / n)) << module;
@@ -115,8 +118,10 @@ TEST_F(DropoutStep, ReproducibleAcrossPoliciesAndRuns) {
   EXPECT_FALSE(same(base.m, eval.m));  // dropout changes the step
   Step other = step(stack_, m0_, z0_, pm_, pz_, {Recompute::kNone}, true, 10);
   EXPECT_FALSE(same(base.z, other.z));  // and depends on the seed
-  for (auto policy : {std::vector<Recompute>{Recompute::kNone}, {Recompute::kModule},
-                      {Recompute::kBlock}, {Recompute::kBlock, Recompute::kModule}}) {
+  for (auto policy : {std::vector<Recompute>{Recompute::kNone},
+                      {Recompute::kModule},
+                      {Recompute::kBlock},
+                      {Recompute::kBlock, Recompute::kModule}}) {
     Step s = step(stack_, m0_, z0_, pm_, pz_, policy, true, 9);
     EXPECT_TRUE(same(s.m, base.m));
     EXPECT_TRUE(same(s.z, base.z));
@@ -150,7 +155,8 @@ TEST_F(DropoutStep, InputGradientsMatchFiniteDifferences) {
                             : step(stack_, xm, z0_, pm_, pz_, {}, true, 9);
       const double fd = (loss(sp, pm_, pz_) - loss(sm, pm_, pz_)) / (2.0 * h);
       const double an = g.f32()[idx];
-      EXPECT_NEAR(fd, an, 3e-2 * std::max(std::abs(an), rms)) << (which ? "z" : "m") << "[" << idx << "]";
+      EXPECT_NEAR(fd, an, 3e-2 * std::max(std::abs(an), rms))
+          << (which ? "z" : "m") << "[" << idx << "]";
       ++checked;
     }
   }

@@ -36,7 +36,8 @@ StepResult run_step(const TensorFile& f, const EvoformerStack& stack, const Trai
 }
 
 bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
+  return a.shape() == b.shape() &&
+         std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
 }
 
 class GoldenGrad : public ::testing::TestWithParam<std::string> {};
@@ -91,7 +92,9 @@ TEST_P(GoldenGrad, AllPoliciesMatchReferenceAndEachOther) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, GoldenGrad,
                          ::testing::Values("evo_tiny.safetensors", "evo_af2dims.safetensors"),
-                         [](const auto& info) { return info.param.substr(0, info.param.find('.')); });
+                         [](const auto& info) {
+                           return info.param.substr(0, info.param.find('.'));
+                         });
 
 }  // namespace
 }  // namespace fc

@@ -1,5 +1,7 @@
 // GEMM, linear and attention: the fast kernels against the naive references, on odd sizes and
 // strided (non-contiguous) operands.
+#include "kernels/kernels.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,7 +9,6 @@
 
 #include "core/rng.h"
 #include "foldcube/runtime.h"
-#include "kernels/kernels.h"
 
 namespace fc {
 namespace {
@@ -48,18 +49,16 @@ TEST_P(GemmTest, MatchesReferenceWithPaddedLeadingDims) {
     for (int64_t j = N; j < ldc; ++j) EXPECT_EQ(C1[i * ldc + j], C0[i * ldc + j]);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, GemmTest,
-                         ::testing::Values(GemmShape{1, 1, 1, false, false},
-                                           GemmShape{7, 13, 5, false, true},
-                                           GemmShape{17, 3, 33, true, false},
-                                           GemmShape{31, 29, 65, true, true},
-                                           GemmShape{128, 96, 64, false, true},
-                                           GemmShape{5, 200, 1, false, false}),
-                         [](const auto& info) {
-                           const GemmShape& g = info.param;
-                           return std::to_string(g.M) + "x" + std::to_string(g.N) + "x" +
-                                  std::to_string(g.K) + (g.ta ? "_ta" : "") + (g.tb ? "_tb" : "");
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, GemmTest,
+    ::testing::Values(GemmShape{1, 1, 1, false, false}, GemmShape{7, 13, 5, false, true},
+                      GemmShape{17, 3, 33, true, false}, GemmShape{31, 29, 65, true, true},
+                      GemmShape{128, 96, 64, false, true}, GemmShape{5, 200, 1, false, false}),
+    [](const auto& info) {
+      const GemmShape& g = info.param;
+      return std::to_string(g.M) + "x" + std::to_string(g.N) + "x" + std::to_string(g.K) +
+             (g.ta ? "_ta" : "") + (g.tb ? "_tb" : "");
+    });
 
 TEST(Gemm, BatchedMatchesLoop) {
   for (int64_t batch : {1, 3, 16}) {
@@ -79,7 +78,8 @@ TEST(Linear, MatchesReferenceWithBiasAndAccumulate) {
   const int64_t rows = 37, in = 19, out = 23, ldx = 21, ldy = 25;
   auto x = rnd(rows * ldx, 6), W = rnd(out * in, 7), b = rnd(out, 8), y0 = rnd(rows * ldy, 9);
   for (bool acc : {false, true})
-    for (const float* bias : {static_cast<const float*>(nullptr), static_cast<const float*>(b.data())}) {
+    for (const float* bias :
+         {static_cast<const float*>(nullptr), static_cast<const float*>(b.data())}) {
       auto y1 = y0, y2 = y0;
       kern::linear(x.data(), ldx, rows, in, W.data(), bias, out, y1.data(), ldy, acc);
       kern::ref::linear(x.data(), ldx, rows, in, W.data(), bias, out, y2.data(), ldy, acc);
@@ -88,7 +88,8 @@ TEST(Linear, MatchesReferenceWithBiasAndAccumulate) {
 }
 
 TEST(Layout, TransposeMulScaleMatchReference) {
-  for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 70}, {33, 17}, {300, 257}}) {
+  for (auto [rows, cols] :
+       std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 70}, {33, 17}, {300, 257}}) {
     const int64_t lds = cols + 3, ldd = rows + 5;
     auto src = rnd(rows * lds, 20);
     std::vector<float> d1(cols * ldd, -3.f), d2(cols * ldd, -3.f);
@@ -147,19 +148,20 @@ TEST_P(AttentionTest, MatchesReference) {
     for (int64_t c = hc; c < ld; ++c) ASSERT_EQ(o1[i * ld + c], 7.f);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, AttentionTest,
-    ::testing::Values(AttnShape{1, 1, 1, 1, 1, false, false, false, false},
-                      AttnShape{2, 5, 5, 3, 4, true, true, true, true},
-                      AttnShape{3, 7, 11, 2, 8, true, false, true, false},
-                      AttnShape{4, 17, 17, 4, 32, true, true, false, true},
-                      AttnShape{5, 33, 33, 8, 8, true, true, true, true}),
-    [](const auto& info) {
-      const AttnShape& p = info.param;
-      return "B" + std::to_string(p.B) + "_Lq" + std::to_string(p.Lq) + "_Lk" + std::to_string(p.Lk) +
-             "_H" + std::to_string(p.H) + "_C" + std::to_string(p.C) + (p.mask ? "_mask" : "") +
-             (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") + (p.strided ? "_strided" : "");
-    });
+INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
+                         ::testing::Values(AttnShape{1, 1, 1, 1, 1, false, false, false, false},
+                                           AttnShape{2, 5, 5, 3, 4, true, true, true, true},
+                                           AttnShape{3, 7, 11, 2, 8, true, false, true, false},
+                                           AttnShape{4, 17, 17, 4, 32, true, true, false, true},
+                                           AttnShape{5, 33, 33, 8, 8, true, true, true, true}),
+                         [](const auto& info) {
+                           const AttnShape& p = info.param;
+                           return "B" + std::to_string(p.B) + "_Lq" + std::to_string(p.Lq) + "_Lk" +
+                                  std::to_string(p.Lk) + "_H" + std::to_string(p.H) + "_C" +
+                                  std::to_string(p.C) + (p.mask ? "_mask" : "") +
+                                  (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") +
+                                  (p.strided ? "_strided" : "");
+                         });
 
 }  // namespace
 }  // namespace fc

@@ -40,8 +40,7 @@ TEST_P(TrainMemory, ActivationBytesMatchAllocator) {
   opts.policy = c.policy;
   TrainResult res;
   ASSERT_TRUE(stack.train_step(m, z, Tensor(), Tensor(), gm, gz, opts, &res).ok());
-  EXPECT_EQ(res.activation_bytes,
-            stack_activation_bytes(cfg, c.s, c.r, cfg.no_blocks, c.policy));
+  EXPECT_EQ(res.activation_bytes, stack_activation_bytes(cfg, c.s, c.r, cfg.no_blocks, c.policy));
   EXPECT_GE(res.peak_bytes, res.activation_bytes);
 }
 

@@ -10,22 +10,22 @@
 namespace fc {
 
 struct EvoformerConfig {
-  int64_t c_m = 256;               // MSA channels
-  int64_t c_z = 128;               // pair channels
-  int64_t c_hidden_msa_att = 32;   // per-head channels, MSA row/column attention
+  int64_t c_m = 256;              // MSA channels
+  int64_t c_z = 128;              // pair channels
+  int64_t c_hidden_msa_att = 32;  // per-head channels, MSA row/column attention
   int64_t no_heads_msa = 8;
   int64_t c_hidden_pair_att = 32;  // per-head channels, triangle attention
   int64_t no_heads_pair = 4;
-  int64_t c_hidden_opm = 32;       // outer product mean hidden
-  int64_t c_hidden_mul = 128;      // triangle multiplication hidden
-  int64_t transition_n = 4;        // transition expansion factor
+  int64_t c_hidden_opm = 32;   // outer product mean hidden
+  int64_t c_hidden_mul = 128;  // triangle multiplication hidden
+  int64_t transition_n = 4;    // transition expansion factor
   int64_t no_blocks = 48;
-  int64_t c_s = 384;               // single representation channels (stack's final linear)
-  float inf = 1e9f;                // attention mask bias magnitude
-  float eps_ln = 1e-5f;            // LayerNorm eps
-  float eps_opm = 1e-3f;           // OuterProductMean eps
-  float msa_dropout = 0.15f;       // training: after MSA row attention (row-wise shared mask)
-  float pair_dropout = 0.25f;      // training: after triangle mult./attention (row- or column-wise)
+  int64_t c_s = 384;           // single representation channels (stack's final linear)
+  float inf = 1e9f;            // attention mask bias magnitude
+  float eps_ln = 1e-5f;        // LayerNorm eps
+  float eps_opm = 1e-3f;       // OuterProductMean eps
+  float msa_dropout = 0.15f;   // training: after MSA row attention (row-wise shared mask)
+  float pair_dropout = 0.25f;  // training: after triangle mult./attention (row- or column-wise)
 
   // User error when any size is non-positive or absurd.
   Status validate() const;

@@ -16,8 +16,8 @@ void* try_tracked_alloc(size_t bytes);  // nullptr on failure
 void tracked_free(void* p, size_t bytes);
 
 struct MemStats {
-  int64_t live_bytes = 0;   // bytes currently allocated
-  int64_t peak_bytes = 0;   // max live bytes since process start or the innermost open scope
+  int64_t live_bytes = 0;  // bytes currently allocated
+  int64_t peak_bytes = 0;  // max live bytes since process start or the innermost open scope
   int64_t total_allocs = 0;
 };
 MemStats mem_stats();
@@ -35,7 +35,7 @@ class MemoryScope {
   MemoryScope& operator=(const MemoryScope&) = delete;
 
   int64_t start_live() const { return start_live_; }
-  int64_t peak() const;            // absolute peak of live bytes within the scope
+  int64_t peak() const;  // absolute peak of live bytes within the scope
   int64_t peak_above_start() const { return peak() - start_live_; }
 
  private:

@@ -22,8 +22,8 @@ using TraceFn = std::function<void(int block, const std::string& module, const s
                                    const Tensor& value)>;
 
 struct ForwardOptions {
-  TraceFn trace;       // optional
-  int64_t chunk = 0;   // rows per chunk inside modules; 0 = automatic
+  TraceFn trace;      // optional
+  int64_t chunk = 0;  // rows per chunk inside modules; 0 = automatic
   // Automatic chunking aims every module's chunk buffers at this many bytes; 0 = the default
   // (default_chunk_target_bytes). A memory plan (plan_inference) lowers it to fit a budget.
   int64_t chunk_target_bytes = 0;

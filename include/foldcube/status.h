@@ -13,7 +13,9 @@ class Status {
 
   Status() = default;
   static Status OK() { return Status(); }
-  static Status InvalidArgument(std::string msg) { return Status(Code::kInvalidArgument, std::move(msg)); }
+  static Status InvalidArgument(std::string msg) {
+    return Status(Code::kInvalidArgument, std::move(msg));
+  }
   static Status NotFound(std::string msg) { return Status(Code::kNotFound, std::move(msg)); }
   static Status IOError(std::string msg) { return Status(Code::kIOError, std::move(msg)); }
   static Status OutOfMemory(std::string msg) { return Status(Code::kOutOfMemory, std::move(msg)); }
@@ -33,22 +35,23 @@ class Status {
 
 }  // namespace fc
 
-#define FC_RETURN_IF_ERROR(expr)          \
-  do {                                    \
-    ::fc::Status _fc_st = (expr);         \
-    if (!_fc_st.ok()) return _fc_st;      \
+#define FC_RETURN_IF_ERROR(expr)     \
+  do {                               \
+    ::fc::Status _fc_st = (expr);    \
+    if (!_fc_st.ok()) return _fc_st; \
   } while (0)
 
 namespace fc::detail {
-[[noreturn]] void check_failed(const char* file, int line, const char* cond, const std::string& msg);
+[[noreturn]] void check_failed(const char* file, int line, const char* cond,
+                               const std::string& msg);
 }
 
 // Invariant check for bugs: always on (also in release builds), aborts with file:line.
-#define FC_CHECK(cond)                                                \
-  do {                                                                \
+#define FC_CHECK(cond)                                                      \
+  do {                                                                      \
     if (!(cond)) ::fc::detail::check_failed(__FILE__, __LINE__, #cond, ""); \
   } while (0)
-#define FC_CHECK_MSG(cond, msg)                                          \
-  do {                                                                   \
+#define FC_CHECK_MSG(cond, msg)                                                \
+  do {                                                                         \
     if (!(cond)) ::fc::detail::check_failed(__FILE__, __LINE__, #cond, (msg)); \
   } while (0)

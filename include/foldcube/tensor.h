@@ -67,9 +67,9 @@ class Tensor {
   Tensor transpose(int a, int b) const;
   Tensor reshape(const Shape& shape) const;  // contiguous tensors only
   // Copies.
-  Tensor contiguous() const;  // returns *this if already contiguous
-  Tensor clone() const;       // always a fresh contiguous copy
-  Tensor to(DType dtype) const;  // F32 <-> F64 conversion (copy)
+  Tensor contiguous() const;          // returns *this if already contiguous
+  Tensor clone() const;               // always a fresh contiguous copy
+  Tensor to(DType dtype) const;       // F32 <-> F64 conversion (copy)
   void copy_from(const Tensor& src);  // same shape; any strides; F32/F64 converted
 
  private:

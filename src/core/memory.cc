@@ -18,7 +18,9 @@ void raise_peak(int64_t live) {
   while (live > p && !g_peak.compare_exchange_weak(p, live, std::memory_order_relaxed)) {
   }
 }
-size_t round_up(size_t n) { return (n + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment; }
+size_t round_up(size_t n) {
+  return (n + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+}
 
 // Large tensors would each come from a fresh mmap and go back with munmap, so every reuse of the
 // same shape pays first-touch page faults again (measured: 3.3 s of system time in a 4.8 s

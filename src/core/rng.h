@@ -15,7 +15,8 @@ inline uint64_t splitmix64(uint64_t x) {
 
 // Uniform in [-1, 1).
 inline float uniform_pm1(uint64_t seed, uint64_t i) {
-  const uint64_t bits = splitmix64(splitmix64(seed) ^ (i * 0xd1b54a32d192ed03ull)) >> 40;  // 24 bits
+  const uint64_t bits =
+      splitmix64(splitmix64(seed) ^ (i * 0xd1b54a32d192ed03ull)) >> 40;  // 24 bits
   return static_cast<float>(bits) * (2.0f / 16777216.0f) - 1.0f;
 }
 

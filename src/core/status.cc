@@ -8,12 +8,23 @@ namespace fc {
 std::string Status::ToString() const {
   const char* p = "OK";
   switch (code_) {
-    case Code::kOk: return "OK";
-    case Code::kInvalidArgument: p = "invalid argument"; break;
-    case Code::kNotFound: p = "not found"; break;
-    case Code::kIOError: p = "I/O error"; break;
-    case Code::kOutOfMemory: p = "out of memory"; break;
-    case Code::kInternal: p = "internal error"; break;
+    case Code::kOk:
+      return "OK";
+    case Code::kInvalidArgument:
+      p = "invalid argument";
+      break;
+    case Code::kNotFound:
+      p = "not found";
+      break;
+    case Code::kIOError:
+      p = "I/O error";
+      break;
+    case Code::kOutOfMemory:
+      p = "out of memory";
+      break;
+    case Code::kInternal:
+      p = "internal error";
+      break;
   }
   return std::string(p) + ": " + msg_;
 }

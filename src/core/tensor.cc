@@ -9,18 +9,24 @@ namespace fc {
 
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::F32: return 4;
-    case DType::F64: return 8;
-    case DType::BF16: return 2;
+    case DType::F32:
+      return 4;
+    case DType::F64:
+      return 8;
+    case DType::BF16:
+      return 2;
   }
   return 0;
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "F32";
-    case DType::F64: return "F64";
-    case DType::BF16: return "BF16";
+    case DType::F32:
+      return "F32";
+    case DType::F64:
+      return "F64";
+    case DType::BF16:
+      return "BF16";
   }
   return "?";
 }
@@ -83,7 +89,9 @@ int64_t Tensor::dim(int i) const {
   return shape_[i];
 }
 
-bool Tensor::is_contiguous() const { return strides_ == contiguous_strides(shape_) || numel() <= 1; }
+bool Tensor::is_contiguous() const {
+  return strides_ == contiguous_strides(shape_) || numel() <= 1;
+}
 
 float* Tensor::f32() const {
   FC_CHECK_MSG(defined() && dtype_ == DType::F32, "tensor is not F32");
@@ -131,7 +139,8 @@ Tensor Tensor::transpose(int a, int b) const {
 
 Tensor Tensor::reshape(const Shape& shape) const {
   FC_CHECK_MSG(is_contiguous(), "reshape of a non-contiguous view");
-  FC_CHECK_MSG(shape_numel(shape) == numel(), "reshape " + shape_str(shape_) + " -> " + shape_str(shape));
+  FC_CHECK_MSG(shape_numel(shape) == numel(),
+               "reshape " + shape_str(shape_) + " -> " + shape_str(shape));
   Tensor t = *this;
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);
@@ -183,7 +192,8 @@ void strided_copy(D* dst, const Shape& dstr, const S* src, const Shape& sstr, co
 }  // namespace
 
 void Tensor::copy_from(const Tensor& src) {
-  FC_CHECK_MSG(src.shape_ == shape_, "copy_from shape " + shape_str(src.shape_) + " -> " + shape_str(shape_));
+  FC_CHECK_MSG(src.shape_ == shape_,
+               "copy_from shape " + shape_str(src.shape_) + " -> " + shape_str(shape_));
   FC_CHECK(dtype_ != DType::BF16 && src.dtype_ != DType::BF16);
   if (dtype_ == src.dtype_ && is_contiguous() && src.is_contiguous()) {
     std::memmove(data<char>(), src.data<char>(), nbytes());

@@ -74,7 +74,8 @@ void attention(const AttentionArgs& a, float* scratch, int threads) {
   const int64_t per = item_scratch_floats(a);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t it = 0; it < items; ++it)
-    attention_item(a, it / a.H, it % a.H, scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
+    attention_item(a, it / a.H, it % a.H,
+                   scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
 }
 
 namespace ref {
@@ -103,7 +104,9 @@ void attention(const AttentionArgs& a, float* scratch) {
           for (int64_t j = 0; j < a.Lk; ++j)
             acc += std::exp(logit[j] - mx) / sum * a.v[b * a.v_bs + j * a.v_rs + h * a.C + c];
           double g = 1.0;
-          if (a.gate) g = 1.0 / (1.0 + std::exp(-static_cast<double>(a.gate[b * a.g_bs + i * a.g_rs + h * a.C + c])));
+          if (a.gate)
+            g = 1.0 / (1.0 + std::exp(-static_cast<double>(
+                                 a.gate[b * a.g_bs + i * a.g_rs + h * a.C + c])));
           o[c] = static_cast<float>(acc * g);
         }
       }

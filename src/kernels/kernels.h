@@ -1,6 +1,7 @@
 // Compute kernels. Contract for every kernel here:
 //  - operates on caller-owned memory (raw pointers + sizes + leading dimensions, in elements);
-//  - never allocates; scratch, where needed, is passed in and its size is given by a *_scratch_floats()
+//  - never allocates; scratch, where needed, is passed in and its size is given by a
+//  *_scratch_floats()
 //    function;
 //  - row-parallel kernels split rows with OpenMP themselves; called from inside a parallel region
 //    they run on the calling thread (nested parallelism is off).
@@ -22,7 +23,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 // when it is large enough, each product single-threaded; otherwise products run one at a time.
 void gemm_batched(int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                   float alpha, const float* A, int64_t lda, int64_t stride_a, const float* B,
-                  int64_t ldb, int64_t stride_b, float beta, float* C, int64_t ldc, int64_t stride_c);
+                  int64_t ldb, int64_t stride_b, float beta, float* C, int64_t ldc,
+                  int64_t stride_c);
 
 // Linear layer, PyTorch convention: y[rows, out] = x[rows, in] @ W[out, in]^T (+ b[out]).
 // bias may be nullptr. accumulate=true adds into y instead of overwriting it.
@@ -87,7 +89,8 @@ struct AttentionArgs {
   float* o = nullptr;
   int64_t o_bs = 0, o_rs = 0;
 };
-// Scratch: attention_scratch_floats(args, threads) floats (logits for one batch element per thread).
+// Scratch: attention_scratch_floats(args, threads) floats (logits for one batch element per
+// thread).
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads);
 void attention(const AttentionArgs& a, float* scratch, int threads);
 

@@ -7,7 +7,7 @@
 namespace fc::kern {
 
 namespace {
-constexpr int64_t kTile = 32;          // 32x32 floats = 4 KiB per tile, fits L1 with its target
+constexpr int64_t kTile = 32;  // 32x32 floats = 4 KiB per tile, fits L1 with its target
 constexpr int64_t kParallelMin = 1 << 15;
 }  // namespace
 

@@ -32,9 +32,9 @@ Status load_params(const std::vector<std::pair<std::string, Tensor>>& params,
 // Validated stream inputs and masks plus the mask biases inf*(mask-1) and their transposes.
 struct StackInputs {
   int64_t s = 0, r = 0;
-  Tensor msa_mask, pair_mask;      // [s, r], [r, r] (all ones when not given)
-  Tensor msa_bias, msa_bias_t;     // [s, r], [r, s]
-  Tensor pair_bias, pair_bias_t;   // [r, r], [r, r]
+  Tensor msa_mask, pair_mask;     // [s, r], [r, r] (all ones when not given)
+  Tensor msa_bias, msa_bias_t;    // [s, r], [r, s]
+  Tensor pair_bias, pair_bias_t;  // [r, r], [r, r]
 };
 // m [s, r, c_m] and z [r, r, c_z] F32 contiguous; masks optional (undefined = ones).
 Status prepare_inputs(const EvoformerConfig& cfg, const Tensor& m, const Tensor& z,

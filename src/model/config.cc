@@ -53,7 +53,9 @@ constexpr FloatField kFloatFields[] = {
     {"pair_dropout", &EvoformerConfig::pair_dropout, {nullptr, nullptr}},
 };
 
-bool is_rate(const FloatField& f) { return std::string(f.name).find("_dropout") != std::string::npos; }
+bool is_rate(const FloatField& f) {
+  return std::string(f.name).find("_dropout") != std::string::npos;
+}
 
 // Shortest decimal text of a float ("1e-05", not "0.000010").
 std::string float_str(float f) {

@@ -17,7 +17,6 @@ EvoformerStack::~EvoformerStack() = default;
 EvoformerStack::EvoformerStack(EvoformerStack&&) noexcept = default;
 EvoformerStack& EvoformerStack::operator=(EvoformerStack&&) noexcept = default;
 
-
 Status EvoformerStack::load(const EvoformerConfig& cfg, const TensorFile& weights,
                             EvoformerStack* out) {
   FC_RETURN_IF_ERROR(cfg.validate());
@@ -161,12 +160,14 @@ double evoformer_block_flops(const EvoformerConfig& c, int64_t s_, int64_t r_) {
   const double co = c.c_hidden_opm, ct = c.c_hidden_mul;
   const double R2 = R * R;
   double f = 0;
-  f += 2 * R2 * cz * c.no_heads_msa + 2 * S * R * cm * 4 * hm + 4 * S * R2 * hm + 2 * S * R * hm * cm;
+  f += 2 * R2 * cz * c.no_heads_msa + 2 * S * R * cm * 4 * hm + 4 * S * R2 * hm +
+       2 * S * R * hm * cm;
   f += 2 * S * R * cm * 4 * hm + 4 * R * S * S * hm + 2 * S * R * hm * cm;
   f += 4 * S * R * cm * n * cm;
   f += 2 * S * R * cm * 2 * co + 2 * R2 * S + 2 * R2 * co * co * S + 2 * R2 * co * co * cz;
   f += 2 * (2 * R2 * cz * 4 * ct + 2 * R2 * R * ct + 2 * R2 * ct * cz + 2 * R2 * cz * cz);
-  f += 2 * (2 * R2 * cz * c.no_heads_pair + 2 * R2 * cz * 4 * hp + 4 * R * R2 * hp + 2 * R2 * hp * cz);
+  f += 2 *
+       (2 * R2 * cz * c.no_heads_pair + 2 * R2 * cz * 4 * hp + 4 * R * R2 * hp + 2 * R2 * hp * cz);
   f += 4 * R2 * cz * n * cz;
   return f;
 }

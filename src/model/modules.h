@@ -33,14 +33,17 @@ struct BlockContext {
 int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_item);
 
 // m [s, r, c_m], z [r, r, c_z], row-major contiguous.
-void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m, const float* z);
+void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,
+                       const float* z);
 void msa_column_attention(const MsaColumnAttentionW& w, const BlockContext& ctx, float* m);
 // x [rows, c] += Transition(x).
 void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows, int64_t c);
-void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, float* z);
-void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
-                             float* z);
-void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bool ending, float* z);
+void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                        float* z);
+void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                             bool outgoing, float* z);
+void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bool ending,
+                        float* z);
 
 // Peak bytes a module allocates on top of its inputs (the memory model of the inference path;
 // tests check it against the tracking allocator). Module names as in the golden traces.

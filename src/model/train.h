@@ -36,10 +36,10 @@ struct AttentionState {
   Tensor qkvg;        // [N*L, 4*H*C] q | k | v | g (pre-sigmoid gate)
   Tensor og;          // [N*L, H*C]  gated attention output (input of linear_o)
   // Pair/triangle bias branch (undefined for MSA column attention).
-  Tensor b_in;        // [r*r, c_z]  the z the bias was computed from
+  Tensor b_in;            // [r*r, c_z]  the z the bias was computed from
   Tensor b_mean, b_rstd;  // [r*r]
-  Tensor b_ln;        // [r*r, c_z]
-  Tensor bias;        // [H, L, L]
+  Tensor b_ln;            // [r*r, c_z]
+  Tensor bias;            // [H, L, L]
 };
 
 void msa_row_attention_train(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,

@@ -91,9 +91,9 @@ void bias_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln, Li
   kern::linear_backward(st.b_ln.f32(), cz, r * r, cz, lin.w.f32(), H, dtp, H, dln.f32(), cz,
                         glin->w.f32(), nullptr);
   Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(r * r, cz)});
-  kern::layernorm_backward(st.b_in.f32(), cz, dln.f32(), cz, r * r, cz, ln.w.f32(),
-                           st.b_mean.f32(), st.b_rstd.f32(), dz, cz, gln->w.f32(), gln->b.f32(),
-                           scratch.f32(), /*accumulate=*/true);
+  kern::layernorm_backward(st.b_in.f32(), cz, dln.f32(), cz, r * r, cz, ln.w.f32(), st.b_mean.f32(),
+                           st.b_rstd.f32(), dz, cz, gln->w.f32(), gln->b.f32(), scratch.f32(),
+                           /*accumulate=*/true);
 }
 
 // Attention forward on a gathered input: fills x_in (from S), the LN, q|k|v|g and the gated
@@ -127,10 +127,10 @@ void attention_train(const char* module, const LayerNormW& ln, const GatedAttent
 // Attention backward. dS holds dL/d(stream out); on return dL/d(stream in) (accumulated).
 // dbias [H, L, L] accumulates the bias gradient when non-null.
 void attention_backward(const char* module, const LayerNormW& ln, const GatedAttentionW& w,
-                        LayerNormW* gln,
-                        GatedAttentionW* gw, int64_t H, int64_t C, const BlockContext& ctx,
-                        float* dS, int64_t N, int64_t L, int64_t c, bool transposed,
-                        const float* mask_bias, const AttentionState& st, float* dbias) {
+                        LayerNormW* gln, GatedAttentionW* gw, int64_t H, int64_t C,
+                        const BlockContext& ctx, float* dS, int64_t N, int64_t L, int64_t c,
+                        bool transposed, const float* mask_bias, const AttentionState& st,
+                        float* dbias) {
   const int64_t hc = H * C, rows = N * L;
   Tensor du = Tensor::empty({N, L, c});  // dL/d update, then dL/d x_in
   gather(dS, N, L, c, transposed, du.f32());
@@ -146,8 +146,8 @@ void attention_backward(const char* module, const LayerNormW& ln, const GatedAtt
     g.d_out = dog.f32();
     g.dq = d, g.dk = d + hc, g.dv = d + 2 * hc, g.dgate = d + 3 * hc;
     g.d_pair_bias = dbias;
-    Tensor scratch = Tensor::empty(
-        {kern::attention_backward_scratch_floats(a, ctx.threads, dbias != nullptr)});
+    Tensor scratch =
+        Tensor::empty({kern::attention_backward_scratch_floats(a, ctx.threads, dbias != nullptr)});
     kern::attention_backward(a, g, scratch.f32(), ctx.threads);
   }
   dog = Tensor();
@@ -167,8 +167,8 @@ void msa_row_attention_train(const MsaRowAttentionW& w, const BlockContext& ctx,
                              const float* z, AttentionState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
   bias_train(w.ln_z, w.lin_z, ctx, z, false, st);
-  attention_train("msa_att_row", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.s, ctx.r,
-                  cfg.c_m, false, ctx.msa_bias, st);
+  attention_train("msa_att_row", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m,
+                  ctx.s, ctx.r, cfg.c_m, false, ctx.msa_bias, st);
 }
 
 void msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
@@ -177,31 +177,33 @@ void msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t H = cfg.no_heads_msa, r = ctx.r;
   Tensor dbias = Tensor::zeros({H, r, r});
-  attention_backward("msa_att_row", w.ln_m, w.mha, &g->ln_m, &g->mha, H, cfg.c_hidden_msa_att, ctx, dm, ctx.s, r,
-                     cfg.c_m, false, ctx.msa_bias, st, dbias.f32());
+  attention_backward("msa_att_row", w.ln_m, w.mha, &g->ln_m, &g->mha, H, cfg.c_hidden_msa_att, ctx,
+                     dm, ctx.s, r, cfg.c_m, false, ctx.msa_bias, st, dbias.f32());
   bias_backward(w.ln_z, w.lin_z, &g->ln_z, &g->lin_z, ctx, false, st, dbias.f32(), dz);
 }
 
 void msa_column_attention_train(const MsaColumnAttentionW& w, const BlockContext& ctx, float* m,
                                 AttentionState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  attention_train("msa_att_col", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.r, ctx.s,
-                  cfg.c_m, true, ctx.msa_bias_t, st);
+  attention_train("msa_att_col", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m,
+                  ctx.r, ctx.s, cfg.c_m, true, ctx.msa_bias_t, st);
 }
 
 void msa_column_attention_backward(const MsaColumnAttentionW& w, MsaColumnAttentionW* g,
                                    const BlockContext& ctx, const AttentionState& st, float* dm) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  attention_backward("msa_att_col", w.ln_m, w.mha, &g->ln_m, &g->mha, cfg.no_heads_msa, cfg.c_hidden_msa_att,
-                     ctx, dm, ctx.r, ctx.s, cfg.c_m, true, ctx.msa_bias_t, st, nullptr);
+  attention_backward("msa_att_col", w.ln_m, w.mha, &g->ln_m, &g->mha, cfg.no_heads_msa,
+                     cfg.c_hidden_msa_att, ctx, dm, ctx.r, ctx.s, cfg.c_m, true, ctx.msa_bias_t, st,
+                     nullptr);
 }
 
 void triangle_attention_train(const TriangleAttentionW& w, const BlockContext& ctx, bool ending,
                               float* z, AttentionState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
   bias_train(w.ln, w.lin, ctx, z, ending, st);
-  attention_train(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r,
-                  cfg.c_z, ending, ending ? ctx.pair_bias_t : ctx.pair_bias, st);
+  attention_train(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, cfg.no_heads_pair,
+                  cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r, cfg.c_z, ending,
+                  ending ? ctx.pair_bias_t : ctx.pair_bias, st);
 }
 
 void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW* g,
@@ -210,8 +212,9 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t H = cfg.no_heads_pair, r = ctx.r;
   Tensor dbias = Tensor::zeros({H, r, r});
-  attention_backward(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, &g->ln, &g->mha, H, cfg.c_hidden_pair_att, ctx, dz, r, r, cfg.c_z,
-                     ending, ending ? ctx.pair_bias_t : ctx.pair_bias, st, dbias.f32());
+  attention_backward(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, &g->ln, &g->mha, H,
+                     cfg.c_hidden_pair_att, ctx, dz, r, r, cfg.c_z, ending,
+                     ending ? ctx.pair_bias_t : ctx.pair_bias, st, dbias.f32());
   bias_backward(w.ln, w.lin, &g->ln, &g->lin, ctx, ending, st, dbias.f32(), dz);
 }
 

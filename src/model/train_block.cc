@@ -13,18 +13,25 @@ namespace fc {
 
 const char* recompute_name(Recompute p) {
   switch (p) {
-    case Recompute::kNone: return "none";
-    case Recompute::kModule: return "module";
-    case Recompute::kBlock: return "block";
+    case Recompute::kNone:
+      return "none";
+    case Recompute::kModule:
+      return "module";
+    case Recompute::kBlock:
+      return "block";
   }
   return "?";
 }
 
 Status parse_recompute(const std::string& name, Recompute* out) {
-  if (name == "none") *out = Recompute::kNone;
-  else if (name == "module" || name == "small") *out = Recompute::kModule;
-  else if (name == "block" || name == "large") *out = Recompute::kBlock;
-  else return Status::InvalidArgument("unknown recompute policy '" + name + "' (none|module|block)");
+  if (name == "none")
+    *out = Recompute::kNone;
+  else if (name == "module" || name == "small")
+    *out = Recompute::kModule;
+  else if (name == "block" || name == "large")
+    *out = Recompute::kBlock;
+  else
+    return Status::InvalidArgument("unknown recompute policy '" + name + "' (none|module|block)");
   return Status::OK();
 }
 
@@ -123,8 +130,8 @@ void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, flo
 
 // Backward of one block. dm, dz: dL/d block output on entry, dL/d block input on exit.
 // m_out: the block's output m (read by the OPM recompute under kModule).
-void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& ctx,
-                    BlockState* st, const Tensor& m_out, float* dm, float* dz) {
+void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& ctx, BlockState* st,
+                    const Tensor& m_out, float* dm, float* dz) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r;
   if (st->policy == Recompute::kBlock) {
@@ -227,9 +234,12 @@ void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& 
 // The block's input m as kept by its state (what the previous block's OPM read).
 Tensor block_input_m(const BlockState& st) {
   switch (st.policy) {
-    case Recompute::kNone: return st.row.x_in;
-    case Recompute::kModule: return st.m_in[0];
-    case Recompute::kBlock: return st.m0;
+    case Recompute::kNone:
+      return st.row.x_in;
+    case Recompute::kModule:
+      return st.m_in[0];
+    case Recompute::kBlock:
+      return st.m0;
   }
   return Tensor();
 }

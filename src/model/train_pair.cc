@@ -301,7 +301,8 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
   kern::linear(st->x_ln.f32(), cz, rr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, st->g.f32(), cz);
   Tensor u = st->y.clone();  // [rr, cz] the update y * sigmoid(g)
   kern::sigmoid_mul(u.f32(), cz, st->g.f32(), cz, rr, cz);
-  apply_dropout(u.f32(), r, r, cz, dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz));
+  apply_dropout(u.f32(), r, r, cz,
+                dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz));
   kern::add_inplace(z, cz, u.f32(), cz, rr, cz);
 }
 

@@ -102,7 +102,8 @@ void allocate_block(const EvoformerConfig& cfg, BlockWeights* w) {
   }
 }
 
-std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w, const std::string& p) {
+std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
+                                                         const std::string& p) {
   Named v;
   add_ln(&v, p + "msa_att_row.layer_norm_m", w.msa_att_row.ln_m);
   add_ln(&v, p + "msa_att_row.layer_norm_z", w.msa_att_row.ln_z);

@@ -27,9 +27,9 @@ struct GatedAttentionW {
 };
 
 struct MsaRowAttentionW {
-  LayerNormW ln_m;     // [c_m]
-  LayerNormW ln_z;     // [c_z]
-  LinearW lin_z;       // [H_m, c_z], no bias
+  LayerNormW ln_m;  // [c_m]
+  LayerNormW ln_z;  // [c_z]
+  LinearW lin_z;    // [H_m, c_z], no bias
   GatedAttentionW mha;
 };
 
@@ -45,9 +45,9 @@ struct TransitionW {
 };
 
 struct OuterProductMeanW {
-  LayerNormW ln;   // [c_m]
-  LinearW l12;     // fused linear_1 | linear_2: [2*c_o, c_m], [2*c_o]
-  LinearW out;     // [c_z, c_o*c_o], [c_z]
+  LayerNormW ln;  // [c_m]
+  LinearW l12;    // fused linear_1 | linear_2: [2*c_o, c_m], [2*c_o]
+  LinearW out;    // [c_z, c_o*c_o], [c_z]
 };
 
 struct TriangleMultiplicationW {
@@ -80,7 +80,8 @@ void allocate_block(const EvoformerConfig& cfg, BlockWeights* w);
 // The block's parameters under OpenFold state_dict names with prefix "blocks.<i>." as views into
 // the fused storage (writing a view writes the parameter). Biases that OpenFold does not have
 // (q, k, v parts of b_qkvg) are not listed.
-std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w, const std::string& prefix);
+std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
+                                                         const std::string& prefix);
 
 // ---- ExtraMSA block (OpenFold ExtraMSABlock) ------------------------------------------------
 // Global column attention (MSAColumnGlobalAttention); k and v have ONE head shared by all H

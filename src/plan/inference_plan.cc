@@ -11,9 +11,9 @@
 namespace fc {
 
 namespace {
-constexpr const char* kModules[] = {"msa_att_row",   "msa_att_col", "msa_transition",
+constexpr const char* kModules[] = {"msa_att_row",        "msa_att_col", "msa_transition",
                                     "outer_product_mean", "tri_mul_out", "tri_mul_in",
-                                    "tri_att_start", "tri_att_end", "pair_transition"};
+                                    "tri_att_start",      "tri_att_end", "pair_transition"};
 
 std::string mib(int64_t bytes) {
   char buf[64];
@@ -51,11 +51,11 @@ Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool mas
     return Status::OK();
   }
   if (peak(1) > budget_bytes)
-    return Status::OutOfMemory(
-        "memory budget " + mib(budget_bytes) + " is too small for s=" + std::to_string(s) +
-        " r=" + std::to_string(r) + ": even one item per chunk needs " + mib(peak(1)) +
-        " (weights and inputs " + mib(base_bytes) + "); the smallest feasible budget is " +
-        mib(peak(1)));
+    return Status::OutOfMemory("memory budget " + mib(budget_bytes) +
+                               " is too small for s=" + std::to_string(s) +
+                               " r=" + std::to_string(r) + ": even one item per chunk needs " +
+                               mib(peak(1)) + " (weights and inputs " + mib(base_bytes) +
+                               "); the smallest feasible budget is " + mib(peak(1)));
   int64_t lo = 1;  // peak(lo) fits, peak(hi) does not; the peak never grows as the target shrinks
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
@@ -74,20 +74,31 @@ Status parse_bytes(const std::string& text, int64_t* out) {
     return Status::InvalidArgument("cannot read a size from '" + text + "' (e.g. 6GiB, 512MiB)");
   }
   std::string unit = text.substr(i);
-  unit.erase(std::remove_if(unit.begin(), unit.end(), [](unsigned char c) { return std::isspace(c); }),
-             unit.end());
+  unit.erase(
+      std::remove_if(unit.begin(), unit.end(), [](unsigned char c) { return std::isspace(c); }),
+      unit.end());
   for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
   double mult = 1;
-  if (unit.empty() || unit == "B") mult = 1;
-  else if (unit == "K" || unit == "KIB") mult = 1024.0;
-  else if (unit == "M" || unit == "MIB") mult = 1048576.0;
-  else if (unit == "G" || unit == "GIB") mult = 1073741824.0;
-  else if (unit == "T" || unit == "TIB") mult = 1099511627776.0;
-  else if (unit == "KB") mult = 1e3;
-  else if (unit == "MB") mult = 1e6;
-  else if (unit == "GB") mult = 1e9;
-  else if (unit == "TB") mult = 1e12;
-  else return Status::InvalidArgument("unknown size unit in '" + text + "'");
+  if (unit.empty() || unit == "B")
+    mult = 1;
+  else if (unit == "K" || unit == "KIB")
+    mult = 1024.0;
+  else if (unit == "M" || unit == "MIB")
+    mult = 1048576.0;
+  else if (unit == "G" || unit == "GIB")
+    mult = 1073741824.0;
+  else if (unit == "T" || unit == "TIB")
+    mult = 1099511627776.0;
+  else if (unit == "KB")
+    mult = 1e3;
+  else if (unit == "MB")
+    mult = 1e6;
+  else if (unit == "GB")
+    mult = 1e9;
+  else if (unit == "TB")
+    mult = 1e12;
+  else
+    return Status::InvalidArgument("unknown size unit in '" + text + "'");
   const double bytes = v * mult;
   if (!std::isfinite(bytes) || bytes <= 0 || bytes > 9.0e18)
     return Status::InvalidArgument("size '" + text + "' out of range");
