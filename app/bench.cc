@@ -211,14 +211,85 @@ int bench_train(const BenchArgs& a, int threads, const std::string& exe,
 }
 }  // namespace
 
+// `bench --long`: one AF2 block at s=128 and growing r, each row under --memory-budget of
+// 2.5 x bytes(m+z) plus the weights (the T1044 target), then the largest r whose finest
+// plan fits 16 GiB according to the memory model.
+int bench_long(const BenchArgs& a, int threads, const std::string& exe, const std::string& report) {
+  const EvoformerConfig cfg;
+  const int64_t s = 128;
+  const auto rs = split(a.shapes.empty() ? "512,1024,2048" : a.shapes, ',');
+  std::printf(
+      "foldcube bench --long: one Evoformer block, AF2 model_1 dims, s=%lld, %d thread(s), "
+      "fp32, budget = 2.5 x bytes(m+z) + weights; MiB = 2^20 bytes\n\n",
+      static_cast<long long>(s), threads);
+  std::printf(
+      "| r | m+z MiB | budget MiB | time ms | tracked peak MiB | predicted MiB | "
+      "peak/(m+z) | inference/(m+z) | RSS peak MiB | chunk target MiB |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  const int64_t weights = EvoformerStack::random(
+                              [&] {
+                                EvoformerConfig c = cfg;
+                                c.no_blocks = 1;
+                                return c;
+                              }(),
+                              0)
+                              .param_bytes();
+  for (const std::string& rtext : rs) {
+    const int64_t r = std::atoll(rtext.c_str());
+    if (r <= 0) {
+      std::fprintf(stderr, "foldcube: error: bad r '%s'\n", rtext.c_str());
+      return 2;
+    }
+    const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
+    const int64_t budget = mz * 5 / 2 + weights;
+    const std::string cmd = "'" + exe + "' run --quiet --s " + std::to_string(s) + " --r " +
+                            std::to_string(r) + " --blocks 1 --threads " + std::to_string(threads) +
+                            " --memory-budget " + std::to_string(budget) + " --report '" + report +
+                            "'";
+    nlohmann::json j;
+    if (!run_row(cmd, report, &j)) {
+      std::printf("| %lld | %.0f | %.0f | does not fit | | | | | | |\n", static_cast<long long>(r),
+                  mz / 1048576.0, budget / 1048576.0);
+      continue;
+    }
+    const double peak = j["peak_tracked_bytes"].get<double>();
+    std::printf(
+        "| %lld | %.0f | %.0f | %.0f | %.1f | %.1f | %.2f | %.2f | %.1f | %.2f |\n",
+        static_cast<long long>(r), mz / 1048576.0, budget / 1048576.0, j["time_ms"].get<double>(),
+        peak / 1048576.0, j["predicted_peak_bytes"].get<double>() / 1048576.0, peak / mz,
+        j["inference_peak_bytes"].get<double>() / mz, j["peak_rss_bytes"].get<double>() / 1048576.0,
+        j["chunk_target_bytes"].get<double>() / 1048576.0);
+    std::fflush(stdout);
+  }
+  // Largest r whose finest plan fits 16 GiB (weights, m, z, masks and the forward's own peak).
+  const int64_t cap = int64_t{16} << 30;
+  auto fits = [&](int64_t r) {
+    const int64_t base = weights + (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
+    InferencePlan plan;
+    return plan_inference(cfg, s, r, false, base, cap, threads, &plan).ok();
+  };
+  int64_t lo = 1, hi = 1;
+  while (fits(hi * 2)) hi *= 2;
+  lo = hi;
+  hi *= 2;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    (fits(mid) ? lo : hi) = mid;
+  }
+  std::printf("\nLargest r for one block in a 16 GiB budget (s=%lld, memory model): r = %lld\n",
+              static_cast<long long>(s), static_cast<long long>(lo));
+  return 0;
+}
+
 int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
   const std::string exe = self_exe();
   const std::string report = temp_report();
   if (report.empty()) return 1;
-  if (a.train) {
-    const int rc = bench_train(a, threads, exe, report);
+  if (a.train || a.long_seq) {
+    const int rc =
+        a.train ? bench_train(a, threads, exe, report) : bench_long(a, threads, exe, report);
     std::remove(report.c_str());
     return rc;
   }

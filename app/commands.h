@@ -28,11 +28,12 @@ int run_command(const RunArgs& a);
 
 struct BenchArgs {
   int threads = 0;
-  int repeats = 0;       // timed repeats per row; 0 = default (3, or 1 with --train)
-  std::string out_json;  // optional: write all rows as JSON
-  std::string shapes;    // "s:r,s:r" (default "128:256,512:256"; "128:256" with --train)
-  std::string blocks;    // "1,4" ("2,4" with --train)
-  bool train = false;    // training-step table (policies, measured vs predicted memory)
+  int repeats = 0;        // timed repeats per row; 0 = default (3, or 1 with --train)
+  std::string out_json;   // optional: write all rows as JSON
+  std::string shapes;     // "s:r,s:r" (default "128:256,512:256"; "128:256" with --train)
+  std::string blocks;     // "1,4" ("2,4" with --train)
+  bool train = false;     // training-step table (policies, measured vs predicted memory)
+  bool long_seq = false;  // long-sequence table under a memory budget (--shapes lists r values)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
 

@@ -69,6 +69,10 @@ int main(int argc, char** argv) {
   bench->add_option("--blocks", ba.blocks,
                     "comma-separated block counts (default 1,4; 2,4 with --train)");
   bench->add_option("--json", ba.out_json, "also write the table as JSON here");
+  bench->add_flag(
+      "--long", ba.long_seq,
+      "long-sequence table: one block at s=128, r from --shapes (default 512,1024,2048) "
+      "under a 2.5 x (m+z) budget, and the largest r in 16 GiB");
   bench->add_flag("--train", ba.train,
                   "training step (forward + backward) per recompute policy none/small/large: "
                   "measured peak and activation memory and time beside the memory model's "
