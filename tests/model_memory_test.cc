@@ -69,7 +69,8 @@ TEST_P(ModuleMemory, WorkspaceMatchesTrackedPeak) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ModuleMemory,
                          ::testing::Values(MemCase{8, 12, 0}, MemCase{16, 40, 0}, MemCase{5, 33, 3},
-                                           MemCase{16, 40, 1}),
+                                           MemCase{16, 40, 1}, MemCase{6, 20, 5},
+                                           MemCase{6, 20, 31}, MemCase{4, 160, 0}),
                          [](const auto& info) {
                            return "s" + std::to_string(info.param.s) + "_r" +
                                   std::to_string(info.param.r) + "_chunk" +

@@ -216,6 +216,43 @@ void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, con
   }
 }
 
+namespace {
+// Automatic channel groups are rounded to the nearest multiple of 16 once pick_chunk allows 8 or
+// more: a group's slice of a projection row is then whole 64-byte lines and whole vectors on
+// every SIMD target (at s=128, r=256, AF2 dims, groups of 14 took 1.45x the time of groups of 16,
+// in the vector tails of the gating).
+constexpr int64_t kGroupAlign = 16;
+
+// With several groups, LN_in(z) is kept whole (computed once) when phase 1 then needs at most
+// this many chunk targets: 1.5 x bytes(m+z) at the automatic target (bytes(m+z)/8), the room a
+// block bound of 2.5 x bytes(m+z) leaves beside the streams. Otherwise each group recomputes it,
+// one more pass over z per group (at s=128, r=256, AF2 dims: 8 groups, 3-4 % of the module time).
+constexpr int64_t kKeepLnTargets = 12;
+
+// Phase 1 of the triangle multiplication (A, B and their products).
+struct TriMulPhase1 {
+  int64_t cg = 0;        // channels per group: A_g, B_g [cg, r, r]
+  int64_t ch = 0;        // rows of z per chunk: projections [ch*r, 4*cg] (and LN_in(z) [ch*r, c_z])
+  bool keep_ln = false;  // LN_in(z) [r*r, c_z] computed once, not per chunk and group
+  int64_t bytes = 0;     // workspace besides P
+};
+
+TriMulPhase1 tri_mul_phase1(const BlockContext& ctx) {
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  TriMulPhase1 p;
+  p.cg = pick_chunk(ctx, ct, 2 * rr * kF);
+  if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
+    p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
+  p.ch = pick_chunk(ctx, r, r * (cz + 4 * p.cg) * kF);
+  // A_g, B_g, the projection chunk and, with several groups, the group's rows of w.ab and b.ab.
+  const int64_t group =
+      (2 * p.cg * rr + 4 * p.cg * p.ch * r + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0)) * kF;
+  p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
+  p.bytes = group + (p.keep_ln ? r : p.ch) * r * cz * kF;
+  return p;
+}
+}  // namespace
+
 void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                              float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
@@ -223,29 +260,53 @@ void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContex
   const float eps = cfg.eps_ln;
   Tensor P = Tensor::empty({ct, r, r});  // triangle products, channel-major
   {
-    Tensor A = Tensor::empty({ct, r, r});  // a[c][i][k] = mask * sigmoid(a_g) * a_p
-    Tensor B = Tensor::empty({ct, r, r});
-    const int64_t ch = pick_chunk(ctx, r, r * (cz + 4 * ct) * kF);
-    Tensor x = Tensor::empty({ch * r, cz});
-    Tensor t = Tensor::empty({ch * r, 4 * ct});  // a_p | a_g | b_p | b_g
-    for (int64_t i0 = 0; i0 < r; i0 += ch) {
-      const int64_t n = std::min(ch, r - i0);
-      kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(),
-                      eps);
-      kern::linear(x.f32(), cz, n * r, cz, w.ab.w.f32(), w.ab.b.f32(), 4 * ct, t.f32(), 4 * ct);
-      float* tp = t.f32();
-      const float* mask = ctx.pair_mask + i0 * r;
-      for (int64_t part = 0; part < 2; ++part) {  // a, then b
-        float* proj = tp + 2 * part * ct;         // [n*r, ct] with ld 4*ct
-        kern::sigmoid_inplace(proj + ct, 4 * ct, n * r, ct);
-        kern::mul_inplace(proj, 4 * ct, proj + ct, 4 * ct, n * r, ct);
-        kern::scale_rows(proj, 4 * ct, mask, n * r, ct);
-        kern::transpose(proj, 4 * ct, (part ? B : A).f32() + i0 * r, rr, n * r, ct);
+    // Channels in groups of cg: each group projects its rows of w.ab from LN_in(z) (kept whole or
+    // recomputed chunk by chunk) and writes its products into P. One group (cg = c_t) is the
+    // ungrouped computation; the products per channel do not depend on the grouping.
+    const TriMulPhase1 ph = tri_mul_phase1(ctx);
+    const int64_t cg = ph.cg, ch = ph.ch;
+    Tensor A = Tensor::empty({cg, r, r});  // a[c][i][k] = mask * sigmoid(a_g) * a_p
+    Tensor B = Tensor::empty({cg, r, r});
+    Tensor x = Tensor::empty({(ph.keep_ln ? r : ch) * r, cz});  // LN_in(z): all rows or a chunk
+    Tensor t = Tensor::empty({ch * r, 4 * cg});  // a_p | a_g | b_p | b_g of the group
+    // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
+    Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
+    if (ph.keep_ln)
+      kern::layernorm(z, cz, x.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+    for (int64_t c0 = 0; c0 < ct; c0 += cg) {
+      const int64_t nc = std::min(cg, ct - c0), ld = 4 * nc;
+      const float* wp = w.ab.w.f32();
+      const float* bp = w.ab.b.f32();
+      if (cg < ct) {
+        float* wgp = wg.f32();
+        for (int64_t part = 0; part < 4; ++part) {
+          std::memcpy(wgp + part * nc * cz, wp + (part * ct + c0) * cz, nc * cz * kF);
+          std::memcpy(wgp + 4 * nc * cz + part * nc, bp + part * ct + c0, nc * kF);
+        }
+        wp = wgp;
+        bp = wgp + 4 * nc * cz;
       }
+      for (int64_t i0 = 0; i0 < r; i0 += ch) {
+        const int64_t n = std::min(ch, r - i0);
+        const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
+        if (!ph.keep_ln)
+          kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
+                          w.ln_in.b.f32(), eps);
+        kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
+        float* tp = t.f32();
+        const float* mask = ctx.pair_mask + i0 * r;
+        for (int64_t part = 0; part < 2; ++part) {  // a, then b
+          float* proj = tp + 2 * part * nc;         // [n*r, nc] with ld 4*nc
+          kern::sigmoid_inplace(proj + nc, ld, n * r, nc);
+          kern::mul_inplace(proj, ld, proj + nc, ld, n * r, nc);
+          kern::scale_rows(proj, ld, mask, n * r, nc);
+          kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
+        }
+      }
+      // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
+      kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
+                         P.f32() + c0 * rr, r, rr);
     }
-    // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
-    kern::gemm_batched(ct, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
-                       P.f32(), r, rr);
   }
   const int64_t ch = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
   Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
@@ -299,10 +360,8 @@ int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
   }
   if (name == "tri_mul_out" || name == "tri_mul_in") {
     const int64_t ct = cfg.c_hidden_mul;
-    const int64_t ch1 = pick_chunk(ctx, r, r * (cz + 4 * ct) * kF);
     const int64_t ch2 = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
-    return std::max(3 * ct * r * r * kF + ch1 * r * (cz + 4 * ct) * kF,
-                    ct * r * r * kF + ch2 * r * (ct + 3 * cz) * kF);
+    return ct * r * r * kF + std::max(tri_mul_phase1(ctx).bytes, ch2 * r * (ct + 3 * cz) * kF);
   }
   if (name == "msa_att_col_global") return msa_column_global_attention_bytes(ctx);
   FC_CHECK_MSG(false, "unknown module " + name);
