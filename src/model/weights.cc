@@ -61,6 +61,26 @@ void add_tri_att(Named* v, const std::string& p, const TriangleAttentionW& w) {
   add_lin(v, p + ".linear", w.lin);
   add_mha(v, p + ".mha", w.mha);
 }
+// The modules both block types share, from the MSA transition on, in state_dict order.
+void add_block_tail(Named* v, const std::string& p, const TransitionW& msa_transition,
+                    const OuterProductMeanW& o, const TriangleMultiplicationW& tri_mul_out,
+                    const TriangleMultiplicationW& tri_mul_in,
+                    const TriangleAttentionW& tri_att_start, const TriangleAttentionW& tri_att_end,
+                    const TransitionW& pair_transition) {
+  add_transition(v, p + "msa_transition", msa_transition);
+  const int64_t co = o.l12.w.dim(0) / 2;
+  add_ln(v, p + "outer_product_mean.layer_norm", o.ln);
+  v->emplace_back(p + "outer_product_mean.linear_1.weight", o.l12.w.slice(0, 0, co));
+  v->emplace_back(p + "outer_product_mean.linear_1.bias", o.l12.b.slice(0, 0, co));
+  v->emplace_back(p + "outer_product_mean.linear_2.weight", o.l12.w.slice(0, co, 2 * co));
+  v->emplace_back(p + "outer_product_mean.linear_2.bias", o.l12.b.slice(0, co, 2 * co));
+  add_lin(v, p + "outer_product_mean.linear_out", o.out);
+  add_tri_mul(v, p + "pair_stack.tri_mul_out", tri_mul_out);
+  add_tri_mul(v, p + "pair_stack.tri_mul_in", tri_mul_in);
+  add_tri_att(v, p + "pair_stack.tri_att_start", tri_att_start);
+  add_tri_att(v, p + "pair_stack.tri_att_end", tri_att_end);
+  add_transition(v, p + "pair_stack.pair_transition", pair_transition);
+}
 }  // namespace
 
 void allocate_block(const EvoformerConfig& cfg, BlockWeights* w) {
@@ -111,20 +131,8 @@ std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
   add_mha(&v, p + "msa_att_row.mha", w.msa_att_row.mha);
   add_ln(&v, p + "msa_att_col._msa_att.layer_norm_m", w.msa_att_col.ln_m);
   add_mha(&v, p + "msa_att_col._msa_att.mha", w.msa_att_col.mha);
-  add_transition(&v, p + "msa_transition", w.msa_transition);
-  const OuterProductMeanW& o = w.outer_product_mean;
-  const int64_t co = o.l12.w.dim(0) / 2;
-  add_ln(&v, p + "outer_product_mean.layer_norm", o.ln);
-  v.emplace_back(p + "outer_product_mean.linear_1.weight", o.l12.w.slice(0, 0, co));
-  v.emplace_back(p + "outer_product_mean.linear_1.bias", o.l12.b.slice(0, 0, co));
-  v.emplace_back(p + "outer_product_mean.linear_2.weight", o.l12.w.slice(0, co, 2 * co));
-  v.emplace_back(p + "outer_product_mean.linear_2.bias", o.l12.b.slice(0, co, 2 * co));
-  add_lin(&v, p + "outer_product_mean.linear_out", o.out);
-  add_tri_mul(&v, p + "pair_stack.tri_mul_out", w.tri_mul_out);
-  add_tri_mul(&v, p + "pair_stack.tri_mul_in", w.tri_mul_in);
-  add_tri_att(&v, p + "pair_stack.tri_att_start", w.tri_att_start);
-  add_tri_att(&v, p + "pair_stack.tri_att_end", w.tri_att_end);
-  add_transition(&v, p + "pair_stack.pair_transition", w.pair_transition);
+  add_block_tail(&v, p, w.msa_transition, w.outer_product_mean, w.tri_mul_out, w.tri_mul_in,
+                 w.tri_att_start, w.tri_att_end, w.pair_transition);
   return v;
 }
 
@@ -168,20 +176,8 @@ std::vector<std::pair<std::string, Tensor>> named_params(const ExtraMsaBlockWeig
   v.emplace_back(ga + ".linear_g.weight", g.kvg.w.slice(0, 2 * C, 2 * C + hc));
   v.emplace_back(ga + ".linear_g.bias", g.kvg.b.slice(0, 2 * C, 2 * C + hc));
   add_lin(&v, ga + ".linear_o", g.o);
-  add_transition(&v, p + "msa_transition", w.msa_transition);
-  const OuterProductMeanW& o = w.outer_product_mean;
-  const int64_t co = o.l12.w.dim(0) / 2;
-  add_ln(&v, p + "outer_product_mean.layer_norm", o.ln);
-  v.emplace_back(p + "outer_product_mean.linear_1.weight", o.l12.w.slice(0, 0, co));
-  v.emplace_back(p + "outer_product_mean.linear_1.bias", o.l12.b.slice(0, 0, co));
-  v.emplace_back(p + "outer_product_mean.linear_2.weight", o.l12.w.slice(0, co, 2 * co));
-  v.emplace_back(p + "outer_product_mean.linear_2.bias", o.l12.b.slice(0, co, 2 * co));
-  add_lin(&v, p + "outer_product_mean.linear_out", o.out);
-  add_tri_mul(&v, p + "pair_stack.tri_mul_out", w.tri_mul_out);
-  add_tri_mul(&v, p + "pair_stack.tri_mul_in", w.tri_mul_in);
-  add_tri_att(&v, p + "pair_stack.tri_att_start", w.tri_att_start);
-  add_tri_att(&v, p + "pair_stack.tri_att_end", w.tri_att_end);
-  add_transition(&v, p + "pair_stack.pair_transition", w.pair_transition);
+  add_block_tail(&v, p, w.msa_transition, w.outer_product_mean, w.tri_mul_out, w.tri_mul_in,
+                 w.tri_att_start, w.tri_att_end, w.pair_transition);
   return v;
 }
 
