@@ -104,7 +104,8 @@ Status prepare_inputs(const EvoformerConfig& cfg, const Tensor& m, const Tensor&
   return Status::OK();
 }
 
-BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk) {
+BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk,
+                          int64_t chunk_target_bytes) {
   BlockContext ctx;
   ctx.cfg = &cfg;
   ctx.s = in.s;
@@ -116,7 +117,8 @@ BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int
   ctx.pair_bias = in.pair_bias.f32();
   ctx.pair_bias_t = in.pair_bias_t.f32();
   ctx.chunk = chunk;
-  ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, in.s, in.r);
+  ctx.chunk_target_bytes =
+      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, in.s, in.r);
   ctx.threads = num_threads();
   return ctx;
 }

@@ -39,8 +39,10 @@ struct StackInputs {
 // m [s, r, c_m] and z [r, r, c_z] F32 contiguous; masks optional (undefined = ones).
 Status prepare_inputs(const EvoformerConfig& cfg, const Tensor& m, const Tensor& z,
                       const Tensor& msa_mask, const Tensor& pair_mask, StackInputs* out);
-// The block context over prepared inputs (which must outlive it).
-BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk);
+// The block context over prepared inputs (which must outlive it). chunk and chunk_target_bytes as
+// in ForwardOptions (0 = automatic / the default target).
+BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk,
+                          int64_t chunk_target_bytes = 0);
 
 // Seeded init of one named parameter: weights U(-a, a) with variance 1/fan_in, LayerNorm weights
 // 1 + U(-0.1, 0.1), biases U(-0.1, 0.1). The stream depends on (seed, name) only.

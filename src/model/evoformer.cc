@@ -75,8 +75,7 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
   const int64_t s = in.s, r = in.r;
-  BlockContext ctx = make_context(cfg, in, opts.chunk);
-  if (opts.chunk_target_bytes > 0) ctx.chunk_target_bytes = opts.chunk_target_bytes;
+  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
 
   float* mp = m.f32();
   float* zp = z.f32();

@@ -126,7 +126,7 @@ Status ExtraMsaStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   const EvoformerConfig& cfg = cfg_;
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
-  const BlockContext ctx = make_context(cfg, in, opts.chunk);
+  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
 
   float* mp = m.f32();
   float* zp = z.f32();
