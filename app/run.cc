@@ -222,8 +222,15 @@ int run_command(const RunArgs& a) {
                 inference_peak / 1048576.0, static_cast<double>(inference_peak) / mz_bytes,
                 mz_bytes / 1048576.0);
     std::printf("  peak RSS    %9.1f MiB\n", rss / 1048576.0);
-    for (const auto& [module, ms] : module_ms)
-      std::printf("    %-20s %9.1f ms\n", module.c_str(), ms);
+    const std::vector<ModuleChunk> chunking =
+        forward_chunking(cfg, s, r, opts.chunk, opts.chunk_target_bytes, num_threads(), job.extra);
+    for (const auto& [module, ms] : module_ms) {
+      std::string chunks;  // "items/length" per chunk loop of the module
+      for (const ModuleChunk& c : chunking)
+        if (c.module == module)
+          chunks += " " + std::to_string(c.items) + "/" + std::to_string(c.length);
+      std::printf("    %-20s %9.1f ms   chunks%s\n", module.c_str(), ms, chunks.c_str());
+    }
     if (budget > 0)
       std::printf(
           "  budget      %9.1f MiB  (chunk target %.2f MiB; predicted peak %.1f MiB, "
@@ -254,6 +261,13 @@ int run_command(const RunArgs& a) {
     j["blocks"] = cfg.no_blocks;
     j["threads"] = num_threads();
     j["chunk"] = a.chunk;
+    j["chunk_target_bytes_used"] = opts.chunk_target_bytes > 0
+                                       ? opts.chunk_target_bytes
+                                       : default_chunk_target_bytes(cfg, s, r);
+    for (const ModuleChunk& c :
+         forward_chunking(cfg, s, r, opts.chunk, opts.chunk_target_bytes, num_threads(), job.extra))
+      j["module_chunks"][c.module].push_back(
+          {{"axis", c.axis}, {"length", c.length}, {"items", c.items}});
     j["config"] = nlohmann::json::parse(cfg.to_json());
     if (a.profile)
       for (const auto& [module, ms] : module_ms) j["module_ms"][module] = ms;

@@ -3,7 +3,11 @@
 // with the smallest feasible one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
@@ -66,6 +70,36 @@ TEST(InferenceBudget, PredictedEqualsMeasuredAndFitsBudget) {
     }
   }
   EXPECT_GT(min_feasible, 0) << "the smallest budget should have been refused";
+}
+
+// The reported chunk loops follow the chunking: a forced chunk caps every loop, and a smaller
+// chunk target never gives a loop more items per chunk.
+TEST(InferenceBudget, ModuleChunking) {
+  const EvoformerConfig cfg = cfg_small();
+  const int64_t s = 24, r = 48;
+  const std::vector<ModuleChunk> forced = forward_chunking(cfg, s, r, 5, 0, 2);
+  std::set<std::string> modules;
+  for (const ModuleChunk& c : forced) {
+    modules.insert(c.module);
+    EXPECT_EQ(c.items, std::min<int64_t>(5, c.length)) << c.module << " " << c.axis;
+  }
+  EXPECT_EQ(modules.size(), 9u);
+  std::vector<ModuleChunk> prev = forward_chunking(cfg, s, r, 0, int64_t{1} << 30, 2);
+  for (const ModuleChunk& c : prev) EXPECT_EQ(c.items, c.length) << c.module << " " << c.axis;
+  for (int64_t target = int64_t{1} << 20; target >= 1; target /= 4) {
+    const std::vector<ModuleChunk> cur = forward_chunking(cfg, s, r, 0, target, 2);
+    ASSERT_EQ(cur.size(), prev.size());
+    for (size_t i = 0; i < cur.size(); ++i) {
+      EXPECT_GE(cur[i].items, 1);
+      EXPECT_LE(cur[i].items, prev[i].items) << cur[i].module << " " << cur[i].axis;
+    }
+    prev = cur;
+  }
+  for (const ModuleChunk& c : prev)
+    if (c.axis.rfind("c_t", 0) != 0) EXPECT_EQ(c.items, 1) << c.module << " " << c.axis;
+  const std::vector<ModuleChunk> extra = forward_chunking(cfg, s, r, 0, 0, 2, true);
+  EXPECT_TRUE(std::any_of(extra.begin(), extra.end(),
+                          [](const ModuleChunk& c) { return c.module == "msa_att_col_global"; }));
 }
 
 TEST(InferenceBudget, ParseBytes) {

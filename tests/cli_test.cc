@@ -269,6 +269,12 @@ TEST(Cli, MemoryBudget) {
   EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), int64_t{64} << 20);
   EXPECT_EQ(j["predicted_peak_bytes"].get<int64_t>(), j["peak_tracked_bytes"].get<int64_t>());
   EXPECT_GT(j["chunk_target_bytes"].get<int64_t>(), 0);
+  ASSERT_EQ(j["module_chunks"].size(), 9u) << j.dump();
+  for (const auto& [module, loops] : j["module_chunks"].items())
+    for (const auto& l : loops) {
+      EXPECT_GE(l["items"].get<int64_t>(), 1) << module;
+      EXPECT_LE(l["items"].get<int64_t>(), l["length"].get<int64_t>()) << module;
+    }
 }
 
 TEST(Cli, MissingFileAndBadFlags) {

@@ -49,6 +49,17 @@ struct InferencePlan {
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                       int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out);
 
+// The chunk loops of each module of EvoformerStack::forward (or ExtraMsaStack::forward when
+// extra_msa) at (s, r) with the given chunking (as forward_peak_bytes): module name as in the
+// golden traces, the loop's axis, its length and the items per chunk the module will use.
+struct ModuleChunk {
+  std::string module, axis;
+  int64_t length = 0, items = 0;
+};
+std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                          int64_t chunk, int64_t chunk_target_bytes, int threads,
+                                          bool extra_msa = false);
+
 // Parses "6GiB", "512MiB", "40GB", "1.5G", "1000000" (bytes). GB/MB/KB are decimal, GiB/MiB/KiB
 // and bare G/M/K binary.
 Status parse_bytes(const std::string& text, int64_t* out);

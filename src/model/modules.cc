@@ -19,7 +19,8 @@ constexpr int64_t kF = sizeof(float);
 // mask_bias [B, L] (per key), bias [H, L, L] (shared over the batch) or nullptr.
 // Allocates qkvg [B*L, 4*H*C] and the attention scratch.
 void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float* x, int64_t B,
-                     int64_t L, const float* mask_bias, const float* bias, float* out, int threads) {
+                     int64_t L, const float* mask_bias, const float* bias, float* out,
+                     int threads) {
   const int64_t c_in = w.w_qkvg.dim(1), hc = H * C, ld = 4 * hc;
   Tensor qkvg = Tensor::empty({B * L, ld});  // [B*L, q | k | v | g]
   float* p = qkvg.f32();
@@ -124,7 +125,8 @@ int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_ite
   return std::clamp<int64_t>(target / std::max<int64_t>(bytes_per_item, 1), 1, batch);
 }
 
-void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m, const float* z) {
+void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,
+                       const float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
   Tensor bias = pair_bias_heads(w.ln_z, w.lin_z, ctx, z, false);  // [H_m, r, r]
   attention_module(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m, ctx.s, ctx.r,
@@ -137,7 +139,8 @@ void msa_column_attention(const MsaColumnAttentionW& w, const BlockContext& ctx,
                    cfg.c_m, true, ctx.msa_bias_t, nullptr);
 }
 
-void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bool ending, float* z) {
+void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bool ending,
+                        float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
   Tensor bias = pair_bias_heads(w.ln, w.lin, ctx, z, ending);  // [H_p, r, r]
   attention_module(w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r,
@@ -158,7 +161,8 @@ void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t
   }
 }
 
-void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, float* z) {
+void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                        float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
   Tensor a = Tensor::empty({s, r, co});  // linear_1(LN(m)) * mask
@@ -253,8 +257,8 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx) {
 }
 }  // namespace
 
-void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
-                             float* z) {
+void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                             bool outgoing, float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
   const float eps = cfg.eps_ln;
@@ -333,17 +337,17 @@ int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
   const std::string name = module;
   if (name == "msa_att_row") {
     const int64_t Hm = cfg.no_heads_msa;
-    return std::max(pair_bias_heads_bytes(ctx, Hm),
-                    Hm * r * r * kF +
-                        attention_module_bytes(Hm, cfg.c_hidden_msa_att, ctx, s, r, cm));
+    return std::max(
+        pair_bias_heads_bytes(ctx, Hm),
+        Hm * r * r * kF + attention_module_bytes(Hm, cfg.c_hidden_msa_att, ctx, s, r, cm));
   }
   if (name == "msa_att_col")
     return attention_module_bytes(cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, r, s, cm);
   if (name == "tri_att_start" || name == "tri_att_end") {
     const int64_t Hp = cfg.no_heads_pair;
-    return std::max(pair_bias_heads_bytes(ctx, Hp),
-                    Hp * r * r * kF +
-                        attention_module_bytes(Hp, cfg.c_hidden_pair_att, ctx, r, r, cz));
+    return std::max(
+        pair_bias_heads_bytes(ctx, Hp),
+        Hp * r * r * kF + attention_module_bytes(Hp, cfg.c_hidden_pair_att, ctx, r, r, cz));
   }
   if (name == "msa_transition" || name == "pair_transition") {
     const int64_t c = name == "msa_transition" ? cm : cz;
@@ -449,6 +453,48 @@ int64_t msa_column_global_attention_bytes(const BlockContext& ctx) {
   const int64_t ch = pick_chunk(ctx, ctx.r, item);
   return ch * item +
          kern::attention_scratch_floats(global_attention_dims(cfg, ch, ctx.s), ctx.threads) * kF;
+}
+
+std::vector<ChunkLoop> module_chunking(const char* module, const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z;
+  const std::string name = module;
+  auto attention = [&](int64_t H, int64_t C, int64_t N, int64_t L, int64_t c) {
+    return pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
+  };
+  const int64_t bias_rows = pick_chunk(ctx, r, r * cz * kF);  // pair_bias_heads
+  if (name == "msa_att_row")
+    return {{"r (pair bias rows)", r, bias_rows},
+            {"s (MSA rows)", s, attention(cfg.no_heads_msa, cfg.c_hidden_msa_att, s, r, cm)}};
+  if (name == "msa_att_col")
+    return {{"r (MSA columns)", r, attention(cfg.no_heads_msa, cfg.c_hidden_msa_att, r, s, cm)}};
+  if (name == "tri_att_start" || name == "tri_att_end")
+    return {{"r (pair bias rows)", r, bias_rows},
+            {name == "tri_att_start" ? "r (pair rows)" : "r (pair columns)", r,
+             attention(cfg.no_heads_pair, cfg.c_hidden_pair_att, r, r, cz)}};
+  if (name == "msa_transition" || name == "pair_transition") {
+    const int64_t c = name == "msa_transition" ? cm : cz;
+    const int64_t rows = name == "msa_transition" ? s * r : r * r, nc = cfg.transition_n * c;
+    return {{name == "msa_transition" ? "s*r (MSA positions)" : "r*r (pair positions)", rows,
+             pick_chunk(ctx, rows, (c + nc) * kF)}};
+  }
+  if (name == "outer_product_mean") {
+    const int64_t co = cfg.c_hidden_opm;
+    return {{"s (MSA rows, projections)", s, pick_chunk(ctx, s, r * (cm + 2 * co) * kF)},
+            {"r (pair rows, outer product)", r,
+             pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF)}};
+  }
+  if (name == "tri_mul_out" || name == "tri_mul_in") {
+    const int64_t ct = cfg.c_hidden_mul;
+    const TriMulPhase1 p = tri_mul_phase1(ctx);
+    return {{"c_t (channel groups)", ct, p.cg},
+            {"r (pair rows, projections)", r, p.ch},
+            {"r (pair rows, output)", r, pick_chunk(ctx, r, r * (ct + 3 * cz) * kF)}};
+  }
+  if (name == "msa_att_col_global")
+    return {{"r (MSA columns)", r, pick_chunk(ctx, r, global_attention_item_bytes(cfg, s))}};
+  FC_CHECK_MSG(false, "unknown module " + name);
+  return {};
 }
 
 }  // namespace fc

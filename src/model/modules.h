@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "foldcube/config.h"
 #include "model/weights.h"
@@ -48,6 +50,16 @@ void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bo
 // Peak bytes a module allocates on top of its inputs (the memory model of the inference path;
 // tests check it against the tracking allocator). Module names as in the golden traces.
 int64_t module_workspace_bytes(const char* module, const BlockContext& ctx);
+
+// The chunk loops a module runs at this context, for reports and plans: each loop's axis, its
+// length and the items per chunk (the same formulas the module uses). Names as in
+// module_workspace_bytes.
+struct ChunkLoop {
+  std::string axis;  // e.g. "s" (MSA rows), "r" (residue rows or columns), "c_t" (channels)
+  int64_t length = 0;
+  int64_t items = 0;  // per chunk; length / items rounded up = number of chunks
+};
+std::vector<ChunkLoop> module_chunking(const char* module, const BlockContext& ctx);
 
 // ExtraMSA column attention: m [s, r, c_e] += MSAColumnGlobalAttention(m, msa_mask), i.e. global
 // attention over the sequences of each residue column (chunked over residues; c_e = cfg.c_m).
