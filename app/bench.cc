@@ -281,15 +281,124 @@ int bench_long(const BenchArgs& a, int threads, const std::string& exe, const st
   return 0;
 }
 
+// `bench --chunks`: the cost of chunking. One AF2 block at one (s, r) (default 128:256), run
+// unchunked (every chunk loop takes its whole axis), with the automatic chunking, under budgets
+// of decreasing multiples of bytes(m+z) (plus the weights), and with forced --chunk sizes. Rows
+// run in interleaved rounds so that drift on a shared machine hits every row alike; the time is
+// the median over all timed repeats of all rounds. Budget rows give the weights, the pristine copy
+// of m and z the repeats need, and x times bytes(m+z) for the inference; forced --chunk rows show
+// chunk target 0 (unused).
+int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
+                 const std::string& report) {
+  const auto sr = split(a.shapes.empty() ? "128:256" : a.shapes, ':');
+  int64_t s = 0, r = 0;
+  if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) {
+    std::fprintf(stderr, "foldcube: error: --chunks takes one s:r shape\n");
+    return 2;
+  }
+  const EvoformerConfig cfg;
+  EvoformerConfig one = cfg;
+  one.no_blocks = 1;
+  const int64_t weights = EvoformerStack::random(one, 0).param_bytes();
+  const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
+  struct Row {
+    std::string label, flags;
+    std::vector<double> times;
+    nlohmann::json last;
+  };
+  std::vector<Row> rows = {{"unchunked", "--chunk 1000000000", {}, {}}, {"automatic", "", {}, {}}};
+  for (double x : {2.5, 2.25, 2.0, 1.875, 1.75}) {
+    char label[64];
+    std::snprintf(label, sizeof label, "budget %.3g x (m+z)", x);
+    // The run keeps a pristine copy of m and z for its repeats: it gets (1 + x) x bytes(m+z).
+    rows.push_back(
+        {label,
+         "--memory-budget " + std::to_string(static_cast<int64_t>((1 + x) * mz) + weights),
+         {},
+         {}});
+  }
+  for (int c : {64, 16, 4})
+    rows.push_back({"--chunk " + std::to_string(c), "--chunk " + std::to_string(c), {}, {}});
+  const int repeats = a.repeats > 0 ? a.repeats : 3, rounds = 2;
+  const double peak = sgemm_gflops(2048, 5);
+  std::printf(
+      "foldcube bench --chunks: one Evoformer block, AF2 model_1 dims, s=%lld r=%lld, %d "
+      "thread(s), fp32; %d rounds x %d repeats per row, interleaved; SGEMM n=2048 (same run) "
+      "%.1f GFLOP/s; MiB = 2^20 bytes\n\n",
+      static_cast<long long>(s), static_cast<long long>(r), threads, rounds, repeats, peak);
+  for (int round = 0; round < rounds; ++round)
+    for (Row& row : rows) {
+      const std::string cmd =
+          "'" + exe + "' run --quiet --s " + std::to_string(s) + " --r " + std::to_string(r) +
+          " --blocks 1 --threads " + std::to_string(threads) + " --warmup 1 --repeats " +
+          std::to_string(repeats) + " " + row.flags + " --report '" + report + "'";
+      nlohmann::json j;
+      if (!run_row(cmd, report, &j)) {
+        row.last = nlohmann::json();  // refused: the budget is below the smallest feasible one
+        continue;
+      }
+      for (double t : j["times_ms"]) row.times.push_back(t);
+      row.last = j;
+    }
+  auto median_of = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  const double base = median_of(rows[0].times);
+  std::printf(
+      "| chunking | time ms | vs unchunked | tracked peak MiB | inference/(m+z) | RSS peak MiB | "
+      "chunk target MiB | items per chunk (row att s, col att r, tri att r, OPM r, tri-mul c_t) "
+      "|\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json out = nlohmann::json::array();
+  for (const Row& row : rows) {
+    if (row.last.is_null() || row.times.empty()) {
+      std::printf("| %s | refused (below the smallest feasible budget) | | | | | | |\n",
+                  row.label.c_str());
+      continue;
+    }
+    const nlohmann::json& j = row.last;
+    const double t = median_of(row.times);
+    auto items = [&](const char* module, size_t loop) {
+      const auto& loops = j["module_chunks"][module];
+      return loops.size() > loop ? loops[loop]["items"].get<int64_t>() : 0;
+    };
+    std::printf("| %s | %.0f | %.3f | %.1f | %.2f | %.1f | %.2f | %lld, %lld, %lld, %lld, %lld |\n",
+                row.label.c_str(), t, t / base, j["peak_tracked_bytes"].get<double>() / 1048576.0,
+                j["inference_peak_bytes"].get<double>() / mz,
+                j["peak_rss_bytes"].get<double>() / 1048576.0,
+                row.flags.rfind("--chunk ", 0) == 0
+                    ? 0.0
+                    : j["chunk_target_bytes_used"].get<double>() / 1048576.0,
+                static_cast<long long>(items("msa_att_row", 1)),
+                static_cast<long long>(items("msa_att_col", 0)),
+                static_cast<long long>(items("tri_att_start", 1)),
+                static_cast<long long>(items("outer_product_mean", 1)),
+                static_cast<long long>(items("tri_mul_out", 0)));
+    nlohmann::json o = j;
+    o["label"] = row.label;
+    o["median_ms"] = t;
+    o["all_times_ms"] = row.times;
+    out.push_back(o);
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << nlohmann::json{{"sgemm_gflops", peak}, {"threads", threads}, {"rows", out}}.dump(2)
+      << "\n";
+  }
+  return 0;
+}
+
 int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
   const std::string exe = self_exe();
   const std::string report = temp_report();
   if (report.empty()) return 1;
-  if (a.train || a.long_seq) {
-    const int rc =
-        a.train ? bench_train(a, threads, exe, report) : bench_long(a, threads, exe, report);
+  if (a.train || a.long_seq || a.chunks) {
+    const int rc = a.train      ? bench_train(a, threads, exe, report)
+                   : a.long_seq ? bench_long(a, threads, exe, report)
+                                : bench_chunks(a, threads, exe, report);
     std::remove(report.c_str());
     return rc;
   }

@@ -34,6 +34,7 @@ struct BenchArgs {
   std::string blocks;     // "1,4" ("2,4" with --train)
   bool train = false;     // training-step table (policies, measured vs predicted memory)
   bool long_seq = false;  // long-sequence table under a memory budget (--shapes lists r values)
+  bool chunks = false;    // chunking-overhead table at one shape (--shapes s:r)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
 

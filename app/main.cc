@@ -73,6 +73,9 @@ int main(int argc, char** argv) {
       "--long", ba.long_seq,
       "long-sequence table: one block at s=128, r from --shapes (default 512,1024,2048) "
       "under a 2.5 x (m+z) budget, and the largest r in 16 GiB");
+  bench->add_flag("--chunks", ba.chunks,
+                  "chunking-overhead table: one block at one s:r (default 128:256) unchunked, "
+                  "automatic, under shrinking budgets and with forced --chunk sizes");
   bench->add_flag("--train", ba.train,
                   "training step (forward + backward) per recompute policy none/small/large: "
                   "measured peak and activation memory and time beside the memory model's "
