@@ -436,7 +436,7 @@ int run_dap(const RunArgs& a) {
   DapStats stats;
   std::vector<double> times;
   Tensor m, z, s_out;
-  int64_t peak = 0;
+  int64_t peak = 0, work_peak = 0;
   const int passes = a.warmup + a.repeats;
   for (int it = 0; it < passes; ++it) {
     if (me == 0) {
@@ -451,9 +451,11 @@ int run_dap(const RunArgs& a) {
     const auto t1 = std::chrono::steady_clock::now();
     if (!st.ok()) die(st);
     peak = std::max(peak, stats.peak_bytes);
+    work_peak = std::max(work_peak, stats.work_peak_bytes);
     if (it >= a.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   const std::vector<int64_t> peaks = comm.all_gather_i64(peak);
+  const std::vector<int64_t> work = comm.all_gather_i64(work_peak);
   const std::vector<int64_t> rss = comm.all_gather_i64(peak_rss_bytes());
   const std::vector<int64_t> shard = comm.all_gather_i64(stats.shard_bytes);
   if (me == 0) {
@@ -484,8 +486,9 @@ int run_dap(const RunArgs& a) {
       std::printf("  time        %10.1f ms  (median of %d)\n", time_ms, a.repeats);
       for (int k = 0; k < a.dap; ++k)
         std::printf(
-            "  rank %-3d tracked peak %9.1f MiB  (shards of m+z %.1f MiB; peak RSS %.1f MiB)\n", k,
-            peaks[k] / 1048576.0, shard[k] / 1048576.0, rss[k] / 1048576.0);
+            "  rank %-3d tracked peak %9.1f MiB  (%.1f MiB above weights and inputs; shards of m+z "
+            "%.1f MiB; peak RSS %.1f MiB)\n",
+            k, peaks[k] / 1048576.0, work[k] / 1048576.0, shard[k] / 1048576.0, rss[k] / 1048576.0);
       std::printf(
           "  sent/block  %9.3f MiB per rank  (model %.3f MiB: all-to-all %.3f, all-gather %.3f)\n",
           measured / 1048576.0, model.total() / 1048576.0, model.all_to_all_bytes / 1048576.0,
@@ -499,6 +502,7 @@ int run_dap(const RunArgs& a) {
       j["dap"] = a.dap;
       j["peak_tracked_bytes"] = peaks[0];
       j["rank_peak_tracked_bytes"] = peaks;
+      j["rank_work_peak_bytes"] = work;
       j["rank_peak_rss_bytes"] = rss;
       j["rank_shard_bytes"] = shard;
       j["peak_rss_bytes"] = rss[0];
