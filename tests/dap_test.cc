@@ -148,16 +148,17 @@ TEST_P(DapGolden, MatchesSingleProcessAndOpenFold) {
   const dist::Communicator comm = world();
   Case c;
   TensorFile f;
+  int ok = 1;  // the root's file reading; shared so that no rank waits for a root that failed
   if (comm.rank() == 0) {
-    ASSERT_TRUE(read_safetensors(test::data_path(GetParam().first), &f).ok());
     EvoformerConfig cfg;
-    ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
-    ASSERT_TRUE(EvoformerStack::load(cfg, f, &c.stack).ok());
-    ASSERT_TRUE(f.get_f32("input.m", {}, &c.m).ok());
-    ASSERT_TRUE(f.get_f32("input.z", {}, &c.z).ok());
-    ASSERT_TRUE(f.get_f32("input.msa_mask", {}, &c.msa_mask).ok());
-    ASSERT_TRUE(f.get_f32("input.pair_mask", {}, &c.pair_mask).ok());
+    ok = read_safetensors(test::data_path(GetParam().first), &f).ok() &&
+         EvoformerConfig::from_metadata(f.metadata, &cfg).ok() &&
+         EvoformerStack::load(cfg, f, &c.stack).ok() && f.get_f32("input.m", {}, &c.m).ok() &&
+         f.get_f32("input.z", {}, &c.z).ok() && f.get_f32("input.msa_mask", {}, &c.msa_mask).ok() &&
+         f.get_f32("input.pair_mask", {}, &c.pair_mask).ok();
   }
+  comm.broadcast_bytes(&ok, sizeof(ok), 0);
+  ASSERT_TRUE(ok) << "rank 0 could not read " << GetParam().first;
   Tensor m, z, s;
   const double err = dap_vs_single(comm, c, GetParam().second, &m, &z, &s);
   if (comm.rank() != 0) return;

@@ -66,9 +66,11 @@ DapMasks make_masks(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa, 
   return d;
 }
 
-// x [rows, cols, c] copied into the top-left corner of a zero tensor [rows_p, cols_p, c].
+// x [rows, cols, c] copied into the top-left corner of a zero tensor [rows_p, cols_p, c]; x itself
+// when nothing is padded.
 Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p) {
   const int64_t rows = x.dim(0), cols = x.dim(1), c = x.dim(2);
+  if (rows == rows_p && cols == cols_p) return x;
   Tensor out = Tensor::zeros({rows_p, cols_p, c});
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i)
@@ -76,9 +78,10 @@ Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p) {
   return out;
 }
 
-// The top-left [rows, cols, c] corner of x [rows_p, cols_p, c].
+// The top-left [rows, cols, c] corner of x [rows_p, cols_p, c]; x itself when nothing is cropped.
 Tensor crop3(const Tensor& x, int64_t rows, int64_t cols) {
-  const int64_t cols_p = x.dim(1), c = x.dim(2);
+  const int64_t rows_p = x.dim(0), cols_p = x.dim(1), c = x.dim(2);
+  if (rows == rows_p && cols == cols_p) return x;
   Tensor out = Tensor::empty({rows, cols, c});
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < rows; ++i)
@@ -254,12 +257,14 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   }
 
   // Contexts of the shards (masks in full; the modules see the shard's sizes).
+  // Chunk target: 1/8 of this rank's shard bytes as in one process (default_chunk_target_bytes),
+  // with a floor of 1 MiB instead of 4 MiB so that the work buffers keep shrinking with N.
   const int64_t mz_loc = (sl * rp * cm + rl * rp * cz) * kF;
   BlockContext base;
   base.cfg = &cfg;
   base.chunk = opts.chunk;
   base.chunk_target_bytes = opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
-                                                        : std::max<int64_t>(mz_loc / 8, 4 << 20);
+                                                        : std::max<int64_t>(mz_loc / 8, 1 << 20);
   base.threads = num_threads();
   BlockContext row = base;  // m by sequences: row attention over r_pad residues
   row.s = sl;

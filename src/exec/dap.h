@@ -40,7 +40,7 @@ DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l);
 
 struct DapOptions {
   int64_t chunk = 0;               // as ForwardOptions::chunk
-  int64_t chunk_target_bytes = 0;  // 0 = the default for this rank's shard of m and z
+  int64_t chunk_target_bytes = 0;  // 0 = max(1/8 of this rank's shards of m and z, 1 MiB)
 };
 
 struct DapStats {
