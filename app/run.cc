@@ -458,6 +458,9 @@ int run_dap(const RunArgs& a) {
   const std::vector<int64_t> work = comm.all_gather_i64(work_peak);
   const std::vector<int64_t> rss = comm.all_gather_i64(peak_rss_bytes());
   const std::vector<int64_t> shard = comm.all_gather_i64(stats.shard_bytes);
+  // Time inside the collectives of the blocks (last pass), in microseconds.
+  const std::vector<int64_t> comm_us =
+      comm.all_gather_i64(static_cast<int64_t>(stats.blocks.total_seconds() * 1e6));
   if (me == 0) {
     const int64_t s = m.dim(0), r = m.dim(1);
     const DapLayout l = dap_layout(s, r, a.dap, 0);
@@ -493,6 +496,9 @@ int run_dap(const RunArgs& a) {
           "  sent/block  %9.3f MiB per rank  (model %.3f MiB: all-to-all %.3f, all-gather %.3f)\n",
           measured / 1048576.0, model.total() / 1048576.0, model.all_to_all_bytes / 1048576.0,
           model.all_gather_bytes / 1048576.0);
+      std::printf("  in collectives (blocks, last pass): rank 0..%d:", a.dap - 1);
+      for (int64_t us : comm_us) std::printf(" %.1f", us / 1e3);
+      std::printf(" ms\n");
       if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
     }
     if (!a.report.empty()) {
@@ -500,6 +506,8 @@ int run_dap(const RunArgs& a) {
       j["time_ms"] = time_ms;
       j["times_ms"] = times;
       j["dap"] = a.dap;
+      j["rank_block_collective_ms"] = nlohmann::json::array();
+      for (int64_t us : comm_us) j["rank_block_collective_ms"].push_back(us / 1e3);
       j["peak_tracked_bytes"] = peaks[0];
       j["rank_peak_tracked_bytes"] = peaks;
       j["rank_work_peak_bytes"] = work;

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -117,10 +118,11 @@ struct Case {
 };
 
 // Runs the root's case through dap_forward on `comm` and, on the root, the single-process
-// forward; returns the max rel_err of m, z, s (root only; 0 elsewhere).
+// forward; returns the max rel_err of m, z, s (root only; 0 elsewhere). trace: as
+// DapOptions::trace.
 double dap_vs_single(const dist::Communicator& comm, Case& c, int64_t chunk,
                      Tensor* m_out = nullptr, Tensor* z_out = nullptr, Tensor* s_out = nullptr,
-                     DapStats* stats = nullptr) {
+                     DapStats* stats = nullptr, const TraceFn& trace = nullptr) {
   EXPECT_TRUE(dap_share_stack(comm, &c.stack).ok());
   Tensor m, z, s;
   if (comm.rank() == 0) {
@@ -129,6 +131,7 @@ double dap_vs_single(const dist::Communicator& comm, Case& c, int64_t chunk,
   }
   DapOptions opts;
   opts.chunk = chunk;
+  opts.trace = trace;
   const Status st = dap_forward(c.stack, comm, m, z, c.msa_mask, c.pair_mask, &s, opts, stats);
   EXPECT_TRUE(st.ok()) << st.ToString();
   if (comm.rank() != 0 || !st.ok()) return 0;
@@ -160,8 +163,21 @@ TEST_P(DapGolden, MatchesSingleProcessAndOpenFold) {
   comm.broadcast_bytes(&ok, sizeof(ok), 0);
   ASSERT_TRUE(ok) << "rank 0 could not read " << GetParam().first;
   Tensor m, z, s;
-  const double err = dap_vs_single(comm, c, GetParam().second, &m, &z, &s);
+  std::map<std::string, Tensor> traces;  // block 0, gathered on the root
+  const TraceFn trace = [&](int block, const std::string& module, const std::string& stream,
+                            const Tensor& v) {
+    if (block == 0) traces["trace.block0." + module + "." + stream] = v.clone();
+  };
+  const double err = dap_vs_single(comm, c, GetParam().second, &m, &z, &s, nullptr, trace);
   if (comm.rank() != 0) return;
+  int checked = 0;
+  for (const std::string& name : f.names) {
+    if (name.rfind("trace.block0.", 0) != 0) continue;
+    ASSERT_TRUE(traces.count(name)) << "no trace produced for " << name;
+    EXPECT_LT(test::golden_err(traces[name], f.tensors.at(name)), 1e-4) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 9);
   std::printf("[ info ] N=%d %s: DAP vs single process %.2e\n", comm.size(),
               GetParam().first.c_str(), err);
   EXPECT_LT(err, 1e-5);

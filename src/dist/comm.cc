@@ -1,6 +1,7 @@
 #include "dist/comm.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -119,6 +120,33 @@ int64_t CommStats::total_bytes() const {
   return n;
 }
 
+double CommStats::total_seconds() const {
+  double t = 0;
+  for (double x : seconds) t += x;
+  return t;
+}
+
+CommStats CommStats::since(const CommStats& before) const {
+  CommStats d;
+  for (int k = 0; k < static_cast<int>(Op::kCount); ++k) {
+    d.bytes[k] = bytes[k] - before.bytes[k];
+    d.calls[k] = calls[k] - before.calls[k];
+    d.seconds[k] = seconds[k] - before.seconds[k];
+  }
+  return d;
+}
+
+struct Communicator::Timer {
+  Timer(const Communicator& c, Op op) : c(c), op(op), t0(std::chrono::steady_clock::now()) {}
+  ~Timer() {
+    c.impl_->stats.seconds[static_cast<int>(op)] +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  const Communicator& c;
+  Op op;
+  std::chrono::steady_clock::time_point t0;
+};
+
 Communicator::Communicator() : impl_(std::make_shared<Impl>()) {}
 Communicator::Communicator(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
@@ -181,6 +209,7 @@ void Communicator::reset_stats() const { impl_->stats = CommStats(); }
 void Communicator::all_to_all(const float* send, float* recv, int64_t count) const {
   const int n = size();
   tally(Op::kAllToAll, (n - 1) * count);
+  const Timer timer(*this, Op::kAllToAll);
   if (FC_LOCAL_ONLY) {
     std::memcpy(recv, send, count * sizeof(float));
     return;
@@ -193,6 +222,7 @@ void Communicator::all_to_all(const float* send, float* recv, int64_t count) con
 void Communicator::all_gather(const float* mine, float* all, int64_t count) const {
   const int n = size();
   tally(Op::kAllGather, (n - 1) * count);
+  const Timer timer(*this, Op::kAllGather);
   if (FC_LOCAL_ONLY) {
     if (all != mine) std::memcpy(all, mine, count * sizeof(float));
     return;
@@ -205,6 +235,7 @@ void Communicator::all_gather(const float* mine, float* all, int64_t count) cons
 void Communicator::reduce_scatter(const float* all, float* mine, int64_t count) const {
   const int n = size();
   tally(Op::kReduceScatter, (n - 1) * count);
+  const Timer timer(*this, Op::kReduceScatter);
   if (FC_LOCAL_ONLY) {
     if (all != mine) std::memcpy(mine, all, count * sizeof(float));
     return;
@@ -217,6 +248,7 @@ void Communicator::reduce_scatter(const float* all, float* mine, int64_t count) 
 void Communicator::all_reduce(float* data, int64_t count) const {
   const int n = size();
   tally(Op::kAllReduce, 2 * (n - 1) * count / n);
+  const Timer timer(*this, Op::kAllReduce);
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
   MPI_Allreduce(MPI_IN_PLACE, data, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
@@ -225,6 +257,7 @@ void Communicator::all_reduce(float* data, int64_t count) const {
 
 void Communicator::broadcast(float* data, int64_t count, int root) const {
   tally(Op::kBroadcast, rank() == root ? (size() - 1) * count : 0);
+  const Timer timer(*this, Op::kBroadcast);
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
   MPI_Bcast(data, to_count(count), MPI_FLOAT, root, impl_->comm);
@@ -233,6 +266,7 @@ void Communicator::broadcast(float* data, int64_t count, int root) const {
 
 void Communicator::scatter(const float* all, float* mine, int64_t count, int root) const {
   tally(Op::kScatter, rank() == root ? (size() - 1) * count : 0);
+  const Timer timer(*this, Op::kScatter);
   if (FC_LOCAL_ONLY) {
     if (all != mine) std::memcpy(mine, all, count * sizeof(float));
     return;
@@ -244,6 +278,7 @@ void Communicator::scatter(const float* all, float* mine, int64_t count, int roo
 
 void Communicator::gather(const float* mine, float* all, int64_t count, int root) const {
   tally(Op::kGather, rank() == root ? 0 : count);
+  const Timer timer(*this, Op::kGather);
   if (FC_LOCAL_ONLY) {
     if (all != mine) std::memcpy(all, mine, count * sizeof(float));
     return;

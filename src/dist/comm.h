@@ -54,10 +54,15 @@ const char* op_name(Op op);  // "all_to_all", ...
 //   broadcast(count)       root: (N-1)*count       scatter(count)     root: (N-1)*count
 //   gather(count)          non-root: count
 // (count as in each function's contract; 4 bytes per float; calls counted on every rank.)
+// seconds: wall time this rank spent inside the collective (waiting for slower ranks included).
 struct CommStats {
   int64_t bytes[static_cast<int>(Op::kCount)] = {};
   int64_t calls[static_cast<int>(Op::kCount)] = {};
+  double seconds[static_cast<int>(Op::kCount)] = {};
   int64_t total_bytes() const;
+  double total_seconds() const;
+  // this - before, per kind (the counters of a region).
+  CommStats since(const CommStats& before) const;
 };
 
 class Communicator {
@@ -107,6 +112,7 @@ class Communicator {
  private:
   struct Impl;
   explicit Communicator(std::shared_ptr<Impl> impl);
+  struct Timer;  // adds the wall time of a collective to its kind
   void tally(Op op, int64_t floats) const;
   std::shared_ptr<Impl> impl_;
 };

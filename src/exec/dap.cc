@@ -149,6 +149,35 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
   return out;
 }
 
+// Layouts of a stream shard (see dap.h).
+enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
+
+// The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
+// m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
+Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
+  const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
+  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+  const int64_t rows_p = msa ? sp : rp;
+  Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
+  tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
+  if (tc.rank() != 0) return Tensor();
+  Tensor full = all;
+  if (how == Shard::kMsaByRes || how == Shard::kPairRowsT) {
+    full = Tensor::empty({rows_p, rp, c});
+    const float* ap = all.f32();
+    float* fp = full.f32();
+    for (int64_t p = 0; p < l.n; ++p)
+      for (int64_t i = 0; i < rows_p; ++i)
+        for (int64_t j = 0; j < rl; ++j) {
+          // kMsaByRes: block p is m[:, p*rl + j]; kPairRowsT: block p is z^T[p*rl + j, i].
+          const float* src = how == Shard::kMsaByRes ? ap + ((p * rows_p + i) * rl + j) * c
+                                                     : ap + ((p * rl + j) * rp + i) * c;
+          std::memcpy(fp + (i * rp + p * rl + j) * c, src, c * kF);
+        }
+  }
+  return crop3(full, msa ? l.s : l.r, l.r);
+}
+
 // Pair bias [H, r_pad, r_pad] of an attention module from this rank's rows z [r_loc, r_pad, c_z]:
 // each rank projects its rows, the projections are all-gathered, then permuted to heads-first.
 Tensor gathered_pair_bias(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
@@ -286,8 +315,21 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   const float* pair_mask_rows = mk.pair_mask.f32() + me * rl * rp;
   const float* pair_mask_t_rows = mk.pair_mask_t.f32() + me * rl * rp;
 
+  const bool tracing = opts.trace != nullptr;
+  if (!comm.all_equal(tracing))
+    return Status::InvalidArgument("DapOptions::trace must be set on every rank or on none");
+  const dist::Communicator tc = tracing ? comm.split(0, me) : comm;  // trace gathers only
+  int blk = 0;
+  auto trace = [&](const char* module, const Tensor& t, Shard how) {
+    if (!tracing) return;
+    const bool is_m = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+    const Tensor full = assemble(t, how, l, tc);
+    if (me == 0) opts.trace(blk, module, is_m ? "m" : "z", full);
+  };
+
   const dist::CommStats before_blocks = comm.stats();
   for (int b = 0; b < cfg.no_blocks; ++b) {
+    blk = b;
     const BlockWeights& w = stack.block(b);
     {
       Tensor bias = gathered_pair_bias(w.msa_att_row.ln_z, w.msa_att_row.lin_z, full, l, zr.f32(),
@@ -295,16 +337,22 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
       attention_rows(w.msa_att_row.ln_m, w.msa_att_row.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att,
                      row, mr.f32(), sl, rp, cm, msa_bias_rows, bias.f32());
     }
+    trace("msa_att_row", mr, Shard::kMsaBySeq);
     Tensor mc = msa_rows_to_cols(std::move(mr), l, comm);  // [s_pad, r_loc, c_m]
     msa_column_attention(w.msa_att_col, col, mc.f32());
+    trace("msa_att_col", mc, Shard::kMsaByRes);
     transition(w.msa_transition, col, mc.f32(), sp * rl, cm);
+    trace("msa_transition", mc, Shard::kMsaByRes);
     outer_product_mean_shard(w.outer_product_mean, full, mc.f32(), me * rl, rl,
                              mk.msa_mask_cols.f32(), gather, zr.f32());
+    trace("outer_product_mean", zr, Shard::kPairRows);
     mr = msa_cols_to_rows(std::move(mc), l, comm);
 
     triangle_multiplication_shard(w.tri_mul_out, full, false, rl, pair_mask_rows, gather, zr.f32());
+    trace("tri_mul_out", zr, Shard::kPairRows);
     Tensor zt = pair_transpose(std::move(zr), l, comm);  // rows of z^T [r_loc, r_pad, c_z]
     triangle_multiplication_shard(w.tri_mul_in, full, true, rl, pair_mask_t_rows, gather, zt.f32());
+    trace("tri_mul_in", zt, Shard::kPairRowsT);
     zr = pair_transpose(std::move(zt), l, comm);
     {
       Tensor bias = gathered_pair_bias(w.tri_att_start.ln, w.tri_att_start.lin, full, l, zr.f32(),
@@ -312,6 +360,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
       attention_rows(w.tri_att_start.ln, w.tri_att_start.mha, cfg.no_heads_pair,
                      cfg.c_hidden_pair_att, full, zr.f32(), rl, rp, cz, pair_bias_rows, bias.f32());
     }
+    trace("tri_att_start", zr, Shard::kPairRows);
     zt = pair_transpose(std::move(zr), l, comm);
     {
       Tensor bias = gathered_pair_bias(w.tri_att_end.ln, w.tri_att_end.lin, full, l, zt.f32(),
@@ -319,7 +368,9 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
       attention_rows(w.tri_att_end.ln, w.tri_att_end.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att,
                      full, zt.f32(), rl, rp, cz, pair_bias_t_rows, bias.f32());
     }
+    trace("tri_att_end", zt, Shard::kPairRowsT);
     transition(w.pair_transition, full, zt.f32(), rl * rp, cz);
+    trace("pair_transition", zt, Shard::kPairRowsT);
     zr = pair_transpose(std::move(zt), l, comm);
   }
   const dist::CommStats after_blocks = comm.stats();
@@ -343,13 +394,8 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
                  cfg.c_s, s_out->f32(), cfg.c_s);
   }
   if (stats != nullptr) {
-    const dist::CommStats end = comm.stats();
-    for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) {
-      stats->total.bytes[k] = end.bytes[k] - stats0.bytes[k];
-      stats->total.calls[k] = end.calls[k] - stats0.calls[k];
-      stats->blocks.bytes[k] = after_blocks.bytes[k] - before_blocks.bytes[k];
-      stats->blocks.calls[k] = after_blocks.calls[k] - before_blocks.calls[k];
-    }
+    stats->total = comm.stats().since(stats0);
+    stats->blocks = after_blocks.since(before_blocks);
     stats->peak_bytes = scope.peak();
     stats->work_peak_bytes = scope.peak_above_start();
     stats->shard_bytes = mz_loc;

@@ -41,6 +41,10 @@ DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l);
 struct DapOptions {
   int64_t chunk = 0;               // as ForwardOptions::chunk
   int64_t chunk_target_bytes = 0;  // 0 = max(1/8 of this rank's shards of m and z, 1 MiB)
+  // As ForwardOptions::trace, called on the root with the whole (unpadded) stream after each
+  // module. Set it on every rank or on none: each call gathers the stream to the root (on a
+  // separate communicator, so DapStats count only the forward's own traffic).
+  TraceFn trace;
 };
 
 struct DapStats {
