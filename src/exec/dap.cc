@@ -236,7 +236,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
 
   // The root validates its inputs and shares the sizes (or its error) with every rank.
   int64_t dims[2] = {0, 0};
-  Tensor msa_p, pair_p;  // padded masks
+  Tensor msa_p, pair_p;  // padded masks [s_pad, r_pad], [r_pad, r_pad]
   {
     std::string err;
     StackInputs in;
@@ -273,7 +273,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   Tensor mr = Tensor::empty({sl, rp, cm});
   Tensor zr = Tensor::empty({rl, rp, cz});
   {
-    Tensor mp, zp;  // padded inputs on the root
+    Tensor mp, zp;  // padded inputs on the root: [s_pad, r_pad, c_m], [r_pad, r_pad, c_z]
     if (me == 0) {
       mp = pad3(m, sp, rp);
       m = Tensor();
@@ -377,13 +377,13 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
 
   // Outputs back to the root, without the padding.
   {
-    Tensor all = me == 0 ? Tensor::empty({sp, rp, cm}) : Tensor();
+    Tensor all = me == 0 ? Tensor::empty({sp, rp, cm}) : Tensor();  // padded m on the root
     comm.gather(mr.f32(), me == 0 ? all.f32() : nullptr, sl * rp * cm, 0);
     mr = Tensor();
     if (me == 0) m = crop3(all, l.s, l.r);
   }
   {
-    Tensor all = me == 0 ? Tensor::empty({rp, rp, cz}) : Tensor();
+    Tensor all = me == 0 ? Tensor::empty({rp, rp, cz}) : Tensor();  // padded z on the root
     comm.gather(zr.f32(), me == 0 ? all.f32() : nullptr, rl * rp * cz, 0);
     zr = Tensor();
     if (me == 0) z = crop3(all, l.r, l.r);
