@@ -23,6 +23,7 @@ struct RunArgs {
   bool train = false;          // training mode: AF2 dropout on (implies backward)
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
+  int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
 };
 int run_command(const RunArgs& a);
 

@@ -42,6 +42,10 @@ int main(int argc, char** argv) {
   run->add_option("--memory-budget", ra.memory_budget,
                   "inference: keep the tracked peak (weights, inputs, work) under this size, e.g. "
                   "6GiB; chunk sizes come from the memory model; refuses if nothing fits");
+  run->add_option("--dap", ra.dap,
+                  "Dynamic Axial Parallelism (inference) over N MPI ranks: mpirun -np N foldcube "
+                  "run ... --dap N; rank 0 reads and writes the files")
+      ->check(CLI::Range(1, 65536));
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
   run->add_flag(
       "--backward", ra.backward,

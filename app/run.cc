@@ -8,6 +8,8 @@
 
 #include "commands.h"
 #include "core/rng.h"
+#include "dist/comm.h"
+#include "exec/dap.h"
 #include "foldcube/extra_msa.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
@@ -109,11 +111,13 @@ Status setup_job(const RunArgs& a, Job* job) {
 }
 
 int run_training(const RunArgs& a, Job& job);
+int run_dap(const RunArgs& a);
 
 }  // namespace
 
 int run_command(const RunArgs& a) {
   set_num_threads(a.threads);
+  if (a.dap > 0 || dist::launched_world_size() > 1) return run_dap(a);
   Job job;
   Status st = setup_job(a, &job);
   if (!st.ok()) return fail(st);
@@ -372,6 +376,177 @@ int run_training(const RunArgs& a, Job& job) {
     f << j.dump(2) << "\n";
     if (!f) return fail(Status::IOError("cannot write report " + a.report));
   }
+  return 0;
+}
+}  // namespace
+
+namespace {
+// Hash of the flags every rank must agree on (all of them: ranks run one job).
+uint64_t args_hash(const RunArgs& a) {
+  std::string k;
+  for (const std::string* f : {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.grad_outputs,
+                               &a.policy, &a.stack, &a.memory_budget})
+    k += *f + '\x1f';
+  for (int64_t v : {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed),
+                    static_cast<int64_t>(a.threads), a.chunk, static_cast<int64_t>(a.repeats),
+                    static_cast<int64_t>(a.warmup), static_cast<int64_t>(a.quiet),
+                    static_cast<int64_t>(a.profile), static_cast<int64_t>(a.backward),
+                    static_cast<int64_t>(a.train), static_cast<int64_t>(a.dap)})
+    k += std::to_string(v) + '\x1f';
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+// `--dap N` under `mpirun -np N`: rank 0 reads the weights and inputs, every rank runs its shard
+// (exec/dap.h), rank 0 writes the outputs and the report. Any error ends the whole job with
+// "rank K: <message>" (MPI_Abort), so no rank is left waiting.
+int run_dap(const RunArgs& a) {
+  const int launched = dist::launched_world_size();
+  if (a.dap == 0)
+    return fail(Status::InvalidArgument("started by an MPI launcher with " +
+                                        std::to_string(launched) + " ranks: pass --dap " +
+                                        std::to_string(launched)));
+  if (a.dap > 1 || launched > 1) {
+    const Status st = dist::init(nullptr, nullptr);
+    if (!st.ok()) return fail(st);
+  }
+  const dist::Communicator comm = dist::Communicator::world();
+  const int me = comm.rank();
+  auto die = [&](const Status& st) {
+    std::fprintf(stderr, "foldcube: error: rank %d: %s\n", me, st.message().c_str());
+    dist::abort_job(1);
+  };
+  if (comm.size() != a.dap)
+    die(Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
+                                std::to_string(a.dap) + " MPI ranks, the job has " +
+                                std::to_string(comm.size()) + " (mpirun -np " +
+                                std::to_string(a.dap) + ")"));
+  if (!comm.all_equal(args_hash(a))) {
+    // Rank 0 reports; the others wait for its abort.
+    if (me == 0)
+      die(Status::InvalidArgument(
+          "the ranks were started with different command lines; every rank of a --dap job needs "
+          "the same flags"));
+    comm.barrier();
+  }
+  const bool training = a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty();
+  if (training || !a.memory_budget.empty() || a.profile)
+    die(Status::InvalidArgument(
+        "--dap runs the Evoformer forward only (no training, --memory-budget or --profile yet)"));
+
+  Job job;
+  if (me == 0) {
+    const Status st = setup_job(a, &job);
+    if (!st.ok()) die(st);
+    if (job.extra) die(Status::InvalidArgument("--dap supports the Evoformer stack only"));
+  }
+  Status st = dap_share_stack(comm, &job.stack);
+  if (!st.ok()) die(st);
+  const EvoformerConfig& cfg = job.stack.config();
+
+  DapOptions opts;
+  opts.chunk = a.chunk;
+  DapStats stats;
+  std::vector<double> times;
+  Tensor m, z, s_out;
+  int64_t peak = 0, work_peak = 0;
+  const int passes = a.warmup + a.repeats;
+  for (int it = 0; it < passes; ++it) {
+    if (me == 0) {
+      const bool last = it + 1 == passes;
+      m = last ? std::move(job.m0) : job.m0.clone();
+      z = last ? std::move(job.z0) : job.z0.clone();
+      if (last) job.ifile = TensorFile();
+    }
+    comm.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    st = dap_forward(job.stack, comm, m, z, job.msa_mask, job.pair_mask, &s_out, opts, &stats);
+    const auto t1 = std::chrono::steady_clock::now();
+    if (!st.ok()) die(st);
+    peak = std::max(peak, stats.peak_bytes);
+    work_peak = std::max(work_peak, stats.work_peak_bytes);
+    if (it >= a.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  const std::vector<int64_t> peaks = comm.all_gather_i64(peak);
+  const std::vector<int64_t> work = comm.all_gather_i64(work_peak);
+  const std::vector<int64_t> rss = comm.all_gather_i64(peak_rss_bytes());
+  const std::vector<int64_t> shard = comm.all_gather_i64(stats.shard_bytes);
+  // Time inside the collectives of the blocks (last pass), in microseconds.
+  const std::vector<int64_t> comm_us =
+      comm.all_gather_i64(static_cast<int64_t>(stats.blocks.total_seconds() * 1e6));
+  if (me == 0) {
+    const int64_t s = m.dim(0), r = m.dim(1);
+    const DapLayout l = dap_layout(s, r, a.dap, 0);
+    const DapBlockVolume model = dap_block_volume(cfg, l);
+    const double time_ms = median(times);
+    const int64_t measured = stats.blocks.total_bytes() / std::max<int64_t>(cfg.no_blocks, 1);
+    if (!a.out.empty()) {
+      TensorFile out;
+      out.metadata["format"] = "foldcube-output/1";
+      out.metadata["config"] = cfg.to_json();
+      out.put("output.m", m);
+      out.put("output.z", z);
+      out.put("output.s", s_out);
+      st = write_safetensors(a.out, out);
+      if (!st.ok()) die(st);
+    }
+    if (!a.quiet) {
+      std::printf(
+          "foldcube run: Evoformer %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, DAP over %d "
+          "ranks (padded s=%lld r=%lld), %d thread(s) per rank%s\n",
+          static_cast<long long>(cfg.no_blocks), static_cast<long long>(s),
+          static_cast<long long>(r), static_cast<long long>(cfg.c_m),
+          static_cast<long long>(cfg.c_z), a.dap, static_cast<long long>(l.s_pad),
+          static_cast<long long>(l.r_pad), num_threads(),
+          a.weights.empty() ? ", random weights" : "");
+      std::printf("  time        %10.1f ms  (median of %d)\n", time_ms, a.repeats);
+      for (int k = 0; k < a.dap; ++k)
+        std::printf(
+            "  rank %-3d tracked peak %9.1f MiB  (%.1f MiB above weights and inputs; shards of m+z "
+            "%.1f MiB; peak RSS %.1f MiB)\n",
+            k, peaks[k] / 1048576.0, work[k] / 1048576.0, shard[k] / 1048576.0, rss[k] / 1048576.0);
+      std::printf(
+          "  sent/block  %9.3f MiB per rank  (model %.3f MiB: all-to-all %.3f, all-gather %.3f)\n",
+          measured / 1048576.0, model.total() / 1048576.0, model.all_to_all_bytes / 1048576.0,
+          model.all_gather_bytes / 1048576.0);
+      std::printf("  in collectives (blocks, last pass): rank 0..%d:", a.dap - 1);
+      for (int64_t us : comm_us) std::printf(" %.1f", us / 1e3);
+      std::printf(" ms\n");
+      if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
+    }
+    if (!a.report.empty()) {
+      nlohmann::json j;
+      j["time_ms"] = time_ms;
+      j["times_ms"] = times;
+      j["dap"] = a.dap;
+      j["rank_block_collective_ms"] = nlohmann::json::array();
+      for (int64_t us : comm_us) j["rank_block_collective_ms"].push_back(us / 1e3);
+      j["peak_tracked_bytes"] = peaks[0];
+      j["rank_peak_tracked_bytes"] = peaks;
+      j["rank_work_peak_bytes"] = work;
+      j["rank_peak_rss_bytes"] = rss;
+      j["rank_shard_bytes"] = shard;
+      j["peak_rss_bytes"] = rss[0];
+      j["block_sent_bytes_per_rank"] = measured;
+      j["block_sent_bytes_per_rank_model"] = model.total();
+      j["block_all_to_all_bytes_model"] = model.all_to_all_bytes;
+      j["block_all_gather_bytes_model"] = model.all_gather_bytes;
+      j["s"] = s;
+      j["r"] = r;
+      j["s_pad"] = l.s_pad;
+      j["r_pad"] = l.r_pad;
+      j["blocks"] = cfg.no_blocks;
+      j["threads"] = num_threads();
+      j["chunk"] = a.chunk;
+      j["stack"] = "evoformer";
+      j["config"] = nlohmann::json::parse(cfg.to_json());
+      std::ofstream f(a.report);
+      f << j.dump(2) << "\n";
+      if (!f) die(Status::IOError("cannot write report " + a.report));
+    }
+  }
+  dist::finalize();
   return 0;
 }
 }  // namespace

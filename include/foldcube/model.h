@@ -82,6 +82,11 @@ class EvoformerStack {
                     TrainResult* out) const;
 
   const EvoformerConfig& config() const { return cfg_; }
+  // For the sharded executors (src/exec): block i's parameters and the single projection
+  // linear.weight [c_s, c_m], linear.bias [c_s].
+  const BlockWeights& block(int i) const { return *blocks_[i]; }
+  const Tensor& linear_weight() const { return linear_w_; }
+  const Tensor& linear_bias() const { return linear_b_; }
   int64_t param_bytes() const;
   // Writes the weights under their state_dict names.
   void export_weights(TensorFile* out) const;

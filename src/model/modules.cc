@@ -52,27 +52,11 @@ int64_t gated_attention_bytes(int64_t H, int64_t C, int64_t B, int64_t L, int th
 // transposed). Allocates t [r*r, H] plus an LN chunk.
 Tensor pair_bias_heads(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
                        const float* z, bool transposed) {
-  const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
+  const int64_t r = ctx.r, H = lin.w.dim(0);
   Tensor bias = Tensor::empty({H, r, r});
   Tensor t = Tensor::empty({r * r, H});  // [(q, k), h]
-  const int64_t ch = pick_chunk(ctx, r, r * cz * kF);
-  {
-    Tensor x = Tensor::empty({ch * r, cz});
-    for (int64_t i0 = 0; i0 < r; i0 += ch) {
-      const int64_t n = std::min(ch, r - i0);
-      kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(),
-                      ctx.cfg->eps_ln);
-      kern::linear(x.f32(), cz, n * r, cz, lin.w.f32(), nullptr, H, t.f32() + i0 * r * H, H);
-    }
-  }
-  const float* tp = t.f32();
-  float* bp = bias.f32();
-#pragma omp parallel for schedule(static)
-  for (int64_t q = 0; q < r; ++q)
-    for (int64_t k = 0; k < r; ++k) {
-      const float* src = tp + (transposed ? k * r + q : q * r + k) * H;
-      for (int64_t h = 0; h < H; ++h) bp[(h * r + q) * r + k] = src[h];
-    }
+  pair_bias_project(ln, lin, ctx, z, r, t.f32());
+  pair_bias_permute(t.f32(), r, H, transposed, bias.f32());
   return bias;
 }
 
@@ -118,6 +102,34 @@ int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, in
 }
 }  // namespace
 
+void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                       const float* z, int64_t rows, float* t) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
+  const int64_t ch = pick_chunk(ctx, rows, r * cz * kF);
+  Tensor x = Tensor::empty({ch * r, cz});  // LN(z) of a chunk of rows
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0);
+    kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(),
+                    ctx.cfg->eps_ln);
+    kern::linear(x.f32(), cz, n * r, cz, lin.w.f32(), nullptr, H, t + i0 * r * H, H);
+  }
+}
+
+void pair_bias_permute(const float* t, int64_t r, int64_t H, bool transposed, float* bias) {
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < r; ++q)
+    for (int64_t k = 0; k < r; ++k) {
+      const float* src = t + (transposed ? k * r + q : q * r + k) * H;
+      for (int64_t h = 0; h < H; ++h) bias[(h * r + q) * r + k] = src[h];
+    }
+}
+
+void attention_rows(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                    const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
+                    const float* mask_bias, const float* bias) {
+  attention_module(ln, w, H, C, ctx, S, N, L, c, false, mask_bias, bias);
+}
+
 int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_item) {
   if (batch <= 0) return 1;
   if (ctx.chunk > 0) return std::min(ctx.chunk, batch);
@@ -161,44 +173,58 @@ void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t
   }
 }
 
-void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
-                        float* z) {
+namespace {
+// The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
+// nullptr means one shard holding every column (cols = r).
+void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t col0,
+              int64_t cols, const float* mask_cols, const ShardGather* gather, float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  Tensor a = Tensor::empty({s, r, co});  // linear_1(LN(m)) * mask
-  Tensor b = Tensor::empty({s, r, co});  // linear_2(LN(m)) * mask
+  Tensor a = Tensor::empty({s, cols, co});  // linear_1(LN(m)) * mask
+  Tensor b = Tensor::empty({s, cols, co});  // linear_2(LN(m)) * mask
   {
-    const int64_t ch = pick_chunk(ctx, s, r * (cm + 2 * co) * kF);
-    Tensor x = Tensor::empty({ch * r, cm});
-    Tensor ab = Tensor::empty({ch * r, 2 * co});
+    const int64_t ch = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
+    Tensor x = Tensor::empty({ch * cols, cm});
+    Tensor ab = Tensor::empty({ch * cols, 2 * co});
     for (int64_t s0 = 0; s0 < s; s0 += ch) {
       const int64_t n = std::min(ch, s - s0);
-      kern::layernorm(m + s0 * r * cm, cm, x.f32(), cm, n * r, cm, w.ln.w.f32(), w.ln.b.f32(),
+      kern::layernorm(m + s0 * cols * cm, cm, x.f32(), cm, n * cols, cm, w.ln.w.f32(), w.ln.b.f32(),
                       cfg.eps_ln);
-      kern::linear(x.f32(), cm, n * r, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(), 2 * co);
+      kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
+                   2 * co);
       const float* abp = ab.f32();
-      float* ap = a.f32() + s0 * r * co;
-      float* bp = b.f32() + s0 * r * co;
-      const float* mask = ctx.msa_mask + s0 * r;
+      float* ap = a.f32() + s0 * cols * co;
+      float* bp = b.f32() + s0 * cols * co;
+      const float* mask = mask_cols + s0 * cols;
 #pragma omp parallel for schedule(static)
-      for (int64_t row = 0; row < n * r; ++row)
+      for (int64_t row = 0; row < n * cols; ++row)
         for (int64_t c = 0; c < co; ++c) {
           ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
           bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
         }
     }
   }
-  Tensor norm = Tensor::empty({r, r});  // sum_s mask[s,i] mask[s,j]
-  kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, norm.f32(), r);
+  // Every shard's b, shard-major: [parts][s, cols, c_o] (= b itself for one shard).
+  if (gather != nullptr) {
+    Tensor all = Tensor::empty({gather->parts, s, cols, co});
+    gather->fn(b.f32(), s * cols * co, all.f32());
+    b = all;
+  }
+  const int64_t parts = gather != nullptr ? gather->parts : 1;
+  Tensor norm = Tensor::empty({cols, r});  // sum_s mask[s,i] mask[s,j]
+  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f, norm.f32(),
+             r);
 
-  const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
+  const int64_t ch = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
   Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
   Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
   Tensor y = Tensor::empty({ch * r, cz});
-  for (int64_t i0 = 0; i0 < r; i0 += ch) {
-    const int64_t n = std::min(ch, r - i0);
-    kern::gemm(true, false, n * co, r * co, s, 1.f, a.f32() + i0 * co, r * co, b.f32(), r * co, 0.f,
-               o.f32(), r * co);
+  for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+    const int64_t n = std::min(ch, cols - i0);
+    const int64_t bw = r / parts * co;  // columns (j, e) of one shard
+    for (int64_t q = 0; q < parts; ++q)
+      kern::gemm(true, false, n * co, bw, s, 1.f, a.f32() + i0 * co, cols * co,
+                 b.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
     const float* op = o.f32();
     float* pp = p.f32();
 #pragma omp parallel for collapse(2) schedule(static)
@@ -218,6 +244,19 @@ void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, con
       for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
     }
   }
+}
+}  // namespace
+
+void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                        float* z) {
+  opm_impl(w, ctx, m, 0, ctx.r, ctx.msa_mask, nullptr, z);
+}
+
+void outer_product_mean_shard(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                              int64_t col0, int64_t cols, const float* mask_cols,
+                              const ShardGather& gather, float* z) {
+  FC_CHECK(gather.parts >= 1 && cols * gather.parts == ctx.r);
+  opm_impl(w, ctx, m, col0, cols, mask_cols, &gather, z);
 }
 
 namespace {
@@ -241,40 +280,50 @@ struct TriMulPhase1 {
   int64_t bytes = 0;     // workspace besides P
 };
 
-TriMulPhase1 tri_mul_phase1(const BlockContext& ctx) {
-  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+// rows: rows of z the shard holds (ctx.r for one shard); parts > 1 adds the gathered right
+// projection of a group [parts*cg, rows, r].
+TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts) {
+  const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t gathered = parts > 1 ? parts * rr : 0;  // per channel
   TriMulPhase1 p;
-  p.cg = pick_chunk(ctx, ct, 2 * rr * kF);
+  p.cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
-  p.ch = pick_chunk(ctx, r, r * (cz + 4 * p.cg) * kF);
+  p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
   // A_g, B_g, the projection chunk and, with several groups, the group's rows of w.ab and b.ab.
-  const int64_t group =
-      (2 * p.cg * rr + 4 * p.cg * p.ch * r + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0)) * kF;
+  const int64_t group = (2 * p.cg * rr + 4 * p.cg * p.ch * r +
+                         (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + p.cg * gathered) *
+                        kF;
   p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
-  p.bytes = group + (p.keep_ln ? r : p.ch) * r * cz * kF;
+  p.bytes = group + (p.keep_ln ? rows : p.ch) * r * cz * kF;
   return p;
 }
-}  // namespace
 
-void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
-                             bool outgoing, float* z) {
+// The triangle multiplication on rows of z [rows, r, c_z] with mask [rows, r]. gather == nullptr:
+// one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
+// (see triangle_multiplication_shard).
+void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
+                  bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
+                  float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
+  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
+  const int64_t parts = gather != nullptr ? gather->parts : 1;
   const float eps = cfg.eps_ln;
-  Tensor P = Tensor::empty({ct, r, r});  // triangle products, channel-major
+  Tensor P = Tensor::empty({ct, rows, r});  // triangle products, channel-major
   {
     // Channels in groups of cg: each group projects its rows of w.ab from LN_in(z) (kept whole or
     // recomputed chunk by chunk) and writes its products into P. One group (cg = c_t) is the
     // ungrouped computation; the products per channel do not depend on the grouping.
-    const TriMulPhase1 ph = tri_mul_phase1(ctx);
+    const TriMulPhase1 ph = tri_mul_phase1(ctx, rows, parts);
     const int64_t cg = ph.cg, ch = ph.ch;
-    Tensor A = Tensor::empty({cg, r, r});  // a[c][i][k] = mask * sigmoid(a_g) * a_p
-    Tensor B = Tensor::empty({cg, r, r});
-    Tensor x = Tensor::empty({(ph.keep_ln ? r : ch) * r, cz});  // LN_in(z): all rows or a chunk
+    Tensor A = Tensor::empty({cg, rows, r});  // a[c][i][k] = mask * sigmoid(a_g) * a_p
+    Tensor B = Tensor::empty({cg, rows, r});
+    Tensor x = Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});  // LN_in(z): all rows or a chunk
     Tensor t = Tensor::empty({ch * r, 4 * cg});  // a_p | a_g | b_p | b_g of the group
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
+    // Every shard's right projection of the group, shard-major [parts][cg, rows, r].
+    Tensor G = gather != nullptr ? Tensor::empty({parts * cg, rows, r}) : Tensor();
     if (ph.keep_ln)
       kern::layernorm(z, cz, x.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
@@ -290,15 +339,15 @@ void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContex
         wp = wgp;
         bp = wgp + 4 * nc * cz;
       }
-      for (int64_t i0 = 0; i0 < r; i0 += ch) {
-        const int64_t n = std::min(ch, r - i0);
+      for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+        const int64_t n = std::min(ch, rows - i0);
         const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
         if (!ph.keep_ln)
           kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
                           w.ln_in.b.f32(), eps);
         kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
         float* tp = t.f32();
-        const float* mask = ctx.pair_mask + i0 * r;
+        const float* mask = mask_rows + i0 * r;
         for (int64_t part = 0; part < 2; ++part) {  // a, then b
           float* proj = tp + 2 * part * nc;         // [n*r, nc] with ld 4*nc
           kern::sigmoid_inplace(proj + nc, ld, n * r, nc);
@@ -307,18 +356,27 @@ void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContex
           kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
         }
       }
-      // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
-      kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
-                         P.f32() + c0 * rr, r, rr);
+      if (gather == nullptr) {
+        // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
+        kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
+                           0.f, P.f32() + c0 * rr, r, rr);
+      } else {
+        // P_c[:, shard q's rows] = L_c R_{q,c}^T.
+        const float* L = (left_is_b ? B : A).f32();
+        gather->fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
+        for (int64_t q = 0; q < parts; ++q)
+          kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + q * nc * rr,
+                             r, rr, 0.f, P.f32() + c0 * rr + q * rows, r, rr);
+      }
     }
   }
-  const int64_t ch = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
+  const int64_t ch = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
   Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
   Tensor x = Tensor::empty({ch * r, cz});
   Tensor y = Tensor::empty({ch * r, cz});
   Tensor g = Tensor::empty({ch * r, cz});
-  for (int64_t i0 = 0; i0 < r; i0 += ch) {
-    const int64_t n = std::min(ch, r - i0);
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0);
     float* pp = pc.f32();
     kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
     kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
@@ -329,6 +387,19 @@ void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContex
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
   }
+}
+}  // namespace
+
+void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                             bool outgoing, float* z) {
+  tri_mul_impl(w, ctx, outgoing, false, ctx.r, ctx.pair_mask, nullptr, z);
+}
+
+void triangle_multiplication_shard(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                                   bool left_is_b, int64_t rows, const float* mask,
+                                   const ShardGather& gather, float* z) {
+  FC_CHECK(gather.parts >= 1 && rows * gather.parts == ctx.r);
+  tri_mul_impl(w, ctx, true, left_is_b, rows, mask, &gather, z);
 }
 
 int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
@@ -365,7 +436,8 @@ int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
   if (name == "tri_mul_out" || name == "tri_mul_in") {
     const int64_t ct = cfg.c_hidden_mul;
     const int64_t ch2 = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
-    return ct * r * r * kF + std::max(tri_mul_phase1(ctx).bytes, ch2 * r * (ct + 3 * cz) * kF);
+    return ct * r * r * kF +
+           std::max(tri_mul_phase1(ctx, r, 1).bytes, ch2 * r * (ct + 3 * cz) * kF);
   }
   if (name == "msa_att_col_global") return msa_column_global_attention_bytes(ctx);
   FC_CHECK_MSG(false, "unknown module " + name);
@@ -486,7 +558,7 @@ std::vector<ChunkLoop> module_chunking(const char* module, const BlockContext& c
   }
   if (name == "tri_mul_out" || name == "tri_mul_in") {
     const int64_t ct = cfg.c_hidden_mul;
-    const TriMulPhase1 p = tri_mul_phase1(ctx);
+    const TriMulPhase1 p = tri_mul_phase1(ctx, r, 1);
     return {{"c_t (channel groups)", ct, p.cg},
             {"r (pair rows, projections)", r, p.ch},
             {"r (pair rows, output)", r, pick_chunk(ctx, r, r * (ct + 3 * cz) * kF)}};

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,43 @@ void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContex
                              bool outgoing, float* z);
 void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bool ending,
                         float* z);
+
+// ---- Pieces for sharded execution (Dynamic Axial Parallelism, src/exec/dap.cc) -----------------
+// A shard holds some rows (or columns) of a stream; what every shard needs in full is collected by
+// a gather hook that the executor provides, so modules never talk to MPI themselves. The plain
+// functions above are these pieces with one shard holding everything (bit-identical results).
+
+// Collects every shard's `count` floats, in shard order, into all [parts*count].
+struct ShardGather {
+  int parts = 1;
+  std::function<void(const float* mine, int64_t count, float* all)> fn;
+};
+
+// Pair-bias projection of `rows` rows of a pair stream z [rows, r, c_z] (r = ctx.r):
+// t [rows*r, H] with t[(q, k), h] = (LN(z) W^T)[q, k, h].
+void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                       const float* z, int64_t rows, float* t);
+// bias [H, r, r] from t [r*r, H]: bias[h][q][k] = t[(q, k), h], or t[(k, q), h] when transposed.
+void pair_bias_permute(const float* t, int64_t r, int64_t H, bool transposed, float* bias);
+// S [N, L, c] += GatedAttention(LN(S)) batched over N, attention over L; mask_bias [N, L] (per
+// key), bias [H, L, L] shared over the batch (or nullptr).
+void attention_rows(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                    const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
+                    const float* mask_bias, const float* bias);
+// Outer product mean of a residue-column shard: m [s, cols, c_m] holds columns [col0, col0+cols)
+// of the MSA stream (s = ctx.s, r = ctx.r columns in all; ctx.msa_mask [s, r] in full), mask_cols
+// [s, cols] their mask; z [cols, r, c_z] (pair rows col0..) += the update. gather collects the
+// right projection [s, cols, c_o] of every shard (its shards are consecutive column blocks).
+void outer_product_mean_shard(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                              int64_t col0, int64_t cols, const float* mask_cols,
+                              const ShardGather& gather, float* z);
+// Triangle multiplication in outgoing form on a row shard: z [rows, r, c_z] (r = ctx.r) with mask
+// [rows, r]; p[i, j] = sum_k L[i, k] R[j, k] where L is the shard's own projection and R is
+// gathered from all shards (consecutive row blocks of `rows`). L = a, R = b is the outgoing
+// module on z; L = b, R = a is the incoming module on z^T (with mask^T).
+void triangle_multiplication_shard(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                                   bool left_is_b, int64_t rows, const float* mask,
+                                   const ShardGather& gather, float* z);
 
 // Peak bytes a module allocates on top of its inputs (the memory model of the inference path;
 // tests check it against the tracking allocator). Module names as in the golden traces.

@@ -1,0 +1,340 @@
+#include "dist/comm.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#ifdef FOLDCUBE_HAVE_MPI
+#include <mpi.h>
+#endif
+
+namespace fc::dist {
+
+namespace {
+bool g_initialized = false;
+
+#ifdef FOLDCUBE_HAVE_MPI
+// MPI counts are int: one message holds at most INT_MAX elements.
+int to_count(int64_t n) {
+  FC_CHECK_MSG(n >= 0 && n <= INT_MAX,
+               "MPI message of " + std::to_string(n) + " elements exceeds the int count limit");
+  return static_cast<int>(n);
+}
+#endif
+}  // namespace
+
+struct Communicator::Impl {
+  int rank = 0, size = 1;
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Comm comm = MPI_COMM_NULL;
+  bool owned = false;  // created by split: freed with the last copy while MPI runs
+  ~Impl() {
+    int done = 0;
+    if (owned && comm != MPI_COMM_NULL) {
+      MPI_Finalized(&done);
+      if (!done) MPI_Comm_free(&comm);
+    }
+  }
+#endif
+  CommStats stats;
+};
+
+bool have_mpi() {
+#ifdef FOLDCUBE_HAVE_MPI
+  return true;
+#else
+  return false;
+#endif
+}
+
+int launched_world_size() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"})
+    if (const char* v = std::getenv(var)) return std::max(1, std::atoi(v));
+  return 1;
+}
+
+Status init(int* argc, char*** argv) {
+  if (g_initialized) return Status::OK();
+#ifdef FOLDCUBE_HAVE_MPI
+  int provided = 0;
+  if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+    return Status::Internal("MPI_Init_thread failed");
+  if (provided < MPI_THREAD_FUNNELED)
+    return Status::Internal("the MPI library does not support MPI_THREAD_FUNNELED");
+  g_initialized = true;
+  return Status::OK();
+#else
+  (void)argc;
+  (void)argv;
+  return Status::InvalidArgument(
+      "this foldcube was built without MPI (CMake FOLDCUBE_MPI=OFF or MPI not found)");
+#endif
+}
+
+bool initialized() { return g_initialized; }
+
+void finalize() {
+#ifdef FOLDCUBE_HAVE_MPI
+  if (g_initialized) MPI_Finalize();
+#endif
+  g_initialized = false;
+}
+
+void abort_job(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+#ifdef FOLDCUBE_HAVE_MPI
+  if (g_initialized) MPI_Abort(MPI_COMM_WORLD, code);
+#endif
+  std::_Exit(code);
+}
+
+const char* op_name(Op op) {
+  switch (op) {
+    case Op::kAllToAll:
+      return "all_to_all";
+    case Op::kAllGather:
+      return "all_gather";
+    case Op::kReduceScatter:
+      return "reduce_scatter";
+    case Op::kAllReduce:
+      return "all_reduce";
+    case Op::kBroadcast:
+      return "broadcast";
+    case Op::kScatter:
+      return "scatter";
+    case Op::kGather:
+      return "gather";
+    case Op::kCount:
+      break;
+  }
+  return "?";
+}
+
+int64_t CommStats::total_bytes() const {
+  int64_t n = 0;
+  for (int64_t b : bytes) n += b;
+  return n;
+}
+
+double CommStats::total_seconds() const {
+  double t = 0;
+  for (double x : seconds) t += x;
+  return t;
+}
+
+CommStats CommStats::since(const CommStats& before) const {
+  CommStats d;
+  for (int k = 0; k < static_cast<int>(Op::kCount); ++k) {
+    d.bytes[k] = bytes[k] - before.bytes[k];
+    d.calls[k] = calls[k] - before.calls[k];
+    d.seconds[k] = seconds[k] - before.seconds[k];
+  }
+  return d;
+}
+
+struct Communicator::Timer {
+  Timer(const Communicator& c, Op op) : c(c), op(op), t0(std::chrono::steady_clock::now()) {}
+  ~Timer() {
+    c.impl_->stats.seconds[static_cast<int>(op)] +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  const Communicator& c;
+  Op op;
+  std::chrono::steady_clock::time_point t0;
+};
+
+Communicator::Communicator() : impl_(std::make_shared<Impl>()) {}
+Communicator::Communicator(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Communicator Communicator::world() {
+  auto impl = std::make_shared<Impl>();
+#ifdef FOLDCUBE_HAVE_MPI
+  if (g_initialized) {
+    impl->comm = MPI_COMM_WORLD;
+    MPI_Comm_rank(MPI_COMM_WORLD, &impl->rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &impl->size);
+  }
+#endif
+  return Communicator(std::move(impl));
+}
+
+int Communicator::rank() const { return impl_->rank; }
+int Communicator::size() const { return impl_->size; }
+
+Communicator Communicator::split(int color, int key) const {
+  auto impl = std::make_shared<Impl>();
+#ifdef FOLDCUBE_HAVE_MPI
+  if (impl_->comm != MPI_COMM_NULL) {
+    MPI_Comm_split(impl_->comm, color, key, &impl->comm);
+    impl->owned = true;
+    MPI_Comm_rank(impl->comm, &impl->rank);
+    MPI_Comm_size(impl->comm, &impl->size);
+  }
+#else
+  (void)color;
+  (void)key;
+#endif
+  return Communicator(std::move(impl));
+}
+
+Communicator Communicator::dap_group(int n) const {
+  FC_CHECK_MSG(n >= 1 && size() % n == 0, "DAP group size must divide the communicator size");
+  return split(rank() / n, rank() % n);
+}
+
+Communicator Communicator::dp_group(int n) const {
+  FC_CHECK_MSG(n >= 1 && size() % n == 0, "DAP group size must divide the communicator size");
+  return split(rank() % n, rank() / n);
+}
+
+void Communicator::tally(Op op, int64_t floats) const {
+  impl_->stats.bytes[static_cast<int>(op)] += floats * static_cast<int64_t>(sizeof(float));
+  impl_->stats.calls[static_cast<int>(op)] += 1;
+}
+
+CommStats Communicator::stats() const { return impl_->stats; }
+void Communicator::reset_stats() const { impl_->stats = CommStats(); }
+
+// Without MPI (or on a one-rank communicator) each collective is the copy it reduces to.
+#ifdef FOLDCUBE_HAVE_MPI
+#define FC_LOCAL_ONLY (impl_->comm == MPI_COMM_NULL)
+#else
+#define FC_LOCAL_ONLY true
+#endif
+
+void Communicator::all_to_all(const float* send, float* recv, int64_t count) const {
+  const int n = size();
+  tally(Op::kAllToAll, (n - 1) * count);
+  const Timer timer(*this, Op::kAllToAll);
+  if (FC_LOCAL_ONLY) {
+    std::memcpy(recv, send, count * sizeof(float));
+    return;
+  }
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Alltoall(send, to_count(count), MPI_FLOAT, recv, to_count(count), MPI_FLOAT, impl_->comm);
+#endif
+}
+
+void Communicator::all_gather(const float* mine, float* all, int64_t count) const {
+  const int n = size();
+  tally(Op::kAllGather, (n - 1) * count);
+  const Timer timer(*this, Op::kAllGather);
+  if (FC_LOCAL_ONLY) {
+    if (all != mine) std::memcpy(all, mine, count * sizeof(float));
+    return;
+  }
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Allgather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, impl_->comm);
+#endif
+}
+
+void Communicator::reduce_scatter(const float* all, float* mine, int64_t count) const {
+  const int n = size();
+  tally(Op::kReduceScatter, (n - 1) * count);
+  const Timer timer(*this, Op::kReduceScatter);
+  if (FC_LOCAL_ONLY) {
+    if (all != mine) std::memcpy(mine, all, count * sizeof(float));
+    return;
+  }
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Reduce_scatter_block(all, mine, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
+#endif
+}
+
+void Communicator::all_reduce(float* data, int64_t count) const {
+  const int n = size();
+  tally(Op::kAllReduce, 2 * (n - 1) * count / n);
+  const Timer timer(*this, Op::kAllReduce);
+  if (FC_LOCAL_ONLY) return;
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Allreduce(MPI_IN_PLACE, data, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
+#endif
+}
+
+void Communicator::broadcast(float* data, int64_t count, int root) const {
+  tally(Op::kBroadcast, rank() == root ? (size() - 1) * count : 0);
+  const Timer timer(*this, Op::kBroadcast);
+  if (FC_LOCAL_ONLY) return;
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Bcast(data, to_count(count), MPI_FLOAT, root, impl_->comm);
+#endif
+}
+
+void Communicator::scatter(const float* all, float* mine, int64_t count, int root) const {
+  tally(Op::kScatter, rank() == root ? (size() - 1) * count : 0);
+  const Timer timer(*this, Op::kScatter);
+  if (FC_LOCAL_ONLY) {
+    if (all != mine) std::memcpy(mine, all, count * sizeof(float));
+    return;
+  }
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Scatter(all, to_count(count), MPI_FLOAT, mine, to_count(count), MPI_FLOAT, root, impl_->comm);
+#endif
+}
+
+void Communicator::gather(const float* mine, float* all, int64_t count, int root) const {
+  tally(Op::kGather, rank() == root ? 0 : count);
+  const Timer timer(*this, Op::kGather);
+  if (FC_LOCAL_ONLY) {
+    if (all != mine) std::memcpy(all, mine, count * sizeof(float));
+    return;
+  }
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Gather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, root, impl_->comm);
+#endif
+}
+
+void Communicator::broadcast_bytes(void* data, int64_t bytes, int root) const {
+  if (FC_LOCAL_ONLY) return;
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Bcast(data, to_count(bytes), MPI_BYTE, root, impl_->comm);
+#else
+  (void)data;
+  (void)bytes;
+  (void)root;
+#endif
+}
+
+void Communicator::broadcast_string(std::string* s, int root) const {
+  int64_t n = static_cast<int64_t>(s->size());
+  broadcast_bytes(&n, sizeof(n), root);
+  s->resize(static_cast<size_t>(n));
+  broadcast_bytes(s->data(), n, root);
+}
+
+std::vector<int64_t> Communicator::all_gather_i64(int64_t value) const {
+  std::vector<int64_t> all(static_cast<size_t>(size()), value);
+  if (FC_LOCAL_ONLY) return all;
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Allgather(&value, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, impl_->comm);
+#endif
+  return all;
+}
+
+bool Communicator::all_equal(uint64_t value) const {
+  if (FC_LOCAL_ONLY) return true;
+#ifdef FOLDCUBE_HAVE_MPI
+  uint64_t lo = value, hi = value;
+  MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_UINT64_T, MPI_MIN, impl_->comm);
+  MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_UINT64_T, MPI_MAX, impl_->comm);
+  return lo == hi;
+#else
+  (void)value;
+  return true;
+#endif
+}
+
+void Communicator::barrier() const {
+  if (FC_LOCAL_ONLY) return;
+#ifdef FOLDCUBE_HAVE_MPI
+  MPI_Barrier(impl_->comm);
+#endif
+}
+
+#undef FC_LOCAL_ONLY
+
+}  // namespace fc::dist

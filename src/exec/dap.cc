@@ -1,0 +1,445 @@
+#include "exec/dap.h"
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+#include <string>
+#include <type_traits>
+
+#include "foldcube/memory.h"
+#include "foldcube/runtime.h"
+#include "kernels/kernels.h"
+#include "model/common.h"
+#include "model/modules.h"
+#include "model/weights.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+
+// FNV-1a over raw bytes (for the cross-rank agreement checks).
+uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+// Padded masks and their biases inf*(mask-1), held in full on every rank (they are r/c_z of z).
+struct DapMasks {
+  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
+  Tensor msa_bias_t;              // [r_pad, s_pad]
+  Tensor msa_mask_cols;           // [s_pad, r_loc]: this rank's residue columns of msa_mask
+  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
+  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
+};
+
+// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad].
+DapMasks make_masks(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa, Tensor pair) {
+  const int64_t sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
+  DapMasks d;
+  d.msa_mask = msa;
+  d.pair_mask = pair;
+  d.msa_bias = Tensor::empty({sp, rp});
+  d.msa_bias_t = Tensor::empty({rp, sp});
+  d.msa_mask_cols = Tensor::empty({sp, rl});
+  d.pair_mask_t = Tensor::empty({rp, rp});
+  d.pair_bias = Tensor::empty({rp, rp});
+  d.pair_bias_t = Tensor::empty({rp, rp});
+  const float* mm = msa.f32();
+  const float* pm = pair.f32();
+  for (int64_t i = 0; i < sp; ++i)
+    for (int64_t j = 0; j < rp; ++j) {
+      const float v = cfg.inf * (mm[i * rp + j] - 1.f);
+      d.msa_bias.f32()[i * rp + j] = v;
+      d.msa_bias_t.f32()[j * sp + i] = v;
+    }
+  for (int64_t i = 0; i < sp; ++i)
+    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
+  for (int64_t i = 0; i < rp; ++i)
+    for (int64_t j = 0; j < rp; ++j) {
+      const float mk = pm[i * rp + j], v = cfg.inf * (mk - 1.f);
+      d.pair_mask_t.f32()[j * rp + i] = mk;
+      d.pair_bias.f32()[i * rp + j] = v;
+      d.pair_bias_t.f32()[j * rp + i] = v;
+    }
+  return d;
+}
+
+// x [rows, cols, c] copied into the top-left corner of a zero tensor [rows_p, cols_p, c]; x itself
+// when nothing is padded.
+Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p) {
+  const int64_t rows = x.dim(0), cols = x.dim(1), c = x.dim(2);
+  if (rows == rows_p && cols == cols_p) return x;
+  Tensor out = Tensor::zeros({rows_p, cols_p, c});
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(out.f32() + i * cols_p * c, x.f32() + i * cols * c, cols * c * kF);
+  return out;
+}
+
+// The top-left [rows, cols, c] corner of x [rows_p, cols_p, c]; x itself when nothing is cropped.
+Tensor crop3(const Tensor& x, int64_t rows, int64_t cols) {
+  const int64_t rows_p = x.dim(0), cols_p = x.dim(1), c = x.dim(2);
+  if (rows == rows_p && cols == cols_p) return x;
+  Tensor out = Tensor::empty({rows, cols, c});
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(out.f32() + i * cols * c, x.f32() + i * cols_p * c, cols * c * kF);
+  return out;
+}
+
+// ---- Layout changes (all-to-all). Each takes its input by value so that it dies after packing:
+// at most two shards' worth of buffers are live.
+
+// m by sequences [s_loc, r_pad, c] -> m by residues [s_pad, r_loc, c].
+Tensor msa_rows_to_cols(Tensor in, const DapLayout& l, const dist::Communicator& comm) {
+  const int64_t sl = l.s_loc, rl = l.r_loc, rp = l.r_pad, c = in.dim(2);
+  Tensor send = Tensor::empty({l.n, sl, rl, c});  // block q: rank q's residue columns
+  float* sp = send.f32();
+  const float* ip = in.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t q = 0; q < l.n; ++q)
+    for (int64_t i = 0; i < sl; ++i)
+      std::memcpy(sp + (q * sl + i) * rl * c, ip + (i * rp + q * rl) * c, rl * c * kF);
+  in = Tensor();
+  Tensor out = Tensor::empty({l.s_pad, rl, c});  // block p: rank p's sequences
+  comm.all_to_all(sp, out.f32(), sl * rl * c);
+  return out;
+}
+
+// m by residues [s_pad, r_loc, c] -> m by sequences [s_loc, r_pad, c].
+Tensor msa_cols_to_rows(Tensor in, const DapLayout& l, const dist::Communicator& comm) {
+  const int64_t sl = l.s_loc, rl = l.r_loc, rp = l.r_pad, c = in.dim(2);
+  Tensor recv = Tensor::empty({l.n, sl, rl, c});  // block p: rank p's residue columns
+  comm.all_to_all(in.f32(), recv.f32(), sl * rl * c);
+  in = Tensor();
+  Tensor out = Tensor::empty({sl, rp, c});
+  const float* rpp = recv.f32();
+  float* op = out.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t p = 0; p < l.n; ++p)
+    for (int64_t i = 0; i < sl; ++i)
+      std::memcpy(op + (i * rp + p * rl) * c, rpp + (p * sl + i) * rl * c, rl * c * kF);
+  return out;
+}
+
+// Rows of X [r_loc, r_pad, c] -> rows of X^T [r_loc, r_pad, c] (X^T[b, a] = X[a, b]).
+Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& comm) {
+  const int64_t rl = l.r_loc, rp = l.r_pad, c = in.dim(2);
+  Tensor send = Tensor::empty({l.n, rl, rl, c});  // send[q][b][a] = X[a, q*rl + b]
+  float* sp = send.f32();
+  const float* ip = in.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t q = 0; q < l.n; ++q)
+    for (int64_t b = 0; b < rl; ++b)
+      for (int64_t a = 0; a < rl; ++a)
+        std::memcpy(sp + ((q * rl + b) * rl + a) * c, ip + (a * rp + q * rl + b) * c, c * kF);
+  in = Tensor();
+  Tensor recv = Tensor::empty({l.n, rl, rl, c});  // recv[p][b][a] = X[p*rl + a, rank*rl + b]
+  comm.all_to_all(sp, recv.f32(), rl * rl * c);
+  send = Tensor();
+  Tensor out = Tensor::empty({rl, rp, c});
+  const float* rpp = recv.f32();
+  float* op = out.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t p = 0; p < l.n; ++p)
+    for (int64_t b = 0; b < rl; ++b)
+      std::memcpy(op + (b * rp + p * rl) * c, rpp + (p * rl + b) * rl * c, rl * c * kF);
+  return out;
+}
+
+// Layouts of a stream shard (see dap.h).
+enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
+
+// The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
+// m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
+Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
+  const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
+  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+  const int64_t rows_p = msa ? sp : rp;
+  Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
+  tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
+  if (tc.rank() != 0) return Tensor();
+  Tensor full = all;
+  if (how == Shard::kMsaByRes || how == Shard::kPairRowsT) {
+    full = Tensor::empty({rows_p, rp, c});
+    const float* ap = all.f32();
+    float* fp = full.f32();
+    for (int64_t p = 0; p < l.n; ++p)
+      for (int64_t i = 0; i < rows_p; ++i)
+        for (int64_t j = 0; j < rl; ++j) {
+          // kMsaByRes: block p is m[:, p*rl + j]; kPairRowsT: block p is z^T[p*rl + j, i].
+          const float* src = how == Shard::kMsaByRes ? ap + ((p * rows_p + i) * rl + j) * c
+                                                     : ap + ((p * rl + j) * rp + i) * c;
+          std::memcpy(fp + (i * rp + p * rl + j) * c, src, c * kF);
+        }
+  }
+  return crop3(full, msa ? l.s : l.r, l.r);
+}
+
+// Pair bias [H, r_pad, r_pad] of an attention module from this rank's rows z [r_loc, r_pad, c_z]:
+// each rank projects its rows, the projections are all-gathered, then permuted to heads-first.
+Tensor gathered_pair_bias(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                          const DapLayout& l, const float* z, const dist::Communicator& comm) {
+  const int64_t rl = l.r_loc, rp = l.r_pad, H = lin.w.dim(0);
+  Tensor all = Tensor::empty({rp * rp, H});  // [(q, k), h] of every rank's rows q
+  {
+    Tensor t = Tensor::empty({rl * rp, H});  // this rank's rows
+    pair_bias_project(ln, lin, ctx, z, rl, t.f32());
+    comm.all_gather(t.f32(), all.f32(), rl * rp * H);
+  }
+  Tensor bias = Tensor::empty({H, rp, rp});
+  pair_bias_permute(all.f32(), rp, H, false, bias.f32());
+  return bias;
+}
+}  // namespace
+
+DapLayout dap_layout(int64_t s, int64_t r, int n, int rank) {
+  DapLayout l;
+  l.n = n;
+  l.rank = rank;
+  l.s = s;
+  l.r = r;
+  l.s_loc = (s + n - 1) / n;
+  l.r_loc = (r + n - 1) / n;
+  l.s_pad = l.s_loc * n;
+  l.r_pad = l.r_loc * n;
+  return l;
+}
+
+DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l) {
+  const int64_t n1 = l.n - 1, sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
+  DapBlockVolume v;
+  // 2 x m (sequences <-> residues), 4 x z (rows <-> columns): N-1 blocks each.
+  v.all_to_all_bytes = n1 * (2 * sl * rl * cfg.c_m + 4 * rl * rl * cfg.c_z) * kF;
+  // Row-attention and two tri-att biases [r_loc*r_pad, H], OPM b [s_pad, r_loc, c_o], two tri-mul
+  // right projections [c_t, r_loc, r_pad].
+  v.all_gather_bytes = n1 *
+                       (rl * rp * (cfg.no_heads_msa + 2 * cfg.no_heads_pair) +
+                        sp * rl * cfg.c_hidden_opm + 2 * cfg.c_hidden_mul * rl * rp) *
+                       kF;
+  return v;
+}
+
+Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                   Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
+                   const DapOptions& opts, DapStats* stats) {
+  MemoryScope scope;
+  const dist::CommStats stats0 = comm.stats();
+  const EvoformerConfig& cfg = stack.config();
+  const std::string cfg_json = cfg.to_json();
+  if (!comm.all_equal(hash_bytes(cfg_json.data(), cfg_json.size())))
+    return Status::InvalidArgument("DAP ranks hold different model configurations");
+  const int n = comm.size(), me = comm.rank();
+  const int64_t cm = cfg.c_m, cz = cfg.c_z;
+
+  // The root validates its inputs and shares the sizes (or its error) with every rank.
+  int64_t dims[2] = {0, 0};
+  Tensor msa_p, pair_p;  // padded masks [s_pad, r_pad], [r_pad, r_pad]
+  {
+    std::string err;
+    StackInputs in;
+    if (me == 0) {
+      const Status st = prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in);
+      if (st.ok()) {
+        dims[0] = in.s;
+        dims[1] = in.r;
+      } else {
+        err = st.message();
+      }
+    }
+    comm.broadcast_string(&err, 0);
+    if (!err.empty()) return Status::InvalidArgument(err);
+    comm.broadcast_bytes(dims, sizeof(dims), 0);
+    const DapLayout l = dap_layout(dims[0], dims[1], n, me);
+    msa_p = Tensor::zeros({l.s_pad, l.r_pad});
+    pair_p = Tensor::zeros({l.r_pad, l.r_pad});
+    if (me == 0) {
+      for (int64_t i = 0; i < l.s; ++i)
+        std::memcpy(msa_p.f32() + i * l.r_pad, in.msa_mask.f32() + i * l.r, l.r * kF);
+      for (int64_t i = 0; i < l.r; ++i)
+        std::memcpy(pair_p.f32() + i * l.r_pad, in.pair_mask.f32() + i * l.r, l.r * kF);
+    }
+  }
+  const DapLayout l = dap_layout(dims[0], dims[1], n, me);
+  const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
+  comm.broadcast(msa_p.f32(), sp * rp, 0);
+  comm.broadcast(pair_p.f32(), rp * rp, 0);
+  const DapMasks mk = make_masks(cfg, l, msa_p, pair_p);
+  msa_p = pair_p = Tensor();
+
+  // Shards: m by sequences [s_loc, r_pad, c_m], z by rows [r_loc, r_pad, c_z].
+  Tensor mr = Tensor::empty({sl, rp, cm});
+  Tensor zr = Tensor::empty({rl, rp, cz});
+  {
+    Tensor mp, zp;  // padded inputs on the root: [s_pad, r_pad, c_m], [r_pad, r_pad, c_z]
+    if (me == 0) {
+      mp = pad3(m, sp, rp);
+      m = Tensor();
+      zp = pad3(z, rp, rp);
+      z = Tensor();
+    }
+    comm.scatter(me == 0 ? mp.f32() : nullptr, mr.f32(), sl * rp * cm, 0);
+    mp = Tensor();
+    comm.scatter(me == 0 ? zp.f32() : nullptr, zr.f32(), rl * rp * cz, 0);
+  }
+
+  // Contexts of the shards (masks in full; the modules see the shard's sizes).
+  // Chunk target: 1/8 of this rank's shard bytes as in one process (default_chunk_target_bytes),
+  // with a floor of 1 MiB instead of 4 MiB so that the work buffers keep shrinking with N.
+  const int64_t mz_loc = (sl * rp * cm + rl * rp * cz) * kF;
+  BlockContext base;
+  base.cfg = &cfg;
+  base.chunk = opts.chunk;
+  base.chunk_target_bytes = opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
+                                                        : std::max<int64_t>(mz_loc / 8, 1 << 20);
+  base.threads = num_threads();
+  BlockContext row = base;  // m by sequences: row attention over r_pad residues
+  row.s = sl;
+  row.r = rp;
+  BlockContext col = base;  // m by residues: column attention over s_pad sequences
+  col.s = sp;
+  col.r = rl;
+  col.msa_bias_t = mk.msa_bias_t.f32() + me * rl * sp;
+  BlockContext full = base;  // outer product mean and pair modules: all r_pad columns
+  full.s = sp;
+  full.r = rp;
+  full.msa_mask = mk.msa_mask.f32();
+  full.pair_mask = mk.pair_mask.f32();
+  const ShardGather gather{
+      n, [&](const float* mine, int64_t count, float* all) { comm.all_gather(mine, all, count); }};
+  const float* msa_bias_rows = mk.msa_bias.f32() + me * sl * rp;    // [s_loc, r_pad]
+  const float* pair_bias_rows = mk.pair_bias.f32() + me * rl * rp;  // [r_loc, r_pad]
+  const float* pair_bias_t_rows = mk.pair_bias_t.f32() + me * rl * rp;
+  const float* pair_mask_rows = mk.pair_mask.f32() + me * rl * rp;
+  const float* pair_mask_t_rows = mk.pair_mask_t.f32() + me * rl * rp;
+
+  const bool tracing = opts.trace != nullptr;
+  if (!comm.all_equal(tracing))
+    return Status::InvalidArgument("DapOptions::trace must be set on every rank or on none");
+  const dist::Communicator tc = tracing ? comm.split(0, me) : comm;  // trace gathers only
+  int blk = 0;
+  auto trace = [&](const char* module, const Tensor& t, Shard how) {
+    if (!tracing) return;
+    const bool is_m = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+    const Tensor full = assemble(t, how, l, tc);
+    if (me == 0) opts.trace(blk, module, is_m ? "m" : "z", full);
+  };
+
+  const dist::CommStats before_blocks = comm.stats();
+  for (int b = 0; b < cfg.no_blocks; ++b) {
+    blk = b;
+    const BlockWeights& w = stack.block(b);
+    {
+      Tensor bias = gathered_pair_bias(w.msa_att_row.ln_z, w.msa_att_row.lin_z, full, l, zr.f32(),
+                                       comm);  // [H_m, r_pad, r_pad]
+      attention_rows(w.msa_att_row.ln_m, w.msa_att_row.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att,
+                     row, mr.f32(), sl, rp, cm, msa_bias_rows, bias.f32());
+    }
+    trace("msa_att_row", mr, Shard::kMsaBySeq);
+    Tensor mc = msa_rows_to_cols(std::move(mr), l, comm);  // [s_pad, r_loc, c_m]
+    msa_column_attention(w.msa_att_col, col, mc.f32());
+    trace("msa_att_col", mc, Shard::kMsaByRes);
+    transition(w.msa_transition, col, mc.f32(), sp * rl, cm);
+    trace("msa_transition", mc, Shard::kMsaByRes);
+    outer_product_mean_shard(w.outer_product_mean, full, mc.f32(), me * rl, rl,
+                             mk.msa_mask_cols.f32(), gather, zr.f32());
+    trace("outer_product_mean", zr, Shard::kPairRows);
+    mr = msa_cols_to_rows(std::move(mc), l, comm);
+
+    triangle_multiplication_shard(w.tri_mul_out, full, false, rl, pair_mask_rows, gather, zr.f32());
+    trace("tri_mul_out", zr, Shard::kPairRows);
+    Tensor zt = pair_transpose(std::move(zr), l, comm);  // rows of z^T [r_loc, r_pad, c_z]
+    triangle_multiplication_shard(w.tri_mul_in, full, true, rl, pair_mask_t_rows, gather, zt.f32());
+    trace("tri_mul_in", zt, Shard::kPairRowsT);
+    zr = pair_transpose(std::move(zt), l, comm);
+    {
+      Tensor bias = gathered_pair_bias(w.tri_att_start.ln, w.tri_att_start.lin, full, l, zr.f32(),
+                                       comm);  // [H_p, r_pad, r_pad]
+      attention_rows(w.tri_att_start.ln, w.tri_att_start.mha, cfg.no_heads_pair,
+                     cfg.c_hidden_pair_att, full, zr.f32(), rl, rp, cz, pair_bias_rows, bias.f32());
+    }
+    trace("tri_att_start", zr, Shard::kPairRows);
+    zt = pair_transpose(std::move(zr), l, comm);
+    {
+      Tensor bias = gathered_pair_bias(w.tri_att_end.ln, w.tri_att_end.lin, full, l, zt.f32(),
+                                       comm);  // [H_p, r_pad, r_pad]
+      attention_rows(w.tri_att_end.ln, w.tri_att_end.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att,
+                     full, zt.f32(), rl, rp, cz, pair_bias_t_rows, bias.f32());
+    }
+    trace("tri_att_end", zt, Shard::kPairRowsT);
+    transition(w.pair_transition, full, zt.f32(), rl * rp, cz);
+    trace("pair_transition", zt, Shard::kPairRowsT);
+    zr = pair_transpose(std::move(zt), l, comm);
+  }
+  const dist::CommStats after_blocks = comm.stats();
+
+  // Outputs back to the root, without the padding.
+  {
+    Tensor all = me == 0 ? Tensor::empty({sp, rp, cm}) : Tensor();  // padded m on the root
+    comm.gather(mr.f32(), me == 0 ? all.f32() : nullptr, sl * rp * cm, 0);
+    mr = Tensor();
+    if (me == 0) m = crop3(all, l.s, l.r);
+  }
+  {
+    Tensor all = me == 0 ? Tensor::empty({rp, rp, cz}) : Tensor();  // padded z on the root
+    comm.gather(zr.f32(), me == 0 ? all.f32() : nullptr, rl * rp * cz, 0);
+    zr = Tensor();
+    if (me == 0) z = crop3(all, l.r, l.r);
+  }
+  if (me == 0 && s_out != nullptr) {
+    *s_out = Tensor::empty({l.r, cfg.c_s});
+    kern::linear(m.f32(), cm, l.r, cm, stack.linear_weight().f32(), stack.linear_bias().f32(),
+                 cfg.c_s, s_out->f32(), cfg.c_s);
+  }
+  if (stats != nullptr) {
+    stats->total = comm.stats().since(stats0);
+    stats->blocks = after_blocks.since(before_blocks);
+    stats->peak_bytes = scope.peak();
+    stats->work_peak_bytes = scope.peak_above_start();
+    stats->shard_bytes = mz_loc;
+  }
+  return Status::OK();
+}
+
+Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack) {
+  static_assert(std::is_trivially_copyable_v<EvoformerConfig>);
+  EvoformerConfig cfg = stack->config();
+  comm.broadcast_bytes(&cfg, sizeof(cfg), 0);
+  // Names and shapes ("name d0 d1 ...\n" per tensor), then the tensors in that order.
+  TensorFile file;
+  std::string header;
+  if (comm.rank() == 0) {
+    stack->export_weights(&file);
+    std::ostringstream h;
+    for (const std::string& name : file.names) {
+      h << name;
+      for (int64_t d : file.tensors.at(name).shape()) h << ' ' << d;
+      h << '\n';
+    }
+    header = h.str();
+  }
+  comm.broadcast_string(&header, 0);
+  if (comm.rank() != 0) {
+    std::istringstream h(header);
+    std::string line;
+    while (std::getline(h, line)) {
+      std::istringstream ls(line);
+      std::string name;
+      ls >> name;
+      Shape shape;
+      for (int64_t d; ls >> d;) shape.push_back(d);
+      file.put(name, Tensor::empty(shape));
+    }
+  }
+  for (const std::string& name : file.names) {
+    Tensor t = file.tensors.at(name).contiguous();
+    comm.broadcast(t.f32(), t.numel(), 0);
+    if (comm.rank() != 0) file.put(name, t);
+  }
+  if (comm.rank() == 0) return Status::OK();
+  return EvoformerStack::load(cfg, file, stack);
+}
+
+}  // namespace fc

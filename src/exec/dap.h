@@ -1,0 +1,70 @@
+// Dynamic Axial Parallelism (DAP, inference): one Evoformer stack over the N ranks of a
+// communicator, each rank holding ~1/N of m and z. Layouts and communication: docs/dap.md.
+//
+// Per block (m: MSA stream, z: pair stream, N ranks, sizes padded to multiples of N):
+//   m by sequences  [s/N, r, c_m]  row attention (pair bias all-gathered)
+//   m by residues   [s, r/N, c_m]  column attention, transition, outer product mean (z rows)
+//   z by rows       [r/N, r, c_z]  outer product mean, tri-mul outgoing, tri-att starting
+//   z^T by rows     [r/N, r, c_z]  tri-mul incoming, tri-att ending, pair transition
+// with 6 all-to-alls (2 for m, 4 for z) and 6 all-gathers (row-attention bias, OPM right
+// projection, the two tri-mul right projections, the two tri-att biases) per block.
+#pragma once
+
+#include <cstdint>
+
+#include "dist/comm.h"
+#include "foldcube/model.h"
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+
+namespace fc {
+
+// Shard sizes of DAP over n ranks: s and r padded up to multiples of n with masked sequences and
+// residues (their mask entries are 0, so real positions never see them).
+struct DapLayout {
+  int n = 1, rank = 0;
+  int64_t s = 0, r = 0;          // real sizes
+  int64_t s_pad = 0, r_pad = 0;  // multiples of n
+  int64_t s_loc = 0, r_loc = 0;  // s_pad / n, r_pad / n
+};
+DapLayout dap_layout(int64_t s, int64_t r, int n, int rank);
+
+// Bytes one rank sends per Evoformer block, from the formulas of docs/dap.md (the dist layer's
+// counting convention: payload addressed to other ranks).
+struct DapBlockVolume {
+  int64_t all_to_all_bytes = 0;
+  int64_t all_gather_bytes = 0;
+  int64_t total() const { return all_to_all_bytes + all_gather_bytes; }
+};
+DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l);
+
+struct DapOptions {
+  int64_t chunk = 0;               // as ForwardOptions::chunk
+  int64_t chunk_target_bytes = 0;  // 0 = max(1/8 of this rank's shards of m and z, 1 MiB)
+  // As ForwardOptions::trace, called on the root with the whole (unpadded) stream after each
+  // module. Set it on every rank or on none: each call gathers the stream to the root (on a
+  // separate communicator, so DapStats count only the forward's own traffic).
+  TraceFn trace;
+};
+
+struct DapStats {
+  dist::CommStats total;        // the whole call: inputs out, blocks, outputs back
+  dist::CommStats blocks;       // the Evoformer blocks only
+  int64_t peak_bytes = 0;       // tracked peak of this rank during the call (absolute)
+  int64_t work_peak_bytes = 0;  // the same above what was live when the call started
+  int64_t shard_bytes = 0;      // bytes of this rank's shards of m and z
+};
+
+// Forward of the whole stack over comm (a DAP group). The root (rank 0) passes m [s, r, c_m],
+// z [r, r, c_z] and the optional masks (undefined = ones); the other ranks pass undefined tensors
+// and get everything from the root. Every rank must hold the same stack (dap_share_stack). On
+// success the root's m and z hold the outputs and *s_out (if non-null) linear(m[0]) [r, c_s];
+// other ranks' m and z are undefined. Invalid inputs give every rank the root's error.
+Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                   Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
+                   const DapOptions& opts = {}, DapStats* stats = nullptr);
+
+// Makes every rank's *stack a copy of the root's (config and weights broadcast from rank 0).
+Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack);
+
+}  // namespace fc

@@ -1,0 +1,317 @@
+// DAP over MPI, run by CTest under `mpirun -np 2` and `mpirun -np 4 --oversubscribe`: the dist
+// collectives and their byte counters, and the sharded Evoformer forward against the
+// single-process forward (1e-5) and the OpenFold golden outputs (golden tolerances), with and
+// without padding. Every rank runs every test; collectives stay in lock-step, so checks happen
+// after the collective work of a test (an early return would leave the other ranks waiting).
+#include "exec/dap.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "dist/comm.h"
+#include "foldcube/io.h"
+#include "foldcube/memory.h"
+#include "foldcube/model.h"
+#include "foldcube/runtime.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+dist::Communicator world() { return dist::Communicator::world(); }
+
+TEST(DistComm, CollectivesAndByteCounts) {
+  const dist::Communicator comm = world().split(0, world().rank());  // fresh counters
+  const int n = comm.size(), me = comm.rank();
+  const int64_t c = 5;
+  std::vector<float> send(n * c), recv(n * c), all(n * c), mine(c);
+  for (int q = 0; q < n; ++q)
+    for (int64_t i = 0; i < c; ++i) send[q * c + i] = 1000.f * me + 10.f * q + i;
+  comm.all_to_all(send.data(), recv.data(), c);
+  for (int p = 0; p < n; ++p)
+    for (int64_t i = 0; i < c; ++i) EXPECT_EQ(recv[p * c + i], 1000.f * p + 10.f * me + i);
+
+  for (int64_t i = 0; i < c; ++i) mine[i] = 100.f * me + i;
+  comm.all_gather(mine.data(), all.data(), c);
+  for (int p = 0; p < n; ++p)
+    for (int64_t i = 0; i < c; ++i) EXPECT_EQ(all[p * c + i], 100.f * p + i);
+
+  comm.reduce_scatter(send.data(), mine.data(), c);  // sum_p (1000 p + 10 me + i)
+  for (int64_t i = 0; i < c; ++i)
+    EXPECT_EQ(mine[i], 1000.f * n * (n - 1) / 2 + n * (10.f * me + i));
+
+  std::vector<float> red(c, static_cast<float>(me + 1));
+  comm.all_reduce(red.data(), c);
+  for (float v : red) EXPECT_EQ(v, n * (n + 1) / 2.f);
+
+  std::vector<float> b(c, me == 0 ? 7.f : 0.f);
+  comm.broadcast(b.data(), c, 0);
+  for (float v : b) EXPECT_EQ(v, 7.f);
+
+  comm.scatter(me == 0 ? send.data() : nullptr, mine.data(), c, 0);
+  for (int64_t i = 0; i < c; ++i) EXPECT_EQ(mine[i], 10.f * me + i);
+  comm.gather(mine.data(), me == 0 ? all.data() : nullptr, c, 0);
+  if (me == 0) {
+    for (int p = 0; p < n; ++p)
+      for (int64_t i = 0; i < c; ++i) EXPECT_EQ(all[p * c + i], 10.f * p + i);
+  }
+
+  const dist::CommStats st = comm.stats();
+  auto bytes = [&](dist::Op op) { return st.bytes[static_cast<int>(op)]; };
+  const int64_t F = 4, root = me == 0;
+  EXPECT_EQ(bytes(dist::Op::kAllToAll), (n - 1) * c * F);
+  EXPECT_EQ(bytes(dist::Op::kAllGather), (n - 1) * c * F);
+  EXPECT_EQ(bytes(dist::Op::kReduceScatter), (n - 1) * c * F);
+  EXPECT_EQ(bytes(dist::Op::kAllReduce), 2 * (n - 1) * c / n * F);
+  EXPECT_EQ(bytes(dist::Op::kBroadcast), root * (n - 1) * c * F);
+  EXPECT_EQ(bytes(dist::Op::kScatter), root * (n - 1) * c * F);
+  EXPECT_EQ(bytes(dist::Op::kGather), (1 - root) * c * F);
+  for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) EXPECT_EQ(st.calls[k], 1);
+
+  EXPECT_TRUE(comm.all_equal(42));
+  EXPECT_EQ(comm.all_equal(me == 0 ? 1 : 2), n == 1);
+  const std::vector<int64_t> ids = comm.all_gather_i64(me * 3);
+  for (int p = 0; p < n; ++p) EXPECT_EQ(ids[p], p * 3);
+}
+
+TEST(DistComm, DapAndDpGroups) {
+  const dist::Communicator w = world();
+  const int n = w.size() % 2 == 0 ? 2 : 1;  // DAP groups of 2 ranks (D = size/2 replicas)
+  const dist::Communicator dap = w.dap_group(n), dp = w.dp_group(n);
+  EXPECT_EQ(dap.size(), n);
+  EXPECT_EQ(dap.rank(), w.rank() % n);
+  EXPECT_EQ(dp.size(), w.size() / n);
+  EXPECT_EQ(dp.rank(), w.rank() / n);
+  float v = static_cast<float>(w.rank());
+  dap.all_reduce(&v, 1);  // ranks g*n .. g*n+n-1
+  const int g = w.rank() / n;
+  EXPECT_EQ(v, static_cast<float>(n * g * n + n * (n - 1) / 2));
+}
+
+// Random O(1) inputs and 0/1 masks with ~15 % zeros but two ones in every row and column.
+Tensor random_tensor(const Shape& shape, uint64_t seed) {
+  Tensor t = Tensor::empty(shape);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = uniform_pm1(seed, i);
+  return t;
+}
+Tensor random_mask(int64_t a, int64_t b, uint64_t seed) {
+  Tensor t = Tensor::empty({a, b});
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      t.f32()[i * b + j] =
+          (j == i % b || j == (i + 1) % b || uniform_pm1(seed, i * b + j) > -0.7f) ? 1.f : 0.f;
+  return t;
+}
+
+// max |x - ref| / max(rms(ref), 1): the golden metric (relative for O(1)+ tensors).
+double rel_err(const Tensor& x, const Tensor& ref) { return test::golden_err(x, ref); }
+
+struct Case {
+  EvoformerStack stack;  // the root's stack (shared with the others by dap_share_stack)
+  Tensor m, z, msa_mask, pair_mask;
+};
+
+// Runs the root's case through dap_forward on `comm` and, on the root, the single-process
+// forward; returns the max rel_err of m, z, s (root only; 0 elsewhere). trace: as
+// DapOptions::trace.
+double dap_vs_single(const dist::Communicator& comm, Case& c, int64_t chunk,
+                     Tensor* m_out = nullptr, Tensor* z_out = nullptr, Tensor* s_out = nullptr,
+                     DapStats* stats = nullptr, const TraceFn& trace = nullptr) {
+  EXPECT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  Tensor m, z, s;
+  if (comm.rank() == 0) {
+    m = c.m.clone();
+    z = c.z.clone();
+  }
+  DapOptions opts;
+  opts.chunk = chunk;
+  opts.trace = trace;
+  const Status st = dap_forward(c.stack, comm, m, z, c.msa_mask, c.pair_mask, &s, opts, stats);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  if (comm.rank() != 0 || !st.ok()) return 0;
+  Tensor m1 = c.m.clone(), z1 = c.z.clone(), s1;
+  ForwardOptions fo;
+  fo.chunk = chunk;
+  EXPECT_TRUE(c.stack.forward(m1, z1, c.msa_mask, c.pair_mask, &s1, fo).ok());
+  if (m_out) *m_out = m;
+  if (z_out) *z_out = z;
+  if (s_out) *s_out = s;
+  return std::max({rel_err(m, m1), rel_err(z, z1), rel_err(s, s1)});
+}
+
+class DapGolden : public ::testing::TestWithParam<std::pair<std::string, int64_t>> {};
+
+TEST_P(DapGolden, MatchesSingleProcessAndOpenFold) {
+  const dist::Communicator comm = world();
+  Case c;
+  TensorFile f;
+  int ok = 1;  // the root's file reading; shared so that no rank waits for a root that failed
+  if (comm.rank() == 0) {
+    EvoformerConfig cfg;
+    ok = read_safetensors(test::data_path(GetParam().first), &f).ok() &&
+         EvoformerConfig::from_metadata(f.metadata, &cfg).ok() &&
+         EvoformerStack::load(cfg, f, &c.stack).ok() && f.get_f32("input.m", {}, &c.m).ok() &&
+         f.get_f32("input.z", {}, &c.z).ok() && f.get_f32("input.msa_mask", {}, &c.msa_mask).ok() &&
+         f.get_f32("input.pair_mask", {}, &c.pair_mask).ok();
+  }
+  comm.broadcast_bytes(&ok, sizeof(ok), 0);
+  ASSERT_TRUE(ok) << "rank 0 could not read " << GetParam().first;
+  Tensor m, z, s;
+  std::map<std::string, Tensor> traces;  // block 0, gathered on the root
+  const TraceFn trace = [&](int block, const std::string& module, const std::string& stream,
+                            const Tensor& v) {
+    if (block == 0) traces["trace.block0." + module + "." + stream] = v.clone();
+  };
+  const double err = dap_vs_single(comm, c, GetParam().second, &m, &z, &s, nullptr, trace);
+  if (comm.rank() != 0) return;
+  int checked = 0;
+  for (const std::string& name : f.names) {
+    if (name.rfind("trace.block0.", 0) != 0) continue;
+    ASSERT_TRUE(traces.count(name)) << "no trace produced for " << name;
+    EXPECT_LT(test::golden_err(traces[name], f.tensors.at(name)), 1e-4) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 9);
+  std::printf("[ info ] N=%d %s: DAP vs single process %.2e\n", comm.size(),
+              GetParam().first.c_str(), err);
+  EXPECT_LT(err, 1e-5);
+  EXPECT_LT(test::golden_err(m, f.tensors.at("output.m")), 1e-4);
+  EXPECT_LT(test::golden_err(z, f.tensors.at("output.z")), 1e-4);
+  EXPECT_LT(test::golden_err(s, f.tensors.at("output.s")), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, DapGolden,
+                         ::testing::Values(std::make_pair("evo_tiny.safetensors", 0),
+                                           std::make_pair("evo_tiny.safetensors", 1),
+                                           std::make_pair("evo_af2dims.safetensors", 0),
+                                           std::make_pair("evo_af2dims.safetensors", 3)),
+                         [](const auto& info) {
+                           const std::string& f = info.param.first;
+                           return f.substr(0, f.find('.')) + "_chunk" +
+                                  std::to_string(info.param.second);
+                         });
+
+EvoformerConfig small_config(int64_t blocks) {
+  EvoformerConfig cfg;
+  cfg.c_m = 16;
+  cfg.c_z = 8;
+  cfg.c_hidden_msa_att = 4;
+  cfg.no_heads_msa = 3;
+  cfg.c_hidden_pair_att = 4;
+  cfg.no_heads_pair = 2;
+  cfg.c_hidden_opm = 4;
+  cfg.c_hidden_mul = 8;
+  cfg.transition_n = 2;
+  cfg.no_blocks = blocks;
+  cfg.c_s = 6;
+  return cfg;
+}
+
+Case random_case(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks, uint64_t seed) {
+  Case c;
+  c.stack = EvoformerStack::random(cfg, seed);
+  c.m = random_tensor({s, r, cfg.c_m}, seed + 1);
+  c.z = random_tensor({r, r, cfg.c_z}, seed + 2);
+  if (masks) {
+    c.msa_mask = random_mask(s, r, seed + 3);
+    c.pair_mask = random_mask(r, r, seed + 4);
+  }
+  return c;
+}
+
+// s and r not multiples of the rank count: padded with masked sequences/residues.
+TEST(Dap, PaddingKeepsResults) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(2);
+  for (const auto& [s, r, masks] : {std::tuple{5, 7, true}, std::tuple{3, 9, false},
+                                    std::tuple{1, 2, false}, std::tuple{6, 5, true}}) {
+    Case c = random_case(cfg, s, r, masks, 17 + s * 31 + r);
+    for (int64_t chunk : {0, 2}) {
+      const double err = dap_vs_single(comm, c, chunk);
+      if (comm.rank() == 0) {
+        EXPECT_LT(err, 1e-5) << "s=" << s << " r=" << r << " chunk=" << chunk;
+      }
+    }
+  }
+}
+
+// Bytes the blocks send per rank equal the analytic volume (docs/dap.md); 6 all-to-alls per block.
+TEST(Dap, CommunicationVolumeMatchesModel) {
+  const dist::Communicator comm = world().split(0, world().rank());
+  const EvoformerConfig cfg = small_config(3);
+  for (const auto& [s, r] : {std::pair{8, 12}, std::pair{5, 7}}) {
+    Case c = random_case(cfg, s, r, true, 5);
+    DapStats st;
+    dap_vs_single(comm, c, 0, nullptr, nullptr, nullptr, &st);
+    const DapBlockVolume v = dap_block_volume(cfg, dap_layout(s, r, comm.size(), comm.rank()));
+    auto at = [](const dist::CommStats& x, dist::Op op, bool calls) {
+      return (calls ? x.calls : x.bytes)[static_cast<int>(op)];
+    };
+    EXPECT_EQ(at(st.blocks, dist::Op::kAllToAll, false), cfg.no_blocks * v.all_to_all_bytes);
+    EXPECT_EQ(at(st.blocks, dist::Op::kAllGather, false), cfg.no_blocks * v.all_gather_bytes);
+    EXPECT_EQ(at(st.blocks, dist::Op::kAllToAll, true), cfg.no_blocks * 6);
+    EXPECT_GE(at(st.blocks, dist::Op::kAllGather, true), cfg.no_blocks * 6);
+    EXPECT_EQ(st.blocks.total_bytes(), cfg.no_blocks * v.total());
+  }
+}
+
+// Each rank reports its tracked peak (printed for the record; inputs and outputs live on the root
+// only, so the other ranks show the sharded working set).
+TEST(Dap, PerRankPeakReported) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(1);
+  Case c = random_case(cfg, 16, 32, false, 9);
+  DapStats st;
+  dap_vs_single(comm, c, 0, nullptr, nullptr, nullptr, &st);
+  const std::vector<int64_t> peaks = comm.all_gather_i64(st.work_peak_bytes);
+  if (comm.rank() == 0) {
+    std::string line = "per-rank tracked peak above the call's start (bytes):";
+    for (int64_t p : peaks) line += " " + std::to_string(p);
+    std::printf("[ info ] N=%d %s\n", comm.size(), line.c_str());
+  }
+  EXPECT_GT(st.peak_bytes, 0);
+  const DapLayout l = dap_layout(16, 32, comm.size(), comm.rank());
+  EXPECT_EQ(st.shard_bytes, (l.s_loc * l.r_pad * cfg.c_m + l.r_loc * l.r_pad * cfg.c_z) * 4);
+}
+
+}  // namespace
+}  // namespace fc
+
+// Prints failed assertions with the rank, nothing else.
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  void OnTestPartResult(const ::testing::TestPartResult& r) override {
+    if (r.failed())
+      std::printf("rank %d: %s:%d: %s\n", rank_, r.file_name() ? r.file_name() : "?",
+                  r.line_number(), r.summary());
+  }
+
+ private:
+  int rank_;
+};
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  const fc::Status st = fc::dist::init(&argc, &argv);
+  if (!st.ok()) {
+    std::fprintf(stderr, "dap tests: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  fc::set_num_threads(1);
+  const int rank = fc::dist::Communicator::world().rank();
+  if (rank != 0) {  // other ranks print their failures only
+    ::testing::TestEventListeners& ls = ::testing::UnitTest::GetInstance()->listeners();
+    delete ls.Release(ls.default_result_printer());
+    ls.Append(new RankFailurePrinter(rank));
+  }
+  const int rc = RUN_ALL_TESTS();
+  fc::dist::finalize();
+  return rc;
+}
