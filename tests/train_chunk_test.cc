@@ -322,22 +322,29 @@ TEST(ChunkedTrainingTable, DISABLED_MemoryTable) {
   EvoformerConfig cfg;
   cfg.no_blocks = 1;
   const int64_t s = 32, r = 128;
-  std::printf("| policy | chunk | model peak MiB | measured MiB | activation MiB | time ratio |\n");
-  std::printf("|---|---|---|---|---|---|\n");
+  std::printf(
+      "| policy | chunk | model peak MiB | measured MiB | activation MiB | step ms | time ratio "
+      "|\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  const std::vector<Chunking> chunkings = {{kWhole, 0}, {0, 0}, {32, 0}, {8, 0}, {2, 0}};
   for (R p : {R::kNone, R::kModule, R::kBlock}) {
-    double whole_ms = 0;
-    for (const Chunking& c :
-         {Chunking{kWhole, 0}, Chunking{0, 0}, Chunking{32, 0}, Chunking{8, 0}, Chunking{2, 0}}) {
-      const Measured got = measure(cfg, s, r, {p}, c);
+    // Three rounds over the chunkings; each time is the fastest of its runs.
+    std::vector<Measured> got(chunkings.size());
+    for (int round = 0; round < 3; ++round)
+      for (size_t i = 0; i < chunkings.size(); ++i) {
+        const Measured x = measure(cfg, s, r, {p}, chunkings[i]);
+        if (round == 0 || x.ms < got[i].ms) got[i] = x;
+      }
+    for (size_t i = 0; i < chunkings.size(); ++i) {
+      const Chunking& c = chunkings[i];
       const int64_t model = stack_step_peak_bytes(cfg, s, r, 1, {p}, 2, 4, c.chunk, c.target);
-      EXPECT_EQ(got.res.peak_bytes, model);
-      if (c.chunk == kWhole) whole_ms = got.ms;
+      EXPECT_EQ(got[i].res.peak_bytes, model);
       std::printf("| %s | %s | %.1f | %.1f | %.1f | %.2f |\n", recompute_name(p),
                   c.chunk == kWhole ? "whole"
                   : c.chunk == 0    ? "auto"
                                     : c.name().c_str(),
-                  model / 1048576.0, got.res.peak_bytes / 1048576.0,
-                  got.res.activation_bytes / 1048576.0, got.ms / whole_ms);
+                  model / 1048576.0, got[i].res.peak_bytes / 1048576.0,
+                  got[i].res.activation_bytes / 1048576.0, got[i].ms / got[0].ms);
     }
   }
   set_num_threads(saved_threads);
