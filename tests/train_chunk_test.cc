@@ -326,11 +326,11 @@ TEST(ChunkedTrainingTable, DISABLED_MemoryTable) {
       "| policy | chunk | model peak MiB | measured MiB | activation MiB | step ms | time ratio "
       "|\n");
   std::printf("|---|---|---|---|---|---|---|\n");
-  const std::vector<Chunking> chunkings = {{kWhole, 0}, {0, 0}, {32, 0}, {8, 0}, {2, 0}};
+  const std::vector<Chunking> chunkings = {{kWhole, 0}, {0, 0}, {32, 0}, {8, 0}};
   for (R p : {R::kNone, R::kModule, R::kBlock}) {
-    // Three rounds over the chunkings; each time is the fastest of its runs.
+    // Four rounds over the chunkings; each time is the fastest of its runs.
     std::vector<Measured> got(chunkings.size());
-    for (int round = 0; round < 3; ++round)
+    for (int round = 0; round < 4; ++round)
       for (size_t i = 0; i < chunkings.size(); ++i) {
         const Measured x = measure(cfg, s, r, {p}, chunkings[i]);
         if (round == 0 || x.ms < got[i].ms) got[i] = x;
@@ -339,12 +339,10 @@ TEST(ChunkedTrainingTable, DISABLED_MemoryTable) {
       const Chunking& c = chunkings[i];
       const int64_t model = stack_step_peak_bytes(cfg, s, r, 1, {p}, 2, 4, c.chunk, c.target);
       EXPECT_EQ(got[i].res.peak_bytes, model);
-      std::printf("| %s | %s | %.1f | %.1f | %.1f | %.2f |\n", recompute_name(p),
-                  c.chunk == kWhole ? "whole"
-                  : c.chunk == 0    ? "auto"
-                                    : c.name().c_str(),
-                  model / 1048576.0, got[i].res.peak_bytes / 1048576.0,
-                  got[i].res.activation_bytes / 1048576.0, got[i].ms / got[0].ms);
+      const std::string name = c.chunk == kWhole ? "whole" : c.chunk == 0 ? "auto" : c.name();
+      std::printf("| %s | %s | %.1f | %.1f | %.1f | %.0f | %.2f |\n", recompute_name(p),
+                  name.c_str(), model / 1048576.0, got[i].res.peak_bytes / 1048576.0,
+                  got[i].res.activation_bytes / 1048576.0, got[i].ms, got[i].ms / got[0].ms);
     }
   }
   set_num_threads(saved_threads);

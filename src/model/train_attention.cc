@@ -203,6 +203,8 @@ void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
   const int64_t hc = at.H * at.C, c = v.c;
   const int64_t ch = attention_train_chunk(ctx, v.N, v.L, c, hc);
   const Tensor mask = dropout_mask(ctx, at.module, v.L, c);  // [L, c] or undefined
+  FC_CHECK_MSG(kept->empty() || static_cast<int64_t>(kept->size()) == (v.N + ch - 1) / ch,
+               "attention state was saved with another chunking");
   for (int64_t n0 = 0, idx = 0; n0 < v.N; n0 += ch, ++idx) {
     const int64_t n = std::min(ch, v.N - n0), rows = n * v.L;
     Tensor x_ln = Tensor::empty({n, v.L, c});

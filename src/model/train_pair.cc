@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
@@ -120,6 +121,8 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
                          int64_t c) {
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
+               "transition state was saved with another chunking");
   for (int64_t r0 = 0, idx = 0; r0 < rows; r0 += ch, ++idx) {
     const int64_t n = std::min(ch, rows - r0);
     const float* xr = x_in + r0 * c;
