@@ -164,25 +164,27 @@ void inference_forward(const Problem& S, Mod mod, float* m, float* z) {
 }
 
 // dm, dz as train.h says: the output stream's gradient holds dL/d out on entry, dL/d in on exit;
-// for the outer product mean dz is read and dm accumulates.
-void backward(const Problem& S, Mod mod, const States& st, BlockWeights* g, float* dm, float* dz) {
+// for the outer product mean dz is read and dm accumulates. The module inputs are S.m, S.z.
+void backward(const Problem& S, Mod mod, States* st, BlockWeights* g, float* dm, float* dz) {
   const int64_t s = S.ctx.s, r = S.ctx.r;
+  const float* m_in = S.m.f32();
+  const float* z_in = S.z.f32();
   switch (mod) {
     case Mod::kMsaTransition:
-      return transition_backward(S.w.msa_transition, &g->msa_transition, S.ctx, st.tr, dm, s * r,
-                                 S.cfg.c_m);
+      return transition_backward(S.w.msa_transition, &g->msa_transition, S.ctx, m_in, &st->tr, dm,
+                                 s * r, S.cfg.c_m);
     case Mod::kPairTransition:
-      return transition_backward(S.w.pair_transition, &g->pair_transition, S.ctx, st.tr, dz, r * r,
-                                 S.cfg.c_z);
+      return transition_backward(S.w.pair_transition, &g->pair_transition, S.ctx, z_in, &st->tr, dz,
+                                 r * r, S.cfg.c_z);
     case Mod::kOpm:
       return outer_product_mean_backward(S.w.outer_product_mean, &g->outer_product_mean, S.ctx,
-                                         st.opm, dz, dm);
+                                         m_in, st->opm, dz, dm);
     case Mod::kTriMulOut:
-      return triangle_multiplication_backward(S.w.tri_mul_out, &g->tri_mul_out, S.ctx, true, st.tm,
-                                              dz);
+      return triangle_multiplication_backward(S.w.tri_mul_out, &g->tri_mul_out, S.ctx, true, z_in,
+                                              &st->tm, dz);
     case Mod::kTriMulIn:
-      return triangle_multiplication_backward(S.w.tri_mul_in, &g->tri_mul_in, S.ctx, false, st.tm,
-                                              dz);
+      return triangle_multiplication_backward(S.w.tri_mul_in, &g->tri_mul_in, S.ctx, false, z_in,
+                                              &st->tm, dz);
   }
 }
 
@@ -208,7 +210,7 @@ void analytic(const Problem& S, Mod mod, BlockWeights* g, Tensor* d_in) {
   train_forward(S, S.w, mod, m.f32(), z.f32(), &st);
   Tensor dm = S.updates_m(mod) ? S.probe_m.clone() : Tensor::zeros(S.m.shape());
   Tensor dz = S.probe_z.clone();
-  backward(S, mod, st, g, dm.f32(), dz.f32());
+  backward(S, mod, &st, g, dm.f32(), dz.f32());
   *d_in = S.input_is_m(mod) ? dm : dz;
 }
 
@@ -448,7 +450,8 @@ TEST_P(TrainPairModule, BackwardAccumulates) {
     Tensor dm = S.updates_m(mod) ? S.probe_m.clone() : Tensor::zeros(S.m.shape());
     Tensor dz = S.probe_z.clone();
     if (mod == Mod::kOpm && pass == 1) dm = d_twice;  // accumulates onto the first result
-    backward(S, mod, st, &g, dm.f32(), dz.f32());
+    // The first backward consumes the chunked state; the second recomputes it (policy module).
+    backward(S, mod, &st, &g, dm.f32(), dz.f32());
     if (mod == Mod::kOpm) d_twice = dm;
   }
   for (auto& [name, t] : named_params(g, "")) {

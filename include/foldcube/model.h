@@ -39,7 +39,12 @@ Status parse_recompute(const std::string& name, Recompute* out);
 
 struct TrainOptions {
   std::vector<Recompute> policy;  // one per block, or a single entry for all (empty = kNone)
-  int64_t chunk = 0;              // as ForwardOptions::chunk
+  // Items per chunk of every module's training forward and backward along its batch-like axis
+  // (src/model/train.h); 0 = automatic: each module's chunk buffers aim at chunk_target_bytes
+  // (0 = default_chunk_target_bytes), as in ForwardOptions. Results do not depend on it beyond
+  // rounding.
+  int64_t chunk = 0;
+  int64_t chunk_target_bytes = 0;
   // Training-mode dropout as in AF2 (rates from the config): masks come from a counter-based RNG
   // keyed by (seed, block, module, element), so recompute reproduces them and runs repeat.
   bool dropout = false;

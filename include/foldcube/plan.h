@@ -13,23 +13,30 @@
 
 namespace fc {
 
+// Training chunking (TrainOptions::chunk and chunk_target_bytes; 0 = automatic / the default
+// target) is a parameter of every function below: the chunk sizes change both the kept state
+// (policy none keeps per-chunk states) and the transients.
+
 // Bytes one block keeps from its forward for its backward under `policy`, at (s, r), for
 // elements of `elem_bytes` bytes (4 for fp32; 2 predicts a bf16/fp16 engine with the same plan).
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
-                               int64_t elem_bytes = 4);
+                               int64_t elem_bytes = 4, int64_t chunk = 0,
+                               int64_t chunk_target_bytes = 0);
 
 // Activation bytes of a stack: sum over blocks (policy: one entry per block, or one for all).
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
-                               const std::vector<Recompute>& policy, int64_t elem_bytes = 4);
+                               const std::vector<Recompute>& policy, int64_t elem_bytes = 4,
+                               int64_t chunk = 0, int64_t chunk_target_bytes = 0);
 
 // Peak of EvoformerStack::train_step (TrainResult::peak_bytes: tracked bytes above those live
-// before the step) without dropout, automatic chunking (TrainOptions::chunk = 0) and `threads`
-// threads (kernel scratch is per thread): the activations, the dm/dz copies, the per-block
-// parameter-gradient structs (alive until the end of the step), the recompute states and the
-// transient buffers of whichever module forward or backward is running at the peak.
+// before the step) without dropout, with `threads` threads (kernel scratch is per thread) and the
+// given chunking: the activations, the dm/dz copies, the per-block parameter-gradient structs
+// (alive until the end of the step), the recompute states and the transient buffers of whichever
+// module chunk is running at the peak. It replays the step's allocation sequence.
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads,
-                              int64_t elem_bytes = 4);
+                              int64_t elem_bytes = 4, int64_t chunk = 0,
+                              int64_t chunk_target_bytes = 0);
 
 // ---- Inference memory plan ---------------------------------------------------------------------
 // Tracked bytes EvoformerStack::forward allocates at its peak above what was live before it, at

@@ -1,21 +1,36 @@
 // Training path of the Evoformer block: per-module forward that saves what backward needs, and
-// the exact backward. Recompute policies reuse these functions unchanged, so gradients do not
-// depend on the policy:
+// the exact backward, both chunked along the module's batch-like axis. Recompute policies reuse
+// these functions unchanged, so gradients do not depend on the policy:
 //   none   - every module's state from the forward is kept until backward;
-//   module - ("small") only each module's input is kept; backward re-runs that module's training
-//            forward to rebuild its state, then runs its backward;
+//   module - ("small") only each module's input is kept; backward rebuilds the state one chunk at a
+//            time (recompute that chunk, back-propagate it, free it, next chunk);
 //   block  - ("large") only the block input is kept; backward re-runs the whole block forward with
 //            policy none, then runs the block backward.
 //
+// Chunk axes (sizes from the BlockContext: ctx.chunk items, or automatic from
+// ctx.chunk_target_bytes through pick_chunk; the *_train_chunk functions below give them):
+//   attention      batch items: MSA rows (row att.), MSA columns (column att.), pair rows i
+//                  (tri. att. start) or columns j (end); the [H, L, L] bias from z is built once
+//                  by row blocks of z and its gradient accumulates over the chunks;
+//   transitions    rows of the stream;
+//   OPM            residue blocks i of the outer product (the rest is [s, r, c_o]-sized);
+//   tri. mult.     channel groups for the projections and triangle products (A, B and their
+//                  gradients), pair rows i for LN_out, linear_z and the gate.
+//
 // Conventions for every *_backward below:
-//  - the module computed out = in + f(in) in place on its stream; on entry d_stream holds dL/d out,
-//    on exit dL/d in (= dL/d out + J_f^T dL/d out): backward first copies what it needs of
-//    dL/d out, then ACCUMULATES into d_stream (and into the other stream's gradient, if the module
-//    read it);
+//  - the module computed out = in + f(in) in place on its stream; the backward reads the module
+//    input (x_in: the caller's copy of the stream before the module) and on entry d_stream holds
+//    dL/d out, on exit dL/d in (= dL/d out + J_f^T dL/d out): each chunk first copies what it needs
+//    of dL/d out, then ACCUMULATES into its own part of d_stream (and into the other stream's
+//    gradient, if the module read it);
+//  - a state filled by the forward (policy none) is consumed: the backward frees each chunk's part
+//    as soon as that chunk is done; an empty state (policy module) makes the backward recompute
+//    each chunk's part from x_in just before it is needed;
 //  - parameter gradients ACCUMULATE into `g` (a BlockWeights-shaped gradient struct, zeroed once).
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "foldcube/tensor.h"
 #include "model/modules.h"
@@ -26,82 +41,89 @@ namespace fc {
 // Allocates gradient storage shaped like the weights, zero-filled.
 void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g);
 
+// ---- Chunk sizes (also read by the memory model, src/plan/memory_model.cc) ---------------------
+// Attention over N items of L positions, c channels, hc = H*C: items per chunk.
+int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int64_t c, int64_t hc);
+// Rows i of z per block of the pair-bias branch (H heads).
+int64_t bias_train_chunk(const BlockContext& ctx, int64_t H);
+// Transition on [rows, c] with hidden nc: rows per chunk.
+int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
+// Triangle multiplication: channels per group (projections, products) and pair rows i per chunk
+// (LN_out, linear_z, gate).
+struct TriMulTrainChunks {
+  int64_t group = 0, rows = 0;
+};
+TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx);
+
 // ---- Gated attention modules (MSA row / column, triangle start / end) -------------------------
 // The attention runs over a stream viewed as N batch items of L positions with c channels
-// (transposed modules gather columns; see attention_module in modules.cc).
+// (transposed modules read columns with strides; see attention_module in modules.cc).
+struct AttentionChunk {
+  Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items
+  Tensor og;    // [n*L, H*C]   gated attention output (input of linear_o)
+};
 struct AttentionState {
-  Tensor x_in;        // [N, L, c]   module input (gathered layout)
-  Tensor mean, rstd;  // [N*L]       LayerNorm statistics
-  Tensor x_ln;        // [N, L, c]
-  Tensor qkvg;        // [N*L, 4*H*C] q | k | v | g (pre-sigmoid gate)
-  Tensor og;          // [N*L, H*C]  gated attention output (input of linear_o)
-  // Pair/triangle bias branch (undefined for MSA column attention).
-  Tensor b_in;            // [r*r, c_z]  the z the bias was computed from
-  Tensor b_mean, b_rstd;  // [r*r]
-  Tensor b_ln;            // [r*r, c_z]
-  Tensor bias;            // [H, L, L]
+  Tensor bias;                         // [H, L, L] pair/triangle bias (undefined for column att.)
+  std::vector<AttentionChunk> chunks;  // in chunk order; empty: the backward recomputes them
 };
 
+// st == nullptr: nothing is kept (the forward under policy module).
 void msa_row_attention_train(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,
                              const float* z, AttentionState* st);
+// m_in [s, r, c_m], z_in [r, r, c_z]: the module's inputs.
 void msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
-                                const BlockContext& ctx, const AttentionState& st, float* dm,
-                                float* dz);
+                                const BlockContext& ctx, const float* m_in, const float* z_in,
+                                AttentionState* st, float* dm, float* dz);
 void msa_column_attention_train(const MsaColumnAttentionW& w, const BlockContext& ctx, float* m,
                                 AttentionState* st);
 void msa_column_attention_backward(const MsaColumnAttentionW& w, MsaColumnAttentionW* g,
-                                   const BlockContext& ctx, const AttentionState& st, float* dm);
+                                   const BlockContext& ctx, const float* m_in, AttentionState* st,
+                                   float* dm);
 void triangle_attention_train(const TriangleAttentionW& w, const BlockContext& ctx, bool ending,
                               float* z, AttentionState* st);
 void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW* g,
-                                 const BlockContext& ctx, bool ending, const AttentionState& st,
-                                 float* dz);
+                                 const BlockContext& ctx, bool ending, const float* z_in,
+                                 AttentionState* st, float* dz);
 
 // ---- Transitions ------------------------------------------------------------------------------
 struct TransitionState {
-  Tensor x_in;        // [rows, c]
-  Tensor mean, rstd;  // [rows]
-  Tensor x_ln;        // [rows, c]
-  Tensor h;           // [rows, n*c]  relu(linear_1(x_ln))
+  std::vector<Tensor> h;  // per row chunk [n, n_t*c] relu(linear_1(LN(x))); empty: recomputed
 };
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                       int64_t c, TransitionState* st);
+// x_in [rows, c]: the module input.
 void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
-                         const TransitionState& st, float* dx, int64_t rows, int64_t c);
+                         const float* x_in, TransitionState* st, float* dx, int64_t rows,
+                         int64_t c);
 
 // ---- Outer product mean -----------------------------------------------------------------------
 struct OuterProductMeanState {
-  Tensor m_in;        // [s*r, c_m]
   Tensor mean, rstd;  // [s*r]
   Tensor x_ln;        // [s*r, c_m]
   Tensor a, b;        // [s, r, c_o] masked projections
   Tensor norm;        // [r, r]  sum_s mask[s,i] mask[s,j]
   // The outer product [r*r, c_o*c_o] is not kept: backward recomputes it chunk by chunk.
 };
+// z == nullptr: only the state is built (the recompute of policy module), z is not updated.
 void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                               float* z, OuterProductMeanState* st);
-// dz is only read (the module leaves z's own gradient unchanged); dm accumulates.
+// m_in [s, r, c_m]: the module input. dz is only read (the module leaves z's own gradient
+// unchanged); dm accumulates.
 void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
-                                 const BlockContext& ctx, const OuterProductMeanState& st,
-                                 const float* dz, float* dm);
+                                 const BlockContext& ctx, const float* m_in,
+                                 const OuterProductMeanState& st, const float* dz, float* dm);
 
 // ---- Triangle multiplication ------------------------------------------------------------------
+// The saved state is the triangle products only; LN_in(z), the projections, A and B are rebuilt
+// group by group in the backward (they are 6 c_t r^2 floats, the products c_t r^2).
 struct TriangleMultiplicationState {
-  Tensor z_in;          // [r*r, c_z]
-  Tensor mean, rstd;    // [r*r]       LN_in statistics
-  Tensor x_ln;          // [r*r, c_z]
-  Tensor t;             // [r*r, 4*c_t] a_p | a_g | b_p | b_g (pre-activation)
-  Tensor A, B;          // [c_t, r, r] masked gated projections, channel-major
-  Tensor p;             // [r*r, c_t]  triangle product, channel-last (LN_out input)
-  Tensor mean2, rstd2;  // [r*r]       LN_out statistics
-  Tensor p_ln;          // [r*r, c_t]
-  Tensor y;             // [r*r, c_z]  linear_z(p_ln), before gating
-  Tensor g;             // [r*r, c_z]  linear_g(x_ln), pre-sigmoid
+  Tensor P;  // [c_t, r, r] triangle products, channel-major; undefined: recomputed
 };
 void triangle_multiplication_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
                                    bool outgoing, float* z, TriangleMultiplicationState* st);
+// z_in [r, r, c_z]: the module input.
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
-                                      const BlockContext& ctx, bool outgoing,
-                                      const TriangleMultiplicationState& st, float* dz);
+                                      const BlockContext& ctx, bool outgoing, const float* z_in,
+                                      TriangleMultiplicationState* st, float* dz);
 
 }  // namespace fc

@@ -1,5 +1,7 @@
 // Training forward and backward of the gated-attention modules: MSA row attention with pair bias,
-// MSA column attention, triangle attention (starting and ending node). See train.h.
+// MSA column attention, triangle attention (starting and ending node), chunked over batch items.
+// See train.h.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -12,210 +14,341 @@
 namespace fc {
 
 namespace {
+constexpr int64_t kF = sizeof(float);
 
-// Copies the stream into the module's batch-major layout x [N, L, c]: the stream is [N, L, c]
-// itself, or (transposed) [L, N, c].
-void gather(const float* S, int64_t N, int64_t L, int64_t c, bool transposed, float* x) {
-  if (!transposed) {
-    std::memcpy(x, S, static_cast<size_t>(N * L * c) * sizeof(float));
+// The attention module's view of its stream S: N items of L positions with c channels; S is
+// [N, L, c] itself, or (transposed) [L, N, c].
+struct View {
+  int64_t N, L, c;
+  bool transposed;
+  // Offset of item n, its row stride (floats).
+  int64_t item(int64_t n) const { return transposed ? n * c : n * L * c; }
+  int64_t row_stride() const { return transposed ? N * c : c; }
+};
+
+// x [n, L, c] = items n0 .. n0+n of S.
+void gather(const float* S, const View& v, int64_t n0, int64_t n, float* x) {
+  if (!v.transposed) {
+    std::memcpy(x, S + v.item(n0), static_cast<size_t>(n * v.L * v.c) * kF);
     return;
   }
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t l = 0; l < L; ++l)
-      std::memcpy(x + (n * L + l) * c, S + (l * N + n) * c, static_cast<size_t>(c) * sizeof(float));
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t l = 0; l < v.L; ++l)
+      std::memcpy(x + (b * v.L + l) * v.c, S + (l * v.N + n0 + b) * v.c,
+                  static_cast<size_t>(v.c) * kF);
 }
 
-// S += x, x in batch-major layout [N, L, c] (inverse of gather).
-void scatter_add(const float* x, int64_t N, int64_t L, int64_t c, bool transposed, float* S) {
-  if (!transposed) {
-    kern::add_inplace(S, c, x, c, N * L, c);
+// Items n0 .. n0+n of S += x [n, L, c].
+void scatter_add(const float* x, const View& v, int64_t n0, int64_t n, float* S) {
+  if (!v.transposed) {
+    kern::add_inplace(S + v.item(n0), v.c, x, v.c, n * v.L, v.c);
     return;
   }
-  for (int64_t n = 0; n < N; ++n) kern::add_inplace(S + n * c, N * c, x + n * L * c, c, L, c);
+  for (int64_t b = 0; b < n; ++b)
+    kern::add_inplace(S + v.item(n0 + b), v.row_stride(), x + b * v.L * v.c, v.c, v.L, v.c);
 }
 
-kern::AttentionArgs attention_args(const AttentionState& st, int64_t H, int64_t C, int64_t N,
-                                   int64_t L, const float* mask_bias, float* og) {
+// y [n, L, c] = LayerNorm of items n0 .. n0+n of S (statistics [n*L] when mean/rstd non-null).
+void layernorm_items(const LayerNormW& ln, float eps, const float* S, const View& v, int64_t n0,
+                     int64_t n, float* y, float* mean, float* rstd) {
+  if (!v.transposed) {
+    kern::layernorm(S + v.item(n0), v.c, y, v.c, n * v.L, v.c, ln.w.f32(), ln.b.f32(), eps, mean,
+                    rstd);
+    return;
+  }
+  for (int64_t b = 0; b < n; ++b)
+    kern::layernorm(S + v.item(n0 + b), v.row_stride(), y + b * v.L * v.c, v.c, v.L, v.c,
+                    ln.w.f32(), ln.b.f32(), eps, mean ? mean + b * v.L : nullptr,
+                    rstd ? rstd + b * v.L : nullptr);
+}
+
+kern::AttentionArgs attention_args(const float* qkvg, int64_t H, int64_t C, int64_t n, int64_t L,
+                                   const float* mask_bias, const float* bias, float* og) {
   const int64_t hc = H * C, ld = 4 * hc;
-  const float* p = st.qkvg.f32();
   kern::AttentionArgs a;
-  a.B = N, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
+  a.B = n, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
   a.scale = 1.f / std::sqrt(static_cast<float>(C));
-  a.q = p, a.q_bs = L * ld, a.q_rs = ld;
-  a.k = p + hc, a.k_bs = L * ld, a.k_rs = ld;
-  a.v = p + 2 * hc, a.v_bs = L * ld, a.v_rs = ld;
-  a.gate = p + 3 * hc, a.g_bs = L * ld, a.g_rs = ld;
+  a.q = qkvg, a.q_bs = L * ld, a.q_rs = ld;
+  a.k = qkvg + hc, a.k_bs = L * ld, a.k_rs = ld;
+  a.v = qkvg + 2 * hc, a.v_bs = L * ld, a.v_rs = ld;
+  a.gate = qkvg + 3 * hc, a.g_bs = L * ld, a.g_rs = ld;
   a.o = og, a.o_bs = L * hc, a.o_rs = hc;
   a.mask_bias = mask_bias;
-  a.pair_bias = st.bias.defined() ? st.bias.f32() : nullptr;
+  a.pair_bias = bias;
   return a;
 }
 
-// Bias branch forward: bias[h][q][k] = (LN(z) W^T)[q, k, h] (or [k, q, h] when transposed).
-void bias_train(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx, const float* z,
-                bool transposed, AttentionState* st) {
+// Bias branch forward: bias[h][q][k] = (LN(z) W^T)[q, k, h] (or [k, q, h] when transposed), by
+// blocks of rows of z.
+Tensor bias_forward(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                    const float* z, bool transposed) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
-  st->b_in = Tensor::empty({r * r, cz});
-  std::memcpy(st->b_in.f32(), z, st->b_in.nbytes());
-  st->b_mean = Tensor::empty({r * r});
-  st->b_rstd = Tensor::empty({r * r});
-  st->b_ln = Tensor::empty({r * r, cz});
-  kern::layernorm(z, cz, st->b_ln.f32(), cz, r * r, cz, ln.w.f32(), ln.b.f32(), ctx.cfg->eps_ln,
-                  st->b_mean.f32(), st->b_rstd.f32());
-  Tensor t = Tensor::empty({r * r, H});  // [(q, k), h]
-  kern::linear(st->b_ln.f32(), cz, r * r, cz, lin.w.f32(), nullptr, H, t.f32(), H);
-  st->bias = Tensor::empty({H, r, r});
-  const float* tp = t.f32();
-  float* bp = st->bias.f32();
+  const int64_t ch = bias_train_chunk(ctx, H);
+  Tensor bias = Tensor::empty({H, r, r});
+  Tensor x = Tensor::empty({ch * r, cz});  // LN(z) of a row block
+  Tensor t = Tensor::empty({ch * r, H});   // [(q, k), h] of a row block
+  float* bp = bias.f32();
+  for (int64_t i0 = 0; i0 < r; i0 += ch) {
+    const int64_t n = std::min(ch, r - i0);
+    kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(),
+                    ctx.cfg->eps_ln);
+    kern::linear(x.f32(), cz, n * r, cz, lin.w.f32(), nullptr, H, t.f32(), H);
+    const float* tp = t.f32();
 #pragma omp parallel for schedule(static)
-  for (int64_t q = 0; q < r; ++q)
-    for (int64_t k = 0; k < r; ++k)
-      for (int64_t h = 0; h < H; ++h)
-        bp[(h * r + q) * r + k] = tp[(transposed ? k * r + q : q * r + k) * H + h];
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t h = 0; h < H; ++h) {
+          const float val = tp[(i * r + k) * H + h];
+          if (transposed)
+            bp[(h * r + k) * r + i0 + i] = val;
+          else
+            bp[(h * r + i0 + i) * r + k] = val;
+        }
+  }
+  return bias;
 }
 
-// Bias branch backward: dz += d(bias)/dz^T dbias; parameter gradients accumulate.
+// Bias branch backward, by blocks of rows of z: dz += d(bias)/dz^T dbias (LN(z) recomputed);
+// parameter gradients accumulate.
 void bias_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln, LinearW* glin,
-                   const BlockContext& ctx, bool transposed, const AttentionState& st,
-                   const float* dbias, float* dz) {
+                   const BlockContext& ctx, bool transposed, const float* z, const float* dbias,
+                   float* dz) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
-  Tensor dt = Tensor::empty({r * r, H});  // [(q, k), h]
+  const int64_t ch = bias_train_chunk(ctx, H);
+  Tensor x = Tensor::empty({ch * r, cz});  // LN(z) of a row block
+  Tensor mean = Tensor::empty({ch * r});
+  Tensor rstd = Tensor::empty({ch * r});
+  Tensor dt = Tensor::empty({ch * r, H});    // [(q, k), h] gradient of the row block
+  Tensor dln = Tensor::empty({ch * r, cz});  // dL/d LN(z) of the row block
+  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, cz)});
   float* dtp = dt.f32();
+  for (int64_t i0 = 0; i0 < r; i0 += ch) {
+    const int64_t n = std::min(ch, r - i0);
+    const float* zr = z + i0 * r * cz;
+    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(), ctx.cfg->eps_ln,
+                    mean.f32(), rstd.f32());
 #pragma omp parallel for schedule(static)
-  for (int64_t q = 0; q < r; ++q)
-    for (int64_t k = 0; k < r; ++k)
-      for (int64_t h = 0; h < H; ++h)
-        dtp[(transposed ? k * r + q : q * r + k) * H + h] = dbias[(h * r + q) * r + k];
-  Tensor dln = Tensor::empty({r * r, cz});
-  kern::linear_backward(st.b_ln.f32(), cz, r * r, cz, lin.w.f32(), H, dtp, H, dln.f32(), cz,
-                        glin->w.f32(), nullptr);
-  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(r * r, cz)});
-  kern::layernorm_backward(st.b_in.f32(), cz, dln.f32(), cz, r * r, cz, ln.w.f32(), st.b_mean.f32(),
-                           st.b_rstd.f32(), dz, cz, gln->w.f32(), gln->b.f32(), scratch.f32(),
-                           /*accumulate=*/true);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < r; ++k)
+        for (int64_t h = 0; h < H; ++h)
+          dtp[(i * r + k) * H + h] =
+              transposed ? dbias[(h * r + k) * r + i0 + i] : dbias[(h * r + i0 + i) * r + k];
+    kern::linear_backward(x.f32(), cz, n * r, cz, lin.w.f32(), H, dtp, H, dln.f32(), cz,
+                          glin->w.f32(), nullptr);
+    kern::layernorm_backward(zr, cz, dln.f32(), cz, n * r, cz, ln.w.f32(), mean.f32(), rstd.f32(),
+                             dz + i0 * r * cz, cz, gln->w.f32(), gln->b.f32(), scratch.f32(),
+                             /*accumulate=*/true);
+  }
 }
 
-// Attention forward on a gathered input: fills x_in (from S), the LN, q|k|v|g and the gated
-// output in st, and adds the update to the stream S.
-void attention_train(const char* module, const LayerNormW& ln, const GatedAttentionW& w, int64_t H,
-                     int64_t C, const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
-                     bool transposed, const float* mask_bias, AttentionState* st) {
-  const int64_t hc = H * C, rows = N * L;
-  st->x_in = Tensor::empty({N, L, c});
-  gather(S, N, L, c, transposed, st->x_in.f32());
-  st->mean = Tensor::empty({rows});
-  st->rstd = Tensor::empty({rows});
-  st->x_ln = Tensor::empty({N, L, c});
-  kern::layernorm(st->x_in.f32(), c, st->x_ln.f32(), c, rows, c, ln.w.f32(), ln.b.f32(),
-                  ctx.cfg->eps_ln, st->mean.f32(), st->rstd.f32());
-  st->qkvg = Tensor::empty({rows, 4 * hc});
-  kern::linear(st->x_ln.f32(), c, rows, c, w.w_qkvg.f32(), w.b_qkvg.f32(), 4 * hc, st->qkvg.f32(),
+// The module's weights and shapes as the chunk functions need them.
+struct Attn {
+  const char* module;  // golden trace name (dropout key)
+  const LayerNormW& ln;
+  const GatedAttentionW& w;
+  int64_t H, C;
+  View v;
+  const float* mask_bias;  // [N, L]
+};
+
+// q|k|v|g and the gated output of items n0 .. n0+n from their normalised input x_ln [n, L, c].
+AttentionChunk chunk_state(const Attn& at, const BlockContext& ctx, const float* x_ln, int64_t n0,
+                           int64_t n, const float* bias) {
+  const int64_t hc = at.H * at.C, c = at.v.c, rows = n * at.v.L;
+  AttentionChunk k;
+  k.qkvg = Tensor::empty({rows, 4 * hc});
+  kern::linear(x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
                4 * hc);
-  st->og = Tensor::empty({rows, hc});
-  const kern::AttentionArgs a = attention_args(*st, H, C, N, L, mask_bias, st->og.f32());
-  {
-    Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
-    kern::attention(a, scratch.f32(), ctx.threads);
-  }
-  Tensor u = Tensor::empty({N, L, c});  // update
-  kern::linear(st->og.f32(), hc, rows, hc, w.o.w.f32(), w.o.b.f32(), c, u.f32(), c);
-  apply_dropout(u.f32(), N, L, c, dropout_mask(ctx, module, L, c));
-  scatter_add(u.f32(), N, L, c, transposed, S);
+  k.og = Tensor::empty({rows, hc});
+  const kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
+                                               at.mask_bias + n0 * at.v.L, bias, k.og.f32());
+  Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
+  kern::attention(a, scratch.f32(), ctx.threads);
+  return k;
 }
 
-// Attention backward. dS holds dL/d(stream out); on return dL/d(stream in) (accumulated).
-// dbias [H, L, L] accumulates the bias gradient when non-null.
-void attention_backward(const char* module, const LayerNormW& ln, const GatedAttentionW& w,
-                        LayerNormW* gln, GatedAttentionW* gw, int64_t H, int64_t C,
-                        const BlockContext& ctx, float* dS, int64_t N, int64_t L, int64_t c,
-                        bool transposed, const float* mask_bias, const AttentionState& st,
-                        float* dbias) {
-  const int64_t hc = H * C, rows = N * L;
-  Tensor du = Tensor::empty({N, L, c});  // dL/d update, then dL/d x_in
-  gather(dS, N, L, c, transposed, du.f32());
-  apply_dropout(du.f32(), N, L, c, dropout_mask(ctx, module, L, c));
-  Tensor dog = Tensor::empty({rows, hc});
-  kern::linear_backward(st.og.f32(), hc, rows, hc, w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
-                        gw->o.w.f32(), gw->o.b.f32());
-  Tensor dqkvg = Tensor::empty({rows, 4 * hc});
-  {
-    kern::AttentionArgs a = attention_args(st, H, C, N, L, mask_bias, nullptr);
-    kern::AttentionGrads g;
-    float* d = dqkvg.f32();
-    g.d_out = dog.f32();
-    g.dq = d, g.dk = d + hc, g.dv = d + 2 * hc, g.dgate = d + 3 * hc;
-    g.d_pair_bias = dbias;
-    Tensor scratch =
-        Tensor::empty({kern::attention_backward_scratch_floats(a, ctx.threads, dbias != nullptr)});
-    kern::attention_backward(a, g, scratch.f32(), ctx.threads);
+// Forward over all chunks: S += update; chunk states appended to `keep` when non-null.
+void attention_forward(const Attn& at, const BlockContext& ctx, float* S, const float* bias,
+                       std::vector<AttentionChunk>* keep) {
+  const View& v = at.v;
+  const int64_t ch = attention_train_chunk(ctx, v.N, v.L, v.c, at.H * at.C);
+  const Tensor mask = dropout_mask(ctx, at.module, v.L, v.c);  // [L, c] or undefined
+  for (int64_t n0 = 0; n0 < v.N; n0 += ch) {
+    const int64_t n = std::min(ch, v.N - n0);
+    AttentionChunk k;
+    {
+      Tensor x_ln = Tensor::empty({n, v.L, v.c});
+      layernorm_items(at.ln, ctx.cfg->eps_ln, S, v, n0, n, x_ln.f32(), nullptr, nullptr);
+      k = chunk_state(at, ctx, x_ln.f32(), n0, n, bias);
+    }
+    {
+      Tensor u = Tensor::empty({n, v.L, v.c});  // update of the chunk
+      kern::linear(k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(), at.w.o.b.f32(),
+                   v.c, u.f32(), v.c);
+      apply_dropout(u.f32(), n, v.L, v.c, mask);
+      scatter_add(u.f32(), v, n0, n, S);
+    }
+    if (keep) keep->push_back(std::move(k));
   }
-  dog = Tensor();
-  Tensor dln = Tensor::empty({rows, c});
-  kern::linear_backward(st.x_ln.f32(), c, rows, c, w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
-                        dln.f32(), c, gw->w_qkvg.f32(), gw->b_qkvg.f32());
-  dqkvg = Tensor();
-  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, c)});
-  kern::layernorm_backward(st.x_in.f32(), c, dln.f32(), c, rows, c, ln.w.f32(), st.mean.f32(),
-                           st.rstd.f32(), du.f32(), c, gln->w.f32(), gln->b.f32(), scratch.f32());
-  scatter_add(du.f32(), N, L, c, transposed, dS);
+}
+
+// Backward over all chunks. S_in: the module input; dS: dL/d out on entry, dL/d in on exit.
+// kept: the forward's chunk states (freed one by one) or empty (recomputed one by one).
+// dbias [H, L, L] accumulates the bias gradient when non-null.
+void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
+                        const BlockContext& ctx, const float* S_in, float* dS, const float* bias,
+                        std::vector<AttentionChunk>* kept, float* dbias) {
+  const View& v = at.v;
+  const int64_t hc = at.H * at.C, c = v.c;
+  const int64_t ch = attention_train_chunk(ctx, v.N, v.L, c, hc);
+  const Tensor mask = dropout_mask(ctx, at.module, v.L, c);  // [L, c] or undefined
+  FC_CHECK_MSG(kept->empty() || static_cast<int64_t>(kept->size()) == (v.N + ch - 1) / ch,
+               "attention state was saved with another chunking");
+  for (int64_t n0 = 0, idx = 0; n0 < v.N; n0 += ch, ++idx) {
+    const int64_t n = std::min(ch, v.N - n0), rows = n * v.L;
+    Tensor x_ln = Tensor::empty({n, v.L, c});
+    Tensor mean = Tensor::empty({rows});
+    Tensor rstd = Tensor::empty({rows});
+    layernorm_items(at.ln, ctx.cfg->eps_ln, S_in, v, n0, n, x_ln.f32(), mean.f32(), rstd.f32());
+    AttentionChunk k =
+        kept->empty() ? chunk_state(at, ctx, x_ln.f32(), n0, n, bias) : std::move((*kept)[idx]);
+    Tensor du = Tensor::empty({n, v.L, c});  // dL/d update, then dL/d x_in
+    gather(dS, v, n0, n, du.f32());
+    apply_dropout(du.f32(), n, v.L, c, mask);
+    Tensor dog = Tensor::empty({rows, hc});
+    kern::linear_backward(k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
+                          gw->o.w.f32(), gw->o.b.f32());
+    k.og = Tensor();
+    Tensor dqkvg = Tensor::empty({rows, 4 * hc});
+    {
+      const kern::AttentionArgs a =
+          attention_args(k.qkvg.f32(), at.H, at.C, n, v.L, at.mask_bias + n0 * v.L, bias, nullptr);
+      kern::AttentionGrads g;
+      float* d = dqkvg.f32();
+      g.d_out = dog.f32();
+      g.dq = d, g.dk = d + hc, g.dv = d + 2 * hc, g.dgate = d + 3 * hc;
+      g.d_pair_bias = dbias;
+      Tensor scratch = Tensor::empty(
+          {kern::attention_backward_scratch_floats(a, ctx.threads, dbias != nullptr)});
+      kern::attention_backward(a, g, scratch.f32(), ctx.threads);
+    }
+    dog = Tensor();
+    Tensor dln = Tensor::empty({rows, c});
+    kern::linear_backward(x_ln.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
+                          dln.f32(), c, gw->w_qkvg.f32(), gw->b_qkvg.f32());
+    dqkvg = Tensor();
+    k.qkvg = Tensor();
+    x_ln = Tensor();
+    {
+      // The chunk's input rows: in place in S_in, or gathered [n, L, c] when transposed.
+      Tensor x = v.transposed ? Tensor::empty({n, v.L, c}) : Tensor();
+      if (v.transposed) gather(S_in, v, n0, n, x.f32());
+      const float* xp = v.transposed ? x.f32() : S_in + v.item(n0);
+      Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, c)});
+      kern::layernorm_backward(xp, c, dln.f32(), c, rows, c, at.ln.w.f32(), mean.f32(), rstd.f32(),
+                               du.f32(), c, gln->w.f32(), gln->b.f32(), scratch.f32());
+    }
+    scatter_add(du.f32(), v, n0, n, dS);
+  }
+  kept->clear();
+}
+
+Attn row_attn(const MsaRowAttentionW& w, const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  return {"msa_att_row",
+          w.ln_m,
+          w.mha,
+          cfg.no_heads_msa,
+          cfg.c_hidden_msa_att,
+          {ctx.s, ctx.r, cfg.c_m, false},
+          ctx.msa_bias};
+}
+Attn col_attn(const MsaColumnAttentionW& w, const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  return {"msa_att_col",
+          w.ln_m,
+          w.mha,
+          cfg.no_heads_msa,
+          cfg.c_hidden_msa_att,
+          {ctx.r, ctx.s, cfg.c_m, true},
+          ctx.msa_bias_t};
+}
+Attn tri_attn(const TriangleAttentionW& w, const BlockContext& ctx, bool ending) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  return {ending ? "tri_att_end" : "tri_att_start",
+          w.ln,
+          w.mha,
+          cfg.no_heads_pair,
+          cfg.c_hidden_pair_att,
+          {ctx.r, ctx.r, cfg.c_z, ending},
+          ending ? ctx.pair_bias_t : ctx.pair_bias};
 }
 
 }  // namespace
 
+int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int64_t c,
+                              int64_t hc) {
+  // Per item: the chunk state (q|k|v|g, og) and the backward's buffers (x_ln, du, dln, dog,
+  // dq|dk|dv|dg).
+  return pick_chunk(ctx, N, L * (3 * c + 10 * hc) * kF);
+}
+
+int64_t bias_train_chunk(const BlockContext& ctx, int64_t H) {
+  // Per row of z: LN(z) and its gradient, the bias rows and their gradient.
+  return pick_chunk(ctx, ctx.r, ctx.r * (2 * ctx.cfg->c_z + 2 * H + 2) * kF);
+}
+
 void msa_row_attention_train(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,
                              const float* z, AttentionState* st) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  bias_train(w.ln_z, w.lin_z, ctx, z, false, st);
-  attention_train("msa_att_row", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m,
-                  ctx.s, ctx.r, cfg.c_m, false, ctx.msa_bias, st);
+  Tensor bias = bias_forward(w.ln_z, w.lin_z, ctx, z, false);  // [H_m, r, r]
+  attention_forward(row_attn(w, ctx), ctx, m, bias.f32(), st ? &st->chunks : nullptr);
+  if (st) st->bias = std::move(bias);
 }
 
 void msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
-                                const BlockContext& ctx, const AttentionState& st, float* dm,
-                                float* dz) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t H = cfg.no_heads_msa, r = ctx.r;
-  Tensor dbias = Tensor::zeros({H, r, r});
-  attention_backward("msa_att_row", w.ln_m, w.mha, &g->ln_m, &g->mha, H, cfg.c_hidden_msa_att, ctx,
-                     dm, ctx.s, r, cfg.c_m, false, ctx.msa_bias, st, dbias.f32());
-  bias_backward(w.ln_z, w.lin_z, &g->ln_z, &g->lin_z, ctx, false, st, dbias.f32(), dz);
+                                const BlockContext& ctx, const float* m_in, const float* z_in,
+                                AttentionState* st, float* dm, float* dz) {
+  const int64_t H = ctx.cfg->no_heads_msa, r = ctx.r;
+  Tensor bias = st->bias.defined() ? st->bias : bias_forward(w.ln_z, w.lin_z, ctx, z_in, false);
+  st->bias = Tensor();
+  Tensor dbias = Tensor::zeros({H, r, r});  // [H, r, r]
+  attention_backward(row_attn(w, ctx), &g->ln_m, &g->mha, ctx, m_in, dm, bias.f32(), &st->chunks,
+                     dbias.f32());
+  bias = Tensor();
+  bias_backward(w.ln_z, w.lin_z, &g->ln_z, &g->lin_z, ctx, false, z_in, dbias.f32(), dz);
 }
 
 void msa_column_attention_train(const MsaColumnAttentionW& w, const BlockContext& ctx, float* m,
                                 AttentionState* st) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  attention_train("msa_att_col", w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, m,
-                  ctx.r, ctx.s, cfg.c_m, true, ctx.msa_bias_t, st);
+  attention_forward(col_attn(w, ctx), ctx, m, nullptr, st ? &st->chunks : nullptr);
 }
 
 void msa_column_attention_backward(const MsaColumnAttentionW& w, MsaColumnAttentionW* g,
-                                   const BlockContext& ctx, const AttentionState& st, float* dm) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  attention_backward("msa_att_col", w.ln_m, w.mha, &g->ln_m, &g->mha, cfg.no_heads_msa,
-                     cfg.c_hidden_msa_att, ctx, dm, ctx.r, ctx.s, cfg.c_m, true, ctx.msa_bias_t, st,
+                                   const BlockContext& ctx, const float* m_in, AttentionState* st,
+                                   float* dm) {
+  attention_backward(col_attn(w, ctx), &g->ln_m, &g->mha, ctx, m_in, dm, nullptr, &st->chunks,
                      nullptr);
 }
 
 void triangle_attention_train(const TriangleAttentionW& w, const BlockContext& ctx, bool ending,
                               float* z, AttentionState* st) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  bias_train(w.ln, w.lin, ctx, z, ending, st);
-  attention_train(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, cfg.no_heads_pair,
-                  cfg.c_hidden_pair_att, ctx, z, ctx.r, ctx.r, cfg.c_z, ending,
-                  ending ? ctx.pair_bias_t : ctx.pair_bias, st);
+  Tensor bias = bias_forward(w.ln, w.lin, ctx, z, ending);  // [H_p, r, r]
+  attention_forward(tri_attn(w, ctx, ending), ctx, z, bias.f32(), st ? &st->chunks : nullptr);
+  if (st) st->bias = std::move(bias);
 }
 
 void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW* g,
-                                 const BlockContext& ctx, bool ending, const AttentionState& st,
-                                 float* dz) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t H = cfg.no_heads_pair, r = ctx.r;
-  Tensor dbias = Tensor::zeros({H, r, r});
-  attention_backward(ending ? "tri_att_end" : "tri_att_start", w.ln, w.mha, &g->ln, &g->mha, H,
-                     cfg.c_hidden_pair_att, ctx, dz, r, r, cfg.c_z, ending,
-                     ending ? ctx.pair_bias_t : ctx.pair_bias, st, dbias.f32());
-  bias_backward(w.ln, w.lin, &g->ln, &g->lin, ctx, ending, st, dbias.f32(), dz);
+                                 const BlockContext& ctx, bool ending, const float* z_in,
+                                 AttentionState* st, float* dz) {
+  const int64_t H = ctx.cfg->no_heads_pair, r = ctx.r;
+  Tensor bias = st->bias.defined() ? st->bias : bias_forward(w.ln, w.lin, ctx, z_in, ending);
+  st->bias = Tensor();
+  Tensor dbias = Tensor::zeros({H, r, r});  // [H, r, r]
+  attention_backward(tri_attn(w, ctx, ending), &g->ln, &g->mha, ctx, z_in, dz, bias.f32(),
+                     &st->chunks, dbias.f32());
+  bias = Tensor();
+  bias_backward(w.ln, w.lin, &g->ln, &g->lin, ctx, ending, z_in, dbias.f32(), dz);
 }
 
 }  // namespace fc

@@ -46,20 +46,22 @@ Tensor copy_of(const float* p, const Shape& shape) {
 // Everything a block keeps from its forward for its backward.
 struct BlockState {
   Recompute policy = Recompute::kNone;
-  // kNone: the modules' saved states.
+  // kNone and kModule: module inputs. m_in: before row attention, column attention, MSA
+  // transition; z_in: before row attention (= during the MSA modules and the OPM), tri_mul_out,
+  // tri_mul_in, tri_att_start, tri_att_end, pair_transition. The OPM reads the block's output m,
+  // kept by the caller.
+  Tensor m_in[3], z_in[6];  // [s, r, c_m], [r, r, c_z]
+  // kNone: the modules' saved states besides their inputs (per chunk where the module chunks).
   AttentionState row, col, tri_start, tri_end;
   TransitionState msa_trans, pair_trans;
   OuterProductMeanState opm;
   TriangleMultiplicationState tri_out, tri_in;
-  // kModule: module inputs. m_in: before row attention, column attention, MSA transition;
-  // z_in: before OPM (= during the MSA modules), tri_mul_out, tri_mul_in, tri_att_start,
-  // tri_att_end, pair_transition. The OPM reads the block's output m, kept by the caller.
-  Tensor m_in[3], z_in[6];  // [s, r, c_m], [r, r, c_z]
   // kBlock: the block input.
   Tensor m0, z0;
 };
 
-// The block forward with every module's training function, saving states as the policy says.
+// The block forward with every module's training function, saving inputs and states as the
+// policy says.
 void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, float* z,
                    Recompute policy, BlockState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
@@ -71,65 +73,35 @@ void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, flo
     st->z0 = copy_of(z, zs);
   }
   const bool keep = policy == Recompute::kNone;
-  const bool inputs = policy == Recompute::kModule;
-  // Each module runs into a state that is moved into st (kNone) or dropped right away.
-  {
-    if (inputs) st->m_in[0] = copy_of(m, ms), st->z_in[0] = copy_of(z, zs);
-    AttentionState a;
-    msa_row_attention_train(w.msa_att_row, ctx, m, z, &a);
-    if (keep) st->row = std::move(a);
-  }
-  {
-    if (inputs) st->m_in[1] = copy_of(m, ms);
-    AttentionState a;
-    msa_column_attention_train(w.msa_att_col, ctx, m, &a);
-    if (keep) st->col = std::move(a);
-  }
-  {
-    if (inputs) st->m_in[2] = copy_of(m, ms);
-    TransitionState t;
-    transition_train(w.msa_transition, ctx, m, s * r, cfg.c_m, &t);
-    if (keep) st->msa_trans = std::move(t);
-  }
+  const bool inputs = policy != Recompute::kBlock;
+  if (inputs) st->m_in[0] = copy_of(m, ms), st->z_in[0] = copy_of(z, zs);
+  msa_row_attention_train(w.msa_att_row, ctx, m, z, keep ? &st->row : nullptr);
+  if (inputs) st->m_in[1] = copy_of(m, ms);
+  msa_column_attention_train(w.msa_att_col, ctx, m, keep ? &st->col : nullptr);
+  if (inputs) st->m_in[2] = copy_of(m, ms);
+  transition_train(w.msa_transition, ctx, m, s * r, cfg.c_m, keep ? &st->msa_trans : nullptr);
   {
     OuterProductMeanState o;
     outer_product_mean_train(w.outer_product_mean, ctx, m, z, &o);
     if (keep) st->opm = std::move(o);
   }
-  {
-    if (inputs) st->z_in[1] = copy_of(z, zs);
-    TriangleMultiplicationState t;
-    triangle_multiplication_train(w.tri_mul_out, ctx, true, z, &t);
-    if (keep) st->tri_out = std::move(t);
-  }
-  {
-    if (inputs) st->z_in[2] = copy_of(z, zs);
-    TriangleMultiplicationState t;
-    triangle_multiplication_train(w.tri_mul_in, ctx, false, z, &t);
-    if (keep) st->tri_in = std::move(t);
-  }
-  {
-    if (inputs) st->z_in[3] = copy_of(z, zs);
-    AttentionState a;
-    triangle_attention_train(w.tri_att_start, ctx, false, z, &a);
-    if (keep) st->tri_start = std::move(a);
-  }
-  {
-    if (inputs) st->z_in[4] = copy_of(z, zs);
-    AttentionState a;
-    triangle_attention_train(w.tri_att_end, ctx, true, z, &a);
-    if (keep) st->tri_end = std::move(a);
-  }
-  {
-    if (inputs) st->z_in[5] = copy_of(z, zs);
-    TransitionState t;
-    transition_train(w.pair_transition, ctx, z, r * r, cfg.c_z, &t);
-    if (keep) st->pair_trans = std::move(t);
-  }
+  if (inputs) st->z_in[1] = copy_of(z, zs);
+  triangle_multiplication_train(w.tri_mul_out, ctx, true, z, keep ? &st->tri_out : nullptr);
+  if (inputs) st->z_in[2] = copy_of(z, zs);
+  triangle_multiplication_train(w.tri_mul_in, ctx, false, z, keep ? &st->tri_in : nullptr);
+  if (inputs) st->z_in[3] = copy_of(z, zs);
+  triangle_attention_train(w.tri_att_start, ctx, false, z, keep ? &st->tri_start : nullptr);
+  if (inputs) st->z_in[4] = copy_of(z, zs);
+  triangle_attention_train(w.tri_att_end, ctx, true, z, keep ? &st->tri_end : nullptr);
+  if (inputs) st->z_in[5] = copy_of(z, zs);
+  transition_train(w.pair_transition, ctx, z, r * r, cfg.c_z, keep ? &st->pair_trans : nullptr);
 }
 
 // Backward of one block. dm, dz: dL/d block output on entry, dL/d block input on exit.
-// m_out: the block's output m (read by the OPM recompute under kModule).
+// m_out: the block's output m (read by the OPM backward). Under kNone the modules' saved states
+// are consumed chunk by chunk; under kModule they are empty, so every module recomputes its
+// state one chunk at a time from its saved input; under kBlock the block forward is re-run with
+// kNone first. Each module input is freed after its module's backward.
 void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& ctx, BlockState* st,
                     const Tensor& m_out, float* dm, float* dz) {
   const EvoformerConfig& cfg = *ctx.cfg;
@@ -145,103 +117,46 @@ void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& 
     block_backward(w, g, ctx, &full, m, dm, dz);
     return;
   }
-  if (st->policy == Recompute::kNone) {
-    transition_backward(w.pair_transition, &g->pair_transition, ctx, st->pair_trans, dz, r * r,
-                        cfg.c_z);
-    st->pair_trans = {};
-    triangle_attention_backward(w.tri_att_end, &g->tri_att_end, ctx, true, st->tri_end, dz);
-    st->tri_end = {};
-    triangle_attention_backward(w.tri_att_start, &g->tri_att_start, ctx, false, st->tri_start, dz);
-    st->tri_start = {};
-    triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, ctx, false, st->tri_in, dz);
-    st->tri_in = {};
-    triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, ctx, true, st->tri_out, dz);
-    st->tri_out = {};
-    outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, st->opm, dz, dm);
-    st->opm = {};
-    transition_backward(w.msa_transition, &g->msa_transition, ctx, st->msa_trans, dm, s * r,
-                        cfg.c_m);
-    st->msa_trans = {};
-    msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, ctx, st->col, dm);
-    st->col = {};
-    msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, ctx, st->row, dm, dz);
-    st->row = {};
-    return;
-  }
-  // kModule: rebuild each module's state from its saved input (on a scratch copy), then backward.
-  auto take = [](Tensor& t) {
-    Tensor x = t.clone();
-    t = Tensor();
-    return x;
-  };
-  {
-    Tensor x = take(st->z_in[5]);
-    TransitionState t;
-    transition_train(w.pair_transition, ctx, x.f32(), r * r, cfg.c_z, &t);
-    transition_backward(w.pair_transition, &g->pair_transition, ctx, t, dz, r * r, cfg.c_z);
-  }
-  {
-    Tensor x = take(st->z_in[4]);
-    AttentionState a;
-    triangle_attention_train(w.tri_att_end, ctx, true, x.f32(), &a);
-    triangle_attention_backward(w.tri_att_end, &g->tri_att_end, ctx, true, a, dz);
-  }
-  {
-    Tensor x = take(st->z_in[3]);
-    AttentionState a;
-    triangle_attention_train(w.tri_att_start, ctx, false, x.f32(), &a);
-    triangle_attention_backward(w.tri_att_start, &g->tri_att_start, ctx, false, a, dz);
-  }
-  {
-    Tensor x = take(st->z_in[2]);
-    TriangleMultiplicationState t;
-    triangle_multiplication_train(w.tri_mul_in, ctx, false, x.f32(), &t);
-    triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, ctx, false, t, dz);
-  }
-  {
-    Tensor x = take(st->z_in[1]);
-    TriangleMultiplicationState t;
-    triangle_multiplication_train(w.tri_mul_out, ctx, true, x.f32(), &t);
-    triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, ctx, true, t, dz);
-  }
-  {
-    Tensor x = st->z_in[0].clone();  // z_in[0] is needed again by the row attention
+  transition_backward(w.pair_transition, &g->pair_transition, ctx, st->z_in[5].f32(),
+                      &st->pair_trans, dz, r * r, cfg.c_z);
+  st->z_in[5] = Tensor();
+  triangle_attention_backward(w.tri_att_end, &g->tri_att_end, ctx, true, st->z_in[4].f32(),
+                              &st->tri_end, dz);
+  st->z_in[4] = Tensor();
+  triangle_attention_backward(w.tri_att_start, &g->tri_att_start, ctx, false, st->z_in[3].f32(),
+                              &st->tri_start, dz);
+  st->z_in[3] = Tensor();
+  triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, ctx, false, st->z_in[2].f32(),
+                                   &st->tri_in, dz);
+  st->z_in[2] = Tensor();
+  triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, ctx, true, st->z_in[1].f32(),
+                                   &st->tri_out, dz);
+  st->z_in[1] = Tensor();
+  if (st->policy == Recompute::kModule) {
     OuterProductMeanState o;
-    outer_product_mean_train(w.outer_product_mean, ctx, m_out.f32(), x.f32(), &o);
-    outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, o, dz, dm);
+    outer_product_mean_train(w.outer_product_mean, ctx, m_out.f32(), nullptr, &o);
+    outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(), o,
+                                dz, dm);
+  } else {
+    outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
+                                st->opm, dz, dm);
+    st->opm = {};
   }
-  {
-    Tensor x = take(st->m_in[2]);
-    TransitionState t;
-    transition_train(w.msa_transition, ctx, x.f32(), s * r, cfg.c_m, &t);
-    transition_backward(w.msa_transition, &g->msa_transition, ctx, t, dm, s * r, cfg.c_m);
-  }
-  {
-    Tensor x = take(st->m_in[1]);
-    AttentionState a;
-    msa_column_attention_train(w.msa_att_col, ctx, x.f32(), &a);
-    msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, ctx, a, dm);
-  }
-  {
-    Tensor x = take(st->m_in[0]);
-    Tensor zc = take(st->z_in[0]);
-    AttentionState a;
-    msa_row_attention_train(w.msa_att_row, ctx, x.f32(), zc.f32(), &a);
-    msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, ctx, a, dm, dz);
-  }
+  transition_backward(w.msa_transition, &g->msa_transition, ctx, st->m_in[2].f32(), &st->msa_trans,
+                      dm, s * r, cfg.c_m);
+  st->m_in[2] = Tensor();
+  msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, ctx, st->m_in[1].f32(), &st->col,
+                                dm);
+  st->m_in[1] = Tensor();
+  msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, ctx, st->m_in[0].f32(),
+                             st->z_in[0].f32(), &st->row, dm, dz);
+  st->m_in[0] = Tensor();
+  st->z_in[0] = Tensor();
 }
 
 // The block's input m as kept by its state (what the previous block's OPM read).
 Tensor block_input_m(const BlockState& st) {
-  switch (st.policy) {
-    case Recompute::kNone:
-      return st.row.x_in;
-    case Recompute::kModule:
-      return st.m_in[0];
-    case Recompute::kBlock:
-      return st.m0;
-  }
-  return Tensor();
+  return st.policy == Recompute::kBlock ? st.m0 : st.m_in[0];
 }
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -264,7 +179,11 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in));
   FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
   FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
-  BlockContext ctx = make_context(cfg, in, opts.chunk);
+  if (opts.chunk < 0 || opts.chunk_target_bytes < 0)
+    return Status::InvalidArgument(
+        "chunk (" + std::to_string(opts.chunk) + ") and chunk_target_bytes (" +
+        std::to_string(opts.chunk_target_bytes) + ") must be >= 0 (0 = automatic)");
+  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
   ctx.dropout = opts.dropout;
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {

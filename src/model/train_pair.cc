@@ -1,11 +1,11 @@
 // Training forward + exact backward of the transitions, the outer product mean and the triangle
-// multiplication (see train.h for the conventions). Each *_train does the arithmetic of the
-// inference function in modules.cc with the same kernels, on whole tensors instead of chunks,
-// and keeps the state its backward needs; the one exception is the outer product of the outer
-// product mean ([r*r, c_o^2]), which both directions rebuild chunk by chunk.
+// multiplication (see train.h for the conventions and chunk axes). Each *_train does the
+// arithmetic of the inference function in modules.cc with the same kernels, chunk by chunk, and
+// keeps the state its backward needs.
 #include <algorithm>
 #include <cstring>
 
+#include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
@@ -16,13 +16,6 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
-
-// A tracked contiguous copy of the floats at p, shaped `shape`.
-Tensor copy_of(const float* p, const Shape& shape) {
-  Tensor t = Tensor::empty(shape);
-  std::memcpy(t.f32(), p, t.nbytes());
-  return t;
-}
 
 void zero(const Tensor& t) {
   if (t.defined()) std::fill(t.f32(), t.f32() + t.numel(), 0.f);
@@ -96,44 +89,74 @@ void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g) {
 }
 
 // ---- Transitions ------------------------------------------------------------------------------
-// Saved: rows * (2c + n*c + 2) floats.
+
+int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  // Per row: the kept hidden row and the backward's buffers (LN(x), dLN(x), dh).
+  return pick_chunk(ctx, rows, (2 * c + 2 * nc + 2) * kF);
+}
 
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                       int64_t c, TransitionState* st) {
-  *st = TransitionState{};
   const int64_t nc = w.l1.w.dim(0);
-  st->x_in = copy_of(x, {rows, c});
-  st->mean = Tensor::empty({rows});
-  st->rstd = Tensor::empty({rows});
-  st->x_ln = Tensor::empty({rows, c});
-  st->h = Tensor::empty({rows, nc});
-  kern::layernorm(x, c, st->x_ln.f32(), c, rows, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
-                  st->mean.f32(), st->rstd.f32());
-  kern::linear(st->x_ln.f32(), c, rows, c, w.l1.w.f32(), w.l1.b.f32(), nc, st->h.f32(), nc);
-  kern::relu_inplace(st->h.f32(), nc, rows, nc);
-  kern::linear(st->h.f32(), nc, rows, nc, w.l2.w.f32(), w.l2.b.f32(), c, x, c, true);
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    float* xr = x + r0 * c;
+    Tensor h = Tensor::empty({n, nc});  // relu(linear_1(LN(x))) of the chunk
+    {
+      Tensor x_ln = Tensor::empty({n, c});
+      kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+    }
+    kern::relu_inplace(h.f32(), nc, n, nc);
+    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
+    if (st) st->h.push_back(std::move(h));
+  }
 }
 
-// dL/d out (dx) is fully read by the first linear_backward before anything accumulates into dx,
-// so it needs no copy.
+// dL/d out (the chunk's rows of dx) is fully read by the first linear_backward before anything
+// accumulates into them, so it needs no copy.
 void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
-                         const TransitionState& st, float* dx, int64_t rows, int64_t c) {
+                         const float* x_in, TransitionState* st, float* dx, int64_t rows,
+                         int64_t c) {
   const int64_t nc = w.l1.w.dim(0);
-  Tensor dxln = Tensor::empty({rows, c});  // dL/d LN(x)
-  {
-    Tensor dh = Tensor::empty({rows, nc});  // dL/d h, then dL/d linear_1 output
-    kern::linear_backward(st.h.f32(), nc, rows, nc, w.l2.w.f32(), c, dx, c, dh.f32(), nc,
-                          g->l2.w.f32(), g->l2.b.f32());
-    kern::relu_backward(st.h.f32(), nc, dh.f32(), nc, dh.f32(), nc, rows, nc);
-    kern::linear_backward(st.x_ln.f32(), c, rows, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
+               "transition state was saved with another chunking");
+  for (int64_t r0 = 0, idx = 0; r0 < rows; r0 += ch, ++idx) {
+    const int64_t n = std::min(ch, rows - r0);
+    const float* xr = x_in + r0 * c;
+    float* dxr = dx + r0 * c;
+    Tensor x_ln = Tensor::empty({n, c});
+    Tensor mean = Tensor::empty({n});
+    Tensor rstd = Tensor::empty({n});
+    kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
+                    mean.f32(), rstd.f32());
+    Tensor h;  // [n, nc] kept by the forward, or recomputed
+    if (st->h.empty()) {
+      h = Tensor::empty({n, nc});
+      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+      kern::relu_inplace(h.f32(), nc, n, nc);
+    } else {
+      h = std::move(st->h[idx]);
+    }
+    Tensor dh = Tensor::empty({n, nc});  // dL/d h, then dL/d linear_1 output
+    kern::linear_backward(h.f32(), nc, n, nc, w.l2.w.f32(), c, dxr, c, dh.f32(), nc, g->l2.w.f32(),
+                          g->l2.b.f32());
+    kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
+    h = Tensor();
+    Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
+    kern::linear_backward(x_ln.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
                           g->l1.w.f32(), g->l1.b.f32());
+    dh = Tensor();
+    x_ln = Tensor();
+    layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, mean.f32(), rstd.f32(), dxr, &g->ln, true);
   }
-  layernorm_backward_into(st.x_in.f32(), dxln.f32(), rows, c, w.ln, st.mean.f32(), st.rstd.f32(),
-                          dx, &g->ln, true);
+  st->h.clear();
 }
 
 // ---- Outer product mean -----------------------------------------------------------------------
-// Saved: s*r*(2 c_m + 2 c_o + 2) + r*r floats.
+// Saved: s*r*(c_m + 2 c_o + 2) + r*r floats (the input m is the caller's).
 
 void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                               float* z, OuterProductMeanState* st) {
@@ -141,7 +164,6 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
   const int64_t sr = s * r;
-  st->m_in = copy_of(m, {sr, cm});
   st->mean = Tensor::empty({sr});
   st->rstd = Tensor::empty({sr});
   st->x_ln = Tensor::empty({sr, cm});
@@ -166,6 +188,7 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   }
   st->norm = Tensor::empty({r, r});
   kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, st->norm.f32(), r);
+  if (!z) return;
 
   const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
   Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
@@ -188,8 +211,8 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
 }
 
 void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
-                                 const BlockContext& ctx, const OuterProductMeanState& st,
-                                 const float* dz, float* dm) {
+                                 const BlockContext& ctx, const float* m_in,
+                                 const OuterProductMeanState& st, const float* dz, float* dm) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
   const int64_t sr = s * r, rco = r * co;
@@ -248,132 +271,206 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
     kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
                           dxln.f32(), cm, g->l12.w.f32(), g->l12.b.f32());
   }
-  layernorm_backward_into(st.m_in.f32(), dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm,
-                          &g->ln, true);
+  layernorm_backward_into(m_in, dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
+                          true);
 }
 
-// ---- Triangle multiplication ------------------------------------------------------------------
-// Saved: r*r*(4 c_z + 8 c_t + 4) floats.
+// ---- Triangle multiplication ----------------------------------------------------------------
+// Saved: the products P, c_t r^2 floats. Phase 1 (projections, A, B, products) runs by channel
+// groups of A and B; phase 2 (LN_out, linear_z, the gate, the update) by pair rows i. The
+// backward runs phase 2 backward by rows (giving dP), then phase 1 backward by groups.
+
+TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  TriMulTrainChunks c;
+  // Per channel of a group (backward): projections t and their gradient (4 + 4), A, B, dA, dB.
+  c.group = pick_chunk(ctx, ct, 12 * r * r * kF);
+  // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
+  c.rows = pick_chunk(ctx, r, r * (3 * ct + 5 * cz + 2) * kF);
+  return c;
+}
+
+namespace {
+
+// t [r*r, 4*nc] = a_p | a_g | b_p | b_g of channels c0 .. c0+nc from x_ln [r*r, c_z] (the rows
+// part*c_t + c0 .. of the fused linear a_p | a_g | b_p | b_g).
+void tri_mul_project(const TriangleMultiplicationW& w, const float* x_ln, int64_t rr, int64_t cz,
+                     int64_t ct, int64_t c0, int64_t nc, float* t) {
+  for (int64_t part = 0; part < 4; ++part)
+    kern::linear(x_ln, cz, rr, cz, w.ab.w.f32() + (part * ct + c0) * cz,
+                 w.ab.b.f32() + part * ct + c0, nc, t + part * nc, 4 * nc);
+}
+
+// Gates t [rr, 4*nc] in place into a | . | b | . and writes a, b channel-major into A, B [nc, rr]
+// (a = mask * sigmoid(a_g) * a_p), as the inference path does.
+void tri_mul_gate(const BlockContext& ctx, int64_t rr, int64_t nc, float* t, float* A, float* B) {
+  const int64_t ld = 4 * nc;
+  for (int64_t part = 0; part < 2; ++part) {  // a, then b
+    float* proj = t + 2 * part * nc;          // [rr, nc] with ld 4*nc
+    kern::sigmoid_inplace(proj + nc, ld, rr, nc);
+    kern::mul_inplace(proj, ld, proj + nc, ld, rr, nc);
+    kern::scale_rows(proj, ld, ctx.pair_mask, rr, nc);
+    kern::transpose(proj, ld, part ? B : A, rr, rr, nc);
+  }
+}
+
+// Phase 1: the triangle products P [c_t, r, r] from x_ln = LN_in(z) [r*r, c_z], channel group by
+// channel group (outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c).
+Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
+                        const float* x_ln) {
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t cg = tri_mul_train_chunks(ctx).group;
+  Tensor P = Tensor::empty({ct, r, r});
+  Tensor t = Tensor::empty({rr, 4 * cg});  // projections of the group, gated in place
+  Tensor A = Tensor::empty({cg, r, r});    // a of the group, channel-major
+  Tensor B = Tensor::empty({cg, r, r});
+  for (int64_t c0 = 0; c0 < ct; c0 += cg) {
+    const int64_t nc = std::min(cg, ct - c0);
+    tri_mul_project(w, x_ln, rr, cz, ct, c0, nc, t.f32());
+    tri_mul_gate(ctx, rr, nc, t.f32(), A.f32(), B.f32());
+    kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
+                       P.f32() + c0 * rr, r, rr);
+  }
+  return P;
+}
+
+}  // namespace
 
 void triangle_multiplication_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
                                    bool outgoing, float* z, TriangleMultiplicationState* st) {
-  *st = TriangleMultiplicationState{};
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
   const float eps = cfg.eps_ln;
-  st->z_in = copy_of(z, {rr, cz});
-  st->mean = Tensor::empty({rr});
-  st->rstd = Tensor::empty({rr});
-  st->x_ln = Tensor::empty({rr, cz});
-  st->t = Tensor::empty({rr, 4 * ct});
-  st->A = Tensor::empty({ct, r, r});
-  st->B = Tensor::empty({ct, r, r});
-  kern::layernorm(z, cz, st->x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps,
-                  st->mean.f32(), st->rstd.f32());
-  kern::linear(st->x_ln.f32(), cz, rr, cz, w.ab.w.f32(), w.ab.b.f32(), 4 * ct, st->t.f32(), 4 * ct);
+  Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z)
+  kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+  Tensor P = tri_mul_products(w, ctx, outgoing, x_ln.f32());
   {
-    Tensor t = st->t.clone();  // [rr, 4*ct] gated in place, as in the inference path
-    float* tp = t.f32();
-    for (int64_t part = 0; part < 2; ++part) {  // a, then b
-      float* proj = tp + 2 * part * ct;         // [rr, ct] with ld 4*ct
-      kern::sigmoid_inplace(proj + ct, 4 * ct, rr, ct);
-      kern::mul_inplace(proj, 4 * ct, proj + ct, 4 * ct, rr, ct);
-      kern::scale_rows(proj, 4 * ct, ctx.pair_mask, rr, ct);
-      kern::transpose(proj, 4 * ct, (part ? st->B : st->A).f32(), rr, rr, ct);
+    const Tensor mask = dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz);
+    const int64_t ch = tri_mul_train_chunks(ctx).rows;
+    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
+    Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
+    Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
+    for (int64_t i0 = 0; i0 < r; i0 += ch) {
+      const int64_t n = std::min(ch, r - i0);
+      float* pp = p.f32();
+      kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
+      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+      kern::linear(x_ln.f32() + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz,
+                   g.f32(), cz);
+      kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
+      apply_dropout(y.f32(), n, r, cz, mask);
+      kern::add_inplace(z + i0 * r * cz, cz, y.f32(), cz, n * r, cz);
     }
   }
-  st->p = Tensor::empty({rr, ct});
-  {
-    Tensor P = Tensor::empty({ct, r, r});  // triangle products, channel-major
-    // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
-    kern::gemm_batched(ct, !outgoing, outgoing, r, r, r, 1.f, st->A.f32(), r, rr, st->B.f32(), r,
-                       rr, 0.f, P.f32(), r, rr);
-    kern::transpose(P.f32(), rr, st->p.f32(), ct, ct, rr);
-  }
-  st->mean2 = Tensor::empty({rr});
-  st->rstd2 = Tensor::empty({rr});
-  st->p_ln = Tensor::empty({rr, ct});
-  st->y = Tensor::empty({rr, cz});
-  st->g = Tensor::empty({rr, cz});
-  kern::layernorm(st->p.f32(), ct, st->p_ln.f32(), ct, rr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(),
-                  eps, st->mean2.f32(), st->rstd2.f32());
-  kern::linear(st->p_ln.f32(), ct, rr, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, st->y.f32(), cz);
-  kern::linear(st->x_ln.f32(), cz, rr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, st->g.f32(), cz);
-  Tensor u = st->y.clone();  // [rr, cz] the update y * sigmoid(g)
-  kern::sigmoid_mul(u.f32(), cz, st->g.f32(), cz, rr, cz);
-  apply_dropout(u.f32(), r, r, cz,
-                dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz));
-  kern::add_inplace(z, cz, u.f32(), cz, rr, cz);
+  if (st) st->P = std::move(P);
 }
 
-// dL/d out (dz) is fully read by sigmoid_mul_backward before anything accumulates into dz, so it
-// needs no copy (with dropout, the masked copy du is read instead).
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
-                                      const BlockContext& ctx, bool outgoing,
-                                      const TriangleMultiplicationState& st, float* dz) {
+                                      const BlockContext& ctx, bool outgoing, const float* z_in,
+                                      TriangleMultiplicationState* st, float* dz) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
-  Tensor du;  // [rr, cz] dL/d update through the dropout mask (training mode only)
-  const Tensor mask = dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz);
-  if (mask.defined()) {
-    du = Tensor::empty({rr, cz});
-    std::memcpy(du.f32(), dz, du.nbytes());
-    apply_dropout(du.f32(), r, r, cz, mask);
-  }
-  const float* dupd = mask.defined() ? du.f32() : dz;
+  const float eps = cfg.eps_ln;
+  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
+  Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z_in)
+  Tensor mean = Tensor::empty({rr});
+  Tensor rstd = Tensor::empty({rr});
+  kern::layernorm(z_in, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps,
+                  mean.f32(), rstd.f32());
+  Tensor P = st->P.defined() ? std::move(st->P) : tri_mul_products(w, ctx, outgoing, x_ln.f32());
+  st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});  // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, r, r});  // dL/d triangle products, channel-major
   {
-    Tensor dy = Tensor::empty({rr, cz});  // dL/d y (linear_z output, before gating)
-    {
-      Tensor dg = Tensor::empty({rr, cz});  // dL/d g (pre-sigmoid gate)
-      kern::sigmoid_mul_backward(st.y.f32(), cz, st.g.f32(), cz, dupd, cz, dy.f32(), cz, dg.f32(),
-                                 cz, rr, cz);
-      kern::linear_backward(st.x_ln.f32(), cz, rr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
-                            dxln.f32(), cz, g->lin_g.w.f32(), g->lin_g.b.f32());
+    // Phase 2 backward, by rows i: dP and the gate branch's part of dxln (the dL/d out rows of dz
+    // are read before the LN_in backward at the end accumulates into them).
+    const Tensor mask = dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz);
+    const int64_t ch = chunks.rows;
+    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last
+    Tensor mean2 = Tensor::empty({ch * r});  // LN_out statistics
+    Tensor rstd2 = Tensor::empty({ch * r});
+    Tensor p_ln = Tensor::empty({ch * r, ct});  // LN_out(p)
+    Tensor y = Tensor::empty({ch * r, cz});     // linear_z(p_ln), before gating
+    Tensor gt = Tensor::empty({ch * r, cz});    // linear_g(x_ln), pre-sigmoid
+    Tensor du = Tensor::empty({ch * r, cz});    // dL/d update (through the dropout mask)
+    Tensor dy = Tensor::empty({ch * r, cz});    // dL/d y
+    Tensor dg = Tensor::empty({ch * r, cz});    // dL/d gate
+    Tensor dp = Tensor::empty({ch * r, ct});    // dL/d p_ln, then (in place) dL/d p
+    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, ct)});
+    for (int64_t i0 = 0; i0 < r; i0 += ch) {
+      const int64_t n = std::min(ch, r - i0), rows = n * r;
+      const float* xr = x_ln.f32() + i0 * r * cz;
+      kern::transpose(P.f32() + i0 * r, rr, p.f32(), ct, ct, rows);
+      kern::layernorm(p.f32(), ct, p_ln.f32(), ct, rows, ct, w.ln_out.w.f32(), w.ln_out.b.f32(),
+                      eps, mean2.f32(), rstd2.f32());
+      kern::linear(p_ln.f32(), ct, rows, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+      kern::linear(xr, cz, rows, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, gt.f32(), cz);
+      std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(rows * cz) * kF);
+      apply_dropout(du.f32(), n, r, cz, mask);
+      kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(),
+                                 cz, rows, cz);
+      kern::linear_backward(xr, cz, rows, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
+                            dxln.f32() + i0 * r * cz, cz, g->lin_g.w.f32(), g->lin_g.b.f32());
+      kern::linear_backward(p_ln.f32(), ct, rows, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(),
+                            ct, g->lin_z.w.f32(), g->lin_z.b.f32());
+      kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, rows, ct, w.ln_out.w.f32(), mean2.f32(),
+                               rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
+                               scratch.f32());
+      kern::transpose(dp.f32(), ct, dP.f32() + i0 * r, rr, rows, ct);
     }
-    Tensor dp = Tensor::empty({rr, ct});  // dL/d p_ln, then (in place) dL/d p
-    kern::linear_backward(st.p_ln.f32(), ct, rr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(),
-                          ct, g->lin_z.w.f32(), g->lin_z.b.f32());
-    dy = Tensor();
-    layernorm_backward_into(st.p.f32(), dp.f32(), rr, ct, w.ln_out, st.mean2.f32(), st.rstd2.f32(),
-                            dp.f32(), &g->ln_out, false);
-    kern::transpose(dp.f32(), ct, dP.f32(), rr, rr, ct);
   }
-  Tensor dt = Tensor::empty({rr, 4 * ct});  // dL/d t: a_p | a_g | b_p | b_g
+  P = Tensor();
   {
-    Tensor dA = Tensor::empty({ct, r, r});  // dL/d A, channel-major
-    Tensor dB = Tensor::empty({ct, r, r});
-    const float* Ap = st.A.f32();
-    const float* Bp = st.B.f32();
-    if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
-      kern::gemm_batched(ct, false, false, r, r, r, 1.f, dP.f32(), r, rr, Bp, r, rr, 0.f, dA.f32(),
-                         r, rr);
-      kern::gemm_batched(ct, true, false, r, r, r, 1.f, dP.f32(), r, rr, Ap, r, rr, 0.f, dB.f32(),
-                         r, rr);
-    } else {  // P_c = A_c^T B_c: dA_c = B_c dP_c^T, dB_c = A_c dP_c
-      kern::gemm_batched(ct, false, true, r, r, r, 1.f, Bp, r, rr, dP.f32(), r, rr, 0.f, dA.f32(),
-                         r, rr);
-      kern::gemm_batched(ct, false, false, r, r, r, 1.f, Ap, r, rr, dP.f32(), r, rr, 0.f, dB.f32(),
-                         r, rr);
-    }
-    dP = Tensor();
-    // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g), da_g = mask*da * a_p * s(1-s).
-    const float* tp = st.t.f32();
-    float* dtp = dt.f32();
-    for (int64_t part = 0; part < 2; ++part) {  // a, then b
-      const int64_t off = 2 * part * ct;
-      kern::transpose((part ? dB : dA).f32(), rr, dtp + off, 4 * ct, ct, rr);
-      kern::scale_rows(dtp + off, 4 * ct, ctx.pair_mask, rr, ct);
-      kern::sigmoid_mul_backward(tp + off, 4 * ct, tp + off + ct, 4 * ct, dtp + off, 4 * ct,
-                                 dtp + off, 4 * ct, dtp + off + ct, 4 * ct, rr, ct);
+    // Phase 1 backward, by channel groups: rebuild the group's projections, A and B, then
+    // dA, dB, d(projections), and accumulate into dxln and the parameter gradients.
+    const int64_t cg = chunks.group;
+    Tensor t = Tensor::empty({rr, 4 * cg});   // projections a_p | a_g | b_p | b_g (pre-activation)
+    Tensor dt = Tensor::empty({rr, 4 * cg});  // gated copy of t, then dL/d t
+    Tensor A = Tensor::empty({cg, r, r});     // a, b of the group, channel-major
+    Tensor B = Tensor::empty({cg, r, r});
+    Tensor dA = Tensor::empty({cg, r, r});  // dL/d a, dL/d b, channel-major
+    Tensor dB = Tensor::empty({cg, r, r});
+    for (int64_t c0 = 0; c0 < ct; c0 += cg) {
+      const int64_t nc = std::min(cg, ct - c0), ld = 4 * nc;
+      float* tp = t.f32();
+      float* dtp = dt.f32();
+      tri_mul_project(w, x_ln.f32(), rr, cz, ct, c0, nc, tp);
+      std::memcpy(dtp, tp, static_cast<size_t>(rr * ld) * kF);
+      tri_mul_gate(ctx, rr, nc, dtp, A.f32(), B.f32());
+      const float* dPg = dP.f32() + c0 * rr;
+      if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
+        kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B.f32(), r, rr, 0.f,
+                           dA.f32(), r, rr);
+        kern::gemm_batched(nc, true, false, r, r, r, 1.f, dPg, r, rr, A.f32(), r, rr, 0.f, dB.f32(),
+                           r, rr);
+      } else {  // P_c = A_c^T B_c: dA_c = B_c dP_c^T, dB_c = A_c dP_c
+        kern::gemm_batched(nc, false, true, r, r, r, 1.f, B.f32(), r, rr, dPg, r, rr, 0.f, dA.f32(),
+                           r, rr);
+        kern::gemm_batched(nc, false, false, r, r, r, 1.f, A.f32(), r, rr, dPg, r, rr, 0.f,
+                           dB.f32(), r, rr);
+      }
+      // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g),
+      // da_g = mask*da * a_p * s(1-s).
+      for (int64_t part = 0; part < 2; ++part) {  // a, then b
+        const int64_t off = 2 * part * nc;
+        kern::transpose((part ? dB : dA).f32(), rr, dtp + off, ld, nc, rr);
+        kern::scale_rows(dtp + off, ld, ctx.pair_mask, rr, nc);
+        kern::sigmoid_mul_backward(tp + off, ld, tp + off + nc, ld, dtp + off, ld, dtp + off, ld,
+                                   dtp + off + nc, ld, rr, nc);
+      }
+      for (int64_t part = 0; part < 4; ++part) {
+        const int64_t row0 = part * ct + c0;  // first row of this part in the fused a_p|a_g|b_p|b_g
+        kern::linear_backward(x_ln.f32(), cz, rr, cz, w.ab.w.f32() + row0 * cz, nc, dtp + part * nc,
+                              ld, dxln.f32(), cz, g->ab.w.f32() + row0 * cz, g->ab.b.f32() + row0,
+                              true);
+      }
     }
   }
-  kern::linear_backward(st.x_ln.f32(), cz, rr, cz, w.ab.w.f32(), 4 * ct, dt.f32(), 4 * ct,
-                        dxln.f32(), cz, g->ab.w.f32(), g->ab.b.f32(), true);
-  dt = Tensor();
-  layernorm_backward_into(st.z_in.f32(), dxln.f32(), rr, cz, w.ln_in, st.mean.f32(), st.rstd.f32(),
-                          dz, &g->ln_in, true);
+  dP = Tensor();
+  x_ln = Tensor();
+  layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, mean.f32(), rstd.f32(), dz, &g->ln_in,
+                          true);
 }
 
 }  // namespace fc

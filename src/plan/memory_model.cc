@@ -1,126 +1,320 @@
-// The training-step memory model. Every count below is in elements (floats of the fp32 engine) and
-// follows the allocation sequence of src/model/train_*.cc tensor by tensor; bytes = elements *
-// elem_bytes. Kernel scratch comes from the kernels' own *_scratch_floats functions and chunk sizes
-// from pick_chunk, so the model stays exact when those change.
+// The training-step memory model. It replays the allocation sequence of src/model/train_*.cc
+// tensor by tensor on a counter of live elements (floats of the fp32 engine), chunk by chunk with
+// the chunk sizes the training functions pick (the *_train_chunk functions of src/model/train.h);
+// bytes = elements * elem_bytes. Kernel scratch comes from the kernels' own *_scratch_floats
+// functions, so the model stays exact when those change. Dropout masks are not modelled.
 #include <algorithm>
-#include <array>
 
 #include "foldcube/plan.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 #include "model/modules.h"
+#include "model/train.h"
 
 namespace fc {
 
 namespace {
 
-// One module's training forward and backward (src/model/train.h), in elements.
-struct ModuleMem {
-  int64_t state = 0;  // its *State struct: kept by the forward for the backward
-  int64_t fwd = 0;    // peak of the forward above its entry (state so far + transients)
-  int64_t bwd = 0;    // peak of the backward's own buffers above its entry (state stays alive)
+// Live and peak element counts of a replayed allocation sequence.
+struct Sim {
+  int64_t live = 0, peak = 0;
+  void alloc(int64_t n) {
+    live += n;
+    peak = std::max(peak, live);
+  }
+  void free(int64_t n) { live -= n; }
 };
-
-// The modules in block order.
-enum Module { kRow, kCol, kMsaTrans, kOpm, kTriOut, kTriIn, kTriStart, kTriEnd, kPairTrans, kMods };
-using BlockModules = std::array<ModuleMem, kMods>;
 
 int64_t ln_scratch(int64_t rows, int64_t n) {
   return kern::layernorm_backward_scratch_floats(rows, n);
 }
 
-// Gated attention over N batch items of L positions with c channels, H heads of C; `bias`: with
-// the pair-bias branch (LayerNorm + linear of z [r*r, c_z] into [H, r, r]).
-ModuleMem attention_mem(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool bias, int64_t r,
-                        int64_t cz, int threads) {
-  const int64_t rows = N * L, hc = H * C, rr = r * r;
+// One gated-attention module (train_attention.cc): N items of L positions with c channels, H heads
+// of C; `bias`: with the pair-bias branch from z; `transposed`: the items are columns.
+struct AttnDims {
+  int64_t N, L, c, H, C;
+  bool bias, transposed;
+};
+
+kern::AttentionArgs attention_dims(const AttnDims& d, int64_t n) {
   kern::AttentionArgs a;
-  a.B = N, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
-  // bias_train: b_in, b_mean, b_rstd, b_ln; t [rr, H] lives while bias [H, r, r] is filled.
-  const int64_t bias_ln = bias ? 2 * rr * cz + 2 * rr : 0;
-  const int64_t bias_state = bias ? bias_ln + H * rr : 0;
-  // attention_train: x_in, mean, rstd, x_ln, qkvg, og; then the kernel scratch; then u [rows, c].
-  const int64_t att_state = 2 * rows * c + 2 * rows + 5 * rows * hc;
-  ModuleMem mm;
-  mm.state = bias_state + att_state;
-  mm.fwd = std::max(bias_ln + (bias ? 2 * H * rr : 0),
-                    mm.state + std::max(kern::attention_scratch_floats(a, threads), rows * c));
-  // attention_backward under dbias [H, r, r]: du, dog, dqkvg + kernel scratch; then du, dqkvg,
-  // dln; then du, dln + LN scratch. bias_backward: dt [rr, H], dln [rr, cz] + LN scratch.
-  const int64_t dbias = bias ? H * rr : 0;
-  mm.bwd =
-      dbias +
-      std::max({rows * (c + 5 * hc) + kern::attention_backward_scratch_floats(a, threads, bias),
-                rows * (2 * c + 4 * hc), 2 * rows * c + ln_scratch(rows, c)});
-  if (bias) mm.bwd = std::max(mm.bwd, dbias + rr * (H + cz) + ln_scratch(rr, cz));
-  return mm;
+  a.B = n, a.Lq = d.L, a.Lk = d.L, a.H = d.H, a.C = d.C;
+  return a;
 }
 
-// Transition on [rows, c] with hidden n*c.
-ModuleMem transition_mem(int64_t rows, int64_t c, int64_t n) {
-  ModuleMem mm;
-  mm.state = rows * (2 * c + 2 + n * c);  // x_in, mean, rstd, x_ln, h; no transients
-  mm.fwd = mm.state;
-  // dxln, dh; then dxln + LN scratch.
-  mm.bwd = std::max(rows * (c + n * c), rows * c + ln_scratch(rows, c));
-  return mm;
+// bias_forward: bias [H, r, r] stays; LN and projection of a row block are transient.
+void bias_fwd(Sim& S, const BlockContext& ctx, int64_t H) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, rows = bias_train_chunk(ctx, H) * r;
+  S.alloc(H * r * r);
+  S.alloc(rows * (cz + H));
+  S.free(rows * (cz + H));
 }
 
-ModuleMem outer_product_mean_mem(const EvoformerConfig& cfg, const BlockContext& ctx) {
-  const int64_t s = ctx.s, r = ctx.r, sr = s * r, rr = r * r;
-  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z, kF = sizeof(float);
-  ModuleMem mm;
-  // m_in, mean, rstd, x_ln, a, b; ab [sr, 2 co] transient; norm [r, r]; then chunks of o, p, y.
-  const int64_t base = sr * (2 * cm + 2 + 2 * co);
-  mm.state = base + rr;
-  const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-  mm.fwd = std::max(base + 2 * sr * co, mm.state + ch * r * (2 * co * co + cz));
-  // dxln, dab, da, db + chunks of o, p, dp, dy; then dxln + LN scratch.
-  const int64_t ch2 = pick_chunk(ctx, r, 3 * co * r * co * kF + r * cz * kF);
-  mm.bwd =
-      std::max(sr * (cm + 4 * co) + ch2 * r * (3 * co * co + cz), sr * cm + ln_scratch(sr, cm));
-  return mm;
+// Forward of an attention module; keep: the chunk states and the bias stay (policy none).
+void attention_fwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool keep) {
+  const int64_t hc = d.H * d.C, ch = attention_train_chunk(ctx, d.N, d.L, d.c, hc);
+  if (d.bias) bias_fwd(S, ctx, d.H);
+  for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
+    const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
+    const int64_t scratch = kern::attention_scratch_floats(attention_dims(d, n), ctx.threads);
+    S.alloc(rows * d.c);     // x_ln
+    S.alloc(rows * 5 * hc);  // qkvg, og
+    S.alloc(scratch);
+    S.free(scratch);
+    S.free(rows * d.c);
+    S.alloc(rows * d.c);  // u
+    S.free(rows * d.c);
+    if (!keep) S.free(rows * 5 * hc);
+  }
+  if (d.bias && !keep) S.free(d.H * ctx.r * ctx.r);
 }
 
-ModuleMem triangle_multiplication_mem(const EvoformerConfig& cfg, int64_t r) {
-  const int64_t rr = r * r, cz = cfg.c_z, ct = cfg.c_hidden_mul;
-  ModuleMem mm;
-  // z_in, mean, rstd, x_ln, t, A, B (+ a clone of t); p (+ P); mean2, rstd2, p_ln, y, g (+ u).
-  const int64_t s1 = rr * (2 * cz + 2 + 6 * ct), s2 = s1 + rr * ct;
-  mm.state = s2 + rr * (2 + ct + 2 * cz);
-  mm.fwd = std::max({s1 + 4 * rr * ct, s2 + rr * ct, mm.state + rr * cz});
-  // dxln, dP, dy, dg; dxln, dP, dy, dp; dxln, dP, dp + LN scratch; dxln, dP, dt, dA, dB;
-  // dxln + LN scratch.
-  mm.bwd =
-      std::max({rr * (3 * cz + ct), rr * (2 * cz + 2 * ct), rr * (cz + 2 * ct) + ln_scratch(rr, ct),
-                rr * (cz + 7 * ct), rr * cz + ln_scratch(rr, cz)});
-  return mm;
+// Backward of an attention module; kept: the forward's state is live (and is freed chunk by
+// chunk), else each chunk's state is recomputed.
+void attention_bwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool kept) {
+  const int64_t hc = d.H * d.C, ch = attention_train_chunk(ctx, d.N, d.L, d.c, hc);
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z;
+  if (d.bias) {
+    if (!kept) bias_fwd(S, ctx, d.H);
+    S.alloc(d.H * rr);  // dbias
+  }
+  for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
+    const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
+    const kern::AttentionArgs a = attention_dims(d, n);
+    S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
+    if (!kept) {
+      const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
+      S.alloc(rows * 5 * hc);  // qkvg, og
+      S.alloc(scratch);
+      S.free(scratch);
+    }
+    S.alloc(rows * d.c);     // du
+    S.alloc(rows * hc);      // dog
+    S.free(rows * hc);       // og
+    S.alloc(rows * 4 * hc);  // dqkvg
+    const int64_t scratch = kern::attention_backward_scratch_floats(a, ctx.threads, d.bias);
+    S.alloc(scratch);
+    S.free(scratch);
+    S.free(rows * hc);                   // dog
+    S.alloc(rows * d.c);                 // dln
+    S.free(rows * 8 * hc + rows * d.c);  // dqkvg, qkvg, x_ln
+    const int64_t x = d.transposed ? rows * d.c : 0;
+    S.alloc(x + ln_scratch(rows, d.c));
+    S.free(x + ln_scratch(rows, d.c));
+    S.free(2 * rows * d.c + 2 * rows);  // du, dln, mean, rstd
+  }
+  if (d.bias) {
+    S.free(d.H * rr);  // bias
+    const int64_t rows = bias_train_chunk(ctx, d.H) * r;
+    const int64_t bwd = rows * (2 * cz + 2 + d.H) + ln_scratch(rows, cz);
+    S.alloc(bwd);
+    S.free(bwd);
+    S.free(d.H * rr);  // dbias
+  }
 }
 
-// The context the training step builds (automatic chunking), as far as the model reads it.
-BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads) {
+void transition_fwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc,
+                    bool keep) {
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(n * nc);  // h
+    S.alloc(n * c);   // x_ln
+    S.free(n * c);
+    if (!keep) S.free(n * nc);
+  }
+}
+
+void transition_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc,
+                    bool kept) {
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
+    if (!kept) S.alloc(n * nc);  // h
+    S.alloc(n * nc);             // dh
+    S.free(n * nc);              // h
+    S.alloc(n * c);              // dxln
+    S.free(n * nc + n * c);      // dh, x_ln
+    S.alloc(ln_scratch(n, c));
+    S.free(ln_scratch(n, c));
+    S.free(n * c + 2 * n);  // dxln, mean, rstd
+  }
+}
+
+int64_t opm_state(const BlockContext& ctx) {
+  const int64_t sr = ctx.s * ctx.r;
+  return sr * (2 + ctx.cfg->c_m + 2 * ctx.cfg->c_hidden_opm) + ctx.r * ctx.r;
+}
+
+// z_update: the forward adds into z (else only the state is built, the module-policy recompute).
+void opm_fwd(Sim& S, const BlockContext& ctx, bool z_update, bool keep) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, sr = s * r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t kF = sizeof(float);
+  S.alloc(sr * (2 + cfg.c_m + 2 * co));  // mean, rstd, x_ln, a, b
+  S.alloc(2 * sr * co);                  // ab
+  S.free(2 * sr * co);
+  S.alloc(r * r);  // norm
+  if (z_update) {
+    const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
+    const int64_t chunk = ch * r * (2 * co * co + cz);  // o, p, y
+    S.alloc(chunk);
+    S.free(chunk);
+  }
+  if (!keep) S.free(opm_state(ctx));
+}
+
+void opm_bwd(Sim& S, const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, sr = s * r, cm = cfg.c_m, co = cfg.c_hidden_opm;
+  const int64_t cz = cfg.c_z, kF = sizeof(float);
+  S.alloc(sr * cm);      // dxln
+  S.alloc(2 * sr * co);  // dab
+  const int64_t ch = pick_chunk(ctx, r, 3 * co * r * co * kF + r * cz * kF);
+  const int64_t inner = 2 * sr * co + ch * r * (3 * co * co + cz);  // da, db; o, p, dp, dy
+  S.alloc(inner);
+  S.free(inner);
+  S.free(2 * sr * co);
+  S.alloc(ln_scratch(sr, cm));
+  S.free(ln_scratch(sr, cm));
+  S.free(sr * cm);
+}
+
+// tri_mul_products: P [c_t, r, r] stays; the group's projections, A and B are transient.
+void tri_mul_products(Sim& S, const BlockContext& ctx) {
+  const int64_t rr = ctx.r * ctx.r, ct = ctx.cfg->c_hidden_mul;
+  const int64_t cg = tri_mul_train_chunks(ctx).group;
+  S.alloc(ct * rr);
+  S.alloc(6 * cg * rr);  // t, A, B
+  S.free(6 * cg * rr);
+}
+
+void tri_mul_fwd(Sim& S, const BlockContext& ctx, bool keep) {
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t rows = tri_mul_train_chunks(ctx).rows * r;
+  S.alloc(rr * cz);  // x_ln
+  tri_mul_products(S, ctx);
+  S.alloc(rows * (ct + 2 * cz));  // p, y, g
+  S.free(rows * (ct + 2 * cz));
+  S.free(rr * cz);
+  if (!keep) S.free(ct * rr);
+}
+
+void tri_mul_bwd(Sim& S, const BlockContext& ctx, bool kept) {
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
+  const int64_t rows = chunks.rows * r;
+  S.alloc(rr * cz + 2 * rr);  // x_ln, mean, rstd
+  if (!kept) tri_mul_products(S, ctx);
+  S.alloc(rr * cz + ct * rr);  // dxln, dP
+  const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
+  S.alloc(phase2);
+  S.free(phase2);
+  S.free(ct * rr);                  // P
+  S.alloc(12 * chunks.group * rr);  // t, dt, A, B, dA, dB
+  S.free(12 * chunks.group * rr);
+  S.free(ct * rr + rr * cz);  // dP, x_ln
+  S.alloc(ln_scratch(rr, cz));
+  S.free(ln_scratch(rr, cz));
+  S.free(rr * cz + 2 * rr);  // dxln, mean, rstd
+}
+
+// The context the training step builds, as far as the model reads it.
+BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads,
+                           int64_t chunk, int64_t chunk_target_bytes) {
   BlockContext ctx;
   ctx.cfg = &cfg;
   ctx.s = s;
   ctx.r = r;
-  ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, s, r);
+  ctx.chunk = chunk;
+  ctx.chunk_target_bytes =
+      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
   ctx.threads = std::max(threads, 1);
   return ctx;
 }
 
-BlockModules block_modules(const EvoformerConfig& c, int64_t s, int64_t r, int threads) {
-  const BlockContext ctx = model_context(c, s, r, threads);
+struct BlockDims {
+  AttnDims row, col, tri_start, tri_end;
+  int64_t m, z;  // stream elements
+};
+
+BlockDims block_dims(const EvoformerConfig& c, int64_t s, int64_t r) {
   const int64_t Hm = c.no_heads_msa, Cm = c.c_hidden_msa_att;
   const int64_t Hp = c.no_heads_pair, Cp = c.c_hidden_pair_att;
-  BlockModules b;
-  b[kRow] = attention_mem(s, r, c.c_m, Hm, Cm, true, r, c.c_z, threads);
-  b[kCol] = attention_mem(r, s, c.c_m, Hm, Cm, false, r, c.c_z, threads);
-  b[kMsaTrans] = transition_mem(s * r, c.c_m, c.transition_n);
-  b[kOpm] = outer_product_mean_mem(c, ctx);
-  b[kTriOut] = b[kTriIn] = triangle_multiplication_mem(c, r);
-  b[kTriStart] = b[kTriEnd] = attention_mem(r, r, c.c_z, Hp, Cp, true, r, c.c_z, threads);
-  b[kPairTrans] = transition_mem(r * r, c.c_z, c.transition_n);
-  return b;
+  BlockDims d;
+  d.row = {s, r, c.c_m, Hm, Cm, true, false};
+  d.col = {r, s, c.c_m, Hm, Cm, false, true};
+  d.tri_start = {r, r, c.c_z, Hp, Cp, true, false};
+  d.tri_end = {r, r, c.c_z, Hp, Cp, true, true};
+  d.m = s * r * c.c_m;
+  d.z = r * r * c.c_z;
+  return d;
+}
+
+// block_forward (train_block.cc): module inputs copied under none and module, states kept under
+// none, the block input copied under block.
+void block_fwd(Sim& S, const BlockContext& ctx, Recompute policy) {
+  const EvoformerConfig& c = *ctx.cfg;
+  const BlockDims d = block_dims(c, ctx.s, ctx.r);
+  const int64_t sr = ctx.s * ctx.r, rr = ctx.r * ctx.r;
+  const bool keep = policy == Recompute::kNone;
+  const int64_t m_in = policy == Recompute::kBlock ? 0 : d.m;
+  const int64_t z_in = policy == Recompute::kBlock ? 0 : d.z;
+  if (policy == Recompute::kBlock) S.alloc(d.m + d.z);
+  S.alloc(m_in + z_in);
+  attention_fwd(S, ctx, d.row, keep);
+  S.alloc(m_in);
+  attention_fwd(S, ctx, d.col, keep);
+  S.alloc(m_in);
+  transition_fwd(S, ctx, sr, c.c_m, c.transition_n * c.c_m, keep);
+  opm_fwd(S, ctx, true, keep);
+  S.alloc(z_in);
+  tri_mul_fwd(S, ctx, keep);
+  S.alloc(z_in);
+  tri_mul_fwd(S, ctx, keep);
+  S.alloc(z_in);
+  attention_fwd(S, ctx, d.tri_start, keep);
+  S.alloc(z_in);
+  attention_fwd(S, ctx, d.tri_end, keep);
+  S.alloc(z_in);
+  transition_fwd(S, ctx, rr, c.c_z, c.transition_n * c.c_z, keep);
+}
+
+// block_backward. input_held: the block's input m (m_in[0] or m0) stays alive after the backward
+// (the driver holds it as the previous block's m_out), else it is freed with the state.
+void block_bwd(Sim& S, const BlockContext& ctx, Recompute policy, bool input_held) {
+  const EvoformerConfig& c = *ctx.cfg;
+  const BlockDims d = block_dims(c, ctx.s, ctx.r);
+  const int64_t sr = ctx.s * ctx.r, rr = ctx.r * ctx.r;
+  if (policy == Recompute::kBlock) {
+    S.alloc(d.m);  // the clone of m0 (z0 is reused in place)
+    block_fwd(S, ctx, Recompute::kNone);
+    block_bwd(S, ctx, Recompute::kNone, false);
+    S.free(d.m + d.z);
+    if (!input_held) S.free(d.m);
+    return;
+  }
+  const bool kept = policy == Recompute::kNone;
+  transition_bwd(S, ctx, rr, c.c_z, c.transition_n * c.c_z, kept);
+  S.free(d.z);
+  attention_bwd(S, ctx, d.tri_end, kept);
+  S.free(d.z);
+  attention_bwd(S, ctx, d.tri_start, kept);
+  S.free(d.z);
+  tri_mul_bwd(S, ctx, kept);
+  S.free(d.z);
+  tri_mul_bwd(S, ctx, kept);
+  S.free(d.z);
+  if (!kept) opm_fwd(S, ctx, false, true);
+  opm_bwd(S, ctx);
+  S.free(opm_state(ctx));
+  transition_bwd(S, ctx, sr, c.c_m, c.transition_n * c.c_m, kept);
+  S.free(d.m);
+  attention_bwd(S, ctx, d.col, kept);
+  S.free(d.m);
+  attention_bwd(S, ctx, d.row, kept);
+  S.free(d.z + (input_held ? 0 : d.m));
 }
 
 // Elements of one block's parameter-gradient struct (allocate_block in src/model/weights.cc: the
@@ -146,75 +340,6 @@ int64_t block_param_elems(const EvoformerConfig& c) {
   return row + col + transition(cm) + opm + 2 * tri_mul + 2 * tri_att + transition(cz);
 }
 
-// One block under a policy (train_block.cc), in elements.
-struct BlockMem {
-  int64_t kept = 0;  // activation: kept from the forward for the backward
-  int64_t fwd = 0;   // forward peak above its entry
-  int64_t bwd = 0;   // backward peak above the live bytes before the block's state (kept included)
-};
-
-BlockMem block_mem(const BlockModules& mods, int64_t m, int64_t z, Recompute policy) {
-  BlockMem b;
-  switch (policy) {
-    case Recompute::kNone: {
-      // Forward: the states pile up. Backward in reverse: module k's buffers on top of the states
-      // not yet freed.
-      for (const ModuleMem& mm : mods) {
-        b.fwd = std::max(b.fwd, b.kept + mm.fwd);
-        b.kept += mm.state;
-      }
-      int64_t live = b.kept;
-      for (int k = kMods - 1; k >= 0; --k) {
-        b.bwd = std::max(b.bwd, live + mods[k].bwd);
-        live -= mods[k].state;
-      }
-      return b;
-    }
-    case Recompute::kModule: {
-      // Input copies taken before each module (m before row/col attention and the MSA transition;
-      // z before row attention and each pair module). Each module's state is dropped at once.
-      const std::array<int64_t, kMods> in = {m + z, m, m, 0, z, z, z, z, z};
-      for (int k = 0; k < kMods; ++k) {
-        b.fwd = std::max(b.fwd, b.kept + in[k] + mods[k].fwd);
-        b.kept += in[k];
-      }
-      // Backward in reverse: take() clones the saved input (both copies live for a moment), frees
-      // the original, rebuilds the state on the clone, runs the backward, then frees clone and
-      // state. The OPM works on a clone of z_in[0] (still needed by the row attention); the row
-      // attention's m_in[0] stays alive, held by the driver as the previous block's m_out.
-      int64_t live = b.kept;
-      auto module = [&](const ModuleMem& mm, int64_t extra) {
-        b.bwd = std::max({b.bwd, live + extra + mm.fwd, live + extra + mm.state + mm.bwd});
-      };
-      for (int k = kPairTrans; k >= kTriOut; --k) {
-        b.bwd = std::max(b.bwd, live + z);
-        module(mods[k], 0);
-        live -= z;
-      }
-      module(mods[kOpm], z);
-      for (int k : {kMsaTrans, kCol}) {
-        b.bwd = std::max(b.bwd, live + m);
-        module(mods[k], 0);
-        live -= m;
-      }
-      b.bwd = std::max(b.bwd, live + m + z);
-      module(mods[kRow], m);
-      return b;
-    }
-    case Recompute::kBlock: {
-      // Keeps (m, z); backward clones m, reruns the block with kNone on top, then its backward.
-      const BlockMem none = block_mem(mods, m, z, Recompute::kNone);
-      int64_t max_fwd = 0;
-      for (const ModuleMem& mm : mods) max_fwd = std::max(max_fwd, mm.fwd);
-      b.kept = m + z;
-      b.fwd = b.kept + max_fwd;
-      b.bwd = b.kept + m + std::max(none.fwd, none.bwd);
-      return b;
-    }
-  }
-  return b;
-}
-
 Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
   if (policy.empty()) return Recompute::kNone;
   return policy.size() == 1 ? policy[0] : policy[b];
@@ -223,42 +348,40 @@ Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
 }  // namespace
 
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
-                               int64_t elem_bytes) {
-  const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
-  return block_mem(block_modules(cfg, s, r, 1), m, z, policy).kept * elem_bytes;
+                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
+  Sim S;
+  block_fwd(S, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
+  return S.live * elem_bytes;
 }
 
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
-                               const std::vector<Recompute>& policy, int64_t elem_bytes) {
+                               const std::vector<Recompute>& policy, int64_t elem_bytes,
+                               int64_t chunk, int64_t chunk_target_bytes) {
   int64_t total = 0;
   for (int64_t b = 0; b < blocks; ++b)
-    total += block_activation_bytes(cfg, s, r, policy_of(policy, b), elem_bytes);
+    total += block_activation_bytes(cfg, s, r, policy_of(policy, b), elem_bytes, chunk,
+                                    chunk_target_bytes);
   return total;
 }
 
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
-                              const std::vector<Recompute>& policy, int threads,
-                              int64_t elem_bytes) {
-  const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z, grads = block_param_elems(cfg);
-  const BlockModules mods = block_modules(cfg, s, r, threads);
-  std::vector<BlockMem> bm;
-  for (int64_t b = 0; b < blocks; ++b) bm.push_back(block_mem(mods, m, z, policy_of(policy, b)));
-  // Forward: block b runs on top of the activations of the blocks before it.
-  int64_t peak = 0, kept = 0;
-  for (const BlockMem& b : bm) {
-    peak = std::max(peak, kept + b.fwd);
-    kept += b.kept;
-  }
-  // Backward: dm and dz copies; block b's backward runs on top of the activations of blocks < b,
-  // the gradient structs of blocks >= b and (below the last block) the input m of block b + 1,
-  // which the driver holds as m_out for block b's outer product mean.
-  peak = std::max(peak, kept + m + z);
+                              const std::vector<Recompute>& policy, int threads, int64_t elem_bytes,
+                              int64_t chunk, int64_t chunk_target_bytes) {
+  const BlockContext ctx = model_context(cfg, s, r, threads, chunk, chunk_target_bytes);
+  const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
+  Sim S;
+  // Forward: the blocks' kept memory piles up.
+  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, ctx, policy_of(policy, b));
+  // Backward (EvoformerStack::train_step): the dm, dz copies; per block, from the last, its
+  // parameter-gradient struct (alive until the end of the step), then its backward. The driver
+  // holds block b's input m as m_out until block b - 1 is done.
+  S.alloc(m + z);
   for (int64_t b = blocks - 1; b >= 0; --b) {
-    kept -= bm[b].kept;
-    const int64_t below = kept + m + z + (blocks - b) * grads + (b + 1 < blocks ? m : 0);
-    peak = std::max(peak, below + bm[b].bwd);
+    S.alloc(block_param_elems(cfg));
+    block_bwd(S, ctx, policy_of(policy, b), true);
+    if (b + 1 < blocks) S.free(m);
   }
-  return peak * elem_bytes;
+  return S.peak * elem_bytes;
 }
 
 }  // namespace fc
