@@ -1,26 +1,73 @@
 // Gated multi-head attention with additive biases (see kernels.h for the contract).
-// Work item = (batch, head); per item K and V are packed densely, then queries go in tiles of
-// kQueryTile: logits [tile, Lk] -> biases -> softmax -> P V -> gate. Per-thread scratch holds one
-// item's tiles, never the [H, Lq, Lk] logits. (The online-softmax kernel with a saved log-sum-exp
-// for backward comes with issue 4.)
+// Flash-style, with an online softmax. Work item = (batch, head): K and V are packed densely, then
+// each tile of kQueryTile queries sweeps the keys in tiles of kKeyTile:
+//   S = scale Q K^T (kern::gemm) -> + mask and pair bias, row max m' (one pass)
+//   -> P = exp(S - m'), row sums (second pass) -> l = l exp(m - m') + sum P,
+//   O = O exp(m - m') + P V (kern::gemm);
+// after the last key tile o = O / l * sigmoid(gate) is written and lse = m + log(l). Per-thread
+// scratch holds the packed K, V and [kQueryTile, kKeyTile] tiles: never [H, Lq, Lk] logits nor a
+// [tile, Lk] block. The row passes use Highway SIMD, compiled per x86 target and chosen at run time
+// with HWY_DYNAMIC_DISPATCH (like elementwise_hwy.cc).
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "foldcube/status.h"
 #include "kernels/kernels.h"
 
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/attention.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// Per-target headers: must come after foreach_target.h, which re-includes this file per target.
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+
+#ifndef FC_KERNELS_ATTENTION_LAYOUT_
+#define FC_KERNELS_ATTENTION_LAYOUT_
 namespace fc::kern {
-
 namespace {
-// Queries per tile: the [kQueryTile, Lk] logit tile stays in L2 between the two products.
+// Tile sizes, chosen by measurement (bench/attention_bench.cc): a [64, 128] logit tile (32 KiB) and
+// its P stay in L1/L2 between the two products, and at L = 256 two key tiles per query tile keep
+// the number of GEMM calls low.
 constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyTile = 128;
+// Every buffer starts on a 64-byte multiple from the slot start, and slots are multiples of 64
+// bytes, so all threads see the same alignment (and GEMM code paths) for the same item.
+constexpr int64_t kAlignFloats = 16;
 
-int64_t item_scratch_floats(const AttentionArgs& a) {
-  const int64_t qt = std::min(a.Lq, kQueryTile);
-  return 2 * a.Lk * a.C + 2 * qt * a.C + qt * a.Lk;
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Offsets (in floats) of one thread's buffers:
+//   K, V [Lk, C] | Q, O [tq, C] | S [tq, ldS] (logits -> P of the current key tile) | m, l [tq].
+struct FwdLayout {
+  int64_t tq, tk, ldS, K, V, Q, O, S, m, l, total;
+};
+
+FwdLayout fwd_layout(const AttentionArgs& a) {
+  FwdLayout L{};
+  L.tq = std::min(a.Lq, kQueryTile);
+  L.tk = std::min(a.Lk, kKeyTile);
+  L.ldS = round_up(L.tk, kAlignFloats);
+  int64_t off = 0;
+  auto take = [&off](int64_t floats) {
+    const int64_t at = off;
+    off += round_up(floats, kAlignFloats);
+    return at;
+  };
+  L.K = take(a.Lk * a.C);
+  L.V = take(a.Lk * a.C);
+  L.Q = take(L.tq * a.C);
+  L.O = take(L.tq * a.C);
+  L.S = take(L.tq * L.ldS);
+  L.m = take(L.tq);
+  L.l = take(L.tq);
+  L.total = off;
+  return L;
 }
 
 // Copies rows [rows, C] from a strided source into a dense [rows, C] buffer. Dense operands keep
@@ -28,42 +75,207 @@ int64_t item_scratch_floats(const AttentionArgs& a) {
 void pack(const float* src, int64_t ld, int64_t rows, int64_t C, float* dst) {
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * C, src + i * ld, C * sizeof(float));
 }
+}  // namespace
+}  // namespace fc::kern
+#endif  // FC_KERNELS_ATTENTION_LAYOUT_
 
-// One (b, h) item. Scratch layout: K [Lk, C] | V [Lk, C] | Q tile [qt, C] | O tile [qt, C] |
-// logits [qt, Lk].
-void attention_item(const AttentionArgs& a, int64_t b, int64_t h, float* scratch) {
-  const int64_t qt = std::min(a.Lq, kQueryTile);
-  float* K = scratch;
-  float* V = K + a.Lk * a.C;
-  float* Q = V + a.Lk * a.C;
-  float* O = Q + qt * a.C;
-  float* S = O + qt * a.C;
-  pack(a.k + b * a.k_bs + h * a.C, a.k_rs, a.Lk, a.C, K);
-  pack(a.v + b * a.v_bs + h * a.C, a.v_rs, a.Lk, a.C, V);
-  const float* mb = a.mask_bias ? a.mask_bias + b * a.Lk : nullptr;
-  for (int64_t i0 = 0; i0 < a.Lq; i0 += qt) {
-    const int64_t n = std::min(qt, a.Lq - i0);
-    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * a.C, a.q_rs, n, a.C, Q);
-    gemm(false, true, n, a.Lk, a.C, a.scale, Q, a.C, K, a.C, 0.f, S, a.Lk);
-    const float* pb = a.pair_bias ? a.pair_bias + (h * a.Lq + i0) * a.Lk : nullptr;
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = S + i * a.Lk;  // [Lk]
-      if (mb)
-        for (int64_t j = 0; j < a.Lk; ++j) row[j] += mb[j];
-      if (pb)
-        for (int64_t j = 0; j < a.Lk; ++j) row[j] += pb[i * a.Lk + j];
-    }
-    softmax_rows(S, a.Lk, n, a.Lk);
-    gemm(false, false, n, a.C, a.Lk, 1.f, S, a.Lk, V, a.C, 0.f, O, a.C);
-    if (a.gate) sigmoid_mul(O, a.C, a.gate + b * a.g_bs + i0 * a.g_rs + h * a.C, a.g_rs, n, a.C);
-    float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * a.C;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(o + i * a.o_rs, O + i * a.C, a.C * sizeof(float));
+HWY_BEFORE_NAMESPACE();
+namespace fc::kern {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using D = hn::ScalableTag<float>;
+using V = hn::Vec<D>;
+
+namespace {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Loads count <= Lanes elements, the other lanes set to fill; a partial vector goes through a stack
+// copy so that no load touches memory past the row.
+HWY_INLINE V LoadPart(D d, const float* p, size_t count, float fill) {
+  if (count == hn::Lanes(d)) return hn::LoadU(d, p);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  for (size_t i = 0; i < hn::Lanes(d); ++i) buf[i] = i < count ? p[i] : fill;
+  return hn::Load(d, buf);
+}
+
+HWY_INLINE void StorePart(D d, V v, float* p, size_t count) {
+  if (count == hn::Lanes(d)) return hn::StoreU(v, d, p);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(v, d, buf);
+  for (size_t i = 0; i < count; ++i) p[i] = buf[i];
+}
+
+// Horizontal max through memory, not MaxOfLanes: on EMU128 that starts from -FLT_MAX, which would
+// turn an all -inf row into a finite max.
+HWY_INLINE float MaxLane(D d, V v) {
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(v, d, buf);
+  return *std::max_element(buf, buf + hn::Lanes(d));
+}
+
+// sigmoid(x) = 1/(1+e) for x >= 0 and e/(1+e) for x < 0, e = exp(-|x|) (as in elementwise_hwy.cc).
+HWY_INLINE V Sigmoid(D d, V x) {
+  const auto nan = hn::IsNaN(x);
+  const V e = hn::Exp(d, hn::Neg(hn::IfThenZeroElse(nan, hn::Abs(x))));
+  const V r = hn::Div(hn::Set(d, 1.f), hn::Add(hn::Set(d, 1.f), e));
+  const V s = hn::IfThenElse(hn::Lt(x, hn::Zero(d)), hn::Mul(e, r), r);
+  return hn::IfThenElse(nan, x, s);
+}
+
+// s[j] += mb[j] + pb[j] for j < w (each bias [w] or absent) and returns max_j s[j] (-inf for an
+// all -inf row). The bias adds are in the order of the reference: (s + mb) + pb.
+template <bool kMask, bool kPair>
+HWY_INLINE float BiasAndMax(D d, float* s, size_t w, const float* mb, const float* pb) {
+  const size_t N = hn::Lanes(d);
+  V m0 = hn::Set(d, kNegInf), m1 = m0;
+  size_t j = 0;
+  for (; j + 2 * N <= w; j += 2 * N) {
+    V x0 = hn::LoadU(d, s + j), x1 = hn::LoadU(d, s + j + N);
+    if (kMask) x0 = hn::Add(x0, hn::LoadU(d, mb + j)), x1 = hn::Add(x1, hn::LoadU(d, mb + j + N));
+    if (kPair) x0 = hn::Add(x0, hn::LoadU(d, pb + j)), x1 = hn::Add(x1, hn::LoadU(d, pb + j + N));
+    hn::StoreU(x0, d, s + j);
+    hn::StoreU(x1, d, s + j + N);
+    m0 = hn::Max(m0, x0);
+    m1 = hn::Max(m1, x1);
+  }
+  for (; j < w; j += N) {  // tail lanes: -inf logits and zero biases leave the max unchanged
+    const size_t c = std::min(N, w - j);
+    V x = LoadPart(d, s + j, c, kNegInf);
+    if (kMask) x = hn::Add(x, LoadPart(d, mb + j, c, 0.f));
+    if (kPair) x = hn::Add(x, LoadPart(d, pb + j, c, 0.f));
+    StorePart(d, x, s + j, c);
+    m0 = hn::Max(m0, x);
+  }
+  return MaxLane(d, hn::Max(m0, m1));
+}
+
+// s[j] = exp(s[j] - shift) for j < w; returns the sum. Exp of -inf (or below -104) is 0.
+HWY_INLINE float ExpAndSum(D d, float* s, size_t w, float shift) {
+  const size_t N = hn::Lanes(d);
+  const V vs = hn::Set(d, shift);
+  V a0 = hn::Zero(d), a1 = hn::Zero(d);
+  size_t j = 0;
+  for (; j + 2 * N <= w; j += 2 * N) {
+    const V e0 = hn::Exp(d, hn::Sub(hn::LoadU(d, s + j), vs));
+    const V e1 = hn::Exp(d, hn::Sub(hn::LoadU(d, s + j + N), vs));
+    hn::StoreU(e0, d, s + j);
+    hn::StoreU(e1, d, s + j + N);
+    a0 = hn::Add(a0, e0);
+    a1 = hn::Add(a1, e1);
+  }
+  for (; j < w; j += N) {
+    const size_t c = std::min(N, w - j);
+    const V e = hn::Exp(d, hn::Sub(LoadPart(d, s + j, c, kNegInf), vs));
+    StorePart(d, e, s + j, c);
+    a0 = hn::Add(a0, e);
+  }
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(a0, a1)));
+}
+
+// x[c] *= f for c < n.
+HWY_INLINE void ScaleRow(D d, float* x, size_t n, float f) {
+  const size_t N = hn::Lanes(d);
+  const V vf = hn::Set(d, f);
+  for (size_t c = 0; c < n; c += N) {
+    const size_t k = std::min(N, n - c);
+    StorePart(d, hn::Mul(LoadPart(d, x + c, k, 0.f), vf), x + c, k);
   }
 }
+
+// out[c] = x[c] * f (* sigmoid(g[c]) when g is non-null) for c < n.
+HWY_INLINE void OutputRow(D d, const float* x, float f, const float* g, float* out, size_t n) {
+  const size_t N = hn::Lanes(d);
+  const V vf = hn::Set(d, f);
+  for (size_t c = 0; c < n; c += N) {
+    const size_t k = std::min(N, n - c);
+    V y = hn::Mul(LoadPart(d, x + c, k, 0.f), vf);
+    if (g) y = hn::Mul(y, Sigmoid(d, LoadPart(d, g + c, k, 0.f)));
+    StorePart(d, y, out + c, k);
+  }
+}
+
+// Online-softmax update of query rows [0, n) of the tile with the key tile in S ([n, w] logits,
+// ld ldS): biases, row max, P = exp(S - m'), running max m and sum l, and the O rows rescaled
+// by exp(m - m') (first tile: O is about to be overwritten, so not touched).
+template <bool kMask, bool kPair>
+void SoftmaxTile(D d, float* S, int64_t ldS, int64_t n, int64_t w, const float* mb, const float* pb,
+                 int64_t ldpb, bool first, float* m, float* l, float* O, int64_t C) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* s = S + i * ldS;  // [w]
+    const float mx =
+        BiasAndMax<kMask, kPair>(d, s, static_cast<size_t>(w), mb, kPair ? pb + i * ldpb : nullptr);
+    const float m_new = first ? mx : std::max(m[i], mx);
+    // A row whose max is still -inf has only -inf logits: shift 0 keeps exp(-inf - 0) = 0
+    // instead of NaN, and the row ends with l = 0 (output 0).
+    const float shift = m_new == kNegInf ? 0.f : m_new;
+    const float sum = ExpAndSum(d, s, static_cast<size_t>(w), shift);
+    if (first) {
+      l[i] = sum;
+    } else {
+      const float alpha = std::exp(m[i] - shift);  // m[i] = -inf: 0
+      l[i] = l[i] * alpha + sum;
+      if (alpha != 1.f) ScaleRow(d, O + i * C, static_cast<size_t>(C), alpha);
+    }
+    m[i] = m_new;
+  }
+}
+
+using SoftmaxTileFn = void (*)(D, float*, int64_t, int64_t, int64_t, const float*, const float*,
+                               int64_t, bool, float*, float*, float*, int64_t);
 }  // namespace
 
+// One (b, h) item on the calling thread, with the buffers of L in ws.
+void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const FwdLayout& L, float* ws) {
+  const D d;
+  const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
+  float* K = ws + L.K;  // [Lk, C]
+  float* V = ws + L.V;  // [Lk, C]
+  float* Q = ws + L.Q;  // [tq, C]
+  float* O = ws + L.O;  // [tq, C] unnormalised output rows
+  float* S = ws + L.S;  // [tq, ldS] logits, then P, of one key tile
+  float* m = ws + L.m;  // [tq] running row max
+  float* l = ws + L.l;  // [tq] running row sum of exp(logit - m)
+  pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
+  pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
+  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;  // [Lk]
+  const SoftmaxTileFn tile_fn =
+      mb ? (a.pair_bias ? SoftmaxTile<true, true> : SoftmaxTile<true, false>)
+         : (a.pair_bias ? SoftmaxTile<false, true> : SoftmaxTile<false, false>);
+  for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
+    const int64_t n = std::min(L.tq, Lq - i0);
+    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
+    const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
+    for (int64_t j0 = 0; j0 < Lk; j0 += L.tk) {
+      const int64_t w = std::min(L.tk, Lk - j0);
+      gemm(false, true, n, w, C, a.scale, Q, C, K + j0 * C, C, 0.f, S, L.ldS);
+      tile_fn(d, S, L.ldS, n, w, mb ? mb + j0 : nullptr, pb ? pb + j0 : nullptr, Lk, j0 == 0, m, l,
+              O, C);
+      gemm(false, false, n, C, w, 1.f, S, L.ldS, V + j0 * C, C, j0 == 0 ? 0.f : 1.f, O, C);
+    }
+    // The query tile was packed above, so o may alias q (in-place modules).
+    float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * C;
+    const float* g = a.gate ? a.gate + b * a.g_bs + i0 * a.g_rs + h * C : nullptr;
+    float* lse = a.lse ? a.lse + (b * a.H + h) * Lq + i0 : nullptr;  // [n]
+    for (int64_t i = 0; i < n; ++i) {
+      OutputRow(d, O + i * C, l[i] > 0.f ? 1.f / l[i] : 0.f, g ? g + i * a.g_rs : nullptr,
+                o + i * a.o_rs, static_cast<size_t>(C));
+      if (lse) lse[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+    }
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace fc::kern
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace fc::kern {
+
+HWY_EXPORT(AttentionItem);
+
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads) {
-  return static_cast<int64_t>(std::max(threads, 1)) * item_scratch_floats(a);
+  return static_cast<int64_t>(std::max(threads, 1)) * fwd_layout(a).total;
 }
 
 void attention(const AttentionArgs& a, float* scratch, int threads) {
@@ -71,11 +283,10 @@ void attention(const AttentionArgs& a, float* scratch, int threads) {
   if (items == 0 || a.Lq == 0) return;
   FC_CHECK(a.Lk > 0 && a.C > 0);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
-  const int64_t per = item_scratch_floats(a);
+  const FwdLayout L = fwd_layout(a);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t it = 0; it < items; ++it)
-    attention_item(a, it / a.H, it % a.H,
-                   scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
+  for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItem)
+  (a, it / a.H, it % a.H, L, scratch + static_cast<int64_t>(omp_get_thread_num()) * L.total);
 }
 
 namespace ref {
@@ -96,9 +307,16 @@ void attention(const AttentionArgs& a, float* scratch) {
           logit[j] = x;
           mx = std::max<double>(mx, x);
         }
+        float* o = a.o + b * a.o_bs + i * a.o_rs + h * a.C;
+        float* lse = a.lse ? a.lse + (b * a.H + h) * a.Lq + i : nullptr;
+        if (mx == -INFINITY) {  // every logit -inf: zero output, lse -inf
+          std::fill(o, o + a.C, 0.f);
+          if (lse) *lse = -INFINITY;
+          continue;
+        }
         double sum = 0.0;
         for (int64_t j = 0; j < a.Lk; ++j) sum += std::exp(logit[j] - mx);
-        float* o = a.o + b * a.o_bs + i * a.o_rs + h * a.C;
+        if (lse) *lse = static_cast<float>(mx + std::log(sum));
         for (int64_t c = 0; c < a.C; ++c) {
           double acc = 0.0;
           for (int64_t j = 0; j < a.Lk; ++j)
@@ -113,3 +331,4 @@ void attention(const AttentionArgs& a, float* scratch) {
 }
 }  // namespace ref
 }  // namespace fc::kern
+#endif  // HWY_ONCE
