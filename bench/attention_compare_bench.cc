@@ -211,6 +211,20 @@ int main(int argc, char** argv) {
         "forward", c.name, reps, [&] { baseline::attention(a_old, s_old.data(), threads); },
         [&] { kern::attention(a_new, s_new.data(), threads); }, "old", "new");
     std::printf("         max |new - old| / max |old| = %.2e\n", max_rel_diff(b.o, o_old));
+    if (std::getenv("CMP_GEMM")) {
+      std::vector<float> o_g(b.o.size());
+      kern::AttentionArgs a_g = b.a;
+      a_g.o = o_g.data();
+      compare(
+          "fwd-tmp", c.name, reps,
+          [&] {
+            setenv("FC_ATTN_GEMM", "1", 1);
+            kern::attention(a_g, s_new.data(), threads);
+            unsetenv("FC_ATTN_GEMM");
+          },
+          [&] { kern::attention(a_new, s_new.data(), threads); }, "gemm", "simd");
+      std::printf("         max |simd - gemm| / max = %.2e\n", max_rel_diff(b.o, o_g));
+    }
     // Backward: without vs with the saved lse (from the forward above).
     const bool pair_grad = b.g.d_pair_bias != nullptr;
     std::vector<float> s_bwd(kern::attention_backward_scratch_floats(b.a, threads, pair_grad));

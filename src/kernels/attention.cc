@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -63,6 +64,37 @@ FwdLayout fwd_layout(const AttentionArgs& a) {
   L.V = take(a.Lk * a.C);
   L.Q = take(L.tq * a.C);
   L.O = take(L.tq * a.C);
+  L.S = take(L.tq * L.ldS);
+  L.m = take(L.tq);
+  L.l = take(L.tq);
+  L.total = off;
+  return L;
+}
+
+// Layout of the SIMD (non-GEMM) item: channels padded to Cp = round_up(C, 16) with zeros, keys to
+// ldk = round_up(Lk, 32), so every inner loop runs on whole vectors (up to 16 lanes):
+//   KT [C, ldk] (K transposed) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S [tq, ldS] | m, l [tq].
+struct SimdLayout {
+  int64_t tq, tk, ldS, Cp, ldk, KT, V, Q, O, S, m, l, total;
+};
+
+SimdLayout simd_layout(const AttentionArgs& a) {
+  SimdLayout L{};
+  L.tq = std::min(a.Lq, kQueryTile);
+  L.tk = std::min(a.Lk, kKeyTile);
+  L.ldS = round_up(L.tk, 2 * kAlignFloats);
+  L.Cp = round_up(a.C, kAlignFloats);
+  L.ldk = round_up(a.Lk, 2 * kAlignFloats);
+  int64_t off = 0;
+  auto take = [&off](int64_t floats) {
+    const int64_t at = off;
+    off += round_up(floats, kAlignFloats);
+    return at;
+  };
+  L.KT = take(a.C * L.ldk);
+  L.V = take(a.Lk * L.Cp);
+  L.Q = take(L.tq * a.C);
+  L.O = take(L.tq * L.Cp);
   L.S = take(L.tq * L.ldS);
   L.m = take(L.tq);
   L.l = take(L.tq);
@@ -265,6 +297,180 @@ void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const FwdLayout
   }
 }
 
+namespace {
+// Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (columns of
+// KT [C, ldk]): s = scale q.k + mb + pb, lanes >= valid set to -inf; stored to S rows (ld ldS) and
+// folded into the running row maxima mx[R].
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, int64_t ldk,
+                            float scale, const float* mb, const float* pb, int64_t ldpb,
+                            size_t valid, float* S, int64_t ldS, V* mx) {
+  const size_t N = hn::Lanes(d);
+  V acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = hn::Zero(d), acc1[r] = hn::Zero(d);
+  for (int64_t c = 0; c < C; ++c) {
+    const V k0 = hn::LoadU(d, KT + c * ldk), k1 = hn::LoadU(d, KT + c * ldk + N);
+    for (int r = 0; r < R; ++r) {
+      const V q = hn::Set(d, Q[r * C + c]);
+      acc0[r] = hn::MulAdd(q, k0, acc0[r]);
+      acc1[r] = hn::MulAdd(q, k1, acc1[r]);
+    }
+  }
+  const V vs = hn::Set(d, scale);
+  const bool full = valid == 2 * N;
+  const size_t c0 = std::min(valid, N), c1 = valid - c0;
+  V b0 = hn::Zero(d), b1 = hn::Zero(d);
+  if (kMask) {
+    b0 = full ? hn::LoadU(d, mb) : LoadPart(d, mb, c0, 0.f);
+    b1 = full ? hn::LoadU(d, mb + N) : LoadPart(d, mb + N, c1, 0.f);
+  }
+  const auto m0 = hn::FirstN(d, c0), m1 = hn::FirstN(d, c1);
+  const V ninf = hn::Set(d, kNegInf);
+  for (int r = 0; r < R; ++r) {
+    V x0 = hn::Mul(acc0[r], vs), x1 = hn::Mul(acc1[r], vs);
+    if (kMask) x0 = hn::Add(x0, b0), x1 = hn::Add(x1, b1);
+    if (kPair) {
+      const float* p = pb + r * ldpb;
+      x0 = hn::Add(x0, full ? hn::LoadU(d, p) : LoadPart(d, p, c0, 0.f));
+      x1 = hn::Add(x1, full ? hn::LoadU(d, p + N) : LoadPart(d, p + N, c1, 0.f));
+    }
+    if (!full) x0 = hn::IfThenElse(m0, x0, ninf), x1 = hn::IfThenElse(m1, x1, ninf);
+    hn::StoreU(x0, d, S + r * ldS);
+    hn::StoreU(x1, d, S + r * ldS + N);
+    mx[r] = hn::Max(mx[r], hn::Max(x0, x1));
+  }
+}
+
+// O rows [R, NV*N channels] = alpha[r] * O (or 0 when first) + P[R, w] V[w, NV*N channels].
+template <int R, int NV>
+HWY_INLINE void PvBlock(D d, const float* P, int64_t ldS, int64_t w, const float* Vp, int64_t Cp,
+                        const float* alpha, bool first, float* O) {
+  const size_t N = hn::Lanes(d);
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] =
+          first ? hn::Zero(d) : hn::Mul(hn::LoadU(d, O + r * Cp + v * N), hn::Set(d, alpha[r]));
+  for (int64_t j = 0; j < w; ++j) {
+    V vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = hn::LoadU(d, Vp + j * Cp + v * N);
+    for (int r = 0; r < R; ++r) {
+      const V p = hn::Set(d, P[r * ldS + j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(p, vv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, O + r * Cp + v * N);
+}
+
+// Rows [0, R) of a query block against key tile [0, w) (pointers already offset): logits, online
+// softmax update of m, l, and O.
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const SimdLayout& L, const float* Q,
+                         const float* KT, const float* Vp, const float* mb, const float* pb,
+                         int64_t w, bool first, float* S, float* m, float* l, float* O) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  V mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
+  for (int64_t j = 0; j < w; j += 2 * N)
+    LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + j, L.ldk, a.scale, kMask ? mb + j : nullptr,
+                                 kPair ? pb + j : nullptr, a.Lk,
+                                 static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
+  const size_t wp = static_cast<size_t>(round_up(w, 2 * N));
+  float alpha[R];
+  for (int r = 0; r < R; ++r) {
+    const float m_new = first ? MaxLane(d, mx[r]) : std::max(m[r], MaxLane(d, mx[r]));
+    // A row whose max is still -inf has only -inf logits: shift 0 keeps exp(-inf - 0) = 0
+    // instead of NaN, and the row ends with l = 0 (output 0).
+    const float shift = m_new == kNegInf ? 0.f : m_new;
+    const float sum = ExpAndSum(d, S + r * L.ldS, wp, shift);  // lanes past w: exp(-inf) = 0
+    alpha[r] = first ? 0.f : std::exp(m[r] - shift);           // m[r] = -inf: 0
+    l[r] = first ? sum : l[r] * alpha[r] + sum;
+    m[r] = m_new;
+  }
+  int64_t c = 0;
+  for (; c + 2 * N <= L.Cp; c += 2 * N)
+    PvBlock<R, 2>(d, S, L.ldS, w, Vp + c, L.Cp, alpha, first, O + c);
+  for (; c < L.Cp; c += N) PvBlock<R, 1>(d, S, L.ldS, w, Vp + c, L.Cp, alpha, first, O + c);
+}
+
+// Query rows [0, n) of a tile against every key tile.
+template <bool kMask, bool kPair>
+void QueryTile(D d, const AttentionArgs& a, const SimdLayout& L, int64_t n, const float* Q,
+               const float* KT, const float* Vp, const float* mb, const float* pb, float* S,
+               float* m, float* l, float* O) {
+  const int64_t C = a.C, Lk = a.Lk;
+  for (int64_t j0 = 0; j0 < Lk; j0 += L.tk) {
+    const int64_t w = std::min(L.tk, Lk - j0);
+    int64_t r = 0;
+    for (; r + 8 <= n; r += 8)
+      RowBlock<8, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
+                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr, w,
+                                j0 == 0, S + r * L.ldS, m + r, l + r, O + r * L.Cp);
+    for (; r + 4 <= n; r += 4)
+      RowBlock<4, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
+                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr, w,
+                                j0 == 0, S + r * L.ldS, m + r, l + r, O + r * L.Cp);
+    for (; r < n; ++r)
+      RowBlock<1, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
+                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr, w,
+                                j0 == 0, S + r * L.ldS, m + r, l + r, O + r * L.Cp);
+  }
+}
+}  // namespace
+
+// One (b, h) item on the calling thread, SIMD products, with the buffers of L in ws.
+void AttentionItemSimd(const AttentionArgs& a, int64_t b, int64_t h, const SimdLayout& L,
+                       float* ws) {
+  const D d;
+  const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
+  float* KT = ws + L.KT;  // [C, ldk] zero-padded keys
+  float* Vp = ws + L.V;   // [Lk, Cp] zero-padded channels
+  float* Q = ws + L.Q;    // [tq, C]
+  float* O = ws + L.O;    // [tq, Cp] unnormalised output rows
+  float* S = ws + L.S;    // [tq, ldS] logits, then P, of one key tile
+  float* m = ws + L.m;    // [tq] running row max
+  float* l = ws + L.l;    // [tq] running row sum of exp(logit - m)
+  // Transposed in blocks of 16 keys: the 16 source rows stay in L1 while every channel is read.
+  const float* k = a.k + b * a.k_bs + h * C;
+  for (int64_t j0 = 0; j0 < L.ldk; j0 += 16) {
+    const int64_t nj = std::max<int64_t>(0, std::min<int64_t>(16, Lk - j0));
+    for (int64_t c = 0; c < C; ++c) {
+      float* kt = KT + c * L.ldk + j0;  // [16]
+      for (int64_t j = 0; j < nj; ++j) kt[j] = k[(j0 + j) * a.k_rs + c];
+      for (int64_t j = nj; j < 16; ++j) kt[j] = 0.f;
+    }
+  }
+  const float* v = a.v + b * a.v_bs + h * C;
+  for (int64_t j = 0; j < Lk; ++j) {
+    std::memcpy(Vp + j * L.Cp, v + j * a.v_rs, C * sizeof(float));
+    std::fill(Vp + j * L.Cp + C, Vp + (j + 1) * L.Cp, 0.f);
+  }
+  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;  // [Lk]
+  for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
+    const int64_t n = std::min(L.tq, Lq - i0);
+    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
+    const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
+    if (mb && pb)
+      QueryTile<true, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    else if (mb)
+      QueryTile<true, false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    else if (pb)
+      QueryTile<false, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    else
+      QueryTile<false, false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    // The query tile was packed above, so o may alias q (in-place modules).
+    float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * C;
+    const float* g = a.gate ? a.gate + b * a.g_bs + i0 * a.g_rs + h * C : nullptr;
+    float* lse = a.lse ? a.lse + (b * a.H + h) * Lq + i0 : nullptr;  // [n]
+    for (int64_t i = 0; i < n; ++i) {
+      OutputRow(d, O + i * L.Cp, l[i] > 0.f ? 1.f / l[i] : 0.f, g ? g + i * a.g_rs : nullptr,
+                o + i * a.o_rs, static_cast<size_t>(C));
+      if (lse) lse[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+    }
+  }
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
 HWY_AFTER_NAMESPACE();
@@ -273,9 +479,11 @@ HWY_AFTER_NAMESPACE();
 namespace fc::kern {
 
 HWY_EXPORT(AttentionItem);
+HWY_EXPORT(AttentionItemSimd);
 
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads) {
-  return static_cast<int64_t>(std::max(threads, 1)) * fwd_layout(a).total;
+  return static_cast<int64_t>(std::max(threads, 1)) *
+         std::max(fwd_layout(a).total, simd_layout(a).total);
 }
 
 void attention(const AttentionArgs& a, float* scratch, int threads) {
@@ -284,9 +492,18 @@ void attention(const AttentionArgs& a, float* scratch, int threads) {
   FC_CHECK(a.Lk > 0 && a.C > 0);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
   const FwdLayout L = fwd_layout(a);
+  const SimdLayout LS = simd_layout(a);
+  const int64_t per = std::max(L.total, LS.total);
+  const bool use_gemm = std::getenv("FC_ATTN_GEMM") != nullptr;
+  if (use_gemm) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItem)
-  (a, it / a.H, it % a.H, L, scratch + static_cast<int64_t>(omp_get_thread_num()) * L.total);
+    for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItem)
+    (a, it / a.H, it % a.H, L, scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
+  } else {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItemSimd)
+    (a, it / a.H, it % a.H, LS, scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
+  }
 }
 
 namespace ref {
