@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -142,11 +143,26 @@ Buffers make(const Case& c) {
   return b;
 }
 
+struct Times {
+  double wall, cpu;  // ms
+};
+
+double cpu_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// Wall time, and the CPU time of the whole process (all threads), which stays meaningful when
+// other jobs share the cores (run with OMP_WAIT_POLICY=passive so idle threads do not spin).
 template <class F>
-double time_ms(F f) {
+Times time_ms(F f) {
+  const double c0 = cpu_ms();
   const auto t0 = std::chrono::steady_clock::now();
   f();
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double wall =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return {wall, cpu_ms() - c0};
 }
 
 double median(std::vector<double> v) {
@@ -170,19 +186,21 @@ template <class F0, class F1>
 void compare(const char* what, const char* name, int reps, F0 f0, F1 f1, const char* n0,
              const char* n1) {
   f0(), f1();
-  std::vector<double> t0, t1;
+  std::vector<double> w0, w1, c0, c1;
   for (int r = 0; r < reps; ++r) {
+    Times t0, t1;
     if (r % 2 == 0) {
-      t0.push_back(time_ms(f0));
-      t1.push_back(time_ms(f1));
+      t0 = time_ms(f0), t1 = time_ms(f1);
     } else {
-      t1.push_back(time_ms(f1));
-      t0.push_back(time_ms(f0));
+      t1 = time_ms(f1), t0 = time_ms(f0);
     }
+    w0.push_back(t0.wall), w1.push_back(t1.wall), c0.push_back(t0.cpu), c1.push_back(t1.cpu);
   }
-  const double m0 = median(t0), m1 = median(t1);
-  std::printf("%-8s %-26s %s %9.2f ms  %s %9.2f ms  ratio %.3f\n", what, name, n0, m0, n1, m1,
-              m0 / m1);
+  std::printf(
+      "%-8s %-26s wall: %s %8.2f  %s %8.2f ms  ratio %.3f | cpu: %s %8.2f  %s %8.2f ms  "
+      "ratio %.3f\n",
+      what, name, n0, median(w0), n1, median(w1), median(w0) / median(w1), n0, median(c0), n1,
+      median(c1), median(c0) / median(c1));
   std::fflush(stdout);
 }
 
@@ -211,20 +229,6 @@ int main(int argc, char** argv) {
         "forward", c.name, reps, [&] { baseline::attention(a_old, s_old.data(), threads); },
         [&] { kern::attention(a_new, s_new.data(), threads); }, "old", "new");
     std::printf("         max |new - old| / max |old| = %.2e\n", max_rel_diff(b.o, o_old));
-    if (std::getenv("CMP_GEMM")) {
-      std::vector<float> o_g(b.o.size());
-      kern::AttentionArgs a_g = b.a;
-      a_g.o = o_g.data();
-      compare(
-          "fwd-tmp", c.name, reps,
-          [&] {
-            setenv("FC_ATTN_GEMM", "1", 1);
-            kern::attention(a_g, s_new.data(), threads);
-            unsetenv("FC_ATTN_GEMM");
-          },
-          [&] { kern::attention(a_new, s_new.data(), threads); }, "gemm", "simd");
-      std::printf("         max |simd - gemm| / max = %.2e\n", max_rel_diff(b.o, o_g));
-    }
     // Backward: without vs with the saved lse (from the forward above).
     const bool pair_grad = b.g.d_pair_bias != nullptr;
     std::vector<float> s_bwd(kern::attention_backward_scratch_floats(b.a, threads, pair_grad));

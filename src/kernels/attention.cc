@@ -1,22 +1,24 @@
 // Gated multi-head attention with additive biases (see kernels.h for the contract).
-// Flash-style, with an online softmax. Work item = (batch, head): K and V are packed densely, then
-// each tile of kQueryTile queries sweeps the keys in tiles of kKeyTile:
-//   S = scale Q K^T (kern::gemm) -> + mask and pair bias, row max m' (one pass)
-//   -> P = exp(S - m'), row sums (second pass) -> l = l exp(m - m') + sum P,
-//   O = O exp(m - m') + P V (kern::gemm);
+// Flash-style, with an online softmax, in Highway SIMD (compiled per x86 target, chosen at run
+// time with HWY_DYNAMIC_DISPATCH, like elementwise_hwy.cc). Work item = (batch, head): K is packed
+// transposed (KT [C, Lk]) and V densely; queries go in tiles of kQueryTile, each in register blocks
+// of kRowBlock rows that sweep the keys in tiles of kKeyTile:
+//   S = scale Q K^T + mask bias + pair bias (register-blocked FMAs; row max on the way)
+//   -> P = exp(S - m'), row sums -> l = l exp(m - m') + sum P, O = O exp(m - m') + P V;
 // after the last key tile o = O / l * sigmoid(gate) is written and lse = m + log(l). Per-thread
-// scratch holds the packed K, V and [kQueryTile, kKeyTile] tiles: never [H, Lq, Lk] logits nor a
-// [tile, Lk] block. The row passes use Highway SIMD, compiled per x86 target and chosen at run time
-// with HWY_DYNAMIC_DISPATCH (like elementwise_hwy.cc).
+// scratch holds the packed K, V and small tiles: never [H, Lq, Lk] logits nor a [tile, Lk] block.
+// The tile products are our own register-blocked kernels rather than kern::gemm (oneDNN): with
+// the bias add, max and rescale fused they measured equal or faster at Evoformer shapes, and avoid
+// thousands of small GEMM calls per item (bench/attention_compare_bench.cc).
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "foldcube/status.h"
 #include "kernels/kernels.h"
@@ -32,59 +34,36 @@
 #define FC_KERNELS_ATTENTION_LAYOUT_
 namespace fc::kern {
 namespace {
-// Tile sizes, chosen by measurement (bench/attention_bench.cc): a [64, 128] logit tile (32 KiB) and
-// its P stay in L1/L2 between the two products, and at L = 256 two key tiles per query tile keep
-// the number of GEMM calls low.
+// Tile sizes, chosen by measurement (bench/attention_compare_bench.cc; 128 and 512 keys measured
+// within noise of 256): Q is packed 64 rows at a time; a register block of 8 query rows sweeps
+// key tiles of 256, so at L <= 256 there is one key tile (no rescale) and at L = 2048 eight; its
+// [8, 256] logit tile (8 KiB) stays in L1.
 constexpr int64_t kQueryTile = 64;
-constexpr int64_t kKeyTile = 128;
+constexpr int64_t kKeyTile = 256;
+constexpr int64_t kRowBlock = 8;
 // Every buffer starts on a 64-byte multiple from the slot start, and slots are multiples of 64
-// bytes, so all threads see the same alignment (and GEMM code paths) for the same item.
+// bytes, so all threads see the same alignment for the same item.
 constexpr int64_t kAlignFloats = 16;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Offsets (in floats) of one thread's buffers:
-//   K, V [Lk, C] | Q, O [tq, C] | S [tq, ldS] (logits -> P of the current key tile) | m, l [tq].
-struct FwdLayout {
-  int64_t tq, tk, ldS, K, V, Q, O, S, m, l, total;
-};
-
-FwdLayout fwd_layout(const AttentionArgs& a) {
-  FwdLayout L{};
-  L.tq = std::min(a.Lq, kQueryTile);
-  L.tk = std::min(a.Lk, kKeyTile);
-  L.ldS = round_up(L.tk, kAlignFloats);
-  int64_t off = 0;
-  auto take = [&off](int64_t floats) {
-    const int64_t at = off;
-    off += round_up(floats, kAlignFloats);
-    return at;
-  };
-  L.K = take(a.Lk * a.C);
-  L.V = take(a.Lk * a.C);
-  L.Q = take(L.tq * a.C);
-  L.O = take(L.tq * a.C);
-  L.S = take(L.tq * L.ldS);
-  L.m = take(L.tq);
-  L.l = take(L.tq);
-  L.total = off;
-  return L;
-}
-
-// Layout of the SIMD (non-GEMM) item: channels padded to Cp = round_up(C, 16) with zeros, keys to
-// ldk = round_up(Lk, 32), so every inner loop runs on whole vectors (up to 16 lanes):
-//   KT [C, ldk] (K transposed) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S [tq, ldS] | m, l [tq].
-struct SimdLayout {
+// Offsets (in floats) of one thread's buffers. Channels are padded to Cp = round_up(C, 16) and
+// keys to round_up(Lk, 32) with zeros, so every inner loop runs on whole vectors (up to 16 lanes);
+// KT rows get 16 more floats so that their stride is never a multiple of 4 KiB (with Lk = 2048,
+// 32 rows on one L1 set measured 10% slower).
+//   KT [C, ldk] (K transposed) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S [kRowBlock, ldS] (logits,
+//   then P, of one key tile) | m, l [tq] (running row max and sum).
+struct Layout {
   int64_t tq, tk, ldS, Cp, ldk, KT, V, Q, O, S, m, l, total;
 };
 
-SimdLayout simd_layout(const AttentionArgs& a) {
-  SimdLayout L{};
+Layout layout(const AttentionArgs& a) {
+  Layout L{};
   L.tq = std::min(a.Lq, kQueryTile);
   L.tk = std::min(a.Lk, kKeyTile);
   L.ldS = round_up(L.tk, 2 * kAlignFloats);
   L.Cp = round_up(a.C, kAlignFloats);
-  L.ldk = round_up(a.Lk, 2 * kAlignFloats);
+  L.ldk = round_up(a.Lk, 2 * kAlignFloats) + kAlignFloats;
   int64_t off = 0;
   auto take = [&off](int64_t floats) {
     const int64_t at = off;
@@ -95,17 +74,11 @@ SimdLayout simd_layout(const AttentionArgs& a) {
   L.V = take(a.Lk * L.Cp);
   L.Q = take(L.tq * a.C);
   L.O = take(L.tq * L.Cp);
-  L.S = take(L.tq * L.ldS);
+  L.S = take(kRowBlock * L.ldS);
   L.m = take(L.tq);
   L.l = take(L.tq);
   L.total = off;
   return L;
-}
-
-// Copies rows [rows, C] from a strided source into a dense [rows, C] buffer. Dense operands keep
-// GEMM loads off power-of-two strides (a 4 KiB row stride maps every row to the same L1 sets).
-void pack(const float* src, int64_t ld, int64_t rows, int64_t C, float* dst) {
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * C, src + i * ld, C * sizeof(float));
 }
 }  // namespace
 }  // namespace fc::kern
@@ -155,33 +128,6 @@ HWY_INLINE V Sigmoid(D d, V x) {
   return hn::IfThenElse(nan, x, s);
 }
 
-// s[j] += mb[j] + pb[j] for j < w (each bias [w] or absent) and returns max_j s[j] (-inf for an
-// all -inf row). The bias adds are in the order of the reference: (s + mb) + pb.
-template <bool kMask, bool kPair>
-HWY_INLINE float BiasAndMax(D d, float* s, size_t w, const float* mb, const float* pb) {
-  const size_t N = hn::Lanes(d);
-  V m0 = hn::Set(d, kNegInf), m1 = m0;
-  size_t j = 0;
-  for (; j + 2 * N <= w; j += 2 * N) {
-    V x0 = hn::LoadU(d, s + j), x1 = hn::LoadU(d, s + j + N);
-    if (kMask) x0 = hn::Add(x0, hn::LoadU(d, mb + j)), x1 = hn::Add(x1, hn::LoadU(d, mb + j + N));
-    if (kPair) x0 = hn::Add(x0, hn::LoadU(d, pb + j)), x1 = hn::Add(x1, hn::LoadU(d, pb + j + N));
-    hn::StoreU(x0, d, s + j);
-    hn::StoreU(x1, d, s + j + N);
-    m0 = hn::Max(m0, x0);
-    m1 = hn::Max(m1, x1);
-  }
-  for (; j < w; j += N) {  // tail lanes: -inf logits and zero biases leave the max unchanged
-    const size_t c = std::min(N, w - j);
-    V x = LoadPart(d, s + j, c, kNegInf);
-    if (kMask) x = hn::Add(x, LoadPart(d, mb + j, c, 0.f));
-    if (kPair) x = hn::Add(x, LoadPart(d, pb + j, c, 0.f));
-    StorePart(d, x, s + j, c);
-    m0 = hn::Max(m0, x);
-  }
-  return MaxLane(d, hn::Max(m0, m1));
-}
-
 // s[j] = exp(s[j] - shift) for j < w; returns the sum. Exp of -inf (or below -104) is 0.
 HWY_INLINE float ExpAndSum(D d, float* s, size_t w, float shift) {
   const size_t N = hn::Lanes(d);
@@ -205,16 +151,6 @@ HWY_INLINE float ExpAndSum(D d, float* s, size_t w, float shift) {
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(a0, a1)));
 }
 
-// x[c] *= f for c < n.
-HWY_INLINE void ScaleRow(D d, float* x, size_t n, float f) {
-  const size_t N = hn::Lanes(d);
-  const V vf = hn::Set(d, f);
-  for (size_t c = 0; c < n; c += N) {
-    const size_t k = std::min(N, n - c);
-    StorePart(d, hn::Mul(LoadPart(d, x + c, k, 0.f), vf), x + c, k);
-  }
-}
-
 // out[c] = x[c] * f (* sigmoid(g[c]) when g is non-null) for c < n.
 HWY_INLINE void OutputRow(D d, const float* x, float f, const float* g, float* out, size_t n) {
   const size_t N = hn::Lanes(d);
@@ -227,77 +163,6 @@ HWY_INLINE void OutputRow(D d, const float* x, float f, const float* g, float* o
   }
 }
 
-// Online-softmax update of query rows [0, n) of the tile with the key tile in S ([n, w] logits,
-// ld ldS): biases, row max, P = exp(S - m'), running max m and sum l, and the O rows rescaled
-// by exp(m - m') (first tile: O is about to be overwritten, so not touched).
-template <bool kMask, bool kPair>
-void SoftmaxTile(D d, float* S, int64_t ldS, int64_t n, int64_t w, const float* mb, const float* pb,
-                 int64_t ldpb, bool first, float* m, float* l, float* O, int64_t C) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* s = S + i * ldS;  // [w]
-    const float mx =
-        BiasAndMax<kMask, kPair>(d, s, static_cast<size_t>(w), mb, kPair ? pb + i * ldpb : nullptr);
-    const float m_new = first ? mx : std::max(m[i], mx);
-    // A row whose max is still -inf has only -inf logits: shift 0 keeps exp(-inf - 0) = 0
-    // instead of NaN, and the row ends with l = 0 (output 0).
-    const float shift = m_new == kNegInf ? 0.f : m_new;
-    const float sum = ExpAndSum(d, s, static_cast<size_t>(w), shift);
-    if (first) {
-      l[i] = sum;
-    } else {
-      const float alpha = std::exp(m[i] - shift);  // m[i] = -inf: 0
-      l[i] = l[i] * alpha + sum;
-      if (alpha != 1.f) ScaleRow(d, O + i * C, static_cast<size_t>(C), alpha);
-    }
-    m[i] = m_new;
-  }
-}
-
-using SoftmaxTileFn = void (*)(D, float*, int64_t, int64_t, int64_t, const float*, const float*,
-                               int64_t, bool, float*, float*, float*, int64_t);
-}  // namespace
-
-// One (b, h) item on the calling thread, with the buffers of L in ws.
-void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const FwdLayout& L, float* ws) {
-  const D d;
-  const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
-  float* K = ws + L.K;  // [Lk, C]
-  float* V = ws + L.V;  // [Lk, C]
-  float* Q = ws + L.Q;  // [tq, C]
-  float* O = ws + L.O;  // [tq, C] unnormalised output rows
-  float* S = ws + L.S;  // [tq, ldS] logits, then P, of one key tile
-  float* m = ws + L.m;  // [tq] running row max
-  float* l = ws + L.l;  // [tq] running row sum of exp(logit - m)
-  pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
-  pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
-  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;  // [Lk]
-  const SoftmaxTileFn tile_fn =
-      mb ? (a.pair_bias ? SoftmaxTile<true, true> : SoftmaxTile<true, false>)
-         : (a.pair_bias ? SoftmaxTile<false, true> : SoftmaxTile<false, false>);
-  for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
-    const int64_t n = std::min(L.tq, Lq - i0);
-    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
-    const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
-    for (int64_t j0 = 0; j0 < Lk; j0 += L.tk) {
-      const int64_t w = std::min(L.tk, Lk - j0);
-      gemm(false, true, n, w, C, a.scale, Q, C, K + j0 * C, C, 0.f, S, L.ldS);
-      tile_fn(d, S, L.ldS, n, w, mb ? mb + j0 : nullptr, pb ? pb + j0 : nullptr, Lk, j0 == 0, m, l,
-              O, C);
-      gemm(false, false, n, C, w, 1.f, S, L.ldS, V + j0 * C, C, j0 == 0 ? 0.f : 1.f, O, C);
-    }
-    // The query tile was packed above, so o may alias q (in-place modules).
-    float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * C;
-    const float* g = a.gate ? a.gate + b * a.g_bs + i0 * a.g_rs + h * C : nullptr;
-    float* lse = a.lse ? a.lse + (b * a.H + h) * Lq + i0 : nullptr;  // [n]
-    for (int64_t i = 0; i < n; ++i) {
-      OutputRow(d, O + i * C, l[i] > 0.f ? 1.f / l[i] : 0.f, g ? g + i * a.g_rs : nullptr,
-                o + i * a.o_rs, static_cast<size_t>(C));
-      if (lse) lse[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
-    }
-  }
-}
-
-namespace {
 // Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (columns of
 // KT [C, ldk]): s = scale q.k + mb + pb, lanes >= valid set to -inf; stored to S rows (ld ldS) and
 // folded into the running row maxima mx[R].
@@ -366,7 +231,7 @@ HWY_INLINE void PvBlock(D d, const float* P, int64_t ldS, int64_t w, const float
 // Rows [0, R) of a query block against key tile [0, w) (pointers already offset): logits, online
 // softmax update of m, l, and O.
 template <int R, bool kMask, bool kPair>
-HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const SimdLayout& L, const float* Q,
+HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const Layout& L, const float* Q,
                          const float* KT, const float* Vp, const float* mb, const float* pb,
                          int64_t w, bool first, float* S, float* m, float* l, float* O) {
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
@@ -396,39 +261,37 @@ HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const SimdLayout& L, const
 
 // Query rows [0, n) of a tile against every key tile.
 template <bool kMask, bool kPair>
-void QueryTile(D d, const AttentionArgs& a, const SimdLayout& L, int64_t n, const float* Q,
+void QueryTile(D d, const AttentionArgs& a, const Layout& L, int64_t n, const float* Q,
                const float* KT, const float* Vp, const float* mb, const float* pb, float* S,
                float* m, float* l, float* O) {
   const int64_t C = a.C, Lk = a.Lk;
-  for (int64_t j0 = 0; j0 < Lk; j0 += L.tk) {
-    const int64_t w = std::min(L.tk, Lk - j0);
-    int64_t r = 0;
-    for (; r + 8 <= n; r += 8)
-      RowBlock<8, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
-                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr, w,
-                                j0 == 0, S + r * L.ldS, m + r, l + r, O + r * L.Cp);
-    for (; r + 4 <= n; r += 4)
-      RowBlock<4, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
-                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr, w,
-                                j0 == 0, S + r * L.ldS, m + r, l + r, O + r * L.Cp);
-    for (; r < n; ++r)
-      RowBlock<1, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
-                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr, w,
-                                j0 == 0, S + r * L.ldS, m + r, l + r, O + r * L.Cp);
-  }
+  // Row blocks outside, key tiles inside: each block streams its R pair-bias rows sequentially
+  // (prefetch-friendly when [H, Lq, Lk] is far larger than the caches), while the packed K and V
+  // stay in L2.
+  auto block = [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    for (int64_t j0 = 0; j0 < Lk; j0 += L.tk)
+      RowBlock<R, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
+                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr,
+                                std::min(L.tk, Lk - j0), j0 == 0, S, m + r, l + r, O + r * L.Cp);
+  };
+  int64_t r = 0;
+  for (; r + kRowBlock <= n; r += kRowBlock)
+    block(std::integral_constant<int, static_cast<int>(kRowBlock)>(), r);
+  for (; r + 4 <= n; r += 4) block(std::integral_constant<int, 4>(), r);
+  for (; r < n; ++r) block(std::integral_constant<int, 1>(), r);
 }
 }  // namespace
 
-// One (b, h) item on the calling thread, SIMD products, with the buffers of L in ws.
-void AttentionItemSimd(const AttentionArgs& a, int64_t b, int64_t h, const SimdLayout& L,
-                       float* ws) {
+// One (b, h) item on the calling thread, with the buffers of L in ws.
+void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L, float* ws) {
   const D d;
   const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
   float* KT = ws + L.KT;  // [C, ldk] zero-padded keys
   float* Vp = ws + L.V;   // [Lk, Cp] zero-padded channels
   float* Q = ws + L.Q;    // [tq, C]
   float* O = ws + L.O;    // [tq, Cp] unnormalised output rows
-  float* S = ws + L.S;    // [tq, ldS] logits, then P, of one key tile
+  float* S = ws + L.S;    // [kRowBlock, ldS] logits, then P, of one row block and key tile
   float* m = ws + L.m;    // [tq] running row max
   float* l = ws + L.l;    // [tq] running row sum of exp(logit - m)
   // Transposed in blocks of 16 keys: the 16 source rows stay in L1 while every channel is read.
@@ -449,7 +312,8 @@ void AttentionItemSimd(const AttentionArgs& a, int64_t b, int64_t h, const SimdL
   const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;  // [Lk]
   for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
     const int64_t n = std::min(L.tq, Lq - i0);
-    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
+    const float* q = a.q + b * a.q_bs + i0 * a.q_rs + h * C;
+    for (int64_t i = 0; i < n; ++i) std::memcpy(Q + i * C, q + i * a.q_rs, C * sizeof(float));
     const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
     if (mb && pb)
       QueryTile<true, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
@@ -479,11 +343,9 @@ HWY_AFTER_NAMESPACE();
 namespace fc::kern {
 
 HWY_EXPORT(AttentionItem);
-HWY_EXPORT(AttentionItemSimd);
 
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads) {
-  return static_cast<int64_t>(std::max(threads, 1)) *
-         std::max(fwd_layout(a).total, simd_layout(a).total);
+  return static_cast<int64_t>(std::max(threads, 1)) * layout(a).total;
 }
 
 void attention(const AttentionArgs& a, float* scratch, int threads) {
@@ -491,19 +353,10 @@ void attention(const AttentionArgs& a, float* scratch, int threads) {
   if (items == 0 || a.Lq == 0) return;
   FC_CHECK(a.Lk > 0 && a.C > 0);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
-  const FwdLayout L = fwd_layout(a);
-  const SimdLayout LS = simd_layout(a);
-  const int64_t per = std::max(L.total, LS.total);
-  const bool use_gemm = std::getenv("FC_ATTN_GEMM") != nullptr;
-  if (use_gemm) {
+  const Layout L = layout(a);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItem)
-    (a, it / a.H, it % a.H, L, scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
-  } else {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItemSimd)
-    (a, it / a.H, it % a.H, LS, scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
-  }
+  for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItem)
+  (a, it / a.H, it % a.H, L, scratch + static_cast<int64_t>(omp_get_thread_num()) * L.total);
 }
 
 namespace ref {
