@@ -44,17 +44,22 @@ constexpr int64_t kRowBlock = 8;
 // Every buffer starts on a 64-byte multiple from the slot start, and slots are multiples of 64
 // bytes, so all threads see the same alignment for the same item.
 constexpr int64_t kAlignFloats = 16;
+// Keys per panel of the packed K^T: two vectors of the widest target (AVX-512).
+constexpr int64_t kPanel = 32;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Offsets (in floats) of one thread's buffers. Channels are padded to Cp = round_up(C, 16) and
 // keys to round_up(Lk, 32) with zeros, so every inner loop runs on whole vectors (up to 16 lanes);
-// KT rows get 16 more floats so that their stride is never a multiple of 4 KiB (with Lk = 2048,
-// 32 rows on one L1 set measured 10% slower).
-//   KT [C, ldk] (K transposed) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S [kRowBlock, ldS] (logits,
-//   then P, of one key tile) | m, l [tq] (running row max and sum).
+// K is packed transposed in panels of kPanel keys, KT [Lk / kPanel, C, kPanel]: the logits of a
+// row block read one contiguous 4 KiB panel (at C = 32) per 32 keys, sequentially (a plain
+// [C, Lk] transpose has a 1-8 KiB stride between the channels; at Lk = 2048 all 32 rows fall on one
+// L1 set).
+//   KT [ldk / kPanel, C, kPanel] (K transposed in panels) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S
+//   [kRowBlock, ldS] (logits, then P, of one key tile) | m, l [tq] (running row max and sum) |
+//   Kd [kPanel, C] (one panel of keys, dense, on its way into KT).
 struct Layout {
-  int64_t tq, tk, ldS, Cp, ldk, KT, V, Q, O, S, m, l, total;
+  int64_t tq, tk, ldS, Cp, ldk, KT, V, Q, O, S, m, l, Kd, total;
 };
 
 Layout layout(const AttentionArgs& a) {
@@ -63,7 +68,7 @@ Layout layout(const AttentionArgs& a) {
   L.tk = std::min(a.Lk, kKeyTile);
   L.ldS = round_up(L.tk, 2 * kAlignFloats);
   L.Cp = round_up(a.C, kAlignFloats);
-  L.ldk = round_up(a.Lk, 2 * kAlignFloats) + kAlignFloats;
+  L.ldk = round_up(a.Lk, kPanel);
   int64_t off = 0;
   auto take = [&off](int64_t floats) {
     const int64_t at = off;
@@ -77,6 +82,7 @@ Layout layout(const AttentionArgs& a) {
   L.S = take(kRowBlock * L.ldS);
   L.m = take(L.tq);
   L.l = take(L.tq);
+  L.Kd = take(kPanel * a.C);
   L.total = off;
   return L;
 }
@@ -163,18 +169,18 @@ HWY_INLINE void OutputRow(D d, const float* x, float f, const float* g, float* o
   }
 }
 
-// Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (columns of
-// KT [C, ldk]): s = scale q.k + mb + pb, lanes >= valid set to -inf; stored to S rows (ld ldS) and
-// folded into the running row maxima mx[R].
+// Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (in a panel:
+// channel c of key j at KT[c * kPanel + j]): s = scale q.k + mb + pb, lanes >= valid set to -inf;
+// stored to S rows (ld ldS) and folded into the running row maxima mx[R].
 template <int R, bool kMask, bool kPair>
-HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, int64_t ldk,
-                            float scale, const float* mb, const float* pb, int64_t ldpb,
-                            size_t valid, float* S, int64_t ldS, V* mx) {
+HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, float scale,
+                            const float* mb, const float* pb, int64_t ldpb, size_t valid, float* S,
+                            int64_t ldS, V* mx) {
   const size_t N = hn::Lanes(d);
   V acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = hn::Zero(d), acc1[r] = hn::Zero(d);
   for (int64_t c = 0; c < C; ++c) {
-    const V k0 = hn::LoadU(d, KT + c * ldk), k1 = hn::LoadU(d, KT + c * ldk + N);
+    const V k0 = hn::LoadU(d, KT + c * kPanel), k1 = hn::LoadU(d, KT + c * kPanel + N);
     for (int r = 0; r < R; ++r) {
       const V q = hn::Set(d, Q[r * C + c]);
       acc0[r] = hn::MulAdd(q, k0, acc0[r]);
@@ -238,8 +244,8 @@ HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const Layout& L, const flo
   V mx[R];
   for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
   for (int64_t j = 0; j < w; j += 2 * N)
-    LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + j, L.ldk, a.scale, kMask ? mb + j : nullptr,
-                                 kPair ? pb + j : nullptr, a.Lk,
+    LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + (j - j % kPanel) * a.C + j % kPanel, a.scale,
+                                 kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
                                  static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
   const size_t wp = static_cast<size_t>(round_up(w, 2 * N));
   float alpha[R];
@@ -271,7 +277,7 @@ void QueryTile(D d, const AttentionArgs& a, const Layout& L, int64_t n, const fl
   auto block = [&](auto rows, int64_t r) {
     constexpr int R = decltype(rows)::value;
     for (int64_t j0 = 0; j0 < Lk; j0 += L.tk)
-      RowBlock<R, kMask, kPair>(d, a, L, Q + r * C, KT + j0, Vp + j0 * L.Cp,
+      RowBlock<R, kMask, kPair>(d, a, L, Q + r * C, KT + j0 * C, Vp + j0 * L.Cp,
                                 kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr,
                                 std::min(L.tk, Lk - j0), j0 == 0, S, m + r, l + r, O + r * L.Cp);
   };
@@ -287,22 +293,24 @@ void QueryTile(D d, const AttentionArgs& a, const Layout& L, int64_t n, const fl
 void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L, float* ws) {
   const D d;
   const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
-  float* KT = ws + L.KT;  // [C, ldk] zero-padded keys
+  float* KT = ws + L.KT;  // [ldk / kPanel, C, kPanel] zero-padded keys
   float* Vp = ws + L.V;   // [Lk, Cp] zero-padded channels
   float* Q = ws + L.Q;    // [tq, C]
   float* O = ws + L.O;    // [tq, Cp] unnormalised output rows
   float* S = ws + L.S;    // [kRowBlock, ldS] logits, then P, of one row block and key tile
   float* m = ws + L.m;    // [tq] running row max
   float* l = ws + L.l;    // [tq] running row sum of exp(logit - m)
-  // Transposed in blocks of 16 keys: the 16 source rows stay in L1 while every channel is read.
+  // Each panel's keys are copied densely (row by row, like the V rows), then transposed from L1.
   const float* k = a.k + b * a.k_bs + h * C;
-  for (int64_t j0 = 0; j0 < L.ldk; j0 += 16) {
-    const int64_t nj = std::max<int64_t>(0, std::min<int64_t>(16, Lk - j0));
-    for (int64_t c = 0; c < C; ++c) {
-      float* kt = KT + c * L.ldk + j0;  // [16]
-      for (int64_t j = 0; j < nj; ++j) kt[j] = k[(j0 + j) * a.k_rs + c];
-      for (int64_t j = nj; j < 16; ++j) kt[j] = 0.f;
-    }
+  float* Kd = ws + L.Kd;  // [kPanel, C]
+  for (int64_t j0 = 0; j0 < L.ldk; j0 += kPanel) {
+    const int64_t nj = std::min(kPanel, Lk - j0);
+    for (int64_t j = 0; j < nj; ++j)
+      std::memcpy(Kd + j * C, k + (j0 + j) * a.k_rs, C * sizeof(float));
+    std::fill(Kd + nj * C, Kd + kPanel * C, 0.f);
+    float* kt = KT + j0 * C;  // [C, kPanel]
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < kPanel; ++j) kt[c * kPanel + j] = Kd[j * C + c];
   }
   const float* v = a.v + b * a.v_bs + h * C;
   for (int64_t j = 0; j < Lk; ++j) {
