@@ -1,8 +1,8 @@
 // Gated multi-head attention with additive biases (see kernels.h for the contract).
 // Flash-style, with an online softmax, in Highway SIMD (compiled per x86 target, chosen at run
 // time with HWY_DYNAMIC_DISPATCH, like elementwise_hwy.cc). Work item = (batch, head): K is packed
-// transposed (KT [C, Lk]) and V densely; queries go in tiles of kQueryTile, each in register blocks
-// of kRowBlock rows that sweep the keys in tiles of kKeyTile:
+// transposed in 32-key panels and V densely; queries go in tiles of kQueryTile, each in register
+// blocks of kRowBlock rows that sweep the keys in tiles of kKeyTile:
 //   S = scale Q K^T + mask bias + pair bias (register-blocked FMAs; row max on the way)
 //   -> P = exp(S - m'), row sums -> l = l exp(m - m') + sum P, O = O exp(m - m') + P V;
 // after the last key tile o = O / l * sigmoid(gate) is written and lse = m + log(l). Per-thread
@@ -34,15 +34,16 @@
 #define FC_KERNELS_ATTENTION_LAYOUT_
 namespace fc::kern {
 namespace {
-// Tile sizes, chosen by measurement (bench/attention_compare_bench.cc; 128 and 512 keys measured
-// within noise of 256): Q is packed 64 rows at a time; a register block of 8 query rows sweeps
-// key tiles of 256, so at L <= 256 there is one key tile (no rescale) and at L = 2048 eight; its
+// Tile sizes, chosen by measurement (bench/attention_compare_bench.cc; key tiles of 128 and 512
+// measured within noise of 256, and key tiles outside the row blocks 20-35% slower): Q is packed
+// 64 rows at a time; a register block of 8 query rows (8 x 2 accumulator vectors) sweeps key
+// tiles of 256, so at L <= 256 there is one key tile (no rescale) and at L = 2048 eight; its
 // [8, 256] logit tile (8 KiB) stays in L1.
 constexpr int64_t kQueryTile = 64;
 constexpr int64_t kKeyTile = 256;
 constexpr int64_t kRowBlock = 8;
 // Every buffer starts on a 64-byte multiple from the slot start, and slots are multiples of 64
-// bytes, so all threads see the same alignment for the same item.
+// bytes, so all threads see the same alignment (results do not depend on the thread count).
 constexpr int64_t kAlignFloats = 16;
 // Keys per panel of the packed K^T: two vectors of the widest target (AVX-512).
 constexpr int64_t kPanel = 32;
@@ -54,7 +55,7 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // K is packed transposed in panels of kPanel keys, KT [Lk / kPanel, C, kPanel]: the logits of a
 // row block read one contiguous 4 KiB panel (at C = 32) per 32 keys, sequentially (a plain
 // [C, Lk] transpose has a 1-8 KiB stride between the channels; at Lk = 2048 all 32 rows fall on one
-// L1 set).
+// L1 set, measured 10% slower).
 //   KT [ldk / kPanel, C, kPanel] (K transposed in panels) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S
 //   [kRowBlock, ldS] (logits, then P, of one key tile) | m, l [tq] (running row max and sum) |
 //   Kd [kPanel, C] (one panel of keys, dense, on its way into KT).
