@@ -163,8 +163,9 @@ void ProbsFromLseRows(float* S, int64_t ld, int64_t rows, int64_t n, const float
       V x = LoadPart(d, sr + i, c);
       if (mb) x = hn::Add(x, LoadPart(d, mb + i, c));
       if (pr) x = hn::Add(x, LoadPart(d, pr + i, c));
-      // Tail lanes are zero on load: mask their exp out of the sum.
-      const V e = hn::IfThenElseZero(hn::FirstN(d, c), hn::Exp(d, hn::Sub(x, vl)));
+      // Tail lanes (zero on load) become lse, so that exp sees 0, and are then masked out.
+      const auto valid = hn::FirstN(d, c);
+      const V e = hn::IfThenElseZero(valid, hn::Exp(d, hn::Sub(hn::IfThenElse(valid, x, vl), vl)));
       acc = hn::Add(acc, e);
       StorePart(d, e, sr + i, c);
     }
