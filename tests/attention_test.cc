@@ -178,8 +178,9 @@ TEST_P(AttentionForward, MatchesReferenceWithLse) {
     EXPECT_TRUE(BitEqual(Forward(c, 2), o));  // lse output changes nothing
   });
   // Batch 0 is fully masked: its lse is the -1e9 bias (log Lk is below float resolution there).
-  if (c.p.mask)
+  if (c.p.mask) {
     for (int64_t i = 0; i < c.p.Lq; ++i) EXPECT_NEAR(lse_ref[i], -1e9f, 64.f);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -193,7 +194,8 @@ INSTANTIATE_TEST_SUITE_P(
                       Shape{2, 67, 300, 1, 33, true, true, true, true},     // 3 key tiles, odd C
                       Shape{1, 130, 257, 2, 32, true, false, false, true},  // 3 x 3 tiles
                       Shape{3, 64, 256, 4, 32, true, true, true, true},     // exact tiles
-                      Shape{2, 19, 45, 3, 3, false, false, true, false}),
+                      Shape{2, 19, 45, 3, 3, false, false, true, false},
+                      Shape{2, 13, 40, 2, 100, true, true, true, true}),  // C: 2-vector + 1-vector
     [](const auto& info) { return Name(info.param); });
 
 // The forward gives the same bits for every thread count (one item per thread, fixed order).
