@@ -95,8 +95,9 @@ struct AttentionArgs {
                          // non-null (saved for attention_backward, see backward.h)
 };
 // Flash-style kernel: query tiles sweep key tiles with an online softmax, so neither [H, Lq, Lk]
-// nor a [query tile, Lk] block is ever formed. Scratch: attention_scratch_floats(args, threads)
-// floats (per thread: one item's packed K and V [Lk, C] and [64, 128]-sized tiles).
+// nor a [query tile, Lk] block is ever formed. Results are bit-identical across runs and thread
+// counts. Scratch: attention_scratch_floats(args, threads) floats (per thread: one item's packed
+// K and V, about 2 * Lk * C floats, plus tiles of a few thousand floats).
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads);
 void attention(const AttentionArgs& a, float* scratch, int threads);
 
