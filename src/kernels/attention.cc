@@ -1,69 +1,360 @@
 // Gated multi-head attention with additive biases (see kernels.h for the contract).
-// Work item = (batch, head); per item K and V are packed densely, then queries go in tiles of
-// kQueryTile: logits [tile, Lk] -> biases -> softmax -> P V -> gate. Per-thread scratch holds one
-// item's tiles, never the [H, Lq, Lk] logits. (The online-softmax kernel with a saved log-sum-exp
-// for backward comes with issue 4.)
+// Flash-style, with an online softmax, in Highway SIMD (compiled per x86 target, chosen at run
+// time with HWY_DYNAMIC_DISPATCH, like elementwise_hwy.cc). Work item = (batch, head): K is packed
+// transposed in 32-key panels and V densely; queries go in tiles of kQueryTile, each in register
+// blocks of kRowBlock rows that sweep the keys in tiles of kKeyTile:
+//   S = scale Q K^T + mask bias + pair bias (register-blocked FMAs; row max on the way)
+//   -> P = exp(S - m'), row sums -> l = l exp(m - m') + sum P, O = O exp(m - m') + P V;
+// after the last key tile o = O / l * sigmoid(gate) is written and lse = m + log(l). Per-thread
+// scratch holds the packed K, V and small tiles: never [H, Lq, Lk] logits nor a [tile, Lk] block.
+// The tile products are our own register-blocked kernels rather than kern::gemm (oneDNN): with
+// the bias add, max and rescale fused they measured equal or faster at Evoformer shapes, and avoid
+// thousands of small GEMM calls per item (bench/attention_compare_bench.cc).
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #include "foldcube/status.h"
 #include "kernels/kernels.h"
 
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/attention.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// Per-target headers: must come after foreach_target.h, which re-includes this file per target.
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+
+#ifndef FC_KERNELS_ATTENTION_LAYOUT_
+#define FC_KERNELS_ATTENTION_LAYOUT_
 namespace fc::kern {
+namespace {
+// Tile sizes, chosen by measurement (bench/attention_compare_bench.cc; key tiles of 128 and 512
+// measured within noise of 256, and key tiles outside the row blocks 20-35% slower): Q is packed
+// 64 rows at a time; a register block of 8 query rows (8 x 2 accumulator vectors) sweeps key
+// tiles of 256, so at L <= 256 there is one key tile (no rescale) and at L = 2048 eight; its
+// [8, 256] logit tile (8 KiB) stays in L1.
+constexpr int64_t kQueryTile = 64;
+constexpr int64_t kKeyTile = 256;
+constexpr int64_t kRowBlock = 8;
+// Every buffer starts on a 64-byte multiple from the slot start, and slots are multiples of 64
+// bytes, so all threads see the same alignment (results do not depend on the thread count).
+constexpr int64_t kAlignFloats = 16;
+// Keys per panel of the packed K^T: two vectors of the widest target (AVX-512).
+constexpr int64_t kPanel = 32;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Offsets (in floats) of one thread's buffers. Channels are padded to Cp = round_up(C, 16) and
+// keys to round_up(Lk, 32) with zeros, so every inner loop runs on whole vectors (up to 16 lanes);
+// K is packed transposed in panels of kPanel keys, KT [Lk / kPanel, C, kPanel]: the logits of a
+// row block read one contiguous 4 KiB panel (at C = 32) per 32 keys, sequentially (a plain
+// [C, Lk] transpose has a 1-8 KiB stride between the channels; at Lk = 2048 all 32 rows fall on one
+// L1 set, measured about 15% slower there).
+//   KT [ldk / kPanel, C, kPanel] (K transposed in panels) | V [Lk, Cp] | Q [tq, C] | O [tq, Cp] | S
+//   [kRowBlock, ldS] (logits, then P, of one key tile) | m, l [tq] (running row max and sum) |
+//   Kd [kPanel, C] (one panel of keys, dense, on its way into KT).
+struct Layout {
+  int64_t tq, tk, ldS, Cp, ldk, KT, V, Q, O, S, m, l, Kd, total;
+};
+
+Layout layout(const AttentionArgs& a) {
+  Layout L{};
+  L.tq = std::min(a.Lq, kQueryTile);
+  L.tk = std::min(a.Lk, kKeyTile);
+  L.ldS = round_up(L.tk, 2 * kAlignFloats);
+  L.Cp = round_up(a.C, kAlignFloats);
+  L.ldk = round_up(a.Lk, kPanel);
+  int64_t off = 0;
+  auto take = [&off](int64_t floats) {
+    const int64_t at = off;
+    off += round_up(floats, kAlignFloats);
+    return at;
+  };
+  L.KT = take(a.C * L.ldk);
+  L.V = take(a.Lk * L.Cp);
+  L.Q = take(L.tq * a.C);
+  L.O = take(L.tq * L.Cp);
+  L.S = take(kRowBlock * L.ldS);
+  L.m = take(L.tq);
+  L.l = take(L.tq);
+  L.Kd = take(kPanel * a.C);
+  L.total = off;
+  return L;
+}
+}  // namespace
+}  // namespace fc::kern
+#endif  // FC_KERNELS_ATTENTION_LAYOUT_
+
+HWY_BEFORE_NAMESPACE();
+namespace fc::kern {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using D = hn::ScalableTag<float>;
+using V = hn::Vec<D>;
 
 namespace {
-// Queries per tile: the [kQueryTile, Lk] logit tile stays in L2 between the two products.
-constexpr int64_t kQueryTile = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-int64_t item_scratch_floats(const AttentionArgs& a) {
-  const int64_t qt = std::min(a.Lq, kQueryTile);
-  return 2 * a.Lk * a.C + 2 * qt * a.C + qt * a.Lk;
+// Loads count <= Lanes elements, the other lanes set to fill; a partial vector goes through a stack
+// copy so that no load touches memory past the row.
+HWY_INLINE V LoadPart(D d, const float* p, size_t count, float fill) {
+  if (count == hn::Lanes(d)) return hn::LoadU(d, p);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  for (size_t i = 0; i < hn::Lanes(d); ++i) buf[i] = i < count ? p[i] : fill;
+  return hn::Load(d, buf);
 }
 
-// Copies rows [rows, C] from a strided source into a dense [rows, C] buffer. Dense operands keep
-// GEMM loads off power-of-two strides (a 4 KiB row stride maps every row to the same L1 sets).
-void pack(const float* src, int64_t ld, int64_t rows, int64_t C, float* dst) {
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * C, src + i * ld, C * sizeof(float));
+HWY_INLINE void StorePart(D d, V v, float* p, size_t count) {
+  if (count == hn::Lanes(d)) return hn::StoreU(v, d, p);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(v, d, buf);
+  for (size_t i = 0; i < count; ++i) p[i] = buf[i];
 }
 
-// One (b, h) item. Scratch layout: K [Lk, C] | V [Lk, C] | Q tile [qt, C] | O tile [qt, C] |
-// logits [qt, Lk].
-void attention_item(const AttentionArgs& a, int64_t b, int64_t h, float* scratch) {
-  const int64_t qt = std::min(a.Lq, kQueryTile);
-  float* K = scratch;
-  float* V = K + a.Lk * a.C;
-  float* Q = V + a.Lk * a.C;
-  float* O = Q + qt * a.C;
-  float* S = O + qt * a.C;
-  pack(a.k + b * a.k_bs + h * a.C, a.k_rs, a.Lk, a.C, K);
-  pack(a.v + b * a.v_bs + h * a.C, a.v_rs, a.Lk, a.C, V);
-  const float* mb = a.mask_bias ? a.mask_bias + b * a.Lk : nullptr;
-  for (int64_t i0 = 0; i0 < a.Lq; i0 += qt) {
-    const int64_t n = std::min(qt, a.Lq - i0);
-    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * a.C, a.q_rs, n, a.C, Q);
-    gemm(false, true, n, a.Lk, a.C, a.scale, Q, a.C, K, a.C, 0.f, S, a.Lk);
-    const float* pb = a.pair_bias ? a.pair_bias + (h * a.Lq + i0) * a.Lk : nullptr;
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = S + i * a.Lk;  // [Lk]
-      if (mb)
-        for (int64_t j = 0; j < a.Lk; ++j) row[j] += mb[j];
-      if (pb)
-        for (int64_t j = 0; j < a.Lk; ++j) row[j] += pb[i * a.Lk + j];
-    }
-    softmax_rows(S, a.Lk, n, a.Lk);
-    gemm(false, false, n, a.C, a.Lk, 1.f, S, a.Lk, V, a.C, 0.f, O, a.C);
-    if (a.gate) sigmoid_mul(O, a.C, a.gate + b * a.g_bs + i0 * a.g_rs + h * a.C, a.g_rs, n, a.C);
-    float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * a.C;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(o + i * a.o_rs, O + i * a.C, a.C * sizeof(float));
+// Horizontal max through memory, not MaxOfLanes: on EMU128 that starts from -FLT_MAX, which would
+// turn an all -inf row into a finite max.
+HWY_INLINE float MaxLane(D d, V v) {
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(v, d, buf);
+  return *std::max_element(buf, buf + hn::Lanes(d));
+}
+
+// sigmoid(x) = 1/(1+e) for x >= 0 and e/(1+e) for x < 0, e = exp(-|x|) (as in elementwise_hwy.cc).
+HWY_INLINE V Sigmoid(D d, V x) {
+  const auto nan = hn::IsNaN(x);
+  const V e = hn::Exp(d, hn::Neg(hn::IfThenZeroElse(nan, hn::Abs(x))));
+  const V r = hn::Div(hn::Set(d, 1.f), hn::Add(hn::Set(d, 1.f), e));
+  const V s = hn::IfThenElse(hn::Lt(x, hn::Zero(d)), hn::Mul(e, r), r);
+  return hn::IfThenElse(nan, x, s);
+}
+
+// s[j] = exp(s[j] - shift) for j < w; returns the sum. Exp of -inf (or below -104) is 0.
+HWY_INLINE float ExpAndSum(D d, float* s, size_t w, float shift) {
+  const size_t N = hn::Lanes(d);
+  const V vs = hn::Set(d, shift);
+  V a0 = hn::Zero(d), a1 = hn::Zero(d);
+  size_t j = 0;
+  for (; j + 2 * N <= w; j += 2 * N) {
+    const V e0 = hn::Exp(d, hn::Sub(hn::LoadU(d, s + j), vs));
+    const V e1 = hn::Exp(d, hn::Sub(hn::LoadU(d, s + j + N), vs));
+    hn::StoreU(e0, d, s + j);
+    hn::StoreU(e1, d, s + j + N);
+    a0 = hn::Add(a0, e0);
+    a1 = hn::Add(a1, e1);
   }
+  for (; j < w; j += N) {
+    const size_t c = std::min(N, w - j);
+    const V e = hn::Exp(d, hn::Sub(LoadPart(d, s + j, c, kNegInf), vs));
+    StorePart(d, e, s + j, c);
+    a0 = hn::Add(a0, e);
+  }
+  return hn::GetLane(hn::SumOfLanes(d, hn::Add(a0, a1)));
+}
+
+// out[c] = x[c] * f (* sigmoid(g[c]) when g is non-null) for c < n.
+HWY_INLINE void OutputRow(D d, const float* x, float f, const float* g, float* out, size_t n) {
+  const size_t N = hn::Lanes(d);
+  const V vf = hn::Set(d, f);
+  for (size_t c = 0; c < n; c += N) {
+    const size_t k = std::min(N, n - c);
+    V y = hn::Mul(LoadPart(d, x + c, k, 0.f), vf);
+    if (g) y = hn::Mul(y, Sigmoid(d, LoadPart(d, g + c, k, 0.f)));
+    StorePart(d, y, out + c, k);
+  }
+}
+
+// Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (in a panel:
+// channel c of key j at KT[c * kPanel + j]): s = scale q.k + mb + pb, lanes >= valid set to -inf;
+// stored to S rows (ld ldS) and folded into the running row maxima mx[R].
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, float scale,
+                            const float* mb, const float* pb, int64_t ldpb, size_t valid, float* S,
+                            int64_t ldS, V* mx) {
+  const size_t N = hn::Lanes(d);
+  V acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = hn::Zero(d), acc1[r] = hn::Zero(d);
+  for (int64_t c = 0; c < C; ++c) {
+    const V k0 = hn::LoadU(d, KT + c * kPanel), k1 = hn::LoadU(d, KT + c * kPanel + N);
+    for (int r = 0; r < R; ++r) {
+      const V q = hn::Set(d, Q[r * C + c]);
+      acc0[r] = hn::MulAdd(q, k0, acc0[r]);
+      acc1[r] = hn::MulAdd(q, k1, acc1[r]);
+    }
+  }
+  const V vs = hn::Set(d, scale);
+  const bool full = valid == 2 * N;
+  const size_t c0 = std::min(valid, N), c1 = valid - c0;
+  V b0 = hn::Zero(d), b1 = hn::Zero(d);
+  if (kMask) {
+    b0 = full ? hn::LoadU(d, mb) : LoadPart(d, mb, c0, 0.f);
+    b1 = full ? hn::LoadU(d, mb + N) : LoadPart(d, mb + N, c1, 0.f);
+  }
+  const auto m0 = hn::FirstN(d, c0), m1 = hn::FirstN(d, c1);
+  const V ninf = hn::Set(d, kNegInf);
+  for (int r = 0; r < R; ++r) {
+    V x0 = hn::Mul(acc0[r], vs), x1 = hn::Mul(acc1[r], vs);
+    if (kMask) x0 = hn::Add(x0, b0), x1 = hn::Add(x1, b1);
+    if (kPair) {
+      const float* p = pb + r * ldpb;
+      x0 = hn::Add(x0, full ? hn::LoadU(d, p) : LoadPart(d, p, c0, 0.f));
+      x1 = hn::Add(x1, full ? hn::LoadU(d, p + N) : LoadPart(d, p + N, c1, 0.f));
+    }
+    if (!full) x0 = hn::IfThenElse(m0, x0, ninf), x1 = hn::IfThenElse(m1, x1, ninf);
+    hn::StoreU(x0, d, S + r * ldS);
+    hn::StoreU(x1, d, S + r * ldS + N);
+    mx[r] = hn::Max(mx[r], hn::Max(x0, x1));
+  }
+}
+
+// O rows [R, NV*N channels] = alpha[r] * O (or 0 when first) + P[R, w] V[w, NV*N channels].
+template <int R, int NV>
+HWY_INLINE void PvBlock(D d, const float* P, int64_t ldS, int64_t w, const float* Vp, int64_t Cp,
+                        const float* alpha, bool first, float* O) {
+  const size_t N = hn::Lanes(d);
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] =
+          first ? hn::Zero(d) : hn::Mul(hn::LoadU(d, O + r * Cp + v * N), hn::Set(d, alpha[r]));
+  for (int64_t j = 0; j < w; ++j) {
+    V vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = hn::LoadU(d, Vp + j * Cp + v * N);
+    for (int r = 0; r < R; ++r) {
+      const V p = hn::Set(d, P[r * ldS + j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(p, vv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, O + r * Cp + v * N);
+}
+
+// Rows [0, R) of a query block against key tile [0, w) (pointers already offset): logits, online
+// softmax update of m, l, and O.
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const Layout& L, const float* Q,
+                         const float* KT, const float* Vp, const float* mb, const float* pb,
+                         int64_t w, bool first, float* S, float* m, float* l, float* O) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  V mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
+  for (int64_t j = 0; j < w; j += 2 * N)
+    LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + (j - j % kPanel) * a.C + j % kPanel, a.scale,
+                                 kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
+                                 static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
+  const size_t wp = static_cast<size_t>(round_up(w, 2 * N));
+  float alpha[R];
+  for (int r = 0; r < R; ++r) {
+    const float m_new = first ? MaxLane(d, mx[r]) : std::max(m[r], MaxLane(d, mx[r]));
+    // A row whose max is still -inf has only -inf logits: shift 0 keeps exp(-inf - 0) = 0
+    // instead of NaN, and the row ends with l = 0 (output 0).
+    const float shift = m_new == kNegInf ? 0.f : m_new;
+    const float sum = ExpAndSum(d, S + r * L.ldS, wp, shift);  // lanes past w: exp(-inf) = 0
+    alpha[r] = first ? 0.f : std::exp(m[r] - shift);           // m[r] = -inf: 0
+    l[r] = first ? sum : l[r] * alpha[r] + sum;
+    m[r] = m_new;
+  }
+  int64_t c = 0;
+  for (; c + 2 * N <= L.Cp; c += 2 * N)
+    PvBlock<R, 2>(d, S, L.ldS, w, Vp + c, L.Cp, alpha, first, O + c);
+  for (; c < L.Cp; c += N) PvBlock<R, 1>(d, S, L.ldS, w, Vp + c, L.Cp, alpha, first, O + c);
+}
+
+// Query rows [0, n) of a tile against every key tile.
+template <bool kMask, bool kPair>
+void QueryTile(D d, const AttentionArgs& a, const Layout& L, int64_t n, const float* Q,
+               const float* KT, const float* Vp, const float* mb, const float* pb, float* S,
+               float* m, float* l, float* O) {
+  const int64_t C = a.C, Lk = a.Lk;
+  // Row blocks outside, key tiles inside: each block streams its R pair-bias rows sequentially
+  // (prefetch-friendly when [H, Lq, Lk] is far larger than the caches), while the packed K and V
+  // stay in L2.
+  auto block = [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    for (int64_t j0 = 0; j0 < Lk; j0 += L.tk)
+      RowBlock<R, kMask, kPair>(d, a, L, Q + r * C, KT + j0 * C, Vp + j0 * L.Cp,
+                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr,
+                                std::min(L.tk, Lk - j0), j0 == 0, S, m + r, l + r, O + r * L.Cp);
+  };
+  int64_t r = 0;
+  for (; r + kRowBlock <= n; r += kRowBlock)
+    block(std::integral_constant<int, static_cast<int>(kRowBlock)>(), r);
+  for (; r + 4 <= n; r += 4) block(std::integral_constant<int, 4>(), r);
+  for (; r < n; ++r) block(std::integral_constant<int, 1>(), r);
 }
 }  // namespace
 
+// One (b, h) item on the calling thread, with the buffers of L in ws.
+void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L, float* ws) {
+  const D d;
+  const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
+  float* KT = ws + L.KT;  // [ldk / kPanel, C, kPanel] zero-padded keys
+  float* Vp = ws + L.V;   // [Lk, Cp] zero-padded channels
+  float* Q = ws + L.Q;    // [tq, C]
+  float* O = ws + L.O;    // [tq, Cp] unnormalised output rows
+  float* S = ws + L.S;    // [kRowBlock, ldS] logits, then P, of one row block and key tile
+  float* m = ws + L.m;    // [tq] running row max
+  float* l = ws + L.l;    // [tq] running row sum of exp(logit - m)
+  // Each panel's keys are copied densely (row by row, like the V rows), then transposed from L1.
+  const float* k = a.k + b * a.k_bs + h * C;
+  float* Kd = ws + L.Kd;  // [kPanel, C]
+  for (int64_t j0 = 0; j0 < L.ldk; j0 += kPanel) {
+    const int64_t nj = std::min(kPanel, Lk - j0);
+    for (int64_t j = 0; j < nj; ++j)
+      std::memcpy(Kd + j * C, k + (j0 + j) * a.k_rs, C * sizeof(float));
+    std::fill(Kd + nj * C, Kd + kPanel * C, 0.f);
+    float* kt = KT + j0 * C;  // [C, kPanel]
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < kPanel; ++j) kt[c * kPanel + j] = Kd[j * C + c];
+  }
+  const float* v = a.v + b * a.v_bs + h * C;
+  for (int64_t j = 0; j < Lk; ++j) {
+    std::memcpy(Vp + j * L.Cp, v + j * a.v_rs, C * sizeof(float));
+    std::fill(Vp + j * L.Cp + C, Vp + (j + 1) * L.Cp, 0.f);
+  }
+  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;  // [Lk]
+  for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
+    const int64_t n = std::min(L.tq, Lq - i0);
+    const float* q = a.q + b * a.q_bs + i0 * a.q_rs + h * C;
+    for (int64_t i = 0; i < n; ++i) std::memcpy(Q + i * C, q + i * a.q_rs, C * sizeof(float));
+    const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
+    if (mb && pb)
+      QueryTile<true, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    else if (mb)
+      QueryTile<true, false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    else if (pb)
+      QueryTile<false, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    else
+      QueryTile<false, false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    // The query tile was packed above, so o may alias q (in-place modules).
+    float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * C;
+    const float* g = a.gate ? a.gate + b * a.g_bs + i0 * a.g_rs + h * C : nullptr;
+    float* lse = a.lse ? a.lse + (b * a.H + h) * Lq + i0 : nullptr;  // [n]
+    for (int64_t i = 0; i < n; ++i) {
+      OutputRow(d, O + i * L.Cp, l[i] > 0.f ? 1.f / l[i] : 0.f, g ? g + i * a.g_rs : nullptr,
+                o + i * a.o_rs, static_cast<size_t>(C));
+      if (lse) lse[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+    }
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace fc::kern
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace fc::kern {
+
+HWY_EXPORT(AttentionItem);
+
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads) {
-  return static_cast<int64_t>(std::max(threads, 1)) * item_scratch_floats(a);
+  return static_cast<int64_t>(std::max(threads, 1)) * layout(a).total;
 }
 
 void attention(const AttentionArgs& a, float* scratch, int threads) {
@@ -71,11 +362,10 @@ void attention(const AttentionArgs& a, float* scratch, int threads) {
   if (items == 0 || a.Lq == 0) return;
   FC_CHECK(a.Lk > 0 && a.C > 0);
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
-  const int64_t per = item_scratch_floats(a);
+  const Layout L = layout(a);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t it = 0; it < items; ++it)
-    attention_item(a, it / a.H, it % a.H,
-                   scratch + static_cast<int64_t>(omp_get_thread_num()) * per);
+  for (int64_t it = 0; it < items; ++it) HWY_DYNAMIC_DISPATCH(AttentionItem)
+  (a, it / a.H, it % a.H, L, scratch + static_cast<int64_t>(omp_get_thread_num()) * L.total);
 }
 
 namespace ref {
@@ -96,9 +386,16 @@ void attention(const AttentionArgs& a, float* scratch) {
           logit[j] = x;
           mx = std::max<double>(mx, x);
         }
+        float* o = a.o + b * a.o_bs + i * a.o_rs + h * a.C;
+        float* lse = a.lse ? a.lse + (b * a.H + h) * a.Lq + i : nullptr;
+        if (mx == -INFINITY) {  // every logit -inf: zero output, lse -inf
+          std::fill(o, o + a.C, 0.f);
+          if (lse) *lse = -INFINITY;
+          continue;
+        }
         double sum = 0.0;
         for (int64_t j = 0; j < a.Lk; ++j) sum += std::exp(logit[j] - mx);
-        float* o = a.o + b * a.o_bs + i * a.o_rs + h * a.C;
+        if (lse) *lse = static_cast<float>(mx + std::log(sum));
         for (int64_t c = 0; c < a.C; ++c) {
           double acc = 0.0;
           for (int64_t j = 0; j < a.Lk; ++j)
@@ -113,3 +410,4 @@ void attention(const AttentionArgs& a, float* scratch) {
 }
 }  // namespace ref
 }  // namespace fc::kern
+#endif  // HWY_ONCE

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "foldcube/status.h"
@@ -136,6 +137,71 @@ void SoftmaxBackwardRows(const float* p, int64_t ldp, const float* dp, int64_t l
   }
 }
 
+// Attention probabilities from the saved log-sum-exp, per row r of S ([rows, n], logits scaled,
+// biases not yet added): s = exp((s + mb) + pb[r] - lse[r]) (the forward's bias order; mb [n] and
+// pb rows [n] optional), one pass. A row with lse = -inf (all logits -inf) becomes 0. A row whose
+// sum is off 1 by more than kLseRenorm is divided by its sum: lse rounded to float drops log(sum)
+// when the logits are huge, e.g. a fully masked row (every logit -1e9, uniform P) has
+// lse = -1e9 + log(n) = -1e9 in float.
+constexpr float kLseRenorm = 1e-5f;
+void ProbsFromLseRows(float* S, int64_t ld, int64_t rows, int64_t n, const float* mb,
+                      const float* pb, int64_t ldpb, const float* lse) {
+  const D d;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = S + r * ld;                          // [n]
+    const float* pr = pb ? pb + r * ldpb : nullptr;  // [n]
+    if (lse[r] == -std::numeric_limits<float>::infinity()) {
+      std::fill(sr, sr + un, 0.f);
+      continue;
+    }
+    const V vl = hn::Set(d, lse[r]);
+    V acc = hn::Zero(d);
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      V x = LoadPart(d, sr + i, c);
+      if (mb) x = hn::Add(x, LoadPart(d, mb + i, c));
+      if (pr) x = hn::Add(x, LoadPart(d, pr + i, c));
+      // Tail lanes (zero on load) become lse, so that exp sees 0, and are then masked out.
+      const auto valid = hn::FirstN(d, c);
+      const V e = hn::IfThenElseZero(valid, hn::Exp(d, hn::Sub(hn::IfThenElse(valid, x, vl), vl)));
+      acc = hn::Add(acc, e);
+      StorePart(d, e, sr + i, c);
+    }
+    const float sum = hn::GetLane(hn::SumOfLanes(d, acc));
+    if (std::abs(sum - 1.f) > kLseRenorm && sum > 0.f) {
+      const V inv = hn::Set(d, 1.f / sum);
+      for (size_t i = 0; i < un; i += N) {
+        const size_t c = std::min(N, un - i);
+        StorePart(d, hn::Mul(LoadPart(d, sr + i, c), inv), sr + i, c);
+      }
+    }
+  }
+}
+
+// Softmax backward with the row dot products given: p = p * (dp - dot[r]) in place, per row r
+// (dot[r] = rowsum(dp * p) = rowsum(dO * O) for attention).
+void SoftmaxBackwardGivenDotRows(float* p, int64_t ldp, const float* dp, int64_t lddp,
+                                 const float* dot, int64_t rows, int64_t n) {
+  const D d;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* pr = p + r * ldp;           // [n]
+    const float* dpr = dp + r * lddp;  // [n]
+    const V vd = hn::Set(d, dot[r]);
+    size_t i = 0;
+    for (; i + N <= un; i += N)
+      hn::StoreU(hn::Mul(hn::LoadU(d, pr + i), hn::Sub(hn::LoadU(d, dpr + i), vd)), d, pr + i);
+    if (i < un) {
+      const size_t c = un - i;
+      StorePart(d, hn::Mul(LoadPart(d, pr + i, c), hn::Sub(LoadPart(d, dpr + i, c), vd)), pr + i,
+                c);
+    }
+  }
+}
+
 // The elementwise kernels below treat contiguous operands (every ld == n) as one long row.
 
 void SigmoidMulBackwardRows(const float* a, int64_t lda, const float* g, int64_t ldg,
@@ -185,6 +251,8 @@ HWY_EXPORT(LayerNormBackwardRows);
 HWY_EXPORT(SoftmaxBackwardRows);
 HWY_EXPORT(SigmoidMulBackwardRows);
 HWY_EXPORT(ReluBackwardRows);
+HWY_EXPORT(ProbsFromLseRows);
+HWY_EXPORT(SoftmaxBackwardGivenDotRows);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -335,9 +403,10 @@ int64_t range_begin(int64_t items, int t, int nt) { return items * t / nt; }
 
 // Offsets (in floats) of one thread's buffers:
 //   K, V, dK, dV [Lk, C] | Q, dO, O [qt, C] (O doubles as the dQ tile) | dP [qt, Lk] |
-//   S [qt, Lk]: logits -> P -> dS of the current tile | slot [Lq, Lk] (kRanges only).
+//   S [qt, Lk]: logits -> P -> dS of the current tile | Dr [qt] rowsum(dO * O) (lse path) |
+//   slot [Lq, Lk] (kRanges only).
 struct BwdLayout {
-  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, slot, total;
+  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, Dr, slot, total;
 };
 
 BwdLayout bwd_layout(const AttentionArgs& a, Schedule sched) {
@@ -358,6 +427,7 @@ BwdLayout bwd_layout(const AttentionArgs& a, Schedule sched) {
   L.O = take(L.qt * a.C);
   L.dP = take(L.qt * a.Lk);
   L.S = take(L.qt * a.Lk);
+  L.Dr = take(L.qt);
   L.slot = take(sched == Schedule::kRanges ? a.Lq * a.Lk : 0);
   L.total = off;
   return L;
@@ -385,21 +455,29 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   float* dO = ws + L.dO;  // [qt, C]
   float* O = ws + L.O;    // [qt, C]
   float* dP = ws + L.dP;  // [qt, Lk]
+  float* Dr = ws + L.Dr;  // [qt]
   pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
   pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
   std::fill(dK, dK + Lk * C, 0.f);
   std::fill(dV, dV + Lk * C, 0.f);
-  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;
+  const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;   // [Lk]
+  const float* lse = g.lse ? g.lse + (b * a.H + h) * Lq : nullptr;  // [Lq]
   const bool need_ds = g.dq || g.dk || dpb;
   for (int64_t i0 = 0; i0 < Lq; i0 += L.qt) {
     const int64_t n = std::min(L.qt, Lq - i0);
     float* P = ws + L.S;  // [n, Lk]
-    // Recompute P exactly as the forward does.
+    // Recompute P: in one pass from the saved lse, else with a full softmax as the forward
+    // reference does.
     pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
     gemm(false, true, n, Lk, C, a.scale, Q, C, K, C, 0.f, P, Lk);
-    if (mb) add_bias_rows(P, Lk, mb, n, Lk);
-    if (a.pair_bias) add_inplace(P, Lk, a.pair_bias + (h * Lq + i0) * Lk, Lk, n, Lk);
-    softmax_rows(P, Lk, n, Lk);
+    const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
+    if (lse) {
+      HWY_DYNAMIC_DISPATCH(ProbsFromLseRows)(P, Lk, n, Lk, mb, pb, Lk, lse + i0);
+    } else {
+      if (mb) add_bias_rows(P, Lk, mb, n, Lk);
+      if (pb) add_inplace(P, Lk, pb, Lk, n, Lk);
+      softmax_rows(P, Lk, n, Lk);
+    }
     // Gating: dO = d_out * sigmoid(gate), dgate from O = P V recomputed.
     const float* dout = g.d_out + b * a.o_bs + i0 * a.o_rs + h * C;
     if (a.gate) {
@@ -407,14 +485,24 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       const int64_t go = b * a.g_bs + i0 * a.g_rs + h * C;
       sigmoid_mul_backward(O, C, a.gate + go, a.g_rs, dout, a.o_rs, dO, C,
                            g.dgate ? g.dgate + go : nullptr, a.g_rs, n, C);
+      if (lse)  // rowsum(dP * P) = rowsum(dO * O): C terms instead of Lk
+        for (int64_t i = 0; i < n; ++i) {
+          float acc = 0.f;
+          for (int64_t c = 0; c < C; ++c) acc += dO[i * C + c] * O[i * C + c];
+          Dr[i] = acc;
+        }
     } else {
       pack(dout, a.o_rs, n, C, dO);
     }
     if (g.dv) gemm(true, false, Lk, C, n, 1.f, P, Lk, dO, C, 1.f, dV, C);  // dV += P^T dO
     if (!need_ds) continue;
     gemm(false, true, n, Lk, C, 1.f, dO, C, V, C, 0.f, dP, Lk);  // dP = dO V^T
-    softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);               // P <- dS
-    if (g.dq) {                                                  // dQ = scale dS K
+    if (lse && a.gate) {                                         // P <- dS
+      HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)(P, Lk, dP, Lk, Dr, n, Lk);
+    } else {
+      softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
+    }
+    if (g.dq) {  // dQ = scale dS K
       gemm(false, false, n, C, Lk, a.scale, P, Lk, K, C, 0.f, O, C);
       unpack(O, n, C, g.dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
     }

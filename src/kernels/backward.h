@@ -89,10 +89,17 @@ struct AttentionGrads {
   float* dv = nullptr;           // layout of v; overwritten; nullptr skips it
   float* dgate = nullptr;        // layout of gate; overwritten; nullptr (or no gate) skips it
   float* d_pair_bias = nullptr;  // [H, Lq, Lk]; ACCUMULATED over the batch; nullptr skips it
+  const float* lse = nullptr;    // [B, H, Lq] saved by kern::attention (AttentionArgs::lse) for
+                                 // the same inputs, or nullptr: P is then recomputed with a full
+                                 // softmax (two more passes over each [tile, Lk] block)
 };
 // Work item = one (batch, head): K, V (and the dK, dV accumulators) packed densely, then query
-// tiles: logits and softmax recomputed from q, k and the biases (nothing saved by the forward),
-// then O = P V (with a gate), dV += P^T dO, dP = dO V^T, dS, dQ, dK += , d_pair_bias += dS. Scratch
+// tiles: logits recomputed from q, k and the biases, P = exp(logit - lse) in one pass with the
+// saved lse (a row whose float lse lost log(sum), like a fully masked -1e9 row, is renormalised),
+// else a full softmax; then O = P V (with a gate), dV += P^T dO, dP = dO V^T,
+// dS = P * (dP - D) with D = rowsum(dO * O) when lse and a gate are given (O is at hand), else
+// rowsum(dP * P); dQ, dK += , d_pair_bias += dS. With or without lse the results agree to
+// rounding (not bit for bit); each path keeps the determinism below. Scratch
 // holds [tile, Lk] blocks per thread (plus one [Lq, Lk] slot in the third schedule below). dq, dk,
 // dv, dgate come from one item each: bit-identical across runs and thread counts. The sum of
 // d_pair_bias over the batch never waits for other threads and is deterministic:
@@ -133,7 +140,8 @@ void sigmoid_mul_backward(const float* a, int64_t lda, const float* g, int64_t l
 void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                    int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
 // Naive attention backward, one (b, h) at a time in double: P and dS [Lq, Lk] and dO [Lq, C] of
-// one item in scratch of attention_backward_scratch_floats(a) floats.
+// one item in scratch of attention_backward_scratch_floats(a) floats. g.lse is ignored: P always
+// comes from a full softmax, the exact value the fast kernel's lse path is tested against.
 int64_t attention_backward_scratch_floats(const AttentionArgs& a);
 void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* scratch);
 }  // namespace ref

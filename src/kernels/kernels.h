@@ -73,6 +73,9 @@ void scale_rows(float* y, int64_t ldy, const float* s, int64_t rows, int64_t n);
 // Element (b, i, h*C+c) of X lives at X[b*X_bs + i*X_rs + h*C + c] for X in q, k, v, o, gate.
 // mask_bias: [B, Lk] contiguous or nullptr; pair_bias: [H, Lq, Lk] contiguous or nullptr.
 // gate (or nullptr) holds pre-sigmoid values g; the kernel multiplies o by sigmoid(g).
+// A row whose logits are all -inf gives o = 0 (never NaN) and lse = -inf; a row of finite mask
+// biases (OpenFold's -1e9 on every key) gives the softmax of its logits, uniform when they round to
+// the same float. o may alias q (same strides): each query tile is read before it is written.
 struct AttentionArgs {
   int64_t B = 0, Lq = 0, Lk = 0, H = 0, C = 0;
   float scale = 1.f;
@@ -88,9 +91,13 @@ struct AttentionArgs {
   int64_t g_bs = 0, g_rs = 0;
   float* o = nullptr;
   int64_t o_bs = 0, o_rs = 0;
+  float* lse = nullptr;  // [B, H, Lq] natural-log sum-exp of the logits per query, written when
+                         // non-null (saved for attention_backward, see backward.h)
 };
-// Scratch: attention_scratch_floats(args, threads) floats (logits for one batch element per
-// thread).
+// Flash-style kernel: query tiles sweep key tiles with an online softmax, so neither [H, Lq, Lk]
+// nor a [query tile, Lk] block is ever formed. Results are bit-identical across runs and thread
+// counts. Scratch: attention_scratch_floats(args, threads) floats (per thread: one item's packed
+// K and V, about 2 * Lk * C floats, plus tiles of a few thousand floats).
 int64_t attention_scratch_floats(const AttentionArgs& a, int threads);
 void attention(const AttentionArgs& a, float* scratch, int threads);
 
@@ -111,7 +118,8 @@ void add_bias_rows(float* y, int64_t ldy, const float* bias, int64_t rows, int64
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);
 void mul_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
 void scale_rows(float* y, int64_t ldy, const float* s, int64_t rows, int64_t n);
-// Naive attention: materialises one [Lk] logit row at a time in scratch of Lk floats.
+// Naive attention in double: one [Lk] logit row at a time in scratch of Lk floats; writes lse
+// (rounded to float) when a.lse is non-null.
 void attention(const AttentionArgs& a, float* scratch);
 }  // namespace ref
 
