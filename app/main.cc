@@ -94,7 +94,8 @@ int main(int argc, char** argv) {
   plan->add_option("--dtype", pa.dtype, "fp32 | bf16 | fp16 (default: the profile's)");
   plan->add_option("--policy", pa.policy,
                    "evaluate this recompute policy (none|module|block) for every block");
-  plan->add_option("--chunk", pa.chunk, "force batch items per chunk")->check(CLI::Range(0, 1 << 30));
+  plan->add_option("--chunk", pa.chunk, "force batch items per chunk")
+      ->check(CLI::Range(0, 1 << 30));
   plan->add_option("--dap", pa.dap, "force the DAP degree")->check(CLI::Range(1, 4096));
   plan->add_option("--dp", pa.dp, "force the data-parallel degree")->check(CLI::Range(1, 4096));
   plan->add_flag("--bucket", pa.bucket, "pad r up to the next bucket (AF3 list by default)");

@@ -1,10 +1,11 @@
 // `foldcube plan`: the planner's choice (or a fixed policy's evaluation) and its estimates.
+#include "foldcube/plan.h"
+
 #include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include "commands.h"
-#include "foldcube/plan.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 
@@ -74,25 +75,26 @@ int plan_command(const PlanArgs& a) {
   if (a.json) {
     std::printf("%s\n", plan.to_json().c_str());
   } else {
-    std::printf("foldcube plan: %s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
-                plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
-                static_cast<long long>(plan.r),
-                plan.r != plan.r_real
-                    ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str()
-                    : "",
-                static_cast<long long>(plan.cfg.no_blocks), plan.dtype.c_str(),
-                req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
-    std::printf("  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
-                "%.1f, recompute %.1f, comm %.1f)\n",
-                plan.time_ms, plan.time_per_protein_ms, plan.forward_ms, plan.backward_ms,
-                plan.recompute_ms, plan.comm_ms);
+    std::printf(
+        "foldcube plan: %s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
+        plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
+        static_cast<long long>(plan.r),
+        plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
+        static_cast<long long>(plan.cfg.no_blocks), plan.dtype.c_str(),
+        req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
+    std::printf(
+        "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
+        "%.1f, recompute %.1f, comm %.1f)\n",
+        plan.time_ms, plan.time_per_protein_ms, plan.forward_ms, plan.backward_ms,
+        plan.recompute_ms, plan.comm_ms);
     std::printf("  peak        %10.1f MiB per device (limit %.1f MiB)%s\n", mib(plan.peak_bytes),
                 mib(plan.memory_limit_bytes), plan.fits ? "" : "  DOES NOT FIT");
     if (plan.training) {
       std::printf("  activations %10.1f MiB\n", mib(plan.activation_bytes));
       int counts[3] = {0, 0, 0};
       for (Recompute p : plan.policy) ++counts[static_cast<int>(p)];
-      std::printf("  recompute   none x%d, module x%d, block x%d:", counts[0], counts[1], counts[2]);
+      std::printf("  recompute   none x%d, module x%d, block x%d:", counts[0], counts[1],
+                  counts[2]);
       for (Recompute p : plan.policy) std::printf(" %c", recompute_name(p)[0]);
       std::printf("\n");
     }

@@ -1,15 +1,17 @@
 // The planner: Plan JSON and validation, device profiles, the search against brute force (and the
 // memory decomposition against stack_step_peak_bytes), infeasible budgets, buckets with padded
 // inputs, and the plan cache.
+#include "foldcube/planner.h"
+
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "foldcube/plan.h"
-#include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 
 namespace fc {
@@ -252,9 +254,9 @@ TEST(Planner, InferenceChunkSearchFitsBudget) {
   q.memory_bytes = int64_t{8} << 30;
   Plan roomy, tight;
   ASSERT_TRUE(make_plan(q, &roomy).ok());
-  const int64_t weights_and_inputs = roomy.peak_bytes -
-                                     forward_peak_bytes(cfg, 128, 512, true, roomy.chunk,
-                                                        roomy.chunk_target_bytes, 2);
+  const int64_t weights_and_inputs =
+      roomy.peak_bytes -
+      forward_peak_bytes(cfg, 128, 512, true, roomy.chunk, roomy.chunk_target_bytes, 2);
   const int64_t finest = forward_peak_bytes(cfg, 128, 512, true, 0, 16 << 10, 2);
   q.memory_bytes =
       weights_and_inputs + (finest + forward_peak_bytes(cfg, 128, 512, true, 0, 0, 2)) / 2;
@@ -336,6 +338,7 @@ TEST(Planner, PaddedForwardMatchesUnpadded) {
       for (int64_t c = 0; c < cfg.c_z; ++c)
         dz = std::max(dz, double(std::abs(z.f32()[(i * r + j) * cfg.c_z + c] -
                                           zp.f32()[(i * rp + j) * cfg.c_z + c])));
+  std::printf("padded vs unpadded: max|dm| %.3g, max|dz| %.3g (max|m| %.3g)\n", dm, dz, scale);
   EXPECT_LT(dm, 1e-5 * std::max(scale, 1.0));
   EXPECT_LT(dz, 1e-5 * std::max(scale, 1.0));
   Tensor bad = Tensor::empty({3, 3});

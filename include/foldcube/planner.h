@@ -22,16 +22,16 @@ namespace fc {
 // the rates are derived with the efficiencies below (docs/planner.md).
 struct DeviceProfile {
   std::string name;
-  bool calibrated = false;    // measured by calibrate_profile on this machine
-  int devices = 1;            // devices (MPI ranks) available
-  int threads = 1;            // threads per device the rates were measured with
-  int64_t memory_bytes = 0;   // per device; 0 = unknown (then a request must give a limit)
-  std::string dtype = "fp32";  // precision the rates refer to: fp32 | bf16 | fp16
-  double gemm_gflops = 0;      // large projections, M -> infinity
-  double gemm_half_rows = 0;   // rows at which a projection runs at half of gemm_gflops
-  double gemm_bwd_gflops = 0;  // linear backward (dX = dY W, dW = dY^T X)
-  double batched_gflops = 0;   // batched r x r x r products (triangle mult.), OPM outer product
-  double attention_gflops = 0;      // fused attention forward at 256 keys, C = 32
+  bool calibrated = false;      // measured by calibrate_profile on this machine
+  int devices = 1;              // devices (MPI ranks) available
+  int threads = 1;              // threads per device the rates were measured with
+  int64_t memory_bytes = 0;     // per device; 0 = unknown (then a request must give a limit)
+  std::string dtype = "fp32";   // precision the rates refer to: fp32 | bf16 | fp16
+  double gemm_gflops = 0;       // large projections, M -> infinity
+  double gemm_half_rows = 0;    // rows at which a projection runs at half of gemm_gflops
+  double gemm_bwd_gflops = 0;   // linear backward (dX = dY W, dW = dY^T X)
+  double batched_gflops = 0;    // batched r x r x r products (triangle mult.), OPM outer product
+  double attention_gflops = 0;  // fused attention forward at 256 keys, C = 32
   double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
@@ -66,8 +66,8 @@ struct ModuleCost {
 // ForwardOptions (they set the GEMM row counts of the inference path); training=true models the
 // training forward (unchunked) and the exact backward.
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
-                                           int64_t chunk, int64_t chunk_target_bytes,
-                                           bool training, const DeviceProfile& dev);
+                                           int64_t chunk, int64_t chunk_target_bytes, bool training,
+                                           const DeviceProfile& dev);
 
 // DAP communication of one block over N ranks (FastFold's scheme, docs/planner.md): bytes each
 // rank sends+receives in all-to-all and all-gather collectives, and the number of calls.
@@ -81,11 +81,11 @@ double comm_ms(const DapComm& c, const DeviceProfile& dev);
 
 // ---- Plan --------------------------------------------------------------------------------------
 struct Plan {
-  EvoformerConfig cfg;          // model config (no_blocks = blocks)
-  int64_t s = 0, r = 0;         // planned shape (r after bucket padding)
-  int64_t r_real = 0;           // residues before padding (== r without buckets)
+  EvoformerConfig cfg;   // model config (no_blocks = blocks)
+  int64_t s = 0, r = 0;  // planned shape (r after bucket padding)
+  int64_t r_real = 0;    // residues before padding (== r without buckets)
   bool training = false;
-  std::vector<Recompute> policy;  // one per block (training); empty for inference
+  std::vector<Recompute> policy;   // one per block (training); empty for inference
   int64_t chunk = 0;               // forced batch items per chunk (0 = from chunk_target_bytes)
   int64_t chunk_target_bytes = 0;  // automatic chunking target (0 = default)
   std::vector<std::pair<std::string, int64_t>> module_chunks;  // items per chunk, by pick_chunk
@@ -93,15 +93,15 @@ struct Plan {
   std::string dtype = "fp32";
   int threads = 1;
   // Estimates (filled by make_plan / evaluate_plan).
-  double time_ms = 0;               // one step: dp proteins, each over dap ranks
-  double time_per_protein_ms = 0;   // time_ms / dp (the search objective)
+  double time_ms = 0;              // one step: dp proteins, each over dap ranks
+  double time_per_protein_ms = 0;  // time_ms / dp (the search objective)
   double forward_ms = 0, backward_ms = 0, recompute_ms = 0, comm_ms = 0;
-  int64_t peak_bytes = 0;           // per device: weights, inputs, masks and the step's peak
-  int64_t activation_bytes = 0;     // per device: kept from forward for backward (training)
-  int64_t memory_limit_bytes = 0;   // the limit the plan was made for
-  bool fits = true;                 // peak_bytes <= memory_limit_bytes (fixed policies may not)
+  int64_t peak_bytes = 0;          // per device: weights, inputs, masks and the step's peak
+  int64_t activation_bytes = 0;    // per device: kept from forward for backward (training)
+  int64_t memory_limit_bytes = 0;  // the limit the plan was made for
+  bool fits = true;                // peak_bytes <= memory_limit_bytes (fixed policies may not)
   double search_ms = 0;
-  std::string profile;              // device profile name
+  std::string profile;                   // device profile name
   std::vector<ModuleCost> module_costs;  // one block, per device
 
   Status validate() const;
@@ -114,10 +114,10 @@ struct PlanRequest {
   int64_t s = 0, r = 0;
   bool training = false;
   DeviceProfile profile;
-  int devices = 0;               // 0 = profile.devices
-  int64_t memory_bytes = 0;      // per device limit; 0 = profile.memory_bytes
-  std::string dtype;             // empty = profile.dtype
-  bool fixed_policy = false;     // evaluate `policy` for every block instead of searching
+  int devices = 0;            // 0 = profile.devices
+  int64_t memory_bytes = 0;   // per device limit; 0 = profile.memory_bytes
+  std::string dtype;          // empty = profile.dtype
+  bool fixed_policy = false;  // evaluate `policy` for every block instead of searching
   Recompute policy = Recompute::kNone;
   int64_t chunk = 0;             // force items per chunk (no chunk search)
   int dap = 0, dp = 0;           // force degrees (0 = search)

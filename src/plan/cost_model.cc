@@ -67,13 +67,12 @@ Status DeviceProfile::validate() const {
   if (memory_bytes < 0) return Status::InvalidArgument("profile: memory_bytes must be >= 0");
   if (dtype_bytes(dtype) == 0)
     return Status::InvalidArgument("profile: unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
-  const std::pair<const char*, double> rates[] = {
-      {"gemm_gflops", gemm_gflops},
-      {"gemm_bwd_gflops", gemm_bwd_gflops},
-      {"batched_gflops", batched_gflops},
-      {"attention_gflops", attention_gflops},
-      {"attention_bwd_gflops", attention_bwd_gflops},
-      {"mem_gbps", mem_gbps}};
+  const std::pair<const char*, double> rates[] = {{"gemm_gflops", gemm_gflops},
+                                                  {"gemm_bwd_gflops", gemm_bwd_gflops},
+                                                  {"batched_gflops", batched_gflops},
+                                                  {"attention_gflops", attention_gflops},
+                                                  {"attention_bwd_gflops", attention_bwd_gflops},
+                                                  {"mem_gbps", mem_gbps}};
   for (const auto& [key, v] : rates)
     if (!(v > 0) || !std::isfinite(v))
       return Status::InvalidArgument(std::string("profile: ") + key + " must be > 0");
@@ -252,7 +251,8 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
   p.gemm_half_rows = x > 0 ? y / x : 0;
   {
     const int64_t rows = 8192, in = 256, o = 1024;
-    Tensor xx = Tensor::empty({rows, in}), w = Tensor::empty({o, in}), dy = Tensor::empty({rows, o});
+    Tensor xx = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
+           dy = Tensor::empty({rows, o});
     Tensor dx = Tensor::empty({rows, in}), dw = Tensor::zeros({o, in});
     fill(xx, 0.5f), fill(w, 0.1f), fill(dy, 0.2f);
     const double sec = best_seconds(
@@ -270,8 +270,8 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
     fill(A, 0.5f), fill(B, 0.25f);
     const double sec = best_seconds(
         [&] {
-          kern::gemm_batched(batch, false, true, n, n, n, 1.f, A.f32(), n, n * n, B.f32(), n,
-                             n * n, 0.f, C.f32(), n, n * n);
+          kern::gemm_batched(batch, false, true, n, n, n, 1.f, A.f32(), n, n * n, B.f32(), n, n * n,
+                             0.f, C.f32(), n, n * n);
         },
         reps);
     p.batched_gflops = 2.0 * batch * n * n * n / sec / 1e9;
@@ -301,9 +301,7 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
     Tensor gamma = Tensor::full({n}, 1.f), beta = Tensor::zeros({n});
     fill(xx, 1.f);
     const double sec = best_seconds(
-        [&] {
-          kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f);
-        },
+        [&] { kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f); },
         reps);
     p.mem_gbps = 2.0 * rows * n * kF / sec / 1e9;
   }
@@ -458,8 +456,8 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
 }  // namespace
 
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
-                                           int64_t chunk, int64_t chunk_target_bytes,
-                                           bool training, const DeviceProfile& dev) {
+                                           int64_t chunk, int64_t chunk_target_bytes, bool training,
+                                           const DeviceProfile& dev) {
   BlockContext ctx;
   ctx.cfg = &cfg;
   ctx.s = s;
@@ -508,8 +506,8 @@ DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap
   // Operands every shard needs whole: the MSA row attention's pair bias [H_m, r, r], the OPM's
   // right projection [s, r, c_o], the right projections of both triangle multiplications
   // [r, r, c_t], and both triangle attentions' biases [H_p, r, r].
-  const int64_t gathered[] = {cfg.no_heads_msa * rp * rp, sp * rp * cfg.c_hidden_opm,
-                              rp * rp * cfg.c_hidden_mul, rp * rp * cfg.c_hidden_mul,
+  const int64_t gathered[] = {cfg.no_heads_msa * rp * rp,  sp * rp * cfg.c_hidden_opm,
+                              rp * rp * cfg.c_hidden_mul,  rp * rp * cfg.c_hidden_mul,
                               cfg.no_heads_pair * rp * rp, cfg.no_heads_pair * rp * rp};
   for (int64_t x : to_all) c.all_to_all_bytes += a2a(x) * elem_bytes;
   for (int64_t x : gathered) c.all_gather_bytes += ag(x) * elem_bytes;

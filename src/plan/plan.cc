@@ -71,7 +71,8 @@ std::string Plan::to_json(int indent) const {
   j["profile"] = profile;
   json costs = json::array();
   for (const ModuleCost& c : module_costs)
-    costs.push_back({{"module", c.name}, {"forward_ms", c.forward_ms}, {"backward_ms", c.backward_ms}});
+    costs.push_back(
+        {{"module", c.name}, {"forward_ms", c.forward_ms}, {"backward_ms", c.backward_ms}});
   j["module_costs_per_block"] = costs;
   return j.dump(indent);
 }
@@ -90,7 +91,8 @@ Status Plan::from_json(const std::string& text, Plan* out) {
       return Status::InvalidArgument("plan: unsupported format (expected " +
                                      std::to_string(kPlanFormat) + ")");
     for (const char* key : {"config", "s", "r", "training", "policy", "dap", "dp", "dtype"})
-      if (!j.contains(key)) return Status::InvalidArgument(std::string("plan: missing '") + key + "'");
+      if (!j.contains(key))
+        return Status::InvalidArgument(std::string("plan: missing '") + key + "'");
     FC_RETURN_IF_ERROR(p.cfg.update_from_json(j["config"].dump()));
     p.s = j["s"].get<int64_t>();
     p.r = j["r"].get<int64_t>();
@@ -211,9 +213,8 @@ std::string plan_cache_key(const PlanRequest& req) {
     << "|devices=" << (req.devices > 0 ? req.devices : req.profile.devices)
     << "|mem=" << (req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes)
     << "|train=" << req.training << "|dtype=" << (req.dtype.empty() ? req.profile.dtype : req.dtype)
-    << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy)
-    << "|chunk=" << req.chunk << "|dap=" << req.dap << "|dp=" << req.dp
-    << "|profile=" << req.profile.to_json();
+    << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy) << "|chunk=" << req.chunk
+    << "|dap=" << req.dap << "|dp=" << req.dp << "|profile=" << req.profile.to_json();
   // FNV-1a, 64 bit: stable across runs and platforms.
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : k.str()) h = (h ^ c) * 1099511628211ull;

@@ -58,8 +58,9 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
     for (int i = 0; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap), t.w[i] = ceil_div(t.w[i], dap);
     t.C = ceil_div(t.C, dap);
     t.m = ceil_div(t.m, dap);
-    t.gather = std::max({cfg.c_hidden_mul * r * r, cfg.no_heads_msa * r * r,
-                         s * r * cfg.c_hidden_opm}) * e;
+    t.gather =
+        std::max({cfg.c_hidden_mul * r * r, cfg.no_heads_msa * r * r, s * r * cfg.c_hidden_opm}) *
+        e;
   }
   return t;
 }
@@ -150,9 +151,9 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
   const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
   const int64_t opm = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
   if (training)  // the training functions chunk only the outer product mean
-    return {{"msa_att_row", s},     {"msa_att_col", r},        {"msa_transition", s * r},
-            {"outer_product_mean", opm}, {"tri_mul_out", r},   {"tri_mul_in", r},
-            {"tri_att_start", r},   {"tri_att_end", r},        {"pair_transition", r * r}};
+    return {{"msa_att_row", s},          {"msa_att_col", r}, {"msa_transition", s * r},
+            {"outer_product_mean", opm}, {"tri_mul_out", r}, {"tri_mul_in", r},
+            {"tri_att_start", r},        {"tri_att_end", r}, {"pair_transition", r * r}};
   // Channel groups of the triangle multiplication (tri_mul_phase1 in src/model/modules.cc).
   int64_t cg = pick_chunk(ctx, ct, 2 * r * r * kF);
   if (chunk <= 0 && cg < ct && cg >= 8) cg = std::min(ct, (cg + 8) / 16 * 16);
@@ -226,9 +227,9 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     p->backward_ms = p->recompute_ms = 0;
     p->comm_ms = B * bt.comm_fwd;
     p->activation_bytes = 0;
-    const int64_t fwd = forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
-                                           p->chunk_target_bytes, p->threads) /
-                        kF * e;
+    const int64_t fwd =
+        forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk, p->chunk_target_bytes, p->threads) /
+        kF * e;
     p->peak_bytes = base + (p->dap > 1 ? ceil_div(fwd, p->dap) + t.gather : fwd);
   } else {
     p->forward_ms = B * bt.fwd;
@@ -289,8 +290,9 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     return Status::InvalidArgument("unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
   const int64_t limit = req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes;
   if (limit <= 0)
-    return Status::InvalidArgument("no memory limit: give one (--memory) or a profile with "
-                                   "memory_bytes");
+    return Status::InvalidArgument(
+        "no memory limit: give one (--memory) or a profile with "
+        "memory_bytes");
   if (req.fixed_policy && !req.training)
     return Status::InvalidArgument("a recompute policy applies to training plans only (--train)");
   if (req.training && req.chunk > 0)
@@ -336,9 +338,9 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     const bool fits = p.peak_bytes <= limit;
     const bool best_fits = found && best.peak_bytes <= limit;
     if (!found || (fits && !best_fits) ||
-        (fits == best_fits && (p.time_per_protein_ms < best.time_per_protein_ms ||
-                               (p.time_per_protein_ms == best.time_per_protein_ms &&
-                                p.peak_bytes < best.peak_bytes)))) {
+        (fits == best_fits &&
+         (p.time_per_protein_ms < best.time_per_protein_ms ||
+          (p.time_per_protein_ms == best.time_per_protein_ms && p.peak_bytes < best.peak_bytes)))) {
       best = std::move(p);
       found = true;
     }
@@ -380,8 +382,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         const int64_t pk = base + dp.peak[dp.idx(a, c)];
         smallest = std::min(smallest, pk);
         if (pk > limit) continue;
-        const double time =
-            c * (bt.rec[1] + bt.comm_fwd) + (B - a - c) * (bt.rec[2] + bt.comm_fwd);  // varying parts
+        const double time = c * (bt.rec[1] + bt.comm_fwd) +
+                            (B - a - c) * (bt.rec[2] + bt.comm_fwd);  // varying parts
         if (ba < 0 || time < bt_best || (time == bt_best && pk < bpeak))
           ba = a, bc = c, bt_best = time, bpeak = pk;
       }
@@ -399,8 +401,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     return Status::OutOfMemory(
         "no plan fits in " + mib(limit) + " per device for s=" + std::to_string(req.s) +
         " r=" + std::to_string(r) + " blocks=" + std::to_string(B) + " (" +
-        (req.training ? "training" : "inference") + ", " + dtype + ", " +
-        std::to_string(devices) + " device(s)); the smallest feasible budget is " + mib(smallest));
+        (req.training ? "training" : "inference") + ", " + dtype + ", " + std::to_string(devices) +
+        " device(s)); the smallest feasible budget is " + mib(smallest));
   best.search_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   *out = std::move(best);
