@@ -296,7 +296,7 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
     p.attention_len_exp = std::log(rate[1] / rate[0]) / std::log(2.0);
   }
   {
-    const int64_t rows = 65536, n = 128;
+    const int64_t rows = 262144, n = 128;  // 128 MiB each way: beyond the caches
     Tensor xx = Tensor::empty({rows, n}), yy = Tensor::empty({rows, n});
     Tensor gamma = Tensor::full({n}, 1.f), beta = Tensor::zeros({n});
     fill(xx, 1.f);
