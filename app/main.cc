@@ -85,6 +85,33 @@ int main(int argc, char** argv) {
                   "measured peak and activation memory and time beside the memory model's "
                   "predictions, and the model at 48 blocks (fp32, fp16)");
 
+  fc::app::PlanArgs pa;
+  CLI::App* plan = app.add_subcommand(
+      "plan", "Schedule planner: fastest plan under a memory limit, with its estimates");
+  plan->add_option("--s", pa.s, "number of sequences")->check(CLI::Range(1, 1 << 20));
+  plan->add_option("--r", pa.r, "number of residues")->check(CLI::Range(1, 1 << 20));
+  plan->add_option("--blocks", pa.blocks, "Evoformer blocks")->check(CLI::Range(1, 1024));
+  plan->add_flag("--train", pa.train, "plan a training step (forward + backward)");
+  plan->add_option("--devices", pa.devices, "devices (default: the profile's)")
+      ->check(CLI::Range(1, 4096));
+  plan->add_option("--memory", pa.memory, "memory limit per device, e.g. 40GB, 6GiB");
+  plan->add_option("--profile", pa.profile,
+                   "device profile JSON (default: this machine, calibrated once and cached)");
+  plan->add_flag("--calibrate", pa.calibrate, "re-calibrate this machine's profile");
+  plan->add_option("--dtype", pa.dtype, "fp32 | bf16 | fp16 (default: the profile's)");
+  plan->add_option("--policy", pa.policy,
+                   "evaluate this recompute policy (none|module|block) for every block");
+  plan->add_option("--chunk", pa.chunk, "force batch items per chunk")
+      ->check(CLI::Range(0, 1 << 30));
+  plan->add_option("--dap", pa.dap, "force the DAP degree")->check(CLI::Range(1, 4096));
+  plan->add_option("--dp", pa.dp, "force the data-parallel degree")->check(CLI::Range(1, 4096));
+  plan->add_flag("--bucket", pa.bucket, "pad r up to the next bucket (AF3 list by default)");
+  plan->add_option("--buckets", pa.buckets, "comma-separated bucket list (implies --bucket)");
+  plan->add_option("--config", pa.config, "model config JSON (default AF2 model_1)");
+  plan->add_option("--cache", pa.cache, "plan cache directory");
+  plan->add_option("--out", pa.out, "also write the plan JSON here");
+  plan->add_flag("--json", pa.json, "print the plan as JSON");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -94,5 +121,6 @@ int main(int argc, char** argv) {
   }
   if (*run) return fc::app::run_command(ra);
   if (*bench) return fc::app::bench_command(ba, argv[0]);
+  if (*plan) return fc::app::plan_command(pa);
   return 2;
 }

@@ -1,0 +1,153 @@
+// Automatic schedule planner (issue 6): a Plan is a serialisable value (per-block recompute
+// policy, chunking, DAP/DP degrees, dtype, estimates); a cost model turns it into time from
+// per-kernel-class rates of a DeviceProfile (calibrated on this machine or read from JSON) and
+// into memory from the exact analytic model (include/foldcube/plan.h); the search minimises the
+// estimated time per protein under a memory limit. docs/planner.md has the formulas.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "foldcube/config.h"
+#include "foldcube/model.h"
+#include "foldcube/status.h"
+
+namespace fc {
+
+// ---- Device profiles ---------------------------------------------------------------------------
+// Rates per kernel class (GFLOP/s, or GB/s of bytes read + written) for one device. A calibrated
+// profile holds measured rates; a user profile may give peak_gflops / peak_mem_gbps instead and
+// the rates are derived with the efficiencies below (docs/planner.md).
+struct DeviceProfile {
+  std::string name;
+  bool calibrated = false;      // measured by calibrate_profile on this machine
+  int devices = 1;              // devices (MPI ranks) available
+  int threads = 1;              // threads per device the rates were measured with
+  int64_t memory_bytes = 0;     // per device; 0 = unknown (then a request must give a limit)
+  std::string dtype = "fp32";   // precision the rates refer to: fp32 | bf16 | fp16
+  double gemm_gflops = 0;       // large projections, M -> infinity
+  double gemm_half_rows = 0;    // rows at which a projection runs at half of gemm_gflops
+  double gemm_bwd_gflops = 0;   // linear backward (dX = dY W, dW = dY^T X)
+  double batched_gflops = 0;    // batched r x r x r products (triangle mult.), OPM outer product
+  double attention_gflops = 0;  // fused attention forward at 256 keys, C = 32
+  double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
+  double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
+  double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
+  double link_gbps = 0;             // collective bandwidth per device (bytes sent + received)
+  double link_latency_us = 0;       // per collective call
+
+  std::string to_json() const;
+  // Either the calibrated fields or peak_gflops + peak_mem_gbps (+ optional efficiencies
+  // eff_gemm, eff_bwd, eff_batched, eff_attention, eff_attention_bwd, eff_mem). Unknown keys are
+  // ignored; missing required ones and non-positive values are errors naming the key.
+  static Status from_json(const std::string& text, DeviceProfile* out);
+  Status validate() const;
+};
+
+// Micro-benchmarks this machine (GEMM at Evoformer projection shapes, batched triangle products,
+// the attention kernel forward/backward at two key lengths, LayerNorm for bandwidth; ~2-4 s) with
+// `threads` threads (0 = current setting). Link rates are left 0 (single process).
+Status calibrate_profile(int threads, DeviceProfile* out);
+// $XDG_CACHE_HOME/foldcube/profile-<hostname>.json (or ~/.cache/...).
+std::string default_profile_path();
+// Reads `path` (empty = default_profile_path()); when the file is missing (or recalibrate) and
+// the path is the local default, calibrates and writes it. A missing explicit path is an error.
+Status load_or_calibrate_profile(const std::string& path, bool recalibrate, DeviceProfile* out);
+
+// ---- Cost model --------------------------------------------------------------------------------
+// Estimated time of one module at (s, r) on one device, from its FLOPs per class and bytes moved.
+struct ModuleCost {
+  std::string name;  // golden trace name, e.g. "msa_att_row"
+  double forward_ms = 0, backward_ms = 0;
+};
+// The nine modules of one block in execution order. chunk / chunk_target_bytes as in
+// ForwardOptions (they set the GEMM row counts of the inference path); training=true models the
+// training forward (unchunked) and the exact backward.
+std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                           int64_t chunk, int64_t chunk_target_bytes, bool training,
+                                           const DeviceProfile& dev);
+
+// DAP communication of one block over N ranks (FastFold's scheme, docs/planner.md): bytes each
+// rank sends+receives in all-to-all and all-gather collectives, and the number of calls.
+struct DapComm {
+  int64_t all_to_all_bytes = 0, all_gather_bytes = 0;
+  int all_to_all_calls = 0, all_gather_calls = 0;
+};
+DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                       int64_t elem_bytes, bool backward);
+double comm_ms(const DapComm& c, const DeviceProfile& dev);
+
+// ---- Plan --------------------------------------------------------------------------------------
+struct Plan {
+  EvoformerConfig cfg;   // model config (no_blocks = blocks)
+  int64_t s = 0, r = 0;  // planned shape (r after bucket padding)
+  int64_t r_real = 0;    // residues before padding (== r without buckets)
+  bool training = false;
+  std::vector<Recompute> policy;   // one per block (training); empty for inference
+  int64_t chunk = 0;               // forced batch items per chunk (0 = from chunk_target_bytes)
+  int64_t chunk_target_bytes = 0;  // automatic chunking target (0 = default)
+  std::vector<std::pair<std::string, int64_t>> module_chunks;  // items per chunk, by pick_chunk
+  int dap = 1, dp = 1;
+  std::string dtype = "fp32";
+  int threads = 1;
+  // Estimates (filled by make_plan / evaluate_plan).
+  double time_ms = 0;              // one step: dp proteins, each over dap ranks
+  double time_per_protein_ms = 0;  // time_ms / dp (the search objective)
+  double forward_ms = 0, backward_ms = 0, recompute_ms = 0, comm_ms = 0;
+  int64_t peak_bytes = 0;          // per device: weights, inputs, masks and the step's peak
+  int64_t activation_bytes = 0;    // per device: kept from forward for backward (training)
+  int64_t memory_limit_bytes = 0;  // the limit the plan was made for
+  bool fits = true;                // peak_bytes <= memory_limit_bytes (fixed policies may not)
+  double search_ms = 0;
+  std::string profile;                   // device profile name
+  std::vector<ModuleCost> module_costs;  // one block, per device
+
+  Status validate() const;
+  std::string to_json(int indent = 2) const;
+  static Status from_json(const std::string& text, Plan* out);
+};
+
+struct PlanRequest {
+  EvoformerConfig cfg;  // no_blocks = number of blocks
+  int64_t s = 0, r = 0;
+  bool training = false;
+  DeviceProfile profile;
+  int devices = 0;            // 0 = profile.devices
+  int64_t memory_bytes = 0;   // per device limit; 0 = profile.memory_bytes
+  std::string dtype;          // empty = profile.dtype
+  bool fixed_policy = false;  // evaluate `policy` for every block instead of searching
+  Recompute policy = Recompute::kNone;
+  int64_t chunk = 0;             // force items per chunk (no chunk search)
+  int dap = 0, dp = 0;           // force degrees (0 = search)
+  bool bucket = false;           // pad r up to the next bucket
+  std::vector<int64_t> buckets;  // empty = default_buckets()
+};
+
+// Searches (or, with fixed_policy, evaluates) and fills *out with the fastest plan that fits.
+// User errors for bad requests; OutOfMemory naming the smallest feasible budget when nothing fits.
+Status make_plan(const PlanRequest& req, Plan* out);
+// Fills the estimates of a plan whose choices are set (validates it first).
+Status evaluate_plan(const DeviceProfile& dev, Plan* plan);
+
+// The executor's options for a plan (single process; dap/dp > 1 need the DAP layer).
+ForwardOptions to_forward_options(const Plan& plan);
+TrainOptions to_train_options(const Plan& plan);
+
+// ---- Buckets and the plan cache ----------------------------------------------------------------
+std::vector<int64_t> default_buckets();  // AF3: 256, 512, ..., 5120
+// Smallest bucket >= r; an error when r exceeds the largest or the list is not increasing.
+Status bucket_residues(int64_t r, const std::vector<int64_t>& buckets, int64_t* out);
+// Pads m [s, r, c_m], z [r, r, c_z] and the masks (undefined = all ones) to r_pad residues with
+// zero activations and zero masks; the real residues' outputs do not change (docs/planner.md).
+Status pad_residues(int64_t r_pad, Tensor* m, Tensor* z, Tensor* msa_mask, Tensor* pair_mask);
+// Stable key of a request: hash of (config, s, bucketed r, devices, budget, training, dtype,
+// forced choices, profile name).
+std::string plan_cache_key(const PlanRequest& req);
+// make_plan through an on-disk cache: dir/<key>.json is read when present, else written.
+Status cached_plan(const PlanRequest& req, const std::string& dir, Plan* out, bool* hit);
+
+int64_t dtype_bytes(const std::string& dtype);  // 4, 2, 2; 0 when unknown
+
+}  // namespace fc

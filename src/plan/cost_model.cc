@@ -1,0 +1,531 @@
+// Cost model of the planner: device profiles (JSON, calibration by micro-benchmarks), time per
+// module from FLOPs per kernel class and bytes moved, and the DAP communication volume.
+// Formulas: docs/planner.md.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "foldcube/planner.h"
+#include "foldcube/runtime.h"
+#include "foldcube/tensor.h"
+#include "kernels/backward.h"
+#include "kernels/kernels.h"
+#include "model/modules.h"
+
+namespace fc {
+
+namespace {
+using json = nlohmann::json;
+constexpr int64_t kF = sizeof(float);
+constexpr double kRefKeys = 256;  // attention rates refer to this key length
+
+// Default efficiencies for user profiles that give peaks only (docs/planner.md).
+struct Efficiency {
+  double gemm = 0.75, bwd = 0.6, batched = 0.6, attention = 0.55, attention_bwd = 0.4, mem = 0.7;
+};
+}  // namespace
+
+int64_t dtype_bytes(const std::string& dtype) {
+  if (dtype == "fp32") return 4;
+  if (dtype == "bf16" || dtype == "fp16") return 2;
+  return 0;
+}
+
+// ---- Profiles ----------------------------------------------------------------------------------
+
+std::string DeviceProfile::to_json() const {
+  json j;
+  j["name"] = name;
+  j["calibrated"] = calibrated;
+  j["devices"] = devices;
+  j["threads"] = threads;
+  j["memory_bytes"] = memory_bytes;
+  j["dtype"] = dtype;
+  j["gemm_gflops"] = gemm_gflops;
+  j["gemm_half_rows"] = gemm_half_rows;
+  j["gemm_bwd_gflops"] = gemm_bwd_gflops;
+  j["batched_gflops"] = batched_gflops;
+  j["attention_gflops"] = attention_gflops;
+  j["attention_bwd_gflops"] = attention_bwd_gflops;
+  j["attention_len_exp"] = attention_len_exp;
+  j["mem_gbps"] = mem_gbps;
+  j["link_gbps"] = link_gbps;
+  j["link_latency_us"] = link_latency_us;
+  return j.dump(2);
+}
+
+Status DeviceProfile::validate() const {
+  if (devices < 1) return Status::InvalidArgument("profile: devices must be >= 1");
+  if (threads < 1) return Status::InvalidArgument("profile: threads must be >= 1");
+  if (memory_bytes < 0) return Status::InvalidArgument("profile: memory_bytes must be >= 0");
+  if (dtype_bytes(dtype) == 0)
+    return Status::InvalidArgument("profile: unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
+  const std::pair<const char*, double> rates[] = {{"gemm_gflops", gemm_gflops},
+                                                  {"gemm_bwd_gflops", gemm_bwd_gflops},
+                                                  {"batched_gflops", batched_gflops},
+                                                  {"attention_gflops", attention_gflops},
+                                                  {"attention_bwd_gflops", attention_bwd_gflops},
+                                                  {"mem_gbps", mem_gbps}};
+  for (const auto& [key, v] : rates)
+    if (!(v > 0) || !std::isfinite(v))
+      return Status::InvalidArgument(std::string("profile: ") + key + " must be > 0");
+  if (!(gemm_half_rows >= 0) || !std::isfinite(attention_len_exp) || !(link_gbps >= 0) ||
+      !(link_latency_us >= 0))
+    return Status::InvalidArgument(
+        "profile: gemm_half_rows, link_gbps and link_latency_us must be >= 0");
+  if (devices > 1 && link_gbps <= 0)
+    return Status::InvalidArgument("profile: link_gbps must be > 0 with more than one device");
+  return Status::OK();
+}
+
+Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    return Status::InvalidArgument(std::string("profile: not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) return Status::InvalidArgument("profile: expected a JSON object");
+  DeviceProfile p;
+  try {
+    auto num = [&](const char* key, double* v) {
+      if (j.contains(key)) *v = j.at(key).get<double>();
+    };
+    if (j.contains("name")) p.name = j["name"].get<std::string>();
+    if (j.contains("calibrated")) p.calibrated = j["calibrated"].get<bool>();
+    if (j.contains("devices")) p.devices = j["devices"].get<int>();
+    if (j.contains("threads")) p.threads = j["threads"].get<int>();
+    if (j.contains("memory_bytes")) p.memory_bytes = j["memory_bytes"].get<int64_t>();
+    if (j.contains("memory_gb"))
+      p.memory_bytes = static_cast<int64_t>(j["memory_gb"].get<double>() * 1e9);
+    if (j.contains("dtype")) p.dtype = j["dtype"].get<std::string>();
+    num("gemm_gflops", &p.gemm_gflops);
+    num("gemm_half_rows", &p.gemm_half_rows);
+    num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
+    num("batched_gflops", &p.batched_gflops);
+    num("attention_gflops", &p.attention_gflops);
+    num("attention_bwd_gflops", &p.attention_bwd_gflops);
+    num("attention_len_exp", &p.attention_len_exp);
+    num("mem_gbps", &p.mem_gbps);
+    num("link_gbps", &p.link_gbps);
+    num("link_latency_us", &p.link_latency_us);
+    // A machine we do not have: rates from peaks and efficiencies.
+    double peak = 0, bw = 0;
+    num("peak_gflops", &peak);
+    num("peak_mem_gbps", &bw);
+    Efficiency e;
+    num("eff_gemm", &e.gemm);
+    num("eff_bwd", &e.bwd);
+    num("eff_batched", &e.batched);
+    num("eff_attention", &e.attention);
+    num("eff_attention_bwd", &e.attention_bwd);
+    num("eff_mem", &e.mem);
+    for (double v : {e.gemm, e.bwd, e.batched, e.attention, e.attention_bwd, e.mem})
+      if (!(v > 0 && v <= 1))
+        return Status::InvalidArgument("profile: efficiencies (eff_*) must be in (0, 1]");
+    if (peak < 0 || bw < 0)
+      return Status::InvalidArgument("profile: peak_gflops and peak_mem_gbps must be > 0");
+    if (peak > 0) {
+      if (p.gemm_gflops == 0) p.gemm_gflops = e.gemm * peak;
+      if (p.gemm_bwd_gflops == 0) p.gemm_bwd_gflops = e.bwd * peak;
+      if (p.batched_gflops == 0) p.batched_gflops = e.batched * peak;
+      if (p.attention_gflops == 0) p.attention_gflops = e.attention * peak;
+      if (p.attention_bwd_gflops == 0) p.attention_bwd_gflops = e.attention_bwd * peak;
+    }
+    if (bw > 0 && p.mem_gbps == 0) p.mem_gbps = e.mem * bw;
+  } catch (const std::exception& e) {
+    return Status::InvalidArgument(std::string("profile: bad value: ") + e.what());
+  }
+  if (p.gemm_gflops == 0)
+    return Status::InvalidArgument("profile: give gemm_gflops (calibrated) or peak_gflops");
+  if (p.mem_gbps == 0)
+    return Status::InvalidArgument("profile: give mem_gbps (calibrated) or peak_mem_gbps");
+  FC_RETURN_IF_ERROR(p.validate());
+  *out = p;
+  return Status::OK();
+}
+
+namespace {
+
+// Best of `reps` timed calls after one warm-up, in seconds.
+template <typename F>
+double best_seconds(F&& f, int reps) {
+  f();
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best,
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+void fill(Tensor& t, float v) {
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = v * static_cast<float>((i * 7919) % 17 - 8) / 8.f;
+}
+
+// Projection GEMMs of the Evoformer (rows x in -> out) at `rows` rows: GFLOP/s over the set.
+double projection_gflops(int64_t rows, int reps) {
+  const int64_t shapes[][2] = {{256, 1024}, {1024, 256}, {128, 512}, {256, 256}};
+  double flops = 0, sec = 0;
+  for (const auto& sh : shapes) {
+    Tensor x = Tensor::empty({rows, sh[0]}), w = Tensor::empty({sh[1], sh[0]});
+    Tensor y = Tensor::empty({rows, sh[1]});
+    fill(x, 0.5f), fill(w, 0.1f);
+    sec += best_seconds(
+        [&] { kern::linear(x.f32(), sh[0], rows, sh[0], w.f32(), nullptr, sh[1], y.f32(), sh[1]); },
+        reps);
+    flops += 2.0 * rows * sh[0] * sh[1];
+  }
+  return flops / sec / 1e9;
+}
+
+struct AttentionBench {
+  Tensor qkvg, bias, mask, scratch, grad, dqkvg, dbias, bscratch;
+  kern::AttentionArgs a;
+  kern::AttentionGrads g;
+  AttentionBench(int64_t B, int64_t L, int64_t H, int64_t C, int threads) {
+    const int64_t ld = 4 * H * C;
+    qkvg = Tensor::empty({B * L, ld});
+    bias = Tensor::empty({H, L, L});
+    mask = Tensor::zeros({B, L});
+    fill(qkvg, 0.5f), fill(bias, 0.3f);
+    a.B = B, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
+    a.scale = 1.f / std::sqrt(static_cast<float>(C));
+    float* p = qkvg.f32();
+    a.q = p, a.q_bs = L * ld, a.q_rs = ld;
+    a.k = p + H * C, a.k_bs = L * ld, a.k_rs = ld;
+    a.v = p + 2 * H * C, a.v_bs = L * ld, a.v_rs = ld;
+    a.gate = p + 3 * H * C, a.g_bs = L * ld, a.g_rs = ld;
+    grad = Tensor::empty({B * L, H * C});
+    fill(grad, 0.2f);
+    a.o = grad.f32(), a.o_bs = L * H * C, a.o_rs = H * C;
+    a.mask_bias = mask.f32();
+    a.pair_bias = bias.f32();
+    scratch = Tensor::empty({kern::attention_scratch_floats(a, threads)});
+    dqkvg = Tensor::empty({B * L, ld});
+    dbias = Tensor::zeros({H, L, L});
+    bscratch = Tensor::empty({kern::attention_backward_scratch_floats(a, threads, true)});
+    float* d = dqkvg.f32();
+    g.d_out = grad.f32();
+    g.dq = d, g.dk = d + H * C, g.dv = d + 2 * H * C, g.dgate = d + 3 * H * C;
+    g.d_pair_bias = dbias.f32();
+  }
+};
+
+double attention_flops(int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t C) {
+  return 4.0 * B * H * Lq * Lk * C;  // QK^T and PV
+}
+
+}  // namespace
+
+Status calibrate_profile(int threads, DeviceProfile* out) {
+  const int saved = num_threads();
+  if (threads > 0) set_num_threads(threads);
+  DeviceProfile p;
+  p.threads = num_threads();
+  p.calibrated = true;
+  char host[256] = "localhost";
+  gethostname(host, sizeof host - 1);
+  p.name = std::string(host) + " (calibrated, " + std::to_string(p.threads) + " threads)";
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  p.memory_bytes = pages > 0 && page > 0 ? static_cast<int64_t>(pages) * page : 0;
+  const int reps = 5;  // best of: filters out other processes on a shared machine
+  // Projections: the rate model 1/rate(M) = (1 + h/M) / R_inf through two row counts.
+  const double a = 256, b = 8192;
+  const double ra = projection_gflops(static_cast<int64_t>(a), reps);
+  const double rb = projection_gflops(static_cast<int64_t>(b), reps);
+  double y = (1 / ra - 1 / rb) / (1 / a - 1 / b);
+  y = std::max(y, 0.0);
+  const double x = 1 / rb - y / b;
+  p.gemm_gflops = x > 0 ? 1 / x : rb;
+  p.gemm_half_rows = x > 0 ? y / x : 0;
+  {
+    const int64_t rows = 8192, in = 256, o = 1024;
+    Tensor xx = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
+           dy = Tensor::empty({rows, o});
+    Tensor dx = Tensor::empty({rows, in}), dw = Tensor::zeros({o, in});
+    fill(xx, 0.5f), fill(w, 0.1f), fill(dy, 0.2f);
+    const double sec = best_seconds(
+        [&] {
+          kern::linear_backward(xx.f32(), in, rows, in, w.f32(), o, dy.f32(), o, dx.f32(), in,
+                                dw.f32(), nullptr);
+        },
+        reps);
+    p.gemm_bwd_gflops = 4.0 * rows * in * o / sec / 1e9;
+  }
+  {
+    const int64_t n = 256, batch = 16;
+    Tensor A = Tensor::empty({batch, n, n}), B = Tensor::empty({batch, n, n});
+    Tensor C = Tensor::empty({batch, n, n});
+    fill(A, 0.5f), fill(B, 0.25f);
+    const double sec = best_seconds(
+        [&] {
+          kern::gemm_batched(batch, false, true, n, n, n, 1.f, A.f32(), n, n * n, B.f32(), n, n * n,
+                             0.f, C.f32(), n, n * n);
+        },
+        reps);
+    p.batched_gflops = 2.0 * batch * n * n * n / sec / 1e9;
+  }
+  {
+    const int64_t H = 8, C = 32;
+    double rate[2] = {0, 0};
+    const int64_t lens[2] = {128, 256};
+    for (int i = 0; i < 2; ++i) {
+      const int64_t L = lens[i], B = 2 * 65536 / (L * 32);
+      AttentionBench ab(B, L, H, C, p.threads);
+      const double sec =
+          best_seconds([&] { kern::attention(ab.a, ab.scratch.f32(), p.threads); }, reps);
+      rate[i] = attention_flops(B, H, L, L, C) / sec / 1e9;
+      if (L == 256) {
+        const double bsec = best_seconds(
+            [&] { kern::attention_backward(ab.a, ab.g, ab.bscratch.f32(), p.threads); }, reps);
+        p.attention_bwd_gflops = 2.5 * attention_flops(B, H, L, L, C) / bsec / 1e9;
+      }
+    }
+    p.attention_gflops = rate[1];
+    p.attention_len_exp = std::log(rate[1] / rate[0]) / std::log(2.0);
+  }
+  {
+    // 16 MiB each way: the size of the chunk buffers that the elementwise passes work on.
+    const int64_t rows = 32768, n = 128;
+    Tensor xx = Tensor::empty({rows, n}), yy = Tensor::empty({rows, n});
+    Tensor gamma = Tensor::full({n}, 1.f), beta = Tensor::zeros({n});
+    fill(xx, 1.f);
+    const double sec = best_seconds(
+        [&] { kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f); },
+        reps);
+    p.mem_gbps = 2.0 * rows * n * kF / sec / 1e9;
+  }
+  set_num_threads(saved);
+  FC_RETURN_IF_ERROR(p.validate());
+  *out = p;
+  return Status::OK();
+}
+
+std::string default_profile_path() {
+  std::string base;
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x != nullptr && *x)
+    base = x;
+  else if (const char* h = std::getenv("HOME"); h != nullptr && *h)
+    base = std::string(h) + "/.cache";
+  else
+    base = "/tmp";
+  char host[256] = "localhost";
+  gethostname(host, sizeof host - 1);
+  return base + "/foldcube/profile-" + host + ".json";
+}
+
+Status load_or_calibrate_profile(const std::string& path, bool recalibrate, DeviceProfile* out) {
+  const bool local = path.empty();
+  const std::string p = local ? default_profile_path() : path;
+  if (!recalibrate) {
+    std::ifstream f(p);
+    if (f) {
+      std::stringstream ss;
+      ss << f.rdbuf();
+      Status st = DeviceProfile::from_json(ss.str(), out);
+      if (!st.ok()) return Status::InvalidArgument(p + ": " + st.message());
+      return Status::OK();
+    }
+    if (!local) return Status::NotFound("profile " + p + " not found");
+  }
+  FC_RETURN_IF_ERROR(calibrate_profile(0, out));
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(p).parent_path(), ec);
+  std::ofstream f(p);
+  f << out->to_json() << "\n";
+  if (!f) return Status::IOError("cannot write profile " + p);
+  return Status::OK();
+}
+
+// ---- Time per module ---------------------------------------------------------------------------
+
+namespace {
+
+// Work of one module split by kernel class. GEMM terms carry their row count (the M of the
+// product, which sets its efficiency).
+struct Work {
+  std::vector<std::pair<double, double>> gemm;  // (FLOPs, rows)
+  double batched = 0;                           // FLOPs of batched products
+  std::vector<std::pair<double, double>> att;   // (FLOPs of QK^T + PV, key length)
+  double mem = 0;                               // elements read + written by memory-bound kernels
+};
+
+double gemm_rate(const DeviceProfile& d, double rows) {
+  return d.gemm_gflops * rows / (rows + d.gemm_half_rows);
+}
+
+double att_scale(const DeviceProfile& d, double L) {
+  return std::pow(std::clamp(L, 32.0, 4096.0) / kRefKeys, d.attention_len_exp);
+}
+
+// Forward time, ms. Bytes scale with the element size; FLOP rates are the profile's.
+double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
+  double s = 0;
+  for (const auto& [f, rows] : w.gemm) s += f / (gemm_rate(d, rows) * 1e9);
+  s += w.batched / (d.batched_gflops * 1e9);
+  for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
+  s += w.mem * e / (d.mem_gbps * 1e9);
+  return s * 1e3;
+}
+
+// Backward: dX and dW of every product (twice the FLOPs), the attention backward kernel (2.5x the
+// forward products: QK^T again, dV, dP, dQ, dK), and twice the memory traffic.
+double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
+  double s = 0;
+  for (const auto& [f, rows] : w.gemm) s += 2 * f / (d.gemm_bwd_gflops * 1e9);
+  s += 2 * w.batched / (d.batched_gflops * 1e9);
+  for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
+  s += 2 * w.mem * e / (d.mem_gbps * 1e9);
+  return s * 1e3;
+}
+
+// Rows per chunk as the modules pick them (src/model/modules.cc), or the whole batch in training.
+struct Chunks {
+  const BlockContext* ctx;
+  bool whole;
+  int64_t operator()(int64_t batch, int64_t bytes_per_item) const {
+    return whole ? batch : pick_chunk(*ctx, batch, bytes_per_item);
+  }
+};
+
+Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool bias, int64_t r,
+                    int64_t cz, const Chunks& ch) {
+  Work w;
+  const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
+  const int64_t n = ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
+  if (bias) {
+    const int64_t nb = ch(r, r * cz * kF);
+    w.gemm.push_back({2.0 * r * r * cz * H, static_cast<double>(nb * r)});
+    w.mem += 2.0 * r * r * cz + 2.0 * H * r * r;  // LayerNorm of z, bias transpose
+  }
+  w.gemm.push_back({2.0 * rows * c * 4 * hc, static_cast<double>(n * L)});
+  w.gemm.push_back({2.0 * rows * hc * c, static_cast<double>(n * L)});
+  w.att.push_back({attention_flops(N, H, L, L, C), static_cast<double>(L)});
+  w.mem += 2 * rows * c + 3 * rows * c;  // LayerNorm, residual add
+  return w;
+}
+
+Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
+  Work w;
+  const int64_t k = ch(rows, (c + n * c) * kF);
+  w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
+  w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
+  return w;
+}
+
+Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch) {
+  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  Work w;
+  const int64_t c1 = ch(s, r * (cm + 2 * co) * kF);
+  const int64_t c2 = ch(r, 2 * co * r * co * kF + r * cz * kF);
+  const double sr = static_cast<double>(s) * r, rr = static_cast<double>(r) * r;
+  w.gemm.push_back({2 * sr * cm * 2 * co, static_cast<double>(c1 * r)});
+  w.gemm.push_back({2 * rr * s, static_cast<double>(r)});  // mask normaliser
+  w.batched += 2 * rr * co * co * s;                       // outer products (K = s)
+  w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
+  w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
+  return w;
+}
+
+Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
+  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
+  const double rr = static_cast<double>(r) * r;
+  Work w;
+  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
+  const int64_t c2 = ch(r, r * (ct + 3 * cz) * kF);
+  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  w.batched += 2 * rr * r * ct;
+  w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
+  w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
+  // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
+  // LayerNorm out, sigmoid-mul, residual add.
+  w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
+  return w;
+}
+
+}  // namespace
+
+std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                           int64_t chunk, int64_t chunk_target_bytes, bool training,
+                                           const DeviceProfile& dev) {
+  BlockContext ctx;
+  ctx.cfg = &cfg;
+  ctx.s = s;
+  ctx.r = r;
+  ctx.chunk = chunk;
+  ctx.chunk_target_bytes =
+      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
+  ctx.threads = dev.threads;
+  const Chunks ch{&ctx, training};
+  const int64_t e = dtype_bytes(dev.dtype);
+  const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
+  const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
+  const std::pair<const char*, Work> mods[] = {
+      {"msa_att_row", attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch)},
+      {"msa_att_col", attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch)},
+      {"msa_transition", transition_work(s * r, cfg.c_m, cfg.transition_n, ch)},
+      {"outer_product_mean", opm_work(cfg, s, r, ch)},
+      {"tri_mul_out", trimul_work(cfg, r, ch)},
+      {"tri_mul_in", trimul_work(cfg, r, ch)},
+      {"tri_att_start", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
+      {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
+      {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};
+  std::vector<ModuleCost> out;
+  for (const auto& [name, w] : mods)
+    out.push_back({name, forward_ms(w, dev, e), training ? backward_ms(w, dev, e) : 0.0});
+  return out;
+}
+
+// ---- DAP communication -------------------------------------------------------------------------
+
+DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                       int64_t elem_bytes, bool backward) {
+  DapComm c;
+  if (dap <= 1) return c;
+  const int64_t N = dap;
+  const int64_t sp = (s + N - 1) / N * N, rp = (r + N - 1) / N * N;  // padded to multiples of N
+  const int64_t m = sp * rp * cfg.c_m, z = rp * rp * cfg.c_z;
+  // All-to-all of a tensor X sharded over N ranks: each rank sends (N-1)/N of its X/N shard and
+  // receives as much. All-gather of X: each rank receives the (N-1) shards it lacks and sends its
+  // own to the N-1 others (ring: (N-1)/N of X each way).
+  auto a2a = [&](int64_t x) { return 2 * x / N * (N - 1) / N; };
+  auto ag = [&](int64_t x) { return 2 * x / N * (N - 1); };
+  // m: s-shards -> r-shards before the column attention, back after the OPM; z: rows <-> columns
+  // before tri_mul_in, tri_att_start, tri_att_end and the pair transition.
+  const int64_t to_all[] = {m, m, z, z, z, z};
+  // Operands every shard needs whole: the MSA row attention's pair bias [H_m, r, r], the OPM's
+  // right projection [s, r, c_o], the right projections of both triangle multiplications
+  // [r, r, c_t], and both triangle attentions' biases [H_p, r, r].
+  const int64_t gathered[] = {cfg.no_heads_msa * rp * rp,  sp * rp * cfg.c_hidden_opm,
+                              rp * rp * cfg.c_hidden_mul,  rp * rp * cfg.c_hidden_mul,
+                              cfg.no_heads_pair * rp * rp, cfg.no_heads_pair * rp * rp};
+  for (int64_t x : to_all) c.all_to_all_bytes += a2a(x) * elem_bytes;
+  for (int64_t x : gathered) c.all_gather_bytes += ag(x) * elem_bytes;
+  c.all_to_all_calls = 6;
+  c.all_gather_calls = 6;
+  if (backward) {  // reversed all-to-alls; reduce-scatters of the gathered operands' gradients
+    c.all_to_all_bytes *= 2, c.all_gather_bytes *= 2;
+    c.all_to_all_calls *= 2, c.all_gather_calls *= 2;
+  }
+  return c;
+}
+
+double comm_ms(const DapComm& c, const DeviceProfile& dev) {
+  const int calls = c.all_to_all_calls + c.all_gather_calls;
+  if (calls == 0) return 0;
+  const double bytes = static_cast<double>(c.all_to_all_bytes + c.all_gather_bytes);
+  return calls * dev.link_latency_us * 1e-3 + bytes / (dev.link_gbps * 1e9) * 1e3;
+}
+
+}  // namespace fc

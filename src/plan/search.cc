@@ -1,0 +1,412 @@
+// Plan search: the estimates of a plan (time from the cost model, memory from the exact analytic
+// model) and the optimum over recompute policies per block, chunk targets and DAP/DP degrees.
+// The recompute search is an exact dynamic programme over block positions (docs/planner.md).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <limits>
+
+#include "foldcube/plan.h"
+#include "foldcube/planner.h"
+#include "model/modules.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+constexpr int kTypes = 3;  // Recompute::kNone, kModule, kBlock
+const Recompute kType[kTypes] = {Recompute::kNone, Recompute::kModule, Recompute::kBlock};
+
+std::string mib(int64_t bytes) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / 1048576.0);
+  return buf;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One choice of everything but the per-block policies.
+struct Setting {
+  int dap = 1, dp = 1;
+  int64_t chunk = 0, target = 0;
+};
+
+// Memory of the training step per device, decomposed by block position (docs/planner.md):
+// peak = base + max(K_total + C, max_b [K_<b + C + (B - b) G + m [b < B-1] + w_type(b)]) with
+// K_<b the bytes kept by the blocks before b. k, w, C, m, G are read off stack_step_peak_bytes.
+struct Terms {
+  int64_t k[kTypes] = {}, w[kTypes] = {};
+  int64_t C = 0, m = 0, G = 0, gather = 0;
+};
+
+Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads, int64_t e,
+                     int dap) {
+  Terms t;
+  // G: per-block parameter-gradient bytes. At s = r = 1 the streams are tiny and the backward of
+  // block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
+  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e) -
+        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e);
+  const int64_t m = s * r * cfg.c_m * e, z = r * r * cfg.c_z * e;
+  t.C = m + z;
+  t.m = m;
+  for (int i = 0; i < kTypes; ++i) {
+    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e);
+    // A one-block stack's peak is the backward of its only block: C + G + w.
+    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e) - t.C - t.G;
+  }
+  if (dap > 1) {  // each rank holds 1/N of every activation and the full gathered operands
+    for (int i = 0; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap), t.w[i] = ceil_div(t.w[i], dap);
+    t.C = ceil_div(t.C, dap);
+    t.m = ceil_div(t.m, dap);
+    t.gather =
+        std::max({cfg.c_hidden_mul * r * r, cfg.no_heads_msa * r * r, s * r * cfg.c_hidden_opm}) *
+        e;
+  }
+  return t;
+}
+
+// Minimal peak (above base) of every count vector, by a DP over positions; state (a, c) = blocks
+// with kNone and kModule among the positions done. The terms of position b depend only on the
+// state and b, so the minimal max over positions is exact. choice[b][a][c] is the type placed at
+// position b - 1 to reach (a, c) at b.
+struct PolicyDp {
+  int B = 0;
+  std::vector<int64_t> peak;                     // [(B+1)^2]: final (a, c) -> min peak
+  std::vector<std::vector<signed char>> choice;  // [B+1][(B+1)^2]
+  int idx(int a, int c) const { return a * (B + 1) + c; }
+  std::vector<Recompute> order(int a, int c) const {
+    std::vector<Recompute> seq(B);
+    for (int b = B; b > 0; --b) {
+      const int t = choice[b][idx(a, c)];
+      seq[b - 1] = kType[t];
+      if (t == 0) --a;
+      if (t == 1) --c;
+    }
+    return seq;
+  }
+};
+
+PolicyDp policy_dp(const Terms& t, int B) {
+  constexpr int64_t kInf = std::numeric_limits<int64_t>::max();
+  PolicyDp dp;
+  dp.B = B;
+  const int n = (B + 1) * (B + 1);
+  std::vector<int64_t> cur(n, kInf), nxt(n, kInf);
+  dp.choice.assign(B + 1, std::vector<signed char>(n, -1));
+  cur[dp.idx(0, 0)] = 0;
+  for (int b = 0; b < B; ++b) {
+    std::fill(nxt.begin(), nxt.end(), kInf);
+    const int64_t pos = t.C + (B - b) * t.G + (b + 1 < B ? t.m : 0) + t.gather;
+    for (int a = 0; a <= b; ++a)
+      for (int c = 0; a + c <= b; ++c) {
+        const int64_t v = cur[dp.idx(a, c)];
+        if (v == kInf) continue;
+        const int64_t K = a * t.k[0] + c * t.k[1] + (b - a - c) * t.k[2];
+        for (int ty = 0; ty < kTypes; ++ty) {
+          const int na = a + (ty == 0), nc = c + (ty == 1);
+          const int64_t nv = std::max(v, K + pos + t.w[ty]);
+          int64_t& slot = nxt[dp.idx(na, nc)];
+          if (nv < slot) {
+            slot = nv;
+            dp.choice[b + 1][dp.idx(na, nc)] = static_cast<signed char>(ty);
+          }
+        }
+      }
+    std::swap(cur, nxt);
+  }
+  dp.peak.assign(n, kInf);
+  for (int a = 0; a <= B; ++a)
+    for (int c = 0; a + c <= B; ++c) {
+      const int64_t v = cur[dp.idx(a, c)];
+      if (v == kInf) continue;
+      const int64_t total = a * t.k[0] + c * t.k[1] + (B - a - c) * t.k[2];
+      dp.peak[dp.idx(a, c)] = std::max(v, total + t.C + t.gather);
+    }
+  return dp;
+}
+
+// Bytes live before the step (weights; inputs and masks; for training the output gradients),
+// per device.
+int64_t base_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
+                   int64_t grad_struct, int64_t e, int dap) {
+  const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z, masks = 3 * (s * r + r * r);
+  const int64_t weights = cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
+  return weights + ceil_div(((training ? 2 : 1) * mz + masks) * e, dap);
+}
+
+// Items per chunk of each module, as the modules pick them.
+std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig& cfg, int64_t s,
+                                                           int64_t r, bool training, int64_t chunk,
+                                                           int64_t target, int threads) {
+  BlockContext ctx;
+  ctx.cfg = &cfg;
+  ctx.s = s;
+  ctx.r = r;
+  ctx.chunk = chunk;
+  ctx.chunk_target_bytes = target > 0 ? target : default_chunk_target_bytes(cfg, s, r);
+  ctx.threads = threads;
+  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
+  const int64_t ct = cfg.c_hidden_mul;
+  const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
+  const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
+  const int64_t opm = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
+  if (training)  // the training functions chunk only the outer product mean
+    return {{"msa_att_row", s},          {"msa_att_col", r}, {"msa_transition", s * r},
+            {"outer_product_mean", opm}, {"tri_mul_out", r}, {"tri_mul_in", r},
+            {"tri_att_start", r},        {"tri_att_end", r}, {"pair_transition", r * r}};
+  // Channel groups of the triangle multiplication (tri_mul_phase1 in src/model/modules.cc).
+  int64_t cg = pick_chunk(ctx, ct, 2 * r * r * kF);
+  if (chunk <= 0 && cg < ct && cg >= 8) cg = std::min(ct, (cg + 8) / 16 * 16);
+  const int64_t tri = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
+  const int64_t att_p = pick_chunk(ctx, r, r * cz * 2 * kF + r * 4 * hp * kF);
+  return {{"msa_att_row", pick_chunk(ctx, s, r * cm * 2 * kF + r * 4 * hm * kF)},
+          {"msa_att_col", pick_chunk(ctx, r, s * cm * 2 * kF + s * 4 * hm * kF)},
+          {"msa_transition", pick_chunk(ctx, s * r, (cm + n * cm) * kF)},
+          {"outer_product_mean.msa_rows", pick_chunk(ctx, s, r * (cm + 2 * co) * kF)},
+          {"outer_product_mean", opm},
+          {"tri_mul.channel_group", cg},
+          {"tri_mul_out", tri},
+          {"tri_mul_in", tri},
+          {"tri_att_start", att_p},
+          {"tri_att_end", att_p},
+          {"pair_transition", pick_chunk(ctx, r * r, (cz + n * cz) * kF)}};
+}
+
+// Per-block times of one setting (per device): forward, backward, recompute per type, comm.
+struct BlockTimes {
+  double fwd = 0, bwd = 0, rec[kTypes] = {}, comm_fwd = 0, comm_bwd = 0;
+  std::vector<ModuleCost> costs;
+};
+
+BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
+                       const Setting& st, const DeviceProfile& dev) {
+  BlockTimes bt;
+  bt.costs = block_module_costs(cfg, s, r, st.chunk, st.target, training, dev);
+  // DAP: every module's work splits over the ranks along one axis of length r (or s); the
+  // padded shard length sets the time.
+  const double share = st.dap > 1 ? static_cast<double>(ceil_div(r, st.dap)) / r : 1.0;
+  for (ModuleCost& c : bt.costs) {
+    c.forward_ms *= share, c.backward_ms *= share;
+    bt.fwd += c.forward_ms;
+    bt.bwd += c.backward_ms;
+  }
+  bt.rec[1] = bt.rec[2] = bt.fwd;  // kModule and kBlock each re-run one block forward
+  const int64_t e = dtype_bytes(dev.dtype);
+  bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e, false), dev);
+  bt.comm_bwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e, true), dev);
+  return bt;
+}
+
+// Gradient all-reduce over dp replicas (ring: 2 (D-1)/D of the gradient bytes).
+double allreduce_ms(int64_t grad_bytes, int dp, const DeviceProfile& dev) {
+  if (dp <= 1) return 0;
+  return 2.0 * (dp - 1) / dp * grad_bytes / (dev.link_gbps * 1e9) * 1e3 +
+         2.0 * (dp - 1) * dev.link_latency_us * 1e-3;
+}
+
+DeviceProfile with_dtype(const DeviceProfile& dev, const std::string& dtype) {
+  DeviceProfile d = dev;
+  d.dtype = dtype;
+  return d;
+}
+
+// Fills the estimates of `p` (choices set, validated) on `dev`.
+void estimate(const DeviceProfile& dev0, Plan* p) {
+  const DeviceProfile dev = with_dtype(dev0, p->dtype);
+  const int64_t e = dtype_bytes(p->dtype), B = p->cfg.no_blocks;
+  const Setting st{p->dap, p->dp, p->chunk, p->chunk_target_bytes};
+  const BlockTimes bt = block_times(p->cfg, p->s, p->r, p->training, st, dev);
+  const Terms t = training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap);
+  const int64_t base = base_bytes(p->cfg, p->s, p->r, p->training, t.G, e, p->dap);
+  p->module_costs = bt.costs;
+  p->module_chunks =
+      module_chunks(p->cfg, p->s, p->r, p->training, p->chunk, p->chunk_target_bytes, p->threads);
+  p->profile = dev.name;
+  if (!p->training) {
+    p->forward_ms = B * bt.fwd;
+    p->backward_ms = p->recompute_ms = 0;
+    p->comm_ms = B * bt.comm_fwd;
+    p->activation_bytes = 0;
+    const int64_t fwd =
+        forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk, p->chunk_target_bytes, p->threads) /
+        kF * e;
+    p->peak_bytes = base + (p->dap > 1 ? ceil_div(fwd, p->dap) + t.gather : fwd);
+  } else {
+    p->forward_ms = B * bt.fwd;
+    p->backward_ms = B * bt.bwd;
+    p->recompute_ms = 0;
+    p->comm_ms = B * (bt.comm_fwd + bt.comm_bwd);
+    p->activation_bytes = 0;
+    for (Recompute rc : p->policy) {
+      const int ty = static_cast<int>(rc);
+      p->recompute_ms += bt.rec[ty];
+      if (ty != 0) p->comm_ms += bt.comm_fwd;
+      p->activation_bytes += t.k[ty];
+    }
+    p->comm_ms += allreduce_ms(B * t.G, p->dp, dev);
+    if (p->dap == 1) {
+      p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e);
+    } else {  // the decomposition, with per-rank shards
+      int64_t K = 0, peak = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const int ty = static_cast<int>(p->policy[b]);
+        peak = std::max(peak, K + t.C + (B - b) * t.G + (b + 1 < B ? t.m : 0) + t.gather + t.w[ty]);
+        K += t.k[ty];
+      }
+      p->peak_bytes = base + std::max(peak, K + t.C + t.gather);
+    }
+  }
+  p->time_ms = p->forward_ms + p->backward_ms + p->recompute_ms + p->comm_ms;
+  p->time_per_protein_ms = p->time_ms / p->dp;
+  p->fits = p->memory_limit_bytes <= 0 || p->peak_bytes <= p->memory_limit_bytes;
+}
+
+}  // namespace
+
+Status evaluate_plan(const DeviceProfile& dev, Plan* plan) {
+  FC_RETURN_IF_ERROR(dev.validate());
+  FC_RETURN_IF_ERROR(plan->validate());
+  if (plan->dap * plan->dp > dev.devices)
+    return Status::InvalidArgument("plan: dap x dp = " + std::to_string(plan->dap * plan->dp) +
+                                   " exceeds the profile's " + std::to_string(dev.devices) +
+                                   " device(s)");
+  estimate(dev, plan);
+  return Status::OK();
+}
+
+Status make_plan(const PlanRequest& req, Plan* out) {
+  const auto t0 = std::chrono::steady_clock::now();
+  FC_RETURN_IF_ERROR(req.cfg.validate());
+  FC_RETURN_IF_ERROR(req.profile.validate());
+  if (req.s < 1 || req.r < 1) return Status::InvalidArgument("s and r must be >= 1");
+  const int devices = req.devices > 0 ? req.devices : req.profile.devices;
+  if (req.devices < 0 || req.dap < 0 || req.dp < 0 || req.chunk < 0 || req.memory_bytes < 0)
+    return Status::InvalidArgument("devices, dap, dp, chunk and memory must not be negative");
+  if (req.dap * std::max(req.dp, 1) > devices || req.dp * std::max(req.dap, 1) > devices)
+    return Status::InvalidArgument("dap x dp exceeds the " + std::to_string(devices) +
+                                   " device(s)");
+  const std::string dtype = req.dtype.empty() ? req.profile.dtype : req.dtype;
+  if (dtype_bytes(dtype) == 0)
+    return Status::InvalidArgument("unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
+  const int64_t limit = req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes;
+  if (limit <= 0)
+    return Status::InvalidArgument(
+        "no memory limit: give one (--memory) or a profile with "
+        "memory_bytes");
+  if (req.fixed_policy && !req.training)
+    return Status::InvalidArgument("a recompute policy applies to training plans only (--train)");
+  if (req.training && req.chunk > 0)
+    return Status::InvalidArgument(
+        "training plans use automatic chunking (the training memory model covers no forced "
+        "chunk yet)");
+  int64_t r = req.r;
+  if (req.bucket)
+    FC_RETURN_IF_ERROR(
+        bucket_residues(req.r, req.buckets.empty() ? default_buckets() : req.buckets, &r));
+  if (devices > 1 && req.profile.link_gbps <= 0)
+    return Status::InvalidArgument("more than one device needs link_gbps in the profile");
+  DeviceProfile dev = with_dtype(req.profile, dtype);
+  dev.devices = devices;
+  const int64_t e = dtype_bytes(dtype), B = req.cfg.no_blocks;
+
+  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and, for inference, chunk targets
+  // from the default down by halves (smaller chunks cost GEMM efficiency, save workspace).
+  std::vector<Setting> settings;
+  const int64_t dflt = default_chunk_target_bytes(req.cfg, req.s, r);
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // (chunk, target)
+  if (req.chunk > 0 || req.training) {
+    chunks.push_back({req.chunk, 0});
+  } else {
+    for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
+    chunks.push_back({1, 0});  // the finest: one item per chunk
+  }
+  for (int dap = 1; dap <= devices; ++dap) {
+    if (req.dap > 0 && dap != req.dap) continue;
+    for (int dp = 1; dap * dp <= devices; ++dp) {
+      if (req.dp > 0 && dp != req.dp) continue;
+      for (const auto& [c, tgt] : chunks) settings.push_back({dap, dp, c, tgt});
+    }
+  }
+
+  Plan best;
+  bool found = false;
+  int64_t smallest = std::numeric_limits<int64_t>::max();
+  auto consider = [&](Plan p) {
+    estimate(dev, &p);
+    smallest = std::min(smallest, p.peak_bytes);
+    if (p.peak_bytes > limit && !req.fixed_policy) return;
+    const bool fits = p.peak_bytes <= limit;
+    const bool best_fits = found && best.peak_bytes <= limit;
+    if (!found || (fits && !best_fits) ||
+        (fits == best_fits &&
+         (p.time_per_protein_ms < best.time_per_protein_ms ||
+          (p.time_per_protein_ms == best.time_per_protein_ms && p.peak_bytes < best.peak_bytes)))) {
+      best = std::move(p);
+      found = true;
+    }
+  };
+  for (const Setting& st : settings) {
+    Plan p;
+    p.cfg = req.cfg;
+    p.s = req.s;
+    p.r = r;
+    p.r_real = req.r;
+    p.training = req.training;
+    p.chunk = st.chunk;
+    p.chunk_target_bytes = st.target;
+    p.dap = st.dap;
+    p.dp = st.dp;
+    p.dtype = dtype;
+    p.threads = dev.threads;
+    p.memory_limit_bytes = limit;
+    if (!req.training) {
+      consider(std::move(p));
+      continue;
+    }
+    if (req.fixed_policy) {
+      p.policy.assign(B, req.policy);
+      consider(std::move(p));
+      continue;
+    }
+    // Time depends only on the counts of each policy, memory on their order: the DP gives the
+    // smallest peak of every count vector; the fastest count vector that fits wins.
+    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap);
+    const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap);
+    const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev);
+    const PolicyDp dp = policy_dp(t, static_cast<int>(B));
+    int ba = -1, bc = -1;
+    double bt_best = 0;
+    int64_t bpeak = 0;
+    for (int a = 0; a <= B; ++a)
+      for (int c = 0; a + c <= B; ++c) {
+        const int64_t pk = base + dp.peak[dp.idx(a, c)];
+        smallest = std::min(smallest, pk);
+        if (pk > limit) continue;
+        const double time = c * (bt.rec[1] + bt.comm_fwd) +
+                            (B - a - c) * (bt.rec[2] + bt.comm_fwd);  // varying parts
+        if (ba < 0 || time < bt_best || (time == bt_best && pk < bpeak))
+          ba = a, bc = c, bt_best = time, bpeak = pk;
+      }
+    if (ba < 0) continue;
+    p.policy = dp.order(ba, bc);
+    Plan q = p;
+    estimate(dev, &q);
+    if (st.dap == 1 && q.peak_bytes != bpeak)
+      return Status::Internal("planner: the position decomposition of the memory model (" +
+                              std::to_string(bpeak) + " B) disagrees with stack_step_peak_bytes (" +
+                              std::to_string(q.peak_bytes) + " B)");
+    consider(std::move(p));
+  }
+  if (!found)
+    return Status::OutOfMemory(
+        "no plan fits in " + mib(limit) + " per device for s=" + std::to_string(req.s) +
+        " r=" + std::to_string(r) + " blocks=" + std::to_string(B) + " (" +
+        (req.training ? "training" : "inference") + ", " + dtype + ", " + std::to_string(devices) +
+        " device(s)); the smallest feasible budget is " + mib(smallest));
+  best.search_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  *out = std::move(best);
+  return Status::OK();
+}
+
+}  // namespace fc

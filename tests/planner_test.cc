@@ -1,0 +1,350 @@
+// The planner: Plan JSON and validation, device profiles, the search against brute force (and the
+// memory decomposition against stack_step_peak_bytes), infeasible budgets, buckets with padded
+// inputs, and the plan cache.
+#include "foldcube/planner.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "foldcube/plan.h"
+#include "foldcube/runtime.h"
+
+namespace fc {
+namespace {
+
+using R = Recompute;
+
+EvoformerConfig small_cfg(int64_t blocks) {
+  EvoformerConfig cfg;
+  cfg.c_m = 32;
+  cfg.c_z = 16;
+  cfg.c_hidden_msa_att = 8;
+  cfg.no_heads_msa = 4;
+  cfg.c_hidden_pair_att = 8;
+  cfg.no_heads_pair = 2;
+  cfg.c_hidden_opm = 8;
+  cfg.c_hidden_mul = 16;
+  cfg.c_s = 24;
+  cfg.no_blocks = blocks;
+  return cfg;
+}
+
+// A fixed profile (no calibration in unit tests).
+DeviceProfile test_profile(int devices = 1) {
+  DeviceProfile p;
+  p.name = "test";
+  p.devices = devices;
+  p.threads = 2;
+  p.gemm_gflops = 400;
+  p.gemm_half_rows = 300;
+  p.gemm_bwd_gflops = 300;
+  p.batched_gflops = 250;
+  p.attention_gflops = 250;
+  p.attention_bwd_gflops = 150;
+  p.attention_len_exp = 0.2;
+  p.mem_gbps = 15;
+  p.link_gbps = 10;
+  p.link_latency_us = 20;
+  return p;
+}
+
+PlanRequest train_request(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t limit) {
+  PlanRequest q;
+  q.cfg = cfg;
+  q.s = s;
+  q.r = r;
+  q.training = true;
+  q.profile = test_profile();
+  q.memory_bytes = limit;
+  return q;
+}
+
+Plan base_plan(const EvoformerConfig& cfg, int64_t s, int64_t r, std::vector<R> policy) {
+  Plan p;
+  p.cfg = cfg;
+  p.s = s;
+  p.r = p.r_real = r;
+  p.training = true;
+  p.policy = std::move(policy);
+  p.threads = 2;
+  return p;
+}
+
+TEST(Planner, PlanJsonRoundTripAndValidation) {
+  const EvoformerConfig cfg = small_cfg(3);
+  Plan p = base_plan(cfg, 6, 10, {R::kBlock, R::kModule, R::kNone});
+  ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
+  Plan q;
+  ASSERT_TRUE(Plan::from_json(p.to_json(), &q).ok());
+  EXPECT_EQ(q.to_json(), p.to_json());
+  EXPECT_EQ(q.policy, p.policy);
+  EXPECT_EQ(to_train_options(q).policy, p.policy);
+  EXPECT_EQ(q.module_chunks.size(), p.module_chunks.size());
+
+  auto bad = [&](auto edit, const std::string& needle) {
+    nlohmann::json j = nlohmann::json::parse(p.to_json());
+    edit(j);
+    Plan x;
+    Status st = Plan::from_json(j.dump(), &x);
+    EXPECT_FALSE(st.ok()) << needle;
+    EXPECT_NE(st.message().find(needle), std::string::npos) << st.message();
+  };
+  bad([](auto& j) { j["policy"][1] = "sometimes"; }, "unknown recompute policy");
+  bad([](auto& j) { j["policy"].erase(0); }, "2 recompute policies for 3 blocks");
+  bad([](auto& j) { j["dap"] = 0; }, "dap and dp must be >= 1");
+  bad([](auto& j) { j["dtype"] = "fp8"; }, "unknown dtype");
+  bad([](auto& j) { j.erase("dp"); }, "missing 'dp'");
+  bad([](auto& j) { j["r_real"] = 11; }, "r_real");
+  Plan x;
+  EXPECT_FALSE(Plan::from_json("{not json", &x).ok());
+  EXPECT_FALSE(Plan::from_json("[1, 2]", &x).ok());
+}
+
+TEST(Planner, UserProfileFromPeaks) {
+  DeviceProfile p;
+  ASSERT_TRUE(DeviceProfile::from_json(
+                  R"({"name": "a40", "devices": 4, "memory_gb": 40, "dtype": "fp16",
+                      "peak_gflops": 150000, "peak_mem_gbps": 1500, "link_gbps": 100,
+                      "link_latency_us": 10})",
+                  &p)
+                  .ok());
+  EXPECT_EQ(p.memory_bytes, int64_t{40000000000});
+  EXPECT_DOUBLE_EQ(p.gemm_gflops, 0.75 * 150000);
+  EXPECT_DOUBLE_EQ(p.mem_gbps, 0.7 * 1500);
+  DeviceProfile q;
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
+  EXPECT_EQ(q.to_json(), p.to_json());
+  Status st = DeviceProfile::from_json(R"({"peak_mem_gbps": 100})", &q);
+  EXPECT_NE(st.message().find("peak_gflops"), std::string::npos) << st.message();
+  st = DeviceProfile::from_json(R"({"peak_gflops": 1, "peak_mem_gbps": 1, "devices": 2})", &q);
+  EXPECT_NE(st.message().find("link_gbps"), std::string::npos) << st.message();
+  st = DeviceProfile::from_json(R"({"peak_gflops": 1, "peak_mem_gbps": 1, "dtype": "int4"})", &q);
+  EXPECT_NE(st.message().find("dtype"), std::string::npos) << st.message();
+  EXPECT_FALSE(DeviceProfile::from_json(R"({"peak_gflops": "fast"})", &q).ok());
+}
+
+// A training plan's peak is the memory model's step peak above a fixed base (weights, inputs).
+TEST(Planner, DecompositionMatchesMemoryModel) {
+  for (bool af2 : {false, true}) {
+    EvoformerConfig cfg = af2 ? EvoformerConfig() : small_cfg(5);
+    cfg.no_blocks = 5;
+    const int64_t s = af2 ? 8 : 7, r = af2 ? 32 : 11;
+    int64_t first_base = 0;
+    for (int code = 0; code < 243; code += 7) {
+      std::vector<R> pol;
+      for (int b = 0, c = code; b < 5; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
+      // A fixed-policy request evaluates the same order through the search path.
+      Plan p = base_plan(cfg, s, r, pol);
+      ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
+      const int64_t base = p.peak_bytes - stack_step_peak_bytes(cfg, s, r, 5, pol, 2);
+      if (code == 0) first_base = base;
+      EXPECT_EQ(base, first_base);  // weights and inputs, whatever the policies
+    }
+  }
+}
+
+// Exhaustive search over 3^B orders against make_plan on the same model.
+void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+  const int B = static_cast<int>(cfg.no_blocks);
+  std::vector<Plan> all;
+  int total = 1;
+  for (int b = 0; b < B; ++b) total *= 3;
+  int64_t lo = INT64_MAX, hi = 0;
+  for (int code = 0; code < total; ++code) {
+    std::vector<R> pol;
+    for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
+    Plan p = base_plan(cfg, s, r, pol);
+    ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
+    lo = std::min(lo, p.peak_bytes);
+    hi = std::max(hi, p.peak_bytes);
+    all.push_back(p);
+  }
+  for (int i = 0; i <= 12; ++i) {
+    const int64_t limit = lo + (hi - lo) * i / 12;
+    double best = INFINITY;
+    for (const Plan& p : all)
+      if (p.peak_bytes <= limit) best = std::min(best, p.time_ms);
+    Plan got;
+    Status st = make_plan(train_request(cfg, s, r, limit), &got);
+    ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_LE(got.peak_bytes, limit);
+    EXPECT_NEAR(got.time_ms, best, 1e-9 * best) << "limit " << limit;
+    // The plan's own peak is the memory model's.
+    Plan check = base_plan(cfg, s, r, got.policy);
+    ASSERT_TRUE(evaluate_plan(test_profile(), &check).ok());
+    EXPECT_EQ(check.peak_bytes, got.peak_bytes);
+  }
+  Plan none;
+  Status st = make_plan(train_request(cfg, s, r, lo - 1), &none);
+  EXPECT_EQ(st.code(), Status::Code::kOutOfMemory);
+  EXPECT_NE(st.message().find("smallest feasible budget"), std::string::npos) << st.message();
+}
+
+TEST(Planner, SearchIsOptimalSmallConfig) {
+  expect_optimal(small_cfg(4), 7, 11);
+  expect_optimal(small_cfg(5), 20, 8);
+}
+
+TEST(Planner, SearchIsOptimalAf2Dims) {
+  EvoformerConfig cfg;
+  cfg.no_blocks = 5;
+  expect_optimal(cfg, 16, 48);
+}
+
+TEST(Planner, FortyEightBlocksUnderASecond) {
+  EvoformerConfig cfg;  // AF2 model_1, 48 blocks
+  PlanRequest q = train_request(cfg, 128, 256, int64_t{20} << 30);
+  q.profile = test_profile(4);
+  const auto t0 = std::chrono::steady_clock::now();
+  Plan p;
+  ASSERT_TRUE(make_plan(q, &p).ok());
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(ms, 1000);
+  EXPECT_LE(p.peak_bytes, q.memory_bytes);
+  EXPECT_EQ(p.policy.size(), 48u);
+  EXPECT_LE(p.dap * p.dp, 4);
+  // Nothing fits: the error names the smallest feasible budget, and that budget works.
+  q.memory_bytes = int64_t{1} << 30;
+  q.profile = test_profile(1);
+  Status st = make_plan(q, &p);
+  ASSERT_EQ(st.code(), Status::Code::kOutOfMemory);
+  EXPECT_NE(st.message().find("smallest feasible budget"), std::string::npos);
+}
+
+TEST(Planner, FixedPolicyAndRequestErrors) {
+  EvoformerConfig cfg;
+  PlanRequest q = train_request(cfg, 128, 256, int64_t{40} << 30);
+  q.fixed_policy = true;
+  for (R pol : {R::kNone, R::kModule, R::kBlock}) {
+    q.policy = pol;
+    Plan p;
+    ASSERT_TRUE(make_plan(q, &p).ok());
+    EXPECT_EQ(p.policy, std::vector<R>(48, pol));
+    EXPECT_EQ(p.activation_bytes, stack_activation_bytes(cfg, 128, 256, 48, {pol}));
+  }
+  Plan p;
+  q.fixed_policy = false;
+  q.dap = 2;  // one device only
+  EXPECT_FALSE(make_plan(q, &p).ok());
+  q.dap = 0;
+  q.dtype = "fp64";
+  EXPECT_FALSE(make_plan(q, &p).ok());
+  q.dtype = "";
+  q.memory_bytes = 0;
+  EXPECT_NE(make_plan(q, &p).message().find("memory limit"), std::string::npos);
+  q.memory_bytes = int64_t{40} << 30;
+  q.training = false;
+  q.fixed_policy = true;
+  EXPECT_FALSE(make_plan(q, &p).ok());
+}
+
+TEST(Planner, InferenceChunkSearchFitsBudget) {
+  EvoformerConfig cfg;
+  PlanRequest q;
+  q.cfg = cfg;
+  q.s = 128;
+  q.r = 512;
+  q.profile = test_profile();
+  q.memory_bytes = int64_t{8} << 30;
+  Plan roomy, tight;
+  ASSERT_TRUE(make_plan(q, &roomy).ok());
+  const int64_t weights_and_inputs =
+      roomy.peak_bytes -
+      forward_peak_bytes(cfg, 128, 512, true, roomy.chunk, roomy.chunk_target_bytes, 2);
+  const int64_t finest = forward_peak_bytes(cfg, 128, 512, true, 0, 16 << 10, 2);
+  q.memory_bytes =
+      weights_and_inputs + (finest + forward_peak_bytes(cfg, 128, 512, true, 0, 0, 2)) / 2;
+  Status st = make_plan(q, &tight);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_LE(tight.peak_bytes, q.memory_bytes);
+  EXPECT_LT(tight.peak_bytes, roomy.peak_bytes);
+  EXPECT_GE(tight.time_ms, roomy.time_ms);  // smaller chunks: smaller GEMMs
+  ForwardOptions fo = to_forward_options(tight);
+  EXPECT_EQ(fo.chunk_target_bytes, tight.chunk_target_bytes);
+}
+
+TEST(Planner, DapCommunicationVolume) {
+  EvoformerConfig cfg;
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 1, 4, false).all_to_all_bytes, 0);
+  const DapComm c2 = dap_block_comm(cfg, 128, 256, 2, 4, false);
+  EXPECT_EQ(c2.all_to_all_calls, 6);
+  EXPECT_EQ(c2.all_gather_calls, 6);
+  // m and z each move half of a half-shard each way at N = 2.
+  const int64_t m = 128 * 256 * 256, z = 256 * 256 * 128;
+  EXPECT_EQ(c2.all_to_all_bytes, (2 * (2 * m / 2 / 2) + 4 * (2 * z / 2 / 2)) * 4);
+  const DapComm b2 = dap_block_comm(cfg, 128, 256, 2, 4, true);
+  EXPECT_EQ(b2.all_gather_bytes, 2 * c2.all_gather_bytes);
+}
+
+TEST(Planner, BucketsAndCache) {
+  int64_t b = 0;
+  ASSERT_TRUE(bucket_residues(300, default_buckets(), &b).ok());
+  EXPECT_EQ(b, 512);
+  ASSERT_TRUE(bucket_residues(256, default_buckets(), &b).ok());
+  EXPECT_EQ(b, 256);
+  EXPECT_FALSE(bucket_residues(6000, default_buckets(), &b).ok());
+  EXPECT_FALSE(bucket_residues(10, {64, 32}, &b).ok());
+
+  PlanRequest q = train_request(small_cfg(3), 6, 21, int64_t{1} << 30);
+  q.bucket = true;
+  q.buckets = {16, 32, 64};
+  const std::string dir = ::testing::TempDir() + "/fc_plan_cache";
+  std::filesystem::remove_all(dir);
+  Plan p1, p2;
+  bool hit = true;
+  ASSERT_TRUE(cached_plan(q, dir, &p1, &hit).ok());
+  EXPECT_FALSE(hit);
+  EXPECT_EQ(p1.r, 32);
+  EXPECT_EQ(p1.r_real, 21);
+  q.r = 30;  // same bucket, same key
+  ASSERT_TRUE(cached_plan(q, dir, &p2, &hit).ok());
+  EXPECT_TRUE(hit);
+  EXPECT_EQ(p2.to_json(), p1.to_json());
+  q.memory_bytes /= 2;  // another budget, another entry
+  EXPECT_NE(plan_cache_key(q), plan_cache_key(train_request(small_cfg(3), 6, 21, 1 << 30)));
+}
+
+// Padded residues with zero masks leave the real residues' outputs unchanged.
+TEST(Planner, PaddedForwardMatchesUnpadded) {
+  const EvoformerConfig cfg = small_cfg(2);
+  EvoformerStack stack = EvoformerStack::random(cfg, 11);
+  const int64_t s = 5, r = 13, rp = 16;
+  Tensor m = Tensor::empty({s, r, cfg.c_m}), z = Tensor::empty({r, r, cfg.c_z});
+  for (int64_t i = 0; i < m.numel(); ++i) m.f32()[i] = std::sin(0.37f * i);
+  for (int64_t i = 0; i < z.numel(); ++i) z.f32()[i] = std::cos(0.21f * i);
+  Tensor msa_mask = Tensor::full({s, r}, 1.f), pair_mask = Tensor::full({r, r}, 1.f);
+  msa_mask.f32()[2 * r + 4] = 0.f;  // a real masked position stays masked
+  Tensor mp = m.clone(), zp = z.clone(), mmp = msa_mask.clone(), pmp = pair_mask.clone();
+  ASSERT_TRUE(pad_residues(rp, &mp, &zp, &mmp, &pmp).ok());
+  Tensor s_out, sp_out;
+  ASSERT_TRUE(stack.forward(m, z, msa_mask, pair_mask, &s_out).ok());
+  ASSERT_TRUE(stack.forward(mp, zp, mmp, pmp, &sp_out).ok());
+  double dm = 0, dz = 0, scale = 0;
+  for (int64_t i = 0; i < s; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < cfg.c_m; ++c) {
+        const float a = m.f32()[(i * r + j) * cfg.c_m + c];
+        dm = std::max(dm, double(std::abs(a - mp.f32()[(i * rp + j) * cfg.c_m + c])));
+        scale = std::max(scale, double(std::abs(a)));
+      }
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < cfg.c_z; ++c)
+        dz = std::max(dz, double(std::abs(z.f32()[(i * r + j) * cfg.c_z + c] -
+                                          zp.f32()[(i * rp + j) * cfg.c_z + c])));
+  std::printf("padded vs unpadded: max|dm| %.3g, max|dz| %.3g (max|m| %.3g)\n", dm, dz, scale);
+  EXPECT_LT(dm, 1e-5 * std::max(scale, 1.0));
+  EXPECT_LT(dz, 1e-5 * std::max(scale, 1.0));
+  Tensor bad = Tensor::empty({3, 3});
+  EXPECT_FALSE(pad_residues(8, &bad, &zp, &mmp, &pmp).ok());
+  EXPECT_FALSE(pad_residues(4, &mp, &zp, &mmp, &pmp).ok());
+}
+
+}  // namespace
+}  // namespace fc
