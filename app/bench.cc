@@ -303,7 +303,7 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
   const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
   struct Row {
     std::string label, flags;
-    std::vector<double> times;
+    std::vector<double> times, cpu;  // wall and process CPU ms of every timed pass
     nlohmann::json last;
   };
   std::vector<Row> rows = {{"unchunked", "--chunk 1000000000", {}, {}}, {"automatic", "", {}, {}}};
@@ -338,47 +338,53 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
         continue;
       }
       for (double t : j["times_ms"]) row.times.push_back(t);
+      for (double t : j["cpu_times_ms"]) row.cpu.push_back(t);
       row.last = j;
     }
   auto median_of = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
-  const double base = median_of(rows[0].times);
+  const double base = median_of(rows[0].times), base_cpu = median_of(rows[0].cpu);
   std::printf(
-      "| chunking | time ms | vs unchunked | tracked peak MiB | inference/(m+z) | RSS peak MiB | "
+      "| chunking | time ms | vs unchunked | CPU ms | CPU vs unchunked | tracked peak MiB | "
+      "inference/(m+z) | RSS peak MiB | "
       "chunk target MiB | items per chunk (row att s, col att r, tri att r, OPM r, tri-mul c_t) "
       "|\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   nlohmann::json out = nlohmann::json::array();
   for (const Row& row : rows) {
     if (row.last.is_null() || row.times.empty()) {
-      std::printf("| %s | refused (below the smallest feasible budget) | | | | | | |\n",
+      std::printf("| %s | refused (below the smallest feasible budget) | | | | | | | | |\n",
                   row.label.c_str());
       continue;
     }
     const nlohmann::json& j = row.last;
-    const double t = median_of(row.times);
+    const double t = median_of(row.times), cpu = median_of(row.cpu);
     auto items = [&](const char* module, size_t loop) {
       const auto& loops = j["module_chunks"][module];
       return loops.size() > loop ? loops[loop]["items"].get<int64_t>() : 0;
     };
-    std::printf("| %s | %.0f | %.3f | %.1f | %.2f | %.1f | %.2f | %lld, %lld, %lld, %lld, %lld |\n",
-                row.label.c_str(), t, t / base, j["peak_tracked_bytes"].get<double>() / 1048576.0,
-                j["inference_peak_bytes"].get<double>() / mz,
-                j["peak_rss_bytes"].get<double>() / 1048576.0,
-                row.flags.rfind("--chunk ", 0) == 0
-                    ? 0.0
-                    : j["chunk_target_bytes_used"].get<double>() / 1048576.0,
-                static_cast<long long>(items("msa_att_row", 1)),
-                static_cast<long long>(items("msa_att_col", 0)),
-                static_cast<long long>(items("tri_att_start", 1)),
-                static_cast<long long>(items("outer_product_mean", 1)),
-                static_cast<long long>(items("tri_mul_out", 0)));
+    std::printf(
+        "| %s | %.0f | %.3f | %.0f | %.3f | %.1f | %.2f | %.1f | %.2f | %lld, %lld, %lld, %lld, "
+        "%lld |\n",
+        row.label.c_str(), t, t / base, cpu, cpu / base_cpu,
+        j["peak_tracked_bytes"].get<double>() / 1048576.0,
+        j["inference_peak_bytes"].get<double>() / mz, j["peak_rss_bytes"].get<double>() / 1048576.0,
+        row.flags.rfind("--chunk ", 0) == 0
+            ? 0.0
+            : j["chunk_target_bytes_used"].get<double>() / 1048576.0,
+        static_cast<long long>(items("msa_att_row", 1)),
+        static_cast<long long>(items("msa_att_col", 0)),
+        static_cast<long long>(items("tri_att_start", 1)),
+        static_cast<long long>(items("outer_product_mean", 1)),
+        static_cast<long long>(items("tri_mul_out", 0)));
     nlohmann::json o = j;
     o["label"] = row.label;
     o["median_ms"] = t;
     o["all_times_ms"] = row.times;
+    o["median_cpu_ms"] = cpu;
+    o["all_cpu_ms"] = row.cpu;
     out.push_back(o);
   }
   if (!a.out_json.empty()) {

@@ -168,7 +168,7 @@ int run_command(const RunArgs& a) {
     };
   }
   Tensor m, z, s_out;
-  std::vector<double> times;
+  std::vector<double> times, cpu_times;  // wall and process CPU ms per timed pass
   int64_t peak_tracked = 0, inference_peak = 0;
   const int64_t mz_bytes = static_cast<int64_t>(m0.nbytes() + z0.nbytes());
   const int passes = a.warmup + a.repeats;
@@ -183,6 +183,7 @@ int run_command(const RunArgs& a) {
     }
     MemoryScope scope;
     module_ms.clear();
+    const double cpu0 = process_cpu_ms();
     const auto t0 = std::chrono::steady_clock::now();
     mark = t0;
     st = job.extra ? job.extra_stack.forward(m, z, msa_mask, pair_mask, opts)
@@ -191,7 +192,10 @@ int run_command(const RunArgs& a) {
     if (!st.ok()) return fail(st);
     peak_tracked = std::max(peak_tracked, scope.peak());
     inference_peak = std::max(inference_peak, scope.peak() - scope.start_live() + mz_bytes);
-    if (it >= a.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (it >= a.warmup) {
+      times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      cpu_times.push_back(process_cpu_ms() - cpu0);
+    }
   }
   const double time_ms = median(times);
   // The FLOP formula is the Evoformer block's; the ExtraMSA block's global attention differs.
@@ -252,6 +256,8 @@ int run_command(const RunArgs& a) {
       j["predicted_peak_bytes"] = plan.predicted_peak_bytes;
     }
     j["times_ms"] = times;
+    j["cpu_times_ms"] = cpu_times;
+    j["cpu_ms"] = median(cpu_times);
     j["peak_tracked_bytes"] = peak_tracked;
     j["peak_rss_bytes"] = rss;
     j["inference_peak_bytes"] = inference_peak;
