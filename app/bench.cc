@@ -395,16 +395,97 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
   return 0;
 }
 
+// `bench --dap`: the DAP table. One AF2 block at each s:r (default 128:256) in one process and
+// under `mpirun -np N ... --dap N` for N in --ranks (default 1,2,4), each rank with
+// max(1, threads / N) threads (N above the core count oversubscribes; the table says so): time,
+// tracked peak of rank 0 (which also holds the full inputs and outputs for the file I/O) and of
+// the other ranks, each rank's work (tracked peak above weights and inputs) against the --dap 1
+// run (the same accounting; the one-process row shows m+z+workspace), and
+// the bytes each rank sent per block beside the analytic count (dap_block_volume).
+int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std::string& report) {
+  const auto shapes = split(a.shapes.empty() ? "128:256" : a.shapes, ',');
+  const auto ranks = split(a.ranks.empty() ? "1,2,4" : a.ranks, ',');
+  const int repeats = a.repeats > 0 ? a.repeats : 3;
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  std::printf(
+      "foldcube bench --dap: one Evoformer block, AF2 model_1 dims, fp32, %d thread(s) in all, "
+      "%ld core(s); median of %d after 1 warm-up; MiB = 2^20 bytes\n\n",
+      threads, cores, repeats);
+  std::printf(
+      "| s | r | ranks | threads/rank | time ms | rank 0 peak MiB | max other rank peak MiB | "
+      "work/rank MiB (max) | work vs N=1 | sent/block/rank MiB | model MiB |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const std::string& shape : shapes) {
+    const auto sr = split(shape, ':');
+    int64_t s = 0, r = 0;
+    if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) return 2;
+    const std::string common = " run --quiet --s " + sr[0] + " --r " + sr[1] +
+                               " --blocks 1 --warmup 1 --repeats " + std::to_string(repeats) +
+                               " --report '" + report + "'";
+    // One process: its inference work (peak above weights and inputs, m+z included).
+    nlohmann::json one;
+    if (!run_row("'" + exe + "'" + common + " --threads " + std::to_string(threads), report, &one))
+      return 1;
+    // Work baseline: the --dap 1 row (same accounting as the other rank counts) once it has run;
+    // until then the one-process inference peak (m + z + workspace).
+    double base_work = one["inference_peak_bytes"].get<double>();
+    std::printf("| %s | %s | 1 (no MPI) | %d | %.0f | %.1f | | %.1f | 1.000 | | |\n", sr[0].c_str(),
+                sr[1].c_str(), threads, one["time_ms"].get<double>(),
+                one["peak_tracked_bytes"].get<double>() / 1048576.0, base_work / 1048576.0);
+    std::fflush(stdout);
+    one["ranks"] = 0;
+    rows.push_back(one);
+    for (const std::string& ntext : ranks) {
+      int64_t n = 0;
+      if (!parse_count(ntext, "rank count", &n)) return 2;
+      const int per = std::max<int>(1, threads / static_cast<int>(n));
+      const std::string cmd =
+          "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_WAIT_POLICY=passive "
+          "mpirun --oversubscribe --bind-to none -np " +
+          std::to_string(n) + " '" + exe + "'" + common + " --threads " + std::to_string(per) +
+          " --dap " + std::to_string(n) + " > /dev/null";
+      nlohmann::json j;
+      if (!run_row(cmd, report, &j)) return 1;
+      double other = 0, work = 0;
+      const auto& peaks = j["rank_peak_tracked_bytes"];
+      const auto& works = j["rank_work_peak_bytes"];
+      for (size_t k = 0; k < peaks.size(); ++k) {
+        if (k > 0) other = std::max(other, peaks[k].get<double>());
+        work = std::max(work, works[k].get<double>());
+      }
+      if (n == 1) base_work = work;
+      std::printf("| %s | %s | %lld%s | %d | %.0f | %.1f | %.1f | %.1f | %.3f | %.2f | %.2f |\n",
+                  sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n),
+                  n * per > cores ? " (oversubscribed)" : "", per, j["time_ms"].get<double>(),
+                  peaks[0].get<double>() / 1048576.0, other / 1048576.0, work / 1048576.0,
+                  work / base_work, j["block_sent_bytes_per_rank"].get<double>() / 1048576.0,
+                  j["block_sent_bytes_per_rank_model"].get<double>() / 1048576.0);
+      std::fflush(stdout);
+      j["ranks"] = n;
+      j["threads_per_rank"] = per;
+      j["work_vs_dap1"] = work / base_work;
+      rows.push_back(j);
+    }
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << nlohmann::json{{"threads", threads}, {"rows", rows}}.dump(2) << "\n";
+  }
+  return 0;
+}
+
 int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
   const std::string exe = self_exe();
   const std::string report = temp_report();
   if (report.empty()) return 1;
-  if (a.train || a.long_seq || a.chunks) {
+  if (a.train || a.long_seq || a.chunks || a.dap) {
     const int rc = a.train      ? bench_train(a, threads, exe, report)
                    : a.long_seq ? bench_long(a, threads, exe, report)
-                                : bench_chunks(a, threads, exe, report);
+                   : a.chunks   ? bench_chunks(a, threads, exe, report)
+                                : bench_dap(a, threads, exe, report);
     std::remove(report.c_str());
     return rc;
   }

@@ -36,6 +36,8 @@ struct BenchArgs {
   bool train = false;     // training-step table (policies, measured vs predicted memory)
   bool long_seq = false;  // long-sequence table under a memory budget (--shapes lists r values)
   bool chunks = false;    // chunking-overhead table at one shape (--shapes s:r)
+  bool dap = false;       // DAP table: one process and mpirun -np N --dap N for N in `ranks`
+  std::string ranks;      // "1,2,4"
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
 

@@ -80,6 +80,10 @@ int main(int argc, char** argv) {
   bench->add_flag("--chunks", ba.chunks,
                   "chunking-overhead table: one block at one s:r (default 128:256) unchunked, "
                   "automatic, under shrinking budgets and with forced --chunk sizes");
+  bench->add_flag("--dap", ba.dap,
+                  "DAP table: one block per s:r (default 128:256) in one process and under "
+                  "mpirun -np N --dap N for N in --ranks: time, per-rank peaks, bytes per block");
+  bench->add_option("--ranks", ba.ranks, "with --dap: comma-separated rank counts (default 1,2,4)");
   bench->add_flag("--train", ba.train,
                   "training step (forward + backward) per recompute policy none/small/large: "
                   "measured peak and activation memory and time beside the memory model's "
