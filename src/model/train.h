@@ -61,6 +61,7 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx);
 struct AttentionChunk {
   Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items
   Tensor og;    // [n*L, H*C]   gated attention output (input of linear_o)
+  Tensor lse;   // [n, H, L]     log-sum-exp of the logits per query (saved for the backward)
 };
 struct AttentionState {
   Tensor bias;                         // [H, L, L] pair/triangle bias (undefined for column att.)

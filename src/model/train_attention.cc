@@ -161,8 +161,10 @@ AttentionChunk chunk_state(const Attn& at, const BlockContext& ctx, const float*
   kern::linear(x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
                4 * hc);
   k.og = Tensor::empty({rows, hc});
-  const kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
-                                               at.mask_bias + n0 * at.v.L, bias, k.og.f32());
+  k.lse = Tensor::empty({n, at.H, at.v.L});
+  kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
+                                         at.mask_bias + n0 * at.v.L, bias, k.og.f32());
+  a.lse = k.lse.f32();
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   return k;
@@ -229,10 +231,12 @@ void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
       g.d_out = dog.f32();
       g.dq = d, g.dk = d + hc, g.dv = d + 2 * hc, g.dgate = d + 3 * hc;
       g.d_pair_bias = dbias;
+      g.lse = k.lse.f32();
       Tensor scratch = Tensor::empty(
           {kern::attention_backward_scratch_floats(a, ctx.threads, dbias != nullptr)});
       kern::attention_backward(a, g, scratch.f32(), ctx.threads);
     }
+    k.lse = Tensor();
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
     kern::linear_backward(x_ln.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
@@ -290,7 +294,8 @@ Attn tri_attn(const TriangleAttentionW& w, const BlockContext& ctx, bool ending)
 int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int64_t c,
                               int64_t hc) {
   // Per item: the chunk state (q|k|v|g, og) and the backward's buffers (x_ln, du, dln, dog,
-  // dq|dk|dv|dg).
+  // dq|dk|dv|dg). The saved lse (H floats per position, small next to 5*H*C) is left out, so the
+  // chunk picks are those from before it was saved.
   return pick_chunk(ctx, N, L * (3 * c + 10 * hc) * kF);
 }
 
