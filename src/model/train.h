@@ -86,6 +86,33 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
                                  const BlockContext& ctx, bool ending, const float* z_in,
                                  AttentionState* st, float* dz);
 
+// ---- Pieces for sharded training (Dynamic Axial Parallelism, src/exec/dap_train.cc) -----------
+// Gated attention over S [N, L, c] (batch over N, attention over L) with a given pair bias
+// [H, L, L] (or nullptr) and mask_bias [N, L]; `module` (golden trace name) selects the dropout
+// mask, which is [L, c] shared over N, so a shard of the N items sees the mask of one process. The
+// single-process modules above run the same chunk functions (bit-identical per item).
+void attention_rows_train(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                          const char* module, const BlockContext& ctx, float* S, int64_t N,
+                          int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                          AttentionState* st);
+// S_in [N, L, c]: the input; dS: dL/d out on entry, dL/d in on exit; dbias [H, L, L] ACCUMULATES
+// the bias gradient (nullptr when bias is nullptr). st: as attention_rows_train filled it (its
+// chunks are consumed) or empty (recomputed per chunk); st->bias is not used.
+void attention_rows_backward(const LayerNormW& ln, const GatedAttentionW& w, LayerNormW* gln,
+                             GatedAttentionW* gw, int64_t H, int64_t C, const char* module,
+                             const BlockContext& ctx, const float* S_in, float* dS, int64_t N,
+                             int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                             AttentionState* st, float* dbias);
+// Adjoint of pair_bias_permute(transposed = false): dt [r*r, H] with dt[(q, k), h] =
+// dbias[h][q][k] for dbias [H, r, r].
+void pair_bias_unpermute(const float* dbias, int64_t r, int64_t H, float* dt);
+// Backward of pair_bias_project on `rows` rows z [rows, r, c_z] (r = ctx.r): given dt
+// [rows*r, H], dz [rows, r, c_z] += dL/dz (LN(z) recomputed by row blocks); the parameter
+// gradients of ln and lin accumulate.
+void pair_bias_project_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln,
+                                LinearW* glin, const BlockContext& ctx, const float* z,
+                                int64_t rows, const float* dt, float* dz);
+
 // ---- Transitions ------------------------------------------------------------------------------
 struct TransitionState {
   std::vector<Tensor> h;  // per row chunk [n, n_t*c] relu(linear_1(LN(x))); empty: recomputed

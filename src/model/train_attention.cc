@@ -356,4 +356,51 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
   bias_backward(w.ln, w.lin, &g->ln, &g->lin, ctx, ending, z_in, dbias.f32(), dz);
 }
 
+void attention_rows_train(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                          const char* module, const BlockContext& ctx, float* S, int64_t N,
+                          int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                          AttentionState* st) {
+  const Attn at{module, ln, w, H, C, {N, L, c, false}, mask_bias};
+  attention_forward(at, ctx, S, bias, st ? &st->chunks : nullptr);
+}
+
+void attention_rows_backward(const LayerNormW& ln, const GatedAttentionW& w, LayerNormW* gln,
+                             GatedAttentionW* gw, int64_t H, int64_t C, const char* module,
+                             const BlockContext& ctx, const float* S_in, float* dS, int64_t N,
+                             int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                             AttentionState* st, float* dbias) {
+  const Attn at{module, ln, w, H, C, {N, L, c, false}, mask_bias};
+  attention_backward(at, gln, gw, ctx, S_in, dS, bias, &st->chunks, dbias);
+}
+
+void pair_bias_unpermute(const float* dbias, int64_t r, int64_t H, float* dt) {
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < r; ++q)
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t h = 0; h < H; ++h) dt[(q * r + k) * H + h] = dbias[(h * r + q) * r + k];
+}
+
+void pair_bias_project_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln,
+                                LinearW* glin, const BlockContext& ctx, const float* z,
+                                int64_t rows, const float* dt, float* dz) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
+  const int64_t ch = std::min(bias_train_chunk(ctx, H), std::max<int64_t>(rows, 1));
+  Tensor x = Tensor::empty({ch * r, cz});  // LN(z) of a row block
+  Tensor mean = Tensor::empty({ch * r});
+  Tensor rstd = Tensor::empty({ch * r});
+  Tensor dln = Tensor::empty({ch * r, cz});  // dL/d LN(z) of the row block
+  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, cz)});
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0);
+    const float* zr = z + i0 * r * cz;
+    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(), ctx.cfg->eps_ln,
+                    mean.f32(), rstd.f32());
+    kern::linear_backward(x.f32(), cz, n * r, cz, lin.w.f32(), H, dt + i0 * r * H, H, dln.f32(), cz,
+                          glin->w.f32(), nullptr);
+    kern::layernorm_backward(zr, cz, dln.f32(), cz, n * r, cz, ln.w.f32(), mean.f32(), rstd.f32(),
+                             dz + i0 * r * cz, cz, gln->w.f32(), gln->b.f32(), scratch.f32(),
+                             /*accumulate=*/true);
+  }
+}
+
 }  // namespace fc

@@ -1,0 +1,72 @@
+// Dynamic Axial Parallelism for training (backward): the sharded training forward and the adjoint
+// backward of the Evoformer modules, in the layouts of the DAP forward (src/exec/dap.h,
+// docs/dap.md). The adjoint of every collective of the forward is used in the backward:
+//   all-gather of a projection of local rows  ->  reduce-scatter of its gradient to those rows;
+//   all-to-all layout change                  ->  the reverse all-to-all.
+// Parameter gradients accumulate this rank's shard contributions; the caller sums them over the
+// DAP group (dap_all_reduce_grads).
+//
+// Done so far: the pair-biased attention modules (MSA row attention, triangle attention starting
+// and ending node; bias all-gathered forward, its gradient reduce-scattered backward), and the
+// modules that need no communication on their shard (MSA column attention, transitions: the
+// single-process training functions on the shard's context).
+#pragma once
+
+#include <cstdint>
+
+#include "dist/comm.h"
+#include "exec/dap.h"
+#include "foldcube/tensor.h"
+#include "model/modules.h"
+#include "model/train.h"
+#include "model/weights.h"
+
+namespace fc {
+
+// The contexts of this rank's shards and the padded masks they point into (held in full on every
+// rank, as in the forward).
+struct DapShards {
+  DapLayout l;
+  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
+  Tensor msa_bias_t;              // [r_pad, s_pad]
+  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
+  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
+  BlockContext row;               // m by sequences: s = s_loc, r = r_pad
+  BlockContext col;   // m by residues: s = s_pad, r = r_loc (msa_bias_t: this rank's residues)
+  BlockContext full;  // pair modules and OPM: s = s_pad, r = r_pad, full masks
+  const float* msa_bias_rows = nullptr;     // [s_loc, r_pad] this rank's sequences
+  const float* pair_bias_rows = nullptr;    // [r_loc, r_pad] this rank's rows of pair_bias
+  const float* pair_bias_t_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias_t
+};
+// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad] (the same on every rank).
+// chunk_target_bytes 0: max(1/8 of this rank's shards of m and z, 1 MiB), as dap_forward.
+DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, const Tensor& msa_mask,
+                          const Tensor& pair_mask, int64_t chunk, int64_t chunk_target_bytes,
+                          int threads);
+// Sets the dropout of every context (training mode, the block's key).
+void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key);
+
+// MSA row attention on m by sequences [s_loc, r_pad, c_m], the bias projected from z by rows
+// [r_loc, r_pad, c_z] and all-gathered. st == nullptr: nothing kept (policy module).
+void dap_msa_row_attention_train(const MsaRowAttentionW& w, const DapShards& sh,
+                                 const dist::Communicator& comm, float* m, const float* z,
+                                 AttentionState* st);
+// m_in, z_in: the module's input shards; dm, dz: dL/d out on entry, dL/d in on exit (dz gets the
+// bias branch's gradient of this rank's rows, reduce-scattered from every rank's bias gradient).
+void dap_msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
+                                    const DapShards& sh, const dist::Communicator& comm,
+                                    const float* m_in, const float* z_in, AttentionState* st,
+                                    float* dm, float* dz);
+// Triangle attention on z by rows (starting node) or z^T by rows (ending node), [r_loc, r_pad,
+// c_z]; the bias all-gathered from the same rows.
+void dap_triangle_attention_train(const TriangleAttentionW& w, const DapShards& sh,
+                                  const dist::Communicator& comm, bool ending, float* z,
+                                  AttentionState* st);
+void dap_triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW* g,
+                                     const DapShards& sh, const dist::Communicator& comm,
+                                     bool ending, const float* z_in, AttentionState* st, float* dz);
+
+// Sums every parameter gradient of g over comm (in place).
+void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g);
+
+}  // namespace fc
