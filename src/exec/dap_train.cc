@@ -72,6 +72,17 @@ void biased_backward(const BiasedAttn& a, LayerNormW* g_ln_z, LinearW* g_lin_z, 
   pair_bias_project_backward(a.ln_z, a.lin_z, g_ln_z, g_lin_z, sh.full, zr_in, rl, dt.f32(), dzr);
 }
 
+ShardGather shard_gather(const dist::Communicator& comm) {
+  return {comm.size(), [&comm](const float* mine, int64_t count, float* all) {
+            comm.all_gather(mine, all, count);
+          }};
+}
+ShardReduce shard_reduce(const dist::Communicator& comm) {
+  return {comm.size(), [&comm](const float* all, int64_t count, float* mine) {
+            comm.reduce_scatter(all, mine, count);
+          }};
+}
+
 BiasedAttn row_attn(const MsaRowAttentionW& w, const EvoformerConfig& cfg) {
   return {w.ln_z, w.lin_z, w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, "msa_att_row"};
 }
@@ -104,6 +115,9 @@ DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, const 
   d.pair_bias_t = Tensor::empty({rp, rp});
   const float* mm = d.msa_mask.f32();
   const float* pm = d.pair_mask.f32();
+  d.msa_mask_cols = Tensor::empty({sp, rl});
+  for (int64_t i = 0; i < sp; ++i)
+    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
   for (int64_t i = 0; i < sp; ++i)
     for (int64_t j = 0; j < rp; ++j) {
       const float v = cfg.inf * (mm[i * rp + j] - 1.f);
@@ -186,6 +200,21 @@ void dap_triangle_attention_backward(const TriangleAttentionW& w, TriangleAttent
   biased_backward(tri_attn(w, cfg, ending), &g->ln, &g->lin, &g->ln, &g->mha, sh.full, sh, comm,
                   z_in, dz, sh.l.r_loc, cfg.c_z, ending ? sh.pair_bias_t_rows : sh.pair_bias_rows,
                   z_in, st, dz);
+}
+
+void dap_outer_product_mean_train(const OuterProductMeanW& w, const DapShards& sh,
+                                  const dist::Communicator& comm, const float* m, float* z,
+                                  OuterProductMeanState* st) {
+  outer_product_mean_shard_train(w, sh.full, m, sh.l.rank * sh.l.r_loc, sh.l.r_loc,
+                                 sh.msa_mask_cols.f32(), shard_gather(comm), z, st);
+}
+
+void dap_outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                     const DapShards& sh, const dist::Communicator& comm,
+                                     const float* m_in, const OuterProductMeanState& st,
+                                     const float* dz, float* dm) {
+  outer_product_mean_shard_backward(w, g, sh.full, m_in, sh.l.r_loc, sh.msa_mask_cols.f32(), st,
+                                    shard_gather(comm), shard_reduce(comm), dz, dm);
 }
 
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g) {

@@ -7,7 +7,8 @@
 // DAP group (dap_all_reduce_grads).
 //
 // Done so far: the pair-biased attention modules (MSA row attention, triangle attention starting
-// and ending node; bias all-gathered forward, its gradient reduce-scattered backward), and the
+// and ending node; bias all-gathered forward, its gradient reduce-scattered backward), the outer
+// product mean (right projection all-gathered, its gradient reduce-scattered), and the
 // modules that need no communication on their shard (MSA column attention, transitions: the
 // single-process training functions on the shard's context).
 #pragma once
@@ -29,6 +30,7 @@ struct DapShards {
   DapLayout l;
   Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
   Tensor msa_bias_t;              // [r_pad, s_pad]
+  Tensor msa_mask_cols;           // [s_pad, r_loc] this rank's residue columns of msa_mask
   Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
   Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
   BlockContext row;               // m by sequences: s = s_loc, r = r_pad
@@ -65,6 +67,18 @@ void dap_triangle_attention_train(const TriangleAttentionW& w, const DapShards& 
 void dap_triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW* g,
                                      const DapShards& sh, const dist::Communicator& comm,
                                      bool ending, const float* z_in, AttentionState* st, float* dz);
+
+// Outer product mean from m by residues [s_pad, r_loc, c_m] into z by rows [r_loc, r_pad, c_z]
+// (this rank's residues are its pair rows); the right projection b is all-gathered, its gradient
+// reduce-scattered. z == nullptr: only the state is built (the recompute of policy module).
+void dap_outer_product_mean_train(const OuterProductMeanW& w, const DapShards& sh,
+                                  const dist::Communicator& comm, const float* m, float* z,
+                                  OuterProductMeanState* st);
+// dz is only read; dm accumulates.
+void dap_outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                     const DapShards& sh, const dist::Communicator& comm,
+                                     const float* m_in, const OuterProductMeanState& st,
+                                     const float* dz, float* dm);
 
 // Sums every parameter gradient of g over comm (in place).
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g);

@@ -275,6 +275,161 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
                           true);
 }
 
+// ---- Outer product mean on a residue-column shard (DAP) -----------------------------------------
+
+void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockContext& ctx,
+                                    const float* m, int64_t col0, int64_t cols,
+                                    const float* mask_cols, const ShardGather& gather, float* z,
+                                    OuterProductMeanState* st) {
+  *st = OuterProductMeanState{};
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sc = s * cols, parts = gather.parts;
+  FC_CHECK(parts >= 1 && cols * parts == r);
+  st->mean = Tensor::empty({sc});
+  st->rstd = Tensor::empty({sc});
+  st->x_ln = Tensor::empty({sc, cm});
+  st->a = Tensor::empty({s, cols, co});
+  st->b = Tensor::empty({s, cols, co});
+  kern::layernorm(m, cm, st->x_ln.f32(), cm, sc, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
+                  st->mean.f32(), st->rstd.f32());
+  {
+    Tensor ab = Tensor::empty({sc, 2 * co});  // linear_1 | linear_2, before masking
+    kern::linear(st->x_ln.f32(), cm, sc, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
+                 2 * co);
+    const float* abp = ab.f32();
+    float* ap = st->a.f32();
+    float* bp = st->b.f32();
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < sc; ++row)
+      for (int64_t c = 0; c < co; ++c) {
+        ap[row * co + c] = abp[row * 2 * co + c] * mask_cols[row];
+        bp[row * co + c] = abp[row * 2 * co + co + c] * mask_cols[row];
+      }
+  }
+  st->norm = Tensor::empty({cols, r});
+  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f,
+             st->norm.f32(), r);
+  if (!z) return;
+  Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
+  gather.fn(st->b.f32(), sc * co, b_all.f32());
+  const int64_t ch = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
+  const int64_t bw = cols * co;                 // columns (j, e) of one shard
+  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
+  for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+    const int64_t n = std::min(ch, cols - i0);
+    for (int64_t q = 0; q < parts; ++q)
+      kern::gemm(true, false, n * co, bw, s, 1.f, st->a.f32() + i0 * co, bw,
+                 b_all.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
+    const float* op = o.f32();
+    float* pp = p.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t c = 0; c < co; ++c)
+          std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * r * co + j * co,
+                      co * kF);
+    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
+    const float* yp = y.f32();
+    const float* np = st->norm.f32() + i0 * r;
+    float* zp = z + i0 * r * cz;
+    const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n * r; ++row) {
+      const float inv = 1.f / (np[row] + eps);
+      for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
+    }
+  }
+}
+
+void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                       const BlockContext& ctx, const float* m_in, int64_t cols,
+                                       const float* mask_cols, const OuterProductMeanState& st,
+                                       const ShardGather& gather, const ShardReduce& reduce,
+                                       const float* dz, float* dm) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sc = s * cols, parts = gather.parts, bw = cols * co, rco = r * co;
+  FC_CHECK(parts >= 1 && cols * parts == r && reduce.parts == parts);
+  Tensor dxln = Tensor::empty({sc, cm});  // dL/d LN(m)
+  {
+    Tensor dab = Tensor::empty({sc, 2 * co});  // dL/d (linear_1 | linear_2), before masking
+    {
+      Tensor da = Tensor::empty({s, cols, co});  // dL/d a
+      Tensor db = Tensor::empty({s, cols, co});  // dL/d b, summed over the shards
+      {
+        Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
+        gather.fn(st.b.f32(), sc * co, b_all.f32());
+        Tensor db_all = Tensor::zeros({parts, s, cols, co});  // this shard's part of dL/d b
+        const float* ap = st.a.f32();
+        const int64_t ch = pick_chunk(ctx, cols, 3 * co * r * co * kF + r * cz * kF);
+        Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient
+        Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
+        Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
+        Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
+        for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+          const int64_t n = std::min(ch, cols - i0);
+          for (int64_t q = 0; q < parts; ++q)
+            kern::gemm(true, false, n * co, bw, s, 1.f, ap + i0 * co, bw, b_all.f32() + q * s * bw,
+                       bw, 0.f, o.f32() + q * bw, rco);
+          const float* op = o.f32();
+          float* pp = p.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < r; ++j)
+              for (int64_t c = 0; c < co; ++c)
+                std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * rco + j * co,
+                            co * kF);
+          const float* np = st.norm.f32() + i0 * r;
+          const float* dzp = dz + i0 * r * cz;
+          float* dyp = dy.f32();
+          const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+          for (int64_t row = 0; row < n * r; ++row) {
+            const float inv = 1.f / (np[row] + eps);
+            for (int64_t c = 0; c < cz; ++c) dyp[row * cz + c] = dzp[row * cz + c] * inv;
+          }
+          kern::linear_backward(pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz, dp.f32(),
+                                co * co, g->out.w.f32(), g->out.b.f32());
+          const float* dpp = dp.f32();
+          float* dop = o.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < r; ++j)
+              for (int64_t c = 0; c < co; ++c)
+                std::memcpy(dop + (i * co + c) * rco + j * co, dpp + ((i * r + j) * co + c) * co,
+                            co * kF);
+          // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
+          for (int64_t q = 0; q < parts; ++q) {
+            kern::gemm(false, true, s, n * co, bw, 1.f, b_all.f32() + q * s * bw, bw, dop + q * bw,
+                       rco, q == 0 ? 0.f : 1.f, da.f32() + i0 * co, bw);
+            kern::gemm(false, false, s, bw, n * co, 1.f, ap + i0 * co, bw, dop + q * bw, rco, 1.f,
+                       db_all.f32() + q * s * bw, bw);
+          }
+        }
+        b_all = Tensor();
+        o = p = dp = dy = Tensor();
+        reduce.fn(db_all.f32(), sc * co, db.f32());
+      }
+      const float* dap = da.f32();
+      const float* dbp = db.f32();
+      float* dabp = dab.f32();
+#pragma omp parallel for schedule(static)
+      for (int64_t row = 0; row < sc; ++row)
+        for (int64_t c = 0; c < co; ++c) {
+          dabp[row * 2 * co + c] = dap[row * co + c] * mask_cols[row];
+          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask_cols[row];
+        }
+    }
+    kern::linear_backward(st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
+                          dxln.f32(), cm, g->l12.w.f32(), g->l12.b.f32());
+  }
+  layernorm_backward_into(m_in, dxln.f32(), sc, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
+                          true);
+}
+
 // ---- Triangle multiplication ----------------------------------------------------------------
 // Saved: the products P, c_t r^2 floats. Phase 1 (projections, A, B, products) runs by channel
 // groups of A and B; phase 2 (LN_out, linear_z, the gate, the update) by pair rows i. The
