@@ -217,6 +217,26 @@ void dap_outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMea
                                     shard_gather(comm), shard_reduce(comm), dz, dm);
 }
 
+void dap_triangle_multiplication_train(const TriangleMultiplicationW& w, const DapShards& sh,
+                                       const dist::Communicator& comm, bool incoming, float* z,
+                                       TriangleMultiplicationState* st) {
+  const DapLayout& l = sh.l;
+  const float* mask = (incoming ? sh.pair_mask_t : sh.pair_mask).f32() + l.rank * l.r_loc * l.r_pad;
+  triangle_multiplication_shard_train(w, sh.full, incoming, l.r_loc, l.rank * l.r_loc, mask,
+                                      shard_gather(comm), z, st);
+}
+
+void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
+                                          TriangleMultiplicationW* g, const DapShards& sh,
+                                          const dist::Communicator& comm, bool incoming,
+                                          const float* z_in, TriangleMultiplicationState* st,
+                                          float* dz) {
+  const DapLayout& l = sh.l;
+  const float* mask = (incoming ? sh.pair_mask_t : sh.pair_mask).f32() + l.rank * l.r_loc * l.r_pad;
+  triangle_multiplication_shard_backward(w, g, sh.full, incoming, l.r_loc, l.rank * l.r_loc, mask,
+                                         shard_gather(comm), shard_reduce(comm), z_in, st, dz);
+}
+
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g) {
   for (auto& [name, t] : named_params(*g, "")) {
     FC_CHECK_MSG(t.is_contiguous(), "parameter gradient view is not contiguous");

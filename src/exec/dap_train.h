@@ -8,7 +8,8 @@
 //
 // Done so far: the pair-biased attention modules (MSA row attention, triangle attention starting
 // and ending node; bias all-gathered forward, its gradient reduce-scattered backward), the outer
-// product mean (right projection all-gathered, its gradient reduce-scattered), and the
+// product mean and the triangle multiplications (right operand all-gathered, its gradient
+// reduce-scattered), and the
 // modules that need no communication on their shard (MSA column attention, transitions: the
 // single-process training functions on the shard's context).
 #pragma once
@@ -79,6 +80,18 @@ void dap_outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMea
                                      const DapShards& sh, const dist::Communicator& comm,
                                      const float* m_in, const OuterProductMeanState& st,
                                      const float* dz, float* dm);
+
+// Triangle multiplication outgoing on z by rows (ending = false) or incoming on z^T by rows
+// (ending = true), [r_loc, r_pad, c_z]; the right operand gathered per channel group, its
+// gradient reduce-scattered per group. st == nullptr: nothing kept.
+void dap_triangle_multiplication_train(const TriangleMultiplicationW& w, const DapShards& sh,
+                                       const dist::Communicator& comm, bool incoming, float* z,
+                                       TriangleMultiplicationState* st);
+void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
+                                          TriangleMultiplicationW* g, const DapShards& sh,
+                                          const dist::Communicator& comm, bool incoming,
+                                          const float* z_in, TriangleMultiplicationState* st,
+                                          float* dz);
 
 // Sums every parameter gradient of g over comm (in place).
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g);

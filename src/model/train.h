@@ -179,4 +179,23 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
                                        const ShardGather& gather, const ShardReduce& reduce,
                                        const float* dz, float* dm);
 
+// Triangle multiplication in outgoing form on a row shard (training), as
+// triangle_multiplication_shard: z [rows, r, c_z] holds rows row0.. (r = ctx.r), mask [rows, r];
+// p[i, j] = sum_k L[i, k] R[j, k] with L this shard's projection and R every shard's, gathered one
+// channel group at a time. left_is_b = false: the outgoing module on z (dropout mask over (j, c),
+// shared over the rows); true: the incoming module on z^T (mask^T; its dropout mask, over the
+// columns of z, applies per row of z^T). st->P [c_t, rows, r] kept when st is non-null.
+void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                                         bool left_is_b, int64_t rows, int64_t row0,
+                                         const float* mask, const ShardGather& gather, float* z,
+                                         TriangleMultiplicationState* st);
+// z_in [rows, r, c_z]: the module input; dz: dL/d out on entry, dL/d in on exit. R's gradient of
+// every shard is summed to its shard by reduce (adjoint of the gather), per channel group.
+void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
+                                            TriangleMultiplicationW* g, const BlockContext& ctx,
+                                            bool left_is_b, int64_t rows, int64_t row0,
+                                            const float* mask, const ShardGather& gather,
+                                            const ShardReduce& reduce, const float* z_in,
+                                            TriangleMultiplicationState* st, float* dz);
+
 }  // namespace fc
