@@ -522,6 +522,101 @@ TEST(DapTrain, TriangleMultiplicationMatchesSingleProcess) {
   }
 }
 
+// The whole training step over DAP vs one process on the root: outputs, input gradients and
+// every parameter gradient within 1e-5, max over all. grads_out: the DAP result (root).
+double dap_train_vs_single(const dist::Communicator& comm, Case& c, const Tensor& gm,
+                           const Tensor& gz, const TrainOptions& opts,
+                           TrainResult* dap_out = nullptr, DapTrainStats* stats = nullptr) {
+  EXPECT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  Tensor m, z;
+  if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
+  TrainResult r2;
+  const Status st =
+      dap_train_step(c.stack, comm, m, z, c.msa_mask, c.pair_mask, gm, gz, opts, stats, &r2);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  if (comm.rank() != 0 || !st.ok()) return 0;
+  Tensor m1 = c.m.clone(), z1 = c.z.clone();
+  TrainResult r1;
+  EXPECT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, gm, gz, opts, &r1).ok());
+  double worst = std::max({rel_err(m, m1), rel_err(z, z1), rel_err(r2.grad_m, r1.grad_m),
+                           rel_err(r2.grad_z, r1.grad_z)});
+  EXPECT_EQ(r1.grad_params.size(), r2.grad_params.size());
+  for (size_t i = 0; i < r1.grad_params.size() && i < r2.grad_params.size(); ++i) {
+    EXPECT_EQ(r1.grad_params[i].first, r2.grad_params[i].first);
+    worst = std::max(worst, rel_err(r2.grad_params[i].second.contiguous(),
+                                    r1.grad_params[i].second.contiguous()));
+  }
+  if (dap_out) *dap_out = r2;
+  return worst;
+}
+
+// Every policy (and a mixed plan), dropout on, s and r not multiples of N, masks.
+TEST(DapTrain, StepMatchesSingleProcessEveryPolicy) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(2);
+  const int64_t s = 5, r = 7;
+  Case c = random_case(cfg, s, r, true, 80);
+  const Tensor gm = comm.rank() == 0 ? random_tensor({s, r, cfg.c_m}, 96) : Tensor();
+  const Tensor gz = comm.rank() == 0 ? random_tensor({r, r, cfg.c_z}, 97) : Tensor();
+  const std::vector<std::vector<Recompute>> plans = {{Recompute::kNone},
+                                                     {Recompute::kModule},
+                                                     {Recompute::kBlock},
+                                                     {Recompute::kBlock, Recompute::kModule}};
+  for (const auto& plan : plans) {
+    for (bool dropout : {false, true}) {
+      TrainOptions o;
+      o.policy = plan;
+      o.dropout = dropout;
+      o.seed = 5;
+      const double err = dap_train_vs_single(comm, c, gm, gz, o);
+      if (comm.rank() == 0) {
+        EXPECT_LT(err, 1e-5) << recompute_name(plan[0]) << " dropout " << dropout;
+      }
+    }
+  }
+}
+
+// Golden gradients (OpenFold, eval mode) within the golden tolerance, and one process within 1e-5.
+TEST(DapTrain, GoldenGradients) {
+  const dist::Communicator comm = world();
+  for (const char* file : {"evo_tiny.safetensors", "evo_af2dims.safetensors"}) {
+    Case c;
+    TensorFile f;
+    Tensor gm, gz;
+    int ok = 1;
+    if (comm.rank() == 0) {
+      EvoformerConfig cfg;
+      ok = read_safetensors(test::data_path(file), &f).ok() &&
+           EvoformerConfig::from_metadata(f.metadata, &cfg).ok() &&
+           EvoformerStack::load(cfg, f, &c.stack).ok() && f.get_f32("input.m", {}, &c.m).ok() &&
+           f.get_f32("input.z", {}, &c.z).ok() &&
+           f.get_f32("input.msa_mask", {}, &c.msa_mask).ok() &&
+           f.get_f32("input.pair_mask", {}, &c.pair_mask).ok() &&
+           f.get_f32("probe.m", {}, &gm).ok() && f.get_f32("probe.z", {}, &gz).ok();
+    }
+    comm.broadcast_bytes(&ok, sizeof(ok), 0);
+    ASSERT_TRUE(ok) << "rank 0 could not read " << file;
+    TrainOptions o;
+    o.policy = {Recompute::kModule};
+    TrainResult r;
+    const double err = dap_train_vs_single(comm, c, gm, gz, o, &r);
+    if (comm.rank() != 0) continue;
+    std::printf("[ info ] N=%d %s: DAP training vs single process %.2e\n", comm.size(), file, err);
+    EXPECT_LT(err, 1e-5) << file;
+    double worst = std::max(test::golden_err(r.grad_m, f.tensors.at("grad.input.m")),
+                            test::golden_err(r.grad_z, f.tensors.at("grad.input.z")));
+    int checked = 0;
+    for (const auto& [name, t] : r.grad_params) {
+      const std::string ref = "grad.param." + name;
+      if (!f.tensors.count(ref)) continue;
+      worst = std::max(worst, test::golden_err(t.contiguous(), f.tensors.at(ref)));
+      ++checked;
+    }
+    EXPECT_GT(checked, 0);
+    EXPECT_LT(worst, 2e-4) << file;
+  }
+}
+
 }  // namespace
 }  // namespace fc
 

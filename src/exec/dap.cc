@@ -66,6 +66,52 @@ DapMasks make_masks(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa, 
   return d;
 }
 
+// Layouts of a stream shard (see dap.h).
+enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
+
+// The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
+// m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
+Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
+  const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
+  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+  const int64_t rows_p = msa ? sp : rp;
+  Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
+  tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
+  if (tc.rank() != 0) return Tensor();
+  Tensor full = all;
+  if (how == Shard::kMsaByRes || how == Shard::kPairRowsT) {
+    full = Tensor::empty({rows_p, rp, c});
+    const float* ap = all.f32();
+    float* fp = full.f32();
+    for (int64_t p = 0; p < l.n; ++p)
+      for (int64_t i = 0; i < rows_p; ++i)
+        for (int64_t j = 0; j < rl; ++j) {
+          // kMsaByRes: block p is m[:, p*rl + j]; kPairRowsT: block p is z^T[p*rl + j, i].
+          const float* src = how == Shard::kMsaByRes ? ap + ((p * rows_p + i) * rl + j) * c
+                                                     : ap + ((p * rl + j) * rp + i) * c;
+          std::memcpy(fp + (i * rp + p * rl + j) * c, src, c * kF);
+        }
+  }
+  return crop3(full, msa ? l.s : l.r, l.r);
+}
+
+// Pair bias [H, r_pad, r_pad] of an attention module from this rank's rows z [r_loc, r_pad, c_z]:
+// each rank projects its rows, the projections are all-gathered, then permuted to heads-first.
+Tensor gathered_pair_bias(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                          const DapLayout& l, const float* z, const dist::Communicator& comm) {
+  const int64_t rl = l.r_loc, rp = l.r_pad, H = lin.w.dim(0);
+  Tensor all = Tensor::empty({rp * rp, H});  // [(q, k), h] of every rank's rows q
+  {
+    Tensor t = Tensor::empty({rl * rp, H});  // this rank's rows
+    pair_bias_project(ln, lin, ctx, z, rl, t.f32());
+    comm.all_gather(t.f32(), all.f32(), rl * rp * H);
+  }
+  Tensor bias = Tensor::empty({H, rp, rp});
+  pair_bias_permute(all.f32(), rp, H, false, bias.f32());
+  return bias;
+}
+}  // namespace
+
 // x [rows, cols, c] copied into the top-left corner of a zero tensor [rows_p, cols_p, c]; x itself
 // when nothing is padded.
 Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p) {
@@ -148,52 +194,6 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
       std::memcpy(op + (b * rp + p * rl) * c, rpp + (p * rl + b) * rl * c, rl * c * kF);
   return out;
 }
-
-// Layouts of a stream shard (see dap.h).
-enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
-
-// The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
-// m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
-Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
-  const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
-  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
-  const int64_t rows_p = msa ? sp : rp;
-  Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
-  tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
-  if (tc.rank() != 0) return Tensor();
-  Tensor full = all;
-  if (how == Shard::kMsaByRes || how == Shard::kPairRowsT) {
-    full = Tensor::empty({rows_p, rp, c});
-    const float* ap = all.f32();
-    float* fp = full.f32();
-    for (int64_t p = 0; p < l.n; ++p)
-      for (int64_t i = 0; i < rows_p; ++i)
-        for (int64_t j = 0; j < rl; ++j) {
-          // kMsaByRes: block p is m[:, p*rl + j]; kPairRowsT: block p is z^T[p*rl + j, i].
-          const float* src = how == Shard::kMsaByRes ? ap + ((p * rows_p + i) * rl + j) * c
-                                                     : ap + ((p * rl + j) * rp + i) * c;
-          std::memcpy(fp + (i * rp + p * rl + j) * c, src, c * kF);
-        }
-  }
-  return crop3(full, msa ? l.s : l.r, l.r);
-}
-
-// Pair bias [H, r_pad, r_pad] of an attention module from this rank's rows z [r_loc, r_pad, c_z]:
-// each rank projects its rows, the projections are all-gathered, then permuted to heads-first.
-Tensor gathered_pair_bias(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
-                          const DapLayout& l, const float* z, const dist::Communicator& comm) {
-  const int64_t rl = l.r_loc, rp = l.r_pad, H = lin.w.dim(0);
-  Tensor all = Tensor::empty({rp * rp, H});  // [(q, k), h] of every rank's rows q
-  {
-    Tensor t = Tensor::empty({rl * rp, H});  // this rank's rows
-    pair_bias_project(ln, lin, ctx, z, rl, t.f32());
-    comm.all_gather(t.f32(), all.f32(), rl * rp * H);
-  }
-  Tensor bias = Tensor::empty({H, rp, rp});
-  pair_bias_permute(all.f32(), rp, H, false, bias.f32());
-  return bias;
-}
-}  // namespace
 
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank) {
   DapLayout l;

@@ -29,6 +29,19 @@ struct DapLayout {
 };
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank);
 
+// ---- Layout changes (all-to-all over comm) and padding, shared by the forward and the training
+// executor. Each layout change takes its input by value so that it dies after packing.
+// m by sequences [s_loc, r_pad, c] -> m by residues [s_pad, r_loc, c].
+Tensor msa_rows_to_cols(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// m by residues [s_pad, r_loc, c] -> m by sequences [s_loc, r_pad, c] (the adjoint of the above).
+Tensor msa_cols_to_rows(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// Rows of X [r_loc, r_pad, c] -> rows of X^T [r_loc, r_pad, c] (its own adjoint and inverse).
+Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// x [rows, cols, c] in the top-left corner of zeros [rows_p, cols_p, c] (x itself when equal).
+Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p);
+// The top-left [rows, cols, c] corner of x (x itself when nothing is cropped).
+Tensor crop3(const Tensor& x, int64_t rows, int64_t cols);
+
 // Bytes one rank sends per Evoformer block, from the formulas of docs/dap.md (the dist layer's
 // counting convention: payload addressed to other ranks).
 struct DapBlockVolume {

@@ -6,12 +6,11 @@
 // Parameter gradients accumulate this rank's shard contributions; the caller sums them over the
 // DAP group (dap_all_reduce_grads).
 //
-// Done so far: the pair-biased attention modules (MSA row attention, triangle attention starting
-// and ending node; bias all-gathered forward, its gradient reduce-scattered backward), the outer
+// Modules: the pair-biased attention modules (MSA row attention, triangle attention starting and
+// ending node; bias all-gathered forward, its gradient reduce-scattered backward), the outer
 // product mean and the triangle multiplications (right operand all-gathered, its gradient
-// reduce-scattered), and the
-// modules that need no communication on their shard (MSA column attention, transitions: the
-// single-process training functions on the shard's context).
+// reduce-scattered), and the modules that need no communication on their shard (MSA column
+// attention, transitions: the single-process training functions on the shard's context).
 #pragma once
 
 #include <cstdint>
@@ -95,5 +94,28 @@ void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
 
 // Sums every parameter gradient of g over comm (in place).
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g);
+
+struct DapTrainStats {
+  dist::CommStats forward;       // the blocks' forward
+  dist::CommStats backward;      // the blocks' backward (block recompute included), without the
+                                 // parameter-gradient all-reduce
+  dist::CommStats grad_reduce;   // the parameter-gradient all-reduce over the DAP group
+  int64_t activation_bytes = 0;  // tracked bytes this rank keeps from forward for backward
+  int64_t peak_bytes = 0;        // tracked peak of this rank during the step above its start
+  int64_t shard_bytes = 0;       // this rank's shards of m and z
+};
+
+// One training step of the whole stack over comm (a DAP group), the layouts of dap_forward.
+// The root passes m, z, the masks (undefined = ones) and grad_out_m [s, r, c_m], grad_out_z
+// [r, r, c_z]; the others pass undefined tensors. Every rank must hold the same stack
+// (dap_share_stack) and options. On success the root's m, z hold the outputs and its *out the
+// input gradients and the parameter gradients (summed over the group; every rank's *out holds
+// the parameter gradients). Recompute policies, chunking and dropout as in
+// EvoformerStack::train_step (same masks as one process). Invalid inputs give every rank the
+// root's error.
+Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      DapTrainStats* stats, TrainResult* out);
 
 }  // namespace fc
