@@ -222,6 +222,25 @@ DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l) 
   return v;
 }
 
+DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLayout& l,
+                                         Recompute policy) {
+  const int64_t n1 = l.n - 1, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
+  const DapBlockVolume f = dap_block_volume(cfg, l);
+  const int64_t bias = n1 * rl * rp * (cfg.no_heads_msa + 2 * cfg.no_heads_pair) * kF;
+  const int64_t operands = n1 * (sp * rl * cfg.c_hidden_opm + 2 * cfg.c_hidden_mul * rl * rp) * kF;
+  const int64_t products = n1 * 2 * cfg.c_hidden_mul * rl * rp * kF;
+  DapBlockVolume v;
+  v.all_to_all_bytes = f.all_to_all_bytes;
+  v.reduce_scatter_bytes = f.all_gather_bytes;
+  v.all_gather_bytes = operands;
+  if (policy == Recompute::kModule) v.all_gather_bytes += bias + products;
+  if (policy == Recompute::kBlock) {
+    v.all_to_all_bytes += f.all_to_all_bytes;
+    v.all_gather_bytes += f.all_gather_bytes;
+  }
+  return v;
+}
+
 Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
                    Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
                    const DapOptions& opts, DapStats* stats) {

@@ -47,9 +47,16 @@ Tensor crop3(const Tensor& x, int64_t rows, int64_t cols);
 struct DapBlockVolume {
   int64_t all_to_all_bytes = 0;
   int64_t all_gather_bytes = 0;
-  int64_t total() const { return all_to_all_bytes + all_gather_bytes; }
+  int64_t reduce_scatter_bytes = 0;  // backward only
+  int64_t total() const { return all_to_all_bytes + all_gather_bytes + reduce_scatter_bytes; }
 };
 DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l);
+// The same for one block's backward under a recompute policy (dap_train_step; without the
+// parameter-gradient all-reduce): the reverse all-to-alls, a reduce-scatter for every all-gather
+// of the forward, the OPM's and the triangle multiplications' re-gathered right operands, under
+// kModule also the re-gathered biases and triangle products, under kBlock the forward once more.
+DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLayout& l,
+                                         Recompute policy);
 
 struct DapOptions {
   int64_t chunk = 0;               // as ForwardOptions::chunk
