@@ -617,6 +617,38 @@ TEST(DapTrain, GoldenGradients) {
   }
 }
 
+// Bytes the training step's blocks send per rank, per collective kind, equal the analytic volume
+// (dap_block_volume forward, dap_block_backward_volume per policy), padded and unpadded.
+TEST(DapTrain, CommunicationVolumeMatchesModel) {
+  const dist::Communicator comm = world().split(0, world().rank());
+  const EvoformerConfig cfg = small_config(2);
+  for (const auto& [s, r] : {std::pair{8, 12}, std::pair{5, 7}}) {
+    Case c = random_case(cfg, s, r, true, 6);
+    const Tensor gm = comm.rank() == 0 ? random_tensor({s, r, cfg.c_m}, 1) : Tensor();
+    const Tensor gz = comm.rank() == 0 ? random_tensor({r, r, cfg.c_z}, 2) : Tensor();
+    const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
+    for (Recompute p : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
+      TrainOptions o;
+      o.policy = {p};
+      o.chunk = 2;  // several channel groups in the triangle multiplications
+      DapTrainStats st;
+      dap_train_vs_single(comm, c, gm, gz, o, nullptr, &st);
+      const DapBlockVolume f = dap_block_volume(cfg, l), b = dap_block_backward_volume(cfg, l, p);
+      auto at = [](const dist::CommStats& x, dist::Op op) { return x.bytes[static_cast<int>(op)]; };
+      const int64_t nb = cfg.no_blocks;
+      const std::string what = std::string(recompute_name(p)) + " s=" + std::to_string(s);
+      EXPECT_EQ(at(st.forward, dist::Op::kAllToAll), nb * f.all_to_all_bytes) << what;
+      EXPECT_EQ(at(st.forward, dist::Op::kAllGather), nb * f.all_gather_bytes) << what;
+      EXPECT_EQ(st.forward.total_bytes(), nb * f.total()) << what;
+      EXPECT_EQ(at(st.backward, dist::Op::kAllToAll), nb * b.all_to_all_bytes) << what;
+      EXPECT_EQ(at(st.backward, dist::Op::kAllGather), nb * b.all_gather_bytes) << what;
+      EXPECT_EQ(at(st.backward, dist::Op::kReduceScatter), nb * b.reduce_scatter_bytes) << what;
+      EXPECT_EQ(st.backward.total_bytes(), nb * b.total()) << what;
+      EXPECT_GT(st.activation_bytes, 0);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fc
 
