@@ -230,7 +230,8 @@ DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLa
   const int64_t operands = n1 * (sp * rl * cfg.c_hidden_opm + 2 * cfg.c_hidden_mul * rl * rp) * kF;
   const int64_t products = n1 * 2 * cfg.c_hidden_mul * rl * rp * kF;
   DapBlockVolume v;
-  v.all_to_all_bytes = f.all_to_all_bytes;
+  // The forward's all-to-alls reversed, plus one of m to rebuild the OPM's input.
+  v.all_to_all_bytes = f.all_to_all_bytes + n1 * l.s_loc * rl * cfg.c_m * kF;
   v.reduce_scatter_bytes = f.all_gather_bytes;
   v.all_gather_bytes = operands;
   if (policy == Recompute::kModule) v.all_gather_bytes += bias + products;

@@ -52,7 +52,8 @@ struct DapBlockVolume {
 };
 DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l);
 // The same for one block's backward under a recompute policy (dap_train_step; without the
-// parameter-gradient all-reduce): the reverse all-to-alls, a reduce-scatter for every all-gather
+// parameter-gradient all-reduce): the reverse all-to-alls and one more of m (the OPM's input is
+// rebuilt from the block output), a reduce-scatter for every all-gather
 // of the forward, the OPM's and the triangle multiplications' re-gathered right operands, under
 // kModule also the re-gathered biases and triangle products, under kBlock the forward once more.
 DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLayout& l,

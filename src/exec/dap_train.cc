@@ -265,10 +265,11 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
 struct DapBlockState {
   Recompute policy = Recompute::kNone;
   // kNone and kModule: module inputs. m_in: before row attention [by sequences], column attention
-  // and MSA transition [by residues], the OPM [by residues]; z_in: before row attention and
+  // and MSA transition [by residues] (the OPM's input, m by residues after the transition, is
+  // rebuilt in backward from the block output by one all-to-all); z_in: before row attention and
   // tri_mul_out [rows], tri_mul_in [z^T rows], tri_att_start [rows], tri_att_end and the pair
   // transition [z^T rows]. (Row attention and the OPM read the same z rows: z_in[0].)
-  Tensor m_in[4], z_in[6];
+  Tensor m_in[3], z_in[6];
   // kNone: the modules' saved states.
   AttentionState row, col, tri_start, tri_end;
   TransitionState msa_trans, pair_trans;
@@ -300,7 +301,6 @@ void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::C
   if (inputs) st->m_in[2] = mc.clone();
   transition_train(w.msa_transition, sh.col, mc.f32(), l.s_pad * l.r_loc, cfg.c_m,
                    keep ? &st->msa_trans : nullptr);
-  if (inputs) st->m_in[3] = mc.clone();
   {
     OuterProductMeanState o;
     dap_outer_product_mean_train(w.outer_product_mean, sh, comm, mc.f32(), zr.f32(), &o);
@@ -329,19 +329,23 @@ void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::C
 }
 
 // The sharded block backward: dmr [by sequences], dzr [rows] hold dL/d block output on entry and
-// dL/d block input on exit. Each layout change of the forward is undone by its adjoint (the
-// reverse all-to-all); each module's input is freed after its backward.
+// dL/d block input on exit; m_out: the block's output m [by sequences] (the next block's kept
+// input, or the stack output), from which the OPM's input is rebuilt. Each layout change of the
+// forward is undone by its adjoint (the reverse all-to-all); each module's input is freed after
+// its backward.
 void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards& sh,
-                        const dist::Communicator& comm, DapBlockState* st, Tensor& dmr,
-                        Tensor& dzr) {
+                        const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
+                        Tensor& dmr, Tensor& dzr) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const DapLayout& l = sh.l;
   if (st->policy == Recompute::kBlock) {
-    Tensor mr = std::move(st->m0), zr = std::move(st->z0);
+    // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
+    Tensor mr = st->m0.clone(), zr = std::move(st->z0);
+    st->m0 = Tensor();
     DapBlockState full;
     dap_block_forward(w, sh, comm, mr, zr, Recompute::kNone, &full);
-    mr = zr = Tensor();
-    dap_block_backward(w, g, sh, comm, &full, dmr, dzr);
+    zr = Tensor();
+    dap_block_backward(w, g, sh, comm, &full, mr, dmr, dzr);
     return;
   }
   Tensor dzt = pair_transpose(std::move(dzr), l, comm);
@@ -364,13 +368,14 @@ void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards&
                                        st->z_in[1].f32(), &st->tri_out, dzr.f32());
   st->z_in[1] = Tensor();
   Tensor dmc = msa_rows_to_cols(std::move(dmr), l, comm);  // [s_pad, r_loc, c_m]
-  if (st->policy == Recompute::kModule)
-    dap_outer_product_mean_train(w.outer_product_mean, sh, comm, st->m_in[3].f32(), nullptr,
-                                 &st->opm);
-  dap_outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, sh, comm,
-                                  st->m_in[3].f32(), st->opm, dzr.f32(), dmc.f32());
-  st->opm = {};
-  st->m_in[3] = Tensor();
+  {
+    const Tensor m_opm = msa_rows_to_cols(m_out, l, comm);  // the OPM's input [s_pad, r_loc, c_m]
+    if (st->policy == Recompute::kModule)
+      dap_outer_product_mean_train(w.outer_product_mean, sh, comm, m_opm.f32(), nullptr, &st->opm);
+    dap_outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, sh, comm,
+                                    m_opm.f32(), st->opm, dzr.f32(), dmc.f32());
+    st->opm = {};
+  }
   transition_backward(w.msa_transition, &g->msa_transition, sh.col, st->m_in[2].f32(),
                       &st->msa_trans, dmc.f32(), l.s_pad * l.r_loc, cfg.c_m);
   st->m_in[2] = Tensor();
@@ -499,12 +504,15 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   const dist::CommStats c1b = comm.stats();  // after the gradient shards went out
   std::vector<std::unique_ptr<BlockWeights>> grads(nb);
   dist::CommStats reduce;
+  Tensor m_out = mr;  // output m [by sequences] of the block being differentiated
   for (int b = nb - 1; b >= 0; --b) {
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     grads[b] = std::make_unique<BlockWeights>();
     allocate_block_grads(cfg, grads[b].get());
-    dap_block_backward(stack.block(b), grads[b].get(), sh, comm, states[b].get(), dmr, dzr);
+    const Tensor m_in = states[b]->policy == Recompute::kBlock ? states[b]->m0 : states[b]->m_in[0];
+    dap_block_backward(stack.block(b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
     states[b].reset();
+    m_out = m_in;
     const dist::CommStats r0 = comm.stats();
     dap_all_reduce_grads(comm, grads[b].get());
     const dist::CommStats d = comm.stats().since(r0);
@@ -518,6 +526,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const dist::CommStats c2 = comm.stats();
 
+  m_out = Tensor();
   m = gather_rows(mr, l.s, l.r, comm);
   mr = Tensor();
   z = gather_rows(zr, l.r, l.r, comm);
