@@ -118,6 +118,10 @@ int run_dap(const RunArgs& a);
 
 int run_command(const RunArgs& a) {
   set_num_threads(a.threads);
+  if (a.dp > 1 && a.dap == 0)
+    return fail(Status::InvalidArgument(
+        "--dp D needs --dap N (mpirun -np D*N ... --dp D --dap N; --dap 1 for plain data "
+        "parallelism)"));
   if (a.dap > 0 || dist::launched_world_size() > 1) return run_dap(a);
   Job job;
   Status st = setup_job(a, &job);
