@@ -25,47 +25,6 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
   return h;
 }
 
-// Padded masks and their biases inf*(mask-1), held in full on every rank (they are r/c_z of z).
-struct DapMasks {
-  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
-  Tensor msa_bias_t;              // [r_pad, s_pad]
-  Tensor msa_mask_cols;           // [s_pad, r_loc]: this rank's residue columns of msa_mask
-  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
-  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
-};
-
-// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad].
-DapMasks make_masks(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa, Tensor pair) {
-  const int64_t sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
-  DapMasks d;
-  d.msa_mask = msa;
-  d.pair_mask = pair;
-  d.msa_bias = Tensor::empty({sp, rp});
-  d.msa_bias_t = Tensor::empty({rp, sp});
-  d.msa_mask_cols = Tensor::empty({sp, rl});
-  d.pair_mask_t = Tensor::empty({rp, rp});
-  d.pair_bias = Tensor::empty({rp, rp});
-  d.pair_bias_t = Tensor::empty({rp, rp});
-  const float* mm = msa.f32();
-  const float* pm = pair.f32();
-  for (int64_t i = 0; i < sp; ++i)
-    for (int64_t j = 0; j < rp; ++j) {
-      const float v = cfg.inf * (mm[i * rp + j] - 1.f);
-      d.msa_bias.f32()[i * rp + j] = v;
-      d.msa_bias_t.f32()[j * sp + i] = v;
-    }
-  for (int64_t i = 0; i < sp; ++i)
-    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
-  for (int64_t i = 0; i < rp; ++i)
-    for (int64_t j = 0; j < rp; ++j) {
-      const float mk = pm[i * rp + j], v = cfg.inf * (mk - 1.f);
-      d.pair_mask_t.f32()[j * rp + i] = mk;
-      d.pair_bias.f32()[i * rp + j] = v;
-      d.pair_bias_t.f32()[j * rp + i] = v;
-    }
-  return d;
-}
-
 // Layouts of a stream shard (see dap.h).
 enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
 
@@ -242,6 +201,75 @@ DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLa
   return v;
 }
 
+DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa_mask,
+                          Tensor pair_mask, int64_t chunk, int64_t chunk_target_bytes,
+                          int threads) {
+  const int64_t sp = l.s_pad, rp = l.r_pad, sl = l.s_loc, rl = l.r_loc;
+  FC_CHECK_MSG(msa_mask.numel() == sp * rp && pair_mask.numel() == rp * rp,
+               "DAP masks must be padded to [s_pad, r_pad] and [r_pad, r_pad]");
+  DapShards d;
+  d.l = l;
+  d.msa_mask = std::move(msa_mask);
+  d.pair_mask = std::move(pair_mask);
+  d.msa_bias = Tensor::empty({sp, rp});
+  d.msa_bias_t = Tensor::empty({rp, sp});
+  d.pair_mask_t = Tensor::empty({rp, rp});
+  d.pair_bias = Tensor::empty({rp, rp});
+  d.pair_bias_t = Tensor::empty({rp, rp});
+  const float* mm = d.msa_mask.f32();
+  const float* pm = d.pair_mask.f32();
+  d.msa_mask_cols = Tensor::empty({sp, rl});
+  for (int64_t i = 0; i < sp; ++i)
+    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
+  for (int64_t i = 0; i < sp; ++i)
+    for (int64_t j = 0; j < rp; ++j) {
+      const float v = cfg.inf * (mm[i * rp + j] - 1.f);
+      d.msa_bias.f32()[i * rp + j] = v;
+      d.msa_bias_t.f32()[j * sp + i] = v;
+    }
+  for (int64_t i = 0; i < rp; ++i)
+    for (int64_t j = 0; j < rp; ++j) {
+      const float mk = pm[i * rp + j], v = cfg.inf * (mk - 1.f);
+      d.pair_mask_t.f32()[j * rp + i] = mk;
+      d.pair_bias.f32()[i * rp + j] = v;
+      d.pair_bias_t.f32()[j * rp + i] = v;
+    }
+  const int64_t mz_loc = (sl * rp * cfg.c_m + rl * rp * cfg.c_z) * kF;
+  BlockContext base;
+  base.cfg = &cfg;
+  base.chunk = chunk;
+  base.chunk_target_bytes =
+      chunk_target_bytes > 0 ? chunk_target_bytes : std::max<int64_t>(mz_loc / 8, 1 << 20);
+  base.threads = std::max(threads, 1);
+  d.row = base;
+  d.row.s = sl;
+  d.row.r = rp;
+  d.col = base;
+  d.col.s = sp;
+  d.col.r = rl;
+  d.col.msa_bias_t = d.msa_bias_t.f32() + l.rank * rl * sp;
+  d.full = base;
+  d.full.s = sp;
+  d.full.r = rp;
+  d.full.msa_mask = d.msa_mask.f32();
+  d.full.msa_bias = d.msa_bias.f32();
+  d.full.msa_bias_t = d.msa_bias_t.f32();
+  d.full.pair_mask = d.pair_mask.f32();
+  d.full.pair_bias = d.pair_bias.f32();
+  d.full.pair_bias_t = d.pair_bias_t.f32();
+  d.msa_bias_rows = d.msa_bias.f32() + l.rank * sl * rp;
+  d.pair_bias_rows = d.pair_bias.f32() + l.rank * rl * rp;
+  d.pair_bias_t_rows = d.pair_bias_t.f32() + l.rank * rl * rp;
+  return d;
+}
+
+void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key) {
+  for (BlockContext* c : {&sh->row, &sh->col, &sh->full}) {
+    c->dropout = dropout;
+    c->dropout_key = key;
+  }
+}
+
 Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
                    Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
                    const DapOptions& opts, DapStats* stats) {
@@ -286,8 +314,8 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
   comm.broadcast(msa_p.f32(), sp * rp, 0);
   comm.broadcast(pair_p.f32(), rp * rp, 0);
-  const DapMasks mk = make_masks(cfg, l, msa_p, pair_p);
-  msa_p = pair_p = Tensor();
+  const DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
+                                       opts.chunk_target_bytes, num_threads());
 
   // Shards: m by sequences [s_loc, r_pad, c_m], z by rows [r_loc, r_pad, c_z].
   Tensor mr = Tensor::empty({sl, rp, cm});
@@ -306,34 +334,17 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   }
 
   // Contexts of the shards (masks in full; the modules see the shard's sizes).
-  // Chunk target: 1/8 of this rank's shard bytes as in one process (default_chunk_target_bytes),
-  // with a floor of 1 MiB instead of 4 MiB so that the work buffers keep shrinking with N.
   const int64_t mz_loc = (sl * rp * cm + rl * rp * cz) * kF;
-  BlockContext base;
-  base.cfg = &cfg;
-  base.chunk = opts.chunk;
-  base.chunk_target_bytes = opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
-                                                        : std::max<int64_t>(mz_loc / 8, 1 << 20);
-  base.threads = num_threads();
-  BlockContext row = base;  // m by sequences: row attention over r_pad residues
-  row.s = sl;
-  row.r = rp;
-  BlockContext col = base;  // m by residues: column attention over s_pad sequences
-  col.s = sp;
-  col.r = rl;
-  col.msa_bias_t = mk.msa_bias_t.f32() + me * rl * sp;
-  BlockContext full = base;  // outer product mean and pair modules: all r_pad columns
-  full.s = sp;
-  full.r = rp;
-  full.msa_mask = mk.msa_mask.f32();
-  full.pair_mask = mk.pair_mask.f32();
+  const BlockContext& row = sh.row;    // m by sequences: row attention over r_pad residues
+  const BlockContext& col = sh.col;    // m by residues: column attention over s_pad sequences
+  const BlockContext& full = sh.full;  // outer product mean and pair modules: all r_pad columns
   const ShardGather gather{
       n, [&](const float* mine, int64_t count, float* all) { comm.all_gather(mine, all, count); }};
-  const float* msa_bias_rows = mk.msa_bias.f32() + me * sl * rp;    // [s_loc, r_pad]
-  const float* pair_bias_rows = mk.pair_bias.f32() + me * rl * rp;  // [r_loc, r_pad]
-  const float* pair_bias_t_rows = mk.pair_bias_t.f32() + me * rl * rp;
-  const float* pair_mask_rows = mk.pair_mask.f32() + me * rl * rp;
-  const float* pair_mask_t_rows = mk.pair_mask_t.f32() + me * rl * rp;
+  const float* msa_bias_rows = sh.msa_bias_rows;    // [s_loc, r_pad]
+  const float* pair_bias_rows = sh.pair_bias_rows;  // [r_loc, r_pad]
+  const float* pair_bias_t_rows = sh.pair_bias_t_rows;
+  const float* pair_mask_rows = sh.pair_mask.f32() + me * rl * rp;
+  const float* pair_mask_t_rows = sh.pair_mask_t.f32() + me * rl * rp;
 
   const bool tracing = opts.trace != nullptr;
   if (!comm.all_equal(tracing))
@@ -364,7 +375,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
     transition(w.msa_transition, col, mc.f32(), sp * rl, cm);
     trace("msa_transition", mc, Shard::kMsaByRes);
     outer_product_mean_shard(w.outer_product_mean, full, mc.f32(), me * rl, rl,
-                             mk.msa_mask_cols.f32(), gather, zr.f32());
+                             sh.msa_mask_cols.f32(), gather, zr.f32());
     trace("outer_product_mean", zr, Shard::kPairRows);
     mr = msa_cols_to_rows(std::move(mc), l, comm);
 

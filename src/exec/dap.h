@@ -16,6 +16,7 @@
 #include "foldcube/model.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
+#include "model/modules.h"
 
 namespace fc {
 
@@ -28,6 +29,31 @@ struct DapLayout {
   int64_t s_loc = 0, r_loc = 0;  // s_pad / n, r_pad / n
 };
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank);
+
+// The contexts of this rank's shards and the padded masks they point into (held in full on every
+// rank, as in the forward).
+struct DapShards {
+  DapLayout l;
+  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
+  Tensor msa_bias_t;              // [r_pad, s_pad]
+  Tensor msa_mask_cols;           // [s_pad, r_loc] this rank's residue columns of msa_mask
+  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
+  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
+  BlockContext row;               // m by sequences: s = s_loc, r = r_pad
+  BlockContext col;   // m by residues: s = s_pad, r = r_loc (msa_bias_t: this rank's residues)
+  BlockContext full;  // pair modules and OPM: s = s_pad, r = r_pad, full masks
+  const float* msa_bias_rows = nullptr;     // [s_loc, r_pad] this rank's sequences
+  const float* pair_bias_rows = nullptr;    // [r_loc, r_pad] this rank's rows of pair_bias
+  const float* pair_bias_t_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias_t
+};
+// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad] (the same on every rank; held,
+// not copied). chunk_target_bytes 0: 1/8 of this rank's shard bytes of m and z as in one process
+// (default_chunk_target_bytes), with a floor of 1 MiB instead of 4 MiB so that the work buffers
+// keep shrinking with N.
+DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa_mask,
+                          Tensor pair_mask, int64_t chunk, int64_t chunk_target_bytes, int threads);
+// Sets the dropout of every context (training mode, the block's key).
+void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key);
 
 // ---- Layout changes (all-to-all over comm) and padding, shared by the forward and the training
 // executor. Each layout change takes its input by value so that it dies after packing.

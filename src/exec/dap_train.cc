@@ -40,7 +40,7 @@ Tensor gathered_bias(const BiasedAttn& a, const DapShards& sh, const dist::Commu
     pair_bias_project(a.ln_z, a.lin_z, sh.full, zr, rl, t.f32());
     comm.all_gather(t.f32(), all.f32(), rl * rp * H);
   }
-  Tensor bias = Tensor::empty({H, rp, rp});
+  Tensor bias = Tensor::empty({H, rp, rp});  // heads-first
   pair_bias_permute(all.f32(), rp, H, false, bias.f32());
   return bias;
 }
@@ -64,7 +64,7 @@ void biased_backward(const BiasedAttn& a, LayerNormW* g_ln_z, LinearW* g_lin_z, 
                      int64_t c, const float* mask_bias, const float* zr_in, AttentionState* st,
                      float* dzr) {
   const int64_t rl = sh.l.r_loc, rp = sh.l.r_pad, H = a.H;
-  Tensor bias = st->bias.defined() ? st->bias : gathered_bias(a, sh, comm, zr_in);
+  Tensor bias = st->bias.defined() ? st->bias : gathered_bias(a, sh, comm, zr_in);  // [H, r_p, r_p]
   st->bias = Tensor();
   Tensor dt = Tensor::empty({rl * rp, H});  // dL/d projection of this rank's rows [(q, k), h]
   {
@@ -105,75 +105,6 @@ BiasedAttn tri_attn(const TriangleAttentionW& w, const EvoformerConfig& cfg, boo
 }
 
 }  // namespace
-
-DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, const Tensor& msa_mask,
-                          const Tensor& pair_mask, int64_t chunk, int64_t chunk_target_bytes,
-                          int threads) {
-  const int64_t sp = l.s_pad, rp = l.r_pad, sl = l.s_loc, rl = l.r_loc;
-  FC_CHECK_MSG(msa_mask.numel() == sp * rp && pair_mask.numel() == rp * rp,
-               "DAP masks must be padded to [s_pad, r_pad] and [r_pad, r_pad]");
-  DapShards d;
-  d.l = l;
-  d.msa_mask = msa_mask.clone();
-  d.pair_mask = pair_mask.clone();
-  d.msa_bias = Tensor::empty({sp, rp});
-  d.msa_bias_t = Tensor::empty({rp, sp});
-  d.pair_mask_t = Tensor::empty({rp, rp});
-  d.pair_bias = Tensor::empty({rp, rp});
-  d.pair_bias_t = Tensor::empty({rp, rp});
-  const float* mm = d.msa_mask.f32();
-  const float* pm = d.pair_mask.f32();
-  d.msa_mask_cols = Tensor::empty({sp, rl});
-  for (int64_t i = 0; i < sp; ++i)
-    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
-  for (int64_t i = 0; i < sp; ++i)
-    for (int64_t j = 0; j < rp; ++j) {
-      const float v = cfg.inf * (mm[i * rp + j] - 1.f);
-      d.msa_bias.f32()[i * rp + j] = v;
-      d.msa_bias_t.f32()[j * sp + i] = v;
-    }
-  for (int64_t i = 0; i < rp; ++i)
-    for (int64_t j = 0; j < rp; ++j) {
-      const float mk = pm[i * rp + j], v = cfg.inf * (mk - 1.f);
-      d.pair_mask_t.f32()[j * rp + i] = mk;
-      d.pair_bias.f32()[i * rp + j] = v;
-      d.pair_bias_t.f32()[j * rp + i] = v;
-    }
-  const int64_t mz_loc = (sl * rp * cfg.c_m + rl * rp * cfg.c_z) * kF;
-  BlockContext base;
-  base.cfg = &cfg;
-  base.chunk = chunk;
-  base.chunk_target_bytes =
-      chunk_target_bytes > 0 ? chunk_target_bytes : std::max<int64_t>(mz_loc / 8, 1 << 20);
-  base.threads = std::max(threads, 1);
-  d.row = base;
-  d.row.s = sl;
-  d.row.r = rp;
-  d.col = base;
-  d.col.s = sp;
-  d.col.r = rl;
-  d.col.msa_bias_t = d.msa_bias_t.f32() + l.rank * rl * sp;
-  d.full = base;
-  d.full.s = sp;
-  d.full.r = rp;
-  d.full.msa_mask = d.msa_mask.f32();
-  d.full.msa_bias = d.msa_bias.f32();
-  d.full.msa_bias_t = d.msa_bias_t.f32();
-  d.full.pair_mask = d.pair_mask.f32();
-  d.full.pair_bias = d.pair_bias.f32();
-  d.full.pair_bias_t = d.pair_bias_t.f32();
-  d.msa_bias_rows = d.msa_bias.f32() + l.rank * sl * rp;
-  d.pair_bias_rows = d.pair_bias.f32() + l.rank * rl * rp;
-  d.pair_bias_t_rows = d.pair_bias_t.f32() + l.rank * rl * rp;
-  return d;
-}
-
-void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key) {
-  for (BlockContext* c : {&sh->row, &sh->col, &sh->full}) {
-    c->dropout = dropout;
-    c->dropout_key = key;
-  }
-}
 
 void dap_msa_row_attention_train(const MsaRowAttentionW& w, const DapShards& sh,
                                  const dist::Communicator& comm, float* m, const float* z,
@@ -340,7 +271,7 @@ void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards&
   const DapLayout& l = sh.l;
   if (st->policy == Recompute::kBlock) {
     // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
-    Tensor mr = st->m0.clone(), zr = std::move(st->z0);
+    Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // [s_loc, r_pad, c_m], [r_loc, r_pad, c_z]
     st->m0 = Tensor();
     DapBlockState full;
     dap_block_forward(w, sh, comm, mr, zr, Recompute::kNone, &full);
@@ -348,7 +279,7 @@ void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards&
     dap_block_backward(w, g, sh, comm, &full, mr, dmr, dzr);
     return;
   }
-  Tensor dzt = pair_transpose(std::move(dzr), l, comm);
+  Tensor dzt = pair_transpose(std::move(dzr), l, comm);  // z^T rows [r_loc, r_pad, c_z]
   transition_backward(w.pair_transition, &g->pair_transition, sh.full, st->z_in[5].f32(),
                       &st->pair_trans, dzt.f32(), l.r_loc * l.r_pad, cfg.c_z);
   st->z_in[5] = Tensor();
@@ -394,8 +325,8 @@ void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards&
 Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
                     const dist::Communicator& comm) {
   const int64_t rl = rows_p / comm.size();
-  Tensor mine = Tensor::empty({rl, cols_p, c});
-  Tensor all = comm.rank() == 0 ? pad3(x, rows_p, cols_p) : Tensor();
+  Tensor mine = Tensor::empty({rl, cols_p, c});                        // this rank's rows
+  Tensor all = comm.rank() == 0 ? pad3(x, rows_p, cols_p) : Tensor();  // [rows_p, cols_p, c]
   comm.scatter(comm.rank() == 0 ? all.f32() : nullptr, mine.f32(), rl * cols_p * c, 0);
   return mine;
 }
@@ -404,7 +335,7 @@ Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
 // (undefined elsewhere).
 Tensor gather_rows(const Tensor& mine, int64_t rows, int64_t cols, const dist::Communicator& comm) {
   const int64_t rows_p = mine.dim(0) * comm.size(), cols_p = mine.dim(1), c = mine.dim(2);
-  Tensor all = comm.rank() == 0 ? Tensor::empty({rows_p, cols_p, c}) : Tensor();
+  Tensor all = comm.rank() == 0 ? Tensor::empty({rows_p, cols_p, c}) : Tensor();  // padded
   comm.gather(mine.f32(), comm.rank() == 0 ? all.f32() : nullptr, mine.numel(), 0);
   if (comm.rank() != 0) return Tensor();
   return crop3(all, rows, cols);
@@ -499,9 +430,9 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   const dist::CommStats c1 = comm.stats();
 
   t0 = std::chrono::steady_clock::now();
-  Tensor dmr = scatter_rows(grad_out_m, sp, rp, cm, comm);
-  Tensor dzr = scatter_rows(grad_out_z, rp, rp, cz, comm);
-  const dist::CommStats c1b = comm.stats();  // after the gradient shards went out
+  Tensor dmr = scatter_rows(grad_out_m, sp, rp, cm, comm);  // [s_loc, r_pad, c_m]
+  Tensor dzr = scatter_rows(grad_out_z, rp, rp, cz, comm);  // [r_loc, r_pad, c_z]
+  const dist::CommStats c1b = comm.stats();                 // after the gradient shards went out
   std::vector<std::unique_ptr<BlockWeights>> grads(nb);
   dist::CommStats reduce;
   Tensor m_out = mr;  // output m [by sequences] of the block being differentiated
@@ -509,6 +440,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     grads[b] = std::make_unique<BlockWeights>();
     allocate_block_grads(cfg, grads[b].get());
+    // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
     const Tensor m_in = states[b]->policy == Recompute::kBlock ? states[b]->m0 : states[b]->m_in[0];
     dap_block_backward(stack.block(b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
     states[b].reset();

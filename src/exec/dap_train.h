@@ -24,30 +24,6 @@
 
 namespace fc {
 
-// The contexts of this rank's shards and the padded masks they point into (held in full on every
-// rank, as in the forward).
-struct DapShards {
-  DapLayout l;
-  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
-  Tensor msa_bias_t;              // [r_pad, s_pad]
-  Tensor msa_mask_cols;           // [s_pad, r_loc] this rank's residue columns of msa_mask
-  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
-  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
-  BlockContext row;               // m by sequences: s = s_loc, r = r_pad
-  BlockContext col;   // m by residues: s = s_pad, r = r_loc (msa_bias_t: this rank's residues)
-  BlockContext full;  // pair modules and OPM: s = s_pad, r = r_pad, full masks
-  const float* msa_bias_rows = nullptr;     // [s_loc, r_pad] this rank's sequences
-  const float* pair_bias_rows = nullptr;    // [r_loc, r_pad] this rank's rows of pair_bias
-  const float* pair_bias_t_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias_t
-};
-// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad] (the same on every rank).
-// chunk_target_bytes 0: max(1/8 of this rank's shards of m and z, 1 MiB), as dap_forward.
-DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, const Tensor& msa_mask,
-                          const Tensor& pair_mask, int64_t chunk, int64_t chunk_target_bytes,
-                          int threads);
-// Sets the dropout of every context (training mode, the block's key).
-void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key);
-
 // MSA row attention on m by sequences [s_loc, r_pad, c_m], the bias projected from z by rows
 // [r_loc, r_pad, c_z] and all-gathered. st == nullptr: nothing kept (policy module).
 void dap_msa_row_attention_train(const MsaRowAttentionW& w, const DapShards& sh,

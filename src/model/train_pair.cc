@@ -684,9 +684,9 @@ Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockConte
                               const ShardGather& gather, const float* x_ln) {
   const int64_t r = ctx.r, rr = rows * r, ct = ctx.cfg->c_hidden_mul, parts = gather.parts;
   const int64_t cg = tri_mul_shard_chunks(ctx, rows, parts).group;
-  Tensor P = Tensor::empty({ct, rows, r});
-  Tensor t = Tensor::empty({rr, 4 * cg});  // projections of the group, gated in place
-  Tensor A = Tensor::empty({cg, rows, r});
+  Tensor P = Tensor::empty({ct, rows, r});  // products of the shard, channel-major
+  Tensor t = Tensor::empty({rr, 4 * cg});   // projections of the group, gated in place
+  Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
   Tensor B = Tensor::empty({cg, rows, r});
   Tensor G = Tensor::empty({parts * cg, rows, r});  // every shard's R of the group, shard-major
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
@@ -713,7 +713,8 @@ void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const
   const float eps = cfg.eps_ln;
   Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z) of the shard
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-  Tensor P = tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());
+  Tensor P =
+      tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());  // [c_t, rows, r]
   {
     const Tensor dmask = dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz);
     const int64_t ch = tri_mul_shard_chunks(ctx, rows, gather.parts).rows;
