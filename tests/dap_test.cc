@@ -649,6 +649,37 @@ TEST(DapTrain, CommunicationVolumeMatchesModel) {
   }
 }
 
+// Ranks with different training options (here the dropout seed) or invalid inputs on the root all
+// get the same error instead of hanging.
+TEST(DapTrain, MismatchedOptionsAndBadInputsAreRefusedOnEveryRank) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(1);
+  Case c = random_case(cfg, 4, 6, false, 3);
+  ASSERT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  const Tensor gm = comm.rank() == 0 ? random_tensor({4, 6, cfg.c_m}, 1) : Tensor();
+  const Tensor gz = comm.rank() == 0 ? random_tensor({6, 6, cfg.c_z}, 2) : Tensor();
+  TrainOptions o;
+  o.dropout = true;
+  o.seed = comm.size() > 1 ? static_cast<uint64_t>(comm.rank()) : 0;
+  Tensor m = comm.rank() == 0 ? c.m.clone() : Tensor(),
+         z = comm.rank() == 0 ? c.z.clone() : Tensor();
+  TrainResult r;
+  Status st = dap_train_step(c.stack, comm, m, z, Tensor(), Tensor(), gm, gz, o, nullptr, &r);
+  if (comm.size() > 1) {
+    EXPECT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("different model configurations or training options"),
+              std::string::npos)
+        << st.message();
+  }
+  o.seed = 0;
+  const Tensor bad = comm.rank() == 0 ? random_tensor({4, 5, cfg.c_m}, 1) : Tensor();
+  m = comm.rank() == 0 ? c.m.clone() : Tensor();
+  z = comm.rank() == 0 ? c.z.clone() : Tensor();
+  st = dap_train_step(c.stack, comm, m, z, Tensor(), Tensor(), bad, gz, o, nullptr, &r);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("grad.output.m"), std::string::npos) << st.message();
+}
+
 }  // namespace
 }  // namespace fc
 
