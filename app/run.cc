@@ -512,6 +512,11 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
   const std::vector<int64_t> peak = world.all_gather_i64(stats.peak_bytes);
   const std::vector<int64_t> shard = world.all_gather_i64(stats.shard_bytes);
   const std::vector<int64_t> rss = world.all_gather_i64(peak_rss_bytes());
+  // Time inside the blocks' collectives (last pass), forward and backward, in microseconds.
+  const std::vector<int64_t> fwd_us =
+      world.all_gather_i64(static_cast<int64_t>(stats.forward.total_seconds() * 1e6));
+  const std::vector<int64_t> bwd_us = world.all_gather_i64(static_cast<int64_t>(
+      (stats.backward.total_seconds() + stats.grad_reduce.total_seconds()) * 1e6));
   if (me == 0) {
     const int64_t s = m.dim(0), r = m.dim(1);
     const DapLayout l = dap_layout(s, r, N, 0);
@@ -561,6 +566,11 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
           stats.forward.total_bytes() / 1048576.0, nb * fv.total() / 1048576.0,
           stats.backward.total_bytes() / 1048576.0, bwd_model / 1048576.0,
           stats.grad_reduce.total_bytes() / 1048576.0);
+      std::printf("  in collectives (last pass, forward + backward): rank 0..%d:",
+                  world.size() - 1);
+      for (int k = 0; k < world.size(); ++k)
+        std::printf(" %.1f+%.1f", fwd_us[k] / 1e3, bwd_us[k] / 1e3);
+      std::printf(" ms\n");
       if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
     }
     if (!a.report.empty()) {
@@ -568,6 +578,12 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
       j["time_ms"] = median(tot);
       j["forward_ms"] = median(fwd);
       j["backward_ms"] = median(bwd);
+      j["rank_forward_collective_ms"] = nlohmann::json::array();
+      j["rank_backward_collective_ms"] = nlohmann::json::array();
+      for (int k = 0; k < world.size(); ++k) {
+        j["rank_forward_collective_ms"].push_back(fwd_us[k] / 1e3);
+        j["rank_backward_collective_ms"].push_back(bwd_us[k] / 1e3);
+      }
       j["dap"] = N;
       j["dp"] = D;
       j["policy"] = policy;
