@@ -24,6 +24,7 @@ struct RunArgs {
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
   int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
+  int dp = 1;  // data parallelism (training): this many DAP groups, one protein each
 };
 int run_command(const RunArgs& a);
 

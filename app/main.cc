@@ -43,8 +43,13 @@ int main(int argc, char** argv) {
                   "inference: keep the tracked peak (weights, inputs, work) under this size, e.g. "
                   "6GiB; chunk sizes come from the memory model; refuses if nothing fits");
   run->add_option("--dap", ra.dap,
-                  "Dynamic Axial Parallelism (inference) over N MPI ranks: mpirun -np N foldcube "
-                  "run ... --dap N; rank 0 reads and writes the files")
+                  "Dynamic Axial Parallelism (inference and training) over N MPI ranks: mpirun "
+                  "-np N foldcube run ... --dap N; rank 0 reads and writes the files")
+      ->check(CLI::Range(1, 65536));
+  run->add_option("--dp", ra.dp,
+                  "training: data parallelism over D DAP groups (mpirun -np D*N ... --dp D --dap "
+                  "N): group g trains protein g (--inputs/--grad-outputs list D files, or random "
+                  "inputs seeded by --seed + g); parameter gradients averaged over the groups")
       ->check(CLI::Range(1, 65536));
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
   run->add_flag(
