@@ -402,19 +402,39 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
 // the other ranks, each rank's work (tracked peak above weights and inputs) against the --dap 1
 // run (the same accounting; the one-process row shows m+z+workspace), and
 // the bytes each rank sent per block beside the analytic count (dap_block_volume).
+// `bench --dap [--train]`: the DAP table. One AF2 block at each s:r (default 128:256) in one
+// process and under `mpirun -np N ... --dap N` for N in --ranks (default 1,2,4), each rank with
+// max(1, threads / N) threads (N above the core count oversubscribes; the table says so).
+// Inference: time, tracked peak of rank 0 (which also holds the full inputs and outputs for the
+// file I/O) and of the other ranks, each rank's work (tracked peak above weights and inputs)
+// against the --dap 1 run, and bytes each rank sent per block beside dap_block_volume.
+// --train (policy none, no dropout): step time, activation bytes and step peak per rank against
+// one process, and forward/backward bytes per rank beside the analytic counts.
 int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std::string& report) {
   const auto shapes = split(a.shapes.empty() ? "128:256" : a.shapes, ',');
   const auto ranks = split(a.ranks.empty() ? "1,2,4" : a.ranks, ',');
-  const int repeats = a.repeats > 0 ? a.repeats : 3;
+  const int repeats = a.repeats > 0 ? a.repeats : (a.train ? 1 : 3);
   const long cores = sysconf(_SC_NPROCESSORS_ONLN);
   std::printf(
-      "foldcube bench --dap: one Evoformer block, AF2 model_1 dims, fp32, %d thread(s) in all, "
+      "foldcube bench --dap%s: one Evoformer block, AF2 model_1 dims, fp32, %d thread(s) in all, "
       "%ld core(s); median of %d after 1 warm-up; MiB = 2^20 bytes\n\n",
-      threads, cores, repeats);
-  std::printf(
-      "| s | r | ranks | threads/rank | time ms | rank 0 peak MiB | max other rank peak MiB | "
-      "work/rank MiB (max) | work vs N=1 | sent/block/rank MiB | model MiB |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+      a.train ? " --train (policy none)" : "", threads, cores, repeats);
+  if (a.train)
+    std::printf(
+        "| s | r | ranks | threads/rank | step ms | activation/rank MiB (max) | vs 1 process | "
+        "step peak/rank MiB (max) | vs 1 process | sent fwd+bwd/rank MiB | model MiB | "
+        "grad all-reduce MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  else
+    std::printf(
+        "| s | r | ranks | threads/rank | time ms | rank 0 peak MiB | max other rank peak MiB | "
+        "work/rank MiB (max) | work vs N=1 | sent/block/rank MiB | model MiB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n");
+  const std::string mode = a.train ? " --backward --policy none" : "";
+  auto max_of = [](const nlohmann::json& v) {
+    double x = 0;
+    for (const auto& e : v) x = std::max(x, e.get<double>());
+    return x;
+  };
   nlohmann::json rows = nlohmann::json::array();
   for (const std::string& shape : shapes) {
     const auto sr = split(shape, ':');
@@ -422,17 +442,23 @@ int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std
     if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) return 2;
     const std::string common = " run --quiet --s " + sr[0] + " --r " + sr[1] +
                                " --blocks 1 --warmup 1 --repeats " + std::to_string(repeats) +
-                               " --report '" + report + "'";
-    // One process: its inference work (peak above weights and inputs, m+z included).
+                               mode + " --report '" + report + "'";
     nlohmann::json one;
     if (!run_row("'" + exe + "'" + common + " --threads " + std::to_string(threads), report, &one))
       return 1;
-    // Work baseline: the --dap 1 row (same accounting as the other rank counts) once it has run;
-    // until then the one-process inference peak (m + z + workspace).
-    double base_work = one["inference_peak_bytes"].get<double>();
-    std::printf("| %s | %s | 1 (no MPI) | %d | %.0f | %.1f | | %.1f | 1.000 | | |\n", sr[0].c_str(),
-                sr[1].c_str(), threads, one["time_ms"].get<double>(),
-                one["peak_tracked_bytes"].get<double>() / 1048576.0, base_work / 1048576.0);
+    // Inference work baseline: the --dap 1 row (same accounting as the other rank counts) once it
+    // has run; until then the one-process inference peak (m + z + workspace).
+    double base_work = a.train ? 0.0 : one["inference_peak_bytes"].get<double>();
+    const double base_act = a.train ? one["activation_bytes"].get<double>() : 0.0;
+    const double base_peak = a.train ? one["step_peak_bytes"].get<double>() : 0.0;
+    if (a.train)
+      std::printf("| %s | %s | 1 (no MPI) | %d | %.0f | %.1f | 1.000 | %.1f | 1.000 | | | |\n",
+                  sr[0].c_str(), sr[1].c_str(), threads, one["time_ms"].get<double>(),
+                  base_act / 1048576.0, base_peak / 1048576.0);
+    else
+      std::printf("| %s | %s | 1 (no MPI) | %d | %.0f | %.1f | | %.1f | 1.000 | | |\n",
+                  sr[0].c_str(), sr[1].c_str(), threads, one["time_ms"].get<double>(),
+                  one["peak_tracked_bytes"].get<double>() / 1048576.0, base_work / 1048576.0);
     std::fflush(stdout);
     one["ranks"] = 0;
     rows.push_back(one);
@@ -447,24 +473,41 @@ int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std
           " --dap " + std::to_string(n) + " > /dev/null";
       nlohmann::json j;
       if (!run_row(cmd, report, &j)) return 1;
-      double other = 0, work = 0;
-      const auto& peaks = j["rank_peak_tracked_bytes"];
-      const auto& works = j["rank_work_peak_bytes"];
-      for (size_t k = 0; k < peaks.size(); ++k) {
-        if (k > 0) other = std::max(other, peaks[k].get<double>());
-        work = std::max(work, works[k].get<double>());
+      const char* over = n * per > cores ? " (oversubscribed)" : "";
+      if (a.train) {
+        const double act = max_of(j["rank_activation_bytes"]);
+        const double peak = max_of(j["rank_step_peak_bytes"]);
+        const double sent = j["forward_sent_bytes_per_rank"].get<double>() +
+                            j["backward_sent_bytes_per_rank"].get<double>();
+        const double model = j["forward_sent_bytes_per_rank_model"].get<double>() +
+                             j["backward_sent_bytes_per_rank_model"].get<double>();
+        std::printf(
+            "| %s | %s | %lld%s | %d | %.0f | %.1f | %.3f | %.1f | %.3f | %.2f | %.2f | %.2f |\n",
+            sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n), over, per,
+            j["time_ms"].get<double>(), act / 1048576.0, act / base_act, peak / 1048576.0,
+            peak / base_peak, sent / 1048576.0, model / 1048576.0,
+            j["grad_all_reduce_bytes_per_rank"].get<double>() / 1048576.0);
+        j["activation_vs_one_process"] = act / base_act;
+      } else {
+        double other = 0, work = 0;
+        const auto& peaks = j["rank_peak_tracked_bytes"];
+        const auto& works = j["rank_work_peak_bytes"];
+        for (size_t k = 0; k < peaks.size(); ++k) {
+          if (k > 0) other = std::max(other, peaks[k].get<double>());
+          work = std::max(work, works[k].get<double>());
+        }
+        if (n == 1) base_work = work;
+        std::printf("| %s | %s | %lld%s | %d | %.0f | %.1f | %.1f | %.1f | %.3f | %.2f | %.2f |\n",
+                    sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n), over, per,
+                    j["time_ms"].get<double>(), peaks[0].get<double>() / 1048576.0,
+                    other / 1048576.0, work / 1048576.0, work / base_work,
+                    j["block_sent_bytes_per_rank"].get<double>() / 1048576.0,
+                    j["block_sent_bytes_per_rank_model"].get<double>() / 1048576.0);
+        j["work_vs_dap1"] = work / base_work;
       }
-      if (n == 1) base_work = work;
-      std::printf("| %s | %s | %lld%s | %d | %.0f | %.1f | %.1f | %.1f | %.3f | %.2f | %.2f |\n",
-                  sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n),
-                  n * per > cores ? " (oversubscribed)" : "", per, j["time_ms"].get<double>(),
-                  peaks[0].get<double>() / 1048576.0, other / 1048576.0, work / 1048576.0,
-                  work / base_work, j["block_sent_bytes_per_rank"].get<double>() / 1048576.0,
-                  j["block_sent_bytes_per_rank_model"].get<double>() / 1048576.0);
       std::fflush(stdout);
       j["ranks"] = n;
       j["threads_per_rank"] = per;
-      j["work_vs_dap1"] = work / base_work;
       rows.push_back(j);
     }
   }
@@ -482,10 +525,10 @@ int bench_command(const BenchArgs& a, const std::string&) {
   const std::string report = temp_report();
   if (report.empty()) return 1;
   if (a.train || a.long_seq || a.chunks || a.dap) {
-    const int rc = a.train      ? bench_train(a, threads, exe, report)
+    const int rc = a.dap        ? bench_dap(a, threads, exe, report)
+                   : a.train    ? bench_train(a, threads, exe, report)
                    : a.long_seq ? bench_long(a, threads, exe, report)
-                   : a.chunks   ? bench_chunks(a, threads, exe, report)
-                                : bench_dap(a, threads, exe, report);
+                                : bench_chunks(a, threads, exe, report);
     std::remove(report.c_str());
     return rc;
   }
