@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "exec/dap.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 
@@ -148,22 +149,25 @@ TEST(Planner, DecompositionMatchesMemoryModel) {
   }
 }
 
-// Exhaustive search over 3^B orders against make_plan on the same model.
+// Exhaustive search over 3^B orders times the chunk targets against make_plan on the same model.
 void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
   const int B = static_cast<int>(cfg.no_blocks);
   std::vector<Plan> all;
   int total = 1;
   for (int b = 0; b < B; ++b) total *= 3;
   int64_t lo = INT64_MAX, hi = 0;
-  for (int code = 0; code < total; ++code) {
-    std::vector<R> pol;
-    for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
-    Plan p = base_plan(cfg, s, r, pol);
-    ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
-    lo = std::min(lo, p.peak_bytes);
-    hi = std::max(hi, p.peak_bytes);
-    all.push_back(p);
-  }
+  const std::vector<int64_t> targets = training_chunk_targets(cfg, s, r);
+  for (int64_t tgt : targets)
+    for (int code = 0; code < total; ++code) {
+      std::vector<R> pol;
+      for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
+      Plan p = base_plan(cfg, s, r, pol);
+      p.chunk_target_bytes = tgt;
+      ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
+      lo = std::min(lo, p.peak_bytes);
+      hi = std::max(hi, p.peak_bytes);
+      all.push_back(p);
+    }
   for (int i = 0; i <= 12; ++i) {
     const int64_t limit = lo + (hi - lo) * i / 12;
     double best = INFINITY;
@@ -176,6 +180,7 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
     EXPECT_NEAR(got.time_ms, best, 1e-9 * best) << "limit " << limit;
     // The plan's own peak is the memory model's.
     Plan check = base_plan(cfg, s, r, got.policy);
+    check.chunk_target_bytes = got.chunk_target_bytes;
     ASSERT_TRUE(evaluate_plan(test_profile(), &check).ok());
     EXPECT_EQ(check.peak_bytes, got.peak_bytes);
   }
@@ -226,7 +231,8 @@ TEST(Planner, FixedPolicyAndRequestErrors) {
     Plan p;
     ASSERT_TRUE(make_plan(q, &p).ok());
     EXPECT_EQ(p.policy, std::vector<R>(48, pol));
-    EXPECT_EQ(p.activation_bytes, stack_activation_bytes(cfg, 128, 256, 48, {pol}));
+    EXPECT_EQ(p.activation_bytes,
+              stack_activation_bytes(cfg, 128, 256, 48, {pol}, 4, 0, p.chunk_target_bytes));
   }
   Plan p;
   q.fixed_policy = false;
@@ -242,6 +248,46 @@ TEST(Planner, FixedPolicyAndRequestErrors) {
   q.training = false;
   q.fixed_policy = true;
   EXPECT_FALSE(make_plan(q, &p).ok());
+}
+
+// Training: with room the whole-axis target (fastest) wins; a budget below the unchunked peaks
+// of every order forces a finer target, at a higher estimated time.
+TEST(Planner, TrainingChunkSearch) {
+  EvoformerConfig cfg;
+  cfg.no_blocks = 4;
+  const std::vector<int64_t> targets = training_chunk_targets(cfg, 32, 128);
+  ASSERT_GE(targets.size(), 3u);
+  for (size_t i = 1; i < targets.size(); ++i) EXPECT_GT(targets[i], targets[i - 1]);
+  Plan roomy, tight;
+  ASSERT_TRUE(make_plan(train_request(cfg, 32, 128, int64_t{40} << 30), &roomy).ok());
+  EXPECT_EQ(roomy.chunk_target_bytes, targets.back());
+  EXPECT_EQ(roomy.policy, std::vector<R>(4, R::kNone));
+  // The smallest unchunked peak over all 3^4 orders, minus one byte.
+  int64_t limit = INT64_MAX;
+  for (int code = 0; code < 81; ++code) {
+    std::vector<R> pol;
+    for (int b = 0, c = code; b < 4; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
+    Plan whole = base_plan(cfg, 32, 128, pol);
+    whole.chunk_target_bytes = targets.back();
+    ASSERT_TRUE(evaluate_plan(test_profile(), &whole).ok());
+    limit = std::min(limit, whole.peak_bytes - 1);
+  }
+  Status st = make_plan(train_request(cfg, 32, 128, limit), &tight);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_LT(tight.chunk_target_bytes, targets.back());
+  EXPECT_LE(tight.peak_bytes, limit);
+  EXPECT_GT(tight.time_ms, roomy.time_ms);
+  const TrainOptions to = to_train_options(tight);
+  EXPECT_EQ(to.chunk_target_bytes, tight.chunk_target_bytes);
+  EXPECT_EQ(tight.peak_bytes - stack_step_peak_bytes(cfg, 32, 128, 4, tight.policy, 2, 4, 0,
+                                                     tight.chunk_target_bytes),
+            roomy.peak_bytes - stack_step_peak_bytes(cfg, 32, 128, 4, roomy.policy, 2, 4, 0,
+                                                     roomy.chunk_target_bytes));
+  // A forced chunk is searched over the policies only.
+  PlanRequest q = train_request(cfg, 32, 128, int64_t{40} << 30);
+  q.chunk = 8;
+  ASSERT_TRUE(make_plan(q, &tight).ok());
+  EXPECT_EQ(tight.chunk, 8);
 }
 
 TEST(Planner, InferenceChunkSearchFitsBudget) {
@@ -272,12 +318,20 @@ TEST(Planner, InferenceChunkSearchFitsBudget) {
 TEST(Planner, DapCommunicationVolume) {
   EvoformerConfig cfg;
   EXPECT_EQ(dap_block_comm(cfg, 128, 256, 1, 4, false).all_to_all_bytes, 0);
+  // Sent + received = twice what each rank sends (docs/dap.md: 84 MiB sent at N = 2, 90 MiB at
+  // N = 4 for (128, 256)), padded shapes included.
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4, false).all_to_all_bytes, 2 * (48 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4, false).all_gather_bytes, 2 * (36 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 4, 4, false).all_to_all_bytes, 2 * (36 << 20));
+  for (int n : {2, 3, 4})
+    for (auto [s, r] : {std::pair<int64_t, int64_t>{128, 256}, {5, 7}, {33, 70}}) {
+      const DapBlockVolume v = dap_block_volume(cfg, dap_layout(s, r, n, 0));
+      const DapComm c = dap_block_comm(cfg, s, r, n, 4, false);
+      EXPECT_EQ(c.all_to_all_bytes, 2 * v.all_to_all_bytes);
+      EXPECT_EQ(c.all_gather_bytes, 2 * v.all_gather_bytes);
+      EXPECT_EQ(dap_block_comm(cfg, s, r, n, 2, false).all_gather_bytes, v.all_gather_bytes);
+    }
   const DapComm c2 = dap_block_comm(cfg, 128, 256, 2, 4, false);
-  EXPECT_EQ(c2.all_to_all_calls, 6);
-  EXPECT_EQ(c2.all_gather_calls, 6);
-  // m and z each move half of a half-shard each way at N = 2.
-  const int64_t m = 128 * 256 * 256, z = 256 * 256 * 128;
-  EXPECT_EQ(c2.all_to_all_bytes, (2 * (2 * m / 2 / 2) + 4 * (2 * z / 2 / 2)) * 4);
   const DapComm b2 = dap_block_comm(cfg, 128, 256, 2, 4, true);
   EXPECT_EQ(b2.all_gather_bytes, 2 * c2.all_gather_bytes);
 }

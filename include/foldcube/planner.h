@@ -63,14 +63,17 @@ struct ModuleCost {
   double forward_ms = 0, backward_ms = 0;
 };
 // The nine modules of one block in execution order. chunk / chunk_target_bytes as in
-// ForwardOptions (they set the GEMM row counts of the inference path); training=true models the
-// training forward (unchunked) and the exact backward.
+// ForwardOptions / TrainOptions: they set the items per chunk, hence the GEMM row counts (and
+// rates), of the inference modules or, with training=true, of the training functions
+// (src/model/train.h), whose forward and exact backward are both modelled.
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                            int64_t chunk, int64_t chunk_target_bytes, bool training,
                                            const DeviceProfile& dev);
 
-// DAP communication of one block over N ranks (FastFold's scheme, docs/planner.md): bytes each
-// rank sends+receives in all-to-all and all-gather collectives, and the number of calls.
+// DAP communication of one block over N ranks (docs/dap.md): bytes each rank sends + receives in
+// all-to-all and all-gather collectives (2x dap_block_volume of src/exec/dap.h, scaled to
+// elem_bytes) and the number of calls. backward=true doubles both (an estimate: DAP training is
+// not implemented yet).
 struct DapComm {
   int64_t all_to_all_bytes = 0, all_gather_bytes = 0;
   int all_to_all_calls = 0, all_gather_calls = 0;
@@ -128,6 +131,9 @@ struct PlanRequest {
 // Searches (or, with fixed_policy, evaluates) and fills *out with the fastest plan that fits.
 // User errors for bad requests; OutOfMemory naming the smallest feasible budget when nothing fits.
 Status make_plan(const PlanRequest& req, Plan* out);
+// Chunk targets a training search tries: default/16 (at least 64 KiB) times powers of 4, then the
+// smallest target at which every training module runs in one chunk (the fastest), last.
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r);
 // Fills the estimates of a plan whose choices are set (validates it first).
 Status evaluate_plan(const DeviceProfile& dev, Plan* plan);
 

@@ -12,12 +12,14 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "exec/dap.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 #include "model/modules.h"
+#include "model/train.h"
 
 namespace fc {
 
@@ -365,6 +367,12 @@ double gemm_rate(const DeviceProfile& d, double rows) {
   return d.gemm_gflops * rows / (rows + d.gemm_half_rows);
 }
 
+// The backward's dX and dW products have the forward's row count (dW reduces over it), so the
+// same row-count efficiency applies.
+double gemm_bwd_rate(const DeviceProfile& d, double rows) {
+  return d.gemm_bwd_gflops * rows / (rows + d.gemm_half_rows);
+}
+
 double att_scale(const DeviceProfile& d, double L) {
   return std::pow(std::clamp(L, 32.0, 4096.0) / kRefKeys, d.attention_len_exp);
 }
@@ -383,19 +391,20 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
 // forward products: QK^T again, dV, dP, dQ, dK), and twice the memory traffic.
 double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
-  for (const auto& [f, rows] : w.gemm) s += 2 * f / (d.gemm_bwd_gflops * 1e9);
+  for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
   s += 2 * w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
   s += 2 * w.mem * e / (d.mem_gbps * 1e9);
   return s * 1e3;
 }
 
-// Rows per chunk as the modules pick them (src/model/modules.cc), or the whole batch in training.
+// Items per chunk of each loop, as the inference modules (src/model/modules.cc) or the training
+// functions (src/model/train.h) pick them; the GEMM row counts follow.
 struct Chunks {
   const BlockContext* ctx;
-  bool whole;
+  bool training;
   int64_t operator()(int64_t batch, int64_t bytes_per_item) const {
-    return whole ? batch : pick_chunk(*ctx, batch, bytes_per_item);
+    return pick_chunk(*ctx, batch, bytes_per_item);
   }
 };
 
@@ -403,9 +412,10 @@ Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool 
                     int64_t cz, const Chunks& ch) {
   Work w;
   const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
-  const int64_t n = ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
+  const int64_t n = ch.training ? attention_train_chunk(*ch.ctx, N, L, c, H * C)
+                                : ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
   if (bias) {
-    const int64_t nb = ch(r, r * cz * kF);
+    const int64_t nb = ch.training ? bias_train_chunk(*ch.ctx, H) : ch(r, r * cz * kF);
     w.gemm.push_back({2.0 * r * r * cz * H, static_cast<double>(nb * r)});
     w.mem += 2.0 * r * r * cz + 2.0 * H * r * r;  // LayerNorm of z, bias transpose
   }
@@ -418,7 +428,8 @@ Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool 
 
 Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
   Work w;
-  const int64_t k = ch(rows, (c + n * c) * kF);
+  const int64_t k =
+      ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c) : ch(rows, (c + n * c) * kF);
   w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
   w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
   return w;
@@ -427,7 +438,8 @@ Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
 Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch) {
   const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
   Work w;
-  const int64_t c1 = ch(s, r * (cm + 2 * co) * kF);
+  // Training chunks only the outer product (residue blocks i); the projections run whole.
+  const int64_t c1 = ch.training ? s : ch(s, r * (cm + 2 * co) * kF);
   const int64_t c2 = ch(r, 2 * co * r * co * kF + r * cz * kF);
   const double sr = static_cast<double>(s) * r, rr = static_cast<double>(r) * r;
   w.gemm.push_back({2 * sr * cm * 2 * co, static_cast<double>(c1 * r)});
@@ -442,8 +454,15 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
   const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
   const double rr = static_cast<double>(r) * r;
   Work w;
-  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
-  const int64_t c2 = ch(r, r * (ct + 3 * cz) * kF);
+  // Rows of the input projections and of the output projection / gate per chunk. Training
+  // projects channel groups over all r^2 rows and runs the output side by pair rows.
+  int64_t c1 = r, c2 = r;
+  if (ch.training) {
+    c2 = tri_mul_train_chunks(*ch.ctx).rows;
+  } else {
+    c1 = ch(r, r * (cz + 4 * ct) * kF);
+    c2 = ch(r, r * (ct + 3 * cz) * kF);
+  }
   w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
   w.batched += 2 * rr * r * ct;
   w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
@@ -493,28 +512,14 @@ DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap
                        int64_t elem_bytes, bool backward) {
   DapComm c;
   if (dap <= 1) return c;
-  const int64_t N = dap;
-  const int64_t sp = (s + N - 1) / N * N, rp = (r + N - 1) / N * N;  // padded to multiples of N
-  const int64_t m = sp * rp * cfg.c_m, z = rp * rp * cfg.c_z;
-  // All-to-all of a tensor X sharded over N ranks: each rank sends (N-1)/N of its X/N shard and
-  // receives as much. All-gather of X: each rank receives the (N-1) shards it lacks and sends its
-  // own to the N-1 others (ring: (N-1)/N of X each way).
-  auto a2a = [&](int64_t x) { return 2 * x / N * (N - 1) / N; };
-  auto ag = [&](int64_t x) { return 2 * x / N * (N - 1); };
-  // m: s-shards -> r-shards before the column attention, back after the OPM; z: rows <-> columns
-  // before tri_mul_in, tri_att_start, tri_att_end and the pair transition.
-  const int64_t to_all[] = {m, m, z, z, z, z};
-  // Operands every shard needs whole: the MSA row attention's pair bias [H_m, r, r], the OPM's
-  // right projection [s, r, c_o], the right projections of both triangle multiplications
-  // [r, r, c_t], and both triangle attentions' biases [H_p, r, r].
-  const int64_t gathered[] = {cfg.no_heads_msa * rp * rp,  sp * rp * cfg.c_hidden_opm,
-                              rp * rp * cfg.c_hidden_mul,  rp * rp * cfg.c_hidden_mul,
-                              cfg.no_heads_pair * rp * rp, cfg.no_heads_pair * rp * rp};
-  for (int64_t x : to_all) c.all_to_all_bytes += a2a(x) * elem_bytes;
-  for (int64_t x : gathered) c.all_gather_bytes += ag(x) * elem_bytes;
+  // The executor's own count (src/exec/dap.h: fp32 bytes a rank sends per block, checked against
+  // the dist layer's counters); a rank receives as much as it sends.
+  const DapBlockVolume v = dap_block_volume(cfg, dap_layout(s, r, dap, 0));
+  c.all_to_all_bytes = 2 * v.all_to_all_bytes / kF * elem_bytes;
+  c.all_gather_bytes = 2 * v.all_gather_bytes / kF * elem_bytes;
   c.all_to_all_calls = 6;
-  c.all_gather_calls = 6;
-  if (backward) {  // reversed all-to-alls; reduce-scatters of the gathered operands' gradients
+  c.all_gather_calls = 6;  // at least: the tri-mul gathers run once per channel group
+  if (backward) {  // estimate: reversed all-to-alls, reduce-scatters of the gathered gradients
     c.all_to_all_bytes *= 2, c.all_gather_bytes *= 2;
     c.all_to_all_calls *= 2, c.all_gather_calls *= 2;
   }

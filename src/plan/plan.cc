@@ -150,6 +150,7 @@ TrainOptions to_train_options(const Plan& plan) {
   TrainOptions o;
   o.policy = plan.policy;
   o.chunk = plan.chunk;
+  o.chunk_target_bytes = plan.chunk_target_bytes;
   return o;
 }
 

@@ -9,6 +9,7 @@
 #include "foldcube/plan.h"
 #include "foldcube/planner.h"
 #include "model/modules.h"
+#include "model/train.h"
 
 namespace fc {
 
@@ -40,19 +41,19 @@ struct Terms {
 };
 
 Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads, int64_t e,
-                     int dap) {
+                     int dap, int64_t chunk, int64_t target) {
   Terms t;
   // G: per-block parameter-gradient bytes. At s = r = 1 the streams are tiny and the backward of
   // block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
-  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e) -
-        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e);
+  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target) -
+        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target);
   const int64_t m = s * r * cfg.c_m * e, z = r * r * cfg.c_z * e;
   t.C = m + z;
   t.m = m;
   for (int i = 0; i < kTypes; ++i) {
-    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e);
+    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target);
     // A one-block stack's peak is the backward of its only block: C + G + w.
-    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e) - t.C - t.G;
+    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, target) - t.C - t.G;
   }
   if (dap > 1) {  // each rank holds 1/N of every activation and the full gathered operands
     for (int i = 0; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap), t.w[i] = ceil_div(t.w[i], dap);
@@ -150,10 +151,21 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
   const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
   const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
   const int64_t opm = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-  if (training)  // the training functions chunk only the outer product mean
-    return {{"msa_att_row", s},          {"msa_att_col", r}, {"msa_transition", s * r},
-            {"outer_product_mean", opm}, {"tri_mul_out", r}, {"tri_mul_in", r},
-            {"tri_att_start", r},        {"tri_att_end", r}, {"pair_transition", r * r}};
+  if (training) {  // the chunk functions of src/model/train.h
+    const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
+    return {{"msa_att_row", attention_train_chunk(ctx, s, r, cm, hm)},
+            {"msa_att_row.bias_rows", bias_train_chunk(ctx, cfg.no_heads_msa)},
+            {"msa_att_col", attention_train_chunk(ctx, r, s, cm, hm)},
+            {"msa_transition", transition_train_chunk(ctx, s * r, cm, n * cm)},
+            {"outer_product_mean", opm},
+            {"tri_mul.channel_group", tm.group},
+            {"tri_mul_out", tm.rows},
+            {"tri_mul_in", tm.rows},
+            {"tri_att.bias_rows", bias_train_chunk(ctx, cfg.no_heads_pair)},
+            {"tri_att_start", attention_train_chunk(ctx, r, r, cz, hp)},
+            {"tri_att_end", attention_train_chunk(ctx, r, r, cz, hp)},
+            {"pair_transition", transition_train_chunk(ctx, r * r, cz, n * cz)}};
+  }
   // Channel groups of the triangle multiplication (tri_mul_phase1 in src/model/modules.cc).
   int64_t cg = pick_chunk(ctx, ct, 2 * r * r * kF);
   if (chunk <= 0 && cg < ct && cg >= 8) cg = std::min(ct, (cg + 8) / 16 * 16);
@@ -216,7 +228,8 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
   const int64_t e = dtype_bytes(p->dtype), B = p->cfg.no_blocks;
   const Setting st{p->dap, p->dp, p->chunk, p->chunk_target_bytes};
   const BlockTimes bt = block_times(p->cfg, p->s, p->r, p->training, st, dev);
-  const Terms t = training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap);
+  const Terms t =
+      training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap, p->chunk, p->chunk_target_bytes);
   const int64_t base = base_bytes(p->cfg, p->s, p->r, p->training, t.G, e, p->dap);
   p->module_costs = bt.costs;
   p->module_chunks =
@@ -245,7 +258,8 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     }
     p->comm_ms += allreduce_ms(B * t.G, p->dp, dev);
     if (p->dap == 1) {
-      p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e);
+      p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e,
+                                                   p->chunk, p->chunk_target_bytes);
     } else {  // the decomposition, with per-rank shards
       int64_t K = 0, peak = 0;
       for (int64_t b = 0; b < B; ++b) {
@@ -262,6 +276,26 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
 }
 
 }  // namespace
+
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
+  const int64_t ct = cfg.c_hidden_mul;
+  const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
+  const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
+  const int64_t H = std::max(cfg.no_heads_msa, cfg.no_heads_pair);
+  // The largest whole-axis buffer of the training chunk functions (src/model/train.h): at this
+  // target every module runs in one chunk.
+  const int64_t whole =
+      kF * std::max({s * r * (3 * cm + 10 * hm), r * r * (3 * cz + 10 * hp),
+                     r * r * (2 * cz + 2 * H + 2), s * r * (2 * cm + 2 * n * cm + 2),
+                     r * r * (2 * cz + 2 * n * cz + 2), r * (3 * co * r * co + r * cz),
+                     ct * 12 * r * r, r * r * (3 * ct + 5 * cz + 2)});
+  std::vector<int64_t> out;
+  int64_t t = std::max<int64_t>(default_chunk_target_bytes(cfg, s, r) / 16, 64 << 10);
+  for (; t < whole; t *= 4) out.push_back(t);
+  out.push_back(whole);
+  return out;
+}
 
 Status evaluate_plan(const DeviceProfile& dev, Plan* plan) {
   FC_RETURN_IF_ERROR(dev.validate());
@@ -295,10 +329,6 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         "memory_bytes");
   if (req.fixed_policy && !req.training)
     return Status::InvalidArgument("a recompute policy applies to training plans only (--train)");
-  if (req.training && req.chunk > 0)
-    return Status::InvalidArgument(
-        "training plans use automatic chunking (the training memory model covers no forced "
-        "chunk yet)");
   int64_t r = req.r;
   if (req.bucket)
     FC_RETURN_IF_ERROR(
@@ -309,13 +339,16 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   dev.devices = devices;
   const int64_t e = dtype_bytes(dtype), B = req.cfg.no_blocks;
 
-  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and, for inference, chunk targets
-  // from the default down by halves (smaller chunks cost GEMM efficiency, save workspace).
+  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and chunk targets: for inference
+  // from the default down by halves, for training the geometric set of
+  // training_chunk_targets (smaller chunks cost GEMM efficiency, save workspace).
   std::vector<Setting> settings;
   const int64_t dflt = default_chunk_target_bytes(req.cfg, req.s, r);
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (chunk, target)
-  if (req.chunk > 0 || req.training) {
+  if (req.chunk > 0) {
     chunks.push_back({req.chunk, 0});
+  } else if (req.training) {
+    for (int64_t tgt : training_chunk_targets(req.cfg, req.s, r)) chunks.push_back({0, tgt});
   } else {
     for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
     chunks.push_back({1, 0});  // the finest: one item per chunk
@@ -370,7 +403,7 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     }
     // Time depends only on the counts of each policy, memory on their order: the DP gives the
     // smallest peak of every count vector; the fastest count vector that fits wins.
-    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap);
+    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap, st.chunk, st.target);
     const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap);
     const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev);
     const PolicyDp dp = policy_dp(t, static_cast<int>(B));
