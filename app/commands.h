@@ -24,8 +24,13 @@ struct RunArgs {
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
   int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
+  std::string plan;            // "auto" (make_plan under --memory-budget) or a plan JSON file
+  std::string plan_profile;    // device profile for --plan (default: this machine's, cached)
 };
 int run_command(const RunArgs& a);
+// `run --plan`: plans (or loads a plan), runs it, reports estimates beside measurements
+// (app/plan.cc).
+int run_planned(const RunArgs& a);
 
 struct BenchArgs {
   int threads = 0;

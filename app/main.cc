@@ -46,6 +46,13 @@ int main(int argc, char** argv) {
                   "Dynamic Axial Parallelism (inference) over N MPI ranks: mpirun -np N foldcube "
                   "run ... --dap N; rank 0 reads and writes the files")
       ->check(CLI::Range(1, 65536));
+  run->add_option("--plan", ra.plan,
+                  "auto: plan for this shape, threads and --memory-budget (make_plan), or a plan "
+                  "JSON from `foldcube plan --out`; runs it on random weights and reports the "
+                  "estimates beside the measured time and memory");
+  run->add_option(
+      "--plan-profile", ra.plan_profile,
+      "device profile JSON for --plan (default: this machine's, calibrated and cached)");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
   run->add_flag(
       "--backward", ra.backward,

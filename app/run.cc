@@ -116,6 +116,7 @@ int run_dap(const RunArgs& a);
 }  // namespace
 
 int run_command(const RunArgs& a) {
+  if (!a.plan.empty()) return run_planned(a);  // app/plan.cc
   set_num_threads(a.threads);
   if (a.dap > 0 || dist::launched_world_size() > 1) return run_dap(a);
   Job job;
