@@ -336,6 +336,33 @@ TEST(Planner, DapCommunicationVolume) {
   EXPECT_EQ(b2.all_gather_bytes, 2 * c2.all_gather_bytes);
 }
 
+// Per-rank DAP inference peak against the measurements of docs/dap.md (AF2 dims, one block, one
+// thread per rank, rank 0's absolute tracked peak, which is every run's largest): within 10 %.
+TEST(Planner, DapInferencePeakMatchesMeasured) {
+  struct Row {
+    int64_t s, r;
+    int n;
+    double rank0_mib;
+  };
+  for (const Row& row : {Row{64, 128, 2, 31.7}, Row{64, 128, 4, 27.7}, Row{128, 256, 2, 104.8},
+                         Row{128, 256, 4, 88.8}}) {
+    EvoformerConfig cfg;
+    cfg.no_blocks = 1;
+    Plan p;
+    p.cfg = cfg;
+    p.s = row.s;
+    p.r = p.r_real = row.r;
+    p.dap = row.n;
+    p.threads = 1;
+    ASSERT_TRUE(evaluate_plan(test_profile(4), &p).ok());
+    const double est = p.peak_bytes / 1048576.0;
+    std::printf("DAP (%lld, %lld) N=%d: estimate %.1f MiB, measured %.1f MiB\n",
+                static_cast<long long>(row.s), static_cast<long long>(row.r), row.n, est,
+                row.rank0_mib);
+    EXPECT_NEAR(est / row.rank0_mib, 1.0, 0.10);
+  }
+}
+
 TEST(Planner, BucketsAndCache) {
   int64_t b = 0;
   ASSERT_TRUE(bucket_residues(300, default_buckets(), &b).ok());

@@ -68,6 +68,10 @@ std::string Plan::to_json(int indent) const {
   j["memory_limit_bytes"] = memory_limit_bytes;
   j["fits"] = fits;
   j["search_ms"] = search_ms;
+  if (training && dap > 1)  // docs/planner.md: no executor to check these against yet
+    j["note"] =
+        "DAP training is not implemented yet: its communication and per-rank memory are "
+        "estimates, not exact figures";
   j["profile"] = profile;
   json costs = json::array();
   for (const ModuleCost& c : module_costs)

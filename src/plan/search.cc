@@ -184,6 +184,26 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
           {"pair_transition", pick_chunk(ctx, r * r, (cz + n * cz) * kF)}};
 }
 
+// Tracked peak per rank of DAP inference over n ranks (docs/planner.md; measured in docs/dap.md):
+// every rank holds the weights, the padded masks (s_p r_p + 4 r_p^2 elements), its shards of m
+// and z, 1/n of the one-process workspace `fwd` and the largest gathered operand whole (OPM right
+// projection, row- or triangle-attention bias; the triangle projections are gathered by channel
+// group, inside the chunk target). Rank 0 also holds the whole inputs and outputs; its peak, at
+// the final gather, is the whole m + z beside its shards.
+int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int n,
+                           int64_t grad_struct, int64_t fwd, int64_t e) {
+  const int64_t sp = ceil_div(s, n) * n, rp = ceil_div(r, n) * n;
+  const int64_t weights = cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
+  const int64_t masks = (sp * rp + 4 * rp * rp) * e;
+  const int64_t shards = (sp * rp * cfg.c_m + rp * rp * cfg.c_z) / n * e;
+  const int64_t gather = std::max({sp * rp * cfg.c_hidden_opm, cfg.no_heads_msa * rp * rp,
+                                   cfg.no_heads_pair * rp * rp}) *
+                         e;
+  const int64_t worker = shards + ceil_div(fwd, n) + gather;
+  const int64_t root = (s * r * cfg.c_m + r * r * cfg.c_z) * e + shards;
+  return weights + masks + std::max(worker, root);
+}
+
 // Per-block times of one setting (per device): forward, backward, recompute per type, comm.
 struct BlockTimes {
   double fwd = 0, bwd = 0, rec[kTypes] = {}, comm_fwd = 0, comm_bwd = 0;
@@ -243,7 +263,8 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     const int64_t fwd =
         forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk, p->chunk_target_bytes, p->threads) /
         kF * e;
-    p->peak_bytes = base + (p->dap > 1 ? ceil_div(fwd, p->dap) + t.gather : fwd);
+    p->peak_bytes = base + fwd;
+    if (p->dap > 1) p->peak_bytes = dap_inference_peak(p->cfg, p->s, p->r, p->dap, t.G, fwd, e);
   } else {
     p->forward_ms = B * bt.fwd;
     p->backward_ms = B * bt.bwd;
