@@ -22,19 +22,21 @@ namespace fc {
 // the rates are derived with the efficiencies below (docs/planner.md).
 struct DeviceProfile {
   std::string name;
-  bool calibrated = false;      // measured by calibrate_profile on this machine
-  int devices = 1;              // devices (MPI ranks) available
-  int threads = 1;              // threads per device the rates were measured with
-  int64_t memory_bytes = 0;     // per device; 0 = unknown (then a request must give a limit)
-  std::string dtype = "fp32";   // precision the rates refer to: fp32 | bf16 | fp16
-  double gemm_gflops = 0;       // large projections, M -> infinity
-  double gemm_half_rows = 0;    // rows at which a projection runs at half of gemm_gflops
-  double gemm_bwd_gflops = 0;   // linear backward (dX = dY W, dW = dY^T X)
-  double batched_gflops = 0;    // batched r x r x r products (triangle mult.), OPM outer product
-  double attention_gflops = 0;  // fused attention forward at 256 keys, C = 32
+  bool calibrated = false;        // measured by calibrate_profile on this machine
+  int devices = 1;                // devices (MPI ranks) available
+  int threads = 1;                // threads per device the rates were measured with
+  int64_t memory_bytes = 0;       // per device; 0 = unknown (then a request must give a limit)
+  std::string dtype = "fp32";     // precision the rates refer to: fp32 | bf16 | fp16
+  double gemm_gflops = 0;         // large projections, M -> infinity
+  double gemm_half_rows = 0;      // rows at which a projection runs at half of gemm_gflops
+  double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
+  double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
+  double batched_gflops = 0;      // batched r x r x r products (triangle mult.), OPM outer product
+  double attention_gflops = 0;    // fused attention forward at 256 keys, C = 32
   double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
+  double mem_bwd_gbps = 0;          // their backward (LayerNorm backward; 0 or absent: mem_gbps)
   double link_gbps = 0;             // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;       // per collective call
 
@@ -46,8 +48,9 @@ struct DeviceProfile {
   Status validate() const;
 };
 
-// Micro-benchmarks this machine (GEMM at Evoformer projection shapes, batched triangle products,
-// the attention kernel forward/backward at two key lengths, LayerNorm for bandwidth; ~2-4 s) with
+// Micro-benchmarks this machine (GEMM and linear backward at Evoformer projection shapes and two
+// row counts, batched triangle products, the attention kernel forward/backward at two key
+// lengths, LayerNorm forward and backward for bandwidth; ~3-5 s) with
 // `threads` threads (0 = current setting). Link rates are left 0 (single process).
 Status calibrate_profile(int threads, DeviceProfile* out);
 // $XDG_CACHE_HOME/foldcube/profile-<hostname>.json (or ~/.cache/...).

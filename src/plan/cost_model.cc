@@ -53,11 +53,13 @@ std::string DeviceProfile::to_json() const {
   j["gemm_gflops"] = gemm_gflops;
   j["gemm_half_rows"] = gemm_half_rows;
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
+  j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
   j["attention_gflops"] = attention_gflops;
   j["attention_bwd_gflops"] = attention_bwd_gflops;
   j["attention_len_exp"] = attention_len_exp;
   j["mem_gbps"] = mem_gbps;
+  j["mem_bwd_gbps"] = mem_bwd_gbps;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
   return j.dump(2);
@@ -78,8 +80,10 @@ Status DeviceProfile::validate() const {
   for (const auto& [key, v] : rates)
     if (!(v > 0) || !std::isfinite(v))
       return Status::InvalidArgument(std::string("profile: ") + key + " must be > 0");
-  if (!(gemm_half_rows >= 0) || !std::isfinite(attention_len_exp) || !(link_gbps >= 0) ||
-      !(link_latency_us >= 0))
+  if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
+    return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
+  if (!(gemm_half_rows >= 0) || !(gemm_bwd_half_rows >= 0) || !std::isfinite(attention_len_exp) ||
+      !(link_gbps >= 0) || !(link_latency_us >= 0))
     return Status::InvalidArgument(
         "profile: gemm_half_rows, link_gbps and link_latency_us must be >= 0");
   if (devices > 1 && link_gbps <= 0)
@@ -111,11 +115,14 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
+    p.gemm_bwd_half_rows = -1;  // absent: the forward's
+    num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
     num("batched_gflops", &p.batched_gflops);
     num("attention_gflops", &p.attention_gflops);
     num("attention_bwd_gflops", &p.attention_bwd_gflops);
     num("attention_len_exp", &p.attention_len_exp);
     num("mem_gbps", &p.mem_gbps);
+    num("mem_bwd_gbps", &p.mem_bwd_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
     // A machine we do not have: rates from peaks and efficiencies.
@@ -142,6 +149,8 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
       if (p.attention_bwd_gflops == 0) p.attention_bwd_gflops = e.attention_bwd * peak;
     }
     if (bw > 0 && p.mem_gbps == 0) p.mem_gbps = e.mem * bw;
+    if (p.gemm_bwd_half_rows < 0) p.gemm_bwd_half_rows = p.gemm_half_rows;
+    if (p.mem_bwd_gbps == 0) p.mem_bwd_gbps = p.mem_gbps;
   } catch (const std::exception& e) {
     return Status::InvalidArgument(std::string("profile: bad value: ") + e.what());
   }
@@ -187,6 +196,26 @@ double projection_gflops(int64_t rows, int reps) {
         [&] { kern::linear(x.f32(), sh[0], rows, sh[0], w.f32(), nullptr, sh[1], y.f32(), sh[1]); },
         reps);
     flops += 2.0 * rows * sh[0] * sh[1];
+  }
+  return flops / sec / 1e9;
+}
+
+// The same projections' backward (dX = dY W and dW = dY^T X): GFLOP/s over the set.
+double projection_bwd_gflops(int64_t rows, int reps) {
+  const int64_t shapes[][2] = {{256, 1024}, {1024, 256}, {128, 512}, {256, 256}};
+  double flops = 0, sec = 0;
+  for (const auto& sh : shapes) {
+    const int64_t in = sh[0], o = sh[1];
+    Tensor x = Tensor::empty({rows, in}), w = Tensor::empty({o, in}), dy = Tensor::empty({rows, o});
+    Tensor dx = Tensor::empty({rows, in}), dw = Tensor::zeros({o, in});
+    fill(x, 0.5f), fill(w, 0.1f), fill(dy, 0.2f);
+    sec += best_seconds(
+        [&] {
+          kern::linear_backward(x.f32(), in, rows, in, w.f32(), o, dy.f32(), o, dx.f32(), in,
+                                dw.f32(), nullptr);
+        },
+        reps);
+    flops += 4.0 * rows * in * o;
   }
   return flops / sec / 1e9;
 }
@@ -252,18 +281,14 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
   p.gemm_gflops = x > 0 ? 1 / x : rb;
   p.gemm_half_rows = x > 0 ? y / x : 0;
   {
-    const int64_t rows = 8192, in = 256, o = 1024;
-    Tensor xx = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
-           dy = Tensor::empty({rows, o});
-    Tensor dx = Tensor::empty({rows, in}), dw = Tensor::zeros({o, in});
-    fill(xx, 0.5f), fill(w, 0.1f), fill(dy, 0.2f);
-    const double sec = best_seconds(
-        [&] {
-          kern::linear_backward(xx.f32(), in, rows, in, w.f32(), o, dy.f32(), o, dx.f32(), in,
-                                dw.f32(), nullptr);
-        },
-        reps);
-    p.gemm_bwd_gflops = 4.0 * rows * in * o / sec / 1e9;
+    // Linear backward (dX and dW, kern::linear_backward) at the same shapes and row counts,
+    // fitted to the same rate model.
+    const double ba = projection_bwd_gflops(static_cast<int64_t>(a), reps);
+    const double bb = projection_bwd_gflops(static_cast<int64_t>(b), reps);
+    const double yb = std::max((1 / ba - 1 / bb) / (1 / a - 1 / b), 0.0);
+    const double xb = 1 / bb - yb / b;
+    p.gemm_bwd_gflops = xb > 0 ? 1 / xb : bb;
+    p.gemm_bwd_half_rows = xb > 0 ? yb / xb : 0;
   }
   {
     const int64_t n = 256, batch = 16;
@@ -307,6 +332,21 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
         [&] { kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f); },
         reps);
     p.mem_gbps = 2.0 * rows * n * kF / sec / 1e9;
+    // LayerNorm backward (reads x and dy, writes dx) for the backward's memory-bound passes.
+    Tensor dy = Tensor::empty({rows, n}), dx = Tensor::empty({rows, n});
+    Tensor mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
+    Tensor dg = Tensor::zeros({n}), db = Tensor::zeros({n});
+    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, n)});
+    fill(dy, 0.3f);
+    kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f, mean.f32(),
+                    rstd.f32());
+    const double bsec = best_seconds(
+        [&] {
+          kern::layernorm_backward(xx.f32(), n, dy.f32(), n, rows, n, gamma.f32(), mean.f32(),
+                                   rstd.f32(), dx.f32(), n, dg.f32(), db.f32(), scratch.f32());
+        },
+        reps);
+    p.mem_bwd_gbps = 3.0 * rows * n * kF / bsec / 1e9;
   }
   set_num_threads(saved);
   FC_RETURN_IF_ERROR(p.validate());
@@ -361,6 +401,10 @@ struct Work {
   double batched = 0;                           // FLOPs of batched products
   std::vector<std::pair<double, double>> att;   // (FLOPs of QK^T + PV, key length)
   double mem = 0;                               // elements read + written by memory-bound kernels
+  // Forward work the backward re-runs (recomputed LayerNorms, the triangle projections, the OPM
+  // outer products; src/model/train.h says what each backward rebuilds).
+  std::vector<std::pair<double, double>> re_gemm;
+  double re_batched = 0, re_mem = 0;
 };
 
 double gemm_rate(const DeviceProfile& d, double rows) {
@@ -370,7 +414,7 @@ double gemm_rate(const DeviceProfile& d, double rows) {
 // The backward's dX and dW products have the forward's row count (dW reduces over it), so the
 // same row-count efficiency applies.
 double gemm_bwd_rate(const DeviceProfile& d, double rows) {
-  return d.gemm_bwd_gflops * rows / (rows + d.gemm_half_rows);
+  return d.gemm_bwd_gflops * rows / (rows + d.gemm_bwd_half_rows);
 }
 
 double att_scale(const DeviceProfile& d, double L) {
@@ -387,14 +431,18 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   return s * 1e3;
 }
 
-// Backward: dX and dW of every product (twice the FLOPs), the attention backward kernel (2.5x the
-// forward products: QK^T again, dV, dP, dQ, dK), and twice the memory traffic.
+// Backward: dX and dW of every product (twice the FLOPs) at the calibrated linear-backward rate,
+// the attention backward kernel (2.5x the forward products: QK^T again, dV, dP, dQ, dK), twice
+// the memory traffic at the LayerNorm-backward bandwidth, and the forward work it re-runs.
 double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
   s += 2 * w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
-  s += 2 * w.mem * e / (d.mem_gbps * 1e9);
+  s += 2 * w.mem * e / ((d.mem_bwd_gbps > 0 ? d.mem_bwd_gbps : d.mem_gbps) * 1e9);
+  for (const auto& [f, rows] : w.re_gemm) s += f / (gemm_rate(d, rows) * 1e9);
+  s += w.re_batched / (d.batched_gflops * 1e9);
+  s += w.re_mem * e / (d.mem_gbps * 1e9);
   return s * 1e3;
 }
 
@@ -422,7 +470,8 @@ Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool 
   w.gemm.push_back({2.0 * rows * c * 4 * hc, static_cast<double>(n * L)});
   w.gemm.push_back({2.0 * rows * hc * c, static_cast<double>(n * L)});
   w.att.push_back({attention_flops(N, H, L, L, C), static_cast<double>(L)});
-  w.mem += 2 * rows * c + 3 * rows * c;  // LayerNorm, residual add
+  w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
+  w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk
   return w;
 }
 
@@ -432,6 +481,7 @@ Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
       ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c) : ch(rows, (c + n * c) * kF);
   w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
   w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
+  w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
   return w;
 }
 
@@ -447,6 +497,7 @@ Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch
   w.batched += 2 * rr * co * co * s;                       // outer products (K = s)
   w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
   w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
+  w.re_batched += 2 * rr * co * co * s;  // the outer product is rebuilt chunk by chunk
   return w;
 }
 
@@ -470,6 +521,9 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
   // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
   // LayerNorm out, sigmoid-mul, residual add.
   w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
+  // The backward rebuilds LN_in(z), the projections and A, B group by group, and LN_out.
+  w.re_gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  w.re_mem += 4 * rr * cz + 2 * rr * ct * (2 + 3) + 2 * rr * ct;
   return w;
 }
 
