@@ -41,8 +41,13 @@ struct BenchArgs {
   bool train = false;     // training-step table (policies, measured vs predicted memory)
   bool long_seq = false;  // long-sequence table under a memory budget (--shapes lists r values)
   bool chunks = false;    // chunking-overhead table at one shape (--shapes s:r)
+  bool plan = false;      // planner table: planner vs fixed policies under a forcing budget
+  std::string memory;     // --plan: the budget (default: forced from the memory model)
+  std::string profile;    // --plan: device profile JSON (default: this machine's)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
+// `bench --plan` (app/plan.cc); exe runs the rows (`exe run --plan FILE`).
+int bench_plan(const BenchArgs& a, const std::string& exe);
 
 struct PlanArgs {
   int64_t s = 128, r = 256, blocks = 48;

@@ -87,6 +87,13 @@ int main(int argc, char** argv) {
   bench->add_flag("--chunks", ba.chunks,
                   "chunking-overhead table: one block at one s:r (default 128:256) unchunked, "
                   "automatic, under shrinking budgets and with forced --chunk sizes");
+  bench->add_flag("--plan", ba.plan,
+                  "planner table (issue 6): training step at --shapes (default "
+                  "128:256,512:256,512:384), --blocks N (default 2), under a budget that forces "
+                  "choices: the planner's plan and the fixed policies, estimated vs measured");
+  bench->add_option("--memory", ba.memory, "--plan: the memory budget (default: forcing)");
+  bench->add_option("--profile", ba.profile,
+                    "--plan: device profile JSON (default: this machine's, calibrated and cached)");
   bench->add_flag("--train", ba.train,
                   "training step (forward + backward) per recompute policy none/small/large: "
                   "measured peak and activation memory and time beside the memory model's "

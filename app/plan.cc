@@ -1,9 +1,13 @@
 // `foldcube plan`: the planner's choice (or a fixed policy's evaluation) and its estimates.
 #include "foldcube/plan.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -61,9 +65,17 @@ Status read_text(const std::string& path, std::string* out) {
 // Measured figures of one planned run (medians over the timed passes, peaks over all passes).
 struct Measured {
   double time_ms = 0, forward_ms = 0, backward_ms = 0;
+  double cpu_ms = 0;               // process CPU time (all threads) per timed pass, median
   int64_t peak_tracked_bytes = 0;  // absolute tracked peak: weights, inputs, masks, work
   int64_t activation_bytes = 0;    // training: kept from forward for backward
 };
+
+double cpu_now_ms() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1e3 +
+         (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e3;
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -92,11 +104,12 @@ Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measur
     gm = random_tensor({s, r, cfg.c_m}, seed * 2 + 3);
     gz = random_tensor({r, r, cfg.c_z}, seed * 2 + 4);
   }
-  std::vector<double> tot, fwd, bwd;
+  std::vector<double> tot, fwd, bwd, cpu;
   for (int it = 0; it < warmup + repeats; ++it) {
     Tensor m = random_tensor({s, r, cfg.c_m}, seed * 2 + 1);
     Tensor z = random_tensor({r, r, cfg.c_z}, seed * 2 + 2);
     MemoryScope scope;
+    const double c0 = cpu_now_ms();
     if (plan.training) {
       TrainOptions o = to_train_options(plan);
       o.seed = seed;
@@ -117,8 +130,10 @@ Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measur
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (it >= warmup) tot.push_back(ms), fwd.push_back(ms);
     }
+    if (it >= warmup) cpu.push_back(cpu_now_ms() - c0);
     out->peak_tracked_bytes = std::max(out->peak_tracked_bytes, scope.peak());
   }
+  out->cpu_ms = median(cpu);
   out->time_ms = median(tot);
   out->forward_ms = median(fwd);
   out->backward_ms = median(bwd);
@@ -205,6 +220,8 @@ int run_planned(const RunArgs& a) {
       std::printf("  %-14s %12.1f %12.1f %8.2f  %s\n", name, e, m, m > 0 ? e / m : 0.0, unit);
     };
     row("time", plan.time_ms, ms.time_ms, "ms");
+    std::printf("  (CPU time %.1f ms per pass over %d thread(s): wall x threads = %.1f ms)\n",
+                ms.cpu_ms, num_threads(), ms.time_ms * num_threads());
     if (plan.training) {
       row("forward", plan.forward_ms, ms.forward_ms, "ms");
       row("backward+rec.", plan.backward_ms + plan.recompute_ms, ms.backward_ms, "ms");
@@ -221,6 +238,7 @@ int run_planned(const RunArgs& a) {
     j["training"] = plan.training;
     j["time_ms_estimate"] = plan.time_ms;
     j["time_ms"] = ms.time_ms;
+    j["cpu_ms"] = ms.cpu_ms;
     j["forward_ms_estimate"] = plan.forward_ms;
     j["forward_ms"] = ms.forward_ms;
     j["backward_ms_estimate"] = plan.backward_ms + plan.recompute_ms;
@@ -320,6 +338,189 @@ int plan_command(const PlanArgs& a) {
     if (!f) return fail(Status::IOError("cannot write plan " + a.out));
   }
   return plan.fits ? 0 : 3;
+}
+
+namespace {
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::string temp_path(const char* tag) {
+  return "/tmp/foldcube_" + std::string(tag) + "_" + std::to_string(getpid()) + ".json";
+}
+
+// One table row: a plan, its estimate and (when it fits) its measurement in a fresh process.
+struct BenchRow {
+  std::string name;
+  Plan plan;
+  bool measured = false;
+  double time_ms = 0, cpu_ms = 0;
+  int64_t peak_bytes = 0;
+};
+
+Status measure_row(const std::string& exe, const std::string& profile, BenchRow* row) {
+  const std::string plan_path = temp_path("plan"), report = temp_path("report");
+  {
+    std::ofstream f(plan_path);
+    f << row->plan.to_json() << "\n";
+    if (!f) return Status::IOError("cannot write " + plan_path);
+  }
+  const std::string cmd = "'" + exe + "' run --quiet --warmup 1 --repeats 1 --threads " +
+                          std::to_string(row->plan.threads) + " --plan " + plan_path +
+                          " --plan-profile '" + profile + "'" +
+                          (row->plan.training ? " --backward" : "") + " --report " + report;
+  const int rc = std::system(cmd.c_str());
+  std::remove(plan_path.c_str());
+  if (rc != 0) return Status::Internal("benchmark row failed: " + cmd);
+  std::ifstream f(report);
+  const nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  std::remove(report.c_str());
+  if (j.is_discarded()) return Status::Internal("unreadable report from: " + cmd);
+  row->time_ms = j["time_ms"].get<double>();
+  row->cpu_ms = j["cpu_ms"].get<double>();
+  row->peak_bytes = j["peak_tracked_bytes"].get<int64_t>();
+  row->measured = true;
+  return Status::OK();
+}
+}  // namespace
+
+int bench_plan(const BenchArgs& a, const std::string& exe) {
+  set_num_threads(a.threads);
+  const std::string profile_path = a.profile.empty() ? default_profile_path() : a.profile;
+  DeviceProfile dev;
+  Status st = load_or_calibrate_profile(a.profile, false, &dev);
+  if (!st.ok()) return fail(st);
+  dev.threads = num_threads();
+  dev.devices = 1;
+  int64_t blocks = 2;
+  if (!a.blocks.empty()) {
+    const auto b = split(a.blocks, ',');
+    if (b.size() != 1 || std::atoll(b[0].c_str()) < 1)
+      return fail(Status::InvalidArgument("--blocks: one block count >= 1 with --plan"));
+    blocks = std::atoll(b[0].c_str());
+  }
+  int64_t forced_budget = 0;
+  if (!a.memory.empty()) {
+    st = parse_bytes(a.memory, &forced_budget);
+    if (!st.ok()) return fail(st);
+  }
+  std::printf(
+      "foldcube bench --plan: training step, AF2 model_1 dims, %lld block(s), %d thread(s), "
+      "fp32, profile %s\n\n",
+      static_cast<long long>(blocks), num_threads(), dev.name.c_str());
+  std::printf(
+      "| s | r | budget MiB | plan | recompute (n/m/b) | chunk target MiB | est. ms | meas. ms | "
+      "est/meas | CPU ms | est. peak MiB | meas. peak MiB | fits |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json all = nlohmann::json::array();
+  for (const std::string& shape :
+       split(a.shapes.empty() ? "128:256,512:256,512:384" : a.shapes, ',')) {
+    const auto sr = split(shape, ':');
+    if (sr.size() != 2 || std::atoll(sr[0].c_str()) < 1 || std::atoll(sr[1].c_str()) < 1)
+      return fail(Status::InvalidArgument("bad shape '" + shape + "' (want s:r)"));
+    PlanRequest req;
+    req.cfg.no_blocks = blocks;
+    req.s = std::atoll(sr[0].c_str());
+    req.r = std::atoll(sr[1].c_str());
+    req.training = true;
+    req.profile = dev;
+    req.devices = 1;
+    req.dtype = "fp32";
+    // A budget that forces choices: a quarter of the way from the smallest feasible peak (the
+    // finest chunk target) to the unconstrained plan's peak, unless --memory gives one.
+    const std::vector<int64_t> targets = training_chunk_targets(req.cfg, req.s, req.r);
+    int64_t budget = forced_budget;
+    if (budget <= 0) {
+      Plan roomy;
+      req.memory_bytes = int64_t{1} << 50;
+      st = make_plan(req, &roomy);
+      if (!st.ok()) return fail(st);
+      int64_t lo = roomy.peak_bytes;
+      for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
+        Plan p = roomy;
+        p.policy.assign(blocks, rc);
+        p.chunk = 0;
+        p.chunk_target_bytes = targets.front();
+        if (evaluate_plan(dev, &p).ok()) lo = std::min(lo, p.peak_bytes);
+      }
+      budget = lo + (roomy.peak_bytes - lo) / 4;
+    }
+    req.memory_bytes = budget;
+    std::vector<BenchRow> rows;
+    {
+      BenchRow row{"planner", {}};
+      st = make_plan(req, &row.plan);
+      if (st.ok())
+        rows.push_back(row);
+      else
+        std::fprintf(stderr, "foldcube: planner at %s: %s\n", shape.c_str(), st.message().c_str());
+    }
+    for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock})
+      for (const auto& [tag, tgt] : {std::pair<const char*, int64_t>{"whole", targets.back()},
+                                     {"auto", default_chunk_target_bytes(req.cfg, req.s, req.r)},
+                                     {"finest", targets.front()}}) {
+        BenchRow row{std::string(recompute_name(rc)) + ", " + tag, {}};
+        Plan& p = row.plan;
+        p.cfg = req.cfg;
+        p.s = req.s;
+        p.r = p.r_real = req.r;
+        p.training = true;
+        p.policy.assign(blocks, rc);
+        p.chunk_target_bytes = tgt;
+        p.threads = num_threads();
+        p.memory_limit_bytes = budget;
+        st = evaluate_plan(dev, &p);
+        if (!st.ok()) return fail(st);
+        rows.push_back(row);
+      }
+    for (BenchRow& row : rows) {
+      if (row.plan.fits) {
+        st = measure_row(exe, profile_path, &row);
+        if (!st.ok()) return fail(st);
+      }
+      int counts[3] = {0, 0, 0};
+      for (Recompute p : row.plan.policy) ++counts[static_cast<int>(p)];
+      const Plan& p = row.plan;
+      if (row.measured)
+        std::printf(
+            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | %.0f | %.2f | %.0f | %.1f | %.1f "
+            "| yes |\n",
+            static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
+            counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms, row.time_ms,
+            p.time_ms / row.time_ms, row.cpu_ms, mib(p.peak_bytes), mib(row.peak_bytes));
+      else
+        std::printf(
+            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | no |\n",
+            static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
+            counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms,
+            mib(p.peak_bytes));
+      std::fflush(stdout);
+      all.push_back(
+          {{"s", p.s},
+           {"r", p.r},
+           {"blocks", blocks},
+           {"budget_bytes", budget},
+           {"plan", row.name},
+           {"time_ms_estimate", p.time_ms},
+           {"time_ms", row.measured ? nlohmann::json(row.time_ms) : nlohmann::json()},
+           {"cpu_ms", row.measured ? nlohmann::json(row.cpu_ms) : nlohmann::json()},
+           {"peak_bytes_estimate", p.peak_bytes},
+           {"peak_tracked_bytes", row.measured ? nlohmann::json(row.peak_bytes) : nlohmann::json()},
+           {"fits", p.fits},
+           {"plan_json", nlohmann::json::parse(p.to_json())}});
+    }
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << all.dump(2) << "\n";
+    if (!f) return fail(Status::IOError("cannot write " + a.out_json));
+  }
+  return 0;
 }
 
 }  // namespace fc::app
