@@ -29,6 +29,7 @@ struct DeviceProfile {
   std::string dtype = "fp32";     // precision the rates refer to: fp32 | bf16 | fp16
   double gemm_gflops = 0;         // large projections, M -> infinity
   double gemm_half_rows = 0;      // rows at which a projection runs at half of gemm_gflops
+  double gemm_half_cols = 0;      // narrow side (columns) at which a product runs at half rate
   double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
   double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
   double batched_gflops = 0;      // batched r x r x r products (triangle mult.), OPM outer product
@@ -39,6 +40,9 @@ struct DeviceProfile {
   double mem_bwd_gbps = 0;          // their backward (LayerNorm backward; 0 or absent: mem_gbps)
   double link_gbps = 0;             // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;       // per collective call
+  // Measured / modelled time of a training step's forward and backward (calibration: one block
+  // at (32, 128), policy none, whole chunks); 1 for user profiles unless given.
+  double train_fwd_factor = 1, train_bwd_factor = 1;
 
   std::string to_json() const;
   // Either the calibrated fields or peak_gflops + peak_mem_gbps (+ optional efficiencies
@@ -50,7 +54,8 @@ struct DeviceProfile {
 
 // Micro-benchmarks this machine (GEMM and linear backward at Evoformer projection shapes and two
 // row counts, batched triangle products, the attention kernel forward/backward at two key
-// lengths, LayerNorm forward and backward for bandwidth; ~3-5 s) with
+// lengths, LayerNorm forward and backward for bandwidth, and one training step of one block at
+// (32, 128) for train_fwd_factor / train_bwd_factor; ~3-6 s) with
 // `threads` threads (0 = current setting). Link rates are left 0 (single process).
 Status calibrate_profile(int threads, DeviceProfile* out);
 // $XDG_CACHE_HOME/foldcube/profile-<hostname>.json (or ~/.cache/...).

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -13,6 +14,7 @@
 #include <sstream>
 
 #include "exec/dap.h"
+#include "foldcube/model.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
@@ -52,6 +54,7 @@ std::string DeviceProfile::to_json() const {
   j["dtype"] = dtype;
   j["gemm_gflops"] = gemm_gflops;
   j["gemm_half_rows"] = gemm_half_rows;
+  j["gemm_half_cols"] = gemm_half_cols;
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
   j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
@@ -62,6 +65,8 @@ std::string DeviceProfile::to_json() const {
   j["mem_bwd_gbps"] = mem_bwd_gbps;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
+  j["train_fwd_factor"] = train_fwd_factor;
+  j["train_bwd_factor"] = train_bwd_factor;
   return j.dump(2);
 }
 
@@ -80,10 +85,13 @@ Status DeviceProfile::validate() const {
   for (const auto& [key, v] : rates)
     if (!(v > 0) || !std::isfinite(v))
       return Status::InvalidArgument(std::string("profile: ") + key + " must be > 0");
+  if (!(train_fwd_factor > 0) || !(train_bwd_factor > 0) || !std::isfinite(train_fwd_factor) ||
+      !std::isfinite(train_bwd_factor))
+    return Status::InvalidArgument("profile: train_fwd_factor and train_bwd_factor must be > 0");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
-  if (!(gemm_half_rows >= 0) || !(gemm_bwd_half_rows >= 0) || !std::isfinite(attention_len_exp) ||
-      !(link_gbps >= 0) || !(link_latency_us >= 0))
+  if (!(gemm_half_rows >= 0) || !(gemm_bwd_half_rows >= 0) || !(gemm_half_cols >= 0) ||
+      !std::isfinite(attention_len_exp) || !(link_gbps >= 0) || !(link_latency_us >= 0))
     return Status::InvalidArgument(
         "profile: gemm_half_rows, link_gbps and link_latency_us must be >= 0");
   if (devices > 1 && link_gbps <= 0)
@@ -114,6 +122,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     if (j.contains("dtype")) p.dtype = j["dtype"].get<std::string>();
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
+    num("gemm_half_cols", &p.gemm_half_cols);
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
     p.gemm_bwd_half_rows = -1;  // absent: the forward's
     num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
@@ -125,6 +134,8 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("mem_bwd_gbps", &p.mem_bwd_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
+    num("train_fwd_factor", &p.train_fwd_factor);
+    num("train_bwd_factor", &p.train_bwd_factor);
     // A machine we do not have: rates from peaks and efficiencies.
     double peak = 0, bw = 0;
     num("peak_gflops", &peak);
@@ -281,6 +292,23 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
   p.gemm_gflops = x > 0 ? 1 / x : rb;
   p.gemm_half_rows = x > 0 ? y / x : 0;
   {
+    // Narrow outputs (a training channel group's projections): 8192 x 128 -> 8 against -> 256,
+    // rate(n) = rate(wide) * n / (n + n_half).
+    const int64_t rows = 8192, in = 128, narrow = 8, wide = 256;
+    double sec[2];
+    for (int i = 0; i < 2; ++i) {
+      const int64_t o = i == 0 ? narrow : wide;
+      Tensor x = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
+             y = Tensor::empty({rows, o});
+      fill(x, 0.5f), fill(w, 0.1f);
+      sec[i] = best_seconds(
+                   [&] { kern::linear(x.f32(), in, rows, in, w.f32(), nullptr, o, y.f32(), o); },
+                   reps) /
+               o;  // seconds per output column
+    }
+    p.gemm_half_cols = std::max(0.0, narrow * (sec[0] / sec[1] - 1));
+  }
+  {
     // Linear backward (dX and dW, kern::linear_backward) at the same shapes and row counts,
     // fitted to the same rate model.
     const double ba = projection_bwd_gflops(static_cast<int64_t>(a), reps);
@@ -348,6 +376,35 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
         reps);
     p.mem_bwd_gbps = 3.0 * rows * n * kF / bsec / 1e9;
   }
+  {
+    // The training step as a whole: one AF2 block at (32, 128), policy none, one chunk per module
+    // (fastest of 2 after a warm-up, ~1-2 s). What the kernel classes above miss (the training
+    // functions' state writes, per-chunk copies and gathers) is the ratio of measured to
+    // modelled forward and backward time at this shape; block_module_costs applies it.
+    FC_RETURN_IF_ERROR(p.validate());
+    EvoformerConfig cfg;
+    cfg.no_blocks = 1;
+    const int64_t s = 32, r = 128;
+    const EvoformerStack stack = EvoformerStack::random(cfg, 1);
+    Tensor m0 = Tensor::empty({s, r, cfg.c_m}), z0 = Tensor::empty({r, r, cfg.c_z});
+    Tensor gm = Tensor::empty({s, r, cfg.c_m}), gz = Tensor::empty({r, r, cfg.c_z});
+    fill(m0, 1.f), fill(z0, 1.f), fill(gm, 0.1f), fill(gz, 0.1f);
+    TrainOptions o;
+    o.policy = {Recompute::kNone};
+    o.chunk_target_bytes = training_chunk_targets(cfg, s, r).back();
+    double fwd = 1e30, bwd = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      Tensor m = m0.clone(), z = z0.clone();
+      TrainResult res;
+      FC_RETURN_IF_ERROR(stack.train_step(m, z, Tensor(), Tensor(), gm, gz, o, &res));
+      if (i > 0) fwd = std::min(fwd, res.forward_ms), bwd = std::min(bwd, res.backward_ms);
+    }
+    double mf = 0, mb = 0;
+    for (const ModuleCost& c : block_module_costs(cfg, s, r, 0, o.chunk_target_bytes, true, p))
+      mf += c.forward_ms, mb += c.backward_ms;
+    p.train_fwd_factor = fwd / mf;
+    p.train_bwd_factor = bwd / mb;
+  }
   set_num_threads(saved);
   FC_RETURN_IF_ERROR(p.validate());
   *out = p;
@@ -398,12 +455,16 @@ namespace {
 // product, which sets its efficiency).
 struct Work {
   std::vector<std::pair<double, double>> gemm;  // (FLOPs, rows)
-  double batched = 0;                           // FLOPs of batched products
-  std::vector<std::pair<double, double>> att;   // (FLOPs of QK^T + PV, key length)
-  double mem = 0;                               // elements read + written by memory-bound kernels
+  // Products with a narrow side (output or reduction width `narrow`, e.g. the triangle
+  // projections of a training channel group): (FLOPs, rows, narrow).
+  std::vector<std::array<double, 3>> gemm_narrow;
+  double batched = 0;                          // FLOPs of batched products
+  std::vector<std::pair<double, double>> att;  // (FLOPs of QK^T + PV, key length)
+  double mem = 0;                              // elements read + written by memory-bound kernels
   // Forward work the backward re-runs (recomputed LayerNorms, the triangle projections, the OPM
   // outer products; src/model/train.h says what each backward rebuilds).
   std::vector<std::pair<double, double>> re_gemm;
+  std::vector<std::array<double, 3>> re_gemm_narrow;
   double re_batched = 0, re_mem = 0;
 };
 
@@ -417,6 +478,9 @@ double gemm_bwd_rate(const DeviceProfile& d, double rows) {
   return d.gemm_bwd_gflops * rows / (rows + d.gemm_bwd_half_rows);
 }
 
+// Rate factor of a product whose narrow side has n columns.
+double narrow_factor(const DeviceProfile& d, double n) { return n / (n + d.gemm_half_cols); }
+
 double att_scale(const DeviceProfile& d, double L) {
   return std::pow(std::clamp(L, 32.0, 4096.0) / kRefKeys, d.attention_len_exp);
 }
@@ -425,6 +489,8 @@ double att_scale(const DeviceProfile& d, double L) {
 double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += f / (gemm_rate(d, rows) * 1e9);
+  for (const auto& [f, rows, n] : w.gemm_narrow)
+    s += f / (gemm_rate(d, rows) * narrow_factor(d, n) * 1e9);
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (d.mem_gbps * 1e9);
@@ -437,6 +503,10 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
 double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
+  for (const auto& [f, rows, n] : w.gemm_narrow)
+    s += 2 * f / (gemm_bwd_rate(d, rows) * narrow_factor(d, n) * 1e9);
+  for (const auto& [f, rows, n] : w.re_gemm_narrow)
+    s += f / (gemm_rate(d, rows) * narrow_factor(d, n) * 1e9);
   s += 2 * w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
   s += 2 * w.mem * e / ((d.mem_bwd_gbps > 0 ? d.mem_bwd_gbps : d.mem_gbps) * 1e9);
@@ -507,14 +577,18 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
   Work w;
   // Rows of the input projections and of the output projection / gate per chunk. Training
   // projects channel groups over all r^2 rows and runs the output side by pair rows.
-  int64_t c1 = r, c2 = r;
+  int64_t c1 = r, c2 = r, group = ct;
   if (ch.training) {
-    c2 = tri_mul_train_chunks(*ch.ctx).rows;
+    const TriMulTrainChunks tm = tri_mul_train_chunks(*ch.ctx);
+    c2 = tm.rows;
+    group = tm.group;
   } else {
     c1 = ch(r, r * (cz + 4 * ct) * kF);
     c2 = ch(r, r * (ct + 3 * cz) * kF);
   }
-  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  // Input projections: per channel group, [r^2, c_z] x [c_z, 4 group].
+  w.gemm_narrow.push_back(
+      {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
   w.batched += 2 * rr * r * ct;
   w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
   w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
@@ -522,7 +596,8 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
   // LayerNorm out, sigmoid-mul, residual add.
   w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
   // The backward rebuilds LN_in(z), the projections and A, B group by group, and LN_out.
-  w.re_gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  w.re_gemm_narrow.push_back(
+      {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
   w.re_mem += 4 * rr * cz + 2 * rr * ct * (2 + 3) + 2 * rr * ct;
   return w;
 }
@@ -556,7 +631,8 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
       {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};
   std::vector<ModuleCost> out;
   for (const auto& [name, w] : mods)
-    out.push_back({name, forward_ms(w, dev, e), training ? backward_ms(w, dev, e) : 0.0});
+    out.push_back({name, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0),
+                   training ? backward_ms(w, dev, e) * dev.train_bwd_factor : 0.0});
   return out;
 }
 

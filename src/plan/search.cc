@@ -360,16 +360,17 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   dev.devices = devices;
   const int64_t e = dtype_bytes(dtype), B = req.cfg.no_blocks;
 
-  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and chunk targets: for inference
-  // from the default down by halves, for training the geometric set of
-  // training_chunk_targets (smaller chunks cost GEMM efficiency, save workspace).
+  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and chunk targets, coarsest first:
+  // for inference from the default down by halves, for training the geometric set of
+  // training_chunk_targets from whole down (smaller chunks cost GEMM efficiency, save workspace).
   std::vector<Setting> settings;
   const int64_t dflt = default_chunk_target_bytes(req.cfg, req.s, r);
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (chunk, target)
   if (req.chunk > 0) {
     chunks.push_back({req.chunk, 0});
   } else if (req.training) {
-    for (int64_t tgt : training_chunk_targets(req.cfg, req.s, r)) chunks.push_back({0, tgt});
+    const std::vector<int64_t> tg = training_chunk_targets(req.cfg, req.s, r);
+    for (auto it = tg.rbegin(); it != tg.rend(); ++it) chunks.push_back({0, *it});
   } else {
     for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
     chunks.push_back({1, 0});  // the finest: one item per chunk
@@ -391,10 +392,10 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     if (p.peak_bytes > limit && !req.fixed_policy) return;
     const bool fits = p.peak_bytes <= limit;
     const bool best_fits = found && best.peak_bytes <= limit;
+    // Settings come coarsest chunking first: on equal estimated time the earlier (coarser) one
+    // stays, so a model that sees no cost in chunking never chunks for nothing.
     if (!found || (fits && !best_fits) ||
-        (fits == best_fits &&
-         (p.time_per_protein_ms < best.time_per_protein_ms ||
-          (p.time_per_protein_ms == best.time_per_protein_ms && p.peak_bytes < best.peak_bytes)))) {
+        (fits == best_fits && p.time_per_protein_ms < best.time_per_protein_ms)) {
       best = std::move(p);
       found = true;
     }
