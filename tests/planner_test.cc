@@ -130,6 +130,46 @@ TEST(Planner, UserProfileFromPeaks) {
 }
 
 // A training plan's peak is the memory model's step peak above a fixed base (weights, inputs).
+// The backward and training calibration fields round-trip; absent ones take their defaults.
+TEST(Planner, ProfileTrainingFieldsRoundTrip) {
+  DeviceProfile p = test_profile();
+  p.gemm_bwd_half_rows = 40;
+  p.gemm_half_cols = 11;
+  p.mem_bwd_gbps = 12;
+  p.train_fwd_factor = 1.25;
+  p.train_bwd_factor = 1.3;
+  DeviceProfile q;
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
+  EXPECT_EQ(q.gemm_bwd_half_rows, 40);
+  EXPECT_EQ(q.gemm_half_cols, 11);
+  EXPECT_EQ(q.mem_bwd_gbps, 12);
+  EXPECT_EQ(q.train_fwd_factor, 1.25);
+  EXPECT_EQ(q.train_bwd_factor, 1.3);
+  ASSERT_TRUE(DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10,
+      "gemm_half_rows": 50})",
+                                       &q)
+                  .ok());
+  EXPECT_EQ(q.gemm_bwd_half_rows, 50);  // the forward's
+  EXPECT_EQ(q.mem_bwd_gbps, q.mem_gbps);
+  EXPECT_EQ(q.train_fwd_factor, 1.0);
+  const Status st = DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10,
+      "train_bwd_factor": -1})",
+                                             &q);
+  EXPECT_NE(st.message().find("train_bwd_factor"), std::string::npos) << st.message();
+  // A smaller training channel group (finer chunk target) costs more: narrow projections.
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  p.gemm_half_cols = 8;
+  const std::vector<int64_t> tg = training_chunk_targets(cfg, 32, 128);
+  auto step_ms = [&](int64_t target) {
+    double t = 0;
+    for (const ModuleCost& c : block_module_costs(cfg, 32, 128, 0, target, true, p))
+      t += c.forward_ms + c.backward_ms;
+    return t;
+  };
+  EXPECT_GT(step_ms(tg.front()), step_ms(tg.back()));
+}
+
 TEST(Planner, DecompositionMatchesMemoryModel) {
   for (bool af2 : {false, true}) {
     EvoformerConfig cfg = af2 ? EvoformerConfig() : small_cfg(5);
