@@ -392,10 +392,10 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     if (p.peak_bytes > limit && !req.fixed_policy) return;
     const bool fits = p.peak_bytes <= limit;
     const bool best_fits = found && best.peak_bytes <= limit;
-    // Settings come coarsest chunking first: on equal estimated time the earlier (coarser) one
-    // stays, so a model that sees no cost in chunking never chunks for nothing.
+    // Settings come coarsest chunking first: on equal estimated time (to rounding) the earlier,
+    // coarser one stays, so a model that sees no cost in chunking never chunks for nothing.
     if (!found || (fits && !best_fits) ||
-        (fits == best_fits && p.time_per_protein_ms < best.time_per_protein_ms)) {
+        (fits == best_fits && p.time_per_protein_ms < best.time_per_protein_ms * (1 - 1e-12))) {
       best = std::move(p);
       found = true;
     }
