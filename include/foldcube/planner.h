@@ -43,6 +43,9 @@ struct DeviceProfile {
   // Measured / modelled time of a training step's forward and backward (calibration: one block
   // at (32, 128), policy none, whole chunks); 1 for user profiles unless given.
   double train_fwd_factor = 1, train_bwd_factor = 1;
+  // Fixed cost of one chunk-loop iteration of a module (calibration: a finely chunked training
+  // step at (16, 64)); 0 for user profiles unless given.
+  double chunk_overhead_us = 0;
 
   std::string to_json() const;
   // Either the calibrated fields or peak_gflops + peak_mem_gbps (+ optional efficiencies
@@ -55,7 +58,8 @@ struct DeviceProfile {
 // Micro-benchmarks this machine (GEMM and linear backward at Evoformer projection shapes and two
 // row counts, batched triangle products, the attention kernel forward/backward at two key
 // lengths, LayerNorm forward and backward for bandwidth, and one training step of one block at
-// (32, 128) for train_fwd_factor / train_bwd_factor; ~3-6 s) with
+// (32, 128) for train_fwd_factor / train_bwd_factor, one finely chunked step at (16, 64) for
+// chunk_overhead_us; ~4-7 s) with
 // `threads` threads (0 = current setting). Link rates are left 0 (single process).
 Status calibrate_profile(int threads, DeviceProfile* out);
 // $XDG_CACHE_HOME/foldcube/profile-<hostname>.json (or ~/.cache/...).

@@ -67,6 +67,7 @@ std::string DeviceProfile::to_json() const {
   j["link_latency_us"] = link_latency_us;
   j["train_fwd_factor"] = train_fwd_factor;
   j["train_bwd_factor"] = train_bwd_factor;
+  j["chunk_overhead_us"] = chunk_overhead_us;
   return j.dump(2);
 }
 
@@ -88,6 +89,8 @@ Status DeviceProfile::validate() const {
   if (!(train_fwd_factor > 0) || !(train_bwd_factor > 0) || !std::isfinite(train_fwd_factor) ||
       !std::isfinite(train_bwd_factor))
     return Status::InvalidArgument("profile: train_fwd_factor and train_bwd_factor must be > 0");
+  if (!(chunk_overhead_us >= 0) || !std::isfinite(chunk_overhead_us))
+    return Status::InvalidArgument("profile: chunk_overhead_us must be >= 0");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
   if (!(gemm_half_rows >= 0) || !(gemm_bwd_half_rows >= 0) || !(gemm_half_cols >= 0) ||
@@ -136,6 +139,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("link_latency_us", &p.link_latency_us);
     num("train_fwd_factor", &p.train_fwd_factor);
     num("train_bwd_factor", &p.train_bwd_factor);
+    num("chunk_overhead_us", &p.chunk_overhead_us);
     // A machine we do not have: rates from peaks and efficiencies.
     double peak = 0, bw = 0;
     num("peak_gflops", &peak);
@@ -404,6 +408,31 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
       mf += c.forward_ms, mb += c.backward_ms;
     p.train_fwd_factor = fwd / mf;
     p.train_bwd_factor = bwd / mb;
+    // The fixed cost of one chunk-loop iteration: the same block at (16, 64), policy module,
+    // finest training chunk target (one item, one channel per chunk; ~0.3-1 s): the time the
+    // rate model leaves unexplained over the iterations it counts.
+    const int64_t s2 = 16, r2 = 64;
+    Tensor m1 = Tensor::empty({s2, r2, cfg.c_m}), z1 = Tensor::empty({r2, r2, cfg.c_z});
+    Tensor gm1 = Tensor::empty({s2, r2, cfg.c_m}), gz1 = Tensor::empty({r2, r2, cfg.c_z});
+    fill(gm1, 0.1f), fill(gz1, 0.1f);
+    o.policy = {Recompute::kModule};
+    o.chunk_target_bytes = training_chunk_targets(cfg, s2, r2).front();
+    double step = 1e30;
+    for (int i = 0; i < 2; ++i) {
+      fill(m1, 1.f), fill(z1, 1.f);
+      TrainResult res;
+      FC_RETURN_IF_ERROR(stack.train_step(m1, z1, Tensor(), Tensor(), gm1, gz1, o, &res));
+      step = std::min(step, res.forward_ms + res.backward_ms);
+    }
+    double model = 0, iters = 0;
+    DeviceProfile unit = p;
+    unit.chunk_overhead_us = 1;  // 1 us per iteration: the difference counts the iterations
+    for (const ModuleCost& c : block_module_costs(cfg, s2, r2, 0, o.chunk_target_bytes, true, p))
+      model += 2 * c.forward_ms + c.backward_ms;  // forward, module recompute, backward
+    for (const ModuleCost& c : block_module_costs(cfg, s2, r2, 0, o.chunk_target_bytes, true, unit))
+      iters += (2 * c.forward_ms + c.backward_ms) * 1e3;
+    iters -= model * 1e3;
+    p.chunk_overhead_us = iters > 0 ? std::max(0.0, (step - model) * 1e3 / iters) : 0;
   }
   set_num_threads(saved);
   FC_RETURN_IF_ERROR(p.validate());
@@ -466,7 +495,10 @@ struct Work {
   std::vector<std::pair<double, double>> re_gemm;
   std::vector<std::array<double, 3>> re_gemm_narrow;
   double re_batched = 0, re_mem = 0;
+  double chunks = 0;  // iterations of the module's chunk loops (each pays chunk_overhead_us)
 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / std::max<int64_t>(b, 1); }
 
 double gemm_rate(const DeviceProfile& d, double rows) {
   return d.gemm_gflops * rows / (rows + d.gemm_half_rows);
@@ -532,8 +564,10 @@ Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool 
   const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
   const int64_t n = ch.training ? attention_train_chunk(*ch.ctx, N, L, c, H * C)
                                 : ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
+  w.chunks += ceil_div(N, n);
   if (bias) {
     const int64_t nb = ch.training ? bias_train_chunk(*ch.ctx, H) : ch(r, r * cz * kF);
+    w.chunks += ceil_div(r, nb);
     w.gemm.push_back({2.0 * r * r * cz * H, static_cast<double>(nb * r)});
     w.mem += 2.0 * r * r * cz + 2.0 * H * r * r;  // LayerNorm of z, bias transpose
   }
@@ -550,6 +584,7 @@ Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
   const int64_t k =
       ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c) : ch(rows, (c + n * c) * kF);
   w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
+  w.chunks += ceil_div(rows, k);
   w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
   w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
   return w;
@@ -561,6 +596,7 @@ Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch
   // Training chunks only the outer product (residue blocks i); the projections run whole.
   const int64_t c1 = ch.training ? s : ch(s, r * (cm + 2 * co) * kF);
   const int64_t c2 = ch(r, 2 * co * r * co * kF + r * cz * kF);
+  w.chunks += ceil_div(s, c1) + ceil_div(r, c2);
   const double sr = static_cast<double>(s) * r, rr = static_cast<double>(r) * r;
   w.gemm.push_back({2 * sr * cm * 2 * co, static_cast<double>(c1 * r)});
   w.gemm.push_back({2 * rr * s, static_cast<double>(r)});  // mask normaliser
@@ -586,6 +622,7 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
     c1 = ch(r, r * (cz + 4 * ct) * kF);
     c2 = ch(r, r * (ct + 3 * cz) * kF);
   }
+  w.chunks += ceil_div(ct, group) + ceil_div(r, c1) + ceil_div(r, c2);
   // Input projections: per channel group, [r^2, c_z] x [c_z, 4 group].
   w.gemm_narrow.push_back(
       {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
@@ -630,9 +667,12 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
       {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
       {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};
   std::vector<ModuleCost> out;
-  for (const auto& [name, w] : mods)
-    out.push_back({name, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0),
-                   training ? backward_ms(w, dev, e) * dev.train_bwd_factor : 0.0});
+  // Training: every chunk loop runs in the forward and again in the backward.
+  for (const auto& [name, w] : mods) {
+    const double ovh = w.chunks * dev.chunk_overhead_us * 1e-3;
+    out.push_back({name, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh,
+                   training ? backward_ms(w, dev, e) * dev.train_bwd_factor + ovh : 0.0});
+  }
   return out;
 }
 
