@@ -138,6 +138,7 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
   p.mem_bwd_gbps = 12;
   p.train_fwd_factor = 1.25;
   p.train_bwd_factor = 1.3;
+  p.chunk_overhead_us = 100;
   DeviceProfile q;
   ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
   EXPECT_EQ(q.gemm_bwd_half_rows, 40);
@@ -145,6 +146,7 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
   EXPECT_EQ(q.mem_bwd_gbps, 12);
   EXPECT_EQ(q.train_fwd_factor, 1.25);
   EXPECT_EQ(q.train_bwd_factor, 1.3);
+  EXPECT_EQ(q.chunk_overhead_us, 100);
   ASSERT_TRUE(DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10,
       "gemm_half_rows": 50})",
                                        &q)
