@@ -303,7 +303,7 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
   const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
   struct Row {
     std::string label, flags;
-    std::vector<double> times;
+    std::vector<double> times, cpu;  // wall and process CPU ms of every timed pass
     nlohmann::json last;
   };
   std::vector<Row> rows = {{"unchunked", "--chunk 1000000000", {}, {}}, {"automatic", "", {}, {}}};
@@ -338,53 +338,139 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
         continue;
       }
       for (double t : j["times_ms"]) row.times.push_back(t);
+      for (double t : j["cpu_times_ms"]) row.cpu.push_back(t);
       row.last = j;
     }
   auto median_of = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0.0 : v[v.size() / 2];
   };
-  const double base = median_of(rows[0].times);
+  const double base = median_of(rows[0].times), base_cpu = median_of(rows[0].cpu);
   std::printf(
-      "| chunking | time ms | vs unchunked | tracked peak MiB | inference/(m+z) | RSS peak MiB | "
+      "| chunking | time ms | vs unchunked | CPU ms | CPU vs unchunked | tracked peak MiB | "
+      "inference/(m+z) | RSS peak MiB | "
       "chunk target MiB | items per chunk (row att s, col att r, tri att r, OPM r, tri-mul c_t) "
       "|\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   nlohmann::json out = nlohmann::json::array();
   for (const Row& row : rows) {
     if (row.last.is_null() || row.times.empty()) {
-      std::printf("| %s | refused (below the smallest feasible budget) | | | | | | |\n",
+      std::printf("| %s | refused (below the smallest feasible budget) | | | | | | | | |\n",
                   row.label.c_str());
       continue;
     }
     const nlohmann::json& j = row.last;
-    const double t = median_of(row.times);
+    const double t = median_of(row.times), cpu = median_of(row.cpu);
     auto items = [&](const char* module, size_t loop) {
       const auto& loops = j["module_chunks"][module];
       return loops.size() > loop ? loops[loop]["items"].get<int64_t>() : 0;
     };
-    std::printf("| %s | %.0f | %.3f | %.1f | %.2f | %.1f | %.2f | %lld, %lld, %lld, %lld, %lld |\n",
-                row.label.c_str(), t, t / base, j["peak_tracked_bytes"].get<double>() / 1048576.0,
-                j["inference_peak_bytes"].get<double>() / mz,
-                j["peak_rss_bytes"].get<double>() / 1048576.0,
-                row.flags.rfind("--chunk ", 0) == 0
-                    ? 0.0
-                    : j["chunk_target_bytes_used"].get<double>() / 1048576.0,
-                static_cast<long long>(items("msa_att_row", 1)),
-                static_cast<long long>(items("msa_att_col", 0)),
-                static_cast<long long>(items("tri_att_start", 1)),
-                static_cast<long long>(items("outer_product_mean", 1)),
-                static_cast<long long>(items("tri_mul_out", 0)));
+    std::printf(
+        "| %s | %.0f | %.3f | %.0f | %.3f | %.1f | %.2f | %.1f | %.2f | %lld, %lld, %lld, %lld, "
+        "%lld |\n",
+        row.label.c_str(), t, t / base, cpu, cpu / base_cpu,
+        j["peak_tracked_bytes"].get<double>() / 1048576.0,
+        j["inference_peak_bytes"].get<double>() / mz, j["peak_rss_bytes"].get<double>() / 1048576.0,
+        row.flags.rfind("--chunk ", 0) == 0
+            ? 0.0
+            : j["chunk_target_bytes_used"].get<double>() / 1048576.0,
+        static_cast<long long>(items("msa_att_row", 1)),
+        static_cast<long long>(items("msa_att_col", 0)),
+        static_cast<long long>(items("tri_att_start", 1)),
+        static_cast<long long>(items("outer_product_mean", 1)),
+        static_cast<long long>(items("tri_mul_out", 0)));
     nlohmann::json o = j;
     o["label"] = row.label;
     o["median_ms"] = t;
     o["all_times_ms"] = row.times;
+    o["median_cpu_ms"] = cpu;
+    o["all_cpu_ms"] = row.cpu;
     out.push_back(o);
   }
   if (!a.out_json.empty()) {
     std::ofstream f(a.out_json);
     f << nlohmann::json{{"sgemm_gflops", peak}, {"threads", threads}, {"rows", out}}.dump(2)
       << "\n";
+  }
+  return 0;
+}
+
+// `bench --dap`: the DAP table. One AF2 block at each s:r (default 128:256) in one process and
+// under `mpirun -np N ... --dap N` for N in --ranks (default 1,2,4), each rank with
+// max(1, threads / N) threads (N above the core count oversubscribes; the table says so): time,
+// tracked peak of rank 0 (which also holds the full inputs and outputs for the file I/O) and of
+// the other ranks, each rank's work (tracked peak above weights and inputs) against the --dap 1
+// run (the same accounting; the one-process row shows m+z+workspace), and
+// the bytes each rank sent per block beside the analytic count (dap_block_volume).
+int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std::string& report) {
+  const auto shapes = split(a.shapes.empty() ? "128:256" : a.shapes, ',');
+  const auto ranks = split(a.ranks.empty() ? "1,2,4" : a.ranks, ',');
+  const int repeats = a.repeats > 0 ? a.repeats : 3;
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  std::printf(
+      "foldcube bench --dap: one Evoformer block, AF2 model_1 dims, fp32, %d thread(s) in all, "
+      "%ld core(s); median of %d after 1 warm-up; MiB = 2^20 bytes\n\n",
+      threads, cores, repeats);
+  std::printf(
+      "| s | r | ranks | threads/rank | time ms | rank 0 peak MiB | max other rank peak MiB | "
+      "work/rank MiB (max) | work vs N=1 | sent/block/rank MiB | model MiB |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const std::string& shape : shapes) {
+    const auto sr = split(shape, ':');
+    int64_t s = 0, r = 0;
+    if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) return 2;
+    const std::string common = " run --quiet --s " + sr[0] + " --r " + sr[1] +
+                               " --blocks 1 --warmup 1 --repeats " + std::to_string(repeats) +
+                               " --report '" + report + "'";
+    // One process: its inference work (peak above weights and inputs, m+z included).
+    nlohmann::json one;
+    if (!run_row("'" + exe + "'" + common + " --threads " + std::to_string(threads), report, &one))
+      return 1;
+    // Work baseline: the --dap 1 row (same accounting as the other rank counts) once it has run;
+    // until then the one-process inference peak (m + z + workspace).
+    double base_work = one["inference_peak_bytes"].get<double>();
+    std::printf("| %s | %s | 1 (no MPI) | %d | %.0f | %.1f | | %.1f | 1.000 | | |\n", sr[0].c_str(),
+                sr[1].c_str(), threads, one["time_ms"].get<double>(),
+                one["peak_tracked_bytes"].get<double>() / 1048576.0, base_work / 1048576.0);
+    std::fflush(stdout);
+    one["ranks"] = 0;
+    rows.push_back(one);
+    for (const std::string& ntext : ranks) {
+      int64_t n = 0;
+      if (!parse_count(ntext, "rank count", &n)) return 2;
+      const int per = std::max<int>(1, threads / static_cast<int>(n));
+      const std::string cmd =
+          "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_WAIT_POLICY=passive "
+          "mpirun --oversubscribe --bind-to none -np " +
+          std::to_string(n) + " '" + exe + "'" + common + " --threads " + std::to_string(per) +
+          " --dap " + std::to_string(n) + " > /dev/null";
+      nlohmann::json j;
+      if (!run_row(cmd, report, &j)) return 1;
+      double other = 0, work = 0;
+      const auto& peaks = j["rank_peak_tracked_bytes"];
+      const auto& works = j["rank_work_peak_bytes"];
+      for (size_t k = 0; k < peaks.size(); ++k) {
+        if (k > 0) other = std::max(other, peaks[k].get<double>());
+        work = std::max(work, works[k].get<double>());
+      }
+      if (n == 1) base_work = work;
+      std::printf("| %s | %s | %lld%s | %d | %.0f | %.1f | %.1f | %.1f | %.3f | %.2f | %.2f |\n",
+                  sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n),
+                  n * per > cores ? " (oversubscribed)" : "", per, j["time_ms"].get<double>(),
+                  peaks[0].get<double>() / 1048576.0, other / 1048576.0, work / 1048576.0,
+                  work / base_work, j["block_sent_bytes_per_rank"].get<double>() / 1048576.0,
+                  j["block_sent_bytes_per_rank_model"].get<double>() / 1048576.0);
+      std::fflush(stdout);
+      j["ranks"] = n;
+      j["threads_per_rank"] = per;
+      j["work_vs_dap1"] = work / base_work;
+      rows.push_back(j);
+    }
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << nlohmann::json{{"threads", threads}, {"rows", rows}}.dump(2) << "\n";
   }
   return 0;
 }
@@ -396,10 +482,11 @@ int bench_command(const BenchArgs& a, const std::string&) {
   if (a.plan) return bench_plan(a, exe);
   const std::string report = temp_report();
   if (report.empty()) return 1;
-  if (a.train || a.long_seq || a.chunks) {
+  if (a.train || a.long_seq || a.chunks || a.dap) {
     const int rc = a.train      ? bench_train(a, threads, exe, report)
                    : a.long_seq ? bench_long(a, threads, exe, report)
-                                : bench_chunks(a, threads, exe, report);
+                   : a.chunks   ? bench_chunks(a, threads, exe, report)
+                                : bench_dap(a, threads, exe, report);
     std::remove(report.c_str());
     return rc;
   }

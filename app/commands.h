@@ -24,8 +24,9 @@ struct RunArgs {
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
   int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
-  std::string plan;            // "auto" (make_plan under --memory-budget) or a plan JSON file
-  std::string plan_profile;    // device profile for --plan (default: this machine's, cached)
+  int dp = 1;                // data parallelism (training): this many DAP groups, one protein each
+  std::string plan;          // "auto" (make_plan under --memory-budget) or a plan JSON file
+  std::string plan_profile;  // device profile for --plan (default: this machine's, cached)
 };
 int run_command(const RunArgs& a);
 // `run --plan`: plans (or loads a plan), runs it, reports estimates beside measurements
@@ -41,6 +42,8 @@ struct BenchArgs {
   bool train = false;     // training-step table (policies, measured vs predicted memory)
   bool long_seq = false;  // long-sequence table under a memory budget (--shapes lists r values)
   bool chunks = false;    // chunking-overhead table at one shape (--shapes s:r)
+  bool dap = false;       // DAP table: one process and mpirun -np N --dap N for N in `ranks`
+  std::string ranks;      // "1,2,4"
   bool plan = false;      // planner table: planner vs fixed policies under a forcing budget
   std::string memory;     // --plan: the budget (default: forced from the memory model)
   std::string profile;    // --plan: device profile JSON (default: this machine's)

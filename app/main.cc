@@ -43,8 +43,13 @@ int main(int argc, char** argv) {
                   "inference: keep the tracked peak (weights, inputs, work) under this size, e.g. "
                   "6GiB; chunk sizes come from the memory model; refuses if nothing fits");
   run->add_option("--dap", ra.dap,
-                  "Dynamic Axial Parallelism (inference) over N MPI ranks: mpirun -np N foldcube "
-                  "run ... --dap N; rank 0 reads and writes the files")
+                  "Dynamic Axial Parallelism (inference and training) over N MPI ranks: mpirun "
+                  "-np N foldcube run ... --dap N; rank 0 reads and writes the files")
+      ->check(CLI::Range(1, 65536));
+  run->add_option("--dp", ra.dp,
+                  "training: data parallelism over D DAP groups (mpirun -np D*N ... --dp D --dap "
+                  "N): group g trains protein g (--inputs/--grad-outputs list D files, or random "
+                  "inputs seeded by --seed + g); parameter gradients averaged over the groups")
       ->check(CLI::Range(1, 65536));
   run->add_option("--plan", ra.plan,
                   "auto: plan for this shape, threads and --memory-budget (make_plan), or a plan "
@@ -87,6 +92,10 @@ int main(int argc, char** argv) {
   bench->add_flag("--chunks", ba.chunks,
                   "chunking-overhead table: one block at one s:r (default 128:256) unchunked, "
                   "automatic, under shrinking budgets and with forced --chunk sizes");
+  bench->add_flag("--dap", ba.dap,
+                  "DAP table: one block per s:r (default 128:256) in one process and under "
+                  "mpirun -np N --dap N for N in --ranks: time, per-rank peaks, bytes per block");
+  bench->add_option("--ranks", ba.ranks, "with --dap: comma-separated rank counts (default 1,2,4)");
   bench->add_flag("--plan", ba.plan,
                   "planner table (issue 6): training step at --shapes (default "
                   "128:256,512:256,512:384), --blocks N (default 2), under a budget that forces "

@@ -150,8 +150,8 @@ int run_planned(const RunArgs& a) {
   if (a.train)
     return fail(Status::InvalidArgument(
         "--plan models the step without dropout; use --backward instead of --train"));
-  if (a.dap > 0)
-    return fail(Status::InvalidArgument("--plan runs single-process plans (no --dap yet)"));
+  if (a.dap > 0 || a.dp > 1)
+    return fail(Status::InvalidArgument("--plan runs single-process plans (no --dap / --dp yet)"));
   if (!a.weights.empty() || !a.inputs.empty() || !a.grad_outputs.empty() || !a.out.empty() ||
       a.stack == "extra_msa" || a.profile)
     return fail(Status::InvalidArgument(

@@ -10,6 +10,7 @@
 #include "core/rng.h"
 #include "dist/comm.h"
 #include "exec/dap.h"
+#include "exec/dap_train.h"
 #include "foldcube/extra_msa.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
@@ -118,6 +119,10 @@ int run_dap(const RunArgs& a);
 int run_command(const RunArgs& a) {
   if (!a.plan.empty()) return run_planned(a);  // app/plan.cc
   set_num_threads(a.threads);
+  if (a.dp > 1 && a.dap == 0)
+    return fail(Status::InvalidArgument(
+        "--dp D needs --dap N (mpirun -np D*N ... --dp D --dap N; --dap 1 for plain data "
+        "parallelism)"));
   if (a.dap > 0 || dist::launched_world_size() > 1) return run_dap(a);
   Job job;
   Status st = setup_job(a, &job);
@@ -169,7 +174,7 @@ int run_command(const RunArgs& a) {
     };
   }
   Tensor m, z, s_out;
-  std::vector<double> times;
+  std::vector<double> times, cpu_times;  // wall and process CPU ms per timed pass
   int64_t peak_tracked = 0, inference_peak = 0;
   const int64_t mz_bytes = static_cast<int64_t>(m0.nbytes() + z0.nbytes());
   const int passes = a.warmup + a.repeats;
@@ -184,6 +189,7 @@ int run_command(const RunArgs& a) {
     }
     MemoryScope scope;
     module_ms.clear();
+    const double cpu0 = process_cpu_ms();
     const auto t0 = std::chrono::steady_clock::now();
     mark = t0;
     st = job.extra ? job.extra_stack.forward(m, z, msa_mask, pair_mask, opts)
@@ -192,7 +198,10 @@ int run_command(const RunArgs& a) {
     if (!st.ok()) return fail(st);
     peak_tracked = std::max(peak_tracked, scope.peak());
     inference_peak = std::max(inference_peak, scope.peak() - scope.start_live() + mz_bytes);
-    if (it >= a.warmup) times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (it >= a.warmup) {
+      times.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      cpu_times.push_back(process_cpu_ms() - cpu0);
+    }
   }
   const double time_ms = median(times);
   // The FLOP formula is the Evoformer block's; the ExtraMSA block's global attention differs.
@@ -253,6 +262,8 @@ int run_command(const RunArgs& a) {
       j["predicted_peak_bytes"] = plan.predicted_peak_bytes;
     }
     j["times_ms"] = times;
+    j["cpu_times_ms"] = cpu_times;
+    j["cpu_ms"] = median(cpu_times);
     j["peak_tracked_bytes"] = peak_tracked;
     j["peak_rss_bytes"] = rss;
     j["inference_peak_bytes"] = inference_peak;
@@ -388,15 +399,225 @@ uint64_t args_hash(const RunArgs& a) {
   for (const std::string* f : {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.grad_outputs,
                                &a.policy, &a.stack, &a.memory_budget})
     k += *f + '\x1f';
-  for (int64_t v : {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed),
-                    static_cast<int64_t>(a.threads), a.chunk, static_cast<int64_t>(a.repeats),
-                    static_cast<int64_t>(a.warmup), static_cast<int64_t>(a.quiet),
-                    static_cast<int64_t>(a.profile), static_cast<int64_t>(a.backward),
-                    static_cast<int64_t>(a.train), static_cast<int64_t>(a.dap)})
+  for (int64_t v :
+       {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed), static_cast<int64_t>(a.threads), a.chunk,
+        static_cast<int64_t>(a.repeats), static_cast<int64_t>(a.warmup),
+        static_cast<int64_t>(a.quiet), static_cast<int64_t>(a.profile),
+        static_cast<int64_t>(a.backward), static_cast<int64_t>(a.train),
+        static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp)})
     k += std::to_string(v) + '\x1f';
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;
   return h;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  for (size_t p = 0, q; p <= s.size(); p = q + 1) {
+    q = s.find(',', p);
+    if (q == std::string::npos) q = s.size();
+    out.push_back(s.substr(p, q - p));
+  }
+  return out;
+}
+
+Status parse_policy(const std::string& list, std::vector<Recompute>* out) {
+  out->clear();
+  if (list.empty()) return Status::OK();
+  for (const std::string& p : split_list(list)) {
+    Recompute rc;
+    FC_RETURN_IF_ERROR(parse_recompute(p, &rc));
+    out->push_back(rc);
+  }
+  return Status::OK();
+}
+
+// Training under `--dap N [--dp D]`: D DAP groups of N ranks (group g = world ranks g*N ..). The
+// root of group g reads protein g (its entry of --inputs / --grad-outputs, or random inputs and
+// upstream gradients seeded by --seed + g, as one process with that seed would make them; dropout
+// seeded likewise); world rank 0's weights go to every rank. Each group runs dap_train_step; the
+// parameter gradients (summed over the group) are averaged over the D groups, as DDP does. World
+// rank 0 writes its protein's outputs and input gradients and the averaged parameter gradients.
+template <typename Die>
+int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Die& die) {
+  const int N = a.dap, D = a.dp, me = world.rank(), grp = me / N;
+  const dist::Communicator dap = world.dap_group(N), dp = world.dp_group(N);
+  const std::vector<std::string> inputs = split_list(a.inputs);
+  const std::vector<std::string> gouts = split_list(a.grad_outputs);
+  for (const auto* l : {&inputs, &gouts})
+    if (l->size() != 1 && static_cast<int>(l->size()) != D) {
+      if (me == 0)
+        die(Status::InvalidArgument("--inputs and --grad-outputs take one file or --dp (" +
+                                    std::to_string(D) + ") comma-separated files, got " +
+                                    std::to_string(l->size())));
+      world.barrier();
+    }
+  TrainOptions opts;
+  opts.chunk = a.chunk;
+  opts.dropout = a.train;
+  opts.seed = a.seed + static_cast<uint64_t>(grp);
+  if (const Status st = parse_policy(a.policy, &opts.policy); !st.ok()) {
+    if (me == 0) die(st);
+    world.barrier();
+  }
+  Job job;
+  Tensor gm, gz;
+  if (dap.rank() == 0) {
+    RunArgs ga = a;
+    ga.inputs = inputs.size() == 1 ? inputs[0] : inputs[grp];
+    ga.seed = opts.seed;
+    Status st = setup_job(ga, &job);
+    if (st.ok() && job.extra)
+      st = Status::InvalidArgument("--dap supports the Evoformer stack only");
+    const std::string g = gouts.size() == 1 ? gouts[0] : gouts[grp];
+    if (st.ok() && !g.empty()) {
+      TensorFile f;
+      st = read_safetensors(g, &f);
+      if (st.ok()) st = f.get_f32("grad.output.m", job.m0.shape(), &gm);
+      if (st.ok()) st = f.get_f32("grad.output.z", job.z0.shape(), &gz);
+    } else if (st.ok()) {
+      gm = random_tensor(job.m0.shape(), ga.seed * 2 + 3);
+      gz = random_tensor(job.z0.shape(), ga.seed * 2 + 4);
+    }
+    if (!st.ok()) die(st);
+  }
+  if (const Status st = dap_share_stack(world, &job.stack); !st.ok()) die(st);
+  const EvoformerConfig& cfg = job.stack.config();
+
+  std::vector<double> fwd, bwd, tot;
+  TrainResult res;
+  DapTrainStats stats;
+  Tensor m, z;
+  const int passes = a.warmup + a.repeats;
+  for (int it = 0; it < passes; ++it) {
+    if (dap.rank() == 0) {
+      const bool last = it + 1 == passes;
+      m = last ? std::move(job.m0) : job.m0.clone();
+      z = last ? std::move(job.z0) : job.z0.clone();
+      if (last) job.ifile = TensorFile();
+    }
+    world.barrier();
+    const Status st = dap_train_step(job.stack, dap, m, z, job.msa_mask, job.pair_mask, gm, gz,
+                                     opts, &stats, &res);
+    if (!st.ok()) die(st);
+    if (it >= a.warmup) {
+      fwd.push_back(res.forward_ms);
+      bwd.push_back(res.backward_ms);
+      tot.push_back(res.forward_ms + res.backward_ms);
+    }
+  }
+  if (D > 1) {
+    const float inv = 1.f / static_cast<float>(D);
+    for (auto& [name, t] : res.grad_params) {
+      if (!t.is_contiguous()) die(Status::Internal("gradient " + name + " is not contiguous"));
+      dp.all_reduce(t.f32(), t.numel());
+      float* p = t.f32();
+      for (int64_t i = 0; i < t.numel(); ++i) p[i] *= inv;
+    }
+  }
+  const std::vector<int64_t> act = world.all_gather_i64(stats.activation_bytes);
+  const std::vector<int64_t> peak = world.all_gather_i64(stats.peak_bytes);
+  const std::vector<int64_t> shard = world.all_gather_i64(stats.shard_bytes);
+  const std::vector<int64_t> rss = world.all_gather_i64(peak_rss_bytes());
+  // Time inside the blocks' collectives (last pass), forward and backward, in microseconds.
+  const std::vector<int64_t> fwd_us =
+      world.all_gather_i64(static_cast<int64_t>(stats.forward.total_seconds() * 1e6));
+  const std::vector<int64_t> bwd_us = world.all_gather_i64(static_cast<int64_t>(
+      (stats.backward.total_seconds() + stats.grad_reduce.total_seconds()) * 1e6));
+  if (me == 0) {
+    const int64_t s = m.dim(0), r = m.dim(1);
+    const DapLayout l = dap_layout(s, r, N, 0);
+    std::string policy = opts.policy.empty() ? "none" : "";
+    for (size_t i = 0; i < opts.policy.size(); ++i)
+      policy += std::string(i ? "," : "") + recompute_name(opts.policy[i]);
+    const int64_t nb = std::max<int64_t>(cfg.no_blocks, 1);
+    const DapBlockVolume fv = dap_block_volume(cfg, l);
+    int64_t bwd_model = 0;
+    for (int b = 0; b < cfg.no_blocks; ++b) {
+      const Recompute p = opts.policy.empty()       ? Recompute::kNone
+                          : opts.policy.size() == 1 ? opts.policy[0]
+                                                    : opts.policy[b];
+      bwd_model += dap_block_backward_volume(cfg, l, p).total();
+    }
+    if (!a.out.empty()) {
+      TensorFile out;
+      out.metadata["format"] = "foldcube-output/1";
+      out.metadata["config"] = cfg.to_json();
+      out.put("output.m", m);
+      out.put("output.z", z);
+      out.put("grad.input.m", res.grad_m);
+      out.put("grad.input.z", res.grad_z);
+      for (const auto& [name, t] : res.grad_params) out.put("grad.param." + name, t);
+      const Status st = write_safetensors(a.out, out);
+      if (!st.ok()) die(st);
+    }
+    if (!a.quiet) {
+      std::printf(
+          "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, policy %s, "
+          "DAP over %d ranks (padded s=%lld r=%lld)%s, %d thread(s) per rank\n",
+          a.train ? "dropout on" : "eval mode, no dropout", static_cast<long long>(cfg.no_blocks),
+          static_cast<long long>(s), static_cast<long long>(r), policy.c_str(), N,
+          static_cast<long long>(l.s_pad), static_cast<long long>(l.r_pad),
+          D > 1 ? (" x " + std::to_string(D) + " data-parallel groups").c_str() : "",
+          num_threads());
+      std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
+                  median(tot), median(fwd), median(bwd), a.repeats);
+      for (int k = 0; k < world.size(); ++k)
+        std::printf(
+            "  rank %-3d activations %9.1f MiB  step peak %9.1f MiB  (shards of m+z %.1f MiB; "
+            "peak RSS %.1f MiB)\n",
+            k, act[k] / 1048576.0, peak[k] / 1048576.0, shard[k] / 1048576.0, rss[k] / 1048576.0);
+      std::printf(
+          "  sent/rank   forward %.3f MiB (model %.3f), backward %.3f MiB (model %.3f), "
+          "gradient all-reduce %.3f MiB\n",
+          stats.forward.total_bytes() / 1048576.0, nb * fv.total() / 1048576.0,
+          stats.backward.total_bytes() / 1048576.0, bwd_model / 1048576.0,
+          stats.grad_reduce.total_bytes() / 1048576.0);
+      std::printf("  in collectives (last pass, forward + backward): rank 0..%d:",
+                  world.size() - 1);
+      for (int k = 0; k < world.size(); ++k)
+        std::printf(" %.1f+%.1f", fwd_us[k] / 1e3, bwd_us[k] / 1e3);
+      std::printf(" ms\n");
+      if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
+    }
+    if (!a.report.empty()) {
+      nlohmann::json j;
+      j["time_ms"] = median(tot);
+      j["forward_ms"] = median(fwd);
+      j["backward_ms"] = median(bwd);
+      j["rank_forward_collective_ms"] = nlohmann::json::array();
+      j["rank_backward_collective_ms"] = nlohmann::json::array();
+      for (int k = 0; k < world.size(); ++k) {
+        j["rank_forward_collective_ms"].push_back(fwd_us[k] / 1e3);
+        j["rank_backward_collective_ms"].push_back(bwd_us[k] / 1e3);
+      }
+      j["dap"] = N;
+      j["dp"] = D;
+      j["policy"] = policy;
+      j["activation_bytes"] = act[0];
+      j["step_peak_bytes"] = peak[0];
+      j["rank_activation_bytes"] = act;
+      j["rank_step_peak_bytes"] = peak;
+      j["rank_shard_bytes"] = shard;
+      j["rank_peak_rss_bytes"] = rss;
+      j["forward_sent_bytes_per_rank"] = stats.forward.total_bytes();
+      j["forward_sent_bytes_per_rank_model"] = nb * fv.total();
+      j["backward_sent_bytes_per_rank"] = stats.backward.total_bytes();
+      j["backward_sent_bytes_per_rank_model"] = bwd_model;
+      j["grad_all_reduce_bytes_per_rank"] = stats.grad_reduce.total_bytes();
+      j["s"] = s;
+      j["r"] = r;
+      j["s_pad"] = l.s_pad;
+      j["r_pad"] = l.r_pad;
+      j["blocks"] = cfg.no_blocks;
+      j["threads"] = num_threads();
+      std::ofstream f(a.report);
+      f << j.dump(2) << "\n";
+      if (!f) die(Status::IOError("cannot write report " + a.report));
+    }
+  }
+  dist::finalize();
+  return 0;
 }
 
 // `--dap N` under `mpirun -np N`: rank 0 reads the weights and inputs, every rank runs its shard
@@ -418,11 +639,13 @@ int run_dap(const RunArgs& a) {
     std::fprintf(stderr, "foldcube: error: rank %d: %s\n", me, st.message().c_str());
     dist::abort_job(1);
   };
-  if (comm.size() != a.dap)
-    die(Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
-                                std::to_string(a.dap) + " MPI ranks, the job has " +
-                                std::to_string(comm.size()) + " (mpirun -np " +
-                                std::to_string(a.dap) + ")"));
+  const int ranks = a.dap * a.dp;
+  if (comm.size() != ranks)
+    die(Status::InvalidArgument(
+        (a.dp > 1 ? "--dp " + std::to_string(a.dp) + " --dap " + std::to_string(a.dap)
+                  : "--dap " + std::to_string(a.dap)) +
+        " needs " + std::to_string(ranks) + " MPI ranks, the job has " +
+        std::to_string(comm.size()) + " (mpirun -np " + std::to_string(ranks) + ")"));
   if (!comm.all_equal(args_hash(a))) {
     // Rank 0 reports; the others wait for its abort.
     if (me == 0)
@@ -432,9 +655,13 @@ int run_dap(const RunArgs& a) {
     comm.barrier();
   }
   const bool training = a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty();
-  if (training || !a.memory_budget.empty() || a.profile)
-    die(Status::InvalidArgument(
-        "--dap runs the Evoformer forward only (no training, --memory-budget or --profile yet)"));
+  if (!a.memory_budget.empty() || a.profile)
+    die(Status::InvalidArgument("--dap does not support --memory-budget or --profile yet"));
+  if (training) return run_dap_training(a, comm, die);
+  if (a.dp > 1)
+    die(
+        Status::InvalidArgument("--dp is for training (--backward, --train, --grad-outputs or "
+                                "--policy); the forward runs one protein"));
 
   Job job;
   if (me == 0) {

@@ -114,5 +114,106 @@ TEST(DapCli, RankCountMustMatchDap) {
   EXPECT_NE(r2.out.find("pass --dap 2"), std::string::npos) << r2.out;
 }
 
+// Every tensor of b (outputs, grad.input.*, grad.param.*) within tol of a (golden metric).
+void expect_same_tensors(const std::string& a, const std::string& b, double tol) {
+  TensorFile fa, fb;
+  ASSERT_TRUE(read_safetensors(a, &fa).ok());
+  ASSERT_TRUE(read_safetensors(b, &fb).ok());
+  EXPECT_EQ(fa.names.size(), fb.names.size());
+  for (const std::string& name : fa.names) {
+    ASSERT_TRUE(fb.has(name)) << name;
+    EXPECT_LT(test::golden_err(fb.tensors.at(name), fa.tensors.at(name)), tol) << name;
+  }
+}
+
+// Training on the golden file with its probes as upstream gradients: 2 ranks == one process,
+// every tensor of the output file (outputs, input and parameter gradients) within 1e-5; the
+// report's backward bytes equal the model.
+TEST(DapCli, TrainingMatchesSingleProcess) {
+  const std::string g = test::data_path("evo_tiny.safetensors");
+  TensorFile f, go;
+  ASSERT_TRUE(read_safetensors(g, &f).ok());
+  go.put("grad.output.m", f.tensors.at("probe.m"));
+  go.put("grad.output.z", f.tensors.at("probe.z"));
+  const std::string gfile = tmp("gout.safetensors");
+  ASSERT_TRUE(write_safetensors(gfile, go).ok());
+  const std::string job = " run --weights " + g + " --inputs " + g + " --grad-outputs " + gfile +
+                          " --policy block,module --train --seed 4 --threads 1 --quiet --out ";
+  const std::string o1 = tmp("train1.safetensors"), o2 = tmp("train2.safetensors");
+  const std::string rep = tmp("train2.json");
+  Result r1 = run(cli() + job + o1);
+  ASSERT_EQ(r1.code, 0) << r1.out;
+  Result r2 = run(mpirun(2) + cli() + job + o2 + " --dap 2 --report " + rep);
+  ASSERT_EQ(r2.code, 0) << r2.out;
+  expect_same_tensors(o1, o2, 1e-5);
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+  ASSERT_EQ(j["rank_activation_bytes"].size(), 2u);
+  EXPECT_GT(j["rank_activation_bytes"][1].get<int64_t>(), 0);
+  EXPECT_EQ(j["forward_sent_bytes_per_rank"], j["forward_sent_bytes_per_rank_model"]);
+  EXPECT_EQ(j["backward_sent_bytes_per_rank"], j["backward_sent_bytes_per_rank_model"]);
+}
+
+// Data parallelism: D = 2 groups of N = 1 and of N = 2 (4 ranks, oversubscribed) give the average
+// of the two single-process steps' parameter gradients; rank 0 writes protein 0's outputs and
+// input gradients. Protein 1 is protein 0's file with m scaled by 0.5; upstream gradients and
+// dropout are seeded by --seed + g.
+TEST(DapCli, DataParallelAveragesGradients) {
+  const std::string g = test::data_path("evo_tiny.safetensors");
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(g, &f).ok());
+  TensorFile p1;
+  Tensor m = f.tensors.at("input.m").clone();
+  for (int64_t i = 0; i < m.numel(); ++i) m.f32()[i] *= 0.5f;
+  p1.put("input.m", m);
+  for (const char* n : {"input.z", "input.msa_mask", "input.pair_mask"}) p1.put(n, f.tensors.at(n));
+  const std::string in1 = tmp("protein1.safetensors");
+  ASSERT_TRUE(write_safetensors(in1, p1).ok());
+  const std::string common = " --weights " + g + " --train --policy module --threads 1 --quiet";
+  const std::string s0 = tmp("dp_s0.safetensors"), s1 = tmp("dp_s1.safetensors");
+  Result a = run(cli() + " run" + common + " --inputs " + g + " --seed 7 --out " + s0);
+  ASSERT_EQ(a.code, 0) << a.out;
+  Result b = run(cli() + " run" + common + " --inputs " + in1 + " --seed 8 --out " + s1);
+  ASSERT_EQ(b.code, 0) << b.out;
+  TensorFile f0, f1;
+  ASSERT_TRUE(read_safetensors(s0, &f0).ok());
+  ASSERT_TRUE(read_safetensors(s1, &f1).ok());
+  for (int n : {1, 2}) {
+    const std::string o = tmp("dp_" + std::to_string(n) + ".safetensors");
+    Result r = run(mpirun(2 * n) + cli() + " run" + common + " --inputs " + g + "," + in1 +
+                   " --seed 7 --dp 2 --dap " + std::to_string(n) + " --out " + o);
+    ASSERT_EQ(r.code, 0) << r.out;
+    TensorFile fo;
+    ASSERT_TRUE(read_safetensors(o, &fo).ok());
+    int params = 0;
+    for (const std::string& name : f0.names) {
+      ASSERT_TRUE(fo.has(name)) << name;
+      const Tensor& got = fo.tensors.at(name);
+      if (name.rfind("grad.param.", 0) == 0) {
+        Tensor avg = f0.tensors.at(name).clone();
+        const float* q = f1.tensors.at(name).f32();
+        for (int64_t i = 0; i < avg.numel(); ++i) avg.f32()[i] = 0.5f * (avg.f32()[i] + q[i]);
+        EXPECT_LT(test::golden_err(got, avg), 1e-5) << name << " N=" << n;
+        ++params;
+      } else {
+        EXPECT_LT(test::golden_err(got, f0.tensors.at(name)), 1e-5) << name << " N=" << n;
+      }
+    }
+    EXPECT_GT(params, 0);
+  }
+}
+
+// A rank other than 0 fails during the job (its protein's file is missing) while the others wait
+// in collectives: message naming that rank, non-zero exit, no hang.
+TEST(DapCli, FailingRankDuringTrainingEndsTheJob) {
+  const std::string g = test::data_path("evo_tiny.safetensors");
+  Result r = run(mpirun(2) + cli() + " run --weights " + g + " --inputs " + g +
+                 ",/nonexistent/p1.safetensors --backward --dp 2 --dap 1 --threads 1");
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+  EXPECT_NE(r.out.find("rank 1: "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("/nonexistent/p1.safetensors"), std::string::npos) << r.out;
+  EXPECT_LT(r.seconds, 30) << r.out;
+}
+
 }  // namespace
 }  // namespace fc

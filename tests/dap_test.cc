@@ -9,16 +9,20 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "core/rng.h"
 #include "dist/comm.h"
+#include "exec/dap_train.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
+#include "model/train.h"
+#include "model/weights.h"
 #include "test_util.h"
 
 namespace fc {
@@ -278,6 +282,402 @@ TEST(Dap, PerRankPeakReported) {
   EXPECT_GT(st.peak_bytes, 0);
   const DapLayout l = dap_layout(16, 32, comm.size(), comm.rank());
   EXPECT_EQ(st.shard_bytes, (l.s_loc * l.r_pad * cfg.c_m + l.r_loc * l.r_pad * cfg.c_z) * 4);
+}
+
+// ---- DAP training: sharded module forward + adjoint backward against one process -------------
+
+// x [a, b, c] padded with zeros to [ap, bp, c]; transposed: x^T [b, a, c] padded to [bp, ap, c].
+Tensor pad_copy(const Tensor& x, int64_t ap, int64_t bp, bool transposed) {
+  const int64_t a = x.dim(0), b = x.dim(1), c = x.numel() / (a * b);
+  Tensor out = transposed ? Tensor::zeros({bp, ap, c}) : Tensor::zeros({ap, bp, c});
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      for (int64_t k = 0; k < c; ++k)
+        out.f32()[((transposed ? j * ap + i : i * bp + j)) * c + k] = x.f32()[(i * b + j) * c + k];
+  return out;
+}
+// Rows [row0, row0 + rows) of x [R, ...].
+Tensor rows_of(const Tensor& x, int64_t row0, int64_t rows) {
+  Shape sh = x.shape();
+  const int64_t per = x.numel() / sh[0];
+  sh[0] = rows;
+  Tensor out = Tensor::empty(sh);
+  std::memcpy(out.f32(), x.f32() + row0 * per, rows * per * sizeof(float));
+  return out;
+}
+// Every rank's row shard gathered [N*rows, ...] and cropped to [a, b, c] (transposed: stored
+// as x^T, returned as x).
+Tensor gather_rows(const dist::Communicator& comm, const Tensor& shard, int64_t a, int64_t b,
+                   bool transposed) {
+  Shape sh = shard.shape();
+  const int64_t bp = sh[1], c = sh[2], ap_ = sh[0] * comm.size();
+  Tensor all = Tensor::empty({ap_, bp, c});
+  comm.all_gather(shard.f32(), all.f32(), shard.numel());
+  Tensor out = Tensor::empty(transposed ? Shape{b, a, c} : Shape{a, b, c});
+  const int64_t oa = transposed ? b : a, ob = transposed ? a : b;
+  for (int64_t i = 0; i < oa; ++i)
+    for (int64_t j = 0; j < ob; ++j)
+      for (int64_t k = 0; k < c; ++k)
+        out.f32()[(i * ob + j) * c + k] =
+            transposed ? all.f32()[(j * bp + i) * c + k] : all.f32()[(i * bp + j) * c + k];
+  return out;
+}
+
+double worst_grad_err(const BlockWeights& got, const BlockWeights& ref) {
+  const auto a = named_params(got, ""), b = named_params(ref, "");
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, rel_err(a[i].second.contiguous(), b[i].second.contiguous()));
+  return worst;
+}
+
+// MSA row attention and triangle attention (starting, ending) with dropout, padding (s, r not
+// multiples of N) and masks, policies none (state kept) and module (recomputed): outputs, input
+// gradients and all-reduced parameter gradients equal one process within 1e-5.
+TEST(DapTrain, BiasedAttentionModulesMatchSingleProcess) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(1);
+  const int64_t s = 5, r = 7;
+  const uint64_t key = 1234;
+  Case c = random_case(cfg, s, r, true, 77);
+  const Tensor gm = random_tensor({s, r, cfg.c_m}, 91), gz = random_tensor({r, r, cfg.c_z}, 92);
+  const BlockWeights& w = c.stack.block(0);
+  // One process: the shards of a one-rank layout are the whole (unpadded) streams.
+  DapShards one = make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, 0, 0, 1);
+  set_dap_dropout(&one, true, key);
+  const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
+  const Tensor msa_p = pad_copy(c.msa_mask.reshape({s, r, 1}), l.s_pad, l.r_pad, false);
+  const Tensor pair_p = pad_copy(c.pair_mask.reshape({r, r, 1}), l.r_pad, l.r_pad, false);
+  DapShards sh = make_dap_shards(cfg, l, msa_p.reshape({l.s_pad, l.r_pad}),
+                                 pair_p.reshape({l.r_pad, l.r_pad}), 0, 0, 1);
+  set_dap_dropout(&sh, true, key);
+  const int64_t sl = l.s_loc, rl = l.r_loc;
+  for (int module = 0; module < 3; ++module) {
+    for (bool keep : {true, false}) {
+      const bool ending = module == 2, on_m = module == 0;
+      // Reference.
+      Tensor m1 = c.m.clone(), z1 = c.z.clone(), dm1 = gm.clone(), dz1 = gz.clone();
+      BlockWeights g1;
+      allocate_block_grads(cfg, &g1);
+      AttentionState st1;
+      if (on_m) {
+        msa_row_attention_train(w.msa_att_row, one.full, m1.f32(), z1.f32(), keep ? &st1 : nullptr);
+        msa_row_attention_backward(w.msa_att_row, &g1.msa_att_row, one.full, c.m.f32(), c.z.f32(),
+                                   &st1, dm1.f32(), dz1.f32());
+      } else {
+        const TriangleAttentionW& tw = ending ? w.tri_att_end : w.tri_att_start;
+        TriangleAttentionW* tg = ending ? &g1.tri_att_end : &g1.tri_att_start;
+        triangle_attention_train(tw, one.full, ending, z1.f32(), keep ? &st1 : nullptr);
+        triangle_attention_backward(tw, tg, one.full, ending, c.z.f32(), &st1, dz1.f32());
+      }
+      // DAP: m by sequences, z by rows (z^T by rows for the ending node).
+      const Tensor mp = pad_copy(c.m, l.s_pad, l.r_pad, false);
+      const Tensor zp = pad_copy(c.z, l.r_pad, l.r_pad, ending);
+      const Tensor gmp = pad_copy(gm, l.s_pad, l.r_pad, false);
+      const Tensor gzp = pad_copy(gz, l.r_pad, l.r_pad, ending);
+      const Tensor m_in = rows_of(mp, l.rank * sl, sl), z_in = rows_of(zp, l.rank * rl, rl);
+      Tensor m2 = m_in.clone(), z2 = z_in.clone();
+      Tensor dm2 = rows_of(gmp, l.rank * sl, sl), dz2 = rows_of(gzp, l.rank * rl, rl);
+      BlockWeights g2;
+      allocate_block_grads(cfg, &g2);
+      AttentionState st2;
+      if (on_m) {
+        dap_msa_row_attention_train(w.msa_att_row, sh, comm, m2.f32(), z2.f32(),
+                                    keep ? &st2 : nullptr);
+        dap_msa_row_attention_backward(w.msa_att_row, &g2.msa_att_row, sh, comm, m_in.f32(),
+                                       z_in.f32(), &st2, dm2.f32(), dz2.f32());
+      } else {
+        const TriangleAttentionW& tw = ending ? w.tri_att_end : w.tri_att_start;
+        TriangleAttentionW* tg = ending ? &g2.tri_att_end : &g2.tri_att_start;
+        dap_triangle_attention_train(tw, sh, comm, ending, z2.f32(), keep ? &st2 : nullptr);
+        dap_triangle_attention_backward(tw, tg, sh, comm, ending, z_in.f32(), &st2, dz2.f32());
+      }
+      dap_all_reduce_grads(comm, &g2);
+      const Tensor m_out = gather_rows(comm, m2, s, r, false);
+      const Tensor z_out = gather_rows(comm, z2, r, r, ending);
+      const Tensor dm_out = gather_rows(comm, dm2, s, r, false);
+      const Tensor dz_out = gather_rows(comm, dz2, r, r, ending);
+      const std::string what = "module " + std::to_string(module) + (keep ? " none" : " module");
+      EXPECT_LT(rel_err(m_out, m1), 1e-5) << what;
+      EXPECT_LT(rel_err(z_out, z1), 1e-5) << what;
+      EXPECT_LT(rel_err(dm_out, dm1), 1e-5) << what;
+      EXPECT_LT(rel_err(dz_out, dz1), 1e-5) << what;
+      EXPECT_LT(worst_grad_err(g2, g1), 1e-5) << what;
+    }
+  }
+}
+
+// Columns [col0, col0 + cols) of x [a, b, c]: [a, cols, c].
+Tensor cols_of(const Tensor& x, int64_t col0, int64_t cols) {
+  const int64_t a = x.dim(0), b = x.dim(1), c = x.dim(2);
+  Tensor out = Tensor::empty({a, cols, c});
+  for (int64_t i = 0; i < a; ++i)
+    std::memcpy(out.f32() + i * cols * c, x.f32() + (i * b + col0) * c, cols * c * sizeof(float));
+  return out;
+}
+// Every rank's column shard [a_p, cols, c] gathered and cropped to [a, b, c].
+Tensor gather_cols(const dist::Communicator& comm, const Tensor& shard, int64_t a, int64_t b) {
+  const int64_t ap_ = shard.dim(0), cols = shard.dim(1), c = shard.dim(2);
+  Tensor all = Tensor::empty({comm.size(), ap_, cols, c});
+  comm.all_gather(shard.f32(), all.f32(), shard.numel());
+  Tensor out = Tensor::empty({a, b, c});
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j)
+      std::memcpy(out.f32() + (i * b + j) * c,
+                  all.f32() + (((j / cols) * ap_ + i) * cols + j % cols) * c, c * sizeof(float));
+  return out;
+}
+
+// Outer product mean, m by residues and z by rows, padding and masks, state kept or rebuilt.
+TEST(DapTrain, OuterProductMeanMatchesSingleProcess) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(1);
+  const int64_t s = 5, r = 7;
+  Case c = random_case(cfg, s, r, true, 78);
+  const Tensor gm = random_tensor({s, r, cfg.c_m}, 93), gz = random_tensor({r, r, cfg.c_z}, 94);
+  const OuterProductMeanW& w = c.stack.block(0).outer_product_mean;
+  DapShards one = make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, 0, 0, 1);
+  const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
+  const Tensor msa_p = pad_copy(c.msa_mask.reshape({s, r, 1}), l.s_pad, l.r_pad, false);
+  const Tensor pair_p = pad_copy(c.pair_mask.reshape({r, r, 1}), l.r_pad, l.r_pad, false);
+  DapShards sh = make_dap_shards(cfg, l, msa_p.reshape({l.s_pad, l.r_pad}),
+                                 pair_p.reshape({l.r_pad, l.r_pad}), 0, 0, 1);
+  const int64_t rl = l.r_loc;
+  for (bool rebuild : {false, true}) {
+    Tensor z1 = c.z.clone(), dm1 = gm.clone();
+    BlockWeights g1;
+    allocate_block_grads(cfg, &g1);
+    OuterProductMeanState st1;
+    outer_product_mean_train(w, one.full, c.m.f32(), z1.f32(), &st1);
+    if (rebuild) outer_product_mean_train(w, one.full, c.m.f32(), nullptr, &st1);
+    outer_product_mean_backward(w, &g1.outer_product_mean, one.full, c.m.f32(), st1, gz.f32(),
+                                dm1.f32());
+
+    const Tensor m_in = cols_of(pad_copy(c.m, l.s_pad, l.r_pad, false), l.rank * rl, rl);
+    Tensor z2 = rows_of(pad_copy(c.z, l.r_pad, l.r_pad, false), l.rank * rl, rl);
+    Tensor dm2 = cols_of(pad_copy(gm, l.s_pad, l.r_pad, false), l.rank * rl, rl);
+    const Tensor dz2 = rows_of(pad_copy(gz, l.r_pad, l.r_pad, false), l.rank * rl, rl);
+    BlockWeights g2;
+    allocate_block_grads(cfg, &g2);
+    OuterProductMeanState st2;
+    dap_outer_product_mean_train(w, sh, comm, m_in.f32(), z2.f32(), &st2);
+    if (rebuild) dap_outer_product_mean_train(w, sh, comm, m_in.f32(), nullptr, &st2);
+    dap_outer_product_mean_backward(w, &g2.outer_product_mean, sh, comm, m_in.f32(), st2, dz2.f32(),
+                                    dm2.f32());
+    dap_all_reduce_grads(comm, &g2);
+    EXPECT_LT(rel_err(gather_rows(comm, z2, r, r, false), z1), 1e-5);
+    EXPECT_LT(rel_err(gather_cols(comm, dm2, s, r), dm1), 1e-5);
+    EXPECT_LT(worst_grad_err(g2, g1), 1e-5);
+  }
+}
+
+// Triangle multiplication outgoing (z rows) and incoming (z^T rows) with dropout, padding and
+// masks, state kept or rebuilt; forced channel groups of 3 (several gathers per module).
+TEST(DapTrain, TriangleMultiplicationMatchesSingleProcess) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(1);
+  const int64_t s = 4, r = 7;
+  Case c = random_case(cfg, s, r, true, 79);
+  const Tensor gz = random_tensor({r, r, cfg.c_z}, 95);
+  const BlockWeights& w = c.stack.block(0);
+  for (int64_t chunk : {0, 3}) {
+    DapShards one =
+        make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, chunk, 0, 1);
+    set_dap_dropout(&one, true, 99);
+    const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
+    const Tensor msa_p = pad_copy(c.msa_mask.reshape({s, r, 1}), l.s_pad, l.r_pad, false);
+    const Tensor pair_p = pad_copy(c.pair_mask.reshape({r, r, 1}), l.r_pad, l.r_pad, false);
+    DapShards sh = make_dap_shards(cfg, l, msa_p.reshape({l.s_pad, l.r_pad}),
+                                   pair_p.reshape({l.r_pad, l.r_pad}), chunk, 0, 1);
+    set_dap_dropout(&sh, true, 99);
+    const int64_t rl = l.r_loc;
+    for (bool incoming : {false, true}) {
+      for (bool keep : {true, false}) {
+        const TriangleMultiplicationW& tw = incoming ? w.tri_mul_in : w.tri_mul_out;
+        Tensor z1 = c.z.clone(), dz1 = gz.clone();
+        BlockWeights g1;
+        allocate_block_grads(cfg, &g1);
+        TriangleMultiplicationState st1;
+        triangle_multiplication_train(tw, one.full, !incoming, z1.f32(), keep ? &st1 : nullptr);
+        triangle_multiplication_backward(tw, incoming ? &g1.tri_mul_in : &g1.tri_mul_out, one.full,
+                                         !incoming, c.z.f32(), &st1, dz1.f32());
+
+        const Tensor z_in = rows_of(pad_copy(c.z, l.r_pad, l.r_pad, incoming), l.rank * rl, rl);
+        Tensor z2 = z_in.clone();
+        Tensor dz2 = rows_of(pad_copy(gz, l.r_pad, l.r_pad, incoming), l.rank * rl, rl);
+        BlockWeights g2;
+        allocate_block_grads(cfg, &g2);
+        TriangleMultiplicationState st2;
+        dap_triangle_multiplication_train(tw, sh, comm, incoming, z2.f32(), keep ? &st2 : nullptr);
+        dap_triangle_multiplication_backward(tw, incoming ? &g2.tri_mul_in : &g2.tri_mul_out, sh,
+                                             comm, incoming, z_in.f32(), &st2, dz2.f32());
+        dap_all_reduce_grads(comm, &g2);
+        const std::string what = std::string(incoming ? "incoming" : "outgoing") +
+                                 (keep ? " none" : " module") + " chunk " + std::to_string(chunk);
+        EXPECT_LT(rel_err(gather_rows(comm, z2, r, r, incoming), z1), 1e-5) << what;
+        EXPECT_LT(rel_err(gather_rows(comm, dz2, r, r, incoming), dz1), 1e-5) << what;
+        EXPECT_LT(worst_grad_err(g2, g1), 1e-5) << what;
+      }
+    }
+  }
+}
+
+// The whole training step over DAP vs one process on the root: outputs, input gradients and
+// every parameter gradient within 1e-5, max over all. grads_out: the DAP result (root).
+double dap_train_vs_single(const dist::Communicator& comm, Case& c, const Tensor& gm,
+                           const Tensor& gz, const TrainOptions& opts,
+                           TrainResult* dap_out = nullptr, DapTrainStats* stats = nullptr) {
+  EXPECT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  Tensor m, z;
+  if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
+  TrainResult r2;
+  const Status st =
+      dap_train_step(c.stack, comm, m, z, c.msa_mask, c.pair_mask, gm, gz, opts, stats, &r2);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  if (comm.rank() != 0 || !st.ok()) return 0;
+  Tensor m1 = c.m.clone(), z1 = c.z.clone();
+  TrainResult r1;
+  EXPECT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, gm, gz, opts, &r1).ok());
+  double worst = std::max({rel_err(m, m1), rel_err(z, z1), rel_err(r2.grad_m, r1.grad_m),
+                           rel_err(r2.grad_z, r1.grad_z)});
+  EXPECT_EQ(r1.grad_params.size(), r2.grad_params.size());
+  for (size_t i = 0; i < r1.grad_params.size() && i < r2.grad_params.size(); ++i) {
+    EXPECT_EQ(r1.grad_params[i].first, r2.grad_params[i].first);
+    worst = std::max(worst, rel_err(r2.grad_params[i].second.contiguous(),
+                                    r1.grad_params[i].second.contiguous()));
+  }
+  if (dap_out) *dap_out = r2;
+  return worst;
+}
+
+// Every policy (and a mixed plan), dropout on, s and r not multiples of N, masks.
+TEST(DapTrain, StepMatchesSingleProcessEveryPolicy) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(2);
+  const int64_t s = 5, r = 7;
+  Case c = random_case(cfg, s, r, true, 80);
+  const Tensor gm = comm.rank() == 0 ? random_tensor({s, r, cfg.c_m}, 96) : Tensor();
+  const Tensor gz = comm.rank() == 0 ? random_tensor({r, r, cfg.c_z}, 97) : Tensor();
+  const std::vector<std::vector<Recompute>> plans = {{Recompute::kNone},
+                                                     {Recompute::kModule},
+                                                     {Recompute::kBlock},
+                                                     {Recompute::kBlock, Recompute::kModule}};
+  for (const auto& plan : plans) {
+    for (bool dropout : {false, true}) {
+      TrainOptions o;
+      o.policy = plan;
+      o.dropout = dropout;
+      o.seed = 5;
+      const double err = dap_train_vs_single(comm, c, gm, gz, o);
+      if (comm.rank() == 0) {
+        EXPECT_LT(err, 1e-5) << recompute_name(plan[0]) << " dropout " << dropout;
+      }
+    }
+  }
+}
+
+// Golden gradients (OpenFold, eval mode) within the golden tolerance, and one process within 1e-5.
+TEST(DapTrain, GoldenGradients) {
+  const dist::Communicator comm = world();
+  for (const char* file : {"evo_tiny.safetensors", "evo_af2dims.safetensors"}) {
+    Case c;
+    TensorFile f;
+    Tensor gm, gz;
+    int ok = 1;
+    if (comm.rank() == 0) {
+      EvoformerConfig cfg;
+      ok = read_safetensors(test::data_path(file), &f).ok() &&
+           EvoformerConfig::from_metadata(f.metadata, &cfg).ok() &&
+           EvoformerStack::load(cfg, f, &c.stack).ok() && f.get_f32("input.m", {}, &c.m).ok() &&
+           f.get_f32("input.z", {}, &c.z).ok() &&
+           f.get_f32("input.msa_mask", {}, &c.msa_mask).ok() &&
+           f.get_f32("input.pair_mask", {}, &c.pair_mask).ok() &&
+           f.get_f32("probe.m", {}, &gm).ok() && f.get_f32("probe.z", {}, &gz).ok();
+    }
+    comm.broadcast_bytes(&ok, sizeof(ok), 0);
+    ASSERT_TRUE(ok) << "rank 0 could not read " << file;
+    TrainOptions o;
+    o.policy = {Recompute::kModule};
+    TrainResult r;
+    const double err = dap_train_vs_single(comm, c, gm, gz, o, &r);
+    if (comm.rank() != 0) continue;
+    std::printf("[ info ] N=%d %s: DAP training vs single process %.2e\n", comm.size(), file, err);
+    EXPECT_LT(err, 1e-5) << file;
+    double worst = std::max(test::golden_err(r.grad_m, f.tensors.at("grad.input.m")),
+                            test::golden_err(r.grad_z, f.tensors.at("grad.input.z")));
+    int checked = 0;
+    for (const auto& [name, t] : r.grad_params) {
+      const std::string ref = "grad.param." + name;
+      if (!f.tensors.count(ref)) continue;
+      worst = std::max(worst, test::golden_err(t.contiguous(), f.tensors.at(ref)));
+      ++checked;
+    }
+    EXPECT_GT(checked, 0);
+    EXPECT_LT(worst, 2e-4) << file;
+  }
+}
+
+// Bytes the training step's blocks send per rank, per collective kind, equal the analytic volume
+// (dap_block_volume forward, dap_block_backward_volume per policy), padded and unpadded.
+TEST(DapTrain, CommunicationVolumeMatchesModel) {
+  const dist::Communicator comm = world().split(0, world().rank());
+  const EvoformerConfig cfg = small_config(2);
+  for (const auto& [s, r] : {std::pair{8, 12}, std::pair{5, 7}}) {
+    Case c = random_case(cfg, s, r, true, 6);
+    const Tensor gm = comm.rank() == 0 ? random_tensor({s, r, cfg.c_m}, 1) : Tensor();
+    const Tensor gz = comm.rank() == 0 ? random_tensor({r, r, cfg.c_z}, 2) : Tensor();
+    const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
+    for (Recompute p : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
+      TrainOptions o;
+      o.policy = {p};
+      o.chunk = 2;  // several channel groups in the triangle multiplications
+      DapTrainStats st;
+      dap_train_vs_single(comm, c, gm, gz, o, nullptr, &st);
+      const DapBlockVolume f = dap_block_volume(cfg, l), b = dap_block_backward_volume(cfg, l, p);
+      auto at = [](const dist::CommStats& x, dist::Op op) { return x.bytes[static_cast<int>(op)]; };
+      const int64_t nb = cfg.no_blocks;
+      const std::string what = std::string(recompute_name(p)) + " s=" + std::to_string(s);
+      EXPECT_EQ(at(st.forward, dist::Op::kAllToAll), nb * f.all_to_all_bytes) << what;
+      EXPECT_EQ(at(st.forward, dist::Op::kAllGather), nb * f.all_gather_bytes) << what;
+      EXPECT_EQ(st.forward.total_bytes(), nb * f.total()) << what;
+      EXPECT_EQ(at(st.backward, dist::Op::kAllToAll), nb * b.all_to_all_bytes) << what;
+      EXPECT_EQ(at(st.backward, dist::Op::kAllGather), nb * b.all_gather_bytes) << what;
+      EXPECT_EQ(at(st.backward, dist::Op::kReduceScatter), nb * b.reduce_scatter_bytes) << what;
+      EXPECT_EQ(st.backward.total_bytes(), nb * b.total()) << what;
+      EXPECT_GT(st.activation_bytes, 0);
+    }
+  }
+}
+
+// Ranks with different training options (here the dropout seed) or invalid inputs on the root all
+// get the same error instead of hanging.
+TEST(DapTrain, MismatchedOptionsAndBadInputsAreRefusedOnEveryRank) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(1);
+  Case c = random_case(cfg, 4, 6, false, 3);
+  ASSERT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  const Tensor gm = comm.rank() == 0 ? random_tensor({4, 6, cfg.c_m}, 1) : Tensor();
+  const Tensor gz = comm.rank() == 0 ? random_tensor({6, 6, cfg.c_z}, 2) : Tensor();
+  TrainOptions o;
+  o.dropout = true;
+  o.seed = comm.size() > 1 ? static_cast<uint64_t>(comm.rank()) : 0;
+  Tensor m = comm.rank() == 0 ? c.m.clone() : Tensor(),
+         z = comm.rank() == 0 ? c.z.clone() : Tensor();
+  TrainResult r;
+  Status st = dap_train_step(c.stack, comm, m, z, Tensor(), Tensor(), gm, gz, o, nullptr, &r);
+  if (comm.size() > 1) {
+    EXPECT_FALSE(st.ok());
+    EXPECT_NE(st.message().find("different model configurations or training options"),
+              std::string::npos)
+        << st.message();
+  }
+  o.seed = 0;
+  const Tensor bad = comm.rank() == 0 ? random_tensor({4, 5, cfg.c_m}, 1) : Tensor();
+  m = comm.rank() == 0 ? c.m.clone() : Tensor();
+  z = comm.rank() == 0 ? c.z.clone() : Tensor();
+  st = dap_train_step(c.stack, comm, m, z, Tensor(), Tensor(), bad, gz, o, nullptr, &r);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("grad.output.m"), std::string::npos) << st.message();
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
 #include <omp.h>
+#include <sys/resource.h>
 
 #include "foldcube/runtime.h"
 
@@ -10,5 +11,12 @@ void set_num_threads(int n) {
 }
 
 int num_threads() { return omp_get_max_threads(); }
+
+double process_cpu_ms() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  auto ms = [](const timeval& t) { return t.tv_sec * 1e3 + t.tv_usec / 1e3; };
+  return ms(u.ru_utime) + ms(u.ru_stime);
+}
 
 }  // namespace fc

@@ -25,46 +25,51 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
   return h;
 }
 
-// Padded masks and their biases inf*(mask-1), held in full on every rank (they are r/c_z of z).
-struct DapMasks {
-  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
-  Tensor msa_bias_t;              // [r_pad, s_pad]
-  Tensor msa_mask_cols;           // [s_pad, r_loc]: this rank's residue columns of msa_mask
-  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
-  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
-};
+// Layouts of a stream shard (see dap.h).
+enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
 
-// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad].
-DapMasks make_masks(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa, Tensor pair) {
-  const int64_t sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
-  DapMasks d;
-  d.msa_mask = msa;
-  d.pair_mask = pair;
-  d.msa_bias = Tensor::empty({sp, rp});
-  d.msa_bias_t = Tensor::empty({rp, sp});
-  d.msa_mask_cols = Tensor::empty({sp, rl});
-  d.pair_mask_t = Tensor::empty({rp, rp});
-  d.pair_bias = Tensor::empty({rp, rp});
-  d.pair_bias_t = Tensor::empty({rp, rp});
-  const float* mm = msa.f32();
-  const float* pm = pair.f32();
-  for (int64_t i = 0; i < sp; ++i)
-    for (int64_t j = 0; j < rp; ++j) {
-      const float v = cfg.inf * (mm[i * rp + j] - 1.f);
-      d.msa_bias.f32()[i * rp + j] = v;
-      d.msa_bias_t.f32()[j * sp + i] = v;
-    }
-  for (int64_t i = 0; i < sp; ++i)
-    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
-  for (int64_t i = 0; i < rp; ++i)
-    for (int64_t j = 0; j < rp; ++j) {
-      const float mk = pm[i * rp + j], v = cfg.inf * (mk - 1.f);
-      d.pair_mask_t.f32()[j * rp + i] = mk;
-      d.pair_bias.f32()[i * rp + j] = v;
-      d.pair_bias_t.f32()[j * rp + i] = v;
-    }
-  return d;
+// The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
+// m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
+Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
+  const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
+  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+  const int64_t rows_p = msa ? sp : rp;
+  Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
+  tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
+  if (tc.rank() != 0) return Tensor();
+  Tensor full = all;
+  if (how == Shard::kMsaByRes || how == Shard::kPairRowsT) {
+    full = Tensor::empty({rows_p, rp, c});
+    const float* ap = all.f32();
+    float* fp = full.f32();
+    for (int64_t p = 0; p < l.n; ++p)
+      for (int64_t i = 0; i < rows_p; ++i)
+        for (int64_t j = 0; j < rl; ++j) {
+          // kMsaByRes: block p is m[:, p*rl + j]; kPairRowsT: block p is z^T[p*rl + j, i].
+          const float* src = how == Shard::kMsaByRes ? ap + ((p * rows_p + i) * rl + j) * c
+                                                     : ap + ((p * rl + j) * rp + i) * c;
+          std::memcpy(fp + (i * rp + p * rl + j) * c, src, c * kF);
+        }
+  }
+  return crop3(full, msa ? l.s : l.r, l.r);
 }
+
+// Pair bias [H, r_pad, r_pad] of an attention module from this rank's rows z [r_loc, r_pad, c_z]:
+// each rank projects its rows, the projections are all-gathered, then permuted to heads-first.
+Tensor gathered_pair_bias(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
+                          const DapLayout& l, const float* z, const dist::Communicator& comm) {
+  const int64_t rl = l.r_loc, rp = l.r_pad, H = lin.w.dim(0);
+  Tensor all = Tensor::empty({rp * rp, H});  // [(q, k), h] of every rank's rows q
+  {
+    Tensor t = Tensor::empty({rl * rp, H});  // this rank's rows
+    pair_bias_project(ln, lin, ctx, z, rl, t.f32());
+    comm.all_gather(t.f32(), all.f32(), rl * rp * H);
+  }
+  Tensor bias = Tensor::empty({H, rp, rp});
+  pair_bias_permute(all.f32(), rp, H, false, bias.f32());
+  return bias;
+}
+}  // namespace
 
 // x [rows, cols, c] copied into the top-left corner of a zero tensor [rows_p, cols_p, c]; x itself
 // when nothing is padded.
@@ -149,52 +154,6 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
   return out;
 }
 
-// Layouts of a stream shard (see dap.h).
-enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
-
-// The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
-// m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
-Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
-  const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
-  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
-  const int64_t rows_p = msa ? sp : rp;
-  Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
-  tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
-  if (tc.rank() != 0) return Tensor();
-  Tensor full = all;
-  if (how == Shard::kMsaByRes || how == Shard::kPairRowsT) {
-    full = Tensor::empty({rows_p, rp, c});
-    const float* ap = all.f32();
-    float* fp = full.f32();
-    for (int64_t p = 0; p < l.n; ++p)
-      for (int64_t i = 0; i < rows_p; ++i)
-        for (int64_t j = 0; j < rl; ++j) {
-          // kMsaByRes: block p is m[:, p*rl + j]; kPairRowsT: block p is z^T[p*rl + j, i].
-          const float* src = how == Shard::kMsaByRes ? ap + ((p * rows_p + i) * rl + j) * c
-                                                     : ap + ((p * rl + j) * rp + i) * c;
-          std::memcpy(fp + (i * rp + p * rl + j) * c, src, c * kF);
-        }
-  }
-  return crop3(full, msa ? l.s : l.r, l.r);
-}
-
-// Pair bias [H, r_pad, r_pad] of an attention module from this rank's rows z [r_loc, r_pad, c_z]:
-// each rank projects its rows, the projections are all-gathered, then permuted to heads-first.
-Tensor gathered_pair_bias(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
-                          const DapLayout& l, const float* z, const dist::Communicator& comm) {
-  const int64_t rl = l.r_loc, rp = l.r_pad, H = lin.w.dim(0);
-  Tensor all = Tensor::empty({rp * rp, H});  // [(q, k), h] of every rank's rows q
-  {
-    Tensor t = Tensor::empty({rl * rp, H});  // this rank's rows
-    pair_bias_project(ln, lin, ctx, z, rl, t.f32());
-    comm.all_gather(t.f32(), all.f32(), rl * rp * H);
-  }
-  Tensor bias = Tensor::empty({H, rp, rp});
-  pair_bias_permute(all.f32(), rp, H, false, bias.f32());
-  return bias;
-}
-}  // namespace
-
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank) {
   DapLayout l;
   l.n = n;
@@ -220,6 +179,95 @@ DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l) 
                         sp * rl * cfg.c_hidden_opm + 2 * cfg.c_hidden_mul * rl * rp) *
                        kF;
   return v;
+}
+
+DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLayout& l,
+                                         Recompute policy) {
+  const int64_t n1 = l.n - 1, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
+  const DapBlockVolume f = dap_block_volume(cfg, l);
+  const int64_t bias = n1 * rl * rp * (cfg.no_heads_msa + 2 * cfg.no_heads_pair) * kF;
+  const int64_t operands = n1 * (sp * rl * cfg.c_hidden_opm + 2 * cfg.c_hidden_mul * rl * rp) * kF;
+  const int64_t products = n1 * 2 * cfg.c_hidden_mul * rl * rp * kF;
+  DapBlockVolume v;
+  // The forward's all-to-alls reversed, plus one of m to rebuild the OPM's input.
+  v.all_to_all_bytes = f.all_to_all_bytes + n1 * l.s_loc * rl * cfg.c_m * kF;
+  v.reduce_scatter_bytes = f.all_gather_bytes;
+  v.all_gather_bytes = operands;
+  if (policy == Recompute::kModule) v.all_gather_bytes += bias + products;
+  if (policy == Recompute::kBlock) {
+    v.all_to_all_bytes += f.all_to_all_bytes;
+    v.all_gather_bytes += f.all_gather_bytes;
+  }
+  return v;
+}
+
+DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa_mask,
+                          Tensor pair_mask, int64_t chunk, int64_t chunk_target_bytes,
+                          int threads) {
+  const int64_t sp = l.s_pad, rp = l.r_pad, sl = l.s_loc, rl = l.r_loc;
+  FC_CHECK_MSG(msa_mask.numel() == sp * rp && pair_mask.numel() == rp * rp,
+               "DAP masks must be padded to [s_pad, r_pad] and [r_pad, r_pad]");
+  DapShards d;
+  d.l = l;
+  d.msa_mask = std::move(msa_mask);
+  d.pair_mask = std::move(pair_mask);
+  d.msa_bias = Tensor::empty({sp, rp});
+  d.msa_bias_t = Tensor::empty({rp, sp});
+  d.pair_mask_t = Tensor::empty({rp, rp});
+  d.pair_bias = Tensor::empty({rp, rp});
+  d.pair_bias_t = Tensor::empty({rp, rp});
+  const float* mm = d.msa_mask.f32();
+  const float* pm = d.pair_mask.f32();
+  d.msa_mask_cols = Tensor::empty({sp, rl});
+  for (int64_t i = 0; i < sp; ++i)
+    std::memcpy(d.msa_mask_cols.f32() + i * rl, mm + i * rp + l.rank * rl, rl * kF);
+  for (int64_t i = 0; i < sp; ++i)
+    for (int64_t j = 0; j < rp; ++j) {
+      const float v = cfg.inf * (mm[i * rp + j] - 1.f);
+      d.msa_bias.f32()[i * rp + j] = v;
+      d.msa_bias_t.f32()[j * sp + i] = v;
+    }
+  for (int64_t i = 0; i < rp; ++i)
+    for (int64_t j = 0; j < rp; ++j) {
+      const float mk = pm[i * rp + j], v = cfg.inf * (mk - 1.f);
+      d.pair_mask_t.f32()[j * rp + i] = mk;
+      d.pair_bias.f32()[i * rp + j] = v;
+      d.pair_bias_t.f32()[j * rp + i] = v;
+    }
+  const int64_t mz_loc = (sl * rp * cfg.c_m + rl * rp * cfg.c_z) * kF;
+  BlockContext base;
+  base.cfg = &cfg;
+  base.chunk = chunk;
+  base.chunk_target_bytes =
+      chunk_target_bytes > 0 ? chunk_target_bytes : std::max<int64_t>(mz_loc / 8, 1 << 20);
+  base.threads = std::max(threads, 1);
+  d.row = base;
+  d.row.s = sl;
+  d.row.r = rp;
+  d.col = base;
+  d.col.s = sp;
+  d.col.r = rl;
+  d.col.msa_bias_t = d.msa_bias_t.f32() + l.rank * rl * sp;
+  d.full = base;
+  d.full.s = sp;
+  d.full.r = rp;
+  d.full.msa_mask = d.msa_mask.f32();
+  d.full.msa_bias = d.msa_bias.f32();
+  d.full.msa_bias_t = d.msa_bias_t.f32();
+  d.full.pair_mask = d.pair_mask.f32();
+  d.full.pair_bias = d.pair_bias.f32();
+  d.full.pair_bias_t = d.pair_bias_t.f32();
+  d.msa_bias_rows = d.msa_bias.f32() + l.rank * sl * rp;
+  d.pair_bias_rows = d.pair_bias.f32() + l.rank * rl * rp;
+  d.pair_bias_t_rows = d.pair_bias_t.f32() + l.rank * rl * rp;
+  return d;
+}
+
+void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key) {
+  for (BlockContext* c : {&sh->row, &sh->col, &sh->full}) {
+    c->dropout = dropout;
+    c->dropout_key = key;
+  }
 }
 
 Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
@@ -266,8 +314,8 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
   comm.broadcast(msa_p.f32(), sp * rp, 0);
   comm.broadcast(pair_p.f32(), rp * rp, 0);
-  const DapMasks mk = make_masks(cfg, l, msa_p, pair_p);
-  msa_p = pair_p = Tensor();
+  const DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
+                                       opts.chunk_target_bytes, num_threads());
 
   // Shards: m by sequences [s_loc, r_pad, c_m], z by rows [r_loc, r_pad, c_z].
   Tensor mr = Tensor::empty({sl, rp, cm});
@@ -286,34 +334,17 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   }
 
   // Contexts of the shards (masks in full; the modules see the shard's sizes).
-  // Chunk target: 1/8 of this rank's shard bytes as in one process (default_chunk_target_bytes),
-  // with a floor of 1 MiB instead of 4 MiB so that the work buffers keep shrinking with N.
   const int64_t mz_loc = (sl * rp * cm + rl * rp * cz) * kF;
-  BlockContext base;
-  base.cfg = &cfg;
-  base.chunk = opts.chunk;
-  base.chunk_target_bytes = opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
-                                                        : std::max<int64_t>(mz_loc / 8, 1 << 20);
-  base.threads = num_threads();
-  BlockContext row = base;  // m by sequences: row attention over r_pad residues
-  row.s = sl;
-  row.r = rp;
-  BlockContext col = base;  // m by residues: column attention over s_pad sequences
-  col.s = sp;
-  col.r = rl;
-  col.msa_bias_t = mk.msa_bias_t.f32() + me * rl * sp;
-  BlockContext full = base;  // outer product mean and pair modules: all r_pad columns
-  full.s = sp;
-  full.r = rp;
-  full.msa_mask = mk.msa_mask.f32();
-  full.pair_mask = mk.pair_mask.f32();
+  const BlockContext& row = sh.row;    // m by sequences: row attention over r_pad residues
+  const BlockContext& col = sh.col;    // m by residues: column attention over s_pad sequences
+  const BlockContext& full = sh.full;  // outer product mean and pair modules: all r_pad columns
   const ShardGather gather{
       n, [&](const float* mine, int64_t count, float* all) { comm.all_gather(mine, all, count); }};
-  const float* msa_bias_rows = mk.msa_bias.f32() + me * sl * rp;    // [s_loc, r_pad]
-  const float* pair_bias_rows = mk.pair_bias.f32() + me * rl * rp;  // [r_loc, r_pad]
-  const float* pair_bias_t_rows = mk.pair_bias_t.f32() + me * rl * rp;
-  const float* pair_mask_rows = mk.pair_mask.f32() + me * rl * rp;
-  const float* pair_mask_t_rows = mk.pair_mask_t.f32() + me * rl * rp;
+  const float* msa_bias_rows = sh.msa_bias_rows;    // [s_loc, r_pad]
+  const float* pair_bias_rows = sh.pair_bias_rows;  // [r_loc, r_pad]
+  const float* pair_bias_t_rows = sh.pair_bias_t_rows;
+  const float* pair_mask_rows = sh.pair_mask.f32() + me * rl * rp;
+  const float* pair_mask_t_rows = sh.pair_mask_t.f32() + me * rl * rp;
 
   const bool tracing = opts.trace != nullptr;
   if (!comm.all_equal(tracing))
@@ -344,7 +375,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
     transition(w.msa_transition, col, mc.f32(), sp * rl, cm);
     trace("msa_transition", mc, Shard::kMsaByRes);
     outer_product_mean_shard(w.outer_product_mean, full, mc.f32(), me * rl, rl,
-                             mk.msa_mask_cols.f32(), gather, zr.f32());
+                             sh.msa_mask_cols.f32(), gather, zr.f32());
     trace("outer_product_mean", zr, Shard::kPairRows);
     mr = msa_cols_to_rows(std::move(mc), l, comm);
 

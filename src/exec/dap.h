@@ -16,6 +16,7 @@
 #include "foldcube/model.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
+#include "model/modules.h"
 
 namespace fc {
 
@@ -29,14 +30,60 @@ struct DapLayout {
 };
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank);
 
+// The contexts of this rank's shards and the padded masks they point into (held in full on every
+// rank, as in the forward).
+struct DapShards {
+  DapLayout l;
+  Tensor msa_mask, msa_bias;      // [s_pad, r_pad]
+  Tensor msa_bias_t;              // [r_pad, s_pad]
+  Tensor msa_mask_cols;           // [s_pad, r_loc] this rank's residue columns of msa_mask
+  Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
+  Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
+  BlockContext row;               // m by sequences: s = s_loc, r = r_pad
+  BlockContext col;   // m by residues: s = s_pad, r = r_loc (msa_bias_t: this rank's residues)
+  BlockContext full;  // pair modules and OPM: s = s_pad, r = r_pad, full masks
+  const float* msa_bias_rows = nullptr;     // [s_loc, r_pad] this rank's sequences
+  const float* pair_bias_rows = nullptr;    // [r_loc, r_pad] this rank's rows of pair_bias
+  const float* pair_bias_t_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias_t
+};
+// From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad] (the same on every rank; held,
+// not copied). chunk_target_bytes 0: 1/8 of this rank's shard bytes of m and z as in one process
+// (default_chunk_target_bytes), with a floor of 1 MiB instead of 4 MiB so that the work buffers
+// keep shrinking with N.
+DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, Tensor msa_mask,
+                          Tensor pair_mask, int64_t chunk, int64_t chunk_target_bytes, int threads);
+// Sets the dropout of every context (training mode, the block's key).
+void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key);
+
+// ---- Layout changes (all-to-all over comm) and padding, shared by the forward and the training
+// executor. Each layout change takes its input by value so that it dies after packing.
+// m by sequences [s_loc, r_pad, c] -> m by residues [s_pad, r_loc, c].
+Tensor msa_rows_to_cols(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// m by residues [s_pad, r_loc, c] -> m by sequences [s_loc, r_pad, c] (the adjoint of the above).
+Tensor msa_cols_to_rows(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// Rows of X [r_loc, r_pad, c] -> rows of X^T [r_loc, r_pad, c] (its own adjoint and inverse).
+Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// x [rows, cols, c] in the top-left corner of zeros [rows_p, cols_p, c] (x itself when equal).
+Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p);
+// The top-left [rows, cols, c] corner of x (x itself when nothing is cropped).
+Tensor crop3(const Tensor& x, int64_t rows, int64_t cols);
+
 // Bytes one rank sends per Evoformer block, from the formulas of docs/dap.md (the dist layer's
 // counting convention: payload addressed to other ranks).
 struct DapBlockVolume {
   int64_t all_to_all_bytes = 0;
   int64_t all_gather_bytes = 0;
-  int64_t total() const { return all_to_all_bytes + all_gather_bytes; }
+  int64_t reduce_scatter_bytes = 0;  // backward only
+  int64_t total() const { return all_to_all_bytes + all_gather_bytes + reduce_scatter_bytes; }
 };
 DapBlockVolume dap_block_volume(const EvoformerConfig& cfg, const DapLayout& l);
+// The same for one block's backward under a recompute policy (dap_train_step; without the
+// parameter-gradient all-reduce): the reverse all-to-alls and one more of m (the OPM's input is
+// rebuilt from the block output), a reduce-scatter for every all-gather
+// of the forward, the OPM's and the triangle multiplications' re-gathered right operands, under
+// kModule also the re-gathered biases and triangle products, under kBlock the forward once more.
+DapBlockVolume dap_block_backward_volume(const EvoformerConfig& cfg, const DapLayout& l,
+                                         Recompute policy);
 
 struct DapOptions {
   int64_t chunk = 0;               // as ForwardOptions::chunk

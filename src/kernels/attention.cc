@@ -29,6 +29,7 @@
 // Per-target headers: must come after foreach_target.h, which re-includes this file per target.
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
+#include "kernels/hwy_util-inl.h"
 
 #ifndef FC_KERNELS_ATTENTION_LAYOUT_
 #define FC_KERNELS_ATTENTION_LAYOUT_
@@ -98,25 +99,11 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 using D = hn::ScalableTag<float>;
 using V = hn::Vec<D>;
+using hwy_util::LoadPart;
+using hwy_util::StorePart;
 
 namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Loads count <= Lanes elements, the other lanes set to fill; a partial vector goes through a stack
-// copy so that no load touches memory past the row.
-HWY_INLINE V LoadPart(D d, const float* p, size_t count, float fill) {
-  if (count == hn::Lanes(d)) return hn::LoadU(d, p);
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
-  for (size_t i = 0; i < hn::Lanes(d); ++i) buf[i] = i < count ? p[i] : fill;
-  return hn::Load(d, buf);
-}
-
-HWY_INLINE void StorePart(D d, V v, float* p, size_t count) {
-  if (count == hn::Lanes(d)) return hn::StoreU(v, d, p);
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
-  hn::Store(v, d, buf);
-  for (size_t i = 0; i < count; ++i) p[i] = buf[i];
-}
 
 // Horizontal max through memory, not MaxOfLanes: on EMU128 that starts from -FLT_MAX, which would
 // turn an all -inf row into a finite max.

@@ -22,6 +22,7 @@
 // Per-target headers: must come after foreach_target.h, which re-includes this file per target.
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
+#include "kernels/hwy_util-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace fc::kern {
@@ -30,25 +31,12 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 using D = hn::ScalableTag<float>;
 using V = hn::Vec<D>;
+using hwy_util::LoadPart;
+using hwy_util::StorePart;
 
 namespace {
-// Loads count <= Lanes elements; a partial vector goes through a zero-filled stack copy so that no
-// load touches memory past the row (the same scheme as LoadTail in elementwise_hwy.cc). Every
-// kernel below is written so that zero tail lanes contribute nothing to its sums.
-HWY_INLINE V LoadPart(D d, const float* p, size_t count) {
-  if (count == hn::Lanes(d)) return hn::LoadU(d, p);
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
-  for (size_t i = 0; i < count; ++i) buf[i] = p[i];
-  return hn::Load(d, buf);
-}
-
-HWY_INLINE void StorePart(D d, V v, float* p, size_t count) {
-  if (count == hn::Lanes(d)) return hn::StoreU(v, d, p);
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
-  hn::Store(v, d, buf);
-  for (size_t i = 0; i < count; ++i) p[i] = buf[i];
-}
-
+// Partial vectors are loaded zero-filled (LoadPart's default); every kernel below is written so
+// that zero tail lanes contribute nothing to its sums.
 // Writes v to p[0, count), or adds it to what is there.
 HWY_INLINE void Output(D d, V v, float* p, size_t count, bool accumulate) {
   if (accumulate) v = hn::Add(LoadPart(d, p, count), v);

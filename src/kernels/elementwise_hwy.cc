@@ -19,6 +19,7 @@
 // Per-target headers: must come after foreach_target.h, which re-includes this file per target.
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
+#include "kernels/hwy_util-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace fc::kern {
@@ -27,22 +28,10 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 using D = hn::ScalableTag<float>;
 using V = hn::Vec<D>;
+using hwy_util::LoadPart;
+using hwy_util::StorePart;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Tails (the last n % Lanes elements) go through a stack copy, so they see exactly the same
-// vector arithmetic as the body and no load or store ever touches memory past the row.
-HWY_INLINE V LoadTail(D d, const float* p, size_t count, float fill) {
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
-  for (size_t i = 0; i < hn::Lanes(d); ++i) buf[i] = i < count ? p[i] : fill;
-  return hn::Load(d, buf);
-}
-
-HWY_INLINE void StoreTail(D d, V v, float* p, size_t count) {
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
-  hn::Store(v, d, buf);
-  for (size_t i = 0; i < count; ++i) p[i] = buf[i];
-}
 
 // x[i] = op(x[i]) for i < n.
 template <class Op>
@@ -50,7 +39,7 @@ HWY_INLINE void Map1(D d, float* x, size_t n, Op op) {
   const size_t N = hn::Lanes(d);
   size_t i = 0;
   for (; i + N <= n; i += N) hn::StoreU(op(hn::LoadU(d, x + i)), d, x + i);
-  if (i < n) StoreTail(d, op(LoadTail(d, x + i, n - i, 0.f)), x + i, n - i);
+  if (i < n) StorePart(d, op(LoadPart(d, x + i, n - i, 0.f)), x + i, n - i);
 }
 
 // y[i] = op(y[i], x[i]) for i < n.
@@ -60,8 +49,8 @@ HWY_INLINE void Map2(D d, float* y, const float* x, size_t n, Op op) {
   size_t i = 0;
   for (; i + N <= n; i += N) hn::StoreU(op(hn::LoadU(d, y + i), hn::LoadU(d, x + i)), d, y + i);
   if (i < n) {
-    const V r = op(LoadTail(d, y + i, n - i, 0.f), LoadTail(d, x + i, n - i, 0.f));
-    StoreTail(d, r, y + i, n - i);
+    const V r = op(LoadPart(d, y + i, n - i, 0.f), LoadPart(d, x + i, n - i, 0.f));
+    StorePart(d, r, y + i, n - i);
   }
 }
 
@@ -80,7 +69,7 @@ HWY_INLINE float SumOf(D d, const float* x, size_t n, float fill, Op op) {
     a3 = op(hn::LoadU(d, x + i + 3 * N), a3);
   }
   for (; i + N <= n; i += N) a0 = op(hn::LoadU(d, x + i), a0);
-  if (i < n) a1 = op(LoadTail(d, x + i, n - i, fill), a1);
+  if (i < n) a1 = op(LoadPart(d, x + i, n - i, fill), a1);
   return hn::GetLane(hn::SumOfLanes(d, hn::Add(hn::Add(a0, a1), hn::Add(a2, a3))));
 }
 
@@ -94,7 +83,7 @@ HWY_INLINE float MaxOf(D d, const float* x, size_t n) {
     m1 = hn::Max(m1, hn::LoadU(d, x + i + N));
   }
   for (; i + N <= n; i += N) m0 = hn::Max(m0, hn::LoadU(d, x + i));
-  if (i < n) m1 = hn::Max(m1, LoadTail(d, x + i, n - i, kNegInf));
+  if (i < n) m1 = hn::Max(m1, LoadPart(d, x + i, n - i, kNegInf));
   // Horizontal max through memory, not MaxOfLanes: on EMU128 that starts from -FLT_MAX, which
   // would turn an all -inf row into a finite max.
   HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
@@ -143,8 +132,8 @@ void LayerNormRows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r
     }
     if (i < un) {
       const size_t c = un - i;
-      const V t = hn::Mul(hn::Sub(LoadTail(d, xr + i, c, 0.f), vmu), vrs);
-      StoreTail(d, hn::MulAdd(t, LoadTail(d, gamma + i, c, 0.f), LoadTail(d, beta + i, c, 0.f)),
+      const V t = hn::Mul(hn::Sub(LoadPart(d, xr + i, c, 0.f), vmu), vrs);
+      StorePart(d, hn::MulAdd(t, LoadPart(d, gamma + i, c, 0.f), LoadPart(d, beta + i, c, 0.f)),
                 yr + i, c);
     }
   }
@@ -173,9 +162,9 @@ void SoftmaxRows(float* x, int64_t ld, int64_t rows, int64_t n) {
       hn::StoreU(e, d, xr + i);
     }
     if (i < un) {
-      const V e = hn::Exp(d, hn::Sub(LoadTail(d, xr + i, un - i, kNegInf), vmx));
+      const V e = hn::Exp(d, hn::Sub(LoadPart(d, xr + i, un - i, kNegInf), vmx));
       acc = hn::Add(acc, e);
-      StoreTail(d, e, xr + i, un - i);
+      StorePart(d, e, xr + i, un - i);
     }
     const V inv = hn::Set(d, 1.f / hn::GetLane(hn::SumOfLanes(d, acc)));  // sum >= 1 (max term)
     Map1(d, xr, un, [inv](V v) HWY_ATTR { return hn::Mul(v, inv); });

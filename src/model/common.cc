@@ -104,22 +104,28 @@ Status prepare_inputs(const EvoformerConfig& cfg, const Tensor& m, const Tensor&
   return Status::OK();
 }
 
-BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk,
-                          int64_t chunk_target_bytes) {
+BlockContext shape_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t chunk,
+                           int64_t chunk_target_bytes, int threads) {
   BlockContext ctx;
   ctx.cfg = &cfg;
-  ctx.s = in.s;
-  ctx.r = in.r;
+  ctx.s = s;
+  ctx.r = r;
+  ctx.chunk = chunk;
+  ctx.chunk_target_bytes =
+      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
+  ctx.threads = std::max(threads, 1);
+  return ctx;
+}
+
+BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk,
+                          int64_t chunk_target_bytes) {
+  BlockContext ctx = shape_context(cfg, in.s, in.r, chunk, chunk_target_bytes, num_threads());
   ctx.msa_mask = in.msa_mask.f32();
   ctx.msa_bias = in.msa_bias.f32();
   ctx.msa_bias_t = in.msa_bias_t.f32();
   ctx.pair_mask = in.pair_mask.f32();
   ctx.pair_bias = in.pair_bias.f32();
   ctx.pair_bias_t = in.pair_bias_t.f32();
-  ctx.chunk = chunk;
-  ctx.chunk_target_bytes =
-      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, in.s, in.r);
-  ctx.threads = num_threads();
   return ctx;
 }
 

@@ -39,6 +39,11 @@ struct StackInputs {
 // m [s, r, c_m] and z [r, r, c_z] F32 contiguous; masks optional (undefined = ones).
 Status prepare_inputs(const EvoformerConfig& cfg, const Tensor& m, const Tensor& z,
                       const Tensor& msa_mask, const Tensor& pair_mask, StackInputs* out);
+// A context with shapes and chunking but no masks: what the memory and cost models read.
+// chunk and chunk_target_bytes as in ForwardOptions (0 = automatic / the default target);
+// threads < 1 counts as 1.
+BlockContext shape_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t chunk,
+                           int64_t chunk_target_bytes, int threads);
 // The block context over prepared inputs (which must outlive it). chunk and chunk_target_bytes as
 // in ForwardOptions (0 = automatic / the default target).
 BlockContext make_context(const EvoformerConfig& cfg, const StackInputs& in, int64_t chunk,

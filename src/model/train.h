@@ -30,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "foldcube/tensor.h"
@@ -61,6 +62,7 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx);
 struct AttentionChunk {
   Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items
   Tensor og;    // [n*L, H*C]   gated attention output (input of linear_o)
+  Tensor lse;   // [n, H, L]     log-sum-exp of the logits per query (saved for the backward)
 };
 struct AttentionState {
   Tensor bias;                         // [H, L, L] pair/triangle bias (undefined for column att.)
@@ -125,5 +127,75 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
                                       const BlockContext& ctx, bool outgoing, const float* z_in,
                                       TriangleMultiplicationState* st, float* dz);
+
+// ---- Pieces for sharded training (Dynamic Axial Parallelism, src/exec/dap_train.cc) -----------
+// Gated attention over S [N, L, c] (batch over N, attention over L) with a given pair bias
+// [H, L, L] (or nullptr) and mask_bias [N, L]; `module` (golden trace name) selects the dropout
+// mask, which is [L, c] shared over N, so a shard of the N items sees the mask of one process. The
+// single-process modules above run the same chunk functions (bit-identical per item).
+void attention_rows_train(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                          const char* module, const BlockContext& ctx, float* S, int64_t N,
+                          int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                          AttentionState* st);
+// S_in [N, L, c]: the input; dS: dL/d out on entry, dL/d in on exit; dbias [H, L, L] ACCUMULATES
+// the bias gradient (nullptr when bias is nullptr). st: as attention_rows_train filled it (its
+// chunks are consumed) or empty (recomputed per chunk); st->bias is not used.
+void attention_rows_backward(const LayerNormW& ln, const GatedAttentionW& w, LayerNormW* gln,
+                             GatedAttentionW* gw, int64_t H, int64_t C, const char* module,
+                             const BlockContext& ctx, const float* S_in, float* dS, int64_t N,
+                             int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                             AttentionState* st, float* dbias);
+// Adjoint of pair_bias_permute(transposed = false): dt [r*r, H] with dt[(q, k), h] =
+// dbias[h][q][k] for dbias [H, r, r].
+void pair_bias_unpermute(const float* dbias, int64_t r, int64_t H, float* dt);
+// Backward of pair_bias_project on `rows` rows z [rows, r, c_z] (r = ctx.r): given dt
+// [rows*r, H], dz [rows, r, c_z] += dL/dz (LN(z) recomputed by row blocks); the parameter
+// gradients of ln and lin accumulate.
+void pair_bias_project_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln,
+                                LinearW* glin, const BlockContext& ctx, const float* z,
+                                int64_t rows, const float* dt, float* dz);
+
+// Sums every shard's all [parts*count] block-wise and leaves this shard's block in mine [count]
+// (the adjoint of ShardGather: the executor's reduce-scatter).
+struct ShardReduce {
+  int parts = 1;
+  std::function<void(const float* all, int64_t count, float* mine)> fn;
+};
+
+// Outer product mean on a residue-column shard (training): m [s, cols, c_m] holds MSA columns
+// [col0, col0+cols) (ctx.s = s, ctx.r = r columns in all, ctx.msa_mask [s, r] in full), mask_cols
+// [s, cols] their mask; z [cols, r, c_z] (pair rows col0..) += the update, or nullptr (only the
+// state is built). The state holds this shard's part: mean, rstd [s*cols], x_ln [s*cols, c_m],
+// a, b [s, cols, c_o], norm [cols, r]; gather collects every shard's b (forward and backward).
+void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockContext& ctx,
+                                    const float* m, int64_t col0, int64_t cols,
+                                    const float* mask_cols, const ShardGather& gather, float* z,
+                                    OuterProductMeanState* st);
+// dz [cols, r, c_z] is only read; dm [s, cols, c_m] accumulates. The gradient of every shard's b
+// is summed to its shard by reduce (the adjoint of the forward's gather).
+void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                       const BlockContext& ctx, const float* m_in, int64_t cols,
+                                       const float* mask_cols, const OuterProductMeanState& st,
+                                       const ShardGather& gather, const ShardReduce& reduce,
+                                       const float* dz, float* dm);
+
+// Triangle multiplication in outgoing form on a row shard (training), as
+// triangle_multiplication_shard: z [rows, r, c_z] holds rows row0.. (r = ctx.r), mask [rows, r];
+// p[i, j] = sum_k L[i, k] R[j, k] with L this shard's projection and R every shard's, gathered one
+// channel group at a time. left_is_b = false: the outgoing module on z (dropout mask over (j, c),
+// shared over the rows); true: the incoming module on z^T (mask^T; its dropout mask, over the
+// columns of z, applies per row of z^T). st->P [c_t, rows, r] kept when st is non-null.
+void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                                         bool left_is_b, int64_t rows, int64_t row0,
+                                         const float* mask, const ShardGather& gather, float* z,
+                                         TriangleMultiplicationState* st);
+// z_in [rows, r, c_z]: the module input; dz: dL/d out on entry, dL/d in on exit. R's gradient of
+// every shard is summed to its shard by reduce (adjoint of the gather), per channel group.
+void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
+                                            TriangleMultiplicationW* g, const BlockContext& ctx,
+                                            bool left_is_b, int64_t rows, int64_t row0,
+                                            const float* mask, const ShardGather& gather,
+                                            const ShardReduce& reduce, const float* z_in,
+                                            TriangleMultiplicationState* st, float* dz);
 
 }  // namespace fc

@@ -161,8 +161,10 @@ AttentionChunk chunk_state(const Attn& at, const BlockContext& ctx, const float*
   kern::linear(x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
                4 * hc);
   k.og = Tensor::empty({rows, hc});
-  const kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
-                                               at.mask_bias + n0 * at.v.L, bias, k.og.f32());
+  k.lse = Tensor::empty({n, at.H, at.v.L});
+  kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
+                                         at.mask_bias + n0 * at.v.L, bias, k.og.f32());
+  a.lse = k.lse.f32();
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   return k;
@@ -229,10 +231,12 @@ void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
       g.d_out = dog.f32();
       g.dq = d, g.dk = d + hc, g.dv = d + 2 * hc, g.dgate = d + 3 * hc;
       g.d_pair_bias = dbias;
+      g.lse = k.lse.f32();
       Tensor scratch = Tensor::empty(
           {kern::attention_backward_scratch_floats(a, ctx.threads, dbias != nullptr)});
       kern::attention_backward(a, g, scratch.f32(), ctx.threads);
     }
+    k.lse = Tensor();
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
     kern::linear_backward(x_ln.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
@@ -290,7 +294,8 @@ Attn tri_attn(const TriangleAttentionW& w, const BlockContext& ctx, bool ending)
 int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int64_t c,
                               int64_t hc) {
   // Per item: the chunk state (q|k|v|g, og) and the backward's buffers (x_ln, du, dln, dog,
-  // dq|dk|dv|dg).
+  // dq|dk|dv|dg). The saved lse (H floats per position, small next to 5*H*C) is left out, so the
+  // chunk picks are those from before it was saved.
   return pick_chunk(ctx, N, L * (3 * c + 10 * hc) * kF);
 }
 
@@ -349,6 +354,53 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
                      &st->chunks, dbias.f32());
   bias = Tensor();
   bias_backward(w.ln, w.lin, &g->ln, &g->lin, ctx, ending, z_in, dbias.f32(), dz);
+}
+
+void attention_rows_train(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                          const char* module, const BlockContext& ctx, float* S, int64_t N,
+                          int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                          AttentionState* st) {
+  const Attn at{module, ln, w, H, C, {N, L, c, false}, mask_bias};
+  attention_forward(at, ctx, S, bias, st ? &st->chunks : nullptr);
+}
+
+void attention_rows_backward(const LayerNormW& ln, const GatedAttentionW& w, LayerNormW* gln,
+                             GatedAttentionW* gw, int64_t H, int64_t C, const char* module,
+                             const BlockContext& ctx, const float* S_in, float* dS, int64_t N,
+                             int64_t L, int64_t c, const float* mask_bias, const float* bias,
+                             AttentionState* st, float* dbias) {
+  const Attn at{module, ln, w, H, C, {N, L, c, false}, mask_bias};
+  attention_backward(at, gln, gw, ctx, S_in, dS, bias, &st->chunks, dbias);
+}
+
+void pair_bias_unpermute(const float* dbias, int64_t r, int64_t H, float* dt) {
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < r; ++q)
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t h = 0; h < H; ++h) dt[(q * r + k) * H + h] = dbias[(h * r + q) * r + k];
+}
+
+void pair_bias_project_backward(const LayerNormW& ln, const LinearW& lin, LayerNormW* gln,
+                                LinearW* glin, const BlockContext& ctx, const float* z,
+                                int64_t rows, const float* dt, float* dz) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
+  const int64_t ch = std::min(bias_train_chunk(ctx, H), std::max<int64_t>(rows, 1));
+  Tensor x = Tensor::empty({ch * r, cz});  // LN(z) of a row block
+  Tensor mean = Tensor::empty({ch * r});
+  Tensor rstd = Tensor::empty({ch * r});
+  Tensor dln = Tensor::empty({ch * r, cz});  // dL/d LN(z) of the row block
+  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, cz)});
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0);
+    const float* zr = z + i0 * r * cz;
+    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, ln.w.f32(), ln.b.f32(), ctx.cfg->eps_ln,
+                    mean.f32(), rstd.f32());
+    kern::linear_backward(x.f32(), cz, n * r, cz, lin.w.f32(), H, dt + i0 * r * H, H, dln.f32(), cz,
+                          glin->w.f32(), nullptr);
+    kern::layernorm_backward(zr, cz, dln.f32(), cz, n * r, cz, ln.w.f32(), mean.f32(), rstd.f32(),
+                             dz + i0 * r * cz, cz, gln->w.f32(), gln->b.f32(), scratch.f32(),
+                             /*accumulate=*/true);
+  }
 }
 
 }  // namespace fc

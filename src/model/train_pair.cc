@@ -275,6 +275,161 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
                           true);
 }
 
+// ---- Outer product mean on a residue-column shard (DAP) -----------------------------------------
+
+void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockContext& ctx,
+                                    const float* m, int64_t col0, int64_t cols,
+                                    const float* mask_cols, const ShardGather& gather, float* z,
+                                    OuterProductMeanState* st) {
+  *st = OuterProductMeanState{};
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sc = s * cols, parts = gather.parts;
+  FC_CHECK(parts >= 1 && cols * parts == r);
+  st->mean = Tensor::empty({sc});
+  st->rstd = Tensor::empty({sc});
+  st->x_ln = Tensor::empty({sc, cm});
+  st->a = Tensor::empty({s, cols, co});
+  st->b = Tensor::empty({s, cols, co});
+  kern::layernorm(m, cm, st->x_ln.f32(), cm, sc, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
+                  st->mean.f32(), st->rstd.f32());
+  {
+    Tensor ab = Tensor::empty({sc, 2 * co});  // linear_1 | linear_2, before masking
+    kern::linear(st->x_ln.f32(), cm, sc, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
+                 2 * co);
+    const float* abp = ab.f32();
+    float* ap = st->a.f32();
+    float* bp = st->b.f32();
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < sc; ++row)
+      for (int64_t c = 0; c < co; ++c) {
+        ap[row * co + c] = abp[row * 2 * co + c] * mask_cols[row];
+        bp[row * co + c] = abp[row * 2 * co + co + c] * mask_cols[row];
+      }
+  }
+  st->norm = Tensor::empty({cols, r});
+  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f,
+             st->norm.f32(), r);
+  if (!z) return;
+  Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
+  gather.fn(st->b.f32(), sc * co, b_all.f32());
+  const int64_t ch = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
+  const int64_t bw = cols * co;                 // columns (j, e) of one shard
+  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
+  for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+    const int64_t n = std::min(ch, cols - i0);
+    for (int64_t q = 0; q < parts; ++q)
+      kern::gemm(true, false, n * co, bw, s, 1.f, st->a.f32() + i0 * co, bw,
+                 b_all.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
+    const float* op = o.f32();
+    float* pp = p.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t c = 0; c < co; ++c)
+          std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * r * co + j * co,
+                      co * kF);
+    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
+    const float* yp = y.f32();
+    const float* np = st->norm.f32() + i0 * r;
+    float* zp = z + i0 * r * cz;
+    const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n * r; ++row) {
+      const float inv = 1.f / (np[row] + eps);
+      for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
+    }
+  }
+}
+
+void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                       const BlockContext& ctx, const float* m_in, int64_t cols,
+                                       const float* mask_cols, const OuterProductMeanState& st,
+                                       const ShardGather& gather, const ShardReduce& reduce,
+                                       const float* dz, float* dm) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sc = s * cols, parts = gather.parts, bw = cols * co, rco = r * co;
+  FC_CHECK(parts >= 1 && cols * parts == r && reduce.parts == parts);
+  Tensor dxln = Tensor::empty({sc, cm});  // dL/d LN(m)
+  {
+    Tensor dab = Tensor::empty({sc, 2 * co});  // dL/d (linear_1 | linear_2), before masking
+    {
+      Tensor da = Tensor::empty({s, cols, co});  // dL/d a
+      Tensor db = Tensor::empty({s, cols, co});  // dL/d b, summed over the shards
+      {
+        Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
+        gather.fn(st.b.f32(), sc * co, b_all.f32());
+        Tensor db_all = Tensor::zeros({parts, s, cols, co});  // this shard's part of dL/d b
+        const float* ap = st.a.f32();
+        const int64_t ch = pick_chunk(ctx, cols, 3 * co * r * co * kF + r * cz * kF);
+        Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient
+        Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
+        Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
+        Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
+        for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+          const int64_t n = std::min(ch, cols - i0);
+          for (int64_t q = 0; q < parts; ++q)
+            kern::gemm(true, false, n * co, bw, s, 1.f, ap + i0 * co, bw, b_all.f32() + q * s * bw,
+                       bw, 0.f, o.f32() + q * bw, rco);
+          const float* op = o.f32();
+          float* pp = p.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < r; ++j)
+              for (int64_t c = 0; c < co; ++c)
+                std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * rco + j * co,
+                            co * kF);
+          const float* np = st.norm.f32() + i0 * r;
+          const float* dzp = dz + i0 * r * cz;
+          float* dyp = dy.f32();
+          const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+          for (int64_t row = 0; row < n * r; ++row) {
+            const float inv = 1.f / (np[row] + eps);
+            for (int64_t c = 0; c < cz; ++c) dyp[row * cz + c] = dzp[row * cz + c] * inv;
+          }
+          kern::linear_backward(pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz, dp.f32(),
+                                co * co, g->out.w.f32(), g->out.b.f32());
+          const float* dpp = dp.f32();
+          float* dop = o.f32();
+#pragma omp parallel for collapse(2) schedule(static)
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < r; ++j)
+              for (int64_t c = 0; c < co; ++c)
+                std::memcpy(dop + (i * co + c) * rco + j * co, dpp + ((i * r + j) * co + c) * co,
+                            co * kF);
+          // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
+          for (int64_t q = 0; q < parts; ++q) {
+            kern::gemm(false, true, s, n * co, bw, 1.f, b_all.f32() + q * s * bw, bw, dop + q * bw,
+                       rco, q == 0 ? 0.f : 1.f, da.f32() + i0 * co, bw);
+            kern::gemm(false, false, s, bw, n * co, 1.f, ap + i0 * co, bw, dop + q * bw, rco, 1.f,
+                       db_all.f32() + q * s * bw, bw);
+          }
+        }
+        b_all = Tensor();
+        o = p = dp = dy = Tensor();
+        reduce.fn(db_all.f32(), sc * co, db.f32());
+      }
+      const float* dap = da.f32();
+      const float* dbp = db.f32();
+      float* dabp = dab.f32();
+#pragma omp parallel for schedule(static)
+      for (int64_t row = 0; row < sc; ++row)
+        for (int64_t c = 0; c < co; ++c) {
+          dabp[row * 2 * co + c] = dap[row * co + c] * mask_cols[row];
+          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask_cols[row];
+        }
+    }
+    kern::linear_backward(st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
+                          dxln.f32(), cm, g->l12.w.f32(), g->l12.b.f32());
+  }
+  layernorm_backward_into(m_in, dxln.f32(), sc, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
+                          true);
+}
+
 // ---- Triangle multiplication ----------------------------------------------------------------
 // Saved: the products P, c_t r^2 floats. Phase 1 (projections, A, B, products) runs by channel
 // groups of A and B; phase 2 (LN_out, linear_z, the gate, the update) by pair rows i. The
@@ -464,6 +619,233 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
         kern::linear_backward(x_ln.f32(), cz, rr, cz, w.ab.w.f32() + row0 * cz, nc, dtp + part * nc,
                               ld, dxln.f32(), cz, g->ab.w.f32() + row0 * cz, g->ab.b.f32() + row0,
                               true);
+      }
+    }
+  }
+  dP = Tensor();
+  x_ln = Tensor();
+  layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, mean.f32(), rstd.f32(), dz, &g->ln_in,
+                          true);
+}
+
+// ---- Triangle multiplication on a row shard (DAP) ----------------------------------------------
+
+namespace {
+
+struct TriMulShardChunks {
+  int64_t group = 0, rows = 0;
+};
+// Channels per group (projections t, dt; A, B, dA, dB; the gathered R and its gradient) and rows
+// per chunk of phase 2, for a shard of `rows` rows of r columns over `parts` shards.
+TriMulShardChunks tri_mul_shard_chunks(const BlockContext& ctx, int64_t rows, int64_t parts) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, rr = rows * r;
+  TriMulShardChunks c;
+  c.group = pick_chunk(ctx, ct, (12 + 2 * parts) * rr * kF);
+  c.rows = pick_chunk(ctx, rows, r * (3 * ct + 5 * cz + 2) * kF);
+  return c;
+}
+
+// Dropout of the update u [n, r, c_z] of the shard's rows i0.. (global row0 + i0..): the mask
+// [r, c_z] shared over the rows (outgoing), or per row of z^T, row j scaled by mask[row0 + j]
+// (incoming).
+void shard_dropout(float* u, int64_t n, int64_t r, int64_t cz, const Tensor& mask, bool per_row,
+                   int64_t grow0) {
+  if (!mask.defined()) return;
+  if (!per_row) {
+    apply_dropout(u, n, r, cz, mask);
+    return;
+  }
+  const float* mp = mask.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < cz; ++c) u[(i * r + j) * cz + c] *= mp[(grow0 + i) * cz + c];
+}
+
+// Phase 1 of a group on the shard's rows: t [rr, 4*nc] = the projections a_p | a_g | b_p | b_g,
+// gated in place into a | . | b | ., and a, b channel-major into A, B [nc, rows, r].
+void tri_mul_shard_group(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                         const float* x_ln, const float* mask, int64_t rr, int64_t c0, int64_t nc,
+                         float* t, float* A, float* B) {
+  const int64_t cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, ld = 4 * nc;
+  tri_mul_project(w, x_ln, rr, cz, ct, c0, nc, t);
+  for (int64_t part = 0; part < 2; ++part) {  // a, then b
+    float* proj = t + 2 * part * nc;          // [rr, nc] with ld 4*nc
+    kern::sigmoid_inplace(proj + nc, ld, rr, nc);
+    kern::mul_inplace(proj, ld, proj + nc, ld, rr, nc);
+    kern::scale_rows(proj, ld, mask, rr, nc);
+    kern::transpose(proj, ld, part ? B : A, rr, rr, nc);
+  }
+}
+
+// P [c_t, rows, r] of the shard: per group, P_c[:, shard q's rows] = L_c R_{q,c}^T.
+Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                              bool left_is_b, int64_t rows, const float* mask,
+                              const ShardGather& gather, const float* x_ln) {
+  const int64_t r = ctx.r, rr = rows * r, ct = ctx.cfg->c_hidden_mul, parts = gather.parts;
+  const int64_t cg = tri_mul_shard_chunks(ctx, rows, parts).group;
+  Tensor P = Tensor::empty({ct, rows, r});  // products of the shard, channel-major
+  Tensor t = Tensor::empty({rr, 4 * cg});   // projections of the group, gated in place
+  Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
+  Tensor B = Tensor::empty({cg, rows, r});
+  Tensor G = Tensor::empty({parts * cg, rows, r});  // every shard's R of the group, shard-major
+  for (int64_t c0 = 0; c0 < ct; c0 += cg) {
+    const int64_t nc = std::min(cg, ct - c0);
+    tri_mul_shard_group(w, ctx, x_ln, mask, rr, c0, nc, t.f32(), A.f32(), B.f32());
+    const float* L = (left_is_b ? B : A).f32();
+    gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
+    for (int64_t q = 0; q < parts; ++q)
+      kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + q * nc * rr, r,
+                         rr, 0.f, P.f32() + c0 * rr + q * rows, r, rr);
+  }
+  return P;
+}
+
+}  // namespace
+
+void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                                         bool left_is_b, int64_t rows, int64_t row0,
+                                         const float* mask, const ShardGather& gather, float* z,
+                                         TriangleMultiplicationState* st) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
+  FC_CHECK(gather.parts >= 1 && rows * gather.parts == r);
+  const float eps = cfg.eps_ln;
+  Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z) of the shard
+  kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+  Tensor P =
+      tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());  // [c_t, rows, r]
+  {
+    const Tensor dmask = dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz);
+    const int64_t ch = tri_mul_shard_chunks(ctx, rows, gather.parts).rows;
+    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
+    Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
+    Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
+    for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+      const int64_t n = std::min(ch, rows - i0);
+      float* pp = p.f32();
+      kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
+      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+      kern::linear(x_ln.f32() + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz,
+                   g.f32(), cz);
+      kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
+      shard_dropout(y.f32(), n, r, cz, dmask, left_is_b, row0 + i0);
+      kern::add_inplace(z + i0 * r * cz, cz, y.f32(), cz, n * r, cz);
+    }
+  }
+  if (st) st->P = std::move(P);
+}
+
+void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
+                                            TriangleMultiplicationW* g, const BlockContext& ctx,
+                                            bool left_is_b, int64_t rows, int64_t row0,
+                                            const float* mask, const ShardGather& gather,
+                                            const ShardReduce& reduce, const float* z_in,
+                                            TriangleMultiplicationState* st, float* dz) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
+  const int64_t parts = gather.parts;
+  FC_CHECK(parts >= 1 && rows * parts == r && reduce.parts == parts);
+  const float eps = cfg.eps_ln;
+  const TriMulShardChunks chunks = tri_mul_shard_chunks(ctx, rows, parts);
+  Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z_in) of the shard
+  Tensor mean = Tensor::empty({rr});
+  Tensor rstd = Tensor::empty({rr});
+  kern::layernorm(z_in, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps,
+                  mean.f32(), rstd.f32());
+  Tensor P = st->P.defined()
+                 ? std::move(st->P)
+                 : tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());
+  st->P = Tensor();
+  Tensor dxln = Tensor::empty({rr, cz});     // dL/d LN_in(z), both branches
+  Tensor dP = Tensor::empty({ct, rows, r});  // dL/d triangle products, channel-major
+  {
+    const Tensor dmask = dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz);
+    const int64_t ch = chunks.rows;
+    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last
+    Tensor mean2 = Tensor::empty({ch * r});  // LN_out statistics
+    Tensor rstd2 = Tensor::empty({ch * r});
+    Tensor p_ln = Tensor::empty({ch * r, ct});  // LN_out(p)
+    Tensor y = Tensor::empty({ch * r, cz});     // linear_z(p_ln), before gating
+    Tensor gt = Tensor::empty({ch * r, cz});    // linear_g(x_ln), pre-sigmoid
+    Tensor du = Tensor::empty({ch * r, cz});    // dL/d update (through the dropout mask)
+    Tensor dy = Tensor::empty({ch * r, cz});    // dL/d y
+    Tensor dg = Tensor::empty({ch * r, cz});    // dL/d gate
+    Tensor dp = Tensor::empty({ch * r, ct});    // dL/d p_ln, then (in place) dL/d p
+    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, ct)});
+    for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+      const int64_t n = std::min(ch, rows - i0), nr = n * r;
+      const float* xr = x_ln.f32() + i0 * r * cz;
+      kern::transpose(P.f32() + i0 * r, rr, p.f32(), ct, ct, nr);
+      kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
+                      mean2.f32(), rstd2.f32());
+      kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+      kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, gt.f32(), cz);
+      std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(nr * cz) * kF);
+      shard_dropout(du.f32(), n, r, cz, dmask, left_is_b, row0 + i0);
+      kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(),
+                                 cz, nr, cz);
+      kern::linear_backward(xr, cz, nr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
+                            dxln.f32() + i0 * r * cz, cz, g->lin_g.w.f32(), g->lin_g.b.f32());
+      kern::linear_backward(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(), ct,
+                            g->lin_z.w.f32(), g->lin_z.b.f32());
+      kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, nr, ct, w.ln_out.w.f32(), mean2.f32(),
+                               rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
+                               scratch.f32());
+      kern::transpose(dp.f32(), ct, dP.f32() + i0 * r, rr, nr, ct);
+    }
+  }
+  P = Tensor();
+  {
+    // Phase 1 backward by channel groups: rebuild the group's projections, A, B and every shard's
+    // R; dL = sum_q dP_q R_q, dR_q = dP_q^T L (reduce-scattered to shard q); then as one process.
+    const int64_t cg = chunks.group;
+    Tensor t = Tensor::empty({rr, 4 * cg});   // projections a_p | a_g | b_p | b_g (pre-activation)
+    Tensor dt = Tensor::empty({rr, 4 * cg});  // gated copy of t, then dL/d t
+    Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
+    Tensor B = Tensor::empty({cg, rows, r});
+    Tensor dA = Tensor::empty({cg, rows, r});  // dL/d a, dL/d b, channel-major
+    Tensor dB = Tensor::empty({cg, rows, r});
+    Tensor G = Tensor::empty({parts * cg, rows, r});   // every shard's R, shard-major
+    Tensor dG = Tensor::empty({parts * cg, rows, r});  // this shard's part of every dR_q
+    for (int64_t c0 = 0; c0 < ct; c0 += cg) {
+      const int64_t nc = std::min(cg, ct - c0), ld = 4 * nc;
+      float* tp = t.f32();
+      float* dtp = dt.f32();
+      tri_mul_project(w, x_ln.f32(), rr, cz, ct, c0, nc, tp);
+      std::memcpy(dtp, tp, static_cast<size_t>(rr * ld) * kF);
+      for (int64_t part = 0; part < 2; ++part) {  // gate a, then b, as tri_mul_shard_group
+        float* proj = dtp + 2 * part * nc;
+        kern::sigmoid_inplace(proj + nc, ld, rr, nc);
+        kern::mul_inplace(proj, ld, proj + nc, ld, rr, nc);
+        kern::scale_rows(proj, ld, mask, rr, nc);
+        kern::transpose(proj, ld, (part ? B : A).f32(), rr, rr, nc);
+      }
+      const float* L = (left_is_b ? B : A).f32();
+      float* dL = (left_is_b ? dB : dA).f32();
+      float* dR = (left_is_b ? dA : dB).f32();
+      gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
+      const float* dPg = dP.f32() + c0 * rr;
+      for (int64_t q = 0; q < parts; ++q) {
+        kern::gemm_batched(nc, false, false, rows, r, rows, 1.f, dPg + q * rows, r, rr,
+                           G.f32() + q * nc * rr, r, rr, q == 0 ? 0.f : 1.f, dL, r, rr);
+        kern::gemm_batched(nc, true, false, rows, r, rows, 1.f, dPg + q * rows, r, rr, L, r, rr,
+                           0.f, dG.f32() + q * nc * rr, r, rr);
+      }
+      reduce.fn(dG.f32(), nc * rr, dR);
+      for (int64_t part = 0; part < 2; ++part) {  // a, then b
+        const int64_t off = 2 * part * nc;
+        kern::transpose((part ? dB : dA).f32(), rr, dtp + off, ld, nc, rr);
+        kern::scale_rows(dtp + off, ld, mask, rr, nc);
+        kern::sigmoid_mul_backward(tp + off, ld, tp + off + nc, ld, dtp + off, ld, dtp + off, ld,
+                                   dtp + off + nc, ld, rr, nc);
+      }
+      for (int64_t part = 0; part < 4; ++part) {
+        const int64_t wrow0 = part * ct + c0;
+        kern::linear_backward(x_ln.f32(), cz, rr, cz, w.ab.w.f32() + wrow0 * cz, nc,
+                              dtp + part * nc, ld, dxln.f32(), cz, g->ab.w.f32() + wrow0 * cz,
+                              g->ab.b.f32() + wrow0, true);
       }
     }
   }

@@ -1,5 +1,6 @@
 // Per-module chunk sizes of the inference path, for reports and plans.
 #include "foldcube/plan.h"
+#include "model/common.h"
 #include "model/modules.h"
 
 namespace fc {
@@ -7,14 +8,7 @@ namespace fc {
 std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                           int64_t chunk, int64_t chunk_target_bytes, int threads,
                                           bool extra_msa) {
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = s;
-  ctx.r = r;
-  ctx.chunk = chunk;
-  ctx.chunk_target_bytes =
-      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
-  ctx.threads = threads;
+  const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
   const char* column = extra_msa ? "msa_att_col_global" : "msa_att_col";
   const char* modules[] = {"msa_att_row",        column,        "msa_transition",
                            "outer_product_mean", "tri_mul_out", "tri_mul_in",

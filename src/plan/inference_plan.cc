@@ -6,6 +6,7 @@
 #include <string>
 
 #include "foldcube/plan.h"
+#include "model/common.h"
 #include "model/modules.h"
 
 namespace fc {
@@ -25,14 +26,7 @@ std::string mib(int64_t bytes) {
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                            int64_t chunk, int64_t chunk_target_bytes, int threads) {
   constexpr int64_t kF = sizeof(float);
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = s;
-  ctx.r = r;
-  ctx.chunk = chunk;
-  ctx.chunk_target_bytes =
-      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
-  ctx.threads = threads;
+  const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
   // prepare_inputs: the mask biases and their transposes (and all-ones masks when not given).
   const int64_t masks = (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
   int64_t work = r * cfg.c_s * kF;  // output s, allocated after the blocks

@@ -50,21 +50,22 @@ void bias_fwd(Sim& S, const BlockContext& ctx, int64_t H) {
   S.free(rows * (cz + H));
 }
 
-// Forward of an attention module; keep: the chunk states and the bias stay (policy none).
+// Forward of an attention module; keep: the chunk states (q|k|v|g, og, lse) and the bias stay
+// (policy none).
 void attention_fwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool keep) {
   const int64_t hc = d.H * d.C, ch = attention_train_chunk(ctx, d.N, d.L, d.c, hc);
   if (d.bias) bias_fwd(S, ctx, d.H);
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
     const int64_t scratch = kern::attention_scratch_floats(attention_dims(d, n), ctx.threads);
-    S.alloc(rows * d.c);     // x_ln
-    S.alloc(rows * 5 * hc);  // qkvg, og
+    S.alloc(rows * d.c);             // x_ln
+    S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
     S.alloc(scratch);
     S.free(scratch);
     S.free(rows * d.c);
     S.alloc(rows * d.c);  // u
     S.free(rows * d.c);
-    if (!keep) S.free(rows * 5 * hc);
+    if (!keep) S.free(rows * (5 * hc + d.H));
   }
   if (d.bias && !keep) S.free(d.H * ctx.r * ctx.r);
 }
@@ -84,7 +85,7 @@ void attention_bwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool kept
     S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
     if (!kept) {
       const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
-      S.alloc(rows * 5 * hc);  // qkvg, og
+      S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
       S.alloc(scratch);
       S.free(scratch);
     }
@@ -95,7 +96,7 @@ void attention_bwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool kept
     const int64_t scratch = kern::attention_backward_scratch_floats(a, ctx.threads, d.bias);
     S.alloc(scratch);
     S.free(scratch);
-    S.free(rows * hc);                   // dog
+    S.free(rows * (d.H + hc));           // lse, dog
     S.alloc(rows * d.c);                 // dln
     S.free(rows * 8 * hc + rows * d.c);  // dqkvg, qkvg, x_ln
     const int64_t x = d.transposed ? rows * d.c : 0;

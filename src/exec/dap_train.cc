@@ -1,0 +1,486 @@
+#include "exec/dap_train.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "foldcube/memory.h"
+#include "foldcube/runtime.h"
+#include "foldcube/status.h"
+#include "model/common.h"
+#include "model/dropout.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+
+// The pair-biased attention modules' weights and shapes.
+struct BiasedAttn {
+  const LayerNormW& ln_z;  // bias branch
+  const LinearW& lin_z;
+  const LayerNormW& ln;  // attention input
+  const GatedAttentionW& mha;
+  int64_t H, C;
+  const char* module;
+};
+
+// Bias [H, r_pad, r_pad] from this rank's rows zr [r_loc, r_pad, c_z]: project, all-gather,
+// permute to heads-first.
+Tensor gathered_bias(const BiasedAttn& a, const DapShards& sh, const dist::Communicator& comm,
+                     const float* zr) {
+  const int64_t rl = sh.l.r_loc, rp = sh.l.r_pad, H = a.H;
+  Tensor all = Tensor::empty({rp * rp, H});  // [(q, k), h] of every rank's rows q
+  {
+    Tensor t = Tensor::empty({rl * rp, H});  // this rank's rows
+    pair_bias_project(a.ln_z, a.lin_z, sh.full, zr, rl, t.f32());
+    comm.all_gather(t.f32(), all.f32(), rl * rp * H);
+  }
+  Tensor bias = Tensor::empty({H, rp, rp});  // heads-first
+  pair_bias_permute(all.f32(), rp, H, false, bias.f32());
+  return bias;
+}
+
+// Forward on S [items, L, c] (this rank's items), bias from zr. st: bias and chunks kept.
+void biased_train(const BiasedAttn& a, const BlockContext& ctx, const DapShards& sh,
+                  const dist::Communicator& comm, float* S, int64_t items, int64_t c,
+                  const float* mask_bias, const float* zr, AttentionState* st) {
+  Tensor bias = gathered_bias(a, sh, comm, zr);  // [H, r_pad, r_pad]
+  attention_rows_train(a.ln, a.mha, a.H, a.C, a.module, ctx, S, items, sh.l.r_pad, c, mask_bias,
+                       bias.f32(), st);
+  if (st) st->bias = std::move(bias);
+}
+
+// Backward: the bias gradient [H, r_pad, r_pad] of this rank's items is summed over the ranks and
+// scattered to the rows that projected it (reduce-scatter, the adjoint of the all-gather), then
+// back-propagated through the projection of this rank's rows into dzr.
+void biased_backward(const BiasedAttn& a, LayerNormW* g_ln_z, LinearW* g_lin_z, LayerNormW* g_ln,
+                     GatedAttentionW* g_mha, const BlockContext& ctx, const DapShards& sh,
+                     const dist::Communicator& comm, const float* S_in, float* dS, int64_t items,
+                     int64_t c, const float* mask_bias, const float* zr_in, AttentionState* st,
+                     float* dzr) {
+  const int64_t rl = sh.l.r_loc, rp = sh.l.r_pad, H = a.H;
+  Tensor bias = st->bias.defined() ? st->bias : gathered_bias(a, sh, comm, zr_in);  // [H, r_p, r_p]
+  st->bias = Tensor();
+  Tensor dt = Tensor::empty({rl * rp, H});  // dL/d projection of this rank's rows [(q, k), h]
+  {
+    Tensor dbias = Tensor::zeros({H, rp, rp});  // this rank's items' part of dL/d bias
+    attention_rows_backward(a.ln, a.mha, g_ln, g_mha, a.H, a.C, a.module, ctx, S_in, dS, items, rp,
+                            c, mask_bias, bias.f32(), st, dbias.f32());
+    bias = Tensor();
+    Tensor dall = Tensor::empty({rp * rp, H});  // [(q, k), h], rank-major blocks of rows q
+    pair_bias_unpermute(dbias.f32(), rp, H, dall.f32());
+    dbias = Tensor();
+    comm.reduce_scatter(dall.f32(), dt.f32(), rl * rp * H);
+  }
+  pair_bias_project_backward(a.ln_z, a.lin_z, g_ln_z, g_lin_z, sh.full, zr_in, rl, dt.f32(), dzr);
+}
+
+ShardGather shard_gather(const dist::Communicator& comm) {
+  return {comm.size(), [&comm](const float* mine, int64_t count, float* all) {
+            comm.all_gather(mine, all, count);
+          }};
+}
+ShardReduce shard_reduce(const dist::Communicator& comm) {
+  return {comm.size(), [&comm](const float* all, int64_t count, float* mine) {
+            comm.reduce_scatter(all, mine, count);
+          }};
+}
+
+BiasedAttn row_attn(const MsaRowAttentionW& w, const EvoformerConfig& cfg) {
+  return {w.ln_z, w.lin_z, w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, "msa_att_row"};
+}
+BiasedAttn tri_attn(const TriangleAttentionW& w, const EvoformerConfig& cfg, bool ending) {
+  return {w.ln,
+          w.lin,
+          w.ln,
+          w.mha,
+          cfg.no_heads_pair,
+          cfg.c_hidden_pair_att,
+          ending ? "tri_att_end" : "tri_att_start"};
+}
+
+}  // namespace
+
+void dap_msa_row_attention_train(const MsaRowAttentionW& w, const DapShards& sh,
+                                 const dist::Communicator& comm, float* m, const float* z,
+                                 AttentionState* st) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  biased_train(row_attn(w, cfg), sh.row, sh, comm, m, sh.l.s_loc, cfg.c_m, sh.msa_bias_rows, z, st);
+}
+
+void dap_msa_row_attention_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
+                                    const DapShards& sh, const dist::Communicator& comm,
+                                    const float* m_in, const float* z_in, AttentionState* st,
+                                    float* dm, float* dz) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  biased_backward(row_attn(w, cfg), &g->ln_z, &g->lin_z, &g->ln_m, &g->mha, sh.row, sh, comm, m_in,
+                  dm, sh.l.s_loc, cfg.c_m, sh.msa_bias_rows, z_in, st, dz);
+}
+
+void dap_triangle_attention_train(const TriangleAttentionW& w, const DapShards& sh,
+                                  const dist::Communicator& comm, bool ending, float* z,
+                                  AttentionState* st) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  biased_train(tri_attn(w, cfg, ending), sh.full, sh, comm, z, sh.l.r_loc, cfg.c_z,
+               ending ? sh.pair_bias_t_rows : sh.pair_bias_rows, z, st);
+}
+
+void dap_triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW* g,
+                                     const DapShards& sh, const dist::Communicator& comm,
+                                     bool ending, const float* z_in, AttentionState* st,
+                                     float* dz) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  // The bias branch and the attention share ln: both gradients accumulate into g->ln.
+  biased_backward(tri_attn(w, cfg, ending), &g->ln, &g->lin, &g->ln, &g->mha, sh.full, sh, comm,
+                  z_in, dz, sh.l.r_loc, cfg.c_z, ending ? sh.pair_bias_t_rows : sh.pair_bias_rows,
+                  z_in, st, dz);
+}
+
+void dap_outer_product_mean_train(const OuterProductMeanW& w, const DapShards& sh,
+                                  const dist::Communicator& comm, const float* m, float* z,
+                                  OuterProductMeanState* st) {
+  outer_product_mean_shard_train(w, sh.full, m, sh.l.rank * sh.l.r_loc, sh.l.r_loc,
+                                 sh.msa_mask_cols.f32(), shard_gather(comm), z, st);
+}
+
+void dap_outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                     const DapShards& sh, const dist::Communicator& comm,
+                                     const float* m_in, const OuterProductMeanState& st,
+                                     const float* dz, float* dm) {
+  outer_product_mean_shard_backward(w, g, sh.full, m_in, sh.l.r_loc, sh.msa_mask_cols.f32(), st,
+                                    shard_gather(comm), shard_reduce(comm), dz, dm);
+}
+
+void dap_triangle_multiplication_train(const TriangleMultiplicationW& w, const DapShards& sh,
+                                       const dist::Communicator& comm, bool incoming, float* z,
+                                       TriangleMultiplicationState* st) {
+  const DapLayout& l = sh.l;
+  const float* mask = (incoming ? sh.pair_mask_t : sh.pair_mask).f32() + l.rank * l.r_loc * l.r_pad;
+  triangle_multiplication_shard_train(w, sh.full, incoming, l.r_loc, l.rank * l.r_loc, mask,
+                                      shard_gather(comm), z, st);
+}
+
+void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
+                                          TriangleMultiplicationW* g, const DapShards& sh,
+                                          const dist::Communicator& comm, bool incoming,
+                                          const float* z_in, TriangleMultiplicationState* st,
+                                          float* dz) {
+  const DapLayout& l = sh.l;
+  const float* mask = (incoming ? sh.pair_mask_t : sh.pair_mask).f32() + l.rank * l.r_loc * l.r_pad;
+  triangle_multiplication_shard_backward(w, g, sh.full, incoming, l.r_loc, l.rank * l.r_loc, mask,
+                                         shard_gather(comm), shard_reduce(comm), z_in, st, dz);
+}
+
+void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g) {
+  for (auto& [name, t] : named_params(*g, "")) {
+    FC_CHECK_MSG(t.is_contiguous(), "parameter gradient view is not contiguous");
+    comm.all_reduce(t.f32(), t.numel());
+  }
+}
+
+namespace {
+
+// FNV-1a over raw bytes (cross-rank agreement of configs and options).
+uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+// What a sharded block keeps from its forward for its backward (shards; layouts in brackets).
+struct DapBlockState {
+  Recompute policy = Recompute::kNone;
+  // kNone and kModule: module inputs. m_in: before row attention [by sequences], column attention
+  // and MSA transition [by residues] (the OPM's input, m by residues after the transition, is
+  // rebuilt in backward from the block output by one all-to-all); z_in: before row attention and
+  // tri_mul_out [rows], tri_mul_in [z^T rows], tri_att_start [rows], tri_att_end and the pair
+  // transition [z^T rows]. (Row attention and the OPM read the same z rows: z_in[0].)
+  Tensor m_in[3], z_in[6];
+  // kNone: the modules' saved states.
+  AttentionState row, col, tri_start, tri_end;
+  TransitionState msa_trans, pair_trans;
+  OuterProductMeanState opm;
+  TriangleMultiplicationState tri_out, tri_in;
+  // kBlock: the block input [by sequences], [rows].
+  Tensor m0, z0;
+};
+
+// The sharded block forward: mr [s_loc, r_pad, c_m] by sequences and zr [r_loc, r_pad, c_z] by
+// rows in, the same layouts out.
+void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::Communicator& comm,
+                       Tensor& mr, Tensor& zr, Recompute policy, DapBlockState* st) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  const DapLayout& l = sh.l;
+  st->policy = policy;
+  if (policy == Recompute::kBlock) {
+    st->m0 = mr.clone();
+    st->z0 = zr.clone();
+  }
+  const bool keep = policy == Recompute::kNone;
+  const bool inputs = policy != Recompute::kBlock;
+  if (inputs) st->m_in[0] = mr.clone(), st->z_in[0] = zr.clone();
+  dap_msa_row_attention_train(w.msa_att_row, sh, comm, mr.f32(), zr.f32(),
+                              keep ? &st->row : nullptr);
+  Tensor mc = msa_rows_to_cols(std::move(mr), l, comm);  // [s_pad, r_loc, c_m]
+  if (inputs) st->m_in[1] = mc.clone();
+  msa_column_attention_train(w.msa_att_col, sh.col, mc.f32(), keep ? &st->col : nullptr);
+  if (inputs) st->m_in[2] = mc.clone();
+  transition_train(w.msa_transition, sh.col, mc.f32(), l.s_pad * l.r_loc, cfg.c_m,
+                   keep ? &st->msa_trans : nullptr);
+  {
+    OuterProductMeanState o;
+    dap_outer_product_mean_train(w.outer_product_mean, sh, comm, mc.f32(), zr.f32(), &o);
+    if (keep) st->opm = std::move(o);
+  }
+  mr = msa_cols_to_rows(std::move(mc), l, comm);
+  if (inputs) st->z_in[1] = zr.clone();
+  dap_triangle_multiplication_train(w.tri_mul_out, sh, comm, false, zr.f32(),
+                                    keep ? &st->tri_out : nullptr);
+  Tensor zt = pair_transpose(std::move(zr), l, comm);  // z^T rows
+  if (inputs) st->z_in[2] = zt.clone();
+  dap_triangle_multiplication_train(w.tri_mul_in, sh, comm, true, zt.f32(),
+                                    keep ? &st->tri_in : nullptr);
+  zr = pair_transpose(std::move(zt), l, comm);
+  if (inputs) st->z_in[3] = zr.clone();
+  dap_triangle_attention_train(w.tri_att_start, sh, comm, false, zr.f32(),
+                               keep ? &st->tri_start : nullptr);
+  zt = pair_transpose(std::move(zr), l, comm);
+  if (inputs) st->z_in[4] = zt.clone();
+  dap_triangle_attention_train(w.tri_att_end, sh, comm, true, zt.f32(),
+                               keep ? &st->tri_end : nullptr);
+  if (inputs) st->z_in[5] = zt.clone();
+  transition_train(w.pair_transition, sh.full, zt.f32(), l.r_loc * l.r_pad, cfg.c_z,
+                   keep ? &st->pair_trans : nullptr);
+  zr = pair_transpose(std::move(zt), l, comm);
+}
+
+// The sharded block backward: dmr [by sequences], dzr [rows] hold dL/d block output on entry and
+// dL/d block input on exit; m_out: the block's output m [by sequences] (the next block's kept
+// input, or the stack output), from which the OPM's input is rebuilt. Each layout change of the
+// forward is undone by its adjoint (the reverse all-to-all); each module's input is freed after
+// its backward.
+void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards& sh,
+                        const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
+                        Tensor& dmr, Tensor& dzr) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  const DapLayout& l = sh.l;
+  if (st->policy == Recompute::kBlock) {
+    // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
+    Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // [s_loc, r_pad, c_m], [r_loc, r_pad, c_z]
+    st->m0 = Tensor();
+    DapBlockState full;
+    dap_block_forward(w, sh, comm, mr, zr, Recompute::kNone, &full);
+    zr = Tensor();
+    dap_block_backward(w, g, sh, comm, &full, mr, dmr, dzr);
+    return;
+  }
+  Tensor dzt = pair_transpose(std::move(dzr), l, comm);  // z^T rows [r_loc, r_pad, c_z]
+  transition_backward(w.pair_transition, &g->pair_transition, sh.full, st->z_in[5].f32(),
+                      &st->pair_trans, dzt.f32(), l.r_loc * l.r_pad, cfg.c_z);
+  st->z_in[5] = Tensor();
+  dap_triangle_attention_backward(w.tri_att_end, &g->tri_att_end, sh, comm, true, st->z_in[4].f32(),
+                                  &st->tri_end, dzt.f32());
+  st->z_in[4] = Tensor();
+  dzr = pair_transpose(std::move(dzt), l, comm);
+  dap_triangle_attention_backward(w.tri_att_start, &g->tri_att_start, sh, comm, false,
+                                  st->z_in[3].f32(), &st->tri_start, dzr.f32());
+  st->z_in[3] = Tensor();
+  dzt = pair_transpose(std::move(dzr), l, comm);
+  dap_triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, sh, comm, true,
+                                       st->z_in[2].f32(), &st->tri_in, dzt.f32());
+  st->z_in[2] = Tensor();
+  dzr = pair_transpose(std::move(dzt), l, comm);
+  dap_triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, sh, comm, false,
+                                       st->z_in[1].f32(), &st->tri_out, dzr.f32());
+  st->z_in[1] = Tensor();
+  Tensor dmc = msa_rows_to_cols(std::move(dmr), l, comm);  // [s_pad, r_loc, c_m]
+  {
+    const Tensor m_opm = msa_rows_to_cols(m_out, l, comm);  // the OPM's input [s_pad, r_loc, c_m]
+    if (st->policy == Recompute::kModule)
+      dap_outer_product_mean_train(w.outer_product_mean, sh, comm, m_opm.f32(), nullptr, &st->opm);
+    dap_outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, sh, comm,
+                                    m_opm.f32(), st->opm, dzr.f32(), dmc.f32());
+    st->opm = {};
+  }
+  transition_backward(w.msa_transition, &g->msa_transition, sh.col, st->m_in[2].f32(),
+                      &st->msa_trans, dmc.f32(), l.s_pad * l.r_loc, cfg.c_m);
+  st->m_in[2] = Tensor();
+  msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, sh.col, st->m_in[1].f32(), &st->col,
+                                dmc.f32());
+  st->m_in[1] = Tensor();
+  dmr = msa_cols_to_rows(std::move(dmc), l, comm);
+  dap_msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, sh, comm, st->m_in[0].f32(),
+                                 st->z_in[0].f32(), &st->row, dmr.f32(), dzr.f32());
+  st->m_in[0] = Tensor();
+  st->z_in[0] = Tensor();
+}
+
+// Padded [rows_p, cols_p, c] copy of x on the root, scattered by rows: this rank's
+// [rows_p / n, cols_p, c].
+Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
+                    const dist::Communicator& comm) {
+  const int64_t rl = rows_p / comm.size();
+  Tensor mine = Tensor::empty({rl, cols_p, c});                        // this rank's rows
+  Tensor all = comm.rank() == 0 ? pad3(x, rows_p, cols_p) : Tensor();  // [rows_p, cols_p, c]
+  comm.scatter(comm.rank() == 0 ? all.f32() : nullptr, mine.f32(), rl * cols_p * c, 0);
+  return mine;
+}
+
+// Row shards [rows_p / n, cols_p, c] gathered to the root and cropped to [rows, cols, c]
+// (undefined elsewhere).
+Tensor gather_rows(const Tensor& mine, int64_t rows, int64_t cols, const dist::Communicator& comm) {
+  const int64_t rows_p = mine.dim(0) * comm.size(), cols_p = mine.dim(1), c = mine.dim(2);
+  Tensor all = comm.rank() == 0 ? Tensor::empty({rows_p, cols_p, c}) : Tensor();  // padded
+  comm.gather(mine.f32(), comm.rank() == 0 ? all.f32() : nullptr, mine.numel(), 0);
+  if (comm.rank() != 0) return Tensor();
+  return crop3(all, rows, cols);
+}
+
+}  // namespace
+
+Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      DapTrainStats* stats, TrainResult* out) {
+  MemoryScope scope;
+  const int64_t live0 = scope.start_live();
+  const EvoformerConfig& cfg = stack.config();
+  const int nb = cfg.no_blocks, n = comm.size(), me = comm.rank();
+  {
+    std::string key = cfg.to_json() + "|" + std::to_string(opts.chunk) + "|" +
+                      std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout) +
+                      "|" + std::to_string(opts.seed);
+    for (Recompute p : opts.policy) key += std::string("|") + recompute_name(p);
+    if (!comm.all_equal(hash_bytes(key.data(), key.size())))
+      return Status::InvalidArgument(
+          "DAP ranks hold different model configurations or training options");
+  }
+  // The root validates everything and shares the sizes (or its error).
+  int64_t dims[2] = {0, 0};
+  Tensor msa_p, pair_p;  // padded masks [s_pad, r_pad], [r_pad, r_pad]
+  {
+    std::string err;
+    StackInputs in;
+    if (me == 0) {
+      Status st = prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in);
+      if (st.ok()) st = check_input("grad.output.m", grad_out_m, m.shape());
+      if (st.ok()) st = check_input("grad.output.z", grad_out_z, z.shape());
+      if (st.ok() && !opts.policy.empty() && opts.policy.size() != 1 &&
+          static_cast<int>(opts.policy.size()) != nb)
+        st = Status::InvalidArgument("recompute policy list has " +
+                                     std::to_string(opts.policy.size()) + " entries for " +
+                                     std::to_string(nb) + " blocks");
+      if (st.ok() && (opts.chunk < 0 || opts.chunk_target_bytes < 0))
+        st = Status::InvalidArgument("chunk and chunk_target_bytes must be >= 0");
+      if (st.ok()) {
+        dims[0] = in.s;
+        dims[1] = in.r;
+      } else {
+        err = st.message();
+      }
+    }
+    comm.broadcast_string(&err, 0);
+    if (!err.empty()) return Status::InvalidArgument(err);
+    comm.broadcast_bytes(dims, sizeof(dims), 0);
+    const DapLayout l = dap_layout(dims[0], dims[1], n, me);
+    msa_p = Tensor::zeros({l.s_pad, l.r_pad});
+    pair_p = Tensor::zeros({l.r_pad, l.r_pad});
+    if (me == 0) {
+      for (int64_t i = 0; i < l.s; ++i)
+        std::memcpy(msa_p.f32() + i * l.r_pad, in.msa_mask.f32() + i * l.r, l.r * kF);
+      for (int64_t i = 0; i < l.r; ++i)
+        std::memcpy(pair_p.f32() + i * l.r_pad, in.pair_mask.f32() + i * l.r, l.r * kF);
+    }
+  }
+  const DapLayout l = dap_layout(dims[0], dims[1], n, me);
+  const int64_t sp = l.s_pad, rp = l.r_pad, cm = cfg.c_m, cz = cfg.c_z;
+  comm.broadcast(msa_p.f32(), sp * rp, 0);
+  comm.broadcast(pair_p.f32(), rp * rp, 0);
+  DapShards sh =
+      make_dap_shards(cfg, l, msa_p, pair_p, opts.chunk, opts.chunk_target_bytes, num_threads());
+  msa_p = pair_p = Tensor();
+  auto policy = [&](int b) {
+    if (opts.policy.empty()) return Recompute::kNone;
+    return opts.policy.size() == 1 ? opts.policy[0] : opts.policy[b];
+  };
+  auto block_key = [&](int b) {
+    return splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
+  };
+
+  Tensor mr = scatter_rows(m, sp, rp, cm, comm);  // [s_loc, r_pad, c_m]
+  Tensor zr = scatter_rows(z, rp, rp, cz, comm);  // [r_loc, r_pad, c_z]
+  if (me == 0) m = z = Tensor();
+  const int64_t live_start = mem_stats().live_bytes;
+  const dist::CommStats c0 = comm.stats();
+  std::vector<std::unique_ptr<DapBlockState>> states;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int b = 0; b < nb; ++b) {
+    set_dap_dropout(&sh, opts.dropout, block_key(b));
+    states.push_back(std::make_unique<DapBlockState>());
+    dap_block_forward(stack.block(b), sh, comm, mr, zr, policy(b), states.back().get());
+  }
+  out->forward_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  out->activation_bytes = mem_stats().live_bytes - live_start;
+  const dist::CommStats c1 = comm.stats();
+
+  t0 = std::chrono::steady_clock::now();
+  Tensor dmr = scatter_rows(grad_out_m, sp, rp, cm, comm);  // [s_loc, r_pad, c_m]
+  Tensor dzr = scatter_rows(grad_out_z, rp, rp, cz, comm);  // [r_loc, r_pad, c_z]
+  const dist::CommStats c1b = comm.stats();                 // after the gradient shards went out
+  std::vector<std::unique_ptr<BlockWeights>> grads(nb);
+  dist::CommStats reduce;
+  Tensor m_out = mr;  // output m [by sequences] of the block being differentiated
+  for (int b = nb - 1; b >= 0; --b) {
+    set_dap_dropout(&sh, opts.dropout, block_key(b));
+    grads[b] = std::make_unique<BlockWeights>();
+    allocate_block_grads(cfg, grads[b].get());
+    // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
+    const Tensor m_in = states[b]->policy == Recompute::kBlock ? states[b]->m0 : states[b]->m_in[0];
+    dap_block_backward(stack.block(b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
+    states[b].reset();
+    m_out = m_in;
+    const dist::CommStats r0 = comm.stats();
+    dap_all_reduce_grads(comm, grads[b].get());
+    const dist::CommStats d = comm.stats().since(r0);
+    for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) {
+      reduce.bytes[k] += d.bytes[k];
+      reduce.calls[k] += d.calls[k];
+      reduce.seconds[k] += d.seconds[k];
+    }
+  }
+  out->backward_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const dist::CommStats c2 = comm.stats();
+
+  m_out = Tensor();
+  m = gather_rows(mr, l.s, l.r, comm);
+  mr = Tensor();
+  z = gather_rows(zr, l.r, l.r, comm);
+  zr = Tensor();
+  out->grad_m = gather_rows(dmr, l.s, l.r, comm);
+  dmr = Tensor();
+  out->grad_z = gather_rows(dzr, l.r, l.r, comm);
+  dzr = Tensor();
+  out->grad_params.clear();
+  for (int b = 0; b < nb; ++b)
+    for (auto& [name, t] : named_params(*grads[b], block_prefix(b)))
+      out->grad_params.emplace_back(name, t);
+  out->peak_bytes = scope.peak() - live0;
+  if (stats != nullptr) {
+    stats->forward = c1.since(c0);
+    stats->backward = c2.since(c1b).since(reduce);
+    stats->grad_reduce = reduce;
+    stats->activation_bytes = out->activation_bytes;
+    stats->peak_bytes = out->peak_bytes;
+    stats->shard_bytes = (l.s_loc * rp * cm + l.r_loc * rp * cz) * kF;
+  }
+  return Status::OK();
+}
+
+}  // namespace fc
