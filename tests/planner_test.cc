@@ -359,23 +359,29 @@ TEST(Planner, InferenceChunkSearchFitsBudget) {
 
 TEST(Planner, DapCommunicationVolume) {
   EvoformerConfig cfg;
-  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 1, 4, false).all_to_all_bytes, 0);
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 1, 4).all_to_all_bytes, 0);
   // Sent + received = twice what each rank sends (docs/dap.md: 84 MiB sent at N = 2, 90 MiB at
   // N = 4 for (128, 256)), padded shapes included.
-  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4, false).all_to_all_bytes, 2 * (48 << 20));
-  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4, false).all_gather_bytes, 2 * (36 << 20));
-  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 4, 4, false).all_to_all_bytes, 2 * (36 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4).all_to_all_bytes, 2 * (48 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4).all_gather_bytes, 2 * (36 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 4, 4).all_to_all_bytes, 2 * (36 << 20));
   for (int n : {2, 3, 4})
     for (auto [s, r] : {std::pair<int64_t, int64_t>{128, 256}, {5, 7}, {33, 70}}) {
       const DapBlockVolume v = dap_block_volume(cfg, dap_layout(s, r, n, 0));
-      const DapComm c = dap_block_comm(cfg, s, r, n, 4, false);
+      const DapComm c = dap_block_comm(cfg, s, r, n, 4);
       EXPECT_EQ(c.all_to_all_bytes, 2 * v.all_to_all_bytes);
       EXPECT_EQ(c.all_gather_bytes, 2 * v.all_gather_bytes);
-      EXPECT_EQ(dap_block_comm(cfg, s, r, n, 2, false).all_gather_bytes, v.all_gather_bytes);
+      EXPECT_EQ(dap_block_comm(cfg, s, r, n, 2).all_gather_bytes, v.all_gather_bytes);
     }
-  const DapComm c2 = dap_block_comm(cfg, 128, 256, 2, 4, false);
-  const DapComm b2 = dap_block_comm(cfg, 128, 256, 2, 4, true);
-  EXPECT_EQ(b2.all_gather_bytes, 2 * c2.all_gather_bytes);
+  // The backward per policy: docs/dap.md's measured (counted = model) bytes sent per rank at
+  // (32, 64): N = 2: 7.875 / 10.0 / 13.125 MiB, N = 4: 9.188 / 12.375 / 14.812 MiB.
+  const double sent[2][3] = {{7.875, 10.0, 13.125}, {9.1875, 12.375, 14.8125}};
+  for (int i = 0; i < 2; ++i)
+    for (int p = 0; p < 3; ++p) {
+      const DapComm b = dap_block_backward_comm(cfg, 32, 64, i == 0 ? 2 : 4, 4, static_cast<R>(p));
+      EXPECT_NEAR((b.all_to_all_bytes + b.all_gather_bytes) / 2 / 1048576.0, sent[i][p], 0.001)
+          << i << " " << p;
+    }
 }
 
 // Per-rank DAP inference peak against the measurements of docs/dap.md (AF2 dims, one block, one

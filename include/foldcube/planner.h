@@ -82,16 +82,18 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
                                            int64_t chunk, int64_t chunk_target_bytes, bool training,
                                            const DeviceProfile& dev);
 
-// DAP communication of one block over N ranks (docs/dap.md): bytes each rank sends + receives in
-// all-to-all and all-gather collectives (2x dap_block_volume of src/exec/dap.h, scaled to
-// elem_bytes) and the number of calls. backward=true doubles both (an estimate: DAP training is
-// not implemented yet).
+// DAP communication of one block over N ranks (docs/dap.md): bytes each rank sends + receives
+// (2x the executor's dap_block_volume / dap_block_backward_volume of src/exec/dap.h, scaled to
+// elem_bytes; all-gathers and reduce-scatters together) and the number of collective calls.
 struct DapComm {
   int64_t all_to_all_bytes = 0, all_gather_bytes = 0;
   int all_to_all_calls = 0, all_gather_calls = 0;
 };
 DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
-                       int64_t elem_bytes, bool backward);
+                       int64_t elem_bytes);
+// One block's backward under `policy`, recompute included (without the gradient all-reduce).
+DapComm dap_block_backward_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                                int64_t elem_bytes, Recompute policy);
 double comm_ms(const DapComm& c, const DeviceProfile& dev);
 
 // ---- Plan --------------------------------------------------------------------------------------

@@ -679,7 +679,7 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
 // ---- DAP communication -------------------------------------------------------------------------
 
 DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
-                       int64_t elem_bytes, bool backward) {
+                       int64_t elem_bytes) {
   DapComm c;
   if (dap <= 1) return c;
   // The executor's own count (src/exec/dap.h: fp32 bytes a rank sends per block, checked against
@@ -689,10 +689,21 @@ DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap
   c.all_gather_bytes = 2 * v.all_gather_bytes / kF * elem_bytes;
   c.all_to_all_calls = 6;
   c.all_gather_calls = 6;  // at least: the tri-mul gathers run once per channel group
-  if (backward) {  // estimate: reversed all-to-alls, reduce-scatters of the gathered gradients
-    c.all_to_all_bytes *= 2, c.all_gather_bytes *= 2;
-    c.all_to_all_calls *= 2, c.all_gather_calls *= 2;
-  }
+  return c;
+}
+
+DapComm dap_block_backward_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                                int64_t elem_bytes, Recompute policy) {
+  DapComm c;
+  if (dap <= 1) return c;
+  const DapBlockVolume v = dap_block_backward_volume(cfg, dap_layout(s, r, dap, 0), policy);
+  c.all_to_all_bytes = 2 * v.all_to_all_bytes / kF * elem_bytes;
+  c.all_gather_bytes = 2 * (v.all_gather_bytes + v.reduce_scatter_bytes) / kF * elem_bytes;
+  // Calls (approximate; they only carry the latency term): the forward's reversed plus one
+  // all-to-all of m, a reduce-scatter per gather and the re-gathers; kModule re-gathers the
+  // biases and products, kBlock repeats the whole forward.
+  c.all_to_all_calls = 7 + (policy == Recompute::kBlock ? 6 : 0);
+  c.all_gather_calls = 6 + 3 + (policy == Recompute::kNone ? 0 : 6);
   return c;
 }
 

@@ -68,10 +68,10 @@ std::string Plan::to_json(int indent) const {
   j["memory_limit_bytes"] = memory_limit_bytes;
   j["fits"] = fits;
   j["search_ms"] = search_ms;
-  if (training && dap > 1)  // docs/planner.md: no executor to check these against yet
+  if (training && dap > 1)  // docs/planner.md
     j["note"] =
-        "DAP training is not implemented yet: its communication and per-rank memory are "
-        "estimates, not exact figures";
+        "DAP training: communication volume exact (the executor's formula); per-rank memory is an "
+        "estimate, not the exact model";
   j["profile"] = profile;
   json costs = json::array();
   for (const ModuleCost& c : module_costs)

@@ -206,7 +206,8 @@ int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int
 
 // Per-block times of one setting (per device): forward, backward, recompute per type, comm.
 struct BlockTimes {
-  double fwd = 0, bwd = 0, rec[kTypes] = {}, comm_fwd = 0, comm_bwd = 0;
+  double fwd = 0, bwd = 0, rec[kTypes] = {}, comm_fwd = 0;
+  double comm_bwd[kTypes] = {};  // the backward's collectives per policy (recompute included)
   std::vector<ModuleCost> costs;
 };
 
@@ -224,8 +225,9 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   }
   bt.rec[1] = bt.rec[2] = bt.fwd;  // kModule and kBlock each re-run one block forward
   const int64_t e = dtype_bytes(dev.dtype);
-  bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e, false), dev);
-  bt.comm_bwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e, true), dev);
+  bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e), dev);
+  for (int i = 0; i < kTypes; ++i)
+    bt.comm_bwd[i] = comm_ms(dap_block_backward_comm(cfg, s, r, st.dap, e, kType[i]), dev);
   return bt;
 }
 
@@ -269,15 +271,17 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     p->forward_ms = B * bt.fwd;
     p->backward_ms = B * bt.bwd;
     p->recompute_ms = 0;
-    p->comm_ms = B * (bt.comm_fwd + bt.comm_bwd);
+    p->comm_ms = B * bt.comm_fwd;
     p->activation_bytes = 0;
     for (Recompute rc : p->policy) {
       const int ty = static_cast<int>(rc);
       p->recompute_ms += bt.rec[ty];
-      if (ty != 0) p->comm_ms += bt.comm_fwd;
+      p->comm_ms += bt.comm_bwd[ty];
       p->activation_bytes += t.k[ty];
     }
-    p->comm_ms += allreduce_ms(B * t.G, p->dp, dev);
+    // Parameter gradients: all-reduced over the DAP ranks of a group (each holds a partial sum),
+    // then over the dp groups.
+    p->comm_ms += allreduce_ms(B * t.G, p->dap, dev) + allreduce_ms(B * t.G, p->dp, dev);
     if (p->dap == 1) {
       p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e,
                                                    p->chunk, p->chunk_target_bytes);
@@ -437,8 +441,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         const int64_t pk = base + dp.peak[dp.idx(a, c)];
         smallest = std::min(smallest, pk);
         if (pk > limit) continue;
-        const double time = c * (bt.rec[1] + bt.comm_fwd) +
-                            (B - a - c) * (bt.rec[2] + bt.comm_fwd);  // varying parts
+        const double time = a * bt.comm_bwd[0] + c * (bt.rec[1] + bt.comm_bwd[1]) +
+                            (B - a - c) * (bt.rec[2] + bt.comm_bwd[2]);  // varying parts
         if (ba < 0 || time < bt_best || (time == bt_best && pk < bpeak))
           ba = a, bc = c, bt_best = time, bpeak = pk;
       }
