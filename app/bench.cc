@@ -522,6 +522,7 @@ int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
   const std::string exe = self_exe();
+  if (a.plan) return bench_plan(a, exe);
   const std::string report = temp_report();
   if (report.empty()) return 1;
   if (a.train || a.long_seq || a.chunks || a.dap) {

@@ -24,9 +24,14 @@ struct RunArgs {
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
   int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
-  int dp = 1;  // data parallelism (training): this many DAP groups, one protein each
+  int dp = 1;                // data parallelism (training): this many DAP groups, one protein each
+  std::string plan;          // "auto" (make_plan under --memory-budget) or a plan JSON file
+  std::string plan_profile;  // device profile for --plan (default: this machine's, cached)
 };
 int run_command(const RunArgs& a);
+// `run --plan`: plans (or loads a plan), runs it, reports estimates beside measurements
+// (app/plan.cc).
+int run_planned(const RunArgs& a);
 
 struct BenchArgs {
   int threads = 0;
@@ -39,8 +44,13 @@ struct BenchArgs {
   bool chunks = false;    // chunking-overhead table at one shape (--shapes s:r)
   bool dap = false;       // DAP table: one process and mpirun -np N --dap N for N in `ranks`
   std::string ranks;      // "1,2,4"
+  bool plan = false;      // planner table: planner vs fixed policies under a forcing budget
+  std::string memory;     // --plan: the budget (default: forced from the memory model)
+  std::string profile;    // --plan: device profile JSON (default: this machine's)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
+// `bench --plan` (app/plan.cc); exe runs the rows (`exe run --plan FILE`).
+int bench_plan(const BenchArgs& a, const std::string& exe);
 
 struct PlanArgs {
   int64_t s = 128, r = 256, blocks = 48;

@@ -51,6 +51,13 @@ int main(int argc, char** argv) {
                   "N): group g trains protein g (--inputs/--grad-outputs list D files, or random "
                   "inputs seeded by --seed + g); parameter gradients averaged over the groups")
       ->check(CLI::Range(1, 65536));
+  run->add_option("--plan", ra.plan,
+                  "auto: plan for this shape, threads and --memory-budget (make_plan), or a plan "
+                  "JSON from `foldcube plan --out`; runs it on random weights and reports the "
+                  "estimates beside the measured time and memory");
+  run->add_option(
+      "--plan-profile", ra.plan_profile,
+      "device profile JSON for --plan (default: this machine's, calibrated and cached)");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
   run->add_flag(
       "--backward", ra.backward,
@@ -89,6 +96,13 @@ int main(int argc, char** argv) {
                   "DAP table: one block per s:r (default 128:256) in one process and under "
                   "mpirun -np N --dap N for N in --ranks: time, per-rank peaks, bytes per block");
   bench->add_option("--ranks", ba.ranks, "with --dap: comma-separated rank counts (default 1,2,4)");
+  bench->add_flag("--plan", ba.plan,
+                  "planner table (issue 6): training step at --shapes (default "
+                  "128:256,512:256,512:384), --blocks N (default 2), under a budget that forces "
+                  "choices: the planner's plan and the fixed policies, estimated vs measured");
+  bench->add_option("--memory", ba.memory, "--plan: the memory budget (default: forcing)");
+  bench->add_option("--profile", ba.profile,
+                    "--plan: device profile JSON (default: this machine's, calibrated and cached)");
   bench->add_flag("--train", ba.train,
                   "training step (forward + backward) per recompute policy none/small/large: "
                   "measured peak and activation memory and time beside the memory model's "

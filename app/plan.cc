@@ -1,11 +1,20 @@
 // `foldcube plan`: the planner's choice (or a fixed policy's evaluation) and its estimates.
 #include "foldcube/plan.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "commands.h"
+#include "core/rng.h"
+#include "foldcube/memory.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 
@@ -34,7 +43,225 @@ Status parse_buckets(const std::string& text, std::vector<int64_t>* out) {
 }
 
 double mib(int64_t b) { return static_cast<double>(b) / 1048576.0; }
+
+Tensor random_tensor(const Shape& shape, uint64_t seed) {
+  Tensor t = Tensor::empty(shape);
+  float* p = t.f32();
+  const int64_t n = t.numel();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) p[i] = uniform_pm1(seed, i) * 1.7320508f;  // unit variance
+  return t;
+}
+
+Status read_text(const std::string& path, std::string* out) {
+  std::ifstream f(path);
+  if (!f) return Status::NotFound("cannot read " + path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  *out = ss.str();
+  return Status::OK();
+}
+
+// Measured figures of one planned run (medians over the timed passes, peaks over all passes).
+struct Measured {
+  double time_ms = 0, forward_ms = 0, backward_ms = 0;
+  double cpu_ms = 0;               // process CPU time (all threads) per timed pass, median
+  int64_t peak_tracked_bytes = 0;  // absolute tracked peak: weights, inputs, masks, work
+  int64_t activation_bytes = 0;    // training: kept from forward for backward
+};
+
+double cpu_now_ms() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1e3 +
+         (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e3;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Runs `plan` on random weights and inputs (all-ones masks) in this process. Only the tensors the
+// planner's base accounts for are live: weights, m, z, masks and, for training, the output
+// gradients; inputs are regenerated before every pass (untimed).
+Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measured* out) {
+  if (plan.dap > 1 || plan.dp > 1)
+    return Status::InvalidArgument("this plan has dap=" + std::to_string(plan.dap) +
+                                   ", dp=" + std::to_string(plan.dp) +
+                                   "; run --plan executes single-process plans only");
+  if (plan.dtype != "fp32")
+    return Status::InvalidArgument("the engine runs fp32; this plan is for " + plan.dtype);
+  if (plan.threads != num_threads())
+    return Status::InvalidArgument("the plan is for " + std::to_string(plan.threads) +
+                                   " thread(s), this run has " + std::to_string(num_threads()));
+  const EvoformerConfig& cfg = plan.cfg;
+  const int64_t s = plan.s, r = plan.r;
+  EvoformerStack stack = EvoformerStack::random(cfg, seed);
+  const Tensor msa_mask = Tensor::full({s, r}, 1.f), pair_mask = Tensor::full({r, r}, 1.f);
+  Tensor gm, gz;
+  if (plan.training) {
+    gm = random_tensor({s, r, cfg.c_m}, seed * 2 + 3);
+    gz = random_tensor({r, r, cfg.c_z}, seed * 2 + 4);
+  }
+  std::vector<double> tot, fwd, bwd, cpu;
+  for (int it = 0; it < warmup + repeats; ++it) {
+    Tensor m = random_tensor({s, r, cfg.c_m}, seed * 2 + 1);
+    Tensor z = random_tensor({r, r, cfg.c_z}, seed * 2 + 2);
+    MemoryScope scope;
+    const double c0 = cpu_now_ms();
+    if (plan.training) {
+      TrainOptions o = to_train_options(plan);
+      o.seed = seed;
+      TrainResult res;
+      FC_RETURN_IF_ERROR(stack.train_step(m, z, msa_mask, pair_mask, gm, gz, o, &res));
+      if (it >= warmup) {
+        fwd.push_back(res.forward_ms);
+        bwd.push_back(res.backward_ms);
+        tot.push_back(res.forward_ms + res.backward_ms);
+      }
+      out->activation_bytes = res.activation_bytes;
+    } else {
+      Tensor s_out;
+      const auto t0 = std::chrono::steady_clock::now();
+      FC_RETURN_IF_ERROR(
+          stack.forward(m, z, msa_mask, pair_mask, &s_out, to_forward_options(plan)));
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (it >= warmup) tot.push_back(ms), fwd.push_back(ms);
+    }
+    if (it >= warmup) cpu.push_back(cpu_now_ms() - c0);
+    out->peak_tracked_bytes = std::max(out->peak_tracked_bytes, scope.peak());
+  }
+  out->cpu_ms = median(cpu);
+  out->time_ms = median(tot);
+  out->forward_ms = median(fwd);
+  out->backward_ms = median(bwd);
+  return Status::OK();
+}
 }  // namespace
+
+int run_planned(const RunArgs& a) {
+  set_num_threads(a.threads);
+  const bool training = a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty();
+  if (!a.policy.empty() || a.chunk > 0)
+    return fail(Status::InvalidArgument(
+        "--plan chooses the recompute policies and chunk sizes; drop --policy / --chunk"));
+  if (a.train)
+    return fail(Status::InvalidArgument(
+        "--plan models the step without dropout; use --backward instead of --train"));
+  if (a.dap > 0 || a.dp > 1)
+    return fail(Status::InvalidArgument("--plan runs single-process plans (no --dap / --dp yet)"));
+  if (!a.weights.empty() || !a.inputs.empty() || !a.grad_outputs.empty() || !a.out.empty() ||
+      a.stack == "extra_msa" || a.profile)
+    return fail(Status::InvalidArgument(
+        "--plan runs the Evoformer stack on random weights and inputs (--s, --r, --blocks, "
+        "--config, --seed); drop --weights, --inputs, --grad-outputs, --out, --stack, --profile"));
+  DeviceProfile dev;
+  Status st = load_or_calibrate_profile(a.plan_profile, false, &dev);
+  if (!st.ok()) return fail(st);
+  dev.threads = num_threads();  // memory (per-thread scratch) follows this run's threads
+  int64_t budget = 0;
+  if (!a.memory_budget.empty()) {
+    st = parse_bytes(a.memory_budget, &budget);
+    if (!st.ok()) return fail(st);
+  }
+  Plan plan;
+  if (a.plan == "auto") {
+    if (budget <= 0)
+      return fail(Status::InvalidArgument("--plan auto needs --memory-budget (e.g. 2GiB)"));
+    PlanRequest req;
+    if (!a.config.empty()) {
+      st = EvoformerConfig::from_json_file(a.config, &req.cfg);
+      if (!st.ok()) return fail(st);
+    }
+    req.cfg.no_blocks = a.blocks;
+    req.s = a.s;
+    req.r = a.r;
+    req.training = training;
+    req.profile = dev;
+    req.devices = 1;
+    req.memory_bytes = budget;
+    req.dtype = "fp32";
+    st = make_plan(req, &plan);
+    if (!st.ok()) return fail(st);
+  } else {
+    std::string text;
+    st = read_text(a.plan, &text);
+    if (st.ok()) st = Plan::from_json(text, &plan);
+    if (!st.ok()) return fail(Status::InvalidArgument(a.plan + ": " + st.message()));
+    if (training && !plan.training)
+      return fail(Status::InvalidArgument(a.plan + " is an inference plan; drop --backward"));
+    plan.threads = num_threads();
+    if (budget > 0) plan.memory_limit_bytes = budget;
+    st = evaluate_plan(dev, &plan);  // this machine's estimates for the saved choices
+    if (!st.ok()) return fail(st);
+    budget = plan.memory_limit_bytes;
+  }
+  Measured ms;
+  st = run_plan(plan, a.seed, a.warmup, a.repeats, &ms);
+  if (!st.ok()) return fail(st);
+  const bool within = budget <= 0 || ms.peak_tracked_bytes <= budget;
+  if (!a.quiet) {
+    std::printf(
+        "foldcube run --plan %s: %s, Evoformer %lld block(s), s=%lld r=%lld, %d thread(s), "
+        "profile %s\n",
+        a.plan.c_str(), plan.training ? "training step" : "inference",
+        static_cast<long long>(plan.cfg.no_blocks), static_cast<long long>(plan.s),
+        static_cast<long long>(plan.r), num_threads(), plan.profile.c_str());
+    std::printf("  chunk %lld, chunk target %.2f MiB", static_cast<long long>(plan.chunk),
+                mib(plan.chunk_target_bytes));
+    if (plan.training) {
+      std::printf(", recompute");
+      for (Recompute p : plan.policy) std::printf(" %s", recompute_name(p));
+    }
+    std::printf("\n                 %12s %12s %8s\n", "estimate", "measured", "est/meas");
+    auto row = [](const char* name, double e, double m, const char* unit) {
+      std::printf("  %-14s %12.1f %12.1f %8.2f  %s\n", name, e, m, m > 0 ? e / m : 0.0, unit);
+    };
+    row("time", plan.time_ms, ms.time_ms, "ms");
+    std::printf("  (CPU time %.1f ms per pass over %d thread(s): wall x threads = %.1f ms)\n",
+                ms.cpu_ms, num_threads(), ms.time_ms * num_threads());
+    if (plan.training) {
+      row("forward", plan.forward_ms, ms.forward_ms, "ms");
+      row("backward+rec.", plan.backward_ms + plan.recompute_ms, ms.backward_ms, "ms");
+      row("activations", mib(plan.activation_bytes), mib(ms.activation_bytes), "MiB");
+    }
+    row("tracked peak", mib(plan.peak_bytes), mib(ms.peak_tracked_bytes), "MiB");
+    if (budget > 0)
+      std::printf("  budget         %12.1f MiB: %s\n", mib(budget),
+                  within ? "measured peak within" : "MEASURED PEAK EXCEEDS IT");
+  }
+  if (!a.report.empty()) {
+    nlohmann::json j;
+    j["plan"] = nlohmann::json::parse(plan.to_json());
+    j["training"] = plan.training;
+    j["time_ms_estimate"] = plan.time_ms;
+    j["time_ms"] = ms.time_ms;
+    j["cpu_ms"] = ms.cpu_ms;
+    j["forward_ms_estimate"] = plan.forward_ms;
+    j["forward_ms"] = ms.forward_ms;
+    j["backward_ms_estimate"] = plan.backward_ms + plan.recompute_ms;
+    j["backward_ms"] = ms.backward_ms;
+    j["peak_bytes_estimate"] = plan.peak_bytes;
+    j["peak_tracked_bytes"] = ms.peak_tracked_bytes;
+    j["activation_bytes_estimate"] = plan.activation_bytes;
+    j["activation_bytes"] = ms.activation_bytes;
+    j["memory_budget_bytes"] = budget;
+    j["within_budget"] = within;
+    j["s"] = plan.s;
+    j["r"] = plan.r;
+    j["blocks"] = plan.cfg.no_blocks;
+    j["threads"] = num_threads();
+    std::ofstream f(a.report);
+    f << j.dump(2) << "\n";
+    if (!f) return fail(Status::IOError("cannot write report " + a.report));
+  }
+  if (!within)
+    return fail(Status::Internal("measured peak " + std::to_string(ms.peak_tracked_bytes) +
+                                 " B exceeds the budget " + std::to_string(budget) + " B"));
+  return 0;
+}
 
 int plan_command(const PlanArgs& a) {
   PlanRequest req;
@@ -111,6 +338,189 @@ int plan_command(const PlanArgs& a) {
     if (!f) return fail(Status::IOError("cannot write plan " + a.out));
   }
   return plan.fits ? 0 : 3;
+}
+
+namespace {
+std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::string temp_path(const char* tag) {
+  return "/tmp/foldcube_" + std::string(tag) + "_" + std::to_string(getpid()) + ".json";
+}
+
+// One table row: a plan, its estimate and (when it fits) its measurement in a fresh process.
+struct BenchRow {
+  std::string name;
+  Plan plan;
+  bool measured = false;
+  double time_ms = 0, cpu_ms = 0;
+  int64_t peak_bytes = 0;
+};
+
+Status measure_row(const std::string& exe, const std::string& profile, BenchRow* row) {
+  const std::string plan_path = temp_path("plan"), report = temp_path("report");
+  {
+    std::ofstream f(plan_path);
+    f << row->plan.to_json() << "\n";
+    if (!f) return Status::IOError("cannot write " + plan_path);
+  }
+  const std::string cmd = "'" + exe + "' run --quiet --warmup 1 --repeats 1 --threads " +
+                          std::to_string(row->plan.threads) + " --plan " + plan_path +
+                          " --plan-profile '" + profile + "'" +
+                          (row->plan.training ? " --backward" : "") + " --report " + report;
+  const int rc = std::system(cmd.c_str());
+  std::remove(plan_path.c_str());
+  if (rc != 0) return Status::Internal("benchmark row failed: " + cmd);
+  std::ifstream f(report);
+  const nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+  std::remove(report.c_str());
+  if (j.is_discarded()) return Status::Internal("unreadable report from: " + cmd);
+  row->time_ms = j["time_ms"].get<double>();
+  row->cpu_ms = j["cpu_ms"].get<double>();
+  row->peak_bytes = j["peak_tracked_bytes"].get<int64_t>();
+  row->measured = true;
+  return Status::OK();
+}
+}  // namespace
+
+int bench_plan(const BenchArgs& a, const std::string& exe) {
+  set_num_threads(a.threads);
+  const std::string profile_path = a.profile.empty() ? default_profile_path() : a.profile;
+  DeviceProfile dev;
+  Status st = load_or_calibrate_profile(a.profile, false, &dev);
+  if (!st.ok()) return fail(st);
+  dev.threads = num_threads();
+  dev.devices = 1;
+  int64_t blocks = 2;
+  if (!a.blocks.empty()) {
+    const auto b = split(a.blocks, ',');
+    if (b.size() != 1 || std::atoll(b[0].c_str()) < 1)
+      return fail(Status::InvalidArgument("--blocks: one block count >= 1 with --plan"));
+    blocks = std::atoll(b[0].c_str());
+  }
+  int64_t forced_budget = 0;
+  if (!a.memory.empty()) {
+    st = parse_bytes(a.memory, &forced_budget);
+    if (!st.ok()) return fail(st);
+  }
+  std::printf(
+      "foldcube bench --plan: training step, AF2 model_1 dims, %lld block(s), %d thread(s), "
+      "fp32, profile %s\n\n",
+      static_cast<long long>(blocks), num_threads(), dev.name.c_str());
+  std::printf(
+      "| s | r | budget MiB | plan | recompute (n/m/b) | chunk target MiB | est. ms | meas. ms | "
+      "est/meas | CPU ms | est. peak MiB | meas. peak MiB | fits |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json all = nlohmann::json::array();
+  for (const std::string& shape :
+       split(a.shapes.empty() ? "128:256,512:256,512:384" : a.shapes, ',')) {
+    const auto sr = split(shape, ':');
+    if (sr.size() != 2 || std::atoll(sr[0].c_str()) < 1 || std::atoll(sr[1].c_str()) < 1)
+      return fail(Status::InvalidArgument("bad shape '" + shape + "' (want s:r)"));
+    PlanRequest req;
+    req.cfg.no_blocks = blocks;
+    req.s = std::atoll(sr[0].c_str());
+    req.r = std::atoll(sr[1].c_str());
+    req.training = true;
+    req.profile = dev;
+    req.devices = 1;
+    req.dtype = "fp32";
+    // A budget that forces choices: a quarter of the way from the smallest feasible peak (the
+    // finest chunk target) to the unconstrained plan's peak, unless --memory gives one.
+    const std::vector<int64_t> targets = training_chunk_targets(req.cfg, req.s, req.r);
+    int64_t budget = forced_budget;
+    if (budget <= 0) {
+      Plan roomy;
+      req.memory_bytes = int64_t{1} << 50;
+      st = make_plan(req, &roomy);
+      if (!st.ok()) return fail(st);
+      int64_t lo = roomy.peak_bytes;
+      for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
+        Plan p = roomy;
+        p.policy.assign(blocks, rc);
+        p.chunk = 0;
+        p.chunk_target_bytes = targets.front();
+        if (evaluate_plan(dev, &p).ok()) lo = std::min(lo, p.peak_bytes);
+      }
+      budget = lo + (roomy.peak_bytes - lo) / 4;
+    }
+    req.memory_bytes = budget;
+    std::vector<BenchRow> rows;
+    {
+      BenchRow row{"planner", {}};
+      st = make_plan(req, &row.plan);
+      if (st.ok())
+        rows.push_back(row);
+      else
+        std::fprintf(stderr, "foldcube: planner at %s: %s\n", shape.c_str(), st.message().c_str());
+    }
+    for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock})
+      for (const auto& [tag, tgt] : {std::pair<const char*, int64_t>{"whole", targets.back()},
+                                     {"auto", default_chunk_target_bytes(req.cfg, req.s, req.r)},
+                                     {"finest", targets.front()}}) {
+        BenchRow row{std::string(recompute_name(rc)) + ", " + tag, {}};
+        Plan& p = row.plan;
+        p.cfg = req.cfg;
+        p.s = req.s;
+        p.r = p.r_real = req.r;
+        p.training = true;
+        p.policy.assign(blocks, rc);
+        p.chunk_target_bytes = tgt;
+        p.threads = num_threads();
+        p.memory_limit_bytes = budget;
+        st = evaluate_plan(dev, &p);
+        if (!st.ok()) return fail(st);
+        rows.push_back(row);
+      }
+    for (BenchRow& row : rows) {
+      if (row.plan.fits) {
+        st = measure_row(exe, profile_path, &row);
+        if (!st.ok()) return fail(st);
+      }
+      int counts[3] = {0, 0, 0};
+      for (Recompute p : row.plan.policy) ++counts[static_cast<int>(p)];
+      const Plan& p = row.plan;
+      if (row.measured)
+        std::printf(
+            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | %.0f | %.2f | %.0f | %.1f | %.1f "
+            "| yes |\n",
+            static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
+            counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms, row.time_ms,
+            p.time_ms / row.time_ms, row.cpu_ms, mib(p.peak_bytes), mib(row.peak_bytes));
+      else
+        std::printf(
+            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | no |\n",
+            static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
+            counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms,
+            mib(p.peak_bytes));
+      std::fflush(stdout);
+      all.push_back(
+          {{"s", p.s},
+           {"r", p.r},
+           {"blocks", blocks},
+           {"budget_bytes", budget},
+           {"plan", row.name},
+           {"time_ms_estimate", p.time_ms},
+           {"time_ms", row.measured ? nlohmann::json(row.time_ms) : nlohmann::json()},
+           {"cpu_ms", row.measured ? nlohmann::json(row.cpu_ms) : nlohmann::json()},
+           {"peak_bytes_estimate", p.peak_bytes},
+           {"peak_tracked_bytes", row.measured ? nlohmann::json(row.peak_bytes) : nlohmann::json()},
+           {"fits", p.fits},
+           {"plan_json", nlohmann::json::parse(p.to_json())}});
+    }
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << all.dump(2) << "\n";
+    if (!f) return fail(Status::IOError("cannot write " + a.out_json));
+  }
+  return 0;
 }
 
 }  // namespace fc::app

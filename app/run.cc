@@ -117,6 +117,7 @@ int run_dap(const RunArgs& a);
 }  // namespace
 
 int run_command(const RunArgs& a) {
+  if (!a.plan.empty()) return run_planned(a);  // app/plan.cc
   set_num_threads(a.threads);
   if (a.dp > 1 && a.dap == 0)
     return fail(Status::InvalidArgument(

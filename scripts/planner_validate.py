@@ -2,8 +2,10 @@
 """Planner validation: the cost model's estimates beside measured times on this machine.
 
 Calibrates a fresh profile, then for each s:r runs (a) one inference pass with per-module times
-(`foldcube run --profile`) and (b) training steps per recompute policy (`foldcube run --policy`),
-and prints a markdown table of estimate vs measured. Every measurement is the minimum over
+(`foldcube run --profile`) and (b) training steps per recompute policy: the plan of that policy
+(`foldcube plan --policy P --out`, its chunk target chosen by the planner) run by
+`foldcube run --plan FILE --backward`, so the measured step has exactly the planned chunking;
+and prints a markdown table of estimate vs measured (wall time, and CPU time per step). Every measurement is the minimum over
 --trials processes (the calibration takes the best of 5 per kernel): on a shared machine the
 minimum is the closest to an undisturbed run. Usage:
   scripts/planner_validate.py [--exe build/foldcube] [--shapes 64:128,128:256] [--blocks 1]
@@ -55,23 +57,27 @@ def main():
         e, t = plan["time_ms_estimate"], meas["time_ms"]
         print(f"| **forward pass** | {e:.1f} | {t:.1f} | {e / t:.2f} |")
         print(f"\n### s={s} r={r}, training step, {a.blocks} block(s)\n")
-        print("| policy | estimate ms (fwd + bwd + recompute) | measured ms (fwd + bwd) | est/meas |")
-        print("|---|---|---|---|")
+        print("| policy | chunk target MiB | estimate ms (fwd + bwd + recompute) | "
+              "measured ms (fwd + bwd) | est/meas | CPU ms |")
+        print("|---|---|---|---|---|---|")
+        plan_file = os.path.join(tmp, "plan.json")
         for pol in a.policies.split(","):
             plan = json.loads(run([a.exe, "plan", *common, "--train", "--memory", "20GiB",
-                                   "--policy", pol, "--profile", prof, "--json"]))
+                                   "--devices", "1", "--policy", pol, "--profile", prof,
+                                   "--json", "--out", plan_file]))
             meas = None
             for _ in range(a.trials):
-                run([a.exe, "run", *common, "--policy", pol, "--warmup", "1", "--quiet",
-                     "--report", rep])
+                run([a.exe, "run", "--plan", plan_file, "--plan-profile", prof, "--backward",
+                     "--warmup", "1", "--quiet", "--report", rep])
                 one = json.load(open(rep))
                 if meas is None or one["time_ms"] < meas["time_ms"]:
                     meas = one
             e = plan["time_ms_estimate"]
-            print(f"| {pol} | {e:.0f} ({plan['forward_ms_estimate']:.0f} + "
+            print(f"| {pol} | {plan['chunk_target_bytes'] / 2**20:.1f} | {e:.0f} "
+                  f"({plan['forward_ms_estimate']:.0f} + "
                   f"{plan['backward_ms_estimate']:.0f} + {plan['recompute_ms_estimate']:.0f}) | "
                   f"{meas['time_ms']:.0f} ({meas['forward_ms']:.0f} + {meas['backward_ms']:.0f}) | "
-                  f"{e / meas['time_ms']:.2f} |")
+                  f"{e / meas['time_ms']:.2f} | {meas['cpu_ms']:.0f} |")
     print("\nload after:", open("/proc/loadavg").read().split()[:3])
 
 

@@ -105,3 +105,78 @@ TEST(PlannerCli, Errors) {
 
 }  // namespace
 }  // namespace fc
+
+namespace fc {
+namespace {
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream f(path);
+  return nlohmann::json::parse(f);
+}
+
+// The smallest feasible budget named by the planner's out-of-memory error, in MiB.
+double smallest_budget_mib(const std::string& args) {
+  const Result r = run_cli("run --plan auto --memory-budget 1MiB " + args);
+  const std::string key = "smallest feasible budget is ";
+  const size_t at = r.out.find(key);
+  if (r.code != 1 || at == std::string::npos) return -1;
+  return std::stod(r.out.substr(at + key.size()));
+}
+
+// `run --plan auto` at a budget just above the smallest feasible one (it forces the finest
+// choices): the measured tracked peak stays within it, the report has the estimates beside the
+// measurements, and the memory estimates are the allocator's figures.
+TEST(PlannerCli, RunPlanAutoWithinBudget) {
+  for (const std::string mode : {"", "--backward"}) {
+    const std::string args =
+        "--s 8 --r 24 --blocks 2 --threads 2 --plan-profile " + profile_path() + " " + mode;
+    const double mib = smallest_budget_mib(args);
+    ASSERT_GT(mib, 0) << mode;
+    const std::string report = ::testing::TempDir() + "/fc_run_plan.json";
+    const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
+    const Result r =
+        run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("estimate"), std::string::npos) << r.out;
+    const nlohmann::json j = read_json(report);
+    for (const char* key : {"time_ms_estimate", "time_ms", "peak_bytes_estimate",
+                            "peak_tracked_bytes", "activation_bytes_estimate", "activation_bytes"})
+      EXPECT_TRUE(j.contains(key)) << key;
+    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
+    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["peak_bytes_estimate"].get<int64_t>());
+    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+    EXPECT_EQ(j["training"].get<bool>(), !mode.empty());
+    EXPECT_GT(j["time_ms"].get<double>(), 0);
+  }
+}
+
+// A saved plan runs as saved; bad combinations are one-line errors.
+TEST(PlannerCli, RunSavedPlanAndErrors) {
+  const std::string plan = ::testing::TempDir() + "/fc_saved_plan.json";
+  const std::string report = ::testing::TempDir() + "/fc_run_saved.json";
+  Result r = run_cli(
+      "plan --train --s 8 --r 16 --blocks 2 --memory 1GiB --policy module --devices 1 "
+      "--profile " +
+      profile_path() + " --out " + plan);
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run_cli("run --plan " + plan + " --threads 2 --plan-profile " + profile_path() +
+              " --report " + report);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const nlohmann::json j = read_json(report);
+  EXPECT_EQ(j["plan"]["policy"], nlohmann::json({"module", "module"}));
+  EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+  const std::string prof = " --plan-profile " + profile_path();
+  expect_user_error(run_cli("run --plan auto --s 8 --r 16 --threads 2" + prof), "--memory-budget");
+  expect_user_error(
+      run_cli("run --plan auto --memory-budget 1GiB --policy block --threads 2" + prof),
+      "drop --policy");
+  expect_user_error(run_cli("run --plan /nonexistent.json --threads 2" + prof), "nonexistent");
+  r = run_cli("plan --s 8 --r 16 --blocks 2 --memory 1GiB --devices 1 --profile " + profile_path() +
+              " --out " + plan);
+  ASSERT_EQ(r.code, 0) << r.out;
+  expect_user_error(run_cli("run --plan " + plan + " --backward --threads 2" + prof),
+                    "inference plan");
+}
+
+}  // namespace
+}  // namespace fc

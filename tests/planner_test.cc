@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "exec/dap.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 
@@ -129,6 +130,48 @@ TEST(Planner, UserProfileFromPeaks) {
 }
 
 // A training plan's peak is the memory model's step peak above a fixed base (weights, inputs).
+// The backward and training calibration fields round-trip; absent ones take their defaults.
+TEST(Planner, ProfileTrainingFieldsRoundTrip) {
+  DeviceProfile p = test_profile();
+  p.gemm_bwd_half_rows = 40;
+  p.gemm_half_cols = 11;
+  p.mem_bwd_gbps = 12;
+  p.train_fwd_factor = 1.25;
+  p.train_bwd_factor = 1.3;
+  p.chunk_overhead_us = 100;
+  DeviceProfile q;
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
+  EXPECT_EQ(q.gemm_bwd_half_rows, 40);
+  EXPECT_EQ(q.gemm_half_cols, 11);
+  EXPECT_EQ(q.mem_bwd_gbps, 12);
+  EXPECT_EQ(q.train_fwd_factor, 1.25);
+  EXPECT_EQ(q.train_bwd_factor, 1.3);
+  EXPECT_EQ(q.chunk_overhead_us, 100);
+  ASSERT_TRUE(DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10,
+      "gemm_half_rows": 50})",
+                                       &q)
+                  .ok());
+  EXPECT_EQ(q.gemm_bwd_half_rows, 50);  // the forward's
+  EXPECT_EQ(q.mem_bwd_gbps, q.mem_gbps);
+  EXPECT_EQ(q.train_fwd_factor, 1.0);
+  const Status st = DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10,
+      "train_bwd_factor": -1})",
+                                             &q);
+  EXPECT_NE(st.message().find("train_bwd_factor"), std::string::npos) << st.message();
+  // A smaller training channel group (finer chunk target) costs more: narrow projections.
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  p.gemm_half_cols = 8;
+  const std::vector<int64_t> tg = training_chunk_targets(cfg, 32, 128);
+  auto step_ms = [&](int64_t target) {
+    double t = 0;
+    for (const ModuleCost& c : block_module_costs(cfg, 32, 128, 0, target, true, p))
+      t += c.forward_ms + c.backward_ms;
+    return t;
+  };
+  EXPECT_GT(step_ms(tg.front()), step_ms(tg.back()));
+}
+
 TEST(Planner, DecompositionMatchesMemoryModel) {
   for (bool af2 : {false, true}) {
     EvoformerConfig cfg = af2 ? EvoformerConfig() : small_cfg(5);
@@ -148,22 +191,25 @@ TEST(Planner, DecompositionMatchesMemoryModel) {
   }
 }
 
-// Exhaustive search over 3^B orders against make_plan on the same model.
+// Exhaustive search over 3^B orders times the chunk targets against make_plan on the same model.
 void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
   const int B = static_cast<int>(cfg.no_blocks);
   std::vector<Plan> all;
   int total = 1;
   for (int b = 0; b < B; ++b) total *= 3;
   int64_t lo = INT64_MAX, hi = 0;
-  for (int code = 0; code < total; ++code) {
-    std::vector<R> pol;
-    for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
-    Plan p = base_plan(cfg, s, r, pol);
-    ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
-    lo = std::min(lo, p.peak_bytes);
-    hi = std::max(hi, p.peak_bytes);
-    all.push_back(p);
-  }
+  const std::vector<int64_t> targets = training_chunk_targets(cfg, s, r);
+  for (int64_t tgt : targets)
+    for (int code = 0; code < total; ++code) {
+      std::vector<R> pol;
+      for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
+      Plan p = base_plan(cfg, s, r, pol);
+      p.chunk_target_bytes = tgt;
+      ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
+      lo = std::min(lo, p.peak_bytes);
+      hi = std::max(hi, p.peak_bytes);
+      all.push_back(p);
+    }
   for (int i = 0; i <= 12; ++i) {
     const int64_t limit = lo + (hi - lo) * i / 12;
     double best = INFINITY;
@@ -176,6 +222,7 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
     EXPECT_NEAR(got.time_ms, best, 1e-9 * best) << "limit " << limit;
     // The plan's own peak is the memory model's.
     Plan check = base_plan(cfg, s, r, got.policy);
+    check.chunk_target_bytes = got.chunk_target_bytes;
     ASSERT_TRUE(evaluate_plan(test_profile(), &check).ok());
     EXPECT_EQ(check.peak_bytes, got.peak_bytes);
   }
@@ -226,7 +273,8 @@ TEST(Planner, FixedPolicyAndRequestErrors) {
     Plan p;
     ASSERT_TRUE(make_plan(q, &p).ok());
     EXPECT_EQ(p.policy, std::vector<R>(48, pol));
-    EXPECT_EQ(p.activation_bytes, stack_activation_bytes(cfg, 128, 256, 48, {pol}));
+    EXPECT_EQ(p.activation_bytes,
+              stack_activation_bytes(cfg, 128, 256, 48, {pol}, 4, 0, p.chunk_target_bytes));
   }
   Plan p;
   q.fixed_policy = false;
@@ -242,6 +290,46 @@ TEST(Planner, FixedPolicyAndRequestErrors) {
   q.training = false;
   q.fixed_policy = true;
   EXPECT_FALSE(make_plan(q, &p).ok());
+}
+
+// Training: with room the whole-axis target (fastest) wins; a budget below the unchunked peaks
+// of every order forces a finer target, at a higher estimated time.
+TEST(Planner, TrainingChunkSearch) {
+  EvoformerConfig cfg;
+  cfg.no_blocks = 4;
+  const std::vector<int64_t> targets = training_chunk_targets(cfg, 32, 128);
+  ASSERT_GE(targets.size(), 3u);
+  for (size_t i = 1; i < targets.size(); ++i) EXPECT_GT(targets[i], targets[i - 1]);
+  Plan roomy, tight;
+  ASSERT_TRUE(make_plan(train_request(cfg, 32, 128, int64_t{40} << 30), &roomy).ok());
+  EXPECT_EQ(roomy.chunk_target_bytes, targets.back());
+  EXPECT_EQ(roomy.policy, std::vector<R>(4, R::kNone));
+  // The smallest unchunked peak over all 3^4 orders, minus one byte.
+  int64_t limit = INT64_MAX;
+  for (int code = 0; code < 81; ++code) {
+    std::vector<R> pol;
+    for (int b = 0, c = code; b < 4; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
+    Plan whole = base_plan(cfg, 32, 128, pol);
+    whole.chunk_target_bytes = targets.back();
+    ASSERT_TRUE(evaluate_plan(test_profile(), &whole).ok());
+    limit = std::min(limit, whole.peak_bytes - 1);
+  }
+  Status st = make_plan(train_request(cfg, 32, 128, limit), &tight);
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_LT(tight.chunk_target_bytes, targets.back());
+  EXPECT_LE(tight.peak_bytes, limit);
+  EXPECT_GT(tight.time_ms, roomy.time_ms);
+  const TrainOptions to = to_train_options(tight);
+  EXPECT_EQ(to.chunk_target_bytes, tight.chunk_target_bytes);
+  EXPECT_EQ(tight.peak_bytes - stack_step_peak_bytes(cfg, 32, 128, 4, tight.policy, 2, 4, 0,
+                                                     tight.chunk_target_bytes),
+            roomy.peak_bytes - stack_step_peak_bytes(cfg, 32, 128, 4, roomy.policy, 2, 4, 0,
+                                                     roomy.chunk_target_bytes));
+  // A forced chunk is searched over the policies only.
+  PlanRequest q = train_request(cfg, 32, 128, int64_t{40} << 30);
+  q.chunk = 8;
+  ASSERT_TRUE(make_plan(q, &tight).ok());
+  EXPECT_EQ(tight.chunk, 8);
 }
 
 TEST(Planner, InferenceChunkSearchFitsBudget) {
@@ -271,15 +359,56 @@ TEST(Planner, InferenceChunkSearchFitsBudget) {
 
 TEST(Planner, DapCommunicationVolume) {
   EvoformerConfig cfg;
-  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 1, 4, false).all_to_all_bytes, 0);
-  const DapComm c2 = dap_block_comm(cfg, 128, 256, 2, 4, false);
-  EXPECT_EQ(c2.all_to_all_calls, 6);
-  EXPECT_EQ(c2.all_gather_calls, 6);
-  // m and z each move half of a half-shard each way at N = 2.
-  const int64_t m = 128 * 256 * 256, z = 256 * 256 * 128;
-  EXPECT_EQ(c2.all_to_all_bytes, (2 * (2 * m / 2 / 2) + 4 * (2 * z / 2 / 2)) * 4);
-  const DapComm b2 = dap_block_comm(cfg, 128, 256, 2, 4, true);
-  EXPECT_EQ(b2.all_gather_bytes, 2 * c2.all_gather_bytes);
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 1, 4).all_to_all_bytes, 0);
+  // Sent + received = twice what each rank sends (docs/dap.md: 84 MiB sent at N = 2, 90 MiB at
+  // N = 4 for (128, 256)), padded shapes included.
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4).all_to_all_bytes, 2 * (48 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 2, 4).all_gather_bytes, 2 * (36 << 20));
+  EXPECT_EQ(dap_block_comm(cfg, 128, 256, 4, 4).all_to_all_bytes, 2 * (36 << 20));
+  for (int n : {2, 3, 4})
+    for (auto [s, r] : {std::pair<int64_t, int64_t>{128, 256}, {5, 7}, {33, 70}}) {
+      const DapBlockVolume v = dap_block_volume(cfg, dap_layout(s, r, n, 0));
+      const DapComm c = dap_block_comm(cfg, s, r, n, 4);
+      EXPECT_EQ(c.all_to_all_bytes, 2 * v.all_to_all_bytes);
+      EXPECT_EQ(c.all_gather_bytes, 2 * v.all_gather_bytes);
+      EXPECT_EQ(dap_block_comm(cfg, s, r, n, 2).all_gather_bytes, v.all_gather_bytes);
+    }
+  // The backward per policy: docs/dap.md's measured (counted = model) bytes sent per rank at
+  // (32, 64): N = 2: 7.875 / 10.0 / 13.125 MiB, N = 4: 9.188 / 12.375 / 14.812 MiB.
+  const double sent[2][3] = {{7.875, 10.0, 13.125}, {9.1875, 12.375, 14.8125}};
+  for (int i = 0; i < 2; ++i)
+    for (int p = 0; p < 3; ++p) {
+      const DapComm b = dap_block_backward_comm(cfg, 32, 64, i == 0 ? 2 : 4, 4, static_cast<R>(p));
+      EXPECT_NEAR((b.all_to_all_bytes + b.all_gather_bytes) / 2 / 1048576.0, sent[i][p], 0.001)
+          << i << " " << p;
+    }
+}
+
+// Per-rank DAP inference peak against the measurements of docs/dap.md (AF2 dims, one block, one
+// thread per rank, rank 0's absolute tracked peak, which is every run's largest): within 10 %.
+TEST(Planner, DapInferencePeakMatchesMeasured) {
+  struct Row {
+    int64_t s, r;
+    int n;
+    double rank0_mib;
+  };
+  for (const Row& row : {Row{64, 128, 2, 31.7}, Row{64, 128, 4, 27.7}, Row{128, 256, 2, 104.8},
+                         Row{128, 256, 4, 88.8}}) {
+    EvoformerConfig cfg;
+    cfg.no_blocks = 1;
+    Plan p;
+    p.cfg = cfg;
+    p.s = row.s;
+    p.r = p.r_real = row.r;
+    p.dap = row.n;
+    p.threads = 1;
+    ASSERT_TRUE(evaluate_plan(test_profile(4), &p).ok());
+    const double est = p.peak_bytes / 1048576.0;
+    std::printf("DAP (%lld, %lld) N=%d: estimate %.1f MiB, measured %.1f MiB\n",
+                static_cast<long long>(row.s), static_cast<long long>(row.r), row.n, est,
+                row.rank0_mib);
+    EXPECT_NEAR(est / row.rank0_mib, 1.0, 0.10);
+  }
 }
 
 TEST(Planner, BucketsAndCache) {

@@ -22,21 +22,30 @@ namespace fc {
 // the rates are derived with the efficiencies below (docs/planner.md).
 struct DeviceProfile {
   std::string name;
-  bool calibrated = false;      // measured by calibrate_profile on this machine
-  int devices = 1;              // devices (MPI ranks) available
-  int threads = 1;              // threads per device the rates were measured with
-  int64_t memory_bytes = 0;     // per device; 0 = unknown (then a request must give a limit)
-  std::string dtype = "fp32";   // precision the rates refer to: fp32 | bf16 | fp16
-  double gemm_gflops = 0;       // large projections, M -> infinity
-  double gemm_half_rows = 0;    // rows at which a projection runs at half of gemm_gflops
-  double gemm_bwd_gflops = 0;   // linear backward (dX = dY W, dW = dY^T X)
-  double batched_gflops = 0;    // batched r x r x r products (triangle mult.), OPM outer product
-  double attention_gflops = 0;  // fused attention forward at 256 keys, C = 32
+  bool calibrated = false;        // measured by calibrate_profile on this machine
+  int devices = 1;                // devices (MPI ranks) available
+  int threads = 1;                // threads per device the rates were measured with
+  int64_t memory_bytes = 0;       // per device; 0 = unknown (then a request must give a limit)
+  std::string dtype = "fp32";     // precision the rates refer to: fp32 | bf16 | fp16
+  double gemm_gflops = 0;         // large projections, M -> infinity
+  double gemm_half_rows = 0;      // rows at which a projection runs at half of gemm_gflops
+  double gemm_half_cols = 0;      // narrow side (columns) at which a product runs at half rate
+  double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
+  double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
+  double batched_gflops = 0;      // batched r x r x r products (triangle mult.), OPM outer product
+  double attention_gflops = 0;    // fused attention forward at 256 keys, C = 32
   double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
+  double mem_bwd_gbps = 0;          // their backward (LayerNorm backward; 0 or absent: mem_gbps)
   double link_gbps = 0;             // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;       // per collective call
+  // Measured / modelled time of a training step's forward and backward (calibration: one block
+  // at (32, 128), policy none, whole chunks); 1 for user profiles unless given.
+  double train_fwd_factor = 1, train_bwd_factor = 1;
+  // Fixed cost of one chunk-loop iteration of a module (calibration: a finely chunked training
+  // step at (16, 64)); 0 for user profiles unless given.
+  double chunk_overhead_us = 0;
 
   std::string to_json() const;
   // Either the calibrated fields or peak_gflops + peak_mem_gbps (+ optional efficiencies
@@ -46,8 +55,11 @@ struct DeviceProfile {
   Status validate() const;
 };
 
-// Micro-benchmarks this machine (GEMM at Evoformer projection shapes, batched triangle products,
-// the attention kernel forward/backward at two key lengths, LayerNorm for bandwidth; ~2-4 s) with
+// Micro-benchmarks this machine (GEMM and linear backward at Evoformer projection shapes and two
+// row counts, batched triangle products, the attention kernel forward/backward at two key
+// lengths, LayerNorm forward and backward for bandwidth, and one training step of one block at
+// (32, 128) for train_fwd_factor / train_bwd_factor, one finely chunked step at (16, 64) for
+// chunk_overhead_us; ~4-7 s) with
 // `threads` threads (0 = current setting). Link rates are left 0 (single process).
 Status calibrate_profile(int threads, DeviceProfile* out);
 // $XDG_CACHE_HOME/foldcube/profile-<hostname>.json (or ~/.cache/...).
@@ -63,20 +75,25 @@ struct ModuleCost {
   double forward_ms = 0, backward_ms = 0;
 };
 // The nine modules of one block in execution order. chunk / chunk_target_bytes as in
-// ForwardOptions (they set the GEMM row counts of the inference path); training=true models the
-// training forward (unchunked) and the exact backward.
+// ForwardOptions / TrainOptions: they set the items per chunk, hence the GEMM row counts (and
+// rates), of the inference modules or, with training=true, of the training functions
+// (src/model/train.h), whose forward and exact backward are both modelled.
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                            int64_t chunk, int64_t chunk_target_bytes, bool training,
                                            const DeviceProfile& dev);
 
-// DAP communication of one block over N ranks (FastFold's scheme, docs/planner.md): bytes each
-// rank sends+receives in all-to-all and all-gather collectives, and the number of calls.
+// DAP communication of one block over N ranks (docs/dap.md): bytes each rank sends + receives
+// (2x the executor's dap_block_volume / dap_block_backward_volume of src/exec/dap.h, scaled to
+// elem_bytes; all-gathers and reduce-scatters together) and the number of collective calls.
 struct DapComm {
   int64_t all_to_all_bytes = 0, all_gather_bytes = 0;
   int all_to_all_calls = 0, all_gather_calls = 0;
 };
 DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
-                       int64_t elem_bytes, bool backward);
+                       int64_t elem_bytes);
+// One block's backward under `policy`, recompute included (without the gradient all-reduce).
+DapComm dap_block_backward_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                                int64_t elem_bytes, Recompute policy);
 double comm_ms(const DapComm& c, const DeviceProfile& dev);
 
 // ---- Plan --------------------------------------------------------------------------------------
@@ -128,6 +145,9 @@ struct PlanRequest {
 // Searches (or, with fixed_policy, evaluates) and fills *out with the fastest plan that fits.
 // User errors for bad requests; OutOfMemory naming the smallest feasible budget when nothing fits.
 Status make_plan(const PlanRequest& req, Plan* out);
+// Chunk targets a training search tries: default/16 (at least 64 KiB) times powers of 4, then the
+// smallest target at which every training module runs in one chunk (the fastest), last.
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r);
 // Fills the estimates of a plan whose choices are set (validates it first).
 Status evaluate_plan(const DeviceProfile& dev, Plan* plan);
 

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -12,12 +13,15 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "exec/dap.h"
+#include "foldcube/model.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 #include "model/modules.h"
+#include "model/train.h"
 
 namespace fc {
 
@@ -50,14 +54,20 @@ std::string DeviceProfile::to_json() const {
   j["dtype"] = dtype;
   j["gemm_gflops"] = gemm_gflops;
   j["gemm_half_rows"] = gemm_half_rows;
+  j["gemm_half_cols"] = gemm_half_cols;
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
+  j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
   j["attention_gflops"] = attention_gflops;
   j["attention_bwd_gflops"] = attention_bwd_gflops;
   j["attention_len_exp"] = attention_len_exp;
   j["mem_gbps"] = mem_gbps;
+  j["mem_bwd_gbps"] = mem_bwd_gbps;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
+  j["train_fwd_factor"] = train_fwd_factor;
+  j["train_bwd_factor"] = train_bwd_factor;
+  j["chunk_overhead_us"] = chunk_overhead_us;
   return j.dump(2);
 }
 
@@ -76,8 +86,15 @@ Status DeviceProfile::validate() const {
   for (const auto& [key, v] : rates)
     if (!(v > 0) || !std::isfinite(v))
       return Status::InvalidArgument(std::string("profile: ") + key + " must be > 0");
-  if (!(gemm_half_rows >= 0) || !std::isfinite(attention_len_exp) || !(link_gbps >= 0) ||
-      !(link_latency_us >= 0))
+  if (!(train_fwd_factor > 0) || !(train_bwd_factor > 0) || !std::isfinite(train_fwd_factor) ||
+      !std::isfinite(train_bwd_factor))
+    return Status::InvalidArgument("profile: train_fwd_factor and train_bwd_factor must be > 0");
+  if (!(chunk_overhead_us >= 0) || !std::isfinite(chunk_overhead_us))
+    return Status::InvalidArgument("profile: chunk_overhead_us must be >= 0");
+  if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
+    return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
+  if (!(gemm_half_rows >= 0) || !(gemm_bwd_half_rows >= 0) || !(gemm_half_cols >= 0) ||
+      !std::isfinite(attention_len_exp) || !(link_gbps >= 0) || !(link_latency_us >= 0))
     return Status::InvalidArgument(
         "profile: gemm_half_rows, link_gbps and link_latency_us must be >= 0");
   if (devices > 1 && link_gbps <= 0)
@@ -108,14 +125,21 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     if (j.contains("dtype")) p.dtype = j["dtype"].get<std::string>();
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
+    num("gemm_half_cols", &p.gemm_half_cols);
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
+    p.gemm_bwd_half_rows = -1;  // absent: the forward's
+    num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
     num("batched_gflops", &p.batched_gflops);
     num("attention_gflops", &p.attention_gflops);
     num("attention_bwd_gflops", &p.attention_bwd_gflops);
     num("attention_len_exp", &p.attention_len_exp);
     num("mem_gbps", &p.mem_gbps);
+    num("mem_bwd_gbps", &p.mem_bwd_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
+    num("train_fwd_factor", &p.train_fwd_factor);
+    num("train_bwd_factor", &p.train_bwd_factor);
+    num("chunk_overhead_us", &p.chunk_overhead_us);
     // A machine we do not have: rates from peaks and efficiencies.
     double peak = 0, bw = 0;
     num("peak_gflops", &peak);
@@ -140,6 +164,8 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
       if (p.attention_bwd_gflops == 0) p.attention_bwd_gflops = e.attention_bwd * peak;
     }
     if (bw > 0 && p.mem_gbps == 0) p.mem_gbps = e.mem * bw;
+    if (p.gemm_bwd_half_rows < 0) p.gemm_bwd_half_rows = p.gemm_half_rows;
+    if (p.mem_bwd_gbps == 0) p.mem_bwd_gbps = p.mem_gbps;
   } catch (const std::exception& e) {
     return Status::InvalidArgument(std::string("profile: bad value: ") + e.what());
   }
@@ -185,6 +211,26 @@ double projection_gflops(int64_t rows, int reps) {
         [&] { kern::linear(x.f32(), sh[0], rows, sh[0], w.f32(), nullptr, sh[1], y.f32(), sh[1]); },
         reps);
     flops += 2.0 * rows * sh[0] * sh[1];
+  }
+  return flops / sec / 1e9;
+}
+
+// The same projections' backward (dX = dY W and dW = dY^T X): GFLOP/s over the set.
+double projection_bwd_gflops(int64_t rows, int reps) {
+  const int64_t shapes[][2] = {{256, 1024}, {1024, 256}, {128, 512}, {256, 256}};
+  double flops = 0, sec = 0;
+  for (const auto& sh : shapes) {
+    const int64_t in = sh[0], o = sh[1];
+    Tensor x = Tensor::empty({rows, in}), w = Tensor::empty({o, in}), dy = Tensor::empty({rows, o});
+    Tensor dx = Tensor::empty({rows, in}), dw = Tensor::zeros({o, in});
+    fill(x, 0.5f), fill(w, 0.1f), fill(dy, 0.2f);
+    sec += best_seconds(
+        [&] {
+          kern::linear_backward(x.f32(), in, rows, in, w.f32(), o, dy.f32(), o, dx.f32(), in,
+                                dw.f32(), nullptr);
+        },
+        reps);
+    flops += 4.0 * rows * in * o;
   }
   return flops / sec / 1e9;
 }
@@ -250,18 +296,31 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
   p.gemm_gflops = x > 0 ? 1 / x : rb;
   p.gemm_half_rows = x > 0 ? y / x : 0;
   {
-    const int64_t rows = 8192, in = 256, o = 1024;
-    Tensor xx = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
-           dy = Tensor::empty({rows, o});
-    Tensor dx = Tensor::empty({rows, in}), dw = Tensor::zeros({o, in});
-    fill(xx, 0.5f), fill(w, 0.1f), fill(dy, 0.2f);
-    const double sec = best_seconds(
-        [&] {
-          kern::linear_backward(xx.f32(), in, rows, in, w.f32(), o, dy.f32(), o, dx.f32(), in,
-                                dw.f32(), nullptr);
-        },
-        reps);
-    p.gemm_bwd_gflops = 4.0 * rows * in * o / sec / 1e9;
+    // Narrow outputs (a training channel group's projections): 8192 x 128 -> 8 against -> 256,
+    // rate(n) = rate(wide) * n / (n + n_half).
+    const int64_t rows = 8192, in = 128, narrow = 8, wide = 256;
+    double sec[2];
+    for (int i = 0; i < 2; ++i) {
+      const int64_t o = i == 0 ? narrow : wide;
+      Tensor x = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
+             y = Tensor::empty({rows, o});
+      fill(x, 0.5f), fill(w, 0.1f);
+      sec[i] = best_seconds(
+                   [&] { kern::linear(x.f32(), in, rows, in, w.f32(), nullptr, o, y.f32(), o); },
+                   reps) /
+               o;  // seconds per output column
+    }
+    p.gemm_half_cols = std::max(0.0, narrow * (sec[0] / sec[1] - 1));
+  }
+  {
+    // Linear backward (dX and dW, kern::linear_backward) at the same shapes and row counts,
+    // fitted to the same rate model.
+    const double ba = projection_bwd_gflops(static_cast<int64_t>(a), reps);
+    const double bb = projection_bwd_gflops(static_cast<int64_t>(b), reps);
+    const double yb = std::max((1 / ba - 1 / bb) / (1 / a - 1 / b), 0.0);
+    const double xb = 1 / bb - yb / b;
+    p.gemm_bwd_gflops = xb > 0 ? 1 / xb : bb;
+    p.gemm_bwd_half_rows = xb > 0 ? yb / xb : 0;
   }
   {
     const int64_t n = 256, batch = 16;
@@ -305,6 +364,75 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
         [&] { kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f); },
         reps);
     p.mem_gbps = 2.0 * rows * n * kF / sec / 1e9;
+    // LayerNorm backward (reads x and dy, writes dx) for the backward's memory-bound passes.
+    Tensor dy = Tensor::empty({rows, n}), dx = Tensor::empty({rows, n});
+    Tensor mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
+    Tensor dg = Tensor::zeros({n}), db = Tensor::zeros({n});
+    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, n)});
+    fill(dy, 0.3f);
+    kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f, mean.f32(),
+                    rstd.f32());
+    const double bsec = best_seconds(
+        [&] {
+          kern::layernorm_backward(xx.f32(), n, dy.f32(), n, rows, n, gamma.f32(), mean.f32(),
+                                   rstd.f32(), dx.f32(), n, dg.f32(), db.f32(), scratch.f32());
+        },
+        reps);
+    p.mem_bwd_gbps = 3.0 * rows * n * kF / bsec / 1e9;
+  }
+  {
+    // The training step as a whole: one AF2 block at (32, 128), policy none, one chunk per module
+    // (fastest of 2 after a warm-up, ~1-2 s). What the kernel classes above miss (the training
+    // functions' state writes, per-chunk copies and gathers) is the ratio of measured to
+    // modelled forward and backward time at this shape; block_module_costs applies it.
+    FC_RETURN_IF_ERROR(p.validate());
+    EvoformerConfig cfg;
+    cfg.no_blocks = 1;
+    const int64_t s = 32, r = 128;
+    const EvoformerStack stack = EvoformerStack::random(cfg, 1);
+    Tensor m0 = Tensor::empty({s, r, cfg.c_m}), z0 = Tensor::empty({r, r, cfg.c_z});
+    Tensor gm = Tensor::empty({s, r, cfg.c_m}), gz = Tensor::empty({r, r, cfg.c_z});
+    fill(m0, 1.f), fill(z0, 1.f), fill(gm, 0.1f), fill(gz, 0.1f);
+    TrainOptions o;
+    o.policy = {Recompute::kNone};
+    o.chunk_target_bytes = training_chunk_targets(cfg, s, r).back();
+    double fwd = 1e30, bwd = 1e30;
+    for (int i = 0; i < 3; ++i) {
+      Tensor m = m0.clone(), z = z0.clone();
+      TrainResult res;
+      FC_RETURN_IF_ERROR(stack.train_step(m, z, Tensor(), Tensor(), gm, gz, o, &res));
+      if (i > 0) fwd = std::min(fwd, res.forward_ms), bwd = std::min(bwd, res.backward_ms);
+    }
+    double mf = 0, mb = 0;
+    for (const ModuleCost& c : block_module_costs(cfg, s, r, 0, o.chunk_target_bytes, true, p))
+      mf += c.forward_ms, mb += c.backward_ms;
+    p.train_fwd_factor = fwd / mf;
+    p.train_bwd_factor = bwd / mb;
+    // The fixed cost of one chunk-loop iteration: the same block at (16, 64), policy module,
+    // finest training chunk target (one item, one channel per chunk; ~0.3-1 s): the time the
+    // rate model leaves unexplained over the iterations it counts.
+    const int64_t s2 = 16, r2 = 64;
+    Tensor m1 = Tensor::empty({s2, r2, cfg.c_m}), z1 = Tensor::empty({r2, r2, cfg.c_z});
+    Tensor gm1 = Tensor::empty({s2, r2, cfg.c_m}), gz1 = Tensor::empty({r2, r2, cfg.c_z});
+    fill(gm1, 0.1f), fill(gz1, 0.1f);
+    o.policy = {Recompute::kModule};
+    o.chunk_target_bytes = training_chunk_targets(cfg, s2, r2).front();
+    double step = 1e30;
+    for (int i = 0; i < 2; ++i) {
+      fill(m1, 1.f), fill(z1, 1.f);
+      TrainResult res;
+      FC_RETURN_IF_ERROR(stack.train_step(m1, z1, Tensor(), Tensor(), gm1, gz1, o, &res));
+      step = std::min(step, res.forward_ms + res.backward_ms);
+    }
+    double model = 0, iters = 0;
+    DeviceProfile unit = p;
+    unit.chunk_overhead_us = 1;  // 1 us per iteration: the difference counts the iterations
+    for (const ModuleCost& c : block_module_costs(cfg, s2, r2, 0, o.chunk_target_bytes, true, p))
+      model += 2 * c.forward_ms + c.backward_ms;  // forward, module recompute, backward
+    for (const ModuleCost& c : block_module_costs(cfg, s2, r2, 0, o.chunk_target_bytes, true, unit))
+      iters += (2 * c.forward_ms + c.backward_ms) * 1e3;
+    iters -= model * 1e3;
+    p.chunk_overhead_us = iters > 0 ? std::max(0.0, (step - model) * 1e3 / iters) : 0;
   }
   set_num_threads(saved);
   FC_RETURN_IF_ERROR(p.validate());
@@ -356,14 +484,34 @@ namespace {
 // product, which sets its efficiency).
 struct Work {
   std::vector<std::pair<double, double>> gemm;  // (FLOPs, rows)
-  double batched = 0;                           // FLOPs of batched products
-  std::vector<std::pair<double, double>> att;   // (FLOPs of QK^T + PV, key length)
-  double mem = 0;                               // elements read + written by memory-bound kernels
+  // Products with a narrow side (output or reduction width `narrow`, e.g. the triangle
+  // projections of a training channel group): (FLOPs, rows, narrow).
+  std::vector<std::array<double, 3>> gemm_narrow;
+  double batched = 0;                          // FLOPs of batched products
+  std::vector<std::pair<double, double>> att;  // (FLOPs of QK^T + PV, key length)
+  double mem = 0;                              // elements read + written by memory-bound kernels
+  // Forward work the backward re-runs (recomputed LayerNorms, the triangle projections, the OPM
+  // outer products; src/model/train.h says what each backward rebuilds).
+  std::vector<std::pair<double, double>> re_gemm;
+  std::vector<std::array<double, 3>> re_gemm_narrow;
+  double re_batched = 0, re_mem = 0;
+  double chunks = 0;  // iterations of the module's chunk loops (each pays chunk_overhead_us)
 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / std::max<int64_t>(b, 1); }
 
 double gemm_rate(const DeviceProfile& d, double rows) {
   return d.gemm_gflops * rows / (rows + d.gemm_half_rows);
 }
+
+// The backward's dX and dW products have the forward's row count (dW reduces over it), so the
+// same row-count efficiency applies.
+double gemm_bwd_rate(const DeviceProfile& d, double rows) {
+  return d.gemm_bwd_gflops * rows / (rows + d.gemm_bwd_half_rows);
+}
+
+// Rate factor of a product whose narrow side has n columns.
+double narrow_factor(const DeviceProfile& d, double n) { return n / (n + d.gemm_half_cols); }
 
 double att_scale(const DeviceProfile& d, double L) {
   return std::pow(std::clamp(L, 32.0, 4096.0) / kRefKeys, d.attention_len_exp);
@@ -373,29 +521,40 @@ double att_scale(const DeviceProfile& d, double L) {
 double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += f / (gemm_rate(d, rows) * 1e9);
+  for (const auto& [f, rows, n] : w.gemm_narrow)
+    s += f / (gemm_rate(d, rows) * narrow_factor(d, n) * 1e9);
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (d.mem_gbps * 1e9);
   return s * 1e3;
 }
 
-// Backward: dX and dW of every product (twice the FLOPs), the attention backward kernel (2.5x the
-// forward products: QK^T again, dV, dP, dQ, dK), and twice the memory traffic.
+// Backward: dX and dW of every product (twice the FLOPs) at the calibrated linear-backward rate,
+// the attention backward kernel (2.5x the forward products: QK^T again, dV, dP, dQ, dK), twice
+// the memory traffic at the LayerNorm-backward bandwidth, and the forward work it re-runs.
 double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
-  for (const auto& [f, rows] : w.gemm) s += 2 * f / (d.gemm_bwd_gflops * 1e9);
+  for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
+  for (const auto& [f, rows, n] : w.gemm_narrow)
+    s += 2 * f / (gemm_bwd_rate(d, rows) * narrow_factor(d, n) * 1e9);
+  for (const auto& [f, rows, n] : w.re_gemm_narrow)
+    s += f / (gemm_rate(d, rows) * narrow_factor(d, n) * 1e9);
   s += 2 * w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
-  s += 2 * w.mem * e / (d.mem_gbps * 1e9);
+  s += 2 * w.mem * e / ((d.mem_bwd_gbps > 0 ? d.mem_bwd_gbps : d.mem_gbps) * 1e9);
+  for (const auto& [f, rows] : w.re_gemm) s += f / (gemm_rate(d, rows) * 1e9);
+  s += w.re_batched / (d.batched_gflops * 1e9);
+  s += w.re_mem * e / (d.mem_gbps * 1e9);
   return s * 1e3;
 }
 
-// Rows per chunk as the modules pick them (src/model/modules.cc), or the whole batch in training.
+// Items per chunk of each loop, as the inference modules (src/model/modules.cc) or the training
+// functions (src/model/train.h) pick them; the GEMM row counts follow.
 struct Chunks {
   const BlockContext* ctx;
-  bool whole;
+  bool training;
   int64_t operator()(int64_t batch, int64_t bytes_per_item) const {
-    return whole ? batch : pick_chunk(*ctx, batch, bytes_per_item);
+    return pick_chunk(*ctx, batch, bytes_per_item);
   }
 };
 
@@ -403,38 +562,48 @@ Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool 
                     int64_t cz, const Chunks& ch) {
   Work w;
   const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
-  const int64_t n = ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
+  const int64_t n = ch.training ? attention_train_chunk(*ch.ctx, N, L, c, H * C)
+                                : ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
+  w.chunks += ceil_div(N, n);
   if (bias) {
-    const int64_t nb = ch(r, r * cz * kF);
+    const int64_t nb = ch.training ? bias_train_chunk(*ch.ctx, H) : ch(r, r * cz * kF);
+    w.chunks += ceil_div(r, nb);
     w.gemm.push_back({2.0 * r * r * cz * H, static_cast<double>(nb * r)});
     w.mem += 2.0 * r * r * cz + 2.0 * H * r * r;  // LayerNorm of z, bias transpose
   }
   w.gemm.push_back({2.0 * rows * c * 4 * hc, static_cast<double>(n * L)});
   w.gemm.push_back({2.0 * rows * hc * c, static_cast<double>(n * L)});
   w.att.push_back({attention_flops(N, H, L, L, C), static_cast<double>(L)});
-  w.mem += 2 * rows * c + 3 * rows * c;  // LayerNorm, residual add
+  w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
+  w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk
   return w;
 }
 
 Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
   Work w;
-  const int64_t k = ch(rows, (c + n * c) * kF);
+  const int64_t k =
+      ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c) : ch(rows, (c + n * c) * kF);
   w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
+  w.chunks += ceil_div(rows, k);
   w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
+  w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
   return w;
 }
 
 Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch) {
   const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
   Work w;
-  const int64_t c1 = ch(s, r * (cm + 2 * co) * kF);
+  // Training chunks only the outer product (residue blocks i); the projections run whole.
+  const int64_t c1 = ch.training ? s : ch(s, r * (cm + 2 * co) * kF);
   const int64_t c2 = ch(r, 2 * co * r * co * kF + r * cz * kF);
+  w.chunks += ceil_div(s, c1) + ceil_div(r, c2);
   const double sr = static_cast<double>(s) * r, rr = static_cast<double>(r) * r;
   w.gemm.push_back({2 * sr * cm * 2 * co, static_cast<double>(c1 * r)});
   w.gemm.push_back({2 * rr * s, static_cast<double>(r)});  // mask normaliser
   w.batched += 2 * rr * co * co * s;                       // outer products (K = s)
   w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
   w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
+  w.re_batched += 2 * rr * co * co * s;  // the outer product is rebuilt chunk by chunk
   return w;
 }
 
@@ -442,15 +611,31 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
   const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
   const double rr = static_cast<double>(r) * r;
   Work w;
-  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
-  const int64_t c2 = ch(r, r * (ct + 3 * cz) * kF);
-  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  // Rows of the input projections and of the output projection / gate per chunk. Training
+  // projects channel groups over all r^2 rows and runs the output side by pair rows.
+  int64_t c1 = r, c2 = r, group = ct;
+  if (ch.training) {
+    const TriMulTrainChunks tm = tri_mul_train_chunks(*ch.ctx);
+    c2 = tm.rows;
+    group = tm.group;
+  } else {
+    c1 = ch(r, r * (cz + 4 * ct) * kF);
+    c2 = ch(r, r * (ct + 3 * cz) * kF);
+  }
+  w.chunks += ceil_div(ct, group) + ceil_div(r, c1) + ceil_div(r, c2);
+  // Input projections: per channel group, [r^2, c_z] x [c_z, 4 group].
+  w.gemm_narrow.push_back(
+      {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
   w.batched += 2 * rr * r * ct;
   w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
   w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
   // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
   // LayerNorm out, sigmoid-mul, residual add.
   w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
+  // The backward rebuilds LN_in(z), the projections and A, B group by group, and LN_out.
+  w.re_gemm_narrow.push_back(
+      {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
+  w.re_mem += 4 * rr * cz + 2 * rr * ct * (2 + 3) + 2 * rr * ct;
   return w;
 }
 
@@ -482,42 +667,43 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
       {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
       {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};
   std::vector<ModuleCost> out;
-  for (const auto& [name, w] : mods)
-    out.push_back({name, forward_ms(w, dev, e), training ? backward_ms(w, dev, e) : 0.0});
+  // Training: every chunk loop runs in the forward and again in the backward.
+  for (const auto& [name, w] : mods) {
+    const double ovh = w.chunks * dev.chunk_overhead_us * 1e-3;
+    out.push_back({name, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh,
+                   training ? backward_ms(w, dev, e) * dev.train_bwd_factor + ovh : 0.0});
+  }
   return out;
 }
 
 // ---- DAP communication -------------------------------------------------------------------------
 
 DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
-                       int64_t elem_bytes, bool backward) {
+                       int64_t elem_bytes) {
   DapComm c;
   if (dap <= 1) return c;
-  const int64_t N = dap;
-  const int64_t sp = (s + N - 1) / N * N, rp = (r + N - 1) / N * N;  // padded to multiples of N
-  const int64_t m = sp * rp * cfg.c_m, z = rp * rp * cfg.c_z;
-  // All-to-all of a tensor X sharded over N ranks: each rank sends (N-1)/N of its X/N shard and
-  // receives as much. All-gather of X: each rank receives the (N-1) shards it lacks and sends its
-  // own to the N-1 others (ring: (N-1)/N of X each way).
-  auto a2a = [&](int64_t x) { return 2 * x / N * (N - 1) / N; };
-  auto ag = [&](int64_t x) { return 2 * x / N * (N - 1); };
-  // m: s-shards -> r-shards before the column attention, back after the OPM; z: rows <-> columns
-  // before tri_mul_in, tri_att_start, tri_att_end and the pair transition.
-  const int64_t to_all[] = {m, m, z, z, z, z};
-  // Operands every shard needs whole: the MSA row attention's pair bias [H_m, r, r], the OPM's
-  // right projection [s, r, c_o], the right projections of both triangle multiplications
-  // [r, r, c_t], and both triangle attentions' biases [H_p, r, r].
-  const int64_t gathered[] = {cfg.no_heads_msa * rp * rp,  sp * rp * cfg.c_hidden_opm,
-                              rp * rp * cfg.c_hidden_mul,  rp * rp * cfg.c_hidden_mul,
-                              cfg.no_heads_pair * rp * rp, cfg.no_heads_pair * rp * rp};
-  for (int64_t x : to_all) c.all_to_all_bytes += a2a(x) * elem_bytes;
-  for (int64_t x : gathered) c.all_gather_bytes += ag(x) * elem_bytes;
+  // The executor's own count (src/exec/dap.h: fp32 bytes a rank sends per block, checked against
+  // the dist layer's counters); a rank receives as much as it sends.
+  const DapBlockVolume v = dap_block_volume(cfg, dap_layout(s, r, dap, 0));
+  c.all_to_all_bytes = 2 * v.all_to_all_bytes / kF * elem_bytes;
+  c.all_gather_bytes = 2 * v.all_gather_bytes / kF * elem_bytes;
   c.all_to_all_calls = 6;
-  c.all_gather_calls = 6;
-  if (backward) {  // reversed all-to-alls; reduce-scatters of the gathered operands' gradients
-    c.all_to_all_bytes *= 2, c.all_gather_bytes *= 2;
-    c.all_to_all_calls *= 2, c.all_gather_calls *= 2;
-  }
+  c.all_gather_calls = 6;  // at least: the tri-mul gathers run once per channel group
+  return c;
+}
+
+DapComm dap_block_backward_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                                int64_t elem_bytes, Recompute policy) {
+  DapComm c;
+  if (dap <= 1) return c;
+  const DapBlockVolume v = dap_block_backward_volume(cfg, dap_layout(s, r, dap, 0), policy);
+  c.all_to_all_bytes = 2 * v.all_to_all_bytes / kF * elem_bytes;
+  c.all_gather_bytes = 2 * (v.all_gather_bytes + v.reduce_scatter_bytes) / kF * elem_bytes;
+  // Calls (approximate; they only carry the latency term): the forward's reversed plus one
+  // all-to-all of m, a reduce-scatter per gather and the re-gathers; kModule re-gathers the
+  // biases and products, kBlock repeats the whole forward.
+  c.all_to_all_calls = 7 + (policy == Recompute::kBlock ? 6 : 0);
+  c.all_gather_calls = 6 + 3 + (policy == Recompute::kNone ? 0 : 6);
   return c;
 }
 

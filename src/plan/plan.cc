@@ -68,6 +68,10 @@ std::string Plan::to_json(int indent) const {
   j["memory_limit_bytes"] = memory_limit_bytes;
   j["fits"] = fits;
   j["search_ms"] = search_ms;
+  if (training && dap > 1)  // docs/planner.md
+    j["note"] =
+        "DAP training: communication volume exact (the executor's formula); per-rank memory is an "
+        "estimate, not the exact model";
   j["profile"] = profile;
   json costs = json::array();
   for (const ModuleCost& c : module_costs)
@@ -150,6 +154,7 @@ TrainOptions to_train_options(const Plan& plan) {
   TrainOptions o;
   o.policy = plan.policy;
   o.chunk = plan.chunk;
+  o.chunk_target_bytes = plan.chunk_target_bytes;
   return o;
 }
 

@@ -9,6 +9,7 @@
 #include "foldcube/plan.h"
 #include "foldcube/planner.h"
 #include "model/modules.h"
+#include "model/train.h"
 
 namespace fc {
 
@@ -40,19 +41,19 @@ struct Terms {
 };
 
 Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads, int64_t e,
-                     int dap) {
+                     int dap, int64_t chunk, int64_t target) {
   Terms t;
   // G: per-block parameter-gradient bytes. At s = r = 1 the streams are tiny and the backward of
   // block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
-  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e) -
-        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e);
+  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target) -
+        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target);
   const int64_t m = s * r * cfg.c_m * e, z = r * r * cfg.c_z * e;
   t.C = m + z;
   t.m = m;
   for (int i = 0; i < kTypes; ++i) {
-    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e);
+    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target);
     // A one-block stack's peak is the backward of its only block: C + G + w.
-    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e) - t.C - t.G;
+    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, target) - t.C - t.G;
   }
   if (dap > 1) {  // each rank holds 1/N of every activation and the full gathered operands
     for (int i = 0; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap), t.w[i] = ceil_div(t.w[i], dap);
@@ -150,10 +151,21 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
   const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
   const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
   const int64_t opm = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-  if (training)  // the training functions chunk only the outer product mean
-    return {{"msa_att_row", s},          {"msa_att_col", r}, {"msa_transition", s * r},
-            {"outer_product_mean", opm}, {"tri_mul_out", r}, {"tri_mul_in", r},
-            {"tri_att_start", r},        {"tri_att_end", r}, {"pair_transition", r * r}};
+  if (training) {  // the chunk functions of src/model/train.h
+    const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
+    return {{"msa_att_row", attention_train_chunk(ctx, s, r, cm, hm)},
+            {"msa_att_row.bias_rows", bias_train_chunk(ctx, cfg.no_heads_msa)},
+            {"msa_att_col", attention_train_chunk(ctx, r, s, cm, hm)},
+            {"msa_transition", transition_train_chunk(ctx, s * r, cm, n * cm)},
+            {"outer_product_mean", opm},
+            {"tri_mul.channel_group", tm.group},
+            {"tri_mul_out", tm.rows},
+            {"tri_mul_in", tm.rows},
+            {"tri_att.bias_rows", bias_train_chunk(ctx, cfg.no_heads_pair)},
+            {"tri_att_start", attention_train_chunk(ctx, r, r, cz, hp)},
+            {"tri_att_end", attention_train_chunk(ctx, r, r, cz, hp)},
+            {"pair_transition", transition_train_chunk(ctx, r * r, cz, n * cz)}};
+  }
   // Channel groups of the triangle multiplication (tri_mul_phase1 in src/model/modules.cc).
   int64_t cg = pick_chunk(ctx, ct, 2 * r * r * kF);
   if (chunk <= 0 && cg < ct && cg >= 8) cg = std::min(ct, (cg + 8) / 16 * 16);
@@ -172,9 +184,30 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
           {"pair_transition", pick_chunk(ctx, r * r, (cz + n * cz) * kF)}};
 }
 
+// Tracked peak per rank of DAP inference over n ranks (docs/planner.md; measured in docs/dap.md):
+// every rank holds the weights, the padded masks (s_p r_p + 4 r_p^2 elements), its shards of m
+// and z, 1/n of the one-process workspace `fwd` and the largest gathered operand whole (OPM right
+// projection, row- or triangle-attention bias; the triangle projections are gathered by channel
+// group, inside the chunk target). Rank 0 also holds the whole inputs and outputs; its peak, at
+// the final gather, is the whole m + z beside its shards.
+int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int n,
+                           int64_t grad_struct, int64_t fwd, int64_t e) {
+  const int64_t sp = ceil_div(s, n) * n, rp = ceil_div(r, n) * n;
+  const int64_t weights = cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
+  const int64_t masks = (sp * rp + 4 * rp * rp) * e;
+  const int64_t shards = (sp * rp * cfg.c_m + rp * rp * cfg.c_z) / n * e;
+  const int64_t gather = std::max({sp * rp * cfg.c_hidden_opm, cfg.no_heads_msa * rp * rp,
+                                   cfg.no_heads_pair * rp * rp}) *
+                         e;
+  const int64_t worker = shards + ceil_div(fwd, n) + gather;
+  const int64_t root = (s * r * cfg.c_m + r * r * cfg.c_z) * e + shards;
+  return weights + masks + std::max(worker, root);
+}
+
 // Per-block times of one setting (per device): forward, backward, recompute per type, comm.
 struct BlockTimes {
-  double fwd = 0, bwd = 0, rec[kTypes] = {}, comm_fwd = 0, comm_bwd = 0;
+  double fwd = 0, bwd = 0, rec[kTypes] = {}, comm_fwd = 0;
+  double comm_bwd[kTypes] = {};  // the backward's collectives per policy (recompute included)
   std::vector<ModuleCost> costs;
 };
 
@@ -192,8 +225,9 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   }
   bt.rec[1] = bt.rec[2] = bt.fwd;  // kModule and kBlock each re-run one block forward
   const int64_t e = dtype_bytes(dev.dtype);
-  bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e, false), dev);
-  bt.comm_bwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e, true), dev);
+  bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e), dev);
+  for (int i = 0; i < kTypes; ++i)
+    bt.comm_bwd[i] = comm_ms(dap_block_backward_comm(cfg, s, r, st.dap, e, kType[i]), dev);
   return bt;
 }
 
@@ -216,7 +250,8 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
   const int64_t e = dtype_bytes(p->dtype), B = p->cfg.no_blocks;
   const Setting st{p->dap, p->dp, p->chunk, p->chunk_target_bytes};
   const BlockTimes bt = block_times(p->cfg, p->s, p->r, p->training, st, dev);
-  const Terms t = training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap);
+  const Terms t =
+      training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap, p->chunk, p->chunk_target_bytes);
   const int64_t base = base_bytes(p->cfg, p->s, p->r, p->training, t.G, e, p->dap);
   p->module_costs = bt.costs;
   p->module_chunks =
@@ -230,22 +265,26 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     const int64_t fwd =
         forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk, p->chunk_target_bytes, p->threads) /
         kF * e;
-    p->peak_bytes = base + (p->dap > 1 ? ceil_div(fwd, p->dap) + t.gather : fwd);
+    p->peak_bytes = base + fwd;
+    if (p->dap > 1) p->peak_bytes = dap_inference_peak(p->cfg, p->s, p->r, p->dap, t.G, fwd, e);
   } else {
     p->forward_ms = B * bt.fwd;
     p->backward_ms = B * bt.bwd;
     p->recompute_ms = 0;
-    p->comm_ms = B * (bt.comm_fwd + bt.comm_bwd);
+    p->comm_ms = B * bt.comm_fwd;
     p->activation_bytes = 0;
     for (Recompute rc : p->policy) {
       const int ty = static_cast<int>(rc);
       p->recompute_ms += bt.rec[ty];
-      if (ty != 0) p->comm_ms += bt.comm_fwd;
+      p->comm_ms += bt.comm_bwd[ty];
       p->activation_bytes += t.k[ty];
     }
-    p->comm_ms += allreduce_ms(B * t.G, p->dp, dev);
+    // Parameter gradients: all-reduced over the DAP ranks of a group (each holds a partial sum),
+    // then over the dp groups.
+    p->comm_ms += allreduce_ms(B * t.G, p->dap, dev) + allreduce_ms(B * t.G, p->dp, dev);
     if (p->dap == 1) {
-      p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e);
+      p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e,
+                                                   p->chunk, p->chunk_target_bytes);
     } else {  // the decomposition, with per-rank shards
       int64_t K = 0, peak = 0;
       for (int64_t b = 0; b < B; ++b) {
@@ -262,6 +301,26 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
 }
 
 }  // namespace
+
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
+  const int64_t ct = cfg.c_hidden_mul;
+  const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
+  const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
+  const int64_t H = std::max(cfg.no_heads_msa, cfg.no_heads_pair);
+  // The largest whole-axis buffer of the training chunk functions (src/model/train.h): at this
+  // target every module runs in one chunk.
+  const int64_t whole =
+      kF * std::max({s * r * (3 * cm + 10 * hm), r * r * (3 * cz + 10 * hp),
+                     r * r * (2 * cz + 2 * H + 2), s * r * (2 * cm + 2 * n * cm + 2),
+                     r * r * (2 * cz + 2 * n * cz + 2), r * (3 * co * r * co + r * cz),
+                     ct * 12 * r * r, r * r * (3 * ct + 5 * cz + 2)});
+  std::vector<int64_t> out;
+  int64_t t = std::max<int64_t>(default_chunk_target_bytes(cfg, s, r) / 16, 64 << 10);
+  for (; t < whole; t *= 4) out.push_back(t);
+  out.push_back(whole);
+  return out;
+}
 
 Status evaluate_plan(const DeviceProfile& dev, Plan* plan) {
   FC_RETURN_IF_ERROR(dev.validate());
@@ -295,10 +354,6 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         "memory_bytes");
   if (req.fixed_policy && !req.training)
     return Status::InvalidArgument("a recompute policy applies to training plans only (--train)");
-  if (req.training && req.chunk > 0)
-    return Status::InvalidArgument(
-        "training plans use automatic chunking (the training memory model covers no forced "
-        "chunk yet)");
   int64_t r = req.r;
   if (req.bucket)
     FC_RETURN_IF_ERROR(
@@ -309,13 +364,17 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   dev.devices = devices;
   const int64_t e = dtype_bytes(dtype), B = req.cfg.no_blocks;
 
-  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and, for inference, chunk targets
-  // from the default down by halves (smaller chunks cost GEMM efficiency, save workspace).
+  // Candidate settings: DAP/DP degrees (dap x dp <= devices) and chunk targets, coarsest first:
+  // for inference from the default down by halves, for training the geometric set of
+  // training_chunk_targets from whole down (smaller chunks cost GEMM efficiency, save workspace).
   std::vector<Setting> settings;
   const int64_t dflt = default_chunk_target_bytes(req.cfg, req.s, r);
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (chunk, target)
-  if (req.chunk > 0 || req.training) {
+  if (req.chunk > 0) {
     chunks.push_back({req.chunk, 0});
+  } else if (req.training) {
+    const std::vector<int64_t> tg = training_chunk_targets(req.cfg, req.s, r);
+    for (auto it = tg.rbegin(); it != tg.rend(); ++it) chunks.push_back({0, *it});
   } else {
     for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
     chunks.push_back({1, 0});  // the finest: one item per chunk
@@ -337,10 +396,10 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     if (p.peak_bytes > limit && !req.fixed_policy) return;
     const bool fits = p.peak_bytes <= limit;
     const bool best_fits = found && best.peak_bytes <= limit;
+    // Settings come coarsest chunking first: on equal estimated time (to rounding) the earlier,
+    // coarser one stays, so a model that sees no cost in chunking never chunks for nothing.
     if (!found || (fits && !best_fits) ||
-        (fits == best_fits &&
-         (p.time_per_protein_ms < best.time_per_protein_ms ||
-          (p.time_per_protein_ms == best.time_per_protein_ms && p.peak_bytes < best.peak_bytes)))) {
+        (fits == best_fits && p.time_per_protein_ms < best.time_per_protein_ms * (1 - 1e-12))) {
       best = std::move(p);
       found = true;
     }
@@ -370,7 +429,7 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     }
     // Time depends only on the counts of each policy, memory on their order: the DP gives the
     // smallest peak of every count vector; the fastest count vector that fits wins.
-    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap);
+    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap, st.chunk, st.target);
     const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap);
     const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev);
     const PolicyDp dp = policy_dp(t, static_cast<int>(B));
@@ -382,8 +441,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         const int64_t pk = base + dp.peak[dp.idx(a, c)];
         smallest = std::min(smallest, pk);
         if (pk > limit) continue;
-        const double time = c * (bt.rec[1] + bt.comm_fwd) +
-                            (B - a - c) * (bt.rec[2] + bt.comm_fwd);  // varying parts
+        const double time = a * bt.comm_bwd[0] + c * (bt.rec[1] + bt.comm_bwd[1]) +
+                            (B - a - c) * (bt.rec[2] + bt.comm_bwd[2]);  // varying parts
         if (ba < 0 || time < bt_best || (time == bt_best && pk < bpeak))
           ba = a, bc = c, bt_best = time, bpeak = pk;
       }
