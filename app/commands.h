@@ -13,7 +13,8 @@ struct RunArgs {
   uint64_t seed = 0;
   int threads = 0;  // 0 = OMP default
   int64_t chunk = 0;
-  int repeats = 1;  // timed forward passes; the report gives the median
+  std::string chunk_target;  // automatic chunking aims chunk buffers at this many bytes ("64MiB")
+  int repeats = 1;           // timed forward passes; the report gives the median
   int warmup = 0;
   bool quiet = false;
   bool profile = false;        // per-module time breakdown (last timed pass)

@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   run->add_option("--chunk", ra.chunk,
                   "force batch items per chunk in every module (0 = automatic)")
       ->check(CLI::Range(0, 1 << 30));
+  run->add_option("--chunk-target", ra.chunk_target,
+                  "automatic chunking: bytes each module's chunk buffers aim at, e.g. 64MiB "
+                  "(default: bytes(m+z)/8, at least 4 MiB)");
   run->add_option("--repeats", ra.repeats, "timed forward passes (median reported)")
       ->check(CLI::Range(1, 1000));
   run->add_option("--warmup", ra.warmup, "untimed forward passes first")

@@ -116,7 +116,26 @@ int run_dap(const RunArgs& a);
 
 }  // namespace
 
+namespace {
+// --chunk-target in bytes (0 when not given); a user error when it is malformed or combined with
+// --chunk or --memory-budget, which set the chunking themselves.
+Status chunk_target_arg(const RunArgs& a, int64_t* out) {
+  *out = 0;
+  if (a.chunk_target.empty()) return Status::OK();
+  if (a.chunk > 0 || !a.memory_budget.empty() || !a.plan.empty())
+    return Status::InvalidArgument(
+        "--chunk-target sets the chunking; drop --chunk, --memory-budget or --plan");
+  return parse_bytes(a.chunk_target, out);
+}
+int64_t chunk_target_of(const RunArgs& a) {
+  int64_t t = 0;
+  return chunk_target_arg(a, &t).ok() ? t : 0;
+}
+}  // namespace
+
 int run_command(const RunArgs& a) {
+  int64_t chunk_target = 0;
+  if (const Status st = chunk_target_arg(a, &chunk_target); !st.ok()) return fail(st);
   if (!a.plan.empty()) return run_planned(a);  // app/plan.cc
   set_num_threads(a.threads);
   if (a.dp > 1 && a.dap == 0)
@@ -143,6 +162,7 @@ int run_command(const RunArgs& a) {
 
   ForwardOptions opts;
   opts.chunk = a.chunk;
+  opts.chunk_target_bytes = chunk_target;
   InferencePlan plan;
   int64_t budget = 0;
   if (!a.memory_budget.empty()) {
@@ -301,6 +321,7 @@ int run_training(const RunArgs& a, Job& job) {
   const int64_t s = job.m0.dim(0), r = job.m0.dim(1);
   TrainOptions opts;
   opts.chunk = a.chunk;
+  opts.chunk_target_bytes = chunk_target_of(a);
   opts.dropout = a.train;
   opts.seed = a.seed;
   for (size_t p = 0, q; p <= a.policy.size(); p = q + 1) {
@@ -454,6 +475,7 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
     }
   TrainOptions opts;
   opts.chunk = a.chunk;
+  opts.chunk_target_bytes = chunk_target_of(a);
   opts.dropout = a.train;
   opts.seed = a.seed + static_cast<uint64_t>(grp);
   if (const Status st = parse_policy(a.policy, &opts.policy); !st.ok()) {
@@ -675,6 +697,7 @@ int run_dap(const RunArgs& a) {
 
   DapOptions opts;
   opts.chunk = a.chunk;
+  opts.chunk_target_bytes = chunk_target_of(a);
   DapStats stats;
   std::vector<double> times;
   Tensor m, z, s_out;

@@ -1,6 +1,7 @@
 // `foldcube plan` end to end: the JSON fields, fixed policies, buckets, and one-line errors.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -29,13 +30,19 @@ Result run_cli(const std::string& args) {
   return r;
 }
 
-// A fixed device profile, so the tests never calibrate.
+// A fixed device profile, so the tests never calibrate. One file per test process, written once:
+// CTest runs the tests of this binary in parallel processes, and a shared file rewritten by one
+// could be read half-written by another.
 std::string profile_path() {
-  const std::string path = ::testing::TempDir() + "/fc_planner_profile.json";
-  std::ofstream(path) << R"({"name": "cli-test", "threads": 2, "gemm_gflops": 400,
+  static const std::string path = [] {
+    const std::string p =
+        ::testing::TempDir() + "/fc_planner_profile_" + std::to_string(getpid()) + ".json";
+    std::ofstream(p) << R"({"name": "cli-test", "threads": 2, "gemm_gflops": 400,
     "gemm_half_rows": 300, "gemm_bwd_gflops": 300, "batched_gflops": 250,
     "attention_gflops": 250, "attention_bwd_gflops": 150, "attention_len_exp": 0.2,
     "mem_gbps": 15, "link_gbps": 10, "link_latency_us": 20, "devices": 4})";
+    return p;
+  }();
   return path;
 }
 

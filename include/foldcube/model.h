@@ -41,8 +41,8 @@ struct TrainOptions {
   std::vector<Recompute> policy;  // one per block, or a single entry for all (empty = kNone)
   // Items per chunk of every module's training forward and backward along its batch-like axis
   // (src/model/train.h); 0 = automatic: each module's chunk buffers aim at chunk_target_bytes
-  // (0 = default_chunk_target_bytes), as in ForwardOptions. Results do not depend on it beyond
-  // rounding.
+  // (0 = default_train_chunk_target_bytes), as in ForwardOptions. Results do not depend on it
+  // beyond rounding.
   int64_t chunk = 0;
   int64_t chunk_target_bytes = 0;
   // Training-mode dropout as in AF2 (rates from the config): masks come from a counter-based RNG
@@ -111,5 +111,10 @@ Status infer_config_from_weights(const TensorFile& weights, EvoformerConfig* out
 
 // Automatic chunking: bytes that one module's chunk buffers aim for at (s, r).
 int64_t default_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r);
+// Automatic chunking of the training step: 4 x the inference target (bytes(m+z)/2, at least
+// 16 MiB). Training chunks carry their saved state and per-chunk parameter-gradient GEMMs; at
+// (128, 256), AF2 dims, policy none, an 8 MiB target took 1.8x the time of 32 MiB for 1 % less
+// peak (docs/training.md).
+int64_t default_train_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r);
 
 }  // namespace fc

@@ -116,6 +116,10 @@ int64_t default_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_
   return std::max<int64_t>(mz / 8, 4 << 20);
 }
 
+int64_t default_train_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+  return 4 * default_chunk_target_bytes(cfg, s, r);
+}
+
 Status infer_config_from_weights(const TensorFile& w, EvoformerConfig* out) {
   auto dim = [&](const std::string& name, int d, int64_t* v) -> Status {
     auto it = w.tensors.find(name);

@@ -183,7 +183,10 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
     return Status::InvalidArgument(
         "chunk (" + std::to_string(opts.chunk) + ") and chunk_target_bytes (" +
         std::to_string(opts.chunk_target_bytes) + ") must be >= 0 (0 = automatic)");
-  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  BlockContext ctx =
+      make_context(cfg, in, opts.chunk,
+                   opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
+                                               : default_train_chunk_target_bytes(cfg, in.s, in.r));
   ctx.dropout = opts.dropout;
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {

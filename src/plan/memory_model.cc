@@ -230,7 +230,7 @@ BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int
   ctx.r = r;
   ctx.chunk = chunk;
   ctx.chunk_target_bytes =
-      chunk_target_bytes > 0 ? chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
+      chunk_target_bytes > 0 ? chunk_target_bytes : default_train_chunk_target_bytes(cfg, s, r);
   ctx.threads = std::max(threads, 1);
   return ctx;
 }
