@@ -440,6 +440,13 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   TriMulTrainChunks c;
   // Per channel of a group (backward): projections t and their gradient (4 + 4), A, B, dA, dB.
   c.group = pick_chunk(ctx, ct, 12 * r * r * kF);
+  // Automatic groups round to the nearest multiple of 16 channels once 8 or more fit (as the
+  // inference path does): narrower groups run the projections, gates and their gradients on rows of
+  // a few floats (perf, (128, 256), AF2 dims, 32 MiB target: groups of 10 -> 16 channels took 7 %
+  // fewer cycles per step; the sigmoid kernels fell from 5.7 % of the cycles to under 1 %).
+  constexpr int64_t kAlign = 16;
+  if (ctx.chunk <= 0 && c.group < ct && c.group >= kAlign / 2)
+    c.group = std::min(ct, (c.group + kAlign / 2) / kAlign * kAlign);
   // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
   c.rows = pick_chunk(ctx, r, r * (3 * ct + 5 * cz + 2) * kF);
   return c;
