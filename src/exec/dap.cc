@@ -270,6 +270,42 @@ void set_dap_dropout(DapShards* sh, bool dropout, uint64_t key) {
   }
 }
 
+Status share_padded_masks(const EvoformerConfig& cfg, const dist::Communicator& comm,
+                          const Tensor& m, const Tensor& z, const Tensor& msa_mask,
+                          const Tensor& pair_mask, const std::function<Status()>& root_check,
+                          DapLayout* layout, Tensor* msa_p, Tensor* pair_p) {
+  const int me = comm.rank();
+  int64_t dims[2] = {0, 0};  // s, r
+  std::string err;
+  StackInputs in;
+  if (me == 0) {
+    Status st = prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in);
+    if (st.ok() && root_check) st = root_check();
+    if (st.ok()) {
+      dims[0] = in.s;
+      dims[1] = in.r;
+    } else {
+      err = st.message();
+    }
+  }
+  comm.broadcast_string(&err, 0);
+  if (!err.empty()) return Status::InvalidArgument(err);
+  comm.broadcast_bytes(dims, sizeof(dims), 0);
+  const DapLayout l = dap_layout(dims[0], dims[1], comm.size(), me);
+  *msa_p = Tensor::zeros({l.s_pad, l.r_pad});
+  *pair_p = Tensor::zeros({l.r_pad, l.r_pad});
+  if (me == 0) {
+    for (int64_t i = 0; i < l.s; ++i)
+      std::memcpy(msa_p->f32() + i * l.r_pad, in.msa_mask.f32() + i * l.r, l.r * kF);
+    for (int64_t i = 0; i < l.r; ++i)
+      std::memcpy(pair_p->f32() + i * l.r_pad, in.pair_mask.f32() + i * l.r, l.r * kF);
+  }
+  comm.broadcast(msa_p->f32(), l.s_pad * l.r_pad, 0);
+  comm.broadcast(pair_p->f32(), l.r_pad * l.r_pad, 0);
+  *layout = l;
+  return Status::OK();
+}
+
 Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
                    Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
                    const DapOptions& opts, DapStats* stats) {
@@ -283,37 +319,11 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   const int64_t cm = cfg.c_m, cz = cfg.c_z;
 
   // The root validates its inputs and shares the sizes (or its error) with every rank.
-  int64_t dims[2] = {0, 0};
+  DapLayout l;
   Tensor msa_p, pair_p;  // padded masks [s_pad, r_pad], [r_pad, r_pad]
-  {
-    std::string err;
-    StackInputs in;
-    if (me == 0) {
-      const Status st = prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in);
-      if (st.ok()) {
-        dims[0] = in.s;
-        dims[1] = in.r;
-      } else {
-        err = st.message();
-      }
-    }
-    comm.broadcast_string(&err, 0);
-    if (!err.empty()) return Status::InvalidArgument(err);
-    comm.broadcast_bytes(dims, sizeof(dims), 0);
-    const DapLayout l = dap_layout(dims[0], dims[1], n, me);
-    msa_p = Tensor::zeros({l.s_pad, l.r_pad});
-    pair_p = Tensor::zeros({l.r_pad, l.r_pad});
-    if (me == 0) {
-      for (int64_t i = 0; i < l.s; ++i)
-        std::memcpy(msa_p.f32() + i * l.r_pad, in.msa_mask.f32() + i * l.r, l.r * kF);
-      for (int64_t i = 0; i < l.r; ++i)
-        std::memcpy(pair_p.f32() + i * l.r_pad, in.pair_mask.f32() + i * l.r, l.r * kF);
-    }
-  }
-  const DapLayout l = dap_layout(dims[0], dims[1], n, me);
+  FC_RETURN_IF_ERROR(
+      share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, nullptr, &l, &msa_p, &pair_p));
   const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
-  comm.broadcast(msa_p.f32(), sp * rp, 0);
-  comm.broadcast(pair_p.f32(), rp * rp, 0);
   const DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
                                        opts.chunk_target_bytes, num_threads());
 

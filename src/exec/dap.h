@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 #include "dist/comm.h"
 #include "foldcube/model.h"
@@ -46,6 +47,13 @@ struct DapShards {
   const float* pair_bias_rows = nullptr;    // [r_loc, r_pad] this rank's rows of pair_bias
   const float* pair_bias_t_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias_t
 };
+// The root runs prepare_inputs on its inputs (then root_check, if given) and shares the result
+// with every rank: the layout over the ranks of comm and the padded masks msa [s_pad, r_pad] and
+// pair [r_pad, r_pad] (zeros beyond s and r) on every rank, or the root's error on every rank.
+Status share_padded_masks(const EvoformerConfig& cfg, const dist::Communicator& comm,
+                          const Tensor& m, const Tensor& z, const Tensor& msa_mask,
+                          const Tensor& pair_mask, const std::function<Status()>& root_check,
+                          DapLayout* layout, Tensor* msa_p, Tensor* pair_p);
 // From the padded masks msa [s_pad, r_pad] and pair [r_pad, r_pad] (the same on every rank; held,
 // not copied). chunk_target_bytes 0: 1/8 of this rank's shard bytes of m and z as in one process
 // (default_chunk_target_bytes), with a floor of 1 MiB instead of 4 MiB so that the work buffers

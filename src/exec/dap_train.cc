@@ -350,7 +350,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
   const EvoformerConfig& cfg = stack.config();
-  const int nb = cfg.no_blocks, n = comm.size(), me = comm.rank();
+  const int nb = cfg.no_blocks, me = comm.rank();
   {
     std::string key = cfg.to_json() + "|" + std::to_string(opts.chunk) + "|" +
                       std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout) +
@@ -361,46 +361,23 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
           "DAP ranks hold different model configurations or training options");
   }
   // The root validates everything and shares the sizes (or its error).
-  int64_t dims[2] = {0, 0};
+  DapLayout l;
   Tensor msa_p, pair_p;  // padded masks [s_pad, r_pad], [r_pad, r_pad]
-  {
-    std::string err;
-    StackInputs in;
-    if (me == 0) {
-      Status st = prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in);
-      if (st.ok()) st = check_input("grad.output.m", grad_out_m, m.shape());
-      if (st.ok()) st = check_input("grad.output.z", grad_out_z, z.shape());
-      if (st.ok() && !opts.policy.empty() && opts.policy.size() != 1 &&
-          static_cast<int>(opts.policy.size()) != nb)
-        st = Status::InvalidArgument("recompute policy list has " +
+  const auto root_check = [&]() -> Status {
+    FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
+    FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
+    if (!opts.policy.empty() && opts.policy.size() != 1 &&
+        static_cast<int>(opts.policy.size()) != nb)
+      return Status::InvalidArgument("recompute policy list has " +
                                      std::to_string(opts.policy.size()) + " entries for " +
                                      std::to_string(nb) + " blocks");
-      if (st.ok() && (opts.chunk < 0 || opts.chunk_target_bytes < 0))
-        st = Status::InvalidArgument("chunk and chunk_target_bytes must be >= 0");
-      if (st.ok()) {
-        dims[0] = in.s;
-        dims[1] = in.r;
-      } else {
-        err = st.message();
-      }
-    }
-    comm.broadcast_string(&err, 0);
-    if (!err.empty()) return Status::InvalidArgument(err);
-    comm.broadcast_bytes(dims, sizeof(dims), 0);
-    const DapLayout l = dap_layout(dims[0], dims[1], n, me);
-    msa_p = Tensor::zeros({l.s_pad, l.r_pad});
-    pair_p = Tensor::zeros({l.r_pad, l.r_pad});
-    if (me == 0) {
-      for (int64_t i = 0; i < l.s; ++i)
-        std::memcpy(msa_p.f32() + i * l.r_pad, in.msa_mask.f32() + i * l.r, l.r * kF);
-      for (int64_t i = 0; i < l.r; ++i)
-        std::memcpy(pair_p.f32() + i * l.r_pad, in.pair_mask.f32() + i * l.r, l.r * kF);
-    }
-  }
-  const DapLayout l = dap_layout(dims[0], dims[1], n, me);
+    if (opts.chunk < 0 || opts.chunk_target_bytes < 0)
+      return Status::InvalidArgument("chunk and chunk_target_bytes must be >= 0");
+    return Status::OK();
+  };
+  FC_RETURN_IF_ERROR(
+      share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, root_check, &l, &msa_p, &pair_p));
   const int64_t sp = l.s_pad, rp = l.r_pad, cm = cfg.c_m, cz = cfg.c_z;
-  comm.broadcast(msa_p.f32(), sp * rp, 0);
-  comm.broadcast(pair_p.f32(), rp * rp, 0);
   DapShards sh =
       make_dap_shards(cfg, l, msa_p, pair_p, opts.chunk, opts.chunk_target_bytes, num_threads());
   msa_p = pair_p = Tensor();
