@@ -21,6 +21,23 @@
 namespace fc::app {
 
 namespace {
+// The output file of a run: output.m, output.z, output.s (when defined) and, for a training step
+// (res non-null), grad.input.* and grad.param.<state_dict name>.
+Status write_outputs(const std::string& path, const EvoformerConfig& cfg, const Tensor& m,
+                     const Tensor& z, const Tensor& s_out, const TrainResult* res) {
+  TensorFile out;
+  out.metadata["format"] = "foldcube-output/1";
+  out.metadata["config"] = cfg.to_json();
+  out.put("output.m", m);
+  out.put("output.z", z);
+  if (s_out.defined()) out.put("output.s", s_out);
+  if (res != nullptr) {
+    out.put("grad.input.m", res->grad_m);
+    out.put("grad.input.z", res->grad_z);
+    for (const auto& [name, t] : res->grad_params) out.put("grad.param." + name, t);
+  }
+  return write_safetensors(path, out);
+}
 int fail(const Status& st) {
   std::fprintf(stderr, "foldcube: error: %s\n", st.message().c_str());
   return 1;
@@ -230,13 +247,7 @@ int run_command(const RunArgs& a) {
   const int64_t rss = peak_rss_bytes();
 
   if (!a.out.empty()) {
-    TensorFile out;
-    out.metadata["format"] = "foldcube-output/1";
-    out.metadata["config"] = cfg.to_json();
-    out.put("output.m", m);
-    out.put("output.z", z);
-    if (s_out.defined()) out.put("output.s", s_out);
-    st = write_safetensors(a.out, out);
+    st = write_outputs(a.out, cfg, m, z, s_out, nullptr);
     if (!st.ok()) return fail(st);
   }
   if (!a.quiet) {
@@ -362,15 +373,7 @@ int run_training(const RunArgs& a, Job& job) {
   }
   const int64_t rss = peak_rss_bytes();
   if (!a.out.empty()) {
-    TensorFile out;
-    out.metadata["format"] = "foldcube-output/1";
-    out.metadata["config"] = cfg.to_json();
-    out.put("output.m", m);
-    out.put("output.z", z);
-    out.put("grad.input.m", res.grad_m);
-    out.put("grad.input.z", res.grad_z);
-    for (const auto& [name, t] : res.grad_params) out.put("grad.param." + name, t);
-    Status st = write_safetensors(a.out, out);
+    const Status st = write_outputs(a.out, cfg, m, z, Tensor(), &res);
     if (!st.ok()) return fail(st);
   }
   std::string policy = opts.policy.empty() ? "none" : "";
@@ -562,15 +565,7 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
       bwd_model += dap_block_backward_volume(cfg, l, p).total();
     }
     if (!a.out.empty()) {
-      TensorFile out;
-      out.metadata["format"] = "foldcube-output/1";
-      out.metadata["config"] = cfg.to_json();
-      out.put("output.m", m);
-      out.put("output.z", z);
-      out.put("grad.input.m", res.grad_m);
-      out.put("grad.input.z", res.grad_z);
-      for (const auto& [name, t] : res.grad_params) out.put("grad.param." + name, t);
-      const Status st = write_safetensors(a.out, out);
+      const Status st = write_outputs(a.out, cfg, m, z, Tensor(), &res);
       if (!st.ok()) die(st);
     }
     if (!a.quiet) {
@@ -733,13 +728,7 @@ int run_dap(const RunArgs& a) {
     const double time_ms = median(times);
     const int64_t measured = stats.blocks.total_bytes() / std::max<int64_t>(cfg.no_blocks, 1);
     if (!a.out.empty()) {
-      TensorFile out;
-      out.metadata["format"] = "foldcube-output/1";
-      out.metadata["config"] = cfg.to_json();
-      out.put("output.m", m);
-      out.put("output.z", z);
-      out.put("output.s", s_out);
-      st = write_safetensors(a.out, out);
+      st = write_outputs(a.out, cfg, m, z, s_out, nullptr);
       if (!st.ok()) die(st);
     }
     if (!a.quiet) {
