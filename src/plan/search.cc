@@ -144,7 +144,9 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
   ctx.s = s;
   ctx.r = r;
   ctx.chunk = chunk;
-  ctx.chunk_target_bytes = target > 0 ? target : default_chunk_target_bytes(cfg, s, r);
+  ctx.chunk_target_bytes = target > 0    ? target
+                           : training ? default_train_chunk_target_bytes(cfg, s, r)
+                                      : default_chunk_target_bytes(cfg, s, r);
   ctx.threads = threads;
   const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
   const int64_t ct = cfg.c_hidden_mul;
