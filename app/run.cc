@@ -335,6 +335,7 @@ int run_training(const RunArgs& a, Job& job) {
   opts.chunk_target_bytes = chunk_target_of(a);
   opts.dropout = a.train;
   opts.seed = a.seed;
+  opts.profile = a.profile;
   for (size_t p = 0, q; p <= a.policy.size(); p = q + 1) {
     q = a.policy.find(',', p);
     if (q == std::string::npos) q = a.policy.size();
@@ -356,6 +357,7 @@ int run_training(const RunArgs& a, Job& job) {
     gz = random_tensor(job.z0.shape(), a.seed * 2 + 4);
   }
   std::vector<double> fwd, bwd, tot;
+  std::vector<ModuleTime> module_ms;  // --profile: summed over the timed passes, then averaged
   TrainResult res;
   Tensor m, z;
   const int passes = a.warmup + a.repeats;
@@ -369,6 +371,14 @@ int run_training(const RunArgs& a, Job& job) {
       fwd.push_back(res.forward_ms);
       bwd.push_back(res.backward_ms);
       tot.push_back(res.forward_ms + res.backward_ms);
+      for (const ModuleTime& t : res.module_ms) {
+        auto e = std::find_if(module_ms.begin(), module_ms.end(),
+                              [&](const ModuleTime& x) { return x.module == t.module; });
+        if (e == module_ms.end()) e = module_ms.insert(module_ms.end(), ModuleTime{t.module});
+        e->forward_ms += t.forward_ms / a.repeats;
+        e->backward_ms += t.backward_ms / a.repeats;
+        e->recompute_ms += t.recompute_ms / a.repeats;
+      }
     }
   }
   const int64_t rss = peak_rss_bytes();
@@ -392,10 +402,22 @@ int run_training(const RunArgs& a, Job& job) {
     std::printf("  step peak   %9.1f MiB  (tracked, above weights and inputs)\n",
                 res.peak_bytes / 1048576.0);
     std::printf("  peak RSS    %9.1f MiB\n", rss / 1048576.0);
+    if (a.profile) {
+      std::printf("  per module (all blocks, mean of %d pass(es)):\n", a.repeats);
+      std::printf("    %-20s %12s %12s %12s\n", "module", "forward ms", "backward ms",
+                  "recompute ms");
+      for (const ModuleTime& t : module_ms)
+        std::printf("    %-20s %12.1f %12.1f %12.1f\n", t.module.c_str(), t.forward_ms,
+                    t.backward_ms, t.recompute_ms);
+    }
     if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
   }
   if (!a.report.empty()) {
     nlohmann::json j;
+    for (const ModuleTime& t : module_ms)
+      j["module_ms"][t.module] = {{"forward", t.forward_ms},
+                                  {"backward", t.backward_ms},
+                                  {"recompute", t.recompute_ms}};
     j["time_ms"] = median(tot);
     j["forward_ms"] = median(fwd);
     j["backward_ms"] = median(bwd);
@@ -510,6 +532,7 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
   const EvoformerConfig& cfg = job.stack.config();
 
   std::vector<double> fwd, bwd, tot;
+  std::vector<ModuleTime> module_ms;  // --profile: summed over the timed passes, then averaged
   TrainResult res;
   DapTrainStats stats;
   Tensor m, z;
@@ -529,6 +552,14 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
       fwd.push_back(res.forward_ms);
       bwd.push_back(res.backward_ms);
       tot.push_back(res.forward_ms + res.backward_ms);
+      for (const ModuleTime& t : res.module_ms) {
+        auto e = std::find_if(module_ms.begin(), module_ms.end(),
+                              [&](const ModuleTime& x) { return x.module == t.module; });
+        if (e == module_ms.end()) e = module_ms.insert(module_ms.end(), ModuleTime{t.module});
+        e->forward_ms += t.forward_ms / a.repeats;
+        e->backward_ms += t.backward_ms / a.repeats;
+        e->recompute_ms += t.recompute_ms / a.repeats;
+      }
     }
   }
   if (D > 1) {
@@ -559,10 +590,7 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
     const DapBlockVolume fv = dap_block_volume(cfg, l);
     int64_t bwd_model = 0;
     for (int b = 0; b < cfg.no_blocks; ++b) {
-      const Recompute p = opts.policy.empty()       ? Recompute::kNone
-                          : opts.policy.size() == 1 ? opts.policy[0]
-                                                    : opts.policy[b];
-      bwd_model += dap_block_backward_volume(cfg, l, p).total();
+      bwd_model += dap_block_backward_volume(cfg, l, policy_of(opts, b)).total();
     }
     if (!a.out.empty()) {
       const Status st = write_outputs(a.out, cfg, m, z, Tensor(), &res);

@@ -49,6 +49,19 @@ struct TrainOptions {
   // keyed by (seed, block, module, element), so recompute reproduces them and runs repeat.
   bool dropout = false;
   uint64_t seed = 0;
+  // Time every module's training forward and backward (TrainResult::module_ms).
+  bool profile = false;
+};
+
+// Policy of block b under opts (a single entry applies to every block; empty = kNone).
+Recompute policy_of(const TrainOptions& opts, int block);
+
+// Wall time of one module summed over the blocks of a training step (TrainOptions::profile):
+// forward; backward (including the per-chunk rebuilds of policy module); and the block re-run of
+// policy block.
+struct ModuleTime {
+  std::string module;  // golden trace name, e.g. "tri_mul_out"
+  double forward_ms = 0, backward_ms = 0, recompute_ms = 0;
 };
 
 struct TrainResult {
@@ -58,6 +71,7 @@ struct TrainResult {
   int64_t activation_bytes = 0;  // tracked bytes kept alive from the forward for the backward
   int64_t peak_bytes = 0;        // tracked peak of the step above what was live before it
   double forward_ms = 0, backward_ms = 0;
+  std::vector<ModuleTime> module_ms;  // with TrainOptions::profile, in block order
 };
 
 class EvoformerStack {

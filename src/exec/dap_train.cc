@@ -381,10 +381,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   DapShards sh =
       make_dap_shards(cfg, l, msa_p, pair_p, opts.chunk, opts.chunk_target_bytes, num_threads());
   msa_p = pair_p = Tensor();
-  auto policy = [&](int b) {
-    if (opts.policy.empty()) return Recompute::kNone;
-    return opts.policy.size() == 1 ? opts.policy[0] : opts.policy[b];
-  };
+  auto policy = [&](int b) { return policy_of(opts, b); };
   auto block_key = [&](int b) {
     return splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
   };

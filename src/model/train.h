@@ -49,10 +49,11 @@ int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int
 int64_t bias_train_chunk(const BlockContext& ctx, int64_t H);
 // Transition on [rows, c] with hidden nc: rows per chunk.
 int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
-// Triangle multiplication: channels per group (projections, products) and pair rows i per chunk
+// Triangle multiplication: channels per group (A, B and their gradients, products), pair rows i
+// per block of a group's projections (t, dt), and pair rows i per chunk of the output side
 // (LN_out, linear_z, gate).
 struct TriMulTrainChunks {
-  int64_t group = 0, rows = 0;
+  int64_t group = 0, proj_rows = 0, rows = 0;
 };
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx);
 

@@ -1,4 +1,5 @@
 // Block- and stack-level training: the recompute policies and EvoformerStack::train_step.
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -21,6 +22,11 @@ const char* recompute_name(Recompute p) {
       return "block";
   }
   return "?";
+}
+
+Recompute policy_of(const TrainOptions& opts, int block) {
+  if (opts.policy.empty()) return Recompute::kNone;
+  return opts.policy.size() == 1 ? opts.policy[0] : opts.policy[block];
 }
 
 Status parse_recompute(const std::string& name, Recompute* out) {
@@ -60,10 +66,29 @@ struct BlockState {
   Tensor m0, z0;
 };
 
+// Module timer of a profiled step (TrainOptions::profile); a null clock runs f untimed.
+// phase: 0 forward, 1 backward, 2 the block re-run of policy block.
+struct ModuleClock {
+  std::vector<ModuleTime>* out = nullptr;
+  int phase = 0;
+  template <typename F>
+  void run(const char* module, F&& f) const {
+    if (out == nullptr) return f();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    auto it = std::find_if(out->begin(), out->end(),
+                           [&](const ModuleTime& t) { return t.module == module; });
+    if (it == out->end()) it = out->insert(out->end(), ModuleTime{module});
+    (phase == 0 ? it->forward_ms : phase == 1 ? it->backward_ms : it->recompute_ms) += ms;
+  }
+};
+
 // The block forward with every module's training function, saving inputs and states as the
 // policy says.
 void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, float* z,
-                   Recompute policy, BlockState* st) {
+                   Recompute policy, BlockState* st, const ModuleClock& clk) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r;
   const Shape ms = {s, r, cfg.c_m}, zs = {r, r, cfg.c_z};
@@ -75,26 +100,41 @@ void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, flo
   const bool keep = policy == Recompute::kNone;
   const bool inputs = policy != Recompute::kBlock;
   if (inputs) st->m_in[0] = copy_of(m, ms), st->z_in[0] = copy_of(z, zs);
-  msa_row_attention_train(w.msa_att_row, ctx, m, z, keep ? &st->row : nullptr);
+  clk.run("msa_att_row", [&] {
+    msa_row_attention_train(w.msa_att_row, ctx, m, z, keep ? &st->row : nullptr);
+  });
   if (inputs) st->m_in[1] = copy_of(m, ms);
-  msa_column_attention_train(w.msa_att_col, ctx, m, keep ? &st->col : nullptr);
+  clk.run("msa_att_col",
+          [&] { msa_column_attention_train(w.msa_att_col, ctx, m, keep ? &st->col : nullptr); });
   if (inputs) st->m_in[2] = copy_of(m, ms);
-  transition_train(w.msa_transition, ctx, m, s * r, cfg.c_m, keep ? &st->msa_trans : nullptr);
-  {
+  clk.run("msa_transition", [&] {
+    transition_train(w.msa_transition, ctx, m, s * r, cfg.c_m, keep ? &st->msa_trans : nullptr);
+  });
+  clk.run("outer_product_mean", [&] {
     OuterProductMeanState o;
     outer_product_mean_train(w.outer_product_mean, ctx, m, z, &o);
     if (keep) st->opm = std::move(o);
-  }
+  });
   if (inputs) st->z_in[1] = copy_of(z, zs);
-  triangle_multiplication_train(w.tri_mul_out, ctx, true, z, keep ? &st->tri_out : nullptr);
+  clk.run("tri_mul_out", [&] {
+    triangle_multiplication_train(w.tri_mul_out, ctx, true, z, keep ? &st->tri_out : nullptr);
+  });
   if (inputs) st->z_in[2] = copy_of(z, zs);
-  triangle_multiplication_train(w.tri_mul_in, ctx, false, z, keep ? &st->tri_in : nullptr);
+  clk.run("tri_mul_in", [&] {
+    triangle_multiplication_train(w.tri_mul_in, ctx, false, z, keep ? &st->tri_in : nullptr);
+  });
   if (inputs) st->z_in[3] = copy_of(z, zs);
-  triangle_attention_train(w.tri_att_start, ctx, false, z, keep ? &st->tri_start : nullptr);
+  clk.run("tri_att_start", [&] {
+    triangle_attention_train(w.tri_att_start, ctx, false, z, keep ? &st->tri_start : nullptr);
+  });
   if (inputs) st->z_in[4] = copy_of(z, zs);
-  triangle_attention_train(w.tri_att_end, ctx, true, z, keep ? &st->tri_end : nullptr);
+  clk.run("tri_att_end", [&] {
+    triangle_attention_train(w.tri_att_end, ctx, true, z, keep ? &st->tri_end : nullptr);
+  });
   if (inputs) st->z_in[5] = copy_of(z, zs);
-  transition_train(w.pair_transition, ctx, z, r * r, cfg.c_z, keep ? &st->pair_trans : nullptr);
+  clk.run("pair_transition", [&] {
+    transition_train(w.pair_transition, ctx, z, r * r, cfg.c_z, keep ? &st->pair_trans : nullptr);
+  });
 }
 
 // Backward of one block. dm, dz: dL/d block output on entry, dL/d block input on exit.
@@ -103,7 +143,7 @@ void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, flo
 // state one chunk at a time from its saved input; under kBlock the block forward is re-run with
 // kNone first. Each module input is freed after its module's backward.
 void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& ctx, BlockState* st,
-                    const Tensor& m_out, float* dm, float* dz) {
+                    const Tensor& m_out, float* dm, float* dz, const ModuleClock& clk) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r;
   if (st->policy == Recompute::kBlock) {
@@ -113,43 +153,61 @@ void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& 
     st->m0 = Tensor();
     st->z0 = Tensor();
     BlockState full;
-    block_forward(w, ctx, m.f32(), z.f32(), Recompute::kNone, &full);
-    block_backward(w, g, ctx, &full, m, dm, dz);
+    block_forward(w, ctx, m.f32(), z.f32(), Recompute::kNone, &full, ModuleClock{clk.out, 2});
+    block_backward(w, g, ctx, &full, m, dm, dz, clk);
     return;
   }
-  transition_backward(w.pair_transition, &g->pair_transition, ctx, st->z_in[5].f32(),
-                      &st->pair_trans, dz, r * r, cfg.c_z);
+  clk.run("pair_transition", [&] {
+    transition_backward(w.pair_transition, &g->pair_transition, ctx, st->z_in[5].f32(),
+                        &st->pair_trans, dz, r * r, cfg.c_z);
+  });
   st->z_in[5] = Tensor();
-  triangle_attention_backward(w.tri_att_end, &g->tri_att_end, ctx, true, st->z_in[4].f32(),
-                              &st->tri_end, dz);
+  clk.run("tri_att_end", [&] {
+    triangle_attention_backward(w.tri_att_end, &g->tri_att_end, ctx, true, st->z_in[4].f32(),
+                                &st->tri_end, dz);
+  });
   st->z_in[4] = Tensor();
-  triangle_attention_backward(w.tri_att_start, &g->tri_att_start, ctx, false, st->z_in[3].f32(),
-                              &st->tri_start, dz);
+  clk.run("tri_att_start", [&] {
+    triangle_attention_backward(w.tri_att_start, &g->tri_att_start, ctx, false, st->z_in[3].f32(),
+                                &st->tri_start, dz);
+  });
   st->z_in[3] = Tensor();
-  triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, ctx, false, st->z_in[2].f32(),
-                                   &st->tri_in, dz);
+  clk.run("tri_mul_in", [&] {
+    triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, ctx, false, st->z_in[2].f32(),
+                                     &st->tri_in, dz);
+  });
   st->z_in[2] = Tensor();
-  triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, ctx, true, st->z_in[1].f32(),
-                                   &st->tri_out, dz);
+  clk.run("tri_mul_out", [&] {
+    triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, ctx, true, st->z_in[1].f32(),
+                                     &st->tri_out, dz);
+  });
   st->z_in[1] = Tensor();
-  if (st->policy == Recompute::kModule) {
-    OuterProductMeanState o;
-    outer_product_mean_train(w.outer_product_mean, ctx, m_out.f32(), nullptr, &o);
-    outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(), o,
-                                dz, dm);
-  } else {
-    outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
-                                st->opm, dz, dm);
-    st->opm = {};
-  }
-  transition_backward(w.msa_transition, &g->msa_transition, ctx, st->m_in[2].f32(), &st->msa_trans,
-                      dm, s * r, cfg.c_m);
+  clk.run("outer_product_mean", [&] {
+    if (st->policy == Recompute::kModule) {
+      OuterProductMeanState o;
+      outer_product_mean_train(w.outer_product_mean, ctx, m_out.f32(), nullptr, &o);
+      outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
+                                  o, dz, dm);
+    } else {
+      outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
+                                  st->opm, dz, dm);
+      st->opm = {};
+    }
+  });
+  clk.run("msa_transition", [&] {
+    transition_backward(w.msa_transition, &g->msa_transition, ctx, st->m_in[2].f32(),
+                        &st->msa_trans, dm, s * r, cfg.c_m);
+  });
   st->m_in[2] = Tensor();
-  msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, ctx, st->m_in[1].f32(), &st->col,
-                                dm);
+  clk.run("msa_att_col", [&] {
+    msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, ctx, st->m_in[1].f32(), &st->col,
+                                  dm);
+  });
   st->m_in[1] = Tensor();
-  msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, ctx, st->m_in[0].f32(),
-                             st->z_in[0].f32(), &st->row, dm, dz);
+  clk.run("msa_att_row", [&] {
+    msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, ctx, st->m_in[0].f32(),
+                               st->z_in[0].f32(), &st->row, dm, dz);
+  });
   st->m_in[0] = Tensor();
   st->z_in[0] = Tensor();
 }
@@ -194,10 +252,10 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
     c.dropout_key = splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
     return c;
   };
-  auto policy = [&](int b) {
-    if (opts.policy.empty()) return Recompute::kNone;
-    return opts.policy.size() == 1 ? opts.policy[0] : opts.policy[b];
-  };
+  auto policy = [&](int b) { return policy_of(opts, b); };
+  out->module_ms.clear();
+  const ModuleClock fwd_clock{opts.profile ? &out->module_ms : nullptr, 0};
+  const ModuleClock bwd_clock{fwd_clock.out, 1};
 
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
@@ -205,7 +263,8 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   std::vector<std::unique_ptr<BlockState>> states;
   for (int b = 0; b < nb; ++b) {
     states.push_back(std::make_unique<BlockState>());
-    block_forward(*blocks_[b], block_ctx(b), m.f32(), z.f32(), policy(b), states.back().get());
+    block_forward(*blocks_[b], block_ctx(b), m.f32(), z.f32(), policy(b), states.back().get(),
+                  fwd_clock);
   }
   out->forward_ms = ms_since(t0);
   out->activation_bytes = mem_stats().live_bytes - live0;
@@ -219,7 +278,7 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
     allocate_block_grads(cfg, grads[b].get());
     const Tensor m_in = block_input_m(*states[b]);
     block_backward(*blocks_[b], grads[b].get(), block_ctx(b), states[b].get(), m_out, dm.f32(),
-                   dz.f32());
+                   dz.f32(), bwd_clock);
     states[b].reset();
     m_out = m_in;
   }

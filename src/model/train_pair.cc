@@ -438,8 +438,8 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   TriMulTrainChunks c;
-  // Per channel of a group (backward): projections t and their gradient (4 + 4), A, B, dA, dB.
-  c.group = pick_chunk(ctx, ct, 12 * r * r * kF);
+  // Per channel of a group (backward): A, B, dA, dB over all r^2 pairs.
+  c.group = pick_chunk(ctx, ct, 4 * r * r * kF);
   // Automatic groups round to the nearest multiple of 16 channels once 8 or more fit (as the
   // inference path does): narrower groups run the projections, gates and their gradients on rows of
   // a few floats (perf, (128, 256), AF2 dims, 32 MiB target: groups of 10 -> 16 channels took 7 %
@@ -447,6 +447,8 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   constexpr int64_t kAlign = 16;
   if (ctx.chunk <= 0 && c.group < ct && c.group >= kAlign / 2)
     c.group = std::min(ct, (c.group + kAlign / 2) / kAlign * kAlign);
+  // Per pair row i of a group's projection block: t and dt (4 + 4 floats per channel and pair).
+  c.proj_rows = pick_chunk(ctx, r, r * 8 * c.group * kF);
   // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
   c.rows = pick_chunk(ctx, r, r * (3 * ct + 5 * cz + 2) * kF);
   return c;
@@ -454,8 +456,8 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
 
 namespace {
 
-// t [r*r, 4*nc] = a_p | a_g | b_p | b_g of channels c0 .. c0+nc from x_ln [r*r, c_z] (the rows
-// part*c_t + c0 .. of the fused linear a_p | a_g | b_p | b_g).
+// t [rr, 4*nc] = a_p | a_g | b_p | b_g of channels c0 .. c0+nc from x_ln [r*r, c_z] (the rows
+// part*c_t + c0 .. of the fused linear a_p | a_g | b_p | b_g). Used by the DAP shard path.
 void tri_mul_project(const TriangleMultiplicationW& w, const float* x_ln, int64_t rr, int64_t cz,
                      int64_t ct, int64_t c0, int64_t nc, float* t) {
   for (int64_t part = 0; part < 4; ++part)
@@ -463,16 +465,73 @@ void tri_mul_project(const TriangleMultiplicationW& w, const float* x_ln, int64_
                  w.ab.b.f32() + part * ct + c0, nc, t + part * nc, 4 * nc);
 }
 
-// Gates t [rr, 4*nc] in place into a | . | b | . and writes a, b channel-major into A, B [nc, rr]
-// (a = mask * sigmoid(a_g) * a_p), as the inference path does.
-void tri_mul_gate(const BlockContext& ctx, int64_t rr, int64_t nc, float* t, float* A, float* B) {
+// One channel group of the training triangle multiplication's input side. The group's rows of
+// the fused projection a_p | a_g | b_p | b_g are gathered into one [4*nc, c_z] weight, so each
+// block of pair rows is projected by one GEMM of width 4*nc (not four of width nc), and x_ln and
+// dx_ln are swept once per group.
+struct TriMulGroup {
+  int64_t c0 = 0, nc = 0;
+  Tensor W;  // [4*nc, c_z] a_p | a_g | b_p | b_g rows of channels c0 .. c0+nc
+  Tensor b;  // [4*nc]
+  void load(const TriangleMultiplicationW& w, int64_t ct, int64_t first, int64_t count) {
+    const int64_t cz = w.ab.w.dim(1);
+    c0 = first, nc = count;
+    for (int64_t part = 0; part < 4; ++part) {
+      std::memcpy(W.f32() + part * nc * cz, w.ab.w.f32() + (part * ct + c0) * cz,
+                  static_cast<size_t>(nc * cz) * kF);
+      std::memcpy(b.f32() + part * nc, w.ab.b.f32() + part * ct + c0,
+                  static_cast<size_t>(nc) * kF);
+    }
+  }
+};
+
+// The group's a, b from the projections t [rows, 4*nc] of `rows` pairs: gated in place
+// (a = mask * sigmoid(a_g) * a_p), written channel-major into A, B (row stride ld_ab).
+void tri_mul_gate(const float* mask, int64_t rows, int64_t nc, float* t, float* A, float* B,
+                  int64_t ld_ab) {
   const int64_t ld = 4 * nc;
   for (int64_t part = 0; part < 2; ++part) {  // a, then b
-    float* proj = t + 2 * part * nc;          // [rr, nc] with ld 4*nc
-    kern::sigmoid_inplace(proj + nc, ld, rr, nc);
-    kern::mul_inplace(proj, ld, proj + nc, ld, rr, nc);
-    kern::scale_rows(proj, ld, ctx.pair_mask, rr, nc);
-    kern::transpose(proj, ld, part ? B : A, rr, rr, nc);
+    float* proj = t + 2 * part * nc;          // [rows, nc] with ld 4*nc
+    kern::sigmoid_inplace(proj + nc, ld, rows, nc);
+    kern::mul_inplace(proj, ld, proj + nc, ld, rows, nc);
+    kern::scale_rows(proj, ld, mask, rows, nc);
+    kern::transpose(proj, ld, part ? B : A, ld_ab, rows, nc);
+  }
+}
+
+// A, B [nc, rr] of the group from x_ln [rr, c_z] and the mask [rr], in blocks of q pairs
+// through t [q, 4*nc].
+void tri_mul_group_ab(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
+                      const float* mask, int64_t q, float* t, float* A, float* B) {
+  const int64_t n4 = 4 * G.nc;
+  for (int64_t p0 = 0; p0 < rr; p0 += q) {
+    const int64_t n = std::min(q, rr - p0);
+    kern::linear(x_ln + p0 * cz, cz, n, cz, G.W.f32(), G.b.f32(), n4, t, n4);
+    tri_mul_gate(mask + p0, n, G.nc, t, A + p0, B + p0, rr);
+  }
+}
+
+// Backward of the group's projections and gates from dA, dB [nc, rr]: per block of q pairs,
+// re-projects t [q, 4*nc] (pre-activation), forms dt [q, 4*nc] = dL/d t and ACCUMULATES
+// dt @ W into dx_ln [rr, c_z] and the weight gradients into gW [4*nc, c_z], gb [4*nc].
+void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
+                            const float* mask, int64_t q, const float* dA, const float* dB,
+                            float* t, float* dt, float* dxln, float* gW, float* gb) {
+  const int64_t nc = G.nc, ld = 4 * nc;
+  for (int64_t p0 = 0; p0 < rr; p0 += q) {
+    const int64_t n = std::min(q, rr - p0);
+    kern::linear(x_ln + p0 * cz, cz, n, cz, G.W.f32(), G.b.f32(), ld, t, ld);
+    // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g),
+    // da_g = mask*da * a_p * s(1-s).
+    for (int64_t part = 0; part < 2; ++part) {  // a, then b
+      const int64_t off = 2 * part * nc;
+      kern::transpose((part ? dB : dA) + p0, rr, dt + off, ld, nc, n);
+      kern::scale_rows(dt + off, ld, mask + p0, n, nc);
+      kern::sigmoid_mul_backward(t + off, ld, t + off + nc, ld, dt + off, ld, dt + off, ld,
+                                 dt + off + nc, ld, n, nc);
+    }
+    kern::linear_backward(x_ln + p0 * cz, cz, n, cz, G.W.f32(), ld, dt, ld, dxln + p0 * cz, cz, gW,
+                          gb, true);
   }
 }
 
@@ -481,17 +540,18 @@ void tri_mul_gate(const BlockContext& ctx, int64_t rr, int64_t nc, float* t, flo
 Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                         const float* x_ln) {
   const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
-  const int64_t cg = tri_mul_train_chunks(ctx).group;
+  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
+  const int64_t cg = chunks.group, q = chunks.proj_rows * r;
   Tensor P = Tensor::empty({ct, r, r});
-  Tensor t = Tensor::empty({rr, 4 * cg});  // projections of the group, gated in place
-  Tensor A = Tensor::empty({cg, r, r});    // a of the group, channel-major
+  TriMulGroup G{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
+  Tensor t = Tensor::empty({q, 4 * cg});  // projections of a block of pairs, gated in place
+  Tensor A = Tensor::empty({cg, r, r});   // a of the group, channel-major
   Tensor B = Tensor::empty({cg, r, r});
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
-    const int64_t nc = std::min(cg, ct - c0);
-    tri_mul_project(w, x_ln, rr, cz, ct, c0, nc, t.f32());
-    tri_mul_gate(ctx, rr, nc, t.f32(), A.f32(), B.f32());
-    kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
-                       P.f32() + c0 * rr, r, rr);
+    G.load(w, ct, c0, std::min(cg, ct - c0));
+    tri_mul_group_ab(G, x_ln, rr, cz, ctx.pair_mask, q, t.f32(), A.f32(), B.f32());
+    kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
+                       0.f, P.f32() + c0 * rr, r, rr);
   }
   return P;
 }
@@ -584,22 +644,22 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   }
   P = Tensor();
   {
-    // Phase 1 backward, by channel groups: rebuild the group's projections, A and B, then
-    // dA, dB, d(projections), and accumulate into dxln and the parameter gradients.
-    const int64_t cg = chunks.group;
-    Tensor t = Tensor::empty({rr, 4 * cg});   // projections a_p | a_g | b_p | b_g (pre-activation)
-    Tensor dt = Tensor::empty({rr, 4 * cg});  // gated copy of t, then dL/d t
-    Tensor A = Tensor::empty({cg, r, r});     // a, b of the group, channel-major
+    // Phase 1 backward, by channel groups: rebuild the group's A and B, then dA, dB, and
+    // (by blocks of pairs) d(projections), accumulating into dxln and the parameter gradients.
+    const int64_t cg = chunks.group, q = chunks.proj_rows * r;
+    TriMulGroup G{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
+    Tensor gW = Tensor::empty({4 * cg, cz});  // dL/d G.W, dL/d G.b of the group
+    Tensor gb = Tensor::empty({4 * cg});
+    Tensor t = Tensor::empty({q, 4 * cg});   // projections of a block of pairs (pre-activation)
+    Tensor dt = Tensor::empty({q, 4 * cg});  // dL/d t of the block
+    Tensor A = Tensor::empty({cg, r, r});    // a, b of the group, channel-major
     Tensor B = Tensor::empty({cg, r, r});
     Tensor dA = Tensor::empty({cg, r, r});  // dL/d a, dL/d b, channel-major
     Tensor dB = Tensor::empty({cg, r, r});
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
-      const int64_t nc = std::min(cg, ct - c0), ld = 4 * nc;
-      float* tp = t.f32();
-      float* dtp = dt.f32();
-      tri_mul_project(w, x_ln.f32(), rr, cz, ct, c0, nc, tp);
-      std::memcpy(dtp, tp, static_cast<size_t>(rr * ld) * kF);
-      tri_mul_gate(ctx, rr, nc, dtp, A.f32(), B.f32());
+      G.load(w, ct, c0, std::min(cg, ct - c0));
+      const int64_t nc = G.nc;
+      tri_mul_group_ab(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, t.f32(), A.f32(), B.f32());
       const float* dPg = dP.f32() + c0 * rr;
       if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
         kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B.f32(), r, rr, 0.f,
@@ -612,20 +672,14 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
         kern::gemm_batched(nc, false, false, r, r, r, 1.f, A.f32(), r, rr, dPg, r, rr, 0.f,
                            dB.f32(), r, rr);
       }
-      // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g),
-      // da_g = mask*da * a_p * s(1-s).
-      for (int64_t part = 0; part < 2; ++part) {  // a, then b
-        const int64_t off = 2 * part * nc;
-        kern::transpose((part ? dB : dA).f32(), rr, dtp + off, ld, nc, rr);
-        kern::scale_rows(dtp + off, ld, ctx.pair_mask, rr, nc);
-        kern::sigmoid_mul_backward(tp + off, ld, tp + off + nc, ld, dtp + off, ld, dtp + off, ld,
-                                   dtp + off + nc, ld, rr, nc);
-      }
+      std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
+      std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
+      tri_mul_group_backward(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dA.f32(), dB.f32(), t.f32(),
+                             dt.f32(), dxln.f32(), gW.f32(), gb.f32());
       for (int64_t part = 0; part < 4; ++part) {
         const int64_t row0 = part * ct + c0;  // first row of this part in the fused a_p|a_g|b_p|b_g
-        kern::linear_backward(x_ln.f32(), cz, rr, cz, w.ab.w.f32() + row0 * cz, nc, dtp + part * nc,
-                              ld, dxln.f32(), cz, g->ab.w.f32() + row0 * cz, g->ab.b.f32() + row0,
-                              true);
+        kern::add_inplace(g->ab.w.f32() + row0 * cz, cz, gW.f32() + part * nc * cz, cz, nc, cz);
+        kern::add_inplace(g->ab.b.f32() + row0, nc, gb.f32() + part * nc, nc, 1, nc);
       }
     }
   }

@@ -182,13 +182,21 @@ void opm_bwd(Sim& S, const BlockContext& ctx) {
   S.free(sr * cm);
 }
 
-// tri_mul_products: P [c_t, r, r] stays; the group's projections, A and B are transient.
+// Weights of one channel group of the triangle multiplication (gathered W, b).
+int64_t tri_mul_group_w(const BlockContext& ctx, int64_t cg) {
+  return 4 * cg * ctx.cfg->c_z + 4 * cg;
+}
+
+// tri_mul_products: P [c_t, r, r] stays; the group's weights, a block of its projections, A and
+// B are transient.
 void tri_mul_products(Sim& S, const BlockContext& ctx) {
-  const int64_t rr = ctx.r * ctx.r, ct = ctx.cfg->c_hidden_mul;
-  const int64_t cg = tri_mul_train_chunks(ctx).group;
+  const int64_t r = ctx.r, rr = r * r, ct = ctx.cfg->c_hidden_mul;
+  const TriMulTrainChunks c = tri_mul_train_chunks(ctx);
+  const int64_t tmp = tri_mul_group_w(ctx, c.group) + c.proj_rows * r * 4 * c.group +
+                      2 * c.group * rr;  // G.W, G.b, t, A, B
   S.alloc(ct * rr);
-  S.alloc(6 * cg * rr);  // t, A, B
-  S.free(6 * cg * rr);
+  S.alloc(tmp);
+  S.free(tmp);
 }
 
 void tri_mul_fwd(Sim& S, const BlockContext& ctx, bool keep) {
@@ -213,8 +221,11 @@ void tri_mul_bwd(Sim& S, const BlockContext& ctx, bool kept) {
   S.alloc(phase2);
   S.free(phase2);
   S.free(ct * rr);                  // P
-  S.alloc(12 * chunks.group * rr);  // t, dt, A, B, dA, dB
-  S.free(12 * chunks.group * rr);
+  const int64_t cg = chunks.group;
+  const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * chunks.proj_rows * r * 4 * cg +
+                         4 * cg * rr;  // G.W, G.b, gW, gb, t, dt, A, B, dA, dB
+  S.alloc(phase1);
+  S.free(phase1);
   S.free(ct * rr + rr * cz);  // dP, x_ln
   S.alloc(ln_scratch(rr, cz));
   S.free(ln_scratch(rr, cz));

@@ -316,7 +316,7 @@ std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t 
       kF * std::max({s * r * (3 * cm + 10 * hm), r * r * (3 * cz + 10 * hp),
                      r * r * (2 * cz + 2 * H + 2), s * r * (2 * cm + 2 * n * cm + 2),
                      r * r * (2 * cz + 2 * n * cz + 2), r * (3 * co * r * co + r * cz),
-                     ct * 12 * r * r, r * r * (3 * ct + 5 * cz + 2)});
+                     ct * 8 * r * r, r * r * (3 * ct + 5 * cz + 2)});
   std::vector<int64_t> out;
   int64_t t = std::max<int64_t>(default_chunk_target_bytes(cfg, s, r) / 16, 64 << 10);
   for (; t < whole; t *= 4) out.push_back(t);
