@@ -17,6 +17,7 @@
 #include "commands.h"
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
+#include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
 #include "kernels/kernels.h"
@@ -512,6 +513,85 @@ int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std
   return 0;
 }
 
+// `bench --modules`: the cost model per training module against the measured step. For one
+// s:r and each training chunk target of --targets, one block, policy none: a fresh `foldcube run
+// --backward --profile` (one warm-up, --repeats timed steps) beside block_module_costs on this
+// machine's profile (the planner's per-module forward and backward estimates).
+int bench_modules(const BenchArgs& a, int threads, const std::string& exe,
+                  const std::string& report) {
+  const auto sr = split(a.shapes.empty() ? "128:256" : a.shapes, ':');
+  int64_t s = 0, r = 0;
+  if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) {
+    std::fprintf(stderr, "foldcube: error: --modules takes one s:r shape\n");
+    return 2;
+  }
+  std::vector<int64_t> targets;
+  for (const std::string& t :
+       split(a.targets.empty() ? "1MiB,4MiB,16MiB,64MiB,1GiB" : a.targets, ',')) {
+    int64_t b = 0;
+    const Status st = parse_bytes(t, &b);
+    if (!st.ok() || b <= 0) {
+      std::fprintf(stderr, "foldcube: error: bad chunk target '%s' in --targets\n", t.c_str());
+      return 2;
+    }
+    targets.push_back(b);
+  }
+  DeviceProfile dev;
+  const Status st = load_or_calibrate_profile(a.profile, false, &dev);
+  if (!st.ok()) {
+    std::fprintf(stderr, "foldcube: error: %s\n", st.message().c_str());
+    return 1;
+  }
+  dev.threads = threads;
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  const int repeats = a.repeats > 0 ? a.repeats : 1;
+  std::printf(
+      "foldcube bench --modules: one AF2 block, training step (policy none), s=%lld r=%lld, %d "
+      "thread(s), profile '%s'\n\n",
+      static_cast<long long>(s), static_cast<long long>(r), threads, dev.name.c_str());
+  std::printf(
+      "| target MiB | module | est. fwd ms | meas. fwd ms | est/meas | est. bwd ms | meas. bwd ms "
+      "| est/meas |\n|---|---|---|---|---|---|---|---|\n");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const int64_t tgt : targets) {
+    const std::string cmd =
+        "'" + exe + "' run --quiet --backward --profile --s " + std::to_string(s) + " --r " +
+        std::to_string(r) + " --blocks 1 --threads " + std::to_string(threads) +
+        " --chunk-target " + std::to_string(tgt) + " --warmup 1 --repeats " +
+        std::to_string(repeats) + " --report '" + report + "'";
+    nlohmann::json j;
+    if (!run_row(cmd, report, &j)) return 1;
+    const std::vector<ModuleCost> est = block_module_costs(cfg, s, r, 0, tgt, true, dev);
+    double ef = 0, eb = 0, mf = 0, mb = 0;
+    for (const ModuleCost& c : est) {
+      const nlohmann::json& m = j["module_ms"][c.name];
+      const double f = m["forward"].get<double>(), b = m["backward"].get<double>();
+      ef += c.forward_ms, eb += c.backward_ms, mf += f, mb += b;
+      std::printf("| %.2f | %s | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f |\n", mib(tgt),
+                  c.name.c_str(), c.forward_ms, f, c.forward_ms / f, c.backward_ms, b,
+                  c.backward_ms / b);
+      rows.push_back({{"target_bytes", tgt},
+                      {"module", c.name},
+                      {"forward_ms_estimate", c.forward_ms},
+                      {"forward_ms", f},
+                      {"backward_ms_estimate", c.backward_ms},
+                      {"backward_ms", b}});
+    }
+    std::printf("| %.2f | **modules** | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f |\n", mib(tgt), ef,
+                mf, ef / mf, eb, mb, eb / mb);
+    std::printf("| %.2f | **step** (measured incl. input copies) | | %.1f | | | %.1f | |\n",
+                mib(tgt), j["forward_ms"].get<double>(), j["backward_ms"].get<double>());
+    std::fflush(stdout);
+  }
+  if (!a.out_json.empty()) {
+    std::ofstream f(a.out_json);
+    f << nlohmann::json{{"threads", threads}, {"profile", dev.name}, {"rows", rows}}.dump(2)
+      << "\n";
+  }
+  return 0;
+}
+
 int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
@@ -519,8 +599,9 @@ int bench_command(const BenchArgs& a, const std::string&) {
   if (a.plan) return bench_plan(a, exe);
   const std::string report = temp_report();
   if (report.empty()) return 1;
-  if (a.train || a.long_seq || a.chunks || a.dap) {
-    const int rc = a.dap        ? bench_dap(a, threads, exe, report)
+  if (a.train || a.long_seq || a.chunks || a.dap || a.modules) {
+    const int rc = a.modules    ? bench_modules(a, threads, exe, report)
+                   : a.dap      ? bench_dap(a, threads, exe, report)
                    : a.train    ? bench_train(a, threads, exe, report)
                    : a.long_seq ? bench_long(a, threads, exe, report)
                                 : bench_chunks(a, threads, exe, report);

@@ -47,7 +47,9 @@ struct BenchArgs {
   std::string ranks;      // "1,2,4"
   bool plan = false;      // planner table: planner vs fixed policies under a forcing budget
   std::string memory;     // --plan: the budget (default: forced from the memory model)
-  std::string profile;    // --plan: device profile JSON (default: this machine's)
+  std::string profile;    // --plan, --modules: device profile JSON (default: this machine's)
+  bool modules = false;   // per-module cost model vs measured training step (--shapes s:r)
+  std::string targets;    // --modules: training chunk targets, e.g. "1MiB,8MiB,32MiB"
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
 // `bench --plan` (app/plan.cc); exe runs the rows (`exe run --plan FILE`).

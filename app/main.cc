@@ -103,6 +103,11 @@ int main(int argc, char** argv) {
                   "planner table (issue 6): training step at --shapes (default "
                   "128:256,512:256,512:384), --blocks N (default 2), under a budget that forces "
                   "choices: the planner's plan and the fixed policies, estimated vs measured");
+  bench->add_flag("--modules", ba.modules,
+                  "cost model per training module (estimate vs measured forward and backward) at "
+                  "one s:r (default 128:256) for each chunk target of --targets");
+  bench->add_option("--targets", ba.targets,
+                    "with --modules: training chunk targets (default 1MiB,4MiB,16MiB,64MiB,1GiB)");
   bench->add_option("--memory", ba.memory, "--plan: the memory budget (default: forcing)");
   bench->add_option("--profile", ba.profile,
                     "--plan: device profile JSON (default: this machine's, calibrated and cached)");

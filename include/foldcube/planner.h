@@ -38,6 +38,9 @@ struct DeviceProfile {
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
   double mem_bwd_gbps = 0;          // their backward (LayerNorm backward; 0 or absent: mem_gbps)
+  // Sweeps over buffers far larger than the caches (e.g. LN_in(z) re-read by every channel group
+  // of the training triangle multiplication); 0 or absent: mem_gbps.
+  double stream_gbps = 0;
   double link_gbps = 0;             // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;       // per collective call
   // Measured / modelled time of a training step's forward and backward (calibration: one block
@@ -62,7 +65,8 @@ struct DeviceProfile {
 // chunk_overhead_us; ~4-7 s) with
 // `threads` threads (0 = current setting). Link rates are left 0 (single process).
 Status calibrate_profile(int threads, DeviceProfile* out);
-// $XDG_CACHE_HOME/foldcube/profile-<hostname>.json (or ~/.cache/...).
+// $XDG_CACHE_HOME/foldcube/profile-<hostname>-<T>t.json (or ~/.cache/...), T = num_threads():
+// one calibration per thread count.
 std::string default_profile_path();
 // Reads `path` (empty = default_profile_path()); when the file is missing (or recalibrate) and
 // the path is the local default, calibrates and writes it. A missing explicit path is an error.

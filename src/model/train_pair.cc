@@ -435,6 +435,9 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
 // groups of A and B; phase 2 (LN_out, linear_z, the gate, the update) by pair rows i. The
 // backward runs phase 2 backward by rows (giving dP), then phase 1 backward by groups.
 
+// Bytes of one projection block of the training triangle multiplication (t and dt), at most.
+constexpr int64_t kProjBlockBytes = 2 << 20;
+
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   TriMulTrainChunks c;
@@ -448,7 +451,12 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   if (ctx.chunk <= 0 && c.group < ct && c.group >= kAlign / 2)
     c.group = std::min(ct, (c.group + kAlign / 2) / kAlign * kAlign);
   // Per pair row i of a group's projection block: t and dt (4 + 4 floats per channel and pair).
-  c.proj_rows = pick_chunk(ctx, r, r * 8 * c.group * kF);
+  // The block is swept by five elementwise passes after its GEMM, so it stays cache-sized
+  // (kProjBlockBytes) whatever the target: (128, 256), AF2 dims, 1 thread, 32 MiB target: t and dt
+  // of 16 MiB each made the module 1.5x slower than at the 8 MiB target.
+  BlockContext pc = ctx;
+  pc.chunk_target_bytes = std::min<int64_t>(ctx.chunk_target_bytes, kProjBlockBytes);
+  c.proj_rows = pick_chunk(pc, r, r * 8 * c.group * kF);
   // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
   c.rows = pick_chunk(ctx, r, r * (3 * ct + 5 * cz + 2) * kF);
   return c;
@@ -485,53 +493,68 @@ struct TriMulGroup {
   }
 };
 
-// The group's a, b from the projections t [rows, 4*nc] of `rows` pairs: gated in place
-// (a = mask * sigmoid(a_g) * a_p), written channel-major into A, B (row stride ld_ab).
-void tri_mul_gate(const float* mask, int64_t rows, int64_t nc, float* t, float* A, float* B,
-                  int64_t ld_ab) {
-  const int64_t ld = 4 * nc;
-  for (int64_t part = 0; part < 2; ++part) {  // a, then b
-    float* proj = t + 2 * part * nc;          // [rows, nc] with ld 4*nc
-    kern::sigmoid_inplace(proj + nc, ld, rows, nc);
-    kern::mul_inplace(proj, ld, proj + nc, ld, rows, nc);
-    kern::scale_rows(proj, ld, mask, rows, nc);
-    kern::transpose(proj, ld, part ? B : A, ld_ab, rows, nc);
-  }
+// T [4*nc, n] (channel-major, ld n) = the group's projections a_p | a_g | b_p | b_g of n pairs
+// x [n, c_z]. Channel-major keeps every elementwise pass below on rows of n floats, however
+// narrow the group (row-major [n, 4*nc] rows of a few floats cost more in per-row overhead than
+// in arithmetic).
+void tri_mul_group_project(const TriMulGroup& G, const float* x, int64_t n, int64_t cz, float* T) {
+  const int64_t n4 = 4 * G.nc;
+  for (int64_t o = 0; o < n4; ++o) std::fill(T + o * n, T + (o + 1) * n, G.b.f32()[o]);
+  kern::gemm(false, true, n4, n, cz, 1.f, G.W.f32(), cz, x, cz, 1.f, T, n);
 }
 
-// A, B [nc, rr] of the group from x_ln [rr, c_z] and the mask [rr], in blocks of q pairs
-// through t [q, 4*nc].
+// Copies nc rows of n floats (row strides lds, ldd).
+void copy_rows(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t nc, int64_t n) {
+  for (int64_t c = 0; c < nc; ++c)
+    std::memcpy(dst + c * ldd, src + c * lds, static_cast<size_t>(n) * kF);
+}
+
+// A, B [nc, rr] of the group from x_ln [rr, c_z] and the mask [rr] (a = mask * sigmoid(a_g) *
+// a_p), in blocks of q pairs through T [4*nc, q].
 void tri_mul_group_ab(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
-                      const float* mask, int64_t q, float* t, float* A, float* B) {
-  const int64_t n4 = 4 * G.nc;
+                      const float* mask, int64_t q, float* T, float* A, float* B) {
+  const int64_t nc = G.nc;
   for (int64_t p0 = 0; p0 < rr; p0 += q) {
     const int64_t n = std::min(q, rr - p0);
-    kern::linear(x_ln + p0 * cz, cz, n, cz, G.W.f32(), G.b.f32(), n4, t, n4);
-    tri_mul_gate(mask + p0, n, G.nc, t, A + p0, B + p0, rr);
+    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, T);
+    for (int64_t part = 0; part < 2; ++part) {  // a, then b
+      const float* Tp = T + 2 * part * nc * n;  // [nc, n] a_p (b_p)
+      float* Tg = T + (2 * part + 1) * nc * n;  // [nc, n] a_g (b_g), sigmoid in place
+      float* dst = (part ? B : A) + p0;         // [nc, n] with ld rr
+      kern::sigmoid_inplace(Tg, n, nc, n);
+      copy_rows(Tp, n, dst, rr, nc, n);
+      kern::mul_inplace(dst, rr, Tg, n, nc, n);
+      kern::mul_inplace(dst, rr, mask + p0, 0, nc, n);
+    }
   }
 }
 
 // Backward of the group's projections and gates from dA, dB [nc, rr]: per block of q pairs,
-// re-projects t [q, 4*nc] (pre-activation), forms dt [q, 4*nc] = dL/d t and ACCUMULATES
-// dt @ W into dx_ln [rr, c_z] and the weight gradients into gW [4*nc, c_z], gb [4*nc].
+// re-projects T [4*nc, q] (pre-activation), forms dT [4*nc, q] = dL/d T and ACCUMULATES
+// dT^T W into dx_ln [rr, c_z] and the weight gradients into gW [4*nc, c_z], gb [4*nc]
+// (ones: q floats of 1).
 void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
                             const float* mask, int64_t q, const float* dA, const float* dB,
-                            float* t, float* dt, float* dxln, float* gW, float* gb) {
-  const int64_t nc = G.nc, ld = 4 * nc;
+                            const float* ones, float* T, float* dT, float* dxln, float* gW,
+                            float* gb) {
+  const int64_t nc = G.nc, n4 = 4 * nc;
   for (int64_t p0 = 0; p0 < rr; p0 += q) {
     const int64_t n = std::min(q, rr - p0);
-    kern::linear(x_ln + p0 * cz, cz, n, cz, G.W.f32(), G.b.f32(), ld, t, ld);
+    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, T);
     // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g),
     // da_g = mask*da * a_p * s(1-s).
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
-      const int64_t off = 2 * part * nc;
-      kern::transpose((part ? dB : dA) + p0, rr, dt + off, ld, nc, n);
-      kern::scale_rows(dt + off, ld, mask + p0, n, nc);
-      kern::sigmoid_mul_backward(t + off, ld, t + off + nc, ld, dt + off, ld, dt + off, ld,
-                                 dt + off + nc, ld, n, nc);
+      const int64_t off = 2 * part * nc * n;
+      float* dTp = dT + off;  // [nc, n] dL/d a_p, first dL/d a
+      float* dTg = dTp + nc * n;
+      copy_rows((part ? dB : dA) + p0, rr, dTp, n, nc, n);
+      kern::mul_inplace(dTp, n, mask + p0, 0, nc, n);
+      kern::sigmoid_mul_backward(T + off, n, T + off + nc * n, n, dTp, n, dTp, n, dTg, n, nc, n);
     }
-    kern::linear_backward(x_ln + p0 * cz, cz, n, cz, G.W.f32(), ld, dt, ld, dxln + p0 * cz, cz, gW,
-                          gb, true);
+    const float* x = x_ln + p0 * cz;
+    kern::gemm(true, false, n, cz, n4, 1.f, dT, n, G.W.f32(), cz, 1.f, dxln + p0 * cz, cz);
+    kern::gemm(false, false, n4, cz, n, 1.f, dT, n, x, cz, 1.f, gW, cz);
+    kern::gemm(false, false, n4, 1, n, 1.f, dT, n, ones, 1, 1.f, gb, 1);
   }
 }
 
@@ -544,12 +567,12 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
   const int64_t cg = chunks.group, q = chunks.proj_rows * r;
   Tensor P = Tensor::empty({ct, r, r});
   TriMulGroup G{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
-  Tensor t = Tensor::empty({q, 4 * cg});  // projections of a block of pairs, gated in place
+  Tensor T = Tensor::empty({4 * cg, q});  // projections of a block of pairs, channel-major
   Tensor A = Tensor::empty({cg, r, r});   // a of the group, channel-major
   Tensor B = Tensor::empty({cg, r, r});
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
     G.load(w, ct, c0, std::min(cg, ct - c0));
-    tri_mul_group_ab(G, x_ln, rr, cz, ctx.pair_mask, q, t.f32(), A.f32(), B.f32());
+    tri_mul_group_ab(G, x_ln, rr, cz, ctx.pair_mask, q, T.f32(), A.f32(), B.f32());
     kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
                        0.f, P.f32() + c0 * rr, r, rr);
   }
@@ -650,8 +673,9 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
     TriMulGroup G{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
     Tensor gW = Tensor::empty({4 * cg, cz});  // dL/d G.W, dL/d G.b of the group
     Tensor gb = Tensor::empty({4 * cg});
-    Tensor t = Tensor::empty({q, 4 * cg});   // projections of a block of pairs (pre-activation)
-    Tensor dt = Tensor::empty({q, 4 * cg});  // dL/d t of the block
+    Tensor T = Tensor::empty({4 * cg, q});   // projections of a block of pairs, channel-major
+    Tensor dT = Tensor::empty({4 * cg, q});  // dL/d T of the block
+    Tensor ones = Tensor::full({q}, 1.f);    // [q] for the bias gradient's row sums
     Tensor A = Tensor::empty({cg, r, r});    // a, b of the group, channel-major
     Tensor B = Tensor::empty({cg, r, r});
     Tensor dA = Tensor::empty({cg, r, r});  // dL/d a, dL/d b, channel-major
@@ -659,7 +683,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
       G.load(w, ct, c0, std::min(cg, ct - c0));
       const int64_t nc = G.nc;
-      tri_mul_group_ab(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, t.f32(), A.f32(), B.f32());
+      tri_mul_group_ab(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, T.f32(), A.f32(), B.f32());
       const float* dPg = dP.f32() + c0 * rr;
       if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
         kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B.f32(), r, rr, 0.f,
@@ -674,8 +698,8 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
       }
       std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
       std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
-      tri_mul_group_backward(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dA.f32(), dB.f32(), t.f32(),
-                             dt.f32(), dxln.f32(), gW.f32(), gb.f32());
+      tri_mul_group_backward(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dA.f32(), dB.f32(),
+                             ones.f32(), T.f32(), dT.f32(), dxln.f32(), gW.f32(), gb.f32());
       for (int64_t part = 0; part < 4; ++part) {
         const int64_t row0 = part * ct + c0;  // first row of this part in the fused a_p|a_g|b_p|b_g
         kern::add_inplace(g->ab.w.f32() + row0 * cz, cz, gW.f32() + part * nc * cz, cz, nc, cz);

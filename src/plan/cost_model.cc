@@ -63,6 +63,7 @@ std::string DeviceProfile::to_json() const {
   j["attention_len_exp"] = attention_len_exp;
   j["mem_gbps"] = mem_gbps;
   j["mem_bwd_gbps"] = mem_bwd_gbps;
+  j["stream_gbps"] = stream_gbps;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
   j["train_fwd_factor"] = train_fwd_factor;
@@ -93,6 +94,8 @@ Status DeviceProfile::validate() const {
     return Status::InvalidArgument("profile: chunk_overhead_us must be >= 0");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
+  if (!(stream_gbps >= 0) || !std::isfinite(stream_gbps))
+    return Status::InvalidArgument("profile: stream_gbps must be >= 0 (0: mem_gbps)");
   if (!(gemm_half_rows >= 0) || !(gemm_bwd_half_rows >= 0) || !(gemm_half_cols >= 0) ||
       !std::isfinite(attention_len_exp) || !(link_gbps >= 0) || !(link_latency_us >= 0))
     return Status::InvalidArgument(
@@ -135,6 +138,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("attention_len_exp", &p.attention_len_exp);
     num("mem_gbps", &p.mem_gbps);
     num("mem_bwd_gbps", &p.mem_bwd_gbps);
+    num("stream_gbps", &p.stream_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
     num("train_fwd_factor", &p.train_fwd_factor);
@@ -166,6 +170,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     if (bw > 0 && p.mem_gbps == 0) p.mem_gbps = e.mem * bw;
     if (p.gemm_bwd_half_rows < 0) p.gemm_bwd_half_rows = p.gemm_half_rows;
     if (p.mem_bwd_gbps == 0) p.mem_bwd_gbps = p.mem_gbps;
+    if (p.stream_gbps == 0) p.stream_gbps = p.mem_gbps;
   } catch (const std::exception& e) {
     return Status::InvalidArgument(std::string("profile: bad value: ") + e.what());
   }
@@ -381,6 +386,15 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
     p.mem_bwd_gbps = 3.0 * rows * n * kF / bsec / 1e9;
   }
   {
+    // 128 MiB each way, 4x a large L3: y += x reads two and writes one DRAM-resident buffer.
+    const int64_t rows = 262144, n = 128;
+    Tensor xx = Tensor::empty({rows, n}), yy = Tensor::empty({rows, n});
+    fill(xx, 1e-3f), fill(yy, 0.f);
+    const double sec =
+        best_seconds([&] { kern::add_inplace(yy.f32(), n, xx.f32(), n, rows, n); }, 3);
+    p.stream_gbps = 3.0 * rows * n * kF / sec / 1e9;
+  }
+  {
     // The training step as a whole: one AF2 block at (32, 128), policy none, one chunk per module
     // (fastest of 2 after a warm-up, ~1-2 s). What the kernel classes above miss (the training
     // functions' state writes, per-chunk copies and gathers) is the ratio of measured to
@@ -450,7 +464,8 @@ std::string default_profile_path() {
     base = "/tmp";
   char host[256] = "localhost";
   gethostname(host, sizeof host - 1);
-  return base + "/foldcube/profile-" + host + ".json";
+  // Rates depend on the thread count, so each count has its own calibration.
+  return base + "/foldcube/profile-" + host + "-" + std::to_string(num_threads()) + "t.json";
 }
 
 Status load_or_calibrate_profile(const std::string& path, bool recalibrate, DeviceProfile* out) {
@@ -495,6 +510,9 @@ struct Work {
   std::vector<std::pair<double, double>> re_gemm;
   std::vector<std::array<double, 3>> re_gemm_narrow;
   double re_batched = 0, re_mem = 0;
+  // Elements swept through memory far larger than the caches (at stream_gbps), forward and
+  // backward: the training triangle multiplication re-reads LN_in(z) per channel group.
+  double stream = 0, bwd_stream = 0;
   double chunks = 0;  // iterations of the module's chunk loops (each pays chunk_overhead_us)
 };
 
@@ -513,6 +531,10 @@ double gemm_bwd_rate(const DeviceProfile& d, double rows) {
 // Rate factor of a product whose narrow side has n columns.
 double narrow_factor(const DeviceProfile& d, double n) { return n / (n + d.gemm_half_cols); }
 
+double stream_rate(const DeviceProfile& d) {
+  return d.stream_gbps > 0 ? d.stream_gbps : d.mem_gbps;
+}
+
 double att_scale(const DeviceProfile& d, double L) {
   return std::pow(std::clamp(L, 32.0, 4096.0) / kRefKeys, d.attention_len_exp);
 }
@@ -526,6 +548,7 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (d.mem_gbps * 1e9);
+  s += w.stream * e / (stream_rate(d) * 1e9);
   return s * 1e3;
 }
 
@@ -545,6 +568,7 @@ double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   for (const auto& [f, rows] : w.re_gemm) s += f / (gemm_rate(d, rows) * 1e9);
   s += w.re_batched / (d.batched_gflops * 1e9);
   s += w.re_mem * e / (d.mem_gbps * 1e9);
+  s += w.bwd_stream * e / (stream_rate(d) * 1e9);
   return s * 1e3;
 }
 
@@ -607,35 +631,51 @@ Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch
   return w;
 }
 
+// Inference (src/model/modules.cc): row chunks c1 for the input projections (all channels),
+// c2 for the output side.
 Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
   const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
   const double rr = static_cast<double>(r) * r;
   Work w;
-  // Rows of the input projections and of the output projection / gate per chunk. Training
-  // projects channel groups over all r^2 rows and runs the output side by pair rows.
-  int64_t c1 = r, c2 = r, group = ct;
-  if (ch.training) {
-    const TriMulTrainChunks tm = tri_mul_train_chunks(*ch.ctx);
-    c2 = tm.rows;
-    group = tm.group;
-  } else {
-    c1 = ch(r, r * (cz + 4 * ct) * kF);
-    c2 = ch(r, r * (ct + 3 * cz) * kF);
-  }
-  w.chunks += ceil_div(ct, group) + ceil_div(r, c1) + ceil_div(r, c2);
-  // Input projections: per channel group, [r^2, c_z] x [c_z, 4 group].
-  w.gemm_narrow.push_back(
-      {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
+  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
+  const int64_t c2 = ch(r, r * (ct + 3 * cz) * kF);
+  w.chunks += ceil_div(r, c1) + ceil_div(r, c2);
+  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
   w.batched += 2 * rr * r * ct;
   w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
   w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
   // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
   // LayerNorm out, sigmoid-mul, residual add.
   w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
-  // The backward rebuilds LN_in(z), the projections and A, B group by group, and LN_out.
-  w.re_gemm_narrow.push_back(
-      {2 * rr * cz * 4 * ct, static_cast<double>(c1 * r), static_cast<double>(4 * group)});
-  w.re_mem += 4 * rr * cz + 2 * rr * ct * (2 + 3) + 2 * rr * ct;
+  return w;
+}
+
+// Training (src/model/train_pair.cc): per channel group, the input projections [4 group, c_z] x
+// [c_z, q pairs] block by block (q = proj_rows * r), channel-major gating into A, B, the
+// batched products; the output side by row chunks. Each group sweeps LN_in(z) [r^2, c_z] once in
+// the forward; in the backward three times (A, B rebuilt; projections re-run; dW) plus a
+// read-modify-write of dL/d LN_in(z).
+Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext& ctx) {
+  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
+  const double rr = static_cast<double>(r) * r;
+  const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
+  const int64_t groups = ceil_div(ct, tm.group), q = tm.proj_rows * r;
+  const double proj = 2 * rr * cz * 4 * ct;
+  Work w;
+  w.chunks += groups * ceil_div(r, tm.proj_rows) + ceil_div(r, tm.rows);
+  w.gemm_narrow.push_back({proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
+  w.batched += 2 * rr * r * ct;
+  w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(tm.rows * r)});
+  w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(tm.rows * r)});
+  // LayerNorm in, gating (per part: sigmoid 2, copy 2, two multiplies 3 + 2), P transposed into
+  // rows, LayerNorm out, sigmoid-mul, residual add.
+  w.mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct * 2 + 6 * rr * cz;
+  w.stream += groups * rr * cz;
+  // The backward rebuilds LN_in(z), the projections twice (A, B; then pre-activation), the
+  // gating of A, B, and LN_out.
+  w.re_gemm_narrow.push_back({2 * proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
+  w.re_mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct;
+  w.bwd_stream += 5 * groups * rr * cz;
   return w;
 }
 
@@ -662,8 +702,8 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
       {"msa_att_col", attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch)},
       {"msa_transition", transition_work(s * r, cfg.c_m, cfg.transition_n, ch)},
       {"outer_product_mean", opm_work(cfg, s, r, ch)},
-      {"tri_mul_out", trimul_work(cfg, r, ch)},
-      {"tri_mul_in", trimul_work(cfg, r, ch)},
+      {"tri_mul_out", training ? trimul_train_work(cfg, r, ctx) : trimul_work(cfg, r, ch)},
+      {"tri_mul_in", training ? trimul_train_work(cfg, r, ctx) : trimul_work(cfg, r, ch)},
       {"tri_att_start", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
       {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
       {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};

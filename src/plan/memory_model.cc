@@ -222,8 +222,9 @@ void tri_mul_bwd(Sim& S, const BlockContext& ctx, bool kept) {
   S.free(phase2);
   S.free(ct * rr);                  // P
   const int64_t cg = chunks.group;
-  const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * chunks.proj_rows * r * 4 * cg +
-                         4 * cg * rr;  // G.W, G.b, gW, gb, t, dt, A, B, dA, dB
+  const int64_t q = chunks.proj_rows * r;
+  const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * q * 4 * cg + q +
+                         4 * cg * rr;  // G.W, G.b, gW, gb, T, dT, ones, A, B, dA, dB
   S.alloc(phase1);
   S.free(phase1);
   S.free(ct * rr + rr * cz);  // dP, x_ln
