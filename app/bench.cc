@@ -555,11 +555,11 @@ int bench_modules(const BenchArgs& a, int threads, const std::string& exe,
       "| est/meas |\n|---|---|---|---|---|---|---|---|\n");
   nlohmann::json rows = nlohmann::json::array();
   for (const int64_t tgt : targets) {
-    const std::string cmd =
-        "'" + exe + "' run --quiet --backward --profile --s " + std::to_string(s) + " --r " +
-        std::to_string(r) + " --blocks 1 --threads " + std::to_string(threads) +
-        " --chunk-target " + std::to_string(tgt) + " --warmup 1 --repeats " +
-        std::to_string(repeats) + " --report '" + report + "'";
+    const std::string cmd = "'" + exe + "' run --quiet --backward --profile --s " +
+                            std::to_string(s) + " --r " + std::to_string(r) +
+                            " --blocks 1 --threads " + std::to_string(threads) +
+                            " --chunk-target " + std::to_string(tgt) + " --warmup 1 --repeats " +
+                            std::to_string(repeats) + " --report '" + report + "'";
     nlohmann::json j;
     if (!run_row(cmd, report, &j)) return 1;
     const std::vector<ModuleCost> est = block_module_costs(cfg, s, r, 0, tgt, true, dev);

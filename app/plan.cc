@@ -461,9 +461,10 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
         std::fprintf(stderr, "foldcube: planner at %s: %s\n", shape.c_str(), st.message().c_str());
     }
     for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock})
-      for (const auto& [tag, tgt] : {std::pair<const char*, int64_t>{"whole", targets.back()},
-                                     {"auto", default_train_chunk_target_bytes(req.cfg, req.s, req.r)},
-                                     {"finest", targets.front()}}) {
+      for (const auto& [tag, tgt] :
+           {std::pair<const char*, int64_t>{"whole", targets.back()},
+            {"auto", default_train_chunk_target_bytes(req.cfg, req.s, req.r)},
+            {"finest", targets.front()}}) {
         BenchRow row{std::string(recompute_name(rc)) + ", " + tag, {}};
         Plan& p = row.plan;
         p.cfg = req.cfg;

@@ -415,9 +415,8 @@ int run_training(const RunArgs& a, Job& job) {
   if (!a.report.empty()) {
     nlohmann::json j;
     for (const ModuleTime& t : module_ms)
-      j["module_ms"][t.module] = {{"forward", t.forward_ms},
-                                  {"backward", t.backward_ms},
-                                  {"recompute", t.recompute_ms}};
+      j["module_ms"][t.module] = {
+          {"forward", t.forward_ms}, {"backward", t.backward_ms}, {"recompute", t.recompute_ms}};
     j["time_ms"] = median(tot);
     j["forward_ms"] = median(fwd);
     j["backward_ms"] = median(bwd);

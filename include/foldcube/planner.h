@@ -41,8 +41,8 @@ struct DeviceProfile {
   // Sweeps over buffers far larger than the caches (e.g. LN_in(z) re-read by every channel group
   // of the training triangle multiplication); 0 or absent: mem_gbps.
   double stream_gbps = 0;
-  double link_gbps = 0;             // collective bandwidth per device (bytes sent + received)
-  double link_latency_us = 0;       // per collective call
+  double link_gbps = 0;        // collective bandwidth per device (bytes sent + received)
+  double link_latency_us = 0;  // per collective call
   // Measured / modelled time of a training step's forward and backward (calibration: one block
   // at (32, 128), policy none, whole chunks); 1 for user profiles unless given.
   double train_fwd_factor = 1, train_bwd_factor = 1;

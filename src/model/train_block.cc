@@ -100,9 +100,8 @@ void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, flo
   const bool keep = policy == Recompute::kNone;
   const bool inputs = policy != Recompute::kBlock;
   if (inputs) st->m_in[0] = copy_of(m, ms), st->z_in[0] = copy_of(z, zs);
-  clk.run("msa_att_row", [&] {
-    msa_row_attention_train(w.msa_att_row, ctx, m, z, keep ? &st->row : nullptr);
-  });
+  clk.run("msa_att_row",
+          [&] { msa_row_attention_train(w.msa_att_row, ctx, m, z, keep ? &st->row : nullptr); });
   if (inputs) st->m_in[1] = copy_of(m, ms);
   clk.run("msa_att_col",
           [&] { msa_column_attention_train(w.msa_att_col, ctx, m, keep ? &st->col : nullptr); });
@@ -186,8 +185,8 @@ void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& 
     if (st->policy == Recompute::kModule) {
       OuterProductMeanState o;
       outer_product_mean_train(w.outer_product_mean, ctx, m_out.f32(), nullptr, &o);
-      outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
-                                  o, dz, dm);
+      outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(), o,
+                                  dz, dm);
     } else {
       outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
                                   st->opm, dz, dm);

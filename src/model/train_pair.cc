@@ -450,10 +450,10 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   constexpr int64_t kAlign = 16;
   if (ctx.chunk <= 0 && c.group < ct && c.group >= kAlign / 2)
     c.group = std::min(ct, (c.group + kAlign / 2) / kAlign * kAlign);
-  // Per pair row i of a group's projection block: t and dt (4 + 4 floats per channel and pair).
-  // The block is swept by five elementwise passes after its GEMM, so it stays cache-sized
-  // (kProjBlockBytes) whatever the target: (128, 256), AF2 dims, 1 thread, 32 MiB target: t and dt
-  // of 16 MiB each made the module 1.5x slower than at the 8 MiB target.
+  // Per pair row i of a group's projection block: T and its gradient (or the projection's
+  // scratch), 4 + 4 floats per channel and pair. The block is swept by several elementwise passes
+  // after its GEMM, so it stays cache-sized (kProjBlockBytes) whatever the target: (128, 256), AF2
+  // dims, 1 thread, 32 MiB target: blocks of 16 MiB made the module 1.5x slower than at 8 MiB.
   BlockContext pc = ctx;
   pc.chunk_target_bytes = std::min<int64_t>(ctx.chunk_target_bytes, kProjBlockBytes);
   c.proj_rows = pick_chunk(pc, r, r * 8 * c.group * kF);
@@ -487,20 +487,27 @@ struct TriMulGroup {
     for (int64_t part = 0; part < 4; ++part) {
       std::memcpy(W.f32() + part * nc * cz, w.ab.w.f32() + (part * ct + c0) * cz,
                   static_cast<size_t>(nc * cz) * kF);
-      std::memcpy(b.f32() + part * nc, w.ab.b.f32() + part * ct + c0,
-                  static_cast<size_t>(nc) * kF);
+      std::memcpy(b.f32() + part * nc, w.ab.b.f32() + part * ct + c0, static_cast<size_t>(nc) * kF);
     }
   }
 };
 
 // T [4*nc, n] (channel-major, ld n) = the group's projections a_p | a_g | b_p | b_g of n pairs
-// x [n, c_z]. Channel-major keeps every elementwise pass below on rows of n floats, however
-// narrow the group (row-major [n, 4*nc] rows of a few floats cost more in per-row overhead than
-// in arithmetic).
-void tri_mul_group_project(const TriMulGroup& G, const float* x, int64_t n, int64_t cz, float* T) {
+// x [n, c_z]; Y [n, 4*nc] is scratch. Channel-major keeps every elementwise pass below on rows of
+// n floats, however narrow the group (row-major rows of a few floats cost more in per-row
+// overhead than in arithmetic). oneDNN runs X W^T then a transpose faster than W X^T from
+// 16 outputs up, and W X^T faster below (1 thread, 32768 x 128 inputs: 131 vs 45 GFLOP/s at 16
+// outputs, 134 vs 110 at 64; 40 vs 64-86 at 4).
+void tri_mul_group_project(const TriMulGroup& G, const float* x, int64_t n, int64_t cz, float* Y,
+                           float* T) {
   const int64_t n4 = 4 * G.nc;
-  for (int64_t o = 0; o < n4; ++o) std::fill(T + o * n, T + (o + 1) * n, G.b.f32()[o]);
-  kern::gemm(false, true, n4, n, cz, 1.f, G.W.f32(), cz, x, cz, 1.f, T, n);
+  if (n4 < 16) {
+    for (int64_t o = 0; o < n4; ++o) std::fill(T + o * n, T + (o + 1) * n, G.b.f32()[o]);
+    kern::gemm(false, true, n4, n, cz, 1.f, G.W.f32(), cz, x, cz, 1.f, T, n);
+    return;
+  }
+  kern::linear(x, cz, n, cz, G.W.f32(), G.b.f32(), n4, Y, n4);
+  kern::transpose(Y, n4, T, n, n, n4);
 }
 
 // Copies nc rows of n floats (row strides lds, ldd).
@@ -510,13 +517,13 @@ void copy_rows(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t n
 }
 
 // A, B [nc, rr] of the group from x_ln [rr, c_z] and the mask [rr] (a = mask * sigmoid(a_g) *
-// a_p), in blocks of q pairs through T [4*nc, q].
+// a_p), in blocks of q pairs through T [4*nc, q] (Y [q, 4*nc]: scratch).
 void tri_mul_group_ab(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
-                      const float* mask, int64_t q, float* T, float* A, float* B) {
+                      const float* mask, int64_t q, float* Y, float* T, float* A, float* B) {
   const int64_t nc = G.nc;
   for (int64_t p0 = 0; p0 < rr; p0 += q) {
     const int64_t n = std::min(q, rr - p0);
-    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, T);
+    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, Y, T);
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
       const float* Tp = T + 2 * part * nc * n;  // [nc, n] a_p (b_p)
       float* Tg = T + (2 * part + 1) * nc * n;  // [nc, n] a_g (b_g), sigmoid in place
@@ -540,7 +547,7 @@ void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, int64_t rr,
   const int64_t nc = G.nc, n4 = 4 * nc;
   for (int64_t p0 = 0; p0 < rr; p0 += q) {
     const int64_t n = std::min(q, rr - p0);
-    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, T);
+    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, dT, T);  // dT: scratch until filled below
     // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g),
     // da_g = mask*da * a_p * s(1-s).
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
@@ -568,13 +575,14 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
   Tensor P = Tensor::empty({ct, r, r});
   TriMulGroup G{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
   Tensor T = Tensor::empty({4 * cg, q});  // projections of a block of pairs, channel-major
+  Tensor Y = Tensor::empty({q, 4 * cg});  // scratch of the projection
   Tensor A = Tensor::empty({cg, r, r});   // a of the group, channel-major
   Tensor B = Tensor::empty({cg, r, r});
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
     G.load(w, ct, c0, std::min(cg, ct - c0));
-    tri_mul_group_ab(G, x_ln, rr, cz, ctx.pair_mask, q, T.f32(), A.f32(), B.f32());
-    kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
-                       0.f, P.f32() + c0 * rr, r, rr);
+    tri_mul_group_ab(G, x_ln, rr, cz, ctx.pair_mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
+    kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
+                       P.f32() + c0 * rr, r, rr);
   }
   return P;
 }
@@ -683,7 +691,8 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
       G.load(w, ct, c0, std::min(cg, ct - c0));
       const int64_t nc = G.nc;
-      tri_mul_group_ab(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, T.f32(), A.f32(), B.f32());
+      tri_mul_group_ab(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dT.f32(), T.f32(), A.f32(),
+                       B.f32());
       const float* dPg = dP.f32() + c0 * rr;
       if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
         kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B.f32(), r, rr, 0.f,

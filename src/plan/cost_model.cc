@@ -690,8 +690,8 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
   ctx.r = r;
   ctx.chunk = chunk;
   ctx.chunk_target_bytes = chunk_target_bytes > 0 ? chunk_target_bytes
-                           : training               ? default_train_chunk_target_bytes(cfg, s, r)
-                                                    : default_chunk_target_bytes(cfg, s, r);
+                           : training             ? default_train_chunk_target_bytes(cfg, s, r)
+                                                  : default_chunk_target_bytes(cfg, s, r);
   ctx.threads = dev.threads;
   const Chunks ch{&ctx, training};
   const int64_t e = dtype_bytes(dev.dtype);

@@ -192,8 +192,8 @@ int64_t tri_mul_group_w(const BlockContext& ctx, int64_t cg) {
 void tri_mul_products(Sim& S, const BlockContext& ctx) {
   const int64_t r = ctx.r, rr = r * r, ct = ctx.cfg->c_hidden_mul;
   const TriMulTrainChunks c = tri_mul_train_chunks(ctx);
-  const int64_t tmp = tri_mul_group_w(ctx, c.group) + c.proj_rows * r * 4 * c.group +
-                      2 * c.group * rr;  // G.W, G.b, t, A, B
+  const int64_t tmp = tri_mul_group_w(ctx, c.group) + 2 * c.proj_rows * r * 4 * c.group +
+                      2 * c.group * rr;  // G.W, G.b, T, Y, A, B
   S.alloc(ct * rr);
   S.alloc(tmp);
   S.free(tmp);
@@ -220,7 +220,7 @@ void tri_mul_bwd(Sim& S, const BlockContext& ctx, bool kept) {
   const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
   S.alloc(phase2);
   S.free(phase2);
-  S.free(ct * rr);                  // P
+  S.free(ct * rr);  // P
   const int64_t cg = chunks.group;
   const int64_t q = chunks.proj_rows * r;
   const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * q * 4 * cg + q +

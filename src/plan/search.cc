@@ -144,7 +144,7 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
   ctx.s = s;
   ctx.r = r;
   ctx.chunk = chunk;
-  ctx.chunk_target_bytes = target > 0    ? target
+  ctx.chunk_target_bytes = target > 0 ? target
                            : training ? default_train_chunk_target_bytes(cfg, s, r)
                                       : default_chunk_target_bytes(cfg, s, r);
   ctx.threads = threads;
