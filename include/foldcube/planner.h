@@ -5,6 +5,7 @@
 // estimated time per protein under a memory limit. docs/planner.md has the formulas.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -30,6 +31,10 @@ struct DeviceProfile {
   double gemm_gflops = 0;         // large projections, M -> infinity
   double gemm_half_rows = 0;      // rows at which a projection runs at half of gemm_gflops
   double gemm_half_cols = 0;      // narrow side (columns) at which a product runs at half rate
+  // The training triangle multiplication's channel-group projections as the model runs them
+  // (src/model/train_pair.cc): (outputs n = 4 x group, forward GFLOP/s, backward GFLOP/s) at the
+  // block shapes it uses, n ascending; empty (user profiles): gemm rates x n / (n + gemm_half_cols).
+  std::vector<std::array<double, 3>> narrow_gemm;
   double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
   double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
   double batched_gflops = 0;      // batched r x r x r products (triangle mult.), OPM outer product

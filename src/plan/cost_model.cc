@@ -55,6 +55,7 @@ std::string DeviceProfile::to_json() const {
   j["gemm_gflops"] = gemm_gflops;
   j["gemm_half_rows"] = gemm_half_rows;
   j["gemm_half_cols"] = gemm_half_cols;
+  j["narrow_gemm"] = narrow_gemm;
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
   j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
@@ -129,6 +130,17 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
     num("gemm_half_cols", &p.gemm_half_cols);
+    if (j.contains("narrow_gemm")) {
+      p.narrow_gemm = j["narrow_gemm"].get<std::vector<std::array<double, 3>>>();
+      for (size_t i = 0; i < p.narrow_gemm.size(); ++i) {
+        const auto& e = p.narrow_gemm[i];
+        if (!(e[0] >= 1 && e[1] > 0 && e[2] > 0) || !std::isfinite(e[1]) ||
+            !std::isfinite(e[2]) || (i > 0 && !(e[0] > p.narrow_gemm[i - 1][0])))
+          return Status::InvalidArgument(
+              "profile: narrow_gemm entries must be [n >= 1, gflops > 0, bwd_gflops > 0] with n "
+              "ascending");
+      }
+    }
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
     p.gemm_bwd_half_rows = -1;  // absent: the forward's
     num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
@@ -301,21 +313,39 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
   p.gemm_gflops = x > 0 ? 1 / x : rb;
   p.gemm_half_rows = x > 0 ? y / x : 0;
   {
-    // Narrow outputs (a training channel group's projections): 8192 x 128 -> 8 against -> 256,
-    // rate(n) = rate(wide) * n / (n + n_half).
-    const int64_t rows = 8192, in = 128, narrow = 8, wide = 256;
-    double sec[2];
-    for (int i = 0; i < 2; ++i) {
-      const int64_t o = i == 0 ? narrow : wide;
-      Tensor x = Tensor::empty({rows, in}), w = Tensor::empty({o, in}),
-             y = Tensor::empty({rows, o});
-      fill(x, 0.5f), fill(w, 0.1f);
-      sec[i] = best_seconds(
-                   [&] { kern::linear(x.f32(), in, rows, in, w.f32(), nullptr, o, y.f32(), o); },
-                   reps) /
-               o;  // seconds per output column
+    // The training triangle multiplication's group projections as src/model/train_pair.cc runs
+    // them, at its block shapes (q pairs x 128 inputs -> n = 4 x group outputs, q n = 2^18 for
+    // its 2 MiB blocks): forward W X^T below 16 outputs, X W^T then a transpose from 16 up;
+    // backward dX = dT^T W and dW = dT X. The fitted n_half serves profiles without the table.
+    const int64_t in = 128;
+    for (const int64_t n : {4, 8, 16, 32, 64, 128, 512}) {
+      const int64_t q = std::clamp<int64_t>((int64_t{1} << 18) / n, 512, 65536);
+      Tensor x = Tensor::empty({q, in}), w = Tensor::empty({n, in}), y = Tensor::empty({q, n});
+      Tensor t = Tensor::empty({n, q}), dx = Tensor::empty({q, in}), dw = Tensor::empty({n, in});
+      fill(x, 0.5f), fill(w, 0.1f), fill(t, 0.01f), fill(dx, 0.f), fill(dw, 0.f);
+      const double fwd = best_seconds(
+          [&] {
+            if (n < 16) {
+              kern::gemm(false, true, n, q, in, 1.f, w.f32(), in, x.f32(), in, 0.f, t.f32(), q);
+            } else {
+              kern::linear(x.f32(), in, q, in, w.f32(), nullptr, n, y.f32(), n);
+              kern::transpose(y.f32(), n, t.f32(), q, q, n);
+            }
+          },
+          3);
+      const double bwd = best_seconds(
+          [&] {
+            kern::gemm(true, false, q, in, n, 1.f, t.f32(), q, w.f32(), in, 1.f, dx.f32(), in);
+            kern::gemm(false, false, n, in, q, 1.f, t.f32(), q, x.f32(), in, 1.f, dw.f32(), in);
+          },
+          3);
+      const double flops = 2.0 * q * in * n;
+      p.narrow_gemm.push_back({static_cast<double>(n), flops / fwd / 1e9, 2 * flops / bwd / 1e9});
     }
-    p.gemm_half_cols = std::max(0.0, narrow * (sec[0] / sec[1] - 1));
+    // Per-column times t(n) ~ 1 / rate(n) ~ (n + h) / n between n = 4 and 64:
+    // h = a b (rho - 1) / (b - rho a), rho = t(a) / t(b).
+    const double na = 4, nb = 64, rho = p.narrow_gemm[4][1] / p.narrow_gemm[0][1];
+    p.gemm_half_cols = rho < nb / na ? std::max(0.0, na * nb * (rho - 1) / (nb - rho * na)) : nb;
   }
   {
     // Linear backward (dX and dW, kern::linear_backward) at the same shapes and row counts,
@@ -531,6 +561,20 @@ double gemm_bwd_rate(const DeviceProfile& d, double rows) {
 // Rate factor of a product whose narrow side has n columns.
 double narrow_factor(const DeviceProfile& d, double n) { return n / (n + d.gemm_half_cols); }
 
+// Rate of a narrow product with n outputs: the calibrated table, interpolated in log n (clamped
+// at its ends), or the row-count rate times narrow_factor. col: 1 forward, 2 backward.
+double narrow_rate(const DeviceProfile& d, double rows, double n, int col) {
+  const auto& t = d.narrow_gemm;
+  if (t.empty())
+    return (col == 1 ? gemm_rate(d, rows) : gemm_bwd_rate(d, rows)) * narrow_factor(d, n);
+  if (n <= t.front()[0]) return t.front()[col];
+  if (n >= t.back()[0]) return t.back()[col];
+  size_t i = 1;
+  while (t[i][0] < n) ++i;
+  const double u = std::log(n / t[i - 1][0]) / std::log(t[i][0] / t[i - 1][0]);
+  return t[i - 1][col] + u * (t[i][col] - t[i - 1][col]);
+}
+
 double stream_rate(const DeviceProfile& d) {
   return d.stream_gbps > 0 ? d.stream_gbps : d.mem_gbps;
 }
@@ -543,8 +587,7 @@ double att_scale(const DeviceProfile& d, double L) {
 double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += f / (gemm_rate(d, rows) * 1e9);
-  for (const auto& [f, rows, n] : w.gemm_narrow)
-    s += f / (gemm_rate(d, rows) * narrow_factor(d, n) * 1e9);
+  for (const auto& [f, rows, n] : w.gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (d.mem_gbps * 1e9);
@@ -558,10 +601,8 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
 double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
-  for (const auto& [f, rows, n] : w.gemm_narrow)
-    s += 2 * f / (gemm_bwd_rate(d, rows) * narrow_factor(d, n) * 1e9);
-  for (const auto& [f, rows, n] : w.re_gemm_narrow)
-    s += f / (gemm_rate(d, rows) * narrow_factor(d, n) * 1e9);
+  for (const auto& [f, rows, n] : w.gemm_narrow) s += 2 * f / (narrow_rate(d, rows, n, 2) * 1e9);
+  for (const auto& [f, rows, n] : w.re_gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);
   s += 2 * w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
   s += 2 * w.mem * e / ((d.mem_bwd_gbps > 0 ? d.mem_bwd_gbps : d.mem_gbps) * 1e9);
