@@ -172,6 +172,55 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
   EXPECT_GT(step_ms(tg.front()), step_ms(tg.back()));
 }
 
+// The calibrated narrow-projection table and the stream rate round-trip, are validated, and set
+// the training triangle multiplication's cost: a group four times narrower at a 4x slower table
+// rate costs more, and LN_in(z) sweeps per group are charged at stream_gbps.
+TEST(Planner, NarrowTableAndStreamRate) {
+  DeviceProfile p = test_profile();
+  p.narrow_gemm = {{4, 20, 25}, {16, 80, 90}, {64, 200, 210}};
+  p.stream_gbps = 5;
+  DeviceProfile q;
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
+  EXPECT_EQ(q.narrow_gemm, p.narrow_gemm);
+  EXPECT_EQ(q.stream_gbps, p.stream_gbps);
+  for (const char* bad : {R"([[4, 20, 25], [4, 80, 90]])", R"([[4, 0, 25]])", R"([[0, 1, 1]])"}) {
+    nlohmann::json j = nlohmann::json::parse(p.to_json());
+    j["narrow_gemm"] = nlohmann::json::parse(bad);
+    const Status st = DeviceProfile::from_json(j.dump(), &q);
+    EXPECT_NE(st.message().find("narrow_gemm"), std::string::npos) << bad << ": " << st.message();
+  }
+  nlohmann::json j = nlohmann::json::parse(p.to_json());
+  j["stream_gbps"] = -1;
+  EXPECT_NE(DeviceProfile::from_json(j.dump(), &q).message().find("stream_gbps"),
+            std::string::npos);
+  // A user profile without the fields: the stream rate defaults to mem_gbps.
+  ASSERT_TRUE(DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10})", &q).ok());
+  EXPECT_EQ(q.stream_gbps, q.mem_gbps);
+  EXPECT_TRUE(q.narrow_gemm.empty());
+
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  const int64_t s = 32, r = 128, rr = r * r;
+  auto tri_mul = [&](const DeviceProfile& d, int64_t target) {
+    for (const ModuleCost& c : block_module_costs(cfg, s, r, 0, target, true, d))
+      if (c.name == "tri_mul_out") return c;
+    return ModuleCost{};
+  };
+  // Channel groups at these targets (4 r^2 floats per channel): 16 channels, and 1 channel.
+  const int64_t wide = 16 * 4 * rr * 4, narrow = 4 * rr * 4;
+  const ModuleCost w = tri_mul(p, wide), n = tri_mul(p, narrow);
+  EXPECT_GT(n.forward_ms, w.forward_ms);
+  EXPECT_GT(n.backward_ms, w.backward_ms);
+  // Halving the stream rate adds exactly the sweep time: groups x r^2 c_z floats forward, five
+  // times that backward (times the training factors, 1 here).
+  DeviceProfile slow = p;
+  slow.stream_gbps = p.stream_gbps / 2;
+  const ModuleCost ns = tri_mul(slow, narrow);
+  const double sweep_ms = 128.0 * rr * cfg.c_z * 4 / (p.stream_gbps * 1e9) * 1e3;
+  EXPECT_NEAR(ns.forward_ms - n.forward_ms, sweep_ms, 1e-6 * sweep_ms);
+  EXPECT_NEAR(ns.backward_ms - n.backward_ms, 5 * sweep_ms, 1e-6 * sweep_ms);
+}
+
 TEST(Planner, DecompositionMatchesMemoryModel) {
   for (bool af2 : {false, true}) {
     EvoformerConfig cfg = af2 ? EvoformerConfig() : small_cfg(5);
