@@ -56,6 +56,9 @@ struct TriMulTrainChunks {
   int64_t group = 0, proj_rows = 0, rows = 0;
 };
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx);
+// The same for a shard of `rows` of the r rows whose right operand is gathered from `parts` shards
+// (DAP, triangle_multiplication_shard_*); parts = 0: one process (nothing gathered).
+TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, int64_t parts);
 
 // ---- Gated attention modules (MSA row / column, triangle start / end) -------------------------
 // The attention runs over a stream viewed as N batch items of L positions with c channels

@@ -439,10 +439,15 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
 constexpr int64_t kProjBlockBytes = 2 << 20;
 
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
-  const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  return tri_mul_train_chunks(ctx, ctx.r, 0);
+}
+
+TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, int64_t parts) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, rr = rows * r;
   TriMulTrainChunks c;
-  // Per channel of a group (backward): A, B, dA, dB over all r^2 pairs.
-  c.group = pick_chunk(ctx, ct, 4 * r * r * kF);
+  // Per channel of a group (backward): A, B, dA, dB over the rows' pairs, and with shards every
+  // shard's gathered right operand and its gradient.
+  c.group = pick_chunk(ctx, ct, (4 + 2 * parts) * rr * kF);
   // Automatic groups round to the nearest multiple of 16 channels once 8 or more fit (as the
   // inference path does): narrower groups run the projections, gates and their gradients on rows of
   // a few floats (perf, (128, 256), AF2 dims, 32 MiB target: groups of 10 -> 16 channels took 7 %
@@ -456,22 +461,13 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   // dims, 1 thread, 32 MiB target: blocks of 16 MiB made the module 1.5x slower than at 8 MiB.
   BlockContext pc = ctx;
   pc.chunk_target_bytes = std::min<int64_t>(ctx.chunk_target_bytes, kProjBlockBytes);
-  c.proj_rows = pick_chunk(pc, r, r * 8 * c.group * kF);
+  c.proj_rows = pick_chunk(pc, rows, r * 8 * c.group * kF);
   // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
-  c.rows = pick_chunk(ctx, r, r * (3 * ct + 5 * cz + 2) * kF);
+  c.rows = pick_chunk(ctx, rows, r * (3 * ct + 5 * cz + 2) * kF);
   return c;
 }
 
 namespace {
-
-// t [rr, 4*nc] = a_p | a_g | b_p | b_g of channels c0 .. c0+nc from x_ln [r*r, c_z] (the rows
-// part*c_t + c0 .. of the fused linear a_p | a_g | b_p | b_g). Used by the DAP shard path.
-void tri_mul_project(const TriangleMultiplicationW& w, const float* x_ln, int64_t rr, int64_t cz,
-                     int64_t ct, int64_t c0, int64_t nc, float* t) {
-  for (int64_t part = 0; part < 4; ++part)
-    kern::linear(x_ln, cz, rr, cz, w.ab.w.f32() + (part * ct + c0) * cz,
-                 w.ab.b.f32() + part * ct + c0, nc, t + part * nc, 4 * nc);
-}
 
 // One channel group of the training triangle multiplication's input side. The group's rows of
 // the fused projection a_p | a_g | b_p | b_g are gathered into one [4*nc, c_z] weight, so each
@@ -488,6 +484,15 @@ struct TriMulGroup {
       std::memcpy(W.f32() + part * nc * cz, w.ab.w.f32() + (part * ct + c0) * cz,
                   static_cast<size_t>(nc * cz) * kF);
       std::memcpy(b.f32() + part * nc, w.ab.b.f32() + part * ct + c0, static_cast<size_t>(nc) * kF);
+    }
+  }
+  // Adds the group's weight gradients gW [4*nc, c_z], gb [4*nc] into the fused gradient g.
+  void add_grads(TriangleMultiplicationW* g, int64_t ct, const float* gW, const float* gb) const {
+    const int64_t cz = W.dim(1);
+    for (int64_t part = 0; part < 4; ++part) {
+      const int64_t row0 = part * ct + c0;  // first row of this part in the fused a_p|a_g|b_p|b_g
+      kern::add_inplace(g->ab.w.f32() + row0 * cz, cz, gW + part * nc * cz, cz, nc, cz);
+      kern::add_inplace(g->ab.b.f32() + row0, nc, gb + part * nc, nc, 1, nc);
     }
   }
 };
@@ -709,11 +714,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
       std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
       tri_mul_group_backward(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dA.f32(), dB.f32(),
                              ones.f32(), T.f32(), dT.f32(), dxln.f32(), gW.f32(), gb.f32());
-      for (int64_t part = 0; part < 4; ++part) {
-        const int64_t row0 = part * ct + c0;  // first row of this part in the fused a_p|a_g|b_p|b_g
-        kern::add_inplace(g->ab.w.f32() + row0 * cz, cz, gW.f32() + part * nc * cz, cz, nc, cz);
-        kern::add_inplace(g->ab.b.f32() + row0, nc, gb.f32() + part * nc, nc, 1, nc);
-      }
+      G.add_grads(g, ct, gW.f32(), gb.f32());
     }
   }
   dP = Tensor();
@@ -725,19 +726,6 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
 // ---- Triangle multiplication on a row shard (DAP) ----------------------------------------------
 
 namespace {
-
-struct TriMulShardChunks {
-  int64_t group = 0, rows = 0;
-};
-// Channels per group (projections t, dt; A, B, dA, dB; the gathered R and its gradient) and rows
-// per chunk of phase 2, for a shard of `rows` rows of r columns over `parts` shards.
-TriMulShardChunks tri_mul_shard_chunks(const BlockContext& ctx, int64_t rows, int64_t parts) {
-  const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, rr = rows * r;
-  TriMulShardChunks c;
-  c.group = pick_chunk(ctx, ct, (12 + 2 * parts) * rr * kF);
-  c.rows = pick_chunk(ctx, rows, r * (3 * ct + 5 * cz + 2) * kF);
-  return c;
-}
 
 // Dropout of the update u [n, r, c_z] of the shard's rows i0.. (global row0 + i0..): the mask
 // [r, c_z] shared over the rows (outgoing), or per row of z^T, row j scaled by mask[row0 + j]
@@ -756,41 +744,30 @@ void shard_dropout(float* u, int64_t n, int64_t r, int64_t cz, const Tensor& mas
       for (int64_t c = 0; c < cz; ++c) u[(i * r + j) * cz + c] *= mp[(grow0 + i) * cz + c];
 }
 
-// Phase 1 of a group on the shard's rows: t [rr, 4*nc] = the projections a_p | a_g | b_p | b_g,
-// gated in place into a | . | b | ., and a, b channel-major into A, B [nc, rows, r].
-void tri_mul_shard_group(const TriangleMultiplicationW& w, const BlockContext& ctx,
-                         const float* x_ln, const float* mask, int64_t rr, int64_t c0, int64_t nc,
-                         float* t, float* A, float* B) {
-  const int64_t cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, ld = 4 * nc;
-  tri_mul_project(w, x_ln, rr, cz, ct, c0, nc, t);
-  for (int64_t part = 0; part < 2; ++part) {  // a, then b
-    float* proj = t + 2 * part * nc;          // [rr, nc] with ld 4*nc
-    kern::sigmoid_inplace(proj + nc, ld, rr, nc);
-    kern::mul_inplace(proj, ld, proj + nc, ld, rr, nc);
-    kern::scale_rows(proj, ld, mask, rr, nc);
-    kern::transpose(proj, ld, part ? B : A, rr, rr, nc);
-  }
-}
-
 // P [c_t, rows, r] of the shard: per group, P_c[:, shard q's rows] = L_c R_{q,c}^T.
 Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockContext& ctx,
                               bool left_is_b, int64_t rows, const float* mask,
                               const ShardGather& gather, const float* x_ln) {
-  const int64_t r = ctx.r, rr = rows * r, ct = ctx.cfg->c_hidden_mul, parts = gather.parts;
-  const int64_t cg = tri_mul_shard_chunks(ctx, rows, parts).group;
+  const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t parts = gather.parts;
+  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx, rows, parts);
+  const int64_t cg = chunks.group, q = chunks.proj_rows * r;
   Tensor P = Tensor::empty({ct, rows, r});  // products of the shard, channel-major
-  Tensor t = Tensor::empty({rr, 4 * cg});   // projections of the group, gated in place
+  TriMulGroup grp{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
+  Tensor T = Tensor::empty({4 * cg, q});    // projections of a block of pairs, channel-major
+  Tensor Y = Tensor::empty({q, 4 * cg});    // scratch of the projection
   Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
   Tensor B = Tensor::empty({cg, rows, r});
   Tensor G = Tensor::empty({parts * cg, rows, r});  // every shard's R of the group, shard-major
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
-    const int64_t nc = std::min(cg, ct - c0);
-    tri_mul_shard_group(w, ctx, x_ln, mask, rr, c0, nc, t.f32(), A.f32(), B.f32());
+    grp.load(w, ct, c0, std::min(cg, ct - c0));
+    const int64_t nc = grp.nc;
+    tri_mul_group_ab(grp, x_ln, rr, cz, mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
     const float* L = (left_is_b ? B : A).f32();
     gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
-    for (int64_t q = 0; q < parts; ++q)
-      kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + q * nc * rr, r,
-                         rr, 0.f, P.f32() + c0 * rr + q * rows, r, rr);
+    for (int64_t k = 0; k < parts; ++k)
+      kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + k * nc * rr, r,
+                         rr, 0.f, P.f32() + c0 * rr + k * rows, r, rr);
   }
   return P;
 }
@@ -811,7 +788,7 @@ void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const
       tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());  // [c_t, rows, r]
   {
     const Tensor dmask = dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz);
-    const int64_t ch = tri_mul_shard_chunks(ctx, rows, gather.parts).rows;
+    const int64_t ch = tri_mul_train_chunks(ctx, rows, gather.parts).rows;
     Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
     Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
     Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
@@ -842,7 +819,7 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   const int64_t parts = gather.parts;
   FC_CHECK(parts >= 1 && rows * parts == r && reduce.parts == parts);
   const float eps = cfg.eps_ln;
-  const TriMulShardChunks chunks = tri_mul_shard_chunks(ctx, rows, parts);
+  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx, rows, parts);
   Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z_in) of the shard
   Tensor mean = Tensor::empty({rr});
   Tensor rstd = Tensor::empty({rr});
@@ -892,55 +869,42 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   }
   P = Tensor();
   {
-    // Phase 1 backward by channel groups: rebuild the group's projections, A, B and every shard's
-    // R; dL = sum_q dP_q R_q, dR_q = dP_q^T L (reduce-scattered to shard q); then as one process.
-    const int64_t cg = chunks.group;
-    Tensor t = Tensor::empty({rr, 4 * cg});   // projections a_p | a_g | b_p | b_g (pre-activation)
-    Tensor dt = Tensor::empty({rr, 4 * cg});  // gated copy of t, then dL/d t
+    // Phase 1 backward by channel groups: rebuild the group's A, B and every shard's R;
+    // dL = sum_k dP_k R_k, dR_k = dP_k^T L (reduce-scattered to shard k); then as one process.
+    const int64_t cg = chunks.group, q = chunks.proj_rows * r;
+    TriMulGroup grp{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
+    Tensor gW = Tensor::empty({4 * cg, cz});  // dL/d grp.W, dL/d grp.b of the group
+    Tensor gb = Tensor::empty({4 * cg});
+    Tensor T = Tensor::empty({4 * cg, q});    // projections of a block of pairs, channel-major
+    Tensor dT = Tensor::empty({4 * cg, q});   // dL/d T of the block
+    Tensor ones = Tensor::full({q}, 1.f);     // [q] for the bias gradient's row sums
     Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
     Tensor B = Tensor::empty({cg, rows, r});
     Tensor dA = Tensor::empty({cg, rows, r});  // dL/d a, dL/d b, channel-major
     Tensor dB = Tensor::empty({cg, rows, r});
     Tensor G = Tensor::empty({parts * cg, rows, r});   // every shard's R, shard-major
-    Tensor dG = Tensor::empty({parts * cg, rows, r});  // this shard's part of every dR_q
+    Tensor dG = Tensor::empty({parts * cg, rows, r});  // this shard's part of every dR_k
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
-      const int64_t nc = std::min(cg, ct - c0), ld = 4 * nc;
-      float* tp = t.f32();
-      float* dtp = dt.f32();
-      tri_mul_project(w, x_ln.f32(), rr, cz, ct, c0, nc, tp);
-      std::memcpy(dtp, tp, static_cast<size_t>(rr * ld) * kF);
-      for (int64_t part = 0; part < 2; ++part) {  // gate a, then b, as tri_mul_shard_group
-        float* proj = dtp + 2 * part * nc;
-        kern::sigmoid_inplace(proj + nc, ld, rr, nc);
-        kern::mul_inplace(proj, ld, proj + nc, ld, rr, nc);
-        kern::scale_rows(proj, ld, mask, rr, nc);
-        kern::transpose(proj, ld, (part ? B : A).f32(), rr, rr, nc);
-      }
+      grp.load(w, ct, c0, std::min(cg, ct - c0));
+      const int64_t nc = grp.nc;
+      tri_mul_group_ab(grp, x_ln.f32(), rr, cz, mask, q, dT.f32(), T.f32(), A.f32(), B.f32());
       const float* L = (left_is_b ? B : A).f32();
       float* dL = (left_is_b ? dB : dA).f32();
       float* dR = (left_is_b ? dA : dB).f32();
       gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
       const float* dPg = dP.f32() + c0 * rr;
-      for (int64_t q = 0; q < parts; ++q) {
-        kern::gemm_batched(nc, false, false, rows, r, rows, 1.f, dPg + q * rows, r, rr,
-                           G.f32() + q * nc * rr, r, rr, q == 0 ? 0.f : 1.f, dL, r, rr);
-        kern::gemm_batched(nc, true, false, rows, r, rows, 1.f, dPg + q * rows, r, rr, L, r, rr,
-                           0.f, dG.f32() + q * nc * rr, r, rr);
+      for (int64_t k = 0; k < parts; ++k) {
+        kern::gemm_batched(nc, false, false, rows, r, rows, 1.f, dPg + k * rows, r, rr,
+                           G.f32() + k * nc * rr, r, rr, k == 0 ? 0.f : 1.f, dL, r, rr);
+        kern::gemm_batched(nc, true, false, rows, r, rows, 1.f, dPg + k * rows, r, rr, L, r, rr,
+                           0.f, dG.f32() + k * nc * rr, r, rr);
       }
       reduce.fn(dG.f32(), nc * rr, dR);
-      for (int64_t part = 0; part < 2; ++part) {  // a, then b
-        const int64_t off = 2 * part * nc;
-        kern::transpose((part ? dB : dA).f32(), rr, dtp + off, ld, nc, rr);
-        kern::scale_rows(dtp + off, ld, mask, rr, nc);
-        kern::sigmoid_mul_backward(tp + off, ld, tp + off + nc, ld, dtp + off, ld, dtp + off, ld,
-                                   dtp + off + nc, ld, rr, nc);
-      }
-      for (int64_t part = 0; part < 4; ++part) {
-        const int64_t wrow0 = part * ct + c0;
-        kern::linear_backward(x_ln.f32(), cz, rr, cz, w.ab.w.f32() + wrow0 * cz, nc,
-                              dtp + part * nc, ld, dxln.f32(), cz, g->ab.w.f32() + wrow0 * cz,
-                              g->ab.b.f32() + wrow0, true);
-      }
+      std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
+      std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
+      tri_mul_group_backward(grp, x_ln.f32(), rr, cz, mask, q, dA.f32(), dB.f32(), ones.f32(),
+                             T.f32(), dT.f32(), dxln.f32(), gW.f32(), gb.f32());
+      grp.add_grads(g, ct, gW.f32(), gb.f32());
     }
   }
   dP = Tensor();
