@@ -531,7 +531,6 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
   const EvoformerConfig& cfg = job.stack.config();
 
   std::vector<double> fwd, bwd, tot;
-  std::vector<ModuleTime> module_ms;  // --profile: summed over the timed passes, then averaged
   TrainResult res;
   DapTrainStats stats;
   Tensor m, z;
@@ -551,14 +550,6 @@ int run_dap_training(const RunArgs& a, const dist::Communicator& world, const Di
       fwd.push_back(res.forward_ms);
       bwd.push_back(res.backward_ms);
       tot.push_back(res.forward_ms + res.backward_ms);
-      for (const ModuleTime& t : res.module_ms) {
-        auto e = std::find_if(module_ms.begin(), module_ms.end(),
-                              [&](const ModuleTime& x) { return x.module == t.module; });
-        if (e == module_ms.end()) e = module_ms.insert(module_ms.end(), ModuleTime{t.module});
-        e->forward_ms += t.forward_ms / a.repeats;
-        e->backward_ms += t.backward_ms / a.repeats;
-        e->recompute_ms += t.recompute_ms / a.repeats;
-      }
     }
   }
   if (D > 1) {
