@@ -277,6 +277,30 @@ TEST(Cli, MemoryBudget) {
     }
 }
 
+// `run --backward --profile`: every module's training forward and backward time (policy block
+// also its re-run), summing to no more than the step, in the report and on stdout.
+TEST(Cli, TrainingProfilePerModule) {
+  const std::string rep = tmp("train_profile.json");
+  Result r = run_cli(
+      "run --s 8 --r 16 --blocks 2 --backward --policy none,block --profile --warmup 0 --report " +
+      rep);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("recompute ms"), std::string::npos) << r.out;
+  std::ifstream f(rep);
+  nlohmann::json j = nlohmann::json::parse(f);
+  ASSERT_EQ(j["module_ms"].size(), 9u) << j.dump();
+  double fwd = 0, bwd = 0, re = 0;
+  for (const auto& [module, t] : j["module_ms"].items()) {
+    EXPECT_GT(t["forward"].get<double>(), 0) << module;
+    EXPECT_GT(t["backward"].get<double>(), 0) << module;
+    EXPECT_GT(t["recompute"].get<double>(), 0) << module;  // block 1 re-runs its forward
+    fwd += t["forward"].get<double>(), bwd += t["backward"].get<double>();
+    re += t["recompute"].get<double>();
+  }
+  EXPECT_LE(fwd, j["forward_ms"].get<double>());
+  EXPECT_LE(bwd + re, j["backward_ms"].get<double>());
+}
+
 TEST(Cli, MissingFileAndBadFlags) {
   expect_user_error(run_cli("run --weights /nonexistent/w.safetensors"),
                     "/nonexistent/w.safetensors");
