@@ -138,8 +138,9 @@ Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measur
 // Runs a plan with dap x dp = world.size() ranks through the DAP executor (exec/dap.h,
 // exec/dap_train.h) and fills this rank's figures. Every rank builds the same random weights from
 // `seed`; the root of DAP group g makes protein g's inputs and upstream gradients from seed + g
-// (app/run.cc's convention) and passes no masks (the executor's all-ones masks). Training with
-// dp > 1 averages the parameter gradients over the replicas (timed as part of the backward).
+// (app/run.cc's convention) and passes no masks (the executor's all-ones masks). With dap = 1
+// each replica runs the single-process forward or step (all-ones masks, as run_plan). Training
+// with dp > 1 averages the parameter gradients over the replicas (timed with the backward).
 // Errors are the executor's, the same on every rank.
 Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t seed, int warmup,
                     int repeats, Measured* out) {
@@ -150,6 +151,8 @@ Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t 
   const bool root = dap.rank() == 0;
   const uint64_t gseed = seed + static_cast<uint64_t>(grp);
   const EvoformerStack stack = EvoformerStack::random(cfg, seed);
+  Tensor msa_mask, pair_mask;  // one rank per replica: [s, r], [r, r] ones as in run_plan
+  if (N == 1) msa_mask = Tensor::full({s, r}, 1.f), pair_mask = Tensor::full({r, r}, 1.f);
   Tensor gm, gz;  // the group root's upstream gradients [s, r, c_m], [r, r, c_z]
   if (plan.training && root) {
     gm = random_tensor({s, r, cfg.c_m}, gseed * 2 + 3);
@@ -170,8 +173,12 @@ Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t 
       o.seed = gseed;
       TrainResult res;
       DapTrainStats stats;
-      FC_RETURN_IF_ERROR(
-          dap_train_step(stack, dap, m, z, Tensor(), Tensor(), gm, gz, o, &stats, &res));
+      if (N > 1) {
+        FC_RETURN_IF_ERROR(
+            dap_train_step(stack, dap, m, z, Tensor(), Tensor(), gm, gz, o, &stats, &res));
+      } else {  // one rank per replica: the single-process step (its memory model is exact)
+        FC_RETURN_IF_ERROR(stack.train_step(m, z, msa_mask, pair_mask, gm, gz, o, &res));
+      }
       const auto t0 = std::chrono::steady_clock::now();
       if (D > 1)
         for (auto& [name, t] : res.grad_params) {
@@ -187,14 +194,18 @@ Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t 
         bwd.push_back(res.backward_ms + reduce_ms);
         tot.push_back(res.forward_ms + res.backward_ms + reduce_ms);
       }
-      out->activation_bytes = stats.activation_bytes;
+      out->activation_bytes = res.activation_bytes;
     } else {
       DapOptions o;
       o.chunk = plan.chunk;
       o.chunk_target_bytes = plan.chunk_target_bytes;
       Tensor s_out;  // [r, c_s] on the group root
       const auto t0 = std::chrono::steady_clock::now();
-      FC_RETURN_IF_ERROR(dap_forward(stack, dap, m, z, Tensor(), Tensor(), &s_out, o));
+      if (N > 1)
+        FC_RETURN_IF_ERROR(dap_forward(stack, dap, m, z, Tensor(), Tensor(), &s_out, o));
+      else
+        FC_RETURN_IF_ERROR(
+            stack.forward(m, z, msa_mask, pair_mask, &s_out, to_forward_options(plan)));
       const double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       if (it >= warmup) tot.push_back(ms), fwd.push_back(ms);
