@@ -593,11 +593,13 @@ std::string temp_path(const char* tag) {
   return "/tmp/foldcube_" + std::string(tag) + "_" + std::to_string(getpid()) + ".json";
 }
 
-// One table row: a plan, its estimate and (when it fits) its measurement in a fresh process.
+// One table row: a plan, its estimate and (when it fits) its measurement in a fresh process (under
+// `mpirun -np dap*dp` for a DAP/DP plan; then the peak is the largest rank's).
 struct BenchRow {
   std::string name;
   Plan plan;
   bool measured = false;
+  std::string note{};  // why a row that fits was not measured
   double time_ms = 0, cpu_ms = 0;
   int64_t peak_bytes = 0;
 };
@@ -609,7 +611,14 @@ Status measure_row(const std::string& exe, const std::string& profile, BenchRow*
     f << row->plan.to_json() << "\n";
     if (!f) return Status::IOError("cannot write " + plan_path);
   }
-  const std::string cmd = "'" + exe + "' run --quiet --warmup 1 --repeats 1 --threads " +
+  const int ranks = row->plan.dap * row->plan.dp;
+  const std::string launch = ranks > 1
+                                 ? "OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 "
+                                   "OMP_WAIT_POLICY=passive mpirun --oversubscribe "
+                                   "--bind-to none -np " +
+                                       std::to_string(ranks) + " "
+                                 : "";
+  const std::string cmd = launch + "'" + exe + "' run --quiet --warmup 1 --repeats 1 --threads " +
                           std::to_string(row->plan.threads) + " --plan " + plan_path +
                           " --plan-profile '" + profile + "'" +
                           (row->plan.training ? " --backward" : "") + " --report " + report;
@@ -648,10 +657,13 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
     st = parse_bytes(a.memory, &forced_budget);
     if (!st.ok()) return fail(st);
   }
+  // DAP rows run under mpirun (the same --threads per rank); without MPI their estimates only.
+  const bool mpi = dist::have_mpi() && std::system("command -v mpirun > /dev/null 2>&1") == 0;
   std::printf(
-      "foldcube bench --plan: training step, AF2 model_1 dims, %lld block(s), %d thread(s), "
-      "fp32, profile %s\n\n",
-      static_cast<long long>(blocks), num_threads(), dev.name.c_str());
+      "foldcube bench --plan: training step, AF2 model_1 dims, %lld block(s), %d thread(s)%s, "
+      "fp32, profile %s; peaks per device (DAP: the largest rank's)%s\n\n",
+      static_cast<long long>(blocks), num_threads(), mpi ? " per rank" : "", dev.name.c_str(),
+      mpi ? "" : "; no MPI: DAP rows are estimates only");
   std::printf(
       "| s | r | budget MiB | plan | recompute (n/m/b) | chunk target MiB | est. ms | meas. ms | "
       "est/meas | CPU ms | est. peak MiB | meas. peak MiB | fits |\n");
@@ -718,8 +730,42 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
         if (!st.ok()) return fail(st);
         rows.push_back(row);
       }
+    // DAP over 2 ranks (issue 6's "DAP" and "DAP + chunk"): policy none, whole and finest chunk
+    // targets, per-rank memory under the same budget; and the planner given 2 devices.
+    {
+      PlanRequest r2 = req;
+      r2.devices = 2;
+      profile_for_ranks(2, &r2.profile);
+      BenchRow row{"planner, 2 devices", {}};
+      st = make_plan(r2, &row.plan);
+      if (st.ok())
+        rows.push_back(row);
+      else
+        std::fprintf(stderr, "foldcube: planner (2 devices) at %s: %s\n", shape.c_str(),
+                     st.message().c_str());
+      for (const auto& [tag, tgt] :
+           {std::pair<const char*, int64_t>{"DAP N=2, none, whole", targets.back()},
+            {"DAP N=2 + chunk, none, finest", targets.front()}}) {
+        BenchRow d{tag, {}};
+        Plan& p = d.plan;
+        p.cfg = req.cfg;
+        p.s = req.s;
+        p.r = p.r_real = req.r;
+        p.training = true;
+        p.policy.assign(blocks, Recompute::kNone);
+        p.chunk_target_bytes = tgt;
+        p.dap = 2;
+        p.threads = num_threads();
+        p.memory_limit_bytes = budget;
+        st = evaluate_plan(r2.profile, &p);
+        if (!st.ok()) return fail(st);
+        rows.push_back(d);
+      }
+    }
     for (BenchRow& row : rows) {
-      if (row.plan.fits) {
+      if (row.plan.fits && row.plan.dap * row.plan.dp > 1 && !mpi) {
+        row.note = "estimate only: no MPI";
+      } else if (row.plan.fits) {
         st = measure_row(exe, profile_path, &row);
         if (!st.ok()) return fail(st);
       }
@@ -735,10 +781,10 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
             p.time_ms / row.time_ms, row.cpu_ms, mib(p.peak_bytes), mib(row.peak_bytes));
       else
         std::printf(
-            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | no |\n",
+            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | %s |\n",
             static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
             counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms,
-            mib(p.peak_bytes));
+            mib(p.peak_bytes), p.fits ? ("yes (" + row.note + ")").c_str() : "no");
       std::fflush(stdout);
       all.push_back(
           {{"s", p.s},
@@ -752,6 +798,8 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
            {"peak_bytes_estimate", p.peak_bytes},
            {"peak_tracked_bytes", row.measured ? nlohmann::json(row.peak_bytes) : nlohmann::json()},
            {"fits", p.fits},
+           {"dap", p.dap},
+           {"dp", p.dp},
            {"plan_json", nlohmann::json::parse(p.to_json())}});
     }
   }

@@ -303,5 +303,31 @@ TEST(DapCli, RunSavedDapPlan) {
   EXPECT_NE(r.out.find("mpirun -np 2"), std::string::npos) << r.out;
 }
 
+// `bench --plan` at a tiny shape: the DAP rows and the planner with 2 devices are there, and the
+// DAP rows (all fit in 1 GiB) were measured under mpirun with their peak (largest rank) within the
+// estimate.
+TEST(DapCli, BenchPlanHasDapRows) {
+  const std::string rows = tmp("bench_plan.json");
+  Result r =
+      run(cli() + " bench --plan --shapes 8:16 --blocks 1 --threads 1 --memory 1GiB --profile " +
+          plan_profile() + " --json " + rows);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(rows));
+  int dap_rows = 0;
+  for (const auto& row : j) {
+    const std::string name = row["plan"].get<std::string>();
+    if (name.rfind("DAP N=2", 0) != 0 && name != "planner, 2 devices") continue;
+    ++dap_rows;
+    if (name != "planner, 2 devices") {
+      EXPECT_EQ(row["dap"].get<int>(), 2) << name;
+    }
+    if (!row["fits"].get<bool>()) continue;
+    ASSERT_FALSE(row["peak_tracked_bytes"].is_null()) << name << ": not measured\n" << r.out;
+    EXPECT_LE(row["peak_tracked_bytes"].get<int64_t>(), row["peak_bytes_estimate"].get<int64_t>())
+        << name;
+  }
+  EXPECT_EQ(dap_rows, 3) << r.out;
+}
+
 }  // namespace
 }  // namespace fc
