@@ -55,10 +55,13 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
   const int64_t m = s * r * cfg.c_m * e, z = r * r * cfg.c_z * e;
   t.C = m + z;
   t.m = m;
+  // DAP: a rank's chunk buffers at target T are those of one process at N T divided by N (the
+  // shards are 1/N of the items), so the work terms come from the one-process model at N T.
+  const int64_t wt = dap > 1 && chunk <= 0 ? target * dap : target;
   for (int i = 0; i < kTypes; ++i) {
     t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target);
     // A one-block stack's peak is the backward of its only block: C + G + w.
-    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, target) - t.C - t.G;
+    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, wt) - t.C - t.G;
   }
   if (dap > 1) {  // each rank holds 1/N of every padded activation and whole gathered operands
     const int64_t sp = s, rp = r;
@@ -91,8 +94,25 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
 
 // The DAP training estimate per rank: the decomposition with the terms above plus 1 % for the
 // sharded backward's small buffers it does not list (docs/planner.md: without the margin it was
-// up to 0.02 % below the measured peak at AF2 dims and 0.8 % at tiny dims; with it 0-4 % above).
+// up to 0.8 % below the measured peak at tiny dims; with it 0.2-3.8 % above, tolerance 5 %).
 int64_t dap_train_peak(int64_t decomposed) { return decomposed + decomposed / 100; }
+
+// DAP training, rank 0 after the backward (above base and the B gradient structs): its shards of
+// m, z and their gradients, then the whole outputs and input gradients gathered one by one (each
+// into a padded buffer, cropped when padded) while the shards are freed (dap_train_step).
+int64_t dap_train_end_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int n, int64_t e) {
+  const int64_t sp = ceil_div(s, n) * n, rp = ceil_div(r, n) * n;
+  const int64_t M = s * r * cfg.c_m, Z = r * r * cfg.c_z;
+  const int64_t Mp = sp * rp * cfg.c_m, Zp = rp * rp * cfg.c_z, ms = Mp / n, zs = Zp / n;
+  const bool pad = sp != s || rp != r;
+  int64_t live = 2 * (ms + zs), peak = live;
+  for (int i = 0; i < 4; ++i) {  // m, z, grad m, grad z
+    const bool is_m = i % 2 == 0;
+    peak = std::max(peak, live + (is_m ? Mp : Zp) + (pad ? (is_m ? M : Z) : 0));
+    live += is_m ? M - ms : Z - zs;
+  }
+  return peak * e;
+}
 
 // Minimal peak (above base) of every count vector, by a DP over positions; state (a, c) = blocks
 // with kNone and kModule among the positions done. The terms of position b depend only on the
@@ -426,7 +446,9 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
         peak = std::max(peak, K + t.C + (B - b) * t.G + (b + 1 < B ? t.m : 0) + t.gather + t.w[ty]);
         K += t.k[ty];
       }
-      p->peak_bytes = dap_train_peak(base + std::max(peak, K + t.C + t.gather));
+      p->peak_bytes = dap_train_peak(
+          base + std::max({peak, K + t.C + t.gather,
+                           B * t.G + dap_train_end_bytes(p->cfg, p->s, p->r, p->dap, e)}));
     }
   }
   p->time_ms = p->forward_ms + p->backward_ms + p->recompute_ms + p->comm_ms;
@@ -567,12 +589,14 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap);
     const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev);
     const PolicyDp dp = policy_dp(t, static_cast<int>(B));
+    const int64_t end =
+        st.dap > 1 ? B * t.G + dap_train_end_bytes(req.cfg, req.s, r, st.dap, e) : 0;
     int ba = -1, bc = -1;
     double bt_best = 0;
     int64_t bpeak = 0;
     for (int a = 0; a <= B; ++a)
       for (int c = 0; a + c <= B; ++c) {
-        const int64_t pk = st.dap > 1 ? dap_train_peak(base + dp.peak[dp.idx(a, c)])
+        const int64_t pk = st.dap > 1 ? dap_train_peak(base + std::max(dp.peak[dp.idx(a, c)], end))
                                       : base + dp.peak[dp.idx(a, c)];
         smallest = std::min(smallest, pk);
         if (pk > limit) continue;
