@@ -182,6 +182,8 @@ Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t 
       const auto t0 = std::chrono::steady_clock::now();
       if (D > 1)
         for (auto& [name, t] : res.grad_params) {
+          if (!t.is_contiguous())
+            return Status::Internal("gradient " + name + " is not contiguous");
           dp.all_reduce(t.f32(), t.numel());
           const float inv = 1.f / static_cast<float>(D);
           float* p = t.f32();
@@ -516,6 +518,8 @@ int plan_command(const PlanArgs& a) {
   st = load_or_calibrate_profile(a.profile, a.calibrate, &req.profile);
   if (!st.ok()) return fail(st);
   req.devices = a.devices;
+  // This machine's calibrated profile has no link rate: ranks on this node (profile_for_ranks).
+  if (req.profile.calibrated && a.devices > 1) profile_for_ranks(a.devices, &req.profile);
   if (!a.memory.empty()) {
     st = parse_bytes(a.memory, &req.memory_bytes);
     if (!st.ok()) return fail(st);
