@@ -605,7 +605,8 @@ struct BenchRow {
   bool measured = false;
   std::string note{};  // why a row that fits was not measured
   double time_ms = 0, cpu_ms = 0;
-  int64_t peak_bytes = 0;
+  int64_t peak_bytes = 0;                        // the largest rank's
+  nlohmann::json rank_peaks = nlohmann::json();  // every rank's (DAP/DP rows)
 };
 
 Status measure_row(const std::string& exe, const std::string& profile, BenchRow* row) {
@@ -636,6 +637,7 @@ Status measure_row(const std::string& exe, const std::string& profile, BenchRow*
   row->time_ms = j["time_ms"].get<double>();
   row->cpu_ms = j["cpu_ms"].get<double>();
   row->peak_bytes = j["peak_tracked_bytes"].get<int64_t>();
+  if (j.contains("rank_peak_tracked_bytes")) row->rank_peaks = j["rank_peak_tracked_bytes"];
   row->measured = true;
   return Status::OK();
 }
@@ -804,6 +806,7 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
            {"fits", p.fits},
            {"dap", p.dap},
            {"dp", p.dp},
+           {"rank_peak_tracked_bytes", row.rank_peaks},
            {"plan_json", nlohmann::json::parse(p.to_json())}});
     }
   }
