@@ -3,7 +3,9 @@
 // Every launch runs under `timeout`, so a hang fails the test instead of blocking the suite.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -213,6 +215,118 @@ TEST(DapCli, FailingRankDuringTrainingEndsTheJob) {
   EXPECT_NE(r.out.find("rank 1: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("/nonexistent/p1.safetensors"), std::string::npos) << r.out;
   EXPECT_LT(r.seconds, 30) << r.out;
+}
+
+// ---- `run --plan` with DAP (docs/planner.md) ---------------------------------------------------
+
+// A fixed device profile (no calibration): one thread, two devices, a link.
+std::string plan_profile() {
+  static const std::string path = [] {
+    const std::string p = tmp("profile_" + std::to_string(getpid()) + ".json");
+    std::ofstream(p) << R"({"name": "dap-cli-test", "threads": 1, "gemm_gflops": 400,
+    "gemm_half_rows": 300, "gemm_bwd_gflops": 300, "batched_gflops": 250,
+    "attention_gflops": 250, "attention_bwd_gflops": 150, "attention_len_exp": 0.2,
+    "mem_gbps": 15, "link_gbps": 10, "link_latency_us": 20, "devices": 2})";
+    return p;
+  }();
+  return path;
+}
+
+// `mpirun -np 2 foldcube run --plan auto` at a budget 0.2 MiB above the smallest feasible one
+// (the finest choices), inference and a training step, AF2 dims, s and r not multiples of 2: the
+// plan runs DAP over both ranks, every rank's figures are reported, measured peak (max over
+// ranks) <= estimate <= budget, the inference estimate is exact, the training one within 5 %
+// (the DAP training model's stated tolerance), the activation estimate exact.
+TEST(DapCli, RunPlanAutoOnTwoRanks) {
+  for (const std::string mode : {"", " --backward"}) {
+    const std::string args =
+        " run --plan auto --s 7 --r 23 --blocks 2 --threads 1 --plan-profile " + plan_profile() +
+        mode;
+    Result r = run(mpirun(2) + cli() + args + " --memory-budget 1MiB");
+    const std::string key = "smallest feasible budget is ";
+    const size_t at = r.out.find(key);
+    ASSERT_NE(at, std::string::npos) << r.out;
+    EXPECT_NE(r.code, 0) << r.out;
+    const double mib = std::stod(r.out.substr(at + key.size()));
+    const int64_t budget = static_cast<int64_t>((mib + 0.2) * 1048576);
+    const std::string rep = tmp("plan_auto.json");
+    r = run(mpirun(2) + cli() + args + " --memory-budget " + std::to_string(budget) + " --report " +
+            rep);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("rank 1"), std::string::npos) << r.out;
+    const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    EXPECT_EQ(j["dap"].get<int>() * j["dp"].get<int>(), 2) << mode;
+    ASSERT_EQ(j["rank_peak_tracked_bytes"].size(), 2u);
+    const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
+    const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
+    EXPECT_EQ(meas, std::max(j["rank_peak_tracked_bytes"][0].get<int64_t>(),
+                             j["rank_peak_tracked_bytes"][1].get<int64_t>()));
+    EXPECT_LE(meas, est) << mode;
+    EXPECT_LE(est, budget) << mode;
+    if (mode.empty())
+      EXPECT_EQ(est, meas);
+    else
+      EXPECT_LE(est - meas, meas * 5 / 100) << "estimate " << est << " measured " << meas;
+    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << mode;
+    EXPECT_TRUE(j["within_budget"].get<bool>());
+    EXPECT_GT(j["time_ms"].get<double>(), 0);
+  }
+}
+
+// A saved plan with dap = 2: runs on 2 ranks (every policy, estimate within 5 % above the
+// measured peak); the wrong rank count or no launcher is a one-line error, exit code != 0, no
+// hang.
+TEST(DapCli, RunSavedDapPlan) {
+  const std::string plan = tmp("dap_plan.json"), rep = tmp("dap_plan_report.json");
+  const std::string prof = " --plan-profile " + plan_profile() + " --threads 1";
+  for (const char* policy : {"none", "module", "block"}) {
+    Result r = run(cli() + " plan --train --s 8 --r 24 --blocks 2 --memory 1GiB --dap 2 --dp 1 " +
+                   "--policy " + policy + " --profile " + plan_profile() + " --out " + plan);
+    ASSERT_EQ(r.code, 0) << r.out;
+    r = run(mpirun(2) + cli() + " run --plan " + plan + prof + " --quiet --report " + rep);
+    ASSERT_EQ(r.code, 0) << r.out;
+    const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
+    const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
+    EXPECT_LE(meas, est) << policy;
+    EXPECT_LE(est - meas, meas * 5 / 100) << policy << ": estimate " << est << " measured " << meas;
+    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << policy;
+  }
+  Result r = run(mpirun(3) + cli() + " run --plan " + plan + prof);
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+  EXPECT_NE(r.out.find("runs on 2 MPI rank(s), this job has 3"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("rank 1"), std::string::npos) << "printed once, by rank 0: " << r.out;
+  EXPECT_LT(r.seconds, 30) << r.out;
+  r = run(cli() + " run --plan " + plan + prof);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("mpirun -np 2"), std::string::npos) << r.out;
+}
+
+// `bench --plan` at a tiny shape: the DAP rows and the planner with 2 devices are there, and the
+// DAP rows (all fit in 1 GiB) were measured under mpirun with their peak (largest rank) within the
+// estimate.
+TEST(DapCli, BenchPlanHasDapRows) {
+  const std::string rows = tmp("bench_plan.json");
+  Result r =
+      run(cli() + " bench --plan --shapes 8:16 --blocks 1 --threads 1 --memory 1GiB --profile " +
+          plan_profile() + " --json " + rows);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(rows));
+  int dap_rows = 0;
+  for (const auto& row : j) {
+    const std::string name = row["plan"].get<std::string>();
+    if (name.rfind("DAP N=2", 0) != 0 && name != "planner, 2 devices") continue;
+    ++dap_rows;
+    if (name != "planner, 2 devices") {
+      EXPECT_EQ(row["dap"].get<int>(), 2) << name;
+    }
+    if (!row["fits"].get<bool>()) continue;
+    ASSERT_FALSE(row["peak_tracked_bytes"].is_null()) << name << ": not measured\n" << r.out;
+    EXPECT_LE(row["peak_tracked_bytes"].get<int64_t>(), row["peak_bytes_estimate"].get<int64_t>())
+        << name;
+  }
+  EXPECT_EQ(dap_rows, 3) << r.out;
 }
 
 }  // namespace

@@ -456,7 +456,7 @@ TEST(Planner, DapInferencePeakMatchesMeasured) {
     std::printf("DAP (%lld, %lld) N=%d: estimate %.1f MiB, measured %.1f MiB\n",
                 static_cast<long long>(row.s), static_cast<long long>(row.r), row.n, est,
                 row.rank0_mib);
-    EXPECT_NEAR(est / row.rank0_mib, 1.0, 0.10);
+    EXPECT_NEAR(est, row.rank0_mib, 0.05);  // the model is exact; the figures are rounded
   }
 }
 

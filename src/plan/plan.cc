@@ -70,8 +70,8 @@ std::string Plan::to_json(int indent) const {
   j["search_ms"] = search_ms;
   if (training && dap > 1)  // docs/planner.md
     j["note"] =
-        "DAP training: communication volume exact (the executor's formula); per-rank memory is an "
-        "estimate, not the exact model";
+        "DAP training: communication volume exact (the executor's formula); per-rank memory an "
+        "upper estimate (0-5 % above the measured peak, docs/planner.md), not an exact replay";
   j["profile"] = profile;
   json costs = json::array();
   for (const ModuleCost& c : module_costs)

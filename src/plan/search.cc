@@ -47,23 +47,71 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
   // block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
   t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target) -
         stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target);
+  if (dap > 1) {  // the padded shape; target 0: the DAP executor's default (make_dap_shards)
+    s = ceil_div(s, dap) * dap, r = ceil_div(r, dap) * dap;
+    if (target <= 0 && chunk <= 0)
+      target = std::max<int64_t>((s * r * cfg.c_m + r * r * cfg.c_z) / dap * kF / 8, 1 << 20);
+  }
   const int64_t m = s * r * cfg.c_m * e, z = r * r * cfg.c_z * e;
   t.C = m + z;
   t.m = m;
+  // DAP: a rank's chunk buffers at target T are those of one process at N T divided by N (the
+  // shards are 1/N of the items), so the work terms come from the one-process model at N T.
+  const int64_t wt = dap > 1 && chunk <= 0 ? target * dap : target;
   for (int i = 0; i < kTypes; ++i) {
     t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target);
     // A one-block stack's peak is the backward of its only block: C + G + w.
-    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, target) - t.C - t.G;
+    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, wt) - t.C - t.G;
   }
-  if (dap > 1) {  // each rank holds 1/N of every activation and the full gathered operands
-    for (int i = 0; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap), t.w[i] = ceil_div(t.w[i], dap);
+  if (dap > 1) {  // each rank holds 1/N of every padded activation and whole gathered operands
+    const int64_t sp = s, rp = r;
+    // Policy none keeps the three gathered pair biases [H, r_p, r_p] whole on every rank.
+    const int64_t bias = (cfg.no_heads_msa + 2 * cfg.no_heads_pair) * rp * rp * e;
+    t.k[0] = ceil_div(t.k[0] - bias, dap) + bias;
+    for (int i = 1; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap);
+    for (int i = 0; i < kTypes; ++i) t.w[i] = ceil_div(t.w[i], dap);
     t.C = ceil_div(t.C, dap);
     t.m = ceil_div(t.m, dap);
-    t.gather =
-        std::max({cfg.c_hidden_mul * r * r, cfg.no_heads_msa * r * r, s * r * cfg.c_hidden_opm}) *
-        e;
+    // Beside a block's work: the largest gathered operand (a triangle multiplication's channel
+    // group as tri_mul_shard_chunks of src/model/train_pair.cc picks it), the OPM input the
+    // backward rebuilds from the block output (a shard of m) with one more shard for its layout
+    // change, and a bias gradient's reduce-scatter buffers (2 [H, r_p, r_p]), none of which shrink
+    // like the rest.
+    const int64_t ms = sp / dap * rp * cfg.c_m, zs = rp / dap * rp * cfg.c_z;
+    const int64_t H = std::max(cfg.no_heads_msa, cfg.no_heads_pair);
+    BlockContext ctx;  // the shards' context: channel groups of the triangle multiplication
+    ctx.cfg = &cfg;
+    ctx.s = sp, ctx.r = rp;
+    ctx.chunk = chunk;
+    ctx.chunk_target_bytes = target;
+    const int64_t cg = pick_chunk(ctx, cfg.c_hidden_mul, (12 + 2 * dap) * (rp / dap) * rp * kF);
+    t.gather = (std::max({cg * rp * rp, cfg.no_heads_msa * rp * rp, sp * rp * cfg.c_hidden_opm}) +
+                ms + std::max(ms, zs) + 2 * H * rp * rp) *
+               e;
   }
   return t;
+}
+
+// The DAP training estimate per rank: the decomposition with the terms above plus 1 % for the
+// sharded backward's small buffers it does not list (docs/planner.md: without the margin it was
+// up to 0.8 % below the measured peak at tiny dims; with it 0.2-3.8 % above, tolerance 5 %).
+int64_t dap_train_peak(int64_t decomposed) { return decomposed + decomposed / 100; }
+
+// DAP training, rank 0 after the backward (above base and the B gradient structs): its shards of
+// m, z and their gradients, then the whole outputs and input gradients gathered one by one (each
+// into a padded buffer, cropped when padded) while the shards are freed (dap_train_step).
+int64_t dap_train_end_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int n, int64_t e) {
+  const int64_t sp = ceil_div(s, n) * n, rp = ceil_div(r, n) * n;
+  const int64_t M = s * r * cfg.c_m, Z = r * r * cfg.c_z;
+  const int64_t Mp = sp * rp * cfg.c_m, Zp = rp * rp * cfg.c_z, ms = Mp / n, zs = Zp / n;
+  const bool pad = sp != s || rp != r;
+  int64_t live = 2 * (ms + zs), peak = live;
+  for (int i = 0; i < 4; ++i) {  // m, z, grad m, grad z
+    const bool is_m = i % 2 == 0;
+    peak = std::max(peak, live + (is_m ? Mp : Zp) + (pad ? (is_m ? M : Z) : 0));
+    live += is_m ? M - ms : Z - zs;
+  }
+  return peak * e;
 }
 
 // Minimal peak (above base) of every count vector, by a DP over positions; state (a, c) = blocks
@@ -126,13 +174,24 @@ PolicyDp policy_dp(const Terms& t, int B) {
   return dp;
 }
 
+int64_t weights_bytes(const EvoformerConfig& cfg, int64_t grad_struct, int64_t e) {
+  return cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
+}
+
+int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl);
+
 // Bytes live before the step (weights; inputs and masks; for training the output gradients),
-// per device.
+// per device. DAP (training): the largest rank is rank 0, which holds the whole output gradients
+// for the step; every rank holds the padded masks (the shards of m and z are in the step terms).
 int64_t base_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
                    int64_t grad_struct, int64_t e, int dap) {
   const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z, masks = 3 * (s * r + r * r);
-  const int64_t weights = cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
-  return weights + ceil_div(((training ? 2 : 1) * mz + masks) * e, dap);
+  if (dap > 1) {
+    const int64_t rl = ceil_div(r, dap);
+    return weights_bytes(cfg, grad_struct, e) +
+           ((training ? mz : 0) + dap_mask_elems(ceil_div(s, dap) * dap, rl * dap, rl)) * e;
+  }
+  return weights_bytes(cfg, grad_struct, e) + ((training ? 2 : 1) * mz + masks) * e;
 }
 
 // Items per chunk of each module, as the modules pick them.
@@ -186,24 +245,113 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
           {"pair_transition", pick_chunk(ctx, r * r, (cz + n * cz) * kF)}};
 }
 
-// Tracked peak per rank of DAP inference over n ranks (docs/planner.md; measured in docs/dap.md):
-// every rank holds the weights, the padded masks (s_p r_p + 4 r_p^2 elements), its shards of m
-// and z, 1/n of the one-process workspace `fwd` and the largest gathered operand whole (OPM right
-// projection, row- or triangle-attention bias; the triangle projections are gathered by channel
-// group, inside the chunk target). Rank 0 also holds the whole inputs and outputs; its peak, at
-// the final gather, is the whole m + z beside its shards.
-int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int n,
-                           int64_t grad_struct, int64_t fwd, int64_t e) {
-  const int64_t sp = ceil_div(s, n) * n, rp = ceil_div(r, n) * n;
-  const int64_t weights = cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
-  const int64_t masks = (sp * rp + 4 * rp * rp) * e;
-  const int64_t shards = (sp * rp * cfg.c_m + rp * rp * cfg.c_z) / n * e;
-  const int64_t gather = std::max({sp * rp * cfg.c_hidden_opm, cfg.no_heads_msa * rp * rp,
-                                   cfg.no_heads_pair * rp * rp}) *
-                         e;
-  const int64_t worker = shards + ceil_div(fwd, n) + gather;
-  const int64_t root = (s * r * cfg.c_m + r * r * cfg.c_z) * e + shards;
-  return weights + masks + std::max(worker, root);
+// Elements of the padded masks every DAP rank holds (DapShards of src/exec/dap.h): msa mask,
+// bias [s_p, r_p] and transposed bias, this rank's mask columns [s_p, r_l], pair mask, its
+// transpose, bias and transposed bias [r_p, r_p].
+int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl) {
+  return 3 * sp * rp + sp * rl + 4 * rp * rp;
+}
+
+// Workspace of outer_product_mean_shard (src/model/modules.cc, opm_impl) on `cols` of the ctx.r
+// residue columns with `parts` shards: a, b [s, cols, c_o] and the projection chunk; b gathered
+// [s, r, c_o] (beside this shard's b); then a, the gathered b, the mask counts [cols, r] and the
+// outer-product chunk (o, p, y).
+int64_t opm_shard_bytes(const BlockContext& ctx, int64_t cols, int parts) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z, co = cfg.c_hidden_opm;
+  const int64_t ab = 2 * s * cols * co;
+  const int64_t ch1 = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
+  const int64_t ch2 = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
+  const int64_t gathered = parts > 1 ? s * r * co : 0;
+  return kF * std::max({ab + ch1 * cols * (cm + 2 * co), ab + gathered,
+                        s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
+                            ch2 * (2 * co * r * co + r * cz)});
+}
+
+// Workspace of triangle_multiplication_shard on `rows` of the ctx.r rows with `parts` shards:
+// the products [c_t, rows, r] beside phase 1 (A, B, LN_in(z) kept or a chunk of it, the
+// projection chunk, a group's weights and the gathered right operand, as tri_mul_phase1 of
+// src/model/modules.cc sizes them) or phase 2 (the output chunk).
+int64_t tri_mul_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t r = ctx.r, rr = rows * r, cz = cfg.c_z, ct = cfg.c_hidden_mul;
+  constexpr int64_t kGroupAlign = 16, kKeepLnTargets = 12;  // modules.cc's constants
+  const int64_t gathered = parts > 1 ? parts * rr : 0;
+  int64_t cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
+  if (ctx.chunk <= 0 && cg < ct && cg >= kGroupAlign / 2)
+    cg = std::min(ct, (cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
+  const int64_t ch = pick_chunk(ctx, rows, r * (cz + 4 * cg) * kF);
+  const int64_t group =
+      (2 * cg * rr + 4 * cg * ch * r + (cg < ct ? 4 * cg * (cz + 1) : 0) + cg * gathered) * kF;
+  const bool keep_ln =
+      cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
+  const int64_t phase1 = group + (keep_ln ? rows : ch) * r * cz * kF;
+  const int64_t ch2 = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
+  return ct * rr * kF + std::max(phase1, ch2 * r * (ct + 3 * cz) * kF);
+}
+
+// Tracked peak per rank of dap_forward (src/exec/dap.cc) over n ranks, fp32 bytes, the largest
+// over ranks (docs/planner.md). Every rank holds the weights, the padded masks, its shards of m
+// and z and, at one time, one module's work on the shards: the biased attentions' gathered bias
+// [H, r_p, r_p] (2x while it is permuted), column attention and the transitions on the shard
+// shapes (module_workspace_bytes on shard contexts), one more shard for a layout change, the
+// outer product mean and the triangle multiplications on their shards (above). Rank 0 also holds
+// the whole inputs before the scatter and the outputs after the gather. Without the weights.
+int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int n, int64_t chunk,
+                           int64_t target, int threads) {
+  const int64_t sl = ceil_div(s, n), rl = ceil_div(r, n), sp = sl * n, rp = rl * n;
+  const int64_t cm = cfg.c_m, cz = cfg.c_z;
+  const int64_t shards = (sl * rp * cm + rl * rp * cz) * kF;
+  BlockContext base;
+  base.cfg = &cfg;
+  base.chunk = chunk;
+  base.chunk_target_bytes = target > 0 ? target : std::max<int64_t>(shards / 8, 1 << 20);
+  base.threads = std::max(threads, 1);
+  BlockContext full = base, col = base;  // (s_p, r_p) and m by residues (s_p, r_l)
+  full.s = col.s = sp;
+  full.r = rp;
+  col.r = rl;
+  // Attention over `items` rows of length L with c channels (the column-attention formula).
+  auto attention = [&](int64_t H, int64_t C, int64_t items, int64_t L, int64_t c) {
+    EvoformerConfig a = cfg;
+    a.no_heads_msa = H, a.c_hidden_msa_att = C, a.c_m = c;
+    BlockContext ctx = base;
+    ctx.cfg = &a;
+    ctx.r = items;
+    ctx.s = L;
+    return module_workspace_bytes("msa_att_col", ctx);
+  };
+  // Gathered bias: all [r_p^2, H] + this rank's rows [r_l r_p, H] + LN(z) rows, then all + bias;
+  // then the bias beside the attention.
+  auto biased = [&](int64_t H, int64_t C, int64_t items, int64_t c) {
+    const int64_t ln = pick_chunk(full, rl, rp * cz * kF) * rp * cz * kF;
+    return std::max({(rp * rp + rl * rp) * H * kF + ln, 2 * H * rp * rp * kF,
+                     H * rp * rp * kF + attention(H, C, items, rp, c)});
+  };
+  EvoformerConfig pz = cfg;  // the pair transition on [r_l r_p, c_z] as the MSA one
+  pz.c_m = cz;
+  BlockContext pt = base;
+  pt.cfg = &pz;
+  pt.s = rl;
+  pt.r = rp;
+  const int64_t work = std::max(
+      {biased(cfg.no_heads_msa, cfg.c_hidden_msa_att, sl, cm), sl * rp * cm * kF, rl * rp * cz * kF,
+       module_workspace_bytes("msa_att_col", col), module_workspace_bytes("msa_transition", col),
+       opm_shard_bytes(full, rl, n), tri_mul_shard_bytes(full, rl, n),
+       biased(cfg.no_heads_pair, cfg.c_hidden_pair_att, rl, cz),
+       module_workspace_bytes("msa_transition", pt)});
+  const int64_t masks = dap_mask_elems(sp, rp, rl) * kF;
+  const int64_t m = s * r * cm * kF, z = r * r * cz * kF;
+  const int64_t mp = sp * rp * cm * kF, zp = rp * rp * cz * kF;
+  const bool padded = sp != s || rp != r;
+  // Root: prepare_inputs (all-ones masks, biases, transposes) beside the padded masks; the padded
+  // inputs being scattered; the outputs being gathered and cropped, then s [r, c_s].
+  const int64_t root =
+      std::max({m + z + (3 * s * r + 3 * r * r + sp * rp + rp * rp) * kF,
+                masks + shards + mp + zp + (padded ? std::max(m, z) : 0),
+                masks + std::max({mp + (padded ? m : 0) + shards,
+                                  m + zp + (padded ? z : 0) + shards, m + z + r * cfg.c_s * kF})});
+  return std::max(masks + shards + work, root);
 }
 
 // Per-block times of one setting (per device): forward, backward, recompute per type, comm.
@@ -268,7 +416,11 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
         forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk, p->chunk_target_bytes, p->threads) /
         kF * e;
     p->peak_bytes = base + fwd;
-    if (p->dap > 1) p->peak_bytes = dap_inference_peak(p->cfg, p->s, p->r, p->dap, t.G, fwd, e);
+    if (p->dap > 1)
+      p->peak_bytes =
+          weights_bytes(p->cfg, t.G, e) + dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
+                                                             p->chunk_target_bytes, p->threads) /
+                                              kF * e;
   } else {
     p->forward_ms = B * bt.fwd;
     p->backward_ms = B * bt.bwd;
@@ -294,7 +446,9 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
         peak = std::max(peak, K + t.C + (B - b) * t.G + (b + 1 < B ? t.m : 0) + t.gather + t.w[ty]);
         K += t.k[ty];
       }
-      p->peak_bytes = base + std::max(peak, K + t.C + t.gather);
+      p->peak_bytes = dap_train_peak(
+          base + std::max({peak, K + t.C + t.gather,
+                           B * t.G + dap_train_end_bytes(p->cfg, p->s, p->r, p->dap, e)}));
     }
   }
   p->time_ms = p->forward_ms + p->backward_ms + p->recompute_ms + p->comm_ms;
@@ -435,12 +589,15 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap);
     const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev);
     const PolicyDp dp = policy_dp(t, static_cast<int>(B));
+    const int64_t end =
+        st.dap > 1 ? B * t.G + dap_train_end_bytes(req.cfg, req.s, r, st.dap, e) : 0;
     int ba = -1, bc = -1;
     double bt_best = 0;
     int64_t bpeak = 0;
     for (int a = 0; a <= B; ++a)
       for (int c = 0; a + c <= B; ++c) {
-        const int64_t pk = base + dp.peak[dp.idx(a, c)];
+        const int64_t pk = st.dap > 1 ? dap_train_peak(base + std::max(dp.peak[dp.idx(a, c)], end))
+                                      : base + dp.peak[dp.idx(a, c)];
         smallest = std::min(smallest, pk);
         if (pk > limit) continue;
         const double time = a * bt.comm_bwd[0] + c * (bt.rec[1] + bt.comm_bwd[1]) +
