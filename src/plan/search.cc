@@ -73,7 +73,7 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
     t.C = ceil_div(t.C, dap);
     t.m = ceil_div(t.m, dap);
     // Beside a block's work: the largest gathered operand (a triangle multiplication's channel
-    // group as tri_mul_shard_chunks of src/model/train_pair.cc picks it), the OPM input the
+    // group as tri_mul_train_chunks(ctx, rows, parts) of src/model/train_pair.cc picks it), the OPM input the
     // backward rebuilds from the block output (a shard of m) with one more shard for its layout
     // change, and a bias gradient's reduce-scatter buffers (2 [H, r_p, r_p]), none of which shrink
     // like the rest.
@@ -84,7 +84,7 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
     ctx.s = sp, ctx.r = rp;
     ctx.chunk = chunk;
     ctx.chunk_target_bytes = target;
-    const int64_t cg = pick_chunk(ctx, cfg.c_hidden_mul, (12 + 2 * dap) * (rp / dap) * rp * kF);
+    const int64_t cg = tri_mul_train_chunks(ctx, rp / dap, dap).group;
     t.gather = (std::max({cg * rp * rp, cfg.no_heads_msa * rp * rp, sp * rp * cfg.c_hidden_opm}) +
                 ms + std::max(ms, zs) + 2 * H * rp * rp) *
                e;
