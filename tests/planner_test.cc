@@ -221,6 +221,48 @@ TEST(Planner, NarrowTableAndStreamRate) {
   EXPECT_NEAR(ns.backward_ms - n.backward_ms, 5 * sweep_ms, 1e-6 * sweep_ms);
 }
 
+// Calibrated tables by row count and by working set: validated like narrow_gemm; the working-set
+// rate charges big chunks' memory-bound passes; the search keeps training targets inside the
+// largest calibrated working set.
+TEST(Planner, RowAndWorkingSetTables) {
+  DeviceProfile p = test_profile();
+  p.gemm_by_rows = {{16, 50, 60}, {256, 300, 250}, {8192, 400, 300}};
+  p.mem_by_size = {{4 << 20, 60, 50}, {256 << 20, 20, 15}};
+  DeviceProfile q;
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
+  EXPECT_EQ(q.gemm_by_rows, p.gemm_by_rows);
+  EXPECT_EQ(q.mem_by_size, p.mem_by_size);
+  for (const char* key : {"gemm_by_rows", "mem_by_size"}) {
+    nlohmann::json j = nlohmann::json::parse(p.to_json());
+    j[key] = nlohmann::json::parse("[[8, 1, 1], [4, 1, 1]]");
+    EXPECT_NE(DeviceProfile::from_json(j.dump(), &q).message().find(key), std::string::npos);
+  }
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  auto step_ms = [&](const DeviceProfile& d, int64_t target) {
+    double t = 0;
+    for (const ModuleCost& c : block_module_costs(cfg, 32, 128, 0, target, true, d))
+      t += c.forward_ms + c.backward_ms;
+    return t;
+  };
+  // Slower memory at big working sets: the whole-axis target costs more than with flat rates.
+  DeviceProfile flat = p;
+  flat.mem_by_size = {{4 << 20, 60, 50}, {256 << 20, 60, 50}};
+  const int64_t whole = training_chunk_targets(cfg, 32, 128).back();
+  EXPECT_GT(step_ms(p, whole), step_ms(flat, whole));
+  // The search stays within the largest calibrated working set (here 4 MiB) when a roomy budget
+  // would otherwise take the whole-axis target.
+  PlanRequest req = train_request(cfg, 32, 128, int64_t{1} << 40);
+  req.profile = p;
+  req.profile.mem_by_size = {{1 << 20, 60, 50}, {4 << 20, 40, 30}};
+  Plan plan;
+  ASSERT_TRUE(make_plan(req, &plan).ok());
+  EXPECT_LE(plan.chunk_target_bytes, int64_t{4} << 20);
+  req.profile.mem_by_size.clear();
+  ASSERT_TRUE(make_plan(req, &plan).ok());
+  EXPECT_EQ(plan.chunk_target_bytes, whole);
+}
+
 TEST(Planner, DecompositionMatchesMemoryModel) {
   for (bool af2 : {false, true}) {
     EvoformerConfig cfg = af2 ? EvoformerConfig() : small_cfg(5);

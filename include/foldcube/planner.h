@@ -23,17 +23,21 @@ namespace fc {
 // the rates are derived with the efficiencies below (docs/planner.md).
 struct DeviceProfile {
   std::string name;
-  bool calibrated = false;        // measured by calibrate_profile on this machine
-  int devices = 1;                // devices (MPI ranks) available
-  int threads = 1;                // threads per device the rates were measured with
-  int64_t memory_bytes = 0;       // per device; 0 = unknown (then a request must give a limit)
-  std::string dtype = "fp32";     // precision the rates refer to: fp32 | bf16 | fp16
-  double gemm_gflops = 0;         // large projections, M -> infinity
-  double gemm_half_rows = 0;      // rows at which a projection runs at half of gemm_gflops
-  double gemm_half_cols = 0;      // narrow side (columns) at which a product runs at half rate
+  bool calibrated = false;     // measured by calibrate_profile on this machine
+  int devices = 1;             // devices (MPI ranks) available
+  int threads = 1;             // threads per device the rates were measured with
+  int64_t memory_bytes = 0;    // per device; 0 = unknown (then a request must give a limit)
+  std::string dtype = "fp32";  // precision the rates refer to: fp32 | bf16 | fp16
+  double gemm_gflops = 0;      // large projections, M -> infinity
+  double gemm_half_rows = 0;   // rows at which a projection runs at half of gemm_gflops
+  // Calibrated projection rates by row count: (rows, forward GFLOP/s, backward GFLOP/s), rows
+  // ascending, interpolated in log rows; empty (user profiles): the gemm_* / *_half_rows fit.
+  std::vector<std::array<double, 3>> gemm_by_rows;
+  double gemm_half_cols = 0;  // narrow side (columns) at which a product runs at half rate
   // The training triangle multiplication's channel-group projections as the model runs them
   // (src/model/train_pair.cc): (outputs n = 4 x group, forward GFLOP/s, backward GFLOP/s) at the
-  // block shapes it uses, n ascending; empty (user profiles): gemm rates x n / (n + gemm_half_cols).
+  // block shapes it uses, n ascending; empty (user profiles): gemm rates x n / (n +
+  // gemm_half_cols).
   std::vector<std::array<double, 3>> narrow_gemm;
   double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
   double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
@@ -43,6 +47,11 @@ struct DeviceProfile {
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
   double mem_bwd_gbps = 0;          // their backward (LayerNorm backward; 0 or absent: mem_gbps)
+  // Memory-bound passes by working set (LayerNorm forward and backward with in + out = bytes):
+  // (bytes, forward GB/s, backward GB/s), bytes ascending, calibrated; a module's passes run at
+  // the rate of its chunk working set (min(chunk target, its whole-axis buffers)). Empty (user
+  // profiles): mem_gbps / mem_bwd_gbps at every size.
+  std::vector<std::array<double, 3>> mem_by_size;
   // Sweeps over buffers far larger than the caches (e.g. LN_in(z) re-read by every channel group
   // of the training triangle multiplication); 0 or absent: mem_gbps.
   double stream_gbps = 0;
@@ -157,6 +166,10 @@ Status make_plan(const PlanRequest& req, Plan* out);
 // Chunk targets a training search tries: default/16 (at least 64 KiB) times powers of 4, then the
 // smallest target at which every training module runs in one chunk (the fastest), last.
 std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r);
+// Bytes of each module's training chunk buffers when it runs in one chunk (the nine modules of
+// block_module_costs, in order); training_chunk_targets ends at their maximum.
+std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const EvoformerConfig& cfg,
+                                                                         int64_t s, int64_t r);
 // Fills the estimates of a plan whose choices are set (validates it first).
 Status evaluate_plan(const DeviceProfile& dev, Plan* plan);
 

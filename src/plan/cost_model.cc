@@ -56,6 +56,7 @@ std::string DeviceProfile::to_json() const {
   j["gemm_half_rows"] = gemm_half_rows;
   j["gemm_half_cols"] = gemm_half_cols;
   j["narrow_gemm"] = narrow_gemm;
+  j["gemm_by_rows"] = gemm_by_rows;
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
   j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
@@ -65,6 +66,7 @@ std::string DeviceProfile::to_json() const {
   j["mem_gbps"] = mem_gbps;
   j["mem_bwd_gbps"] = mem_bwd_gbps;
   j["stream_gbps"] = stream_gbps;
+  j["mem_by_size"] = mem_by_size;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
   j["train_fwd_factor"] = train_fwd_factor;
@@ -106,6 +108,23 @@ Status DeviceProfile::validate() const {
   return Status::OK();
 }
 
+namespace {
+// A calibrated table under `key` (absent: left empty): rows [x >= 1, rate > 0, rate > 0] with x
+// strictly ascending.
+Status read_table(const json& j, const char* key, std::vector<std::array<double, 3>>* out) {
+  if (!j.contains(key)) return Status::OK();
+  *out = j[key].get<std::vector<std::array<double, 3>>>();
+  for (size_t i = 0; i < out->size(); ++i) {
+    const auto& e = (*out)[i];
+    if (!(e[0] >= 1 && e[1] > 0 && e[2] > 0) || !std::isfinite(e[0]) || !std::isfinite(e[1]) ||
+        !std::isfinite(e[2]) || (i > 0 && !(e[0] > (*out)[i - 1][0])))
+      return Status::InvalidArgument(std::string("profile: ") + key +
+                                     " rows must be [x >= 1, rate > 0, rate > 0] with x ascending");
+  }
+  return Status::OK();
+}
+}  // namespace
+
 Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
   json j;
   try {
@@ -130,17 +149,9 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
     num("gemm_half_cols", &p.gemm_half_cols);
-    if (j.contains("narrow_gemm")) {
-      p.narrow_gemm = j["narrow_gemm"].get<std::vector<std::array<double, 3>>>();
-      for (size_t i = 0; i < p.narrow_gemm.size(); ++i) {
-        const auto& e = p.narrow_gemm[i];
-        if (!(e[0] >= 1 && e[1] > 0 && e[2] > 0) || !std::isfinite(e[1]) ||
-            !std::isfinite(e[2]) || (i > 0 && !(e[0] > p.narrow_gemm[i - 1][0])))
-          return Status::InvalidArgument(
-              "profile: narrow_gemm entries must be [n >= 1, gflops > 0, bwd_gflops > 0] with n "
-              "ascending");
-      }
-    }
+    FC_RETURN_IF_ERROR(read_table(j, "narrow_gemm", &p.narrow_gemm));
+    FC_RETURN_IF_ERROR(read_table(j, "gemm_by_rows", &p.gemm_by_rows));
+    FC_RETURN_IF_ERROR(read_table(j, "mem_by_size", &p.mem_by_size));
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
     p.gemm_bwd_half_rows = -1;  // absent: the forward's
     num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
@@ -312,6 +323,14 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
   const double x = 1 / rb - y / b;
   p.gemm_gflops = x > 0 ? 1 / x : rb;
   p.gemm_half_rows = x > 0 ? y / x : 0;
+  // The same projections, forward and backward, from 16 to 8192 rows: small training chunks run
+  // them on a few rows, where no one-parameter curve through 256 and 8192 holds.
+  for (const int64_t rows : {16, 64, 256, 1024, 8192})
+    p.gemm_by_rows.push_back({static_cast<double>(rows),
+                              rows == 256    ? ra
+                              : rows == 8192 ? rb
+                                             : projection_gflops(rows, reps),
+                              projection_bwd_gflops(rows, reps)});
   {
     // The training triangle multiplication's group projections as src/model/train_pair.cc runs
     // them, at its block shapes (q pairs x 128 inputs -> n = 4 x group outputs, q n = 2^18 for
@@ -423,6 +442,37 @@ Status calibrate_profile(int threads, DeviceProfile* out) {
     const double sec =
         best_seconds([&] { kern::add_inplace(yy.f32(), n, xx.f32(), n, rows, n); }, 3);
     p.stream_gbps = 3.0 * rows * n * kF / sec / 1e9;
+  }
+  {
+    // LayerNorm forward and backward by working set (in + out = 4, 16, 64, 256 MiB): chunk
+    // buffers that the caches (and the TLB) hold run the memory-bound passes 2-4x faster than
+    // DRAM-sized ones (this machine, 2 threads: LayerNorm 89 / 66 / 38 / 39 GB/s).
+    const int64_t n = 128;
+    for (const int64_t ws :
+         {int64_t{4} << 20, int64_t{16} << 20, int64_t{64} << 20, int64_t{256} << 20}) {
+      const int64_t rows = ws / 2 / (n * kF);
+      Tensor xx = Tensor::empty({rows, n}), yy = Tensor::empty({rows, n});
+      Tensor gamma = Tensor::full({n}, 1.f), beta = Tensor::zeros({n});
+      Tensor mean = Tensor::empty({rows}), rstd = Tensor::empty({rows});
+      Tensor dg = Tensor::zeros({n}), db = Tensor::zeros({n});
+      Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, n)});
+      fill(xx, 1.f);
+      const double fsec = best_seconds(
+          [&] {
+            kern::layernorm(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), beta.f32(), 1e-5f,
+                            mean.f32(), rstd.f32());
+          },
+          3);
+      // Backward reads x and dy (yy) and writes dx in place of dy.
+      const double bsec = best_seconds(
+          [&] {
+            kern::layernorm_backward(xx.f32(), n, yy.f32(), n, rows, n, gamma.f32(), mean.f32(),
+                                     rstd.f32(), yy.f32(), n, dg.f32(), db.f32(), scratch.f32());
+          },
+          3);
+      p.mem_by_size.push_back({static_cast<double>(ws), 2.0 * rows * n * kF / fsec / 1e9,
+                               3.0 * rows * n * kF / bsec / 1e9});
+    }
   }
   {
     // The training step as a whole: one AF2 block at (32, 128), policy none, one chunk per module
@@ -544,17 +594,32 @@ struct Work {
   // backward: the training triangle multiplication re-reads LN_in(z) per channel group.
   double stream = 0, bwd_stream = 0;
   double chunks = 0;  // iterations of the module's chunk loops (each pays chunk_overhead_us)
+  double ws = 0;      // bytes of the module's chunk buffers (sets its memory-bound passes' rate)
 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / std::max<int64_t>(b, 1); }
 
+// Interpolates column col of a table of (x, rate, rate) rows, x ascending, in log x; clamped.
+double interpolate(const std::vector<std::array<double, 3>>& t, double x, int col) {
+  if (x <= t.front()[0]) return t.front()[col];
+  if (x >= t.back()[0]) return t.back()[col];
+  size_t i = 1;
+  while (t[i][0] < x) ++i;
+  const double u = std::log(x / t[i - 1][0]) / std::log(t[i][0] / t[i - 1][0]);
+  return t[i - 1][col] + u * (t[i][col] - t[i - 1][col]);
+}
+
+// Projection rate at a row count: the calibrated gemm_by_rows table, or the fitted
+// R_inf * M / (M + M_half).
 double gemm_rate(const DeviceProfile& d, double rows) {
+  if (!d.gemm_by_rows.empty()) return interpolate(d.gemm_by_rows, rows, 1);
   return d.gemm_gflops * rows / (rows + d.gemm_half_rows);
 }
 
 // The backward's dX and dW products have the forward's row count (dW reduces over it), so the
 // same row-count efficiency applies.
 double gemm_bwd_rate(const DeviceProfile& d, double rows) {
+  if (!d.gemm_by_rows.empty()) return interpolate(d.gemm_by_rows, rows, 2);
   return d.gemm_bwd_gflops * rows / (rows + d.gemm_bwd_half_rows);
 }
 
@@ -564,15 +629,17 @@ double narrow_factor(const DeviceProfile& d, double n) { return n / (n + d.gemm_
 // Rate of a narrow product with n outputs: the calibrated table, interpolated in log n (clamped
 // at its ends), or the row-count rate times narrow_factor. col: 1 forward, 2 backward.
 double narrow_rate(const DeviceProfile& d, double rows, double n, int col) {
-  const auto& t = d.narrow_gemm;
-  if (t.empty())
+  if (d.narrow_gemm.empty())
     return (col == 1 ? gemm_rate(d, rows) : gemm_bwd_rate(d, rows)) * narrow_factor(d, n);
-  if (n <= t.front()[0]) return t.front()[col];
-  if (n >= t.back()[0]) return t.back()[col];
-  size_t i = 1;
-  while (t[i][0] < n) ++i;
-  const double u = std::log(n / t[i - 1][0]) / std::log(t[i][0] / t[i - 1][0]);
-  return t[i - 1][col] + u * (t[i][col] - t[i - 1][col]);
+  return interpolate(d.narrow_gemm, n, col);
+}
+
+// Memory-bound rate at working set ws (bytes): the calibrated table, interpolated in log ws and
+// clamped at its ends, or mem_gbps / mem_bwd_gbps. col: 1 forward, 2 backward.
+double mem_rate(const DeviceProfile& d, double ws, int col) {
+  if (d.mem_by_size.empty() || ws <= 0)
+    return col == 1 || d.mem_bwd_gbps <= 0 ? d.mem_gbps : d.mem_bwd_gbps;
+  return interpolate(d.mem_by_size, ws, col);
 }
 
 double stream_rate(const DeviceProfile& d) {
@@ -590,7 +657,7 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   for (const auto& [f, rows, n] : w.gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
-  s += w.mem * e / (d.mem_gbps * 1e9);
+  s += w.mem * e / (mem_rate(d, w.ws, 1) * 1e9);
   s += w.stream * e / (stream_rate(d) * 1e9);
   return s * 1e3;
 }
@@ -605,10 +672,10 @@ double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   for (const auto& [f, rows, n] : w.re_gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);
   s += 2 * w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += 2.5 * f / (d.attention_bwd_gflops * att_scale(d, L) * 1e9);
-  s += 2 * w.mem * e / ((d.mem_bwd_gbps > 0 ? d.mem_bwd_gbps : d.mem_gbps) * 1e9);
+  s += 2 * w.mem * e / (mem_rate(d, w.ws, 2) * 1e9);
   for (const auto& [f, rows] : w.re_gemm) s += f / (gemm_rate(d, rows) * 1e9);
   s += w.re_batched / (d.batched_gflops * 1e9);
-  s += w.re_mem * e / (d.mem_gbps * 1e9);
+  s += w.re_mem * e / (mem_rate(d, w.ws, 1) * 1e9);
   s += w.bwd_stream * e / (stream_rate(d) * 1e9);
   return s * 1e3;
 }
@@ -738,7 +805,7 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
   const int64_t e = dtype_bytes(dev.dtype);
   const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
   const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
-  const std::pair<const char*, Work> mods[] = {
+  std::pair<const char*, Work> mods[] = {
       {"msa_att_row", attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch)},
       {"msa_att_col", attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch)},
       {"msa_transition", transition_work(s * r, cfg.c_m, cfg.transition_n, ch)},
@@ -748,6 +815,10 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
       {"tri_att_start", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
       {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
       {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};
+  // Working sets: a chunk's buffers are about the target, at most the module's whole-axis ones.
+  const auto whole = training_module_whole_bytes(cfg, s, r);
+  for (size_t i = 0; i < std::size(mods); ++i)
+    mods[i].second.ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i].second));
   std::vector<ModuleCost> out;
   // Training: every chunk loop runs in the forward and again in the backward.
   for (const auto& [name, w] : mods) {

@@ -73,10 +73,10 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
     t.C = ceil_div(t.C, dap);
     t.m = ceil_div(t.m, dap);
     // Beside a block's work: the largest gathered operand (a triangle multiplication's channel
-    // group as tri_mul_train_chunks(ctx, rows, parts) of src/model/train_pair.cc picks it), the OPM input the
-    // backward rebuilds from the block output (a shard of m) with one more shard for its layout
-    // change, and a bias gradient's reduce-scatter buffers (2 [H, r_p, r_p]), none of which shrink
-    // like the rest.
+    // group as tri_mul_train_chunks(ctx, rows, parts) of src/model/train_pair.cc picks it), the OPM
+    // input the backward rebuilds from the block output (a shard of m) with one more shard for its
+    // layout change, and a bias gradient's reduce-scatter buffers (2 [H, r_p, r_p]), none of which
+    // shrink like the rest.
     const int64_t ms = sp / dap * rp * cfg.c_m, zs = rp / dap * rp * cfg.c_z;
     const int64_t H = std::max(cfg.no_heads_msa, cfg.no_heads_pair);
     BlockContext ctx;  // the shards' context: channel groups of the triangle multiplication
@@ -458,19 +458,35 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
 
 }  // namespace
 
-std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const EvoformerConfig& cfg,
+                                                                         int64_t s, int64_t r) {
   const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
   const int64_t ct = cfg.c_hidden_mul;
   const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
   const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
-  const int64_t H = std::max(cfg.no_heads_msa, cfg.no_heads_pair);
-  // The largest whole-axis buffer of the training chunk functions (src/model/train.h): at this
-  // target every module runs in one chunk.
-  const int64_t whole =
-      kF * std::max({s * r * (3 * cm + 10 * hm), r * r * (3 * cz + 10 * hp),
-                     r * r * (2 * cz + 2 * H + 2), s * r * (2 * cm + 2 * n * cm + 2),
-                     r * r * (2 * cz + 2 * n * cz + 2), r * (3 * co * r * co + r * cz),
-                     ct * 8 * r * r, r * r * (3 * ct + 5 * cz + 2)});
+  // The chunk functions' per-item bytes (src/model/train.h) times the whole axis: attention
+  // (and the bias branch's row blocks), transitions, OPM residue blocks, tri-mul channel groups
+  // with their projection blocks and the output side's rows.
+  const int64_t row_bias = r * r * (2 * cz + 2 * cfg.no_heads_msa + 2);
+  const int64_t tri_bias = r * r * (2 * cz + 2 * cfg.no_heads_pair + 2);
+  const int64_t tri_att = std::max(r * r * (3 * cz + 10 * hp), tri_bias);
+  const int64_t tri_mul = std::max(ct * 8 * r * r, r * r * (3 * ct + 5 * cz + 2));
+  return {{"msa_att_row", kF * std::max(s * r * (3 * cm + 10 * hm), row_bias)},
+          {"msa_att_col", kF * s * r * (3 * cm + 10 * hm)},
+          {"msa_transition", kF * s * r * (2 * cm + 2 * n * cm + 2)},
+          {"outer_product_mean", kF * r * (3 * co * r * co + r * cz)},
+          {"tri_mul_out", kF * tri_mul},
+          {"tri_mul_in", kF * tri_mul},
+          {"tri_att_start", kF * tri_att},
+          {"tri_att_end", kF * tri_att},
+          {"pair_transition", kF * r * r * (2 * cz + 2 * n * cz + 2)}};
+}
+
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+  // At the largest whole-axis buffer every module runs in one chunk.
+  int64_t whole = 0;
+  for (const auto& [name, bytes] : training_module_whole_bytes(cfg, s, r))
+    whole = std::max(whole, bytes);
   std::vector<int64_t> out;
   int64_t t = std::max<int64_t>(default_chunk_target_bytes(cfg, s, r) / 16, 64 << 10);
   for (; t < whole; t *= 4) out.push_back(t);
@@ -529,8 +545,14 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   if (req.chunk > 0) {
     chunks.push_back({req.chunk, 0});
   } else if (req.training) {
+    // A calibrated profile's memory-bound rates end at its largest measured working set; larger
+    // targets (whole-axis chunks of hundreds of MiB) are left out: this machine ran them 10-30 %
+    // slower than the model says (strided passes over buffers far beyond the caches and the TLB's
+    // reach), and never faster than the coarsest target inside the range (docs/planner.md).
     const std::vector<int64_t> tg = training_chunk_targets(req.cfg, req.s, r);
-    for (auto it = tg.rbegin(); it != tg.rend(); ++it) chunks.push_back({0, *it});
+    const double cap = req.profile.mem_by_size.empty() ? 0 : req.profile.mem_by_size.back()[0];
+    for (auto it = tg.rbegin(); it != tg.rend(); ++it)
+      if (cap <= 0 || *it <= cap || it + 1 == tg.rend()) chunks.push_back({0, *it});
   } else {
     for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
     chunks.push_back({1, 0});  // the finest: one item per chunk
