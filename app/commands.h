@@ -65,6 +65,7 @@ struct PlanArgs {
   std::string dtype;       // fp32 | bf16 | fp16 (default: the profile's)
   std::string policy;      // evaluate this recompute policy for every block
   int64_t chunk = 0;       // force items per chunk
+  std::string chunk_target;  // force the chunk target, e.g. "32MiB"
   int dap = 0, dp = 0;     // force degrees (0 = search)
   bool bucket = false;     // pad r to the next bucket
   std::string buckets;     // comma-separated bucket list (implies --bucket)

@@ -134,6 +134,8 @@ int main(int argc, char** argv) {
                    "evaluate this recompute policy (none|module|block) for every block");
   plan->add_option("--chunk", pa.chunk, "force batch items per chunk")
       ->check(CLI::Range(0, 1 << 30));
+  plan->add_option("--chunk-target", pa.chunk_target,
+                   "force the chunk target (bytes per module's chunk buffers, e.g. 32MiB)");
   plan->add_option("--dap", pa.dap, "force the DAP degree")->check(CLI::Range(1, 4096));
   plan->add_option("--dp", pa.dp, "force the data-parallel degree")->check(CLI::Range(1, 4096));
   plan->add_flag("--bucket", pa.bucket, "pad r up to the next bucket (AF3 list by default)");

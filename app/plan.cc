@@ -531,6 +531,12 @@ int plan_command(const PlanArgs& a) {
     req.fixed_policy = true;
   }
   req.chunk = a.chunk;
+  if (!a.chunk_target.empty()) {
+    st = parse_bytes(a.chunk_target, &req.chunk_target);
+    if (!st.ok()) return fail(st);
+    if (a.chunk > 0)
+      return fail(Status::InvalidArgument("give --chunk or --chunk-target, not both"));
+  }
   req.dap = a.dap;
   req.dp = a.dp;
   req.bucket = a.bucket || !a.buckets.empty();
@@ -749,17 +755,25 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
       else
         std::fprintf(stderr, "foldcube: planner (2 devices) at %s: %s\n", shape.c_str(),
                      st.message().c_str());
-      for (const auto& [tag, tgt] :
-           {std::pair<const char*, int64_t>{"DAP N=2, none, whole", targets.back()},
-            {"DAP N=2 + chunk, none, finest", targets.front()}}) {
-        BenchRow d{tag, {}};
+      struct DapRow {
+        const char* tag;
+        Recompute rc;
+        int64_t target;
+      };
+      for (const DapRow& dr :
+           {DapRow{"DAP N=2, none, whole", Recompute::kNone, targets.back()},
+            DapRow{"DAP N=2 + chunk, none, finest", Recompute::kNone, targets.front()},
+            DapRow{"DAP N=2, module, whole", Recompute::kModule, targets.back()},
+            DapRow{"DAP N=2 + chunk, module, auto", Recompute::kModule,
+                   default_train_chunk_target_bytes(req.cfg, req.s, req.r)}}) {
+        BenchRow d{dr.tag, {}};
         Plan& p = d.plan;
         p.cfg = req.cfg;
         p.s = req.s;
         p.r = p.r_real = req.r;
         p.training = true;
-        p.policy.assign(blocks, Recompute::kNone);
-        p.chunk_target_bytes = tgt;
+        p.policy.assign(blocks, dr.rc);
+        p.chunk_target_bytes = dr.target;
         p.dap = 2;
         p.threads = num_threads();
         p.memory_limit_bytes = budget;

@@ -303,9 +303,9 @@ TEST(DapCli, RunSavedDapPlan) {
   EXPECT_NE(r.out.find("mpirun -np 2"), std::string::npos) << r.out;
 }
 
-// `bench --plan` at a tiny shape: the DAP rows and the planner with 2 devices are there, and the
-// DAP rows (all fit in 1 GiB) were measured under mpirun with their peak (largest rank) within the
-// estimate.
+// `bench --plan` at a tiny shape: the four DAP rows and the planner with 2 devices are there, and
+// the DAP rows (all fit in 1 GiB) were measured under mpirun with their peak (largest rank) within
+// the estimate.
 TEST(DapCli, BenchPlanHasDapRows) {
   const std::string rows = tmp("bench_plan.json");
   Result r =
@@ -326,7 +326,7 @@ TEST(DapCli, BenchPlanHasDapRows) {
     EXPECT_LE(row["peak_tracked_bytes"].get<int64_t>(), row["peak_bytes_estimate"].get<int64_t>())
         << name;
   }
-  EXPECT_EQ(dap_rows, 3) << r.out;
+  EXPECT_EQ(dap_rows, 5) << r.out;  // planner with 2 devices; DAP none / module, whole / chunked
 }
 
 }  // namespace

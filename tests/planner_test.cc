@@ -211,14 +211,19 @@ TEST(Planner, NarrowTableAndStreamRate) {
   const ModuleCost w = tri_mul(p, wide), n = tri_mul(p, narrow);
   EXPECT_GT(n.forward_ms, w.forward_ms);
   EXPECT_GT(n.backward_ms, w.backward_ms);
-  // Halving the stream rate adds exactly the sweep time: groups x r^2 c_z floats forward, five
-  // times that backward (times the training factors, 1 here).
+  // Without the table (a user profile), halving the stream rate adds exactly the sweep time:
+  // groups x r^2 c_z floats forward, five times that backward (times the training factors, 1
+  // here). With the table its DRAM-sized measurements contain the sweeps: no change.
   DeviceProfile slow = p;
   slow.stream_gbps = p.stream_gbps / 2;
-  const ModuleCost ns = tri_mul(slow, narrow);
+  EXPECT_EQ(tri_mul(slow, narrow).forward_ms, n.forward_ms);
+  DeviceProfile user = p, user_slow = slow;
+  user.narrow_gemm.clear(), user_slow.narrow_gemm.clear();
+  user.gemm_half_cols = user_slow.gemm_half_cols = 8;
+  const ModuleCost nu = tri_mul(user, narrow), ns = tri_mul(user_slow, narrow);
   const double sweep_ms = 128.0 * rr * cfg.c_z * 4 / (p.stream_gbps * 1e9) * 1e3;
-  EXPECT_NEAR(ns.forward_ms - n.forward_ms, sweep_ms, 1e-6 * sweep_ms);
-  EXPECT_NEAR(ns.backward_ms - n.backward_ms, 5 * sweep_ms, 1e-6 * sweep_ms);
+  EXPECT_NEAR(ns.forward_ms - nu.forward_ms, sweep_ms, 1e-6 * sweep_ms);
+  EXPECT_NEAR(ns.backward_ms - nu.backward_ms, 5 * sweep_ms, 1e-6 * sweep_ms);
 }
 
 // Calibrated tables by row count and by working set: validated like narrow_gemm; the working-set

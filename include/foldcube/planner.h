@@ -91,6 +91,9 @@ Status load_or_calibrate_profile(const std::string& path, bool recalibrate, Devi
 struct ModuleCost {
   std::string name;  // golden trace name, e.g. "msa_att_row"
   double forward_ms = 0, backward_ms = 0;
+  // Training: the forward work the module's backward rebuilds under policy module (its saved
+  // state from its input; less than the forward: no output projection, residual or z update).
+  double rebuild_ms = 0;
 };
 // The nine modules of one block in execution order. chunk / chunk_target_bytes as in
 // ForwardOptions / TrainOptions: they set the items per chunk, hence the GEMM row counts (and
@@ -155,6 +158,7 @@ struct PlanRequest {
   bool fixed_policy = false;  // evaluate `policy` for every block instead of searching
   Recompute policy = Recompute::kNone;
   int64_t chunk = 0;             // force items per chunk (no chunk search)
+  int64_t chunk_target = 0;      // force the chunk target in bytes (no chunk search)
   int dap = 0, dp = 0;           // force degrees (0 = search)
   bool bucket = false;           // pad r up to the next bucket
   std::vector<int64_t> buckets;  // empty = default_buckets()

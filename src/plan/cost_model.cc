@@ -658,7 +658,9 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (mem_rate(d, w.ws, 1) * 1e9);
-  s += w.stream * e / (stream_rate(d) * 1e9);
+  // The calibrated narrow_gemm table was measured on DRAM-sized inputs: its rates contain the
+  // sweeps; without it (user profiles) they are charged here.
+  if (d.narrow_gemm.empty()) s += w.stream * e / (stream_rate(d) * 1e9);
   return s * 1e3;
 }
 
@@ -676,7 +678,7 @@ double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   for (const auto& [f, rows] : w.re_gemm) s += f / (gemm_rate(d, rows) * 1e9);
   s += w.re_batched / (d.batched_gflops * 1e9);
   s += w.re_mem * e / (mem_rate(d, w.ws, 1) * 1e9);
-  s += w.bwd_stream * e / (stream_rate(d) * 1e9);
+  if (d.narrow_gemm.empty()) s += w.bwd_stream * e / (stream_rate(d) * 1e9);
   return s * 1e3;
 }
 
@@ -690,8 +692,11 @@ struct Chunks {
   }
 };
 
+// rb (training, may be null) receives the work the module's backward rebuilds under policy
+// module (src/model/train.h): here the bias branch and per chunk LN, q|k|v|g and the attention
+// (og, lse), not the output projection nor the residual add.
 Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool bias, int64_t r,
-                    int64_t cz, const Chunks& ch) {
+                    int64_t cz, const Chunks& ch, Work* rb = nullptr) {
   Work w;
   const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
   const int64_t n = ch.training ? attention_train_chunk(*ch.ctx, N, L, c, H * C)
@@ -708,10 +713,22 @@ Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool 
   w.att.push_back({attention_flops(N, H, L, L, C), static_cast<double>(L)});
   w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
   w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk
+  if (rb) {
+    *rb = Work{};
+    rb->chunks = w.chunks;
+    if (bias) {
+      rb->gemm.push_back(w.gemm[0]);
+      rb->mem += 2.0 * r * r * cz + 2.0 * H * r * r;
+    }
+    rb->gemm.push_back(w.gemm[bias ? 1 : 0]);
+    rb->att = w.att;
+    rb->mem += 2 * rows * c;
+  }
   return w;
 }
 
-Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
+// rb: LayerNorm, linear_1 and ReLU (the hidden h), not linear_2.
+Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch, Work* rb = nullptr) {
   Work w;
   const int64_t k =
       ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c) : ch(rows, (c + n * c) * kF);
@@ -719,10 +736,19 @@ Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch) {
   w.chunks += ceil_div(rows, k);
   w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
   w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
+  if (rb) {
+    *rb = Work{};
+    rb->chunks = w.chunks;
+    rb->gemm.push_back({2.0 * rows * c * n * c, static_cast<double>(k)});
+    rb->mem = w.mem;
+  }
   return w;
 }
 
-Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch) {
+// rb: LayerNorm, the masked projections a, b and the mask normaliser (the outer product is rebuilt
+// by every backward, counted in re_batched).
+Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch,
+              Work* rb = nullptr) {
   const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
   Work w;
   // Training chunks only the outer product (residue blocks i); the projections run whole.
@@ -736,6 +762,11 @@ Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch
   w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
   w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
   w.re_batched += 2 * rr * co * co * s;  // the outer product is rebuilt chunk by chunk
+  if (rb) {
+    *rb = Work{};
+    rb->gemm = {w.gemm[0], w.gemm[1]};
+    rb->mem = 2 * sr * cm + 4 * sr * co;
+  }
   return w;
 }
 
@@ -763,7 +794,9 @@ Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
 // batched products; the output side by row chunks. Each group sweeps LN_in(z) [r^2, c_z] once in
 // the forward; in the backward three times (A, B rebuilt; projections re-run; dW) plus a
 // read-modify-write of dL/d LN_in(z).
-Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext& ctx) {
+// rb: LN_in(z) and the products P (projections, gating, batched products), not the output side.
+Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext& ctx,
+                       Work* rb = nullptr) {
   const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
   const double rr = static_cast<double>(r) * r;
   const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
@@ -784,6 +817,14 @@ Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext
   w.re_gemm_narrow.push_back({2 * proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
   w.re_mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct;
   w.bwd_stream += 5 * groups * rr * cz;
+  if (rb) {
+    *rb = Work{};
+    rb->chunks = groups * ceil_div(r, tm.proj_rows);
+    rb->gemm_narrow = w.gemm_narrow;
+    rb->batched = w.batched;
+    rb->mem = 2 * rr * cz + 2 * rr * ct * 9;
+    rb->stream = w.stream;
+  }
   return w;
 }
 
@@ -805,26 +846,38 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
   const int64_t e = dtype_bytes(dev.dtype);
   const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
   const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
+  Work rb[9];  // training: what each module's backward rebuilds under policy module
+  Work* t = training ? rb : nullptr;
+  auto at = [&](int i) { return t ? t + i : nullptr; };
   std::pair<const char*, Work> mods[] = {
-      {"msa_att_row", attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch)},
-      {"msa_att_col", attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch)},
-      {"msa_transition", transition_work(s * r, cfg.c_m, cfg.transition_n, ch)},
-      {"outer_product_mean", opm_work(cfg, s, r, ch)},
-      {"tri_mul_out", training ? trimul_train_work(cfg, r, ctx) : trimul_work(cfg, r, ch)},
-      {"tri_mul_in", training ? trimul_train_work(cfg, r, ctx) : trimul_work(cfg, r, ch)},
-      {"tri_att_start", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
-      {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch)},
-      {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch)}};
+      {"msa_att_row", attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch, at(0))},
+      {"msa_att_col", attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch, at(1))},
+      {"msa_transition", transition_work(s * r, cfg.c_m, cfg.transition_n, ch, at(2))},
+      {"outer_product_mean", opm_work(cfg, s, r, ch, at(3))},
+      {"tri_mul_out", training ? trimul_train_work(cfg, r, ctx, at(4)) : trimul_work(cfg, r, ch)},
+      {"tri_mul_in", training ? trimul_train_work(cfg, r, ctx, at(5)) : trimul_work(cfg, r, ch)},
+      {"tri_att_start", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, at(6))},
+      {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, at(7))},
+      {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch, at(8))}};
   // Working sets: a chunk's buffers are about the target, at most the module's whole-axis ones.
   const auto whole = training_module_whole_bytes(cfg, s, r);
-  for (size_t i = 0; i < std::size(mods); ++i)
+  for (size_t i = 0; i < std::size(mods); ++i) {
     mods[i].second.ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i].second));
+    rb[i].ws = mods[i].second.ws;
+  }
   std::vector<ModuleCost> out;
   // Training: every chunk loop runs in the forward and again in the backward.
-  for (const auto& [name, w] : mods) {
+  for (size_t i = 0; i < std::size(mods); ++i) {
+    const Work& w = mods[i].second;
     const double ovh = w.chunks * dev.chunk_overhead_us * 1e-3;
-    out.push_back({name, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh,
-                   training ? backward_ms(w, dev, e) * dev.train_bwd_factor + ovh : 0.0});
+    ModuleCost c{mods[i].first, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh,
+                 0.0, 0.0};
+    if (training) {
+      c.backward_ms = backward_ms(w, dev, e) * dev.train_bwd_factor + ovh;
+      c.rebuild_ms = forward_ms(rb[i], dev, e) * dev.train_fwd_factor +
+                     rb[i].chunks * dev.chunk_overhead_us * 1e-3;
+    }
+    out.push_back(c);
   }
   return out;
 }

@@ -369,11 +369,12 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   // padded shard length sets the time.
   const double share = st.dap > 1 ? static_cast<double>(ceil_div(r, st.dap)) / r : 1.0;
   for (ModuleCost& c : bt.costs) {
-    c.forward_ms *= share, c.backward_ms *= share;
+    c.forward_ms *= share, c.backward_ms *= share, c.rebuild_ms *= share;
     bt.fwd += c.forward_ms;
     bt.bwd += c.backward_ms;
+    bt.rec[1] += c.rebuild_ms;  // kModule rebuilds each module's saved state
   }
-  bt.rec[1] = bt.rec[2] = bt.fwd;  // kModule and kBlock each re-run one block forward
+  bt.rec[2] = bt.fwd;  // kBlock re-runs the block forward
   const int64_t e = dtype_bytes(dev.dtype);
   bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e), dev);
   for (int i = 0; i < kTypes; ++i)
@@ -511,7 +512,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   FC_RETURN_IF_ERROR(req.profile.validate());
   if (req.s < 1 || req.r < 1) return Status::InvalidArgument("s and r must be >= 1");
   const int devices = req.devices > 0 ? req.devices : req.profile.devices;
-  if (req.devices < 0 || req.dap < 0 || req.dp < 0 || req.chunk < 0 || req.memory_bytes < 0)
+  if (req.devices < 0 || req.dap < 0 || req.dp < 0 || req.chunk < 0 || req.chunk_target < 0 ||
+      req.memory_bytes < 0)
     return Status::InvalidArgument("devices, dap, dp, chunk and memory must not be negative");
   if (req.dap * std::max(req.dp, 1) > devices || req.dp * std::max(req.dap, 1) > devices)
     return Status::InvalidArgument("dap x dp exceeds the " + std::to_string(devices) +
@@ -544,6 +546,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   std::vector<std::pair<int64_t, int64_t>> chunks;  // (chunk, target)
   if (req.chunk > 0) {
     chunks.push_back({req.chunk, 0});
+  } else if (req.chunk_target > 0) {
+    chunks.push_back({0, req.chunk_target});
   } else if (req.training) {
     // A calibrated profile's memory-bound rates end at its largest measured working set; larger
     // targets (whole-axis chunks of hundreds of MiB) are left out: this machine ran them 10-30 %
