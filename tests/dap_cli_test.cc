@@ -235,7 +235,7 @@ std::string plan_profile() {
 // `mpirun -np 2 foldcube run --plan auto` at a budget 0.2 MiB above the smallest feasible one
 // (the finest choices), inference and a training step, AF2 dims, s and r not multiples of 2: the
 // plan runs DAP over both ranks, every rank's figures are reported, measured peak (max over
-// ranks) <= estimate <= budget, the inference estimate is exact, the training one within 5 %
+// ranks) <= estimate <= budget, the inference estimate is exact, the training one within 7 %
 // (the DAP training model's stated tolerance), the activation estimate exact.
 TEST(DapCli, RunPlanAutoOnTwoRanks) {
   for (const std::string mode : {"", " --backward"}) {
@@ -266,14 +266,14 @@ TEST(DapCli, RunPlanAutoOnTwoRanks) {
     if (mode.empty())
       EXPECT_EQ(est, meas);
     else
-      EXPECT_LE(est - meas, meas * 5 / 100) << "estimate " << est << " measured " << meas;
+      EXPECT_LE(est - meas, meas * 7 / 100) << "estimate " << est << " measured " << meas;
     EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << mode;
     EXPECT_TRUE(j["within_budget"].get<bool>());
     EXPECT_GT(j["time_ms"].get<double>(), 0);
   }
 }
 
-// A saved plan with dap = 2: runs on 2 ranks (every policy, estimate within 5 % above the
+// A saved plan with dap = 2: runs on 2 ranks (every policy, estimate within 7 % above the
 // measured peak); the wrong rank count or no launcher is a one-line error, exit code != 0, no
 // hang.
 TEST(DapCli, RunSavedDapPlan) {
@@ -289,7 +289,7 @@ TEST(DapCli, RunSavedDapPlan) {
     const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
     const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
     EXPECT_LE(meas, est) << policy;
-    EXPECT_LE(est - meas, meas * 5 / 100) << policy << ": estimate " << est << " measured " << meas;
+    EXPECT_LE(est - meas, meas * 7 / 100) << policy << ": estimate " << est << " measured " << meas;
     EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << policy;
   }
   Result r = run(mpirun(3) + cli() + " run --plan " + plan + prof);

@@ -71,7 +71,7 @@ std::string Plan::to_json(int indent) const {
   if (training && dap > 1)  // docs/planner.md
     j["note"] =
         "DAP training: communication volume exact (the executor's formula); per-rank memory an "
-        "upper estimate (0-5 % above the measured peak, docs/planner.md), not an exact replay";
+        "upper estimate (0-7 % above the measured peak, docs/planner.md), not an exact replay";
   j["profile"] = profile;
   json costs = json::array();
   for (const ModuleCost& c : module_costs)
