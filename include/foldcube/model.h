@@ -126,9 +126,9 @@ Status infer_config_from_weights(const TensorFile& weights, EvoformerConfig* out
 // Automatic chunking: bytes that one module's chunk buffers aim for at (s, r).
 int64_t default_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r);
 // Automatic chunking of the training step: 4 x the inference target (bytes(m+z)/2, at least
-// 16 MiB). Training chunks carry their saved state and per-chunk parameter-gradient GEMMs; at
-// (128, 256), AF2 dims, policy none, an 8 MiB target took 1.8x the time of 32 MiB for 1 % less
-// peak (docs/training.md).
+// 16 MiB). Chosen when an 8 MiB target took 1.8x the time of 32 MiB at (128, 256) (2-channel
+// triangle-multiplication groups); since that module's rewrite the two run equally fast
+// (docs/training.md), and plans pick their own target.
 int64_t default_train_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r);
 
 }  // namespace fc
