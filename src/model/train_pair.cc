@@ -475,8 +475,8 @@ namespace {
 // dx_ln are swept once per group.
 struct TriMulGroup {
   int64_t c0 = 0, nc = 0;
-  Tensor W;  // [4*nc, c_z] a_p | a_g | b_p | b_g rows of channels c0 .. c0+nc
-  Tensor b;  // [4*nc]
+  Tensor W;  // [4*group, c_z]; the first 4*nc rows: a_p | a_g | b_p | b_g of channels c0 .. c0+nc
+  Tensor b;  // [4*group]; the first 4*nc entries, likewise
   void load(const TriangleMultiplicationW& w, int64_t ct, int64_t first, int64_t count) {
     const int64_t cz = w.ab.w.dim(1);
     c0 = first, nc = count;
