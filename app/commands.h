@@ -58,20 +58,20 @@ int bench_plan(const BenchArgs& a, const std::string& exe);
 struct PlanArgs {
   int64_t s = 128, r = 256, blocks = 48;
   bool train = false;
-  int devices = 0;         // 0 = the profile's
-  std::string memory;      // per-device limit, e.g. "40GB" (default: the profile's)
-  std::string profile;     // profile JSON (default: this machine, calibrated and cached)
-  bool calibrate = false;  // re-run the calibration of this machine
-  std::string dtype;       // fp32 | bf16 | fp16 (default: the profile's)
-  std::string policy;      // evaluate this recompute policy for every block
-  int64_t chunk = 0;       // force items per chunk
+  int devices = 0;           // 0 = the profile's
+  std::string memory;        // per-device limit, e.g. "40GB" (default: the profile's)
+  std::string profile;       // profile JSON (default: this machine, calibrated and cached)
+  bool calibrate = false;    // re-run the calibration of this machine
+  std::string dtype;         // fp32 | bf16 | fp16 (default: the profile's)
+  std::string policy;        // evaluate this recompute policy for every block
+  int64_t chunk = 0;         // force items per chunk
   std::string chunk_target;  // force the chunk target, e.g. "32MiB"
-  int dap = 0, dp = 0;     // force degrees (0 = search)
-  bool bucket = false;     // pad r to the next bucket
-  std::string buckets;     // comma-separated bucket list (implies --bucket)
-  std::string config;      // model config JSON (default AF2 model_1)
-  std::string cache;       // plan cache directory
-  std::string out;         // also write the plan JSON here
+  int dap = 0, dp = 0;       // force degrees (0 = search)
+  bool bucket = false;       // pad r to the next bucket
+  std::string buckets;       // comma-separated bucket list (implies --bucket)
+  std::string config;        // model config JSON (default AF2 model_1)
+  std::string cache;         // plan cache directory
+  std::string out;           // also write the plan JSON here
   bool json = false;
 };
 int plan_command(const PlanArgs& a);

@@ -870,8 +870,8 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
   for (size_t i = 0; i < std::size(mods); ++i) {
     const Work& w = mods[i].second;
     const double ovh = w.chunks * dev.chunk_overhead_us * 1e-3;
-    ModuleCost c{mods[i].first, forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh,
-                 0.0, 0.0};
+    ModuleCost c{mods[i].first,
+                 forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh, 0.0, 0.0};
     if (training) {
       c.backward_ms = backward_ms(w, dev, e) * dev.train_bwd_factor + ovh;
       c.rebuild_ms = forward_ms(rb[i], dev, e) * dev.train_fwd_factor +

@@ -219,8 +219,8 @@ std::string plan_cache_key(const PlanRequest& req) {
     << "|mem=" << (req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes)
     << "|train=" << req.training << "|dtype=" << (req.dtype.empty() ? req.profile.dtype : req.dtype)
     << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy) << "|chunk=" << req.chunk
-    << "|target=" << req.chunk_target
-    << "|dap=" << req.dap << "|dp=" << req.dp << "|profile=" << req.profile.to_json();
+    << "|target=" << req.chunk_target << "|dap=" << req.dap << "|dp=" << req.dp
+    << "|profile=" << req.profile.to_json();
   // FNV-1a, 64 bit: stable across runs and platforms.
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : k.str()) h = (h ^ c) * 1099511628211ull;
