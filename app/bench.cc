@@ -307,7 +307,8 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
     std::vector<double> times, cpu;  // wall and process CPU ms of every timed pass
     nlohmann::json last;
   };
-  std::vector<Row> rows = {{"unchunked", "--chunk 1000000000", {}, {}}, {"automatic", "", {}, {}}};
+  std::vector<Row> rows = {{"unchunked", "--chunk 1000000000", {}, {}, {}},
+                           {"automatic", "", {}, {}, {}}};
   for (double x : {2.5, 2.25, 2.0, 1.875, 1.75}) {
     char label[64];
     std::snprintf(label, sizeof label, "budget %.3g x (m+z)", x);
@@ -316,10 +317,11 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
         {label,
          "--memory-budget " + std::to_string(static_cast<int64_t>((1 + x) * mz) + weights),
          {},
+         {},
          {}});
   }
   for (int c : {64, 16, 4})
-    rows.push_back({"--chunk " + std::to_string(c), "--chunk " + std::to_string(c), {}, {}});
+    rows.push_back({"--chunk " + std::to_string(c), "--chunk " + std::to_string(c), {}, {}, {}});
   const int repeats = a.repeats > 0 ? a.repeats : 3, rounds = 2;
   const double peak = sgemm_gflops(2048, 5);
   std::printf(
