@@ -86,55 +86,6 @@ double median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-// Runs `plan` on random weights and inputs (all-ones masks) in this process. Only the tensors the
-// planner's base accounts for are live: weights, m, z, masks and, for training, the output
-// gradients; inputs are regenerated before every pass (untimed).
-Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measured* out) {
-  const EvoformerConfig& cfg = plan.cfg;
-  const int64_t s = plan.s, r = plan.r;
-  EvoformerStack stack = EvoformerStack::random(cfg, seed);
-  const Tensor msa_mask = Tensor::full({s, r}, 1.f), pair_mask = Tensor::full({r, r}, 1.f);
-  Tensor gm, gz;  // upstream gradients [s, r, c_m], [r, r, c_z]
-  if (plan.training) {
-    gm = random_tensor({s, r, cfg.c_m}, seed * 2 + 3);
-    gz = random_tensor({r, r, cfg.c_z}, seed * 2 + 4);
-  }
-  std::vector<double> tot, fwd, bwd, cpu;
-  for (int it = 0; it < warmup + repeats; ++it) {
-    Tensor m = random_tensor({s, r, cfg.c_m}, seed * 2 + 1);  // [s, r, c_m]
-    Tensor z = random_tensor({r, r, cfg.c_z}, seed * 2 + 2);  // [r, r, c_z]
-    MemoryScope scope;
-    const double c0 = cpu_now_ms();
-    if (plan.training) {
-      TrainOptions o = to_train_options(plan);
-      o.seed = seed;
-      TrainResult res;
-      FC_RETURN_IF_ERROR(stack.train_step(m, z, msa_mask, pair_mask, gm, gz, o, &res));
-      if (it >= warmup) {
-        fwd.push_back(res.forward_ms);
-        bwd.push_back(res.backward_ms);
-        tot.push_back(res.forward_ms + res.backward_ms);
-      }
-      out->activation_bytes = res.activation_bytes;
-    } else {
-      Tensor s_out;
-      const auto t0 = std::chrono::steady_clock::now();
-      FC_RETURN_IF_ERROR(
-          stack.forward(m, z, msa_mask, pair_mask, &s_out, to_forward_options(plan)));
-      const double ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      if (it >= warmup) tot.push_back(ms), fwd.push_back(ms);
-    }
-    if (it >= warmup) cpu.push_back(cpu_now_ms() - c0);
-    out->peak_tracked_bytes = std::max(out->peak_tracked_bytes, scope.peak());
-  }
-  out->cpu_ms = median(cpu);
-  out->time_ms = median(tot);
-  out->forward_ms = median(fwd);
-  out->backward_ms = median(bwd);
-  return Status::OK();
-}
-
 // Runs a plan with dap x dp = world.size() ranks through the DAP executor (exec/dap.h,
 // exec/dap_train.h) and fills this rank's figures. Every rank builds the same random weights from
 // `seed`; the root of DAP group g makes protein g's inputs and upstream gradients from seed + g
@@ -220,6 +171,13 @@ Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t 
   out->forward_ms = median(fwd);
   out->backward_ms = median(bwd);
   return Status::OK();
+}
+
+// Runs `plan` in this process alone: the one-rank case of run_plan_dap (random weights and inputs,
+// all-ones masks; only the tensors the planner's base accounts for are live: weights, m, z, masks
+// and, for training, the output gradients; inputs are regenerated before every pass, untimed).
+Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measured* out) {
+  return run_plan_dap(plan, dist::Communicator(), seed, warmup, repeats, out);
 }
 
 // With more than one device and no link rate in the profile, the ranks are taken to share this
