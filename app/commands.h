@@ -30,6 +30,8 @@ struct RunArgs {
   std::string plan_profile;  // device profile for --plan (default: this machine's, cached)
 };
 int run_command(const RunArgs& a);
+// Hash of every flag: the ranks of an MPI job must agree on all of them (app/run.cc).
+uint64_t run_args_hash(const RunArgs& a);
 // `run --plan`: plans (or loads a plan), runs it, reports estimates beside measurements
 // (app/plan.cc).
 int run_planned(const RunArgs& a);

@@ -191,21 +191,6 @@ void profile_for_ranks(int ranks, DeviceProfile* dev) {
   }
 }
 
-// Hash of the flags every rank of an MPI job must agree on.
-uint64_t plan_args_hash(const RunArgs& a) {
-  std::string k;
-  for (const std::string* f : {&a.plan, &a.plan_profile, &a.memory_budget, &a.report, &a.config})
-    k += *f + '\x1f';
-  for (int64_t v :
-       {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed), static_cast<int64_t>(a.threads),
-        static_cast<int64_t>(a.repeats), static_cast<int64_t>(a.warmup),
-        static_cast<int64_t>(a.quiet), static_cast<int64_t>(a.backward)})
-    k += std::to_string(v) + '\x1f';
-  uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
-
 // The plan a `run --plan` job runs on `ranks` ranks (1: no MPI launcher), with its estimates on
 // this machine's profile (or --plan-profile) and this run's thread count.
 Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
@@ -429,7 +414,7 @@ int run_planned(const RunArgs& a) {
     dist::finalize();
     return s.ok() ? 0 : 1;
   };
-  if (!world.all_equal(plan_args_hash(a)))
+  if (!world.all_equal(run_args_hash(a)))
     return end(Status::InvalidArgument(
         "the ranks were started with different command lines; every rank of a --plan job needs "
         "the same flags"));

@@ -437,12 +437,12 @@ int run_training(const RunArgs& a, Job& job) {
 }
 }  // namespace
 
-namespace {
-// Hash of the flags every rank must agree on (all of them: ranks run one job).
-uint64_t args_hash(const RunArgs& a) {
+// Hash of every flag of `run`: ranks of one job must agree on all of them.
+uint64_t run_args_hash(const RunArgs& a) {
   std::string k;
-  for (const std::string* f : {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.grad_outputs,
-                               &a.policy, &a.stack, &a.memory_budget})
+  for (const std::string* f :
+       {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.chunk_target, &a.grad_outputs,
+        &a.policy, &a.stack, &a.memory_budget, &a.plan, &a.plan_profile})
     k += *f + '\x1f';
   for (int64_t v :
        {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed), static_cast<int64_t>(a.threads), a.chunk,
@@ -451,10 +451,12 @@ uint64_t args_hash(const RunArgs& a) {
         static_cast<int64_t>(a.backward), static_cast<int64_t>(a.train),
         static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp)})
     k += std::to_string(v) + '\x1f';
-  uint64_t h = 1469598103934665603ull;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bit
   for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;
   return h;
 }
+
+namespace {
 
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
@@ -681,7 +683,7 @@ int run_dap(const RunArgs& a) {
                   : "--dap " + std::to_string(a.dap)) +
         " needs " + std::to_string(ranks) + " MPI ranks, the job has " +
         std::to_string(comm.size()) + " (mpirun -np " + std::to_string(ranks) + ")"));
-  if (!comm.all_equal(args_hash(a))) {
+  if (!comm.all_equal(run_args_hash(a))) {
     // Rank 0 reports; the others wait for its abort.
     if (me == 0)
       die(Status::InvalidArgument(
