@@ -570,6 +570,47 @@ void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, int64_t rr,
   }
 }
 
+// The buffers and steps of phase 1 backward for one channel group at a time, on `rows` pair rows
+// of r columns (one process: rows = r; a DAP shard: its rows): rebuild A, B, then (after the
+// caller's dA, dB) the projections' backward into dx_ln and the parameter gradients.
+struct TriMulGroupBackward {
+  TriMulGroup grp;
+  Tensor gW, gb;  // [4*group, c_z], [4*group]: dL/d grp.W, grp.b of the group
+  Tensor T, dT;   // [4*group, q]: projections of a block of pairs (channel-major), dL/d T
+  Tensor ones;    // [q] for the bias gradient's row sums
+  Tensor A, B;    // [group, rows, r]: a, b of the group, channel-major
+  Tensor dA, dB;  // [group, rows, r]: dL/d a, dL/d b
+  int64_t q;
+  TriMulGroupBackward(int64_t cg, int64_t cz, int64_t q_, int64_t rows, int64_t r)
+      : grp{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})},
+        gW(Tensor::empty({4 * cg, cz})),
+        gb(Tensor::empty({4 * cg})),
+        T(Tensor::empty({4 * cg, q_})),
+        dT(Tensor::empty({4 * cg, q_})),
+        ones(Tensor::full({q_}, 1.f)),
+        A(Tensor::empty({cg, rows, r})),
+        B(Tensor::empty({cg, rows, r})),
+        dA(Tensor::empty({cg, rows, r})),
+        dB(Tensor::empty({cg, rows, r})),
+        q(q_) {}
+  // Loads channels c0 .. c0+nc and rebuilds their A, B from x_ln [rr, c_z] and mask [rr].
+  void rebuild(const TriangleMultiplicationW& w, int64_t ct, int64_t c0, int64_t nc,
+               const float* x_ln, int64_t rr, const float* mask) {
+    grp.load(w, ct, c0, nc);
+    tri_mul_group_ab(grp, x_ln, rr, grp.W.dim(1), mask, q, dT.f32(), T.f32(), A.f32(), B.f32());
+  }
+  // With dA, dB filled: ACCUMULATES into dx_ln [rr, c_z] and the fused gradient g.
+  void backward(TriangleMultiplicationW* g, int64_t ct, const float* x_ln, int64_t rr,
+                const float* mask, float* dxln) {
+    const int64_t cz = grp.W.dim(1), nc = grp.nc;
+    std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
+    std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
+    tri_mul_group_backward(grp, x_ln, rr, cz, mask, q, dA.f32(), dB.f32(), ones.f32(), T.f32(),
+                           dT.f32(), dxln, gW.f32(), gb.f32());
+    grp.add_grads(g, ct, gW.f32(), gb.f32());
+  }
+};
+
 // Phase 1: the triangle products P [c_t, r, r] from x_ln = LN_in(z) [r*r, c_z], channel group by
 // channel group (outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c).
 Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
@@ -682,39 +723,24 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   {
     // Phase 1 backward, by channel groups: rebuild the group's A and B, then dA, dB, and
     // (by blocks of pairs) d(projections), accumulating into dxln and the parameter gradients.
-    const int64_t cg = chunks.group, q = chunks.proj_rows * r;
-    TriMulGroup G{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
-    Tensor gW = Tensor::empty({4 * cg, cz});  // dL/d G.W, dL/d G.b of the group
-    Tensor gb = Tensor::empty({4 * cg});
-    Tensor T = Tensor::empty({4 * cg, q});   // projections of a block of pairs, channel-major
-    Tensor dT = Tensor::empty({4 * cg, q});  // dL/d T of the block
-    Tensor ones = Tensor::full({q}, 1.f);    // [q] for the bias gradient's row sums
-    Tensor A = Tensor::empty({cg, r, r});    // a, b of the group, channel-major
-    Tensor B = Tensor::empty({cg, r, r});
-    Tensor dA = Tensor::empty({cg, r, r});  // dL/d a, dL/d b, channel-major
-    Tensor dB = Tensor::empty({cg, r, r});
+    const int64_t cg = chunks.group;
+    TriMulGroupBackward gb(cg, cz, chunks.proj_rows * r, r, r);
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
-      G.load(w, ct, c0, std::min(cg, ct - c0));
-      const int64_t nc = G.nc;
-      tri_mul_group_ab(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dT.f32(), T.f32(), A.f32(),
-                       B.f32());
+      const int64_t nc = std::min(cg, ct - c0);
+      gb.rebuild(w, ct, c0, nc, x_ln.f32(), rr, ctx.pair_mask);
+      const float* A = gb.A.f32();
+      const float* B = gb.B.f32();
+      float* dA = gb.dA.f32();
+      float* dB = gb.dB.f32();
       const float* dPg = dP.f32() + c0 * rr;
       if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
-        kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B.f32(), r, rr, 0.f,
-                           dA.f32(), r, rr);
-        kern::gemm_batched(nc, true, false, r, r, r, 1.f, dPg, r, rr, A.f32(), r, rr, 0.f, dB.f32(),
-                           r, rr);
+        kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B, r, rr, 0.f, dA, r, rr);
+        kern::gemm_batched(nc, true, false, r, r, r, 1.f, dPg, r, rr, A, r, rr, 0.f, dB, r, rr);
       } else {  // P_c = A_c^T B_c: dA_c = B_c dP_c^T, dB_c = A_c dP_c
-        kern::gemm_batched(nc, false, true, r, r, r, 1.f, B.f32(), r, rr, dPg, r, rr, 0.f, dA.f32(),
-                           r, rr);
-        kern::gemm_batched(nc, false, false, r, r, r, 1.f, A.f32(), r, rr, dPg, r, rr, 0.f,
-                           dB.f32(), r, rr);
+        kern::gemm_batched(nc, false, true, r, r, r, 1.f, B, r, rr, dPg, r, rr, 0.f, dA, r, rr);
+        kern::gemm_batched(nc, false, false, r, r, r, 1.f, A, r, rr, dPg, r, rr, 0.f, dB, r, rr);
       }
-      std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
-      std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
-      tri_mul_group_backward(G, x_ln.f32(), rr, cz, ctx.pair_mask, q, dA.f32(), dB.f32(),
-                             ones.f32(), T.f32(), dT.f32(), dxln.f32(), gW.f32(), gb.f32());
-      G.add_grads(g, ct, gW.f32(), gb.f32());
+      gb.backward(g, ct, x_ln.f32(), rr, ctx.pair_mask, dxln.f32());
     }
   }
   dP = Tensor();
@@ -871,27 +897,17 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   {
     // Phase 1 backward by channel groups: rebuild the group's A, B and every shard's R;
     // dL = sum_k dP_k R_k, dR_k = dP_k^T L (reduce-scattered to shard k); then as one process.
-    const int64_t cg = chunks.group, q = chunks.proj_rows * r;
-    TriMulGroup grp{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})};
-    Tensor gW = Tensor::empty({4 * cg, cz});  // dL/d grp.W, dL/d grp.b of the group
-    Tensor gb = Tensor::empty({4 * cg});
-    Tensor T = Tensor::empty({4 * cg, q});    // projections of a block of pairs, channel-major
-    Tensor dT = Tensor::empty({4 * cg, q});   // dL/d T of the block
-    Tensor ones = Tensor::full({q}, 1.f);     // [q] for the bias gradient's row sums
-    Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
-    Tensor B = Tensor::empty({cg, rows, r});
-    Tensor dA = Tensor::empty({cg, rows, r});  // dL/d a, dL/d b, channel-major
-    Tensor dB = Tensor::empty({cg, rows, r});
+    const int64_t cg = chunks.group;
+    TriMulGroupBackward gb(cg, cz, chunks.proj_rows * r, rows, r);
     Tensor G = Tensor::empty({parts * cg, rows, r});   // every shard's R, shard-major
     Tensor dG = Tensor::empty({parts * cg, rows, r});  // this shard's part of every dR_k
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
-      grp.load(w, ct, c0, std::min(cg, ct - c0));
-      const int64_t nc = grp.nc;
-      tri_mul_group_ab(grp, x_ln.f32(), rr, cz, mask, q, dT.f32(), T.f32(), A.f32(), B.f32());
-      const float* L = (left_is_b ? B : A).f32();
-      float* dL = (left_is_b ? dB : dA).f32();
-      float* dR = (left_is_b ? dA : dB).f32();
-      gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
+      const int64_t nc = std::min(cg, ct - c0);
+      gb.rebuild(w, ct, c0, nc, x_ln.f32(), rr, mask);
+      const float* L = (left_is_b ? gb.B : gb.A).f32();
+      float* dL = (left_is_b ? gb.dB : gb.dA).f32();
+      float* dR = (left_is_b ? gb.dA : gb.dB).f32();
+      gather.fn((left_is_b ? gb.A : gb.B).f32(), nc * rr, G.f32());
       const float* dPg = dP.f32() + c0 * rr;
       for (int64_t k = 0; k < parts; ++k) {
         kern::gemm_batched(nc, false, false, rows, r, rows, 1.f, dPg + k * rows, r, rr,
@@ -900,11 +916,7 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
                            0.f, dG.f32() + k * nc * rr, r, rr);
       }
       reduce.fn(dG.f32(), nc * rr, dR);
-      std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
-      std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
-      tri_mul_group_backward(grp, x_ln.f32(), rr, cz, mask, q, dA.f32(), dB.f32(), ones.f32(),
-                             T.f32(), dT.f32(), dxln.f32(), gW.f32(), gb.f32());
-      grp.add_grads(g, ct, gW.f32(), gb.f32());
+      gb.backward(g, ct, x_ln.f32(), rr, mask, dxln.f32());
     }
   }
   dP = Tensor();
