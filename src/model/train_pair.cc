@@ -611,6 +611,91 @@ struct TriMulGroupBackward {
   }
 };
 
+// Dropout of the update u [n, r, c_z] of rows i0.. (global row0 + i0..): the mask [r, c_z]
+// shared over the rows (one process, and the outgoing shard), or per row of z^T, row j scaled by
+// mask[row0 + j] (the incoming shard).
+void tri_mul_dropout(float* u, int64_t n, int64_t r, int64_t cz, const Tensor& mask, bool per_row,
+                     int64_t grow0) {
+  if (!mask.defined()) return;
+  if (!per_row) {
+    apply_dropout(u, n, r, cz, mask);
+    return;
+  }
+  const float* mp = mask.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < cz; ++c) u[(i * r + j) * cz + c] *= mp[(grow0 + i) * cz + c];
+}
+
+// Phase 2 (the output side) on `rows` pair rows i of r columns, ch rows per chunk: from the
+// products P [c_t, rows, r] and x_ln = LN_in(z) [rows*r, c_z], z [rows, r, c_z] += dropout(
+// sigmoid(linear_g(x_ln)) * linear_z(LN_out(p))). dmask, per_row, row0: as tri_mul_dropout.
+void tri_mul_output(const TriangleMultiplicationW& w, const BlockContext& ctx, const float* P,
+                    const float* x_ln, int64_t rows, int64_t ch, const Tensor& dmask, bool per_row,
+                    int64_t row0, float* z) {
+  const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const float eps = ctx.cfg->eps_ln;
+  Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
+  Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
+  Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0);
+    float* pp = p.f32();
+    kern::transpose(P + i0 * r, rr, pp, ct, ct, n * r);
+    kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+    kern::linear(x_ln + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, g.f32(),
+                 cz);
+    kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
+    tri_mul_dropout(y.f32(), n, r, cz, dmask, per_row, row0 + i0);
+    kern::add_inplace(z + i0 * r * cz, cz, y.f32(), cz, n * r, cz);
+  }
+}
+
+// Backward of tri_mul_output: from dz (dL/d out, read only), dP [c_t, rows, r] = dL/d P, dxln
+// [rows*r, c_z] = the gate branch's dL/d x_ln (overwritten), and the parameter gradients of
+// LN_out, linear_z and linear_g ACCUMULATE into g.
+void tri_mul_output_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
+                             const BlockContext& ctx, const float* P, const float* x_ln,
+                             int64_t rows, int64_t ch, const Tensor& dmask, bool per_row,
+                             int64_t row0, const float* dz, float* dP, float* dxln) {
+  const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const float eps = ctx.cfg->eps_ln;
+  Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last
+  Tensor mean2 = Tensor::empty({ch * r});  // LN_out statistics
+  Tensor rstd2 = Tensor::empty({ch * r});
+  Tensor p_ln = Tensor::empty({ch * r, ct});  // LN_out(p)
+  Tensor y = Tensor::empty({ch * r, cz});     // linear_z(p_ln), before gating
+  Tensor gt = Tensor::empty({ch * r, cz});    // linear_g(x_ln), pre-sigmoid
+  Tensor du = Tensor::empty({ch * r, cz});    // dL/d update (through the dropout mask)
+  Tensor dy = Tensor::empty({ch * r, cz});    // dL/d y
+  Tensor dg = Tensor::empty({ch * r, cz});    // dL/d gate
+  Tensor dp = Tensor::empty({ch * r, ct});    // dL/d p_ln, then (in place) dL/d p
+  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, ct)});
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0), nr = n * r;
+    const float* xr = x_ln + i0 * r * cz;
+    kern::transpose(P + i0 * r, rr, p.f32(), ct, ct, nr);
+    kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
+                    mean2.f32(), rstd2.f32());
+    kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+    kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, gt.f32(), cz);
+    std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(nr * cz) * kF);
+    tri_mul_dropout(du.f32(), n, r, cz, dmask, per_row, row0 + i0);
+    kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(), cz,
+                               nr, cz);
+    kern::linear_backward(xr, cz, nr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz, dxln + i0 * r * cz, cz,
+                          g->lin_g.w.f32(), g->lin_g.b.f32());
+    kern::linear_backward(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(), ct,
+                          g->lin_z.w.f32(), g->lin_z.b.f32());
+    kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, nr, ct, w.ln_out.w.f32(), mean2.f32(),
+                             rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
+                             scratch.f32());
+    kern::transpose(dp.f32(), ct, dP + i0 * r, rr, nr, ct);
+  }
+}
+
 // Phase 1: the triangle products P [c_t, r, r] from x_ln = LN_in(z) [r*r, c_z], channel group by
 // channel group (outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c).
 Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
@@ -638,30 +723,13 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
 void triangle_multiplication_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
                                    bool outgoing, float* z, TriangleMultiplicationState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
+  const int64_t r = ctx.r, cz = cfg.c_z, rr = r * r;
   const float eps = cfg.eps_ln;
   Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z)
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
   Tensor P = tri_mul_products(w, ctx, outgoing, x_ln.f32());
-  {
-    const Tensor mask = dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz);
-    const int64_t ch = tri_mul_train_chunks(ctx).rows;
-    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
-    Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
-    Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
-    for (int64_t i0 = 0; i0 < r; i0 += ch) {
-      const int64_t n = std::min(ch, r - i0);
-      float* pp = p.f32();
-      kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
-      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
-      kern::linear(x_ln.f32() + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz,
-                   g.f32(), cz);
-      kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
-      apply_dropout(y.f32(), n, r, cz, mask);
-      kern::add_inplace(z + i0 * r * cz, cz, y.f32(), cz, n * r, cz);
-    }
-  }
+  tri_mul_output(w, ctx, P.f32(), x_ln.f32(), r, tri_mul_train_chunks(ctx).rows,
+                 dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz), false, 0, z);
   if (st) st->P = std::move(P);
 }
 
@@ -681,44 +749,11 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});  // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, r, r});  // dL/d triangle products, channel-major
-  {
-    // Phase 2 backward, by rows i: dP and the gate branch's part of dxln (the dL/d out rows of dz
-    // are read before the LN_in backward at the end accumulates into them).
-    const Tensor mask = dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz);
-    const int64_t ch = chunks.rows;
-    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last
-    Tensor mean2 = Tensor::empty({ch * r});  // LN_out statistics
-    Tensor rstd2 = Tensor::empty({ch * r});
-    Tensor p_ln = Tensor::empty({ch * r, ct});  // LN_out(p)
-    Tensor y = Tensor::empty({ch * r, cz});     // linear_z(p_ln), before gating
-    Tensor gt = Tensor::empty({ch * r, cz});    // linear_g(x_ln), pre-sigmoid
-    Tensor du = Tensor::empty({ch * r, cz});    // dL/d update (through the dropout mask)
-    Tensor dy = Tensor::empty({ch * r, cz});    // dL/d y
-    Tensor dg = Tensor::empty({ch * r, cz});    // dL/d gate
-    Tensor dp = Tensor::empty({ch * r, ct});    // dL/d p_ln, then (in place) dL/d p
-    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, ct)});
-    for (int64_t i0 = 0; i0 < r; i0 += ch) {
-      const int64_t n = std::min(ch, r - i0), rows = n * r;
-      const float* xr = x_ln.f32() + i0 * r * cz;
-      kern::transpose(P.f32() + i0 * r, rr, p.f32(), ct, ct, rows);
-      kern::layernorm(p.f32(), ct, p_ln.f32(), ct, rows, ct, w.ln_out.w.f32(), w.ln_out.b.f32(),
-                      eps, mean2.f32(), rstd2.f32());
-      kern::linear(p_ln.f32(), ct, rows, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
-      kern::linear(xr, cz, rows, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, gt.f32(), cz);
-      std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(rows * cz) * kF);
-      apply_dropout(du.f32(), n, r, cz, mask);
-      kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(),
-                                 cz, rows, cz);
-      kern::linear_backward(xr, cz, rows, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
-                            dxln.f32() + i0 * r * cz, cz, g->lin_g.w.f32(), g->lin_g.b.f32());
-      kern::linear_backward(p_ln.f32(), ct, rows, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(),
-                            ct, g->lin_z.w.f32(), g->lin_z.b.f32());
-      kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, rows, ct, w.ln_out.w.f32(), mean2.f32(),
-                               rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
-                               scratch.f32());
-      kern::transpose(dp.f32(), ct, dP.f32() + i0 * r, rr, rows, ct);
-    }
-  }
+  // Phase 2 backward, by rows i: dP and the gate branch's part of dxln (the dL/d out rows of dz
+  // are read before the LN_in backward at the end accumulates into them).
+  tri_mul_output_backward(w, g, ctx, P.f32(), x_ln.f32(), r, chunks.rows,
+                          dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz), false,
+                          0, dz, dP.f32(), dxln.f32());
   P = Tensor();
   {
     // Phase 1 backward, by channel groups: rebuild the group's A and B, then dA, dB, and
@@ -752,23 +787,6 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
 // ---- Triangle multiplication on a row shard (DAP) ----------------------------------------------
 
 namespace {
-
-// Dropout of the update u [n, r, c_z] of the shard's rows i0.. (global row0 + i0..): the mask
-// [r, c_z] shared over the rows (outgoing), or per row of z^T, row j scaled by mask[row0 + j]
-// (incoming).
-void shard_dropout(float* u, int64_t n, int64_t r, int64_t cz, const Tensor& mask, bool per_row,
-                   int64_t grow0) {
-  if (!mask.defined()) return;
-  if (!per_row) {
-    apply_dropout(u, n, r, cz, mask);
-    return;
-  }
-  const float* mp = mask.f32();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t c = 0; c < cz; ++c) u[(i * r + j) * cz + c] *= mp[(grow0 + i) * cz + c];
-}
 
 // P [c_t, rows, r] of the shard: per group, P_c[:, shard q's rows] = L_c R_{q,c}^T.
 Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockContext& ctx,
@@ -805,32 +823,16 @@ void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const
                                          const float* mask, const ShardGather& gather, float* z,
                                          TriangleMultiplicationState* st) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
+  const int64_t r = ctx.r, cz = cfg.c_z, rr = rows * r;
   FC_CHECK(gather.parts >= 1 && rows * gather.parts == r);
   const float eps = cfg.eps_ln;
   Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z) of the shard
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
   Tensor P =
       tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());  // [c_t, rows, r]
-  {
-    const Tensor dmask = dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz);
-    const int64_t ch = tri_mul_train_chunks(ctx, rows, gather.parts).rows;
-    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
-    Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
-    Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
-    for (int64_t i0 = 0; i0 < rows; i0 += ch) {
-      const int64_t n = std::min(ch, rows - i0);
-      float* pp = p.f32();
-      kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
-      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
-      kern::linear(x_ln.f32() + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz,
-                   g.f32(), cz);
-      kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
-      shard_dropout(y.f32(), n, r, cz, dmask, left_is_b, row0 + i0);
-      kern::add_inplace(z + i0 * r * cz, cz, y.f32(), cz, n * r, cz);
-    }
-  }
+  tri_mul_output(
+      w, ctx, P.f32(), x_ln.f32(), rows, tri_mul_train_chunks(ctx, rows, gather.parts).rows,
+      dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz), left_is_b, row0, z);
   if (st) st->P = std::move(P);
 }
 
@@ -857,42 +859,9 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});     // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, rows, r});  // dL/d triangle products, channel-major
-  {
-    const Tensor dmask = dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz);
-    const int64_t ch = chunks.rows;
-    Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last
-    Tensor mean2 = Tensor::empty({ch * r});  // LN_out statistics
-    Tensor rstd2 = Tensor::empty({ch * r});
-    Tensor p_ln = Tensor::empty({ch * r, ct});  // LN_out(p)
-    Tensor y = Tensor::empty({ch * r, cz});     // linear_z(p_ln), before gating
-    Tensor gt = Tensor::empty({ch * r, cz});    // linear_g(x_ln), pre-sigmoid
-    Tensor du = Tensor::empty({ch * r, cz});    // dL/d update (through the dropout mask)
-    Tensor dy = Tensor::empty({ch * r, cz});    // dL/d y
-    Tensor dg = Tensor::empty({ch * r, cz});    // dL/d gate
-    Tensor dp = Tensor::empty({ch * r, ct});    // dL/d p_ln, then (in place) dL/d p
-    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, ct)});
-    for (int64_t i0 = 0; i0 < rows; i0 += ch) {
-      const int64_t n = std::min(ch, rows - i0), nr = n * r;
-      const float* xr = x_ln.f32() + i0 * r * cz;
-      kern::transpose(P.f32() + i0 * r, rr, p.f32(), ct, ct, nr);
-      kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
-                      mean2.f32(), rstd2.f32());
-      kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
-      kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, gt.f32(), cz);
-      std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(nr * cz) * kF);
-      shard_dropout(du.f32(), n, r, cz, dmask, left_is_b, row0 + i0);
-      kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(),
-                                 cz, nr, cz);
-      kern::linear_backward(xr, cz, nr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
-                            dxln.f32() + i0 * r * cz, cz, g->lin_g.w.f32(), g->lin_g.b.f32());
-      kern::linear_backward(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(), ct,
-                            g->lin_z.w.f32(), g->lin_z.b.f32());
-      kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, nr, ct, w.ln_out.w.f32(), mean2.f32(),
-                               rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
-                               scratch.f32());
-      kern::transpose(dp.f32(), ct, dP.f32() + i0 * r, rr, nr, ct);
-    }
-  }
+  tri_mul_output_backward(w, g, ctx, P.f32(), x_ln.f32(), rows, chunks.rows,
+                          dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz),
+                          left_is_b, row0, dz, dP.f32(), dxln.f32());
   P = Tensor();
   {
     // Phase 1 backward by channel groups: rebuild the group's A, B and every shard's R;
