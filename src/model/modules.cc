@@ -137,6 +137,22 @@ int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_ite
   return std::clamp<int64_t>(target / std::max<int64_t>(bytes_per_item, 1), 1, batch);
 }
 
+void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        std::memcpy(p + ((i * r + j) * co + c) * co, o + (i * co + c) * r * co + j * co, co * kF);
+}
+
+void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t co, float* o) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        std::memcpy(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co * kF);
+}
+
 void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,
                        const float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
@@ -227,12 +243,7 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
                  b.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
     const float* op = o.f32();
     float* pp = p.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < r; ++j)
-        for (int64_t c = 0; c < co; ++c)
-          std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * r * co + j * co,
-                      co * kF);
+    opm_pairs_from_outer(op, n, r, co, pp);
     kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
     const float* yp = y.f32();
     const float* np = norm.f32() + i0 * r;

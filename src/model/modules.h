@@ -35,6 +35,11 @@ struct BlockContext {
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.
 int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_item);
 
+// The outer product's two layouts for n rows i of r residues: o [n*c_o, r*c_o] as its GEMM writes
+// it ((i, c), (j, e)) and p [n*r, c_o*c_o] ((i, j), (c, e)) as linear_out reads it.
+void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p);
+void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t co, float* o);
+
 // m [s, r, c_m], z [r, r, c_z], row-major contiguous.
 void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,
                        const float* z);

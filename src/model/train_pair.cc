@@ -50,11 +50,7 @@ void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int6
 void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t co, int64_t i0,
                  int64_t n, float* o, float* p) {
   kern::gemm(true, false, n * co, r * co, s, 1.f, a + i0 * co, r * co, b, r * co, 0.f, o, r * co);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t c = 0; c < co; ++c)
-        std::memcpy(p + ((i * r + j) * co + c) * co, o + (i * co + c) * r * co + j * co, co * kF);
+  opm_pairs_from_outer(o, n, r, co, p);
 }
 }  // namespace
 
@@ -245,12 +241,7 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
                               dp.f32(), co * co, g->out.w.f32(), g->out.b.f32());
         const float* dpp = dp.f32();
         float* dop = o.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < r; ++j)
-            for (int64_t c = 0; c < co; ++c)
-              std::memcpy(dop + (i * co + c) * rco + j * co, dpp + ((i * r + j) * co + c) * co,
-                          co * kF);
+        opm_outer_from_pairs(dpp, n, r, co, dop);
         // outer = A^T B with A = a, B = b viewed [s, r*c_o]: dA = B dO^T, dB += A dO.
         kern::gemm(false, true, s, n * co, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * co,
                    rco);
@@ -325,12 +316,7 @@ void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockConte
                  b_all.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
     const float* op = o.f32();
     float* pp = p.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < r; ++j)
-        for (int64_t c = 0; c < co; ++c)
-          std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * r * co + j * co,
-                      co * kF);
+    opm_pairs_from_outer(op, n, r, co, pp);
     kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
     const float* yp = y.f32();
     const float* np = st->norm.f32() + i0 * r;
@@ -376,12 +362,7 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
                        bw, 0.f, o.f32() + q * bw, rco);
           const float* op = o.f32();
           float* pp = p.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < r; ++j)
-              for (int64_t c = 0; c < co; ++c)
-                std::memcpy(pp + ((i * r + j) * co + c) * co, op + (i * co + c) * rco + j * co,
-                            co * kF);
+          opm_pairs_from_outer(op, n, r, co, pp);
           const float* np = st.norm.f32() + i0 * r;
           const float* dzp = dz + i0 * r * cz;
           float* dyp = dy.f32();
@@ -395,12 +376,7 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
                                 co * co, g->out.w.f32(), g->out.b.f32());
           const float* dpp = dp.f32();
           float* dop = o.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-          for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < r; ++j)
-              for (int64_t c = 0; c < co; ++c)
-                std::memcpy(dop + (i * co + c) * rco + j * co, dpp + ((i * r + j) * co + c) * co,
-                            co * kF);
+          opm_outer_from_pairs(dpp, n, r, co, dop);
           // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
           for (int64_t q = 0; q < parts; ++q) {
             kern::gemm(false, true, s, n * co, bw, 1.f, b_all.f32() + q * s * bw, bw, dop + q * bw,
