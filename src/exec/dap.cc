@@ -113,6 +113,16 @@ Tensor msa_rows_to_cols(Tensor in, const DapLayout& l, const dist::Communicator&
   return out;
 }
 
+// out [rows, n*w, c] from n received blocks [n, rows, w, c]: block p fills columns p*w ..
+// (p+1)*w of every row.
+void join_column_blocks(const float* blocks, int64_t n, int64_t rows, int64_t w, int64_t c,
+                        float* out) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t p = 0; p < n; ++p)
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(out + (i * n * w + p * w) * c, blocks + (p * rows + i) * w * c, w * c * kF);
+}
+
 // m by residues [s_pad, r_loc, c] -> m by sequences [s_loc, r_pad, c].
 Tensor msa_cols_to_rows(Tensor in, const DapLayout& l, const dist::Communicator& comm) {
   const int64_t sl = l.s_loc, rl = l.r_loc, rp = l.r_pad, c = in.dim(2);
@@ -120,12 +130,7 @@ Tensor msa_cols_to_rows(Tensor in, const DapLayout& l, const dist::Communicator&
   comm.all_to_all(in.f32(), recv.f32(), sl * rl * c);
   in = Tensor();
   Tensor out = Tensor::empty({sl, rp, c});
-  const float* rpp = recv.f32();
-  float* op = out.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t p = 0; p < l.n; ++p)
-    for (int64_t i = 0; i < sl; ++i)
-      std::memcpy(op + (i * rp + p * rl) * c, rpp + (p * sl + i) * rl * c, rl * c * kF);
+  join_column_blocks(recv.f32(), l.n, sl, rl, c, out.f32());
   return out;
 }
 
@@ -145,12 +150,7 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
   comm.all_to_all(sp, recv.f32(), rl * rl * c);
   send = Tensor();
   Tensor out = Tensor::empty({rl, rp, c});
-  const float* rpp = recv.f32();
-  float* op = out.f32();
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t p = 0; p < l.n; ++p)
-    for (int64_t b = 0; b < rl; ++b)
-      std::memcpy(op + (b * rp + p * rl) * c, rpp + (p * rl + b) * rl * c, rl * c * kF);
+  join_column_blocks(recv.f32(), l.n, rl, rl, c, out.f32());
   return out;
 }
 
