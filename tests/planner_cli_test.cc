@@ -9,26 +9,13 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "test_util.h"
+
 namespace fc {
 namespace {
 
-struct Result {
-  int code;
-  std::string out;  // stdout + stderr
-};
-
-Result run_cli(const std::string& args) {
-  const std::string cmd = std::string(FOLDCUBE_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  Result r{-1, ""};
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
+using test::Result;
+using test::run_cli;
 
 // A fixed device profile, so the tests never calibrate. One file per test process, written once:
 // CTest runs the tests of this binary in parallel processes, and a shared file rewritten by one

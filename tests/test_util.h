@@ -1,8 +1,11 @@
 // Shared helpers for the test suite.
 #pragma once
 
+#include <sys/wait.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "foldcube/tensor.h"
@@ -24,5 +27,26 @@ inline double golden_err(const Tensor& x, const Tensor& ref) {
   const double rms = std::sqrt(ss / std::max<int64_t>(b.numel(), 1));
   return mx / std::max(rms, 1.0);
 }
+
+#ifdef FOLDCUBE_CLI_PATH
+struct Result {
+  int code;
+  std::string out;  // stdout + stderr
+};
+
+// Runs the foldcube CLI with `args` and collects its exit code and output.
+inline Result run_cli(const std::string& args) {
+  const std::string cmd = std::string(FOLDCUBE_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  Result r{-1, ""};
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int st = pclose(p);
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+#endif
 
 }  // namespace fc::test
