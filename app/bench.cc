@@ -25,15 +25,6 @@
 namespace fc::app {
 
 namespace {
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, sep))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 // Median SGEMM GFLOP/s at n x n x n through kern::gemm (the engine's own GEMM).
 double sgemm_gflops(int64_t n, int repeats) {
   Tensor a = Tensor::full({n, n}, 0.5f), b = Tensor::full({n, n}, 0.25f), c = Tensor::zeros({n, n});

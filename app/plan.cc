@@ -25,11 +25,6 @@
 namespace fc::app {
 
 namespace {
-int fail(const Status& st) {
-  std::fprintf(stderr, "foldcube: error: %s\n", st.message().c_str());
-  return 1;
-}
-
 Status parse_buckets(const std::string& text, std::vector<int64_t>* out) {
   std::stringstream ss(text);
   std::string item;
@@ -47,15 +42,6 @@ Status parse_buckets(const std::string& text, std::vector<int64_t>* out) {
 }
 
 double mib(int64_t b) { return static_cast<double>(b) / 1048576.0; }
-
-Tensor random_tensor(const Shape& shape, uint64_t seed) {
-  Tensor t = Tensor::empty(shape);
-  float* p = t.f32();
-  const int64_t n = t.numel();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) p[i] = uniform_pm1(seed, i) * 1.7320508f;  // unit variance
-  return t;
-}
 
 Status read_text(const std::string& path, std::string* out) {
   std::ifstream f(path);
@@ -533,15 +519,6 @@ int plan_command(const PlanArgs& a) {
 }
 
 namespace {
-std::vector<std::string> split(const std::string& s, char sep) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, sep))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 std::string temp_path(const char* tag) {
   return "/tmp/foldcube_" + std::string(tag) + "_" + std::to_string(getpid()) + ".json";
 }

@@ -38,20 +38,6 @@ Status write_outputs(const std::string& path, const EvoformerConfig& cfg, const 
   }
   return write_safetensors(path, out);
 }
-int fail(const Status& st) {
-  std::fprintf(stderr, "foldcube: error: %s\n", st.message().c_str());
-  return 1;
-}
-
-Tensor random_tensor(const Shape& shape, uint64_t seed) {
-  Tensor t = Tensor::empty(shape);
-  float* p = t.f32();
-  const int64_t n = t.numel();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) p[i] = uniform_pm1(seed, i) * 1.7320508f;  // unit variance
-  return t;
-}
-
 Status resolve_config(const RunArgs& a, const TensorFile* weights, EvoformerConfig* cfg) {
   if (!a.config.empty()) return EvoformerConfig::from_json_file(a.config, cfg);
   if (weights != nullptr) {
