@@ -20,6 +20,7 @@
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
 
@@ -833,15 +834,11 @@ Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                            int64_t chunk, int64_t chunk_target_bytes, bool training,
                                            const DeviceProfile& dev) {
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = s;
-  ctx.r = r;
-  ctx.chunk = chunk;
-  ctx.chunk_target_bytes = chunk_target_bytes > 0 ? chunk_target_bytes
-                           : training             ? default_train_chunk_target_bytes(cfg, s, r)
-                                                  : default_chunk_target_bytes(cfg, s, r);
-  ctx.threads = dev.threads;
+  const BlockContext ctx = shape_context(cfg, s, r, chunk,
+                                         chunk_target_bytes > 0 || !training
+                                             ? chunk_target_bytes
+                                             : default_train_chunk_target_bytes(cfg, s, r),
+                                         dev.threads);
   const Chunks ch{&ctx, training};
   const int64_t e = dtype_bytes(dev.dtype);
   const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;

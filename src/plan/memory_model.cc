@@ -8,6 +8,7 @@
 #include "foldcube/plan.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
 
@@ -236,15 +237,10 @@ void tri_mul_bwd(Sim& S, const BlockContext& ctx, bool kept) {
 // The context the training step builds, as far as the model reads it.
 BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads,
                            int64_t chunk, int64_t chunk_target_bytes) {
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = s;
-  ctx.r = r;
-  ctx.chunk = chunk;
-  ctx.chunk_target_bytes =
-      chunk_target_bytes > 0 ? chunk_target_bytes : default_train_chunk_target_bytes(cfg, s, r);
-  ctx.threads = std::max(threads, 1);
-  return ctx;
+  return shape_context(
+      cfg, s, r, chunk,
+      chunk_target_bytes > 0 ? chunk_target_bytes : default_train_chunk_target_bytes(cfg, s, r),
+      threads);
 }
 
 struct BlockDims {

@@ -8,6 +8,7 @@
 
 #include "foldcube/plan.h"
 #include "foldcube/planner.h"
+#include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
 
@@ -199,15 +200,9 @@ int64_t base_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool traini
 std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig& cfg, int64_t s,
                                                            int64_t r, bool training, int64_t chunk,
                                                            int64_t target, int threads) {
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = s;
-  ctx.r = r;
-  ctx.chunk = chunk;
-  ctx.chunk_target_bytes = target > 0 ? target
-                           : training ? default_train_chunk_target_bytes(cfg, s, r)
-                                      : default_chunk_target_bytes(cfg, s, r);
-  ctx.threads = threads;
+  const BlockContext ctx = shape_context(
+      cfg, s, r, chunk,
+      target > 0 || !training ? target : default_train_chunk_target_bytes(cfg, s, r), threads);
   const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
   const int64_t ct = cfg.c_hidden_mul;
   const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
