@@ -14,6 +14,7 @@
 #include "exec/dap.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -21,16 +22,7 @@ namespace {
 using R = Recompute;
 
 EvoformerConfig small_cfg(int64_t blocks) {
-  EvoformerConfig cfg;
-  cfg.c_m = 32;
-  cfg.c_z = 16;
-  cfg.c_hidden_msa_att = 8;
-  cfg.no_heads_msa = 4;
-  cfg.c_hidden_pair_att = 8;
-  cfg.no_heads_pair = 2;
-  cfg.c_hidden_opm = 8;
-  cfg.c_hidden_mul = 16;
-  cfg.c_s = 24;
+  EvoformerConfig cfg = test::small_config();
   cfg.no_blocks = blocks;
   return cfg;
 }

@@ -8,9 +8,25 @@
 #include <cstdio>
 #include <string>
 
+#include "foldcube/config.h"
 #include "foldcube/tensor.h"
 
 namespace fc::test {
+
+// The small Evoformer dimensions the training, memory-model and planner tests share.
+inline EvoformerConfig small_config() {
+  EvoformerConfig cfg;
+  cfg.c_m = 32;
+  cfg.c_z = 16;
+  cfg.c_hidden_msa_att = 8;
+  cfg.no_heads_msa = 4;
+  cfg.c_hidden_pair_att = 8;
+  cfg.no_heads_pair = 2;
+  cfg.c_hidden_opm = 8;
+  cfg.c_hidden_mul = 16;
+  cfg.c_s = 24;
+  return cfg;
+}
 
 inline std::string data_path(const std::string& name) {
   return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;

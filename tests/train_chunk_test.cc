@@ -211,19 +211,7 @@ TEST(ChunkedTrainingPolicies, BitIdenticalAcrossPolicies) {
 // ---- Memory model with chunking
 // ------------------------------------------------------------------
 
-EvoformerConfig small_cfg() {
-  EvoformerConfig cfg;
-  cfg.c_m = 32;
-  cfg.c_z = 16;
-  cfg.c_hidden_msa_att = 8;
-  cfg.no_heads_msa = 4;
-  cfg.c_hidden_pair_att = 8;
-  cfg.no_heads_pair = 2;
-  cfg.c_hidden_opm = 8;
-  cfg.c_hidden_mul = 16;
-  cfg.c_s = 24;
-  return cfg;
-}
+EvoformerConfig small_cfg() { return test::small_config(); }
 
 struct MemCase {
   bool af2;

@@ -4,21 +4,13 @@
 
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
 
 EvoformerConfig small_cfg() {
-  EvoformerConfig cfg;
-  cfg.c_m = 32;
-  cfg.c_z = 16;
-  cfg.c_hidden_msa_att = 8;
-  cfg.no_heads_msa = 4;
-  cfg.c_hidden_pair_att = 8;
-  cfg.no_heads_pair = 2;
-  cfg.c_hidden_opm = 8;
-  cfg.c_hidden_mul = 16;
-  cfg.c_s = 24;
+  EvoformerConfig cfg = test::small_config();
   cfg.no_blocks = 3;
   return cfg;
 }
