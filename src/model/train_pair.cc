@@ -154,34 +154,40 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
 // ---- Outer product mean -----------------------------------------------------------------------
 // Saved: s*r*(c_m + 2 c_o + 2) + r*r floats (the input m is the caller's).
 
+namespace {
+// The OPM state's LN(m) with its statistics and the masked projections a, b for m [s, cols, c_m]
+// (all residues, or a DAP shard's columns) with mask [s, cols].
+void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* m,
+                     int64_t s, int64_t cols, const float* mask, OuterProductMeanState* st) {
+  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, rows = s * cols;
+  st->mean = Tensor::empty({rows});
+  st->rstd = Tensor::empty({rows});
+  st->x_ln = Tensor::empty({rows, cm});
+  st->a = Tensor::empty({s, cols, co});
+  st->b = Tensor::empty({s, cols, co});
+  kern::layernorm(m, cm, st->x_ln.f32(), cm, rows, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
+                  st->mean.f32(), st->rstd.f32());
+  Tensor ab = Tensor::empty({rows, 2 * co});  // linear_1 | linear_2, before masking
+  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
+               2 * co);
+  const float* abp = ab.f32();
+  float* ap = st->a.f32();
+  float* bp = st->b.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t c = 0; c < co; ++c) {
+      ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
+      bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
+    }
+}
+}  // namespace
+
 void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                               float* z, OuterProductMeanState* st) {
   *st = OuterProductMeanState{};
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t sr = s * r;
-  st->mean = Tensor::empty({sr});
-  st->rstd = Tensor::empty({sr});
-  st->x_ln = Tensor::empty({sr, cm});
-  st->a = Tensor::empty({s, r, co});
-  st->b = Tensor::empty({s, r, co});
-  kern::layernorm(m, cm, st->x_ln.f32(), cm, sr, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
-                  st->mean.f32(), st->rstd.f32());
-  {
-    Tensor ab = Tensor::empty({sr, 2 * co});  // linear_1 | linear_2, before masking
-    kern::linear(st->x_ln.f32(), cm, sr, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
-                 2 * co);
-    const float* abp = ab.f32();
-    float* ap = st->a.f32();
-    float* bp = st->b.f32();
-    const float* mask = ctx.msa_mask;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < sr; ++row)
-      for (int64_t c = 0; c < co; ++c) {
-        ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
-        bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
-      }
-  }
+  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  opm_projections(w, cfg, m, s, r, ctx.msa_mask, st);
   st->norm = Tensor::empty({r, r});
   kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, st->norm.f32(), r);
   if (!z) return;
@@ -274,30 +280,10 @@ void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockConte
                                     OuterProductMeanState* st) {
   *st = OuterProductMeanState{};
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
   const int64_t sc = s * cols, parts = gather.parts;
   FC_CHECK(parts >= 1 && cols * parts == r);
-  st->mean = Tensor::empty({sc});
-  st->rstd = Tensor::empty({sc});
-  st->x_ln = Tensor::empty({sc, cm});
-  st->a = Tensor::empty({s, cols, co});
-  st->b = Tensor::empty({s, cols, co});
-  kern::layernorm(m, cm, st->x_ln.f32(), cm, sc, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
-                  st->mean.f32(), st->rstd.f32());
-  {
-    Tensor ab = Tensor::empty({sc, 2 * co});  // linear_1 | linear_2, before masking
-    kern::linear(st->x_ln.f32(), cm, sc, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
-                 2 * co);
-    const float* abp = ab.f32();
-    float* ap = st->a.f32();
-    float* bp = st->b.f32();
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < sc; ++row)
-      for (int64_t c = 0; c < co; ++c) {
-        ap[row * co + c] = abp[row * 2 * co + c] * mask_cols[row];
-        bp[row * co + c] = abp[row * 2 * co + co + c] * mask_cols[row];
-      }
-  }
+  opm_projections(w, cfg, m, s, cols, mask_cols, st);
   st->norm = Tensor::empty({cols, r});
   kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f,
              st->norm.f32(), r);
