@@ -17,6 +17,7 @@
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "io/param_names.h"
 
 namespace fc::app {
 
@@ -67,7 +68,7 @@ struct Job {
 
 Status setup_job(const RunArgs& a, Job* job) {
   TensorFile wfile;
-  if (!a.weights.empty()) FC_RETURN_IF_ERROR(read_safetensors(a.weights, &wfile));
+  if (!a.weights.empty()) FC_RETURN_IF_ERROR(read_weights(a.weights, &wfile));
   if (a.stack == "extra_msa") {
     job->extra = true;
   } else if (a.stack == "auto") {
@@ -76,6 +77,8 @@ Status setup_job(const RunArgs& a, Job* job) {
   } else if (a.stack != "evoformer") {
     return Status::InvalidArgument("unknown --stack '" + a.stack + "' (evoformer|extra_msa|auto)");
   }
+  // A whole AlphaFold model (OpenFold state dict or AF2 .npz): the stack's part of it.
+  wfile = submodule_state_dict(std::move(wfile), job->extra ? "extra_msa_stack" : "evoformer");
   if (job->extra && a.weights.empty() && a.config.empty()) {
     job->cfg = EvoformerConfig();  // AF2 extra-MSA stack: c_e = 64, 8 heads of 8
     job->cfg.c_m = 64;

@@ -1,6 +1,8 @@
-// Tensor files: safetensors read/write (the format of the golden files and of OpenFold exports).
+// Tensor files: safetensors read/write (the format of the golden files and of OpenFold exports),
+// numpy .npz archives (AlphaFold parameter files) read, and weights files of either format.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <string>
 #include <vector>
@@ -28,6 +30,29 @@ struct TensorFile {
 // dtype/shape/offsets consistent, offsets in range, tensors non-overlapping, no trailing gap
 // the header does not account for. Never crashes on hostile input.
 Status read_safetensors(const std::string& path, TensorFile* out);
+
+// Reads a numpy .npz archive (a zip of .npy arrays, stored or deflated, zip64 included), such as
+// DeepMind's params_model_*.npz, into tensors named by the member names without ".npy", in archive
+// order (no metadata). dtypes: '<f4' -> F32, '<f8' -> F64; '<f2', '|u1', '|b1' -> F32 and '<i4',
+// '<i8' -> F64, exactly (an int64 beyond 2^53 is an error). Fortran-order arrays come back in C
+// order. The archive is hostile until checked: entries, sizes and every .npy header are validated
+// before a tensor is allocated, member sizes together must fit in the archive, and errors are one
+// line naming the file and the member. Each array is read straight into its tensor.
+Status read_npz(const std::string& path, TensorFile* out);
+
+// read_npz on an archive held in memory (e.g. a fuzzer's input); `label` stands for the file name
+// in messages. `out` is untouched on error.
+Status parse_npz_bytes(const uint8_t* data, size_t size, const std::string& label,
+                       TensorFile* out);
+
+// safetensors or npz, told apart by the first bytes (a zip archive starts with "PK"), not by the
+// file name extension.
+Status read_tensor_file(const std::string& path, TensorFile* out);
+
+// A parameter file of either format with OpenFold state_dict names: an AlphaFold .npz (keys
+// "alphafold/alphafold_iteration/...") is renamed and transformed into the OpenFold `AlphaFold`
+// state dict (src/io/param_names.h); other files are returned as read.
+Status read_weights(const std::string& path, TensorFile* out);
 
 // Writes tensors (F32 or F64, any strides) in names order with the given metadata.
 // Writes to path.tmp and renames, so a failed write never leaves a half file at path.

@@ -9,7 +9,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "foldcube/io.h"
+#include "io/io_util.h"
 
 namespace fc {
 namespace {
@@ -32,26 +32,7 @@ constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;  // same cap as the re
 constexpr size_t kMaxRank = 64;
 constexpr int kMaxSkipDepth = 32;  // nesting allowed inside ignored entry fields
 
-// A name from an untrusted header, quoted, bounded and free of control characters, so that every
-// message stays on one line.
-std::string printable(const std::string& s) {
-  std::string out = "'";
-  size_t chars = 0;
-  for (unsigned char c : s) {
-    if ((c & 0xC0) != 0x80 && ++chars > 100) {  // count UTF-8 sequences, cut between them
-      out += "...";
-      break;
-    }
-    if (c < 0x20 || c == 0x7F) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out + "'";
-}
+using io::printable;
 
 // "[json.exception.parse_error.101] parse error at ..." -> "parse error at ..."
 std::string json_error_text(const std::exception& e) {
@@ -372,13 +353,7 @@ Status TensorFile::get_f32(const std::string& name, const Shape& shape, Tensor* 
 
 Status read_safetensors(const std::string& path, TensorFile* out) {
   const std::string where = path + ": ";
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::file_status fst = fs::status(path, ec);
-  if (fst.type() == fs::file_type::not_found) return Status::NotFound(where + "no such file");
-  if (ec) return Status::IOError(where + "cannot stat: " + ec.message());
-  // Not a regular file (directory, FIFO, device): refuse rather than block or read forever.
-  if (!fs::is_regular_file(fst)) return Status::InvalidArgument(where + "not a regular file");
+  FC_RETURN_IF_ERROR(io::check_regular_file(path));
 
   FilePtr f(std::fopen(path.c_str(), "rb"));
   if (!f) return Status::IOError(where + "cannot open: " + errno_text());
