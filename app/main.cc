@@ -14,7 +14,8 @@ int main(int argc, char** argv) {
       "run",
       "Evoformer stack forward pass. Without --weights/--inputs it uses seeded random "
       "weights and inputs at AF2 model_1 dimensions (the embedded default job).");
-  run->add_option("--weights", ra.weights, "OpenFold state dict (safetensors) or AlphaFold parameters (.npz)");
+  run->add_option("--weights", ra.weights,
+                  "OpenFold state dict (safetensors) or AlphaFold parameters (.npz)");
   run->add_option("--inputs", ra.inputs,
                   "safetensors with input.m, input.z [, input.msa_mask, input.pair_mask]");
   run->add_option("--config", ra.config,

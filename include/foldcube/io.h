@@ -42,8 +42,7 @@ Status read_npz(const std::string& path, TensorFile* out);
 
 // read_npz on an archive held in memory (e.g. a fuzzer's input); `label` stands for the file name
 // in messages. `out` is untouched on error.
-Status parse_npz_bytes(const uint8_t* data, size_t size, const std::string& label,
-                       TensorFile* out);
+Status parse_npz_bytes(const uint8_t* data, size_t size, const std::string& label, TensorFile* out);
 
 // safetensors or npz, told apart by the first bytes (a zip archive starts with "PK"), not by the
 // file name extension.

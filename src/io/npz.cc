@@ -33,6 +33,7 @@ constexpr size_t kMaxRank = 64;
 // Deflate cannot expand data more than ~1032:1; a member claiming more is lying about its size.
 constexpr uint64_t kDeflateMaxRatio = 1032;
 constexpr uint64_t kDeflateSlack = 1024;
+constexpr uint64_t kMinZipBytes = 22;              // the end-of-central-directory record
 constexpr size_t kConvertChunk = size_t{1} << 16;  // bytes per read when converting dtypes
 
 // The .npy element types read, and the tensor dtype each becomes (exactly representable).
@@ -113,8 +114,9 @@ class NpyHeaderParser {
     for (const NpyDtype& d : kNpyDtypes)
       if (descr == d.descr) out->dtype = &d;
     if (out->dtype == nullptr)
-      return fail("unsupported dtype " + printable(descr) + " (supported: " + kSupportedDescrs + ")",
-                  error);
+      return fail(
+          "unsupported dtype " + printable(descr) + " (supported: " + kSupportedDescrs + ")",
+          error);
     return true;
   }
 
@@ -400,8 +402,8 @@ Status list_members(zip_t* za, uint64_t archive_size, const std::string& where,
                                        std::to_string(st.size) + " != compressed size " +
                                        std::to_string(st.comp_size));
     } else if (st.comp_method == ZIP_CM_DEFLATE) {
-      if (st.comp_size > (std::numeric_limits<uint64_t>::max() - kDeflateSlack) /
-                             kDeflateMaxRatio ||
+      if (st.comp_size >
+              (std::numeric_limits<uint64_t>::max() - kDeflateSlack) / kDeflateMaxRatio ||
           st.size > st.comp_size * kDeflateMaxRatio + kDeflateSlack)
         return Status::InvalidArgument(label + "claims " + std::to_string(st.size) +
                                        " bytes from " + std::to_string(st.comp_size) +
@@ -425,6 +427,12 @@ Status list_members(zip_t* za, uint64_t archive_size, const std::string& where,
 // Opens `src` (taking ownership) as a zip archive of `archive_size` bytes and reads every member.
 Status parse_archive(zip_source_t* src, uint64_t archive_size, const std::string& where,
                      TensorFile* out) {
+  if (archive_size < kMinZipBytes) {  // libzip opens an empty source as an empty archive
+    zip_source_free(src);
+    return Status::InvalidArgument(where + "not a readable zip archive (" +
+                                   std::to_string(archive_size) +
+                                   " bytes, shorter than a zip end record)");
+  }
   zip_error_t ze;
   zip_error_init(&ze);
   ZipPtr za(zip_open_from_source(src, ZIP_RDONLY | ZIP_CHECKCONS, &ze));

@@ -36,7 +36,8 @@ struct Leaf {
 };
 
 using T = Af2Transform;
-constexpr Leaf kLinearLeaves[] = {{"weights", "weight", T::kLinear}, {"bias", "bias", T::kIdentity}};
+constexpr Leaf kLinearLeaves[] = {{"weights", "weight", T::kLinear},
+                                  {"bias", "bias", T::kIdentity}};
 constexpr Leaf kLayerNormLeaves[] = {{"scale", "weight", T::kIdentity},
                                      {"offset", "bias", T::kIdentity}};
 constexpr Leaf kGatedAttentionLeaves[] = {
@@ -46,8 +47,8 @@ constexpr Leaf kGatedAttentionLeaves[] = {
     {"output_b", "linear_o.bias", T::kIdentity},
 };
 constexpr Leaf kAttentionLeaves[] = {
-    {"query_w", "linear_q.weight", T::kHeadsIn},  {"key_w", "linear_k.weight", T::kHeadsIn},
-    {"value_w", "linear_v.weight", T::kHeadsIn},  {"output_w", "linear_o.weight", T::kHeadsOut},
+    {"query_w", "linear_q.weight", T::kHeadsIn}, {"key_w", "linear_k.weight", T::kHeadsIn},
+    {"value_w", "linear_v.weight", T::kHeadsIn}, {"output_w", "linear_o.weight", T::kHeadsOut},
     {"output_b", "linear_o.bias", T::kIdentity},
 };
 constexpr Leaf kGlobalAttentionLeaves[] = {
@@ -211,8 +212,7 @@ constexpr Row kStructureModule[] = {
     {"fold_iteration/invariant_point_attention/kv_point_local", "ipa.linear_kv_points.linear",
      Kind::kLinear},
     {"fold_iteration/invariant_point_attention/attention_2d", "ipa.linear_b", Kind::kLinear},
-    {"fold_iteration/invariant_point_attention/output_projection", "ipa.linear_out",
-     Kind::kLinear},
+    {"fold_iteration/invariant_point_attention/output_projection", "ipa.linear_out", Kind::kLinear},
     {"fold_iteration/invariant_point_attention//trainable_point_weights", "ipa.head_weights",
      Kind::kParam},
     {"fold_iteration/attention_layer_norm", "layer_norm_ipa", Kind::kLayerNorm},
@@ -226,10 +226,8 @@ constexpr Row kStructureModule[] = {
      Kind::kLinear},
     {"fold_iteration/rigid_sidechain/resblock1", "angle_resnet.layers.0.linear_1", Kind::kLinear},
     {"fold_iteration/rigid_sidechain/resblock2", "angle_resnet.layers.0.linear_2", Kind::kLinear},
-    {"fold_iteration/rigid_sidechain/resblock1_1", "angle_resnet.layers.1.linear_1",
-     Kind::kLinear},
-    {"fold_iteration/rigid_sidechain/resblock2_1", "angle_resnet.layers.1.linear_2",
-     Kind::kLinear},
+    {"fold_iteration/rigid_sidechain/resblock1_1", "angle_resnet.layers.1.linear_1", Kind::kLinear},
+    {"fold_iteration/rigid_sidechain/resblock2_1", "angle_resnet.layers.1.linear_2", Kind::kLinear},
     {"fold_iteration/rigid_sidechain/unnormalized_angles", "angle_resnet.linear_out",
      Kind::kLinear},
 };
@@ -303,11 +301,10 @@ void expand_module(const Module& m, const std::string& af2_prefix, const std::st
     std::string heads;
     if (r.heads_of != nullptr) {
       const std::string h = r.heads_of;
-      heads = h.rfind("../", 0) == 0 ? block_prefix + h.substr(3) : of + "." + h;
+      heads = h.rfind("../", 0) == 0 ? block_prefix + h.substr(3) : of_module + "." + h;
     }
     auto add = [&](std::string a, std::string o, Af2Transform t) {
-      const bool per_head =
-          t == T::kHeadsIn || t == T::kHeadsBias || t == T::kHeadsOut;
+      const bool per_head = t == T::kHeadsIn || t == T::kHeadsBias || t == T::kHeadsOut;
       out->push_back(Entry{Af2Param{std::move(a), std::move(o), stacked, t, per_head ? heads : ""},
                            part, stack});
     };
@@ -360,7 +357,9 @@ Status rank_error(const std::string& where, const Af2Param& p, const Tensor& t, 
 // AF2 array (one block) -> OpenFold parameter, contiguous.
 Status forward_transform(const std::string& where, const Af2Param& p, const Tensor& a,
                          Tensor* out) {
-  auto need = [&](int rank) { return a.ndim() == rank ? Status::OK() : rank_error(where, p, a, rank); };
+  auto need = [&](int rank) {
+    return a.ndim() == rank ? Status::OK() : rank_error(where, p, a, rank);
+  };
   switch (p.transform) {
     case T::kIdentity:
       *out = a.contiguous();
@@ -453,20 +452,20 @@ struct BoltzModule {
 };
 
 constexpr BoltzRow kBoltzSingleAttention[] = {
-    {"proj_q", BoltzKind::kLinear},         {"proj_k", BoltzKind::kLinearNoBias},
-    {"proj_v", BoltzKind::kLinearNoBias},   {"proj_g", BoltzKind::kLinearNoBias},
-    {"proj_z.0", BoltzKind::kLayerNorm},    {"proj_z.1", BoltzKind::kLinearNoBias},
+    {"proj_q", BoltzKind::kLinear},       {"proj_k", BoltzKind::kLinearNoBias},
+    {"proj_v", BoltzKind::kLinearNoBias}, {"proj_g", BoltzKind::kLinearNoBias},
+    {"proj_z.0", BoltzKind::kLayerNorm},  {"proj_z.1", BoltzKind::kLinearNoBias},
     {"proj_o", BoltzKind::kLinearNoBias},
 };
 constexpr BoltzRow kBoltzTriangleMultiplication[] = {
-    {"norm_in", BoltzKind::kLayerNorm},    {"p_in", BoltzKind::kLinearNoBias},
-    {"g_in", BoltzKind::kLinearNoBias},    {"norm_out", BoltzKind::kLayerNorm},
-    {"p_out", BoltzKind::kLinearNoBias},   {"g_out", BoltzKind::kLinearNoBias},
+    {"norm_in", BoltzKind::kLayerNorm},  {"p_in", BoltzKind::kLinearNoBias},
+    {"g_in", BoltzKind::kLinearNoBias},  {"norm_out", BoltzKind::kLayerNorm},
+    {"p_out", BoltzKind::kLinearNoBias}, {"g_out", BoltzKind::kLinearNoBias},
 };
 constexpr BoltzRow kBoltzTriangleAttention[] = {
-    {"layer_norm", BoltzKind::kLayerNorm},        {"linear", BoltzKind::kLinearNoBias},
-    {"mha.linear_q", BoltzKind::kLinearNoBias},   {"mha.linear_k", BoltzKind::kLinearNoBias},
-    {"mha.linear_v", BoltzKind::kLinearNoBias},   {"mha.linear_o", BoltzKind::kLinearNoBias},
+    {"layer_norm", BoltzKind::kLayerNorm},      {"linear", BoltzKind::kLinearNoBias},
+    {"mha.linear_q", BoltzKind::kLinearNoBias}, {"mha.linear_k", BoltzKind::kLinearNoBias},
+    {"mha.linear_v", BoltzKind::kLinearNoBias}, {"mha.linear_o", BoltzKind::kLinearNoBias},
     {"mha.linear_g", BoltzKind::kLinearNoBias},
 };
 constexpr BoltzRow kBoltzTransition[] = {
@@ -477,9 +476,9 @@ constexpr BoltzRow kBoltzTransition[] = {
 };
 constexpr BoltzRow kBoltzPreNorm[] = {{"", BoltzKind::kLayerNorm}};
 constexpr BoltzRow kBoltzPairWeightedAveraging[] = {
-    {"norm_m", BoltzKind::kLayerNorm},     {"norm_z", BoltzKind::kLayerNorm},
-    {"proj_m", BoltzKind::kLinearNoBias},  {"proj_g", BoltzKind::kLinearNoBias},
-    {"proj_z", BoltzKind::kLinearNoBias},  {"proj_o", BoltzKind::kLinearNoBias},
+    {"norm_m", BoltzKind::kLayerNorm},    {"norm_z", BoltzKind::kLayerNorm},
+    {"proj_m", BoltzKind::kLinearNoBias}, {"proj_g", BoltzKind::kLinearNoBias},
+    {"proj_z", BoltzKind::kLinearNoBias}, {"proj_o", BoltzKind::kLinearNoBias},
 };
 constexpr BoltzRow kBoltzOuterProductMean[] = {
     {"norm", BoltzKind::kLayerNorm},
@@ -556,8 +555,7 @@ Status af2_to_openfold(TensorFile&& npz, const std::string& label, TensorFile* o
   for (const std::string& name : names) {
     auto it = index.find(name);
     if (it == index.end())
-      return Status::InvalidArgument(where + "unknown AlphaFold parameter " +
-                                     io::printable(name) +
+      return Status::InvalidArgument(where + "unknown AlphaFold parameter " + io::printable(name) +
                                      " (not an AlphaFold2 monomer parameter file?)");
     const Af2Param& p = *it->second;
     auto node = npz.tensors.extract(name);
@@ -587,8 +585,7 @@ Status openfold_to_af2(const TensorFile& state_dict, int64_t template_pointwise_
   std::unordered_set<std::string> used;
   auto heads_for = [&](const Af2Param& p, int64_t block, int64_t* h) {
     *h = 0;
-    if (p.transform != T::kHeadsIn && p.transform != T::kHeadsBias &&
-        p.transform != T::kHeadsOut)
+    if (p.transform != T::kHeadsIn && p.transform != T::kHeadsBias && p.transform != T::kHeadsOut)
       return Status::OK();
     if (p.heads_of.empty()) {
       if (template_pointwise_heads <= 0)
@@ -665,9 +662,9 @@ std::vector<std::string> boltz_param_names(BoltzModuleKind kind, int blocks) {
   std::vector<std::string> names;
   if (kind == BoltzModuleKind::kMsaModule) expand_boltz(kBoltzMsaModuleHead, "", &names);
   for (int i = 0; i < blocks; ++i)
-    expand_boltz(kind == BoltzModuleKind::kPairformer ? std::span<const BoltzModule>(
-                                                            kBoltzPairformerLayer)
-                                                      : kBoltzMsaLayer,
+    expand_boltz(kind == BoltzModuleKind::kPairformer
+                     ? std::span<const BoltzModule>(kBoltzPairformerLayer)
+                     : kBoltzMsaLayer,
                  "layers." + std::to_string(i) + ".", &names);
   return names;
 }

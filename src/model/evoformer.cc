@@ -140,7 +140,7 @@ Status infer_config_from_weights(const TensorFile& w, EvoformerConfig* out) {
   FC_RETURN_IF_ERROR(dim(b + "outer_product_mean.linear_1.weight", 0, &c.c_hidden_opm));
   FC_RETURN_IF_ERROR(dim(b + "pair_stack.tri_mul_out.linear_a_p.weight", 0, &c.c_hidden_mul));
   FC_RETURN_IF_ERROR(dim(b + "msa_transition.linear_1.weight", 0, &t1));
-  FC_RETURN_IF_ERROR(dim("linear.weight", 0, &c.c_s));
+  if (w.has("linear.weight")) FC_RETURN_IF_ERROR(dim("linear.weight", 0, &c.c_s));  // not ExtraMSA
   if (c.no_heads_msa <= 0 || c.no_heads_pair <= 0 || c.c_m <= 0 || qrows % c.no_heads_msa ||
       prows % c.no_heads_pair || t1 % c.c_m)
     return Status::InvalidArgument("cannot infer the config: inconsistent parameter shapes");
