@@ -1,6 +1,6 @@
-// Structure-module geometry (residue constants, backbone updates, rigid-group frames, atom14 and
-// atom37 coordinates) against the OpenFold golden model case af2_model_tiny: every stage is
-// recomputed from the traced inputs of the same layer and pass.
+// AF2 structure-module geometry (residue constants, backbone updates, rigid-group frames, atom14
+// and atom37 coordinates) and confidence (pLDDT, PAE, pTM) against the OpenFold golden model
+// cases: every stage is recomputed from the traced inputs of the same layer and pass.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "foldcube/io.h"
+#include "model/af2/confidence.h"
 #include "model/af2/geometry.h"
 #include "model/af2/residue_constants.h"
 #include "test_util.h"
@@ -24,7 +25,7 @@ using af2::kRigidGroups;
 
 // The tiny case is in tests/data; the AF2-dimension case (8 layers) is read from ../shared/golden
 // when it exists.
-class Af2Geometry : public ::testing::TestWithParam<std::string> {
+class Af2Structure : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     std::string path = test::data_path(GetParam() + ".safetensors");
@@ -72,7 +73,7 @@ double err(const float* x, const double* ref, int64_t n) {
 
 constexpr double kStructureTol = 5e-4;  // golden README: structure group, f32 engine
 
-TEST_P(Af2Geometry, ResidueTablesEqualOpenFoldConstants) {
+TEST_P(Af2Structure, ResidueTablesEqualOpenFoldConstants) {
   const af2::ResidueTables& T = af2::residue_tables();
   auto f32 = [&](const char* name) {
     const Tensor& t = get(std::string("const.") + name);
@@ -118,7 +119,7 @@ TEST_P(Af2Geometry, ResidueTablesEqualOpenFoldConstants) {
   EXPECT_EQ(af2::atom37_index("XX"), -1);
 }
 
-TEST_P(Af2Geometry, BackboneUpdatesGiveTheFrames) {
+TEST_P(Af2Structure, BackboneUpdatesGiveTheFrames) {
   for (int k = 0; k < passes(); ++k) {
     const std::vector<double> upd = f64(trace(k, "sm.bb_update"));  // [L, r, 6]
     const std::vector<double> ref = f64(trace(k, "sm.frames"));     // [L, r, 7]
@@ -140,7 +141,7 @@ TEST_P(Af2Geometry, BackboneUpdatesGiveTheFrames) {
   }
 }
 
-TEST_P(Af2Geometry, FramesAtom14AndAtom37FromTracedAngles) {
+TEST_P(Af2Structure, FramesAtom14AndAtom37FromTracedAngles) {
   for (int k = 0; k < passes(); ++k) {
     const std::vector<int64_t> aa = aatype(k);
     const int64_t r = static_cast<int64_t>(aa.size());
@@ -184,7 +185,34 @@ TEST_P(Af2Geometry, FramesAtom14AndAtom37FromTracedAngles) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, Af2Geometry,
+// pLDDT, PAE and pTM from the heads' logits (the last pass's outputs).
+TEST_P(Af2Structure, ConfidenceFromLogits) {
+  auto as_f32 = [&](const std::string& name) {
+    const Tensor t = get(name).to(DType::F32);
+    return std::vector<float>(t.f32(), t.f32() + t.numel());
+  };
+  const Tensor& lddt = get("output.lddt_logits");  // [r, 50]
+  const int64_t r = lddt.dim(0), bins = lddt.dim(1);
+  std::vector<float> plddt(r);
+  af2::plddt_from_logits(as_f32("output.lddt_logits").data(), r, bins, plddt.data());
+  const std::vector<double> ref_plddt = f64("output.plddt");
+  EXPECT_LT(err(plddt.data(), ref_plddt.data(), r), 1e-4);
+
+  const Tensor& tm = get("output.tm_logits");  // [r, r, 64]
+  const int64_t tb = tm.dim(2);
+  const std::vector<float> logits = as_f32("output.tm_logits");
+  std::vector<float> probs(r * r * tb), pae(r * r);  // [r, r, 64], [r, r]
+  float max_pae = 0;
+  af2::predicted_aligned_error(logits.data(), r, tb, 31.0f, probs.data(), pae.data(), &max_pae);
+  EXPECT_LT(err(probs.data(), f64("output.aligned_confidence_probs").data(), r * r * tb), 1e-4);
+  EXPECT_LT(err(pae.data(), f64("output.predicted_aligned_error").data(), r * r), 1e-4);
+  EXPECT_EQ(max_pae, static_cast<float>(f64("output.max_predicted_aligned_error")[0]));
+  const double ptm = af2::predicted_tm_score(logits.data(), nullptr, r, tb, 31.0f);
+  const double ref_ptm = f64("output.ptm_score")[0];
+  EXPECT_LT(std::abs(ptm - ref_ptm) / ref_ptm, 1e-4) << ptm << " vs " << ref_ptm;
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, Af2Structure,
                          ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
