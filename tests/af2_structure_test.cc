@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -13,6 +15,7 @@
 #include "model/af2/confidence.h"
 #include "model/af2/geometry.h"
 #include "model/af2/residue_constants.h"
+#include "model/af2/structure_module.h"
 #include "test_util.h"
 
 namespace fc {
@@ -210,6 +213,64 @@ TEST_P(Af2Structure, ConfidenceFromLogits) {
   const double ptm = af2::predicted_tm_score(logits.data(), nullptr, r, tb, 31.0f);
   const double ref_ptm = f64("output.ptm_score")[0];
   EXPECT_LT(std::abs(ptm - ref_ptm) / ref_ptm, 1e-4) << ptm << " vs " << ref_ptm;
+}
+
+// The whole structure module from the Evoformer outputs of each pass; every traced stage compared.
+TEST_P(Af2Structure, StructureModuleReproducesEveryTrace) {
+  af2::StructureModuleConfig cfg;
+  cfg.no_blocks = get("trace.iter0.sm.frames").dim(0);
+  ASSERT_TRUE(af2::structure_module_config_from_weights(*file_, "structure_module.", &cfg).ok());
+  af2::StructureModuleWeights w;
+  Status st = af2::load_structure_module(*file_, "structure_module.", cfg, &w);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  auto compare = [&](const Tensor& x, const std::string& name, double tol) -> double {
+    const std::vector<double> ref = f64(name);
+    EXPECT_EQ(x.numel(), static_cast<int64_t>(ref.size())) << name;
+    if (x.numel() != static_cast<int64_t>(ref.size())) return INFINITY;
+    const double e = err(x.f32(), ref.data(), x.numel());
+    EXPECT_LT(e, tol) << name;
+    return e;
+  };
+  double worst = 0;
+  for (int k = 0; k < passes(); ++k) {
+    const Tensor s = get(trace(k, "evoformer.s")).to(DType::F32);
+    const Tensor z = get(trace(k, "evoformer.z")).to(DType::F32);
+    const std::vector<int64_t> aa = aatype(k);
+    const Tensor& seq_mask = get("feature.seq_mask");  // [r, R]
+    std::vector<float> mask(aa.size());
+    for (size_t i = 0; i < aa.size(); ++i) mask[i] = seq_mask.f32()[i * passes() + k];
+    std::map<std::string, std::vector<double>> layered;  // per-layer traces, concatenated
+    af2::StructureModuleOutput out;
+    st = af2::structure_module_forward(w, cfg, s, z, aa.data(), mask.data(), &out,
+                                       [&](const std::string& stage, int layer, const Tensor& v) {
+                                         if (layer < 0) {
+                                           worst =
+                                               std::max(worst, compare(v, trace(k, stage), 1e-4));
+                                           return;
+                                         }
+                                         std::vector<double>& acc = layered[stage];
+                                         acc.insert(acc.end(), v.f32(), v.f32() + v.numel());
+                                       });
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    for (const auto& [stage, vals] : layered) {
+      const std::vector<double> ref = f64(trace(k, stage));
+      std::vector<float> got(vals.begin(), vals.end());
+      ASSERT_EQ(got.size(), ref.size()) << stage;
+      const double e = err(got.data(), ref.data(), static_cast<int64_t>(got.size()));
+      EXPECT_LT(e, 1e-4) << trace(k, stage);
+      worst = std::max(worst, e);
+    }
+    worst = std::max(worst, compare(out.states, trace(k, "sm.states"), 1e-4));
+    worst = std::max(worst, compare(out.single, trace(k, "sm.single"), 1e-4));
+    for (const auto& [t, name] : {std::pair{&out.frames, "sm.frames"},
+                                  {&out.sidechain_frames, "sm.sidechain_frames"},
+                                  {&out.unnormalized_angles, "sm.unnormalized_angles"},
+                                  {&out.angles, "sm.angles"},
+                                  {&out.positions, "sm.positions"}})
+      worst = std::max(worst, compare(*t, trace(k, name), kStructureTol));
+  }
+  RecordProperty("worst_err", std::to_string(worst));
+  std::printf("structure module: worst err %.3g over %d passes\n", worst, passes());
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, Af2Structure,
