@@ -104,7 +104,7 @@ TEST_F(NpzTest, EveryDtypeConvertsExactly) {
   const std::vector<uint8_t> u1 = {0, 7, 255};
   const std::vector<uint8_t> b1 = {0, 1, 1, 0};
   const std::vector<int32_t> i4 = {-2147483647 - 1, 5};
-  const std::vector<int64_t> i8 = {int64_t{1} << 53, -(int64_t{1} << 53), 42};
+  const std::vector<int64_t> i8 = {(int64_t{1} << 62) + 1, -(int64_t{1} << 53), 42};
   const std::string zip = build_zip({
       {"f4.npy", npy("<f4", "(2, 2)", bytes_of(f4))},
       {"f8.npy", npy("<f8", "(2,)", bytes_of(f8), false, 2)},
@@ -143,9 +143,10 @@ TEST_F(NpzTest, EveryDtypeConvertsExactly) {
   EXPECT_TRUE(std::signbit(f.tensors.at("f2").data<float>()[6]));
   EXPECT_EQ(values("u1"), (std::vector<double>{0, 7, 255}));
   EXPECT_EQ(values("b1"), (std::vector<double>{0, 1, 1, 0}));
-  EXPECT_EQ(f.tensors.at("i4").dtype(), DType::F64);
-  EXPECT_EQ(values("i4"), (std::vector<double>{-2147483648.0, 5}));
-  EXPECT_EQ(values("i8"), (std::vector<double>{9007199254740992.0, -9007199254740992.0, 42}));
+  EXPECT_EQ(f.tensors.at("i4").dtype(), DType::I32);
+  EXPECT_EQ(std::memcmp(f.tensors.at("i4").data<int32_t>(), i4.data(), 8), 0);
+  EXPECT_EQ(f.tensors.at("i8").dtype(), DType::I64);
+  EXPECT_EQ(std::memcmp(f.tensors.at("i8").data<int64_t>(), i8.data(), 24), 0);
   EXPECT_EQ(f.tensors.at("scalar").shape(), Shape{});
   EXPECT_EQ(values("scalar"), std::vector<double>{7});
   EXPECT_EQ(f.tensors.at("empty").shape(), (Shape{0, 3}));
@@ -267,7 +268,6 @@ std::vector<Hostile> hostile_cases() {
   encrypted.flags = 1;
   ZipEntry offset_lie{"x.npy", good};
   offset_lie.offset = uint64_t{1} << 40;
-  const std::string i8_big = bytes_of(std::vector<int64_t>{(int64_t{1} << 53) + 1});
   return {
       {"empty_file", "", "not a readable zip archive"},
       {"not_a_zip", std::string(100, 'x'), "not a readable zip archive"},
@@ -321,7 +321,6 @@ std::vector<Hostile> hostile_cases() {
        "absurdly large shape"},
       {"shape_mismatch", header("{'descr': '<f4', 'fortran_order': False, 'shape': (3,)}"),
        "needs 12 bytes but the member holds 8"},
-      {"int64_not_exact", one(npy("<i8", "(1,)", i8_big)), "beyond 2^53"},
       {"duplicate_names", build_zip({{"a.npy", good}, {"a", good}}), "duplicate array name 'a'"},
       {"directory_member", build_zip({{"d/", ""}}), "not an array name"},
       {"crc_mismatch", build_zip({bad_crc}), "CRC"},

@@ -25,7 +25,7 @@ struct TensorFile {
   Status get_f32(const std::string& name, const Shape& shape, Tensor* out) const;
 };
 
-// Reads a whole safetensors file. Supported dtypes: F32, F64 (others: a clear error).
+// Reads a whole safetensors file. Supported dtypes: F32, F64, I64, I32 (others: a clear error).
 // Validates everything before trusting it: header length within the file, JSON well formed,
 // dtype/shape/offsets consistent, offsets in range, tensors non-overlapping, no trailing gap
 // the header does not account for. Never crashes on hostile input.
@@ -33,11 +33,11 @@ Status read_safetensors(const std::string& path, TensorFile* out);
 
 // Reads a numpy .npz archive (a zip of .npy arrays, stored or deflated, zip64 included), such as
 // DeepMind's params_model_*.npz, into tensors named by the member names without ".npy", in archive
-// order (no metadata). dtypes: '<f4' -> F32, '<f8' -> F64; '<f2', '|u1', '|b1' -> F32 and '<i4',
-// '<i8' -> F64, exactly (an int64 beyond 2^53 is an error). Fortran-order arrays come back in C
-// order. The archive is hostile until checked: entries, sizes and every .npy header are validated
-// before a tensor is allocated, member sizes together must fit in the archive, and errors are one
-// line naming the file and the member. Each array is read straight into its tensor.
+// order (no metadata). dtypes: '<f4' -> F32, '<f8' -> F64, '<i4' -> I32, '<i8' -> I64, and
+// '<f2', '|u1', '|b1' -> F32 (exact). Fortran-order arrays come back in C order. The archive is
+// hostile until checked: entries, sizes and every .npy header are validated before a tensor is
+// allocated, member sizes together must fit in the archive, and errors are one line naming the
+// file and the member. Each array is read straight into its tensor.
 Status read_npz(const std::string& path, TensorFile* out);
 
 // read_npz on an archive held in memory (e.g. a fuzzer's input); `label` stands for the file name
@@ -53,7 +53,7 @@ Status read_tensor_file(const std::string& path, TensorFile* out);
 // state dict (src/io/param_names.h); other files are returned as read.
 Status read_weights(const std::string& path, TensorFile* out);
 
-// Writes tensors (F32 or F64, any strides) in names order with the given metadata.
+// Writes tensors (F32, F64, I64 or I32, any strides) in names order with the given metadata.
 // Writes to path.tmp and renames, so a failed write never leaves a half file at path.
 Status write_safetensors(const std::string& path, const TensorFile& file);
 

@@ -43,14 +43,15 @@ struct NpyDtype {
   NpyType type;
   size_t size;
   DType out;
+  bool direct;  // the bytes are the tensor's (no conversion)
 };
 constexpr NpyDtype kNpyDtypes[] = {
-    {"<f4", NpyType::kF32, 4, DType::F32},  {"<f8", NpyType::kF64, 8, DType::F64},
-    {"<f2", NpyType::kF16, 2, DType::F32},  {"|u1", NpyType::kU8, 1, DType::F32},
-    {"|b1", NpyType::kBool, 1, DType::F32}, {"<i4", NpyType::kI32, 4, DType::F64},
-    {"<i8", NpyType::kI64, 8, DType::F64},
+    {"<f4", NpyType::kF32, 4, DType::F32, true},   {"<f8", NpyType::kF64, 8, DType::F64, true},
+    {"<i4", NpyType::kI32, 4, DType::I32, true},   {"<i8", NpyType::kI64, 8, DType::I64, true},
+    {"<f2", NpyType::kF16, 2, DType::F32, false},  {"|u1", NpyType::kU8, 1, DType::F32, false},
+    {"|b1", NpyType::kBool, 1, DType::F32, false},
 };
-constexpr const char* kSupportedDescrs = "'<f4', '<f8', '<f2', '|u1', '|b1', '<i4', '<i8'";
+constexpr const char* kSupportedDescrs = "'<f4', '<f8', '<i4', '<i8', '<f2', '|u1', '|b1'";
 
 struct NpyHeader {
   const NpyDtype* dtype = nullptr;
@@ -212,45 +213,26 @@ float half_to_float(uint16_t h) {
   return std::bit_cast<float>(bits);
 }
 
-// Converts n elements of type `t` from src into dst (F32 or F64 as kNpyDtypes says).
-// Returns the index of the first int64 beyond +-2^53 (not exact in F64), or n.
-size_t convert(NpyType t, const uint8_t* src, size_t n, void* dst) {
-  float* f = static_cast<float*>(dst);
-  double* d = static_cast<double*>(dst);
+// Converts n elements of a non-direct type `t` from src into dst (F32).
+void convert(NpyType t, const uint8_t* src, size_t n, float* dst) {
   for (size_t i = 0; i < n; ++i) {
     switch (t) {
       case NpyType::kF16: {
         uint16_t h;
         std::memcpy(&h, src + 2 * i, 2);
-        f[i] = half_to_float(h);
+        dst[i] = half_to_float(h);
         break;
       }
       case NpyType::kU8:
-        f[i] = static_cast<float>(src[i]);
+        dst[i] = static_cast<float>(src[i]);
         break;
       case NpyType::kBool:
-        f[i] = src[i] != 0 ? 1.f : 0.f;
+        dst[i] = src[i] != 0 ? 1.f : 0.f;
         break;
-      case NpyType::kI32: {
-        int32_t v;
-        std::memcpy(&v, src + 4 * i, 4);
-        d[i] = static_cast<double>(v);
-        break;
-      }
-      case NpyType::kI64: {
-        int64_t v;
-        std::memcpy(&v, src + 8 * i, 8);
-        constexpr int64_t kExact = int64_t{1} << 53;
-        if (v > kExact || v < -kExact) return i;
-        d[i] = static_cast<double>(v);
-        break;
-      }
-      case NpyType::kF32:
-      case NpyType::kF64:
+      default:
         FC_CHECK_MSG(false, "direct dtypes are not converted");
     }
   }
-  return n;
 }
 
 struct ZipDiscard {
@@ -342,7 +324,7 @@ Status read_member(zip_t* za, const Member& m, const std::string& where, Tensor*
   Shape stored = h.shape;
   if (h.fortran_order) std::reverse(stored.begin(), stored.end());
   Tensor t = Tensor::empty(stored, h.dtype->out);
-  if (h.dtype->type == NpyType::kF32 || h.dtype->type == NpyType::kF64) {
+  if (h.dtype->direct) {
     if (!read_exact(zf.get(), t.data<char>(), nbytes, &why)) return bad(why);
   } else {
     std::vector<uint8_t> chunk(std::min<uint64_t>(nbytes, kConvertChunk));  // [bytes]
@@ -350,9 +332,7 @@ Status read_member(zip_t* za, const Member& m, const std::string& where, Tensor*
     for (uint64_t done = 0; done < numel;) {
       const size_t n = static_cast<size_t>(std::min<uint64_t>(per, numel - done));
       if (!read_exact(zf.get(), chunk.data(), n * h.dtype->size, &why)) return bad(why);
-      char* dst = t.data<char>() + done * dtype_size(h.dtype->out);
-      if (convert(h.dtype->type, chunk.data(), n, dst) != n)
-        return bad("an int64 value beyond 2^53 is not exact as F64");
+      convert(h.dtype->type, chunk.data(), n, t.data<float>() + done);
       done += n;
     }
   }
