@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "foldcube/alphafold.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "npz_util.h"
@@ -30,30 +31,14 @@ bool is_param_name(const std::string& n) {
   return true;
 }
 
-// The F32 parameters of a golden file and its metadata, read directly from the safetensors layout
-// (these files also hold I64 features, which read_safetensors does not take).
+// The parameters of a golden file (file order) and its metadata.
 TensorFile golden_params(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  uint64_t n = 0;
-  in.read(reinterpret_cast<char*>(&n), 8);
-  std::string header(n, '\0');
-  in.read(header.data(), static_cast<std::streamsize>(n));
-  const nlohmann::ordered_json h = nlohmann::ordered_json::parse(header);  // file order
-  const std::streamoff data = static_cast<std::streamoff>(8 + n);
-  TensorFile f;
-  for (const auto& [name, e] : h.items()) {
-    if (name == "__metadata__") {
-      for (const auto& [k, v] : e.items()) f.metadata[k] = v.get<std::string>();
-      continue;
-    }
-    if (!is_param_name(name)) continue;
-    EXPECT_EQ(e["dtype"], "F32") << name;
-    Tensor t = Tensor::empty(e["shape"].get<Shape>());
-    const auto off = e["data_offsets"].get<std::vector<uint64_t>>();
-    in.seekg(data + static_cast<std::streamoff>(off[0]));
-    in.read(t.data<char>(), static_cast<std::streamsize>(off[1] - off[0]));
-    f.put(name, t);
-  }
+  TensorFile all, f;
+  const Status st = read_safetensors(path, &all);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  for (const std::string& n : all.names)
+    if (is_param_name(n)) f.put(n, all.tensors.at(n));
+  f.metadata = std::move(all.metadata);
   return f;
 }
 
@@ -301,14 +286,12 @@ Tensor random_tensor(const Shape& shape, uint64_t seed) {
 }
 
 // The Evoformer and Extra-MSA stacks of af2_model_tiny run from the .npz weights give exactly the
-// outputs they give from the OpenFold state dict in safetensors (the whole model's state dict in
-// both cases: the CLI takes the stack's part). The npz file is named .bin: told by magic bytes.
+// outputs they give from the golden safetensors file (the whole model's state dict plus features
+// and traces: the CLI takes the stack's part). The npz file is named .bin: told by magic bytes.
 TEST_F(ParamNamesCli, StacksFromNpzEqualStacksFromSafetensorsBitForBit) {
   const std::string npz = path("af2_params.bin");
   std::filesystem::copy_file(test::data_path("af2_model_tiny.npz"), npz);
-  const std::string st = path("af2_state_dict.safetensors");
-  ASSERT_TRUE(
-      write_safetensors(st, golden_params(test::data_path("af2_model_tiny.safetensors"))).ok());
+  const std::string st = test::data_path("af2_model_tiny.safetensors");
   struct Stack {
     const char* name;
     int64_t c_m;
@@ -340,6 +323,34 @@ TEST_F(ParamNamesCli, StacksFromNpzEqualStacksFromSafetensorsBitForBit) {
       EXPECT_FALSE(same_bits(t, in.tensors.at(std::string("input.") + (o + 7)))) << "no update";
     }
   }
+}
+
+// The whole AlphaFold model loaded from the .npz gives bit for bit the outputs it gives from the
+// golden state dict (same config: the npz carries no metadata, the template pointwise heads come
+// from the golden file's).
+TEST(ParamNames, AlphaFoldFromNpzEqualsAlphaFoldFromSafetensors) {
+  TensorFile golden, mapped;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &golden).ok());
+  const Status st = read_weights(test::data_path("af2_model_tiny.npz"), &mapped);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(golden, &cfg).ok());
+  AlphaFold from_st, from_npz;
+  ASSERT_TRUE(AlphaFold::load(cfg, golden, &from_st).ok());
+  const Status load = AlphaFold::load(cfg, mapped, &from_npz);
+  ASSERT_TRUE(load.ok()) << load.ToString();
+  FeatureDict feats;
+  for (const std::string& n : golden.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = golden.tensors.at(n);
+  std::map<std::string, Tensor> a, b;
+  ASSERT_TRUE(from_st.forward(feats, &a).ok());
+  ASSERT_TRUE(from_npz.forward(feats, &b).ok());
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, t] : a) {
+    ASSERT_TRUE(b.count(name)) << name;
+    EXPECT_TRUE(same_bits(t, b.at(name))) << name;
+  }
+  EXPECT_GT(a.count("final_atom_positions"), 0u);
 }
 
 TEST_F(ParamNamesCli, BadNpzWeightsAreOneLineErrors) {
