@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "foldcube/config.h"
 #include "foldcube/io.h"
@@ -39,6 +40,15 @@ Status alphafold_config_from_weights(const TensorFile& weights, AlphaFoldConfig*
 // template_* ...), each with the trailing recycling axis of R passes.
 using FeatureDict = std::map<std::string, Tensor>;
 
+// Wall time and tracked memory of one stage of one recycling pass.
+struct AlphaFoldStageStat {
+  int pass = 0;
+  std::string stage;  // input_embedder, recycling_embedder, template_embedder, extra_msa_stack,
+                      // evoformer, structure_module, heads
+  double ms = 0;
+  int64_t peak_bytes = 0;  // tracked peak (all live tensor memory) during the stage
+};
+
 struct AlphaFoldOptions {
   int64_t chunk = 0;               // items per chunk in the stacks' modules; 0 = automatic
   int64_t chunk_target_bytes = 0;  // automatic chunking target; 0 = default
@@ -47,6 +57,8 @@ struct AlphaFoldOptions {
   // "template.pair_stack"), index (the template for per-template stages, the layer for sm.*
   // stages, else -1) and the value.
   std::function<void(int pass, const std::string& stage, int index, const Tensor& value)> trace;
+  // When non-null, receives one entry per stage and pass, in execution order.
+  std::vector<AlphaFoldStageStat>* stats = nullptr;
 };
 
 class AlphaFold {
