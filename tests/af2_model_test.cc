@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <ostream>
 #include <memory>
 #include <set>
 #include <string>
@@ -52,6 +53,8 @@ struct ModelCase {
   std::string name;
   int64_t chunk;
 };
+
+void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.name << "_chunk" << c.chunk; }
 
 class Af2Model : public ::testing::TestWithParam<ModelCase> {};
 
