@@ -13,6 +13,7 @@
 #include <string>
 
 #include "foldcube/io.h"
+#include "foldcube/plots.h"
 #include "test_util.h"
 
 namespace fc {
@@ -129,6 +130,53 @@ TEST(StructureIo, BadStructuresAndAtomicWrite) {
   EXPECT_FALSE(write_text_atomic(dir + "/missing/a.txt", "x").ok());
   EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir), {}), 1);  // no temp left
   std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace fc
+
+namespace fc {
+namespace {
+
+// PNG width and height from the IHDR chunk; 0 when the file is not a PNG.
+std::pair<uint32_t, uint32_t> png_size(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  unsigned char h[24] = {};
+  f.read(reinterpret_cast<char*>(h), 24);
+  if (!f || h[1] != 'P' || h[2] != 'N' || h[3] != 'G') return {0, 0};
+  auto be = [&](int o) {
+    return (uint32_t{h[o]} << 24) | (uint32_t{h[o + 1]} << 16) | (uint32_t{h[o + 2]} << 8) |
+           h[o + 3];
+  };
+  return {be(16), be(20)};
+}
+
+TEST(Plots, PlddtPaeAndCoveragePngs) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  const Tensor plddt = f.tensors.at("output.plddt").to(DType::F32);
+  const Tensor pae = f.tensors.at("output.predicted_aligned_error").to(DType::F32);
+  const int64_t r = plddt.numel();
+  const std::string dir = testing::TempDir() + "/plots_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  std::vector<float> p(plddt.f32(), plddt.f32() + r), q(p);
+  for (float& v : q) v = 100 - v;
+  ASSERT_TRUE(plot_plddt(dir + "/plddt.png", {p, q}, {"model_1", "model_2"}).ok());
+  ASSERT_TRUE(
+      plot_pae(dir + "/pae.png", std::vector<float>(pae.f32(), pae.f32() + r * r), r, 31.75f).ok());
+  std::vector<int8_t> msa(40 * r);  // [40, r]: rows share a decreasing prefix of the query
+  for (int64_t s = 0; s < 40; ++s)
+    for (int64_t j = 0; j < r; ++j)
+      msa[s * r + j] = static_cast<int8_t>(j < r - s / 4 ? j % 20 : (s % 3 ? 21 : 5));
+  ASSERT_TRUE(plot_msa_coverage(dir + "/coverage.png", msa, 40, r, 21).ok());
+  EXPECT_EQ(png_size(dir + "/plddt.png"), (std::pair<uint32_t, uint32_t>{720, 380}));
+  EXPECT_EQ(png_size(dir + "/pae.png"), (std::pair<uint32_t, uint32_t>{560, 480}));
+  EXPECT_EQ(png_size(dir + "/coverage.png"), (std::pair<uint32_t, uint32_t>{760, 460}));
+  EXPECT_FALSE(plot_pae(dir + "/bad.png", {1.0f, 2.0f}, 3, 31.75f).ok());
+  EXPECT_FALSE(plot_msa_coverage(dir + "/bad.png", msa, 41, r, 21).ok());
+  EXPECT_FALSE(plot_plddt(dir + "/nodir/x.png", {p}, {"m"}).ok());
+  EXPECT_FALSE(std::filesystem::exists(dir + "/bad.png"));
+  if (!std::getenv("FOLDCUBE_KEEP_PLOTS")) std::filesystem::remove_all(dir);
 }
 
 }  // namespace
