@@ -88,6 +88,8 @@ std::string Name(const Shape& p) {
          "_H" + std::to_string(p.H) + "_C" + std::to_string(p.C) + (p.mask ? "_mask" : "") +
          (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") + (p.strided ? "_strided" : "");
 }
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const Shape& p, std::ostream* os) { *os << Name(p); }
 
 // Inputs as the modules lay them out: strided, q | k | v | g interleaved in one
 // [B * L, 4*H*C + 3] buffer (L = max(Lq, Lk)); or each in its own dense [B, L, H*C] buffer.
