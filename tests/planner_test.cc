@@ -14,6 +14,7 @@
 #include "exec/dap.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {

@@ -4,6 +4,7 @@
 
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {

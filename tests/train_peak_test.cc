@@ -9,6 +9,7 @@
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {

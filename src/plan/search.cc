@@ -11,6 +11,7 @@
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
+#include "plan/memory_model.h"
 
 namespace fc {
 
