@@ -370,9 +370,9 @@ TEST(Planner, FixedPolicyAndRequestErrors) {
   q.dap = 2;  // one device only
   EXPECT_FALSE(make_plan(q, &p).ok());
   q.dap = 0;
-  q.dtype = "fp64";
+  q.dtype = DType::F64;  // not a planner precision
   EXPECT_FALSE(make_plan(q, &p).ok());
-  q.dtype = "";
+  q.dtype.reset();
   q.memory_bytes = 0;
   EXPECT_NE(make_plan(q, &p).message().find("memory limit"), std::string::npos);
   q.memory_bytes = int64_t{40} << 30;
