@@ -426,11 +426,13 @@ TEST_P(TrainPairModule, BackwardIsDeterministic) {
   Tensor d1, d2;
   analytic(S, mod, &g1, &d1);
   analytic(S, mod, &g2, &d2);
+  EXPECT_TRUE(test::all_finite(d1));
   EXPECT_EQ(std::memcmp(d1.f32(), d2.f32(), d1.nbytes()), 0);
   const std::vector<Tensor> a = all_grad_tensors(g1), b = all_grad_tensors(g2);
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     const Tensor x = a[i].contiguous(), y = b[i].contiguous();
+    EXPECT_TRUE(test::all_finite(x)) << "tensor " << i;
     EXPECT_EQ(std::memcmp(x.f32(), y.f32(), x.nbytes()), 0) << "tensor " << i;
   }
 }
