@@ -19,18 +19,24 @@ bool g_initialized = false;
 std::atomic<int64_t> g_max_count{INT_MAX};
 
 #ifdef FOLDCUBE_HAVE_MPI
-// MPI counts are int; every call below passes at most max_message_count() elements.
+// MPI counts are int; every call below passes at most piece_elems() elements.
 int to_count(int64_t n) {
   FC_CHECK_MSG(n >= 0 && n <= INT_MAX,
                "MPI message of " + std::to_string(n) + " elements exceeds the int count limit");
   return static_cast<int>(n);
 }
 
+// Elements of `elem_bytes` bytes in one call: the limit, and at most INT_MAX bytes (a derived
+// type or a message of more bytes than an int holds is where MPI libraries break).
+int64_t piece_elems(int64_t elem_bytes) {
+  return std::min<int64_t>(g_max_count.load(), INT_MAX / elem_bytes);
+}
+
 // Calls f(off, len) for the consecutive pieces [off, off + len) of [0, count), each at most
-// max_message_count() elements (none when count is 0).
+// piece_elems(elem_bytes) elements (none when count is 0).
 template <typename F>
-void for_pieces(int64_t count, F f) {
-  const int64_t step = g_max_count.load();
+void for_pieces(int64_t count, int64_t elem_bytes, F f) {
+  const int64_t step = piece_elems(elem_bytes);
   for (int64_t off = 0; off < count; off += step) f(off, std::min(step, count - off));
 }
 
@@ -253,11 +259,11 @@ void Communicator::all_to_all(const float* send, float* recv, int64_t count) con
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  if (count <= max_message_count()) {
+  if (count <= piece_elems(sizeof(float))) {
     MPI_Alltoall(send, to_count(count), MPI_FLOAT, recv, to_count(count), MPI_FLOAT, impl_->comm);
     return;
   }
-  for_pieces(count, [&](int64_t off, int64_t len) {
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
     const BlockType block(len, count);
     MPI_Alltoall(send + off, 1, block.get(), recv + off, 1, block.get(), impl_->comm);
   });
@@ -273,11 +279,11 @@ void Communicator::all_gather(const float* mine, float* all, int64_t count) cons
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  if (count <= max_message_count()) {
+  if (count <= piece_elems(sizeof(float))) {
     MPI_Allgather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, impl_->comm);
     return;
   }
-  for_pieces(count, [&](int64_t off, int64_t len) {
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
     const BlockType block(len, count);
     MPI_Allgather(mine + off, to_count(len), MPI_FLOAT, all + off, 1, block.get(), impl_->comm);
   });
@@ -293,14 +299,14 @@ void Communicator::reduce_scatter(const float* all, float* mine, int64_t count) 
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  if (count <= max_message_count()) {
+  if (count <= piece_elems(sizeof(float))) {
     MPI_Reduce_scatter_block(all, mine, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
     return;
   }
   // Pieces: one reduction to each rank in turn (reductions on strided derived datatypes are not
   // portable). Over more than two ranks MPI may add the terms in another order than the unsplit
   // call; over two ranks the sum is the same bit for bit.
-  for_pieces(count, [&](int64_t off, int64_t len) {
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
     for (int p = 0; p < n; ++p)
       MPI_Reduce(all + p * count + off, p == rank() ? mine + off : nullptr, to_count(len),
                  MPI_FLOAT, MPI_SUM, p, impl_->comm);
@@ -314,7 +320,7 @@ void Communicator::all_reduce(float* data, int64_t count) const {
   const Timer timer(*this, Op::kAllReduce);
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
-  for_pieces(count, [&](int64_t off, int64_t len) {
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
     MPI_Allreduce(MPI_IN_PLACE, data + off, to_count(len), MPI_FLOAT, MPI_SUM, impl_->comm);
   });
 #endif
@@ -325,7 +331,7 @@ void Communicator::broadcast(float* data, int64_t count, int root) const {
   const Timer timer(*this, Op::kBroadcast);
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
-  for_pieces(count, [&](int64_t off, int64_t len) {
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
     MPI_Bcast(data + off, to_count(len), MPI_FLOAT, root, impl_->comm);
   });
 #endif
@@ -339,12 +345,12 @@ void Communicator::scatter(const float* all, float* mine, int64_t count, int roo
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  if (count <= max_message_count()) {
+  if (count <= piece_elems(sizeof(float))) {
     MPI_Scatter(all, to_count(count), MPI_FLOAT, mine, to_count(count), MPI_FLOAT, root,
                 impl_->comm);
     return;
   }
-  for_pieces(count, [&](int64_t off, int64_t len) {  // `all` is read on root only
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {  // `all` is read on root only
     const BlockType block(len, count);
     MPI_Scatter(rank() == root ? all + off : nullptr, 1, block.get(), mine + off, to_count(len),
                 MPI_FLOAT, root, impl_->comm);
@@ -360,12 +366,12 @@ void Communicator::gather(const float* mine, float* all, int64_t count, int root
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  if (count <= max_message_count()) {
+  if (count <= piece_elems(sizeof(float))) {
     MPI_Gather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, root,
                impl_->comm);
     return;
   }
-  for_pieces(count, [&](int64_t off, int64_t len) {  // `all` is written on root only
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {  // `all` is written on root only
     const BlockType block(len, count);
     MPI_Gather(mine + off, to_count(len), MPI_FLOAT, rank() == root ? all + off : nullptr, 1,
                block.get(), root, impl_->comm);
@@ -376,7 +382,7 @@ void Communicator::gather(const float* mine, float* all, int64_t count, int root
 void Communicator::broadcast_bytes(void* data, int64_t bytes, int root) const {
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
-  for_pieces(bytes, [&](int64_t off, int64_t len) {
+  for_pieces(bytes, 1, [&](int64_t off, int64_t len) {
     MPI_Bcast(static_cast<char*>(data) + off, to_count(len), MPI_BYTE, root, impl_->comm);
   });
 #else
