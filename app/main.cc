@@ -62,6 +62,15 @@ int main(int argc, char** argv) {
       "--plan-profile", ra.plan_profile,
       "device profile JSON for --plan (default: this machine's, calibrated and cached)");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
+  run->add_option("--model", ra.model,
+                  "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
+                  "state dict) and --features (feature.<name> tensors with the recycling axis); "
+                  "--out receives output.<name>")
+      ->check(CLI::IsMember({"af2"}));
+  run->add_option("--features", ra.features, "--model af2: safetensors with feature.<name>");
+  run->add_option("--recycles", ra.recycles,
+                  "--model af2: recycling iterations (default: as many as the features hold)")
+      ->check(CLI::Range(0, 1000));
   run->add_flag(
       "--backward", ra.backward,
       "training step: forward and backward (random upstream gradients unless --grad-outputs)");

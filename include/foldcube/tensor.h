@@ -12,10 +12,12 @@
 
 namespace fc {
 
-// Element types. BF16 and F16 elements are stored as their raw 16-bit patterns (uint16_t).
-enum class DType : uint8_t { F32, F64, BF16, F16 };
+// Element types. BF16 and F16 elements are stored as their raw 16-bit patterns (uint16_t); I64 and
+// I32 (integer features) copy between equal types only.
+enum class DType : uint8_t { F32, F64, BF16, I64, I32, F16 };
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);  // "F32", "F64", "BF16", "F16" (safetensors spelling)
+const char* dtype_name(
+    DType t);  // "F32", "F64", "BF16", "I64", "I32", "F16" (safetensors spelling)
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);  // "[2, 3]"

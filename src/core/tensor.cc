@@ -17,6 +17,10 @@ size_t dtype_size(DType t) {
     case DType::BF16:
     case DType::F16:
       return 2;
+    case DType::I64:
+      return 8;
+    case DType::I32:
+      return 4;
   }
   return 0;
 }
@@ -29,6 +33,10 @@ const char* dtype_name(DType t) {
       return "F64";
     case DType::BF16:
       return "BF16";
+    case DType::I64:
+      return "I64";
+    case DType::I32:
+      return "I32";
     case DType::F16:
       return "F16";
   }
@@ -215,7 +223,11 @@ double load_element(const char* base, DType t, int64_t i) {
       t == DType::BF16 ? kern::ref::bf16_to_f32(h, &f, 1) : kern::ref::f16_to_f32(h, &f, 1);
       return f;
     }
+    case DType::I64:
+    case DType::I32:
+      break;  // integers never convert (copy_from checks)
   }
+  FC_CHECK_MSG(false, "load_element of an integer tensor");
   return 0;
 }
 
@@ -235,7 +247,11 @@ void store_element(char* base, DType t, int64_t i, double x) {
       t == DType::BF16 ? kern::ref::f32_to_bf16(&f, h, 1) : kern::ref::f32_to_f16(&f, h, 1);
       return;
     }
+    case DType::I64:
+    case DType::I32:
+      break;
   }
+  FC_CHECK_MSG(false, "store_element to an integer tensor");
 }
 }  // namespace
 
@@ -245,6 +261,18 @@ void Tensor::copy_from(const Tensor& src) {
   const bool contiguous = is_contiguous() && src.is_contiguous();
   if (dtype_ == src.dtype_ && contiguous) {
     std::memmove(data<char>(), src.data<char>(), nbytes());
+    return;
+  }
+  const bool ints = dtype_ == DType::I64 || dtype_ == DType::I32 || src.dtype_ == DType::I64 ||
+                    src.dtype_ == DType::I32;
+  if (ints) {
+    // Integer tensors copy between equal types only (no silent float <-> int conversion).
+    FC_CHECK_MSG(dtype_ == src.dtype_,
+                 std::string("copy_from ") + dtype_name(src.dtype_) + " -> " + dtype_name(dtype_));
+    if (dtype_ == DType::I64)
+      strided_copy(data<int64_t>(), strides_, src.data<int64_t>(), src.strides_, shape_);
+    else
+      strided_copy(data<int32_t>(), strides_, src.data<int32_t>(), src.strides_, shape_);
     return;
   }
   const bool half = dtype_ == DType::BF16 || dtype_ == DType::F16;

@@ -49,6 +49,9 @@ const char* plan_dtype_name(DType dtype) {
       return "fp16";
     case DType::F64:
       return "fp64";
+    case DType::I64:
+    case DType::I32:
+      break;  // not a precision
   }
   return "?";
 }
