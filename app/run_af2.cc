@@ -16,10 +16,14 @@
 namespace fc::app {
 namespace {
 
+// Without --weights: seeded random parameters at model_1_ptm dimensions (--blocks Evoformer blocks
+// when given).
 Status load_model(const RunArgs& a, AlphaFold* model) {
-  if (a.weights.empty())
-    return Status::InvalidArgument(
-        "--model af2 needs --weights (an OpenFold AlphaFold state dict)");
+  if (a.weights.empty()) {
+    AlphaFoldConfig cfg = alphafold_model_1_ptm();
+    if (a.blocks_given) cfg.evoformer.no_blocks = a.blocks;
+    return AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model);
+  }
   TensorFile w;
   FC_RETURN_IF_ERROR(read_safetensors(a.weights, &w));
   AlphaFoldConfig cfg;
@@ -29,9 +33,14 @@ Status load_model(const RunArgs& a, AlphaFold* model) {
 }
 
 // feature.<name> tensors of the features file, without the prefix.
+// Without --features: seeded random features with --r residues, --s clusters, --extra sequences,
+// --templates and --recycles + 1 passes (default 3 recycles).
 Status load_features(const RunArgs& a, FeatureDict* out) {
-  if (a.features.empty())
-    return Status::InvalidArgument("--model af2 needs --features (feature.<name> tensors)");
+  if (a.features.empty()) {
+    const int passes = a.recycles >= 0 ? a.recycles + 1 : 4;
+    *out = random_alphafold_features(a.r, a.s, a.extra, a.templates, passes, a.seed + 7);
+    return Status::OK();
+  }
   TensorFile f;
   FC_RETURN_IF_ERROR(read_safetensors(a.features, &f));
   for (const std::string& n : f.names)
@@ -97,6 +106,7 @@ int run_af2(const RunArgs& a) {
   opts.chunk = a.chunk;
   opts.chunk_target_bytes = chunk_target;
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
+  opts.recycle_tolerance = a.recycle_tolerance;
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
   std::map<std::string, Tensor> out;
