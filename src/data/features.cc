@@ -104,6 +104,16 @@ float deletion_value(float x) {
          static_cast<float>(2.0 / M_PI);
 }
 
+// deletion_value of an integer count (a table below 4096).
+float deletion_value_int(int32_t d) {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(4096);
+    for (int i = 0; i < 4096; ++i) t[i] = deletion_value(static_cast<float>(i));
+    return t;
+  }();
+  return d >= 0 && d < 4096 ? table[d] : deletion_value(static_cast<float>(d));
+}
+
 // Counter-based uniform draws in [0, 1): value i of stream (seed, tag, iter).
 double uniform01(uint64_t seed, uint64_t tag, uint64_t iter, uint64_t i) {
   const uint64_t h =
@@ -271,6 +281,10 @@ void draw_decisions(const RawFeatures& raw, const FeatureConfig& cfg, uint64_t s
         }
         const uint64_t pos = static_cast<uint64_t>(i * n + j);
         d.bert_mask[idx] = uniform01(seed, kMaskDraw, r, pos) < cfg.masked_msa_replace_fraction;
+        if (!d.bert_mask[idx]) {  // the sample is only used where masked
+          d.bert_sample[idx] = true_tok;
+          continue;
+        }
         // p[c] = uniform * 0.05 [c < 20] + profile * prof[j, c] + same * [c = true], p[22] = rest.
         double p[kMsaClasses];
         for (int c = 0; c < 22; ++c)
@@ -301,10 +315,10 @@ Status decisions_from_tensors(const TensorFile& file, const RawFeatures& raw,
   d.cols = raw.num_res;
   d.extra_kept = std::min(cfg.max_extra_msa, d.rows - d.centres);
   const int64_t R = d.iters, S = d.rows, sc = d.centres, n = d.cols, ek = d.extra_kept;
-  const int64_t* order;
-  const float* mask;
-  const int64_t* sample;
-  const int64_t* eorder;
+  const int64_t* order = nullptr;
+  const float* mask = nullptr;
+  const int64_t* sample = nullptr;
+  const int64_t* eorder = nullptr;
   FC_RETURN_IF_ERROR(get_typed(file, "random.msa_order", DType::I64, {R, S}, &order));
   FC_RETURN_IF_ERROR(get_typed(file, "random.bert_mask", DType::F32, {R, sc, n}, &mask));
   FC_RETURN_IF_ERROR(get_typed(file, "random.bert_sample", DType::I64, {R, sc, n}, &sample));
@@ -352,26 +366,56 @@ void nearest_centres_ref(const uint8_t* extra, int64_t num_extra, const uint8_t*
   }
 }
 
+namespace {
+
+constexpr int64_t kLanes = 64;   // row padding: whole vectors up to 512 bits, no scalar tail
+constexpr int64_t kBlock = 192;  // columns per byte-lane count (<= 255 per lane: no overflow)
+static_assert(kBlock % kLanes == 0 && kBlock <= 255);
+
+// Number of j < cols_pad with a[j] == b[j]; cols_pad a multiple of kLanes. Byte-lane counts over
+// blocks of kBlock columns vectorise to compare + subtract on bytes; the clones give AVX2 and
+// AVX-512 code paths picked at load time (the default build targets the x86-64 baseline).
+__attribute__((target_clones("arch=skylake-avx512", "avx2", "default"))) int32_t count_equal(
+    const uint8_t* a, const uint8_t* b, int64_t cols_pad) {
+  int32_t total = 0;
+  for (int64_t j0 = 0; j0 < cols_pad; j0 += kBlock) {
+    const int64_t j1 = std::min(cols_pad, j0 + kBlock);
+    uint8_t block = 0;
+#pragma omp simd reduction(+ : block)
+    for (int64_t j = j0; j < j1; ++j) block += a[j] == b[j];
+    total += block;
+  }
+  return total;
+}
+
+}  // namespace
+
 void nearest_centres(const uint8_t* extra, int64_t num_extra, const uint8_t* centres,
                      int64_t num_centres, int64_t cols, int64_t* out) {
-  // Gap and [MASK] in a centre never agree: map them to 0xFF, which no extra token equals, so
-  // the inner loop is a plain byte-equality count (vectorised).
-  std::vector<uint8_t> keyed(centres, centres + num_centres * cols);  // [S_sel, N]
-  for (uint8_t& c : keyed)
-    if (c > 20) c = 0xFF;
-#pragma omp parallel for schedule(static)
-  for (int64_t e = 0; e < num_extra; ++e) {
-    const uint8_t* x = extra + e * cols;
-    int64_t best = 0;
-    int32_t best_agree = -1;
-    for (int64_t s = 0; s < num_centres; ++s) {
-      const uint8_t* c = keyed.data() + s * cols;
-      int32_t agree = 0;
-#pragma omp simd reduction(+ : agree)
-      for (int64_t j = 0; j < cols; ++j) agree += x[j] == c[j];
-      if (agree > best_agree) best_agree = agree, best = s;
+  // Rows padded to whole vectors: pad bytes differ between the two sides (0xFE vs 0xFF), and gap
+  // and [MASK] in a centre become 0xFF, which no extra token equals, so the count is a plain
+  // byte-equality count.
+  const int64_t cp = (cols + kLanes - 1) / kLanes * kLanes;
+  std::vector<uint8_t> keyed(num_centres * cp, 0xFF);  // [S_sel, cp]
+  for (int64_t s = 0; s < num_centres; ++s)
+    for (int64_t j = 0; j < cols; ++j) {
+      const uint8_t c = centres[s * cols + j];
+      keyed[s * cp + j] = c > 20 ? 0xFF : c;
     }
-    out[e] = best;
+#pragma omp parallel
+  {
+    std::vector<uint8_t> x(cp, 0xFE);  // [cp] this thread's padded extra row
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < num_extra; ++e) {
+      std::copy_n(extra + e * cols, cols, x.begin());
+      int64_t best = 0;
+      int32_t best_agree = -1;
+      for (int64_t s = 0; s < num_centres; ++s) {
+        const int32_t agree = count_equal(x.data(), keyed.data() + s * cp, cp);
+        if (agree > best_agree) best_agree = agree, best = s;
+      }
+      out[e] = best;
+    }
   }
 }
 
@@ -479,7 +523,7 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
         float* f = mf + idx * 49 * R + r;
         f[centre_tok[idx] * R] = 1.0f;
         f[23 * R] = std::min(centre_del[idx], 1.0f);
-        f[24 * R] = deletion_value(centre_del[idx]);
+        f[24 * R] = deletion_value_int(static_cast<int32_t>(centre_del[idx]));
         for (int c = 0; c < kMsaClasses; ++c)
           f[(25 + c) * R] = prof_sum[idx * kMsaClasses + c] / count;
         f[48 * R] = deletion_value(del_mean);
@@ -499,7 +543,7 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
         extra_msa.data<int64_t>()[o] = extra_tok[e * n + j];
         extra_msa_mask.data<float>()[o] = 1.0f;
         extra_has_del.data<float>()[o] = std::min(d, 1.0f);
-        extra_del_value.data<float>()[o] = deletion_value(d);
+        extra_del_value.data<float>()[o] = deletion_value_int(static_cast<int32_t>(d));
       }
     }
   }
