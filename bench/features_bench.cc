@@ -140,5 +140,8 @@ int main(int argc, char** argv) {
       "threads %d, median of %d: wall %.1f ms (parse %.1f, raw %.1f, model %.1f), CPU %.1f ms "
       "(user+sys, all threads)\n",
       threads, repeats, median(total), median(parse), median(raw), median(model), median(cpu));
+  rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("peak RSS %.0f MiB (whole process)\n", ru.ru_maxrss / 1024.0);
   return 0;
 }

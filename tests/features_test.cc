@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 
@@ -191,6 +192,12 @@ TEST_P(FeatureCli, GoldenInputsGiveGoldenFeatures) {
   ASSERT_TRUE(read_safetensors(out, &got).ok());
   expect_same(got, "raw.", golden, "raw.", 0.0);
   expect_same(got, "feature.", golden, "feature.", 3e-7);
+  // String features (domain name, species identifiers) as OpenFold's.
+  const auto want = nlohmann::json::parse(golden.metadata.at("raw_strings"));
+  const auto have = nlohmann::json::parse(got.metadata.at("raw_strings"));
+  for (const char* key : {"domain_name", "sequence", "msa_species_identifiers",
+                          "template_domain_names", "template_sequence"})
+    EXPECT_EQ(have.at(key), want.at(key)) << key;
   r = test::run_cli("features --fasta " + base + ".fasta --msa " + base + ".a3m --out " + out +
                     sizes + " --deterministic");
   ASSERT_EQ(r.code, 0) << r.out;
@@ -220,6 +227,14 @@ TEST(FeatureCli, UserErrorsAreOneLine) {
                     " --max-msa-clusters 8 --decisions " + base + ".safetensors");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("random.bert_mask"), std::string::npos) << r.out;
+  // A directory as the MSA, a missing FASTA.
+  r = test::run_cli("features --fasta " + base + ".fasta --msa " + ::testing::TempDir() +
+                    " --out " + out);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("not a regular file"), std::string::npos) << r.out;
+  r = test::run_cli("features --fasta /no/such.fasta --msa " + base + ".a3m --out " + out);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("/no/such.fasta: no such file"), std::string::npos) << r.out;
 }
 
 // The vectorised, threaded nearest-centre search equals the naive formula, ties included.

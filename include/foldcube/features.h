@@ -73,7 +73,12 @@ struct RawFeatures {
   std::vector<int32_t> deletion_matrix;   // [S, N]
   std::vector<int64_t> record_to_row;     // [MSA records] row in msa, or -1 (duplicate dropped)
   std::vector<std::string> descriptions;  // [S]
+  std::vector<std::string> species;       // [S] msa_species_identifiers ("" if none)
 };
+
+// OpenFold's species identifier of an MSA description: the first whitespace-separated token, cut
+// at the first '/', read as a UniProt name "tr|ACC|NAME_SPECIES" (or "sp|..."); else "".
+std::string species_identifier(std::string_view description);
 
 // The query must equal the MSA's first row (OpenFold does not check; we do). Duplicate rows
 // (same aligned letters as an earlier row, the query included) are dropped; the first keeps its

@@ -55,11 +55,15 @@ Status run_feature_job(const FeatureJob& job, TensorFile* out, double* timings_m
       {"decisions", job.decisions}};
   result.metadata["format"] = "foldcube-features/1";
   result.metadata["config"] = config.dump();
-  // Descriptions may hold any bytes; JSON needs valid UTF-8, so the dump replaces bad sequences.
-  result.metadata["domain_name"] =
-      nlohmann::json(raw.domain_name)
-          .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  result.metadata["sequence"] = raw.sequence;
+  // OpenFold's string features, as the golden files' raw_strings (descriptions may hold any
+  // bytes; invalid UTF-8 is replaced in the JSON).
+  const nlohmann::json strings = {{"domain_name", {raw.domain_name}},
+                                  {"sequence", {raw.sequence}},
+                                  {"msa_species_identifiers", raw.species},
+                                  {"template_domain_names", {""}},
+                                  {"template_sequence", {""}}};
+  result.metadata["raw_strings"] =
+      strings.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   result.metadata["num_alignments"] = std::to_string(raw.num_alignments);
   *out = std::move(result);
   if (timings_ms) {

@@ -4,6 +4,7 @@
 #include "foldcube/features.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -171,9 +172,45 @@ bool distinct_in_range(const int64_t* v, int64_t n, int64_t bound) {
   return true;
 }
 
+bool all_alnum(std::string_view s) {
+  return std::all_of(s.begin(), s.end(),
+                     [](char c) { return std::isalnum(static_cast<unsigned char>(c)); });
+}
+bool all_digits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
 }  // namespace
 
 // --------------------------------------------------------------------------------- stage 1
+
+std::string species_identifier(std::string_view d) {
+  // ^(tr|sp)\|[A-Za-z0-9]{6,10}(_\d)?\|[A-Za-z0-9]+_(?P<species>[A-Za-z0-9]{1,5})(_\d+)?$
+  size_t tok = 0;
+  while (tok < d.size() && !std::isspace(static_cast<unsigned char>(d[tok]))) ++tok;
+  d = d.substr(0, tok);
+  d = d.substr(0, d.find('/'));
+  if (d.size() < 3 || (d.substr(0, 3) != "tr|" && d.substr(0, 3) != "sp|")) return "";
+  d.remove_prefix(3);
+  const size_t bar = d.find('|');
+  if (bar == std::string_view::npos) return "";
+  std::string_view acc = d.substr(0, bar), name = d.substr(bar + 1);
+  if (acc.size() >= 2 && acc[acc.size() - 2] == '_' && all_digits(acc.substr(acc.size() - 1)))
+    acc.remove_suffix(2);
+  if (acc.size() < 6 || acc.size() > 10 || !all_alnum(acc)) return "";
+  std::vector<std::string_view> parts;
+  for (size_t p = 0;;) {
+    const size_t u = name.find('_', p);
+    parts.push_back(name.substr(p, u == std::string_view::npos ? u : u - p));
+    if (u == std::string_view::npos) break;
+    p = u + 1;
+  }
+  if (parts.size() < 2 || parts.size() > 3) return "";
+  if (parts[0].empty() || !all_alnum(parts[0])) return "";
+  if (parts[1].empty() || parts[1].size() > 5 || !all_alnum(parts[1])) return "";
+  if (parts.size() == 3 && !all_digits(parts[2])) return "";
+  return std::string(parts[1]);
+}
 
 Status make_raw_features(const FastaRecord& query, const Msa& msa, const std::string& msa_name,
                          RawFeatures* out) {
@@ -216,6 +253,7 @@ Status make_raw_features(const FastaRecord& query, const Msa& msa, const std::st
       r.deletion_matrix[k * n + j] = msa.deletions[i * n + j];
     }
     r.descriptions.push_back(msa.descriptions[i]);
+    r.species.push_back(species_identifier(msa.descriptions[i]));
   }
   *out = std::move(r);
   return Status::OK();

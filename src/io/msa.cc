@@ -94,7 +94,8 @@ class MappedFile {
     if (data_ != nullptr) munmap(data_, size_);
   }
   Status open(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       if (errno == ENOENT) return Status::NotFound(path + ": no such file");
       return Status::IOError(path + ": cannot open: " + std::strerror(errno));
