@@ -3,6 +3,8 @@
 // decisions. Contracts in foldcube/features.h; the math is written out in docs/features.md.
 #include "foldcube/features.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cctype>
 #include <cmath>
@@ -518,6 +520,7 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
   for (int64_t r = 0; r < R; ++r) {
     const int64_t* order = dec.msa_order.data() + r * S;
     // 1-2. sample_msa and make_masked_msa.
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < sc; ++i)
       for (int64_t j = 0; j < n; ++j) {
         const int64_t src = order[i] * n + j, idx = i * n + j, d = (r * sc + i) * n + j;
@@ -526,6 +529,7 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
             dec.bert_mask[d] ? static_cast<uint8_t>(dec.bert_sample[d]) : true_tok[idx];
         centre_del[idx] = static_cast<float>(raw.deletion_matrix[src]);
       }
+#pragma omp parallel for schedule(static)
     for (int64_t e = 0; e < ne; ++e)
       for (int64_t j = 0; j < n; ++j) {
         const int64_t src = order[sc + e] * n + j;
@@ -540,15 +544,22 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
     std::fill(counts.begin(), counts.end(), 0.0f);
     std::fill(del_sum.begin(), del_sum.end(), 0.0f);
     std::fill(prof_sum.begin(), prof_sum.end(), 0.0f);
-    for (int64_t e = 0; e < ne; ++e) {
-      const int64_t s = assign[e];
-      for (int64_t j = 0; j < n; ++j) {
-        counts[s * n + j] += 1.0f;
-        del_sum[s * n + j] += extra_del[e * n + j];
-        prof_sum[(s * n + j) * kMsaClasses + extra_tok[e * n + j]] += 1.0f;
+    // Each thread owns a range of columns (the scatter over centres never collides).
+#pragma omp parallel
+    {
+      const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t j0 = n * t / nt, j1 = n * (t + 1) / nt;
+      for (int64_t e = 0; e < ne; ++e) {
+        const int64_t s = assign[e];
+        for (int64_t j = j0; j < j1; ++j) {
+          counts[s * n + j] += 1.0f;
+          del_sum[s * n + j] += extra_del[e * n + j];
+          prof_sum[(s * n + j) * kMsaClasses + extra_tok[e * n + j]] += 1.0f;
+        }
       }
     }
     const float one_eps = 1e-6f + 1.0f;
+#pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < sc; ++i) {
       msa_row_mask.data<float>()[i * R + r] = 1.0f;
       for (int64_t j = 0; j < n; ++j) {
@@ -572,6 +583,7 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
     }
     // 5. crop_extra_msa (after the statistics, which used every extra row).
     const int64_t* keep = dec.extra_msa_order.data() + r * ek;
+#pragma omp parallel for schedule(static)
     for (int64_t k = 0; k < ek; ++k) {
       const int64_t e = keep[k];
       extra_row_mask.data<float>()[k * R + r] = 1.0f;
