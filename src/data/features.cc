@@ -15,6 +15,7 @@
 #include <unordered_set>
 
 #include "core/rng.h"
+#include "model/af2/residue_constants.h"
 
 namespace fc {
 namespace {
@@ -45,61 +46,6 @@ int hhblits_index(char c) {
 // HHblits index -> stage-2 (restype) index.
 constexpr int kHhToRestype[22] = {0, 4,  3, 6, 13, 7,  8,  9,  11, 10, 12,
                                   2, 14, 5, 1, 15, 16, 19, 17, 18, 20, 21};
-
-// Heavy atoms of each restype in atom14 order (OpenFold residue_constants); X has none.
-constexpr const char* kAtom14[21][14] = {
-    {"N", "CA", "C", "O", "CB"},                                                                // A
-    {"N", "CA", "C", "O", "CB", "CG", "CD", "NE", "CZ", "NH1", "NH2"},                          // R
-    {"N", "CA", "C", "O", "CB", "CG", "OD1", "ND2"},                                            // N
-    {"N", "CA", "C", "O", "CB", "CG", "OD1", "OD2"},                                            // D
-    {"N", "CA", "C", "O", "CB", "SG"},                                                          // C
-    {"N", "CA", "C", "O", "CB", "CG", "CD", "OE1", "NE2"},                                      // Q
-    {"N", "CA", "C", "O", "CB", "CG", "CD", "OE1", "OE2"},                                      // E
-    {"N", "CA", "C", "O"},                                                                      // G
-    {"N", "CA", "C", "O", "CB", "CG", "ND1", "CD2", "CE1", "NE2"},                              // H
-    {"N", "CA", "C", "O", "CB", "CG1", "CG2", "CD1"},                                           // I
-    {"N", "CA", "C", "O", "CB", "CG", "CD1", "CD2"},                                            // L
-    {"N", "CA", "C", "O", "CB", "CG", "CD", "CE", "NZ"},                                        // K
-    {"N", "CA", "C", "O", "CB", "CG", "SD", "CE"},                                              // M
-    {"N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "CE1", "CE2", "CZ"},                        // F
-    {"N", "CA", "C", "O", "CB", "CG", "CD"},                                                    // P
-    {"N", "CA", "C", "O", "CB", "OG"},                                                          // S
-    {"N", "CA", "C", "O", "CB", "OG1", "CG2"},                                                  // T
-    {"N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "NE1", "CE2", "CE3", "CZ2", "CZ3", "CH2"},  // W
-    {"N", "CA", "C", "O", "CB", "CG", "CD1", "CD2", "CE1", "CE2", "CZ", "OH"},                  // Y
-    {"N", "CA", "C", "O", "CB", "CG1", "CG2"},                                                  // V
-    {},                                                                                         // X
-};
-constexpr const char* kAtom37[37] = {
-    "N",   "CA",  "C",   "CB",  "O",   "CG", "CG1", "CG2", "OG",  "OG1", "SG", "CD",  "CD1",
-    "CD2", "ND1", "ND2", "OD1", "OD2", "SD", "CE",  "CE1", "CE2", "CE3", "NE", "NE1", "NE2",
-    "OE1", "OE2", "CH2", "NH1", "NH2", "OH", "CZ",  "CZ2", "CZ3", "NZ",  "OXT"};
-
-struct AtomTables {
-  int64_t atom14_to_37[21][14] = {};  // atom37 index of each atom14 slot (0 if empty)
-  int64_t atom37_to_14[21][37] = {};  // atom14 slot of each atom37 type (0 if absent)
-  float atom14_exists[21][14] = {};
-  float atom37_exists[21][37] = {};
-};
-const AtomTables& atom_tables() {
-  static const AtomTables t = [] {
-    AtomTables a;
-    for (int r = 0; r < 21; ++r)
-      for (int k = 0; k < 14; ++k) {
-        if (kAtom14[r][k] == nullptr) continue;
-        const auto* it = std::find_if(std::begin(kAtom37), std::end(kAtom37), [&](const char* n) {
-          return std::string_view(n) == kAtom14[r][k];
-        });
-        const int a37 = static_cast<int>(it - std::begin(kAtom37));
-        a.atom14_to_37[r][k] = a37;
-        a.atom37_to_14[r][a37] = k;
-        a.atom14_exists[r][k] = 1.0f;
-        a.atom37_exists[r][a37] = 1.0f;
-      }
-    return a;
-  }();
-  return t;
-}
 
 // OpenFold's 2/pi * atan(x / 3) in float32 (atan rounded from double: within 1 ulp of torch).
 float deletion_value(float x) {
@@ -488,7 +434,7 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
   Tensor a14_to_37 = i64({n, 14, R}), a37_to_14 = i64({n, 37, R});
 
   // Iteration-independent features.
-  const AtomTables& at = atom_tables();
+  const af2::ResidueTables& at = af2::residue_tables();
   for (int64_t r = 0; r < R; ++r) {
     seq_length.data<int64_t>()[r] = n;
     for (int64_t j = 0; j < n; ++j) {
@@ -498,12 +444,12 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
       seq_mask.data<float>()[j * R + r] = 1.0f;
       target_feat.data<float>()[(j * 22 + 1 + a) * R + r] = 1.0f;  // [0] between_segment = 0
       for (int k = 0; k < 14; ++k) {
-        atom14_exists.data<float>()[(j * 14 + k) * R + r] = at.atom14_exists[a][k];
-        a14_to_37.data<int64_t>()[(j * 14 + k) * R + r] = at.atom14_to_37[a][k];
+        atom14_exists.data<float>()[(j * 14 + k) * R + r] = at.atom14_mask[a][k];
+        a14_to_37.data<int64_t>()[(j * 14 + k) * R + r] = at.atom14_to_atom37[a][k];
       }
       for (int k = 0; k < 37; ++k) {
-        atom37_exists.data<float>()[(j * 37 + k) * R + r] = at.atom37_exists[a][k];
-        a37_to_14.data<int64_t>()[(j * 37 + k) * R + r] = at.atom37_to_14[a][k];
+        atom37_exists.data<float>()[(j * 37 + k) * R + r] = at.atom37_mask[a][k];
+        a37_to_14.data<int64_t>()[(j * 37 + k) * R + r] = at.atom37_to_atom14[a][k];
       }
     }
   }
