@@ -4,12 +4,14 @@
 #include "foldcube/alphafold.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <vector>
 
 #include "foldcube/extra_msa.h"
+#include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
@@ -415,21 +417,41 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     auto emit = [&](const std::string& stage, int index, const Tensor& v) {
       if (opts.trace) opts.trace(k, stage, index, v);
     };
+    // Runs one stage, timing it and measuring its tracked peak when stats are asked for.
+    auto stage = [&](const char* name, auto&& fn) -> Status {
+      if (!opts.stats) return fn();
+      MemoryScope scope;
+      const auto t0 = std::chrono::steady_clock::now();
+      Status st = fn();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      opts.stats->push_back({k, name, ms, scope.peak()});
+      return st;
+    };
     Tensor m = Tensor::empty({S, r, cm});  // [S, r, c_m]
     Tensor z = Tensor::empty({r, r, cz});  // [r, r, c_z]
-    embed_inputs(f, m.f32(), z.f32());
+    FC_RETURN_IF_ERROR(stage("input_embedder", [&] {
+      embed_inputs(f, m.f32(), z.f32());
+      return Status::OK();
+    }));
     emit("input_embedder.m", -1, m);
     emit("input_embedder.z", -1, z);
     emit("recycling_embedder.in_m", -1, m_prev);
     emit("recycling_embedder.in_z", -1, z_prev);
-    embed_recycled(f, m_prev, z_prev, x_prev, m.f32(), z.f32(), emit);
+    FC_RETURN_IF_ERROR(stage("recycling_embedder", [&] {
+      embed_recycled(f, m_prev, z_prev, x_prev, m.f32(), z.f32(), emit);
+      return Status::OK();
+    }));
     const Tensor pair_mask = pair_mask_of(f.seq_mask);  // [r, r]
     Tensor tmpl_single;                                 // [T, r, c_m]
     if (cfg.templates && f.T > 0) {
       emit("template.in_z", -1, z);
-      FC_RETURN_IF_ERROR(embed_templates(f, pair_mask, opts, z.f32(), &tmpl_single, emit));
+      FC_RETURN_IF_ERROR(stage("template_embedder", [&] {
+        return embed_templates(f, pair_mask, opts, z.f32(), &tmpl_single, emit);
+      }));
     }
-    FC_RETURN_IF_ERROR(run_extra_msa(f, pair_mask, opts, z, emit));
+    FC_RETURN_IF_ERROR(
+        stage("extra_msa_stack", [&] { return run_extra_msa(f, pair_mask, opts, z, emit); }));
     // The Evoformer on the cluster rows and the template rows.
     const int64_t T = tmpl_single.defined() ? f.T : 0;
     Tensor m_all = Tensor::empty({S + T, r, cm});  // [S+T, r, c_m]
@@ -449,14 +471,17 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     fo.chunk = opts.chunk;
     fo.chunk_target_bytes = opts.chunk_target_bytes;
     Tensor s;  // [r, c_s]
-    FC_RETURN_IF_ERROR(evoformer.forward(m_all, z, mask_all, pair_mask, &s, fo));
+    FC_RETURN_IF_ERROR(stage(
+        "evoformer", [&] { return evoformer.forward(m_all, z, mask_all, pair_mask, &s, fo); }));
     emit("evoformer.m", -1, m_all);
     emit("evoformer.z", -1, z);
     emit("evoformer.s", -1, s);
     af2::StructureModuleOutput sm_out;
-    FC_RETURN_IF_ERROR(af2::structure_module_forward(
-        sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
-        [&](const std::string& stage, int layer, const Tensor& v) { emit(stage, layer, v); }));
+    FC_RETURN_IF_ERROR(stage("structure_module", [&] {
+      return af2::structure_module_forward(
+          sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
+          [&](const std::string& name, int layer, const Tensor& v) { emit(name, layer, v); });
+    }));
     for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
                                   {"sm.sidechain_frames", &sm_out.sidechain_frames},
                                   {"sm.unnormalized_angles", &sm_out.unnormalized_angles},
@@ -473,7 +498,10 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
                           mask37.f32());
     emit("final_atom_positions", -1, x37);
     if (k + 1 == passes) {
-      run_heads(f, m_all, z, s, sm_out, &result);
+      FC_RETURN_IF_ERROR(stage("heads", [&] {
+        run_heads(f, m_all, z, s, sm_out, &result);
+        return Status::OK();
+      }));
       result["final_atom_positions"] = x37;
       result["final_atom_mask"] = mask37;
       result["final_affine_tensor"] = sm_out.frames.select(0, L - 1).contiguous();
