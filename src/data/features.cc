@@ -352,6 +352,13 @@ void nearest_centres_ref(const uint8_t* extra, int64_t num_extra, const uint8_t*
   }
 }
 
+// Clones for x86-64 only (GCC/Clang function multiversioning); other targets get one version.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FC_BYTE_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#else
+#define FC_BYTE_CLONES
+#endif
+
 namespace {
 
 constexpr int64_t kLanes = 64;   // row padding: whole vectors up to 512 bits, no scalar tail
@@ -361,8 +368,7 @@ static_assert(kBlock % kLanes == 0 && kBlock <= 255);
 // Number of j < cols_pad with a[j] == b[j]; cols_pad a multiple of kLanes. Byte-lane counts over
 // blocks of kBlock columns vectorise to compare + subtract on bytes; the clones give AVX2 and
 // AVX-512 code paths picked at load time (the default build targets the x86-64 baseline).
-__attribute__((target_clones("arch=skylake-avx512", "avx2", "default"))) int32_t count_equal(
-    const uint8_t* a, const uint8_t* b, int64_t cols_pad) {
+FC_BYTE_CLONES int32_t count_equal(const uint8_t* a, const uint8_t* b, int64_t cols_pad) {
   int32_t total = 0;
   for (int64_t j0 = 0; j0 < cols_pad; j0 += kBlock) {
     const int64_t j1 = std::min(cols_pad, j0 + kBlock);
