@@ -18,6 +18,7 @@
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 #include "io/param_names.h"
+#include "plan/memory_model.h"
 
 namespace fc::app {
 
