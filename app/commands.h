@@ -19,6 +19,8 @@ namespace fc::app {
 // `foldcube features` (app/features.cc): registers the subcommand on app; the returned function
 // runs it when it was chosen and returns its exit code, else returns -1.
 std::function<int()> add_features_command(CLI::App& app);
+// `foldcube fold` (app/fold.cc), registered and run the same way.
+std::function<int()> add_fold_command(CLI::App& app);
 
 // Prints "foldcube: error: <message>" to stderr; returns exit code 1 (app/util.cc).
 int fail(const Status& st);

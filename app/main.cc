@@ -166,6 +166,7 @@ int main(int argc, char** argv) {
   plan->add_flag("--json", pa.json, "print the plan as JSON");
 
   std::function<int()> features = fc::app::add_features_command(app);
+  std::function<int()> fold = fc::app::add_fold_command(app);
 
   try {
     app.parse(argc, argv);
@@ -178,5 +179,6 @@ int main(int argc, char** argv) {
   if (*bench) return fc::app::bench_command(ba, argv[0]);
   if (*plan) return fc::app::plan_command(pa);
   if (const int rc = features(); rc >= 0) return rc;
+  if (const int rc = fold(); rc >= 0) return rc;
   return 2;
 }
