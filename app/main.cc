@@ -4,8 +4,11 @@
 #include <string>
 
 #include "commands.h"
+#include "foldcube/memory.h"
 
 int main(int argc, char** argv) {
+  // Large tensors are reused from the heap rather than mapped afresh (foldcube/memory.h).
+  fc::configure_allocator({.reuse_large_blocks = true});
   CLI::App app{"foldcube: AlphaFold-family trunks (Evoformer) on the CPU"};
   app.require_subcommand(1);
 

@@ -14,11 +14,8 @@
 #include <sstream>
 
 #include "commands.h"
-#include "core/rng.h"
-#include "dist/comm.h"
-#include "exec/dap.h"
-#include "exec/dap_train.h"
 #include "foldcube/memory.h"
+#include "foldcube/parallel.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 
@@ -50,131 +47,6 @@ Status read_text(const std::string& path, std::string* out) {
   ss << f.rdbuf();
   *out = ss.str();
   return Status::OK();
-}
-
-// Measured figures of one planned run (medians over the timed passes, peaks over all passes).
-struct Measured {
-  double time_ms = 0, forward_ms = 0, backward_ms = 0;
-  double cpu_ms = 0;               // process CPU time (all threads) per timed pass, median
-  int64_t peak_tracked_bytes = 0;  // absolute tracked peak: weights, inputs, masks, work
-  int64_t activation_bytes = 0;    // training: kept from forward for backward
-};
-
-double cpu_now_ms() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return (u.ru_utime.tv_sec + u.ru_stime.tv_sec) * 1e3 +
-         (u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e3;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
-
-// Runs a plan with dap x dp = world.size() ranks through the DAP executor (exec/dap.h,
-// exec/dap_train.h) and fills this rank's figures. Every rank builds the same random weights from
-// `seed`; the root of DAP group g makes protein g's inputs and upstream gradients from seed + g
-// (app/run.cc's convention) and passes no masks (the executor's all-ones masks). With dap = 1
-// each replica runs the single-process forward or step (all-ones masks, as run_plan). Training
-// with dp > 1 averages the parameter gradients over the replicas (timed with the backward).
-// Errors are the executor's, the same on every rank.
-Status run_plan_dap(const Plan& plan, const dist::Communicator& world, uint64_t seed, int warmup,
-                    int repeats, Measured* out) {
-  const int N = plan.dap, D = plan.dp, grp = world.rank() / N;
-  const dist::Communicator dap = world.dap_group(N), dp = world.dp_group(N);
-  const EvoformerConfig& cfg = plan.cfg;
-  const int64_t s = plan.s, r = plan.r;
-  const bool root = dap.rank() == 0;
-  const uint64_t gseed = seed + static_cast<uint64_t>(grp);
-  const EvoformerStack stack = EvoformerStack::random(cfg, seed);
-  Tensor msa_mask, pair_mask;  // one rank per replica: [s, r], [r, r] ones as in run_plan
-  if (N == 1) msa_mask = Tensor::full({s, r}, 1.f), pair_mask = Tensor::full({r, r}, 1.f);
-  Tensor gm, gz;  // the group root's upstream gradients [s, r, c_m], [r, r, c_z]
-  if (plan.training && root) {
-    gm = random_tensor({s, r, cfg.c_m}, gseed * 2 + 3);
-    gz = random_tensor({r, r, cfg.c_z}, gseed * 2 + 4);
-  }
-  std::vector<double> tot, fwd, bwd, cpu;
-  for (int it = 0; it < warmup + repeats; ++it) {
-    Tensor m, z;  // the group root's inputs [s, r, c_m], [r, r, c_z]; undefined elsewhere
-    if (root) {
-      m = random_tensor({s, r, cfg.c_m}, gseed * 2 + 1);
-      z = random_tensor({r, r, cfg.c_z}, gseed * 2 + 2);
-    }
-    world.barrier();
-    MemoryScope scope;
-    const double c0 = cpu_now_ms();
-    if (plan.training) {
-      TrainOptions o = to_train_options(plan);
-      o.seed = gseed;
-      TrainResult res;
-      DapTrainStats stats;
-      if (N > 1) {
-        FC_RETURN_IF_ERROR(
-            dap_train_step(stack, dap, m, z, Tensor(), Tensor(), gm, gz, o, &stats, &res));
-      } else {  // one rank per replica: the single-process step (its memory model is exact)
-        FC_RETURN_IF_ERROR(stack.train_step(m, z, msa_mask, pair_mask, gm, gz, o, &res));
-      }
-      const auto t0 = std::chrono::steady_clock::now();
-      if (D > 1)
-        for (auto& [name, t] : res.grad_params) {
-          if (!t.is_contiguous())
-            return Status::Internal("gradient " + name + " is not contiguous");
-          dp.all_reduce(t.f32(), t.numel());
-          const float inv = 1.f / static_cast<float>(D);
-          float* p = t.f32();
-          for (int64_t i = 0; i < t.numel(); ++i) p[i] *= inv;
-        }
-      const double reduce_ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      if (it >= warmup) {
-        fwd.push_back(res.forward_ms);
-        bwd.push_back(res.backward_ms + reduce_ms);
-        tot.push_back(res.forward_ms + res.backward_ms + reduce_ms);
-      }
-      out->activation_bytes = res.activation_bytes;
-    } else {
-      DapOptions o;
-      o.chunk = plan.chunk;
-      o.chunk_target_bytes = plan.chunk_target_bytes;
-      Tensor s_out;  // [r, c_s] on the group root
-      const auto t0 = std::chrono::steady_clock::now();
-      if (N > 1)
-        FC_RETURN_IF_ERROR(dap_forward(stack, dap, m, z, Tensor(), Tensor(), &s_out, o));
-      else
-        FC_RETURN_IF_ERROR(
-            stack.forward(m, z, msa_mask, pair_mask, &s_out, to_forward_options(plan)));
-      const double ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      if (it >= warmup) tot.push_back(ms), fwd.push_back(ms);
-    }
-    if (it >= warmup) cpu.push_back(cpu_now_ms() - c0);
-    out->peak_tracked_bytes = std::max(out->peak_tracked_bytes, scope.peak());
-  }
-  out->cpu_ms = median(cpu);
-  out->time_ms = median(tot);
-  out->forward_ms = median(fwd);
-  out->backward_ms = median(bwd);
-  return Status::OK();
-}
-
-// Runs `plan` in this process alone: the one-rank case of run_plan_dap (random weights and inputs,
-// all-ones masks; only the tensors the planner's base accounts for are live: weights, m, z, masks
-// and, for training, the output gradients; inputs are regenerated before every pass, untimed).
-Status run_plan(const Plan& plan, uint64_t seed, int warmup, int repeats, Measured* out) {
-  return run_plan_dap(plan, dist::Communicator(), seed, warmup, repeats, out);
-}
-
-// With more than one device and no link rate in the profile, the ranks are taken to share this
-// node's memory: link_gbps = mem_gbps / 2 (every byte is copied into and out of the shared
-// segment), 5 us per collective call (docs/planner.md). `devices` is at least `ranks`.
-void profile_for_ranks(int ranks, DeviceProfile* dev) {
-  dev->devices = std::max(dev->devices, ranks);
-  if (dev->devices > 1 && dev->link_gbps <= 0) {
-    dev->link_gbps = dev->mem_gbps / 2;
-    dev->link_latency_us = 5;
-  }
 }
 
 // The plan a `run --plan` job runs on `ranks` ranks (1: no MPI launcher), with its estimates on
@@ -218,22 +90,7 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     req.dtype = "fp32";
     // Every rank of the job takes part: inference runs DAP over all of them; training takes the
     // fastest split dap x dp = ranks (ties: more DAP, the smaller peak per rank).
-    Status last;
-    bool found = false;
-    for (int d = ranks; d >= 1; --d) {
-      if (ranks % d != 0 || (!training && d != ranks)) continue;
-      req.dap = d;
-      req.dp = ranks / d;
-      Plan p;
-      const Status st = make_plan(req, &p);
-      if (!st.ok()) {
-        if (!found && last.ok()) last = st;
-        continue;
-      }
-      if (!found || p.time_per_protein_ms < plan.time_per_protein_ms) plan = std::move(p);
-      found = true;
-    }
-    if (!found) return last;
+    FC_RETURN_IF_ERROR(make_plan_for_ranks(req, ranks, &plan));
   } else {
     std::string text;
     Status st = read_text(a.plan, &text);
@@ -265,8 +122,8 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
 
 // Prints (unless quiet) and writes the report of a planned run: the estimates beside the measured
 // figures (for MPI jobs the max over ranks, with every rank's in rank_*).
-Status report_planned(const RunArgs& a, const Plan& plan, const Measured& ms,
-                      const std::vector<Measured>& ranks) {
+Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement& ms,
+                      const std::vector<PlanMeasurement>& ranks) {
   const int64_t budget = plan.memory_limit_bytes;
   const bool within = budget <= 0 || ms.peak_tracked_bytes <= budget;
   if (!a.quiet) {
@@ -332,7 +189,7 @@ Status report_planned(const RunArgs& a, const Plan& plan, const Measured& ms,
     j["dap"] = plan.dap;
     j["dp"] = plan.dp;
     j["ranks"] = static_cast<int>(ranks.size());
-    for (const Measured& m : ranks) {
+    for (const PlanMeasurement& m : ranks) {
       j["rank_peak_tracked_bytes"].push_back(m.peak_tracked_bytes);
       j["rank_activation_bytes"].push_back(m.activation_bytes);
       j["rank_time_ms"].push_back(m.time_ms);
@@ -348,31 +205,6 @@ Status report_planned(const RunArgs& a, const Plan& plan, const Measured& ms,
   return Status::OK();
 }
 
-// Every rank's figures (all ranks call it) and their max.
-std::vector<Measured> gather_measured(const dist::Communicator& world, const Measured& mine,
-                                      Measured* max) {
-  auto us = [](double ms) { return static_cast<int64_t>(std::llround(ms * 1e3)); };
-  const std::vector<int64_t> t = world.all_gather_i64(us(mine.time_ms));
-  const std::vector<int64_t> f = world.all_gather_i64(us(mine.forward_ms));
-  const std::vector<int64_t> b = world.all_gather_i64(us(mine.backward_ms));
-  const std::vector<int64_t> c = world.all_gather_i64(us(mine.cpu_ms));
-  const std::vector<int64_t> p = world.all_gather_i64(mine.peak_tracked_bytes);
-  const std::vector<int64_t> act = world.all_gather_i64(mine.activation_bytes);
-  std::vector<Measured> all(world.size());
-  *max = Measured();
-  for (int k = 0; k < world.size(); ++k) {
-    Measured& m = all[k];
-    m.time_ms = t[k] / 1e3, m.forward_ms = f[k] / 1e3, m.backward_ms = b[k] / 1e3;
-    m.cpu_ms = c[k] / 1e3, m.peak_tracked_bytes = p[k], m.activation_bytes = act[k];
-    max->time_ms = std::max(max->time_ms, m.time_ms);
-    max->forward_ms = std::max(max->forward_ms, m.forward_ms);
-    max->backward_ms = std::max(max->backward_ms, m.backward_ms);
-    max->cpu_ms = std::max(max->cpu_ms, m.cpu_ms);
-    max->peak_tracked_bytes = std::max(max->peak_tracked_bytes, m.peak_tracked_bytes);
-    max->activation_bytes = std::max(max->activation_bytes, m.activation_bytes);
-  }
-  return all;
-}
 }  // namespace
 
 // `run --plan`: in one process, or under `mpirun -np dap*dp` for a plan with DAP/DP (rank 0
@@ -381,23 +213,24 @@ std::vector<Measured> gather_measured(const dist::Communicator& world, const Mea
 // once, and every rank exits 1; executor errors are the same on every rank.
 int run_planned(const RunArgs& a) {
   set_num_threads(a.threads);
-  const int launched = dist::launched_world_size();
-  if (launched == 1) {
+  PlanRunOptions ro;
+  ro.seed = a.seed;
+  ro.warmup = a.warmup;
+  ro.repeats = a.repeats;
+  if (mpi_launched_world_size() == 1) {
     Plan plan;
     Status st = prepare_plan(a, 1, &plan);
-    if (!st.ok()) return fail(st);
-    Measured ms;
-    st = run_plan(plan, a.seed, a.warmup, a.repeats, &ms);
+    PlanMeasurement ms;
+    if (st.ok()) st = run_plan_dap(plan, Comm(), ro, &ms);
     if (st.ok()) st = report_planned(a, plan, ms, {ms});
     return st.ok() ? 0 : fail(st);
   }
-  Status st = dist::init(nullptr, nullptr);
+  Status st = mpi_init();
   if (!st.ok()) return fail(st);
-  const dist::Communicator world = dist::Communicator::world();
-  const int me = world.rank();
+  const Comm world = Comm::world();
   auto end = [&](const Status& s) {  // every rank; rank 0 prints
-    if (me == 0 && !s.ok()) fail(s);
-    dist::finalize();
+    if (world.rank() == 0 && !s.ok()) fail(s);
+    mpi_finalize();
     return s.ok() ? 0 : 1;
   };
   if (!world.all_equal(run_args_hash(a)))
@@ -405,32 +238,26 @@ int run_planned(const RunArgs& a) {
         "the ranks were started with different command lines; every rank of a --plan job needs "
         "the same flags"));
   Plan plan;
-  std::string err, text;
-  if (me == 0) {
+  std::string text;
+  if (world.rank() == 0) {
     st = prepare_plan(a, world.size(), &plan);
-    if (st.ok())
-      text = plan.to_json();
-    else
-      err = st.message();
+    if (st.ok()) text = plan.to_json();
   }
-  world.broadcast_string(&err, 0);
-  if (!err.empty()) return end(Status::InvalidArgument(err));
+  st = world.agree(st);
+  if (!st.ok()) return end(Status::InvalidArgument(st.message()));
   world.broadcast_string(&text, 0);
-  if (me != 0) {
+  if (world.rank() != 0) {
     st = Plan::from_json(text, &plan);
     FC_CHECK_MSG(st.ok(), "rank 0's plan does not parse");
   }
-  Measured mine;
-  st = run_plan_dap(plan, world, a.seed, a.warmup, a.repeats, &mine);
-  if (!world.all_equal(st.ok()))
-    return end(Status::Internal("the ranks disagree on the executor's status: " + st.message()));
+  std::vector<PlanMeasurement> all;
+  PlanMeasurement max;
+  st = run_plan_dap(plan, world, ro, nullptr, &all, &max);
   if (!st.ok()) return end(st);
-  Measured max;
-  const std::vector<Measured> all = gather_measured(world, mine, &max);
   const bool within =
       plan.memory_limit_bytes <= 0 || max.peak_tracked_bytes <= plan.memory_limit_bytes;
-  if (me == 0) st = report_planned(a, plan, max, all);
-  return end(me == 0 ? st : (within ? Status::OK() : Status::Internal("over budget")));
+  if (world.rank() == 0) st = report_planned(a, plan, max, all);
+  return end(world.rank() == 0 ? st : (within ? Status::OK() : Status::Internal("over budget")));
 }
 
 int plan_command(const PlanArgs& a) {
@@ -590,7 +417,7 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
     if (!st.ok()) return fail(st);
   }
   // DAP rows run under mpirun (the same --threads per rank); without MPI their estimates only.
-  const bool mpi = dist::have_mpi() && std::system("command -v mpirun > /dev/null 2>&1") == 0;
+  const bool mpi = mpi_available() && std::system("command -v mpirun > /dev/null 2>&1") == 0;
   std::printf(
       "foldcube bench --plan: training step, AF2 model_1 dims, %lld block(s), %d thread(s)%s, "
       "fp32, profile %s; peaks per device (DAP: the largest rank's)%s\n\n",
