@@ -260,83 +260,80 @@ int run_planned(const RunArgs& a) {
   return end(world.rank() == 0 ? st : (within ? Status::OK() : Status::Internal("over budget")));
 }
 
+namespace {
+// The planner request of `foldcube plan`'s flags.
+Status plan_request(const PlanArgs& a, PlanRequest* req) {
+  if (!a.config.empty()) FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &req->cfg));
+  req->cfg.no_blocks = a.blocks;
+  req->s = a.s;
+  req->r = a.r;
+  req->training = a.train;
+  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.profile, a.calibrate, &req->profile));
+  req->devices = a.devices;
+  // This machine's calibrated profile has no link rate: ranks on this node (profile_for_ranks).
+  if (req->profile.calibrated && a.devices > 1) profile_for_ranks(a.devices, &req->profile);
+  if (!a.memory.empty()) FC_RETURN_IF_ERROR(parse_bytes(a.memory, &req->memory_bytes));
+  req->dtype = a.dtype;
+  if (!a.policy.empty()) {
+    FC_RETURN_IF_ERROR(parse_recompute(a.policy, &req->policy));
+    req->fixed_policy = true;
+  }
+  req->chunk = a.chunk;
+  if (!a.chunk_target.empty()) {
+    FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &req->chunk_target));
+    if (a.chunk > 0) return Status::InvalidArgument("give --chunk or --chunk-target, not both");
+  }
+  req->dap = a.dap;
+  req->dp = a.dp;
+  req->bucket = a.bucket || !a.buckets.empty();
+  if (!a.buckets.empty()) FC_RETURN_IF_ERROR(parse_buckets(a.buckets, &req->buckets));
+  return Status::OK();
+}
+
+void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
+  std::printf(
+      "foldcube plan: %s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
+      plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
+      static_cast<long long>(plan.r),
+      plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
+      static_cast<long long>(plan.cfg.no_blocks), plan.dtype.c_str(),
+      req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
+  std::printf(
+      "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
+      "%.1f, recompute %.1f, comm %.1f)\n",
+      plan.time_ms, plan.time_per_protein_ms, plan.forward_ms, plan.backward_ms,
+      plan.recompute_ms, plan.comm_ms);
+  std::printf("  peak        %10.1f MiB per device (limit %.1f MiB)%s\n", mib(plan.peak_bytes),
+              mib(plan.memory_limit_bytes), plan.fits ? "" : "  DOES NOT FIT");
+  if (plan.training) {
+    std::printf("  activations %10.1f MiB\n", mib(plan.activation_bytes));
+    int counts[3] = {0, 0, 0};
+    for (Recompute p : plan.policy) ++counts[static_cast<int>(p)];
+    std::printf("  recompute   none x%d, module x%d, block x%d:", counts[0], counts[1],
+                counts[2]);
+    for (Recompute p : plan.policy) std::printf(" %c", recompute_name(p)[0]);
+    std::printf("\n");
+  }
+  std::printf("  dap %d, dp %d, chunk %lld, chunk target %.2f MiB\n", plan.dap, plan.dp,
+              static_cast<long long>(plan.chunk), mib(plan.chunk_target_bytes));
+  std::printf("  chunks     ");
+  for (const auto& [name, n] : plan.module_chunks)
+    std::printf(" %s=%lld", name.c_str(), static_cast<long long>(n));
+  std::printf("\n  search      %10.2f ms%s\n", plan.search_ms, hit ? " (from cache)" : "");
+}
+}  // namespace
+
 int plan_command(const PlanArgs& a) {
   PlanRequest req;
-  Status st;
-  if (!a.config.empty()) {
-    st = EvoformerConfig::from_json_file(a.config, &req.cfg);
-    if (!st.ok()) return fail(st);
-  }
-  req.cfg.no_blocks = a.blocks;
-  req.s = a.s;
-  req.r = a.r;
-  req.training = a.train;
-  st = load_or_calibrate_profile(a.profile, a.calibrate, &req.profile);
-  if (!st.ok()) return fail(st);
-  req.devices = a.devices;
-  // This machine's calibrated profile has no link rate: ranks on this node (profile_for_ranks).
-  if (req.profile.calibrated && a.devices > 1) profile_for_ranks(a.devices, &req.profile);
-  if (!a.memory.empty()) {
-    st = parse_bytes(a.memory, &req.memory_bytes);
-    if (!st.ok()) return fail(st);
-  }
-  req.dtype = a.dtype;
-  if (!a.policy.empty()) {
-    st = parse_recompute(a.policy, &req.policy);
-    if (!st.ok()) return fail(st);
-    req.fixed_policy = true;
-  }
-  req.chunk = a.chunk;
-  if (!a.chunk_target.empty()) {
-    st = parse_bytes(a.chunk_target, &req.chunk_target);
-    if (!st.ok()) return fail(st);
-    if (a.chunk > 0)
-      return fail(Status::InvalidArgument("give --chunk or --chunk-target, not both"));
-  }
-  req.dap = a.dap;
-  req.dp = a.dp;
-  req.bucket = a.bucket || !a.buckets.empty();
-  if (!a.buckets.empty()) {
-    st = parse_buckets(a.buckets, &req.buckets);
-    if (!st.ok()) return fail(st);
-  }
+  Status st = plan_request(a, &req);
   Plan plan;
   bool hit = false;
-  st = a.cache.empty() ? make_plan(req, &plan) : cached_plan(req, a.cache, &plan, &hit);
+  if (st.ok()) st = a.cache.empty() ? make_plan(req, &plan) : cached_plan(req, a.cache, &plan, &hit);
   if (!st.ok()) return fail(st);
-  if (a.json) {
+  if (a.json)
     std::printf("%s\n", plan.to_json().c_str());
-  } else {
-    std::printf(
-        "foldcube plan: %s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
-        plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
-        static_cast<long long>(plan.r),
-        plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
-        static_cast<long long>(plan.cfg.no_blocks), plan.dtype.c_str(),
-        req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
-    std::printf(
-        "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
-        "%.1f, recompute %.1f, comm %.1f)\n",
-        plan.time_ms, plan.time_per_protein_ms, plan.forward_ms, plan.backward_ms,
-        plan.recompute_ms, plan.comm_ms);
-    std::printf("  peak        %10.1f MiB per device (limit %.1f MiB)%s\n", mib(plan.peak_bytes),
-                mib(plan.memory_limit_bytes), plan.fits ? "" : "  DOES NOT FIT");
-    if (plan.training) {
-      std::printf("  activations %10.1f MiB\n", mib(plan.activation_bytes));
-      int counts[3] = {0, 0, 0};
-      for (Recompute p : plan.policy) ++counts[static_cast<int>(p)];
-      std::printf("  recompute   none x%d, module x%d, block x%d:", counts[0], counts[1],
-                  counts[2]);
-      for (Recompute p : plan.policy) std::printf(" %c", recompute_name(p)[0]);
-      std::printf("\n");
-    }
-    std::printf("  dap %d, dp %d, chunk %lld, chunk target %.2f MiB\n", plan.dap, plan.dp,
-                static_cast<long long>(plan.chunk), mib(plan.chunk_target_bytes));
-    std::printf("  chunks     ");
-    for (const auto& [name, n] : plan.module_chunks)
-      std::printf(" %s=%lld", name.c_str(), static_cast<long long>(n));
-    std::printf("\n  search      %10.2f ms%s\n", plan.search_ms, hit ? " (from cache)" : "");
-  }
+  else
+    print_plan(req, plan, hit);
   if (!a.out.empty()) {
     std::ofstream f(a.out);
     f << plan.to_json() << "\n";
@@ -396,6 +393,135 @@ Status measure_row(const std::string& exe, const std::string& profile, BenchRow*
 }
 }  // namespace
 
+namespace {
+// A plan of fixed choices for a bench row (training, one policy for every block).
+Plan fixed_plan(const PlanRequest& req, Recompute rc, int64_t target, int dap, int64_t budget) {
+  Plan p;
+  p.cfg = req.cfg;
+  p.s = req.s;
+  p.r = p.r_real = req.r;
+  p.training = true;
+  p.policy.assign(req.cfg.no_blocks, rc);
+  p.chunk_target_bytes = target;
+  p.dap = dap;
+  p.threads = num_threads();
+  p.memory_limit_bytes = budget;
+  return p;
+}
+
+// A budget that forces choices: a quarter of the way from the smallest feasible peak (the finest
+// chunk target) to the unconstrained plan's peak.
+Status forcing_budget(PlanRequest req, const DeviceProfile& dev, int64_t finest, int64_t* out) {
+  Plan roomy;
+  req.memory_bytes = int64_t{1} << 50;
+  FC_RETURN_IF_ERROR(make_plan(req, &roomy));
+  int64_t lo = roomy.peak_bytes;
+  for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
+    Plan p = roomy;
+    p.policy.assign(req.cfg.no_blocks, rc);
+    p.chunk = 0;
+    p.chunk_target_bytes = finest;
+    if (evaluate_plan(dev, &p).ok()) lo = std::min(lo, p.peak_bytes);
+  }
+  *out = lo + (roomy.peak_bytes - lo) / 4;
+  return Status::OK();
+}
+
+// The rows of one shape: the planner's plan, every fixed policy at the whole / automatic /
+// finest chunk target, and (issue 6's "DAP" and "DAP + chunk") the planner given 2 devices and
+// four DAP N=2 plans, per-rank memory under the same budget.
+Status bench_rows(const PlanRequest& req, const DeviceProfile& dev, const std::string& shape,
+                  std::vector<BenchRow>* rows) {
+  const std::vector<int64_t> targets = training_chunk_targets(req.cfg, req.s, req.r);
+  const int64_t budget = req.memory_bytes;
+  const int64_t auto_target = default_train_chunk_target_bytes(req.cfg, req.s, req.r);
+  BenchRow planner{"planner", {}};
+  Status st = make_plan(req, &planner.plan);
+  if (st.ok())
+    rows->push_back(planner);
+  else
+    std::fprintf(stderr, "foldcube: planner at %s: %s\n", shape.c_str(), st.message().c_str());
+  for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock})
+    for (const auto& [tag, tgt] : {std::pair<const char*, int64_t>{"whole", targets.back()},
+                                   {"auto", auto_target},
+                                   {"finest", targets.front()}}) {
+      BenchRow row{std::string(recompute_name(rc)) + ", " + tag, fixed_plan(req, rc, tgt, 1, budget)};
+      FC_RETURN_IF_ERROR(evaluate_plan(dev, &row.plan));
+      rows->push_back(row);
+    }
+  PlanRequest r2 = req;
+  r2.devices = 2;
+  profile_for_ranks(2, &r2.profile);
+  BenchRow two{"planner, 2 devices", {}};
+  st = make_plan(r2, &two.plan);
+  if (st.ok())
+    rows->push_back(two);
+  else
+    std::fprintf(stderr, "foldcube: planner (2 devices) at %s: %s\n", shape.c_str(),
+                 st.message().c_str());
+  struct DapRow {
+    const char* tag;
+    Recompute rc;
+    int64_t target;
+  };
+  for (const DapRow& dr : {DapRow{"DAP N=2, none, whole", Recompute::kNone, targets.back()},
+                           DapRow{"DAP N=2 + chunk, none, finest", Recompute::kNone, targets.front()},
+                           DapRow{"DAP N=2, module, whole", Recompute::kModule, targets.back()},
+                           DapRow{"DAP N=2 + chunk, module, auto", Recompute::kModule, auto_target}}) {
+    BenchRow d{dr.tag, fixed_plan(req, dr.rc, dr.target, 2, budget)};
+    FC_RETURN_IF_ERROR(evaluate_plan(r2.profile, &d.plan));
+    rows->push_back(d);
+  }
+  return Status::OK();
+}
+
+// Prints one table row and returns its JSON.
+nlohmann::json print_bench_row(const BenchRow& row, int64_t budget) {
+  int counts[3] = {0, 0, 0};
+  for (Recompute p : row.plan.policy) ++counts[static_cast<int>(p)];
+  const Plan& p = row.plan;
+  if (row.measured)
+    std::printf(
+        "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | %.0f | %.2f | %.0f | %.1f | %.1f "
+        "| yes |\n",
+        static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
+        counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms, row.time_ms,
+        p.time_ms / row.time_ms, row.cpu_ms, mib(p.peak_bytes), mib(row.peak_bytes));
+  else
+    std::printf("| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | %s |\n",
+                static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget),
+                row.name.c_str(), counts[0], counts[1], counts[2], mib(p.chunk_target_bytes),
+                p.time_ms, mib(p.peak_bytes), p.fits ? ("yes (" + row.note + ")").c_str() : "no");
+  std::fflush(stdout);
+  return {{"s", p.s},
+          {"r", p.r},
+          {"blocks", p.cfg.no_blocks},
+          {"budget_bytes", budget},
+          {"plan", row.name},
+          {"time_ms_estimate", p.time_ms},
+          {"time_ms", row.measured ? nlohmann::json(row.time_ms) : nlohmann::json()},
+          {"cpu_ms", row.measured ? nlohmann::json(row.cpu_ms) : nlohmann::json()},
+          {"peak_bytes_estimate", p.peak_bytes},
+          {"peak_tracked_bytes", row.measured ? nlohmann::json(row.peak_bytes) : nlohmann::json()},
+          {"fits", p.fits},
+          {"dap", p.dap},
+          {"dp", p.dp},
+          {"rank_peak_tracked_bytes", row.rank_peaks},
+          {"plan_json", nlohmann::json::parse(p.to_json())}};
+}
+
+// --blocks for `bench --plan`: one count (default 2).
+Status bench_plan_blocks(const BenchArgs& a, int64_t* blocks) {
+  *blocks = 2;
+  if (a.blocks.empty()) return Status::OK();
+  const auto b = split(a.blocks, ',');
+  if (b.size() != 1 || std::atoll(b[0].c_str()) < 1)
+    return Status::InvalidArgument("--blocks: one block count >= 1 with --plan");
+  *blocks = std::atoll(b[0].c_str());
+  return Status::OK();
+}
+}  // namespace
+
 int bench_plan(const BenchArgs& a, const std::string& exe) {
   set_num_threads(a.threads);
   const std::string profile_path = a.profile.empty() ? default_profile_path() : a.profile;
@@ -404,18 +530,10 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
   if (!st.ok()) return fail(st);
   dev.threads = num_threads();
   dev.devices = 1;
-  int64_t blocks = 2;
-  if (!a.blocks.empty()) {
-    const auto b = split(a.blocks, ',');
-    if (b.size() != 1 || std::atoll(b[0].c_str()) < 1)
-      return fail(Status::InvalidArgument("--blocks: one block count >= 1 with --plan"));
-    blocks = std::atoll(b[0].c_str());
-  }
-  int64_t forced_budget = 0;
-  if (!a.memory.empty()) {
-    st = parse_bytes(a.memory, &forced_budget);
-    if (!st.ok()) return fail(st);
-  }
+  int64_t blocks = 2, forced_budget = 0;
+  st = bench_plan_blocks(a, &blocks);
+  if (st.ok() && !a.memory.empty()) st = parse_bytes(a.memory, &forced_budget);
+  if (!st.ok()) return fail(st);
   // DAP rows run under mpirun (the same --threads per rank); without MPI their estimates only.
   const bool mpi = mpi_available() && std::system("command -v mpirun > /dev/null 2>&1") == 0;
   std::printf(
@@ -441,94 +559,13 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
     req.profile = dev;
     req.devices = 1;
     req.dtype = "fp32";
-    // A budget that forces choices: a quarter of the way from the smallest feasible peak (the
-    // finest chunk target) to the unconstrained plan's peak, unless --memory gives one.
-    const std::vector<int64_t> targets = training_chunk_targets(req.cfg, req.s, req.r);
-    int64_t budget = forced_budget;
-    if (budget <= 0) {
-      Plan roomy;
-      req.memory_bytes = int64_t{1} << 50;
-      st = make_plan(req, &roomy);
-      if (!st.ok()) return fail(st);
-      int64_t lo = roomy.peak_bytes;
-      for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
-        Plan p = roomy;
-        p.policy.assign(blocks, rc);
-        p.chunk = 0;
-        p.chunk_target_bytes = targets.front();
-        if (evaluate_plan(dev, &p).ok()) lo = std::min(lo, p.peak_bytes);
-      }
-      budget = lo + (roomy.peak_bytes - lo) / 4;
-    }
-    req.memory_bytes = budget;
+    req.memory_bytes = forced_budget;
+    if (req.memory_bytes <= 0)
+      st = forcing_budget(req, dev, training_chunk_targets(req.cfg, req.s, req.r).front(),
+                          &req.memory_bytes);
     std::vector<BenchRow> rows;
-    {
-      BenchRow row{"planner", {}};
-      st = make_plan(req, &row.plan);
-      if (st.ok())
-        rows.push_back(row);
-      else
-        std::fprintf(stderr, "foldcube: planner at %s: %s\n", shape.c_str(), st.message().c_str());
-    }
-    for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock})
-      for (const auto& [tag, tgt] :
-           {std::pair<const char*, int64_t>{"whole", targets.back()},
-            {"auto", default_train_chunk_target_bytes(req.cfg, req.s, req.r)},
-            {"finest", targets.front()}}) {
-        BenchRow row{std::string(recompute_name(rc)) + ", " + tag, {}};
-        Plan& p = row.plan;
-        p.cfg = req.cfg;
-        p.s = req.s;
-        p.r = p.r_real = req.r;
-        p.training = true;
-        p.policy.assign(blocks, rc);
-        p.chunk_target_bytes = tgt;
-        p.threads = num_threads();
-        p.memory_limit_bytes = budget;
-        st = evaluate_plan(dev, &p);
-        if (!st.ok()) return fail(st);
-        rows.push_back(row);
-      }
-    // DAP over 2 ranks (issue 6's "DAP" and "DAP + chunk"): policy none, whole and finest chunk
-    // targets, per-rank memory under the same budget; and the planner given 2 devices.
-    {
-      PlanRequest r2 = req;
-      r2.devices = 2;
-      profile_for_ranks(2, &r2.profile);
-      BenchRow row{"planner, 2 devices", {}};
-      st = make_plan(r2, &row.plan);
-      if (st.ok())
-        rows.push_back(row);
-      else
-        std::fprintf(stderr, "foldcube: planner (2 devices) at %s: %s\n", shape.c_str(),
-                     st.message().c_str());
-      struct DapRow {
-        const char* tag;
-        Recompute rc;
-        int64_t target;
-      };
-      for (const DapRow& dr :
-           {DapRow{"DAP N=2, none, whole", Recompute::kNone, targets.back()},
-            DapRow{"DAP N=2 + chunk, none, finest", Recompute::kNone, targets.front()},
-            DapRow{"DAP N=2, module, whole", Recompute::kModule, targets.back()},
-            DapRow{"DAP N=2 + chunk, module, auto", Recompute::kModule,
-                   default_train_chunk_target_bytes(req.cfg, req.s, req.r)}}) {
-        BenchRow d{dr.tag, {}};
-        Plan& p = d.plan;
-        p.cfg = req.cfg;
-        p.s = req.s;
-        p.r = p.r_real = req.r;
-        p.training = true;
-        p.policy.assign(blocks, dr.rc);
-        p.chunk_target_bytes = dr.target;
-        p.dap = 2;
-        p.threads = num_threads();
-        p.memory_limit_bytes = budget;
-        st = evaluate_plan(r2.profile, &p);
-        if (!st.ok()) return fail(st);
-        rows.push_back(d);
-      }
-    }
+    if (st.ok()) st = bench_rows(req, dev, shape, &rows);
+    if (!st.ok()) return fail(st);
     for (BenchRow& row : rows) {
       if (row.plan.fits && row.plan.dap * row.plan.dp > 1 && !mpi) {
         row.note = "estimate only: no MPI";
@@ -536,39 +573,7 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
         st = measure_row(exe, profile_path, &row);
         if (!st.ok()) return fail(st);
       }
-      int counts[3] = {0, 0, 0};
-      for (Recompute p : row.plan.policy) ++counts[static_cast<int>(p)];
-      const Plan& p = row.plan;
-      if (row.measured)
-        std::printf(
-            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | %.0f | %.2f | %.0f | %.1f | %.1f "
-            "| yes |\n",
-            static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
-            counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms, row.time_ms,
-            p.time_ms / row.time_ms, row.cpu_ms, mib(p.peak_bytes), mib(row.peak_bytes));
-      else
-        std::printf(
-            "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | %s |\n",
-            static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
-            counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms,
-            mib(p.peak_bytes), p.fits ? ("yes (" + row.note + ")").c_str() : "no");
-      std::fflush(stdout);
-      all.push_back(
-          {{"s", p.s},
-           {"r", p.r},
-           {"blocks", blocks},
-           {"budget_bytes", budget},
-           {"plan", row.name},
-           {"time_ms_estimate", p.time_ms},
-           {"time_ms", row.measured ? nlohmann::json(row.time_ms) : nlohmann::json()},
-           {"cpu_ms", row.measured ? nlohmann::json(row.cpu_ms) : nlohmann::json()},
-           {"peak_bytes_estimate", p.peak_bytes},
-           {"peak_tracked_bytes", row.measured ? nlohmann::json(row.peak_bytes) : nlohmann::json()},
-           {"fits", p.fits},
-           {"dap", p.dap},
-           {"dp", p.dp},
-           {"rank_peak_tracked_bytes", row.rank_peaks},
-           {"plan_json", nlohmann::json::parse(p.to_json())}});
+      all.push_back(print_bench_row(row, req.memory_bytes));
     }
   }
   if (!a.out_json.empty()) {
