@@ -1,0 +1,78 @@
+// The whole AlphaFold2 monomer model (inference): input and recycling embedders, templates,
+// extra-MSA embedder and stack, Evoformer, structure module and heads, over the recycling passes.
+// Parameters under OpenFold `AlphaFold` state_dict names; features and outputs under the names of
+// OpenFold's batch and output dicts (golden README, "Full AlphaFold2 model cases").
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "foldcube/config.h"
+#include "foldcube/io.h"
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+
+namespace fc {
+
+struct AlphaFoldConfig {
+  EvoformerConfig evoformer;      // c_m, c_z, c_s and the Evoformer blocks
+  EvoformerConfig extra_msa;      // c_m holds c_e
+  EvoformerConfig template_pair;  // c_z holds c_t; pair modules only
+  bool templates = true;
+  int64_t template_att_heads = 4, template_att_hidden = 16;
+  float template_att_inf = 1e5f;
+  int64_t structure_layers = 8;
+  int64_t relpos_k = 32;  // relative positions clipped to [-k, k]
+  bool ptm = true;        // the TM-score head (pTM, PAE)
+};
+
+// Config from the parameter shapes of an OpenFold AlphaFold state dict; the counts the shapes do
+// not hold (template pointwise-attention heads, structure-module layers) come from the file's
+// metadata `config` (OpenFold model config JSON) when present, else the AF2 defaults.
+Status alphafold_config_from_weights(const TensorFile& weights, AlphaFoldConfig* out);
+
+// Features: OpenFold batch names without prefix (aatype, target_feat, residue_index, msa_feat,
+// seq_mask, msa_mask, extra_msa, extra_has_deletion, extra_deletion_value, extra_msa_mask,
+// template_* ...), each with the trailing recycling axis of R passes.
+using FeatureDict = std::map<std::string, Tensor>;
+
+struct AlphaFoldOptions {
+  int64_t chunk = 0;               // items per chunk in the stacks' modules; 0 = automatic
+  int64_t chunk_target_bytes = 0;  // automatic chunking target; 0 = default
+  int passes = 0;                  // recycling passes to run; 0 = all R of the features
+  // Called with intermediate values: pass, golden stage name (e.g. "input_embedder.m",
+  // "template.pair_stack"), index (the template for per-template stages, the layer for sm.*
+  // stages, else -1) and the value.
+  std::function<void(int pass, const std::string& stage, int index, const Tensor& value)> trace;
+};
+
+class AlphaFold {
+ public:
+  AlphaFold();
+  ~AlphaFold();
+  AlphaFold(AlphaFold&&) noexcept;
+  AlphaFold& operator=(AlphaFold&&) noexcept;
+
+  // Every parameter the config implies must be present, F32, finite and of its shape.
+  static Status load(const AlphaFoldConfig& cfg, const TensorFile& weights, AlphaFold* out);
+
+  // Outputs of the last pass under OpenFold output names: final_atom_positions [r, 37, 3],
+  // final_atom_mask, final_affine_tensor, plddt, lddt_logits, distogram_logits,
+  // masked_msa_logits, experimentally_resolved_logits, tm_logits, predicted_aligned_error,
+  // aligned_confidence_probs, max_predicted_aligned_error, ptm_score, single, msa, pair and the
+  // structure module's sm.* (frames, sidechain_frames, unnormalized_angles, angles, positions,
+  // states, single).
+  Status forward(const FeatureDict& features, std::map<std::string, Tensor>* out,
+                 const AlphaFoldOptions& opts = {}) const;
+
+  const AlphaFoldConfig& config() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fc
