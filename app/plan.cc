@@ -301,16 +301,15 @@ void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
   std::printf(
       "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
       "%.1f, recompute %.1f, comm %.1f)\n",
-      plan.time_ms, plan.time_per_protein_ms, plan.forward_ms, plan.backward_ms,
-      plan.recompute_ms, plan.comm_ms);
+      plan.time_ms, plan.time_per_protein_ms, plan.forward_ms, plan.backward_ms, plan.recompute_ms,
+      plan.comm_ms);
   std::printf("  peak        %10.1f MiB per device (limit %.1f MiB)%s\n", mib(plan.peak_bytes),
               mib(plan.memory_limit_bytes), plan.fits ? "" : "  DOES NOT FIT");
   if (plan.training) {
     std::printf("  activations %10.1f MiB\n", mib(plan.activation_bytes));
     int counts[3] = {0, 0, 0};
     for (Recompute p : plan.policy) ++counts[static_cast<int>(p)];
-    std::printf("  recompute   none x%d, module x%d, block x%d:", counts[0], counts[1],
-                counts[2]);
+    std::printf("  recompute   none x%d, module x%d, block x%d:", counts[0], counts[1], counts[2]);
     for (Recompute p : plan.policy) std::printf(" %c", recompute_name(p)[0]);
     std::printf("\n");
   }
@@ -328,7 +327,8 @@ int plan_command(const PlanArgs& a) {
   Status st = plan_request(a, &req);
   Plan plan;
   bool hit = false;
-  if (st.ok()) st = a.cache.empty() ? make_plan(req, &plan) : cached_plan(req, a.cache, &plan, &hit);
+  if (st.ok())
+    st = a.cache.empty() ? make_plan(req, &plan) : cached_plan(req, a.cache, &plan, &hit);
   if (!st.ok()) return fail(st);
   if (a.json)
     std::printf("%s\n", plan.to_json().c_str());
@@ -445,7 +445,8 @@ Status bench_rows(const PlanRequest& req, const DeviceProfile& dev, const std::s
     for (const auto& [tag, tgt] : {std::pair<const char*, int64_t>{"whole", targets.back()},
                                    {"auto", auto_target},
                                    {"finest", targets.front()}}) {
-      BenchRow row{std::string(recompute_name(rc)) + ", " + tag, fixed_plan(req, rc, tgt, 1, budget)};
+      BenchRow row{std::string(recompute_name(rc)) + ", " + tag,
+                   fixed_plan(req, rc, tgt, 1, budget)};
       FC_RETURN_IF_ERROR(evaluate_plan(dev, &row.plan));
       rows->push_back(row);
     }
@@ -464,10 +465,11 @@ Status bench_rows(const PlanRequest& req, const DeviceProfile& dev, const std::s
     Recompute rc;
     int64_t target;
   };
-  for (const DapRow& dr : {DapRow{"DAP N=2, none, whole", Recompute::kNone, targets.back()},
-                           DapRow{"DAP N=2 + chunk, none, finest", Recompute::kNone, targets.front()},
-                           DapRow{"DAP N=2, module, whole", Recompute::kModule, targets.back()},
-                           DapRow{"DAP N=2 + chunk, module, auto", Recompute::kModule, auto_target}}) {
+  for (const DapRow& dr :
+       {DapRow{"DAP N=2, none, whole", Recompute::kNone, targets.back()},
+        DapRow{"DAP N=2 + chunk, none, finest", Recompute::kNone, targets.front()},
+        DapRow{"DAP N=2, module, whole", Recompute::kModule, targets.back()},
+        DapRow{"DAP N=2 + chunk, module, auto", Recompute::kModule, auto_target}}) {
     BenchRow d{dr.tag, fixed_plan(req, dr.rc, dr.target, 2, budget)};
     FC_RETURN_IF_ERROR(evaluate_plan(r2.profile, &d.plan));
     rows->push_back(d);
@@ -488,10 +490,11 @@ nlohmann::json print_bench_row(const BenchRow& row, int64_t budget) {
         counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms, row.time_ms,
         p.time_ms / row.time_ms, row.cpu_ms, mib(p.peak_bytes), mib(row.peak_bytes));
   else
-    std::printf("| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | %s |\n",
-                static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget),
-                row.name.c_str(), counts[0], counts[1], counts[2], mib(p.chunk_target_bytes),
-                p.time_ms, mib(p.peak_bytes), p.fits ? ("yes (" + row.note + ")").c_str() : "no");
+    std::printf(
+        "| %lld | %lld | %.0f | %s | %d/%d/%d | %.2f | %.0f | — | — | — | %.1f | — | %s |\n",
+        static_cast<long long>(p.s), static_cast<long long>(p.r), mib(budget), row.name.c_str(),
+        counts[0], counts[1], counts[2], mib(p.chunk_target_bytes), p.time_ms, mib(p.peak_bytes),
+        p.fits ? ("yes (" + row.note + ")").c_str() : "no");
   std::fflush(stdout);
   return {{"s", p.s},
           {"r", p.r},

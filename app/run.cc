@@ -92,7 +92,10 @@ void print_forward(const RunArgs& a, const RunOptions& o, const Job& job, const 
     std::string chunks;  // "items/length" per chunk loop of the module
     for (const ModuleChunk& c : f.chunking)
       if (c.module == module)
-        chunks += " " + std::to_string(c.items) + "/" + std::to_string(c.length);
+        chunks.append(" ")
+            .append(std::to_string(c.items))
+            .append("/")
+            .append(std::to_string(c.length));
     std::printf("    %-20s %9.1f ms   chunks%s\n", module.c_str(), ms, chunks.c_str());
   }
   if (o.memory_budget > 0)
@@ -173,8 +176,8 @@ void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const
     std::printf("    %-20s %12s %12s %12s\n", "module", "forward ms", "backward ms",
                 "recompute ms");
     for (const ModuleTime& m : t.module_ms)
-      std::printf("    %-20s %12.1f %12.1f %12.1f\n", m.module.c_str(), m.forward_ms,
-                  m.backward_ms, m.recompute_ms);
+      std::printf("    %-20s %12.1f %12.1f %12.1f\n", m.module.c_str(), m.forward_ms, m.backward_ms,
+                  m.recompute_ms);
   }
   if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
 }
@@ -228,9 +231,9 @@ void print_dap_forward(const RunArgs& a, const DapForwardReport& d) {
       "foldcube run: Evoformer %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, DAP over %d "
       "ranks (padded s=%lld r=%lld), %d thread(s) per rank%s\n",
       static_cast<long long>(cfg.no_blocks), static_cast<long long>(d.s),
-      static_cast<long long>(d.r), static_cast<long long>(cfg.c_m),
-      static_cast<long long>(cfg.c_z), a.dap, static_cast<long long>(d.s_pad),
-      static_cast<long long>(d.r_pad), num_threads(), a.weights.empty() ? ", random weights" : "");
+      static_cast<long long>(d.r), static_cast<long long>(cfg.c_m), static_cast<long long>(cfg.c_z),
+      a.dap, static_cast<long long>(d.s_pad), static_cast<long long>(d.r_pad), num_threads(),
+      a.weights.empty() ? ", random weights" : "");
   std::printf("  time        %10.1f ms  (median of %d)\n", d.time_ms, a.repeats);
   for (int k = 0; k < a.dap; ++k)
     std::printf(
@@ -293,8 +296,7 @@ Status dap_forward_command(const RunArgs& a, const RunOptions& o, const Comm& wo
   return world.agree(st, true);
 }
 
-void print_dap_training(const RunArgs& a, const RunOptions& o, const DapTrainReport& t,
-                        int ranks) {
+void print_dap_training(const RunArgs& a, const RunOptions& o, const DapTrainReport& t, int ranks) {
   const int D = a.dp;
   std::printf(
       "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, policy %s, "
@@ -363,7 +365,8 @@ Status dap_training_command(const RunArgs& a, const RunOptions& o, const Comm& w
   if (world.rank() == 0) {
     if (!a.out.empty()) st = write_outputs(a.out, t.cfg, t.m, t.z, Tensor(), &t.result);
     if (st.ok() && !a.quiet) print_dap_training(a, o, t, world.size());
-    if (st.ok() && !a.report.empty()) st = write_report(a.report, dap_training_report_json(a, o, t));
+    if (st.ok() && !a.report.empty())
+      st = write_report(a.report, dap_training_report_json(a, o, t));
   }
   return world.agree(st, true);
 }

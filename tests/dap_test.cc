@@ -345,7 +345,7 @@ TEST(DapTrain, BiasedAttentionModulesMatchSingleProcess) {
   const uint64_t key = 1234;
   Case c = random_case(cfg, s, r, true, 77);
   const Tensor gm = random_tensor({s, r, cfg.c_m}, 91), gz = random_tensor({r, r, cfg.c_z}, 92);
-  const BlockWeights& w = c.stack.block(0);
+  const BlockWeights& w = StackAccess::block(c.stack, 0);
   // One process: the shards of a one-rank layout are the whole (unpadded) streams.
   DapShards one = make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, 0, 0, 1);
   set_dap_dropout(&one, true, key);
@@ -439,7 +439,7 @@ TEST(DapTrain, OuterProductMeanMatchesSingleProcess) {
   const int64_t s = 5, r = 7;
   Case c = random_case(cfg, s, r, true, 78);
   const Tensor gm = random_tensor({s, r, cfg.c_m}, 93), gz = random_tensor({r, r, cfg.c_z}, 94);
-  const OuterProductMeanW& w = c.stack.block(0).outer_product_mean;
+  const OuterProductMeanW& w = StackAccess::block(c.stack, 0).outer_product_mean;
   DapShards one = make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, 0, 0, 1);
   const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
   const Tensor msa_p = pad_copy(c.msa_mask.reshape({s, r, 1}), l.s_pad, l.r_pad, false);
@@ -483,7 +483,7 @@ TEST(DapTrain, TriangleMultiplicationMatchesSingleProcess) {
   const int64_t s = 4, r = 7;
   Case c = random_case(cfg, s, r, true, 79);
   const Tensor gz = random_tensor({r, r, cfg.c_z}, 95);
-  const BlockWeights& w = c.stack.block(0);
+  const BlockWeights& w = StackAccess::block(c.stack, 0);
   for (int64_t chunk : {0, 3}) {
     DapShards one =
         make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, chunk, 0, 1);
@@ -691,8 +691,8 @@ TEST(DapDriver, AgreementGivesEveryRankTheSameStatus) {
   const Comm w = Comm::world();
   EXPECT_TRUE(w.agree(Status::OK()).ok());
   const int bad = w.size() - 1;
-  const Status mine = w.rank() == bad ? Status::NotFound("missing p" + std::to_string(w.rank()))
-                                      : Status::OK();
+  const Status mine =
+      w.rank() == bad ? Status::NotFound("missing p" + std::to_string(w.rank())) : Status::OK();
   const Status st = w.agree(mine, true);
   EXPECT_EQ(st.code(), Status::Code::kNotFound);
   EXPECT_EQ(st.message(), "rank " + std::to_string(bad) + ": missing p" + std::to_string(bad));
@@ -725,8 +725,7 @@ TEST(DapDriver, FailingReplicaEndsEveryRank) {
   PlanMeasurement mine;
   Status st = run_plan_dap(plan, w, o, &mine);
   EXPECT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("injected failure in replica 1"), std::string::npos)
-      << st.message();
+  EXPECT_NE(st.message().find("injected failure in replica 1"), std::string::npos) << st.message();
   o.inject_failure = nullptr;
   std::vector<PlanMeasurement> all;
   st = run_plan_dap(plan, w, o, &mine, &all);

@@ -3,10 +3,9 @@
 #include "foldcube/runner.h"
 
 #include <gtest/gtest.h>
-
-#include <cstdio>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <string>
 

@@ -45,7 +45,7 @@ class Comm {
   Comm dp_group(int n) const;
 
   void barrier() const;
-  bool all_equal(uint64_t value) const;                // every rank passed the same value
+  bool all_equal(uint64_t value) const;  // every rank passed the same value
   std::vector<int64_t> all_gather_i64(int64_t value) const;
   void broadcast_string(std::string* s, int root) const;
   // data [count] = sum over ranks (in place).
@@ -92,7 +92,7 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& opts,
 struct DapTrainReport {
   EvoformerConfig cfg;
   int64_t s = 0, r = 0, s_pad = 0, r_pad = 0;  // protein 0
-  Tensor m, z;         // world rank 0: protein 0's outputs
+  Tensor m, z;                                 // world rank 0: protein 0's outputs
   TrainResult result;  // world rank 0: protein 0's input gradients; every rank: the averaged
                        // parameter gradients
   std::vector<double> forward_ms, backward_ms, total_ms;  // per timed pass (this rank)

@@ -42,11 +42,11 @@ Status resolve_config(const std::string& config_path, const TensorFile* weights,
 
 // What to run on: files, or seeded random weights and inputs.
 struct JobSpec {
-  std::string weights;       // OpenFold state_dict names; empty = random weights from seed
-  std::string inputs;        // input.m, input.z [, input.msa_mask, input.pair_mask]; empty = random
-  std::string config;        // model config JSON; empty = resolve_config's fallbacks
+  std::string weights;  // OpenFold state_dict names; empty = random weights from seed
+  std::string inputs;   // input.m, input.z [, input.msa_mask, input.pair_mask]; empty = random
+  std::string config;   // model config JSON; empty = resolve_config's fallbacks
   std::string stack = "auto";
-  std::string grad_outputs;  // training: grad.output.m, grad.output.z; empty = random
+  std::string grad_outputs;              // training: grad.output.m, grad.output.z; empty = random
   int64_t s = 128, r = 256, blocks = 2;  // sizes of random inputs and weights
   uint64_t seed = 0;
 };
@@ -86,13 +86,13 @@ std::string policy_string(const std::vector<Recompute>& policy);
 Status parse_policy(const std::string& list, std::vector<Recompute>* out);
 
 struct ForwardReport {
-  Tensor m, z, s_out;  // outputs (s_out: Evoformer only)
+  Tensor m, z, s_out;                          // outputs (s_out: Evoformer only)
   std::vector<double> times_ms, cpu_times_ms;  // per timed pass: wall and process CPU time
   double time_ms = 0, cpu_ms = 0;              // medians
-  int64_t peak_tracked_bytes = 0;    // absolute tracked peak over the passes
-  int64_t inference_peak_bytes = 0;  // m + z + the forward's own work
+  int64_t peak_tracked_bytes = 0;              // absolute tracked peak over the passes
+  int64_t inference_peak_bytes = 0;            // m + z + the forward's own work
   int64_t mz_bytes = 0, param_bytes = 0, peak_rss_bytes = 0;
-  double gflop = 0;  // Evoformer matmul work of one pass (0 for ExtraMSA)
+  double gflop = 0;                     // Evoformer matmul work of one pass (0 for ExtraMSA)
   int64_t chunk_target_bytes = 0;       // passed to the forward (0 = default)
   int64_t chunk_target_bytes_used = 0;  // the target in effect
   InferencePlan plan;                   // memory_budget > 0

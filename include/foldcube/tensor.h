@@ -23,7 +23,7 @@ int64_t shape_numel(const Shape& s);
 // Owns one tracked allocation.
 class Buffer {
  public:
-  explicit Buffer(size_t bytes);  // aborts on OOM
+  explicit Buffer(size_t bytes);        // aborts on OOM
   Buffer(void* tracked, size_t bytes);  // adopts a try_tracked_alloc(bytes) allocation
   ~Buffer();
   Buffer(const Buffer&) = delete;

@@ -83,8 +83,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
 Status Tensor::try_empty(const Shape& shape, DType dtype, const std::string& what, Tensor* out) {
   size_t bytes = dtype_size(dtype);
   for (int64_t d : shape) {
-    if (d < 0)
-      return Status::InvalidArgument(what + ": negative dimension in " + shape_str(shape));
+    if (d < 0) return Status::InvalidArgument(what + ": negative dimension in " + shape_str(shape));
     if (d > 0 && bytes > SIZE_MAX / static_cast<size_t>(d))
       return Status::OutOfMemory(what + ": " + shape_str(shape) + " " + dtype_name(dtype) +
                                  " exceeds the address space");

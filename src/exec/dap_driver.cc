@@ -43,7 +43,8 @@ std::vector<std::string> split_list(const std::string& s) {
 // Every rank's value of a duration in ms, exchanged as whole microseconds.
 std::vector<double> gather_ms(const dist::Communicator& comm, double seconds) {
   std::vector<double> out;
-  for (int64_t us : comm.all_gather_i64(static_cast<int64_t>(seconds * 1e6))) out.push_back(us / 1e3);
+  for (int64_t us : comm.all_gather_i64(static_cast<int64_t>(seconds * 1e6)))
+    out.push_back(us / 1e3);
   return out;
 }
 
@@ -106,7 +107,8 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& o, DapF
     FC_RETURN_IF_ERROR(world.agree(st, true));
     peak = std::max(peak, stats.peak_bytes);
     work_peak = std::max(work_peak, stats.work_peak_bytes);
-    if (it >= o.warmup) out->times_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+    if (it >= o.warmup)
+      out->times_ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   out->time_ms = median(out->times_ms);
   fill_forward_figures(comm, stats, peak, work_peak, out);
@@ -149,7 +151,8 @@ void fill_train_figures(const dist::Communicator& world, const DapTrainStats& st
   out->r_pad = l.r_pad;
   const EvoformerConfig& cfg = out->cfg;
   out->forward_sent_bytes = stats.forward.total_bytes();
-  out->forward_sent_bytes_model = std::max<int64_t>(cfg.no_blocks, 1) * dap_block_volume(cfg, l).total();
+  out->forward_sent_bytes_model =
+      std::max<int64_t>(cfg.no_blocks, 1) * dap_block_volume(cfg, l).total();
   out->backward_sent_bytes = stats.backward.total_bytes();
   TrainOptions o;
   o.policy = policy;

@@ -35,7 +35,8 @@ Status resolve_config(const std::string& config_path, const TensorFile* weights,
                       int64_t blocks, EvoformerConfig* out) {
   if (!config_path.empty()) return EvoformerConfig::from_json_file(config_path, out);
   if (weights != nullptr) {
-    if (weights->metadata.count("c_m")) return EvoformerConfig::from_metadata(weights->metadata, out);
+    if (weights->metadata.count("c_m"))
+      return EvoformerConfig::from_metadata(weights->metadata, out);
     return infer_config_from_weights(*weights, out);
   }
   *out = EvoformerConfig();
@@ -96,8 +97,8 @@ Status load_job(const JobSpec& spec, Job* job) {
     job->stack = EvoformerStack::random(job->cfg, spec.seed);
   }
   if (!spec.inputs.empty()) return read_inputs(spec.inputs, job);
-  FC_RETURN_IF_ERROR(random_tensor({spec.s, spec.r, job->cfg.c_m}, spec.seed * 2 + 1, "input.m",
-                                   &job->m));
+  FC_RETURN_IF_ERROR(
+      random_tensor({spec.s, spec.r, job->cfg.c_m}, spec.seed * 2 + 1, "input.m", &job->m));
   return random_tensor({spec.r, spec.r, job->cfg.c_z}, spec.seed * 2 + 2, "input.z", &job->z);
 }
 
@@ -114,7 +115,8 @@ Status load_grad_outputs(const JobSpec& spec, const Job& job, Tensor* gm, Tensor
 
 std::string policy_string(const std::vector<Recompute>& policy) {
   std::string s = policy.empty() ? "none" : "";
-  for (size_t i = 0; i < policy.size(); ++i) s += std::string(i ? "," : "") + recompute_name(policy[i]);
+  for (size_t i = 0; i < policy.size(); ++i)
+    s += std::string(i ? "," : "") + recompute_name(policy[i]);
   return s;
 }
 
@@ -146,7 +148,8 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 
 // The forward's options: explicit chunking, or a memory budget's plan (base: what is live now
 // plus a pristine copy of m and z when more than one pass runs).
-Status forward_options(const Job& job, const RunOptions& o, ForwardOptions* fo, ForwardReport* out) {
+Status forward_options(const Job& job, const RunOptions& o, ForwardOptions* fo,
+                       ForwardReport* out) {
   fo->chunk = o.chunk;
   fo->chunk_target_bytes = o.chunk_target_bytes;
   if (o.memory_budget <= 0) return Status::OK();
@@ -154,8 +157,9 @@ Status forward_options(const Job& job, const RunOptions& o, ForwardOptions* fo, 
     return Status::InvalidArgument("--memory-budget chooses the chunk sizes; drop --chunk");
   const int64_t s = job.m.dim(0), r = job.m.dim(1);
   const int64_t base = mem_stats().live_bytes + (o.warmup + o.repeats > 1 ? out->mz_bytes : 0);
-  FC_RETURN_IF_ERROR(plan_inference(job.cfg, s, r, job.msa_mask.defined() && job.pair_mask.defined(),
-                                    base, o.memory_budget, num_threads(), &out->plan));
+  FC_RETURN_IF_ERROR(plan_inference(job.cfg, s, r,
+                                    job.msa_mask.defined() && job.pair_mask.defined(), base,
+                                    o.memory_budget, num_threads(), &out->plan));
   fo->chunk_target_bytes = out->plan.chunk_target_bytes;
   return Status::OK();
 }
@@ -169,7 +173,8 @@ struct ModuleTimer {
       const auto now = Clock::now();
       const double d = ms_between(mark, now);
       mark = now;
-      auto it = std::find_if(ms.begin(), ms.end(), [&](const auto& e) { return e.first == module; });
+      auto it =
+          std::find_if(ms.begin(), ms.end(), [&](const auto& e) { return e.first == module; });
       if (it == ms.end())
         ms.emplace_back(module, d);
       else
@@ -219,7 +224,8 @@ Status run_forward(Job* job, const RunOptions& o, ForwardReport* out) {
   out->chunk_target_bytes = fo.chunk_target_bytes;
   out->chunk_target_bytes_used =
       fo.chunk_target_bytes > 0 ? fo.chunk_target_bytes : default_chunk_target_bytes(cfg, s, r);
-  out->chunking = forward_chunking(cfg, s, r, fo.chunk, fo.chunk_target_bytes, num_threads(), extra);
+  out->chunking =
+      forward_chunking(cfg, s, r, fo.chunk, fo.chunk_target_bytes, num_threads(), extra);
   out->module_ms = std::move(timer.ms);
   return Status::OK();
 }
