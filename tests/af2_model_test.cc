@@ -1,12 +1,14 @@
 // The whole AlphaFold2 model against OpenFold's golden model cases: every traced stage of every
 // recycling pass, and every output of the last pass, within the golden README's tolerances.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <ostream>
 #include <set>
 #include <string>
 #include <vector>
@@ -46,10 +48,18 @@ std::string golden_path(const std::string& name) {
   return std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name + ".safetensors";
 }
 
-class Af2Model : public ::testing::TestWithParam<std::string> {};
+// (golden case, items per chunk in the stacks; 0 = automatic)
+struct ModelCase {
+  std::string name;
+  int64_t chunk;
+};
+
+void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.name << "_chunk" << c.chunk; }
+
+class Af2Model : public ::testing::TestWithParam<ModelCase> {};
 
 TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
-  const std::string path = golden_path(GetParam());
+  const std::string path = golden_path(GetParam().name);
   if (!std::filesystem::exists(path)) GTEST_SKIP() << "golden file not found: " << path;
   TensorFile f;
   Status st = read_safetensors(path, &f);
@@ -80,6 +90,9 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
     if (e > worst) worst = e, worst_name = name;
   };
   AlphaFoldOptions opts;
+  opts.chunk = GetParam().chunk;
+  std::vector<AlphaFoldStageStat> stats;
+  opts.stats = &stats;
   opts.trace = [&](int pass, const std::string& stage, int index, const Tensor& v) {
     const std::string name = "trace.iter" + std::to_string(pass) + "." + stage;
     if (index < 0)
@@ -116,11 +129,142 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
     if ((n.rfind("trace.", 0) == 0 || n.rfind("output.", 0) == 0) && !seen.count(n) &&
         n != "output.num_recycles")
       ADD_FAILURE() << "golden tensor not produced: " << n;
-  std::printf("%s: worst err %.3g (%s)\n", GetParam().c_str(), worst, worst_name.c_str());
+  std::printf("%s chunk %lld: worst err %.3g (%s)\n", GetParam().name.c_str(),
+              static_cast<long long>(GetParam().chunk), worst, worst_name.c_str());
+  // One stat per stage and pass, in order, with a positive peak.
+  const int64_t passes = f.tensors.at("output.num_recycles").data<int64_t>()[0];
+  EXPECT_EQ(static_cast<int64_t>(stats.size()), passes * 6 + 1);
+  for (const AlphaFoldStageStat& s : stats) EXPECT_GT(s.peak_bytes, 0) << s.stage;
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, Af2Model, ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
-                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+INSTANTIATE_TEST_SUITE_P(Golden, Af2Model,
+                         ::testing::Values(ModelCase{"af2_model_tiny", 0},
+                                           ModelCase{"af2_model_tiny", 1},
+                                           ModelCase{"af2_model_tiny", 3},
+                                           ModelCase{"af2_model_af2dims", 0},
+                                           ModelCase{"af2_model_af2dims", 5}),
+                         [](const ::testing::TestParamInfo<ModelCase>& p) {
+                           return p.param.name + "_chunk" + std::to_string(p.param.chunk);
+                         });
+
+// The CLI on a golden file used as both parameters and features: output.<name> as in the file.
+TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
+  const std::string golden = test::data_path("af2_model_tiny.safetensors");
+  const std::string dir = testing::TempDir() + "/af2cli_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  const std::string out = dir + "/out.safetensors", report = dir + "/report.json";
+  const test::Result res =
+      test::run_cli("run --model af2 --threads 1 --weights " + golden + " --features " + golden +
+                    " --out " + out + " --report " + report);
+  ASSERT_EQ(res.code, 0) << res.out;
+  EXPECT_NE(res.out.find("mean pLDDT"), std::string::npos) << res.out;
+  TensorFile got, ref;
+  ASSERT_TRUE(read_safetensors(out, &got).ok());
+  ASSERT_TRUE(read_safetensors(golden, &ref).ok());
+  for (const char* name : {"output.final_atom_positions", "output.plddt", "output.pair",
+                           "output.predicted_aligned_error"}) {
+    ASSERT_TRUE(got.has(name)) << name;
+    EXPECT_LT(golden_metric(got.tensors.at(name), ref.tensors.at(name)), 5e-4) << name;
+  }
+  EXPECT_TRUE(std::filesystem::exists(report));
+
+  // Bad input: a features file without features, and an Evoformer-only weights file.
+  const std::string evo = test::data_path("evo_tiny.safetensors");
+  test::Result bad = test::run_cli("run --model af2 --weights " + golden + " --features " + evo);
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("no feature.<name> tensors"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --weights " + evo + " --features " + golden);
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("foldcube: error:"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                      " --memory-budget 1GiB");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  std::filesystem::remove_all(dir);
+}
+
+// Early stop: a huge tolerance stops after the second pass (num_recycles = 2) and the outputs are
+// that pass's; a zero tolerance runs every pass.
+TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  std::map<std::string, Tensor> out;
+  AlphaFoldOptions opts;
+  opts.recycle_tolerance = 1e9;
+  std::map<int, Tensor> per_pass;  // final_atom_positions of each pass
+  opts.trace = [&](int pass, const std::string& stage, int, const Tensor& v) {
+    if (stage == "final_atom_positions") per_pass[pass] = v.clone();
+  };
+  ASSERT_TRUE(model.forward(feats, &out, opts).ok());
+  EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 2);
+  EXPECT_EQ(per_pass.size(), 2u);
+  EXPECT_EQ(golden_metric(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
+  opts.recycle_tolerance = 0;
+  opts.passes = 1;
+  ASSERT_TRUE(model.forward(feats, &out, opts).ok());
+  EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 1);
+  EXPECT_LT(golden_metric(out.at("final_atom_positions"),
+                          f.tensors.at("trace.iter0.final_atom_positions")),
+            5e-4);
+}
+
+// Features that are wrong in one place give an error naming the feature, never a crash.
+TEST(Af2ModelErrors, BadFeaturesNameTheFeature) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict good;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) good[n.substr(8)] = f.tensors.at(n);
+  std::map<std::string, Tensor> out;
+  {
+    FeatureDict d = good;
+    d.erase("msa_feat");
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("msa_feat"), std::string::npos) << st.ToString();
+  }
+  {
+    FeatureDict d = good;
+    Tensor a = d["aatype"].clone();
+    a.data<int64_t>()[3] = 25;
+    d["aatype"] = a;
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("aatype"), std::string::npos) << st.ToString();
+  }
+  {
+    FeatureDict d = good;
+    Tensor m = d["seq_mask"].clone();
+    m.f32()[0] = 0.5f;
+    d["seq_mask"] = m;
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("seq_mask"), std::string::npos) << st.ToString();
+  }
+  {
+    FeatureDict d = good;
+    Tensor t = d["target_feat"].clone();
+    t.f32()[5] = NAN;
+    d["target_feat"] = t;
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("target_feat"), std::string::npos) << st.ToString();
+  }
+  {
+    TensorFile w = f;
+    w.tensors.erase("structure_module.ipa.linear_b.weight");
+    AlphaFold m2;
+    const Status st = AlphaFold::load(cfg, w, &m2);
+    EXPECT_NE(st.message().find("structure_module.ipa.linear_b.weight"), std::string::npos)
+        << st.ToString();
+  }
+}
 
 }  // namespace
 }  // namespace fc

@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "foldcube/config.h"
 #include "foldcube/io.h"
@@ -29,6 +30,12 @@ struct AlphaFoldConfig {
   bool ptm = true;        // the TM-score head (pTM, PAE)
 };
 
+// AlphaFold2 model_1_ptm dimensions: Evoformer 48 blocks (c_m 256, c_z 128, c_s 384), extra-MSA
+// stack 4 blocks (c_e 64, 8 global heads of 8), template pair stack 2 blocks (c_t 64, 2 heads of
+// 16, tri-mul 64, transition 2), template pointwise attention 4 heads of 16, structure module 8
+// layers, TM head on.
+AlphaFoldConfig alphafold_model_1_ptm();
+
 // Config from the parameter shapes of an OpenFold AlphaFold state dict; the counts the shapes do
 // not hold (template pointwise-attention heads, structure-module layers) come from the file's
 // metadata `config` (OpenFold model config JSON) when present, else the AF2 defaults.
@@ -39,15 +46,35 @@ Status alphafold_config_from_weights(const TensorFile& weights, AlphaFoldConfig*
 // template_* ...), each with the trailing recycling axis of R passes.
 using FeatureDict = std::map<std::string, Tensor>;
 
+// Wall time and tracked memory of one stage of one recycling pass.
+struct AlphaFoldStageStat {
+  int pass = 0;
+  std::string stage;  // input_embedder, recycling_embedder, template_embedder, extra_msa_stack,
+                      // evoformer, structure_module, heads
+  double ms = 0;
+  int64_t peak_bytes = 0;  // tracked peak (all live tensor memory) during the stage
+};
+
 struct AlphaFoldOptions {
   int64_t chunk = 0;               // items per chunk in the stacks' modules; 0 = automatic
   int64_t chunk_target_bytes = 0;  // automatic chunking target; 0 = default
   int passes = 0;                  // recycling passes to run; 0 = all R of the features
+  // Early stop: after a pass whose CA distance matrix changed by less than this (root mean square,
+  // Angstrom) from the previous pass, the heads run and no further pass does; 0 = off.
+  double recycle_tolerance = 0;
   // Called with intermediate values: pass, golden stage name (e.g. "input_embedder.m",
   // "template.pair_stack"), index (the template for per-template stages, the layer for sm.*
   // stages, else -1) and the value.
   std::function<void(int pass, const std::string& stage, int index, const Tensor& value)> trace;
+  // When non-null, receives one entry per stage and pass, in execution order.
+  std::vector<AlphaFoldStageStat>* stats = nullptr;
 };
+
+// Seeded random but valid features for r residues, S clusters, E extra sequences, T templates and
+// `passes` recycling passes (aatype 0..19, one-hot MSA features with profiles, template
+// backbones along a random walk, all masks 1), for benchmarks.
+FeatureDict random_alphafold_features(int64_t r, int64_t S, int64_t E, int64_t T, int passes,
+                                      uint64_t seed);
 
 class AlphaFold {
  public:
@@ -58,6 +85,9 @@ class AlphaFold {
 
   // Every parameter the config implies must be present, F32, finite and of its shape.
   static Status load(const AlphaFoldConfig& cfg, const TensorFile& weights, AlphaFold* out);
+  // Seeded random parameters (as a state dict) scaled so that activations stay O(1), for
+  // benchmarks and the embedded default job. Structure-module and head widths are AF2's.
+  static TensorFile random_weights(const AlphaFoldConfig& cfg, uint64_t seed);
 
   // Outputs of the last pass under OpenFold output names: final_atom_positions [r, 37, 3],
   // final_atom_mask, final_affine_tensor, plddt, lddt_logits, distogram_logits,

@@ -4,12 +4,14 @@
 #include "foldcube/alphafold.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <vector>
 
 #include "foldcube/extra_msa.h"
+#include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
@@ -378,6 +380,32 @@ Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes
   return Status::OK();
 }
 
+// Change of the CA distance matrix between two passes' atom37 positions [r, 37, 3]:
+// sqrt(masked mean over residue pairs of (d_ij - d'_ij)^2 + 1e-8), in Angstrom (the early-stop
+// criterion of later AlphaFold releases).
+double ca_distance_change(const Tensor& prev, const Tensor& cur, const Tensor& seq_mask) {
+  const int64_t r = seq_mask.dim(0);
+  constexpr int kCA = 1;
+  auto dist = [&](const Tensor& x, int64_t i, int64_t j) {
+    double d2 = 0;
+    for (int c = 0; c < 3; ++c) {
+      const double d = static_cast<double>(x.f32()[(i * af2::kAtom37 + kCA) * 3 + c]) -
+                       x.f32()[(j * af2::kAtom37 + kCA) * 3 + c];
+      d2 += d * d;
+    }
+    return std::sqrt(d2);
+  };
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const double w = static_cast<double>(seq_mask.f32()[i]) * seq_mask.f32()[j];
+      const double d = dist(prev, i, j) - dist(cur, i, j);
+      num += w * d * d;
+      den += w;
+    }
+  return std::sqrt(num / std::max(den, 1e-10) + 1e-8);
+}
+
 // Pair mask [r, r] = seq_mask_i seq_mask_j.
 Tensor pair_mask_of(const Tensor& seq_mask) {
   const int64_t r = seq_mask.dim(0);
@@ -415,21 +443,41 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     auto emit = [&](const std::string& stage, int index, const Tensor& v) {
       if (opts.trace) opts.trace(k, stage, index, v);
     };
+    // Runs one stage, timing it and measuring its tracked peak when stats are asked for.
+    auto stage = [&](const char* name, auto&& fn) -> Status {
+      if (!opts.stats) return fn();
+      MemoryScope scope;
+      const auto t0 = std::chrono::steady_clock::now();
+      Status st = fn();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      opts.stats->push_back({k, name, ms, scope.peak()});
+      return st;
+    };
     Tensor m = Tensor::empty({S, r, cm});  // [S, r, c_m]
     Tensor z = Tensor::empty({r, r, cz});  // [r, r, c_z]
-    embed_inputs(f, m.f32(), z.f32());
+    FC_RETURN_IF_ERROR(stage("input_embedder", [&] {
+      embed_inputs(f, m.f32(), z.f32());
+      return Status::OK();
+    }));
     emit("input_embedder.m", -1, m);
     emit("input_embedder.z", -1, z);
     emit("recycling_embedder.in_m", -1, m_prev);
     emit("recycling_embedder.in_z", -1, z_prev);
-    embed_recycled(f, m_prev, z_prev, x_prev, m.f32(), z.f32(), emit);
+    FC_RETURN_IF_ERROR(stage("recycling_embedder", [&] {
+      embed_recycled(f, m_prev, z_prev, x_prev, m.f32(), z.f32(), emit);
+      return Status::OK();
+    }));
     const Tensor pair_mask = pair_mask_of(f.seq_mask);  // [r, r]
     Tensor tmpl_single;                                 // [T, r, c_m]
     if (cfg.templates && f.T > 0) {
       emit("template.in_z", -1, z);
-      FC_RETURN_IF_ERROR(embed_templates(f, pair_mask, opts, z.f32(), &tmpl_single, emit));
+      FC_RETURN_IF_ERROR(stage("template_embedder", [&] {
+        return embed_templates(f, pair_mask, opts, z.f32(), &tmpl_single, emit);
+      }));
     }
-    FC_RETURN_IF_ERROR(run_extra_msa(f, pair_mask, opts, z, emit));
+    FC_RETURN_IF_ERROR(
+        stage("extra_msa_stack", [&] { return run_extra_msa(f, pair_mask, opts, z, emit); }));
     // The Evoformer on the cluster rows and the template rows.
     const int64_t T = tmpl_single.defined() ? f.T : 0;
     Tensor m_all = Tensor::empty({S + T, r, cm});  // [S+T, r, c_m]
@@ -449,14 +497,17 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     fo.chunk = opts.chunk;
     fo.chunk_target_bytes = opts.chunk_target_bytes;
     Tensor s;  // [r, c_s]
-    FC_RETURN_IF_ERROR(evoformer.forward(m_all, z, mask_all, pair_mask, &s, fo));
+    FC_RETURN_IF_ERROR(stage(
+        "evoformer", [&] { return evoformer.forward(m_all, z, mask_all, pair_mask, &s, fo); }));
     emit("evoformer.m", -1, m_all);
     emit("evoformer.z", -1, z);
     emit("evoformer.s", -1, s);
     af2::StructureModuleOutput sm_out;
-    FC_RETURN_IF_ERROR(af2::structure_module_forward(
-        sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
-        [&](const std::string& stage, int layer, const Tensor& v) { emit(stage, layer, v); }));
+    FC_RETURN_IF_ERROR(stage("structure_module", [&] {
+      return af2::structure_module_forward(
+          sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
+          [&](const std::string& name, int layer, const Tensor& v) { emit(name, layer, v); });
+    }));
     for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
                                   {"sm.sidechain_frames", &sm_out.sidechain_frames},
                                   {"sm.unnormalized_angles", &sm_out.unnormalized_angles},
@@ -472,8 +523,13 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
                           sm_out.positions.f32() + (L - 1) * r * af2::kAtom14 * 3, r, x37.f32(),
                           mask37.f32());
     emit("final_atom_positions", -1, x37);
-    if (k + 1 == passes) {
-      run_heads(f, m_all, z, s, sm_out, &result);
+    const bool converged = opts.recycle_tolerance > 0 && k > 0 &&
+                           ca_distance_change(x_prev, x37, f.seq_mask) < opts.recycle_tolerance;
+    if (k + 1 == passes || converged) {
+      FC_RETURN_IF_ERROR(stage("heads", [&] {
+        run_heads(f, m_all, z, s, sm_out, &result);
+        return Status::OK();
+      }));
       result["final_atom_positions"] = x37;
       result["final_atom_mask"] = mask37;
       result["final_affine_tensor"] = sm_out.frames.select(0, L - 1).contiguous();
@@ -488,8 +544,9 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
       result["sm.states"] = sm_out.states;
       result["sm.single"] = sm_out.single;
       Tensor nrec = Tensor::empty({}, DType::I64);
-      nrec.data<int64_t>()[0] = passes;
+      nrec.data<int64_t>()[0] = k + 1;
       result["num_recycles"] = nrec;
+      break;
     }
     m_prev = m_all.select(0, 0).contiguous();
     z_prev = z;
