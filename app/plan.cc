@@ -87,7 +87,7 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     req.profile = dev;
     req.devices = ranks;
     req.memory_bytes = budget;
-    req.dtype = "fp32";
+    req.dtype = DType::F32;
     // Every rank of the job takes part: inference runs DAP over all of them; training takes the
     // fastest split dap x dp = ranks (ties: more DAP, the smaller peak per rank).
     FC_RETURN_IF_ERROR(make_plan_for_ranks(req, ranks, &plan));
@@ -109,8 +109,9 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     if (budget > 0) plan.memory_limit_bytes = budget;
     FC_RETURN_IF_ERROR(evaluate_plan(dev, &plan));  // this machine's estimates for the choices
   }
-  if (plan.dtype != "fp32")
-    return Status::InvalidArgument("the engine runs fp32; this plan is for " + plan.dtype);
+  if (plan.dtype != DType::F32)
+    return Status::InvalidArgument(std::string("the engine runs fp32; this plan is for ") +
+                                   plan_dtype_name(plan.dtype));
   if (plan.threads != num_threads())
     return Status::InvalidArgument("the plan is for " + std::to_string(plan.threads) +
                                    " thread(s), this run has " + std::to_string(num_threads()));
@@ -273,7 +274,11 @@ Status plan_request(const PlanArgs& a, PlanRequest* req) {
   // This machine's calibrated profile has no link rate: ranks on this node (profile_for_ranks).
   if (req->profile.calibrated && a.devices > 1) profile_for_ranks(a.devices, &req->profile);
   if (!a.memory.empty()) FC_RETURN_IF_ERROR(parse_bytes(a.memory, &req->memory_bytes));
-  req->dtype = a.dtype;
+  if (!a.dtype.empty()) {
+    DType t;
+    FC_RETURN_IF_ERROR(parse_plan_dtype(a.dtype, &t));
+    req->dtype = t;
+  }
   if (!a.policy.empty()) {
     FC_RETURN_IF_ERROR(parse_recompute(a.policy, &req->policy));
     req->fixed_policy = true;
@@ -296,7 +301,7 @@ void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
       plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
       static_cast<long long>(plan.r),
       plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
-      static_cast<long long>(plan.cfg.no_blocks), plan.dtype.c_str(),
+      static_cast<long long>(plan.cfg.no_blocks), plan_dtype_name(plan.dtype),
       req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
   std::printf(
       "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
@@ -561,7 +566,7 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
     req.training = true;
     req.profile = dev;
     req.devices = 1;
-    req.dtype = "fp32";
+    req.dtype = DType::F32;
     req.memory_bytes = forced_budget;
     if (req.memory_bytes <= 0)
       st = forcing_budget(req, dev, training_chunk_targets(req.cfg, req.s, req.r).front(),

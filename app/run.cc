@@ -12,6 +12,7 @@
 #include "foldcube/plan.h"
 #include "foldcube/runner.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 
 namespace fc::app {
 

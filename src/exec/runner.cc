@@ -8,6 +8,7 @@
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 
 namespace fc {
 
