@@ -90,6 +90,87 @@ bool parse_count(const std::string& text, const char* what, int64_t* out) {
 
 double mib(double bytes) { return bytes / 1048576.0; }
 
+struct TrainPolicy {
+  Recompute p;
+  const char* label;
+  double seeds_fp16_mb;  // seeds' fp16 activation memory, 48 blocks, (s, r) = (128, 256)
+};
+constexpr TrainPolicy kTrainPolicies[] = {{Recompute::kNone, "none", 0},
+                                          {Recompute::kModule, "small (module)", 7462},
+                                          {Recompute::kBlock, "large (block)", 2070}};
+
+// One `foldcube run --backward` row per policy at (s, r) and nb blocks, printed beside the memory
+// model's predictions; returns the time(block) / time(none) line, or false when a row failed.
+bool train_rows(const std::string& exe, const std::string& report, int threads, int repeats,
+                const std::vector<std::string>& sr, int64_t s, int64_t r, int64_t nb,
+                nlohmann::json* rows, std::string* ratio) {
+  const EvoformerConfig cfg;  // AF2 model_1 dims, as `foldcube run` without weights
+  double time_none = 0, time_block = 0;
+  for (const TrainPolicy& pol : kTrainPolicies) {
+    const std::string cmd = "'" + exe + "' run --backward --policy " + recompute_name(pol.p) +
+                            " --quiet --s " + sr[0] + " --r " + sr[1] + " --blocks " +
+                            std::to_string(nb) + " --threads " + std::to_string(threads) +
+                            " --warmup 1 --repeats " + std::to_string(repeats) + " --report '" +
+                            report + "'";
+    nlohmann::json j;
+    if (!run_row(cmd, report, &j)) return false;
+    const int64_t pred_peak = stack_step_peak_bytes(cfg, s, r, nb, {pol.p}, threads);
+    const int64_t pred_act = stack_activation_bytes(cfg, s, r, nb, {pol.p});
+    const double ms = j["time_ms"].get<double>();
+    if (pol.p == Recompute::kNone) time_none = ms;
+    if (pol.p == Recompute::kBlock) time_block = ms;
+    std::printf("| %s | %lld | %.1f | %.1f | %.0f | %.1f | %.1f | %.1f |\n", pol.label,
+                static_cast<long long>(nb), mib(j["step_peak_bytes"].get<double>()),
+                mib(j["activation_bytes"].get<double>()), ms, mib(pred_peak), mib(pred_act),
+                mib(j["peak_rss_bytes"].get<double>()));
+    std::fflush(stdout);
+    j["predicted_peak_bytes"] = pred_peak;
+    j["predicted_activation_bytes"] = pred_act;
+    rows->push_back(j);
+  }
+  char line[160];
+  std::snprintf(line, sizeof(line),
+                "time(block) / time(none) at %lld block(s): %.2f (%.0f ms / %.0f ms)",
+                static_cast<long long>(nb), time_block / time_none, time_block, time_none);
+  *ratio = line;
+  return true;
+}
+
+// The memory model at AF2's 48 blocks in fp32 and fp16 beside the seeds' published fp16
+// activation memory (at (128, 256)).
+void train_extrapolation(int64_t s, int64_t r, int threads, nlohmann::json* extrapolated) {
+  constexpr int64_t kAf2Blocks = 48;
+  const EvoformerConfig cfg;
+  const bool seeds_shape = s == 128 && r == 256;
+  std::printf("\nMemory model extrapolated to %lld blocks, s=%lld r=%lld, %d thread(s)\n\n",
+              static_cast<long long>(kAf2Blocks), static_cast<long long>(s),
+              static_cast<long long>(r), threads);
+  std::printf(
+      "| policy | activation fp32 (MB) | peak fp32 (MB) | activation fp16 (MB) | "
+      "peak fp16 (MB) | seeds' activation fp16 (MB) |\n");
+  std::printf("|---|---|---|---|---|---|\n");
+  for (const TrainPolicy& pol : kTrainPolicies) {
+    nlohmann::json e = {
+        {"s", s}, {"r", r}, {"blocks", kAf2Blocks}, {"policy", recompute_name(pol.p)}};
+    std::string seeds = "-";
+    if (seeds_shape && pol.seeds_fp16_mb > 0) {
+      seeds = std::to_string(static_cast<int>(pol.seeds_fp16_mb));
+      e["seeds_activation_fp16_mb"] = pol.seeds_fp16_mb;
+    }
+    std::printf("| %s |", pol.label);
+    for (const int64_t eb : {int64_t{4}, int64_t{2}}) {
+      const int64_t act = stack_activation_bytes(cfg, s, r, kAf2Blocks, {pol.p}, eb);
+      const int64_t pk = stack_step_peak_bytes(cfg, s, r, kAf2Blocks, {pol.p}, threads, eb);
+      std::printf(" %.0f | %.0f |", mib(act), mib(pk));
+      const std::string suffix = eb == 4 ? "_fp32" : "_fp16";
+      e["activation_bytes" + suffix] = act;
+      e["peak_bytes" + suffix] = pk;
+    }
+    std::printf(" %s |\n", seeds.c_str());
+    extrapolated->push_back(e);
+  }
+}
+
 // `bench --train`: per shape and block count, one `foldcube run --backward` row per recompute
 // policy, with the memory model's predictions beside the measurements; then the model at 48
 // blocks in fp32 and fp16 next to the seeds' published fp16 activation memory.
@@ -98,17 +179,6 @@ int bench_train(const BenchArgs& a, int threads, const std::string& exe,
   const auto shapes = split(a.shapes.empty() ? "128:256" : a.shapes, ',');
   const auto blocks = split(a.blocks.empty() ? "2,4" : a.blocks, ',');
   const int repeats = a.repeats > 0 ? a.repeats : 1;
-  const EvoformerConfig cfg;  // AF2 model_1 dims, as `foldcube run` without weights
-  struct Policy {
-    Recompute p;
-    const char* label;
-    double seeds_fp16_mb;  // seeds' fp16 activation memory, 48 blocks, (s, r) = (128, 256)
-  };
-  const Policy policies[] = {{Recompute::kNone, "none", 0},
-                             {Recompute::kModule, "small (module)", 7462},
-                             {Recompute::kBlock, "large (block)", 2070}};
-  constexpr int64_t kAf2Blocks = 48;
-
   std::printf(
       "foldcube bench --train: Evoformer training step (forward + backward, no dropout), "
       "AF2 model_1 dims, %d thread(s), fp32, one warm-up step then %d timed step(s) per row; MB = "
@@ -134,65 +204,12 @@ int bench_train(const BenchArgs& a, int threads, const std::string& exe,
     for (const std::string& nb_text : blocks) {
       int64_t nb = 0;
       if (!parse_count(nb_text, "block count", &nb)) return 2;
-      double time_none = 0, time_block = 0;
-      for (const Policy& pol : policies) {
-        const std::string cmd = "'" + exe + "' run --backward --policy " + recompute_name(pol.p) +
-                                " --quiet --s " + sr[0] + " --r " + sr[1] + " --blocks " + nb_text +
-                                " --threads " + std::to_string(threads) + " --warmup 1 --repeats " +
-                                std::to_string(repeats) + " --report '" + report + "'";
-        nlohmann::json j;
-        if (!run_row(cmd, report, &j)) return 1;
-        const int64_t pred_peak = stack_step_peak_bytes(cfg, s, r, nb, {pol.p}, threads);
-        const int64_t pred_act = stack_activation_bytes(cfg, s, r, nb, {pol.p});
-        const double ms = j["time_ms"].get<double>();
-        if (pol.p == Recompute::kNone) time_none = ms;
-        if (pol.p == Recompute::kBlock) time_block = ms;
-        std::printf("| %s | %lld | %.1f | %.1f | %.0f | %.1f | %.1f | %.1f |\n", pol.label,
-                    static_cast<long long>(nb), mib(j["step_peak_bytes"].get<double>()),
-                    mib(j["activation_bytes"].get<double>()), ms, mib(pred_peak), mib(pred_act),
-                    mib(j["peak_rss_bytes"].get<double>()));
-        std::fflush(stdout);
-        j["predicted_peak_bytes"] = pred_peak;
-        j["predicted_activation_bytes"] = pred_act;
-        rows.push_back(j);
-      }
-      char line[160];
-      std::snprintf(line, sizeof(line),
-                    "time(block) / time(none) at %lld block(s): %.2f (%.0f ms / %.0f ms)",
-                    static_cast<long long>(nb), time_block / time_none, time_block, time_none);
-      ratios.push_back(line);
+      ratios.emplace_back();
+      if (!train_rows(exe, report, threads, repeats, sr, s, r, nb, &rows, &ratios.back())) return 1;
     }
     std::printf("\n");
     for (const std::string& line : ratios) std::printf("%s\n", line.c_str());
-
-    const bool seeds_shape = s == 128 && r == 256;
-    std::printf("\nMemory model extrapolated to %lld blocks, s=%lld r=%lld, %d thread(s)\n\n",
-                static_cast<long long>(kAf2Blocks), static_cast<long long>(s),
-                static_cast<long long>(r), threads);
-    std::printf(
-        "| policy | activation fp32 (MB) | peak fp32 (MB) | activation fp16 (MB) | "
-        "peak fp16 (MB) | seeds' activation fp16 (MB) |\n");
-    std::printf("|---|---|---|---|---|---|\n");
-    for (const Policy& pol : policies) {
-      nlohmann::json e = {
-          {"s", s}, {"r", r}, {"blocks", kAf2Blocks}, {"policy", recompute_name(pol.p)}};
-      std::string seeds = "-";
-      if (seeds_shape && pol.seeds_fp16_mb > 0) {
-        seeds = std::to_string(static_cast<int>(pol.seeds_fp16_mb));
-        e["seeds_activation_fp16_mb"] = pol.seeds_fp16_mb;
-      }
-      std::printf("| %s |", pol.label);
-      for (const int64_t eb : {int64_t{4}, int64_t{2}}) {
-        const int64_t act = stack_activation_bytes(cfg, s, r, kAf2Blocks, {pol.p}, eb);
-        const int64_t pk = stack_step_peak_bytes(cfg, s, r, kAf2Blocks, {pol.p}, threads, eb);
-        std::printf(" %.0f | %.0f |", mib(act), mib(pk));
-        const std::string suffix = eb == 4 ? "_fp32" : "_fp16";
-        e["activation_bytes" + suffix] = act;
-        e["peak_bytes" + suffix] = pk;
-      }
-      std::printf(" %s |\n", seeds.c_str());
-      extrapolated.push_back(e);
-    }
+    train_extrapolation(s, r, threads, &extrapolated);
   }
   if (!a.out_json.empty()) {
     std::ofstream f(a.out_json);
@@ -274,33 +291,17 @@ int bench_long(const BenchArgs& a, int threads, const std::string& exe, const st
   return 0;
 }
 
-// `bench --chunks`: the cost of chunking. One AF2 block at one (s, r) (default 128:256), run
-// unchunked (every chunk loop takes its whole axis), with the automatic chunking, under budgets
-// of decreasing multiples of bytes(m+z) (plus the weights), and with forced --chunk sizes. Rows
-// run in interleaved rounds so that drift on a shared machine hits every row alike; the time is
-// the median over all timed repeats of all rounds. Budget rows give the weights, the pristine copy
-// of m and z the repeats need, and x times bytes(m+z) for the inference; forced --chunk rows show
-// chunk target 0 (unused).
-int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
-                 const std::string& report) {
-  const auto sr = split(a.shapes.empty() ? "128:256" : a.shapes, ':');
-  int64_t s = 0, r = 0;
-  if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) {
-    std::fprintf(stderr, "foldcube: error: --chunks takes one s:r shape\n");
-    return 2;
-  }
-  const EvoformerConfig cfg;
-  EvoformerConfig one = cfg;
-  one.no_blocks = 1;
-  const int64_t weights = EvoformerStack::random(one, 0).param_bytes();
-  const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
-  struct Row {
-    std::string label, flags;
-    std::vector<double> times, cpu;  // wall and process CPU ms of every timed pass
-    nlohmann::json last;
-  };
-  std::vector<Row> rows = {{"unchunked", "--chunk 1000000000", {}, {}, {}},
-                           {"automatic", "", {}, {}, {}}};
+struct ChunkRow {
+  std::string label, flags;
+  std::vector<double> times, cpu;  // wall and process CPU ms of every timed pass
+  nlohmann::json last;             // the last report; null when the run refused
+};
+
+// Unchunked, automatic, budgets of 1.75-2.5 x bytes(m+z) (plus the pristine copy of m and z the
+// repeats keep, plus the weights), and forced chunk sizes.
+std::vector<ChunkRow> chunk_rows(int64_t mz, int64_t weights) {
+  std::vector<ChunkRow> rows = {{"unchunked", "--chunk 1000000000", {}, {}, {}},
+                                {"automatic", "", {}, {}, {}}};
   for (double x : {2.5, 2.25, 2.0, 1.875, 1.75}) {
     char label[64];
     std::snprintf(label, sizeof label, "budget %.3g x (m+z)", x);
@@ -314,33 +315,17 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
   }
   for (int c : {64, 16, 4})
     rows.push_back({"--chunk " + std::to_string(c), "--chunk " + std::to_string(c), {}, {}, {}});
-  const int repeats = a.repeats > 0 ? a.repeats : 3, rounds = 2;
-  const double peak = sgemm_gflops(2048, 5);
-  std::printf(
-      "foldcube bench --chunks: one Evoformer block, AF2 model_1 dims, s=%lld r=%lld, %d "
-      "thread(s), fp32; %d rounds x %d repeats per row, interleaved; SGEMM n=2048 (same run) "
-      "%.1f GFLOP/s; MiB = 2^20 bytes\n\n",
-      static_cast<long long>(s), static_cast<long long>(r), threads, rounds, repeats, peak);
-  for (int round = 0; round < rounds; ++round)
-    for (Row& row : rows) {
-      const std::string cmd =
-          "'" + exe + "' run --quiet --s " + std::to_string(s) + " --r " + std::to_string(r) +
-          " --blocks 1 --threads " + std::to_string(threads) + " --warmup 1 --repeats " +
-          std::to_string(repeats) + " " + row.flags + " --report '" + report + "'";
-      nlohmann::json j;
-      if (!run_row(cmd, report, &j)) {
-        row.last = nlohmann::json();  // refused: the budget is below the smallest feasible one
-        continue;
-      }
-      for (double t : j["times_ms"]) row.times.push_back(t);
-      for (double t : j["cpu_times_ms"]) row.cpu.push_back(t);
-      row.last = j;
-    }
-  auto median_of = [](std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0.0 : v[v.size() / 2];
-  };
-  const double base = median_of(rows[0].times), base_cpu = median_of(rows[0].cpu);
+  return rows;
+}
+
+double upper_median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Prints the chunking table; returns its rows as JSON.
+nlohmann::json print_chunk_table(const std::vector<ChunkRow>& rows, int64_t mz) {
+  const double base = upper_median(rows[0].times), base_cpu = upper_median(rows[0].cpu);
   std::printf(
       "| chunking | time ms | vs unchunked | CPU ms | CPU vs unchunked | tracked peak MiB | "
       "inference/(m+z) | RSS peak MiB | "
@@ -348,14 +333,14 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
       "|\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   nlohmann::json out = nlohmann::json::array();
-  for (const Row& row : rows) {
+  for (const ChunkRow& row : rows) {
     if (row.last.is_null() || row.times.empty()) {
       std::printf("| %s | refused (below the smallest feasible budget) | | | | | | | | |\n",
                   row.label.c_str());
       continue;
     }
     const nlohmann::json& j = row.last;
-    const double t = median_of(row.times), cpu = median_of(row.cpu);
+    const double t = upper_median(row.times), cpu = upper_median(row.cpu);
     auto items = [&](const char* module, size_t loop) {
       const auto& loops = j["module_chunks"][module];
       return loops.size() > loop ? loops[loop]["items"].get<int64_t>() : 0;
@@ -382,12 +367,102 @@ int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
     o["all_cpu_ms"] = row.cpu;
     out.push_back(o);
   }
+  return out;
+}
+
+// `bench --chunks`: the cost of chunking. One AF2 block at one (s, r) (default 128:256), run
+// unchunked (every chunk loop takes its whole axis), with the automatic chunking, under budgets
+// of decreasing multiples of bytes(m+z) (plus the weights), and with forced --chunk sizes. Rows
+// run in interleaved rounds so that drift on a shared machine hits every row alike; the time is
+// the median over all timed repeats of all rounds. Budget rows give the weights, the pristine copy
+// of m and z the repeats need, and x times bytes(m+z) for the inference; forced --chunk rows show
+// chunk target 0 (unused).
+int bench_chunks(const BenchArgs& a, int threads, const std::string& exe,
+                 const std::string& report) {
+  const auto sr = split(a.shapes.empty() ? "128:256" : a.shapes, ':');
+  int64_t s = 0, r = 0;
+  if (sr.size() != 2 || !parse_count(sr[0], "s", &s) || !parse_count(sr[1], "r", &r)) {
+    std::fprintf(stderr, "foldcube: error: --chunks takes one s:r shape\n");
+    return 2;
+  }
+  const EvoformerConfig cfg;
+  EvoformerConfig one = cfg;
+  one.no_blocks = 1;
+  const int64_t weights = EvoformerStack::random(one, 0).param_bytes();
+  const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * 4;
+  std::vector<ChunkRow> rows = chunk_rows(mz, weights);
+  const int repeats = a.repeats > 0 ? a.repeats : 3, rounds = 2;
+  const double peak = sgemm_gflops(2048, 5);
+  std::printf(
+      "foldcube bench --chunks: one Evoformer block, AF2 model_1 dims, s=%lld r=%lld, %d "
+      "thread(s), fp32; %d rounds x %d repeats per row, interleaved; SGEMM n=2048 (same run) "
+      "%.1f GFLOP/s; MiB = 2^20 bytes\n\n",
+      static_cast<long long>(s), static_cast<long long>(r), threads, rounds, repeats, peak);
+  for (int round = 0; round < rounds; ++round)
+    for (ChunkRow& row : rows) {
+      const std::string cmd =
+          "'" + exe + "' run --quiet --s " + std::to_string(s) + " --r " + std::to_string(r) +
+          " --blocks 1 --threads " + std::to_string(threads) + " --warmup 1 --repeats " +
+          std::to_string(repeats) + " " + row.flags + " --report '" + report + "'";
+      nlohmann::json j;
+      if (!run_row(cmd, report, &j)) {
+        row.last = nlohmann::json();  // refused: the budget is below the smallest feasible one
+        continue;
+      }
+      for (double t : j["times_ms"]) row.times.push_back(t);
+      for (double t : j["cpu_times_ms"]) row.cpu.push_back(t);
+      row.last = j;
+    }
+  const nlohmann::json out = print_chunk_table(rows, mz);
   if (!a.out_json.empty()) {
     std::ofstream f(a.out_json);
     f << nlohmann::json{{"sgemm_gflops", peak}, {"threads", threads}, {"rows", out}}.dump(2)
       << "\n";
   }
   return 0;
+}
+
+// One DAP row of `bench --dap` from its report j (the one-process baselines beside it); adds the
+// ratio to j.
+void print_dap_row(bool train, const std::vector<std::string>& sr, int64_t n, const char* over,
+                   int per, double base_act, double base_peak, double base_work,
+                   nlohmann::json* jp) {
+  const nlohmann::json& j = *jp;
+  auto max_of = [](const nlohmann::json& v) {
+    double x = 0;
+    for (const auto& e : v) x = std::max(x, e.get<double>());
+    return x;
+  };
+  if (train) {
+    const double act = max_of(j["rank_activation_bytes"]);
+    const double peak = max_of(j["rank_step_peak_bytes"]);
+    const double sent = j["forward_sent_bytes_per_rank"].get<double>() +
+                        j["backward_sent_bytes_per_rank"].get<double>();
+    const double model = j["forward_sent_bytes_per_rank_model"].get<double>() +
+                         j["backward_sent_bytes_per_rank_model"].get<double>();
+    std::printf(
+        "| %s | %s | %lld%s | %d | %.0f | %.1f | %.3f | %.1f | %.3f | %.2f | %.2f | %.2f |\n",
+        sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n), over, per,
+        j["time_ms"].get<double>(), act / 1048576.0, act / base_act, peak / 1048576.0,
+        peak / base_peak, sent / 1048576.0, model / 1048576.0,
+        j["grad_all_reduce_bytes_per_rank"].get<double>() / 1048576.0);
+    (*jp)["activation_vs_one_process"] = act / base_act;
+  } else {
+    double other = 0, work = 0;
+    const auto& peaks = j["rank_peak_tracked_bytes"];
+    const auto& works = j["rank_work_peak_bytes"];
+    for (size_t k = 0; k < peaks.size(); ++k) {
+      if (k > 0) other = std::max(other, peaks[k].get<double>());
+      work = std::max(work, works[k].get<double>());
+    }
+    std::printf("| %s | %s | %lld%s | %d | %.0f | %.1f | %.1f | %.1f | %.3f | %.2f | %.2f |\n",
+                sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n), over, per,
+                j["time_ms"].get<double>(), peaks[0].get<double>() / 1048576.0, other / 1048576.0,
+                work / 1048576.0, work / base_work,
+                j["block_sent_bytes_per_rank"].get<double>() / 1048576.0,
+                j["block_sent_bytes_per_rank_model"].get<double>() / 1048576.0);
+    (*jp)["work_vs_one_process"] = work / base_work;
+  }
 }
 
 // `bench --dap [--train]`: the DAP table. One AF2 block at each s:r (default 128:256) in one
@@ -418,11 +493,6 @@ int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std
         "work/rank MiB (max) | work vs 1 process | sent/block/rank MiB | model MiB |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n");
   const std::string mode = a.train ? " --backward --policy none" : "";
-  auto max_of = [](const nlohmann::json& v) {
-    double x = 0;
-    for (const auto& e : v) x = std::max(x, e.get<double>());
-    return x;
-  };
   nlohmann::json rows = nlohmann::json::array();
   for (const std::string& shape : shapes) {
     const auto sr = split(shape, ':');
@@ -464,36 +534,7 @@ int bench_dap(const BenchArgs& a, int threads, const std::string& exe, const std
       nlohmann::json j;
       if (!run_row(cmd, report, &j)) return 1;
       const char* over = n * per > cores ? " (oversubscribed)" : "";
-      if (a.train) {
-        const double act = max_of(j["rank_activation_bytes"]);
-        const double peak = max_of(j["rank_step_peak_bytes"]);
-        const double sent = j["forward_sent_bytes_per_rank"].get<double>() +
-                            j["backward_sent_bytes_per_rank"].get<double>();
-        const double model = j["forward_sent_bytes_per_rank_model"].get<double>() +
-                             j["backward_sent_bytes_per_rank_model"].get<double>();
-        std::printf(
-            "| %s | %s | %lld%s | %d | %.0f | %.1f | %.3f | %.1f | %.3f | %.2f | %.2f | %.2f |\n",
-            sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n), over, per,
-            j["time_ms"].get<double>(), act / 1048576.0, act / base_act, peak / 1048576.0,
-            peak / base_peak, sent / 1048576.0, model / 1048576.0,
-            j["grad_all_reduce_bytes_per_rank"].get<double>() / 1048576.0);
-        j["activation_vs_one_process"] = act / base_act;
-      } else {
-        double other = 0, work = 0;
-        const auto& peaks = j["rank_peak_tracked_bytes"];
-        const auto& works = j["rank_work_peak_bytes"];
-        for (size_t k = 0; k < peaks.size(); ++k) {
-          if (k > 0) other = std::max(other, peaks[k].get<double>());
-          work = std::max(work, works[k].get<double>());
-        }
-        std::printf("| %s | %s | %lld%s | %d | %.0f | %.1f | %.1f | %.1f | %.3f | %.2f | %.2f |\n",
-                    sr[0].c_str(), sr[1].c_str(), static_cast<long long>(n), over, per,
-                    j["time_ms"].get<double>(), peaks[0].get<double>() / 1048576.0,
-                    other / 1048576.0, work / 1048576.0, work / base_work,
-                    j["block_sent_bytes_per_rank"].get<double>() / 1048576.0,
-                    j["block_sent_bytes_per_rank_model"].get<double>() / 1048576.0);
-        j["work_vs_one_process"] = work / base_work;
-      }
+      print_dap_row(a.train, sr, n, over, per, base_act, base_peak, base_work, &j);
       std::fflush(stdout);
       j["ranks"] = n;
       j["threads_per_rank"] = per;

@@ -24,8 +24,6 @@ std::function<int()> add_fold_command(CLI::App& app);
 
 // Prints "foldcube: error: <message>" to stderr; returns exit code 1 (app/util.cc).
 int fail(const Status& st);
-// Tensor of `shape` with seeded uniform values of unit variance (the random jobs' inputs).
-Tensor random_tensor(const Shape& shape, uint64_t seed);
 // The non-empty items of s between separators.
 std::vector<std::string> split(const std::string& s, char sep);
 

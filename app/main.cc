@@ -4,12 +4,10 @@
 #include <string>
 
 #include "commands.h"
+#include "foldcube/memory.h"
 
-int main(int argc, char** argv) {
-  CLI::App app{"foldcube: AlphaFold-family trunks (Evoformer) on the CPU"};
-  app.require_subcommand(1);
-
-  fc::app::RunArgs ra;
+namespace {
+CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
   CLI::App* run = app.add_subcommand(
       "run",
       "Evoformer stack forward pass. Without --weights/--inputs it uses seeded random "
@@ -90,10 +88,10 @@ int main(int argc, char** argv) {
   run->add_option("--policy", ra.policy,
                   "recompute policy none|module|block, or a comma-separated list per block "
                   "(implies --backward)");
+  return run;
+}
 
-  run->parse_complete_callback([&] { ra.blocks_given = run->count("--blocks") > 0; });
-
-  fc::app::BenchArgs ba;
+CLI::App* add_bench(CLI::App& app, fc::app::BenchArgs& ba) {
   CLI::App* bench = app.add_subcommand(
       "bench",
       "Evoformer forward benchmark table with same-run SGEMM peak (--train: training-step table)");
@@ -135,8 +133,10 @@ int main(int argc, char** argv) {
                   "training step (forward + backward) per recompute policy none/small/large: "
                   "measured peak and activation memory and time beside the memory model's "
                   "predictions, and the model at 48 blocks (fp32, fp16)");
+  return bench;
+}
 
-  fc::app::PlanArgs pa;
+CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   CLI::App* plan = app.add_subcommand(
       "plan", "Schedule planner: fastest plan under a memory limit, with its estimates");
   plan->add_option("--s", pa.s, "number of sequences")->check(CLI::Range(1, 1 << 20));
@@ -164,6 +164,23 @@ int main(int argc, char** argv) {
   plan->add_option("--cache", pa.cache, "plan cache directory");
   plan->add_option("--out", pa.out, "also write the plan JSON here");
   plan->add_flag("--json", pa.json, "print the plan as JSON");
+  return plan;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Large tensors are reused from the heap rather than mapped afresh (foldcube/memory.h).
+  fc::configure_allocator({.reuse_large_blocks = true});
+  CLI::App app{"foldcube: AlphaFold-family trunks (Evoformer) on the CPU"};
+  app.require_subcommand(1);
+
+  fc::app::RunArgs ra;
+  fc::app::BenchArgs ba;
+  fc::app::PlanArgs pa;
+  CLI::App* run = add_run(app, ra);
+  CLI::App* bench = add_bench(app, ba);
+  CLI::App* plan = add_plan(app, pa);
 
   std::function<int()> features = fc::app::add_features_command(app);
   std::function<int()> fold = fc::app::add_fold_command(app);

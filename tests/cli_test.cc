@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -293,6 +294,18 @@ TEST(Cli, MissingFileAndBadFlags) {
   EXPECT_EQ(r.code, 2) << r.out;
   r = run_cli("frobnicate");
   EXPECT_EQ(r.code, 2) << r.out;
+}
+
+// Sizes from flags are allocated through the checked path: an absurd random job is a one-line
+// user error (exit 1), not an abort.
+TEST(Cli, AbsurdSizesAreAUserError) {
+  const char* asan = std::getenv("ASAN_OPTIONS");  // sanitizer builds: return null, not abort
+  setenv("ASAN_OPTIONS",
+         ((asan ? std::string(asan) + ":" : std::string()) + "allocator_may_return_null=1").c_str(),
+         1);
+  Result r = run_cli("run --s 1048576 --r 1048576 --blocks 1");
+  expect_user_error(r, "input.m");
+  EXPECT_NE(r.out.find("cannot allocate"), std::string::npos) << r.out;
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -216,6 +217,30 @@ TEST(DapCli, FailingRankDuringTrainingEndsTheJob) {
   EXPECT_NE(r.out.find("rank 1: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("/nonexistent/p1.safetensors"), std::string::npos) << r.out;
   EXPECT_LT(r.seconds, 45 * test::kTimeScale) << r.out;  // below the timeout
+}
+
+// A replica whose training step fails (protein 1 has a NaN in input.m, found by the step's input
+// checks) while replica 0's step succeeds: every rank of both replicas ends with the error
+// (the drivers agree on the world after each step), no rank waits in the gradient all-reduce.
+TEST(DapCli, FailingReplicaStepEndsEveryRank) {
+  const std::string g = test::data_path("evo_tiny.safetensors");
+  TensorFile f, p1;
+  ASSERT_TRUE(read_safetensors(g, &f).ok());
+  Tensor m = f.tensors.at("input.m").clone();
+  m.f32()[3] = std::nanf("");
+  p1.put("input.m", m);
+  for (const char* n : {"input.z", "input.msa_mask", "input.pair_mask"}) p1.put(n, f.tensors.at(n));
+  const std::string in1 = tmp("nan_protein1.safetensors");
+  ASSERT_TRUE(write_safetensors(in1, p1).ok());
+  for (int n : {1, 2}) {
+    Result r = run(mpirun(2 * n) + cli() + " run --weights " + g + " --inputs " + g + "," + in1 +
+                   " --backward --dp 2 --dap " + std::to_string(n) + " --threads 1 --quiet");
+    EXPECT_NE(r.code, 0) << r.out;
+    EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+    EXPECT_NE(r.out.find("rank " + std::to_string(n) + ": "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("input.m"), std::string::npos) << r.out;
+    EXPECT_LT(r.seconds, 60) << r.out;
+  }
 }
 
 // ---- `run --plan` with DAP (docs/planner.md) ---------------------------------------------------

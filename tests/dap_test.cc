@@ -6,6 +6,8 @@
 #include "exec/dap.h"
 
 #include <gtest/gtest.h>
+#include <mpi.h>
+#include <unistd.h>
 
 #include <climits>
 #include <cmath>
@@ -21,6 +23,8 @@
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "foldcube/parallel.h"
+#include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 #include "model/train.h"
 #include "model/weights.h"
@@ -430,7 +434,7 @@ TEST(DapTrain, BiasedAttentionModulesMatchSingleProcess) {
   const uint64_t key = 1234;
   Case c = random_case(cfg, s, r, true, 77);
   const Tensor gm = random_tensor({s, r, cfg.c_m}, 91), gz = random_tensor({r, r, cfg.c_z}, 92);
-  const BlockWeights& w = c.stack.block(0);
+  const BlockWeights& w = StackAccess::block(c.stack, 0);
   // One process: the shards of a one-rank layout are the whole (unpadded) streams.
   DapShards one = make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, 0, 0, 1);
   set_dap_dropout(&one, true, key);
@@ -524,7 +528,7 @@ TEST(DapTrain, OuterProductMeanMatchesSingleProcess) {
   const int64_t s = 5, r = 7;
   Case c = random_case(cfg, s, r, true, 78);
   const Tensor gm = random_tensor({s, r, cfg.c_m}, 93), gz = random_tensor({r, r, cfg.c_z}, 94);
-  const OuterProductMeanW& w = c.stack.block(0).outer_product_mean;
+  const OuterProductMeanW& w = StackAccess::block(c.stack, 0).outer_product_mean;
   DapShards one = make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, 0, 0, 1);
   const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
   const Tensor msa_p = pad_copy(c.msa_mask.reshape({s, r, 1}), l.s_pad, l.r_pad, false);
@@ -568,7 +572,7 @@ TEST(DapTrain, TriangleMultiplicationMatchesSingleProcess) {
   const int64_t s = 4, r = 7;
   Case c = random_case(cfg, s, r, true, 79);
   const Tensor gz = random_tensor({r, r, cfg.c_z}, 95);
-  const BlockWeights& w = c.stack.block(0);
+  const BlockWeights& w = StackAccess::block(c.stack, 0);
   for (int64_t chunk : {0, 3}) {
     DapShards one =
         make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, chunk, 0, 1);
@@ -769,6 +773,59 @@ TEST(DapTrain, MismatchedOptionsAndBadInputsAreRefusedOnEveryRank) {
   EXPECT_NE(st.message().find("grad.output.m"), std::string::npos) << st.message();
 }
 
+// ---- The public drivers (foldcube/parallel.h) ------------------------------------------------
+
+// Comm::agree: every rank gets the lowest failing rank's status (code and message).
+TEST(DapDriver, AgreementGivesEveryRankTheSameStatus) {
+  const Comm w = Comm::world();
+  EXPECT_TRUE(w.agree(Status::OK()).ok());
+  const int bad = w.size() - 1;
+  const Status mine =
+      w.rank() == bad ? Status::NotFound("missing p" + std::to_string(w.rank())) : Status::OK();
+  const Status st = w.agree(mine, true);
+  EXPECT_EQ(st.code(), Status::Code::kNotFound);
+  EXPECT_EQ(st.message(), "rank " + std::to_string(bad) + ": missing p" + std::to_string(bad));
+}
+
+// Defect 3: a planned DAP/DP training step whose replica 1 fails (injected) must end on every
+// rank of every replica with that status, not leave replica 0 in the gradient all-reduce while
+// replica 1 waits elsewhere. The watchdog turns a hang into a failed run (alarm ends the job).
+// Afterwards the ranks are still in step: the same plan runs to the end.
+TEST(DapDriver, FailingReplicaEndsEveryRank) {
+  const Comm w = Comm::world();
+  if (w.size() % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
+  Plan plan;
+  plan.cfg = small_config(1);
+  plan.s = 4;
+  plan.r = plan.r_real = 6;
+  plan.training = true;
+  plan.policy = {Recompute::kNone};
+  plan.dap = w.size() / 2;
+  plan.dp = 2;
+  PlanRunOptions o;
+  o.seed = 3;
+  o.warmup = 0;
+  o.repeats = 2;
+  o.inject_failure = [](int group, int pass) {
+    return group == 1 && pass == 1 ? Status::Internal("injected failure in replica 1")
+                                   : Status::OK();
+  };
+  alarm(60);
+  PlanMeasurement mine;
+  Status st = run_plan_dap(plan, w, o, &mine);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("injected failure in replica 1"), std::string::npos) << st.message();
+  o.inject_failure = nullptr;
+  std::vector<PlanMeasurement> all;
+  st = run_plan_dap(plan, w, o, &mine, &all);
+  alarm(0);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(static_cast<int>(all.size()), w.size());
+}
+
+// MPI started by the host program (this binary's main): the library uses it and never ends it.
+TEST(DapDriver, HostStartedMpiIsNotOwned) { EXPECT_FALSE(dist::started_mpi()); }
+
 }  // namespace
 }  // namespace fc
 
@@ -786,9 +843,13 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
   int rank_;
 };
 
+// The test binary starts MPI itself, as a host program (e.g. Python with mpi4py) would: the
+// library's init must find it running and its finalize must leave it running.
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  const fc::Status st = fc::dist::init(&argc, &argv);
+  int provided = 0;
+  if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) return 1;
+  const fc::Status st = fc::mpi_init(&argc, &argv);
   if (!st.ok()) {
     std::fprintf(stderr, "dap tests: %s\n", st.ToString().c_str());
     return 1;
@@ -800,7 +861,15 @@ int main(int argc, char** argv) {
     delete ls.Release(ls.default_result_printer());
     ls.Append(new RankFailurePrinter(rank));
   }
-  const int rc = RUN_ALL_TESTS();
-  fc::dist::finalize();
+  int rc = RUN_ALL_TESTS();
+  fc::mpi_finalize();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) {
+    std::fprintf(stderr, "rank %d: the library finalized MPI it did not start\n", rank);
+    return 1;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);  // MPI still works after the library let go of it
+  MPI_Finalize();
   return rc;
 }

@@ -14,7 +14,8 @@
 
 namespace fc {
 
-struct BlockWeights;  // src/model/weights.h
+struct BlockWeights;  // private: the library's parameter storage
+struct StackAccess;
 
 // Called after each module's residual update: block index, module name (golden trace name, e.g.
 // "msa_att_row"), stream ("m" or "z") and the updated stream tensor.
@@ -101,9 +102,8 @@ class EvoformerStack {
                     TrainResult* out) const;
 
   const EvoformerConfig& config() const { return cfg_; }
-  // For the sharded executors (src/exec): block i's parameters and the single projection
-  // linear.weight [c_s, c_m], linear.bias [c_s].
-  const BlockWeights& block(int i) const { return *blocks_[i]; }
+  // For the sharded executors: the single projection linear.weight [c_s, c_m], linear.bias [c_s]
+  // (block parameters: the library's StackAccess).
   const Tensor& linear_weight() const { return linear_w_; }
   const Tensor& linear_bias() const { return linear_b_; }
   int64_t param_bytes() const;
@@ -111,6 +111,7 @@ class EvoformerStack {
   void export_weights(TensorFile* out) const;
 
  private:
+  friend struct StackAccess;  // the library's executors read the block parameters
   EvoformerConfig cfg_;
   std::vector<std::unique_ptr<BlockWeights>> blocks_;
   Tensor linear_w_, linear_b_;  // [c_s, c_m], [c_s]

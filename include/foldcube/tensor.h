@@ -26,7 +26,8 @@ int64_t shape_numel(const Shape& s);
 // Owns one tracked allocation.
 class Buffer {
  public:
-  explicit Buffer(size_t bytes);  // aborts on OOM
+  explicit Buffer(size_t bytes);        // aborts on OOM
+  Buffer(void* tracked, size_t bytes);  // adopts a try_tracked_alloc(bytes) allocation
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -46,6 +47,11 @@ class Tensor {
   static Tensor empty(const Shape& shape, DType dtype = DType::F32);
   static Tensor zeros(const Shape& shape, DType dtype = DType::F32);
   static Tensor full(const Shape& shape, float value);  // F32
+  // As empty / zeros for sizes that come from a user (files, flags): OutOfMemory naming `what`
+  // when the byte count overflows or the allocation fails, InvalidArgument for a negative
+  // dimension; never aborts.
+  static Status try_empty(const Shape& shape, DType dtype, const std::string& what, Tensor* out);
+  static Status try_zeros(const Shape& shape, DType dtype, const std::string& what, Tensor* out);
 
   bool defined() const { return buf_ != nullptr; }
   DType dtype() const { return dtype_; }

@@ -59,6 +59,7 @@ int64_t shape_numel(const Shape& s) {
 }
 
 Buffer::Buffer(size_t bytes) : data_(tracked_alloc(bytes)), bytes_(bytes) {}
+Buffer::Buffer(void* tracked, size_t bytes) : data_(tracked), bytes_(bytes) {}
 Buffer::~Buffer() { tracked_free(data_, bytes_); }
 
 namespace {
@@ -81,6 +82,34 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);
   return t;
+}
+
+Status Tensor::try_empty(const Shape& shape, DType dtype, const std::string& what, Tensor* out) {
+  size_t bytes = dtype_size(dtype);
+  for (int64_t d : shape) {
+    if (d < 0) return Status::InvalidArgument(what + ": negative dimension in " + shape_str(shape));
+    if (d > 0 && bytes > SIZE_MAX / static_cast<size_t>(d))
+      return Status::OutOfMemory(what + ": " + shape_str(shape) + " " + dtype_name(dtype) +
+                                 " exceeds the address space");
+    bytes *= static_cast<size_t>(d);
+  }
+  void* p = try_tracked_alloc(bytes);
+  if (p == nullptr)
+    return Status::OutOfMemory(what + ": cannot allocate " + std::to_string(bytes) + " bytes for " +
+                               shape_str(shape) + " " + dtype_name(dtype));
+  Tensor t;
+  t.buf_ = std::make_shared<Buffer>(p, bytes);
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  *out = std::move(t);
+  return Status::OK();
+}
+
+Status Tensor::try_zeros(const Shape& shape, DType dtype, const std::string& what, Tensor* out) {
+  FC_RETURN_IF_ERROR(try_empty(shape, dtype, what, out));
+  std::memset(out->buf_->data(), 0, out->nbytes());
+  return Status::OK();
 }
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype) {

@@ -15,7 +15,8 @@
 namespace fc::dist {
 
 namespace {
-bool g_initialized = false;
+bool g_initialized = false;  // init() succeeded (MPI runs, started by us or the host)
+bool g_started = false;      // init() called MPI_Init_thread: finalize() ends MPI
 std::atomic<int64_t> g_max_count{INT_MAX};
 
 #ifdef FOLDCUBE_HAVE_MPI
@@ -103,9 +104,15 @@ int launched_world_size() {
 Status init(int* argc, char*** argv) {
   if (g_initialized) return Status::OK();
 #ifdef FOLDCUBE_HAVE_MPI
-  int provided = 0;
-  if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
-    return Status::Internal("MPI_Init_thread failed");
+  int already = 0, provided = 0;
+  MPI_Initialized(&already);
+  if (already) {  // the host program started MPI: use it, never finalize it
+    MPI_Query_thread(&provided);
+  } else {
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+      return Status::Internal("MPI_Init_thread failed");
+    g_started = true;
+  }
   if (provided < MPI_THREAD_FUNNELED)
     return Status::Internal("the MPI library does not support MPI_THREAD_FUNNELED");
   g_initialized = true;
@@ -119,12 +126,14 @@ Status init(int* argc, char*** argv) {
 }
 
 bool initialized() { return g_initialized; }
+bool started_mpi() { return g_started; }
 
 void finalize() {
 #ifdef FOLDCUBE_HAVE_MPI
-  if (g_initialized) MPI_Finalize();
+  if (g_started) MPI_Finalize();
 #endif
   g_initialized = false;
+  g_started = false;
 }
 
 void abort_job(int code) {

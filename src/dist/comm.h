@@ -27,10 +27,15 @@ bool have_mpi();
 int launched_world_size();
 
 // Starts MPI once per process (thread level FUNNELED: only the main thread communicates; OpenMP
-// threads only compute). A user error when the build has no MPI.
+// threads only compute) unless the host program already did (MPI_Initialized): then its MPI is
+// used as it is (it must provide FUNNELED or more) and never finalized here. A user error when
+// the build has no MPI.
 Status init(int* argc, char*** argv);
 bool initialized();
-// Ends MPI (no-op when it was not started). No collective may follow.
+// True when init() started MPI itself (and finalize() will end it).
+bool started_mpi();
+// Ends MPI when init() started it; otherwise (the host's MPI, or none) only forgets it. No
+// collective may follow.
 void finalize();
 // Ends the whole job with exit code `code`: MPI_Abort on all ranks when MPI is running, otherwise
 // this process. Never returns.

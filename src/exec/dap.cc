@@ -371,7 +371,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   const dist::CommStats before_blocks = comm.stats();
   for (int b = 0; b < cfg.no_blocks; ++b) {
     blk = b;
-    const BlockWeights& w = stack.block(b);
+    const BlockWeights& w = StackAccess::block(stack, b);
     {
       Tensor bias = gathered_pair_bias(w.msa_att_row.ln_z, w.msa_att_row.lin_z, full, l, zr.f32(),
                                        comm);  // [H_m, r_pad, r_pad]

@@ -396,7 +396,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   for (int b = 0; b < nb; ++b) {
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     states.push_back(std::make_unique<DapBlockState>());
-    dap_block_forward(stack.block(b), sh, comm, mr, zr, policy(b), states.back().get());
+    dap_block_forward(StackAccess::block(stack, b), sh, comm, mr, zr, policy(b), states.back().get());
   }
   out->forward_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -416,7 +416,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
     allocate_block_grads(cfg, grads[b].get());
     // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
     const Tensor m_in = states[b]->policy == Recompute::kBlock ? states[b]->m0 : states[b]->m_in[0];
-    dap_block_backward(stack.block(b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
+    dap_block_backward(StackAccess::block(stack, b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
     states[b].reset();
     m_out = m_in;
     const dist::CommStats r0 = comm.stats();

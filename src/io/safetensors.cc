@@ -432,7 +432,9 @@ Status read_safetensors(const std::string& path, TensorFile* out) {
   // Everything is consistent: allocate (at most data_size bytes in total) and read in file order.
   TensorFile result;
   for (const Placed& p : by_offset) {
-    Tensor t = Tensor::empty(p.raw->shape, p.dtype);
+    Tensor t;
+    FC_RETURN_IF_ERROR(
+        Tensor::try_empty(p.raw->shape, p.dtype, where + tensor_label(p.raw->name), &t));
     const size_t n = p.end - p.begin;
     if (n > 0 && std::fread(t.data<char>(), 1, n, f.get()) != n)
       return Status::IOError(where + "cannot read the data of " + tensor_label(p.raw->name) +

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "foldcube/config.h"
+#include "foldcube/model.h"
 #include "foldcube/tensor.h"
 
 namespace fc {
@@ -111,5 +112,10 @@ void allocate_extra_msa_block(const EvoformerConfig& cfg, ExtraMsaBlockWeights* 
 // named_params; the k, v parts of kvg's bias are not listed.
 std::vector<std::pair<std::string, Tensor>> named_params(const ExtraMsaBlockWeights& w,
                                                          const std::string& prefix);
+
+// Block i's parameters of a stack (the sharded executors, tests); i in [0, no_blocks).
+struct StackAccess {
+  static const BlockWeights& block(const EvoformerStack& stack, int i) { return *stack.blocks_[i]; }
+};
 
 }  // namespace fc
