@@ -30,6 +30,8 @@ struct BlockContext {
   // which the driver derives from (seed, block index).
   bool dropout = false;
   uint64_t dropout_key = 0;
+  // Global column attention (ExtraMSA): added to each column's mask count before the masked mean.
+  float global_eps = 1e-8f;
 };
 
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.
@@ -112,5 +114,9 @@ void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const Block
                                  float eps, float* m);
 // Its workspace; module_workspace_bytes("msa_att_col_global") returns the same.
 int64_t msa_column_global_attention_bytes(const BlockContext& ctx);
+
+// ExtraMSA transition: m [s*r, c_m] += Transition(m) * msa_mask (one mask value per row). Its chunk
+// buffers are those of transition(), and so is its workspace.
+void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m);
 
 }  // namespace fc
