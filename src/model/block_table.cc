@@ -100,6 +100,28 @@ int64_t stream_channels(const BlockContext& ctx, Stream st) {
   return st == Stream::kM ? ctx.cfg->c_m : ctx.cfg->c_z;
 }
 
+SavedInputs saved_inputs(const BlockTable& t, int i) {
+  const LayerDesc& l = t.layers[i];
+  SavedInputs in;
+  in.updated = l.kind != LayerKind::kOuterProductMean;
+  if (l.reads != Stream::kNone)
+    for (int j = i + 1; j < t.count; ++j) in.read = in.read || t.layers[j].updates == l.reads;
+  FC_CHECK_MSG(in.read || l.reads != Stream::kZ,
+               std::string(l.name) + ": reading the block's output z is not supported");
+  return in;
+}
+
+int block_input_m_layer(const BlockTable& t) {
+  for (int i = 0; i < t.count; ++i) {
+    const SavedInputs in = saved_inputs(t, i);
+    if ((in.updated && t.layers[i].updates == Stream::kM) ||
+        (in.read && t.layers[i].reads == Stream::kM))
+      return i;
+  }
+  FC_CHECK_MSG(false, std::string(t.name) + ": no layer keeps the block's input m");
+  return -1;
+}
+
 void layer_forward(const LayerDesc& l, const void* block, const BlockContext& ctx, float* m,
                    float* z) {
   float* x = l.updates == Stream::kM ? m : z;

@@ -92,6 +92,18 @@ T& layer_params(const LayerDesc& l, void* block) {
 int64_t stream_rows(const BlockContext& ctx, Stream st);
 int64_t stream_channels(const BlockContext& ctx, Stream st);
 
+// The stream inputs a layer's backward reads, as copies taken before the layer runs (training
+// policies none and module): the stream it updates, unless its backward does not read it (the
+// OPM reads only m), and the stream it reads when a later layer of the block updates it. A read
+// stream that no later layer updates is the block's output m, which the training driver keeps
+// (reading the block's output z is not supported: checked).
+struct SavedInputs {
+  bool updated = false, read = false;
+};
+SavedInputs saved_inputs(const BlockTable& t, int i);
+// The layer whose saved copy of m is the block's input m (the first copy in layer order).
+int block_input_m_layer(const BlockTable& t);
+
 // ---- Per-layer dispatch (inference) ------------------------------------------------------------
 // Runs the layer on the streams m [s, r, c_m], z [r, r, c_z]; `block` is the table's weight struct.
 void layer_forward(const LayerDesc& l, const void* block, const BlockContext& ctx, float* m,

@@ -58,28 +58,10 @@ struct LayerState {
   TriangleMultiplicationState tri;
 };
 
-// Which inputs a layer's backward reads, as copies taken before the layer runs (policies none and
-// module): the stream it updates, unless its backward does not read it (the OPM reads only m),
-// and the stream it reads when a later layer of the block updates it. A read stream that no later
-// layer updates is the block's output, which the driver keeps (only m: the OPM reading m_out).
-struct LayerInputs {
-  bool updated = false, read = false;
-};
-LayerInputs layer_inputs(const BlockTable& t, int i) {
-  const LayerDesc& l = t.layers[i];
-  LayerInputs in;
-  in.updated = l.kind != LayerKind::kOuterProductMean;
-  if (l.reads != Stream::kNone)
-    for (int j = i + 1; j < t.count; ++j) in.read = in.read || t.layers[j].updates == l.reads;
-  FC_CHECK_MSG(in.read || l.reads != Stream::kZ,
-               std::string(l.name) + ": reading the block's output z is not supported");
-  return in;
-}
-
 // Everything a block keeps from its forward for its backward.
 struct BlockState {
   Recompute policy = Recompute::kNone;
-  // kNone and kModule, per layer: the copies of layer_inputs ([s, r, c_m] or [r, r, c_z]).
+  // kNone and kModule, per layer: the copies of saved_inputs ([s, r, c_m] or [r, r, c_z]).
   std::vector<Tensor> in_updated, in_read;
   // kNone: the layers' saved states besides their inputs (per chunk where the layer chunks).
   std::vector<LayerState> layers;
@@ -200,7 +182,7 @@ void block_forward(const BlockTable& t, const void* w, const BlockContext& ctx, 
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& l = t.layers[i];
     if (policy != Recompute::kBlock) {
-      const LayerInputs in = layer_inputs(t, i);
+      const SavedInputs in = saved_inputs(t, i);
       if (in.updated) st->in_updated[i] = copy(l.updates);
       if (in.read) st->in_read[i] = copy(l.reads);
     }
@@ -240,15 +222,10 @@ void block_backward(const BlockTable& t, const void* w, void* g, const BlockCont
 }
 
 // The block's input m as kept by its state (what the previous block's OPM read).
-// Under kNone / kModule it is the first copy of m the block's layers took.
 Tensor block_input_m(const BlockTable& t, const BlockState& st) {
   if (st.policy == Recompute::kBlock) return st.m0;
-  for (int i = 0; i < t.count; ++i) {
-    if (t.layers[i].updates == Stream::kM && st.in_updated[i].defined()) return st.in_updated[i];
-    if (t.layers[i].reads == Stream::kM && st.in_read[i].defined()) return st.in_read[i];
-  }
-  FC_CHECK_MSG(false, std::string(t.name) + ": no layer keeps the block's input m");
-  return Tensor();
+  const int i = block_input_m_layer(t);
+  return t.layers[i].updates == Stream::kM ? st.in_updated[i] : st.in_read[i];
 }
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
