@@ -430,6 +430,25 @@ void triangle_multiplication_shard(const TriangleMultiplicationW& w, const Block
   tri_mul_impl(w, ctx, true, left_is_b, rows, mask, &gather, z);
 }
 
+int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z, co = cfg.c_hidden_opm;
+  const int64_t ab = 2 * s * cols * co;  // a, b
+  const int64_t ch1 = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
+  const int64_t ch2 = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
+  const int64_t gathered = parts > 1 ? s * r * co : 0;
+  return kF * std::max({ab + ch1 * cols * (cm + 2 * co), ab + gathered,
+                        s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
+                            ch2 * (2 * co * r * co + r * cz)});
+}
+
+int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  const int64_t ch2 = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
+  return ct * rows * r * kF +
+         std::max(tri_mul_phase1(ctx, rows, parts).bytes, ch2 * r * (ct + 3 * cz) * kF);
+}
+
 int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z;
@@ -456,20 +475,10 @@ int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
       const int64_t nc = cfg.transition_n * c;
       return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
     }
-    case LayerKind::kOuterProductMean: {
-      const int64_t co = cfg.c_hidden_opm;
-      const int64_t ab = 2 * s * r * co * kF;
-      const int64_t ch1 = pick_chunk(ctx, s, r * (cm + 2 * co) * kF);
-      const int64_t ch2 = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-      return ab + std::max(ch1 * r * (cm + 2 * co) * kF,
-                           r * r * kF + ch2 * (2 * co * r * co + r * cz) * kF);
-    }
-    case LayerKind::kTriangleMultiplication: {
-      const int64_t ct = cfg.c_hidden_mul;
-      const int64_t ch2 = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
-      return ct * r * r * kF +
-             std::max(tri_mul_phase1(ctx, r, 1).bytes, ch2 * r * (ct + 3 * cz) * kF);
-    }
+    case LayerKind::kOuterProductMean:
+      return outer_product_mean_shard_bytes(ctx, r, 1);
+    case LayerKind::kTriangleMultiplication:
+      return triangle_multiplication_shard_bytes(ctx, r, 1);
   }
   return 0;
 }

@@ -92,6 +92,15 @@ void triangle_multiplication_shard(const TriangleMultiplicationW& w, const Block
                                    bool left_is_b, int64_t rows, const float* mask,
                                    const ShardGather& gather, float* z);
 
+// Workspaces of the shard forms on `cols` (`rows`) of the ctx.r residues with `parts` shards (the
+// single-process modules are parts = 1 on all r): outer_product_mean_shard keeps a, b
+// [s, cols, c_o] beside the projection chunk, then a, every shard's b, the mask counts [cols, r]
+// and the outer-product chunk; triangle_multiplication_shard keeps the products [c_t, rows, r]
+// beside phase 1 (A, B, LN_in(z), the projection chunk, a group's weights and the gathered right
+// operand) or the output chunk.
+int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts);
+int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts);
+
 // Peak bytes a module allocates on top of its inputs (the memory model of the inference path;
 // tests check it against the tracking allocator). Module names as in the golden traces.
 int64_t module_workspace_bytes(const char* module, const BlockContext& ctx);
