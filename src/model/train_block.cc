@@ -42,53 +42,6 @@ Status parse_recompute(const std::string& name, Recompute* out) {
   return Status::OK();
 }
 
-namespace {
-
-Tensor copy_of(const float* p, const Shape& shape) {
-  Tensor t = Tensor::empty(shape);
-  std::memcpy(t.f32(), p, t.nbytes());
-  return t;
-}
-
-// A layer's saved state under policy none (the member of the layer's kind is used).
-struct LayerState {
-  AttentionState att;
-  TransitionState trans;
-  OuterProductMeanState opm;
-  TriangleMultiplicationState tri;
-};
-
-// Everything a block keeps from its forward for its backward.
-struct BlockState {
-  Recompute policy = Recompute::kNone;
-  // kNone and kModule, per layer: the copies of saved_inputs ([s, r, c_m] or [r, r, c_z]).
-  std::vector<Tensor> in_updated, in_read;
-  // kNone: the layers' saved states besides their inputs (per chunk where the layer chunks).
-  std::vector<LayerState> layers;
-  // kBlock: the block input.
-  Tensor m0, z0;
-};
-
-// Module timer of a profiled step (TrainOptions::profile); a null clock runs f untimed.
-// phase: 0 forward, 1 backward, 2 the block re-run of policy block.
-struct ModuleClock {
-  std::vector<ModuleTime>* out = nullptr;
-  int phase = 0;
-  template <typename F>
-  void run(const char* module, F&& f) const {
-    if (out == nullptr) return f();
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    const double ms =
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    auto it = std::find_if(out->begin(), out->end(),
-                           [&](const ModuleTime& t) { return t.module == module; });
-    if (it == out->end()) it = out->insert(out->end(), ModuleTime{module});
-    (phase == 0 ? it->forward_ms : phase == 1 ? it->backward_ms : it->recompute_ms) += ms;
-  }
-};
-
-// The training forward of one layer; st == nullptr keeps nothing (policy module).
 void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, float* m, float* z,
                  LayerState* st) {
   switch (l.kind) {
@@ -121,9 +74,6 @@ void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, flo
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
 
-// The backward of one layer (conventions of train.h). x_in: its input of the stream it updates;
-// read_in: the input of the stream it reads; st: its state (empty under policy module, when the
-// layer recomputes what it needs).
 void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockContext& ctx,
                     const float* x_in, const float* read_in, LayerState* st, float* dm, float* dz) {
   float* dx = l.updates == Stream::kM ? dm : dz;
@@ -162,6 +112,44 @@ void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockConte
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
+
+namespace {
+
+Tensor copy_of(const float* p, const Shape& shape) {
+  Tensor t = Tensor::empty(shape);
+  std::memcpy(t.f32(), p, t.nbytes());
+  return t;
+}
+
+// Everything a block keeps from its forward for its backward.
+struct BlockState {
+  Recompute policy = Recompute::kNone;
+  // kNone and kModule, per layer: the copies of saved_inputs ([s, r, c_m] or [r, r, c_z]).
+  std::vector<Tensor> in_updated, in_read;
+  // kNone: the layers' saved states besides their inputs (per chunk where the layer chunks).
+  std::vector<LayerState> layers;
+  // kBlock: the block input.
+  Tensor m0, z0;
+};
+
+// Module timer of a profiled step (TrainOptions::profile); a null clock runs f untimed.
+// phase: 0 forward, 1 backward, 2 the block re-run of policy block.
+struct ModuleClock {
+  std::vector<ModuleTime>* out = nullptr;
+  int phase = 0;
+  template <typename F>
+  void run(const char* module, F&& f) const {
+    if (out == nullptr) return f();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    auto it = std::find_if(out->begin(), out->end(),
+                           [&](const ModuleTime& t) { return t.module == module; });
+    if (it == out->end()) it = out->insert(out->end(), ModuleTime{module});
+    (phase == 0 ? it->forward_ms : phase == 1 ? it->backward_ms : it->recompute_ms) += ms;
+  }
+};
 
 // The block forward with every layer's training function, saving inputs and states as the
 // policy says.
