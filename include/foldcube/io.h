@@ -23,13 +23,13 @@ struct TensorFile {
   Status get_f32(const std::string& name, const Shape& shape, Tensor* out) const;
 };
 
-// Reads a whole safetensors file. Supported dtypes: F32, F64 (others: a clear error).
+// Reads a whole safetensors file. Supported dtypes: F32, F64, I64, I32 (others: a clear error).
 // Validates everything before trusting it: header length within the file, JSON well formed,
 // dtype/shape/offsets consistent, offsets in range, tensors non-overlapping, no trailing gap
 // the header does not account for. Never crashes on hostile input.
 Status read_safetensors(const std::string& path, TensorFile* out);
 
-// Writes tensors (F32 or F64, any strides) in names order with the given metadata.
+// Writes tensors (F32, F64, I64 or I32, any strides) in names order with the given metadata.
 // Writes to path.tmp and renames, so a failed write never leaves a half file at path.
 Status write_safetensors(const std::string& path, const TensorFile& file);
 
