@@ -86,6 +86,12 @@ TEST(BlockTable, EveryLayerHasItsWeights) {
   EXPECT_EQ(
       &layer_params<MsaColumnGlobalAttentionW>(*find_layer(kExtraMsaBlock, "msa_att_col"), &extra),
       &extra.msa_att_col);
+  // The template pair block: pair layers only, in the template order, on BlockWeights.
+  for (const LayerDesc& l : kTemplatePairBlock) {
+    EXPECT_EQ(l.updates, Stream::kZ) << l.name;
+    EXPECT_EQ(l.params(&evo), find_layer(kEvoformerBlock, l.name)->params(&evo)) << l.name;
+  }
+  EXPECT_EQ(std::string(kTemplatePairBlock.layers[0].name), "tri_att_start");
   EXPECT_DEATH(layer_params<TransitionW>(*find_layer(kEvoformerBlock, "tri_mul_in"), &evo),
                "no TransitionW");
 }

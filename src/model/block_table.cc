@@ -60,6 +60,20 @@ constexpr LayerDesc kExtraMsaLayers[] = {
     {"pair_transition", K::kTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
      A::kPairPositions, FC_PARAMS(ExtraMsaBlockWeights, pair_transition)},
 };
+// The AF2 template pair block (OpenFold TemplatePairStackBlock): the pair layers in the template
+// order, attention first; weights: BlockWeights (its MSA layers unused).
+constexpr LayerDesc kTemplatePairLayers[] = {
+    {"tri_att_start", K::kTriangleAttention, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_att_start)},
+    {"tri_att_end", K::kTriangleAttention, S::kZ, S::kNone, true, R::kPair, D::kColumns,
+     A::kPairColumns, FC_PARAMS(BlockWeights, tri_att_end)},
+    {"tri_mul_out", K::kTriangleMultiplication, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_mul_out)},
+    {"tri_mul_in", K::kTriangleMultiplication, S::kZ, S::kNone, true, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_mul_in)},
+    {"pair_transition", K::kTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
+     A::kPairPositions, FC_PARAMS(BlockWeights, pair_transition)},
+};
 #undef FC_PARAMS
 
 template <typename T, size_t N>
@@ -70,6 +84,8 @@ constexpr int count_of(const T (&)[N]) {
 
 const BlockTable kEvoformerBlock = {"evoformer", kEvoformerLayers, count_of(kEvoformerLayers)};
 const BlockTable kExtraMsaBlock = {"extra_msa", kExtraMsaLayers, count_of(kExtraMsaLayers)};
+const BlockTable kTemplatePairBlock = {"template_pair", kTemplatePairLayers,
+                                       count_of(kTemplatePairLayers)};
 
 const LayerDesc* find_layer(const BlockTable& table, const char* name) {
   for (const LayerDesc& l : table)

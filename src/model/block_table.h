@@ -76,6 +76,9 @@ struct BlockTable {
 extern const BlockTable kEvoformerBlock;
 // OpenFold ExtraMSABlock; weights: ExtraMsaBlockWeights.
 extern const BlockTable kExtraMsaBlock;
+// AF2 template pair stack block: pair layers only, attention first; weights: BlockWeights (the
+// MSA layers' part unused), m not read (nullptr).
+extern const BlockTable kTemplatePairBlock;
 
 // The layer named `name` in `table`, or nullptr.
 const LayerDesc* find_layer(const BlockTable& table, const char* name);
