@@ -27,9 +27,6 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
   return h;
 }
 
-// Layouts of a stream shard (see dap.h).
-enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
-
 // The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
 // m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
 Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
@@ -156,22 +153,6 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
   return out;
 }
 
-namespace {
-// The streams' shards during a block and their current layouts.
-struct DapStreams {
-  Tensor m;  // [s_loc, r_pad, c_m] by sequences or [s_pad, r_loc, c_m] by residues
-  Shard m_how = Shard::kMsaBySeq;
-  Tensor z;  // [r_loc, r_pad, c_z] rows of z or of z^T
-  Shard z_how = Shard::kPairRows;
-};
-
-// The layouts a layer of the block table runs in (nullopt: any, pointwise layers stay in the
-// current one): row attention needs m by sequences and z by rows (its bias); column attention m
-// by residues; the OPM m by residues and z by rows; the triangle layers z by rows, or rows of z^T
-// when transposed (incoming, ending node).
-struct DapLayerLayout {
-  std::optional<Shard> m, z;
-};
 DapLayerLayout dap_layer_layout(const LayerDesc& ly) {
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention:
@@ -193,19 +174,48 @@ DapLayerLayout dap_layer_layout(const LayerDesc& ly) {
   return {};
 }
 
-// Brings a stream's shard into layout `how` (an all-to-all when it changes).
-void to_layout(DapStreams* st, Shard how, const DapLayout& l, const dist::Communicator& comm) {
-  if (how == Shard::kMsaBySeq || how == Shard::kMsaByRes) {
-    if (st->m_how == how) return;
-    st->m = how == Shard::kMsaByRes ? msa_rows_to_cols(std::move(st->m), l, comm)
-                                    : msa_cols_to_rows(std::move(st->m), l, comm);
-    st->m_how = how;
-  } else {
-    if (st->z_how == how) return;
-    st->z = pair_transpose(std::move(st->z), l, comm);
-    st->z_how = how;
-  }
+int dap_last_use(const BlockTable& t, Stream x) {
+  int last = -1;
+  for (int i = 0; i < t.count; ++i)
+    if (t.layers[i].updates == x || t.layers[i].reads == x) last = i;
+  return last;
 }
+
+std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t) {
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  Shard m = Shard::kMsaBySeq, z = Shard::kPairRows;
+  std::vector<std::pair<Shard, Shard>> out;
+  for (int i = 0; i < t.count; ++i) {
+    const DapLayerLayout want = dap_layer_layout(t.layers[i]);
+    m = want.m.value_or(m);
+    z = want.z.value_or(z);
+    out.emplace_back(m, z);
+    if (i == last_m) m = Shard::kMsaBySeq;
+    if (i == last_z) z = Shard::kPairRows;
+  }
+  return out;
+}
+
+void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
+                   const dist::Communicator& comm) {
+  if (*how == want) return;
+  if (want == Shard::kMsaBySeq)
+    *x = msa_cols_to_rows(std::move(*x), l, comm);
+  else if (want == Shard::kMsaByRes)
+    *x = msa_rows_to_cols(std::move(*x), l, comm);
+  else
+    *x = pair_transpose(std::move(*x), l, comm);
+  *how = want;
+}
+
+namespace {
+// The streams' shards during a block and their current layouts.
+struct DapStreams {
+  Tensor m;  // [s_loc, r_pad, c_m] by sequences or [s_pad, r_loc, c_m] by residues
+  Shard m_how = Shard::kMsaBySeq;
+  Tensor z;  // [r_loc, r_pad, c_z] rows of z or of z^T
+  Shard z_how = Shard::kPairRows;
+};
 
 // One layer on this rank's shards, in the layouts dap_layer_layout gives.
 void dap_layer_forward(const LayerDesc& ly, const BlockWeights& bw, const DapShards& sh,
@@ -253,14 +263,6 @@ void dap_layer_forward(const LayerDesc& ly, const BlockWeights& bw, const DapSha
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
 }
 
-// The last layer of the table that updates or reads `x`: after it the stream goes back to its
-// block-boundary layout (m by sequences, z by rows).
-int last_use(const BlockTable& t, Stream x) {
-  int last = -1;
-  for (int i = 0; i < t.count; ++i)
-    if (t.layers[i].updates == x || t.layers[i].reads == x) last = i;
-  return last;
-}
 }  // namespace
 
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank) {
@@ -476,19 +478,19 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   // The block table's layers, each in its shard layout: an all-to-all where the layout changes,
   // and each stream back to its block-boundary layout after its last use in the block.
   const BlockTable& table = kEvoformerBlock;
-  const int last_m = last_use(table, Stream::kM), last_z = last_use(table, Stream::kZ);
+  const int last_m = dap_last_use(table, Stream::kM), last_z = dap_last_use(table, Stream::kZ);
   for (int b = 0; b < cfg.no_blocks; ++b) {
     blk = b;
     for (int i = 0; i < table.count; ++i) {
       const LayerDesc& ly = table.layers[i];
       const DapLayerLayout want = dap_layer_layout(ly);
-      if (want.m) to_layout(&st, *want.m, l, comm);
-      if (want.z) to_layout(&st, *want.z, l, comm);
+      if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
+      if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
       dap_layer_forward(ly, stack.block(b), sh, comm, gather, &st);
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
-      if (i == last_m) to_layout(&st, Shard::kMsaBySeq, l, comm);
-      if (i == last_z) to_layout(&st, Shard::kPairRows, l, comm);
+      if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);
+      if (i == last_z) dap_to_layout(&st.z, &st.z_how, Shard::kPairRows, l, comm);
     }
   }
   const dist::CommStats after_blocks = comm.stats();
