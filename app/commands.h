@@ -36,15 +36,16 @@ struct RunArgs {
   std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
   std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
   int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
-  int dp = 1;                 // data parallelism (training): this many DAP groups, one protein each
-  std::string plan;           // "auto" (make_plan under --memory-budget) or a plan JSON file
-  std::string plan_profile;   // device profile for --plan (default: this machine's, cached)
-  std::string model;          // "" (a stack) or "af2" (the whole AlphaFold2 model)
-  std::string features;       // --model af2: safetensors with feature.<name> tensors
-  int recycles = -1;          // --model af2: recycling iterations (-1 = as many as the features)
-  int64_t extra = 1024;       // --model af2, random features: extra sequences
-  int64_t templates = 4;      // --model af2, random features: templates
-  bool blocks_given = false;  // --blocks was on the command line
+  int dp = 1;                // data parallelism (training): this many DAP groups, one protein each
+  std::string plan;          // "auto" (make_plan under --memory-budget) or a plan JSON file
+  std::string plan_profile;  // device profile for --plan (default: this machine's, cached)
+  std::string model;         // "" (a stack) or "af2" (the whole AlphaFold2 model)
+  std::string features;      // --model af2: safetensors with feature.<name> tensors
+  int recycles = -1;         // --model af2: recycling iterations (-1 = as many as the features)
+  double recycle_tolerance = 0;  // --model af2: early stop (CA distance change, A); 0 = off
+  int64_t extra = 1024;          // --model af2, random features: extra sequences
+  int64_t templates = 4;         // --model af2, random features: templates
+  bool blocks_given = false;     // --blocks was on the command line
 };
 int run_command(const RunArgs& a);
 // `run --model af2`: the whole AlphaFold2 model (app/run_af2.cc).

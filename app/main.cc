@@ -72,6 +72,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 20));
   run->add_option("--templates", ra.templates, "--model af2, random features: templates")
       ->check(CLI::Range(0, 64));
+  run->add_option("--recycle-tolerance", ra.recycle_tolerance,
+                  "--model af2: stop recycling once the CA distance matrix changes by less than "
+                  "this (RMS, Angstrom) between passes (0 = run every pass)")
+      ->check(CLI::Range(0.0, 1e6));
   run->add_option("--recycles", ra.recycles,
                   "--model af2: recycling iterations (default: as many as the features hold)")
       ->check(CLI::Range(0, 1000));

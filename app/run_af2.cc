@@ -106,6 +106,7 @@ int run_af2(const RunArgs& a) {
   opts.chunk = a.chunk;
   opts.chunk_target_bytes = chunk_target;
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
+  opts.recycle_tolerance = a.recycle_tolerance;
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
   std::map<std::string, Tensor> out;

@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
-#include <ostream>
 #include <memory>
+#include <ostream>
 #include <set>
 #include <string>
 #include <vector>
@@ -180,6 +180,38 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
                       " --memory-budget 1GiB");
   EXPECT_EQ(bad.code, 1) << bad.out;
   std::filesystem::remove_all(dir);
+}
+
+// Early stop: a huge tolerance stops after the second pass (num_recycles = 2) and the outputs are
+// that pass's; a zero tolerance runs every pass.
+TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  std::map<std::string, Tensor> out;
+  AlphaFoldOptions opts;
+  opts.recycle_tolerance = 1e9;
+  std::map<int, Tensor> per_pass;  // final_atom_positions of each pass
+  opts.trace = [&](int pass, const std::string& stage, int, const Tensor& v) {
+    if (stage == "final_atom_positions") per_pass[pass] = v.clone();
+  };
+  ASSERT_TRUE(model.forward(feats, &out, opts).ok());
+  EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 2);
+  EXPECT_EQ(per_pass.size(), 2u);
+  EXPECT_EQ(golden_metric(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
+  opts.recycle_tolerance = 0;
+  opts.passes = 1;
+  ASSERT_TRUE(model.forward(feats, &out, opts).ok());
+  EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 1);
+  EXPECT_LT(golden_metric(out.at("final_atom_positions"),
+                          f.tensors.at("trace.iter0.final_atom_positions")),
+            5e-4);
 }
 
 // Features that are wrong in one place give an error naming the feature, never a crash.

@@ -59,6 +59,9 @@ struct AlphaFoldOptions {
   int64_t chunk = 0;               // items per chunk in the stacks' modules; 0 = automatic
   int64_t chunk_target_bytes = 0;  // automatic chunking target; 0 = default
   int passes = 0;                  // recycling passes to run; 0 = all R of the features
+  // Early stop: after a pass whose CA distance matrix changed by less than this (root mean square,
+  // Angstrom) from the previous pass, the heads run and no further pass does; 0 = off.
+  double recycle_tolerance = 0;
   // Called with intermediate values: pass, golden stage name (e.g. "input_embedder.m",
   // "template.pair_stack"), index (the template for per-template stages, the layer for sm.*
   // stages, else -1) and the value.

@@ -382,6 +382,32 @@ Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes
   return Status::OK();
 }
 
+// Change of the CA distance matrix between two passes' atom37 positions [r, 37, 3]:
+// sqrt(masked mean over residue pairs of (d_ij - d'_ij)^2 + 1e-8), in Angstrom (the early-stop
+// criterion of later AlphaFold releases).
+double ca_distance_change(const Tensor& prev, const Tensor& cur, const Tensor& seq_mask) {
+  const int64_t r = seq_mask.dim(0);
+  constexpr int kCA = 1;
+  auto dist = [&](const Tensor& x, int64_t i, int64_t j) {
+    double d2 = 0;
+    for (int c = 0; c < 3; ++c) {
+      const double d = static_cast<double>(x.f32()[(i * af2::kAtom37 + kCA) * 3 + c]) -
+                       x.f32()[(j * af2::kAtom37 + kCA) * 3 + c];
+      d2 += d * d;
+    }
+    return std::sqrt(d2);
+  };
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const double w = static_cast<double>(seq_mask.f32()[i]) * seq_mask.f32()[j];
+      const double d = dist(prev, i, j) - dist(cur, i, j);
+      num += w * d * d;
+      den += w;
+    }
+  return std::sqrt(num / std::max(den, 1e-10) + 1e-8);
+}
+
 // Pair mask [r, r] = seq_mask_i seq_mask_j.
 Tensor pair_mask_of(const Tensor& seq_mask) {
   const int64_t r = seq_mask.dim(0);
@@ -499,7 +525,9 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
                           sm_out.positions.f32() + (L - 1) * r * af2::kAtom14 * 3, r, x37.f32(),
                           mask37.f32());
     emit("final_atom_positions", -1, x37);
-    if (k + 1 == passes) {
+    const bool converged = opts.recycle_tolerance > 0 && k > 0 &&
+                           ca_distance_change(x_prev, x37, f.seq_mask) < opts.recycle_tolerance;
+    if (k + 1 == passes || converged) {
       FC_RETURN_IF_ERROR(stage("heads", [&] {
         run_heads(f, m_all, z, s, sm_out, &result);
         return Status::OK();
@@ -518,8 +546,9 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
       result["sm.states"] = sm_out.states;
       result["sm.single"] = sm_out.single;
       Tensor nrec = Tensor::empty({}, DType::I64);
-      nrec.data<int64_t>()[0] = passes;
+      nrec.data<int64_t>()[0] = k + 1;
       result["num_recycles"] = nrec;
+      break;
     }
     m_prev = m_all.select(0, 0).contiguous();
     z_prev = z;
