@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -9,6 +10,7 @@
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/weights.h"
@@ -24,9 +26,6 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
   for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
   return h;
 }
-
-// Layouts of a stream shard (see dap.h).
-enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
 
 // The whole stream, unpadded, on the root of tc (collective; undefined on the other ranks):
 // m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
@@ -153,6 +152,118 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
   join_column_blocks(recv.f32(), l.n, rl, rl, c, out.f32());
   return out;
 }
+
+DapLayerLayout dap_layer_layout(const LayerDesc& ly) {
+  switch (ly.kind) {
+    case LayerKind::kMsaRowAttention:
+      return {Shard::kMsaBySeq, Shard::kPairRows};
+    case LayerKind::kMsaColumnAttention:
+      return {Shard::kMsaByRes, std::nullopt};
+    case LayerKind::kTransition:
+      return {};
+    case LayerKind::kOuterProductMean:
+      return {Shard::kMsaByRes, Shard::kPairRows};
+    case LayerKind::kTriangleMultiplication:
+    case LayerKind::kTriangleAttention:
+      return {std::nullopt, ly.transposed ? Shard::kPairRowsT : Shard::kPairRows};
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
+  return {};
+}
+
+int dap_last_use(const BlockTable& t, Stream x) {
+  int last = -1;
+  for (int i = 0; i < t.count; ++i)
+    if (t.layers[i].updates == x || t.layers[i].reads == x) last = i;
+  return last;
+}
+
+std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t) {
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  Shard m = Shard::kMsaBySeq, z = Shard::kPairRows;
+  std::vector<std::pair<Shard, Shard>> out;
+  for (int i = 0; i < t.count; ++i) {
+    const DapLayerLayout want = dap_layer_layout(t.layers[i]);
+    m = want.m.value_or(m);
+    z = want.z.value_or(z);
+    out.emplace_back(m, z);
+    if (i == last_m) m = Shard::kMsaBySeq;
+    if (i == last_z) z = Shard::kPairRows;
+  }
+  return out;
+}
+
+void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
+                   const dist::Communicator& comm) {
+  if (*how == want) return;
+  if (want == Shard::kMsaBySeq)
+    *x = msa_cols_to_rows(std::move(*x), l, comm);
+  else if (want == Shard::kMsaByRes)
+    *x = msa_rows_to_cols(std::move(*x), l, comm);
+  else
+    *x = pair_transpose(std::move(*x), l, comm);
+  *how = want;
+}
+
+namespace {
+// The streams' shards during a block and their current layouts.
+struct DapStreams {
+  Tensor m;  // [s_loc, r_pad, c_m] by sequences or [s_pad, r_loc, c_m] by residues
+  Shard m_how = Shard::kMsaBySeq;
+  Tensor z;  // [r_loc, r_pad, c_z] rows of z or of z^T
+  Shard z_how = Shard::kPairRows;
+};
+
+// One layer on this rank's shards, in the layouts dap_layer_layout gives.
+void dap_layer_forward(const LayerDesc& ly, const BlockWeights& bw, const DapShards& sh,
+                       const dist::Communicator& comm, const ShardGather& gather, DapStreams* st) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  const DapLayout& l = sh.l;
+  const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad, me = l.rank;
+  const bool zt = st->z_how == Shard::kPairRowsT;
+  switch (ly.kind) {
+    case LayerKind::kMsaRowAttention: {
+      const MsaRowAttentionW& w = layer_params<MsaRowAttentionW>(ly, &bw);
+      Tensor bias = gathered_pair_bias(w.ln_z, w.lin_z, sh.full, l, st->z.f32(),
+                                       comm);  // [H_m, r_pad, r_pad]
+      return attention_rows(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, sh.row,
+                            st->m.f32(), sl, rp, cfg.c_m, sh.msa_bias_rows, bias.f32());
+    }
+    case LayerKind::kMsaColumnAttention:
+      return msa_column_attention(layer_params<MsaColumnAttentionW>(ly, &bw), sh.col, st->m.f32());
+    case LayerKind::kTransition: {
+      const TransitionW& w = layer_params<TransitionW>(ly, &bw);
+      if (ly.updates == Stream::kZ) return transition(w, sh.full, st->z.f32(), rl * rp, cfg.c_z);
+      return st->m_how == Shard::kMsaByRes ? transition(w, sh.col, st->m.f32(), sp * rl, cfg.c_m)
+                                           : transition(w, sh.row, st->m.f32(), sl * rp, cfg.c_m);
+    }
+    case LayerKind::kOuterProductMean:
+      return outer_product_mean_shard(layer_params<OuterProductMeanW>(ly, &bw), sh.full,
+                                      st->m.f32(), me * rl, rl, sh.msa_mask_cols.f32(), gather,
+                                      st->z.f32());
+    case LayerKind::kTriangleMultiplication:
+      return triangle_multiplication_shard(
+          layer_params<TriangleMultiplicationW>(ly, &bw), sh.full, zt, rl,
+          (zt ? sh.pair_mask_t : sh.pair_mask).f32() + me * rl * rp, gather, st->z.f32());
+    case LayerKind::kTriangleAttention: {
+      const TriangleAttentionW& w = layer_params<TriangleAttentionW>(ly, &bw);
+      Tensor bias = gathered_pair_bias(w.ln, w.lin, sh.full, l, st->z.f32(),
+                                       comm);  // [H_p, r_pad, r_pad]
+      return attention_rows(w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, sh.full,
+                            st->z.f32(), rl, rp, cfg.c_z,
+                            zt ? sh.pair_bias_t_rows : sh.pair_bias_rows, bias.f32());
+    }
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
+}
+
+}  // namespace
 
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank) {
   DapLayout l;
@@ -328,8 +439,11 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
                                        opts.chunk_target_bytes, num_threads());
 
   // Shards: m by sequences [s_loc, r_pad, c_m], z by rows [r_loc, r_pad, c_z].
-  Tensor mr = Tensor::empty({sl, rp, cm});
-  Tensor zr = Tensor::empty({rl, rp, cz});
+  DapStreams st;
+  st.m = Tensor::empty({sl, rp, cm});
+  st.z = Tensor::empty({rl, rp, cz});
+  Tensor& mr = st.m;
+  Tensor& zr = st.z;
   {
     Tensor mp, zp;  // padded inputs on the root: [s_pad, r_pad, c_m], [r_pad, r_pad, c_z]
     if (me == 0) {
@@ -345,16 +459,8 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
 
   // Contexts of the shards (masks in full; the modules see the shard's sizes).
   const int64_t mz_loc = (sl * rp * cm + rl * rp * cz) * kF;
-  const BlockContext& row = sh.row;    // m by sequences: row attention over r_pad residues
-  const BlockContext& col = sh.col;    // m by residues: column attention over s_pad sequences
-  const BlockContext& full = sh.full;  // outer product mean and pair modules: all r_pad columns
   const ShardGather gather{
       n, [&](const float* mine, int64_t count, float* all) { comm.all_gather(mine, all, count); }};
-  const float* msa_bias_rows = sh.msa_bias_rows;    // [s_loc, r_pad]
-  const float* pair_bias_rows = sh.pair_bias_rows;  // [r_loc, r_pad]
-  const float* pair_bias_t_rows = sh.pair_bias_t_rows;
-  const float* pair_mask_rows = sh.pair_mask.f32() + me * rl * rp;
-  const float* pair_mask_t_rows = sh.pair_mask_t.f32() + me * rl * rp;
 
   const bool tracing = opts.trace != nullptr;
   if (!comm.all_equal(tracing))
@@ -369,50 +475,23 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   };
 
   const dist::CommStats before_blocks = comm.stats();
+  // The block table's layers, each in its shard layout: an all-to-all where the layout changes,
+  // and each stream back to its block-boundary layout after its last use in the block.
+  const BlockTable& table = kEvoformerBlock;
+  const int last_m = dap_last_use(table, Stream::kM), last_z = dap_last_use(table, Stream::kZ);
   for (int b = 0; b < cfg.no_blocks; ++b) {
     blk = b;
-    const BlockWeights& w = StackAccess::block(stack, b);
-    {
-      Tensor bias = gathered_pair_bias(w.msa_att_row.ln_z, w.msa_att_row.lin_z, full, l, zr.f32(),
-                                       comm);  // [H_m, r_pad, r_pad]
-      attention_rows(w.msa_att_row.ln_m, w.msa_att_row.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att,
-                     row, mr.f32(), sl, rp, cm, msa_bias_rows, bias.f32());
+    for (int i = 0; i < table.count; ++i) {
+      const LayerDesc& ly = table.layers[i];
+      const DapLayerLayout want = dap_layer_layout(ly);
+      if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
+      if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
+      dap_layer_forward(ly, StackAccess::block(stack, b), sh, comm, gather, &st);
+      const bool is_m = ly.updates == Stream::kM;
+      trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
+      if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);
+      if (i == last_z) dap_to_layout(&st.z, &st.z_how, Shard::kPairRows, l, comm);
     }
-    trace("msa_att_row", mr, Shard::kMsaBySeq);
-    Tensor mc = msa_rows_to_cols(std::move(mr), l, comm);  // [s_pad, r_loc, c_m]
-    msa_column_attention(w.msa_att_col, col, mc.f32());
-    trace("msa_att_col", mc, Shard::kMsaByRes);
-    transition(w.msa_transition, col, mc.f32(), sp * rl, cm);
-    trace("msa_transition", mc, Shard::kMsaByRes);
-    outer_product_mean_shard(w.outer_product_mean, full, mc.f32(), me * rl, rl,
-                             sh.msa_mask_cols.f32(), gather, zr.f32());
-    trace("outer_product_mean", zr, Shard::kPairRows);
-    mr = msa_cols_to_rows(std::move(mc), l, comm);
-
-    triangle_multiplication_shard(w.tri_mul_out, full, false, rl, pair_mask_rows, gather, zr.f32());
-    trace("tri_mul_out", zr, Shard::kPairRows);
-    Tensor zt = pair_transpose(std::move(zr), l, comm);  // rows of z^T [r_loc, r_pad, c_z]
-    triangle_multiplication_shard(w.tri_mul_in, full, true, rl, pair_mask_t_rows, gather, zt.f32());
-    trace("tri_mul_in", zt, Shard::kPairRowsT);
-    zr = pair_transpose(std::move(zt), l, comm);
-    {
-      Tensor bias = gathered_pair_bias(w.tri_att_start.ln, w.tri_att_start.lin, full, l, zr.f32(),
-                                       comm);  // [H_p, r_pad, r_pad]
-      attention_rows(w.tri_att_start.ln, w.tri_att_start.mha, cfg.no_heads_pair,
-                     cfg.c_hidden_pair_att, full, zr.f32(), rl, rp, cz, pair_bias_rows, bias.f32());
-    }
-    trace("tri_att_start", zr, Shard::kPairRows);
-    zt = pair_transpose(std::move(zr), l, comm);
-    {
-      Tensor bias = gathered_pair_bias(w.tri_att_end.ln, w.tri_att_end.lin, full, l, zt.f32(),
-                                       comm);  // [H_p, r_pad, r_pad]
-      attention_rows(w.tri_att_end.ln, w.tri_att_end.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att,
-                     full, zt.f32(), rl, rp, cz, pair_bias_t_rows, bias.f32());
-    }
-    trace("tri_att_end", zt, Shard::kPairRowsT);
-    transition(w.pair_transition, full, zt.f32(), rl * rp, cz);
-    trace("pair_transition", zt, Shard::kPairRowsT);
-    zr = pair_transpose(std::move(zt), l, comm);
   }
   const dist::CommStats after_blocks = comm.stats();
 

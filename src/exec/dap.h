@@ -12,11 +12,15 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
+#include <utility>
+#include <vector>
 
 #include "dist/comm.h"
 #include "foldcube/model.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
+#include "model/block_table.h"
 #include "model/modules.h"
 
 namespace fc {
@@ -75,6 +79,28 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
 Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p);
 // The top-left [rows, cols, c] corner of x (x itself when nothing is cropped).
 Tensor crop3(const Tensor& x, int64_t rows, int64_t cols);
+
+// ---- Shard layouts of the block table's layers (src/model/block_table.h) ----------------------
+// Layouts of a stream shard: m by sequences [s_loc, r_pad, c] or by residues [s_pad, r_loc, c];
+// z by rows [r_loc, r_pad, c] or by rows of z^T.
+enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
+// The layouts a layer runs in (nullopt: any; pointwise layers stay in the current one): row
+// attention needs m by sequences and z by rows (its bias); column attention m by residues; the OPM
+// m by residues and z by rows; the triangle layers z by rows, or rows of z^T when transposed.
+struct DapLayerLayout {
+  std::optional<Shard> m, z;
+};
+DapLayerLayout dap_layer_layout(const LayerDesc& ly);
+// The layouts (m, z) each layer of t runs in, starting from the block-boundary layouts (m by
+// sequences, z by rows), each stream restored to them after its last use in the block (the
+// executors' all-to-alls follow this sequence).
+std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t);
+// The last layer of t that updates or reads x (-1: none).
+int dap_last_use(const BlockTable& t, Stream x);
+// Brings a stream shard *x from layout *how to `want` (an all-to-all when it changes; m layouts
+// for the MSA stream, z layouts for the pair stream).
+void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
+                   const dist::Communicator& comm);
 
 // Bytes one rank sends per Evoformer block, from the formulas of docs/dap.md (the dist layer's
 // counting convention: payload addressed to other ranks).

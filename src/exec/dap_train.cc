@@ -192,29 +192,117 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
   return h;
 }
 
-// What a sharded block keeps from its forward for its backward (shards; layouts in brackets).
+// What a sharded block keeps from its forward for its backward (shards).
 struct DapBlockState {
   Recompute policy = Recompute::kNone;
-  // kNone and kModule: module inputs. m_in: before row attention [by sequences], column attention
-  // and MSA transition [by residues] (the OPM's input, m by residues after the transition, is
-  // rebuilt in backward from the block output by one all-to-all); z_in: before row attention and
-  // tri_mul_out [rows], tri_mul_in [z^T rows], tri_att_start [rows], tri_att_end and the pair
-  // transition [z^T rows]. (Row attention and the OPM read the same z rows: z_in[0].)
-  Tensor m_in[3], z_in[6];
-  // kNone: the modules' saved states.
-  AttentionState row, col, tri_start, tri_end;
-  TransitionState msa_trans, pair_trans;
-  OuterProductMeanState opm;
-  TriangleMultiplicationState tri_out, tri_in;
+  // kNone and kModule, per layer: the copies of saved_inputs, in the layouts the layer ran in
+  // (dap_block_layouts). A read stream that is not copied (the OPM's m) is rebuilt in the
+  // backward from the block output by one all-to-all.
+  std::vector<Tensor> in_updated, in_read;
+  // kNone: the layers' saved states.
+  std::vector<LayerState> layers;
   // kBlock: the block input [by sequences], [rows].
   Tensor m0, z0;
 };
 
-// The sharded block forward: mr [s_loc, r_pad, c_m] by sequences and zr [r_loc, r_pad, c_z] by
-// rows in, the same layouts out.
+// One layer's training forward on this rank's shards (m, z in the layer's layouts).
+void dap_layer_train(const LayerDesc& ly, const BlockWeights& bw, const DapShards& sh,
+                     const dist::Communicator& comm, Shard m_how, float* m, float* z,
+                     LayerState* st) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  const DapLayout& l = sh.l;
+  switch (ly.kind) {
+    case LayerKind::kMsaRowAttention:
+      return dap_msa_row_attention_train(layer_params<MsaRowAttentionW>(ly, &bw), sh, comm, m, z,
+                                         st ? &st->att : nullptr);
+    case LayerKind::kMsaColumnAttention:
+      return msa_column_attention_train(layer_params<MsaColumnAttentionW>(ly, &bw), sh.col, m,
+                                        st ? &st->att : nullptr);
+    case LayerKind::kTransition: {
+      const TransitionW& w = layer_params<TransitionW>(ly, &bw);
+      TransitionState* ts = st ? &st->trans : nullptr;
+      if (ly.updates == Stream::kZ)
+        return transition_train(w, sh.full, z, l.r_loc * l.r_pad, cfg.c_z, ts);
+      return m_how == Shard::kMsaByRes
+                 ? transition_train(w, sh.col, m, l.s_pad * l.r_loc, cfg.c_m, ts)
+                 : transition_train(w, sh.row, m, l.s_loc * l.r_pad, cfg.c_m, ts);
+    }
+    case LayerKind::kOuterProductMean: {
+      OuterProductMeanState o;  // the state is built even when it is not kept
+      dap_outer_product_mean_train(layer_params<OuterProductMeanW>(ly, &bw), sh, comm, m, z, &o);
+      if (st) st->opm = std::move(o);
+      return;
+    }
+    case LayerKind::kTriangleMultiplication:
+      return dap_triangle_multiplication_train(layer_params<TriangleMultiplicationW>(ly, &bw), sh,
+                                               comm, ly.transposed, z, st ? &st->tri : nullptr);
+    case LayerKind::kTriangleAttention:
+      return dap_triangle_attention_train(layer_params<TriangleAttentionW>(ly, &bw), sh, comm,
+                                          ly.transposed, z, st ? &st->att : nullptr);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
+}
+
+// Its backward: x_in / read_in as layer_backward (train.h), dm and dz in the layer's layouts.
+void dap_layer_backward(const LayerDesc& ly, const BlockWeights& bw, BlockWeights* g,
+                        const DapShards& sh, const dist::Communicator& comm, Shard m_how,
+                        const float* x_in, const float* read_in, LayerState* st, float* dm,
+                        float* dz) {
+  const EvoformerConfig& cfg = *sh.full.cfg;
+  const DapLayout& l = sh.l;
+  switch (ly.kind) {
+    case LayerKind::kMsaRowAttention:
+      return dap_msa_row_attention_backward(layer_params<MsaRowAttentionW>(ly, &bw),
+                                            &layer_params<MsaRowAttentionW>(ly, g), sh, comm, x_in,
+                                            read_in, &st->att, dm, dz);
+    case LayerKind::kMsaColumnAttention:
+      return msa_column_attention_backward(layer_params<MsaColumnAttentionW>(ly, &bw),
+                                           &layer_params<MsaColumnAttentionW>(ly, g), sh.col, x_in,
+                                           &st->att, dm);
+    case LayerKind::kTransition: {
+      const TransitionW& w = layer_params<TransitionW>(ly, &bw);
+      TransitionW* gw = &layer_params<TransitionW>(ly, g);
+      if (ly.updates == Stream::kZ)
+        return transition_backward(w, gw, sh.full, x_in, &st->trans, dz, l.r_loc * l.r_pad,
+                                   cfg.c_z);
+      return m_how == Shard::kMsaByRes ? transition_backward(w, gw, sh.col, x_in, &st->trans, dm,
+                                                             l.s_pad * l.r_loc, cfg.c_m)
+                                       : transition_backward(w, gw, sh.row, x_in, &st->trans, dm,
+                                                             l.s_loc * l.r_pad, cfg.c_m);
+    }
+    case LayerKind::kOuterProductMean: {
+      const OuterProductMeanW& w = layer_params<OuterProductMeanW>(ly, &bw);
+      if (!st->opm.a.defined())
+        dap_outer_product_mean_train(w, sh, comm, read_in, nullptr, &st->opm);
+      dap_outer_product_mean_backward(w, &layer_params<OuterProductMeanW>(ly, g), sh, comm, read_in,
+                                      st->opm, dz, dm);
+      st->opm = {};
+      return;
+    }
+    case LayerKind::kTriangleMultiplication:
+      return dap_triangle_multiplication_backward(layer_params<TriangleMultiplicationW>(ly, &bw),
+                                                  &layer_params<TriangleMultiplicationW>(ly, g), sh,
+                                                  comm, ly.transposed, x_in, &st->tri, dz);
+    case LayerKind::kTriangleAttention:
+      return dap_triangle_attention_backward(layer_params<TriangleAttentionW>(ly, &bw),
+                                             &layer_params<TriangleAttentionW>(ly, g), sh, comm,
+                                             ly.transposed, x_in, &st->att, dz);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
+}
+
+// The sharded block forward over the block table: mr [s_loc, r_pad, c_m] by sequences and zr
+// [r_loc, r_pad, c_z] by rows in, the same layouts out; each layer in its layouts
+// (dap_block_layouts), its inputs copied as saved_inputs says.
 void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::Communicator& comm,
                        Tensor& mr, Tensor& zr, Recompute policy, DapBlockState* st) {
-  const EvoformerConfig& cfg = *sh.full.cfg;
+  const BlockTable& t = kEvoformerBlock;
   const DapLayout& l = sh.l;
   st->policy = policy;
   if (policy == Recompute::kBlock) {
@@ -222,52 +310,37 @@ void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::C
     st->z0 = zr.clone();
   }
   const bool keep = policy == Recompute::kNone;
-  const bool inputs = policy != Recompute::kBlock;
-  if (inputs) st->m_in[0] = mr.clone(), st->z_in[0] = zr.clone();
-  dap_msa_row_attention_train(w.msa_att_row, sh, comm, mr.f32(), zr.f32(),
-                              keep ? &st->row : nullptr);
-  Tensor mc = msa_rows_to_cols(std::move(mr), l, comm);  // [s_pad, r_loc, c_m]
-  if (inputs) st->m_in[1] = mc.clone();
-  msa_column_attention_train(w.msa_att_col, sh.col, mc.f32(), keep ? &st->col : nullptr);
-  if (inputs) st->m_in[2] = mc.clone();
-  transition_train(w.msa_transition, sh.col, mc.f32(), l.s_pad * l.r_loc, cfg.c_m,
-                   keep ? &st->msa_trans : nullptr);
-  {
-    OuterProductMeanState o;
-    dap_outer_product_mean_train(w.outer_product_mean, sh, comm, mc.f32(), zr.f32(), &o);
-    if (keep) st->opm = std::move(o);
+  st->in_updated.assign(t.count, Tensor());
+  st->in_read.assign(t.count, Tensor());
+  st->layers.assign(t.count, LayerState());
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  Shard m_how = Shard::kMsaBySeq, z_how = Shard::kPairRows;
+  for (int i = 0; i < t.count; ++i) {
+    const LayerDesc& ly = t.layers[i];
+    const DapLayerLayout want = dap_layer_layout(ly);
+    if (want.m) dap_to_layout(&mr, &m_how, *want.m, l, comm);
+    if (want.z) dap_to_layout(&zr, &z_how, *want.z, l, comm);
+    if (policy != Recompute::kBlock) {
+      const SavedInputs in = saved_inputs(t, i);
+      auto copy = [&](Stream x) { return (x == Stream::kM ? mr : zr).clone(); };
+      if (in.updated) st->in_updated[i] = copy(ly.updates);
+      if (in.read) st->in_read[i] = copy(ly.reads);
+    }
+    dap_layer_train(ly, w, sh, comm, m_how, mr.f32(), zr.f32(), keep ? &st->layers[i] : nullptr);
+    if (i == last_m) dap_to_layout(&mr, &m_how, Shard::kMsaBySeq, l, comm);
+    if (i == last_z) dap_to_layout(&zr, &z_how, Shard::kPairRows, l, comm);
   }
-  mr = msa_cols_to_rows(std::move(mc), l, comm);
-  if (inputs) st->z_in[1] = zr.clone();
-  dap_triangle_multiplication_train(w.tri_mul_out, sh, comm, false, zr.f32(),
-                                    keep ? &st->tri_out : nullptr);
-  Tensor zt = pair_transpose(std::move(zr), l, comm);  // z^T rows
-  if (inputs) st->z_in[2] = zt.clone();
-  dap_triangle_multiplication_train(w.tri_mul_in, sh, comm, true, zt.f32(),
-                                    keep ? &st->tri_in : nullptr);
-  zr = pair_transpose(std::move(zt), l, comm);
-  if (inputs) st->z_in[3] = zr.clone();
-  dap_triangle_attention_train(w.tri_att_start, sh, comm, false, zr.f32(),
-                               keep ? &st->tri_start : nullptr);
-  zt = pair_transpose(std::move(zr), l, comm);
-  if (inputs) st->z_in[4] = zt.clone();
-  dap_triangle_attention_train(w.tri_att_end, sh, comm, true, zt.f32(),
-                               keep ? &st->tri_end : nullptr);
-  if (inputs) st->z_in[5] = zt.clone();
-  transition_train(w.pair_transition, sh.full, zt.f32(), l.r_loc * l.r_pad, cfg.c_z,
-                   keep ? &st->pair_trans : nullptr);
-  zr = pair_transpose(std::move(zt), l, comm);
 }
 
 // The sharded block backward: dmr [by sequences], dzr [rows] hold dL/d block output on entry and
 // dL/d block input on exit; m_out: the block's output m [by sequences] (the next block's kept
-// input, or the stack output), from which the OPM's input is rebuilt. Each layout change of the
-// forward is undone by its adjoint (the reverse all-to-all); each module's input is freed after
-// its backward.
+// input, or the stack output), from which a read input that was not copied (the OPM's m) is
+// rebuilt. Before each layer (last first) the gradients are brought to the layouts it ran in,
+// each all-to-all the adjoint of the forward's; each layer's inputs are freed after its backward.
 void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards& sh,
                         const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
                         Tensor& dmr, Tensor& dzr) {
-  const EvoformerConfig& cfg = *sh.full.cfg;
+  const BlockTable& t = kEvoformerBlock;
   const DapLayout& l = sh.l;
   if (st->policy == Recompute::kBlock) {
     // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
@@ -279,45 +352,29 @@ void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards&
     dap_block_backward(w, g, sh, comm, &full, mr, dmr, dzr);
     return;
   }
-  Tensor dzt = pair_transpose(std::move(dzr), l, comm);  // z^T rows [r_loc, r_pad, c_z]
-  transition_backward(w.pair_transition, &g->pair_transition, sh.full, st->z_in[5].f32(),
-                      &st->pair_trans, dzt.f32(), l.r_loc * l.r_pad, cfg.c_z);
-  st->z_in[5] = Tensor();
-  dap_triangle_attention_backward(w.tri_att_end, &g->tri_att_end, sh, comm, true, st->z_in[4].f32(),
-                                  &st->tri_end, dzt.f32());
-  st->z_in[4] = Tensor();
-  dzr = pair_transpose(std::move(dzt), l, comm);
-  dap_triangle_attention_backward(w.tri_att_start, &g->tri_att_start, sh, comm, false,
-                                  st->z_in[3].f32(), &st->tri_start, dzr.f32());
-  st->z_in[3] = Tensor();
-  dzt = pair_transpose(std::move(dzr), l, comm);
-  dap_triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, sh, comm, true,
-                                       st->z_in[2].f32(), &st->tri_in, dzt.f32());
-  st->z_in[2] = Tensor();
-  dzr = pair_transpose(std::move(dzt), l, comm);
-  dap_triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, sh, comm, false,
-                                       st->z_in[1].f32(), &st->tri_out, dzr.f32());
-  st->z_in[1] = Tensor();
-  Tensor dmc = msa_rows_to_cols(std::move(dmr), l, comm);  // [s_pad, r_loc, c_m]
-  {
-    const Tensor m_opm = msa_rows_to_cols(m_out, l, comm);  // the OPM's input [s_pad, r_loc, c_m]
-    if (st->policy == Recompute::kModule)
-      dap_outer_product_mean_train(w.outer_product_mean, sh, comm, m_opm.f32(), nullptr, &st->opm);
-    dap_outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, sh, comm,
-                                    m_opm.f32(), st->opm, dzr.f32(), dmc.f32());
-    st->opm = {};
+  const std::vector<std::pair<Shard, Shard>> layouts = dap_block_layouts(t);
+  Shard dm_how = Shard::kMsaBySeq, dz_how = Shard::kPairRows;
+  for (int i = t.count - 1; i >= 0; --i) {
+    const LayerDesc& ly = t.layers[i];
+    const auto [m_how, z_how] = layouts[i];
+    auto uses = [&](Stream x) { return ly.updates == x || ly.reads == x; };
+    if (uses(Stream::kZ)) dap_to_layout(&dzr, &dz_how, z_how, l, comm);
+    if (uses(Stream::kM)) dap_to_layout(&dmr, &dm_how, m_how, l, comm);
+    Tensor read = st->in_read[i];
+    if (ly.reads == Stream::kM && !read.defined()) {  // the block output in the layer's layout
+      Shard how = Shard::kMsaBySeq;
+      read = m_out;
+      dap_to_layout(&read, &how, m_how, l, comm);
+    }
+    dap_layer_backward(ly, w, g, sh, comm, m_how,
+                       st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr,
+                       read.defined() ? read.f32() : nullptr, &st->layers[i], dmr.f32(), dzr.f32());
+    read = Tensor();
+    st->in_updated[i] = Tensor();
+    st->in_read[i] = Tensor();
   }
-  transition_backward(w.msa_transition, &g->msa_transition, sh.col, st->m_in[2].f32(),
-                      &st->msa_trans, dmc.f32(), l.s_pad * l.r_loc, cfg.c_m);
-  st->m_in[2] = Tensor();
-  msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, sh.col, st->m_in[1].f32(), &st->col,
-                                dmc.f32());
-  st->m_in[1] = Tensor();
-  dmr = msa_cols_to_rows(std::move(dmc), l, comm);
-  dap_msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, sh, comm, st->m_in[0].f32(),
-                                 st->z_in[0].f32(), &st->row, dmr.f32(), dzr.f32());
-  st->m_in[0] = Tensor();
-  st->z_in[0] = Tensor();
+  dap_to_layout(&dzr, &dz_how, Shard::kPairRows, l, comm);
+  dap_to_layout(&dmr, &dm_how, Shard::kMsaBySeq, l, comm);
 }
 
 // Padded [rows_p, cols_p, c] copy of x on the root, scattered by rows: this rank's
@@ -415,7 +472,11 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
     grads[b] = std::make_unique<BlockWeights>();
     allocate_block_grads(cfg, grads[b].get());
     // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
-    const Tensor m_in = states[b]->policy == Recompute::kBlock ? states[b]->m0 : states[b]->m_in[0];
+    const DapBlockState& sb = *states[b];
+    const int i0 = block_input_m_layer(kEvoformerBlock);
+    const Tensor m_in = sb.policy == Recompute::kBlock                     ? sb.m0
+                        : kEvoformerBlock.layers[i0].updates == Stream::kM ? sb.in_updated[i0]
+                                                                           : sb.in_read[i0];
     dap_block_backward(StackAccess::block(stack, b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
     states[b].reset();
     m_out = m_in;

@@ -1,19 +1,26 @@
 #include "model/dropout.h"
 
 #include <cstring>
-#include <string>
 
 #include "core/rng.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 
 namespace fc {
 
 namespace {
-float module_rate(const EvoformerConfig& cfg, const std::string& module) {
-  if (module == "msa_att_row") return cfg.msa_dropout;
-  if (module == "tri_mul_out" || module == "tri_mul_in" || module == "tri_att_start" ||
-      module == "tri_att_end")
-    return cfg.pair_dropout;
+// The rate of the Evoformer layer `module` (block table), 0 for a layer without dropout.
+float module_rate(const EvoformerConfig& cfg, const char* module) {
+  const LayerDesc* l = find_layer(kEvoformerBlock, module);
+  if (l == nullptr) return 0.f;
+  switch (l->rate) {
+    case DropoutRate::kMsa:
+      return cfg.msa_dropout;
+    case DropoutRate::kPair:
+      return cfg.pair_dropout;
+    case DropoutRate::kNone:
+      break;
+  }
   return 0.f;
 }
 }  // namespace

@@ -1,13 +1,9 @@
-// AF2 training-mode dropout of module updates. OpenFold's DropoutRowwise / DropoutColumnwise share
-// one mask along the rows or the columns of the updated stream; in the batch-major layout the
-// training functions use ([N, L, c], see train_attention.cc) every dropped update has a mask
-// [L, c] shared over N:
-//   msa_att_row   m update [s, r, c_m], mask over (r, c), shared over s    rate msa_dropout
-//   tri_mul_out   z update [i, j, c_z], mask over (j, c), shared over i    rate pair_dropout
-//   tri_mul_in    likewise
-//   tri_att_start likewise
-//   tri_att_end   z update [i, j, c_z], mask over (i, c), shared over j    rate pair_dropout
-//                 (its batch-major layout is [j, i, c_z])
+// AF2 training-mode dropout of layer updates. OpenFold's DropoutRowwise / DropoutColumnwise share
+// one mask along the rows or the columns of the updated stream; the block table
+// (src/model/block_table.cc) gives each layer's rate and shared axis. In the batch-major layout the
+// training functions use ([N, L, c], see train_attention.cc) every dropped update has a mask [L, c]
+// shared over N (a layer whose mask is shared over columns, tri_att_end, runs batch-major over
+// the columns, so the same [L, c] mask applies).
 // Mask entries are 0 or 1/(1-p), from a counter-based RNG keyed by (ctx.dropout_key, module,
 // element), so a recompute reproduces the forward's mask exactly.
 #pragma once

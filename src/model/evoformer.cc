@@ -6,6 +6,7 @@
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/weights.h"
@@ -74,35 +75,17 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   const EvoformerConfig& cfg = cfg_;
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
-  const int64_t s = in.s, r = in.r;
+  const int64_t r = in.r;
   const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
 
   float* mp = m.f32();
   float* zp = z.f32();
-  auto trace = [&](int b, const char* name, bool is_m) {
-    if (opts.trace) opts.trace(b, name, is_m ? "m" : "z", is_m ? m : z);
-  };
-  for (int b = 0; b < static_cast<int>(blocks_.size()); ++b) {
-    const BlockWeights& w = *blocks_[b];
-    msa_row_attention(w.msa_att_row, ctx, mp, zp);
-    trace(b, "msa_att_row", true);
-    msa_column_attention(w.msa_att_col, ctx, mp);
-    trace(b, "msa_att_col", true);
-    transition(w.msa_transition, ctx, mp, s * r, cfg.c_m);
-    trace(b, "msa_transition", true);
-    outer_product_mean(w.outer_product_mean, ctx, mp, zp);
-    trace(b, "outer_product_mean", false);
-    triangle_multiplication(w.tri_mul_out, ctx, true, zp);
-    trace(b, "tri_mul_out", false);
-    triangle_multiplication(w.tri_mul_in, ctx, false, zp);
-    trace(b, "tri_mul_in", false);
-    triangle_attention(w.tri_att_start, ctx, false, zp);
-    trace(b, "tri_att_start", false);
-    triangle_attention(w.tri_att_end, ctx, true, zp);
-    trace(b, "tri_att_end", false);
-    transition(w.pair_transition, ctx, zp, r * r, cfg.c_z);
-    trace(b, "pair_transition", false);
-  }
+  for (int b = 0; b < static_cast<int>(blocks_.size()); ++b)
+    for (const LayerDesc& l : kEvoformerBlock) {
+      layer_forward(l, blocks_[b].get(), ctx, mp, zp);
+      if (opts.trace)
+        opts.trace(b, l.name, l.updates == Stream::kM ? "m" : "z", l.updates == Stream::kM ? m : z);
+    }
   if (s_out != nullptr) {
     *s_out = Tensor::empty({r, cfg.c_s});
     kern::linear(mp, cfg.c_m, r, cfg.c_m, linear_w_.f32(), linear_b_.f32(), cfg.c_s, s_out->f32(),

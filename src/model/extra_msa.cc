@@ -1,5 +1,5 @@
-// ExtraMsaStack: load / random init / forward of OpenFold's ExtraMSAStack. The shared modules come
-// from modules.cc; this file adds the masked MSA transition and the stack around them.
+// ExtraMsaStack: load / random init / forward of OpenFold's ExtraMSAStack; its block is the table
+// kExtraMsaBlock (src/model/block_table.cc).
 #include "foldcube/extra_msa.h"
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include "core/rng.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/weights.h"
@@ -23,26 +24,6 @@ ExtraMsaStack::ExtraMsaStack(ExtraMsaStack&&) noexcept = default;
 ExtraMsaStack& ExtraMsaStack::operator=(ExtraMsaStack&&) noexcept = default;
 
 namespace {
-constexpr int64_t kF = sizeof(float);
-
-// m [s*r, c_e] += Transition(m) * msa_mask (one mask value per row). The chunk buffers are those
-// of transition(), so module_workspace_bytes("msa_transition") is its workspace too.
-void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m) {
-  const int64_t rows = ctx.s * ctx.r, c = ctx.cfg->c_m, nc = w.l1.w.dim(0);
-  const int64_t ch = pick_chunk(ctx, rows, (c + nc) * kF);
-  Tensor t = Tensor::empty({ch, c});   // LN(m) chunk, then the masked update
-  Tensor h = Tensor::empty({ch, nc});  // hidden chunk
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    kern::layernorm(m + r0 * c, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
-    kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
-    kern::relu_inplace(h.f32(), nc, n, nc);
-    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, t.f32(), c);
-    kern::scale_rows(t.f32(), c, ctx.msa_mask + r0, n, c);
-    kern::add_inplace(m + r0 * c, c, t.f32(), c, n, c);
-  }
-}
-
 // Parses metadata entry `key` as a JSON object into *out; absent key: *out stays null.
 Status metadata_object(const TensorFile& f, const std::string& key, nlohmann::json* out) {
   auto it = f.metadata.find(key);
@@ -126,34 +107,17 @@ Status ExtraMsaStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   const EvoformerConfig& cfg = cfg_;
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
-  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  ctx.global_eps = eps_global_;
 
   float* mp = m.f32();
   float* zp = z.f32();
-  auto trace = [&](int b, const char* name, bool is_m) {
-    if (opts.trace) opts.trace(b, name, is_m ? "m" : "z", is_m ? m : z);
-  };
-  for (int b = 0; b < static_cast<int>(blocks_.size()); ++b) {
-    const ExtraMsaBlockWeights& w = *blocks_[b];
-    msa_row_attention(w.msa_att_row, ctx, mp, zp);
-    trace(b, "msa_att_row", true);
-    msa_column_global_attention(w.msa_att_col, ctx, eps_global_, mp);
-    trace(b, "msa_att_col", true);
-    masked_msa_transition(w.msa_transition, ctx, mp);
-    trace(b, "msa_transition", true);
-    outer_product_mean(w.outer_product_mean, ctx, mp, zp);
-    trace(b, "outer_product_mean", false);
-    triangle_multiplication(w.tri_mul_out, ctx, true, zp);
-    trace(b, "tri_mul_out", false);
-    triangle_multiplication(w.tri_mul_in, ctx, false, zp);
-    trace(b, "tri_mul_in", false);
-    triangle_attention(w.tri_att_start, ctx, false, zp);
-    trace(b, "tri_att_start", false);
-    triangle_attention(w.tri_att_end, ctx, true, zp);
-    trace(b, "tri_att_end", false);
-    transition(w.pair_transition, ctx, zp, in.r * in.r, cfg.c_z);
-    trace(b, "pair_transition", false);
-  }
+  for (int b = 0; b < static_cast<int>(blocks_.size()); ++b)
+    for (const LayerDesc& l : kExtraMsaBlock) {
+      layer_forward(l, blocks_[b].get(), ctx, mp, zp);
+      if (opts.trace)
+        opts.trace(b, l.name, l.updates == Stream::kM ? "m" : "z", l.updates == Stream::kM ? m : z);
+    }
   return Status::OK();
 }
 

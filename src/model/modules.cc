@@ -8,6 +8,7 @@
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 
 namespace fc {
 
@@ -186,6 +187,22 @@ void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t
     kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
     kern::relu_inplace(h.f32(), nc, n, nc);
     kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, x + r0 * c, c, true);
+  }
+}
+
+void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m) {
+  const int64_t rows = ctx.s * ctx.r, c = ctx.cfg->c_m, nc = w.l1.w.dim(0);
+  const int64_t ch = pick_chunk(ctx, rows, (c + nc) * kF);
+  Tensor t = Tensor::empty({ch, c});   // LN(m) chunk, then the masked update
+  Tensor h = Tensor::empty({ch, nc});  // hidden chunk
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    kern::layernorm(m + r0 * c, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+    kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+    kern::relu_inplace(h.f32(), nc, n, nc);
+    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, t.f32(), c);
+    kern::scale_rows(t.f32(), c, ctx.msa_mask + r0, n, c);
+    kern::add_inplace(m + r0 * c, c, t.f32(), c, n, c);
   }
 }
 
@@ -413,46 +430,73 @@ void triangle_multiplication_shard(const TriangleMultiplicationW& w, const Block
   tri_mul_impl(w, ctx, true, left_is_b, rows, mask, &gather, z);
 }
 
-int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
+int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z, co = cfg.c_hidden_opm;
+  const int64_t ab = 2 * s * cols * co;  // a, b
+  const int64_t ch1 = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
+  const int64_t ch2 = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
+  const int64_t gathered = parts > 1 ? s * r * co : 0;
+  return kF * std::max({ab + ch1 * cols * (cm + 2 * co), ab + gathered,
+                        s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
+                            ch2 * (2 * co * r * co + r * cz)});
+}
+
+int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  const int64_t ch2 = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
+  return ct * rows * r * kF +
+         std::max(tri_mul_phase1(ctx, rows, parts).bytes, ch2 * r * (ct + 3 * cz) * kF);
+}
+
+int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z;
-  const std::string name = module;
-  if (name == "msa_att_row") {
-    const int64_t Hm = cfg.no_heads_msa;
-    return std::max(
-        pair_bias_heads_bytes(ctx, Hm),
-        Hm * r * r * kF + attention_module_bytes(Hm, cfg.c_hidden_msa_att, ctx, s, r, cm));
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention: {
+      const int64_t Hm = cfg.no_heads_msa;
+      return std::max(
+          pair_bias_heads_bytes(ctx, Hm),
+          Hm * r * r * kF + attention_module_bytes(Hm, cfg.c_hidden_msa_att, ctx, s, r, cm));
+    }
+    case LayerKind::kMsaColumnAttention:
+      return attention_module_bytes(cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, r, s, cm);
+    case LayerKind::kMsaColumnGlobalAttention:
+      return msa_column_global_attention_bytes(ctx);
+    case LayerKind::kTriangleAttention: {
+      const int64_t Hp = cfg.no_heads_pair;
+      return std::max(
+          pair_bias_heads_bytes(ctx, Hp),
+          Hp * r * r * kF + attention_module_bytes(Hp, cfg.c_hidden_pair_att, ctx, r, r, cz));
+    }
+    case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition: {
+      const int64_t c = stream_channels(ctx, l.updates), rows = stream_rows(ctx, l.updates);
+      const int64_t nc = cfg.transition_n * c;
+      return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
+    }
+    case LayerKind::kOuterProductMean:
+      return outer_product_mean_shard_bytes(ctx, r, 1);
+    case LayerKind::kTriangleMultiplication:
+      return triangle_multiplication_shard_bytes(ctx, r, 1);
   }
-  if (name == "msa_att_col")
-    return attention_module_bytes(cfg.no_heads_msa, cfg.c_hidden_msa_att, ctx, r, s, cm);
-  if (name == "tri_att_start" || name == "tri_att_end") {
-    const int64_t Hp = cfg.no_heads_pair;
-    return std::max(
-        pair_bias_heads_bytes(ctx, Hp),
-        Hp * r * r * kF + attention_module_bytes(Hp, cfg.c_hidden_pair_att, ctx, r, r, cz));
-  }
-  if (name == "msa_transition" || name == "pair_transition") {
-    const int64_t c = name == "msa_transition" ? cm : cz;
-    const int64_t rows = name == "msa_transition" ? s * r : r * r, nc = cfg.transition_n * c;
-    return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
-  }
-  if (name == "outer_product_mean") {
-    const int64_t co = cfg.c_hidden_opm;
-    const int64_t ab = 2 * s * r * co * kF;
-    const int64_t ch1 = pick_chunk(ctx, s, r * (cm + 2 * co) * kF);
-    const int64_t ch2 = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-    return ab + std::max(ch1 * r * (cm + 2 * co) * kF,
-                         r * r * kF + ch2 * (2 * co * r * co + r * cz) * kF);
-  }
-  if (name == "tri_mul_out" || name == "tri_mul_in") {
-    const int64_t ct = cfg.c_hidden_mul;
-    const int64_t ch2 = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
-    return ct * r * r * kF +
-           std::max(tri_mul_phase1(ctx, r, 1).bytes, ch2 * r * (ct + 3 * cz) * kF);
-  }
-  if (name == "msa_att_col_global") return msa_column_global_attention_bytes(ctx);
-  FC_CHECK_MSG(false, "unknown module " + name);
   return 0;
+}
+
+namespace {
+// The layer module_workspace_bytes / module_chunking mean by `module`: an Evoformer layer by its
+// trace name, or "msa_att_col_global" for the ExtraMSA column attention.
+const LayerDesc& module_layer(const char* module) {
+  const bool global = std::string(module) == "msa_att_col_global";
+  const LayerDesc* l =
+      global ? find_layer(kExtraMsaBlock, "msa_att_col") : find_layer(kEvoformerBlock, module);
+  FC_CHECK_MSG(l != nullptr, std::string("unknown module ") + module);
+  return *l;
+}
+}  // namespace
+
+int64_t module_workspace_bytes(const char* module, const BlockContext& ctx) {
+  return layer_workspace_bytes(module_layer(module), ctx);
 }
 
 // ---- ExtraMSA: global column attention ----------------------------------------------------------
@@ -538,46 +582,69 @@ int64_t msa_column_global_attention_bytes(const BlockContext& ctx) {
          kern::attention_scratch_floats(global_attention_dims(cfg, ch, ctx.s), ctx.threads) * kF;
 }
 
-std::vector<ChunkLoop> module_chunking(const char* module, const BlockContext& ctx) {
+namespace {
+const char* chunk_axis_name(ChunkAxis a) {
+  switch (a) {
+    case ChunkAxis::kMsaRows:
+      return "s (MSA rows)";
+    case ChunkAxis::kMsaColumns:
+      return "r (MSA columns)";
+    case ChunkAxis::kMsaPositions:
+      return "s*r (MSA positions)";
+    case ChunkAxis::kPairRows:
+      return "r (pair rows)";
+    case ChunkAxis::kPairColumns:
+      return "r (pair columns)";
+    case ChunkAxis::kPairPositions:
+      return "r*r (pair positions)";
+  }
+  return "?";
+}
+}  // namespace
+
+std::vector<ChunkLoop> layer_chunking(const LayerDesc& l, const BlockContext& ctx) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z;
-  const std::string name = module;
   auto attention = [&](int64_t H, int64_t C, int64_t N, int64_t L, int64_t c) {
     return pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   };
   const int64_t bias_rows = pick_chunk(ctx, r, r * cz * kF);  // pair_bias_heads
-  if (name == "msa_att_row")
-    return {{"r (pair bias rows)", r, bias_rows},
-            {"s (MSA rows)", s, attention(cfg.no_heads_msa, cfg.c_hidden_msa_att, s, r, cm)}};
-  if (name == "msa_att_col")
-    return {{"r (MSA columns)", r, attention(cfg.no_heads_msa, cfg.c_hidden_msa_att, r, s, cm)}};
-  if (name == "tri_att_start" || name == "tri_att_end")
-    return {{"r (pair bias rows)", r, bias_rows},
-            {name == "tri_att_start" ? "r (pair rows)" : "r (pair columns)", r,
-             attention(cfg.no_heads_pair, cfg.c_hidden_pair_att, r, r, cz)}};
-  if (name == "msa_transition" || name == "pair_transition") {
-    const int64_t c = name == "msa_transition" ? cm : cz;
-    const int64_t rows = name == "msa_transition" ? s * r : r * r, nc = cfg.transition_n * c;
-    return {{name == "msa_transition" ? "s*r (MSA positions)" : "r*r (pair positions)", rows,
-             pick_chunk(ctx, rows, (c + nc) * kF)}};
+  const char* axis = chunk_axis_name(l.chunk);
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+      return {{"r (pair bias rows)", r, bias_rows},
+              {axis, s, attention(cfg.no_heads_msa, cfg.c_hidden_msa_att, s, r, cm)}};
+    case LayerKind::kMsaColumnAttention:
+      return {{axis, r, attention(cfg.no_heads_msa, cfg.c_hidden_msa_att, r, s, cm)}};
+    case LayerKind::kMsaColumnGlobalAttention:
+      return {{axis, r, pick_chunk(ctx, r, global_attention_item_bytes(cfg, s))}};
+    case LayerKind::kTriangleAttention:
+      return {{"r (pair bias rows)", r, bias_rows},
+              {axis, r, attention(cfg.no_heads_pair, cfg.c_hidden_pair_att, r, r, cz)}};
+    case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition: {
+      const int64_t c = stream_channels(ctx, l.updates), rows = stream_rows(ctx, l.updates);
+      return {{axis, rows, pick_chunk(ctx, rows, (c + cfg.transition_n * c) * kF)}};
+    }
+    case LayerKind::kOuterProductMean: {
+      const int64_t co = cfg.c_hidden_opm;
+      return {{"s (MSA rows, projections)", s, pick_chunk(ctx, s, r * (cm + 2 * co) * kF)},
+              {"r (pair rows, outer product)", r,
+               pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF)}};
+    }
+    case LayerKind::kTriangleMultiplication: {
+      const int64_t ct = cfg.c_hidden_mul;
+      const TriMulPhase1 p = tri_mul_phase1(ctx, r, 1);
+      return {{"c_t (channel groups)", ct, p.cg},
+              {"r (pair rows, projections)", r, p.ch},
+              {"r (pair rows, output)", r, pick_chunk(ctx, r, r * (ct + 3 * cz) * kF)}};
+    }
   }
-  if (name == "outer_product_mean") {
-    const int64_t co = cfg.c_hidden_opm;
-    return {{"s (MSA rows, projections)", s, pick_chunk(ctx, s, r * (cm + 2 * co) * kF)},
-            {"r (pair rows, outer product)", r,
-             pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF)}};
-  }
-  if (name == "tri_mul_out" || name == "tri_mul_in") {
-    const int64_t ct = cfg.c_hidden_mul;
-    const TriMulPhase1 p = tri_mul_phase1(ctx, r, 1);
-    return {{"c_t (channel groups)", ct, p.cg},
-            {"r (pair rows, projections)", r, p.ch},
-            {"r (pair rows, output)", r, pick_chunk(ctx, r, r * (ct + 3 * cz) * kF)}};
-  }
-  if (name == "msa_att_col_global")
-    return {{"r (MSA columns)", r, pick_chunk(ctx, r, global_attention_item_bytes(cfg, s))}};
-  FC_CHECK_MSG(false, "unknown module " + name);
   return {};
+}
+
+std::vector<ChunkLoop> module_chunking(const char* module, const BlockContext& ctx) {
+  return layer_chunking(module_layer(module), ctx);
 }
 
 }  // namespace fc

@@ -30,6 +30,8 @@ struct BlockContext {
   // which the driver derives from (seed, block index).
   bool dropout = false;
   uint64_t dropout_key = 0;
+  // Global column attention (ExtraMSA): added to each column's mask count before the masked mean.
+  float global_eps = 1e-8f;
 };
 
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.
@@ -90,6 +92,15 @@ void triangle_multiplication_shard(const TriangleMultiplicationW& w, const Block
                                    bool left_is_b, int64_t rows, const float* mask,
                                    const ShardGather& gather, float* z);
 
+// Workspaces of the shard forms on `cols` (`rows`) of the ctx.r residues with `parts` shards (the
+// single-process modules are parts = 1 on all r): outer_product_mean_shard keeps a, b
+// [s, cols, c_o] beside the projection chunk, then a, every shard's b, the mask counts [cols, r]
+// and the outer-product chunk; triangle_multiplication_shard keeps the products [c_t, rows, r]
+// beside phase 1 (A, B, LN_in(z), the projection chunk, a group's weights and the gathered right
+// operand) or the output chunk.
+int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts);
+int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts);
+
 // Peak bytes a module allocates on top of its inputs (the memory model of the inference path;
 // tests check it against the tracking allocator). Module names as in the golden traces.
 int64_t module_workspace_bytes(const char* module, const BlockContext& ctx);
@@ -112,5 +123,9 @@ void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const Block
                                  float eps, float* m);
 // Its workspace; module_workspace_bytes("msa_att_col_global") returns the same.
 int64_t msa_column_global_attention_bytes(const BlockContext& ctx);
+
+// ExtraMSA transition: m [s*r, c_m] += Transition(m) * msa_mask (one mask value per row). Its chunk
+// buffers are those of transition(), and so is its workspace.
+void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m);
 
 }  // namespace fc

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "foldcube/tensor.h"
+#include "model/block_table.h"
 #include "model/modules.h"
 #include "model/weights.h"
 
@@ -131,6 +132,24 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
                                       const BlockContext& ctx, bool outgoing, const float* z_in,
                                       TriangleMultiplicationState* st, float* dz);
+
+// ---- Per-layer dispatch over the block table (src/model/block_table.h) -------------------------
+// A layer's saved state under policy none (the member of the layer's kind is used).
+struct LayerState {
+  AttentionState att;
+  TransitionState trans;
+  OuterProductMeanState opm;
+  TriangleMultiplicationState tri;
+};
+// The training forward of layer l on m [s, r, c_m], z [r, r, c_z] (`block`: the table's weight
+// struct); st == nullptr keeps nothing (policy module).
+void layer_train(const LayerDesc& l, const void* block, const BlockContext& ctx, float* m, float* z,
+                 LayerState* st);
+// Its backward (conventions above): x_in is the layer's input of the stream it updates, read_in
+// of the stream it reads (see saved_inputs); st as layer_train filled it, or empty (the layer
+// recomputes what it needs chunk by chunk); `grads` is shaped like `block` and accumulates.
+void layer_backward(const LayerDesc& l, const void* block, void* grads, const BlockContext& ctx,
+                    const float* x_in, const float* read_in, LayerState* st, float* dm, float* dz);
 
 // ---- Pieces for sharded training (Dynamic Axial Parallelism, src/exec/dap_train.cc) -----------
 // Gated attention over S [N, L, c] (batch over N, attention over L) with a given pair bias

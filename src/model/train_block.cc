@@ -7,6 +7,7 @@
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/train.h"
 
@@ -41,6 +42,77 @@ Status parse_recompute(const std::string& name, Recompute* out) {
   return Status::OK();
 }
 
+void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, float* m, float* z,
+                 LayerState* st) {
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+      return msa_row_attention_train(layer_params<MsaRowAttentionW>(l, w), ctx, m, z,
+                                     st ? &st->att : nullptr);
+    case LayerKind::kMsaColumnAttention:
+      return msa_column_attention_train(layer_params<MsaColumnAttentionW>(l, w), ctx, m,
+                                        st ? &st->att : nullptr);
+    case LayerKind::kTransition:
+      return transition_train(layer_params<TransitionW>(l, w), ctx, l.updates == Stream::kM ? m : z,
+                              stream_rows(ctx, l.updates), stream_channels(ctx, l.updates),
+                              st ? &st->trans : nullptr);
+    case LayerKind::kOuterProductMean: {
+      OuterProductMeanState o;  // the state is built even when it is not kept
+      outer_product_mean_train(layer_params<OuterProductMeanW>(l, w), ctx, m, z, &o);
+      if (st) st->opm = std::move(o);
+      return;
+    }
+    case LayerKind::kTriangleMultiplication:
+      return triangle_multiplication_train(layer_params<TriangleMultiplicationW>(l, w), ctx,
+                                           !l.transposed, z, st ? &st->tri : nullptr);
+    case LayerKind::kTriangleAttention:
+      return triangle_attention_train(layer_params<TriangleAttentionW>(l, w), ctx, l.transposed, z,
+                                      st ? &st->att : nullptr);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+}
+
+void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockContext& ctx,
+                    const float* x_in, const float* read_in, LayerState* st, float* dm, float* dz) {
+  float* dx = l.updates == Stream::kM ? dm : dz;
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+      return msa_row_attention_backward(layer_params<MsaRowAttentionW>(l, w),
+                                        &layer_params<MsaRowAttentionW>(l, g), ctx, x_in, read_in,
+                                        &st->att, dm, dz);
+    case LayerKind::kMsaColumnAttention:
+      return msa_column_attention_backward(layer_params<MsaColumnAttentionW>(l, w),
+                                           &layer_params<MsaColumnAttentionW>(l, g), ctx, x_in,
+                                           &st->att, dm);
+    case LayerKind::kTransition:
+      return transition_backward(layer_params<TransitionW>(l, w), &layer_params<TransitionW>(l, g),
+                                 ctx, x_in, &st->trans, dx, stream_rows(ctx, l.updates),
+                                 stream_channels(ctx, l.updates));
+    case LayerKind::kOuterProductMean: {
+      const OuterProductMeanW& wo = layer_params<OuterProductMeanW>(l, w);
+      if (!st->opm.a.defined()) outer_product_mean_train(wo, ctx, read_in, nullptr, &st->opm);
+      outer_product_mean_backward(wo, &layer_params<OuterProductMeanW>(l, g), ctx, read_in, st->opm,
+                                  dz, dm);
+      st->opm = {};
+      return;
+    }
+    case LayerKind::kTriangleMultiplication:
+      return triangle_multiplication_backward(layer_params<TriangleMultiplicationW>(l, w),
+                                              &layer_params<TriangleMultiplicationW>(l, g), ctx,
+                                              !l.transposed, x_in, &st->tri, dz);
+    case LayerKind::kTriangleAttention:
+      return triangle_attention_backward(layer_params<TriangleAttentionW>(l, w),
+                                         &layer_params<TriangleAttentionW>(l, g), ctx, l.transposed,
+                                         x_in, &st->att, dz);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+}
+
 namespace {
 
 Tensor copy_of(const float* p, const Shape& shape) {
@@ -52,16 +124,10 @@ Tensor copy_of(const float* p, const Shape& shape) {
 // Everything a block keeps from its forward for its backward.
 struct BlockState {
   Recompute policy = Recompute::kNone;
-  // kNone and kModule: module inputs. m_in: before row attention, column attention, MSA
-  // transition; z_in: before row attention (= during the MSA modules and the OPM), tri_mul_out,
-  // tri_mul_in, tri_att_start, tri_att_end, pair_transition. The OPM reads the block's output m,
-  // kept by the caller.
-  Tensor m_in[3], z_in[6];  // [s, r, c_m], [r, r, c_z]
-  // kNone: the modules' saved states besides their inputs (per chunk where the module chunks).
-  AttentionState row, col, tri_start, tri_end;
-  TransitionState msa_trans, pair_trans;
-  OuterProductMeanState opm;
-  TriangleMultiplicationState tri_out, tri_in;
+  // kNone and kModule, per layer: the copies of saved_inputs ([s, r, c_m] or [r, r, c_z]).
+  std::vector<Tensor> in_updated, in_read;
+  // kNone: the layers' saved states besides their inputs (per chunk where the layer chunks).
+  std::vector<LayerState> layers;
   // kBlock: the block input.
   Tensor m0, z0;
 };
@@ -85,66 +151,41 @@ struct ModuleClock {
   }
 };
 
-// The block forward with every module's training function, saving inputs and states as the
+// The block forward with every layer's training function, saving inputs and states as the
 // policy says.
-void block_forward(const BlockWeights& w, const BlockContext& ctx, float* m, float* z,
+void block_forward(const BlockTable& t, const void* w, const BlockContext& ctx, float* m, float* z,
                    Recompute policy, BlockState* st, const ModuleClock& clk) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r;
-  const Shape ms = {s, r, cfg.c_m}, zs = {r, r, cfg.c_z};
+  const Shape ms = {ctx.s, ctx.r, cfg.c_m}, zs = {ctx.r, ctx.r, cfg.c_z};
+  auto copy = [&](Stream x) { return x == Stream::kM ? copy_of(m, ms) : copy_of(z, zs); };
   st->policy = policy;
   if (policy == Recompute::kBlock) {
     st->m0 = copy_of(m, ms);
     st->z0 = copy_of(z, zs);
   }
   const bool keep = policy == Recompute::kNone;
-  const bool inputs = policy != Recompute::kBlock;
-  if (inputs) st->m_in[0] = copy_of(m, ms), st->z_in[0] = copy_of(z, zs);
-  clk.run("msa_att_row",
-          [&] { msa_row_attention_train(w.msa_att_row, ctx, m, z, keep ? &st->row : nullptr); });
-  if (inputs) st->m_in[1] = copy_of(m, ms);
-  clk.run("msa_att_col",
-          [&] { msa_column_attention_train(w.msa_att_col, ctx, m, keep ? &st->col : nullptr); });
-  if (inputs) st->m_in[2] = copy_of(m, ms);
-  clk.run("msa_transition", [&] {
-    transition_train(w.msa_transition, ctx, m, s * r, cfg.c_m, keep ? &st->msa_trans : nullptr);
-  });
-  clk.run("outer_product_mean", [&] {
-    OuterProductMeanState o;
-    outer_product_mean_train(w.outer_product_mean, ctx, m, z, &o);
-    if (keep) st->opm = std::move(o);
-  });
-  if (inputs) st->z_in[1] = copy_of(z, zs);
-  clk.run("tri_mul_out", [&] {
-    triangle_multiplication_train(w.tri_mul_out, ctx, true, z, keep ? &st->tri_out : nullptr);
-  });
-  if (inputs) st->z_in[2] = copy_of(z, zs);
-  clk.run("tri_mul_in", [&] {
-    triangle_multiplication_train(w.tri_mul_in, ctx, false, z, keep ? &st->tri_in : nullptr);
-  });
-  if (inputs) st->z_in[3] = copy_of(z, zs);
-  clk.run("tri_att_start", [&] {
-    triangle_attention_train(w.tri_att_start, ctx, false, z, keep ? &st->tri_start : nullptr);
-  });
-  if (inputs) st->z_in[4] = copy_of(z, zs);
-  clk.run("tri_att_end", [&] {
-    triangle_attention_train(w.tri_att_end, ctx, true, z, keep ? &st->tri_end : nullptr);
-  });
-  if (inputs) st->z_in[5] = copy_of(z, zs);
-  clk.run("pair_transition", [&] {
-    transition_train(w.pair_transition, ctx, z, r * r, cfg.c_z, keep ? &st->pair_trans : nullptr);
-  });
+  st->in_updated.assign(t.count, Tensor());
+  st->in_read.assign(t.count, Tensor());
+  st->layers.assign(t.count, LayerState());
+  for (int i = 0; i < t.count; ++i) {
+    const LayerDesc& l = t.layers[i];
+    if (policy != Recompute::kBlock) {
+      const SavedInputs in = saved_inputs(t, i);
+      if (in.updated) st->in_updated[i] = copy(l.updates);
+      if (in.read) st->in_read[i] = copy(l.reads);
+    }
+    clk.run(l.name, [&] { layer_train(l, w, ctx, m, z, keep ? &st->layers[i] : nullptr); });
+  }
 }
 
 // Backward of one block. dm, dz: dL/d block output on entry, dL/d block input on exit.
-// m_out: the block's output m (read by the OPM backward). Under kNone the modules' saved states
-// are consumed chunk by chunk; under kModule they are empty, so every module recomputes its
-// state one chunk at a time from its saved input; under kBlock the block forward is re-run with
-// kNone first. Each module input is freed after its module's backward.
-void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& ctx, BlockState* st,
-                    const Tensor& m_out, float* dm, float* dz, const ModuleClock& clk) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r;
+// m_out: the block's output m (what a layer reading m after the last m update reads). Under kNone
+// the layers' saved states are consumed chunk by chunk; under kModule they are empty, so every
+// layer recomputes its state one chunk at a time from its saved input; under kBlock the block
+// forward is re-run with kNone first. Each layer's inputs are freed after its backward.
+void block_backward(const BlockTable& t, const void* w, void* g, const BlockContext& ctx,
+                    BlockState* st, const Tensor& m_out, float* dm, float* dz,
+                    const ModuleClock& clk) {
   if (st->policy == Recompute::kBlock) {
     // Recompute on the saved input: z0 in place; m0 on a copy, since the caller still holds m0
     // as the previous block's output.
@@ -152,68 +193,27 @@ void block_backward(const BlockWeights& w, BlockWeights* g, const BlockContext& 
     st->m0 = Tensor();
     st->z0 = Tensor();
     BlockState full;
-    block_forward(w, ctx, m.f32(), z.f32(), Recompute::kNone, &full, ModuleClock{clk.out, 2});
-    block_backward(w, g, ctx, &full, m, dm, dz, clk);
+    block_forward(t, w, ctx, m.f32(), z.f32(), Recompute::kNone, &full, ModuleClock{clk.out, 2});
+    block_backward(t, w, g, ctx, &full, m, dm, dz, clk);
     return;
   }
-  clk.run("pair_transition", [&] {
-    transition_backward(w.pair_transition, &g->pair_transition, ctx, st->z_in[5].f32(),
-                        &st->pair_trans, dz, r * r, cfg.c_z);
-  });
-  st->z_in[5] = Tensor();
-  clk.run("tri_att_end", [&] {
-    triangle_attention_backward(w.tri_att_end, &g->tri_att_end, ctx, true, st->z_in[4].f32(),
-                                &st->tri_end, dz);
-  });
-  st->z_in[4] = Tensor();
-  clk.run("tri_att_start", [&] {
-    triangle_attention_backward(w.tri_att_start, &g->tri_att_start, ctx, false, st->z_in[3].f32(),
-                                &st->tri_start, dz);
-  });
-  st->z_in[3] = Tensor();
-  clk.run("tri_mul_in", [&] {
-    triangle_multiplication_backward(w.tri_mul_in, &g->tri_mul_in, ctx, false, st->z_in[2].f32(),
-                                     &st->tri_in, dz);
-  });
-  st->z_in[2] = Tensor();
-  clk.run("tri_mul_out", [&] {
-    triangle_multiplication_backward(w.tri_mul_out, &g->tri_mul_out, ctx, true, st->z_in[1].f32(),
-                                     &st->tri_out, dz);
-  });
-  st->z_in[1] = Tensor();
-  clk.run("outer_product_mean", [&] {
-    if (st->policy == Recompute::kModule) {
-      OuterProductMeanState o;
-      outer_product_mean_train(w.outer_product_mean, ctx, m_out.f32(), nullptr, &o);
-      outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(), o,
-                                  dz, dm);
-    } else {
-      outer_product_mean_backward(w.outer_product_mean, &g->outer_product_mean, ctx, m_out.f32(),
-                                  st->opm, dz, dm);
-      st->opm = {};
-    }
-  });
-  clk.run("msa_transition", [&] {
-    transition_backward(w.msa_transition, &g->msa_transition, ctx, st->m_in[2].f32(),
-                        &st->msa_trans, dm, s * r, cfg.c_m);
-  });
-  st->m_in[2] = Tensor();
-  clk.run("msa_att_col", [&] {
-    msa_column_attention_backward(w.msa_att_col, &g->msa_att_col, ctx, st->m_in[1].f32(), &st->col,
-                                  dm);
-  });
-  st->m_in[1] = Tensor();
-  clk.run("msa_att_row", [&] {
-    msa_row_attention_backward(w.msa_att_row, &g->msa_att_row, ctx, st->m_in[0].f32(),
-                               st->z_in[0].f32(), &st->row, dm, dz);
-  });
-  st->m_in[0] = Tensor();
-  st->z_in[0] = Tensor();
+  for (int i = t.count - 1; i >= 0; --i) {
+    const LayerDesc& l = t.layers[i];
+    const Tensor& read = st->in_read[i].defined() ? st->in_read[i] : m_out;
+    clk.run(l.name, [&] {
+      layer_backward(l, w, g, ctx, st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr,
+                     l.reads != Stream::kNone ? read.f32() : nullptr, &st->layers[i], dm, dz);
+    });
+    st->in_updated[i] = Tensor();
+    st->in_read[i] = Tensor();
+  }
 }
 
 // The block's input m as kept by its state (what the previous block's OPM read).
-Tensor block_input_m(const BlockState& st) {
-  return st.policy == Recompute::kBlock ? st.m0 : st.m_in[0];
+Tensor block_input_m(const BlockTable& t, const BlockState& st) {
+  if (st.policy == Recompute::kBlock) return st.m0;
+  const int i = block_input_m_layer(t);
+  return t.layers[i].updates == Stream::kM ? st.in_updated[i] : st.in_read[i];
 }
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -262,8 +262,8 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   std::vector<std::unique_ptr<BlockState>> states;
   for (int b = 0; b < nb; ++b) {
     states.push_back(std::make_unique<BlockState>());
-    block_forward(*blocks_[b], block_ctx(b), m.f32(), z.f32(), policy(b), states.back().get(),
-                  fwd_clock);
+    block_forward(kEvoformerBlock, blocks_[b].get(), block_ctx(b), m.f32(), z.f32(), policy(b),
+                  states.back().get(), fwd_clock);
   }
   out->forward_ms = ms_since(t0);
   out->activation_bytes = mem_stats().live_bytes - live0;
@@ -275,9 +275,9 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   for (int b = nb - 1; b >= 0; --b) {
     grads[b] = std::make_unique<BlockWeights>();
     allocate_block_grads(cfg, grads[b].get());
-    const Tensor m_in = block_input_m(*states[b]);
-    block_backward(*blocks_[b], grads[b].get(), block_ctx(b), states[b].get(), m_out, dm.f32(),
-                   dz.f32(), bwd_clock);
+    const Tensor m_in = block_input_m(kEvoformerBlock, *states[b]);
+    block_backward(kEvoformerBlock, blocks_[b].get(), grads[b].get(), block_ctx(b), states[b].get(),
+                   m_out, dm.f32(), dz.f32(), bwd_clock);
     states[b].reset();
     m_out = m_in;
   }

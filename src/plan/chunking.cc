@@ -1,4 +1,5 @@
 // Per-module chunk sizes of the inference path, for reports and plans.
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "plan/memory_model.h"
@@ -9,14 +10,13 @@ std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s,
                                           int64_t chunk, int64_t chunk_target_bytes, int threads,
                                           bool extra_msa) {
   const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
-  const char* column = extra_msa ? "msa_att_col_global" : "msa_att_col";
-  const char* modules[] = {"msa_att_row",        column,        "msa_transition",
-                           "outer_product_mean", "tri_mul_out", "tri_mul_in",
-                           "tri_att_start",      "tri_att_end", "pair_transition"};
   std::vector<ModuleChunk> out;
-  for (const char* m : modules)
-    for (const ChunkLoop& l : module_chunking(m, ctx))
-      out.push_back({m, l.axis, l.length, l.items});
+  for (const LayerDesc& l : extra_msa ? kExtraMsaBlock : kEvoformerBlock) {
+    const std::string name =
+        l.kind == LayerKind::kMsaColumnGlobalAttention ? "msa_att_col_global" : l.name;
+    for (const ChunkLoop& c : layer_chunking(l, ctx))
+      out.push_back({name, c.axis, c.length, c.items});
+  }
   return out;
 }
 

@@ -20,6 +20,7 @@
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
@@ -861,6 +862,33 @@ Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext
   return w;
 }
 
+// The work of one layer of the block table; rb as in attention_work.
+Work layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                const Chunks& ch, Work* rb) {
+  const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
+  const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+      return attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch, rb);
+    case LayerKind::kMsaColumnAttention:
+      return attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch, rb);
+    case LayerKind::kTransition:
+      return l.updates == Stream::kM ? transition_work(s * r, cfg.c_m, cfg.transition_n, ch, rb)
+                                     : transition_work(r * r, cfg.c_z, cfg.transition_n, ch, rb);
+    case LayerKind::kOuterProductMean:
+      return opm_work(cfg, s, r, ch, rb);
+    case LayerKind::kTriangleMultiplication:
+      return ch.training ? trimul_train_work(cfg, r, *ch.ctx, rb) : trimul_work(cfg, r, ch);
+    case LayerKind::kTriangleAttention:
+      return attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, rb);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no cost model");
+  return {};
+}
+
 }  // namespace
 
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
@@ -873,33 +901,24 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
                                          dev.threads);
   const Chunks ch{&ctx, training};
   const int64_t e = dtype_bytes(dev.dtype);
-  const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
-  const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
-  Work rb[9];  // training: what each module's backward rebuilds under policy module
-  Work* t = training ? rb : nullptr;
-  auto at = [&](int i) { return t ? t + i : nullptr; };
-  std::pair<const char*, Work> mods[] = {
-      {"msa_att_row", attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch, at(0))},
-      {"msa_att_col", attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch, at(1))},
-      {"msa_transition", transition_work(s * r, cfg.c_m, cfg.transition_n, ch, at(2))},
-      {"outer_product_mean", opm_work(cfg, s, r, ch, at(3))},
-      {"tri_mul_out", training ? trimul_train_work(cfg, r, ctx, at(4)) : trimul_work(cfg, r, ch)},
-      {"tri_mul_in", training ? trimul_train_work(cfg, r, ctx, at(5)) : trimul_work(cfg, r, ch)},
-      {"tri_att_start", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, at(6))},
-      {"tri_att_end", attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, at(7))},
-      {"pair_transition", transition_work(r * r, cfg.c_z, cfg.transition_n, ch, at(8))}};
+  const BlockTable& t = kEvoformerBlock;
+  std::vector<Work> mods(t.count);
+  std::vector<Work> rb(
+      t.count);  // training: what each layer's backward rebuilds under policy module
+  for (int i = 0; i < t.count; ++i)
+    mods[i] = layer_work(t.layers[i], cfg, s, r, ch, training ? &rb[i] : nullptr);
   // Working sets: a chunk's buffers are about the target, at most the module's whole-axis ones.
   const auto whole = training_module_whole_bytes(cfg, s, r);
-  for (size_t i = 0; i < std::size(mods); ++i) {
-    mods[i].second.ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i].second));
-    rb[i].ws = mods[i].second.ws;
+  for (int i = 0; i < t.count; ++i) {
+    mods[i].ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i].second));
+    rb[i].ws = mods[i].ws;
   }
   std::vector<ModuleCost> out;
   // Training: every chunk loop runs in the forward and again in the backward.
-  for (size_t i = 0; i < std::size(mods); ++i) {
-    const Work& w = mods[i].second;
+  for (int i = 0; i < t.count; ++i) {
+    const Work& w = mods[i];
     const double ovh = w.chunks * dev.chunk_overhead_us * 1e-3;
-    ModuleCost c{mods[i].first,
+    ModuleCost c{t.layers[i].name,
                  forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh, 0.0, 0.0};
     if (training) {
       c.backward_ms = backward_ms(w, dev, e) * dev.train_bwd_factor + ovh;

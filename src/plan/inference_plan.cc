@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <string>
 
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "plan/memory_model.h"
@@ -12,10 +13,6 @@
 namespace fc {
 
 namespace {
-constexpr const char* kModules[] = {"msa_att_row",        "msa_att_col", "msa_transition",
-                                    "outer_product_mean", "tri_mul_out", "tri_mul_in",
-                                    "tri_att_start",      "tri_att_end", "pair_transition"};
-
 std::string mib(int64_t bytes) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / 1048576.0);
@@ -30,7 +27,7 @@ int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, boo
   // prepare_inputs: the mask biases and their transposes (and all-ones masks when not given).
   const int64_t masks = (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
   int64_t work = r * cfg.c_s * kF;  // output s, allocated after the blocks
-  for (const char* m : kModules) work = std::max(work, module_workspace_bytes(m, ctx));
+  for (const LayerDesc& l : kEvoformerBlock) work = std::max(work, layer_workspace_bytes(l, ctx));
   return masks + work;
 }
 

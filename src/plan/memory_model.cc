@@ -9,6 +9,7 @@
 
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
@@ -244,110 +245,157 @@ BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int
       threads);
 }
 
-struct BlockDims {
-  AttnDims row, col, tri_start, tri_end;
-  int64_t m, z;  // stream elements
-};
-
-BlockDims block_dims(const EvoformerConfig& c, int64_t s, int64_t r) {
+// The attention dimensions of an attention layer.
+AttnDims attn_dims(const LayerDesc& l, const BlockContext& ctx) {
+  const EvoformerConfig& c = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r;
   const int64_t Hm = c.no_heads_msa, Cm = c.c_hidden_msa_att;
   const int64_t Hp = c.no_heads_pair, Cp = c.c_hidden_pair_att;
-  BlockDims d;
-  d.row = {s, r, c.c_m, Hm, Cm, true, false};
-  d.col = {r, s, c.c_m, Hm, Cm, false, true};
-  d.tri_start = {r, r, c.c_z, Hp, Cp, true, false};
-  d.tri_end = {r, r, c.c_z, Hp, Cp, true, true};
-  d.m = s * r * c.c_m;
-  d.z = r * r * c.c_z;
-  return d;
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+      return {s, r, c.c_m, Hm, Cm, true, false};
+    case LayerKind::kMsaColumnAttention:
+      return {r, s, c.c_m, Hm, Cm, false, true};
+    case LayerKind::kTriangleAttention:
+      return {r, r, c.c_z, Hp, Cp, true, l.transposed};
+    default:
+      FC_CHECK_MSG(false, std::string(l.name) + " is not an attention layer");
+  }
+  return {};
 }
 
-// block_forward (train_block.cc): module inputs copied under none and module, states kept under
+int64_t stream_elems(const BlockContext& ctx, Stream st) {
+  return stream_rows(ctx, st) * stream_channels(ctx, st);
+}
+
+// The training forward of one layer (layer_train in train_block.cc).
+void layer_fwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool keep) {
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+    case LayerKind::kMsaColumnAttention:
+    case LayerKind::kTriangleAttention:
+      return attention_fwd(S, ctx, attn_dims(l, ctx), keep);
+    case LayerKind::kTransition: {
+      const int64_t c = stream_channels(ctx, l.updates);
+      return transition_fwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c,
+                            keep);
+    }
+    case LayerKind::kOuterProductMean:
+      return opm_fwd(S, ctx, true, keep);
+    case LayerKind::kTriangleMultiplication:
+      return tri_mul_fwd(S, ctx, keep);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+}
+
+// The backward of one layer (layer_backward); kept: its state from the forward is live.
+void layer_bwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+    case LayerKind::kMsaColumnAttention:
+    case LayerKind::kTriangleAttention:
+      return attention_bwd(S, ctx, attn_dims(l, ctx), kept);
+    case LayerKind::kTransition: {
+      const int64_t c = stream_channels(ctx, l.updates);
+      return transition_bwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c,
+                            kept);
+    }
+    case LayerKind::kOuterProductMean:
+      if (!kept) opm_fwd(S, ctx, false, true);
+      opm_bwd(S, ctx);
+      S.free(opm_state(ctx));
+      return;
+    case LayerKind::kTriangleMultiplication:
+      return tri_mul_bwd(S, ctx, kept);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+}
+
+// block_forward (train_block.cc): layer inputs copied under none and module, states kept under
 // none, the block input copied under block.
-void block_fwd(Sim& S, const BlockContext& ctx, Recompute policy) {
-  const EvoformerConfig& c = *ctx.cfg;
-  const BlockDims d = block_dims(c, ctx.s, ctx.r);
-  const int64_t sr = ctx.s * ctx.r, rr = ctx.r * ctx.r;
-  const bool keep = policy == Recompute::kNone;
-  const int64_t m_in = policy == Recompute::kBlock ? 0 : d.m;
-  const int64_t z_in = policy == Recompute::kBlock ? 0 : d.z;
-  if (policy == Recompute::kBlock) S.alloc(d.m + d.z);
-  S.alloc(m_in + z_in);
-  attention_fwd(S, ctx, d.row, keep);
-  S.alloc(m_in);
-  attention_fwd(S, ctx, d.col, keep);
-  S.alloc(m_in);
-  transition_fwd(S, ctx, sr, c.c_m, c.transition_n * c.c_m, keep);
-  opm_fwd(S, ctx, true, keep);
-  S.alloc(z_in);
-  tri_mul_fwd(S, ctx, keep);
-  S.alloc(z_in);
-  tri_mul_fwd(S, ctx, keep);
-  S.alloc(z_in);
-  attention_fwd(S, ctx, d.tri_start, keep);
-  S.alloc(z_in);
-  attention_fwd(S, ctx, d.tri_end, keep);
-  S.alloc(z_in);
-  transition_fwd(S, ctx, rr, c.c_z, c.transition_n * c.c_z, keep);
+void block_fwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute policy) {
+  if (policy == Recompute::kBlock)
+    S.alloc(stream_elems(ctx, Stream::kM) + stream_elems(ctx, Stream::kZ));
+  for (int i = 0; i < t.count; ++i) {
+    const LayerDesc& l = t.layers[i];
+    if (policy != Recompute::kBlock) {
+      const SavedInputs in = saved_inputs(t, i);
+      if (in.updated) S.alloc(stream_elems(ctx, l.updates));
+      if (in.read) S.alloc(stream_elems(ctx, l.reads));
+    }
+    layer_fwd(S, ctx, l, policy == Recompute::kNone);
+  }
 }
 
-// block_backward. input_held: the block's input m (m_in[0] or m0) stays alive after the backward
-// (the driver holds it as the previous block's m_out), else it is freed with the state.
-void block_bwd(Sim& S, const BlockContext& ctx, Recompute policy, bool input_held) {
-  const EvoformerConfig& c = *ctx.cfg;
-  const BlockDims d = block_dims(c, ctx.s, ctx.r);
-  const int64_t sr = ctx.s * ctx.r, rr = ctx.r * ctx.r;
+// block_backward. input_held: the block's input m (its first saved copy, or m0) stays alive after
+// the backward (the driver holds it as the previous block's m_out), else it is freed with the
+// state.
+void block_bwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute policy,
+               bool input_held) {
+  const int64_t m = stream_elems(ctx, Stream::kM), z = stream_elems(ctx, Stream::kZ);
   if (policy == Recompute::kBlock) {
-    S.alloc(d.m);  // the clone of m0 (z0 is reused in place)
-    block_fwd(S, ctx, Recompute::kNone);
-    block_bwd(S, ctx, Recompute::kNone, false);
-    S.free(d.m + d.z);
-    if (!input_held) S.free(d.m);
+    S.alloc(m);  // the clone of m0 (z0 is reused in place)
+    block_fwd(S, t, ctx, Recompute::kNone);
+    block_bwd(S, t, ctx, Recompute::kNone, false);
+    S.free(m + z);
+    if (!input_held) S.free(m);
     return;
   }
-  const bool kept = policy == Recompute::kNone;
-  transition_bwd(S, ctx, rr, c.c_z, c.transition_n * c.c_z, kept);
-  S.free(d.z);
-  attention_bwd(S, ctx, d.tri_end, kept);
-  S.free(d.z);
-  attention_bwd(S, ctx, d.tri_start, kept);
-  S.free(d.z);
-  tri_mul_bwd(S, ctx, kept);
-  S.free(d.z);
-  tri_mul_bwd(S, ctx, kept);
-  S.free(d.z);
-  if (!kept) opm_fwd(S, ctx, false, true);
-  opm_bwd(S, ctx);
-  S.free(opm_state(ctx));
-  transition_bwd(S, ctx, sr, c.c_m, c.transition_n * c.c_m, kept);
-  S.free(d.m);
-  attention_bwd(S, ctx, d.col, kept);
-  S.free(d.m);
-  attention_bwd(S, ctx, d.row, kept);
-  S.free(d.z + (input_held ? 0 : d.m));
+  const int held = input_held ? block_input_m_layer(t) : -1;
+  for (int i = t.count - 1; i >= 0; --i) {
+    const LayerDesc& l = t.layers[i];
+    layer_bwd(S, ctx, l, policy == Recompute::kNone);
+    const SavedInputs in = saved_inputs(t, i);
+    auto held_m = [&](Stream st) { return i == held && st == Stream::kM; };
+    if (in.updated && !held_m(l.updates)) S.free(stream_elems(ctx, l.updates));
+    if (in.read && !held_m(l.reads)) S.free(stream_elems(ctx, l.reads));
+  }
 }
 
-// Elements of one block's parameter-gradient struct (allocate_block in src/model/weights.cc: the
+// Elements of one layer's parameter-gradient struct (allocate_block in src/model/weights.cc: the
 // fused storage, including the q, k, v parts of b_qkvg).
-int64_t block_param_elems(const EvoformerConfig& c) {
+int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
   auto ln = [](int64_t n) { return 2 * n; };
   auto lin = [](int64_t out, int64_t in, bool bias) { return out * in + (bias ? out : 0); };
   auto mha = [&](int64_t H, int64_t C, int64_t cin) {
     return lin(4 * H * C, cin, true) + lin(cin, H * C, true);
   };
-  auto transition = [&](int64_t ch) {
-    return ln(ch) + lin(c.transition_n * ch, ch, true) + lin(ch, c.transition_n * ch, true);
-  };
   const int64_t cm = c.c_m, cz = c.c_z, co = c.c_hidden_opm, ct = c.c_hidden_mul;
-  const int64_t row = ln(cm) + ln(cz) + lin(c.no_heads_msa, cz, false) +
-                      mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
-  const int64_t col = ln(cm) + mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
-  const int64_t opm = ln(cm) + lin(2 * co, cm, true) + lin(cz, co * co, true);
-  const int64_t tri_mul =
-      ln(cz) + lin(4 * ct, cz, true) + ln(ct) + lin(cz, ct, true) + lin(cz, cz, true);
-  const int64_t tri_att =
-      ln(cz) + lin(c.no_heads_pair, cz, false) + mha(c.no_heads_pair, c.c_hidden_pair_att, cz);
-  return row + col + transition(cm) + opm + 2 * tri_mul + 2 * tri_att + transition(cz);
+  switch (l.kind) {
+    case LayerKind::kMsaRowAttention:
+      return ln(cm) + ln(cz) + lin(c.no_heads_msa, cz, false) +
+             mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
+    case LayerKind::kMsaColumnAttention:
+      return ln(cm) + mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
+    case LayerKind::kTransition: {
+      const int64_t ch = l.updates == Stream::kM ? cm : cz;
+      return ln(ch) + lin(c.transition_n * ch, ch, true) + lin(ch, c.transition_n * ch, true);
+    }
+    case LayerKind::kOuterProductMean:
+      return ln(cm) + lin(2 * co, cm, true) + lin(cz, co * co, true);
+    case LayerKind::kTriangleMultiplication:
+      return ln(cz) + lin(4 * ct, cz, true) + ln(ct) + lin(cz, ct, true) + lin(cz, cz, true);
+    case LayerKind::kTriangleAttention:
+      return ln(cz) + lin(c.no_heads_pair, cz, false) +
+             mha(c.no_heads_pair, c.c_hidden_pair_att, cz);
+    case LayerKind::kMsaColumnGlobalAttention:
+    case LayerKind::kMaskedTransition:
+      break;
+  }
+  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+  return 0;
+}
+
+int64_t block_param_elems(const EvoformerConfig& c, const BlockTable& t) {
+  int64_t n = 0;
+  for (const LayerDesc& l : t) n += layer_param_elems(c, l);
+  return n;
 }
 
 Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
@@ -362,7 +410,7 @@ Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
                                int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
   Sim S;
-  block_fwd(S, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
+  block_fwd(S, kEvoformerBlock, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
   return S.live * elem_bytes;
 }
 
@@ -383,14 +431,14 @@ int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, 
   const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
   Sim S;
   // Forward: the blocks' kept memory piles up.
-  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, ctx, policy_of(policy, b));
+  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, kEvoformerBlock, ctx, policy_of(policy, b));
   // Backward (EvoformerStack::train_step): the dm, dz copies; per block, from the last, its
   // parameter-gradient struct (alive until the end of the step), then its backward. The driver
   // holds block b's input m as m_out until block b - 1 is done.
   S.alloc(m + z);
   for (int64_t b = blocks - 1; b >= 0; --b) {
-    S.alloc(block_param_elems(cfg));
-    block_bwd(S, ctx, policy_of(policy, b), true);
+    S.alloc(block_param_elems(cfg, kEvoformerBlock));
+    block_bwd(S, kEvoformerBlock, ctx, policy_of(policy, b), true);
     if (b + 1 < blocks) S.free(m);
   }
   return S.peak * elem_bytes;

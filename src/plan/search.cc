@@ -8,6 +8,7 @@
 
 #include "foldcube/plan.h"
 #include "foldcube/planner.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
@@ -204,42 +205,55 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
   const BlockContext ctx = shape_context(
       cfg, s, r, chunk,
       target > 0 || !training ? target : default_train_chunk_target_bytes(cfg, s, r), threads);
-  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
-  const int64_t ct = cfg.c_hidden_mul;
-  const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
-  const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
-  const int64_t opm = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-  if (training) {  // the chunk functions of src/model/train.h
-    const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
-    return {{"msa_att_row", attention_train_chunk(ctx, s, r, cm, hm)},
-            {"msa_att_row.bias_rows", bias_train_chunk(ctx, cfg.no_heads_msa)},
-            {"msa_att_col", attention_train_chunk(ctx, r, s, cm, hm)},
-            {"msa_transition", transition_train_chunk(ctx, s * r, cm, n * cm)},
-            {"outer_product_mean", opm},
-            {"tri_mul.channel_group", tm.group},
-            {"tri_mul_out", tm.rows},
-            {"tri_mul_in", tm.rows},
-            {"tri_att.bias_rows", bias_train_chunk(ctx, cfg.no_heads_pair)},
-            {"tri_att_start", attention_train_chunk(ctx, r, r, cz, hp)},
-            {"tri_att_end", attention_train_chunk(ctx, r, r, cz, hp)},
-            {"pair_transition", transition_train_chunk(ctx, r * r, cz, n * cz)}};
+  std::vector<std::pair<std::string, int64_t>> out;
+  auto add = [&](const std::string& name, int64_t items) {
+    for (const auto& e : out)
+      if (e.first == name) return;  // loops shared by a layer kind are listed once
+    out.emplace_back(name, items);
+  };
+  for (const LayerDesc& l : kEvoformerBlock) {
+    const std::vector<ChunkLoop> loops = layer_chunking(l, ctx);  // the inference loops
+    if (!training) {
+      if (l.kind == LayerKind::kOuterProductMean)
+        add(std::string(l.name) + ".msa_rows", loops[0].items);
+      if (l.kind == LayerKind::kTriangleMultiplication)
+        add("tri_mul.channel_group", loops[0].items);
+      add(l.name, loops.back().items);
+      continue;
+    }
+    // Training: the chunk functions of src/model/train.h (the OPM's residue blocks as inference).
+    const int64_t c = stream_channels(ctx, l.updates), n = cfg.transition_n;
+    const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
+    const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
+    switch (l.kind) {
+      case LayerKind::kMsaRowAttention:
+        add(l.name, attention_train_chunk(ctx, s, r, cfg.c_m, hm));
+        add(std::string(l.name) + ".bias_rows", bias_train_chunk(ctx, cfg.no_heads_msa));
+        break;
+      case LayerKind::kMsaColumnAttention:
+        add(l.name, attention_train_chunk(ctx, r, s, cfg.c_m, hm));
+        break;
+      case LayerKind::kTransition:
+        add(l.name, transition_train_chunk(ctx, stream_rows(ctx, l.updates), c, n * c));
+        break;
+      case LayerKind::kOuterProductMean:
+        add(l.name, loops.back().items);
+        break;
+      case LayerKind::kTriangleMultiplication: {
+        const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
+        add("tri_mul.channel_group", tm.group);
+        add(l.name, tm.rows);
+        break;
+      }
+      case LayerKind::kTriangleAttention:
+        add("tri_att.bias_rows", bias_train_chunk(ctx, cfg.no_heads_pair));
+        add(l.name, attention_train_chunk(ctx, r, r, cfg.c_z, hp));
+        break;
+      default:
+        FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+    }
   }
-  // Channel groups of the triangle multiplication (tri_mul_phase1 in src/model/modules.cc).
-  int64_t cg = pick_chunk(ctx, ct, 2 * r * r * kF);
-  if (chunk <= 0 && cg < ct && cg >= 8) cg = std::min(ct, (cg + 8) / 16 * 16);
-  const int64_t tri = pick_chunk(ctx, r, r * (ct + 3 * cz) * kF);
-  const int64_t att_p = pick_chunk(ctx, r, r * cz * 2 * kF + r * 4 * hp * kF);
-  return {{"msa_att_row", pick_chunk(ctx, s, r * cm * 2 * kF + r * 4 * hm * kF)},
-          {"msa_att_col", pick_chunk(ctx, r, s * cm * 2 * kF + s * 4 * hm * kF)},
-          {"msa_transition", pick_chunk(ctx, s * r, (cm + n * cm) * kF)},
-          {"outer_product_mean.msa_rows", pick_chunk(ctx, s, r * (cm + 2 * co) * kF)},
-          {"outer_product_mean", opm},
-          {"tri_mul.channel_group", cg},
-          {"tri_mul_out", tri},
-          {"tri_mul_in", tri},
-          {"tri_att_start", att_p},
-          {"tri_att_end", att_p},
-          {"pair_transition", pick_chunk(ctx, r * r, (cz + n * cz) * kF)}};
+  return out;
 }
 
 // Elements of the padded masks every DAP rank holds (DapShards of src/exec/dap.h): msa mask,
@@ -247,44 +261,6 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
 // transpose, bias and transposed bias [r_p, r_p].
 int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl) {
   return 3 * sp * rp + sp * rl + 4 * rp * rp;
-}
-
-// Workspace of outer_product_mean_shard (src/model/modules.cc, opm_impl) on `cols` of the ctx.r
-// residue columns with `parts` shards: a, b [s, cols, c_o] and the projection chunk; b gathered
-// [s, r, c_o] (beside this shard's b); then a, the gathered b, the mask counts [cols, r] and the
-// outer-product chunk (o, p, y).
-int64_t opm_shard_bytes(const BlockContext& ctx, int64_t cols, int parts) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z, co = cfg.c_hidden_opm;
-  const int64_t ab = 2 * s * cols * co;
-  const int64_t ch1 = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
-  const int64_t ch2 = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
-  const int64_t gathered = parts > 1 ? s * r * co : 0;
-  return kF * std::max({ab + ch1 * cols * (cm + 2 * co), ab + gathered,
-                        s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
-                            ch2 * (2 * co * r * co + r * cz)});
-}
-
-// Workspace of triangle_multiplication_shard on `rows` of the ctx.r rows with `parts` shards:
-// the products [c_t, rows, r] beside phase 1 (A, B, LN_in(z) kept or a chunk of it, the
-// projection chunk, a group's weights and the gathered right operand, as tri_mul_phase1 of
-// src/model/modules.cc sizes them) or phase 2 (the output chunk).
-int64_t tri_mul_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t r = ctx.r, rr = rows * r, cz = cfg.c_z, ct = cfg.c_hidden_mul;
-  constexpr int64_t kGroupAlign = 16, kKeepLnTargets = 12;  // modules.cc's constants
-  const int64_t gathered = parts > 1 ? parts * rr : 0;
-  int64_t cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
-  if (ctx.chunk <= 0 && cg < ct && cg >= kGroupAlign / 2)
-    cg = std::min(ct, (cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
-  const int64_t ch = pick_chunk(ctx, rows, r * (cz + 4 * cg) * kF);
-  const int64_t group =
-      (2 * cg * rr + 4 * cg * ch * r + (cg < ct ? 4 * cg * (cz + 1) : 0) + cg * gathered) * kF;
-  const bool keep_ln =
-      cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
-  const int64_t phase1 = group + (keep_ln ? rows : ch) * r * cz * kF;
-  const int64_t ch2 = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
-  return ct * rr * kF + std::max(phase1, ch2 * r * (ct + 3 * cz) * kF);
 }
 
 // Tracked peak per rank of dap_forward (src/exec/dap.cc) over n ranks, fp32 bytes, the largest
@@ -334,7 +310,8 @@ int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int
   const int64_t work = std::max(
       {biased(cfg.no_heads_msa, cfg.c_hidden_msa_att, sl, cm), sl * rp * cm * kF, rl * rp * cz * kF,
        module_workspace_bytes("msa_att_col", col), module_workspace_bytes("msa_transition", col),
-       opm_shard_bytes(full, rl, n), tri_mul_shard_bytes(full, rl, n),
+       outer_product_mean_shard_bytes(full, rl, n),
+       triangle_multiplication_shard_bytes(full, rl, n),
        biased(cfg.no_heads_pair, cfg.c_hidden_pair_att, rl, cz),
        module_workspace_bytes("msa_transition", pt)});
   const int64_t masks = dap_mask_elems(sp, rp, rl) * kF;
@@ -467,17 +444,36 @@ std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const E
   // with their projection blocks and the output side's rows.
   const int64_t row_bias = r * r * (2 * cz + 2 * cfg.no_heads_msa + 2);
   const int64_t tri_bias = r * r * (2 * cz + 2 * cfg.no_heads_pair + 2);
-  const int64_t tri_att = std::max(r * r * (3 * cz + 10 * hp), tri_bias);
-  const int64_t tri_mul = std::max(ct * 8 * r * r, r * r * (3 * ct + 5 * cz + 2));
-  return {{"msa_att_row", kF * std::max(s * r * (3 * cm + 10 * hm), row_bias)},
-          {"msa_att_col", kF * s * r * (3 * cm + 10 * hm)},
-          {"msa_transition", kF * s * r * (2 * cm + 2 * n * cm + 2)},
-          {"outer_product_mean", kF * r * (3 * co * r * co + r * cz)},
-          {"tri_mul_out", kF * tri_mul},
-          {"tri_mul_in", kF * tri_mul},
-          {"tri_att_start", kF * tri_att},
-          {"tri_att_end", kF * tri_att},
-          {"pair_transition", kF * r * r * (2 * cz + 2 * n * cz + 2)}};
+  std::vector<std::pair<std::string, int64_t>> out;
+  for (const LayerDesc& l : kEvoformerBlock) {
+    int64_t e = 0;  // elements
+    switch (l.kind) {
+      case LayerKind::kMsaRowAttention:
+        e = std::max(s * r * (3 * cm + 10 * hm), row_bias);
+        break;
+      case LayerKind::kMsaColumnAttention:
+        e = s * r * (3 * cm + 10 * hm);
+        break;
+      case LayerKind::kTransition: {
+        const int64_t c = l.updates == Stream::kM ? cm : cz;
+        e = (l.updates == Stream::kM ? s * r : r * r) * (2 * c + 2 * n * c + 2);
+        break;
+      }
+      case LayerKind::kOuterProductMean:
+        e = r * (3 * co * r * co + r * cz);
+        break;
+      case LayerKind::kTriangleMultiplication:
+        e = std::max(ct * 8 * r * r, r * r * (3 * ct + 5 * cz + 2));
+        break;
+      case LayerKind::kTriangleAttention:
+        e = std::max(r * r * (3 * cz + 10 * hp), tri_bias);
+        break;
+      default:
+        FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
+    }
+    out.emplace_back(l.name, kF * e);
+  }
+  return out;
 }
 
 std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r) {

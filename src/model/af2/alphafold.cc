@@ -19,6 +19,7 @@
 #include "model/af2/geometry.h"
 #include "model/af2/residue_constants.h"
 #include "model/af2/structure_module.h"
+#include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/weights.h"
@@ -103,7 +104,8 @@ struct PassFeatures {
   Tensor t_tors, t_alt_tors, t_tors_mask;                           // [T, r, 7, 2] x2, [T, r, 7]
 };
 
-// The template pair block's modules, in their order (unlike the Evoformer: attention first).
+// A template pair block's weights; its layers and their order are kTemplatePairBlock
+// (src/model/block_table.cc; unlike the Evoformer: attention first).
 struct TemplateBlock {
   BlockWeights w;  // only the pair modules are used
 };
@@ -714,13 +716,8 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
     }
     emit("template.pair_act", static_cast<int>(t), act);
     float* a = act.f32();
-    for (const TemplateBlock& b : tmpl_blocks) {
-      triangle_attention(b.w.tri_att_start, ctx, false, a);
-      triangle_attention(b.w.tri_att_end, ctx, true, a);
-      triangle_multiplication(b.w.tri_mul_out, ctx, true, a);
-      triangle_multiplication(b.w.tri_mul_in, ctx, false, a);
-      transition(b.w.pair_transition, ctx, a, rr, ct);
-    }
+    for (const TemplateBlock& b : tmpl_blocks)
+      for (const LayerDesc& l : kTemplatePairBlock) layer_forward(l, &b.w, ctx, nullptr, a);
     layernorm(tmpl_ln, a, rr, ct, a);
     emit("template.pair_stack", static_cast<int>(t), act);
     const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);

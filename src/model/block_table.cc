@@ -1,0 +1,167 @@
+#include "model/block_table.h"
+
+#include <cstring>
+
+#include "foldcube/status.h"
+
+namespace fc {
+
+namespace {
+using K = LayerKind;
+using S = Stream;
+using R = DropoutRate;
+using D = DropoutShare;
+using A = ChunkAxis;
+
+// Parameter accessors: the field `f` of the block weight struct `W`.
+#define FC_PARAMS(W, f) [](const void* b) -> const void* { return &static_cast<const W*>(b)->f; }
+
+// The AF2 Evoformer block. This is the one place that states its layer order.
+constexpr LayerDesc kEvoformerLayers[] = {
+    {"msa_att_row", K::kMsaRowAttention, S::kM, S::kZ, false, R::kMsa, D::kRows, A::kMsaRows,
+     FC_PARAMS(BlockWeights, msa_att_row)},
+    {"msa_att_col", K::kMsaColumnAttention, S::kM, S::kNone, false, R::kNone, D::kNone,
+     A::kMsaColumns, FC_PARAMS(BlockWeights, msa_att_col)},
+    {"msa_transition", K::kTransition, S::kM, S::kNone, false, R::kNone, D::kNone, A::kMsaPositions,
+     FC_PARAMS(BlockWeights, msa_transition)},
+    {"outer_product_mean", K::kOuterProductMean, S::kZ, S::kM, false, R::kNone, D::kNone,
+     A::kPairRows, FC_PARAMS(BlockWeights, outer_product_mean)},
+    {"tri_mul_out", K::kTriangleMultiplication, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_mul_out)},
+    {"tri_mul_in", K::kTriangleMultiplication, S::kZ, S::kNone, true, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_mul_in)},
+    {"tri_att_start", K::kTriangleAttention, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_att_start)},
+    {"tri_att_end", K::kTriangleAttention, S::kZ, S::kNone, true, R::kPair, D::kColumns,
+     A::kPairColumns, FC_PARAMS(BlockWeights, tri_att_end)},
+    {"pair_transition", K::kTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
+     A::kPairPositions, FC_PARAMS(BlockWeights, pair_transition)},
+};
+
+// The ExtraMSA block: the Evoformer order with global column attention and a masked MSA
+// transition. Its dropout is OpenFold's (the ExtraMSA stack runs inference only today).
+constexpr LayerDesc kExtraMsaLayers[] = {
+    {"msa_att_row", K::kMsaRowAttention, S::kM, S::kZ, false, R::kMsa, D::kRows, A::kMsaRows,
+     FC_PARAMS(ExtraMsaBlockWeights, msa_att_row)},
+    {"msa_att_col", K::kMsaColumnGlobalAttention, S::kM, S::kNone, false, R::kNone, D::kNone,
+     A::kMsaColumns, FC_PARAMS(ExtraMsaBlockWeights, msa_att_col)},
+    {"msa_transition", K::kMaskedTransition, S::kM, S::kNone, false, R::kNone, D::kNone,
+     A::kMsaPositions, FC_PARAMS(ExtraMsaBlockWeights, msa_transition)},
+    {"outer_product_mean", K::kOuterProductMean, S::kZ, S::kM, false, R::kNone, D::kNone,
+     A::kPairRows, FC_PARAMS(ExtraMsaBlockWeights, outer_product_mean)},
+    {"tri_mul_out", K::kTriangleMultiplication, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(ExtraMsaBlockWeights, tri_mul_out)},
+    {"tri_mul_in", K::kTriangleMultiplication, S::kZ, S::kNone, true, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(ExtraMsaBlockWeights, tri_mul_in)},
+    {"tri_att_start", K::kTriangleAttention, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(ExtraMsaBlockWeights, tri_att_start)},
+    {"tri_att_end", K::kTriangleAttention, S::kZ, S::kNone, true, R::kPair, D::kColumns,
+     A::kPairColumns, FC_PARAMS(ExtraMsaBlockWeights, tri_att_end)},
+    {"pair_transition", K::kTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
+     A::kPairPositions, FC_PARAMS(ExtraMsaBlockWeights, pair_transition)},
+};
+// The AF2 template pair block (OpenFold TemplatePairStackBlock): the pair layers in the template
+// order, attention first; weights: BlockWeights (its MSA layers unused).
+constexpr LayerDesc kTemplatePairLayers[] = {
+    {"tri_att_start", K::kTriangleAttention, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_att_start)},
+    {"tri_att_end", K::kTriangleAttention, S::kZ, S::kNone, true, R::kPair, D::kColumns,
+     A::kPairColumns, FC_PARAMS(BlockWeights, tri_att_end)},
+    {"tri_mul_out", K::kTriangleMultiplication, S::kZ, S::kNone, false, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_mul_out)},
+    {"tri_mul_in", K::kTriangleMultiplication, S::kZ, S::kNone, true, R::kPair, D::kRows,
+     A::kPairRows, FC_PARAMS(BlockWeights, tri_mul_in)},
+    {"pair_transition", K::kTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
+     A::kPairPositions, FC_PARAMS(BlockWeights, pair_transition)},
+};
+#undef FC_PARAMS
+
+template <typename T, size_t N>
+constexpr int count_of(const T (&)[N]) {
+  return static_cast<int>(N);
+}
+}  // namespace
+
+const BlockTable kEvoformerBlock = {"evoformer", kEvoformerLayers, count_of(kEvoformerLayers)};
+const BlockTable kExtraMsaBlock = {"extra_msa", kExtraMsaLayers, count_of(kExtraMsaLayers)};
+const BlockTable kTemplatePairBlock = {"template_pair", kTemplatePairLayers,
+                                       count_of(kTemplatePairLayers)};
+
+const LayerDesc* find_layer(const BlockTable& table, const char* name) {
+  for (const LayerDesc& l : table)
+    if (std::strcmp(l.name, name) == 0) return &l;
+  return nullptr;
+}
+
+#define FC_LAYER_PARAMS(T, cond)                                                   \
+  template <>                                                                      \
+  const T& layer_params<T>(const LayerDesc& l, const void* block) {                \
+    FC_CHECK_MSG(cond, std::string("layer ") + l.name + " has no " #T " weights"); \
+    return *static_cast<const T*>(l.params(block));                                \
+  }
+FC_LAYER_PARAMS(MsaRowAttentionW, l.kind == K::kMsaRowAttention)
+FC_LAYER_PARAMS(MsaColumnAttentionW, l.kind == K::kMsaColumnAttention)
+FC_LAYER_PARAMS(MsaColumnGlobalAttentionW, l.kind == K::kMsaColumnGlobalAttention)
+FC_LAYER_PARAMS(TransitionW, l.kind == K::kTransition || l.kind == K::kMaskedTransition)
+FC_LAYER_PARAMS(OuterProductMeanW, l.kind == K::kOuterProductMean)
+FC_LAYER_PARAMS(TriangleMultiplicationW, l.kind == K::kTriangleMultiplication)
+FC_LAYER_PARAMS(TriangleAttentionW, l.kind == K::kTriangleAttention)
+#undef FC_LAYER_PARAMS
+
+int64_t stream_rows(const BlockContext& ctx, Stream st) {
+  return st == Stream::kM ? ctx.s * ctx.r : ctx.r * ctx.r;
+}
+
+int64_t stream_channels(const BlockContext& ctx, Stream st) {
+  return st == Stream::kM ? ctx.cfg->c_m : ctx.cfg->c_z;
+}
+
+SavedInputs saved_inputs(const BlockTable& t, int i) {
+  const LayerDesc& l = t.layers[i];
+  SavedInputs in;
+  in.updated = l.kind != LayerKind::kOuterProductMean;
+  if (l.reads != Stream::kNone)
+    for (int j = i + 1; j < t.count; ++j) in.read = in.read || t.layers[j].updates == l.reads;
+  FC_CHECK_MSG(in.read || l.reads != Stream::kZ,
+               std::string(l.name) + ": reading the block's output z is not supported");
+  return in;
+}
+
+int block_input_m_layer(const BlockTable& t) {
+  for (int i = 0; i < t.count; ++i) {
+    const SavedInputs in = saved_inputs(t, i);
+    if ((in.updated && t.layers[i].updates == Stream::kM) ||
+        (in.read && t.layers[i].reads == Stream::kM))
+      return i;
+  }
+  FC_CHECK_MSG(false, std::string(t.name) + ": no layer keeps the block's input m");
+  return -1;
+}
+
+void layer_forward(const LayerDesc& l, const void* block, const BlockContext& ctx, float* m,
+                   float* z) {
+  float* x = l.updates == Stream::kM ? m : z;
+  switch (l.kind) {
+    case K::kMsaRowAttention:
+      return msa_row_attention(layer_params<MsaRowAttentionW>(l, block), ctx, m, z);
+    case K::kMsaColumnAttention:
+      return msa_column_attention(layer_params<MsaColumnAttentionW>(l, block), ctx, m);
+    case K::kMsaColumnGlobalAttention:
+      return msa_column_global_attention(layer_params<MsaColumnGlobalAttentionW>(l, block), ctx,
+                                         ctx.global_eps, m);
+    case K::kTransition:
+      return transition(layer_params<TransitionW>(l, block), ctx, x, stream_rows(ctx, l.updates),
+                        stream_channels(ctx, l.updates));
+    case K::kMaskedTransition:
+      return masked_msa_transition(layer_params<TransitionW>(l, block), ctx, m);
+    case K::kOuterProductMean:
+      return outer_product_mean(layer_params<OuterProductMeanW>(l, block), ctx, m, z);
+    case K::kTriangleMultiplication:
+      return triangle_multiplication(layer_params<TriangleMultiplicationW>(l, block), ctx,
+                                     !l.transposed, z);
+    case K::kTriangleAttention:
+      return triangle_attention(layer_params<TriangleAttentionW>(l, block), ctx, l.transposed, z);
+  }
+}
+
+}  // namespace fc

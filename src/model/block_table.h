@@ -1,0 +1,119 @@
+// Block tables: each block type described ONCE as data — its layers in order, the stream each
+// updates and what it reads, its dropout, its chunk axis and where its parameters live. Forward
+// (Evoformer, ExtraMSA), training (policies, saved inputs, dropout), the memory model, the
+// inference plan and chunking reports iterate a table; nothing else spells a block's layer order.
+//
+// A new block type is a new table (plus, where it needs them, new layer kinds): see
+// docs/architecture.md, "Block tables", with the ExtraMSA block as the example.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/modules.h"
+#include "model/weights.h"
+
+namespace fc {
+
+// The streams of a trunk block.
+enum class Stream : uint8_t { kNone, kM, kZ };
+
+// What a layer computes; each kind is one unit in src/model (forward, training forward,
+// backward, workspace formula, chunk loops).
+enum class LayerKind : uint8_t {
+  kMsaRowAttention,           // m += GatedAttention(LN(m)) over residues, pair bias from z
+  kMsaColumnAttention,        // m += GatedAttention(LN(m)) over sequences
+  kMsaColumnGlobalAttention,  // m += GlobalAttention(LN(m)) over sequences (ExtraMSA)
+  kTransition,                // x += Linear(relu(Linear(LN(x))))
+  kMaskedTransition,          // m += Transition(m) * msa_mask (ExtraMSA)
+  kOuterProductMean,          // z += OuterProductMean(m, msa_mask)
+  kTriangleMultiplication,    // z += TriMul(z, pair_mask); transposed = incoming
+  kTriangleAttention,         // z += TriAtt(z, pair_mask); transposed = ending node
+};
+constexpr int kLayerKinds = 8;
+
+// Training-mode dropout of a layer's update (OpenFold DropoutRowwise / DropoutColumnwise).
+enum class DropoutRate : uint8_t { kNone, kMsa, kPair };  // cfg.msa_dropout / cfg.pair_dropout
+enum class DropoutShare : uint8_t {
+  kNone,
+  kRows,     // one mask over (columns, channels), shared by every row of the stream
+  kColumns,  // one mask over (rows, channels), shared by every column
+};
+
+// The batch-like axis a layer's main chunk loop runs over.
+enum class ChunkAxis : uint8_t {
+  kMsaRows,        // s
+  kMsaColumns,     // r
+  kMsaPositions,   // s*r
+  kPairRows,       // r (rows i of z)
+  kPairColumns,    // r (columns j of z)
+  kPairPositions,  // r*r
+};
+
+struct LayerDesc {
+  const char* name;  // golden trace name (metadata module_order)
+  LayerKind kind;
+  Stream updates;      // the stream the layer adds its update to
+  Stream reads;        // the other stream it reads (kNone: only its own)
+  bool transposed;     // incoming (triangle multiplication), ending node (triangle attention)
+  DropoutRate rate;    // training-mode dropout of the update
+  DropoutShare share;  // ... and the axis its mask is shared along
+  ChunkAxis chunk;
+  // The layer's parameters inside the block's weight struct (the struct of the table's block
+  // type; the kind says the parameter type: see layer_params).
+  const void* (*params)(const void* block);
+};
+
+struct BlockTable {
+  const char* name;  // "evoformer", "extra_msa"
+  const LayerDesc* layers;
+  int count;
+  const LayerDesc* begin() const { return layers; }
+  const LayerDesc* end() const { return layers + count; }
+};
+
+// OpenFold EvoformerBlock (AF2 monomer order, opm_first = false); weights: BlockWeights.
+extern const BlockTable kEvoformerBlock;
+// OpenFold ExtraMSABlock; weights: ExtraMsaBlockWeights.
+extern const BlockTable kExtraMsaBlock;
+// AF2 template pair stack block: pair layers only, attention first; weights: BlockWeights (the
+// MSA layers' part unused), m not read (nullptr).
+extern const BlockTable kTemplatePairBlock;
+
+// The layer named `name` in `table`, or nullptr.
+const LayerDesc* find_layer(const BlockTable& table, const char* name);
+
+// The layer's parameters of the kind's type (T must match l.kind; checked).
+template <typename T>
+const T& layer_params(const LayerDesc& l, const void* block);
+template <typename T>
+T& layer_params(const LayerDesc& l, void* block) {
+  return const_cast<T&>(layer_params<T>(l, static_cast<const void*>(block)));
+}
+
+// Rows and channels of a stream viewed as [rows, c]: m [s*r, c_m], z [r*r, c_z].
+int64_t stream_rows(const BlockContext& ctx, Stream st);
+int64_t stream_channels(const BlockContext& ctx, Stream st);
+
+// The stream inputs a layer's backward reads, as copies taken before the layer runs (training
+// policies none and module): the stream it updates, unless its backward does not read it (the
+// OPM reads only m), and the stream it reads when a later layer of the block updates it. A read
+// stream that no later layer updates is the block's output m, which the training driver keeps
+// (reading the block's output z is not supported: checked).
+struct SavedInputs {
+  bool updated = false, read = false;
+};
+SavedInputs saved_inputs(const BlockTable& t, int i);
+// The layer whose saved copy of m is the block's input m (the first copy in layer order).
+int block_input_m_layer(const BlockTable& t);
+
+// ---- Per-layer dispatch (inference) ------------------------------------------------------------
+// Runs the layer on the streams m [s, r, c_m], z [r, r, c_z]; `block` is the table's weight struct.
+void layer_forward(const LayerDesc& l, const void* block, const BlockContext& ctx, float* m,
+                   float* z);
+// Peak bytes the layer allocates on top of the streams (checked against the allocator).
+int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx);
+// The chunk loops the layer runs at this context (the formulas its code uses).
+std::vector<ChunkLoop> layer_chunking(const LayerDesc& l, const BlockContext& ctx);
+
+}  // namespace fc
