@@ -326,8 +326,8 @@ TEST_F(ParamNamesCli, StacksFromNpzEqualStacksFromSafetensorsBitForBit) {
 }
 
 // The whole AlphaFold model loaded from the .npz gives bit for bit the outputs it gives from the
-// golden state dict (same config: the npz carries no metadata, the template pointwise heads come
-// from the golden file's).
+// golden state dict, each with the config inferred from its own file (the .npz reader keeps the
+// template pointwise-attention head count, which the flattened state dict does not show).
 TEST(ParamNames, AlphaFoldFromNpzEqualsAlphaFoldFromSafetensors) {
   TensorFile golden, mapped;
   ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &golden).ok());
@@ -335,9 +335,13 @@ TEST(ParamNames, AlphaFoldFromNpzEqualsAlphaFoldFromSafetensors) {
   ASSERT_TRUE(st.ok()) << st.ToString();
   AlphaFoldConfig cfg;
   ASSERT_TRUE(alphafold_config_from_weights(golden, &cfg).ok());
+  AlphaFoldConfig cfg_npz;
+  ASSERT_TRUE(alphafold_config_from_weights(mapped, &cfg_npz).ok());
+  EXPECT_EQ(cfg_npz.template_att_heads, cfg.template_att_heads);
+  EXPECT_EQ(cfg_npz.template_att_hidden, cfg.template_att_hidden);
   AlphaFold from_st, from_npz;
   ASSERT_TRUE(AlphaFold::load(cfg, golden, &from_st).ok());
-  const Status load = AlphaFold::load(cfg, mapped, &from_npz);
+  const Status load = AlphaFold::load(cfg_npz, mapped, &from_npz);
   ASSERT_TRUE(load.ok()) << load.ToString();
   FeatureDict feats;
   for (const std::string& n : golden.names)

@@ -696,7 +696,15 @@ Status read_weights(const std::string& path, TensorFile* out) {
     *out = std::move(f);
     return Status::OK();
   }
-  return af2_to_openfold(std::move(f), path, out);
+  // The head count of the template pointwise attention is in the AF2 array's shape
+  // [c_z, H, C] only; the state dict flattens it, so keep it as metadata for the config.
+  const std::string q =
+      "alphafold/alphafold_iteration/evoformer/template_embedding/attention//query_w";
+  int64_t heads = 0;
+  if (f.has(q) && f.tensors.at(q).ndim() == 3) heads = f.tensors.at(q).dim(1);
+  FC_RETURN_IF_ERROR(af2_to_openfold(std::move(f), path, out));
+  if (heads > 0) out->metadata["template_pointwise_attention_heads"] = std::to_string(heads);
+  return Status::OK();
 }
 
 }  // namespace fc

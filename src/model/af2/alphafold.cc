@@ -215,6 +215,11 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
         c.structure_layers = model["structure_module"].value("no_blocks", c.structure_layers);
     }
   }
+  auto heads = w.metadata.find("template_pointwise_attention_heads");  // set by the .npz reader
+  if (heads != w.metadata.end()) {
+    const long h = std::strtol(heads->second.c_str(), nullptr, 10);
+    if (h > 0) c.template_att_heads = h;
+  }
   const int64_t q = dim_of(w, "template_embedder.template_pointwise_att.mha.linear_q.weight", 0);
   if (c.templates && q != c.template_att_heads * c.template_att_hidden) {
     // No config: keep the head count and take the width from the shapes.
