@@ -1,12 +1,17 @@
 // The foldcube CLI end to end: golden files as weights and inputs, the embedded default job, the
 // report JSON, and one-line errors with non-zero exit codes for bad input.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 
 #include "foldcube/io.h"
 #include "test_util.h"
@@ -293,6 +298,29 @@ TEST(Cli, MissingFileAndBadFlags) {
   EXPECT_EQ(r.code, 2) << r.out;
   r = run_cli("frobnicate");
   EXPECT_EQ(r.code, 2) << r.out;
+}
+
+// Ctrl-C during a run: the process ends on SIGINT, and the file at --out keeps its previous
+// contents (the output goes to a temporary that is renamed only when complete).
+TEST(CliInterrupt, SigintLeavesPreviousOutput) {
+  const std::string out = tmp("sigint_" + std::to_string(getpid()) + ".safetensors");
+  std::ofstream(out) << "previous";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl(FOLDCUBE_CLI_PATH, FOLDCUBE_CLI_PATH, "run", "--s", "128", "--r", "256", "--blocks", "8",
+          "--threads", "1", "--out", out.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  ASSERT_EQ(kill(pid, SIGINT), 0);
+  int st = 0;
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(st) || (WIFEXITED(st) && WEXITSTATUS(st) != 0)) << st;
+  std::ifstream f(out);
+  const std::string contents((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(contents, "previous");
+  std::remove(out.c_str());
 }
 
 }  // namespace
