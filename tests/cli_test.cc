@@ -173,6 +173,47 @@ TEST_F(CliBadInput, NanInput) {
                     "non-finite");
 }
 
+// Zero-length axes (no sequences, no residues): refused with a clear error, not run on empty
+// buffers. (Zero-size tensors themselves are valid safetensors: AcceptsEdgeCasesOfTheFormat.)
+TEST_F(CliBadInput, ZeroLengthAxes) {
+  expect_user_error(run_edited("s0.safetensors",
+                               [](TensorFile* f) {
+                                 f->tensors["input.m"] = Tensor::zeros({0, 12, 32});
+                                 f->tensors["input.msa_mask"] = Tensor::zeros({0, 12});
+                               }),
+                    "empty dimension");
+  expect_user_error(run_edited("r0.safetensors",
+                               [](TensorFile* f) {
+                                 f->tensors["input.m"] = Tensor::zeros({8, 0, 32});
+                                 f->tensors["input.z"] = Tensor::zeros({0, 0, 16});
+                                 f->tensors["input.msa_mask"] = Tensor::zeros({8, 0});
+                                 f->tensors["input.pair_mask"] = Tensor::zeros({0, 0});
+                               }),
+                    "empty dimension");
+}
+
+// NaN in a parameter: refused at load, naming the tensor.
+TEST_F(CliBadInput, NanParameter) {
+  expect_user_error(run_edited("nanparam.safetensors",
+                               [](TensorFile* f) {
+                                 const std::string n = "blocks.0.msa_att_row.layer_norm_m.weight";
+                                 Tensor t = f->tensors[n].clone();
+                                 t.f32()[0] = std::nanf("");
+                                 f->tensors[n] = t;
+                               }),
+                    "blocks.0.msa_att_row.layer_norm_m.weight");
+}
+
+// Metadata claiming a huge (valid) config: a one-line error, not an abort after a 17 TB allocation.
+TEST_F(CliBadInput, AbsurdConfigInMetadata) {
+  expect_user_error(run_edited("hugecfg.safetensors",
+                               [](TensorFile* f) {
+                                 f->metadata["c_m"] = "1048576";
+                                 f->metadata.erase("config");
+                               }),
+                    "config and weights do not match");
+}
+
 TEST_F(CliBadInput, ConfigInconsistentWithWeights) {
   const std::string cfg = tmp("cfg.json");
   std::ofstream(cfg) << R"({"c_m": 64, "c_z": 16, "no_blocks": 2})";
