@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The sanitizer stage of CI (also run by hand): builds foldcube with ASan + UBSan
 # (-fno-sanitize-recover, FOLDCUBE_SANITIZE) in build-asan/ and runs the fast suite, i.e. every
-# CTest test except those labelled or named slow (see SLOW below), plus the fuzz corpus replays
+# CTest test except the slow ones (SLOW below), plus the fuzz corpus replays
 # (CTest label "fuzz": every seed and regression input through each fuzz target once).
 # Usage: bash scripts/sanitize.sh [BUILD_DIR] [extra ctest args]
 set -euo pipefail
@@ -9,9 +9,13 @@ cd "$(dirname "$0")/.."
 BUILD=${1:-build-asan}
 shift || true
 
-# Tests whose sanitized run costs minutes and adds no coverage the fast suite lacks: the
-# 30 MB AF2-dimension golden cases and the full-size timing/benchmark-like cases.
-SLOW='AtAf2Dims|Af2Dims|af2dims'
+# Slow tests, left out under sanitizers: every test that takes 10 s or more in the Release suite
+# (docs/reliability.md has the measurement); under ASan they take 2-4x longer. The families stay
+# covered by their small cases (e.g. GoldenGrad/evo_tiny, the tiny golden cases).
+SLOW='af2dims|af2_s|ChunkedTraining|ModelEqualsAllocator|WorkspaceMatchesTrackedPeak'
+SLOW+='|RunPlanAutoWithinBudget|RunSavedPlanAndErrors|TrainingProfilePerModule|PeakWithinSixTimes'
+SLOW+='|DropoutStep|ExtraMsa\.ExportRoundTrip|FullyMaskedColumnIsFinite|InferenceBudget'
+SLOW+='|TriMulGroups|evo_tiny_chunk5|dap_mpi_cli'
 
 bash scripts/setup.sh --deps-only
 LAUNCHER=()
