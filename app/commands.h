@@ -39,8 +39,17 @@ struct RunArgs {
   int dp = 1;                // data parallelism (training): this many DAP groups, one protein each
   std::string plan;          // "auto" (make_plan under --memory-budget) or a plan JSON file
   std::string plan_profile;  // device profile for --plan (default: this machine's, cached)
+  std::string model;         // "" (a stack) or "af2" (the whole AlphaFold2 model)
+  std::string features;      // --model af2: safetensors with feature.<name> tensors
+  int recycles = -1;         // --model af2: recycling iterations (-1 = as many as the features)
+  double recycle_tolerance = 0;  // --model af2: early stop (CA distance change, A); 0 = off
+  int64_t extra = 1024;          // --model af2, random features: extra sequences
+  int64_t templates = 4;         // --model af2, random features: templates
+  bool blocks_given = false;     // --blocks was on the command line
 };
 int run_command(const RunArgs& a);
+// `run --model af2`: the whole AlphaFold2 model (app/run_af2.cc).
+int run_af2(const RunArgs& a);
 // Hash of every flag: the ranks of an MPI job must agree on all of them (app/run.cc).
 uint64_t run_args_hash(const RunArgs& a);
 // `run --plan`: plans (or loads a plan), runs it, reports estimates beside measurements

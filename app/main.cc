@@ -62,6 +62,23 @@ int main(int argc, char** argv) {
       "--plan-profile", ra.plan_profile,
       "device profile JSON for --plan (default: this machine's, calibrated and cached)");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
+  run->add_option("--model", ra.model,
+                  "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
+                  "state dict) and --features (feature.<name> tensors with the recycling axis); "
+                  "--out receives output.<name>")
+      ->check(CLI::IsMember({"af2"}));
+  run->add_option("--features", ra.features, "--model af2: safetensors with feature.<name>");
+  run->add_option("--extra", ra.extra, "--model af2, random features: extra sequences")
+      ->check(CLI::Range(1, 1 << 20));
+  run->add_option("--templates", ra.templates, "--model af2, random features: templates")
+      ->check(CLI::Range(0, 64));
+  run->add_option("--recycle-tolerance", ra.recycle_tolerance,
+                  "--model af2: stop recycling once the CA distance matrix changes by less than "
+                  "this (RMS, Angstrom) between passes (0 = run every pass)")
+      ->check(CLI::Range(0.0, 1e6));
+  run->add_option("--recycles", ra.recycles,
+                  "--model af2: recycling iterations (default: as many as the features hold)")
+      ->check(CLI::Range(0, 1000));
   run->add_flag(
       "--backward", ra.backward,
       "training step: forward and backward (random upstream gradients unless --grad-outputs)");
@@ -72,6 +89,8 @@ int main(int argc, char** argv) {
   run->add_option("--policy", ra.policy,
                   "recompute policy none|module|block, or a comma-separated list per block "
                   "(implies --backward)");
+
+  run->parse_complete_callback([&] { ra.blocks_given = run->count("--blocks") > 0; });
 
   fc::app::BenchArgs ba;
   CLI::App* bench = app.add_subcommand(

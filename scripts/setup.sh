@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential cmake pkg-config libgtest-dev libgmock-dev libbenchmark-dev libdnnl-dev
-          libhwy-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libopenmpi-dev openmpi-bin)
+          libhwy-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libopenmpi-dev openmpi-bin
+          libcairo2-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -205,6 +205,30 @@ TEST_F(SafetensorsTest, RoundTripF32F64StridedAndMetadata) {
   EXPECT_EQ(g.tensors.at("empty").shape(), (Shape{0, 5}));
 }
 
+TEST_F(SafetensorsTest, RoundTripIntegersStrided) {
+  Tensor a = Tensor::empty({3, 4}, DType::I64);
+  for (int i = 0; i < 12; ++i) a.data<int64_t>()[i] = (int64_t{1} << 40) * (i - 5);
+  Tensor b = Tensor::empty({5}, DType::I32);
+  for (int i = 0; i < 5; ++i) b.data<int32_t>()[i] = -7 * i;
+  TensorFile f;
+  f.put("a.t", a.transpose(0, 1));  // [4, 3], non-contiguous
+  f.put("b", b);
+  const std::string p = path("ints.safetensors");
+  ASSERT_TRUE(write_safetensors(p, f).ok());
+  TensorFile g;
+  Status st = read_safetensors(p, &g);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  const Tensor& ga = g.tensors.at("a.t");
+  ASSERT_EQ(ga.dtype(), DType::I64);
+  ASSERT_EQ(ga.shape(), (Shape{4, 3}));
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 3; ++j)
+      EXPECT_EQ(ga.data<int64_t>()[i * 3 + j], a.data<int64_t>()[j * 4 + i]);
+  const Tensor& gb = g.tensors.at("b");
+  ASSERT_EQ(gb.dtype(), DType::I32);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(gb.data<int32_t>()[i], -7 * i);
+}
+
 TEST_F(SafetensorsTest, RoundTripGoldenFile) {
   TensorFile f, g;
   ASSERT_TRUE(read_safetensors(data_path("evo_tiny.safetensors"), &f).ok());
@@ -316,8 +340,9 @@ std::vector<Hostile> hostile_cases() {
        "'t' has unsupported dtype 'Q7'"},
       {"f16_dtype", one(R"({"dtype":"F16","shape":[4],"data_offsets":[0,8]})", d8),
        "'t' has unsupported dtype 'F16'"},
-      {"i64_dtype", one(R"({"dtype":"I64","shape":[1],"data_offsets":[0,8]})", d8),
-       "'t' has unsupported dtype 'I64'"},
+      {"u8_dtype", one(R"({"dtype":"U8","shape":[8],"data_offsets":[0,8]})", d8),
+       "'t' has unsupported dtype 'U8'"},
+      {"i64_size_mismatch", one(R"({"dtype":"I64","shape":[2],"data_offsets":[0,8]})", d8), "'t'"},
       {"negative_dim", one(R"({"dtype":"F32","shape":[-2],"data_offsets":[0,8]})", d8),
        "'t' has a negative dimension (-2)"},
       {"float_dim", one(R"({"dtype":"F32","shape":[2.0],"data_offsets":[0,8]})", d8),

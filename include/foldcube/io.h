@@ -24,7 +24,7 @@ struct TensorFile {
   Status get_f32(const std::string& name, const Shape& shape, Tensor* out) const;
 };
 
-// Reads a whole safetensors file. Supported dtypes: F32, F64 (others: a clear error).
+// Reads a whole safetensors file. Supported dtypes: F32, F64, I64, I32 (others: a clear error).
 // Validates everything before trusting it: header length within the file, JSON well formed,
 // dtype/shape/offsets consistent, offsets in range, tensors non-overlapping, no trailing gap
 // the header does not account for. Never crashes on hostile input.
@@ -33,7 +33,7 @@ Status read_safetensors(const std::string& path, TensorFile* out);
 // place of the path in messages.
 Status parse_safetensors_bytes(std::string_view bytes, const std::string& name, TensorFile* out);
 
-// Writes tensors (F32 or F64, any strides) in names order with the given metadata.
+// Writes tensors (F32, F64, I64 or I32, any strides) in names order with the given metadata.
 // Writes a temporary file beside path (path.tmp.<pid>.<n>), fsyncs it and renames it onto path:
 // a failed or interrupted write never leaves a partial file at path, and a previous file at path
 // stays intact until the new one is complete. On error the temporary is removed (a process killed

@@ -26,6 +26,10 @@ class Status {
   const std::string& message() const { return msg_; }
   // "invalid argument: <message>" or "OK".
   std::string ToString() const;
+  // The same error with "<context>: " before its message (OK stays OK).
+  Status WithContext(const std::string& context) const {
+    return ok() ? *this : Status(code_, context + ": " + msg_);
+  }
 
  private:
   Status(Code c, std::string m) : code_(c), msg_(std::move(m)) {}

@@ -12,9 +12,9 @@
 
 namespace fc {
 
-enum class DType : uint8_t { F32, F64, BF16 };
+enum class DType : uint8_t { F32, F64, BF16, I64, I32 };
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);  // "F32", "F64", "BF16" (safetensors spelling)
+const char* dtype_name(DType t);  // "F32", "F64", "BF16", "I64", "I32" (safetensors spelling)
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);  // "[2, 3]"

@@ -15,6 +15,10 @@ size_t dtype_size(DType t) {
       return 8;
     case DType::BF16:
       return 2;
+    case DType::I64:
+      return 8;
+    case DType::I32:
+      return 4;
   }
   return 0;
 }
@@ -27,6 +31,10 @@ const char* dtype_name(DType t) {
       return "F64";
     case DType::BF16:
       return "BF16";
+    case DType::I64:
+      return "I64";
+    case DType::I32:
+      return "I32";
   }
   return "?";
 }
@@ -197,6 +205,18 @@ void Tensor::copy_from(const Tensor& src) {
   FC_CHECK(dtype_ != DType::BF16 && src.dtype_ != DType::BF16);
   if (dtype_ == src.dtype_ && is_contiguous() && src.is_contiguous()) {
     std::memmove(data<char>(), src.data<char>(), nbytes());
+    return;
+  }
+  const bool ints = dtype_ == DType::I64 || dtype_ == DType::I32 || src.dtype_ == DType::I64 ||
+                    src.dtype_ == DType::I32;
+  if (ints) {
+    // Integer tensors copy between equal types only (no silent float <-> int conversion).
+    FC_CHECK_MSG(dtype_ == src.dtype_,
+                 std::string("copy_from ") + dtype_name(src.dtype_) + " -> " + dtype_name(dtype_));
+    if (dtype_ == DType::I64)
+      strided_copy(data<int64_t>(), strides_, src.data<int64_t>(), src.strides_, shape_);
+    else
+      strided_copy(data<int32_t>(), strides_, src.data<int32_t>(), src.strides_, shape_);
     return;
   }
   if (dtype_ == DType::F32 && src.dtype_ == DType::F32)

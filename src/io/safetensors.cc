@@ -324,9 +324,13 @@ Status place_entry(const std::string& where, const RawEntry& e, uint64_t data_si
     dtype = DType::F32;
   } else if (e.dtype == "F64") {
     dtype = DType::F64;
+  } else if (e.dtype == "I64") {
+    dtype = DType::I64;
+  } else if (e.dtype == "I32") {
+    dtype = DType::I32;
   } else {
     return Status::InvalidArgument(label + " has unsupported dtype " + printable(e.dtype) +
-                                   " (supported: F32, F64)");
+                                   " (supported: F32, F64, I64, I32)");
   }
   // The product of the non-zero dims must fit in int64, so that numel and strides never overflow
   // (even for a shape containing a zero).
@@ -509,9 +513,9 @@ Status write_safetensors(const std::string& path, const TensorFile& file) {
       return Status::InvalidArgument(label + " is listed in names but has no tensor");
     const Tensor& t = it->second;
     if (!t.defined()) return Status::InvalidArgument(label + " is undefined");
-    if (t.dtype() != DType::F32 && t.dtype() != DType::F64)
+    if (t.dtype() == DType::BF16)
       return Status::InvalidArgument(label + " has unsupported dtype " + dtype_name(t.dtype()) +
-                                     " (supported: F32, F64)");
+                                     " (supported: F32, F64, I64, I32)");
     data.push_back(&t);
   }
   for (const auto& kv : file.tensors)

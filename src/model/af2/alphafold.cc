@@ -1,0 +1,873 @@
+// The whole AlphaFold2 model (include/foldcube/alphafold.h), composed of the Evoformer and
+// ExtraMSA stacks, the template pair blocks (pair modules of src/model/modules.h), the structure
+// module and the heads.
+#include "foldcube/alphafold.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <nlohmann/json.hpp>
+#include <vector>
+
+#include "foldcube/extra_msa.h"
+#include "foldcube/memory.h"
+#include "foldcube/model.h"
+#include "foldcube/runtime.h"
+#include "kernels/kernels.h"
+#include "model/af2/confidence.h"
+#include "model/af2/geometry.h"
+#include "model/af2/residue_constants.h"
+#include "model/af2/structure_module.h"
+#include "model/common.h"
+#include "model/modules.h"
+#include "model/weights.h"
+
+namespace fc {
+namespace {
+
+constexpr int64_t kTargetFeat = 22, kMsaFeat = 49, kExtraFeat = 25, kRelBinsPerSide = 32;
+constexpr int64_t kRecycleBins = 15, kTemplPairFeat = 88, kTemplAngleFeat = 57;
+constexpr int64_t kTemplDistBins = 39;
+
+// The parameters under `prefix` with the prefix removed (views, no copies).
+TensorFile sub_file(const TensorFile& f, const std::string& prefix) {
+  TensorFile out;
+  for (const std::string& n : f.names)
+    if (n.rfind(prefix, 0) == 0) out.put(n.substr(prefix.size()), f.tensors.at(n));
+  out.metadata = f.metadata;
+  return out;
+}
+
+int64_t dim_of(const TensorFile& f, const std::string& name, int d) {
+  auto it = f.tensors.find(name);
+  return it == f.tensors.end() || it->second.ndim() <= d ? -1 : it->second.dim(d);
+}
+
+int64_t count_blocks(const TensorFile& f, const std::string& prefix) {
+  int64_t n = 0;
+  for (const std::string& name : f.names)
+    if (name.rfind(prefix, 0) == 0)
+      n = std::max<int64_t>(n, std::strtol(name.c_str() + prefix.size(), nullptr, 10) + 1);
+  return n;
+}
+
+Status linear_of(const TensorFile& f, const std::string& name, int64_t out, int64_t in, bool bias,
+                 LinearW* w) {
+  Tensor t;
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".weight", {out, in}, &t));
+  FC_RETURN_IF_ERROR(check_finite(name + ".weight", t));
+  w->w = t;
+  if (bias) {
+    FC_RETURN_IF_ERROR(f.get_f32(name + ".bias", {out}, &t));
+    FC_RETURN_IF_ERROR(check_finite(name + ".bias", t));
+    w->b = t;
+  }
+  return Status::OK();
+}
+
+Status ln_of(const TensorFile& f, const std::string& name, int64_t c, LayerNormW* w) {
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".weight", {c}, &w->w));
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".bias", {c}, &w->b));
+  FC_RETURN_IF_ERROR(check_finite(name + ".weight", w->w));
+  return check_finite(name + ".bias", w->b);
+}
+
+// y [rows, out] = x [rows, in] W^T + b (accumulate: y +=).
+void linear(const LinearW& w, const float* x, int64_t rows, float* y, bool accumulate = false) {
+  const int64_t out = w.w.dim(0), in = w.w.dim(1);
+  kern::linear(x, in, rows, in, w.w.f32(), w.b.defined() ? w.b.f32() : nullptr, out, y, out,
+               accumulate);
+}
+
+void layernorm(const LayerNormW& w, const float* x, int64_t rows, int64_t c, float* y) {
+  kern::layernorm(x, c, y, c, rows, c, w.w.f32(), w.b.f32(), 1e-5f);
+}
+
+// t[..., k] as a contiguous tensor (the features' trailing recycling axis).
+Tensor pass_of(const Tensor& t, int k) { return t.select(t.ndim() - 1, k).contiguous(); }
+
+// One pass's features (the trailing recycling axis selected), validated.
+struct PassFeatures {
+  int64_t r = 0, S = 0, E = 0, T = 0;
+  Tensor aatype, residue_index;                                     // [r] I64
+  Tensor target_feat;                                               // [r, 22]
+  Tensor msa_feat, msa_mask;                                        // [S, r, 49], [S, r]
+  Tensor seq_mask;                                                  // [r]
+  Tensor extra_msa;                                                 // [E, r] I64
+  Tensor extra_has_deletion, extra_deletion_value, extra_msa_mask;  // [E, r]
+  Tensor t_aatype;                                                  // [T, r] I64
+  Tensor t_positions, t_atom_mask;                                  // [T, r, 37, 3], [T, r, 37]
+  Tensor t_mask;                                                    // [T]
+  Tensor t_pb, t_pb_mask;                                           // [T, r, 3], [T, r]
+  Tensor t_tors, t_alt_tors, t_tors_mask;                           // [T, r, 7, 2] x2, [T, r, 7]
+};
+
+// The template pair block's modules, in their order (unlike the Evoformer: attention first).
+struct TemplateBlock {
+  BlockWeights w;  // only the pair modules are used
+};
+
+}  // namespace
+
+struct AlphaFold::Impl {
+  AlphaFoldConfig cfg;
+  EvoformerStack evoformer;
+  ExtraMsaStack extra;
+  // Embedders
+  LinearW tf_z_i, tf_z_j, tf_m, msa_m, relpos;  // input embedder
+  LinearW rec_lin;                              // [c_z, 15]
+  LayerNormW rec_ln_m, rec_ln_z;
+  LinearW extra_lin;  // [c_e, 25]
+  // Templates
+  LinearW tmpl_single_1, tmpl_single_2, tmpl_pair_lin;
+  std::vector<TemplateBlock> tmpl_blocks;
+  LayerNormW tmpl_ln;
+  LinearW tmpl_q, tmpl_k, tmpl_v, tmpl_o;  // pointwise attention (no gating)
+  // Structure module and heads
+  af2::StructureModuleConfig sm_cfg;
+  af2::StructureModuleWeights sm;
+  LayerNormW plddt_ln;
+  LinearW plddt_1, plddt_2, plddt_3, distogram, masked_msa, exp_resolved, tm;
+
+  using Emit = std::function<void(const std::string& stage, int index, const Tensor& value)>;
+
+  Status load(const TensorFile& f);
+  Status forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
+                 const AlphaFoldOptions& opts) const;
+  // m [S, r, c_m], z [r, r, c_z] from target_feat, residue_index and msa_feat.
+  void embed_inputs(const PassFeatures& f, float* m, float* z) const;
+  // m[0] += LN(m_prev); z += LN(z_prev) + Linear(distogram of the previous pseudo-beta).
+  void embed_recycled(const PassFeatures& f, const Tensor& m_prev, const Tensor& z_prev,
+                      const Tensor& x_prev, float* m, float* z, const Emit& emit) const;
+  // z += the template pair embedding; single [T, r, c_m] receives the template MSA rows.
+  Status embed_templates(const PassFeatures& f, const Tensor& pair_mask,
+                         const AlphaFoldOptions& opts, float* z, Tensor* single,
+                         const Emit& emit) const;
+  // z updated by the extra-MSA embedding and stack.
+  Status run_extra_msa(const PassFeatures& f, const Tensor& pair_mask, const AlphaFoldOptions& opts,
+                       Tensor& z, const Emit& emit) const;
+  void run_heads(const PassFeatures& f, const Tensor& m, const Tensor& z, const Tensor& s,
+                 const af2::StructureModuleOutput& sm_out,
+                 std::map<std::string, Tensor>* out) const;
+};
+
+Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) {
+  AlphaFoldConfig c;
+  FC_RETURN_IF_ERROR(infer_config_from_weights(sub_file(w, "evoformer."), &c.evoformer));
+  // Extra-MSA stack: its own dims; the global column attention has one key/value head of C.
+  const TensorFile x = sub_file(w, "extra_msa_stack.");
+  EvoformerConfig e = c.evoformer;
+  e.c_m = dim_of(x, "blocks.0.msa_att_row.layer_norm_m.weight", 0);
+  e.no_heads_msa = dim_of(x, "blocks.0.msa_att_row.linear_z.weight", 0);
+  e.c_hidden_msa_att = dim_of(x, "blocks.0.msa_att_col.global_attention.linear_k.weight", 0);
+  e.no_heads_pair = dim_of(x, "blocks.0.pair_stack.tri_att_start.linear.weight", 0);
+  const int64_t xp = dim_of(x, "blocks.0.pair_stack.tri_att_start.mha.linear_q.weight", 0);
+  e.c_hidden_opm = dim_of(x, "blocks.0.outer_product_mean.linear_1.weight", 0);
+  e.c_hidden_mul = dim_of(x, "blocks.0.pair_stack.tri_mul_out.linear_a_p.weight", 0);
+  const int64_t xt = dim_of(x, "blocks.0.msa_transition.linear_1.weight", 0);
+  e.no_blocks = count_blocks(x, "blocks.");
+  if (e.c_m <= 0 || e.no_heads_msa <= 0 || e.c_hidden_msa_att <= 0 || e.no_heads_pair <= 0 ||
+      xp <= 0 || xp % e.no_heads_pair || xt <= 0 || xt % e.c_m || e.no_blocks <= 0)
+    return Status::InvalidArgument("alphafold: extra_msa_stack parameters missing or inconsistent");
+  e.c_hidden_pair_att = xp / e.no_heads_pair;
+  e.transition_n = xt / e.c_m;
+  c.extra_msa = e;
+  // Template pair stack (pair modules at width c_t).
+  const std::string tp = "template_embedder.template_pair_stack.";
+  const TensorFile t = sub_file(w, tp);
+  c.templates = t.has("layer_norm.weight");
+  if (c.templates) {
+    EvoformerConfig tc = c.evoformer;
+    tc.c_z = dim_of(t, "layer_norm.weight", 0);
+    tc.no_heads_pair = dim_of(t, "blocks.0.tri_att_start.linear.weight", 0);
+    const int64_t tq = dim_of(t, "blocks.0.tri_att_start.mha.linear_q.weight", 0);
+    tc.c_hidden_mul = dim_of(t, "blocks.0.tri_mul_out.linear_a_p.weight", 0);
+    const int64_t tt = dim_of(t, "blocks.0.pair_transition.linear_1.weight", 0);
+    tc.no_blocks = count_blocks(t, "blocks.");
+    if (tc.c_z <= 0 || tc.no_heads_pair <= 0 || tq <= 0 || tq % tc.no_heads_pair || tt <= 0 ||
+        tt % tc.c_z || tc.no_blocks <= 0)
+      return Status::InvalidArgument("alphafold: template pair stack parameters inconsistent");
+    tc.c_hidden_pair_att = tq / tc.no_heads_pair;
+    tc.transition_n = tt / tc.c_z;
+    c.template_pair = tc;
+  }
+  c.ptm = w.has("aux_heads.tm.linear.weight");
+  // Counts the shapes do not hold: from the OpenFold config in the metadata.
+  auto md = w.metadata.find("config");
+  if (md != w.metadata.end()) {
+    const nlohmann::json j = nlohmann::json::parse(md->second, nullptr, false);
+    const nlohmann::json& model = j.contains("model") ? j["model"] : j;
+    if (model.is_object()) {
+      if (model.contains("template") &&
+          model["template"].contains("template_pointwise_attention")) {
+        const auto& pa = model["template"]["template_pointwise_attention"];
+        c.template_att_heads = pa.value("no_heads", c.template_att_heads);
+        c.template_att_hidden = pa.value("c_hidden", c.template_att_hidden);
+      } else if (model.contains("template_pointwise_attention")) {
+        const auto& pa = model["template_pointwise_attention"];
+        c.template_att_heads = pa.value("no_heads", c.template_att_heads);
+        c.template_att_hidden = pa.value("c_hidden", c.template_att_hidden);
+      }
+      if (model.contains("structure_module"))
+        c.structure_layers = model["structure_module"].value("no_blocks", c.structure_layers);
+    }
+  }
+  const int64_t q = dim_of(w, "template_embedder.template_pointwise_att.mha.linear_q.weight", 0);
+  if (c.templates && q != c.template_att_heads * c.template_att_hidden) {
+    // No config: keep the head count and take the width from the shapes.
+    if (q <= 0 || q % c.template_att_heads)
+      return Status::InvalidArgument("alphafold: template pointwise attention shapes inconsistent");
+    c.template_att_hidden = q / c.template_att_heads;
+  }
+  *out = c;
+  return Status::OK();
+}
+
+Status AlphaFold::Impl::load(const TensorFile& f) {
+  const EvoformerConfig& ev = cfg.evoformer;
+  const int64_t cm = ev.c_m, cz = ev.c_z, cs = ev.c_s;
+  FC_RETURN_IF_ERROR(EvoformerStack::load(ev, sub_file(f, "evoformer."), &evoformer));
+  FC_RETURN_IF_ERROR(ExtraMsaStack::load(cfg.extra_msa, sub_file(f, "extra_msa_stack."), &extra));
+  const std::string ie = "input_embedder.";
+  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_z_i", cz, kTargetFeat, true, &tf_z_i));
+  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_z_j", cz, kTargetFeat, true, &tf_z_j));
+  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_m", cm, kTargetFeat, true, &tf_m));
+  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_msa_m", cm, kMsaFeat, true, &msa_m));
+  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_relpos", cz, 2 * cfg.relpos_k + 1, true, &relpos));
+  FC_RETURN_IF_ERROR(linear_of(f, "recycling_embedder.linear", cz, kRecycleBins, true, &rec_lin));
+  FC_RETURN_IF_ERROR(ln_of(f, "recycling_embedder.layer_norm_m", cm, &rec_ln_m));
+  FC_RETURN_IF_ERROR(ln_of(f, "recycling_embedder.layer_norm_z", cz, &rec_ln_z));
+  FC_RETURN_IF_ERROR(
+      linear_of(f, "extra_msa_embedder.linear", cfg.extra_msa.c_m, kExtraFeat, true, &extra_lin));
+  if (cfg.templates) {
+    const std::string te = "template_embedder.";
+    const int64_t ct = cfg.template_pair.c_z;
+    FC_RETURN_IF_ERROR(linear_of(f, te + "template_single_embedder.linear_1", cm, kTemplAngleFeat,
+                                 true, &tmpl_single_1));
+    FC_RETURN_IF_ERROR(
+        linear_of(f, te + "template_single_embedder.linear_2", cm, cm, true, &tmpl_single_2));
+    FC_RETURN_IF_ERROR(linear_of(f, te + "template_pair_embedder.linear", ct, kTemplPairFeat, true,
+                                 &tmpl_pair_lin));
+    tmpl_blocks.resize(cfg.template_pair.no_blocks);
+    for (size_t b = 0; b < tmpl_blocks.size(); ++b) {
+      allocate_block(cfg.template_pair, &tmpl_blocks[b].w);
+      // The Evoformer block's pair modules under the template block's names (no "pair_stack.").
+      std::vector<std::pair<std::string, Tensor>> params;
+      for (auto& [name, view] : named_params(tmpl_blocks[b].w, "")) {
+        const std::string key = "pair_stack.";
+        if (name.rfind(key, 0) != 0) continue;
+        params.push_back({te + "template_pair_stack." + block_prefix(static_cast<int>(b)) +
+                              name.substr(key.size()),
+                          view});
+      }
+      FC_RETURN_IF_ERROR(load_params(params, f));
+    }
+    FC_RETURN_IF_ERROR(ln_of(f, te + "template_pair_stack.layer_norm", ct, &tmpl_ln));
+    const int64_t hc = cfg.template_att_heads * cfg.template_att_hidden;
+    const std::string pa = te + "template_pointwise_att.mha.";
+    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_q", hc, cz, false, &tmpl_q));
+    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_k", hc, ct, false, &tmpl_k));
+    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_v", hc, ct, false, &tmpl_v));
+    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_o", cz, hc, true, &tmpl_o));
+  }
+  sm_cfg.no_blocks = cfg.structure_layers;
+  FC_RETURN_IF_ERROR(af2::structure_module_config_from_weights(f, "structure_module.", &sm_cfg));
+  FC_RETURN_IF_ERROR(af2::load_structure_module(f, "structure_module.", sm_cfg, &sm));
+  const std::string h = "aux_heads.";
+  const int64_t ch = dim_of(f, h + "plddt.linear_1.weight", 0);
+  const int64_t pbins = dim_of(f, h + "plddt.linear_3.weight", 0);
+  const int64_t dbins = dim_of(f, h + "distogram.linear.weight", 0);
+  if (ch <= 0 || pbins <= 0 || dbins <= 0)
+    return Status::InvalidArgument("alphafold: aux_heads parameters missing");
+  FC_RETURN_IF_ERROR(ln_of(f, h + "plddt.layer_norm", cs, &plddt_ln));
+  FC_RETURN_IF_ERROR(linear_of(f, h + "plddt.linear_1", ch, cs, true, &plddt_1));
+  FC_RETURN_IF_ERROR(linear_of(f, h + "plddt.linear_2", ch, ch, true, &plddt_2));
+  FC_RETURN_IF_ERROR(linear_of(f, h + "plddt.linear_3", pbins, ch, true, &plddt_3));
+  FC_RETURN_IF_ERROR(linear_of(f, h + "distogram.linear", dbins, cz, true, &distogram));
+  FC_RETURN_IF_ERROR(linear_of(f, h + "masked_msa.linear", 23, cm, true, &masked_msa));
+  FC_RETURN_IF_ERROR(
+      linear_of(f, h + "experimentally_resolved.linear", af2::kAtom37, cs, true, &exp_resolved));
+  if (cfg.ptm) {
+    const int64_t tbins = dim_of(f, h + "tm.linear.weight", 0);
+    FC_RETURN_IF_ERROR(linear_of(f, h + "tm.linear", tbins, cz, true, &tm));
+  }
+  return Status::OK();
+}
+
+namespace {
+
+Status feature(const FeatureDict& d, const std::string& name, DType dt, int64_t passes,
+               Tensor* out) {
+  auto it = d.find(name);
+  if (it == d.end()) return Status::NotFound("feature '" + name + "' is missing");
+  const Tensor& t = it->second;
+  if (!t.defined() || t.dtype() != dt)
+    return Status::InvalidArgument("feature '" + name + "' must be " + dtype_name(dt));
+  if (t.ndim() < 1 || t.dim(-1) != passes)
+    return Status::InvalidArgument("feature '" + name + "' has shape " + shape_str(t.shape()) +
+                                   ": its last axis must be the " + std::to_string(passes) +
+                                   " recycling passes");
+  *out = t;
+  return Status::OK();
+}
+
+Status check_values(const std::string& name, const Tensor& t, int64_t lo, int64_t hi) {
+  const int64_t* p = t.data<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (p[i] < lo || p[i] > hi)
+      return Status::InvalidArgument("feature '" + name + "' holds " + std::to_string(p[i]) +
+                                     ", expected " + std::to_string(lo) + ".." +
+                                     std::to_string(hi));
+  return Status::OK();
+}
+
+Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes,
+                     PassFeatures* out) {
+  PassFeatures f;
+  auto get = [&](const char* name, DType dt, const Shape& shape, Tensor* t) -> Status {
+    Tensor full;
+    FC_RETURN_IF_ERROR(feature(d, name, dt, passes, &full));
+    *t = pass_of(full, k);
+    if (!shape.empty()) FC_RETURN_IF_ERROR(expect_shape(std::string("feature ") + name, *t, shape));
+    if (dt == DType::F32) FC_RETURN_IF_ERROR(check_finite(name, *t));
+    return Status::OK();
+  };
+  FC_RETURN_IF_ERROR(get("aatype", DType::I64, {}, &f.aatype));
+  if (f.aatype.ndim() != 1 || f.aatype.dim(0) < 1)
+    return Status::InvalidArgument("feature 'aatype' must be [r, R] with r >= 1");
+  const int64_t r = f.r = f.aatype.dim(0);
+  FC_RETURN_IF_ERROR(check_values("aatype", f.aatype, 0, af2::kRestypes - 1));
+  FC_RETURN_IF_ERROR(get("residue_index", DType::I64, {r}, &f.residue_index));
+  FC_RETURN_IF_ERROR(get("target_feat", DType::F32, {r, kTargetFeat}, &f.target_feat));
+  FC_RETURN_IF_ERROR(get("msa_feat", DType::F32, {}, &f.msa_feat));
+  if (f.msa_feat.ndim() != 3 || f.msa_feat.dim(0) < 1)
+    return Status::InvalidArgument("feature 'msa_feat' must be [S, r, 49, R] with S >= 1");
+  f.S = f.msa_feat.dim(0);
+  FC_RETURN_IF_ERROR(expect_shape("feature msa_feat", f.msa_feat, {f.S, r, kMsaFeat}));
+  FC_RETURN_IF_ERROR(get("msa_mask", DType::F32, {f.S, r}, &f.msa_mask));
+  FC_RETURN_IF_ERROR(check_mask("feature msa_mask", f.msa_mask, {f.S, r}));
+  FC_RETURN_IF_ERROR(get("seq_mask", DType::F32, {r}, &f.seq_mask));
+  FC_RETURN_IF_ERROR(check_mask("feature seq_mask", f.seq_mask, {r}));
+  FC_RETURN_IF_ERROR(get("extra_msa", DType::I64, {}, &f.extra_msa));
+  if (f.extra_msa.ndim() != 2 || f.extra_msa.dim(1) != r || f.extra_msa.dim(0) < 1)
+    return Status::InvalidArgument("feature 'extra_msa' must be [E, r, R] with E >= 1");
+  f.E = f.extra_msa.dim(0);
+  FC_RETURN_IF_ERROR(check_values("extra_msa", f.extra_msa, 0, 22));
+  FC_RETURN_IF_ERROR(get("extra_has_deletion", DType::F32, {f.E, r}, &f.extra_has_deletion));
+  FC_RETURN_IF_ERROR(get("extra_deletion_value", DType::F32, {f.E, r}, &f.extra_deletion_value));
+  FC_RETURN_IF_ERROR(get("extra_msa_mask", DType::F32, {f.E, r}, &f.extra_msa_mask));
+  FC_RETURN_IF_ERROR(check_mask("feature extra_msa_mask", f.extra_msa_mask, {f.E, r}));
+  if (templates && d.count("template_aatype")) {
+    FC_RETURN_IF_ERROR(get("template_aatype", DType::I64, {}, &f.t_aatype));
+    if (f.t_aatype.ndim() != 2 || f.t_aatype.dim(1) != r)
+      return Status::InvalidArgument("feature 'template_aatype' must be [T, r, R]");
+    const int64_t T = f.T = f.t_aatype.dim(0);
+    FC_RETURN_IF_ERROR(check_values("template_aatype", f.t_aatype, 0, 21));
+    FC_RETURN_IF_ERROR(
+        get("template_all_atom_positions", DType::F32, {T, r, af2::kAtom37, 3}, &f.t_positions));
+    FC_RETURN_IF_ERROR(
+        get("template_all_atom_mask", DType::F32, {T, r, af2::kAtom37}, &f.t_atom_mask));
+    FC_RETURN_IF_ERROR(get("template_mask", DType::F32, {T}, &f.t_mask));
+    FC_RETURN_IF_ERROR(get("template_pseudo_beta", DType::F32, {T, r, 3}, &f.t_pb));
+    FC_RETURN_IF_ERROR(get("template_pseudo_beta_mask", DType::F32, {T, r}, &f.t_pb_mask));
+    FC_RETURN_IF_ERROR(get("template_torsion_angles_sin_cos", DType::F32, {T, r, 7, 2}, &f.t_tors));
+    FC_RETURN_IF_ERROR(
+        get("template_alt_torsion_angles_sin_cos", DType::F32, {T, r, 7, 2}, &f.t_alt_tors));
+    FC_RETURN_IF_ERROR(get("template_torsion_angles_mask", DType::F32, {T, r, 7}, &f.t_tors_mask));
+  }
+  *out = std::move(f);
+  return Status::OK();
+}
+
+// Change of the CA distance matrix between two passes' atom37 positions [r, 37, 3]:
+// sqrt(masked mean over residue pairs of (d_ij - d'_ij)^2 + 1e-8), in Angstrom (the early-stop
+// criterion of later AlphaFold releases).
+double ca_distance_change(const Tensor& prev, const Tensor& cur, const Tensor& seq_mask) {
+  const int64_t r = seq_mask.dim(0);
+  constexpr int kCA = 1;
+  auto dist = [&](const Tensor& x, int64_t i, int64_t j) {
+    double d2 = 0;
+    for (int c = 0; c < 3; ++c) {
+      const double d = static_cast<double>(x.f32()[(i * af2::kAtom37 + kCA) * 3 + c]) -
+                       x.f32()[(j * af2::kAtom37 + kCA) * 3 + c];
+      d2 += d * d;
+    }
+    return std::sqrt(d2);
+  };
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const double w = static_cast<double>(seq_mask.f32()[i]) * seq_mask.f32()[j];
+      const double d = dist(prev, i, j) - dist(cur, i, j);
+      num += w * d * d;
+      den += w;
+    }
+  return std::sqrt(num / std::max(den, 1e-10) + 1e-8);
+}
+
+// Pair mask [r, r] = seq_mask_i seq_mask_j.
+Tensor pair_mask_of(const Tensor& seq_mask) {
+  const int64_t r = seq_mask.dim(0);
+  Tensor pm = Tensor::empty({r, r});
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) pm.f32()[i * r + j] = seq_mask.f32()[i] * seq_mask.f32()[j];
+  return pm;
+}
+
+}  // namespace
+
+Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
+                                const AlphaFoldOptions& opts) const {
+  auto it = feats.find("aatype");
+  if (it == feats.end()) return Status::NotFound("feature 'aatype' is missing");
+  if (!it->second.defined() || it->second.ndim() != 2)
+    return Status::InvalidArgument("feature 'aatype' must be [r, R]");
+  const int64_t R = it->second.dim(1);
+  if (R < 1) return Status::InvalidArgument("features hold no recycling pass");
+  const int passes =
+      opts.passes > 0 ? static_cast<int>(std::min<int64_t>(opts.passes, R)) : static_cast<int>(R);
+  const EvoformerConfig& ev = cfg.evoformer;
+  const int64_t cm = ev.c_m, cz = ev.c_z;
+  Tensor m_prev, z_prev, x_prev;  // [r, c_m], [r, r, c_z], [r, 37, 3]
+  std::map<std::string, Tensor> result;
+  for (int k = 0; k < passes; ++k) {
+    PassFeatures f;
+    FC_RETURN_IF_ERROR(pass_features(feats, cfg.templates, k, R, &f));
+    const int64_t r = f.r, S = f.S;
+    if (k == 0) {
+      m_prev = Tensor::zeros({r, cm});
+      z_prev = Tensor::zeros({r, r, cz});
+      x_prev = Tensor::zeros({r, af2::kAtom37, 3});
+    }
+    auto emit = [&](const std::string& stage, int index, const Tensor& v) {
+      if (opts.trace) opts.trace(k, stage, index, v);
+    };
+    // Runs one stage, timing it and measuring its tracked peak when stats are asked for.
+    auto stage = [&](const char* name, auto&& fn) -> Status {
+      if (!opts.stats) return fn();
+      MemoryScope scope;
+      const auto t0 = std::chrono::steady_clock::now();
+      Status st = fn();
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      opts.stats->push_back({k, name, ms, scope.peak()});
+      return st;
+    };
+    Tensor m = Tensor::empty({S, r, cm});  // [S, r, c_m]
+    Tensor z = Tensor::empty({r, r, cz});  // [r, r, c_z]
+    FC_RETURN_IF_ERROR(stage("input_embedder", [&] {
+      embed_inputs(f, m.f32(), z.f32());
+      return Status::OK();
+    }));
+    emit("input_embedder.m", -1, m);
+    emit("input_embedder.z", -1, z);
+    emit("recycling_embedder.in_m", -1, m_prev);
+    emit("recycling_embedder.in_z", -1, z_prev);
+    FC_RETURN_IF_ERROR(stage("recycling_embedder", [&] {
+      embed_recycled(f, m_prev, z_prev, x_prev, m.f32(), z.f32(), emit);
+      return Status::OK();
+    }));
+    const Tensor pair_mask = pair_mask_of(f.seq_mask);  // [r, r]
+    Tensor tmpl_single;                                 // [T, r, c_m]
+    if (cfg.templates && f.T > 0) {
+      emit("template.in_z", -1, z);
+      FC_RETURN_IF_ERROR(stage("template_embedder", [&] {
+        return embed_templates(f, pair_mask, opts, z.f32(), &tmpl_single, emit);
+      }));
+    }
+    FC_RETURN_IF_ERROR(
+        stage("extra_msa_stack", [&] { return run_extra_msa(f, pair_mask, opts, z, emit); }));
+    // The Evoformer on the cluster rows and the template rows.
+    const int64_t T = tmpl_single.defined() ? f.T : 0;
+    Tensor m_all = Tensor::empty({S + T, r, cm});  // [S+T, r, c_m]
+    Tensor mask_all = Tensor::empty({S + T, r});   // [S+T, r]
+    std::memcpy(m_all.f32(), m.f32(), S * r * cm * sizeof(float));
+    std::memcpy(mask_all.f32(), f.msa_mask.f32(), S * r * sizeof(float));
+    if (T > 0) {
+      std::memcpy(m_all.f32() + S * r * cm, tmpl_single.f32(), T * r * cm * sizeof(float));
+      for (int64_t t = 0; t < T * r; ++t)
+        mask_all.f32()[S * r + t] = f.t_tors_mask.f32()[t * 7 + 2];
+    }
+    m = Tensor();
+    tmpl_single = Tensor();
+    emit("evoformer.in_m", -1, m_all);
+    emit("evoformer.in_z", -1, z);
+    ForwardOptions fo;
+    fo.chunk = opts.chunk;
+    fo.chunk_target_bytes = opts.chunk_target_bytes;
+    Tensor s;  // [r, c_s]
+    FC_RETURN_IF_ERROR(stage(
+        "evoformer", [&] { return evoformer.forward(m_all, z, mask_all, pair_mask, &s, fo); }));
+    emit("evoformer.m", -1, m_all);
+    emit("evoformer.z", -1, z);
+    emit("evoformer.s", -1, s);
+    af2::StructureModuleOutput sm_out;
+    FC_RETURN_IF_ERROR(stage("structure_module", [&] {
+      return af2::structure_module_forward(
+          sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
+          [&](const std::string& name, int layer, const Tensor& v) { emit(name, layer, v); });
+    }));
+    for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
+                                  {"sm.sidechain_frames", &sm_out.sidechain_frames},
+                                  {"sm.unnormalized_angles", &sm_out.unnormalized_angles},
+                                  {"sm.angles", &sm_out.angles},
+                                  {"sm.positions", &sm_out.positions},
+                                  {"sm.states", &sm_out.states},
+                                  {"sm.single", &sm_out.single}})
+      emit(name, -1, *t);
+    const int64_t L = sm_cfg.no_blocks;
+    Tensor x37 = Tensor::empty({r, af2::kAtom37, 3});  // [r, 37, 3]
+    Tensor mask37 = Tensor::empty({r, af2::kAtom37});  // [r, 37]
+    af2::atom14_to_atom37(f.aatype.data<int64_t>(),
+                          sm_out.positions.f32() + (L - 1) * r * af2::kAtom14 * 3, r, x37.f32(),
+                          mask37.f32());
+    emit("final_atom_positions", -1, x37);
+    const bool converged = opts.recycle_tolerance > 0 && k > 0 &&
+                           ca_distance_change(x_prev, x37, f.seq_mask) < opts.recycle_tolerance;
+    if (k + 1 == passes || converged) {
+      FC_RETURN_IF_ERROR(stage("heads", [&] {
+        run_heads(f, m_all, z, s, sm_out, &result);
+        return Status::OK();
+      }));
+      result["final_atom_positions"] = x37;
+      result["final_atom_mask"] = mask37;
+      result["final_affine_tensor"] = sm_out.frames.select(0, L - 1).contiguous();
+      result["single"] = s;
+      result["msa"] = m_all.slice(0, 0, S).contiguous();
+      result["pair"] = z;
+      result["sm.frames"] = sm_out.frames;
+      result["sm.sidechain_frames"] = sm_out.sidechain_frames;
+      result["sm.unnormalized_angles"] = sm_out.unnormalized_angles;
+      result["sm.angles"] = sm_out.angles;
+      result["sm.positions"] = sm_out.positions;
+      result["sm.states"] = sm_out.states;
+      result["sm.single"] = sm_out.single;
+      Tensor nrec = Tensor::empty({}, DType::I64);
+      nrec.data<int64_t>()[0] = k + 1;
+      result["num_recycles"] = nrec;
+      break;
+    }
+    m_prev = m_all.select(0, 0).contiguous();
+    z_prev = z;
+    x_prev = x37;
+  }
+  *out = std::move(result);
+  return Status::OK();
+}
+
+void AlphaFold::Impl::embed_inputs(const PassFeatures& f, float* m, float* z) const {
+  const int64_t r = f.r, S = f.S, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
+  const int64_t K = cfg.relpos_k, bins = 2 * K + 1;
+  Tensor a_i = Tensor::empty({r, cz}), a_j = Tensor::empty({r, cz});  // [r, c_z]
+  linear(tf_z_i, f.target_feat.f32(), r, a_i.f32());
+  linear(tf_z_j, f.target_feat.f32(), r, a_j.f32());
+  Tensor rel = Tensor::empty({bins, cz});  // [65, c_z] Linear(one_hot(bin)) = W[:, bin] + b
+  kern::transpose(relpos.w.f32(), bins, rel.f32(), cz, cz, bins);
+  kern::add_bias_rows(rel.f32(), cz, relpos.b.f32(), bins, cz);
+  const int64_t* ri = f.residue_index.data<int64_t>();
+#pragma omp parallel for
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      const int64_t d = std::clamp<int64_t>(ri[i] - ri[j], -K, K) + K;
+      float* out = z + (i * r + j) * cz;
+      for (int64_t c = 0; c < cz; ++c)
+        out[c] = (a_i.f32()[i * cz + c] + a_j.f32()[j * cz + c]) + rel.f32()[d * cz + c];
+    }
+  linear(msa_m, f.msa_feat.f32(), S * r, m);
+  Tensor tm = Tensor::empty({r, cm});  // [r, c_m]
+  linear(tf_m, f.target_feat.f32(), r, tm.f32());
+  for (int64_t s = 0; s < S; ++s) kern::add_inplace(m + s * r * cm, cm, tm.f32(), cm, r, cm);
+}
+
+void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev,
+                                     const Tensor& z_prev, const Tensor& x_prev, float* m, float* z,
+                                     const Emit& emit) const {
+  const int64_t r = f.r, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
+  Tensor pb = Tensor::empty({r, 3});  // [r, 3]
+  af2::pseudo_beta(f.aatype.data<int64_t>(), x_prev.f32(), r, pb.f32());
+  emit("recycling_embedder.in_pseudo_beta", -1, pb);
+  Tensor rm = Tensor::empty({r, cm});  // [r, c_m]
+  layernorm(rec_ln_m, m_prev.f32(), r, cm, rm.f32());
+  emit("recycling_embedder.m", -1, rm);
+  kern::add_inplace(m, cm, rm.f32(), cm, r, cm);
+  Tensor rz = Tensor::empty({r, r, cz});  // [r, r, c_z]
+  layernorm(rec_ln_z, z_prev.f32(), r * r, cz, rz.f32());
+  // Distance bins: lower edges linspace(3.25, 20.75, 15)^2, each bin up to the next edge (the last
+  // up to 1e8), strict on both sides; no bin below 3.25 A.
+  double edge[kRecycleBins + 1];
+  for (int b = 0; b < kRecycleBins; ++b) {
+    const double e = 3.25 + (20.75 - 3.25) * b / (kRecycleBins - 1);
+    edge[b] = e * e;
+  }
+  edge[kRecycleBins] = 1e8;
+  const float* W = rec_lin.w.f32();  // [c_z, 15]
+  const float* p = pb.f32();
+#pragma omp parallel for
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      double d2 = 0;
+      for (int c = 0; c < 3; ++c) {
+        const double d = static_cast<double>(p[3 * i + c]) - p[3 * j + c];
+        d2 += d * d;
+      }
+      int bin = -1;
+      for (int b = 0; b < kRecycleBins; ++b)
+        if (d2 > edge[b] && d2 < edge[b + 1]) bin = b;
+      float* out = rz.f32() + (i * r + j) * cz;
+      for (int64_t c = 0; c < cz; ++c)
+        out[c] += (bin >= 0 ? W[c * kRecycleBins + bin] : 0.0f) + rec_lin.b.f32()[c];
+    }
+  emit("recycling_embedder.z", -1, rz);
+  kern::add_inplace(z, cz, rz.f32(), cz, r * r, cz);
+}
+
+namespace {
+
+// Template pair features [r, r, 88] of template t (golden README, forward pass step 3).
+void template_pair_feat(const PassFeatures& f, int64_t t, float* out) {
+  const int64_t r = f.r, F = kTemplPairFeat;
+  const int64_t* aa = f.t_aatype.data<int64_t>() + t * r;
+  const float* pb = f.t_pb.f32() + t * r * 3;
+  const float* pbm = f.t_pb_mask.f32() + t * r;
+  const float* am = f.t_atom_mask.f32() + t * r * af2::kAtom37;
+  std::vector<float> bb(r);  // [r] backbone mask N * CA * C
+  for (int64_t i = 0; i < r; ++i)
+    bb[i] = am[i * af2::kAtom37 + 0] * am[i * af2::kAtom37 + 1] * am[i * af2::kAtom37 + 2];
+  double lower[kTemplDistBins], upper[kTemplDistBins];
+  for (int b = 0; b < kTemplDistBins; ++b) {
+    const double e = 3.25 + (50.75 - 3.25) * b / (kTemplDistBins - 1);
+    lower[b] = e * e;
+  }
+  for (int b = 0; b < kTemplDistBins; ++b) upper[b] = b + 1 < kTemplDistBins ? lower[b + 1] : 1e5;
+#pragma omp parallel for
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      float* o = out + (i * r + j) * F;
+      std::fill(o, o + F, 0.0f);
+      double d2 = 0;
+      for (int c = 0; c < 3; ++c) {
+        const double d = static_cast<double>(pb[3 * i + c]) - pb[3 * j + c];
+        d2 += d * d;
+      }
+      for (int b = 0; b < kTemplDistBins; ++b)
+        if (d2 > lower[b] && d2 < upper[b]) o[b] = 1.0f;
+      o[39] = pbm[i] * pbm[j];
+      o[40 + aa[j]] = 1.0f;
+      o[62 + aa[i]] = 1.0f;
+      o[87] = bb[i] * bb[j];
+      const float w = bb[i] * bb[j];
+      for (int64_t c = 0; c < F; ++c) o[c] *= w;
+    }
+}
+
+// Template angle features [r, 57] of template t.
+void template_angle_feat(const PassFeatures& f, int64_t t, float* out) {
+  const int64_t r = f.r;
+  for (int64_t i = 0; i < r; ++i) {
+    float* o = out + i * kTemplAngleFeat;
+    std::fill(o, o + kTemplAngleFeat, 0.0f);
+    o[f.t_aatype.data<int64_t>()[t * r + i]] = 1.0f;
+    for (int a = 0; a < 14; ++a) {
+      o[22 + a] = f.t_tors.f32()[(t * r + i) * 14 + a];
+      o[36 + a] = f.t_alt_tors.f32()[(t * r + i) * 14 + a];
+    }
+    for (int a = 0; a < 7; ++a) o[50 + a] = f.t_tors_mask.f32()[(t * r + i) * 7 + a];
+  }
+}
+
+}  // namespace
+
+Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pair_mask,
+                                        const AlphaFoldOptions& opts, float* z, Tensor* single,
+                                        const Emit& emit) const {
+  const int64_t r = f.r, T = f.T, rr = r * r, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
+  const EvoformerConfig& tc = cfg.template_pair;
+  const int64_t ct = tc.c_z, H = cfg.template_att_heads, C = cfg.template_att_hidden, hc = H * C;
+  // The template pair stack's block context: pair masks only.
+  Tensor bias = Tensor::empty({r, r}), bias_t = Tensor::empty({r, r});  // [r, r] inf*(mask-1)
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      bias.f32()[i * r + j] = tc.inf * (pair_mask.f32()[i * r + j] - 1.0f);
+      bias_t.f32()[j * r + i] = bias.f32()[i * r + j];
+    }
+  BlockContext ctx = shape_context(tc, 1, r, opts.chunk, opts.chunk_target_bytes, num_threads());
+  ctx.pair_mask = pair_mask.f32();
+  ctx.pair_bias = bias.f32();
+  ctx.pair_bias_t = bias_t.f32();
+  // Pointwise attention over the templates with an online softmax, so one template's stack output
+  // is alive at a time: o [r*r, H*C] accumulates exp(logit - mx) v, den and mx are [r*r, H].
+  Tensor q = Tensor::empty({rr, hc});  // [r*r, H*C] queries from z, scaled by 1/sqrt(C)
+  linear(tmpl_q, z, rr, q.f32());
+  const float qs = 1.0f / std::sqrt(static_cast<float>(C));
+  for (int64_t k = 0; k < rr * hc; ++k) q.f32()[k] *= qs;
+  Tensor o = Tensor::zeros({rr, hc});            // [r*r, H*C]
+  Tensor den = Tensor::zeros({rr, H});           // [r*r, H]
+  Tensor mx = Tensor::full({rr, H}, -INFINITY);  // [r*r, H]
+  for (int64_t t = 0; t < T; ++t) {
+    Tensor act = Tensor::empty({r, r, ct});  // [r, r, c_t]
+    {
+      Tensor feat = Tensor::empty({r, r, kTemplPairFeat});  // [r, r, 88]
+      template_pair_feat(f, t, feat.f32());
+      emit("template.pair_feat", static_cast<int>(t), feat);
+      linear(tmpl_pair_lin, feat.f32(), rr, act.f32());
+    }
+    emit("template.pair_act", static_cast<int>(t), act);
+    float* a = act.f32();
+    for (const TemplateBlock& b : tmpl_blocks) {
+      triangle_attention(b.w.tri_att_start, ctx, false, a);
+      triangle_attention(b.w.tri_att_end, ctx, true, a);
+      triangle_multiplication(b.w.tri_mul_out, ctx, true, a);
+      triangle_multiplication(b.w.tri_mul_in, ctx, false, a);
+      transition(b.w.pair_transition, ctx, a, rr, ct);
+    }
+    layernorm(tmpl_ln, a, rr, ct, a);
+    emit("template.pair_stack", static_cast<int>(t), act);
+    const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);
+    const int64_t block = 4096;  // pair rows per block of keys and values
+    Tensor kv = Tensor::empty({std::min(block, rr), 2 * hc});  // [block, k | v]
+    for (int64_t p0 = 0; p0 < rr; p0 += block) {
+      const int64_t n = std::min(block, rr - p0);
+      kern::linear(a + p0 * ct, ct, n, ct, tmpl_k.w.f32(), nullptr, hc, kv.f32(), 2 * hc);
+      kern::linear(a + p0 * ct, ct, n, ct, tmpl_v.w.f32(), nullptr, hc, kv.f32() + hc, 2 * hc);
+#pragma omp parallel for
+      for (int64_t p = 0; p < n; ++p)
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qp = q.f32() + (p0 + p) * hc + h * C;
+          const float* kp = kv.f32() + p * 2 * hc + h * C;
+          const float* vp = kp + hc;
+          float logit = mask_bias;
+          for (int64_t c = 0; c < C; ++c) logit += qp[c] * kp[c];
+          float& m_ = mx.f32()[(p0 + p) * H + h];
+          float& d_ = den.f32()[(p0 + p) * H + h];
+          float* op = o.f32() + (p0 + p) * hc + h * C;
+          const float m_new = std::max(m_, logit);
+          const float scale = std::exp(m_ - m_new), e = std::exp(logit - m_new);
+          for (int64_t c = 0; c < C; ++c) op[c] = op[c] * scale + e * vp[c];
+          d_ = d_ * scale + e;
+          m_ = m_new;
+        }
+    }
+  }
+  for (int64_t p = 0; p < rr; ++p)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < C; ++c) o.f32()[p * hc + h * C + c] /= den.f32()[p * H + h];
+  Tensor att = Tensor::empty({r, r, cz});  // [r, r, c_z]
+  linear(tmpl_o, o.f32(), rr, att.f32());
+  emit("template.pointwise_att", -1, att);
+  float any = 0.0f;
+  for (int64_t t = 0; t < T; ++t) any += f.t_mask.f32()[t];
+  if (!(any > 0.0f)) std::fill(att.f32(), att.f32() + att.numel(), 0.0f);
+  emit("template.template_pair_embedding", -1, att);
+  kern::add_inplace(z, cz, att.f32(), cz, rr, cz);
+  // Template angle embedding: MSA rows appended after the clusters.
+  Tensor feat = Tensor::empty({T, r, kTemplAngleFeat});  // [T, r, 57]
+  for (int64_t t = 0; t < T; ++t) template_angle_feat(f, t, feat.f32() + t * r * kTemplAngleFeat);
+  emit("template.angle_feat", -1, feat);
+  Tensor h1 = Tensor::empty({T, r, cm});  // [T, r, c_m]
+  linear(tmpl_single_1, feat.f32(), T * r, h1.f32());
+  kern::relu_inplace(h1.f32(), cm, T * r, cm);
+  *single = Tensor::empty({T, r, cm});
+  linear(tmpl_single_2, h1.f32(), T * r, single->f32());
+  emit("template.template_single_embedding", -1, *single);
+  return Status::OK();
+}
+
+Status AlphaFold::Impl::run_extra_msa(const PassFeatures& f, const Tensor& pair_mask,
+                                      const AlphaFoldOptions& opts, Tensor& z,
+                                      const Emit& emit) const {
+  const int64_t r = f.r, E = f.E, ce = cfg.extra_msa.c_m;
+  Tensor a = Tensor::empty({E, r, ce});  // [E, r, c_e]
+  {
+    Tensor feat = Tensor::zeros({E, r, kExtraFeat});  // [E, r, 25]
+    for (int64_t k = 0; k < E * r; ++k) {
+      float* o = feat.f32() + k * kExtraFeat;
+      o[f.extra_msa.data<int64_t>()[k]] = 1.0f;
+      o[23] = f.extra_has_deletion.f32()[k];
+      o[24] = f.extra_deletion_value.f32()[k];
+    }
+    emit("extra_msa.feat", -1, feat);
+    linear(extra_lin, feat.f32(), E * r, a.f32());
+  }
+  emit("extra_msa.embedding", -1, a);
+  emit("extra_msa_stack.in_z", -1, z);
+  ForwardOptions fo;
+  fo.chunk = opts.chunk;
+  fo.chunk_target_bytes = opts.chunk_target_bytes;
+  Tensor mask = f.extra_msa_mask;
+  FC_RETURN_IF_ERROR(extra.forward(a, z, mask, pair_mask, fo));
+  emit("extra_msa_stack.z", -1, z);
+  return Status::OK();
+}
+
+void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Tensor& z,
+                                const Tensor& s, const af2::StructureModuleOutput& sm_out,
+                                std::map<std::string, Tensor>* out) const {
+  const int64_t r = f.r, S = f.S;
+  const int64_t cs = cfg.evoformer.c_s, ch = plddt_1.w.dim(0), pbins = plddt_3.w.dim(0);
+  // pLDDT from the structure module's single.
+  Tensor x = Tensor::empty({r, cs}), h1 = Tensor::empty({r, ch}), h2 = Tensor::empty({r, ch});
+  layernorm(plddt_ln, sm_out.single.f32(), r, cs, x.f32());
+  linear(plddt_1, x.f32(), r, h1.f32());
+  kern::relu_inplace(h1.f32(), ch, r, ch);
+  linear(plddt_2, h1.f32(), r, h2.f32());
+  kern::relu_inplace(h2.f32(), ch, r, ch);
+  Tensor lddt = Tensor::empty({r, pbins});  // [r, 50]
+  linear(plddt_3, h2.f32(), r, lddt.f32());
+  Tensor plddt = Tensor::empty({r});
+  af2::plddt_from_logits(lddt.f32(), r, pbins, plddt.f32());
+  (*out)["lddt_logits"] = lddt;
+  (*out)["plddt"] = plddt;
+  // Distogram: symmetrised logits.
+  const int64_t db = distogram.w.dim(0);
+  Tensor half = Tensor::empty({r, r, db}), dist = Tensor::empty({r, r, db});  // [r, r, 64]
+  linear(distogram, z.f32(), r * r, half.f32());
+  for (int64_t i = 0; i < r; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t b = 0; b < db; ++b)
+        dist.f32()[(i * r + j) * db + b] =
+            half.f32()[(i * r + j) * db + b] + half.f32()[(j * r + i) * db + b];
+  (*out)["distogram_logits"] = dist;
+  Tensor mm = Tensor::empty({S, r, 23});  // [S, r, 23] on the cluster rows only
+  linear(masked_msa, m.f32(), S * r, mm.f32());
+  (*out)["masked_msa_logits"] = mm;
+  Tensor er = Tensor::empty({r, af2::kAtom37});  // [r, 37] from the Evoformer single
+  linear(exp_resolved, s.f32(), r, er.f32());
+  (*out)["experimentally_resolved_logits"] = er;
+  if (cfg.ptm) {
+    const int64_t tb = tm.w.dim(0);
+    Tensor logits = Tensor::empty({r, r, tb});  // [r, r, 64], not symmetrised
+    linear(tm, z.f32(), r * r, logits.f32());
+    Tensor probs = Tensor::empty({r, r, tb}), pae = Tensor::empty({r, r});
+    Tensor max_pae = Tensor::empty({}), ptm = Tensor::empty({});
+    af2::predicted_aligned_error(logits.f32(), r, tb, 31.0f, probs.f32(), pae.f32(), max_pae.f32());
+    ptm.f32()[0] = af2::predicted_tm_score(logits.f32(), nullptr, r, tb, 31.0f);
+    (*out)["tm_logits"] = logits;
+    (*out)["aligned_confidence_probs"] = probs;
+    (*out)["predicted_aligned_error"] = pae;
+    (*out)["max_predicted_aligned_error"] = max_pae;
+    (*out)["ptm_score"] = ptm;
+  }
+}
+
+AlphaFold::AlphaFold() : impl_(std::make_unique<Impl>()) {}
+AlphaFold::~AlphaFold() = default;
+AlphaFold::AlphaFold(AlphaFold&&) noexcept = default;
+AlphaFold& AlphaFold::operator=(AlphaFold&&) noexcept = default;
+
+Status AlphaFold::load(const AlphaFoldConfig& cfg, const TensorFile& weights, AlphaFold* out) {
+  auto impl = std::make_unique<Impl>();
+  impl->cfg = cfg;
+  FC_RETURN_IF_ERROR(impl->load(weights));
+  out->impl_ = std::move(impl);
+  return Status::OK();
+}
+
+Status AlphaFold::forward(const FeatureDict& features, std::map<std::string, Tensor>* out,
+                          const AlphaFoldOptions& opts) const {
+  return impl_->forward(features, out, opts);
+}
+
+const AlphaFoldConfig& AlphaFold::config() const { return impl_->cfg; }
+
+}  // namespace fc

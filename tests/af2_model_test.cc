@@ -1,0 +1,270 @@
+// The whole AlphaFold2 model against OpenFold's golden model cases: every traced stage of every
+// recycling pass, and every output of the last pass, within the golden README's tolerances.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <ostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "foldcube/alphafold.h"
+#include "foldcube/io.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+// The golden metric for one tensor (float or integer-like); non-finite values fail.
+double golden_metric(const Tensor& x, const Tensor& ref) {
+  Tensor a = x.dtype() == DType::I64 ? Tensor() : x.to(DType::F64);
+  Tensor b = ref.dtype() == DType::I64 ? Tensor() : ref.to(DType::F64);
+  if (!a.defined() || !b.defined()) return INFINITY;
+  double ss = 0, mx = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    const double u = a.data<double>()[i], v = b.data<double>()[i];
+    if (!std::isfinite(u) || !std::isfinite(v)) return INFINITY;
+    ss += v * v;
+    mx = std::max(mx, std::abs(u - v));
+  }
+  return mx / std::max(std::sqrt(ss / std::max<int64_t>(b.numel(), 1)), 1.0);
+}
+
+bool structure_group(const std::string& name) {
+  for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",
+                        "final_atom_positions", "final_affine_tensor"})
+    if (name.find(s) != std::string::npos) return true;
+  return false;
+}
+
+std::string golden_path(const std::string& name) {
+  std::string p = test::data_path(name + ".safetensors");
+  if (std::filesystem::exists(p)) return p;
+  return std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name + ".safetensors";
+}
+
+// (golden case, items per chunk in the stacks; 0 = automatic)
+struct ModelCase {
+  std::string name;
+  int64_t chunk;
+};
+
+void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.name << "_chunk" << c.chunk; }
+
+class Af2Model : public ::testing::TestWithParam<ModelCase> {};
+
+TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
+  const std::string path = golden_path(GetParam().name);
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "golden file not found: " << path;
+  TensorFile f;
+  Status st = read_safetensors(path, &f);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  AlphaFoldConfig cfg;
+  st = alphafold_config_from_weights(f, &cfg);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  AlphaFold model;
+  st = AlphaFold::load(cfg, f, &model);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+
+  // Per-index stages (templates, structure-module layers) are stacked along a new first axis.
+  std::map<std::string, std::vector<Tensor>> stacked;
+  std::set<std::string> seen;
+  double worst = 0;
+  std::string worst_name;
+  auto check = [&](const std::string& name, const Tensor& x) {
+    ASSERT_TRUE(f.has(name)) << "no golden tensor " << name;
+    const Tensor& ref = f.tensors.at(name);
+    ASSERT_EQ(x.shape(), ref.shape()) << name;
+    const double e = golden_metric(x, ref);
+    const double tol = structure_group(name) ? 5e-4 : 1e-4;
+    EXPECT_LT(e, tol) << name;
+    seen.insert(name);
+    if (e > worst) worst = e, worst_name = name;
+  };
+  AlphaFoldOptions opts;
+  opts.chunk = GetParam().chunk;
+  std::vector<AlphaFoldStageStat> stats;
+  opts.stats = &stats;
+  opts.trace = [&](int pass, const std::string& stage, int index, const Tensor& v) {
+    const std::string name = "trace.iter" + std::to_string(pass) + "." + stage;
+    if (index < 0)
+      check(name, v);
+    else
+      stacked[name].push_back(v.clone());
+  };
+  std::map<std::string, Tensor> out;
+  st = model.forward(feats, &out, opts);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  for (const auto& [name, parts] : stacked) {
+    Shape shape = parts[0].shape();
+    shape.insert(shape.begin(), static_cast<int64_t>(parts.size()));
+    Tensor all = Tensor::empty(shape);
+    for (size_t i = 0; i < parts.size(); ++i)
+      all.select(0, static_cast<int64_t>(i)).copy_from(parts[i]);
+    check(name, all);
+  }
+  for (const auto& [name, t] : out) {
+    if (name == "num_recycles") {
+      EXPECT_EQ(t.data<int64_t>()[0], f.tensors.at("output.num_recycles").data<int64_t>()[0]);
+      continue;
+    }
+    if (name == "ptm_score") {
+      const double ref = f.tensors.at("output.ptm_score").to(DType::F64).data<double>()[0];
+      EXPECT_LT(std::abs(t.f32()[0] - ref) / std::abs(ref), 1e-4);
+      seen.insert("output.ptm_score");
+      continue;
+    }
+    check("output." + name, t);
+  }
+  // Every golden trace and output was compared.
+  for (const std::string& n : f.names)
+    if ((n.rfind("trace.", 0) == 0 || n.rfind("output.", 0) == 0) && !seen.count(n) &&
+        n != "output.num_recycles")
+      ADD_FAILURE() << "golden tensor not produced: " << n;
+  std::printf("%s chunk %lld: worst err %.3g (%s)\n", GetParam().name.c_str(),
+              static_cast<long long>(GetParam().chunk), worst, worst_name.c_str());
+  // One stat per stage and pass, in order, with a positive peak.
+  const int64_t passes = f.tensors.at("output.num_recycles").data<int64_t>()[0];
+  EXPECT_EQ(static_cast<int64_t>(stats.size()), passes * 6 + 1);
+  for (const AlphaFoldStageStat& s : stats) EXPECT_GT(s.peak_bytes, 0) << s.stage;
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, Af2Model,
+                         ::testing::Values(ModelCase{"af2_model_tiny", 0},
+                                           ModelCase{"af2_model_tiny", 1},
+                                           ModelCase{"af2_model_tiny", 3},
+                                           ModelCase{"af2_model_af2dims", 0},
+                                           ModelCase{"af2_model_af2dims", 5}),
+                         [](const ::testing::TestParamInfo<ModelCase>& p) {
+                           return p.param.name + "_chunk" + std::to_string(p.param.chunk);
+                         });
+
+// The CLI on a golden file used as both parameters and features: output.<name> as in the file.
+TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
+  const std::string golden = test::data_path("af2_model_tiny.safetensors");
+  const std::string dir = testing::TempDir() + "/af2cli_" + std::to_string(::getpid());
+  std::filesystem::create_directories(dir);
+  const std::string out = dir + "/out.safetensors", report = dir + "/report.json";
+  const test::Result res =
+      test::run_cli("run --model af2 --threads 1 --weights " + golden + " --features " + golden +
+                    " --out " + out + " --report " + report);
+  ASSERT_EQ(res.code, 0) << res.out;
+  EXPECT_NE(res.out.find("mean pLDDT"), std::string::npos) << res.out;
+  TensorFile got, ref;
+  ASSERT_TRUE(read_safetensors(out, &got).ok());
+  ASSERT_TRUE(read_safetensors(golden, &ref).ok());
+  for (const char* name : {"output.final_atom_positions", "output.plddt", "output.pair",
+                           "output.predicted_aligned_error"}) {
+    ASSERT_TRUE(got.has(name)) << name;
+    EXPECT_LT(golden_metric(got.tensors.at(name), ref.tensors.at(name)), 5e-4) << name;
+  }
+  EXPECT_TRUE(std::filesystem::exists(report));
+
+  // Bad input: a features file without features, and an Evoformer-only weights file.
+  const std::string evo = test::data_path("evo_tiny.safetensors");
+  test::Result bad = test::run_cli("run --model af2 --weights " + golden + " --features " + evo);
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("no feature.<name> tensors"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --weights " + evo + " --features " + golden);
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("foldcube: error:"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                      " --memory-budget 1GiB");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  std::filesystem::remove_all(dir);
+}
+
+// Early stop: a huge tolerance stops after the second pass (num_recycles = 2) and the outputs are
+// that pass's; a zero tolerance runs every pass.
+TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  std::map<std::string, Tensor> out;
+  AlphaFoldOptions opts;
+  opts.recycle_tolerance = 1e9;
+  std::map<int, Tensor> per_pass;  // final_atom_positions of each pass
+  opts.trace = [&](int pass, const std::string& stage, int, const Tensor& v) {
+    if (stage == "final_atom_positions") per_pass[pass] = v.clone();
+  };
+  ASSERT_TRUE(model.forward(feats, &out, opts).ok());
+  EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 2);
+  EXPECT_EQ(per_pass.size(), 2u);
+  EXPECT_EQ(golden_metric(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
+  opts.recycle_tolerance = 0;
+  opts.passes = 1;
+  ASSERT_TRUE(model.forward(feats, &out, opts).ok());
+  EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 1);
+  EXPECT_LT(golden_metric(out.at("final_atom_positions"),
+                          f.tensors.at("trace.iter0.final_atom_positions")),
+            5e-4);
+}
+
+// Features that are wrong in one place give an error naming the feature, never a crash.
+TEST(Af2ModelErrors, BadFeaturesNameTheFeature) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict good;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) good[n.substr(8)] = f.tensors.at(n);
+  std::map<std::string, Tensor> out;
+  {
+    FeatureDict d = good;
+    d.erase("msa_feat");
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("msa_feat"), std::string::npos) << st.ToString();
+  }
+  {
+    FeatureDict d = good;
+    Tensor a = d["aatype"].clone();
+    a.data<int64_t>()[3] = 25;
+    d["aatype"] = a;
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("aatype"), std::string::npos) << st.ToString();
+  }
+  {
+    FeatureDict d = good;
+    Tensor m = d["seq_mask"].clone();
+    m.f32()[0] = 0.5f;
+    d["seq_mask"] = m;
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("seq_mask"), std::string::npos) << st.ToString();
+  }
+  {
+    FeatureDict d = good;
+    Tensor t = d["target_feat"].clone();
+    t.f32()[5] = NAN;
+    d["target_feat"] = t;
+    const Status st = model.forward(d, &out);
+    EXPECT_NE(st.message().find("target_feat"), std::string::npos) << st.ToString();
+  }
+  {
+    TensorFile w = f;
+    w.tensors.erase("structure_module.ipa.linear_b.weight");
+    AlphaFold m2;
+    const Status st = AlphaFold::load(cfg, w, &m2);
+    EXPECT_NE(st.message().find("structure_module.ipa.linear_b.weight"), std::string::npos)
+        << st.ToString();
+  }
+}
+
+}  // namespace
+}  // namespace fc
