@@ -55,7 +55,7 @@ for name in "${targets[@]}"; do
   work=build-fuzz/corpus/$name
   findings=build-fuzz/findings/$name
   rm -rf "$work" && mkdir -p "$work" "$findings"
-  cp fuzz/corpus/"$name"/* "$work"/ 2>/dev/null || true
+  cp fuzz/corpus/"$name"/* fuzz/regressions/"$name"/* "$work"/ 2>/dev/null || true
   dict=()
   [ -f fuzz/"$name".dict ] && dict=(-dict=fuzz/"$name".dict)
   echo "== fuzz_$name: ${SECONDS_PER_TARGET}s"
