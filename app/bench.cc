@@ -21,6 +21,7 @@
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
 #include "kernels/kernels.h"
+#include "plan/memory_model.h"
 
 namespace fc::app {
 

@@ -3,13 +3,22 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 
+namespace CLI {
+class App;
+}
+
 namespace fc::app {
+
+// `foldcube features` (app/features.cc): registers the subcommand on app; the returned function
+// runs it when it was chosen and returns its exit code, else returns -1.
+std::function<int()> add_features_command(CLI::App& app);
 
 // Prints "foldcube: error: <message>" to stderr; returns exit code 1 (app/util.cc).
 int fail(const Status& st);

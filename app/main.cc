@@ -164,6 +164,8 @@ int main(int argc, char** argv) {
   plan->add_option("--out", pa.out, "also write the plan JSON here");
   plan->add_flag("--json", pa.json, "print the plan as JSON");
 
+  std::function<int()> features = fc::app::add_features_command(app);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -174,5 +176,6 @@ int main(int argc, char** argv) {
   if (*run) return fc::app::run_command(ra);
   if (*bench) return fc::app::bench_command(ba, argv[0]);
   if (*plan) return fc::app::plan_command(pa);
+  if (const int rc = features(); rc >= 0) return rc;
   return 2;
 }

@@ -215,7 +215,7 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     req.profile = dev;
     req.devices = ranks;
     req.memory_bytes = budget;
-    req.dtype = "fp32";
+    req.dtype = DType::F32;
     // Every rank of the job takes part: inference runs DAP over all of them; training takes the
     // fastest split dap x dp = ranks (ties: more DAP, the smaller peak per rank).
     Status last;
@@ -260,8 +260,9 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     if (budget > 0) plan.memory_limit_bytes = budget;
     FC_RETURN_IF_ERROR(evaluate_plan(dev, &plan));  // this machine's estimates for the choices
   }
-  if (plan.dtype != "fp32")
-    return Status::InvalidArgument("the engine runs fp32; this plan is for " + plan.dtype);
+  if (plan.dtype != DType::F32)
+    return Status::InvalidArgument(std::string("the engine runs fp32; this plan is for ") +
+                                   plan_dtype_name(plan.dtype));
   if (plan.threads != num_threads())
     return Status::InvalidArgument("the plan is for " + std::to_string(plan.threads) +
                                    " thread(s), this run has " + std::to_string(num_threads()));
@@ -461,7 +462,12 @@ int plan_command(const PlanArgs& a) {
     st = parse_bytes(a.memory, &req.memory_bytes);
     if (!st.ok()) return fail(st);
   }
-  req.dtype = a.dtype;
+  if (!a.dtype.empty()) {
+    DType t;
+    st = parse_plan_dtype(a.dtype, &t);
+    if (!st.ok()) return fail(st);
+    req.dtype = t;
+  }
   if (!a.policy.empty()) {
     st = parse_recompute(a.policy, &req.policy);
     if (!st.ok()) return fail(st);
@@ -493,7 +499,7 @@ int plan_command(const PlanArgs& a) {
         plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
         static_cast<long long>(plan.r),
         plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
-        static_cast<long long>(plan.cfg.no_blocks), plan.dtype.c_str(),
+        static_cast<long long>(plan.cfg.no_blocks), plan_dtype_name(plan.dtype),
         req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
     std::printf(
         "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "
@@ -621,7 +627,7 @@ int bench_plan(const BenchArgs& a, const std::string& exe) {
     req.training = true;
     req.profile = dev;
     req.devices = 1;
-    req.dtype = "fp32";
+    req.dtype = DType::F32;
     // A budget that forces choices: a quarter of the way from the smallest feasible peak (the
     // finest chunk target) to the unconstrained plan's peak, unless --memory gives one.
     const std::vector<int64_t> targets = training_chunk_targets(req.cfg, req.s, req.r);

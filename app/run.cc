@@ -17,6 +17,7 @@
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 
 namespace fc::app {
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 
 namespace fc {
@@ -20,6 +21,33 @@ std::vector<float> rnd(int64_t n, uint64_t seed, float scale = 1.f) {
 
 void set_bytes(benchmark::State& state, int64_t floats_moved) {
   state.SetBytesProcessed(state.iterations() * floats_moved * static_cast<int64_t>(sizeof(float)));
+}
+
+// f32 -> bf16 (kHalf false) or f16 and back, n elements (6 bytes per element each way).
+template <bool kFast, bool kHalf>
+void Convert(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const std::vector<float> x = rnd(n, 4, 100.f);
+  std::vector<uint16_t> h(n);  // [n] 16-bit patterns
+  std::vector<float> y(n);     // [n]
+  auto* narrow = kHalf ? (kFast ? kern::f32_to_f16 : kern::ref::f32_to_f16)
+                       : (kFast ? kern::f32_to_bf16 : kern::ref::f32_to_bf16);
+  auto* widen = kHalf ? (kFast ? kern::f16_to_f32 : kern::ref::f16_to_f32)
+                      : (kFast ? kern::bf16_to_f32 : kern::ref::bf16_to_f32);
+  for (auto _ : state) {
+    narrow(x.data(), h.data(), n);
+    widen(h.data(), y.data(), n);
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetBytesProcessed(state.iterations() * n * 12);
+}
+template <bool kFast>
+void BM_ConvertBf16(benchmark::State& state) {
+  Convert<kFast, false>(state);
+}
+template <bool kFast>
+void BM_ConvertF16(benchmark::State& state) {
+  Convert<kFast, true>(state);
 }
 
 // Args: rows, n.
@@ -110,6 +138,8 @@ FC_BENCH_PAIR(BM_Softmax, Args({8 * 256, 256}));
 FC_BENCH_PAIR(BM_SigmoidMul, Args({65536, 128}));
 FC_BENCH_PAIR(BM_Relu, Args({65536, 128}));
 FC_BENCH_PAIR(BM_Add, Args({65536, 128}));
+FC_BENCH_PAIR(BM_ConvertBf16, Arg(65536 * 128));  // one pair activation [r*r, c_z]
+FC_BENCH_PAIR(BM_ConvertF16, Arg(65536 * 128));
 
 }  // namespace
 }  // namespace fc

@@ -1,7 +1,6 @@
 // The whole AlphaFold2 model against OpenFold's golden model cases: every traced stage of every
 // recycling pass, and every output of the last pass, within the golden README's tolerances.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -54,7 +53,9 @@ struct ModelCase {
   int64_t chunk;
 };
 
-void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.name << "_chunk" << c.chunk; }
+std::string CaseName(const ModelCase& c) { return c.name + "_chunk" + std::to_string(c.chunk); }
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const ModelCase& c, std::ostream* os) { *os << CaseName(c); }
 
 class Af2Model : public ::testing::TestWithParam<ModelCase> {};
 
@@ -137,21 +138,18 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
   for (const AlphaFoldStageStat& s : stats) EXPECT_GT(s.peak_bytes, 0) << s.stage;
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, Af2Model,
-                         ::testing::Values(ModelCase{"af2_model_tiny", 0},
-                                           ModelCase{"af2_model_tiny", 1},
-                                           ModelCase{"af2_model_tiny", 3},
-                                           ModelCase{"af2_model_af2dims", 0},
-                                           ModelCase{"af2_model_af2dims", 5}),
-                         [](const ::testing::TestParamInfo<ModelCase>& p) {
-                           return p.param.name + "_chunk" + std::to_string(p.param.chunk);
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Golden, Af2Model,
+    ::testing::Values(ModelCase{"af2_model_tiny", 0}, ModelCase{"af2_model_tiny", 1},
+                      ModelCase{"af2_model_tiny", 3}, ModelCase{"af2_model_af2dims", 0},
+                      ModelCase{"af2_model_af2dims", 5}),
+    [](const ::testing::TestParamInfo<ModelCase>& p) { return CaseName(p.param); });
 
 // The CLI on a golden file used as both parameters and features: output.<name> as in the file.
 TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   const std::string golden = test::data_path("af2_model_tiny.safetensors");
-  const std::string dir = testing::TempDir() + "/af2cli_" + std::to_string(::getpid());
-  std::filesystem::create_directories(dir);
+  const test::TempDir tmp;
+  const std::string dir = tmp.path();
   const std::string out = dir + "/out.safetensors", report = dir + "/report.json";
   const test::Result res =
       test::run_cli("run --model af2 --threads 1 --weights " + golden + " --features " + golden +

@@ -74,7 +74,10 @@ void ForEachTarget(F body) {
          << got[at] << " want " << want[at];
 }
 
+// Same bits and no NaN (-inf is a legitimate lse of a row whose keys are all -inf).
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
+  for (float x : a)
+    if (std::isnan(x)) return false;
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
@@ -88,6 +91,8 @@ std::string Name(const Shape& p) {
          "_H" + std::to_string(p.H) + "_C" + std::to_string(p.C) + (p.mask ? "_mask" : "") +
          (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") + (p.strided ? "_strided" : "");
 }
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const Shape& p, std::ostream* os) { *os << Name(p); }
 
 // Inputs as the modules lay them out: strided, q | k | v | g interleaved in one
 // [B * L, 4*H*C + 3] buffer (L = max(Lq, Lk)); or each in its own dense [B, L, H*C] buffer.

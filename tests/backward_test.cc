@@ -34,6 +34,7 @@
 #include "core/rng.h"
 #include "hwy/targets.h"
 #include "kernels/kernels.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -70,8 +71,8 @@ std::vector<float> vec(int64_t n, uint64_t seed, float scale = 1.f, float offset
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < n; ++i) {
       const double g = got[r * ldg + i], w = want[r * ldw + i];
-      if (std::isnan(g) || std::isnan(w))
-        return ::testing::AssertionFailure() << "NaN at (" << r << ", " << i << ")";
+      if (!std::isfinite(g) || !std::isfinite(w))
+        return ::testing::AssertionFailure() << "non-finite at (" << r << ", " << i << ")";
       scale = std::max(scale, std::abs(w));
       if (std::abs(g - w) > err) err = std::abs(g - w), at_r = r, at_i = i;
     }
@@ -101,9 +102,10 @@ std::vector<float> vec(int64_t n, uint64_t seed, float scale = 1.f, float offset
   return ::testing::AssertionSuccess();
 }
 
+// Same bits and no NaN (two equal NaN outputs are not a pass).
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](float x, float y) {
-           return std::memcmp(&x, &y, sizeof(float)) == 0;
+           return !std::isnan(x) && std::memcmp(&x, &y, sizeof(float)) == 0;
          });
 }
 
@@ -157,7 +159,10 @@ std::vector<double> NumericGrad(std::vector<float>& x, const std::function<doubl
                                        const std::vector<double>& numeric) {
   if (analytic.size() != numeric.size()) return ::testing::AssertionFailure() << "size mismatch";
   double scale = 1e-6;
-  for (double v : numeric) scale = std::max(scale, std::abs(v));
+  for (double v : numeric) scale = test::max_nan(scale, std::abs(v));
+  for (size_t i = 0; i < numeric.size(); ++i)
+    if (!std::isfinite(analytic[i]) || !std::isfinite(numeric[i]))
+      return ::testing::AssertionFailure() << "non-finite at element " << i;
   for (size_t i = 0; i < numeric.size(); ++i) {
     const double err = std::abs(analytic[i] - numeric[i]);
     if (!(err <= 1e-2 * std::abs(numeric[i]) + 1e-3 * scale))
@@ -578,6 +583,14 @@ struct AttnShape {
   bool mask, pair, gate, strided;
 };
 
+std::string AttnName(const AttnShape& p) {
+  return "B" + std::to_string(p.B) + "_Lq" + std::to_string(p.Lq) + "_Lk" + std::to_string(p.Lk) +
+         "_H" + std::to_string(p.H) + "_C" + std::to_string(p.C) + (p.mask ? "_mask" : "") +
+         (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") + (p.strided ? "_strided" : "");
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const AttnShape& p, std::ostream* os) { *os << AttnName(p); }
+
 // Inputs q | k | v | g interleaved in one [B*L, 4*H*C + 5] buffer (strided, as the model lays them
 // out) or each dense; gradients in buffers of the same layout, padding columns set to kSentinel.
 // Batch 0 has every key masked (-1e9), other batches ~20% masked keys.
@@ -718,8 +731,9 @@ INSTANTIATE_TEST_SUITE_P(
                       AttnShape{2, 70, 33, 2, 8, true, true, true, true},  // two query tiles
                       AttnShape{4, 17, 17, 4, 32, true, true, false, true},
                       AttnShape{3, 33, 33, 8, 8, false, true, true, false},
-                      AttnShape{1, 130, 9, 1, 5, true, true, true, true},     // one item, 3 tiles
-                      AttnShape{4, 20, 12, 1, 8, true, true, true, false}));  // range schedule
+                      AttnShape{1, 130, 9, 1, 5, true, true, true, true},    // one item, 3 tiles
+                      AttnShape{4, 20, 12, 1, 8, true, true, true, false}),  // range schedule
+    [](const auto& info) { return AttnName(info.param); });
 
 // Skipped outputs stay untouched; the others match a full run bit for bit.
 TEST(AttentionBackward, NullOutputsAreSkipped) {

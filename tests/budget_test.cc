@@ -13,6 +13,8 @@
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -60,11 +62,8 @@ TEST(InferenceBudget, PredictedEqualsMeasuredAndFitsBudget) {
       ref_m = m;
       ref_z = z;
     } else {  // chunking changes the split of the work, not the result
-      double dm = 0, dz = 0;
-      for (int64_t i = 0; i < m.numel(); ++i)
-        dm = std::max(dm, double(std::abs(m.f32()[i] - ref_m.f32()[i])));
-      for (int64_t i = 0; i < z.numel(); ++i)
-        dz = std::max(dz, double(std::abs(z.f32()[i] - ref_z.f32()[i])));
+      const double dm = test::max_abs_diff(m.f32(), ref_m.f32(), m.numel());
+      const double dz = test::max_abs_diff(z.f32(), ref_z.f32(), z.numel());
       EXPECT_LT(dm, 1e-4) << budget_mib;
       EXPECT_LT(dz, 1e-4) << budget_mib;
     }
@@ -95,8 +94,11 @@ TEST(InferenceBudget, ModuleChunking) {
     }
     prev = cur;
   }
-  for (const ModuleChunk& c : prev)
-    if (c.axis.rfind("c_t", 0) != 0) EXPECT_EQ(c.items, 1) << c.module << " " << c.axis;
+  for (const ModuleChunk& c : prev) {
+    if (c.axis.rfind("c_t", 0) != 0) {
+      EXPECT_EQ(c.items, 1) << c.module << " " << c.axis;
+    }
+  }
   const std::vector<ModuleChunk> extra = forward_chunking(cfg, s, r, 0, 0, 2, true);
   EXPECT_TRUE(std::any_of(extra.begin(), extra.end(),
                           [](const ModuleChunk& c) { return c.module == "msa_att_col_global"; }));

@@ -22,7 +22,7 @@ namespace {
 using test::Result;
 using test::run_cli;
 
-std::string tmp(const std::string& name) { return ::testing::TempDir() + "/fc_cli_" + name; }
+std::string tmp(const std::string& name) { return test::temp_file(name); }
 
 int count_lines(const std::string& s) {
   int n = 0;

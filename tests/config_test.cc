@@ -9,6 +9,7 @@
 #include <string>
 
 #include "foldcube/io.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -228,9 +229,8 @@ TEST(EvoformerConfig, UpdateFromJsonRejectsBadInput) {
 }
 
 TEST(EvoformerConfig, FromJsonFile) {
-  std::string tmpl = ::testing::TempDir() + "foldcube_cfg_XXXXXX";
-  ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-  const std::string dir = tmpl;
+  const test::TempDir tmp;
+  const std::string dir = tmp.path();
   auto write = [&](const std::string& name, const std::string& text) {
     std::ofstream(dir + "/" + name) << text;
     return dir + "/" + name;

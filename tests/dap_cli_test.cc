@@ -26,7 +26,8 @@ struct Result {
 
 Result run(const std::string& cmd) {
   const auto t0 = std::chrono::steady_clock::now();
-  FILE* p = popen(("timeout 90 " + cmd + " 2>&1").c_str(), "r");
+  const std::string limit = std::to_string(static_cast<int>(90 * test::kTimeScale));
+  FILE* p = popen(("timeout " + limit + " " + cmd + " 2>&1").c_str(), "r");
   Result r{-1, "", 0};
   if (!p) return r;
   char buf[4096];
@@ -42,7 +43,7 @@ std::string cli() { return FOLDCUBE_CLI_PATH; }
 std::string mpirun(int np) {
   return std::string(FOLDCUBE_MPIEXEC) + " -np " + std::to_string(np) + " --oversubscribe ";
 }
-std::string tmp(const std::string& name) { return ::testing::TempDir() + "/fc_dap_cli_" + name; }
+std::string tmp(const std::string& name) { return test::temp_file(name); }
 
 // Outputs of two runs agree within 1e-5 (golden metric) for m, z and s.
 void expect_same_outputs(const std::string& a, const std::string& b) {
@@ -93,7 +94,7 @@ TEST(DapCli, ErrorOnRankZeroEndsTheJob) {
   EXPECT_NE(r.code, 124) << "timed out: " << r.out;
   EXPECT_NE(r.out.find("rank 0: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("/nonexistent/w.safetensors"), std::string::npos) << r.out;
-  EXPECT_LT(r.seconds, 30) << r.out;
+  EXPECT_LT(r.seconds, 45 * test::kTimeScale) << r.out;  // below the timeout
 }
 
 TEST(DapCli, MismatchedCommandLinesAreDetected) {
@@ -214,7 +215,7 @@ TEST(DapCli, FailingRankDuringTrainingEndsTheJob) {
   EXPECT_NE(r.code, 124) << "timed out: " << r.out;
   EXPECT_NE(r.out.find("rank 1: "), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("/nonexistent/p1.safetensors"), std::string::npos) << r.out;
-  EXPECT_LT(r.seconds, 30) << r.out;
+  EXPECT_LT(r.seconds, 45 * test::kTimeScale) << r.out;  // below the timeout
 }
 
 // A rank that dies (SIGKILL, as the OOM killer would) in the middle of the job while the other
@@ -316,7 +317,7 @@ TEST(DapCli, RunSavedDapPlan) {
   EXPECT_NE(r.code, 124) << "timed out: " << r.out;
   EXPECT_NE(r.out.find("runs on 2 MPI rank(s), this job has 3"), std::string::npos) << r.out;
   EXPECT_EQ(r.out.find("rank 1"), std::string::npos) << "printed once, by rank 0: " << r.out;
-  EXPECT_LT(r.seconds, 30) << r.out;
+  EXPECT_LT(r.seconds, 45 * test::kTimeScale) << r.out;  // below the timeout
   r = run(cli() + " run --plan " + plan + prof);
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("mpirun -np 2"), std::string::npos) << r.out;

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -82,6 +83,73 @@ TEST(DistComm, CollectivesAndByteCounts) {
   EXPECT_EQ(comm.all_equal(me == 0 ? 1 : 2), n == 1);
   const std::vector<int64_t> ids = comm.all_gather_i64(me * 3);
   for (int p = 0; p < n; ++p) EXPECT_EQ(ids[p], p * 3);
+}
+
+// Restores the default message limit when a test ends (also on a failed assertion).
+struct MaxCountGuard {
+  explicit MaxCountGuard(int64_t n) { dist::set_max_message_count(n); }
+  ~MaxCountGuard() { dist::set_max_message_count(INT_MAX); }
+};
+
+// Every collective with messages longer than the limit (pieces of 3 elements, a short last piece)
+// gives the unsplit result bit for bit. Integer-valued data: the sums are exact in any order.
+TEST(DistComm, SplitMessagesMatchUnsplit) {
+  const dist::Communicator comm = world();
+  const int n = comm.size(), me = comm.rank();
+  const int64_t c = 11;  // elements per rank block: 3 + 3 + 3 + 2 with max count 3
+  auto fill = [&](int64_t len, int salt) {
+    std::vector<float> v(len);  // [len]
+    for (int64_t i = 0; i < len; ++i) v[i] = static_cast<float>((me * 37 + salt * 11 + i * 7) % 97);
+    return v;
+  };
+  struct Out {
+    std::vector<float> a2a, ag, rs, ar, bc, sc, ga;  // each [n*c] or [c]
+    std::string str;
+  };
+  auto run = [&]() {
+    Out o;
+    const std::vector<float> send = fill(n * c, 1), mine = fill(c, 2);
+    o.a2a.assign(n * c, -1.f);
+    comm.all_to_all(send.data(), o.a2a.data(), c);
+    o.ag.assign(n * c, -1.f);
+    comm.all_gather(mine.data(), o.ag.data(), c);
+    o.rs.assign(c, -1.f);
+    comm.reduce_scatter(send.data(), o.rs.data(), c);
+    o.ar = fill(c, 3);
+    comm.all_reduce(o.ar.data(), c);
+    o.bc = fill(c, 4);
+    comm.broadcast(o.bc.data(), c, n - 1);
+    o.sc.assign(c, -1.f);
+    comm.scatter(me == 0 ? send.data() : nullptr, o.sc.data(), c, 0);
+    o.ga.assign(n * c, -1.f);
+    comm.gather(mine.data(), me == 0 ? o.ga.data() : nullptr, c, 0);
+    o.str = me == 0 ? std::string("a control message longer than three bytes") : std::string();
+    comm.broadcast_string(&o.str, 0);
+    return o;
+  };
+  const Out whole = run();
+  Out split;
+  {
+    const MaxCountGuard guard(3);
+    split = run();
+  }
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  EXPECT_TRUE(same(whole.a2a, split.a2a));
+  EXPECT_TRUE(same(whole.ag, split.ag));
+  EXPECT_TRUE(same(whole.rs, split.rs));
+  EXPECT_TRUE(same(whole.ar, split.ar));
+  EXPECT_TRUE(same(whole.bc, split.bc));
+  EXPECT_TRUE(same(whole.sc, split.sc));
+  if (me == 0) {
+    EXPECT_TRUE(same(whole.ga, split.ga));
+  }
+  EXPECT_EQ(split.str, "a control message longer than three bytes");
+  // Spot checks that the unsplit results are the collectives' (not two equal wrong answers).
+  for (int p = 0; p < n; ++p)
+    EXPECT_EQ(whole.ag[p * c + 4], static_cast<float>((p * 37 + 22 + 28) % 97));
+  EXPECT_EQ(whole.sc[2], static_cast<float>((0 * 37 + 11 + (me * c + 2) * 7) % 97));
 }
 
 TEST(DistComm, DapAndDpGroups) {
@@ -242,6 +310,27 @@ TEST(Dap, PaddingKeepsResults) {
         EXPECT_LT(err, 1e-5) << "s=" << s << " r=" << r << " chunk=" << chunk;
       }
     }
+  }
+}
+
+// The sharded forward with every message split into pieces of 7 elements gives the unsplit
+// outputs bit for bit (the forward moves data only: no reductions).
+TEST(Dap, SplitMessagesKeepResultsBitForBit) {
+  const dist::Communicator comm = world();
+  const EvoformerConfig cfg = small_config(2);
+  Case c = random_case(cfg, 5, 7, true, 123);
+  Tensor m0, z0, s0, m1, z1, s1;
+  dap_vs_single(comm, c, 0, &m0, &z0, &s0);
+  {
+    const MaxCountGuard guard(7);
+    dap_vs_single(comm, c, 0, &m1, &z1, &s1);
+  }
+  if (comm.rank() != 0) return;
+  for (const auto& [a, b] : {std::pair{&m0, &m1}, std::pair{&z0, &z1}, std::pair{&s0, &s1}}) {
+    ASSERT_TRUE(a->defined() && b->defined());
+    ASSERT_EQ(a->shape(), b->shape());
+    EXPECT_TRUE(test::all_finite(*a));
+    EXPECT_EQ(std::memcmp(a->f32(), b->f32(), a->nbytes()), 0);
   }
 }
 

@@ -9,6 +9,7 @@
 
 #include "core/rng.h"
 #include "foldcube/model.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -86,8 +87,10 @@ Step step(const EvoformerStack& st, const Tensor& m0, const Tensor& z0, const Te
   return out;
 }
 
+// Same bits, and finite (two equal NaN outputs are not a pass).
 bool same(const Tensor& a, const Tensor& b) {
-  return std::memcmp(a.f32(), b.f32(), a.nbytes()) == 0;
+  return test::all_finite(a) && test::all_finite(b) &&
+         std::memcmp(a.f32(), b.f32(), a.nbytes()) == 0;
 }
 
 double loss(const Step& s, const Tensor& pm, const Tensor& pz) {

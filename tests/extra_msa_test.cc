@@ -192,6 +192,13 @@ struct MemCase {
   int64_t s, r, chunk;
 };
 
+std::string MemName(const MemCase& c) {
+  return "s" + std::to_string(c.s) + "_r" + std::to_string(c.r) + "_chunk" +
+         std::to_string(c.chunk);
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const MemCase& p, std::ostream* os) { *os << MemName(p); }
+
 class ExtraMsaMemory : public ::testing::TestWithParam<MemCase> {};
 
 TEST_P(ExtraMsaMemory, WorkspaceMatchesTrackedPeak) {
@@ -237,7 +244,8 @@ TEST_P(ExtraMsaMemory, WorkspaceMatchesTrackedPeak) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ExtraMsaMemory,
                          ::testing::Values(MemCase{64, 12, 0}, MemCase{40, 33, 3},
-                                           MemCase{128, 16, 1}));
+                                           MemCase{128, 16, 1}),
+                         [](const auto& info) { return MemName(info.param); });
 
 }  // namespace
 }  // namespace fc

@@ -17,6 +17,12 @@ struct GoldenCase {
   int64_t chunk;  // 0 = automatic
 };
 
+std::string CaseName(const GoldenCase& c) {
+  return c.file.substr(0, c.file.find('.')) + "_chunk" + std::to_string(c.chunk);
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const GoldenCase& p, std::ostream* os) { *os << CaseName(p); }
+
 class GoldenEvoformer : public ::testing::TestWithParam<GoldenCase> {};
 
 TEST_P(GoldenEvoformer, OutputsAndBlock0Traces) {
@@ -68,10 +74,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, GoldenEvoformer,
                                            GoldenCase{"evo_tiny.safetensors", 5},
                                            GoldenCase{"evo_af2dims.safetensors", 0},
                                            GoldenCase{"evo_af2dims.safetensors", 7}),
-                         [](const auto& info) {
-                           std::string n = info.param.file.substr(0, info.param.file.find('.'));
-                           return n + "_chunk" + std::to_string(info.param.chunk);
-                         });
+                         [](const auto& info) { return CaseName(info.param); });
 
 // The per-module trace metric must actually detect a wrong result (guards the harness itself).
 TEST(GoldenHarness, DetectsPerturbation) {

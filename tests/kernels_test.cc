@@ -9,6 +9,7 @@
 
 #include "core/rng.h"
 #include "foldcube/runtime.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -19,20 +20,24 @@ std::vector<float> rnd(int64_t n, uint64_t seed) {
   return v;
 }
 
-// max |a - b| / max(max |b|, 1) over the first n elements with stride.
+// max |a - b| / max(max |b|, 1) over the first n elements; +Inf on any non-finite value.
 double rel_err(const float* a, const float* b, int64_t n) {
-  double mx = 0, ref = 1;
-  for (int64_t i = 0; i < n; ++i) {
-    mx = std::max(mx, static_cast<double>(std::abs(a[i] - b[i])));
-    ref = std::max(ref, static_cast<double>(std::abs(b[i])));
-  }
-  return mx / ref;
+  double ref = 1;
+  for (int64_t i = 0; i < n; ++i) ref = test::max_nan(ref, std::abs(static_cast<double>(b[i])));
+  return test::max_abs_diff(a, b, n) / ref;
 }
 
 struct GemmShape {
   int64_t M, N, K;
   bool ta, tb;
 };
+
+std::string GemmName(const GemmShape& g) {
+  return std::to_string(g.M) + "x" + std::to_string(g.N) + "x" + std::to_string(g.K) +
+         (g.ta ? "_ta" : "") + (g.tb ? "_tb" : "");
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const GemmShape& p, std::ostream* os) { *os << GemmName(p); }
 
 class GemmTest : public ::testing::TestWithParam<GemmShape> {};
 
@@ -54,11 +59,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(GemmShape{1, 1, 1, false, false}, GemmShape{7, 13, 5, false, true},
                       GemmShape{17, 3, 33, true, false}, GemmShape{31, 29, 65, true, true},
                       GemmShape{128, 96, 64, false, true}, GemmShape{5, 200, 1, false, false}),
-    [](const auto& info) {
-      const GemmShape& g = info.param;
-      return std::to_string(g.M) + "x" + std::to_string(g.N) + "x" + std::to_string(g.K) +
-             (g.ta ? "_ta" : "") + (g.tb ? "_tb" : "");
-    });
+    [](const auto& info) { return GemmName(info.param); });
 
 TEST(Gemm, BatchedMatchesLoop) {
   for (int64_t batch : {1, 3, 16}) {
@@ -112,6 +113,14 @@ struct AttnShape {
   bool mask, pair, gate, strided;
 };
 
+std::string AttnName(const AttnShape& p) {
+  return "B" + std::to_string(p.B) + "_Lq" + std::to_string(p.Lq) + "_Lk" + std::to_string(p.Lk) +
+         "_H" + std::to_string(p.H) + "_C" + std::to_string(p.C) + (p.mask ? "_mask" : "") +
+         (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") + (p.strided ? "_strided" : "");
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const AttnShape& p, std::ostream* os) { *os << AttnName(p); }
+
 class AttentionTest : public ::testing::TestWithParam<AttnShape> {};
 
 // Layout as the model uses it: q, k, v, g interleaved in one [B*L, 4*H*C] buffer (strided), or
@@ -154,14 +163,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
                                            AttnShape{3, 7, 11, 2, 8, true, false, true, false},
                                            AttnShape{4, 17, 17, 4, 32, true, true, false, true},
                                            AttnShape{5, 33, 33, 8, 8, true, true, true, true}),
-                         [](const auto& info) {
-                           const AttnShape& p = info.param;
-                           return "B" + std::to_string(p.B) + "_Lq" + std::to_string(p.Lq) + "_Lk" +
-                                  std::to_string(p.Lk) + "_H" + std::to_string(p.H) + "_C" +
-                                  std::to_string(p.C) + (p.mask ? "_mask" : "") +
-                                  (p.pair ? "_pair" : "") + (p.gate ? "_gate" : "") +
-                                  (p.strided ? "_strided" : "");
-                         });
+                         [](const auto& info) { return AttnName(info.param); });
 
 }  // namespace
 }  // namespace fc

@@ -31,6 +31,13 @@ struct MemCase {
   int64_t s, r, chunk;
 };
 
+std::string MemName(const MemCase& c) {
+  return "s" + std::to_string(c.s) + "_r" + std::to_string(c.r) + "_chunk" +
+         std::to_string(c.chunk);
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const MemCase& p, std::ostream* os) { *os << MemName(p); }
+
 class ModuleMemory : public ::testing::TestWithParam<MemCase> {};
 
 TEST_P(ModuleMemory, WorkspaceMatchesTrackedPeak) {
@@ -71,11 +78,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ModuleMemory,
                          ::testing::Values(MemCase{8, 12, 0}, MemCase{16, 40, 0}, MemCase{5, 33, 3},
                                            MemCase{16, 40, 1}, MemCase{6, 20, 5},
                                            MemCase{6, 20, 31}, MemCase{4, 160, 0}),
-                         [](const auto& info) {
-                           return "s" + std::to_string(info.param.s) + "_r" +
-                                  std::to_string(info.param.r) + "_chunk" +
-                                  std::to_string(info.param.chunk);
-                         });
+                         [](const auto& info) { return MemName(info.param); });
 
 // Issue bound: a block's inference peak (above weights and inputs) <= 6 x bytes(m + z), at AF2
 // dimensions on a shape small enough for the default suite.

@@ -22,8 +22,7 @@ using test::run_cli;
 // could be read half-written by another.
 std::string profile_path() {
   static const std::string path = [] {
-    const std::string p =
-        ::testing::TempDir() + "/fc_planner_profile_" + std::to_string(getpid()) + ".json";
+    const std::string p = test::temp_file("profile.json");
     std::ofstream(p) << R"({"name": "cli-test", "threads": 2, "gemm_gflops": 400,
     "gemm_half_rows": 300, "gemm_bwd_gflops": 300, "batched_gflops": 250,
     "attention_gflops": 250, "attention_bwd_gflops": 150, "attention_len_exp": 0.2,
@@ -53,7 +52,7 @@ TEST(PlannerCli, SearchJson) {
   EXPECT_EQ(j["policy"].size(), 48u);
   EXPECT_GT(j["time_ms_estimate"].get<double>(), 0);
   EXPECT_LE(j["peak_bytes_estimate"].get<int64_t>(), int64_t{20} << 30);
-  EXPECT_LT(j["search_ms"].get<double>(), 1000);
+  EXPECT_LT(j["search_ms"].get<double>(), 3000 * test::kTimeScale);  // docs: well under 1 s
   EXPECT_TRUE(j["fits"].get<bool>());
 }
 
@@ -92,7 +91,7 @@ TEST(PlannerCli, Errors) {
   expect_user_error(run_cli("plan --memory 40GB --r 6000 --bucket" + p), "largest bucket");
   expect_user_error(run_cli("plan --memory 40GB --buckets 64,x" + p), "bad bucket");
   expect_user_error(run_cli("plan --memory 40GB --policy block" + p), "training plans only");
-  const std::string bad = ::testing::TempDir() + "/fc_bad_profile.json";
+  const std::string bad = test::temp_file("bad_profile.json");
   std::ofstream(bad) << R"({"gemm_gflops": -3})";
   expect_user_error(run_cli("plan --memory 40GB --profile " + bad), "profile");
 }
@@ -126,7 +125,7 @@ TEST(PlannerCli, RunPlanAutoWithinBudget) {
         "--s 8 --r 24 --blocks 2 --threads 2 --plan-profile " + profile_path() + " " + mode;
     const double mib = smallest_budget_mib(args);
     ASSERT_GT(mib, 0) << mode;
-    const std::string report = ::testing::TempDir() + "/fc_run_plan.json";
+    const std::string report = test::temp_file("run_plan.json");
     const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
     const Result r =
         run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
@@ -146,8 +145,8 @@ TEST(PlannerCli, RunPlanAutoWithinBudget) {
 
 // A saved plan runs as saved; bad combinations are one-line errors.
 TEST(PlannerCli, RunSavedPlanAndErrors) {
-  const std::string plan = ::testing::TempDir() + "/fc_saved_plan.json";
-  const std::string report = ::testing::TempDir() + "/fc_run_saved.json";
+  const std::string plan = test::temp_file("saved_plan.json");
+  const std::string report = test::temp_file("run_saved.json");
   Result r = run_cli(
       "plan --train --s 8 --r 16 --blocks 2 --memory 1GiB --policy module --devices 1 "
       "--profile " +

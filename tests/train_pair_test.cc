@@ -17,6 +17,7 @@
 
 #include "model/common.h"
 #include "model/train.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -38,6 +39,8 @@ const char* mod_name(Mod m) {
   }
   return "?";
 }
+// Test parameters print as their name (gtest would print the enum's raw bytes).
+void PrintTo(Mod m, std::ostream* os) { *os << mod_name(m); }
 
 // named_params prefix (without "blocks.<i>.") and number of parameter tensors of each module.
 std::string mod_prefix(Mod m) {
@@ -254,7 +257,8 @@ void fd_element(const std::function<double()>& f, float* x, double an, double fl
                 const std::string& what, FdStats* out) {
   ++out->checked;
   const auto ok = [&](double fd) {
-    return std::abs(fd - an) <= kRtol * std::max(std::abs(an), floor);
+    return std::isfinite(fd) && std::isfinite(an) &&
+           std::abs(fd - an) <= kRtol * std::max(std::abs(an), floor);
   };
   double hp, hm;
   const double lp = at(f, x, kStep, &hp), lm = at(f, x, -kStep, &hm);
@@ -349,8 +353,8 @@ TEST_P(TrainPairModule, TrainingForwardMatchesInference) {
     const float* x = x0.f32();
     double max_update = 0, max_diff = 0;
     for (int64_t i = 0; i < x0.numel(); ++i) {
-      max_update = std::max(max_update, std::abs(static_cast<double>(a[i]) - x[i]));
-      max_diff = std::max(max_diff, std::abs(static_cast<double>(a[i]) - b[i]));
+      max_update = test::max_nan(max_update, std::abs(static_cast<double>(a[i]) - x[i]));
+      max_diff = test::max_nan(max_diff, std::abs(static_cast<double>(a[i]) - b[i]));
     }
     EXPECT_GT(max_update, 1e-2) << "chunk " << chunk;
     EXPECT_LE(max_diff, 1e-5 * max_update) << "chunk " << chunk;
@@ -422,11 +426,13 @@ TEST_P(TrainPairModule, BackwardIsDeterministic) {
   Tensor d1, d2;
   analytic(S, mod, &g1, &d1);
   analytic(S, mod, &g2, &d2);
+  EXPECT_TRUE(test::all_finite(d1));
   EXPECT_EQ(std::memcmp(d1.f32(), d2.f32(), d1.nbytes()), 0);
   const std::vector<Tensor> a = all_grad_tensors(g1), b = all_grad_tensors(g2);
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     const Tensor x = a[i].contiguous(), y = b[i].contiguous();
+    EXPECT_TRUE(test::all_finite(x)) << "tensor " << i;
     EXPECT_EQ(std::memcmp(x.f32(), y.f32(), x.nbytes()), 0) << "tensor " << i;
   }
 }
@@ -460,9 +466,9 @@ TEST_P(TrainPairModule, BackwardAccumulates) {
     for (auto& [n1, t1] : named_params(g1, ""))
       if (n1 == name)
         for (int64_t i = 0; i < t.numel(); ++i) {
-          ref_max = std::max(ref_max, std::abs(2.0 * t1.f32()[i]));
-          err = std::max(err, std::abs(t.f32()[i] - 2.0 * t1.f32()[i]));
-          other = std::max(other, std::abs(static_cast<double>(t.f32()[i])));
+          ref_max = test::max_nan(ref_max, std::abs(2.0 * t1.f32()[i]));
+          err = test::max_nan(err, std::abs(t.f32()[i] - 2.0 * t1.f32()[i]));
+          other = test::max_nan(other, std::abs(static_cast<double>(t.f32()[i])));
         }
     if (mine) {
       EXPECT_LE(err, 1e-5 * std::max(ref_max, 1e-3)) << name;
@@ -494,9 +500,9 @@ TEST_P(TrainPairModule, GradientsDoNotDependOnChunk) {
   for (size_t t = 0; t < a.size(); ++t) {
     double mx = 0, err = 0;
     for (int64_t i = 0; i < a[t].second.numel(); ++i) {
-      mx = std::max(mx, std::abs(static_cast<double>(a[t].second.f32()[i])));
-      err =
-          std::max(err, std::abs(static_cast<double>(a[t].second.f32()[i]) - b[t].second.f32()[i]));
+      mx = test::max_nan(mx, std::abs(static_cast<double>(a[t].second.f32()[i])));
+      err = test::max_nan(
+          err, std::abs(static_cast<double>(a[t].second.f32()[i]) - b[t].second.f32()[i]));
     }
     EXPECT_LE(err, 1e-5 * std::max(mx, 1e-3)) << a[t].first;
   }

@@ -9,6 +9,7 @@
 #include "foldcube/model.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {
@@ -30,6 +31,8 @@ std::string case_name(const Case& c) {
   if (c.threads > 0) n += "_t" + std::to_string(c.threads);
   return n;
 }
+// Test parameters print as their readable name (gtest would print the raw struct bytes).
+void PrintTo(const Case& p, std::ostream* os) { *os << case_name(p); }
 
 class TrainPeak : public ::testing::TestWithParam<Case> {};
 

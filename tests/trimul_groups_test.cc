@@ -8,6 +8,7 @@
 
 #include "foldcube/memory.h"
 #include "model/common.h"
+#include "test_util.h"
 
 namespace fc {
 namespace {
@@ -57,6 +58,7 @@ TEST(TriMulGroups, BitIdenticalAcrossGroupSizes) {
     for (const Case c :
          {Case{1, 0}, Case{5, 0}, Case{31, 0}, Case{5, 1}, Case{0, 1}, Case{0, 40000}}) {
       const Tensor z = run_tri_mul(outgoing, c.chunk, c.target, &peak);
+      EXPECT_TRUE(test::all_finite(z));
       EXPECT_EQ(std::memcmp(z.f32(), ref.f32(), z.nbytes()), 0)
           << (outgoing ? "outgoing" : "incoming") << " chunk " << c.chunk << " target " << c.target;
       EXPECT_LT(peak, peak0) << "chunk " << c.chunk << " target " << c.target;

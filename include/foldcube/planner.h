@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "foldcube/config.h"
 #include "foldcube/model.h"
 #include "foldcube/status.h"
+#include "foldcube/tensor.h"
 
 namespace fc {
 
@@ -23,13 +25,13 @@ namespace fc {
 // the rates are derived with the efficiencies below (docs/planner.md).
 struct DeviceProfile {
   std::string name;
-  bool calibrated = false;     // measured by calibrate_profile on this machine
-  int devices = 1;             // devices (MPI ranks) available
-  int threads = 1;             // threads per device the rates were measured with
-  int64_t memory_bytes = 0;    // per device; 0 = unknown (then a request must give a limit)
-  std::string dtype = "fp32";  // precision the rates refer to: fp32 | bf16 | fp16
-  double gemm_gflops = 0;      // large projections, M -> infinity
-  double gemm_half_rows = 0;   // rows at which a projection runs at half of gemm_gflops
+  bool calibrated = false;    // measured by calibrate_profile on this machine
+  int devices = 1;            // devices (MPI ranks) available
+  int threads = 1;            // threads per device the rates were measured with
+  int64_t memory_bytes = 0;   // per device; 0 = unknown (then a request must give a limit)
+  DType dtype = DType::F32;   // precision the rates refer to: F32 | BF16 | F16 (JSON "fp32"...)
+  double gemm_gflops = 0;     // large projections, M -> infinity
+  double gemm_half_rows = 0;  // rows at which a projection runs at half of gemm_gflops
   // Calibrated projection rates by row count: (rows, forward GFLOP/s, backward GFLOP/s), rows
   // ascending, interpolated in log rows; empty (user profiles): the gemm_* / *_half_rows fit.
   std::vector<std::array<double, 3>> gemm_by_rows;
@@ -128,7 +130,7 @@ struct Plan {
   int64_t chunk_target_bytes = 0;  // automatic chunking target (0 = default)
   std::vector<std::pair<std::string, int64_t>> module_chunks;  // items per chunk, by pick_chunk
   int dap = 1, dp = 1;
-  std::string dtype = "fp32";
+  DType dtype = DType::F32;  // F32 | BF16 | F16 (JSON "fp32" | "bf16" | "fp16")
   int threads = 1;
   // Estimates (filled by make_plan / evaluate_plan).
   double time_ms = 0;              // one step: dp proteins, each over dap ranks
@@ -152,10 +154,10 @@ struct PlanRequest {
   int64_t s = 0, r = 0;
   bool training = false;
   DeviceProfile profile;
-  int devices = 0;            // 0 = profile.devices
-  int64_t memory_bytes = 0;   // per device limit; 0 = profile.memory_bytes
-  std::string dtype;          // empty = profile.dtype
-  bool fixed_policy = false;  // evaluate `policy` for every block instead of searching
+  int devices = 0;             // 0 = profile.devices
+  int64_t memory_bytes = 0;    // per device limit; 0 = profile.memory_bytes
+  std::optional<DType> dtype;  // unset = profile.dtype
+  bool fixed_policy = false;   // evaluate `policy` for every block instead of searching
   Recompute policy = Recompute::kNone;
   int64_t chunk = 0;             // force items per chunk (no chunk search)
   int64_t chunk_target = 0;      // force the chunk target in bytes (no chunk search)
@@ -194,6 +196,11 @@ std::string plan_cache_key(const PlanRequest& req);
 // make_plan through an on-disk cache: dir/<key>.json is read when present, else written.
 Status cached_plan(const PlanRequest& req, const std::string& dir, Plan* out, bool* hit);
 
-int64_t dtype_bytes(const std::string& dtype);  // 4, 2, 2; 0 when unknown
+// The planner's precisions and their JSON / command-line spelling: F32 "fp32", BF16 "bf16", F16
+// "fp16" (F64 is not a planner precision).
+int64_t dtype_bytes(DType dtype);          // bytes per element: 4, 2, 2 (8 for F64)
+const char* plan_dtype_name(DType dtype);  // "fp32", "bf16", "fp16" ("fp64" for F64)
+Status parse_plan_dtype(const std::string& name, DType* out);  // the three planner spellings
+Status check_plan_dtype(DType dtype);  // a user error unless F32, BF16 or F16
 
 }  // namespace fc

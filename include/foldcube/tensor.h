@@ -12,9 +12,12 @@
 
 namespace fc {
 
-enum class DType : uint8_t { F32, F64, BF16, I64, I32 };
+// Element types. BF16 and F16 elements are stored as their raw 16-bit patterns (uint16_t); I64 and
+// I32 (integer features) copy between equal types only.
+enum class DType : uint8_t { F32, F64, BF16, I64, I32, F16 };
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);  // "F32", "F64", "BF16", "I64", "I32" (safetensors spelling)
+const char* dtype_name(
+    DType t);  // "F32", "F64", "BF16", "I64", "I32", "F16" (safetensors spelling)
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);  // "[2, 3]"
@@ -67,10 +70,13 @@ class Tensor {
   Tensor transpose(int a, int b) const;
   Tensor reshape(const Shape& shape) const;  // contiguous tensors only
   // Copies.
-  Tensor contiguous() const;          // returns *this if already contiguous
-  Tensor clone() const;               // always a fresh contiguous copy
-  Tensor to(DType dtype) const;       // F32 <-> F64 conversion (copy)
-  void copy_from(const Tensor& src);  // same shape; any strides; F32/F64 converted
+  Tensor contiguous() const;  // returns *this if already contiguous
+  Tensor clone() const;       // always a fresh contiguous copy
+  // Conversion among F32, F64, BF16 and F16 (a copy): round to nearest, ties to even, once (F64
+  // to a 16-bit type rounds directly, not through F32's rounding); widening is exact; NaN stays
+  // NaN and overflow gives +-Inf (kern::f32_to_bf16 / f32_to_f16, src/kernels/convert.h).
+  Tensor to(DType dtype) const;
+  void copy_from(const Tensor& src);  // same shape; any strides; element types converted as to()
 
  private:
   std::shared_ptr<Buffer> buf_;

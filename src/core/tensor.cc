@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "foldcube/memory.h"
+#include "kernels/convert.h"
 
 namespace fc {
 
@@ -14,6 +15,7 @@ size_t dtype_size(DType t) {
     case DType::F64:
       return 8;
     case DType::BF16:
+    case DType::F16:
       return 2;
     case DType::I64:
       return 8;
@@ -35,6 +37,8 @@ const char* dtype_name(DType t) {
       return "I64";
     case DType::I32:
       return "I32";
+    case DType::F16:
+      return "F16";
   }
   return "?";
 }
@@ -173,11 +177,12 @@ Tensor Tensor::to(DType dtype) const {
 }
 
 namespace {
-template <typename D, typename S>
-void strided_copy(D* dst, const Shape& dstr, const S* src, const Shape& sstr, const Shape& shape) {
+// Calls f(dst offset, src offset) (in elements) for every element of `shape`, in row-major order.
+template <typename F>
+void for_each_offset(const Shape& dstr, const Shape& sstr, const Shape& shape, F f) {
   const int nd = static_cast<int>(shape.size());
   if (nd == 0) {
-    dst[0] = static_cast<D>(src[0]);
+    f(0, 0);
     return;
   }
   const int64_t inner = shape[nd - 1], di = dstr[nd - 1], si = sstr[nd - 1];
@@ -190,20 +195,71 @@ void strided_copy(D* dst, const Shape& dstr, const S* src, const Shape& sstr, co
       doff += idx[k] * dstr[k];
       soff += idx[k] * sstr[k];
     }
-    for (int64_t i = 0; i < inner; ++i) dst[doff + i * di] = static_cast<D>(src[soff + i * si]);
+    for (int64_t i = 0; i < inner; ++i) f(doff + i * di, soff + i * si);
     for (int k = nd - 2; k >= 0; --k) {
       if (++idx[k] < shape[k]) break;
       idx[k] = 0;
     }
   }
 }
+
+template <typename D, typename S>
+void strided_copy(D* dst, const Shape& dstr, const S* src, const Shape& sstr, const Shape& shape) {
+  for_each_offset(dstr, sstr, shape,
+                  [&](int64_t d, int64_t s) { dst[d] = static_cast<D>(src[s]); });
+}
+
+// One element as a double (exact for every type).
+double load_element(const char* base, DType t, int64_t i) {
+  switch (t) {
+    case DType::F32:
+      return reinterpret_cast<const float*>(base)[i];
+    case DType::F64:
+      return reinterpret_cast<const double*>(base)[i];
+    case DType::BF16:
+    case DType::F16: {
+      float f;
+      const uint16_t* h = reinterpret_cast<const uint16_t*>(base) + i;
+      t == DType::BF16 ? kern::ref::bf16_to_f32(h, &f, 1) : kern::ref::f16_to_f32(h, &f, 1);
+      return f;
+    }
+    case DType::I64:
+    case DType::I32:
+      break;  // integers never convert (copy_from checks)
+  }
+  FC_CHECK_MSG(false, "load_element of an integer tensor");
+  return 0;
+}
+
+// Stores x rounded to type t (nearest even, once: through f32 rounded to odd for 16-bit types).
+void store_element(char* base, DType t, int64_t i, double x) {
+  switch (t) {
+    case DType::F32:
+      reinterpret_cast<float*>(base)[i] = static_cast<float>(x);
+      return;
+    case DType::F64:
+      reinterpret_cast<double*>(base)[i] = x;
+      return;
+    case DType::BF16:
+    case DType::F16: {
+      const float f = kern::ref::f64_to_f32_round_odd(x);
+      uint16_t* h = reinterpret_cast<uint16_t*>(base) + i;
+      t == DType::BF16 ? kern::ref::f32_to_bf16(&f, h, 1) : kern::ref::f32_to_f16(&f, h, 1);
+      return;
+    }
+    case DType::I64:
+    case DType::I32:
+      break;
+  }
+  FC_CHECK_MSG(false, "store_element to an integer tensor");
+}
 }  // namespace
 
 void Tensor::copy_from(const Tensor& src) {
   FC_CHECK_MSG(src.shape_ == shape_,
                "copy_from shape " + shape_str(src.shape_) + " -> " + shape_str(shape_));
-  FC_CHECK(dtype_ != DType::BF16 && src.dtype_ != DType::BF16);
-  if (dtype_ == src.dtype_ && is_contiguous() && src.is_contiguous()) {
+  const bool contiguous = is_contiguous() && src.is_contiguous();
+  if (dtype_ == src.dtype_ && contiguous) {
     std::memmove(data<char>(), src.data<char>(), nbytes());
     return;
   }
@@ -217,6 +273,30 @@ void Tensor::copy_from(const Tensor& src) {
       strided_copy(data<int64_t>(), strides_, src.data<int64_t>(), src.strides_, shape_);
     else
       strided_copy(data<int32_t>(), strides_, src.data<int32_t>(), src.strides_, shape_);
+    return;
+  }
+  const bool half = dtype_ == DType::BF16 || dtype_ == DType::F16;
+  const bool src_half = src.dtype_ == DType::BF16 || src.dtype_ == DType::F16;
+  if (contiguous && dtype_ == DType::F32 && src_half) {  // the SIMD kernels
+    (src.dtype_ == DType::BF16 ? kern::bf16_to_f32 : kern::f16_to_f32)(src.data<uint16_t>(),
+                                                                       data<float>(), numel());
+    return;
+  }
+  if (contiguous && half && src.dtype_ == DType::F32) {
+    (dtype_ == DType::BF16 ? kern::f32_to_bf16 : kern::f32_to_f16)(src.data<float>(),
+                                                                   data<uint16_t>(), numel());
+    return;
+  }
+  if (dtype_ == src.dtype_ && half) {
+    strided_copy(data<uint16_t>(), strides_, src.data<uint16_t>(), src.strides_, shape_);
+    return;
+  }
+  if (half || src_half) {  // any other pair with a 16-bit side: one element at a time
+    char* d = data<char>();
+    const char* s = src.data<char>();
+    for_each_offset(strides_, src.strides_, shape_, [&](int64_t di, int64_t si) {
+      store_element(d, dtype_, di, load_element(s, src.dtype_, si));
+    });
     return;
   }
   if (dtype_ == DType::F32 && src.dtype_ == DType::F32)

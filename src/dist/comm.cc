@@ -1,6 +1,7 @@
 #include "dist/comm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstdio>
@@ -15,16 +16,59 @@ namespace fc::dist {
 
 namespace {
 bool g_initialized = false;
+std::atomic<int64_t> g_max_count{INT_MAX};
 
 #ifdef FOLDCUBE_HAVE_MPI
-// MPI counts are int: one message holds at most INT_MAX elements.
+// MPI counts are int; every call below passes at most piece_elems() elements.
 int to_count(int64_t n) {
   FC_CHECK_MSG(n >= 0 && n <= INT_MAX,
                "MPI message of " + std::to_string(n) + " elements exceeds the int count limit");
   return static_cast<int>(n);
 }
+
+// Elements of `elem_bytes` bytes in one call: the limit, and at most INT_MAX bytes (a derived
+// type or a message of more bytes than an int holds is where MPI libraries break).
+int64_t piece_elems(int64_t elem_bytes) {
+  return std::min<int64_t>(g_max_count.load(), INT_MAX / elem_bytes);
+}
+
+// Calls f(off, len) for the consecutive pieces [off, off + len) of [0, count), each at most
+// piece_elems(elem_bytes) elements (none when count is 0).
+template <typename F>
+void for_pieces(int64_t count, int64_t elem_bytes, F f) {
+  const int64_t step = piece_elems(elem_bytes);
+  for (int64_t off = 0; off < count; off += step) f(off, std::min(step, count - off));
+}
+
+// One rank's part of a piece of a block-strided buffer: `len` floats with an extent of `stride`
+// floats, so element p of a count-1 collective is floats [p*stride, p*stride + len) past the
+// piece's start (the extent is an MPI_Aint: no int limit on the stride).
+class BlockType {
+ public:
+  BlockType(int64_t len, int64_t stride) {
+    MPI_Datatype run;
+    MPI_Type_contiguous(to_count(len), MPI_FLOAT, &run);
+    MPI_Type_create_resized(run, 0, static_cast<MPI_Aint>(stride) * MPI_Aint{sizeof(float)}, &t_);
+    MPI_Type_commit(&t_);
+    MPI_Type_free(&run);
+  }
+  ~BlockType() { MPI_Type_free(&t_); }
+  BlockType(const BlockType&) = delete;
+  BlockType& operator=(const BlockType&) = delete;
+  MPI_Datatype get() const { return t_; }
+
+ private:
+  MPI_Datatype t_;
+};
 #endif
 }  // namespace
+
+int64_t max_message_count() { return g_max_count.load(); }
+
+void set_max_message_count(int64_t n) {
+  FC_CHECK_MSG(n >= 1 && n <= INT_MAX, "max message count must be in [1, INT_MAX]");
+  g_max_count.store(n);
+}
 
 struct Communicator::Impl {
   int rank = 0, size = 1;
@@ -215,7 +259,14 @@ void Communicator::all_to_all(const float* send, float* recv, int64_t count) con
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Alltoall(send, to_count(count), MPI_FLOAT, recv, to_count(count), MPI_FLOAT, impl_->comm);
+  if (count <= piece_elems(sizeof(float))) {
+    MPI_Alltoall(send, to_count(count), MPI_FLOAT, recv, to_count(count), MPI_FLOAT, impl_->comm);
+    return;
+  }
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
+    const BlockType block(len, count);
+    MPI_Alltoall(send + off, 1, block.get(), recv + off, 1, block.get(), impl_->comm);
+  });
 #endif
 }
 
@@ -228,7 +279,14 @@ void Communicator::all_gather(const float* mine, float* all, int64_t count) cons
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Allgather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, impl_->comm);
+  if (count <= piece_elems(sizeof(float))) {
+    MPI_Allgather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, impl_->comm);
+    return;
+  }
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
+    const BlockType block(len, count);
+    MPI_Allgather(mine + off, to_count(len), MPI_FLOAT, all + off, 1, block.get(), impl_->comm);
+  });
 #endif
 }
 
@@ -241,7 +299,18 @@ void Communicator::reduce_scatter(const float* all, float* mine, int64_t count) 
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Reduce_scatter_block(all, mine, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
+  if (count <= piece_elems(sizeof(float))) {
+    MPI_Reduce_scatter_block(all, mine, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
+    return;
+  }
+  // Pieces: one reduction to each rank in turn (reductions on strided derived datatypes are not
+  // portable). Over more than two ranks MPI may add the terms in another order than the unsplit
+  // call; over two ranks the sum is the same bit for bit.
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
+    for (int p = 0; p < n; ++p)
+      MPI_Reduce(all + p * count + off, p == rank() ? mine + off : nullptr, to_count(len),
+                 MPI_FLOAT, MPI_SUM, p, impl_->comm);
+  });
 #endif
 }
 
@@ -251,7 +320,9 @@ void Communicator::all_reduce(float* data, int64_t count) const {
   const Timer timer(*this, Op::kAllReduce);
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Allreduce(MPI_IN_PLACE, data, to_count(count), MPI_FLOAT, MPI_SUM, impl_->comm);
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
+    MPI_Allreduce(MPI_IN_PLACE, data + off, to_count(len), MPI_FLOAT, MPI_SUM, impl_->comm);
+  });
 #endif
 }
 
@@ -260,7 +331,9 @@ void Communicator::broadcast(float* data, int64_t count, int root) const {
   const Timer timer(*this, Op::kBroadcast);
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Bcast(data, to_count(count), MPI_FLOAT, root, impl_->comm);
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {
+    MPI_Bcast(data + off, to_count(len), MPI_FLOAT, root, impl_->comm);
+  });
 #endif
 }
 
@@ -272,7 +345,16 @@ void Communicator::scatter(const float* all, float* mine, int64_t count, int roo
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Scatter(all, to_count(count), MPI_FLOAT, mine, to_count(count), MPI_FLOAT, root, impl_->comm);
+  if (count <= piece_elems(sizeof(float))) {
+    MPI_Scatter(all, to_count(count), MPI_FLOAT, mine, to_count(count), MPI_FLOAT, root,
+                impl_->comm);
+    return;
+  }
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {  // `all` is read on root only
+    const BlockType block(len, count);
+    MPI_Scatter(rank() == root ? all + off : nullptr, 1, block.get(), mine + off, to_count(len),
+                MPI_FLOAT, root, impl_->comm);
+  });
 #endif
 }
 
@@ -284,14 +366,25 @@ void Communicator::gather(const float* mine, float* all, int64_t count, int root
     return;
   }
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Gather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, root, impl_->comm);
+  if (count <= piece_elems(sizeof(float))) {
+    MPI_Gather(mine, to_count(count), MPI_FLOAT, all, to_count(count), MPI_FLOAT, root,
+               impl_->comm);
+    return;
+  }
+  for_pieces(count, sizeof(float), [&](int64_t off, int64_t len) {  // `all` is written on root only
+    const BlockType block(len, count);
+    MPI_Gather(mine + off, to_count(len), MPI_FLOAT, rank() == root ? all + off : nullptr, 1,
+               block.get(), root, impl_->comm);
+  });
 #endif
 }
 
 void Communicator::broadcast_bytes(void* data, int64_t bytes, int root) const {
   if (FC_LOCAL_ONLY) return;
 #ifdef FOLDCUBE_HAVE_MPI
-  MPI_Bcast(data, to_count(bytes), MPI_BYTE, root, impl_->comm);
+  for_pieces(bytes, 1, [&](int64_t off, int64_t len) {
+    MPI_Bcast(static_cast<char*>(data) + off, to_count(len), MPI_BYTE, root, impl_->comm);
+  });
 #else
   (void)data;
   (void)bytes;

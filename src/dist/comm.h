@@ -5,8 +5,10 @@
 // and every collective is a local copy, so single-process code runs the same path.
 //
 // Collectives block until this rank's part is done; every rank of the group must call them in the
-// same order with the same counts. MPI errors are fatal for the whole job (MPI's default), so a
-// failing rank never leaves the others waiting.
+// same order with the same counts. Counts are int64_t: a message longer than one MPI call may
+// carry (MPI counts are int; see max_message_count) moves in consecutive pieces (strided pieces
+// through a derived datatype), so any size the planner returns can run. MPI errors are fatal for
+// the whole job (MPI's default), so a failing rank never leaves the others waiting.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +35,13 @@ void finalize();
 // Ends the whole job with exit code `code`: MPI_Abort on all ranks when MPI is running, otherwise
 // this process. Never returns.
 [[noreturn]] void abort_job(int code);
+
+// One MPI call carries at most min(max_message_count(), INT_MAX bytes / element size) elements
+// (INT_MAX by default, so 2^29 - 1 floats). set_max_message_count lowers it, for every
+// communicator of the process, so tests run the split paths on small data; n in [1, INT_MAX].
+// Only between collectives, and with the same value on every rank.
+int64_t max_message_count();
+void set_max_message_count(int64_t n);
 
 // Collective kinds, for the byte counters.
 enum class Op : int {

@@ -2,7 +2,14 @@
 #include <dnnl.h>
 #include <omp.h>
 
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <oneapi/dnnl/dnnl.hpp>
+#include <tuple>
+
 #include "foldcube/status.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 
 namespace fc::kern {
@@ -53,6 +60,68 @@ void linear(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* 
     beta = 1.f;
   }
   gemm(false, true, rows, out, in, 1.f, x, ldx, W, in, beta, y, ldy);
+}
+
+namespace {
+uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+// C = alpha * op(A) op(B) + beta * C, bf16 A and B, through a oneDNN matmul primitive: alpha as
+// its output scale, beta as a sum post-op (the f32 product is accumulated in f32 by oneDNN's
+// bf16 kernels: AVX512_BF16 dot products where the CPU has them). Primitives are cached per
+// shape, transposition, leading dimensions, alpha and beta.
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
+               int64_t ldc) {
+  using dims = dnnl::memory::dims;
+  using dt = dnnl::memory::data_type;
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  static std::mutex mu;
+  static std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             uint32_t, uint32_t>,
+                  dnnl::matmul>
+      cache;
+  // Logical A [M, K], B [K, N], C [M, N] with the strides of the row-major storage.
+  const dnnl::memory::desc a_md({M, K}, dt::bf16, trans_a ? dims{1, lda} : dims{lda, 1});
+  const dnnl::memory::desc b_md({K, N}, dt::bf16, trans_b ? dims{1, ldb} : dims{ldb, 1});
+  const dnnl::memory::desc c_md({M, N}, dt::f32, dims{ldc, 1});
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(trans_a, trans_b, M, N, K, lda, ldb, ldc, float_bits(alpha),
+                                   float_bits(beta));
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    dnnl::primitive_attr attr;
+    if (alpha != 1.f) attr.set_output_scales(0, {alpha});
+    if (beta != 0.f) {
+      dnnl::post_ops ops;
+      ops.append_sum(beta);
+      attr.set_post_ops(ops);
+    }
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
+    it = cache.emplace(key, dnnl::matmul(pd)).first;
+  }
+  dnnl::stream stream(engine);
+  dnnl::memory am(a_md, engine, const_cast<void*>(A));
+  dnnl::memory bm(b_md, engine, const_cast<void*>(B));
+  dnnl::memory cm(c_md, engine, C);
+  it->second.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  stream.wait();
+}
+}  // namespace
+
+void gemm_typed(DType ab, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
+                int64_t ldc) {
+  FC_CHECK_MSG(ab == DType::F32 || ab == DType::BF16, "gemm_typed: inputs must be F32 or BF16");
+  if (ab == DType::F32 || M == 0 || N == 0 || K == 0) {  // K == 0: C = beta * C, as gemm
+    gemm(trans_a, trans_b, M, N, K, alpha, static_cast<const float*>(A), lda,
+         static_cast<const float*>(B), ldb, beta, C, ldc);
+    return;
+  }
+  gemm_bf16(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 namespace ref {

@@ -1,7 +1,7 @@
 // Per-module chunk sizes of the inference path, for reports and plans.
-#include "foldcube/plan.h"
 #include "model/common.h"
 #include "model/modules.h"
+#include "plan/memory_model.h"
 
 namespace fc {
 

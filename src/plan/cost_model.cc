@@ -38,10 +38,38 @@ struct Efficiency {
 };
 }  // namespace
 
-int64_t dtype_bytes(const std::string& dtype) {
-  if (dtype == "fp32") return 4;
-  if (dtype == "bf16" || dtype == "fp16") return 2;
-  return 0;
+int64_t dtype_bytes(DType dtype) { return static_cast<int64_t>(dtype_size(dtype)); }
+
+const char* plan_dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32:
+      return "fp32";
+    case DType::BF16:
+      return "bf16";
+    case DType::F16:
+      return "fp16";
+    case DType::F64:
+      return "fp64";
+    case DType::I64:
+    case DType::I32:
+      break;  // not a precision
+  }
+  return "?";
+}
+
+Status parse_plan_dtype(const std::string& name, DType* out) {
+  for (DType t : {DType::F32, DType::BF16, DType::F16})
+    if (name == plan_dtype_name(t)) {
+      *out = t;
+      return Status::OK();
+    }
+  return Status::InvalidArgument("unknown dtype '" + name + "' (fp32|bf16|fp16)");
+}
+
+Status check_plan_dtype(DType dtype) {
+  if (dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16) return Status::OK();
+  return Status::InvalidArgument(std::string("unsupported planner dtype '") +
+                                 plan_dtype_name(dtype) + "' (fp32|bf16|fp16)");
 }
 
 // ---- Profiles ----------------------------------------------------------------------------------
@@ -53,7 +81,7 @@ std::string DeviceProfile::to_json() const {
   j["devices"] = devices;
   j["threads"] = threads;
   j["memory_bytes"] = memory_bytes;
-  j["dtype"] = dtype;
+  j["dtype"] = plan_dtype_name(dtype);
   j["gemm_gflops"] = gemm_gflops;
   j["gemm_half_rows"] = gemm_half_rows;
   j["gemm_half_cols"] = gemm_half_cols;
@@ -81,8 +109,9 @@ Status DeviceProfile::validate() const {
   if (devices < 1) return Status::InvalidArgument("profile: devices must be >= 1");
   if (threads < 1) return Status::InvalidArgument("profile: threads must be >= 1");
   if (memory_bytes < 0) return Status::InvalidArgument("profile: memory_bytes must be >= 0");
-  if (dtype_bytes(dtype) == 0)
-    return Status::InvalidArgument("profile: unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
+  if (!check_plan_dtype(dtype).ok())
+    return Status::InvalidArgument(std::string("profile: unknown dtype '") +
+                                   plan_dtype_name(dtype) + "' (fp32|bf16|fp16)");
   const std::pair<const char*, double> rates[] = {{"gemm_gflops", gemm_gflops},
                                                   {"gemm_bwd_gflops", gemm_bwd_gflops},
                                                   {"batched_gflops", batched_gflops},
@@ -151,7 +180,10 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
         return Status::InvalidArgument("profile: memory_gb must be in [0, 9e9)");
       p.memory_bytes = static_cast<int64_t>(gb * 1e9);
     }
-    if (j.contains("dtype")) p.dtype = j["dtype"].get<std::string>();
+    if (j.contains("dtype")) {
+      const Status st = parse_plan_dtype(j["dtype"].get<std::string>(), &p.dtype);
+      if (!st.ok()) return Status::InvalidArgument("profile: " + st.message());
+    }
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
     num("gemm_half_cols", &p.gemm_half_cols);

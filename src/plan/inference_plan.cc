@@ -5,9 +5,9 @@
 #include <cstdio>
 #include <string>
 
-#include "foldcube/plan.h"
 #include "model/common.h"
 #include "model/modules.h"
+#include "plan/memory_model.h"
 
 namespace fc {
 
@@ -36,6 +36,13 @@ int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, boo
 
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                       int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out) {
+  MemoryQuery q;
+  q.cfg = cfg;
+  q.s = s;
+  q.r = r;
+  q.threads = threads;
+  FC_RETURN_IF_ERROR(q.validate());
+  if (base_bytes < 0) return Status::InvalidArgument("plan_inference: base_bytes must be >= 0");
   auto peak = [&](int64_t target) {
     return base_bytes + forward_peak_bytes(cfg, s, r, masks_given, 0, target, threads);
   };

@@ -3,9 +3,10 @@
 // the chunk sizes the training functions pick (the *_train_chunk functions of src/model/train.h);
 // bytes = elements * elem_bytes. Kernel scratch comes from the kernels' own *_scratch_floats
 // functions, so the model stays exact when those change. Dropout masks are not modelled.
+#include "plan/memory_model.h"
+
 #include <algorithm>
 
-#include "foldcube/plan.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 #include "model/common.h"
@@ -351,6 +352,8 @@ int64_t block_param_elems(const EvoformerConfig& c) {
 
 Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
   if (policy.empty()) return Recompute::kNone;
+  FC_CHECK_MSG(policy.size() == 1 || b < static_cast<int64_t>(policy.size()),
+               "recompute policy list shorter than the stack");
   return policy.size() == 1 ? policy[0] : policy[b];
 }
 
@@ -391,6 +394,73 @@ int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, 
     if (b + 1 < blocks) S.free(m);
   }
   return S.peak * elem_bytes;
+}
+
+// ---- Checked public entries (include/foldcube/plan.h) ------------------------------------------
+
+Status MemoryQuery::validate() const {
+  FC_RETURN_IF_ERROR(cfg.validate());
+  if (s < 1 || r < 1) return Status::InvalidArgument("memory model: s and r must be >= 1");
+  if (blocks < 1) return Status::InvalidArgument("memory model: blocks must be >= 1");
+  if (!policy.empty() && policy.size() != 1 && static_cast<int64_t>(policy.size()) != blocks)
+    return Status::InvalidArgument("memory model: " + std::to_string(policy.size()) +
+                                   " recompute policies for " + std::to_string(blocks) +
+                                   " blocks (give 0, 1 or one per block)");
+  for (Recompute p : policy)
+    if (p != Recompute::kNone && p != Recompute::kModule && p != Recompute::kBlock)
+      return Status::InvalidArgument("memory model: unknown recompute policy");
+  if (threads < 1) return Status::InvalidArgument("memory model: threads must be >= 1");
+  if (elem_bytes != 1 && elem_bytes != 2 && elem_bytes != 4 && elem_bytes != 8)
+    return Status::InvalidArgument("memory model: elem_bytes must be 1, 2, 4 or 8");
+  if (chunk < 0 || chunk_target_bytes < 0)
+    return Status::InvalidArgument("memory model: chunk and chunk_target_bytes must be >= 0");
+  // Every count below stays far from int64 overflow: the largest buffer (elements) times the
+  // element size, the blocks and a small factor must fit.
+  const double widest =
+      std::max<double>({static_cast<double>(cfg.c_m), double(cfg.c_z),
+                        double(cfg.c_hidden_opm) * cfg.c_hidden_opm, double(cfg.c_hidden_mul) * 4,
+                        double(cfg.transition_n) * cfg.c_m, double(cfg.transition_n) * cfg.c_z});
+  const double elems = (double(s) * r + double(r) * r) * widest;
+  if (elems * elem_bytes * blocks * 64 > 9e18)
+    return Status::InvalidArgument("memory model: shape (s=" + std::to_string(s) +
+                                   ", r=" + std::to_string(r) + ") too large to count in bytes");
+  return Status::OK();
+}
+
+Status block_activation_bytes(const MemoryQuery& q, int64_t block, int64_t* out) {
+  FC_RETURN_IF_ERROR(q.validate());
+  if (block < 0 || block >= q.blocks)
+    return Status::InvalidArgument("memory model: block " + std::to_string(block) +
+                                   " outside [0, " + std::to_string(q.blocks) + ")");
+  *out = block_activation_bytes(q.cfg, q.s, q.r, policy_of(q.policy, block), q.elem_bytes, q.chunk,
+                                q.chunk_target_bytes);
+  return Status::OK();
+}
+
+Status stack_activation_bytes(const MemoryQuery& q, int64_t* out) {
+  FC_RETURN_IF_ERROR(q.validate());
+  *out = stack_activation_bytes(q.cfg, q.s, q.r, q.blocks, q.policy, q.elem_bytes, q.chunk,
+                                q.chunk_target_bytes);
+  return Status::OK();
+}
+
+Status stack_step_peak_bytes(const MemoryQuery& q, int64_t* out) {
+  FC_RETURN_IF_ERROR(q.validate());
+  *out = stack_step_peak_bytes(q.cfg, q.s, q.r, q.blocks, q.policy, q.threads, q.elem_bytes,
+                               q.chunk, q.chunk_target_bytes);
+  return Status::OK();
+}
+
+Status forward_peak_bytes(const MemoryQuery& q, bool masks_given, int64_t* out) {
+  FC_RETURN_IF_ERROR(q.validate());
+  *out = forward_peak_bytes(q.cfg, q.s, q.r, masks_given, q.chunk, q.chunk_target_bytes, q.threads);
+  return Status::OK();
+}
+
+Status forward_chunking(const MemoryQuery& q, bool extra_msa, std::vector<ModuleChunk>* out) {
+  FC_RETURN_IF_ERROR(q.validate());
+  *out = forward_chunking(q.cfg, q.s, q.r, q.chunk, q.chunk_target_bytes, q.threads, extra_msa);
+  return Status::OK();
 }
 
 }  // namespace fc

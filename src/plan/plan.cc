@@ -24,8 +24,9 @@ Status Plan::validate() const {
     return Status::InvalidArgument("plan: r_real must be in [1, r] (residues before padding)");
   if (dap < 1 || dp < 1) return Status::InvalidArgument("plan: dap and dp must be >= 1");
   if (threads < 1) return Status::InvalidArgument("plan: threads must be >= 1");
-  if (dtype_bytes(dtype) == 0)
-    return Status::InvalidArgument("plan: unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
+  if (!check_plan_dtype(dtype).ok())
+    return Status::InvalidArgument(std::string("plan: unknown dtype '") + plan_dtype_name(dtype) +
+                                   "' (fp32|bf16|fp16)");
   if (chunk < 0 || chunk_target_bytes < 0)
     return Status::InvalidArgument("plan: chunk and chunk_target_bytes must be >= 0");
   if (training && static_cast<int64_t>(policy.size()) != cfg.no_blocks)
@@ -56,7 +57,7 @@ std::string Plan::to_json(int indent) const {
   j["module_chunks"] = mc;
   j["dap"] = dap;
   j["dp"] = dp;
-  j["dtype"] = dtype;
+  j["dtype"] = plan_dtype_name(dtype);
   j["threads"] = threads;
   j["time_ms_estimate"] = time_ms;
   j["time_per_protein_ms_estimate"] = time_per_protein_ms;
@@ -117,7 +118,10 @@ Status Plan::from_json(const std::string& text, Plan* out) {
         p.module_chunks.emplace_back(name, json_int<int64_t>(n, "module_chunks"));
     p.dap = json_int<int>(j["dap"], "dap");
     p.dp = json_int<int>(j["dp"], "dp");
-    p.dtype = j["dtype"].get<std::string>();
+    {
+      const Status st = parse_plan_dtype(j["dtype"].get<std::string>(), &p.dtype);
+      if (!st.ok()) return Status::InvalidArgument("plan: " + st.message());
+    }
     p.threads = json_int<int>(j, "threads", 1);
     p.time_ms = j.value("time_ms_estimate", 0.0);
     p.time_per_protein_ms = j.value("time_per_protein_ms_estimate", 0.0);
@@ -218,7 +222,8 @@ std::string plan_cache_key(const PlanRequest& req) {
   k << req.cfg.to_json() << "|s=" << req.s << "|r=" << r << "|bucket=" << req.bucket
     << "|devices=" << (req.devices > 0 ? req.devices : req.profile.devices)
     << "|mem=" << (req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes)
-    << "|train=" << req.training << "|dtype=" << (req.dtype.empty() ? req.profile.dtype : req.dtype)
+    << "|train=" << req.training
+    << "|dtype=" << plan_dtype_name(req.dtype.value_or(req.profile.dtype))
     << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy) << "|chunk=" << req.chunk
     << "|target=" << req.chunk_target << "|dap=" << req.dap << "|dp=" << req.dp
     << "|profile=" << req.profile.to_json();

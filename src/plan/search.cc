@@ -11,6 +11,7 @@
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
+#include "plan/memory_model.h"
 
 namespace fc {
 
@@ -385,7 +386,7 @@ double allreduce_ms(int64_t grad_bytes, int dp, const DeviceProfile& dev) {
          2.0 * (dp - 1) * dev.link_latency_us * 1e-3;
 }
 
-DeviceProfile with_dtype(const DeviceProfile& dev, const std::string& dtype) {
+DeviceProfile with_dtype(const DeviceProfile& dev, DType dtype) {
   DeviceProfile d = dev;
   d.dtype = dtype;
   return d;
@@ -514,9 +515,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   if (req.dap * std::max(req.dp, 1) > devices || req.dp * std::max(req.dap, 1) > devices)
     return Status::InvalidArgument("dap x dp exceeds the " + std::to_string(devices) +
                                    " device(s)");
-  const std::string dtype = req.dtype.empty() ? req.profile.dtype : req.dtype;
-  if (dtype_bytes(dtype) == 0)
-    return Status::InvalidArgument("unknown dtype '" + dtype + "' (fp32|bf16|fp16)");
+  const DType dtype = req.dtype.value_or(req.profile.dtype);
+  FC_RETURN_IF_ERROR(check_plan_dtype(dtype));
   const int64_t limit = req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes;
   if (limit <= 0)
     return Status::InvalidArgument(
@@ -641,8 +641,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     return Status::OutOfMemory(
         "no plan fits in " + mib(limit) + " per device for s=" + std::to_string(req.s) +
         " r=" + std::to_string(r) + " blocks=" + std::to_string(B) + " (" +
-        (req.training ? "training" : "inference") + ", " + dtype + ", " + std::to_string(devices) +
-        " device(s)); the smallest feasible budget is " + mib(smallest));
+        (req.training ? "training" : "inference") + ", " + plan_dtype_name(dtype) + ", " +
+        std::to_string(devices) + " device(s)); the smallest feasible budget is " + mib(smallest));
   best.search_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   *out = std::move(best);

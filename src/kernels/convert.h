@@ -1,0 +1,50 @@
+// Element-type kernels: conversions between f32 and the 16-bit types, and the GEMM entry point
+// that takes its input element type. bf16 and f16 values travel as their raw bits (uint16_t).
+//
+// Conversions to 16 bits round to nearest, ties to even (IEEE default), keep the sign of zeros,
+// map overflow to +-Inf (bf16: above its max 0x7F7F plus half an ulp; f16: from 65520 up), produce
+// subnormals where the format has them (f16 below 2^-14; bf16 shares f32's range), and keep NaN a
+// NaN (quiet, the top payload bits kept). Widening to f32 is exact. The fast versions (Highway,
+// every x86 target, src/kernels/convert_hwy.cc) give the same bits as the naive references
+// (kern::ref, src/kernels/convert_ref.cc) for every input; tests/convert_test.cc checks it.
+// Contract as kernels.h: caller-owned memory, no allocation, parallel over the elements with
+// OpenMP for large n (on the calling thread inside a parallel region).
+#pragma once
+
+#include <cstdint>
+
+#include "foldcube/tensor.h"
+
+namespace fc::kern {
+
+void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n);
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
+
+// Row-major C[M,N] (f32) = alpha * op(A) op(B) + beta * C with A and B of element type `ab`
+// (F32: kern::gemm; BF16: oneDNN matmul with f32 accumulation; F16 is not supported, FC_CHECK).
+// Shapes and leading dimensions as kern::gemm (in elements of `ab`). The bf16 path keeps one
+// oneDNN matmul primitive per distinct call shape (a process-wide cache, guarded by a mutex; the
+// primitive runs its own OpenMP threads): call it from one thread at a time.
+void gemm_typed(DType ab, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
+                int64_t ldc);
+
+namespace ref {
+// Naive one-element-at-a-time conversions (the definitions the fast ones are tested against):
+// rounding by comparing the distances to the two neighbours in double.
+void f32_to_bf16(const float* src, uint16_t* dst, int64_t n);
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
+void f32_to_f16(const float* src, uint16_t* dst, int64_t n);
+void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
+// f64 to f32 rounding to odd: a following round-to-nearest-even to bf16 or f16 then equals the
+// direct rounding of the double (the intermediate keeps more than two extra bits).
+float f64_to_f32_round_odd(double x);
+// C = alpha * op(A) op(B) + beta * C with bf16 inputs, accumulated in double.
+void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+               const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float beta, float* C,
+               int64_t ldc);
+}  // namespace ref
+
+}  // namespace fc::kern

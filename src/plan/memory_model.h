@@ -1,0 +1,31 @@
+// The unchecked memory-model functions behind include/foldcube/plan.h, for the library's own
+// callers (planner search, executors, app, tests), which pass arguments that satisfy
+// MemoryQuery::validate(); a policy list of the wrong size is a bug (FC_CHECK). Contracts as in
+// plan.h.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "foldcube/plan.h"
+
+namespace fc {
+
+int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
+                               int64_t elem_bytes = 4, int64_t chunk = 0,
+                               int64_t chunk_target_bytes = 0);
+// policy: empty, one entry, or `blocks` entries.
+int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
+                               const std::vector<Recompute>& policy, int64_t elem_bytes = 4,
+                               int64_t chunk = 0, int64_t chunk_target_bytes = 0);
+int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
+                              const std::vector<Recompute>& policy, int threads,
+                              int64_t elem_bytes = 4, int64_t chunk = 0,
+                              int64_t chunk_target_bytes = 0);
+int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
+                           int64_t chunk, int64_t chunk_target_bytes, int threads);
+std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                          int64_t chunk, int64_t chunk_target_bytes, int threads,
+                                          bool extra_msa = false);
+
+}  // namespace fc
