@@ -96,6 +96,14 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     Status st = read_text(a.plan, &text);
     if (st.ok()) st = Plan::from_json(text, &plan);
     if (!st.ok()) return Status::InvalidArgument(a.plan + ": " + st.message());
+    if (!a.config.empty()) {  // the plan carries its config; a different --config is a mistake
+      EvoformerConfig given;
+      FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &given));
+      given.no_blocks = plan.cfg.no_blocks;
+      if (given.to_json() != plan.cfg.to_json())
+        return Status::InvalidArgument(a.plan + " was made for another config than " + a.config +
+                                       " (plan: " + plan.cfg.to_json() + ")");
+    }
     if (training && !plan.training)
       return Status::InvalidArgument(a.plan + " is an inference plan; drop --backward");
     const int need = plan.dap * plan.dp;

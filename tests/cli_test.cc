@@ -1,13 +1,18 @@
 // The foldcube CLI end to end: golden files as weights and inputs, the embedded default job, the
 // report JSON, and one-line errors with non-zero exit codes for bad input.
 #include <gtest/gtest.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 
 #include "foldcube/io.h"
 #include "test_util.h"
@@ -169,6 +174,47 @@ TEST_F(CliBadInput, NanInput) {
                     "non-finite");
 }
 
+// Zero-length axes (no sequences, no residues): refused with a clear error, not run on empty
+// buffers. (Zero-size tensors themselves are valid safetensors: AcceptsEdgeCasesOfTheFormat.)
+TEST_F(CliBadInput, ZeroLengthAxes) {
+  expect_user_error(run_edited("s0.safetensors",
+                               [](TensorFile* f) {
+                                 f->tensors["input.m"] = Tensor::zeros({0, 12, 32});
+                                 f->tensors["input.msa_mask"] = Tensor::zeros({0, 12});
+                               }),
+                    "empty dimension");
+  expect_user_error(run_edited("r0.safetensors",
+                               [](TensorFile* f) {
+                                 f->tensors["input.m"] = Tensor::zeros({8, 0, 32});
+                                 f->tensors["input.z"] = Tensor::zeros({0, 0, 16});
+                                 f->tensors["input.msa_mask"] = Tensor::zeros({8, 0});
+                                 f->tensors["input.pair_mask"] = Tensor::zeros({0, 0});
+                               }),
+                    "empty dimension");
+}
+
+// NaN in a parameter: refused at load, naming the tensor.
+TEST_F(CliBadInput, NanParameter) {
+  expect_user_error(run_edited("nanparam.safetensors",
+                               [](TensorFile* f) {
+                                 const std::string n = "blocks.0.msa_att_row.layer_norm_m.weight";
+                                 Tensor t = f->tensors[n].clone();
+                                 t.f32()[0] = std::nanf("");
+                                 f->tensors[n] = t;
+                               }),
+                    "blocks.0.msa_att_row.layer_norm_m.weight");
+}
+
+// Metadata claiming a huge (valid) config: a one-line error, not an abort after a 17 TB allocation.
+TEST_F(CliBadInput, AbsurdConfigInMetadata) {
+  expect_user_error(run_edited("hugecfg.safetensors",
+                               [](TensorFile* f) {
+                                 f->metadata["c_m"] = "1048576";
+                                 f->metadata.erase("config");
+                               }),
+                    "config and weights do not match");
+}
+
 TEST_F(CliBadInput, ConfigInconsistentWithWeights) {
   const std::string cfg = tmp("cfg.json");
   std::ofstream(cfg) << R"({"c_m": 64, "c_z": 16, "no_blocks": 2})";
@@ -306,6 +352,29 @@ TEST(Cli, AbsurdSizesAreAUserError) {
   Result r = run_cli("run --s 1048576 --r 1048576 --blocks 1");
   expect_user_error(r, "input.m");
   EXPECT_NE(r.out.find("cannot allocate"), std::string::npos) << r.out;
+}
+
+// Ctrl-C during a run: the process ends on SIGINT, and the file at --out keeps its previous
+// contents (the output goes to a temporary that is renamed only when complete).
+TEST(CliInterrupt, SigintLeavesPreviousOutput) {
+  const std::string out = tmp("sigint_" + std::to_string(getpid()) + ".safetensors");
+  std::ofstream(out) << "previous";
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    execl(FOLDCUBE_CLI_PATH, FOLDCUBE_CLI_PATH, "run", "--s", "128", "--r", "256", "--blocks", "8",
+          "--threads", "1", "--out", out.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  ASSERT_EQ(kill(pid, SIGINT), 0);
+  int st = 0;
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(st) || (WIFEXITED(st) && WEXITSTATUS(st) != 0)) << st;
+  std::ifstream f(out);
+  const std::string contents((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(contents, "previous");
+  std::remove(out.c_str());
 }
 
 }  // namespace

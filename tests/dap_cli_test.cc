@@ -243,6 +243,25 @@ TEST(DapCli, FailingReplicaStepEndsEveryRank) {
   }
 }
 
+// A rank that dies (SIGKILL, as the OOM killer would) in the middle of the job while the other
+// computes: mpirun ends the whole job with a non-zero exit, no hang, and no output file appears
+// (rank 0 writes it only at the end, via a temporary and a rename).
+TEST(DapCli, KilledRankEndsTheJobWithoutOutput) {
+  const std::string out = tmp("killed_" + std::to_string(getpid()) + ".safetensors");
+  std::remove(out.c_str());
+  // Rank 1 runs the same job in the background and is killed 1 s in; rank 0 just runs it.
+  const std::string job = cli() + " run --dap 2 --s 64 --r 128 --blocks 8 --threads 1 --out " + out;
+  const std::string script = "if [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then " + job +
+                             " & pid=$!; sleep 1; kill -9 $pid; wait $pid; else exec " + job +
+                             "; fi";
+  Result r = run(mpirun(2) + "sh -c '" + script + "'");
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+  EXPECT_LT(r.seconds, 60) << r.out;
+  std::ifstream f(out);
+  EXPECT_FALSE(f.good()) << "output written by a job that lost a rank";
+}
+
 // ---- `run --plan` with DAP (docs/planner.md) ---------------------------------------------------
 
 // A fixed device profile (no calibration): one thread, two devices, a link.

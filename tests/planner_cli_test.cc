@@ -169,6 +169,11 @@ TEST(PlannerCli, RunSavedPlanAndErrors) {
   ASSERT_EQ(r.code, 0) << r.out;
   expect_user_error(run_cli("run --plan " + plan + " --backward --threads 2" + prof),
                     "inference plan");
+  // A plan for another config than the one given.
+  const std::string cfg = ::testing::TempDir() + "/fc_plan_other_cfg.json";
+  std::ofstream(cfg) << R"({"c_m": 64})";
+  expect_user_error(run_cli("run --plan " + plan + " --threads 2 --config " + cfg + prof),
+                    "was made for another config");
 }
 
 }  // namespace

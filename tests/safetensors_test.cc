@@ -2,8 +2,11 @@
 // must give a non-OK Status naming the file, never a crash or a huge allocation).
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -49,6 +52,14 @@ std::string st_file(const std::string& header, const std::string& data) {
 class SafetensorsTest : public ::testing::Test {
  protected:
   std::string path(const std::string& name) const { return dir_.file(name); }
+  // Names of the files in the test directory, sorted (to see leftover temporaries).
+  std::vector<std::string> listing() const {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(dir_.path()))
+      names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
 
   test::TempDir dir_;
 };
@@ -156,7 +167,7 @@ TEST_F(SafetensorsTest, RoundTripF32F64StridedAndMetadata) {
   const std::string p = path("rt.safetensors");
   Status st = write_safetensors(p, f);
   ASSERT_TRUE(st.ok()) << st.ToString();
-  EXPECT_FALSE(std::filesystem::exists(p + ".tmp"));
+  EXPECT_EQ(listing(), std::vector<std::string>{"rt.safetensors"});  // no temporary left
 
   // Header: 8-byte multiple, __metadata__ first, tensors in names order.
   const std::string raw = read_bytes(p);
@@ -252,11 +263,11 @@ TEST_F(SafetensorsTest, WriteErrors) {
   EXPECT_EQ(st.code(), Status::Code::kIOError);
   EXPECT_NE(st.message().find("no/such/dir/out.safetensors"), std::string::npos) << st.message();
 
-  // Writing onto a directory fails at the rename and leaves no temporary behind.
+  // Writing onto a directory is refused and leaves no temporary behind.
   std::filesystem::create_directory(path("adir"));
   st = write_safetensors(path("adir"), f);
   EXPECT_FALSE(st.ok());
-  EXPECT_FALSE(std::filesystem::exists(path("adir.tmp")));
+  EXPECT_EQ(listing(), std::vector<std::string>{"adir"});
 
   TensorFile bf16;
   bf16.put("h", Tensor::empty({4}, DType::BF16));
@@ -531,6 +542,83 @@ TEST_F(SafetensorsTest, MutationsNeverCrash) {
     }
   }
   EXPECT_GT(accepted, 0);
+}
+
+// A write that fails part way (here: the file size limit, as a full disk would) returns an error,
+// leaves the previous file at the path byte for byte, and leaves no temporary behind.
+TEST_F(SafetensorsTest, FailedWriteKeepsPreviousFile) {
+  const std::string p = path("out.safetensors");
+  TensorFile old;
+  old.put("old", Tensor::full({4}, 3.0f));
+  ASSERT_TRUE(write_safetensors(p, old).ok());
+  const std::string before = read_bytes(p);
+
+  TensorFile big;
+  big.put("big", Tensor::zeros({1 << 18}));  // 1 MiB of data
+  rlimit saved{};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &saved), 0);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);  // write() then fails with EFBIG
+  rlimit small = saved;
+  small.rlim_cur = 64 << 10;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  const Status st = write_safetensors(p, big);
+  setrlimit(RLIMIT_FSIZE, &saved);
+  std::signal(SIGXFSZ, old_handler);
+
+  EXPECT_EQ(st.code(), Status::Code::kIOError);
+  EXPECT_NE(st.message().find(p), std::string::npos) << st.message();
+  EXPECT_EQ(read_bytes(p), before);
+  EXPECT_EQ(listing(), std::vector<std::string>{"out.safetensors"});
+
+  // Without a previous file the failed write leaves nothing at all.
+  const std::string q = path("new.safetensors");
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  const Status st2 = write_safetensors(q, big);
+  setrlimit(RLIMIT_FSIZE, &saved);
+  std::signal(SIGXFSZ, old_handler);
+  EXPECT_FALSE(st2.ok());
+  EXPECT_EQ(listing(), std::vector<std::string>{"out.safetensors"});
+}
+
+// A device as the output is written in place (renaming over it would replace the device node):
+// /dev/null takes the file, /dev/full refuses it with an error, and both stay devices.
+TEST_F(SafetensorsTest, WritesToDevicesInPlace) {
+  TensorFile f;
+  f.put("x", Tensor::full({2}, 1.0f));
+  Status st = write_safetensors("/dev/null", f);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  st = write_safetensors("/dev/full", f);
+  EXPECT_EQ(st.code(), Status::Code::kIOError);
+  EXPECT_NE(st.message().find("/dev/full"), std::string::npos) << st.message();
+  EXPECT_TRUE(std::filesystem::is_character_file("/dev/null"));
+  EXPECT_TRUE(std::filesystem::is_character_file("/dev/full"));
+}
+
+// The in-memory reader is the file reader: same result on a golden file, same messages (with
+// the given name) on a hostile one.
+TEST_F(SafetensorsTest, BytesReaderMatchesFileReader) {
+  const std::string p = data_path("evo_tiny.safetensors");
+  TensorFile a, b;
+  ASSERT_TRUE(read_safetensors(p, &a).ok());
+  Status st = parse_safetensors_bytes(read_bytes(p), "mem", &b);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(a.names, b.names);
+  EXPECT_EQ(a.metadata, b.metadata);
+  for (const std::string& n : a.names) {
+    const Tensor& x = a.tensors.at(n);
+    const Tensor& y = b.tensors.at(n);
+    ASSERT_EQ(x.shape(), y.shape()) << n;
+    EXPECT_EQ(std::memcmp(x.data<char>(), y.data<char>(), x.nbytes()), 0) << n;
+  }
+  for (const Hostile& h : hostile_cases()) {
+    SCOPED_TRACE(h.name);
+    TensorFile f;
+    st = parse_safetensors_bytes(h.bytes, "mem", &f);
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.message().rfind("mem: ", 0), 0u) << st.message();
+    EXPECT_NE(st.message().find(h.expect), std::string::npos) << st.message();
+  }
 }
 
 }  // namespace

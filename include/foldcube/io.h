@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "foldcube/status.h"
@@ -30,6 +31,9 @@ struct TensorFile {
 // dtype/shape/offsets consistent, offsets in range, tensors non-overlapping, no trailing gap
 // the header does not account for. Never crashes on hostile input.
 Status read_safetensors(const std::string& path, TensorFile* out);
+// The same reader over a whole file held in memory (fuzzing, embedded data); `name` takes the
+// place of the path in messages.
+Status parse_safetensors_bytes(std::string_view bytes, const std::string& name, TensorFile* out);
 
 // Reads a numpy .npz archive (a zip of .npy arrays, stored or deflated, zip64 included), such as
 // DeepMind's params_model_*.npz, into tensors named by the member names without ".npy", in archive
@@ -54,7 +58,10 @@ Status read_tensor_file(const std::string& path, TensorFile* out);
 Status read_weights(const std::string& path, TensorFile* out);
 
 // Writes tensors (F32, F64, I64 or I32, any strides) in names order with the given metadata.
-// Writes to path.tmp and renames, so a failed write never leaves a half file at path.
+// Writes a temporary file beside path (path.tmp.<pid>.<n>), fsyncs it and renames it onto path:
+// a failed or interrupted write never leaves a partial file at path, and a previous file at path
+// stays intact until the new one is complete. On error the temporary is removed (a process killed
+// mid-write can leave one behind; it is never read).
 Status write_safetensors(const std::string& path, const TensorFile& file);
 
 }  // namespace fc

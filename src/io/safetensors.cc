@@ -2,17 +2,22 @@
 // The reader treats the file as hostile: the header is parsed with a streaming (SAX) parser that
 // stops at the first unexpected token, and every size and offset is checked against the file size
 // before any tensor memory is allocated, so memory use is bounded by the file size.
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -355,25 +360,20 @@ Status TensorFile::get_f32(const std::string& name, const Shape& shape, Tensor* 
   return Status::OK();
 }
 
-Status read_safetensors(const std::string& path, TensorFile* out) {
-  const std::string where = path + ": ";
-  FC_RETURN_IF_ERROR(io::check_regular_file(path));
+namespace {
 
-  FilePtr f(std::fopen(path.c_str(), "rb"));
-  if (!f) return Status::IOError(where + "cannot open: " + errno_text());
-  if (fseeko(f.get(), 0, SEEK_END) != 0)
-    return Status::IOError(where + "cannot seek: " + errno_text());
-  const off_t size_or_err = ftello(f.get());
-  if (size_or_err < 0) return Status::IOError(where + "cannot tell size: " + errno_text());
-  const uint64_t file_size = static_cast<uint64_t>(size_or_err);
-  std::rewind(f.get());
+// Reads the next n bytes of the file (sequentially from its start) into dst; false on a short read.
+using ReadFn = std::function<bool(void* dst, size_t n)>;
+
+// The whole reader over a source of file_size bytes; `where` ("path: ") prefixes every message.
+Status parse_source(const std::string& where, uint64_t file_size, const ReadFn& read,
+                    TensorFile* out) {
   if (file_size < 8)
     return Status::InvalidArgument(where + "file is " + std::to_string(file_size) +
                                    " bytes, too short for a safetensors header");
 
   unsigned char len_bytes[8];
-  if (std::fread(len_bytes, 1, 8, f.get()) != 8)
-    return Status::IOError(where + "cannot read the header length");
+  if (!read(len_bytes, 8)) return Status::IOError(where + "cannot read the header length");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
   if (header_len > file_size - 8)
@@ -386,7 +386,7 @@ Status read_safetensors(const std::string& path, TensorFile* out) {
                                    "-byte limit");
 
   std::string header(header_len, '\0');
-  if (header_len > 0 && std::fread(header.data(), 1, header_len, f.get()) != header_len)
+  if (header_len > 0 && !read(header.data(), header_len))
     return Status::IOError(where + "cannot read the " + std::to_string(header_len) +
                            "-byte header");
 
@@ -436,7 +436,7 @@ Status read_safetensors(const std::string& path, TensorFile* out) {
     FC_RETURN_IF_ERROR(
         Tensor::try_empty(p.raw->shape, p.dtype, where + tensor_label(p.raw->name), &t));
     const size_t n = p.end - p.begin;
-    if (n > 0 && std::fread(t.data<char>(), 1, n, f.get()) != n)
+    if (n > 0 && !read(t.data<char>(), n))
       return Status::IOError(where + "cannot read the data of " + tensor_label(p.raw->name) +
                              " (file changed while reading?)");
     result.tensors.emplace(p.raw->name, std::move(t));
@@ -446,6 +446,35 @@ Status read_safetensors(const std::string& path, TensorFile* out) {
   result.metadata = std::move(hp.metadata);
   *out = std::move(result);
   return Status::OK();
+}
+
+}  // namespace
+
+Status parse_safetensors_bytes(std::string_view bytes, const std::string& name, TensorFile* out) {
+  size_t pos = 0;  // next unread byte of `bytes`
+  auto read = [&](void* dst, size_t n) {
+    if (n > bytes.size() - pos) return false;
+    std::memcpy(dst, bytes.data() + pos, n);
+    pos += n;
+    return true;
+  };
+  return parse_source(name + ": ", bytes.size(), read, out);
+}
+
+Status read_safetensors(const std::string& path, TensorFile* out) {
+  const std::string where = path + ": ";
+  // Not a regular file (directory, FIFO, device): refused rather than blocking or reading forever.
+  FC_RETURN_IF_ERROR(io::check_regular_file(path));
+
+  FilePtr f(std::fopen(path.c_str(), "rb"));
+  if (!f) return Status::IOError(where + "cannot open: " + errno_text());
+  if (fseeko(f.get(), 0, SEEK_END) != 0)
+    return Status::IOError(where + "cannot seek: " + errno_text());
+  const off_t size_or_err = ftello(f.get());
+  if (size_or_err < 0) return Status::IOError(where + "cannot tell size: " + errno_text());
+  std::rewind(f.get());
+  auto read = [&](void* dst, size_t n) { return std::fread(dst, 1, n, f.get()) == n; };
+  return parse_source(where, static_cast<uint64_t>(size_or_err), read, out);
 }
 
 Status write_safetensors(const std::string& path, const TensorFile& file) {
@@ -496,35 +525,70 @@ Status write_safetensors(const std::string& path, const TensorFile& file) {
   unsigned char len_bytes[8];
   for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>(header.size() >> (8 * i));
 
-  const std::string tmp = path + ".tmp";
-  FILE* raw = std::fopen(tmp.c_str(), "wb");
-  if (raw == nullptr) return Status::IOError(where + "cannot create " + tmp + ": " + errno_text());
-  FilePtr f(raw);
-  auto fail = [&](const std::string& what) {
-    const std::string reason = errno_text();
-    f.reset();
-    std::remove(tmp.c_str());
-    return Status::IOError(where + what + ": " + reason);
+  // Writes the whole file to f; on failure the message names `dest`.
+  auto write_all = [&](FILE* f, const std::string& dest) -> Status {
+    if (std::fwrite(len_bytes, 1, 8, f) != 8 ||
+        std::fwrite(header.data(), 1, header.size(), f) != header.size())
+      return Status::IOError(where + "cannot write the header to " + dest + ": " + errno_text());
+    for (size_t i = 0; i < data.size(); ++i) {
+      const Tensor c = data[i]->contiguous();  // a copy only for a strided view, one at a time
+      const size_t n = c.nbytes();
+      if (n > 0 && std::fwrite(c.data<char>(), 1, n, f) != n)
+        return Status::IOError(where + "cannot write " + tensor_label(file.names[i]) + " to " +
+                               dest + ": " + errno_text());
+    }
+    if (std::fflush(f) != 0)
+      return Status::IOError(where + "cannot flush " + dest + ": " + errno_text());
+    return Status::OK();
   };
-  if (std::fwrite(len_bytes, 1, 8, f.get()) != 8 ||
-      std::fwrite(header.data(), 1, header.size(), f.get()) != header.size())
-    return fail("cannot write the header to " + tmp);
-  for (size_t i = 0; i < data.size(); ++i) {
-    const Tensor c = data[i]->contiguous();  // a copy only for a strided view, one at a time
-    const size_t n = c.nbytes();
-    if (n > 0 && std::fwrite(c.data<char>(), 1, n, f.get()) != n)
-      return fail("cannot write " + tensor_label(file.names[i]) + " to " + tmp);
+
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status target = fs::status(path, ec);
+  if (fs::is_directory(target)) return Status::InvalidArgument(where + "is a directory");
+  if (fs::exists(target) && !fs::is_regular_file(target)) {
+    // A device or FIFO (/dev/null, /dev/stdout, a pipe): written in place, since renaming over it
+    // would replace the device node; nothing to keep atomic.
+    FilePtr f(std::fopen(path.c_str(), "wb"));
+    if (!f) return Status::IOError(where + "cannot open: " + errno_text());
+    FC_RETURN_IF_ERROR(write_all(f.get(), path));
+    if (std::fclose(f.release()) != 0)
+      return Status::IOError(where + "cannot close: " + errno_text());
+    return Status::OK();
   }
-  if (std::fflush(f.get()) != 0 || fsync(fileno(f.get())) != 0) return fail("cannot flush " + tmp);
-  if (std::fclose(f.release()) != 0) {
+
+  // A temporary in the target's directory (so the rename stays on one file system), unique per
+  // process and call, so concurrent writers never share one and an existing file is not clobbered.
+  static std::atomic<uint64_t> serial{0};
+  const std::string tmp =
+      path + ".tmp." + std::to_string(getpid()) + "." + std::to_string(serial++);
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) return Status::IOError(where + "cannot create " + tmp + ": " + errno_text());
+  FILE* raw = fdopen(fd, "wb");
+  if (raw == nullptr) {
     const std::string reason = errno_text();
+    ::close(fd);
     std::remove(tmp.c_str());
-    return Status::IOError(where + "cannot close " + tmp + ": " + reason);
+    return Status::IOError(where + "cannot open " + tmp + ": " + reason);
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const std::string reason = errno_text();
+  FilePtr f(raw);
+  Status st = write_all(f.get(), tmp);
+  if (st.ok() && fsync(fileno(f.get())) != 0)
+    st = Status::IOError(where + "cannot sync " + tmp + ": " + errno_text());
+  if (std::fclose(f.release()) != 0 && st.ok())
+    st = Status::IOError(where + "cannot close " + tmp + ": " + errno_text());
+  if (st.ok() && std::rename(tmp.c_str(), path.c_str()) != 0)
+    st = Status::IOError(where + "cannot rename " + tmp + " to the final name: " + errno_text());
+  if (!st.ok()) {
     std::remove(tmp.c_str());
-    return Status::IOError(where + "cannot rename " + tmp + " to the final name: " + reason);
+    return st;
+  }
+  // Make the rename itself durable (best effort: the file is complete and in place either way).
+  std::string dir = std::filesystem::path(path).parent_path().string();
+  if (dir.empty()) dir = ".";
+  if (const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
+    fsync(dfd);
+    ::close(dfd);
   }
   return Status::OK();
 }

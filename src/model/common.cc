@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 
 #include "core/rng.h"
@@ -52,6 +53,33 @@ Status check_block_count(const EvoformerConfig& cfg, const TensorFile& weights) 
     if (idx >= cfg.no_blocks)
       return Status::InvalidArgument("weights hold '" + name + "' but the config has no_blocks=" +
                                      std::to_string(cfg.no_blocks));
+  }
+  return Status::OK();
+}
+
+Status check_weights_cover_config(const EvoformerConfig& cfg, const TensorFile& weights) {
+  // In double: with sizes up to the validate() limits the products overflow int64.
+  const double cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
+  const double ct = cfg.c_hidden_mul;
+  const double hm = static_cast<double>(cfg.no_heads_msa) * cfg.c_hidden_msa_att;
+  const double hp = static_cast<double>(cfg.no_heads_pair) * cfg.c_hidden_pair_att;
+  // MSA and pair transitions, OPM output, both triangle multiplications (a_p, a_g, b_p, b_g,
+  // z), both triangle attentions (q, k, v, o), MSA row attention (q, k, v, o).
+  const double block_elems =
+      2 * n * cm * cm + 2 * n * cz * cz + co * co * cz + 10 * ct * cz + 8 * hp * cz + 4 * hm * cm;
+  const double need = 4.0 * block_elems * static_cast<double>(cfg.no_blocks);
+  double have = 0;
+  for (const auto& [name, t] : weights.tensors)
+    if (name.rfind("blocks.", 0) == 0 && t.dtype() == DType::F32)
+      have += static_cast<double>(t.nbytes());
+  if (need > have) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "the parameter shapes of the config (c_m=%lld, c_z=%lld, no_blocks=%lld) need at "
+                  "least %.4g MB, the weights hold %.4g MB of block parameters",
+                  static_cast<long long>(cfg.c_m), static_cast<long long>(cfg.c_z),
+                  static_cast<long long>(cfg.no_blocks), need / 1e6, have / 1e6);
+    return Status::InvalidArgument(std::string("config and weights do not match: ") + buf);
   }
   return Status::OK();
 }

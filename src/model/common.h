@@ -24,6 +24,11 @@ Status check_mask(const std::string& name, const Tensor& t, const Shape& shape);
 
 // User error when the weights name a block "blocks.<i>." with i >= cfg.no_blocks.
 Status check_block_count(const EvoformerConfig& cfg, const TensorFile& weights);
+// User error when the F32 "blocks.*" tensors of `weights` hold fewer bytes than a lower bound of
+// the parameters cfg's blocks need (terms every Evoformer and ExtraMSA block has), so a config
+// that cannot match the weights (e.g. hostile metadata claiming c_m = 2^20) is refused before the
+// loader allocates anything.
+Status check_weights_cover_config(const EvoformerConfig& cfg, const TensorFile& weights);
 // Copies each named parameter from the file into its view: present, F32, of the view's shape and
 // finite, else a user error naming it.
 Status load_params(const std::vector<std::pair<std::string, Tensor>>& params,

@@ -3,6 +3,7 @@
 
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -89,6 +90,22 @@ bool parse_double_text(const std::string& text, double* out) {
   const char* end = t.data() + t.size();
   auto r = std::from_chars(t.data(), end, *out);
   return !t.empty() && r.ec == std::errc() && r.ptr == end;
+}
+
+// An untrusted metadata value for a message: quoted, at most 60 bytes, control characters as
+// \xNN, so that the message stays on one line.
+std::string quoted(const std::string& v) {
+  std::string out = "'";
+  for (unsigned char c : v.substr(0, 60)) {
+    if (c < 0x20 || c == 0x7F) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out + (v.size() > 60 ? "...'" : "'");
 }
 
 std::string describe(const json& v) {
@@ -253,8 +270,7 @@ Status EvoformerConfig::from_metadata(const std::map<std::string, std::string>& 
     int64_t v = 0;
     if (!parse_int_text(it->second, &v))
       return Status::InvalidArgument("metadata '" + std::string(f.name) +
-                                     "' must be an integer, got '" + it->second.substr(0, 60) +
-                                     "'");
+                                     "' must be an integer, got " + quoted(it->second));
     cfg.*f.member = v;
     found_c_m |= std::string(f.name) == "c_m";
   }
@@ -271,8 +287,7 @@ Status EvoformerConfig::from_metadata(const std::map<std::string, std::string>& 
     if (it == md.end()) continue;
     if (!json_to_float(json(it->second), &(cfg.*f.member)))
       return Status::InvalidArgument("metadata '" + std::string(f.name) +
-                                     "' must be a finite number, got '" + it->second.substr(0, 60) +
-                                     "'");
+                                     "' must be a finite number, got " + quoted(it->second));
   }
   FC_RETURN_IF_ERROR(cfg.validate());
   *out = cfg;

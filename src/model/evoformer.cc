@@ -22,6 +22,7 @@ Status EvoformerStack::load(const EvoformerConfig& cfg, const TensorFile& weight
                             EvoformerStack* out) {
   FC_RETURN_IF_ERROR(cfg.validate());
   FC_RETURN_IF_ERROR(check_block_count(cfg, weights));
+  FC_RETURN_IF_ERROR(check_weights_cover_config(cfg, weights));
   EvoformerStack st;
   st.cfg_ = cfg;
   for (int i = 0; i < cfg.no_blocks; ++i) {

@@ -64,6 +64,7 @@ Status ExtraMsaStack::load(const EvoformerConfig& cfg, const TensorFile& weights
                            ExtraMsaStack* out) {
   FC_RETURN_IF_ERROR(cfg.validate());
   FC_RETURN_IF_ERROR(check_block_count(cfg, weights));
+  FC_RETURN_IF_ERROR(check_weights_cover_config(cfg, weights));
   ExtraMsaStack st;
   st.cfg_ = cfg;
   FC_RETURN_IF_ERROR(read_extra_msa_metadata(weights, &st.eps_global_));

@@ -24,6 +24,7 @@
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
+#include "plan/json_int.h"
 
 namespace fc {
 
@@ -171,11 +172,15 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     };
     if (j.contains("name")) p.name = j["name"].get<std::string>();
     if (j.contains("calibrated")) p.calibrated = j["calibrated"].get<bool>();
-    if (j.contains("devices")) p.devices = j["devices"].get<int>();
-    if (j.contains("threads")) p.threads = j["threads"].get<int>();
-    if (j.contains("memory_bytes")) p.memory_bytes = j["memory_bytes"].get<int64_t>();
-    if (j.contains("memory_gb"))
-      p.memory_bytes = static_cast<int64_t>(j["memory_gb"].get<double>() * 1e9);
+    p.devices = json_int<int>(j, "devices", p.devices);
+    p.threads = json_int<int>(j, "threads", p.threads);
+    p.memory_bytes = json_int<int64_t>(j, "memory_bytes", p.memory_bytes);
+    if (j.contains("memory_gb")) {
+      const double gb = j["memory_gb"].get<double>();
+      if (!(gb >= 0 && gb < 9e9))  // bytes must fit int64
+        return Status::InvalidArgument("profile: memory_gb must be in [0, 9e9)");
+      p.memory_bytes = static_cast<int64_t>(gb * 1e9);
+    }
     if (j.contains("dtype")) {
       const Status st = parse_plan_dtype(j["dtype"].get<std::string>(), &p.dtype);
       if (!st.ok()) return Status::InvalidArgument("profile: " + st.message());

@@ -8,6 +8,7 @@
 
 #include "foldcube/planner.h"
 #include "foldcube/tensor.h"
+#include "plan/json_int.h"
 
 namespace fc {
 
@@ -92,17 +93,17 @@ Status Plan::from_json(const std::string& text, Plan* out) {
   if (!j.is_object()) return Status::InvalidArgument("plan: expected a JSON object");
   Plan p;
   try {
-    if (j.value("format", 0) != kPlanFormat)
+    if (json_int<int>(j, "format", 0) != kPlanFormat)
       return Status::InvalidArgument("plan: unsupported format (expected " +
                                      std::to_string(kPlanFormat) + ")");
     for (const char* key : {"config", "s", "r", "training", "policy", "dap", "dp", "dtype"})
       if (!j.contains(key))
         return Status::InvalidArgument(std::string("plan: missing '") + key + "'");
     FC_RETURN_IF_ERROR(p.cfg.update_from_json(j["config"].dump()));
-    p.s = j["s"].get<int64_t>();
-    p.r = j["r"].get<int64_t>();
-    p.r_real = j.value("r_real", p.r);
-    if (j.contains("blocks") && j["blocks"].get<int64_t>() != p.cfg.no_blocks)
+    p.s = json_int<int64_t>(j["s"], "s");
+    p.r = json_int<int64_t>(j["r"], "r");
+    p.r_real = json_int<int64_t>(j, "r_real", p.r);
+    if (j.contains("blocks") && json_int<int64_t>(j["blocks"], "blocks") != p.cfg.no_blocks)
       return Status::InvalidArgument("plan: 'blocks' disagrees with config.no_blocks");
     p.training = j["training"].get<bool>();
     for (const auto& name : j["policy"]) {
@@ -110,27 +111,27 @@ Status Plan::from_json(const std::string& text, Plan* out) {
       FC_RETURN_IF_ERROR(parse_recompute(name.get<std::string>(), &rc));
       p.policy.push_back(rc);
     }
-    p.chunk = j.value("chunk", int64_t{0});
-    p.chunk_target_bytes = j.value("chunk_target_bytes", int64_t{0});
+    p.chunk = json_int<int64_t>(j, "chunk", 0);
+    p.chunk_target_bytes = json_int<int64_t>(j, "chunk_target_bytes", 0);
     if (j.contains("module_chunks"))
       for (const auto& [name, n] : j["module_chunks"].items())
-        p.module_chunks.emplace_back(name, n.get<int64_t>());
-    p.dap = j["dap"].get<int>();
-    p.dp = j["dp"].get<int>();
+        p.module_chunks.emplace_back(name, json_int<int64_t>(n, "module_chunks"));
+    p.dap = json_int<int>(j["dap"], "dap");
+    p.dp = json_int<int>(j["dp"], "dp");
     {
       const Status st = parse_plan_dtype(j["dtype"].get<std::string>(), &p.dtype);
       if (!st.ok()) return Status::InvalidArgument("plan: " + st.message());
     }
-    p.threads = j.value("threads", 1);
+    p.threads = json_int<int>(j, "threads", 1);
     p.time_ms = j.value("time_ms_estimate", 0.0);
     p.time_per_protein_ms = j.value("time_per_protein_ms_estimate", 0.0);
     p.forward_ms = j.value("forward_ms_estimate", 0.0);
     p.backward_ms = j.value("backward_ms_estimate", 0.0);
     p.recompute_ms = j.value("recompute_ms_estimate", 0.0);
     p.comm_ms = j.value("comm_ms_estimate", 0.0);
-    p.peak_bytes = j.value("peak_bytes_estimate", int64_t{0});
-    p.activation_bytes = j.value("activation_bytes_estimate", int64_t{0});
-    p.memory_limit_bytes = j.value("memory_limit_bytes", int64_t{0});
+    p.peak_bytes = json_int<int64_t>(j, "peak_bytes_estimate", 0);
+    p.activation_bytes = json_int<int64_t>(j, "activation_bytes_estimate", 0);
+    p.memory_limit_bytes = json_int<int64_t>(j, "memory_limit_bytes", 0);
     p.search_ms = j.value("search_ms", 0.0);
     p.fits = j.value("fits", true);
     p.profile = j.value("profile", std::string());
