@@ -14,6 +14,7 @@
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
+#include "io/param_names.h"
 #include "kernels/kernels.h"
 #include "model/af2/confidence.h"
 #include "model/af2/geometry.h"
@@ -30,15 +31,6 @@ namespace {
 constexpr int64_t kTargetFeat = 22, kMsaFeat = 49, kExtraFeat = 25, kRelBinsPerSide = 32;
 constexpr int64_t kRecycleBins = 15, kTemplPairFeat = 88, kTemplAngleFeat = 57;
 constexpr int64_t kTemplDistBins = 39;
-
-// The parameters under `prefix` with the prefix removed (views, no copies).
-TensorFile sub_file(const TensorFile& f, const std::string& prefix) {
-  TensorFile out;
-  for (const std::string& n : f.names)
-    if (n.rfind(prefix, 0) == 0) out.put(n.substr(prefix.size()), f.tensors.at(n));
-  out.metadata = f.metadata;
-  return out;
-}
 
 int64_t dim_of(const TensorFile& f, const std::string& name, int d) {
   auto it = f.tensors.find(name);
@@ -156,9 +148,10 @@ struct AlphaFold::Impl {
 
 Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) {
   AlphaFoldConfig c;
-  FC_RETURN_IF_ERROR(infer_config_from_weights(sub_file(w, "evoformer."), &c.evoformer));
+  FC_RETURN_IF_ERROR(
+      infer_config_from_weights(submodule_state_dict(TensorFile(w), "evoformer"), &c.evoformer));
   // Extra-MSA stack: its own dims; the global column attention has one key/value head of C.
-  const TensorFile x = sub_file(w, "extra_msa_stack.");
+  const TensorFile x = submodule_state_dict(TensorFile(w), "extra_msa_stack");
   EvoformerConfig e = c.evoformer;
   e.c_m = dim_of(x, "blocks.0.msa_att_row.layer_norm_m.weight", 0);
   e.no_heads_msa = dim_of(x, "blocks.0.msa_att_row.linear_z.weight", 0);
@@ -176,8 +169,8 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
   e.transition_n = xt / e.c_m;
   c.extra_msa = e;
   // Template pair stack (pair modules at width c_t).
-  const std::string tp = "template_embedder.template_pair_stack.";
-  const TensorFile t = sub_file(w, tp);
+  const std::string tp = "template_embedder.template_pair_stack";
+  const TensorFile t = submodule_state_dict(TensorFile(w), tp);
   c.templates = t.has("layer_norm.weight");
   if (c.templates) {
     EvoformerConfig tc = c.evoformer;
@@ -234,8 +227,10 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
 Status AlphaFold::Impl::load(const TensorFile& f) {
   const EvoformerConfig& ev = cfg.evoformer;
   const int64_t cm = ev.c_m, cz = ev.c_z, cs = ev.c_s;
-  FC_RETURN_IF_ERROR(EvoformerStack::load(ev, sub_file(f, "evoformer."), &evoformer));
-  FC_RETURN_IF_ERROR(ExtraMsaStack::load(cfg.extra_msa, sub_file(f, "extra_msa_stack."), &extra));
+  FC_RETURN_IF_ERROR(
+      EvoformerStack::load(ev, submodule_state_dict(TensorFile(f), "evoformer"), &evoformer));
+  FC_RETURN_IF_ERROR(ExtraMsaStack::load(
+      cfg.extra_msa, submodule_state_dict(TensorFile(f), "extra_msa_stack"), &extra));
   const std::string ie = "input_embedder.";
   FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_z_i", cz, kTargetFeat, true, &tf_z_i));
   FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_z_j", cz, kTargetFeat, true, &tf_z_j));
