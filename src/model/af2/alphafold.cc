@@ -45,37 +45,10 @@ int64_t count_blocks(const TensorFile& f, const std::string& prefix) {
   return n;
 }
 
-Status linear_of(const TensorFile& f, const std::string& name, int64_t out, int64_t in, bool bias,
-                 LinearW* w) {
-  Tensor t;
-  FC_RETURN_IF_ERROR(f.get_f32(name + ".weight", {out, in}, &t));
-  FC_RETURN_IF_ERROR(check_finite(name + ".weight", t));
-  w->w = t;
-  if (bias) {
-    FC_RETURN_IF_ERROR(f.get_f32(name + ".bias", {out}, &t));
-    FC_RETURN_IF_ERROR(check_finite(name + ".bias", t));
-    w->b = t;
-  }
-  return Status::OK();
-}
-
-Status ln_of(const TensorFile& f, const std::string& name, int64_t c, LayerNormW* w) {
-  FC_RETURN_IF_ERROR(f.get_f32(name + ".weight", {c}, &w->w));
-  FC_RETURN_IF_ERROR(f.get_f32(name + ".bias", {c}, &w->b));
-  FC_RETURN_IF_ERROR(check_finite(name + ".weight", w->w));
-  return check_finite(name + ".bias", w->b);
-}
-
-// y [rows, out] = x [rows, in] W^T + b (accumulate: y +=).
-void linear(const LinearW& w, const float* x, int64_t rows, float* y, bool accumulate = false) {
-  const int64_t out = w.w.dim(0), in = w.w.dim(1);
-  kern::linear(x, in, rows, in, w.w.f32(), w.b.defined() ? w.b.f32() : nullptr, out, y, out,
-               accumulate);
-}
-
-void layernorm(const LayerNormW& w, const float* x, int64_t rows, int64_t c, float* y) {
-  kern::layernorm(x, c, y, c, rows, c, w.w.f32(), w.b.f32(), 1e-5f);
-}
+using af2::apply_layernorm;
+using af2::apply_linear;
+using af2::load_layernorm;
+using af2::load_linear;
 
 // t[..., k] as a contiguous tensor (the features' trailing recycling axis).
 Tensor pass_of(const Tensor& t, int k) { return t.select(t.ndim() - 1, k).contiguous(); }
@@ -232,25 +205,25 @@ Status AlphaFold::Impl::load(const TensorFile& f) {
   FC_RETURN_IF_ERROR(ExtraMsaStack::load(
       cfg.extra_msa, submodule_state_dict(TensorFile(f), "extra_msa_stack"), &extra));
   const std::string ie = "input_embedder.";
-  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_z_i", cz, kTargetFeat, true, &tf_z_i));
-  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_z_j", cz, kTargetFeat, true, &tf_z_j));
-  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_tf_m", cm, kTargetFeat, true, &tf_m));
-  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_msa_m", cm, kMsaFeat, true, &msa_m));
-  FC_RETURN_IF_ERROR(linear_of(f, ie + "linear_relpos", cz, 2 * cfg.relpos_k + 1, true, &relpos));
-  FC_RETURN_IF_ERROR(linear_of(f, "recycling_embedder.linear", cz, kRecycleBins, true, &rec_lin));
-  FC_RETURN_IF_ERROR(ln_of(f, "recycling_embedder.layer_norm_m", cm, &rec_ln_m));
-  FC_RETURN_IF_ERROR(ln_of(f, "recycling_embedder.layer_norm_z", cz, &rec_ln_z));
+  FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_tf_z_i", cz, kTargetFeat, true, &tf_z_i));
+  FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_tf_z_j", cz, kTargetFeat, true, &tf_z_j));
+  FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_tf_m", cm, kTargetFeat, true, &tf_m));
+  FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_msa_m", cm, kMsaFeat, true, &msa_m));
+  FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_relpos", cz, 2 * cfg.relpos_k + 1, true, &relpos));
+  FC_RETURN_IF_ERROR(load_linear(f, "recycling_embedder.linear", cz, kRecycleBins, true, &rec_lin));
+  FC_RETURN_IF_ERROR(load_layernorm(f, "recycling_embedder.layer_norm_m", cm, &rec_ln_m));
+  FC_RETURN_IF_ERROR(load_layernorm(f, "recycling_embedder.layer_norm_z", cz, &rec_ln_z));
   FC_RETURN_IF_ERROR(
-      linear_of(f, "extra_msa_embedder.linear", cfg.extra_msa.c_m, kExtraFeat, true, &extra_lin));
+      load_linear(f, "extra_msa_embedder.linear", cfg.extra_msa.c_m, kExtraFeat, true, &extra_lin));
   if (cfg.templates) {
     const std::string te = "template_embedder.";
     const int64_t ct = cfg.template_pair.c_z;
-    FC_RETURN_IF_ERROR(linear_of(f, te + "template_single_embedder.linear_1", cm, kTemplAngleFeat,
-                                 true, &tmpl_single_1));
+    FC_RETURN_IF_ERROR(load_linear(f, te + "template_single_embedder.linear_1", cm, kTemplAngleFeat,
+                                   true, &tmpl_single_1));
     FC_RETURN_IF_ERROR(
-        linear_of(f, te + "template_single_embedder.linear_2", cm, cm, true, &tmpl_single_2));
-    FC_RETURN_IF_ERROR(linear_of(f, te + "template_pair_embedder.linear", ct, kTemplPairFeat, true,
-                                 &tmpl_pair_lin));
+        load_linear(f, te + "template_single_embedder.linear_2", cm, cm, true, &tmpl_single_2));
+    FC_RETURN_IF_ERROR(load_linear(f, te + "template_pair_embedder.linear", ct, kTemplPairFeat,
+                                   true, &tmpl_pair_lin));
     tmpl_blocks.resize(cfg.template_pair.no_blocks);
     for (size_t b = 0; b < tmpl_blocks.size(); ++b) {
       allocate_block(cfg.template_pair, &tmpl_blocks[b].w);
@@ -265,13 +238,13 @@ Status AlphaFold::Impl::load(const TensorFile& f) {
       }
       FC_RETURN_IF_ERROR(load_params(params, f));
     }
-    FC_RETURN_IF_ERROR(ln_of(f, te + "template_pair_stack.layer_norm", ct, &tmpl_ln));
+    FC_RETURN_IF_ERROR(load_layernorm(f, te + "template_pair_stack.layer_norm", ct, &tmpl_ln));
     const int64_t hc = cfg.template_att_heads * cfg.template_att_hidden;
     const std::string pa = te + "template_pointwise_att.mha.";
-    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_q", hc, cz, false, &tmpl_q));
-    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_k", hc, ct, false, &tmpl_k));
-    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_v", hc, ct, false, &tmpl_v));
-    FC_RETURN_IF_ERROR(linear_of(f, pa + "linear_o", cz, hc, true, &tmpl_o));
+    FC_RETURN_IF_ERROR(load_linear(f, pa + "linear_q", hc, cz, false, &tmpl_q));
+    FC_RETURN_IF_ERROR(load_linear(f, pa + "linear_k", hc, ct, false, &tmpl_k));
+    FC_RETURN_IF_ERROR(load_linear(f, pa + "linear_v", hc, ct, false, &tmpl_v));
+    FC_RETURN_IF_ERROR(load_linear(f, pa + "linear_o", cz, hc, true, &tmpl_o));
   }
   sm_cfg.no_blocks = cfg.structure_layers;
   FC_RETURN_IF_ERROR(af2::structure_module_config_from_weights(f, "structure_module.", &sm_cfg));
@@ -282,17 +255,17 @@ Status AlphaFold::Impl::load(const TensorFile& f) {
   const int64_t dbins = dim_of(f, h + "distogram.linear.weight", 0);
   if (ch <= 0 || pbins <= 0 || dbins <= 0)
     return Status::InvalidArgument("alphafold: aux_heads parameters missing");
-  FC_RETURN_IF_ERROR(ln_of(f, h + "plddt.layer_norm", cs, &plddt_ln));
-  FC_RETURN_IF_ERROR(linear_of(f, h + "plddt.linear_1", ch, cs, true, &plddt_1));
-  FC_RETURN_IF_ERROR(linear_of(f, h + "plddt.linear_2", ch, ch, true, &plddt_2));
-  FC_RETURN_IF_ERROR(linear_of(f, h + "plddt.linear_3", pbins, ch, true, &plddt_3));
-  FC_RETURN_IF_ERROR(linear_of(f, h + "distogram.linear", dbins, cz, true, &distogram));
-  FC_RETURN_IF_ERROR(linear_of(f, h + "masked_msa.linear", 23, cm, true, &masked_msa));
+  FC_RETURN_IF_ERROR(load_layernorm(f, h + "plddt.layer_norm", cs, &plddt_ln));
+  FC_RETURN_IF_ERROR(load_linear(f, h + "plddt.linear_1", ch, cs, true, &plddt_1));
+  FC_RETURN_IF_ERROR(load_linear(f, h + "plddt.linear_2", ch, ch, true, &plddt_2));
+  FC_RETURN_IF_ERROR(load_linear(f, h + "plddt.linear_3", pbins, ch, true, &plddt_3));
+  FC_RETURN_IF_ERROR(load_linear(f, h + "distogram.linear", dbins, cz, true, &distogram));
+  FC_RETURN_IF_ERROR(load_linear(f, h + "masked_msa.linear", 23, cm, true, &masked_msa));
   FC_RETURN_IF_ERROR(
-      linear_of(f, h + "experimentally_resolved.linear", af2::kAtom37, cs, true, &exp_resolved));
+      load_linear(f, h + "experimentally_resolved.linear", af2::kAtom37, cs, true, &exp_resolved));
   if (cfg.ptm) {
     const int64_t tbins = dim_of(f, h + "tm.linear.weight", 0);
-    FC_RETURN_IF_ERROR(linear_of(f, h + "tm.linear", tbins, cz, true, &tm));
+    FC_RETURN_IF_ERROR(load_linear(f, h + "tm.linear", tbins, cz, true, &tm));
   }
   return Status::OK();
 }
@@ -562,8 +535,8 @@ void AlphaFold::Impl::embed_inputs(const PassFeatures& f, float* m, float* z) co
   const int64_t r = f.r, S = f.S, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
   const int64_t K = cfg.relpos_k, bins = 2 * K + 1;
   Tensor a_i = Tensor::empty({r, cz}), a_j = Tensor::empty({r, cz});  // [r, c_z]
-  linear(tf_z_i, f.target_feat.f32(), r, a_i.f32());
-  linear(tf_z_j, f.target_feat.f32(), r, a_j.f32());
+  apply_linear(tf_z_i, f.target_feat.f32(), r, a_i.f32());
+  apply_linear(tf_z_j, f.target_feat.f32(), r, a_j.f32());
   Tensor rel = Tensor::empty({bins, cz});  // [65, c_z] Linear(one_hot(bin)) = W[:, bin] + b
   kern::transpose(relpos.w.f32(), bins, rel.f32(), cz, cz, bins);
   kern::add_bias_rows(rel.f32(), cz, relpos.b.f32(), bins, cz);
@@ -576,9 +549,9 @@ void AlphaFold::Impl::embed_inputs(const PassFeatures& f, float* m, float* z) co
       for (int64_t c = 0; c < cz; ++c)
         out[c] = (a_i.f32()[i * cz + c] + a_j.f32()[j * cz + c]) + rel.f32()[d * cz + c];
     }
-  linear(msa_m, f.msa_feat.f32(), S * r, m);
+  apply_linear(msa_m, f.msa_feat.f32(), S * r, m);
   Tensor tm = Tensor::empty({r, cm});  // [r, c_m]
-  linear(tf_m, f.target_feat.f32(), r, tm.f32());
+  apply_linear(tf_m, f.target_feat.f32(), r, tm.f32());
   for (int64_t s = 0; s < S; ++s) kern::add_inplace(m + s * r * cm, cm, tm.f32(), cm, r, cm);
 }
 
@@ -590,11 +563,11 @@ void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev
   af2::pseudo_beta(f.aatype.data<int64_t>(), x_prev.f32(), r, pb.f32());
   emit("recycling_embedder.in_pseudo_beta", -1, pb);
   Tensor rm = Tensor::empty({r, cm});  // [r, c_m]
-  layernorm(rec_ln_m, m_prev.f32(), r, cm, rm.f32());
+  apply_layernorm(rec_ln_m, m_prev.f32(), r, cm, rm.f32());
   emit("recycling_embedder.m", -1, rm);
   kern::add_inplace(m, cm, rm.f32(), cm, r, cm);
   Tensor rz = Tensor::empty({r, r, cz});  // [r, r, c_z]
-  layernorm(rec_ln_z, z_prev.f32(), r * r, cz, rz.f32());
+  apply_layernorm(rec_ln_z, z_prev.f32(), r * r, cz, rz.f32());
   // Distance bins: lower edges linspace(3.25, 20.75, 15)^2, each bin up to the next edge (the last
   // up to 1e8), strict on both sides; no bin below 3.25 A.
   double edge[kRecycleBins + 1];
@@ -700,7 +673,7 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
   // Pointwise attention over the templates with an online softmax, so one template's stack output
   // is alive at a time: o [r*r, H*C] accumulates exp(logit - mx) v, den and mx are [r*r, H].
   Tensor q = Tensor::empty({rr, hc});  // [r*r, H*C] queries from z, scaled by 1/sqrt(C)
-  linear(tmpl_q, z, rr, q.f32());
+  apply_linear(tmpl_q, z, rr, q.f32());
   const float qs = 1.0f / std::sqrt(static_cast<float>(C));
   for (int64_t k = 0; k < rr * hc; ++k) q.f32()[k] *= qs;
   Tensor o = Tensor::zeros({rr, hc});            // [r*r, H*C]
@@ -712,13 +685,13 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
       Tensor feat = Tensor::empty({r, r, kTemplPairFeat});  // [r, r, 88]
       template_pair_feat(f, t, feat.f32());
       emit("template.pair_feat", static_cast<int>(t), feat);
-      linear(tmpl_pair_lin, feat.f32(), rr, act.f32());
+      apply_linear(tmpl_pair_lin, feat.f32(), rr, act.f32());
     }
     emit("template.pair_act", static_cast<int>(t), act);
     float* a = act.f32();
     for (const TemplateBlock& b : tmpl_blocks)
       for (const LayerDesc& l : kTemplatePairBlock) layer_forward(l, &b.w, ctx, nullptr, a);
-    layernorm(tmpl_ln, a, rr, ct, a);
+    apply_layernorm(tmpl_ln, a, rr, ct, a);
     emit("template.pair_stack", static_cast<int>(t), act);
     const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);
     const int64_t block = 4096;  // pair rows per block of keys and values
@@ -750,7 +723,7 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
     for (int64_t h = 0; h < H; ++h)
       for (int64_t c = 0; c < C; ++c) o.f32()[p * hc + h * C + c] /= den.f32()[p * H + h];
   Tensor att = Tensor::empty({r, r, cz});  // [r, r, c_z]
-  linear(tmpl_o, o.f32(), rr, att.f32());
+  apply_linear(tmpl_o, o.f32(), rr, att.f32());
   emit("template.pointwise_att", -1, att);
   float any = 0.0f;
   for (int64_t t = 0; t < T; ++t) any += f.t_mask.f32()[t];
@@ -762,10 +735,10 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
   for (int64_t t = 0; t < T; ++t) template_angle_feat(f, t, feat.f32() + t * r * kTemplAngleFeat);
   emit("template.angle_feat", -1, feat);
   Tensor h1 = Tensor::empty({T, r, cm});  // [T, r, c_m]
-  linear(tmpl_single_1, feat.f32(), T * r, h1.f32());
+  apply_linear(tmpl_single_1, feat.f32(), T * r, h1.f32());
   kern::relu_inplace(h1.f32(), cm, T * r, cm);
   *single = Tensor::empty({T, r, cm});
-  linear(tmpl_single_2, h1.f32(), T * r, single->f32());
+  apply_linear(tmpl_single_2, h1.f32(), T * r, single->f32());
   emit("template.template_single_embedding", -1, *single);
   return Status::OK();
 }
@@ -784,7 +757,7 @@ Status AlphaFold::Impl::run_extra_msa(const PassFeatures& f, const Tensor& pair_
       o[24] = f.extra_deletion_value.f32()[k];
     }
     emit("extra_msa.feat", -1, feat);
-    linear(extra_lin, feat.f32(), E * r, a.f32());
+    apply_linear(extra_lin, feat.f32(), E * r, a.f32());
   }
   emit("extra_msa.embedding", -1, a);
   emit("extra_msa_stack.in_z", -1, z);
@@ -804,13 +777,13 @@ void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Te
   const int64_t cs = cfg.evoformer.c_s, ch = plddt_1.w.dim(0), pbins = plddt_3.w.dim(0);
   // pLDDT from the structure module's single.
   Tensor x = Tensor::empty({r, cs}), h1 = Tensor::empty({r, ch}), h2 = Tensor::empty({r, ch});
-  layernorm(plddt_ln, sm_out.single.f32(), r, cs, x.f32());
-  linear(plddt_1, x.f32(), r, h1.f32());
+  apply_layernorm(plddt_ln, sm_out.single.f32(), r, cs, x.f32());
+  apply_linear(plddt_1, x.f32(), r, h1.f32());
   kern::relu_inplace(h1.f32(), ch, r, ch);
-  linear(plddt_2, h1.f32(), r, h2.f32());
+  apply_linear(plddt_2, h1.f32(), r, h2.f32());
   kern::relu_inplace(h2.f32(), ch, r, ch);
   Tensor lddt = Tensor::empty({r, pbins});  // [r, 50]
-  linear(plddt_3, h2.f32(), r, lddt.f32());
+  apply_linear(plddt_3, h2.f32(), r, lddt.f32());
   Tensor plddt = Tensor::empty({r});
   af2::plddt_from_logits(lddt.f32(), r, pbins, plddt.f32());
   (*out)["lddt_logits"] = lddt;
@@ -818,7 +791,7 @@ void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Te
   // Distogram: symmetrised logits.
   const int64_t db = distogram.w.dim(0);
   Tensor half = Tensor::empty({r, r, db}), dist = Tensor::empty({r, r, db});  // [r, r, 64]
-  linear(distogram, z.f32(), r * r, half.f32());
+  apply_linear(distogram, z.f32(), r * r, half.f32());
   for (int64_t i = 0; i < r; ++i)
     for (int64_t j = 0; j < r; ++j)
       for (int64_t b = 0; b < db; ++b)
@@ -826,15 +799,15 @@ void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Te
             half.f32()[(i * r + j) * db + b] + half.f32()[(j * r + i) * db + b];
   (*out)["distogram_logits"] = dist;
   Tensor mm = Tensor::empty({S, r, 23});  // [S, r, 23] on the cluster rows only
-  linear(masked_msa, m.f32(), S * r, mm.f32());
+  apply_linear(masked_msa, m.f32(), S * r, mm.f32());
   (*out)["masked_msa_logits"] = mm;
   Tensor er = Tensor::empty({r, af2::kAtom37});  // [r, 37] from the Evoformer single
-  linear(exp_resolved, s.f32(), r, er.f32());
+  apply_linear(exp_resolved, s.f32(), r, er.f32());
   (*out)["experimentally_resolved_logits"] = er;
   if (cfg.ptm) {
     const int64_t tb = tm.w.dim(0);
     Tensor logits = Tensor::empty({r, r, tb});  // [r, r, 64], not symmetrised
-    linear(tm, z.f32(), r * r, logits.f32());
+    apply_linear(tm, z.f32(), r * r, logits.f32());
     Tensor probs = Tensor::empty({r, r, tb}), pae = Tensor::empty({r, r});
     Tensor max_pae = Tensor::empty({}), ptm = Tensor::empty({});
     af2::predicted_aligned_error(logits.f32(), r, tb, 31.0f, probs.f32(), pae.f32(), max_pae.f32());

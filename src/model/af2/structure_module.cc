@@ -6,38 +6,16 @@
 #include "kernels/kernels.h"
 #include "model/af2/geometry.h"
 #include "model/af2/residue_constants.h"
+#include "model/common.h"
 
 namespace fc::af2 {
 namespace {
 
 constexpr int64_t kAngles = 7;
 
-Status get(const TensorFile& f, const std::string& name, const Shape& shape, Tensor* out) {
-  return f.get_f32(name, shape, out);
-}
-Status get_linear(const TensorFile& f, const std::string& name, int64_t out, int64_t in,
-                  LinearW* w) {
-  FC_RETURN_IF_ERROR(get(f, name + ".weight", {out, in}, &w->w));
-  return get(f, name + ".bias", {out}, &w->b);
-}
-Status get_ln(const TensorFile& f, const std::string& name, int64_t c, LayerNormW* w) {
-  FC_RETURN_IF_ERROR(get(f, name + ".weight", {c}, &w->w));
-  return get(f, name + ".bias", {c}, &w->b);
-}
-
 int64_t dim0(const TensorFile& f, const std::string& name, int i) {
   auto it = f.tensors.find(name);
   return it == f.tensors.end() || it->second.ndim() <= i ? -1 : it->second.dim(i);
-}
-
-// y [rows, out] = x [rows, in] W^T + b.
-void linear(const LinearW& w, const float* x, int64_t rows, float* y) {
-  const int64_t out = w.w.dim(0), in = w.w.dim(1);
-  kern::linear(x, in, rows, in, w.w.f32(), w.b.defined() ? w.b.f32() : nullptr, out, y, out);
-}
-
-void layernorm(const LayerNormW& w, const float* x, int64_t rows, int64_t c, float* y) {
-  kern::layernorm(x, c, y, c, rows, c, w.w.f32(), w.b.f32(), 1e-5f);
 }
 
 // relu(x) into a new [rows, c] tensor.
@@ -77,19 +55,19 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
   const int64_t cz = c.c_z, Pkv = Pq + Pv;
   Tensor q = Tensor::empty({r, H * C});       // [r, H, C]
   Tensor kv = Tensor::empty({r, 2 * H * C});  // [r, H, 2C]: k | v per head
-  linear(w.q, s, r, q.f32());
-  linear(w.kv, s, r, kv.f32());
+  apply_linear(w.q, s, r, q.f32());
+  apply_linear(w.kv, s, r, kv.f32());
   Tensor qp = Tensor::empty({r, H * Pq, 3});    // global query points
   Tensor kvp = Tensor::empty({r, H * Pkv, 3});  // global key (p < Pq) and value points
   {
     Tensor raw = Tensor::empty({r, 3 * H * Pkv});  // [r, 3, H*(Pq+Pv)] local
-    linear(w.q_pts, s, r, raw.f32());
+    apply_linear(w.q_pts, s, r, raw.f32());
     to_global(raw.f32(), r, H * Pq, fr, qp.f32());
-    linear(w.kv_pts, s, r, raw.f32());
+    apply_linear(w.kv_pts, s, r, raw.f32());
     to_global(raw.f32(), r, H * Pkv, fr, kvp.f32());
   }
   Tensor b = Tensor::empty({r * r, H});  // [r, r, H] pair bias
-  linear(w.b, zl, r * r, b.f32());
+  apply_linear(w.b, zl, r * r, b.f32());
   const int64_t width = H * (C + 4 * Pv + cz);
   Tensor cat = Tensor::zeros({r, width});  // [o | op_x | op_y | op_z | |op| | o_pair]
   Tensor a = Tensor::empty({r, r});        // [r, r] attention of one head
@@ -140,7 +118,7 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
       }
     }
   }
-  linear(w.out, cat.f32(), r, out);
+  apply_linear(w.out, cat.f32(), r, out);
 }
 
 // s [r, c_s] += the transition layers, then LayerNorm.
@@ -150,14 +128,14 @@ void single_transition(const StructureModuleWeights& w, const StructureModuleCon
   Tensor h1 = Tensor::empty({r, cs}), h2 = Tensor::empty({r, cs}),
          h3 = Tensor::empty({r, cs});  // [r, c_s] each
   for (size_t l = 0; l + 2 < w.transition.size(); l += 3) {
-    linear(w.transition[l], s, r, h1.f32());
+    apply_linear(w.transition[l], s, r, h1.f32());
     kern::relu_inplace(h1.f32(), cs, r, cs);
-    linear(w.transition[l + 1], h1.f32(), r, h2.f32());
+    apply_linear(w.transition[l + 1], h1.f32(), r, h2.f32());
     kern::relu_inplace(h2.f32(), cs, r, cs);
-    linear(w.transition[l + 2], h2.f32(), r, h3.f32());
+    apply_linear(w.transition[l + 2], h2.f32(), r, h3.f32());
     kern::add_inplace(s, cs, h3.f32(), cs, r, cs);
   }
-  layernorm(w.ln_transition, s, r, cs, s);
+  apply_layernorm(w.ln_transition, s, r, cs, s);
 }
 
 // Angle ResNet: unnormalised [r, 7, 2] and normalised angles from s and s_initial [r, c_s].
@@ -167,21 +145,21 @@ void angle_resnet(const StructureModuleWeights& w, const StructureModuleConfig& 
   Tensor x = Tensor::empty({r, cr}), t = Tensor::empty({r, cr});  // [r, c_resnet]
   {
     Tensor rs = relu_copy(s, r, c.c_s), rs0 = relu_copy(s0, r, c.c_s);  // [r, c_s]
-    linear(w.ar_in, rs.f32(), r, x.f32());
-    linear(w.ar_initial, rs0.f32(), r, t.f32());
+    apply_linear(w.ar_in, rs.f32(), r, x.f32());
+    apply_linear(w.ar_initial, rs0.f32(), r, t.f32());
     kern::add_inplace(x.f32(), cr, t.f32(), cr, r, cr);
   }
   Tensor u = Tensor::empty({r, cr});  // [r, c_resnet]
   for (size_t k = 0; k + 1 < w.ar_blocks.size(); k += 2) {
     std::memcpy(u.f32(), x.f32(), r * cr * sizeof(float));
     kern::relu_inplace(u.f32(), cr, r, cr);
-    linear(w.ar_blocks[k], u.f32(), r, t.f32());
+    apply_linear(w.ar_blocks[k], u.f32(), r, t.f32());
     kern::relu_inplace(t.f32(), cr, r, cr);
-    linear(w.ar_blocks[k + 1], t.f32(), r, u.f32());
+    apply_linear(w.ar_blocks[k + 1], t.f32(), r, u.f32());
     kern::add_inplace(x.f32(), cr, u.f32(), cr, r, cr);
   }
   kern::relu_inplace(x.f32(), cr, r, cr);
-  linear(w.ar_out, x.f32(), r, un);
+  apply_linear(w.ar_out, x.f32(), r, un);
   for (int64_t k = 0; k < r * kAngles; ++k) {
     const float a = un[2 * k], b = un[2 * k + 1];
     const float inv = 1.0f / std::sqrt(std::max(a * a + b * b, c.eps));
@@ -214,6 +192,32 @@ Status check_inputs(const StructureModuleConfig& cfg, const Tensor& s, const Ten
 }
 
 }  // namespace
+
+Status load_linear(const TensorFile& f, const std::string& name, int64_t out, int64_t in, bool bias,
+                   LinearW* w) {
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".weight", {out, in}, &w->w));
+  FC_RETURN_IF_ERROR(check_finite(name + ".weight", w->w));
+  if (!bias) return Status::OK();
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".bias", {out}, &w->b));
+  return check_finite(name + ".bias", w->b);
+}
+
+Status load_layernorm(const TensorFile& f, const std::string& name, int64_t c, LayerNormW* w) {
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".weight", {c}, &w->w));
+  FC_RETURN_IF_ERROR(f.get_f32(name + ".bias", {c}, &w->b));
+  FC_RETURN_IF_ERROR(check_finite(name + ".weight", w->w));
+  return check_finite(name + ".bias", w->b);
+}
+
+void apply_linear(const LinearW& w, const float* x, int64_t rows, float* y, bool accumulate) {
+  const int64_t out = w.w.dim(0), in = w.w.dim(1);
+  kern::linear(x, in, rows, in, w.w.f32(), w.b.defined() ? w.b.f32() : nullptr, out, y, out,
+               accumulate);
+}
+
+void apply_layernorm(const LayerNormW& w, const float* x, int64_t rows, int64_t c, float* y) {
+  kern::layernorm(x, c, y, c, rows, c, w.w.f32(), w.b.f32(), 1e-5f);
+}
 
 Status structure_module_config_from_weights(const TensorFile& f, const std::string& prefix,
                                             StructureModuleConfig* cfg) {
@@ -251,35 +255,40 @@ Status load_structure_module(const TensorFile& f, const std::string& p,
   const int64_t H = c.no_heads_ipa, C = c.c_ipa, Pq = c.no_qk_points, Pv = c.no_v_points;
   const int64_t cs = c.c_s, cr = c.c_resnet;
   StructureModuleWeights x;
-  FC_RETURN_IF_ERROR(get_ln(f, p + "layer_norm_s", cs, &x.ln_s));
-  FC_RETURN_IF_ERROR(get_ln(f, p + "layer_norm_z", c.c_z, &x.ln_z));
-  FC_RETURN_IF_ERROR(get_ln(f, p + "layer_norm_ipa", cs, &x.ln_ipa));
-  FC_RETURN_IF_ERROR(get_ln(f, p + "transition.layer_norm", cs, &x.ln_transition));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "linear_in", cs, cs, &x.linear_in));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "ipa.linear_q", H * C, cs, &x.q));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "ipa.linear_kv", 2 * H * C, cs, &x.kv));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "ipa.linear_q_points.linear", 3 * H * Pq, cs, &x.q_pts));
+  FC_RETURN_IF_ERROR(load_layernorm(f, p + "layer_norm_s", cs, &x.ln_s));
+  FC_RETURN_IF_ERROR(load_layernorm(f, p + "layer_norm_z", c.c_z, &x.ln_z));
+  FC_RETURN_IF_ERROR(load_layernorm(f, p + "layer_norm_ipa", cs, &x.ln_ipa));
+  FC_RETURN_IF_ERROR(load_layernorm(f, p + "transition.layer_norm", cs, &x.ln_transition));
+  FC_RETURN_IF_ERROR(load_linear(f, p + "linear_in", cs, cs, true, &x.linear_in));
+  FC_RETURN_IF_ERROR(load_linear(f, p + "ipa.linear_q", H * C, cs, true, &x.q));
+  FC_RETURN_IF_ERROR(load_linear(f, p + "ipa.linear_kv", 2 * H * C, cs, true, &x.kv));
   FC_RETURN_IF_ERROR(
-      get_linear(f, p + "ipa.linear_kv_points.linear", 3 * H * (Pq + Pv), cs, &x.kv_pts));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "ipa.linear_b", H, c.c_z, &x.b));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "ipa.linear_out", cs, H * (C + 4 * Pv + c.c_z), &x.out));
-  FC_RETURN_IF_ERROR(get(f, p + "ipa.head_weights", {H}, &x.head_weights));
+      load_linear(f, p + "ipa.linear_q_points.linear", 3 * H * Pq, cs, true, &x.q_pts));
+  FC_RETURN_IF_ERROR(
+      load_linear(f, p + "ipa.linear_kv_points.linear", 3 * H * (Pq + Pv), cs, true, &x.kv_pts));
+  FC_RETURN_IF_ERROR(load_linear(f, p + "ipa.linear_b", H, c.c_z, true, &x.b));
+  FC_RETURN_IF_ERROR(
+      load_linear(f, p + "ipa.linear_out", cs, H * (C + 4 * Pv + c.c_z), true, &x.out));
+  FC_RETURN_IF_ERROR(f.get_f32(p + "ipa.head_weights", {H}, &x.head_weights));
+  FC_RETURN_IF_ERROR(check_finite(p + "ipa.head_weights", x.head_weights));
   for (int64_t l = 0; l < c.no_transition_layers; ++l)
     for (const char* n : {"linear_1", "linear_2", "linear_3"}) {
       x.transition.emplace_back();
-      FC_RETURN_IF_ERROR(get_linear(f, p + "transition.layers." + std::to_string(l) + "." + n, cs,
-                                    cs, &x.transition.back()));
+      FC_RETURN_IF_ERROR(load_linear(f, p + "transition.layers." + std::to_string(l) + "." + n, cs,
+                                     cs, true, &x.transition.back()));
     }
-  FC_RETURN_IF_ERROR(get_linear(f, p + "bb_update.linear", 6, cs, &x.bb_update));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "angle_resnet.linear_in", cr, cs, &x.ar_in));
-  FC_RETURN_IF_ERROR(get_linear(f, p + "angle_resnet.linear_initial", cr, cs, &x.ar_initial));
+  FC_RETURN_IF_ERROR(load_linear(f, p + "bb_update.linear", 6, cs, true, &x.bb_update));
+  FC_RETURN_IF_ERROR(load_linear(f, p + "angle_resnet.linear_in", cr, cs, true, &x.ar_in));
+  FC_RETURN_IF_ERROR(
+      load_linear(f, p + "angle_resnet.linear_initial", cr, cs, true, &x.ar_initial));
   for (int64_t k = 0; k < c.no_resnet_blocks; ++k)
     for (const char* n : {"linear_1", "linear_2"}) {
       x.ar_blocks.emplace_back();
-      FC_RETURN_IF_ERROR(get_linear(f, p + "angle_resnet.layers." + std::to_string(k) + "." + n, cr,
-                                    cr, &x.ar_blocks.back()));
+      FC_RETURN_IF_ERROR(load_linear(f, p + "angle_resnet.layers." + std::to_string(k) + "." + n,
+                                     cr, cr, true, &x.ar_blocks.back()));
     }
-  FC_RETURN_IF_ERROR(get_linear(f, p + "angle_resnet.linear_out", 2 * kAngles, cr, &x.ar_out));
+  FC_RETURN_IF_ERROR(
+      load_linear(f, p + "angle_resnet.linear_out", 2 * kAngles, cr, true, &x.ar_out));
   *w = std::move(x);
   return Status::OK();
 }
@@ -296,9 +305,9 @@ Status structure_module_forward(const StructureModuleWeights& w, const Structure
   Tensor s0 = Tensor::empty({r, cs});        // [r, c_s] s_initial = LN_s(s)
   Tensor zl = Tensor::empty({r, r, c.c_z});  // [r, r, c_z] LN_z(z)
   Tensor s = Tensor::empty({r, cs});         // [r, c_s] the running single representation
-  layernorm(w.ln_s, s_in.f32(), r, cs, s0.f32());
-  layernorm(w.ln_z, z.f32(), r * r, c.c_z, zl.f32());
-  linear(w.linear_in, s0.f32(), r, s.f32());
+  apply_layernorm(w.ln_s, s_in.f32(), r, cs, s0.f32());
+  apply_layernorm(w.ln_z, z.f32(), r * r, c.c_z, zl.f32());
+  apply_linear(w.linear_in, s0.f32(), r, s.f32());
   emit("sm.single_ln", -1, s0);
   emit("sm.pair_ln", -1, zl);
   emit("sm.single_in", -1, s);
@@ -321,9 +330,9 @@ Status structure_module_forward(const StructureModuleWeights& w, const Structure
                               ipa.f32());
     emit("sm.ipa", static_cast<int>(l), ipa);
     kern::add_inplace(s.f32(), cs, ipa.f32(), cs, r, cs);
-    layernorm(w.ln_ipa, s.f32(), r, cs, s.f32());
+    apply_layernorm(w.ln_ipa, s.f32(), r, cs, s.f32());
     single_transition(w, c, s.f32(), r);
-    linear(w.bb_update, s.f32(), r, upd.f32());
+    apply_linear(w.bb_update, s.f32(), r, upd.f32());
     emit("sm.bb_update", static_cast<int>(l), upd);
     float* fr = o.frames.f32() + l * r * 7;
     for (int64_t i = 0; i < r; ++i) {

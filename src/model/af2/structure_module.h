@@ -16,6 +16,16 @@
 
 namespace fc::af2 {
 
+// Parameters and their application shared by the AF2 model's parts: a Linear (weight [out, in],
+// bias [out] when `bias`) or LayerNorm [c] under `name`: present, F32, of that shape and finite.
+Status load_linear(const TensorFile& f, const std::string& name, int64_t out, int64_t in, bool bias,
+                   LinearW* w);
+Status load_layernorm(const TensorFile& f, const std::string& name, int64_t c, LayerNormW* w);
+// y [rows, out] = x [rows, in] W^T + b (accumulate: y +=); y = LN(x) over rows of c (eps 1e-5).
+void apply_linear(const LinearW& w, const float* x, int64_t rows, float* y,
+                  bool accumulate = false);
+void apply_layernorm(const LayerNormW& w, const float* x, int64_t rows, int64_t c, float* y);
+
 struct StructureModuleConfig {
   int64_t c_s = 384, c_z = 128;
   int64_t c_ipa = 16, no_heads_ipa = 12, no_qk_points = 4, no_v_points = 8;
