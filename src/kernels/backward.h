@@ -75,6 +75,13 @@ void sigmoid_mul_backward(const float* a, int64_t lda, const float* g, int64_t l
 void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                    int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
 
+// Forward y = silu(a) * b (kern::swiglu, a and b the values before gating). Given dy:
+//   da = dy * b * s * (1 + a * (1 - s)),  db = dy * a * s,  s = sigmoid(a)
+// Overwrite; da and db must not alias a, b or dy.
+void swiglu_backward(const float* a, int64_t lda, const float* b, int64_t ldb, const float* dy,
+                     int64_t lddy, float* da, int64_t ldda, float* db, int64_t lddb, int64_t rows,
+                     int64_t n);
+
 // ---- Gated multi-head attention ----------------------------------------------------------------
 // Backward of kern::attention for the same AttentionArgs (a.o is not read). With
 // S = logits, P = softmax(S), O = P V (before gating), sigma = sigmoid(gate):
@@ -139,6 +146,9 @@ void sigmoid_mul_backward(const float* a, int64_t lda, const float* g, int64_t l
                           int64_t rows, int64_t n, bool accumulate = false);
 void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                    int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
+void swiglu_backward(const float* a, int64_t lda, const float* b, int64_t ldb, const float* dy,
+                     int64_t lddy, float* da, int64_t ldda, float* db, int64_t lddb, int64_t rows,
+                     int64_t n);
 // Naive attention backward, one (b, h) at a time in double: P and dS [Lq, Lk] and dO [Lq, C] of
 // one item in scratch of attention_backward_scratch_floats(a) floats. g.lse is ignored: P always
 // comes from a full softmax, the exact value the fast kernel's lse path is tested against.

@@ -52,6 +52,10 @@ void sigmoid_inplace(float* x, int64_t ld, int64_t rows, int64_t n);
 // x = max(x, 0), in place.
 void relu_inplace(float* x, int64_t ld, int64_t rows, int64_t n);
 
+// SwiGLU gating (AF3 transitions): a = silu(a) * b = a * sigmoid(a) * b, in place on a
+// (src/kernels/swiglu.cc).
+void swiglu(float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n);
+
 // y += x (residual update).
 void add_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
 
@@ -113,6 +117,7 @@ void softmax_rows(float* x, int64_t ld, int64_t rows, int64_t n);
 void sigmoid_mul(float* y, int64_t ldy, const float* g, int64_t ldg, int64_t rows, int64_t n);
 void sigmoid_inplace(float* x, int64_t ld, int64_t rows, int64_t n);
 void relu_inplace(float* x, int64_t ld, int64_t rows, int64_t n);
+void swiglu(float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n);
 void add_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
 void add_bias_rows(float* y, int64_t ldy, const float* bias, int64_t rows, int64_t n);
 void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);

@@ -3,6 +3,8 @@
 #include <cstring>
 
 #include "foldcube/status.h"
+#include "layers/swiglu_transition.h"
+#include "model/af3_weights.h"
 
 namespace fc {
 
@@ -74,6 +76,43 @@ constexpr LayerDesc kTemplatePairLayers[] = {
     {"pair_transition", K::kTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
      A::kPairPositions, FC_PARAMS(BlockWeights, pair_transition)},
 };
+// The Boltz-2 Pairformer block: the pair stack first, then the single stream (which reads the
+// updated z). Dropout as Boltz applies it in training.
+constexpr LayerDesc kPairformerLayers[] = {
+    {"tri_mul_out", K::kTriangleMultiplication, S::kZ, S::kNone, false, R::kPair, D::kPerRow,
+     A::kPairRows, FC_PARAMS(PairformerBlockWeights, tri_mul_out)},
+    {"tri_mul_in", K::kTriangleMultiplication, S::kZ, S::kNone, true, R::kPair, D::kPerRow,
+     A::kPairRows, FC_PARAMS(PairformerBlockWeights, tri_mul_in)},
+    {"tri_att_start", K::kTriangleAttention, S::kZ, S::kNone, false, R::kPair, D::kPerRow,
+     A::kPairRows, FC_PARAMS(PairformerBlockWeights, tri_att_start)},
+    {"tri_att_end", K::kTriangleAttention, S::kZ, S::kNone, true, R::kPair, D::kPerColumn,
+     A::kPairColumns, FC_PARAMS(PairformerBlockWeights, tri_att_end)},
+    {"transition_z", K::kSwiGluTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
+     A::kPairPositions, FC_PARAMS(PairformerBlockWeights, transition_z)},
+    {"attention", K::kMsaRowAttention, S::kM, S::kZ, false, R::kNone, D::kNone, A::kMsaRows,
+     FC_PARAMS(PairformerBlockWeights, attention)},
+    {"transition_s", K::kSwiGluTransition, S::kM, S::kNone, false, R::kNone, D::kNone,
+     A::kMsaPositions, FC_PARAMS(PairformerBlockWeights, transition_s)},
+};
+// The Boltz-2 MSA-module block (differs from AF3 Algorithm 8, which runs the OPM first).
+constexpr LayerDesc kMsaModuleLayers[] = {
+    {"pair_weighted_averaging", K::kMsaRowAttention, S::kM, S::kZ, false, R::kMsa, D::kPerRow,
+     A::kMsaRows, FC_PARAMS(MsaModuleBlockWeights, pair_weighted_averaging)},
+    {"msa_transition", K::kSwiGluTransition, S::kM, S::kNone, false, R::kNone, D::kNone,
+     A::kMsaPositions, FC_PARAMS(MsaModuleBlockWeights, msa_transition)},
+    {"outer_product_mean", K::kOuterProductMean, S::kZ, S::kM, false, R::kNone, D::kNone,
+     A::kPairRows, FC_PARAMS(MsaModuleBlockWeights, outer_product_mean)},
+    {"tri_mul_out", K::kTriangleMultiplication, S::kZ, S::kNone, false, R::kPair, D::kPerRow,
+     A::kPairRows, FC_PARAMS(MsaModuleBlockWeights, tri_mul_out)},
+    {"tri_mul_in", K::kTriangleMultiplication, S::kZ, S::kNone, true, R::kPair, D::kPerRow,
+     A::kPairRows, FC_PARAMS(MsaModuleBlockWeights, tri_mul_in)},
+    {"tri_att_start", K::kTriangleAttention, S::kZ, S::kNone, false, R::kPair, D::kPerRow,
+     A::kPairRows, FC_PARAMS(MsaModuleBlockWeights, tri_att_start)},
+    {"tri_att_end", K::kTriangleAttention, S::kZ, S::kNone, true, R::kPair, D::kPerColumn,
+     A::kPairColumns, FC_PARAMS(MsaModuleBlockWeights, tri_att_end)},
+    {"transition_z", K::kSwiGluTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
+     A::kPairPositions, FC_PARAMS(MsaModuleBlockWeights, transition_z)},
+};
 #undef FC_PARAMS
 
 template <typename T, size_t N>
@@ -86,6 +125,8 @@ const BlockTable kEvoformerBlock = {"evoformer", kEvoformerLayers, count_of(kEvo
 const BlockTable kExtraMsaBlock = {"extra_msa", kExtraMsaLayers, count_of(kExtraMsaLayers)};
 const BlockTable kTemplatePairBlock = {"template_pair", kTemplatePairLayers,
                                        count_of(kTemplatePairLayers)};
+const BlockTable kPairformerBlock = {"pairformer", kPairformerLayers, count_of(kPairformerLayers)};
+const BlockTable kMsaModuleBlock = {"msa_module", kMsaModuleLayers, count_of(kMsaModuleLayers)};
 
 const LayerDesc* find_layer(const BlockTable& table, const char* name) {
   for (const LayerDesc& l : table)
@@ -106,6 +147,7 @@ FC_LAYER_PARAMS(TransitionW, l.kind == K::kTransition || l.kind == K::kMaskedTra
 FC_LAYER_PARAMS(OuterProductMeanW, l.kind == K::kOuterProductMean)
 FC_LAYER_PARAMS(TriangleMultiplicationW, l.kind == K::kTriangleMultiplication)
 FC_LAYER_PARAMS(TriangleAttentionW, l.kind == K::kTriangleAttention)
+FC_LAYER_PARAMS(SwiGluTransitionW, l.kind == K::kSwiGluTransition)
 #undef FC_LAYER_PARAMS
 
 int64_t stream_rows(const BlockContext& ctx, Stream st) {
@@ -122,20 +164,27 @@ SavedInputs saved_inputs(const BlockTable& t, int i) {
   in.updated = l.kind != LayerKind::kOuterProductMean;
   if (l.reads != Stream::kNone)
     for (int j = i + 1; j < t.count; ++j) in.read = in.read || t.layers[j].updates == l.reads;
-  FC_CHECK_MSG(in.read || l.reads != Stream::kZ,
-               std::string(l.name) + ": reading the block's output z is not supported");
   return in;
 }
 
-int block_input_m_layer(const BlockTable& t) {
+int block_input_layer(const BlockTable& t, Stream x) {
   for (int i = 0; i < t.count; ++i) {
     const SavedInputs in = saved_inputs(t, i);
-    if ((in.updated && t.layers[i].updates == Stream::kM) ||
-        (in.read && t.layers[i].reads == Stream::kM))
-      return i;
+    if ((in.updated && t.layers[i].updates == x) || (in.read && t.layers[i].reads == x)) return i;
   }
-  FC_CHECK_MSG(false, std::string(t.name) + ": no layer keeps the block's input m");
   return -1;
+}
+
+bool reads_block_output(const BlockTable& t, Stream x) {
+  for (int i = 0; i < t.count; ++i)
+    if (t.layers[i].reads == x && !saved_inputs(t, i).read) return true;
+  return false;
+}
+
+int block_input_m_layer(const BlockTable& t) {
+  const int i = block_input_layer(t, Stream::kM);
+  FC_CHECK_MSG(i >= 0, std::string(t.name) + ": no layer keeps the block's input m");
+  return i;
 }
 
 void layer_forward(const LayerDesc& l, const void* block, const BlockContext& ctx, float* m,
@@ -161,6 +210,9 @@ void layer_forward(const LayerDesc& l, const void* block, const BlockContext& ct
                                      !l.transposed, z);
     case K::kTriangleAttention:
       return triangle_attention(layer_params<TriangleAttentionW>(l, block), ctx, l.transposed, z);
+    case K::kSwiGluTransition:
+      return swiglu_transition(layer_params<SwiGluTransitionW>(l, block), ctx, x,
+                               stream_rows(ctx, l.updates), stream_channels(ctx, l.updates));
   }
 }
 

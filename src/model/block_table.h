@@ -29,8 +29,9 @@ enum class LayerKind : uint8_t {
   kOuterProductMean,          // z += OuterProductMean(m, msa_mask)
   kTriangleMultiplication,    // z += TriMul(z, pair_mask); transposed = incoming
   kTriangleAttention,         // z += TriAtt(z, pair_mask); transposed = ending node
+  kSwiGluTransition,          // x += fc3(silu(fc1(LN(x))) * fc2(LN(x))) (AF3, src/layers/)
 };
-constexpr int kLayerKinds = 8;
+constexpr int kLayerKinds = 9;
 
 // Training-mode dropout of a layer's update (OpenFold DropoutRowwise / DropoutColumnwise).
 enum class DropoutRate : uint8_t { kNone, kMsa, kPair };  // cfg.msa_dropout / cfg.pair_dropout
@@ -38,6 +39,9 @@ enum class DropoutShare : uint8_t {
   kNone,
   kRows,     // one mask over (columns, channels), shared by every row of the stream
   kColumns,  // one mask over (rows, channels), shared by every column
+  // Boltz (AF3): one draw per row (per column), shared over that row's (column's) elements.
+  kPerRow,
+  kPerColumn,
 };
 
 // The batch-like axis a layer's main chunk loop runs over.
@@ -79,6 +83,14 @@ extern const BlockTable kExtraMsaBlock;
 // AF2 template pair stack block: pair layers only, attention first; weights: BlockWeights (the
 // MSA layers' part unused), m not read (nullptr).
 extern const BlockTable kTemplatePairBlock;
+// Boltz-2 PairformerLayer (AF3 Pairformer block); weights: PairformerBlockWeights. The single
+// stream s [n, c_s] is the table's m stream with s = 1 (a one-row MSA, c_m = c_s), so the single
+// attention with pair bias is the MSA row attention unit.
+extern const BlockTable kPairformerBlock;
+// Boltz-2 MSALayer (AF3 MSA-module block, Boltz's order: PWA, MSA transition, OPM, pair stack);
+// weights: MsaModuleBlockWeights. Pair-weighted averaging is the row attention unit with zero
+// query/key projections.
+extern const BlockTable kMsaModuleBlock;
 
 // The layer named `name` in `table`, or nullptr.
 const LayerDesc* find_layer(const BlockTable& table, const char* name);
@@ -98,13 +110,19 @@ int64_t stream_channels(const BlockContext& ctx, Stream st);
 // The stream inputs a layer's backward reads, as copies taken before the layer runs (training
 // policies none and module): the stream it updates, unless its backward does not read it (the
 // OPM reads only m), and the stream it reads when a later layer of the block updates it. A read
-// stream that no later layer updates is the block's output m, which the training driver keeps
-// (reading the block's output z is not supported: checked).
+// stream that no later layer updates is the block's output (m for the Evoformer's OPM, z for the
+// Pairformer's single attention), which the training driver keeps as the next block's input.
 struct SavedInputs {
   bool updated = false, read = false;
 };
 SavedInputs saved_inputs(const BlockTable& t, int i);
-// The layer whose saved copy of m is the block's input m (the first copy in layer order).
+// The layer whose saved copy of stream x is the block's input x (the first copy in layer order),
+// or -1 when no layer keeps one.
+int block_input_layer(const BlockTable& t, Stream x);
+// True when a layer reads stream x after the block's last update of x (its backward reads the
+// block's output x).
+bool reads_block_output(const BlockTable& t, Stream x);
+// block_input_layer(t, Stream::kM), checked to exist.
 int block_input_m_layer(const BlockTable& t);
 
 // ---- Per-layer dispatch (inference) ------------------------------------------------------------

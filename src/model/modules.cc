@@ -8,6 +8,7 @@
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "kernels/kernels.h"
+#include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 
 namespace fc {
@@ -40,7 +41,7 @@ void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float
     Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, threads)});
     kern::attention(a, scratch.f32(), threads);
   }
-  kern::linear(p, ld, B * L, hc, w.o.w.f32(), w.o.b.f32(), c_in, out, c_in);
+  kern::linear(p, ld, B * L, hc, w.o.w.f32(), bias_ptr(w.o), c_in, out, c_in);
 }
 
 int64_t gated_attention_bytes(int64_t H, int64_t C, int64_t B, int64_t L, int threads) {
@@ -206,6 +207,27 @@ void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float*
   }
 }
 
+void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
+                  const float* norm, int64_t rows, float* z) {
+  const int64_t cz = cfg.c_z;
+  if (!w.mean_first) {
+    const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float inv = 1.f / (norm[row] + eps);
+      for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv;
+    }
+    return;
+  }
+  const float* b = bias_ptr(w.out);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = 1.f / std::max(norm[row], 1.f);
+    for (int64_t c = 0; c < cz; ++c)
+      z[row * cz + c] += y[row * cz + c] * inv + (b != nullptr ? b[c] : 0.f);
+  }
+}
+
 namespace {
 // The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
 // nullptr means one shard holding every column (cols = r).
@@ -223,7 +245,7 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
       const int64_t n = std::min(ch, s - s0);
       kern::layernorm(m + s0 * cols * cm, cm, x.f32(), cm, n * cols, cm, w.ln.w.f32(), w.ln.b.f32(),
                       cfg.eps_ln);
-      kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
+      kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
                    2 * co);
       const float* abp = ab.f32();
       float* ap = a.f32() + s0 * cols * co;
@@ -261,16 +283,9 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
     const float* op = o.f32();
     float* pp = p.f32();
     opm_pairs_from_outer(op, n, r, co, pp);
-    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
-    const float* yp = y.f32();
-    const float* np = norm.f32() + i0 * r;
-    float* zp = z + i0 * r * cz;
-    const float eps = cfg.eps_opm;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < n * r; ++row) {
-      const float inv = 1.f / (np[row] + eps);
-      for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
-    }
+    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(),
+                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    opm_residual(w, cfg, y.f32(), norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
 }
 }  // namespace
@@ -408,10 +423,10 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     float* pp = pc.f32();
     kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
     kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
+    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
     float* zr = z + i0 * r * cz;
     kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-    kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, g.f32(), cz);
+    kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
   }
@@ -474,6 +489,10 @@ int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
       const int64_t c = stream_channels(ctx, l.updates), rows = stream_rows(ctx, l.updates);
       const int64_t nc = cfg.transition_n * c;
       return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
+    }
+    case LayerKind::kSwiGluTransition: {
+      const int64_t c = stream_channels(ctx, l.updates);
+      return swiglu_transition_bytes(ctx, stream_rows(ctx, l.updates), c, cfg.transition_n * c);
     }
     case LayerKind::kOuterProductMean:
       return outer_product_mean_shard_bytes(ctx, r, 1);
@@ -568,7 +587,7 @@ void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const Block
 #pragma omp parallel for schedule(static)
     for (int64_t row = 0; row < n * s; ++row)
       kern::mul_inplace(gp + row * ld, ld, qp + (row / s) * hc, hc, 1, hc);
-    kern::linear(gp, ld, n * s, hc, w.o.w.f32(), w.o.b.f32(), ce, xp, ce);
+    kern::linear(gp, ld, n * s, hc, w.o.w.f32(), bias_ptr(w.o), ce, xp, ce);
     for (int64_t b = 0; b < n; ++b)
       kern::add_inplace(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce);
   }
@@ -625,6 +644,10 @@ std::vector<ChunkLoop> layer_chunking(const LayerDesc& l, const BlockContext& ct
     case LayerKind::kMaskedTransition: {
       const int64_t c = stream_channels(ctx, l.updates), rows = stream_rows(ctx, l.updates);
       return {{axis, rows, pick_chunk(ctx, rows, (c + cfg.transition_n * c) * kF)}};
+    }
+    case LayerKind::kSwiGluTransition: {
+      const int64_t c = stream_channels(ctx, l.updates), rows = stream_rows(ctx, l.updates);
+      return {{axis, rows, swiglu_transition_chunk(ctx, rows, c, cfg.transition_n * c)}};
     }
     case LayerKind::kOuterProductMean: {
       const int64_t co = cfg.c_hidden_opm;

@@ -41,6 +41,11 @@ int64_t pick_chunk(const BlockContext& ctx, int64_t batch, int64_t bytes_per_ite
 // it ((i, c), (j, e)) and p [n*r, c_o*c_o] ((i, j), (c, e)) as linear_out reads it.
 void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p);
 void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t co, float* o);
+// The OPM's residual update of `rows` pairs from y = linear_out.w outer [rows, c_z] (without the
+// bias when w.mean_first, else with it) and norm [rows] = sum_s mask[s,i] mask[s,j]: z [rows, c_z]
+// += y / (norm + eps_opm) (AF2), or y / max(norm, 1) + linear_out.b (AF3, w.mean_first).
+void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
+                  const float* norm, int64_t rows, float* z);
 
 // m [s, r, c_m], z [r, r, c_z], row-major contiguous.
 void msa_row_attention(const MsaRowAttentionW& w, const BlockContext& ctx, float* m,

@@ -33,8 +33,10 @@
 #include <functional>
 #include <vector>
 
+#include "foldcube/model.h"
 #include "foldcube/tensor.h"
 #include "model/block_table.h"
+#include "model/common.h"
 #include "model/modules.h"
 #include "model/weights.h"
 
@@ -150,6 +152,24 @@ void layer_train(const LayerDesc& l, const void* block, const BlockContext& ctx,
 // recomputes what it needs chunk by chunk); `grads` is shaped like `block` and accumulates.
 void layer_backward(const LayerDesc& l, const void* block, void* grads, const BlockContext& ctx,
                     const float* x_in, const float* read_in, LayerState* st, float* dm, float* dz);
+
+// ---- Stack-level training over a block table (src/model/train_block.cc) ------------------------
+// User errors for a policy list of the wrong length or negative chunk settings (nb blocks).
+Status check_train_options(const TrainOptions& opts, int nb);
+// The training context over prepared inputs: chunking from opts (automatic target:
+// default_train_chunk_target_bytes), dropout on when opts.dropout.
+BlockContext train_context(const EvoformerConfig& cfg, const StackInputs& in,
+                           const TrainOptions& opts);
+// One training step over the blocks w (weight structs of table t's type): the forward with
+// every layer's training function under each block's policy (m, z updated in place to the
+// outputs), then the backward from dL/d outputs grad_out_m, grad_out_z. alloc_grads(b) zero-fills
+// grads[b] (the same struct type) just before block b's backward. out gets dL/d input m and z,
+// times, activation bytes and the tracked peak (not grad_params: names are the caller's). A layer
+// reading a stream that no later layer of its block updates reads the block's output.
+void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
+                  const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
+                  const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
+                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out);
 
 // ---- Pieces for sharded training (Dynamic Axial Parallelism, src/exec/dap_train.cc) -----------
 // Gated attention over S [N, L, c] (batch over N, attention over L) with a given pair bias

@@ -186,7 +186,7 @@ void attention_forward(const Attn& at, const BlockContext& ctx, float* S, const 
     }
     {
       Tensor u = Tensor::empty({n, v.L, v.c});  // update of the chunk
-      kern::linear(k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(), at.w.o.b.f32(),
+      kern::linear(k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(), bias_ptr(at.w.o),
                    v.c, u.f32(), v.c);
       apply_dropout(u.f32(), n, v.L, v.c, mask);
       scatter_add(u.f32(), v, n0, n, S);
@@ -220,7 +220,7 @@ void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
     apply_dropout(du.f32(), n, v.L, c, mask);
     Tensor dog = Tensor::empty({rows, hc});
     kern::linear_backward(k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
-                          gw->o.w.f32(), gw->o.b.f32());
+                          gw->o.w.f32(), bias_ptr(gw->o));
     k.og = Tensor();
     Tensor dqkvg = Tensor::empty({rows, 4 * hc});
     {

@@ -2,11 +2,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <memory>
 
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/train.h"
@@ -67,6 +69,10 @@ void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, flo
     case LayerKind::kTriangleAttention:
       return triangle_attention_train(layer_params<TriangleAttentionW>(l, w), ctx, l.transposed, z,
                                       st ? &st->att : nullptr);
+    case LayerKind::kSwiGluTransition:
+      return swiglu_transition_train(layer_params<SwiGluTransitionW>(l, w), ctx,
+                                     l.updates == Stream::kM ? m : z, stream_rows(ctx, l.updates),
+                                     stream_channels(ctx, l.updates), st ? &st->trans : nullptr);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
       break;
@@ -106,6 +112,10 @@ void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockConte
       return triangle_attention_backward(layer_params<TriangleAttentionW>(l, w),
                                          &layer_params<TriangleAttentionW>(l, g), ctx, l.transposed,
                                          x_in, &st->att, dz);
+    case LayerKind::kSwiGluTransition:
+      return swiglu_transition_backward(
+          layer_params<SwiGluTransitionW>(l, w), &layer_params<SwiGluTransitionW>(l, g), ctx, x_in,
+          &st->trans, dx, stream_rows(ctx, l.updates), stream_channels(ctx, l.updates));
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
       break;
@@ -184,7 +194,7 @@ void block_forward(const BlockTable& t, const void* w, const BlockContext& ctx, 
 // layer recomputes its state one chunk at a time from its saved input; under kBlock the block
 // forward is re-run with kNone first. Each layer's inputs are freed after its backward.
 void block_backward(const BlockTable& t, const void* w, void* g, const BlockContext& ctx,
-                    BlockState* st, const Tensor& m_out, float* dm, float* dz,
+                    BlockState* st, const Tensor& m_out, const Tensor& z_out, float* dm, float* dz,
                     const ModuleClock& clk) {
   if (st->policy == Recompute::kBlock) {
     // Recompute on the saved input: z0 in place; m0 on a copy, since the caller still holds m0
@@ -194,12 +204,13 @@ void block_backward(const BlockTable& t, const void* w, void* g, const BlockCont
     st->z0 = Tensor();
     BlockState full;
     block_forward(t, w, ctx, m.f32(), z.f32(), Recompute::kNone, &full, ModuleClock{clk.out, 2});
-    block_backward(t, w, g, ctx, &full, m, dm, dz, clk);
+    block_backward(t, w, g, ctx, &full, m, z, dm, dz, clk);
     return;
   }
   for (int i = t.count - 1; i >= 0; --i) {
     const LayerDesc& l = t.layers[i];
-    const Tensor& read = st->in_read[i].defined() ? st->in_read[i] : m_out;
+    const Tensor& read =
+        st->in_read[i].defined() ? st->in_read[i] : (l.reads == Stream::kM ? m_out : z_out);
     clk.run(l.name, [&] {
       layer_backward(l, w, g, ctx, st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr,
                      l.reads != Stream::kNone ? read.f32() : nullptr, &st->layers[i], dm, dz);
@@ -209,11 +220,13 @@ void block_backward(const BlockTable& t, const void* w, void* g, const BlockCont
   }
 }
 
-// The block's input m as kept by its state (what the previous block's OPM read).
-Tensor block_input_m(const BlockTable& t, const BlockState& st) {
-  if (st.policy == Recompute::kBlock) return st.m0;
-  const int i = block_input_m_layer(t);
-  return t.layers[i].updates == Stream::kM ? st.in_updated[i] : st.in_read[i];
+// The block's input of stream x as kept by its state (the previous block's output, which a layer
+// of that block reading x after its last update of x reads). Undefined when no layer keeps it.
+Tensor block_input(const BlockTable& t, const BlockState& st, Stream x) {
+  if (st.policy == Recompute::kBlock) return x == Stream::kM ? st.m0 : st.z0;
+  const int i = block_input_layer(t, x);
+  if (i < 0) return Tensor();
+  return t.layers[i].updates == x ? st.in_updated[i] : st.in_read[i];
 }
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -222,29 +235,33 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
-                                  const Tensor& pair_mask, const Tensor& grad_out_m,
-                                  const Tensor& grad_out_z, const TrainOptions& opts,
-                                  TrainResult* out) const {
-  const EvoformerConfig& cfg = cfg_;
-  const int nb = static_cast<int>(blocks_.size());
+Status check_train_options(const TrainOptions& opts, int nb) {
   if (!opts.policy.empty() && opts.policy.size() != 1 && static_cast<int>(opts.policy.size()) != nb)
     return Status::InvalidArgument("recompute policy list has " +
                                    std::to_string(opts.policy.size()) + " entries for " +
                                    std::to_string(nb) + " blocks");
-  StackInputs in;
-  FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in));
-  FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
-  FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
   if (opts.chunk < 0 || opts.chunk_target_bytes < 0)
     return Status::InvalidArgument(
         "chunk (" + std::to_string(opts.chunk) + ") and chunk_target_bytes (" +
         std::to_string(opts.chunk_target_bytes) + ") must be >= 0 (0 = automatic)");
+  return Status::OK();
+}
+
+BlockContext train_context(const EvoformerConfig& cfg, const StackInputs& in,
+                           const TrainOptions& opts) {
   BlockContext ctx =
       make_context(cfg, in, opts.chunk,
                    opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
                                                : default_train_chunk_target_bytes(cfg, in.s, in.r));
   ctx.dropout = opts.dropout;
+  return ctx;
+}
+
+void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
+                  const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
+                  const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
+                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out) {
+  const int nb = static_cast<int>(w.size());
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {
     BlockContext c = ctx;
@@ -262,29 +279,55 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   std::vector<std::unique_ptr<BlockState>> states;
   for (int b = 0; b < nb; ++b) {
     states.push_back(std::make_unique<BlockState>());
-    block_forward(kEvoformerBlock, blocks_[b].get(), block_ctx(b), m.f32(), z.f32(), policy(b),
-                  states.back().get(), fwd_clock);
+    block_forward(t, w[b], block_ctx(b), m.f32(), z.f32(), policy(b), states.back().get(),
+                  fwd_clock);
   }
   out->forward_ms = ms_since(t0);
   out->activation_bytes = mem_stats().live_bytes - live0;
 
   t0 = std::chrono::steady_clock::now();
   Tensor dm = grad_out_m.clone(), dz = grad_out_z.clone();
-  std::vector<std::unique_ptr<BlockWeights>> grads(nb);
-  Tensor m_out = m;  // output of the block being differentiated
+  Tensor m_out = m, z_out = z;  // outputs of the block being differentiated
+  const bool m_read = reads_block_output(t, Stream::kM), z_read = reads_block_output(t, Stream::kZ);
   for (int b = nb - 1; b >= 0; --b) {
-    grads[b] = std::make_unique<BlockWeights>();
-    allocate_block_grads(cfg, grads[b].get());
-    const Tensor m_in = block_input_m(kEvoformerBlock, *states[b]);
-    block_backward(kEvoformerBlock, blocks_[b].get(), grads[b].get(), block_ctx(b), states[b].get(),
-                   m_out, dm.f32(), dz.f32(), bwd_clock);
+    alloc_grads(b);
+    // The block input, kept only where the previous block's backward reads its output.
+    const Tensor m_in = m_read ? block_input(t, *states[b], Stream::kM) : Tensor();
+    const Tensor z_in = z_read ? block_input(t, *states[b], Stream::kZ) : Tensor();
+    block_backward(t, w[b], grads[b], block_ctx(b), states[b].get(), m_out, z_out, dm.f32(),
+                   dz.f32(), bwd_clock);
     states[b].reset();
     m_out = m_in;
+    z_out = z_in;
   }
   out->backward_ms = ms_since(t0);
   out->peak_bytes = scope.peak() - live0;
   out->grad_m = dm;
   out->grad_z = dz;
+}
+
+Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                  const Tensor& pair_mask, const Tensor& grad_out_m,
+                                  const Tensor& grad_out_z, const TrainOptions& opts,
+                                  TrainResult* out) const {
+  const EvoformerConfig& cfg = cfg_;
+  const int nb = static_cast<int>(blocks_.size());
+  FC_RETURN_IF_ERROR(check_train_options(opts, nb));
+  StackInputs in;
+  FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in));
+  FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
+  FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
+  std::vector<const void*> w(nb);
+  std::vector<std::unique_ptr<BlockWeights>> grads(nb);
+  std::vector<void*> g(nb);
+  for (int b = 0; b < nb; ++b) {
+    w[b] = blocks_[b].get();
+    grads[b] = std::make_unique<BlockWeights>();
+    g[b] = grads[b].get();
+  }
+  auto alloc = [&](int b) { allocate_block_grads(cfg, grads[b].get()); };
+  train_blocks(kEvoformerBlock, w, g, alloc, train_context(cfg, in, opts), opts, m, z, grad_out_m,
+               grad_out_z, out);
   out->grad_params.clear();
   for (int b = 0; b < nb; ++b)
     for (auto& [name, t] : named_params(*grads[b], block_prefix(b)))

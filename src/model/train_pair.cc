@@ -44,6 +44,28 @@ void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int6
                            ln_grad->b.f32(), scratch.f32(), accumulate);
 }
 
+// Adjoint of opm_residual (modules.h) for `rows` pairs: dy [rows, c_z] = dL/d (linear_out.w outer
+// (+ bias)) from dz; with w.mean_first the unscaled bias's gradient (sum of dz over the rows)
+// accumulates into g->out.b here (else linear_backward gives it from dy).
+void opm_residual_backward(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* dz,
+                           const float* norm, int64_t rows, float* dy, OuterProductMeanW* g) {
+  const int64_t cz = cfg.c_z;
+  const float eps = cfg.eps_opm;
+  const bool af3 = w.mean_first;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = af3 ? 1.f / std::max(norm[row], 1.f) : 1.f / (norm[row] + eps);
+    for (int64_t c = 0; c < cz; ++c) dy[row * cz + c] = dz[row * cz + c] * inv;
+  }
+  float* gb = bias_ptr(g->out);
+  if (!af3 || gb == nullptr) return;
+  for (int64_t c = 0; c < cz; ++c) {
+    double sum = 0;
+    for (int64_t row = 0; row < rows; ++row) sum += dz[row * cz + c];
+    gb[c] += static_cast<float>(sum);
+  }
+}
+
 // One chunk of the outer product: rows i0 .. i0+n of outer[(i, j), (c, e)] = sum_s a[s,i,c]
 // b[s,j,e] into p [n*r, co*co], through o [n*co, r*co] (the GEMM layout [(i, c), (j, e)]). As in
 // outer_product_mean (modules.cc).
@@ -168,7 +190,7 @@ void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, con
   kern::layernorm(m, cm, st->x_ln.f32(), cm, rows, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
                   st->mean.f32(), st->rstd.f32());
   Tensor ab = Tensor::empty({rows, 2 * co});  // linear_1 | linear_2, before masking
-  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), w.l12.b.f32(), 2 * co, ab.f32(),
+  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
                2 * co);
   const float* abp = ab.f32();
   float* ap = st->a.f32();
@@ -199,16 +221,9 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   for (int64_t i0 = 0; i0 < r; i0 += ch) {
     const int64_t n = std::min(ch, r - i0);
     outer_chunk(st->a.f32(), st->b.f32(), s, r, co, i0, n, o.f32(), p.f32());
-    kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
-    const float* yp = y.f32();
-    const float* np = st->norm.f32() + i0 * r;
-    float* zp = z + i0 * r * cz;
-    const float eps = cfg.eps_opm;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < n * r; ++row) {
-      const float inv = 1.f / (np[row] + eps);
-      for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
-    }
+    kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(),
+                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
 }
 
@@ -234,17 +249,11 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
       for (int64_t i0 = 0; i0 < r; i0 += ch) {
         const int64_t n = std::min(ch, r - i0);
         outer_chunk(ap, bp, s, r, co, i0, n, o.f32(), p.f32());
-        const float* np = st.norm.f32() + i0 * r;
-        const float* dzp = dz + i0 * r * cz;
         float* dyp = dy.f32();
-        const float eps = cfg.eps_opm;
-#pragma omp parallel for schedule(static)
-        for (int64_t row = 0; row < n * r; ++row) {
-          const float inv = 1.f / (np[row] + eps);
-          for (int64_t c = 0; c < cz; ++c) dyp[row * cz + c] = dzp[row * cz + c] * inv;
-        }
+        opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
         kern::linear_backward(p.f32(), co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz,
-                              dp.f32(), co * co, g->out.w.f32(), g->out.b.f32());
+                              dp.f32(), co * co, g->out.w.f32(),
+                              w.mean_first ? nullptr : bias_ptr(g->out));
         const float* dpp = dp.f32();
         float* dop = o.f32();
         opm_outer_from_pairs(dpp, n, r, co, dop);
@@ -266,7 +275,7 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
         }
     }
     kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
-                          dxln.f32(), cm, g->l12.w.f32(), g->l12.b.f32());
+                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
   }
   layernorm_backward_into(m_in, dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
                           true);
@@ -303,16 +312,9 @@ void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockConte
     const float* op = o.f32();
     float* pp = p.f32();
     opm_pairs_from_outer(op, n, r, co, pp);
-    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(), w.out.b.f32(), cz, y.f32(), cz);
-    const float* yp = y.f32();
-    const float* np = st->norm.f32() + i0 * r;
-    float* zp = z + i0 * r * cz;
-    const float eps = cfg.eps_opm;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < n * r; ++row) {
-      const float inv = 1.f / (np[row] + eps);
-      for (int64_t c = 0; c < cz; ++c) zp[row * cz + c] += yp[row * cz + c] * inv;
-    }
+    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(),
+                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
 }
 
@@ -349,17 +351,10 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
           const float* op = o.f32();
           float* pp = p.f32();
           opm_pairs_from_outer(op, n, r, co, pp);
-          const float* np = st.norm.f32() + i0 * r;
-          const float* dzp = dz + i0 * r * cz;
           float* dyp = dy.f32();
-          const float eps = cfg.eps_opm;
-#pragma omp parallel for schedule(static)
-          for (int64_t row = 0; row < n * r; ++row) {
-            const float inv = 1.f / (np[row] + eps);
-            for (int64_t c = 0; c < cz; ++c) dyp[row * cz + c] = dzp[row * cz + c] * inv;
-          }
+          opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
           kern::linear_backward(pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz, dp.f32(),
-                                co * co, g->out.w.f32(), g->out.b.f32());
+                                co * co, g->out.w.f32(), w.mean_first ? nullptr : bias_ptr(g->out));
           const float* dpp = dp.f32();
           float* dop = o.f32();
           opm_outer_from_pairs(dpp, n, r, co, dop);
@@ -386,7 +381,7 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
         }
     }
     kern::linear_backward(st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
-                          dxln.f32(), cm, g->l12.w.f32(), g->l12.b.f32());
+                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
   }
   layernorm_backward_into(m_in, dxln.f32(), sc, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
                           true);
@@ -606,8 +601,8 @@ void tri_mul_output(const TriangleMultiplicationW& w, const BlockContext& ctx, c
     float* pp = p.f32();
     kern::transpose(P + i0 * r, rr, pp, ct, ct, n * r);
     kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
-    kern::linear(x_ln + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, g.f32(),
+    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    kern::linear(x_ln + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(),
                  cz);
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     tri_mul_dropout(y.f32(), n, r, cz, dmask, per_row, row0 + i0);
@@ -641,16 +636,16 @@ void tri_mul_output_backward(const TriangleMultiplicationW& w, TriangleMultiplic
     kern::transpose(P + i0 * r, rr, p.f32(), ct, ct, nr);
     kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
                     mean2.f32(), rstd2.f32());
-    kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
-    kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), w.lin_g.b.f32(), cz, gt.f32(), cz);
+    kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, gt.f32(), cz);
     std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(nr * cz) * kF);
     tri_mul_dropout(du.f32(), n, r, cz, dmask, per_row, row0 + i0);
     kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(), cz,
                                nr, cz);
     kern::linear_backward(xr, cz, nr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz, dxln + i0 * r * cz, cz,
-                          g->lin_g.w.f32(), g->lin_g.b.f32());
+                          g->lin_g.w.f32(), bias_ptr(g->lin_g));
     kern::linear_backward(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(), ct,
-                          g->lin_z.w.f32(), g->lin_z.b.f32());
+                          g->lin_z.w.f32(), bias_ptr(g->lin_z));
     kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, nr, ct, w.ln_out.w.f32(), mean2.f32(),
                              rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
                              scratch.f32());

@@ -20,11 +20,16 @@ struct LinearW {
   Tensor w, b;  // [out, in], [out] (b undefined: no bias)
 };
 
+// The bias of a linear layer, or nullptr when it has none (AF3's projections): kernels and
+// linear_backward skip a null bias, so code that runs both model families passes this.
+inline float* bias_ptr(const LinearW& l) { return l.b.defined() ? l.b.f32() : nullptr; }
+
 // Gated multi-head attention: q, k, v, g fused as rows of one weight.
 struct GatedAttentionW {
   Tensor w_qkvg;  // [4*H*C, c_in]: rows q | k | v | g
-  Tensor b_qkvg;  // [4*H*C]: zeros for q, k, v; linear_g.bias for g
-  LinearW o;      // [c_in, H*C], [c_in]
+  Tensor b_qkvg;  // [4*H*C]: linear_g.bias for g, zeros for q, k, v (AF3 single attention: the
+                  // query bias for q) and wherever the file has no bias
+  LinearW o;      // [c_in, H*C], [c_in] (AF3: no bias)
 };
 
 struct MsaRowAttentionW {
@@ -45,18 +50,31 @@ struct TransitionW {
   LinearW l2;     // [c, n*c]
 };
 
+// AF3 SwiGLU transition (src/layers/swiglu_transition.h): fc1 and fc2 read the same input and
+// are fused.
+struct SwiGluTransitionW {
+  LayerNormW ln;  // [c]
+  LinearW fc12;   // fused fc1 | fc2: [2*n*c, c] (bias optional; AF3: none)
+  LinearW fc3;    // [c, n*c] (bias optional; AF3: none)
+};
+
 struct OuterProductMeanW {
   LayerNormW ln;  // [c_m]
-  LinearW l12;    // fused linear_1 | linear_2: [2*c_o, c_m], [2*c_o]
+  LinearW l12;    // fused linear_1 | linear_2: [2*c_o, c_m], [2*c_o] (AF3: no bias)
   LinearW out;    // [c_z, c_o*c_o], [c_z]
+  // Layer spec. false (AF2/OpenFold): z += linear_out(outer) / (norm + eps_opm), bias included;
+  // true (AF3/Boltz): z += linear_out.w (outer / max(norm, 1)) + linear_out.b (mean first, bias
+  // unscaled).
+  bool mean_first = false;
 };
 
 struct TriangleMultiplicationW {
   LayerNormW ln_in;   // [c_z]
-  LinearW ab;         // fused a_p | a_g | b_p | b_g: [4*c_t, c_z], [4*c_t]
+  LinearW ab;         // fused a_p | a_g | b_p | b_g: [4*c_t, c_z], [4*c_t] (zeros where a file
+                      // has no bias: AF3)
   LayerNormW ln_out;  // [c_t]
-  LinearW lin_z;      // [c_z, c_t], [c_z]
-  LinearW lin_g;      // [c_z, c_z], [c_z]
+  LinearW lin_z;      // [c_z, c_t], [c_z] (AF3: no bias)
+  LinearW lin_g;      // [c_z, c_z], [c_z] (AF3: no bias)
 };
 
 struct TriangleAttentionW {

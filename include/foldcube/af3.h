@@ -1,0 +1,104 @@
+// The AlphaFold3 trunk stacks as Boltz-2 runs them: the Pairformer stack (PairformerModule, v2)
+// and the MSA module (MSAModule). Parameters under Boltz state_dict names; tensors without a batch
+// dimension; semantics and golden data in shared/golden/README.md ("AF3 trunk cases").
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "foldcube/io.h"
+#include "foldcube/model.h"
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+
+namespace fc {
+
+struct Af3Config {
+  std::string kind = "pairformer";  // "pairformer" | "msa_module"
+  int64_t c_s = 384;                // token_s: the single stream (MSA module: the emb width)
+  int64_t c_z = 128;                // token_z
+  int64_t c_m = 64;                 // msa_s (MSA module)
+  int64_t no_heads_single = 16;     // Pairformer single attention (head dim c_s / heads)
+  int64_t no_heads_pair = 4, c_hidden_pair = 32;  // triangle attention
+  int64_t pwa_heads = 8, pwa_head_dim = 32;       // pair-weighted averaging (fixed in Boltz)
+  int64_t c_hidden_opm = 32;                      // outer product mean (fixed in Boltz)
+  int64_t transition_n = 4;
+  int64_t msa_feat = 36;  // one_hot(msa, 33) | has_deletion | deletion_value | msa_paired
+  int64_t no_blocks = 48;
+  float pair_dropout = 0.25f;  // Pairformer `dropout`, MSA module `z_dropout`
+  float msa_dropout = 0.15f;   // MSA module
+
+  Status validate() const;
+  // From the parameter shapes of a Boltz state dict: kind from its names (s_proj/msa_proj: MSA
+  // module; layers.0.pre_norm_s: Pairformer), dims from shapes, blocks counted; dropout rates
+  // from metadata `constructor_kwargs` when present.
+  static Status from_weights(const TensorFile& weights, Af3Config* out);
+};
+
+class PairformerStack {
+ public:
+  PairformerStack();
+  ~PairformerStack();
+  PairformerStack(PairformerStack&&) noexcept;
+  PairformerStack& operator=(PairformerStack&&) noexcept;
+
+  // Every layers.<i>.* tensor must be present, F32 and of the config's shape.
+  static Status load(const Af3Config& cfg, const TensorFile& weights, PairformerStack* out);
+  static PairformerStack random(const Af3Config& cfg, uint64_t seed);
+
+  // s [n, c_s], z [n, n, c_z] (contiguous F32) updated in place to the stack output; mask [n]
+  // (0/1, undefined = ones); the pair mask is mask[i] * mask[j], as Boltz builds it. Traces name
+  // the streams "s" and "z".
+  Status forward(Tensor& s, Tensor& z, const Tensor& mask, const ForwardOptions& opts = {}) const;
+  // One training step (recompute policies and chunking as for the Evoformer; dropout not yet
+  // supported: an error): forward, then backward of L with dL/d output = grad_out_s, grad_out_z.
+  // out->grad_m is dL/d input s, out->grad_z dL/d input z; grad_params under Boltz names.
+  Status train_step(Tensor& s, Tensor& z, const Tensor& mask, const Tensor& grad_out_s,
+                    const Tensor& grad_out_z, const TrainOptions& opts, TrainResult* out) const;
+
+  const Af3Config& config() const;
+  void export_weights(TensorFile* out) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class MsaModule {
+ public:
+  MsaModule();
+  ~MsaModule();
+  MsaModule(MsaModule&&) noexcept;
+  MsaModule& operator=(MsaModule&&) noexcept;
+
+  // s_proj, msa_proj and layers.<i>.* under Boltz names.
+  static Status load(const Af3Config& cfg, const TensorFile& weights, MsaModule* out);
+  static MsaModule random(const Af3Config& cfg, uint64_t seed);
+
+  // z [n, n, c_z] updated in place to MSAModule's return value (input z plus every update);
+  // emb [n, c_s]; msa_feat [N, n, msa_feat] (see msa_features); msa_mask [N, n] and token_mask
+  // [n] 0/1 (undefined = ones). Traces: "embed"/"m" with block -1, then the blocks' layers.
+  Status forward(Tensor& z, const Tensor& emb, const Tensor& msa_feat, const Tensor& msa_mask,
+                 const Tensor& token_mask, const ForwardOptions& opts = {}) const;
+  // One training step from dL/d output z = grad_out_z: out->grad_z = dL/d input z, out->grad_m =
+  // dL/d the MSA embedding entering block 0, grad_emb = dL/d emb; parameters under Boltz names.
+  Status train_step(Tensor& z, const Tensor& emb, const Tensor& msa_feat, const Tensor& msa_mask,
+                    const Tensor& token_mask, const Tensor& grad_out_z, const TrainOptions& opts,
+                    TrainResult* out, Tensor* grad_emb) const;
+
+  const Af3Config& config() const;
+  void export_weights(TensorFile* out) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Boltz's MSA feature [N, n, 36] from msa [N, n] (I64 token classes 0..32), has_deletion,
+// deletion_value and msa_paired [N, n] (F32): one_hot(msa, 33) | has_deletion | deletion_value |
+// msa_paired. A class outside 0..32 is a user error.
+Status msa_features(const Tensor& msa, const Tensor& has_deletion, const Tensor& deletion_value,
+                    const Tensor& msa_paired, Tensor* out);
+
+}  // namespace fc

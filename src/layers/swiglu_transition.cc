@@ -1,0 +1,118 @@
+#include "layers/swiglu_transition.h"
+
+#include <algorithm>
+
+#include "foldcube/status.h"
+#include "kernels/backward.h"
+#include "kernels/kernels.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+}  // namespace
+
+int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  return pick_chunk(ctx, rows, (c + 2 * nc) * kF);
+}
+
+int64_t swiglu_transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  return swiglu_transition_chunk(ctx, rows, c, nc) * (c + 2 * nc) * kF;
+}
+
+void swiglu_transition(const SwiGluTransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                       int64_t c) {
+  const int64_t nc = w.fc3.w.dim(1);
+  const int64_t ch = swiglu_transition_chunk(ctx, rows, c, nc);
+  Tensor t = Tensor::empty({ch, c});       // LN(x) of the chunk, then the update
+  Tensor h = Tensor::empty({ch, 2 * nc});  // fc1 | fc2; the gate overwrites fc1's half
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    float* xr = x + r0 * c;
+    kern::layernorm(xr, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+    kern::linear(t.f32(), c, n, c, w.fc12.w.f32(), bias_ptr(w.fc12), 2 * nc, h.f32(), 2 * nc);
+    kern::swiglu(h.f32(), 2 * nc, h.f32() + nc, 2 * nc, n, nc);
+    kern::linear(h.f32(), 2 * nc, n, nc, w.fc3.w.f32(), bias_ptr(w.fc3), c, t.f32(), c);
+    kern::add_inplace(xr, c, t.f32(), c, n, c);
+  }
+}
+
+int64_t swiglu_transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c,
+                                      int64_t nc) {
+  // Per row: the kept h and the backward's buffers (LN(x), dLN(x), statistics, u, dh).
+  return pick_chunk(ctx, rows, (2 * c + 2 + 2 * nc + nc + 2 * nc) * kF);
+}
+
+void swiglu_transition_train(const SwiGluTransitionW& w, const BlockContext& ctx, float* x,
+                             int64_t rows, int64_t c, TransitionState* st) {
+  const int64_t nc = w.fc3.w.dim(1);
+  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    float* xr = x + r0 * c;
+    Tensor h = Tensor::empty({n, 2 * nc});  // fc1 | fc2 of the chunk (kept)
+    {
+      Tensor x_ln = Tensor::empty({n, c});
+      kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+      kern::linear(x_ln.f32(), c, n, c, w.fc12.w.f32(), bias_ptr(w.fc12), 2 * nc, h.f32(), 2 * nc);
+    }
+    {
+      Tensor u = Tensor::empty({n, nc});  // silu(fc1) * fc2
+      for (int64_t i = 0; i < n; ++i)
+        std::copy(h.f32() + i * 2 * nc, h.f32() + i * 2 * nc + nc, u.f32() + i * nc);
+      kern::swiglu(u.f32(), nc, h.f32() + nc, 2 * nc, n, nc);
+      kern::linear(u.f32(), nc, n, nc, w.fc3.w.f32(), bias_ptr(w.fc3), c, xr, c, true);
+    }
+    if (st) st->h.push_back(std::move(h));
+  }
+}
+
+void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g,
+                                const BlockContext& ctx, const float* x_in, TransitionState* st,
+                                float* dx, int64_t rows, int64_t c) {
+  const int64_t nc = w.fc3.w.dim(1);
+  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
+  FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
+               "transition state was saved with another chunking");
+  for (int64_t r0 = 0, idx = 0; r0 < rows; r0 += ch, ++idx) {
+    const int64_t n = std::min(ch, rows - r0);
+    const float* xr = x_in + r0 * c;
+    float* dxr = dx + r0 * c;
+    Tensor x_ln = Tensor::empty({n, c});
+    Tensor mean = Tensor::empty({n});
+    Tensor rstd = Tensor::empty({n});
+    kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
+                    mean.f32(), rstd.f32());
+    Tensor h;  // [n, 2nc] fc1 | fc2, kept by the forward or recomputed
+    if (st->h.empty()) {
+      h = Tensor::empty({n, 2 * nc});
+      kern::linear(x_ln.f32(), c, n, c, w.fc12.w.f32(), bias_ptr(w.fc12), 2 * nc, h.f32(), 2 * nc);
+    } else {
+      h = std::move(st->h[idx]);
+    }
+    Tensor dh = Tensor::empty({n, 2 * nc});  // dL/d (fc1 | fc2)
+    {
+      Tensor u = Tensor::empty({n, nc});  // silu(fc1) * fc2, then dL/d u
+      for (int64_t i = 0; i < n; ++i)
+        std::copy(h.f32() + i * 2 * nc, h.f32() + i * 2 * nc + nc, u.f32() + i * nc);
+      kern::swiglu(u.f32(), nc, h.f32() + nc, 2 * nc, n, nc);
+      Tensor du = Tensor::empty({n, nc});
+      kern::linear_backward(u.f32(), nc, n, nc, w.fc3.w.f32(), c, dxr, c, du.f32(), nc,
+                            g->fc3.w.f32(), bias_ptr(g->fc3));
+      kern::swiglu_backward(h.f32(), 2 * nc, h.f32() + nc, 2 * nc, du.f32(), nc, dh.f32(), 2 * nc,
+                            dh.f32() + nc, 2 * nc, n, nc);
+    }
+    h = Tensor();
+    Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
+    kern::linear_backward(x_ln.f32(), c, n, c, w.fc12.w.f32(), 2 * nc, dh.f32(), 2 * nc, dxln.f32(),
+                          c, g->fc12.w.f32(), bias_ptr(g->fc12));
+    dh = Tensor();
+    x_ln = Tensor();
+    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(n, c)});
+    kern::layernorm_backward(xr, c, dxln.f32(), c, n, c, w.ln.w.f32(), mean.f32(), rstd.f32(), dxr,
+                             c, g->ln.w.f32(), g->ln.b.f32(), scratch.f32(), true);
+  }
+  st->h.clear();
+}
+
+}  // namespace fc

@@ -1,0 +1,34 @@
+// The AF3 (Boltz) SwiGLU transition as one reusable layer: x += fc3(silu(fc1(LN(x))) * fc2(LN(x))),
+// chunked over the rows of the stream, with its training forward, exact backward and workspace
+// formula. AF3 uses it for the single, pair and MSA streams (no biases; a bias is used where the
+// weights define one).
+#pragma once
+
+#include <cstdint>
+
+#include "model/modules.h"
+#include "model/train.h"
+#include "model/weights.h"
+
+namespace fc {
+
+// x [rows, c] += SwiGluTransition(x); hidden nc = w.fc3.w.dim(1).
+void swiglu_transition(const SwiGluTransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                       int64_t c);
+// Rows per chunk and peak bytes the inference forward allocates (LN(x) [ch, c] and the fused
+// fc1 | fc2 output [ch, 2nc]; the gated product overwrites the fc1 half).
+int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
+int64_t swiglu_transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
+
+// Training: the state keeps, per row chunk, h [n, 2nc] = fc1 | fc2 outputs (before the gate);
+// st == nullptr keeps nothing (the backward then recomputes h per chunk). Rows per chunk:
+int64_t swiglu_transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
+void swiglu_transition_train(const SwiGluTransitionW& w, const BlockContext& ctx, float* x,
+                             int64_t rows, int64_t c, TransitionState* st);
+// Conventions of train.h: x_in [rows, c] the module input; dx holds dL/d out on entry, dL/d in on
+// exit; g accumulates the parameter gradients; st as the forward left it (consumed) or empty.
+void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g,
+                                const BlockContext& ctx, const float* x_in, TransitionState* st,
+                                float* dx, int64_t rows, int64_t c);
+
+}  // namespace fc
