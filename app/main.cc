@@ -39,8 +39,8 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
       ->check(CLI::Range(0, 1000));
   run->add_flag("--quiet", ra.quiet, "no human summary");
   run->add_option("--stack", ra.stack,
-                  "evoformer | extra_msa | auto (default: the weights' metadata 'kind', else "
-                  "evoformer)");
+                  "evoformer | extra_msa | pairformer | msa_module | auto (default: the weights' "
+                  "metadata 'kind' or a Boltz state dict's names, else evoformer)");
   run->add_option("--memory-budget", ra.memory_budget,
                   "inference: keep the tracked peak (weights, inputs, work) under this size, e.g. "
                   "6GiB; chunk sizes come from the memory model; refuses if nothing fits");

@@ -414,6 +414,7 @@ int dap_command(const RunArgs& a) {
 
 int run_command(const RunArgs& a) {
   if (a.model == "af2") return run_af2(a);
+  if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;
   if (const Status st = chunk_target_arg(a, &chunk_target); !st.ok()) return fail(st);
   if (!a.plan.empty()) return run_planned(a);  // app/plan.cc

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -277,6 +278,78 @@ INSTANTIATE_TEST_SUITE_P(Cases, GoldenAf3Training,
                                            Af3TrainCase{"msa_module_tiny.safetensors", "module",
                                                         3}),
                          [](const auto& info) { return CaseName(info.param); });
+
+// ---- CLI: `foldcube run --stack pairformer|msa_module` with the golden files as inputs ---------
+
+#ifdef FOLDCUBE_CLI_PATH
+struct Af3CliCase {
+  std::string file;
+  std::string flags;  // stack / training flags
+};
+std::string CaseName(const Af3CliCase& c) {
+  std::string n = c.file.substr(0, c.file.find('.'));
+  if (c.flags.empty()) n += "_auto";
+  for (char ch : c.flags)
+    if (std::isalnum(static_cast<unsigned char>(ch)))
+      n += ch;
+    else if (ch == ' ')
+      n += '_';
+  return n;
+}
+void PrintTo(const Af3CliCase& p, std::ostream* os) { *os << CaseName(p); }
+
+class Af3Cli : public ::testing::TestWithParam<Af3CliCase> {};
+
+// The golden file serves as weights, inputs and grad outputs (its probe.* tensors); the output
+// file holds every golden output and gradient under the golden names.
+TEST_P(Af3Cli, WritesGoldenNames) {
+  const Af3CliCase& c = GetParam();
+  const std::string golden = test::data_path(c.file);
+  test::TempDir dir;
+  const std::string out = dir.file("out.safetensors");
+  const bool training = c.flags.find("--grad-outputs") != std::string::npos;
+  const test::Result r =
+      test::run_cli("run --weights " + golden + " --inputs " + golden + " --out " + out + " " +
+                    c.flags + (training ? " " + golden : "") + " --report " + dir.file("r.json"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  TensorFile f, o;
+  ASSERT_TRUE(read_safetensors(golden, &f).ok());
+  ASSERT_TRUE(read_safetensors(out, &o).ok());
+  const bool pf = f.metadata.at("kind") == "pairformer";
+  const Tensor pm = get(f, "input.pair_mask");
+  EXPECT_LT(masked_err(o.tensors.at("output.z"), f.tensors.at("output.z"), pm), 1e-4);
+  if (pf) {
+    EXPECT_LT(masked_err(o.tensors.at("output.s"), f.tensors.at("output.s"), get(f, "input.mask")),
+              1e-4);
+  }
+  int grads = 0;
+  for (const std::string& name : f.names) {
+    if (name.rfind("grad.", 0) != 0 || !training) continue;
+    ASSERT_TRUE(o.has(name)) << name;
+    EXPECT_LT(test::golden_err(o.tensors.at(name), f.tensors.at(name)), 2e-4) << name;
+    ++grads;
+  }
+  EXPECT_EQ(grads > 0, training);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, Af3Cli,
+    ::testing::Values(Af3CliCase{"pairformer_tiny.safetensors", ""},
+                      Af3CliCase{"pairformer_tiny.safetensors",
+                                 "--stack pairformer --policy module --chunk 3 --grad-outputs"},
+                      Af3CliCase{"msa_module_tiny.safetensors", "--stack msa_module --chunk 1"},
+                      Af3CliCase{"msa_module_tiny.safetensors",
+                                 "--stack msa_module --policy block --grad-outputs"}),
+    [](const auto& info) { return CaseName(info.param); });
+
+TEST(Af3CliErrors, StackMismatchIsAUserError) {
+  const std::string golden = test::data_path("pairformer_tiny.safetensors");
+  const test::Result r =
+      test::run_cli("run --stack msa_module --weights " + golden + " --inputs " + golden);
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("holds a pairformer state dict"), std::string::npos) << r.out;
+}
+#endif
 
 }  // namespace
 }  // namespace fc

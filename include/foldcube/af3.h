@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "foldcube/io.h"
 #include "foldcube/model.h"
@@ -94,6 +95,32 @@ class MsaModule {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// ---- Running a stack from files (the CLI's `run --stack pairformer|msa_module`) ---------------
+struct Af3RunSpec {
+  std::string stack = "auto";  // pairformer | msa_module | auto (from the weights)
+  std::string weights;         // Boltz state dict (safetensors)
+  std::string inputs;          // input.* tensors under the golden names (README "AF3 trunk")
+  // Training step when set: dL/d outputs as grad.output.<s|z> (or the golden files' probe.<s|z>).
+  bool training = false;
+  std::string grad_outputs;  // empty with training: dL/d output = 1 everywhere
+  std::vector<Recompute> policy;
+  int64_t chunk = 0, chunk_target_bytes = 0;
+};
+struct Af3RunReport {
+  std::string stack;
+  int64_t n = 0, n_msa = 0;  // tokens, MSA rows (MSA module)
+  // output.s / output.z, and with training grad.input.*, grad.trace.embed.m (MSA module) and
+  // grad.param.<Boltz name>: the golden files' names.
+  TensorFile out;
+  double time_ms = 0, forward_ms = 0, backward_ms = 0;
+  int64_t peak_tracked_bytes = 0;  // of the run, above what was live before it
+  int64_t activation_bytes = 0;    // training: kept from the forward for the backward
+};
+// "pairformer" / "msa_module" when the safetensors file at `path` holds a Boltz Pairformer / MSA
+// module state dict (metadata kind, else parameter names; only the header is read), else "".
+Status af3_stack_of_file(const std::string& path, std::string* kind);
+Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep);
 
 // Boltz's MSA feature [N, n, 36] from msa [N, n] (I64 token classes 0..32), has_deletion,
 // deletion_value and msa_paired [N, n] (F32): one_hot(msa, 33) | has_deletion | deletion_value |

@@ -168,6 +168,7 @@ DapLayerLayout dap_layer_layout(const LayerDesc& ly) {
       return {std::nullopt, ly.transposed ? Shard::kPairRowsT : Shard::kPairRows};
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
@@ -258,6 +259,7 @@ void dap_layer_forward(const LayerDesc& ly, const BlockWeights& bw, const DapSha
     }
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");

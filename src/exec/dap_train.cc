@@ -241,6 +241,7 @@ void dap_layer_train(const LayerDesc& ly, const BlockWeights& bw, const DapShard
                                           ly.transposed, z, st ? &st->att : nullptr);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
@@ -292,6 +293,7 @@ void dap_layer_backward(const LayerDesc& ly, const BlockWeights& bw, BlockWeight
                                              ly.transposed, x_in, &st->att, dz);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");

@@ -888,6 +888,7 @@ Work layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64
       return attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, rb);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no cost model");

@@ -286,6 +286,7 @@ void layer_fwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool keep) {
       return tri_mul_fwd(S, ctx, keep);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
@@ -312,6 +313,7 @@ void layer_bwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
       return tri_mul_bwd(S, ctx, kept);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
@@ -386,6 +388,7 @@ int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
              mha(c.no_heads_pair, c.c_hidden_pair_att, cz);
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");

@@ -1,0 +1,163 @@
+// af3_run (include/foldcube/af3.h): an AF3 trunk stack from files, forward or training step,
+// with outputs and gradients under the golden files' names.
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "foldcube/af3.h"
+#include "foldcube/memory.h"
+
+namespace fc {
+
+namespace {
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// An optional F32 input (undefined when absent).
+Status optional(const TensorFile& f, const std::string& name, Tensor* out) {
+  *out = Tensor();
+  return f.has(name) ? f.get_f32(name, {}, out) : Status::OK();
+}
+
+// dL/d output `x` (s or z) of the given shape: grad.output.x, else probe.x, else ones.
+Status grad_output(const TensorFile* g, const std::string& x, const Shape& shape, Tensor* out) {
+  if (g == nullptr) {
+    *out = Tensor::full(shape, 1.f);
+    return Status::OK();
+  }
+  const std::string name = g->has("grad.output." + x) ? "grad.output." + x : "probe." + x;
+  if (!g->has(name))
+    return Status::InvalidArgument("grad outputs: no grad.output." + x + " (or probe." + x + ")");
+  FC_RETURN_IF_ERROR(g->get_f32(name, shape, out));
+  *out = out->clone();
+  return Status::OK();
+}
+
+void put_grads(const TrainResult& tr, TensorFile* out) {
+  for (const auto& [name, t] : tr.grad_params) out->put("grad.param." + name, t);
+}
+}  // namespace
+
+Status af3_stack_of_file(const std::string& path, std::string* kind) {
+  *kind = "";
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Status::NotFound("weights " + path + ": cannot open");
+  uint64_t n = 0;
+  f.read(reinterpret_cast<char*>(&n), 8);
+  if (!f || n > (uint64_t{1} << 28)) return Status::OK();  // not safetensors: not ours to judge
+  std::string header(n, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(n));
+  if (!f) return Status::OK();
+  const nlohmann::json j = nlohmann::json::parse(header, nullptr, false);
+  if (!j.is_object()) return Status::OK();
+  if (j.contains("__metadata__") && j["__metadata__"].is_object() &&
+      j["__metadata__"].contains("kind") && j["__metadata__"]["kind"].is_string()) {
+    const std::string k = j["__metadata__"]["kind"].get<std::string>();
+    if (k == "pairformer" || k == "msa_module") *kind = k;
+  }
+  if (kind->empty() && j.contains("msa_proj.weight") && j.contains("s_proj.weight"))
+    *kind = "msa_module";
+  if (kind->empty() && j.contains("layers.0.pre_norm_s.weight")) *kind = "pairformer";
+  return Status::OK();
+}
+
+Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
+  *rep = Af3RunReport{};
+  if (spec.weights.empty() || spec.inputs.empty())
+    return Status::InvalidArgument("the AF3 stacks need --weights and --inputs");
+  TensorFile w, in, g;
+  FC_RETURN_IF_ERROR(read_safetensors(spec.weights, &w));
+  Af3Config cfg;
+  FC_RETURN_IF_ERROR(Af3Config::from_weights(w, &cfg).WithContext(spec.weights));
+  if (spec.stack != "auto" && spec.stack != cfg.kind)
+    return Status::InvalidArgument("--stack " + spec.stack + ", but " + spec.weights + " holds a " +
+                                   cfg.kind + " state dict");
+  FC_RETURN_IF_ERROR(read_safetensors(spec.inputs, &in));
+  const bool grads_given = spec.training && !spec.grad_outputs.empty();
+  if (grads_given) FC_RETURN_IF_ERROR(read_safetensors(spec.grad_outputs, &g));
+  const TensorFile* gp = grads_given ? &g : nullptr;
+  rep->stack = cfg.kind;
+  TrainOptions topts;
+  topts.policy = spec.policy;
+  topts.chunk = spec.chunk;
+  topts.chunk_target_bytes = spec.chunk_target_bytes;
+  ForwardOptions fopts;
+  fopts.chunk = spec.chunk;
+  fopts.chunk_target_bytes = spec.chunk_target_bytes;
+  TrainResult tr;
+  rep->out.metadata["format"] = "foldcube-output/1";
+  rep->out.metadata["kind"] = cfg.kind;
+  MemoryScope scope;
+  const int64_t live0 = scope.start_live();
+  if (cfg.kind == "pairformer") {
+    PairformerStack stack;
+    FC_RETURN_IF_ERROR(PairformerStack::load(cfg, w, &stack).WithContext(spec.weights));
+    Tensor s, z, mask;
+    FC_RETURN_IF_ERROR(in.get_f32("input.s", {}, &s).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(in.get_f32("input.z", {}, &z).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(optional(in, "input.mask", &mask).WithContext(spec.inputs));
+    s = s.clone();
+    z = z.clone();
+    rep->n = s.ndim() == 2 ? s.dim(0) : 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (spec.training) {
+      Tensor gs, gz;
+      FC_RETURN_IF_ERROR(grad_output(gp, "s", s.shape(), &gs));
+      FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+      FC_RETURN_IF_ERROR(stack.train_step(s, z, mask, gs, gz, topts, &tr));
+      rep->out.put("grad.input.s", tr.grad_m);
+      rep->out.put("grad.input.z", tr.grad_z);
+    } else {
+      FC_RETURN_IF_ERROR(stack.forward(s, z, mask, fopts));
+    }
+    rep->time_ms = ms_since(t0);
+    rep->out.put("output.s", s);
+    rep->out.put("output.z", z);
+  } else {
+    MsaModule mod;
+    FC_RETURN_IF_ERROR(MsaModule::load(cfg, w, &mod).WithContext(spec.weights));
+    Tensor z, emb, feat, msa_mask, tok;
+    FC_RETURN_IF_ERROR(in.get_f32("input.z", {}, &z).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(in.get_f32("input.emb", {}, &emb).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(optional(in, "input.msa_mask", &msa_mask).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(optional(in, "input.token_pad_mask", &tok).WithContext(spec.inputs));
+    if (in.has("input.msa")) {
+      Tensor hd, dv, mp;
+      FC_RETURN_IF_ERROR(in.get_f32("input.has_deletion", {}, &hd).WithContext(spec.inputs));
+      FC_RETURN_IF_ERROR(in.get_f32("input.deletion_value", {}, &dv).WithContext(spec.inputs));
+      FC_RETURN_IF_ERROR(in.get_f32("input.msa_paired", {}, &mp).WithContext(spec.inputs));
+      FC_RETURN_IF_ERROR(
+          msa_features(in.tensors.at("input.msa"), hd, dv, mp, &feat).WithContext(spec.inputs));
+    } else {
+      FC_RETURN_IF_ERROR(in.get_f32("input.msa_feat", {}, &feat).WithContext(spec.inputs));
+    }
+    z = z.clone();
+    rep->n = z.ndim() == 3 ? z.dim(0) : 0;
+    rep->n_msa = feat.ndim() == 3 ? feat.dim(0) : 0;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (spec.training) {
+      Tensor gz, g_emb;
+      FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+      FC_RETURN_IF_ERROR(mod.train_step(z, emb, feat, msa_mask, tok, gz, topts, &tr, &g_emb));
+      rep->out.put("grad.input.z", tr.grad_z);
+      rep->out.put("grad.input.emb", g_emb);
+      rep->out.put("grad.trace.embed.m", tr.grad_m);
+    } else {
+      FC_RETURN_IF_ERROR(mod.forward(z, emb, feat, msa_mask, tok, fopts));
+    }
+    rep->time_ms = ms_since(t0);
+    rep->out.put("output.z", z);
+  }
+  if (spec.training) {
+    put_grads(tr, &rep->out);
+    rep->forward_ms = tr.forward_ms;
+    rep->backward_ms = tr.backward_ms;
+    rep->activation_bytes = tr.activation_bytes;
+  }
+  rep->peak_tracked_bytes = scope.peak() - live0;
+  return Status::OK();
+}
+
+}  // namespace fc
