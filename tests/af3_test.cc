@@ -15,6 +15,10 @@
 #include "foldcube/io.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/af3_weights.h"
+#include "model/block_table.h"
+#include "model/common.h"
+#include "model/train.h"
 #include "test_util.h"
 
 namespace fc {
@@ -278,6 +282,107 @@ INSTANTIATE_TEST_SUITE_P(Cases, GoldenAf3Training,
                                            Af3TrainCase{"msa_module_tiny.safetensors", "module",
                                                         3}),
                          [](const auto& info) { return CaseName(info.param); });
+
+// ---- Dropout: Boltz's axes, reproduced by recompute ------------------------------------------
+
+// Each pair layer of the Pairformer in training mode: the update of every row i (column j for
+// tri_att_end) is either dropped whole or scaled whole by 1/(1-p), and both happen.
+TEST(Af3Dropout, OneDrawPerRowOrColumn) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("pairformer_tiny.safetensors"), &f).ok());
+  EvoformerConfig cfg = test::small_config();
+  cfg.c_m = 24, cfg.no_heads_msa = 4, cfg.c_hidden_msa_att = 6, cfg.c_hidden_mul = 16;
+  cfg.pair_dropout = 0.4f;
+  PairformerBlockWeights w;
+  allocate_pairformer_block(cfg, &w);
+  ASSERT_TRUE(load_named(boltz_params(w, "layers.0."), f).ok());
+  const Tensor z0 = get(f, "input.z");
+  const int64_t n = z0.dim(0), cz = cfg.c_z;
+  StackInputs in;
+  ASSERT_TRUE(prepare_inputs(cfg, Tensor::zeros({1, n, cfg.c_m}), z0, Tensor(),
+                             get(f, "input.pair_mask"), &in)
+                  .ok());
+  BlockContext ctx = make_context(cfg, in, 0);
+  ctx.table = &kPairformerBlock;
+  ctx.dropout_key = 12345;
+  for (const char* name : {"tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end"}) {
+    const LayerDesc& l = *find_layer(kPairformerBlock, name);
+    const bool by_column = l.share == DropoutShare::kPerColumn;
+    Tensor ref = z0.clone(), drop = z0.clone();
+    ctx.dropout = false;
+    layer_train(l, &w, ctx, nullptr, ref.f32(), nullptr);
+    ctx.dropout = true;
+    layer_train(l, &w, ctx, nullptr, drop.f32(), nullptr);
+    int dropped = 0, kept = 0;
+    for (int64_t a = 0; a < n; ++a) {
+      double lo = 1e30, hi = -1e30;  // the ratio of the updates over the item's elements
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t c = 0; c < cz; ++c) {
+          const int64_t i = by_column ? b : a, j = by_column ? a : b, e = (i * n + j) * cz + c;
+          const double u = ref.f32()[e] - z0.f32()[e], ud = drop.f32()[e] - z0.f32()[e];
+          if (std::abs(u) < 1e-3) continue;
+          lo = std::min(lo, ud / u);
+          hi = std::max(hi, ud / u);
+        }
+      const bool is_dropped = std::abs(lo) < 1e-3 && std::abs(hi) < 1e-3;
+      const bool is_kept = std::abs(lo - 1 / 0.6) < 1e-2 && std::abs(hi - 1 / 0.6) < 1e-2;
+      EXPECT_TRUE(is_dropped || is_kept) << name << " item " << a << ": " << lo << " .. " << hi;
+      dropped += is_dropped;
+      kept += is_kept;
+    }
+    EXPECT_GT(dropped, 0) << name;
+    EXPECT_GT(kept, 0) << name;
+  }
+}
+
+// Gradients with dropout on do not depend on the recompute policy (the masks are recomputed).
+TEST(Af3Dropout, PoliciesAgree) {
+  for (const char* file : {"pairformer_tiny.safetensors", "msa_module_tiny.safetensors"}) {
+    TensorFile f;
+    ASSERT_TRUE(read_safetensors(test::data_path(file), &f).ok());
+    Af3Config cfg;
+    ASSERT_TRUE(Af3Config::from_weights(f, &cfg).ok());
+    std::vector<TrainResult> res(3);
+    std::vector<Tensor> out(3);
+    const Recompute policies[3] = {Recompute::kNone, Recompute::kModule, Recompute::kBlock};
+    for (int p = 0; p < 3; ++p) {
+      TrainOptions opts;
+      opts.policy = {policies[p]};
+      opts.dropout = true;
+      opts.seed = 99;
+      Tensor z = get(f, "input.z");
+      if (cfg.kind == "pairformer") {
+        PairformerStack st;
+        ASSERT_TRUE(PairformerStack::load(cfg, f, &st).ok());
+        Tensor s = get(f, "input.s");
+        ASSERT_TRUE(st.train_step(s, z, get(f, "input.mask"), get(f, "probe.s"), get(f, "probe.z"),
+                                  opts, &res[p])
+                        .ok());
+      } else {
+        MsaModule mod;
+        ASSERT_TRUE(MsaModule::load(cfg, f, &mod).ok());
+        Tensor ge;
+        ASSERT_TRUE(mod.train_step(z, get(f, "input.emb"), get(f, "input.msa_feat"),
+                                   get(f, "input.msa_mask"), get(f, "input.token_pad_mask"),
+                                   get(f, "probe.z"), opts, &res[p], &ge)
+                        .ok());
+      }
+      out[p] = z;
+    }
+    // Dropout changed the result...
+    EXPECT_GT(test::golden_err(out[0], f.tensors.at("output.z")), 1e-3) << file;
+    // ...identically under every policy.
+    for (int p = 1; p < 3; ++p) {
+      EXPECT_LT(test::golden_err(out[p], out[0]), 1e-6) << file;
+      EXPECT_LT(test::golden_err(res[p].grad_z, res[0].grad_z), 1e-5) << file;
+      ASSERT_EQ(res[p].grad_params.size(), res[0].grad_params.size());
+      for (size_t i = 0; i < res[0].grad_params.size(); ++i)
+        EXPECT_LT(test::golden_err(res[p].grad_params[i].second, res[0].grad_params[i].second),
+                  1e-5)
+            << file << " " << res[0].grad_params[i].first;
+    }
+  }
+}
 
 // ---- CLI: `foldcube run --stack pairformer|msa_module` with the golden files as inputs ---------
 

@@ -52,8 +52,9 @@ class PairformerStack {
   // (0/1, undefined = ones); the pair mask is mask[i] * mask[j], as Boltz builds it. Traces name
   // the streams "s" and "z".
   Status forward(Tensor& s, Tensor& z, const Tensor& mask, const ForwardOptions& opts = {}) const;
-  // One training step (recompute policies and chunking as for the Evoformer; dropout not yet
-  // supported: an error): forward, then backward of L with dL/d output = grad_out_s, grad_out_z.
+  // One training step (recompute policies, chunking and dropout as for the Evoformer; dropout
+  // with Boltz's masks: one draw per row i of z for tri_mul_out/in and tri_att_start, per column
+  // j for tri_att_end): forward, then backward of L with dL/d output = grad_out_s, grad_out_z.
   // out->grad_m is dL/d input s, out->grad_z dL/d input z; grad_params under Boltz names.
   Status train_step(Tensor& s, Tensor& z, const Tensor& mask, const Tensor& grad_out_s,
                     const Tensor& grad_out_z, const TrainOptions& opts, TrainResult* out) const;

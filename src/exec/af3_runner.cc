@@ -66,7 +66,10 @@ Status af3_stack_of_file(const std::string& path, std::string* kind) {
 Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   *rep = Af3RunReport{};
   if (spec.weights.empty() || spec.inputs.empty())
-    return Status::InvalidArgument("the AF3 stacks need --weights and --inputs");
+    return Status::InvalidArgument((spec.stack == "auto"
+                                        ? std::string("the AF3 stacks (pairformer, msa_module)")
+                                        : "--stack " + spec.stack) +
+                                   " need --weights (a Boltz state dict) and --inputs");
   TensorFile w, in, g;
   FC_RETURN_IF_ERROR(read_safetensors(spec.weights, &w));
   Af3Config cfg;

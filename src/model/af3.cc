@@ -377,12 +377,6 @@ Status MsaModule::forward(Tensor& z, const Tensor& emb, const Tensor& msa_feat,
 // ---- Training ------------------------------------------------------------------------------
 
 namespace {
-Status check_af3_train(const TrainOptions& opts, int nb) {
-  if (opts.dropout)
-    return Status::InvalidArgument(
-        "training-mode dropout of the AF3 stacks is not implemented yet (Boltz's per-row masks)");
-  return check_train_options(opts, nb);
-}
 
 // Block weight and gradient pointers for train_blocks (grads allocated by train_blocks' callback).
 template <typename W>
@@ -414,7 +408,7 @@ Status PairformerStack::train_step(Tensor& s, Tensor& z, const Tensor& mask,
   const Impl& im = *impl_;
   const EvoformerConfig& cfg = im.trunk;
   const int nb = static_cast<int>(im.blocks.size());
-  FC_RETURN_IF_ERROR(check_af3_train(opts, nb));
+  FC_RETURN_IF_ERROR(check_train_options(opts, nb));
   StackInputs in;
   FC_RETURN_IF_ERROR(pairformer_inputs(cfg, s, z, mask, &in));
   FC_RETURN_IF_ERROR(check_input("grad.output.s", grad_out_s, s.shape()));
@@ -426,8 +420,10 @@ Status PairformerStack::train_step(Tensor& s, Tensor& z, const Tensor& mask,
   auto alloc = [&](int b) { allocate_pairformer_block(cfg, grads[b].get()); };
   const int64_t n = s.dim(0);
   Tensor s3 = s.reshape({1, n, cfg.c_m});  // the single stream as the table's m stream
-  train_blocks(kPairformerBlock, w, g, alloc, train_context(cfg, in, opts), opts, s3, z,
-               grad_out_s.reshape({1, n, cfg.c_m}), grad_out_z, out);
+  BlockContext ctx = train_context(cfg, in, opts);
+  ctx.table = &kPairformerBlock;  // Boltz's dropout
+  train_blocks(kPairformerBlock, w, g, alloc, ctx, opts, s3, z, grad_out_s.reshape({1, n, cfg.c_m}),
+               grad_out_z, out);
   out->grad_m = out->grad_m.reshape({n, cfg.c_m});
   out->grad_params.clear();
   append_grads(grads, out);
@@ -442,7 +438,7 @@ Status MsaModule::train_step(Tensor& z, const Tensor& emb, const Tensor& msa_fea
   const Af3Config& a = im.cfg;
   const EvoformerConfig& cfg = im.trunk;
   const int nb = static_cast<int>(im.blocks.size());
-  FC_RETURN_IF_ERROR(check_af3_train(opts, nb));
+  FC_RETURN_IF_ERROR(check_train_options(opts, nb));
   StackInputs in;
   Tensor m;  // [N, n, c_m]
   FC_RETURN_IF_ERROR(msa_module_inputs(a, cfg, im.s_proj, im.msa_proj, z, emb, msa_feat, msa_mask,
@@ -454,8 +450,9 @@ Status MsaModule::train_step(Tensor& z, const Tensor& emb, const Tensor& msa_fea
   block_pointers(im.blocks, &grads, &w, &g);
   auto alloc = [&](int b) { allocate_msa_module_block(cfg, grads[b].get()); };
   const Tensor dm_out = Tensor::zeros(m.shape());  // the module returns only z
-  train_blocks(kMsaModuleBlock, w, g, alloc, train_context(cfg, in, opts), opts, m, z, dm_out,
-               grad_out_z, out);
+  BlockContext ctx = train_context(cfg, in, opts);
+  ctx.table = &kMsaModuleBlock;  // Boltz's dropout
+  train_blocks(kMsaModuleBlock, w, g, alloc, ctx, opts, m, z, dm_out, grad_out_z, out);
   // Backward of the embedding m[s, i] = msa_proj(msa_feat[s, i]) + s_proj(emb[i]).
   const int64_t N = in.s, n = in.r, cm = cfg.c_m;
   Tensor g_msa = Tensor::zeros({cm, a.msa_feat}), g_s = Tensor::zeros({cm, a.c_s});

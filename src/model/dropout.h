@@ -15,11 +15,22 @@
 
 namespace fc {
 
-// The mask [L, c] for `module` (golden trace name), or an undefined tensor when dropout is off or
-// the module has no dropout.
+// The mask [L, c] for `module` (golden trace name) of the context's block table, or an undefined
+// tensor when dropout is off or the module has no dropout. For a Boltz (AF3) layer
+// (DropoutShare kPerRow / kPerColumn) the mask is indexed by the layer's batch items instead:
+// mask[l, :] is one draw for item l (see dropout_per_item).
 Tensor dropout_mask(const BlockContext& ctx, const char* module, int64_t L, int64_t c);
+
+// True when `module`'s dropout (Boltz, AF3) is one draw per batch item of the layer's chunk axis
+// (per row i of z for tri_mul_out/in and tri_att_start, per column j for tri_att_end, per MSA row
+// for the pair-weighted averaging), shared over the item's positions and channels.
+bool dropout_per_item(const BlockContext& ctx, const char* module);
 
 // u[n, l, :] *= mask[l, :] for n < N (forward on the update, backward on its gradient).
 void apply_dropout(float* u, int64_t N, int64_t L, int64_t c, const Tensor& mask);
+
+// Per-item dropout: u[b, :] (item_elems floats each) *= mask[n0 + b, 0] for b < n, mask from
+// dropout_mask(ctx, module, N, 1).
+void apply_item_dropout(float* u, int64_t n0, int64_t n, int64_t item_elems, const Tensor& mask);
 
 }  // namespace fc

@@ -14,8 +14,12 @@
 
 namespace fc {
 
+struct BlockTable;
+
 struct BlockContext {
   const EvoformerConfig* cfg = nullptr;
+  // The block type being run: its table gives the layers' dropout (nullptr: kEvoformerBlock).
+  const BlockTable* table = nullptr;
   int64_t s = 0, r = 0;
   const float* msa_mask = nullptr;     // [s, r] 0/1
   const float* msa_bias = nullptr;     // [s, r]  inf*(mask-1)

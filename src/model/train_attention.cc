@@ -175,7 +175,10 @@ void attention_forward(const Attn& at, const BlockContext& ctx, float* S, const 
                        std::vector<AttentionChunk>* keep) {
   const View& v = at.v;
   const int64_t ch = attention_train_chunk(ctx, v.N, v.L, v.c, at.H * at.C);
-  const Tensor mask = dropout_mask(ctx, at.module, v.L, v.c);  // [L, c] or undefined
+  // [L, c] shared over the items, or [N, 1] one per item (AF3), or undefined
+  const bool per_item = dropout_per_item(ctx, at.module);
+  const Tensor mask =
+      per_item ? dropout_mask(ctx, at.module, v.N, 1) : dropout_mask(ctx, at.module, v.L, v.c);
   for (int64_t n0 = 0; n0 < v.N; n0 += ch) {
     const int64_t n = std::min(ch, v.N - n0);
     AttentionChunk k;
@@ -188,7 +191,10 @@ void attention_forward(const Attn& at, const BlockContext& ctx, float* S, const 
       Tensor u = Tensor::empty({n, v.L, v.c});  // update of the chunk
       kern::linear(k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(), bias_ptr(at.w.o),
                    v.c, u.f32(), v.c);
-      apply_dropout(u.f32(), n, v.L, v.c, mask);
+      if (per_item)
+        apply_item_dropout(u.f32(), n0, n, v.L * v.c, mask);
+      else
+        apply_dropout(u.f32(), n, v.L, v.c, mask);
       scatter_add(u.f32(), v, n0, n, S);
     }
     if (keep) keep->push_back(std::move(k));
@@ -204,7 +210,10 @@ void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
   const View& v = at.v;
   const int64_t hc = at.H * at.C, c = v.c;
   const int64_t ch = attention_train_chunk(ctx, v.N, v.L, c, hc);
-  const Tensor mask = dropout_mask(ctx, at.module, v.L, c);  // [L, c] or undefined
+  // as in attention_forward
+  const bool per_item = dropout_per_item(ctx, at.module);
+  const Tensor mask =
+      per_item ? dropout_mask(ctx, at.module, v.N, 1) : dropout_mask(ctx, at.module, v.L, c);
   FC_CHECK_MSG(kept->empty() || static_cast<int64_t>(kept->size()) == (v.N + ch - 1) / ch,
                "attention state was saved with another chunking");
   for (int64_t n0 = 0, idx = 0; n0 < v.N; n0 += ch, ++idx) {
@@ -217,7 +226,10 @@ void attention_backward(const Attn& at, LayerNormW* gln, GatedAttentionW* gw,
         kept->empty() ? chunk_state(at, ctx, x_ln.f32(), n0, n, bias) : std::move((*kept)[idx]);
     Tensor du = Tensor::empty({n, v.L, c});  // dL/d update, then dL/d x_in
     gather(dS, v, n0, n, du.f32());
-    apply_dropout(du.f32(), n, v.L, c, mask);
+    if (per_item)
+      apply_item_dropout(du.f32(), n0, n, v.L * c, mask);
+    else
+      apply_dropout(du.f32(), n, v.L, c, mask);
     Tensor dog = Tensor::empty({rows, hc});
     kern::linear_backward(k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
                           gw->o.w.f32(), bias_ptr(gw->o));

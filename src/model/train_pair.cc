@@ -569,8 +569,8 @@ struct TriMulGroupBackward {
 };
 
 // Dropout of the update u [n, r, c_z] of rows i0.. (global row0 + i0..): the mask [r, c_z]
-// shared over the rows (one process, and the outgoing shard), or per row of z^T, row j scaled by
-// mask[row0 + j] (the incoming shard).
+// shared over the rows (one process, and the outgoing shard), or per row, row j scaled by
+// mask[row0 + j] (the incoming shard of z^T; AF3's one draw per row of z).
 void tri_mul_dropout(float* u, int64_t n, int64_t r, int64_t cz, const Tensor& mask, bool per_row,
                      int64_t grow0) {
   if (!mask.defined()) return;
@@ -686,7 +686,8 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
   Tensor P = tri_mul_products(w, ctx, outgoing, x_ln.f32());
   tri_mul_output(w, ctx, P.f32(), x_ln.f32(), r, tri_mul_train_chunks(ctx).rows,
-                 dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz), false, 0, z);
+                 dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz),
+                 dropout_per_item(ctx, outgoing ? "tri_mul_out" : "tri_mul_in"), 0, z);
   if (st) st->P = std::move(P);
 }
 
@@ -709,8 +710,9 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   // Phase 2 backward, by rows i: dP and the gate branch's part of dxln (the dL/d out rows of dz
   // are read before the LN_in backward at the end accumulates into them).
   tri_mul_output_backward(w, g, ctx, P.f32(), x_ln.f32(), r, chunks.rows,
-                          dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz), false,
-                          0, dz, dP.f32(), dxln.f32());
+                          dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz),
+                          dropout_per_item(ctx, outgoing ? "tri_mul_out" : "tri_mul_in"), 0, dz,
+                          dP.f32(), dxln.f32());
   P = Tensor();
   {
     // Phase 1 backward, by channel groups: rebuild the group's A and B, then dA, dB, and
