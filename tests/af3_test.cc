@@ -206,7 +206,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, GoldenMsaModule,
 
 struct Af3TrainCase {
   std::string file;
-  std::string policy;  // none | module | block
+  std::string policy;  // none | module | block, or "<block 0>_<block 1>" (2-block cases)
   int64_t chunk;       // 0 = automatic
 };
 std::string CaseName(const Af3TrainCase& c) {
@@ -237,8 +237,12 @@ TEST_P(GoldenAf3Training, EveryGradient) {
   Af3Config cfg;
   ASSERT_TRUE(Af3Config::from_weights(f, &cfg).ok());
   TrainOptions opts;
-  opts.policy.resize(1);
-  ASSERT_TRUE(parse_recompute(tc.policy, &opts.policy[0]).ok());
+  for (const std::string& p :
+       {tc.policy.substr(0, tc.policy.find('_')), tc.policy.substr(tc.policy.find('_') + 1)}) {
+    opts.policy.emplace_back();
+    ASSERT_TRUE(parse_recompute(p, &opts.policy.back()).ok()) << p;
+  }
+  if (tc.policy.find('_') == std::string::npos) opts.policy.resize(1);
   opts.chunk = tc.chunk;
   TrainResult res;
   std::map<std::string, Tensor> got;
@@ -269,19 +273,22 @@ TEST_P(GoldenAf3Training, EveryGradient) {
   expect_grads(f, got);
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, GoldenAf3Training,
-                         ::testing::Values(Af3TrainCase{"pairformer_tiny.safetensors", "none", 0},
-                                           Af3TrainCase{"pairformer_tiny.safetensors", "module", 0},
-                                           Af3TrainCase{"pairformer_tiny.safetensors", "block", 0},
-                                           Af3TrainCase{"pairformer_tiny.safetensors", "none", 1},
-                                           Af3TrainCase{"pairformer_tiny.safetensors", "module", 3},
-                                           Af3TrainCase{"msa_module_tiny.safetensors", "none", 0},
-                                           Af3TrainCase{"msa_module_tiny.safetensors", "module", 0},
-                                           Af3TrainCase{"msa_module_tiny.safetensors", "block", 0},
-                                           Af3TrainCase{"msa_module_tiny.safetensors", "none", 1},
-                                           Af3TrainCase{"msa_module_tiny.safetensors", "module",
-                                                        3}),
-                         [](const auto& info) { return CaseName(info.param); });
+INSTANTIATE_TEST_SUITE_P(
+    Cases, GoldenAf3Training,
+    ::testing::Values(Af3TrainCase{"pairformer_tiny.safetensors", "none", 0},
+                      Af3TrainCase{"pairformer_tiny.safetensors", "module", 0},
+                      Af3TrainCase{"pairformer_tiny.safetensors", "block", 0},
+                      Af3TrainCase{"pairformer_tiny.safetensors", "none", 1},
+                      Af3TrainCase{"pairformer_tiny.safetensors", "module", 3},
+                      Af3TrainCase{"pairformer_tiny.safetensors", "none_block", 0},
+                      Af3TrainCase{"pairformer_tiny.safetensors", "module_block", 2},
+                      Af3TrainCase{"msa_module_tiny.safetensors", "none", 0},
+                      Af3TrainCase{"msa_module_tiny.safetensors", "module", 0},
+                      Af3TrainCase{"msa_module_tiny.safetensors", "block", 0},
+                      Af3TrainCase{"msa_module_tiny.safetensors", "none", 1},
+                      Af3TrainCase{"msa_module_tiny.safetensors", "none_block", 0},
+                      Af3TrainCase{"msa_module_tiny.safetensors", "module", 3}),
+    [](const auto& info) { return CaseName(info.param); });
 
 // ---- Dropout: Boltz's axes, reproduced by recompute ------------------------------------------
 

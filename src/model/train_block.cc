@@ -198,8 +198,8 @@ void block_backward(const BlockTable& t, const void* w, void* g, const BlockCont
                     const ModuleClock& clk) {
   if (st->policy == Recompute::kBlock) {
     // Recompute on the saved input: z0 in place; m0 on a copy, since the caller still holds m0
-    // as the previous block's output.
-    Tensor m = st->m0.clone(), z = st->z0;
+    // as the previous block's output (z0 too when a layer reads the block's output z).
+    Tensor m = st->m0.clone(), z = reads_block_output(t, Stream::kZ) ? st->z0.clone() : st->z0;
     st->m0 = Tensor();
     st->z0 = Tensor();
     BlockState full;
