@@ -13,12 +13,14 @@
 #include <vector>
 
 #include "foldcube/io.h"
+#include "foldcube/runtime.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 #include "model/af3_weights.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/train.h"
+#include "plan/memory_model.h"
 #include "test_util.h"
 
 namespace fc {
@@ -390,6 +392,71 @@ TEST(Af3Dropout, PoliciesAgree) {
     }
   }
 }
+
+// ---- Memory model: activations and step peak of the AF3 stacks against the allocator ---------
+
+struct Af3MemCase {
+  std::string kind;  // pairformer | msa_module
+  std::vector<Recompute> policy;
+  int64_t chunk;
+};
+std::string CaseName(const Af3MemCase& c) {
+  std::string n = c.kind + "_chunk" + std::to_string(c.chunk);
+  for (Recompute p : c.policy) n += std::string("_") + recompute_name(p);
+  return n;
+}
+void PrintTo(const Af3MemCase& p, std::ostream* os) { *os << CaseName(p); }
+
+class Af3TrainMemory : public ::testing::TestWithParam<Af3MemCase> {};
+
+TEST_P(Af3TrainMemory, ActivationsAndPeakMatchAllocator) {
+  const Af3MemCase& c = GetParam();
+  Af3Config cfg;
+  cfg.kind = c.kind;
+  cfg.c_s = 24, cfg.c_z = 16, cfg.c_m = 8, cfg.no_heads_single = 4, cfg.no_heads_pair = 2;
+  cfg.c_hidden_pair = 8, cfg.pwa_heads = 4, cfg.pwa_head_dim = 8, cfg.c_hidden_opm = 8;
+  cfg.no_blocks = 3;
+  ASSERT_TRUE(cfg.validate().ok());
+  const int64_t n = 11, N = 5;
+  const EvoformerConfig trunk = af3_trunk_config(cfg);
+  TrainOptions opts;
+  opts.policy = c.policy;
+  opts.chunk = c.chunk;
+  TrainResult res;
+  Tensor z = Tensor::full({n, n, cfg.c_z}, 0.2f), gz = Tensor::full(z.shape(), 1.f);
+  const BlockTable& t = c.kind == "pairformer" ? kPairformerBlock : kMsaModuleBlock;
+  const int64_t s = c.kind == "pairformer" ? 1 : N;
+  if (c.kind == "pairformer") {
+    const PairformerStack st = PairformerStack::random(cfg, 5);
+    Tensor x = Tensor::full({n, cfg.c_s}, -0.3f), gx = Tensor::full(x.shape(), 1.f);
+    ASSERT_TRUE(st.train_step(x, z, Tensor(), gx, gz, opts, &res).ok());
+  } else {
+    const MsaModule mod = MsaModule::random(cfg, 5);
+    Tensor feat = Tensor::full({N, n, cfg.msa_feat}, 0.1f), emb = Tensor::full({n, cfg.c_s}, 0.5f);
+    Tensor ge;
+    ASSERT_TRUE(mod.train_step(z, emb, feat, Tensor(), Tensor(), gz, opts, &res, &ge).ok());
+  }
+  const int64_t target = default_train_chunk_target_bytes(trunk, s, n);
+  EXPECT_EQ(res.activation_bytes,
+            stack_activation_bytes(t, trunk, s, n, cfg.no_blocks, c.policy, 4, c.chunk, target));
+  EXPECT_EQ(res.peak_bytes, stack_step_peak_bytes(t, trunk, s, n, cfg.no_blocks, c.policy,
+                                                  num_threads(), 4, c.chunk, target));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Policies, Af3TrainMemory,
+    ::testing::Values(
+        Af3MemCase{"pairformer", {Recompute::kNone}, 0},
+        Af3MemCase{"pairformer", {Recompute::kModule}, 0},
+        Af3MemCase{"pairformer", {Recompute::kBlock}, 0},
+        Af3MemCase{"pairformer", {Recompute::kNone}, 3},
+        Af3MemCase{"pairformer", {Recompute::kBlock, Recompute::kNone, Recompute::kModule}, 2},
+        Af3MemCase{"msa_module", {Recompute::kNone}, 0},
+        Af3MemCase{"msa_module", {Recompute::kModule}, 0},
+        Af3MemCase{"msa_module", {Recompute::kBlock}, 0},
+        Af3MemCase{"msa_module", {Recompute::kModule}, 3},
+        Af3MemCase{"msa_module", {Recompute::kNone, Recompute::kBlock, Recompute::kModule}, 2}),
+    [](const auto& info) { return CaseName(info.param); });
 
 // ---- CLI: `foldcube run --stack pairformer|msa_module` with the golden files as inputs ---------
 

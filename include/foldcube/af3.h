@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "foldcube/config.h"
 #include "foldcube/io.h"
 #include "foldcube/model.h"
 #include "foldcube/status.h"
@@ -36,6 +37,12 @@ struct Af3Config {
   // from metadata `constructor_kwargs` when present.
   static Status from_weights(const TensorFile& weights, Af3Config* out);
 };
+
+// The trunk view of an AF3 config, as the block tables' layers and the memory model read it: the
+// Pairformer's single stream is the m stream of a one-row MSA (c_m = c_s, its attention heads the
+// "MSA" heads, s = 1); the MSA module's pair-weighted averaging heads are the MSA heads; the
+// triangle multiplication's hidden size is c_z.
+EvoformerConfig af3_trunk_config(const Af3Config& cfg);
 
 class PairformerStack {
  public:

@@ -23,10 +23,9 @@ constexpr float kInfSingle = 1e6f;
 
 std::string layer_prefix(int i) { return "layers." + std::to_string(i) + "."; }
 
-// The trunk view of an AF3 config: the block tables' layers read EvoformerConfig fields. The
-// Pairformer's single stream is the m stream (c_m = c_s; its attention heads are the "MSA"
-// heads); the MSA module's PWA heads are the MSA heads; the triangle hidden size is c_z.
-EvoformerConfig trunk_config(const Af3Config& a) {
+}  // namespace
+
+EvoformerConfig af3_trunk_config(const Af3Config& a) {
   EvoformerConfig c;
   const bool pf = a.kind == "pairformer";
   c.c_m = pf ? a.c_s : a.c_m;
@@ -44,6 +43,8 @@ EvoformerConfig trunk_config(const Af3Config& a) {
   c.msa_dropout = a.msa_dropout;
   return c;
 }
+
+namespace {
 
 // Seeded init of one named parameter (LayerNorm weights near 1, as random_fill does for OpenFold
 // names).
@@ -114,7 +115,7 @@ Status Af3Config::validate() const {
         " is not a multiple of no_heads_single=" + std::to_string(no_heads_single));
   if (msa_feat < 1 || msa_feat > 4096)
     return Status::InvalidArgument("af3 config: msa_feat must be in [1, 4096]");
-  return trunk_config(*this).validate();
+  return af3_trunk_config(*this).validate();
 }
 
 Status Af3Config::from_weights(const TensorFile& w, Af3Config* out) {
@@ -195,7 +196,7 @@ Status PairformerStack::load(const Af3Config& cfg, const TensorFile& weights,
   FC_RETURN_IF_ERROR(check_layer_count(cfg, weights));
   auto impl = std::make_unique<Impl>();
   impl->cfg = cfg;
-  impl->trunk = trunk_config(cfg);
+  impl->trunk = af3_trunk_config(cfg);
   for (int i = 0; i < cfg.no_blocks; ++i) {
     auto w = std::make_unique<PairformerBlockWeights>();
     allocate_pairformer_block(impl->trunk, w.get());
@@ -210,7 +211,7 @@ PairformerStack PairformerStack::random(const Af3Config& cfg, uint64_t seed) {
   PairformerStack st;
   st.impl_ = std::make_unique<Impl>();
   st.impl_->cfg = cfg;
-  st.impl_->trunk = trunk_config(cfg);
+  st.impl_->trunk = af3_trunk_config(cfg);
   for (int i = 0; i < cfg.no_blocks; ++i) {
     auto w = std::make_unique<PairformerBlockWeights>();
     allocate_pairformer_block(st.impl_->trunk, w.get());
@@ -281,7 +282,7 @@ Status MsaModule::load(const Af3Config& cfg, const TensorFile& weights, MsaModul
   FC_RETURN_IF_ERROR(check_layer_count(cfg, weights));
   auto impl = std::make_unique<Impl>();
   impl->cfg = cfg;
-  impl->trunk = trunk_config(cfg);
+  impl->trunk = af3_trunk_config(cfg);
   impl->s_proj = Tensor::empty({cfg.c_m, cfg.c_s});
   impl->msa_proj = Tensor::empty({cfg.c_m, cfg.msa_feat});
   FC_RETURN_IF_ERROR(load_named(
@@ -301,7 +302,7 @@ MsaModule MsaModule::random(const Af3Config& cfg, uint64_t seed) {
   st.impl_ = std::make_unique<Impl>();
   Impl& im = *st.impl_;
   im.cfg = cfg;
-  im.trunk = trunk_config(cfg);
+  im.trunk = af3_trunk_config(cfg);
   im.s_proj = Tensor::empty({cfg.c_m, cfg.c_s});
   im.msa_proj = Tensor::empty({cfg.c_m, cfg.msa_feat});
   random_fill("s_proj.weight", im.s_proj, seed);

@@ -125,8 +125,10 @@ const BlockTable kEvoformerBlock = {"evoformer", kEvoformerLayers, count_of(kEvo
 const BlockTable kExtraMsaBlock = {"extra_msa", kExtraMsaLayers, count_of(kExtraMsaLayers)};
 const BlockTable kTemplatePairBlock = {"template_pair", kTemplatePairLayers,
                                        count_of(kTemplatePairLayers)};
-const BlockTable kPairformerBlock = {"pairformer", kPairformerLayers, count_of(kPairformerLayers)};
-const BlockTable kMsaModuleBlock = {"msa_module", kMsaModuleLayers, count_of(kMsaModuleLayers)};
+const BlockTable kPairformerBlock = {"pairformer", kPairformerLayers, count_of(kPairformerLayers),
+                                     true};
+const BlockTable kMsaModuleBlock = {"msa_module", kMsaModuleLayers, count_of(kMsaModuleLayers),
+                                    true};
 
 const LayerDesc* find_layer(const BlockTable& table, const char* name) {
   for (const LayerDesc& l : table)

@@ -69,9 +69,12 @@ struct LayerDesc {
 };
 
 struct BlockTable {
-  const char* name;  // "evoformer", "extra_msa"
+  const char* name;  // "evoformer", "extra_msa", "pairformer", "msa_module"
   const LayerDesc* layers;
   int count;
+  // AF3 (Boltz) parameters: the projections have no bias (except the fused storage's zero biases
+  // and the ones Boltz has); the memory model counts the gradient structs accordingly.
+  bool bias_free = false;
   const LayerDesc* begin() const { return layers; }
   const LayerDesc* end() const { return layers + count; }
 };

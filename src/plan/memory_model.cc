@@ -9,6 +9,7 @@
 
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
@@ -140,6 +141,38 @@ void transition_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, in
     S.free(n * nc);              // h
     S.alloc(n * c);              // dxln
     S.free(n * nc + n * c);      // dh, x_ln
+    S.alloc(ln_scratch(n, c));
+    S.free(ln_scratch(n, c));
+    S.free(n * c + 2 * n);  // dxln, mean, rstd
+  }
+}
+
+// The SwiGLU transition (src/layers/swiglu_transition.cc): h [n, 2nc] kept per chunk.
+void swiglu_fwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool keep) {
+  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(2 * n * nc);  // h
+    S.alloc(n * c);       // x_ln
+    S.free(n * c);
+    S.alloc(n * nc);  // u
+    S.free(n * nc);
+    if (!keep) S.free(2 * n * nc);
+  }
+}
+
+void swiglu_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool kept) {
+  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(n * c + 2 * n);          // x_ln, mean, rstd
+    if (!kept) S.alloc(2 * n * nc);  // h
+    S.alloc(2 * n * nc);             // dh
+    S.alloc(2 * n * nc);             // u, du
+    S.free(2 * n * nc);
+    S.free(2 * n * nc);          // h
+    S.alloc(n * c);              // dxln
+    S.free(2 * n * nc + n * c);  // dh, x_ln
     S.alloc(ln_scratch(n, c));
     S.free(ln_scratch(n, c));
     S.free(n * c + 2 * n);  // dxln, mean, rstd
@@ -284,9 +317,12 @@ void layer_fwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool keep) {
       return opm_fwd(S, ctx, true, keep);
     case LayerKind::kTriangleMultiplication:
       return tri_mul_fwd(S, ctx, keep);
+    case LayerKind::kSwiGluTransition: {
+      const int64_t c = stream_channels(ctx, l.updates);
+      return swiglu_fwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, keep);
+    }
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
@@ -311,9 +347,12 @@ void layer_bwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
       return;
     case LayerKind::kTriangleMultiplication:
       return tri_mul_bwd(S, ctx, kept);
+    case LayerKind::kSwiGluTransition: {
+      const int64_t c = stream_channels(ctx, l.updates);
+      return swiglu_bwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, kept);
+    }
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
@@ -335,38 +374,55 @@ void block_fwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute p
   }
 }
 
-// block_backward. input_held: the block's input m (its first saved copy, or m0) stays alive after
-// the backward (the driver holds it as the previous block's m_out), else it is freed with the
-// state.
+// block_backward. input_held: the block's inputs that a layer of the previous block reads as
+// its output (reads_block_output: m for the Evoformer's OPM, z for the Pairformer's attention)
+// stay alive after the backward (the driver holds them as the previous block's outputs), else they
+// are freed with the state.
 void block_bwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute policy,
                bool input_held) {
   const int64_t m = stream_elems(ctx, Stream::kM), z = stream_elems(ctx, Stream::kZ);
+  const bool hold_m = input_held && reads_block_output(t, Stream::kM);
+  const bool hold_z = input_held && reads_block_output(t, Stream::kZ);
   if (policy == Recompute::kBlock) {
-    S.alloc(m);  // the clone of m0 (z0 is reused in place)
+    const bool z_copy = reads_block_output(t, Stream::kZ);
+    S.alloc(m + (z_copy ? z : 0));  // the clone of m0 (and of z0; else z0 is reused in place)
+    // m0 (z0 when copied) dies with the state's reference unless the driver holds it.
+    S.free((hold_m ? 0 : m) + (z_copy && !hold_z ? z : 0));
     block_fwd(S, t, ctx, Recompute::kNone);
     block_bwd(S, t, ctx, Recompute::kNone, false);
     S.free(m + z);
-    if (!input_held) S.free(m);
     return;
   }
-  const int held = input_held ? block_input_m_layer(t) : -1;
+  const int held_m = hold_m ? block_input_layer(t, Stream::kM) : -1;
+  const int held_z = hold_z ? block_input_layer(t, Stream::kZ) : -1;
   for (int i = t.count - 1; i >= 0; --i) {
     const LayerDesc& l = t.layers[i];
     layer_bwd(S, ctx, l, policy == Recompute::kNone);
     const SavedInputs in = saved_inputs(t, i);
-    auto held_m = [&](Stream st) { return i == held && st == Stream::kM; };
-    if (in.updated && !held_m(l.updates)) S.free(stream_elems(ctx, l.updates));
-    if (in.read && !held_m(l.reads)) S.free(stream_elems(ctx, l.reads));
+    auto held = [&](Stream st) {
+      return (i == held_m && st == Stream::kM) || (i == held_z && st == Stream::kZ);
+    };
+    if (in.updated && !held(l.updates)) S.free(stream_elems(ctx, l.updates));
+    if (in.read && !held(l.reads)) S.free(stream_elems(ctx, l.reads));
   }
 }
 
 // Elements of one layer's parameter-gradient struct (allocate_block in src/model/weights.cc: the
 // fused storage, including the q, k, v parts of b_qkvg).
-int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
+int64_t stream_channels_of(const EvoformerConfig& c, Stream st) {
+  return st == Stream::kM ? c.c_m : c.c_z;
+}
+
+// AF3 tables (t.bias_free): the projections without a file bias have none (src/model/
+// af3_weights.cc), except the fused storage (b_qkvg, the a|b projections' biases) and the OPM's
+// output bias.
+int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l, bool bias_free) {
   auto ln = [](int64_t n) { return 2 * n; };
-  auto lin = [](int64_t out, int64_t in, bool bias) { return out * in + (bias ? out : 0); };
+  auto lin = [&](int64_t out, int64_t in, bool bias) {
+    return out * in + (bias && !bias_free ? out : 0);
+  };
   auto mha = [&](int64_t H, int64_t C, int64_t cin) {
-    return lin(4 * H * C, cin, true) + lin(cin, H * C, true);
+    return 4 * H * C * (cin + 1) + lin(cin, H * C, true);
   };
   const int64_t cm = c.c_m, cz = c.c_z, co = c.c_hidden_opm, ct = c.c_hidden_mul;
   switch (l.kind) {
@@ -380,15 +436,18 @@ int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
       return ln(ch) + lin(c.transition_n * ch, ch, true) + lin(ch, c.transition_n * ch, true);
     }
     case LayerKind::kOuterProductMean:
-      return ln(cm) + lin(2 * co, cm, true) + lin(cz, co * co, true);
+      return ln(cm) + lin(2 * co, cm, true) + cz * co * co + cz;
     case LayerKind::kTriangleMultiplication:
-      return ln(cz) + lin(4 * ct, cz, true) + ln(ct) + lin(cz, ct, true) + lin(cz, cz, true);
+      return ln(cz) + 4 * ct * (cz + 1) + ln(ct) + lin(cz, ct, true) + lin(cz, cz, true);
     case LayerKind::kTriangleAttention:
       return ln(cz) + lin(c.no_heads_pair, cz, false) +
              mha(c.no_heads_pair, c.c_hidden_pair_att, cz);
+    case LayerKind::kSwiGluTransition: {
+      const int64_t ch = stream_channels_of(c, l.updates), nc = c.transition_n * ch;
+      return ln(ch) + lin(2 * nc, ch, false) + lin(ch, nc, false);
+    }
     case LayerKind::kMsaColumnGlobalAttention:
     case LayerKind::kMaskedTransition:
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
       break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
@@ -397,7 +456,7 @@ int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
 
 int64_t block_param_elems(const EvoformerConfig& c, const BlockTable& t) {
   int64_t n = 0;
-  for (const LayerDesc& l : t) n += layer_param_elems(c, l);
+  for (const LayerDesc& l : t) n += layer_param_elems(c, l, t.bias_free);
   return n;
 }
 
@@ -410,41 +469,64 @@ Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
 
 }  // namespace
 
+int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
+                               int64_t r, Recompute policy, int64_t elem_bytes, int64_t chunk,
+                               int64_t chunk_target_bytes) {
+  Sim S;
+  block_fwd(S, t, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
+  return S.live * elem_bytes;
+}
+
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
                                int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
-  Sim S;
-  block_fwd(S, kEvoformerBlock, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
-  return S.live * elem_bytes;
+  return block_activation_bytes(kEvoformerBlock, cfg, s, r, policy, elem_bytes, chunk,
+                                chunk_target_bytes);
+}
+
+int64_t stack_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
+                               int64_t r, int64_t blocks, const std::vector<Recompute>& policy,
+                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
+  int64_t total = 0;
+  for (int64_t b = 0; b < blocks; ++b)
+    total += block_activation_bytes(t, cfg, s, r, policy_of(policy, b), elem_bytes, chunk,
+                                    chunk_target_bytes);
+  return total;
 }
 
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                                const std::vector<Recompute>& policy, int64_t elem_bytes,
                                int64_t chunk, int64_t chunk_target_bytes) {
-  int64_t total = 0;
-  for (int64_t b = 0; b < blocks; ++b)
-    total += block_activation_bytes(cfg, s, r, policy_of(policy, b), elem_bytes, chunk,
-                                    chunk_target_bytes);
-  return total;
+  return stack_activation_bytes(kEvoformerBlock, cfg, s, r, blocks, policy, elem_bytes, chunk,
+                                chunk_target_bytes);
+}
+
+int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                              int64_t blocks, const std::vector<Recompute>& policy, int threads,
+                              int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
+  const BlockContext ctx = model_context(cfg, s, r, threads, chunk, chunk_target_bytes);
+  const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
+  Sim S;
+  // Forward: the blocks' kept memory piles up.
+  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, t, ctx, policy_of(policy, b));
+  // Backward (train_blocks in train_block.cc): the dm, dz copies; per block, from the last, its
+  // parameter-gradient struct (alive until the end of the step), then its backward. The driver
+  // holds block b's inputs that the previous block reads as outputs until block b - 1 is done.
+  S.alloc(m + z);
+  const int64_t held =
+      (reads_block_output(t, Stream::kM) ? m : 0) + (reads_block_output(t, Stream::kZ) ? z : 0);
+  for (int64_t b = blocks - 1; b >= 0; --b) {
+    S.alloc(block_param_elems(cfg, t));
+    block_bwd(S, t, ctx, policy_of(policy, b), true);
+    if (b + 1 < blocks) S.free(held);
+  }
+  return S.peak * elem_bytes;
 }
 
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads, int64_t elem_bytes,
                               int64_t chunk, int64_t chunk_target_bytes) {
-  const BlockContext ctx = model_context(cfg, s, r, threads, chunk, chunk_target_bytes);
-  const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
-  Sim S;
-  // Forward: the blocks' kept memory piles up.
-  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, kEvoformerBlock, ctx, policy_of(policy, b));
-  // Backward (EvoformerStack::train_step): the dm, dz copies; per block, from the last, its
-  // parameter-gradient struct (alive until the end of the step), then its backward. The driver
-  // holds block b's input m as m_out until block b - 1 is done.
-  S.alloc(m + z);
-  for (int64_t b = blocks - 1; b >= 0; --b) {
-    S.alloc(block_param_elems(cfg, kEvoformerBlock));
-    block_bwd(S, kEvoformerBlock, ctx, policy_of(policy, b), true);
-    if (b + 1 < blocks) S.free(m);
-  }
-  return S.peak * elem_bytes;
+  return stack_step_peak_bytes(kEvoformerBlock, cfg, s, r, blocks, policy, threads, elem_bytes,
+                               chunk, chunk_target_bytes);
 }
 
 // ---- Checked public entries (include/foldcube/plan.h) ------------------------------------------

@@ -22,6 +22,18 @@ int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, 
                               const std::vector<Recompute>& policy, int threads,
                               int64_t elem_bytes = 4, int64_t chunk = 0,
                               int64_t chunk_target_bytes = 0);
+// The same over another block table whose weights and streams cfg describes (the AF3 stacks:
+// kPairformerBlock with s = 1 and cfg.c_m = c_s, kMsaModuleBlock; see af3_trunk_config).
+struct BlockTable;
+int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
+                               int64_t r, Recompute policy, int64_t elem_bytes, int64_t chunk,
+                               int64_t chunk_target_bytes);
+int64_t stack_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
+                               int64_t r, int64_t blocks, const std::vector<Recompute>& policy,
+                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes);
+int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                              int64_t blocks, const std::vector<Recompute>& policy, int threads,
+                              int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes);
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                            int64_t chunk, int64_t chunk_target_bytes, int threads);
 std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s, int64_t r,
