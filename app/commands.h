@@ -109,7 +109,11 @@ struct PlanArgs {
   std::string cache;         // plan cache directory
   std::string out;           // also write the plan JSON here
   bool json = false;
+  std::string stack = "evoformer";  // evoformer | pairformer | msa_module
+  std::string weights;              // AF3 stacks: take the dims from this Boltz state dict
 };
 int plan_command(const PlanArgs& a);
+// `plan --stack pairformer|msa_module`: the AF3 stacks' memory plan (app/run_af3.cc).
+int plan_af3(const PlanArgs& a);
 
 }  // namespace fc::app

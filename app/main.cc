@@ -164,6 +164,11 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   plan->add_option("--cache", pa.cache, "plan cache directory");
   plan->add_option("--out", pa.out, "also write the plan JSON here");
   plan->add_flag("--json", pa.json, "print the plan as JSON");
+  plan->add_option("--stack", pa.stack,
+                   "evoformer | pairformer | msa_module (AF3: a memory plan; --r tokens, --s MSA "
+                   "rows, AF3 dims or --weights' dims)")
+      ->check(CLI::IsMember({"evoformer", "pairformer", "msa_module"}));
+  plan->add_option("--weights", pa.weights, "AF3 stacks: the dims of this Boltz state dict");
   return plan;
 }
 

@@ -336,6 +336,7 @@ void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
 }  // namespace
 
 int plan_command(const PlanArgs& a) {
+  if (a.stack != "evoformer") return plan_af3(a);
   PlanRequest req;
   Status st = plan_request(a, &req);
   Plan plan;

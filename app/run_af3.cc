@@ -89,4 +89,89 @@ int run_af3(const RunArgs& a) {
   return 0;
 }
 
+int plan_af3(const PlanArgs& a) {
+  Af3PlanRequest q;
+  if (!a.weights.empty()) {
+    TensorFile w;
+    Status st = read_safetensors(a.weights, &w);
+    if (st.ok()) st = Af3Config::from_weights(w, &q.cfg).WithContext(a.weights);
+    if (!st.ok()) return fail(st);
+    if (q.cfg.kind != a.stack)
+      return fail(Status::InvalidArgument("--stack " + a.stack + ", but " + a.weights +
+                                          " holds a " + q.cfg.kind + " state dict"));
+  } else {
+    q.cfg.kind = a.stack;
+    if (a.stack == "msa_module") q.cfg.no_blocks = 4;  // Boltz-2 / AF3 defaults otherwise
+  }
+  if (a.devices > 1 || a.dap > 1 || a.dp > 1 || a.bucket || !a.buckets.empty() ||
+      !a.cache.empty() || !a.config.empty())
+    return fail(Status::InvalidArgument(
+        "plan --stack " + a.stack +
+        ": one device, no --dap/--dp/--bucket/--cache/--config (a memory plan only, yet)"));
+  q.n = a.r;
+  q.n_msa = a.s;
+  q.blocks = a.blocks;
+  q.train = a.train;
+  q.chunk = a.chunk;
+  q.threads = num_threads();
+  Status st = Status::OK();
+  if (!a.chunk_target.empty()) st = parse_bytes(a.chunk_target, &q.chunk_target_bytes);
+  if (st.ok() && !a.memory.empty()) st = parse_bytes(a.memory, &q.memory_bytes);
+  for (const std::string& p : split(a.policy, ',')) {
+    if (!st.ok()) break;
+    q.policy.emplace_back();
+    st = parse_recompute(p, &q.policy.back());
+  }
+  Af3Plan plan;
+  if (st.ok()) st = af3_plan(q, &plan);
+  if (!st.ok()) return fail(st);
+  nlohmann::json j;
+  j["stack"] = q.cfg.kind;
+  j["n"] = q.n;
+  if (q.cfg.kind == "msa_module") j["n_msa"] = q.n_msa;
+  j["blocks"] = q.blocks;
+  j["train"] = q.train;
+  j["memory_bytes"] = q.memory_bytes;
+  j["input_bytes"] = plan.input_bytes;
+  j["chosen"] = plan.chosen;
+  for (const Af3PlanRow& r : plan.rows) {
+    nlohmann::json row = {{"chunk_target_bytes", r.chunk_target_bytes},
+                          {"param_bytes", r.param_bytes},
+                          {"peak_bytes", r.peak_bytes},
+                          {"fits", r.fits}};
+    if (q.train) {
+      row["policy"] = recompute_name(r.policy);
+      row["activation_bytes"] = r.activation_bytes;
+    }
+    j["rows"].push_back(row);
+  }
+  if (a.json) {
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf(
+        "foldcube plan: %s, n=%lld%s, %lld block(s), %s (memory model; no time "
+        "estimate)\n",
+        q.cfg.kind.c_str(), static_cast<long long>(q.n),
+        q.cfg.kind == "msa_module" ? (", N_msa=" + std::to_string(q.n_msa)).c_str() : "",
+        static_cast<long long>(q.blocks), q.train ? "training step" : "inference");
+    for (size_t i = 0; i < plan.rows.size(); ++i) {
+      const Af3PlanRow& r = plan.rows[i];
+      std::printf(
+          "  %-7s weights %9.1f MiB  inputs %9.1f MiB  peak %9.1f MiB%s%s\n",
+          q.train ? recompute_name(r.policy) : "forward", r.param_bytes / 1048576.0,
+          plan.input_bytes / 1048576.0, r.peak_bytes / 1048576.0,
+          q.train
+              ? (", activations " + std::to_string(r.activation_bytes / 1048576) + " MiB").c_str()
+              : "",
+          static_cast<int>(i) == plan.chosen ? "  <- chosen" : (r.fits ? "" : "  (over)"));
+    }
+  }
+  if (!a.out.empty()) {
+    std::ofstream f(a.out);
+    f << j.dump(2) << "\n";
+    if (!f) return fail(Status::IOError("cannot write plan " + a.out));
+  }
+  return plan.chosen >= 0 ? 0 : 3;
+}
+
 }  // namespace fc::app

@@ -9,10 +9,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "foldcube/io.h"
+#include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
@@ -458,6 +460,69 @@ INSTANTIATE_TEST_SUITE_P(
         Af3MemCase{"msa_module", {Recompute::kNone, Recompute::kBlock, Recompute::kModule}, 2}),
     [](const auto& info) { return CaseName(info.param); });
 
+// The inference peak formula and the weight bytes against the tracking allocator.
+TEST(Af3ForwardMemory, PeakAndWeightsMatchAllocator) {
+  for (const char* kind : {"pairformer", "msa_module"})
+    for (int64_t chunk : {0, 1, 4}) {
+      Af3Config cfg;
+      cfg.kind = kind;
+      cfg.c_s = 24, cfg.c_z = 16, cfg.c_m = 8, cfg.no_heads_single = 4, cfg.no_heads_pair = 2;
+      cfg.c_hidden_pair = 8, cfg.pwa_heads = 4, cfg.pwa_head_dim = 8, cfg.c_hidden_opm = 8;
+      cfg.no_blocks = 2;
+      const int64_t n = 13, N = 6;
+      Af3PlanRequest q;
+      q.cfg = cfg;
+      q.n = n;
+      q.n_msa = N;
+      q.threads = num_threads();
+      Af3Plan plan;
+      ASSERT_TRUE(af3_plan(q, &plan).ok());
+      const int64_t live0 = mem_stats().live_bytes;
+      Tensor z = Tensor::full({n, n, cfg.c_z}, 0.2f);
+      ForwardOptions opts;
+      opts.chunk = chunk;
+      const int64_t predicted = af3_forward_peak_bytes(cfg, n, N, chunk, 0, num_threads());
+      if (cfg.kind == "pairformer") {
+        const PairformerStack st = PairformerStack::random(cfg, 3);
+        EXPECT_EQ(mem_stats().live_bytes - live0 - z.nbytes(), plan.rows[0].param_bytes);
+        Tensor x = Tensor::full({n, cfg.c_s}, 0.1f);
+        MemoryScope scope;
+        ASSERT_TRUE(st.forward(x, z, Tensor(), opts).ok());
+        EXPECT_EQ(scope.peak() - scope.start_live(), predicted) << kind << " chunk " << chunk;
+      } else {
+        const MsaModule mod = MsaModule::random(cfg, 3);
+        EXPECT_EQ(mem_stats().live_bytes - live0 - z.nbytes(), plan.rows[0].param_bytes);
+        Tensor feat = Tensor::full({N, n, cfg.msa_feat}, 0.1f),
+               emb = Tensor::full({n, cfg.c_s}, 1.f);
+        MemoryScope scope;
+        ASSERT_TRUE(mod.forward(z, emb, feat, Tensor(), Tensor(), opts).ok());
+        EXPECT_EQ(scope.peak() - scope.start_live(), predicted) << kind << " chunk " << chunk;
+      }
+    }
+}
+
+TEST(Af3Plan, ChoosesLeastRecomputeThatFits) {
+  Af3PlanRequest q;
+  q.cfg.no_blocks = 4;
+  q.n = 64;
+  q.train = true;
+  Af3Plan all;
+  ASSERT_TRUE(af3_plan(q, &all).ok());
+  ASSERT_EQ(all.rows.size(), 3u);
+  EXPECT_EQ(all.chosen, 0);
+  EXPECT_GT(all.rows[0].peak_bytes, all.rows[1].peak_bytes);
+  EXPECT_GT(all.rows[0].activation_bytes, all.rows[1].activation_bytes);
+  EXPECT_GT(all.rows[1].activation_bytes, all.rows[2].activation_bytes);
+  // A budget between the module and none peaks picks module.
+  q.memory_bytes = all.rows[0].param_bytes + all.input_bytes + all.rows[1].peak_bytes;
+  Af3Plan some;
+  ASSERT_TRUE(af3_plan(q, &some).ok());
+  EXPECT_EQ(some.chosen, 1);
+  q.memory_bytes = 1;
+  ASSERT_TRUE(af3_plan(q, &some).ok());
+  EXPECT_EQ(some.chosen, -1);
+}
+
 // ---- CLI: `foldcube run --stack pairformer|msa_module` with the golden files as inputs ---------
 
 #ifdef FOLDCUBE_CLI_PATH
@@ -520,6 +585,18 @@ INSTANTIATE_TEST_SUITE_P(
                       Af3CliCase{"msa_module_tiny.safetensors",
                                  "--stack msa_module --policy block --grad-outputs"}),
     [](const auto& info) { return CaseName(info.param); });
+
+TEST(Af3Cli, PlanPairformerTraining) {
+  const test::Result r =
+      test::run_cli("plan --stack pairformer --r 32 --blocks 2 --train --json --weights " +
+                    test::data_path("pairformer_tiny.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["stack"], "pairformer");
+  ASSERT_EQ(j["rows"].size(), 3u);
+  EXPECT_EQ(j["rows"][0]["policy"], "none");
+  EXPECT_EQ(j["chosen"], 0);
+}
 
 TEST(Af3CliErrors, StackMismatchIsAUserError) {
   const std::string golden = test::data_path("pairformer_tiny.safetensors");

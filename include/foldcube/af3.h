@@ -130,6 +130,41 @@ struct Af3RunReport {
 Status af3_stack_of_file(const std::string& path, std::string* kind);
 Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep);
 
+// ---- Memory plan (exact for the tracked allocator; no time estimates: the cost model does not
+// cover the AF3 layers yet) --------------------------------------------------------------------
+struct Af3PlanRequest {
+  Af3Config cfg;
+  int64_t n = 0;       // tokens
+  int64_t n_msa = 1;   // MSA rows (MSA module)
+  int64_t blocks = 0;  // 0 = cfg.no_blocks
+  bool train = false;
+  std::vector<Recompute> policy;  // training: empty = choose; one entry, or one per block
+  int64_t chunk = 0, chunk_target_bytes = 0;  // as TrainOptions / ForwardOptions (0 = automatic)
+  int64_t memory_bytes = 0;                   // budget for the tracked peak; 0 = none
+  int threads = 1;
+};
+struct Af3PlanRow {
+  Recompute policy = Recompute::kNone;  // training rows
+  int64_t chunk_target_bytes = 0;       // the automatic chunking target used
+  int64_t param_bytes = 0;              // the stack's weights
+  int64_t activation_bytes = 0;         // training: kept for the backward
+  int64_t peak_bytes = 0;  // forward or training step: tracked peak above weights and inputs
+  bool fits = false;       // param_bytes + inputs + peak_bytes <= memory_bytes (or no budget)
+};
+struct Af3Plan {
+  int64_t input_bytes = 0;       // the caller's input tensors (streams, masks, features)
+  std::vector<Af3PlanRow> rows;  // inference: one row; training: one per candidate policy
+  int chosen = -1;               // the least recompute that fits (-1: none fits)
+};
+// Inference: the peak at the automatic chunk target, lowered (bisection, as plan_inference) to
+// fit the budget. Training: policies none, module, block (or the given one) with their
+// activations and step peaks from the memory model.
+Status af3_plan(const Af3PlanRequest& req, Af3Plan* out);
+// Tracked peak of PairformerStack::forward / MsaModule::forward above what was live before (masks
+// not given: all-ones masks are allocated).
+int64_t af3_forward_peak_bytes(const Af3Config& cfg, int64_t n, int64_t n_msa, int64_t chunk,
+                               int64_t chunk_target_bytes, int threads);
+
 // Boltz's MSA feature [N, n, 36] from msa [N, n] (I64 token classes 0..32), has_deletion,
 // deletion_value and msa_paired [N, n] (F32): one_hot(msa, 33) | has_deletion | deletion_value |
 // msa_paired. A class outside 0..32 is a user error.

@@ -454,7 +454,7 @@ int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l, bool bia
   return 0;
 }
 
-int64_t block_param_elems(const EvoformerConfig& c, const BlockTable& t) {
+int64_t param_elems(const EvoformerConfig& c, const BlockTable& t) {
   int64_t n = 0;
   for (const LayerDesc& l : t) n += layer_param_elems(c, l, t.bias_free);
   return n;
@@ -468,6 +468,10 @@ Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
 }
 
 }  // namespace
+
+int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t) {
+  return param_elems(cfg, t);
+}
 
 int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
                                int64_t r, Recompute policy, int64_t elem_bytes, int64_t chunk,
@@ -515,7 +519,7 @@ int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, i
   const int64_t held =
       (reads_block_output(t, Stream::kM) ? m : 0) + (reads_block_output(t, Stream::kZ) ? z : 0);
   for (int64_t b = blocks - 1; b >= 0; --b) {
-    S.alloc(block_param_elems(cfg, t));
+    S.alloc(param_elems(cfg, t));
     block_bwd(S, t, ctx, policy_of(policy, b), true);
     if (b + 1 < blocks) S.free(held);
   }
