@@ -1,5 +1,6 @@
 // `foldcube run --stack pairformer|msa_module`: an AF3 trunk stack (Boltz state dict) on one
 // process; the library call is af3_run (foldcube/af3.h).
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,11 @@ Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
   spec->inputs = a.inputs;
   spec->training = a.backward || !a.grad_outputs.empty() || !a.policy.empty();
   spec->grad_outputs = a.grad_outputs;
+  spec->n = a.r;
+  spec->n_msa = a.s;
+  spec->blocks = a.blocks;
+  spec->seed = a.seed;
+  spec->repeats = std::max(a.repeats, 1);
   spec->chunk = a.chunk;
   if (!a.chunk_target.empty())
     FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &spec->chunk_target_bytes));

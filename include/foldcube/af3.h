@@ -107,8 +107,13 @@ class MsaModule {
 // ---- Running a stack from files (the CLI's `run --stack pairformer|msa_module`) ---------------
 struct Af3RunSpec {
   std::string stack = "auto";  // pairformer | msa_module | auto (from the weights)
-  std::string weights;         // Boltz state dict (safetensors)
-  std::string inputs;          // input.* tensors under the golden names (README "AF3 trunk")
+  std::string weights;         // Boltz state dict (safetensors); empty: seeded random weights of
+                               // the AF3 / Boltz-2 dims with `blocks` blocks (stack not auto)
+  std::string inputs;          // input.* tensors under the golden names (README "AF3 trunk");
+                               // empty: seeded random inputs of n tokens (and n_msa MSA rows)
+  int64_t n = 256, n_msa = 128, blocks = 2;
+  uint64_t seed = 0;
+  int repeats = 1;  // forward passes timed (time_ms: the median); training: 1
   // Training step when set: dL/d outputs as grad.output.<s|z> (or the golden files' probe.<s|z>).
   bool training = false;
   std::string grad_outputs;  // empty with training: dL/d output = 1 everywhere

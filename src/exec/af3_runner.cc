@@ -1,5 +1,6 @@
 // af3_run (include/foldcube/af3.h): an AF3 trunk stack from files, forward or training step,
 // with outputs and gradients under the golden files' names.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <fstream>
@@ -7,6 +8,7 @@
 
 #include "foldcube/af3.h"
 #include "foldcube/memory.h"
+#include "model/common.h"
 
 namespace fc {
 
@@ -63,21 +65,64 @@ Status af3_stack_of_file(const std::string& path, std::string* kind) {
   return Status::OK();
 }
 
+namespace {
+// Seeded random inputs under the golden names for n tokens and n_msa MSA rows.
+Status random_inputs(const Af3Config& c, const Af3RunSpec& spec, TensorFile* in) {
+  if (spec.n < 1 || spec.n_msa < 1 || spec.n > (1 << 20) || spec.n_msa > (1 << 20))
+    return Status::InvalidArgument("random AF3 inputs: n and n_msa must be in [1, 2^20]");
+  auto put = [&](const std::string& name, const Shape& shape) -> Status {
+    Tensor t;
+    FC_RETURN_IF_ERROR(Tensor::try_empty(shape, DType::F32, name, &t));
+    random_fill(name, t, spec.seed);
+    in->put(name, t);
+    return Status::OK();
+  };
+  const int64_t n = spec.n;
+  FC_RETURN_IF_ERROR(put("input.z", {n, n, c.c_z}));
+  if (c.kind == "pairformer") return put("input.s", {n, c.c_s});
+  FC_RETURN_IF_ERROR(put("input.emb", {n, c.c_s}));
+  return put("input.msa_feat", {spec.n_msa, n, c.msa_feat});
+}
+
+Status load_weights(const Af3RunSpec& spec, TensorFile* w, Af3Config* cfg) {
+  if (spec.weights.empty()) {
+    if (spec.stack != "pairformer" && spec.stack != "msa_module")
+      return Status::InvalidArgument(
+          "the AF3 stacks without --weights need --stack pairformer or --stack msa_module");
+    cfg->kind = spec.stack;
+    cfg->no_blocks = spec.blocks;
+    FC_RETURN_IF_ERROR(cfg->validate());
+    if (spec.stack == "pairformer")
+      PairformerStack::random(*cfg, spec.seed).export_weights(w);
+    else
+      MsaModule::random(*cfg, spec.seed).export_weights(w);
+    return Status::OK();
+  }
+  FC_RETURN_IF_ERROR(read_safetensors(spec.weights, w));
+  FC_RETURN_IF_ERROR(Af3Config::from_weights(*w, cfg).WithContext(
+      spec.weights + " (" + (spec.stack == "auto" ? "an AF3 stack" : spec.stack) + ")"));
+  if (spec.stack != "auto" && spec.stack != cfg->kind)
+    return Status::InvalidArgument("--stack " + spec.stack + ", but " + spec.weights + " holds a " +
+                                   cfg->kind + " state dict");
+  return Status::OK();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+}  // namespace
+
 Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   *rep = Af3RunReport{};
-  if (spec.weights.empty() || spec.inputs.empty())
-    return Status::InvalidArgument((spec.stack == "auto"
-                                        ? std::string("the AF3 stacks (pairformer, msa_module)")
-                                        : "--stack " + spec.stack) +
-                                   " need --weights (a Boltz state dict) and --inputs");
   TensorFile w, in, g;
-  FC_RETURN_IF_ERROR(read_safetensors(spec.weights, &w));
   Af3Config cfg;
-  FC_RETURN_IF_ERROR(Af3Config::from_weights(w, &cfg).WithContext(spec.weights));
-  if (spec.stack != "auto" && spec.stack != cfg.kind)
-    return Status::InvalidArgument("--stack " + spec.stack + ", but " + spec.weights + " holds a " +
-                                   cfg.kind + " state dict");
-  FC_RETURN_IF_ERROR(read_safetensors(spec.inputs, &in));
+  FC_RETURN_IF_ERROR(load_weights(spec, &w, &cfg));
+  if (spec.inputs.empty())
+    FC_RETURN_IF_ERROR(random_inputs(cfg, spec, &in));
+  else
+    FC_RETURN_IF_ERROR(read_safetensors(spec.inputs, &in));
+  if (spec.repeats < 1) return Status::InvalidArgument("repeats must be >= 1");
   const bool grads_given = spec.training && !spec.grad_outputs.empty();
   if (grads_given) FC_RETURN_IF_ERROR(read_safetensors(spec.grad_outputs, &g));
   const TensorFile* gp = grads_given ? &g : nullptr;
@@ -112,10 +157,17 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
       FC_RETURN_IF_ERROR(stack.train_step(s, z, mask, gs, gz, topts, &tr));
       rep->out.put("grad.input.s", tr.grad_m);
       rep->out.put("grad.input.z", tr.grad_z);
+      rep->time_ms = ms_since(t0);
     } else {
-      FC_RETURN_IF_ERROR(stack.forward(s, z, mask, fopts));
+      std::vector<double> times;
+      for (int i = 0; i < spec.repeats; ++i) {
+        Tensor si = i + 1 < spec.repeats ? s.clone() : s, zi = i + 1 < spec.repeats ? z.clone() : z;
+        const auto t1 = std::chrono::steady_clock::now();
+        FC_RETURN_IF_ERROR(stack.forward(si, zi, mask, fopts));
+        times.push_back(ms_since(t1));
+      }
+      rep->time_ms = median(times);
     }
-    rep->time_ms = ms_since(t0);
     rep->out.put("output.s", s);
     rep->out.put("output.z", z);
   } else {
@@ -147,10 +199,17 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
       rep->out.put("grad.input.z", tr.grad_z);
       rep->out.put("grad.input.emb", g_emb);
       rep->out.put("grad.trace.embed.m", tr.grad_m);
+      rep->time_ms = ms_since(t0);
     } else {
-      FC_RETURN_IF_ERROR(mod.forward(z, emb, feat, msa_mask, tok, fopts));
+      std::vector<double> times;
+      for (int i = 0; i < spec.repeats; ++i) {
+        Tensor zi = i + 1 < spec.repeats ? z.clone() : z;
+        const auto t1 = std::chrono::steady_clock::now();
+        FC_RETURN_IF_ERROR(mod.forward(zi, emb, feat, msa_mask, tok, fopts));
+        times.push_back(ms_since(t1));
+      }
+      rep->time_ms = median(times);
     }
-    rep->time_ms = ms_since(t0);
     rep->out.put("output.z", z);
   }
   if (spec.training) {
