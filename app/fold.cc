@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "commands.h"
+#include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 
 namespace fc::app {
@@ -74,7 +75,9 @@ std::function<int()> add_fold_command(CLI::App& app) {
   cmd->add_option("--recycle-tolerance", a->opts.recycle_tolerance,
                   "stop recycling when the CA distances change by less than this (A; 0 = off)")
       ->check(CLI::Range(0.0, 1e6));
-  cmd->add_option("--memory-budget", a->memory_budget, "not supported yet for the whole model");
+  cmd->add_option("--memory-budget", a->memory_budget,
+                  "tracked-memory budget of each model run, e.g. 8GiB: chunking from the "
+                  "whole-model memory model; refused before the run when it cannot fit");
   cmd->add_option("--threads", a->threads, "threads (default: OMP_NUM_THREADS or all cores)")
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--cache", a->opts.cache_dir,
@@ -87,8 +90,8 @@ std::function<int()> add_fold_command(CLI::App& app) {
   return [cmd, a]() -> int {
     if (!*cmd) return -1;
     if (!a->memory_budget.empty())
-      return fail(Status::InvalidArgument(
-          "fold --memory-budget is not supported yet (the whole-model memory model is pending)"));
+      if (Status st = parse_bytes(a->memory_budget, &a->opts.memory_budget_bytes); !st.ok())
+        return fail(st);
     set_num_threads(a->threads);
     for (const std::string& m : split(a->models, ',')) {
       char* end = nullptr;

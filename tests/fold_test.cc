@@ -52,6 +52,20 @@ TEST(FoldCli, FastaMsaToRankedStructuresWithCache) {
   EXPECT_EQ(r.out.find("(cache)"), std::string::npos) << r.out;
   std::ifstream c(job / "ranked_0.pdb");
   EXPECT_EQ(first, std::string((std::istreambuf_iterator<char>(c)), {}));
+  // Under a memory budget that fits: the same structure; under one that cannot fit: refused
+  // before the model runs, naming the smallest feasible budget, and no structure written.
+  r = test::run_cli(args + " --memory-budget 2GiB");
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::ifstream d(job / "ranked_0.pdb");
+  EXPECT_EQ(first, std::string((std::istreambuf_iterator<char>(d)), {}));
+  const std::string out2 = dir.path() + "/out2";
+  r = test::run_cli("fold --threads 1 --recycles 1 --fasta " + test::data_path("feat_small.fasta") +
+                    " --msa " + test::data_path("feat_small.a3m") + " --params " +
+                    test::data_path("af2_model_tiny.npz") + " --cache " + cache + " --out " + out2 +
+                    " --memory-budget 4KiB");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("smallest feasible budget"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(fs::path(out2) / "feat_small" / "ranked_0.pdb"));
   // Bad input: a missing MSA file, an unknown model number.
   r = test::run_cli("fold --fasta " + test::data_path("feat_small.fasta") +
                     " --msa /nonexistent.a3m --params " + test::data_path("af2_model_tiny.npz") +
