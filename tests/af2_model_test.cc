@@ -184,8 +184,7 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   bad = test::run_cli("run --model af2 --weights " + evo + " --features " + golden);
   EXPECT_EQ(bad.code, 1) << bad.out;
   EXPECT_NE(bad.out.find("foldcube: error:"), std::string::npos) << bad.out;
-  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
-                      " --train");
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden + " --train");
   EXPECT_EQ(bad.code, 1) << bad.out;
   EXPECT_NE(bad.out.find("training are not supported"), std::string::npos) << bad.out;
   std::filesystem::remove_all(dir);
@@ -273,6 +272,50 @@ TEST(Af2ModelErrors, BadFeaturesNameTheFeature) {
     EXPECT_NE(st.message().find("structure_module.ipa.linear_b.weight"), std::string::npos)
         << st.ToString();
   }
+}
+
+}  // namespace
+}  // namespace fc
+
+namespace fc {
+namespace {
+
+// Size buckets: the golden features padded to a bucket (masked) give every output of the real
+// residues within the golden tolerance of OpenFold's unpadded outputs, pTM included.
+TEST(Af2ModelBuckets, PaddedRunEqualsTheUnpaddedGolden) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  const int64_t r = feats.at("aatype").dim(0);
+  for (int64_t bucket : {r + 4, 2 * r + 1}) {
+    SCOPED_TRACE("bucket " + std::to_string(bucket));
+    AlphaFoldOptions opts;
+    opts.pad_to = bucket;
+    std::map<std::string, Tensor> out;
+    Status st = model.forward(feats, &out, opts);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    for (const auto& [name, t] : out) {
+      if (name == "num_recycles") continue;
+      const Tensor& ref = f.tensors.at("output." + name);
+      ASSERT_EQ(t.shape(), ref.shape()) << name;
+      if (name == "ptm_score") {
+        const double v = ref.to(DType::F64).data<double>()[0];
+        EXPECT_LT(std::abs(t.f32()[0] - v) / std::abs(v), 1e-4);
+        continue;
+      }
+      EXPECT_LT(golden_metric(t, ref), structure_group(name) ? 5e-4 : 1e-4) << name;
+    }
+  }
+  AlphaFoldOptions small;
+  small.pad_to = r - 1;
+  std::map<std::string, Tensor> out;
+  EXPECT_FALSE(model.forward(feats, &out, small).ok());
 }
 
 }  // namespace

@@ -69,6 +69,11 @@ struct AlphaFoldOptions {
   // rows at a time (recycling embedder, structure-module pair LayerNorm); 0 = 4 MiB.
   int64_t pair_block_bytes = 0;
   int passes = 0;  // recycling passes to run; 0 = all R of the features
+  // Size bucket: > r runs the model on the features padded to pad_to residues (padding masked
+  // out) and crops the outputs back to r, so one shape serves every protein of the bucket; the
+  // valid outputs equal the unpadded run's within fp32 noise (pTM is taken over the r residues).
+  // Traces show the padded tensors. 0 or r: no padding.
+  int64_t pad_to = 0;
   // Early stop: after a pass whose CA distance matrix changed by less than this (root mean square,
   // Angstrom) from the previous pass, the heads run and no further pass does; 0 = off.
   double recycle_tolerance = 0;
@@ -98,6 +103,10 @@ struct AlphaFoldDims {
   int passes = 1;               // passes run
   int feature_passes = 0;       // the features' recycling axis R (0: = passes)
   bool templates_given = true;  // the features hold template_* tensors (T may still be 0)
+  // With AlphaFoldOptions::pad_to: r is the bucket and r_features the residues of the features
+  // (0: not padded). The padded copy of the features and the cropped outputs are then counted,
+  // and the prediction is an upper bound (at most the cropped outputs' bytes above measured).
+  int64_t r_features = 0;
 };
 // The dims of a feature dict (as AlphaFold::forward reads it), or a user error naming the feature.
 Status alphafold_dims(const AlphaFoldConfig& cfg, const FeatureDict& features, AlphaFoldDims* out);

@@ -15,6 +15,7 @@
 #include "foldcube/features.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
+#include "foldcube/planner.h"
 #include "foldcube/plots.h"
 #include "foldcube/runtime.h"
 #include "foldcube/structure_io.h"
@@ -342,11 +343,19 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
                    "recycling pass " + std::to_string(pass + 1) + " of " +
                        std::to_string(o.recycles + 1) + " done");
       };
+      if (!o.buckets.empty()) {
+        FC_RETURN_IF_ERROR(bucket_residues(feats.at("aatype").dim(0), o.buckets, &ao.pad_to)
+                               .WithContext(job.name));
+      }
       if (o.memory_budget_bytes > 0) {
         // Chunking from the whole-model memory model; refused before the model runs.
         AlphaFoldDims dims;
         FC_RETURN_IF_ERROR(alphafold_dims(cfg, feats, &dims));
         dims.passes = std::min(dims.passes, ao.passes);
+        if (ao.pad_to > dims.r) {
+          dims.r_features = dims.r;
+          dims.r = ao.pad_to;
+        }
         AlphaFoldPlan plan;
         FC_RETURN_IF_ERROR(plan_alphafold(cfg, dims, mem_stats().live_bytes, o.memory_budget_bytes,
                                           num_threads(), &plan)

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "foldcube/alphafold.h"
 #include "model/af2/block_sizes.h"
@@ -44,33 +46,35 @@ int64_t stack_workspace(const BlockTable& table, const EvoformerConfig& cfg, int
   return ws;
 }
 
+// Bytes of one pass of each feature the model reads, in the order pass_features copies them
+// (template_mask last, apart); each entry is (numel, element bytes).
+std::vector<std::pair<int64_t, int64_t>> pass_features(const AlphaFoldConfig& cfg,
+                                                       const AlphaFoldDims& d, int64_t r) {
+  const int64_t S = d.S, E = d.E, T = d.T;
+  std::vector<std::pair<int64_t, int64_t>> f = {
+      {r, kI}, {r, kI},     {r * 22, kF}, {S * r * 49, kF}, {S * r, kF},
+      {r, kF}, {E * r, kI}, {E * r, kF},  {E * r, kF},      {E * r, kF}};
+  if (cfg.templates && d.templates_given)
+    for (auto e : {std::pair{T * r, kI},
+                   {T * r * kAtom37 * 3, kF},
+                   {T * r * kAtom37, kF},
+                   {T * r * 3, kF},
+                   {T * r, kF},
+                   {T * r * 14, kF},
+                   {T * r * 14, kF},
+                   {T * r * 7, kF}})
+      f.push_back(e);
+  return f;
+}
+
 // One pass's copies of the features (pass_features): none when the recycling axis has length 1,
 // and none of a feature with one element (its pass is then a contiguous view).
 int64_t pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
   if (R <= 1) return 0;
-  const int64_t r = d.r, S = d.S, E = d.E, T = d.T;
   int64_t b = 0;
-  auto copy = [&](int64_t numel, int64_t elem) { b += numel > 1 ? numel * elem : 0; };
-  copy(r, kI);  // aatype
-  copy(r, kI);  // residue_index
-  copy(r * 22, kF);
-  copy(S * r * 49, kF);
-  copy(S * r, kF);
-  copy(r, kF);  // seq_mask
-  copy(E * r, kI);
-  for (int i = 0; i < 3; ++i) copy(E * r, kF);  // has_deletion, deletion_value, mask
-  if (cfg.templates && d.templates_given) {
-    copy(T * r, kI);
-    copy(T * r * kAtom37 * 3, kF);
-    copy(T * r * kAtom37, kF);
-    copy(T, kF);  // template_mask
-    copy(T * r * 3, kF);
-    copy(T * r, kF);
-    copy(T * r * 14, kF);
-    copy(T * r * 14, kF);
-    copy(T * r * 7, kF);
-  }
+  for (auto [numel, elem] : pass_features(cfg, d, d.r)) b += numel > 1 ? numel * elem : 0;
+  if (cfg.templates && d.templates_given && d.T > 1) b += d.T * kF;  // template_mask
   return b;
 }
 
@@ -121,6 +125,12 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
   };
   const int64_t pf = pass_feature_bytes(cfg, d);
   const int64_t prev = (r * cm + rr * cz + r * kAtom37 * 3) * kF;  // m_prev, z_prev, x_prev
+  const bool padded = d.r_features > 0 && d.r_features < d.r;
+  if (padded) {
+    // pad_residues: a copy of every feature the model reads at r residues, all R passes
+    const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
+    for (auto [numel, elem] : pass_features(cfg, d, d.r)) m.alloc(numel * elem * R);
+  }
   for (int k = 0; k < d.passes; ++k) {
     m.alloc(pf);
     if (k == 0) m.alloc(prev);
@@ -203,6 +213,15 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
       m.free(pf + (S + T) * r * (cm + 1) * kF + rr * kF + 2 * r * cs * kF + outs +
              r * kAtom37 * kF);
     }
+  }
+  if (padded) {
+    // the outputs cropped to the features' residues, made while the padded ones are alive
+    const int64_t n = d.r_features, L = cfg.structure_layers;
+    int64_t o = n * kAtom37 * 4 + n * 7 + n * cs + S * n * cm + n * n * cz + n * cs;
+    o += L * n * (7 + kRigidGroups * 16 + 2 * kAngles * 2 + kAtom14 * 3 + cs);
+    o += n * cfg.plddt_bins + n + n * n * cfg.distogram_bins + S * n * 23 + n * kAtom37;
+    if (cfg.ptm) o += 2 * n * n * cfg.tm_bins + n * n + 2;
+    m.transient(o * kF + kI);
   }
   mem.peak_bytes = m.peak;
   *out = std::move(mem);

@@ -413,6 +413,66 @@ Tensor pair_mask_of(const Tensor& seq_mask) {
   return pm;
 }
 
+// Axis of the residue dimension of each feature the model reads (per-residue, MSA, template).
+int residue_axis(const std::string& name) {
+  static const std::map<std::string, int> axis = {{"aatype", 0},
+                                                  {"residue_index", 0},
+                                                  {"target_feat", 0},
+                                                  {"seq_mask", 0},
+                                                  {"msa_feat", 1},
+                                                  {"msa_mask", 1},
+                                                  {"extra_msa", 1},
+                                                  {"extra_has_deletion", 1},
+                                                  {"extra_deletion_value", 1},
+                                                  {"extra_msa_mask", 1},
+                                                  {"template_aatype", 1},
+                                                  {"template_all_atom_positions", 1},
+                                                  {"template_all_atom_mask", 1},
+                                                  {"template_pseudo_beta", 1},
+                                                  {"template_pseudo_beta_mask", 1},
+                                                  {"template_torsion_angles_sin_cos", 1},
+                                                  {"template_alt_torsion_angles_sin_cos", 1},
+                                                  {"template_torsion_angles_mask", 1}};
+  auto it = axis.find(name);
+  return it == axis.end() ? -1 : it->second;
+}
+
+// Residue axes of each output (empty: none).
+std::vector<int> output_residue_axes(const std::string& name) {
+  if (name == "distogram_logits" || name == "tm_logits" || name == "predicted_aligned_error" ||
+      name == "aligned_confidence_probs" || name == "pair")
+    return {0, 1};
+  if (name == "sm.single") return {0};
+  if (name == "masked_msa_logits" || name == "msa" || name.rfind("sm.", 0) == 0) return {1};
+  if (name == "max_predicted_aligned_error" || name == "ptm_score" || name == "num_recycles")
+    return {};
+  return {0};
+}
+
+// The features the model reads, zero-padded along their residue axis from r to n residues (the
+// masks of the new residues are 0); features the model does not read are dropped.
+Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
+  FeatureDict d;
+  for (const auto& [name, t] : in) {
+    const int a = residue_axis(name);
+    if (a < 0) {
+      if (name == "template_mask") d[name] = t;
+      continue;
+    }
+    if (!t.defined() || t.ndim() <= a || t.dim(a) != r)
+      return Status::InvalidArgument("feature '" + name + "' has shape " + shape_str(t.shape()) +
+                                     ": axis " + std::to_string(a) + " must be the " +
+                                     std::to_string(r) + " residues");
+    Shape shape = t.shape();
+    shape[a] = n;
+    Tensor p = Tensor::zeros(shape, t.dtype());
+    p.slice(a, 0, r).copy_from(t);
+    d[name] = p;
+  }
+  *out = std::move(d);
+  return Status::OK();
+}
+
 }  // namespace
 
 Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
@@ -422,6 +482,31 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (!it->second.defined() || it->second.ndim() != 2)
     return Status::InvalidArgument("feature 'aatype' must be [r, R]");
   const int64_t R = it->second.dim(1);
+  if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
+    // Size bucket: run padded, crop the outputs back to the r residues.
+    const int64_t r = it->second.dim(0);
+    if (opts.pad_to < r)
+      return Status::InvalidArgument("pad_to " + std::to_string(opts.pad_to) + " is below the " +
+                                     std::to_string(r) + " residues of the features");
+    FeatureDict padded;
+    FC_RETURN_IF_ERROR(pad_residues(feats, r, opts.pad_to, &padded));
+    AlphaFoldOptions o = opts;
+    o.pad_to = 0;
+    std::map<std::string, Tensor> res;
+    FC_RETURN_IF_ERROR(forward(padded, &res, o));
+    for (auto& [name, t] : res) {
+      for (int a : output_residue_axes(name)) t = t.slice(a, 0, r);
+      t = t.contiguous();
+    }
+    if (res.count("tm_logits")) {
+      const Tensor& tl = res.at("tm_logits");  // [r, r, bins]
+      res.at("ptm_score").f32()[0] =
+          af2::predicted_tm_score(tl.f32(), nullptr, r, tl.dim(2), 31.0f);
+    }
+    *out = std::move(res);
+    return Status::OK();
+  }
+
   if (R < 1) return Status::InvalidArgument("features hold no recycling pass");
   const int passes =
       opts.passes > 0 ? static_cast<int>(std::min<int64_t>(opts.passes, R)) : static_cast<int>(R);
