@@ -320,3 +320,60 @@ TEST(Af2ModelBuckets, PaddedRunEqualsTheUnpaddedGolden) {
 
 }  // namespace
 }  // namespace fc
+
+namespace fc {
+namespace {
+
+// Appends `extra` rows of seeded junk with mask 0 to an [rows, ...] feature (or mask).
+Tensor with_masked_rows(const Tensor& t, int64_t extra, bool is_mask, uint64_t seed) {
+  Shape shape = t.shape();
+  shape[0] += extra;
+  Tensor out = Tensor::zeros(shape, t.dtype());
+  out.slice(0, 0, t.dim(0)).copy_from(t);
+  if (!is_mask) {
+    Tensor tail = out.slice(0, t.dim(0), shape[0]);
+    const int64_t n = tail.numel();
+    Tensor junk = Tensor::empty(tail.shape(), t.dtype());
+    for (int64_t i = 0; i < n; ++i) {
+      seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+      if (t.dtype() == DType::I64)
+        junk.data<int64_t>()[i] = static_cast<int64_t>((seed >> 33) % 21);
+      else
+        junk.f32()[i] = static_cast<float>((seed >> 40) % 1000) / 250.0f - 2.0f;
+    }
+    tail.copy_from(junk);
+  }
+  return out;
+}
+
+// Masked MSA and extra-MSA rows (as OpenFold pads to 512 / 5120 in predict mode) filled with junk
+// do not change any output of the real rows: foldcube may drop them (fold does).
+TEST(Af2ModelBuckets, MaskedMsaRowsChangeNothing) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  const int64_t S = feats.at("msa_feat").dim(0);
+  feats["msa_feat"] = with_masked_rows(feats.at("msa_feat"), 3, false, 1);
+  feats["msa_mask"] = with_masked_rows(feats.at("msa_mask"), 3, true, 0);
+  for (const char* n : {"extra_msa", "extra_has_deletion", "extra_deletion_value"})
+    feats[n] = with_masked_rows(feats.at(n), 5, false, 2);
+  feats["extra_msa_mask"] = with_masked_rows(feats.at("extra_msa_mask"), 5, true, 0);
+  std::map<std::string, Tensor> out;
+  ASSERT_TRUE(model.forward(feats, &out).ok());
+  for (auto& [name, t] : out) {
+    if (name == "num_recycles" || name == "ptm_score") continue;
+    Tensor x = name == "msa" || name == "masked_msa_logits" ? t.slice(0, 0, S).contiguous() : t;
+    EXPECT_LT(golden_metric(x, f.tensors.at("output." + name)),
+              structure_group(name) ? 5e-4 : 1e-4)
+        << name;
+  }
+}
+
+}  // namespace
+}  // namespace fc
