@@ -187,6 +187,24 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden + " --train");
   EXPECT_EQ(bad.code, 1) << bad.out;
   EXPECT_NE(bad.out.find("training are not supported"), std::string::npos) << bad.out;
+  // --config: a preset must agree with the parameters; unknown names are refused; random
+  // weights of a template-free preset run.
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                      " --config model_3 --quiet");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("does not match"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --config model_9 --quiet");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("unknown AlphaFold config"), std::string::npos) << bad.out;
+  test::Result ok = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                                  " --config model_1_ptm --quiet");
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  ok = test::run_cli(
+      "run --model af2 --config model_4 --r 16 --s 4 --extra 8 --templates 2 --blocks 1 "
+      "--recycles 0 --threads 1");
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  EXPECT_EQ(ok.out.find("template_embedder"), std::string::npos) << ok.out;
+  EXPECT_EQ(ok.out.find("pTM"), std::string::npos) << ok.out;
   std::filesystem::remove_all(dir);
 }
 
@@ -369,8 +387,7 @@ TEST(Af2ModelBuckets, MaskedMsaRowsChangeNothing) {
   for (auto& [name, t] : out) {
     if (name == "num_recycles" || name == "ptm_score") continue;
     Tensor x = name == "msa" || name == "masked_msa_logits" ? t.slice(0, 0, S).contiguous() : t;
-    EXPECT_LT(golden_metric(x, f.tensors.at("output." + name)),
-              structure_group(name) ? 5e-4 : 1e-4)
+    EXPECT_LT(golden_metric(x, f.tensors.at("output." + name)), structure_group(name) ? 5e-4 : 1e-4)
         << name;
   }
 }
