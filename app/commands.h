@@ -116,4 +116,7 @@ int plan_command(const PlanArgs& a);
 // `plan --stack pairformer|msa_module`: the AF3 stacks' memory plan (app/run_af3.cc).
 int plan_af3(const PlanArgs& a);
 
+// "256,512,1024" -> increasing residue buckets; a one-line error naming the bad item.
+Status parse_buckets(const std::string& text, std::vector<int64_t>* out);
+
 }  // namespace fc::app
