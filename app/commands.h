@@ -37,21 +37,20 @@ struct RunArgs {
   int repeats = 1;           // timed forward passes; the report gives the median
   int warmup = 0;
   bool quiet = false;
-  bool profile = false;      // per-module time breakdown (last timed pass)
-  bool backward = false;     // training step: forward + backward
-  std::string grad_outputs;  // safetensors with grad.output.m, grad.output.z
-  std::string policy;        // recompute policy, one or comma-separated per block
-  bool train = false;        // training mode: AF2 dropout on (implies backward)
-  // evoformer | extra_msa | pairformer | msa_module | auto (from the weights' metadata kind)
-  std::string stack = "auto";
-  std::string memory_budget;  // inference: tracked-peak budget, e.g. "6GiB"
-  int dap = 0;                // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
-  int dp = 1;                 // data parallelism (training): this many DAP groups, one protein each
-  std::string plan;           // "auto" (make_plan under --memory-budget) or a plan JSON file
-  std::string plan_profile;   // device profile for --plan (default: this machine's, cached)
-  std::string model;          // "" (a stack) or "af2" (the whole AlphaFold2 model)
-  std::string features;       // --model af2: safetensors with feature.<name> tensors
-  int recycles = -1;          // --model af2: recycling iterations (-1 = as many as the features)
+  bool profile = false;        // per-module time breakdown (last timed pass)
+  bool backward = false;       // training step: forward + backward
+  std::string grad_outputs;    // safetensors with grad.output.m, grad.output.z
+  std::string policy;          // recompute policy, one or comma-separated per block
+  bool train = false;          // training mode: AF2 dropout on (implies backward)
+  std::string stack = "auto";  // evoformer | extra_msa | auto (from the weights' metadata kind)
+  std::string memory_budget;   // inference: tracked-peak budget, e.g. "6GiB"
+  int dap = 0;                 // Dynamic Axial Parallelism over this many MPI ranks (0 = off)
+  int dp = 1;                // data parallelism (training): this many DAP groups, one protein each
+  std::string plan;          // "auto" (make_plan under --memory-budget) or a plan JSON file
+  std::string plan_profile;  // device profile for --plan (default: this machine's, cached)
+  std::string model;         // "" (a stack) or "af2" (the whole AlphaFold2 model)
+  std::string features;      // --model af2: safetensors with feature.<name> tensors
+  int recycles = -1;         // --model af2: recycling iterations (-1 = as many as the features)
   double recycle_tolerance = 0;  // --model af2: early stop (CA distance change, A); 0 = off
   int64_t extra = 1024;          // --model af2, random features: extra sequences
   int64_t templates = 4;         // --model af2, random features: templates
