@@ -1,6 +1,7 @@
 // `foldcube run`: flags to a library job (foldcube/runner.h, foldcube/parallel.h), then the
 // human summary, the JSON report and the exit code. Everything that runs lives in the library.
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -114,6 +115,8 @@ nlohmann::json forward_report_json(const RunArgs& a, const RunOptions& o, const 
   const EvoformerConfig& cfg = job.cfg;
   nlohmann::json j;
   j["time_ms"] = f.time_ms;
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  j["omp_wait_policy"] = wait ? wait : "";
   if (o.memory_budget > 0) {
     j["memory_budget_bytes"] = o.memory_budget;
     j["chunk_target_bytes"] = f.plan.chunk_target_bytes;

@@ -84,6 +84,21 @@ TEST(Cli, RandomDefaultJobSmall) {
   EXPECT_NE(r.out.find("GFLOP/s"), std::string::npos) << r.out;
 }
 
+// The CLI waits passively in OpenMP unless the user chose a policy or a spin count (issue 18).
+TEST(Cli, OpenMpWaitPolicyDefaultsToPassive) {
+  const test::TempDir dir;
+  const std::string rep = dir.path() + "/r.json";
+  auto policy = [&](const std::string& env) {
+    test::Result r = test::run_cli_env(env, "run --s 4 --r 8 --blocks 1 --quiet --report " + rep);
+    EXPECT_EQ(r.code, 0) << r.out;
+    std::ifstream f(rep);
+    return nlohmann::json::parse(f)["omp_wait_policy"].get<std::string>();
+  };
+  EXPECT_EQ(policy("env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT"), "passive");
+  EXPECT_EQ(policy("env OMP_WAIT_POLICY=active"), "active");
+  EXPECT_EQ(policy("env -u OMP_WAIT_POLICY GOMP_SPINCOUNT=5000"), "");
+}
+
 TEST(Cli, MasksOptional) {
   // Inputs without masks: all-ones masks are used.
   TensorFile g, in;
