@@ -161,11 +161,12 @@ int forward_command(const RunArgs& a, const RunOptions& o, Job& job) {
 // ---- One process: training step (--backward, --grad-outputs, --policy, --train) --------------
 void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const TrainReport& t) {
   std::printf(
-      "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, "
+      "foldcube run (training step, %s): %s %lld block(s), s=%lld r=%lld, "
       "policy %s, %d thread(s)\n",
-      a.train ? "dropout on" : "eval mode, no dropout", static_cast<long long>(job.cfg.no_blocks),
-      static_cast<long long>(t.m.dim(0)), static_cast<long long>(t.m.dim(1)),
-      policy_string(o.policy).c_str(), num_threads());
+      a.train ? "dropout on" : "eval mode, no dropout",
+      job.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
+      static_cast<long long>(job.cfg.no_blocks), static_cast<long long>(t.m.dim(0)),
+      static_cast<long long>(t.m.dim(1)), policy_string(o.policy).c_str(), num_threads());
   std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
               median(t.total_ms), median(t.forward_ms), median(t.backward_ms), a.repeats);
   std::printf("  activations %9.1f MiB  (kept from forward for backward)\n",
@@ -197,6 +198,7 @@ nlohmann::json training_report_json(const RunOptions& o, const Job& job, const T
   j["peak_tracked_bytes"] = t.peak_tracked_bytes;
   j["peak_rss_bytes"] = t.peak_rss_bytes;
   j["policy"] = policy_string(o.policy);
+  j["stack"] = stack_kind_name(job.kind);
   j["s"] = t.m.dim(0);
   j["r"] = t.m.dim(1);
   j["blocks"] = job.cfg.no_blocks;
@@ -205,11 +207,12 @@ nlohmann::json training_report_json(const RunOptions& o, const Job& job, const T
 }
 
 int training_command(const RunArgs& a, const RunOptions& o, const JobSpec& spec, Job& job) {
-  Tensor gm, gz;  // dL/d output.m, output.z
-  Status st = load_grad_outputs(spec, job, &gm, &gz);
+  Tensor gm, gz, gs;  // dL/d output.m, output.z, output.s (undefined: zero)
+  Status st = load_grad_outputs(spec, job, &gm, &gz, &gs);
   TrainReport t;
-  if (st.ok()) st = run_training(&job, gm, gz, o, &t);
-  if (st.ok() && !a.out.empty()) st = write_outputs(a.out, job.cfg, t.m, t.z, Tensor(), &t.result);
+  if (st.ok()) st = run_training(&job, gm, gz, gs, o, &t);
+  if (st.ok() && !a.out.empty())
+    st = write_outputs(a.out, job.cfg, t.m, t.z, t.result.s, &t.result);
   if (!st.ok()) return fail(st);
   if (!a.quiet) print_training(a, o, job, t);
   if (!a.report.empty()) {
@@ -428,9 +431,8 @@ int run_command(const RunArgs& a) {
   Status st = load_job(spec, &job);
   if (!st.ok()) return fail(st);
   const bool training = is_training(a);
-  if (job.kind == StackKind::kExtraMsa && (training || !a.memory_budget.empty()))
-    return fail(Status::InvalidArgument(
-        "the ExtraMSA stack runs inference only (no training or --memory-budget yet)"));
+  if (job.kind == StackKind::kExtraMsa && !a.memory_budget.empty())
+    return fail(Status::InvalidArgument("--memory-budget is not supported for the ExtraMSA stack"));
   RunOptions o;
   st = run_options(a, &o);
   if (!st.ok()) return fail(st);
