@@ -368,7 +368,7 @@ Status dap_training_command(const RunArgs& a, const RunOptions& o, const Comm& w
   FC_RETURN_IF_ERROR(run_dap_training(world, a.dap, a.dp, job_spec(a), o, &t));
   Status st;
   if (world.rank() == 0) {
-    if (!a.out.empty()) st = write_outputs(a.out, t.cfg, t.m, t.z, Tensor(), &t.result);
+    if (!a.out.empty()) st = write_outputs(a.out, t.cfg, t.m, t.z, t.result.s, &t.result);
     if (st.ok() && !a.quiet) print_dap_training(a, o, t, world.size());
     if (st.ok() && !a.report.empty())
       st = write_report(a.report, dap_training_report_json(a, o, t));

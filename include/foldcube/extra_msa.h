@@ -59,6 +59,7 @@ class ExtraMsaStack {
   void export_weights(TensorFile* out) const;
 
  private:
+  friend struct StackAccess;  // the library's executors read the block parameters
   EvoformerConfig cfg_;
   float eps_global_ = kDefaultGlobalEps;
   std::vector<std::unique_ptr<ExtraMsaBlockWeights>> blocks_;
