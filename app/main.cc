@@ -195,6 +195,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "foldcube: error: %s (see --help)\n", e.what());
     return 2;
   }
+  ra.blocks_given = run->count("--blocks") > 0;
   if (*run) return fc::app::run_command(ra);
   if (*bench) return fc::app::bench_command(ba, argv[0]);
   if (*plan) return fc::app::plan_command(pa);
