@@ -158,6 +158,17 @@ int forward_command(const RunArgs& a, const RunOptions& o, Job& job) {
   return 0;
 }
 
+// The memory model's activation and step-peak bytes of this step (exact without dropout).
+std::pair<int64_t, int64_t> training_model_bytes(const RunOptions& o, const Job& job,
+                                                 const TrainReport& t) {
+  const bool extra = job.kind == StackKind::kExtraMsa;
+  const int64_t s = t.m.dim(0), r = t.m.dim(1), nb = job.cfg.no_blocks;
+  return {
+      stack_activation_bytes(job.cfg, s, r, nb, o.policy, 4, o.chunk, o.chunk_target_bytes, extra),
+      stack_step_peak_bytes(job.cfg, s, r, nb, o.policy, num_threads(), 4, o.chunk,
+                            o.chunk_target_bytes, extra)};
+}
+
 // ---- One process: training step (--backward, --grad-outputs, --policy, --train) --------------
 void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const TrainReport& t) {
   std::printf(
@@ -169,10 +180,12 @@ void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const
       static_cast<long long>(t.m.dim(1)), policy_string(o.policy).c_str(), num_threads());
   std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
               median(t.total_ms), median(t.forward_ms), median(t.backward_ms), a.repeats);
-  std::printf("  activations %9.1f MiB  (kept from forward for backward)\n",
-              mib(t.result.activation_bytes));
-  std::printf("  step peak   %9.1f MiB  (tracked, above weights and inputs)\n",
-              mib(t.result.peak_bytes));
+  const auto [act_model, peak_model] = training_model_bytes(o, job, t);
+  std::printf("  activations %9.1f MiB  (kept from forward for backward; memory model %.1f MiB)\n",
+              mib(t.result.activation_bytes), mib(act_model));
+  std::printf(
+      "  step peak   %9.1f MiB  (tracked, above weights and inputs; memory model %.1f MiB)\n",
+      mib(t.result.peak_bytes), mib(peak_model));
   std::printf("  peak RSS    %9.1f MiB\n", mib(t.peak_rss_bytes));
   if (a.profile) {
     std::printf("  per module (all blocks, mean of %d pass(es)):\n", a.repeats);
@@ -187,6 +200,9 @@ void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const
 
 nlohmann::json training_report_json(const RunOptions& o, const Job& job, const TrainReport& t) {
   nlohmann::json j;
+  const auto [act_model, peak_model] = training_model_bytes(o, job, t);
+  j["activation_bytes_model"] = act_model;
+  j["step_peak_bytes_model"] = peak_model;
   for (const ModuleTime& m : t.module_ms)
     j["module_ms"][m.module] = {
         {"forward", m.forward_ms}, {"backward", m.backward_ms}, {"recompute", m.recompute_ms}};
