@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -17,18 +18,40 @@
 namespace fc::app {
 namespace {
 
-// Without --weights: seeded random parameters at model_1_ptm dimensions (--blocks Evoformer blocks
-// when given).
+// --config: a preset name (model_1 ... model_5[_ptm]) or an OpenFold model config JSON file.
+// Without --weights: seeded random parameters of that preset (default model_1_ptm; --blocks
+// Evoformer blocks when given). With --weights: the config comes from the parameters; a preset must
+// agree with them, a JSON file supplies the counts the shapes do not hold.
 Status load_model(const RunArgs& a, AlphaFold* model) {
+  const bool json_file = !a.config.empty() && a.config.find(".json") != std::string::npos;
+  AlphaFoldConfig preset = alphafold_model_1_ptm();
+  if (!a.config.empty() && !json_file) FC_RETURN_IF_ERROR(alphafold_preset(a.config, &preset));
   if (a.weights.empty()) {
-    AlphaFoldConfig cfg = alphafold_model_1_ptm();
+    if (json_file)
+      return Status::InvalidArgument("--config " + a.config +
+                                     ": a config file needs --weights (random weights take a "
+                                     "preset name, e.g. model_3_ptm)");
+    AlphaFoldConfig cfg = preset;
     if (a.blocks_given) cfg.evoformer.no_blocks = a.blocks;
     return AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model);
   }
   TensorFile w;
   FC_RETURN_IF_ERROR(read_weights(a.weights, &w));  // safetensors or AlphaFold .npz
+  if (json_file) {
+    std::ifstream in(a.config);
+    if (!in) return Status::NotFound("cannot read --config " + a.config);
+    const std::string text((std::istreambuf_iterator<char>(in)), {});
+    if (nlohmann::json::parse(text, nullptr, false).is_discarded())
+      return Status::InvalidArgument(a.config + ": not valid JSON");
+    w.metadata["config"] = text;
+  }
   AlphaFoldConfig cfg;
   FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg));
+  if (!a.config.empty() && !json_file &&
+      (cfg.templates != preset.templates || cfg.ptm != preset.ptm))
+    return Status::InvalidArgument("--config " + a.config + " does not match " + a.weights +
+                                   ": the parameters have " + (cfg.templates ? "" : "no ") +
+                                   "templates and " + (cfg.ptm ? "a" : "no") + " TM head");
   const Status st = AlphaFold::load(cfg, w, model);
   return st.WithContext(a.weights);
 }

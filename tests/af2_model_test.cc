@@ -19,21 +19,6 @@
 namespace fc {
 namespace {
 
-// The golden metric for one tensor (float or integer-like); non-finite values fail.
-double golden_metric(const Tensor& x, const Tensor& ref) {
-  Tensor a = x.dtype() == DType::I64 ? Tensor() : x.to(DType::F64);
-  Tensor b = ref.dtype() == DType::I64 ? Tensor() : ref.to(DType::F64);
-  if (!a.defined() || !b.defined()) return INFINITY;
-  double ss = 0, mx = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    const double u = a.data<double>()[i], v = b.data<double>()[i];
-    if (!std::isfinite(u) || !std::isfinite(v)) return INFINITY;
-    ss += v * v;
-    mx = std::max(mx, std::abs(u - v));
-  }
-  return mx / std::max(std::sqrt(ss / std::max<int64_t>(b.numel(), 1)), 1.0);
-}
-
 bool structure_group(const std::string& name) {
   for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",
                         "final_atom_positions", "final_affine_tensor"})
@@ -90,7 +75,7 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
     ASSERT_TRUE(f.has(name)) << "no golden tensor " << name;
     const Tensor& ref = f.tensors.at(name);
     ASSERT_EQ(x.shape(), ref.shape()) << name;
-    const double e = golden_metric(x, ref);
+    const double e = test::golden_err(x, ref);
     const double tol = structure_group(name) ? 5e-4 : 1e-4;
     EXPECT_LT(e, tol) << name;
     seen.insert(name);
@@ -172,7 +157,7 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   for (const char* name : {"output.final_atom_positions", "output.plddt", "output.pair",
                            "output.predicted_aligned_error"}) {
     ASSERT_TRUE(got.has(name)) << name;
-    EXPECT_LT(golden_metric(got.tensors.at(name), ref.tensors.at(name)), 5e-4) << name;
+    EXPECT_LT(test::golden_err(got.tensors.at(name), ref.tensors.at(name)), 5e-4) << name;
   }
   EXPECT_TRUE(std::filesystem::exists(report));
 
@@ -187,6 +172,24 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden + " --train");
   EXPECT_EQ(bad.code, 1) << bad.out;
   EXPECT_NE(bad.out.find("training are not supported"), std::string::npos) << bad.out;
+  // --config: a preset must agree with the parameters; unknown names are refused; random
+  // weights of a template-free preset run.
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                      " --config model_3 --quiet");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("does not match"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --config model_9 --quiet");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("unknown AlphaFold config"), std::string::npos) << bad.out;
+  test::Result ok = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                                  " --config model_1_ptm --quiet");
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  ok = test::run_cli(
+      "run --model af2 --config model_4 --r 16 --s 4 --extra 8 --templates 2 --blocks 1 "
+      "--recycles 0 --threads 1");
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  EXPECT_EQ(ok.out.find("template_embedder"), std::string::npos) << ok.out;
+  EXPECT_EQ(ok.out.find("pTM"), std::string::npos) << ok.out;
   std::filesystem::remove_all(dir);
 }
 
@@ -212,12 +215,12 @@ TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
   ASSERT_TRUE(model.forward(feats, &out, opts).ok());
   EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 2);
   EXPECT_EQ(per_pass.size(), 2u);
-  EXPECT_EQ(golden_metric(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
+  EXPECT_EQ(test::golden_err(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
   opts.recycle_tolerance = 0;
   opts.passes = 1;
   ASSERT_TRUE(model.forward(feats, &out, opts).ok());
   EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 1);
-  EXPECT_LT(golden_metric(out.at("final_atom_positions"),
+  EXPECT_LT(test::golden_err(out.at("final_atom_positions"),
                           f.tensors.at("trace.iter0.final_atom_positions")),
             5e-4);
 }
@@ -309,7 +312,7 @@ TEST(Af2ModelBuckets, PaddedRunEqualsTheUnpaddedGolden) {
         EXPECT_LT(std::abs(t.f32()[0] - v) / std::abs(v), 1e-4);
         continue;
       }
-      EXPECT_LT(golden_metric(t, ref), structure_group(name) ? 5e-4 : 1e-4) << name;
+      EXPECT_LT(test::golden_err(t, ref), structure_group(name) ? 5e-4 : 1e-4) << name;
     }
   }
   AlphaFoldOptions small;
@@ -369,8 +372,7 @@ TEST(Af2ModelBuckets, MaskedMsaRowsChangeNothing) {
   for (auto& [name, t] : out) {
     if (name == "num_recycles" || name == "ptm_score") continue;
     Tensor x = name == "msa" || name == "masked_msa_logits" ? t.slice(0, 0, S).contiguous() : t;
-    EXPECT_LT(golden_metric(x, f.tensors.at("output." + name)),
-              structure_group(name) ? 5e-4 : 1e-4)
+    EXPECT_LT(test::golden_err(x, f.tensors.at("output." + name)), structure_group(name) ? 5e-4 : 1e-4)
         << name;
   }
 }

@@ -39,6 +39,9 @@ struct AlphaFoldConfig {
 // 16, tri-mul 64, transition 2), template pointwise attention 4 heads of 16, structure module 8
 // layers, TM head on.
 AlphaFoldConfig alphafold_model_1_ptm();
+// The AlphaFold2 monomer presets model_1 ... model_5, each optionally `_ptm`: model_1_ptm's
+// dimensions, templates for models 1 and 2 only, the TM head for `_ptm`.
+Status alphafold_preset(const std::string& name, AlphaFoldConfig* out);
 
 // Config from the parameter shapes of an OpenFold AlphaFold state dict; the counts the shapes do
 // not hold (template pointwise-attention heads, structure-module layers) come from the file's
