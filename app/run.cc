@@ -249,8 +249,9 @@ int end_mpi(const Comm& world, const Status& st) {
 void print_dap_forward(const RunArgs& a, const DapForwardReport& d) {
   const EvoformerConfig& cfg = d.cfg;
   std::printf(
-      "foldcube run: Evoformer %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, DAP over %d "
+      "foldcube run: %s %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, DAP over %d "
       "ranks (padded s=%lld r=%lld), %d thread(s) per rank%s\n",
+      d.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
       static_cast<long long>(cfg.no_blocks), static_cast<long long>(d.s),
       static_cast<long long>(d.r), static_cast<long long>(cfg.c_m), static_cast<long long>(cfg.c_z),
       a.dap, static_cast<long long>(d.s_pad), static_cast<long long>(d.r_pad), num_threads(),
@@ -295,7 +296,7 @@ nlohmann::json dap_forward_report_json(const RunArgs& a, const DapForwardReport&
   j["blocks"] = d.cfg.no_blocks;
   j["threads"] = num_threads();
   j["chunk"] = a.chunk;
-  j["stack"] = "evoformer";
+  j["stack"] = stack_kind_name(d.kind);
   j["config"] = nlohmann::json::parse(d.cfg.to_json());
   return j;
 }
@@ -320,11 +321,13 @@ Status dap_forward_command(const RunArgs& a, const RunOptions& o, const Comm& wo
 void print_dap_training(const RunArgs& a, const RunOptions& o, const DapTrainReport& t, int ranks) {
   const int D = a.dp;
   std::printf(
-      "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, policy %s, "
+      "foldcube run (training step, %s): %s %lld block(s), s=%lld r=%lld, policy %s, "
       "DAP over %d ranks (padded s=%lld r=%lld)%s, %d thread(s) per rank\n",
-      a.train ? "dropout on" : "eval mode, no dropout", static_cast<long long>(t.cfg.no_blocks),
-      static_cast<long long>(t.s), static_cast<long long>(t.r), policy_string(o.policy).c_str(),
-      a.dap, static_cast<long long>(t.s_pad), static_cast<long long>(t.r_pad),
+      a.train ? "dropout on" : "eval mode, no dropout",
+      t.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
+      static_cast<long long>(t.cfg.no_blocks), static_cast<long long>(t.s),
+      static_cast<long long>(t.r), policy_string(o.policy).c_str(), a.dap,
+      static_cast<long long>(t.s_pad), static_cast<long long>(t.r_pad),
       D > 1 ? (" x " + std::to_string(D) + " data-parallel groups").c_str() : "", num_threads());
   std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
               median(t.total_ms), median(t.forward_ms), median(t.backward_ms), a.repeats);
@@ -349,6 +352,7 @@ void print_dap_training(const RunArgs& a, const RunOptions& o, const DapTrainRep
 nlohmann::json dap_training_report_json(const RunArgs& a, const RunOptions& o,
                                         const DapTrainReport& t) {
   nlohmann::json j;
+  j["stack"] = stack_kind_name(t.kind);
   j["time_ms"] = median(t.total_ms);
   j["forward_ms"] = median(t.forward_ms);
   j["backward_ms"] = median(t.backward_ms);

@@ -181,9 +181,15 @@ TEST(DapCli, ExtraMsaGoldenOnTwoAndFourRanks) {
     Result rf = run(mpirun(n) + cli() + fwd + fn + " --dap " + std::to_string(n));
     ASSERT_EQ(rf.code, 0) << rf.out;
     // Gradients do not depend on the policy: none on 2 ranks, block on 4.
+    const std::string rep = tmp("extra_t" + std::to_string(n) + ".json");
     Result rt = run(mpirun(n) + cli() + train + tn + " --dap " + std::to_string(n) +
-                    (n == 2 ? " --policy none" : " --policy block"));
+                    (n == 2 ? " --policy none" : " --policy block") + " --report " + rep);
     ASSERT_EQ(rt.code, 0) << rt.out;
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    EXPECT_EQ(j["stack"].get<std::string>(), "extra_msa");
+    // The ExtraMSA block has the Evoformer's layouts and collectives: the same volume formula.
+    EXPECT_EQ(j["forward_sent_bytes_per_rank"], j["forward_sent_bytes_per_rank_model"]);
+    EXPECT_EQ(j["backward_sent_bytes_per_rank"], j["backward_sent_bytes_per_rank_model"]);
     expect_same_tensors(f1, fn, 1e-5);
     expect_same_tensors(t1, tn, 1e-5);
     TensorFile got;

@@ -93,6 +93,7 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& o, DapF
   Job job;
   FC_RETURN_IF_ERROR(load_shared_job(world, spec, &job));
   out->cfg = job_config(job);
+  out->kind = job.kind;
   if (root) out->s = job.m.dim(0), out->r = job.m.dim(1);
   out->s = comm.all_gather_i64(out->s)[0];  // rank 0's sizes on every rank
   out->r = comm.all_gather_i64(out->r)[0];
@@ -194,6 +195,7 @@ Status run_dap_training(const Comm& world_h, int dap, int dp, const JobSpec& spe
   FC_RETURN_IF_ERROR(world_h.agree(st, true));
   FC_RETURN_IF_ERROR(share_job_stack(world_h, &job));
   out->cfg = job_config(job);
+  out->kind = job.kind;
   if (world.rank() == 0) out->s = job.m.dim(0), out->r = job.m.dim(1);
   DapTrainStats stats;
   const int passes = o.warmup + o.repeats;
