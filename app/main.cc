@@ -168,6 +168,9 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   plan->add_option("--cache", pa.cache, "plan cache directory");
   plan->add_option("--out", pa.out, "also write the plan JSON here");
   plan->add_flag("--json", pa.json, "print the plan as JSON");
+  plan->add_option("--stack", pa.stack,
+                   "evoformer | extra_msa (the ExtraMSA stack: training on one process; --config "
+                   "with c_m = c_e, default AF2's c_e = 64, 8 heads of 8)");
   return plan;
 }
 
