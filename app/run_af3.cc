@@ -110,10 +110,10 @@ int plan_af3(const PlanArgs& a) {
     if (a.stack == "msa_module") q.cfg.no_blocks = 4;  // Boltz-2 / AF3 defaults otherwise
   }
   if (a.devices > 1 || a.dap > 1 || a.dp > 1 || a.bucket || !a.buckets.empty() ||
-      !a.cache.empty() || !a.config.empty())
-    return fail(Status::InvalidArgument(
-        "plan --stack " + a.stack +
-        ": one device, no --dap/--dp/--bucket/--cache/--config (a memory plan only, yet)"));
+      !a.cache.empty() || !a.config.empty() || !a.profile.empty() || a.calibrate)
+    return fail(Status::InvalidArgument("plan --stack " + a.stack +
+                                        ": one device, no --dap/--dp/--bucket/--cache/--config/"
+                                        "--profile/--calibrate (a memory plan only, yet)"));
   q.n = a.r;
   q.n_msa = a.s;
   q.blocks = a.blocks;

@@ -44,6 +44,7 @@ namespace fc {
 
 // Allocates gradient storage shaped like the weights, zero-filled.
 void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g);
+void allocate_block_grads(const EvoformerConfig& cfg, ExtraMsaBlockWeights* g);
 
 // ---- Chunk sizes (also read by the memory model, src/plan/memory_model.cc) ---------------------
 // Attention over N items of L positions, c channels, hc = H*C: items per chunk.
@@ -98,12 +99,39 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
 struct TransitionState {
   std::vector<Tensor> h;  // per row chunk [n, n_t*c] relu(linear_1(LN(x))); empty: recomputed
 };
+// row_mask [rows] (or nullptr): the update of row i is multiplied by row_mask[i] (the ExtraMSA
+// block's masked MSA transition, ctx.msa_mask); the masked forms take one more [n, c] buffer per
+// chunk (the update, resp. its masked gradient).
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
-                      int64_t c, TransitionState* st);
+                      int64_t c, TransitionState* st, const float* row_mask = nullptr);
 // x_in [rows, c]: the module input.
 void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
-                         const float* x_in, TransitionState* st, float* dx, int64_t rows,
-                         int64_t c);
+                         const float* x_in, TransitionState* st, float* dx, int64_t rows, int64_t c,
+                         const float* row_mask = nullptr);
+
+// ---- Global column attention (ExtraMSA) -------------------------------------------------------
+// m [s, r, c_e] += GlobalAttention(LN(m^T)) per residue column b (see modules.h), chunked over the
+// columns. Per column: x = LN(m[:, b]) [s, c_e]; mu = sum_j mask[j] x[j] / (sum_j mask[j] + eps);
+// q = mu W_q^T [H*C]; k, v = x W_{k,v}^T [s, C] (one head); o[h] = softmax_j(q_h.k_j / sqrt(C) +
+// maskbias[j]) v [H*C]; y[j] = o * sigmoid(x[j] W_g^T + b_g); update = y W_o^T + b_o. No dropout.
+struct GlobalAttentionChunk {
+  Tensor kvg;  // [n*s, 2C + H*C] k | v | g (pre-sigmoid gate) of the chunk's n columns
+  Tensor q;    // [n, H*C] queries (from the masked means)
+  Tensor o;    // [n, H*C] attention output before gating
+  Tensor lse;  // [n, H]   log-sum-exp of each query's logits
+};
+struct GlobalAttentionState {
+  std::vector<GlobalAttentionChunk> chunks;  // in chunk order; empty: the backward recomputes
+};
+// Columns per chunk of the training forward and backward.
+int64_t global_attention_train_chunk(const BlockContext& ctx);
+// st == nullptr: nothing is kept (policy module). eps: ctx.global_eps.
+void msa_column_global_attention_train(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                       float* m, GlobalAttentionState* st);
+// m_in [s, r, c_e]: the module input; conventions as above.
+void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
+                                          MsaColumnGlobalAttentionW* g, const BlockContext& ctx,
+                                          const float* m_in, GlobalAttentionState* st, float* dm);
 
 // ---- Outer product mean -----------------------------------------------------------------------
 struct OuterProductMeanState {
@@ -139,6 +167,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
 // A layer's saved state under policy none (the member of the layer's kind is used).
 struct LayerState {
   AttentionState att;
+  GlobalAttentionState global;
   TransitionState trans;
   OuterProductMeanState opm;
   TriangleMultiplicationState tri;
@@ -166,10 +195,21 @@ BlockContext train_context(const EvoformerConfig& cfg, const StackInputs& in,
 // grads[b] (the same struct type) just before block b's backward. out gets dL/d input m and z,
 // times, activation bytes and the tracked peak (not grad_params: names are the caller's). A layer
 // reading a stream that no later layer of its block updates reads the block's output.
+// head (the Evoformer's single projection s = linear(m[0]), or nullptr): its backward adds dL/d s's
+// share to dm[0] before the blocks' backward; after them (block 0's inputs freed first, so the
+// step's peak is the blocks'), its parameter gradients go to head->gw, head->gb (zero when
+// head->grad is undefined) and s to out->s. Without a head out->s is undefined.
+struct SingleHead {
+  const Tensor& w;     // [c_s, c_m]
+  const Tensor& b;     // [c_s]
+  const Tensor& grad;  // [r, c_s] dL/d s, or undefined (no loss on s)
+  Tensor gw, gb;       // out: [c_s, c_m], [c_s] dL/d w, b
+};
 void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
                   const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
                   const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
-                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out);
+                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out,
+                  SingleHead* head = nullptr);
 
 // ---- Pieces for sharded training (Dynamic Axial Parallelism, src/exec/dap_train.cc) -----------
 // Gated attention over S [N, L, c] (batch over N, attention over L) with a given pair bias

@@ -6,8 +6,11 @@
 #include <memory>
 
 #include "core/rng.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "kernels/backward.h"
+#include "kernels/kernels.h"
 #include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 #include "model/common.h"
@@ -74,8 +77,12 @@ void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, flo
                                      l.updates == Stream::kM ? m : z, stream_rows(ctx, l.updates),
                                      stream_channels(ctx, l.updates), st ? &st->trans : nullptr);
     case LayerKind::kMsaColumnGlobalAttention:
+      return msa_column_global_attention_train(layer_params<MsaColumnGlobalAttentionW>(l, w), ctx,
+                                               m, st ? &st->global : nullptr);
     case LayerKind::kMaskedTransition:
-      break;
+      return transition_train(layer_params<TransitionW>(l, w), ctx, m, stream_rows(ctx, Stream::kM),
+                              stream_channels(ctx, Stream::kM), st ? &st->trans : nullptr,
+                              ctx.msa_mask);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
@@ -117,8 +124,13 @@ void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockConte
           layer_params<SwiGluTransitionW>(l, w), &layer_params<SwiGluTransitionW>(l, g), ctx, x_in,
           &st->trans, dx, stream_rows(ctx, l.updates), stream_channels(ctx, l.updates));
     case LayerKind::kMsaColumnGlobalAttention:
+      return msa_column_global_attention_backward(layer_params<MsaColumnGlobalAttentionW>(l, w),
+                                                  &layer_params<MsaColumnGlobalAttentionW>(l, g),
+                                                  ctx, x_in, &st->global, dm);
     case LayerKind::kMaskedTransition:
-      break;
+      return transition_backward(layer_params<TransitionW>(l, w), &layer_params<TransitionW>(l, g),
+                                 ctx, x_in, &st->trans, dm, stream_rows(ctx, Stream::kM),
+                                 stream_channels(ctx, Stream::kM), ctx.msa_mask);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
@@ -260,7 +272,8 @@ BlockContext train_context(const EvoformerConfig& cfg, const StackInputs& in,
 void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
                   const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
                   const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
-                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out) {
+                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out,
+                  SingleHead* head) {
   const int nb = static_cast<int>(w.size());
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {
@@ -287,6 +300,10 @@ void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
 
   t0 = std::chrono::steady_clock::now();
   Tensor dm = grad_out_m.clone(), dz = grad_out_z.clone();
+  const int64_t r = ctx.r, cm = ctx.cfg->c_m, cs = ctx.cfg->c_s;
+  if (head != nullptr && head->grad.defined())  // dm[0] += dL/ds W
+    kern::linear_backward(m.f32(), cm, r, cm, head->w.f32(), cs, head->grad.f32(), cs, dm.f32(), cm,
+                          nullptr, nullptr, /*accumulate=*/true);
   Tensor m_out = m, z_out = z;  // outputs of the block being differentiated
   const bool m_read = reads_block_output(t, Stream::kM), z_read = reads_block_output(t, Stream::kZ);
   for (int b = nb - 1; b >= 0; --b) {
@@ -300,39 +317,90 @@ void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
     m_out = m_in;
     z_out = z_in;
   }
+  m_out = Tensor();  // block 0's inputs
+  z_out = Tensor();
+  out->s = Tensor();
+  if (head != nullptr) {
+    head->gw = Tensor::zeros({cs, cm});
+    head->gb = Tensor::zeros({cs});
+    if (head->grad.defined())
+      kern::linear_backward(m.f32(), cm, r, cm, head->w.f32(), cs, head->grad.f32(), cs, nullptr,
+                            cm, head->gw.f32(), head->gb.f32());
+    out->s = Tensor::empty({r, cs});
+    kern::linear(m.f32(), cm, r, cm, head->w.f32(), head->b.f32(), cs, out->s.f32(), cs);
+  }
   out->backward_ms = ms_since(t0);
   out->peak_bytes = scope.peak() - live0;
   out->grad_m = dm;
   out->grad_z = dz;
 }
 
-Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
-                                  const Tensor& pair_mask, const Tensor& grad_out_m,
-                                  const Tensor& grad_out_z, const TrainOptions& opts,
-                                  TrainResult* out) const {
-  const EvoformerConfig& cfg = cfg_;
-  const int nb = static_cast<int>(blocks_.size());
+namespace {
+
+// A training step of an AF2 stack (EvoformerStack, ExtraMsaStack) of blocks W of table t:
+// input checks, the context (global_eps for the ExtraMSA's global attention), train_blocks, and
+// the gradients under OpenFold names (the head's linear.* when head->grad is defined).
+template <typename W>
+Status train_af2_stack(const BlockTable& t, const EvoformerConfig& cfg,
+                       const std::vector<std::unique_ptr<W>>& blocks, float global_eps, Tensor& m,
+                       Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                       const Tensor& grad_out_m, const Tensor& grad_out_z, SingleHead* head,
+                       const TrainOptions& opts, TrainResult* out) {
+  const int nb = static_cast<int>(blocks.size());
   FC_RETURN_IF_ERROR(check_train_options(opts, nb));
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in));
   FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
   FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
+  if (head != nullptr && head->grad.defined())
+    FC_RETURN_IF_ERROR(check_input("grad.output.s", head->grad, {in.r, cfg.c_s}));
   std::vector<const void*> w(nb);
-  std::vector<std::unique_ptr<BlockWeights>> grads(nb);
+  std::vector<std::unique_ptr<W>> grads(nb);
   std::vector<void*> g(nb);
   for (int b = 0; b < nb; ++b) {
-    w[b] = blocks_[b].get();
-    grads[b] = std::make_unique<BlockWeights>();
+    w[b] = blocks[b].get();
+    grads[b] = std::make_unique<W>();
     g[b] = grads[b].get();
   }
   auto alloc = [&](int b) { allocate_block_grads(cfg, grads[b].get()); };
-  train_blocks(kEvoformerBlock, w, g, alloc, train_context(cfg, in, opts), opts, m, z, grad_out_m,
-               grad_out_z, out);
+  BlockContext ctx = train_context(cfg, in, opts);
+  ctx.global_eps = global_eps;
+  train_blocks(t, w, g, alloc, ctx, opts, m, z, grad_out_m, grad_out_z, out, head);
   out->grad_params.clear();
   for (int b = 0; b < nb; ++b)
-    for (auto& [name, t] : named_params(*grads[b], block_prefix(b)))
-      out->grad_params.emplace_back(name, t);
+    for (auto& [name, p] : named_params(*grads[b], block_prefix(b)))
+      out->grad_params.emplace_back(name, p);
+  if (head != nullptr && head->grad.defined()) {
+    out->grad_params.emplace_back("linear.weight", head->gw);
+    out->grad_params.emplace_back("linear.bias", head->gb);
+  }
   return Status::OK();
+}
+
+}  // namespace
+
+Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                  const Tensor& pair_mask, const Tensor& grad_out_m,
+                                  const Tensor& grad_out_z, const TrainOptions& opts,
+                                  TrainResult* out) const {
+  return train_step(m, z, msa_mask, pair_mask, grad_out_m, grad_out_z, Tensor(), opts, out);
+}
+
+Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                  const Tensor& pair_mask, const Tensor& grad_out_m,
+                                  const Tensor& grad_out_z, const Tensor& grad_out_s,
+                                  const TrainOptions& opts, TrainResult* out) const {
+  SingleHead head{linear_w_, linear_b_, grad_out_s, Tensor(), Tensor()};
+  return train_af2_stack(kEvoformerBlock, cfg_, blocks_, ExtraMsaStack::kDefaultGlobalEps, m, z,
+                         msa_mask, pair_mask, grad_out_m, grad_out_z, &head, opts, out);
+}
+
+Status ExtraMsaStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                 const Tensor& pair_mask, const Tensor& grad_out_m,
+                                 const Tensor& grad_out_z, const TrainOptions& opts,
+                                 TrainResult* out) const {
+  return train_af2_stack(kExtraMsaBlock, cfg_, blocks_, eps_global_, m, z, msa_mask, pair_mask,
+                         grad_out_m, grad_out_z, nullptr, opts, out);
 }
 
 }  // namespace fc

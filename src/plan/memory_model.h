@@ -11,19 +11,23 @@
 
 namespace fc {
 
+// extra_msa: the ExtraMSA stack (ExtraMsaStack::train_step), else the Evoformer's.
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
                                int64_t elem_bytes = 4, int64_t chunk = 0,
-                               int64_t chunk_target_bytes = 0);
+                               int64_t chunk_target_bytes = 0, bool extra_msa = false);
 // policy: empty, one entry, or `blocks` entries.
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                                const std::vector<Recompute>& policy, int64_t elem_bytes = 4,
-                               int64_t chunk = 0, int64_t chunk_target_bytes = 0);
+                               int64_t chunk = 0, int64_t chunk_target_bytes = 0,
+                               bool extra_msa = false);
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads,
                               int64_t elem_bytes = 4, int64_t chunk = 0,
-                              int64_t chunk_target_bytes = 0);
-// The same over another block table whose weights and streams cfg describes (the AF3 stacks:
-// kPairformerBlock with s = 1 and cfg.c_m = c_s, kMsaModuleBlock; see af3_trunk_config).
+                              int64_t chunk_target_bytes = 0, bool extra_msa = false);
+// The same over any block table whose weights and streams cfg describes (the functions above
+// take kExtraMsaBlock when extra_msa, else kEvoformerBlock): kEvoformerBlock (with
+// EvoformerStack::train_step's single projection), kExtraMsaBlock (c_m holds c_e), the AF3
+// stacks' kPairformerBlock (s = 1, cfg.c_m = c_s) and kMsaModuleBlock (see af3_trunk_config).
 struct BlockTable;
 int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
                                int64_t r, Recompute policy, int64_t elem_bytes, int64_t chunk,
