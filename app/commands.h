@@ -38,6 +38,7 @@ struct RunArgs {
   int warmup = 0;
   bool quiet = false;
   bool profile = false;        // per-module time breakdown (last timed pass)
+  bool unfused = false;        // inference: the unfused reference path (ForwardOptions::fused)
   bool backward = false;       // training step: forward + backward
   std::string grad_outputs;    // safetensors with grad.output.m, grad.output.z
   std::string policy;          // recompute policy, one or comma-separated per block

@@ -61,6 +61,8 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
       "--plan-profile", ra.plan_profile,
       "device profile JSON for --plan (default: this machine's, calibrated and cached)");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
+  run->add_flag("--unfused", ra.unfused,
+                "inference: run the unfused LayerNorm/Linear/transition reference path");
   run->add_option("--model", ra.model,
                   "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
                   "state dict) and --features (feature.<name> tensors with the recycling axis); "

@@ -28,6 +28,10 @@ struct ForwardOptions {
   // Automatic chunking aims every module's chunk buffers at this many bytes; 0 = the default
   // (default_chunk_target_bytes). A memory plan (plan_inference) lowers it to fit a budget.
   int64_t chunk_target_bytes = 0;
+  // LayerNorm fused into the following Linear and the fused transition, in cache-sized row blocks
+  // (docs/benchmarks.md); false runs the unfused reference path (results equal within f32
+  // rounding, workspace per module_workspace_bytes either way).
+  bool fused = true;
 };
 
 // Activation recompute policy of one block in training (see src/model/train.h):

@@ -76,6 +76,7 @@ struct RunOptions {
   int64_t memory_budget = 0;       // inference: chunking from the memory model (plan_inference)
   int warmup = 0, repeats = 1;     // untimed, then timed passes
   bool profile = false;            // per-module times
+  bool fused = true;               // inference: ForwardOptions::fused
   // Training.
   std::vector<Recompute> policy;  // per block, one for all, or empty (none)
   bool dropout = false;           // AF2 training-mode dropout, seeded by seed

@@ -2,14 +2,13 @@
 // with their figures, and the output file.
 #include "foldcube/runner.h"
 
-#include "io/param_names.h"
-
 #include <algorithm>
 #include <chrono>
 
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
+#include "io/param_names.h"
 #include "plan/memory_model.h"
 
 namespace fc {
@@ -159,7 +158,10 @@ Status forward_options(const Job& job, const RunOptions& o, ForwardOptions* fo,
                        ForwardReport* out) {
   fo->chunk = o.chunk;
   fo->chunk_target_bytes = o.chunk_target_bytes;
+  fo->fused = o.fused;
   if (o.memory_budget <= 0) return Status::OK();
+  if (!o.fused)  // the inference plan models the fused path
+    return Status::InvalidArgument("--memory-budget plans the fused path; drop --unfused");
   if (o.chunk > 0)
     return Status::InvalidArgument("--memory-budget chooses the chunk sizes; drop --chunk");
   const int64_t s = job.m.dim(0), r = job.m.dim(1);

@@ -77,7 +77,8 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
   const int64_t r = in.r;
-  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  ctx.fused = opts.fused;
 
   float* mp = m.f32();
   float* zp = z.f32();

@@ -110,6 +110,7 @@ Status ExtraMsaStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
   BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
   ctx.global_eps = eps_global_;
+  ctx.fused = opts.fused;
 
   float* mp = m.f32();
   float* zp = z.f32();
