@@ -63,6 +63,10 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
   run->add_flag("--unfused", ra.unfused,
                 "inference: run the unfused LayerNorm/Linear/transition reference path");
+  run->add_option("--dtype", ra.dtype,
+                  "inference GEMM inputs: fp32 (default) | bf16 (bf16 inputs, f32 accumulation "
+                  "and storage; one process, no --memory-budget)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   run->add_option("--model", ra.model,
                   "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
                   "state dict) and --features (feature.<name> tensors with the recycling axis); "

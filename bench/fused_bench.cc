@@ -1,6 +1,7 @@
-// One AF2-dims Evoformer block forward, fused vs unfused (ForwardOptions::fused), per module and
-// per block, in one process: the two modes alternate (ABBA order per round) so machine load hits
-// both alike; the table reports the minimum and the median over the rounds and their ratio.
+// One AF2-dims Evoformer block forward: unfused fp32, fused fp32 and fused with bf16 GEMM inputs
+// (ForwardOptions::fused, ::dtype), per module and per block, in one process: the modes take turns
+// (order rotated every round) so machine load hits all alike; the table reports the minimum and
+// the median over the rounds and the ratios of the minima.
 // Usage: fused_bench [s] [r] [rounds]   (default 128 256 5); prints /proc/loadavg before and after.
 #include <algorithm>
 #include <chrono>
@@ -45,14 +46,18 @@ int main(int argc, char** argv) {
       static_cast<long long>(s), static_cast<long long>(r), fc::num_threads(), rounds);
   std::printf("load average before: %s\n", loadavg().c_str());
 
-  std::vector<std::string> order;                       // modules in run order
-  std::map<std::string, std::vector<double>> times[2];  // [mode][module] ms per round
-  std::vector<double> block[2];
+  // Modes: unfused fp32, fused fp32, fused with bf16 GEMM inputs.
+  constexpr int kModes = 3;
+  const char* names[kModes] = {"unfused fp32", "fused fp32", "fused bf16"};
+  std::vector<std::string> order;                            // modules in run order
+  std::map<std::string, std::vector<double>> times[kModes];  // [mode][module] ms per round
+  std::vector<double> block[kModes];
   for (int round = 0; round < rounds + 1; ++round) {  // round 0: warm-up
-    for (int k = 0; k < 2; ++k) {
-      const int mode = (round % 2 == 0) ? k : 1 - k;
+    for (int k = 0; k < kModes; ++k) {
+      const int mode = (round + k) % kModes;  // rotate the order every round
       fc::ForwardOptions opts;
-      opts.fused = mode == 1;
+      opts.fused = mode != 0;
+      opts.dtype = mode == 2 ? fc::DType::BF16 : fc::DType::F32;
       Clock::time_point mark;
       opts.trace = [&](int, const std::string& module, const std::string&, const fc::Tensor&) {
         const auto now = Clock::now();
@@ -71,17 +76,24 @@ int main(int argc, char** argv) {
     }
   }
   std::printf(
-      "\n| module | unfused min ms | fused min ms | fused/unfused (min) | unfused median | "
-      "fused median | fused/unfused (median) |\n|---|---|---|---|---|---|---|\n");
-  auto row = [&](const std::string& name, const std::vector<double>& u,
-                 const std::vector<double>& f) {
-    const double um = *std::min_element(u.begin(), u.end()),
-                 fm = *std::min_element(f.begin(), f.end());
-    std::printf("| %s | %.1f | %.1f | %.3f | %.1f | %.1f | %.3f |\n", name.c_str(), um, fm, fm / um,
-                median(u), median(f), median(f) / median(u));
+      "\nminimum (median) ms over the rounds\n\n| module | %s | %s | %s | fused/unfused | "
+      "bf16/fp32 fused | bf16 fused/unfused |\n|---|---|---|---|---|---|---|\n",
+      names[0], names[1], names[2]);
+  auto row = [&](const std::string& name, const std::vector<double>* v) {
+    double mn[kModes], md[kModes];
+    for (int k = 0; k < kModes; ++k) {
+      mn[k] = *std::min_element(v[k].begin(), v[k].end());
+      md[k] = median(v[k]);
+    }
+    std::printf("| %s | %.1f (%.1f) | %.1f (%.1f) | %.1f (%.1f) | %.3f | %.3f | %.3f |\n",
+                name.c_str(), mn[0], md[0], mn[1], md[1], mn[2], md[2], mn[1] / mn[0],
+                mn[2] / mn[1], mn[2] / mn[0]);
   };
-  for (const std::string& mod : order) row(mod, times[0][mod], times[1][mod]);
-  row("block", block[0], block[1]);
+  for (const std::string& mod : order) {
+    const std::vector<double> v[kModes] = {times[0][mod], times[1][mod], times[2][mod]};
+    row(mod, v);
+  }
+  row("block", block);
   std::printf("\nload average after: %s\n", loadavg().c_str());
   return 0;
 }

@@ -6,13 +6,17 @@
 // Tolerance: the references work in double per row, the fast kernels in float (oneDNN sgemm,
 // Highway LayerNorm). For K <= 1024 and O(1) inputs the float dot products carry relative errors
 // of a few 1e-7, so a normwise relative error below 2e-6 has a margin and still catches a wrong or
-// skipped row block, which gives O(1) errors.
+// skipped row block, which gives O(1) errors. BF16 GEMM inputs: both sides round the same
+// normalised rows to bf16, but the fast LayerNorm's last-bit differences from the double reference
+// flip the rounding of a few elements (one bf16 ulp = 2^-8 relative), so kBf16Tol below.
 #include "kernels/fused.h"
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -20,6 +24,7 @@
 #include "foldcube/extra_msa.h"
 #include "foldcube/io.h"
 #include "foldcube/model.h"
+#include "kernels/convert.h"
 #include "test_util.h"
 
 namespace fc {
@@ -28,6 +33,16 @@ namespace {
 std::vector<float> vec(int64_t n, uint64_t seed, float scale = 1.f, float offset = 0.f) {
   std::vector<float> out(n);
   for (int64_t i = 0; i < n; ++i) out[i] = scale * uniform_pm1(seed, i) + offset;
+  return out;
+}
+
+constexpr double kF32Tol = 2e-6, kBf16Tol = 1e-4;
+// bf16 GEMM inputs against the float64 golden reference, normwise per tensor (docs/benchmarks.md).
+constexpr double kBf16GoldenTol = 1e-2;
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  kern::f32_to_bf16(x.data(), out.data(), static_cast<int64_t>(x.size()));
   return out;
 }
 
@@ -73,23 +88,30 @@ TEST_P(FusedLayerNormLinear, MatchesReferenceAndThreadCounts) {
   a.W = W.data(), a.bias = c.bias ? bias.data() : nullptr;
   a.ldy = ldy, a.accumulate = c.accumulate;
 
-  std::vector<float> want = y0, scratch(c.in);
-  a.y = want.data();
-  kern::ref::layernorm_linear(a, scratch.data());
-  std::vector<std::vector<float>> got;
-  for (int threads : {1, 2, 3}) {
-    std::vector<float> y = y0;
-    std::vector<float> s(kern::layernorm_linear_scratch_floats(a, threads) + 1, 123.f);
-    a.y = y.data();
-    kern::layernorm_linear(a, s.data(), threads);
-    EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-    for (int64_t g = 0; g < c.B * c.L; ++g)  // padding untouched
-      for (int64_t i = c.out; i < ldy; ++i) ASSERT_EQ(y[g * ldy + i], y0[g * ldy + i]);
-    EXPECT_LT(norm_rel_err(y, want), 2e-6) << "threads " << threads;
-    got.push_back(y);
+  const std::vector<uint16_t> Wb = to_bf16(W);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    a.dtype = dt;
+    a.W_bf16 = Wb.data();
+    const double tol = dt == DType::BF16 ? kBf16Tol : kF32Tol;
+    std::vector<float> want = y0, scratch(2 * c.in);
+    a.y = want.data();
+    kern::ref::layernorm_linear(a, scratch.data());
+    std::vector<std::vector<float>> got;
+    for (int threads : {1, 2, 3}) {
+      std::vector<float> y = y0;
+      std::vector<float> s(kern::layernorm_linear_scratch_floats(a, threads) + 1, 123.f);
+      a.y = y.data();
+      kern::layernorm_linear(a, s.data(), threads);
+      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+      for (int64_t g = 0; g < c.B * c.L; ++g)  // padding untouched
+        for (int64_t i = c.out; i < ldy; ++i) ASSERT_EQ(y[g * ldy + i], y0[g * ldy + i]);
+      EXPECT_LT(norm_rel_err(y, want), tol) << "threads " << threads << " " << dtype_name(dt);
+      got.push_back(y);
+    }
+    for (size_t t = 1; t < got.size(); ++t)
+      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+          << "threads differ, " << dtype_name(dt);
   }
-  for (size_t t = 1; t < got.size(); ++t)
-    EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, FusedLayerNormLinear,
@@ -130,25 +152,32 @@ TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
   a.W1 = W1.data(), a.b1 = b1.data(), a.W2 = W2.data(), a.b2 = b2.data();
   a.row_scale = c.masked ? mask.data() : nullptr;
 
-  std::vector<float> want = x0, scratch(c.c + nh);
-  a.x = want.data();
-  kern::ref::transition(a, scratch.data());
-  std::vector<std::vector<float>> got;
-  for (int threads : {1, 2, 3}) {
-    std::vector<float> x = x0;
-    std::vector<float> s(kern::transition_scratch_floats(a, threads) + 1, 123.f);
-    a.x = x.data();
-    kern::transition(a, s.data(), threads);
-    EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-    EXPECT_LT(norm_rel_err(x, want), 2e-6) << "threads " << threads;
-    if (c.masked) {
-      for (int64_t r = 1; r < c.rows; r += 3)
-        for (int64_t i = 0; i < c.c; ++i) ASSERT_EQ(x[r * c.c + i], x0[r * c.c + i]);
+  const std::vector<uint16_t> W1b = to_bf16(W1), W2b = to_bf16(W2);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    a.dtype = dt;
+    a.W1_bf16 = W1b.data(), a.W2_bf16 = W2b.data();
+    const double tol = dt == DType::BF16 ? kBf16Tol : kF32Tol;
+    std::vector<float> want = x0, scratch(2 * (c.c + nh));
+    a.x = want.data();
+    kern::ref::transition(a, scratch.data());
+    std::vector<std::vector<float>> got;
+    for (int threads : {1, 2, 3}) {
+      std::vector<float> x = x0;
+      std::vector<float> s(kern::transition_scratch_floats(a, threads) + 1, 123.f);
+      a.x = x.data();
+      kern::transition(a, s.data(), threads);
+      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+      EXPECT_LT(norm_rel_err(x, want), tol) << "threads " << threads << " " << dtype_name(dt);
+      if (c.masked) {
+        for (int64_t r = 1; r < c.rows; r += 3)
+          for (int64_t i = 0; i < c.c; ++i) ASSERT_EQ(x[r * c.c + i], x0[r * c.c + i]);
+      }
+      got.push_back(x);
     }
-    got.push_back(x);
+    for (size_t t = 1; t < got.size(); ++t)
+      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+          << "threads differ, " << dtype_name(dt);
   }
-  for (size_t t = 1; t < got.size(); ++t)
-    EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, FusedTransition,
@@ -226,6 +255,62 @@ TEST(FusedBlock, GoldenAf2DimsBothPaths) {
     EXPECT_LT(test::golden_err(s_out, f.tensors.at("output.s")), 1e-4) << fused;
   }
 }
+
+// ||x - ref|| / ||ref|| over all elements (the bf16 accuracy metric; docs/benchmarks.md).
+double normwise_err(const Tensor& x, const Tensor& ref) {
+  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double d = a.data<double>()[i] - b.data<double>()[i];
+    num += d * d;
+    den += b.data<double>()[i] * b.data<double>()[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// bf16 GEMM inputs on the golden cases, against the float64 reference: every output and block-0
+// trace within a normwise tolerance; fp32 on the same run for the record.
+class GoldenBf16 : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GoldenBf16, OutputsAndTracesWithinTolerance) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path(GetParam() + ".safetensors"), &f).ok());
+  EvoformerConfig cfg;
+  ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
+  EvoformerStack stack;
+  ASSERT_TRUE(EvoformerStack::load(cfg, f, &stack).ok());
+  Tensor m0, z0, msa_mask, pair_mask;
+  ASSERT_TRUE(f.get_f32("input.m", {}, &m0).ok());
+  ASSERT_TRUE(f.get_f32("input.z", {}, &z0).ok());
+  ASSERT_TRUE(f.get_f32("input.msa_mask", {}, &msa_mask).ok());
+  ASSERT_TRUE(f.get_f32("input.pair_mask", {}, &pair_mask).ok());
+  for (DType dt : {DType::F32, DType::BF16}) {
+    std::map<std::string, Tensor> traces;
+    ForwardOptions opts;
+    opts.dtype = dt;
+    opts.trace = [&](int block, const std::string& module, const std::string& stream,
+                     const Tensor& v) {
+      if (block == 0) traces["trace.block0." + module + "." + stream] = v.clone();
+    };
+    Tensor m = m0.clone(), z = z0.clone(), s_out;
+    ASSERT_TRUE(stack.forward(m, z, msa_mask, pair_mask, &s_out, opts).ok());
+    traces["output.m"] = m, traces["output.z"] = z, traces["output.s"] = s_out;
+    double worst = 0, worst_golden = 0;
+    for (const auto& [name, t] : traces) {
+      const double e = normwise_err(t, f.tensors.at(name));
+      worst = std::max(worst, e);
+      worst_golden = std::max(worst_golden, test::golden_err(t, f.tensors.at(name)));
+      if (dt == DType::BF16) {
+        EXPECT_LT(e, kBf16GoldenTol) << name;
+      }
+    }
+    std::printf("%s %s: worst normwise error %.2e, worst golden metric %.2e\n", GetParam().c_str(),
+                dtype_name(dt), worst, worst_golden);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GoldenBf16, ::testing::Values("evo_tiny", "evo_af2dims"),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace fc

@@ -9,9 +9,18 @@
 // thread count. Per row the arithmetic is the unfused sequence (kern::layernorm, kern::linear,
 // kern::relu_inplace, kern::linear accumulating); only the GEMMs' row counts differ, so results
 // equal the unfused ones within f32 rounding of the GEMM (tests/fused_test.cc).
+//
+// GEMM input type (`dtype`): F32, or BF16 — the normalised rows (and the transition's hidden
+// activation) are rounded to bf16 in the block and multiplied by bf16 weights (W_bf16: the
+// caller's bf16 copy of W) with f32 accumulation and f32 output (kern::gemm_typed, oneDNN
+// matmul); LayerNorm statistics, bias, ReLU and the residual add stay f32. The bf16 matmul runs its
+// own threads and takes one caller at a time, so BF16 processes larger row blocks one after
+// another (the LayerNorm of a block split over the threads) instead of one block per thread.
 #pragma once
 
 #include <cstdint>
+
+#include "foldcube/tensor.h"
 
 namespace fc::kern {
 
@@ -30,9 +39,11 @@ struct LayerNormLinearArgs {
   float* y = nullptr;
   int64_t ldy = 0;
   bool accumulate = false;
+  DType dtype = DType::F32;          // GEMM inputs: F32 or BF16
+  const uint16_t* W_bf16 = nullptr;  // [out, in] bf16 bits of W (dtype BF16; W unused then)
 };
-// Rows per block (a multiple of 16 at least 16; depends on in and out only).
-int64_t layernorm_linear_block_rows(int64_t in, int64_t out);
+// Rows per block (a multiple of 16 at least 16; depends on the shape and dtype only).
+int64_t layernorm_linear_block_rows(int64_t in, int64_t out, DType dtype = DType::F32);
 int64_t layernorm_linear_scratch_floats(const LayerNormLinearArgs& a, int threads);
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads);
 
@@ -46,18 +57,23 @@ struct TransitionArgs {
   const float* gamma = nullptr;  // [c]
   const float* beta = nullptr;   // [c]
   float eps = 1e-5f;
-  const float* W1 = nullptr;         // [hidden, c]
-  const float* b1 = nullptr;         // [hidden]
-  const float* W2 = nullptr;         // [c, hidden]
-  const float* b2 = nullptr;         // [c]
-  const float* row_scale = nullptr;  // [rows] or nullptr
+  const float* W1 = nullptr;          // [hidden, c]
+  const float* b1 = nullptr;          // [hidden]
+  const float* W2 = nullptr;          // [c, hidden]
+  const float* b2 = nullptr;          // [c]
+  const float* row_scale = nullptr;   // [rows] or nullptr
+  DType dtype = DType::F32;           // GEMM inputs: F32 or BF16
+  const uint16_t* W1_bf16 = nullptr;  // [hidden, c] (dtype BF16; W1, W2 unused then)
+  const uint16_t* W2_bf16 = nullptr;  // [c, hidden]
 };
-int64_t transition_block_rows(int64_t c, int64_t hidden);
+int64_t transition_block_rows(int64_t c, int64_t hidden, DType dtype = DType::F32);
 int64_t transition_scratch_floats(const TransitionArgs& a, int threads);
 void transition(const TransitionArgs& a, float* scratch, int threads);
 
 namespace ref {
-// One row at a time in double (statistics, dot products); scratch: in (c + hidden) floats.
+// One row at a time in double (statistics, dot products); with BF16 the normalised row (and the
+// hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
+// (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden)) floats.
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
 void transition(const TransitionArgs& a, float* scratch);
 }  // namespace ref

@@ -7,6 +7,7 @@
 
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
+#include "kernels/convert.h"
 #include "kernels/fused.h"
 #include "kernels/kernels.h"
 #include "model/block_table.h"
@@ -72,19 +73,37 @@ int64_t pair_bias_heads_bytes(const BlockContext& ctx, int64_t H) {
   return 2 * H * ctx.r * ctx.r * kF + pair_bias_project_bytes(ctx, ctx.r, H);
 }
 
-// A LayerNorm-Linear call's sizes (what its scratch formula reads); the caller sets the pointers.
-kern::LayerNormLinearArgs ln_linear_dims(int64_t B, int64_t L, int64_t in, int64_t out) {
+// A LayerNorm-Linear call's sizes and GEMM input type (what its scratch formula reads); the caller
+// sets the pointers.
+kern::LayerNormLinearArgs ln_linear_dims(int64_t B, int64_t L, int64_t in, int64_t out,
+                                         DType dtype) {
   kern::LayerNormLinearArgs a;
-  a.B = B, a.L = L, a.in = in, a.out = out;
+  a.B = B, a.L = L, a.in = in, a.out = out, a.dtype = dtype;
   return a;
 }
 
+// The GEMM-input copy of a weight matrix for the fused kernels: its bf16 rounding (a tracked
+// tensor, same shape) when dtype is BF16, else undefined (the kernels read the f32 weights).
+Tensor gemm_weights(const Tensor& w, DType dtype) {
+  if (dtype != DType::BF16) return Tensor();
+  Tensor out = Tensor::empty(w.shape(), DType::BF16);
+  kern::f32_to_bf16(w.f32(), out.data<uint16_t>(), w.numel());
+  return out;
+}
+int64_t gemm_weights_bytes(int64_t numel, DType dtype) {
+  return dtype == DType::BF16 ? numel * 2 : 0;
+}
+const uint16_t* bf16_ptr(const Tensor& t) { return t.defined() ? t.data<uint16_t>() : nullptr; }
+
 // The fused projection of chunk items [n0, n0 + n) of S (see attention_module) to y [n*L, 4*H*C]:
 // LN rows read in place (strided when transposed), q | k | v | g written per row.
-kern::LayerNormLinearArgs qkvg_args(const LayerNormW& ln, const GatedAttentionW& w, float eps,
-                                    const float* S, int64_t n0, int64_t n, int64_t N, int64_t L,
-                                    int64_t c, bool transposed, float* y) {
-  kern::LayerNormLinearArgs a = ln_linear_dims(n, L, c, w.w_qkvg.dim(0));
+// wb: gemm_weights(w.w_qkvg, dtype).
+kern::LayerNormLinearArgs qkvg_args(const LayerNormW& ln, const GatedAttentionW& w,
+                                    const Tensor& wb, DType dtype, float eps, const float* S,
+                                    int64_t n0, int64_t n, int64_t N, int64_t L, int64_t c,
+                                    bool transposed, float* y) {
+  kern::LayerNormLinearArgs a = ln_linear_dims(n, L, c, w.w_qkvg.dim(0), dtype);
+  a.W_bf16 = bf16_ptr(wb);
   a.x = S + (transposed ? n0 * c : n0 * L * c);
   a.x_bs = transposed ? c : L * c;
   a.x_rs = transposed ? N * c : c;
@@ -102,13 +121,14 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
                             bool transposed, const float* mask_bias, const float* bias) {
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   const int64_t hc = H * C, ld = 4 * hc;
-  Tensor qkvg = Tensor::empty({ch * L, ld});  // [(b, l), q | k | v | g] of a chunk
+  const Tensor wb = gemm_weights(w.w_qkvg, ctx.dtype);  // [4*H*C, c] bf16 (BF16 only)
+  Tensor qkvg = Tensor::empty({ch * L, ld});            // [(b, l), q | k | v | g] of a chunk
   float* p = qkvg.f32();
   for (int64_t n0 = 0; n0 < N; n0 += ch) {
     const int64_t n = std::min(ch, N - n0);
     {
       const kern::LayerNormLinearArgs la =
-          qkvg_args(ln, w, ctx.cfg->eps_ln, S, n0, n, N, L, c, transposed, p);
+          qkvg_args(ln, w, wb, ctx.dtype, ctx.cfg->eps_ln, S, n0, n, N, L, c, transposed, p);
       Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
       kern::layernorm_linear(la, scratch.f32(), ctx.threads);
     }
@@ -169,9 +189,9 @@ int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, in
                                int64_t c) {
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   if (ctx.fused) {
-    return ch * L * 4 * H * C * kF +
-           std::max(kern::layernorm_linear_scratch_floats(ln_linear_dims(ch, L, c, 4 * H * C),
-                                                          ctx.threads),
+    return gemm_weights_bytes(4 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
+           std::max(kern::layernorm_linear_scratch_floats(
+                        ln_linear_dims(ch, L, c, 4 * H * C, ctx.dtype), ctx.threads),
                     kern::attention_scratch_floats(attention_dims(H, C, ch, L), ctx.threads)) *
                kF;
   }
@@ -183,7 +203,8 @@ void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockCont
                        const float* z, int64_t rows, float* t) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
   if (ctx.fused) {
-    kern::LayerNormLinearArgs a = ln_linear_dims(1, rows * r, cz, H);
+    // f32 GEMM inputs in every dtype: H (4 or 8) outputs are too few for the bf16 matmul.
+    kern::LayerNormLinearArgs a = ln_linear_dims(1, rows * r, cz, H, DType::F32);
     a.x = z, a.x_rs = cz;
     a.gamma = ln.w.f32(), a.beta = ln.b.f32(), a.eps = ctx.cfg->eps_ln;
     a.W = lin.w.f32();
@@ -205,7 +226,8 @@ void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockCont
 int64_t pair_bias_project_bytes(const BlockContext& ctx, int64_t rows, int64_t H) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z;
   if (ctx.fused)
-    return kern::layernorm_linear_scratch_floats(ln_linear_dims(1, rows * r, cz, H), ctx.threads) *
+    return kern::layernorm_linear_scratch_floats(ln_linear_dims(1, rows * r, cz, H, DType::F32),
+                                                 ctx.threads) *
            kF;
   return pick_chunk(ctx, rows, r * cz * kF) * r * cz * kF;
 }
@@ -280,12 +302,16 @@ kern::TransitionArgs transition_args(const TransitionW& w, const BlockContext& c
   a.gamma = w.ln.w.f32(), a.beta = w.ln.b.f32(), a.eps = ctx.cfg->eps_ln;
   a.W1 = w.l1.w.f32(), a.b1 = w.l1.b.f32(), a.W2 = w.l2.w.f32(), a.b2 = w.l2.b.f32();
   a.row_scale = row_scale;
+  a.dtype = ctx.dtype;
   return a;
 }
 
 void transition_fused(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                       int64_t c, const float* row_scale) {
-  const kern::TransitionArgs a = transition_args(w, ctx, x, rows, c, row_scale);
+  kern::TransitionArgs a = transition_args(w, ctx, x, rows, c, row_scale);
+  const Tensor w1 = gemm_weights(w.l1.w, ctx.dtype);  // [hidden, c] bf16 (BF16 only)
+  const Tensor w2 = gemm_weights(w.l2.w, ctx.dtype);  // [c, hidden]
+  a.W1_bf16 = bf16_ptr(w1), a.W2_bf16 = bf16_ptr(w2);
   Tensor scratch = Tensor::empty({kern::transition_scratch_floats(a, ctx.threads)});
   kern::transition(a, scratch.f32(), ctx.threads);
 }
@@ -336,13 +362,14 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
     const int64_t ch = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
     Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * cols, cm});  // LN(m) chunk (unfused)
     Tensor ab = Tensor::empty({ch * cols, 2 * co});
+    const Tensor wb = ctx.fused ? gemm_weights(w.l12.w, ctx.dtype) : Tensor();  // [2*c_o, c_m]
     for (int64_t s0 = 0; s0 < s; s0 += ch) {
       const int64_t n = std::min(ch, s - s0);
       if (ctx.fused) {
-        kern::LayerNormLinearArgs la = ln_linear_dims(1, n * cols, cm, 2 * co);
+        kern::LayerNormLinearArgs la = ln_linear_dims(1, n * cols, cm, 2 * co, ctx.dtype);
         la.x = m + s0 * cols * cm, la.x_rs = cm;
         la.gamma = w.ln.w.f32(), la.beta = w.ln.b.f32(), la.eps = cfg.eps_ln;
-        la.W = w.l12.w.f32(), la.bias = w.l12.b.f32();
+        la.W = w.l12.w.f32(), la.bias = w.l12.b.f32(), la.W_bf16 = bf16_ptr(wb);
         la.y = ab.f32(), la.ldy = 2 * co;
         Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
         kern::layernorm_linear(la, scratch.f32(), ctx.threads);
@@ -530,6 +557,7 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
   Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * r, cz});  // LN_in(z) chunk (unfused)
   Tensor y = Tensor::empty({ch * r, cz});
   Tensor g = Tensor::empty({ch * r, cz});
+  const Tensor wg_b = ctx.fused ? gemm_weights(w.lin_g.w, ctx.dtype) : Tensor();  // [c_z, c_z]
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0);
     float* pp = pc.f32();
@@ -538,10 +566,10 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), w.lin_z.b.f32(), cz, y.f32(), cz);
     float* zr = z + i0 * r * cz;
     if (ctx.fused) {
-      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz);
+      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz, ctx.dtype);
       la.x = zr, la.x_rs = cz;
       la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
-      la.W = w.lin_g.w.f32(), la.bias = w.lin_g.b.f32();
+      la.W = w.lin_g.w.f32(), la.bias = w.lin_g.b.f32(), la.W_bf16 = bf16_ptr(wg_b);
       la.y = g.f32(), la.ldy = cz;
       Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
       kern::layernorm_linear(la, scratch.f32(), ctx.threads);
@@ -576,23 +604,27 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
   const int64_t gathered = parts > 1 ? s * r * co : 0;
   // Projection phase: the ab chunk beside LN(m) (unfused) or the fused kernel's scratch.
   const int64_t proj =
-      ctx.fused ? ch1 * cols * 2 * co + kern::layernorm_linear_scratch_floats(
-                                            ln_linear_dims(1, ch1 * cols, cm, 2 * co), ctx.threads)
+      ctx.fused ? ch1 * cols * 2 * co +
+                      kern::layernorm_linear_scratch_floats(
+                          ln_linear_dims(1, ch1 * cols, cm, 2 * co, ctx.dtype), ctx.threads)
                 : ch1 * cols * (cm + 2 * co);
-  return kF * std::max({ab + proj, ab + gathered,
-                        s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
-                            ch2 * (2 * co * r * co + r * cz)});
+  const int64_t wb = ctx.fused ? gemm_weights_bytes(2 * co * cm, ctx.dtype) : 0;
+  return std::max({kF * (ab + proj) + wb, kF * (ab + gathered),
+                   kF * (s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
+                         ch2 * (2 * co * r * co + r * cz))});
 }
 
 int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
   const int64_t ch2 = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
   // Output phase: pc, y, g and LN_in(z) (unfused) or the fused kernel's scratch for lin_g.
-  const int64_t out =
-      ctx.fused ? ch2 * r * (ct + 2 * cz) + kern::layernorm_linear_scratch_floats(
-                                                ln_linear_dims(1, ch2 * r, cz, cz), ctx.threads)
-                : ch2 * r * (ct + 3 * cz);
-  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes, out * kF);
+  const int64_t out = ctx.fused
+                          ? ch2 * r * (ct + 2 * cz) +
+                                kern::layernorm_linear_scratch_floats(
+                                    ln_linear_dims(1, ch2 * r, cz, cz, ctx.dtype), ctx.threads)
+                          : ch2 * r * (ct + 3 * cz);
+  const int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
+  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes, out * kF + wb);
 }
 
 int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
@@ -621,8 +653,9 @@ int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
       const int64_t nc = cfg.transition_n * c;
       if (ctx.fused) {
         kern::TransitionArgs a;
-        a.rows = rows, a.c = c, a.hidden = nc;
-        return kern::transition_scratch_floats(a, ctx.threads) * kF;
+        a.rows = rows, a.c = c, a.hidden = nc, a.dtype = ctx.dtype;
+        return gemm_weights_bytes(2 * nc * c, ctx.dtype) +
+               kern::transition_scratch_floats(a, ctx.threads) * kF;
       }
       return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
     }

@@ -36,6 +36,9 @@ struct BlockContext {
   // fused.h) in row blocks, the attention output Linear accumulating into the stream; false runs
   // the unfused reference path (equal within f32 rounding). Training functions ignore it.
   bool fused = true;
+  // GEMM input type of the fused projections and transitions (F32 | BF16: bf16 inputs, f32
+  // accumulation and storage; see src/kernels/fused.h). BF16 needs fused.
+  DType dtype = DType::F32;
 };
 
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.
