@@ -110,7 +110,7 @@ TEST_P(FusedLayerNormLinear, MatchesReferenceAndThreadCounts) {
     }
     for (size_t t = 1; t < got.size(); ++t)
       EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-          << "threads differ, " << dtype_name(dt);
+          << "threads differ, " << dtype_name(dt) << " run " << t;
   }
 }
 
@@ -176,7 +176,7 @@ TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
     }
     for (size_t t = 1; t < got.size(); ++t)
       EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-          << "threads differ, " << dtype_name(dt);
+          << "threads differ, " << dtype_name(dt) << " run " << t;
   }
 }
 

@@ -20,79 +20,37 @@ namespace {
 // of L2 and L3.
 constexpr int64_t kBlockBytes = 256 << 10;
 constexpr int64_t kRowAlign = 16;  // whole GEMM row panels (oneDNN's sgemm unrolls M by 16 or 8)
-// BF16 blocks run one at a time through the multi-threaded bf16 matmul: 4x the rows, so each call
-// has enough rows for every thread and the per-call overhead stays small.
-constexpr int64_t kBf16BlockScale = 4;
 
-int64_t block_rows_for(int64_t row_floats, DType dtype) {
+int64_t block_rows_for(int64_t row_floats) {
   const int64_t rows = kBlockBytes / std::max<int64_t>(row_floats * 4, 1) / kRowAlign * kRowAlign;
-  const int64_t f32 = std::clamp<int64_t>(rows, kRowAlign, 32 * kRowAlign);
-  return dtype == DType::BF16 ? kBf16BlockScale * f32 : f32;
+  return std::clamp<int64_t>(rows, kRowAlign, 32 * kRowAlign);
 }
 
 // Floats that hold n bf16 values.
 int64_t bf16_floats(int64_t n) { return (n + 1) / 2; }
 
-// y[rows, out] (=, or += with accumulate) xb W^T (+ bias) with bf16 xb [rows, in] and W [out, in]:
-// the bias is written (or added) first, then the product is accumulated in f32 (oneDNN matmul).
-void linear_bf16(const uint16_t* xb, int64_t rows, int64_t in, const uint16_t* W, const float* bias,
-                 int64_t out, float* y, int64_t ldy, bool accumulate) {
+// Scratch floats of one block of `elems` f32 values: the f32 block, plus its bf16 copy for BF16.
+int64_t slot_floats(int64_t elems, DType dtype) {
+  return elems + (dtype == DType::BF16 ? bf16_floats(elems) : 0);
+}
+
+// y[rows, out] (=, or += with accumulate) x W^T (+ bias), x [rows, in] f32 with leading dimension
+// in. F32: kern::linear. BF16: x is rounded into xb [rows, in] and multiplied by Wb [out, in] with
+// f32 accumulation (the bias is written or added first, as kern::linear does).
+void block_linear(DType dtype, const float* x, uint16_t* xb, int64_t rows, int64_t in,
+                  const float* W, const uint16_t* Wb, const float* bias, int64_t out, float* y,
+                  int64_t ldy, bool accumulate) {
+  if (dtype == DType::F32) return linear(x, in, rows, in, W, bias, out, y, ldy, accumulate);
+  f32_to_bf16(x, xb, rows * in);
   float beta = accumulate ? 1.f : 0.f;
   if (bias != nullptr) {
-    if (accumulate) {
+    if (accumulate)
       add_bias_rows(y, ldy, bias, rows, out);
-    } else {
-#pragma omp parallel for schedule(static) if (rows * out > (1 << 16))
+    else
       for (int64_t r = 0; r < rows; ++r) std::copy_n(bias, out, y + r * ldy);
-    }
     beta = 1.f;
   }
-  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, in, W, in, beta, y, ldy);
-}
-
-// The BF16 path of layernorm_linear: row blocks in sequence; scratch [rb, in] f32 + [rb, in] bf16.
-void layernorm_linear_bf16(const LayerNormLinearArgs& a, float* scratch) {
-  const int64_t n = a.B * a.L, in = a.in, rb = block_rows_for(in + a.out, DType::BF16);
-  const int64_t rows_max = std::min(rb, n);
-  float* xs = scratch;                                                  // [rows, in] LN rows
-  uint16_t* xb = reinterpret_cast<uint16_t*>(scratch + rows_max * in);  // [rows, in] in bf16
-  for (int64_t g0 = 0; g0 < n; g0 += rb) {
-    const int64_t g1 = std::min(n, g0 + rb);
-    for (int64_t g = g0; g < g1;) {
-      const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
-      layernorm(a.x + b * a.x_bs + l * a.x_rs, a.x_rs, xs + (g - g0) * in, in, cnt, in, a.gamma,
-                a.beta, a.eps);
-      g += cnt;
-    }
-    f32_to_bf16(xs, xb, (g1 - g0) * in);
-    linear_bf16(xb, g1 - g0, in, a.W_bf16, a.bias, a.out, a.y + g0 * a.ldy, a.ldy, a.accumulate);
-  }
-}
-
-// The BF16 path of transition; scratch [rb, c + hidden] f32 + the same in bf16.
-void transition_bf16(const TransitionArgs& a, float* scratch) {
-  const int64_t c = a.c, nh = a.hidden, rb = block_rows_for(c + nh, DType::BF16);
-  const int64_t rows_max = std::min(rb, a.rows);
-  float* t = scratch;           // [rows, c] LN(x), then the update
-  float* h = t + rows_max * c;  // [rows, hidden]
-  uint16_t* tb = reinterpret_cast<uint16_t*>(h + rows_max * nh);  // [rows, c] bf16
-  uint16_t* hb = tb + rows_max * c;                               // [rows, hidden] bf16
-  for (int64_t g0 = 0; g0 < a.rows; g0 += rb) {
-    const int64_t n = std::min(a.rows, g0 + rb) - g0;
-    float* xr = a.x + g0 * c;
-    layernorm(xr, c, t, c, n, c, a.gamma, a.beta, a.eps);
-    f32_to_bf16(t, tb, n * c);
-    linear_bf16(tb, n, c, a.W1_bf16, a.b1, nh, h, nh, false);
-    relu_inplace(h, nh, n, nh);
-    f32_to_bf16(h, hb, n * nh);
-    if (a.row_scale == nullptr) {
-      linear_bf16(hb, n, nh, a.W2_bf16, a.b2, c, xr, c, true);
-    } else {
-      linear_bf16(hb, n, nh, a.W2_bf16, a.b2, c, t, c, false);
-      scale_rows(t, c, a.row_scale + g0, n, c);
-      add_inplace(xr, c, t, c, n, c);
-    }
-  }
+  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, in, Wb, in, beta, y, ldy);
 }
 
 // Threads that get a block: blocks of rb over n rows, at most `threads`.
@@ -103,9 +61,9 @@ int64_t busy_threads(int64_t n, int64_t rb, int threads) {
 
 // Calls f(slot, g0, g1) for each row block [g0, g1) of n rows; slot < busy_threads(n, rb, threads)
 // indexes the caller's per-thread scratch. Blocks are handed out dynamically (the machine is
-// shared); which thread runs a block never changes its result.
-// Every GEMM inside a block runs single-threaded, also with one busy thread (a multi-threaded
-// sgemm may split the sums differently), so results do not depend on the thread count.
+// shared); which thread runs a block never changes its result. Every GEMM inside a block runs
+// single-threaded, also with one busy thread (a multi-threaded GEMM may split its work
+// differently), so results do not depend on the thread count.
 template <class F>
 void for_row_blocks(int64_t n, int64_t rb, int threads, F f) {
   if (n <= 0) return;
@@ -124,63 +82,64 @@ void for_row_blocks(int64_t n, int64_t rb, int threads, F f) {
 }
 }  // namespace
 
-int64_t layernorm_linear_block_rows(int64_t in, int64_t out, DType dtype) {
-  return block_rows_for(in + out, dtype);
+int64_t layernorm_linear_block_rows(int64_t in, int64_t out, DType) {
+  return block_rows_for(in + out);
 }
 
 int64_t layernorm_linear_scratch_floats(const LayerNormLinearArgs& a, int threads) {
   const int64_t n = a.B * a.L, rb = layernorm_linear_block_rows(a.in, a.out, a.dtype);
   if (n <= 0) return 0;
-  if (a.dtype == DType::BF16) return std::min(rb, n) * a.in + bf16_floats(std::min(rb, n) * a.in);
-  return busy_threads(n, rb, threads) * std::min(rb, n) * a.in;
+  return busy_threads(n, rb, threads) * slot_floats(std::min(rb, n) * a.in, a.dtype);
 }
 
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads) {
   FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
-  if (a.dtype == DType::BF16) return layernorm_linear_bf16(a, scratch);
-  const int64_t n = a.B * a.L, in = a.in, rb = layernorm_linear_block_rows(in, a.out);
-  const int64_t slot_floats = std::min(rb, n) * in;
+  const int64_t n = a.B * a.L, in = a.in, rb = layernorm_linear_block_rows(in, a.out, a.dtype);
+  const int64_t rows_max = std::min(rb, n);
+  const int64_t per_slot = slot_floats(rows_max * in, a.dtype);
   for_row_blocks(n, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
-    float* xs = scratch + slot * slot_floats;  // [g1 - g0, in] normalised rows of the block
-    for (int64_t g = g0; g < g1;) {            // runs of rows of one batch item
+    float* xs = scratch + slot * per_slot;  // [g1 - g0, in] normalised rows of the block
+    uint16_t* xb = reinterpret_cast<uint16_t*>(xs + rows_max * in);  // their bf16 (BF16)
+    for (int64_t g = g0; g < g1;) {  // runs of rows of one batch item
       const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
       layernorm(a.x + b * a.x_bs + l * a.x_rs, a.x_rs, xs + (g - g0) * in, in, cnt, in, a.gamma,
                 a.beta, a.eps);
       g += cnt;
     }
-    linear(xs, in, g1 - g0, in, a.W, a.bias, a.out, a.y + g0 * a.ldy, a.ldy, a.accumulate);
+    block_linear(a.dtype, xs, xb, g1 - g0, in, a.W, a.W_bf16, a.bias, a.out, a.y + g0 * a.ldy,
+                 a.ldy, a.accumulate);
   });
 }
 
-int64_t transition_block_rows(int64_t c, int64_t hidden, DType dtype) {
-  return block_rows_for(c + hidden, dtype);
+int64_t transition_block_rows(int64_t c, int64_t hidden, DType) {
+  return block_rows_for(c + hidden);
 }
 
 int64_t transition_scratch_floats(const TransitionArgs& a, int threads) {
   const int64_t rb = transition_block_rows(a.c, a.hidden, a.dtype);
   if (a.rows <= 0) return 0;
-  const int64_t per_block = std::min(rb, a.rows) * (a.c + a.hidden);
-  if (a.dtype == DType::BF16) return per_block + bf16_floats(per_block);
-  return busy_threads(a.rows, rb, threads) * per_block;
+  return busy_threads(a.rows, rb, threads) *
+         slot_floats(std::min(rb, a.rows) * (a.c + a.hidden), a.dtype);
 }
 
 void transition(const TransitionArgs& a, float* scratch, int threads) {
   FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
-  if (a.dtype == DType::BF16) return transition_bf16(a, scratch);
-  const int64_t c = a.c, nh = a.hidden, rb = transition_block_rows(c, nh);
-  const int64_t rows_per_slot = std::min(rb, a.rows);
+  const int64_t c = a.c, nh = a.hidden, rb = transition_block_rows(c, nh, a.dtype);
+  const int64_t rows_max = std::min(rb, a.rows);
+  const int64_t per_slot = slot_floats(rows_max * (c + nh), a.dtype);
   for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
     const int64_t n = g1 - g0;
-    float* t = scratch + slot * rows_per_slot * (c + nh);  // [n, c] LN(x), then the update
-    float* h = t + rows_per_slot * c;                      // [n, hidden]
+    float* t = scratch + slot * per_slot;                           // [n, c] LN(x), then the update
+    float* h = t + rows_max * c;                                    // [n, hidden]
+    uint16_t* xb = reinterpret_cast<uint16_t*>(h + rows_max * nh);  // bf16 of t or h (BF16)
     float* xr = a.x + g0 * c;
     layernorm(xr, c, t, c, n, c, a.gamma, a.beta, a.eps);
-    linear(t, c, n, c, a.W1, a.b1, nh, h, nh);
+    block_linear(a.dtype, t, xb, n, c, a.W1, a.W1_bf16, a.b1, nh, h, nh, false);
     relu_inplace(h, nh, n, nh);
     if (a.row_scale == nullptr) {
-      linear(h, nh, n, nh, a.W2, a.b2, c, xr, c, true);
+      block_linear(a.dtype, h, xb, n, nh, a.W2, a.W2_bf16, a.b2, c, xr, c, true);
     } else {
-      linear(h, nh, n, nh, a.W2, a.b2, c, t, c);
+      block_linear(a.dtype, h, xb, n, nh, a.W2, a.W2_bf16, a.b2, c, t, c, false);
       scale_rows(t, c, a.row_scale + g0, n, c);
       add_inplace(xr, c, t, c, n, c);
     }

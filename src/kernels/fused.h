@@ -13,9 +13,8 @@
 // GEMM input type (`dtype`): F32, or BF16 — the normalised rows (and the transition's hidden
 // activation) are rounded to bf16 in the block and multiplied by bf16 weights (W_bf16: the
 // caller's bf16 copy of W) with f32 accumulation and f32 output (kern::gemm_typed, oneDNN
-// matmul); LayerNorm statistics, bias, ReLU and the residual add stay f32. The bf16 matmul runs its
-// own threads and takes one caller at a time, so BF16 processes larger row blocks one after
-// another (the LayerNorm of a block split over the threads) instead of one block per thread.
+// matmul, single-threaded per block as the f32 GEMM); LayerNorm statistics, bias, ReLU and the
+// residual add stay f32. Scratch per thread: the f32 block plus its bf16 copy.
 #pragma once
 
 #include <cstdint>
