@@ -147,9 +147,12 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
     if (!transposed) {
       kern::linear(p, ld, n * L, hc, w.o.w.f32(), w.o.b.f32(), c, S + n0 * L * c, c, true);
     } else {
+      // Item b's L rows sit at S + (n0 + b) c with stride N c: the bias, then one batched GEMM
+      // over the items (one product per thread instead of n multi-threaded small ones).
       for (int64_t b = 0; b < n; ++b)
-        kern::linear(p + b * L * ld, ld, L, hc, w.o.w.f32(), w.o.b.f32(), c, S + (n0 + b) * c,
-                     N * c, true);
+        kern::add_bias_rows(S + (n0 + b) * c, N * c, w.o.b.f32(), L, c);
+      kern::gemm_batched(n, false, true, L, c, hc, 1.f, p, ld, L * ld, w.o.w.f32(), hc, 0, 1.f,
+                         S + n0 * c, N * c, c);
     }
   }
 }
