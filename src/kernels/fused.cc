@@ -111,6 +111,26 @@ void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads)
   });
 }
 
+int64_t linear_residual_scratch_floats(const LinearResidualArgs& a, int threads) {
+  const int64_t n = a.B * a.L, rb = block_rows_for(a.in + a.out);
+  if (n <= 0) return 0;
+  return busy_threads(n, rb, threads) * std::min(rb, n) * a.out;
+}
+
+void linear_residual(const LinearResidualArgs& a, float* scratch, int threads) {
+  const int64_t n = a.B * a.L, out = a.out, rb = block_rows_for(a.in + out);
+  const int64_t per_slot = std::min(rb, n) * out;
+  for_row_blocks(n, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    float* t = scratch + slot * per_slot;  // [g1 - g0, out] the block's update
+    linear(a.x + g0 * a.ldx, a.ldx, g1 - g0, a.in, a.W, a.bias, out, t, out);
+    for (int64_t g = g0; g < g1;) {  // runs of rows of one batch item
+      const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
+      add_inplace(a.y + b * a.y_bs + l * a.y_rs, a.y_rs, t + (g - g0) * out, out, cnt, out);
+      g += cnt;
+    }
+  });
+}
+
 int64_t transition_block_rows(int64_t c, int64_t hidden, DType) {
   return block_rows_for(c + hidden);
 }
@@ -171,6 +191,19 @@ void layernorm_linear(const LayerNormLinearArgs& a, float* scratch) {
         linear_row_bf16(scratch, xb, a.in, a.W_bf16, a.bias, a.out, y, a.accumulate);
       else
         ref::linear(scratch, a.in, 1, a.in, a.W, a.bias, a.out, y, a.ldy, a.accumulate);
+    }
+}
+
+void linear_residual(const LinearResidualArgs& a) {
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t l = 0; l < a.L; ++l) {
+      float* y = a.y + b * a.y_bs + l * a.y_rs;  // [out]
+      for (int64_t o = 0; o < a.out; ++o) {
+        double acc = a.bias != nullptr ? a.bias[o] : 0.0;
+        const float* xr = a.x + (b * a.L + l) * a.ldx;
+        for (int64_t i = 0; i < a.in; ++i) acc += static_cast<double>(xr[i]) * a.W[o * a.in + i];
+        y[o] += static_cast<float>(acc);
+      }
     }
 }
 

@@ -46,6 +46,23 @@ int64_t layernorm_linear_block_rows(int64_t in, int64_t out, DType dtype = DType
 int64_t layernorm_linear_scratch_floats(const LayerNormLinearArgs& a, int threads);
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads);
 
+// y[b, l, :] += x[b*L + l, :] W^T + bias for b < B, l < L: a Linear whose output is a residual
+// update of rows that may be strided (row (b, l) of y at y + b*y_bs + l*y_rs; x rows with leading
+// dimension ldx). Each row block's product goes to per-thread scratch and is then added, so a GEMM
+// never writes rows that are a power-of-two stride apart (an MSA column: 256 KiB at r=256), whose
+// cache-set conflicts made that 2.5x slower. f32 only.
+struct LinearResidualArgs {
+  int64_t B = 1, L = 0, in = 0, out = 0;
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const float* W = nullptr;     // [out, in]
+  const float* bias = nullptr;  // [out] or nullptr
+  float* y = nullptr;
+  int64_t y_bs = 0, y_rs = 0;
+};
+int64_t linear_residual_scratch_floats(const LinearResidualArgs& a, int threads);
+void linear_residual(const LinearResidualArgs& a, float* scratch, int threads);
+
 // x[r, :] += (relu(LN(x[r, :]) W1^T + b1) W2^T + b2) * (row_scale ? row_scale[r] : 1), r < rows.
 // x [rows, c] contiguous, W1 [hidden, c], W2 [c, hidden]. Without row_scale the second Linear
 // accumulates into x directly (kern::linear with accumulate); with it, the update is scaled and
@@ -74,6 +91,7 @@ namespace ref {
 // hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
 // (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden)) floats.
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
+void linear_residual(const LinearResidualArgs& a);
 void transition(const TransitionArgs& a, float* scratch);
 }  // namespace ref
 

@@ -113,9 +113,23 @@ kern::LayerNormLinearArgs qkvg_args(const LayerNormW& ln, const GatedAttentionW&
   return a;
 }
 
+// linear_o of the chunk's attention output o (q slots of qkvg p [n*L, 4*H*C]) added to items
+// [n0, n0 + n) of S (strided when transposed, as qkvg_args reads them).
+kern::LinearResidualArgs output_args(const GatedAttentionW& w, const float* p, float* S, int64_t n0,
+                                     int64_t n, int64_t N, int64_t L, int64_t c, bool transposed) {
+  kern::LinearResidualArgs a;
+  a.B = n, a.L = L, a.in = w.o.w.dim(1), a.out = c;
+  a.x = p, a.ldx = 4 * a.in;
+  a.W = w.o.w.f32(), a.bias = w.o.b.f32();
+  a.y = S + (transposed ? n0 * c : n0 * L * c);
+  a.y_bs = transposed ? c : L * c;
+  a.y_rs = transposed ? N * c : c;
+  return a;
+}
+
 // The fused attention module (ctx.fused): per chunk, qkvg [n*L, 4*H*C] straight from the
-// LayerNorm-Linear kernel (no normalised chunk), the attention in place, then linear_o
-// accumulating into the stream rows (no update chunk).
+// LayerNorm-Linear kernel (no normalised chunk), the attention in place, then linear_o added to
+// the stream rows block by block (no update chunk).
 void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
                             const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
                             bool transposed, const float* mask_bias, const float* bias) {
@@ -144,15 +158,10 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
       Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
       kern::attention(a, scratch.f32(), ctx.threads);
     }
-    if (!transposed) {
-      kern::linear(p, ld, n * L, hc, w.o.w.f32(), w.o.b.f32(), c, S + n0 * L * c, c, true);
-    } else {
-      // Item b's L rows sit at S + (n0 + b) c with stride N c: the bias, then one batched GEMM
-      // over the items (one product per thread instead of n multi-threaded small ones).
-      for (int64_t b = 0; b < n; ++b)
-        kern::add_bias_rows(S + (n0 + b) * c, N * c, w.o.b.f32(), L, c);
-      kern::gemm_batched(n, false, true, L, c, hc, 1.f, p, ld, L * ld, w.o.w.f32(), hc, 0, 1.f,
-                         S + n0 * c, N * c, c);
+    {
+      const kern::LinearResidualArgs lr = output_args(w, p, S, n0, n, N, L, c, transposed);
+      Tensor scratch = Tensor::empty({kern::linear_residual_scratch_floats(lr, ctx.threads)});
+      kern::linear_residual(lr, scratch.f32(), ctx.threads);
     }
   }
 }
@@ -192,10 +201,13 @@ int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, in
                                int64_t c) {
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   if (ctx.fused) {
+    kern::LinearResidualArgs lr;
+    lr.B = ch, lr.L = L, lr.in = H * C, lr.out = c;
     return gemm_weights_bytes(4 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
-           std::max(kern::layernorm_linear_scratch_floats(
-                        ln_linear_dims(ch, L, c, 4 * H * C, ctx.dtype), ctx.threads),
-                    kern::attention_scratch_floats(attention_dims(H, C, ch, L), ctx.threads)) *
+           std::max({kern::layernorm_linear_scratch_floats(
+                         ln_linear_dims(ch, L, c, 4 * H * C, ctx.dtype), ctx.threads),
+                     kern::attention_scratch_floats(attention_dims(H, C, ch, L), ctx.threads),
+                     kern::linear_residual_scratch_floats(lr, ctx.threads)}) *
                kF;
   }
   return 2 * ch * L * c * kF + gated_attention_bytes(H, C, ch, L, ctx.threads);
