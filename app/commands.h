@@ -83,6 +83,7 @@ struct BenchArgs {
   std::string profile;    // --plan, --modules: device profile JSON (default: this machine's)
   bool modules = false;   // per-module cost model vs measured training step (--shapes s:r)
   std::string targets;    // --modules: training chunk targets, e.g. "1MiB,8MiB,32MiB"
+  std::string dtype = "fp32";  // forward table: `run --dtype` of every row (fp32 | bf16)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
 // `bench --plan` (app/plan.cc); exe runs the rows (`exe run --plan FILE`).

@@ -112,6 +112,10 @@ CLI::App* add_bench(CLI::App& app, fc::app::BenchArgs& ba) {
   bench->add_option("--blocks", ba.blocks,
                     "comma-separated block counts (default 1,4; 2,4 with --train)");
   bench->add_option("--json", ba.out_json, "also write the table as JSON here");
+  bench
+      ->add_option("--dtype", ba.dtype,
+                   "forward table: GEMM inputs of every row, fp32 (default) | bf16 (run --dtype)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   bench->add_flag(
       "--long", ba.long_seq,
       "long-sequence table: one block at s=128, r from --shapes (default 512,1024,2048) "

@@ -4,6 +4,8 @@
 // the median over the rounds and the ratios of the minima.
 // Usage: fused_bench [s] [r] [rounds] [kernels]   (default 128 256 5); with "kernels", the kernel
 // table at s*r rows instead. Prints /proc/loadavg before and after.
+#include <time.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "kernels/convert.h"
@@ -28,6 +31,13 @@ std::string loadavg() {
   std::string a, b, c;
   f >> a >> b >> c;
   return a + " " + b + " " + c;
+}
+
+// Process CPU time in ms (both threads; less sensitive than wall time to other processes' load).
+double cpu_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
 double median(std::vector<double> v) {
@@ -124,7 +134,8 @@ int main(int argc, char** argv) {
   const char* names[kModes] = {"unfused fp32", "fused fp32", "fused bf16"};
   std::vector<std::string> order;                            // modules in run order
   std::map<std::string, std::vector<double>> times[kModes];  // [mode][module] ms per round
-  std::vector<double> block[kModes];
+  std::vector<double> block[kModes], block_cpu[kModes];
+  int64_t peak[kModes] = {0, 0, 0};  // tracked bytes above the inputs during the forward
   for (int round = 0; round < rounds + 1; ++round) {  // round 0: warm-up
     for (int k = 0; k < kModes; ++k) {
       const int mode = (round + k) % kModes;  // rotate the order every round
@@ -141,11 +152,16 @@ int main(int argc, char** argv) {
         mark = now;
       };
       fc::Tensor m = m0.clone(), z = z0.clone();
+      fc::MemoryScope scope;
+      const double c0 = cpu_ms();
       const auto t0 = Clock::now();
       mark = t0;
       if (!stack.forward(m, z, fc::Tensor(), fc::Tensor(), nullptr, opts).ok()) return 1;
-      if (round > 0)
+      peak[mode] = std::max(peak[mode], scope.peak() - scope.start_live());
+      if (round > 0) {
         block[mode].push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+        block_cpu[mode].push_back(cpu_ms() - c0);
+      }
     }
   }
   std::printf(
@@ -167,6 +183,13 @@ int main(int argc, char** argv) {
     row(mod, v);
   }
   row("block", block);
+  row("block, process CPU ms", block_cpu);
+  const double mz = static_cast<double>(m0.nbytes() + z0.nbytes());
+  std::printf(
+      "\ntracked forward workspace above m, z (MiB; x bytes(m+z)): %s %.1f (%.2f), %s %.1f "
+      "(%.2f), %s %.1f (%.2f)\n",
+      names[0], peak[0] / 1048576.0, peak[0] / mz, names[1], peak[1] / 1048576.0, peak[1] / mz,
+      names[2], peak[2] / 1048576.0, peak[2] / mz);
   std::printf("\nload average after: %s\n", loadavg().c_str());
   return 0;
 }
