@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <string>
 #include <vector>
@@ -341,6 +343,29 @@ TEST_P(GoldenBf16, OutputsAndTracesWithinTolerance) {
 
 INSTANTIATE_TEST_SUITE_P(Cases, GoldenBf16, ::testing::Values("evo_tiny", "evo_af2dims"),
                          [](const auto& info) { return info.param; });
+
+// The CLI: `run --dtype bf16` and `--unfused` reach the forward (named in the report), and the
+// combinations the library does not run are user errors.
+TEST(FusedCli, DtypeAndUnfusedFlags) {
+  const std::string report = test::temp_file("fused_cli_report.json");
+  for (const std::string& flags : {std::string("--dtype bf16"), std::string("--unfused")}) {
+    const test::Result r =
+        test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + flags + " --report " + report);
+    ASSERT_EQ(r.code, 0) << r.out;
+    std::ifstream f(report);
+    const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find(flags == "--unfused" ? "\"fused\": false" : "\"dtype\": \"bf16\""),
+              std::string::npos)
+        << text;
+  }
+  for (const std::string& bad :
+       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --backward"),
+        std::string("--dtype bf16 --memory-budget 1GiB")}) {
+    const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
+    EXPECT_NE(r.code, 0) << bad;
+    EXPECT_NE(r.out.find("error"), std::string::npos) << bad << ": " << r.out;
+  }
+}
 
 }  // namespace
 }  // namespace fc
