@@ -79,8 +79,10 @@ struct ModuleTime {
 
 struct TrainResult {
   Tensor grad_m, grad_z;  // dL/d input m, z
-  // dL/d parameter under OpenFold state_dict names (every parameter except linear.*).
+  // dL/d parameter under OpenFold state_dict names: every block parameter, and linear.weight,
+  // linear.bias when a gradient of output.s was given.
   std::vector<std::pair<std::string, Tensor>> grad_params;
+  Tensor s;  // output.s = linear(output.m[0]) [r, c_s] (EvoformerStack; undefined for ExtraMSA)
   int64_t activation_bytes = 0;  // tracked bytes kept alive from the forward for the backward
   int64_t peak_bytes = 0;        // tracked peak of the step above what was live before it
   double forward_ms = 0, backward_ms = 0;
@@ -109,9 +111,16 @@ class EvoformerStack {
 
   // One training step: forward (m, z updated in place to the outputs; with opts.dropout in
   // training mode), then backward of L with dL/d output.m = grad_out_m, dL/d output.z = grad_out_z.
+  // out->s receives output.s; dL/d output.s is zero.
   Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                     const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
                     TrainResult* out) const;
+  // The same with dL/d output.s = grad_out_s [r, c_s] (undefined: zero, as above). When it is
+  // given, its share flows back into dL/d m and out->grad_params lists linear.weight and
+  // linear.bias last. output.s and these gradients are computed after the blocks' backward.
+  Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, const Tensor& grad_out_s,
+                    const TrainOptions& opts, TrainResult* out) const;
 
   const EvoformerConfig& config() const { return cfg_; }
   // For the sharded executors: the single projection linear.weight [c_s, c_m], linear.bias [c_s]
