@@ -631,6 +631,10 @@ int bench_command(const BenchArgs& a, const std::string&) {
   set_num_threads(a.threads);
   const int threads = num_threads();
   const std::string exe = self_exe();
+  if (a.dtype != "fp32" && (a.plan || a.train || a.long_seq || a.chunks || a.dap || a.modules)) {
+    std::fprintf(stderr, "foldcube: error: --dtype bf16 applies to the forward table only\n");
+    return 2;
+  }
   if (a.plan) return bench_plan(a, exe);
   const std::string report = temp_report();
   if (report.empty()) return 1;
@@ -648,7 +652,8 @@ int bench_command(const BenchArgs& a, const std::string&) {
   const int repeats = a.repeats > 0 ? a.repeats : 3;
 
   const double peak = sgemm_gflops(2048, 5);
-  std::printf("foldcube bench: Evoformer forward, AF2 model_1 dims, %d thread(s), fp32\n", threads);
+  std::printf("foldcube bench: Evoformer forward, AF2 model_1 dims, %d thread(s), %s\n", threads,
+              a.dtype == "bf16" ? "bf16 GEMM inputs (fused)" : "fp32");
   std::printf("SGEMM n=2048 (oneDNN, same run): %.1f GFLOP/s\n\n", peak);
   std::printf(
       "| s | r | blocks | median ms | GFLOP | GFLOP/s | %% of SGEMM | tracked peak MiB | "
@@ -664,8 +669,8 @@ int bench_command(const BenchArgs& a, const std::string&) {
     for (const std::string& nb : blocks) {
       const std::string cmd = "'" + exe + "' run --quiet --s " + sr[0] + " --r " + sr[1] +
                               " --blocks " + nb + " --threads " + std::to_string(threads) +
-                              " --warmup 1 --repeats " + std::to_string(repeats) + " --report '" +
-                              report + "'";
+                              " --warmup 1 --repeats " + std::to_string(repeats) + " --dtype " +
+                              a.dtype + " --report '" + report + "'";
       nlohmann::json j;
       if (!run_row(cmd, report, &j)) return 1;
       const double gfs = j["gflops_per_s"].get<double>();

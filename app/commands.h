@@ -38,6 +38,8 @@ struct RunArgs {
   int warmup = 0;
   bool quiet = false;
   bool profile = false;        // per-module time breakdown (last timed pass)
+  bool unfused = false;        // inference: the unfused reference path (ForwardOptions::fused)
+  std::string dtype = "fp32";  // inference GEMM inputs: fp32 | bf16 (ForwardOptions::dtype)
   bool backward = false;       // training step: forward + backward
   std::string grad_outputs;    // safetensors with grad.output.m, grad.output.z
   std::string policy;          // recompute policy, one or comma-separated per block
@@ -85,6 +87,7 @@ struct BenchArgs {
   std::string profile;    // --plan, --modules: device profile JSON (default: this machine's)
   bool modules = false;   // per-module cost model vs measured training step (--shapes s:r)
   std::string targets;    // --modules: training chunk targets, e.g. "1MiB,8MiB,32MiB"
+  std::string dtype = "fp32";  // forward table: `run --dtype` of every row (fp32 | bf16)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);
 // `bench --plan` (app/plan.cc); exe runs the rows (`exe run --plan FILE`).

@@ -65,6 +65,12 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
       "--plan-profile", ra.plan_profile,
       "device profile JSON for --plan (default: this machine's, calibrated and cached)");
   run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
+  run->add_flag("--unfused", ra.unfused,
+                "inference: run the unfused LayerNorm/Linear/transition reference path");
+  run->add_option("--dtype", ra.dtype,
+                  "inference GEMM inputs: fp32 (default) | bf16 (bf16 inputs, f32 accumulation "
+                  "and storage; one process, no --memory-budget)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   run->add_option("--model", ra.model,
                   "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
                   "state dict) and --features (feature.<name> tensors with the recycling axis); "
@@ -110,6 +116,10 @@ CLI::App* add_bench(CLI::App& app, fc::app::BenchArgs& ba) {
   bench->add_option("--blocks", ba.blocks,
                     "comma-separated block counts (default 1,4; 2,4 with --train)");
   bench->add_option("--json", ba.out_json, "also write the table as JSON here");
+  bench
+      ->add_option("--dtype", ba.dtype,
+                   "forward table: GEMM inputs of every row, fp32 (default) | bf16 (run --dtype)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   bench->add_flag(
       "--long", ba.long_seq,
       "long-sequence table: one block at s=128, r from --shapes (default 512,1024,2048) "

@@ -64,6 +64,10 @@ Status run_options(const RunArgs& a, RunOptions* o) {
   o->warmup = a.warmup;
   o->repeats = a.repeats;
   o->profile = a.profile;
+  o->fused = !a.unfused;
+  o->dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
+  if (o->dtype != DType::F32 && is_training(a))
+    return Status::InvalidArgument("--dtype bf16: training runs in fp32 only (not implemented)");
   o->dropout = a.train;
   o->seed = a.seed;
   if (!a.memory_budget.empty()) FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &o->memory_budget));
@@ -75,11 +79,12 @@ void print_forward(const RunArgs& a, const RunOptions& o, const Job& job, const 
   const EvoformerConfig& cfg = job.cfg;
   const bool extra = job.kind == StackKind::kExtraMsa;
   const int64_t s = f.m.dim(0), r = f.m.dim(1);
-  std::printf("foldcube run: %s %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, %d thread(s)%s\n",
+  std::printf("foldcube run: %s %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, %d thread(s)%s%s\n",
               extra ? "ExtraMSA" : "Evoformer", static_cast<long long>(cfg.no_blocks),
               static_cast<long long>(s), static_cast<long long>(r), static_cast<long long>(cfg.c_m),
               static_cast<long long>(cfg.c_z), num_threads(),
-              a.weights.empty() ? ", random weights" : "");
+              a.weights.empty() ? ", random weights" : "",
+              o.dtype == DType::BF16 ? ", bf16 GEMM inputs" : (o.fused ? "" : ", unfused"));
   if (f.gflop > 0)
     std::printf("  time        %10.1f ms  (median of %d; %.1f GFLOP, %.1f GFLOP/s)\n", f.time_ms,
                 a.repeats, f.gflop, f.gflop / (f.time_ms / 1e3));
@@ -138,6 +143,8 @@ nlohmann::json forward_report_json(const RunArgs& a, const RunOptions& o, const 
   j["blocks"] = cfg.no_blocks;
   j["threads"] = num_threads();
   j["chunk"] = a.chunk;
+  j["fused"] = o.fused;
+  j["dtype"] = o.dtype == DType::BF16 ? "bf16" : "fp32";
   j["chunk_target_bytes_used"] = f.chunk_target_bytes_used;
   for (const ModuleChunk& c : f.chunking)
     j["module_chunks"][c.module].push_back(
@@ -439,6 +446,11 @@ int dap_command(const RunArgs& a) {
 }  // namespace
 
 int run_command(const RunArgs& a) {
+  if (a.dtype != "fp32" &&
+      (a.model == "af2" || !a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))
+    return fail(Status::InvalidArgument(
+        "--dtype bf16 runs the one-process Evoformer/ExtraMSA forward only (no --model, --plan, "
+        "--dap)"));
   if (a.model == "af2") return run_af2(a);
   if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;
@@ -475,7 +487,8 @@ uint64_t run_args_hash(const RunArgs& a) {
         static_cast<int64_t>(a.repeats), static_cast<int64_t>(a.warmup),
         static_cast<int64_t>(a.quiet), static_cast<int64_t>(a.profile),
         static_cast<int64_t>(a.backward), static_cast<int64_t>(a.train),
-        static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp)})
+        static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp), static_cast<int64_t>(a.unfused),
+        static_cast<int64_t>(a.dtype == "bf16")})
     k += std::to_string(v) + '\x1f';
   uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bit
   for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;

@@ -1,5 +1,6 @@
 // The inference memory model: each module's stated workspace equals what the tracking allocator
-// sees, and a whole block stays within the bound of 6 x bytes(m + z).
+// sees (fused and unfused paths, f32 and bf16 GEMM inputs), and a whole block stays within the
+// issue's bound of 6 x bytes(m + z).
 #include <gtest/gtest.h>
 
 #include <map>
@@ -47,31 +48,44 @@ TEST_P(ModuleMemory, WorkspaceMatchesTrackedPeak) {
   Tensor m = Tensor::full({mc.s, mc.r, cfg.c_m}, 0.1f);
   Tensor z = Tensor::full({mc.r, mc.r, cfg.c_z}, 0.2f);
 
-  BlockContext ctx;
-  ctx.cfg = &cfg;
-  ctx.s = mc.s;
-  ctx.r = mc.r;
-  ctx.chunk = mc.chunk;
-  ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, mc.s, mc.r);
-  ctx.threads = num_threads();
-
-  // Block 1 modules are measured between trace callbacks (block 0's first module would also see
-  // the per-forward mask buffers).
-  std::map<std::string, int64_t> measured;
-  std::optional<MemoryScope> scope;
-  ForwardOptions opts;
-  opts.chunk = mc.chunk;
-  opts.trace = [&](int block, const std::string& module, const std::string&, const Tensor&) {
-    if (block == 1) measured[module] = scope->peak() - scope->start_live();
-    scope.reset();
-    scope.emplace();
+  struct Mode {
+    bool fused;
+    DType dtype;
   };
-  scope.emplace();
-  ASSERT_TRUE(stack.forward(m, z, Tensor(), Tensor(), nullptr, opts).ok());
-  scope.reset();
-  ASSERT_EQ(measured.size(), 9u);
-  for (const auto& [module, bytes] : measured)
-    EXPECT_EQ(bytes, module_workspace_bytes(module.c_str(), ctx)) << module;
+  for (const Mode mode :
+       {Mode{true, DType::F32}, Mode{false, DType::F32}, Mode{true, DType::BF16}}) {
+    const bool fused = mode.fused;
+    BlockContext ctx;
+    ctx.cfg = &cfg;
+    ctx.s = mc.s;
+    ctx.r = mc.r;
+    ctx.chunk = mc.chunk;
+    ctx.chunk_target_bytes = default_chunk_target_bytes(cfg, mc.s, mc.r);
+    ctx.threads = num_threads();
+    ctx.fused = fused;
+    ctx.dtype = mode.dtype;
+
+    // Block 1 modules are measured between trace callbacks (block 0's first module would also
+    // see the per-forward mask buffers).
+    std::map<std::string, int64_t> measured;
+    std::optional<MemoryScope> scope;
+    ForwardOptions opts;
+    opts.chunk = mc.chunk;
+    opts.fused = fused;
+    opts.dtype = mode.dtype;
+    opts.trace = [&](int block, const std::string& module, const std::string&, const Tensor&) {
+      if (block == 1) measured[module] = scope->peak() - scope->start_live();
+      scope.reset();
+      scope.emplace();
+    };
+    scope.emplace();
+    ASSERT_TRUE(stack.forward(m, z, Tensor(), Tensor(), nullptr, opts).ok());
+    scope.reset();
+    ASSERT_EQ(measured.size(), 9u);
+    for (const auto& [module, bytes] : measured)
+      EXPECT_EQ(bytes, module_workspace_bytes(module.c_str(), ctx))
+          << module << (fused ? " fused " : " unfused ") << dtype_name(mode.dtype);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ModuleMemory,

@@ -28,7 +28,19 @@ struct ForwardOptions {
   // Automatic chunking aims every module's chunk buffers at this many bytes; 0 = the default
   // (default_chunk_target_bytes). A memory plan (plan_inference) lowers it to fit a budget.
   int64_t chunk_target_bytes = 0;
+  // LayerNorm fused into the following Linear and the fused transition, in cache-sized row blocks
+  // (docs/benchmarks.md); false runs the unfused reference path (results equal within f32
+  // rounding, workspace per module_workspace_bytes either way).
+  bool fused = true;
+  // GEMM inputs of the fused projections (attention q|k|v|g, OPM, triangle-multiplication gate)
+  // and transitions: F32, or BF16 (bf16-rounded inputs and weights, f32 accumulation; streams,
+  // LayerNorm statistics, softmax and residual adds stay f32). BF16 needs fused; other types
+  // are a user error.
+  DType dtype = DType::F32;
 };
+
+// A user error unless opts.dtype is F32, or BF16 with opts.fused.
+Status check_forward_dtype(const ForwardOptions& opts);
 
 // Activation recompute policy of one block in training (see src/model/train.h):
 // kNone keeps every module's saved state, kModule ("small") keeps each module's input and

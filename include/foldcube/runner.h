@@ -81,6 +81,8 @@ struct RunOptions {
   int64_t memory_budget = 0;       // inference: chunking from the memory model (plan_inference)
   int warmup = 0, repeats = 1;     // untimed, then timed passes
   bool profile = false;            // per-module times
+  bool fused = true;               // inference: ForwardOptions::fused
+  DType dtype = DType::F32;        // inference: ForwardOptions::dtype
   // Training.
   std::vector<Recompute> policy;  // per block, one for all, or empty (none)
   bool dropout = false;           // AF2 training-mode dropout, seeded by seed

@@ -175,7 +175,12 @@ Status forward_options(const Job& job, const RunOptions& o, ForwardOptions* fo,
                        ForwardReport* out) {
   fo->chunk = o.chunk;
   fo->chunk_target_bytes = o.chunk_target_bytes;
+  fo->fused = o.fused;
+  fo->dtype = o.dtype;
   if (o.memory_budget <= 0) return Status::OK();
+  if (!o.fused || o.dtype != DType::F32)  // the inference plan models the fused fp32 path
+    return Status::InvalidArgument(
+        "--memory-budget plans the fused fp32 path; drop --unfused / --dtype bf16");
   if (o.chunk > 0)
     return Status::InvalidArgument("--memory-budget chooses the chunk sizes; drop --chunk");
   const int64_t s = job.m.dim(0), r = job.m.dim(1);

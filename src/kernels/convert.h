@@ -25,8 +25,9 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
 // Row-major C[M,N] (f32) = alpha * op(A) op(B) + beta * C with A and B of element type `ab`
 // (F32: kern::gemm; BF16: oneDNN matmul with f32 accumulation; F16 is not supported, FC_CHECK).
 // Shapes and leading dimensions as kern::gemm (in elements of `ab`). The bf16 path keeps one
-// oneDNN matmul primitive per distinct call shape (a process-wide cache, guarded by a mutex; the
-// primitive runs its own OpenMP threads): call it from one thread at a time.
+// oneDNN matmul primitive per distinct call shape and thread count in a per-thread cache; it may
+// be called from several threads at once (inside an OpenMP region each call runs on its calling
+// thread, as kern::gemm does).
 void gemm_typed(DType ab, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                 const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
                 int64_t ldc);

@@ -4,7 +4,6 @@
 
 #include <cstring>
 #include <map>
-#include <mutex>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <tuple>
 
@@ -72,25 +71,26 @@ uint32_t float_bits(float x) {
 // C = alpha * op(A) op(B) + beta * C, bf16 A and B, through a oneDNN matmul primitive: alpha as
 // its output scale, beta as a sum post-op (the f32 product is accumulated in f32 by oneDNN's
 // bf16 kernels: AVX512_BF16 dot products where the CPU has them). Primitives are cached per
-// shape, transposition, leading dimensions, alpha and beta.
+// shape, transposition, leading dimensions, alpha, beta and the thread count they were made for
+// (omp_get_max_threads: 1 inside the fused kernels' row blocks), one cache per calling thread:
+// a primitive shared by concurrent callers gave results that differed in the last bits now and
+// then (fused_test, three threads on two cores), per-thread primitives never did.
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
                int64_t ldc) {
   using dims = dnnl::memory::dims;
   using dt = dnnl::memory::data_type;
   static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  static std::mutex mu;
-  static std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                             uint32_t, uint32_t>,
-                  dnnl::matmul>
+  thread_local std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                   uint32_t, uint32_t, int>,
+                        dnnl::matmul>
       cache;
   // Logical A [M, K], B [K, N], C [M, N] with the strides of the row-major storage.
   const dnnl::memory::desc a_md({M, K}, dt::bf16, trans_a ? dims{1, lda} : dims{lda, 1});
   const dnnl::memory::desc b_md({K, N}, dt::bf16, trans_b ? dims{1, ldb} : dims{ldb, 1});
   const dnnl::memory::desc c_md({M, N}, dt::f32, dims{ldc, 1});
-  const std::lock_guard<std::mutex> lock(mu);
   const auto key = std::make_tuple(trans_a, trans_b, M, N, K, lda, ldb, ldc, float_bits(alpha),
-                                   float_bits(beta));
+                                   float_bits(beta), omp_get_max_threads());
   auto it = cache.find(key);
   if (it == cache.end()) {
     dnnl::primitive_attr attr;
@@ -103,11 +103,12 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
     it = cache.emplace(key, dnnl::matmul(pd)).first;
   }
+  const dnnl::matmul& prim = it->second;
   dnnl::stream stream(engine);
   dnnl::memory am(a_md, engine, const_cast<void*>(A));
   dnnl::memory bm(b_md, engine, const_cast<void*>(B));
   dnnl::memory cm(c_md, engine, C);
-  it->second.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
   stream.wait();
 }
 }  // namespace

@@ -74,10 +74,13 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
                                const Tensor& pair_mask_in, Tensor* s_out,
                                const ForwardOptions& opts) const {
   const EvoformerConfig& cfg = cfg_;
+  FC_RETURN_IF_ERROR(check_forward_dtype(opts));
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
   const int64_t r = in.r;
-  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  ctx.fused = opts.fused;
+  ctx.dtype = opts.dtype;
 
   float* mp = m.f32();
   float* zp = z.f32();
@@ -92,6 +95,15 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
     kern::linear(mp, cfg.c_m, r, cfg.c_m, linear_w_.f32(), linear_b_.f32(), cfg.c_s, s_out->f32(),
                  cfg.c_s);
   }
+  return Status::OK();
+}
+
+Status check_forward_dtype(const ForwardOptions& opts) {
+  if (opts.dtype == DType::F32) return Status::OK();
+  if (opts.dtype != DType::BF16)
+    return Status::InvalidArgument(std::string("forward: unsupported dtype ") +
+                                   dtype_name(opts.dtype) + " (F32 or BF16)");
+  if (!opts.fused) return Status::InvalidArgument("forward: dtype BF16 needs the fused path");
   return Status::OK();
 }
 

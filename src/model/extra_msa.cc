@@ -106,10 +106,13 @@ void ExtraMsaStack::export_weights(TensorFile* out) const {
 Status ExtraMsaStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
                               const Tensor& pair_mask_in, const ForwardOptions& opts) const {
   const EvoformerConfig& cfg = cfg_;
+  FC_RETURN_IF_ERROR(check_forward_dtype(opts));
   StackInputs in;
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask_in, pair_mask_in, &in));
   BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
   ctx.global_eps = eps_global_;
+  ctx.fused = opts.fused;
+  ctx.dtype = opts.dtype;
 
   float* mp = m.f32();
   float* zp = z.f32();

@@ -7,6 +7,8 @@
 
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
+#include "kernels/convert.h"
+#include "kernels/fused.h"
 #include "kernels/kernels.h"
 #include "layers/swiglu_transition.h"
 #include "model/block_table.h"
@@ -15,6 +17,15 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
+
+// Self-attention of B items over L positions with H heads of width C: sizes and scale only; the
+// caller sets the pointers.
+kern::AttentionArgs attention_dims(int64_t H, int64_t C, int64_t B, int64_t L) {
+  kern::AttentionArgs a;
+  a.B = B, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
+  a.scale = 1.f / std::sqrt(static_cast<float>(C));
+  return a;
+}
 
 // Gated self-attention over L positions for B batch items.
 // x [B, L, c_in] is the normalised input; out [B, L, c_in] receives linear_o(gated attention).
@@ -27,9 +38,7 @@ void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float
   Tensor qkvg = Tensor::empty({B * L, ld});  // [B*L, q | k | v | g]
   float* p = qkvg.f32();
   kern::linear(x, c_in, B * L, c_in, w.w_qkvg.f32(), w.b_qkvg.f32(), ld, p, ld);
-  kern::AttentionArgs a;
-  a.B = B, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
-  a.scale = 1.f / std::sqrt(static_cast<float>(C));
+  kern::AttentionArgs a = attention_dims(H, C, B, L);
   a.q = p, a.q_bs = L * ld, a.q_rs = ld;
   a.k = p + hc, a.k_bs = L * ld, a.k_rs = ld;
   a.v = p + 2 * hc, a.v_bs = L * ld, a.v_rs = ld;
@@ -45,9 +54,8 @@ void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float
 }
 
 int64_t gated_attention_bytes(int64_t H, int64_t C, int64_t B, int64_t L, int threads) {
-  kern::AttentionArgs a;
-  a.B = B, a.Lq = L, a.Lk = L, a.H = H, a.C = C;
-  return B * L * 4 * H * C * kF + kern::attention_scratch_floats(a, threads) * kF;
+  return B * L * 4 * H * C * kF +
+         kern::attention_scratch_floats(attention_dims(H, C, B, L), threads) * kF;
 }
 
 // bias [H, r, r] from the pair stream: bias[h][q][k] = (LN(z) W^T)[q, k, h] (or [k, q, h] when
@@ -63,9 +71,100 @@ Tensor pair_bias_heads(const LayerNormW& ln, const LinearW& lin, const BlockCont
 }
 
 int64_t pair_bias_heads_bytes(const BlockContext& ctx, int64_t H) {
-  const int64_t r = ctx.r, cz = ctx.cfg->c_z;
-  const int64_t ch = pick_chunk(ctx, r, r * cz * kF);
-  return 2 * H * r * r * kF + ch * r * cz * kF;
+  return 2 * H * ctx.r * ctx.r * kF + pair_bias_project_bytes(ctx, ctx.r, H);
+}
+
+// A LayerNorm-Linear call's sizes and GEMM input type (what its scratch formula reads); the caller
+// sets the pointers.
+kern::LayerNormLinearArgs ln_linear_dims(int64_t B, int64_t L, int64_t in, int64_t out,
+                                         DType dtype) {
+  kern::LayerNormLinearArgs a;
+  a.B = B, a.L = L, a.in = in, a.out = out, a.dtype = dtype;
+  return a;
+}
+
+// The GEMM-input copy of a weight matrix for the fused kernels: its bf16 rounding (a tracked
+// tensor, same shape) when dtype is BF16, else undefined (the kernels read the f32 weights).
+Tensor gemm_weights(const Tensor& w, DType dtype) {
+  if (dtype != DType::BF16) return Tensor();
+  Tensor out = Tensor::empty(w.shape(), DType::BF16);
+  kern::f32_to_bf16(w.f32(), out.data<uint16_t>(), w.numel());
+  return out;
+}
+int64_t gemm_weights_bytes(int64_t numel, DType dtype) {
+  return dtype == DType::BF16 ? numel * 2 : 0;
+}
+const uint16_t* bf16_ptr(const Tensor& t) { return t.defined() ? t.data<uint16_t>() : nullptr; }
+
+// The fused projection of chunk items [n0, n0 + n) of S (see attention_module) to y [n*L, 4*H*C]:
+// LN rows read in place (strided when transposed), q | k | v | g written per row.
+// wb: gemm_weights(w.w_qkvg, dtype).
+kern::LayerNormLinearArgs qkvg_args(const LayerNormW& ln, const GatedAttentionW& w,
+                                    const Tensor& wb, DType dtype, float eps, const float* S,
+                                    int64_t n0, int64_t n, int64_t N, int64_t L, int64_t c,
+                                    bool transposed, float* y) {
+  kern::LayerNormLinearArgs a = ln_linear_dims(n, L, c, w.w_qkvg.dim(0), dtype);
+  a.W_bf16 = bf16_ptr(wb);
+  a.x = S + (transposed ? n0 * c : n0 * L * c);
+  a.x_bs = transposed ? c : L * c;
+  a.x_rs = transposed ? N * c : c;
+  a.gamma = ln.w.f32(), a.beta = ln.b.f32(), a.eps = eps;
+  a.W = w.w_qkvg.f32(), a.bias = w.b_qkvg.f32();
+  a.y = y, a.ldy = a.out;
+  return a;
+}
+
+// linear_o of the chunk's attention output o (q slots of qkvg p [n*L, 4*H*C]) added to items
+// [n0, n0 + n) of S (strided when transposed, as qkvg_args reads them).
+kern::LinearResidualArgs output_args(const GatedAttentionW& w, const float* p, float* S, int64_t n0,
+                                     int64_t n, int64_t N, int64_t L, int64_t c, bool transposed) {
+  kern::LinearResidualArgs a;
+  a.B = n, a.L = L, a.in = w.o.w.dim(1), a.out = c;
+  a.x = p, a.ldx = 4 * a.in;
+  a.W = w.o.w.f32(), a.bias = bias_ptr(w.o);
+  a.y = S + (transposed ? n0 * c : n0 * L * c);
+  a.y_bs = transposed ? c : L * c;
+  a.y_rs = transposed ? N * c : c;
+  return a;
+}
+
+// The fused attention module (ctx.fused): per chunk, qkvg [n*L, 4*H*C] straight from the
+// LayerNorm-Linear kernel (no normalised chunk), the attention in place, then linear_o added to
+// the stream rows block by block (no update chunk).
+void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
+                            const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
+                            bool transposed, const float* mask_bias, const float* bias) {
+  const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
+  const int64_t hc = H * C, ld = 4 * hc;
+  const Tensor wb = gemm_weights(w.w_qkvg, ctx.dtype);  // [4*H*C, c] bf16 (BF16 only)
+  Tensor qkvg = Tensor::empty({ch * L, ld});            // [(b, l), q | k | v | g] of a chunk
+  float* p = qkvg.f32();
+  for (int64_t n0 = 0; n0 < N; n0 += ch) {
+    const int64_t n = std::min(ch, N - n0);
+    {
+      const kern::LayerNormLinearArgs la =
+          qkvg_args(ln, w, wb, ctx.dtype, ctx.cfg->eps_ln, S, n0, n, N, L, c, transposed, p);
+      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+    }
+    kern::AttentionArgs a = attention_dims(H, C, n, L);
+    a.q = p, a.q_bs = L * ld, a.q_rs = ld;
+    a.k = p + hc, a.k_bs = L * ld, a.k_rs = ld;
+    a.v = p + 2 * hc, a.v_bs = L * ld, a.v_rs = ld;
+    a.gate = p + 3 * hc, a.g_bs = L * ld, a.g_rs = ld;
+    a.o = p, a.o_bs = L * ld, a.o_rs = ld;
+    a.mask_bias = mask_bias + n0 * L;
+    a.pair_bias = bias;
+    {
+      Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
+      kern::attention(a, scratch.f32(), ctx.threads);
+    }
+    {
+      const kern::LinearResidualArgs lr = output_args(w, p, S, n0, n, N, L, c, transposed);
+      Tensor scratch = Tensor::empty({kern::linear_residual_scratch_floats(lr, ctx.threads)});
+      kern::linear_residual(lr, scratch.f32(), ctx.threads);
+    }
+  }
 }
 
 // Attention module over a stream S viewed as [N, L, c] (batch over N, attention over L), or, when
@@ -74,6 +173,8 @@ int64_t pair_bias_heads_bytes(const BlockContext& ctx, int64_t H) {
 void attention_module(const LayerNormW& ln, const GatedAttentionW& w, int64_t H, int64_t C,
                       const BlockContext& ctx, float* S, int64_t N, int64_t L, int64_t c,
                       bool transposed, const float* mask_bias, const float* bias) {
+  if (ctx.fused)
+    return attention_module_fused(ln, w, H, C, ctx, S, N, L, c, transposed, mask_bias, bias);
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   Tensor x = Tensor::empty({ch, L, c});    // normalised input chunk
   Tensor out = Tensor::empty({ch, L, c});  // update chunk
@@ -100,6 +201,16 @@ void attention_module(const LayerNormW& ln, const GatedAttentionW& w, int64_t H,
 int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, int64_t N, int64_t L,
                                int64_t c) {
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
+  if (ctx.fused) {
+    kern::LinearResidualArgs lr;
+    lr.B = ch, lr.L = L, lr.in = H * C, lr.out = c;
+    return gemm_weights_bytes(4 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
+           std::max({kern::layernorm_linear_scratch_floats(
+                         ln_linear_dims(ch, L, c, 4 * H * C, ctx.dtype), ctx.threads),
+                     kern::attention_scratch_floats(attention_dims(H, C, ch, L), ctx.threads),
+                     kern::linear_residual_scratch_floats(lr, ctx.threads)}) *
+               kF;
+  }
   return 2 * ch * L * c * kF + gated_attention_bytes(H, C, ch, L, ctx.threads);
 }
 }  // namespace
@@ -107,6 +218,17 @@ int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, in
 void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
                        const float* z, int64_t rows, float* t) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, H = lin.w.dim(0);
+  if (ctx.fused) {
+    // f32 GEMM inputs in every dtype: H (4 or 8) outputs are too few for the bf16 matmul.
+    kern::LayerNormLinearArgs a = ln_linear_dims(1, rows * r, cz, H, DType::F32);
+    a.x = z, a.x_rs = cz;
+    a.gamma = ln.w.f32(), a.beta = ln.b.f32(), a.eps = ctx.cfg->eps_ln;
+    a.W = lin.w.f32();
+    a.y = t, a.ldy = H;
+    Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(a, ctx.threads)});
+    kern::layernorm_linear(a, scratch.f32(), ctx.threads);
+    return;
+  }
   const int64_t ch = pick_chunk(ctx, rows, r * cz * kF);
   Tensor x = Tensor::empty({ch * r, cz});  // LN(z) of a chunk of rows
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
@@ -115,6 +237,15 @@ void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockCont
                     ctx.cfg->eps_ln);
     kern::linear(x.f32(), cz, n * r, cz, lin.w.f32(), nullptr, H, t + i0 * r * H, H);
   }
+}
+
+int64_t pair_bias_project_bytes(const BlockContext& ctx, int64_t rows, int64_t H) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z;
+  if (ctx.fused)
+    return kern::layernorm_linear_scratch_floats(ln_linear_dims(1, rows * r, cz, H, DType::F32),
+                                                 ctx.threads) *
+           kF;
+  return pick_chunk(ctx, rows, r * cz * kF) * r * cz * kF;
 }
 
 void pair_bias_permute(const float* t, int64_t r, int64_t H, bool transposed, float* bias) {
@@ -177,7 +308,33 @@ void triangle_attention(const TriangleAttentionW& w, const BlockContext& ctx, bo
                    cfg.c_z, ending, ending ? ctx.pair_bias_t : ctx.pair_bias, bias.f32());
 }
 
+namespace {
+// The fused transition's arguments on x [rows, c] (row_scale: the masked transition's mask).
+kern::TransitionArgs transition_args(const TransitionW& w, const BlockContext& ctx, float* x,
+                                     int64_t rows, int64_t c, const float* row_scale) {
+  kern::TransitionArgs a;
+  a.rows = rows, a.c = c, a.hidden = w.l1.w.dim(0);
+  a.x = x;
+  a.gamma = w.ln.w.f32(), a.beta = w.ln.b.f32(), a.eps = ctx.cfg->eps_ln;
+  a.W1 = w.l1.w.f32(), a.b1 = w.l1.b.f32(), a.W2 = w.l2.w.f32(), a.b2 = w.l2.b.f32();
+  a.row_scale = row_scale;
+  a.dtype = ctx.dtype;
+  return a;
+}
+
+void transition_fused(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                      int64_t c, const float* row_scale) {
+  kern::TransitionArgs a = transition_args(w, ctx, x, rows, c, row_scale);
+  const Tensor w1 = gemm_weights(w.l1.w, ctx.dtype);  // [hidden, c] bf16 (BF16 only)
+  const Tensor w2 = gemm_weights(w.l2.w, ctx.dtype);  // [c, hidden]
+  a.W1_bf16 = bf16_ptr(w1), a.W2_bf16 = bf16_ptr(w2);
+  Tensor scratch = Tensor::empty({kern::transition_scratch_floats(a, ctx.threads)});
+  kern::transition(a, scratch.f32(), ctx.threads);
+}
+}  // namespace
+
 void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows, int64_t c) {
+  if (ctx.fused) return transition_fused(w, ctx, x, rows, c, nullptr);
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = pick_chunk(ctx, rows, (c + nc) * kF);
   Tensor t = Tensor::empty({ch, c});   // LN(x) chunk
@@ -193,6 +350,7 @@ void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t
 
 void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m) {
   const int64_t rows = ctx.s * ctx.r, c = ctx.cfg->c_m, nc = w.l1.w.dim(0);
+  if (ctx.fused) return transition_fused(w, ctx, m, rows, c, ctx.msa_mask);
   const int64_t ch = pick_chunk(ctx, rows, (c + nc) * kF);
   Tensor t = Tensor::empty({ch, c});   // LN(m) chunk, then the masked update
   Tensor h = Tensor::empty({ch, nc});  // hidden chunk
@@ -239,14 +397,25 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
   Tensor b = Tensor::empty({s, cols, co});  // linear_2(LN(m)) * mask
   {
     const int64_t ch = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
-    Tensor x = Tensor::empty({ch * cols, cm});
+    Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * cols, cm});  // LN(m) chunk (unfused)
     Tensor ab = Tensor::empty({ch * cols, 2 * co});
+    const Tensor wb = ctx.fused ? gemm_weights(w.l12.w, ctx.dtype) : Tensor();  // [2*c_o, c_m]
     for (int64_t s0 = 0; s0 < s; s0 += ch) {
       const int64_t n = std::min(ch, s - s0);
-      kern::layernorm(m + s0 * cols * cm, cm, x.f32(), cm, n * cols, cm, w.ln.w.f32(), w.ln.b.f32(),
-                      cfg.eps_ln);
-      kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
-                   2 * co);
+      if (ctx.fused) {
+        kern::LayerNormLinearArgs la = ln_linear_dims(1, n * cols, cm, 2 * co, ctx.dtype);
+        la.x = m + s0 * cols * cm, la.x_rs = cm;
+        la.gamma = w.ln.w.f32(), la.beta = w.ln.b.f32(), la.eps = cfg.eps_ln;
+        la.W = w.l12.w.f32(), la.bias = bias_ptr(w.l12), la.W_bf16 = bf16_ptr(wb);
+        la.y = ab.f32(), la.ldy = 2 * co;
+        Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+        kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+      } else {
+        kern::layernorm(m + s0 * cols * cm, cm, x.f32(), cm, n * cols, cm, w.ln.w.f32(),
+                        w.ln.b.f32(), cfg.eps_ln);
+        kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
+                     2 * co);
+      }
       const float* abp = ab.f32();
       float* ap = a.f32() + s0 * cols * co;
       float* bp = b.f32() + s0 * cols * co;
@@ -414,10 +583,11 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     }
   }
   const int64_t ch = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
-  Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
-  Tensor x = Tensor::empty({ch * r, cz});
+  Tensor pc = Tensor::empty({ch * r, ct});                        // p rows, channel-last
+  Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * r, cz});  // LN_in(z) chunk (unfused)
   Tensor y = Tensor::empty({ch * r, cz});
   Tensor g = Tensor::empty({ch * r, cz});
+  const Tensor wg_b = ctx.fused ? gemm_weights(w.lin_g.w, ctx.dtype) : Tensor();  // [c_z, c_z]
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0);
     float* pp = pc.f32();
@@ -425,8 +595,18 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
     kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
     float* zr = z + i0 * r * cz;
-    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-    kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
+    if (ctx.fused) {
+      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz, ctx.dtype);
+      la.x = zr, la.x_rs = cz;
+      la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
+      la.W = w.lin_g.w.f32(), la.bias = bias_ptr(w.lin_g), la.W_bf16 = bf16_ptr(wg_b);
+      la.y = g.f32(), la.ldy = cz;
+      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+    } else {
+      kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+      kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
+    }
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
   }
@@ -452,16 +632,29 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
   const int64_t ch1 = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
   const int64_t ch2 = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
   const int64_t gathered = parts > 1 ? s * r * co : 0;
-  return kF * std::max({ab + ch1 * cols * (cm + 2 * co), ab + gathered,
-                        s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
-                            ch2 * (2 * co * r * co + r * cz)});
+  // Projection phase: the ab chunk beside LN(m) (unfused) or the fused kernel's scratch.
+  const int64_t proj =
+      ctx.fused ? ch1 * cols * 2 * co +
+                      kern::layernorm_linear_scratch_floats(
+                          ln_linear_dims(1, ch1 * cols, cm, 2 * co, ctx.dtype), ctx.threads)
+                : ch1 * cols * (cm + 2 * co);
+  const int64_t wb = ctx.fused ? gemm_weights_bytes(2 * co * cm, ctx.dtype) : 0;
+  return std::max({kF * (ab + proj) + wb, kF * (ab + gathered),
+                   kF * (s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
+                         ch2 * (2 * co * r * co + r * cz))});
 }
 
 int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
   const int64_t ch2 = pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
-  return ct * rows * r * kF +
-         std::max(tri_mul_phase1(ctx, rows, parts).bytes, ch2 * r * (ct + 3 * cz) * kF);
+  // Output phase: pc, y, g and LN_in(z) (unfused) or the fused kernel's scratch for lin_g.
+  const int64_t out = ctx.fused
+                          ? ch2 * r * (ct + 2 * cz) +
+                                kern::layernorm_linear_scratch_floats(
+                                    ln_linear_dims(1, ch2 * r, cz, cz, ctx.dtype), ctx.threads)
+                          : ch2 * r * (ct + 3 * cz);
+  const int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
+  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes, out * kF + wb);
 }
 
 int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
@@ -488,6 +681,12 @@ int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {
     case LayerKind::kMaskedTransition: {
       const int64_t c = stream_channels(ctx, l.updates), rows = stream_rows(ctx, l.updates);
       const int64_t nc = cfg.transition_n * c;
+      if (ctx.fused) {
+        kern::TransitionArgs a;
+        a.rows = rows, a.c = c, a.hidden = nc, a.dtype = ctx.dtype;
+        return gemm_weights_bytes(2 * nc * c, ctx.dtype) +
+               kern::transition_scratch_floats(a, ctx.threads) * kF;
+      }
       return pick_chunk(ctx, rows, (c + nc) * kF) * (c + nc) * kF;
     }
     case LayerKind::kSwiGluTransition: {

@@ -36,6 +36,13 @@ struct BlockContext {
   uint64_t dropout_key = 0;
   // Global column attention (ExtraMSA): added to each column's mask count before the masked mean.
   float global_eps = 1e-8f;
+  // Inference: LayerNorm fused into the following Linear and the fused transition (src/kernels/
+  // fused.h) in row blocks, the attention output Linear accumulating into the stream; false runs
+  // the unfused reference path (equal within f32 rounding). Training functions ignore it.
+  bool fused = true;
+  // GEMM input type of the fused projections and transitions (F32 | BF16: bf16 inputs, f32
+  // accumulation and storage; see src/kernels/fused.h). BF16 needs fused.
+  DType dtype = DType::F32;
 };
 
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.
@@ -79,6 +86,8 @@ struct ShardGather {
 // t [rows*r, H] with t[(q, k), h] = (LN(z) W^T)[q, k, h].
 void pair_bias_project(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
                        const float* z, int64_t rows, float* t);
+// Its workspace on `rows` rows with H = lin.w.dim(0) heads.
+int64_t pair_bias_project_bytes(const BlockContext& ctx, int64_t rows, int64_t H);
 // bias [H, r, r] from t [r*r, H]: bias[h][q][k] = t[(q, k), h], or t[(k, q), h] when transposed.
 void pair_bias_permute(const float* t, int64_t r, int64_t H, bool transposed, float* bias);
 // S [N, L, c] += GatedAttention(LN(S)) batched over N, attention over L; mask_bias [N, L] (per

@@ -305,10 +305,10 @@ int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int
     ctx.s = L;
     return module_workspace_bytes("msa_att_col", ctx);
   };
-  // Gathered bias: all [r_p^2, H] + this rank's rows [r_l r_p, H] + LN(z) rows, then all + bias;
-  // then the bias beside the attention.
+  // Gathered bias: all [r_p^2, H] + this rank's rows [r_l r_p, H] + the projection's workspace,
+  // then all + bias; then the bias beside the attention.
   auto biased = [&](int64_t H, int64_t C, int64_t items, int64_t c) {
-    const int64_t ln = pick_chunk(full, rl, rp * cz * kF) * rp * cz * kF;
+    const int64_t ln = pair_bias_project_bytes(full, rl, H);
     return std::max({(rp * rp + rl * rp) * H * kF + ln, 2 * H * rp * rp * kF,
                      H * rp * rp * kF + attention(H, C, items, rp, c)});
   };

@@ -1,0 +1,234 @@
+// Fused LayerNorm + Linear and fused transition (contracts in fused.h), with their naive
+// references. The fast versions compose the existing kernels per row block; the GEMMs run
+// single-threaded inside the row-block loop (oneDNN inside an OpenMP region uses one thread).
+#include "kernels/fused.h"
+
+#include <omp.h>
+
+#include <algorithm>
+
+#include "foldcube/status.h"
+#include "kernels/convert.h"
+#include "kernels/kernels.h"
+
+namespace fc::kern {
+
+namespace {
+// A row block's working set (its input rows, its output or hidden rows) aims at a quarter of the
+// 1 MiB per-core L2 of the EPYC this runs on: the block is normalised, multiplied and written back
+// before it leaves L2, and the weights (up to 1 MiB for the 256 -> 1024 transition) share the rest
+// of L2 and L3.
+constexpr int64_t kBlockBytes = 256 << 10;
+constexpr int64_t kRowAlign = 16;  // whole GEMM row panels (oneDNN's sgemm unrolls M by 16 or 8)
+
+int64_t block_rows_for(int64_t row_floats) {
+  const int64_t rows = kBlockBytes / std::max<int64_t>(row_floats * 4, 1) / kRowAlign * kRowAlign;
+  return std::clamp<int64_t>(rows, kRowAlign, 32 * kRowAlign);
+}
+
+// Floats that hold n bf16 values.
+int64_t bf16_floats(int64_t n) { return (n + 1) / 2; }
+
+// Scratch floats of one block of `elems` f32 values: the f32 block, plus its bf16 copy for BF16.
+int64_t slot_floats(int64_t elems, DType dtype) {
+  return elems + (dtype == DType::BF16 ? bf16_floats(elems) : 0);
+}
+
+// y[rows, out] (=, or += with accumulate) x W^T (+ bias), x [rows, in] f32 with leading dimension
+// in. F32: kern::linear. BF16: x is rounded into xb [rows, in] and multiplied by Wb [out, in] with
+// f32 accumulation (the bias is written or added first, as kern::linear does).
+void block_linear(DType dtype, const float* x, uint16_t* xb, int64_t rows, int64_t in,
+                  const float* W, const uint16_t* Wb, const float* bias, int64_t out, float* y,
+                  int64_t ldy, bool accumulate) {
+  if (dtype == DType::F32) return linear(x, in, rows, in, W, bias, out, y, ldy, accumulate);
+  f32_to_bf16(x, xb, rows * in);
+  float beta = accumulate ? 1.f : 0.f;
+  if (bias != nullptr) {
+    if (accumulate)
+      add_bias_rows(y, ldy, bias, rows, out);
+    else
+      for (int64_t r = 0; r < rows; ++r) std::copy_n(bias, out, y + r * ldy);
+    beta = 1.f;
+  }
+  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, in, Wb, in, beta, y, ldy);
+}
+
+// Threads that get a block: blocks of rb over n rows, at most `threads`.
+int64_t busy_threads(int64_t n, int64_t rb, int threads) {
+  const int64_t blocks = (n + rb - 1) / rb;
+  return std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), blocks));
+}
+
+// Calls f(slot, g0, g1) for each row block [g0, g1) of n rows; slot < busy_threads(n, rb, threads)
+// indexes the caller's per-thread scratch. Blocks are handed out dynamically (the machine is
+// shared); which thread runs a block never changes its result. Every GEMM inside a block runs
+// single-threaded, also with one busy thread (a multi-threaded GEMM may split its work
+// differently), so results do not depend on the thread count.
+template <class F>
+void for_row_blocks(int64_t n, int64_t rb, int threads, F f) {
+  if (n <= 0) return;
+  const int64_t blocks = (n + rb - 1) / rb;
+  if (omp_in_parallel()) {
+    for (int64_t b = 0; b < blocks; ++b) f(0, b * rb, std::min(n, (b + 1) * rb));
+    return;
+  }
+  const int t = static_cast<int>(busy_threads(n, rb, threads));
+#pragma omp parallel num_threads(t)
+  {
+    omp_set_num_threads(1);  // this implicit task's nested regions (oneDNN's) get one thread
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) f(omp_get_thread_num(), b * rb, std::min(n, (b + 1) * rb));
+  }
+}
+}  // namespace
+
+int64_t layernorm_linear_block_rows(int64_t in, int64_t out, DType) {
+  return block_rows_for(in + out);
+}
+
+int64_t layernorm_linear_scratch_floats(const LayerNormLinearArgs& a, int threads) {
+  const int64_t n = a.B * a.L, rb = layernorm_linear_block_rows(a.in, a.out, a.dtype);
+  if (n <= 0) return 0;
+  return busy_threads(n, rb, threads) * slot_floats(std::min(rb, n) * a.in, a.dtype);
+}
+
+void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads) {
+  FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
+  const int64_t n = a.B * a.L, in = a.in, rb = layernorm_linear_block_rows(in, a.out, a.dtype);
+  const int64_t rows_max = std::min(rb, n);
+  const int64_t per_slot = slot_floats(rows_max * in, a.dtype);
+  for_row_blocks(n, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    float* xs = scratch + slot * per_slot;  // [g1 - g0, in] normalised rows of the block
+    uint16_t* xb = reinterpret_cast<uint16_t*>(xs + rows_max * in);  // their bf16 (BF16)
+    for (int64_t g = g0; g < g1;) {  // runs of rows of one batch item
+      const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
+      layernorm(a.x + b * a.x_bs + l * a.x_rs, a.x_rs, xs + (g - g0) * in, in, cnt, in, a.gamma,
+                a.beta, a.eps);
+      g += cnt;
+    }
+    block_linear(a.dtype, xs, xb, g1 - g0, in, a.W, a.W_bf16, a.bias, a.out, a.y + g0 * a.ldy,
+                 a.ldy, a.accumulate);
+  });
+}
+
+int64_t linear_residual_scratch_floats(const LinearResidualArgs& a, int threads) {
+  const int64_t n = a.B * a.L, rb = block_rows_for(a.in + a.out);
+  if (n <= 0) return 0;
+  return busy_threads(n, rb, threads) * std::min(rb, n) * a.out;
+}
+
+void linear_residual(const LinearResidualArgs& a, float* scratch, int threads) {
+  const int64_t n = a.B * a.L, out = a.out, rb = block_rows_for(a.in + out);
+  const int64_t per_slot = std::min(rb, n) * out;
+  for_row_blocks(n, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    float* t = scratch + slot * per_slot;  // [g1 - g0, out] the block's update
+    linear(a.x + g0 * a.ldx, a.ldx, g1 - g0, a.in, a.W, a.bias, out, t, out);
+    for (int64_t g = g0; g < g1;) {  // runs of rows of one batch item
+      const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
+      add_inplace(a.y + b * a.y_bs + l * a.y_rs, a.y_rs, t + (g - g0) * out, out, cnt, out);
+      g += cnt;
+    }
+  });
+}
+
+int64_t transition_block_rows(int64_t c, int64_t hidden, DType) {
+  return block_rows_for(c + hidden);
+}
+
+int64_t transition_scratch_floats(const TransitionArgs& a, int threads) {
+  const int64_t rb = transition_block_rows(a.c, a.hidden, a.dtype);
+  if (a.rows <= 0) return 0;
+  return busy_threads(a.rows, rb, threads) *
+         slot_floats(std::min(rb, a.rows) * (a.c + a.hidden), a.dtype);
+}
+
+void transition(const TransitionArgs& a, float* scratch, int threads) {
+  FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
+  const int64_t c = a.c, nh = a.hidden, rb = transition_block_rows(c, nh, a.dtype);
+  const int64_t rows_max = std::min(rb, a.rows);
+  const int64_t per_slot = slot_floats(rows_max * (c + nh), a.dtype);
+  for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    const int64_t n = g1 - g0;
+    float* t = scratch + slot * per_slot;                           // [n, c] LN(x), then the update
+    float* h = t + rows_max * c;                                    // [n, hidden]
+    uint16_t* xb = reinterpret_cast<uint16_t*>(h + rows_max * nh);  // bf16 of t or h (BF16)
+    float* xr = a.x + g0 * c;
+    layernorm(xr, c, t, c, n, c, a.gamma, a.beta, a.eps);
+    block_linear(a.dtype, t, xb, n, c, a.W1, a.W1_bf16, a.b1, nh, h, nh, false);
+    relu_inplace(h, nh, n, nh);
+    if (a.row_scale == nullptr) {
+      block_linear(a.dtype, h, xb, n, nh, a.W2, a.W2_bf16, a.b2, c, xr, c, true);
+    } else {
+      block_linear(a.dtype, h, xb, n, nh, a.W2, a.W2_bf16, a.b2, c, t, c, false);
+      scale_rows(t, c, a.row_scale + g0, n, c);
+      add_inplace(xr, c, t, c, n, c);
+    }
+  });
+}
+
+namespace ref {
+
+namespace {
+// y[0, :out] (=, or +=) bf16(x[:in]) W^T (+ bias), W bf16 [out, in]; xb: in uint16 of scratch.
+void linear_row_bf16(const float* x, uint16_t* xb, int64_t in, const uint16_t* W, const float* bias,
+                     int64_t out, float* y, bool accumulate) {
+  ref::f32_to_bf16(x, xb, in);
+  if (bias != nullptr)
+    for (int64_t o = 0; o < out; ++o) y[o] = accumulate ? y[o] + bias[o] : bias[o];
+  ref::gemm_bf16(false, true, 1, out, in, 1.f, xb, in, W, in,
+                 accumulate || bias != nullptr ? 1.f : 0.f, y, out);
+}
+}  // namespace
+
+void layernorm_linear(const LayerNormLinearArgs& a, float* scratch) {
+  uint16_t* xb = reinterpret_cast<uint16_t*>(scratch + a.in);  // [in] bf16 (BF16 only)
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t l = 0; l < a.L; ++l) {
+      float* y = a.y + (b * a.L + l) * a.ldy;
+      ref::layernorm(a.x + b * a.x_bs + l * a.x_rs, a.in, scratch, a.in, 1, a.in, a.gamma, a.beta,
+                     a.eps);
+      if (a.dtype == DType::BF16)
+        linear_row_bf16(scratch, xb, a.in, a.W_bf16, a.bias, a.out, y, a.accumulate);
+      else
+        ref::linear(scratch, a.in, 1, a.in, a.W, a.bias, a.out, y, a.ldy, a.accumulate);
+    }
+}
+
+void linear_residual(const LinearResidualArgs& a) {
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t l = 0; l < a.L; ++l) {
+      float* y = a.y + b * a.y_bs + l * a.y_rs;  // [out]
+      for (int64_t o = 0; o < a.out; ++o) {
+        double acc = a.bias != nullptr ? a.bias[o] : 0.0;
+        const float* xr = a.x + (b * a.L + l) * a.ldx;
+        for (int64_t i = 0; i < a.in; ++i) acc += static_cast<double>(xr[i]) * a.W[o * a.in + i];
+        y[o] += static_cast<float>(acc);
+      }
+    }
+}
+
+void transition(const TransitionArgs& a, float* scratch) {
+  const int64_t c = a.c, nh = a.hidden;
+  float* t = scratch;                                  // [c] LN(x row), then the update
+  float* h = t + c;                                    // [hidden]
+  uint16_t* xb = reinterpret_cast<uint16_t*>(h + nh);  // [max(c, hidden)] bf16
+  const bool bf16 = a.dtype == DType::BF16;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* xr = a.x + r * c;
+    ref::layernorm(xr, c, t, c, 1, c, a.gamma, a.beta, a.eps);
+    if (bf16)
+      linear_row_bf16(t, xb, c, a.W1_bf16, a.b1, nh, h, false);
+    else
+      ref::linear(t, c, 1, c, a.W1, a.b1, nh, h, nh);
+    ref::relu_inplace(h, nh, 1, nh);
+    if (bf16)
+      linear_row_bf16(h, xb, nh, a.W2_bf16, a.b2, c, t, false);
+    else
+      ref::linear(h, nh, 1, nh, a.W2, a.b2, c, t, c);
+    const float s = a.row_scale != nullptr ? a.row_scale[r] : 1.f;
+    for (int64_t i = 0; i < c; ++i) xr[i] += t[i] * s;
+  }
+}
+
+}  // namespace ref
+}  // namespace fc::kern

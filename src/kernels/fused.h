@@ -1,0 +1,98 @@
+// Fused kernels: LayerNorm + Linear and the whole transition (LayerNorm -> Linear -> ReLU ->
+// Linear -> residual add). Rows are processed in cache-sized row blocks: each thread normalises a
+// block of rows into its own scratch and runs the GEMM(s) on it while it is hot, so no normalised
+// copy (or hidden activation) of more than one block per thread ever exists.
+//
+// Contract as kernels.h: caller-owned memory, no allocation (scratch passed in, its size from the
+// *_scratch_floats function), parallel over row blocks with OpenMP (on the calling thread inside a
+// parallel region). The row blocks are fixed by the shapes alone, so results do not depend on the
+// thread count. Per row the arithmetic is the unfused sequence (kern::layernorm, kern::linear,
+// kern::relu_inplace, kern::linear accumulating); only the GEMMs' row counts differ, so results
+// equal the unfused ones within f32 rounding of the GEMM (tests/fused_test.cc).
+//
+// GEMM input type (`dtype`): F32, or BF16 — the normalised rows (and the transition's hidden
+// activation) are rounded to bf16 in the block and multiplied by bf16 weights (W_bf16: the
+// caller's bf16 copy of W) with f32 accumulation and f32 output (kern::gemm_typed, oneDNN
+// matmul, single-threaded per block as the f32 GEMM); LayerNorm statistics, bias, ReLU and the
+// residual add stay f32. Scratch per thread: the f32 block plus its bf16 copy.
+#pragma once
+
+#include <cstdint>
+
+#include "foldcube/tensor.h"
+
+namespace fc::kern {
+
+// y[b*L + l, :] = LN(x[b, l, :]) W^T + bias   (accumulate: y += ...), for b < B, l < L.
+// Row (b, l) of x lives at x + b*x_bs + l*x_rs (in floats; `in` contiguous floats), so strided
+// views (a column of the MSA stream) are read in place. y rows have leading dimension ldy.
+struct LayerNormLinearArgs {
+  int64_t B = 1, L = 0, in = 0, out = 0;
+  const float* x = nullptr;
+  int64_t x_bs = 0, x_rs = 0;
+  const float* gamma = nullptr;  // [in]
+  const float* beta = nullptr;   // [in]
+  float eps = 1e-5f;
+  const float* W = nullptr;     // [out, in]
+  const float* bias = nullptr;  // [out] or nullptr
+  float* y = nullptr;
+  int64_t ldy = 0;
+  bool accumulate = false;
+  DType dtype = DType::F32;          // GEMM inputs: F32 or BF16
+  const uint16_t* W_bf16 = nullptr;  // [out, in] bf16 bits of W (dtype BF16; W unused then)
+};
+// Rows per block (a multiple of 16 at least 16; depends on the shape and dtype only).
+int64_t layernorm_linear_block_rows(int64_t in, int64_t out, DType dtype = DType::F32);
+int64_t layernorm_linear_scratch_floats(const LayerNormLinearArgs& a, int threads);
+void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads);
+
+// y[b, l, :] += x[b*L + l, :] W^T + bias for b < B, l < L: a Linear whose output is a residual
+// update of rows that may be strided (row (b, l) of y at y + b*y_bs + l*y_rs; x rows with leading
+// dimension ldx). Each row block's product goes to per-thread scratch and is then added, so a GEMM
+// never writes rows that are a power-of-two stride apart (an MSA column: 256 KiB at r=256), whose
+// cache-set conflicts made that 2.5x slower. f32 only.
+struct LinearResidualArgs {
+  int64_t B = 1, L = 0, in = 0, out = 0;
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  const float* W = nullptr;     // [out, in]
+  const float* bias = nullptr;  // [out] or nullptr
+  float* y = nullptr;
+  int64_t y_bs = 0, y_rs = 0;
+};
+int64_t linear_residual_scratch_floats(const LinearResidualArgs& a, int threads);
+void linear_residual(const LinearResidualArgs& a, float* scratch, int threads);
+
+// x[r, :] += (relu(LN(x[r, :]) W1^T + b1) W2^T + b2) * (row_scale ? row_scale[r] : 1), r < rows.
+// x [rows, c] contiguous, W1 [hidden, c], W2 [c, hidden]. Without row_scale the second Linear
+// accumulates into x directly (kern::linear with accumulate); with it, the update is scaled and
+// then added (the ExtraMSA masked transition).
+struct TransitionArgs {
+  int64_t rows = 0, c = 0, hidden = 0;
+  float* x = nullptr;
+  const float* gamma = nullptr;  // [c]
+  const float* beta = nullptr;   // [c]
+  float eps = 1e-5f;
+  const float* W1 = nullptr;          // [hidden, c]
+  const float* b1 = nullptr;          // [hidden]
+  const float* W2 = nullptr;          // [c, hidden]
+  const float* b2 = nullptr;          // [c]
+  const float* row_scale = nullptr;   // [rows] or nullptr
+  DType dtype = DType::F32;           // GEMM inputs: F32 or BF16
+  const uint16_t* W1_bf16 = nullptr;  // [hidden, c] (dtype BF16; W1, W2 unused then)
+  const uint16_t* W2_bf16 = nullptr;  // [c, hidden]
+};
+int64_t transition_block_rows(int64_t c, int64_t hidden, DType dtype = DType::F32);
+int64_t transition_scratch_floats(const TransitionArgs& a, int threads);
+void transition(const TransitionArgs& a, float* scratch, int threads);
+
+namespace ref {
+// One row at a time in double (statistics, dot products); with BF16 the normalised row (and the
+// hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
+// (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden)) floats.
+void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
+void linear_residual(const LinearResidualArgs& a);
+void transition(const TransitionArgs& a, float* scratch);
+}  // namespace ref
+
+}  // namespace fc::kern

@@ -1,0 +1,371 @@
+// Fused kernels (src/kernels/fused.h): the row-blocked versions against the naive references on
+// shapes with partial blocks, strided batched views (an MSA column read in place), accumulation,
+// no bias, and the masked transition; results identical across thread counts; scratch formulas
+// that cover what the kernels touch.
+//
+// Tolerance: the references work in double per row, the fast kernels in float (oneDNN sgemm,
+// Highway LayerNorm). For K <= 1024 and O(1) inputs the float dot products carry relative errors
+// of a few 1e-7, so a normwise relative error below 2e-6 has a margin and still catches a wrong or
+// skipped row block, which gives O(1) errors. BF16 GEMM inputs: both sides round the same
+// normalised rows to bf16, but the fast LayerNorm's last-bit differences from the double reference
+// flip the rounding of a few elements (one bf16 ulp = 2^-8 relative), so kBf16Tol below.
+#include "kernels/fused.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "foldcube/extra_msa.h"
+#include "foldcube/io.h"
+#include "foldcube/model.h"
+#include "kernels/convert.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+std::vector<float> vec(int64_t n, uint64_t seed, float scale = 1.f, float offset = 0.f) {
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = scale * uniform_pm1(seed, i) + offset;
+  return out;
+}
+
+constexpr double kF32Tol = 2e-6, kBf16Tol = 1e-4;
+// bf16 GEMM inputs against the float64 golden reference, normwise per tensor (docs/benchmarks.md).
+constexpr double kBf16GoldenTol = 1e-2;
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  kern::f32_to_bf16(x.data(), out.data(), static_cast<int64_t>(x.size()));
+  return out;
+}
+
+double norm_rel_err(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double d = static_cast<double>(got[i]) - want[i];
+    num += d * d;
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+struct LnLinCase {
+  int64_t B, L, in, out;
+  bool strided, accumulate, bias;
+};
+
+std::string LnLinName(const LnLinCase& c) {
+  return "B" + std::to_string(c.B) + "_L" + std::to_string(c.L) + "_in" + std::to_string(c.in) +
+         "_out" + std::to_string(c.out) + (c.strided ? "_strided" : "") +
+         (c.accumulate ? "_acc" : "") + (c.bias ? "" : "_nobias");
+}
+void PrintTo(const LnLinCase& c, std::ostream* os) { *os << LnLinName(c); }
+
+class FusedLayerNormLinear : public ::testing::TestWithParam<LnLinCase> {};
+
+TEST_P(FusedLayerNormLinear, MatchesReferenceAndThreadCounts) {
+  const LnLinCase c = GetParam();
+  // Strided: x is [L, B, in] read as B items of L rows (column view); else [B, L, in].
+  const std::vector<float> x = vec(c.B * c.L * c.in, 1, 2.f, 0.5f);
+  const std::vector<float> gamma = vec(c.in, 2, 0.1f, 1.f), beta = vec(c.in, 3, 0.1f);
+  const std::vector<float> W = vec(c.out * c.in, 4, 1.f / std::sqrt(float(c.in)));
+  const std::vector<float> bias = vec(c.out, 5, 0.1f);
+  const int64_t ldy = c.out + 3;  // padded rows
+  const std::vector<float> y0 = vec(c.B * c.L * ldy, 6);
+  kern::LayerNormLinearArgs a;
+  a.B = c.B, a.L = c.L, a.in = c.in, a.out = c.out;
+  a.x = x.data();
+  a.x_bs = c.strided ? c.in : c.L * c.in;
+  a.x_rs = c.strided ? c.B * c.in : c.in;
+  a.gamma = gamma.data(), a.beta = beta.data(), a.eps = 1e-5f;
+  a.W = W.data(), a.bias = c.bias ? bias.data() : nullptr;
+  a.ldy = ldy, a.accumulate = c.accumulate;
+
+  const std::vector<uint16_t> Wb = to_bf16(W);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    a.dtype = dt;
+    a.W_bf16 = Wb.data();
+    const double tol = dt == DType::BF16 ? kBf16Tol : kF32Tol;
+    std::vector<float> want = y0, scratch(2 * c.in);
+    a.y = want.data();
+    kern::ref::layernorm_linear(a, scratch.data());
+    std::vector<std::vector<float>> got;
+    for (int threads : {1, 2, 3}) {
+      std::vector<float> y = y0;
+      std::vector<float> s(kern::layernorm_linear_scratch_floats(a, threads) + 1, 123.f);
+      a.y = y.data();
+      kern::layernorm_linear(a, s.data(), threads);
+      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+      for (int64_t g = 0; g < c.B * c.L; ++g)  // padding untouched
+        for (int64_t i = c.out; i < ldy; ++i) ASSERT_EQ(y[g * ldy + i], y0[g * ldy + i]);
+      EXPECT_LT(norm_rel_err(y, want), tol) << "threads " << threads << " " << dtype_name(dt);
+      got.push_back(y);
+    }
+    for (size_t t = 1; t < got.size(); ++t)
+      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+          << "threads differ, " << dtype_name(dt) << " run " << t;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FusedLayerNormLinear,
+                         ::testing::Values(LnLinCase{1, 1, 7, 3, false, false, true},
+                                           LnLinCase{1, 300, 64, 17, false, false, true},
+                                           LnLinCase{3, 50, 32, 256, false, true, true},
+                                           LnLinCase{5, 37, 48, 40, true, false, true},
+                                           LnLinCase{4, 129, 256, 1024, true, true, false},
+                                           LnLinCase{2, 1000, 128, 4, false, false, false}),
+                         [](const auto& info) { return LnLinName(info.param); });
+
+// linear_residual on a column view (y is [L, B, out] read as B items of L strided rows) and on
+// contiguous rows, against the double reference; identical across thread counts.
+TEST(FusedLinearResidual, StridedAndContiguousRows) {
+  for (bool strided : {true, false}) {
+    const int64_t B = 6, L = 45, in = 64, out = 32, ldx = 4 * in;  // x: the o slots of qkvg
+    const std::vector<float> x = vec(B * L * ldx, 41), W = vec(out * in, 42, 0.125f);
+    const std::vector<float> bias = vec(out, 43, 0.1f), y0 = vec(B * L * out, 44);
+    kern::LinearResidualArgs a;
+    a.B = B, a.L = L, a.in = in, a.out = out, a.x = x.data(), a.ldx = ldx;
+    a.W = W.data(), a.bias = bias.data();
+    a.y_bs = strided ? out : L * out;
+    a.y_rs = strided ? B * out : out;
+    std::vector<float> want = y0;
+    a.y = want.data();
+    kern::ref::linear_residual(a);
+    std::vector<std::vector<float>> got;
+    for (int threads : {1, 2, 3}) {
+      std::vector<float> y = y0;
+      std::vector<float> s(kern::linear_residual_scratch_floats(a, threads) + 1, 123.f);
+      a.y = y.data();
+      kern::linear_residual(a, s.data(), threads);
+      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+      EXPECT_LT(norm_rel_err(y, want), kF32Tol) << "threads " << threads << " strided " << strided;
+      got.push_back(y);
+    }
+    for (size_t t = 1; t < got.size(); ++t)
+      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
+  }
+}
+
+struct TransCase {
+  int64_t rows, c, n;
+  bool masked;
+};
+std::string TransName(const TransCase& c) {
+  return "rows" + std::to_string(c.rows) + "_c" + std::to_string(c.c) + "_x" + std::to_string(c.n) +
+         (c.masked ? "_masked" : "");
+}
+void PrintTo(const TransCase& c, std::ostream* os) { *os << TransName(c); }
+
+class FusedTransition : public ::testing::TestWithParam<TransCase> {};
+
+TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
+  const TransCase c = GetParam();
+  const int64_t nh = c.n * c.c;
+  const std::vector<float> x0 = vec(c.rows * c.c, 11, 2.f, -0.3f);
+  const std::vector<float> gamma = vec(c.c, 12, 0.1f, 1.f), beta = vec(c.c, 13, 0.1f);
+  const std::vector<float> W1 = vec(nh * c.c, 14, 1.f / std::sqrt(float(c.c)));
+  const std::vector<float> b1 = vec(nh, 15, 0.1f);
+  const std::vector<float> W2 = vec(c.c * nh, 16, 1.f / std::sqrt(float(nh)));
+  const std::vector<float> b2 = vec(c.c, 17, 0.1f);
+  std::vector<float> mask(c.rows);
+  for (int64_t i = 0; i < c.rows; ++i) mask[i] = (i % 3 == 1) ? 0.f : 1.f;
+  kern::TransitionArgs a;
+  a.rows = c.rows, a.c = c.c, a.hidden = nh;
+  a.gamma = gamma.data(), a.beta = beta.data(), a.eps = 1e-5f;
+  a.W1 = W1.data(), a.b1 = b1.data(), a.W2 = W2.data(), a.b2 = b2.data();
+  a.row_scale = c.masked ? mask.data() : nullptr;
+
+  const std::vector<uint16_t> W1b = to_bf16(W1), W2b = to_bf16(W2);
+  for (DType dt : {DType::F32, DType::BF16}) {
+    a.dtype = dt;
+    a.W1_bf16 = W1b.data(), a.W2_bf16 = W2b.data();
+    const double tol = dt == DType::BF16 ? kBf16Tol : kF32Tol;
+    std::vector<float> want = x0, scratch(2 * (c.c + nh));
+    a.x = want.data();
+    kern::ref::transition(a, scratch.data());
+    std::vector<std::vector<float>> got;
+    for (int threads : {1, 2, 3}) {
+      std::vector<float> x = x0;
+      std::vector<float> s(kern::transition_scratch_floats(a, threads) + 1, 123.f);
+      a.x = x.data();
+      kern::transition(a, s.data(), threads);
+      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+      EXPECT_LT(norm_rel_err(x, want), tol) << "threads " << threads << " " << dtype_name(dt);
+      if (c.masked) {
+        for (int64_t r = 1; r < c.rows; r += 3)
+          for (int64_t i = 0; i < c.c; ++i) ASSERT_EQ(x[r * c.c + i], x0[r * c.c + i]);
+      }
+      got.push_back(x);
+    }
+    for (size_t t = 1; t < got.size(); ++t)
+      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+          << "threads differ, " << dtype_name(dt) << " run " << t;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, FusedTransition,
+                         ::testing::Values(TransCase{1, 8, 4, false}, TransCase{45, 16, 4, true},
+                                           TransCase{700, 32, 4, false},
+                                           TransCase{300, 256, 4, false},
+                                           TransCase{301, 64, 2, true}),
+                         [](const auto& info) { return TransName(info.param); });
+
+// Normwise relative difference of two tensors of equal shape.
+double tensor_rel_err(const Tensor& a, const Tensor& b) {
+  const Tensor x = a.to(DType::F32), y = b.to(DType::F32);
+  return norm_rel_err(std::vector<float>(x.f32(), x.f32() + x.numel()),
+                      std::vector<float>(y.f32(), y.f32() + y.numel()));
+}
+
+// The fused inference path against the unfused reference on whole stacks (every fused module:
+// attention projections read in place, strided for column attention and the ending node, linear_o
+// accumulating into the stream, pair-bias projections, transitions, OPM projections, the
+// triangle multiplication's gate), over automatic and forced chunking: equal within f32 rounding
+// accumulated over two blocks.
+TEST(FusedBlock, EvoformerAndExtraMsaMatchUnfused) {
+  EvoformerConfig cfg = test::small_config();
+  cfg.no_blocks = 2;
+  const int64_t s = 9, r = 21;
+  const EvoformerStack evo = EvoformerStack::random(cfg, 21);
+  const ExtraMsaStack extra = ExtraMsaStack::random(cfg, 22);
+  Tensor m0 = Tensor::empty({s, r, cfg.c_m}), z0 = Tensor::empty({r, r, cfg.c_z});
+  for (int64_t i = 0; i < m0.numel(); ++i) m0.f32()[i] = uniform_pm1(31, i);
+  for (int64_t i = 0; i < z0.numel(); ++i) z0.f32()[i] = uniform_pm1(32, i);
+  Tensor msa_mask = Tensor::full({s, r}, 1.f);
+  for (int64_t i = 0; i < r; i += 4) msa_mask.f32()[(s - 1) * r + i] = 0.f;
+  for (int64_t chunk : {0, 1, 4}) {
+    Tensor out[2][3];  // [fused][m, z, s_out]
+    Tensor xout[2][2];
+    for (int fused = 0; fused < 2; ++fused) {
+      ForwardOptions opts;
+      opts.chunk = chunk;
+      opts.fused = fused == 1;
+      Tensor m = m0.clone(), z = z0.clone(), s_out;
+      ASSERT_TRUE(evo.forward(m, z, msa_mask, Tensor(), &s_out, opts).ok());
+      out[fused][0] = m, out[fused][1] = z, out[fused][2] = s_out;
+      Tensor xm = m0.clone(), xz = z0.clone();
+      ASSERT_TRUE(extra.forward(xm, xz, msa_mask, Tensor(), opts).ok());
+      xout[fused][0] = xm, xout[fused][1] = xz;
+    }
+    for (int i = 0; i < 3; ++i)
+      EXPECT_LT(tensor_rel_err(out[1][i], out[0][i]), 1e-5) << "chunk " << chunk << " out " << i;
+    for (int i = 0; i < 2; ++i)
+      EXPECT_LT(tensor_rel_err(xout[1][i], xout[0][i]), 1e-5) << "chunk " << chunk << " xout " << i;
+  }
+}
+
+// Both paths stay within the golden tolerance of the float64 reference (the golden suite runs the
+// default, fused, path at several chunk sizes).
+TEST(FusedBlock, GoldenAf2DimsBothPaths) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("evo_af2dims.safetensors"), &f).ok());
+  EvoformerConfig cfg;
+  ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
+  EvoformerStack stack;
+  ASSERT_TRUE(EvoformerStack::load(cfg, f, &stack).ok());
+  Tensor m0, z0, msa_mask, pair_mask;
+  ASSERT_TRUE(f.get_f32("input.m", {}, &m0).ok());
+  ASSERT_TRUE(f.get_f32("input.z", {}, &z0).ok());
+  ASSERT_TRUE(f.get_f32("input.msa_mask", {}, &msa_mask).ok());
+  ASSERT_TRUE(f.get_f32("input.pair_mask", {}, &pair_mask).ok());
+  for (bool fused : {true, false}) {
+    ForwardOptions opts;
+    opts.fused = fused;
+    Tensor m = m0.clone(), z = z0.clone(), s_out;
+    ASSERT_TRUE(stack.forward(m, z, msa_mask, pair_mask, &s_out, opts).ok());
+    EXPECT_LT(test::golden_err(m, f.tensors.at("output.m")), 1e-4) << fused;
+    EXPECT_LT(test::golden_err(z, f.tensors.at("output.z")), 1e-4) << fused;
+    EXPECT_LT(test::golden_err(s_out, f.tensors.at("output.s")), 1e-4) << fused;
+  }
+}
+
+// ||x - ref|| / ||ref|| over all elements (the bf16 accuracy metric; docs/benchmarks.md).
+double normwise_err(const Tensor& x, const Tensor& ref) {
+  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double d = a.data<double>()[i] - b.data<double>()[i];
+    num += d * d;
+    den += b.data<double>()[i] * b.data<double>()[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+// bf16 GEMM inputs on the golden cases, against the float64 reference: every output and block-0
+// trace within a normwise tolerance; fp32 on the same run for the record.
+class GoldenBf16 : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GoldenBf16, OutputsAndTracesWithinTolerance) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path(GetParam() + ".safetensors"), &f).ok());
+  EvoformerConfig cfg;
+  ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
+  EvoformerStack stack;
+  ASSERT_TRUE(EvoformerStack::load(cfg, f, &stack).ok());
+  Tensor m0, z0, msa_mask, pair_mask;
+  ASSERT_TRUE(f.get_f32("input.m", {}, &m0).ok());
+  ASSERT_TRUE(f.get_f32("input.z", {}, &z0).ok());
+  ASSERT_TRUE(f.get_f32("input.msa_mask", {}, &msa_mask).ok());
+  ASSERT_TRUE(f.get_f32("input.pair_mask", {}, &pair_mask).ok());
+  for (DType dt : {DType::F32, DType::BF16}) {
+    std::map<std::string, Tensor> traces;
+    ForwardOptions opts;
+    opts.dtype = dt;
+    opts.trace = [&](int block, const std::string& module, const std::string& stream,
+                     const Tensor& v) {
+      if (block == 0) traces["trace.block0." + module + "." + stream] = v.clone();
+    };
+    Tensor m = m0.clone(), z = z0.clone(), s_out;
+    ASSERT_TRUE(stack.forward(m, z, msa_mask, pair_mask, &s_out, opts).ok());
+    traces["output.m"] = m, traces["output.z"] = z, traces["output.s"] = s_out;
+    double worst = 0, worst_golden = 0;
+    for (const auto& [name, t] : traces) {
+      const double e = normwise_err(t, f.tensors.at(name));
+      worst = std::max(worst, e);
+      worst_golden = std::max(worst_golden, test::golden_err(t, f.tensors.at(name)));
+      if (dt == DType::BF16) {
+        EXPECT_LT(e, kBf16GoldenTol) << name;
+      }
+    }
+    std::printf("%s %s: worst normwise error %.2e, worst golden metric %.2e\n", GetParam().c_str(),
+                dtype_name(dt), worst, worst_golden);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, GoldenBf16, ::testing::Values("evo_tiny", "evo_af2dims"),
+                         [](const auto& info) { return info.param; });
+
+// The CLI: `run --dtype bf16` and `--unfused` reach the forward (named in the report), and the
+// combinations the library does not run are user errors.
+TEST(FusedCli, DtypeAndUnfusedFlags) {
+  const std::string report = test::temp_file("fused_cli_report.json");
+  for (const std::string& flags : {std::string("--dtype bf16"), std::string("--unfused")}) {
+    const test::Result r =
+        test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + flags + " --report " + report);
+    ASSERT_EQ(r.code, 0) << r.out;
+    std::ifstream f(report);
+    const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find(flags == "--unfused" ? "\"fused\": false" : "\"dtype\": \"bf16\""),
+              std::string::npos)
+        << text;
+  }
+  for (const std::string& bad :
+       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --backward"),
+        std::string("--dtype bf16 --memory-budget 1GiB")}) {
+    const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
+    EXPECT_NE(r.code, 0) << bad;
+    EXPECT_NE(r.out.find("error"), std::string::npos) << bad << ": " << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace fc
