@@ -24,12 +24,7 @@ Status load_model(const RunArgs& a, AlphaFold* model) {
     if (a.blocks_given) cfg.evoformer.no_blocks = a.blocks;
     return AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model);
   }
-  TensorFile w;
-  FC_RETURN_IF_ERROR(read_weights(a.weights, &w));  // safetensors or AlphaFold .npz
-  AlphaFoldConfig cfg;
-  FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg));
-  const Status st = AlphaFold::load(cfg, w, model);
-  return st.WithContext(a.weights);
+  return load_alphafold(a.weights, model);
 }
 
 // feature.<name> tensors of the features file, without the prefix.
@@ -41,13 +36,7 @@ Status load_features(const RunArgs& a, FeatureDict* out) {
     *out = random_alphafold_features(a.r, a.s, a.extra, a.templates, passes, a.seed + 7);
     return Status::OK();
   }
-  TensorFile f;
-  FC_RETURN_IF_ERROR(read_safetensors(a.features, &f));
-  for (const std::string& n : f.names)
-    if (n.rfind("feature.", 0) == 0) (*out)[n.substr(8)] = f.tensors.at(n);
-  if (out->empty())
-    return Status::InvalidArgument(a.features + ": no feature.<name> tensors in the file");
-  return Status::OK();
+  return read_feature_file(a.features, out);
 }
 
 void print_summary(const RunArgs& a, const std::map<std::string, Tensor>& out,

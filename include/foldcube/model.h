@@ -117,6 +117,16 @@ class EvoformerStack {
   Tensor linear_w_, linear_b_;  // [c_s, c_m], [c_s]
 };
 
+// The stack's single representation s = linear(m[0]) [r, c_s] of an output m [s, r, c_m].
+Status single_output(const EvoformerStack& stack, const Tensor& m, Tensor* s_out);
+// A training loss that also reads s: with dL/ds `grad_s` [r, c_s], add_single_grad adds
+// dL/ds @ linear.weight to row 0 of grad_out_m (before train_step), and add_single_param_grads adds
+// linear.weight [c_s, c_m] and linear.bias [c_s] gradients from the step's output m to
+// out->grad_params (after it).
+Status add_single_grad(const EvoformerStack& stack, const Tensor& grad_s, Tensor* grad_out_m);
+Status add_single_param_grads(const EvoformerStack& stack, const Tensor& m_out,
+                              const Tensor& grad_s, TrainResult* out);
+
 // Matmul FLOPs of one Evoformer block's forward at (s, r) (formula in docs/benchmarks.md).
 double evoformer_block_flops(const EvoformerConfig& cfg, int64_t s, int64_t r);
 

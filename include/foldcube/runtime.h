@@ -12,4 +12,30 @@ int num_threads();
 // passively in tests and benchmarks), so benchmarks report both.
 double process_cpu_ms();
 
+// ---- Cooperative cancellation ------------------------------------------------------------------
+// A long call checks the process-wide cancel flag between modules, blocks and stages
+// (EvoformerStack::forward and ::train_step, ExtraMsaStack::forward, AlphaFold::forward, and
+// everything built on them) and returns Status::Cancelled when it is set. Tensors the call updates
+// in place (the stacks' m and z) are then partly updated. The flag stays set until
+// clear_cancel(); one flag serves every thread.
+void request_cancel();  // async-signal-safe
+void clear_cancel();
+bool cancel_requested();
+
+// While a scope is open, SIGINT (Ctrl-C) sets the cancel flag instead of running the previous
+// handler; the constructor clears the flag and the destructor restores the previous SIGINT
+// action. For front ends (the CLI, the Python package) around one long call from one thread;
+// scopes must not overlap in time.
+class SigintCancelScope {
+ public:
+  SigintCancelScope();
+  ~SigintCancelScope();
+  SigintCancelScope(const SigintCancelScope&) = delete;
+  SigintCancelScope& operator=(const SigintCancelScope&) = delete;
+  bool interrupted() const;  // a SIGINT arrived while the scope was open
+
+ private:
+  bool installed_ = false;  // the previous action is kept by the library (one open scope)
+};
+
 }  // namespace fc

@@ -7,6 +7,7 @@
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "foldcube/runtime.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/train.h"
@@ -261,6 +262,7 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   auto t0 = std::chrono::steady_clock::now();
   std::vector<std::unique_ptr<BlockState>> states;
   for (int b = 0; b < nb; ++b) {
+    if (cancel_requested()) return Status::Cancelled("training step interrupted (forward)");
     states.push_back(std::make_unique<BlockState>());
     block_forward(kEvoformerBlock, blocks_[b].get(), block_ctx(b), m.f32(), z.f32(), policy(b),
                   states.back().get(), fwd_clock);
@@ -273,6 +275,7 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   std::vector<std::unique_ptr<BlockWeights>> grads(nb);
   Tensor m_out = m;  // output of the block being differentiated
   for (int b = nb - 1; b >= 0; --b) {
+    if (cancel_requested()) return Status::Cancelled("training step interrupted (backward)");
     grads[b] = std::make_unique<BlockWeights>();
     allocate_block_grads(cfg, grads[b].get());
     const Tensor m_in = block_input_m(kEvoformerBlock, *states[b]);

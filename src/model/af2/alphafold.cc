@@ -420,6 +420,8 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     };
     // Runs one stage, timing it and measuring its tracked peak when stats are asked for.
     auto stage = [&](const char* name, auto&& fn) -> Status {
+      if (cancel_requested())
+        return Status::Cancelled(std::string("AlphaFold interrupted before ") + name);
       if (!opts.stats) return fn();
       MemoryScope scope;
       const auto t0 = std::chrono::steady_clock::now();
