@@ -1,6 +1,10 @@
 // Process-wide runtime settings.
 #pragma once
 
+#include <functional>
+
+#include "foldcube/status.h"
+
 namespace fc {
 
 // Threads used by kernels (OpenMP and oneDNN). n <= 0 keeps the current setting.
@@ -24,8 +28,8 @@ bool cancel_requested();
 
 // While a scope is open, SIGINT (Ctrl-C) sets the cancel flag instead of running the previous
 // handler; the constructor clears the flag and the destructor restores the previous SIGINT
-// action. For front ends (the CLI, the Python package) around one long call from one thread;
-// scopes must not overlap in time.
+// action. For front ends (the CLI, the Python package) around one long call from one thread, run
+// through run_shielded; scopes must not overlap in time.
 class SigintCancelScope {
  public:
   SigintCancelScope();
@@ -37,5 +41,15 @@ class SigintCancelScope {
  private:
   bool installed_ = false;  // the previous action is kept by the library (one open scope)
 };
+
+// Runs fn on a helper thread that blocks asynchronous signals (its OpenMP threads inherit the
+// mask) while the calling thread waits, and returns fn's status. No signal handler then ever runs
+// on a thread inside a kernel: oneDNN's JIT kernels use the stack pointer as a data register, so
+// a signal frame pushed there overwrites the heap (seen: Ctrl-C during a training step, then
+// "corrupted size vs. prev_size"). The calling thread receives the signals instead, e.g. Ctrl-C
+// under a SigintCancelScope, which stops fn at its next cancel check. fn runs with the caller's
+// kernel thread count (num_threads()). One helper thread per calling thread, reused, joined when
+// the calling thread exits; calls from one thread must not nest.
+Status run_shielded(const std::function<Status()>& fn);
 
 }  // namespace fc

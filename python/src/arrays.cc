@@ -1,8 +1,24 @@
 #include "arrays.h"
 
 #include <Python.h>
+#include <nanobind/stl/string.h>
 
 namespace fcpy {
+
+namespace {
+PyObject* g_not_found = nullptr;  // foldcube.NotFoundError
+}  // namespace
+
+void add_exceptions(nb::module_& mod) {
+  PyObject* bases = PyTuple_Pack(2, PyExc_FileNotFoundError, PyExc_ValueError);
+  g_not_found = PyErr_NewExceptionWithDoc(
+      "foldcube.NotFoundError",
+      "A file, tensor or feature that is not there (a FileNotFoundError and a ValueError).", bases,
+      nullptr);
+  Py_DECREF(bases);
+  if (g_not_found == nullptr) throw nb::python_error();
+  mod.attr("NotFoundError") = nb::borrow(g_not_found);
+}
 
 void throw_status(const fc::Status& st) {
   PyObject* type = PyExc_RuntimeError;
@@ -10,8 +26,10 @@ void throw_status(const fc::Status& st) {
     case fc::Status::Code::kOk:
       return;
     case fc::Status::Code::kInvalidArgument:
-    case fc::Status::Code::kNotFound:
       type = PyExc_ValueError;
+      break;
+    case fc::Status::Code::kNotFound:
+      type = g_not_found;
       break;
     case fc::Status::Code::kIOError:
       type = PyExc_OSError;

@@ -16,10 +16,12 @@ namespace fcpy {
 
 namespace nb = nanobind;
 
-// Raises the Python exception of a non-OK status (needs the GIL): InvalidArgument and NotFound ->
-// ValueError, IOError -> OSError, OutOfMemory -> MemoryError, Cancelled -> KeyboardInterrupt,
-// Internal -> RuntimeError.
+// Raises the Python exception of a non-OK status (needs the GIL): InvalidArgument -> ValueError,
+// NotFound -> foldcube.NotFoundError (a FileNotFoundError and a ValueError), IOError -> OSError,
+// OutOfMemory -> MemoryError, Cancelled -> KeyboardInterrupt, Internal -> RuntimeError.
 void throw_status(const fc::Status& st);
+// Creates foldcube.NotFoundError in the module (once, at import).
+void add_exceptions(nb::module_& mod);
 inline void check(const fc::Status& st) {
   if (!st.ok()) throw_status(st);
 }

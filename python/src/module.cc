@@ -2,6 +2,7 @@
 // without copies, see arrays.h), releases the GIL around each library call, turns Ctrl-C into the
 // library's cancel flag, and maps Status errors to exceptions. Every computation is a library call.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/filesystem.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -32,9 +33,10 @@ namespace {
 
 std::thread::id g_main_thread;  // the thread that imported the module (Python's main thread)
 
-// Runs fn (returning fc::Status) with the GIL released and `threads` kernel threads (0 = the
-// current setting). On the main thread Ctrl-C sets the library's cancel flag for the duration, and
-// an interrupted call raises KeyboardInterrupt; other errors raise as throw_status.
+// Runs fn (returning fc::Status) with the GIL released, through fc::run_shielded (kernels on a
+// helper thread that never takes a signal) with `threads` kernel threads (0 = the calling
+// thread's setting). On the main thread Ctrl-C sets the library's cancel flag for the duration,
+// and an interrupted call raises KeyboardInterrupt; other errors raise as throw_status.
 template <typename F>
 void compute(int threads, F&& fn) {
   fc::Status st;
@@ -43,10 +45,10 @@ void compute(int threads, F&& fn) {
     std::optional<fc::SigintCancelScope> sigint;
     if (std::this_thread::get_id() == g_main_thread) sigint.emplace();
     nb::gil_scoped_release release;
-    const int previous = fc::num_threads();
-    if (threads > 0) fc::set_num_threads(threads);
-    st = fn();
-    if (threads > 0) fc::set_num_threads(previous);
+    st = fc::run_shielded([&]() -> fc::Status {
+      if (threads > 0) fc::set_num_threads(threads);
+      return fn();
+    });
     interrupted = sigint && sigint->interrupted();
   }
   if (interrupted) {
@@ -194,12 +196,12 @@ struct ExtraMsa {
 };
 
 // Weights of `kind` from a file (a stack's or a whole AlphaFold state dict, safetensors or .npz).
-fc::Job load_stack(const std::string& path, const std::string& kind,
-                   std::optional<std::string> config) {
+fc::Job load_stack(const std::filesystem::path& path, const std::string& kind,
+                   const std::optional<std::filesystem::path>& config) {
   fc::JobSpec spec;
-  spec.weights = path;
+  spec.weights = path.string();
   spec.stack = kind;
-  spec.config = config.value_or("");
+  spec.config = config ? config->string() : "";
   fc::Job job;
   compute(0, [&] { return fc::load_model(spec, &job); });
   return job;
@@ -352,18 +354,19 @@ nb::dict alphafold_predict(AlphaFold& self, nb::handle features, std::optional<i
   return d;
 }
 
-nb::dict features_fn(const std::string& fasta, const std::string& msa, uint64_t seed,
-                     bool deterministic, std::optional<std::string> decisions,
-                     int64_t max_msa_clusters, int64_t max_extra_msa, int64_t recycles) {
+nb::dict features_fn(const std::filesystem::path& fasta, const std::filesystem::path& msa,
+                     uint64_t seed, bool deterministic,
+                     std::optional<std::filesystem::path> decisions, int64_t max_msa_clusters,
+                     int64_t max_extra_msa, int64_t recycles) {
   fc::FeatureJob job;
-  job.fasta = fasta;
-  job.msa = msa;
+  job.fasta = fasta.string();
+  job.msa = msa.string();
   job.seed = seed;
   job.config.deterministic = deterministic;
   job.config.max_msa_clusters = max_msa_clusters;
   job.config.max_extra_msa = max_extra_msa;
   job.config.max_recycling_iters = recycles;
-  job.decisions = decisions.value_or("");
+  job.decisions = decisions ? decisions->string() : "";
   fc::TensorFile f;
   compute(0, [&] { return fc::run_feature_job(job, &f); });
   nb::dict d;
@@ -371,21 +374,22 @@ nb::dict features_fn(const std::string& fasta, const std::string& msa, uint64_t 
   return d;
 }
 
-nb::list fold_fn(const std::string& fasta, const std::string& params, const std::string& out_dir,
-                 std::optional<std::string> msa, std::vector<int> models, int recycles,
-                 double recycle_tolerance, uint64_t seed, std::optional<int64_t> chunk,
-                 std::optional<std::string> cache, std::optional<int> threads) {
+nb::list fold_fn(const std::filesystem::path& fasta, const std::filesystem::path& params,
+                 const std::filesystem::path& out_dir, std::optional<std::filesystem::path> msa,
+                 std::vector<int> models, int recycles, double recycle_tolerance, uint64_t seed,
+                 std::optional<int64_t> chunk, std::optional<std::filesystem::path> cache,
+                 std::optional<int> threads) {
   fc::FoldOptions o;
-  o.fasta = fasta;
-  o.params = params;
-  o.out_dir = out_dir;
-  o.msa = msa.value_or("");
+  o.fasta = fasta.string();
+  o.params = params.string();
+  o.out_dir = out_dir.string();
+  o.msa = msa ? msa->string() : "";
   o.models = models;
   o.recycles = recycles;
   o.recycle_tolerance = recycle_tolerance;
   o.seed = seed;
   o.chunk = chunk_arg(chunk);
-  o.cache_dir = cache.value_or("");
+  o.cache_dir = cache ? cache->string() : "";
   std::vector<fc::FoldJobResult> results;
   compute(threads_arg(threads), [&] { return fc::fold(o, &results); });
   nb::list jobs;
@@ -413,8 +417,9 @@ nb::list fold_fn(const std::string& fasta, const std::string& params, const std:
 // ---- Planner -----------------------------------------------------------------------------------
 
 fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle memory, int devices,
-                 const std::string& dtype, nb::handle config, std::optional<std::string> profile,
-                 std::optional<std::string> policy, std::optional<int64_t> chunk) {
+                 const std::string& dtype, nb::handle config,
+                 std::optional<std::filesystem::path> profile, std::optional<std::string> policy,
+                 std::optional<int64_t> chunk) {
   fc::PlanRequest req;
   req.cfg = make_config(config, fc::EvoformerConfig());
   req.cfg.no_blocks = blocks;
@@ -435,7 +440,8 @@ fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle me
   req.chunk = chunk_arg(chunk);
   fc::Plan plan;
   compute(0, [&]() -> fc::Status {
-    FC_RETURN_IF_ERROR(fc::load_or_calibrate_profile(profile.value_or(""), false, &req.profile));
+    FC_RETURN_IF_ERROR(
+        fc::load_or_calibrate_profile(profile ? profile->string() : "", false, &req.profile));
     // This machine's calibrated profile has no link rate: ranks on this node.
     if (req.profile.calibrated && devices > 1) fc::profile_for_ranks(devices, &req.profile);
     return fc::make_plan(req, &plan);
@@ -464,6 +470,7 @@ NB_MODULE(_core, mod) {
   g_main_thread = std::this_thread::get_id();
   mod.doc() = "The foldcube C++ library (see the foldcube package for documentation).";
   mod.attr("__version__") = FOLDCUBE_VERSION;
+  add_exceptions(mod);
 
   nb::class_<fc::Plan>(mod, "Plan")
       .def_ro("s", &fc::Plan::s)
@@ -515,7 +522,7 @@ NB_MODULE(_core, mod) {
   nb::class_<Evoformer>(mod, "Evoformer")
       .def_static(
           "load",
-          [](const std::string& path, std::optional<std::string> config) {
+          [](const std::filesystem::path& path, std::optional<std::filesystem::path> config) {
             return Evoformer{load_stack(path, "evoformer", config)};
           },
           "path"_a, "config"_a = nb::none())
@@ -524,7 +531,10 @@ NB_MODULE(_core, mod) {
           [](nb::handle config, uint64_t seed) {
             Evoformer e;
             e.job.cfg = make_config(config, fc::EvoformerConfig());
-            e.job.stack = fc::EvoformerStack::random(e.job.cfg, seed);
+            compute(0, [&] {
+              e.job.stack = fc::EvoformerStack::random(e.job.cfg, seed);
+              return fc::Status::OK();
+            });
             return e;
           },
           "config"_a = nb::none(), "seed"_a = 0)
@@ -560,7 +570,7 @@ NB_MODULE(_core, mod) {
   nb::class_<ExtraMsa>(mod, "ExtraMsaStack")
       .def_static(
           "load",
-          [](const std::string& path, std::optional<std::string> config) {
+          [](const std::filesystem::path& path, std::optional<std::filesystem::path> config) {
             return ExtraMsa{load_stack(path, "extra_msa", config)};
           },
           "path"_a, "config"_a = nb::none())
@@ -574,7 +584,10 @@ NB_MODULE(_core, mod) {
             ExtraMsa e;
             e.job.kind = fc::StackKind::kExtraMsa;
             e.job.cfg = make_config(config, base);
-            e.job.extra_stack = fc::ExtraMsaStack::random(e.job.cfg, seed);
+            compute(0, [&] {
+              e.job.extra_stack = fc::ExtraMsaStack::random(e.job.cfg, seed);
+              return fc::Status::OK();
+            });
             return e;
           },
           "config"_a = nb::none(), "seed"_a = 0)
@@ -593,9 +606,9 @@ NB_MODULE(_core, mod) {
   nb::class_<AlphaFold>(mod, "AlphaFold")
       .def_static(
           "load",
-          [](const std::string& path) {
+          [](const std::filesystem::path& path) {
             auto a = std::make_unique<AlphaFold>();
-            compute(0, [&] { return fc::load_alphafold(path, &a->model); });
+            compute(0, [&] { return fc::load_alphafold(path.string(), &a->model); });
             return a.release();
           },
           "path"_a, nb::rv_policy::take_ownership)
@@ -612,14 +625,15 @@ NB_MODULE(_core, mod) {
   nb::class_<PyMemoryScope>(mod, "MemoryScope")
       .def(nb::init<>())
       .def("__enter__",
-           [](PyMemoryScope& s) -> PyMemoryScope& {
+           [](nb::handle self) {
+             PyMemoryScope& s = nb::cast<PyMemoryScope&>(self);
              s.scope = std::make_unique<fc::MemoryScope>();
              s.start = s.scope->start_live();
              s.peak = s.start;
-             return s;
+             return nb::borrow(self);
            })
       .def("__exit__",
-           [](PyMemoryScope& s, nb::handle, nb::handle, nb::handle) {
+           [](PyMemoryScope& s, nb::args) {
              if (s.scope) s.peak = s.scope->peak();
              s.scope.reset();
            })
@@ -637,9 +651,9 @@ NB_MODULE(_core, mod) {
   });
   mod.def(
       "read_file",
-      [](const std::string& path) {
+      [](const std::filesystem::path& path) {
         fc::TensorFile f;
-        compute(0, [&] { return fc::read_tensor_file(path, &f); });
+        compute(0, [&] { return fc::read_tensor_file(path.string(), &f); });
         nb::dict meta;
         for (const auto& [k, v] : f.metadata) meta[k.c_str()] = v;
         nb::dict tensors;
@@ -647,6 +661,7 @@ NB_MODULE(_core, mod) {
         return nb::make_tuple(tensors, meta);
       },
       "path"_a);
+  mod.def("_request_cancel", &fc::request_cancel);  // tests: cancel the running call
   mod.def("set_num_threads", &fc::set_num_threads, "n"_a);
   mod.def("num_threads", &fc::num_threads);
 }

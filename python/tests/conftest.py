@@ -3,10 +3,14 @@
 import os
 import pathlib
 
-import numpy as np
-import pytest
+# Before the library (and its OpenMP runtime) loads: idle kernel threads sleep instead of spinning
+# (the CI machine's two cores are shared), as in the C++ suite.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-import foldcube
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import foldcube  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
@@ -43,6 +47,5 @@ def stack_inputs(t):
 @pytest.fixture(autouse=True)
 def _two_threads():
     """Tests run with two kernel threads (the CI machine's cores), as the C++ suite does."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     foldcube.set_num_threads(2)
     yield
