@@ -1,6 +1,6 @@
 """Call overhead of the Python API: a forward of the tiny golden Evoformer case through
 foldcube.Evoformer against the same library call timed inside C++ (`foldcube run --repeats`),
-alternating, in one run. Usage: .venv/bin/python python/bench_overhead.py [build/foldcube]"""
+alternating, in one run. Usage: .venv/bin/python bench/python_overhead.py [build/foldcube]"""
 
 import json
 import os
