@@ -107,4 +107,7 @@ struct PlanArgs {
 };
 int plan_command(const PlanArgs& a);
 
+// "256,512,1024" -> increasing residue buckets; a one-line error naming the bad item.
+Status parse_buckets(const std::string& text, std::vector<int64_t>* out);
+
 }  // namespace fc::app

@@ -9,6 +9,8 @@
 #include <memory>
 
 #include "commands.h"
+#include "foldcube/plan.h"
+#include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 
 namespace fc::app {
@@ -19,6 +21,8 @@ struct FoldArgs {
   std::string models;  // "1,2,3"
   int threads = 0;
   std::string memory_budget;
+  bool bucket = false;
+  std::string buckets;
 };
 
 // A one-line progress bar with the stage and an ETA on a terminal; plain log lines otherwise.
@@ -74,7 +78,13 @@ std::function<int()> add_fold_command(CLI::App& app) {
   cmd->add_option("--recycle-tolerance", a->opts.recycle_tolerance,
                   "stop recycling when the CA distances change by less than this (A; 0 = off)")
       ->check(CLI::Range(0.0, 1e6));
-  cmd->add_option("--memory-budget", a->memory_budget, "not supported yet for the whole model");
+  cmd->add_option("--memory-budget", a->memory_budget,
+                  "tracked-memory budget of each model run, e.g. 8GiB: chunking from the "
+                  "whole-model memory model; refused before the run when it cannot fit");
+  cmd->add_flag("--bucket", a->bucket,
+                "pad each protein's residues up to a size bucket (AF3's list: 256, 512, 768, ...) "
+                "so one shape serves every protein of the bucket; outputs are cropped back");
+  cmd->add_option("--buckets", a->buckets, "comma-separated bucket list (implies --bucket)");
   cmd->add_option("--threads", a->threads, "threads (default: OMP_NUM_THREADS or all cores)")
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--cache", a->opts.cache_dir,
@@ -87,8 +97,13 @@ std::function<int()> add_fold_command(CLI::App& app) {
   return [cmd, a]() -> int {
     if (!*cmd) return -1;
     if (!a->memory_budget.empty())
-      return fail(Status::InvalidArgument(
-          "fold --memory-budget is not supported yet (the whole-model memory model is pending)"));
+      if (Status st = parse_bytes(a->memory_budget, &a->opts.memory_budget_bytes); !st.ok())
+        return fail(st);
+    if (!a->buckets.empty()) {
+      if (Status st = parse_buckets(a->buckets, &a->opts.buckets); !st.ok()) return fail(st);
+    } else if (a->bucket) {
+      a->opts.buckets = default_buckets();
+    }
     set_num_threads(a->threads);
     for (const std::string& m : split(a->models, ',')) {
       char* end = nullptr;

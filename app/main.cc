@@ -17,7 +17,8 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
   run->add_option("--inputs", ra.inputs,
                   "safetensors with input.m, input.z [, input.msa_mask, input.pair_mask]");
   run->add_option("--config", ra.config,
-                  "model config JSON (default: weights metadata, else inferred from shapes)");
+                  "model config JSON (default: weights metadata, else inferred from shapes); with "
+                  "--model af2 also a preset name model_1 ... model_5[_ptm]");
   run->add_option("--out", ra.out, "write output.m, output.z, output.s (F32) here");
   run->add_option("--report", ra.report, "write time and memory as JSON here");
   run->add_option("--s", ra.s, "random inputs: number of sequences")->check(CLI::Range(1, 1 << 20));
@@ -192,6 +193,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "foldcube: error: %s (see --help)\n", e.what());
     return 2;
   }
+  ra.blocks_given = run->count("--blocks") > 0;
   if (*run) return fc::app::run_command(ra);
   if (*bench) return fc::app::bench_command(ba, argv[0]);
   if (*plan) return fc::app::plan_command(pa);

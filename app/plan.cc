@@ -21,7 +21,6 @@
 
 namespace fc::app {
 
-namespace {
 Status parse_buckets(const std::string& text, std::vector<int64_t>* out) {
   std::stringstream ss(text);
   std::string item;
@@ -37,6 +36,8 @@ Status parse_buckets(const std::string& text, std::vector<int64_t>* out) {
   }
   return Status::OK();
 }
+
+namespace {
 
 double mib(int64_t b) { return static_cast<double>(b) / 1048576.0; }
 

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -12,19 +13,47 @@
 #include "foldcube/memory.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "foldcube/structure_io.h"
 
 namespace fc::app {
 namespace {
 
-// Without --weights: seeded random parameters at model_1_ptm dimensions (--blocks Evoformer blocks
-// when given).
+// --config: a preset name (model_1 ... model_5[_ptm]) or an OpenFold model config JSON file.
+// Without --weights: seeded random parameters of that preset (default model_1_ptm; --blocks
+// Evoformer blocks when given). With --weights: the config comes from the parameters; a preset must
+// agree with them, a JSON file supplies the counts the shapes do not hold.
 Status load_model(const RunArgs& a, AlphaFold* model) {
+  const bool json_file = !a.config.empty() && a.config.find(".json") != std::string::npos;
+  AlphaFoldConfig preset = alphafold_model_1_ptm();
+  if (!a.config.empty() && !json_file) FC_RETURN_IF_ERROR(alphafold_preset(a.config, &preset));
   if (a.weights.empty()) {
-    AlphaFoldConfig cfg = alphafold_model_1_ptm();
+    if (json_file)
+      return Status::InvalidArgument("--config " + a.config +
+                                     ": a config file needs --weights (random weights take a "
+                                     "preset name, e.g. model_3_ptm)");
+    AlphaFoldConfig cfg = preset;
     if (a.blocks_given) cfg.evoformer.no_blocks = a.blocks;
     return AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model);
   }
-  return load_alphafold(a.weights, model);
+  TensorFile w;
+  FC_RETURN_IF_ERROR(read_weights(a.weights, &w));  // safetensors or AlphaFold .npz
+  if (json_file) {
+    std::ifstream in(a.config);
+    if (!in) return Status::NotFound("cannot read --config " + a.config);
+    const std::string text((std::istreambuf_iterator<char>(in)), {});
+    if (nlohmann::json::parse(text, nullptr, false).is_discarded())
+      return Status::InvalidArgument(a.config + ": not valid JSON");
+    w.metadata["config"] = text;
+  }
+  AlphaFoldConfig cfg;
+  FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg));
+  if (!a.config.empty() && !json_file &&
+      (cfg.templates != preset.templates || cfg.ptm != preset.ptm))
+    return Status::InvalidArgument("--config " + a.config + " does not match " + a.weights +
+                                   ": the parameters have " + (cfg.templates ? "" : "no ") +
+                                   "templates and " + (cfg.ptm ? "a" : "no") + " TM head");
+  const Status st = AlphaFold::load(cfg, w, model);
+  return st.WithContext(a.weights);
 }
 
 // feature.<name> tensors of the features file, without the prefix.
@@ -60,30 +89,37 @@ void print_summary(const RunArgs& a, const std::map<std::string, Tensor>& out,
 }
 
 Status write_report(const RunArgs& a, const std::vector<AlphaFoldStageStat>& stats, double ms,
-                    int64_t peak) {
+                    int64_t peak, int64_t base, int64_t budget, const AlphaFoldPlan& plan) {
   nlohmann::json j;
   j["model"] = "af2";
   j["time_ms"] = ms;
   j["peak_tracked_bytes"] = peak;
+  j["base_tracked_bytes"] = base;  // weights and features, live before the forward
+  if (budget > 0)
+    j["memory_budget"] = {{"budget_bytes", budget},
+                          {"predicted_peak_bytes", plan.predicted_peak_bytes},
+                          {"peak_stage", plan.peak_stage},
+                          {"chunk_target_bytes", plan.chunk_target_bytes},
+                          {"pair_block_bytes", plan.pair_block_bytes}};
   j["peak_rss_bytes"] = peak_rss_bytes();
   j["threads"] = num_threads();
   for (const AlphaFoldStageStat& s : stats)
-    j["stages"].push_back(
-        {{"pass", s.pass}, {"stage", s.stage}, {"ms", s.ms}, {"peak_tracked_bytes", s.peak_bytes}});
-  std::ofstream f(a.report);
-  f << j.dump(2) << "\n";
-  if (!f) return Status::IOError("cannot write report " + a.report);
-  return Status::OK();
+    j["stages"].push_back({{"pass", s.pass},
+                           {"stage", s.stage},
+                           {"ms", s.ms},
+                           {"entry_tracked_bytes", s.entry_bytes},  // above base_tracked_bytes
+                           {"peak_tracked_bytes", s.peak_bytes}});
+  return write_text_atomic(a.report, j.dump(2) + "\n");
 }
 
 }  // namespace
 
 int run_af2(const RunArgs& a) {
   set_num_threads(a.threads);
-  if (!a.memory_budget.empty() || a.dap > 0 || a.backward || a.train || !a.plan.empty())
+  if (a.dap > 0 || a.backward || a.train || !a.plan.empty())
     return fail(Status::InvalidArgument(
-        "--model af2 runs inference on one process; --memory-budget, --dap, --plan and training "
-        "are not supported for the whole model yet"));
+        "--model af2 runs inference on one process; --dap, --plan and training are not supported "
+        "for the whole model yet"));
   AlphaFold model;
   if (Status st = load_model(a, &model); !st.ok()) return fail(st);
   FeatureDict feats;
@@ -95,6 +131,27 @@ int run_af2(const RunArgs& a) {
   opts.chunk = a.chunk;
   opts.chunk_target_bytes = chunk_target;
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
+  // --memory-budget: the stacks' chunking and the pair blocks from the whole-model memory model,
+  // refused before any work when no chunking fits.
+  AlphaFoldPlan plan;
+  int64_t budget = 0;
+  if (!a.memory_budget.empty()) {
+    if (a.chunk > 0 || chunk_target > 0)
+      return fail(
+          Status::InvalidArgument("--memory-budget chooses the chunking itself: drop "
+                                  "--chunk / --chunk-target"));
+    if (Status st = parse_bytes(a.memory_budget, &budget); !st.ok()) return fail(st);
+    AlphaFoldDims dims;
+    if (Status st = alphafold_dims(model.config(), feats, &dims); !st.ok())
+      return fail(st.WithContext(a.features));
+    if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
+    if (Status st = plan_alphafold(model.config(), dims, mem_stats().live_bytes, budget,
+                                   num_threads(), &plan);
+        !st.ok())
+      return fail(st);
+    opts.chunk_target_bytes = plan.chunk_target_bytes;
+    opts.pair_block_bytes = plan.pair_block_bytes;
+  }
   opts.recycle_tolerance = a.recycle_tolerance;
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
@@ -106,6 +163,10 @@ int run_af2(const RunArgs& a) {
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const int64_t peak = scope.peak();
+  if (budget > 0 && !a.quiet)
+    std::printf("memory budget %.1f MiB: predicted peak %.1f MiB (at the %s), measured %.1f MiB\n",
+                budget / 1048576.0, plan.predicted_peak_bytes / 1048576.0, plan.peak_stage.c_str(),
+                peak / 1048576.0);
   if (!a.out.empty()) {
     TensorFile f;
     f.metadata["format"] = "foldcube-af2-output/1";
@@ -114,7 +175,8 @@ int run_af2(const RunArgs& a) {
   }
   if (!a.quiet) print_summary(a, out, stats, ms, peak);
   if (!a.report.empty())
-    if (Status st = write_report(a, stats, ms, peak); !st.ok()) return fail(st);
+    if (Status st = write_report(a, stats, ms, peak, scope.start_live(), budget, plan); !st.ok())
+      return fail(st);
   return 0;
 }
 

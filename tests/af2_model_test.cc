@@ -19,21 +19,6 @@
 namespace fc {
 namespace {
 
-// The golden metric for one tensor (float or integer-like); non-finite values fail.
-double golden_metric(const Tensor& x, const Tensor& ref) {
-  Tensor a = x.dtype() == DType::I64 ? Tensor() : x.to(DType::F64);
-  Tensor b = ref.dtype() == DType::I64 ? Tensor() : ref.to(DType::F64);
-  if (!a.defined() || !b.defined()) return INFINITY;
-  double ss = 0, mx = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    const double u = a.data<double>()[i], v = b.data<double>()[i];
-    if (!std::isfinite(u) || !std::isfinite(v)) return INFINITY;
-    ss += v * v;
-    mx = std::max(mx, std::abs(u - v));
-  }
-  return mx / std::max(std::sqrt(ss / std::max<int64_t>(b.numel(), 1)), 1.0);
-}
-
 bool structure_group(const std::string& name) {
   for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",
                         "final_atom_positions", "final_affine_tensor"})
@@ -47,13 +32,19 @@ std::string golden_path(const std::string& name) {
   return std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name + ".safetensors";
 }
 
-// (golden case, items per chunk in the stacks; 0 = automatic)
+// (golden case, items per chunk in the stacks (0 = automatic), traced or outputs only; bytes per
+// block of pair rows outside the stacks, 0 = default)
 struct ModelCase {
   std::string name;
   int64_t chunk;
+  bool traced = true;
+  int64_t pair_block_bytes = 0;
 };
 
-std::string CaseName(const ModelCase& c) { return c.name + "_chunk" + std::to_string(c.chunk); }
+std::string CaseName(const ModelCase& c) {
+  return c.name + "_chunk" + std::to_string(c.chunk) + (c.traced ? "" : "_untraced") +
+         (c.pair_block_bytes ? "_pairblock" + std::to_string(c.pair_block_bytes) : "");
+}
 // Test parameters print as their readable name (gtest would print the raw struct bytes).
 void PrintTo(const ModelCase& c, std::ostream* os) { *os << CaseName(c); }
 
@@ -84,7 +75,7 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
     ASSERT_TRUE(f.has(name)) << "no golden tensor " << name;
     const Tensor& ref = f.tensors.at(name);
     ASSERT_EQ(x.shape(), ref.shape()) << name;
-    const double e = golden_metric(x, ref);
+    const double e = test::golden_err(x, ref);
     const double tol = structure_group(name) ? 5e-4 : 1e-4;
     EXPECT_LT(e, tol) << name;
     seen.insert(name);
@@ -94,13 +85,15 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
   opts.chunk = GetParam().chunk;
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
-  opts.trace = [&](int pass, const std::string& stage, int index, const Tensor& v) {
-    const std::string name = "trace.iter" + std::to_string(pass) + "." + stage;
-    if (index < 0)
-      check(name, v);
-    else
-      stacked[name].push_back(v.clone());
-  };
+  opts.pair_block_bytes = GetParam().pair_block_bytes;
+  if (GetParam().traced)
+    opts.trace = [&](int pass, const std::string& stage, int index, const Tensor& v) {
+      const std::string name = "trace.iter" + std::to_string(pass) + "." + stage;
+      if (index < 0)
+        check(name, v);
+      else
+        stacked[name].push_back(v.clone());
+    };
   std::map<std::string, Tensor> out;
   st = model.forward(feats, &out, opts);
   ASSERT_TRUE(st.ok()) << st.ToString();
@@ -127,8 +120,8 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
   }
   // Every golden trace and output was compared.
   for (const std::string& n : f.names)
-    if ((n.rfind("trace.", 0) == 0 || n.rfind("output.", 0) == 0) && !seen.count(n) &&
-        n != "output.num_recycles")
+    if (((GetParam().traced && n.rfind("trace.", 0) == 0) || n.rfind("output.", 0) == 0) &&
+        !seen.count(n) && n != "output.num_recycles")
       ADD_FAILURE() << "golden tensor not produced: " << n;
   std::printf("%s chunk %lld: worst err %.3g (%s)\n", GetParam().name.c_str(),
               static_cast<long long>(GetParam().chunk), worst, worst_name.c_str());
@@ -141,8 +134,10 @@ TEST_P(Af2Model, EveryTraceAndOutputMatchesOpenFold) {
 INSTANTIATE_TEST_SUITE_P(
     Golden, Af2Model,
     ::testing::Values(ModelCase{"af2_model_tiny", 0}, ModelCase{"af2_model_tiny", 1},
-                      ModelCase{"af2_model_tiny", 3}, ModelCase{"af2_model_af2dims", 0},
-                      ModelCase{"af2_model_af2dims", 5}),
+                      ModelCase{"af2_model_tiny", 3}, ModelCase{"af2_model_tiny", 0, false},
+                      ModelCase{"af2_model_tiny", 1, false, 1}, ModelCase{"af2_model_af2dims", 0},
+                      ModelCase{"af2_model_af2dims", 5},
+                      ModelCase{"af2_model_af2dims", 0, false, 1}),
     [](const ::testing::TestParamInfo<ModelCase>& p) { return CaseName(p.param); });
 
 // The CLI on a golden file used as both parameters and features: output.<name> as in the file.
@@ -162,7 +157,7 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   for (const char* name : {"output.final_atom_positions", "output.plddt", "output.pair",
                            "output.predicted_aligned_error"}) {
     ASSERT_TRUE(got.has(name)) << name;
-    EXPECT_LT(golden_metric(got.tensors.at(name), ref.tensors.at(name)), 5e-4) << name;
+    EXPECT_LT(test::golden_err(got.tensors.at(name), ref.tensors.at(name)), 5e-4) << name;
   }
   EXPECT_TRUE(std::filesystem::exists(report));
 
@@ -174,9 +169,27 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
   bad = test::run_cli("run --model af2 --weights " + evo + " --features " + golden);
   EXPECT_EQ(bad.code, 1) << bad.out;
   EXPECT_NE(bad.out.find("foldcube: error:"), std::string::npos) << bad.out;
-  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
-                      " --memory-budget 1GiB");
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden + " --train");
   EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("training are not supported"), std::string::npos) << bad.out;
+  // --config: a preset must agree with the parameters; unknown names are refused; random
+  // weights of a template-free preset run.
+  bad = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                      " --config model_3 --quiet");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("does not match"), std::string::npos) << bad.out;
+  bad = test::run_cli("run --model af2 --config model_9 --quiet");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("unknown AlphaFold config"), std::string::npos) << bad.out;
+  test::Result ok = test::run_cli("run --model af2 --weights " + golden + " --features " + golden +
+                                  " --config model_1_ptm --quiet");
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  ok = test::run_cli(
+      "run --model af2 --config model_4 --r 16 --s 4 --extra 8 --templates 2 --blocks 1 "
+      "--recycles 0 --threads 1");
+  EXPECT_EQ(ok.code, 0) << ok.out;
+  EXPECT_EQ(ok.out.find("template_embedder"), std::string::npos) << ok.out;
+  EXPECT_EQ(ok.out.find("pTM"), std::string::npos) << ok.out;
   std::filesystem::remove_all(dir);
 }
 
@@ -202,12 +215,12 @@ TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
   ASSERT_TRUE(model.forward(feats, &out, opts).ok());
   EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 2);
   EXPECT_EQ(per_pass.size(), 2u);
-  EXPECT_EQ(golden_metric(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
+  EXPECT_EQ(test::golden_err(out.at("final_atom_positions"), per_pass.at(1)), 0.0);
   opts.recycle_tolerance = 0;
   opts.passes = 1;
   ASSERT_TRUE(model.forward(feats, &out, opts).ok());
   EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 1);
-  EXPECT_LT(golden_metric(out.at("final_atom_positions"),
+  EXPECT_LT(test::golden_err(out.at("final_atom_positions"),
                           f.tensors.at("trace.iter0.final_atom_positions")),
             5e-4);
 }
@@ -261,6 +274,106 @@ TEST(Af2ModelErrors, BadFeaturesNameTheFeature) {
     const Status st = AlphaFold::load(cfg, w, &m2);
     EXPECT_NE(st.message().find("structure_module.ipa.linear_b.weight"), std::string::npos)
         << st.ToString();
+  }
+}
+
+}  // namespace
+}  // namespace fc
+
+namespace fc {
+namespace {
+
+// Size buckets: the golden features padded to a bucket (masked) give every output of the real
+// residues within the golden tolerance of OpenFold's unpadded outputs, pTM included.
+TEST(Af2ModelBuckets, PaddedRunEqualsTheUnpaddedGolden) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  const int64_t r = feats.at("aatype").dim(0);
+  for (int64_t bucket : {r + 4, 2 * r + 1}) {
+    SCOPED_TRACE("bucket " + std::to_string(bucket));
+    AlphaFoldOptions opts;
+    opts.pad_to = bucket;
+    std::map<std::string, Tensor> out;
+    Status st = model.forward(feats, &out, opts);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    for (const auto& [name, t] : out) {
+      if (name == "num_recycles") continue;
+      const Tensor& ref = f.tensors.at("output." + name);
+      ASSERT_EQ(t.shape(), ref.shape()) << name;
+      if (name == "ptm_score") {
+        const double v = ref.to(DType::F64).data<double>()[0];
+        EXPECT_LT(std::abs(t.f32()[0] - v) / std::abs(v), 1e-4);
+        continue;
+      }
+      EXPECT_LT(test::golden_err(t, ref), structure_group(name) ? 5e-4 : 1e-4) << name;
+    }
+  }
+  AlphaFoldOptions small;
+  small.pad_to = r - 1;
+  std::map<std::string, Tensor> out;
+  EXPECT_FALSE(model.forward(feats, &out, small).ok());
+}
+
+}  // namespace
+}  // namespace fc
+
+namespace fc {
+namespace {
+
+// Appends `extra` rows of seeded junk with mask 0 to an [rows, ...] feature (or mask).
+Tensor with_masked_rows(const Tensor& t, int64_t extra, bool is_mask, uint64_t seed) {
+  Shape shape = t.shape();
+  shape[0] += extra;
+  Tensor out = Tensor::zeros(shape, t.dtype());
+  out.slice(0, 0, t.dim(0)).copy_from(t);
+  if (!is_mask) {
+    Tensor tail = out.slice(0, t.dim(0), shape[0]);
+    const int64_t n = tail.numel();
+    Tensor junk = Tensor::empty(tail.shape(), t.dtype());
+    for (int64_t i = 0; i < n; ++i) {
+      seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+      if (t.dtype() == DType::I64)
+        junk.data<int64_t>()[i] = static_cast<int64_t>((seed >> 33) % 21);
+      else
+        junk.f32()[i] = static_cast<float>((seed >> 40) % 1000) / 250.0f - 2.0f;
+    }
+    tail.copy_from(junk);
+  }
+  return out;
+}
+
+// Masked MSA and extra-MSA rows (as OpenFold pads to 512 / 5120 in predict mode) filled with junk
+// do not change any output of the real rows: foldcube may drop them (fold does).
+TEST(Af2ModelBuckets, MaskedMsaRowsChangeNothing) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  AlphaFold model;
+  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
+  FeatureDict feats;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  const int64_t S = feats.at("msa_feat").dim(0);
+  feats["msa_feat"] = with_masked_rows(feats.at("msa_feat"), 3, false, 1);
+  feats["msa_mask"] = with_masked_rows(feats.at("msa_mask"), 3, true, 0);
+  for (const char* n : {"extra_msa", "extra_has_deletion", "extra_deletion_value"})
+    feats[n] = with_masked_rows(feats.at(n), 5, false, 2);
+  feats["extra_msa_mask"] = with_masked_rows(feats.at("extra_msa_mask"), 5, true, 0);
+  std::map<std::string, Tensor> out;
+  ASSERT_TRUE(model.forward(feats, &out).ok());
+  for (auto& [name, t] : out) {
+    if (name == "num_recycles" || name == "ptm_score") continue;
+    Tensor x = name == "msa" || name == "masked_msa_logits" ? t.slice(0, 0, S).contiguous() : t;
+    EXPECT_LT(test::golden_err(x, f.tensors.at("output." + name)), structure_group(name) ? 5e-4 : 1e-4)
+        << name;
   }
 }
 

@@ -28,6 +28,10 @@ struct AlphaFoldConfig {
   int64_t structure_layers = 8;
   int64_t relpos_k = 32;  // relative positions clipped to [-k, k]
   bool ptm = true;        // the TM-score head (pTM, PAE)
+  // Structure-module and head widths (AF2's; from the parameter shapes when read from a file).
+  // Only the memory model reads them: AlphaFold::load takes the widths from the parameters.
+  int64_t ipa_heads = 12, ipa_hidden = 16, ipa_qk_points = 4, ipa_v_points = 8, c_resnet = 128;
+  int64_t plddt_hidden = 128, plddt_bins = 50, distogram_bins = 64, tm_bins = 64;
 };
 
 // AlphaFold2 model_1_ptm dimensions: Evoformer 48 blocks (c_m 256, c_z 128, c_s 384), extra-MSA
@@ -35,6 +39,9 @@ struct AlphaFoldConfig {
 // 16, tri-mul 64, transition 2), template pointwise attention 4 heads of 16, structure module 8
 // layers, TM head on.
 AlphaFoldConfig alphafold_model_1_ptm();
+// The AlphaFold2 monomer presets model_1 ... model_5, each optionally `_ptm`: model_1_ptm's
+// dimensions, templates for models 1 and 2 only, the TM head for `_ptm`.
+Status alphafold_preset(const std::string& name, AlphaFoldConfig* out);
 
 // Config from the parameter shapes of an OpenFold AlphaFold state dict; the counts the shapes do
 // not hold (template pointwise-attention heads, structure-module layers) come from the file's
@@ -52,13 +59,24 @@ struct AlphaFoldStageStat {
   std::string stage;  // input_embedder, recycling_embedder, template_embedder, extra_msa_stack,
                       // evoformer, structure_module, heads
   double ms = 0;
-  int64_t peak_bytes = 0;  // tracked peak (all live tensor memory) during the stage
+  // Tracked bytes above those live when forward was called (weights, features): live when the
+  // stage starts, and at the stage's peak.
+  int64_t entry_bytes = 0;
+  int64_t peak_bytes = 0;
 };
 
 struct AlphaFoldOptions {
   int64_t chunk = 0;               // items per chunk in the stacks' modules; 0 = automatic
   int64_t chunk_target_bytes = 0;  // automatic chunking target; 0 = default
-  int passes = 0;                  // recycling passes to run; 0 = all R of the features
+  // Bytes per block of rows where a stage outside the stacks works through the pair a block of
+  // rows at a time (recycling embedder, structure-module pair LayerNorm); 0 = 4 MiB.
+  int64_t pair_block_bytes = 0;
+  int passes = 0;  // recycling passes to run; 0 = all R of the features
+  // Size bucket: > r runs the model on the features padded to pad_to residues (padding masked
+  // out) and crops the outputs back to r, so one shape serves every protein of the bucket; the
+  // valid outputs equal the unpadded run's within fp32 noise (pTM is taken over the r residues).
+  // Traces show the padded tensors. 0 or r: no padding.
+  int64_t pad_to = 0;
   // Early stop: after a pass whose CA distance matrix changed by less than this (root mean square,
   // Angstrom) from the previous pass, the heads run and no further pass does; 0 = off.
   double recycle_tolerance = 0;
@@ -66,6 +84,9 @@ struct AlphaFoldOptions {
   // "template.pair_stack"), index (the template for per-template stages, the layer for sm.*
   // stages, else -1) and the value.
   std::function<void(int pass, const std::string& stage, int index, const Tensor& value)> trace;
+  // Called after each stage of each pass (stage names as in AlphaFoldStageStat). Unlike `trace`,
+  // it costs no memory.
+  std::function<void(int pass, const std::string& stage)> progress;
   // When non-null, receives one entry per stage and pass, in execution order.
   std::vector<AlphaFoldStageStat>* stats = nullptr;
 };
@@ -84,6 +105,49 @@ Status load_alphafold(const std::string& path, AlphaFold* out);
 // The feature.<name> tensors of a safetensors file (`foldcube features` output, a golden model
 // file), without the prefix; a user error when there are none.
 Status read_feature_file(const std::string& path, FeatureDict* out);
+
+// ---- Memory model and budget
+// --------------------------------------------------------------------- Sizes that set the memory
+// of a forward: residues, cluster rows, extra rows, templates (0 when the config has none or the
+// features hold none) and recycling passes.
+struct AlphaFoldDims {
+  int64_t r = 0, S = 0, E = 0, T = 0;
+  int passes = 1;               // passes run
+  int feature_passes = 0;       // the features' recycling axis R (0: = passes)
+  bool templates_given = true;  // the features hold template_* tensors (T may still be 0)
+  // With AlphaFoldOptions::pad_to: r is the bucket and r_features the residues of the features
+  // (0: not padded). The padded copy of the features and the cropped outputs are then counted,
+  // and the prediction is an upper bound (at most the cropped outputs' bytes above measured).
+  int64_t r_features = 0;
+};
+// The dims of a feature dict (as AlphaFold::forward reads it), or a user error naming the feature.
+Status alphafold_dims(const AlphaFoldConfig& cfg, const FeatureDict& features, AlphaFoldDims* out);
+
+// Tracked memory of AlphaFold::forward without a trace hook, by replaying its allocations: per
+// stage and pass the bytes live at the stage's start and at its peak (AlphaFoldStageStat, ms 0),
+// and the forward's peak, all above the bytes live before the call (weights and features).
+// Exact for the tracked allocator when every template is present (tests/af2_memory_test.cc); a
+// trace hook adds whole-size copies of the traced values.
+struct AlphaFoldMemory {
+  int64_t peak_bytes = 0;
+  std::vector<AlphaFoldStageStat> stages;
+};
+// Reads opts' chunk, chunk_target_bytes and pair_block_bytes.
+Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims,
+                                const AlphaFoldOptions& opts, int threads, AlphaFoldMemory* out);
+
+// Chunking of the three stacks (template pair, extra-MSA, Evoformer) for a forward whose tracked
+// peak, base_bytes (weights and features already live) plus the forward's own, stays within
+// budget_bytes: the default chunking if it fits, else the coarsest that does. A budget that no
+// chunking fits is refused with the smallest feasible budget and the stage that sets it.
+struct AlphaFoldPlan {
+  int64_t chunk_target_bytes = 0;  // pass as AlphaFoldOptions::chunk_target_bytes
+  int64_t pair_block_bytes = 0;    // pass as AlphaFoldOptions::pair_block_bytes
+  int64_t predicted_peak_bytes = 0;
+  std::string peak_stage;  // the stage at the predicted peak
+};
+Status plan_alphafold(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims, int64_t base_bytes,
+                      int64_t budget_bytes, int threads, AlphaFoldPlan* out);
 
 class AlphaFold {
  public:

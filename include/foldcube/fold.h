@@ -26,6 +26,13 @@ struct FoldOptions {
   double recycle_tolerance = 0;
   uint64_t seed = 0;
   int64_t chunk = 0;
+  // Tracked-memory budget of each model run (weights, features and the forward), 0 = none: the
+  // chunking comes from the whole-model memory model (plan_alphafold); a job that cannot fit is
+  // refused before its model runs.
+  int64_t memory_budget_bytes = 0;
+  // Size buckets: when non-empty, each job's residues are padded (masked) up to the smallest
+  // bucket that holds them (AlphaFoldOptions::pad_to) and the outputs cropped back.
+  std::vector<int64_t> buckets;
   // Progress lines: stage ("features", "model_1", "outputs"), job name, fraction done (0..1) of
   // the whole run, and a message.
   std::function<void(const std::string& stage, const std::string& job, double done,

@@ -14,7 +14,10 @@
 #include "foldcube/alphafold.h"
 #include "foldcube/features.h"
 #include "foldcube/io.h"
+#include "foldcube/memory.h"
+#include "foldcube/planner.h"
 #include "foldcube/plots.h"
+#include "foldcube/runtime.h"
 #include "foldcube/structure_io.h"
 
 namespace fc {
@@ -329,13 +332,32 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
       ao.chunk = o.chunk;
       ao.recycle_tolerance = o.recycle_tolerance;
       ao.passes = o.recycles + 1;
-      ao.trace = [&](int pass, const std::string& stage, int index, const Tensor&) {
-        if (stage == "final_atom_positions")
+      ao.progress = [&](int pass, const std::string& stage) {
+        if (stage == "structure_module")
           progress(model, job.name, step / steps,
                    "recycling pass " + std::to_string(pass + 1) + " of " +
                        std::to_string(o.recycles + 1) + " done");
-        (void)index;
       };
+      if (!o.buckets.empty()) {
+        FC_RETURN_IF_ERROR(bucket_residues(feats.at("aatype").dim(0), o.buckets, &ao.pad_to)
+                               .WithContext(job.name));
+      }
+      if (o.memory_budget_bytes > 0) {
+        // Chunking from the whole-model memory model; refused before the model runs.
+        AlphaFoldDims dims;
+        FC_RETURN_IF_ERROR(alphafold_dims(cfg, feats, &dims));
+        dims.passes = std::min(dims.passes, ao.passes);
+        if (ao.pad_to > dims.r) {
+          dims.r_features = dims.r;
+          dims.r = ao.pad_to;
+        }
+        AlphaFoldPlan plan;
+        FC_RETURN_IF_ERROR(plan_alphafold(cfg, dims, mem_stats().live_bytes, o.memory_budget_bytes,
+                                          num_threads(), &plan)
+                               .WithContext(job.name + " " + model));
+        ao.chunk_target_bytes = plan.chunk_target_bytes;
+        ao.pair_block_bytes = plan.pair_block_bytes;
+      }
       progress(model, job.name, step / steps, "running the model");
       const auto t0 = std::chrono::steady_clock::now();
       std::map<std::string, Tensor> out;

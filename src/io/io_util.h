@@ -1,6 +1,8 @@
 // Helpers shared by the tensor-file readers (safetensors, npz).
 #pragma once
 
+#include <cstdio>
+#include <functional>
 #include <string>
 
 #include "foldcube/status.h"
@@ -14,5 +16,11 @@ std::string printable(const std::string& s);
 // OK for an existing regular file; NotFound, IOError, or InvalidArgument for a directory, FIFO or
 // device (which a reader must refuse rather than block on). Messages start with "<path>: ".
 Status check_regular_file(const std::string& path);
+
+// Writes `path` all or nothing: `write` fills a new temporary file in the same directory (unique
+// per process and call), which is flushed, synced and renamed over `path` only when `write` and
+// every step succeeded; on failure the temporary is removed and `path` is untouched. A device or
+// FIFO (/dev/null, a pipe) is written in place. Messages start with "<path>: ".
+Status write_file_atomic(const std::string& path, const std::function<Status(std::FILE*)>& write);
 
 }  // namespace fc::io

@@ -1,14 +1,14 @@
 #include "foldcube/plots.h"
 
 #include <cairo.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <memory>
 #include <numeric>
+
+#include "io/io_util.h"
 
 namespace fc {
 namespace {
@@ -53,23 +53,17 @@ struct Canvas {
     if (cairo_status(cr.get()) != CAIRO_STATUS_SUCCESS)
       return Status::Internal(std::string("cairo: ") +
                               cairo_status_to_string(cairo_status(cr.get())));
-    namespace fs = std::filesystem;
-    const fs::path target(path);
-    const fs::path tmp = target.parent_path() /
-                         ("." + target.filename().string() + ".tmp" + std::to_string(::getpid()));
     cairo_surface_flush(surface.get());
-    const cairo_status_t st = cairo_surface_write_to_png(surface.get(), tmp.c_str());
-    std::error_code ec;
-    if (st != CAIRO_STATUS_SUCCESS) {
-      fs::remove(tmp, ec);
-      return Status::IOError("cannot write " + path + ": " + cairo_status_to_string(st));
-    }
-    fs::rename(tmp, target, ec);
-    if (ec) {
-      fs::remove(tmp, ec);
-      return Status::IOError("cannot rename into " + path + ": " + ec.message());
-    }
-    return Status::OK();
+    return io::write_file_atomic(path, [&](FILE* f) {
+      auto put = [](void* out, const unsigned char* data, unsigned int n) {
+        return std::fwrite(data, 1, n, static_cast<FILE*>(out)) == n ? CAIRO_STATUS_SUCCESS
+                                                                     : CAIRO_STATUS_WRITE_ERROR;
+      };
+      const cairo_status_t st = cairo_surface_write_to_png_stream(surface.get(), put, f);
+      if (st != CAIRO_STATUS_SUCCESS)
+        return Status::IOError("cannot write " + path + ": " + cairo_status_to_string(st));
+      return Status::OK();
+    });
   }
 };
 

@@ -2,16 +2,12 @@
 // The reader treats the file as hostile: the header is parsed with a streaming (SAX) parser that
 // stops at the first unexpected token, and every size and offset is checked against the file size
 // before any tensor memory is allocated, so memory use is bounded by the file size.
-#include <fcntl.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -542,55 +538,7 @@ Status write_safetensors(const std::string& path, const TensorFile& file) {
     return Status::OK();
   };
 
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  const fs::file_status target = fs::status(path, ec);
-  if (fs::is_directory(target)) return Status::InvalidArgument(where + "is a directory");
-  if (fs::exists(target) && !fs::is_regular_file(target)) {
-    // A device or FIFO (/dev/null, /dev/stdout, a pipe): written in place, since renaming over it
-    // would replace the device node; nothing to keep atomic.
-    FilePtr f(std::fopen(path.c_str(), "wb"));
-    if (!f) return Status::IOError(where + "cannot open: " + errno_text());
-    FC_RETURN_IF_ERROR(write_all(f.get(), path));
-    if (std::fclose(f.release()) != 0)
-      return Status::IOError(where + "cannot close: " + errno_text());
-    return Status::OK();
-  }
-
-  // A temporary in the target's directory (so the rename stays on one file system), unique per
-  // process and call, so concurrent writers never share one and an existing file is not clobbered.
-  static std::atomic<uint64_t> serial{0};
-  const std::string tmp =
-      path + ".tmp." + std::to_string(getpid()) + "." + std::to_string(serial++);
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-  if (fd < 0) return Status::IOError(where + "cannot create " + tmp + ": " + errno_text());
-  FILE* raw = fdopen(fd, "wb");
-  if (raw == nullptr) {
-    const std::string reason = errno_text();
-    ::close(fd);
-    std::remove(tmp.c_str());
-    return Status::IOError(where + "cannot open " + tmp + ": " + reason);
-  }
-  FilePtr f(raw);
-  Status st = write_all(f.get(), tmp);
-  if (st.ok() && fsync(fileno(f.get())) != 0)
-    st = Status::IOError(where + "cannot sync " + tmp + ": " + errno_text());
-  if (std::fclose(f.release()) != 0 && st.ok())
-    st = Status::IOError(where + "cannot close " + tmp + ": " + errno_text());
-  if (st.ok() && std::rename(tmp.c_str(), path.c_str()) != 0)
-    st = Status::IOError(where + "cannot rename " + tmp + " to the final name: " + errno_text());
-  if (!st.ok()) {
-    std::remove(tmp.c_str());
-    return st;
-  }
-  // Make the rename itself durable (best effort: the file is complete and in place either way).
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  if (const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) {
-    fsync(dfd);
-    ::close(dfd);
-  }
-  return Status::OK();
+  return io::write_file_atomic(path, [&](FILE* f) { return write_all(f, path); });
 }
 
 }  // namespace fc

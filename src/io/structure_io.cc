@@ -1,13 +1,11 @@
 #include "foldcube/structure_io.h"
 
-#include <unistd.h>
-
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "io/io_util.h"
 #include "model/af2/residue_constants.h"
 
 namespace fc {
@@ -139,28 +137,11 @@ std::string confidence_json(const std::vector<float>& plddt, const std::vector<f
 }
 
 Status write_text_atomic(const std::string& path, const std::string& text) {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  const fs::path tmp = target.parent_path() /
-                       ("." + target.filename().string() + ".tmp" + std::to_string(::getpid()));
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return Status::IOError("cannot create " + tmp.string());
-    f << text;
-    f.flush();
-    if (!f) {
-      std::error_code ec;
-      fs::remove(tmp, ec);
+  return io::write_file_atomic(path, [&](FILE* f) {
+    if (std::fwrite(text.data(), 1, text.size(), f) != text.size())
       return Status::IOError("cannot write " + path + " (disk full?)");
-    }
-  }
-  std::error_code ec;
-  fs::rename(tmp, target, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    return Status::IOError("cannot rename into " + path + ": " + ec.message());
-  }
-  return Status::OK();
+    return Status::OK();
+  });
 }
 
 }  // namespace fc

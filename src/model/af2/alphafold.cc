@@ -16,6 +16,7 @@
 #include "foldcube/runtime.h"
 #include "io/param_names.h"
 #include "kernels/kernels.h"
+#include "model/af2/block_sizes.h"
 #include "model/af2/confidence.h"
 #include "model/af2/geometry.h"
 #include "model/af2/residue_constants.h"
@@ -97,7 +98,15 @@ struct AlphaFold::Impl {
   LayerNormW plddt_ln;
   LinearW plddt_1, plddt_2, plddt_3, distogram, masked_msa, exp_resolved, tm;
 
-  using Emit = std::function<void(const std::string& stage, int index, const Tensor& value)>;
+  // The trace hook of one pass; empty (false) when no trace was asked for, in which case the
+  // stages never hold whole-size copies that exist only to be traced.
+  struct Emit {
+    std::function<void(const std::string& stage, int index, const Tensor& value)> fn;
+    explicit operator bool() const { return static_cast<bool>(fn); }
+    void operator()(const std::string& stage, int index, const Tensor& value) const {
+      if (fn) fn(stage, index, value);
+    }
+  };
 
   Status load(const TensorFile& f);
   Status forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
@@ -106,7 +115,8 @@ struct AlphaFold::Impl {
   void embed_inputs(const PassFeatures& f, float* m, float* z) const;
   // m[0] += LN(m_prev); z += LN(z_prev) + Linear(distogram of the previous pseudo-beta).
   void embed_recycled(const PassFeatures& f, const Tensor& m_prev, const Tensor& z_prev,
-                      const Tensor& x_prev, float* m, float* z, const Emit& emit) const;
+                      const Tensor& x_prev, int64_t pair_block_bytes, float* m, float* z,
+                      const Emit& emit) const;
   // z += the template pair embedding; single [T, r, c_m] receives the template MSA rows.
   Status embed_templates(const PassFeatures& f, const Tensor& pair_mask,
                          const AlphaFoldOptions& opts, float* z, Tensor* single,
@@ -161,6 +171,19 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
     c.template_pair = tc;
   }
   c.ptm = w.has("aux_heads.tm.linear.weight");
+  af2::StructureModuleConfig smc;
+  if (af2::structure_module_config_from_weights(w, "structure_module.", &smc).ok()) {
+    c.ipa_heads = smc.no_heads_ipa;
+    c.ipa_hidden = smc.c_ipa;
+    c.ipa_qk_points = smc.no_qk_points;
+    c.ipa_v_points = smc.no_v_points;
+    c.c_resnet = smc.c_resnet;
+  }
+  for (auto [name, v] : {std::pair{"aux_heads.plddt.linear_1.weight", &c.plddt_hidden},
+                         {"aux_heads.plddt.linear_3.weight", &c.plddt_bins},
+                         {"aux_heads.distogram.linear.weight", &c.distogram_bins},
+                         {"aux_heads.tm.linear.weight", &c.tm_bins}})
+    if (dim_of(w, name, 0) > 0) *v = dim_of(w, name, 0);
   // Counts the shapes do not hold: from the OpenFold config in the metadata.
   auto md = w.metadata.find("config");
   if (md != w.metadata.end()) {
@@ -390,6 +413,66 @@ Tensor pair_mask_of(const Tensor& seq_mask) {
   return pm;
 }
 
+// Axis of the residue dimension of each feature the model reads (per-residue, MSA, template).
+int residue_axis(const std::string& name) {
+  static const std::map<std::string, int> axis = {{"aatype", 0},
+                                                  {"residue_index", 0},
+                                                  {"target_feat", 0},
+                                                  {"seq_mask", 0},
+                                                  {"msa_feat", 1},
+                                                  {"msa_mask", 1},
+                                                  {"extra_msa", 1},
+                                                  {"extra_has_deletion", 1},
+                                                  {"extra_deletion_value", 1},
+                                                  {"extra_msa_mask", 1},
+                                                  {"template_aatype", 1},
+                                                  {"template_all_atom_positions", 1},
+                                                  {"template_all_atom_mask", 1},
+                                                  {"template_pseudo_beta", 1},
+                                                  {"template_pseudo_beta_mask", 1},
+                                                  {"template_torsion_angles_sin_cos", 1},
+                                                  {"template_alt_torsion_angles_sin_cos", 1},
+                                                  {"template_torsion_angles_mask", 1}};
+  auto it = axis.find(name);
+  return it == axis.end() ? -1 : it->second;
+}
+
+// Residue axes of each output (empty: none).
+std::vector<int> output_residue_axes(const std::string& name) {
+  if (name == "distogram_logits" || name == "tm_logits" || name == "predicted_aligned_error" ||
+      name == "aligned_confidence_probs" || name == "pair")
+    return {0, 1};
+  if (name == "sm.single") return {0};
+  if (name == "masked_msa_logits" || name == "msa" || name.rfind("sm.", 0) == 0) return {1};
+  if (name == "max_predicted_aligned_error" || name == "ptm_score" || name == "num_recycles")
+    return {};
+  return {0};
+}
+
+// The features the model reads, zero-padded along their residue axis from r to n residues (the
+// masks of the new residues are 0); features the model does not read are dropped.
+Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
+  FeatureDict d;
+  for (const auto& [name, t] : in) {
+    const int a = residue_axis(name);
+    if (a < 0) {
+      if (name == "template_mask") d[name] = t;
+      continue;
+    }
+    if (!t.defined() || t.ndim() <= a || t.dim(a) != r)
+      return Status::InvalidArgument("feature '" + name + "' has shape " + shape_str(t.shape()) +
+                                     ": axis " + std::to_string(a) + " must be the " +
+                                     std::to_string(r) + " residues");
+    Shape shape = t.shape();
+    shape[a] = n;
+    Tensor p = Tensor::zeros(shape, t.dtype());
+    p.slice(a, 0, r).copy_from(t);
+    d[name] = p;
+  }
+  *out = std::move(d);
+  return Status::OK();
+}
+
 }  // namespace
 
 Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
@@ -399,12 +482,38 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (!it->second.defined() || it->second.ndim() != 2)
     return Status::InvalidArgument("feature 'aatype' must be [r, R]");
   const int64_t R = it->second.dim(1);
+  if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
+    // Size bucket: run padded, crop the outputs back to the r residues.
+    const int64_t r = it->second.dim(0);
+    if (opts.pad_to < r)
+      return Status::InvalidArgument("pad_to " + std::to_string(opts.pad_to) + " is below the " +
+                                     std::to_string(r) + " residues of the features");
+    FeatureDict padded;
+    FC_RETURN_IF_ERROR(pad_residues(feats, r, opts.pad_to, &padded));
+    AlphaFoldOptions o = opts;
+    o.pad_to = 0;
+    std::map<std::string, Tensor> res;
+    FC_RETURN_IF_ERROR(forward(padded, &res, o));
+    for (auto& [name, t] : res) {
+      for (int a : output_residue_axes(name)) t = t.slice(a, 0, r);
+      t = t.contiguous();
+    }
+    if (res.count("tm_logits")) {
+      const Tensor& tl = res.at("tm_logits");  // [r, r, bins]
+      res.at("ptm_score").f32()[0] =
+          af2::predicted_tm_score(tl.f32(), nullptr, r, tl.dim(2), 31.0f);
+    }
+    *out = std::move(res);
+    return Status::OK();
+  }
+
   if (R < 1) return Status::InvalidArgument("features hold no recycling pass");
   const int passes =
       opts.passes > 0 ? static_cast<int>(std::min<int64_t>(opts.passes, R)) : static_cast<int>(R);
   const EvoformerConfig& ev = cfg.evoformer;
   const int64_t cm = ev.c_m, cz = ev.c_z;
-  Tensor m_prev, z_prev, x_prev;  // [r, c_m], [r, r, c_z], [r, 37, 3]
+  const int64_t live0 = mem_stats().live_bytes;  // weights and features, not counted below
+  Tensor m_prev, z_prev, x_prev;                 // [r, c_m], [r, r, c_z], [r, 37, 3]
   std::map<std::string, Tensor> result;
   for (int k = 0; k < passes; ++k) {
     PassFeatures f;
@@ -415,20 +524,27 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
       z_prev = Tensor::zeros({r, r, cz});
       x_prev = Tensor::zeros({r, af2::kAtom37, 3});
     }
-    auto emit = [&](const std::string& stage, int index, const Tensor& v) {
-      if (opts.trace) opts.trace(k, stage, index, v);
-    };
+    Emit emit;
+    if (opts.trace)
+      emit.fn = [&opts, k](const std::string& stage, int index, const Tensor& v) {
+        opts.trace(k, stage, index, v);
+      };
     // Runs one stage, timing it and measuring its tracked peak when stats are asked for.
     auto stage = [&](const char* name, auto&& fn) -> Status {
       if (cancel_requested())
         return Status::Cancelled(std::string("AlphaFold interrupted before ") + name);
-      if (!opts.stats) return fn();
+      if (!opts.stats) {
+        Status st = fn();
+        if (st.ok() && opts.progress) opts.progress(k, name);
+        return st;
+      }
       MemoryScope scope;
       const auto t0 = std::chrono::steady_clock::now();
       Status st = fn();
       const double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-      opts.stats->push_back({k, name, ms, scope.peak()});
+      opts.stats->push_back({k, name, ms, scope.start_live() - live0, scope.peak() - live0});
+      if (st.ok() && opts.progress) opts.progress(k, name);
       return st;
     };
     Tensor m = Tensor::empty({S, r, cm});  // [S, r, c_m]
@@ -442,7 +558,7 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     emit("recycling_embedder.in_m", -1, m_prev);
     emit("recycling_embedder.in_z", -1, z_prev);
     FC_RETURN_IF_ERROR(stage("recycling_embedder", [&] {
-      embed_recycled(f, m_prev, z_prev, x_prev, m.f32(), z.f32(), emit);
+      embed_recycled(f, m_prev, z_prev, x_prev, opts.pair_block_bytes, m.f32(), z.f32(), emit);
       return Status::OK();
     }));
     const Tensor pair_mask = pair_mask_of(f.seq_mask);  // [r, r]
@@ -483,7 +599,11 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     FC_RETURN_IF_ERROR(stage("structure_module", [&] {
       return af2::structure_module_forward(
           sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
-          [&](const std::string& name, int layer, const Tensor& v) { emit(name, layer, v); });
+          emit ? af2::StructureTraceFn([&](const std::string& name, int layer, const Tensor& v) {
+            emit(name, layer, v);
+          })
+               : af2::StructureTraceFn(),
+          opts.pair_block_bytes);
     }));
     for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
                                   {"sm.sidechain_frames", &sm_out.sidechain_frames},
@@ -525,7 +645,7 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
       result["num_recycles"] = nrec;
       break;
     }
-    m_prev = m_all.select(0, 0).contiguous();
+    m_prev = m_all.select(0, 0).clone();  // not a view that would keep m_all alive
     z_prev = z;
     x_prev = x37;
   }
@@ -558,7 +678,8 @@ void AlphaFold::Impl::embed_inputs(const PassFeatures& f, float* m, float* z) co
 }
 
 void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev,
-                                     const Tensor& z_prev, const Tensor& x_prev, float* m, float* z,
+                                     const Tensor& z_prev, const Tensor& x_prev,
+                                     int64_t pair_block_bytes, float* m, float* z,
                                      const Emit& emit) const {
   const int64_t r = f.r, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
   Tensor pb = Tensor::empty({r, 3});  // [r, 3]
@@ -568,8 +689,10 @@ void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev
   apply_layernorm(rec_ln_m, m_prev.f32(), r, cm, rm.f32());
   emit("recycling_embedder.m", -1, rm);
   kern::add_inplace(m, cm, rm.f32(), cm, r, cm);
-  Tensor rz = Tensor::empty({r, r, cz});  // [r, r, c_z]
-  apply_layernorm(rec_ln_z, z_prev.f32(), r * r, cz, rz.f32());
+  // LN(z_prev) + Linear(bins) over blocks of rows added into z: the whole recycled pair exists
+  // only when traced.
+  const int64_t rows = af2::pair_block_rows(r, cz, pair_block_bytes);
+  Tensor rz = Tensor::empty({emit ? r : rows, r, cz});  // [rows or r, r, c_z]
   // Distance bins: lower edges linspace(3.25, 20.75, 15)^2, each bin up to the next edge (the last
   // up to 1e8), strict on both sides; no bin below 3.25 A.
   double edge[kRecycleBins + 1];
@@ -580,23 +703,31 @@ void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev
   edge[kRecycleBins] = 1e8;
   const float* W = rec_lin.w.f32();  // [c_z, 15]
   const float* p = pb.f32();
+  for (int64_t i0 = 0; i0 < r; i0 += rows) {
+    const int64_t n = std::min(rows, r - i0);
+    float* blk = rz.f32() + (emit ? i0 * r * cz : 0);  // [n, r, c_z]
+    apply_layernorm(rec_ln_z, z_prev.f32() + i0 * r * cz, n * r, cz, blk);
 #pragma omp parallel for
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      double d2 = 0;
-      for (int c = 0; c < 3; ++c) {
-        const double d = static_cast<double>(p[3 * i + c]) - p[3 * j + c];
-        d2 += d * d;
+    for (int64_t i = i0; i < i0 + n; ++i)
+      for (int64_t j = 0; j < r; ++j) {
+        double d2 = 0;
+        for (int c = 0; c < 3; ++c) {
+          const double d = static_cast<double>(p[3 * i + c]) - p[3 * j + c];
+          d2 += d * d;
+        }
+        int bin = -1;
+        for (int b = 0; b < kRecycleBins; ++b)
+          if (d2 > edge[b] && d2 < edge[b + 1]) bin = b;
+        float* out = blk + ((i - i0) * r + j) * cz;
+        for (int64_t c = 0; c < cz; ++c)
+          out[c] += (bin >= 0 ? W[c * kRecycleBins + bin] : 0.0f) + rec_lin.b.f32()[c];
       }
-      int bin = -1;
-      for (int b = 0; b < kRecycleBins; ++b)
-        if (d2 > edge[b] && d2 < edge[b + 1]) bin = b;
-      float* out = rz.f32() + (i * r + j) * cz;
-      for (int64_t c = 0; c < cz; ++c)
-        out[c] += (bin >= 0 ? W[c * kRecycleBins + bin] : 0.0f) + rec_lin.b.f32()[c];
-    }
-  emit("recycling_embedder.z", -1, rz);
-  kern::add_inplace(z, cz, rz.f32(), cz, r * r, cz);
+    if (!emit) kern::add_inplace(z + i0 * r * cz, cz, blk, cz, n * r, cz);
+  }
+  if (emit) {
+    emit("recycling_embedder.z", -1, rz);
+    kern::add_inplace(z, cz, rz.f32(), cz, r * r, cz);
+  }
 }
 
 namespace {
@@ -673,11 +804,10 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
   ctx.pair_bias = bias.f32();
   ctx.pair_bias_t = bias_t.f32();
   // Pointwise attention over the templates with an online softmax, so one template's stack output
-  // is alive at a time: o [r*r, H*C] accumulates exp(logit - mx) v, den and mx are [r*r, H].
-  Tensor q = Tensor::empty({rr, hc});  // [r*r, H*C] queries from z, scaled by 1/sqrt(C)
-  apply_linear(tmpl_q, z, rr, q.f32());
+  // is alive at a time: o [r*r, H*C] accumulates exp(logit - mx) v, den and mx are [r*r, H]; the
+  // queries are recomputed from z per block of pair rows.
   const float qs = 1.0f / std::sqrt(static_cast<float>(C));
-  for (int64_t k = 0; k < rr * hc; ++k) q.f32()[k] *= qs;
+  const int64_t block = af2::template_block_positions(rr, hc, opts.pair_block_bytes);
   Tensor o = Tensor::zeros({rr, hc});            // [r*r, H*C]
   Tensor den = Tensor::zeros({rr, H});           // [r*r, H]
   Tensor mx = Tensor::full({rr, H}, -INFINITY);  // [r*r, H]
@@ -696,16 +826,18 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
     apply_layernorm(tmpl_ln, a, rr, ct, a);
     emit("template.pair_stack", static_cast<int>(t), act);
     const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);
-    const int64_t block = 4096;  // pair rows per block of keys and values
     Tensor kv = Tensor::empty({std::min(block, rr), 2 * hc});  // [block, k | v]
+    Tensor q = Tensor::empty({std::min(block, rr), hc});       // [block, H*C] scaled queries
     for (int64_t p0 = 0; p0 < rr; p0 += block) {
       const int64_t n = std::min(block, rr - p0);
+      apply_linear(tmpl_q, z + p0 * cz, n, q.f32());
+      for (int64_t k = 0; k < n * hc; ++k) q.f32()[k] *= qs;
       kern::linear(a + p0 * ct, ct, n, ct, tmpl_k.w.f32(), nullptr, hc, kv.f32(), 2 * hc);
       kern::linear(a + p0 * ct, ct, n, ct, tmpl_v.w.f32(), nullptr, hc, kv.f32() + hc, 2 * hc);
 #pragma omp parallel for
       for (int64_t p = 0; p < n; ++p)
         for (int64_t h = 0; h < H; ++h) {
-          const float* qp = q.f32() + (p0 + p) * hc + h * C;
+          const float* qp = q.f32() + p * hc + h * C;
           const float* kp = kv.f32() + p * 2 * hc + h * C;
           const float* vp = kp + hc;
           float logit = mask_bias;
@@ -724,14 +856,24 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
   for (int64_t p = 0; p < rr; ++p)
     for (int64_t h = 0; h < H; ++h)
       for (int64_t c = 0; c < C; ++c) o.f32()[p * hc + h * C + c] /= den.f32()[p * H + h];
-  Tensor att = Tensor::empty({r, r, cz});  // [r, r, c_z]
-  apply_linear(tmpl_o, o.f32(), rr, att.f32());
-  emit("template.pointwise_att", -1, att);
+  // z += Linear(o), zero when no template is present; over blocks of pair rows unless traced.
   float any = 0.0f;
   for (int64_t t = 0; t < T; ++t) any += f.t_mask.f32()[t];
-  if (!(any > 0.0f)) std::fill(att.f32(), att.f32() + att.numel(), 0.0f);
-  emit("template.template_pair_embedding", -1, att);
-  kern::add_inplace(z, cz, att.f32(), cz, rr, cz);
+  if (emit) {
+    Tensor att = Tensor::empty({r, r, cz});  // [r, r, c_z]
+    apply_linear(tmpl_o, o.f32(), rr, att.f32());
+    emit("template.pointwise_att", -1, att);
+    if (!(any > 0.0f)) std::fill(att.f32(), att.f32() + att.numel(), 0.0f);
+    emit("template.template_pair_embedding", -1, att);
+    kern::add_inplace(z, cz, att.f32(), cz, rr, cz);
+  } else if (any > 0.0f) {
+    Tensor att = Tensor::empty({std::min(block, rr), cz});  // [block, c_z]
+    for (int64_t p0 = 0; p0 < rr; p0 += block) {
+      const int64_t n = std::min(block, rr - p0);
+      apply_linear(tmpl_o, o.f32() + p0 * hc, n, att.f32());
+      kern::add_inplace(z + p0 * cz, cz, att.f32(), cz, n, cz);
+    }
+  }
   // Template angle embedding: MSA rows appended after the clusters.
   Tensor feat = Tensor::empty({T, r, kTemplAngleFeat});  // [T, r, 57]
   for (int64_t t = 0; t < T; ++t) template_angle_feat(f, t, feat.f32() + t * r * kTemplAngleFeat);
@@ -792,13 +934,16 @@ void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Te
   (*out)["plddt"] = plddt;
   // Distogram: symmetrised logits.
   const int64_t db = distogram.w.dim(0);
-  Tensor half = Tensor::empty({r, r, db}), dist = Tensor::empty({r, r, db});  // [r, r, 64]
-  apply_linear(distogram, z.f32(), r * r, half.f32());
+  Tensor dist = Tensor::empty({r, r, db});  // [r, r, 64] logits, then symmetrised in place
+  apply_linear(distogram, z.f32(), r * r, dist.f32());
+  float* dl = dist.f32();
   for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t b = 0; b < db; ++b)
-        dist.f32()[(i * r + j) * db + b] =
-            half.f32()[(i * r + j) * db + b] + half.f32()[(j * r + i) * db + b];
+    for (int64_t j = i; j < r; ++j)
+      for (int64_t b = 0; b < db; ++b) {
+        float& x = dl[(i * r + j) * db + b];
+        float& y = dl[(j * r + i) * db + b];
+        x = y = x + y;
+      }
   (*out)["distogram_logits"] = dist;
   Tensor mm = Tensor::empty({S, r, 23});  // [S, r, 23] on the cluster rows only
   apply_linear(masked_msa, m.f32(), S * r, mm.f32());

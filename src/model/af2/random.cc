@@ -40,6 +40,19 @@ AlphaFoldConfig alphafold_model_1_ptm() {
   return c;
 }
 
+Status alphafold_preset(const std::string& name, AlphaFoldConfig* out) {
+  AlphaFoldConfig c = alphafold_model_1_ptm();
+  std::string base = name;
+  c.ptm = base.size() > 4 && base.compare(base.size() - 4, 4, "_ptm") == 0;
+  if (c.ptm) base.resize(base.size() - 4);
+  if (base.size() != 7 || base.compare(0, 6, "model_") != 0 || base[6] < '1' || base[6] > '5')
+    return Status::InvalidArgument("unknown AlphaFold config '" + name +
+                                   "' (model_1 ... model_5, optionally with _ptm)");
+  c.templates = base[6] <= '2';  // models 1 and 2 take templates
+  *out = c;
+  return Status::OK();
+}
+
 TensorFile AlphaFold::random_weights(const AlphaFoldConfig& cfg, uint64_t seed) {
   TensorFile f;
   f.metadata["format"] = "foldcube-random-af2/1";

@@ -1,9 +1,11 @@
 #include "model/af2/structure_module.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "kernels/kernels.h"
+#include "model/af2/block_sizes.h"
 #include "model/af2/geometry.h"
 #include "model/af2/residue_constants.h"
 #include "model/common.h"
@@ -47,10 +49,24 @@ void to_global(const float* raw, int64_t r, int64_t hp, const Frames& fr, float*
   }
 }
 
-// Invariant point attention (Algorithm 22): out [r, c_s] from s [r, c_s], zl [r, r, c_z].
+// The IPA pair bias b [r*r, H] = Linear_b(LN_z(z)), the same for every layer: LN_z over blocks of
+// rows, so the normalised pair is never held whole.
+void ipa_pair_bias(const StructureModuleWeights& w, const StructureModuleConfig& c, const float* z,
+                   int64_t r, int64_t rows, float* b) {
+  const int64_t cz = c.c_z, H = c.no_heads_ipa;
+  Tensor zl = Tensor::empty({rows, r, cz});  // [rows, r, c_z] LN_z of a block of rows
+  for (int64_t i0 = 0; i0 < r; i0 += rows) {
+    const int64_t n = std::min(rows, r - i0);
+    apply_layernorm(w.ln_z, z + i0 * r * cz, n * r, cz, zl.f32());
+    apply_linear(w.b, zl.f32(), n * r, b + i0 * r * H);
+  }
+}
+
+// Invariant point attention (Algorithm 22): out [r, c_s] from s [r, c_s], the pair z [r, r, c_z]
+// (normalised here by blocks of `rows` rows) and its pair bias b [r*r, H] (ipa_pair_bias).
 void invariant_point_attention(const StructureModuleWeights& w, const StructureModuleConfig& c,
-                               const float* s, const float* zl, const Frames& fr, const float* mask,
-                               int64_t r, float* out) {
+                               const float* s, const float* z, const float* b, const Frames& fr,
+                               const float* mask, int64_t r, int64_t rows, float* out) {
   const int64_t H = c.no_heads_ipa, C = c.c_ipa, Pq = c.no_qk_points, Pv = c.no_v_points;
   const int64_t cz = c.c_z, Pkv = Pq + Pv;
   Tensor q = Tensor::empty({r, H * C});       // [r, H, C]
@@ -66,11 +82,9 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
     apply_linear(w.kv_pts, s, r, raw.f32());
     to_global(raw.f32(), r, H * Pkv, fr, kvp.f32());
   }
-  Tensor b = Tensor::empty({r * r, H});  // [r, r, H] pair bias
-  apply_linear(w.b, zl, r * r, b.f32());
   const int64_t width = H * (C + 4 * Pv + cz);
   Tensor cat = Tensor::zeros({r, width});  // [o | op_x | op_y | op_z | |op| | o_pair]
-  Tensor a = Tensor::empty({r, r});        // [r, r] attention of one head
+  Tensor a = Tensor::empty({H, r, r});     // [H, r, r] attention weights
   Tensor vp = Tensor::empty({r, Pv * 3});  // [r, Pv, 3] value points of one head
   Tensor og = Tensor::empty({r, Pv * 3});  // [r, Pv, 3] attended value points (global)
   const float scale_qk = std::sqrt(1.0f / (3.0f * C)), scale_b = std::sqrt(1.0f / 3.0f);
@@ -78,7 +92,7 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
     const float hw = w.head_weights.f32()[h];
     const float softplus = hw > 20.0f ? hw : std::log1p(std::exp(hw));
     const float wh = softplus * std::sqrt(1.0f / (3.0f * (Pq * 9.0f / 2.0f)));
-    float* A = a.f32();
+    float* A = a.f32() + h * r * r;
     kern::gemm(false, true, r, r, C, scale_qk, q.f32() + h * C, H * C, kv.f32() + h * 2 * C,
                2 * H * C, 0.0f, A, r);
 #pragma omp parallel for
@@ -88,8 +102,8 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
         const float* kj = kvp.f32() + (j * H * Pkv + h * Pkv) * 3;
         float d2 = 0;
         for (int64_t p = 0; p < 3 * Pq; ++p) d2 += (qi[p] - kj[p]) * (qi[p] - kj[p]);
-        A[i * r + j] += scale_b * b.f32()[(i * r + j) * H + h] - 0.5f * wh * d2 +
-                        c.inf * (mask[i] * mask[j] - 1.0f);
+        A[i * r + j] +=
+            scale_b * b[(i * r + j) * H + h] - 0.5f * wh * d2 + c.inf * (mask[i] * mask[j] - 1.0f);
       }
     }
     kern::softmax_rows(A, r, r, r);
@@ -100,9 +114,6 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
       std::memcpy(vp.f32() + j * Pv * 3, kvp.f32() + (j * H * Pkv + h * Pkv + Pq) * 3,
                   Pv * 3 * sizeof(float));
     kern::gemm(false, false, r, Pv * 3, r, 1.0f, A, r, vp.f32(), Pv * 3, 0.0f, og.f32(), Pv * 3);
-    // o_pair[i] = sum_j A[i, j] zl[i, j, :]
-    kern::gemm_batched(r, false, false, 1, cz, r, 1.0f, A, r, r, zl, cz, r * cz, 0.0f,
-                       cat.f32() + H * (C + 4 * Pv) + h * cz, width, width);
 #pragma omp parallel for
     for (int64_t i = 0; i < r; ++i) {
       const float* R = fr.rot + 9 * i;
@@ -117,6 +128,16 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
         row[3 * H * Pv + h * Pv + p] = std::sqrt(l[0] * l[0] + l[1] * l[1] + l[2] * l[2] + c.eps);
       }
     }
+  }
+  // o_pair[i, h] = sum_j A[h, i, j] LN_z(z)[i, j, :], over blocks of rows.
+  Tensor zl = Tensor::empty({rows, r, cz});  // [rows, r, c_z]
+  for (int64_t i0 = 0; i0 < r; i0 += rows) {
+    const int64_t n = std::min(rows, r - i0);
+    apply_layernorm(w.ln_z, z + i0 * r * cz, n * r, cz, zl.f32());
+    for (int64_t h = 0; h < H; ++h)
+      kern::gemm_batched(n, false, false, 1, cz, r, 1.0f, a.f32() + (h * r + i0) * r, r, r,
+                         zl.f32(), cz, r * cz, 0.0f,
+                         cat.f32() + i0 * width + H * (C + 4 * Pv) + h * cz, width, width);
   }
   apply_linear(w.out, cat.f32(), r, out);
 }
@@ -296,20 +317,25 @@ Status load_structure_module(const TensorFile& f, const std::string& p,
 Status structure_module_forward(const StructureModuleWeights& w, const StructureModuleConfig& c,
                                 const Tensor& s_in, const Tensor& z, const int64_t* aatype,
                                 const float* mask, StructureModuleOutput* out,
-                                const StructureTraceFn& trace) {
+                                const StructureTraceFn& trace, int64_t pair_block_bytes) {
   FC_RETURN_IF_ERROR(check_inputs(c, s_in, z, aatype, mask));
   const int64_t r = s_in.dim(0), cs = c.c_s, L = c.no_blocks;
   auto emit = [&](const char* stage, int layer, const Tensor& t) {
     if (trace) trace(stage, layer, t);
   };
-  Tensor s0 = Tensor::empty({r, cs});        // [r, c_s] s_initial = LN_s(s)
-  Tensor zl = Tensor::empty({r, r, c.c_z});  // [r, r, c_z] LN_z(z)
-  Tensor s = Tensor::empty({r, cs});         // [r, c_s] the running single representation
+  Tensor s0 = Tensor::empty({r, cs});                 // [r, c_s] s_initial = LN_s(s)
+  Tensor s = Tensor::empty({r, cs});                  // [r, c_s] the running single
+  Tensor b = Tensor::empty({r * r, c.no_heads_ipa});  // [r, r, H] IPA pair bias
   apply_layernorm(w.ln_s, s_in.f32(), r, cs, s0.f32());
-  apply_layernorm(w.ln_z, z.f32(), r * r, c.c_z, zl.f32());
+  const int64_t rows = pair_block_rows(r, c.c_z, pair_block_bytes);
+  ipa_pair_bias(w, c, z.f32(), r, rows, b.f32());
   apply_linear(w.linear_in, s0.f32(), r, s.f32());
   emit("sm.single_ln", -1, s0);
-  emit("sm.pair_ln", -1, zl);
+  if (trace) {
+    Tensor zl = Tensor::empty({r, r, c.c_z});  // [r, r, c_z] LN_z(z), only to be traced
+    apply_layernorm(w.ln_z, z.f32(), r * r, c.c_z, zl.f32());
+    emit("sm.pair_ln", -1, zl);
+  }
   emit("sm.single_in", -1, s);
 
   StructureModuleOutput o;
@@ -326,8 +352,8 @@ Status structure_module_forward(const StructureModuleWeights& w, const Structure
   Tensor upd = Tensor::empty({r, 6});   // [r, 6]
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t i = 0; i < r; ++i) quat_to_rot(&quat[4 * i], &rot[9 * i]);
-    invariant_point_attention(w, c, s.f32(), zl.f32(), Frames{rot.data(), trans.data()}, mask, r,
-                              ipa.f32());
+    invariant_point_attention(w, c, s.f32(), z.f32(), b.f32(), Frames{rot.data(), trans.data()},
+                              mask, r, rows, ipa.f32());
     emit("sm.ipa", static_cast<int>(l), ipa);
     kern::add_inplace(s.f32(), cs, ipa.f32(), cs, r, cs);
     apply_layernorm(w.ln_ipa, s.f32(), r, cs, s.f32());

@@ -82,6 +82,6 @@ using StructureTraceFn =
 Status structure_module_forward(const StructureModuleWeights& w, const StructureModuleConfig& cfg,
                                 const Tensor& s, const Tensor& z, const int64_t* aatype,
                                 const float* mask, StructureModuleOutput* out,
-                                const StructureTraceFn& trace = {});
+                                const StructureTraceFn& trace = {}, int64_t pair_block_bytes = 0);
 
 }  // namespace fc::af2
