@@ -327,6 +327,7 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
       progress(model, job.name, step / steps, "loading parameters " + path);
       AlphaFold net;
       FC_RETURN_IF_ERROR(load_alphafold(path, &net));
+      const AlphaFoldConfig& cfg = net.config();
       const FeatureDict feats = trimmed_features(features);
       AlphaFoldOptions ao;
       ao.chunk = o.chunk;
