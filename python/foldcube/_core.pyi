@@ -13,6 +13,9 @@ Bytes = Union[int, str]  # 6442450944 or "6GiB"
 Config = Union[Mapping[str, Any], str, None]  # OpenFold sizes (c_m, c_z, no_blocks, ...) or JSON
 Policy = Union[str, Sequence[str]]  # "none" | "module" | "block" | one name per block
 
+class NotFoundError(FileNotFoundError, ValueError):
+    """A file, tensor or feature that is not there."""
+
 class Plan:
     """A schedule from foldcube.plan: choices and the cost model's estimates."""
 

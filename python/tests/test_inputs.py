@@ -94,7 +94,7 @@ def test_bad_options(ev, inputs):
 
 
 def test_missing_files():
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError, match="weights.safetensors"):
         foldcube.Evoformer.load("/nonexistent/weights.safetensors")
-    with pytest.raises(OSError):
+    with pytest.raises(foldcube.NotFoundError):
         foldcube.AlphaFold.load("/nonexistent/params.npz")
