@@ -104,6 +104,7 @@ struct PlanArgs {
   std::string cache;         // plan cache directory
   std::string out;           // also write the plan JSON here
   bool json = false;
+  std::string stack = "evoformer";  // evoformer | extra_msa (training, one process)
 };
 int plan_command(const PlanArgs& a);
 

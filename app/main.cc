@@ -1,6 +1,9 @@
 // foldcube command line: `foldcube run` (Evoformer inference) and `foldcube bench`.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "commands.h"
@@ -165,12 +168,27 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   plan->add_option("--cache", pa.cache, "plan cache directory");
   plan->add_option("--out", pa.out, "also write the plan JSON here");
   plan->add_flag("--json", pa.json, "print the plan as JSON");
+  plan->add_option("--stack", pa.stack,
+                   "evoformer | extra_msa (the ExtraMSA stack: training on one process; --config "
+                   "with c_m = c_e, default AF2's c_e = 64, 8 heads of 8)");
   return plan;
 }
 
 }  // namespace
 
+// OpenMP threads that spin while they wait collapse when another process holds a core (an
+// Evoformer forward on 2 threads ran 5x slower than on 1 under load; docs/benchmarks.md,
+// "OpenMP waiting"). libgomp reads its wait policy when it is loaded, before main, so when the
+// user chose neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT the process re-executes itself once with
+// OMP_WAIT_POLICY=passive. If the exec fails, the run goes on with libgomp's default.
+void use_passive_openmp_wait(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("GOMP_SPINCOUNT") != nullptr) return;
+  if (::setenv("OMP_WAIT_POLICY", "passive", 1) != 0) return;
+  ::execv("/proc/self/exe", argv);
+}
+
 int main(int argc, char** argv) {
+  use_passive_openmp_wait(argv);
   // Large tensors are reused from the heap rather than mapped afresh (foldcube/memory.h).
   fc::configure_allocator({.reuse_large_blocks = true});
   CLI::App app{"foldcube: AlphaFold-family trunks (Evoformer) on the CPU"};

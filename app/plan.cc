@@ -124,6 +124,10 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
   if (plan.threads != num_threads())
     return Status::InvalidArgument("the plan is for " + std::to_string(plan.threads) +
                                    " thread(s), this run has " + std::to_string(num_threads()));
+  if (plan.extra_msa)
+    return Status::InvalidArgument(a.plan +
+                                   " is an ExtraMSA plan; run it with --stack extra_msa --policy "
+                                   "and --chunk-target from the plan");
   if (plan.dap * plan.dp > 1 && plan.r != plan.r_real)
     return Status::InvalidArgument("a bucketed plan (r_real < r) runs in one process only");
   *out = std::move(plan);
@@ -273,6 +277,13 @@ int run_planned(const RunArgs& a) {
 namespace {
 // The planner request of `foldcube plan`'s flags.
 Status plan_request(const PlanArgs& a, PlanRequest* req) {
+  if (a.stack != "evoformer" && a.stack != "extra_msa")
+    return Status::InvalidArgument("unknown --stack '" + a.stack + "' (evoformer|extra_msa)");
+  req->extra_msa = a.stack == "extra_msa";
+  if (req->extra_msa && a.config.empty()) {  // AF2's extra-MSA stack: c_e = 64, 8 heads of 8
+    req->cfg.c_m = 64;
+    req->cfg.c_hidden_msa_att = 8;
+  }
   if (!a.config.empty()) FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &req->cfg));
   req->cfg.no_blocks = a.blocks;
   req->s = a.s;
@@ -306,9 +317,9 @@ Status plan_request(const PlanArgs& a, PlanRequest* req) {
 
 void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
   std::printf(
-      "foldcube plan: %s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
-      plan.training ? "training step" : "inference", static_cast<long long>(plan.s),
-      static_cast<long long>(plan.r),
+      "foldcube plan: %s%s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
+      plan.training ? "training step" : "inference", plan.extra_msa ? " (ExtraMSA stack)" : "",
+      static_cast<long long>(plan.s), static_cast<long long>(plan.r),
       plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
       static_cast<long long>(plan.cfg.no_blocks), plan_dtype_name(plan.dtype),
       req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());

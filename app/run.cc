@@ -1,6 +1,7 @@
 // `foldcube run`: flags to a library job (foldcube/runner.h, foldcube/parallel.h), then the
 // human summary, the JSON report and the exit code. Everything that runs lives in the library.
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -114,6 +115,8 @@ nlohmann::json forward_report_json(const RunArgs& a, const RunOptions& o, const 
   const EvoformerConfig& cfg = job.cfg;
   nlohmann::json j;
   j["time_ms"] = f.time_ms;
+  const char* wait = std::getenv("OMP_WAIT_POLICY");
+  j["omp_wait_policy"] = wait ? wait : "";
   if (o.memory_budget > 0) {
     j["memory_budget_bytes"] = o.memory_budget;
     j["chunk_target_bytes"] = f.plan.chunk_target_bytes;
@@ -158,20 +161,34 @@ int forward_command(const RunArgs& a, const RunOptions& o, Job& job) {
   return 0;
 }
 
+// The memory model's activation and step-peak bytes of this step (exact without dropout).
+std::pair<int64_t, int64_t> training_model_bytes(const RunOptions& o, const Job& job,
+                                                 const TrainReport& t) {
+  const bool extra = job.kind == StackKind::kExtraMsa;
+  const int64_t s = t.m.dim(0), r = t.m.dim(1), nb = job.cfg.no_blocks;
+  return {
+      stack_activation_bytes(job.cfg, s, r, nb, o.policy, 4, o.chunk, o.chunk_target_bytes, extra),
+      stack_step_peak_bytes(job.cfg, s, r, nb, o.policy, num_threads(), 4, o.chunk,
+                            o.chunk_target_bytes, extra)};
+}
+
 // ---- One process: training step (--backward, --grad-outputs, --policy, --train) --------------
 void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const TrainReport& t) {
   std::printf(
-      "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, "
+      "foldcube run (training step, %s): %s %lld block(s), s=%lld r=%lld, "
       "policy %s, %d thread(s)\n",
-      a.train ? "dropout on" : "eval mode, no dropout", static_cast<long long>(job.cfg.no_blocks),
-      static_cast<long long>(t.m.dim(0)), static_cast<long long>(t.m.dim(1)),
-      policy_string(o.policy).c_str(), num_threads());
+      a.train ? "dropout on" : "eval mode, no dropout",
+      job.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
+      static_cast<long long>(job.cfg.no_blocks), static_cast<long long>(t.m.dim(0)),
+      static_cast<long long>(t.m.dim(1)), policy_string(o.policy).c_str(), num_threads());
   std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
               median(t.total_ms), median(t.forward_ms), median(t.backward_ms), a.repeats);
-  std::printf("  activations %9.1f MiB  (kept from forward for backward)\n",
-              mib(t.result.activation_bytes));
-  std::printf("  step peak   %9.1f MiB  (tracked, above weights and inputs)\n",
-              mib(t.result.peak_bytes));
+  const auto [act_model, peak_model] = training_model_bytes(o, job, t);
+  std::printf("  activations %9.1f MiB  (kept from forward for backward; memory model %.1f MiB)\n",
+              mib(t.result.activation_bytes), mib(act_model));
+  std::printf(
+      "  step peak   %9.1f MiB  (tracked, above weights and inputs; memory model %.1f MiB)\n",
+      mib(t.result.peak_bytes), mib(peak_model));
   std::printf("  peak RSS    %9.1f MiB\n", mib(t.peak_rss_bytes));
   if (a.profile) {
     std::printf("  per module (all blocks, mean of %d pass(es)):\n", a.repeats);
@@ -186,6 +203,9 @@ void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const
 
 nlohmann::json training_report_json(const RunOptions& o, const Job& job, const TrainReport& t) {
   nlohmann::json j;
+  const auto [act_model, peak_model] = training_model_bytes(o, job, t);
+  j["activation_bytes_model"] = act_model;
+  j["step_peak_bytes_model"] = peak_model;
   for (const ModuleTime& m : t.module_ms)
     j["module_ms"][m.module] = {
         {"forward", m.forward_ms}, {"backward", m.backward_ms}, {"recompute", m.recompute_ms}};
@@ -197,6 +217,7 @@ nlohmann::json training_report_json(const RunOptions& o, const Job& job, const T
   j["peak_tracked_bytes"] = t.peak_tracked_bytes;
   j["peak_rss_bytes"] = t.peak_rss_bytes;
   j["policy"] = policy_string(o.policy);
+  j["stack"] = stack_kind_name(job.kind);
   j["s"] = t.m.dim(0);
   j["r"] = t.m.dim(1);
   j["blocks"] = job.cfg.no_blocks;
@@ -205,11 +226,12 @@ nlohmann::json training_report_json(const RunOptions& o, const Job& job, const T
 }
 
 int training_command(const RunArgs& a, const RunOptions& o, const JobSpec& spec, Job& job) {
-  Tensor gm, gz;  // dL/d output.m, output.z
-  Status st = load_grad_outputs(spec, job, &gm, &gz);
+  Tensor gm, gz, gs;  // dL/d output.m, output.z, output.s (undefined: zero)
+  Status st = load_grad_outputs(spec, job, &gm, &gz, &gs);
   TrainReport t;
-  if (st.ok()) st = run_training(&job, gm, gz, o, &t);
-  if (st.ok() && !a.out.empty()) st = write_outputs(a.out, job.cfg, t.m, t.z, Tensor(), &t.result);
+  if (st.ok()) st = run_training(&job, gm, gz, gs, o, &t);
+  if (st.ok() && !a.out.empty())
+    st = write_outputs(a.out, job.cfg, t.m, t.z, t.result.s, &t.result);
   if (!st.ok()) return fail(st);
   if (!a.quiet) print_training(a, o, job, t);
   if (!a.report.empty()) {
@@ -230,8 +252,9 @@ int end_mpi(const Comm& world, const Status& st) {
 void print_dap_forward(const RunArgs& a, const DapForwardReport& d) {
   const EvoformerConfig& cfg = d.cfg;
   std::printf(
-      "foldcube run: Evoformer %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, DAP over %d "
+      "foldcube run: %s %lld block(s), s=%lld r=%lld c_m=%lld c_z=%lld, DAP over %d "
       "ranks (padded s=%lld r=%lld), %d thread(s) per rank%s\n",
+      d.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
       static_cast<long long>(cfg.no_blocks), static_cast<long long>(d.s),
       static_cast<long long>(d.r), static_cast<long long>(cfg.c_m), static_cast<long long>(cfg.c_z),
       a.dap, static_cast<long long>(d.s_pad), static_cast<long long>(d.r_pad), num_threads(),
@@ -276,7 +299,7 @@ nlohmann::json dap_forward_report_json(const RunArgs& a, const DapForwardReport&
   j["blocks"] = d.cfg.no_blocks;
   j["threads"] = num_threads();
   j["chunk"] = a.chunk;
-  j["stack"] = "evoformer";
+  j["stack"] = stack_kind_name(d.kind);
   j["config"] = nlohmann::json::parse(d.cfg.to_json());
   return j;
 }
@@ -301,11 +324,13 @@ Status dap_forward_command(const RunArgs& a, const RunOptions& o, const Comm& wo
 void print_dap_training(const RunArgs& a, const RunOptions& o, const DapTrainReport& t, int ranks) {
   const int D = a.dp;
   std::printf(
-      "foldcube run (training step, %s): Evoformer %lld block(s), s=%lld r=%lld, policy %s, "
+      "foldcube run (training step, %s): %s %lld block(s), s=%lld r=%lld, policy %s, "
       "DAP over %d ranks (padded s=%lld r=%lld)%s, %d thread(s) per rank\n",
-      a.train ? "dropout on" : "eval mode, no dropout", static_cast<long long>(t.cfg.no_blocks),
-      static_cast<long long>(t.s), static_cast<long long>(t.r), policy_string(o.policy).c_str(),
-      a.dap, static_cast<long long>(t.s_pad), static_cast<long long>(t.r_pad),
+      a.train ? "dropout on" : "eval mode, no dropout",
+      t.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
+      static_cast<long long>(t.cfg.no_blocks), static_cast<long long>(t.s),
+      static_cast<long long>(t.r), policy_string(o.policy).c_str(), a.dap,
+      static_cast<long long>(t.s_pad), static_cast<long long>(t.r_pad),
       D > 1 ? (" x " + std::to_string(D) + " data-parallel groups").c_str() : "", num_threads());
   std::printf("  time        %10.1f ms  (forward %.1f + backward %.1f; median of %d)\n",
               median(t.total_ms), median(t.forward_ms), median(t.backward_ms), a.repeats);
@@ -330,6 +355,7 @@ void print_dap_training(const RunArgs& a, const RunOptions& o, const DapTrainRep
 nlohmann::json dap_training_report_json(const RunArgs& a, const RunOptions& o,
                                         const DapTrainReport& t) {
   nlohmann::json j;
+  j["stack"] = stack_kind_name(t.kind);
   j["time_ms"] = median(t.total_ms);
   j["forward_ms"] = median(t.forward_ms);
   j["backward_ms"] = median(t.backward_ms);
@@ -365,7 +391,7 @@ Status dap_training_command(const RunArgs& a, const RunOptions& o, const Comm& w
   FC_RETURN_IF_ERROR(run_dap_training(world, a.dap, a.dp, job_spec(a), o, &t));
   Status st;
   if (world.rank() == 0) {
-    if (!a.out.empty()) st = write_outputs(a.out, t.cfg, t.m, t.z, Tensor(), &t.result);
+    if (!a.out.empty()) st = write_outputs(a.out, t.cfg, t.m, t.z, t.result.s, &t.result);
     if (st.ok() && !a.quiet) print_dap_training(a, o, t, world.size());
     if (st.ok() && !a.report.empty())
       st = write_report(a.report, dap_training_report_json(a, o, t));
@@ -428,9 +454,8 @@ int run_command(const RunArgs& a) {
   Status st = load_job(spec, &job);
   if (!st.ok()) return fail(st);
   const bool training = is_training(a);
-  if (job.kind == StackKind::kExtraMsa && (training || !a.memory_budget.empty()))
-    return fail(Status::InvalidArgument(
-        "the ExtraMSA stack runs inference only (no training or --memory-budget yet)"));
+  if (job.kind == StackKind::kExtraMsa && !a.memory_budget.empty())
+    return fail(Status::InvalidArgument("--memory-budget is not supported for the ExtraMSA stack"));
   RunOptions o;
   st = run_options(a, &o);
   if (!st.ok()) return fail(st);

@@ -74,14 +74,94 @@ TEST(Cli, ExtraMsaGoldenFileDetectedFromMetadata) {
   for (const char* name : {"output.m", "output.z"})
     EXPECT_LT(test::golden_err(got.tensors[name], ref.tensors[name]), 1e-4) << name;
   EXPECT_FALSE(got.has("output.s"));
-  expect_user_error(run_cli("run --weights " + g + " --inputs " + g + " --backward"), "ExtraMSA");
   expect_user_error(run_cli("run --weights " + g + " --stack pairformer"), "pairformer");
+}
+
+// `run --stack extra_msa --grad-outputs G`: a training step of the ExtraMSA stack whose output file
+// holds the golden gradients; G's tensors are each optional, grad.output.s is refused.
+TEST(Cli, ExtraMsaTrainingStepGolden) {
+  const std::string g = test::data_path("extra_tiny.safetensors");
+  TensorFile ref;
+  ASSERT_TRUE(read_safetensors(g, &ref).ok());
+  TensorFile go;
+  go.put("grad.output.m", ref.tensors.at("probe.m"));
+  go.put("grad.output.z", ref.tensors.at("probe.z"));
+  const std::string gfile = tmp("extra_grad_out.safetensors"), out = tmp("extra_train.safetensors");
+  ASSERT_TRUE(write_safetensors(gfile, go).ok());
+  Result r = run_cli("run --stack extra_msa --weights " + g + " --inputs " + g +
+                     " --grad-outputs " + gfile + " --out " + out + " --policy module");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+  TensorFile got;
+  ASSERT_TRUE(read_safetensors(out, &got).ok());
+  EXPECT_FALSE(got.has("output.s"));
+  int grads = 0;
+  for (const std::string& name : got.names) {
+    if (name.rfind("grad.", 0) != 0) continue;
+    ASSERT_TRUE(ref.has(name)) << name;
+    EXPECT_LT(test::golden_err(got.tensors[name], ref.tensors[name]), 2e-4) << name;
+    ++grads;
+  }
+  EXPECT_EQ(grads, 2 + 93);  // grad.input.m, .z and every parameter
+  for (const char* name : {"output.m", "output.z"})
+    EXPECT_LT(test::golden_err(got.tensors[name], ref.tensors[name]), 1e-4) << name;
+
+  // Only grad.output.m given: dL/d output.z is zero, the step runs.
+  TensorFile only_m;
+  only_m.put("grad.output.m", ref.tensors.at("probe.m"));
+  ASSERT_TRUE(write_safetensors(gfile, only_m).ok());
+  EXPECT_EQ(run_cli("run --weights " + g + " --inputs " + g + " --grad-outputs " + gfile).code, 0);
+  // The ExtraMSA stack has no output.s.
+  only_m.put("grad.output.s", Tensor::full({12, 4}, 1.f));
+  ASSERT_TRUE(write_safetensors(gfile, only_m).ok());
+  expect_user_error(run_cli("run --weights " + g + " --inputs " + g + " --grad-outputs " + gfile),
+                    "grad.output.s");
+}
+
+// The Evoformer training step with grad.output.s: O holds output.s and the linear.* gradients.
+TEST(Cli, EvoformerTrainingWithSingleGradient) {
+  const std::string g = test::data_path("evo_tiny.safetensors");
+  TensorFile ref;
+  ASSERT_TRUE(read_safetensors(g, &ref).ok());
+  const int64_t r = ref.tensors.at("input.m").dim(1);
+  TensorFile go;
+  go.put("grad.output.s", Tensor::full({r, 24}, 0.5f));
+  const std::string gfile = tmp("evo_grad_s.safetensors"), out = tmp("evo_train_s.safetensors");
+  ASSERT_TRUE(write_safetensors(gfile, go).ok());
+  Result r1 = run_cli("run --weights " + g + " --inputs " + g + " --grad-outputs " + gfile +
+                      " --out " + out);
+  ASSERT_EQ(r1.code, 0) << r1.out;
+  TensorFile got;
+  ASSERT_TRUE(read_safetensors(out, &got).ok());
+  EXPECT_LT(test::golden_err(got.tensors["output.s"], ref.tensors.at("output.s")), 1e-4);
+  ASSERT_TRUE(got.has("grad.param.linear.weight"));
+  ASSERT_TRUE(got.has("grad.param.linear.bias"));
+  EXPECT_FLOAT_EQ(got.tensors["grad.param.linear.bias"].f32()[0], 0.5f * r);
+  go.put("grad.output.s", Tensor::full({r, 23}, 0.5f));
+  ASSERT_TRUE(write_safetensors(gfile, go).ok());
+  expect_user_error(run_cli("run --weights " + g + " --inputs " + g + " --grad-outputs " + gfile),
+                    "grad.output.s");
 }
 
 TEST(Cli, RandomDefaultJobSmall) {
   Result r = run_cli("run --s 4 --r 8 --blocks 1 --threads 1");
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("GFLOP/s"), std::string::npos) << r.out;
+}
+
+// The CLI waits passively in OpenMP unless the user chose a policy or a spin count (issue 18).
+TEST(Cli, OpenMpWaitPolicyDefaultsToPassive) {
+  const test::TempDir dir;
+  const std::string rep = dir.path() + "/r.json";
+  auto policy = [&](const std::string& env) {
+    test::Result r = test::run_cli_env(env, "run --s 4 --r 8 --blocks 1 --quiet --report " + rep);
+    EXPECT_EQ(r.code, 0) << r.out;
+    std::ifstream f(rep);
+    return nlohmann::json::parse(f)["omp_wait_policy"].get<std::string>();
+  };
+  EXPECT_EQ(policy("env -u OMP_WAIT_POLICY -u GOMP_SPINCOUNT"), "passive");
+  EXPECT_EQ(policy("env OMP_WAIT_POLICY=active"), "active");
+  EXPECT_EQ(policy("env -u OMP_WAIT_POLICY GOMP_SPINCOUNT=5000"), "");
 }
 
 TEST(Cli, MasksOptional) {

@@ -157,6 +157,54 @@ TEST(DapCli, TrainingMatchesSingleProcess) {
   EXPECT_EQ(j["backward_sent_bytes_per_rank"], j["backward_sent_bytes_per_rank_model"]);
 }
 
+// The ExtraMSA stack under DAP on 2 and 4 ranks (s = 10 padded to 12 on 4 ranks), forward and
+// training: every tensor of the output file within the golden tolerances of the OpenFold
+// reference (outputs, dL/d inputs, dL/d every parameter) and within 1e-5 of one process.
+TEST(DapCli, ExtraMsaGoldenOnTwoAndFourRanks) {
+  const std::string g = test::data_path("extra_tiny.safetensors");
+  TensorFile f, go;
+  ASSERT_TRUE(read_safetensors(g, &f).ok());
+  go.put("grad.output.m", f.tensors.at("probe.m"));
+  go.put("grad.output.z", f.tensors.at("probe.z"));
+  const std::string gfile = tmp("extra_gout.safetensors");
+  ASSERT_TRUE(write_safetensors(gfile, go).ok());
+  const std::string fwd = " run --weights " + g + " --inputs " + g + " --threads 1 --quiet --out ";
+  const std::string train = " run --stack extra_msa --weights " + g + " --inputs " + g +
+                            " --grad-outputs " + gfile + " --threads 1 --quiet --out ";
+  const std::string f1 = tmp("extra_f1.safetensors"), t1 = tmp("extra_t1.safetensors");
+  ASSERT_EQ(run(cli() + fwd + f1).code, 0);
+  ASSERT_EQ(run(cli() + train + t1 + " --policy module").code, 0);
+  for (int n : {2, 4}) {
+    SCOPED_TRACE("ranks " + std::to_string(n));
+    const std::string fn = tmp("extra_f" + std::to_string(n) + ".safetensors");
+    const std::string tn = tmp("extra_t" + std::to_string(n) + ".safetensors");
+    Result rf = run(mpirun(n) + cli() + fwd + fn + " --dap " + std::to_string(n));
+    ASSERT_EQ(rf.code, 0) << rf.out;
+    // Gradients do not depend on the policy: none on 2 ranks, block on 4.
+    const std::string rep = tmp("extra_t" + std::to_string(n) + ".json");
+    Result rt = run(mpirun(n) + cli() + train + tn + " --dap " + std::to_string(n) +
+                    (n == 2 ? " --policy none" : " --policy block") + " --report " + rep);
+    ASSERT_EQ(rt.code, 0) << rt.out;
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    EXPECT_EQ(j["stack"].get<std::string>(), "extra_msa");
+    // The ExtraMSA block has the Evoformer's layouts and collectives: the same volume formula.
+    EXPECT_EQ(j["forward_sent_bytes_per_rank"], j["forward_sent_bytes_per_rank_model"]);
+    EXPECT_EQ(j["backward_sent_bytes_per_rank"], j["backward_sent_bytes_per_rank_model"]);
+    expect_same_tensors(f1, fn, 1e-5);
+    expect_same_tensors(t1, tn, 1e-5);
+    TensorFile got;
+    ASSERT_TRUE(read_safetensors(tn, &got).ok());
+    int grads = 0;
+    for (const std::string& name : got.names) {
+      ASSERT_TRUE(f.has(name)) << name;
+      const double tol = name.rfind("grad.", 0) == 0 ? 2e-4 : 1e-4;
+      EXPECT_LT(test::golden_err(got.tensors.at(name), f.tensors.at(name)), tol) << name;
+      grads += name.rfind("grad.", 0) == 0;
+    }
+    EXPECT_EQ(grads, 2 + 93);
+  }
+}
+
 // Data parallelism: D = 2 groups of N = 1 and of N = 2 (4 ranks, oversubscribed) give the average
 // of the two single-process steps' parameter gradients; rank 0 writes protein 0's outputs and
 // input gradients. Protein 1 is protein 0's file with m scaled by 0.5; upstream gradients and

@@ -1,6 +1,6 @@
-// The library hooks of the Python package: the cancel flag and the SIGINT scope
-// (foldcube/runtime.h), tensors over external memory (Tensor::wrap), the single representation's
-// gradient terms (foldcube/model.h) and the AlphaFold file loaders (foldcube/alphafold.h).
+// The library hooks of the Python package: the cancel flag, the SIGINT scope and shielded calls
+// (foldcube/runtime.h), tensors over external memory (Tensor::wrap) and the AlphaFold file
+// loaders (foldcube/alphafold.h).
 #include <gtest/gtest.h>
 #include <pthread.h>
 #include <signal.h>
@@ -152,55 +152,6 @@ TEST(TensorWrap, ViewsExternalMemoryUntrackedAndReleasesTheOwner) {
   EXPECT_TRUE(watch.expired());
   float plain[4] = {1, 2, 3, 4};
   EXPECT_EQ(Tensor::wrap(plain, {4}, DType::F32, nullptr).f32()[3], 4.f);
-}
-
-// s = linear(m[0]) against the golden output.s, and the gradients of L = sum(s * g) (plus the
-// golden loss) against a float64 reference of the same formulas.
-TEST(SingleGrad, OutputAndGradientsOfTheSingleRepresentation) {
-  TensorFile f;
-  ASSERT_TRUE(read_safetensors(test::data_path("evo_tiny.safetensors"), &f).ok());
-  JobSpec spec;
-  spec.weights = test::data_path("evo_tiny.safetensors");
-  Job job;
-  ASSERT_TRUE(load_model(spec, &job).ok());
-  const EvoformerStack& stack = job.stack;
-  const Tensor m_out = f.tensors.at("output.m").to(DType::F32);
-  Tensor s;
-  ASSERT_TRUE(single_output(stack, m_out, &s).ok());
-  EXPECT_LT(test::golden_err(s, f.tensors.at("output.s")), 1e-4);
-
-  const int64_t r = m_out.dim(1), cm = stack.config().c_m, cs = stack.config().c_s;
-  Tensor gs = Tensor::empty({r, cs});
-  for (int64_t i = 0; i < gs.numel(); ++i) gs.f32()[i] = std::sin(0.37 * i);
-  Tensor gm = Tensor::zeros(m_out.shape());
-  ASSERT_TRUE(add_single_grad(stack, gs, &gm).ok());
-  TrainResult res;
-  ASSERT_TRUE(add_single_param_grads(stack, m_out, gs, &res).ok());
-  ASSERT_EQ(res.grad_params.size(), 2u);
-  const float* w = stack.linear_weight().f32();
-  double worst = 0;
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t c = 0; c < cm; ++c) {
-      double ref = 0;
-      for (int64_t o = 0; o < cs; ++o) ref += double(gs.f32()[i * cs + o]) * w[o * cm + c];
-      worst = std::max(worst, std::abs(gm.f32()[i * cm + c] - ref));
-    }
-  for (int64_t o = 0; o < cs; ++o) {
-    double db = 0;
-    for (int64_t i = 0; i < r; ++i) db += gs.f32()[i * cs + o];
-    worst = std::max(worst, std::abs(res.grad_params[1].second.f32()[o] - db));
-    for (int64_t c = 0; c < cm; ++c) {
-      double dw = 0;
-      for (int64_t i = 0; i < r; ++i) dw += double(gs.f32()[i * cs + o]) * m_out.f32()[i * cm + c];
-      worst = std::max(worst, std::abs(res.grad_params[0].second.f32()[o * cm + c] - dw));
-    }
-  }
-  EXPECT_LT(worst, 1e-4);
-  // Rows other than 0 get nothing.
-  for (int64_t k = r * cm; k < gm.numel(); ++k) ASSERT_EQ(gm.f32()[k], 0.f);
-  EXPECT_EQ(res.grad_params[0].first, "linear.weight");
-  Tensor bad = Tensor::zeros({r, cs + 1});
-  EXPECT_FALSE(add_single_grad(stack, bad, &gm).ok());
 }
 
 TEST(AlphaFoldFiles, LoadersNameTheFile) {

@@ -56,6 +56,28 @@ TEST(PlannerCli, SearchJson) {
   EXPECT_TRUE(j["fits"].get<bool>());
 }
 
+// `plan --stack extra_msa --train`: the ExtraMSA stack's plan (AF2 extra-MSA dims by default), one
+// process; inference and DAP are refused.
+TEST(PlannerCli, ExtraMsaTraining) {
+  Result r = run_cli(
+      "plan --stack extra_msa --train --s 512 --r 128 --blocks 4 --memory 4GiB "
+      "--profile " +
+      profile_path() + " --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["stack"].get<std::string>(), "extra_msa");
+  EXPECT_EQ(j["config"]["c_m"].get<int>(), 64);
+  EXPECT_EQ(j["policy"].size(), 4u);
+  EXPECT_EQ(j["dap"].get<int>(), 1);
+  EXPECT_TRUE(j["module_chunks"].contains("msa_att_col"));
+  EXPECT_TRUE(j["fits"].get<bool>());
+  r = run_cli("plan --stack extra_msa --s 512 --r 128 --memory 4GiB --profile " + profile_path());
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+  r = run_cli("plan --stack pairformer --train --profile " + profile_path());
+  EXPECT_EQ(r.code, 1) << r.out;
+}
+
 TEST(PlannerCli, FixedPolicyAndDevices) {
   Result r =
       run_cli("plan --train --memory 40GB --policy block --profile " + profile_path() + " --json");

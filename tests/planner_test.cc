@@ -280,19 +280,21 @@ TEST(Planner, DecompositionMatchesMemoryModel) {
   }
 }
 
-// Exhaustive search over 3^B orders times the chunk targets against make_plan on the same model.
-void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+// Exhaustive search over 3^B orders times the chunk targets against make_plan on the same model
+// (extra_msa: the ExtraMSA stack's plans).
+void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra_msa = false) {
   const int B = static_cast<int>(cfg.no_blocks);
   std::vector<Plan> all;
   int total = 1;
   for (int b = 0; b < B; ++b) total *= 3;
   int64_t lo = INT64_MAX, hi = 0;
-  const std::vector<int64_t> targets = training_chunk_targets(cfg, s, r);
+  const std::vector<int64_t> targets = training_chunk_targets(cfg, s, r, extra_msa);
   for (int64_t tgt : targets)
     for (int code = 0; code < total; ++code) {
       std::vector<R> pol;
       for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
       Plan p = base_plan(cfg, s, r, pol);
+      p.extra_msa = extra_msa;
       p.chunk_target_bytes = tgt;
       ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
       lo = std::min(lo, p.peak_bytes);
@@ -305,18 +307,24 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
     for (const Plan& p : all)
       if (p.peak_bytes <= limit) best = std::min(best, p.time_ms);
     Plan got;
-    Status st = make_plan(train_request(cfg, s, r, limit), &got);
+    PlanRequest req = train_request(cfg, s, r, limit);
+    req.extra_msa = extra_msa;
+    Status st = make_plan(req, &got);
     ASSERT_TRUE(st.ok()) << st.message();
+    EXPECT_EQ(got.extra_msa, extra_msa);
     EXPECT_LE(got.peak_bytes, limit);
     EXPECT_NEAR(got.time_ms, best, 1e-9 * best) << "limit " << limit;
     // The plan's own peak is the memory model's.
     Plan check = base_plan(cfg, s, r, got.policy);
+    check.extra_msa = extra_msa;
     check.chunk_target_bytes = got.chunk_target_bytes;
     ASSERT_TRUE(evaluate_plan(test_profile(), &check).ok());
     EXPECT_EQ(check.peak_bytes, got.peak_bytes);
   }
   Plan none;
-  Status st = make_plan(train_request(cfg, s, r, lo - 1), &none);
+  PlanRequest req = train_request(cfg, s, r, lo - 1);
+  req.extra_msa = extra_msa;
+  Status st = make_plan(req, &none);
   EXPECT_EQ(st.code(), Status::Code::kOutOfMemory);
   EXPECT_NE(st.message().find("smallest feasible budget"), std::string::npos) << st.message();
 }
@@ -324,6 +332,33 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r) {
 TEST(Planner, SearchIsOptimalSmallConfig) {
   expect_optimal(small_cfg(4), 7, 11);
   expect_optimal(small_cfg(5), 20, 8);
+}
+
+// The ExtraMSA stack (training, one process): the same search over its block table, and the plan
+// keeps its stack through JSON.
+TEST(Planner, SearchIsOptimalExtraMsa) {
+  EvoformerConfig cfg = small_cfg(4);
+  cfg.c_m = 16;
+  expect_optimal(cfg, 9, 11, true);
+  EvoformerConfig af2;  // AF2 extra-MSA dims: c_e = 64, 8 heads of 8
+  af2.c_m = 64;
+  af2.c_hidden_msa_att = 8;
+  af2.no_blocks = 4;
+  expect_optimal(af2, 64, 24, true);
+  Plan p = base_plan(af2, 64, 24, std::vector<R>(4, R::kModule));
+  p.extra_msa = true;
+  ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
+  Plan back;
+  ASSERT_TRUE(Plan::from_json(p.to_json(), &back).ok());
+  EXPECT_TRUE(back.extra_msa);
+  EXPECT_EQ(back.policy, p.policy);
+  p.dap = 2;
+  EXPECT_FALSE(p.validate().ok());
+  PlanRequest q = train_request(af2, 64, 24, int64_t{1} << 34);
+  q.extra_msa = true;
+  q.training = false;
+  Plan none;
+  EXPECT_FALSE(make_plan(q, &none).ok());
 }
 
 TEST(Planner, SearchIsOptimalAf2Dims) {

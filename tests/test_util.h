@@ -135,9 +135,10 @@ struct Result {
   std::string out;  // stdout + stderr
 };
 
-// Runs the foldcube CLI with `args` and collects its exit code and output.
-inline Result run_cli(const std::string& args) {
-  const std::string cmd = std::string(FOLDCUBE_CLI_PATH) + " " + args + " 2>&1";
+// Runs the foldcube CLI with `args` behind `env_prefix` (e.g. "env -u VAR") and collects its
+// exit code and output.
+inline Result run_cli_env(const std::string& env_prefix, const std::string& args) {
+  const std::string cmd = env_prefix + " " + std::string(FOLDCUBE_CLI_PATH) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   Result r{-1, ""};
   if (!p) return r;
@@ -148,6 +149,9 @@ inline Result run_cli(const std::string& args) {
   r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
   return r;
 }
+
+// Runs the foldcube CLI with `args` and collects its exit code and output.
+inline Result run_cli(const std::string& args) { return run_cli_env("", args); }
 #endif
 
 }  // namespace fc::test

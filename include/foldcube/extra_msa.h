@@ -1,4 +1,4 @@
-// The AlphaFold2 ExtraMSA stack (inference): OpenFold ExtraMSAStack / ExtraMSABlock.
+// The AlphaFold2 ExtraMSA stack (inference and training): OpenFold ExtraMSAStack / ExtraMSABlock.
 // Each block is an Evoformer block with two differences: the MSA column attention is global
 // column attention (one shared key/value head, queries from the masked mean over sequences), and
 // the MSA transition's update is multiplied by msa_mask. The stack has no single-representation
@@ -45,6 +45,13 @@ class ExtraMsaStack {
   Status forward(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                  const ForwardOptions& opts = {}) const;
 
+  // One training step as EvoformerStack::train_step (no output.s): forward with m, z updated in
+  // place to the outputs, then the exact backward of L with dL/d output.m = grad_out_m and
+  // dL/d output.z = grad_out_z; out->grad_params lists every block parameter.
+  Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                    TrainResult* out) const;
+
   const EvoformerConfig& config() const { return cfg_; }
   float global_eps() const { return eps_global_; }
   int64_t param_bytes() const;
@@ -52,6 +59,7 @@ class ExtraMsaStack {
   void export_weights(TensorFile* out) const;
 
  private:
+  friend struct StackAccess;  // the library's executors read the block parameters
   EvoformerConfig cfg_;
   float eps_global_ = kDefaultGlobalEps;
   std::vector<std::unique_ptr<ExtraMsaBlockWeights>> blocks_;

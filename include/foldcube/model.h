@@ -67,8 +67,10 @@ struct ModuleTime {
 
 struct TrainResult {
   Tensor grad_m, grad_z;  // dL/d input m, z
-  // dL/d parameter under OpenFold state_dict names (every parameter except linear.*).
+  // dL/d parameter under OpenFold state_dict names: every block parameter, and linear.weight,
+  // linear.bias when a gradient of output.s was given.
   std::vector<std::pair<std::string, Tensor>> grad_params;
+  Tensor s;  // output.s = linear(output.m[0]) [r, c_s] (EvoformerStack; undefined for ExtraMSA)
   int64_t activation_bytes = 0;  // tracked bytes kept alive from the forward for the backward
   int64_t peak_bytes = 0;        // tracked peak of the step above what was live before it
   double forward_ms = 0, backward_ms = 0;
@@ -97,9 +99,16 @@ class EvoformerStack {
 
   // One training step: forward (m, z updated in place to the outputs; with opts.dropout in
   // training mode), then backward of L with dL/d output.m = grad_out_m, dL/d output.z = grad_out_z.
+  // out->s receives output.s; dL/d output.s is zero.
   Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                     const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
                     TrainResult* out) const;
+  // The same with dL/d output.s = grad_out_s [r, c_s] (undefined: zero, as above). When it is
+  // given, its share flows back into dL/d m and out->grad_params lists linear.weight and
+  // linear.bias last. output.s and these gradients are computed after the blocks' backward.
+  Status train_step(Tensor& m, Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, const Tensor& grad_out_s,
+                    const TrainOptions& opts, TrainResult* out) const;
 
   const EvoformerConfig& config() const { return cfg_; }
   // For the sharded executors: the single projection linear.weight [c_s, c_m], linear.bias [c_s]
@@ -116,16 +125,6 @@ class EvoformerStack {
   std::vector<std::unique_ptr<BlockWeights>> blocks_;
   Tensor linear_w_, linear_b_;  // [c_s, c_m], [c_s]
 };
-
-// The stack's single representation s = linear(m[0]) [r, c_s] of an output m [s, r, c_m].
-Status single_output(const EvoformerStack& stack, const Tensor& m, Tensor* s_out);
-// A training loss that also reads s: with dL/ds `grad_s` [r, c_s], add_single_grad adds
-// dL/ds @ linear.weight to row 0 of grad_out_m (before train_step), and add_single_param_grads adds
-// linear.weight [c_s, c_m] and linear.bias [c_s] gradients from the step's output m to
-// out->grad_params (after it).
-Status add_single_grad(const EvoformerStack& stack, const Tensor& grad_s, Tensor* grad_out_m);
-Status add_single_param_grads(const EvoformerStack& stack, const Tensor& m_out,
-                              const Tensor& grad_s, TrainResult* out);
 
 // Matmul FLOPs of one Evoformer block's forward at (s, r) (formula in docs/benchmarks.md).
 double evoformer_block_flops(const EvoformerConfig& cfg, int64_t s, int64_t r);

@@ -70,6 +70,7 @@ Status average_gradients(const Comm& dp, TrainResult* grads);
 // Figures of every rank (index = rank of world), gathered on every rank.
 struct DapForwardReport {
   EvoformerConfig cfg;
+  StackKind kind = StackKind::kEvoformer;
   int64_t s = 0, r = 0, s_pad = 0, r_pad = 0;  // real and padded sizes
   Tensor m, z, s_out;            // rank 0: the outputs [s, r, c_m], [r, r, c_z], [r, c_s]
   std::vector<double> times_ms;  // per timed pass (this rank's wall time)
@@ -91,6 +92,7 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& opts,
 // ---- DAP/DP training --------------------------------------------------------------------------
 struct DapTrainReport {
   EvoformerConfig cfg;
+  StackKind kind = StackKind::kEvoformer;
   int64_t s = 0, r = 0, s_pad = 0, r_pad = 0;  // protein 0
   Tensor m, z;                                 // world rank 0: protein 0's outputs
   TrainResult result;  // world rank 0: protein 0's input gradients; every rank: the averaged

@@ -26,6 +26,9 @@ struct MemoryQuery {
   int64_t elem_bytes = 4;  // 4 for fp32; 2 predicts a bf16/fp16 engine with the same plan
   int64_t chunk = 0;       // items per chunk as in TrainOptions / ForwardOptions, >= 0 (0 = auto)
   int64_t chunk_target_bytes = 0;  // automatic chunking target, >= 0 (0 = the default)
+  // The training queries model ExtraMsaStack::train_step (c_m holds c_e) instead of the
+  // Evoformer's.
+  bool extra_msa = false;
 
   Status validate() const;
 };
@@ -39,11 +42,11 @@ struct MemoryQuery {
 Status block_activation_bytes(const MemoryQuery& q, int64_t block, int64_t* out);
 // Activation bytes of the stack: sum over the blocks.
 Status stack_activation_bytes(const MemoryQuery& q, int64_t* out);
-// Peak of EvoformerStack::train_step (TrainResult::peak_bytes: tracked bytes above those live
-// before the step) without dropout: the activations, the dm/dz copies, the per-block
-// parameter-gradient structs (alive until the end of the step), the recompute states and the
-// transient buffers of whichever module chunk is running at the peak. It replays the step's
-// allocation sequence.
+// Peak of EvoformerStack::train_step, or ExtraMsaStack::train_step (TrainResult::peak_bytes:
+// tracked bytes above those live before the step) without dropout: the activations, the dm/dz
+// copies, the per-block parameter-gradient structs (alive until the end of the step), the recompute
+// states and the transient buffers of whichever module chunk is running at the peak. It replays the
+// step's allocation sequence.
 Status stack_step_peak_bytes(const MemoryQuery& q, int64_t* out);
 
 // ---- Inference memory plan ---------------------------------------------------------------------

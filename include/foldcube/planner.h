@@ -101,9 +101,10 @@ struct ModuleCost {
 // ForwardOptions / TrainOptions: they set the items per chunk, hence the GEMM row counts (and
 // rates), of the inference modules or, with training=true, of the training functions
 // (src/model/train.h), whose forward and exact backward are both modelled.
+// extra_msa: the ExtraMSA block (its table, kExtraMsaBlock) instead of the Evoformer's.
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                            int64_t chunk, int64_t chunk_target_bytes, bool training,
-                                           const DeviceProfile& dev);
+                                           const DeviceProfile& dev, bool extra_msa = false);
 
 // DAP communication of one block over N ranks (docs/dap.md): bytes each rank sends + receives
 // (2x the executor's dap_block_volume / dap_block_backward_volume of src/exec/dap.h, scaled to
@@ -132,6 +133,9 @@ struct Plan {
   int dap = 1, dp = 1;
   DType dtype = DType::F32;  // F32 | BF16 | F16 (JSON "fp32" | "bf16" | "fp16")
   int threads = 1;
+  // The ExtraMSA stack (JSON "stack": "extra_msa"; c_m holds c_e): training plans on one
+  // process only (dap = dp = 1).
+  bool extra_msa = false;
   // Estimates (filled by make_plan / evaluate_plan).
   double time_ms = 0;              // one step: dp proteins, each over dap ranks
   double time_per_protein_ms = 0;  // time_ms / dp (the search objective)
@@ -164,6 +168,7 @@ struct PlanRequest {
   int dap = 0, dp = 0;           // force degrees (0 = search)
   bool bucket = false;           // pad r up to the next bucket
   std::vector<int64_t> buckets;  // empty = default_buckets()
+  bool extra_msa = false;        // plan the ExtraMSA stack (training, one process)
 };
 
 // Searches (or, with fixed_policy, evaluates) and fills *out with the fastest plan that fits.
@@ -171,11 +176,13 @@ struct PlanRequest {
 Status make_plan(const PlanRequest& req, Plan* out);
 // Chunk targets a training search tries: default/16 (at least 64 KiB) times powers of 4, then the
 // smallest target at which every training module runs in one chunk (the fastest), last.
-std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r);
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                            bool extra_msa = false);
 // Bytes of each module's training chunk buffers when it runs in one chunk (the nine modules of
 // block_module_costs, in order); training_chunk_targets ends at their maximum.
 std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const EvoformerConfig& cfg,
-                                                                         int64_t s, int64_t r);
+                                                                         int64_t s, int64_t r,
+                                                                         bool extra_msa = false);
 // Fills the estimates of a plan whose choices are set (validates it first).
 Status evaluate_plan(const DeviceProfile& dev, Plan* plan);
 

@@ -70,7 +70,12 @@ Status load_job(const JobSpec& spec, Job* out);
 Status load_model(const JobSpec& spec, Job* out);
 // dL/d outputs for a training step: spec.grad_outputs' tensors (shapes of job.m, job.z), else
 // seeded random ones (seed * 2 + 3, seed * 2 + 4).
+// With a file each tensor is optional (missing: zeros); grad.output.s is not read here (the
+// overload below reads it).
 Status load_grad_outputs(const JobSpec& spec, const Job& job, Tensor* gm, Tensor* gz);
+// The same, and dL/d output.s [r, c_s] into *gs when the file holds grad.output.s (Evoformer
+// only: a user error for the ExtraMSA stack), else *gs undefined (zero).
+Status load_grad_outputs(const JobSpec& spec, const Job& job, Tensor* gm, Tensor* gz, Tensor* gs);
 // Seeded uniform values of unit variance (the random jobs' inputs); a checked allocation.
 Status random_tensor(const Shape& shape, uint64_t seed, const std::string& what, Tensor* out);
 
@@ -114,9 +119,13 @@ struct TrainReport {
   std::vector<ModuleTime> module_ms;  // profile: mean over the timed passes, block order
   int64_t peak_tracked_bytes = 0, peak_rss_bytes = 0;  // process-wide peaks after the step
 };
-// warmup + repeats training steps (Evoformer stack) with upstream gradients gm, gz.
+// warmup + repeats training steps (Evoformer or ExtraMSA stack) with upstream gradients gm, gz;
+// out->result.s holds the Evoformer's output.s.
 Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const RunOptions& opts,
                     TrainReport* out);
+// The same with dL/d output.s = gs (Evoformer; undefined = zero).
+Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const Tensor& gs,
+                    const RunOptions& opts, TrainReport* out);
 
 // The output file of a run (metadata format = "foldcube-output/1" and the config): output.m,
 // output.z, output.s (when defined) and, with grads, grad.input.m, grad.input.z and

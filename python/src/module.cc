@@ -250,7 +250,7 @@ nb::dict evoformer_train_step(Evoformer& self, nb::handle m, nb::handle z, nb::h
                          ", c_m=" + std::to_string(cfg.c_m) + "]";
   const std::string zs = "[r=" + std::to_string(in.r) + ", r=" + std::to_string(in.r) +
                          ", c_z=" + std::to_string(cfg.c_z) + "]";
-  fc::Tensor gm = take_f32(grad_m, {"grad_m", in.m.shape(), ms});
+  const fc::Tensor gm = take_f32(grad_m, {"grad_m", in.m.shape(), ms});
   const fc::Tensor gz = take_f32(grad_z, {"grad_z", in.z.shape(), zs});
   const fc::Tensor gs = take_f32_opt(
       grad_s, {"grad_s",
@@ -270,23 +270,15 @@ nb::dict evoformer_train_step(Evoformer& self, nb::handle m, nb::handle z, nb::h
   to.dropout = dropout;
   to.seed = seed;
   fc::TrainResult res;
-  fc::Tensor s;
-  compute(threads_arg(threads), [&]() -> fc::Status {
-    if (gs.defined()) {
-      gm = gm.clone();  // the caller's grad_m stays as given
-      FC_RETURN_IF_ERROR(fc::add_single_grad(job.stack, gs, &gm));
-    }
-    FC_RETURN_IF_ERROR(
-        job.stack.train_step(in.m, in.z, in.msa_mask, in.pair_mask, gm, gz, to, &res));
-    if (gs.defined()) FC_RETURN_IF_ERROR(fc::add_single_param_grads(job.stack, in.m, gs, &res));
-    return fc::single_output(job.stack, in.m, &s);
+  compute(threads_arg(threads), [&] {
+    return job.stack.train_step(in.m, in.z, in.msa_mask, in.pair_mask, gm, gz, gs, to, &res);
   });
   nb::dict params;
   for (const auto& [name, t] : res.grad_params) params[name.c_str()] = to_numpy(t);
   nb::dict out;
   out["m"] = m;
   out["z"] = z;
-  out["s"] = to_numpy(s);
+  out["s"] = to_numpy(res.s);
   out["grad_m"] = to_numpy(res.grad_m);
   out["grad_z"] = to_numpy(res.grad_z);
   out["grad_params"] = params;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -158,17 +159,16 @@ DapLayerLayout dap_layer_layout(const LayerDesc& ly) {
     case LayerKind::kMsaRowAttention:
       return {Shard::kMsaBySeq, Shard::kPairRows};
     case LayerKind::kMsaColumnAttention:
+    case LayerKind::kMsaColumnGlobalAttention:
       return {Shard::kMsaByRes, std::nullopt};
     case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition:
       return {};
     case LayerKind::kOuterProductMean:
       return {Shard::kMsaByRes, Shard::kPairRows};
     case LayerKind::kTriangleMultiplication:
     case LayerKind::kTriangleAttention:
       return {std::nullopt, ly.transposed ? Shard::kPairRowsT : Shard::kPairRows};
-    case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
   return {};
@@ -217,8 +217,9 @@ struct DapStreams {
   Shard z_how = Shard::kPairRows;
 };
 
-// One layer on this rank's shards, in the layouts dap_layer_layout gives.
-void dap_layer_forward(const LayerDesc& ly, const BlockWeights& bw, const DapShards& sh,
+// One layer on this rank's shards, in the layouts dap_layer_layout gives; bw: the table's block
+// weight struct.
+void dap_layer_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
                        const dist::Communicator& comm, const ShardGather& gather, DapStreams* st) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const DapLayout& l = sh.l;
@@ -226,39 +227,41 @@ void dap_layer_forward(const LayerDesc& ly, const BlockWeights& bw, const DapSha
   const bool zt = st->z_how == Shard::kPairRowsT;
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention: {
-      const MsaRowAttentionW& w = layer_params<MsaRowAttentionW>(ly, &bw);
+      const MsaRowAttentionW& w = layer_params<MsaRowAttentionW>(ly, bw);
       Tensor bias = gathered_pair_bias(w.ln_z, w.lin_z, sh.full, l, st->z.f32(),
                                        comm);  // [H_m, r_pad, r_pad]
       return attention_rows(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, sh.row,
                             st->m.f32(), sl, rp, cfg.c_m, sh.msa_bias_rows, bias.f32());
     }
     case LayerKind::kMsaColumnAttention:
-      return msa_column_attention(layer_params<MsaColumnAttentionW>(ly, &bw), sh.col, st->m.f32());
+      return msa_column_attention(layer_params<MsaColumnAttentionW>(ly, bw), sh.col, st->m.f32());
     case LayerKind::kTransition: {
-      const TransitionW& w = layer_params<TransitionW>(ly, &bw);
+      const TransitionW& w = layer_params<TransitionW>(ly, bw);
       if (ly.updates == Stream::kZ) return transition(w, sh.full, st->z.f32(), rl * rp, cfg.c_z);
       return st->m_how == Shard::kMsaByRes ? transition(w, sh.col, st->m.f32(), sp * rl, cfg.c_m)
                                            : transition(w, sh.row, st->m.f32(), sl * rp, cfg.c_m);
     }
     case LayerKind::kOuterProductMean:
-      return outer_product_mean_shard(layer_params<OuterProductMeanW>(ly, &bw), sh.full,
-                                      st->m.f32(), me * rl, rl, sh.msa_mask_cols.f32(), gather,
-                                      st->z.f32());
+      return outer_product_mean_shard(layer_params<OuterProductMeanW>(ly, bw), sh.full, st->m.f32(),
+                                      me * rl, rl, sh.msa_mask_cols.f32(), gather, st->z.f32());
     case LayerKind::kTriangleMultiplication:
       return triangle_multiplication_shard(
-          layer_params<TriangleMultiplicationW>(ly, &bw), sh.full, zt, rl,
+          layer_params<TriangleMultiplicationW>(ly, bw), sh.full, zt, rl,
           (zt ? sh.pair_mask_t : sh.pair_mask).f32() + me * rl * rp, gather, st->z.f32());
     case LayerKind::kTriangleAttention: {
-      const TriangleAttentionW& w = layer_params<TriangleAttentionW>(ly, &bw);
+      const TriangleAttentionW& w = layer_params<TriangleAttentionW>(ly, bw);
       Tensor bias = gathered_pair_bias(w.ln, w.lin, sh.full, l, st->z.f32(),
                                        comm);  // [H_p, r_pad, r_pad]
       return attention_rows(w.ln, w.mha, cfg.no_heads_pair, cfg.c_hidden_pair_att, sh.full,
                             st->z.f32(), rl, rp, cfg.c_z,
                             zt ? sh.pair_bias_t_rows : sh.pair_bias_rows, bias.f32());
     }
-    case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
+    case LayerKind::kMsaColumnGlobalAttention:  // per residue column: no communication
+      return msa_column_global_attention(layer_params<MsaColumnGlobalAttentionW>(ly, bw), sh.col,
+                                         sh.col.global_eps, st->m.f32());
+    case LayerKind::kMaskedTransition:  // the mask rows of the current layout (sh.row / sh.col)
+      return masked_msa_transition(layer_params<TransitionW>(ly, bw),
+                                   st->m_how == Shard::kMsaByRes ? sh.col : sh.row, st->m.f32());
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
 }
@@ -355,9 +358,11 @@ DapShards make_dap_shards(const EvoformerConfig& cfg, const DapLayout& l, Tensor
   d.row = base;
   d.row.s = sl;
   d.row.r = rp;
+  d.row.msa_mask = d.msa_mask.f32() + l.rank * sl * rp;
   d.col = base;
   d.col.s = sp;
   d.col.r = rl;
+  d.col.msa_mask = d.msa_mask_cols.f32();
   d.col.msa_bias_t = d.msa_bias_t.f32() + l.rank * rl * sp;
   d.full = base;
   d.full.s = sp;
@@ -417,9 +422,14 @@ Status share_padded_masks(const EvoformerConfig& cfg, const dist::Communicator& 
   return Status::OK();
 }
 
-Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
-                   Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
-                   const DapOptions& opts, DapStats* stats) {
+namespace {
+// dap_forward of a stack whose blocks follow `table` (EvoformerStack or ExtraMsaStack; s_out is
+// the Evoformer's single output, nullptr for the ExtraMSA stack).
+template <typename Stack>
+Status dap_forward_impl(const Stack& stack, const BlockTable& table, float global_eps,
+                        const dist::Communicator& comm, Tensor& m, Tensor& z,
+                        const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
+                        const DapOptions& opts, DapStats* stats) {
   MemoryScope scope;
   const dist::CommStats stats0 = comm.stats();
   const EvoformerConfig& cfg = stack.config();
@@ -435,8 +445,9 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   FC_RETURN_IF_ERROR(
       share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, nullptr, &l, &msa_p, &pair_p));
   const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
-  const DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
-                                       opts.chunk_target_bytes, num_threads());
+  DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
+                                 opts.chunk_target_bytes, num_threads());
+  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->global_eps = global_eps;
 
   // Shards: m by sequences [s_loc, r_pad, c_m], z by rows [r_loc, r_pad, c_z].
   DapStreams st;
@@ -477,7 +488,6 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   const dist::CommStats before_blocks = comm.stats();
   // The block table's layers, each in its shard layout: an all-to-all where the layout changes,
   // and each stream back to its block-boundary layout after its last use in the block.
-  const BlockTable& table = kEvoformerBlock;
   const int last_m = dap_last_use(table, Stream::kM), last_z = dap_last_use(table, Stream::kZ);
   for (int b = 0; b < cfg.no_blocks; ++b) {
     blk = b;
@@ -486,7 +496,7 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
       const DapLayerLayout want = dap_layer_layout(ly);
       if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
       if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
-      dap_layer_forward(ly, StackAccess::block(stack, b), sh, comm, gather, &st);
+      dap_layer_forward(ly, &StackAccess::block(stack, b), sh, comm, gather, &st);
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
       if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);
@@ -508,10 +518,12 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
     zr = Tensor();
     if (me == 0) z = crop3(all, l.r, l.r);
   }
-  if (me == 0 && s_out != nullptr) {
-    *s_out = Tensor::empty({l.r, cfg.c_s});
-    kern::linear(m.f32(), cm, l.r, cm, stack.linear_weight().f32(), stack.linear_bias().f32(),
-                 cfg.c_s, s_out->f32(), cfg.c_s);
+  if constexpr (std::is_same_v<Stack, EvoformerStack>) {
+    if (me == 0 && s_out != nullptr) {
+      *s_out = Tensor::empty({l.r, cfg.c_s});
+      kern::linear(m.f32(), cm, l.r, cm, stack.linear_weight().f32(), stack.linear_bias().f32(),
+                   cfg.c_s, s_out->f32(), cfg.c_s);
+    }
   }
   if (stats != nullptr) {
     stats->total = comm.stats().since(stats0);
@@ -523,12 +535,13 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
   return Status::OK();
 }
 
-Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack) {
+// dap_share_stack; `file` may carry metadata the stack's load reads (ExtraMSA: the eps).
+template <typename Stack>
+Status share_stack_impl(const dist::Communicator& comm, Stack* stack, TensorFile file) {
   static_assert(std::is_trivially_copyable_v<EvoformerConfig>);
   EvoformerConfig cfg = stack->config();
   comm.broadcast_bytes(&cfg, sizeof(cfg), 0);
   // Names and shapes ("name d0 d1 ...\n" per tensor), then the tensors in that order.
-  TensorFile file;
   std::string header;
   if (comm.rank() == 0) {
     stack->export_weights(&file);
@@ -559,7 +572,34 @@ Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack) {
     if (comm.rank() != 0) file.put(name, t);
   }
   if (comm.rank() == 0) return Status::OK();
-  return EvoformerStack::load(cfg, file, stack);
+  return Stack::load(cfg, file, stack);
+}
+}  // namespace
+
+Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                   Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
+                   const DapOptions& opts, DapStats* stats) {
+  return dap_forward_impl(stack, kEvoformerBlock, ExtraMsaStack::kDefaultGlobalEps, comm, m, z,
+                          msa_mask, pair_mask, s_out, opts, stats);
+}
+
+Status dap_forward(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m, Tensor& z,
+                   const Tensor& msa_mask, const Tensor& pair_mask, const DapOptions& opts,
+                   DapStats* stats) {
+  return dap_forward_impl(stack, kExtraMsaBlock, stack.global_eps(), comm, m, z, msa_mask,
+                          pair_mask, nullptr, opts, stats);
+}
+
+Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack) {
+  return share_stack_impl(comm, stack, TensorFile());
+}
+
+Status dap_share_stack(const dist::Communicator& comm, ExtraMsaStack* stack) {
+  float eps = stack->global_eps();
+  comm.broadcast_bytes(&eps, sizeof(eps), 0);
+  TensorFile file;  // the eps as ExtraMsaStack::load reads it from metadata
+  file.metadata["constants"] = nlohmann::json{{"global_attention_eps", double(eps)}}.dump();
+  return share_stack_impl(comm, stack, std::move(file));
 }
 
 }  // namespace fc

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dist/comm.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/model.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
@@ -44,11 +45,14 @@ struct DapShards {
   Tensor msa_mask_cols;           // [s_pad, r_loc] this rank's residue columns of msa_mask
   Tensor pair_mask, pair_mask_t;  // [r_pad, r_pad]
   Tensor pair_bias, pair_bias_t;  // [r_pad, r_pad]
-  BlockContext row;               // m by sequences: s = s_loc, r = r_pad
-  BlockContext col;   // m by residues: s = s_pad, r = r_loc (msa_bias_t: this rank's residues)
-  BlockContext full;  // pair modules and OPM: s = s_pad, r = r_pad, full masks
-  const float* msa_bias_rows = nullptr;     // [s_loc, r_pad] this rank's sequences
-  const float* pair_bias_rows = nullptr;    // [r_loc, r_pad] this rank's rows of pair_bias
+  // m by sequences: s = s_loc, r = r_pad (msa_mask: this rank's sequences)
+  BlockContext row;
+  // m by residues: s = s_pad, r = r_loc (msa_mask: msa_mask_cols; msa_bias_t: this rank's
+  // residues)
+  BlockContext col;
+  BlockContext full;                      // pair modules and OPM: s = s_pad, r = r_pad, full masks
+  const float* msa_bias_rows = nullptr;   // [s_loc, r_pad] this rank's sequences
+  const float* pair_bias_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias
   const float* pair_bias_t_rows = nullptr;  // [r_loc, r_pad] this rank's rows of pair_bias_t
 };
 // The root runs prepare_inputs on its inputs (then root_check, if given) and shares the result
@@ -145,7 +149,14 @@ Status dap_forward(const EvoformerStack& stack, const dist::Communicator& comm, 
                    Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask, Tensor* s_out,
                    const DapOptions& opts = {}, DapStats* stats = nullptr);
 
+// The same for the ExtraMSA stack (its block table, kExtraMsaBlock: the global column attention
+// runs on m by residues, the masked transition in the current layout; no output s).
+Status dap_forward(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m, Tensor& z,
+                   const Tensor& msa_mask, const Tensor& pair_mask, const DapOptions& opts = {},
+                   DapStats* stats = nullptr);
+
 // Makes every rank's *stack a copy of the root's (config and weights broadcast from rank 0).
 Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack);
+Status dap_share_stack(const dist::Communicator& comm, ExtraMsaStack* stack);
 
 }  // namespace fc

@@ -48,16 +48,25 @@ std::vector<double> gather_ms(const dist::Communicator& comm, double seconds) {
   return out;
 }
 
-// Rank 0 loads the job (Evoformer only) and every rank gets its weights.
+// Every rank's job->kind from world rank 0's, and the stack of that kind copied from rank 0.
+Status share_job_stack(const Comm& world, Job* job) {
+  const dist::Communicator& comm = CommAccess::get(world);
+  job->kind = static_cast<StackKind>(comm.all_gather_i64(static_cast<int64_t>(job->kind))[0]);
+  return world.agree(job->kind == StackKind::kExtraMsa ? dap_share_stack(comm, &job->extra_stack)
+                                                       : dap_share_stack(comm, &job->stack),
+                     true);
+}
+
+const EvoformerConfig& job_config(const Job& job) {
+  return job.kind == StackKind::kExtraMsa ? job.extra_stack.config() : job.stack.config();
+}
+
+// Rank 0 loads the job (Evoformer or ExtraMSA stack) and every rank gets its weights.
 Status load_shared_job(const Comm& world, const JobSpec& spec, Job* job) {
   Status st;
-  if (world.rank() == 0) {
-    st = load_job(spec, job);
-    if (st.ok() && job->kind != StackKind::kEvoformer)
-      st = Status::InvalidArgument("--dap supports the Evoformer stack only");
-  }
+  if (world.rank() == 0) st = load_job(spec, job);
   FC_RETURN_IF_ERROR(world.agree(st, true));
-  return world.agree(dap_share_stack(CommAccess::get(world), &job->stack), true);
+  return share_job_stack(world, job);
 }
 
 void fill_forward_figures(const dist::Communicator& comm, const DapStats& stats, int64_t peak,
@@ -83,7 +92,8 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& o, DapF
   const bool root = comm.rank() == 0;
   Job job;
   FC_RETURN_IF_ERROR(load_shared_job(world, spec, &job));
-  out->cfg = job.stack.config();
+  out->cfg = job_config(job);
+  out->kind = job.kind;
   if (root) out->s = job.m.dim(0), out->r = job.m.dim(1);
   out->s = comm.all_gather_i64(out->s)[0];  // rank 0's sizes on every rank
   out->r = comm.all_gather_i64(out->r)[0];
@@ -101,8 +111,11 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& o, DapF
     }
     comm.barrier();
     const auto t0 = Clock::now();
-    const Status st = dap_forward(job.stack, comm, out->m, out->z, job.msa_mask, job.pair_mask,
-                                  &out->s_out, opts, &stats);
+    const Status st = job.kind == StackKind::kExtraMsa
+                          ? dap_forward(job.extra_stack, comm, out->m, out->z, job.msa_mask,
+                                        job.pair_mask, opts, &stats)
+                          : dap_forward(job.stack, comm, out->m, out->z, job.msa_mask,
+                                        job.pair_mask, &out->s_out, opts, &stats);
     const auto t1 = Clock::now();
     FC_RETURN_IF_ERROR(world.agree(st, true));
     peak = std::max(peak, stats.peak_bytes);
@@ -132,8 +145,6 @@ Status load_protein(const JobSpec& spec, int dp, int grp, uint64_t seed, Job* jo
   g.grad_outputs = gouts.size() == 1 ? gouts[0] : gouts[grp];
   g.seed = seed;
   FC_RETURN_IF_ERROR(load_job(g, job));
-  if (job->kind != StackKind::kEvoformer)
-    return Status::InvalidArgument("--dap supports the Evoformer stack only");
   return load_grad_outputs(g, *job, gm, gz);
 }
 
@@ -182,8 +193,9 @@ Status run_dap_training(const Comm& world_h, int dap, int dp, const JobSpec& spe
   Status st;
   if (dapc.rank() == 0) st = load_protein(spec, dp, grp, opts.seed, &job, &gm, &gz);
   FC_RETURN_IF_ERROR(world_h.agree(st, true));
-  FC_RETURN_IF_ERROR(world_h.agree(dap_share_stack(world, &job.stack), true));
-  out->cfg = job.stack.config();
+  FC_RETURN_IF_ERROR(share_job_stack(world_h, &job));
+  out->cfg = job_config(job);
+  out->kind = job.kind;
   if (world.rank() == 0) out->s = job.m.dim(0), out->r = job.m.dim(1);
   DapTrainStats stats;
   const int passes = o.warmup + o.repeats;
@@ -194,8 +206,11 @@ Status run_dap_training(const Comm& world_h, int dap, int dp, const JobSpec& spe
       out->z = last ? std::move(job.z) : job.z.clone();
     }
     world.barrier();
-    st = dap_train_step(job.stack, dapc, out->m, out->z, job.msa_mask, job.pair_mask, gm, gz, opts,
-                        &stats, &out->result);
+    st = job.kind == StackKind::kExtraMsa
+             ? dap_train_step(job.extra_stack, dapc, out->m, out->z, job.msa_mask, job.pair_mask,
+                              gm, gz, opts, &stats, &out->result)
+             : dap_train_step(job.stack, dapc, out->m, out->z, job.msa_mask, job.pair_mask, gm, gz,
+                              opts, &stats, &out->result);
     FC_RETURN_IF_ERROR(world_h.agree(st, true));  // one group's failure reaches every group
     if (it >= o.warmup) {
       out->forward_ms.push_back(out->result.forward_ms);

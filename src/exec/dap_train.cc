@@ -5,12 +5,14 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "foldcube/status.h"
+#include "kernels/kernels.h"
 #include "model/common.h"
 #include "model/dropout.h"
 
@@ -176,11 +178,22 @@ void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
                                          shard_gather(comm), shard_reduce(comm), z_in, st, dz);
 }
 
-void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g) {
+namespace {
+template <typename W>
+void all_reduce_grads(const dist::Communicator& comm, W* g) {
   for (auto& [name, t] : named_params(*g, "")) {
     FC_CHECK_MSG(t.is_contiguous(), "parameter gradient view is not contiguous");
     comm.all_reduce(t.f32(), t.numel());
   }
+}
+}  // namespace
+
+void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g) {
+  all_reduce_grads(comm, g);
+}
+
+void dap_all_reduce_grads(const dist::Communicator& comm, ExtraMsaBlockWeights* g) {
+  all_reduce_grads(comm, g);
 }
 
 namespace {
@@ -205,21 +218,22 @@ struct DapBlockState {
   Tensor m0, z0;
 };
 
-// One layer's training forward on this rank's shards (m, z in the layer's layouts).
-void dap_layer_train(const LayerDesc& ly, const BlockWeights& bw, const DapShards& sh,
+// One layer's training forward on this rank's shards (m, z in the layer's layouts); bw: the
+// table's block weight struct.
+void dap_layer_train(const LayerDesc& ly, const void* bw, const DapShards& sh,
                      const dist::Communicator& comm, Shard m_how, float* m, float* z,
                      LayerState* st) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const DapLayout& l = sh.l;
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention:
-      return dap_msa_row_attention_train(layer_params<MsaRowAttentionW>(ly, &bw), sh, comm, m, z,
+      return dap_msa_row_attention_train(layer_params<MsaRowAttentionW>(ly, bw), sh, comm, m, z,
                                          st ? &st->att : nullptr);
     case LayerKind::kMsaColumnAttention:
-      return msa_column_attention_train(layer_params<MsaColumnAttentionW>(ly, &bw), sh.col, m,
+      return msa_column_attention_train(layer_params<MsaColumnAttentionW>(ly, bw), sh.col, m,
                                         st ? &st->att : nullptr);
     case LayerKind::kTransition: {
-      const TransitionW& w = layer_params<TransitionW>(ly, &bw);
+      const TransitionW& w = layer_params<TransitionW>(ly, bw);
       TransitionState* ts = st ? &st->trans : nullptr;
       if (ly.updates == Stream::kZ)
         return transition_train(w, sh.full, z, l.r_loc * l.r_pad, cfg.c_z, ts);
@@ -229,41 +243,45 @@ void dap_layer_train(const LayerDesc& ly, const BlockWeights& bw, const DapShard
     }
     case LayerKind::kOuterProductMean: {
       OuterProductMeanState o;  // the state is built even when it is not kept
-      dap_outer_product_mean_train(layer_params<OuterProductMeanW>(ly, &bw), sh, comm, m, z, &o);
+      dap_outer_product_mean_train(layer_params<OuterProductMeanW>(ly, bw), sh, comm, m, z, &o);
       if (st) st->opm = std::move(o);
       return;
     }
     case LayerKind::kTriangleMultiplication:
-      return dap_triangle_multiplication_train(layer_params<TriangleMultiplicationW>(ly, &bw), sh,
+      return dap_triangle_multiplication_train(layer_params<TriangleMultiplicationW>(ly, bw), sh,
                                                comm, ly.transposed, z, st ? &st->tri : nullptr);
     case LayerKind::kTriangleAttention:
-      return dap_triangle_attention_train(layer_params<TriangleAttentionW>(ly, &bw), sh, comm,
+      return dap_triangle_attention_train(layer_params<TriangleAttentionW>(ly, bw), sh, comm,
                                           ly.transposed, z, st ? &st->att : nullptr);
-    case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
+    case LayerKind::kMsaColumnGlobalAttention:  // m by residues: per column, no communication
+      return msa_column_global_attention_train(layer_params<MsaColumnGlobalAttentionW>(ly, bw),
+                                               sh.col, m, st ? &st->global : nullptr);
+    case LayerKind::kMaskedTransition: {
+      const BlockContext& c = m_how == Shard::kMsaByRes ? sh.col : sh.row;
+      return transition_train(layer_params<TransitionW>(ly, bw), c, m, c.s * c.r, cfg.c_m,
+                              st ? &st->trans : nullptr, c.msa_mask);
+    }
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
 }
 
 // Its backward: x_in / read_in as layer_backward (train.h), dm and dz in the layer's layouts.
-void dap_layer_backward(const LayerDesc& ly, const BlockWeights& bw, BlockWeights* g,
-                        const DapShards& sh, const dist::Communicator& comm, Shard m_how,
-                        const float* x_in, const float* read_in, LayerState* st, float* dm,
-                        float* dz) {
+void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapShards& sh,
+                        const dist::Communicator& comm, Shard m_how, const float* x_in,
+                        const float* read_in, LayerState* st, float* dm, float* dz) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const DapLayout& l = sh.l;
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention:
-      return dap_msa_row_attention_backward(layer_params<MsaRowAttentionW>(ly, &bw),
+      return dap_msa_row_attention_backward(layer_params<MsaRowAttentionW>(ly, bw),
                                             &layer_params<MsaRowAttentionW>(ly, g), sh, comm, x_in,
                                             read_in, &st->att, dm, dz);
     case LayerKind::kMsaColumnAttention:
-      return msa_column_attention_backward(layer_params<MsaColumnAttentionW>(ly, &bw),
+      return msa_column_attention_backward(layer_params<MsaColumnAttentionW>(ly, bw),
                                            &layer_params<MsaColumnAttentionW>(ly, g), sh.col, x_in,
                                            &st->att, dm);
     case LayerKind::kTransition: {
-      const TransitionW& w = layer_params<TransitionW>(ly, &bw);
+      const TransitionW& w = layer_params<TransitionW>(ly, bw);
       TransitionW* gw = &layer_params<TransitionW>(ly, g);
       if (ly.updates == Stream::kZ)
         return transition_backward(w, gw, sh.full, x_in, &st->trans, dz, l.r_loc * l.r_pad,
@@ -274,7 +292,7 @@ void dap_layer_backward(const LayerDesc& ly, const BlockWeights& bw, BlockWeight
                                                              l.s_loc * l.r_pad, cfg.c_m);
     }
     case LayerKind::kOuterProductMean: {
-      const OuterProductMeanW& w = layer_params<OuterProductMeanW>(ly, &bw);
+      const OuterProductMeanW& w = layer_params<OuterProductMeanW>(ly, bw);
       if (!st->opm.a.defined())
         dap_outer_product_mean_train(w, sh, comm, read_in, nullptr, &st->opm);
       dap_outer_product_mean_backward(w, &layer_params<OuterProductMeanW>(ly, g), sh, comm, read_in,
@@ -283,16 +301,23 @@ void dap_layer_backward(const LayerDesc& ly, const BlockWeights& bw, BlockWeight
       return;
     }
     case LayerKind::kTriangleMultiplication:
-      return dap_triangle_multiplication_backward(layer_params<TriangleMultiplicationW>(ly, &bw),
+      return dap_triangle_multiplication_backward(layer_params<TriangleMultiplicationW>(ly, bw),
                                                   &layer_params<TriangleMultiplicationW>(ly, g), sh,
                                                   comm, ly.transposed, x_in, &st->tri, dz);
     case LayerKind::kTriangleAttention:
-      return dap_triangle_attention_backward(layer_params<TriangleAttentionW>(ly, &bw),
+      return dap_triangle_attention_backward(layer_params<TriangleAttentionW>(ly, bw),
                                              &layer_params<TriangleAttentionW>(ly, g), sh, comm,
                                              ly.transposed, x_in, &st->att, dz);
     case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
+      return msa_column_global_attention_backward(layer_params<MsaColumnGlobalAttentionW>(ly, bw),
+                                                  &layer_params<MsaColumnGlobalAttentionW>(ly, g),
+                                                  sh.col, x_in, &st->global, dm);
+    case LayerKind::kMaskedTransition: {
+      const BlockContext& c = m_how == Shard::kMsaByRes ? sh.col : sh.row;
+      return transition_backward(layer_params<TransitionW>(ly, bw),
+                                 &layer_params<TransitionW>(ly, g), c, x_in, &st->trans, dm,
+                                 c.s * c.r, cfg.c_m, c.msa_mask);
+    }
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
 }
@@ -300,9 +325,9 @@ void dap_layer_backward(const LayerDesc& ly, const BlockWeights& bw, BlockWeight
 // The sharded block forward over the block table: mr [s_loc, r_pad, c_m] by sequences and zr
 // [r_loc, r_pad, c_z] by rows in, the same layouts out; each layer in its layouts
 // (dap_block_layouts), its inputs copied as saved_inputs says.
-void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::Communicator& comm,
-                       Tensor& mr, Tensor& zr, Recompute policy, DapBlockState* st) {
-  const BlockTable& t = kEvoformerBlock;
+void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
+                       const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
+                       DapBlockState* st) {
   const DapLayout& l = sh.l;
   st->policy = policy;
   if (policy == Recompute::kBlock) {
@@ -337,19 +362,18 @@ void dap_block_forward(const BlockWeights& w, const DapShards& sh, const dist::C
 // input, or the stack output), from which a read input that was not copied (the OPM's m) is
 // rebuilt. Before each layer (last first) the gradients are brought to the layouts it ran in,
 // each all-to-all the adjoint of the forward's; each layer's inputs are freed after its backward.
-void dap_block_backward(const BlockWeights& w, BlockWeights* g, const DapShards& sh,
+void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapShards& sh,
                         const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
                         Tensor& dmr, Tensor& dzr) {
-  const BlockTable& t = kEvoformerBlock;
   const DapLayout& l = sh.l;
   if (st->policy == Recompute::kBlock) {
     // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
     Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // [s_loc, r_pad, c_m], [r_loc, r_pad, c_z]
     st->m0 = Tensor();
     DapBlockState full;
-    dap_block_forward(w, sh, comm, mr, zr, Recompute::kNone, &full);
+    dap_block_forward(t, w, sh, comm, mr, zr, Recompute::kNone, &full);
     zr = Tensor();
-    dap_block_backward(w, g, sh, comm, &full, mr, dmr, dzr);
+    dap_block_backward(t, w, g, sh, comm, &full, mr, dmr, dzr);
     return;
   }
   const std::vector<std::pair<Shard, Shard>> layouts = dap_block_layouts(t);
@@ -400,10 +424,13 @@ Tensor gather_rows(const Tensor& mine, int64_t rows, int64_t cols, const dist::C
 
 }  // namespace
 
-Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
-                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
-                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
-                      DapTrainStats* stats, TrainResult* out) {
+namespace {
+// dap_train_step of a stack whose blocks follow `table` with weight structs W.
+template <typename Stack, typename W>
+Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_eps,
+                      const dist::Communicator& comm, Tensor& m, Tensor& z, const Tensor& msa_mask,
+                      const Tensor& pair_mask, const Tensor& grad_out_m, const Tensor& grad_out_z,
+                      const TrainOptions& opts, DapTrainStats* stats, TrainResult* out) {
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
   const EvoformerConfig& cfg = stack.config();
@@ -438,6 +465,7 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   DapShards sh =
       make_dap_shards(cfg, l, msa_p, pair_p, opts.chunk, opts.chunk_target_bytes, num_threads());
   msa_p = pair_p = Tensor();
+  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->global_eps = global_eps;
   auto policy = [&](int b) { return policy_of(opts, b); };
   auto block_key = [&](int b) {
     return splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
@@ -453,7 +481,8 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   for (int b = 0; b < nb; ++b) {
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     states.push_back(std::make_unique<DapBlockState>());
-    dap_block_forward(StackAccess::block(stack, b), sh, comm, mr, zr, policy(b), states.back().get());
+    dap_block_forward(table, &StackAccess::block(stack, b), sh, comm, mr, zr, policy(b),
+                      states.back().get());
   }
   out->forward_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -464,20 +493,21 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
   Tensor dmr = scatter_rows(grad_out_m, sp, rp, cm, comm);  // [s_loc, r_pad, c_m]
   Tensor dzr = scatter_rows(grad_out_z, rp, rp, cz, comm);  // [r_loc, r_pad, c_z]
   const dist::CommStats c1b = comm.stats();                 // after the gradient shards went out
-  std::vector<std::unique_ptr<BlockWeights>> grads(nb);
+  std::vector<std::unique_ptr<W>> grads(nb);
   dist::CommStats reduce;
   Tensor m_out = mr;  // output m [by sequences] of the block being differentiated
   for (int b = nb - 1; b >= 0; --b) {
     set_dap_dropout(&sh, opts.dropout, block_key(b));
-    grads[b] = std::make_unique<BlockWeights>();
+    grads[b] = std::make_unique<W>();
     allocate_block_grads(cfg, grads[b].get());
     // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
     const DapBlockState& sb = *states[b];
-    const int i0 = block_input_m_layer(kEvoformerBlock);
-    const Tensor m_in = sb.policy == Recompute::kBlock                     ? sb.m0
-                        : kEvoformerBlock.layers[i0].updates == Stream::kM ? sb.in_updated[i0]
-                                                                           : sb.in_read[i0];
-    dap_block_backward(StackAccess::block(stack, b), grads[b].get(), sh, comm, states[b].get(), m_out, dmr, dzr);
+    const int i0 = block_input_m_layer(table);
+    const Tensor m_in = sb.policy == Recompute::kBlock           ? sb.m0
+                        : table.layers[i0].updates == Stream::kM ? sb.in_updated[i0]
+                                                                 : sb.in_read[i0];
+    dap_block_backward(table, &StackAccess::block(stack, b), grads[b].get(), sh, comm,
+                       states[b].get(), m_out, dmr, dzr);
     states[b].reset();
     m_out = m_in;
     const dist::CommStats r0 = comm.stats();
@@ -507,6 +537,14 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
     for (auto& [name, t] : named_params(*grads[b], block_prefix(b)))
       out->grad_params.emplace_back(name, t);
   out->peak_bytes = scope.peak() - live0;
+  out->s = Tensor();
+  if constexpr (std::is_same_v<Stack, EvoformerStack>) {
+    if (me == 0) {  // output.s = linear(m[0]) [r, c_s], after the step's peak
+      out->s = Tensor::empty({l.r, cfg.c_s});
+      kern::linear(m.f32(), cm, l.r, cm, stack.linear_weight().f32(), stack.linear_bias().f32(),
+                   cfg.c_s, out->s.f32(), cfg.c_s);
+    }
+  }
   if (stats != nullptr) {
     stats->forward = c1.since(c0);
     stats->backward = c2.since(c1b).since(reduce);
@@ -516,6 +554,26 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
     stats->shard_bytes = (l.s_loc * rp * cm + l.r_loc * rp * cz) * kF;
   }
   return Status::OK();
+}
+
+}  // namespace
+
+Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      DapTrainStats* stats, TrainResult* out) {
+  return dap_train_impl<EvoformerStack, BlockWeights>(
+      stack, kEvoformerBlock, ExtraMsaStack::kDefaultGlobalEps, comm, m, z, msa_mask, pair_mask,
+      grad_out_m, grad_out_z, opts, stats, out);
+}
+
+Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      DapTrainStats* stats, TrainResult* out) {
+  return dap_train_impl<ExtraMsaStack, ExtraMsaBlockWeights>(
+      stack, kExtraMsaBlock, stack.global_eps(), comm, m, z, msa_mask, pair_mask, grad_out_m,
+      grad_out_z, opts, stats, out);
 }
 
 }  // namespace fc

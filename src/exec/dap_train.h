@@ -70,6 +70,7 @@ void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
 
 // Sums every parameter gradient of g over comm (in place).
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g);
+void dap_all_reduce_grads(const dist::Communicator& comm, ExtraMsaBlockWeights* g);
 
 struct DapTrainStats {
   dist::CommStats forward;       // the blocks' forward
@@ -90,6 +91,11 @@ struct DapTrainStats {
 // EvoformerStack::train_step (same masks as one process). Invalid inputs give every rank the
 // root's error.
 Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      DapTrainStats* stats, TrainResult* out);
+// The same for the ExtraMSA stack (ExtraMsaStack::train_step over DAP; no output s).
+Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m,
                       Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                       const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
                       DapTrainStats* stats, TrainResult* out);

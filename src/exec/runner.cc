@@ -114,14 +114,31 @@ Status load_job(const JobSpec& spec, Job* job) {
 }
 
 Status load_grad_outputs(const JobSpec& spec, const Job& job, Tensor* gm, Tensor* gz) {
+  return load_grad_outputs(spec, job, gm, gz, nullptr);
+}
+
+Status load_grad_outputs(const JobSpec& spec, const Job& job, Tensor* gm, Tensor* gz, Tensor* gs) {
+  if (gs != nullptr) *gs = Tensor();
   if (spec.grad_outputs.empty()) {
     FC_RETURN_IF_ERROR(random_tensor(job.m.shape(), spec.seed * 2 + 3, "grad.output.m", gm));
     return random_tensor(job.z.shape(), spec.seed * 2 + 4, "grad.output.z", gz);
   }
   TensorFile g;
   FC_RETURN_IF_ERROR(read_safetensors(spec.grad_outputs, &g));
-  FC_RETURN_IF_ERROR(g.get_f32("grad.output.m", job.m.shape(), gm));
-  return g.get_f32("grad.output.z", job.z.shape(), gz);
+  // Each tensor is optional: a missing one is a zero gradient.
+  auto get = [&](const char* name, const Shape& shape, Tensor* out) -> Status {
+    if (g.has(name)) return g.get_f32(name, shape, out);
+    FC_RETURN_IF_ERROR(Tensor::try_empty(shape, DType::F32, name, out));
+    std::fill(out->f32(), out->f32() + out->numel(), 0.f);
+    return Status::OK();
+  };
+  FC_RETURN_IF_ERROR(get("grad.output.m", job.m.shape(), gm));
+  FC_RETURN_IF_ERROR(get("grad.output.z", job.z.shape(), gz));
+  if (!g.has("grad.output.s") || gs == nullptr) return Status::OK();
+  if (job.kind == StackKind::kExtraMsa)
+    return Status::InvalidArgument(spec.grad_outputs +
+                                   ": grad.output.s given, but the ExtraMSA stack has no output.s");
+  return g.get_f32("grad.output.s", {job.m.dim(1), job.cfg.c_s}, gs);
 }
 
 std::string policy_string(const std::vector<Recompute>& policy) {
@@ -257,8 +274,14 @@ void add_module_times(const std::vector<ModuleTime>& pass, int n, std::vector<Mo
 
 Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const RunOptions& o,
                     TrainReport* out) {
-  if (job->kind != StackKind::kEvoformer)
-    return Status::InvalidArgument("the ExtraMSA stack runs inference only (no training yet)");
+  return run_training(job, gm, gz, Tensor(), o, out);
+}
+
+Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const Tensor& gs,
+                    const RunOptions& o, TrainReport* out) {
+  const bool extra = job->kind == StackKind::kExtraMsa;
+  if (extra && gs.defined())
+    return Status::InvalidArgument("grad.output.s given, but the ExtraMSA stack has no output.s");
   TrainOptions to;
   to.chunk = o.chunk;
   to.chunk_target_bytes = o.chunk_target_bytes;
@@ -272,8 +295,10 @@ Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const RunOptio
     out->m = last ? job->m : job->m.clone();
     out->z = last ? job->z : job->z.clone();
     if (last) job->m = job->z = Tensor();
-    FC_RETURN_IF_ERROR(job->stack.train_step(out->m, out->z, job->msa_mask, job->pair_mask, gm, gz,
-                                             to, &out->result));
+    FC_RETURN_IF_ERROR(extra ? job->extra_stack.train_step(out->m, out->z, job->msa_mask,
+                                                           job->pair_mask, gm, gz, to, &out->result)
+                             : job->stack.train_step(out->m, out->z, job->msa_mask, job->pair_mask,
+                                                     gm, gz, gs, to, &out->result));
     if (it < o.warmup) continue;
     const TrainResult& res = out->result;
     out->forward_ms.push_back(res.forward_ms);

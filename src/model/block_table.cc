@@ -39,7 +39,7 @@ constexpr LayerDesc kEvoformerLayers[] = {
 };
 
 // The ExtraMSA block: the Evoformer order with global column attention and a masked MSA
-// transition. Its dropout is OpenFold's (the ExtraMSA stack runs inference only today).
+// transition. Its dropout is OpenFold's: rowwise on the row attention, none on the global one.
 constexpr LayerDesc kExtraMsaLayers[] = {
     {"msa_att_row", K::kMsaRowAttention, S::kM, S::kZ, false, R::kMsa, D::kRows, A::kMsaRows,
      FC_PARAMS(ExtraMsaBlockWeights, msa_att_row)},

@@ -96,60 +96,6 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   return Status::OK();
 }
 
-Status single_output(const EvoformerStack& stack, const Tensor& m, Tensor* s_out) {
-  const EvoformerConfig& cfg = stack.config();
-  if (!m.defined() || m.ndim() != 3) return Status::InvalidArgument("output m must be [s, r, c_m]");
-  const int64_t r = m.dim(1);
-  FC_RETURN_IF_ERROR(check_input("output.m", m, {m.dim(0), r, cfg.c_m}));
-  *s_out = Tensor::empty({r, cfg.c_s});  // [r, c_s]
-  kern::linear(m.f32(), cfg.c_m, r, cfg.c_m, stack.linear_weight().f32(), stack.linear_bias().f32(),
-               cfg.c_s, s_out->f32(), cfg.c_s);
-  return Status::OK();
-}
-
-Status add_single_grad(const EvoformerStack& stack, const Tensor& grad_s, Tensor* grad_out_m) {
-  const EvoformerConfig& cfg = stack.config();
-  if (!grad_out_m->defined() || grad_out_m->ndim() != 3)
-    return Status::InvalidArgument("grad.output.m must be [s, r, c_m]");
-  const int64_t r = grad_out_m->dim(1), cm = cfg.c_m, cs = cfg.c_s;
-  FC_RETURN_IF_ERROR(check_input("grad.output.m", *grad_out_m, {grad_out_m->dim(0), r, cm}));
-  FC_RETURN_IF_ERROR(check_input("grad.output.s", grad_s, {r, cs}));
-  const float* w = stack.linear_weight().f32();  // [c_s, c_m]
-  const float* gs = grad_s.f32();                // [r, c_s]
-  float* gm = grad_out_m->f32();                 // row 0: [r, c_m]
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t o = 0; o < cs; ++o) {
-      const float g = gs[i * cs + o];
-      for (int64_t c = 0; c < cm; ++c) gm[i * cm + c] += g * w[o * cm + c];
-    }
-  return Status::OK();
-}
-
-Status add_single_param_grads(const EvoformerStack& stack, const Tensor& m_out,
-                              const Tensor& grad_s, TrainResult* out) {
-  const EvoformerConfig& cfg = stack.config();
-  if (!m_out.defined() || m_out.ndim() != 3)
-    return Status::InvalidArgument("output m must be [s, r, c_m]");
-  const int64_t r = m_out.dim(1), cm = cfg.c_m, cs = cfg.c_s;
-  FC_RETURN_IF_ERROR(check_input("output.m", m_out, {m_out.dim(0), r, cm}));
-  FC_RETURN_IF_ERROR(check_input("grad.output.s", grad_s, {r, cs}));
-  Tensor dw = Tensor::zeros({cs, cm});  // [c_s, c_m]
-  Tensor db = Tensor::zeros({cs});      // [c_s]
-  const float* gs = grad_s.f32();       // [r, c_s]
-  const float* m0 = m_out.f32();        // row 0: [r, c_m]
-#pragma omp parallel for schedule(static)
-  for (int64_t o = 0; o < cs; ++o)
-    for (int64_t i = 0; i < r; ++i) {
-      const float g = gs[i * cs + o];
-      db.f32()[o] += g;
-      for (int64_t c = 0; c < cm; ++c) dw.f32()[o * cm + c] += g * m0[i * cm + c];
-    }
-  out->grad_params.emplace_back("linear.weight", dw);
-  out->grad_params.emplace_back("linear.bias", db);
-  return Status::OK();
-}
-
 int64_t default_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r) {
   const int64_t mz = (s * r * cfg.c_m + r * r * cfg.c_z) * static_cast<int64_t>(sizeof(float));
   return std::max<int64_t>(mz / 8, 4 << 20);

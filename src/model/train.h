@@ -42,6 +42,7 @@ namespace fc {
 
 // Allocates gradient storage shaped like the weights, zero-filled.
 void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g);
+void allocate_block_grads(const EvoformerConfig& cfg, ExtraMsaBlockWeights* g);
 
 // ---- Chunk sizes (also read by the memory model, src/plan/memory_model.cc) ---------------------
 // Attention over N items of L positions, c channels, hc = H*C: items per chunk.
@@ -96,12 +97,39 @@ void triangle_attention_backward(const TriangleAttentionW& w, TriangleAttentionW
 struct TransitionState {
   std::vector<Tensor> h;  // per row chunk [n, n_t*c] relu(linear_1(LN(x))); empty: recomputed
 };
+// row_mask [rows] (or nullptr): the update of row i is multiplied by row_mask[i] (the ExtraMSA
+// block's masked MSA transition, ctx.msa_mask); the masked forms take one more [n, c] buffer per
+// chunk (the update, resp. its masked gradient).
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
-                      int64_t c, TransitionState* st);
+                      int64_t c, TransitionState* st, const float* row_mask = nullptr);
 // x_in [rows, c]: the module input.
 void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
-                         const float* x_in, TransitionState* st, float* dx, int64_t rows,
-                         int64_t c);
+                         const float* x_in, TransitionState* st, float* dx, int64_t rows, int64_t c,
+                         const float* row_mask = nullptr);
+
+// ---- Global column attention (ExtraMSA) -------------------------------------------------------
+// m [s, r, c_e] += GlobalAttention(LN(m^T)) per residue column b (see modules.h), chunked over the
+// columns. Per column: x = LN(m[:, b]) [s, c_e]; mu = sum_j mask[j] x[j] / (sum_j mask[j] + eps);
+// q = mu W_q^T [H*C]; k, v = x W_{k,v}^T [s, C] (one head); o[h] = softmax_j(q_h.k_j / sqrt(C) +
+// maskbias[j]) v [H*C]; y[j] = o * sigmoid(x[j] W_g^T + b_g); update = y W_o^T + b_o. No dropout.
+struct GlobalAttentionChunk {
+  Tensor kvg;  // [n*s, 2C + H*C] k | v | g (pre-sigmoid gate) of the chunk's n columns
+  Tensor q;    // [n, H*C] queries (from the masked means)
+  Tensor o;    // [n, H*C] attention output before gating
+  Tensor lse;  // [n, H]   log-sum-exp of each query's logits
+};
+struct GlobalAttentionState {
+  std::vector<GlobalAttentionChunk> chunks;  // in chunk order; empty: the backward recomputes
+};
+// Columns per chunk of the training forward and backward.
+int64_t global_attention_train_chunk(const BlockContext& ctx);
+// st == nullptr: nothing is kept (policy module). eps: ctx.global_eps.
+void msa_column_global_attention_train(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                       float* m, GlobalAttentionState* st);
+// m_in [s, r, c_e]: the module input; conventions as above.
+void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
+                                          MsaColumnGlobalAttentionW* g, const BlockContext& ctx,
+                                          const float* m_in, GlobalAttentionState* st, float* dm);
 
 // ---- Outer product mean -----------------------------------------------------------------------
 struct OuterProductMeanState {
@@ -137,6 +165,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
 // A layer's saved state under policy none (the member of the layer's kind is used).
 struct LayerState {
   AttentionState att;
+  GlobalAttentionState global;
   TransitionState trans;
   OuterProductMeanState opm;
   TriangleMultiplicationState tri;

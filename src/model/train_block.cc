@@ -5,9 +5,12 @@
 #include <memory>
 
 #include "core/rng.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
+#include "kernels/backward.h"
+#include "kernels/kernels.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/train.h"
@@ -69,8 +72,12 @@ void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, flo
       return triangle_attention_train(layer_params<TriangleAttentionW>(l, w), ctx, l.transposed, z,
                                       st ? &st->att : nullptr);
     case LayerKind::kMsaColumnGlobalAttention:
+      return msa_column_global_attention_train(layer_params<MsaColumnGlobalAttentionW>(l, w), ctx,
+                                               m, st ? &st->global : nullptr);
     case LayerKind::kMaskedTransition:
-      break;
+      return transition_train(layer_params<TransitionW>(l, w), ctx, m, stream_rows(ctx, Stream::kM),
+                              stream_channels(ctx, Stream::kM), st ? &st->trans : nullptr,
+                              ctx.msa_mask);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
@@ -108,8 +115,13 @@ void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockConte
                                          &layer_params<TriangleAttentionW>(l, g), ctx, l.transposed,
                                          x_in, &st->att, dz);
     case LayerKind::kMsaColumnGlobalAttention:
+      return msa_column_global_attention_backward(layer_params<MsaColumnGlobalAttentionW>(l, w),
+                                                  &layer_params<MsaColumnGlobalAttentionW>(l, g),
+                                                  ctx, x_in, &st->global, dm);
     case LayerKind::kMaskedTransition:
-      break;
+      return transition_backward(layer_params<TransitionW>(l, w), &layer_params<TransitionW>(l, g),
+                                 ctx, x_in, &st->trans, dm, stream_rows(ctx, Stream::kM),
+                                 stream_channels(ctx, Stream::kM), ctx.msa_mask);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
@@ -221,14 +233,24 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-}  // namespace
+// The Evoformer stack's single projection s = linear(m[0]) in a training step.
+struct SingleHead {
+  const Tensor& w;     // [c_s, c_m]
+  const Tensor& b;     // [c_s]
+  const Tensor& grad;  // [r, c_s] dL/d s, or undefined (no loss on s)
+};
 
-Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
-                                  const Tensor& pair_mask, const Tensor& grad_out_m,
-                                  const Tensor& grad_out_z, const TrainOptions& opts,
-                                  TrainResult* out) const {
-  const EvoformerConfig& cfg = cfg_;
-  const int nb = static_cast<int>(blocks_.size());
+// The training step of a stack of blocks of table t with weight structs W (BlockWeights or
+// ExtraMsaBlockWeights), as EvoformerStack::train_step documents it. With a head, its backward
+// adds dL/d s's share to dm[0] before the blocks' backward; after them (so the step's peak is the
+// blocks'), its parameter gradients (listed only when head->grad is defined) and out->s.
+template <typename W>
+Status train_blocks(const BlockTable& t, const EvoformerConfig& cfg,
+                    const std::vector<std::unique_ptr<W>>& blocks, float global_eps, Tensor& m,
+                    Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, const SingleHead* head,
+                    const TrainOptions& opts, TrainResult* out) {
+  const int nb = static_cast<int>(blocks.size());
   if (!opts.policy.empty() && opts.policy.size() != 1 && static_cast<int>(opts.policy.size()) != nb)
     return Status::InvalidArgument("recompute policy list has " +
                                    std::to_string(opts.policy.size()) + " entries for " +
@@ -237,6 +259,8 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   FC_RETURN_IF_ERROR(prepare_inputs(cfg, m, z, msa_mask, pair_mask, &in));
   FC_RETURN_IF_ERROR(check_input("grad.output.m", grad_out_m, m.shape()));
   FC_RETURN_IF_ERROR(check_input("grad.output.z", grad_out_z, z.shape()));
+  if (head != nullptr && head->grad.defined())
+    FC_RETURN_IF_ERROR(check_input("grad.output.s", head->grad, {in.r, cfg.c_s}));
   if (opts.chunk < 0 || opts.chunk_target_bytes < 0)
     return Status::InvalidArgument(
         "chunk (" + std::to_string(opts.chunk) + ") and chunk_target_bytes (" +
@@ -246,6 +270,7 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
                    opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
                                                : default_train_chunk_target_bytes(cfg, in.s, in.r));
   ctx.dropout = opts.dropout;
+  ctx.global_eps = global_eps;
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {
     BlockContext c = ctx;
@@ -264,7 +289,7 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   for (int b = 0; b < nb; ++b) {
     if (cancel_requested()) return Status::Cancelled("training step interrupted (forward)");
     states.push_back(std::make_unique<BlockState>());
-    block_forward(kEvoformerBlock, blocks_[b].get(), block_ctx(b), m.f32(), z.f32(), policy(b),
+    block_forward(t, blocks[b].get(), block_ctx(b), m.f32(), z.f32(), policy(b),
                   states.back().get(), fwd_clock);
   }
   out->forward_ms = ms_since(t0);
@@ -272,17 +297,32 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
 
   t0 = std::chrono::steady_clock::now();
   Tensor dm = grad_out_m.clone(), dz = grad_out_z.clone();
-  std::vector<std::unique_ptr<BlockWeights>> grads(nb);
+  const int64_t r = in.r, cm = cfg.c_m, cs = cfg.c_s;
+  if (head != nullptr && head->grad.defined())  // dm[0] += dL/ds W
+    kern::linear_backward(m.f32(), cm, r, cm, head->w.f32(), cs, head->grad.f32(), cs, dm.f32(), cm,
+                          nullptr, nullptr, /*accumulate=*/true);
+  std::vector<std::unique_ptr<W>> grads(nb);
   Tensor m_out = m;  // output of the block being differentiated
   for (int b = nb - 1; b >= 0; --b) {
     if (cancel_requested()) return Status::Cancelled("training step interrupted (backward)");
-    grads[b] = std::make_unique<BlockWeights>();
+    grads[b] = std::make_unique<W>();
     allocate_block_grads(cfg, grads[b].get());
-    const Tensor m_in = block_input_m(kEvoformerBlock, *states[b]);
-    block_backward(kEvoformerBlock, blocks_[b].get(), grads[b].get(), block_ctx(b), states[b].get(),
-                   m_out, dm.f32(), dz.f32(), bwd_clock);
+    const Tensor m_in = block_input_m(t, *states[b]);
+    block_backward(t, blocks[b].get(), grads[b].get(), block_ctx(b), states[b].get(), m_out,
+                   dm.f32(), dz.f32(), bwd_clock);
     states[b].reset();
     m_out = m_in;
+  }
+  m_out = Tensor();
+  Tensor gw, gb;  // [c_s, c_m], [c_s]: the head's parameter gradients
+  if (head != nullptr) {
+    gw = Tensor::zeros({cs, cm});
+    gb = Tensor::zeros({cs});
+    if (head->grad.defined())
+      kern::linear_backward(m.f32(), cm, r, cm, head->w.f32(), cs, head->grad.f32(), cs, nullptr,
+                            cm, gw.f32(), gb.f32());
+    out->s = Tensor::empty({r, cs});
+    kern::linear(m.f32(), cm, r, cm, head->w.f32(), head->b.f32(), cs, out->s.f32(), cs);
   }
   out->backward_ms = ms_since(t0);
   out->peak_bytes = scope.peak() - live0;
@@ -290,9 +330,40 @@ Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
   out->grad_z = dz;
   out->grad_params.clear();
   for (int b = 0; b < nb; ++b)
-    for (auto& [name, t] : named_params(*grads[b], block_prefix(b)))
-      out->grad_params.emplace_back(name, t);
+    for (auto& [name, p] : named_params(*grads[b], block_prefix(b)))
+      out->grad_params.emplace_back(name, p);
+  if (head != nullptr && head->grad.defined()) {
+    out->grad_params.emplace_back("linear.weight", gw);
+    out->grad_params.emplace_back("linear.bias", gb);
+  }
   return Status::OK();
+}
+
+}  // namespace
+
+Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                  const Tensor& pair_mask, const Tensor& grad_out_m,
+                                  const Tensor& grad_out_z, const TrainOptions& opts,
+                                  TrainResult* out) const {
+  return train_step(m, z, msa_mask, pair_mask, grad_out_m, grad_out_z, Tensor(), opts, out);
+}
+
+Status EvoformerStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                  const Tensor& pair_mask, const Tensor& grad_out_m,
+                                  const Tensor& grad_out_z, const Tensor& grad_out_s,
+                                  const TrainOptions& opts, TrainResult* out) const {
+  const SingleHead head{linear_w_, linear_b_, grad_out_s};
+  return train_blocks(kEvoformerBlock, cfg_, blocks_, ExtraMsaStack::kDefaultGlobalEps, m, z,
+                      msa_mask, pair_mask, grad_out_m, grad_out_z, &head, opts, out);
+}
+
+Status ExtraMsaStack::train_step(Tensor& m, Tensor& z, const Tensor& msa_mask,
+                                 const Tensor& pair_mask, const Tensor& grad_out_m,
+                                 const Tensor& grad_out_z, const TrainOptions& opts,
+                                 TrainResult* out) const {
+  out->s = Tensor();
+  return train_blocks(kExtraMsaBlock, cfg_, blocks_, eps_global_, m, z, msa_mask, pair_mask,
+                      grad_out_m, grad_out_z, nullptr, opts, out);
 }
 
 }  // namespace fc

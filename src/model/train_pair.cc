@@ -54,14 +54,14 @@ void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t c
 }
 }  // namespace
 
-void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g) {
-  allocate_block(cfg, g);
+namespace {
+// Zeroes the layers both block types share (BlockWeights, ExtraMsaBlockWeights).
+template <typename W>
+void zero_shared_layers(W* g) {
   zero(g->msa_att_row.ln_m);
   zero(g->msa_att_row.ln_z);
   zero(g->msa_att_row.lin_z);
   zero(g->msa_att_row.mha);
-  zero(g->msa_att_col.ln_m);
-  zero(g->msa_att_col.mha);
   for (const TransitionW* t : {&g->msa_transition, &g->pair_transition}) {
     zero(t->ln);
     zero(t->l1);
@@ -83,6 +83,23 @@ void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g) {
     zero(t->mha);
   }
 }
+}  // namespace
+
+void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g) {
+  allocate_block(cfg, g);
+  zero_shared_layers(g);
+  zero(g->msa_att_col.ln_m);
+  zero(g->msa_att_col.mha);
+}
+
+void allocate_block_grads(const EvoformerConfig& cfg, ExtraMsaBlockWeights* g) {
+  allocate_extra_msa_block(cfg, g);
+  zero_shared_layers(g);
+  zero(g->msa_att_col.ln_m);
+  zero(g->msa_att_col.q);
+  zero(g->msa_att_col.kvg);
+  zero(g->msa_att_col.o);
+}
 
 // ---- Transitions ------------------------------------------------------------------------------
 
@@ -92,7 +109,7 @@ int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c,
 }
 
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
-                      int64_t c, TransitionState* st) {
+                      int64_t c, TransitionState* st, const float* row_mask) {
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
@@ -105,7 +122,14 @@ void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, i
       kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
     }
     kern::relu_inplace(h.f32(), nc, n, nc);
-    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
+    if (row_mask == nullptr) {
+      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
+    } else {
+      Tensor u = Tensor::empty({n, c});  // the chunk's update, masked per row
+      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, u.f32(), c);
+      kern::scale_rows(u.f32(), c, row_mask + r0, n, c);
+      kern::add_inplace(xr, c, u.f32(), c, n, c);
+    }
     if (st) st->h.push_back(std::move(h));
   }
 }
@@ -113,8 +137,8 @@ void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, i
 // dL/d out (the chunk's rows of dx) is fully read by the first linear_backward before anything
 // accumulates into them, so it needs no copy.
 void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
-                         const float* x_in, TransitionState* st, float* dx, int64_t rows,
-                         int64_t c) {
+                         const float* x_in, TransitionState* st, float* dx, int64_t rows, int64_t c,
+                         const float* row_mask) {
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
   FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
@@ -137,8 +161,16 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
       h = std::move(st->h[idx]);
     }
     Tensor dh = Tensor::empty({n, nc});  // dL/d h, then dL/d linear_1 output
-    kern::linear_backward(h.f32(), nc, n, nc, w.l2.w.f32(), c, dxr, c, dh.f32(), nc, g->l2.w.f32(),
-                          g->l2.b.f32());
+    {
+      Tensor du;  // [n, c] dL/d the unmasked update (masked form only)
+      if (row_mask != nullptr) {
+        du = Tensor::empty({n, c});
+        std::memcpy(du.f32(), dxr, static_cast<size_t>(n * c) * kF);
+        kern::scale_rows(du.f32(), c, row_mask + r0, n, c);
+      }
+      kern::linear_backward(h.f32(), nc, n, nc, w.l2.w.f32(), c, du.defined() ? du.f32() : dxr, c,
+                            dh.f32(), nc, g->l2.w.f32(), g->l2.b.f32());
+    }
     kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
     h = Tensor();
     Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)

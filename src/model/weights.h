@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "foldcube/config.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/model.h"
 #include "foldcube/tensor.h"
 
@@ -116,6 +117,9 @@ std::vector<std::pair<std::string, Tensor>> named_params(const ExtraMsaBlockWeig
 // Block i's parameters of a stack (the sharded executors, tests); i in [0, no_blocks).
 struct StackAccess {
   static const BlockWeights& block(const EvoformerStack& stack, int i) { return *stack.blocks_[i]; }
+  static const ExtraMsaBlockWeights& block(const ExtraMsaStack& stack, int i) {
+    return *stack.blocks_[i];
+  }
 };
 
 }  // namespace fc

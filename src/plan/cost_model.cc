@@ -867,6 +867,36 @@ Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext
   return w;
 }
 
+// Global column attention (ExtraMSA; modules.cc / train_extra_msa.cc), chunked over columns: per
+// column the k | v | g projection [s, c_e] x [c_e, 2C + HC], the query of the masked mean, the
+// attention of H queries over s keys with one head, the gating and linear_o.
+// rb: LN, means, q, k | v | g and the attention, not the gating nor linear_o.
+Work global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch,
+                           Work* rb = nullptr) {
+  const int64_t ce = cfg.c_m, H = cfg.no_heads_msa, C = cfg.c_hidden_msa_att, hc = H * C;
+  const int64_t ld = 2 * C + hc;
+  const int64_t n =
+      ch.training ? global_attention_train_chunk(*ch.ctx) : ch(r, (s * ce + s * ld + ce + hc) * kF);
+  const double sr = static_cast<double>(s) * r;
+  Work w;
+  w.chunks += ceil_div(r, n);
+  w.gemm.push_back({2 * sr * ce * ld, static_cast<double>(n * s)});
+  w.gemm.push_back({2.0 * r * ce * hc, static_cast<double>(n)});
+  w.att.push_back({attention_flops(r, 1, H, s, C), static_cast<double>(s)});
+  w.gemm.push_back({2 * sr * hc * ce, static_cast<double>(n * s)});
+  // LayerNorm, masked mean, gating (sigmoid, multiply), residual add.
+  w.mem += 2 * sr * ce + sr * ce + 2 * sr * hc * 2 + 3 * sr * ce;
+  w.re_mem += 3 * sr * ce;  // LayerNorm and masked mean rebuilt per chunk
+  if (rb) {
+    *rb = Work{};
+    rb->chunks = w.chunks;
+    rb->gemm = {w.gemm[0], w.gemm[1]};
+    rb->att = w.att;
+    rb->mem = 3 * sr * ce;
+  }
+  return w;
+}
+
 // The work of one layer of the block table; rb as in attention_work.
 Work layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64_t r,
                 const Chunks& ch, Work* rb) {
@@ -887,8 +917,9 @@ Work layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64
     case LayerKind::kTriangleAttention:
       return attention_work(r, r, cfg.c_z, Hp, Cp, true, r, cfg.c_z, ch, rb);
     case LayerKind::kMsaColumnGlobalAttention:
+      return global_attention_work(cfg, s, r, ch, rb);
     case LayerKind::kMaskedTransition:
-      break;
+      return transition_work(s * r, cfg.c_m, cfg.transition_n, ch, rb);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no cost model");
   return {};
@@ -898,7 +929,7 @@ Work layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64
 
 std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                            int64_t chunk, int64_t chunk_target_bytes, bool training,
-                                           const DeviceProfile& dev) {
+                                           const DeviceProfile& dev, bool extra_msa) {
   const BlockContext ctx = shape_context(cfg, s, r, chunk,
                                          chunk_target_bytes > 0 || !training
                                              ? chunk_target_bytes
@@ -906,14 +937,14 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
                                          dev.threads);
   const Chunks ch{&ctx, training};
   const int64_t e = dtype_bytes(dev.dtype);
-  const BlockTable& t = kEvoformerBlock;
+  const BlockTable& t = extra_msa ? kExtraMsaBlock : kEvoformerBlock;
   std::vector<Work> mods(t.count);
   std::vector<Work> rb(
       t.count);  // training: what each layer's backward rebuilds under policy module
   for (int i = 0; i < t.count; ++i)
     mods[i] = layer_work(t.layers[i], cfg, s, r, ch, training ? &rb[i] : nullptr);
   // Working sets: a chunk's buffers are about the target, at most the module's whole-axis ones.
-  const auto whole = training_module_whole_bytes(cfg, s, r);
+  const auto whole = training_module_whole_bytes(cfg, s, r, extra_msa);
   for (int i = 0; i < t.count; ++i) {
     mods[i].ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i].second));
     rb[i].ws = mods[i].ws;

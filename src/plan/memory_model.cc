@@ -117,32 +117,112 @@ void attention_bwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool kept
   }
 }
 
-void transition_fwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc,
-                    bool keep) {
+// masked: the ExtraMSA MSA transition (its update, resp. the update's gradient, in a buffer).
+void transition_fwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool keep,
+                    bool masked) {
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
     const int64_t n = std::min(ch, rows - r0);
     S.alloc(n * nc);  // h
     S.alloc(n * c);   // x_ln
     S.free(n * c);
+    if (masked) {
+      S.alloc(n * c);  // u
+      S.free(n * c);
+    }
     if (!keep) S.free(n * nc);
   }
 }
 
-void transition_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc,
-                    bool kept) {
+void transition_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool kept,
+                    bool masked) {
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
     const int64_t n = std::min(ch, rows - r0);
     S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
     if (!kept) S.alloc(n * nc);  // h
     S.alloc(n * nc);             // dh
-    S.free(n * nc);              // h
-    S.alloc(n * c);              // dxln
-    S.free(n * nc + n * c);      // dh, x_ln
+    if (masked) {
+      S.alloc(n * c);  // du
+      S.free(n * c);
+    }
+    S.free(n * nc);          // h
+    S.alloc(n * c);          // dxln
+    S.free(n * nc + n * c);  // dh, x_ln
     S.alloc(ln_scratch(n, c));
     S.free(ln_scratch(n, c));
     S.free(n * c + 2 * n);  // dxln, mean, rstd
+  }
+}
+
+// The global column attention (train_extra_msa.cc): n columns per chunk.
+struct GlobalDims {
+  int64_t s, ce, H, C, hc, ld;
+};
+GlobalDims global_dims(const BlockContext& ctx) {
+  const EvoformerConfig& c = *ctx.cfg;
+  const int64_t H = c.no_heads_msa, C = c.c_hidden_msa_att;
+  return {ctx.s, c.c_m, H, C, H * C, 2 * C + H * C};
+}
+kern::AttentionArgs global_attention_dims(const GlobalDims& d, int64_t n) {
+  kern::AttentionArgs a;
+  a.B = n, a.Lq = d.H, a.Lk = d.s, a.H = 1, a.C = d.C;
+  return a;
+}
+int64_t global_state(const GlobalDims& d, int64_t n) {
+  return n * d.s * d.ld + 2 * n * d.hc + n * d.H;  // kvg, q, o, lse
+}
+// chunk_state: the means (transient), q, kvg, o, lse and the attention scratch (transient).
+void global_chunk_state(Sim& S, const BlockContext& ctx, const GlobalDims& d, int64_t n) {
+  const int64_t scratch = kern::attention_scratch_floats(global_attention_dims(d, n), ctx.threads);
+  S.alloc(n * d.ce);  // mu
+  S.alloc(n * d.hc);  // q
+  S.free(n * d.ce);
+  S.alloc(n * d.s * d.ld + n * d.hc + n * d.H);  // kvg, o, lse
+  S.alloc(scratch);
+  S.free(scratch);
+}
+
+void global_fwd(Sim& S, const BlockContext& ctx, bool keep) {
+  const GlobalDims d = global_dims(ctx);
+  const int64_t ch = global_attention_train_chunk(ctx);
+  for (int64_t r0 = 0; r0 < ctx.r; r0 += ch) {
+    const int64_t n = std::min(ch, ctx.r - r0), rows = n * d.s;
+    S.alloc(rows * d.ce);  // x
+    global_chunk_state(S, ctx, d, n);
+    S.free(rows * d.ce);
+    S.alloc(rows * (d.hc + d.ce));  // y, u
+    S.free(rows * (d.hc + d.ce));
+    if (!keep) S.free(global_state(d, n));
+  }
+}
+
+void global_bwd(Sim& S, const BlockContext& ctx, bool kept) {
+  const GlobalDims d = global_dims(ctx);
+  const int64_t ch = global_attention_train_chunk(ctx);
+  for (int64_t r0 = 0; r0 < ctx.r; r0 += ch) {
+    const int64_t n = std::min(ch, ctx.r - r0), rows = n * d.s;
+    S.alloc(rows * d.ce + 2 * rows);  // x, mean, rstd
+    if (!kept) global_chunk_state(S, ctx, d, n);
+    S.alloc(n * d.ce);              // mu
+    S.alloc(rows * d.hc);           // dy
+    S.alloc(rows * (d.ce + d.hc));  // du, y
+    S.free(rows * (d.ce + d.hc));
+    S.alloc(rows * d.ld + n * d.hc);  // dkvg, dout
+    S.free(rows * d.hc);              // dy
+    S.alloc(n * d.hc);                // dq
+    const int64_t scratch =
+        kern::attention_backward_scratch_floats(global_attention_dims(d, n), ctx.threads, false);
+    S.alloc(scratch);
+    S.free(scratch);
+    S.free(2 * n * d.hc + n * d.H);         // dout, o, lse
+    S.alloc(n * d.ce);                      // dmu
+    S.free(2 * n * d.hc + n * d.ce);        // dq, q, mu
+    S.alloc(rows * d.ce);                   // dxln
+    S.free(2 * rows * d.ld + rows * d.ce);  // dkvg, kvg, x
+    S.free(n * d.ce);                       // dmu
+    S.alloc(ln_scratch(d.s, d.ce));
+    S.free(ln_scratch(d.s, d.ce) + rows * d.ce + 2 * rows);  // scratch, dxln, mean, rstd
   }
 }
 
@@ -275,18 +355,18 @@ void layer_fwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool keep) {
     case LayerKind::kMsaColumnAttention:
     case LayerKind::kTriangleAttention:
       return attention_fwd(S, ctx, attn_dims(l, ctx), keep);
-    case LayerKind::kTransition: {
+    case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition: {
       const int64_t c = stream_channels(ctx, l.updates);
-      return transition_fwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c,
-                            keep);
+      return transition_fwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, keep,
+                            l.kind == LayerKind::kMaskedTransition);
     }
     case LayerKind::kOuterProductMean:
       return opm_fwd(S, ctx, true, keep);
     case LayerKind::kTriangleMultiplication:
       return tri_mul_fwd(S, ctx, keep);
     case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
+      return global_fwd(S, ctx, keep);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
@@ -298,10 +378,11 @@ void layer_bwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
     case LayerKind::kMsaColumnAttention:
     case LayerKind::kTriangleAttention:
       return attention_bwd(S, ctx, attn_dims(l, ctx), kept);
-    case LayerKind::kTransition: {
+    case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition: {
       const int64_t c = stream_channels(ctx, l.updates);
-      return transition_bwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c,
-                            kept);
+      return transition_bwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, kept,
+                            l.kind == LayerKind::kMaskedTransition);
     }
     case LayerKind::kOuterProductMean:
       if (!kept) opm_fwd(S, ctx, false, true);
@@ -311,8 +392,7 @@ void layer_bwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
     case LayerKind::kTriangleMultiplication:
       return tri_mul_bwd(S, ctx, kept);
     case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
+      return global_bwd(S, ctx, kept);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
@@ -373,7 +453,8 @@ int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
              mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
     case LayerKind::kMsaColumnAttention:
       return ln(cm) + mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
-    case LayerKind::kTransition: {
+    case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition: {
       const int64_t ch = l.updates == Stream::kM ? cm : cz;
       return ln(ch) + lin(c.transition_n * ch, ch, true) + lin(ch, c.transition_n * ch, true);
     }
@@ -384,9 +465,10 @@ int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l) {
     case LayerKind::kTriangleAttention:
       return ln(cz) + lin(c.no_heads_pair, cz, false) +
              mha(c.no_heads_pair, c.c_hidden_pair_att, cz);
-    case LayerKind::kMsaColumnGlobalAttention:
-    case LayerKind::kMaskedTransition:
-      break;
+    case LayerKind::kMsaColumnGlobalAttention: {
+      const int64_t hc = c.no_heads_msa * c.c_hidden_msa_att, ld = 2 * c.c_hidden_msa_att + hc;
+      return ln(cm) + lin(hc, cm, false) + lin(ld, cm, true) + lin(cm, hc, true);
+    }
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
   return 0;
@@ -396,6 +478,21 @@ int64_t block_param_elems(const EvoformerConfig& c, const BlockTable& t) {
   int64_t n = 0;
   for (const LayerDesc& l : t) n += layer_param_elems(c, l);
   return n;
+}
+
+// allocate_block_grads: an ExtraMSA block's gradient struct is built from an Evoformer block's
+// (allocate_extra_msa_block), whose MSA column attention lives until the global one is allocated.
+void alloc_block_grads(Sim& S, const EvoformerConfig& c, const BlockTable& t) {
+  if (&t != &kExtraMsaBlock) return S.alloc(block_param_elems(c, t));
+  const int64_t evo = block_param_elems(c, kEvoformerBlock);
+  const int64_t col = layer_param_elems(c, *find_layer(kEvoformerBlock, "msa_att_col"));
+  S.alloc(evo);
+  S.alloc(layer_param_elems(c, *find_layer(kExtraMsaBlock, "msa_att_col")));
+  S.free(col);
+}
+
+const BlockTable& stack_table(bool extra_msa) {
+  return extra_msa ? kExtraMsaBlock : kEvoformerBlock;
 }
 
 Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
@@ -408,39 +505,46 @@ Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
 }  // namespace
 
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
-                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
+                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes,
+                               bool extra_msa) {
   Sim S;
-  block_fwd(S, kEvoformerBlock, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
+  block_fwd(S, stack_table(extra_msa), model_context(cfg, s, r, 1, chunk, chunk_target_bytes),
+            policy);
   return S.live * elem_bytes;
 }
 
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                                const std::vector<Recompute>& policy, int64_t elem_bytes,
-                               int64_t chunk, int64_t chunk_target_bytes) {
+                               int64_t chunk, int64_t chunk_target_bytes, bool extra_msa) {
   int64_t total = 0;
   for (int64_t b = 0; b < blocks; ++b)
     total += block_activation_bytes(cfg, s, r, policy_of(policy, b), elem_bytes, chunk,
-                                    chunk_target_bytes);
+                                    chunk_target_bytes, extra_msa);
   return total;
 }
 
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads, int64_t elem_bytes,
-                              int64_t chunk, int64_t chunk_target_bytes) {
+                              int64_t chunk, int64_t chunk_target_bytes, bool extra_msa) {
   const BlockContext ctx = model_context(cfg, s, r, threads, chunk, chunk_target_bytes);
+  const BlockTable& t = stack_table(extra_msa);
   const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
   Sim S;
   // Forward: the blocks' kept memory piles up.
-  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, kEvoformerBlock, ctx, policy_of(policy, b));
-  // Backward (EvoformerStack::train_step): the dm, dz copies; per block, from the last, its
+  for (int64_t b = 0; b < blocks; ++b) block_fwd(S, t, ctx, policy_of(policy, b));
+  // Backward (train_blocks in train_block.cc): the dm, dz copies; per block, from the last, its
   // parameter-gradient struct (alive until the end of the step), then its backward. The driver
-  // holds block b's input m as m_out until block b - 1 is done.
+  // holds block b's input m as m_out until block b - 1 is done, block 0's until the end of the
+  // loop.
   S.alloc(m + z);
   for (int64_t b = blocks - 1; b >= 0; --b) {
-    S.alloc(block_param_elems(cfg, kEvoformerBlock));
-    block_bwd(S, kEvoformerBlock, ctx, policy_of(policy, b), true);
+    alloc_block_grads(S, cfg, t);
+    block_bwd(S, t, ctx, policy_of(policy, b), true);
     if (b + 1 < blocks) S.free(m);
   }
+  S.free(m);
+  // The Evoformer's single projection after the blocks: its parameter gradients and output.s.
+  if (!extra_msa) S.alloc(cfg.c_s * cfg.c_m + cfg.c_s + r * cfg.c_s);
   return S.peak * elem_bytes;
 }
 
@@ -481,21 +585,21 @@ Status block_activation_bytes(const MemoryQuery& q, int64_t block, int64_t* out)
     return Status::InvalidArgument("memory model: block " + std::to_string(block) +
                                    " outside [0, " + std::to_string(q.blocks) + ")");
   *out = block_activation_bytes(q.cfg, q.s, q.r, policy_of(q.policy, block), q.elem_bytes, q.chunk,
-                                q.chunk_target_bytes);
+                                q.chunk_target_bytes, q.extra_msa);
   return Status::OK();
 }
 
 Status stack_activation_bytes(const MemoryQuery& q, int64_t* out) {
   FC_RETURN_IF_ERROR(q.validate());
   *out = stack_activation_bytes(q.cfg, q.s, q.r, q.blocks, q.policy, q.elem_bytes, q.chunk,
-                                q.chunk_target_bytes);
+                                q.chunk_target_bytes, q.extra_msa);
   return Status::OK();
 }
 
 Status stack_step_peak_bytes(const MemoryQuery& q, int64_t* out) {
   FC_RETURN_IF_ERROR(q.validate());
   *out = stack_step_peak_bytes(q.cfg, q.s, q.r, q.blocks, q.policy, q.threads, q.elem_bytes,
-                               q.chunk, q.chunk_target_bytes);
+                               q.chunk, q.chunk_target_bytes, q.extra_msa);
   return Status::OK();
 }
 

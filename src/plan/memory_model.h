@@ -11,17 +11,19 @@
 
 namespace fc {
 
+// extra_msa: the ExtraMSA stack (ExtraMsaStack::train_step), else the Evoformer's.
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
                                int64_t elem_bytes = 4, int64_t chunk = 0,
-                               int64_t chunk_target_bytes = 0);
+                               int64_t chunk_target_bytes = 0, bool extra_msa = false);
 // policy: empty, one entry, or `blocks` entries.
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                                const std::vector<Recompute>& policy, int64_t elem_bytes = 4,
-                               int64_t chunk = 0, int64_t chunk_target_bytes = 0);
+                               int64_t chunk = 0, int64_t chunk_target_bytes = 0,
+                               bool extra_msa = false);
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads,
                               int64_t elem_bytes = 4, int64_t chunk = 0,
-                              int64_t chunk_target_bytes = 0);
+                              int64_t chunk_target_bytes = 0, bool extra_msa = false);
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                            int64_t chunk, int64_t chunk_target_bytes, int threads);
 std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s, int64_t r,

@@ -35,6 +35,9 @@ Status Plan::validate() const {
                                    " blocks");
   if (!training && !policy.empty())
     return Status::InvalidArgument("plan: an inference plan has no recompute policies");
+  if (extra_msa && (!training || dap != 1 || dp != 1))
+    return Status::InvalidArgument(
+        "plan: an ExtraMSA plan is a training plan on one process (dap = dp = 1)");
   return Status::OK();
 }
 
@@ -47,6 +50,7 @@ std::string Plan::to_json(int indent) const {
   j["r_real"] = r_real;
   j["blocks"] = cfg.no_blocks;
   j["training"] = training;
+  j["stack"] = extra_msa ? "extra_msa" : "evoformer";
   json pol = json::array();
   for (Recompute p : policy) pol.push_back(recompute_name(p));
   j["policy"] = pol;
@@ -106,6 +110,12 @@ Status Plan::from_json(const std::string& text, Plan* out) {
     if (j.contains("blocks") && json_int<int64_t>(j["blocks"], "blocks") != p.cfg.no_blocks)
       return Status::InvalidArgument("plan: 'blocks' disagrees with config.no_blocks");
     p.training = j["training"].get<bool>();
+    {
+      const std::string stack = j.value("stack", std::string("evoformer"));
+      if (stack != "evoformer" && stack != "extra_msa")
+        return Status::InvalidArgument("plan: unknown stack '" + stack + "'");
+      p.extra_msa = stack == "extra_msa";
+    }
     for (const auto& name : j["policy"]) {
       Recompute rc;
       FC_RETURN_IF_ERROR(parse_recompute(name.get<std::string>(), &rc));
@@ -226,7 +236,7 @@ std::string plan_cache_key(const PlanRequest& req) {
     << "|dtype=" << plan_dtype_name(req.dtype.value_or(req.profile.dtype))
     << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy) << "|chunk=" << req.chunk
     << "|target=" << req.chunk_target << "|dap=" << req.dap << "|dp=" << req.dp
-    << "|profile=" << req.profile.to_json();
+    << "|profile=" << req.profile.to_json() << (req.extra_msa ? "|stack=extra_msa" : "");
   // FNV-1a, 64 bit: stable across runs and platforms.
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : k.str()) h = (h ^ c) * 1099511628211ull;

@@ -43,13 +43,16 @@ struct Terms {
   int64_t C = 0, m = 0, G = 0, gather = 0;
 };
 
+// extra_msa: the ExtraMSA stack (one process: dap = 1).
 Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads, int64_t e,
-                     int dap, int64_t chunk, int64_t target) {
+                     int dap, int64_t chunk, int64_t target, bool extra_msa) {
   Terms t;
   // G: per-block parameter-gradient bytes. At s = r = 1 the streams are tiny and the backward of
   // block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
-  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target) -
-        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target);
+  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target,
+                              extra_msa) -
+        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target,
+                              extra_msa);
   if (dap > 1) {  // the padded shape; target 0: the DAP executor's default (make_dap_shards)
     s = ceil_div(s, dap) * dap, r = ceil_div(r, dap) * dap;
     if (target <= 0 && chunk <= 0)
@@ -62,9 +65,10 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
   // shards are 1/N of the items), so the work terms come from the one-process model at N T.
   const int64_t wt = dap > 1 && chunk <= 0 ? target * dap : target;
   for (int i = 0; i < kTypes; ++i) {
-    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target);
+    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target, extra_msa);
     // A one-block stack's peak is the backward of its only block: C + G + w.
-    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, wt) - t.C - t.G;
+    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, wt, extra_msa) -
+             t.C - t.G;
   }
   if (dap > 1) {  // each rank holds 1/N of every padded activation and whole gathered operands
     const int64_t sp = s, rp = r;
@@ -178,8 +182,10 @@ PolicyDp policy_dp(const Terms& t, int B) {
   return dp;
 }
 
-int64_t weights_bytes(const EvoformerConfig& cfg, int64_t grad_struct, int64_t e) {
-  return cfg.no_blocks * grad_struct + (cfg.c_s * cfg.c_m + cfg.c_s) * e;
+// The ExtraMSA stack has no single projection (linear.*).
+int64_t weights_bytes(const EvoformerConfig& cfg, int64_t grad_struct, int64_t e,
+                      bool extra_msa = false) {
+  return cfg.no_blocks * grad_struct + (extra_msa ? 0 : (cfg.c_s * cfg.c_m + cfg.c_s) * e);
 }
 
 int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl);
@@ -188,20 +194,21 @@ int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl);
 // per device. DAP (training): the largest rank is rank 0, which holds the whole output gradients
 // for the step; every rank holds the padded masks (the shards of m and z are in the step terms).
 int64_t base_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
-                   int64_t grad_struct, int64_t e, int dap) {
+                   int64_t grad_struct, int64_t e, int dap, bool extra_msa) {
   const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z, masks = 3 * (s * r + r * r);
   if (dap > 1) {
     const int64_t rl = ceil_div(r, dap);
     return weights_bytes(cfg, grad_struct, e) +
            ((training ? mz : 0) + dap_mask_elems(ceil_div(s, dap) * dap, rl * dap, rl)) * e;
   }
-  return weights_bytes(cfg, grad_struct, e) + ((training ? 2 : 1) * mz + masks) * e;
+  return weights_bytes(cfg, grad_struct, e, extra_msa) + ((training ? 2 : 1) * mz + masks) * e;
 }
 
 // Items per chunk of each module, as the modules pick them.
 std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig& cfg, int64_t s,
                                                            int64_t r, bool training, int64_t chunk,
-                                                           int64_t target, int threads) {
+                                                           int64_t target, int threads,
+                                                           bool extra_msa) {
   const BlockContext ctx = shape_context(
       cfg, s, r, chunk,
       target > 0 || !training ? target : default_train_chunk_target_bytes(cfg, s, r), threads);
@@ -211,7 +218,7 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
       if (e.first == name) return;  // loops shared by a layer kind are listed once
     out.emplace_back(name, items);
   };
-  for (const LayerDesc& l : kEvoformerBlock) {
+  for (const LayerDesc& l : extra_msa ? kExtraMsaBlock : kEvoformerBlock) {
     const std::vector<ChunkLoop> loops = layer_chunking(l, ctx);  // the inference loops
     if (!training) {
       if (l.kind == LayerKind::kOuterProductMean)
@@ -234,7 +241,11 @@ std::vector<std::pair<std::string, int64_t>> module_chunks(const EvoformerConfig
         add(l.name, attention_train_chunk(ctx, r, s, cfg.c_m, hm));
         break;
       case LayerKind::kTransition:
+      case LayerKind::kMaskedTransition:
         add(l.name, transition_train_chunk(ctx, stream_rows(ctx, l.updates), c, n * c));
+        break;
+      case LayerKind::kMsaColumnGlobalAttention:
+        add(l.name, global_attention_train_chunk(ctx));
         break;
       case LayerKind::kOuterProductMean:
         add(l.name, loops.back().items);
@@ -336,9 +347,9 @@ struct BlockTimes {
 };
 
 BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
-                       const Setting& st, const DeviceProfile& dev) {
+                       const Setting& st, const DeviceProfile& dev, bool extra_msa) {
   BlockTimes bt;
-  bt.costs = block_module_costs(cfg, s, r, st.chunk, st.target, training, dev);
+  bt.costs = block_module_costs(cfg, s, r, st.chunk, st.target, training, dev, extra_msa);
   // DAP: every module's work splits over the ranks along one axis of length r (or s); the
   // padded shard length sets the time.
   const double share = st.dap > 1 ? static_cast<double>(ceil_div(r, st.dap)) / r : 1.0;
@@ -374,13 +385,13 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
   const DeviceProfile dev = with_dtype(dev0, p->dtype);
   const int64_t e = dtype_bytes(p->dtype), B = p->cfg.no_blocks;
   const Setting st{p->dap, p->dp, p->chunk, p->chunk_target_bytes};
-  const BlockTimes bt = block_times(p->cfg, p->s, p->r, p->training, st, dev);
-  const Terms t =
-      training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap, p->chunk, p->chunk_target_bytes);
-  const int64_t base = base_bytes(p->cfg, p->s, p->r, p->training, t.G, e, p->dap);
+  const BlockTimes bt = block_times(p->cfg, p->s, p->r, p->training, st, dev, p->extra_msa);
+  const Terms t = training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap, p->chunk,
+                                 p->chunk_target_bytes, p->extra_msa);
+  const int64_t base = base_bytes(p->cfg, p->s, p->r, p->training, t.G, e, p->dap, p->extra_msa);
   p->module_costs = bt.costs;
-  p->module_chunks =
-      module_chunks(p->cfg, p->s, p->r, p->training, p->chunk, p->chunk_target_bytes, p->threads);
+  p->module_chunks = module_chunks(p->cfg, p->s, p->r, p->training, p->chunk, p->chunk_target_bytes,
+                                   p->threads, p->extra_msa);
   p->profile = dev.name;
   if (!p->training) {
     p->forward_ms = B * bt.fwd;
@@ -413,7 +424,7 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     p->comm_ms += allreduce_ms(B * t.G, p->dap, dev) + allreduce_ms(B * t.G, p->dp, dev);
     if (p->dap == 1) {
       p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e,
-                                                   p->chunk, p->chunk_target_bytes);
+                                                   p->chunk, p->chunk_target_bytes, p->extra_msa);
     } else {  // the decomposition, with per-rank shards
       int64_t K = 0, peak = 0;
       for (int64_t b = 0; b < B; ++b) {
@@ -434,7 +445,8 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
 }  // namespace
 
 std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const EvoformerConfig& cfg,
-                                                                         int64_t s, int64_t r) {
+                                                                         int64_t s, int64_t r,
+                                                                         bool extra_msa) {
   const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
   const int64_t ct = cfg.c_hidden_mul;
   const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
@@ -445,7 +457,7 @@ std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const E
   const int64_t row_bias = r * r * (2 * cz + 2 * cfg.no_heads_msa + 2);
   const int64_t tri_bias = r * r * (2 * cz + 2 * cfg.no_heads_pair + 2);
   std::vector<std::pair<std::string, int64_t>> out;
-  for (const LayerDesc& l : kEvoformerBlock) {
+  for (const LayerDesc& l : extra_msa ? kExtraMsaBlock : kEvoformerBlock) {
     int64_t e = 0;  // elements
     switch (l.kind) {
       case LayerKind::kMsaRowAttention:
@@ -454,7 +466,13 @@ std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const E
       case LayerKind::kMsaColumnAttention:
         e = s * r * (3 * cm + 10 * hm);
         break;
-      case LayerKind::kTransition: {
+      case LayerKind::kMsaColumnGlobalAttention: {
+        const int64_t ld = 2 * cfg.c_hidden_msa_att + hm;  // k | v | g
+        e = r * (s * (3 * cm + 2 * ld + 2 * hm + 2) + 2 * cm + 4 * hm);
+        break;
+      }
+      case LayerKind::kTransition:
+      case LayerKind::kMaskedTransition: {
         const int64_t c = l.updates == Stream::kM ? cm : cz;
         e = (l.updates == Stream::kM ? s * r : r * r) * (2 * c + 2 * n * c + 2);
         break;
@@ -476,10 +494,11 @@ std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const E
   return out;
 }
 
-std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r) {
+std::vector<int64_t> training_chunk_targets(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                            bool extra_msa) {
   // At the largest whole-axis buffer every module runs in one chunk.
   int64_t whole = 0;
-  for (const auto& [name, bytes] : training_module_whole_bytes(cfg, s, r))
+  for (const auto& [name, bytes] : training_module_whole_bytes(cfg, s, r, extra_msa))
     whole = std::max(whole, bytes);
   std::vector<int64_t> out;
   int64_t t = std::max<int64_t>(default_chunk_target_bytes(cfg, s, r) / 16, 64 << 10);
@@ -520,6 +539,9 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         "memory_bytes");
   if (req.fixed_policy && !req.training)
     return Status::InvalidArgument("a recompute policy applies to training plans only (--train)");
+  if (req.extra_msa && (!req.training || req.dap > 1 || req.dp > 1))
+    return Status::InvalidArgument(
+        "the ExtraMSA stack is planned for training on one process only (--train, no --dap/--dp)");
   int64_t r = req.r;
   if (req.bucket)
     FC_RETURN_IF_ERROR(
@@ -545,7 +567,7 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     // targets (whole-axis chunks of hundreds of MiB) are left out: this machine ran them 10-30 %
     // slower than the model says (strided passes over buffers far beyond the caches and the TLB's
     // reach), and never faster than the coarsest target inside the range (docs/planner.md).
-    const std::vector<int64_t> tg = training_chunk_targets(req.cfg, req.s, r);
+    const std::vector<int64_t> tg = training_chunk_targets(req.cfg, req.s, r, req.extra_msa);
     const double cap = req.profile.mem_by_size.empty() ? 0 : req.profile.mem_by_size.back()[0];
     for (auto it = tg.rbegin(); it != tg.rend(); ++it)
       if (cap <= 0 || *it <= cap || it + 1 == tg.rend()) chunks.push_back({0, *it});
@@ -553,9 +575,9 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
     chunks.push_back({1, 0});  // the finest: one item per chunk
   }
-  for (int dap = 1; dap <= devices; ++dap) {
+  for (int dap = 1; dap <= (req.extra_msa ? 1 : devices); ++dap) {
     if (req.dap > 0 && dap != req.dap) continue;
-    for (int dp = 1; dap * dp <= devices; ++dp) {
+    for (int dp = 1; dap * dp <= (req.extra_msa ? 1 : devices); ++dp) {
       if (req.dp > 0 && dp != req.dp) continue;
       for (const auto& [c, tgt] : chunks) settings.push_back({dap, dp, c, tgt});
     }
@@ -585,6 +607,7 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     p.r = r;
     p.r_real = req.r;
     p.training = req.training;
+    p.extra_msa = req.extra_msa;
     p.chunk = st.chunk;
     p.chunk_target_bytes = st.target;
     p.dap = st.dap;
@@ -603,9 +626,10 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     }
     // Time depends only on the counts of each policy, memory on their order: the DP gives the
     // smallest peak of every count vector; the fastest count vector that fits wins.
-    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap, st.chunk, st.target);
-    const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap);
-    const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev);
+    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap, st.chunk, st.target,
+                                   req.extra_msa);
+    const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap, req.extra_msa);
+    const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev, req.extra_msa);
     const PolicyDp dp = policy_dp(t, static_cast<int>(B));
     const int64_t end =
         st.dap > 1 ? B * t.G + dap_train_end_bytes(req.cfg, req.s, r, st.dap, e) : 0;

@@ -1,0 +1,256 @@
+// Training forward and exact backward of the ExtraMSA block's global column attention, chunked
+// over residue columns (see train.h). The forward does the arithmetic of
+// msa_column_global_attention (modules.cc) with the same kernels; the state of a chunk is its
+// k | v | g projections, queries, attention outputs and log-sum-exps.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "foldcube/status.h"
+#include "kernels/backward.h"
+#include "kernels/kernels.h"
+#include "model/train.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+
+// Sizes of the module at a context.
+struct GlobalDims {
+  int64_t s, r, ce, H, C, hc, ld;  // ld: width of k | v | g = 2C + H*C
+};
+GlobalDims global_dims(const BlockContext& ctx) {
+  const EvoformerConfig& c = *ctx.cfg;
+  const int64_t H = c.no_heads_msa, C = c.c_hidden_msa_att;
+  return {ctx.s, ctx.r, c.c_m, H, C, H * C, 2 * C + H * C};
+}
+
+// x [n, s, c_e] = LN of columns r0 .. r0+n of m [s, r, c_e]; statistics [n*s] when mean/rstd are
+// non-null.
+void layernorm_columns(const LayerNormW& ln, const BlockContext& ctx, const GlobalDims& d,
+                       const float* m, int64_t r0, int64_t n, float* x, float* mean, float* rstd) {
+  for (int64_t b = 0; b < n; ++b)
+    kern::layernorm(m + (r0 + b) * d.ce, d.r * d.ce, x + b * d.s * d.ce, d.ce, d.s, d.ce,
+                    ln.w.f32(), ln.b.f32(), ctx.cfg->eps_ln, mean ? mean + b * d.s : nullptr,
+                    rstd ? rstd + b * d.s : nullptr);
+}
+
+// Mask count of column b plus eps (the masked mean's denominator), summed as the forward does.
+float column_count(const BlockContext& ctx, const GlobalDims& d, int64_t col) {
+  float count = 0.f;
+  for (int64_t j = 0; j < d.s; ++j) count += ctx.msa_mask[j * d.r + col];
+  return count + ctx.global_eps;
+}
+
+// mu [n, c_e]: mu[b] = sum_j mask[j, r0+b] x[b, j] / (sum_j mask[j, r0+b] + eps).
+void masked_means(const BlockContext& ctx, const GlobalDims& d, const float* x, int64_t r0,
+                  int64_t n, float* mu) {
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n; ++b) {
+    float* u = mu + b * d.ce;
+    std::fill(u, u + d.ce, 0.f);
+    for (int64_t j = 0; j < d.s; ++j) {
+      const float mk = ctx.msa_mask[j * d.r + r0 + b];
+      const float* xr = x + (b * d.s + j) * d.ce;
+      for (int64_t c = 0; c < d.ce; ++c) u[c] += mk * xr[c];
+    }
+    const float den = column_count(ctx, d, r0 + b);
+    for (int64_t c = 0; c < d.ce; ++c) u[c] /= den;
+  }
+}
+
+// The attention of n columns as the kernel sees it: per column, the H heads are H queries of one
+// kernel head of width C over the s keys (as in modules.cc).
+kern::AttentionArgs global_args(const GlobalDims& d, const BlockContext& ctx,
+                                const GlobalAttentionChunk& k, int64_t r0, int64_t n) {
+  kern::AttentionArgs a;
+  a.B = n, a.Lq = d.H, a.Lk = d.s, a.H = 1, a.C = d.C;
+  a.scale = 1.f / std::sqrt(static_cast<float>(d.C));
+  a.q = k.q.f32(), a.q_bs = d.hc, a.q_rs = d.C;
+  a.k = k.kvg.f32(), a.k_bs = d.s * d.ld, a.k_rs = d.ld;
+  a.v = k.kvg.f32() + d.C, a.v_bs = d.s * d.ld, a.v_rs = d.ld;
+  a.mask_bias = ctx.msa_bias_t + r0 * d.s;  // [n, s]
+  a.o = k.o.f32(), a.o_bs = d.hc, a.o_rs = d.C;
+  return a;
+}
+
+// The chunk state of columns r0 .. r0+n from their normalised input x [n, s, c_e].
+GlobalAttentionChunk chunk_state(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                 const GlobalDims& d, const float* x, int64_t r0, int64_t n) {
+  GlobalAttentionChunk k;
+  {
+    Tensor mu = Tensor::empty({n, d.ce});  // masked means
+    masked_means(ctx, d, x, r0, n, mu.f32());
+    k.q = Tensor::empty({n, d.hc});
+    kern::linear(mu.f32(), d.ce, n, d.ce, w.q.w.f32(), nullptr, d.hc, k.q.f32(), d.hc);
+  }
+  k.kvg = Tensor::empty({n * d.s, d.ld});
+  kern::linear(x, d.ce, n * d.s, d.ce, w.kvg.w.f32(), w.kvg.b.f32(), d.ld, k.kvg.f32(), d.ld);
+  k.o = Tensor::empty({n, d.hc});
+  k.lse = Tensor::empty({n, d.H});
+  kern::AttentionArgs a = global_args(d, ctx, k, r0, n);
+  a.lse = k.lse.f32();
+  Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
+  kern::attention(a, scratch.f32(), ctx.threads);
+  return k;
+}
+
+// y [n*s, H*C]: y[(b, j)] = o[b] * sigmoid(g[(b, j)]), the input of linear_o.
+void gated_outputs(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n, float* y) {
+  const float* kp = k.kvg.f32();
+  const float* op = k.o.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < n * d.s; ++row)
+    std::memcpy(y + row * d.hc, kp + row * d.ld + 2 * d.C, static_cast<size_t>(d.hc) * kF);
+  kern::sigmoid_inplace(y, d.hc, n * d.s, d.hc);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < n * d.s; ++row)
+    kern::mul_inplace(y + row * d.hc, d.hc, op + (row / d.s) * d.hc, d.hc, 1, d.hc);
+}
+
+// Backward of the gating: given dy [n*s, H*C], dg (the gate columns of dkvg, ld) and do [n, H*C]
+// (overwritten: do[b] = sum_j dy[(b, j)] * sigmoid(g[(b, j)])).
+void gate_backward(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n, const float* dy,
+                   float* dkvg, float* dout) {
+  const float* kp = k.kvg.f32();
+  const float* op = k.o.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < n; ++b) {
+    float* dob = dout + b * d.hc;
+    const float* ob = op + b * d.hc;
+    std::fill(dob, dob + d.hc, 0.f);
+    for (int64_t j = 0; j < d.s; ++j) {
+      const int64_t row = b * d.s + j;
+      const float* g = kp + row * d.ld + 2 * d.C;
+      const float* dyr = dy + row * d.hc;
+      float* dg = dkvg + row * d.ld + 2 * d.C;
+      for (int64_t c = 0; c < d.hc; ++c) {
+        const float e = std::exp(-std::fabs(g[c]));
+        const float sg = g[c] >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+        dg[c] = dyr[c] * ob[c] * (e / ((1.f + e) * (1.f + e)));
+        dob[c] += dyr[c] * sg;
+      }
+    }
+  }
+}
+}  // namespace
+
+int64_t global_attention_train_chunk(const BlockContext& ctx) {
+  const GlobalDims d = global_dims(ctx);
+  // Per column: x, du, dLN(x) [s, c_e]; k|v|g and its gradient [s, ld]; y, dy [s, H*C]; the LN
+  // statistics; the small per-column vectors (mu, q, o, dq, do, dmu).
+  return pick_chunk(ctx, d.r,
+                    (d.s * (3 * d.ce + 2 * d.ld + 2 * d.hc + 2) + 2 * d.ce + 4 * d.hc) * kF);
+}
+
+void msa_column_global_attention_train(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                       float* m, GlobalAttentionState* st) {
+  const GlobalDims d = global_dims(ctx);
+  const int64_t ch = global_attention_train_chunk(ctx);
+  for (int64_t r0 = 0; r0 < d.r; r0 += ch) {
+    const int64_t n = std::min(ch, d.r - r0), rows = n * d.s;
+    GlobalAttentionChunk k;
+    {
+      Tensor x = Tensor::empty({n, d.s, d.ce});  // LN of the chunk's columns
+      layernorm_columns(w.ln_m, ctx, d, m, r0, n, x.f32(), nullptr, nullptr);
+      k = chunk_state(w, ctx, d, x.f32(), r0, n);
+    }
+    Tensor y = Tensor::empty({rows, d.hc});  // gated attention output
+    gated_outputs(d, k, n, y.f32());
+    Tensor u = Tensor::empty({n, d.s, d.ce});  // the chunk's update
+    kern::linear(y.f32(), d.hc, rows, d.hc, w.o.w.f32(), w.o.b.f32(), d.ce, u.f32(), d.ce);
+    y = Tensor();
+    for (int64_t b = 0; b < n; ++b)
+      kern::add_inplace(m + (r0 + b) * d.ce, d.r * d.ce, u.f32() + b * d.s * d.ce, d.ce, d.s, d.ce);
+    u = Tensor();
+    if (st) st->chunks.push_back(std::move(k));
+  }
+}
+
+void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
+                                          MsaColumnGlobalAttentionW* g, const BlockContext& ctx,
+                                          const float* m_in, GlobalAttentionState* st, float* dm) {
+  const GlobalDims d = global_dims(ctx);
+  const int64_t ch = global_attention_train_chunk(ctx);
+  std::vector<GlobalAttentionChunk>& kept = st->chunks;
+  FC_CHECK_MSG(kept.empty() || static_cast<int64_t>(kept.size()) == (d.r + ch - 1) / ch,
+               "global attention state was saved with another chunking");
+  for (int64_t r0 = 0, idx = 0; r0 < d.r; r0 += ch, ++idx) {
+    const int64_t n = std::min(ch, d.r - r0), rows = n * d.s;
+    Tensor x = Tensor::empty({n, d.s, d.ce});  // LN of the chunk's columns
+    Tensor mean = Tensor::empty({rows});
+    Tensor rstd = Tensor::empty({rows});
+    layernorm_columns(w.ln_m, ctx, d, m_in, r0, n, x.f32(), mean.f32(), rstd.f32());
+    GlobalAttentionChunk k =
+        kept.empty() ? chunk_state(w, ctx, d, x.f32(), r0, n) : std::move(kept[idx]);
+    Tensor mu = Tensor::empty({n, d.ce});  // masked means (input of linear_q)
+    masked_means(ctx, d, x.f32(), r0, n, mu.f32());
+    Tensor dy = Tensor::empty({rows, d.hc});  // dL/d the gated output
+    {
+      Tensor du = Tensor::empty({n, d.s, d.ce});  // dL/d update
+      for (int64_t b = 0; b < n; ++b)
+        for (int64_t j = 0; j < d.s; ++j)
+          std::memcpy(du.f32() + (b * d.s + j) * d.ce, dm + (j * d.r + r0 + b) * d.ce,
+                      static_cast<size_t>(d.ce) * kF);
+      Tensor y = Tensor::empty({rows, d.hc});
+      gated_outputs(d, k, n, y.f32());
+      kern::linear_backward(y.f32(), d.hc, rows, d.hc, w.o.w.f32(), d.ce, du.f32(), d.ce, dy.f32(),
+                            d.hc, g->o.w.f32(), g->o.b.f32());
+    }
+    Tensor dkvg = Tensor::empty({rows, d.ld});  // dL/d k | v | g
+    Tensor dout = Tensor::empty({n, d.hc});     // dL/d o
+    gate_backward(d, k, n, dy.f32(), dkvg.f32(), dout.f32());
+    dy = Tensor();
+    Tensor dq = Tensor::empty({n, d.hc});
+    {
+      const kern::AttentionArgs a = global_args(d, ctx, k, r0, n);
+      kern::AttentionGrads ag;
+      ag.d_out = dout.f32();
+      ag.dq = dq.f32();
+      ag.dk = dkvg.f32();
+      ag.dv = dkvg.f32() + d.C;
+      ag.lse = k.lse.f32();
+      Tensor scratch =
+          Tensor::empty({kern::attention_backward_scratch_floats(a, ctx.threads, false)});
+      kern::attention_backward(a, ag, scratch.f32(), ctx.threads);
+    }
+    dout = Tensor();
+    k.o = Tensor();
+    k.lse = Tensor();
+    Tensor dmu = Tensor::empty({n, d.ce});  // dL/d mu
+    kern::linear_backward(mu.f32(), d.ce, n, d.ce, w.q.w.f32(), d.hc, dq.f32(), d.hc, dmu.f32(),
+                          d.ce, g->q.w.f32(), nullptr);
+    dq = Tensor();
+    k.q = Tensor();
+    mu = Tensor();
+    Tensor dxln = Tensor::empty({n, d.s, d.ce});  // dL/d LN(x)
+    kern::linear_backward(x.f32(), d.ce, rows, d.ce, w.kvg.w.f32(), d.ld, dkvg.f32(), d.ld,
+                          dxln.f32(), d.ce, g->kvg.w.f32(), g->kvg.b.f32());
+    dkvg = Tensor();
+    k.kvg = Tensor();
+    x = Tensor();
+    // The masked mean's share: dLN(x)[b, j] += mask[j, b] / (count_b + eps) * dmu[b].
+    const float* dmp = dmu.f32();
+    float* dxp = dxln.f32();
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      const float den = column_count(ctx, d, r0 + b);
+      for (int64_t j = 0; j < d.s; ++j) {
+        const float f = ctx.msa_mask[j * d.r + r0 + b] / den;
+        float* dr = dxp + (b * d.s + j) * d.ce;
+        for (int64_t c = 0; c < d.ce; ++c) dr[c] += f * dmp[b * d.ce + c];
+      }
+    }
+    dmu = Tensor();
+    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(d.s, d.ce)});
+    for (int64_t b = 0; b < n; ++b)
+      kern::layernorm_backward(m_in + (r0 + b) * d.ce, d.r * d.ce, dxp + b * d.s * d.ce, d.ce, d.s,
+                               d.ce, w.ln_m.w.f32(), mean.f32() + b * d.s, rstd.f32() + b * d.s,
+                               dm + (r0 + b) * d.ce, d.r * d.ce, g->ln_m.w.f32(), g->ln_m.b.f32(),
+                               scratch.f32(), /*accumulate=*/true);
+  }
+  kept.clear();
+}
+
+}  // namespace fc
