@@ -65,13 +65,7 @@ Status load_features(const RunArgs& a, FeatureDict* out) {
     *out = random_alphafold_features(a.r, a.s, a.extra, a.templates, passes, a.seed + 7);
     return Status::OK();
   }
-  TensorFile f;
-  FC_RETURN_IF_ERROR(read_safetensors(a.features, &f));
-  for (const std::string& n : f.names)
-    if (n.rfind("feature.", 0) == 0) (*out)[n.substr(8)] = f.tensors.at(n);
-  if (out->empty())
-    return Status::InvalidArgument(a.features + ": no feature.<name> tensors in the file");
-  return Status::OK();
+  return read_feature_file(a.features, out);
 }
 
 void print_summary(const RunArgs& a, const std::map<std::string, Tensor>& out,

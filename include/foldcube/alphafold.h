@@ -97,6 +97,15 @@ struct AlphaFoldOptions {
 FeatureDict random_alphafold_features(int64_t r, int64_t S, int64_t E, int64_t T, int passes,
                                       uint64_t seed);
 
+class AlphaFold;
+// A whole model from a parameter file (OpenFold `AlphaFold` state dict as safetensors, or
+// DeepMind's params_model_*.npz): config from its shapes and metadata, then AlphaFold::load.
+// Errors name the file.
+Status load_alphafold(const std::string& path, AlphaFold* out);
+// The feature.<name> tensors of a safetensors file (`foldcube features` output, a golden model
+// file), without the prefix; a user error when there are none.
+Status read_feature_file(const std::string& path, FeatureDict* out);
+
 // ---- Memory model and budget
 // --------------------------------------------------------------------- Sizes that set the memory
 // of a forward: residues, cluster rows, extra rows, templates (0 when the config has none or the

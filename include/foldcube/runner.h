@@ -64,6 +64,10 @@ struct Job {
 // Reads (or makes) weights and inputs. Sizes from files and flags are checked: absurd sizes give
 // OutOfMemory naming the tensor, not an abort.
 Status load_job(const JobSpec& spec, Job* out);
+// The model part of load_job: spec.weights (or random weights), spec.config, spec.stack,
+// spec.blocks and spec.seed set out->cfg, kind and the stack; out->m, z and the masks are
+// untouched.
+Status load_model(const JobSpec& spec, Job* out);
 // dL/d outputs for a training step: spec.grad_outputs' tensors (shapes of job.m, job.z), else
 // seeded random ones (seed * 2 + 3, seed * 2 + 4).
 // With a file each tensor is optional (missing: zeros); grad.output.s is not read here (the

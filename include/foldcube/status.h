@@ -9,7 +9,15 @@ namespace fc {
 
 class Status {
  public:
-  enum class Code { kOk = 0, kInvalidArgument, kNotFound, kIOError, kOutOfMemory, kInternal };
+  enum class Code {
+    kOk = 0,
+    kInvalidArgument,
+    kNotFound,
+    kIOError,
+    kOutOfMemory,
+    kInternal,
+    kCancelled  // the caller asked to stop (foldcube/runtime.h: request_cancel)
+  };
 
   Status() = default;
   static Status OK() { return Status(); }
@@ -20,6 +28,7 @@ class Status {
   static Status IOError(std::string msg) { return Status(Code::kIOError, std::move(msg)); }
   static Status OutOfMemory(std::string msg) { return Status(Code::kOutOfMemory, std::move(msg)); }
   static Status Internal(std::string msg) { return Status(Code::kInternal, std::move(msg)); }
+  static Status Cancelled(std::string msg) { return Status(Code::kCancelled, std::move(msg)); }
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }

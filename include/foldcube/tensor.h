@@ -23,11 +23,14 @@ using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);  // "[2, 3]"
 int64_t shape_numel(const Shape& s);
 
-// Owns one tracked allocation.
+// Owns one tracked allocation, or refers to memory someone else owns.
 class Buffer {
  public:
   explicit Buffer(size_t bytes);        // aborts on OOM
   Buffer(void* tracked, size_t bytes);  // adopts a try_tracked_alloc(bytes) allocation
+  // Memory the library does not own (not tracked, never freed here); `owner` is released with the
+  // buffer and may be null.
+  Buffer(void* external, size_t bytes, std::shared_ptr<void> owner);
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -37,6 +40,8 @@ class Buffer {
  private:
   void* data_;
   size_t bytes_;
+  bool external_ = false;
+  std::shared_ptr<void> owner_;  // external memory: its keeper
 };
 
 class Tensor {
@@ -52,6 +57,10 @@ class Tensor {
   // dimension; never aborts.
   static Status try_empty(const Shape& shape, DType dtype, const std::string& what, Tensor* out);
   static Status try_zeros(const Shape& shape, DType dtype, const std::string& what, Tensor* out);
+  // A contiguous view of memory the library does not own (e.g. a NumPy array), without a copy:
+  // `data` must hold shape_numel(shape) elements and stay valid while any view of it lives;
+  // `owner` (may be null) is released with the last view. Not counted by the tracking allocator.
+  static Tensor wrap(void* data, const Shape& shape, DType dtype, std::shared_ptr<void> owner);
 
   bool defined() const { return buf_ != nullptr; }
   DType dtype() const { return dtype_; }

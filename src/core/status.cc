@@ -25,6 +25,9 @@ std::string Status::ToString() const {
     case Code::kInternal:
       p = "internal error";
       break;
+    case Code::kCancelled:
+      p = "cancelled";
+      break;
   }
   return std::string(p) + ": " + msg_;
 }

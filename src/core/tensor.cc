@@ -60,7 +60,11 @@ int64_t shape_numel(const Shape& s) {
 
 Buffer::Buffer(size_t bytes) : data_(tracked_alloc(bytes)), bytes_(bytes) {}
 Buffer::Buffer(void* tracked, size_t bytes) : data_(tracked), bytes_(bytes) {}
-Buffer::~Buffer() { tracked_free(data_, bytes_); }
+Buffer::Buffer(void* external, size_t bytes, std::shared_ptr<void> owner)
+    : data_(external), bytes_(bytes), external_(true), owner_(std::move(owner)) {}
+Buffer::~Buffer() {
+  if (!external_) tracked_free(data_, bytes_);
+}
 
 namespace {
 Shape contiguous_strides(const Shape& shape) {
@@ -78,6 +82,17 @@ Tensor Tensor::empty(const Shape& shape, DType dtype) {
   for (int64_t d : shape) FC_CHECK_MSG(d >= 0, "negative dimension in " + shape_str(shape));
   Tensor t;
   t.buf_ = std::make_shared<Buffer>(static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype));
+  t.dtype_ = dtype;
+  t.shape_ = shape;
+  t.strides_ = contiguous_strides(shape);
+  return t;
+}
+
+Tensor Tensor::wrap(void* data, const Shape& shape, DType dtype, std::shared_ptr<void> owner) {
+  for (int64_t d : shape) FC_CHECK_MSG(d >= 0, "negative dimension in " + shape_str(shape));
+  Tensor t;
+  t.buf_ = std::make_shared<Buffer>(
+      data, static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype), std::move(owner));
   t.dtype_ = dtype;
   t.shape_ = shape;
   t.strides_ = contiguous_strides(shape);

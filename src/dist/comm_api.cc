@@ -38,6 +38,8 @@ Status with_code(Status::Code code, std::string msg) {
       return Status::IOError(std::move(msg));
     case Status::Code::kOutOfMemory:
       return Status::OutOfMemory(std::move(msg));
+    case Status::Code::kCancelled:
+      return Status::Cancelled(std::move(msg));
     case Status::Code::kInternal:
       break;
   }

@@ -325,13 +325,9 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
       const TensorFile& features = feature_sets.at(key);
       if (first_features.names.empty()) first_features = features;
       progress(model, job.name, step / steps, "loading parameters " + path);
-      TensorFile w;
-      FC_RETURN_IF_ERROR(read_weights(path, &w));
-      AlphaFoldConfig cfg;
-      FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg).WithContext(path));
       AlphaFold net;
-      FC_RETURN_IF_ERROR(AlphaFold::load(cfg, w, &net).WithContext(path));
-      w = TensorFile();
+      FC_RETURN_IF_ERROR(load_alphafold(path, &net));
+      const AlphaFoldConfig& cfg = net.config();
       const FeatureDict feats = trimmed_features(features);
       AlphaFoldOptions ao;
       ao.chunk = o.chunk;

@@ -81,7 +81,7 @@ Status read_inputs(const std::string& path, Job* job) {
 }
 }  // namespace
 
-Status load_job(const JobSpec& spec, Job* job) {
+Status load_model(const JobSpec& spec, Job* job) {
   TensorFile wfile;
   const bool files = !spec.weights.empty();
   if (files) FC_RETURN_IF_ERROR(read_weights(spec.weights, &wfile));  // safetensors or AF2 .npz
@@ -102,6 +102,11 @@ Status load_job(const JobSpec& spec, Job* job) {
   } else {
     job->stack = EvoformerStack::random(job->cfg, spec.seed);
   }
+  return Status::OK();
+}
+
+Status load_job(const JobSpec& spec, Job* job) {
+  FC_RETURN_IF_ERROR(load_model(spec, job));
   if (!spec.inputs.empty()) return read_inputs(spec.inputs, job);
   FC_RETURN_IF_ERROR(
       random_tensor({spec.s, spec.r, job->cfg.c_m}, spec.seed * 2 + 1, "input.m", &job->m));

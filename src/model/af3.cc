@@ -423,8 +423,8 @@ Status PairformerStack::train_step(Tensor& s, Tensor& z, const Tensor& mask,
   Tensor s3 = s.reshape({1, n, cfg.c_m});  // the single stream as the table's m stream
   BlockContext ctx = train_context(cfg, in, opts);
   ctx.table = &kPairformerBlock;  // Boltz's dropout
-  train_blocks(kPairformerBlock, w, g, alloc, ctx, opts, s3, z, grad_out_s.reshape({1, n, cfg.c_m}),
-               grad_out_z, out);
+  FC_RETURN_IF_ERROR(train_blocks(kPairformerBlock, w, g, alloc, ctx, opts, s3, z,
+                                  grad_out_s.reshape({1, n, cfg.c_m}), grad_out_z, out));
   out->grad_m = out->grad_m.reshape({n, cfg.c_m});
   out->grad_params.clear();
   append_grads(grads, out);
@@ -453,7 +453,8 @@ Status MsaModule::train_step(Tensor& z, const Tensor& emb, const Tensor& msa_fea
   const Tensor dm_out = Tensor::zeros(m.shape());  // the module returns only z
   BlockContext ctx = train_context(cfg, in, opts);
   ctx.table = &kMsaModuleBlock;  // Boltz's dropout
-  train_blocks(kMsaModuleBlock, w, g, alloc, ctx, opts, m, z, dm_out, grad_out_z, out);
+  FC_RETURN_IF_ERROR(
+      train_blocks(kMsaModuleBlock, w, g, alloc, ctx, opts, m, z, dm_out, grad_out_z, out));
   // Backward of the embedding m[s, i] = msa_proj(msa_feat[s, i]) + s_proj(emb[i]).
   const int64_t N = in.s, n = in.r, cm = cfg.c_m;
   Tensor g_msa = Tensor::zeros({cm, a.msa_feat}), g_s = Tensor::zeros({cm, a.c_s});

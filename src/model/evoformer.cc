@@ -86,6 +86,7 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   float* zp = z.f32();
   for (int b = 0; b < static_cast<int>(blocks_.size()); ++b)
     for (const LayerDesc& l : kEvoformerBlock) {
+      if (cancel_requested()) return Status::Cancelled("Evoformer forward interrupted");
       layer_forward(l, blocks_[b].get(), ctx, mp, zp);
       if (opts.trace)
         opts.trace(b, l.name, l.updates == Stream::kM ? "m" : "z", l.updates == Stream::kM ? m : z);

@@ -118,6 +118,7 @@ Status ExtraMsaStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   float* zp = z.f32();
   for (int b = 0; b < static_cast<int>(blocks_.size()); ++b)
     for (const LayerDesc& l : kExtraMsaBlock) {
+      if (cancel_requested()) return Status::Cancelled("ExtraMSA forward interrupted");
       layer_forward(l, blocks_[b].get(), ctx, mp, zp);
       if (opts.trace)
         opts.trace(b, l.name, l.updates == Stream::kM ? "m" : "z", l.updates == Stream::kM ? m : z);

@@ -205,11 +205,12 @@ struct SingleHead {
   const Tensor& grad;  // [r, c_s] dL/d s, or undefined (no loss on s)
   Tensor gw, gb;       // out: [c_s, c_m], [c_s] dL/d w, b
 };
-void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
-                  const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
-                  const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
-                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out,
-                  SingleHead* head = nullptr);
+// Cancelled when cancel_requested() (foldcube/runtime.h) turns true between blocks.
+Status train_blocks(const BlockTable& t, const std::vector<const void*>& w,
+                    const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
+                    const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out,
+                    SingleHead* head = nullptr);
 
 // ---- Pieces for sharded training (Dynamic Axial Parallelism, src/exec/dap_train.cc) -----------
 // Gated attention over S [N, L, c] (batch over N, attention over L) with a given pair bias

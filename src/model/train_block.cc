@@ -9,6 +9,7 @@
 #include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
+#include "foldcube/runtime.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 #include "layers/swiglu_transition.h"
@@ -269,11 +270,11 @@ BlockContext train_context(const EvoformerConfig& cfg, const StackInputs& in,
   return ctx;
 }
 
-void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
-                  const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
-                  const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
-                  const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out,
-                  SingleHead* head) {
+Status train_blocks(const BlockTable& t, const std::vector<const void*>& w,
+                    const std::vector<void*>& grads, const std::function<void(int)>& alloc_grads,
+                    const BlockContext& ctx, const TrainOptions& opts, Tensor& m, Tensor& z,
+                    const Tensor& grad_out_m, const Tensor& grad_out_z, TrainResult* out,
+                    SingleHead* head) {
   const int nb = static_cast<int>(w.size());
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {
@@ -291,6 +292,7 @@ void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
   auto t0 = std::chrono::steady_clock::now();
   std::vector<std::unique_ptr<BlockState>> states;
   for (int b = 0; b < nb; ++b) {
+    if (cancel_requested()) return Status::Cancelled("training step interrupted (forward)");
     states.push_back(std::make_unique<BlockState>());
     block_forward(t, w[b], block_ctx(b), m.f32(), z.f32(), policy(b), states.back().get(),
                   fwd_clock);
@@ -307,6 +309,7 @@ void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
   Tensor m_out = m, z_out = z;  // outputs of the block being differentiated
   const bool m_read = reads_block_output(t, Stream::kM), z_read = reads_block_output(t, Stream::kZ);
   for (int b = nb - 1; b >= 0; --b) {
+    if (cancel_requested()) return Status::Cancelled("training step interrupted (backward)");
     alloc_grads(b);
     // The block input, kept only where the previous block's backward reads its output.
     const Tensor m_in = m_read ? block_input(t, *states[b], Stream::kM) : Tensor();
@@ -333,6 +336,7 @@ void train_blocks(const BlockTable& t, const std::vector<const void*>& w,
   out->peak_bytes = scope.peak() - live0;
   out->grad_m = dm;
   out->grad_z = dz;
+  return Status::OK();
 }
 
 namespace {
@@ -365,7 +369,8 @@ Status train_af2_stack(const BlockTable& t, const EvoformerConfig& cfg,
   auto alloc = [&](int b) { allocate_block_grads(cfg, grads[b].get()); };
   BlockContext ctx = train_context(cfg, in, opts);
   ctx.global_eps = global_eps;
-  train_blocks(t, w, g, alloc, ctx, opts, m, z, grad_out_m, grad_out_z, out, head);
+  FC_RETURN_IF_ERROR(
+      train_blocks(t, w, g, alloc, ctx, opts, m, z, grad_out_m, grad_out_z, out, head));
   out->grad_params.clear();
   for (int b = 0; b < nb; ++b)
     for (auto& [name, p] : named_params(*grads[b], block_prefix(b)))

@@ -531,6 +531,8 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
       };
     // Runs one stage, timing it and measuring its tracked peak when stats are asked for.
     auto stage = [&](const char* name, auto&& fn) -> Status {
+      if (cancel_requested())
+        return Status::Cancelled(std::string("AlphaFold interrupted before ") + name);
       if (!opts.stats) {
         Status st = fn();
         if (st.ok() && opts.progress) opts.progress(k, name);

@@ -1,0 +1,55 @@
+"""foldcube.plan: the planner's estimates as an object the stack calls accept."""
+
+import json
+
+import numpy as np
+import pytest
+
+import foldcube
+from conftest import REPO
+
+PROFILE = str(REPO / "docs" / "profiles" / "this-machine-2026-11-23-2threads.json")
+CFG = {"c_m": 32, "c_z": 16, "c_hidden_msa_att": 8, "no_heads_msa": 4, "c_hidden_pair_att": 8,
+       "no_heads_pair": 2, "c_hidden_opm": 8, "c_hidden_mul": 16, "c_s": 24}
+
+
+def test_plan_holds_the_estimates():
+    p = foldcube.plan(s=128, r=256, blocks=48, train=True, memory="8GiB", profile=PROFILE)
+    assert isinstance(p, foldcube.Plan)
+    assert p.training and p.blocks == 48 and p.s == 128 and p.r == 256
+    assert len(p.policy) == 48 and set(p.policy) <= {"none", "module", "block"}
+    assert 0 < p.peak_bytes <= 8 * 2**30 == p.memory_limit_bytes and p.fits
+    assert p.time_ms > 0 and p.activation_bytes > 0 and p.dtype == "fp32"
+    d = json.loads(p.to_json())
+    assert d["s"] == 128
+    assert foldcube.Plan.from_json(p.to_json()).peak_bytes == p.peak_bytes
+    assert "training" in repr(p)
+
+
+def test_plan_refuses_an_impossible_budget():
+    with pytest.raises(MemoryError):
+        foldcube.plan(s=128, r=256, blocks=48, train=True, memory="1MiB", profile=PROFILE)
+    with pytest.raises(ValueError, match="dtype"):
+        foldcube.plan(s=8, r=8, blocks=1, dtype="fp8", profile=PROFILE)
+
+
+def test_a_plan_drives_a_training_step_and_a_forward():
+    s, r, blocks = 16, 48, 2
+    ev = foldcube.Evoformer.random(dict(CFG, no_blocks=blocks), seed=2)
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((s, r, 32)).astype(np.float32)
+    z = rng.standard_normal((r, r, 16)).astype(np.float32)
+    gm, gz = rng.standard_normal(m.shape).astype(np.float32), rng.standard_normal(z.shape).astype(np.float32)
+    p = foldcube.plan(s=s, r=r, blocks=blocks, train=True, memory="64MiB", config=CFG,
+                      profile=PROFILE)
+    planned = ev.train_step(m.copy(), z.copy(), gm, gz, plan=p)
+    plain = ev.train_step(m.copy(), z.copy(), gm, gz)
+    np.testing.assert_allclose(planned["grad_m"], plain["grad_m"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="plan"):
+        ev.train_step(m.copy(), z.copy(), gm, gz, plan=p, policy="block")
+    pi = foldcube.plan(s=s, r=r, blocks=blocks, memory="64MiB", config=CFG, profile=PROFILE)
+    ev(m, z, plan=pi)
+    with pytest.raises(ValueError, match="training plan"):
+        ev(m, z, plan=p)
+    with pytest.raises(ValueError, match="s=16, r=48"):
+        ev(m[:8].copy(), z, plan=pi)

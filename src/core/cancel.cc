@@ -1,0 +1,115 @@
+// The process-wide cancel flag and the SIGINT scope of foldcube/runtime.h.
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "foldcube/runtime.h"
+#include "foldcube/status.h"
+
+namespace fc {
+namespace {
+std::atomic<bool> g_cancel{false};
+std::atomic<bool> g_sigint{false};  // a SIGINT arrived while a scope was open
+struct sigaction g_previous {};     // the SIGINT action before the open scope
+static_assert(std::atomic<bool>::is_always_lock_free, "the signal handler needs a lock-free flag");
+
+void on_sigint(int) {
+  g_sigint.store(true, std::memory_order_relaxed);
+  g_cancel.store(true, std::memory_order_relaxed);
+}
+}  // namespace
+
+void request_cancel() { g_cancel.store(true, std::memory_order_relaxed); }
+void clear_cancel() { g_cancel.store(false, std::memory_order_relaxed); }
+bool cancel_requested() { return g_cancel.load(std::memory_order_relaxed); }
+
+SigintCancelScope::SigintCancelScope() {
+  g_sigint.store(false);
+  clear_cancel();
+  struct sigaction act {};
+  act.sa_handler = on_sigint;
+  sigemptyset(&act.sa_mask);
+  installed_ = sigaction(SIGINT, &act, &g_previous) == 0;
+}
+
+SigintCancelScope::~SigintCancelScope() {
+  if (installed_) sigaction(SIGINT, &g_previous, nullptr);
+}
+
+bool SigintCancelScope::interrupted() const { return g_sigint.load(); }
+
+namespace {
+// The helper thread of run_shielded: takes one task at a time from its owner thread.
+class ShieldedWorker {
+ public:
+  ShieldedWorker() {
+    // Every signal a handler may catch is blocked in the helper (and so in the OpenMP threads
+    // it starts); faults raised by the code itself stay deliverable.
+    sigset_t all, old;
+    sigfillset(&all);
+    for (int s : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS}) sigdelset(&all, s);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    thread_ = std::thread([this] { loop(); });
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  }
+  ~ShieldedWorker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  Status run(const std::function<Status()>& fn, int threads) {
+    std::unique_lock<std::mutex> lock(mu_);
+    task_ = &fn;
+    threads_ = threads;
+    done_ = false;
+    cv_.notify_all();
+    cv_.wait(lock, [this] { return done_; });
+    return result_;
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return stop_ || task_ != nullptr; });
+      if (stop_) return;
+      const std::function<Status()>* fn = task_;
+      const int threads = threads_;
+      lock.unlock();
+      set_num_threads(threads);
+      Status st = (*fn)();
+      lock.lock();
+      result_ = std::move(st);
+      task_ = nullptr;
+      done_ = true;
+      cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  const std::function<Status()>* task_ = nullptr;  // guarded by mu_
+  int threads_ = 1;
+  bool done_ = false, stop_ = false;
+  Status result_;
+  std::thread thread_;
+};
+}  // namespace
+
+Status run_shielded(const std::function<Status()>& fn) {
+  thread_local std::unique_ptr<ShieldedWorker> worker;
+  if (!worker) worker = std::make_unique<ShieldedWorker>();
+  return worker->run(fn, num_threads());
+}
+
+}  // namespace fc

@@ -1,0 +1,169 @@
+// The library hooks of the Python package: the cancel flag, the SIGINT scope and shielded calls
+// (foldcube/runtime.h), tensors over external memory (Tensor::wrap) and the AlphaFold file
+// loaders (foldcube/alphafold.h).
+#include <gtest/gtest.h>
+#include <pthread.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <thread>
+
+#include "foldcube/alphafold.h"
+#include "foldcube/io.h"
+#include "foldcube/memory.h"
+#include "foldcube/model.h"
+#include "foldcube/runner.h"
+#include "foldcube/runtime.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+// Clears the flag however a test ends.
+struct CancelGuard {
+  ~CancelGuard() { clear_cancel(); }
+};
+
+TEST(Cancel, StopsTheStacksAndTheWholeModelUntilCleared) {
+  CancelGuard guard;
+  JobSpec spec;
+  spec.weights = spec.inputs = test::data_path("evo_tiny.safetensors");
+  Job job;
+  ASSERT_TRUE(load_job(spec, &job).ok());
+  Tensor m = job.m.clone(), z = job.z.clone();
+  request_cancel();
+  Status st = job.stack.forward(m, z, job.msa_mask, job.pair_mask, nullptr);
+  EXPECT_EQ(st.code(), Status::Code::kCancelled) << st.ToString();
+  TrainResult res;
+  st = job.stack.train_step(m, z, job.msa_mask, job.pair_mask, m.clone(), z.clone(), {}, &res);
+  EXPECT_EQ(st.code(), Status::Code::kCancelled) << st.ToString();
+  AlphaFold model;
+  ASSERT_TRUE(load_alphafold(test::data_path("af2_model_tiny.safetensors"), &model).ok());
+  FeatureDict feats;
+  ASSERT_TRUE(read_feature_file(test::data_path("af2_model_tiny.safetensors"), &feats).ok());
+  std::map<std::string, Tensor> out;
+  st = model.forward(feats, &out);
+  EXPECT_EQ(st.code(), Status::Code::kCancelled) << st.ToString();
+  EXPECT_EQ(st.ToString().rfind("cancelled: ", 0), 0u);
+  clear_cancel();
+  EXPECT_TRUE(job.stack.forward(m, z, job.msa_mask, job.pair_mask, nullptr).ok());
+}
+
+int g_previous_calls = 0;
+void previous_handler(int) { ++g_previous_calls; }
+
+TEST(Cancel, SigintScopeSetsTheFlagAndRestoresThePreviousHandler) {
+  CancelGuard guard;
+  struct sigaction mine {
+  }, old{};
+  mine.sa_handler = previous_handler;
+  sigemptyset(&mine.sa_mask);
+  ASSERT_EQ(sigaction(SIGINT, &mine, &old), 0);
+  {
+    SigintCancelScope scope;
+    EXPECT_FALSE(scope.interrupted());
+    EXPECT_FALSE(cancel_requested());
+    raise(SIGINT);
+    EXPECT_TRUE(scope.interrupted());
+    EXPECT_TRUE(cancel_requested());
+    EXPECT_EQ(g_previous_calls, 0);
+  }
+  raise(SIGINT);  // the previous handler again
+  EXPECT_EQ(g_previous_calls, 1);
+  sigaction(SIGINT, &old, nullptr);
+}
+
+TEST(Cancel, RunShieldedRunsOnAHelperThreadThatBlocksSignals) {
+  const int threads = num_threads();
+  std::thread::id ran[2];
+  for (std::thread::id& id : ran) {
+    bool sigint_blocked = false;
+    int seen_threads = 0;
+    const Status st = run_shielded([&] {
+      id = std::this_thread::get_id();
+      sigset_t mask;
+      pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+      sigint_blocked = sigismember(&mask, SIGINT) == 1 && sigismember(&mask, SIGTERM) == 1 &&
+                       sigismember(&mask, SIGSEGV) == 0;
+      seen_threads = num_threads();
+      return Status::InvalidArgument("from the helper");
+    });
+    EXPECT_EQ(st.message(), "from the helper");
+    EXPECT_NE(id, std::this_thread::get_id());
+    EXPECT_TRUE(sigint_blocked);
+    EXPECT_EQ(seen_threads, threads);
+  }
+  EXPECT_EQ(ran[0], ran[1]);  // one helper per calling thread, reused
+}
+
+// Ctrl-C during shielded forwards: each stops with Cancelled between modules, and the heap stays
+// intact (before run_shielded, a SIGINT landing on a thread inside a oneDNN JIT kernel corrupted
+// it within a few such calls).
+TEST(Cancel, SigintDuringShieldedForwardsCancelsWithoutCorruption) {
+  CancelGuard guard;
+  EvoformerConfig cfg = test::small_config();
+  cfg.no_blocks = 16;
+  const EvoformerStack stack = EvoformerStack::random(cfg, 3);
+  Tensor m0, z0;
+  ASSERT_TRUE(random_tensor({16, 48, cfg.c_m}, 1, "m", &m0).ok());
+  ASSERT_TRUE(random_tensor({48, 48, cfg.c_z}, 2, "z", &z0).ok());
+  const pthread_t caller = pthread_self();
+  int cancelled = 0;
+  for (int it = 0; it < 12; ++it) {
+    Tensor m = m0.clone(), z = z0.clone();
+    SigintCancelScope scope;
+    std::atomic<bool> done{false};
+    std::thread timer([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2 + 3 * (it % 5)));
+      if (!done) pthread_kill(caller, SIGINT);
+    });
+    const Status st =
+        run_shielded([&] { return stack.forward(m, z, Tensor(), Tensor(), nullptr); });
+    done = true;
+    timer.join();
+    if (st.code() == Status::Code::kCancelled) ++cancelled;
+    EXPECT_TRUE(st.ok() || st.code() == Status::Code::kCancelled) << st.ToString();
+  }
+  EXPECT_GT(cancelled, 0);
+  clear_cancel();
+  Tensor m = m0.clone(), z = z0.clone();
+  EXPECT_TRUE(run_shielded([&] { return stack.forward(m, z, Tensor(), Tensor(), nullptr); }).ok());
+  EXPECT_TRUE(test::all_finite(m));
+}
+
+TEST(TensorWrap, ViewsExternalMemoryUntrackedAndReleasesTheOwner) {
+  auto storage = std::make_shared<std::vector<float>>(6, 1.5f);
+  std::weak_ptr<std::vector<float>> watch = storage;
+  const int64_t live0 = mem_stats().live_bytes;
+  {
+    Tensor t = Tensor::wrap(storage->data(), {2, 3}, DType::F32, storage);
+    storage.reset();
+    EXPECT_FALSE(watch.expired());  // the view keeps its owner
+    EXPECT_EQ(mem_stats().live_bytes, live0);
+    EXPECT_TRUE(t.is_contiguous());
+    t.f32()[4] = 7.f;
+    EXPECT_EQ(watch.lock()->at(4), 7.f);
+    Tensor view = t.select(0, 1);
+    EXPECT_EQ(view.f32()[1], 7.f);
+  }
+  EXPECT_TRUE(watch.expired());
+  float plain[4] = {1, 2, 3, 4};
+  EXPECT_EQ(Tensor::wrap(plain, {4}, DType::F32, nullptr).f32()[3], 4.f);
+}
+
+TEST(AlphaFoldFiles, LoadersNameTheFile) {
+  AlphaFold model;
+  Status st = load_alphafold(test::data_path("evo_tiny.safetensors"), &model);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("evo_tiny.safetensors"), std::string::npos) << st.message();
+  FeatureDict feats;
+  st = read_feature_file(test::data_path("evo_tiny.safetensors"), &feats);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("no feature."), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace fc
