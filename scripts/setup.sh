@@ -30,7 +30,7 @@ fi
 # build-python/ (incremental on later runs); ctest runs its pytest suite (label python).
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "scikit-build-core>=0.10" \
-  "nanobind>=2.0" "pytest>=7"
+  "nanobind>=2.0" "pytest>=7" "gemmi>=0.6"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation .
 
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release "$@" >/dev/null

@@ -66,3 +66,34 @@ def test_fold_writes_ranked_structures(tmp_path):
     assert job["models"][0]["rank"] == 1 and 0 <= job["models"][0]["mean_plddt"] <= 100
     files = os.listdir(tmp_path / job["name"])
     assert "ranked_0.pdb" in files and "ranking.json" in files
+
+
+def test_fold_structures_read_by_gemmi(tmp_path):
+    """The PDB and mmCIF files of a fold are read by gemmi: one model, one residue per standard
+    amino acid of the query numbered by its position (unknown letters such as X, U, B, Z become UNK
+    without atoms, as in OpenFold's PDB), their names, and pLDDT in every atom's B-factor equal to
+    confidence_<model>.json."""
+    import json
+
+    import gemmi
+
+    res = foldcube.fold(data_path("feat_small.fasta"), data_path("af2_model_tiny.npz"),
+                        str(tmp_path), msa=data_path("feat_small.a3m"), recycles=1, threads=1)
+    job_dir = tmp_path / res[0]["name"]
+    model = res[0]["models"][0]["model"]
+    conf = json.loads((job_dir / f"confidence_{model}.json").read_text())
+    query = "".join(l.strip() for l in open(data_path("feat_small.fasta")) if not l.startswith(">"))
+    assert len(conf["plddt"]) == len(query)
+    standard = {i + 1: c for i, c in enumerate(query) if c in "ACDEFGHIKLMNPQRSTVWY"}
+    assert 0 < len(standard) < len(query)  # the case holds unknown letters
+    for name in (f"unrelaxed_{model}.pdb", f"unrelaxed_{model}.cif", "ranked_0.pdb"):
+        st = gemmi.read_structure(str(job_dir / name))
+        assert len(st) == 1 and len(st[0]) == 1, name
+        chain = st[0][0]
+        assert [r.seqid.num for r in chain] == sorted(standard), name
+        for r in chain:
+            assert gemmi.find_tabulated_residue(r.name).one_letter_code.upper() == \
+                standard[r.seqid.num], name
+            assert r.find_atom("CA", "*") is not None, name
+            p = conf["plddt"][r.seqid.num - 1]
+            assert all(abs(a.b_iso - p) < 0.01 for a in r), name
