@@ -26,6 +26,16 @@ bool structure_group(const std::string& name) {
   return false;
 }
 
+// The af2_model_tiny golden file, the model on its parameters and its feature.* tensors.
+void load_tiny(TensorFile* f, AlphaFold* model, FeatureDict* feats) {
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(*f, &cfg).ok());
+  ASSERT_TRUE(AlphaFold::load(cfg, *f, model).ok());
+  for (const std::string& n : f->names)
+    if (n.rfind("feature.", 0) == 0) (*feats)[n.substr(8)] = f->tensors.at(n);
+}
+
 std::string golden_path(const std::string& name) {
   std::string p = test::data_path(name + ".safetensors");
   if (std::filesystem::exists(p)) return p;
@@ -197,14 +207,9 @@ TEST(Af2ModelCli, GoldenFileAsWeightsAndFeatures) {
 // that pass's; a zero tolerance runs every pass.
 TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
   TensorFile f;
-  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
-  AlphaFoldConfig cfg;
-  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
   AlphaFold model;
-  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
   FeatureDict feats;
-  for (const std::string& n : f.names)
-    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  ASSERT_NO_FATAL_FAILURE(load_tiny(&f, &model, &feats));
   std::map<std::string, Tensor> out;
   AlphaFoldOptions opts;
   opts.recycle_tolerance = 1e9;
@@ -221,21 +226,16 @@ TEST(Af2ModelRecycling, EarlyStopAndPassLimit) {
   ASSERT_TRUE(model.forward(feats, &out, opts).ok());
   EXPECT_EQ(out.at("num_recycles").data<int64_t>()[0], 1);
   EXPECT_LT(test::golden_err(out.at("final_atom_positions"),
-                          f.tensors.at("trace.iter0.final_atom_positions")),
+                             f.tensors.at("trace.iter0.final_atom_positions")),
             5e-4);
 }
 
 // Features that are wrong in one place give an error naming the feature, never a crash.
 TEST(Af2ModelErrors, BadFeaturesNameTheFeature) {
   TensorFile f;
-  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
-  AlphaFoldConfig cfg;
-  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
   AlphaFold model;
-  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
   FeatureDict good;
-  for (const std::string& n : f.names)
-    if (n.rfind("feature.", 0) == 0) good[n.substr(8)] = f.tensors.at(n);
+  ASSERT_NO_FATAL_FAILURE(load_tiny(&f, &model, &good));
   std::map<std::string, Tensor> out;
   {
     FeatureDict d = good;
@@ -271,6 +271,8 @@ TEST(Af2ModelErrors, BadFeaturesNameTheFeature) {
     TensorFile w = f;
     w.tensors.erase("structure_module.ipa.linear_b.weight");
     AlphaFold m2;
+    AlphaFoldConfig cfg;
+    ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
     const Status st = AlphaFold::load(cfg, w, &m2);
     EXPECT_NE(st.message().find("structure_module.ipa.linear_b.weight"), std::string::npos)
         << st.ToString();
@@ -287,14 +289,9 @@ namespace {
 // residues within the golden tolerance of OpenFold's unpadded outputs, pTM included.
 TEST(Af2ModelBuckets, PaddedRunEqualsTheUnpaddedGolden) {
   TensorFile f;
-  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
-  AlphaFoldConfig cfg;
-  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
   AlphaFold model;
-  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
   FeatureDict feats;
-  for (const std::string& n : f.names)
-    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  ASSERT_NO_FATAL_FAILURE(load_tiny(&f, &model, &feats));
   const int64_t r = feats.at("aatype").dim(0);
   for (int64_t bucket : {r + 4, 2 * r + 1}) {
     SCOPED_TRACE("bucket " + std::to_string(bucket));
@@ -353,14 +350,9 @@ Tensor with_masked_rows(const Tensor& t, int64_t extra, bool is_mask, uint64_t s
 // do not change any output of the real rows: foldcube may drop them (fold does).
 TEST(Af2ModelBuckets, MaskedMsaRowsChangeNothing) {
   TensorFile f;
-  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
-  AlphaFoldConfig cfg;
-  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
   AlphaFold model;
-  ASSERT_TRUE(AlphaFold::load(cfg, f, &model).ok());
   FeatureDict feats;
-  for (const std::string& n : f.names)
-    if (n.rfind("feature.", 0) == 0) feats[n.substr(8)] = f.tensors.at(n);
+  ASSERT_NO_FATAL_FAILURE(load_tiny(&f, &model, &feats));
   const int64_t S = feats.at("msa_feat").dim(0);
   feats["msa_feat"] = with_masked_rows(feats.at("msa_feat"), 3, false, 1);
   feats["msa_mask"] = with_masked_rows(feats.at("msa_mask"), 3, true, 0);
@@ -372,7 +364,8 @@ TEST(Af2ModelBuckets, MaskedMsaRowsChangeNothing) {
   for (auto& [name, t] : out) {
     if (name == "num_recycles" || name == "ptm_score") continue;
     Tensor x = name == "msa" || name == "masked_msa_logits" ? t.slice(0, 0, S).contiguous() : t;
-    EXPECT_LT(test::golden_err(x, f.tensors.at("output." + name)), structure_group(name) ? 5e-4 : 1e-4)
+    EXPECT_LT(test::golden_err(x, f.tensors.at("output." + name)),
+              structure_group(name) ? 5e-4 : 1e-4)
         << name;
   }
 }
