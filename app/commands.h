@@ -105,6 +105,7 @@ struct PlanArgs {
   int64_t chunk = 0;         // force items per chunk
   std::string chunk_target;  // force the chunk target, e.g. "32MiB"
   int dap = 0, dp = 0;       // force degrees (0 = search)
+  std::string split;         // --split-policy: "auto" = per-layer partitions, else pure DAP
   bool bucket = false;       // pad r to the next bucket
   std::string buckets;       // comma-separated bucket list (implies --bucket)
   std::string config;        // model config JSON (default AF2 model_1)

@@ -172,6 +172,10 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
                    "force the chunk target (bytes per module's chunk buffers, e.g. 32MiB)");
   plan->add_option("--dap", pa.dap, "force the DAP degree")->check(CLI::Range(1, 4096));
   plan->add_option("--dp", pa.dp, "force the data-parallel degree")->check(CLI::Range(1, 4096));
+  plan->add_option("--split-policy", pa.split,
+                   "dap: pure DAP; auto: choose each layer's partition (heads, channels, "
+                   "replicated or dap) for the DAP degree")
+      ->check(CLI::IsMember({"dap", "auto"}));
   plan->add_flag("--bucket", pa.bucket, "pad r up to the next bucket (AF3 list by default)");
   plan->add_option("--buckets", pa.buckets, "comma-separated bucket list (implies --bucket)");
   plan->add_option("--config", pa.config, "model config JSON (default AF2 model_1)");

@@ -310,6 +310,7 @@ Status plan_request(const PlanArgs& a, PlanRequest* req) {
   }
   req->dap = a.dap;
   req->dp = a.dp;
+  req->split_auto = a.split == "auto";
   req->bucket = a.bucket || !a.buckets.empty();
   if (!a.buckets.empty()) FC_RETURN_IF_ERROR(parse_buckets(a.buckets, &req->buckets));
   return Status::OK();
@@ -340,6 +341,12 @@ void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
   }
   std::printf("  dap %d, dp %d, chunk %lld, chunk target %.2f MiB\n", plan.dap, plan.dp,
               static_cast<long long>(plan.chunk), mib(plan.chunk_target_bytes));
+  if (!plan.partitions.empty()) {
+    std::printf("  partitions ");
+    for (const LayerSplit& ls : plan.partitions[0])
+      std::printf(" %s=%s", ls.layer.c_str(), split_name(ls.split));
+    std::printf("%s\n", plan.partitions.size() > 1 ? " (block 0)" : "");
+  }
   std::printf("  chunks     ");
   for (const auto& [name, n] : plan.module_chunks)
     std::printf(" %s=%lld", name.c_str(), static_cast<long long>(n));

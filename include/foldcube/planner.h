@@ -14,6 +14,7 @@
 
 #include "foldcube/config.h"
 #include "foldcube/model.h"
+#include "foldcube/partition.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 
@@ -147,6 +148,9 @@ struct Plan {
   double search_ms = 0;
   std::string profile;                   // device profile name
   std::vector<ModuleCost> module_costs;  // one block, per device
+  // Per-layer partition of each block over the DAP group (JSON "partitions": one list per block
+  // of {"layer", "split"}); empty: pure DAP. include/foldcube/partition.h.
+  StackPartition partitions;
 
   Status validate() const;
   std::string to_json(int indent = 2) const;
@@ -169,6 +173,9 @@ struct PlanRequest {
   bool bucket = false;           // pad r up to the next bucket
   std::vector<int64_t> buckets;  // empty = default_buckets()
   bool extra_msa = false;        // plan the ExtraMSA stack (training, one process)
+  // Per-layer partitions (include/foldcube/partition.h): false keeps pure DAP; true picks each
+  // layer's split for the chosen DAP degree (Plan::partitions).
+  bool split_auto = false;
 };
 
 // Searches (or, with fixed_policy, evaluates) and fills *out with the fastest plan that fits.

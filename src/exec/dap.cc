@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "exec/partition.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
@@ -32,7 +33,9 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
 // m [s, r, c] or z [r, r, c] from this rank's shard in layout `how`.
 Tensor assemble(const Tensor& shard, Shard how, const DapLayout& l, const dist::Communicator& tc) {
   const int64_t c = shard.dim(2), sp = l.s_pad, rp = l.r_pad, rl = l.r_loc;
-  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+  const bool msa = how == Shard::kMsaBySeq || how == Shard::kMsaByRes || how == Shard::kMsaFull;
+  if (how == Shard::kMsaFull || how == Shard::kPairFull)  // every rank holds it whole
+    return tc.rank() == 0 ? crop3(shard, msa ? l.s : l.r, l.r) : Tensor();
   const int64_t rows_p = msa ? sp : rp;
   Tensor all = tc.rank() == 0 ? Tensor::empty({rows_p, rp, c}) : Tensor();  // shard-major
   tc.gather(shard.f32(), tc.rank() == 0 ? all.f32() : nullptr, shard.numel(), 0);
@@ -201,6 +204,9 @@ std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t) {
 void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
                    const dist::Communicator& comm) {
   if (*how == want) return;
+  if (want == Shard::kMsaFull || want == Shard::kPairFull || *how == Shard::kMsaFull ||
+      *how == Shard::kPairFull)
+    return full_to_layout(x, how, want, l, comm);
   if (want == Shard::kMsaBySeq)
     *x = msa_cols_to_rows(std::move(*x), l, comm);
   else if (want == Shard::kMsaByRes)
@@ -442,6 +448,8 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
     return Status::InvalidArgument("DAP ranks hold different model configurations");
   const int n = comm.size(), me = comm.rank();
   const int64_t cm = cfg.c_m, cz = cfg.c_z;
+  std::vector<std::vector<Split>> splits;  // per block and layer; empty: pure DAP
+  FC_RETURN_IF_ERROR(resolve_partition(table, opts.partitions, cfg.no_blocks, &splits));
 
   // The root validates its inputs and shares the sizes (or its error) with every rank.
   DapLayout l;
@@ -484,7 +492,7 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
   int blk = 0;
   auto trace = [&](const char* module, const Tensor& t, Shard how) {
     if (!tracing) return;
-    const bool is_m = how == Shard::kMsaBySeq || how == Shard::kMsaByRes;
+    const bool is_m = how == Shard::kMsaBySeq || how == Shard::kMsaByRes || how == Shard::kMsaFull;
     const Tensor full = assemble(t, how, l, tc);
     if (me == 0) opts.trace(blk, module, is_m ? "m" : "z", full);
   };
@@ -497,10 +505,15 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
     blk = b;
     for (int i = 0; i < table.count; ++i) {
       const LayerDesc& ly = table.layers[i];
-      const DapLayerLayout want = dap_layer_layout(ly);
+      const Split split = splits.empty() ? Split::kDap : splits[b][i];
+      const DapLayerLayout want = partition_layer_layout(ly, split, st.m_how, st.z_how);
       if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
       if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
-      dap_layer_forward(ly, &StackAccess::block(stack, b), sh, comm, gather, &st);
+      if (split == Split::kDap)
+        dap_layer_forward(ly, &StackAccess::block(stack, b), sh, comm, gather, &st);
+      else
+        partition_layer_forward(table, ly, &StackAccess::block(stack, b), sh, comm, split,
+                                st.m.defined() ? st.m.f32() : nullptr, st.z.f32());
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
       if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);

@@ -19,6 +19,7 @@
 #include "dist/comm.h"
 #include "foldcube/extra_msa.h"
 #include "foldcube/model.h"
+#include "foldcube/partition.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "model/block_table.h"
@@ -79,6 +80,9 @@ Tensor msa_rows_to_cols(Tensor in, const DapLayout& l, const dist::Communicator&
 Tensor msa_cols_to_rows(Tensor in, const DapLayout& l, const dist::Communicator& comm);
 // Rows of X [r_loc, r_pad, c] -> rows of X^T [r_loc, r_pad, c] (its own adjoint and inverse).
 Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& comm);
+// out [rows, n*w, c] from n blocks [n, rows, w, c]: block p fills columns p*w .. (p+1)*w.
+void join_column_blocks(const float* blocks, int64_t n, int64_t rows, int64_t w, int64_t c,
+                        float* out);
 // x [rows, cols, c] in the top-left corner of zeros [rows_p, cols_p, c] (x itself when equal).
 Tensor pad3(const Tensor& x, int64_t rows_p, int64_t cols_p);
 // The top-left [rows, cols, c] corner of x (x itself when nothing is cropped).
@@ -86,8 +90,10 @@ Tensor crop3(const Tensor& x, int64_t rows, int64_t cols);
 
 // ---- Shard layouts of the block table's layers (src/model/block_table.h) ----------------------
 // Layouts of a stream shard: m by sequences [s_loc, r_pad, c] or by residues [s_pad, r_loc, c];
-// z by rows [r_loc, r_pad, c] or by rows of z^T.
-enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT };
+// z by rows [r_loc, r_pad, c] or by rows of z^T; or the whole padded stream on every rank (the
+// layers partitioned by heads, channels or replicated: src/exec/partition.h): m [s_pad, r_pad, c],
+// z [r_pad, r_pad, c].
+enum class Shard { kMsaBySeq, kMsaByRes, kPairRows, kPairRowsT, kMsaFull, kPairFull };
 // The layouts a layer runs in (nullopt: any; pointwise layers stay in the current one): row
 // attention needs m by sequences and z by rows (its bias); column attention m by residues; the OPM
 // m by residues and z by rows; the triangle layers z by rows, or rows of z^T when transposed.
@@ -101,7 +107,8 @@ DapLayerLayout dap_layer_layout(const LayerDesc& ly);
 std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t);
 // The last layer of t that updates or reads x (-1: none).
 int dap_last_use(const BlockTable& t, Stream x);
-// Brings a stream shard *x from layout *how to `want` (an all-to-all when it changes; m layouts
+// Brings a stream shard *x from layout *how to `want` (an all-to-all when it changes between
+// shards, an all-gather to a whole stream, a local copy from a whole stream to a shard; m layouts
 // for the MSA stream, z layouts for the pair stream).
 void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
                    const dist::Communicator& comm);
@@ -130,6 +137,8 @@ struct DapOptions {
   // module. Set it on every rank or on none: each call gathers the stream to the root (on a
   // separate communicator, so DapStats count only the forward's own traffic).
   TraceFn trace;
+  // Per-layer partition of each block (include/foldcube/partition.h); empty: pure DAP.
+  StackPartition partitions;
 };
 
 struct DapStats {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "exec/partition.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "foldcube/status.h"
@@ -216,6 +217,8 @@ struct DapBlockState {
   std::vector<LayerState> layers;
   // kBlock: the block input [by sequences], [rows].
   Tensor m0, z0;
+  // Per layer: its partition (empty: pure DAP).
+  std::vector<Split> splits;
 };
 
 // One layer's training forward on this rank's shards (m, z in the layer's layouts); bw: the
@@ -331,9 +334,10 @@ void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapS
 // (dap_block_layouts), its inputs copied as saved_inputs says.
 void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
                        const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
-                       DapBlockState* st) {
+                       const std::vector<Split>& splits, DapBlockState* st) {
   const DapLayout& l = sh.l;
   st->policy = policy;
+  st->splits = splits;
   if (policy == Recompute::kBlock) {
     st->m0 = mr.clone();
     st->z0 = zr.clone();
@@ -346,7 +350,8 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
   Shard m_how = Shard::kMsaBySeq, z_how = Shard::kPairRows;
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& ly = t.layers[i];
-    const DapLayerLayout want = dap_layer_layout(ly);
+    const Split split = splits.empty() ? Split::kDap : splits[i];
+    const DapLayerLayout want = partition_layer_layout(ly, split, m_how, z_how);
     if (want.m) dap_to_layout(&mr, &m_how, *want.m, l, comm);
     if (want.z) dap_to_layout(&zr, &z_how, *want.z, l, comm);
     if (policy != Recompute::kBlock) {
@@ -355,7 +360,11 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
       if (in.updated) st->in_updated[i] = copy(ly.updates);
       if (in.read) st->in_read[i] = copy(ly.reads);
     }
-    dap_layer_train(ly, w, sh, comm, m_how, mr.f32(), zr.f32(), keep ? &st->layers[i] : nullptr);
+    LayerState* ls = keep ? &st->layers[i] : nullptr;
+    if (split == Split::kDap)
+      dap_layer_train(ly, w, sh, comm, m_how, mr.f32(), zr.f32(), ls);
+    else
+      partition_layer_train(t, ly, w, sh, comm, split, mr.f32(), zr.f32(), ls);
     if (i == last_m) dap_to_layout(&mr, &m_how, Shard::kMsaBySeq, l, comm);
     if (i == last_z) dap_to_layout(&zr, &z_how, Shard::kPairRows, l, comm);
   }
@@ -375,12 +384,13 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // [s_loc, r_pad, c_m], [r_loc, r_pad, c_z]
     st->m0 = Tensor();
     DapBlockState full;
-    dap_block_forward(t, w, sh, comm, mr, zr, Recompute::kNone, &full);
+    dap_block_forward(t, w, sh, comm, mr, zr, Recompute::kNone, st->splits, &full);
     zr = Tensor();
     dap_block_backward(t, w, g, sh, comm, &full, mr, dmr, dzr);
     return;
   }
-  const std::vector<std::pair<Shard, Shard>> layouts = dap_block_layouts(t);
+  const std::vector<std::pair<Shard, Shard>> layouts =
+      st->splits.empty() ? dap_block_layouts(t) : partition_block_layouts(t, st->splits);
   Shard dm_how = Shard::kMsaBySeq, dz_how = Shard::kPairRows;
   for (int i = t.count - 1; i >= 0; --i) {
     const LayerDesc& ly = t.layers[i];
@@ -394,9 +404,14 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
       read = m_out;
       dap_to_layout(&read, &how, m_how, l, comm);
     }
-    dap_layer_backward(ly, w, g, sh, comm, m_how,
-                       st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr,
-                       read.defined() ? read.f32() : nullptr, &st->layers[i], dmr.f32(), dzr.f32());
+    const float* x_in = st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr;
+    const float* read_in = read.defined() ? read.f32() : nullptr;
+    if (st->splits.empty() || st->splits[i] == Split::kDap)
+      dap_layer_backward(ly, w, g, sh, comm, m_how, x_in, read_in, &st->layers[i], dmr.f32(),
+                         dzr.f32());
+    else
+      partition_layer_backward(t, ly, w, g, sh, comm, st->splits[i], x_in, read_in, &st->layers[i],
+                               dmr.f32(), dzr.f32());
     read = Tensor();
     st->in_updated[i] = Tensor();
     st->in_read[i] = Tensor();
@@ -434,7 +449,8 @@ template <typename Stack, typename W>
 Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_eps,
                       const dist::Communicator& comm, Tensor& m, Tensor& z, const Tensor& msa_mask,
                       const Tensor& pair_mask, const Tensor& grad_out_m, const Tensor& grad_out_z,
-                      const TrainOptions& opts, DapTrainStats* stats, TrainResult* out) {
+                      const TrainOptions& opts, const StackPartition& partitions,
+                      DapTrainStats* stats, TrainResult* out) {
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
   const EvoformerConfig& cfg = stack.config();
@@ -444,6 +460,10 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
                       std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout) +
                       "|" + std::to_string(opts.seed);
     for (Recompute p : opts.policy) key += std::string("|") + recompute_name(p);
+    for (const auto& block : partitions) {
+      key += "|b";
+      for (const LayerSplit& ls : block) key += "|" + ls.layer + ":" + split_name(ls.split);
+    }
     if (!comm.all_equal(hash_bytes(key.data(), key.size())))
       return Status::InvalidArgument(
           "DAP ranks hold different model configurations or training options");
@@ -463,6 +483,8 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
       return Status::InvalidArgument("chunk and chunk_target_bytes must be >= 0");
     return Status::OK();
   };
+  std::vector<std::vector<Split>> splits;  // per block and layer; empty: pure DAP
+  FC_RETURN_IF_ERROR(resolve_partition(table, partitions, nb, &splits));
   FC_RETURN_IF_ERROR(
       share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, root_check, &l, &msa_p, &pair_p));
   const int64_t sp = l.s_pad, rp = l.r_pad, cm = cfg.c_m, cz = cfg.c_z;
@@ -486,7 +508,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     states.push_back(std::make_unique<DapBlockState>());
     dap_block_forward(table, &StackAccess::block(stack, b), sh, comm, mr, zr, policy(b),
-                      states.back().get());
+                      splits.empty() ? std::vector<Split>() : splits[b], states.back().get());
   }
   out->forward_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -507,9 +529,13 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
     // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
     const DapBlockState& sb = *states[b];
     const int i0 = block_input_m_layer(table);
-    const Tensor m_in = sb.policy == Recompute::kBlock           ? sb.m0
-                        : table.layers[i0].updates == Stream::kM ? sb.in_updated[i0]
-                                                                 : sb.in_read[i0];
+    Tensor m_in = sb.policy == Recompute::kBlock           ? sb.m0
+                  : table.layers[i0].updates == Stream::kM ? sb.in_updated[i0]
+                                                           : sb.in_read[i0];
+    if (sb.policy != Recompute::kBlock && !sb.splits.empty()) {  // kept in layer i0's layout
+      Shard how = partition_block_layouts(table, sb.splits)[i0].first;
+      dap_to_layout(&m_in, &how, Shard::kMsaBySeq, l, comm);
+    }
     dap_block_backward(table, &StackAccess::block(stack, b), grads[b].get(), sh, comm,
                        states[b].get(), m_out, dmr, dzr);
     states[b].reset();
@@ -568,7 +594,16 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
                       DapTrainStats* stats, TrainResult* out) {
   return dap_train_impl<EvoformerStack, BlockWeights>(
       stack, kEvoformerBlock, ExtraMsaStack::kDefaultGlobalEps, comm, m, z, msa_mask, pair_mask,
-      grad_out_m, grad_out_z, opts, stats, out);
+      grad_out_m, grad_out_z, opts, {}, stats, out);
+}
+
+Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      const StackPartition& partitions, DapTrainStats* stats, TrainResult* out) {
+  return dap_train_impl<EvoformerStack, BlockWeights>(
+      stack, kEvoformerBlock, ExtraMsaStack::kDefaultGlobalEps, comm, m, z, msa_mask, pair_mask,
+      grad_out_m, grad_out_z, opts, partitions, stats, out);
 }
 
 Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m,
@@ -577,7 +612,7 @@ Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm
                       DapTrainStats* stats, TrainResult* out) {
   return dap_train_impl<ExtraMsaStack, ExtraMsaBlockWeights>(
       stack, kExtraMsaBlock, stack.global_eps(), comm, m, z, msa_mask, pair_mask, grad_out_m,
-      grad_out_z, opts, stats, out);
+      grad_out_z, opts, {}, stats, out);
 }
 
 }  // namespace fc

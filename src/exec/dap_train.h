@@ -94,6 +94,12 @@ Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& com
                       Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                       const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
                       DapTrainStats* stats, TrainResult* out);
+// The same with a per-layer partition of each block (include/foldcube/partition.h; empty: pure
+// DAP, as above). A bad partition is a user error on every rank.
+Status dap_train_step(const EvoformerStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      const StackPartition& partitions, DapTrainStats* stats, TrainResult* out);
 // The same for the ExtraMSA stack (ExtraMsaStack::train_step over DAP; no output s).
 Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m,
                       Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,

@@ -83,7 +83,7 @@ Status step(Replica& R, const PlanRunOptions& opts, int pass, Pass* out) {
     DapTrainStats stats;
     if (st.ok())
       st = plan.dap > 1 ? dap_train_step(R.stack, R.dap, m, z, Tensor(), Tensor(), R.gm, R.gz, o,
-                                         &stats, &res)
+                                         plan.partitions, &stats, &res)
                         : R.stack.train_step(m, z, R.msa_mask, R.pair_mask, R.gm, R.gz, o, &res);
     // Every replica learns of any replica's failure before the gradient all-reduce (defect 3: a
     // failed replica used to wait in the status agreement while the others reduced gradients).
@@ -101,6 +101,7 @@ Status step(Replica& R, const PlanRunOptions& opts, int pass, Pass* out) {
   DapOptions o;
   o.chunk = plan.chunk;
   o.chunk_target_bytes = plan.chunk_target_bytes;
+  o.partitions = plan.partitions;
   Tensor s_out;  // [r, c_s] on the group root
   const auto t0 = Clock::now();
   if (st.ok())

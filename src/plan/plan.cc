@@ -35,6 +35,13 @@ Status Plan::validate() const {
                                    " blocks");
   if (!training && !policy.empty())
     return Status::InvalidArgument("plan: an inference plan has no recompute policies");
+  if (!partitions.empty() && dap < 2)
+    return Status::InvalidArgument("plan: 'partitions' need dap >= 2");
+  if (!partitions.empty() && partitions.size() != 1 &&
+      static_cast<int64_t>(partitions.size()) != cfg.no_blocks)
+    return Status::InvalidArgument("plan: " + std::to_string(partitions.size()) +
+                                   " partition lists for " + std::to_string(cfg.no_blocks) +
+                                   " blocks");
   if (extra_msa && (!training || dap != 1 || dp != 1))
     return Status::InvalidArgument(
         "plan: an ExtraMSA plan is a training plan on one process (dap = dp = 1)");
@@ -84,6 +91,16 @@ std::string Plan::to_json(int indent) const {
     costs.push_back(
         {{"module", c.name}, {"forward_ms", c.forward_ms}, {"backward_ms", c.backward_ms}});
   j["module_costs_per_block"] = costs;
+  if (!partitions.empty()) {
+    json parts = json::array();
+    for (const auto& block : partitions) {
+      json b = json::array();
+      for (const LayerSplit& ls : block)
+        b.push_back({{"layer", ls.layer}, {"split", split_name(ls.split)}});
+      parts.push_back(b);
+    }
+    j["partitions"] = parts;
+  }
   return j.dump(indent);
 }
 
@@ -150,6 +167,18 @@ Status Plan::from_json(const std::string& text, Plan* out) {
         p.module_costs.push_back({c.at("module").get<std::string>(),
                                   c.at("forward_ms").get<double>(),
                                   c.at("backward_ms").get<double>()});
+    if (j.contains("partitions"))
+      for (const auto& block : j["partitions"]) {
+        std::vector<LayerSplit> b;
+        for (const auto& e : block) {
+          LayerSplit ls;
+          ls.layer = e.at("layer").get<std::string>();
+          const Status st = parse_split(e.at("split").get<std::string>(), &ls.split);
+          if (!st.ok()) return Status::InvalidArgument("plan: " + st.message());
+          b.push_back(std::move(ls));
+        }
+        p.partitions.push_back(std::move(b));
+      }
   } catch (const std::exception& e) {
     return Status::InvalidArgument(std::string("plan: bad value: ") + e.what());
   }
@@ -236,7 +265,8 @@ std::string plan_cache_key(const PlanRequest& req) {
     << "|dtype=" << plan_dtype_name(req.dtype.value_or(req.profile.dtype))
     << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy) << "|chunk=" << req.chunk
     << "|target=" << req.chunk_target << "|dap=" << req.dap << "|dp=" << req.dp
-    << "|profile=" << req.profile.to_json() << (req.extra_msa ? "|stack=extra_msa" : "");
+    << "|profile=" << req.profile.to_json() << (req.extra_msa ? "|stack=extra_msa" : "")
+    << (req.split_auto ? "|split=auto" : "");
   // FNV-1a, 64 bit: stable across runs and platforms.
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : k.str()) h = (h ^ c) * 1099511628211ull;

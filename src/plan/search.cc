@@ -13,6 +13,7 @@
 #include "model/modules.h"
 #include "model/train.h"
 #include "plan/memory_model.h"
+#include "plan/partition_cost.h"
 
 namespace fc {
 
@@ -440,6 +441,7 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
   p->time_ms = p->forward_ms + p->backward_ms + p->recompute_ms + p->comm_ms;
   p->time_per_protein_ms = p->time_ms / p->dp;
   p->fits = p->memory_limit_bytes <= 0 || p->peak_bytes <= p->memory_limit_bytes;
+  add_partition_estimates(dev, p);  // per-layer partitions: their difference to pure DAP
 }
 
 }  // namespace
@@ -663,6 +665,7 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         " r=" + std::to_string(r) + " blocks=" + std::to_string(B) + " (" +
         (req.training ? "training" : "inference") + ", " + plan_dtype_name(dtype) + ", " +
         std::to_string(devices) + " device(s)); the smallest feasible budget is " + mib(smallest));
+  if (req.split_auto) choose_partition(dev, &best);
   best.search_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   *out = std::move(best);

@@ -1,0 +1,36 @@
+// Cost and memory of per-layer partitions (include/foldcube/partition.h) for the planner, and the
+// search over them (docs/planner.md, "Per-layer partitioning").
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "foldcube/partition.h"
+#include "foldcube/planner.h"
+
+namespace fc {
+
+// One block over the plan's DAP group with a per-layer split list (kEvoformerBlock order), per
+// rank: compute, collectives (layout changes included) and memory beyond pure DAP.
+struct PartitionEstimate {
+  double fwd_ms = 0, bwd_ms = 0, rec_ms = 0;       // compute; rec: the rebuild of policy module
+  double comm_fwd_ms = 0, comm_bwd_ms = 0;         // collectives (forward; backward without the
+                                                   // parameter-gradient all-reduce)
+  int64_t sent_fwd_bytes = 0, sent_bwd_bytes = 0;  // bytes a rank sends (dist counting)
+  int64_t transient_bytes = 0;  // largest extra live bytes of one layer over its DAP form
+  int64_t saved_bytes = 0;      // extra bytes a block keeps for its backward (policies none/module)
+};
+PartitionEstimate estimate_partition(const Plan& p, const DeviceProfile& dev,
+                                     const std::vector<Split>& splits);
+
+// Adds the partitions' difference to pure DAP to the plan's estimates (time, comm, peak, fits);
+// a plan without partitions is left as it is.
+void add_partition_estimates(const DeviceProfile& dev, Plan* p);
+
+// The fastest per-layer split list for the plan's setting (dap > 1; the same list for every
+// block) whose extra memory fits under the plan's limit: every combination of the layers'
+// supported splits is evaluated (5832 for the Evoformer block). Sets p->partitions (empty when
+// pure DAP is fastest) and the estimates.
+void choose_partition(const DeviceProfile& dev, Plan* p);
+
+}  // namespace fc
