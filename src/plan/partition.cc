@@ -193,9 +193,8 @@ int64_t keeping_blocks(const Plan& p) {
 
 // Modelled step time of a split list relative to pure DAP (ms; negative: faster), and the extra
 // peak bytes.
-void delta(const Plan& p, const DeviceProfile& dev, const PartitionEstimate& a,
-           const PartitionEstimate& d, double* dt_fwd, double* dt_bwd, double* dt_rec,
-           double* dt_comm, int64_t* dpeak) {
+void delta(const Plan& p, const PartitionEstimate& a, const PartitionEstimate& d, double* dt_fwd,
+           double* dt_bwd, double* dt_rec, double* dt_comm, int64_t* dpeak) {
   const int64_t B = p.cfg.no_blocks;
   int64_t modules = 0;
   for (Recompute r : p.policy) modules += r == Recompute::kModule;
@@ -209,7 +208,6 @@ void delta(const Plan& p, const DeviceProfile& dev, const PartitionEstimate& a,
       (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) + blocks * (a.comm_fwd_ms - d.comm_fwd_ms)
                   : 0);
   *dpeak = a.transient_bytes + keeping_blocks(p) * a.saved_bytes;
-  (void)dev;
 }
 
 std::vector<Split> resolve_one(const std::vector<LayerSplit>& list) {
@@ -229,17 +227,20 @@ void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
   // Blocks may differ: the estimate of each block's list, averaged over the blocks.
   double f = 0, b = 0, r = 0, c = 0;
-  int64_t peak = 0;
+  int64_t peak = 0, kept = 0;
   const int64_t B = p->cfg.no_blocks;
   for (int64_t k = 0; k < B; ++k) {
     const auto& list = p->partitions[p->partitions.size() == 1 ? 0 : k];
     const PartitionEstimate a = estimate_with(*p, dev, costs, resolve_one(list));
     double df, db, dr, dc;
     int64_t dp;
-    delta(*p, dev, a, d, &df, &db, &dr, &dc, &dp);
+    delta(*p, a, d, &df, &db, &dr, &dc, &dp);
     f += df / B, b += db / B, r += dr / B, c += dc / B;
-    peak = std::max(peak, dp);
+    peak = std::max(peak, a.transient_bytes);
+    if (p->training && p->policy[k] != Recompute::kBlock) kept += a.saved_bytes;
   }
+  p->activation_bytes += kept;
+  peak += kept;
   p->forward_ms += f;
   p->backward_ms += b;
   p->recompute_ms += r;
@@ -267,7 +268,7 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
       const PartitionEstimate a = estimate_with(*p, dev, costs, cur);
       double df, db, dr, dc;
       int64_t dpk;
-      delta(*p, dev, a, d, &df, &db, &dr, &dc, &dpk);
+      delta(*p, a, d, &df, &db, &dr, &dc, &dpk);
       const double dt = df + db + dr + dc;
       if (dpk <= spare && dt < best_dt - 1e-9) best_dt = dt, best = cur;
       return;
