@@ -72,23 +72,20 @@ int64_t dap_gather_floats(const LayerDesc& ly, const EvoformerConfig& cfg, const
   }
 }
 
-// Share of a layer's single-device work one rank does under split s (the most loaded rank).
-double work_share(const LayerDesc& ly, const EvoformerConfig& cfg, Split s, const DapLayout& l) {
-  auto ceil_share = [&](int64_t total) {
-    return static_cast<double>((total + l.n - 1) / l.n) / static_cast<double>(total);
-  };
-  switch (s) {
-    case Split::kDap:
-      return static_cast<double>(l.r_loc) / static_cast<double>(l.r);
-    case Split::kReplicated:
-      return 1.0;
-    case Split::kHeads:
-      return ceil_share(ly.kind == LayerKind::kTriangleAttention ? cfg.no_heads_pair
-                                                                 : cfg.no_heads_msa);
-    case Split::kChannels:
-      return ceil_share(cfg.transition_n * (ly.updates == Stream::kM ? cfg.c_m : cfg.c_z));
-  }
-  return 1.0;
+// The layers' single-device costs at the plan's shape: as they are (dap: times the shard share;
+// replicated), and at this rank's heads (ceil(H/N) heads: the projections and the attention
+// shrink, the LayerNorms of the whole stream do not) and hidden channels (ceil(n/N) of the
+// transition factor n), the forms heads and channels run.
+struct LayerCosts {
+  std::vector<ModuleCost> whole, heads, channels;
+};
+
+// The cost of layer i under split s on the most loaded rank (l: the plan's DAP layout).
+const ModuleCost& cost_of(const LayerCosts& c, int i, Split s) {
+  return s == Split::kHeads ? c.heads[i] : s == Split::kChannels ? c.channels[i] : c.whole[i];
+}
+double share_of(Split s, const DapLayout& l) {
+  return s == Split::kDap ? static_cast<double>(l.r_loc) / static_cast<double>(l.r) : 1.0;
 }
 
 double link_ms(int64_t sent_bytes, int calls, const DeviceProfile& dev) {
@@ -97,17 +94,25 @@ double link_ms(int64_t sent_bytes, int calls, const DeviceProfile& dev) {
   return calls * dev.link_latency_us * 1e-3 + 2.0 * sent_bytes / (gbps * 1e9) * 1e3;
 }
 
-std::vector<ModuleCost> plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
+LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
   DeviceProfile d = dev;
   d.dtype = p.dtype;
-  return block_module_costs(p.cfg, p.s, p.r, p.chunk, p.chunk_target_bytes, p.training, d,
-                            p.extra_msa);
+  auto costs = [&](const EvoformerConfig& cfg) {
+    return block_module_costs(cfg, p.s, p.r, p.chunk, p.chunk_target_bytes, p.training, d,
+                              p.extra_msa);
+  };
+  const int64_t n = std::max(p.dap, 1);
+  auto part = [&](int64_t total) { return (total + n - 1) / n; };
+  EvoformerConfig heads = p.cfg, channels = p.cfg;
+  heads.no_heads_msa = part(p.cfg.no_heads_msa);
+  heads.no_heads_pair = part(p.cfg.no_heads_pair);
+  channels.transition_n = part(p.cfg.transition_n);
+  return {costs(p.cfg), costs(heads), costs(channels)};
 }
 
 // estimate_partition with the layers' single-device costs at the plan's shape given.
 PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev,
-                                const std::vector<ModuleCost>& costs,
-                                const std::vector<Split>& splits) {
+                                const LayerCosts& costs, const std::vector<Split>& splits) {
   const EvoformerConfig& cfg = p.cfg;
   const BlockTable& t = kEvoformerBlock;
   const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
@@ -131,10 +136,11 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev,
     const Split s = splits[i];
     change(m, lay[i].first, wm);
     change(z, lay[i].second, wz);
-    const double share = work_share(ly, cfg, s, l);
-    est.fwd_ms += costs[i].forward_ms * share;
-    est.bwd_ms += costs[i].backward_ms * share;
-    est.rec_ms += costs[i].rebuild_ms * share;
+    const ModuleCost& c = cost_of(costs, i, s);
+    const double share = share_of(s, l);
+    est.fwd_ms += c.forward_ms * share;
+    est.bwd_ms += c.backward_ms * share;
+    est.rec_ms += c.rebuild_ms * share;
     const int64_t wx = ly.updates == Stream::kM ? wm : wz;
     const int64_t wr = ly.reads == Stream::kNone ? 0 : (ly.reads == Stream::kM ? wm : wz);
     if (s == Split::kDap) {
@@ -222,7 +228,7 @@ std::vector<Split> resolve_one(const std::vector<LayerSplit>& list) {
 
 void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   if (p->partitions.empty() || p->dap < 2 || p->extra_msa) return;
-  const std::vector<ModuleCost> costs = plan_layer_costs(*p, dev);
+  const LayerCosts costs = plan_layer_costs(*p, dev);
   const std::vector<Split> dap(kEvoformerBlock.count, Split::kDap);
   const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
   // Blocks may differ: the estimate of each block's list, averaged over the blocks.
@@ -255,7 +261,7 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
   p->partitions.clear();
   if (p->dap < 2 || p->extra_msa) return;
   const BlockTable& t = kEvoformerBlock;
-  const std::vector<ModuleCost> costs = plan_layer_costs(*p, dev);
+  const LayerCosts costs = plan_layer_costs(*p, dev);
   const std::vector<Split> dap(t.count, Split::kDap);
   const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
   const int64_t spare =
