@@ -66,6 +66,34 @@ void visit(TransitionW& a, TransitionW& b, const EvoformerConfig&, F& f) {
   f(a.l2.w, b.l2.w, Cut::kCols, 1, 1);  // [c, n*c]: row-parallel
   f(a.l2.b, b.l2.b, Cut::kRoot, 1, 1);
 }
+// Layers without a sliced form: every parameter whole (for zero gradients of their shapes).
+template <typename F>
+void visit(LinearW& a, LinearW& b, F& f) {
+  f(a.w, b.w, Cut::kWhole, 1, 1);
+  f(a.b, b.b, Cut::kWhole, 1, 1);
+}
+template <typename F>
+void visit(OuterProductMeanW& a, OuterProductMeanW& b, const EvoformerConfig&, F& f) {
+  visit(a.ln, b.ln, f);
+  visit(a.l12, b.l12, f);
+  visit(a.out, b.out, f);
+}
+template <typename F>
+void visit(TriangleMultiplicationW& a, TriangleMultiplicationW& b, const EvoformerConfig&, F& f) {
+  visit(a.ln_in, b.ln_in, f);
+  visit(a.ab, b.ab, f);
+  visit(a.ln_out, b.ln_out, f);
+  visit(a.lin_z, b.lin_z, f);
+  visit(a.lin_g, b.lin_g, f);
+}
+template <typename F>
+void visit(MsaColumnGlobalAttentionW& a, MsaColumnGlobalAttentionW& b, const EvoformerConfig&,
+           F& f) {
+  visit(a.ln_m, b.ln_m, f);
+  visit(a.q, b.q, f);
+  visit(a.kvg, b.kvg, f);
+  visit(a.o, b.o, f);
+}
 // The layer's parameters inside block structs a and b (the table's weight struct).
 template <typename F>
 void visit_layer(const LayerDesc& ly, void* a, void* b, const EvoformerConfig& cfg, F f) {
@@ -82,10 +110,19 @@ void visit_layer(const LayerDesc& ly, void* a, void* b, const EvoformerConfig& c
     case LayerKind::kTransition:
     case LayerKind::kMaskedTransition:
       return visit(layer_params<TransitionW>(ly, a), layer_params<TransitionW>(ly, b), cfg, f);
-    default:
+    case LayerKind::kOuterProductMean:
+      return visit(layer_params<OuterProductMeanW>(ly, a), layer_params<OuterProductMeanW>(ly, b),
+                   cfg, f);
+    case LayerKind::kTriangleMultiplication:
+      return visit(layer_params<TriangleMultiplicationW>(ly, a),
+                   layer_params<TriangleMultiplicationW>(ly, b), cfg, f);
+    case LayerKind::kMsaColumnGlobalAttention:
+      return visit(layer_params<MsaColumnGlobalAttentionW>(ly, a),
+                   layer_params<MsaColumnGlobalAttentionW>(ly, b), cfg, f);
+    case LayerKind::kSwiGluTransition:
       break;
   }
-  FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no sliced form");
+  FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no parameter visitor");
 }
 
 // Units [lo, lo + n) of this rank.
@@ -231,8 +268,10 @@ void backward_impl(const LayerDesc& ly, const void* bw, void* g, const DapShards
   const bool root = comm.rank() == 0;
   if (s == Split::kReplicated) {  // every rank computes everything; the root's gradient counts
     if (root) return layer_backward(ly, bw, g, sh.full, x_in, read_in, st, dm, dz);
-    W scratch;  // a non-root rank's parameter gradients (discarded)
-    allocate_block_grads(cfg, &scratch);
+    W scratch, wk = *static_cast<const W*>(bw);  // a non-root rank's gradients of this layer
+    visit_layer(ly, &scratch, &wk, cfg, [](Tensor& g, Tensor& w, Cut, int, int64_t) {
+      if (w.defined()) g = Tensor::zeros(w.shape());
+    });
     return layer_backward(ly, bw, &scratch, sh.full, x_in, read_in, st, dm, dz);
   }
   const Part p = rank_part(ly, bw, cfg, s, sh.l);

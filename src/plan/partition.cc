@@ -80,12 +80,47 @@ struct LayerCosts {
   std::vector<ModuleCost> whole, heads, channels;
 };
 
+// The share of a heads / channels layer's units the most loaded rank holds.
+double cost_share(const LayerDesc& ly, const EvoformerConfig& cfg, Split s, int64_t n) {
+  const int64_t total =
+      s == Split::kHeads
+          ? (ly.kind == LayerKind::kTriangleAttention ? cfg.no_heads_pair : cfg.no_heads_msa)
+          : cfg.transition_n * (ly.updates == Stream::kM ? cfg.c_m : cfg.c_z);
+  return static_cast<double>((total + n - 1) / n) / static_cast<double>(total);
+}
+
 // The cost of layer i under split s on the most loaded rank (l: the plan's DAP layout).
 const ModuleCost& cost_of(const LayerCosts& c, int i, Split s) {
   return s == Split::kHeads ? c.heads[i] : s == Split::kChannels ? c.channels[i] : c.whole[i];
 }
 double share_of(Split s, const DapLayout& l) {
   return s == Split::kDap ? static_cast<double>(l.r_loc) / static_cast<double>(l.r) : 1.0;
+}
+
+// Floats of a layer's parameters (the Evoformer's kinds; LayerNorms included).
+int64_t layer_param_floats(const LayerDesc& ly, const EvoformerConfig& cfg) {
+  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n;
+  const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
+  const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
+  const int64_t co = cfg.c_hidden_opm, ct = cfg.c_hidden_mul;
+  const int64_t c = ly.updates == Stream::kM ? cm : cz;
+  switch (ly.kind) {
+    case LayerKind::kMsaRowAttention:
+      return 5 * hm * cm + 4 * hm + cm + cfg.no_heads_msa * cz + 2 * cm + 2 * cz;
+    case LayerKind::kMsaColumnAttention:
+      return 5 * hm * cm + 4 * hm + cm + 2 * cm;
+    case LayerKind::kTriangleAttention:
+      return 5 * hp * cz + 4 * hp + cz + cfg.no_heads_pair * cz + 2 * cz;
+    case LayerKind::kTransition:
+    case LayerKind::kMaskedTransition:
+      return 2 * n * c * c + n * c + c + 2 * c;
+    case LayerKind::kOuterProductMean:
+      return 2 * co * cm + 2 * co + cz * co * co + cz + 2 * cm;
+    case LayerKind::kTriangleMultiplication:
+      return 4 * ct * cz + 4 * ct + 2 * ct + cz * ct + cz + cz * cz + cz + 2 * cz;
+    default:
+      return 0;
+  }
 }
 
 double link_ms(int64_t sent_bytes, int calls, const DeviceProfile& dev) {
@@ -111,8 +146,8 @@ LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
 }
 
 // estimate_partition with the layers' single-device costs at the plan's shape given.
-PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev,
-                                const LayerCosts& costs, const std::vector<Split>& splits) {
+PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
+                                const std::vector<Split>& splits) {
   const EvoformerConfig& cfg = p.cfg;
   const BlockTable& t = kEvoformerBlock;
   const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
@@ -162,6 +197,13 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev,
       if (ly.updates == Stream::kM || ly.reads == Stream::kM) extra += wm - wm / n;
       if (ly.updates == Stream::kZ || ly.reads == Stream::kZ) extra += wz - wz / n;
       if (s != Split::kReplicated) extra += wx + (p.training ? wr : 0);
+      // This rank's weight slices (and their gradients); a replicated layer's gradients on the
+      // ranks other than the root (discarded scratch).
+      const int64_t params = layer_param_floats(ly, cfg);
+      if (s != Split::kReplicated)
+        extra += (p.training ? 2 : 1) * static_cast<int64_t>(params * cost_share(ly, cfg, s, n));
+      else if (p.training)
+        extra += params;
       est.transient_bytes = std::max(est.transient_bytes, extra * e);
       if (p.training) {
         const SavedInputs in = saved_inputs(t, i);
