@@ -76,6 +76,28 @@ TEST(Cancel, SigintScopeSetsTheFlagAndRestoresThePreviousHandler) {
   sigaction(SIGINT, &old, nullptr);
 }
 
+// A second SIGINT in the scope runs the previous action at once (the CLI: the process ends);
+// the first only sets the flag.
+TEST(Cancel, SecondSigintInTheScopeRunsThePreviousHandler) {
+  CancelGuard guard;
+  g_previous_calls = 0;
+  struct sigaction mine {
+  }, old{};
+  mine.sa_handler = previous_handler;
+  sigemptyset(&mine.sa_mask);
+  ASSERT_EQ(sigaction(SIGINT, &mine, &old), 0);
+  {
+    SigintCancelScope scope;
+    raise(SIGINT);
+    EXPECT_EQ(g_previous_calls, 0);
+    EXPECT_TRUE(cancel_requested());
+    raise(SIGINT);
+    EXPECT_EQ(g_previous_calls, 1);
+    EXPECT_TRUE(scope.interrupted());
+  }
+  sigaction(SIGINT, &old, nullptr);
+}
+
 TEST(Cancel, RunShieldedRunsOnAHelperThreadThatBlocksSignals) {
   const int threads = num_threads();
   std::thread::id ran[2];

@@ -14,7 +14,16 @@ Arrays: float32, C-contiguous arrays are used in place without a copy; the stack
 outputs into the ``m`` and ``z`` they are given and return those same arrays. See docs/python.md.
 """
 
-from ._core import (
+import os as _os
+
+# OpenMP threads that spin while waiting slow everything down when another process shares the
+# cores (docs/benchmarks.md, "OpenMP waiting"); the CLI re-executes itself with a passive policy,
+# and the package asks for the same before libgomp starts, unless the user chose a policy. It has
+# no effect when libgomp was already loaded (e.g. by torch imported first).
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "passive"
+
+from ._core import (  # noqa: E402
     AlphaFold,
     Evoformer,
     ExtraMsaStack,
