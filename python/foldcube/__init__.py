@@ -6,7 +6,10 @@ command line); every computation runs in the library with the GIL released, and 
 
 - ``Evoformer.load(path)`` / ``Evoformer.random(config, seed)``; ``ev(m, z)`` -> ``(m, z, s)``;
   ``ev.train_step(m, z, grad_m, grad_z)`` -> outputs, input and parameter gradients.
-- ``ExtraMsaStack`` (forward), ``AlphaFold.load(params).predict(features)``.
+- ``ExtraMsaStack`` (forward and ``train_step``), ``AlphaFold.load(params).predict(features)``.
+- AlphaFold3 trunk (Boltz names): ``Pairformer`` (``pf(s, z, mask)``, ``train_step``) and
+  ``MsaModule`` (``mm(z, emb, msa_feat, msa_mask, token_mask)``, ``train_step``);
+  ``af3_msa_features``.
 - ``features(fasta, msa)``, ``fold(fasta, params, out)``, ``plan(s=, r=, ...)``.
 - ``foldcube.torch`` (when PyTorch is installed): the Evoformer as a ``torch.nn.Module``.
 
@@ -28,9 +31,12 @@ from ._core import (  # noqa: E402
     Evoformer,
     ExtraMsaStack,
     MemoryScope,
+    MsaModule,
     NotFoundError,
+    Pairformer,
     Plan,
     __version__,
+    af3_msa_features,
     features,
     fold,
     memory_stats,
@@ -45,8 +51,11 @@ __all__ = [
     "Evoformer",
     "ExtraMsaStack",
     "MemoryScope",
+    "MsaModule",
     "NotFoundError",
+    "Pairformer",
     "Plan",
+    "af3_msa_features",
     "__version__",
     "features",
     "fold",
