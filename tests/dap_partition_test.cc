@@ -87,6 +87,30 @@ bool read_case(const dist::Communicator& comm, const std::string& file, PartCase
   return ok != 0;
 }
 
+// One partitioned training step of c over comm and, on the root, the single-process step; returns
+// (root) the max error of outputs, input and parameter gradients against one process, with the
+// partitioned result in *out. Other ranks return 0.
+double train_vs_single(const dist::Communicator& comm, PartCase& c, const StackPartition& parts,
+                       const TrainOptions& o, TrainResult* out) {
+  Tensor m, z;
+  if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
+  const Status st = dap_train_step(c.stack, comm, m, z, c.msa_mask, c.pair_mask, c.gm, c.gz, o,
+                                   parts, nullptr, out);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  if (comm.rank() != 0 || !st.ok()) return 0;
+  Tensor m1 = c.m.clone(), z1 = c.z.clone();
+  TrainResult r1;
+  EXPECT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, c.gm, c.gz, o, &r1).ok());
+  double err = std::max({test::golden_err(m, m1), test::golden_err(z, z1),
+                         test::golden_err(out->grad_m, r1.grad_m),
+                         test::golden_err(out->grad_z, r1.grad_z)});
+  EXPECT_EQ(r1.grad_params.size(), out->grad_params.size());
+  for (size_t i = 0; i < r1.grad_params.size() && i < out->grad_params.size(); ++i)
+    err = std::max(err, test::golden_err(out->grad_params[i].second.contiguous(),
+                                         r1.grad_params[i].second.contiguous()));
+  return err;
+}
+
 // Tolerance of training vs one process: 1e-5 as DAP; heads and channels sum partial updates and
 // partial gradients over the ranks onto the common value (another summation order), measured up
 // to 1.03e-5 on evo_af2dims with N = 4: 2e-5.
@@ -123,8 +147,8 @@ TEST_P(PartitionGolden, ForwardMatchesSingleProcessAndOpenFold) {
   EXPECT_LT(test::golden_err(s, f.tensors.at("output.s")), 1e-4);
 }
 
-// Training (policies none and module): outputs, input and parameter gradients vs one process
-// (1e-5) and the golden gradients (2e-4, as DapTrain.GoldenGradients).
+// Training (policies none, module, block): outputs, input and parameter gradients vs one process
+// (tolerance()) and the golden gradients (2e-4, as DapTrain.GoldenGradients).
 TEST_P(PartitionGolden, GradientsMatchSingleProcessAndOpenFold) {
   const dist::Communicator comm = dist::Communicator::world();
   PartCase c;
@@ -135,31 +159,17 @@ TEST_P(PartitionGolden, GradientsMatchSingleProcessAndOpenFold) {
   for (Recompute policy : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
     TrainOptions o;
     o.policy = {policy};
-    Tensor m, z;
-    if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
     TrainResult r2;
-    const Status st = dap_train_step(c.stack, comm, m, z, c.msa_mask, c.pair_mask, c.gm, c.gz, o,
-                                     parts, nullptr, &r2);
-    ASSERT_TRUE(st.ok()) << st.ToString();
+    const double err = train_vs_single(comm, c, parts, o, &r2);
     if (comm.rank() != 0) continue;
-    Tensor m1 = c.m.clone(), z1 = c.z.clone();
-    TrainResult r1;
-    ASSERT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, c.gm, c.gz, o, &r1).ok());
-    double err =
-        std::max({test::golden_err(m, m1), test::golden_err(z, z1),
-                  test::golden_err(r2.grad_m, r1.grad_m), test::golden_err(r2.grad_z, r1.grad_z)});
-    ASSERT_EQ(r1.grad_params.size(), r2.grad_params.size());
     double golden = std::max(test::golden_err(r2.grad_m, f.tensors.at("grad.input.m")),
                              test::golden_err(r2.grad_z, f.tensors.at("grad.input.z")));
     int checked = 0;
-    for (size_t i = 0; i < r1.grad_params.size(); ++i) {
-      const Tensor g = r2.grad_params[i].second.contiguous();
-      err = std::max(err, test::golden_err(g, r1.grad_params[i].second.contiguous()));
-      const std::string ref = "grad.param." + r2.grad_params[i].first;
-      if (f.tensors.count(ref)) {
-        golden = std::max(golden, test::golden_err(g, f.tensors.at(ref)));
-        ++checked;
-      }
+    for (const auto& [name, t] : r2.grad_params) {
+      if (!f.tensors.count("grad.param." + name)) continue;
+      golden =
+          std::max(golden, test::golden_err(t.contiguous(), f.tensors.at("grad.param." + name)));
+      ++checked;
     }
     std::printf("[ info ] N=%d %s %s %s: vs single process %.2e, vs golden %.2e\n", comm.size(),
                 std::get<0>(GetParam()).c_str(), std::get<1>(GetParam()).c_str(),
@@ -209,22 +219,8 @@ TEST(Partition, PaddedMixedTrainingMatchesSingleProcess) {
       o.policy = {policy};
       o.dropout = dropout;
       o.seed = 9;
-      Tensor m, z;
-      if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
       TrainResult r2;
-      const Status st = dap_train_step(c.stack, comm, m, z, c.msa_mask, c.pair_mask, c.gm, c.gz, o,
-                                       parts, nullptr, &r2);
-      ASSERT_TRUE(st.ok()) << st.ToString();
-      if (comm.rank() != 0) continue;
-      Tensor m1 = c.m.clone(), z1 = c.z.clone();
-      TrainResult r1;
-      ASSERT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, c.gm, c.gz, o, &r1).ok());
-      double err = std::max({test::golden_err(m, m1), test::golden_err(z, z1),
-                             test::golden_err(r2.grad_m, r1.grad_m),
-                             test::golden_err(r2.grad_z, r1.grad_z)});
-      for (size_t i = 0; i < r1.grad_params.size(); ++i)
-        err = std::max(err, test::golden_err(r2.grad_params[i].second.contiguous(),
-                                             r1.grad_params[i].second.contiguous()));
+      const double err = train_vs_single(comm, c, parts, o, &r2);
       EXPECT_LT(err, 3e-5) << recompute_name(policy) << " dropout " << dropout;
     }
 }

@@ -187,18 +187,7 @@ int dap_last_use(const BlockTable& t, Stream x) {
 }
 
 std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t) {
-  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
-  Shard m = Shard::kMsaBySeq, z = Shard::kPairRows;
-  std::vector<std::pair<Shard, Shard>> out;
-  for (int i = 0; i < t.count; ++i) {
-    const DapLayerLayout want = dap_layer_layout(t.layers[i]);
-    m = want.m.value_or(m);
-    z = want.z.value_or(z);
-    out.emplace_back(m, z);
-    if (i == last_m) m = Shard::kMsaBySeq;
-    if (i == last_z) z = Shard::kPairRows;
-  }
-  return out;
+  return partition_block_layouts(t, std::vector<Split>(t.count, Split::kDap));
 }
 
 void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,

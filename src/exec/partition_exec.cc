@@ -381,31 +381,31 @@ void full_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
   const int64_t c = x->dim(2), sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
   const int64_t me = l.rank;
   const float* in = x->f32();
-  Tensor out;
+  Tensor out;  // the stream in layout want
   if (is_full(want)) {
     FC_CHECK_MSG(!is_full(*how), "layout change between two whole streams");
     switch (*how) {
-      case Shard::kMsaBySeq:  // rank blocks are consecutive sequences
-        out = Tensor::empty({sp, rp, c});
+      case Shard::kMsaBySeq:               // rank blocks are consecutive sequences
+        out = Tensor::empty({sp, rp, c});  // whole m [s_pad, r_pad, c]
         comm.all_gather(in, out.f32(), sl * rp * c);
         break;
       case Shard::kMsaByRes: {                          // rank blocks are residue columns
         Tensor recv = Tensor::empty({l.n, sp, rl, c});  // block p: rank p's columns
         comm.all_gather(in, recv.f32(), sp * rl * c);
         *x = Tensor();
-        out = Tensor::empty({sp, rp, c});
+        out = Tensor::empty({sp, rp, c});  // whole m [s_pad, r_pad, c]
         join_column_blocks(recv.f32(), l.n, sp, rl, c, out.f32());
         break;
       }
       case Shard::kPairRows:
-        out = Tensor::empty({rp, rp, c});
+        out = Tensor::empty({rp, rp, c});  // whole z [r_pad, r_pad, c]
         comm.all_gather(in, out.f32(), rl * rp * c);
         break;
       case Shard::kPairRowsT: {                  // rows of z^T: gather z^T, transpose
         Tensor zt = Tensor::empty({rp, rp, c});  // z^T
         comm.all_gather(in, zt.f32(), rl * rp * c);
         *x = Tensor();
-        out = Tensor::empty({rp, rp, c});
+        out = Tensor::empty({rp, rp, c});  // whole z [r_pad, r_pad, c]
         float* o = out.f32();
         const float* t = zt.f32();
 #pragma omp parallel for schedule(static)
@@ -421,11 +421,11 @@ void full_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
     FC_CHECK_MSG(is_full(*how), "full_to_layout: neither layout is a whole stream");
     switch (want) {
       case Shard::kMsaBySeq:
-        out = Tensor::empty({sl, rp, c});
+        out = Tensor::empty({sl, rp, c});  // m by sequences [s_loc, r_pad, c]
         std::memcpy(out.f32(), in + me * sl * rp * c, sl * rp * c * kF);
         break;
       case Shard::kMsaByRes: {
-        out = Tensor::empty({sp, rl, c});
+        out = Tensor::empty({sp, rl, c});  // m by residues [s_pad, r_loc, c]
         float* o = out.f32();
 #pragma omp parallel for schedule(static)
         for (int64_t i = 0; i < sp; ++i)
@@ -433,11 +433,11 @@ void full_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
         break;
       }
       case Shard::kPairRows:
-        out = Tensor::empty({rl, rp, c});
+        out = Tensor::empty({rl, rp, c});  // z by rows [r_loc, r_pad, c]
         std::memcpy(out.f32(), in + me * rl * rp * c, rl * rp * c * kF);
         break;
-      case Shard::kPairRowsT: {  // z^T[b, a] = z[a, b] for this rank's b
-        out = Tensor::empty({rl, rp, c});
+      case Shard::kPairRowsT: {            // z^T[b, a] = z[a, b] for this rank's b
+        out = Tensor::empty({rl, rp, c});  // rows of z^T [r_loc, r_pad, c]
         float* o = out.f32();
 #pragma omp parallel for schedule(static)
         for (int64_t b = 0; b < rl; ++b)
