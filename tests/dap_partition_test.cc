@@ -14,6 +14,7 @@
 #include "exec/dap.h"
 #include "exec/dap_train.h"
 #include "exec/partition.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/io.h"
 #include "foldcube/model.h"
 #include "foldcube/partition.h"
@@ -44,13 +45,14 @@ struct PartCase {
 
 // "heads" | "channels" | "replicated": that split for every layer that has it, dap elsewhere;
 // "mixed": a different split per layer, rotated from block to block.
-StackPartition partition_for(const std::string& policy, int blocks) {
+StackPartition partition_for(const std::string& policy, int blocks,
+                             const BlockTable& table = kEvoformerBlock) {
   StackPartition p;
   const Split cycle[] = {Split::kHeads, Split::kReplicated, Split::kChannels, Split::kDap};
   for (int b = 0; b < blocks; ++b) {
     std::vector<LayerSplit> list;
     int k = b;
-    for (const LayerDesc& ly : kEvoformerBlock) {
+    for (const LayerDesc& ly : table) {
       Split s = Split::kDap;
       if (policy == "mixed") {
         for (int t = 0; t < 4; ++t, ++k)
@@ -223,6 +225,42 @@ TEST(Partition, PaddedMixedTrainingMatchesSingleProcess) {
       const double err = train_vs_single(comm, c, parts, o, &r2);
       EXPECT_LT(err, 3e-5) << recompute_name(policy) << " dropout " << dropout;
     }
+}
+
+// The ExtraMSA stack (global column attention: dap or replicated; masked transition: channels)
+// forward on 2 and 4 ranks with every split policy: outputs vs one process (1e-5) and OpenFold
+// (1e-4).
+TEST(Partition, ExtraMsaForwardMatchesSingleProcessAndOpenFold) {
+  const dist::Communicator comm = dist::Communicator::world();
+  TensorFile f;
+  ExtraMsaStack stack;
+  Tensor m0, z0, mm, pm;
+  int ok = 1;
+  if (comm.rank() == 0) {
+    EvoformerConfig cfg;
+    ok = read_safetensors(test::data_path("extra_tiny.safetensors"), &f).ok() &&
+         EvoformerConfig::from_metadata(f.metadata, &cfg).ok() &&
+         ExtraMsaStack::load(cfg, f, &stack).ok() && f.get_f32("input.m", {}, &m0).ok() &&
+         f.get_f32("input.z", {}, &z0).ok() && f.get_f32("input.msa_mask", {}, &mm).ok() &&
+         f.get_f32("input.pair_mask", {}, &pm).ok();
+  }
+  comm.broadcast_bytes(&ok, sizeof(ok), 0);
+  ASSERT_TRUE(ok);
+  ASSERT_TRUE(dap_share_stack(comm, &stack).ok());
+  for (const char* policy : {"heads", "channels", "replicated", "mixed"}) {
+    Tensor m, z;
+    if (comm.rank() == 0) m = m0.clone(), z = z0.clone();
+    DapOptions o;
+    o.partitions = partition_for(policy, stack.config().no_blocks, kExtraMsaBlock);
+    const Status st = dap_forward(stack, comm, m, z, mm, pm, o);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    if (comm.rank() != 0) continue;
+    Tensor m1 = m0.clone(), z1 = z0.clone();
+    ASSERT_TRUE(stack.forward(m1, z1, mm, pm).ok());
+    EXPECT_LT(std::max(test::golden_err(m, m1), test::golden_err(z, z1)), 1e-5) << policy;
+    EXPECT_LT(test::golden_err(m, f.tensors.at("output.m")), 1e-4) << policy;
+    EXPECT_LT(test::golden_err(z, f.tensors.at("output.z")), 1e-4) << policy;
+  }
 }
 
 // An unknown layer, a split the layer lacks, or a wrong list count: the same user error on every
