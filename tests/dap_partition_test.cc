@@ -263,6 +263,48 @@ TEST(Partition, ExtraMsaForwardMatchesSingleProcessAndOpenFold) {
   }
 }
 
+// The ExtraMSA training step with every split policy (policies none and block) on 2 and 4 ranks:
+// outputs, input and parameter gradients vs one process (tolerance()).
+TEST(Partition, ExtraMsaTrainingMatchesSingleProcess) {
+  const dist::Communicator comm = dist::Communicator::world();
+  EvoformerConfig cfg;
+  cfg.c_m = 8, cfg.c_z = 8, cfg.c_hidden_msa_att = 4, cfg.no_heads_msa = 2;
+  cfg.c_hidden_pair_att = 4, cfg.no_heads_pair = 2, cfg.c_hidden_opm = 4, cfg.c_hidden_mul = 8;
+  cfg.transition_n = 2, cfg.no_blocks = 2, cfg.c_s = 4;
+  const int64_t s = 6, r = 8;
+  ExtraMsaStack stack = ExtraMsaStack::random(cfg, 41);
+  ASSERT_TRUE(dap_share_stack(comm, &stack).ok());
+  Tensor m0, z0, mm, pm, gm, gz;
+  if (comm.rank() == 0) {
+    m0 = rnd({s, r, cfg.c_m}, 42), z0 = rnd({r, r, cfg.c_z}, 43);
+    mm = rnd_mask(s, r, 44), pm = rnd_mask(r, r, 45);
+    gm = rnd({s, r, cfg.c_m}, 46), gz = rnd({r, r, cfg.c_z}, 47);
+  }
+  for (const char* policy : {"heads", "channels", "replicated", "mixed"})
+    for (Recompute rc : {Recompute::kNone, Recompute::kBlock}) {
+      TrainOptions o;
+      o.policy = {rc};
+      Tensor m, z;
+      if (comm.rank() == 0) m = m0.clone(), z = z0.clone();
+      TrainResult r2;
+      const Status st = dap_train_step(stack, comm, m, z, mm, pm, gm, gz, o,
+                                       partition_for(policy, 2, kExtraMsaBlock), nullptr, &r2);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      if (comm.rank() != 0) continue;
+      Tensor m1 = m0.clone(), z1 = z0.clone();
+      TrainResult r1;
+      ASSERT_TRUE(stack.train_step(m1, z1, mm, pm, gm, gz, o, &r1).ok());
+      double err = std::max({test::golden_err(m, m1), test::golden_err(z, z1),
+                             test::golden_err(r2.grad_m, r1.grad_m),
+                             test::golden_err(r2.grad_z, r1.grad_z)});
+      ASSERT_EQ(r1.grad_params.size(), r2.grad_params.size());
+      for (size_t i = 0; i < r1.grad_params.size(); ++i)
+        err = std::max(err, test::golden_err(r2.grad_params[i].second.contiguous(),
+                                             r1.grad_params[i].second.contiguous()));
+      EXPECT_LT(err, 3e-5) << policy << " " << recompute_name(rc);
+    }
+}
+
 // An unknown layer, a split the layer lacks, or a wrong list count: the same user error on every
 // rank, forward and training.
 TEST(Partition, BadPartitionIsRefusedOnEveryRank) {

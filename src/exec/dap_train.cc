@@ -615,4 +615,13 @@ Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm
       grad_out_z, opts, {}, stats, out);
 }
 
+Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      const StackPartition& partitions, DapTrainStats* stats, TrainResult* out) {
+  return dap_train_impl<ExtraMsaStack, ExtraMsaBlockWeights>(
+      stack, kExtraMsaBlock, stack.global_eps(), comm, m, z, msa_mask, pair_mask, grad_out_m,
+      grad_out_z, opts, partitions, stats, out);
+}
+
 }  // namespace fc

@@ -105,5 +105,9 @@ Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm
                       Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
                       const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
                       DapTrainStats* stats, TrainResult* out);
+Status dap_train_step(const ExtraMsaStack& stack, const dist::Communicator& comm, Tensor& m,
+                      Tensor& z, const Tensor& msa_mask, const Tensor& pair_mask,
+                      const Tensor& grad_out_m, const Tensor& grad_out_z, const TrainOptions& opts,
+                      const StackPartition& partitions, DapTrainStats* stats, TrainResult* out);
 
 }  // namespace fc
