@@ -215,3 +215,35 @@ TEST(ProfileFitCli, FittedProfileRoundTripsAndPlans) {
 
 }  // namespace
 }  // namespace fc
+
+namespace fc {
+namespace {
+
+// module_overhead_us is charged once per module pass and, under DAP, in full on every rank (the
+// rest of the module's time splits over the ranks).
+TEST(ProfileFit, ModuleOverheadRunsInFullOnEveryRank) {
+  DeviceProfile dev = start_profile(), slow = start_profile();
+  slow.module_overhead_us = 500;
+  auto block_ms = [](const DeviceProfile& d, int dap) {
+    Plan p;
+    p.cfg.no_blocks = 1;
+    p.s = 32, p.r = 64, p.r_real = 64;
+    p.training = true;
+    p.policy = {Recompute::kNone};
+    p.dap = dap;
+    EXPECT_TRUE(evaluate_plan(d, &p).ok());
+    return std::make_pair(p.forward_ms, p.backward_ms);
+  };
+  const auto [f1, b1] = block_ms(dev, 1);
+  const auto [f2, b2] = block_ms(dev, 2);
+  const auto [g1, c1] = block_ms(slow, 1);
+  const auto [g2, c2] = block_ms(slow, 2);
+  const double o = 9 * 0.5;  // nine modules x 0.5 ms
+  EXPECT_NEAR(g1 - f1, o, 1e-9);
+  EXPECT_NEAR(c1 - b1, o, 1e-9);
+  EXPECT_NEAR(g2 - f2, o, 1e-9);  // not o / 2
+  EXPECT_NEAR(c2 - b2, o, 1e-9);
+}
+
+}  // namespace
+}  // namespace fc
