@@ -332,6 +332,8 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
   // The start profile with the value parameters' start values set (a zero link or overhead
   // would otherwise stay zero in log space); scales apply on top of `base`.
   DeviceProfile base = start0;
+  // Rows on several devices need a link even when it is not fitted.
+  if (base.link_gbps <= 0) base.link_gbps = start_value("link_gbps", base);
   for (const FitParameter& p : params)
     if (!is_scale(p.name)) FC_RETURN_IF_ERROR(apply_one(p.name, p.value, &base));
   std::vector<int> fit;  // rows with a time
