@@ -108,7 +108,7 @@ std::function<int()> add_profile_command(CLI::App& app) {
   fit->add_option("--params", a->params,
                   "comma-separated parameters to fit (default all: gemm, gemm_bwd, batched, "
                   "attention, attention_bwd, mem, mem_bwd, link_gbps, link_latency_us, "
-                  "module_overhead_us)");
+                  "module_overhead_us, attention_len_exp)");
   fit->add_option("--prior", a->prior,
                   "weight of log(p / p_start) prior rows (keeps weakly determined parameters "
                   "near the start; default 0)")

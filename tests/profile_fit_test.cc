@@ -129,7 +129,7 @@ std::vector<FitRow> synthetic_rows(const EvoformerConfig& cfg, const DeviceProfi
 TEST(ProfileFit, RecoversKnownParametersExactly) {
   const EvoformerConfig cfg;
   const DeviceProfile start = start_profile();
-  const double truth_value[] = {1.3, 0.7, 1.6, 0.8, 1.25, 0.9, 1.15, 35.0, 12.0, 40.0};
+  const double truth_value[] = {1.3, 0.7, 1.6, 0.8, 1.25, 0.9, 1.15, 35.0, 12.0, 40.0, 0.3};
   std::vector<FitParameter> truth_params;
   for (size_t k = 0; k < fit_parameter_names().size(); ++k)
     truth_params.push_back({fit_parameter_names()[k], 0, truth_value[k], true});

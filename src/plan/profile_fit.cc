@@ -109,18 +109,30 @@ Status parse_line(const std::string& where, const std::string& line, FitRow* row
 // ---- Parameters --------------------------------------------------------------------------------
 
 const std::vector<std::string> kParams = {
-    "gemm", "gemm_bwd", "batched",   "attention",       "attention_bwd",
-    "mem",  "mem_bwd",  "link_gbps", "link_latency_us", "module_overhead_us"};
+    "gemm",    "gemm_bwd",  "batched",         "attention",          "attention_bwd",    "mem",
+    "mem_bwd", "link_gbps", "link_latency_us", "module_overhead_us", "attention_len_exp"};
 
 bool is_scale(const std::string& name) {
-  return name != "link_gbps" && name != "link_latency_us" && name != "module_overhead_us";
+  return name != "link_gbps" && name != "link_latency_us" && name != "module_overhead_us" &&
+         name != "attention_len_exp";
 }
+
+// The fit runs on log p, except for the exponent, which may be any sign (fitted as is).
+bool is_log(const std::string& name) { return name != "attention_len_exp"; }
+double to_theta(const std::string& name, double v) { return is_log(name) ? std::log(v) : v; }
+double from_theta(const std::string& name, double t) { return is_log(name) ? std::exp(t) : t; }
 
 void scale_column(std::vector<std::array<double, 3>>* t, int col, double k) {
   for (auto& row : *t) row[col] *= k;
 }
 
 Status apply_one(const std::string& name, double v, DeviceProfile* d) {
+  if (name == "attention_len_exp") {  // clamped: the fit may wander where no row constrains it
+    if (!std::isfinite(v))
+      return Status::InvalidArgument("profile fit: attention_len_exp must be finite");
+    d->attention_len_exp = std::clamp(v, -4.0, 4.0);
+    return Status::OK();
+  }
   if (!(v > 0) || !std::isfinite(v))
     return Status::InvalidArgument("profile fit: parameter " + name + " must be finite and > 0");
   if (name == "gemm") {
@@ -161,6 +173,7 @@ double start_value(const std::string& name, const DeviceProfile& d) {
   if (name == "link_gbps") return d.link_gbps > 0 ? d.link_gbps : 100.0;
   if (name == "link_latency_us") return d.link_latency_us > 0 ? d.link_latency_us : 10.0;
   if (name == "module_overhead_us") return d.module_overhead_us > 0 ? d.module_overhead_us : 10.0;
+  if (name == "attention_len_exp") return d.attention_len_exp;
   return 1.0;
 }
 
@@ -345,12 +358,12 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
   auto profile_at = [&](const std::vector<double>& theta, DeviceProfile* d) {
     *d = base;
     for (size_t k = 0; k < params.size(); ++k)
-      FC_RETURN_IF_ERROR(apply_one(params[k].name, std::exp(theta[k]), d));
+      FC_RETURN_IF_ERROR(apply_one(params[k].name, from_theta(params[k].name, theta[k]), d));
     return d->validate();
   };
   const int np = static_cast<int>(params.size());
   std::vector<double> theta(np), theta0(np);
-  for (int k = 0; k < np; ++k) theta[k] = theta0[k] = std::log(params[k].start);
+  for (int k = 0; k < np; ++k) theta[k] = theta0[k] = to_theta(params[k].name, params[k].start);
 
   std::vector<Plan> plans(rows.size());
   int iterations = 0;
@@ -458,7 +471,7 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
 
   FitResult r;
   for (int k = 0; k < np; ++k) {
-    params[k].value = std::exp(theta[k]);
+    params[k].value = from_theta(params[k].name, theta[k]);
     params[k].determined = active[k];
   }
   FC_RETURN_IF_ERROR(profile_at(theta, &r.profile));

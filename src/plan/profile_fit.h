@@ -54,7 +54,8 @@ Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan
 // The free parameters. Rate classes are scales of the start profile's rates (scalar and the
 // calibrated tables' columns): gemm (forward projections, narrow products), gemm_bwd, batched,
 // attention, attention_bwd, mem (forward passes, streams), mem_bwd; link_gbps, link_latency_us
-// and module_overhead_us are values (a zero start value starts at 100 GB/s, 10 us, 10 us).
+// and module_overhead_us are values (a zero start value starts at 100 GB/s, 10 us, 10 us), fitted
+// in log space like the scales; attention_len_exp (rate ~ L^x) is fitted as is, clamped to [-4, 4].
 const std::vector<std::string>& fit_parameter_names();
 
 struct FitOptions {
