@@ -4,7 +4,6 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
-#include <sstream>
 
 #include "commands.h"
 #include "foldcube/planner.h"
@@ -19,15 +18,6 @@ struct ProfileArgs {
   double prior = 0;
   int fit_devices = 0;  // fit on the rows with this device count only; predict the others
 };
-
-Status read_text(const std::string& path, std::string* out) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) return Status::NotFound("cannot open " + path);
-  std::ostringstream ss;
-  ss << f.rdbuf();
-  *out = ss.str();
-  return Status::OK();
-}
 
 Status fit_command(const ProfileArgs& a) {
   std::vector<FitRow> all, rows, extra;
@@ -44,14 +34,8 @@ Status fit_command(const ProfileArgs& a) {
   }
   EvoformerConfig cfg;
   if (!a.config.empty()) FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &cfg));
-  DeviceProfile start;
-  if (a.start.empty()) {
-    FC_RETURN_IF_ERROR(load_or_calibrate_profile("", false, &start));
-  } else {
-    std::string text;
-    FC_RETURN_IF_ERROR(read_text(a.start, &text));
-    FC_RETURN_IF_ERROR(DeviceProfile::from_json(text, &start).WithContext(a.start));
-  }
+  DeviceProfile start;  // empty path: this machine's, calibrated and cached
+  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.start, false, &start));
   FitOptions opts;
   opts.params = split(a.params, ',');
   opts.prior_weight = a.prior;

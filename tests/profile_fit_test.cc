@@ -56,6 +56,9 @@ struct BadTable {
   std::string needle;  // the one-line message contains this
 };
 
+// ctest lists a parameter by its printed value: the case name.
+void PrintTo(const BadTable& b, std::ostream* os) { *os << b.name; }
+
 class ProfileFitTableErrors : public testing::TestWithParam<BadTable> {};
 
 TEST_P(ProfileFitTableErrors, OneLineNamingFileAndLine) {
@@ -81,7 +84,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadTable{"ZeroResidues", H + "1,0,3,0,,1,,,,,\n", "column r: '0' is out of range"},
         BadTable{"MissingBlocks", H + "1,2,,0,,1,,,,,\n", "column blocks: '' is empty"},
         BadTable{"TrainNotBool", H + "1,2,3,2,,1,,,,,\n", "column train"},
-        BadTable{"BadPolicy", H + "1,2,3,1,small,1,,,,,\n", "column policy: 'small'"},
+        BadTable{"BadPolicy", H + "1,2,3,1,tiny,1,,,,,\n", "column policy: 'tiny'"},
         BadTable{"DapNotDividing", H + "1,2,3,1,,4,3,,,,\n", "column dap: '3' must divide"},
         BadTable{"BadDtype", H + "1,2,3,1,,1,,fp8,,,\n", "column dtype: 'fp8'"},
         BadTable{"NaNTime", H + "1,2,3,1,,1,,,nan,,\n", "column time_ms: 'nan' must be finite"},

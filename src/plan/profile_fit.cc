@@ -83,7 +83,7 @@ Status parse_line(const std::string& where, const std::string& line, FitRow* row
   if (!c[4].empty()) {
     Recompute rc;
     if (!parse_recompute(c[4], &rc).ok())
-      return cell_error(where, "policy", c[4], "is not none|module|block (or empty)");
+      return cell_error(where, "policy", c[4], "is not none|module|block (small|large; or empty)");
     row->policy = rc;
   }
   FC_RETURN_IF_ERROR(parse_int(where, "devices", c[5], 1, 4096, &v));

@@ -31,7 +31,8 @@ struct FitRow {
   std::optional<double> time_ms, peak_mb, activation_mb;
 };
 
-// Strict parser: the exact header, 11 cells per line, integers in range (s, r <= 2^20, blocks
+// policy: none|module|block (the seeds' small|large also). Strict parser: the exact header, 11
+// cells per line, integers in range (s, r <= 2^20, blocks
 // <= 1024, devices, dap <= 4096), finite non-negative measurements below 1e12; blank lines and
 // lines starting with '#' are skipped. Errors are one line naming name:line.
 Status parse_fit_table(const std::string& text, const std::string& name, std::vector<FitRow>* out);
