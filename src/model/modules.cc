@@ -116,11 +116,14 @@ kern::LayerNormLinearArgs qkvg_args(const LayerNormW& ln, const GatedAttentionW&
 }
 
 // linear_o of the chunk's attention output o (q slots of qkvg p [n*L, 4*H*C]) added to items
-// [n0, n0 + n) of S (strided when transposed, as qkvg_args reads them).
-kern::LinearResidualArgs output_args(const GatedAttentionW& w, const float* p, float* S, int64_t n0,
-                                     int64_t n, int64_t N, int64_t L, int64_t c, bool transposed) {
+// [n0, n0 + n) of S (strided when transposed, as qkvg_args reads them). wo: gemm_weights(w.o.w,
+// dtype).
+kern::LinearResidualArgs output_args(const GatedAttentionW& w, const Tensor& wo, DType dtype,
+                                     const float* p, float* S, int64_t n0, int64_t n, int64_t N,
+                                     int64_t L, int64_t c, bool transposed) {
   kern::LinearResidualArgs a;
   a.B = n, a.L = L, a.in = w.o.w.dim(1), a.out = c;
+  a.dtype = dtype, a.W_bf16 = bf16_ptr(wo);
   a.x = p, a.ldx = 4 * a.in;
   a.W = w.o.w.f32(), a.bias = bias_ptr(w.o);
   a.y = S + (transposed ? n0 * c : n0 * L * c);
@@ -138,6 +141,7 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   const int64_t hc = H * C, ld = 4 * hc;
   const Tensor wb = gemm_weights(w.w_qkvg, ctx.dtype);  // [4*H*C, c] bf16 (BF16 only)
+  const Tensor wo = gemm_weights(w.o.w, ctx.dtype);     // [c, H*C] bf16 (BF16 only)
   Tensor qkvg = Tensor::empty({ch * L, ld});            // [(b, l), q | k | v | g] of a chunk
   float* p = qkvg.f32();
   for (int64_t n0 = 0; n0 < N; n0 += ch) {
@@ -161,7 +165,8 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
       kern::attention(a, scratch.f32(), ctx.threads);
     }
     {
-      const kern::LinearResidualArgs lr = output_args(w, p, S, n0, n, N, L, c, transposed);
+      const kern::LinearResidualArgs lr =
+          output_args(w, wo, ctx.dtype, p, S, n0, n, N, L, c, transposed);
       Tensor scratch = Tensor::empty({kern::linear_residual_scratch_floats(lr, ctx.threads)});
       kern::linear_residual(lr, scratch.f32(), ctx.threads);
     }
@@ -204,8 +209,8 @@ int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, in
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   if (ctx.fused) {
     kern::LinearResidualArgs lr;
-    lr.B = ch, lr.L = L, lr.in = H * C, lr.out = c;
-    return gemm_weights_bytes(4 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
+    lr.B = ch, lr.L = L, lr.in = H * C, lr.out = c, lr.dtype = ctx.dtype;
+    return gemm_weights_bytes(5 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
            std::max({kern::layernorm_linear_scratch_floats(
                          ln_linear_dims(ch, L, c, 4 * H * C, ctx.dtype), ctx.threads),
                      kern::attention_scratch_floats(attention_dims(H, C, ch, L), ctx.threads),
