@@ -160,6 +160,7 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
     a.o = p, a.o_bs = L * ld, a.o_rs = ld;
     a.mask_bias = mask_bias + n0 * L;
     a.pair_bias = bias;
+    a.dtype = ctx.dtype;
     {
       Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
       kern::attention(a, scratch.f32(), ctx.threads);
