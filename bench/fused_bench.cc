@@ -23,6 +23,7 @@
 #include "kernels/convert.h"
 #include "kernels/fused.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -68,7 +69,13 @@ void kernel_table(int64_t rows, int reps) {
   std::vector<float> qkvg0(B * L * ld), qkvg(B * L * ld), mask(B * L, 0.f), pbias(H * L * L);
   for (size_t i = 0; i < qkvg0.size(); ++i) qkvg0[i] = fc::uniform_pm1(7, i);
   for (size_t i = 0; i < pbias.size(); ++i) pbias[i] = fc::uniform_pm1(8, i);
-  double best[4][2];  // [transition, ln+linear, gemm, attention][dtype]
+  // Triangle-multiplication products at r = 256: 32 channels of [256, 256] x [256, 256]^T.
+  const int64_t tr = 256, tc = 32, trr = tr * tr;
+  std::vector<float> ta(tc * trr), tp(tc * trr);
+  for (size_t i = 0; i < ta.size(); ++i) ta[i] = fc::uniform_pm1(9, i);
+  std::vector<uint16_t> tab(tc * trr);  // bf16 of ta
+  fc::kern::f32_to_bf16(ta.data(), tab.data(), tc * trr);
+  double best[5][2];  // [transition, ln+linear, gemm, attention, products][dtype]
   for (auto& b : best) b[0] = b[1] = 1e30;
   auto time = [](auto f) {
     const auto t0 = Clock::now();
@@ -112,16 +119,24 @@ void kernel_table(int64_t rows, int reps) {
       scratch.resize(fc::kern::attention_scratch_floats(at, threads));
       best[3][d] =
           std::min(best[3][d], time([&] { fc::kern::attention(at, scratch.data(), threads); }));
+      const void* tin = d ? static_cast<const void*>(tab.data()) : ta.data();
+      best[4][d] =
+          std::min(best[4][d], time([&] {
+                     fc::kern::gemm_batched_typed(dt, tc, false, true, tr, tr, tr, 1.f, tin, tr,
+                                                  trr, tin, tr, trr, 0.f, tp.data(), tr, trr);
+                   }));
     }
   const double gf_t = 4.0 * rows * c * nh / 1e9, gf_l = 2.0 * rows * c * nh / 1e9;
   std::printf(
       "\nkernels at %lld rows (min of %d): ms (GFLOP/s)\n\n| kernel | fp32 | bf16 | "
       "bf16/fp32 time |\n|---|---|---|---|\n",
       static_cast<long long>(rows), reps);
-  const char* names[4] = {"transition 256->1024->256", "LayerNorm+Linear 256->1024",
-                          "GEMM [rows,256]x[256,1024]", "attention L=256, 8x32 heads, pair bias"};
-  const double gf[4] = {gf_t, gf_l, gf_l, 4.0 * B * H * L * L * C / 1e9};
-  for (int k = 0; k < 4; ++k)
+  const char* names[5] = {"transition 256->1024->256", "LayerNorm+Linear 256->1024",
+                          "GEMM [rows,256]x[256,1024]", "attention L=256, 8x32 heads, pair bias",
+                          "32 triangle products 256^3 (gemm_batched_typed)"};
+  const double gf[5] = {gf_t, gf_l, gf_l, 4.0 * B * H * L * L * C / 1e9,
+                        2.0 * tc * tr * tr * tr / 1e9};
+  for (int k = 0; k < 5; ++k)
     std::printf("| %s | %.1f (%.0f) | %.1f (%.0f) | %.3f |\n", names[k], best[k][0],
                 gf[k] / (best[k][0] / 1e3), best[k][1], gf[k] / (best[k][1] / 1e3),
                 best[k][1] / best[k][0]);
