@@ -15,17 +15,16 @@ namespace fc::kern::bf16dot {
 namespace {
 constexpr int kMaxRows = 8;
 
-float lo_f32(uint32_t u) {
-  const uint32_t b = u << 16;
+// The f32 value of the bf16 in the lower (hi = false) or upper half of a pair.
+float half_f32(uint32_t u, bool hi) {
+  const uint32_t b = hi ? (u & 0xFFFF0000u) : (u << 16);
   float x;
   std::memcpy(&x, &b, 4);
   return x;
 }
-float hi_f32(uint32_t u) {
-  const uint32_t b = u & 0xFFFF0000u;
-  float x;
-  std::memcpy(&x, &b, 4);
-  return x;
+// Sum of the two products of a pair with a pair.
+float pair_dot(uint32_t a, uint32_t b) {
+  return half_f32(a, false) * half_f32(b, false) + half_f32(a, true) * half_f32(b, true);
 }
 // Nearest-even bf16 bits of a finite f32.
 uint16_t round_bf16(float x) {
@@ -117,8 +116,7 @@ void logits(const uint32_t* Q, int64_t cq, int R, const uint32_t* KP, int64_t ld
     for (int64_t j = 0; j < wr; ++j) {
       float acc = 0.f;
       for (int64_t p = 0; p < cq; ++p) {
-        const uint32_t q = Q[r * cq + p], k = KP[p * ldk + j];
-        acc += lo_f32(q) * lo_f32(k) + hi_f32(q) * hi_f32(k);
+        acc += pair_dot(Q[r * cq + p], KP[p * ldk + j]);
       }
       S[r * ldS + j] = acc;
     }
@@ -146,8 +144,7 @@ void pv(const float* S, int64_t ldS, int R, int64_t w, const uint32_t* VP, int64
     for (int64_t c = 0; c < Cp; ++c) {
       float acc = first ? 0.f : O[r * Cp + c] * alpha[r];
       for (int64_t q = 0; q < pairs; ++q) {
-        const uint32_t p = P[r * ldS + q], v = VP[q * Cp + c];
-        acc += lo_f32(p) * lo_f32(v) + hi_f32(p) * hi_f32(v);
+        acc += pair_dot(P[r * ldS + q], VP[q * Cp + c]);
       }
       O[r * Cp + c] = acc;
     }
