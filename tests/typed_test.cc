@@ -77,8 +77,9 @@ TEST_P(TypedGemmBatched, Bf16MatchesReferenceAndThreadCounts) {
     got.push_back(y);
   }
   omp_set_num_threads(saved);
-  if (c.batch >= 2)  // each product single-threaded on its thread in both runs
+  if (c.batch >= 2) {  // each product single-threaded on its thread in both runs
     EXPECT_EQ(std::memcmp(got[0].data(), got[1].data(), got[0].size() * sizeof(float)), 0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, TypedGemmBatched,
