@@ -133,9 +133,10 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &opts.chunk_target_bytes));
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
   opts.recycle_tolerance = a.recycle_tolerance;
-  // --memory-budget X per rank: the one-process plan for N*X over the whole problem, its chunk
-  // target and pair blocks divided by N (the shards are 1/N of m and z). An estimate, not a
-  // per-rank memory model: the measured per-rank peaks are printed beside the budget.
+  // --memory-budget X per rank: every rank holds the weights and features (base) and 1/N of the
+  // activations, so the one-process plan for base + N*(X - base) gives the chunk target and pair
+  // blocks, divided by N for the shards. An estimate, not a per-rank memory model: the measured
+  // per-rank peaks are printed and reported beside the budget.
   int64_t budget = 0;
   AlphaFoldPlan plan;
   if (!a.memory_budget.empty()) {
@@ -146,55 +147,69 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     AlphaFoldDims dims;
     FC_RETURN_IF_ERROR(alphafold_dims(model.config(), feats, &dims).WithContext(a.features));
     if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
-    FC_RETURN_IF_ERROR(plan_alphafold(model.config(), dims, mem_stats().live_bytes, budget * a.dap,
-                                      num_threads(), &plan));
+    const int64_t base = mem_stats().live_bytes;
+    if (budget <= base)
+      return Status::InvalidArgument("memory budget " + a.memory_budget +
+                                     " per rank is below the weights and features every rank "
+                                     "holds (" +
+                                     std::to_string(base) + " bytes)");
+    FC_RETURN_IF_ERROR(plan_alphafold(model.config(), dims, base, base + a.dap * (budget - base),
+                                      num_threads(), &plan)
+                           .WithContext("--dap " + std::to_string(a.dap) +
+                                        " (planned as one process with " + std::to_string(a.dap) +
+                                        "x the activation budget)"));
     opts.chunk_target_bytes = std::max<int64_t>(plan.chunk_target_bytes / a.dap, 1);
     opts.pair_block_bytes =
         plan.pair_block_bytes > 0 ? std::max<int64_t>(plan.pair_block_bytes / a.dap, 1) : 0;
   }
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
-  std::map<std::string, Tensor> out;
+  AlphaFoldDapOutputs outs;
   AlphaFoldDapStats ds;
   const int64_t base = mem_stats().live_bytes;
+  const dist::Communicator& comm = CommAccess::get(world);
   const auto t0 = std::chrono::steady_clock::now();
-  st = alphafold_dap_forward(model, CommAccess::get(world), feats, &out, opts, &ds);
+  st = alphafold_dap_forward(model, comm, feats, &outs, opts, &ds);
   FC_RETURN_IF_ERROR(world.agree(st.WithContext(a.features), true));
   const double ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  int64_t write_peak = 0;  // tracked peak while the outputs are written (absolute)
+  if (!a.out.empty())
+    FC_RETURN_IF_ERROR(
+        world.agree(write_alphafold_dap_outputs(a.out, {{"format", "foldcube-af2-output/1"}}, outs,
+                                                comm, &write_peak),
+                    true));
+  const std::map<std::string, Tensor>& out = outs.whole;
   const std::vector<int64_t> peaks = world.all_gather_i64(ds.forward_peak_bytes);
   const std::vector<int64_t> bases = world.all_gather_i64(base);
   const std::vector<int64_t> shards = world.all_gather_i64(ds.shard_bytes);
-  const std::vector<int64_t> out_peaks = world.all_gather_i64(ds.output_peak_bytes);
+  const std::vector<int64_t> out_peaks = world.all_gather_i64(write_peak);
   const std::vector<int64_t> sent = world.all_gather_i64(ds.comm.total_bytes());
   if (world.rank() == 0) {
-    if (!a.out.empty()) {
-      TensorFile f;
-      f.metadata["format"] = "foldcube-af2-output/1";
-      for (const auto& [name, t] : out) f.put("output." + name, t);
-      st = write_safetensors(a.out, f);
-    }
     if (st.ok() && !a.quiet) {
       print_summary(a, out, stats, ms, peaks[0]);
       std::printf("  DAP over %d ranks; forward tracked peak per rank (MiB):", a.dap);
       for (int64_t p : peaks) std::printf(" %.1f", p / 1048576.0);
       std::printf("\n  shards of m+z per rank (MiB):");
       for (int64_t b : shards) std::printf(" %.1f", b / 1048576.0);
+      if (!a.out.empty()) {
+        std::printf("\n  writing the outputs, tracked peak per rank (MiB):");
+        for (int64_t p : out_peaks) std::printf(" %.1f", p / 1048576.0);
+      }
       std::printf("\n");
       if (budget > 0)
         std::printf("  memory budget %.1f MiB per rank: largest rank peak %.1f MiB\n",
-                    budget / 1048576.0,
-                    *std::max_element(peaks.begin(), peaks.end()) / 1048576.0);
+                    budget / 1048576.0, *std::max_element(peaks.begin(), peaks.end()) / 1048576.0);
     }
     if (st.ok() && !a.report.empty()) {
       nlohmann::json j;
       j["model"] = "af2";
       j["dap"] = a.dap;
       j["time_ms"] = ms;
-      j["rank_forward_peak_tracked_bytes"] = peaks;  // absolute, during the forward
-      j["rank_base_tracked_bytes"] = bases;          // weights and features on each rank
-      j["rank_shard_bytes"] = shards;                // the Evoformer's shards of m and z
-      j["rank_output_gather_peak_bytes"] = out_peaks;
+      j["rank_forward_peak_tracked_bytes"] = peaks;   // absolute, during the forward
+      j["rank_base_tracked_bytes"] = bases;           // weights and features on each rank
+      j["rank_shard_bytes"] = shards;                 // the Evoformer's shards of m and z
+      j["rank_output_write_peak_bytes"] = out_peaks;  // absolute, while writing --out
       j["rank_sent_bytes"] = sent;
       if (budget > 0)
         j["memory_budget"] = {{"budget_bytes_per_rank", budget},

@@ -70,7 +70,7 @@ Tensor gather_rows(const Tensor& shard, int64_t rows, int64_t cols,
 }  // namespace
 
 Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& comm,
-                             const FeatureDict& feats, std::map<std::string, Tensor>* out,
+                             const FeatureDict& feats, AlphaFoldDapOutputs* out,
                              const AlphaFoldOptions& opts, AlphaFoldDapStats* stats) {
   const AlphaFold::Impl& M = AlphaFoldAccess::impl(model);
   const AlphaFoldConfig& cfg = M.cfg;
@@ -311,21 +311,73 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
     stats->shard_bytes = shard_bytes;
     stats->comm = comm.stats().since(comm0);
   }
-  // Outputs to the root, one at a time: pair rows cropped to [r, r, c], MSA rows to [S, r, c].
-  MemoryScope out_scope;
-  for (auto& [name, t] : pair_shards) {
-    Tensor g = gather_rows(t, r, r, comm);
-    t = Tensor();
-    if (me == 0) result[name] = name == "predicted_aligned_error" ? g.reshape({r, r}) : g;
-  }
-  for (auto& [name, t] : msa_shards) {
-    Tensor g = gather_rows(t, S, r, comm);
-    t = Tensor();
-    if (me == 0) result[name] = g;
-  }
-  if (stats != nullptr) stats->output_peak_bytes = out_scope.peak();
-  if (me == 0) *out = std::move(result);
+  AlphaFoldDapOutputs o;
+  o.whole = std::move(result);
+  for (auto& [name, t] : pair_shards)
+    o.rows[name] = {t, r, name == "predicted_aligned_error" ? Shape{r, r} : Shape{r, r, t.dim(2)}};
+  for (auto& [name, t] : msa_shards) o.rows[name] = {t, S, Shape{S, r, t.dim(2)}};
+  *out = std::move(o);
   return Status::OK();
+}
+
+void gather_alphafold_dap_outputs(const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,
+                                  std::map<std::string, Tensor>* out) {
+  std::map<std::string, Tensor> res;
+  if (comm.rank() == 0) res = outs.whole;
+  for (const auto& [name, x] : outs.rows) {
+    Tensor g = gather_rows(x.shard, x.rows, x.shape[1], comm);  // [rows, r, c] on the root
+    if (comm.rank() == 0) res[name] = g.reshape(x.shape);
+  }
+  if (comm.rank() == 0) *out = std::move(res);
+}
+
+Status write_alphafold_dap_outputs(const std::string& path,
+                                   const std::map<std::string, std::string>& metadata,
+                                   const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,
+                                   int64_t* peak_bytes) {
+  MemoryScope scope;
+  const int n = comm.size(), me = comm.rank();
+  // File order: every output by name (the one-process writer's order). A sharded output is
+  // broadcast from each rank in turn (one shard at a time) and the root writes its real rows.
+  std::map<std::string, std::pair<const Tensor*, const AlphaFoldDapOutputs::Rows*>> all;
+  for (const auto& [name, t] : outs.whole) all["output." + name] = {&t, nullptr};
+  for (const auto& [name, x] : outs.rows) all["output." + name] = {nullptr, &x};
+  std::vector<TensorSpec> specs;
+  for (const auto& [name, v] : all)
+    specs.push_back(v.first ? TensorSpec{name, v.first->dtype(), v.first->shape()}
+                            : TensorSpec{name, DType::F32, v.second->shape});
+  // The broadcasts in a fixed order; the root runs those the writer did not (after an I/O
+  // error) so that no rank waits.
+  std::vector<const AlphaFoldDapOutputs::Rows*> sharded;
+  for (const auto& [name, v] : all)
+    if (v.second) sharded.push_back(v.second);
+  size_t done = 0;  // broadcast steps (tensor, rank) run so far
+  auto step = [&](const AlphaFoldDapOutputs::Rows& x, int k, const ByteSink* sink) -> Status {
+    const int64_t loc = x.shard.dim(0), w = x.shard.dim(1), c = x.shard.numel() / (loc * w);
+    Tensor buf = me == k ? x.shard.contiguous() : Tensor::empty(x.shard.shape());  // [loc, w, c]
+    comm.broadcast(buf.f32(), buf.numel(), k);
+    ++done;
+    if (sink == nullptr) return Status::OK();
+    const int64_t r = x.shape[1];  // columns
+    for (int64_t i = 0; i < valid_rows(x.rows, loc, k); ++i)
+      FC_RETURN_IF_ERROR((*sink)(buf.f32() + i * w * c, r * c * kF));
+    return Status::OK();
+  };
+  Status st;
+  if (me == 0) {
+    st = write_safetensors_streamed(path, metadata, specs, [&](size_t i, const ByteSink& sink) {
+      const auto& v = std::next(all.begin(), static_cast<long>(i))->second;
+      if (v.first) return sink(v.first->contiguous().data<char>(), v.first->nbytes());
+      for (int k = 0; k < n; ++k) FC_RETURN_IF_ERROR(step(*v.second, k, &sink));
+      return Status::OK();
+    });
+  }
+  for (size_t s = 0; s < sharded.size() * n; ++s)
+    if (s >= done) step(*sharded[s / n], static_cast<int>(s % n), nullptr);
+  std::string err = st.ok() ? "" : st.message();
+  comm.broadcast_string(&err, 0);
+  if (peak_bytes) *peak_bytes = scope.peak();
+  return err.empty() ? Status::OK() : Status::IOError(err);
 }
 
 }  // namespace fc

@@ -15,8 +15,19 @@ namespace fc {
 struct AlphaFoldDapStats {
   int64_t forward_peak_bytes = 0;  // tracked peak of this rank during the forward (absolute)
   int64_t shard_bytes = 0;         // this rank's Evoformer shards of m and z (last pass)
-  int64_t output_peak_bytes = 0;   // tracked peak while the outputs are gathered (absolute)
   dist::CommStats comm;            // this rank's collectives during the forward
+};
+
+// The outputs of a sharded forward on one rank: the small ones whole (the same on every rank)
+// and this rank's rows of the pair- and MSA-sized ones.
+struct AlphaFoldDapOutputs {
+  std::map<std::string, Tensor> whole;
+  struct Rows {
+    Tensor shard;  // [loc, w, c]: rows k*loc .. of rank k (rows >= `rows` and columns >= r unused)
+    int64_t rows = 0;  // real rows (r for the pair outputs, S for the MSA ones)
+    Shape shape;       // the whole output's shape ([rows, r, c], or [r, r] for the PAE)
+  };
+  std::map<std::string, Rows> rows;
 };
 
 // AlphaFold::forward over the ranks of comm, each holding the same model and features. Layouts
@@ -30,11 +41,22 @@ struct AlphaFoldDapStats {
 //                                of its pair rows all-gathered (af2::PairRows)
 //   heads                        distogram (+ its transpose by all-to-all), TM logits, PAE,
 //                                masked MSA on the shards; pTM as the max over ranks
-// After the forward the root (rank 0) gathers the outputs into *out, one tensor at a time (the
-// pair-sized outputs are whole there only then); other ranks' *out is left empty. Not supported:
-// trace, pad_to. opts.stats receives this rank's per-stage entries.
+// Not supported: trace, pad_to. opts.stats receives this rank's per-stage entries.
 Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& comm,
-                             const FeatureDict& features, std::map<std::string, Tensor>* out,
+                             const FeatureDict& features, AlphaFoldDapOutputs* out,
                              const AlphaFoldOptions& opts = {}, AlphaFoldDapStats* stats = nullptr);
+
+// Collective: the root's *out receives every output whole (gathered one at a time; the pair-sized
+// ones are then whole on the root); other ranks' *out is left empty.
+void gather_alphafold_dap_outputs(const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,
+                                  std::map<std::string, Tensor>* out);
+
+// Collective: the root writes every output as `output.<name>` to a safetensors file (the
+// one-process layout) with the given metadata, receiving one rank's shard at a time, so no rank
+// holds a whole pair- or MSA-sized output. Every rank returns the root's status.
+Status write_alphafold_dap_outputs(const std::string& path,
+                                   const std::map<std::string, std::string>& metadata,
+                                   const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,
+                                   int64_t* peak_bytes = nullptr);
 
 }  // namespace fc
