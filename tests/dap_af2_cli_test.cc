@@ -2,9 +2,7 @@
 // holding only its shards of m and z gives the one-process outputs and OpenFold's golden outputs,
 // and each rank's tracked peak drops with N. Every launch runs under `timeout`.
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -15,27 +13,14 @@
 namespace fc {
 namespace {
 
-struct Launch {
-  int code;
-  std::string out;  // stdout + stderr
-};
-
-Launch launch(const std::string& cmd) {
+// `foldcube <args>` on np MPI ranks (np 0: without mpirun), under timeout.
+test::Result launch(int np, const std::string& args) {
   const std::string limit = std::to_string(static_cast<int>(120 * test::kTimeScale));
-  FILE* p = popen(("timeout " + limit + " " + cmd + " 2>&1").c_str(), "r");
-  Launch r{-1, ""};
-  if (!p) return r;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-  const int st = pclose(p);
-  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-  return r;
-}
-
-std::string cli() { return FOLDCUBE_CLI_PATH; }
-std::string mpirun(int np) {
-  return std::string(FOLDCUBE_MPIEXEC) + " -np " + std::to_string(np) + " --oversubscribe ";
+  return test::run_cli_env("timeout " + limit +
+                               (np > 0 ? " " + std::string(FOLDCUBE_MPIEXEC) + " -np " +
+                                             std::to_string(np) + " --oversubscribe"
+                                       : ""),
+                           args);
 }
 
 // Worst golden-metric error over every output.<name> of `ref` (which `got` must all hold).
@@ -75,15 +60,15 @@ double worst_output_err(const std::string& got_path, const std::string& ref_path
 TEST(DapAf2Cli, GoldenTinyOnTwoAndFourRanksMatchesOneProcessAndOpenFold) {
   const std::string g = test::data_path("af2_model_tiny.safetensors");
   const std::string one = test::temp_file("af2_one.safetensors");
-  Launch r1 = launch(cli() + " run --model af2 --weights " + g + " --features " + g + " --out " +
-                     one + " --threads 1 --quiet");
+  test::Result r1 = launch(0, "run --model af2 --weights " + g + " --features " + g + " --out " +
+                                  one + " --threads 1 --quiet");
   ASSERT_EQ(r1.code, 0) << r1.out;
   for (int np : {2, 4}) {
     const std::string out = test::temp_file("af2_dap" + std::to_string(np) + ".safetensors");
     const std::string rep = test::temp_file("af2_dap" + std::to_string(np) + ".json");
-    Launch r =
-        launch(mpirun(np) + cli() + " run --model af2 --weights " + g + " --features " + g +
-               " --out " + out + " --report " + rep + " --threads 1 --dap " + std::to_string(np));
+    test::Result r =
+        launch(np, "run --model af2 --weights " + g + " --features " + g + " --out " + out +
+                       " --report " + rep + " --threads 1 --dap " + std::to_string(np));
     ASSERT_EQ(r.code, 0) << r.out;
     EXPECT_NE(r.out.find("forward tracked peak per rank"), std::string::npos) << r.out;
     std::string name;
@@ -101,13 +86,13 @@ TEST(DapAf2Cli, GoldenTinyOnTwoAndFourRanksMatchesOneProcessAndOpenFold) {
 // normalisation of the structure module amplifies summation-order noise: 2.6e-5 in sm.angles).
 TEST(DapAf2Cli, RandomJobWithPaddingOnThreeRanksMatchesOneProcess) {
   const std::string args =
-      " run --model af2 --r 13 --s 5 --extra 7 --templates 2 --blocks 2 --recycles 1 --threads 1 "
+      "run --model af2 --r 13 --s 5 --extra 7 --templates 2 --blocks 2 --recycles 1 --threads 1 "
       "--quiet --out ";
   const std::string one = test::temp_file("af2_rand1.safetensors");
   const std::string three = test::temp_file("af2_rand3.safetensors");
-  Launch r1 = launch(cli() + args + one);
+  test::Result r1 = launch(0, args + one);
   ASSERT_EQ(r1.code, 0) << r1.out;
-  Launch r3 = launch(mpirun(3) + cli() + args + three + " --dap 3");
+  test::Result r3 = launch(3, args + three + " --dap 3");
   ASSERT_EQ(r3.code, 0) << r3.out;
   std::string name;
   EXPECT_LT(worst_output_err(three, one, &name), 1e-4) << name;
@@ -119,14 +104,14 @@ TEST(DapAf2Cli, RandomJobWithPaddingOnThreeRanksMatchesOneProcess) {
 // shard at a time) adds at most one z shard to a rank's forward peak.
 TEST(DapAf2Cli, RankPeakDropsWithTwoRanks) {
   const std::string args =
-      " run --model af2 --r 48 --s 16 --extra 32 --templates 2 --blocks 2 --recycles 1 "
+      "run --model af2 --r 48 --s 16 --extra 32 --templates 2 --blocks 2 --recycles 1 "
       "--threads 1 --quiet --out " +
       test::temp_file("af2_peak.safetensors") + " --report ";
   const std::string rep1 = test::temp_file("af2_peak1.json");
   const std::string rep2 = test::temp_file("af2_peak2.json");
-  Launch r1 = launch(cli() + args + rep1 + " --dap 1");
+  test::Result r1 = launch(0, args + rep1 + " --dap 1");
   ASSERT_EQ(r1.code, 0) << r1.out;
-  Launch r2 = launch(mpirun(2) + cli() + args + rep2 + " --dap 2");
+  test::Result r2 = launch(2, args + rep2 + " --dap 2");
   ASSERT_EQ(r2.code, 0) << r2.out;
   nlohmann::json j1 = nlohmann::json::parse(std::ifstream(rep1));
   nlohmann::json j2 = nlohmann::json::parse(std::ifstream(rep2));

@@ -279,20 +279,7 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
         }
         return Status::OK();
       }));
-      result["final_atom_positions"] = x37;
-      result["final_atom_mask"] = mask37;
-      result["final_affine_tensor"] = sm_out.frames.select(0, L - 1).contiguous();
-      result["single"] = s;
-      result["sm.frames"] = sm_out.frames;
-      result["sm.sidechain_frames"] = sm_out.sidechain_frames;
-      result["sm.unnormalized_angles"] = sm_out.unnormalized_angles;
-      result["sm.angles"] = sm_out.angles;
-      result["sm.positions"] = sm_out.positions;
-      result["sm.states"] = sm_out.states;
-      result["sm.single"] = sm_out.single;
-      Tensor nrec = Tensor::empty({}, DType::I64);
-      nrec.data<int64_t>()[0] = k + 1;
-      result["num_recycles"] = nrec;
+      af2::put_last_pass_outputs(sm_out, x37, mask37, s, k + 1, &result);
       pair_shards["pair"] = z;
       msa_shards["msa"] = m;
       break;

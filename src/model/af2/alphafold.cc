@@ -566,22 +566,9 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
         run_heads(f, m_all, z, s, sm_out, &result);
         return Status::OK();
       }));
-      result["final_atom_positions"] = x37;
-      result["final_atom_mask"] = mask37;
-      result["final_affine_tensor"] = sm_out.frames.select(0, L - 1).contiguous();
-      result["single"] = s;
+      af2::put_last_pass_outputs(sm_out, x37, mask37, s, k + 1, &result);
       result["msa"] = m_all.slice(0, 0, S).contiguous();
       result["pair"] = z;
-      result["sm.frames"] = sm_out.frames;
-      result["sm.sidechain_frames"] = sm_out.sidechain_frames;
-      result["sm.unnormalized_angles"] = sm_out.unnormalized_angles;
-      result["sm.angles"] = sm_out.angles;
-      result["sm.positions"] = sm_out.positions;
-      result["sm.states"] = sm_out.states;
-      result["sm.single"] = sm_out.single;
-      Tensor nrec = Tensor::empty({}, DType::I64);
-      nrec.data<int64_t>()[0] = k + 1;
-      result["num_recycles"] = nrec;
       break;
     }
     m_prev = m_all.select(0, 0).clone();  // not a view that would keep m_all alive
@@ -590,6 +577,26 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   }
   *out = std::move(result);
   return Status::OK();
+}
+
+void af2::put_last_pass_outputs(const StructureModuleOutput& sm_out, const Tensor& x37,
+                                const Tensor& mask37, const Tensor& s, int passes_run,
+                                std::map<std::string, Tensor>* out) {
+  std::map<std::string, Tensor>& o = *out;
+  o["final_atom_positions"] = x37;
+  o["final_atom_mask"] = mask37;
+  o["final_affine_tensor"] = sm_out.frames.select(0, sm_out.frames.dim(0) - 1).contiguous();
+  o["single"] = s;
+  o["sm.frames"] = sm_out.frames;
+  o["sm.sidechain_frames"] = sm_out.sidechain_frames;
+  o["sm.unnormalized_angles"] = sm_out.unnormalized_angles;
+  o["sm.angles"] = sm_out.angles;
+  o["sm.positions"] = sm_out.positions;
+  o["sm.states"] = sm_out.states;
+  o["sm.single"] = sm_out.single;
+  Tensor nrec = Tensor::empty({}, DType::I64);
+  nrec.data<int64_t>()[0] = passes_run;
+  o["num_recycles"] = nrec;
 }
 
 void AlphaFold::Impl::embed_inputs(const PassFeatures& f, float* m, float* z) const {

@@ -137,6 +137,11 @@ double ca_distance_change(const Tensor& prev, const Tensor& cur, const Tensor& s
 // untouched).
 void template_pair_feat(const PassFeatures& f, int64_t t, int64_t i0, int64_t n, int64_t ld,
                         float* out);
+// The outputs of the last pass that every rank holds whole: final atoms and frames, the Evoformer
+// single s, the structure module's sm.* and num_recycles (= passes_run).
+void put_last_pass_outputs(const StructureModuleOutput& sm_out, const Tensor& x37,
+                           const Tensor& mask37, const Tensor& s, int passes_run,
+                           std::map<std::string, Tensor>* out);
 }  // namespace af2
 
 }  // namespace fc
