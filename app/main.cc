@@ -4,10 +4,13 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 
 #include "commands.h"
 #include "foldcube/memory.h"
+#include "foldcube/parallel.h"
+#include "foldcube/runtime.h"
 
 namespace {
 CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
@@ -202,6 +205,26 @@ void use_passive_openmp_wait(char** argv) {
   ::execv("/proc/self/exe", argv);
 }
 
+// Runs the command on run_shielded's helper thread (signals never land inside a kernel) while
+// the main thread takes Ctrl-C: the first stops the command at its next module, block or stage
+// boundary and exits with 130, no output of an unfinished job written (outputs are written to a
+// temporary file and renamed); a second ends the process at once.
+int run_interruptible(const std::function<int()>& command) {
+  static const char kNotice[] =
+      "\nfoldcube: Ctrl-C: stopping at the next module boundary (Ctrl-C again to quit now)\n";
+  fc::SigintCancelScope scope(kNotice);
+  int rc = 2;
+  const fc::Status st = fc::run_shielded([&]() -> fc::Status {
+    rc = command();
+    return fc::Status::OK();
+  });
+  if (scope.interrupted()) {
+    std::fprintf(stderr, "foldcube: interrupted; outputs of unfinished jobs were not written\n");
+    return 130;
+  }
+  return st.ok() ? rc : 1;
+}
+
 int main(int argc, char** argv) {
   use_passive_openmp_wait(argv);
   // Large tensors are reused from the heap rather than mapped afresh (foldcube/memory.h).
@@ -227,10 +250,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   ra.blocks_given = run->count("--blocks") > 0;
-  if (*run) return fc::app::run_command(ra);
-  if (*bench) return fc::app::bench_command(ba, argv[0]);
-  if (*plan) return fc::app::plan_command(pa);
-  if (const int rc = features(); rc >= 0) return rc;
-  if (const int rc = fold(); rc >= 0) return rc;
-  return 2;
+  const auto command = [&]() -> int {
+    if (*run) return fc::app::run_command(ra);
+    if (*bench) return fc::app::bench_command(ba, argv[0]);
+    if (*plan) return fc::app::plan_command(pa);
+    if (const int rc = features(); rc >= 0) return rc;
+    if (const int rc = fold(); rc >= 0) return rc;
+    return 2;
+  };
+  // Under mpirun a Ctrl-C keeps its default action: ranks would stop at different blocks and
+  // wait for each other in a collective. Otherwise it stops the command at its next cancel check.
+  if (fc::mpi_launched_world_size() > 1) return command();
+  return run_interruptible(command);
 }

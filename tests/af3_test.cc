@@ -79,6 +79,18 @@ TEST(SwiGluKernel, MatchesReference) {
   kern::swiglu(fa.data(), ld, b.data() + 1, ld, rows, n);
   kern::ref::swiglu(ra.data(), ld, b.data() + 1, ld, rows, n);
   EXPECT_LT(test::max_abs_diff(fa.data(), ra.data(), rows * ld), 1e-5);
+  // Contiguous rows (one long vector) and a size that takes the threaded path.
+  for (const int64_t big_rows : {int64_t{3}, int64_t{2000}}) {
+    std::vector<float> x(big_rows * n), y(big_rows * n);
+    for (size_t i = 0; i < x.size(); ++i) {
+      x[i] = std::sin(0.013f * i) * 9.f;
+      y[i] = std::cos(0.05f * i);
+    }
+    std::vector<float> fx = x, rx = x;
+    kern::swiglu(fx.data(), n, y.data(), n, big_rows, n);
+    kern::ref::swiglu(rx.data(), n, y.data(), n, big_rows, n);
+    EXPECT_LT(test::max_abs_diff(fx.data(), rx.data(), big_rows * n), 1e-5) << big_rows;
+  }
   std::vector<float> fda(rows * n), fdb(rows * n), rda(rows * n), rdb(rows * n);
   kern::swiglu_backward(a.data(), ld, b.data() + 1, ld, dy.data(), n, fda.data(), n, fdb.data(), n,
                         rows, n);

@@ -434,27 +434,45 @@ TEST(Cli, AbsurdSizesAreAUserError) {
   EXPECT_NE(r.out.find("cannot allocate"), std::string::npos) << r.out;
 }
 
-// Ctrl-C during a run: the process ends on SIGINT, and the file at --out keeps its previous
-// contents (the output goes to a temporary that is renamed only when complete).
-TEST(CliInterrupt, SigintLeavesPreviousOutput) {
-  const std::string out = tmp("sigint_" + std::to_string(getpid()) + ".safetensors");
-  std::ofstream(out) << "previous";
+// Starts `foldcube run` (a job far longer than the test waits) with its output at `out` and its
+// stdout/stderr in `log`, and sends it a SIGINT one second after the start.
+int interrupted_run(const std::string& out, const std::string& log) {
   const pid_t pid = fork();
-  ASSERT_GE(pid, 0);
+  if (pid < 0) return -1;
   if (pid == 0) {
+    std::freopen(log.c_str(), "w", stdout);
+    dup2(fileno(stdout), STDERR_FILENO);
     execl(FOLDCUBE_CLI_PATH, FOLDCUBE_CLI_PATH, "run", "--s", "128", "--r", "256", "--blocks", "8",
           "--threads", "1", "--out", out.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
   std::this_thread::sleep_for(std::chrono::seconds(1));
-  ASSERT_EQ(kill(pid, SIGINT), 0);
+  if (kill(pid, SIGINT) != 0) return -1;
   int st = 0;
-  ASSERT_EQ(waitpid(pid, &st, 0), pid);
-  EXPECT_TRUE(WIFSIGNALED(st) || (WIFEXITED(st) && WEXITSTATUS(st) != 0)) << st;
-  std::ifstream f(out);
-  const std::string contents((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  EXPECT_EQ(contents, "previous");
+  if (waitpid(pid, &st, 0) != pid) return -1;
+  return st;
+}
+
+std::string read_all(const std::string& path) {
+  std::ifstream f(path);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// Ctrl-C during a run stops it at the next module boundary: exit code 130, a message saying so,
+// and the file at --out keeps its previous contents (outputs go to a temporary that is renamed
+// only when complete; none was started).
+TEST(CliInterrupt, SigintStopsTheRunAndKeepsPreviousOutput) {
+  const std::string out = tmp("sigint_" + std::to_string(getpid()) + ".safetensors");
+  const std::string log = tmp("sigint_" + std::to_string(getpid()) + ".log");
+  std::ofstream(out) << "previous";
+  const int st = interrupted_run(out, log);
+  const std::string said = read_all(log);
+  ASSERT_TRUE(WIFEXITED(st)) << st << said;
+  EXPECT_EQ(WEXITSTATUS(st), 130) << said;
+  EXPECT_NE(said.find("foldcube: interrupted"), std::string::npos) << said;
+  EXPECT_EQ(read_all(out), "previous");
   std::remove(out.c_str());
+  std::remove(log.c_str());
 }
 
 }  // namespace

@@ -55,13 +55,28 @@ TEST(Cancel, StopsTheStacksAndTheWholeModelUntilCleared) {
 int g_previous_calls = 0;
 void previous_handler(int) { ++g_previous_calls; }
 
+// Installs previous_handler for SIGINT (counting calls from 0) for the test's duration.
+class PreviousHandler {
+ public:
+  PreviousHandler() {
+    g_previous_calls = 0;
+    struct sigaction mine {};
+    mine.sa_handler = previous_handler;
+    sigemptyset(&mine.sa_mask);
+    installed_ = sigaction(SIGINT, &mine, &old_) == 0;
+  }
+  ~PreviousHandler() { sigaction(SIGINT, &old_, nullptr); }
+  bool installed() const { return installed_; }
+
+ private:
+  struct sigaction old_ {};
+  bool installed_ = false;
+};
+
 TEST(Cancel, SigintScopeSetsTheFlagAndRestoresThePreviousHandler) {
   CancelGuard guard;
-  struct sigaction mine {
-  }, old{};
-  mine.sa_handler = previous_handler;
-  sigemptyset(&mine.sa_mask);
-  ASSERT_EQ(sigaction(SIGINT, &mine, &old), 0);
+  PreviousHandler previous;
+  ASSERT_TRUE(previous.installed());
   {
     SigintCancelScope scope;
     EXPECT_FALSE(scope.interrupted());
@@ -73,7 +88,23 @@ TEST(Cancel, SigintScopeSetsTheFlagAndRestoresThePreviousHandler) {
   }
   raise(SIGINT);  // the previous handler again
   EXPECT_EQ(g_previous_calls, 1);
-  sigaction(SIGINT, &old, nullptr);
+}
+
+// A second SIGINT in the scope runs the previous action at once (the CLI: the process ends);
+// the first only sets the flag.
+TEST(Cancel, SecondSigintInTheScopeRunsThePreviousHandler) {
+  CancelGuard guard;
+  PreviousHandler previous;
+  ASSERT_TRUE(previous.installed());
+  {
+    SigintCancelScope scope;
+    raise(SIGINT);
+    EXPECT_EQ(g_previous_calls, 0);
+    EXPECT_TRUE(cancel_requested());
+    raise(SIGINT);
+    EXPECT_EQ(g_previous_calls, 1);
+    EXPECT_TRUE(scope.interrupted());
+  }
 }
 
 TEST(Cancel, RunShieldedRunsOnAHelperThreadThatBlocksSignals) {

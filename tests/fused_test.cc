@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "foldcube/af3.h"
 #include "foldcube/extra_msa.h"
 #include "foldcube/io.h"
 #include "foldcube/model.h"
@@ -158,10 +159,11 @@ TEST(FusedLinearResidual, StridedAndContiguousRows) {
 struct TransCase {
   int64_t rows, c, n;
   bool masked;
+  bool swiglu = false;  // AF3's SwiGLU transition (f32 only)
 };
 std::string TransName(const TransCase& c) {
   return "rows" + std::to_string(c.rows) + "_c" + std::to_string(c.c) + "_x" + std::to_string(c.n) +
-         (c.masked ? "_masked" : "");
+         (c.masked ? "_masked" : "") + (c.swiglu ? "_swiglu" : "");
 }
 void PrintTo(const TransCase& c, std::ostream* os) { *os << TransName(c); }
 
@@ -169,11 +171,11 @@ class FusedTransition : public ::testing::TestWithParam<TransCase> {};
 
 TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
   const TransCase c = GetParam();
-  const int64_t nh = c.n * c.c;
+  const int64_t nh = c.n * c.c, nh1 = c.swiglu ? 2 * nh : nh;  // nh1: first Linear's outputs
   const std::vector<float> x0 = vec(c.rows * c.c, 11, 2.f, -0.3f);
   const std::vector<float> gamma = vec(c.c, 12, 0.1f, 1.f), beta = vec(c.c, 13, 0.1f);
-  const std::vector<float> W1 = vec(nh * c.c, 14, 1.f / std::sqrt(float(c.c)));
-  const std::vector<float> b1 = vec(nh, 15, 0.1f);
+  const std::vector<float> W1 = vec(nh1 * c.c, 14, 1.f / std::sqrt(float(c.c)));
+  const std::vector<float> b1 = vec(nh1, 15, 0.1f);
   const std::vector<float> W2 = vec(c.c * nh, 16, 1.f / std::sqrt(float(nh)));
   const std::vector<float> b2 = vec(c.c, 17, 0.1f);
   std::vector<float> mask(c.rows);
@@ -183,9 +185,11 @@ TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
   a.gamma = gamma.data(), a.beta = beta.data(), a.eps = 1e-5f;
   a.W1 = W1.data(), a.b1 = b1.data(), a.W2 = W2.data(), a.b2 = b2.data();
   a.row_scale = c.masked ? mask.data() : nullptr;
+  a.swiglu = c.swiglu;
 
   const std::vector<uint16_t> W1b = to_bf16(W1), W2b = to_bf16(W2);
   for (DType dt : {DType::F32, DType::BF16}) {
+    if (c.swiglu && dt == DType::BF16) continue;
     a.dtype = dt;
     a.W1_bf16 = W1b.data(), a.W2_bf16 = W2b.data();
     const double tol = dt == DType::BF16 ? kBf16Tol : kF32Tol;
@@ -212,12 +216,13 @@ TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, FusedTransition,
-                         ::testing::Values(TransCase{1, 8, 4, false}, TransCase{45, 16, 4, true},
-                                           TransCase{700, 32, 4, false},
-                                           TransCase{300, 256, 4, false},
-                                           TransCase{301, 64, 2, true}),
-                         [](const auto& info) { return TransName(info.param); });
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, FusedTransition,
+    ::testing::Values(TransCase{1, 8, 4, false}, TransCase{45, 16, 4, true},
+                      TransCase{700, 32, 4, false}, TransCase{300, 256, 4, false},
+                      TransCase{301, 64, 2, true}, TransCase{1, 8, 4, false, true},
+                      TransCase{700, 32, 4, false, true}, TransCase{301, 64, 2, true, true}),
+    [](const auto& info) { return TransName(info.param); });
 
 // Normwise relative difference of two tensors of equal shape.
 double tensor_rel_err(const Tensor& a, const Tensor& b) {
@@ -260,6 +265,34 @@ TEST(FusedBlock, EvoformerAndExtraMsaMatchUnfused) {
       EXPECT_LT(tensor_rel_err(out[1][i], out[0][i]), 1e-5) << "chunk " << chunk << " out " << i;
     for (int i = 0; i < 2; ++i)
       EXPECT_LT(tensor_rel_err(xout[1][i], xout[0][i]), 1e-5) << "chunk " << chunk << " xout " << i;
+  }
+}
+
+// The AF3 Pairformer (its single, pair and both SwiGLU transitions fused) against its unfused
+// reference path, over automatic and forced chunking and a padded-token mask.
+TEST(FusedBlock, PairformerMatchesUnfused) {
+  Af3Config cfg;
+  cfg.c_s = 32, cfg.c_z = 16, cfg.no_heads_single = 4, cfg.no_heads_pair = 2;
+  cfg.c_hidden_pair = 8, cfg.no_blocks = 2;
+  const PairformerStack pf = PairformerStack::random(cfg, 23);
+  const int64_t n = 19;
+  Tensor s0 = Tensor::empty({n, cfg.c_s}), z0 = Tensor::empty({n, n, cfg.c_z});
+  for (int64_t i = 0; i < s0.numel(); ++i) s0.f32()[i] = uniform_pm1(33, i);
+  for (int64_t i = 0; i < z0.numel(); ++i) z0.f32()[i] = uniform_pm1(34, i);
+  Tensor mask = Tensor::full({n}, 1.f);
+  mask.f32()[n - 1] = mask.f32()[n - 2] = 0.f;
+  for (int64_t chunk : {0, 1, 5}) {
+    Tensor out[2][2];  // [fused][s, z]
+    for (int fused = 0; fused < 2; ++fused) {
+      ForwardOptions opts;
+      opts.chunk = chunk;
+      opts.fused = fused == 1;
+      Tensor s = s0.clone(), z = z0.clone();
+      ASSERT_TRUE(pf.forward(s, z, mask, opts).ok());
+      out[fused][0] = s, out[fused][1] = z;
+    }
+    for (int i = 0; i < 2; ++i)
+      EXPECT_LT(tensor_rel_err(out[1][i], out[0][i]), 1e-5) << "chunk " << chunk << " out " << i;
   }
 }
 

@@ -29,10 +29,12 @@ bool cancel_requested();
 // While a scope is open, SIGINT (Ctrl-C) sets the cancel flag instead of running the previous
 // handler; the constructor clears the flag and the destructor restores the previous SIGINT
 // action. For front ends (the CLI, the Python package) around one long call from one thread, run
-// through run_shielded; scopes must not overlap in time.
+// through run_shielded; scopes must not overlap in time. `notice` (a static string, may be null)
+// is written to stderr on the first SIGINT; a second SIGINT in the scope runs the previous action
+// (by default: the process ends at once).
 class SigintCancelScope {
  public:
-  SigintCancelScope();
+  explicit SigintCancelScope(const char* notice = nullptr);
   ~SigintCancelScope();
   SigintCancelScope(const SigintCancelScope&) = delete;
   SigintCancelScope& operator=(const SigintCancelScope&) = delete;

@@ -6,7 +6,10 @@ command line); every computation runs in the library with the GIL released, and 
 
 - ``Evoformer.load(path)`` / ``Evoformer.random(config, seed)``; ``ev(m, z)`` -> ``(m, z, s)``;
   ``ev.train_step(m, z, grad_m, grad_z)`` -> outputs, input and parameter gradients.
-- ``ExtraMsaStack`` (forward), ``AlphaFold.load(params).predict(features)``.
+- ``ExtraMsaStack`` (forward and ``train_step``), ``AlphaFold.load(params).predict(features)``.
+- AlphaFold3 trunk (Boltz names): ``Pairformer`` (``pf(s, z, mask)``, ``train_step``) and
+  ``MsaModule`` (``mm(z, emb, msa_feat, msa_mask, token_mask)``, ``train_step``);
+  ``af3_msa_features``.
 - ``features(fasta, msa)``, ``fold(fasta, params, out)``, ``plan(s=, r=, ...)``.
 - ``foldcube.torch`` (when PyTorch is installed): the Evoformer as a ``torch.nn.Module``.
 
@@ -14,14 +17,26 @@ Arrays: float32, C-contiguous arrays are used in place without a copy; the stack
 outputs into the ``m`` and ``z`` they are given and return those same arrays. See docs/python.md.
 """
 
-from ._core import (
+import os as _os
+
+# OpenMP threads that spin while waiting slow everything down when another process shares the
+# cores (docs/benchmarks.md, "OpenMP waiting"); the CLI re-executes itself with a passive policy,
+# and the package asks for the same before libgomp starts, unless the user chose a policy. It has
+# no effect when libgomp was already loaded (e.g. by torch imported first).
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "passive"
+
+from ._core import (  # noqa: E402
     AlphaFold,
     Evoformer,
     ExtraMsaStack,
     MemoryScope,
+    MsaModule,
     NotFoundError,
+    Pairformer,
     Plan,
     __version__,
+    af3_msa_features,
     features,
     fold,
     memory_stats,
@@ -36,8 +51,11 @@ __all__ = [
     "Evoformer",
     "ExtraMsaStack",
     "MemoryScope",
+    "MsaModule",
     "NotFoundError",
+    "Pairformer",
     "Plan",
+    "af3_msa_features",
     "__version__",
     "features",
     "fold",

@@ -125,7 +125,7 @@ class Evoformer:
         "peak_bytes", "forward_ms", "backward_ms"}. Gradients do not depend on the policy."""
 
 class ExtraMsaStack:
-    """The AlphaFold2 Extra-MSA stack (inference); its config's c_m is c_e."""
+    """The AlphaFold2 Extra-MSA stack (inference and training); its config's c_m is c_e."""
 
     @staticmethod
     def load(path: Union[str, PathLike], config: Optional[str] = None) -> ExtraMsaStack: ...
@@ -148,6 +148,105 @@ class ExtraMsaStack:
         threads: Optional[int] = None,
     ) -> Tuple[F32, F32]:
         """m [s, r, c_e], z [r, r, c_z], overwritten with the outputs and returned."""
+    def train_step(
+        self,
+        m: F32,
+        z: F32,
+        grad_m: F32,
+        grad_z: F32,
+        *,
+        msa_mask: Optional[F32] = None,
+        pair_mask: Optional[F32] = None,
+        policy: Policy = "none",
+        dropout: bool = False,
+        seed: int = 0,
+        chunk: Optional[int] = None,
+        threads: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Forward (m, z updated in place) and exact backward: m, z, grad_m, grad_z, grad_params
+        (OpenFold names), activation_bytes, peak_bytes, forward_ms, backward_ms."""
+
+Af3Config = Optional[Mapping[str, Any]]  # overrides of the AF3 dims: c_s, c_z, no_blocks, ...
+
+class Pairformer:
+    """Boltz-2's Pairformer stack (AlphaFold3 trunk), parameters under Boltz names."""
+
+    @staticmethod
+    def load(path: Union[str, PathLike]) -> Pairformer: ...
+    @staticmethod
+    def random(config: Af3Config = None, seed: int = 0) -> Pairformer: ...
+    @property
+    def config(self) -> Dict[str, Any]: ...
+    def state_dict(self) -> Dict[str, F32]: ...
+    def __call__(
+        self,
+        s: F32,
+        z: F32,
+        mask: Optional[F32] = None,
+        *,
+        chunk: Optional[int] = None,
+        threads: Optional[int] = None,
+    ) -> Tuple[F32, F32]:
+        """s [n, c_s], z [n, n, c_z] overwritten with the outputs and returned; mask [n]."""
+    def train_step(
+        self,
+        s: F32,
+        z: F32,
+        grad_s: F32,
+        grad_z: F32,
+        *,
+        mask: Optional[F32] = None,
+        policy: Policy = "none",
+        dropout: bool = False,
+        seed: int = 0,
+        chunk: Optional[int] = None,
+        threads: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """s, z, grad_s, grad_z, grad_params (Boltz names), activation_bytes, peak_bytes, ..."""
+
+class MsaModule:
+    """Boltz-2's MSA module (AlphaFold3 trunk), parameters under Boltz names."""
+
+    @staticmethod
+    def load(path: Union[str, PathLike]) -> MsaModule: ...
+    @staticmethod
+    def random(config: Af3Config = None, seed: int = 0) -> MsaModule: ...
+    @property
+    def config(self) -> Dict[str, Any]: ...
+    def state_dict(self) -> Dict[str, F32]: ...
+    def __call__(
+        self,
+        z: F32,
+        emb: F32,
+        msa_feat: F32,
+        msa_mask: Optional[F32] = None,
+        token_mask: Optional[F32] = None,
+        *,
+        chunk: Optional[int] = None,
+        threads: Optional[int] = None,
+    ) -> F32:
+        """z [n, n, c_z] overwritten and returned; emb [n, c_s]; msa_feat [N, n, 36]."""
+    def train_step(
+        self,
+        z: F32,
+        emb: F32,
+        msa_feat: F32,
+        grad_z: F32,
+        *,
+        msa_mask: Optional[F32] = None,
+        token_mask: Optional[F32] = None,
+        policy: Policy = "none",
+        dropout: bool = False,
+        seed: int = 0,
+        chunk: Optional[int] = None,
+        threads: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """z, grad_z, grad_emb, grad_msa_embedding, grad_params (Boltz names), ..."""
+
+def af3_msa_features(
+    msa: npt.NDArray[np.int64], has_deletion: F32, deletion_value: F32, msa_paired: F32
+) -> F32:
+    """Boltz's MSA feature [N, n, 36]: one_hot(msa, 33) | has_deletion | deletion_value | paired."""
 
 class AlphaFold:
     """The whole AlphaFold2 monomer model (inference)."""

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "arrays.h"
+#include "foldcube/af3.h"
 #include "foldcube/alphafold.h"
 #include "foldcube/features.h"
 #include "foldcube/fold.h"
@@ -238,6 +239,44 @@ std::vector<fc::Recompute> policy_arg(nb::handle obj) {
   return p;
 }
 
+// The options of a training step without a plan.
+fc::TrainOptions train_options(nb::handle policy, bool dropout, uint64_t seed,
+                               std::optional<int64_t> chunk) {
+  fc::TrainOptions to;
+  to.policy = policy_arg(policy);
+  to.chunk = chunk_arg(chunk);
+  to.dropout = dropout;
+  to.seed = seed;
+  return to;
+}
+
+// What every train_step returns besides its streams: input gradients are added by the caller;
+// parameter gradients under the stack's state_dict names, the step's kept activations, tracked
+// peak and times.
+nb::dict train_dict(const fc::TrainResult& res) {
+  nb::dict params;
+  for (const auto& [name, t] : res.grad_params) params[name.c_str()] = to_numpy(t);
+  nb::dict out;
+  out["grad_params"] = params;
+  out["activation_bytes"] = res.activation_bytes;
+  out["peak_bytes"] = res.peak_bytes;
+  out["forward_ms"] = res.forward_ms;
+  out["backward_ms"] = res.backward_ms;
+  return out;
+}
+
+// dL/d output m and z of an Evoformer-shaped stack call.
+std::pair<fc::Tensor, fc::Tensor> take_stream_grads(const fc::EvoformerConfig& cfg,
+                                                    const Streams& in, nb::handle grad_m,
+                                                    nb::handle grad_z) {
+  const std::string ms = "[s=" + std::to_string(in.s) + ", r=" + std::to_string(in.r) +
+                         ", c_m=" + std::to_string(cfg.c_m) + "]";
+  const std::string zs = "[r=" + std::to_string(in.r) + ", r=" + std::to_string(in.r) +
+                         ", c_z=" + std::to_string(cfg.c_z) + "]";
+  return {take_f32(grad_m, {"grad_m", in.m.shape(), ms}),
+          take_f32(grad_z, {"grad_z", in.z.shape(), zs})};
+}
+
 nb::dict evoformer_train_step(Evoformer& self, nb::handle m, nb::handle z, nb::handle grad_m,
                               nb::handle grad_z, nb::handle grad_s, nb::handle msa_mask,
                               nb::handle pair_mask, nb::handle policy, bool dropout, uint64_t seed,
@@ -246,46 +285,30 @@ nb::dict evoformer_train_step(Evoformer& self, nb::handle m, nb::handle z, nb::h
   const fc::Job& job = self.job;
   const fc::EvoformerConfig& cfg = job.cfg;
   Streams in = take_streams(cfg, m, z, msa_mask, pair_mask, true);
-  const std::string ms = "[s=" + std::to_string(in.s) + ", r=" + std::to_string(in.r) +
-                         ", c_m=" + std::to_string(cfg.c_m) + "]";
-  const std::string zs = "[r=" + std::to_string(in.r) + ", r=" + std::to_string(in.r) +
-                         ", c_z=" + std::to_string(cfg.c_z) + "]";
-  const fc::Tensor gm = take_f32(grad_m, {"grad_m", in.m.shape(), ms});
-  const fc::Tensor gz = take_f32(grad_z, {"grad_z", in.z.shape(), zs});
+  const auto [gm, gz] = take_stream_grads(cfg, in, grad_m, grad_z);
   const fc::Tensor gs = take_f32_opt(
       grad_s, {"grad_s",
                {in.r, cfg.c_s},
                "[r=" + std::to_string(in.r) + ", c_s=" + std::to_string(cfg.c_s) + "]"});
-  fc::TrainOptions to;
-  const std::vector<fc::Recompute> pol = policy_arg(policy);
+  fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
   if (plan != nullptr) {
-    if (!pol.empty() || chunk)
+    if (!to.policy.empty() || chunk)
       throw nb::value_error("plan: the plan sets the policy and chunking; drop policy and chunk");
     check_plan(*plan, cfg, in, true);
     to = fc::to_train_options(*plan);
-  } else {
-    to.policy = pol;
-    to.chunk = chunk_arg(chunk);
+    to.dropout = dropout;
+    to.seed = seed;
   }
-  to.dropout = dropout;
-  to.seed = seed;
   fc::TrainResult res;
   compute(threads_arg(threads), [&] {
     return job.stack.train_step(in.m, in.z, in.msa_mask, in.pair_mask, gm, gz, gs, to, &res);
   });
-  nb::dict params;
-  for (const auto& [name, t] : res.grad_params) params[name.c_str()] = to_numpy(t);
-  nb::dict out;
+  nb::dict out = train_dict(res);
   out["m"] = m;
   out["z"] = z;
   out["s"] = to_numpy(res.s);
   out["grad_m"] = to_numpy(res.grad_m);
   out["grad_z"] = to_numpy(res.grad_z);
-  out["grad_params"] = params;
-  out["activation_bytes"] = res.activation_bytes;
-  out["peak_bytes"] = res.peak_bytes;
-  out["forward_ms"] = res.forward_ms;
-  out["backward_ms"] = res.backward_ms;
   return out;
 }
 
@@ -299,6 +322,236 @@ nb::tuple extra_call(ExtraMsa& self, nb::handle m, nb::handle z, nb::handle msa_
   compute(threads_arg(threads),
           [&] { return job.extra_stack.forward(in.m, in.z, in.msa_mask, in.pair_mask, fo); });
   return nb::make_tuple(m, z);
+}
+
+nb::dict extra_train_step(ExtraMsa& self, nb::handle m, nb::handle z, nb::handle grad_m,
+                          nb::handle grad_z, nb::handle msa_mask, nb::handle pair_mask,
+                          nb::handle policy, bool dropout, uint64_t seed,
+                          std::optional<int64_t> chunk, std::optional<int> threads) {
+  const fc::Job& job = self.job;
+  Streams in = take_streams(job.cfg, m, z, msa_mask, pair_mask, true);
+  const auto [gm, gz] = take_stream_grads(job.cfg, in, grad_m, grad_z);
+  const fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  fc::TrainResult res;
+  compute(threads_arg(threads), [&] {
+    return job.extra_stack.train_step(in.m, in.z, in.msa_mask, in.pair_mask, gm, gz, to, &res);
+  });
+  nb::dict out = train_dict(res);
+  out["m"] = m;
+  out["z"] = z;
+  out["grad_m"] = to_numpy(res.grad_m);
+  out["grad_z"] = to_numpy(res.grad_z);
+  return out;
+}
+
+// ---- AlphaFold3 trunk stacks (Boltz names) -----------------------------------------------------
+
+struct Pairformer {
+  fc::PairformerStack stack;
+};
+struct MsaModulePy {
+  fc::MsaModule module;
+};
+
+// An AF3 config from a dict of overrides (None: AF3 / Boltz-2 dims) for a stack of `kind`.
+fc::Af3Config af3_config_arg(nb::handle obj, const std::string& kind) {
+  fc::Af3Config c;
+  c.kind = kind;
+  if (!obj.is_none()) {
+    if (!nb::isinstance<nb::dict>(obj)) throw nb::type_error("config: expected a dict or None");
+    const std::pair<const char*, int64_t*> ints[] = {{"c_s", &c.c_s},
+                                                     {"c_z", &c.c_z},
+                                                     {"c_m", &c.c_m},
+                                                     {"no_heads_single", &c.no_heads_single},
+                                                     {"no_heads_pair", &c.no_heads_pair},
+                                                     {"c_hidden_pair", &c.c_hidden_pair},
+                                                     {"transition_n", &c.transition_n},
+                                                     {"no_blocks", &c.no_blocks}};
+    const std::pair<const char*, float*> floats[] = {{"pair_dropout", &c.pair_dropout},
+                                                     {"msa_dropout", &c.msa_dropout}};
+    for (auto [k, v] : nb::borrow<nb::dict>(obj)) {
+      const std::string key = nb::cast<std::string>(nb::str(k));
+      bool known = false;
+      for (const auto& [name, field] : ints)
+        if (key == name) {
+          if (!nb::try_cast(v, *field, false))
+            throw nb::type_error(("config: " + key + " must be an int").c_str());
+          known = true;
+        }
+      for (const auto& [name, field] : floats)
+        if (key == name) {
+          *field = nb::cast<float>(v);
+          known = true;
+        }
+      if (!known) throw nb::value_error(("config: unknown key '" + key + "'").c_str());
+    }
+  }
+  check(c.validate().WithContext("config"));
+  return c;
+}
+
+nb::dict af3_config_dict(const fc::Af3Config& c) {
+  nb::dict d;
+  d["kind"] = c.kind;
+  d["c_s"] = c.c_s;
+  d["c_z"] = c.c_z;
+  d["c_m"] = c.c_m;
+  d["no_heads_single"] = c.no_heads_single;
+  d["no_heads_pair"] = c.no_heads_pair;
+  d["c_hidden_pair"] = c.c_hidden_pair;
+  d["transition_n"] = c.transition_n;
+  d["no_blocks"] = c.no_blocks;
+  d["pair_dropout"] = c.pair_dropout;
+  d["msa_dropout"] = c.msa_dropout;
+  return d;
+}
+
+// The weights of a Boltz state dict file and the config read from them; a file of the other AF3
+// stack is a ValueError.
+fc::TensorFile read_af3(const std::filesystem::path& path, const std::string& kind,
+                        fc::Af3Config* cfg) {
+  fc::TensorFile f;
+  compute(0, [&]() -> fc::Status {
+    FC_RETURN_IF_ERROR(fc::read_weights(path.string(), &f));
+    FC_RETURN_IF_ERROR(fc::Af3Config::from_weights(f, cfg).WithContext(path.string()));
+    if (cfg->kind != kind)
+      return fc::Status::InvalidArgument(path.string() + ": holds a Boltz " + cfg->kind +
+                                         " state dict, not a " + kind);
+    return fc::Status::OK();
+  });
+  return f;
+}
+
+std::string n_dims(const char* a, int64_t n, const char* b, int64_t c) {
+  return "[" + std::string(a) + "=" + std::to_string(n) + ", " + b + "=" + std::to_string(c) + "]";
+}
+
+// The Pairformer's arguments: s [n, c_s], z [n, n, c_z] (written in place), mask [n].
+struct SingleStreams {
+  fc::Tensor s, z, mask;
+  int64_t n = 0;
+};
+SingleStreams take_single(const fc::Af3Config& c, nb::handle s, nb::handle z, nb::handle mask) {
+  SingleStreams in;
+  in.s = take_f32(s, {"s", {-1, c.c_s}, "[n, c_s=" + std::to_string(c.c_s) + "]", true});
+  in.n = in.s.dim(0);
+  const std::string n = std::to_string(in.n);
+  in.z = take_f32(z, {"z",
+                      {in.n, in.n, c.c_z},
+                      "[n=" + n + ", n=" + n + ", c_z=" + std::to_string(c.c_z) + "]",
+                      true});
+  in.mask = take_f32_opt(mask, {"mask", {in.n}, "[n=" + n + "]"});
+  return in;
+}
+
+nb::tuple pairformer_call(Pairformer& self, nb::handle s, nb::handle z, nb::handle mask,
+                          std::optional<int64_t> chunk, std::optional<int> threads) {
+  SingleStreams in = take_single(self.stack.config(), s, z, mask);
+  fc::ForwardOptions fo;
+  fo.chunk = chunk_arg(chunk);
+  compute(threads_arg(threads), [&] { return self.stack.forward(in.s, in.z, in.mask, fo); });
+  return nb::make_tuple(s, z);
+}
+
+nb::dict pairformer_train_step(Pairformer& self, nb::handle s, nb::handle z, nb::handle grad_s,
+                               nb::handle grad_z, nb::handle mask, nb::handle policy, bool dropout,
+                               uint64_t seed, std::optional<int64_t> chunk,
+                               std::optional<int> threads) {
+  const fc::Af3Config& c = self.stack.config();
+  SingleStreams in = take_single(c, s, z, mask);
+  const std::string n = std::to_string(in.n);
+  const fc::Tensor gs = take_f32(
+      grad_s, {"grad_s", in.s.shape(), "[n=" + n + ", c_s=" + std::to_string(c.c_s) + "]"});
+  const fc::Tensor gz = take_f32(
+      grad_z,
+      {"grad_z", in.z.shape(), "[n=" + n + ", n=" + n + ", c_z=" + std::to_string(c.c_z) + "]"});
+  const fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  fc::TrainResult res;
+  compute(threads_arg(threads),
+          [&] { return self.stack.train_step(in.s, in.z, in.mask, gs, gz, to, &res); });
+  nb::dict out = train_dict(res);
+  out["s"] = s;
+  out["z"] = z;
+  out["grad_s"] = to_numpy(res.grad_m);
+  out["grad_z"] = to_numpy(res.grad_z);
+  return out;
+}
+
+// The MSA module's arguments: z [n, n, c_z] (written in place), emb [n, c_s], msa_feat
+// [N, n, msa_feat], msa_mask [N, n], token_mask [n].
+struct MsaInputs {
+  fc::Tensor z, emb, msa_feat, msa_mask, token_mask;
+  int64_t n = 0, rows = 0;
+};
+MsaInputs take_msa_inputs(const fc::Af3Config& c, nb::handle z, nb::handle emb, nb::handle msa_feat,
+                          nb::handle msa_mask, nb::handle token_mask) {
+  MsaInputs in;
+  in.emb = take_f32(emb, {"emb", {-1, c.c_s}, "[n, c_s=" + std::to_string(c.c_s) + "]"});
+  in.n = in.emb.dim(0);
+  const std::string n = std::to_string(in.n);
+  in.z = take_f32(z, {"z",
+                      {in.n, in.n, c.c_z},
+                      "[n=" + n + ", n=" + n + ", c_z=" + std::to_string(c.c_z) + "]",
+                      true});
+  in.msa_feat = take_f32(
+      msa_feat,
+      {"msa_feat", {-1, in.n, c.msa_feat}, "[N, n=" + n + ", " + std::to_string(c.msa_feat) + "]"});
+  in.rows = in.msa_feat.dim(0);
+  in.msa_mask =
+      take_f32_opt(msa_mask, {"msa_mask", {in.rows, in.n}, n_dims("N", in.rows, "n", in.n)});
+  in.token_mask = take_f32_opt(token_mask, {"token_mask", {in.n}, "[n=" + n + "]"});
+  return in;
+}
+
+nb::object msa_module_call(MsaModulePy& self, nb::handle z, nb::handle emb, nb::handle msa_feat,
+                           nb::handle msa_mask, nb::handle token_mask, std::optional<int64_t> chunk,
+                           std::optional<int> threads) {
+  MsaInputs in = take_msa_inputs(self.module.config(), z, emb, msa_feat, msa_mask, token_mask);
+  fc::ForwardOptions fo;
+  fo.chunk = chunk_arg(chunk);
+  compute(threads_arg(threads), [&] {
+    return self.module.forward(in.z, in.emb, in.msa_feat, in.msa_mask, in.token_mask, fo);
+  });
+  return nb::borrow(z);
+}
+
+nb::dict msa_module_train_step(MsaModulePy& self, nb::handle z, nb::handle emb, nb::handle msa_feat,
+                               nb::handle grad_z, nb::handle msa_mask, nb::handle token_mask,
+                               nb::handle policy, bool dropout, uint64_t seed,
+                               std::optional<int64_t> chunk, std::optional<int> threads) {
+  const fc::Af3Config& c = self.module.config();
+  MsaInputs in = take_msa_inputs(c, z, emb, msa_feat, msa_mask, token_mask);
+  const std::string n = std::to_string(in.n);
+  const fc::Tensor gz = take_f32(
+      grad_z,
+      {"grad_z", in.z.shape(), "[n=" + n + ", n=" + n + ", c_z=" + std::to_string(c.c_z) + "]"});
+  const fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  fc::TrainResult res;
+  fc::Tensor grad_emb;
+  compute(threads_arg(threads), [&] {
+    return self.module.train_step(in.z, in.emb, in.msa_feat, in.msa_mask, in.token_mask, gz, to,
+                                  &res, &grad_emb);
+  });
+  nb::dict out = train_dict(res);
+  out["z"] = z;
+  out["grad_z"] = to_numpy(res.grad_z);
+  out["grad_emb"] = to_numpy(grad_emb);
+  out["grad_msa_embedding"] = to_numpy(res.grad_m);
+  return out;
+}
+
+nb::object af3_msa_features(nb::handle msa, nb::handle has_deletion, nb::handle deletion_value,
+                            nb::handle msa_paired) {
+  const fc::Tensor tm = take_any(msa, "msa");
+  if (tm.ndim() != 2) throw nb::value_error("msa: expected [N, n] token classes (int64)");
+  const fc::Shape sh = tm.shape();
+  const std::string d = n_dims("N", sh[0], "n", sh[1]);
+  const fc::Tensor hd = take_f32(has_deletion, {"has_deletion", sh, d});
+  const fc::Tensor dv = take_f32(deletion_value, {"deletion_value", sh, d});
+  const fc::Tensor mp = take_f32(msa_paired, {"msa_paired", sh, d});
+  fc::Tensor out;
+  compute(0, [&] { return fc::msa_features(tm, hd, dv, mp, &out); });
+  return to_numpy(out);
 }
 
 // ---- Whole model, features, fold ---------------------------------------------------------------
@@ -593,7 +846,87 @@ NB_MODULE(_core, mod) {
            })
       .def("__call__", &extra_call, "m"_a, "z"_a, "msa_mask"_a = nb::none(),
            "pair_mask"_a = nb::none(), nb::kw_only(), "memory_budget"_a = nb::none(),
-           "chunk"_a = nb::none(), "threads"_a = nb::none());
+           "chunk"_a = nb::none(), "threads"_a = nb::none())
+      .def("train_step", &extra_train_step, "m"_a, "z"_a, "grad_m"_a, "grad_z"_a, nb::kw_only(),
+           "msa_mask"_a = nb::none(), "pair_mask"_a = nb::none(), "policy"_a = "none",
+           "dropout"_a = false, "seed"_a = 0, "chunk"_a = nb::none(), "threads"_a = nb::none());
+
+  nb::class_<Pairformer>(mod, "Pairformer")
+      .def_static(
+          "load",
+          [](const std::filesystem::path& path) {
+            fc::Af3Config cfg;
+            const fc::TensorFile f = read_af3(path, "pairformer", &cfg);
+            Pairformer p;
+            compute(0, [&] { return fc::PairformerStack::load(cfg, f, &p.stack); });
+            return p;
+          },
+          "path"_a)
+      .def_static(
+          "random",
+          [](nb::handle config, uint64_t seed) {
+            const fc::Af3Config cfg = af3_config_arg(config, "pairformer");
+            Pairformer p;
+            compute(0, [&] {
+              p.stack = fc::PairformerStack::random(cfg, seed);
+              return fc::Status::OK();
+            });
+            return p;
+          },
+          "config"_a = nb::none(), "seed"_a = 0)
+      .def_prop_ro("config", [](const Pairformer& p) { return af3_config_dict(p.stack.config()); })
+      .def("state_dict",
+           [](const Pairformer& p) {
+             fc::TensorFile f;
+             p.stack.export_weights(&f);
+             return state_dict_of(f);
+           })
+      .def("__call__", &pairformer_call, "s"_a, "z"_a, "mask"_a = nb::none(), nb::kw_only(),
+           "chunk"_a = nb::none(), "threads"_a = nb::none())
+      .def("train_step", &pairformer_train_step, "s"_a, "z"_a, "grad_s"_a, "grad_z"_a,
+           nb::kw_only(), "mask"_a = nb::none(), "policy"_a = "none", "dropout"_a = false,
+           "seed"_a = 0, "chunk"_a = nb::none(), "threads"_a = nb::none());
+
+  nb::class_<MsaModulePy>(mod, "MsaModule")
+      .def_static(
+          "load",
+          [](const std::filesystem::path& path) {
+            fc::Af3Config cfg;
+            const fc::TensorFile f = read_af3(path, "msa_module", &cfg);
+            MsaModulePy p;
+            compute(0, [&] { return fc::MsaModule::load(cfg, f, &p.module); });
+            return p;
+          },
+          "path"_a)
+      .def_static(
+          "random",
+          [](nb::handle config, uint64_t seed) {
+            const fc::Af3Config cfg = af3_config_arg(config, "msa_module");
+            MsaModulePy p;
+            compute(0, [&] {
+              p.module = fc::MsaModule::random(cfg, seed);
+              return fc::Status::OK();
+            });
+            return p;
+          },
+          "config"_a = nb::none(), "seed"_a = 0)
+      .def_prop_ro("config",
+                   [](const MsaModulePy& p) { return af3_config_dict(p.module.config()); })
+      .def("state_dict",
+           [](const MsaModulePy& p) {
+             fc::TensorFile f;
+             p.module.export_weights(&f);
+             return state_dict_of(f);
+           })
+      .def("__call__", &msa_module_call, "z"_a, "emb"_a, "msa_feat"_a, "msa_mask"_a = nb::none(),
+           "token_mask"_a = nb::none(), nb::kw_only(), "chunk"_a = nb::none(),
+           "threads"_a = nb::none())
+      .def("train_step", &msa_module_train_step, "z"_a, "emb"_a, "msa_feat"_a, "grad_z"_a,
+           nb::kw_only(), "msa_mask"_a = nb::none(), "token_mask"_a = nb::none(),
+           "policy"_a = "none", "dropout"_a = false, "seed"_a = 0, "chunk"_a = nb::none(),
+           "threads"_a = nb::none());
+  mod.def("af3_msa_features", &af3_msa_features, "msa"_a, "has_deletion"_a, "deletion_value"_a,
+          "msa_paired"_a);
 
   nb::class_<AlphaFold>(mod, "AlphaFold")
       .def_static(

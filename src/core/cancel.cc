@@ -1,6 +1,7 @@
 // The process-wide cancel flag and the SIGINT scope of foldcube/runtime.h.
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -19,9 +20,22 @@ std::atomic<bool> g_sigint{false};  // a SIGINT arrived while a scope was open
 struct sigaction g_previous {};     // the SIGINT action before the open scope
 static_assert(std::atomic<bool>::is_always_lock_free, "the signal handler needs a lock-free flag");
 
+const char* g_notice = nullptr;  // written to stderr on the first SIGINT, may be null
+
+// The first SIGINT sets the flags; a second one restores the previous action and raises the
+// signal again (for the CLI: the default action, the process ends at once).
 void on_sigint(int) {
+  if (g_sigint.load(std::memory_order_relaxed)) {
+    sigaction(SIGINT, &g_previous, nullptr);
+    raise(SIGINT);
+    return;
+  }
   g_sigint.store(true, std::memory_order_relaxed);
   g_cancel.store(true, std::memory_order_relaxed);
+  if (g_notice != nullptr) {
+    const ssize_t n = write(STDERR_FILENO, g_notice, std::strlen(g_notice));
+    (void)n;
+  }
 }
 }  // namespace
 
@@ -29,11 +43,13 @@ void request_cancel() { g_cancel.store(true, std::memory_order_relaxed); }
 void clear_cancel() { g_cancel.store(false, std::memory_order_relaxed); }
 bool cancel_requested() { return g_cancel.load(std::memory_order_relaxed); }
 
-SigintCancelScope::SigintCancelScope() {
+SigintCancelScope::SigintCancelScope(const char* notice) {
   g_sigint.store(false);
   clear_cancel();
+  g_notice = notice;
   struct sigaction act {};
   act.sa_handler = on_sigint;
+  act.sa_flags = SA_RESTART;  // reads and writes of the waiting thread resume after the handler
   sigemptyset(&act.sa_mask);
   installed_ = sigaction(SIGINT, &act, &g_previous) == 0;
 }

@@ -182,6 +182,15 @@ void SigmoidMulRows(float* y, int64_t ldy, const float* g, int64_t ldg, int64_t 
          [d](V vy, V vg) HWY_ATTR { return hn::Mul(vy, Sigmoid(d, vg)); });
 }
 
+// a = a * sigmoid(a) * b (SwiGLU: silu(fc1) * fc2).
+void SiluMulRows(float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n) {
+  if (lda == n && ldb == n) n *= std::exchange(rows, 1);
+  const D d;
+  for (int64_t r = 0; r < rows; ++r)
+    Map2(d, a + r * lda, b + r * ldb, static_cast<size_t>(n),
+         [d](V va, V vb) HWY_ATTR { return hn::Mul(hn::Mul(va, Sigmoid(d, va)), vb); });
+}
+
 void SigmoidRows(float* x, int64_t ld, int64_t rows, int64_t n) {
   if (ld == n) n *= std::exchange(rows, 1);
   const D d;
@@ -222,6 +231,7 @@ namespace fc::kern {
 HWY_EXPORT(LayerNormRows);
 HWY_EXPORT(SoftmaxRows);
 HWY_EXPORT(SigmoidMulRows);
+HWY_EXPORT(SiluMulRows);
 HWY_EXPORT(SigmoidRows);
 HWY_EXPORT(ReluRows);
 HWY_EXPORT(AddRows);
@@ -266,6 +276,12 @@ void softmax_rows(float* x, int64_t ld, int64_t rows, int64_t n) {
 void sigmoid_mul(float* y, int64_t ldy, const float* g, int64_t ldg, int64_t rows, int64_t n) {
   for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
     HWY_DYNAMIC_DISPATCH(SigmoidMulRows)(y + r0 * ldy, ldy, g + r0 * ldg, ldg, r1 - r0, n);
+  });
+}
+
+void swiglu(float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n) {
+  for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(SiluMulRows)(a + r0 * lda, lda, b + r0 * ldb, ldb, r1 - r0, n);
   });
 }
 

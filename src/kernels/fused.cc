@@ -135,26 +135,43 @@ int64_t transition_block_rows(int64_t c, int64_t hidden, DType) {
   return block_rows_for(c + hidden);
 }
 
+namespace {
+// Width of the first Linear's output: hidden, or fc1 | fc2 for SwiGLU.
+int64_t first_width(const TransitionArgs& a) { return a.swiglu ? 2 * a.hidden : a.hidden; }
+}  // namespace
+
 int64_t transition_scratch_floats(const TransitionArgs& a, int threads) {
-  const int64_t rb = transition_block_rows(a.c, a.hidden, a.dtype);
+  const int64_t nh1 = first_width(a), rb = transition_block_rows(a.c, nh1, a.dtype);
   if (a.rows <= 0) return 0;
   return busy_threads(a.rows, rb, threads) *
-         slot_floats(std::min(rb, a.rows) * (a.c + a.hidden), a.dtype);
+         slot_floats(std::min(rb, a.rows) * (a.c + nh1), a.dtype);
 }
 
 void transition(const TransitionArgs& a, float* scratch, int threads) {
   FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
-  const int64_t c = a.c, nh = a.hidden, rb = transition_block_rows(c, nh, a.dtype);
-  const int64_t rows_max = std::min(rb, a.rows);
-  const int64_t per_slot = slot_floats(rows_max * (c + nh), a.dtype);
+  FC_CHECK_MSG(!a.swiglu || a.dtype == DType::F32, "the SwiGLU transition is f32 only");
+  const int64_t c = a.c, nh = a.hidden, nh1 = first_width(a);
+  const int64_t rb = transition_block_rows(c, nh1, a.dtype), rows_max = std::min(rb, a.rows);
+  const int64_t per_slot = slot_floats(rows_max * (c + nh1), a.dtype);
   for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
     const int64_t n = g1 - g0;
-    float* t = scratch + slot * per_slot;                           // [n, c] LN(x), then the update
-    float* h = t + rows_max * c;                                    // [n, hidden]
-    uint16_t* xb = reinterpret_cast<uint16_t*>(h + rows_max * nh);  // bf16 of t or h (BF16)
+    float* t = scratch + slot * per_slot;  // [n, c] LN(x), then the update
+    float* h = t + rows_max * c;           // [n, nh1] hidden (fc1 | fc2)
+    uint16_t* xb = reinterpret_cast<uint16_t*>(h + rows_max * nh1);  // bf16 of t or h (BF16)
     float* xr = a.x + g0 * c;
     layernorm(xr, c, t, c, n, c, a.gamma, a.beta, a.eps);
-    block_linear(a.dtype, t, xb, n, c, a.W1, a.W1_bf16, a.b1, nh, h, nh, false);
+    block_linear(a.dtype, t, xb, n, c, a.W1, a.W1_bf16, a.b1, nh1, h, nh1, false);
+    if (a.swiglu) {
+      swiglu(h, nh1, h + nh, nh1, n, nh);  // silu(fc1) * fc2 into the fc1 half
+      if (a.row_scale == nullptr) {
+        linear(h, nh1, n, nh, a.W2, a.b2, c, xr, c, true);
+      } else {
+        linear(h, nh1, n, nh, a.W2, a.b2, c, t, c);
+        scale_rows(t, c, a.row_scale + g0, n, c);
+        add_inplace(xr, c, t, c, n, c);
+      }
+      return;
+    }
     relu_inplace(h, nh, n, nh);
     if (a.row_scale == nullptr) {
       block_linear(a.dtype, h, xb, n, nh, a.W2, a.W2_bf16, a.b2, c, xr, c, true);
@@ -210,12 +227,20 @@ void linear_residual(const LinearResidualArgs& a) {
 void transition(const TransitionArgs& a, float* scratch) {
   const int64_t c = a.c, nh = a.hidden;
   float* t = scratch;                                  // [c] LN(x row), then the update
-  float* h = t + c;                                    // [hidden]
+  float* h = t + c;                                    // [hidden] ([2 * hidden] SwiGLU)
   uint16_t* xb = reinterpret_cast<uint16_t*>(h + nh);  // [max(c, hidden)] bf16
   const bool bf16 = a.dtype == DType::BF16;
   for (int64_t r = 0; r < a.rows; ++r) {
     float* xr = a.x + r * c;
     ref::layernorm(xr, c, t, c, 1, c, a.gamma, a.beta, a.eps);
+    if (a.swiglu) {
+      ref::linear(t, c, 1, c, a.W1, a.b1, 2 * nh, h, 2 * nh);
+      ref::swiglu(h, 2 * nh, h + nh, 2 * nh, 1, nh);
+      ref::linear(h, 2 * nh, 1, nh, a.W2, a.b2, c, t, c);
+      const float s = a.row_scale != nullptr ? a.row_scale[r] : 1.f;
+      for (int64_t i = 0; i < c; ++i) xr[i] += t[i] * s;
+      continue;
+    }
     if (bf16)
       linear_row_bf16(t, xb, c, a.W1_bf16, a.b1, nh, h, false);
     else

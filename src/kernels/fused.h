@@ -67,6 +67,8 @@ void linear_residual(const LinearResidualArgs& a, float* scratch, int threads);
 // x [rows, c] contiguous, W1 [hidden, c], W2 [c, hidden]. Without row_scale the second Linear
 // accumulates into x directly (kern::linear with accumulate); with it, the update is scaled and
 // then added (the ExtraMSA masked transition).
+// swiglu (AF3's SwiGLU transition, F32 only): W1 [2 * hidden, c] holds fc1 then fc2 (b1
+// [2 * hidden]), and silu(fc1) * fc2 (kern::swiglu) replaces the ReLU.
 struct TransitionArgs {
   int64_t rows = 0, c = 0, hidden = 0;
   float* x = nullptr;
@@ -78,6 +80,7 @@ struct TransitionArgs {
   const float* W2 = nullptr;          // [c, hidden]
   const float* b2 = nullptr;          // [c]
   const float* row_scale = nullptr;   // [rows] or nullptr
+  bool swiglu = false;                // SwiGLU instead of ReLU (see above)
   DType dtype = DType::F32;           // GEMM inputs: F32 or BF16
   const uint16_t* W1_bf16 = nullptr;  // [hidden, c] (dtype BF16; W1, W2 unused then)
   const uint16_t* W2_bf16 = nullptr;  // [c, hidden]

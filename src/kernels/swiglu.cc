@@ -1,4 +1,5 @@
-// SwiGLU gating and its backward (AF3 transitions), with their naive references. Row-parallel
+// The SwiGLU gate's backward (AF3 transitions) and the naive references of the gate and its
+// backward (the forward gate, vectorised, is kern::swiglu in elementwise_hwy.cc). Row-parallel
 // loops in float; the references compute in double, one element at a time.
 #include <cmath>
 
@@ -10,15 +11,6 @@ namespace fc::kern {
 namespace {
 inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
 }  // namespace
-
-void swiglu(float* a, int64_t lda, const float* b, int64_t ldb, int64_t rows, int64_t n) {
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    float* ar = a + r * lda;
-    const float* br = b + r * ldb;
-    for (int64_t j = 0; j < n; ++j) ar[j] = ar[j] * sigmoidf(ar[j]) * br[j];
-  }
-}
 
 void swiglu_backward(const float* a, int64_t lda, const float* b, int64_t ldb, const float* dy,
                      int64_t lddy, float* da, int64_t ldda, float* db, int64_t lddb, int64_t rows,

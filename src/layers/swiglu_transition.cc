@@ -4,6 +4,7 @@
 
 #include "foldcube/status.h"
 #include "kernels/backward.h"
+#include "kernels/fused.h"
 #include "kernels/kernels.h"
 
 namespace fc {
@@ -16,13 +17,33 @@ int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c
   return pick_chunk(ctx, rows, (c + 2 * nc) * kF);
 }
 
+namespace {
+// The fused kernel's arguments (weights unset: only the shapes matter for the scratch size).
+kern::TransitionArgs fused_args(int64_t rows, int64_t c, int64_t nc) {
+  kern::TransitionArgs a;
+  a.rows = rows, a.c = c, a.hidden = nc, a.swiglu = true;
+  return a;
+}
+}  // namespace
+
 int64_t swiglu_transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  if (ctx.fused) return kern::transition_scratch_floats(fused_args(rows, c, nc), ctx.threads) * kF;
   return swiglu_transition_chunk(ctx, rows, c, nc) * (c + 2 * nc) * kF;
 }
 
 void swiglu_transition(const SwiGluTransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                        int64_t c) {
   const int64_t nc = w.fc3.w.dim(1);
+  if (ctx.fused) {  // per-thread row blocks: LN, fc1 | fc2, gate and fc3 while in cache
+    kern::TransitionArgs a = fused_args(rows, c, nc);
+    a.x = x;
+    a.gamma = w.ln.w.f32(), a.beta = w.ln.b.f32(), a.eps = ctx.cfg->eps_ln;
+    a.W1 = w.fc12.w.f32(), a.b1 = bias_ptr(w.fc12);
+    a.W2 = w.fc3.w.f32(), a.b2 = bias_ptr(w.fc3);
+    Tensor scratch = Tensor::empty({kern::transition_scratch_floats(a, ctx.threads)});
+    kern::transition(a, scratch.f32(), ctx.threads);
+    return;
+  }
   const int64_t ch = swiglu_transition_chunk(ctx, rows, c, nc);
   Tensor t = Tensor::empty({ch, c});       // LN(x) of the chunk, then the update
   Tensor h = Tensor::empty({ch, 2 * nc});  // fc1 | fc2; the gate overwrites fc1's half

@@ -15,8 +15,10 @@ namespace fc {
 // x [rows, c] += SwiGluTransition(x); hidden nc = w.fc3.w.dim(1).
 void swiglu_transition(const SwiGluTransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                        int64_t c);
-// Rows per chunk and peak bytes the inference forward allocates (LN(x) [ch, c] and the fused
-// fc1 | fc2 output [ch, 2nc]; the gated product overwrites the fc1 half).
+// Inference: with ctx.fused (the default) the fused kernel (kern::transition with swiglu) over
+// per-thread row blocks; otherwise the reference path over row chunks of LN(x) [ch, c] and the
+// fc1 | fc2 output [ch, 2nc] (the gated product overwrites the fc1 half). Rows per chunk of the
+// reference path, and the peak bytes either path allocates:
 int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
 int64_t swiglu_transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
 

@@ -250,7 +250,8 @@ Status PairformerStack::forward(Tensor& s, Tensor& z, const Tensor& mask,
   const EvoformerConfig& cfg = impl_->trunk;
   StackInputs in;
   FC_RETURN_IF_ERROR(pairformer_inputs(cfg, s, z, mask, &in));
-  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  ctx.fused = opts.fused;
   for (int b = 0; b < static_cast<int>(impl_->blocks.size()); ++b)
     for (const LayerDesc& l : kPairformerBlock) {
       layer_forward(l, impl_->blocks[b].get(), ctx, s.f32(), z.f32());
@@ -365,7 +366,8 @@ Status MsaModule::forward(Tensor& z, const Tensor& emb, const Tensor& msa_feat,
   FC_RETURN_IF_ERROR(msa_module_inputs(im.cfg, cfg, im.s_proj, im.msa_proj, z, emb, msa_feat,
                                        msa_mask, token_mask, &m, &in));
   if (opts.trace) opts.trace(-1, "embed", "m", m);
-  const BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
+  ctx.fused = opts.fused;
   for (int b = 0; b < static_cast<int>(im.blocks.size()); ++b)
     for (const LayerDesc& l : kMsaModuleBlock) {
       layer_forward(l, im.blocks[b].get(), ctx, m.f32(), z.f32());
