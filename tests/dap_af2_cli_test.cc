@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -56,6 +57,17 @@ double worst_output_err(const std::string& got_path, const std::string& ref_path
   return worst;
 }
 
+// Runs `args --out <file>` on np ranks (0: one process without mpirun) and returns the worst
+// output error against the file `ref` (infinity when the run failed), naming it in *name.
+double run_and_compare(int np, const std::string& args, const std::string& ref, std::string* name) {
+  const std::string out = test::temp_file("af2_np" + std::to_string(np) + ".safetensors");
+  const test::Result r =
+      launch(np, args + " --out " + out + (np > 0 ? " --dap " + std::to_string(np) : ""));
+  EXPECT_EQ(r.code, 0) << r.out;
+  if (r.code != 0) return std::numeric_limits<double>::infinity();
+  return worst_output_err(out, ref, name);
+}
+
 // The golden af2_model_tiny file (r = 12, 6 clusters + 2 template rows, 10 extra rows, 3 passes)
 // on 2 and 4 ranks (4: every row count padded): every output within 1e-4 of OpenFold (the
 // README's tolerance, 5e-4 for the structure group) and within 1e-5 of one process.
@@ -92,12 +104,12 @@ TEST(DapAf2Cli, GoldenAf2DimsOnTwoRanksMatchesOpenFold) {
       (dir ? std::string(dir) : std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden") +
       "/af2_model_af2dims.safetensors";
   if (!std::filesystem::exists(g)) GTEST_SKIP() << "golden file not found: " << g;
-  const std::string out = test::temp_file("af2dims_dap2.safetensors");
-  test::Result r = launch(2, "run --model af2 --weights " + g + " --features " + g + " --out " +
-                                 out + " --threads 1 --quiet --dap 2");
-  ASSERT_EQ(r.code, 0) << r.out;
   std::string name;
-  EXPECT_LT(worst_output_err(out, g, &name), 1e-4) << name;
+  EXPECT_LT(run_and_compare(
+                2, "run --model af2 --weights " + g + " --features " + g + " --threads 1 --quiet",
+                g, &name),
+            1e-4)
+      << name;
 }
 
 // Random model and features with no size a multiple of 3 (r = 13, 5 clusters + 2 templates,
@@ -106,15 +118,12 @@ TEST(DapAf2Cli, GoldenAf2DimsOnTwoRanksMatchesOpenFold) {
 TEST(DapAf2Cli, RandomJobWithPaddingOnThreeRanksMatchesOneProcess) {
   const std::string args =
       "run --model af2 --r 13 --s 5 --extra 7 --templates 2 --blocks 2 --recycles 1 --threads 1 "
-      "--quiet --out ";
+      "--quiet";
   const std::string one = test::temp_file("af2_rand1.safetensors");
-  const std::string three = test::temp_file("af2_rand3.safetensors");
-  test::Result r1 = launch(0, args + one);
+  const test::Result r1 = launch(0, args + " --out " + one);
   ASSERT_EQ(r1.code, 0) << r1.out;
-  test::Result r3 = launch(3, args + three + " --dap 3");
-  ASSERT_EQ(r3.code, 0) << r3.out;
   std::string name;
-  EXPECT_LT(worst_output_err(three, one, &name), 1e-4) << name;
+  EXPECT_LT(run_and_compare(3, args, one, &name), 1e-4) << name;
 }
 
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below
