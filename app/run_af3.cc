@@ -15,10 +15,12 @@ namespace fc::app {
 
 namespace {
 Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
-  if (a.dap > 0 || a.dp > 1 || !a.plan.empty() || !a.memory_budget.empty() || a.train)
+  if (a.dap > 0 || a.dp > 1 || !a.plan.empty() || a.train)
     return Status::InvalidArgument(
-        "the AF3 stacks run on one process without --dap, --dp, --plan, --memory-budget or "
-        "--train (dropout) yet");
+        "the AF3 stacks run on one process without --dap, --dp, --plan or --train (dropout) "
+        "yet");
+  if (!a.memory_budget.empty())
+    FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &spec->memory_bytes));
   spec->stack = a.stack;
   spec->weights = a.weights;
   spec->inputs = a.inputs;
@@ -53,6 +55,13 @@ Status write_report(const std::string& path, const Af3RunReport& rep, bool train
     j["activation_bytes"] = rep.activation_bytes;
   }
   j["peak_tracked_bytes"] = rep.peak_tracked_bytes;
+  if (rep.planned_peak_bytes > 0) {
+    j["memory_plan"] = {{"planned_peak_bytes", rep.planned_peak_bytes},
+                        {"measured_peak_bytes", rep.measured_peak_bytes},
+                        {"chunk_target_bytes", rep.chunk_target_bytes},
+                        {"least_budget_bytes", rep.least_budget_bytes}};
+    if (!rep.policy.empty()) j["memory_plan"]["policy"] = rep.policy;
+  }
   j["peak_rss_bytes"] = peak_rss_bytes();
   j["threads"] = num_threads();
   std::ofstream f(path);
@@ -86,6 +95,12 @@ int run_af3(const RunArgs& a) {
     if (spec.training)
       std::printf("  forward %.1f ms, backward %.1f ms, activations %.1f MiB\n", rep.forward_ms,
                   rep.backward_ms, rep.activation_bytes / 1048576.0);
+    if (rep.planned_peak_bytes > 0)
+      std::printf(
+          "  budget %s: planned peak %.1f MiB, measured %.1f MiB (chunk target %.1f MiB%s%s)\n",
+          a.memory_budget.c_str(), rep.planned_peak_bytes / 1048576.0,
+          rep.measured_peak_bytes / 1048576.0, rep.chunk_target_bytes / 1048576.0,
+          rep.policy.empty() ? "" : ", policy ", rep.policy.c_str());
     std::printf("  tracked peak %9.1f MiB\n  peak RSS    %9.1f MiB\n",
                 rep.peak_tracked_bytes / 1048576.0, peak_rss_bytes() / 1048576.0);
     if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());

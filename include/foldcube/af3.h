@@ -119,6 +119,10 @@ struct Af3RunSpec {
   std::string grad_outputs;  // empty with training: dL/d output = 1 everywhere
   std::vector<Recompute> policy;
   int64_t chunk = 0, chunk_target_bytes = 0;
+  // Budget for the tracked peak of the whole run (weights, inputs and the work), 0 = none: the
+  // chunk target (and, training without `policy`, the least recompute) come from af3_plan, and a
+  // budget nothing fits is a user error naming the smallest one that would.
+  int64_t memory_bytes = 0;
 };
 struct Af3RunReport {
   std::string stack;
@@ -129,6 +133,12 @@ struct Af3RunReport {
   double time_ms = 0, forward_ms = 0, backward_ms = 0;
   int64_t peak_tracked_bytes = 0;  // of the run, above what was live before it
   int64_t activation_bytes = 0;    // training: kept from the forward for the backward
+  // With a memory budget: the memory model's tracked peak of the run (everything live included),
+  // the measured one, and the plan's choices.
+  int64_t planned_peak_bytes = 0, measured_peak_bytes = 0;
+  int64_t least_budget_bytes = 0;  // the smallest budget the plan can meet for this run
+  int64_t chunk_target_bytes = 0;
+  std::string policy;  // training: the recompute policy used ("" without a budget)
 };
 // "pairformer" / "msa_module" when the safetensors file at `path` holds a Boltz Pairformer / MSA
 // module state dict (metadata kind, else parameter names; only the header is read), else "".

@@ -5,9 +5,11 @@
 #include <cstdint>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "foldcube/af3.h"
 #include "foldcube/memory.h"
+#include "foldcube/runtime.h"
 #include "model/common.h"
 
 namespace fc {
@@ -111,6 +113,63 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
 }
+
+std::string mib(int64_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f MiB", bytes / 1048576.0);
+  return b;
+}
+
+// Fits the run into spec.memory_bytes (when set): `extra` is what is live beyond the plan's
+// weights and inputs (the caller's other tensors, a clone per repeat). Sets the chunk target
+// (and the policy, training without one) in the options and the plan's figures in the report.
+Status apply_budget(const Af3Config& cfg, const Af3RunSpec& spec, int64_t n, int64_t n_msa,
+                    int64_t extra_live, ForwardOptions* fopts, TrainOptions* topts,
+                    Af3RunReport* rep) {
+  if (spec.memory_bytes <= 0) return Status::OK();
+  Af3PlanRequest q;
+  q.cfg = cfg;
+  q.n = n;
+  q.n_msa = std::max<int64_t>(n_msa, 1);
+  q.train = spec.training;
+  q.policy = spec.policy;
+  q.chunk = spec.chunk;
+  q.chunk_target_bytes = spec.chunk_target_bytes;
+  q.threads = num_threads();
+  Af3Plan free_plan;
+  FC_RETURN_IF_ERROR(af3_plan(q, &free_plan));
+  const int64_t base = free_plan.rows[0].param_bytes + free_plan.input_bytes;
+  const int64_t extra = std::max<int64_t>(0, mem_stats().live_bytes - base) + extra_live;
+  int64_t least = 0;  // the smallest budget the plan can meet
+  if (spec.training) {
+    least = INT64_MAX;
+    for (const Af3PlanRow& r : free_plan.rows) least = std::min(least, base + extra + r.peak_bytes);
+  } else {
+    least = base + extra +
+            af3_forward_peak_bytes(cfg, n, q.n_msa, spec.chunk,
+                                   spec.chunk == 0 && spec.chunk_target_bytes == 0
+                                       ? 1
+                                       : free_plan.rows[0].chunk_target_bytes,
+                                   q.threads);
+  }
+  rep->least_budget_bytes = least;
+  Af3Plan plan;
+  q.memory_bytes = spec.memory_bytes - extra;
+  if (q.memory_bytes > 0) FC_RETURN_IF_ERROR(af3_plan(q, &plan));
+  if (q.memory_bytes <= 0 || plan.chosen < 0)
+    return Status::InvalidArgument("--memory-budget " + mib(spec.memory_bytes) + ": the " +
+                                   cfg.kind + (spec.training ? " training step" : " forward") +
+                                   " at n=" + std::to_string(n) + " needs at least " + mib(least) +
+                                   " (weights and inputs " + mib(base + extra) + ")");
+  const Af3PlanRow& row = plan.rows[plan.chosen];
+  fopts->chunk_target_bytes = row.chunk_target_bytes;
+  topts->chunk_target_bytes = row.chunk_target_bytes;
+  if (spec.training && topts->policy.empty()) topts->policy = {row.policy};
+  rep->planned_peak_bytes = base + extra + row.peak_bytes;
+  rep->chunk_target_bytes = row.chunk_target_bytes;
+  if (spec.training) rep->policy = recompute_name(topts->policy.front());
+  return Status::OK();
+}
 }  // namespace
 
 Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
@@ -139,6 +198,9 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   rep->out.metadata["kind"] = cfg.kind;
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
+  // With a budget: from the forward's start (weights, inputs and work; loading briefly held the
+  // file's weights beside the stack's copy, which the budget does not cover).
+  std::optional<MemoryScope> run_scope;
   if (cfg.kind == "pairformer") {
     PairformerStack stack;
     FC_RETURN_IF_ERROR(PairformerStack::load(cfg, w, &stack).WithContext(spec.weights));
@@ -148,12 +210,23 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
     FC_RETURN_IF_ERROR(optional(in, "input.mask", &mask).WithContext(spec.inputs));
     s = s.clone();
     z = z.clone();
+    mask = mask.defined() ? mask.clone() : mask;
     rep->n = s.ndim() == 2 ? s.dim(0) : 0;
-    const auto t0 = std::chrono::steady_clock::now();
+    Tensor gs, gz;  // dL/d outputs (training), live through the step
     if (spec.training) {
-      Tensor gs, gz;
       FC_RETURN_IF_ERROR(grad_output(gp, "s", s.shape(), &gs));
       FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+    }
+    if (spec.memory_bytes > 0) {  // only what the run uses stays live
+      w = TensorFile{};
+      in = TensorFile{};
+      const int64_t clones =
+          spec.training || spec.repeats == 1 ? 0 : static_cast<int64_t>(s.nbytes() + z.nbytes());
+      FC_RETURN_IF_ERROR(apply_budget(cfg, spec, rep->n, 1, clones, &fopts, &topts, rep));
+      run_scope.emplace();
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    if (spec.training) {
       FC_RETURN_IF_ERROR(stack.train_step(s, z, mask, gs, gz, topts, &tr));
       rep->out.put("grad.input.s", tr.grad_m);
       rep->out.put("grad.input.z", tr.grad_z);
@@ -191,10 +264,23 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
     z = z.clone();
     rep->n = z.ndim() == 3 ? z.dim(0) : 0;
     rep->n_msa = feat.ndim() == 3 ? feat.dim(0) : 0;
+    Tensor gz;  // dL/d output z (training), live through the step
+    if (spec.training) FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+    if (spec.memory_bytes > 0) {  // only what the run uses stays live
+      emb = emb.clone();
+      feat = feat.clone();
+      msa_mask = msa_mask.defined() ? msa_mask.clone() : msa_mask;
+      tok = tok.defined() ? tok.clone() : tok;
+      w = TensorFile{};
+      in = TensorFile{};
+      const int64_t clones =
+          spec.training || spec.repeats == 1 ? 0 : static_cast<int64_t>(z.nbytes());
+      FC_RETURN_IF_ERROR(apply_budget(cfg, spec, rep->n, rep->n_msa, clones, &fopts, &topts, rep));
+      run_scope.emplace();
+    }
     const auto t0 = std::chrono::steady_clock::now();
     if (spec.training) {
-      Tensor gz, g_emb;
-      FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+      Tensor g_emb;
       FC_RETURN_IF_ERROR(mod.train_step(z, emb, feat, msa_mask, tok, gz, topts, &tr, &g_emb));
       rep->out.put("grad.input.z", tr.grad_z);
       rep->out.put("grad.input.emb", g_emb);
@@ -219,6 +305,7 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
     rep->activation_bytes = tr.activation_bytes;
   }
   rep->peak_tracked_bytes = scope.peak() - live0;
+  rep->measured_peak_bytes = run_scope ? run_scope->peak() : scope.peak();
   return Status::OK();
 }
 

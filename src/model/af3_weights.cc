@@ -179,6 +179,7 @@ Status load_named(const NamedParams& params, const TensorFile& weights) {
 }
 
 Tensor gather_named(const NamedParam& p) {
+  if (p.parts.size() == 1 && p.parts[0].is_contiguous()) return p.parts[0];  // shares the buffer
   Tensor out = Tensor::empty(named_shape(p));
   int64_t row = 0;
   for (const Tensor& part : p.parts) {

@@ -35,6 +35,18 @@ int64_t input_bytes(const Af3Config& c, int64_t n, int64_t n_msa) {
   if (is_pairformer(c)) return (n * c.c_s + n * n * c.c_z + n) * kF;
   return (n * n * c.c_z + n * c.c_s + n_msa * n * (c.msa_feat + 1) + n) * kF;
 }
+
+// The pair mask and the key and pair mask biases with their transposes (prepare_inputs).
+int64_t mask_bias_bytes(int64_t s, int64_t r) { return (r * r + 2 * (s * r + r * r)) * kF; }
+
+// What a training step holds beside the block driver's own peak (stack_step_peak_bytes) while
+// the blocks run: the all-ones token mask and the biases (Pairformer); the all-ones MSA mask,
+// the biases, the MSA embedding m [N, n, c_m] and the zero dL/d output m (MSA module).
+int64_t train_step_inputs_bytes(const Af3Config& c, int64_t n, int64_t n_msa) {
+  const int64_t s = m_rows(c, n_msa), r = n;
+  if (is_pairformer(c)) return r * kF + mask_bias_bytes(s, r);
+  return s * r * kF + mask_bias_bytes(s, r) + 2 * s * r * c.c_m * kF;
+}
 }  // namespace
 
 int64_t af3_forward_peak_bytes(const Af3Config& c, int64_t n, int64_t n_msa, int64_t chunk,
@@ -45,10 +57,9 @@ int64_t af3_forward_peak_bytes(const Af3Config& c, int64_t n, int64_t n_msa, int
   const BlockTable& t = is_pairformer(c) ? kPairformerBlock : kMsaModuleBlock;
   int64_t work = 0;
   for (const LayerDesc& l : t) work = std::max(work, layer_workspace_bytes(l, ctx));
-  // The pair mask and the key and pair mask biases with their transposes; the all-ones token mask
-  // (Pairformer: it is the key mask the context keeps; MSA module: alive until the blocks start)
-  // and the all-ones MSA mask.
-  const int64_t biases = (r * r + 2 * (s * r + r * r)) * kF;
+  // The mask biases; the all-ones token mask (Pairformer: it is the key mask the context keeps;
+  // MSA module: alive until the blocks start) and the all-ones MSA mask.
+  const int64_t biases = mask_bias_bytes(s, r);
   if (is_pairformer(c)) return r * kF + biases + work;
   // The MSA embedding m [N, n, c_m] lives through the blocks; s_proj(emb) [n, c_m] only while it
   // is built, the token mask until the inputs are prepared.
@@ -117,7 +128,14 @@ Status af3_plan(const Af3PlanRequest& q, Af3Plan* out) {
     row.chunk_target_bytes = target;
     row.param_bytes = params;
     row.activation_bytes = stack_activation_bytes(table, t, s, r, blocks, p, kF, q.chunk, target);
+    // After the blocks, the Boltz-named gradients of the triangle multiplications' p_in and
+    // g_in are gathered from two row ranges each (copies: 8 c_z^2 floats per block), beside the
+    // step's other outputs; counted on top of the blocks' peak, so the row is an upper bound by
+    // at most those copies (exact when the peak falls inside the blocks, as it does with
+    // recompute none).
+    const int64_t gathered = blocks * 8 * c.c_z * c.c_z * kF;
     row.peak_bytes =
+        train_step_inputs_bytes(c, q.n, q.n_msa) + gathered +
         stack_step_peak_bytes(table, t, s, r, blocks, p, q.threads, kF, q.chunk, target);
     row.fits = fits(row.peak_bytes);
     if (row.fits && out->chosen < 0) out->chosen = static_cast<int>(out->rows.size());
