@@ -21,6 +21,8 @@ namespace fc::app {
 std::function<int()> add_features_command(CLI::App& app);
 // `foldcube fold` (app/fold.cc), registered and run the same way.
 std::function<int()> add_fold_command(CLI::App& app);
+// `foldcube profile fit` (app/profile.cc), registered and run the same way.
+std::function<int()> add_profile_command(CLI::App& app);
 
 // Prints "foldcube: error: <message>" to stderr; returns exit code 1 (app/util.cc).
 int fail(const Status& st);

@@ -241,6 +241,7 @@ int main(int argc, char** argv) {
 
   std::function<int()> features = fc::app::add_features_command(app);
   std::function<int()> fold = fc::app::add_fold_command(app);
+  std::function<int()> profile = fc::app::add_profile_command(app);
 
   try {
     app.parse(argc, argv);
@@ -256,6 +257,7 @@ int main(int argc, char** argv) {
     if (*plan) return fc::app::plan_command(pa);
     if (const int rc = features(); rc >= 0) return rc;
     if (const int rc = fold(); rc >= 0) return rc;
+    if (const int rc = profile(); rc >= 0) return rc;
     return 2;
   };
   // Under mpirun a Ctrl-C keeps its default action: ranks would stop at different blocks and

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -22,6 +23,7 @@
 #include "kernels/convert.h"
 #include "kernels/fused.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -61,7 +63,19 @@ void kernel_table(int64_t rows, int reps) {
   fc::kern::f32_to_bf16(W2.data(), W2b.data(), nh * c);
   fc::kern::f32_to_bf16(x0.data(), xb.data(), rows * c);
   const int threads = fc::num_threads();
-  double best[4][2];  // [transition, ln+linear, gemm, -][dtype]
+  // MSA row attention on the same rows: rows/256 items of L = 256, 8 heads of 32, q|k|v|g
+  // interleaved, pair bias [8, 256, 256].
+  const int64_t L = 256, H = 8, C = 32, B = std::max<int64_t>(1, rows / L), ld = 4 * H * C;
+  std::vector<float> qkvg0(B * L * ld), qkvg(B * L * ld), mask(B * L, 0.f), pbias(H * L * L);
+  for (size_t i = 0; i < qkvg0.size(); ++i) qkvg0[i] = fc::uniform_pm1(7, i);
+  for (size_t i = 0; i < pbias.size(); ++i) pbias[i] = fc::uniform_pm1(8, i);
+  // Triangle-multiplication products at r = 256: 32 channels of [256, 256] x [256, 256]^T.
+  const int64_t tr = 256, tc = 32, trr = tr * tr;
+  std::vector<float> ta(tc * trr), tp(tc * trr);
+  for (size_t i = 0; i < ta.size(); ++i) ta[i] = fc::uniform_pm1(9, i);
+  std::vector<uint16_t> tab(tc * trr);  // bf16 of ta
+  fc::kern::f32_to_bf16(ta.data(), tab.data(), tc * trr);
+  double best[5][2];  // [transition, ln+linear, gemm, attention, products][dtype]
   for (auto& b : best) b[0] = b[1] = 1e30;
   auto time = [](auto f) {
     const auto t0 = Clock::now();
@@ -94,16 +108,35 @@ void kernel_table(int64_t rows, int reps) {
                                           d ? static_cast<const void*>(W1b.data()) : W1.data(), c,
                                           0.f, y.data(), nh);
                    }));
+      fc::kern::AttentionArgs at;
+      at.B = B, at.Lq = L, at.Lk = L, at.H = H, at.C = C, at.scale = 1.f / std::sqrt(float(C));
+      qkvg = qkvg0;
+      float* p = qkvg.data();
+      at.q = p, at.k = p + H * C, at.v = p + 2 * H * C, at.gate = p + 3 * H * C, at.o = p;
+      at.q_bs = at.k_bs = at.v_bs = at.g_bs = at.o_bs = L * ld;
+      at.q_rs = at.k_rs = at.v_rs = at.g_rs = at.o_rs = ld;
+      at.mask_bias = mask.data(), at.pair_bias = pbias.data(), at.dtype = dt;
+      scratch.resize(fc::kern::attention_scratch_floats(at, threads));
+      best[3][d] =
+          std::min(best[3][d], time([&] { fc::kern::attention(at, scratch.data(), threads); }));
+      const void* tin = d ? static_cast<const void*>(tab.data()) : ta.data();
+      best[4][d] =
+          std::min(best[4][d], time([&] {
+                     fc::kern::gemm_batched_typed(dt, tc, false, true, tr, tr, tr, 1.f, tin, tr,
+                                                  trr, tin, tr, trr, 0.f, tp.data(), tr, trr);
+                   }));
     }
   const double gf_t = 4.0 * rows * c * nh / 1e9, gf_l = 2.0 * rows * c * nh / 1e9;
   std::printf(
       "\nkernels at %lld rows (min of %d): ms (GFLOP/s)\n\n| kernel | fp32 | bf16 | "
       "bf16/fp32 time |\n|---|---|---|---|\n",
       static_cast<long long>(rows), reps);
-  const char* names[3] = {"transition 256->1024->256", "LayerNorm+Linear 256->1024",
-                          "GEMM [rows,256]x[256,1024]"};
-  const double gf[3] = {gf_t, gf_l, gf_l};
-  for (int k = 0; k < 3; ++k)
+  const char* names[5] = {"transition 256->1024->256", "LayerNorm+Linear 256->1024",
+                          "GEMM [rows,256]x[256,1024]", "attention L=256, 8x32 heads, pair bias",
+                          "32 triangle products 256^3 (gemm_batched_typed)"};
+  const double gf[5] = {gf_t, gf_l, gf_l, 4.0 * B * H * L * L * C / 1e9,
+                        2.0 * tc * tr * tr * tr / 1e9};
+  for (int k = 0; k < 5; ++k)
     std::printf("| %s | %.1f (%.0f) | %.1f (%.0f) | %.3f |\n", names[k], best[k][0],
                 gf[k] / (best[k][0] / 1e3), best[k][1], gf[k] / (best[k][1] / 1e3),
                 best[k][1] / best[k][0]);

@@ -57,7 +57,7 @@ def main():
     if os.path.isdir(golden):
         sources += [os.path.join(golden, f) for f in sorted(os.listdir(golden))
                     if f.endswith("_tiny.safetensors") or f == "feat_small.safetensors"]
-    for target in ("safetensors", "config", "metadata", "profile"):
+    for target in ("safetensors", "config", "metadata", "profile", "fit_table"):
         shutil.rmtree(os.path.join(CORPUS, target), ignore_errors=True)
 
     # safetensors: small valid files, edge cases, and each golden file's metadata with its first
@@ -91,6 +91,14 @@ def main():
     for f in sorted(os.listdir(os.path.join(ROOT, "docs", "profiles"))):
         with open(os.path.join(ROOT, "docs", "profiles", f), "rb") as src:
             put("profile", f.rsplit(".", 1)[0], src.read())
+    # measured-row tables (profile fit): the seeds' rows and cells at their limits
+    for f in sorted(os.listdir(os.path.join(ROOT, "docs", "seeds"))):
+        if f.endswith(".csv"):
+            with open(os.path.join(ROOT, "docs", "seeds", f), "rb") as src:
+                put("fit_table", f.rsplit(".", 1)[0], src.read())
+    header = "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb\n"
+    put("fit_table", "limits", header + "1048576,1,1024,1,block,4096,4096,bf16,999999999999,0,0\r\n"
+        "1,1048576,1,0,,1,,,,,\n# comment\n\n")
 
 
 if __name__ == "__main__":

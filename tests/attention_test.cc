@@ -23,6 +23,7 @@
 
 #include "core/rng.h"
 #include "hwy/targets.h"
+#include "kernels/attention_bf16.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
 
@@ -261,6 +262,71 @@ TEST(AttentionForwardInf, NegInfRowsGiveZeros) {
     }
     for (float x : o) ASSERT_FALSE(std::isnan(x));
   });
+}
+
+// ---- bf16 products -----------------------------------------------------------------------------
+
+// ||x - ref|| / ||ref|| over the [B, Lq, H*C] output block.
+double NormwiseErr(const Case& c, const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (int64_t b = 0; b < c.p.B; ++b)
+    for (int64_t i = 0; i < c.p.Lq; ++i)
+      for (int64_t col = 0; col < c.hc; ++col) {
+        const double g = got[(b * c.L + i) * c.ldo + col], w = want[(b * c.L + i) * c.ldo + col];
+        num += (g - w) * (g - w), den += w * w;
+      }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+class AttentionForwardBf16 : public ::testing::TestWithParam<Shape> {};
+
+// dtype BF16, on the AVX512-BF16 path (where the CPU has it) and the portable one: o within a
+// normwise 4e-3 of the reference that rounds q, k and v to bf16 (the kernel also rounds the
+// probabilities: 2^-9 relative each), lse within 1e-3 absolute (same bf16 logits, f32 sums);
+// nothing written outside o's block; the same bits for 1 and 3 threads.
+TEST_P(AttentionForwardBf16, MatchesBf16ReferenceOnBothPaths) {
+  Case c(GetParam());
+  c.a.dtype = DType::BF16;
+  std::vector<float> lse_ref;
+  const std::vector<float> o_ref = Forward(c, 0, &lse_ref);
+  for (bool portable : {false, true}) {
+    kern::bf16dot::force_portable(portable);
+    std::vector<float> lse;
+    const std::vector<float> o = Forward(c, 2, &lse);
+    EXPECT_LT(NormwiseErr(c, o, o_ref), 4e-3) << "portable " << portable;
+    for (size_t i = 0; i < lse.size(); ++i)
+      ASSERT_NEAR(lse[i], lse_ref[i], 1e-3 * std::max(1.f, std::abs(lse_ref[i])))
+          << i << " portable " << portable;
+    EXPECT_TRUE(OutsideUntouched(c, o));
+    EXPECT_TRUE(BitEqual(Forward(c, 1), o)) << "portable " << portable;
+    EXPECT_TRUE(BitEqual(Forward(c, 3), o)) << "portable " << portable;
+  }
+  kern::bf16dot::force_portable(false);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionForwardBf16,
+    ::testing::Values(Shape{1, 1, 1, 1, 1, false, false, false, false},     // Lk = 1, C = 1
+                      Shape{2, 5, 7, 3, 4, true, true, true, true},         // Lk < any tile
+                      Shape{2, 70, 33, 2, 17, true, true, false, true},     // odd C, odd Lk
+                      Shape{2, 67, 300, 1, 33, true, true, true, true},     // 2 key tiles, odd C
+                      Shape{1, 130, 513, 2, 32, true, false, false, true},  // 3 key tiles, odd
+                      Shape{3, 64, 256, 4, 32, true, true, true, true},     // exact tiles
+                      Shape{2, 13, 40, 2, 100, true, true, true, true}),  // C: 2-vector + 1-vector
+    [](const auto& info) { return Name(info.param); });
+
+// Fully masked rows in bf16: o = 0 and lse = -inf, never NaN.
+TEST(AttentionForwardBf16Inf, NegInfRowsGiveZeros) {
+  const Shape s{2, 20, 150, 2, 8, true, false, true, false};
+  Case c(s);
+  c.a.dtype = DType::BF16;
+  for (int64_t j = 0; j < s.Lk; ++j) c.mb[s.Lk + j] = -kInf;  // batch 1: all keys
+  std::vector<float> lse;
+  const std::vector<float> o = Forward(c, 2, &lse);
+  for (int64_t i = 0; i < s.Lq; ++i)
+    for (int64_t col = 0; col < c.hc; ++col) ASSERT_EQ(o[(1 * c.L + i) * c.ldo + col], 0.f);
+  for (int64_t i = 0; i < s.H * s.Lq; ++i) EXPECT_EQ(lse[s.H * s.Lq + i], -kInf);
+  for (float x : o) ASSERT_FALSE(std::isnan(x));
 }
 
 // ---- backward ----------------------------------------------------------------------------------

@@ -127,33 +127,38 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FusedLayerNormLinear,
                          [](const auto& info) { return LnLinName(info.param); });
 
 // linear_residual on a column view (y is [L, B, out] read as B items of L strided rows) and on
-// contiguous rows, against the double reference; identical across thread counts.
+// contiguous rows, against the double reference, with f32 and bf16 GEMM inputs; identical across
+// thread counts.
 TEST(FusedLinearResidual, StridedAndContiguousRows) {
-  for (bool strided : {true, false}) {
-    const int64_t B = 6, L = 45, in = 64, out = 32, ldx = 4 * in;  // x: the o slots of qkvg
-    const std::vector<float> x = vec(B * L * ldx, 41), W = vec(out * in, 42, 0.125f);
-    const std::vector<float> bias = vec(out, 43, 0.1f), y0 = vec(B * L * out, 44);
-    kern::LinearResidualArgs a;
-    a.B = B, a.L = L, a.in = in, a.out = out, a.x = x.data(), a.ldx = ldx;
-    a.W = W.data(), a.bias = bias.data();
-    a.y_bs = strided ? out : L * out;
-    a.y_rs = strided ? B * out : out;
-    std::vector<float> want = y0;
-    a.y = want.data();
-    kern::ref::linear_residual(a);
-    std::vector<std::vector<float>> got;
-    for (int threads : {1, 2, 3}) {
-      std::vector<float> y = y0;
-      std::vector<float> s(kern::linear_residual_scratch_floats(a, threads) + 1, 123.f);
-      a.y = y.data();
-      kern::linear_residual(a, s.data(), threads);
-      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-      EXPECT_LT(norm_rel_err(y, want), kF32Tol) << "threads " << threads << " strided " << strided;
-      got.push_back(y);
+  for (DType dt : {DType::F32, DType::BF16})
+    for (bool strided : {true, false}) {
+      const int64_t B = 6, L = 45, in = 64, out = 32, ldx = 4 * in;  // x: the o slots of qkvg
+      const std::vector<float> x = vec(B * L * ldx, 41), W = vec(out * in, 42, 0.125f);
+      const std::vector<float> bias = vec(out, 43, 0.1f), y0 = vec(B * L * out, 44);
+      const std::vector<uint16_t> Wb = to_bf16(W);
+      kern::LinearResidualArgs a;
+      a.B = B, a.L = L, a.in = in, a.out = out, a.x = x.data(), a.ldx = ldx;
+      a.W = W.data(), a.bias = bias.data();
+      a.y_bs = strided ? out : L * out;
+      a.y_rs = strided ? B * out : out;
+      a.dtype = dt, a.W_bf16 = Wb.data();
+      std::vector<float> want = y0, ref_scratch(in + out);
+      a.y = want.data();
+      kern::ref::linear_residual(a, ref_scratch.data());
+      std::vector<std::vector<float>> got;
+      for (int threads : {1, 2, 3}) {
+        std::vector<float> y = y0;
+        std::vector<float> s(kern::linear_residual_scratch_floats(a, threads) + 1, 123.f);
+        a.y = y.data();
+        kern::linear_residual(a, s.data(), threads);
+        EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+        EXPECT_LT(norm_rel_err(y, want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
+            << "threads " << threads << " strided " << strided << " " << dtype_name(dt);
+        got.push_back(y);
+      }
+      for (size_t t = 1; t < got.size(); ++t)
+        EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
     }
-    for (size_t t = 1; t < got.size(); ++t)
-      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
-  }
 }
 
 struct TransCase {

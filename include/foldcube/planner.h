@@ -65,6 +65,9 @@ struct DeviceProfile {
   // Fixed cost of one chunk-loop iteration of a module (calibration: a finely chunked training
   // step at (16, 64)); 0 for user profiles unless given.
   double chunk_overhead_us = 0;
+  // Fixed cost of one module's pass (framework dispatch, kernel launches): charged once per module
+  // to its forward, its backward and its rebuild; 0 unless given (fitted by `profile fit`).
+  double module_overhead_us = 0;
 
   std::string to_json() const;
   // Either the calibrated fields or peak_gflops + peak_mem_gbps (+ optional efficiencies

@@ -21,6 +21,8 @@
 #include <type_traits>
 
 #include "foldcube/status.h"
+#include "kernels/attention_bf16.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -157,24 +159,13 @@ HWY_INLINE void OutputRow(D d, const float* x, float f, const float* g, float* o
   }
 }
 
-// Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (in a panel:
-// channel c of key j at KT[c * kPanel + j]): s = scale q.k + mb + pb, lanes >= valid set to -inf;
+// s = scale acc + mb + pb for R rows of 2N keys (acc0: the first N), lanes >= valid set to -inf;
 // stored to S rows (ld ldS) and folded into the running row maxima mx[R].
 template <int R, bool kMask, bool kPair>
-HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, float scale,
-                            const float* mb, const float* pb, int64_t ldpb, size_t valid, float* S,
-                            int64_t ldS, V* mx) {
+HWY_INLINE void StoreLogits(D d, const V* acc0, const V* acc1, float scale, const float* mb,
+                            const float* pb, int64_t ldpb, size_t valid, float* S, int64_t ldS,
+                            V* mx) {
   const size_t N = hn::Lanes(d);
-  V acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = hn::Zero(d), acc1[r] = hn::Zero(d);
-  for (int64_t c = 0; c < C; ++c) {
-    const V k0 = hn::LoadU(d, KT + c * kPanel), k1 = hn::LoadU(d, KT + c * kPanel + N);
-    for (int r = 0; r < R; ++r) {
-      const V q = hn::Set(d, Q[r * C + c]);
-      acc0[r] = hn::MulAdd(q, k0, acc0[r]);
-      acc1[r] = hn::MulAdd(q, k1, acc1[r]);
-    }
-  }
   const V vs = hn::Set(d, scale);
   const bool full = valid == 2 * N;
   const size_t c0 = std::min(valid, N), c1 = valid - c0;
@@ -200,6 +191,38 @@ HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, flo
   }
 }
 
+// Logits of R query rows (Q [R, C] dense, ld C) against the 2N keys starting at KT (in a panel:
+// channel c of key j at KT[c * kPanel + j]): s = scale q.k + mb + pb, lanes >= valid set to -inf;
+// stored to S rows (ld ldS) and folded into the running row maxima mx[R].
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, float scale,
+                            const float* mb, const float* pb, int64_t ldpb, size_t valid, float* S,
+                            int64_t ldS, V* mx) {
+  const size_t N = hn::Lanes(d);
+  V acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = hn::Zero(d), acc1[r] = hn::Zero(d);
+  for (int64_t c = 0; c < C; ++c) {
+    const V k0 = hn::LoadU(d, KT + c * kPanel), k1 = hn::LoadU(d, KT + c * kPanel + N);
+    for (int r = 0; r < R; ++r) {
+      const V q = hn::Set(d, Q[r * C + c]);
+      acc0[r] = hn::MulAdd(q, k0, acc0[r]);
+      acc1[r] = hn::MulAdd(q, k1, acc1[r]);
+    }
+  }
+  StoreLogits<R, kMask, kPair>(d, acc0, acc1, scale, mb, pb, ldpb, valid, S, ldS, mx);
+}
+
+// Logits of R rows from the raw dot products already in S (the bf16 path's bf16dot::logits).
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void BiasBlock(D d, float scale, const float* mb, const float* pb, int64_t ldpb,
+                          size_t valid, float* S, int64_t ldS, V* mx) {
+  const size_t N = hn::Lanes(d);
+  V acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r)
+    acc0[r] = hn::LoadU(d, S + r * ldS), acc1[r] = hn::LoadU(d, S + r * ldS + N);
+  StoreLogits<R, kMask, kPair>(d, acc0, acc1, scale, mb, pb, ldpb, valid, S, ldS, mx);
+}
+
 // O rows [R, NV*N channels] = alpha[r] * O (or 0 when first) + P[R, w] V[w, NV*N channels].
 template <int R, int NV>
 HWY_INLINE void PvBlock(D d, const float* P, int64_t ldS, int64_t w, const float* Vp, int64_t Cp,
@@ -222,6 +245,26 @@ HWY_INLINE void PvBlock(D d, const float* P, int64_t ldS, int64_t w, const float
     for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, O + r * Cp + v * N);
 }
 
+// Online softmax update of R rows after their logits of key tile [0, w) are in S: P = exp(S - m')
+// in place, l = l exp(m - m') + sum P, m = m'; alpha[r] = exp(m - m'), the factor on O (0 when
+// first).
+template <int R>
+HWY_INLINE void SoftmaxUpdate(D d, const Layout& L, int64_t w, bool first, const V* mx, float* S,
+                              float* m, float* l, float* alpha) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  const size_t wp = static_cast<size_t>(round_up(w, 2 * N));
+  for (int r = 0; r < R; ++r) {
+    const float m_new = first ? MaxLane(d, mx[r]) : std::max(m[r], MaxLane(d, mx[r]));
+    // A row whose max is still -inf has only -inf logits: shift 0 keeps exp(-inf - 0) = 0
+    // instead of NaN, and the row ends with l = 0 (output 0).
+    const float shift = m_new == kNegInf ? 0.f : m_new;
+    const float sum = ExpAndSum(d, S + r * L.ldS, wp, shift);  // lanes past w: exp(-inf) = 0
+    alpha[r] = first ? 0.f : std::exp(m[r] - shift);           // m[r] = -inf: 0
+    l[r] = first ? sum : l[r] * alpha[r] + sum;
+    m[r] = m_new;
+  }
+}
+
 // Rows [0, R) of a query block against key tile [0, w) (pointers already offset): logits, online
 // softmax update of m, l, and O.
 template <int R, bool kMask, bool kPair>
@@ -235,26 +278,36 @@ HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const Layout& L, const flo
     LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + (j - j % kPanel) * a.C + j % kPanel, a.scale,
                                  kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
                                  static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
-  const size_t wp = static_cast<size_t>(round_up(w, 2 * N));
   float alpha[R];
-  for (int r = 0; r < R; ++r) {
-    const float m_new = first ? MaxLane(d, mx[r]) : std::max(m[r], MaxLane(d, mx[r]));
-    // A row whose max is still -inf has only -inf logits: shift 0 keeps exp(-inf - 0) = 0
-    // instead of NaN, and the row ends with l = 0 (output 0).
-    const float shift = m_new == kNegInf ? 0.f : m_new;
-    const float sum = ExpAndSum(d, S + r * L.ldS, wp, shift);  // lanes past w: exp(-inf) = 0
-    alpha[r] = first ? 0.f : std::exp(m[r] - shift);           // m[r] = -inf: 0
-    l[r] = first ? sum : l[r] * alpha[r] + sum;
-    m[r] = m_new;
-  }
+  SoftmaxUpdate<R>(d, L, w, first, mx, S, m, l, alpha);
   int64_t c = 0;
   for (; c + 2 * N <= L.Cp; c += 2 * N)
     PvBlock<R, 2>(d, S, L.ldS, w, Vp + c, L.Cp, alpha, first, O + c);
   for (; c < L.Cp; c += N) PvBlock<R, 1>(d, S, L.ldS, w, Vp + c, L.Cp, alpha, first, O + c);
 }
 
+// RowBlock with bf16 products (AttentionArgs::dtype BF16): Q32 [R, cq], KP [cq, ldk] and VP
+// [Lk/2, Cp] as packed in AttentionItem (attention_bf16.h), pointers offset to the key tile.
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void RowBlockBf16(D d, const AttentionArgs& a, const Layout& L, const uint32_t* Q32,
+                             int64_t cq, const uint32_t* KP, const uint32_t* VP, const float* mb,
+                             const float* pb, int64_t w, bool first, float* S, float* m, float* l,
+                             float* O) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  bf16dot::logits(Q32, cq, R, KP, L.ldk, w, S, L.ldS);
+  V mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
+  for (int64_t j = 0; j < w; j += 2 * N)
+    BiasBlock<R, kMask, kPair>(d, a.scale, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
+                               static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
+  float alpha[R];
+  SoftmaxUpdate<R>(d, L, w, first, mx, S, m, l, alpha);
+  bf16dot::probs_to_bf16(S, L.ldS, R, w);
+  bf16dot::pv(S, L.ldS, R, w, VP, L.Cp, alpha, first, O);
+}
+
 // Query rows [0, n) of a tile against every key tile.
-template <bool kMask, bool kPair>
+template <bool kMask, bool kPair, bool kBf16>
 void QueryTile(D d, const AttentionArgs& a, const Layout& L, int64_t n, const float* Q,
                const float* KT, const float* Vp, const float* mb, const float* pb, float* S,
                float* m, float* l, float* O) {
@@ -264,16 +317,73 @@ void QueryTile(D d, const AttentionArgs& a, const Layout& L, int64_t n, const fl
   // stay in L2.
   auto block = [&](auto rows, int64_t r) {
     constexpr int R = decltype(rows)::value;
-    for (int64_t j0 = 0; j0 < Lk; j0 += L.tk)
-      RowBlock<R, kMask, kPair>(d, a, L, Q + r * C, KT + j0 * C, Vp + j0 * L.Cp,
-                                kMask ? mb + j0 : nullptr, kPair ? pb + r * Lk + j0 : nullptr,
-                                std::min(L.tk, Lk - j0), j0 == 0, S, m + r, l + r, O + r * L.Cp);
+    for (int64_t j0 = 0; j0 < Lk; j0 += L.tk) {
+      const float* mbt = kMask ? mb + j0 : nullptr;
+      const float* pbt = kPair ? pb + r * Lk + j0 : nullptr;
+      const int64_t w = std::min(L.tk, Lk - j0);
+      if constexpr (kBf16) {  // the buffers hold the packed bf16 pairs (AttentionItem)
+        const int64_t cq = (C + 1) / 2;
+        RowBlockBf16<R, kMask, kPair>(d, a, L, reinterpret_cast<const uint32_t*>(Q) + r * cq, cq,
+                                      reinterpret_cast<const uint32_t*>(KT) + j0,
+                                      reinterpret_cast<const uint32_t*>(Vp) + j0 / 2 * L.Cp, mbt,
+                                      pbt, w, j0 == 0, S, m + r, l + r, O + r * L.Cp);
+      } else {
+        RowBlock<R, kMask, kPair>(d, a, L, Q + r * C, KT + j0 * C, Vp + j0 * L.Cp, mbt, pbt, w,
+                                  j0 == 0, S, m + r, l + r, O + r * L.Cp);
+      }
+    }
   };
   int64_t r = 0;
   for (; r + kRowBlock <= n; r += kRowBlock)
     block(std::integral_constant<int, static_cast<int>(kRowBlock)>(), r);
   for (; r + 4 <= n; r += 4) block(std::integral_constant<int, 4>(), r);
   for (; r < n; ++r) block(std::integral_constant<int, 1>(), r);
+}
+
+// QueryTile for the item's masks: with a mask bias, a pair bias, both or neither.
+template <bool kBf16>
+void QueryTileAny(D d, const AttentionArgs& a, const Layout& L, int64_t n, const float* Q,
+                  const float* KT, const float* Vp, const float* mb, const float* pb, float* S,
+                  float* m, float* l, float* O) {
+  if (mb && pb)
+    QueryTile<true, true, kBf16>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+  else if (mb)
+    QueryTile<true, false, kBf16>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+  else if (pb)
+    QueryTile<false, true, kBf16>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+  else
+    QueryTile<false, false, kBf16>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+}
+
+// Pairs of bf16 (lower half first) from two bf16 values.
+HWY_INLINE uint32_t Pair(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+}
+
+// The item's K and V packed as bf16 pairs (attention_bf16.h) into the KT and V buffers: KP
+// [cq, ldk] (keys past Lk zero), VP [ceil(Lk/2), Cp] (channels past C and a missing last key
+// zero). tmp: 2 * C uint16 (the Kd buffer).
+void PackKvBf16(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L, uint32_t* KP,
+                uint32_t* VP, uint16_t* tmp) {
+  const int64_t Lk = a.Lk, C = a.C, cq = (C + 1) / 2;
+  const float* k = a.k + b * a.k_bs + h * C;
+  for (int64_t j = 0; j < L.ldk; ++j) {
+    if (j < Lk) f32_to_bf16(k + j * a.k_rs, tmp, C);
+    for (int64_t p = 0; p < cq; ++p)
+      KP[p * L.ldk + j] =
+          j < Lk ? Pair(tmp[2 * p], 2 * p + 1 < C ? tmp[2 * p + 1] : uint16_t{0}) : 0u;
+  }
+  const float* v = a.v + b * a.v_bs + h * C;
+  for (int64_t q = 0; q < (Lk + 1) / 2; ++q) {
+    uint16_t* lo = tmp;      // [C] key 2q
+    uint16_t* hi = tmp + C;  // [C] key 2q + 1, or zeros
+    f32_to_bf16(v + 2 * q * a.v_rs, lo, C);
+    if (2 * q + 1 < Lk)
+      f32_to_bf16(v + (2 * q + 1) * a.v_rs, hi, C);
+    else
+      std::fill(hi, hi + C, uint16_t{0});
+    for (int64_t c = 0; c < L.Cp; ++c) VP[q * L.Cp + c] = c < C ? Pair(lo[c], hi[c]) : 0u;
+  }
 }
 }  // namespace
 
@@ -288,10 +398,16 @@ void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L
   float* S = ws + L.S;    // [kRowBlock, ldS] logits, then P, of one row block and key tile
   float* m = ws + L.m;    // [tq] running row max
   float* l = ws + L.l;    // [tq] running row sum of exp(logit - m)
+  float* Kd = ws + L.Kd;  // [kPanel, C]
+  const bool bf16 = a.dtype == DType::BF16;
+  const int64_t cq = (C + 1) / 2;
+  uint32_t* Q32 = reinterpret_cast<uint32_t*>(Q);  // bf16: [tq, cq] query pairs
+  if (bf16)
+    PackKvBf16(a, b, h, L, reinterpret_cast<uint32_t*>(KT), reinterpret_cast<uint32_t*>(Vp),
+               reinterpret_cast<uint16_t*>(Kd));
   // Each panel's keys are copied densely (row by row, like the V rows), then transposed from L1.
   const float* k = a.k + b * a.k_bs + h * C;
-  float* Kd = ws + L.Kd;  // [kPanel, C]
-  for (int64_t j0 = 0; j0 < L.ldk; j0 += kPanel) {
+  for (int64_t j0 = 0; !bf16 && j0 < L.ldk; j0 += kPanel) {
     const int64_t nj = std::min(kPanel, Lk - j0);
     for (int64_t j = 0; j < nj; ++j)
       std::memcpy(Kd + j * C, k + (j0 + j) * a.k_rs, C * sizeof(float));
@@ -301,7 +417,7 @@ void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L
       for (int64_t j = 0; j < kPanel; ++j) kt[c * kPanel + j] = Kd[j * C + c];
   }
   const float* v = a.v + b * a.v_bs + h * C;
-  for (int64_t j = 0; j < Lk; ++j) {
+  for (int64_t j = 0; !bf16 && j < Lk; ++j) {
     std::memcpy(Vp + j * L.Cp, v + j * a.v_rs, C * sizeof(float));
     std::fill(Vp + j * L.Cp + C, Vp + (j + 1) * L.Cp, 0.f);
   }
@@ -309,16 +425,19 @@ void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L
   for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
     const int64_t n = std::min(L.tq, Lq - i0);
     const float* q = a.q + b * a.q_bs + i0 * a.q_rs + h * C;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(Q + i * C, q + i * a.q_rs, C * sizeof(float));
+    for (int64_t i = 0; i < n && !bf16; ++i)
+      std::memcpy(Q + i * C, q + i * a.q_rs, C * sizeof(float));
+    for (int64_t i = 0; i < n && bf16; ++i) {
+      uint16_t* t = reinterpret_cast<uint16_t*>(Kd);  // [C] the row in bf16
+      f32_to_bf16(q + i * a.q_rs, t, C);
+      for (int64_t p = 0; p < cq; ++p)
+        Q32[i * cq + p] = Pair(t[2 * p], 2 * p + 1 < C ? t[2 * p + 1] : uint16_t{0});
+    }
     const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
-    if (mb && pb)
-      QueryTile<true, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
-    else if (mb)
-      QueryTile<true, false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
-    else if (pb)
-      QueryTile<false, true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+    if (bf16)
+      QueryTileAny<true>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
     else
-      QueryTile<false, false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
+      QueryTileAny<false>(d, a, L, n, Q, KT, Vp, mb, pb, S, m, l, O);
     // The query tile was packed above, so o may alias q (in-place modules).
     float* o = a.o + b * a.o_bs + i0 * a.o_rs + h * C;
     const float* g = a.gate ? a.gate + b * a.g_bs + i0 * a.g_rs + h * C : nullptr;
@@ -358,6 +477,15 @@ void attention(const AttentionArgs& a, float* scratch, int threads) {
 namespace ref {
 void attention(const AttentionArgs& a, float* scratch) {
   float* logit = scratch;  // [Lk]
+  // An input as the products see it: its bf16 rounding with BF16.
+  auto in = [&](float x) -> double {
+    if (a.dtype != DType::BF16) return x;
+    uint16_t hb;
+    ref::f32_to_bf16(&x, &hb, 1);
+    float y;
+    ref::bf16_to_f32(&hb, &y, 1);
+    return y;
+  };
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t h = 0; h < a.H; ++h)
       for (int64_t i = 0; i < a.Lq; ++i) {
@@ -366,7 +494,7 @@ void attention(const AttentionArgs& a, float* scratch) {
         for (int64_t j = 0; j < a.Lk; ++j) {
           const float* k = a.k + b * a.k_bs + j * a.k_rs + h * a.C;
           double dot = 0.0;
-          for (int64_t c = 0; c < a.C; ++c) dot += static_cast<double>(q[c]) * k[c];
+          for (int64_t c = 0; c < a.C; ++c) dot += in(q[c]) * in(k[c]);
           float x = static_cast<float>(dot * a.scale);
           if (a.mask_bias) x += a.mask_bias[b * a.Lk + j];
           if (a.pair_bias) x += a.pair_bias[(h * a.Lq + i) * a.Lk + j];
@@ -386,7 +514,7 @@ void attention(const AttentionArgs& a, float* scratch) {
         for (int64_t c = 0; c < a.C; ++c) {
           double acc = 0.0;
           for (int64_t j = 0; j < a.Lk; ++j)
-            acc += std::exp(logit[j] - mx) / sum * a.v[b * a.v_bs + j * a.v_rs + h * a.C + c];
+            acc += std::exp(logit[j] - mx) / sum * in(a.v[b * a.v_bs + j * a.v_rs + h * a.C + c]);
           double g = 1.0;
           if (a.gate)
             g = 1.0 / (1.0 + std::exp(-static_cast<double>(

@@ -114,15 +114,29 @@ void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads)
 int64_t linear_residual_scratch_floats(const LinearResidualArgs& a, int threads) {
   const int64_t n = a.B * a.L, rb = block_rows_for(a.in + a.out);
   if (n <= 0) return 0;
-  return busy_threads(n, rb, threads) * std::min(rb, n) * a.out;
+  const int64_t rows = std::min(rb, n);
+  return busy_threads(n, rb, threads) *
+         (rows * a.out + (a.dtype == DType::BF16 ? bf16_floats(rows * a.in) : 0));
 }
 
 void linear_residual(const LinearResidualArgs& a, float* scratch, int threads) {
+  FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
   const int64_t n = a.B * a.L, out = a.out, rb = block_rows_for(a.in + out);
-  const int64_t per_slot = std::min(rb, n) * out;
+  const int64_t rows_max = std::min(rb, n);
+  const int64_t per_slot =
+      rows_max * out + (a.dtype == DType::BF16 ? bf16_floats(rows_max * a.in) : 0);
   for_row_blocks(n, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
     float* t = scratch + slot * per_slot;  // [g1 - g0, out] the block's update
-    linear(a.x + g0 * a.ldx, a.ldx, g1 - g0, a.in, a.W, a.bias, out, t, out);
+    if (a.dtype == DType::BF16) {
+      uint16_t* xb = reinterpret_cast<uint16_t*>(t + rows_max * out);  // [g1 - g0, in] bf16 x
+      for (int64_t g = g0; g < g1; ++g) f32_to_bf16(a.x + g * a.ldx, xb + (g - g0) * a.in, a.in);
+      for (int64_t g = 0; g < g1 - g0; ++g)
+        if (a.bias != nullptr) std::copy_n(a.bias, out, t + g * out);
+      gemm_typed(DType::BF16, false, true, g1 - g0, out, a.in, 1.f, xb, a.in, a.W_bf16, a.in,
+                 a.bias != nullptr ? 1.f : 0.f, t, out);
+    } else {
+      linear(a.x + g0 * a.ldx, a.ldx, g1 - g0, a.in, a.W, a.bias, out, t, out);
+    }
     for (int64_t g = g0; g < g1;) {  // runs of rows of one batch item
       const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
       add_inplace(a.y + b * a.y_bs + l * a.y_rs, a.y_rs, t + (g - g0) * out, out, cnt, out);
@@ -211,10 +225,17 @@ void layernorm_linear(const LayerNormLinearArgs& a, float* scratch) {
     }
 }
 
-void linear_residual(const LinearResidualArgs& a) {
+void linear_residual(const LinearResidualArgs& a, float* scratch) {
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t l = 0; l < a.L; ++l) {
       float* y = a.y + b * a.y_bs + l * a.y_rs;  // [out]
+      if (a.dtype == DType::BF16) {
+        float* t = scratch;                                     // [out] the row's update
+        uint16_t* xb = reinterpret_cast<uint16_t*>(t + a.out);  // [in] bf16 of the x row
+        linear_row_bf16(a.x + (b * a.L + l) * a.ldx, xb, a.in, a.W_bf16, a.bias, a.out, t, false);
+        for (int64_t o = 0; o < a.out; ++o) y[o] += t[o];
+        continue;
+      }
       for (int64_t o = 0; o < a.out; ++o) {
         double acc = a.bias != nullptr ? a.bias[o] : 0.0;
         const float* xr = a.x + (b * a.L + l) * a.ldx;

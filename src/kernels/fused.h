@@ -50,7 +50,8 @@ void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads)
 // update of rows that may be strided (row (b, l) of y at y + b*y_bs + l*y_rs; x rows with leading
 // dimension ldx). Each row block's product goes to per-thread scratch and is then added, so a GEMM
 // never writes rows that are a power-of-two stride apart (an MSA column: 256 KiB at r=256), whose
-// cache-set conflicts made that 2.5x slower. f32 only.
+// cache-set conflicts made that 2.5x slower. BF16: the block's x rows are rounded to bf16 in the
+// slot and multiplied by W_bf16 with f32 accumulation (bias and the residual add f32).
 struct LinearResidualArgs {
   int64_t B = 1, L = 0, in = 0, out = 0;
   const float* x = nullptr;
@@ -59,6 +60,8 @@ struct LinearResidualArgs {
   const float* bias = nullptr;  // [out] or nullptr
   float* y = nullptr;
   int64_t y_bs = 0, y_rs = 0;
+  DType dtype = DType::F32;          // GEMM inputs: F32 or BF16
+  const uint16_t* W_bf16 = nullptr;  // [out, in] bf16 bits of W (dtype BF16; W unused then)
 };
 int64_t linear_residual_scratch_floats(const LinearResidualArgs& a, int threads);
 void linear_residual(const LinearResidualArgs& a, float* scratch, int threads);
@@ -92,9 +95,10 @@ void transition(const TransitionArgs& a, float* scratch, int threads);
 namespace ref {
 // One row at a time in double (statistics, dot products); with BF16 the normalised row (and the
 // hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
-// (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden)) floats.
+// (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden)) floats; linear_residual: out + in
+// floats with BF16, none with F32.
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
-void linear_residual(const LinearResidualArgs& a);
+void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  // BF16: in floats
 void transition(const TransitionArgs& a, float* scratch);
 }  // namespace ref
 

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "foldcube/tensor.h"
+
 namespace fc::kern {
 
 // ---- GEMM (oneDNN dnnl_sgemm; see docs/gemm.md) ----------------------------------------------
@@ -97,6 +99,10 @@ struct AttentionArgs {
   int64_t o_bs = 0, o_rs = 0;
   float* lse = nullptr;  // [B, H, Lq] natural-log sum-exp of the logits per query, written when
                          // non-null (saved for attention_backward, see backward.h)
+  // Inputs of the two products: F32, or BF16 — q, k, v and the (unnormalised) probabilities are
+  // rounded to bf16 and multiplied with f32 accumulation (src/kernels/attention_bf16.h); the
+  // biases, the softmax statistics, the gate and o stay f32. Same scratch in both.
+  DType dtype = DType::F32;
 };
 // Flash-style kernel: query tiles sweep key tiles with an online softmax, so neither [H, Lq, Lk]
 // nor a [query tile, Lk] block is ever formed. Results are bit-identical across runs and thread
@@ -124,7 +130,8 @@ void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t r
 void mul_inplace(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t n);
 void scale_rows(float* y, int64_t ldy, const float* s, int64_t rows, int64_t n);
 // Naive attention in double: one [Lk] logit row at a time in scratch of Lk floats; writes lse
-// (rounded to float) when a.lse is non-null.
+// (rounded to float) when a.lse is non-null. BF16: q, k and v are rounded to bf16 (the
+// probabilities are not).
 void attention(const AttentionArgs& a, float* scratch);
 }  // namespace ref
 

@@ -10,6 +10,7 @@
 #include "kernels/convert.h"
 #include "kernels/fused.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
 #include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 
@@ -115,11 +116,14 @@ kern::LayerNormLinearArgs qkvg_args(const LayerNormW& ln, const GatedAttentionW&
 }
 
 // linear_o of the chunk's attention output o (q slots of qkvg p [n*L, 4*H*C]) added to items
-// [n0, n0 + n) of S (strided when transposed, as qkvg_args reads them).
-kern::LinearResidualArgs output_args(const GatedAttentionW& w, const float* p, float* S, int64_t n0,
-                                     int64_t n, int64_t N, int64_t L, int64_t c, bool transposed) {
+// [n0, n0 + n) of S (strided when transposed, as qkvg_args reads them). wo: gemm_weights(w.o.w,
+// dtype).
+kern::LinearResidualArgs output_args(const GatedAttentionW& w, const Tensor& wo, DType dtype,
+                                     const float* p, float* S, int64_t n0, int64_t n, int64_t N,
+                                     int64_t L, int64_t c, bool transposed) {
   kern::LinearResidualArgs a;
   a.B = n, a.L = L, a.in = w.o.w.dim(1), a.out = c;
+  a.dtype = dtype, a.W_bf16 = bf16_ptr(wo);
   a.x = p, a.ldx = 4 * a.in;
   a.W = w.o.w.f32(), a.bias = bias_ptr(w.o);
   a.y = S + (transposed ? n0 * c : n0 * L * c);
@@ -137,6 +141,7 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   const int64_t hc = H * C, ld = 4 * hc;
   const Tensor wb = gemm_weights(w.w_qkvg, ctx.dtype);  // [4*H*C, c] bf16 (BF16 only)
+  const Tensor wo = gemm_weights(w.o.w, ctx.dtype);     // [c, H*C] bf16 (BF16 only)
   Tensor qkvg = Tensor::empty({ch * L, ld});            // [(b, l), q | k | v | g] of a chunk
   float* p = qkvg.f32();
   for (int64_t n0 = 0; n0 < N; n0 += ch) {
@@ -155,12 +160,14 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
     a.o = p, a.o_bs = L * ld, a.o_rs = ld;
     a.mask_bias = mask_bias + n0 * L;
     a.pair_bias = bias;
+    a.dtype = ctx.dtype;
     {
       Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
       kern::attention(a, scratch.f32(), ctx.threads);
     }
     {
-      const kern::LinearResidualArgs lr = output_args(w, p, S, n0, n, N, L, c, transposed);
+      const kern::LinearResidualArgs lr =
+          output_args(w, wo, ctx.dtype, p, S, n0, n, N, L, c, transposed);
       Tensor scratch = Tensor::empty({kern::linear_residual_scratch_floats(lr, ctx.threads)});
       kern::linear_residual(lr, scratch.f32(), ctx.threads);
     }
@@ -203,8 +210,8 @@ int64_t attention_module_bytes(int64_t H, int64_t C, const BlockContext& ctx, in
   const int64_t ch = pick_chunk(ctx, N, L * c * 2 * kF + L * 4 * H * C * kF);
   if (ctx.fused) {
     kern::LinearResidualArgs lr;
-    lr.B = ch, lr.L = L, lr.in = H * C, lr.out = c;
-    return gemm_weights_bytes(4 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
+    lr.B = ch, lr.L = L, lr.in = H * C, lr.out = c, lr.dtype = ctx.dtype;
+    return gemm_weights_bytes(5 * H * C * c, ctx.dtype) + ch * L * 4 * H * C * kF +
            std::max({kern::layernorm_linear_scratch_floats(
                          ln_linear_dims(ch, L, c, 4 * H * C, ctx.dtype), ctx.threads),
                      kern::attention_scratch_floats(attention_dims(H, C, ch, L), ctx.threads),
@@ -387,14 +394,35 @@ void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const 
 }
 
 namespace {
+// bf16 products in the outer product mean and the triangle multiplication: fused BF16 on a single
+// shard (the shard gathers move f32 and keep f32 products).
+bool bf16_products(const BlockContext& ctx, int64_t parts) {
+  return ctx.fused && ctx.dtype == DType::BF16 && parts == 1;
+}
+
+// opm_pairs_from_outer rounding to bf16: p [(i, j), (c, e)] (bf16) from o [(i, c), (j, e)] (f32).
+void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t co, uint16_t* p) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        kern::f32_to_bf16(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co);
+}
+
 // The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
-// nullptr means one shard holding every column (cols = r).
+// nullptr means one shard holding every column (cols = r). With bf16 products (bf16_products) a
+// and b are stored in bf16, the outer products take bf16 inputs with f32 accumulation, and the
+// pairs p are rounded to bf16 for the output Linear (bf16 weights, f32 accumulation); the mask
+// counts, the normalisation and the residual add stay f32.
 void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t col0,
               int64_t cols, const float* mask_cols, const ShardGather* gather, float* z) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  Tensor a = Tensor::empty({s, cols, co});  // linear_1(LN(m)) * mask
-  Tensor b = Tensor::empty({s, cols, co});  // linear_2(LN(m)) * mask
+  const int64_t parts = gather != nullptr ? gather->parts : 1;
+  const bool bf16 = bf16_products(ctx, parts);
+  const DType pt = bf16 ? DType::BF16 : DType::F32;  // storage of a, b and p
+  Tensor a = Tensor::empty({s, cols, co}, pt);       // linear_1(LN(m)) * mask
+  Tensor b = Tensor::empty({s, cols, co}, pt);       // linear_2(LN(m)) * mask
   {
     const int64_t ch = pick_chunk(ctx, s, cols * (cm + 2 * co) * kF);
     Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * cols, cm});  // LN(m) chunk (unfused)
@@ -416,10 +444,21 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
         kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
                      2 * co);
       }
-      const float* abp = ab.f32();
+      float* abp = ab.f32();
+      const float* mask = mask_cols + s0 * cols;
+      if (bf16) {
+        uint16_t* ap = a.data<uint16_t>() + s0 * cols * co;
+        uint16_t* bp = b.data<uint16_t>() + s0 * cols * co;
+        kern::scale_rows(abp, 2 * co, mask, n * cols, 2 * co);
+#pragma omp parallel for schedule(static)
+        for (int64_t row = 0; row < n * cols; ++row) {
+          kern::f32_to_bf16(abp + row * 2 * co, ap + row * co, co);
+          kern::f32_to_bf16(abp + row * 2 * co + co, bp + row * co, co);
+        }
+        continue;
+      }
       float* ap = a.f32() + s0 * cols * co;
       float* bp = b.f32() + s0 * cols * co;
-      const float* mask = mask_cols + s0 * cols;
 #pragma omp parallel for schedule(static)
       for (int64_t row = 0; row < n * cols; ++row)
         for (int64_t c = 0; c < co; ++c) {
@@ -429,31 +468,43 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
     }
   }
   // Every shard's b, shard-major: [parts][s, cols, c_o] (= b itself for one shard).
-  if (gather != nullptr) {
+  if (gather != nullptr && !bf16) {
     Tensor all = Tensor::empty({gather->parts, s, cols, co});
     gather->fn(b.f32(), s * cols * co, all.f32());
     b = all;
   }
-  const int64_t parts = gather != nullptr ? gather->parts : 1;
   Tensor norm = Tensor::empty({cols, r});  // sum_s mask[s,i] mask[s,j]
   kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f, norm.f32(),
              r);
 
   const int64_t ch = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
-  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
-  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  const Tensor wo = bf16 ? gemm_weights(w.out.w, DType::BF16) : Tensor();  // [c_z, c_o*c_o] bf16
+  Tensor o = Tensor::empty({ch * co, r * co});                             // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co}, pt);                         // [(i, j), (c, e)]
   Tensor y = Tensor::empty({ch * r, cz});
+  const float* out_bias = w.mean_first ? nullptr : bias_ptr(w.out);
   for (int64_t i0 = 0; i0 < cols; i0 += ch) {
     const int64_t n = std::min(ch, cols - i0);
-    const int64_t bw = r / parts * co;  // columns (j, e) of one shard
-    for (int64_t q = 0; q < parts; ++q)
-      kern::gemm(true, false, n * co, bw, s, 1.f, a.f32() + i0 * co, cols * co,
-                 b.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
-    const float* op = o.f32();
-    float* pp = p.f32();
-    opm_pairs_from_outer(op, n, r, co, pp);
-    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(),
-                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    if (bf16) {
+      kern::gemm_typed(DType::BF16, true, false, n * co, r * co, s, 1.f,
+                       a.data<uint16_t>() + i0 * co, cols * co, b.data<uint16_t>(), r * co, 0.f,
+                       o.f32(), r * co);
+      opm_pairs_from_outer_bf16(o.f32(), n, r, co, p.data<uint16_t>());
+      float beta = 0.f;
+      if (out_bias != nullptr) {
+        for (int64_t row = 0; row < n * r; ++row) std::copy_n(out_bias, cz, y.f32() + row * cz);
+        beta = 1.f;
+      }
+      kern::gemm_typed(DType::BF16, false, true, n * r, cz, co * co, 1.f, p.data<uint16_t>(),
+                       co * co, wo.data<uint16_t>(), co * co, beta, y.f32(), cz);
+    } else {
+      const int64_t bw = r / parts * co;  // columns (j, e) of one shard
+      for (int64_t q = 0; q < parts; ++q)
+        kern::gemm(true, false, n * co, bw, s, 1.f, a.f32() + i0 * co, cols * co,
+                   b.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
+      opm_pairs_from_outer(o.f32(), n, r, co, p.f32());
+      kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(), out_bias, cz, y.f32(), cz);
+    }
     opm_residual(w, cfg, y.f32(), norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
 }
@@ -506,6 +557,20 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   const int64_t group = (2 * p.cg * rr + 4 * p.cg * p.ch * r +
                          (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + p.cg * gathered) *
                         kF;
+  if (bf16_products(ctx, parts)) {
+    // A_g, B_g in bf16, the projection chunk, the group's f32 rows of w.ab and b.ab and its bf16
+    // rows of w.ab, and the LayerNorm-Linear scratch (LN_in(z) per row block, never kept whole).
+    int64_t scratch = 0;
+    for (const int64_t nc : {p.cg, ct % p.cg})
+      if (nc > 0)
+        scratch = std::max(scratch,
+                           kern::layernorm_linear_scratch_floats(
+                               ln_linear_dims(1, p.ch * r, cz, 4 * nc, DType::BF16), ctx.threads));
+    p.bytes = 2 * p.cg * rr * 2 +
+              (4 * p.cg * p.ch * r + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + scratch) * kF +
+              gemm_weights_bytes(4 * p.cg * cz, DType::BF16);
+    return p;
+  }
   p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
   p.bytes = group + (p.keep_ln ? rows : p.ch) * r * cz * kF;
   return p;
@@ -513,7 +578,10 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
 
 // The triangle multiplication on rows of z [rows, r, c_z] with mask [rows, r]. gather == nullptr:
 // one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
-// (see triangle_multiplication_shard).
+// (see triangle_multiplication_shard). With bf16 products (bf16_products) the projections come
+// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16, the products take bf16
+// inputs with f32 accumulation (P stays f32), and LN_out + linear_z is the fused LayerNorm-Linear
+// in bf16; gating, masking and the residual add stay f32.
 void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                   bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
                   float* z) {
@@ -521,6 +589,7 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
   const int64_t parts = gather != nullptr ? gather->parts : 1;
   const float eps = cfg.eps_ln;
+  const bool bf16 = bf16_products(ctx, parts);
   Tensor P = Tensor::empty({ct, rows, r});  // triangle products, channel-major
   {
     // Channels in groups of cg: each group projects its rows of w.ab from LN_in(z) (kept whole or
@@ -528,14 +597,17 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     // ungrouped computation; the products per channel do not depend on the grouping.
     const TriMulPhase1 ph = tri_mul_phase1(ctx, rows, parts);
     const int64_t cg = ph.cg, ch = ph.ch;
-    Tensor A = Tensor::empty({cg, rows, r});  // a[c][i][k] = mask * sigmoid(a_g) * a_p
-    Tensor B = Tensor::empty({cg, rows, r});
-    Tensor x = Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});  // LN_in(z): all rows or a chunk
+    const DType abt = bf16 ? DType::BF16 : DType::F32;
+    Tensor A = Tensor::empty({cg, rows, r}, abt);  // a[c][i][k] = mask * sigmoid(a_g) * a_p
+    Tensor B = Tensor::empty({cg, rows, r}, abt);
+    // LN_in(z): all rows or a chunk (bf16: none, the fused kernel normalises per row block).
+    Tensor x = bf16 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
     Tensor t = Tensor::empty({ch * r, 4 * cg});  // a_p | a_g | b_p | b_g of the group
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
+    Tensor wg16 = bf16 ? Tensor::empty({4 * cg, cz}, DType::BF16) : Tensor();  // bf16 of the rows
     // Every shard's right projection of the group, shard-major [parts][cg, rows, r].
-    Tensor G = gather != nullptr ? Tensor::empty({parts * cg, rows, r}) : Tensor();
+    Tensor G = gather != nullptr && !bf16 ? Tensor::empty({parts * cg, rows, r}) : Tensor();
     if (ph.keep_ln)
       kern::layernorm(z, cz, x.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
@@ -551,13 +623,24 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
         wp = wgp;
         bp = wgp + 4 * nc * cz;
       }
+      if (bf16) kern::f32_to_bf16(wp, wg16.data<uint16_t>(), ld * cz);
       for (int64_t i0 = 0; i0 < rows; i0 += ch) {
         const int64_t n = std::min(ch, rows - i0);
-        const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
-        if (!ph.keep_ln)
-          kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
-                          w.ln_in.b.f32(), eps);
-        kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
+        if (bf16) {
+          kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, ld, DType::BF16);
+          la.x = z + i0 * r * cz, la.x_rs = cz;
+          la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
+          la.W = wp, la.bias = bp, la.W_bf16 = wg16.data<uint16_t>();
+          la.y = t.f32(), la.ldy = ld;
+          Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+          kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+        } else {
+          const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
+          if (!ph.keep_ln)
+            kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
+                            w.ln_in.b.f32(), eps);
+          kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
+        }
         float* tp = t.f32();
         const float* mask = mask_rows + i0 * r;
         for (int64_t part = 0; part < 2; ++part) {  // a, then b
@@ -565,10 +648,21 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
           kern::sigmoid_inplace(proj + nc, ld, n * r, nc);
           kern::mul_inplace(proj, ld, proj + nc, ld, n * r, nc);
           kern::scale_rows(proj, ld, mask, n * r, nc);
-          kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
+          if (bf16)
+            kern::transpose_to_bf16(proj, ld, (part ? B : A).data<uint16_t>() + i0 * r, rr, n * r,
+                                    nc);
+          else
+            kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
         }
       }
-      if (gather == nullptr) {
+      if (bf16) {
+        // One shard: outgoing P_c = A_c B_c^T (L_c R_c^T from a shard call), incoming A_c^T B_c.
+        const bool left_b = gather != nullptr && left_is_b;
+        const bool out_form = outgoing || gather != nullptr;
+        kern::gemm_batched_typed(
+            DType::BF16, nc, !out_form, out_form, r, r, r, 1.f, (left_b ? B : A).data<uint16_t>(),
+            r, rr, (left_b ? A : B).data<uint16_t>(), r, rr, 0.f, P.f32() + c0 * rr, r, rr);
+      } else if (gather == nullptr) {
         // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
         kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
                            0.f, P.f32() + c0 * rr, r, rr);
@@ -588,12 +682,23 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
   Tensor y = Tensor::empty({ch * r, cz});
   Tensor g = Tensor::empty({ch * r, cz});
   const Tensor wg_b = ctx.fused ? gemm_weights(w.lin_g.w, ctx.dtype) : Tensor();  // [c_z, c_z]
+  const Tensor wz_b = bf16 ? gemm_weights(w.lin_z.w, DType::BF16) : Tensor();     // [c_z, c_t]
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0);
     float* pp = pc.f32();
     kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
-    kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    if (bf16) {
+      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, ct, cz, DType::BF16);
+      la.x = pp, la.x_rs = ct;
+      la.gamma = w.ln_out.w.f32(), la.beta = w.ln_out.b.f32(), la.eps = eps;
+      la.W = w.lin_z.w.f32(), la.bias = bias_ptr(w.lin_z), la.W_bf16 = wz_b.data<uint16_t>();
+      la.y = y.f32(), la.ldy = cz;
+      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+    } else {
+      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    }
     float* zr = z + i0 * r * cz;
     if (ctx.fused) {
       kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz, ctx.dtype);
@@ -639,6 +744,13 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
                           ln_linear_dims(1, ch1 * cols, cm, 2 * co, ctx.dtype), ctx.threads)
                 : ch1 * cols * (cm + 2 * co);
   const int64_t wb = ctx.fused ? gemm_weights_bytes(2 * co * cm, ctx.dtype) : 0;
+  if (bf16_products(ctx, parts)) {
+    // a, b and the pairs chunk in bf16, beside the bf16 copy of linear_out's weights.
+    const int64_t ab_bytes = ab * 2;
+    return std::max(ab_bytes + kF * proj + wb,
+                    ab_bytes + gemm_weights_bytes(cz * co * co, DType::BF16) +
+                        kF * (cols * r + ch2 * (co * r * co + r * cz)) + 2 * ch2 * r * co * co);
+  }
   return std::max({kF * (ab + proj) + wb, kF * (ab + gathered),
                    kF * (s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
                          ch2 * (2 * co * r * co + r * cz))});
@@ -653,8 +765,17 @@ int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t row
                                 kern::layernorm_linear_scratch_floats(
                                     ln_linear_dims(1, ch2 * r, cz, cz, ctx.dtype), ctx.threads)
                           : ch2 * r * (ct + 3 * cz);
-  const int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
-  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes, out * kF + wb);
+  int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
+  int64_t out_scratch = 0;  // bf16: LN_out + linear_z is a second LayerNorm-Linear call
+  if (bf16_products(ctx, parts)) {
+    wb += gemm_weights_bytes(cz * ct, DType::BF16);
+    out_scratch = kern::layernorm_linear_scratch_floats(
+                      ln_linear_dims(1, ch2 * r, ct, cz, DType::BF16), ctx.threads) -
+                  kern::layernorm_linear_scratch_floats(
+                      ln_linear_dims(1, ch2 * r, cz, cz, DType::BF16), ctx.threads);
+  }
+  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes,
+                                       (out + std::max<int64_t>(out_scratch, 0)) * kF + wb);
 }
 
 int64_t layer_workspace_bytes(const LayerDesc& l, const BlockContext& ctx) {

@@ -103,6 +103,7 @@ std::string DeviceProfile::to_json() const {
   j["train_fwd_factor"] = train_fwd_factor;
   j["train_bwd_factor"] = train_bwd_factor;
   j["chunk_overhead_us"] = chunk_overhead_us;
+  j["module_overhead_us"] = module_overhead_us;
   return j.dump(2);
 }
 
@@ -127,6 +128,8 @@ Status DeviceProfile::validate() const {
     return Status::InvalidArgument("profile: train_fwd_factor and train_bwd_factor must be > 0");
   if (!(chunk_overhead_us >= 0) || !std::isfinite(chunk_overhead_us))
     return Status::InvalidArgument("profile: chunk_overhead_us must be >= 0");
+  if (!(module_overhead_us >= 0) || !std::isfinite(module_overhead_us))
+    return Status::InvalidArgument("profile: module_overhead_us must be >= 0");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
   if (!(stream_gbps >= 0) || !std::isfinite(stream_gbps))
@@ -206,6 +209,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("train_fwd_factor", &p.train_fwd_factor);
     num("train_bwd_factor", &p.train_bwd_factor);
     num("chunk_overhead_us", &p.chunk_overhead_us);
+    num("module_overhead_us", &p.module_overhead_us);
     // A machine we do not have: rates from peaks and efficiencies.
     double peak = 0, bw = 0;
     num("peak_gflops", &peak);
@@ -955,13 +959,13 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
   // Training: every chunk loop runs in the forward and again in the backward.
   for (int i = 0; i < t.count; ++i) {
     const Work& w = mods[i];
-    const double ovh = w.chunks * dev.chunk_overhead_us * 1e-3;
+    const double ovh = (w.chunks * dev.chunk_overhead_us + dev.module_overhead_us) * 1e-3;
     ModuleCost c{t.layers[i].name,
                  forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh, 0.0, 0.0};
     if (training) {
       c.backward_ms = backward_ms(w, dev, e) * dev.train_bwd_factor + ovh;
       c.rebuild_ms = forward_ms(rb[i], dev, e) * dev.train_fwd_factor +
-                     rb[i].chunks * dev.chunk_overhead_us * 1e-3;
+                     (rb[i].chunks * dev.chunk_overhead_us + dev.module_overhead_us) * 1e-3;
     }
     out.push_back(c);
   }

@@ -353,8 +353,12 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   // DAP: every module's work splits over the ranks along one axis of length r (or s); the
   // padded shard length sets the time.
   const double share = st.dap > 1 ? static_cast<double>(ceil_div(r, st.dap)) / r : 1.0;
+  // A module's fixed overhead (module_overhead_us: dispatch, launches) runs in full on every rank.
+  const double fixed = dev.module_overhead_us * 1e-3;
+  auto split = [&](double ms) { return (ms - fixed) * share + fixed; };
   for (ModuleCost& c : bt.costs) {
-    c.forward_ms *= share, c.backward_ms *= share, c.rebuild_ms *= share;
+    c.forward_ms = split(c.forward_ms);
+    if (training) c.backward_ms = split(c.backward_ms), c.rebuild_ms = split(c.rebuild_ms);
     bt.fwd += c.forward_ms;
     bt.bwd += c.backward_ms;
     bt.rec[1] += c.rebuild_ms;  // kModule rebuilds each module's saved state

@@ -1,0 +1,115 @@
+// `foldcube profile fit` (issue 20): fits a device profile's free parameters to a table of
+// measured rows (src/plan/profile_fit.h) and writes the fitted profile for `plan --profile`.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "commands.h"
+#include "foldcube/planner.h"
+#include "plan/profile_fit.h"
+
+namespace fc::app {
+
+namespace {
+
+struct ProfileArgs {
+  std::string table, out, start, config, predict, params, report;
+  double prior = 0;
+  int fit_devices = 0;  // fit on the rows with this device count only; predict the others
+};
+
+Status fit_command(const ProfileArgs& a) {
+  std::vector<FitRow> all, rows, extra;
+  FC_RETURN_IF_ERROR(read_fit_table(a.table, &all));
+  for (const FitRow& w : all)
+    (a.fit_devices == 0 || w.devices == a.fit_devices ? rows : extra).push_back(w);
+  if (rows.empty())
+    return Status::InvalidArgument(a.table + ": no row with " + std::to_string(a.fit_devices) +
+                                   " device(s) to fit on");
+  if (!a.predict.empty()) {
+    std::vector<FitRow> more;
+    FC_RETURN_IF_ERROR(read_fit_table(a.predict, &more));
+    extra.insert(extra.end(), more.begin(), more.end());
+  }
+  EvoformerConfig cfg;
+  if (!a.config.empty()) FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &cfg));
+  DeviceProfile start;  // empty path: this machine's, calibrated and cached
+  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.start, false, &start));
+  FitOptions opts;
+  opts.params = split(a.params, ',');
+  opts.prior_weight = a.prior;
+  FitResult r;
+  FC_RETURN_IF_ERROR(fit_profile(cfg, start, rows, opts, &r));
+  r.profile.name = "fitted to " + a.table + " from " + (start.name.empty() ? "?" : start.name);
+  std::ostringstream rep;
+  rep << "fit: " << rows.size() << " rows, " << r.iterations << " iterations, rms relative time "
+      << "error " << 100 * r.rms_relative
+      << " %\n\n| parameter | start | fitted |\n|---|---|---|\n";
+  for (const FitParameter& p : r.params)
+    rep << "| " << p.name << " | " << p.start << " | " << p.value
+        << (p.determined ? "" : " (no row depends on it)") << " |\n";
+  rep << "\nFitted rows:\n\n" << fit_report(rows, r.predictions);
+  if (!extra.empty()) {
+    std::vector<RowPrediction> pred(extra.size());
+    for (size_t i = 0; i < extra.size(); ++i) {
+      Plan p;
+      FC_RETURN_IF_ERROR(resolve_row_plan(cfg, r.profile, extra[i], &p));
+      FC_RETURN_IF_ERROR(predict_row(r.profile, extra[i], p, &pred[i]));
+    }
+    rep << "\nPredicted rows (not fitted on):\n\n" << fit_report(extra, pred);
+  }
+  std::fputs(rep.str().c_str(), stdout);
+  if (!a.report.empty()) {
+    std::ofstream f(a.report);
+    f << rep.str();
+    if (!f) return Status::IOError("cannot write " + a.report);
+  }
+  std::ofstream f(a.out);
+  f << r.profile.to_json() << "\n";
+  if (!f) return Status::IOError("cannot write " + a.out);
+  return Status::OK();
+}
+
+}  // namespace
+
+std::function<int()> add_profile_command(CLI::App& app) {
+  auto a = std::make_shared<ProfileArgs>();
+  CLI::App* cmd = app.add_subcommand("profile", "Device profiles: fit one to measured rows");
+  cmd->require_subcommand(1);
+  CLI::App* fit = cmd->add_subcommand(
+      "fit",
+      "fit a profile's rate scales, link bandwidth/latency and per-module overhead to a CSV of "
+      "measured rows (least squares on relative time error); prints the residual per row");
+  fit->add_option("--table", a->table,
+                  "CSV: s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb")
+      ->required();
+  fit->add_option("--out", a->out, "write the fitted profile JSON here (for plan --profile)")
+      ->required();
+  fit->add_option("--start", a->start,
+                  "start profile JSON (default: this machine's, calibrated and cached)");
+  fit->add_option("--config", a->config, "model config JSON (default AF2 model_1)");
+  fit->add_option("--params", a->params,
+                  "comma-separated parameters to fit (default all: gemm, gemm_bwd, batched, "
+                  "attention, attention_bwd, mem, mem_bwd, link_gbps, link_latency_us, "
+                  "module_overhead_us, attention_len_exp)");
+  fit->add_option("--prior", a->prior,
+                  "weight of log(p / p_start) prior rows (keeps weakly determined parameters "
+                  "near the start; default 0)")
+      ->check(CLI::Range(0.0, 1e6));
+  fit->add_option("--predict", a->predict, "also predict this table's rows with the fit");
+  fit->add_option("--fit-devices", a->fit_devices,
+                  "fit on the --table rows with this many devices only and predict the others")
+      ->check(CLI::Range(1, 4096));
+  fit->add_option("--report", a->report, "also write the printed report here (Markdown)");
+  return [cmd, fit, a]() -> int {
+    if (!*cmd) return -1;
+    if (*fit) {
+      const Status st = fit_command(*a);
+      return st.ok() ? 0 : fail(st);
+    }
+    return 2;
+  };
+}
+
+}  // namespace fc::app

@@ -1,0 +1,39 @@
+// Typed layout and batched-GEMM kernels for the bf16 compute path (the triangle multiplication's
+// products, the outer product mean): a transpose that rounds to bf16 on the way, and a batched
+// GEMM with bf16 inputs and f32 accumulation.
+// Contract as kernels.h: caller-owned memory, no allocation, parallel with OpenMP (on the calling
+// thread inside a parallel region). Rounding is kern::f32_to_bf16's (nearest, ties to even), so
+// the fast and the naive versions give the same bits (transpose) or agree within f32 rounding of
+// the accumulation (GEMM; tests/typed_test.cc).
+#pragma once
+
+#include <cstdint>
+
+#include "foldcube/tensor.h"
+
+namespace fc::kern {
+
+// dst[c * ldd + r] = bf16(src[r * lds + c]) for a [rows, cols] f32 source (cache-blocked).
+void transpose_to_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                       int64_t cols);
+
+// gemm_typed on `batch` products: product b uses A + b*stride_a, B + b*stride_b (strides in
+// elements of `ab`) and C + b*stride_c. Parallel over the batch (each product single-threaded on
+// its thread, so results do not depend on the thread count) when the batch is at least the thread
+// count; otherwise the products run one after another, each with the threads available.
+void gemm_batched_typed(DType ab, int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t N,
+                        int64_t K, float alpha, const void* A, int64_t lda, int64_t stride_a,
+                        const void* B, int64_t ldb, int64_t stride_b, float beta, float* C,
+                        int64_t ldc, int64_t stride_c);
+
+namespace ref {
+void transpose_to_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                       int64_t cols);
+// BF16 inputs only: kern::ref::gemm_bf16 per product (double accumulation).
+void gemm_batched_typed(DType ab, int64_t batch, bool trans_a, bool trans_b, int64_t M, int64_t N,
+                        int64_t K, float alpha, const void* A, int64_t lda, int64_t stride_a,
+                        const void* B, int64_t ldb, int64_t stride_b, float beta, float* C,
+                        int64_t ldc, int64_t stride_c);
+}  // namespace ref
+
+}  // namespace fc::kern

@@ -1,0 +1,520 @@
+// Fitted device profiles: the measured-row table, row predictions and the Levenberg-Marquardt fit
+// of a profile's free parameters (src/plan/profile_fit.h, docs/planner.md "Fitted profiles").
+#include "plan/profile_fit.h"
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+namespace fc {
+
+namespace {
+
+constexpr char kHeader[] =
+    "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb";
+constexpr int kCells = 11;
+constexpr double kMiB = 1024.0 * 1024.0;
+
+std::vector<std::string> split_cells(const std::string& line) {
+  std::vector<std::string> out(1);
+  for (char ch : line) {
+    if (ch == ',')
+      out.emplace_back();
+    else
+      out.back() += ch;
+  }
+  return out;
+}
+
+// printable (at most 24 characters) quote of a cell for error messages
+std::string quote(const std::string& cell) {
+  std::string q;
+  for (char ch : cell.substr(0, 24)) q += (ch >= 32 && ch < 127) ? ch : '?';
+  return "'" + q + (cell.size() > 24 ? "...'" : "'");
+}
+
+Status cell_error(const std::string& where, const char* column, const std::string& cell,
+                  const char* what) {
+  return Status::InvalidArgument(where + ": column " + column + ": " + quote(cell) + " " + what);
+}
+
+Status parse_int(const std::string& where, const char* column, const std::string& cell, int64_t lo,
+                 int64_t hi, int64_t* out) {
+  if (cell.empty()) return cell_error(where, column, cell, "is empty (required)");
+  int64_t v = 0;
+  const auto [p, ec] = std::from_chars(cell.data(), cell.data() + cell.size(), v);
+  if (ec != std::errc() || p != cell.data() + cell.size())
+    return cell_error(where, column, cell, "is not an integer");
+  if (v < lo || v > hi)
+    return cell_error(
+        where, column, cell,
+        ("is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]").c_str());
+  *out = v;
+  return Status::OK();
+}
+
+Status parse_measure(const std::string& where, const char* column, const std::string& cell,
+                     std::optional<double>* out) {
+  if (cell.empty()) return Status::OK();
+  double v = 0;
+  const auto [p, ec] = std::from_chars(cell.data(), cell.data() + cell.size(), v);
+  if (ec != std::errc() || p != cell.data() + cell.size())
+    return cell_error(where, column, cell, "is not a number");
+  if (!std::isfinite(v) || v < 0 || v >= 1e12)
+    return cell_error(where, column, cell, "must be finite, >= 0 and < 1e12");
+  *out = v;
+  return Status::OK();
+}
+
+Status parse_line(const std::string& where, const std::string& line, FitRow* row) {
+  const std::vector<std::string> c = split_cells(line);
+  if (static_cast<int>(c.size()) != kCells)
+    return Status::InvalidArgument(where + ": expected " + std::to_string(kCells) +
+                                   " cells, found " + std::to_string(c.size()));
+  int64_t v = 0;
+  FC_RETURN_IF_ERROR(parse_int(where, "s", c[0], 1, 1 << 20, &row->s));
+  FC_RETURN_IF_ERROR(parse_int(where, "r", c[1], 1, 1 << 20, &row->r));
+  FC_RETURN_IF_ERROR(parse_int(where, "blocks", c[2], 1, 1024, &row->blocks));
+  FC_RETURN_IF_ERROR(parse_int(where, "train", c[3], 0, 1, &v));
+  row->train = v == 1;
+  if (!c[4].empty()) {
+    Recompute rc;
+    if (!parse_recompute(c[4], &rc).ok())
+      return cell_error(where, "policy", c[4], "is not none|module|block (small|large; or empty)");
+    row->policy = rc;
+  }
+  FC_RETURN_IF_ERROR(parse_int(where, "devices", c[5], 1, 4096, &v));
+  row->devices = static_cast<int>(v);
+  if (!c[6].empty()) {
+    FC_RETURN_IF_ERROR(parse_int(where, "dap", c[6], 1, 4096, &v));
+    if (v > row->devices || row->devices % v != 0)
+      return cell_error(where, "dap", c[6], "must divide the devices");
+    row->dap = static_cast<int>(v);
+  }
+  if (!c[7].empty()) {
+    DType t;
+    if (!parse_plan_dtype(c[7], &t).ok())
+      return cell_error(where, "dtype", c[7], "is not fp32|bf16|fp16 (or empty)");
+    row->dtype = t;
+  }
+  FC_RETURN_IF_ERROR(parse_measure(where, "time_ms", c[8], &row->time_ms));
+  FC_RETURN_IF_ERROR(parse_measure(where, "peak_mb", c[9], &row->peak_mb));
+  FC_RETURN_IF_ERROR(parse_measure(where, "activation_mb", c[10], &row->activation_mb));
+  return Status::OK();
+}
+
+// ---- Parameters --------------------------------------------------------------------------------
+
+const std::vector<std::string> kParams = {
+    "gemm",    "gemm_bwd",  "batched",         "attention",          "attention_bwd",    "mem",
+    "mem_bwd", "link_gbps", "link_latency_us", "module_overhead_us", "attention_len_exp"};
+
+bool is_scale(const std::string& name) {
+  return name != "link_gbps" && name != "link_latency_us" && name != "module_overhead_us" &&
+         name != "attention_len_exp";
+}
+
+// The fit runs on log p, except for the exponent, which may be any sign (fitted as is).
+bool is_log(const std::string& name) { return name != "attention_len_exp"; }
+double to_theta(const std::string& name, double v) { return is_log(name) ? std::log(v) : v; }
+double from_theta(const std::string& name, double t) { return is_log(name) ? std::exp(t) : t; }
+
+void scale_column(std::vector<std::array<double, 3>>* t, int col, double k) {
+  for (auto& row : *t) row[col] *= k;
+}
+
+Status apply_one(const std::string& name, double v, DeviceProfile* d) {
+  if (name == "attention_len_exp") {  // clamped: the fit may wander where no row constrains it
+    if (!std::isfinite(v))
+      return Status::InvalidArgument("profile fit: attention_len_exp must be finite");
+    d->attention_len_exp = std::clamp(v, -4.0, 4.0);
+    return Status::OK();
+  }
+  if (!(v > 0) || !std::isfinite(v))
+    return Status::InvalidArgument("profile fit: parameter " + name + " must be finite and > 0");
+  if (name == "gemm") {
+    d->gemm_gflops *= v;
+    scale_column(&d->gemm_by_rows, 1, v);
+    scale_column(&d->narrow_gemm, 1, v);
+  } else if (name == "gemm_bwd") {
+    d->gemm_bwd_gflops *= v;
+    scale_column(&d->gemm_by_rows, 2, v);
+    scale_column(&d->narrow_gemm, 2, v);
+  } else if (name == "batched") {
+    d->batched_gflops *= v;
+  } else if (name == "attention") {
+    d->attention_gflops *= v;
+  } else if (name == "attention_bwd") {
+    d->attention_bwd_gflops *= v;
+  } else if (name == "mem") {
+    d->mem_gbps *= v;
+    if (d->stream_gbps > 0) d->stream_gbps *= v;
+    scale_column(&d->mem_by_size, 1, v);
+  } else if (name == "mem_bwd") {
+    if (d->mem_bwd_gbps <= 0) d->mem_bwd_gbps = d->mem_gbps;
+    d->mem_bwd_gbps *= v;
+    scale_column(&d->mem_by_size, 2, v);
+  } else if (name == "link_gbps") {
+    d->link_gbps = v;
+  } else if (name == "link_latency_us") {
+    d->link_latency_us = v;
+  } else if (name == "module_overhead_us") {
+    d->module_overhead_us = v;
+  } else {
+    return Status::InvalidArgument("profile fit: unknown parameter '" + name + "'");
+  }
+  return Status::OK();
+}
+
+double start_value(const std::string& name, const DeviceProfile& d) {
+  if (name == "link_gbps") return d.link_gbps > 0 ? d.link_gbps : 100.0;
+  if (name == "link_latency_us") return d.link_latency_us > 0 ? d.link_latency_us : 10.0;
+  if (name == "module_overhead_us") return d.module_overhead_us > 0 ? d.module_overhead_us : 10.0;
+  if (name == "attention_len_exp") return d.attention_len_exp;
+  return 1.0;
+}
+
+std::string describe(const Plan& p) {
+  int n[3] = {0, 0, 0};
+  for (Recompute rc : p.policy) ++n[static_cast<int>(rc)];
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "dap %d dp %d, n/m/b %d/%d/%d, target %.1f MiB", p.dap, p.dp, n[0],
+                n[1], n[2], static_cast<double>(p.chunk_target_bytes) / kMiB);
+  return buf;
+}
+
+bool same_choices(const Plan& a, const Plan& b) {
+  return a.dap == b.dap && a.dp == b.dp && a.policy == b.policy && a.chunk == b.chunk &&
+         a.chunk_target_bytes == b.chunk_target_bytes;
+}
+
+// Solves A x = b (n x n, row-major) by Gaussian elimination with partial pivoting; false when
+// singular.
+bool solve(std::vector<double> A, std::vector<double> b, int n, std::vector<double>* x) {
+  for (int c = 0; c < n; ++c) {
+    int piv = c;
+    for (int i = c + 1; i < n; ++i)
+      if (std::abs(A[i * n + c]) > std::abs(A[piv * n + c])) piv = i;
+    if (!(std::abs(A[piv * n + c]) > 0)) return false;
+    if (piv != c) {
+      for (int j = 0; j < n; ++j) std::swap(A[c * n + j], A[piv * n + j]);
+      std::swap(b[c], b[piv]);
+    }
+    for (int i = c + 1; i < n; ++i) {
+      const double f = A[i * n + c] / A[c * n + c];
+      for (int j = c; j < n; ++j) A[i * n + j] -= f * A[c * n + j];
+      b[i] -= f * b[c];
+    }
+  }
+  x->assign(n, 0);
+  for (int i = n - 1; i >= 0; --i) {
+    double s = b[i];
+    for (int j = i + 1; j < n; ++j) s -= A[i * n + j] * (*x)[j];
+    (*x)[i] = s / A[i * n + i];
+  }
+  return true;
+}
+
+DeviceProfile with_devices(const DeviceProfile& dev, const FitRow& row) {
+  DeviceProfile d = dev;
+  d.devices = std::max(d.devices, row.devices);
+  return d;
+}
+
+}  // namespace
+
+const std::vector<std::string>& fit_parameter_names() { return kParams; }
+
+Status parse_fit_table(const std::string& text, const std::string& name, std::vector<FitRow>* out) {
+  std::vector<FitRow> rows;
+  std::istringstream in(text);
+  std::string line;
+  int n = 0;
+  bool header = false;
+  while (std::getline(in, line)) {
+    ++n;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    const std::string where = name + ":" + std::to_string(n);
+    if (!header) {
+      if (line != kHeader)
+        return Status::InvalidArgument(where + ": expected the header '" + std::string(kHeader) +
+                                       "', found " + quote(line));
+      header = true;
+      continue;
+    }
+    if (line.empty() || line[0] == '#') continue;
+    FitRow row;
+    row.line = n;
+    FC_RETURN_IF_ERROR(parse_line(where, line, &row));
+    rows.push_back(row);
+  }
+  if (!header) return Status::InvalidArgument(name + ":1: empty table (no header)");
+  if (rows.empty()) return Status::InvalidArgument(name + ": no rows after the header");
+  *out = std::move(rows);
+  return Status::OK();
+}
+
+Status read_fit_table(const std::string& path, std::vector<FitRow>* out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Status::NotFound("cannot open table " + path);
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  return parse_fit_table(ss.str(), path, out);
+}
+
+Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, const FitRow& row,
+                        Plan* out) {
+  const std::string where = "row at line " + std::to_string(row.line);
+  const DeviceProfile dev = with_devices(dev0, row);
+  EvoformerConfig cfg = cfg0;
+  cfg.no_blocks = row.blocks;
+  const DType dtype = row.dtype.value_or(dev.dtype);
+  const int dp = row.dap > 0 ? row.devices / row.dap : 0;
+  if (row.train && row.policy && row.dap > 0) {  // every choice given: no chunking
+    Plan p;
+    p.cfg = cfg;
+    p.s = row.s;
+    p.r = p.r_real = row.r;
+    p.training = true;
+    p.policy.assign(row.blocks, *row.policy);
+    p.chunk_target_bytes = training_chunk_targets(cfg, row.s, row.r).back();
+    p.dap = row.dap;
+    p.dp = dp;
+    p.dtype = dtype;
+    p.threads = dev.threads;
+    p.memory_limit_bytes = dev.memory_bytes;
+    const Status st = evaluate_plan(dev, &p);
+    if (!st.ok()) return Status::InvalidArgument(where + ": " + st.message());
+    *out = std::move(p);
+    return Status::OK();
+  }
+  PlanRequest req;
+  req.cfg = cfg;
+  req.s = row.s;
+  req.r = row.r;
+  req.training = row.train;
+  req.profile = dev;
+  req.devices = row.devices;
+  req.memory_bytes = dev.memory_bytes > 0 ? dev.memory_bytes : int64_t{1} << 60;
+  req.dtype = dtype;
+  if (row.train && row.policy) {
+    req.fixed_policy = true;
+    req.policy = *row.policy;
+  }
+  req.dap = row.dap;
+  req.dp = dp;
+  const Status st = make_plan(req, out);
+  return st.WithContext(where);
+}
+
+Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan,
+                   RowPrediction* out) {
+  Plan q = plan;
+  const Status st = evaluate_plan(with_devices(dev, row), &q);
+  if (!st.ok())
+    return Status::InvalidArgument("row at line " + std::to_string(row.line) + ": " + st.message());
+  out->time_ms = q.time_ms;
+  out->peak_mb = static_cast<double>(q.peak_bytes) / kMiB;
+  out->activation_mb = static_cast<double>(q.activation_bytes) / kMiB;
+  out->plan = describe(q);
+  return Status::OK();
+}
+
+Status apply_fit_parameters(const DeviceProfile& start, const std::vector<FitParameter>& params,
+                            DeviceProfile* out) {
+  DeviceProfile d = start;
+  for (const FitParameter& p : params) FC_RETURN_IF_ERROR(apply_one(p.name, p.value, &d));
+  FC_RETURN_IF_ERROR(d.validate());
+  *out = std::move(d);
+  return Status::OK();
+}
+
+Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
+                   const std::vector<FitRow>& rows, const FitOptions& opts, FitResult* out) {
+  FC_RETURN_IF_ERROR(start0.validate());
+  std::vector<std::string> names = opts.params.empty() ? kParams : opts.params;
+  std::vector<FitParameter> params;
+  for (const std::string& n : names) {
+    if (std::find(kParams.begin(), kParams.end(), n) == kParams.end())
+      return Status::InvalidArgument("profile fit: unknown parameter '" + n + "'");
+    params.push_back({n, start_value(n, start0), start_value(n, start0), true});
+  }
+  // The start profile with the value parameters' start values set (a zero link or overhead
+  // would otherwise stay zero in log space); scales apply on top of `base`.
+  DeviceProfile base = start0;
+  // Rows on several devices need a link even when it is not fitted.
+  if (base.link_gbps <= 0) base.link_gbps = start_value("link_gbps", base);
+  for (const FitParameter& p : params)
+    if (!is_scale(p.name)) FC_RETURN_IF_ERROR(apply_one(p.name, p.value, &base));
+  std::vector<int> fit;  // rows with a time
+  for (size_t i = 0; i < rows.size(); ++i)
+    if (rows[i].time_ms && *rows[i].time_ms > 0) fit.push_back(static_cast<int>(i));
+  if (fit.empty()) return Status::InvalidArgument("profile fit: no row has a time_ms");
+
+  // Scales multiply base's rates; value parameters replace base's values.
+  auto profile_at = [&](const std::vector<double>& theta, DeviceProfile* d) {
+    *d = base;
+    for (size_t k = 0; k < params.size(); ++k)
+      FC_RETURN_IF_ERROR(apply_one(params[k].name, from_theta(params[k].name, theta[k]), d));
+    return d->validate();
+  };
+  const int np = static_cast<int>(params.size());
+  std::vector<double> theta(np), theta0(np);
+  for (int k = 0; k < np; ++k) theta[k] = theta0[k] = to_theta(params[k].name, params[k].start);
+
+  std::vector<Plan> plans(rows.size());
+  int iterations = 0;
+  std::vector<bool> active(np, true);
+  for (int round = 0; round < 3; ++round) {
+    DeviceProfile cur;
+    FC_RETURN_IF_ERROR(profile_at(theta, &cur));
+    std::vector<Plan> fresh(rows.size());
+    for (size_t i = 0; i < rows.size(); ++i)
+      FC_RETURN_IF_ERROR(resolve_row_plan(cfg, cur, rows[i], &fresh[i]));
+    if (round > 0) {
+      bool same = true;
+      for (size_t i = 0; i < rows.size(); ++i) same = same && same_choices(fresh[i], plans[i]);
+      if (same) break;
+    }
+    plans = std::move(fresh);
+
+    // Residuals: relative time errors of the fit rows, then the prior rows.
+    const int nr = static_cast<int>(fit.size()) + (opts.prior_weight > 0 ? np : 0);
+    auto residuals = [&](const std::vector<double>& th, std::vector<double>* res) {
+      DeviceProfile d;
+      FC_RETURN_IF_ERROR(profile_at(th, &d));
+      res->assign(nr, 0);
+      for (size_t i = 0; i < fit.size(); ++i) {
+        RowPrediction pr;
+        FC_RETURN_IF_ERROR(predict_row(d, rows[fit[i]], plans[fit[i]], &pr));
+        const double m = *rows[fit[i]].time_ms;
+        (*res)[i] = (pr.time_ms - m) / m;
+      }
+      if (opts.prior_weight > 0)
+        for (int k = 0; k < np; ++k)
+          (*res)[fit.size() + k] = opts.prior_weight * (th[k] - theta0[k]);
+      return Status::OK();
+    };
+    auto cost_of = [](const std::vector<double>& r) {
+      double c = 0;
+      for (double v : r) c += v * v;
+      return c;
+    };
+    std::vector<double> res;
+    FC_RETURN_IF_ERROR(residuals(theta, &res));
+    double cost = cost_of(res), mu = 1e-3;
+    for (int it = 0; it < opts.max_iterations && cost > 1e-28; ++it) {
+      ++iterations;
+      // Central-difference Jacobian in log-parameters.
+      const double h = 1e-5;
+      std::vector<double> J(static_cast<size_t>(nr) * np, 0.0);
+      for (int k = 0; k < np; ++k) {
+        if (!active[k]) continue;
+        std::vector<double> tp = theta, tm = theta, rp, rm;
+        tp[k] += h, tm[k] -= h;
+        FC_RETURN_IF_ERROR(residuals(tp, &rp));
+        FC_RETURN_IF_ERROR(residuals(tm, &rm));
+        double data = 0;
+        for (int i = 0; i < nr; ++i) {
+          J[i * np + k] = (rp[i] - rm[i]) / (2 * h);
+          if (i < static_cast<int>(fit.size())) data = std::max(data, std::abs(J[i * np + k]));
+        }
+        if (data < 1e-12 && it == 0) active[k] = false;  // no row depends on it: frozen
+      }
+      std::vector<int> idx;
+      for (int k = 0; k < np; ++k)
+        if (active[k]) idx.push_back(k);
+      const int na = static_cast<int>(idx.size());
+      if (na == 0) break;
+      std::vector<double> JtJ(na * na, 0.0), g(na, 0.0);
+      for (int i = 0; i < nr; ++i)
+        for (int a = 0; a < na; ++a) {
+          g[a] += J[i * np + idx[a]] * res[i];
+          for (int b = 0; b < na; ++b) JtJ[a * na + b] += J[i * np + idx[a]] * J[i * np + idx[b]];
+        }
+      bool improved = false;
+      double step = 0;
+      while (mu < 1e20) {
+        std::vector<double> A = JtJ, rhs(na), delta;
+        for (int a = 0; a < na; ++a) {
+          A[a * na + a] += mu * std::max(JtJ[a * na + a], 1e-12);
+          rhs[a] = -g[a];
+        }
+        if (!solve(A, rhs, na, &delta)) {
+          mu *= 10;
+          continue;
+        }
+        std::vector<double> trial = theta;
+        step = 0;
+        for (int a = 0; a < na; ++a) {
+          trial[idx[a]] += std::clamp(delta[a], -2.0, 2.0);  // at most e^2 per step
+          step = std::max(step, std::abs(delta[a]));
+        }
+        std::vector<double> rt;
+        DeviceProfile probe;
+        if (profile_at(trial, &probe).ok() && residuals(trial, &rt).ok() && cost_of(rt) < cost) {
+          const double before = cost;
+          theta = trial, res = rt, cost = cost_of(rt);
+          mu = std::max(mu / 3, 1e-12);
+          improved = true;
+          if (before - cost <= 1e-15 * before && step < 1e-10) mu = 1e30;  // converged
+          break;
+        }
+        mu *= 4;
+      }
+      if (!improved || step < 1e-13) break;
+    }
+  }
+
+  FitResult r;
+  for (int k = 0; k < np; ++k) {
+    params[k].value = from_theta(params[k].name, theta[k]);
+    params[k].determined = active[k];
+  }
+  FC_RETURN_IF_ERROR(profile_at(theta, &r.profile));
+  r.params = params;
+  r.iterations = iterations;
+  r.predictions.resize(rows.size());
+  double ss = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    FC_RETURN_IF_ERROR(predict_row(r.profile, rows[i], plans[i], &r.predictions[i]));
+    if (rows[i].time_ms && *rows[i].time_ms > 0) {
+      const double e = (r.predictions[i].time_ms - *rows[i].time_ms) / *rows[i].time_ms;
+      ss += e * e;
+    }
+  }
+  r.rms_relative = std::sqrt(ss / fit.size());
+  r.plans = std::move(plans);
+  *out = std::move(r);
+  return Status::OK();
+}
+
+std::string fit_report(const std::vector<FitRow>& rows, const std::vector<RowPrediction>& pred) {
+  std::ostringstream o;
+  o << "| line | s | r | blocks | train | policy | devices | dap | dtype | plan | time ms meas / "
+       "pred (err) | peak MiB meas / pred (err) | activation MiB meas / pred (err) |\n"
+    << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  auto cell = [](const std::optional<double>& m, double p) {
+    char buf[96];
+    if (m && *m > 0)
+      std::snprintf(buf, sizeof buf, "%.1f / %.1f (%+.1f %%)", *m, p, 100 * (p - *m) / *m);
+    else
+      std::snprintf(buf, sizeof buf, "- / %.1f", p);
+    return std::string(buf);
+  };
+  for (size_t i = 0; i < rows.size() && i < pred.size(); ++i) {
+    const FitRow& w = rows[i];
+    o << "| " << w.line << " | " << w.s << " | " << w.r << " | " << w.blocks << " | " << w.train
+      << " | " << (w.policy ? recompute_name(*w.policy) : "-") << " | " << w.devices << " | "
+      << (w.dap > 0 ? std::to_string(w.dap) : "-") << " | "
+      << (w.dtype ? plan_dtype_name(*w.dtype) : "-") << " | " << pred[i].plan << " | "
+      << cell(w.time_ms, pred[i].time_ms) << " | " << cell(w.peak_mb, pred[i].peak_mb) << " | "
+      << cell(w.activation_mb, pred[i].activation_mb) << " |\n";
+  }
+  return o.str();
+}
+
+}  // namespace fc

@@ -1,0 +1,101 @@
+// Fitted device profiles (issue 20): measured rows (shape, blocks, policy, devices, time, memory)
+// from a CSV table, the cost model's prediction of each row, and a least-squares fit of a
+// profile's free parameters (per-class rate scales, link bandwidth and latency, a per-module
+// overhead) on the rows' relative time error. docs/planner.md, "Fitted profiles".
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "foldcube/config.h"
+#include "foldcube/model.h"
+#include "foldcube/planner.h"
+#include "foldcube/status.h"
+
+namespace fc {
+
+// One measured row. Header (exact): s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,
+// activation_mb. Empty cells are unknown: policy (training: the planner chooses per block), dap
+// (the planner chooses DAP x DP over the devices), dtype (the profile's), the measurements.
+// MB are MiB (2^20 bytes).
+struct FitRow {
+  int line = 0;  // 1-based line in the table
+  int64_t s = 0, r = 0, blocks = 0;
+  bool train = false;
+  std::optional<Recompute> policy;
+  int devices = 1;
+  int dap = 0;  // 0 = unknown
+  std::optional<DType> dtype;
+  std::optional<double> time_ms, peak_mb, activation_mb;
+};
+
+// policy: none|module|block (the seeds' small|large also). Strict parser: the exact header, 11
+// cells per line, integers in range (s, r <= 2^20, blocks
+// <= 1024, devices, dap <= 4096), finite non-negative measurements below 1e12; blank lines and
+// lines starting with '#' are skipped. Errors are one line naming name:line.
+Status parse_fit_table(const std::string& text, const std::string& name, std::vector<FitRow>* out);
+Status read_fit_table(const std::string& path, std::vector<FitRow>* out);
+
+// The plan a row stands for: its given choices, the planner's for the unknown ones (make_plan
+// on `dev` with the row's devices, under dev.memory_bytes, or without a limit when 0); training
+// plans with a given policy and DAP degree use the whole-axis chunk target ("no chunking").
+Status resolve_row_plan(const EvoformerConfig& cfg, const DeviceProfile& dev, const FitRow& row,
+                        Plan* out);
+
+struct RowPrediction {
+  double time_ms = 0, peak_mb = 0, activation_mb = 0;
+  std::string plan;  // e.g. "dap 2, dp 1, 48 x block, target 512 MiB"
+};
+// The estimates of `plan` (its choices kept) on `dev` with the row's device count.
+Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan,
+                   RowPrediction* out);
+
+// The free parameters. Rate classes are scales of the start profile's rates (scalar and the
+// calibrated tables' columns): gemm (forward projections, narrow products), gemm_bwd, batched,
+// attention, attention_bwd, mem (forward passes, streams), mem_bwd; link_gbps, link_latency_us
+// and module_overhead_us are values (a zero start value starts at 100 GB/s, 10 us, 10 us), fitted
+// in log space like the scales; attention_len_exp (rate ~ L^x) is fitted as is, clamped to [-4, 4].
+const std::vector<std::string>& fit_parameter_names();
+
+struct FitOptions {
+  std::vector<std::string> params;  // empty: all of fit_parameter_names()
+  // Weight of the prior rows w * (log p - log p_start): keeps parameters the rows do not
+  // determine near the start profile (0: none; parameters with no effect are frozen anyway).
+  double prior_weight = 0;
+  int max_iterations = 200;
+};
+
+struct FitParameter {
+  std::string name;
+  double start = 0, value = 0;  // scale (rate classes) or value (link, overhead)
+  bool determined = true;       // false: no row's time depends on it (left at the start)
+};
+
+struct FitResult {
+  DeviceProfile profile;  // the start profile with the fitted parameters applied
+  std::vector<FitParameter> params;
+  std::vector<Plan> plans;  // the plan of every row (resolved on the fitted profile)
+  std::vector<RowPrediction> predictions;
+  double rms_relative = 0;  // over the rows with a time
+  int iterations = 0;
+};
+
+// Levenberg-Marquardt on the log-parameters with a central-difference Jacobian: minimises
+// sum over rows with a time of ((predicted - measured) / measured)^2 (+ the prior rows). The
+// rows' plans are resolved on the start profile and kept fixed during a fit (a smooth
+// objective); when the fitted profile resolves a row differently, the fit is redone from there
+// (at most 3 rounds).
+Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start,
+                   const std::vector<FitRow>& fit_rows, const FitOptions& opts, FitResult* out);
+
+// The start profile with parameter values applied (names of fit_parameter_names()).
+Status apply_fit_parameters(const DeviceProfile& start, const std::vector<FitParameter>& params,
+                            DeviceProfile* out);
+
+// Markdown table: one line per row with its plan, measured and predicted time, memory and the
+// relative errors.
+std::string fit_report(const std::vector<FitRow>& rows, const std::vector<RowPrediction>& pred);
+
+}  // namespace fc
