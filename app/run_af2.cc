@@ -8,9 +8,12 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "dist/comm_api.h"
+#include "exec/af2_dap.h"
 #include "foldcube/alphafold.h"
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
+#include "foldcube/parallel.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 #include "foldcube/structure_io.h"
@@ -112,14 +115,143 @@ Status write_report(const RunArgs& a, const std::vector<AlphaFoldStageStat>& sta
   return write_text_atomic(a.report, j.dump(2) + "\n");
 }
 
+// `--dap N` under `mpirun -np N`: every rank reads the weights and features and runs its shards
+// (src/exec/af2_dap.h); rank 0 writes the outputs and the report with every rank's peaks.
+Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
+  if (world.size() != a.dap)
+    return Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
+                                   std::to_string(a.dap) + " MPI ranks, the job has " +
+                                   std::to_string(world.size()));
+  AlphaFold model;
+  FeatureDict feats;
+  Status st = load_model(a, &model);
+  if (st.ok()) st = load_features(a, &feats);
+  FC_RETURN_IF_ERROR(world.agree(st, true));
+  AlphaFoldOptions opts;
+  opts.chunk = a.chunk;
+  if (!a.chunk_target.empty())
+    FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &opts.chunk_target_bytes));
+  opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
+  opts.recycle_tolerance = a.recycle_tolerance;
+  // --memory-budget X per rank: every rank holds the weights and features (base) and 1/N of the
+  // activations, so the one-process plan for base + N*(X - base) gives the chunk target and pair
+  // blocks, divided by N for the shards. An estimate, not a per-rank memory model: the measured
+  // per-rank peaks are printed and reported beside the budget.
+  int64_t budget = 0;
+  AlphaFoldPlan plan;
+  if (!a.memory_budget.empty()) {
+    if (a.chunk > 0 || opts.chunk_target_bytes > 0)
+      return Status::InvalidArgument(
+          "--memory-budget chooses the chunking itself: drop --chunk / --chunk-target");
+    FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &budget));
+    AlphaFoldDims dims;
+    FC_RETURN_IF_ERROR(alphafold_dims(model.config(), feats, &dims).WithContext(a.features));
+    if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
+    const int64_t base = mem_stats().live_bytes;
+    if (budget <= base)
+      return Status::InvalidArgument("memory budget " + a.memory_budget +
+                                     " per rank is below the weights and features every rank "
+                                     "holds (" +
+                                     std::to_string(base) + " bytes)");
+    FC_RETURN_IF_ERROR(plan_alphafold(model.config(), dims, base, base + a.dap * (budget - base),
+                                      num_threads(), &plan)
+                           .WithContext("--dap " + std::to_string(a.dap) +
+                                        " (planned as one process with " + std::to_string(a.dap) +
+                                        "x the activation budget)"));
+    opts.chunk_target_bytes = std::max<int64_t>(plan.chunk_target_bytes / a.dap, 1);
+    opts.pair_block_bytes =
+        plan.pair_block_bytes > 0 ? std::max<int64_t>(plan.pair_block_bytes / a.dap, 1) : 0;
+  }
+  std::vector<AlphaFoldStageStat> stats;
+  opts.stats = &stats;
+  AlphaFoldDapOutputs outs;
+  AlphaFoldDapStats ds;
+  const int64_t base = mem_stats().live_bytes;
+  const dist::Communicator& comm = CommAccess::get(world);
+  const auto t0 = std::chrono::steady_clock::now();
+  st = alphafold_dap_forward(model, comm, feats, &outs, opts, &ds);
+  FC_RETURN_IF_ERROR(world.agree(st.WithContext(a.features), true));
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  int64_t write_peak = 0;  // tracked peak while the outputs are written (absolute)
+  if (!a.out.empty())
+    FC_RETURN_IF_ERROR(
+        world.agree(write_alphafold_dap_outputs(a.out, {{"format", "foldcube-af2-output/1"}}, outs,
+                                                comm, &write_peak),
+                    true));
+  const std::map<std::string, Tensor>& out = outs.whole;
+  const std::vector<int64_t> peaks = world.all_gather_i64(ds.forward_peak_bytes);
+  const std::vector<int64_t> bases = world.all_gather_i64(base);
+  const std::vector<int64_t> shards = world.all_gather_i64(ds.shard_bytes);
+  const std::vector<int64_t> out_peaks = world.all_gather_i64(write_peak);
+  const std::vector<int64_t> sent = world.all_gather_i64(ds.comm.total_bytes());
+  if (world.rank() == 0) {
+    if (st.ok() && !a.quiet) {
+      print_summary(a, out, stats, ms, peaks[0]);
+      std::printf("  DAP over %d ranks; forward tracked peak per rank (MiB):", a.dap);
+      for (int64_t p : peaks) std::printf(" %.1f", p / 1048576.0);
+      std::printf("\n  shards of m+z per rank (MiB):");
+      for (int64_t b : shards) std::printf(" %.1f", b / 1048576.0);
+      if (!a.out.empty()) {
+        std::printf("\n  writing the outputs, tracked peak per rank (MiB):");
+        for (int64_t p : out_peaks) std::printf(" %.1f", p / 1048576.0);
+      }
+      std::printf("\n");
+      if (budget > 0)
+        std::printf("  memory budget %.1f MiB per rank: largest rank peak %.1f MiB\n",
+                    budget / 1048576.0, *std::max_element(peaks.begin(), peaks.end()) / 1048576.0);
+    }
+    if (st.ok() && !a.report.empty()) {
+      nlohmann::json j;
+      j["model"] = "af2";
+      j["dap"] = a.dap;
+      j["time_ms"] = ms;
+      j["rank_forward_peak_tracked_bytes"] = peaks;   // absolute, during the forward
+      j["rank_base_tracked_bytes"] = bases;           // weights and features on each rank
+      j["rank_shard_bytes"] = shards;                 // the Evoformer's shards of m and z
+      j["rank_output_write_peak_bytes"] = out_peaks;  // absolute, while writing --out
+      j["rank_sent_bytes"] = sent;
+      if (budget > 0)
+        j["memory_budget"] = {{"budget_bytes_per_rank", budget},
+                              {"chunk_target_bytes", opts.chunk_target_bytes},
+                              {"pair_block_bytes", opts.pair_block_bytes}};
+      j["threads"] = num_threads();
+      for (const AlphaFoldStageStat& s : stats)  // rank 0's
+        j["stages"].push_back({{"pass", s.pass},
+                               {"stage", s.stage},
+                               {"ms", s.ms},
+                               {"entry_tracked_bytes", s.entry_bytes},
+                               {"peak_tracked_bytes", s.peak_bytes}});
+      st = write_text_atomic(a.report, j.dump(2) + "\n");
+    }
+  }
+  return world.agree(st, true);
+}
+
+int run_af2_dap(const RunArgs& a) {
+  const int launched = mpi_launched_world_size();
+  if (a.dap == 0)
+    return fail(Status::InvalidArgument("started by an MPI launcher with " +
+                                        std::to_string(launched) + " ranks: pass --dap " +
+                                        std::to_string(launched)));
+  if (a.dap > 1 || launched > 1)
+    if (const Status st = mpi_init(); !st.ok()) return fail(st);
+  const Comm world = Comm::world();
+  const Status st = run_af2_dap_job(a, world);
+  if (!st.ok() && world.rank() == 0) fail(st);
+  mpi_finalize();
+  return st.ok() ? 0 : 1;
+}
+
 }  // namespace
 
 int run_af2(const RunArgs& a) {
   set_num_threads(a.threads);
-  if (a.dap > 0 || a.backward || a.train || !a.plan.empty())
+  if (a.backward || a.train || !a.plan.empty())
     return fail(Status::InvalidArgument(
-        "--model af2 runs inference on one process; --dap, --plan and training are not supported "
-        "for the whole model yet"));
+        "--model af2 runs inference; --plan and training are not supported for the whole model "
+        "yet"));
+  if (a.dap > 0 || mpi_launched_world_size() > 1) return run_af2_dap(a);
   AlphaFold model;
   if (Status st = load_model(a, &model); !st.ok()) return fail(st);
   FeatureDict feats;

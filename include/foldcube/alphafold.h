@@ -173,8 +173,10 @@ class AlphaFold {
 
   const AlphaFoldConfig& config() const;
 
+  struct Impl;  // src/model/af2/alphafold_impl.h
+
  private:
-  struct Impl;
+  friend struct AlphaFoldAccess;
   std::unique_ptr<Impl> impl_;
 };
 

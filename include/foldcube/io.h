@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -63,5 +64,19 @@ Status read_weights(const std::string& path, TensorFile* out);
 // stays intact until the new one is complete. On error the temporary is removed (a process killed
 // mid-write can leave one behind; it is never read).
 Status write_safetensors(const std::string& path, const TensorFile& file);
+
+// The same file written from pieces, so that no tensor need be whole in memory: specs give the
+// tensors' names, dtypes and shapes in file order; fill(i, sink) passes tensor i's bytes to sink
+// in order, exactly its shape's bytes in total (more or fewer is an error).
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::F32;
+  Shape shape;
+};
+using ByteSink = std::function<Status(const void* bytes, size_t n)>;
+Status write_safetensors_streamed(const std::string& path,
+                                  const std::map<std::string, std::string>& metadata,
+                                  const std::vector<TensorSpec>& specs,
+                                  const std::function<Status(size_t, const ByteSink&)>& fill);
 
 }  // namespace fc

@@ -596,6 +596,30 @@ Status dap_forward(const ExtraMsaStack& stack, const dist::Communicator& comm, T
                           pair_mask, nullptr, opts, stats);
 }
 
+void dap_run_blocks(const BlockTable& t, const std::vector<const void*>& blocks,
+                    const DapShards& sh, const dist::Communicator& comm, Tensor* m, Tensor* z) {
+  const DapLayout& l = sh.l;
+  const ShardGather gather{l.n, [&](const float* mine, int64_t count, float* all) {
+                             comm.all_gather(mine, all, count);
+                           }};
+  DapStreams st;
+  if (m != nullptr) st.m = std::move(*m);
+  st.z = std::move(*z);
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  for (const void* bw : blocks)
+    for (int i = 0; i < t.count; ++i) {
+      const LayerDesc& ly = t.layers[i];
+      const DapLayerLayout want = dap_layer_layout(ly);
+      if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
+      if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
+      dap_layer_forward(ly, bw, sh, comm, gather, &st);
+      if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);
+      if (i == last_z) dap_to_layout(&st.z, &st.z_how, Shard::kPairRows, l, comm);
+    }
+  if (m != nullptr) *m = std::move(st.m);
+  *z = std::move(st.z);
+}
+
 Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack) {
   return share_stack_impl(comm, stack, TensorFile());
 }

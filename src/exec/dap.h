@@ -164,6 +164,13 @@ Status dap_forward(const ExtraMsaStack& stack, const dist::Communicator& comm, T
                    const Tensor& msa_mask, const Tensor& pair_mask, const DapOptions& opts = {},
                    DapStats* stats = nullptr);
 
+// The blocks of table t (their weight structs, in order) on this rank's shards, which every rank
+// already holds: *m by sequences [s_loc, r_pad, c_m] (nullptr for a pair-only table such as
+// kTemplatePairBlock) and *z by rows [r_loc, r_pad, c_z], returned in the same layouts. sh's
+// contexts carry the config of the blocks.
+void dap_run_blocks(const BlockTable& t, const std::vector<const void*>& blocks,
+                    const DapShards& sh, const dist::Communicator& comm, Tensor* m, Tensor* z);
+
 // Makes every rank's *stack a copy of the root's (config and weights broadcast from rank 0).
 Status dap_share_stack(const dist::Communicator& comm, EvoformerStack* stack);
 Status dap_share_stack(const dist::Communicator& comm, ExtraMsaStack* stack);

@@ -497,17 +497,39 @@ Status write_safetensors(const std::string& path, const TensorFile& file) {
     if (!listed.count(kv.first))
       return Status::InvalidArgument(where + tensor_label(kv.first) + " is not listed in names");
 
+  std::vector<TensorSpec> specs;  // in names order
+  specs.reserve(data.size());
+  for (size_t i = 0; i < data.size(); ++i)
+    specs.push_back({file.names[i], data[i]->dtype(), data[i]->shape()});
+  return write_safetensors_streamed(
+      path, file.metadata, specs, [&](size_t i, const ByteSink& sink) {
+        const Tensor c = data[i]->contiguous();  // a copy only for a strided view, one at a time
+        return sink(c.data<char>(), c.nbytes());
+      });
+}
+
+Status write_safetensors_streamed(const std::string& path,
+                                  const std::map<std::string, std::string>& metadata,
+                                  const std::vector<TensorSpec>& specs,
+                                  const std::function<Status(size_t, const ByteSink&)>& fill) {
+  const std::string where = path + ": ";
   // Header: __metadata__ first, then the tensors back to back; padded with spaces to 8 bytes.
   std::string header = "{";
   uint64_t offset = 0;
+  std::vector<uint64_t> sizes;  // [specs] bytes of each tensor
   try {
-    if (!file.metadata.empty()) header += "\"__metadata__\":" + json(file.metadata).dump();
-    for (size_t i = 0; i < data.size(); ++i) {
+    if (!metadata.empty()) header += "\"__metadata__\":" + json(metadata).dump();
+    for (const TensorSpec& sp : specs) {
       json shape = json::array();
-      for (int64_t d : data[i]->shape()) shape.push_back(d);
-      const uint64_t nbytes = data[i]->nbytes();
+      int64_t numel = 1;
+      for (int64_t d : sp.shape) {
+        shape.push_back(d);
+        numel *= d;
+      }
+      const uint64_t nbytes = static_cast<uint64_t>(numel) * dtype_size(sp.dtype);
+      sizes.push_back(nbytes);
       if (header.size() > 1) header += ",";
-      header += json(file.names[i]).dump() + ":{\"dtype\":\"" + dtype_name(data[i]->dtype()) +
+      header += json(sp.name).dump() + ":{\"dtype\":\"" + dtype_name(sp.dtype) +
                 "\",\"shape\":" + shape.dump() + ",\"data_offsets\":[" + std::to_string(offset) +
                 "," + std::to_string(offset + nbytes) + "]}";
       offset += nbytes;
@@ -526,12 +548,23 @@ Status write_safetensors(const std::string& path, const TensorFile& file) {
     if (std::fwrite(len_bytes, 1, 8, f) != 8 ||
         std::fwrite(header.data(), 1, header.size(), f) != header.size())
       return Status::IOError(where + "cannot write the header to " + dest + ": " + errno_text());
-    for (size_t i = 0; i < data.size(); ++i) {
-      const Tensor c = data[i]->contiguous();  // a copy only for a strided view, one at a time
-      const size_t n = c.nbytes();
-      if (n > 0 && std::fwrite(c.data<char>(), 1, n, f) != n)
-        return Status::IOError(where + "cannot write " + tensor_label(file.names[i]) + " to " +
-                               dest + ": " + errno_text());
+    for (size_t i = 0; i < specs.size(); ++i) {
+      uint64_t written = 0;
+      const ByteSink sink = [&](const void* bytes, size_t n) -> Status {
+        if (written + n > sizes[i])
+          return Status::Internal(where + tensor_label(specs[i].name) +
+                                  ": more bytes than its shape");
+        if (n > 0 && std::fwrite(bytes, 1, n, f) != n)
+          return Status::IOError(where + "cannot write " + tensor_label(specs[i].name) + " to " +
+                                 dest + ": " + errno_text());
+        written += n;
+        return Status::OK();
+      };
+      FC_RETURN_IF_ERROR(fill(i, sink));
+      if (written != sizes[i])
+        return Status::Internal(where + tensor_label(specs[i].name) + ": " +
+                                std::to_string(written) + " bytes written, its shape has " +
+                                std::to_string(sizes[i]));
     }
     if (std::fflush(f) != 0)
       return Status::IOError(where + "cannot flush " + dest + ": " + errno_text());

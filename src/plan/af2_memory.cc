@@ -201,6 +201,7 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
       m.begin();
       const int64_t ch = cfg.plddt_hidden, db = cfg.distogram_bins, tb = cfg.tm_bins;
       m.alloc((r * cs + 2 * r * ch + r * cfg.plddt_bins + r) * kF);
+      m.free((r * cs + 2 * r * ch) * kF);  // the pLDDT head's hidden layers
       m.alloc((rr * db + S * r * 23 + r * kAtom37) * kF);
       if (cfg.ptm) m.alloc((2 * rr * tb + rr + 2) * kF);
       stage(k, "heads");

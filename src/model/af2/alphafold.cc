@@ -16,6 +16,7 @@
 #include "foldcube/runtime.h"
 #include "io/param_names.h"
 #include "kernels/kernels.h"
+#include "model/af2/alphafold_impl.h"
 #include "model/af2/block_sizes.h"
 #include "model/af2/confidence.h"
 #include "model/af2/geometry.h"
@@ -48,86 +49,16 @@ int64_t count_blocks(const TensorFile& f, const std::string& prefix) {
 
 using af2::apply_layernorm;
 using af2::apply_linear;
+using af2::ca_distance_change;
 using af2::load_layernorm;
 using af2::load_linear;
+using af2::pair_mask_of;
+using af2::pass_features;
 
 // t[..., k] as a contiguous tensor (the features' trailing recycling axis).
 Tensor pass_of(const Tensor& t, int k) { return t.select(t.ndim() - 1, k).contiguous(); }
 
-// One pass's features (the trailing recycling axis selected), validated.
-struct PassFeatures {
-  int64_t r = 0, S = 0, E = 0, T = 0;
-  Tensor aatype, residue_index;                                     // [r] I64
-  Tensor target_feat;                                               // [r, 22]
-  Tensor msa_feat, msa_mask;                                        // [S, r, 49], [S, r]
-  Tensor seq_mask;                                                  // [r]
-  Tensor extra_msa;                                                 // [E, r] I64
-  Tensor extra_has_deletion, extra_deletion_value, extra_msa_mask;  // [E, r]
-  Tensor t_aatype;                                                  // [T, r] I64
-  Tensor t_positions, t_atom_mask;                                  // [T, r, 37, 3], [T, r, 37]
-  Tensor t_mask;                                                    // [T]
-  Tensor t_pb, t_pb_mask;                                           // [T, r, 3], [T, r]
-  Tensor t_tors, t_alt_tors, t_tors_mask;                           // [T, r, 7, 2] x2, [T, r, 7]
-};
-
-// A template pair block's weights; its layers and their order are kTemplatePairBlock
-// (src/model/block_table.cc; unlike the Evoformer: attention first).
-struct TemplateBlock {
-  BlockWeights w;  // only the pair modules are used
-};
-
 }  // namespace
-
-struct AlphaFold::Impl {
-  AlphaFoldConfig cfg;
-  EvoformerStack evoformer;
-  ExtraMsaStack extra;
-  // Embedders
-  LinearW tf_z_i, tf_z_j, tf_m, msa_m, relpos;  // input embedder
-  LinearW rec_lin;                              // [c_z, 15]
-  LayerNormW rec_ln_m, rec_ln_z;
-  LinearW extra_lin;  // [c_e, 25]
-  // Templates
-  LinearW tmpl_single_1, tmpl_single_2, tmpl_pair_lin;
-  std::vector<TemplateBlock> tmpl_blocks;
-  LayerNormW tmpl_ln;
-  LinearW tmpl_q, tmpl_k, tmpl_v, tmpl_o;  // pointwise attention (no gating)
-  // Structure module and heads
-  af2::StructureModuleConfig sm_cfg;
-  af2::StructureModuleWeights sm;
-  LayerNormW plddt_ln;
-  LinearW plddt_1, plddt_2, plddt_3, distogram, masked_msa, exp_resolved, tm;
-
-  // The trace hook of one pass; empty (false) when no trace was asked for, in which case the
-  // stages never hold whole-size copies that exist only to be traced.
-  struct Emit {
-    std::function<void(const std::string& stage, int index, const Tensor& value)> fn;
-    explicit operator bool() const { return static_cast<bool>(fn); }
-    void operator()(const std::string& stage, int index, const Tensor& value) const {
-      if (fn) fn(stage, index, value);
-    }
-  };
-
-  Status load(const TensorFile& f);
-  Status forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
-                 const AlphaFoldOptions& opts) const;
-  // m [S, r, c_m], z [r, r, c_z] from target_feat, residue_index and msa_feat.
-  void embed_inputs(const PassFeatures& f, float* m, float* z) const;
-  // m[0] += LN(m_prev); z += LN(z_prev) + Linear(distogram of the previous pseudo-beta).
-  void embed_recycled(const PassFeatures& f, const Tensor& m_prev, const Tensor& z_prev,
-                      const Tensor& x_prev, int64_t pair_block_bytes, float* m, float* z,
-                      const Emit& emit) const;
-  // z += the template pair embedding; single [T, r, c_m] receives the template MSA rows.
-  Status embed_templates(const PassFeatures& f, const Tensor& pair_mask,
-                         const AlphaFoldOptions& opts, float* z, Tensor* single,
-                         const Emit& emit) const;
-  // z updated by the extra-MSA embedding and stack.
-  Status run_extra_msa(const PassFeatures& f, const Tensor& pair_mask, const AlphaFoldOptions& opts,
-                       Tensor& z, const Emit& emit) const;
-  void run_heads(const PassFeatures& f, const Tensor& m, const Tensor& z, const Tensor& s,
-                 const af2::StructureModuleOutput& sm_out,
-                 std::map<std::string, Tensor>* out) const;
-};
 
 Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) {
   AlphaFoldConfig c;
@@ -320,6 +251,10 @@ Status check_values(const std::string& name, const Tensor& t, int64_t lo, int64_
   return Status::OK();
 }
 
+}  // namespace
+
+namespace af2 {
+
 Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes,
                      PassFeatures* out) {
   PassFeatures f;
@@ -412,6 +347,10 @@ Tensor pair_mask_of(const Tensor& seq_mask) {
     for (int64_t j = 0; j < r; ++j) pm.f32()[i * r + j] = seq_mask.f32()[i] * seq_mask.f32()[j];
   return pm;
 }
+
+}  // namespace af2
+
+namespace {
 
 // Axis of the residue dimension of each feature the model reads (per-residue, MSA, template).
 int residue_axis(const std::string& name) {
@@ -627,22 +566,9 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
         run_heads(f, m_all, z, s, sm_out, &result);
         return Status::OK();
       }));
-      result["final_atom_positions"] = x37;
-      result["final_atom_mask"] = mask37;
-      result["final_affine_tensor"] = sm_out.frames.select(0, L - 1).contiguous();
-      result["single"] = s;
+      af2::put_last_pass_outputs(sm_out, x37, mask37, s, k + 1, &result);
       result["msa"] = m_all.slice(0, 0, S).contiguous();
       result["pair"] = z;
-      result["sm.frames"] = sm_out.frames;
-      result["sm.sidechain_frames"] = sm_out.sidechain_frames;
-      result["sm.unnormalized_angles"] = sm_out.unnormalized_angles;
-      result["sm.angles"] = sm_out.angles;
-      result["sm.positions"] = sm_out.positions;
-      result["sm.states"] = sm_out.states;
-      result["sm.single"] = sm_out.single;
-      Tensor nrec = Tensor::empty({}, DType::I64);
-      nrec.data<int64_t>()[0] = k + 1;
-      result["num_recycles"] = nrec;
       break;
     }
     m_prev = m_all.select(0, 0).clone();  // not a view that would keep m_all alive
@@ -653,28 +579,73 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   return Status::OK();
 }
 
+void af2::put_last_pass_outputs(const StructureModuleOutput& sm_out, const Tensor& x37,
+                                const Tensor& mask37, const Tensor& s, int passes_run,
+                                std::map<std::string, Tensor>* out) {
+  std::map<std::string, Tensor>& o = *out;
+  o["final_atom_positions"] = x37;
+  o["final_atom_mask"] = mask37;
+  o["final_affine_tensor"] = sm_out.frames.select(0, sm_out.frames.dim(0) - 1).contiguous();
+  o["single"] = s;
+  o["sm.frames"] = sm_out.frames;
+  o["sm.sidechain_frames"] = sm_out.sidechain_frames;
+  o["sm.unnormalized_angles"] = sm_out.unnormalized_angles;
+  o["sm.angles"] = sm_out.angles;
+  o["sm.positions"] = sm_out.positions;
+  o["sm.states"] = sm_out.states;
+  o["sm.single"] = sm_out.single;
+  Tensor nrec = Tensor::empty({}, DType::I64);
+  nrec.data<int64_t>()[0] = passes_run;
+  o["num_recycles"] = nrec;
+}
+
 void AlphaFold::Impl::embed_inputs(const PassFeatures& f, float* m, float* z) const {
-  const int64_t r = f.r, S = f.S, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
-  const int64_t K = cfg.relpos_k, bins = 2 * K + 1;
-  Tensor a_i = Tensor::empty({r, cz}), a_j = Tensor::empty({r, cz});  // [r, c_z]
-  apply_linear(tf_z_i, f.target_feat.f32(), r, a_i.f32());
-  apply_linear(tf_z_j, f.target_feat.f32(), r, a_j.f32());
-  Tensor rel = Tensor::empty({bins, cz});  // [65, c_z] Linear(one_hot(bin)) = W[:, bin] + b
-  kern::transpose(relpos.w.f32(), bins, rel.f32(), cz, cz, bins);
-  kern::add_bias_rows(rel.f32(), cz, relpos.b.f32(), bins, cz);
+  const InputTables t = input_tables(f);
+  embed_pair_rows(f, t, 0, f.r, f.r, z);
+  embed_msa_rows(f, 0, f.S, f.r, m);
+}
+
+AlphaFold::Impl::InputTables AlphaFold::Impl::input_tables(const PassFeatures& f) const {
+  const int64_t r = f.r, cz = cfg.evoformer.c_z, bins = 2 * cfg.relpos_k + 1;
+  InputTables t;
+  t.a_i = Tensor::empty({r, cz});
+  t.a_j = Tensor::empty({r, cz});
+  apply_linear(tf_z_i, f.target_feat.f32(), r, t.a_i.f32());
+  apply_linear(tf_z_j, f.target_feat.f32(), r, t.a_j.f32());
+  t.rel = Tensor::empty({bins, cz});
+  kern::transpose(relpos.w.f32(), bins, t.rel.f32(), cz, cz, bins);
+  kern::add_bias_rows(t.rel.f32(), cz, relpos.b.f32(), bins, cz);
+  return t;
+}
+
+void AlphaFold::Impl::embed_pair_rows(const PassFeatures& f, const InputTables& t, int64_t i0,
+                                      int64_t n, int64_t ld, float* z) const {
+  const int64_t r = f.r, cz = cfg.evoformer.c_z, K = cfg.relpos_k;
+  const Tensor &a_i = t.a_i, &a_j = t.a_j, &rel = t.rel;
   const int64_t* ri = f.residue_index.data<int64_t>();
 #pragma omp parallel for
-  for (int64_t i = 0; i < r; ++i)
+  for (int64_t i = i0; i < i0 + n; ++i)
     for (int64_t j = 0; j < r; ++j) {
       const int64_t d = std::clamp<int64_t>(ri[i] - ri[j], -K, K) + K;
-      float* out = z + (i * r + j) * cz;
+      float* out = z + ((i - i0) * ld + j) * cz;
       for (int64_t c = 0; c < cz; ++c)
         out[c] = (a_i.f32()[i * cz + c] + a_j.f32()[j * cz + c]) + rel.f32()[d * cz + c];
     }
-  apply_linear(msa_m, f.msa_feat.f32(), S * r, m);
+}
+
+void AlphaFold::Impl::embed_msa_rows(const PassFeatures& f, int64_t s0, int64_t n, int64_t ld,
+                                     float* m) const {
+  const int64_t r = f.r, cm = cfg.evoformer.c_m;
+  const float* feat = f.msa_feat.f32() + s0 * r * kMsaFeat;
+  if (ld == r) {
+    apply_linear(msa_m, feat, n * r, m);
+  } else {
+    for (int64_t s = 0; s < n; ++s)
+      apply_linear(msa_m, feat + s * r * kMsaFeat, r, m + s * ld * cm);
+  }
   Tensor tm = Tensor::empty({r, cm});  // [r, c_m]
   apply_linear(tf_m, f.target_feat.f32(), r, tm.f32());
-  for (int64_t s = 0; s < S; ++s) kern::add_inplace(m + s * r * cm, cm, tm.f32(), cm, r, cm);
+  for (int64_t s = 0; s < n; ++s) kern::add_inplace(m + s * ld * cm, cm, tm.f32(), cm, r, cm);
 }
 
 void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev,
@@ -693,6 +664,21 @@ void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev
   // only when traced.
   const int64_t rows = af2::pair_block_rows(r, cz, pair_block_bytes);
   Tensor rz = Tensor::empty({emit ? r : rows, r, cz});  // [rows or r, r, c_z]
+  for (int64_t i0 = 0; i0 < r; i0 += rows) {
+    const int64_t n = std::min(rows, r - i0);
+    float* blk = rz.f32() + (emit ? i0 * r * cz : 0);  // [n, r, c_z]
+    recycled_pair_rows(pb.f32(), r, z_prev.f32() + i0 * r * cz, i0, n, r, blk);
+    if (!emit) kern::add_inplace(z + i0 * r * cz, cz, blk, cz, n * r, cz);
+  }
+  if (emit) {
+    emit("recycling_embedder.z", -1, rz);
+    kern::add_inplace(z, cz, rz.f32(), cz, r * r, cz);
+  }
+}
+
+void AlphaFold::Impl::recycled_pair_rows(const float* p, int64_t r, const float* z_prev, int64_t i0,
+                                         int64_t n, int64_t ld, float* blk) const {
+  const int64_t cz = cfg.evoformer.c_z;
   // Distance bins: lower edges linspace(3.25, 20.75, 15)^2, each bin up to the next edge (the last
   // up to 1e8), strict on both sides; no bin below 3.25 A.
   double edge[kRecycleBins + 1];
@@ -702,38 +688,29 @@ void AlphaFold::Impl::embed_recycled(const PassFeatures& f, const Tensor& m_prev
   }
   edge[kRecycleBins] = 1e8;
   const float* W = rec_lin.w.f32();  // [c_z, 15]
-  const float* p = pb.f32();
-  for (int64_t i0 = 0; i0 < r; i0 += rows) {
-    const int64_t n = std::min(rows, r - i0);
-    float* blk = rz.f32() + (emit ? i0 * r * cz : 0);  // [n, r, c_z]
-    apply_layernorm(rec_ln_z, z_prev.f32() + i0 * r * cz, n * r, cz, blk);
+  apply_layernorm(rec_ln_z, z_prev, n * ld, cz, blk);
 #pragma omp parallel for
-    for (int64_t i = i0; i < i0 + n; ++i)
-      for (int64_t j = 0; j < r; ++j) {
-        double d2 = 0;
-        for (int c = 0; c < 3; ++c) {
-          const double d = static_cast<double>(p[3 * i + c]) - p[3 * j + c];
-          d2 += d * d;
-        }
-        int bin = -1;
-        for (int b = 0; b < kRecycleBins; ++b)
-          if (d2 > edge[b] && d2 < edge[b + 1]) bin = b;
-        float* out = blk + ((i - i0) * r + j) * cz;
-        for (int64_t c = 0; c < cz; ++c)
-          out[c] += (bin >= 0 ? W[c * kRecycleBins + bin] : 0.0f) + rec_lin.b.f32()[c];
+  for (int64_t i = i0; i < i0 + n; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      double d2 = 0;
+      for (int c = 0; c < 3; ++c) {
+        const double d = static_cast<double>(p[3 * i + c]) - p[3 * j + c];
+        d2 += d * d;
       }
-    if (!emit) kern::add_inplace(z + i0 * r * cz, cz, blk, cz, n * r, cz);
-  }
-  if (emit) {
-    emit("recycling_embedder.z", -1, rz);
-    kern::add_inplace(z, cz, rz.f32(), cz, r * r, cz);
-  }
+      int bin = -1;
+      for (int b = 0; b < kRecycleBins; ++b)
+        if (d2 > edge[b] && d2 < edge[b + 1]) bin = b;
+      float* out = blk + ((i - i0) * ld + j) * cz;
+      for (int64_t c = 0; c < cz; ++c)
+        out[c] += (bin >= 0 ? W[c * kRecycleBins + bin] : 0.0f) + rec_lin.b.f32()[c];
+    }
 }
 
-namespace {
+namespace {}  // namespace
 
-// Template pair features [r, r, 88] of template t (golden README, forward pass step 3).
-void template_pair_feat(const PassFeatures& f, int64_t t, float* out) {
+// Template pair features of template t (golden README, forward pass step 3), rows i0 .. i0+n.
+void af2::template_pair_feat(const PassFeatures& f, int64_t t, int64_t i0, int64_t n, int64_t ld,
+                             float* out) {
   const int64_t r = f.r, F = kTemplPairFeat;
   const int64_t* aa = f.t_aatype.data<int64_t>() + t * r;
   const float* pb = f.t_pb.f32() + t * r * 3;
@@ -749,9 +726,9 @@ void template_pair_feat(const PassFeatures& f, int64_t t, float* out) {
   }
   for (int b = 0; b < kTemplDistBins; ++b) upper[b] = b + 1 < kTemplDistBins ? lower[b + 1] : 1e5;
 #pragma omp parallel for
-  for (int64_t i = 0; i < r; ++i)
+  for (int64_t i = i0; i < i0 + n; ++i)
     for (int64_t j = 0; j < r; ++j) {
-      float* o = out + (i * r + j) * F;
+      float* o = out + ((i - i0) * ld + j) * F;
       std::fill(o, o + F, 0.0f);
       double d2 = 0;
       for (int c = 0; c < 3; ++c) {
@@ -768,6 +745,8 @@ void template_pair_feat(const PassFeatures& f, int64_t t, float* out) {
       for (int64_t c = 0; c < F; ++c) o[c] *= w;
     }
 }
+
+namespace {
 
 // Template angle features [r, 57] of template t.
 void template_angle_feat(const PassFeatures& f, int64_t t, float* out) {
@@ -789,7 +768,7 @@ void template_angle_feat(const PassFeatures& f, int64_t t, float* out) {
 Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pair_mask,
                                         const AlphaFoldOptions& opts, float* z, Tensor* single,
                                         const Emit& emit) const {
-  const int64_t r = f.r, T = f.T, rr = r * r, cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z;
+  const int64_t r = f.r, T = f.T, rr = r * r, cz = cfg.evoformer.c_z;
   const EvoformerConfig& tc = cfg.template_pair;
   const int64_t ct = tc.c_z, H = cfg.template_att_heads, C = cfg.template_att_hidden, hc = H * C;
   // The template pair stack's block context: pair masks only.
@@ -806,7 +785,6 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
   // Pointwise attention over the templates with an online softmax, so one template's stack output
   // is alive at a time: o [r*r, H*C] accumulates exp(logit - mx) v, den and mx are [r*r, H]; the
   // queries are recomputed from z per block of pair rows.
-  const float qs = 1.0f / std::sqrt(static_cast<float>(C));
   const int64_t block = af2::template_block_positions(rr, hc, opts.pair_block_bytes);
   Tensor o = Tensor::zeros({rr, hc});            // [r*r, H*C]
   Tensor den = Tensor::zeros({rr, H});           // [r*r, H]
@@ -815,7 +793,7 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
     Tensor act = Tensor::empty({r, r, ct});  // [r, r, c_t]
     {
       Tensor feat = Tensor::empty({r, r, kTemplPairFeat});  // [r, r, 88]
-      template_pair_feat(f, t, feat.f32());
+      af2::template_pair_feat(f, t, 0, r, r, feat.f32());
       emit("template.pair_feat", static_cast<int>(t), feat);
       apply_linear(tmpl_pair_lin, feat.f32(), rr, act.f32());
     }
@@ -826,36 +804,9 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
     apply_layernorm(tmpl_ln, a, rr, ct, a);
     emit("template.pair_stack", static_cast<int>(t), act);
     const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);
-    Tensor kv = Tensor::empty({std::min(block, rr), 2 * hc});  // [block, k | v]
-    Tensor q = Tensor::empty({std::min(block, rr), hc});       // [block, H*C] scaled queries
-    for (int64_t p0 = 0; p0 < rr; p0 += block) {
-      const int64_t n = std::min(block, rr - p0);
-      apply_linear(tmpl_q, z + p0 * cz, n, q.f32());
-      for (int64_t k = 0; k < n * hc; ++k) q.f32()[k] *= qs;
-      kern::linear(a + p0 * ct, ct, n, ct, tmpl_k.w.f32(), nullptr, hc, kv.f32(), 2 * hc);
-      kern::linear(a + p0 * ct, ct, n, ct, tmpl_v.w.f32(), nullptr, hc, kv.f32() + hc, 2 * hc);
-#pragma omp parallel for
-      for (int64_t p = 0; p < n; ++p)
-        for (int64_t h = 0; h < H; ++h) {
-          const float* qp = q.f32() + p * hc + h * C;
-          const float* kp = kv.f32() + p * 2 * hc + h * C;
-          const float* vp = kp + hc;
-          float logit = mask_bias;
-          for (int64_t c = 0; c < C; ++c) logit += qp[c] * kp[c];
-          float& m_ = mx.f32()[(p0 + p) * H + h];
-          float& d_ = den.f32()[(p0 + p) * H + h];
-          float* op = o.f32() + (p0 + p) * hc + h * C;
-          const float m_new = std::max(m_, logit);
-          const float scale = std::exp(m_ - m_new), e = std::exp(logit - m_new);
-          for (int64_t c = 0; c < C; ++c) op[c] = op[c] * scale + e * vp[c];
-          d_ = d_ * scale + e;
-          m_ = m_new;
-        }
-    }
+    template_attention_update(z, a, rr, block, mask_bias, o.f32(), den.f32(), mx.f32());
   }
-  for (int64_t p = 0; p < rr; ++p)
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t c = 0; c < C; ++c) o.f32()[p * hc + h * C + c] /= den.f32()[p * H + h];
+  template_attention_normalise(o.f32(), den.f32(), rr);
   // z += Linear(o), zero when no template is present; over blocks of pair rows unless traced.
   float any = 0.0f;
   for (int64_t t = 0; t < T; ++t) any += f.t_mask.f32()[t];
@@ -867,13 +818,14 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
     emit("template.template_pair_embedding", -1, att);
     kern::add_inplace(z, cz, att.f32(), cz, rr, cz);
   } else if (any > 0.0f) {
-    Tensor att = Tensor::empty({std::min(block, rr), cz});  // [block, c_z]
-    for (int64_t p0 = 0; p0 < rr; p0 += block) {
-      const int64_t n = std::min(block, rr - p0);
-      apply_linear(tmpl_o, o.f32() + p0 * hc, n, att.f32());
-      kern::add_inplace(z + p0 * cz, cz, att.f32(), cz, n, cz);
-    }
+    template_attention_add(o.f32(), rr, block, z);
   }
+  *single = template_single(f, emit);
+  return Status::OK();
+}
+
+Tensor AlphaFold::Impl::template_single(const PassFeatures& f, const Emit& emit) const {
+  const int64_t r = f.r, T = f.T, cm = cfg.evoformer.c_m;
   // Template angle embedding: MSA rows appended after the clusters.
   Tensor feat = Tensor::empty({T, r, kTemplAngleFeat});  // [T, r, 57]
   for (int64_t t = 0; t < T; ++t) template_angle_feat(f, t, feat.f32() + t * r * kTemplAngleFeat);
@@ -881,10 +833,62 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
   Tensor h1 = Tensor::empty({T, r, cm});  // [T, r, c_m]
   apply_linear(tmpl_single_1, feat.f32(), T * r, h1.f32());
   kern::relu_inplace(h1.f32(), cm, T * r, cm);
-  *single = Tensor::empty({T, r, cm});
-  apply_linear(tmpl_single_2, h1.f32(), T * r, single->f32());
-  emit("template.template_single_embedding", -1, *single);
-  return Status::OK();
+  Tensor single = Tensor::empty({T, r, cm});  // [T, r, c_m]
+  apply_linear(tmpl_single_2, h1.f32(), T * r, single.f32());
+  emit("template.template_single_embedding", -1, single);
+  return single;
+}
+
+void AlphaFold::Impl::template_attention_update(const float* z, const float* a, int64_t rr,
+                                                int64_t block, float mask_bias, float* o_,
+                                                float* den_, float* mx_) const {
+  const int64_t cz = cfg.evoformer.c_z, ct = cfg.template_pair.c_z;
+  const int64_t H = cfg.template_att_heads, C = cfg.template_att_hidden, hc = H * C;
+  const float qs = 1.0f / std::sqrt(static_cast<float>(C));
+  Tensor kv = Tensor::empty({std::min(block, rr), 2 * hc});  // [block, k | v]
+  Tensor q = Tensor::empty({std::min(block, rr), hc});       // [block, H*C] scaled queries
+  for (int64_t p0 = 0; p0 < rr; p0 += block) {
+    const int64_t n = std::min(block, rr - p0);
+    apply_linear(tmpl_q, z + p0 * cz, n, q.f32());
+    for (int64_t k = 0; k < n * hc; ++k) q.f32()[k] *= qs;
+    kern::linear(a + p0 * ct, ct, n, ct, tmpl_k.w.f32(), nullptr, hc, kv.f32(), 2 * hc);
+    kern::linear(a + p0 * ct, ct, n, ct, tmpl_v.w.f32(), nullptr, hc, kv.f32() + hc, 2 * hc);
+#pragma omp parallel for
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qp = q.f32() + p * hc + h * C;
+        const float* kp = kv.f32() + p * 2 * hc + h * C;
+        const float* vp = kp + hc;
+        float logit = mask_bias;
+        for (int64_t c = 0; c < C; ++c) logit += qp[c] * kp[c];
+        float& m_ = mx_[(p0 + p) * H + h];
+        float& d_ = den_[(p0 + p) * H + h];
+        float* op = o_ + (p0 + p) * hc + h * C;
+        const float m_new = std::max(m_, logit);
+        const float scale = std::exp(m_ - m_new), e = std::exp(logit - m_new);
+        for (int64_t c = 0; c < C; ++c) op[c] = op[c] * scale + e * vp[c];
+        d_ = d_ * scale + e;
+        m_ = m_new;
+      }
+  }
+}
+
+void AlphaFold::Impl::template_attention_normalise(float* o, const float* den, int64_t rr) const {
+  const int64_t H = cfg.template_att_heads, C = cfg.template_att_hidden, hc = H * C;
+  for (int64_t p = 0; p < rr; ++p)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < C; ++c) o[p * hc + h * C + c] /= den[p * H + h];
+}
+
+void AlphaFold::Impl::template_attention_add(const float* o, int64_t rr, int64_t block,
+                                             float* z) const {
+  const int64_t cz = cfg.evoformer.c_z, hc = cfg.template_att_heads * cfg.template_att_hidden;
+  Tensor att = Tensor::empty({std::min(block, rr), cz});  // [block, c_z]
+  for (int64_t p0 = 0; p0 < rr; p0 += block) {
+    const int64_t n = std::min(block, rr - p0);
+    apply_linear(tmpl_o, o + p0 * hc, n, att.f32());
+    kern::add_inplace(z + p0 * cz, cz, att.f32(), cz, n, cz);
+  }
 }
 
 Status AlphaFold::Impl::run_extra_msa(const PassFeatures& f, const Tensor& pair_mask,
@@ -892,17 +896,7 @@ Status AlphaFold::Impl::run_extra_msa(const PassFeatures& f, const Tensor& pair_
                                       const Emit& emit) const {
   const int64_t r = f.r, E = f.E, ce = cfg.extra_msa.c_m;
   Tensor a = Tensor::empty({E, r, ce});  // [E, r, c_e]
-  {
-    Tensor feat = Tensor::zeros({E, r, kExtraFeat});  // [E, r, 25]
-    for (int64_t k = 0; k < E * r; ++k) {
-      float* o = feat.f32() + k * kExtraFeat;
-      o[f.extra_msa.data<int64_t>()[k]] = 1.0f;
-      o[23] = f.extra_has_deletion.f32()[k];
-      o[24] = f.extra_deletion_value.f32()[k];
-    }
-    emit("extra_msa.feat", -1, feat);
-    apply_linear(extra_lin, feat.f32(), E * r, a.f32());
-  }
+  extra_embedding_rows(f, 0, E, a.f32(), emit);
   emit("extra_msa.embedding", -1, a);
   emit("extra_msa_stack.in_z", -1, z);
   ForwardOptions fo;
@@ -914,14 +908,25 @@ Status AlphaFold::Impl::run_extra_msa(const PassFeatures& f, const Tensor& pair_
   return Status::OK();
 }
 
-void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Tensor& z,
-                                const Tensor& s, const af2::StructureModuleOutput& sm_out,
-                                std::map<std::string, Tensor>* out) const {
-  const int64_t r = f.r, S = f.S;
+void AlphaFold::Impl::extra_embedding_rows(const PassFeatures& f, int64_t e0, int64_t n, float* a,
+                                           const Emit& emit) const {
+  const int64_t r = f.r;
+  Tensor feat = Tensor::zeros({n, r, kExtraFeat});  // [n, r, 25]
+  for (int64_t k = 0; k < n * r; ++k) {
+    float* o = feat.f32() + k * kExtraFeat;
+    o[f.extra_msa.data<int64_t>()[e0 * r + k]] = 1.0f;
+    o[23] = f.extra_has_deletion.f32()[e0 * r + k];
+    o[24] = f.extra_deletion_value.f32()[e0 * r + k];
+  }
+  emit("extra_msa.feat", -1, feat);
+  apply_linear(extra_lin, feat.f32(), n * r, a);
+}
+
+void AlphaFold::Impl::plddt_head(const Tensor& single, std::map<std::string, Tensor>* out) const {
+  const int64_t r = single.dim(0);
   const int64_t cs = cfg.evoformer.c_s, ch = plddt_1.w.dim(0), pbins = plddt_3.w.dim(0);
-  // pLDDT from the structure module's single.
   Tensor x = Tensor::empty({r, cs}), h1 = Tensor::empty({r, ch}), h2 = Tensor::empty({r, ch});
-  apply_layernorm(plddt_ln, sm_out.single.f32(), r, cs, x.f32());
+  apply_layernorm(plddt_ln, single.f32(), r, cs, x.f32());
   apply_linear(plddt_1, x.f32(), r, h1.f32());
   kern::relu_inplace(h1.f32(), ch, r, ch);
   apply_linear(plddt_2, h1.f32(), r, h2.f32());
@@ -932,6 +937,13 @@ void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Te
   af2::plddt_from_logits(lddt.f32(), r, pbins, plddt.f32());
   (*out)["lddt_logits"] = lddt;
   (*out)["plddt"] = plddt;
+}
+
+void AlphaFold::Impl::run_heads(const PassFeatures& f, const Tensor& m, const Tensor& z,
+                                const Tensor& s, const af2::StructureModuleOutput& sm_out,
+                                std::map<std::string, Tensor>* out) const {
+  const int64_t r = f.r, S = f.S;
+  plddt_head(sm_out.single, out);
   // Distogram: symmetrised logits.
   const int64_t db = distogram.w.dim(0);
   Tensor dist = Tensor::empty({r, r, db});  // [r, r, 64] logits, then symmetrised in place

@@ -36,20 +36,34 @@ void aligned_error_centres(int64_t bins, float max_bin, float* centres) {
 
 void predicted_aligned_error(const float* tm_logits, int64_t r, int64_t bins, float max_bin,
                              float* probs, float* pae, float* max_pae) {
+  aligned_error_positions(tm_logits, r * r, bins, max_bin, probs, pae);
+  if (max_pae) {
+    std::vector<float> c(bins);  // [bins] centres
+    aligned_error_centres(bins, max_bin, c.data());
+    *max_pae = c[bins - 1];
+  }
+}
+
+void aligned_error_positions(const float* tm_logits, int64_t n, int64_t bins, float max_bin,
+                             float* probs, float* pae) {
   std::vector<float> c(bins), p(bins);  // [bins] centres, [bins] probabilities
   aligned_error_centres(bins, max_bin, c.data());
-  for (int64_t ij = 0; ij < r * r; ++ij) {
+  for (int64_t ij = 0; ij < n; ++ij) {
     softmax(tm_logits + ij * bins, bins, p.data());
     double acc = 0;
     for (int64_t b = 0; b < bins; ++b) acc += static_cast<double>(p[b]) * c[b];
     pae[ij] = static_cast<float>(acc);
     if (probs) std::copy(p.begin(), p.end(), probs + ij * bins);
   }
-  if (max_pae) *max_pae = c[bins - 1];
 }
 
 float predicted_tm_score(const float* tm_logits, const float* w, int64_t r, int64_t bins,
                          float max_bin) {
+  return predicted_tm_rows(tm_logits, w, r, r, r, bins, max_bin);
+}
+
+float predicted_tm_rows(const float* tm_logits, const float* w, int64_t rows, int64_t r, int64_t ld,
+                        int64_t bins, float max_bin) {
   std::vector<float> c(bins), p(bins);  // [bins] centres, [bins] probabilities
   aligned_error_centres(bins, max_bin, c.data());
   const double d0 = 1.24 * std::cbrt(static_cast<double>(std::max<int64_t>(r, 19)) - 15.0) - 1.8;
@@ -58,10 +72,10 @@ float predicted_tm_score(const float* tm_logits, const float* w, int64_t r, int6
   double wsum = 0;
   for (int64_t j = 0; j < r; ++j) wsum += w ? w[j] : 1.0;
   double best = 0;
-  for (int64_t i = 0; i < r; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     double row = 0;
     for (int64_t j = 0; j < r; ++j) {
-      softmax(tm_logits + (i * r + j) * bins, bins, p.data());
+      softmax(tm_logits + (i * ld + j) * bins, bins, p.data());
       double tm = 0;
       for (int64_t b = 0; b < bins; ++b) tm += p[b] * f[b];
       row += (w ? w[j] : 1.0) / (wsum + 1e-8) * tm;

@@ -18,11 +18,18 @@ void aligned_error_centres(int64_t bins, float max_bin, float* centres);
 // PAE [r, r] = sum_b probs * centre_b, and the largest value the PAE can take (the last centre).
 void predicted_aligned_error(const float* tm_logits, int64_t r, int64_t bins, float max_bin,
                              float* probs, float* pae, float* max_pae);
+// The same over n positions [n, bins] (probs, pae [n]; e.g. a DAP rank's rows), without max_pae.
+void aligned_error_positions(const float* tm_logits, int64_t n, int64_t bins, float max_bin,
+                             float* probs, float* pae);
 
 // pTM from tm_logits [r, r, bins] with residue weights w [r] (nullptr = all ones):
 // max_i sum_j w_j / (sum w + 1e-8) sum_b p_ijb / (1 + (c_b / d0)^2),
 // d0 = 1.24 (max(r, 19) - 15)^(1/3) - 1.8.
 float predicted_tm_score(const float* tm_logits, const float* w, int64_t r, int64_t bins,
                          float max_bin);
+// The max over `rows` rows [rows, ld, bins] (e.g. a DAP rank's rows of the pair; columns r .. ld
+// unused) of the pTM row term above, for r residues; the pTM is the max over every row.
+float predicted_tm_rows(const float* tm_logits, const float* w, int64_t rows, int64_t r, int64_t ld,
+                        int64_t bins, float max_bin);
 
 }  // namespace fc::af2

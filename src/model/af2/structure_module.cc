@@ -49,24 +49,27 @@ void to_global(const float* raw, int64_t r, int64_t hp, const Frames& fr, float*
   }
 }
 
-// The IPA pair bias b [r*r, H] = Linear_b(LN_z(z)), the same for every layer: LN_z over blocks of
-// rows, so the normalised pair is never held whole.
-void ipa_pair_bias(const StructureModuleWeights& w, const StructureModuleConfig& c, const float* z,
-                   int64_t r, int64_t rows, float* b) {
-  const int64_t cz = c.c_z, H = c.no_heads_ipa;
-  Tensor zl = Tensor::empty({rows, r, cz});  // [rows, r, c_z] LN_z of a block of rows
-  for (int64_t i0 = 0; i0 < r; i0 += rows) {
-    const int64_t n = std::min(rows, r - i0);
-    apply_layernorm(w.ln_z, z + i0 * r * cz, n * r, cz, zl.f32());
-    apply_linear(w.b, zl.f32(), n * r, b + i0 * r * H);
+// The IPA pair bias of the rows of pv, b [rows, ld, H] = Linear_b(LN_z(z rows)), the same for
+// every layer: LN_z over blocks of `block` rows, so the normalised pair is never held whole.
+void ipa_pair_bias(const StructureModuleWeights& w, const StructureModuleConfig& c,
+                   const PairRows& pv, int64_t block, float* b) {
+  const int64_t cz = c.c_z, H = c.no_heads_ipa, ld = pv.ld;
+  Tensor zl = Tensor::empty({block, ld, cz});  // [block, ld, c_z] LN_z of a block of rows
+  for (int64_t i0 = 0; i0 < pv.rows; i0 += block) {
+    const int64_t n = std::min(block, pv.rows - i0);
+    apply_layernorm(w.ln_z, pv.z + i0 * ld * cz, n * ld, cz, zl.f32());
+    apply_linear(w.b, zl.f32(), n * ld, b + i0 * ld * H);
   }
 }
 
-// Invariant point attention (Algorithm 22): out [r, c_s] from s [r, c_s], the pair z [r, r, c_z]
-// (normalised here by blocks of `rows` rows) and its pair bias b [r*r, H] (ipa_pair_bias).
+// Invariant point attention (Algorithm 22): out [r, c_s] from s [r, c_s], the pair rows pv
+// (normalised here by blocks of `rows` rows) and the pair bias b [r, ldb, H] of every row
+// (ipa_pair_bias, gathered under DAP). With pv.gather, o_pair is computed on pv's rows and
+// all-gathered.
 void invariant_point_attention(const StructureModuleWeights& w, const StructureModuleConfig& c,
-                               const float* s, const float* z, const float* b, const Frames& fr,
-                               const float* mask, int64_t r, int64_t rows, float* out) {
+                               const float* s, const PairRows& pv, const float* b, int64_t ldb,
+                               const Frames& fr, const float* mask, int64_t r, int64_t rows,
+                               float* out) {
   const int64_t H = c.no_heads_ipa, C = c.c_ipa, Pq = c.no_qk_points, Pv = c.no_v_points;
   const int64_t cz = c.c_z, Pkv = Pq + Pv;
   Tensor q = Tensor::empty({r, H * C});       // [r, H, C]
@@ -102,8 +105,8 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
         const float* kj = kvp.f32() + (j * H * Pkv + h * Pkv) * 3;
         float d2 = 0;
         for (int64_t p = 0; p < 3 * Pq; ++p) d2 += (qi[p] - kj[p]) * (qi[p] - kj[p]);
-        A[i * r + j] +=
-            scale_b * b[(i * r + j) * H + h] - 0.5f * wh * d2 + c.inf * (mask[i] * mask[j] - 1.0f);
+        A[i * r + j] += scale_b * b[(i * ldb + j) * H + h] - 0.5f * wh * d2 +
+                        c.inf * (mask[i] * mask[j] - 1.0f);
       }
     }
     kern::softmax_rows(A, r, r, r);
@@ -129,15 +132,28 @@ void invariant_point_attention(const StructureModuleWeights& w, const StructureM
       }
     }
   }
-  // o_pair[i, h] = sum_j A[h, i, j] LN_z(z)[i, j, :], over blocks of rows.
-  Tensor zl = Tensor::empty({rows, r, cz});  // [rows, r, c_z]
-  for (int64_t i0 = 0; i0 < r; i0 += rows) {
-    const int64_t n = std::min(rows, r - i0);
-    apply_layernorm(w.ln_z, z + i0 * r * cz, n * r, cz, zl.f32());
+  // o_pair[i, h] = sum_j A[h, i, j] LN_z(z)[i, j, :] for pv's rows i < r, over blocks of rows:
+  // into cat directly, or (sharded) into op [pv.rows, H*c_z], all-gathered into cat's rows.
+  const int64_t ld = pv.ld, valid = std::clamp<int64_t>(r - pv.row0, 0, pv.rows);
+  const int64_t hz = H * cz, off = H * (C + 4 * Pv);
+  Tensor op = pv.gather.fn ? Tensor::zeros({pv.rows, hz}) : Tensor();  // [rows, H*c_z]
+  float* dst = pv.gather.fn ? op.f32() : cat.f32() + off;
+  const int64_t ldd = pv.gather.fn ? hz : width;
+  Tensor zl =
+      Tensor::empty({std::min(rows, std::max<int64_t>(valid, 1)), ld, cz});  // [rows, ld, c_z]
+  for (int64_t i0 = 0; i0 < valid; i0 += rows) {
+    const int64_t n = std::min(rows, valid - i0);
+    apply_layernorm(w.ln_z, pv.z + i0 * ld * cz, n * ld, cz, zl.f32());
     for (int64_t h = 0; h < H; ++h)
-      kern::gemm_batched(n, false, false, 1, cz, r, 1.0f, a.f32() + (h * r + i0) * r, r, r,
-                         zl.f32(), cz, r * cz, 0.0f,
-                         cat.f32() + i0 * width + H * (C + 4 * Pv) + h * cz, width, width);
+      kern::gemm_batched(n, false, false, 1, cz, r, 1.0f, a.f32() + (h * r + pv.row0 + i0) * r, r,
+                         r, zl.f32(), cz, ld * cz, 0.0f, dst + i0 * ldd + h * cz, ldd, ldd);
+  }
+  if (pv.gather.fn) {
+    Tensor all = Tensor::empty({pv.rows * pv.gather.parts, hz});  // [parts*rows, H*c_z]
+    pv.gather.fn(op.f32(), pv.rows * hz, all.f32());
+    op = Tensor();
+    for (int64_t i = 0; i < r; ++i)
+      std::memcpy(cat.f32() + i * width + off, all.f32() + i * hz, hz * sizeof(float));
   }
   apply_linear(w.out, cat.f32(), r, out);
 }
@@ -319,23 +335,43 @@ Status structure_module_forward(const StructureModuleWeights& w, const Structure
                                 const float* mask, StructureModuleOutput* out,
                                 const StructureTraceFn& trace, int64_t pair_block_bytes) {
   FC_RETURN_IF_ERROR(check_inputs(c, s_in, z, aatype, mask));
-  const int64_t r = s_in.dim(0), cs = c.c_s, L = c.no_blocks;
+  if (trace) {
+    const int64_t r = s_in.dim(0);
+    Tensor zl = Tensor::empty({r, r, c.c_z});  // [r, r, c_z] LN_z(z), only to be traced
+    apply_layernorm(w.ln_z, z.f32(), r * r, c.c_z, zl.f32());
+    trace("sm.pair_ln", -1, zl);
+  }
+  return structure_module_rows(w, c, s_in, PairRows{z.f32(), 0, s_in.dim(0), s_in.dim(0), {}},
+                               aatype, mask, out, trace, pair_block_bytes);
+}
+
+Status structure_module_rows(const StructureModuleWeights& w, const StructureModuleConfig& c,
+                             const Tensor& s_in, const PairRows& pv, const int64_t* aatype,
+                             const float* mask, StructureModuleOutput* out,
+                             const StructureTraceFn& trace, int64_t pair_block_bytes) {
+  const int64_t r = s_in.dim(0), cs = c.c_s, L = c.no_blocks, H = c.no_heads_ipa;
   auto emit = [&](const char* stage, int layer, const Tensor& t) {
     if (trace) trace(stage, layer, t);
   };
-  Tensor s0 = Tensor::empty({r, cs});                 // [r, c_s] s_initial = LN_s(s)
-  Tensor s = Tensor::empty({r, cs});                  // [r, c_s] the running single
-  Tensor b = Tensor::empty({r * r, c.no_heads_ipa});  // [r, r, H] IPA pair bias
+  Tensor s0 = Tensor::empty({r, cs});  // [r, c_s] s_initial = LN_s(s)
+  Tensor s = Tensor::empty({r, cs});   // [r, c_s] the running single
   apply_layernorm(w.ln_s, s_in.f32(), r, cs, s0.f32());
   const int64_t rows = pair_block_rows(r, c.c_z, pair_block_bytes);
-  ipa_pair_bias(w, c, z.f32(), r, rows, b.f32());
+  // The IPA pair bias of every row, b [r, ldb, H] (one process: [r, r, H]; sharded: each rank's
+  // rows all-gathered, [parts*rows, ld, H], padded rows and columns unused).
+  Tensor b;
+  if (!pv.gather.fn) {
+    b = Tensor::empty({r * r, H});  // [r, r, H]
+    ipa_pair_bias(w, c, pv, rows, b.f32());
+  } else {
+    Tensor mine = Tensor::empty({pv.rows * pv.ld, H});          // [rows, ld, H]
+    b = Tensor::empty({pv.gather.parts * pv.rows * pv.ld, H});  // [parts*rows, ld, H]
+    ipa_pair_bias(w, c, pv, rows, mine.f32());
+    pv.gather.fn(mine.f32(), pv.rows * pv.ld * H, b.f32());
+  }
+  const int64_t ldb = pv.gather.fn ? pv.ld : r;
   apply_linear(w.linear_in, s0.f32(), r, s.f32());
   emit("sm.single_ln", -1, s0);
-  if (trace) {
-    Tensor zl = Tensor::empty({r, r, c.c_z});  // [r, r, c_z] LN_z(z), only to be traced
-    apply_layernorm(w.ln_z, z.f32(), r * r, c.c_z, zl.f32());
-    emit("sm.pair_ln", -1, zl);
-  }
   emit("sm.single_in", -1, s);
 
   StructureModuleOutput o;
@@ -352,7 +388,7 @@ Status structure_module_forward(const StructureModuleWeights& w, const Structure
   Tensor upd = Tensor::empty({r, 6});   // [r, 6]
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t i = 0; i < r; ++i) quat_to_rot(&quat[4 * i], &rot[9 * i]);
-    invariant_point_attention(w, c, s.f32(), z.f32(), b.f32(), Frames{rot.data(), trans.data()},
+    invariant_point_attention(w, c, s.f32(), pv, b.f32(), ldb, Frames{rot.data(), trans.data()},
                               mask, r, rows, ipa.f32());
     emit("sm.ipa", static_cast<int>(l), ipa);
     kern::add_inplace(s.f32(), cs, ipa.f32(), cs, r, cs);

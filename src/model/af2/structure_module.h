@@ -12,6 +12,7 @@
 #include "foldcube/io.h"
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
+#include "model/modules.h"
 #include "model/weights.h"
 
 namespace fc::af2 {
@@ -83,5 +84,21 @@ Status structure_module_forward(const StructureModuleWeights& w, const Structure
                                 const Tensor& s, const Tensor& z, const int64_t* aatype,
                                 const float* mask, StructureModuleOutput* out,
                                 const StructureTraceFn& trace = {}, int64_t pair_block_bytes = 0);
+
+// Rows row0 .. row0+rows of the pair z, stored [rows, ld, c_z] (columns r .. ld unused). Without
+// gather they are the whole pair (row0 0, rows = ld = r). With gather (row shards of DAP: every
+// rank of `gather.parts` holds `rows` rows, rank k rows k*rows ..), the pair bias and o_pair of
+// the local rows are all-gathered, so no rank holds the whole pair.
+struct PairRows {
+  const float* z = nullptr;
+  int64_t row0 = 0, rows = 0, ld = 0;
+  ShardGather gather;
+};
+// structure_module_forward on the pair rows pv (inputs not validated; no sm.pair_ln trace). Every
+// rank of a sharded call gets the whole output.
+Status structure_module_rows(const StructureModuleWeights& w, const StructureModuleConfig& cfg,
+                             const Tensor& s, const PairRows& pv, const int64_t* aatype,
+                             const float* mask, StructureModuleOutput* out,
+                             const StructureTraceFn& trace = {}, int64_t pair_block_bytes = 0);
 
 }  // namespace fc::af2
