@@ -7,6 +7,7 @@
 #include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -605,7 +606,22 @@ Status load_or_calibrate_profile(const std::string& path, bool recalibrate, Devi
     }
     if (!local) return Status::NotFound("profile " + p + " not found");
   }
+  // A calibration that did not get its cores (other processes running) measures their load, not
+  // the machine (seen: every estimate 10x too slow from a profile calibrated at load 15). It is
+  // used for this run, marked in its name, and not cached.
+  const auto t0 = std::chrono::steady_clock::now();
+  const double cpu0 = process_cpu_ms();
   FC_RETURN_IF_ERROR(calibrate_profile(0, out));
+  const double wall_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double share = (process_cpu_ms() - cpu0) / std::max(wall_ms * out->threads, 1e-9);
+  if (local && share < 0.6) {
+    char note[96];
+    std::snprintf(note, sizeof note, " [busy machine: %.0f %% of %d cores; not cached]",
+                  100 * share, out->threads);
+    out->name += note;
+    return Status::OK();
+  }
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(p).parent_path(), ec);
   std::ofstream f(p);
