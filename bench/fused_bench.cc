@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "core/rng.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
@@ -27,13 +28,8 @@
 
 namespace {
 using Clock = std::chrono::steady_clock;
-
-std::string loadavg() {
-  std::ifstream f("/proc/loadavg");
-  std::string a, b, c;
-  f >> a >> b >> c;
-  return a + " " + b + " " + c;
-}
+using fc::bench::loadavg;
+using fc::bench::median;
 
 // Process CPU time in ms (both threads; less sensitive than wall time to other processes' load).
 double cpu_ms() {
@@ -42,10 +38,6 @@ double cpu_ms() {
   return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
 }  // namespace
 
 // The kernels alone on the shapes of one block at (s, r): the MSA transition (s*r rows, c_m 256,
