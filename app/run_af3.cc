@@ -15,16 +15,16 @@ namespace fc::app {
 
 namespace {
 Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
-  if (a.dap > 0 || a.dp > 1 || !a.plan.empty() || a.train)
+  if (a.dap > 0 || a.dp > 1 || !a.plan.empty())
     return Status::InvalidArgument(
-        "the AF3 stacks run on one process without --dap, --dp, --plan or --train (dropout) "
-        "yet");
+        "the AF3 stacks run on one process without --dap, --dp or --plan yet");
   if (!a.memory_budget.empty())
     FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &spec->memory_bytes));
   spec->stack = a.stack;
   spec->weights = a.weights;
   spec->inputs = a.inputs;
-  spec->training = a.backward || !a.grad_outputs.empty() || !a.policy.empty();
+  spec->training = a.train || a.backward || !a.grad_outputs.empty() || !a.policy.empty();
+  spec->dropout = a.train;
   spec->grad_outputs = a.grad_outputs;
   spec->n = a.r;
   spec->n_msa = a.s;

@@ -618,6 +618,26 @@ TEST(Af3Cli, PlanPairformerTraining) {
   EXPECT_EQ(j["chosen"], 0);
 }
 
+// run --train: AF3 dropout (Boltz's axes) in the training step, reproducible from --seed and
+// different from the eval-mode step.
+TEST(Af3CliDropout, TrainIsSeededDropout) {
+  test::TempDir dir;
+  auto grad_z = [&](const std::string& flags, const std::string& name) {
+    const std::string out = dir.file(name);
+    const test::Result r = test::run_cli("run --stack pairformer --r 16 --blocks 1 --seed 7 " +
+                                         flags + " --out " + out);
+    EXPECT_EQ(r.code, 0) << r.out;
+    TensorFile f;
+    EXPECT_TRUE(read_safetensors(out, &f).ok());
+    return f.tensors.count("grad.input.z") ? f.tensors.at("grad.input.z") : Tensor();
+  };
+  const Tensor a = grad_z("--train", "a.safetensors"), b = grad_z("--train", "b.safetensors");
+  const Tensor eval = grad_z("--backward", "c.safetensors");
+  ASSERT_TRUE(a.defined() && b.defined() && eval.defined());
+  EXPECT_EQ(test::max_abs_diff(a.f32(), b.f32(), a.numel()), 0.0);
+  EXPECT_GT(test::max_abs_diff(a.f32(), eval.f32(), a.numel()), 1e-3);
+}
+
 TEST(Af3CliErrors, StackMismatchIsAUserError) {
   const std::string golden = test::data_path("pairformer_tiny.safetensors");
   const test::Result r =

@@ -116,6 +116,7 @@ struct Af3RunSpec {
   int repeats = 1;  // forward passes timed (time_ms: the median); training: 1
   // Training step when set: dL/d outputs as grad.output.<s|z> (or the golden files' probe.<s|z>).
   bool training = false;
+  bool dropout = false;      // training: AF3's dropout (Boltz's axes), seeded by `seed`
   std::string grad_outputs;  // empty with training: dL/d output = 1 everywhere
   std::vector<Recompute> policy;
   int64_t chunk = 0, chunk_target_bytes = 0;

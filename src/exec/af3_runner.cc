@@ -190,6 +190,8 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   topts.policy = spec.policy;
   topts.chunk = spec.chunk;
   topts.chunk_target_bytes = spec.chunk_target_bytes;
+  topts.dropout = spec.dropout;
+  topts.seed = spec.seed;
   ForwardOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;
