@@ -27,4 +27,6 @@ cmake --build "$BUILD" -j"$(nproc)"
 # MPI tests, CMakeLists.txt).
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_stack_use_after_return=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# Third-party process-lifetime caches (fontconfig via cairo) are not leaks of ours.
+export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$PWD/scripts/lsan.supp:print_suppressions=0}
 ctest --test-dir "$BUILD" --output-on-failure -j2 -E "$SLOW" "$@"
