@@ -333,7 +333,7 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
       ao.chunk = o.chunk;
       ao.recycle_tolerance = o.recycle_tolerance;
       ao.passes = o.recycles + 1;
-      // A copy of the binding: clang 14 (the fuzz and TSan builds) cannot capture structured bindings.
+      // A copy of the binding: clang 14 (fuzz and TSan builds) cannot capture a binding.
       ao.progress = [&, model = model](int pass, const std::string& stage) {
         if (stage == "structure_module")
           progress(model, job.name, step / steps,
