@@ -686,9 +686,7 @@ fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle me
   fc::Plan plan;
   compute(0, [&]() -> fc::Status {
     FC_RETURN_IF_ERROR(
-        fc::load_or_calibrate_profile(profile ? profile->string() : "", false, &req.profile));
-    // This machine's calibrated profile has no link rate: ranks on this node.
-    if (req.profile.calibrated && devices > 1) fc::profile_for_ranks(devices, &req.profile);
+        fc::load_plan_profile(profile ? profile->string() : "", false, devices, &req.profile));
     return fc::make_plan(req, &plan);
   });
   return plan;
