@@ -52,7 +52,7 @@ FILTER='GemmTest.*:Gemm.*:GemmTyped.*:Linear.*:Layout.*:AttentionTest.*:Shapes/*
 FILTER+=':Elementwise*:*Backward*:FusedLayerNormLinear.*:FusedLinearResidual.*:FusedTransition.*'
 FILTER+=':FusedBlock.EvoformerAndExtraMsaMatchUnfused:FusedBlock.PairformerMatchesUnfused'
 FILTER+=':Typed*:Convert.*:Cases/GoldenEvoformer.*/evo_tiny_chunk0:Cases/GoldenGrad.*/evo_tiny'
-FILTER+=':FeatureGolden.*:NearestCentres.*:Cancel.*'
+FILTER+=':Golden/FeatureGolden.*:NearestCentres.*:Cancel.*'
 FILTER+='-*af2dims*:*Af2Dims*:*Cli*'
 
 # Reports from the uninstrumented runtimes (libomp itself, oneDNN and its libgomp threads) are
