@@ -14,18 +14,7 @@ cd "$(dirname "$0")/.."
 BUILD=${1:-build-tsan}
 shift || true
 
-PACKAGES=(clang libomp-dev)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "tsan: installing ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+bash scripts/ensure_packages.sh clang libomp-dev
 bash scripts/setup.sh --deps-only
 
 # Archer from the clang in use (Debian: /usr/lib/llvm-<major>/lib/libarcher.so).
