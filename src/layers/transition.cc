@@ -45,38 +45,39 @@ void transition_fused(const TransitionW& w, const BlockContext& ctx, float* x, i
   Tensor scratch = Tensor::empty({kern::transition_scratch_floats(a, ctx.threads)});
   kern::transition(a, scratch.f32(), ctx.threads);
 }
-}  // namespace
 
-void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows, int64_t c) {
-  if (ctx.fused) return transition_fused(w, ctx, x, rows, c, nullptr);
+// Both forms on x [rows, c]: fused, or the reference path by row chunks; row_mask [rows] (or
+// nullptr) scales each row's update (the masked form adds it after the scaling, the plain form
+// accumulates linear_2 into x).
+void transition_rows(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                     int64_t c, const float* row_mask) {
+  if (ctx.fused) return transition_fused(w, ctx, x, rows, c, row_mask);
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = transition_chunk(ctx, rows, c, nc);
-  Tensor t = Tensor::empty({ch, c});   // LN(x) chunk
+  Tensor t = Tensor::empty({ch, c});   // LN(x) chunk, then the masked update
   Tensor h = Tensor::empty({ch, nc});  // hidden chunk
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
     const int64_t n = std::min(ch, rows - r0);
     kern::layernorm(x + r0 * c, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
     kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
     kern::relu_inplace(h.f32(), nc, n, nc);
-    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, x + r0 * c, c, true);
+    if (row_mask == nullptr) {
+      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, x + r0 * c, c, true);
+      continue;
+    }
+    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, t.f32(), c);
+    kern::scale_rows(t.f32(), c, row_mask + r0, n, c);
+    kern::add_inplace(x + r0 * c, c, t.f32(), c, n, c);
   }
+}
+}  // namespace
+
+void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows, int64_t c) {
+  transition_rows(w, ctx, x, rows, c, nullptr);
 }
 
 void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m) {
-  const int64_t rows = ctx.s * ctx.r, c = ctx.cfg->c_m, nc = w.l1.w.dim(0);
-  if (ctx.fused) return transition_fused(w, ctx, m, rows, c, ctx.msa_mask);
-  const int64_t ch = transition_chunk(ctx, rows, c, nc);
-  Tensor t = Tensor::empty({ch, c});   // LN(m) chunk, then the masked update
-  Tensor h = Tensor::empty({ch, nc});  // hidden chunk
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    kern::layernorm(m + r0 * c, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
-    kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
-    kern::relu_inplace(h.f32(), nc, n, nc);
-    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, t.f32(), c);
-    kern::scale_rows(t.f32(), c, ctx.msa_mask + r0, n, c);
-    kern::add_inplace(m + r0 * c, c, t.f32(), c, n, c);
-  }
+  transition_rows(w, ctx, m, ctx.s * ctx.r, ctx.cfg->c_m, ctx.msa_mask);
 }
 
 int64_t transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
