@@ -18,9 +18,7 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
-}  // namespace
 
-namespace {
 // Self-attention of B items over L positions with H heads of width C: sizes and scale only; the
 // caller sets the pointers.
 kern::AttentionArgs attention_dims(int64_t H, int64_t C, int64_t B, int64_t L) {

@@ -18,9 +18,7 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
-}  // namespace
 
-namespace {
 // Chunk buffers per residue column: x [s, c_e], kvg [s, 2C + H*C], mean [c_e], q/o [H*C].
 int64_t global_attention_item_bytes(const EvoformerConfig& cfg, int64_t s) {
   const int64_t ce = cfg.c_m, C = cfg.c_hidden_msa_att, hc = cfg.no_heads_msa * C;

@@ -18,9 +18,7 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
-}  // namespace
 
-namespace {
 // opm_pairs_from_outer rounding to bf16: p [(i, j), (c, e)] (bf16) from o [(i, c), (j, e)] (f32).
 void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t co, uint16_t* p) {
 #pragma omp parallel for collapse(2) schedule(static)

@@ -18,9 +18,7 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
-}  // namespace
 
-namespace {
 GatedAttentionSpec tri_attn(const TriangleAttentionW& w, const BlockContext& ctx, bool ending) {
   const EvoformerConfig& cfg = *ctx.cfg;
   return {ending ? "tri_att_end" : "tri_att_start",

@@ -18,9 +18,7 @@ namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
-}  // namespace
 
-namespace {
 // Automatic channel groups are rounded to the nearest multiple of 16 once pick_chunk allows 8 or
 // more: a group's slice of a projection row is then whole 64-byte lines and whole vectors on
 // every SIMD target (at s=128, r=256, AF2 dims, groups of 14 took 1.45x the time of groups of 16,
