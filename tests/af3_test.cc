@@ -28,26 +28,7 @@
 namespace fc {
 namespace {
 
-// The golden metric over the positions where keep [numel / c] is 1 (c trailing channels per
-// position): padded tokens have precision-dependent values (README "Masks").
-double masked_err(const Tensor& x, const Tensor& ref, const Tensor& keep) {
-  Tensor a = x.to(DType::F64), b = ref.to(DType::F64), k = keep.to(DType::F64);
-  if (a.numel() != b.numel() || b.numel() % k.numel() != 0) return INFINITY;
-  const int64_t c = b.numel() / k.numel();
-  const double* pa = a.data<double>();  // [numel]
-  const double* pb = b.data<double>();  // [numel]
-  const double* pk = k.data<double>();  // [numel / c]
-  double ss = 0, mx = 0;
-  int64_t cnt = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    if (pk[i / c] == 0) continue;
-    if (!std::isfinite(pa[i])) return INFINITY;
-    ss += pb[i] * pb[i];
-    mx = std::max(mx, std::abs(pa[i] - pb[i]));
-    ++cnt;
-  }
-  return mx / std::max(std::sqrt(ss / std::max<int64_t>(cnt, 1)), 1.0);
-}
+using test::masked_err;
 
 Tensor get(const TensorFile& f, const std::string& name) {
   Tensor t;

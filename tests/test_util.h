@@ -71,6 +71,29 @@ inline double golden_err(const Tensor& x, const Tensor& ref) {
   return mx / std::max(rms, 1.0);
 }
 
+// The golden metric over the positions where keep [numel / c] is 1 (c trailing channels per
+// position): padded tokens have precision-dependent values (README "Masks"). +Inf on a
+// non-finite compared value or mismatched sizes.
+inline double masked_err(const Tensor& x, const Tensor& ref, const Tensor& keep) {
+  Tensor a = x.to(DType::F64), b = ref.to(DType::F64), k = keep.to(DType::F64);
+  if (a.numel() != b.numel() || b.numel() % k.numel() != 0)
+    return std::numeric_limits<double>::infinity();
+  const int64_t c = b.numel() / k.numel();
+  const double* pa = a.data<double>();  // [numel]
+  const double* pb = b.data<double>();  // [numel]
+  const double* pk = k.data<double>();  // [numel / c]
+  double ss = 0, mx = 0;
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    if (pk[i / c] == 0) continue;
+    if (!std::isfinite(pa[i])) return std::numeric_limits<double>::infinity();
+    ss += pb[i] * pb[i];
+    mx = std::max(mx, std::abs(pa[i] - pb[i]));
+    ++cnt;
+  }
+  return mx / std::max(std::sqrt(ss / std::max<int64_t>(cnt, 1)), 1.0);
+}
+
 // max |a - b| over n elements; +Inf when either side holds a non-finite value.
 template <typename T>
 double max_abs_diff(const T* a, const T* b, int64_t n) {
@@ -152,6 +175,19 @@ inline Result run_cli_env(const std::string& env_prefix, const std::string& args
 
 // Runs the foldcube CLI with `args` and collects its exit code and output.
 inline Result run_cli(const std::string& args) { return run_cli_env("", args); }
+
+#ifdef FOLDCUBE_MPIEXEC
+// `foldcube <args>` on np MPI ranks (np 0: one process without mpirun), under `timeout` (120 s,
+// times kTimeScale) so that a hang fails the test instead of blocking the suite.
+inline Result run_mpi_cli(int np, const std::string& args) {
+  const std::string limit = std::to_string(static_cast<int>(120 * kTimeScale));
+  return run_cli_env("timeout " + limit +
+                         (np > 0 ? " " + std::string(FOLDCUBE_MPIEXEC) + " -np " +
+                                       std::to_string(np) + " --oversubscribe"
+                                 : ""),
+                     args);
+}
+#endif
 #endif
 
 }  // namespace fc::test

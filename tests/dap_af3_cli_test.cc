@@ -1,0 +1,101 @@
+// `mpirun -np N foldcube run --stack pairformer|msa_module --dap N`: the AF3 trunk with the single
+// stream sharded by tokens, m by sequences / residues and z by rows gives Boltz's golden outputs
+// and gradients (README tolerances) and the one-process ones (1e-5), under every recompute policy
+// and chunking, on 2 ranks and (Pairformer) 4 oversubscribed ranks.
+#include <gtest/gtest.h>
+
+#include <limits>
+#include <map>
+#include <string>
+
+#include "foldcube/io.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+struct Af3DapCase {
+  std::string file;    // tests/data
+  int np;              // ranks
+  std::string policy;  // "" = forward; none | module | block = training step
+  int64_t chunk;       // 0 = automatic
+};
+std::string CaseName(const Af3DapCase& c) {
+  return c.file.substr(0, c.file.find('.')) + "_np" + std::to_string(c.np) + "_" +
+         (c.policy.empty() ? "forward" : c.policy) + "_chunk" + std::to_string(c.chunk);
+}
+void PrintTo(const Af3DapCase& c, std::ostream* os) { *os << CaseName(c); }
+
+// Runs the case on np ranks (0: one process) and reads its output file.
+TensorFile run_case(const Af3DapCase& c, int np) {
+  const std::string g = test::data_path(c.file);
+  const std::string out = test::temp_file(CaseName(c) + "_" + std::to_string(np) + ".st");
+  std::string args = "run --weights " + g + " --inputs " + g + " --out " + out +
+                     " --threads 1 --quiet --chunk " + std::to_string(c.chunk);
+  if (!c.policy.empty()) args += " --grad-outputs " + g + " --policy " + c.policy;
+  if (np > 0) args += " --dap " + std::to_string(np);
+  const test::Result r = test::run_mpi_cli(np, args);
+  EXPECT_EQ(r.code, 0) << r.out;
+  TensorFile f;
+  if (r.code == 0) {
+    EXPECT_TRUE(read_safetensors(out, &f).ok()) << out;
+  }
+  return f;
+}
+
+// The golden file's tensor `name` (F32).
+Tensor golden(const TensorFile& f, const std::string& name) {
+  Tensor t;
+  EXPECT_TRUE(f.get_f32(name, {}, &t).ok()) << name;
+  return t;
+}
+
+class DapAf3Cli : public ::testing::TestWithParam<Af3DapCase> {};
+
+TEST_P(DapAf3Cli, GoldenAndOneProcess) {
+  const Af3DapCase& c = GetParam();
+  TensorFile ref;
+  ASSERT_TRUE(read_safetensors(test::data_path(c.file), &ref).ok());
+  const TensorFile one = run_case(c, 0), dap = run_case(c, c.np);
+  ASSERT_FALSE(one.names.empty());
+  ASSERT_FALSE(dap.names.empty());
+  const bool pf = c.file.rfind("pairformer", 0) == 0;
+  // Outputs at the unpadded positions (README "Masks").
+  std::map<std::string, Tensor> keep = {{"output.z", golden(ref, "input.pair_mask")}};
+  if (pf) keep["output.s"] = golden(ref, "input.mask");
+  for (const auto& [name, mask] : keep) {
+    ASSERT_TRUE(dap.has(name)) << name;
+    EXPECT_LT(test::masked_err(dap.tensors.at(name), ref.tensors.at(name), mask), 1e-4) << name;
+    EXPECT_LT(test::masked_err(dap.tensors.at(name), one.tensors.at(name), mask), 1e-5) << name;
+  }
+  if (c.policy.empty()) return;
+  // Every golden gradient, compared everywhere (README limit 2e-4).
+  int checked = 0;
+  for (const std::string& name : ref.names) {
+    if (name.rfind("grad.", 0) != 0) continue;
+    ASSERT_TRUE(dap.has(name)) << "no gradient produced for " << name;
+    EXPECT_LT(test::golden_err(dap.tensors.at(name), ref.tensors.at(name)), 2e-4) << name;
+    EXPECT_LT(test::golden_err(dap.tensors.at(name), one.tensors.at(name)), 1e-5) << name;
+    ++checked;
+  }
+  EXPECT_GT(checked, 40);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, DapAf3Cli,
+    ::testing::Values(Af3DapCase{"pairformer_tiny.safetensors", 2, "", 0},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "", 3},
+                      Af3DapCase{"pairformer_tiny.safetensors", 4, "", 0},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "none", 0},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "module", 3},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "block", 1},
+                      Af3DapCase{"pairformer_tiny.safetensors", 4, "module", 0},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "", 0},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "", 3},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "none", 0},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "module", 1},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "block", 3}),
+    [](const auto& info) { return CaseName(info.param); });
+
+}  // namespace
+}  // namespace fc
