@@ -115,6 +115,8 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
       row("shards of the streams (MiB)", rep.rank_shard_bytes);
       if (spec.training) row("activations per rank (MiB)", rep.rank_activation_bytes);
       row("sent in the blocks (MiB)", rep.rank_sent_bytes);
+      std::printf("  forward model: %.2f MiB per rank and block\n",
+                  rep.block_sent_bytes_model / 1048576.0);
       if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
     }
     if (st.ok() && !a.report.empty()) {
@@ -124,6 +126,8 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
       j["rank_work_peak_bytes"] = rep.rank_work_peak_bytes;
       j["rank_shard_bytes"] = rep.rank_shard_bytes;
       j["rank_sent_bytes"] = rep.rank_sent_bytes;
+      j["blocks"] = rep.blocks;
+      j["block_sent_bytes_model"] = rep.block_sent_bytes_model;
       if (spec.training) j["rank_activation_bytes"] = rep.rank_activation_bytes;
       st = write_report(a.report, r, spec.training, j);
     }

@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "foldcube/io.h"
@@ -34,9 +36,17 @@ TensorFile run_case(const Af3DapCase& c, int np) {
   std::string args = "run --weights " + g + " --inputs " + g + " --out " + out +
                      " --threads 1 --quiet --chunk " + std::to_string(c.chunk);
   if (!c.policy.empty()) args += " --grad-outputs " + g + " --policy " + c.policy;
-  if (np > 0) args += " --dap " + std::to_string(np);
+  const std::string report = out + ".json";
+  if (np > 0) args += " --dap " + std::to_string(np) + " --report " + report;
   const test::Result r = test::run_mpi_cli(np, args);
   EXPECT_EQ(r.code, 0) << r.out;
+  if (r.code == 0 && np > 0 && c.policy.empty()) {  // the forward sent what the table says
+    std::ifstream in(report);
+    const nlohmann::json j = nlohmann::json::parse(in);
+    const int64_t model = j["blocks"].get<int64_t>() * j["block_sent_bytes_model"].get<int64_t>();
+    EXPECT_GT(model, 0);
+    for (const auto& sent : j["rank_sent_bytes"]) EXPECT_EQ(sent.get<int64_t>(), model);
+  }
   TensorFile f;
   if (r.code == 0) {
     EXPECT_TRUE(read_safetensors(out, &f).ok()) << out;

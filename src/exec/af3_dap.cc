@@ -193,6 +193,45 @@ Status check_train(const dist::Communicator& comm, const EvoformerConfig& cfg,
 }
 }  // namespace
 
+DapBlockVolume dap_table_volume(const BlockTable& t, const EvoformerConfig& cfg,
+                                const DapLayout& l) {
+  const int64_t n1 = l.n - 1, sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
+  DapBlockVolume v;
+  const std::vector<std::pair<Shard, Shard>> lay = dap_block_layouts(t);
+  Shard m = dap_boundary_m(t), z = Shard::kPairRows;
+  auto to = [&](Shard* cur, Shard want, int64_t floats) {
+    if (*cur != want) v.all_to_all_bytes += n1 * floats * kF;
+    *cur = want;
+  };
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  for (int i = 0; i < t.count; ++i) {
+    const LayerDesc& ly = t.layers[i];
+    to(&m, lay[i].first, sl * rl * cfg.c_m);
+    to(&z, lay[i].second, rl * rl * cfg.c_z);
+    int64_t gathered = 0;  // floats this rank contributes to the layer's all-gather
+    switch (ly.kind) {
+      case LayerKind::kMsaRowAttention:
+        gathered = ly.single ? rl * cfg.c_m : rl * rp * cfg.no_heads_msa;
+        break;
+      case LayerKind::kTriangleAttention:
+        gathered = rl * rp * cfg.no_heads_pair;
+        break;
+      case LayerKind::kTriangleMultiplication:
+        gathered = cfg.c_hidden_mul * rl * rp;
+        break;
+      case LayerKind::kOuterProductMean:
+        gathered = sp * rl * cfg.c_hidden_opm;
+        break;
+      default:
+        break;
+    }
+    v.all_gather_bytes += n1 * gathered * kF;
+    if (i == last_m) to(&m, dap_boundary_m(t), sl * rl * cfg.c_m);
+    if (i == last_z) to(&z, Shard::kPairRows, rl * rl * cfg.c_z);
+  }
+  return v;
+}
+
 Status dap_forward(const PairformerStack& stack, const dist::Communicator& comm, Tensor& s,
                    Tensor& z, const Tensor& mask, const DapOptions& opts, DapStats* stats) {
   MemoryScope scope;

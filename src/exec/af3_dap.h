@@ -23,6 +23,15 @@
 
 namespace fc {
 
+// Bytes one rank sends per block of table t in the DAP forward (the dist layer's counting
+// convention, docs/dap.md), from the table: an all-to-all wherever dap_block_layouts changes a
+// stream's layout (m: [s_loc, r_loc, c_m] blocks, z: [r_loc, r_loc, c_z]) and each layer's
+// all-gather (row attention: its bias [r_loc*r_pad, H]; the single attention: LN(s) [r_loc, c_s];
+// triangle attention: [r_loc*r_pad, H_p]; triangle multiplication: [c_t, r_loc, r_pad]; outer
+// product mean: [s_pad, r_loc, c_o]). For kEvoformerBlock it is dap_block_volume.
+DapBlockVolume dap_table_volume(const BlockTable& t, const EvoformerConfig& cfg,
+                                const DapLayout& l);
+
 // Inference: s [n, c_s], z [n, n, c_z] and mask [n] (undefined = ones) on the root, updated in
 // place there to the stack outputs. opts.trace and opts.partitions are not supported (user error).
 Status dap_forward(const PairformerStack& stack, const dist::Communicator& comm, Tensor& s,
@@ -60,6 +69,8 @@ struct Af3DapRunReport {
   // and, training, the activations kept for the backward.
   std::vector<int64_t> rank_peak_bytes, rank_work_peak_bytes, rank_shard_bytes, rank_sent_bytes,
       rank_activation_bytes;
+  int64_t blocks = 0;
+  int64_t block_sent_bytes_model = 0;  // dap_table_volume per rank and block (the forward's)
 };
 // Every rank of world builds the stack from spec.weights (or the same seeded random weights);
 // rank 0 reads the inputs (and grad outputs) and gets the outputs. spec.memory_bytes and

@@ -9,6 +9,7 @@
 #include "exec/af3_runner.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
+#include "model/block_table.h"
 
 namespace fc {
 
@@ -146,6 +147,12 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
                                                ts.grad_reduce.total_bytes()
                                          : fs.blocks.total_bytes());
   rep->rank_activation_bytes = world.all_gather_i64(ts.activation_bytes);
+  const bool pf = cfg.kind == "pairformer";
+  rep->blocks = cfg.no_blocks;
+  rep->block_sent_bytes_model =
+      dap_table_volume(pf ? kPairformerBlock : kMsaModuleBlock, af3_trunk_config(cfg),
+                       dap_layout(pf ? 1 : run.n_msa, run.n, world.size(), 0))
+          .total();
   run.peak_tracked_bytes = rep->rank_work_peak_bytes[0];
   return Status::OK();
 }
