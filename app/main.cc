@@ -209,8 +209,8 @@ void use_passive_openmp_wait(char** argv) {
   ::execv("/proc/self/exe", argv);
 }
 
-// Runs the command on run_shielded's helper thread (signals never land inside a kernel) while
-// the main thread takes Ctrl-C: the first stops the command at its next module, block or stage
+// Runs the command through run_shielded (its threads block signals; an idle watcher thread takes
+// Ctrl-C): the first stops the command at its next module, block or stage
 // boundary and exits with 130, no output of an unfinished job written (outputs are written to a
 // temporary file and renamed); a second ends the process at once.
 int run_interruptible(const std::function<int()>& command) {

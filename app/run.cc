@@ -478,9 +478,9 @@ int run_command(const RunArgs& a) {
 // Hash of every flag of `run`: ranks of one job must agree on all of them.
 uint64_t run_args_hash(const RunArgs& a) {
   std::string k;
-  for (const std::string* f :
-       {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.chunk_target, &a.grad_outputs,
-        &a.policy, &a.stack, &a.memory_budget, &a.plan, &a.plan_profile})
+  for (const std::string* f : {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.chunk_target,
+                               &a.grad_outputs, &a.policy, &a.stack, &a.memory_budget, &a.plan,
+                               &a.plan_profile, &a.model, &a.features, &a.dtype})
     k += *f + '\x1f';
   for (int64_t v :
        {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed), static_cast<int64_t>(a.threads), a.chunk,
@@ -488,8 +488,9 @@ uint64_t run_args_hash(const RunArgs& a) {
         static_cast<int64_t>(a.quiet), static_cast<int64_t>(a.profile),
         static_cast<int64_t>(a.backward), static_cast<int64_t>(a.train),
         static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp), static_cast<int64_t>(a.unfused),
-        static_cast<int64_t>(a.dtype == "bf16")})
+        static_cast<int64_t>(a.recycles), a.extra, a.templates})
     k += std::to_string(v) + '\x1f';
+  k += std::to_string(a.recycle_tolerance);
   uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bit
   for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;
   return h;

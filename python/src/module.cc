@@ -34,8 +34,8 @@ namespace {
 
 std::thread::id g_main_thread;  // the thread that imported the module (Python's main thread)
 
-// Runs fn (returning fc::Status) with the GIL released, through fc::run_shielded (kernels on a
-// helper thread that never takes a signal) with `threads` kernel threads (0 = the calling
+// Runs fn (returning fc::Status) with the GIL released, through fc::run_shielded (on this thread,
+// with signals blocked on it and its kernel team) with `threads` kernel threads (0 = the calling
 // thread's setting). On the main thread Ctrl-C sets the library's cancel flag for the duration,
 // and an interrupted call raises KeyboardInterrupt; other errors raise as throw_status.
 template <typename F>
@@ -686,9 +686,7 @@ fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle me
   fc::Plan plan;
   compute(0, [&]() -> fc::Status {
     FC_RETURN_IF_ERROR(
-        fc::load_or_calibrate_profile(profile ? profile->string() : "", false, &req.profile));
-    // This machine's calibrated profile has no link rate: ranks on this node.
-    if (req.profile.calibrated && devices > 1) fc::profile_for_ranks(devices, &req.profile);
+        fc::load_plan_profile(profile ? profile->string() : "", false, devices, &req.profile));
     return fc::make_plan(req, &plan);
   });
   return plan;
@@ -989,4 +987,13 @@ NB_MODULE(_core, mod) {
   mod.def("_request_cancel", &fc::request_cancel);  // tests: cancel the running call
   mod.def("set_num_threads", &fc::set_num_threads, "n"_a);
   mod.def("num_threads", &fc::num_threads);
+  mod.def(
+      "configure_allocator",
+      [](bool reuse_large_blocks) {
+        fc::configure_allocator({.reuse_large_blocks = reuse_large_blocks});
+      },
+      nb::kw_only(), "reuse_large_blocks"_a,
+      "Process-wide allocator tuning, as the CLI does (call once, early): reuse_large_blocks=True "
+      "serves large tensors from the heap and never trims it, so repeated calls do not pay fresh "
+      "pages (faster repeated calls; RSS does not shrink after the peak). Off by default.");
 }
