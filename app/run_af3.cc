@@ -74,13 +74,7 @@ Status write_report(const std::string& path, const Af3RunReport& rep, bool train
 // `--dap N` under `mpirun -np N`: every rank builds the stack, rank 0 reads the inputs and writes
 // the outputs and the report with every rank's figures.
 int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
-  const int launched = mpi_launched_world_size();
-  if (a.dap == 0)
-    return fail(Status::InvalidArgument("started by an MPI launcher with " +
-                                        std::to_string(launched) + " ranks: pass --dap " +
-                                        std::to_string(launched)));
-  if (a.dap > 1 || launched > 1)
-    if (const Status st = mpi_init(); !st.ok()) return fail(st);
+  if (const Status st = start_dap_mpi(a); !st.ok()) return fail(st);
   const Comm world = Comm::world();
   Status st;
   if (world.size() != a.dap)
@@ -132,10 +126,7 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
       st = write_report(a.report, r, spec.training, j);
     }
   }
-  st = world.agree(st, true);
-  if (!st.ok() && world.rank() == 0) fail(st);
-  mpi_finalize();
-  return st.ok() ? 0 : 1;
+  return end_mpi(world, world.agree(st, true));
 }
 }  // namespace
 

@@ -147,5 +147,24 @@ TEST(DapAf3CliPadding, RandomJobOnThreeRanksMatchesOneProcess) {
   }
 }
 
+// User errors end every rank quickly with one message: dropout (not supported under DAP yet), a
+// missing inputs file on rank 0, a rank count that is not --dap.
+TEST(DapAf3CliErrors, RefusedWithOneMessage) {
+  const std::string g = test::data_path("pairformer_tiny.safetensors");
+  const std::string base =
+      "run --weights " + g + " --threads 1 --quiet --out " + test::temp_file("refused.st");
+  struct Case {
+    int np;
+    std::string args, message;
+  };
+  for (const Case& c : {Case{2, " --inputs " + g + " --train --dap 2", "AF3 dropout under DAP"},
+                        Case{2, " --inputs /nonexistent.safetensors --dap 2", "rank 0: "},
+                        Case{2, " --inputs " + g + " --dap 3", "needs 3 MPI ranks"}}) {
+    const test::Result r = test::run_mpi_cli(c.np, base + c.args);
+    EXPECT_NE(r.code, 0) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+  }
+}
+
 }  // namespace
 }  // namespace fc

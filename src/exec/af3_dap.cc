@@ -5,6 +5,7 @@
 #include "exec/af3_dap.h"
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -82,6 +83,20 @@ void set_key_bias(DapShards* sh) {
     }
 }
 
+// The root's validated inputs shared (share_inputs; *in is released), and this rank's shard
+// contexts over the padded masks with AF3's key bias.
+Status make_shards(const EvoformerConfig& cfg, const dist::Communicator& comm,
+                   const Status& root_st, const Tensor& m, const Tensor& z, StackInputs* in,
+                   int64_t chunk, int64_t chunk_target_bytes, DapLayout* l, DapShards* sh) {
+  Tensor msa_p, pair_p;  // [s_pad, r_pad], [r_pad, r_pad]
+  FC_RETURN_IF_ERROR(share_inputs(cfg, comm, root_st, m, z, *in, l, &msa_p, &pair_p));
+  *in = StackInputs();
+  *sh = make_dap_shards(cfg, *l, std::move(msa_p), std::move(pair_p), chunk, chunk_target_bytes,
+                        num_threads());
+  set_key_bias(sh);
+  return Status::OK();
+}
+
 // The single stream s [n, c] of the root, padded to r_pad tokens, scattered by tokens: this rank's
 // [1, r_loc, c].
 Tensor scatter_tokens(const Tensor& s, const DapLayout& l, int64_t c,
@@ -141,8 +156,7 @@ void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
     return t.layers[i].updates == x && saved_inputs(t, i).updated ? sb.in_updated[i]
                                                                   : sb.in_read[i];
   };
-  std::vector<std::vector<std::pair<std::string, Tensor>>> grads(nb);
-  dist::CommStats reduce;
+  std::vector<std::vector<std::pair<std::string, Tensor>>> grads(nb);  // this rank's parts
   Tensor m_out = mr, z_out = keep_z ? zr : Tensor();  // the output of the block differentiated
   for (int b = nb - 1; b >= 0; --b) {
     W g;
@@ -153,26 +167,20 @@ void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
     states[b].reset();
     m_out = m_in;
     z_out = z_in;
-    const dist::CommStats r0 = comm.stats();
-    for (const NamedParam& p : boltz_params(g, "layers." + std::to_string(b) + ".")) {
-      Tensor gt = gather_named(p);  // this rank's part, then the sum over the ranks
-      comm.all_reduce(gt.f32(), gt.numel());
-      grads[b].emplace_back(p.name, gt);
-    }
-    const dist::CommStats d = comm.stats().since(r0);
-    for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) {
-      reduce.bytes[k] += d.bytes[k];
-      reduce.calls[k] += d.calls[k];
-      reduce.seconds[k] += d.seconds[k];
-    }
+    for (const NamedParam& p : boltz_params(g, "layers." + std::to_string(b) + "."))
+      grads[b].emplace_back(p.name, gather_named(p));
   }
+  const dist::CommStats c2 = comm.stats();
+  for (auto& block : grads)  // summed over the ranks
+    for (auto& [name, gt] : block) {
+      comm.all_reduce(gt.f32(), gt.numel());
+      out->grad_params.emplace_back(name, std::move(gt));
+    }
   out->backward_ms = ms_since(t0);
-  for (auto& block : grads)
-    for (auto& named : block) out->grad_params.push_back(std::move(named));
   if (stats != nullptr) {
     stats->forward = c1.since(c0);
-    stats->backward = comm.stats().since(c1).since(reduce);
-    stats->grad_reduce = reduce;
+    stats->backward = c2.since(c1);
+    stats->grad_reduce = comm.stats().since(c2);
     stats->activation_bytes = out->activation_bytes;
   }
 }
@@ -232,29 +240,74 @@ DapBlockVolume dap_table_volume(const BlockTable& t, const EvoformerConfig& cfg,
   return v;
 }
 
+namespace {
+// A stack's streams on this rank: the layout, the shard contexts and the shards (the Pairformer's
+// s by tokens [1, r_loc, c_s] or the MSA module's m by sequences [s_loc, r_pad, c_m]; z by rows
+// [r_loc, r_pad, c_z]).
+struct Af3Shards {
+  DapLayout l;
+  DapShards sh;
+  Tensor m, z;
+};
+
+// The root validates s, z, mask (then root_check, if given) and scatters them; its s and z are
+// released. Every rank gets the root's error.
+Status pairformer_shards(const PairformerStack& stack, const dist::Communicator& comm, Tensor& s,
+                         Tensor& z, const Tensor& mask, const std::function<Status()>& root_check,
+                         int64_t chunk, int64_t chunk_target_bytes, Af3Shards* out) {
+  const EvoformerConfig& cfg = Af3Access::trunk(stack);
+  StackInputs in;
+  Status root_st;
+  if (comm.rank() == 0) {
+    root_st = Af3Access::pairformer_inputs(stack, s, z, mask, &in);
+    if (root_st.ok() && root_check) root_st = root_check();
+  }
+  FC_RETURN_IF_ERROR(make_shards(cfg, comm, root_st, single_as_msa(s, root_st), z, &in, chunk,
+                                 chunk_target_bytes, &out->l, &out->sh));
+  out->m = scatter_tokens(s, out->l, cfg.c_m, comm);
+  out->z = scatter_rows(z, out->l.r_pad, out->l.r_pad, cfg.c_z, comm);
+  if (comm.rank() == 0) s = z = Tensor();
+  return Status::OK();
+}
+
+// The same for the MSA module: the root builds the MSA embedding m from its inputs.
+Status msa_module_shards(const MsaModule& mod, const dist::Communicator& comm, Tensor& z,
+                         const Tensor& emb, const Tensor& msa_feat, const Tensor& msa_mask,
+                         const Tensor& token_mask, const std::function<Status()>& root_check,
+                         int64_t chunk, int64_t chunk_target_bytes, Af3Shards* out) {
+  const EvoformerConfig& cfg = Af3Access::trunk(mod);
+  StackInputs in;
+  Status root_st;
+  Tensor m;  // [N, n, c_m] the MSA embedding (root)
+  if (comm.rank() == 0) {
+    root_st = Af3Access::msa_module_inputs(mod, z, emb, msa_feat, msa_mask, token_mask, &m, &in);
+    if (root_st.ok() && root_check) root_st = root_check();
+  }
+  FC_RETURN_IF_ERROR(
+      make_shards(cfg, comm, root_st, m, z, &in, chunk, chunk_target_bytes, &out->l, &out->sh));
+  out->m = scatter_rows(m, out->l.s_pad, out->l.r_pad, cfg.c_m, comm);
+  m = Tensor();
+  out->z = scatter_rows(z, out->l.r_pad, out->l.r_pad, cfg.c_z, comm);
+  if (comm.rank() == 0) z = Tensor();
+  return Status::OK();
+}
+}  // namespace
+
 Status dap_forward(const PairformerStack& stack, const dist::Communicator& comm, Tensor& s,
                    Tensor& z, const Tensor& mask, const DapOptions& opts, DapStats* stats) {
   MemoryScope scope;
   const dist::CommStats c0 = comm.stats();
   const EvoformerConfig& cfg = Af3Access::trunk(stack);
   FC_RETURN_IF_ERROR(check_options(comm, cfg, opts));
-  StackInputs in;
-  Status root_st;
-  if (comm.rank() == 0) root_st = Af3Access::pairformer_inputs(stack, s, z, mask, &in);
-  DapLayout l;
-  Tensor msa_p, pair_p;  // [s_pad, r_pad] (row 0: the token mask), [r_pad, r_pad]
+  Af3Shards a;
   FC_RETURN_IF_ERROR(
-      share_inputs(cfg, comm, root_st, single_as_msa(s, root_st), z, in, &l, &msa_p, &pair_p));
-  in = StackInputs();
-  DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
-                                 opts.chunk_target_bytes, num_threads());
-  set_key_bias(&sh);
-  Tensor sr = scatter_tokens(s, l, cfg.c_m, comm);               // [1, r_loc, c_s]
-  Tensor zr = scatter_rows(z, l.r_pad, l.r_pad, cfg.c_z, comm);  // [r_loc, r_pad, c_z]
-  if (comm.rank() == 0) s = z = Tensor();
+      pairformer_shards(stack, comm, s, z, mask, nullptr, opts.chunk, opts.chunk_target_bytes, &a));
+  const DapLayout& l = a.l;
+  Tensor& sr = a.m;  // [1, r_loc, c_s]
+  Tensor& zr = a.z;  // [r_loc, r_pad, c_z]
   const int64_t shard_bytes = (sr.numel() + zr.numel()) * kF;
   const dist::CommStats b0 = comm.stats();
-  dap_run_blocks(kPairformerBlock, Af3Access::blocks(stack), sh, comm, &sr, &zr);
+  dap_run_blocks(kPairformerBlock, Af3Access::blocks(stack), a.sh, comm, &sr, &zr);
   const dist::CommStats b1 = comm.stats();
   s = gather_tokens(sr, l, comm);
   sr = Tensor();
@@ -270,25 +323,15 @@ Status dap_forward(const MsaModule& mod, const dist::Communicator& comm, Tensor&
   const dist::CommStats c0 = comm.stats();
   const EvoformerConfig& cfg = Af3Access::trunk(mod);
   FC_RETURN_IF_ERROR(check_options(comm, cfg, opts));
-  StackInputs in;
-  Status root_st;
-  Tensor m;  // [N, n, c_m] the MSA embedding (root)
-  if (comm.rank() == 0)
-    root_st = Af3Access::msa_module_inputs(mod, z, emb, msa_feat, msa_mask, token_mask, &m, &in);
-  DapLayout l;
-  Tensor msa_p, pair_p;  // [s_pad, r_pad], [r_pad, r_pad]
-  FC_RETURN_IF_ERROR(share_inputs(cfg, comm, root_st, m, z, in, &l, &msa_p, &pair_p));
-  in = StackInputs();
-  DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
-                                 opts.chunk_target_bytes, num_threads());
-  set_key_bias(&sh);
-  Tensor mr = scatter_rows(m, l.s_pad, l.r_pad, cfg.c_m, comm);  // [s_loc, r_pad, c_m]
-  m = Tensor();
-  Tensor zr = scatter_rows(z, l.r_pad, l.r_pad, cfg.c_z, comm);  // [r_loc, r_pad, c_z]
-  if (comm.rank() == 0) z = Tensor();
+  Af3Shards a;
+  FC_RETURN_IF_ERROR(msa_module_shards(mod, comm, z, emb, msa_feat, msa_mask, token_mask, nullptr,
+                                       opts.chunk, opts.chunk_target_bytes, &a));
+  const DapLayout& l = a.l;
+  Tensor& mr = a.m;  // [s_loc, r_pad, c_m]
+  Tensor& zr = a.z;  // [r_loc, r_pad, c_z]
   const int64_t shard_bytes = (mr.numel() + zr.numel()) * kF;
   const dist::CommStats b0 = comm.stats();
-  dap_run_blocks(kMsaModuleBlock, Af3Access::blocks(mod), sh, comm, &mr, &zr);
+  dap_run_blocks(kMsaModuleBlock, Af3Access::blocks(mod), a.sh, comm, &mr, &zr);
   const dist::CommStats b1 = comm.stats();
   mr = Tensor();
   z = gather_rows(zr, l.r, l.r, comm);
@@ -305,29 +348,22 @@ Status dap_train_step(const PairformerStack& stack, const dist::Communicator& co
   const EvoformerConfig& cfg = Af3Access::trunk(stack);
   const std::vector<const void*> blocks = Af3Access::blocks(stack);
   FC_RETURN_IF_ERROR(check_train(comm, cfg, opts, static_cast<int>(blocks.size())));
-  StackInputs in;
-  Status root_st;
-  if (comm.rank() == 0) {
-    root_st = Af3Access::pairformer_inputs(stack, s, z, mask, &in);
-    if (root_st.ok()) root_st = check_input("grad.output.s", grad_out_s, s.shape());
-    if (root_st.ok()) root_st = check_input("grad.output.z", grad_out_z, z.shape());
-  }
-  DapLayout l;
-  Tensor msa_p, pair_p;  // [s_pad, r_pad] (row 0: the token mask), [r_pad, r_pad]
-  FC_RETURN_IF_ERROR(
-      share_inputs(cfg, comm, root_st, single_as_msa(s, root_st), z, in, &l, &msa_p, &pair_p));
-  in = StackInputs();
-  DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
-                                 opts.chunk_target_bytes, num_threads());
-  set_key_bias(&sh);
-  Tensor sr = scatter_tokens(s, l, cfg.c_m, comm);               // [1, r_loc, c_s]
-  Tensor zr = scatter_rows(z, l.r_pad, l.r_pad, cfg.c_z, comm);  // [r_loc, r_pad, c_z]
-  if (comm.rank() == 0) s = z = Tensor();
+  Af3Shards a;
+  FC_RETURN_IF_ERROR(pairformer_shards(
+      stack, comm, s, z, mask,
+      [&]() -> Status {
+        FC_RETURN_IF_ERROR(check_input("grad.output.s", grad_out_s, s.shape()));
+        return check_input("grad.output.z", grad_out_z, z.shape());
+      },
+      opts.chunk, opts.chunk_target_bytes, &a));
+  const DapLayout& l = a.l;
+  Tensor& sr = a.m;                                                        // [1, r_loc, c_s]
+  Tensor& zr = a.z;                                                        // [r_loc, r_pad, c_z]
   Tensor dsr = scatter_tokens(grad_out_s, l, cfg.c_m, comm);               // [1, r_loc, c_s]
   Tensor dzr = scatter_rows(grad_out_z, l.r_pad, l.r_pad, cfg.c_z, comm);  // [r_loc, r_pad, c_z]
   out->grad_params.clear();
-  train_blocks_dap<PairformerBlockWeights>(kPairformerBlock, blocks, allocate_pairformer_block, sh,
-                                           comm, opts, sr, zr, dsr, dzr, out, stats);
+  train_blocks_dap<PairformerBlockWeights>(kPairformerBlock, blocks, allocate_pairformer_block,
+                                           a.sh, comm, opts, sr, zr, dsr, dzr, out, stats);
   s = gather_tokens(sr, l, comm);
   sr = Tensor();
   z = gather_rows(zr, l.r, l.r, comm);
@@ -352,28 +388,18 @@ Status dap_train_step(const MsaModule& mod, const dist::Communicator& comm, Tens
   const EvoformerConfig& cfg = Af3Access::trunk(mod);
   const std::vector<const void*> blocks = Af3Access::blocks(mod);
   FC_RETURN_IF_ERROR(check_train(comm, cfg, opts, static_cast<int>(blocks.size())));
-  StackInputs in;
-  Status root_st;
-  Tensor m;  // [N, n, c_m] the MSA embedding (root)
-  if (comm.rank() == 0) {
-    root_st = Af3Access::msa_module_inputs(mod, z, emb, msa_feat, msa_mask, token_mask, &m, &in);
-    if (root_st.ok()) root_st = check_input("grad.output.z", grad_out_z, z.shape());
-  }
-  DapLayout l;
-  Tensor msa_p, pair_p;  // [s_pad, r_pad], [r_pad, r_pad]
-  FC_RETURN_IF_ERROR(share_inputs(cfg, comm, root_st, m, z, in, &l, &msa_p, &pair_p));
-  in = StackInputs();
-  DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
-                                 opts.chunk_target_bytes, num_threads());
-  set_key_bias(&sh);
-  Tensor mr = scatter_rows(m, l.s_pad, l.r_pad, cfg.c_m, comm);  // [s_loc, r_pad, c_m]
-  m = Tensor();
-  Tensor zr = scatter_rows(z, l.r_pad, l.r_pad, cfg.c_z, comm);  // [r_loc, r_pad, c_z]
-  if (comm.rank() == 0) z = Tensor();
+  Af3Shards a;
+  FC_RETURN_IF_ERROR(msa_module_shards(
+      mod, comm, z, emb, msa_feat, msa_mask, token_mask,
+      [&] { return check_input("grad.output.z", grad_out_z, z.shape()); }, opts.chunk,
+      opts.chunk_target_bytes, &a));
+  const DapLayout& l = a.l;
+  Tensor& mr = a.m;                                         // [s_loc, r_pad, c_m]
+  Tensor& zr = a.z;                                         // [r_loc, r_pad, c_z]
   Tensor dmr = Tensor::zeros({l.s_loc, l.r_pad, cfg.c_m});  // the module returns only z
   Tensor dzr = scatter_rows(grad_out_z, l.r_pad, l.r_pad, cfg.c_z, comm);  // [r_loc, r_pad, c_z]
   TrainResult blocks_out;
-  train_blocks_dap<MsaModuleBlockWeights>(kMsaModuleBlock, blocks, allocate_msa_module_block, sh,
+  train_blocks_dap<MsaModuleBlockWeights>(kMsaModuleBlock, blocks, allocate_msa_module_block, a.sh,
                                           comm, opts, mr, zr, dmr, dzr, &blocks_out, stats);
   mr = Tensor();
   z = gather_rows(zr, l.r, l.r, comm);

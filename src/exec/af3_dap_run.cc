@@ -39,14 +39,8 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
   const TensorFile* gp = spec.training && !spec.grad_outputs.empty() ? &g : nullptr;
   Af3RunReport& run = rep->run;
   run.stack = cfg.kind;
-  run.out.metadata["format"] = "foldcube-output/1";
-  run.out.metadata["kind"] = cfg.kind;
-  TrainOptions topts;
-  topts.policy = spec.policy;
-  topts.chunk = spec.chunk;
-  topts.chunk_target_bytes = spec.chunk_target_bytes;
-  topts.dropout = spec.dropout;
-  topts.seed = spec.seed;
+  af3_output_metadata(cfg.kind, &run.out);
+  const TrainOptions topts = af3_train_options(spec);
   DapOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;

@@ -40,6 +40,21 @@ Status af3_grad_output(const TensorFile* g, const std::string& x, const Shape& s
   return Status::OK();
 }
 
+TrainOptions af3_train_options(const Af3RunSpec& spec) {
+  TrainOptions o;
+  o.policy = spec.policy;
+  o.chunk = spec.chunk;
+  o.chunk_target_bytes = spec.chunk_target_bytes;
+  o.dropout = spec.dropout;
+  o.seed = spec.seed;
+  return o;
+}
+
+void af3_output_metadata(const std::string& kind, TensorFile* out) {
+  out->metadata["format"] = "foldcube-output/1";
+  out->metadata["kind"] = kind;
+}
+
 void af3_put_grads(const TrainResult& tr, TensorFile* out) {
   for (const auto& [name, t] : tr.grad_params) out->put("grad.param." + name, t);
 }
@@ -194,18 +209,12 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   if (grads_given) FC_RETURN_IF_ERROR(read_safetensors(spec.grad_outputs, &g));
   const TensorFile* gp = grads_given ? &g : nullptr;
   rep->stack = cfg.kind;
-  TrainOptions topts;
-  topts.policy = spec.policy;
-  topts.chunk = spec.chunk;
-  topts.chunk_target_bytes = spec.chunk_target_bytes;
-  topts.dropout = spec.dropout;
-  topts.seed = spec.seed;
+  TrainOptions topts = af3_train_options(spec);
   ForwardOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;
   TrainResult tr;
-  rep->out.metadata["format"] = "foldcube-output/1";
-  rep->out.metadata["kind"] = cfg.kind;
+  af3_output_metadata(cfg.kind, &rep->out);
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
   // With a budget: from the forward's start (weights, inputs and work; loading briefly held the

@@ -23,6 +23,10 @@ Status af3_grad_output(const TensorFile* g, const std::string& x, const Shape& s
 // The MSA module's feature [N, n, 36]: input.msa_feat, or built from input.msa and its
 // deletion/paired tensors (msa_features); errors name `path`.
 Status af3_msa_feat(const TensorFile& in, const std::string& path, Tensor* feat);
+// The training options of the spec (policy, chunking, dropout and its seed).
+TrainOptions af3_train_options(const Af3RunSpec& spec);
+// An output file's metadata for the stack `kind` (pairformer | msa_module).
+void af3_output_metadata(const std::string& kind, TensorFile* out);
 // out gets grad.param.<name> for every parameter gradient of tr.
 void af3_put_grads(const TrainResult& tr, TensorFile* out);
 
