@@ -36,18 +36,6 @@ Tensor get(const TensorFile& f, const std::string& name) {
   return t.clone();
 }
 
-// Where the file is: tests/data, else $FOLDCUBE_GOLDEN_DIR, else ../shared/golden beside the
-// checkout (large cases), else "".
-std::string golden_file(const std::string& name) {
-  std::vector<std::string> paths = {test::data_path(name), std::string(FOLDCUBE_TEST_DATA_DIR) +
-                                                               "/../../../shared/golden/" + name};
-  if (const char* dir = std::getenv("FOLDCUBE_GOLDEN_DIR"))
-    paths.push_back(std::string(dir) + "/" + name);
-  for (const std::string& p : paths)
-    if (std::filesystem::exists(p)) return p;
-  return "";
-}
-
 TEST(SwiGluKernel, MatchesReference) {
   const int64_t rows = 37, n = 29, ld = 2 * n + 3;
   std::vector<float> a(rows * ld), b(rows * ld), dy(rows * n);
@@ -106,7 +94,7 @@ void PrintTo(const Af3Case& p, std::ostream* os) { *os << CaseName(p); }
 class GoldenPairformer : public ::testing::TestWithParam<Af3Case> {};
 
 TEST_P(GoldenPairformer, OutputsAndBlock0Traces) {
-  const std::string path = golden_file(GetParam().file);
+  const std::string path = test::golden_path(GetParam().file);
   if (path.empty()) GTEST_SKIP() << GetParam().file << " not present (shared/golden)";
   TensorFile f;
   ASSERT_TRUE(read_safetensors(path, &f).ok());
@@ -229,7 +217,7 @@ class GoldenAf3Training : public ::testing::TestWithParam<Af3TrainCase> {};
 
 TEST_P(GoldenAf3Training, EveryGradient) {
   const Af3TrainCase& tc = GetParam();
-  const std::string path = golden_file(tc.file);
+  const std::string path = test::golden_path(tc.file);
   if (path.empty()) GTEST_SKIP() << tc.file << " not present (shared/golden)";
   TensorFile f;
   ASSERT_TRUE(read_safetensors(path, &f).ok());

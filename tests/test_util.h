@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "foldcube/config.h"
 #include "foldcube/tensor.h"
@@ -34,6 +35,18 @@ inline EvoformerConfig small_config() {
 
 inline std::string data_path(const std::string& name) {
   return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;
+}
+
+// Where a golden file is: tests/data, else ../shared/golden beside the checkout (large cases),
+// else $FOLDCUBE_GOLDEN_DIR, else "".
+inline std::string golden_path(const std::string& name) {
+  std::vector<std::string> paths = {
+      data_path(name), std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name};
+  if (const char* dir = std::getenv("FOLDCUBE_GOLDEN_DIR"))
+    paths.push_back(std::string(dir) + "/" + name);
+  for (const std::string& p : paths)
+    if (std::filesystem::exists(p)) return p;
+  return "";
 }
 
 // True when every element of x is finite (no NaN, no Inf).
