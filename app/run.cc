@@ -446,11 +446,10 @@ int end_mpi(const Comm& world, const Status& st) {
 }
 
 int run_command(const RunArgs& a) {
-  if (a.dtype != "fp32" &&
-      (a.model == "af2" || !a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))
+  if (a.dtype != "fp32" && (!a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))
     return fail(Status::InvalidArgument(
-        "--dtype bf16 runs the one-process Evoformer/ExtraMSA forward only (no --model, --plan, "
-        "--dap)"));
+        "--dtype bf16 runs one-process inference only (the Evoformer/ExtraMSA forward or "
+        "--model af2; no --plan, --dap)"));
   if (a.model == "af2") return run_af2(a);
   if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;

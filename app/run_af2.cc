@@ -258,6 +258,7 @@ int run_af2(const RunArgs& a) {
   opts.chunk = a.chunk;
   opts.chunk_target_bytes = chunk_target;
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
+  opts.dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
   // --memory-budget: the stacks' chunking and the pair blocks from the whole-model memory model,
   // refused before any work when no chunking fits.
   AlphaFoldPlan plan;
@@ -273,7 +274,7 @@ int run_af2(const RunArgs& a) {
       return fail(st.WithContext(a.features));
     if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
     if (Status st = plan_alphafold(model.config(), dims, mem_stats().live_bytes, budget,
-                                   num_threads(), &plan);
+                                   num_threads(), &plan, opts.dtype);
         !st.ok())
       return fail(st);
     opts.chunk_target_bytes = plan.chunk_target_bytes;

@@ -64,6 +64,13 @@ int threads_arg(std::optional<int> threads) {
   return threads ? *threads : 0;
 }
 
+// "fp32" | "bf16": the GEMM inputs of the stacks (AlphaFoldOptions::dtype).
+fc::DType dtype_arg(const std::string& dtype) {
+  if (dtype == "fp32") return fc::DType::F32;
+  if (dtype == "bf16") return fc::DType::BF16;
+  throw nb::value_error(("dtype: expected 'fp32' or 'bf16', got '" + dtype + "'").c_str());
+}
+
 int64_t chunk_arg(std::optional<int64_t> chunk) {
   if (chunk && *chunk < 1) throw nb::value_error("chunk: must be >= 1 (None = automatic)");
   return chunk ? *chunk : 0;
@@ -585,10 +592,11 @@ fc::FeatureDict features_arg(nb::handle obj) {
 
 nb::dict alphafold_predict(AlphaFold& self, nb::handle features, std::optional<int> recycles,
                            double recycle_tolerance, std::optional<int64_t> chunk,
-                           std::optional<int> threads) {
+                           std::optional<int> threads, const std::string& dtype) {
   const fc::FeatureDict feats = features_arg(features);
   fc::AlphaFoldOptions opts;
   opts.chunk = chunk_arg(chunk);
+  opts.dtype = dtype_arg(dtype);
   if (recycles && *recycles < 0) throw nb::value_error("recycles: must be >= 0");
   opts.passes = recycles ? *recycles + 1 : 0;
   opts.recycle_tolerance = recycle_tolerance;
@@ -623,8 +631,9 @@ nb::list fold_fn(const std::filesystem::path& fasta, const std::filesystem::path
                  const std::filesystem::path& out_dir, std::optional<std::filesystem::path> msa,
                  std::vector<int> models, int recycles, double recycle_tolerance, uint64_t seed,
                  std::optional<int64_t> chunk, std::optional<std::filesystem::path> cache,
-                 std::optional<int> threads) {
+                 std::optional<int> threads, const std::string& dtype) {
   fc::FoldOptions o;
+  o.dtype = dtype_arg(dtype);
   o.fasta = fasta.string();
   o.params = params.string();
   o.out_dir = out_dir.string();
@@ -936,14 +945,16 @@ NB_MODULE(_core, mod) {
           },
           "path"_a, nb::rv_policy::take_ownership)
       .def("predict", &alphafold_predict, "features"_a, nb::kw_only(), "recycles"_a = nb::none(),
-           "recycle_tolerance"_a = 0.0, "chunk"_a = nb::none(), "threads"_a = nb::none());
+           "recycle_tolerance"_a = 0.0, "chunk"_a = nb::none(), "threads"_a = nb::none(),
+           "dtype"_a = "fp32");
 
   mod.def("features", &features_fn, "fasta"_a, "msa"_a, nb::kw_only(), "seed"_a = 0,
           "deterministic"_a = false, "decisions"_a = nb::none(), "max_msa_clusters"_a = 512,
           "max_extra_msa"_a = 5120, "recycles"_a = 3);
   mod.def("fold", &fold_fn, "fasta"_a, "params"_a, "out"_a, nb::kw_only(), "msa"_a = nb::none(),
           "models"_a = std::vector<int>(), "recycles"_a = 3, "recycle_tolerance"_a = 0.0,
-          "seed"_a = 0, "chunk"_a = nb::none(), "cache"_a = nb::none(), "threads"_a = nb::none());
+          "seed"_a = 0, "chunk"_a = nb::none(), "cache"_a = nb::none(), "threads"_a = nb::none(),
+          "dtype"_a = "fp32");
 
   nb::class_<PyMemoryScope>(mod, "MemoryScope")
       .def(nb::init<>())
