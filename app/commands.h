@@ -14,6 +14,10 @@ namespace CLI {
 class App;
 }
 
+namespace fc {
+class Comm;
+}
+
 namespace fc::app {
 
 // `foldcube features` (app/features.cc): registers the subcommand on app; the returned function
@@ -69,6 +73,12 @@ bool is_af3_run(const RunArgs& a);
 int run_af3(const RunArgs& a);
 // Hash of every flag: the ranks of an MPI job must agree on all of them (app/run.cc).
 uint64_t run_args_hash(const RunArgs& a);
+// `--dap N` jobs under mpirun (app/run.cc): a process an MPI launcher started without --dap is a
+// user error; MPI starts when the launcher started several ranks or N > 1.
+Status start_dap_mpi(const RunArgs& a);
+// Ends an MPI job: rank 0 prints the error (the same on every rank), every rank finalizes; the
+// exit code.
+int end_mpi(const Comm& world, const Status& st);
 // `run --plan`: plans (or loads a plan), runs it, reports estimates beside measurements
 // (app/plan.cc).
 int run_planned(const RunArgs& a);

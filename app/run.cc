@@ -249,12 +249,6 @@ int training_command(const RunArgs& a, const RunOptions& o, const JobSpec& spec,
 }
 
 // ---- DAP / DP under mpirun -------------------------------------------------------------------
-// Ends an MPI job: rank 0 prints the error (the same on every rank), every rank finalizes.
-int end_mpi(const Comm& world, const Status& st) {
-  if (!st.ok() && world.rank() == 0) fail(st);
-  mpi_finalize();
-  return st.ok() ? 0 : 1;
-}
 
 void print_dap_forward(const RunArgs& a, const DapForwardReport& d) {
   const EvoformerConfig& cfg = d.cfg;
@@ -427,15 +421,7 @@ Status check_dap_flags(const RunArgs& a, const Comm& world, RunOptions* o) {
 // `--dap N` under `mpirun -np N` (x D with --dp D): any rank's error ends every rank with
 // "rank K: <message>" printed once.
 int dap_command(const RunArgs& a) {
-  const int launched = mpi_launched_world_size();
-  if (a.dap == 0)
-    return fail(Status::InvalidArgument("started by an MPI launcher with " +
-                                        std::to_string(launched) + " ranks: pass --dap " +
-                                        std::to_string(launched)));
-  if (a.dap > 1 || launched > 1) {
-    const Status st = mpi_init();
-    if (!st.ok()) return fail(st);
-  }
+  if (const Status st = start_dap_mpi(a); !st.ok()) return fail(st);
   const Comm world = Comm::world();
   RunOptions o;
   Status st = world.agree(check_dap_flags(a, world, &o), true);
@@ -444,6 +430,20 @@ int dap_command(const RunArgs& a) {
   return end_mpi(world, st);
 }
 }  // namespace
+
+Status start_dap_mpi(const RunArgs& a) {
+  const int launched = mpi_launched_world_size();
+  if (a.dap == 0)
+    return Status::InvalidArgument("started by an MPI launcher with " + std::to_string(launched) +
+                                   " ranks: pass --dap " + std::to_string(launched));
+  return a.dap > 1 || launched > 1 ? mpi_init() : Status::OK();
+}
+
+int end_mpi(const Comm& world, const Status& st) {
+  if (!st.ok() && world.rank() == 0) fail(st);
+  mpi_finalize();
+  return st.ok() ? 0 : 1;
+}
 
 int run_command(const RunArgs& a) {
   if (a.dtype != "fp32" && (!a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))

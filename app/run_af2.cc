@@ -233,18 +233,9 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
 }
 
 int run_af2_dap(const RunArgs& a) {
-  const int launched = mpi_launched_world_size();
-  if (a.dap == 0)
-    return fail(Status::InvalidArgument("started by an MPI launcher with " +
-                                        std::to_string(launched) + " ranks: pass --dap " +
-                                        std::to_string(launched)));
-  if (a.dap > 1 || launched > 1)
-    if (const Status st = mpi_init(); !st.ok()) return fail(st);
+  if (const Status st = start_dap_mpi(a); !st.ok()) return fail(st);
   const Comm world = Comm::world();
-  const Status st = run_af2_dap_job(a, world);
-  if (!st.ok() && world.rank() == 0) fail(st);
-  mpi_finalize();
-  return st.ok() ? 0 : 1;
+  return end_mpi(world, run_af2_dap_job(a, world));
 }
 
 }  // namespace

@@ -6,8 +6,10 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.h"
+#include "exec/af3_dap.h"
 #include "foldcube/af3.h"
 #include "foldcube/memory.h"
+#include "foldcube/parallel.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 
@@ -15,9 +17,8 @@ namespace fc::app {
 
 namespace {
 Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
-  if (a.dap > 0 || a.dp > 1 || !a.plan.empty())
-    return Status::InvalidArgument(
-        "the AF3 stacks run on one process without --dap, --dp or --plan yet");
+  if (a.dp > 1 || !a.plan.empty())
+    return Status::InvalidArgument("the AF3 stacks run without --dp or --plan yet");
   if (!a.memory_budget.empty())
     FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &spec->memory_bytes));
   spec->stack = a.stack;
@@ -42,8 +43,8 @@ Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
   return Status::OK();
 }
 
-Status write_report(const std::string& path, const Af3RunReport& rep, bool training) {
-  nlohmann::json j;
+Status write_report(const std::string& path, const Af3RunReport& rep, bool training,
+                    nlohmann::json j = nlohmann::json::object()) {
   j["stack"] = rep.stack;
   j["n"] = rep.n;
   if (rep.stack == "msa_module") j["n_msa"] = rep.n_msa;
@@ -69,6 +70,64 @@ Status write_report(const std::string& path, const Af3RunReport& rep, bool train
   if (!f) return Status::IOError("cannot write report " + path);
   return Status::OK();
 }
+
+// `--dap N` under `mpirun -np N`: every rank builds the stack, rank 0 reads the inputs and writes
+// the outputs and the report with every rank's figures.
+int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
+  if (const Status st = start_dap_mpi(a); !st.ok()) return fail(st);
+  const Comm world = Comm::world();
+  Status st;
+  if (world.size() != a.dap)
+    st = Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
+                                 std::to_string(a.dap) + " MPI ranks, the job has " +
+                                 std::to_string(world.size()));
+  else if (!world.all_equal(run_args_hash(a)))
+    st = Status::InvalidArgument(
+        "the ranks were started with different command lines; every rank of a --dap job needs "
+        "the same flags");
+  st = world.agree(st, true);
+  Af3DapRunReport rep;
+  if (st.ok()) st = af3_dap_run(spec, world, &rep);
+  if (st.ok() && world.rank() == 0) {
+    const Af3RunReport& r = rep.run;
+    if (!a.out.empty()) st = write_safetensors(a.out, r.out);
+    if (st.ok() && !a.quiet) {
+      std::printf("foldcube run: %s, n=%lld%s, %s, DAP over %d ranks, %d thread(s) per rank\n",
+                  r.stack.c_str(), static_cast<long long>(r.n),
+                  r.stack == "msa_module" ? (", N_msa=" + std::to_string(r.n_msa)).c_str() : "",
+                  spec.training ? "training step" : "forward", a.dap, num_threads());
+      std::printf("  time        %10.1f ms\n", r.time_ms);
+      if (spec.training)
+        std::printf("  forward %.1f ms, backward %.1f ms\n", r.forward_ms, r.backward_ms);
+      auto row = [](const char* what, const std::vector<int64_t>& v) {
+        std::printf("  %-34s", what);
+        for (int64_t b : v) std::printf(" %9.1f", b / 1048576.0);
+        std::printf("\n");
+      };
+      row("tracked peak per rank (MiB)", rep.rank_peak_bytes);
+      row("  above the call's start (MiB)", rep.rank_work_peak_bytes);
+      row("shards of the streams (MiB)", rep.rank_shard_bytes);
+      if (spec.training) row("activations per rank (MiB)", rep.rank_activation_bytes);
+      row("sent in the blocks (MiB)", rep.rank_sent_bytes);
+      std::printf("  forward model: %.2f MiB per rank and block\n",
+                  rep.block_sent_bytes_model / 1048576.0);
+      if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
+    }
+    if (st.ok() && !a.report.empty()) {
+      nlohmann::json j;
+      j["dap"] = a.dap;
+      j["rank_peak_tracked_bytes"] = rep.rank_peak_bytes;
+      j["rank_work_peak_bytes"] = rep.rank_work_peak_bytes;
+      j["rank_shard_bytes"] = rep.rank_shard_bytes;
+      j["rank_sent_bytes"] = rep.rank_sent_bytes;
+      j["blocks"] = rep.blocks;
+      j["block_sent_bytes_model"] = rep.block_sent_bytes_model;
+      if (spec.training) j["rank_activation_bytes"] = rep.rank_activation_bytes;
+      st = write_report(a.report, r, spec.training, j);
+    }
+  }
+  return end_mpi(world, world.agree(st, true));
+}
 }  // namespace
 
 bool is_af3_run(const RunArgs& a) {
@@ -82,6 +141,7 @@ int run_af3(const RunArgs& a) {
   set_num_threads(a.threads);
   Af3RunSpec spec;
   if (Status st = af3_spec(a, &spec); !st.ok()) return fail(st);
+  if (a.dap > 0 || mpi_launched_world_size() > 1) return run_af3_dap(a, spec);
   Af3RunReport rep;
   if (Status st = af3_run(spec, &rep); !st.ok()) return fail(st);
   if (!a.out.empty())

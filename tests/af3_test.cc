@@ -28,43 +28,12 @@
 namespace fc {
 namespace {
 
-// The golden metric over the positions where keep [numel / c] is 1 (c trailing channels per
-// position): padded tokens have precision-dependent values (README "Masks").
-double masked_err(const Tensor& x, const Tensor& ref, const Tensor& keep) {
-  Tensor a = x.to(DType::F64), b = ref.to(DType::F64), k = keep.to(DType::F64);
-  if (a.numel() != b.numel() || b.numel() % k.numel() != 0) return INFINITY;
-  const int64_t c = b.numel() / k.numel();
-  const double* pa = a.data<double>();  // [numel]
-  const double* pb = b.data<double>();  // [numel]
-  const double* pk = k.data<double>();  // [numel / c]
-  double ss = 0, mx = 0;
-  int64_t cnt = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    if (pk[i / c] == 0) continue;
-    if (!std::isfinite(pa[i])) return INFINITY;
-    ss += pb[i] * pb[i];
-    mx = std::max(mx, std::abs(pa[i] - pb[i]));
-    ++cnt;
-  }
-  return mx / std::max(std::sqrt(ss / std::max<int64_t>(cnt, 1)), 1.0);
-}
+using test::masked_err;
 
 Tensor get(const TensorFile& f, const std::string& name) {
   Tensor t;
   EXPECT_TRUE(f.get_f32(name, {}, &t).ok()) << name;
   return t.clone();
-}
-
-// Where the file is: tests/data, else $FOLDCUBE_GOLDEN_DIR, else ../shared/golden beside the
-// checkout (large cases), else "".
-std::string golden_file(const std::string& name) {
-  std::vector<std::string> paths = {test::data_path(name), std::string(FOLDCUBE_TEST_DATA_DIR) +
-                                                               "/../../../shared/golden/" + name};
-  if (const char* dir = std::getenv("FOLDCUBE_GOLDEN_DIR"))
-    paths.push_back(std::string(dir) + "/" + name);
-  for (const std::string& p : paths)
-    if (std::filesystem::exists(p)) return p;
-  return "";
 }
 
 TEST(SwiGluKernel, MatchesReference) {
@@ -125,7 +94,7 @@ void PrintTo(const Af3Case& p, std::ostream* os) { *os << CaseName(p); }
 class GoldenPairformer : public ::testing::TestWithParam<Af3Case> {};
 
 TEST_P(GoldenPairformer, OutputsAndBlock0Traces) {
-  const std::string path = golden_file(GetParam().file);
+  const std::string path = test::golden_path(GetParam().file);
   if (path.empty()) GTEST_SKIP() << GetParam().file << " not present (shared/golden)";
   TensorFile f;
   ASSERT_TRUE(read_safetensors(path, &f).ok());
@@ -248,7 +217,7 @@ class GoldenAf3Training : public ::testing::TestWithParam<Af3TrainCase> {};
 
 TEST_P(GoldenAf3Training, EveryGradient) {
   const Af3TrainCase& tc = GetParam();
-  const std::string path = golden_file(tc.file);
+  const std::string path = test::golden_path(tc.file);
   if (path.empty()) GTEST_SKIP() << tc.file << " not present (shared/golden)";
   TensorFile f;
   ASSERT_TRUE(read_safetensors(path, &f).ok());

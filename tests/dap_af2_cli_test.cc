@@ -17,14 +17,7 @@ namespace fc {
 namespace {
 
 // `foldcube <args>` on np MPI ranks (np 0: without mpirun), under timeout.
-test::Result launch(int np, const std::string& args) {
-  const std::string limit = std::to_string(static_cast<int>(120 * test::kTimeScale));
-  return test::run_cli_env("timeout " + limit +
-                               (np > 0 ? " " + std::string(FOLDCUBE_MPIEXEC) + " -np " +
-                                             std::to_string(np) + " --oversubscribe"
-                                       : ""),
-                           args);
-}
+test::Result launch(int np, const std::string& args) { return test::run_mpi_cli(np, args); }
 
 // Worst golden-metric error over every output.<name> of `ref` (which `got` must all hold).
 double worst_output_err(const std::string& got_path, const std::string& ref_path,

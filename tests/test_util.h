@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "foldcube/config.h"
 #include "foldcube/tensor.h"
@@ -34,6 +35,18 @@ inline EvoformerConfig small_config() {
 
 inline std::string data_path(const std::string& name) {
   return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;
+}
+
+// Where a golden file is: tests/data, else ../shared/golden beside the checkout (large cases),
+// else $FOLDCUBE_GOLDEN_DIR, else "".
+inline std::string golden_path(const std::string& name) {
+  std::vector<std::string> paths = {
+      data_path(name), std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name};
+  if (const char* dir = std::getenv("FOLDCUBE_GOLDEN_DIR"))
+    paths.push_back(std::string(dir) + "/" + name);
+  for (const std::string& p : paths)
+    if (std::filesystem::exists(p)) return p;
+  return "";
 }
 
 // True when every element of x is finite (no NaN, no Inf).
@@ -69,6 +82,29 @@ inline double golden_err(const Tensor& x, const Tensor& ref) {
   }
   const double rms = std::sqrt(ss / std::max<int64_t>(b.numel(), 1));
   return mx / std::max(rms, 1.0);
+}
+
+// The golden metric over the positions where keep [numel / c] is 1 (c trailing channels per
+// position): padded tokens have precision-dependent values (README "Masks"). +Inf on a
+// non-finite compared value or mismatched sizes.
+inline double masked_err(const Tensor& x, const Tensor& ref, const Tensor& keep) {
+  Tensor a = x.to(DType::F64), b = ref.to(DType::F64), k = keep.to(DType::F64);
+  if (a.numel() != b.numel() || b.numel() % k.numel() != 0)
+    return std::numeric_limits<double>::infinity();
+  const int64_t c = b.numel() / k.numel();
+  const double* pa = a.data<double>();  // [numel]
+  const double* pb = b.data<double>();  // [numel]
+  const double* pk = k.data<double>();  // [numel / c]
+  double ss = 0, mx = 0;
+  int64_t cnt = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    if (pk[i / c] == 0) continue;
+    if (!std::isfinite(pa[i])) return std::numeric_limits<double>::infinity();
+    ss += pb[i] * pb[i];
+    mx = std::max(mx, std::abs(pa[i] - pb[i]));
+    ++cnt;
+  }
+  return mx / std::max(std::sqrt(ss / std::max<int64_t>(cnt, 1)), 1.0);
 }
 
 // max |a - b| over n elements; +Inf when either side holds a non-finite value.
@@ -152,6 +188,19 @@ inline Result run_cli_env(const std::string& env_prefix, const std::string& args
 
 // Runs the foldcube CLI with `args` and collects its exit code and output.
 inline Result run_cli(const std::string& args) { return run_cli_env("", args); }
+
+#ifdef FOLDCUBE_MPIEXEC
+// `foldcube <args>` on np MPI ranks (np 0: one process without mpirun), under `timeout` (120 s,
+// times kTimeScale) so that a hang fails the test instead of blocking the suite.
+inline Result run_mpi_cli(int np, const std::string& args) {
+  const std::string limit = std::to_string(static_cast<int>(120 * kTimeScale));
+  return run_cli_env("timeout " + limit +
+                         (np > 0 ? " " + std::string(FOLDCUBE_MPIEXEC) + " -np " +
+                                       std::to_string(np) + " --oversubscribe"
+                                 : ""),
+                     args);
+}
+#endif
 #endif
 
 }  // namespace fc::test

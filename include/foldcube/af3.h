@@ -16,6 +16,8 @@
 
 namespace fc {
 
+struct Af3Access;
+
 struct Af3Config {
   std::string kind = "pairformer";  // "pairformer" | "msa_module"
   int64_t c_s = 384;                // token_s: the single stream (MSA module: the emb width)
@@ -70,6 +72,7 @@ class PairformerStack {
   void export_weights(TensorFile* out) const;
 
  private:
+  friend struct Af3Access;  // the library's DAP executor reads the blocks (src/model/af3_access.h)
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
@@ -100,6 +103,7 @@ class MsaModule {
   void export_weights(TensorFile* out) const;
 
  private:
+  friend struct Af3Access;  // the library's DAP executor reads the blocks (src/model/af3_access.h)
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

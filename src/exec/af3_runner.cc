@@ -1,5 +1,7 @@
 // af3_run (include/foldcube/af3.h): an AF3 trunk stack from files, forward or training step,
 // with outputs and gradients under the golden files' names.
+#include "exec/af3_runner.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -18,15 +20,14 @@ namespace {
 double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
+}  // namespace
 
-// An optional F32 input (undefined when absent).
-Status optional(const TensorFile& f, const std::string& name, Tensor* out) {
+Status af3_optional_input(const TensorFile& f, const std::string& name, Tensor* out) {
   *out = Tensor();
   return f.has(name) ? f.get_f32(name, {}, out) : Status::OK();
 }
 
-// dL/d output `x` (s or z) of the given shape: grad.output.x, else probe.x, else ones.
-Status grad_output(const TensorFile* g, const std::string& x, const Shape& shape, Tensor* out) {
+Status af3_grad_output(const TensorFile* g, const std::string& x, const Shape& shape, Tensor* out) {
   if (g == nullptr) {
     *out = Tensor::full(shape, 1.f);
     return Status::OK();
@@ -39,10 +40,24 @@ Status grad_output(const TensorFile* g, const std::string& x, const Shape& shape
   return Status::OK();
 }
 
-void put_grads(const TrainResult& tr, TensorFile* out) {
+TrainOptions af3_train_options(const Af3RunSpec& spec) {
+  TrainOptions o;
+  o.policy = spec.policy;
+  o.chunk = spec.chunk;
+  o.chunk_target_bytes = spec.chunk_target_bytes;
+  o.dropout = spec.dropout;
+  o.seed = spec.seed;
+  return o;
+}
+
+void af3_output_metadata(const std::string& kind, TensorFile* out) {
+  out->metadata["format"] = "foldcube-output/1";
+  out->metadata["kind"] = kind;
+}
+
+void af3_put_grads(const TrainResult& tr, TensorFile* out) {
   for (const auto& [name, t] : tr.grad_params) out->put("grad.param." + name, t);
 }
-}  // namespace
 
 Status af3_stack_of_file(const std::string& path, std::string* kind) {
   *kind = "";
@@ -67,9 +82,7 @@ Status af3_stack_of_file(const std::string& path, std::string* kind) {
   return Status::OK();
 }
 
-namespace {
-// Seeded random inputs under the golden names for n tokens and n_msa MSA rows.
-Status random_inputs(const Af3Config& c, const Af3RunSpec& spec, TensorFile* in) {
+Status af3_random_inputs(const Af3Config& c, const Af3RunSpec& spec, TensorFile* in) {
   if (spec.n < 1 || spec.n_msa < 1 || spec.n > (1 << 20) || spec.n_msa > (1 << 20))
     return Status::InvalidArgument("random AF3 inputs: n and n_msa must be in [1, 2^20]");
   auto put = [&](const std::string& name, const Shape& shape) -> Status {
@@ -86,7 +99,7 @@ Status random_inputs(const Af3Config& c, const Af3RunSpec& spec, TensorFile* in)
   return put("input.msa_feat", {spec.n_msa, n, c.msa_feat});
 }
 
-Status load_weights(const Af3RunSpec& spec, TensorFile* w, Af3Config* cfg) {
+Status af3_load_weights(const Af3RunSpec& spec, TensorFile* w, Af3Config* cfg) {
   if (spec.weights.empty()) {
     if (spec.stack != "pairformer" && spec.stack != "msa_module")
       return Status::InvalidArgument(
@@ -109,6 +122,16 @@ Status load_weights(const Af3RunSpec& spec, TensorFile* w, Af3Config* cfg) {
   return Status::OK();
 }
 
+Status af3_msa_feat(const TensorFile& in, const std::string& path, Tensor* feat) {
+  if (!in.has("input.msa")) return in.get_f32("input.msa_feat", {}, feat).WithContext(path);
+  Tensor hd, dv, mp;
+  FC_RETURN_IF_ERROR(in.get_f32("input.has_deletion", {}, &hd).WithContext(path));
+  FC_RETURN_IF_ERROR(in.get_f32("input.deletion_value", {}, &dv).WithContext(path));
+  FC_RETURN_IF_ERROR(in.get_f32("input.msa_paired", {}, &mp).WithContext(path));
+  return msa_features(in.tensors.at("input.msa"), hd, dv, mp, feat).WithContext(path);
+}
+
+namespace {
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -176,9 +199,9 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   *rep = Af3RunReport{};
   TensorFile w, in, g;
   Af3Config cfg;
-  FC_RETURN_IF_ERROR(load_weights(spec, &w, &cfg));
+  FC_RETURN_IF_ERROR(af3_load_weights(spec, &w, &cfg));
   if (spec.inputs.empty())
-    FC_RETURN_IF_ERROR(random_inputs(cfg, spec, &in));
+    FC_RETURN_IF_ERROR(af3_random_inputs(cfg, spec, &in));
   else
     FC_RETURN_IF_ERROR(read_safetensors(spec.inputs, &in));
   if (spec.repeats < 1) return Status::InvalidArgument("repeats must be >= 1");
@@ -186,18 +209,12 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   if (grads_given) FC_RETURN_IF_ERROR(read_safetensors(spec.grad_outputs, &g));
   const TensorFile* gp = grads_given ? &g : nullptr;
   rep->stack = cfg.kind;
-  TrainOptions topts;
-  topts.policy = spec.policy;
-  topts.chunk = spec.chunk;
-  topts.chunk_target_bytes = spec.chunk_target_bytes;
-  topts.dropout = spec.dropout;
-  topts.seed = spec.seed;
+  TrainOptions topts = af3_train_options(spec);
   ForwardOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;
   TrainResult tr;
-  rep->out.metadata["format"] = "foldcube-output/1";
-  rep->out.metadata["kind"] = cfg.kind;
+  af3_output_metadata(cfg.kind, &rep->out);
   MemoryScope scope;
   const int64_t live0 = scope.start_live();
   // With a budget: from the forward's start (weights, inputs and work; loading briefly held the
@@ -209,15 +226,15 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
     Tensor s, z, mask;
     FC_RETURN_IF_ERROR(in.get_f32("input.s", {}, &s).WithContext(spec.inputs));
     FC_RETURN_IF_ERROR(in.get_f32("input.z", {}, &z).WithContext(spec.inputs));
-    FC_RETURN_IF_ERROR(optional(in, "input.mask", &mask).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(af3_optional_input(in, "input.mask", &mask).WithContext(spec.inputs));
     s = s.clone();
     z = z.clone();
     mask = mask.defined() ? mask.clone() : mask;
     rep->n = s.ndim() == 2 ? s.dim(0) : 0;
     Tensor gs, gz;  // dL/d outputs (training), live through the step
     if (spec.training) {
-      FC_RETURN_IF_ERROR(grad_output(gp, "s", s.shape(), &gs));
-      FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+      FC_RETURN_IF_ERROR(af3_grad_output(gp, "s", s.shape(), &gs));
+      FC_RETURN_IF_ERROR(af3_grad_output(gp, "z", z.shape(), &gz));
     }
     if (spec.memory_bytes > 0) {  // only what the run uses stays live
       w = TensorFile{};
@@ -251,23 +268,16 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
     Tensor z, emb, feat, msa_mask, tok;
     FC_RETURN_IF_ERROR(in.get_f32("input.z", {}, &z).WithContext(spec.inputs));
     FC_RETURN_IF_ERROR(in.get_f32("input.emb", {}, &emb).WithContext(spec.inputs));
-    FC_RETURN_IF_ERROR(optional(in, "input.msa_mask", &msa_mask).WithContext(spec.inputs));
-    FC_RETURN_IF_ERROR(optional(in, "input.token_pad_mask", &tok).WithContext(spec.inputs));
-    if (in.has("input.msa")) {
-      Tensor hd, dv, mp;
-      FC_RETURN_IF_ERROR(in.get_f32("input.has_deletion", {}, &hd).WithContext(spec.inputs));
-      FC_RETURN_IF_ERROR(in.get_f32("input.deletion_value", {}, &dv).WithContext(spec.inputs));
-      FC_RETURN_IF_ERROR(in.get_f32("input.msa_paired", {}, &mp).WithContext(spec.inputs));
-      FC_RETURN_IF_ERROR(
-          msa_features(in.tensors.at("input.msa"), hd, dv, mp, &feat).WithContext(spec.inputs));
-    } else {
-      FC_RETURN_IF_ERROR(in.get_f32("input.msa_feat", {}, &feat).WithContext(spec.inputs));
-    }
+    FC_RETURN_IF_ERROR(
+        af3_optional_input(in, "input.msa_mask", &msa_mask).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(
+        af3_optional_input(in, "input.token_pad_mask", &tok).WithContext(spec.inputs));
+    FC_RETURN_IF_ERROR(af3_msa_feat(in, spec.inputs, &feat));
     z = z.clone();
     rep->n = z.ndim() == 3 ? z.dim(0) : 0;
     rep->n_msa = feat.ndim() == 3 ? feat.dim(0) : 0;
     Tensor gz;  // dL/d output z (training), live through the step
-    if (spec.training) FC_RETURN_IF_ERROR(grad_output(gp, "z", z.shape(), &gz));
+    if (spec.training) FC_RETURN_IF_ERROR(af3_grad_output(gp, "z", z.shape(), &gz));
     if (spec.memory_bytes > 0) {  // only what the run uses stays live
       emb = emb.clone();
       feat = feat.clone();
@@ -301,7 +311,7 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
     rep->out.put("output.z", z);
   }
   if (spec.training) {
-    put_grads(tr, &rep->out);
+    af3_put_grads(tr, &rep->out);
     rep->forward_ms = tr.forward_ms;
     rep->backward_ms = tr.backward_ms;
     rep->activation_bytes = tr.activation_bytes;

@@ -12,6 +12,8 @@
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "kernels/kernels.h"
+#include "layers/single_attention_shard.h"
+#include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
@@ -159,21 +161,20 @@ Tensor pair_transpose(Tensor in, const DapLayout& l, const dist::Communicator& c
 
 DapLayerLayout dap_layer_layout(const LayerDesc& ly) {
   switch (ly.kind) {
-    case LayerKind::kMsaRowAttention:
-      return {Shard::kMsaBySeq, Shard::kPairRows};
+    case LayerKind::kMsaRowAttention:  // a single stream: its tokens (the queries) sharded
+      return {ly.single ? Shard::kMsaByRes : Shard::kMsaBySeq, Shard::kPairRows};
     case LayerKind::kMsaColumnAttention:
     case LayerKind::kMsaColumnGlobalAttention:
       return {Shard::kMsaByRes, std::nullopt};
     case LayerKind::kTransition:
     case LayerKind::kMaskedTransition:
+    case LayerKind::kSwiGluTransition:
       return {};
     case LayerKind::kOuterProductMean:
       return {Shard::kMsaByRes, Shard::kPairRows};
     case LayerKind::kTriangleMultiplication:
     case LayerKind::kTriangleAttention:
       return {std::nullopt, ly.transposed ? Shard::kPairRowsT : Shard::kPairRows};
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
-      break;
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
   return {};
@@ -184,6 +185,12 @@ int dap_last_use(const BlockTable& t, Stream x) {
   for (int i = 0; i < t.count; ++i)
     if (t.layers[i].updates == x || t.layers[i].reads == x) last = i;
   return last;
+}
+
+Shard dap_boundary_m(const BlockTable& t) {
+  for (const LayerDesc& ly : t)
+    if (ly.single && ly.updates == Stream::kM) return Shard::kMsaByRes;
+  return Shard::kMsaBySeq;
 }
 
 std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t) {
@@ -205,17 +212,6 @@ void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
   *how = want;
 }
 
-namespace {
-// The streams' shards during a block and their current layouts.
-struct DapStreams {
-  Tensor m;  // [s_loc, r_pad, c_m] by sequences or [s_pad, r_loc, c_m] by residues
-  Shard m_how = Shard::kMsaBySeq;
-  Tensor z;  // [r_loc, r_pad, c_z] rows of z or of z^T
-  Shard z_how = Shard::kPairRows;
-};
-
-// One layer on this rank's shards, in the layouts dap_layer_layout gives; bw: the table's block
-// weight struct.
 void dap_layer_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
                        const dist::Communicator& comm, const ShardGather& gather, DapStreams* st) {
   const EvoformerConfig& cfg = *sh.full.cfg;
@@ -225,6 +221,9 @@ void dap_layer_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention: {
       const MsaRowAttentionW& w = layer_params<MsaRowAttentionW>(ly, bw);
+      if (ly.single)  // queries: this rank's tokens [1, r_loc, c]; key bias: row 0 of msa_bias
+        return single_attention_shard(w, sh.full, cfg.no_heads_msa, cfg.c_hidden_msa_att,
+                                      st->m.f32(), rl, st->z.f32(), sh.msa_bias.f32(), gather);
       Tensor bias = gathered_pair_bias(w.ln_z, w.lin_z, sh.full, l, st->z.f32(),
                                        comm);  // [H_m, r_pad, r_pad]
       return attention_rows(w.ln_m, w.mha, cfg.no_heads_msa, cfg.c_hidden_msa_att, sh.row,
@@ -259,13 +258,15 @@ void dap_layer_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
     case LayerKind::kMaskedTransition:  // the mask rows of the current layout (sh.row / sh.col)
       return masked_msa_transition(layer_params<TransitionW>(ly, bw),
                                    st->m_how == Shard::kMsaByRes ? sh.col : sh.row, st->m.f32());
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
-      break;
+    case LayerKind::kSwiGluTransition: {  // pointwise: the current layout's rows
+      Tensor& x = ly.updates == Stream::kZ ? st->z : st->m;
+      const int64_t c = ly.updates == Stream::kZ ? cfg.c_z : cfg.c_m;
+      return swiglu_transition(layer_params<SwiGluTransitionW>(ly, bw), sh.full, x.f32(),
+                               x.numel() / c, c);
+    }
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP form");
 }
-
-}  // namespace
 
 DapLayout dap_layout(int64_t s, int64_t r, int n, int rank) {
   DapLayout l;
@@ -505,7 +506,7 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
                                 st.m.defined() ? st.m.f32() : nullptr, st.z.f32());
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
-      if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);
+      if (i == last_m) dap_to_layout(&st.m, &st.m_how, dap_boundary_m(table), l, comm);
       if (i == last_z) dap_to_layout(&st.z, &st.z_how, Shard::kPairRows, l, comm);
     }
   }
@@ -603,6 +604,7 @@ void dap_run_blocks(const BlockTable& t, const std::vector<const void*>& blocks,
                              comm.all_gather(mine, all, count);
                            }};
   DapStreams st;
+  st.m_how = dap_boundary_m(t);
   if (m != nullptr) st.m = std::move(*m);
   st.z = std::move(*z);
   const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
@@ -613,7 +615,7 @@ void dap_run_blocks(const BlockTable& t, const std::vector<const void*>& blocks,
       if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
       if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
       dap_layer_forward(ly, bw, sh, comm, gather, &st);
-      if (i == last_m) dap_to_layout(&st.m, &st.m_how, Shard::kMsaBySeq, l, comm);
+      if (i == last_m) dap_to_layout(&st.m, &st.m_how, dap_boundary_m(t), l, comm);
       if (i == last_z) dap_to_layout(&st.z, &st.z_how, Shard::kPairRows, l, comm);
     }
   if (m != nullptr) *m = std::move(st.m);

@@ -107,11 +107,27 @@ DapLayerLayout dap_layer_layout(const LayerDesc& ly);
 std::vector<std::pair<Shard, Shard>> dap_block_layouts(const BlockTable& t);
 // The last layer of t that updates or reads x (-1: none).
 int dap_last_use(const BlockTable& t, Stream x);
+// The layout of m at t's block boundaries: by sequences, or by residues (tokens) when m is a
+// single representation (LayerDesc::single, the Pairformer's s [1, n, c_s]: shards [1, r_loc, c]).
+Shard dap_boundary_m(const BlockTable& t);
 // Brings a stream shard *x from layout *how to `want` (an all-to-all when it changes between
 // shards, an all-gather to a whole stream, a local copy from a whole stream to a shard; m layouts
 // for the MSA stream, z layouts for the pair stream).
 void dap_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
                    const dist::Communicator& comm);
+
+// The streams' shards during a block and their current layouts.
+struct DapStreams {
+  Tensor m;  // [s_loc, r_pad, c_m] by sequences or [s_pad, r_loc, c_m] by residues
+             // (a single stream: [1, r_loc, c_m])
+  Shard m_how = Shard::kMsaBySeq;
+  Tensor z;  // [r_loc, r_pad, c_z] rows of z or of z^T
+  Shard z_how = Shard::kPairRows;
+};
+// One layer on this rank's shards, in the layouts dap_layer_layout gives; bw: the table's block
+// weight struct.
+void dap_layer_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
+                       const dist::Communicator& comm, const ShardGather& gather, DapStreams* st);
 
 // Bytes one rank sends per Evoformer block, from the formulas of docs/dap.md (the dist layer's
 // counting convention: payload addressed to other ranks).

@@ -14,6 +14,8 @@
 #include "foldcube/runtime.h"
 #include "foldcube/status.h"
 #include "kernels/kernels.h"
+#include "layers/single_attention_shard.h"
+#include "layers/swiglu_transition.h"
 #include "model/common.h"
 #include "model/dropout.h"
 
@@ -206,20 +208,14 @@ uint64_t hash_bytes(const void* p, size_t n, uint64_t h = 1469598103934665603ull
   return h;
 }
 
-// What a sharded block keeps from its forward for its backward (shards).
-struct DapBlockState {
-  Recompute policy = Recompute::kNone;
-  // kNone and kModule, per layer: the copies of saved_inputs, in the layouts the layer ran in
-  // (dap_block_layouts). A read stream that is not copied (the OPM's m) is rebuilt in the
-  // backward from the block output by one all-to-all.
-  std::vector<Tensor> in_updated, in_read;
-  // kNone: the layers' saved states.
-  std::vector<LayerState> layers;
-  // kBlock: the block input [by sequences], [rows].
-  Tensor m0, z0;
-  // Per layer: its partition (empty: pure DAP).
-  std::vector<Split> splits;
-};
+// Rows of the shard a pointwise layer runs on: z [r_loc * r_pad], m by sequences [s_loc * r_pad],
+// by residues [s_pad * r_loc], a single stream by tokens [r_loc].
+int64_t swiglu_rows(const LayerDesc& ly, const DapShards& sh, Shard m_how) {
+  const DapLayout& l = sh.l;
+  if (ly.updates == Stream::kZ) return l.r_loc * l.r_pad;
+  if (ly.single) return l.r_loc;
+  return m_how == Shard::kMsaByRes ? l.s_pad * l.r_loc : l.s_loc * l.r_pad;
+}
 
 // One layer's training forward on this rank's shards (m, z in the layer's layouts); bw: the
 // table's block weight struct.
@@ -230,6 +226,10 @@ void dap_layer_train(const LayerDesc& ly, const void* bw, const DapShards& sh,
   const DapLayout& l = sh.l;
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention:
+      if (ly.single)  // the single stream by tokens: nothing kept, the backward recomputes
+        return single_attention_shard(layer_params<MsaRowAttentionW>(ly, bw), sh.full,
+                                      cfg.no_heads_msa, cfg.c_hidden_msa_att, m, l.r_loc, z,
+                                      sh.msa_bias.f32(), shard_gather(comm));
       return dap_msa_row_attention_train(layer_params<MsaRowAttentionW>(ly, bw), sh, comm, m, z,
                                          st ? &st->att : nullptr);
     case LayerKind::kMsaColumnAttention:
@@ -264,8 +264,11 @@ void dap_layer_train(const LayerDesc& ly, const void* bw, const DapShards& sh,
       return transition_train(layer_params<TransitionW>(ly, bw), c, m, c.s * c.r, cfg.c_m,
                               st ? &st->trans : nullptr, c.msa_mask);
     }
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
-      break;
+    case LayerKind::kSwiGluTransition:  // pointwise: the current layout's rows
+      return swiglu_transition_train(layer_params<SwiGluTransitionW>(ly, bw), sh.full,
+                                     ly.updates == Stream::kZ ? z : m, swiglu_rows(ly, sh, m_how),
+                                     stream_channels(sh.full, ly.updates),
+                                     st ? &st->trans : nullptr);
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
 }
@@ -278,6 +281,11 @@ void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapS
   const DapLayout& l = sh.l;
   switch (ly.kind) {
     case LayerKind::kMsaRowAttention:
+      if (ly.single)
+        return single_attention_shard_backward(
+            layer_params<MsaRowAttentionW>(ly, bw), &layer_params<MsaRowAttentionW>(ly, g), sh.full,
+            cfg.no_heads_msa, cfg.c_hidden_msa_att, x_in, l.r_loc, read_in, sh.msa_bias.f32(),
+            shard_gather(comm), shard_reduce(comm), dm, dz);
       return dap_msa_row_attention_backward(layer_params<MsaRowAttentionW>(ly, bw),
                                             &layer_params<MsaRowAttentionW>(ly, g), sh, comm, x_in,
                                             read_in, &st->att, dm, dz);
@@ -323,15 +331,17 @@ void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapS
                                  &layer_params<TransitionW>(ly, g), c, x_in, &st->trans, dm,
                                  c.s * c.r, cfg.c_m, c.msa_mask);
     }
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
-      break;
+    case LayerKind::kSwiGluTransition:
+      return swiglu_transition_backward(
+          layer_params<SwiGluTransitionW>(ly, bw), &layer_params<SwiGluTransitionW>(ly, g), sh.full,
+          x_in, &st->trans, ly.updates == Stream::kZ ? dz : dm, swiglu_rows(ly, sh, m_how),
+          stream_channels(sh.full, ly.updates));
   }
   FC_CHECK_MSG(false, std::string("layer ") + ly.name + " has no DAP training form");
 }
 
-// The sharded block forward over the block table: mr [s_loc, r_pad, c_m] by sequences and zr
-// [r_loc, r_pad, c_z] by rows in, the same layouts out; each layer in its layouts
-// (dap_block_layouts), its inputs copied as saved_inputs says.
+}  // namespace
+
 void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
                        const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
                        const std::vector<Split>& splits, DapBlockState* st) {
@@ -347,7 +357,8 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
   st->in_read.assign(t.count, Tensor());
   st->layers.assign(t.count, LayerState());
   const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
-  Shard m_how = Shard::kMsaBySeq, z_how = Shard::kPairRows;
+  const Shard m_edge = dap_boundary_m(t);
+  Shard m_how = m_edge, z_how = Shard::kPairRows;
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& ly = t.layers[i];
     const Split split = splits.empty() ? Split::kDap : splits[i];
@@ -365,33 +376,29 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
       dap_layer_train(ly, w, sh, comm, m_how, mr.f32(), zr.f32(), ls);
     else
       partition_layer_train(t, ly, w, sh, comm, split, mr.f32(), zr.f32(), ls);
-    if (i == last_m) dap_to_layout(&mr, &m_how, Shard::kMsaBySeq, l, comm);
+    if (i == last_m) dap_to_layout(&mr, &m_how, m_edge, l, comm);
     if (i == last_z) dap_to_layout(&zr, &z_how, Shard::kPairRows, l, comm);
   }
 }
 
-// The sharded block backward: dmr [by sequences], dzr [rows] hold dL/d block output on entry and
-// dL/d block input on exit; m_out: the block's output m [by sequences] (the next block's kept
-// input, or the stack output), from which a read input that was not copied (the OPM's m) is
-// rebuilt. Before each layer (last first) the gradients are brought to the layouts it ran in,
-// each all-to-all the adjoint of the forward's; each layer's inputs are freed after its backward.
 void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapShards& sh,
                         const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
-                        Tensor& dmr, Tensor& dzr) {
+                        const Tensor& z_out, Tensor& dmr, Tensor& dzr) {
   const DapLayout& l = sh.l;
+  const Shard m_edge = dap_boundary_m(t);
   if (st->policy == Recompute::kBlock) {
     // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
-    Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // [s_loc, r_pad, c_m], [r_loc, r_pad, c_z]
+    Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // block-boundary layouts
     st->m0 = Tensor();
     DapBlockState full;
     dap_block_forward(t, w, sh, comm, mr, zr, Recompute::kNone, st->splits, &full);
-    zr = Tensor();
-    dap_block_backward(t, w, g, sh, comm, &full, mr, dmr, dzr);
+    if (!reads_block_output(t, Stream::kZ)) zr = Tensor();
+    dap_block_backward(t, w, g, sh, comm, &full, mr, zr, dmr, dzr);
     return;
   }
   const std::vector<std::pair<Shard, Shard>> layouts =
       st->splits.empty() ? dap_block_layouts(t) : partition_block_layouts(t, st->splits);
-  Shard dm_how = Shard::kMsaBySeq, dz_how = Shard::kPairRows;
+  Shard dm_how = m_edge, dz_how = Shard::kPairRows;
   for (int i = t.count - 1; i >= 0; --i) {
     const LayerDesc& ly = t.layers[i];
     const auto [m_how, z_how] = layouts[i];
@@ -400,9 +407,15 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     if (uses(Stream::kM)) dap_to_layout(&dmr, &dm_how, m_how, l, comm);
     Tensor read = st->in_read[i];
     if (ly.reads == Stream::kM && !read.defined()) {  // the block output in the layer's layout
-      Shard how = Shard::kMsaBySeq;
+      Shard how = m_edge;
       read = m_out;
       dap_to_layout(&read, &how, m_how, l, comm);
+    }
+    if (ly.reads == Stream::kZ && !read.defined()) {
+      FC_CHECK_MSG(z_out.defined(), std::string(ly.name) + " reads the block output z");
+      Shard how = Shard::kPairRows;
+      read = z_out;
+      dap_to_layout(&read, &how, z_how, l, comm);
     }
     const float* x_in = st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr;
     const float* read_in = read.defined() ? read.f32() : nullptr;
@@ -417,11 +430,9 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     st->in_read[i] = Tensor();
   }
   dap_to_layout(&dzr, &dz_how, Shard::kPairRows, l, comm);
-  dap_to_layout(&dmr, &dm_how, Shard::kMsaBySeq, l, comm);
+  dap_to_layout(&dmr, &dm_how, m_edge, l, comm);
 }
 
-// Padded [rows_p, cols_p, c] copy of x on the root, scattered by rows: this rank's
-// [rows_p / n, cols_p, c].
 Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
                     const dist::Communicator& comm) {
   const int64_t rl = rows_p / comm.size();
@@ -431,8 +442,6 @@ Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
   return mine;
 }
 
-// Row shards [rows_p / n, cols_p, c] gathered to the root and cropped to [rows, cols, c]
-// (undefined elsewhere).
 Tensor gather_rows(const Tensor& mine, int64_t rows, int64_t cols, const dist::Communicator& comm) {
   const int64_t rows_p = mine.dim(0) * comm.size(), cols_p = mine.dim(1), c = mine.dim(2);
   Tensor all = comm.rank() == 0 ? Tensor::empty({rows_p, cols_p, c}) : Tensor();  // padded
@@ -440,8 +449,6 @@ Tensor gather_rows(const Tensor& mine, int64_t rows, int64_t cols, const dist::C
   if (comm.rank() != 0) return Tensor();
   return crop3(all, rows, cols);
 }
-
-}  // namespace
 
 namespace {
 // dap_train_step of a stack whose blocks follow `table` with weight structs W.
@@ -537,7 +544,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
       dap_to_layout(&m_in, &how, Shard::kMsaBySeq, l, comm);
     }
     dap_block_backward(table, &StackAccess::block(stack, b), grads[b].get(), sh, comm,
-                       states[b].get(), m_out, dmr, dzr);
+                       states[b].get(), m_out, Tensor(), dmr, dzr);
     states[b].reset();
     m_out = m_in;
     const dist::CommStats r0 = comm.stats();

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "dist/comm.h"
 #include "exec/dap.h"
@@ -67,6 +68,45 @@ void dap_triangle_multiplication_backward(const TriangleMultiplicationW& w,
                                           const dist::Communicator& comm, bool incoming,
                                           const float* z_in, TriangleMultiplicationState* st,
                                           float* dz);
+
+// ---- The block level, shared by the stack drivers (Evoformer, ExtraMSA, AF3: src/exec/af3_dap.cc)
+// What a sharded block keeps from its forward for its backward (shards).
+struct DapBlockState {
+  Recompute policy = Recompute::kNone;
+  // kNone and kModule, per layer: the copies of saved_inputs, in the layouts the layer ran in
+  // (dap_block_layouts). A read stream that is not copied (the OPM's m, the single attention's z)
+  // is rebuilt in the backward from the block output.
+  std::vector<Tensor> in_updated, in_read;
+  // kNone: the layers' saved states.
+  std::vector<LayerState> layers;
+  // kBlock: the block input in the block-boundary layouts (m: dap_boundary_m, z: rows).
+  Tensor m0, z0;
+  // Per layer: its partition (empty: pure DAP).
+  std::vector<Split> splits;
+};
+// The sharded block forward over the block table: mr (layout dap_boundary_m(t)) and zr [r_loc,
+// r_pad, c_z] by rows in, the same layouts out; each layer in its layouts (dap_block_layouts),
+// its inputs copied as saved_inputs says. splits: per layer, or empty (pure DAP).
+void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
+                       const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
+                       const std::vector<Split>& splits, DapBlockState* st);
+// The sharded block backward: dmr, dzr (block-boundary layouts) hold dL/d block output on entry
+// and dL/d block input on exit; m_out, z_out: the block's output (the next block's kept input, or
+// the stack output), from which a read input that was not copied is rebuilt (z_out may be
+// undefined when no layer reads the block's output z: reads_block_output). Before each layer
+// (last first) the gradients are brought to the layouts it ran in, each all-to-all the adjoint of
+// the forward's; each layer's inputs are freed after its backward.
+void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapShards& sh,
+                        const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
+                        const Tensor& z_out, Tensor& dmr, Tensor& dzr);
+
+// Padded [rows_p, cols_p, c] copy of x [rows, cols, c] on the root (x undefined elsewhere),
+// scattered by rows: this rank's [rows_p / n, cols_p, c].
+Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
+                    const dist::Communicator& comm);
+// Row shards [rows_p / n, cols_p, c] gathered to the root and cropped to [rows, cols, c]
+// (undefined elsewhere).
+Tensor gather_rows(const Tensor& mine, int64_t rows, int64_t cols, const dist::Communicator& comm);
 
 // Sums every parameter gradient of g over comm (in place).
 void dap_all_reduce_grads(const dist::Communicator& comm, BlockWeights* g);

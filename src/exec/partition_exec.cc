@@ -362,14 +362,14 @@ DapLayerLayout partition_layer_layout(const LayerDesc& ly, Split s, Shard m_how,
 std::vector<std::pair<Shard, Shard>> partition_block_layouts(const BlockTable& t,
                                                              const std::vector<Split>& splits) {
   const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
-  Shard m = Shard::kMsaBySeq, z = Shard::kPairRows;
+  Shard m = dap_boundary_m(t), z = Shard::kPairRows;
   std::vector<std::pair<Shard, Shard>> out;
   for (int i = 0; i < t.count; ++i) {
     const DapLayerLayout want = partition_layer_layout(t.layers[i], splits[i], m, z);
     m = want.m.value_or(m);
     z = want.z.value_or(z);
     out.emplace_back(m, z);
-    if (i == last_m) m = Shard::kMsaBySeq;
+    if (i == last_m) m = dap_boundary_m(t);
     if (i == last_z) z = Shard::kPairRows;
   }
   return out;

@@ -8,6 +8,7 @@
 
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "model/af3_access.h"
 #include "model/af3_weights.h"
 #include "model/block_table.h"
 #include "model/common.h"
@@ -457,24 +458,62 @@ Status MsaModule::train_step(Tensor& z, const Tensor& emb, const Tensor& msa_fea
   ctx.table = &kMsaModuleBlock;  // Boltz's dropout
   FC_RETURN_IF_ERROR(
       train_blocks(kMsaModuleBlock, w, g, alloc, ctx, opts, m, z, dm_out, grad_out_z, out));
+  out->grad_params.clear();
+  Af3Access::msa_module_embed_backward(*this, emb, msa_feat, out->grad_m, grad_emb, out);
+  append_grads(grads, out);
+  return Status::OK();
+}
+
+// ---- Af3Access (src/model/af3_access.h) ------------------------------------------------------
+
+const EvoformerConfig& Af3Access::trunk(const PairformerStack& st) { return st.impl_->trunk; }
+const EvoformerConfig& Af3Access::trunk(const MsaModule& st) { return st.impl_->trunk; }
+
+std::vector<const void*> Af3Access::blocks(const PairformerStack& st) {
+  std::vector<const void*> out;
+  for (const auto& b : st.impl_->blocks) out.push_back(b.get());
+  return out;
+}
+
+std::vector<const void*> Af3Access::blocks(const MsaModule& st) {
+  std::vector<const void*> out;
+  for (const auto& b : st.impl_->blocks) out.push_back(b.get());
+  return out;
+}
+
+Status Af3Access::pairformer_inputs(const PairformerStack& st, const Tensor& s, const Tensor& z,
+                                    const Tensor& mask, StackInputs* in) {
+  return fc::pairformer_inputs(st.impl_->trunk, s, z, mask, in);
+}
+
+Status Af3Access::msa_module_inputs(const MsaModule& st, const Tensor& z, const Tensor& emb,
+                                    const Tensor& msa_feat, const Tensor& msa_mask,
+                                    const Tensor& token_mask, Tensor* m, StackInputs* in) {
+  const MsaModule::Impl& im = *st.impl_;
+  return fc::msa_module_inputs(im.cfg, im.trunk, im.s_proj, im.msa_proj, z, emb, msa_feat, msa_mask,
+                               token_mask, m, in);
+}
+
+void Af3Access::msa_module_embed_backward(const MsaModule& st, const Tensor& emb,
+                                          const Tensor& msa_feat, const Tensor& grad_m,
+                                          Tensor* grad_emb, TrainResult* out) {
   // Backward of the embedding m[s, i] = msa_proj(msa_feat[s, i]) + s_proj(emb[i]).
-  const int64_t N = in.s, n = in.r, cm = cfg.c_m;
+  const MsaModule::Impl& im = *st.impl_;
+  const Af3Config& a = im.cfg;
+  const int64_t N = msa_feat.dim(0), n = msa_feat.dim(1), cm = im.trunk.c_m;
   Tensor g_msa = Tensor::zeros({cm, a.msa_feat}), g_s = Tensor::zeros({cm, a.c_s});
   kern::linear_backward(msa_feat.f32(), a.msa_feat, N * n, a.msa_feat, im.msa_proj.f32(), cm,
-                        out->grad_m.f32(), cm, nullptr, a.msa_feat, g_msa.f32(), nullptr);
+                        grad_m.f32(), cm, nullptr, a.msa_feat, g_msa.f32(), nullptr);
   {
     Tensor de = Tensor::zeros({n, cm});  // dL/d s_proj(emb): the sum over the MSA rows
     for (int64_t r = 0; r < N; ++r)
-      kern::add_inplace(de.f32(), cm, out->grad_m.f32() + r * n * cm, cm, n, cm);
+      kern::add_inplace(de.f32(), cm, grad_m.f32() + r * n * cm, cm, n, cm);
     *grad_emb = Tensor::empty({n, a.c_s});
     kern::linear_backward(emb.f32(), a.c_s, n, a.c_s, im.s_proj.f32(), cm, de.f32(), cm,
                           grad_emb->f32(), a.c_s, g_s.f32(), nullptr);
   }
-  out->grad_params.clear();
   out->grad_params.emplace_back("s_proj.weight", g_s);
   out->grad_params.emplace_back("msa_proj.weight", g_msa);
-  append_grads(grads, out);
-  return Status::OK();
 }
 
 Status msa_features(const Tensor& msa, const Tensor& has_deletion, const Tensor& deletion_value,

@@ -90,9 +90,9 @@ constexpr LayerDesc kPairformerLayers[] = {
     {"transition_z", K::kSwiGluTransition, S::kZ, S::kNone, false, R::kNone, D::kNone,
      A::kPairPositions, FC_PARAMS(PairformerBlockWeights, transition_z)},
     {"attention", K::kMsaRowAttention, S::kM, S::kZ, false, R::kNone, D::kNone, A::kMsaRows,
-     FC_PARAMS(PairformerBlockWeights, attention)},
+     FC_PARAMS(PairformerBlockWeights, attention), true},
     {"transition_s", K::kSwiGluTransition, S::kM, S::kNone, false, R::kNone, D::kNone,
-     A::kMsaPositions, FC_PARAMS(PairformerBlockWeights, transition_s)},
+     A::kMsaPositions, FC_PARAMS(PairformerBlockWeights, transition_s), true},
 };
 // The Boltz-2 MSA-module block (differs from AF3 Algorithm 8, which runs the OPM first).
 constexpr LayerDesc kMsaModuleLayers[] = {

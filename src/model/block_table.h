@@ -66,6 +66,9 @@ struct LayerDesc {
   // The layer's parameters inside the block's weight struct (the struct of the table's block
   // type; the kind says the parameter type: see layer_params).
   const void* (*params)(const void* block);
+  // The stream it updates is a single representation (AF3's s [n, c_s], the m stream of a one-row
+  // MSA): DAP shards it by tokens, and its attention runs with the shard's tokens as the queries.
+  bool single = false;
 };
 
 struct BlockTable {

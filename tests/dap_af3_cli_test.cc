@@ -1,0 +1,174 @@
+// `mpirun -np N foldcube run --stack pairformer|msa_module --dap N`: the AF3 trunk with the single
+// stream sharded by tokens, m by sequences / residues and z by rows gives Boltz's golden outputs
+// and gradients (README tolerances) and the one-process ones (1e-5), under every recompute policy
+// and chunking, on 2 ranks and (Pairformer) 4 oversubscribed ranks.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "foldcube/io.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+struct Af3DapCase {
+  std::string file;    // tests/data
+  int np;              // ranks
+  std::string policy;  // "" = forward; none | module | block = training step
+  int64_t chunk;       // 0 = automatic
+};
+std::string CaseName(const Af3DapCase& c) {
+  return c.file.substr(0, c.file.find('.')) + "_np" + std::to_string(c.np) + "_" +
+         (c.policy.empty() ? "forward" : c.policy) + "_chunk" + std::to_string(c.chunk);
+}
+void PrintTo(const Af3DapCase& c, std::ostream* os) { *os << CaseName(c); }
+
+// Runs the case on np ranks (0: one process) and reads its output file.
+TensorFile run_case(const Af3DapCase& c, int np) {
+  const std::string g = test::golden_path(c.file);
+  const std::string out = test::temp_file(CaseName(c) + "_" + std::to_string(np) + ".st");
+  std::string args = "run --weights " + g + " --inputs " + g + " --out " + out +
+                     " --threads 1 --quiet --chunk " + std::to_string(c.chunk);
+  if (!c.policy.empty()) args += " --grad-outputs " + g + " --policy " + c.policy;
+  const std::string report = out + ".json";
+  if (np > 0) args += " --dap " + std::to_string(np) + " --report " + report;
+  const test::Result r = test::run_mpi_cli(np, args);
+  EXPECT_EQ(r.code, 0) << r.out;
+  if (r.code == 0 && np > 0 && c.policy.empty()) {  // the forward sent what the table says
+    std::ifstream in(report);
+    const nlohmann::json j = nlohmann::json::parse(in);
+    const int64_t model = j["blocks"].get<int64_t>() * j["block_sent_bytes_model"].get<int64_t>();
+    EXPECT_GT(model, 0);
+    for (const auto& sent : j["rank_sent_bytes"]) EXPECT_EQ(sent.get<int64_t>(), model);
+  }
+  TensorFile f;
+  if (r.code == 0) {
+    EXPECT_TRUE(read_safetensors(out, &f).ok()) << out;
+  }
+  return f;
+}
+
+// The limit against one process: 1e-5, except for the gradients that are mathematically zero
+// (README: a per-row constant added to softmax logits), which hold summation noise of the
+// magnitude of the golden limit.
+double one_process_limit(const std::string& name) {
+  for (const char* zero : {"attention.proj_z.0.bias", "pair_weighted_averaging.norm_z.bias"})
+    if (name.size() >= std::strlen(zero) &&
+        name.compare(name.size() - std::strlen(zero), std::string::npos, zero) == 0)
+      return 2e-4;
+  return 1e-5;
+}
+
+// The golden file's tensor `name` (F32).
+Tensor golden(const TensorFile& f, const std::string& name) {
+  Tensor t;
+  EXPECT_TRUE(f.get_f32(name, {}, &t).ok()) << name;
+  return t;
+}
+
+class DapAf3Cli : public ::testing::TestWithParam<Af3DapCase> {};
+
+TEST_P(DapAf3Cli, GoldenAndOneProcess) {
+  const Af3DapCase& c = GetParam();
+  const std::string path = test::golden_path(c.file);
+  if (path.empty()) GTEST_SKIP() << c.file << " not present (shared/golden)";
+  TensorFile ref;
+  ASSERT_TRUE(read_safetensors(path, &ref).ok());
+  const TensorFile one = run_case(c, 0), dap = run_case(c, c.np);
+  ASSERT_FALSE(one.names.empty());
+  ASSERT_FALSE(dap.names.empty());
+  const bool pf = c.file.rfind("pairformer", 0) == 0;
+  // Outputs at the unpadded positions (README "Masks").
+  std::map<std::string, Tensor> keep = {{"output.z", golden(ref, "input.pair_mask")}};
+  if (pf) keep["output.s"] = golden(ref, "input.mask");
+  for (const auto& [name, mask] : keep) {
+    ASSERT_TRUE(dap.has(name)) << name;
+    EXPECT_LT(test::masked_err(dap.tensors.at(name), ref.tensors.at(name), mask), 1e-4) << name;
+    EXPECT_LT(test::masked_err(dap.tensors.at(name), one.tensors.at(name), mask), 1e-5) << name;
+  }
+  if (c.policy.empty()) return;
+  // Every golden gradient, compared everywhere (README limit 2e-4).
+  int checked = 0;
+  for (const std::string& name : ref.names) {
+    if (name.rfind("grad.", 0) != 0) continue;
+    ASSERT_TRUE(dap.has(name)) << "no gradient produced for " << name;
+    EXPECT_LT(test::golden_err(dap.tensors.at(name), ref.tensors.at(name)), 2e-4) << name;
+    EXPECT_LT(test::golden_err(dap.tensors.at(name), one.tensors.at(name)), one_process_limit(name))
+        << name;
+    ++checked;
+  }
+  EXPECT_GT(checked, 40);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, DapAf3Cli,
+    ::testing::Values(Af3DapCase{"pairformer_tiny.safetensors", 2, "", 0},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "", 3},
+                      Af3DapCase{"pairformer_tiny.safetensors", 4, "", 0},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "none", 0},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "module", 3},
+                      Af3DapCase{"pairformer_tiny.safetensors", 2, "block", 1},
+                      Af3DapCase{"pairformer_tiny.safetensors", 4, "module", 0},
+                      Af3DapCase{"pairformer_af3dims.safetensors", 2, "", 0},
+                      Af3DapCase{"pairformer_af3dims.safetensors", 2, "module", 3},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "", 0},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "", 3},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "none", 0},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "module", 1},
+                      Af3DapCase{"msa_module_tiny.safetensors", 2, "block", 3}),
+    [](const auto& info) { return CaseName(info.param); });
+
+// Random AF3-dimension weights and inputs whose token count (and MSA rows) 3 ranks do not divide:
+// the padded tokens and sequences are masked and cropped, so every output and gradient equals
+// the one-process one.
+TEST(DapAf3CliPadding, RandomJobOnThreeRanksMatchesOneProcess) {
+  for (const std::string job : {"--stack pairformer --r 13", "--stack msa_module --r 11 --s 5"}) {
+    SCOPED_TRACE(job);
+    std::map<int, TensorFile> outs;
+    for (int np : {0, 3}) {
+      const std::string out = test::temp_file("padded_np" + std::to_string(np) + ".st");
+      const test::Result r = test::run_mpi_cli(
+          np, "run " + job + " --blocks 1 --seed 5 --policy module --threads 1 --quiet --out " +
+                  out + (np > 0 ? " --dap 3" : ""));
+      ASSERT_EQ(r.code, 0) << r.out;
+      ASSERT_TRUE(read_safetensors(out, &outs[np]).ok());
+    }
+    int compared = 0;
+    for (const std::string& name : outs[0].names) {
+      ASSERT_TRUE(outs[3].has(name)) << name;
+      EXPECT_LT(test::golden_err(outs[3].tensors.at(name), outs[0].tensors.at(name)),
+                one_process_limit(name))
+          << name;
+      ++compared;
+    }
+    EXPECT_GT(compared, 20);
+  }
+}
+
+// User errors end every rank quickly with one message: dropout (not supported under DAP yet), a
+// missing inputs file on rank 0, a rank count that is not --dap.
+TEST(DapAf3CliErrors, RefusedWithOneMessage) {
+  const std::string g = test::data_path("pairformer_tiny.safetensors");
+  const std::string base =
+      "run --weights " + g + " --threads 1 --quiet --out " + test::temp_file("refused.st");
+  struct Case {
+    int np;
+    std::string args, message;
+  };
+  for (const Case& c : {Case{2, " --inputs " + g + " --train --dap 2", "AF3 dropout under DAP"},
+                        Case{2, " --inputs /nonexistent.safetensors --dap 2", "rank 0: "},
+                        Case{2, " --inputs " + g + " --dap 3", "needs 3 MPI ranks"}}) {
+    const test::Result r = test::run_mpi_cli(c.np, base + c.args);
+    EXPECT_NE(r.code, 0) << c.args << "\n" << r.out;
+    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.args << "\n" << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace fc
