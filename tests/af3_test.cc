@@ -612,7 +612,8 @@ TEST(Af3CliErrors, StackMismatchIsAUserError) {
   const test::Result r =
       test::run_cli("run --stack msa_module --weights " + golden + " --inputs " + golden);
   EXPECT_EQ(r.code, 1) << r.out;
-  EXPECT_NE(r.out.find("holds a pairformer state dict"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("holds a Boltz pairformer state dict, not a msa_module"), std::string::npos)
+      << r.out;
 }
 #endif
 

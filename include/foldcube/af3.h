@@ -148,6 +148,11 @@ struct Af3RunReport {
 // "pairformer" / "msa_module" when the safetensors file at `path` holds a Boltz Pairformer / MSA
 // module state dict (metadata kind, else parameter names; only the header is read), else "".
 Status af3_stack_of_file(const std::string& path, std::string* kind);
+// The state dict at `path` (safetensors or .npz) and its config: `kind` "pairformer" or
+// "msa_module" must match the file's, "auto" takes either. Errors name the file. Used by the CLI
+// and the Python package.
+Status read_af3_weights(const std::string& path, const std::string& kind, TensorFile* w,
+                        Af3Config* cfg);
 Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep);
 
 // ---- Memory plan (exact for the tracked allocator; no time estimates: the cost model does not

@@ -418,14 +418,7 @@ nb::dict af3_config_dict(const fc::Af3Config& c) {
 fc::TensorFile read_af3(const std::filesystem::path& path, const std::string& kind,
                         fc::Af3Config* cfg) {
   fc::TensorFile f;
-  compute(0, [&]() -> fc::Status {
-    FC_RETURN_IF_ERROR(fc::read_weights(path.string(), &f));
-    FC_RETURN_IF_ERROR(fc::Af3Config::from_weights(f, cfg).WithContext(path.string()));
-    if (cfg->kind != kind)
-      return fc::Status::InvalidArgument(path.string() + ": holds a Boltz " + cfg->kind +
-                                         " state dict, not a " + kind);
-    return fc::Status::OK();
-  });
+  compute(0, [&] { return fc::read_af3_weights(path.string(), kind, &f, cfg); });
   return f;
 }
 

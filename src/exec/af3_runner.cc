@@ -113,12 +113,17 @@ Status af3_load_weights(const Af3RunSpec& spec, TensorFile* w, Af3Config* cfg) {
       MsaModule::random(*cfg, spec.seed).export_weights(w);
     return Status::OK();
   }
-  FC_RETURN_IF_ERROR(read_safetensors(spec.weights, w));
+  return read_af3_weights(spec.weights, spec.stack, w, cfg);
+}
+
+Status read_af3_weights(const std::string& path, const std::string& kind, TensorFile* w,
+                        Af3Config* cfg) {
+  FC_RETURN_IF_ERROR(read_weights(path, w));
   FC_RETURN_IF_ERROR(Af3Config::from_weights(*w, cfg).WithContext(
-      spec.weights + " (" + (spec.stack == "auto" ? "an AF3 stack" : spec.stack) + ")"));
-  if (spec.stack != "auto" && spec.stack != cfg->kind)
-    return Status::InvalidArgument("--stack " + spec.stack + ", but " + spec.weights + " holds a " +
-                                   cfg->kind + " state dict");
+      path + " (" + (kind == "auto" ? "an AF3 stack" : kind) + ")"));
+  if (kind != "auto" && kind != cfg->kind)
+    return Status::InvalidArgument(path + " holds a Boltz " + cfg->kind + " state dict, not a " +
+                                   kind);
   return Status::OK();
 }
 
