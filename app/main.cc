@@ -188,7 +188,7 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   plan->add_option(
           "--stack", pa.stack,
           "evoformer | extra_msa | pairformer | msa_module (extra_msa: the ExtraMSA stack, "
-          "training on one process, --config with c_m = c_e, default AF2's c_e = 64, 8 "
+          "inference or training, DAP/DP, --config with c_m = c_e, default AF2's c_e = 64, 8 "
           "heads of 8; AF3: a memory plan, --r tokens, --s MSA rows, AF3 dims or "
           "--weights' dims)")
       ->check(CLI::IsMember({"evoformer", "extra_msa", "pairformer", "msa_module"}));
