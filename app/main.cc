@@ -141,6 +141,9 @@ CLI::App* add_bench(CLI::App& app, fc::app::BenchArgs& ba) {
   bench->add_flag("--modules", ba.modules,
                   "cost model per training module (estimate vs measured forward and backward) at "
                   "one s:r (default 128:256) for each chunk target of --targets");
+  bench->add_flag("--extra-msa", ba.extra,
+                  "with --modules: the ExtraMSA block (c_e = 64, 8 heads of 8) instead of the "
+                  "Evoformer's");
   bench->add_option("--targets", ba.targets,
                     "with --modules: training chunk targets (default 1MiB,4MiB,16MiB,64MiB,1GiB)");
   bench->add_option("--memory", ba.memory, "--plan: the memory budget (default: forcing)");

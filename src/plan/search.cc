@@ -196,7 +196,10 @@ int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl);
 // for the step; every rank holds the padded masks (the shards of m and z are in the step terms).
 int64_t base_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
                    int64_t grad_struct, int64_t e, int dap, bool extra_msa) {
-  const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z, masks = 3 * (s * r + r * r);
+  // Masks: the all-ones msa and pair masks; training keeps their biases (and transposes) for the
+  // step, while the forward's are in forward_peak_bytes.
+  const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z,
+                masks = (training ? 3 : 1) * (s * r + r * r);
   if (dap > 1) {
     const int64_t rl = ceil_div(r, dap);
     return weights_bytes(cfg, grad_struct, e, extra_msa) +
