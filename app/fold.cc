@@ -23,6 +23,7 @@ struct FoldArgs {
   std::string memory_budget;
   bool bucket = false;
   std::string buckets;
+  std::string dtype = "fp32";
 };
 
 // A one-line progress bar with the stage and an ETA on a terminal; plain log lines otherwise.
@@ -93,6 +94,10 @@ std::function<int()> add_fold_command(CLI::App& app) {
   cmd->add_option("--seed", a->opts.seed, "seed of the feature pipeline's random transforms");
   cmd->add_option("--chunk", a->opts.chunk, "force items per chunk in the stacks (0 = automatic)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  cmd->add_option("--dtype", a->dtype,
+                  "GEMM inputs of the stacks: fp32 (default) | bf16 (bf16 products, f32 "
+                  "accumulation; faster, within the bf16 tolerance of docs/benchmarks.md)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
   cmd->add_option("--out", a->opts.out_dir, "output directory")->required();
   return [cmd, a]() -> int {
     if (!*cmd) return -1;
@@ -104,6 +109,7 @@ std::function<int()> add_fold_command(CLI::App& app) {
     } else if (a->bucket) {
       a->opts.buckets = default_buckets();
     }
+    a->opts.dtype = a->dtype == "bf16" ? DType::BF16 : DType::F32;
     set_num_threads(a->threads);
     for (const std::string& m : split(a->models, ',')) {
       char* end = nullptr;

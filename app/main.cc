@@ -72,7 +72,7 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
                 "inference: run the unfused LayerNorm/Linear/transition reference path");
   run->add_option("--dtype", ra.dtype,
                   "inference GEMM inputs: fp32 (default) | bf16 (bf16 inputs, f32 accumulation "
-                  "and storage; one process, no --memory-budget)")
+                  "and storage; one process, stacks and --model af2)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   run->add_option("--model", ra.model,
                   "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
@@ -212,8 +212,8 @@ void use_passive_openmp_wait(char** argv) {
   ::execv("/proc/self/exe", argv);
 }
 
-// Runs the command on run_shielded's helper thread (signals never land inside a kernel) while
-// the main thread takes Ctrl-C: the first stops the command at its next module, block or stage
+// Runs the command through run_shielded (its threads block signals; an idle watcher thread takes
+// Ctrl-C): the first stops the command at its next module, block or stage
 // boundary and exits with 130, no output of an unfinished job written (outputs are written to a
 // temporary file and renamed); a second ends the process at once.
 int run_interruptible(const std::function<int()>& command) {

@@ -310,10 +310,8 @@ Status plan_request(const PlanArgs& a, PlanRequest* req) {
   req->s = a.s;
   req->r = a.r;
   req->training = a.train;
-  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.profile, a.calibrate, &req->profile));
+  FC_RETURN_IF_ERROR(load_plan_profile(a.profile, a.calibrate, a.devices, &req->profile));
   req->devices = a.devices;
-  // This machine's calibrated profile has no link rate: ranks on this node (profile_for_ranks).
-  if (req->profile.calibrated && a.devices > 1) profile_for_ranks(a.devices, &req->profile);
   if (!a.memory.empty()) FC_RETURN_IF_ERROR(parse_bytes(a.memory, &req->memory_bytes));
   if (!a.dtype.empty()) {
     DType t;

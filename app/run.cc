@@ -446,11 +446,10 @@ int dap_command(const RunArgs& a) {
 }  // namespace
 
 int run_command(const RunArgs& a) {
-  if (a.dtype != "fp32" &&
-      (a.model == "af2" || !a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))
+  if (a.dtype != "fp32" && (!a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))
     return fail(Status::InvalidArgument(
-        "--dtype bf16 runs the one-process Evoformer/ExtraMSA forward only (no --model, --plan, "
-        "--dap)"));
+        "--dtype bf16 runs one-process inference only (the Evoformer/ExtraMSA forward or "
+        "--model af2; no --plan, --dap)"));
   if (a.model == "af2") return run_af2(a);
   if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;
@@ -478,9 +477,9 @@ int run_command(const RunArgs& a) {
 // Hash of every flag of `run`: ranks of one job must agree on all of them.
 uint64_t run_args_hash(const RunArgs& a) {
   std::string k;
-  for (const std::string* f :
-       {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.chunk_target, &a.grad_outputs,
-        &a.policy, &a.stack, &a.memory_budget, &a.plan, &a.plan_profile})
+  for (const std::string* f : {&a.weights, &a.inputs, &a.config, &a.out, &a.report, &a.chunk_target,
+                               &a.grad_outputs, &a.policy, &a.stack, &a.memory_budget, &a.plan,
+                               &a.plan_profile, &a.model, &a.features, &a.dtype})
     k += *f + '\x1f';
   for (int64_t v :
        {a.s, a.r, a.blocks, static_cast<int64_t>(a.seed), static_cast<int64_t>(a.threads), a.chunk,
@@ -488,8 +487,9 @@ uint64_t run_args_hash(const RunArgs& a) {
         static_cast<int64_t>(a.quiet), static_cast<int64_t>(a.profile),
         static_cast<int64_t>(a.backward), static_cast<int64_t>(a.train),
         static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp), static_cast<int64_t>(a.unfused),
-        static_cast<int64_t>(a.dtype == "bf16")})
+        static_cast<int64_t>(a.recycles), a.extra, a.templates})
     k += std::to_string(v) + '\x1f';
+  k += std::to_string(a.recycle_tolerance);
   uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bit
   for (unsigned char c : k) h = (h ^ c) * 1099511628211ull;
   return h;

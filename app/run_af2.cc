@@ -122,6 +122,10 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     return Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
                                    std::to_string(a.dap) + " MPI ranks, the job has " +
                                    std::to_string(world.size()));
+  if (!world.all_equal(run_args_hash(a)))
+    return Status::InvalidArgument(
+        "the ranks were started with different command lines; every rank of a --dap job needs "
+        "the same flags");
   AlphaFold model;
   FeatureDict feats;
   Status st = load_model(a, &model);
@@ -263,6 +267,7 @@ int run_af2(const RunArgs& a) {
   opts.chunk = a.chunk;
   opts.chunk_target_bytes = chunk_target;
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
+  opts.dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
   // --memory-budget: the stacks' chunking and the pair blocks from the whole-model memory model,
   // refused before any work when no chunking fits.
   AlphaFoldPlan plan;
@@ -278,7 +283,7 @@ int run_af2(const RunArgs& a) {
       return fail(st.WithContext(a.features));
     if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
     if (Status st = plan_alphafold(model.config(), dims, mem_stats().live_bytes, budget,
-                                   num_threads(), &plan);
+                                   num_threads(), &plan, opts.dtype);
         !st.ok())
       return fail(st);
     opts.chunk_target_bytes = plan.chunk_target_bytes;

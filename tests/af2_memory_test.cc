@@ -38,6 +38,7 @@ struct MemCase {
   int64_t chunk;
   int64_t pair_block_bytes = 0;
   int64_t pad_to = 0;  // size bucket
+  DType dtype = DType::F32;
 };
 
 class Af2Memory : public ::testing::TestWithParam<MemCase> {};
@@ -55,6 +56,7 @@ TEST_P(Af2Memory, EveryStageEqualsTheAllocator) {
   opts.chunk = p.chunk;
   opts.pair_block_bytes = p.pair_block_bytes;
   opts.pad_to = p.pad_to;
+  opts.dtype = p.dtype;
   if (p.pad_to > p.r) {
     dims.r_features = dims.r;
     dims.r = p.pad_to;
@@ -90,13 +92,15 @@ TEST_P(Af2Memory, EveryStageEqualsTheAllocator) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, Af2Memory,
-    ::testing::Values(MemCase{"r24_templates_one_pass", 24, 6, 10, 2, 1, true, 0},
-                      MemCase{"r24_templates_three_passes", 24, 6, 10, 2, 3, true, 0},
-                      MemCase{"r40_no_templates_two_passes", 40, 5, 12, 0, 2, false, 0},
-                      MemCase{"r40_templates_chunk3", 40, 5, 12, 3, 2, true, 3},
-                      MemCase{"r70_pair_rows_in_blocks_of_3", 70, 4, 16, 1, 2, true, 0,
-                              3 * 70 * 16 * 4},
-                      MemCase{"r30_padded_to_bucket_48", 30, 5, 12, 2, 2, true, 0, 0, 48}),
+    ::testing::Values(
+        MemCase{"r24_templates_one_pass", 24, 6, 10, 2, 1, true, 0},
+        MemCase{"r24_templates_three_passes", 24, 6, 10, 2, 3, true, 0},
+        MemCase{"r40_no_templates_two_passes", 40, 5, 12, 0, 2, false, 0},
+        MemCase{"r40_templates_chunk3", 40, 5, 12, 3, 2, true, 3},
+        MemCase{"r70_pair_rows_in_blocks_of_3", 70, 4, 16, 1, 2, true, 0, 3 * 70 * 16 * 4},
+        MemCase{"r30_padded_to_bucket_48", 30, 5, 12, 2, 2, true, 0, 0, 48},
+        MemCase{"r40_templates_bf16", 40, 5, 12, 2, 2, true, 0, 0, 0, DType::BF16},
+        MemCase{"r40_templates_chunk3_bf16", 40, 5, 12, 3, 1, true, 3, 0, 0, DType::BF16}),
     [](const ::testing::TestParamInfo<MemCase>& i) { return i.param.name; });
 
 // A budget between the finest and the default chunking's peak: the plan fits it, the measured

@@ -126,6 +126,20 @@ TEST(DapAf2Cli, RandomJobWithPaddingOnThreeRanksMatchesOneProcess) {
   EXPECT_LT(run_and_compare(3, args, one, &name), 1e-4) << name;
 }
 
+// Ranks started with different flags (here the recycling count) stop before any work, with one
+// message, instead of running different models.
+TEST(DapAf2Cli, MismatchedCommandLinesAreDetected) {
+  const std::string args = "run --model af2 --r 8 --s 3 --extra 4 --templates 1 --blocks 1 --quiet";
+  const std::string limit = std::to_string(static_cast<int>(120 * test::kTimeScale));
+  const test::Result r = test::run_cli_env(
+      "timeout " + limit + " " + std::string(FOLDCUBE_MPIEXEC) + " --oversubscribe -np 1",
+      args + " --recycles 0 --dap 2 : -np 1 " + std::string(FOLDCUBE_CLI_PATH) + " " + args +
+          " --recycles 1 --dap 2");
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+  EXPECT_NE(r.out.find("different command lines"), std::string::npos) << r.out;
+}
+
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below
 // the one-rank peak by at least half the one-rank shards of m and z (they halve; the work buffers
 // follow the shard sizes); each rank's shards are half of m and z; writing the outputs (one

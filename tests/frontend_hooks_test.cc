@@ -2,8 +2,10 @@
 // (foldcube/runtime.h), tensors over external memory (Tensor::wrap) and the AlphaFold file
 // loaders (foldcube/alphafold.h).
 #include <gtest/gtest.h>
+#include <omp.h>
 #include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -107,27 +109,79 @@ TEST(Cancel, SecondSigintInTheScopeRunsThePreviousHandler) {
   }
 }
 
-TEST(Cancel, RunShieldedRunsOnAHelperThreadThatBlocksSignals) {
+// Signals blocked while fn runs, on the caller and on every thread of its kernel team, and the
+// caller's mask restored afterwards.
+TEST(Cancel, RunShieldedBlocksSignalsOnTheCallerAndItsTeam) {
+  auto blocks = [] {
+    sigset_t mask;
+    pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+    return sigismember(&mask, SIGINT) == 1 && sigismember(&mask, SIGTERM) == 1 &&
+           sigismember(&mask, SIGSEGV) == 0;
+  };
   const int threads = num_threads();
-  std::thread::id ran[2];
-  for (std::thread::id& id : ran) {
-    bool sigint_blocked = false;
-    int seen_threads = 0;
+  ASSERT_FALSE(blocks());
+  std::thread::id ran;
+  bool caller_blocks = false;
+  std::atomic<int> team_blocks{0};
+  int team = 0;
+  const Status st = run_shielded([&] {
+    ran = std::this_thread::get_id();
+    caller_blocks = blocks();
+#pragma omp parallel num_threads(threads)
+    {
+      if (blocks()) team_blocks.fetch_add(1);
+#pragma omp single
+      team = omp_get_num_threads();
+    }
+    return Status::InvalidArgument("from fn");
+  });
+  EXPECT_EQ(st.message(), "from fn");
+  EXPECT_EQ(ran, std::this_thread::get_id());
+  EXPECT_TRUE(caller_blocks);
+  EXPECT_EQ(team_blocks.load(), team);
+  EXPECT_FALSE(blocks());
+}
+
+// A team started by an unmasked region of the caller before the first shielded call is masked
+// by that call.
+TEST(Cancel, RunShieldedMasksATeamStartedBeforeIt) {
+  std::thread t([] {
+    std::atomic<int> started{0};
+#pragma omp parallel num_threads(2)
+    started.fetch_add(1);  // starts the team's second thread, signals unblocked
+    ASSERT_EQ(started.load(), 2);
+    std::atomic<int> team_blocks{0};
+    // (no pragma inside a macro argument: GCC then applies it to the whole statement)
     const Status st = run_shielded([&] {
-      id = std::this_thread::get_id();
-      sigset_t mask;
-      pthread_sigmask(SIG_BLOCK, nullptr, &mask);
-      sigint_blocked = sigismember(&mask, SIGINT) == 1 && sigismember(&mask, SIGTERM) == 1 &&
-                       sigismember(&mask, SIGSEGV) == 0;
-      seen_threads = num_threads();
-      return Status::InvalidArgument("from the helper");
+#pragma omp parallel num_threads(2)
+      {
+        sigset_t mask;  // [per thread]
+        pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+        if (sigismember(&mask, SIGINT) == 1) team_blocks.fetch_add(1);
+      }
+      return Status::OK();
     });
-    EXPECT_EQ(st.message(), "from the helper");
-    EXPECT_NE(id, std::this_thread::get_id());
-    EXPECT_TRUE(sigint_blocked);
-    EXPECT_EQ(seen_threads, threads);
-  }
-  EXPECT_EQ(ran[0], ran[1]);  // one helper per calling thread, reused
+    EXPECT_TRUE(st.ok());
+    EXPECT_EQ(team_blocks.load(), 2);
+  });
+  t.join();
+}
+
+// SIGTERM during a shielded call ends the process at once (mpirun and job schedulers stop ranks
+// with it), though the calling thread blocks it: fn would otherwise exit with code 3.
+TEST(Cancel, SigtermDuringRunShieldedEndsTheProcess) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_EXIT(
+      {
+        const Status st = run_shielded([] {
+          kill(getpid(), SIGTERM);
+          std::this_thread::sleep_for(std::chrono::seconds(5));
+          _exit(3);
+          return Status::OK();
+        });
+        (void)st;
+      },
+      testing::KilledBySignal(SIGTERM), "");
 }
 
 // Ctrl-C during shielded forwards: each stops with Cancelled between modules, and the heap stays
@@ -141,7 +195,6 @@ TEST(Cancel, SigintDuringShieldedForwardsCancelsWithoutCorruption) {
   Tensor m0, z0;
   ASSERT_TRUE(random_tensor({16, 48, cfg.c_m}, 1, "m", &m0).ok());
   ASSERT_TRUE(random_tensor({48, 48, cfg.c_z}, 2, "z", &z0).ok());
-  const pthread_t caller = pthread_self();
   int cancelled = 0;
   for (int it = 0; it < 12; ++it) {
     Tensor m = m0.clone(), z = z0.clone();
@@ -149,7 +202,7 @@ TEST(Cancel, SigintDuringShieldedForwardsCancelsWithoutCorruption) {
     std::atomic<bool> done{false};
     std::thread timer([&] {
       std::this_thread::sleep_for(std::chrono::milliseconds(2 + 3 * (it % 5)));
-      if (!done) pthread_kill(caller, SIGINT);
+      if (!done) kill(getpid(), SIGINT);  // process-directed, as the terminal's
     });
     const Status st =
         run_shielded([&] { return stack.forward(m, z, Tensor(), Tensor(), nullptr); });

@@ -386,7 +386,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, GoldenBf16, ::testing::Values("evo_tiny", "evo_a
 // combinations the library does not run are user errors.
 TEST(FusedCli, DtypeAndUnfusedFlags) {
   const std::string report = test::temp_file("fused_cli_report.json");
-  for (const std::string& flags : {std::string("--dtype bf16"), std::string("--unfused")}) {
+  for (const std::string& flags : {std::string("--dtype bf16"), std::string("--unfused"),
+                                   std::string("--dtype bf16 --memory-budget 1GiB")}) {
     const test::Result r =
         test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + flags + " --report " + report);
     ASSERT_EQ(r.code, 0) << r.out;
@@ -398,7 +399,7 @@ TEST(FusedCli, DtypeAndUnfusedFlags) {
   }
   for (const std::string& bad :
        {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --backward"),
-        std::string("--dtype bf16 --memory-budget 1GiB")}) {
+        std::string("--dtype bf16 --dap 1")}) {
     const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
     EXPECT_NE(r.code, 0) << bad;
     EXPECT_NE(r.out.find("error"), std::string::npos) << bad << ": " << r.out;

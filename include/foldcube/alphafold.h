@@ -80,6 +80,10 @@ struct AlphaFoldOptions {
   // Early stop: after a pass whose CA distance matrix changed by less than this (root mean square,
   // Angstrom) from the previous pass, the heads run and no further pass does; 0 = off.
   double recycle_tolerance = 0;
+  // GEMM inputs of the template pair, Extra-MSA and Evoformer stacks: F32, or BF16 (bf16 products
+  // with f32 accumulation, as ForwardOptions::dtype; the streams, LayerNorm, softmax, embedders,
+  // structure module and heads stay f32).
+  DType dtype = DType::F32;
   // Called with intermediate values: pass, golden stage name (e.g. "input_embedder.m",
   // "template.pair_stack"), index (the template for per-template stages, the layer for sm.*
   // stages, else -1) and the value.
@@ -139,7 +143,8 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
 // Chunking of the three stacks (template pair, extra-MSA, Evoformer) for a forward whose tracked
 // peak, base_bytes (weights and features already live) plus the forward's own, stays within
 // budget_bytes: the default chunking if it fits, else the coarsest that does. A budget that no
-// chunking fits is refused with the smallest feasible budget and the stage that sets it.
+// chunking fits is refused with the smallest feasible budget and the stage that sets it. `dtype`
+// is the AlphaFoldOptions::dtype the forward will run with.
 struct AlphaFoldPlan {
   int64_t chunk_target_bytes = 0;  // pass as AlphaFoldOptions::chunk_target_bytes
   int64_t pair_block_bytes = 0;    // pass as AlphaFoldOptions::pair_block_bytes
@@ -147,7 +152,8 @@ struct AlphaFoldPlan {
   std::string peak_stage;  // the stage at the predicted peak
 };
 Status plan_alphafold(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims, int64_t base_bytes,
-                      int64_t budget_bytes, int threads, AlphaFoldPlan* out);
+                      int64_t budget_bytes, int threads, AlphaFoldPlan* out,
+                      DType dtype = DType::F32);
 
 class AlphaFold {
  public:

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "foldcube/status.h"
+#include "foldcube/tensor.h"
 
 namespace fc {
 
@@ -33,6 +34,7 @@ struct FoldOptions {
   // Size buckets: when non-empty, each job's residues are padded (masked) up to the smallest
   // bucket that holds them (AlphaFoldOptions::pad_to) and the outputs cropped back.
   std::vector<int64_t> buckets;
+  DType dtype = DType::F32;  // AlphaFoldOptions::dtype of every model run (F32 or BF16)
   // Progress lines: stage ("features", "model_1", "outputs"), job name, fraction done (0..1) of
   // the whole run, and a message.
   std::function<void(const std::string& stage, const std::string& job, double done,

@@ -140,6 +140,11 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
 // The link model for ranks on this node when the profile has none: link_gbps = mem_gbps / 2,
 // 5 us per collective call (docs/planner.md); devices = max(devices, ranks).
 void profile_for_ranks(int ranks, DeviceProfile* dev);
+// The profile a plan for `devices` devices is made with (both front ends): `path` through
+// load_or_calibrate_profile, and for this machine's calibrated profile, which has no link rate,
+// profile_for_ranks(devices) when devices > 1.
+Status load_plan_profile(const std::string& path, bool recalibrate, int devices,
+                         DeviceProfile* out);
 // The fastest plan that uses all `ranks` ranks: inference runs DAP over all of them; training
 // tries every split dap x dp = ranks (ties: more DAP). req.dap / req.dp are overwritten.
 Status make_plan_for_ranks(PlanRequest req, int ranks, Plan* out);

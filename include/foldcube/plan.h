@@ -63,8 +63,10 @@ struct InferencePlan {
 // live, plus the forward's own peak) fits in budget_bytes, else the coarsest finer chunking that
 // fits. A user error naming the smallest feasible budget when even the finest chunking does not
 // fit, or naming the bad argument (cfg, s, r >= 1, base_bytes >= 0, threads >= 1).
+// dtype: ForwardOptions::dtype of the forward (F32 or BF16).
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
-                      int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out);
+                      int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out,
+                      DType dtype = DType::F32);
 
 // The chunk loops of each module of EvoformerStack::forward (or ExtraMsaStack::forward when
 // extra_msa) at (s, r) with q's chunking: module name as in the golden traces, the loop's axis,

@@ -44,14 +44,16 @@ class SigintCancelScope {
   bool installed_ = false;  // the previous action is kept by the library (one open scope)
 };
 
-// Runs fn on a helper thread that blocks asynchronous signals (its OpenMP threads inherit the
-// mask) while the calling thread waits, and returns fn's status. No signal handler then ever runs
-// on a thread inside a kernel: oneDNN's JIT kernels use the stack pointer as a data register, so
-// a signal frame pushed there overwrites the heap (seen: Ctrl-C during a training step, then
-// "corrupted size vs. prev_size"). The calling thread receives the signals instead, e.g. Ctrl-C
-// under a SigintCancelScope, which stops fn at its next cancel check. fn runs with the caller's
-// kernel thread count (num_threads()). One helper thread per calling thread, reused, joined when
-// the calling thread exits; calls from one thread must not nest.
+// Runs fn on the calling thread with every asynchronous signal blocked there and on its OpenMP
+// team, and returns fn's status. No signal handler then ever runs on a thread inside a kernel:
+// oneDNN's JIT kernels use the stack pointer as a data register, so a signal frame pushed there
+// overwrites the heap (seen: Ctrl-C during a training step, then "corrupted size vs. prev_size").
+// Process-directed signals (the terminal's Ctrl-C, SIGTERM) are taken meanwhile by an idle
+// watcher thread (started on first use) that blocks none: Ctrl-C under a SigintCancelScope stops
+// fn at its next cancel check, SIGTERM still ends the process; signals directed at the calling
+// thread itself wait until fn returns. A kernel
+// team's threads must be started inside run_shielded, or by the same calling thread (the mask is
+// then set on them on first use of that team size). Calls may nest.
 Status run_shielded(const std::function<Status()>& fn);
 
 }  // namespace fc

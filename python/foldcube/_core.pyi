@@ -262,11 +262,12 @@ class AlphaFold:
         recycle_tolerance: float = 0.0,
         chunk: Optional[int] = None,
         threads: Optional[int] = None,
+        dtype: str = "fp32",
     ) -> Dict[str, np.ndarray]:
         """Outputs of the last recycling pass under OpenFold's names: final_atom_positions
         [r, 37, 3], plddt [r], predicted_aligned_error [r, r], ptm_score, ... features: a features
         file or a dict (OpenFold batch names, with or without the "feature." prefix, trailing
-        recycling axis)."""
+        recycling axis). dtype "bf16": bf16 GEMM inputs in the stacks (f32 accumulation)."""
 
 def features(
     fasta: str,
@@ -295,6 +296,7 @@ def fold(
     chunk: Optional[int] = None,
     cache: Optional[str] = None,
     threads: Optional[int] = None,
+    dtype: str = "fp32",
 ) -> List[Dict[str, Any]]:
     """The folding pipeline (as `foldcube fold`): ranked PDB/mmCIF files, confidence JSON and
     plots under out/<job>/; returns per job {"name", "features_from_cache", "feature_seconds",
@@ -319,3 +321,4 @@ def read_file(path: Union[str, PathLike]) -> Tuple[Dict[str, np.ndarray], Dict[s
 
 def set_num_threads(n: int) -> None: ...
 def num_threads() -> int: ...
+def configure_allocator(*, reuse_large_blocks: bool) -> None: ...

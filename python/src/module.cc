@@ -34,8 +34,8 @@ namespace {
 
 std::thread::id g_main_thread;  // the thread that imported the module (Python's main thread)
 
-// Runs fn (returning fc::Status) with the GIL released, through fc::run_shielded (kernels on a
-// helper thread that never takes a signal) with `threads` kernel threads (0 = the calling
+// Runs fn (returning fc::Status) with the GIL released, through fc::run_shielded (on this thread,
+// with signals blocked on it and its kernel team) with `threads` kernel threads (0 = the calling
 // thread's setting). On the main thread Ctrl-C sets the library's cancel flag for the duration,
 // and an interrupted call raises KeyboardInterrupt; other errors raise as throw_status.
 template <typename F>
@@ -62,6 +62,13 @@ void compute(int threads, F&& fn) {
 int threads_arg(std::optional<int> threads) {
   if (threads && *threads < 1) throw nb::value_error("threads: must be >= 1 (None = current)");
   return threads ? *threads : 0;
+}
+
+// "fp32" | "bf16": the GEMM inputs of the stacks (AlphaFoldOptions::dtype).
+fc::DType dtype_arg(const std::string& dtype) {
+  if (dtype == "fp32") return fc::DType::F32;
+  if (dtype == "bf16") return fc::DType::BF16;
+  throw nb::value_error(("dtype: expected 'fp32' or 'bf16', got '" + dtype + "'").c_str());
 }
 
 int64_t chunk_arg(std::optional<int64_t> chunk) {
@@ -585,10 +592,11 @@ fc::FeatureDict features_arg(nb::handle obj) {
 
 nb::dict alphafold_predict(AlphaFold& self, nb::handle features, std::optional<int> recycles,
                            double recycle_tolerance, std::optional<int64_t> chunk,
-                           std::optional<int> threads) {
+                           std::optional<int> threads, const std::string& dtype) {
   const fc::FeatureDict feats = features_arg(features);
   fc::AlphaFoldOptions opts;
   opts.chunk = chunk_arg(chunk);
+  opts.dtype = dtype_arg(dtype);
   if (recycles && *recycles < 0) throw nb::value_error("recycles: must be >= 0");
   opts.passes = recycles ? *recycles + 1 : 0;
   opts.recycle_tolerance = recycle_tolerance;
@@ -623,8 +631,9 @@ nb::list fold_fn(const std::filesystem::path& fasta, const std::filesystem::path
                  const std::filesystem::path& out_dir, std::optional<std::filesystem::path> msa,
                  std::vector<int> models, int recycles, double recycle_tolerance, uint64_t seed,
                  std::optional<int64_t> chunk, std::optional<std::filesystem::path> cache,
-                 std::optional<int> threads) {
+                 std::optional<int> threads, const std::string& dtype) {
   fc::FoldOptions o;
+  o.dtype = dtype_arg(dtype);
   o.fasta = fasta.string();
   o.params = params.string();
   o.out_dir = out_dir.string();
@@ -686,9 +695,7 @@ fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle me
   fc::Plan plan;
   compute(0, [&]() -> fc::Status {
     FC_RETURN_IF_ERROR(
-        fc::load_or_calibrate_profile(profile ? profile->string() : "", false, &req.profile));
-    // This machine's calibrated profile has no link rate: ranks on this node.
-    if (req.profile.calibrated && devices > 1) fc::profile_for_ranks(devices, &req.profile);
+        fc::load_plan_profile(profile ? profile->string() : "", false, devices, &req.profile));
     return fc::make_plan(req, &plan);
   });
   return plan;
@@ -938,14 +945,16 @@ NB_MODULE(_core, mod) {
           },
           "path"_a, nb::rv_policy::take_ownership)
       .def("predict", &alphafold_predict, "features"_a, nb::kw_only(), "recycles"_a = nb::none(),
-           "recycle_tolerance"_a = 0.0, "chunk"_a = nb::none(), "threads"_a = nb::none());
+           "recycle_tolerance"_a = 0.0, "chunk"_a = nb::none(), "threads"_a = nb::none(),
+           "dtype"_a = "fp32");
 
   mod.def("features", &features_fn, "fasta"_a, "msa"_a, nb::kw_only(), "seed"_a = 0,
           "deterministic"_a = false, "decisions"_a = nb::none(), "max_msa_clusters"_a = 512,
           "max_extra_msa"_a = 5120, "recycles"_a = 3);
   mod.def("fold", &fold_fn, "fasta"_a, "params"_a, "out"_a, nb::kw_only(), "msa"_a = nb::none(),
           "models"_a = std::vector<int>(), "recycles"_a = 3, "recycle_tolerance"_a = 0.0,
-          "seed"_a = 0, "chunk"_a = nb::none(), "cache"_a = nb::none(), "threads"_a = nb::none());
+          "seed"_a = 0, "chunk"_a = nb::none(), "cache"_a = nb::none(), "threads"_a = nb::none(),
+          "dtype"_a = "fp32");
 
   nb::class_<PyMemoryScope>(mod, "MemoryScope")
       .def(nb::init<>())
@@ -989,4 +998,13 @@ NB_MODULE(_core, mod) {
   mod.def("_request_cancel", &fc::request_cancel);  // tests: cancel the running call
   mod.def("set_num_threads", &fc::set_num_threads, "n"_a);
   mod.def("num_threads", &fc::num_threads);
+  mod.def(
+      "configure_allocator",
+      [](bool reuse_large_blocks) {
+        fc::configure_allocator({.reuse_large_blocks = reuse_large_blocks});
+      },
+      nb::kw_only(), "reuse_large_blocks"_a,
+      "Process-wide allocator tuning, as the CLI does (call once, early): reuse_large_blocks=True "
+      "serves large tensors from the heap and never trims it, so repeated calls do not pay fresh "
+      "pages (faster repeated calls; RSS does not shrink after the peak). Off by default.");
 }

@@ -29,6 +29,18 @@ def test_predict_matches_golden_outputs():
     check_outputs(out, t)
 
 
+def test_predict_in_bf16_stays_near_fp32():
+    t, _ = golden("af2_model_tiny")
+    model = foldcube.AlphaFold.load(data_path("af2_model_tiny.safetensors"))
+    feats = {k: v for k, v in t.items() if k.startswith("feature.")}
+    ca32 = model.predict(feats, recycles=0)["final_atom_positions"][:, 1]
+    ca16 = model.predict(feats, recycles=0, dtype="bf16")["final_atom_positions"][:, 1]
+    rms = float(np.sqrt(((ca32 - ca16) ** 2).sum(axis=1).mean()))
+    assert 0 < rms < 0.25  # bf16 products differ, within the C++ suite's bound
+    with pytest.raises(ValueError, match="dtype"):
+        model.predict(feats, dtype="fp16")
+
+
 def test_predict_from_npz_params_and_a_features_path():
     # An .npz holds no config: counts its shapes do not fix (structure-module layers, template
     # attention heads) take AF2's values, so this model is not the golden one; it must run.

@@ -4,10 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstring>
-#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -62,94 +59,55 @@ SigintCancelScope::~SigintCancelScope() {
 bool SigintCancelScope::interrupted() const { return g_sigint.load(); }
 
 namespace {
-// The helper thread of run_shielded: takes one task at a time from its owner thread.
-class ShieldedWorker {
- public:
-  ShieldedWorker() {
-    // Every signal a handler may catch is blocked in the helper (and so in the OpenMP threads
-    // it starts); faults raised by the code itself stay deliverable.
-    sigset_t all, old;
-    sigfillset(&all);
-    for (int s : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS}) sigdelset(&all, s);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    thread_ = std::thread([this] { loop(); });
-    pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  }
-  ~ShieldedWorker() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_.store(true);
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
+// Signals a handler may catch: every one but the faults the code itself raises.
+sigset_t catchable_signals() {
+  sigset_t set;
+  sigfillset(&set);
+  for (int s : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGABRT, SIGSYS}) sigdelset(&set, s);
+  return set;
+}
 
-  // Hands fn to the helper and waits for it. Both sides first poll the atomic phase for up to
-  // kPoll, yielding the core on every poll (so a loaded machine loses nothing), before sleeping on
-  // the condition variable: a short call then skips two futex wake-ups, which cost ~30-90 us on
-  // an idle machine (docs/python.md, "Overhead").
-  Status run(const std::function<Status()>& fn, int threads) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      task_ = &fn;
-      threads_ = threads;
-      phase_.store(kTask, std::memory_order_release);
-    }
-    cv_.notify_all();
-    poll_until(kDone);
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return phase_.load(std::memory_order_acquire) == kDone; });
-    phase_.store(kIdle, std::memory_order_relaxed);
-    return std::move(result_);
-  }
+// The signal watcher: an idle thread that blocks no signal. While run_shielded blocks the
+// caller's signals, a process-directed signal (the terminal's Ctrl-C, kill's SIGTERM, mpirun
+// stopping a job) is delivered here: a handler runs on a thread that is never inside a kernel,
+// and a default action (ending the process) still happens. Started once per process (and again
+// in a forked child, which inherits only the forking thread).
+std::once_flag* g_watcher_once = new std::once_flag;
 
- private:
-  enum : int { kIdle = 0, kTask = 1, kDone = 2 };
-  static constexpr std::chrono::microseconds kPoll{200};
+void start_watcher() {
+  sigset_t none, old;
+  sigemptyset(&none);
+  pthread_sigmask(SIG_SETMASK, &none, &old);  // the new thread inherits this mask
+  std::thread([] {
+    for (;;) pause();
+  }).detach();
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  pthread_atfork(nullptr, nullptr, [] { g_watcher_once = new std::once_flag; });
+}
 
-  // Returns when phase_ is `want` (or stop_), or after kPoll; the caller then sleeps if needed.
-  void poll_until(int want) const {
-    const auto end = std::chrono::steady_clock::now() + kPoll;
-    while (phase_.load(std::memory_order_acquire) != want && !stop_.load() &&
-           std::chrono::steady_clock::now() < end)
-      std::this_thread::yield();
-  }
+// The largest OpenMP team of the calling thread whose threads are known to block signals.
+thread_local int t_masked_team = 1;
 
-  void loop() {
-    for (;;) {
-      poll_until(kTask);
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [this] { return stop_.load() || phase_.load() == kTask; });
-      if (stop_.load()) return;
-      const std::function<Status()>* fn = task_;
-      const int threads = threads_;
-      lock.unlock();
-      set_num_threads(threads);
-      Status st = (*fn)();
-      lock.lock();
-      result_ = std::move(st);
-      task_ = nullptr;
-      phase_.store(kDone, std::memory_order_release);
-      lock.unlock();
-      cv_.notify_all();
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::atomic<int> phase_{kIdle};  // kIdle -> kTask (owner) -> kDone (helper) -> kIdle (owner)
-  std::atomic<bool> stop_{false};
-  const std::function<Status()>* task_ = nullptr;  // guarded by mu_
-  int threads_ = 1;                                // guarded by mu_
-  Status result_;                                  // guarded by mu_
-  std::thread thread_;
-};
+// Blocks the catchable signals on every thread of an n-thread OpenMP team of the caller. Threads
+// the runtime starts while the caller blocks them inherit the mask; this covers pool threads
+// started earlier by an unmasked region of the same caller.
+void mask_team(const sigset_t& set, int n) {
+  if (n <= t_masked_team) return;
+#pragma omp parallel num_threads(n)
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  t_masked_team = n;
+}
 }  // namespace
 
 Status run_shielded(const std::function<Status()>& fn) {
-  thread_local std::unique_ptr<ShieldedWorker> worker;
-  if (!worker) worker = std::make_unique<ShieldedWorker>();
-  return worker->run(fn, num_threads());
+  std::call_once(*g_watcher_once, start_watcher);
+  const sigset_t set = catchable_signals();
+  sigset_t old;
+  pthread_sigmask(SIG_BLOCK, &set, &old);
+  mask_team(set, num_threads());
+  Status st = fn();
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);  // signals that arrived for this thread run now
+  return st;
 }
 
 }  // namespace fc

@@ -121,15 +121,35 @@ Status Tensor::try_empty(const Shape& shape, DType dtype, const std::string& wha
   return Status::OK();
 }
 
+namespace {
+// Zeroes `bytes` at p; large buffers on all kernel threads in 1 MiB pieces (the first touch of a
+// fresh buffer's pages dominates: ~0.4 GB of model features took a quarter of the data stage on
+// one thread).
+void zero_fill(void* p, size_t bytes) {
+  constexpr size_t kPiece = size_t{1} << 20;
+  char* c = static_cast<char*>(p);
+  if (bytes < 8 * kPiece) {
+    std::memset(c, 0, bytes);
+    return;
+  }
+  const int64_t pieces = static_cast<int64_t>((bytes + kPiece - 1) / kPiece);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < pieces; ++i) {
+    const size_t at = static_cast<size_t>(i) * kPiece;
+    std::memset(c + at, 0, std::min(kPiece, bytes - at));
+  }
+}
+}  // namespace
+
 Status Tensor::try_zeros(const Shape& shape, DType dtype, const std::string& what, Tensor* out) {
   FC_RETURN_IF_ERROR(try_empty(shape, dtype, what, out));
-  std::memset(out->buf_->data(), 0, out->nbytes());
+  zero_fill(out->buf_->data(), out->nbytes());
   return Status::OK();
 }
 
 Tensor Tensor::zeros(const Shape& shape, DType dtype) {
   Tensor t = empty(shape, dtype);
-  std::memset(t.buf_->data(), 0, t.nbytes());
+  zero_fill(t.buf_->data(), t.nbytes());
   return t;
 }
 

@@ -427,18 +427,9 @@ Status make_model_features(const RawFeatures& raw, const FeatureConfig& cfg,
   if (dec.iters != R || dec.rows != S || dec.centres != sc || dec.cols != n || dec.extra_kept != ek)
     return Status::InvalidArgument("random decisions do not match the MSA and config");
 
-  // Zero-filled by all threads: the outputs are ~0.4 GB at model_1 sizes, and filling them
-  // (page faults included) on one thread was a quarter of the stage.
-  auto zeros = [](const Shape& s, DType dt) {
-    Tensor t = Tensor::empty(s, dt);
-    char* p = t.data<char>();
-    const int64_t bytes = static_cast<int64_t>(t.nbytes()), piece = int64_t{1} << 20;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < bytes; b += piece) std::memset(p + b, 0, std::min(piece, bytes - b));
-    return t;
-  };
-  auto f32 = [&](const Shape& s) { return zeros(s, DType::F32); };
-  auto i64 = [&](const Shape& s) { return zeros(s, DType::I64); };
+  // Zero-filled (on all threads when large: Tensor::zeros).
+  auto f32 = [](const Shape& s) { return Tensor::zeros(s, DType::F32); };
+  auto i64 = [](const Shape& s) { return Tensor::zeros(s, DType::I64); };
   Tensor aatype = i64({n, R}), residue_index = i64({n, R}), seq_length = i64({R});
   Tensor seq_mask = f32({n, R}), target_feat = f32({n, 22, R});
   Tensor msa_feat = f32({sp, n, 49, R}), msa_mask = f32({sp, n, R}), msa_row_mask = f32({sp, R});

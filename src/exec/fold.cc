@@ -333,6 +333,7 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
       ao.chunk = o.chunk;
       ao.recycle_tolerance = o.recycle_tolerance;
       ao.passes = o.recycles + 1;
+      ao.dtype = o.dtype;
       ao.progress = [&](int pass, const std::string& stage) {
         if (stage == "structure_module")
           progress(model, job.name, step / steps,
@@ -354,7 +355,7 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
         }
         AlphaFoldPlan plan;
         FC_RETURN_IF_ERROR(plan_alphafold(cfg, dims, mem_stats().live_bytes, o.memory_budget_bytes,
-                                          num_threads(), &plan)
+                                          num_threads(), &plan, ao.dtype)
                                .WithContext(job.name + " " + model));
         ao.chunk_target_bytes = plan.chunk_target_bytes;
         ao.pair_block_bytes = plan.pair_block_bytes;

@@ -206,6 +206,13 @@ void profile_for_ranks(int ranks, DeviceProfile* dev) {
   }
 }
 
+Status load_plan_profile(const std::string& path, bool recalibrate, int devices,
+                         DeviceProfile* out) {
+  FC_RETURN_IF_ERROR(load_or_calibrate_profile(path, recalibrate, out));
+  if (out->calibrated && devices > 1) profile_for_ranks(devices, out);
+  return Status::OK();
+}
+
 Status make_plan_for_ranks(PlanRequest req, int ranks, Plan* out) {
   Status last;
   bool found = false;

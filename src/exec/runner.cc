@@ -183,16 +183,15 @@ Status forward_options(const Job& job, const RunOptions& o, ForwardOptions* fo,
   fo->fused = o.fused;
   fo->dtype = o.dtype;
   if (o.memory_budget <= 0) return Status::OK();
-  if (!o.fused || o.dtype != DType::F32)  // the inference plan models the fused fp32 path
-    return Status::InvalidArgument(
-        "--memory-budget plans the fused fp32 path; drop --unfused / --dtype bf16");
+  if (!o.fused)  // the inference plan models the fused path (fp32 or bf16)
+    return Status::InvalidArgument("--memory-budget plans the fused path; drop --unfused");
   if (o.chunk > 0)
     return Status::InvalidArgument("--memory-budget chooses the chunk sizes; drop --chunk");
   const int64_t s = job.m.dim(0), r = job.m.dim(1);
   const int64_t base = mem_stats().live_bytes + (o.warmup + o.repeats > 1 ? out->mz_bytes : 0);
   FC_RETURN_IF_ERROR(plan_inference(job.cfg, s, r,
                                     job.msa_mask.defined() && job.pair_mask.defined(), base,
-                                    o.memory_budget, num_threads(), &out->plan));
+                                    o.memory_budget, num_threads(), &out->plan, o.dtype));
   fo->chunk_target_bytes = out->plan.chunk_target_bytes;
   return Status::OK();
 }

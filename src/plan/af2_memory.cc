@@ -39,8 +39,9 @@ struct Replay {
 
 // Largest workspace of one block table's layers at (s, r).
 int64_t stack_workspace(const BlockTable& table, const EvoformerConfig& cfg, int64_t s, int64_t r,
-                        int64_t chunk, int64_t target, int threads) {
-  const BlockContext ctx = shape_context(cfg, s, r, chunk, target, threads);
+                        int64_t chunk, int64_t target, int threads, DType dtype) {
+  BlockContext ctx = shape_context(cfg, s, r, chunk, target, threads);
+  ctx.dtype = dtype;
   int64_t ws = 0;
   for (const LayerDesc& l : table) ws = std::max(ws, layer_workspace_bytes(l, ctx));
   return ws;
@@ -109,6 +110,8 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
                                 const AlphaFoldOptions& opts, int threads, AlphaFoldMemory* out) {
   const int64_t chunk = opts.chunk, target = opts.chunk_target_bytes;
   FC_RETURN_IF_ERROR(cfg.evoformer.validate());
+  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
+    return Status::InvalidArgument("alphafold memory: dtype must be F32 or BF16");
   if (d.r < 1 || d.S < 1 || d.E < 1 || d.T < 0 || d.passes < 1 || chunk < 0 || target < 0 ||
       opts.pair_block_bytes < 0 || threads < 1)
     return Status::InvalidArgument(
@@ -153,7 +156,8 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
       const int64_t base = (2 * rr + rr * hc + 2 * rr * H) * kF;  // mask biases, o, den, mx
       m.alloc(base);
       const int64_t act = rr * tc.c_z * kF;  // one template's pair activations
-      const int64_t ws = stack_workspace(kTemplatePairBlock, tc, 1, r, chunk, target, threads);
+      const int64_t ws =
+          stack_workspace(kTemplatePairBlock, tc, 1, r, chunk, target, threads, opts.dtype);
       m.transient(act + std::max({rr * 88 * kF, ws, blk * 3 * hc * kF}));
       m.transient(blk * cz * kF);  // a block of the output projection
       single = T * r * cm * kF;
@@ -169,14 +173,14 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
       m.begin();
       m.transient(a + E * r * 25 * kF);
       m.transient(a + 2 * (E * r + rr) * kF +
-                  stack_workspace(kExtraMsaBlock, xc, E, r, chunk, target, threads));
+                  stack_workspace(kExtraMsaBlock, xc, E, r, chunk, target, threads, opts.dtype));
       stage(k, "extra_msa_stack");
     }
     // m_all and mask_all while m and the template rows are alive, then those freed
     m.alloc((S + T) * r * (cm + 1) * kF);
     m.free(S * r * cm * kF + single);
     m.begin();
-    m.transient(forward_peak_bytes(ev, S + T, r, true, chunk, target, threads));
+    m.transient(forward_peak_bytes(ev, S + T, r, true, chunk, target, threads, opts.dtype));
     m.alloc(r * cs * kF);  // s
     stage(k, "evoformer");
     // structure module
@@ -230,12 +234,13 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
 }
 
 Status plan_alphafold(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, int64_t base_bytes,
-                      int64_t budget_bytes, int threads, AlphaFoldPlan* out) {
+                      int64_t budget_bytes, int threads, AlphaFoldPlan* out, DType dtype) {
   if (base_bytes < 0 || budget_bytes < 1)
     return Status::InvalidArgument("plan_alphafold: base bytes must be >= 0 and the budget >= 1");
   // One knob: the stacks' chunk target, which also caps the pair blocks of the other stages.
-  auto options = [](int64_t target) {
+  auto options = [dtype](int64_t target) {
     AlphaFoldOptions o;
+    o.dtype = dtype;
     o.chunk_target_bytes = target;
     o.pair_block_bytes = target > 0 && target < (int64_t{4} << 20) ? target : 0;
     return o;

@@ -21,9 +21,10 @@ std::string mib(int64_t bytes) {
 }  // namespace
 
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
-                           int64_t chunk, int64_t chunk_target_bytes, int threads) {
+                           int64_t chunk, int64_t chunk_target_bytes, int threads, DType dtype) {
   constexpr int64_t kF = sizeof(float);
-  const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
+  BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
+  ctx.dtype = dtype;
   // prepare_inputs: the mask biases and their transposes (and all-ones masks when not given).
   const int64_t masks = (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
   int64_t work = r * cfg.c_s * kF;  // output s, allocated after the blocks
@@ -43,7 +44,8 @@ int64_t extra_msa_forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int6
 }
 
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
-                      int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out) {
+                      int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out,
+                      DType dtype) {
   MemoryQuery q;
   q.cfg = cfg;
   q.s = s;
@@ -52,7 +54,7 @@ Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool mas
   FC_RETURN_IF_ERROR(q.validate());
   if (base_bytes < 0) return Status::InvalidArgument("plan_inference: base_bytes must be >= 0");
   auto peak = [&](int64_t target) {
-    return base_bytes + forward_peak_bytes(cfg, s, r, masks_given, 0, target, threads);
+    return base_bytes + forward_peak_bytes(cfg, s, r, masks_given, 0, target, threads, dtype);
   };
   int64_t hi = default_chunk_target_bytes(cfg, s, r);
   if (peak(hi) <= budget_bytes) {

@@ -40,9 +40,11 @@ int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, i
                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes);
 // Elements of one block's parameter (or parameter-gradient) struct of table t.
 int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t);
+// dtype: ForwardOptions::dtype (BF16 stores some products' inputs in bf16).
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
-                           int64_t chunk, int64_t chunk_target_bytes, int threads);
-// The same for ExtraMsaStack::forward (its block table; no output s).
+                           int64_t chunk, int64_t chunk_target_bytes, int threads,
+                           DType dtype = DType::F32);
+// The same for ExtraMsaStack::forward (its block table; no output s; fp32).
 int64_t extra_msa_forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                      bool masks_given, int64_t chunk, int64_t chunk_target_bytes,
                                      int threads);

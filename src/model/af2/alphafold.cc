@@ -421,6 +421,9 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (!it->second.defined() || it->second.ndim() != 2)
     return Status::InvalidArgument("feature 'aatype' must be [r, R]");
   const int64_t R = it->second.dim(1);
+  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
+    return Status::InvalidArgument(std::string("AlphaFold forward: unsupported dtype ") +
+                                   dtype_name(opts.dtype) + " (F32 or BF16)");
   if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
     // Size bucket: run padded, crop the outputs back to the r residues.
     const int64_t r = it->second.dim(0);
@@ -528,6 +531,7 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     ForwardOptions fo;
     fo.chunk = opts.chunk;
     fo.chunk_target_bytes = opts.chunk_target_bytes;
+    fo.dtype = opts.dtype;
     Tensor s;  // [r, c_s]
     FC_RETURN_IF_ERROR(stage(
         "evoformer", [&] { return evoformer.forward(m_all, z, mask_all, pair_mask, &s, fo); }));
@@ -779,6 +783,7 @@ Status AlphaFold::Impl::embed_templates(const PassFeatures& f, const Tensor& pai
       bias_t.f32()[j * r + i] = bias.f32()[i * r + j];
     }
   BlockContext ctx = shape_context(tc, 1, r, opts.chunk, opts.chunk_target_bytes, num_threads());
+  ctx.dtype = opts.dtype;
   ctx.pair_mask = pair_mask.f32();
   ctx.pair_bias = bias.f32();
   ctx.pair_bias_t = bias_t.f32();
@@ -902,6 +907,7 @@ Status AlphaFold::Impl::run_extra_msa(const PassFeatures& f, const Tensor& pair_
   ForwardOptions fo;
   fo.chunk = opts.chunk;
   fo.chunk_target_bytes = opts.chunk_target_bytes;
+  fo.dtype = opts.dtype;
   Tensor mask = f.extra_msa_mask;
   FC_RETURN_IF_ERROR(extra.forward(a, z, mask, pair_mask, fo));
   emit("extra_msa_stack.z", -1, z);
