@@ -41,6 +41,9 @@ struct MemCase {
   DType dtype = DType::F32;
 };
 
+// Failure messages print the case by name (gtest would print the raw struct bytes).
+void PrintTo(const MemCase& c, std::ostream* os) { *os << c.name; }
+
 class Af2Memory : public ::testing::TestWithParam<MemCase> {};
 
 TEST_P(Af2Memory, EveryStageEqualsTheAllocator) {

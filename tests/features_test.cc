@@ -25,6 +25,8 @@ struct Case {
 const Case kCases[] = {{"feat_small", 16, 32}, {"feat_deep", 8, 24}, {"feat_shallow", 16, 8}};
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) { return info.param.name; }
+// Failure messages print the case by name (gtest would print the raw struct bytes).
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 FeatureConfig config_of(const Case& c) {
   FeatureConfig cfg;

@@ -1,5 +1,5 @@
 // Training path of the transitions, the outer product mean and the triangle multiplication
-// (src/model/train_pair.cc): the training forward matches the inference forward; the backward
+// (src/layers/): the training forward matches the inference forward; the backward
 // matches float32 finite differences of L = sum(out * probe) for input elements and for elements
 // of every parameter tensor (and the check is shown to catch wrong gradients); the backward is
 // deterministic, accumulates, and does not depend on the chunk size.

@@ -1,6 +1,7 @@
-// Inference triangle multiplication over channel groups (src/model/modules.cc): the output does not
-// depend on the group size nor on whether LN_in(z) is kept whole or recomputed per group, bit for
-// bit; smaller groups lower the tracked peak, which the stated workspace matches exactly.
+// Inference triangle multiplication over channel groups (src/layers/triangle_multiplication.cc):
+// the output does not depend on the group size nor on whether LN_in(z) is kept whole or recomputed
+// per group, bit for bit; smaller groups lower the tracked peak, which the stated workspace matches
+// exactly.
 #include <gtest/gtest.h>
 
 #include <cstring>

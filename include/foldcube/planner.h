@@ -38,8 +38,8 @@ struct DeviceProfile {
   std::vector<std::array<double, 3>> gemm_by_rows;
   double gemm_half_cols = 0;  // narrow side (columns) at which a product runs at half rate
   // The training triangle multiplication's channel-group projections as the model runs them
-  // (src/model/train_pair.cc): (outputs n = 4 x group, forward GFLOP/s, backward GFLOP/s) at the
-  // block shapes it uses, n ascending; empty (user profiles): gemm rates x n / (n +
+  // (src/layers/triangle_multiplication.cc): (outputs n = 4 x group, forward GFLOP/s, backward
+  // GFLOP/s) at the block shapes it uses, n ascending; empty (user profiles): gemm rates x n / (n +
   // gemm_half_cols).
   std::vector<std::array<double, 3>> narrow_gemm;
   double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity

@@ -136,4 +136,38 @@ void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g
   st->h.clear();
 }
 
+// The SwiGLU transition (src/layers/swiglu_transition.cc): h [n, 2nc] kept per chunk.
+void swiglu_train_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
+                         int64_t nc, bool keep) {
+  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(2 * n * nc);  // h
+    S.alloc(n * c);       // x_ln
+    S.free(n * c);
+    S.alloc(n * nc);  // u
+    S.free(n * nc);
+    if (!keep) S.free(2 * n * nc);
+  }
+}
+
+void swiglu_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
+                            int64_t nc, bool kept) {
+  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(n * c + 2 * n);          // x_ln, mean, rstd
+    if (!kept) S.alloc(2 * n * nc);  // h
+    S.alloc(2 * n * nc);             // dh
+    S.alloc(2 * n * nc);             // u, du
+    S.free(2 * n * nc);
+    S.free(2 * n * nc);          // h
+    S.alloc(n * c);              // dxln
+    S.free(2 * n * nc + n * c);  // dh, x_ln
+    S.alloc(ln_scratch(n, c));
+    S.free(ln_scratch(n, c));
+    S.free(n * c + 2 * n);  // dxln, mean, rstd
+  }
+}
+
 }  // namespace fc

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "layers/layer_models.h"
 #include "model/modules.h"
 #include "model/train.h"
 #include "model/weights.h"
@@ -32,5 +33,13 @@ void swiglu_transition_train(const SwiGluTransitionW& w, const BlockContext& ctx
 void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g,
                                 const BlockContext& ctx, const float* x_in, TransitionState* st,
                                 float* dx, int64_t rows, int64_t c);
+
+// The training forward's allocations (keep: the state stays, policy none) and the backward's
+// (kept: the forward's state is live), for the memory model.
+// The SwiGLU transition (src/layers/swiglu_transition.cc): h [n, 2nc] kept per chunk.
+void swiglu_train_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
+                         int64_t nc, bool keep);
+void swiglu_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
+                            int64_t nc, bool kept);
 
 }  // namespace fc

@@ -1,11 +1,11 @@
 // AF2 training-mode dropout of layer updates. OpenFold's DropoutRowwise / DropoutColumnwise share
 // one mask along the rows or the columns of the updated stream; the block table
 // (src/model/block_table.cc) gives each layer's rate and shared axis. In the batch-major layout the
-// training functions use ([N, L, c], see train_attention.cc) every dropped update has a mask [L, c]
-// shared over N (a layer whose mask is shared over columns, tri_att_end, runs batch-major over
-// the columns, so the same [L, c] mask applies).
-// Mask entries are 0 or 1/(1-p), from a counter-based RNG keyed by (ctx.dropout_key, module,
-// element), so a recompute reproduces the forward's mask exactly.
+// training functions use ([N, L, c], see layers/gated_attention.cc) every dropped update has a mask
+// [L, c] shared over N (a layer whose mask is shared over columns, tri_att_end, runs batch-major
+// over the columns, so the same [L, c] mask applies). Mask entries are 0 or 1/(1-p), from a
+// counter-based RNG keyed by (ctx.dropout_key, module, element), so a recompute reproduces the
+// forward's mask exactly.
 #pragma once
 
 #include <cstdint>

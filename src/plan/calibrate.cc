@@ -19,7 +19,7 @@
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
-#include "plan/cost_model.h"
+#include "layers/layer_models.h"
 
 namespace fc {
 
@@ -139,8 +139,8 @@ void measure_projections(int reps, DeviceProfile* p) {
 }
 
 // narrow_gemm and gemm_half_cols: the training triangle multiplication's group projections as
-// src/model/train_pair.cc runs them, at its block shapes (q pairs x 128 inputs -> n = 4 x group
-// outputs, q n = 2^18 for its 2 MiB blocks): forward W X^T below 16 outputs, X W^T then a
+// src/layers/triangle_multiplication.cc runs them, at its block shapes (q pairs x 128 inputs -> n =
+// 4 x group outputs, q n = 2^18 for its 2 MiB blocks): forward W X^T below 16 outputs, X W^T then a
 // transpose from 16 up; backward dX = dT^T W and dW = dT X. The fitted n_half serves profiles
 // without the table.
 void measure_narrow_projections(DeviceProfile* p) {

@@ -1,7 +1,6 @@
 // Cost model of the planner: time per module from FLOPs per kernel class and bytes moved (the
 // rates of a DeviceProfile: profile.cc, measured by calibrate.cc), and the DAP communication
 // volume. Formulas: docs/planner.md.
-#include "plan/cost_model.h"
 
 #include <algorithm>
 #include <array>
@@ -27,30 +26,6 @@ constexpr double kRefKeys = 256;  // attention rates refer to this key length
 // ---- Time per module ---------------------------------------------------------------------------
 
 namespace {
-
-// Work of one module split by kernel class. GEMM terms carry their row count (the M of the
-// product, which sets its efficiency).
-struct Work {
-  std::vector<std::pair<double, double>> gemm;  // (FLOPs, rows)
-  // Products with a narrow side (output or reduction width `narrow`, e.g. the triangle
-  // projections of a training channel group): (FLOPs, rows, narrow).
-  std::vector<std::array<double, 3>> gemm_narrow;
-  double batched = 0;                          // FLOPs of batched products
-  std::vector<std::pair<double, double>> att;  // (FLOPs of QK^T + PV, key length)
-  double mem = 0;                              // elements read + written by memory-bound kernels
-  // Forward work the backward re-runs (recomputed LayerNorms, the triangle projections, the OPM
-  // outer products; src/model/train.h says what each backward rebuilds).
-  std::vector<std::pair<double, double>> re_gemm;
-  std::vector<std::array<double, 3>> re_gemm_narrow;
-  double re_batched = 0, re_mem = 0;
-  // Elements swept through memory far larger than the caches (at stream_gbps), forward and
-  // backward: the training triangle multiplication re-reads LN_in(z) per channel group.
-  double stream = 0, bwd_stream = 0;
-  double chunks = 0;  // iterations of the module's chunk loops (each pays chunk_overhead_us)
-  double ws = 0;      // bytes of the module's chunk buffers (sets its memory-bound passes' rate)
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / std::max<int64_t>(b, 1); }
 
 // Interpolates column col of a table of (x, rate, rate) rows, x ascending, in log x; clamped.
 double interpolate(const std::vector<std::array<double, 3>>& t, double x, int col) {
@@ -104,7 +79,7 @@ double att_scale(const DeviceProfile& d, double L) {
 }
 
 // Forward time, ms. Bytes scale with the element size; FLOP rates are the profile's.
-double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
+double forward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += f / (gemm_rate(d, rows) * 1e9);
   for (const auto& [f, rows, n] : w.gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);
@@ -120,7 +95,7 @@ double forward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
 // Backward: dX and dW of every product (twice the FLOPs) at the calibrated linear-backward rate,
 // the attention backward kernel (2.5x the forward products: QK^T again, dV, dP, dQ, dK), twice
 // the memory traffic at the LayerNorm-backward bandwidth, and the forward work it re-runs.
-double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
+double backward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
   double s = 0;
   for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
   for (const auto& [f, rows, n] : w.gemm_narrow) s += 2 * f / (narrow_rate(d, rows, n, 2) * 1e9);
@@ -135,185 +110,9 @@ double backward_ms(const Work& w, const DeviceProfile& d, int64_t e) {
   return s * 1e3;
 }
 
-// Items per chunk of each loop, as the inference modules (src/model/modules.cc) or the training
-// functions (src/model/train.h) pick them; the GEMM row counts follow.
-struct Chunks {
-  const BlockContext* ctx;
-  bool training;
-  int64_t operator()(int64_t batch, int64_t bytes_per_item) const {
-    return pick_chunk(*ctx, batch, bytes_per_item);
-  }
-};
-
-// rb (training, may be null) receives the work the module's backward rebuilds under policy
-// module (src/model/train.h): here the bias branch and per chunk LN, q|k|v|g and the attention
-// (og, lse), not the output projection nor the residual add.
-Work attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool bias, int64_t r,
-                    int64_t cz, const Chunks& ch, Work* rb = nullptr) {
-  Work w;
-  const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
-  const int64_t n = ch.training ? attention_train_chunk(*ch.ctx, N, L, c, H * C)
-                                : ch(N, L * c * 2 * kF + L * 4 * H * C * kF);
-  w.chunks += ceil_div(N, n);
-  if (bias) {
-    const int64_t nb = ch.training ? bias_train_chunk(*ch.ctx, H) : ch(r, r * cz * kF);
-    w.chunks += ceil_div(r, nb);
-    w.gemm.push_back({2.0 * r * r * cz * H, static_cast<double>(nb * r)});
-    w.mem += 2.0 * r * r * cz + 2.0 * H * r * r;  // LayerNorm of z, bias transpose
-  }
-  w.gemm.push_back({2.0 * rows * c * 4 * hc, static_cast<double>(n * L)});
-  w.gemm.push_back({2.0 * rows * hc * c, static_cast<double>(n * L)});
-  w.att.push_back({attention_flops(N, H, L, L, C), static_cast<double>(L)});
-  w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
-  w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk
-  if (rb) {
-    *rb = Work{};
-    rb->chunks = w.chunks;
-    if (bias) {
-      rb->gemm.push_back(w.gemm[0]);
-      rb->mem += 2.0 * r * r * cz + 2.0 * H * r * r;
-    }
-    rb->gemm.push_back(w.gemm[bias ? 1 : 0]);
-    rb->att = w.att;
-    rb->mem += 2 * rows * c;
-  }
-  return w;
-}
-
-// rb: LayerNorm, linear_1 and ReLU (the hidden h), not linear_2.
-Work transition_work(int64_t rows, int64_t c, int64_t n, const Chunks& ch, Work* rb = nullptr) {
-  Work w;
-  const int64_t k =
-      ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c) : ch(rows, (c + n * c) * kF);
-  w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
-  w.chunks += ceil_div(rows, k);
-  w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
-  w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
-  if (rb) {
-    *rb = Work{};
-    rb->chunks = w.chunks;
-    rb->gemm.push_back({2.0 * rows * c * n * c, static_cast<double>(k)});
-    rb->mem = w.mem;
-  }
-  return w;
-}
-
-// rb: LayerNorm, the masked projections a, b and the mask normaliser (the outer product is rebuilt
-// by every backward, counted in re_batched).
-Work opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch,
-              Work* rb = nullptr) {
-  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  Work w;
-  // Training chunks only the outer product (residue blocks i); the projections run whole.
-  const int64_t c1 = ch.training ? s : ch(s, r * (cm + 2 * co) * kF);
-  const int64_t c2 = ch(r, 2 * co * r * co * kF + r * cz * kF);
-  w.chunks += ceil_div(s, c1) + ceil_div(r, c2);
-  const double sr = static_cast<double>(s) * r, rr = static_cast<double>(r) * r;
-  w.gemm.push_back({2 * sr * cm * 2 * co, static_cast<double>(c1 * r)});
-  w.gemm.push_back({2 * rr * s, static_cast<double>(r)});  // mask normaliser
-  w.batched += 2 * rr * co * co * s;                       // outer products (K = s)
-  w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
-  w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
-  w.re_batched += 2 * rr * co * co * s;  // the outer product is rebuilt chunk by chunk
-  if (rb) {
-    *rb = Work{};
-    rb->gemm = {w.gemm[0], w.gemm[1]};
-    rb->mem = 2 * sr * cm + 4 * sr * co;
-  }
-  return w;
-}
-
-// Inference (src/model/modules.cc): row chunks c1 for the input projections (all channels),
-// c2 for the output side.
-Work trimul_work(const EvoformerConfig& cfg, int64_t r, const Chunks& ch) {
-  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
-  const double rr = static_cast<double>(r) * r;
-  Work w;
-  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
-  const int64_t c2 = ch(r, r * (ct + 3 * cz) * kF);
-  w.chunks += ceil_div(r, c1) + ceil_div(r, c2);
-  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
-  w.batched += 2 * rr * r * ct;
-  w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
-  w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
-  // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
-  // LayerNorm out, sigmoid-mul, residual add.
-  w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
-  return w;
-}
-
-// Training (src/model/train_pair.cc): per channel group, the input projections [4 group, c_z] x
-// [c_z, q pairs] block by block (q = proj_rows * r), channel-major gating into A, B, the
-// batched products; the output side by row chunks. Each group sweeps LN_in(z) [r^2, c_z] once in
-// the forward; in the backward three times (A, B rebuilt; projections re-run; dW) plus a
-// read-modify-write of dL/d LN_in(z).
-// rb: LN_in(z) and the products P (projections, gating, batched products), not the output side.
-Work trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext& ctx,
-                       Work* rb = nullptr) {
-  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
-  const double rr = static_cast<double>(r) * r;
-  const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
-  const int64_t groups = ceil_div(ct, tm.group), q = tm.proj_rows * r;
-  const double proj = 2 * rr * cz * 4 * ct;
-  Work w;
-  w.chunks += groups * ceil_div(r, tm.proj_rows) + ceil_div(r, tm.rows);
-  w.gemm_narrow.push_back({proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
-  w.batched += 2 * rr * r * ct;
-  w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(tm.rows * r)});
-  w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(tm.rows * r)});
-  // LayerNorm in, gating (per part: sigmoid 2, copy 2, two multiplies 3 + 2), P transposed into
-  // rows, LayerNorm out, sigmoid-mul, residual add.
-  w.mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct * 2 + 6 * rr * cz;
-  w.stream += groups * rr * cz;
-  // The backward rebuilds LN_in(z), the projections twice (A, B; then pre-activation), the
-  // gating of A, B, and LN_out.
-  w.re_gemm_narrow.push_back({2 * proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
-  w.re_mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct;
-  w.bwd_stream += 5 * groups * rr * cz;
-  if (rb) {
-    *rb = Work{};
-    rb->chunks = groups * ceil_div(r, tm.proj_rows);
-    rb->gemm_narrow = w.gemm_narrow;
-    rb->batched = w.batched;
-    rb->mem = 2 * rr * cz + 2 * rr * ct * 9;
-    rb->stream = w.stream;
-  }
-  return w;
-}
-
-// Global column attention (ExtraMSA; modules.cc / train_extra_msa.cc), chunked over columns: per
-// column the k | v | g projection [s, c_e] x [c_e, 2C + HC], the query of the masked mean, the
-// attention of H queries over s keys with one head, the gating and linear_o.
-// rb: LN, means, q, k | v | g and the attention, not the gating nor linear_o.
-Work global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const Chunks& ch,
-                           Work* rb = nullptr) {
-  const int64_t ce = cfg.c_m, H = cfg.no_heads_msa, C = cfg.c_hidden_msa_att, hc = H * C;
-  const int64_t ld = 2 * C + hc;
-  const int64_t n =
-      ch.training ? global_attention_train_chunk(*ch.ctx) : ch(r, (s * ce + s * ld + ce + hc) * kF);
-  const double sr = static_cast<double>(s) * r;
-  Work w;
-  w.chunks += ceil_div(r, n);
-  w.gemm.push_back({2 * sr * ce * ld, static_cast<double>(n * s)});
-  w.gemm.push_back({2.0 * r * ce * hc, static_cast<double>(n)});
-  w.att.push_back({attention_flops(r, 1, H, s, C), static_cast<double>(s)});
-  w.gemm.push_back({2 * sr * hc * ce, static_cast<double>(n * s)});
-  // LayerNorm, masked mean, gating (sigmoid, multiply), residual add.
-  w.mem += 2 * sr * ce + sr * ce + 2 * sr * hc * 2 + 3 * sr * ce;
-  w.re_mem += 3 * sr * ce;  // LayerNorm and masked mean rebuilt per chunk
-  if (rb) {
-    *rb = Work{};
-    rb->chunks = w.chunks;
-    rb->gemm = {w.gemm[0], w.gemm[1]};
-    rb->att = w.att;
-    rb->mem = 3 * sr * ce;
-  }
-  return w;
-}
-
 // The work of one layer of the block table; rb as in attention_work.
-Work layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64_t r,
-                const Chunks& ch, Work* rb) {
+LayerWork layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                     const WorkChunks& ch, LayerWork* rb) {
   const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
   const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
   switch (l.kind) {
@@ -351,11 +150,11 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
                                              ? chunk_target_bytes
                                              : default_train_chunk_target_bytes(cfg, s, r),
                                          dev.threads);
-  const Chunks ch{&ctx, training};
+  const WorkChunks ch{&ctx, training};
   const int64_t e = dtype_bytes(dev.dtype);
   const BlockTable& t = extra_msa ? kExtraMsaBlock : kEvoformerBlock;
-  std::vector<Work> mods(t.count);
-  std::vector<Work> rb(
+  std::vector<LayerWork> mods(t.count);
+  std::vector<LayerWork> rb(
       t.count);  // training: what each layer's backward rebuilds under policy module
   for (int i = 0; i < t.count; ++i)
     mods[i] = layer_work(t.layers[i], cfg, s, r, ch, training ? &rb[i] : nullptr);
@@ -368,7 +167,7 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
   std::vector<ModuleCost> out;
   // Training: every chunk loop runs in the forward and again in the backward.
   for (int i = 0; i < t.count; ++i) {
-    const Work& w = mods[i];
+    const LayerWork& w = mods[i];
     const double ovh = (w.chunks * dev.chunk_overhead_us + dev.module_overhead_us) * 1e-3;
     ModuleCost c{t.layers[i].name,
                  forward_ms(w, dev, e) * (training ? dev.train_fwd_factor : 1.0) + ovh, 0.0, 0.0};

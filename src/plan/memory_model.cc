@@ -19,336 +19,6 @@ namespace fc {
 
 namespace {
 
-// Live and peak element counts of a replayed allocation sequence.
-struct Sim {
-  int64_t live = 0, peak = 0;
-  void alloc(int64_t n) {
-    live += n;
-    peak = std::max(peak, live);
-  }
-  void free(int64_t n) { live -= n; }
-};
-
-int64_t ln_scratch(int64_t rows, int64_t n) {
-  return kern::layernorm_backward_scratch_floats(rows, n);
-}
-
-// One gated-attention module (train_attention.cc): N items of L positions with c channels, H heads
-// of C; `bias`: with the pair-bias branch from z; `transposed`: the items are columns.
-struct AttnDims {
-  int64_t N, L, c, H, C;
-  bool bias, transposed;
-};
-
-kern::AttentionArgs attention_dims(const AttnDims& d, int64_t n) {
-  kern::AttentionArgs a;
-  a.B = n, a.Lq = d.L, a.Lk = d.L, a.H = d.H, a.C = d.C;
-  return a;
-}
-
-// bias_forward: bias [H, r, r] stays; LN and projection of a row block are transient.
-void bias_fwd(Sim& S, const BlockContext& ctx, int64_t H) {
-  const int64_t r = ctx.r, cz = ctx.cfg->c_z, rows = bias_train_chunk(ctx, H) * r;
-  S.alloc(H * r * r);
-  S.alloc(rows * (cz + H));
-  S.free(rows * (cz + H));
-}
-
-// Forward of an attention module; keep: the chunk states (q|k|v|g, og, lse) and the bias stay
-// (policy none).
-void attention_fwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool keep) {
-  const int64_t hc = d.H * d.C, ch = attention_train_chunk(ctx, d.N, d.L, d.c, hc);
-  if (d.bias) bias_fwd(S, ctx, d.H);
-  for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
-    const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
-    const int64_t scratch = kern::attention_scratch_floats(attention_dims(d, n), ctx.threads);
-    S.alloc(rows * d.c);             // x_ln
-    S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
-    S.alloc(scratch);
-    S.free(scratch);
-    S.free(rows * d.c);
-    S.alloc(rows * d.c);  // u
-    S.free(rows * d.c);
-    if (!keep) S.free(rows * (5 * hc + d.H));
-  }
-  if (d.bias && !keep) S.free(d.H * ctx.r * ctx.r);
-}
-
-// Backward of an attention module; kept: the forward's state is live (and is freed chunk by
-// chunk), else each chunk's state is recomputed.
-void attention_bwd(Sim& S, const BlockContext& ctx, const AttnDims& d, bool kept) {
-  const int64_t hc = d.H * d.C, ch = attention_train_chunk(ctx, d.N, d.L, d.c, hc);
-  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z;
-  if (d.bias) {
-    if (!kept) bias_fwd(S, ctx, d.H);
-    S.alloc(d.H * rr);  // dbias
-  }
-  for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
-    const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
-    const kern::AttentionArgs a = attention_dims(d, n);
-    S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
-    if (!kept) {
-      const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
-      S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
-      S.alloc(scratch);
-      S.free(scratch);
-    }
-    S.alloc(rows * d.c);     // du
-    S.alloc(rows * hc);      // dog
-    S.free(rows * hc);       // og
-    S.alloc(rows * 4 * hc);  // dqkvg
-    const int64_t scratch = kern::attention_backward_scratch_floats(a, ctx.threads, d.bias);
-    S.alloc(scratch);
-    S.free(scratch);
-    S.free(rows * (d.H + hc));           // lse, dog
-    S.alloc(rows * d.c);                 // dln
-    S.free(rows * 8 * hc + rows * d.c);  // dqkvg, qkvg, x_ln
-    const int64_t x = d.transposed ? rows * d.c : 0;
-    S.alloc(x + ln_scratch(rows, d.c));
-    S.free(x + ln_scratch(rows, d.c));
-    S.free(2 * rows * d.c + 2 * rows);  // du, dln, mean, rstd
-  }
-  if (d.bias) {
-    S.free(d.H * rr);  // bias
-    const int64_t rows = bias_train_chunk(ctx, d.H) * r;
-    const int64_t bwd = rows * (2 * cz + 2 + d.H) + ln_scratch(rows, cz);
-    S.alloc(bwd);
-    S.free(bwd);
-    S.free(d.H * rr);  // dbias
-  }
-}
-
-// masked: the ExtraMSA MSA transition (its update, resp. the update's gradient, in a buffer).
-void transition_fwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool keep,
-                    bool masked) {
-  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    S.alloc(n * nc);  // h
-    S.alloc(n * c);   // x_ln
-    S.free(n * c);
-    if (masked) {
-      S.alloc(n * c);  // u
-      S.free(n * c);
-    }
-    if (!keep) S.free(n * nc);
-  }
-}
-
-void transition_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool kept,
-                    bool masked) {
-  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
-    if (!kept) S.alloc(n * nc);  // h
-    S.alloc(n * nc);             // dh
-    if (masked) {
-      S.alloc(n * c);  // du
-      S.free(n * c);
-    }
-    S.free(n * nc);          // h
-    S.alloc(n * c);          // dxln
-    S.free(n * nc + n * c);  // dh, x_ln
-    S.alloc(ln_scratch(n, c));
-    S.free(ln_scratch(n, c));
-    S.free(n * c + 2 * n);  // dxln, mean, rstd
-  }
-}
-
-// The SwiGLU transition (src/layers/swiglu_transition.cc): h [n, 2nc] kept per chunk.
-void swiglu_fwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool keep) {
-  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    S.alloc(2 * n * nc);  // h
-    S.alloc(n * c);       // x_ln
-    S.free(n * c);
-    S.alloc(n * nc);  // u
-    S.free(n * nc);
-    if (!keep) S.free(2 * n * nc);
-  }
-}
-
-void swiglu_bwd(Sim& S, const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc, bool kept) {
-  const int64_t ch = swiglu_transition_train_chunk(ctx, rows, c, nc);
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    S.alloc(n * c + 2 * n);          // x_ln, mean, rstd
-    if (!kept) S.alloc(2 * n * nc);  // h
-    S.alloc(2 * n * nc);             // dh
-    S.alloc(2 * n * nc);             // u, du
-    S.free(2 * n * nc);
-    S.free(2 * n * nc);          // h
-    S.alloc(n * c);              // dxln
-    S.free(2 * n * nc + n * c);  // dh, x_ln
-    S.alloc(ln_scratch(n, c));
-    S.free(ln_scratch(n, c));
-    S.free(n * c + 2 * n);  // dxln, mean, rstd
-  }
-}
-
-// The global column attention (train_extra_msa.cc): n columns per chunk.
-struct GlobalDims {
-  int64_t s, ce, H, C, hc, ld;
-};
-GlobalDims global_dims(const BlockContext& ctx) {
-  const EvoformerConfig& c = *ctx.cfg;
-  const int64_t H = c.no_heads_msa, C = c.c_hidden_msa_att;
-  return {ctx.s, c.c_m, H, C, H * C, 2 * C + H * C};
-}
-kern::AttentionArgs global_attention_dims(const GlobalDims& d, int64_t n) {
-  kern::AttentionArgs a;
-  a.B = n, a.Lq = d.H, a.Lk = d.s, a.H = 1, a.C = d.C;
-  return a;
-}
-int64_t global_state(const GlobalDims& d, int64_t n) {
-  return n * d.s * d.ld + 2 * n * d.hc + n * d.H;  // kvg, q, o, lse
-}
-// chunk_state: the means (transient), q, kvg, o, lse and the attention scratch (transient).
-void global_chunk_state(Sim& S, const BlockContext& ctx, const GlobalDims& d, int64_t n) {
-  const int64_t scratch = kern::attention_scratch_floats(global_attention_dims(d, n), ctx.threads);
-  S.alloc(n * d.ce);  // mu
-  S.alloc(n * d.hc);  // q
-  S.free(n * d.ce);
-  S.alloc(n * d.s * d.ld + n * d.hc + n * d.H);  // kvg, o, lse
-  S.alloc(scratch);
-  S.free(scratch);
-}
-
-void global_fwd(Sim& S, const BlockContext& ctx, bool keep) {
-  const GlobalDims d = global_dims(ctx);
-  const int64_t ch = global_attention_train_chunk(ctx);
-  for (int64_t r0 = 0; r0 < ctx.r; r0 += ch) {
-    const int64_t n = std::min(ch, ctx.r - r0), rows = n * d.s;
-    S.alloc(rows * d.ce);  // x
-    global_chunk_state(S, ctx, d, n);
-    S.free(rows * d.ce);
-    S.alloc(rows * (d.hc + d.ce));  // y, u
-    S.free(rows * (d.hc + d.ce));
-    if (!keep) S.free(global_state(d, n));
-  }
-}
-
-void global_bwd(Sim& S, const BlockContext& ctx, bool kept) {
-  const GlobalDims d = global_dims(ctx);
-  const int64_t ch = global_attention_train_chunk(ctx);
-  for (int64_t r0 = 0; r0 < ctx.r; r0 += ch) {
-    const int64_t n = std::min(ch, ctx.r - r0), rows = n * d.s;
-    S.alloc(rows * d.ce + 2 * rows);  // x, mean, rstd
-    if (!kept) global_chunk_state(S, ctx, d, n);
-    S.alloc(n * d.ce);              // mu
-    S.alloc(rows * d.hc);           // dy
-    S.alloc(rows * (d.ce + d.hc));  // du, y
-    S.free(rows * (d.ce + d.hc));
-    S.alloc(rows * d.ld + n * d.hc);  // dkvg, dout
-    S.free(rows * d.hc);              // dy
-    S.alloc(n * d.hc);                // dq
-    const int64_t scratch =
-        kern::attention_backward_scratch_floats(global_attention_dims(d, n), ctx.threads, false);
-    S.alloc(scratch);
-    S.free(scratch);
-    S.free(2 * n * d.hc + n * d.H);         // dout, o, lse
-    S.alloc(n * d.ce);                      // dmu
-    S.free(2 * n * d.hc + n * d.ce);        // dq, q, mu
-    S.alloc(rows * d.ce);                   // dxln
-    S.free(2 * rows * d.ld + rows * d.ce);  // dkvg, kvg, x
-    S.free(n * d.ce);                       // dmu
-    S.alloc(ln_scratch(d.s, d.ce));
-    S.free(ln_scratch(d.s, d.ce) + rows * d.ce + 2 * rows);  // scratch, dxln, mean, rstd
-  }
-}
-
-int64_t opm_state(const BlockContext& ctx) {
-  const int64_t sr = ctx.s * ctx.r;
-  return sr * (2 + ctx.cfg->c_m + 2 * ctx.cfg->c_hidden_opm) + ctx.r * ctx.r;
-}
-
-// z_update: the forward adds into z (else only the state is built, the module-policy recompute).
-void opm_fwd(Sim& S, const BlockContext& ctx, bool z_update, bool keep) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, sr = s * r, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t kF = sizeof(float);
-  S.alloc(sr * (2 + cfg.c_m + 2 * co));  // mean, rstd, x_ln, a, b
-  S.alloc(2 * sr * co);                  // ab
-  S.free(2 * sr * co);
-  S.alloc(r * r);  // norm
-  if (z_update) {
-    const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-    const int64_t chunk = ch * r * (2 * co * co + cz);  // o, p, y
-    S.alloc(chunk);
-    S.free(chunk);
-  }
-  if (!keep) S.free(opm_state(ctx));
-}
-
-void opm_bwd(Sim& S, const BlockContext& ctx) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, sr = s * r, cm = cfg.c_m, co = cfg.c_hidden_opm;
-  const int64_t cz = cfg.c_z, kF = sizeof(float);
-  S.alloc(sr * cm);      // dxln
-  S.alloc(2 * sr * co);  // dab
-  const int64_t ch = pick_chunk(ctx, r, 3 * co * r * co * kF + r * cz * kF);
-  const int64_t inner = 2 * sr * co + ch * r * (3 * co * co + cz);  // da, db; o, p, dp, dy
-  S.alloc(inner);
-  S.free(inner);
-  S.free(2 * sr * co);
-  S.alloc(ln_scratch(sr, cm));
-  S.free(ln_scratch(sr, cm));
-  S.free(sr * cm);
-}
-
-// Weights of one channel group of the triangle multiplication (gathered W, b).
-int64_t tri_mul_group_w(const BlockContext& ctx, int64_t cg) {
-  return 4 * cg * ctx.cfg->c_z + 4 * cg;
-}
-
-// tri_mul_products: P [c_t, r, r] stays; the group's weights, a block of its projections, A and
-// B are transient.
-void tri_mul_products(Sim& S, const BlockContext& ctx) {
-  const int64_t r = ctx.r, rr = r * r, ct = ctx.cfg->c_hidden_mul;
-  const TriMulTrainChunks c = tri_mul_train_chunks(ctx);
-  const int64_t tmp = tri_mul_group_w(ctx, c.group) + 2 * c.proj_rows * r * 4 * c.group +
-                      2 * c.group * rr;  // G.W, G.b, T, Y, A, B
-  S.alloc(ct * rr);
-  S.alloc(tmp);
-  S.free(tmp);
-}
-
-void tri_mul_fwd(Sim& S, const BlockContext& ctx, bool keep) {
-  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
-  const int64_t rows = tri_mul_train_chunks(ctx).rows * r;
-  S.alloc(rr * cz);  // x_ln
-  tri_mul_products(S, ctx);
-  S.alloc(rows * (ct + 2 * cz));  // p, y, g
-  S.free(rows * (ct + 2 * cz));
-  S.free(rr * cz);
-  if (!keep) S.free(ct * rr);
-}
-
-void tri_mul_bwd(Sim& S, const BlockContext& ctx, bool kept) {
-  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
-  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
-  const int64_t rows = chunks.rows * r;
-  S.alloc(rr * cz + 2 * rr);  // x_ln, mean, rstd
-  if (!kept) tri_mul_products(S, ctx);
-  S.alloc(rr * cz + ct * rr);  // dxln, dP
-  const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
-  S.alloc(phase2);
-  S.free(phase2);
-  S.free(ct * rr);  // P
-  const int64_t cg = chunks.group;
-  const int64_t q = chunks.proj_rows * r;
-  const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * q * 4 * cg + q +
-                         4 * cg * rr;  // G.W, G.b, gW, gb, T, dT, ones, A, B, dA, dB
-  S.alloc(phase1);
-  S.free(phase1);
-  S.free(ct * rr + rr * cz);  // dP, x_ln
-  S.alloc(ln_scratch(rr, cz));
-  S.free(ln_scratch(rr, cz));
-  S.free(rr * cz + 2 * rr);  // dxln, mean, rstd
-}
-
 // The context the training step builds, as far as the model reads it.
 BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads,
                            int64_t chunk, int64_t chunk_target_bytes) {
@@ -359,7 +29,7 @@ BlockContext model_context(const EvoformerConfig& cfg, int64_t s, int64_t r, int
 }
 
 // The attention dimensions of an attention layer.
-AttnDims attn_dims(const LayerDesc& l, const BlockContext& ctx) {
+AttentionDims attn_dims(const LayerDesc& l, const BlockContext& ctx) {
   const EvoformerConfig& c = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r;
   const int64_t Hm = c.no_heads_msa, Cm = c.c_hidden_msa_att;
@@ -382,65 +52,69 @@ int64_t stream_elems(const BlockContext& ctx, Stream st) {
 }
 
 // The training forward of one layer (layer_train in train_block.cc).
-void layer_fwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool keep) {
+void layer_fwd(AllocReplay& S, const BlockContext& ctx, const LayerDesc& l, bool keep) {
   switch (l.kind) {
     case LayerKind::kMsaRowAttention:
     case LayerKind::kMsaColumnAttention:
     case LayerKind::kTriangleAttention:
-      return attention_fwd(S, ctx, attn_dims(l, ctx), keep);
+      return attention_train_replay(S, ctx, attn_dims(l, ctx), keep);
     case LayerKind::kTransition:
     case LayerKind::kMaskedTransition: {
       const int64_t c = stream_channels(ctx, l.updates);
-      return transition_fwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, keep,
-                            l.kind == LayerKind::kMaskedTransition);
+      return transition_train_replay(S, ctx, stream_rows(ctx, l.updates), c,
+                                     ctx.cfg->transition_n * c, keep,
+                                     l.kind == LayerKind::kMaskedTransition);
     }
     case LayerKind::kOuterProductMean:
-      return opm_fwd(S, ctx, true, keep);
+      return opm_train_replay(S, ctx, true, keep);
     case LayerKind::kTriangleMultiplication:
-      return tri_mul_fwd(S, ctx, keep);
+      return tri_mul_train_replay(S, ctx, keep);
     case LayerKind::kSwiGluTransition: {
       const int64_t c = stream_channels(ctx, l.updates);
-      return swiglu_fwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, keep);
+      return swiglu_train_replay(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c,
+                                 keep);
     }
     case LayerKind::kMsaColumnGlobalAttention:
-      return global_fwd(S, ctx, keep);
+      return global_attention_train_replay(S, ctx, keep);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
 
 // The backward of one layer (layer_backward); kept: its state from the forward is live.
-void layer_bwd(Sim& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
+void layer_bwd(AllocReplay& S, const BlockContext& ctx, const LayerDesc& l, bool kept) {
   switch (l.kind) {
     case LayerKind::kMsaRowAttention:
     case LayerKind::kMsaColumnAttention:
     case LayerKind::kTriangleAttention:
-      return attention_bwd(S, ctx, attn_dims(l, ctx), kept);
+      return attention_backward_replay(S, ctx, attn_dims(l, ctx), kept);
     case LayerKind::kTransition:
     case LayerKind::kMaskedTransition: {
       const int64_t c = stream_channels(ctx, l.updates);
-      return transition_bwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, kept,
-                            l.kind == LayerKind::kMaskedTransition);
+      return transition_backward_replay(S, ctx, stream_rows(ctx, l.updates), c,
+                                        ctx.cfg->transition_n * c, kept,
+                                        l.kind == LayerKind::kMaskedTransition);
     }
     case LayerKind::kOuterProductMean:
-      if (!kept) opm_fwd(S, ctx, false, true);
-      opm_bwd(S, ctx);
-      S.free(opm_state(ctx));
+      if (!kept) opm_train_replay(S, ctx, false, true);
+      opm_backward_replay(S, ctx);
+      S.free(opm_state_floats(ctx));
       return;
     case LayerKind::kTriangleMultiplication:
-      return tri_mul_bwd(S, ctx, kept);
+      return tri_mul_backward_replay(S, ctx, kept);
     case LayerKind::kSwiGluTransition: {
       const int64_t c = stream_channels(ctx, l.updates);
-      return swiglu_bwd(S, ctx, stream_rows(ctx, l.updates), c, ctx.cfg->transition_n * c, kept);
+      return swiglu_backward_replay(S, ctx, stream_rows(ctx, l.updates), c,
+                                    ctx.cfg->transition_n * c, kept);
     }
     case LayerKind::kMsaColumnGlobalAttention:
-      return global_bwd(S, ctx, kept);
+      return global_attention_backward_replay(S, ctx, kept);
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
 }
 
 // block_forward (train_block.cc): layer inputs copied under none and module, states kept under
 // none, the block input copied under block.
-void block_fwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute policy) {
+void block_fwd(AllocReplay& S, const BlockTable& t, const BlockContext& ctx, Recompute policy) {
   if (policy == Recompute::kBlock)
     S.alloc(stream_elems(ctx, Stream::kM) + stream_elems(ctx, Stream::kZ));
   for (int i = 0; i < t.count; ++i) {
@@ -458,7 +132,7 @@ void block_fwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute p
 // its output (reads_block_output: m for the Evoformer's OPM, z for the Pairformer's attention)
 // stay alive after the backward (the driver holds them as the previous block's outputs), else they
 // are freed with the state.
-void block_bwd(Sim& S, const BlockTable& t, const BlockContext& ctx, Recompute policy,
+void block_bwd(AllocReplay& S, const BlockTable& t, const BlockContext& ctx, Recompute policy,
                bool input_held) {
   const int64_t m = stream_elems(ctx, Stream::kM), z = stream_elems(ctx, Stream::kZ);
   const bool hold_m = input_held && reads_block_output(t, Stream::kM);
@@ -544,7 +218,7 @@ int64_t param_elems(const EvoformerConfig& c, const BlockTable& t) {
 
 // allocate_block_grads: an ExtraMSA block's gradient struct is built from an Evoformer block's
 // (allocate_extra_msa_block), whose MSA column attention lives until the global one is allocated.
-void alloc_block_grads(Sim& S, const EvoformerConfig& c, const BlockTable& t) {
+void alloc_block_grads(AllocReplay& S, const EvoformerConfig& c, const BlockTable& t) {
   if (&t != &kExtraMsaBlock) return S.alloc(param_elems(c, t));
   const int64_t evo = param_elems(c, kEvoformerBlock);
   const int64_t col = layer_param_elems(c, *find_layer(kEvoformerBlock, "msa_att_col"), false);
@@ -573,7 +247,7 @@ int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t) {
 int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
                                int64_t r, Recompute policy, int64_t elem_bytes, int64_t chunk,
                                int64_t chunk_target_bytes) {
-  Sim S;
+  AllocReplay S;
   block_fwd(S, t, model_context(cfg, s, r, 1, chunk, chunk_target_bytes), policy);
   return S.live * elem_bytes;
 }
@@ -607,7 +281,7 @@ int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, i
                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes) {
   const BlockContext ctx = model_context(cfg, s, r, threads, chunk, chunk_target_bytes);
   const int64_t m = s * r * cfg.c_m, z = r * r * cfg.c_z;
-  Sim S;
+  AllocReplay S;
   // Forward: the blocks' kept memory piles up.
   for (int64_t b = 0; b < blocks; ++b) block_fwd(S, t, ctx, policy_of(policy, b));
   // Backward (train_blocks in train_block.cc): the dm, dz copies; per block, from the last, its

@@ -81,10 +81,10 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
     t.C = ceil_div(t.C, dap);
     t.m = ceil_div(t.m, dap);
     // Beside a block's work: the largest gathered operand (a triangle multiplication's channel
-    // group as tri_mul_train_chunks(ctx, rows, parts) of src/model/train_pair.cc picks it), the OPM
-    // input the backward rebuilds from the block output (a shard of m) with one more shard for its
-    // layout change, and a bias gradient's reduce-scatter buffers (2 [H, r_p, r_p]), none of which
-    // shrink like the rest.
+    // group as tri_mul_train_chunks(ctx, rows, parts) of src/layers/triangle_multiplication.cc
+    // picks it), the OPM input the backward rebuilds from the block output (a shard of m) with one
+    // more shard for its layout change, and a bias gradient's reduce-scatter buffers (2 [H, r_p,
+    // r_p]), none of which shrink like the rest.
     const int64_t ms = sp / dap * rp * cfg.c_m, zs = rp / dap * rp * cfg.c_z;
     const int64_t H = std::max(cfg.no_heads_msa, cfg.no_heads_pair);
     BlockContext ctx;  // the shards' context: channel groups of the triangle multiplication

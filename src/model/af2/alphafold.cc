@@ -1,5 +1,5 @@
 // The whole AlphaFold2 model (include/foldcube/alphafold.h), composed of the Evoformer and
-// ExtraMSA stacks, the template pair blocks (pair modules of src/model/modules.h), the structure
+// ExtraMSA stacks, the template pair blocks (pair layers of src/layers/), the structure
 // module and the heads.
 #include "foldcube/alphafold.h"
 

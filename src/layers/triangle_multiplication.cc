@@ -1,425 +1,255 @@
-// Training forward + exact backward of the transitions, the outer product mean and the triangle
-// multiplication (see train.h for the conventions and chunk axes). Each *_train does the
-// arithmetic of the inference function in modules.cc with the same kernels, chunk by chunk, and
-// keeps the state its backward needs.
+#include "layers/triangle_multiplication.h"
+
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "foldcube/status.h"
 #include "foldcube/tensor.h"
 #include "kernels/backward.h"
+#include "kernels/convert.h"
+#include "kernels/fused.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
+#include "layers/layer_util.h"
 #include "model/dropout.h"
-#include "model/train.h"
 
 namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
 
-void zero(const Tensor& t) {
-  if (t.defined()) std::fill(t.f32(), t.f32() + t.numel(), 0.f);
-}
-void zero(const LayerNormW& w) {
-  zero(w.w);
-  zero(w.b);
-}
-void zero(const LinearW& w) {
-  zero(w.w);
-  zero(w.b);
-}
-void zero(const GatedAttentionW& w) {
-  zero(w.w_qkvg);
-  zero(w.b_qkvg);
-  zero(w.o);
-}
+// Automatic channel groups are rounded to the nearest multiple of 16 once pick_chunk allows 8 or
+// more: a group's slice of a projection row is then whole 64-byte lines and whole vectors on
+// every SIMD target (at s=128, r=256, AF2 dims, groups of 14 took 1.45x the time of groups of 16,
+// in the vector tails of the gating).
+constexpr int64_t kGroupAlign = 16;
 
-// dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.
-void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int64_t n,
-                             const LayerNormW& ln, const float* mean, const float* rstd, float* dx,
-                             LayerNormW* ln_grad, bool accumulate) {
-  // [row blocks * 2 * n] partial dgamma | dbeta sums
-  Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, n)});
-  kern::layernorm_backward(x, n, dy, n, rows, n, ln.w.f32(), mean, rstd, dx, n, ln_grad->w.f32(),
-                           ln_grad->b.f32(), scratch.f32(), accumulate);
-}
-
-// Adjoint of opm_residual (modules.h) for `rows` pairs: dy [rows, c_z] = dL/d (linear_out.w outer
-// (+ bias)) from dz; with w.mean_first the unscaled bias's gradient (sum of dz over the rows)
-// accumulates into g->out.b here (else linear_backward gives it from dy).
-void opm_residual_backward(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* dz,
-                           const float* norm, int64_t rows, float* dy, OuterProductMeanW* g) {
-  const int64_t cz = cfg.c_z;
-  const float eps = cfg.eps_opm;
-  const bool af3 = w.mean_first;
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const float inv = af3 ? 1.f / std::max(norm[row], 1.f) : 1.f / (norm[row] + eps);
-    for (int64_t c = 0; c < cz; ++c) dy[row * cz + c] = dz[row * cz + c] * inv;
-  }
-  float* gb = bias_ptr(g->out);
-  if (!af3 || gb == nullptr) return;
-  for (int64_t c = 0; c < cz; ++c) {
-    double sum = 0;
-    for (int64_t row = 0; row < rows; ++row) sum += dz[row * cz + c];
-    gb[c] += static_cast<float>(sum);
-  }
-}
-
-// One chunk of the outer product: rows i0 .. i0+n of outer[(i, j), (c, e)] = sum_s a[s,i,c]
-// b[s,j,e] into p [n*r, co*co], through o [n*co, r*co] (the GEMM layout [(i, c), (j, e)]). As in
-// outer_product_mean (modules.cc).
-void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t co, int64_t i0,
-                 int64_t n, float* o, float* p) {
-  kern::gemm(true, false, n * co, r * co, s, 1.f, a + i0 * co, r * co, b, r * co, 0.f, o, r * co);
-  opm_pairs_from_outer(o, n, r, co, p);
-}
+// With several groups, LN_in(z) is kept whole (computed once) when phase 1 then needs at most
+// this many chunk targets: 1.5 x bytes(m+z) at the automatic target (bytes(m+z)/8), the room a
+// block bound of 2.5 x bytes(m+z) leaves beside the streams. Otherwise each group recomputes it,
+// one more pass over z per group (at s=128, r=256, AF2 dims: 8 groups, 3-4 % of the module time).
+constexpr int64_t kKeepLnTargets = 12;
 }  // namespace
+
+// ---- Inference ---------------------------------------------------------------------------------
+
+// rows: rows of z the shard holds (ctx.r for one shard); parts > 1 adds the gathered right
+// projection of a group [parts*cg, rows, r].
+TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts) {
+  const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t gathered = parts > 1 ? parts * rr : 0;  // per channel
+  TriMulPhase1 p;
+  p.cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
+  if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
+    p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
+  p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
+  // A_g, B_g, the projection chunk and, with several groups, the group's rows of w.ab and b.ab.
+  const int64_t group = (2 * p.cg * rr + 4 * p.cg * p.ch * r +
+                         (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + p.cg * gathered) *
+                        kF;
+  if (bf16_products(ctx, parts)) {
+    // A_g, B_g in bf16, the projection chunk, the group's f32 rows of w.ab and b.ab and its bf16
+    // rows of w.ab, and the LayerNorm-Linear scratch (LN_in(z) per row block, never kept whole).
+    int64_t scratch = 0;
+    for (const int64_t nc : {p.cg, ct % p.cg})
+      if (nc > 0)
+        scratch = std::max(scratch,
+                           kern::layernorm_linear_scratch_floats(
+                               ln_linear_dims(1, p.ch * r, cz, 4 * nc, DType::BF16), ctx.threads));
+    p.bytes = 2 * p.cg * rr * 2 +
+              (4 * p.cg * p.ch * r + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + scratch) * kF +
+              gemm_weights_bytes(4 * p.cg * cz, DType::BF16);
+    return p;
+  }
+  p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
+  p.bytes = group + (p.keep_ln ? rows : p.ch) * r * cz * kF;
+  return p;
+}
+
+int64_t tri_mul_output_chunk(const BlockContext& ctx, int64_t rows) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  return pick_chunk(ctx, rows, r * (ct + 3 * cz) * kF);
+}
 
 namespace {
-// Zeroes the layers both block types share (BlockWeights, ExtraMsaBlockWeights).
-template <typename W>
-void zero_shared_layers(W* g) {
-  zero(g->msa_att_row.ln_m);
-  zero(g->msa_att_row.ln_z);
-  zero(g->msa_att_row.lin_z);
-  zero(g->msa_att_row.mha);
-  for (const TransitionW* t : {&g->msa_transition, &g->pair_transition}) {
-    zero(t->ln);
-    zero(t->l1);
-    zero(t->l2);
+// The triangle multiplication on rows of z [rows, r, c_z] with mask [rows, r]. gather == nullptr:
+// one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
+// (see triangle_multiplication_shard). With bf16 products (bf16_products) the projections come
+// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16, the products take bf16
+// inputs with f32 accumulation (P stays f32), and LN_out + linear_z is the fused LayerNorm-Linear
+// in bf16; gating, masking and the residual add stay f32.
+void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
+                  bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
+                  float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
+  const int64_t parts = gather != nullptr ? gather->parts : 1;
+  const float eps = cfg.eps_ln;
+  const bool bf16 = bf16_products(ctx, parts);
+  Tensor P = Tensor::empty({ct, rows, r});  // triangle products, channel-major
+  {
+    // Channels in groups of cg: each group projects its rows of w.ab from LN_in(z) (kept whole or
+    // recomputed chunk by chunk) and writes its products into P. One group (cg = c_t) is the
+    // ungrouped computation; the products per channel do not depend on the grouping.
+    const TriMulPhase1 ph = tri_mul_phase1(ctx, rows, parts);
+    const int64_t cg = ph.cg, ch = ph.ch;
+    const DType abt = bf16 ? DType::BF16 : DType::F32;
+    Tensor A = Tensor::empty({cg, rows, r}, abt);  // a[c][i][k] = mask * sigmoid(a_g) * a_p
+    Tensor B = Tensor::empty({cg, rows, r}, abt);
+    // LN_in(z): all rows or a chunk (bf16: none, the fused kernel normalises per row block).
+    Tensor x = bf16 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
+    Tensor t = Tensor::empty({ch * r, 4 * cg});  // a_p | a_g | b_p | b_g of the group
+    // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
+    Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
+    Tensor wg16 = bf16 ? Tensor::empty({4 * cg, cz}, DType::BF16) : Tensor();  // bf16 of the rows
+    // Every shard's right projection of the group, shard-major [parts][cg, rows, r].
+    Tensor G = gather != nullptr && !bf16 ? Tensor::empty({parts * cg, rows, r}) : Tensor();
+    if (ph.keep_ln)
+      kern::layernorm(z, cz, x.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+    for (int64_t c0 = 0; c0 < ct; c0 += cg) {
+      const int64_t nc = std::min(cg, ct - c0), ld = 4 * nc;
+      const float* wp = w.ab.w.f32();
+      const float* bp = w.ab.b.f32();
+      if (cg < ct) {
+        float* wgp = wg.f32();
+        for (int64_t part = 0; part < 4; ++part) {
+          std::memcpy(wgp + part * nc * cz, wp + (part * ct + c0) * cz, nc * cz * kF);
+          std::memcpy(wgp + 4 * nc * cz + part * nc, bp + part * ct + c0, nc * kF);
+        }
+        wp = wgp;
+        bp = wgp + 4 * nc * cz;
+      }
+      if (bf16) kern::f32_to_bf16(wp, wg16.data<uint16_t>(), ld * cz);
+      for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+        const int64_t n = std::min(ch, rows - i0);
+        if (bf16) {
+          kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, ld, DType::BF16);
+          la.x = z + i0 * r * cz, la.x_rs = cz;
+          la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
+          la.W = wp, la.bias = bp, la.W_bf16 = wg16.data<uint16_t>();
+          la.y = t.f32(), la.ldy = ld;
+          Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+          kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+        } else {
+          const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
+          if (!ph.keep_ln)
+            kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
+                            w.ln_in.b.f32(), eps);
+          kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
+        }
+        float* tp = t.f32();
+        const float* mask = mask_rows + i0 * r;
+        for (int64_t part = 0; part < 2; ++part) {  // a, then b
+          float* proj = tp + 2 * part * nc;         // [n*r, nc] with ld 4*nc
+          kern::sigmoid_inplace(proj + nc, ld, n * r, nc);
+          kern::mul_inplace(proj, ld, proj + nc, ld, n * r, nc);
+          kern::scale_rows(proj, ld, mask, n * r, nc);
+          if (bf16)
+            kern::transpose_to_bf16(proj, ld, (part ? B : A).data<uint16_t>() + i0 * r, rr, n * r,
+                                    nc);
+          else
+            kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
+        }
+      }
+      if (bf16) {
+        // One shard: outgoing P_c = A_c B_c^T (L_c R_c^T from a shard call), incoming A_c^T B_c.
+        const bool left_b = gather != nullptr && left_is_b;
+        const bool out_form = outgoing || gather != nullptr;
+        kern::gemm_batched_typed(
+            DType::BF16, nc, !out_form, out_form, r, r, r, 1.f, (left_b ? B : A).data<uint16_t>(),
+            r, rr, (left_b ? A : B).data<uint16_t>(), r, rr, 0.f, P.f32() + c0 * rr, r, rr);
+      } else if (gather == nullptr) {
+        // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
+        kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
+                           0.f, P.f32() + c0 * rr, r, rr);
+      } else {
+        // P_c[:, shard q's rows] = L_c R_{q,c}^T.
+        const float* L = (left_is_b ? B : A).f32();
+        gather->fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
+        for (int64_t q = 0; q < parts; ++q)
+          kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + q * nc * rr,
+                             r, rr, 0.f, P.f32() + c0 * rr + q * rows, r, rr);
+      }
+    }
   }
-  zero(g->outer_product_mean.ln);
-  zero(g->outer_product_mean.l12);
-  zero(g->outer_product_mean.out);
-  for (const TriangleMultiplicationW* t : {&g->tri_mul_out, &g->tri_mul_in}) {
-    zero(t->ln_in);
-    zero(t->ab);
-    zero(t->ln_out);
-    zero(t->lin_z);
-    zero(t->lin_g);
-  }
-  for (const TriangleAttentionW* t : {&g->tri_att_start, &g->tri_att_end}) {
-    zero(t->ln);
-    zero(t->lin);
-    zero(t->mha);
+  const int64_t ch = tri_mul_output_chunk(ctx, rows);
+  Tensor pc = Tensor::empty({ch * r, ct});                        // p rows, channel-last
+  Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * r, cz});  // LN_in(z) chunk (unfused)
+  Tensor y = Tensor::empty({ch * r, cz});
+  Tensor g = Tensor::empty({ch * r, cz});
+  const Tensor wg_b = ctx.fused ? gemm_weights(w.lin_g.w, ctx.dtype) : Tensor();  // [c_z, c_z]
+  const Tensor wz_b = bf16 ? gemm_weights(w.lin_z.w, DType::BF16) : Tensor();     // [c_z, c_t]
+  for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+    const int64_t n = std::min(ch, rows - i0);
+    float* pp = pc.f32();
+    kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
+    if (bf16) {
+      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, ct, cz, DType::BF16);
+      la.x = pp, la.x_rs = ct;
+      la.gamma = w.ln_out.w.f32(), la.beta = w.ln_out.b.f32(), la.eps = eps;
+      la.W = w.lin_z.w.f32(), la.bias = bias_ptr(w.lin_z), la.W_bf16 = wz_b.data<uint16_t>();
+      la.y = y.f32(), la.ldy = cz;
+      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+    } else {
+      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    }
+    float* zr = z + i0 * r * cz;
+    if (ctx.fused) {
+      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz, ctx.dtype);
+      la.x = zr, la.x_rs = cz;
+      la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
+      la.W = w.lin_g.w.f32(), la.bias = bias_ptr(w.lin_g), la.W_bf16 = bf16_ptr(wg_b);
+      la.y = g.f32(), la.ldy = cz;
+      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+    } else {
+      kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+      kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
+    }
+    kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
+    kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
   }
 }
 }  // namespace
 
-void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g) {
-  allocate_block(cfg, g);
-  zero_shared_layers(g);
-  zero(g->msa_att_col.ln_m);
-  zero(g->msa_att_col.mha);
+void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                             bool outgoing, float* z) {
+  tri_mul_impl(w, ctx, outgoing, false, ctx.r, ctx.pair_mask, nullptr, z);
 }
 
-void allocate_block_grads(const EvoformerConfig& cfg, ExtraMsaBlockWeights* g) {
-  allocate_extra_msa_block(cfg, g);
-  zero_shared_layers(g);
-  zero(g->msa_att_col.ln_m);
-  zero(g->msa_att_col.q);
-  zero(g->msa_att_col.kvg);
-  zero(g->msa_att_col.o);
+void triangle_multiplication_shard(const TriangleMultiplicationW& w, const BlockContext& ctx,
+                                   bool left_is_b, int64_t rows, const float* mask,
+                                   const ShardGather& gather, float* z) {
+  FC_CHECK(gather.parts >= 1 && rows * gather.parts == ctx.r);
+  tri_mul_impl(w, ctx, true, left_is_b, rows, mask, &gather, z);
 }
 
-// ---- Transitions ------------------------------------------------------------------------------
-
-int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
-  // Per row: the kept hidden row and the backward's buffers (LN(x), dLN(x), dh).
-  return pick_chunk(ctx, rows, (2 * c + 2 * nc + 2) * kF);
-}
-
-void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
-                      int64_t c, TransitionState* st, const float* row_mask) {
-  const int64_t nc = w.l1.w.dim(0);
-  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
-  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
-    const int64_t n = std::min(ch, rows - r0);
-    float* xr = x + r0 * c;
-    Tensor h = Tensor::empty({n, nc});  // relu(linear_1(LN(x))) of the chunk
-    {
-      Tensor x_ln = Tensor::empty({n, c});
-      kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
-      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
-    }
-    kern::relu_inplace(h.f32(), nc, n, nc);
-    if (row_mask == nullptr) {
-      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
-    } else {
-      Tensor u = Tensor::empty({n, c});  // the chunk's update, masked per row
-      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, u.f32(), c);
-      kern::scale_rows(u.f32(), c, row_mask + r0, n, c);
-      kern::add_inplace(xr, c, u.f32(), c, n, c);
-    }
-    if (st) st->h.push_back(std::move(h));
+int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  const int64_t ch2 = tri_mul_output_chunk(ctx, rows);
+  // Output phase: pc, y, g and LN_in(z) (unfused) or the fused kernel's scratch for lin_g.
+  const int64_t out = ctx.fused
+                          ? ch2 * r * (ct + 2 * cz) +
+                                kern::layernorm_linear_scratch_floats(
+                                    ln_linear_dims(1, ch2 * r, cz, cz, ctx.dtype), ctx.threads)
+                          : ch2 * r * (ct + 3 * cz);
+  int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
+  int64_t out_scratch = 0;  // bf16: LN_out + linear_z is a second LayerNorm-Linear call
+  if (bf16_products(ctx, parts)) {
+    wb += gemm_weights_bytes(cz * ct, DType::BF16);
+    out_scratch = kern::layernorm_linear_scratch_floats(
+                      ln_linear_dims(1, ch2 * r, ct, cz, DType::BF16), ctx.threads) -
+                  kern::layernorm_linear_scratch_floats(
+                      ln_linear_dims(1, ch2 * r, cz, cz, DType::BF16), ctx.threads);
   }
+  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes,
+                                       (out + std::max<int64_t>(out_scratch, 0)) * kF + wb);
 }
 
-// dL/d out (the chunk's rows of dx) is fully read by the first linear_backward before anything
-// accumulates into them, so it needs no copy.
-void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
-                         const float* x_in, TransitionState* st, float* dx, int64_t rows, int64_t c,
-                         const float* row_mask) {
-  const int64_t nc = w.l1.w.dim(0);
-  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
-  FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
-               "transition state was saved with another chunking");
-  for (int64_t r0 = 0, idx = 0; r0 < rows; r0 += ch, ++idx) {
-    const int64_t n = std::min(ch, rows - r0);
-    const float* xr = x_in + r0 * c;
-    float* dxr = dx + r0 * c;
-    Tensor x_ln = Tensor::empty({n, c});
-    Tensor mean = Tensor::empty({n});
-    Tensor rstd = Tensor::empty({n});
-    kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
-                    mean.f32(), rstd.f32());
-    Tensor h;  // [n, nc] kept by the forward, or recomputed
-    if (st->h.empty()) {
-      h = Tensor::empty({n, nc});
-      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
-      kern::relu_inplace(h.f32(), nc, n, nc);
-    } else {
-      h = std::move(st->h[idx]);
-    }
-    Tensor dh = Tensor::empty({n, nc});  // dL/d h, then dL/d linear_1 output
-    {
-      Tensor du;  // [n, c] dL/d the unmasked update (masked form only)
-      if (row_mask != nullptr) {
-        du = Tensor::empty({n, c});
-        std::memcpy(du.f32(), dxr, static_cast<size_t>(n * c) * kF);
-        kern::scale_rows(du.f32(), c, row_mask + r0, n, c);
-      }
-      kern::linear_backward(h.f32(), nc, n, nc, w.l2.w.f32(), c, du.defined() ? du.f32() : dxr, c,
-                            dh.f32(), nc, g->l2.w.f32(), g->l2.b.f32());
-    }
-    kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
-    h = Tensor();
-    Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
-    kern::linear_backward(x_ln.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
-                          g->l1.w.f32(), g->l1.b.f32());
-    dh = Tensor();
-    x_ln = Tensor();
-    layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, mean.f32(), rstd.f32(), dxr, &g->ln, true);
-  }
-  st->h.clear();
-}
-
-// ---- Outer product mean -----------------------------------------------------------------------
-// Saved: s*r*(c_m + 2 c_o + 2) + r*r floats (the input m is the caller's).
-
-namespace {
-// The OPM state's LN(m) with its statistics and the masked projections a, b for m [s, cols, c_m]
-// (all residues, or a DAP shard's columns) with mask [s, cols].
-void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* m,
-                     int64_t s, int64_t cols, const float* mask, OuterProductMeanState* st) {
-  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, rows = s * cols;
-  st->mean = Tensor::empty({rows});
-  st->rstd = Tensor::empty({rows});
-  st->x_ln = Tensor::empty({rows, cm});
-  st->a = Tensor::empty({s, cols, co});
-  st->b = Tensor::empty({s, cols, co});
-  kern::layernorm(m, cm, st->x_ln.f32(), cm, rows, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
-                  st->mean.f32(), st->rstd.f32());
-  Tensor ab = Tensor::empty({rows, 2 * co});  // linear_1 | linear_2, before masking
-  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
-               2 * co);
-  const float* abp = ab.f32();
-  float* ap = st->a.f32();
-  float* bp = st->b.f32();
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t c = 0; c < co; ++c) {
-      ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
-      bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
-    }
-}
-}  // namespace
-
-void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
-                              float* z, OuterProductMeanState* st) {
-  *st = OuterProductMeanState{};
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  opm_projections(w, cfg, m, s, r, ctx.msa_mask, st);
-  st->norm = Tensor::empty({r, r});
-  kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, st->norm.f32(), r);
-  if (!z) return;
-
-  const int64_t ch = pick_chunk(ctx, r, 2 * co * r * co * kF + r * cz * kF);
-  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
-  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
-  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
-  for (int64_t i0 = 0; i0 < r; i0 += ch) {
-    const int64_t n = std::min(ch, r - i0);
-    outer_chunk(st->a.f32(), st->b.f32(), s, r, co, i0, n, o.f32(), p.f32());
-    kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(),
-                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
-    opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
-  }
-}
-
-void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
-                                 const BlockContext& ctx, const float* m_in,
-                                 const OuterProductMeanState& st, const float* dz, float* dm) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t sr = s * r, rco = r * co;
-  Tensor dxln = Tensor::empty({sr, cm});  // dL/d LN(m)
-  {
-    Tensor dab = Tensor::empty({sr, 2 * co});  // dL/d (linear_1 | linear_2), before masking
-    {
-      Tensor da = Tensor::empty({s, r, co});  // dL/d a
-      Tensor db = Tensor::zeros({s, r, co});  // dL/d b (summed over the chunks of i)
-      const float* ap = st.a.f32();
-      const float* bp = st.b.f32();
-      const int64_t ch = pick_chunk(ctx, r, 3 * co * r * co * kF + r * cz * kF);
-      Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient, [(i, c), (j, e)]
-      Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
-      Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
-      Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
-      for (int64_t i0 = 0; i0 < r; i0 += ch) {
-        const int64_t n = std::min(ch, r - i0);
-        outer_chunk(ap, bp, s, r, co, i0, n, o.f32(), p.f32());
-        float* dyp = dy.f32();
-        opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-        kern::linear_backward(p.f32(), co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz,
-                              dp.f32(), co * co, g->out.w.f32(),
-                              w.mean_first ? nullptr : bias_ptr(g->out));
-        const float* dpp = dp.f32();
-        float* dop = o.f32();
-        opm_outer_from_pairs(dpp, n, r, co, dop);
-        // outer = A^T B with A = a, B = b viewed [s, r*c_o]: dA = B dO^T, dB += A dO.
-        kern::gemm(false, true, s, n * co, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * co,
-                   rco);
-        kern::gemm(false, false, s, rco, n * co, 1.f, ap + i0 * co, rco, dop, rco, 1.f, db.f32(),
-                   rco);
-      }
-      const float* dap = da.f32();
-      const float* dbp = db.f32();
-      float* dabp = dab.f32();
-      const float* mask = ctx.msa_mask;
-#pragma omp parallel for schedule(static)
-      for (int64_t row = 0; row < sr; ++row)
-        for (int64_t c = 0; c < co; ++c) {
-          dabp[row * 2 * co + c] = dap[row * co + c] * mask[row];
-          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask[row];
-        }
-    }
-    kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
-                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
-  }
-  layernorm_backward_into(m_in, dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
-                          true);
-}
-
-// ---- Outer product mean on a residue-column shard (DAP) -----------------------------------------
-
-void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockContext& ctx,
-                                    const float* m, int64_t col0, int64_t cols,
-                                    const float* mask_cols, const ShardGather& gather, float* z,
-                                    OuterProductMeanState* st) {
-  *st = OuterProductMeanState{};
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t sc = s * cols, parts = gather.parts;
-  FC_CHECK(parts >= 1 && cols * parts == r);
-  opm_projections(w, cfg, m, s, cols, mask_cols, st);
-  st->norm = Tensor::empty({cols, r});
-  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f,
-             st->norm.f32(), r);
-  if (!z) return;
-  Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
-  gather.fn(st->b.f32(), sc * co, b_all.f32());
-  const int64_t ch = pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
-  const int64_t bw = cols * co;                 // columns (j, e) of one shard
-  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
-  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
-  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
-  for (int64_t i0 = 0; i0 < cols; i0 += ch) {
-    const int64_t n = std::min(ch, cols - i0);
-    for (int64_t q = 0; q < parts; ++q)
-      kern::gemm(true, false, n * co, bw, s, 1.f, st->a.f32() + i0 * co, bw,
-                 b_all.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
-    const float* op = o.f32();
-    float* pp = p.f32();
-    opm_pairs_from_outer(op, n, r, co, pp);
-    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(),
-                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
-    opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
-  }
-}
-
-void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
-                                       const BlockContext& ctx, const float* m_in, int64_t cols,
-                                       const float* mask_cols, const OuterProductMeanState& st,
-                                       const ShardGather& gather, const ShardReduce& reduce,
-                                       const float* dz, float* dm) {
-  const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t sc = s * cols, parts = gather.parts, bw = cols * co, rco = r * co;
-  FC_CHECK(parts >= 1 && cols * parts == r && reduce.parts == parts);
-  Tensor dxln = Tensor::empty({sc, cm});  // dL/d LN(m)
-  {
-    Tensor dab = Tensor::empty({sc, 2 * co});  // dL/d (linear_1 | linear_2), before masking
-    {
-      Tensor da = Tensor::empty({s, cols, co});  // dL/d a
-      Tensor db = Tensor::empty({s, cols, co});  // dL/d b, summed over the shards
-      {
-        Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
-        gather.fn(st.b.f32(), sc * co, b_all.f32());
-        Tensor db_all = Tensor::zeros({parts, s, cols, co});  // this shard's part of dL/d b
-        const float* ap = st.a.f32();
-        const int64_t ch = pick_chunk(ctx, cols, 3 * co * r * co * kF + r * cz * kF);
-        Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient
-        Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
-        Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
-        Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
-        for (int64_t i0 = 0; i0 < cols; i0 += ch) {
-          const int64_t n = std::min(ch, cols - i0);
-          for (int64_t q = 0; q < parts; ++q)
-            kern::gemm(true, false, n * co, bw, s, 1.f, ap + i0 * co, bw, b_all.f32() + q * s * bw,
-                       bw, 0.f, o.f32() + q * bw, rco);
-          const float* op = o.f32();
-          float* pp = p.f32();
-          opm_pairs_from_outer(op, n, r, co, pp);
-          float* dyp = dy.f32();
-          opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-          kern::linear_backward(pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz, dp.f32(),
-                                co * co, g->out.w.f32(), w.mean_first ? nullptr : bias_ptr(g->out));
-          const float* dpp = dp.f32();
-          float* dop = o.f32();
-          opm_outer_from_pairs(dpp, n, r, co, dop);
-          // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
-          for (int64_t q = 0; q < parts; ++q) {
-            kern::gemm(false, true, s, n * co, bw, 1.f, b_all.f32() + q * s * bw, bw, dop + q * bw,
-                       rco, q == 0 ? 0.f : 1.f, da.f32() + i0 * co, bw);
-            kern::gemm(false, false, s, bw, n * co, 1.f, ap + i0 * co, bw, dop + q * bw, rco, 1.f,
-                       db_all.f32() + q * s * bw, bw);
-          }
-        }
-        b_all = Tensor();
-        o = p = dp = dy = Tensor();
-        reduce.fn(db_all.f32(), sc * co, db.f32());
-      }
-      const float* dap = da.f32();
-      const float* dbp = db.f32();
-      float* dabp = dab.f32();
-#pragma omp parallel for schedule(static)
-      for (int64_t row = 0; row < sc; ++row)
-        for (int64_t c = 0; c < co; ++c) {
-          dabp[row * 2 * co + c] = dap[row * co + c] * mask_cols[row];
-          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask_cols[row];
-        }
-    }
-    kern::linear_backward(st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
-                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
-  }
-  layernorm_backward_into(m_in, dxln.f32(), sc, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
-                          true);
-}
-
-// ---- Triangle multiplication ----------------------------------------------------------------
+// ---- Training ----------------------------------------------------------------------------------
 // Saved: the products P, c_t r^2 floats. Phase 1 (projections, A, B, products) runs by channel
 // groups of A and B; phase 2 (LN_out, linear_z, the gate, the update) by pair rows i. The
 // backward runs phase 2 backward by rows (giving dP), then phase 1 backward by groups.
@@ -883,6 +713,119 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   x_ln = Tensor();
   layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, mean.f32(), rstd.f32(), dz, &g->ln_in,
                           true);
+}
+
+// ---- Models ------------------------------------------------------------------------------------
+
+// Inference: row chunks c1 for the input projections (all channels),
+// c2 for the output side.
+LayerWork trimul_work(const EvoformerConfig& cfg, int64_t r, const WorkChunks& ch) {
+  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
+  const double rr = static_cast<double>(r) * r;
+  LayerWork w;
+  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
+  const int64_t c2 = tri_mul_output_chunk(*ch.ctx, r);
+  w.chunks += div_ceil(r, c1) + div_ceil(r, c2);
+  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  w.batched += 2 * rr * r * ct;
+  w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
+  w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
+  // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
+  // LayerNorm out, sigmoid-mul, residual add.
+  w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
+  return w;
+}
+
+// Training: per channel group, the input projections [4 group, c_z] x
+// [c_z, q pairs] block by block (q = proj_rows * r), channel-major gating into A, B, the
+// batched products; the output side by row chunks. Each group sweeps LN_in(z) [r^2, c_z] once in
+// the forward; in the backward three times (A, B rebuilt; projections re-run; dW) plus a
+// read-modify-write of dL/d LN_in(z).
+// rb: LN_in(z) and the products P (projections, gating, batched products), not the output side.
+LayerWork trimul_train_work(const EvoformerConfig& cfg, int64_t r, const BlockContext& ctx,
+                            LayerWork* rb) {
+  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
+  const double rr = static_cast<double>(r) * r;
+  const TriMulTrainChunks tm = tri_mul_train_chunks(ctx);
+  const int64_t groups = div_ceil(ct, tm.group), q = tm.proj_rows * r;
+  const double proj = 2 * rr * cz * 4 * ct;
+  LayerWork w;
+  w.chunks += groups * div_ceil(r, tm.proj_rows) + div_ceil(r, tm.rows);
+  w.gemm_narrow.push_back({proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
+  w.batched += 2 * rr * r * ct;
+  w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(tm.rows * r)});
+  w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(tm.rows * r)});
+  // LayerNorm in, gating (per part: sigmoid 2, copy 2, two multiplies 3 + 2), P transposed into
+  // rows, LayerNorm out, sigmoid-mul, residual add.
+  w.mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct * 2 + 6 * rr * cz;
+  w.stream += groups * rr * cz;
+  // The backward rebuilds LN_in(z), the projections twice (A, B; then pre-activation), the
+  // gating of A, B, and LN_out.
+  w.re_gemm_narrow.push_back({2 * proj, static_cast<double>(q), static_cast<double>(4 * tm.group)});
+  w.re_mem += 2 * rr * cz + 2 * rr * ct * 9 + 2 * rr * ct;
+  w.bwd_stream += 5 * groups * rr * cz;
+  if (rb) {
+    *rb = LayerWork{};
+    rb->chunks = groups * div_ceil(r, tm.proj_rows);
+    rb->gemm_narrow = w.gemm_narrow;
+    rb->batched = w.batched;
+    rb->mem = 2 * rr * cz + 2 * rr * ct * 9;
+    rb->stream = w.stream;
+  }
+  return w;
+}
+
+namespace {
+// Weights of one channel group of the triangle multiplication (gathered W, b).
+int64_t tri_mul_group_w(const BlockContext& ctx, int64_t cg) {
+  return 4 * cg * ctx.cfg->c_z + 4 * cg;
+}
+
+// The products of the training forward: P [c_t, r, r] stays; the group's weights, a block of its
+// projections, A and B are transient.
+void replay_products(AllocReplay& S, const BlockContext& ctx) {
+  const int64_t r = ctx.r, rr = r * r, ct = ctx.cfg->c_hidden_mul;
+  const TriMulTrainChunks c = tri_mul_train_chunks(ctx);
+  const int64_t tmp = tri_mul_group_w(ctx, c.group) + 2 * c.proj_rows * r * 4 * c.group +
+                      2 * c.group * rr;  // G.W, G.b, T, Y, A, B
+  S.alloc(ct * rr);
+  S.alloc(tmp);
+  S.free(tmp);
+}
+}  // namespace
+
+void tri_mul_train_replay(AllocReplay& S, const BlockContext& ctx, bool keep) {
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t rows = tri_mul_train_chunks(ctx).rows * r;
+  S.alloc(rr * cz);  // x_ln
+  replay_products(S, ctx);
+  S.alloc(rows * (ct + 2 * cz));  // p, y, g
+  S.free(rows * (ct + 2 * cz));
+  S.free(rr * cz);
+  if (!keep) S.free(ct * rr);
+}
+
+void tri_mul_backward_replay(AllocReplay& S, const BlockContext& ctx, bool kept) {
+  const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
+  const int64_t rows = chunks.rows * r;
+  S.alloc(rr * cz + 2 * rr);  // x_ln, mean, rstd
+  if (!kept) replay_products(S, ctx);
+  S.alloc(rr * cz + ct * rr);  // dxln, dP
+  const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
+  S.alloc(phase2);
+  S.free(phase2);
+  S.free(ct * rr);  // P
+  const int64_t cg = chunks.group;
+  const int64_t q = chunks.proj_rows * r;
+  const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * q * 4 * cg + q +
+                         4 * cg * rr;  // G.W, G.b, gW, gb, T, dT, ones, A, B, dA, dB
+  S.alloc(phase1);
+  S.free(phase1);
+  S.free(ct * rr + rr * cz);  // dP, x_ln
+  S.alloc(ln_scratch(rr, cz));
+  S.free(ln_scratch(rr, cz));
+  S.free(rr * cz + 2 * rr);  // dxln, mean, rstd
 }
 
 }  // namespace fc

@@ -1,20 +1,38 @@
-// Training forward and exact backward of the ExtraMSA block's global column attention, chunked
-// over residue columns (see train.h). The forward does the arithmetic of
-// msa_column_global_attention (modules.cc) with the same kernels; the state of a chunk is its
-// k | v | g projections, queries, attention outputs and log-sum-exps.
+#include "layers/global_attention.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "foldcube/status.h"
+#include "foldcube/tensor.h"
 #include "kernels/backward.h"
+#include "kernels/convert.h"
+#include "kernels/fused.h"
 #include "kernels/kernels.h"
-#include "model/train.h"
+#include "kernels/typed.h"
+#include "layers/layer_util.h"
+#include "model/dropout.h"
 
 namespace fc {
 
 namespace {
 constexpr int64_t kF = sizeof(float);
+
+// Chunk buffers per residue column: x [s, c_e], kvg [s, 2C + H*C], mean [c_e], q/o [H*C].
+int64_t global_attention_item_bytes(const EvoformerConfig& cfg, int64_t s) {
+  const int64_t ce = cfg.c_m, C = cfg.c_hidden_msa_att, hc = cfg.no_heads_msa * C;
+  return (s * ce + s * (2 * C + hc) + ce + hc) * kF;
+}
+
+// The global attention as the attention kernel sees it: per residue b, the H heads are H queries
+// of ONE kernel head of width C over the s keys. Sizes only; the caller sets the pointers.
+kern::AttentionArgs global_attention_dims(const EvoformerConfig& cfg, int64_t n, int64_t s) {
+  kern::AttentionArgs a;
+  a.B = n, a.Lq = cfg.no_heads_msa, a.Lk = s, a.H = 1, a.C = cfg.c_hidden_msa_att;
+  a.scale = 1.f / std::sqrt(static_cast<float>(a.C));
+  return a;
+}
 
 // Sizes of the module at a context.
 struct GlobalDims {
@@ -61,7 +79,7 @@ void masked_means(const BlockContext& ctx, const GlobalDims& d, const float* x, 
 }
 
 // The attention of n columns as the kernel sees it: per column, the H heads are H queries of one
-// kernel head of width C over the s keys (as in modules.cc).
+// kernel head of width C over the s keys (as the inference form runs it).
 kern::AttentionArgs global_args(const GlobalDims& d, const BlockContext& ctx,
                                 const GlobalAttentionChunk& k, int64_t r0, int64_t n) {
   kern::AttentionArgs a;
@@ -134,7 +152,100 @@ void gate_backward(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n
     }
   }
 }
+
+kern::AttentionArgs replay_dims(const GlobalDims& d, int64_t n) {
+  kern::AttentionArgs a;
+  a.B = n, a.Lq = d.H, a.Lk = d.s, a.H = 1, a.C = d.C;
+  return a;
+}
+
+int64_t replay_state(const GlobalDims& d, int64_t n) {
+  return n * d.s * d.ld + 2 * n * d.hc + n * d.H;  // kvg, q, o, lse
+}
+
+// chunk_state: the means (transient), q, kvg, o, lse and the attention scratch (transient).
+void replay_chunk_state(AllocReplay& S, const BlockContext& ctx, const GlobalDims& d, int64_t n) {
+  const int64_t scratch = kern::attention_scratch_floats(replay_dims(d, n), ctx.threads);
+  S.alloc(n * d.ce);  // mu
+  S.alloc(n * d.hc);  // q
+  S.free(n * d.ce);
+  S.alloc(n * d.s * d.ld + n * d.hc + n * d.H);  // kvg, o, lse
+  S.alloc(scratch);
+  S.free(scratch);
+}
 }  // namespace
+
+// ---- Inference ---------------------------------------------------------------------------------
+
+int64_t global_attention_chunk(const BlockContext& ctx) {
+  return pick_chunk(ctx, ctx.r, global_attention_item_bytes(*ctx.cfg, ctx.s));
+}
+
+void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
+                                 float eps, float* m) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, ce = cfg.c_m;
+  const int64_t C = cfg.c_hidden_msa_att, hc = cfg.no_heads_msa * C, ld = 2 * C + hc;
+  const int64_t ch = global_attention_chunk(ctx);
+  Tensor x = Tensor::empty({ch, s, ce});     // LN(m^T) chunk, then the update
+  Tensor kvg = Tensor::empty({ch * s, ld});  // [(b, j), k | v | g]
+  Tensor mean = Tensor::empty({ch, ce});     // masked mean of x over the sequences
+  Tensor qo = Tensor::empty({ch, hc});       // q, then the attention output o (in place)
+  Tensor scratch = Tensor::empty(
+      {kern::attention_scratch_floats(global_attention_dims(cfg, ch, s), ctx.threads)});
+  float* xp = x.f32();
+  float* kp = kvg.f32();
+  float* gp = kp + 2 * C;  // gate columns of kvg
+  float* mp = mean.f32();
+  float* qp = qo.f32();
+  for (int64_t r0 = 0; r0 < r; r0 += ch) {
+    const int64_t n = std::min(ch, r - r0);
+    for (int64_t b = 0; b < n; ++b)
+      kern::layernorm(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce, w.ln_m.w.f32(),
+                      w.ln_m.b.f32(), cfg.eps_ln);
+      // mean[b] = sum_j x[b, j] mask[j, b] / (sum_j mask[j, b] + eps)
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < n; ++b) {
+      float* mu = mp + b * ce;
+      std::fill(mu, mu + ce, 0.f);
+      float count = 0.f;
+      for (int64_t j = 0; j < s; ++j) {
+        const float mk = ctx.msa_mask[j * r + r0 + b];
+        const float* xr = xp + (b * s + j) * ce;
+        count += mk;
+        for (int64_t c = 0; c < ce; ++c) mu[c] += mk * xr[c];
+      }
+      for (int64_t c = 0; c < ce; ++c) mu[c] /= count + eps;
+    }
+    kern::linear(mp, ce, n, ce, w.q.w.f32(), nullptr, hc, qp, hc);
+    kern::linear(xp, ce, n * s, ce, w.kvg.w.f32(), w.kvg.b.f32(), ld, kp, ld);
+    kern::AttentionArgs a = global_attention_dims(cfg, n, s);
+    a.q = qp, a.q_bs = hc, a.q_rs = C;  // q [b, h*C + c]: head h is query h
+    a.k = kp, a.k_bs = s * ld, a.k_rs = ld;
+    a.v = kp + C, a.v_bs = s * ld, a.v_rs = ld;
+    a.mask_bias = ctx.msa_bias_t + r0 * s;  // [n, s]
+    a.o = qp, a.o_bs = hc, a.o_rs = C;      // a query tile is read before it is overwritten
+    kern::attention(a, scratch.f32(), ctx.threads);
+    // g[b, j] = o[b] * sigmoid(linear_g(x[b, j]))
+    kern::sigmoid_inplace(gp, ld, n * s, hc);
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < n * s; ++row)
+      kern::mul_inplace(gp + row * ld, ld, qp + (row / s) * hc, hc, 1, hc);
+    kern::linear(gp, ld, n * s, hc, w.o.w.f32(), bias_ptr(w.o), ce, xp, ce);
+    for (int64_t b = 0; b < n; ++b)
+      kern::add_inplace(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce);
+  }
+}
+
+int64_t msa_column_global_attention_bytes(const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t item = global_attention_item_bytes(cfg, ctx.s);
+  const int64_t ch = global_attention_chunk(ctx);
+  return ch * item +
+         kern::attention_scratch_floats(global_attention_dims(cfg, ch, ctx.s), ctx.threads) * kF;
+}
+
+// ---- Training ----------------------------------------------------------------------------------
 
 int64_t global_attention_train_chunk(const BlockContext& ctx) {
   const GlobalDims d = global_dims(ctx);
@@ -251,6 +362,81 @@ void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
                                scratch.f32(), /*accumulate=*/true);
   }
   kept.clear();
+}
+
+// ---- Models ------------------------------------------------------------------------------------
+
+// Global column attention (ExtraMSA), chunked over columns: per column the k | v | g projection [s,
+// c_e] x [c_e, 2C + HC], the query of the masked mean, the attention of H queries over s keys with
+// one head, the gating and linear_o. rb: LN, means, q, k | v | g and the attention, not the gating
+// nor linear_o.
+LayerWork global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                const WorkChunks& ch, LayerWork* rb) {
+  const int64_t ce = cfg.c_m, H = cfg.no_heads_msa, C = cfg.c_hidden_msa_att, hc = H * C;
+  const int64_t ld = 2 * C + hc;
+  const int64_t n =
+      ch.training ? global_attention_train_chunk(*ch.ctx) : global_attention_chunk(*ch.ctx);
+  const double sr = static_cast<double>(s) * r;
+  LayerWork w;
+  w.chunks += div_ceil(r, n);
+  w.gemm.push_back({2 * sr * ce * ld, static_cast<double>(n * s)});
+  w.gemm.push_back({2.0 * r * ce * hc, static_cast<double>(n)});
+  w.att.push_back({attention_flops(r, 1, H, s, C), static_cast<double>(s)});
+  w.gemm.push_back({2 * sr * hc * ce, static_cast<double>(n * s)});
+  // LayerNorm, masked mean, gating (sigmoid, multiply), residual add.
+  w.mem += 2 * sr * ce + sr * ce + 2 * sr * hc * 2 + 3 * sr * ce;
+  w.re_mem += 3 * sr * ce;  // LayerNorm and masked mean rebuilt per chunk
+  if (rb) {
+    *rb = LayerWork{};
+    rb->chunks = w.chunks;
+    rb->gemm = {w.gemm[0], w.gemm[1]};
+    rb->att = w.att;
+    rb->mem = 3 * sr * ce;
+  }
+  return w;
+}
+
+void global_attention_train_replay(AllocReplay& S, const BlockContext& ctx, bool keep) {
+  const GlobalDims d = global_dims(ctx);
+  const int64_t ch = global_attention_train_chunk(ctx);
+  for (int64_t r0 = 0; r0 < ctx.r; r0 += ch) {
+    const int64_t n = std::min(ch, ctx.r - r0), rows = n * d.s;
+    S.alloc(rows * d.ce);  // x
+    replay_chunk_state(S, ctx, d, n);
+    S.free(rows * d.ce);
+    S.alloc(rows * (d.hc + d.ce));  // y, u
+    S.free(rows * (d.hc + d.ce));
+    if (!keep) S.free(replay_state(d, n));
+  }
+}
+
+void global_attention_backward_replay(AllocReplay& S, const BlockContext& ctx, bool kept) {
+  const GlobalDims d = global_dims(ctx);
+  const int64_t ch = global_attention_train_chunk(ctx);
+  for (int64_t r0 = 0; r0 < ctx.r; r0 += ch) {
+    const int64_t n = std::min(ch, ctx.r - r0), rows = n * d.s;
+    S.alloc(rows * d.ce + 2 * rows);  // x, mean, rstd
+    if (!kept) replay_chunk_state(S, ctx, d, n);
+    S.alloc(n * d.ce);              // mu
+    S.alloc(rows * d.hc);           // dy
+    S.alloc(rows * (d.ce + d.hc));  // du, y
+    S.free(rows * (d.ce + d.hc));
+    S.alloc(rows * d.ld + n * d.hc);  // dkvg, dout
+    S.free(rows * d.hc);              // dy
+    S.alloc(n * d.hc);                // dq
+    const int64_t scratch =
+        kern::attention_backward_scratch_floats(replay_dims(d, n), ctx.threads, false);
+    S.alloc(scratch);
+    S.free(scratch);
+    S.free(2 * n * d.hc + n * d.H);         // dout, o, lse
+    S.alloc(n * d.ce);                      // dmu
+    S.free(2 * n * d.hc + n * d.ce);        // dq, q, mu
+    S.alloc(rows * d.ce);                   // dxln
+    S.free(2 * rows * d.ld + rows * d.ce);  // dkvg, kvg, x
+    S.free(n * d.ce);                       // dmu
+    S.alloc(ln_scratch(d.s, d.ce));
+    S.free(ln_scratch(d.s, d.ce) + rows * d.ce + 2 * rows);  // scratch, dxln, mean, rstd
+  }
 }
 
 }  // namespace fc

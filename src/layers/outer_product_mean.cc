@@ -1,0 +1,529 @@
+#include "layers/outer_product_mean.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+#include "kernels/backward.h"
+#include "kernels/convert.h"
+#include "kernels/fused.h"
+#include "kernels/kernels.h"
+#include "kernels/typed.h"
+#include "layers/layer_util.h"
+#include "model/dropout.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+
+// opm_pairs_from_outer rounding to bf16: p [(i, j), (c, e)] (bf16) from o [(i, c), (j, e)] (f32).
+void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t co, uint16_t* p) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        kern::f32_to_bf16(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co);
+}
+
+// The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
+// nullptr means one shard holding every column (cols = r). With bf16 products (bf16_products) a
+// and b are stored in bf16, the outer products take bf16 inputs with f32 accumulation, and the
+// pairs p are rounded to bf16 for the output Linear (bf16 weights, f32 accumulation); the mask
+// counts, the normalisation and the residual add stay f32.
+void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t col0,
+              int64_t cols, const float* mask_cols, const ShardGather* gather, float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t parts = gather != nullptr ? gather->parts : 1;
+  const bool bf16 = bf16_products(ctx, parts);
+  const DType pt = bf16 ? DType::BF16 : DType::F32;  // storage of a, b and p
+  Tensor a = Tensor::empty({s, cols, co}, pt);       // linear_1(LN(m)) * mask
+  Tensor b = Tensor::empty({s, cols, co}, pt);       // linear_2(LN(m)) * mask
+  {
+    const int64_t ch = opm_projection_chunk(ctx, cols);
+    Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * cols, cm});  // LN(m) chunk (unfused)
+    Tensor ab = Tensor::empty({ch * cols, 2 * co});
+    const Tensor wb = ctx.fused ? gemm_weights(w.l12.w, ctx.dtype) : Tensor();  // [2*c_o, c_m]
+    for (int64_t s0 = 0; s0 < s; s0 += ch) {
+      const int64_t n = std::min(ch, s - s0);
+      if (ctx.fused) {
+        kern::LayerNormLinearArgs la = ln_linear_dims(1, n * cols, cm, 2 * co, ctx.dtype);
+        la.x = m + s0 * cols * cm, la.x_rs = cm;
+        la.gamma = w.ln.w.f32(), la.beta = w.ln.b.f32(), la.eps = cfg.eps_ln;
+        la.W = w.l12.w.f32(), la.bias = bias_ptr(w.l12), la.W_bf16 = bf16_ptr(wb);
+        la.y = ab.f32(), la.ldy = 2 * co;
+        Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
+        kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+      } else {
+        kern::layernorm(m + s0 * cols * cm, cm, x.f32(), cm, n * cols, cm, w.ln.w.f32(),
+                        w.ln.b.f32(), cfg.eps_ln);
+        kern::linear(x.f32(), cm, n * cols, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
+                     2 * co);
+      }
+      float* abp = ab.f32();
+      const float* mask = mask_cols + s0 * cols;
+      if (bf16) {
+        uint16_t* ap = a.data<uint16_t>() + s0 * cols * co;
+        uint16_t* bp = b.data<uint16_t>() + s0 * cols * co;
+        kern::scale_rows(abp, 2 * co, mask, n * cols, 2 * co);
+#pragma omp parallel for schedule(static)
+        for (int64_t row = 0; row < n * cols; ++row) {
+          kern::f32_to_bf16(abp + row * 2 * co, ap + row * co, co);
+          kern::f32_to_bf16(abp + row * 2 * co + co, bp + row * co, co);
+        }
+        continue;
+      }
+      float* ap = a.f32() + s0 * cols * co;
+      float* bp = b.f32() + s0 * cols * co;
+#pragma omp parallel for schedule(static)
+      for (int64_t row = 0; row < n * cols; ++row)
+        for (int64_t c = 0; c < co; ++c) {
+          ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
+          bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
+        }
+    }
+  }
+  // Every shard's b, shard-major: [parts][s, cols, c_o] (= b itself for one shard).
+  if (gather != nullptr && !bf16) {
+    Tensor all = Tensor::empty({gather->parts, s, cols, co});
+    gather->fn(b.f32(), s * cols * co, all.f32());
+    b = all;
+  }
+  Tensor norm = Tensor::empty({cols, r});  // sum_s mask[s,i] mask[s,j]
+  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f, norm.f32(),
+             r);
+
+  const int64_t ch = opm_outer_chunk(ctx, cols);
+  const Tensor wo = bf16 ? gemm_weights(w.out.w, DType::BF16) : Tensor();  // [c_z, c_o*c_o] bf16
+  Tensor o = Tensor::empty({ch * co, r * co});                             // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co}, pt);                         // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});
+  const float* out_bias = w.mean_first ? nullptr : bias_ptr(w.out);
+  for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+    const int64_t n = std::min(ch, cols - i0);
+    if (bf16) {
+      kern::gemm_typed(DType::BF16, true, false, n * co, r * co, s, 1.f,
+                       a.data<uint16_t>() + i0 * co, cols * co, b.data<uint16_t>(), r * co, 0.f,
+                       o.f32(), r * co);
+      opm_pairs_from_outer_bf16(o.f32(), n, r, co, p.data<uint16_t>());
+      float beta = 0.f;
+      if (out_bias != nullptr) {
+        for (int64_t row = 0; row < n * r; ++row) std::copy_n(out_bias, cz, y.f32() + row * cz);
+        beta = 1.f;
+      }
+      kern::gemm_typed(DType::BF16, false, true, n * r, cz, co * co, 1.f, p.data<uint16_t>(),
+                       co * co, wo.data<uint16_t>(), co * co, beta, y.f32(), cz);
+    } else {
+      const int64_t bw = r / parts * co;  // columns (j, e) of one shard
+      for (int64_t q = 0; q < parts; ++q)
+        kern::gemm(true, false, n * co, bw, s, 1.f, a.f32() + i0 * co, cols * co,
+                   b.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
+      opm_pairs_from_outer(o.f32(), n, r, co, p.f32());
+      kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(), out_bias, cz, y.f32(), cz);
+    }
+    opm_residual(w, cfg, y.f32(), norm.f32() + i0 * r, n * r, z + i0 * r * cz);
+  }
+}
+
+// Adjoint of opm_residual for `rows` pairs: dy [rows, c_z] = dL/d (linear_out.w outer
+// (+ bias)) from dz; with w.mean_first the unscaled bias's gradient (sum of dz over the rows)
+// accumulates into g->out.b here (else linear_backward gives it from dy).
+void opm_residual_backward(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* dz,
+                           const float* norm, int64_t rows, float* dy, OuterProductMeanW* g) {
+  const int64_t cz = cfg.c_z;
+  const float eps = cfg.eps_opm;
+  const bool af3 = w.mean_first;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = af3 ? 1.f / std::max(norm[row], 1.f) : 1.f / (norm[row] + eps);
+    for (int64_t c = 0; c < cz; ++c) dy[row * cz + c] = dz[row * cz + c] * inv;
+  }
+  float* gb = bias_ptr(g->out);
+  if (!af3 || gb == nullptr) return;
+  for (int64_t c = 0; c < cz; ++c) {
+    double sum = 0;
+    for (int64_t row = 0; row < rows; ++row) sum += dz[row * cz + c];
+    gb[c] += static_cast<float>(sum);
+  }
+}
+
+// One chunk of the outer product: rows i0 .. i0+n of outer[(i, j), (c, e)] = sum_s a[s,i,c]
+// b[s,j,e] into p [n*r, co*co], through o [n*co, r*co] (the GEMM layout [(i, c), (j, e)]). As in
+// outer_product_mean.
+void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t co, int64_t i0,
+                 int64_t n, float* o, float* p) {
+  kern::gemm(true, false, n * co, r * co, s, 1.f, a + i0 * co, r * co, b, r * co, 0.f, o, r * co);
+  opm_pairs_from_outer(o, n, r, co, p);
+}
+
+// The OPM state's LN(m) with its statistics and the masked projections a, b for m [s, cols, c_m]
+// (all residues, or a DAP shard's columns) with mask [s, cols].
+void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* m,
+                     int64_t s, int64_t cols, const float* mask, OuterProductMeanState* st) {
+  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, rows = s * cols;
+  st->mean = Tensor::empty({rows});
+  st->rstd = Tensor::empty({rows});
+  st->x_ln = Tensor::empty({rows, cm});
+  st->a = Tensor::empty({s, cols, co});
+  st->b = Tensor::empty({s, cols, co});
+  kern::layernorm(m, cm, st->x_ln.f32(), cm, rows, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
+                  st->mean.f32(), st->rstd.f32());
+  Tensor ab = Tensor::empty({rows, 2 * co});  // linear_1 | linear_2, before masking
+  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
+               2 * co);
+  const float* abp = ab.f32();
+  float* ap = st->a.f32();
+  float* bp = st->b.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t c = 0; c < co; ++c) {
+      ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
+      bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
+    }
+}
+}  // namespace
+
+// ---- Inference ---------------------------------------------------------------------------------
+
+int64_t opm_projection_chunk(const BlockContext& ctx, int64_t cols) {
+  const int64_t cm = ctx.cfg->c_m, co = ctx.cfg->c_hidden_opm;
+  return pick_chunk(ctx, ctx.s, cols * (cm + 2 * co) * kF);
+}
+
+int64_t opm_outer_chunk(const BlockContext& ctx, int64_t cols) {
+  const int64_t r = ctx.r, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
+  return pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
+}
+
+int64_t opm_outer_backward_chunk(const BlockContext& ctx, int64_t cols) {
+  const int64_t r = ctx.r, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
+  return pick_chunk(ctx, cols, 3 * co * r * co * kF + r * cz * kF);
+}
+
+void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        std::memcpy(p + ((i * r + j) * co + c) * co, o + (i * co + c) * r * co + j * co, co * kF);
+}
+
+void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t co, float* o) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        std::memcpy(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co * kF);
+}
+
+void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
+                  const float* norm, int64_t rows, float* z) {
+  const int64_t cz = cfg.c_z;
+  if (!w.mean_first) {
+    const float eps = cfg.eps_opm;
+#pragma omp parallel for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      const float inv = 1.f / (norm[row] + eps);
+      for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv;
+    }
+    return;
+  }
+  const float* b = bias_ptr(w.out);
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = 1.f / std::max(norm[row], 1.f);
+    for (int64_t c = 0; c < cz; ++c)
+      z[row * cz + c] += y[row * cz + c] * inv + (b != nullptr ? b[c] : 0.f);
+  }
+}
+
+void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                        float* z) {
+  opm_impl(w, ctx, m, 0, ctx.r, ctx.msa_mask, nullptr, z);
+}
+
+void outer_product_mean_shard(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                              int64_t col0, int64_t cols, const float* mask_cols,
+                              const ShardGather& gather, float* z) {
+  FC_CHECK(gather.parts >= 1 && cols * gather.parts == ctx.r);
+  opm_impl(w, ctx, m, col0, cols, mask_cols, &gather, z);
+}
+
+int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, cz = cfg.c_z, co = cfg.c_hidden_opm;
+  const int64_t ab = 2 * s * cols * co;  // a, b
+  const int64_t ch1 = opm_projection_chunk(ctx, cols);
+  const int64_t ch2 = opm_outer_chunk(ctx, cols);
+  const int64_t gathered = parts > 1 ? s * r * co : 0;
+  // Projection phase: the ab chunk beside LN(m) (unfused) or the fused kernel's scratch.
+  const int64_t proj =
+      ctx.fused ? ch1 * cols * 2 * co +
+                      kern::layernorm_linear_scratch_floats(
+                          ln_linear_dims(1, ch1 * cols, cm, 2 * co, ctx.dtype), ctx.threads)
+                : ch1 * cols * (cm + 2 * co);
+  const int64_t wb = ctx.fused ? gemm_weights_bytes(2 * co * cm, ctx.dtype) : 0;
+  if (bf16_products(ctx, parts)) {
+    // a, b and the pairs chunk in bf16, beside the bf16 copy of linear_out's weights.
+    const int64_t ab_bytes = ab * 2;
+    return std::max(ab_bytes + kF * proj + wb,
+                    ab_bytes + gemm_weights_bytes(cz * co * co, DType::BF16) +
+                        kF * (cols * r + ch2 * (co * r * co + r * cz)) + 2 * ch2 * r * co * co);
+  }
+  return std::max({kF * (ab + proj) + wb, kF * (ab + gathered),
+                   kF * (s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
+                         ch2 * (2 * co * r * co + r * cz))});
+}
+
+// ---- Training ----------------------------------------------------------------------------------
+
+void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                              float* z, OuterProductMeanState* st) {
+  *st = OuterProductMeanState{};
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  opm_projections(w, cfg, m, s, r, ctx.msa_mask, st);
+  st->norm = Tensor::empty({r, r});
+  kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, st->norm.f32(), r);
+  if (!z) return;
+
+  const int64_t ch = opm_outer_chunk(ctx, r);
+  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
+  for (int64_t i0 = 0; i0 < r; i0 += ch) {
+    const int64_t n = std::min(ch, r - i0);
+    outer_chunk(st->a.f32(), st->b.f32(), s, r, co, i0, n, o.f32(), p.f32());
+    kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(),
+                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
+  }
+}
+
+void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                 const BlockContext& ctx, const float* m_in,
+                                 const OuterProductMeanState& st, const float* dz, float* dm) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sr = s * r, rco = r * co;
+  Tensor dxln = Tensor::empty({sr, cm});  // dL/d LN(m)
+  {
+    Tensor dab = Tensor::empty({sr, 2 * co});  // dL/d (linear_1 | linear_2), before masking
+    {
+      Tensor da = Tensor::empty({s, r, co});  // dL/d a
+      Tensor db = Tensor::zeros({s, r, co});  // dL/d b (summed over the chunks of i)
+      const float* ap = st.a.f32();
+      const float* bp = st.b.f32();
+      const int64_t ch = opm_outer_backward_chunk(ctx, r);
+      Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient, [(i, c), (j, e)]
+      Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
+      Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
+      Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
+      for (int64_t i0 = 0; i0 < r; i0 += ch) {
+        const int64_t n = std::min(ch, r - i0);
+        outer_chunk(ap, bp, s, r, co, i0, n, o.f32(), p.f32());
+        float* dyp = dy.f32();
+        opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
+        kern::linear_backward(p.f32(), co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz,
+                              dp.f32(), co * co, g->out.w.f32(),
+                              w.mean_first ? nullptr : bias_ptr(g->out));
+        const float* dpp = dp.f32();
+        float* dop = o.f32();
+        opm_outer_from_pairs(dpp, n, r, co, dop);
+        // outer = A^T B with A = a, B = b viewed [s, r*c_o]: dA = B dO^T, dB += A dO.
+        kern::gemm(false, true, s, n * co, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * co,
+                   rco);
+        kern::gemm(false, false, s, rco, n * co, 1.f, ap + i0 * co, rco, dop, rco, 1.f, db.f32(),
+                   rco);
+      }
+      const float* dap = da.f32();
+      const float* dbp = db.f32();
+      float* dabp = dab.f32();
+      const float* mask = ctx.msa_mask;
+#pragma omp parallel for schedule(static)
+      for (int64_t row = 0; row < sr; ++row)
+        for (int64_t c = 0; c < co; ++c) {
+          dabp[row * 2 * co + c] = dap[row * co + c] * mask[row];
+          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask[row];
+        }
+    }
+    kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
+                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
+  }
+  layernorm_backward_into(m_in, dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
+                          true);
+}
+
+void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockContext& ctx,
+                                    const float* m, int64_t col0, int64_t cols,
+                                    const float* mask_cols, const ShardGather& gather, float* z,
+                                    OuterProductMeanState* st) {
+  *st = OuterProductMeanState{};
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sc = s * cols, parts = gather.parts;
+  FC_CHECK(parts >= 1 && cols * parts == r);
+  opm_projections(w, cfg, m, s, cols, mask_cols, st);
+  st->norm = Tensor::empty({cols, r});
+  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f,
+             st->norm.f32(), r);
+  if (!z) return;
+  Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
+  gather.fn(st->b.f32(), sc * co, b_all.f32());
+  const int64_t ch = opm_outer_chunk(ctx, cols);
+  const int64_t bw = cols * co;                 // columns (j, e) of one shard
+  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
+  for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+    const int64_t n = std::min(ch, cols - i0);
+    for (int64_t q = 0; q < parts; ++q)
+      kern::gemm(true, false, n * co, bw, s, 1.f, st->a.f32() + i0 * co, bw,
+                 b_all.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
+    const float* op = o.f32();
+    float* pp = p.f32();
+    opm_pairs_from_outer(op, n, r, co, pp);
+    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(),
+                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
+  }
+}
+
+void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
+                                       const BlockContext& ctx, const float* m_in, int64_t cols,
+                                       const float* mask_cols, const OuterProductMeanState& st,
+                                       const ShardGather& gather, const ShardReduce& reduce,
+                                       const float* dz, float* dm) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t sc = s * cols, parts = gather.parts, bw = cols * co, rco = r * co;
+  FC_CHECK(parts >= 1 && cols * parts == r && reduce.parts == parts);
+  Tensor dxln = Tensor::empty({sc, cm});  // dL/d LN(m)
+  {
+    Tensor dab = Tensor::empty({sc, 2 * co});  // dL/d (linear_1 | linear_2), before masking
+    {
+      Tensor da = Tensor::empty({s, cols, co});  // dL/d a
+      Tensor db = Tensor::empty({s, cols, co});  // dL/d b, summed over the shards
+      {
+        Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
+        gather.fn(st.b.f32(), sc * co, b_all.f32());
+        Tensor db_all = Tensor::zeros({parts, s, cols, co});  // this shard's part of dL/d b
+        const float* ap = st.a.f32();
+        const int64_t ch = opm_outer_backward_chunk(ctx, cols);
+        Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient
+        Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
+        Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
+        Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
+        for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+          const int64_t n = std::min(ch, cols - i0);
+          for (int64_t q = 0; q < parts; ++q)
+            kern::gemm(true, false, n * co, bw, s, 1.f, ap + i0 * co, bw, b_all.f32() + q * s * bw,
+                       bw, 0.f, o.f32() + q * bw, rco);
+          const float* op = o.f32();
+          float* pp = p.f32();
+          opm_pairs_from_outer(op, n, r, co, pp);
+          float* dyp = dy.f32();
+          opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
+          kern::linear_backward(pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz, dp.f32(),
+                                co * co, g->out.w.f32(), w.mean_first ? nullptr : bias_ptr(g->out));
+          const float* dpp = dp.f32();
+          float* dop = o.f32();
+          opm_outer_from_pairs(dpp, n, r, co, dop);
+          // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
+          for (int64_t q = 0; q < parts; ++q) {
+            kern::gemm(false, true, s, n * co, bw, 1.f, b_all.f32() + q * s * bw, bw, dop + q * bw,
+                       rco, q == 0 ? 0.f : 1.f, da.f32() + i0 * co, bw);
+            kern::gemm(false, false, s, bw, n * co, 1.f, ap + i0 * co, bw, dop + q * bw, rco, 1.f,
+                       db_all.f32() + q * s * bw, bw);
+          }
+        }
+        b_all = Tensor();
+        o = p = dp = dy = Tensor();
+        reduce.fn(db_all.f32(), sc * co, db.f32());
+      }
+      const float* dap = da.f32();
+      const float* dbp = db.f32();
+      float* dabp = dab.f32();
+#pragma omp parallel for schedule(static)
+      for (int64_t row = 0; row < sc; ++row)
+        for (int64_t c = 0; c < co; ++c) {
+          dabp[row * 2 * co + c] = dap[row * co + c] * mask_cols[row];
+          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask_cols[row];
+        }
+    }
+    kern::linear_backward(st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
+                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
+  }
+  layernorm_backward_into(m_in, dxln.f32(), sc, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
+                          true);
+}
+
+// ---- Models ------------------------------------------------------------------------------------
+
+// rb: LayerNorm, the masked projections a, b and the mask normaliser (the outer product is rebuilt
+// by every backward, counted in re_batched).
+LayerWork opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const WorkChunks& ch,
+                   LayerWork* rb) {
+  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  LayerWork w;
+  // Training chunks only the outer product (residue blocks i); the projections run whole.
+  const int64_t c1 = ch.training ? s : opm_projection_chunk(*ch.ctx, r);
+  const int64_t c2 = opm_outer_chunk(*ch.ctx, r);
+  w.chunks += div_ceil(s, c1) + div_ceil(r, c2);
+  const double sr = static_cast<double>(s) * r, rr = static_cast<double>(r) * r;
+  w.gemm.push_back({2 * sr * cm * 2 * co, static_cast<double>(c1 * r)});
+  w.gemm.push_back({2 * rr * s, static_cast<double>(r)});  // mask normaliser
+  w.batched += 2 * rr * co * co * s;                       // outer products (K = s)
+  w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
+  w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
+  w.re_batched += 2 * rr * co * co * s;  // the outer product is rebuilt chunk by chunk
+  if (rb) {
+    *rb = LayerWork{};
+    rb->gemm = {w.gemm[0], w.gemm[1]};
+    rb->mem = 2 * sr * cm + 4 * sr * co;
+  }
+  return w;
+}
+
+int64_t opm_state_floats(const BlockContext& ctx) {
+  const int64_t sr = ctx.s * ctx.r;
+  return sr * (2 + ctx.cfg->c_m + 2 * ctx.cfg->c_hidden_opm) + ctx.r * ctx.r;
+}
+
+// z_update: the forward adds into z (else only the state is built, the module-policy recompute).
+void opm_train_replay(AllocReplay& S, const BlockContext& ctx, bool z_update, bool keep) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, sr = s * r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  S.alloc(sr * (2 + cfg.c_m + 2 * co));  // mean, rstd, x_ln, a, b
+  S.alloc(2 * sr * co);                  // ab
+  S.free(2 * sr * co);
+  S.alloc(r * r);  // norm
+  if (z_update) {
+    const int64_t ch = opm_outer_chunk(ctx, r);
+    const int64_t chunk = ch * r * (2 * co * co + cz);  // o, p, y
+    S.alloc(chunk);
+    S.free(chunk);
+  }
+  if (!keep) S.free(opm_state_floats(ctx));
+}
+
+void opm_backward_replay(AllocReplay& S, const BlockContext& ctx) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, sr = s * r, cm = cfg.c_m, co = cfg.c_hidden_opm;
+  const int64_t cz = cfg.c_z;
+  S.alloc(sr * cm);      // dxln
+  S.alloc(2 * sr * co);  // dab
+  const int64_t ch = opm_outer_backward_chunk(ctx, r);
+  const int64_t inner = 2 * sr * co + ch * r * (3 * co * co + cz);  // da, db; o, p, dp, dy
+  S.alloc(inner);
+  S.free(inner);
+  S.free(2 * sr * co);
+  S.alloc(ln_scratch(sr, cm));
+  S.free(ln_scratch(sr, cm));
+  S.free(sr * cm);
+}
+
+}  // namespace fc

@@ -1,0 +1,237 @@
+#include "layers/transition.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "foldcube/status.h"
+#include "foldcube/tensor.h"
+#include "kernels/backward.h"
+#include "kernels/convert.h"
+#include "kernels/fused.h"
+#include "kernels/kernels.h"
+#include "kernels/typed.h"
+#include "layers/layer_util.h"
+#include "model/dropout.h"
+
+namespace fc {
+
+namespace {
+constexpr int64_t kF = sizeof(float);
+}  // namespace
+
+// ---- Inference ---------------------------------------------------------------------------------
+
+namespace {
+// The fused transition's arguments on x [rows, c] (row_scale: the masked transition's mask).
+kern::TransitionArgs transition_args(const TransitionW& w, const BlockContext& ctx, float* x,
+                                     int64_t rows, int64_t c, const float* row_scale) {
+  kern::TransitionArgs a;
+  a.rows = rows, a.c = c, a.hidden = w.l1.w.dim(0);
+  a.x = x;
+  a.gamma = w.ln.w.f32(), a.beta = w.ln.b.f32(), a.eps = ctx.cfg->eps_ln;
+  a.W1 = w.l1.w.f32(), a.b1 = w.l1.b.f32(), a.W2 = w.l2.w.f32(), a.b2 = w.l2.b.f32();
+  a.row_scale = row_scale;
+  a.dtype = ctx.dtype;
+  return a;
+}
+
+void transition_fused(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                      int64_t c, const float* row_scale) {
+  kern::TransitionArgs a = transition_args(w, ctx, x, rows, c, row_scale);
+  const Tensor w1 = gemm_weights(w.l1.w, ctx.dtype);  // [hidden, c] bf16 (BF16 only)
+  const Tensor w2 = gemm_weights(w.l2.w, ctx.dtype);  // [c, hidden]
+  a.W1_bf16 = bf16_ptr(w1), a.W2_bf16 = bf16_ptr(w2);
+  Tensor scratch = Tensor::empty({kern::transition_scratch_floats(a, ctx.threads)});
+  kern::transition(a, scratch.f32(), ctx.threads);
+}
+
+// Both forms on x [rows, c]: fused, or the reference path by row chunks; row_mask [rows] (or
+// nullptr) scales each row's update (the masked form adds it after the scaling, the plain form
+// accumulates linear_2 into x).
+void transition_rows(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                     int64_t c, const float* row_mask) {
+  if (ctx.fused) return transition_fused(w, ctx, x, rows, c, row_mask);
+  const int64_t nc = w.l1.w.dim(0);
+  const int64_t ch = transition_chunk(ctx, rows, c, nc);
+  Tensor t = Tensor::empty({ch, c});   // LN(x) chunk, then the masked update
+  Tensor h = Tensor::empty({ch, nc});  // hidden chunk
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    kern::layernorm(x + r0 * c, c, t.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+    kern::linear(t.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+    kern::relu_inplace(h.f32(), nc, n, nc);
+    if (row_mask == nullptr) {
+      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, x + r0 * c, c, true);
+      continue;
+    }
+    kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, t.f32(), c);
+    kern::scale_rows(t.f32(), c, row_mask + r0, n, c);
+    kern::add_inplace(x + r0 * c, c, t.f32(), c, n, c);
+  }
+}
+}  // namespace
+
+void transition(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows, int64_t c) {
+  transition_rows(w, ctx, x, rows, c, nullptr);
+}
+
+void masked_msa_transition(const TransitionW& w, const BlockContext& ctx, float* m) {
+  transition_rows(w, ctx, m, ctx.s * ctx.r, ctx.cfg->c_m, ctx.msa_mask);
+}
+
+int64_t transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  return pick_chunk(ctx, rows, (c + nc) * kF);
+}
+
+int64_t transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  if (ctx.fused) {
+    kern::TransitionArgs a;
+    a.rows = rows, a.c = c, a.hidden = nc, a.dtype = ctx.dtype;
+    return gemm_weights_bytes(2 * nc * c, ctx.dtype) +
+           kern::transition_scratch_floats(a, ctx.threads) * kF;
+  }
+  return transition_chunk(ctx, rows, c, nc) * (c + nc) * kF;
+}
+
+// ---- Training ----------------------------------------------------------------------------------
+
+int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  // Per row: the kept hidden row and the backward's buffers (LN(x), dLN(x), dh).
+  return pick_chunk(ctx, rows, (2 * c + 2 * nc + 2) * kF);
+}
+
+void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
+                      int64_t c, TransitionState* st, const float* row_mask) {
+  const int64_t nc = w.l1.w.dim(0);
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    float* xr = x + r0 * c;
+    Tensor h = Tensor::empty({n, nc});  // relu(linear_1(LN(x))) of the chunk
+    {
+      Tensor x_ln = Tensor::empty({n, c});
+      kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+    }
+    kern::relu_inplace(h.f32(), nc, n, nc);
+    if (row_mask == nullptr) {
+      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
+    } else {
+      Tensor u = Tensor::empty({n, c});  // the chunk's update, masked per row
+      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, u.f32(), c);
+      kern::scale_rows(u.f32(), c, row_mask + r0, n, c);
+      kern::add_inplace(xr, c, u.f32(), c, n, c);
+    }
+    if (st) st->h.push_back(std::move(h));
+  }
+}
+
+// dL/d out (the chunk's rows of dx) is fully read by the first linear_backward before anything
+// accumulates into them, so it needs no copy.
+void transition_backward(const TransitionW& w, TransitionW* g, const BlockContext& ctx,
+                         const float* x_in, TransitionState* st, float* dx, int64_t rows, int64_t c,
+                         const float* row_mask) {
+  const int64_t nc = w.l1.w.dim(0);
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
+               "transition state was saved with another chunking");
+  for (int64_t r0 = 0, idx = 0; r0 < rows; r0 += ch, ++idx) {
+    const int64_t n = std::min(ch, rows - r0);
+    const float* xr = x_in + r0 * c;
+    float* dxr = dx + r0 * c;
+    Tensor x_ln = Tensor::empty({n, c});
+    Tensor mean = Tensor::empty({n});
+    Tensor rstd = Tensor::empty({n});
+    kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
+                    mean.f32(), rstd.f32());
+    Tensor h;  // [n, nc] kept by the forward, or recomputed
+    if (st->h.empty()) {
+      h = Tensor::empty({n, nc});
+      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+      kern::relu_inplace(h.f32(), nc, n, nc);
+    } else {
+      h = std::move(st->h[idx]);
+    }
+    Tensor dh = Tensor::empty({n, nc});  // dL/d h, then dL/d linear_1 output
+    {
+      Tensor du;  // [n, c] dL/d the unmasked update (masked form only)
+      if (row_mask != nullptr) {
+        du = Tensor::empty({n, c});
+        std::memcpy(du.f32(), dxr, static_cast<size_t>(n * c) * kF);
+        kern::scale_rows(du.f32(), c, row_mask + r0, n, c);
+      }
+      kern::linear_backward(h.f32(), nc, n, nc, w.l2.w.f32(), c, du.defined() ? du.f32() : dxr, c,
+                            dh.f32(), nc, g->l2.w.f32(), g->l2.b.f32());
+    }
+    kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
+    h = Tensor();
+    Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
+    kern::linear_backward(x_ln.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
+                          g->l1.w.f32(), g->l1.b.f32());
+    dh = Tensor();
+    x_ln = Tensor();
+    layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, mean.f32(), rstd.f32(), dxr, &g->ln, true);
+  }
+  st->h.clear();
+}
+
+// ---- Models ------------------------------------------------------------------------------------
+
+// rb: LayerNorm, linear_1 and ReLU (the hidden h), not linear_2.
+LayerWork transition_work(int64_t rows, int64_t c, int64_t n, const WorkChunks& ch, LayerWork* rb) {
+  LayerWork w;
+  const int64_t k = ch.training ? transition_train_chunk(*ch.ctx, rows, c, n * c)
+                                : transition_chunk(*ch.ctx, rows, c, n * c);
+  w.gemm.push_back({4.0 * rows * c * n * c, static_cast<double>(k)});
+  w.chunks += div_ceil(rows, k);
+  w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
+  w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
+  if (rb) {
+    *rb = LayerWork{};
+    rb->chunks = w.chunks;
+    rb->gemm.push_back({2.0 * rows * c * n * c, static_cast<double>(k)});
+    rb->mem = w.mem;
+  }
+  return w;
+}
+
+// masked: the ExtraMSA MSA transition (its update, resp. the update's gradient, in a buffer).
+void transition_train_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
+                             int64_t nc, bool keep, bool masked) {
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(n * nc);  // h
+    S.alloc(n * c);   // x_ln
+    S.free(n * c);
+    if (masked) {
+      S.alloc(n * c);  // u
+      S.free(n * c);
+    }
+    if (!keep) S.free(n * nc);
+  }
+}
+
+void transition_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
+                                int64_t nc, bool kept, bool masked) {
+  const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  for (int64_t r0 = 0; r0 < rows; r0 += ch) {
+    const int64_t n = std::min(ch, rows - r0);
+    S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
+    if (!kept) S.alloc(n * nc);  // h
+    S.alloc(n * nc);             // dh
+    if (masked) {
+      S.alloc(n * c);  // du
+      S.free(n * c);
+    }
+    S.free(n * nc);          // h
+    S.alloc(n * c);          // dxln
+    S.free(n * nc + n * c);  // dh, x_ln
+    S.alloc(ln_scratch(n, c));
+    S.free(ln_scratch(n, c));
+    S.free(n * c + 2 * n);  // dxln, mean, rstd
+  }
+}
+
+}  // namespace fc
