@@ -158,6 +158,21 @@ TEST(DapCli, TrainingMatchesSingleProcess) {
   EXPECT_EQ(j["backward_sent_bytes_per_rank"], j["backward_sent_bytes_per_rank_model"]);
 }
 
+// Every tensor of an ExtraMSA training step's output file within the golden tolerances of the
+// extra_tiny reference f (outputs 1e-4; dL/d inputs and all 93 parameter gradients 2e-4).
+void expect_extra_golden(const std::string& path, const TensorFile& f) {
+  TensorFile got;
+  ASSERT_TRUE(read_safetensors(path, &got).ok());
+  int grads = 0;
+  for (const std::string& name : got.names) {
+    ASSERT_TRUE(f.has(name)) << name;
+    const double tol = name.rfind("grad.", 0) == 0 ? 2e-4 : 1e-4;
+    EXPECT_LT(test::golden_err(got.tensors.at(name), f.tensors.at(name)), tol) << name;
+    grads += name.rfind("grad.", 0) == 0;
+  }
+  EXPECT_EQ(grads, 2 + 93);
+}
+
 // The ExtraMSA stack under DAP on 2 and 4 ranks (s = 10 padded to 12 on 4 ranks), forward and
 // training: every tensor of the output file within the golden tolerances of the OpenFold
 // reference (outputs, dL/d inputs, dL/d every parameter) and within 1e-5 of one process.
@@ -193,16 +208,7 @@ TEST(DapCli, ExtraMsaGoldenOnTwoAndFourRanks) {
     EXPECT_EQ(j["backward_sent_bytes_per_rank"], j["backward_sent_bytes_per_rank_model"]);
     expect_same_tensors(f1, fn, 1e-5);
     expect_same_tensors(t1, tn, 1e-5);
-    TensorFile got;
-    ASSERT_TRUE(read_safetensors(tn, &got).ok());
-    int grads = 0;
-    for (const std::string& name : got.names) {
-      ASSERT_TRUE(f.has(name)) << name;
-      const double tol = name.rfind("grad.", 0) == 0 ? 2e-4 : 1e-4;
-      EXPECT_LT(test::golden_err(got.tensors.at(name), f.tensors.at(name)), tol) << name;
-      grads += name.rfind("grad.", 0) == 0;
-    }
-    EXPECT_EQ(grads, 2 + 93);
+    expect_extra_golden(tn, f);
   }
 }
 
@@ -445,16 +451,7 @@ TEST(DapCli, ExtraMsaGoldenUnderDapPlan) {
           " --grad-outputs " + gfile + " --threads 1 --quiet --policy " + policy +
           (target > 0 ? " --chunk-target " + std::to_string(target) : "") + " --out " + out);
   ASSERT_EQ(r.code, 0) << r.out;
-  TensorFile got;
-  ASSERT_TRUE(read_safetensors(out, &got).ok());
-  int grads = 0;
-  for (const std::string& name : got.names) {
-    ASSERT_TRUE(f.has(name)) << name;
-    const double tol = name.rfind("grad.", 0) == 0 ? 2e-4 : 1e-4;
-    EXPECT_LT(test::golden_err(got.tensors.at(name), f.tensors.at(name)), tol) << name;
-    grads += name.rfind("grad.", 0) == 0;
-  }
-  EXPECT_EQ(grads, 2 + 93);
+  expect_extra_golden(out, f);
 }
 
 // A saved plan with dap = 2: runs on 2 ranks (every policy, estimate within 7 % above the

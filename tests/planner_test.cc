@@ -352,8 +352,8 @@ TEST(Planner, SearchIsOptimalExtraMsa) {
   ASSERT_TRUE(Plan::from_json(p.to_json(), &back).ok());
   EXPECT_TRUE(back.extra_msa);
   EXPECT_EQ(back.policy, p.policy);
-  p.dap =
-      2;  // DAP and inference plans of the ExtraMSA stack (issue 16; tests/extra_msa_plan_test.cc)
+  // DAP and inference plans of the ExtraMSA stack (issue 16; ExtraMsaPlan.*).
+  p.dap = 2;
   EXPECT_TRUE(p.validate().ok());
   PlanRequest q = train_request(af2, 64, 24, int64_t{1} << 34);
   q.extra_msa = true;
