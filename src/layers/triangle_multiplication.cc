@@ -717,22 +717,31 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
 
 // ---- Models ------------------------------------------------------------------------------------
 
-// Inference: row chunks c1 for the input projections (all channels),
-// c2 for the output side.
+// Inference, as tri_mul_impl runs it (tri_mul_phase1): per channel group of cg channels, the
+// input projections [ch*r, c_z] x [c_z, 4 cg] row chunk by row chunk (a narrow product when the
+// channels are grouped), LN_in(z) once when kept or one group, else again per group; the batched
+// products; the output side by row chunks of c2.
 LayerWork trimul_work(const EvoformerConfig& cfg, int64_t r, const WorkChunks& ch) {
   const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
   const double rr = static_cast<double>(r) * r;
-  LayerWork w;
-  const int64_t c1 = ch(r, r * (cz + 4 * ct) * kF);
+  const TriMulPhase1 ph = tri_mul_phase1(*ch.ctx, r, 1);
+  const int64_t groups = div_ceil(ct, ph.cg);
   const int64_t c2 = tri_mul_output_chunk(*ch.ctx, r);
-  w.chunks += div_ceil(r, c1) + div_ceil(r, c2);
-  w.gemm.push_back({2 * rr * cz * 4 * ct, static_cast<double>(c1 * r)});
+  LayerWork w;
+  w.chunks += groups * div_ceil(r, ph.ch) + div_ceil(r, c2);
+  const double proj = 2 * rr * cz * 4 * ct;
+  if (groups == 1)
+    w.gemm.push_back({proj, static_cast<double>(ph.ch * r)});
+  else
+    w.gemm_narrow.push_back({proj, static_cast<double>(ph.ch * r), static_cast<double>(4 * ph.cg)});
   w.batched += 2 * rr * r * ct;
   w.gemm.push_back({2 * rr * ct * cz, static_cast<double>(c2 * r)});
   w.gemm.push_back({2 * rr * cz * cz, static_cast<double>(c2 * r)});
-  // LayerNorm in (twice), gating of the projections (sigmoid, mul, mask), A/B and P transposes,
-  // LayerNorm out, sigmoid-mul, residual add.
-  w.mem += 4 * rr * cz + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 + 6 * rr * cz;
+  // LayerNorm in (for the projections: once, or per group; for the gate: once), gating of the
+  // projections (sigmoid, mul, mask), A/B and P transposes, LayerNorm out, sigmoid-mul, residual.
+  const double ln_in_passes = ph.keep_ln || groups == 1 ? 1.0 : static_cast<double>(groups);
+  w.mem += 2 * rr * cz * (ln_in_passes + 1) + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 +
+           6 * rr * cz;
   return w;
 }
 
