@@ -23,18 +23,7 @@ while (($#)); do
 done
 
 # clang, its compiler-rt (libFuzzer, sanitizer runtimes) and LLVM's OpenMP runtime.
-PACKAGES=(clang libclang-rt-dev libomp-dev)
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "fuzz: installing ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+bash scripts/ensure_packages.sh clang libclang-rt-dev libomp-dev
 bash scripts/setup.sh --deps-only
 
 LAUNCHER=()

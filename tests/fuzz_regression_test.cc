@@ -12,6 +12,7 @@
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/planner.h"
+#include "npz_util.h"
 #include "test_util.h"
 
 namespace fc {
@@ -96,6 +97,23 @@ TEST(FuzzRegression, OutOfRangeFloatsForIntegerFieldsAreErrors) {
       EXPECT_FALSE(st.ok()) << v;
     }
   }
+}
+
+// npz target: a .npy header dict whose key is not followed by ':' echoed the raw key ("expected
+// ':' after '<key>'"); a key spanning a newline (fuzz/regressions/npz/key-with-newline) broke
+// the one-line error contract. The key is now quoted with control characters as \xNN.
+TEST(FuzzRegression, NpyHeaderKeyWithNewlineStaysOnOneLine) {
+  using namespace fc::test;
+  const std::string zip =
+      build_zip({{"x.npy", npy_raw("{'d\nx\r' 1}", bytes_of(std::vector<float>{1}))}});
+  TensorFile f;
+  const Status st =
+      parse_npz_bytes(reinterpret_cast<const uint8_t*>(zip.data()), zip.size(), "k.npz", &f);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_EQ(st.message().find('\n'), std::string::npos) << st.message();
+  EXPECT_EQ(st.message().find('\r'), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("expected ':' after 'd\\x0ax\\x0d'"), std::string::npos)
+      << st.message();
 }
 
 }  // namespace

@@ -353,7 +353,17 @@ void nearest_centres_ref(const uint8_t* extra, int64_t num_extra, const uint8_t*
 }
 
 // Clones for x86-64 only (GCC/Clang function multiversioning); other targets get one version.
-#if defined(__x86_64__) && defined(__GNUC__)
+// None under ThreadSanitizer: the clones' resolver runs while the dynamic loader relocates the
+// binary, before the TSan runtime is initialised, and its instrumented entry crashes.
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define FC_NO_BYTE_CLONES
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define FC_NO_BYTE_CLONES
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FC_NO_BYTE_CLONES)
 #define FC_BYTE_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
 #else
 #define FC_BYTE_CLONES

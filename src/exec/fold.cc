@@ -334,7 +334,8 @@ Status fold(const FoldOptions& o, std::vector<FoldJobResult>* results) {
       ao.recycle_tolerance = o.recycle_tolerance;
       ao.passes = o.recycles + 1;
       ao.dtype = o.dtype;
-      ao.progress = [&](int pass, const std::string& stage) {
+      // A copy of the binding: clang 14 (fuzz and TSan builds) cannot capture a binding.
+      ao.progress = [&, model = model](int pass, const std::string& stage) {
         if (stage == "structure_module")
           progress(model, job.name, step / steps,
                    "recycling pass " + std::to_string(pass + 1) + " of " +

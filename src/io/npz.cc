@@ -78,7 +78,7 @@ class NpyHeaderParser {
       std::string key;
       if (!string(&key)) return fail("bad key in the header dict", error);
       skip_ws();
-      if (!eat(':')) return fail("expected ':' after '" + key + "'", error);
+      if (!eat(':')) return fail("expected ':' after " + printable(key), error);
       skip_ws();
       if (key == "descr") {
         if (has_descr) return fail("duplicate key 'descr'", error);
