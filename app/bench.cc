@@ -580,24 +580,29 @@ int bench_modules(const BenchArgs& a, int threads, const std::string& exe,
   dev.threads = threads;
   EvoformerConfig cfg;
   cfg.no_blocks = 1;
+  if (a.extra) {  // AF2's extra-MSA stack, as `foldcube plan --stack extra_msa`
+    cfg.c_m = 64;
+    cfg.c_hidden_msa_att = 8;
+  }
   const int repeats = a.repeats > 0 ? a.repeats : 1;
   std::printf(
-      "foldcube bench --modules: one AF2 block, training step (policy none), s=%lld r=%lld, %d "
-      "thread(s), profile '%s'\n\n",
-      static_cast<long long>(s), static_cast<long long>(r), threads, dev.name.c_str());
+      "foldcube bench --modules: one AF2 %s block, training step (policy none), s=%lld r=%lld, "
+      "%d thread(s), profile '%s'\n\n",
+      a.extra ? "ExtraMSA" : "Evoformer", static_cast<long long>(s), static_cast<long long>(r),
+      threads, dev.name.c_str());
   std::printf(
       "| target MiB | module | est. fwd ms | meas. fwd ms | est/meas | est. bwd ms | meas. bwd ms "
       "| est/meas |\n|---|---|---|---|---|---|---|---|\n");
   nlohmann::json rows = nlohmann::json::array();
   for (const int64_t tgt : targets) {
-    const std::string cmd = "'" + exe + "' run --quiet --backward --profile --s " +
-                            std::to_string(s) + " --r " + std::to_string(r) +
-                            " --blocks 1 --threads " + std::to_string(threads) +
-                            " --chunk-target " + std::to_string(tgt) + " --warmup 1 --repeats " +
-                            std::to_string(repeats) + " --report '" + report + "'";
+    const std::string cmd =
+        "'" + exe + "' run --quiet --backward --profile" + (a.extra ? " --stack extra_msa" : "") +
+        " --s " + std::to_string(s) + " --r " + std::to_string(r) + " --blocks 1 --threads " +
+        std::to_string(threads) + " --chunk-target " + std::to_string(tgt) +
+        " --warmup 1 --repeats " + std::to_string(repeats) + " --report '" + report + "'";
     nlohmann::json j;
     if (!run_row(cmd, report, &j)) return 1;
-    const std::vector<ModuleCost> est = block_module_costs(cfg, s, r, 0, tgt, true, dev);
+    const std::vector<ModuleCost> est = block_module_costs(cfg, s, r, 0, tgt, true, dev, a.extra);
     double ef = 0, eb = 0, mf = 0, mb = 0;
     for (const ModuleCost& c : est) {
       const nlohmann::json& m = j["module_ms"][c.name];

@@ -99,6 +99,7 @@ struct BenchArgs {
   std::string profile;    // --plan, --modules: device profile JSON (default: this machine's)
   bool modules = false;   // per-module cost model vs measured training step (--shapes s:r)
   std::string targets;    // --modules: training chunk targets, e.g. "1MiB,8MiB,32MiB"
+  bool extra = false;     // --modules: the ExtraMSA block (AF2 extra-MSA dims) instead
   std::string dtype = "fp32";  // forward table: `run --dtype` of every row (fp32 | bf16)
 };
 int bench_command(const BenchArgs& a, const std::string& self_exe);

@@ -141,6 +141,9 @@ CLI::App* add_bench(CLI::App& app, fc::app::BenchArgs& ba) {
   bench->add_flag("--modules", ba.modules,
                   "cost model per training module (estimate vs measured forward and backward) at "
                   "one s:r (default 128:256) for each chunk target of --targets");
+  bench->add_flag("--extra-msa", ba.extra,
+                  "with --modules: the ExtraMSA block (c_e = 64, 8 heads of 8) instead of the "
+                  "Evoformer's");
   bench->add_option("--targets", ba.targets,
                     "with --modules: training chunk targets (default 1MiB,4MiB,16MiB,64MiB,1GiB)");
   bench->add_option("--memory", ba.memory, "--plan: the memory budget (default: forcing)");
@@ -188,7 +191,7 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   plan->add_option(
           "--stack", pa.stack,
           "evoformer | extra_msa | pairformer | msa_module (extra_msa: the ExtraMSA stack, "
-          "training on one process, --config with c_m = c_e, default AF2's c_e = 64, 8 "
+          "inference or training, DAP/DP, --config with c_m = c_e, default AF2's c_e = 64, 8 "
           "heads of 8; AF3: a memory plan, --r tokens, --s MSA rows, AF3 dims or "
           "--weights' dims)")
       ->check(CLI::IsMember({"evoformer", "extra_msa", "pairformer", "msa_module"}));

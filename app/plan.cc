@@ -41,6 +41,13 @@ namespace {
 
 double mib(int64_t b) { return static_cast<double>(b) / 1048576.0; }
 
+// This process's peak resident set so far (rank 0's under MPI).
+int64_t peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<int64_t>(u.ru_maxrss) * 1024;  // Linux: KiB
+}
+
 Status read_text(const std::string& path, std::string* out) {
   std::ifstream f(path);
   if (!f) return Status::NotFound("cannot read " + path);
@@ -65,10 +72,16 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
         "--plan takes the DAP and DP degrees from the plan; drop --dap / --dp (launch "
         "mpirun -np dap*dp)");
   if (!a.weights.empty() || !a.inputs.empty() || !a.grad_outputs.empty() || !a.out.empty() ||
-      a.stack == "extra_msa" || a.profile)
+      a.profile)
     return Status::InvalidArgument(
-        "--plan runs the Evoformer stack on random weights and inputs (--s, --r, --blocks, "
-        "--config, --seed); drop --weights, --inputs, --grad-outputs, --out, --stack, --profile");
+        "--plan runs the Evoformer (or with --stack extra_msa the ExtraMSA) stack on random "
+        "weights and inputs (--s, --r, --blocks, --config, --seed); drop --weights, --inputs, "
+        "--grad-outputs, --out, --profile");
+  const bool stack_given = !a.stack.empty() && a.stack != "auto";
+  if (stack_given && a.stack != "evoformer" && a.stack != "extra_msa")
+    return Status::InvalidArgument("--plan runs --stack evoformer or extra_msa, not '" + a.stack +
+                                   "'");
+  const bool extra_msa = a.stack == "extra_msa";
   DeviceProfile dev;
   FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.plan_profile, false, &dev));
   dev.threads = num_threads();  // memory (per-thread scratch) follows this run's threads
@@ -80,6 +93,11 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     if (budget <= 0)
       return Status::InvalidArgument("--plan auto needs --memory-budget (e.g. 2GiB)");
     PlanRequest req;
+    req.extra_msa = extra_msa;
+    if (extra_msa && a.config.empty()) {  // AF2's extra-MSA stack, as `foldcube plan`
+      req.cfg.c_m = 64;
+      req.cfg.c_hidden_msa_att = 8;
+    }
     if (!a.config.empty()) FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &req.cfg));
     req.cfg.no_blocks = a.blocks;
     req.s = a.s;
@@ -107,6 +125,10 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     }
     if (training && !plan.training)
       return Status::InvalidArgument(a.plan + " is an inference plan; drop --backward");
+    if (stack_given && extra_msa != plan.extra_msa)
+      return Status::InvalidArgument(a.plan + " is a plan of the " +
+                                     (plan.extra_msa ? "extra_msa" : "evoformer") +
+                                     " stack, not of --stack " + a.stack);
     const int need = plan.dap * plan.dp;
     if (need != ranks)
       return Status::InvalidArgument(
@@ -124,10 +146,6 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
   if (plan.threads != num_threads())
     return Status::InvalidArgument("the plan is for " + std::to_string(plan.threads) +
                                    " thread(s), this run has " + std::to_string(num_threads()));
-  if (plan.extra_msa)
-    return Status::InvalidArgument(a.plan +
-                                   " is an ExtraMSA plan; run it with --stack extra_msa --policy "
-                                   "and --chunk-target from the plan");
   if (plan.dap * plan.dp > 1 && plan.r != plan.r_real)
     return Status::InvalidArgument("a bucketed plan (r_real < r) runs in one process only");
   *out = std::move(plan);
@@ -142,12 +160,12 @@ Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement&
   const bool within = budget <= 0 || ms.peak_tracked_bytes <= budget;
   if (!a.quiet) {
     std::printf(
-        "foldcube run --plan %s: %s, Evoformer %lld block(s), s=%lld r=%lld, %d thread(s)%s, "
+        "foldcube run --plan %s: %s, %s %lld block(s), s=%lld r=%lld, %d thread(s)%s, "
         "profile %s\n",
         a.plan.c_str(), plan.training ? "training step" : "inference",
-        static_cast<long long>(plan.cfg.no_blocks), static_cast<long long>(plan.s),
-        static_cast<long long>(plan.r), num_threads(), ranks.size() > 1 ? " per rank" : "",
-        plan.profile.c_str());
+        plan.extra_msa ? "ExtraMSA" : "Evoformer", static_cast<long long>(plan.cfg.no_blocks),
+        static_cast<long long>(plan.s), static_cast<long long>(plan.r), num_threads(),
+        ranks.size() > 1 ? " per rank" : "", plan.profile.c_str());
     if (ranks.size() > 1)
       std::printf("  DAP over %d rank(s) x %d data-parallel group(s); measured = max over ranks\n",
                   plan.dap, plan.dp);
@@ -170,6 +188,8 @@ Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement&
       row("activations", mib(plan.activation_bytes), mib(ms.activation_bytes), "MiB");
     }
     row("tracked peak", mib(plan.peak_bytes), mib(ms.peak_tracked_bytes), "MiB");
+    std::printf("  peak RSS       %12s %12.1f %8s  MiB%s\n", "", mib(peak_rss_bytes()), "",
+                ranks.size() > 1 ? " (rank 0)" : "");
     if (ranks.size() > 1)
       for (size_t k = 0; k < ranks.size(); ++k)
         std::printf("    rank %-3zu tracked peak %9.1f MiB, activations %9.1f MiB, %9.1f ms\n", k,
@@ -192,6 +212,7 @@ Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement&
     j["backward_ms"] = ms.backward_ms;
     j["peak_bytes_estimate"] = plan.peak_bytes;
     j["peak_tracked_bytes"] = ms.peak_tracked_bytes;
+    j["peak_rss_bytes"] = peak_rss_bytes();  // this process (rank 0)
     j["activation_bytes_estimate"] = plan.activation_bytes;
     j["activation_bytes"] = ms.activation_bytes;
     j["memory_budget_bytes"] = budget;

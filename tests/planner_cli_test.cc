@@ -56,8 +56,7 @@ TEST(PlannerCli, SearchJson) {
   EXPECT_TRUE(j["fits"].get<bool>());
 }
 
-// `plan --stack extra_msa --train`: the ExtraMSA stack's plan (AF2 extra-MSA dims by default), one
-// process; inference and DAP are refused.
+// `plan --stack extra_msa [--train]`: the ExtraMSA stack's plans (AF2 extra-MSA dims by default).
 TEST(PlannerCli, ExtraMsaTraining) {
   Result r = run_cli(
       "plan --stack extra_msa --train --s 512 --r 128 --blocks 4 --memory 4GiB "
@@ -71,9 +70,12 @@ TEST(PlannerCli, ExtraMsaTraining) {
   EXPECT_EQ(j["dap"].get<int>(), 1);
   EXPECT_TRUE(j["module_chunks"].contains("msa_att_col"));
   EXPECT_TRUE(j["fits"].get<bool>());
-  r = run_cli("plan --stack extra_msa --s 512 --r 128 --memory 4GiB --profile " + profile_path());
-  EXPECT_EQ(r.code, 1) << r.out;
-  EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+  r = run_cli("plan --stack extra_msa --s 512 --r 128 --memory 4GiB --profile " + profile_path() +
+              " --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_FALSE(j["training"].get<bool>());
+  EXPECT_EQ(j["stack"].get<std::string>(), "extra_msa");
   r = run_cli("plan --stack pairformer --train --profile " + profile_path());
   EXPECT_EQ(r.code, 1) << r.out;
 }
@@ -158,11 +160,47 @@ TEST(PlannerCli, RunPlanAutoWithinBudget) {
                             "peak_tracked_bytes", "activation_bytes_estimate", "activation_bytes"})
       EXPECT_TRUE(j.contains(key)) << key;
     EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
-    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["peak_bytes_estimate"].get<int64_t>());
+    EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);  // exact (inference too)
     EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
     EXPECT_EQ(j["training"].get<bool>(), !mode.empty());
     EXPECT_GT(j["time_ms"].get<double>(), 0);
   }
+}
+
+// `run --plan auto --stack extra_msa` (AF2 extra-MSA dims) just above the smallest feasible budget,
+// inference and training: within the budget, the tracked peak (and the training step's
+// activations) the memory model's to the byte; a saved ExtraMSA plan runs, and --stack evoformer
+// with it is a user error.
+TEST(PlannerCli, RunPlanAutoExtraMsa) {
+  for (const std::string mode : {"", "--backward"}) {
+    const std::string args =
+        "--stack extra_msa --s 24 --r 20 --blocks 2 --threads 2 --plan-profile " + profile_path() +
+        " " + mode;
+    const double mib = smallest_budget_mib(args);
+    ASSERT_GT(mib, 0) << mode;
+    const std::string report = test::temp_file("run_plan_extra.json");
+    const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
+    const Result r =
+        run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+    const nlohmann::json j = read_json(report);
+    EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
+    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
+    EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);
+    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+  }
+  const std::string plan = test::temp_file("saved_extra_plan.json");
+  Result r = run_cli(
+      "plan --stack extra_msa --train --s 16 --r 12 --blocks 2 --memory 1GiB --policy block "
+      "--devices 1 --profile " +
+      profile_path() + " --out " + plan);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::string prof = " --threads 2 --plan-profile " + profile_path();
+  r = run_cli("run --plan " + plan + prof);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+  expect_user_error(run_cli("run --plan " + plan + " --stack evoformer" + prof), "extra_msa");
 }
 
 // A saved plan runs as saved; bad combinations are one-line errors.

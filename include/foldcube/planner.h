@@ -137,8 +137,8 @@ struct Plan {
   int dap = 1, dp = 1;
   DType dtype = DType::F32;  // F32 | BF16 | F16 (JSON "fp32" | "bf16" | "fp16")
   int threads = 1;
-  // The ExtraMSA stack (JSON "stack": "extra_msa"; c_m holds c_e): training plans on one
-  // process only (dap = dp = 1).
+  // The ExtraMSA stack (JSON "stack": "extra_msa"; c_m holds c_e): inference and training, DAP
+  // and DP as for the Evoformer.
   bool extra_msa = false;
   // Estimates (filled by make_plan / evaluate_plan).
   double time_ms = 0;              // one step: dp proteins, each over dap ranks
@@ -175,7 +175,7 @@ struct PlanRequest {
   int dap = 0, dp = 0;           // force degrees (0 = search)
   bool bucket = false;           // pad r up to the next bucket
   std::vector<int64_t> buckets;  // empty = default_buckets()
-  bool extra_msa = false;        // plan the ExtraMSA stack (training, one process)
+  bool extra_msa = false;        // plan the ExtraMSA stack
   // Per-layer partitions (include/foldcube/partition.h): false keeps pure DAP; true picks each
   // layer's split for the chosen DAP degree (Plan::partitions).
   bool split_auto = false;

@@ -9,6 +9,7 @@
 #include "dist/comm_api.h"
 #include "exec/dap.h"
 #include "exec/dap_train.h"
+#include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/parallel.h"
 
@@ -43,8 +44,9 @@ struct Replica {
   dist::Communicator dap;
   int group = 0;
   bool root = false;
-  uint64_t seed = 0;  // protein seed: opts.seed + group
-  EvoformerStack stack;
+  uint64_t seed = 0;           // protein seed: opts.seed + group
+  EvoformerStack stack;        // plan.extra_msa: undefined
+  ExtraMsaStack extra;         // plan.extra_msa: the ExtraMSA stack instead
   Tensor msa_mask, pair_mask;  // [s, r], [r, r] ones when dap == 1
   Tensor gm, gz;               // [s, r, c_m], [r, r, c_z] on the root (training)
 };
@@ -81,7 +83,11 @@ Status step(Replica& R, const PlanRunOptions& opts, int pass, Pass* out) {
     o.seed = R.seed;
     TrainResult res;
     DapTrainStats stats;
-    if (st.ok())
+    if (st.ok() && plan.extra_msa)
+      st = plan.dap > 1 ? dap_train_step(R.extra, R.dap, m, z, Tensor(), Tensor(), R.gm, R.gz, o,
+                                         plan.partitions, &stats, &res)
+                        : R.extra.train_step(m, z, R.msa_mask, R.pair_mask, R.gm, R.gz, o, &res);
+    else if (st.ok())
       st = plan.dap > 1 ? dap_train_step(R.stack, R.dap, m, z, Tensor(), Tensor(), R.gm, R.gz, o,
                                          plan.partitions, &stats, &res)
                         : R.stack.train_step(m, z, R.msa_mask, R.pair_mask, R.gm, R.gz, o, &res);
@@ -104,7 +110,10 @@ Status step(Replica& R, const PlanRunOptions& opts, int pass, Pass* out) {
   o.partitions = plan.partitions;
   Tensor s_out;  // [r, c_s] on the group root
   const auto t0 = Clock::now();
-  if (st.ok())
+  if (st.ok() && plan.extra_msa)
+    st = plan.dap > 1 ? dap_forward(R.extra, R.dap, m, z, Tensor(), Tensor(), o)
+                      : R.extra.forward(m, z, R.msa_mask, R.pair_mask, to_forward_options(plan));
+  else if (st.ok())
     st = plan.dap > 1
              ? dap_forward(R.stack, R.dap, m, z, Tensor(), Tensor(), &s_out, o)
              : R.stack.forward(m, z, R.msa_mask, R.pair_mask, &s_out, to_forward_options(plan));
@@ -152,7 +161,10 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
   R.group = world.rank() / N;
   R.root = R.dap.rank() == 0;
   R.seed = opts.seed + static_cast<uint64_t>(R.group);
-  R.stack = EvoformerStack::random(plan.cfg, opts.seed);
+  if (plan.extra_msa)
+    R.extra = ExtraMsaStack::random(plan.cfg, opts.seed);
+  else
+    R.stack = EvoformerStack::random(plan.cfg, opts.seed);
   const int64_t s = plan.s, r = plan.r;
   if (N == 1) R.msa_mask = Tensor::full({s, r}, 1.f), R.pair_mask = Tensor::full({r, r}, 1.f);
   Status st;

@@ -32,6 +32,17 @@ int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, boo
   return masks + work;
 }
 
+int64_t extra_msa_forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                     bool masks_given, int64_t chunk, int64_t chunk_target_bytes,
+                                     int threads) {
+  constexpr int64_t kF = sizeof(float);
+  const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
+  const int64_t masks = (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
+  int64_t work = 0;  // no output s
+  for (const LayerDesc& l : kExtraMsaBlock) work = std::max(work, layer_workspace_bytes(l, ctx));
+  return masks + work;
+}
+
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                       int64_t base_bytes, int64_t budget_bytes, int threads, InferencePlan* out,
                       DType dtype) {

@@ -42,9 +42,6 @@ Status Plan::validate() const {
     return Status::InvalidArgument("plan: " + std::to_string(partitions.size()) +
                                    " partition lists for " + std::to_string(cfg.no_blocks) +
                                    " blocks");
-  if (extra_msa && (!training || dap != 1 || dp != 1))
-    return Status::InvalidArgument(
-        "plan: an ExtraMSA plan is a training plan on one process (dap = dp = 1)");
   return Status::OK();
 }
 

@@ -196,10 +196,13 @@ int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl);
 // for the step; every rank holds the padded masks (the shards of m and z are in the step terms).
 int64_t base_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
                    int64_t grad_struct, int64_t e, int dap, bool extra_msa) {
-  const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z, masks = 3 * (s * r + r * r);
+  // Masks: the all-ones msa and pair masks; training keeps their biases (and transposes) for the
+  // step, while the forward's are in forward_peak_bytes.
+  const int64_t mz = s * r * cfg.c_m + r * r * cfg.c_z,
+                masks = (training ? 3 : 1) * (s * r + r * r);
   if (dap > 1) {
     const int64_t rl = ceil_div(r, dap);
-    return weights_bytes(cfg, grad_struct, e) +
+    return weights_bytes(cfg, grad_struct, e, extra_msa) +
            ((training ? mz : 0) + dap_mask_elems(ceil_div(s, dap) * dap, rl * dap, rl)) * e;
   }
   return weights_bytes(cfg, grad_struct, e, extra_msa) + ((training ? 2 : 1) * mz + masks) * e;
@@ -282,8 +285,11 @@ int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl) {
 // shapes (module_workspace_bytes on shard contexts), one more shard for a layout change, the
 // outer product mean and the triangle multiplications on their shards (above). Rank 0 also holds
 // the whole inputs before the scatter and the outputs after the gather. Without the weights.
+// extra_msa: the ExtraMSA stack's dap_forward (global column attention and the masked
+// transition, which runs on m by sequences or by residues, in place of the column attention and
+// the MSA transition; no output s).
 int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int n, int64_t chunk,
-                           int64_t target, int threads) {
+                           int64_t target, int threads, bool extra_msa) {
   const int64_t sl = ceil_div(s, n), rl = ceil_div(r, n), sp = sl * n, rp = rl * n;
   const int64_t cm = cfg.c_m, cz = cfg.c_z;
   const int64_t shards = (sl * rp * cm + rl * rp * cz) * kF;
@@ -319,24 +325,33 @@ int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int
   pt.cfg = &pz;
   pt.s = rl;
   pt.r = rp;
-  const int64_t work = std::max(
-      {biased(cfg.no_heads_msa, cfg.c_hidden_msa_att, sl, cm), sl * rp * cm * kF, rl * rp * cz * kF,
-       module_workspace_bytes("msa_att_col", col), module_workspace_bytes("msa_transition", col),
-       outer_product_mean_shard_bytes(full, rl, n),
-       triangle_multiplication_shard_bytes(full, rl, n),
-       biased(cfg.no_heads_pair, cfg.c_hidden_pair_att, rl, cz),
-       module_workspace_bytes("msa_transition", pt)});
+  BlockContext row = base;  // m by sequences (s_l, r_p)
+  row.s = sl;
+  row.r = rp;
+  const int64_t msa_layers =
+      extra_msa
+          ? std::max({layer_workspace_bytes(*find_layer(kExtraMsaBlock, "msa_att_col"), col),
+                      layer_workspace_bytes(*find_layer(kExtraMsaBlock, "msa_transition"), col),
+                      layer_workspace_bytes(*find_layer(kExtraMsaBlock, "msa_transition"), row)})
+          : std::max(module_workspace_bytes("msa_att_col", col),
+                     module_workspace_bytes("msa_transition", col));
+  const int64_t work =
+      std::max({biased(cfg.no_heads_msa, cfg.c_hidden_msa_att, sl, cm), sl * rp * cm * kF,
+                rl * rp * cz * kF, msa_layers, outer_product_mean_shard_bytes(full, rl, n),
+                triangle_multiplication_shard_bytes(full, rl, n),
+                biased(cfg.no_heads_pair, cfg.c_hidden_pair_att, rl, cz),
+                module_workspace_bytes("msa_transition", pt)});
   const int64_t masks = dap_mask_elems(sp, rp, rl) * kF;
   const int64_t m = s * r * cm * kF, z = r * r * cz * kF;
   const int64_t mp = sp * rp * cm * kF, zp = rp * rp * cz * kF;
   const bool padded = sp != s || rp != r;
   // Root: prepare_inputs (all-ones masks, biases, transposes) beside the padded masks; the padded
   // inputs being scattered; the outputs being gathered and cropped, then s [r, c_s].
-  const int64_t root =
-      std::max({m + z + (3 * s * r + 3 * r * r + sp * rp + rp * rp) * kF,
-                masks + shards + mp + zp + (padded ? std::max(m, z) : 0),
-                masks + std::max({mp + (padded ? m : 0) + shards,
-                                  m + zp + (padded ? z : 0) + shards, m + z + r * cfg.c_s * kF})});
+  const int64_t root = std::max(
+      {m + z + (3 * s * r + 3 * r * r + sp * rp + rp * rp) * kF,
+       masks + shards + mp + zp + (padded ? std::max(m, z) : 0),
+       masks + std::max({mp + (padded ? m : 0) + shards, m + zp + (padded ? z : 0) + shards,
+                         m + z + (extra_msa ? 0 : r * cfg.c_s * kF)})});
   return std::max(masks + shards + work, root);
 }
 
@@ -404,14 +419,17 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     p->comm_ms = B * bt.comm_fwd;
     p->activation_bytes = 0;
     const int64_t fwd =
-        forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk, p->chunk_target_bytes, p->threads) /
+        (p->extra_msa ? extra_msa_forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
+                                                     p->chunk_target_bytes, p->threads)
+                      : forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
+                                           p->chunk_target_bytes, p->threads)) /
         kF * e;
     p->peak_bytes = base + fwd;
     if (p->dap > 1)
-      p->peak_bytes =
-          weights_bytes(p->cfg, t.G, e) + dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
-                                                             p->chunk_target_bytes, p->threads) /
-                                              kF * e;
+      p->peak_bytes = weights_bytes(p->cfg, t.G, e, p->extra_msa) +
+                      dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
+                                         p->chunk_target_bytes, p->threads, p->extra_msa) /
+                          kF * e;
   } else {
     p->forward_ms = B * bt.fwd;
     p->backward_ms = B * bt.bwd;
@@ -545,9 +563,6 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         "memory_bytes");
   if (req.fixed_policy && !req.training)
     return Status::InvalidArgument("a recompute policy applies to training plans only (--train)");
-  if (req.extra_msa && (!req.training || req.dap > 1 || req.dp > 1))
-    return Status::InvalidArgument(
-        "the ExtraMSA stack is planned for training on one process only (--train, no --dap/--dp)");
   int64_t r = req.r;
   if (req.bucket)
     FC_RETURN_IF_ERROR(
@@ -581,9 +596,9 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     for (int64_t tgt = dflt; tgt >= 16 << 10; tgt /= 2) chunks.push_back({0, tgt});
     chunks.push_back({1, 0});  // the finest: one item per chunk
   }
-  for (int dap = 1; dap <= (req.extra_msa ? 1 : devices); ++dap) {
+  for (int dap = 1; dap <= devices; ++dap) {
     if (req.dap > 0 && dap != req.dap) continue;
-    for (int dp = 1; dap * dp <= (req.extra_msa ? 1 : devices); ++dp) {
+    for (int dp = 1; dap * dp <= devices; ++dp) {
       if (req.dp > 0 && dp != req.dp) continue;
       for (const auto& [c, tgt] : chunks) settings.push_back({dap, dp, c, tgt});
     }
