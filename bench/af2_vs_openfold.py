@@ -11,7 +11,10 @@ OpenFold runs with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (its fair config
 
 Usage (from the repository root; needs OpenFold in /tmp/openfold, ../shared/peer/setup.sh):
   python3 bench/af2_vs_openfold.py [--r 128,256,384] [--clusters 128] [--extra 1024]
-      [--templates 4] [--blocks 48] [--recycles 1] [--threads 2] [--out-json F]
+      [--templates 4] [--blocks 48] [--recycles 1] [--threads 2] [--dtypes fp32,bf16]
+      [--out-json F]
+--dtypes runs foldcube once per dtype (`run --dtype`; bf16: bf16 GEMM inputs in the stacks);
+OpenFold runs fp32.
 """
 import argparse
 import json
@@ -51,12 +54,12 @@ def sgemm_gflops(threads):
     return None
 
 
-def run_foldcube(a, r, tmp):
-    rep = os.path.join(tmp, f"fc_{r}.json")
+def run_foldcube(a, r, tmp, dtype):
+    rep = os.path.join(tmp, f"fc_{r}_{dtype}.json")
     cmd = [os.path.join(ROOT, "build", "foldcube"), "run", "--model", "af2", "--r", str(r),
            "--s", str(a.clusters), "--extra", str(a.extra), "--templates", str(a.templates),
            "--blocks", str(a.blocks), "--recycles", str(a.recycles), "--threads",
-           str(a.threads), "--report", rep, "--quiet"]
+           str(a.threads), "--dtype", dtype, "--report", rep, "--quiet"]
     l0 = load()
     subprocess.run(cmd, check=True)
     rep = json.load(open(rep))
@@ -97,29 +100,39 @@ def main():
     p.add_argument("--recycles", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peer-chunk", type=int, default=0, help="OpenFold chunk size (0: none)")
+    p.add_argument("--dtypes", default="fp32", help="foldcube dtypes, e.g. fp32,bf16")
     p.add_argument("--out-json")
     a = p.parse_args()
+    dtypes = a.dtypes.split(",")
     if not os.path.exists(PEER):
         sys.exit(f"{PEER} not found")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         gemm = sgemm_gflops(a.threads)
         for r in [int(x) for x in a.r.split(",")]:
-            fc = run_foldcube(a, r, tmp)
+            fcs = {d: run_foldcube(a, r, tmp, d) for d in dtypes}
+            fc = fcs[dtypes[0]]
             of = run_openfold(a, r, tmp)
-            rows.append({"r": r, "foldcube": fc, "openfold": of})
+            rows.append({"r": r, "foldcube": fcs, "openfold": of})
             print(f"\nr={r} S={a.clusters} E={a.extra} T={a.templates} blocks={a.blocks} "
                   f"passes={a.recycles + 1} threads={a.threads}  (SGEMM {gemm or 0:.0f} GFLOP/s; "
                   f"load {fc['load'][0]:.1f}->{fc['load'][1]:.1f} / "
                   f"{of['load'][0]:.1f}->{of['load'][1]:.1f})")
-            print(f"  {'stage':36s} {'foldcube s':>11s} {'OpenFold s':>11s} {'ratio':>7s}")
+            head = "".join(f" {'fc ' + d + ' s':>11s} {'ratio':>7s}" for d in dtypes)
+            print(f"  {'stage':36s}{head} {'OpenFold s':>11s}")
             for fs, os_ in STAGES + [("total", "total")]:
-                t1 = fc["total_s"] if fs == "total" else fc["stages_s"].get(fs, 0.0)
                 t2 = of["total_s"] if os_ == "total" else of["stages_s"].get(os_, 0.0)
-                ratio = f"{t2 / t1:7.2f}" if t1 > 0 and t2 > 0 else "      -"
-                print(f"  {fs:36s} {t1:11.2f} {t2:11.2f} {ratio}")
-            print(f"  peak RSS MiB: foldcube {fc['peak_rss_mib']:.0f} (tracked "
-                  f"{fc['peak_tracked_mib']:.0f}), OpenFold {of['peak_rss_mib']:.0f}")
+                line = ""
+                for d in dtypes:
+                    f = fcs[d]
+                    t1 = f["total_s"] if fs == "total" else f["stages_s"].get(fs, 0.0)
+                    ratio = f"{t2 / t1:7.2f}" if t1 > 0 and t2 > 0 else "      -"
+                    line += f" {t1:11.2f} {ratio}"
+                print(f"  {fs:36s}{line} {t2:11.2f}")
+            for d in dtypes:
+                print(f"  peak RSS MiB: foldcube {d} {fcs[d]['peak_rss_mib']:.0f} (tracked "
+                      f"{fcs[d]['peak_tracked_mib']:.0f})")
+            print(f"  peak RSS MiB: OpenFold {of['peak_rss_mib']:.0f}")
     if a.out_json:
         with open(a.out_json, "w") as f:
             json.dump({"sgemm_gflops": gemm, "args": vars(a), "rows": rows}, f, indent=1)
