@@ -15,7 +15,7 @@ shift || true
 SLOW='af2dims|af2_s|ChunkedTraining|ModelEqualsAllocator|WorkspaceMatchesTrackedPeak'
 SLOW+='|RunPlanAutoWithinBudget|RunSavedPlanAndErrors|TrainingProfilePerModule|PeakWithinSixTimes'
 SLOW+='|DropoutStep|ExtraMsa\.ExportRoundTrip|FullyMaskedColumnIsFinite|InferenceBudget'
-SLOW+='|TriMulGroups|evo_tiny_chunk5|dap_mpi_cli'
+SLOW+='|TriMulGroups|evo_tiny_chunk5|dap_mpi_cli|dap_mpi_af3_cli'
 
 bash scripts/setup.sh --deps-only
 LAUNCHER=()
