@@ -73,6 +73,11 @@ bool is_af3_run(const RunArgs& a);
 int run_af3(const RunArgs& a);
 // Hash of every flag: the ranks of an MPI job must agree on all of them (app/run.cc).
 uint64_t run_args_hash(const RunArgs& a);
+// Checks every rank of an MPI job makes (app/run.cc): the world has the dap x dp ranks the flags
+// ask for; every rank was started with the same flags (`job` names the job in the message, e.g.
+// "--dap"). Each is a collective: call it on every rank.
+Status check_dap_ranks(const RunArgs& a, const Comm& world);
+Status check_same_flags(const RunArgs& a, const Comm& world, const char* job);
 // `--dap N` jobs under mpirun (app/run.cc): a process an MPI launcher started without --dap is a
 // user error; MPI starts when the launcher started several ranks or N > 1.
 Status start_dap_mpi(const RunArgs& a);

@@ -268,10 +268,7 @@ int run_planned(const RunArgs& a) {
     mpi_finalize();
     return s.ok() ? 0 : 1;
   };
-  if (!world.all_equal(run_args_hash(a)))
-    return end(Status::InvalidArgument(
-        "the ranks were started with different command lines; every rank of a --plan job needs "
-        "the same flags"));
+  if (const Status st = check_same_flags(a, world, "--plan"); !st.ok()) return end(st);
   Plan plan;
   std::string text;
   if (world.rank() == 0) {

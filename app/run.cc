@@ -402,17 +402,8 @@ Status dap_training_command(const RunArgs& a, const RunOptions& o, const Comm& w
 
 // The flags every rank checks before the job: rank count, identical command lines, options.
 Status check_dap_flags(const RunArgs& a, const Comm& world, RunOptions* o) {
-  const int ranks = a.dap * a.dp;
-  if (world.size() != ranks)
-    return Status::InvalidArgument(
-        (a.dp > 1 ? "--dp " + std::to_string(a.dp) + " --dap " + std::to_string(a.dap)
-                  : "--dap " + std::to_string(a.dap)) +
-        " needs " + std::to_string(ranks) + " MPI ranks, the job has " +
-        std::to_string(world.size()) + " (mpirun -np " + std::to_string(ranks) + ")");
-  if (!world.all_equal(run_args_hash(a)))
-    return Status::InvalidArgument(
-        "the ranks were started with different command lines; every rank of a --dap job needs "
-        "the same flags");
+  FC_RETURN_IF_ERROR(check_dap_ranks(a, world));
+  FC_RETURN_IF_ERROR(check_same_flags(a, world, "--dap"));
   if (!a.memory_budget.empty() || a.profile)
     return Status::InvalidArgument("--dap does not support --memory-budget or --profile yet");
   return run_options(a, o);
@@ -430,6 +421,23 @@ int dap_command(const RunArgs& a) {
   return end_mpi(world, st);
 }
 }  // namespace
+
+Status check_dap_ranks(const RunArgs& a, const Comm& world) {
+  const int ranks = a.dap * a.dp;
+  if (world.size() == ranks) return Status::OK();
+  return Status::InvalidArgument(
+      (a.dp > 1 ? "--dp " + std::to_string(a.dp) + " --dap " + std::to_string(a.dap)
+                : "--dap " + std::to_string(a.dap)) +
+      " needs " + std::to_string(ranks) + " MPI ranks, the job has " +
+      std::to_string(world.size()) + " (mpirun -np " + std::to_string(ranks) + ")");
+}
+
+Status check_same_flags(const RunArgs& a, const Comm& world, const char* job) {
+  if (world.all_equal(run_args_hash(a))) return Status::OK();
+  return Status::InvalidArgument(
+      std::string("the ranks were started with different command lines; every rank of a ") + job +
+      " job needs the same flags");
+}
 
 Status start_dap_mpi(const RunArgs& a) {
   const int launched = mpi_launched_world_size();

@@ -122,10 +122,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     return Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
                                    std::to_string(a.dap) + " MPI ranks, the job has " +
                                    std::to_string(world.size()));
-  if (!world.all_equal(run_args_hash(a)))
-    return Status::InvalidArgument(
-        "the ranks were started with different command lines; every rank of a --dap job needs "
-        "the same flags");
+  FC_RETURN_IF_ERROR(check_same_flags(a, world, "--dap"));
   AlphaFold model;
   FeatureDict feats;
   Status st = load_model(a, &model);

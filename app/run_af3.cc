@@ -77,14 +77,8 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
   if (const Status st = start_dap_mpi(a); !st.ok()) return fail(st);
   const Comm world = Comm::world();
   Status st;
-  if (world.size() != a.dap)
-    st = Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
-                                 std::to_string(a.dap) + " MPI ranks, the job has " +
-                                 std::to_string(world.size()));
-  else if (!world.all_equal(run_args_hash(a)))
-    st = Status::InvalidArgument(
-        "the ranks were started with different command lines; every rank of a --dap job needs "
-        "the same flags");
+  st = check_dap_ranks(a, world);
+  if (st.ok()) st = check_same_flags(a, world, "--dap");
   st = world.agree(st, true);
   Af3DapRunReport rep;
   if (st.ok()) st = af3_dap_run(spec, world, &rep);
