@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <memory>
+#include <stdexcept>
 #include <thread>
 
 #include "foldcube/alphafold.h"
@@ -140,6 +141,16 @@ TEST(Cancel, RunShieldedBlocksSignalsOnTheCallerAndItsTeam) {
   EXPECT_TRUE(caller_blocks);
   EXPECT_EQ(team_blocks.load(), team);
   EXPECT_FALSE(blocks());
+}
+
+// An exception out of fn leaves the caller's signal mask as it was.
+TEST(Cancel, RunShieldedRestoresTheMaskWhenFnThrows) {
+  EXPECT_THROW(run_shielded([]() -> Status { throw std::runtime_error("from fn"); }),
+               std::runtime_error);
+  sigset_t mask;
+  pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+  EXPECT_EQ(sigismember(&mask, SIGINT), 0);
+  EXPECT_EQ(sigismember(&mask, SIGTERM), 0);
 }
 
 // A team started by an unmasked region of the caller before the first shielded call is masked

@@ -102,12 +102,15 @@ void mask_team(const sigset_t& set, int n) {
 Status run_shielded(const std::function<Status()>& fn) {
   std::call_once(*g_watcher_once, start_watcher);
   const sigset_t set = catchable_signals();
-  sigset_t old;
-  pthread_sigmask(SIG_BLOCK, &set, &old);
+  // Restores the caller's mask however fn ends (an exception included); signals that arrived for
+  // this thread run then.
+  struct MaskGuard {
+    sigset_t old;
+    ~MaskGuard() { pthread_sigmask(SIG_SETMASK, &old, nullptr); }
+  } guard;
+  pthread_sigmask(SIG_BLOCK, &set, &guard.old);
   mask_team(set, num_threads());
-  Status st = fn();
-  pthread_sigmask(SIG_SETMASK, &old, nullptr);  // signals that arrived for this thread run now
-  return st;
+  return fn();
 }
 
 }  // namespace fc
