@@ -37,16 +37,6 @@ struct Replay {
   }
 };
 
-// Largest workspace of one block table's layers at (s, r).
-int64_t stack_workspace(const BlockTable& table, const EvoformerConfig& cfg, int64_t s, int64_t r,
-                        int64_t chunk, int64_t target, int threads, DType dtype) {
-  BlockContext ctx = shape_context(cfg, s, r, chunk, target, threads);
-  ctx.dtype = dtype;
-  int64_t ws = 0;
-  for (const LayerDesc& l : table) ws = std::max(ws, layer_workspace_bytes(l, ctx));
-  return ws;
-}
-
 // Bytes of one pass of each feature the model reads, in the order pass_features copies them
 // (template_mask last, apart); each entry is (numel, element bytes).
 std::vector<std::pair<int64_t, int64_t>> pass_features(const AlphaFoldConfig& cfg,
@@ -157,7 +147,7 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
       m.alloc(base);
       const int64_t act = rr * tc.c_z * kF;  // one template's pair activations
       const int64_t ws =
-          stack_workspace(kTemplatePairBlock, tc, 1, r, chunk, target, threads, opts.dtype);
+          stack_workspace_bytes(kTemplatePairBlock, tc, 1, r, chunk, target, threads, opts.dtype);
       m.transient(act + std::max({rr * 88 * kF, ws, blk * 3 * hc * kF}));
       m.transient(blk * cz * kF);  // a block of the output projection
       single = T * r * cm * kF;
@@ -172,8 +162,9 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
       const int64_t a = E * r * xc.c_m * kF;
       m.begin();
       m.transient(a + E * r * 25 * kF);
-      m.transient(a + 2 * (E * r + rr) * kF +
-                  stack_workspace(kExtraMsaBlock, xc, E, r, chunk, target, threads, opts.dtype));
+      m.transient(
+          a + 2 * (E * r + rr) * kF +
+          stack_workspace_bytes(kExtraMsaBlock, xc, E, r, chunk, target, threads, opts.dtype));
       stage(k, "extra_msa_stack");
     }
     // m_all and mask_all while m and the template rows are alive, then those freed

@@ -20,27 +20,36 @@ std::string mib(int64_t bytes) {
 }
 }  // namespace
 
-int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
-                           int64_t chunk, int64_t chunk_target_bytes, int threads, DType dtype) {
-  constexpr int64_t kF = sizeof(float);
+int64_t stack_workspace_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                              int64_t chunk, int64_t chunk_target_bytes, int threads, DType dtype) {
   BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
   ctx.dtype = dtype;
-  // prepare_inputs: the mask biases and their transposes (and all-ones masks when not given).
-  const int64_t masks = (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
-  int64_t work = r * cfg.c_s * kF;  // output s, allocated after the blocks
-  for (const LayerDesc& l : kEvoformerBlock) work = std::max(work, layer_workspace_bytes(l, ctx));
-  return masks + work;
+  int64_t ws = 0;
+  for (const LayerDesc& l : t) ws = std::max(ws, layer_workspace_bytes(l, ctx));
+  return ws;
+}
+
+namespace {
+// prepare_inputs: the mask biases and their transposes (and all-ones masks when not given).
+int64_t mask_input_bytes(int64_t s, int64_t r, bool masks_given) {
+  constexpr int64_t kF = sizeof(float);
+  return (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
+}
+}  // namespace
+
+int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
+                           int64_t chunk, int64_t chunk_target_bytes, int threads, DType dtype) {
+  const int64_t out_s = r * cfg.c_s * static_cast<int64_t>(sizeof(float));  // after the blocks
+  return mask_input_bytes(s, r, masks_given) +
+         std::max(out_s, stack_workspace_bytes(kEvoformerBlock, cfg, s, r, chunk,
+                                               chunk_target_bytes, threads, dtype));
 }
 
 int64_t extra_msa_forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                      bool masks_given, int64_t chunk, int64_t chunk_target_bytes,
                                      int threads) {
-  constexpr int64_t kF = sizeof(float);
-  const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
-  const int64_t masks = (masks_given ? 0 : s * r + r * r) * kF + 2 * (s * r + r * r) * kF;
-  int64_t work = 0;  // no output s
-  for (const LayerDesc& l : kExtraMsaBlock) work = std::max(work, layer_workspace_bytes(l, ctx));
-  return masks + work;
+  return mask_input_bytes(s, r, masks_given) +
+         stack_workspace_bytes(kExtraMsaBlock, cfg, s, r, chunk, chunk_target_bytes, threads);
 }
 
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,

@@ -40,7 +40,11 @@ int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, i
                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes);
 // Elements of one block's parameter (or parameter-gradient) struct of table t.
 int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t);
-// dtype: ForwardOptions::dtype (BF16 stores some products' inputs in bf16).
+// Largest workspace of table t's layers in a forward at (s, r) with these options (dtype:
+// ForwardOptions::dtype; BF16 stores some products' inputs in bf16).
+int64_t stack_workspace_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                              int64_t chunk, int64_t chunk_target_bytes, int threads,
+                              DType dtype = DType::F32);
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                            int64_t chunk, int64_t chunk_target_bytes, int threads,
                            DType dtype = DType::F32);
