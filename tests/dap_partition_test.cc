@@ -365,6 +365,56 @@ TEST(Partition, ForwardVolumeMatchesPlannerModel) {
   }
 }
 
+// The same for the ExtraMSA stack (its block table in the planner: Plan::extra_msa).
+TEST(Partition, ExtraMsaForwardVolumeMatchesPlannerModel) {
+  const dist::Communicator comm = dist::Communicator::world();
+  EvoformerConfig cfg;
+  cfg.c_m = 8, cfg.c_z = 8, cfg.c_hidden_msa_att = 4, cfg.no_heads_msa = 4;
+  cfg.c_hidden_pair_att = 4, cfg.no_heads_pair = 4, cfg.c_hidden_opm = 4, cfg.c_hidden_mul = 8;
+  cfg.no_blocks = 2, cfg.c_s = 4;
+  const int64_t s = 8, r = 12;
+  ExtraMsaStack stack = ExtraMsaStack::random(cfg, 7);
+  DeviceProfile dev;
+  dev.link_gbps = 1;
+  Plan plan;
+  plan.cfg = cfg;
+  plan.extra_msa = true;
+  plan.s = s, plan.r = r, plan.r_real = r, plan.dap = comm.size();
+  for (const char* policy : {"dap", "heads", "channels", "replicated", "mixed"}) {
+    Tensor m, z;
+    if (comm.rank() == 0) m = rnd({s, r, cfg.c_m}, 1), z = rnd({r, r, cfg.c_z}, 2);
+    DapOptions o;
+    o.partitions = partition_for(policy, 2, kExtraMsaBlock);
+    DapStats stats;
+    ASSERT_TRUE(dap_forward(stack, comm, m, z, Tensor(), Tensor(), o, &stats).ok());
+    int64_t counted = 0;
+    for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) counted += stats.blocks.bytes[k];
+    std::vector<std::vector<Split>> splits;
+    ASSERT_TRUE(resolve_partition(kExtraMsaBlock, o.partitions, 2, &splits).ok());
+    int64_t model = 0;
+    for (const auto& b : splits) model += estimate_partition(plan, dev, b).sent_fwd_bytes;
+    EXPECT_EQ(counted, model) << policy;
+  }
+}
+
+// A channel-parallel triangle multiplication needs a channel on every rank (each takes part in
+// its LayerNorm's sums): fewer channels than ranks is a user error on every rank.
+TEST(Partition, TriMulChannelsNeedAChannelPerRank) {
+  const dist::Communicator comm = dist::Communicator::world();
+  EvoformerConfig cfg;
+  cfg.c_m = 8, cfg.c_z = 4, cfg.c_hidden_msa_att = 2, cfg.no_heads_msa = 2;
+  cfg.c_hidden_pair_att = 2, cfg.no_heads_pair = 2, cfg.c_hidden_opm = 2, cfg.c_hidden_mul = 1;
+  cfg.no_blocks = 1, cfg.c_s = 4;
+  EvoformerStack stack = EvoformerStack::random(cfg, 3);
+  Tensor m, z, s;
+  if (comm.rank() == 0) m = rnd({3, 4, cfg.c_m}, 1), z = rnd({4, 4, cfg.c_z}, 2);
+  DapOptions o;
+  o.partitions = {{{"tri_mul_in", Split::kChannels}}};
+  const Status st = dap_forward(stack, comm, m, z, Tensor(), Tensor(), &s, o);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("channel per rank"), std::string::npos) << st.message();
+}
+
 // The plan JSON keeps the partitions; a plan without them reads as pure DAP; bad splits are
 // user errors.
 TEST(Partition, PlanJsonRoundTrip) {

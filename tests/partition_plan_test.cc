@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <string>
 
 #include "exec/partition.h"
 #include "foldcube/planner.h"
+#include "model/block_table.h"
 #include "plan/partition_cost.h"
 
 namespace fc {
@@ -94,6 +96,65 @@ TEST(PartitionPlan, AllDapListEstimatesAsPureDap) {
   ASSERT_TRUE(evaluate_plan(q.profile, &p).ok());
   EXPECT_DOUBLE_EQ(listed.time_ms, p.time_ms);
   EXPECT_EQ(listed.peak_bytes, p.peak_bytes);
+}
+
+// The ExtraMSA stack (AF2: c_e = 64, 8 heads of 8, 4 blocks, s = 1024 extra sequences): the
+// search evaluates its block table's splits; an all-dap list estimates as pure DAP; a slow link
+// makes whole-stream layers pay as for the Evoformer, and the lists resolve against its table.
+TEST(PartitionPlan, ExtraMsaStackIsSearched) {
+  auto extra = [](double link_gbps) {
+    PlanRequest q = request(2, link_gbps, true);
+    q.extra_msa = true;
+    q.cfg.c_m = 64, q.cfg.c_hidden_msa_att = 8, q.cfg.no_blocks = 4;
+    q.s = 1024;
+    return q;
+  };
+  PlanRequest q = extra(0.01);
+  Plan slow, dap;
+  ASSERT_TRUE(make_plan(q, &slow).ok());
+  q.split_auto = false;
+  ASSERT_TRUE(make_plan(q, &dap).ok());
+  ASSERT_FALSE(slow.partitions.empty());
+  EXPECT_LT(slow.time_ms, dap.time_ms);
+  std::vector<std::vector<Split>> splits;
+  EXPECT_TRUE(resolve_partition(kExtraMsaBlock, slow.partitions, 4, &splits).ok());
+  Plan listed = dap;
+  std::vector<LayerSplit> all;
+  for (const LayerDesc& l : kExtraMsaBlock) all.push_back({l.name, Split::kDap});
+  listed.partitions = {all};
+  ASSERT_TRUE(evaluate_plan(q.profile, &listed).ok());
+  ASSERT_TRUE(evaluate_plan(q.profile, &dap).ok());
+  EXPECT_DOUBLE_EQ(listed.time_ms, dap.time_ms);
+  EXPECT_EQ(listed.peak_bytes, dap.peak_bytes);
+}
+
+// Channel-parallel triangle multiplication and OPM: on N ranks their compute is below the whole
+// layer's (the products, LN_out, linear_z; the outer product and linear_out shrink) and above
+// 1/N of it (LN_in, the gate, b's projection stay whole); the triangle multiplication adds its
+// LayerNorm statistics (two all-reduces of r^2 floats) to the sum of the partial updates.
+TEST(PartitionPlan, ChannelSplitsOfTriMulAndOpmAreCosted) {
+  PlanRequest q = request(4, 1, false);
+  q.split_auto = false;
+  Plan p;
+  ASSERT_TRUE(make_plan(q, &p).ok());
+  const BlockTable& t = kEvoformerBlock;
+  for (const char* name : {"tri_mul_out", "outer_product_mean"}) {
+    const int i = static_cast<int>(find_layer(t, name) - t.layers);
+    std::vector<Split> rep(t.count, Split::kDap), ch(t.count, Split::kDap);
+    rep[i] = Split::kReplicated, ch[i] = Split::kChannels;
+    const PartitionEstimate a = estimate_partition(p, q.profile, rep);
+    const PartitionEstimate b = estimate_partition(p, q.profile, ch);
+    std::vector<Split> dap(t.count, Split::kDap);
+    const PartitionEstimate d = estimate_partition(p, q.profile, dap);
+    // a - d = W (1 - 1/N) for the whole layer's W, b - d = C - W/N + the partial-sum passes.
+    EXPECT_LT(b.fwd_ms, a.fwd_ms) << name;
+    EXPECT_GT(b.fwd_ms, d.fwd_ms) << name;
+    const int64_t wz = int64_t{256} * 256 * 128, rr = int64_t{256} * 256, n = 4;
+    const int64_t stats = std::string(name) == "tri_mul_out" ? 2 * (2 * (n - 1) * rr / n) : 0;
+    // replicated: the all-gather of z (and m for the OPM); channels: that plus the partial sums,
+    // a reduce-scatter into the next layer's shard of z ((n-1)/n of z).
+    EXPECT_EQ(b.sent_fwd_bytes - a.sent_fwd_bytes, ((n - 1) * (wz / n) + stats) * 4) << name;
+  }
 }
 
 }  // namespace

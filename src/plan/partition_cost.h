@@ -10,7 +10,8 @@
 
 namespace fc {
 
-// One block over the plan's DAP group with a per-layer split list (kEvoformerBlock order), per
+// One block over the plan's DAP group with a per-layer split list (the order of its block table:
+// kExtraMsaBlock for p.extra_msa, else kEvoformerBlock), per
 // rank: compute, collectives (layout changes included) and memory beyond pure DAP.
 struct PartitionEstimate {
   double fwd_ms = 0, bwd_ms = 0, rec_ms = 0;       // compute; rec: the rebuild of policy module
