@@ -98,6 +98,41 @@ TEST(PartitionPlan, AllDapListEstimatesAsPureDap) {
   EXPECT_EQ(listed.peak_bytes, p.peak_bytes);
 }
 
+// Per-block lists under a memory limit: with a slow link (whole-stream layers pay) and limits
+// between pure DAP's peak and the unconstrained choice's, every plan fits its limit, is no slower
+// than pure DAP under the same limit, and the estimate of its per-block lists is the search's;
+// somewhere in that range the blocks get different lists.
+TEST(PartitionPlan, PerBlockListsFitTheMemoryLimit) {
+  PlanRequest q = request(2, 0.01, true);
+  q.cfg.no_blocks = 8;
+  Plan free_plan;
+  ASSERT_TRUE(make_plan(q, &free_plan).ok());
+  ASSERT_FALSE(free_plan.partitions.empty());
+  q.split_auto = false;
+  Plan dap;
+  ASSERT_TRUE(make_plan(q, &dap).ok());
+  int differing = 0;
+  for (int k = 1; k <= 8; ++k) {
+    PlanRequest lim = q;
+    lim.memory_bytes = dap.peak_bytes + (free_plan.peak_bytes - dap.peak_bytes) * k / 8;
+    Plan d, p;
+    ASSERT_TRUE(make_plan(lim, &d).ok());
+    lim.split_auto = true;
+    ASSERT_TRUE(make_plan(lim, &p).ok());
+    EXPECT_LE(p.peak_bytes, lim.memory_bytes) << k;
+    EXPECT_LE(p.time_ms, d.time_ms + 1e-9) << k;
+    Plan again = p;
+    ASSERT_TRUE(evaluate_plan(lim.profile, &again).ok());
+    EXPECT_NEAR(again.time_ms, p.time_ms, 1e-6 * p.time_ms) << k;
+    bool differ = false;
+    for (const auto& list : p.partitions) differ = differ || list != p.partitions[0];
+    differing += differ;
+    std::printf("[ info ] limit %d/8: %zu lists, %s, %.1f ms vs dap %.1f ms\n", k,
+                p.partitions.size(), differ ? "differing" : "all equal", p.time_ms, d.time_ms);
+  }
+  EXPECT_GT(differing, 0);
+}
+
 // The ExtraMSA stack (AF2: c_e = 64, 8 heads of 8, 4 blocks, s = 1024 extra sequences): the
 // search evaluates its block table's splits; an all-dap list estimates as pure DAP; a slow link
 // makes whole-stream layers pay as for the Evoformer, and the lists resolve against its table.

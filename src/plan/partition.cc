@@ -232,6 +232,12 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       if (ly.updates == Stream::kM || ly.reads == Stream::kM) extra += wm - wm / n;
       if (ly.updates == Stream::kZ || ly.reads == Stream::kZ) extra += wz - wz / n;
       if (s != Split::kReplicated) extra += wx + (p.training ? wr : 0);
+      // The reduce-scatter into a shard whose rank parts are not consecutive rows packs them
+      // rank-major first (a whole copy).
+      if (partition_reduces(s)) {
+        const Shard next = partition_next_layout(t, splits, i);
+        if (next == Shard::kMsaByRes || next == Shard::kPairRowsT) extra += wx;
+      }
       // This rank's weight slices (and their gradients); a replicated layer's gradients on the
       // ranks other than the root (discarded scratch).
       const int64_t params = layer_param_floats(ly, cfg);
