@@ -180,8 +180,8 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   const int64_t wm = l.s_pad * l.r_pad * cfg.c_m, wz = l.r_pad * l.r_pad * cfg.c_z;
   const std::vector<std::pair<Shard, Shard>> lay = partition_block_layouts(t, splits);
   PartitionEstimate est;
-  int64_t fwd_floats = 0, bwd_floats = 0;
-  int fwd_calls = 0, bwd_calls = 0;
+  int64_t fwd_floats = 0, bwd_floats = 0, rec_floats = 0;
+  int fwd_calls = 0, bwd_calls = 0, rec_calls = 0;
   Shard m = dap_boundary_m(t), z = Shard::kPairRows;
   auto change = [&](Shard& from, Shard to, int64_t w) {
     const int64_t f = change_floats(from, to, w, n), b = change_floats(to, from, w, n);
@@ -212,8 +212,17 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     }
     if (s == Split::kDap) {
       const int64_t g = dap_gather_floats(ly, cfg, l);
-      fwd_floats += g, bwd_floats += 2 * g;  // backward: reduce-scatter and a re-gather
-      fwd_calls += g > 0, bwd_calls += 2 * (g > 0);
+      // Backward (states kept): the reduce-scatter, and a re-gather where the backward rebuilds
+      // what the gather gave (the triangle multiplication's right operand, the OPM's b; the
+      // attentions keep their bias). A module rebuild gathers again for the attentions' bias and
+      // the triangle multiplication's products (the OPM's rebuilt state needs no gather).
+      const LayerKind k = ly.kind;
+      const bool regather =
+          k == LayerKind::kTriangleMultiplication || k == LayerKind::kOuterProductMean;
+      const bool rebuild = k == LayerKind::kMsaRowAttention || k == LayerKind::kTriangleAttention ||
+                           k == LayerKind::kTriangleMultiplication;
+      fwd_floats += g, bwd_floats += (1 + regather) * g, rec_floats += rebuild * g;
+      fwd_calls += g > 0, bwd_calls += (1 + regather) * (g > 0), rec_calls += rebuild * (g > 0);
     } else {
       if (s != Split::kReplicated) {
         // Partial sums: a reduce-scatter ((n-1)/n of the stream) into the shard the stream is
@@ -261,8 +270,10 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   change(z, Shard::kPairRows, wz);
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
+  est.sent_rec_bytes = rec_floats * e;
   est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev);
   est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev);
+  est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev);
   return est;
 }
 }  // namespace
@@ -294,7 +305,8 @@ void delta(const Plan& p, const PartitionEstimate& a, const PartitionEstimate& d
   *dt_rec = p.training ? modules * (a.rec_ms - d.rec_ms) + blocks * (a.fwd_ms - d.fwd_ms) : 0;
   *dt_comm =
       B * (a.comm_fwd_ms - d.comm_fwd_ms) +
-      (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) + blocks * (a.comm_fwd_ms - d.comm_fwd_ms)
+      (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) + blocks * (a.comm_fwd_ms - d.comm_fwd_ms) +
+                        modules * (a.comm_rec_ms - d.comm_rec_ms)
                   : 0);
   *dpeak = a.transient_bytes + keeping_blocks(p) * a.saved_bytes;
 }
@@ -359,7 +371,7 @@ Candidate candidate(const Plan& p, const PartitionEstimate& a, const PartitionEs
   } else {
     const double base = f + (a.bwd_ms - d.bwd_ms) + cf + (a.comm_bwd_ms - d.comm_bwd_ms);
     c.dt[0] = base;
-    c.dt[1] = base + (a.rec_ms - d.rec_ms);
+    c.dt[1] = base + (a.rec_ms - d.rec_ms) + (a.comm_rec_ms - d.comm_rec_ms);
     c.dt[2] = base + f + cf;  // block recompute: the forward again
   }
   c.transient = a.transient_bytes;
