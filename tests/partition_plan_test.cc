@@ -82,20 +82,25 @@ TEST(PartitionPlan, ChoiceFollowsTheLinkModel) {
   EXPECT_EQ(again.peak_bytes, slow.peak_bytes);
 }
 
+// Plan p (pure DAP) with an explicit all-dap list of table t estimates exactly as p.
+void expect_all_dap_list_as_pure_dap(const DeviceProfile& dev, Plan p, const BlockTable& t) {
+  Plan listed = p;
+  std::vector<LayerSplit> all;
+  for (const LayerDesc& l : t) all.push_back({l.name, Split::kDap});
+  listed.partitions = {all};
+  ASSERT_TRUE(evaluate_plan(dev, &listed).ok());
+  ASSERT_TRUE(evaluate_plan(dev, &p).ok());
+  EXPECT_DOUBLE_EQ(listed.time_ms, p.time_ms);
+  EXPECT_EQ(listed.peak_bytes, p.peak_bytes);
+}
+
 // An explicit all-dap list is estimated exactly as pure DAP.
 TEST(PartitionPlan, AllDapListEstimatesAsPureDap) {
   PlanRequest q = request(2, 1, true);
   q.split_auto = false;
   Plan p;
   ASSERT_TRUE(make_plan(q, &p).ok());
-  Plan listed = p;
-  std::vector<LayerSplit> all;
-  for (const LayerDesc& l : kEvoformerBlock) all.push_back({l.name, Split::kDap});
-  listed.partitions = {all};
-  ASSERT_TRUE(evaluate_plan(q.profile, &listed).ok());
-  ASSERT_TRUE(evaluate_plan(q.profile, &p).ok());
-  EXPECT_DOUBLE_EQ(listed.time_ms, p.time_ms);
-  EXPECT_EQ(listed.peak_bytes, p.peak_bytes);
+  expect_all_dap_list_as_pure_dap(q.profile, p, kEvoformerBlock);
 }
 
 // Per-block lists under a memory limit: with a slow link (whole-stream layers pay) and limits
@@ -153,14 +158,7 @@ TEST(PartitionPlan, ExtraMsaStackIsSearched) {
   EXPECT_LT(slow.time_ms, dap.time_ms);
   std::vector<std::vector<Split>> splits;
   EXPECT_TRUE(resolve_partition(kExtraMsaBlock, slow.partitions, 4, &splits).ok());
-  Plan listed = dap;
-  std::vector<LayerSplit> all;
-  for (const LayerDesc& l : kExtraMsaBlock) all.push_back({l.name, Split::kDap});
-  listed.partitions = {all};
-  ASSERT_TRUE(evaluate_plan(q.profile, &listed).ok());
-  ASSERT_TRUE(evaluate_plan(q.profile, &dap).ok());
-  EXPECT_DOUBLE_EQ(listed.time_ms, dap.time_ms);
-  EXPECT_EQ(listed.peak_bytes, dap.peak_bytes);
+  expect_all_dap_list_as_pure_dap(q.profile, dap, kExtraMsaBlock);
 }
 
 // Channel-parallel triangle multiplication and OPM: on N ranks their compute is below the whole
