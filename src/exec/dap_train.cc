@@ -424,9 +424,14 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     if (st->splits.empty() || st->splits[i] == Split::kDap)
       dap_layer_backward(ly, w, g, sh, comm, m_how, x_in, read_in, &st->layers[i], dmr.f32(),
                          dzr.f32());
-    else
+    else {
+      const ReduceTo rm =
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kM, &dmr, &dm_how);
+      const ReduceTo rz =
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kZ, &dzr, &dz_how);
       partition_layer_backward(t, ly, w, g, sh, comm, st->splits[i], x_in, read_in, &st->layers[i],
-                               dmr.f32(), dzr.f32());
+                               dmr.f32(), dzr.f32(), &rm, &rz);
+    }
     read = Tensor();
     st->in_updated[i] = Tensor();
     st->in_read[i] = Tensor();

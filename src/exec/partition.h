@@ -75,15 +75,26 @@ void partition_layer_forward(const BlockTable& table, const LayerDesc& ly, const
                              float* z, const ReduceTo* rt = nullptr);
 // Training forward and backward of such a layer (conventions of layer_train / layer_backward:
 // dm, dz whole gradients, dL/d out on entry, dL/d in on exit; g: this rank's contributions,
-// summed over the group by dap_all_reduce_grads). The forward's rt as above; the backward is
-// the same either way (the adjoint of the slice and of the reduce-scatter is the all-gather of
-// dL/d out the executor makes).
+// summed over the group by dap_all_reduce_grads). The forward's rt as above (the adjoint of the
+// slice and of the reduce-scatter is the all-gather of dL/d out the executor makes).
 void partition_layer_train(const BlockTable& table, const LayerDesc& ly, const void* bw,
                            const DapShards& sh, const dist::Communicator& comm, Split s, float* m,
                            float* z, LayerState* st, const ReduceTo* rt = nullptr);
+// rt_m, rt_z: where the partial gradients dL/d m, dL/d z of a heads / channels layer go (as
+// the forward's rt; nullptr: all-reduce, whole).
 void partition_layer_backward(const BlockTable& table, const LayerDesc& ly, const void* bw, void* g,
                               const DapShards& sh, const dist::Communicator& comm, Split s,
                               const float* x_in, const float* read_in, LayerState* st, float* dm,
-                              float* dz);
+                              float* dz, const ReduceTo* rt_m = nullptr,
+                              const ReduceTo* rt_z = nullptr);
+// The layout the backward next needs the gradient of stream x in, before layer i of t (layouts:
+// partition_block_layouts): that of the nearest earlier layer using x, or the block boundary.
+Shard partition_prev_layout(const BlockTable& t,
+                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x);
+// The backward's ReduceTo of stream x's gradient dx (layout *how) at layer i: want =
+// partition_prev_layout when layer i is heads / channels and uses x, else whole (all-reduce).
+ReduceTo partition_grad_reduce_to(const BlockTable& t, const std::vector<Split>& splits,
+                                  const std::vector<std::pair<Shard, Shard>>& layouts, int i,
+                                  Stream x, Tensor* dx, Shard* how);
 
 }  // namespace fc

@@ -355,7 +355,8 @@ void sliced_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
 template <typename W>
 void backward_impl(const LayerDesc& ly, const void* bw, void* g, const DapShards& sh,
                    const dist::Communicator& comm, Split s, const float* x_in, const float* read_in,
-                   LayerState* st, float* dm, float* dz) {
+                   LayerState* st, float* dm, float* dz, const ReduceTo* rt_m,
+                   const ReduceTo* rt_z) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const bool root = comm.rank() == 0;
   if (s == Split::kReplicated) {  // every rank computes everything; the root's gradient counts
@@ -371,8 +372,16 @@ void backward_impl(const LayerDesc& ly, const void* bw, void* g, const DapShards
   float* dr = ly.reads == Stream::kNone ? nullptr : (ly.reads == Stream::kM ? dm : dz);
   const int64_t nx = whole_count(sh, ly.updates);
   const int64_t nr = dr ? whole_count(sh, ly.reads) : 0;
-  const Tensor dx0 = copy_of(dx, nx);                  // dL/d out, [nx]
-  const Tensor dr0 = dr ? copy_of(dr, nr) : Tensor();  // [nr]
+  // Where each partial gradient goes: a reduce-scatter into the shard the gradient is next needed
+  // in (its tensor's shape for the copies below), else an all-reduce.
+  auto target = [&](Stream x) {
+    const ReduceTo* rt = x == Stream::kM ? rt_m : rt_z;
+    return rt != nullptr && !is_full(rt->want) ? rt : nullptr;
+  };
+  const ReduceTo* tx = target(ly.updates);
+  const ReduceTo* tr = dr ? target(ly.reads) : nullptr;
+  const Tensor dx0 = copy_of(dx, nx, tx ? tx->x->shape() : Shape{});  // dL/d out
+  const Tensor dr0 = dr ? copy_of(dr, nr, tr ? tr->x->shape() : Shape{}) : Tensor();
   W wk, gk;
   if (p.n > 0) {
     slice_layer<W>(ly, bw, cfg, p, root, &wk, &gk);
@@ -383,8 +392,14 @@ void backward_impl(const LayerDesc& ly, const void* bw, void* g, const DapShards
     if (cs.fn) ctx.channel_sum = &cs;
     layer_backward(ly, &wk, &gk, ctx, x_in, read_in, st, dm, dz);
   }
-  sum_partials(dx, dx0.f32(), nx, comm);
-  if (dr) sum_partials(dr, dr0.f32(), nr, comm);
+  if (tx)
+    reduce_to_shard(*tx, dx0, sh.l, comm);
+  else
+    sum_partials(dx, dx0.f32(), nx, comm);
+  if (tr)
+    reduce_to_shard(*tr, dr0, sh.l, comm);
+  else if (dr)
+    sum_partials(dr, dr0.f32(), nr, comm);
   if (p.n == 0) return;
   visit_layer(ly, g, &gk, cfg, [&](Tensor& a, Tensor& b, Cut cut, int sections, int64_t unit) {
     if (!b.defined()) return;
@@ -599,6 +614,22 @@ Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& split
   return x == Stream::kM ? dap_boundary_m(t) : Shard::kPairRows;
 }
 
+Shard partition_prev_layout(const BlockTable& t,
+                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x) {
+  for (int j = i - 1; j >= 0; --j)
+    if (uses(t.layers[j], x)) return x == Stream::kM ? layouts[j].first : layouts[j].second;
+  return x == Stream::kM ? dap_boundary_m(t) : Shard::kPairRows;
+}
+
+ReduceTo partition_grad_reduce_to(const BlockTable& t, const std::vector<Split>& splits,
+                                  const std::vector<std::pair<Shard, Shard>>& layouts, int i,
+                                  Stream x, Tensor* dx, Shard* how) {
+  const bool scatter = partition_reduces(splits[i]) && uses(t.layers[i], x);
+  return {dx, how,
+          scatter ? partition_prev_layout(t, layouts, i, x)
+                  : (x == Stream::kM ? Shard::kMsaFull : Shard::kPairFull)};
+}
+
 ReduceTo partition_reduce_to(const BlockTable& t, const std::vector<Split>& splits, int i,
                              Tensor* m, Tensor* z, Shard* m_how, Shard* z_how) {
   const bool is_m = t.layers[i].updates == Stream::kM;
@@ -610,11 +641,12 @@ ReduceTo partition_reduce_to(const BlockTable& t, const std::vector<Split>& spli
 void partition_layer_backward(const BlockTable& table, const LayerDesc& ly, const void* bw, void* g,
                               const DapShards& sh, const dist::Communicator& comm, Split s,
                               const float* x_in, const float* read_in, LayerState* st, float* dm,
-                              float* dz) {
+                              float* dz, const ReduceTo* rt_m, const ReduceTo* rt_z) {
   if (is_extra(table))
-    backward_impl<ExtraMsaBlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz);
+    backward_impl<ExtraMsaBlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz, rt_m,
+                                        rt_z);
   else
-    backward_impl<BlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz);
+    backward_impl<BlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz, rt_m, rt_z);
 }
 
 }  // namespace fc

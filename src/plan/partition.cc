@@ -229,7 +229,13 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
         // next needed in, else an all-reduce (2 (n-1)/n); backward all-reduces.
         const bool to_shard = !full(partition_next_layout(t, splits, i));
         fwd_floats += to_shard ? (n - 1) * (wx / n) : 2 * (n - 1) * wx / n;
-        bwd_floats += 2 * (n - 1) * wx / n + 2 * (n - 1) * wr / n;
+        // Backward: the partial gradients likewise into the layout the backward next needs.
+        auto sum = [&](Stream x, int64_t w) {
+          if (w == 0) return int64_t{0};
+          return full(partition_prev_layout(t, lay, i, x)) ? 2 * (n - 1) * w / n
+                                                           : (n - 1) * (w / n);
+        };
+        bwd_floats += sum(ly.updates, wx) + sum(ly.reads, wr);
         fwd_calls += 1, bwd_calls += 1 + (wr > 0);
         // Copy, subtract, add over the whole stream: forward and backward.
         const double ms = 4.0 * (wx + wr) * kF / (mem_gbps * 1e9) * 1e3;
@@ -243,9 +249,12 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       if (s != Split::kReplicated) extra += wx + (p.training ? wr : 0);
       // The reduce-scatter into a shard whose rank parts are not consecutive rows packs them
       // rank-major first (a whole copy).
+      auto packs = [](Shard h) { return h == Shard::kMsaByRes || h == Shard::kPairRowsT; };
       if (partition_reduces(s)) {
-        const Shard next = partition_next_layout(t, splits, i);
-        if (next == Shard::kMsaByRes || next == Shard::kPairRowsT) extra += wx;
+        if (packs(partition_next_layout(t, splits, i)) ||
+            (p.training && packs(partition_prev_layout(t, lay, i, ly.updates))))
+          extra += wx;
+        if (p.training && wr > 0 && packs(partition_prev_layout(t, lay, i, ly.reads))) extra += wr;
       }
       // This rank's weight slices (and their gradients); a replicated layer's gradients on the
       // ranks other than the root (discarded scratch).
