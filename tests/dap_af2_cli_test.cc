@@ -9,6 +9,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 #include "foldcube/io.h"
 #include "test_util.h"
@@ -131,6 +132,23 @@ TEST(DapAf2Cli, MismatchedCommandLinesAreDetected) {
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.code, 124) << "timed out: " << r.out;
   EXPECT_NE(r.out.find("different command lines"), std::string::npos) << r.out;
+}
+
+// --dp D beside --model af2 --dap N (one feature set: nothing for data parallelism to split) ends
+// the job with one message naming --dp, on the N ranks it used to run on while ignoring --dp
+// and on the D*N ranks a training job would need; without mpirun too.
+TEST(DapAf2Cli, DataParallelismIsRefusedNotIgnored) {
+  const std::string args =
+      "run --model af2 --r 8 --s 3 --extra 4 --templates 1 --blocks 1 --recycles 0 --quiet";
+  for (const auto& [np, flags] :
+       {std::pair{2, " --dap 2 --dp 2"}, {4, " --dap 2 --dp 2"}, {0, " --dp 2"}}) {
+    const test::Result r = launch(np, args + flags);
+    EXPECT_NE(r.code, 0) << np << flags << ": " << r.out;
+    EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+    EXPECT_NE(r.out.find("--dp 2: --model af2 folds one feature set"), std::string::npos)
+        << np << flags << ": " << r.out;
+    EXPECT_EQ(r.out.find("mean pLDDT"), std::string::npos) << np << flags << ": ran: " << r.out;
+  }
 }
 
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below

@@ -12,6 +12,7 @@
 #include "model/af2/block_sizes.h"
 #include "model/block_table.h"
 #include "model/common.h"
+#include "plan/af2_memory_internal.h"
 #include "plan/memory_model.h"
 
 namespace fc {
@@ -58,9 +59,9 @@ std::vector<std::pair<int64_t, int64_t>> pass_features(const AlphaFoldConfig& cf
   return f;
 }
 
-// One pass's copies of the features (pass_features): none when the recycling axis has length 1,
-// and none of a feature with one element (its pass is then a contiguous view).
-int64_t pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
+}  // namespace
+
+int64_t af2_pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
   if (R <= 1) return 0;
   int64_t b = 0;
@@ -68,8 +69,6 @@ int64_t pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   if (cfg.templates && d.templates_given && d.T > 1) b += d.T * kF;  // template_mask
   return b;
 }
-
-}  // namespace
 
 Status alphafold_dims(const AlphaFoldConfig& cfg, const FeatureDict& f, AlphaFoldDims* out) {
   auto dim = [&](const char* name, int axis, int64_t* v) -> Status {
@@ -116,7 +115,7 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
   auto stage = [&](int pass, const char* name) {
     mem.stages.push_back({pass, name, 0.0, m.entry, m.stage_peak});
   };
-  const int64_t pf = pass_feature_bytes(cfg, d);
+  const int64_t pf = af2_pass_feature_bytes(cfg, d);
   const int64_t prev = (r * cm + rr * cz + r * kAtom37 * 3) * kF;  // m_prev, z_prev, x_prev
   const bool padded = d.r_features > 0 && d.r_features < d.r;
   if (padded) {

@@ -376,8 +376,9 @@ int residue_axis(const std::string& name) {
   return it == axis.end() ? -1 : it->second;
 }
 
-// Residue axes of each output (empty: none).
-std::vector<int> output_residue_axes(const std::string& name) {
+}  // namespace
+
+std::vector<int> af2::output_residue_axes(const std::string& name) {
   if (name == "distogram_logits" || name == "tm_logits" || name == "predicted_aligned_error" ||
       name == "aligned_confidence_probs" || name == "pair")
     return {0, 1};
@@ -388,9 +389,7 @@ std::vector<int> output_residue_axes(const std::string& name) {
   return {0};
 }
 
-// The features the model reads, zero-padded along their residue axis from r to n residues (the
-// masks of the new residues are 0); features the model does not read are dropped.
-Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
+Status af2::pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
   FeatureDict d;
   for (const auto& [name, t] : in) {
     const int a = residue_axis(name);
@@ -412,8 +411,6 @@ Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* ou
   return Status::OK();
 }
 
-}  // namespace
-
 Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
                                 const AlphaFoldOptions& opts) const {
   auto it = feats.find("aatype");
@@ -431,13 +428,13 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
       return Status::InvalidArgument("pad_to " + std::to_string(opts.pad_to) + " is below the " +
                                      std::to_string(r) + " residues of the features");
     FeatureDict padded;
-    FC_RETURN_IF_ERROR(pad_residues(feats, r, opts.pad_to, &padded));
+    FC_RETURN_IF_ERROR(af2::pad_residues(feats, r, opts.pad_to, &padded));
     AlphaFoldOptions o = opts;
     o.pad_to = 0;
     std::map<std::string, Tensor> res;
     FC_RETURN_IF_ERROR(forward(padded, &res, o));
     for (auto& [name, t] : res) {
-      for (int a : output_residue_axes(name)) t = t.slice(a, 0, r);
+      for (int a : af2::output_residue_axes(name)) t = t.slice(a, 0, r);
       t = t.contiguous();
     }
     if (res.count("tm_logits")) {

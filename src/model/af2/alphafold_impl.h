@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "foldcube/alphafold.h"
 #include "foldcube/extra_msa.h"
@@ -131,6 +132,11 @@ Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes
                      PassFeatures* out);
 // Pair mask [r, r] = seq_mask_i seq_mask_j.
 Tensor pair_mask_of(const Tensor& seq_mask);
+// The features the model reads, zero-padded along their residue axis from r to n residues (the
+// masks of the new residues are 0); features the model does not read are dropped (pad_to).
+Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out);
+// Residue axes of each output (empty: none), along which a padded run's outputs are cropped.
+std::vector<int> output_residue_axes(const std::string& name);
 // RMS change of the CA distance matrix between two passes' atom37 positions [r, 37, 3] (A).
 double ca_distance_change(const Tensor& prev, const Tensor& cur, const Tensor& seq_mask);
 // Template pair features of template t for rows i0 .. i0+n, out [n, ld, 88] (columns r .. ld
