@@ -167,8 +167,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                      std::to_string(base) + " bytes)");
     if (opts.dtype == DType::F32) {
       FC_RETURN_IF_ERROR(
-          plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap, &plan)
-              .WithContext(a.features));
+          plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap, &plan));
       opts.chunk_target_bytes = plan.chunk_target_bytes;
       opts.pair_block_bytes = plan.pair_block_bytes;
     } else {

@@ -3,6 +3,7 @@
 // and each rank's tracked peak drops with N. Every launch runs under `timeout`.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "foldcube/io.h"
 #include "test_util.h"
@@ -149,6 +151,46 @@ TEST(DapAf2Cli, DataParallelismIsRefusedNotIgnored) {
         << np << flags << ": " << r.out;
     EXPECT_EQ(r.out.find("mean pLDDT"), std::string::npos) << np << flags << ": ran: " << r.out;
   }
+}
+
+// The per-rank memory model beside the measurement: on 2 ranks the report's predicted forward
+// peak of every rank equals its measured tracked peak to the byte (and the printout says so);
+// --memory-budget X (per rank, between the finest chunking's peak and the default's) is planned
+// from that model: every rank's peak within X, still equal to the prediction; a budget below the
+// finest chunking is refused with the smallest feasible budget per rank; --dtype bf16 runs.
+TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
+  const std::string args =
+      "run --model af2 --r 64 --s 8 --extra 48 --templates 2 --blocks 1 --recycles 0 --threads 1 "
+      "--dap 2 --report ";
+  auto peaks = [](const std::string& rep, const char* key) {
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    return j[key].get<std::vector<int64_t>>();
+  };
+  const std::string rep = test::temp_file("af2_model.json");
+  test::Result r = launch(2, args + rep);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("(= measured, to the byte)"), std::string::npos) << r.out;
+  const std::vector<int64_t> got = peaks(rep, "rank_forward_peak_tracked_bytes");
+  EXPECT_EQ(peaks(rep, "rank_predicted_forward_peak_bytes"), got);
+  const std::vector<int64_t> base = peaks(rep, "rank_base_tracked_bytes");
+  const int64_t top = std::max(got[0], got[1]);
+  const std::string rep_b = test::temp_file("af2_model_budget.json");
+  r = launch(2,
+             args + rep_b + " --memory-budget " + std::to_string(base[0] + (top - base[0]) / 10));
+  EXPECT_NE(r.code, 0) << r.out;
+  const std::string key = "the smallest feasible budget per rank is ";
+  const size_t at = r.out.find(key);
+  ASSERT_NE(at, std::string::npos) << r.out;
+  const int64_t finest = static_cast<int64_t>(std::stod(r.out.substr(at + key.size())) * 1048576);
+  ASSERT_GT(top - finest, 1 << 18) << "no room between the finest and the default chunking";
+  const int64_t budget = (finest + top) / 2;
+  r = launch(2, args + rep_b + " --memory-budget " + std::to_string(budget));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::vector<int64_t> got_b = peaks(rep_b, "rank_forward_peak_tracked_bytes");
+  EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_b);
+  for (int64_t p : got_b) EXPECT_LE(p, budget);
+  r = launch(2, args + rep_b + " --dtype bf16 --quiet");
+  EXPECT_EQ(r.code, 0) << r.out;
 }
 
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below
