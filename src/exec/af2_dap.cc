@@ -298,21 +298,11 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
         trace_rows("sm.pair_ln", -1, zl, r, r);
       }
       const af2::PairRows pv{z.f32(), i0, rl, rp, gather};
-      return af2::structure_module_rows(
-          M.sm, M.sm_cfg, s, pv, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
-          emit_root ? af2::StructureTraceFn([&](const std::string& name, int layer,
-                                                const Tensor& v) { emit_root(name, layer, v); })
-                    : af2::StructureTraceFn(),
-          opts.pair_block_bytes);
+      return af2::structure_module_rows(M.sm, M.sm_cfg, s, pv, f.aatype.data<int64_t>(),
+                                        f.seq_mask.f32(), &sm_out, emit_root.structure(),
+                                        opts.pair_block_bytes);
     }));
-    for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
-                                  {"sm.sidechain_frames", &sm_out.sidechain_frames},
-                                  {"sm.unnormalized_angles", &sm_out.unnormalized_angles},
-                                  {"sm.angles", &sm_out.angles},
-                                  {"sm.positions", &sm_out.positions},
-                                  {"sm.states", &sm_out.states},
-                                  {"sm.single", &sm_out.single}})
-      trace_whole(name, -1, *t);
+    emit_root.structure_outputs(sm_out);
     const int64_t L = M.sm_cfg.no_blocks;
     Tensor x37 = Tensor::empty({r, af2::kAtom37, 3});  // [r, 37, 3]
     Tensor mask37 = Tensor::empty({r, af2::kAtom37});  // [r, 37]

@@ -23,23 +23,6 @@ constexpr int64_t kF = 4, kI = 8;  // bytes of F32 and I64
 constexpr int64_t kAtom37 = 37, kAtom14 = 14, kRigidGroups = 8, kAngles = 7;
 constexpr int64_t kTemplPairFeat = 88, kTemplAngleFeat = 57, kExtraFeat = 25, kMsaHeadOut = 23;
 
-// Live bytes of a replayed allocation sequence, with the peak of the whole replay and of the
-// current stage.
-struct Replay {
-  int64_t live = 0, peak = 0, stage_peak = 0, entry = 0;
-  void alloc(int64_t b) {
-    live += b;
-    note(live);
-  }
-  void free(int64_t b) { live -= b; }
-  void transient(int64_t b) { note(live + b); }  // allocated and freed again
-  void begin() { entry = stage_peak = live; }
-  void note(int64_t v) {
-    peak = std::max(peak, v);
-    stage_peak = std::max(stage_peak, v);
-  }
-};
-
 int64_t valid_rows(int64_t total, int64_t loc, int rank) {
   return std::clamp<int64_t>(total - rank * loc, 0, loc);
 }
@@ -182,7 +165,7 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
   const int64_t pf = af2_pass_feature_bytes(cfg, d);
   const int64_t masks = (rp * rp + le.s_pad * rp + lx.s_pad * rp) * kF;  // padded_masks
   AlphaFoldMemory mem;
-  Replay m;
+  Af2Replay m;
   auto stage = [&](int pass, const char* name) {
     mem.stages.push_back({pass, name, 0.0, m.entry, m.stage_peak});
   };

@@ -21,23 +21,6 @@ namespace {
 constexpr int64_t kF = 4, kI = 8;  // bytes of F32 and I64
 constexpr int64_t kAtom37 = 37, kAtom14 = 14, kRigidGroups = 8, kAngles = 7;
 
-// Live bytes of a replayed allocation sequence, with the peak of the whole replay and of the
-// current stage.
-struct Replay {
-  int64_t live = 0, peak = 0, stage_peak = 0, entry = 0;
-  void alloc(int64_t b) {
-    live += b;
-    note(live);
-  }
-  void free(int64_t b) { live -= b; }
-  void transient(int64_t b) { note(live + b); }  // allocated and freed again
-  void begin() { entry = stage_peak = live; }
-  void note(int64_t v) {
-    peak = std::max(peak, v);
-    stage_peak = std::max(stage_peak, v);
-  }
-};
-
 // Bytes of one pass of each feature the model reads, in the order pass_features copies them
 // (template_mask last, apart); each entry is (numel, element bytes).
 std::vector<std::pair<int64_t, int64_t>> pass_features(const AlphaFoldConfig& cfg,
@@ -111,7 +94,7 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
   const int64_t T = cfg.templates ? d.T : 0;
   const int64_t rows = af2::pair_block_rows(r, cz, opts.pair_block_bytes);
   AlphaFoldMemory mem;
-  Replay m;
+  Af2Replay m;
   auto stage = [&](int pass, const char* name) {
     mem.stages.push_back({pass, name, 0.0, m.entry, m.stage_peak});
   };

@@ -2,11 +2,29 @@
 // replay (src/plan/af2_dap_memory.cc) shares.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "foldcube/alphafold.h"
 
 namespace fc {
+
+// Live bytes of a replayed allocation sequence, with the peak of the whole replay and of the
+// current stage.
+struct Af2Replay {
+  int64_t live = 0, peak = 0, stage_peak = 0, entry = 0;
+  void alloc(int64_t b) {
+    live += b;
+    note(live);
+  }
+  void free(int64_t b) { live -= b; }
+  void transient(int64_t b) { note(live + b); }  // allocated and freed again
+  void begin() { entry = stage_peak = live; }
+  void note(int64_t v) {
+    peak = std::max(peak, v);
+    stage_peak = std::max(stage_peak, v);
+  }
+};
 
 // One pass's copies of the features (pass_features): none when the recycling axis has length 1,
 // and none of a feature with one element (its pass is then a contiguous view).

@@ -537,22 +537,11 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     emit("evoformer.s", -1, s);
     af2::StructureModuleOutput sm_out;
     FC_RETURN_IF_ERROR(stage("structure_module", [&] {
-      return af2::structure_module_forward(
-          sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
-          emit ? af2::StructureTraceFn([&](const std::string& name, int layer, const Tensor& v) {
-            emit(name, layer, v);
-          })
-               : af2::StructureTraceFn(),
-          opts.pair_block_bytes);
+      return af2::structure_module_forward(sm, sm_cfg, s, z, f.aatype.data<int64_t>(),
+                                           f.seq_mask.f32(), &sm_out, emit.structure(),
+                                           opts.pair_block_bytes);
     }));
-    for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
-                                  {"sm.sidechain_frames", &sm_out.sidechain_frames},
-                                  {"sm.unnormalized_angles", &sm_out.unnormalized_angles},
-                                  {"sm.angles", &sm_out.angles},
-                                  {"sm.positions", &sm_out.positions},
-                                  {"sm.states", &sm_out.states},
-                                  {"sm.single", &sm_out.single}})
-      emit(name, -1, *t);
+    emit.structure_outputs(sm_out);
     const int64_t L = sm_cfg.no_blocks;
     Tensor x37 = Tensor::empty({r, af2::kAtom37, 3});  // [r, 37, 3]
     Tensor mask37 = Tensor::empty({r, af2::kAtom37});  // [r, 37]

@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "foldcube/alphafold.h"
@@ -65,6 +66,22 @@ struct AlphaFold::Impl {
     explicit operator bool() const { return static_cast<bool>(fn); }
     void operator()(const std::string& stage, int index, const Tensor& value) const {
       if (fn) fn(stage, index, value);
+    }
+    // The structure module's trace hook forwarding to this one (empty when this one is).
+    af2::StructureTraceFn structure() const {
+      if (!fn) return {};
+      return [f = fn](const std::string& name, int layer, const Tensor& v) { f(name, layer, v); };
+    }
+    // The structure module's outputs under their trace names (sm.frames ... sm.single).
+    void structure_outputs(const af2::StructureModuleOutput& o) const {
+      for (const auto& [name, t] : {std::pair{"sm.frames", &o.frames},
+                                    {"sm.sidechain_frames", &o.sidechain_frames},
+                                    {"sm.unnormalized_angles", &o.unnormalized_angles},
+                                    {"sm.angles", &o.angles},
+                                    {"sm.positions", &o.positions},
+                                    {"sm.states", &o.states},
+                                    {"sm.single", &o.single}})
+        (*this)(name, -1, *t);
     }
   };
 
