@@ -149,15 +149,17 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
       return st;
     };
     const PaddedMasks pm = padded_masks(f, T, le, lx);
-    Tensor m = Tensor::zeros({sl, rp, cm});  // [s_loc, r_pad, c_m] Evoformer rows of this rank
+    // The Evoformer rows of m are embedded at the start of the Evoformer stage, so that they are
+    // not alive during the extra-MSA stack (the largest stage); until then only the template
+    // single rows are kept.
+    Tensor m;                                // [s_loc, r_pad, c_m] Evoformer rows of this rank
+    Tensor tmpl_single;                      // [T, r, c_m] the template rows S .. S+T of m
     Tensor z = Tensor::zeros({rl, rp, cz});  // [r_loc, r_pad, c_z] pair rows of this rank
     FC_RETURN_IF_ERROR(stage("input_embedder", [&] {
       const AlphaFold::Impl::InputTables t = M.input_tables(f);
       M.embed_pair_rows(f, t, i0, nrow, rp, z.f32());
-      M.embed_msa_rows(f, me * sl, valid_rows(S, sl, me), rp, m.f32());
       return Status::OK();
     }));
-    trace_rows("input_embedder.m", -1, m, S, r);
     trace_rows("input_embedder.z", -1, z, r, r);
     trace_whole("recycling_embedder.in_m", -1, m_prev);
     trace_rows("recycling_embedder.in_z", -1, z_prev, r, r);
@@ -165,12 +167,6 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
       Tensor pb = Tensor::empty({r, 3});  // [r, 3]
       af2::pseudo_beta(f.aatype.data<int64_t>(), x_prev.f32(), r, pb.f32());
       trace_whole("recycling_embedder.in_pseudo_beta", -1, pb);
-      if (me == 0) {                         // m[0] is the root's first row
-        Tensor rm = Tensor::empty({r, cm});  // [r, c_m]
-        af2::apply_layernorm(M.rec_ln_m, m_prev.f32(), r, cm, rm.f32());
-        trace_whole("recycling_embedder.m", -1, rm);
-        kern::add_inplace(m.f32(), cm, rm.f32(), cm, r, cm);
-      }
       // Traced: all of this rank's recycled rows at once, [r_loc, r_pad, c_z].
       const int64_t rows =
           tracing ? std::max<int64_t>(rl, 1) : af2::pair_block_rows(r, cz, opts.pair_block_bytes);
@@ -230,13 +226,7 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
         } else if (any > 0.0f) {
           M.template_attention_add(o.f32(), npos, block, z.f32());
         }
-        // The template rows S .. S+T of the Evoformer's MSA: this rank's among them.
-        const Tensor single = M.template_single(f, emit_root);  // [T, r, c_m]
-        for (int64_t i = 0; i < sl; ++i) {
-          const int64_t g = me * sl + i - S;
-          if (g >= 0 && g < T)
-            std::memcpy(m.f32() + i * rp * cm, single.f32() + g * r * cm, r * cm * kF);
-        }
+        tmpl_single = M.template_single(f, emit_root);
         return Status::OK();
       }));
     }
@@ -267,10 +257,27 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
       trace_rows("extra_msa_stack.z", -1, z, r, r);
       return Status::OK();
     }));
-    trace_rows("evoformer.in_m", -1, m, S + T, r);
-    trace_rows("evoformer.in_z", -1, z, r, r);
     Tensor s = Tensor::empty({r, cs});  // [r, c_s] on every rank
     FC_RETURN_IF_ERROR(stage("evoformer", [&] {
+      // This rank's Evoformer rows: clusters (input embedder), m[0] += LN(m_prev) (recycling
+      // embedder; m[0] is the root's first row), the template rows among them.
+      m = Tensor::zeros({sl, rp, cm});
+      M.embed_msa_rows(f, me * sl, valid_rows(S, sl, me), rp, m.f32());
+      trace_rows("input_embedder.m", -1, m, S, r);
+      if (me == 0) {
+        Tensor rm = Tensor::empty({r, cm});  // [r, c_m]
+        af2::apply_layernorm(M.rec_ln_m, m_prev.f32(), r, cm, rm.f32());
+        trace_whole("recycling_embedder.m", -1, rm);
+        kern::add_inplace(m.f32(), cm, rm.f32(), cm, r, cm);
+      }
+      for (int64_t i = 0; i < sl; ++i) {
+        const int64_t g = me * sl + i - S;
+        if (g >= 0 && g < T)
+          std::memcpy(m.f32() + i * rp * cm, tmpl_single.f32() + g * r * cm, r * cm * kF);
+      }
+      tmpl_single = Tensor();
+      trace_rows("evoformer.in_m", -1, m, S + T, r);
+      trace_rows("evoformer.in_z", -1, z, r, r);
       DapShards sh = make_dap_shards(cfg.evoformer, le, pm.msa, pm.pair, opts.chunk,
                                      opts.chunk_target_bytes, num_threads());
       set_dtype(&sh, opts.dtype);

@@ -173,16 +173,14 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
     m.alloc(pf);
     if (k == 0) m.alloc(mprev + zsh + xprev);  // m_prev, z_prev, x_prev
     m.alloc(masks);
-    m.alloc(msh + zsh);  // m, z
-    // input embedder: a_i, a_j, the relative-position table, the target_feat projection
+    m.alloc(zsh);  // z (m is made in the Evoformer stage)
+    // input embedder: a_i, a_j, the relative-position table
     m.begin();
-    m.transient((2 * r * cz + (2 * cfg.relpos_k + 1) * cz + r * cm) * kF);
+    m.transient((2 * r * cz + (2 * cfg.relpos_k + 1) * cz) * kF);
     stage(k, "input_embedder");
-    // recycling embedder: pseudo-beta, LN(m_prev) on the root, then a block of recycled rows;
-    // z_prev freed
+    // recycling embedder: pseudo-beta, then a block of recycled rows; z_prev freed
     m.begin();
     m.alloc(r * 3 * kF);
-    if (me == 0) m.transient(r * cm * kF);
     m.transient(std::min(rows, std::max<int64_t>(nrow, 1)) * rp * cz * kF);
     m.free(zsh + r * 3 * kF);
     stage(k, "recycling_embedder");
@@ -199,8 +197,9 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
       const int64_t act = npos * ct * kF;
       const int64_t ws = dap_blocks_work_bytes(kTemplatePairBlock, tc, lt, chunk, target, threads);
       m.transient(act + std::max({npos * kTemplPairFeat * kF, ws, blk * 3 * hc * kF}));
-      m.transient(blk * cz * kF);                            // a block of the output projection
-      m.transient(T * r * (kTemplAngleFeat + 2 * cm) * kF);  // angle features, hidden, single
+      m.transient(blk * cz * kF);  // a block of the output projection
+      m.alloc(T * r * cm * kF);    // the template single rows, kept for the Evoformer stage
+      m.transient(T * r * (kTemplAngleFeat + cm) * kF);  // their angle features and hidden layer
       m.free(sh + acc);
       stage(k, "template_embedder");
     }
@@ -218,7 +217,12 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
       stage(k, "extra_msa_stack");
     }
     m.alloc(r * cs * kF);  // s
+    // Evoformer: m made (the target_feat projection beside it; LN(m_prev) on the root), the
+    // template single rows freed, then the shards' masks and the blocks' work
     m.begin();
+    m.alloc(msh);
+    m.transient(r * cm * kF);
+    m.free(T * r * cm * kF);
     m.transient(shard_mask_bytes(le) +
                 dap_blocks_work_bytes(kEvoformerBlock, ev, le, chunk, target, threads));
     stage(k, "evoformer");
