@@ -143,11 +143,8 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
   opts.recycle_tolerance = a.recycle_tolerance;
   opts.dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
-  // --memory-budget X per rank: fp32, the chunking from the per-rank memory model (every rank's
-  // peak, the largest base over the ranks: the same chunking on every rank). bf16, which that
-  // model does not replay: every rank holds the weights and features (base) and 1/N of the
-  // activations, so the one-process plan for base + N*(X - base) gives the chunk target and pair
-  // blocks, divided by N for the shards (an estimate; the measured peaks are printed beside it).
+  // --memory-budget X per rank: the chunking from the per-rank memory model (every rank's peak,
+  // the largest base over the ranks: the same chunking on every rank).
   int64_t budget = 0;
   AlphaFoldPlan plan;
   if (!a.memory_budget.empty()) {
@@ -165,28 +162,17 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                      " per rank is below the weights and features every rank "
                                      "holds (" +
                                      std::to_string(base) + " bytes)");
-    if (opts.dtype == DType::F32) {
-      FC_RETURN_IF_ERROR(
-          plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap, &plan));
-      opts.chunk_target_bytes = plan.chunk_target_bytes;
-      opts.pair_block_bytes = plan.pair_block_bytes;
-    } else {
-      FC_RETURN_IF_ERROR(plan_alphafold(model.config(), dims, base, base + a.dap * (budget - base),
-                                        num_threads(), &plan, opts.dtype)
-                             .WithContext("--dap " + std::to_string(a.dap) +
-                                          " (planned as one process with " + std::to_string(a.dap) +
-                                          "x the activation budget)"));
-      opts.chunk_target_bytes = std::max<int64_t>(plan.chunk_target_bytes / a.dap, 1);
-      opts.pair_block_bytes =
-          plan.pair_block_bytes > 0 ? std::max<int64_t>(plan.pair_block_bytes / a.dap, 1) : 0;
-    }
+    FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap,
+                                          &plan, opts.dtype));
+    opts.chunk_target_bytes = plan.chunk_target_bytes;
+    opts.pair_block_bytes = plan.pair_block_bytes;
   }
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
   AlphaFoldDapOutputs outs;
   AlphaFoldDapStats ds;
   const int64_t base = mem_stats().live_bytes;
-  // This rank's forward peak from the per-rank memory model (fp32; 0 when it does not apply).
+  // This rank's forward peak from the per-rank memory model (0 when it does not apply).
   int64_t predicted = 0;
   {
     AlphaFoldDims dims;

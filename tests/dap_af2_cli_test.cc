@@ -157,7 +157,8 @@ TEST(DapAf2Cli, DataParallelismIsRefusedNotIgnored) {
 // peak of every rank equals its measured tracked peak to the byte (and the printout says so);
 // --memory-budget X (per rank, between the finest chunking's peak and the default's) is planned
 // from that model: every rank's peak within X, still equal to the prediction; a budget below the
-// finest chunking is refused with the smallest feasible budget per rank; --dtype bf16 runs.
+// finest chunking is refused with the smallest feasible budget per rank; the same under --dtype
+// bf16 (the budget kept, predicted = measured).
 TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
   const std::string args =
       "run --model af2 --r 64 --s 8 --extra 48 --templates 2 --blocks 1 --recycles 0 --threads 1 "
@@ -189,8 +190,11 @@ TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
   const std::vector<int64_t> got_b = peaks(rep_b, "rank_forward_peak_tracked_bytes");
   EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_b);
   for (int64_t p : got_b) EXPECT_LE(p, budget);
-  r = launch(2, args + rep_b + " --dtype bf16 --quiet");
-  EXPECT_EQ(r.code, 0) << r.out;
+  r = launch(2, args + rep_b + " --dtype bf16 --memory-budget " + std::to_string(budget));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::vector<int64_t> got_h = peaks(rep_b, "rank_forward_peak_tracked_bytes");
+  EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_h);
+  for (int64_t p : got_h) EXPECT_LE(p, budget);
 }
 
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below

@@ -49,11 +49,12 @@ struct MemCase {
   int64_t chunk = 0;             // items per chunk in the stacks (0: from the chunk target)
   int64_t chunk_target = 0;      // bytes (0: the DAP default)
   int64_t pair_block_bytes = 0;  // 0: 4 MiB; 1: one row per block
+  DType dtype = DType::F32;
 };
 std::string MemCaseName(const ::testing::TestParamInfo<MemCase>& p) {
   return p.param.name + "_chunk" + std::to_string(p.param.chunk) + "_target" +
          std::to_string(p.param.chunk_target) + "_pairblock" +
-         std::to_string(p.param.pair_block_bytes);
+         std::to_string(p.param.pair_block_bytes) + (p.param.dtype == DType::BF16 ? "_bf16" : "");
 }
 
 class DapAf2Memory : public ::testing::TestWithParam<MemCase> {};
@@ -69,6 +70,7 @@ TEST_P(DapAf2Memory, EveryStageOfEveryRankMatchesTheAllocator) {
   opts.chunk = GetParam().chunk;
   opts.chunk_target_bytes = GetParam().chunk_target;
   opts.pair_block_bytes = GetParam().pair_block_bytes;
+  opts.dtype = GetParam().dtype;
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
   AlphaFoldDims dims;
@@ -99,7 +101,10 @@ INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Memory,
                          ::testing::Values(MemCase{"af2_model_tiny"}, MemCase{"af2_model_tiny", 1},
                                            MemCase{"af2_model_tiny", 0, 4096, 1},
                                            MemCase{"af2_model_af2dims"},
-                                           MemCase{"af2_model_af2dims", 5, 0, 1}),
+                                           MemCase{"af2_model_af2dims", 5, 0, 1},
+                                           MemCase{"af2_model_tiny", 0, 0, 0, DType::BF16},
+                                           MemCase{"af2_model_af2dims", 0, 0, 0, DType::BF16},
+                                           MemCase{"af2_model_af2dims", 5, 0, 1, DType::BF16}),
                          MemCaseName);
 
 bool structure_group(const std::string& name) {

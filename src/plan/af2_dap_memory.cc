@@ -33,7 +33,7 @@ struct ShardContexts {
   BlockContext row, col, full;
 };
 ShardContexts shard_contexts(const EvoformerConfig& cfg, const DapLayout& l, int64_t chunk,
-                             int64_t target, int threads) {
+                             int64_t target, int threads, DType dtype) {
   const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
   const int64_t mz_loc = (sl * rp * cfg.c_m + rl * rp * cfg.c_z) * kF;
   BlockContext base;
@@ -41,6 +41,7 @@ ShardContexts shard_contexts(const EvoformerConfig& cfg, const DapLayout& l, int
   base.chunk = chunk;
   base.chunk_target_bytes = target > 0 ? target : std::max<int64_t>(mz_loc / 8, 1 << 20);
   base.threads = std::max(threads, 1);
+  base.dtype = dtype;
   ShardContexts c{base, base, base};
   c.row.s = sl;
   c.row.r = rp;
@@ -61,8 +62,8 @@ int64_t shard_mask_bytes(const DapLayout& l) {
 }  // namespace
 
 int64_t dap_blocks_work_bytes(const BlockTable& t, const EvoformerConfig& cfg, const DapLayout& l,
-                              int64_t chunk, int64_t target, int threads) {
-  const ShardContexts sc = shard_contexts(cfg, l, chunk, target, threads);
+                              int64_t chunk, int64_t target, int threads, DType dtype) {
+  const ShardContexts sc = shard_contexts(cfg, l, chunk, target, threads, dtype);
   const int64_t sl = l.s_loc, rl = l.r_loc, rp = l.r_pad;
   const int n = l.n;
   // Attention over `items` rows of length L with c channels (the column-attention formula).
@@ -140,8 +141,8 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
                                     const AlphaFoldOptions& opts, int threads, int n, int rank,
                                     AlphaFoldMemory* out) {
   FC_RETURN_IF_ERROR(cfg.evoformer.validate());
-  if (opts.dtype != DType::F32)
-    return Status::InvalidArgument("alphafold DAP memory: the replay covers F32 only");
+  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
+    return Status::InvalidArgument("alphafold DAP memory: dtype must be F32 or BF16");
   if (d.r < 1 || d.S < 1 || d.E < 1 || d.T < 0 || d.passes < 1 || opts.chunk < 0 ||
       opts.chunk_target_bytes < 0 || opts.pair_block_bytes < 0 || threads < 1 || n < 1 ||
       rank < 0 || rank >= n || d.r_features > 0)
@@ -195,7 +196,8 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
       const int64_t acc = (npos * hc + 2 * npos * H) * kF;           // o, den, mx
       m.alloc(sh + acc);
       const int64_t act = npos * ct * kF;
-      const int64_t ws = dap_blocks_work_bytes(kTemplatePairBlock, tc, lt, chunk, target, threads);
+      const int64_t ws =
+          dap_blocks_work_bytes(kTemplatePairBlock, tc, lt, chunk, target, threads, opts.dtype);
       m.transient(act + std::max({npos * kTemplPairFeat * kF, ws, blk * 3 * hc * kF}));
       m.transient(blk * cz * kF);  // a block of the output projection
       m.alloc(T * r * cm * kF);    // the template single rows, kept for the Evoformer stage
@@ -211,8 +213,8 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
       m.begin();
       m.alloc(a);
       if (valid_rows(E, el, me) > 0) m.transient(r * kExtraFeat * kF);
-      m.transient(shard_mask_bytes(lx) +
-                  dap_blocks_work_bytes(kExtraMsaBlock, xc, lx, chunk, target, threads));
+      m.transient(shard_mask_bytes(lx) + dap_blocks_work_bytes(kExtraMsaBlock, xc, lx, chunk,
+                                                               target, threads, opts.dtype));
       m.free(a);
       stage(k, "extra_msa_stack");
     }
@@ -224,7 +226,7 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
     m.transient(r * cm * kF);
     m.free(T * r * cm * kF);
     m.transient(shard_mask_bytes(le) +
-                dap_blocks_work_bytes(kEvoformerBlock, ev, le, chunk, target, threads));
+                dap_blocks_work_bytes(kEvoformerBlock, ev, le, chunk, target, threads, opts.dtype));
     stage(k, "evoformer");
     // structure module (structure_module_rows with this rank's pair rows)
     const int64_t L = cfg.structure_layers, H = cfg.ipa_heads, C = cfg.ipa_hidden;
@@ -274,13 +276,15 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
 }
 
 Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, int64_t base_bytes,
-                          int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out) {
+                          int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out,
+                          DType dtype) {
   if (base_bytes < 0 || budget_bytes < 1 || n < 1)
     return Status::InvalidArgument(
         "plan_alphafold_dap: base bytes must be >= 0, the budget and the ranks >= 1");
   // One knob, as plan_alphafold: the stacks' chunk target, which also caps the pair blocks.
-  auto options = [](int64_t target) {
+  auto options = [dtype](int64_t target) {
     AlphaFoldOptions o;
+    o.dtype = dtype;
     o.chunk_target_bytes = target;
     o.pair_block_bytes = target > 0 && target < (int64_t{4} << 20) ? target : 0;
     return o;
