@@ -413,9 +413,6 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
       opts.pad_to != it->second.dim(0)) {
     // Size bucket, as one process: every rank pads its features, the outputs are cropped back.
     const int64_t r = it->second.dim(0);
-    if (opts.pad_to < r)
-      return Status::InvalidArgument("pad_to " + std::to_string(opts.pad_to) + " is below the " +
-                                     std::to_string(r) + " residues of the features");
     FeatureDict padded;
     FC_RETURN_IF_ERROR(af2::pad_residues(feats, r, opts.pad_to, &padded));
     AlphaFoldOptions o = opts;

@@ -20,7 +20,7 @@ namespace fc {
 namespace {
 
 constexpr int64_t kF = 4, kI = 8;  // bytes of F32 and I64
-constexpr int64_t kAtom37 = 37, kAtom14 = 14, kRigidGroups = 8, kAngles = 7;
+constexpr int64_t kAtom37 = 37;
 constexpr int64_t kTemplPairFeat = 88, kTemplAngleFeat = 57, kExtraFeat = 25, kMsaHeadOut = 23;
 
 int64_t valid_rows(int64_t total, int64_t loc, int rank) {
@@ -229,32 +229,23 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
                 dap_blocks_work_bytes(kEvoformerBlock, ev, le, chunk, target, threads, opts.dtype));
     stage(k, "evoformer");
     // structure module (structure_module_rows with this rank's pair rows)
-    const int64_t L = cfg.structure_layers, H = cfg.ipa_heads, C = cfg.ipa_hidden;
-    const int64_t Pq = cfg.ipa_qk_points, Pv = cfg.ipa_v_points, cr = cfg.c_resnet;
-    const int64_t outs = L * r * (7 + kRigidGroups * 16 + 2 * kAngles * 2 + kAtom14 * 3 + cs) * kF;
+    const int64_t H = cfg.ipa_heads, outs = af2_sm_output_bytes(cfg, r);
     const int64_t mine = rl * rp * H * kF, bias = n * mine;
     m.begin();
     m.alloc(2 * r * cs * kF + mine + bias);  // s0, s, this rank's bias rows, the gathered bias
     m.transient(rows * rp * cz * kF);        // a block of LN_z(z) rows
     m.free(mine);
     m.alloc(outs + (r * cs + r * 6) * kF);
-    const int64_t hz = H * cz, width = H * (C + 4 * Pv + cz);
-    const int64_t ipa_in = r * (3 * H * C + 3 * H * Pq + 3 * H * (Pq + Pv)) * kF;
-    const int64_t zl = std::min(rows, std::max<int64_t>(nrow, 1)) * rp * cz;
-    const int64_t ipa =
-        ipa_in +
-        std::max(r * 3 * H * (Pq + Pv) * kF,
-                 (r * width + H * r * r + 2 * r * Pv * 3 + rl * hz + zl + n * rl * hz) * kF);
-    const int64_t resnet = (2 * r * cr + std::max(2 * r * cs, r * cr)) * kF;
-    m.transient(std::max({ipa, 3 * r * cs * kF, resnet}));
+    // o_pair: its rows [r_l, H*c_z], a block of LN_z(z) rows, then every rank's rows gathered
+    const int64_t hz = H * cz, zl = std::min(rows, std::max<int64_t>(nrow, 1)) * rp * cz;
+    m.transient(af2_sm_layer_bytes(cfg, r, (rl * hz + zl + n * rl * hz) * kF));
     m.free((2 * r * cs + r * 6) * kF + bias);  // s0, ipa, upd and the bias; s is an output
     stage(k, "structure_module");
     m.alloc((r * kAtom37 * 3 + r * kAtom37) * kF);  // x37, mask37
     if (k + 1 == d.passes) {
       m.begin();
-      const int64_t ch = cfg.plddt_hidden, db = cfg.distogram_bins, tb = cfg.tm_bins;
-      m.alloc((r * cs + 2 * r * ch + r * cfg.plddt_bins + r) * kF);
-      m.free((r * cs + 2 * r * ch) * kF);  // the pLDDT head's hidden layers
+      const int64_t db = cfg.distogram_bins, tb = cfg.tm_bins;
+      af2_plddt_head(cfg, r, &m);
       const int64_t dist = rl * rp * db * kF;
       m.alloc(dist);
       m.transient(2 * dist);  // its clone, then the all-to-all's buffers (pair_transpose)

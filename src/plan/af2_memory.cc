@@ -44,6 +44,28 @@ std::vector<std::pair<int64_t, int64_t>> pass_features(const AlphaFoldConfig& cf
 
 }  // namespace
 
+int64_t af2_sm_output_bytes(const AlphaFoldConfig& cfg, int64_t r) {
+  return cfg.structure_layers * r *
+         (7 + kRigidGroups * 16 + 2 * kAngles * 2 + kAtom14 * 3 + cfg.evoformer.c_s) * kF;
+}
+
+int64_t af2_sm_layer_bytes(const AlphaFoldConfig& cfg, int64_t r, int64_t o_pair) {
+  const int64_t H = cfg.ipa_heads, C = cfg.ipa_hidden, Pq = cfg.ipa_qk_points;
+  const int64_t Pv = cfg.ipa_v_points, cr = cfg.c_resnet, cs = cfg.evoformer.c_s;
+  const int64_t width = H * (C + 4 * Pv + cfg.evoformer.c_z);
+  const int64_t ipa_in = r * (3 * H * C + 3 * H * Pq + 3 * H * (Pq + Pv)) * kF;
+  const int64_t ipa = ipa_in + std::max(r * 3 * H * (Pq + Pv) * kF,
+                                        (r * width + H * r * r + 2 * r * Pv * 3) * kF + o_pair);
+  const int64_t resnet = (2 * r * cr + std::max(2 * r * cs, r * cr)) * kF;
+  return std::max({ipa, 3 * r * cs * kF, resnet});
+}
+
+void af2_plddt_head(const AlphaFoldConfig& cfg, int64_t r, Af2Replay* m) {
+  const int64_t ch = cfg.plddt_hidden, cs = cfg.evoformer.c_s;
+  m->alloc((r * cs + 2 * r * ch + r * cfg.plddt_bins + r) * kF);
+  m->free((r * cs + 2 * r * ch) * kF);  // the hidden layers
+}
+
 int64_t af2_pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
   if (R <= 1) return 0;
@@ -157,28 +179,19 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
     m.alloc(r * cs * kF);  // s
     stage(k, "evoformer");
     // structure module
-    const int64_t L = cfg.structure_layers, H = cfg.ipa_heads, C = cfg.ipa_hidden;
-    const int64_t Pq = cfg.ipa_qk_points, Pv = cfg.ipa_v_points, cr = cfg.c_resnet;
-    const int64_t outs = L * r * (7 + kRigidGroups * 16 + 2 * kAngles * 2 + kAtom14 * 3 + cs) * kF;
+    const int64_t H = cfg.ipa_heads, outs = af2_sm_output_bytes(cfg, r);
     m.begin();
     m.alloc((2 * r * cs + rr * H) * kF);  // s0, s, pair bias
     m.transient(rows * r * cz * kF);      // a block of LN_z(z) rows for the pair bias
     m.alloc(outs + (r * cs + r * 6) * kF);
-    const int64_t ipa_in = r * (3 * H * C + 3 * H * Pq + 3 * H * (Pq + Pv)) * kF;
-    const int64_t width = H * (C + 4 * Pv + cz);
-    const int64_t ipa =
-        ipa_in + std::max(r * 3 * H * (Pq + Pv) * kF,
-                          (r * width + H * rr + 2 * r * Pv * 3 + rows * r * cz) * kF);
-    const int64_t resnet = (2 * r * cr + std::max(2 * r * cs, r * cr)) * kF;
-    m.transient(std::max({ipa, 3 * r * cs * kF, resnet}));
+    m.transient(af2_sm_layer_bytes(cfg, r, rows * r * cz * kF));  // o_pair: a block of LN_z(z)
     m.free((2 * r * cs + rr * H + r * 6) * kF);  // s0, pair bias, ipa, upd; s is an output
     stage(k, "structure_module");
     m.alloc((r * kAtom37 * 3 + r * kAtom37) * kF);  // x37, mask37
     if (k + 1 == d.passes) {
       m.begin();
-      const int64_t ch = cfg.plddt_hidden, db = cfg.distogram_bins, tb = cfg.tm_bins;
-      m.alloc((r * cs + 2 * r * ch + r * cfg.plddt_bins + r) * kF);
-      m.free((r * cs + 2 * r * ch) * kF);  // the pLDDT head's hidden layers
+      const int64_t db = cfg.distogram_bins, tb = cfg.tm_bins;
+      af2_plddt_head(cfg, r, &m);
       m.alloc((rr * db + S * r * 23 + r * kAtom37) * kF);
       if (cfg.ptm) m.alloc((2 * rr * tb + rr + 2) * kF);
       stage(k, "heads");

@@ -26,6 +26,14 @@ struct Af2Replay {
   }
 };
 
+// Bytes of the structure module's per-layer outputs (sm.frames ... sm.states) at r residues.
+int64_t af2_sm_output_bytes(const AlphaFoldConfig& cfg, int64_t r);
+// The largest transient of one structure-module layer at r residues: IPA (its projections, then
+// the scores with `o_pair` bytes of o_pair work beside them), the transition or the angle ResNet.
+int64_t af2_sm_layer_bytes(const AlphaFoldConfig& cfg, int64_t r, int64_t o_pair);
+// The pLDDT head at r residues: its hidden layers come and go, the logits and pLDDT stay.
+void af2_plddt_head(const AlphaFoldConfig& cfg, int64_t r, Af2Replay* m);
+
 // One pass's copies of the features (pass_features): none when the recycling axis has length 1,
 // and none of a feature with one element (its pass is then a contiguous view).
 int64_t af2_pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d);

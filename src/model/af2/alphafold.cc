@@ -390,6 +390,9 @@ std::vector<int> af2::output_residue_axes(const std::string& name) {
 }
 
 Status af2::pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
+  if (n < r)
+    return Status::InvalidArgument("pad_to " + std::to_string(n) + " is below the " +
+                                   std::to_string(r) + " residues of the features");
   FeatureDict d;
   for (const auto& [name, t] : in) {
     const int a = residue_axis(name);
@@ -424,9 +427,6 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
     // Size bucket: run padded, crop the outputs back to the r residues.
     const int64_t r = it->second.dim(0);
-    if (opts.pad_to < r)
-      return Status::InvalidArgument("pad_to " + std::to_string(opts.pad_to) + " is below the " +
-                                     std::to_string(r) + " residues of the features");
     FeatureDict padded;
     FC_RETURN_IF_ERROR(af2::pad_residues(feats, r, opts.pad_to, &padded));
     AlphaFoldOptions o = opts;

@@ -150,7 +150,8 @@ Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes
 // Pair mask [r, r] = seq_mask_i seq_mask_j.
 Tensor pair_mask_of(const Tensor& seq_mask);
 // The features the model reads, zero-padded along their residue axis from r to n residues (the
-// masks of the new residues are 0); features the model does not read are dropped (pad_to).
+// masks of the new residues are 0); features the model does not read are dropped (pad_to). n < r
+// is an error naming both.
 Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out);
 // Residue axes of each output (empty: none), along which a padded run's outputs are cropped.
 std::vector<int> output_residue_axes(const std::string& name);
