@@ -172,19 +172,6 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
   AlphaFoldDapOutputs outs;
   AlphaFoldDapStats ds;
   const int64_t base = mem_stats().live_bytes;
-  // This rank's forward peak from the per-rank memory model (0 when it does not apply).
-  int64_t predicted = 0;
-  {
-    AlphaFoldDims dims;
-    AlphaFoldMemory mem;
-    if (alphafold_dims(model.config(), feats, &dims).ok()) {
-      if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
-      if (alphafold_dap_forward_memory(model.config(), dims, opts, num_threads(), world.size(),
-                                       world.rank(), &mem)
-              .ok())
-        predicted = base + mem.peak_bytes;
-    }
-  }
   const dist::Communicator& comm = CommAccess::get(world);
   const auto t0 = std::chrono::steady_clock::now();
   st = alphafold_dap_forward(model, comm, feats, &outs, opts, &ds);
@@ -198,6 +185,20 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                                 comm, &write_peak),
                     true));
   const std::map<std::string, Tensor>& out = outs.whole;
+  // This rank's forward peak from the per-rank memory model, for the passes that ran (an early
+  // stop ends like a run of that many passes); 0 when the model does not apply.
+  int64_t predicted = 0;
+  {
+    AlphaFoldDims dims;
+    AlphaFoldMemory mem;
+    if (alphafold_dims(model.config(), feats, &dims).ok()) {
+      dims.passes = static_cast<int>(out.at("num_recycles").data<int64_t>()[0]);
+      if (alphafold_dap_forward_memory(model.config(), dims, opts, num_threads(), world.size(),
+                                       world.rank(), &mem)
+              .ok())
+        predicted = base + mem.peak_bytes;
+    }
+  }
   const std::vector<int64_t> peaks = world.all_gather_i64(ds.forward_peak_bytes);
   const std::vector<int64_t> bases = world.all_gather_i64(base);
   const std::vector<int64_t> shards = world.all_gather_i64(ds.shard_bytes);

@@ -158,7 +158,7 @@ TEST(DapAf2Cli, DataParallelismIsRefusedNotIgnored) {
 // --memory-budget X (per rank, between the finest chunking's peak and the default's) is planned
 // from that model: every rank's peak within X, still equal to the prediction; a budget below the
 // finest chunking is refused with the smallest feasible budget per rank; the same under --dtype
-// bf16 (the budget kept, predicted = measured).
+// bf16 (the budget kept, predicted = measured); an early stop is predicted for the passes run.
 TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
   const std::string args =
       "run --model af2 --r 64 --s 8 --extra 48 --templates 2 --blocks 1 --recycles 0 --threads 1 "
@@ -195,6 +195,16 @@ TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
   const std::vector<int64_t> got_h = peaks(rep_b, "rank_forward_peak_tracked_bytes");
   EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_h);
   for (int64_t p : got_h) EXPECT_LE(p, budget);
+  // An early stop (after the second of three passes) is predicted as a run of two passes.
+  const std::string rep_e = test::temp_file("af2_model_early.json");
+  r = launch(2,
+             "run --model af2 --r 24 --s 5 --extra 8 --templates 1 --blocks 1 --recycles 2 "
+             "--recycle-tolerance 1000 --threads 1 --dap 2 --report " +
+                 rep_e);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("2 pass(es)"), std::string::npos) << r.out;
+  EXPECT_EQ(peaks(rep_e, "rank_predicted_forward_peak_bytes"),
+            peaks(rep_e, "rank_forward_peak_tracked_bytes"));
 }
 
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below
