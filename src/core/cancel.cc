@@ -18,7 +18,10 @@ std::atomic<bool> g_sigint{false};  // a SIGINT arrived while a scope was open
 struct sigaction g_previous {};     // the SIGINT action before the open scope
 static_assert(std::atomic<bool>::is_always_lock_free, "the signal handler needs a lock-free flag");
 
-const char* g_notice = nullptr;  // written to stderr on the first SIGINT, may be null
+// Written to stderr on the first SIGINT, may be null. Atomic: a handler still running on another
+// thread may read it while the next scope sets it (TSan, Cancel.SigintDuringShieldedForwards...).
+std::atomic<const char*> g_notice{nullptr};
+static_assert(std::atomic<const char*>::is_always_lock_free, "read in the signal handler");
 
 // The first SIGINT sets the flags; a second one restores the previous action and raises the
 // signal again (for the CLI: the default action, the process ends at once).
@@ -30,8 +33,8 @@ void on_sigint(int) {
   }
   g_sigint.store(true, std::memory_order_relaxed);
   g_cancel.store(true, std::memory_order_relaxed);
-  if (g_notice != nullptr) {
-    const ssize_t n = write(STDERR_FILENO, g_notice, std::strlen(g_notice));
+  if (const char* notice = g_notice.load(std::memory_order_relaxed)) {
+    const ssize_t n = write(STDERR_FILENO, notice, std::strlen(notice));
     (void)n;
   }
 }
@@ -44,7 +47,7 @@ bool cancel_requested() { return g_cancel.load(std::memory_order_relaxed); }
 SigintCancelScope::SigintCancelScope(const char* notice) {
   g_sigint.store(false);
   clear_cancel();
-  g_notice = notice;
+  g_notice.store(notice, std::memory_order_relaxed);
   struct sigaction act {};
   act.sa_handler = on_sigint;
   act.sa_flags = SA_RESTART;  // reads and writes of the waiting thread resume after the handler
