@@ -382,6 +382,7 @@ LayerWork global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r
   w.gemm.push_back({2 * sr * ce * ld, static_cast<double>(n * s)});
   w.gemm.push_back({2.0 * r * ce * hc, static_cast<double>(n)});
   w.att.push_back({attention_flops(r, 1, H, s, C), static_cast<double>(s)});
+  w.att_scores = static_cast<double>(r) * H * s;
   w.gemm.push_back({2 * sr * hc * ce, static_cast<double>(n * s)});
   // LayerNorm, masked mean, gating (sigmoid, multiply), residual add.
   w.mem += 2 * sr * ce + sr * ce + 2 * sr * hc * 2 + 3 * sr * ce;
@@ -391,6 +392,7 @@ LayerWork global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r
     rb->chunks = w.chunks;
     rb->gemm = {w.gemm[0], w.gemm[1]};
     rb->att = w.att;
+    rb->att_scores = w.att_scores;
     rb->mem = 3 * sr * ce;
   }
   return w;
