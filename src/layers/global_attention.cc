@@ -122,9 +122,10 @@ void gated_outputs(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n
   for (int64_t row = 0; row < n * d.s; ++row)
     std::memcpy(y + row * d.hc, kp + row * d.ld + 2 * d.C, static_cast<size_t>(d.hc) * kF);
   kern::sigmoid_inplace(y, d.hc, n * d.s, d.hc);
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < n * d.s; ++row)
-    kern::mul_inplace(y + row * d.hc, d.hc, op + (row / d.s) * d.hc, d.hc, 1, d.hc);
+  // Column b's s rows times o[b] (broadcast, ldx 0): one call per column, not one nested
+  // parallel region per row (that cost more than the rest of the module).
+  for (int64_t b = 0; b < n; ++b)
+    kern::mul_inplace(y + b * d.s * d.hc, d.hc, op + b * d.hc, 0, d.s, d.hc);
 }
 
 // Backward of the gating: given dy [n*s, H*C], dg (the gate columns of dkvg, ld) and do [n, H*C]
@@ -228,9 +229,8 @@ void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const Block
     kern::attention(a, scratch.f32(), ctx.threads);
     // g[b, j] = o[b] * sigmoid(linear_g(x[b, j]))
     kern::sigmoid_inplace(gp, ld, n * s, hc);
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < n * s; ++row)
-      kern::mul_inplace(gp + row * ld, ld, qp + (row / s) * hc, hc, 1, hc);
+    for (int64_t b = 0; b < n; ++b)  // column b's s rows times o[b] (broadcast)
+      kern::mul_inplace(gp + b * s * ld, ld, qp + b * hc, 0, s, hc);
     kern::linear(gp, ld, n * s, hc, w.o.w.f32(), bias_ptr(w.o), ce, xp, ce);
     for (int64_t b = 0; b < n; ++b)
       kern::add_inplace(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce);
