@@ -128,28 +128,27 @@ void gated_outputs(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n
     kern::mul_inplace(y + b * d.s * d.hc, d.hc, op + b * d.hc, 0, d.s, d.hc);
 }
 
-// Backward of the gating: given dy [n*s, H*C], dg (the gate columns of dkvg, ld) and do [n, H*C]
-// (overwritten: do[b] = sum_j dy[(b, j)] * sigmoid(g[(b, j)])).
-void gate_backward(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n, const float* dy,
+// Backward of the gating: given dy [n*s, H*C] (overwritten with dy * sigmoid(g)), writes dg (the
+// gate columns of dkvg, ld) and do [n, H*C]: do[b] = sum_j dy[(b, j)] * sigmoid(g[(b, j)]), summed
+// over j in order. The vectorised sigmoid-gate backward per column (o[b] broadcast), not a scalar
+// exp per element (that was a third of the module's backward).
+void gate_backward(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n, float* dy,
                    float* dkvg, float* dout) {
   const float* kp = k.kvg.f32();
   const float* op = k.o.f32();
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t row0 = b * d.s;
+    kern::sigmoid_mul_backward(op + b * d.hc, 0, kp + row0 * d.ld + 2 * d.C, d.ld, dy + row0 * d.hc,
+                               d.hc, dy + row0 * d.hc, d.hc, dkvg + row0 * d.ld + 2 * d.C, d.ld,
+                               d.s, d.hc);
+  }
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < n; ++b) {
     float* dob = dout + b * d.hc;
-    const float* ob = op + b * d.hc;
     std::fill(dob, dob + d.hc, 0.f);
     for (int64_t j = 0; j < d.s; ++j) {
-      const int64_t row = b * d.s + j;
-      const float* g = kp + row * d.ld + 2 * d.C;
-      const float* dyr = dy + row * d.hc;
-      float* dg = dkvg + row * d.ld + 2 * d.C;
-      for (int64_t c = 0; c < d.hc; ++c) {
-        const float e = std::exp(-std::fabs(g[c]));
-        const float sg = g[c] >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-        dg[c] = dyr[c] * ob[c] * (e / ((1.f + e) * (1.f + e)));
-        dob[c] += dyr[c] * sg;
-      }
+      const float* dyr = dy + (b * d.s + j) * d.hc;
+      for (int64_t c = 0; c < d.hc; ++c) dob[c] += dyr[c];
     }
   }
 }
