@@ -383,8 +383,9 @@ LayerWork global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r
   w.att.push_back({attention_flops(r, 1, H, s, C), static_cast<double>(s)});
   w.att_scores = static_cast<double>(r) * H * s;
   w.gemm.push_back({2 * sr * hc * ce, static_cast<double>(n * s)});
-  // LayerNorm, masked mean, gating (sigmoid, multiply), residual add.
-  w.mem += 2 * sr * ce + sr * ce + 2 * sr * hc * 2 + 3 * sr * ce;
+  // LayerNorm, masked mean, gating (inference: sigmoid and multiply in place; training: the gate
+  // columns copied out first, gated_outputs), residual add.
+  w.mem += 2 * sr * ce + sr * ce + (ch.training ? 6 : 4) * sr * hc + 3 * sr * ce;
   w.re_mem += 3 * sr * ce;  // LayerNorm and masked mean rebuilt per chunk
   if (rb) {
     *rb = LayerWork{};

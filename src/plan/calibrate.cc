@@ -204,40 +204,10 @@ void measure_batched(int reps, DeviceProfile* p) {
   p->batched_gflops = 2.0 * batch * n * n * n / sec / 1e9;
 }
 
-// The global column attention as the kernel runs it (src/layers/global_attention.cc): per item
-// 8 queries (the heads) of one head of C = 8 channels over Lk keys, with a mask, no pair bias,
-// no gate. Seconds per score element, forward and backward (with the saved lse, as training).
-std::pair<double, double> global_attention_seconds_per_score(int64_t Lk, int reps, int threads) {
-  const int64_t B = 512, Lq = 8, C = 8, ld = 3 * C;  // k | v | unused, as kvg's row stride
-  Tensor q = Tensor::empty({B, Lq * C}), kv = Tensor::empty({B * Lk, ld});
-  Tensor mask = Tensor::zeros({B, Lk}), o = Tensor::empty({B, Lq * C});
-  Tensor lse = Tensor::empty({B, Lq}), dq = Tensor::empty({B, Lq * C});
-  Tensor dkv = Tensor::empty({B * Lk, ld}), dout = Tensor::empty({B, Lq * C});
-  fill(q, 0.5f), fill(kv, 0.3f), fill(dout, 0.2f);
-  kern::AttentionArgs a;
-  a.B = B, a.Lq = Lq, a.Lk = Lk, a.H = 1, a.C = C;
-  a.scale = 1.f / std::sqrt(static_cast<float>(C));
-  a.q = q.f32(), a.q_bs = Lq * C, a.q_rs = C;
-  a.k = kv.f32(), a.k_bs = Lk * ld, a.k_rs = ld;
-  a.v = kv.f32() + C, a.v_bs = Lk * ld, a.v_rs = ld;
-  a.mask_bias = mask.f32();
-  a.o = o.f32(), a.o_bs = Lq * C, a.o_rs = C;
-  a.lse = lse.f32();
-  Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, threads)});
-  const double fsec = best_seconds([&] { kern::attention(a, scratch.f32(), threads); }, reps);
-  kern::AttentionGrads g;
-  g.d_out = dout.f32(), g.dq = dq.f32(), g.dk = dkv.f32(), g.dv = dkv.f32() + C, g.lse = lse.f32();
-  Tensor bscratch = Tensor::empty({kern::attention_backward_scratch_floats(a, threads, false)});
-  const double bsec =
-      best_seconds([&] { kern::attention_backward(a, g, bscratch.f32(), threads); }, reps);
-  const double scores = static_cast<double>(B) * Lq * Lk;
-  return {fsec / scores, bsec / scores};
-}
-
 // Per-score and per-FLOP costs from seconds per score at two head widths: t = 4 C / R + 1 / S
 // (FLOPs counted as the rates count them, x `flop_mult` for the backward): {R GFLOP/s, S G/s}.
-// The two shapes differ in more than C (query count, bias, gate), so either part may come out
-// non-positive; then the wide shape's rate alone is kept ({its rate, 0}).
+// Under load either part may come out non-positive; then the wide shape's rate alone is kept
+// ({its rate, 0}).
 std::pair<double, double> split_score_cost(double t_wide, double c_wide, double t_narrow,
                                            double c_narrow, double flop_mult) {
   const double per_flop = (t_wide - t_narrow) / (flop_mult * 4 * (c_wide - c_narrow));
@@ -248,33 +218,32 @@ std::pair<double, double> split_score_cost(double t_wide, double c_wide, double 
 
 // attention_gflops (256 keys), attention_len_exp (from 128 and 256 keys), attention_bwd_gflops
 // (256 keys), 8 heads of 32 channels; attention_score_gps and attention_bwd_score_gps from the
-// same kernel in the global attention's form at 256 keys (8 queries of C = 8: 4x fewer FLOPs per
-// score). The length exponent applies to the FLOP part.
+// same kernel at 8 channels (the ExtraMSA attentions' width: 4x fewer FLOPs per score). The
+// length exponent applies to the FLOP part.
 void measure_attention(int reps, DeviceProfile* p) {
-  const int64_t H = 8, C = 32;
-  double per_score[2] = {0, 0}, bwd_per_score = 0;
-  const int64_t lens[2] = {128, 256};
-  for (int i = 0; i < 2; ++i) {
+  const int64_t H = 8;
+  // seconds per score: [C = 32 at 128 keys, C = 32 at 256 keys, C = 8 at 256 keys]
+  double fwd[3] = {0, 0, 0}, bwd[3] = {0, 0, 0};
+  const int64_t lens[3] = {128, 256, 256}, widths[3] = {32, 32, 8};
+  for (int i = 0; i < 3; ++i) {
     const int64_t L = lens[i], B = 2 * 65536 / (L * 32);
-    AttentionBench ab(B, L, H, C, p->threads);
-    const double sec =
-        best_seconds([&] { kern::attention(ab.a, ab.scratch.f32(), p->threads); }, reps);
+    AttentionBench ab(B, L, H, widths[i], p->threads);
     const double scores = static_cast<double>(B) * H * L * L;
-    per_score[i] = sec / scores;
-    if (L == 256) {
-      const double bsec = best_seconds(
-          [&] { kern::attention_backward(ab.a, ab.g, ab.bscratch.f32(), p->threads); }, reps);
-      bwd_per_score = bsec / scores;
-    }
+    fwd[i] =
+        best_seconds([&] { kern::attention(ab.a, ab.scratch.f32(), p->threads); }, reps) / scores;
+    if (L == 256)
+      bwd[i] =
+          best_seconds([&] { kern::attention_backward(ab.a, ab.g, ab.bscratch.f32(), p->threads); },
+                       reps) /
+          scores;
   }
-  const auto [gf, gb] = global_attention_seconds_per_score(256, reps, p->threads);
   std::tie(p->attention_gflops, p->attention_score_gps) =
-      split_score_cost(per_score[1], C, gf, 8, 1.0);
+      split_score_cost(fwd[1], 32, fwd[2], 8, 1.0);
   std::tie(p->attention_bwd_gflops, p->attention_bwd_score_gps) =
-      split_score_cost(bwd_per_score, C, gb, 8, 2.5);
+      split_score_cost(bwd[1], 32, bwd[2], 8, 2.5);
   const double score_sec = p->attention_score_gps > 0 ? 1 / (p->attention_score_gps * 1e9) : 0;
-  const double flop128 = std::max(per_score[0] - score_sec, 1e-3 * per_score[0]);
-  const double flop256 = std::max(per_score[1] - score_sec, 1e-3 * per_score[1]);
+  const double flop128 = std::max(fwd[0] - score_sec, 1e-3 * fwd[0]);
+  const double flop256 = std::max(fwd[1] - score_sec, 1e-3 * fwd[1]);
   p->attention_len_exp = std::log(flop128 / flop256) / std::log(2.0);
 }
 
