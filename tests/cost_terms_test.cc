@@ -128,6 +128,31 @@ TEST(CostTerms, FitTableReadsThreadsAndStackColumns) {
       << st.message();
 }
 
+// A policy mix (the seeds' Autodist rows): the blocks' policies in the order given, every block
+// counted; a mix that does not count the blocks, or without a DAP degree, is refused.
+TEST(CostTerms, FitTableReadsPolicyMixes) {
+  const std::string h = "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb\n";
+  std::vector<FitRow> rows;
+  ASSERT_TRUE(
+      parse_fit_table(h + "128,256,48,1,none:37+block:11,2,2,fp16,1915.13,36554,\n", "t.csv", &rows)
+          .ok());
+  ASSERT_EQ(rows[0].policy_counts.size(), 2u);
+  EXPECT_FALSE(rows[0].policy.has_value());
+  Plan p;
+  ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, peak_profile(1000, 100, 1), rows[0], &p).ok());
+  ASSERT_EQ(p.policy.size(), 48u);
+  EXPECT_EQ(p.policy[36], Recompute::kNone);
+  EXPECT_EQ(p.policy[37], Recompute::kBlock);
+  EXPECT_EQ(p.dap, 2);
+  for (const char* bad :
+       {"128,256,48,1,none:37+block:10,2,2,fp16,,,\n", "128,256,48,1,none:48,2,,fp16,,,\n",
+        "128,256,48,1,none:x,2,2,,,,\n", "128,256,48,1,tiny:48,2,2,,,,\n"}) {
+    const Status st = parse_fit_table(h + bad, "bad.csv", &rows);
+    ASSERT_FALSE(st.ok()) << bad;
+    EXPECT_NE(st.message().find("bad.csv:2: column"), std::string::npos) << st.message();
+  }
+}
+
 // Rows at 1 and 2 threads from two calibrations with the same fitted corrections: a fit on the
 // 1-thread rows, given the 2-thread start profile, predicts the 2-thread rows exactly; a row at a
 // thread count no profile has is an error naming it.
