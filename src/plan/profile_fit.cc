@@ -27,10 +27,10 @@ std::string header_of(size_t n) {
 }
 constexpr double kMiB = 1024.0 * 1024.0;
 
-std::vector<std::string> split_cells(const std::string& line) {
+std::vector<std::string> split_cells(const std::string& line, char sep = ',') {
   std::vector<std::string> out(1);
   for (char ch : line) {
-    if (ch == ',')
+    if (ch == sep)
       out.emplace_back();
     else
       out.back() += ch;
@@ -81,14 +81,7 @@ Status parse_measure(const std::string& where, const char* column, const std::st
 // A mix of policies, e.g. none:38+block:10 (the counts sum to the blocks; checked by the caller
 // once blocks is known).
 Status parse_policy_counts(const std::string& where, const std::string& cell, FitRow* row) {
-  std::vector<std::string> parts(1);
-  for (char ch : cell) {
-    if (ch == '+')
-      parts.emplace_back();
-    else
-      parts.back() += ch;
-  }
-  for (const std::string& part : parts) {
+  for (const std::string& part : split_cells(cell, '+')) {
     const size_t colon = part.find(':');
     Recompute rc;
     int64_t n = 0;
