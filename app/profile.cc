@@ -17,16 +17,27 @@ struct ProfileArgs {
   std::string table, out, start, config, predict, params, report;
   double prior = 0;
   int fit_devices = 0;  // fit on the rows with this device count only; predict the others
+  int fit_threads = 0;  // fit on the rows with this thread count only (0: any); predict the others
+  std::string fit_stack = "any";  // fit on this stack's rows only (evoformer|extra_msa|any)
+  std::vector<std::string> thread_profiles;  // start profiles at other thread counts
 };
 
 Status fit_command(const ProfileArgs& a) {
   std::vector<FitRow> all, rows, extra;
   FC_RETURN_IF_ERROR(read_fit_table(a.table, &all));
-  for (const FitRow& w : all)
-    (a.fit_devices == 0 || w.devices == a.fit_devices ? rows : extra).push_back(w);
+  DeviceProfile start;  // empty path: this machine's, calibrated and cached
+  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.start, false, &start));
+  for (const FitRow& w : all) {
+    const int threads = w.threads > 0 ? w.threads : start.threads;
+    const bool fitted = (a.fit_devices == 0 || w.devices == a.fit_devices) &&
+                        (a.fit_threads == 0 || threads == a.fit_threads) &&
+                        (a.fit_stack == "any" || w.extra_msa == (a.fit_stack == "extra_msa"));
+    (fitted ? rows : extra).push_back(w);
+  }
   if (rows.empty())
     return Status::InvalidArgument(a.table + ": no row with " + std::to_string(a.fit_devices) +
-                                   " device(s) to fit on");
+                                   " device(s), " + std::to_string(a.fit_threads) +
+                                   " thread(s) (0: any) and stack " + a.fit_stack + " to fit on");
   if (!a.predict.empty()) {
     std::vector<FitRow> more;
     FC_RETURN_IF_ERROR(read_fit_table(a.predict, &more));
@@ -34,11 +45,14 @@ Status fit_command(const ProfileArgs& a) {
   }
   EvoformerConfig cfg;
   if (!a.config.empty()) FC_RETURN_IF_ERROR(EvoformerConfig::from_json_file(a.config, &cfg));
-  DeviceProfile start;  // empty path: this machine's, calibrated and cached
-  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.start, false, &start));
   FitOptions opts;
   opts.params = split(a.params, ',');
   opts.prior_weight = a.prior;
+  for (const std::string& path : a.thread_profiles) {
+    DeviceProfile t;
+    FC_RETURN_IF_ERROR(load_or_calibrate_profile(path, false, &t));
+    opts.thread_profiles.push_back(t);
+  }
   FitResult r;
   FC_RETURN_IF_ERROR(fit_profile(cfg, start, rows, opts, &r));
   r.profile.name = "fitted to " + a.table + " from " + (start.name.empty() ? "?" : start.name);
@@ -53,9 +67,11 @@ Status fit_command(const ProfileArgs& a) {
   if (!extra.empty()) {
     std::vector<RowPrediction> pred(extra.size());
     for (size_t i = 0; i < extra.size(); ++i) {
+      DeviceProfile d;
+      FC_RETURN_IF_ERROR(row_profile(r.profile, r.thread_profiles, extra[i], &d));
       Plan p;
-      FC_RETURN_IF_ERROR(resolve_row_plan(cfg, r.profile, extra[i], &p));
-      FC_RETURN_IF_ERROR(predict_row(r.profile, extra[i], p, &pred[i]));
+      FC_RETURN_IF_ERROR(resolve_row_plan(cfg, d, extra[i], &p));
+      FC_RETURN_IF_ERROR(predict_row(d, extra[i], p, &pred[i]));
     }
     rep << "\nPredicted rows (not fitted on):\n\n" << fit_report(extra, pred);
   }
@@ -82,7 +98,8 @@ std::function<int()> add_profile_command(CLI::App& app) {
       "fit a profile's rate scales, link bandwidth/latency and per-module overhead to a CSV of "
       "measured rows (least squares on relative time error); prints the residual per row");
   fit->add_option("--table", a->table,
-                  "CSV: s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb")
+                  "CSV: s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb"
+                  "[,threads[,stack]]")
       ->required();
   fit->add_option("--out", a->out, "write the fitted profile JSON here (for plan --profile)")
       ->required();
@@ -92,7 +109,8 @@ std::function<int()> add_profile_command(CLI::App& app) {
   fit->add_option("--params", a->params,
                   "comma-separated parameters to fit (default all: gemm, gemm_bwd, batched, "
                   "attention, attention_bwd, mem, mem_bwd, link_gbps, link_latency_us, "
-                  "module_overhead_us, attention_len_exp)");
+                  "module_overhead_us, attention_len_exp; also the tied scales compute (every "
+                  "FLOP rate) and memory (every memory-bound rate), forward and backward alike)");
   fit->add_option("--prior", a->prior,
                   "weight of log(p / p_start) prior rows (keeps weakly determined parameters "
                   "near the start; default 0)")
@@ -102,6 +120,16 @@ std::function<int()> add_profile_command(CLI::App& app) {
                   "fit on the --table rows with this many devices only and predict the others")
       ->check(CLI::Range(1, 4096));
   fit->add_option("--report", a->report, "also write the printed report here (Markdown)");
+  fit->add_option("--fit-threads", a->fit_threads,
+                  "fit on the rows with this many threads only (empty cell: the start profile's) "
+                  "and predict the others")
+      ->check(CLI::Range(1, 4096));
+  fit->add_option("--fit-stack", a->fit_stack,
+                  "fit on this stack's rows only and predict the others (default any)")
+      ->check(CLI::IsMember({"evoformer", "extra_msa", "any"}));
+  fit->add_option("--thread-profile", a->thread_profiles,
+                  "a profile calibrated at another thread count (repeatable): rows with that "
+                  "threads cell use it, with the fitted parameters applied");
   return [cmd, fit, a]() -> int {
     if (!*cmd) return -1;
     if (*fit) {

@@ -21,6 +21,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     FUZZ_CHECK(w.dap == 0 || (w.dap <= w.devices && w.devices % w.dap == 0));
     for (const auto& m : {w.time_ms, w.peak_mb, w.activation_mb})
       FUZZ_CHECK(!m || (std::isfinite(*m) && *m >= 0 && *m < 1e12));
+    FUZZ_CHECK(w.threads >= 0 && w.threads <= 4096);
+    if (!w.policy_counts.empty()) {  // a mix counts every block of a training row with a dap
+      int64_t total = 0;
+      for (const auto& pc : w.policy_counts) total += pc.second;
+      FUZZ_CHECK(total == w.blocks && w.train && w.dap > 0 && !w.policy);
+    }
   }
   return 0;
 }

@@ -48,8 +48,17 @@ struct DeviceProfile {
   double attention_gflops = 0;    // fused attention forward at 256 keys, C = 32
   double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
-  double mem_gbps = 0;              // memory-bound kernels (LayerNorm, elementwise, transposes)
-  double mem_bwd_gbps = 0;          // their backward (LayerNorm backward; 0 or absent: mem_gbps)
+  // Per score element (B * H * Lq * Lk) of an attention, the work that does not grow with the head
+  // width C: the fused kernel's exp, scaling and masking, in G scores/s, forward and backward
+  // (calibrated from the kernel at C = 32 and at the global attention's form, 8 queries of C = 8;
+  // 0: not separate, the FLOP rate covers it).
+  double attention_score_gps = 0, attention_bwd_score_gps = 0;
+  // An unfused attention (QK^T, bias adds, softmax and PV as separate kernels, as PyTorch runs
+  // OpenFold's): elements moved through memory per score element, forward and backward, at the
+  // memory-bound rates (0: a fused kernel). docs/planner.md counts 8 and 8 for OpenFold's.
+  double attention_score_passes = 0, attention_bwd_score_passes = 0;
+  double mem_gbps = 0;      // memory-bound kernels (LayerNorm, elementwise, transposes)
+  double mem_bwd_gbps = 0;  // their backward (LayerNorm backward; 0 or absent: mem_gbps)
   // Memory-bound passes by working set (LayerNorm forward and backward with in + out = bytes):
   // (bytes, forward GB/s, backward GB/s), bytes ascending, calibrated; a module's passes run at
   // the rate of its chunk working set (min(chunk target, its whole-axis buffers)). Empty (user

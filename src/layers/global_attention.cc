@@ -122,33 +122,33 @@ void gated_outputs(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n
   for (int64_t row = 0; row < n * d.s; ++row)
     std::memcpy(y + row * d.hc, kp + row * d.ld + 2 * d.C, static_cast<size_t>(d.hc) * kF);
   kern::sigmoid_inplace(y, d.hc, n * d.s, d.hc);
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < n * d.s; ++row)
-    kern::mul_inplace(y + row * d.hc, d.hc, op + (row / d.s) * d.hc, d.hc, 1, d.hc);
+  // Column b's s rows times o[b] (broadcast, ldx 0): one call per column, not one nested
+  // parallel region per row (that cost more than the rest of the module).
+  for (int64_t b = 0; b < n; ++b)
+    kern::mul_inplace(y + b * d.s * d.hc, d.hc, op + b * d.hc, 0, d.s, d.hc);
 }
 
-// Backward of the gating: given dy [n*s, H*C], dg (the gate columns of dkvg, ld) and do [n, H*C]
-// (overwritten: do[b] = sum_j dy[(b, j)] * sigmoid(g[(b, j)])).
-void gate_backward(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n, const float* dy,
+// Backward of the gating: given dy [n*s, H*C] (overwritten with dy * sigmoid(g)), writes dg (the
+// gate columns of dkvg, ld) and do [n, H*C]: do[b] = sum_j dy[(b, j)] * sigmoid(g[(b, j)]), summed
+// over j in order. The vectorised sigmoid-gate backward per column (o[b] broadcast), not a scalar
+// exp per element (that was a third of the module's backward).
+void gate_backward(const GlobalDims& d, const GlobalAttentionChunk& k, int64_t n, float* dy,
                    float* dkvg, float* dout) {
   const float* kp = k.kvg.f32();
   const float* op = k.o.f32();
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t row0 = b * d.s;
+    kern::sigmoid_mul_backward(op + b * d.hc, 0, kp + row0 * d.ld + 2 * d.C, d.ld, dy + row0 * d.hc,
+                               d.hc, dy + row0 * d.hc, d.hc, dkvg + row0 * d.ld + 2 * d.C, d.ld,
+                               d.s, d.hc);
+  }
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < n; ++b) {
     float* dob = dout + b * d.hc;
-    const float* ob = op + b * d.hc;
     std::fill(dob, dob + d.hc, 0.f);
     for (int64_t j = 0; j < d.s; ++j) {
-      const int64_t row = b * d.s + j;
-      const float* g = kp + row * d.ld + 2 * d.C;
-      const float* dyr = dy + row * d.hc;
-      float* dg = dkvg + row * d.ld + 2 * d.C;
-      for (int64_t c = 0; c < d.hc; ++c) {
-        const float e = std::exp(-std::fabs(g[c]));
-        const float sg = g[c] >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-        dg[c] = dyr[c] * ob[c] * (e / ((1.f + e) * (1.f + e)));
-        dob[c] += dyr[c] * sg;
-      }
+      const float* dyr = dy + (b * d.s + j) * d.hc;
+      for (int64_t c = 0; c < d.hc; ++c) dob[c] += dyr[c];
     }
   }
 }
@@ -228,9 +228,8 @@ void msa_column_global_attention(const MsaColumnGlobalAttentionW& w, const Block
     kern::attention(a, scratch.f32(), ctx.threads);
     // g[b, j] = o[b] * sigmoid(linear_g(x[b, j]))
     kern::sigmoid_inplace(gp, ld, n * s, hc);
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < n * s; ++row)
-      kern::mul_inplace(gp + row * ld, ld, qp + (row / s) * hc, hc, 1, hc);
+    for (int64_t b = 0; b < n; ++b)  // column b's s rows times o[b] (broadcast)
+      kern::mul_inplace(gp + b * s * ld, ld, qp + b * hc, 0, s, hc);
     kern::linear(gp, ld, n * s, hc, w.o.w.f32(), bias_ptr(w.o), ce, xp, ce);
     for (int64_t b = 0; b < n; ++b)
       kern::add_inplace(m + (r0 + b) * ce, r * ce, xp + b * s * ce, ce, s, ce);
@@ -382,15 +381,18 @@ LayerWork global_attention_work(const EvoformerConfig& cfg, int64_t s, int64_t r
   w.gemm.push_back({2 * sr * ce * ld, static_cast<double>(n * s)});
   w.gemm.push_back({2.0 * r * ce * hc, static_cast<double>(n)});
   w.att.push_back({attention_flops(r, 1, H, s, C), static_cast<double>(s)});
+  w.att_scores = static_cast<double>(r) * H * s;
   w.gemm.push_back({2 * sr * hc * ce, static_cast<double>(n * s)});
-  // LayerNorm, masked mean, gating (sigmoid, multiply), residual add.
-  w.mem += 2 * sr * ce + sr * ce + 2 * sr * hc * 2 + 3 * sr * ce;
+  // LayerNorm, masked mean, gating (inference: sigmoid and multiply in place; training: the gate
+  // columns copied out first, gated_outputs), residual add.
+  w.mem += 2 * sr * ce + sr * ce + (ch.training ? 6 : 4) * sr * hc + 3 * sr * ce;
   w.re_mem += 3 * sr * ce;  // LayerNorm and masked mean rebuilt per chunk
   if (rb) {
     *rb = LayerWork{};
     rb->chunks = w.chunks;
     rb->gemm = {w.gemm[0], w.gemm[1]};
     rb->att = w.att;
+    rb->att_scores = w.att_scores;
     rb->mem = 3 * sr * ce;
   }
   return w;

@@ -24,7 +24,11 @@ struct LayerWork {
   std::vector<std::array<double, 3>> gemm_narrow;
   double batched = 0;                          // FLOPs of batched products
   std::vector<std::pair<double, double>> att;  // (FLOPs of QK^T + PV, key length)
-  double mem = 0;                              // elements read + written by memory-bound kernels
+  // Score elements B * H * Lq * Lk of those attentions (softmax inputs): the per-score work
+  // (exp, scale, masking; an unfused attention's passes over [B, H, Lq, Lk]) that does not
+  // grow with the head width C, unlike the FLOPs.
+  double att_scores = 0;
+  double mem = 0;  // elements read + written by memory-bound kernels
   // Forward work the backward re-runs (recomputed LayerNorms, the triangle projections, the OPM
   // outer products; src/model/train.h says what each backward rebuilds).
   std::vector<std::pair<double, double>> re_gemm;

@@ -81,8 +81,10 @@ double projection_bwd_gflops(int64_t rows, int reps) {
   return flops / sec / 1e9;
 }
 
+// The gated attention with pair bias as training runs it: the forward saves lse, the backward
+// uses it.
 struct AttentionBench {
-  Tensor qkvg, bias, mask, scratch, grad, dqkvg, dbias, bscratch;
+  Tensor qkvg, bias, mask, scratch, grad, dqkvg, dbias, bscratch, lse;
   kern::AttentionArgs a;
   kern::AttentionGrads g;
   AttentionBench(int64_t B, int64_t L, int64_t H, int64_t C, int threads) {
@@ -103,6 +105,8 @@ struct AttentionBench {
     a.o = grad.f32(), a.o_bs = L * H * C, a.o_rs = H * C;
     a.mask_bias = mask.f32();
     a.pair_bias = bias.f32();
+    lse = Tensor::empty({B, H, L});
+    a.lse = lse.f32();
     scratch = Tensor::empty({kern::attention_scratch_floats(a, threads)});
     dqkvg = Tensor::empty({B * L, ld});
     dbias = Tensor::zeros({H, L, L});
@@ -111,6 +115,7 @@ struct AttentionBench {
     g.d_out = grad.f32();
     g.dq = d, g.dk = d + H * C, g.dv = d + 2 * H * C, g.dgate = d + 3 * H * C;
     g.d_pair_bias = dbias.f32();
+    g.lse = lse.f32();
   }
 };
 
@@ -199,26 +204,47 @@ void measure_batched(int reps, DeviceProfile* p) {
   p->batched_gflops = 2.0 * batch * n * n * n / sec / 1e9;
 }
 
-// attention_gflops (256 keys), attention_len_exp (from 128 and 256 keys) and
-// attention_bwd_gflops (256 keys), 8 heads of 32 channels.
+// Per-score and per-FLOP costs from seconds per score at two head widths: t = 4 C / R + 1 / S
+// (FLOPs counted as the rates count them, x `flop_mult` for the backward): {R GFLOP/s, S G/s}.
+// Under load either part may come out non-positive; then the wide shape's rate alone is kept
+// ({its rate, 0}).
+std::pair<double, double> split_score_cost(double t_wide, double c_wide, double t_narrow,
+                                           double c_narrow, double flop_mult) {
+  const double per_flop = (t_wide - t_narrow) / (flop_mult * 4 * (c_wide - c_narrow));
+  const double per_score = t_wide - flop_mult * 4 * c_wide * per_flop;
+  if (!(per_flop > 0) || !(per_score > 0)) return {flop_mult * 4 * c_wide / t_wide / 1e9, 0};
+  return {1 / per_flop / 1e9, 1 / per_score / 1e9};
+}
+
+// attention_gflops (256 keys), attention_len_exp (from 128 and 256 keys), attention_bwd_gflops
+// (256 keys), 8 heads of 32 channels; attention_score_gps and attention_bwd_score_gps from the
+// same kernel at 8 channels (the ExtraMSA attentions' width: 4x fewer FLOPs per score). The
+// length exponent applies to the FLOP part.
 void measure_attention(int reps, DeviceProfile* p) {
-  const int64_t H = 8, C = 32;
-  double rate[2] = {0, 0};
-  const int64_t lens[2] = {128, 256};
-  for (int i = 0; i < 2; ++i) {
+  const int64_t H = 8;
+  // seconds per score: [C = 32 at 128 keys, C = 32 at 256 keys, C = 8 at 256 keys]
+  double fwd[3] = {0, 0, 0}, bwd[3] = {0, 0, 0};
+  const int64_t lens[3] = {128, 256, 256}, widths[3] = {32, 32, 8};
+  for (int i = 0; i < 3; ++i) {
     const int64_t L = lens[i], B = 2 * 65536 / (L * 32);
-    AttentionBench ab(B, L, H, C, p->threads);
-    const double sec =
-        best_seconds([&] { kern::attention(ab.a, ab.scratch.f32(), p->threads); }, reps);
-    rate[i] = attention_flops(B, H, L, L, C) / sec / 1e9;
-    if (L == 256) {
-      const double bsec = best_seconds(
-          [&] { kern::attention_backward(ab.a, ab.g, ab.bscratch.f32(), p->threads); }, reps);
-      p->attention_bwd_gflops = 2.5 * attention_flops(B, H, L, L, C) / bsec / 1e9;
-    }
+    AttentionBench ab(B, L, H, widths[i], p->threads);
+    const double scores = static_cast<double>(B) * H * L * L;
+    fwd[i] =
+        best_seconds([&] { kern::attention(ab.a, ab.scratch.f32(), p->threads); }, reps) / scores;
+    if (L == 256)
+      bwd[i] =
+          best_seconds([&] { kern::attention_backward(ab.a, ab.g, ab.bscratch.f32(), p->threads); },
+                       reps) /
+          scores;
   }
-  p->attention_gflops = rate[1];
-  p->attention_len_exp = std::log(rate[1] / rate[0]) / std::log(2.0);
+  std::tie(p->attention_gflops, p->attention_score_gps) =
+      split_score_cost(fwd[1], 32, fwd[2], 8, 1.0);
+  std::tie(p->attention_bwd_gflops, p->attention_bwd_score_gps) =
+      split_score_cost(bwd[1], 32, bwd[2], 8, 2.5);
+  const double score_sec = p->attention_score_gps > 0 ? 1 / (p->attention_score_gps * 1e9) : 0;
+  const double flop128 = std::max(fwd[0] - score_sec, 1e-3 * fwd[0]);
+  const double flop256 = std::max(fwd[1] - score_sec, 1e-3 * fwd[1]);
+  p->attention_len_exp = std::log(flop128 / flop256) / std::log(2.0);
 }
 
 // mem_gbps and mem_bwd_gbps: LayerNorm forward, and backward (reads x and dy, writes dx) for the

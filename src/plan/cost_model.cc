@@ -78,9 +78,21 @@ double att_scale(const DeviceProfile& d, double L) {
   return std::pow(std::clamp(L, 32.0, 4096.0) / kRefKeys, d.attention_len_exp);
 }
 
+// Seconds of the attentions' per-score work: the fused kernel's (at its score rate) and an
+// unfused attention's passes over the scores (at the memory-bound rate of the module's working
+// set). col: 1 forward, 2 backward.
+double score_seconds(const LayerWork& w, const DeviceProfile& d, int64_t e, int col) {
+  if (w.att_scores <= 0) return 0;
+  const double gps = col == 1 ? d.attention_score_gps : d.attention_bwd_score_gps;
+  const double passes = col == 1 ? d.attention_score_passes : d.attention_bwd_score_passes;
+  double s = gps > 0 ? w.att_scores / (gps * 1e9) : 0;
+  if (passes > 0) s += passes * w.att_scores * e / (mem_rate(d, w.ws, col) * 1e9);
+  return s;
+}
+
 // Forward time, ms. Bytes scale with the element size; FLOP rates are the profile's.
 double forward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
-  double s = 0;
+  double s = score_seconds(w, d, e, 1);
   for (const auto& [f, rows] : w.gemm) s += f / (gemm_rate(d, rows) * 1e9);
   for (const auto& [f, rows, n] : w.gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);
   s += w.batched / (d.batched_gflops * 1e9);
@@ -96,7 +108,7 @@ double forward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
 // the attention backward kernel (2.5x the forward products: QK^T again, dV, dP, dQ, dK), twice
 // the memory traffic at the LayerNorm-backward bandwidth, and the forward work it re-runs.
 double backward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
-  double s = 0;
+  double s = score_seconds(w, d, e, 2);
   for (const auto& [f, rows] : w.gemm) s += 2 * f / (gemm_bwd_rate(d, rows) * 1e9);
   for (const auto& [f, rows, n] : w.gemm_narrow) s += 2 * f / (narrow_rate(d, rows, n, 2) * 1e9);
   for (const auto& [f, rows, n] : w.re_gemm_narrow) s += f / (narrow_rate(d, rows, n, 1) * 1e9);

@@ -86,6 +86,10 @@ std::string DeviceProfile::to_json() const {
   j["attention_gflops"] = attention_gflops;
   j["attention_bwd_gflops"] = attention_bwd_gflops;
   j["attention_len_exp"] = attention_len_exp;
+  j["attention_score_gps"] = attention_score_gps;
+  j["attention_bwd_score_gps"] = attention_bwd_score_gps;
+  j["attention_score_passes"] = attention_score_passes;
+  j["attention_bwd_score_passes"] = attention_bwd_score_passes;
   j["mem_gbps"] = mem_gbps;
   j["mem_bwd_gbps"] = mem_bwd_gbps;
   j["stream_gbps"] = stream_gbps;
@@ -122,6 +126,12 @@ Status DeviceProfile::validate() const {
     return Status::InvalidArgument("profile: chunk_overhead_us must be >= 0");
   if (!(module_overhead_us >= 0) || !std::isfinite(module_overhead_us))
     return Status::InvalidArgument("profile: module_overhead_us must be >= 0");
+  for (const double v : {attention_score_gps, attention_bwd_score_gps, attention_score_passes,
+                         attention_bwd_score_passes})
+    if (!(v >= 0) || !std::isfinite(v))
+      return Status::InvalidArgument(
+          "profile: attention_score_gps, attention_bwd_score_gps, attention_score_passes and "
+          "attention_bwd_score_passes must be >= 0");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
   if (!(stream_gbps >= 0) || !std::isfinite(stream_gbps))
@@ -193,6 +203,10 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("attention_gflops", &p.attention_gflops);
     num("attention_bwd_gflops", &p.attention_bwd_gflops);
     num("attention_len_exp", &p.attention_len_exp);
+    num("attention_score_gps", &p.attention_score_gps);
+    num("attention_bwd_score_gps", &p.attention_bwd_score_gps);
+    num("attention_score_passes", &p.attention_score_passes);
+    num("attention_bwd_score_passes", &p.attention_bwd_score_passes);
     num("mem_gbps", &p.mem_gbps);
     num("mem_bwd_gbps", &p.mem_bwd_gbps);
     num("stream_gbps", &p.stream_gbps);

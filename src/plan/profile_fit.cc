@@ -13,15 +13,24 @@ namespace fc {
 
 namespace {
 
-constexpr char kHeader[] =
-    "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb";
-constexpr int kCells = 11;
+// The header's columns: the first 11 are required (the original header), the later ones may be
+// left off from the end (a table with the 11-column header is read as before).
+const std::vector<std::string> kColumns = {
+    "s",     "r",       "blocks",  "train",         "policy",  "devices", "dap",
+    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack"};
+constexpr int kRequired = 11;
+
+std::string header_of(size_t n) {
+  std::string h;
+  for (size_t i = 0; i < n; ++i) h += (i ? "," : "") + kColumns[i];
+  return h;
+}
 constexpr double kMiB = 1024.0 * 1024.0;
 
-std::vector<std::string> split_cells(const std::string& line) {
+std::vector<std::string> split_cells(const std::string& line, char sep = ',') {
   std::vector<std::string> out(1);
   for (char ch : line) {
-    if (ch == ',')
+    if (ch == sep)
       out.emplace_back();
     else
       out.back() += ch;
@@ -69,10 +78,25 @@ Status parse_measure(const std::string& where, const char* column, const std::st
   return Status::OK();
 }
 
-Status parse_line(const std::string& where, const std::string& line, FitRow* row) {
+// A mix of policies, e.g. none:38+block:10 (the counts sum to the blocks; checked by the caller
+// once blocks is known).
+Status parse_policy_counts(const std::string& where, const std::string& cell, FitRow* row) {
+  for (const std::string& part : split_cells(cell, '+')) {
+    const size_t colon = part.find(':');
+    Recompute rc;
+    int64_t n = 0;
+    if (colon == std::string::npos || !parse_recompute(part.substr(0, colon), &rc).ok())
+      return cell_error(where, "policy", cell, "is not a mix like none:38+block:10");
+    FC_RETURN_IF_ERROR(parse_int(where, "policy", part.substr(colon + 1), 1, 1024, &n));
+    row->policy_counts.push_back({rc, n});
+  }
+  return Status::OK();
+}
+
+Status parse_line(const std::string& where, const std::string& line, int cells, FitRow* row) {
   const std::vector<std::string> c = split_cells(line);
-  if (static_cast<int>(c.size()) != kCells)
-    return Status::InvalidArgument(where + ": expected " + std::to_string(kCells) +
+  if (static_cast<int>(c.size()) != cells)
+    return Status::InvalidArgument(where + ": expected " + std::to_string(cells) +
                                    " cells, found " + std::to_string(c.size()));
   int64_t v = 0;
   FC_RETURN_IF_ERROR(parse_int(where, "s", c[0], 1, 1 << 20, &row->s));
@@ -80,11 +104,21 @@ Status parse_line(const std::string& where, const std::string& line, FitRow* row
   FC_RETURN_IF_ERROR(parse_int(where, "blocks", c[2], 1, 1024, &row->blocks));
   FC_RETURN_IF_ERROR(parse_int(where, "train", c[3], 0, 1, &v));
   row->train = v == 1;
-  if (!c[4].empty()) {
+  if (c[4].find(':') != std::string::npos) {
+    FC_RETURN_IF_ERROR(parse_policy_counts(where, c[4], row));
+  } else if (!c[4].empty()) {
     Recompute rc;
     if (!parse_recompute(c[4], &rc).ok())
-      return cell_error(where, "policy", c[4], "is not none|module|block (small|large; or empty)");
+      return cell_error(where, "policy", c[4],
+                        "is not none|module|block (small|large; a mix like none:38+block:10; or "
+                        "empty)");
     row->policy = rc;
+  }
+  if (!row->policy_counts.empty()) {
+    int64_t total = 0;
+    for (const auto& pc : row->policy_counts) total += pc.second;
+    if (total != row->blocks || !row->train)
+      return cell_error(where, "policy", c[4], "must count every block of a training row");
   }
   FC_RETURN_IF_ERROR(parse_int(where, "devices", c[5], 1, 4096, &v));
   row->devices = static_cast<int>(v);
@@ -94,6 +128,8 @@ Status parse_line(const std::string& where, const std::string& line, FitRow* row
       return cell_error(where, "dap", c[6], "must divide the devices");
     row->dap = static_cast<int>(v);
   }
+  if (!row->policy_counts.empty() && row->dap == 0)
+    return cell_error(where, "dap", c[6], "must be given with a policy mix");
   if (!c[7].empty()) {
     DType t;
     if (!parse_plan_dtype(c[7], &t).ok())
@@ -103,6 +139,15 @@ Status parse_line(const std::string& where, const std::string& line, FitRow* row
   FC_RETURN_IF_ERROR(parse_measure(where, "time_ms", c[8], &row->time_ms));
   FC_RETURN_IF_ERROR(parse_measure(where, "peak_mb", c[9], &row->peak_mb));
   FC_RETURN_IF_ERROR(parse_measure(where, "activation_mb", c[10], &row->activation_mb));
+  if (cells > 11 && !c[11].empty()) {
+    FC_RETURN_IF_ERROR(parse_int(where, "threads", c[11], 1, 4096, &v));
+    row->threads = static_cast<int>(v);
+  }
+  if (cells > 12 && !c[12].empty()) {
+    if (c[12] != "evoformer" && c[12] != "extra_msa")
+      return cell_error(where, "stack", c[12], "is not evoformer|extra_msa (or empty)");
+    row->extra_msa = c[12] == "extra_msa";
+  }
   return Status::OK();
 }
 
@@ -111,6 +156,18 @@ Status parse_line(const std::string& where, const std::string& line, FitRow* row
 const std::vector<std::string> kParams = {
     "gemm",    "gemm_bwd",  "batched",         "attention",          "attention_bwd",    "mem",
     "mem_bwd", "link_gbps", "link_latency_us", "module_overhead_us", "attention_len_exp"};
+
+// Tied scales, not in the default set (they overlap the per-class ones): `compute` scales every
+// FLOP rate (projections, narrow and batched products, attention, their backward, the per-score
+// rates), `memory` every memory-bound rate (forward, backward, streams, by size, so also the
+// unfused attention's score passes): one efficiency per resource, forward and backward alike, so
+// the fit cannot move time between the forward and the backward that the rows do not separate.
+const std::vector<std::string> kTied = {"compute", "memory"};
+
+bool known_parameter(const std::string& name) {
+  return std::find(kParams.begin(), kParams.end(), name) != kParams.end() ||
+         std::find(kTied.begin(), kTied.end(), name) != kTied.end();
+}
 
 bool is_scale(const std::string& name) {
   return name != "link_gbps" && name != "link_latency_us" && name != "module_overhead_us" &&
@@ -135,7 +192,15 @@ Status apply_one(const std::string& name, double v, DeviceProfile* d) {
   }
   if (!(v > 0) || !std::isfinite(v))
     return Status::InvalidArgument("profile fit: parameter " + name + " must be finite and > 0");
-  if (name == "gemm") {
+  if (name == "compute") {
+    for (const char* k : {"gemm", "gemm_bwd", "batched", "attention", "attention_bwd"})
+      FC_RETURN_IF_ERROR(apply_one(k, v, d));
+    d->attention_score_gps *= v;
+    d->attention_bwd_score_gps *= v;
+  } else if (name == "memory") {
+    FC_RETURN_IF_ERROR(apply_one("mem_bwd", v, d));  // first: an unset backward rate is mem_gbps
+    FC_RETURN_IF_ERROR(apply_one("mem", v, d));
+  } else if (name == "gemm") {
     d->gemm_gflops *= v;
     scale_column(&d->gemm_by_rows, 1, v);
     scale_column(&d->narrow_gemm, 1, v);
@@ -224,34 +289,63 @@ DeviceProfile with_devices(const DeviceProfile& dev, const FitRow& row) {
   return d;
 }
 
+// Index into `profiles` ([0]: the main one) of the profile whose thread count is the row's
+// (threads 0: the main one).
+Status row_profile_index(const std::vector<DeviceProfile>& profiles, const FitRow& row, int* out) {
+  if (row.threads == 0 || row.threads == profiles[0].threads) {
+    *out = 0;
+    return Status::OK();
+  }
+  for (size_t b = 1; b < profiles.size(); ++b)
+    if (profiles[b].threads == row.threads) {
+      *out = static_cast<int>(b);
+      return Status::OK();
+    }
+  return Status::InvalidArgument("row at line " + std::to_string(row.line) + ": no profile for " +
+                                 std::to_string(row.threads) +
+                                 " threads (give one calibrated at that count: --thread-profile)");
+}
+
 }  // namespace
 
 const std::vector<std::string>& fit_parameter_names() { return kParams; }
+
+Status row_profile(const DeviceProfile& main, const std::vector<DeviceProfile>& others,
+                   const FitRow& row, DeviceProfile* out) {
+  std::vector<DeviceProfile> all = {main};
+  all.insert(all.end(), others.begin(), others.end());
+  int b = 0;
+  FC_RETURN_IF_ERROR(row_profile_index(all, row, &b));
+  *out = all[b];
+  return Status::OK();
+}
 
 Status parse_fit_table(const std::string& text, const std::string& name, std::vector<FitRow>* out) {
   std::vector<FitRow> rows;
   std::istringstream in(text);
   std::string line;
   int n = 0;
-  bool header = false;
+  int cells = 0;  // columns of the header; 0 before it
   while (std::getline(in, line)) {
     ++n;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     const std::string where = name + ":" + std::to_string(n);
-    if (!header) {
-      if (line != kHeader)
-        return Status::InvalidArgument(where + ": expected the header '" + std::string(kHeader) +
-                                       "', found " + quote(line));
-      header = true;
+    if (cells == 0) {
+      for (size_t k = kRequired; k <= kColumns.size() && cells == 0; ++k)
+        if (line == header_of(k)) cells = static_cast<int>(k);
+      if (cells == 0)
+        return Status::InvalidArgument(where + ": expected the header '" + header_of(kRequired) +
+                                       "' (optionally followed by ,threads and ,stack), found " +
+                                       quote(line));
       continue;
     }
     if (line.empty() || line[0] == '#') continue;
     FitRow row;
     row.line = n;
-    FC_RETURN_IF_ERROR(parse_line(where, line, &row));
+    FC_RETURN_IF_ERROR(parse_line(where, line, cells, &row));
     rows.push_back(row);
   }
-  if (!header) return Status::InvalidArgument(name + ":1: empty table (no header)");
+  if (cells == 0) return Status::InvalidArgument(name + ":1: empty table (no header)");
   if (rows.empty()) return Status::InvalidArgument(name + ": no rows after the header");
   *out = std::move(rows);
   return Status::OK();
@@ -271,15 +365,25 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
   const DeviceProfile dev = with_devices(dev0, row);
   EvoformerConfig cfg = cfg0;
   cfg.no_blocks = row.blocks;
+  if (row.extra_msa) {  // AF2's ExtraMSA stack, as `foldcube plan --stack extra_msa`
+    cfg.c_m = 64;
+    cfg.c_hidden_msa_att = 8;
+  }
   const DType dtype = row.dtype.value_or(dev.dtype);
   const int dp = row.dap > 0 ? row.devices / row.dap : 0;
-  if (row.train && row.policy && row.dap > 0) {  // every choice given: no chunking
+  if (row.train && (row.policy || !row.policy_counts.empty()) && row.dap > 0) {
+    // every choice given: no chunking
     Plan p;
     p.cfg = cfg;
     p.s = row.s;
     p.r = p.r_real = row.r;
     p.training = true;
-    p.policy.assign(row.blocks, *row.policy);
+    p.extra_msa = row.extra_msa;
+    if (row.policy) {
+      p.policy.assign(row.blocks, *row.policy);
+    } else {  // the mix in the order given
+      for (const auto& [rc, n] : row.policy_counts) p.policy.insert(p.policy.end(), n, rc);
+    }
     p.chunk_target_bytes = training_chunk_targets(cfg, row.s, row.r).back();
     p.dap = row.dap;
     p.dp = dp;
@@ -296,6 +400,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
   req.s = row.s;
   req.r = row.r;
   req.training = row.train;
+  req.extra_msa = row.extra_msa;
   req.profile = dev;
   req.devices = row.devices;
   req.memory_bytes = dev.memory_bytes > 0 ? dev.memory_bytes : int64_t{1} << 60;
@@ -338,28 +443,43 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
   std::vector<std::string> names = opts.params.empty() ? kParams : opts.params;
   std::vector<FitParameter> params;
   for (const std::string& n : names) {
-    if (std::find(kParams.begin(), kParams.end(), n) == kParams.end())
+    if (!known_parameter(n))
       return Status::InvalidArgument("profile fit: unknown parameter '" + n + "'");
     params.push_back({n, start_value(n, start0), start_value(n, start0), true});
   }
-  // The start profile with the value parameters' start values set (a zero link or overhead
-  // would otherwise stay zero in log space); scales apply on top of `base`.
-  DeviceProfile base = start0;
-  // Rows on several devices need a link even when it is not fitted.
-  if (base.link_gbps <= 0) base.link_gbps = start_value("link_gbps", base);
-  for (const FitParameter& p : params)
-    if (!is_scale(p.name)) FC_RETURN_IF_ERROR(apply_one(p.name, p.value, &base));
+  // The start profiles (this thread count's, then the others') with the value parameters' start
+  // values set (a zero link or overhead would otherwise stay zero in log space); scales apply on
+  // top of `bases`.
+  std::vector<DeviceProfile> bases = {start0};
+  for (const DeviceProfile& t : opts.thread_profiles) {
+    FC_RETURN_IF_ERROR(t.validate());
+    bases.push_back(t);
+  }
+  for (DeviceProfile& base : bases) {
+    // Rows on several devices need a link even when it is not fitted.
+    if (base.link_gbps <= 0) base.link_gbps = start_value("link_gbps", start0);
+    for (const FitParameter& p : params)
+      if (!is_scale(p.name)) FC_RETURN_IF_ERROR(apply_one(p.name, p.value, &base));
+  }
   std::vector<int> fit;  // rows with a time
   for (size_t i = 0; i < rows.size(); ++i)
     if (rows[i].time_ms && *rows[i].time_ms > 0) fit.push_back(static_cast<int>(i));
   if (fit.empty()) return Status::InvalidArgument("profile fit: no row has a time_ms");
+  std::vector<int> which(rows.size());  // the profile of each row: an index into bases
+  for (size_t i = 0; i < rows.size(); ++i)
+    FC_RETURN_IF_ERROR(row_profile_index(bases, rows[i], &which[i]));
 
-  // Scales multiply base's rates; value parameters replace base's values.
-  auto profile_at = [&](const std::vector<double>& theta, DeviceProfile* d) {
-    *d = base;
+  // Scales multiply base's rates; value parameters replace base's values. b: index into bases.
+  auto profile_at = [&](const std::vector<double>& theta, DeviceProfile* d, size_t b = 0) {
+    *d = bases[b];
     for (size_t k = 0; k < params.size(); ++k)
       FC_RETURN_IF_ERROR(apply_one(params[k].name, from_theta(params[k].name, theta[k]), d));
     return d->validate();
+  };
+  auto profiles_at = [&](const std::vector<double>& theta, std::vector<DeviceProfile>* ds) {
+    ds->resize(bases.size());
+    for (size_t b = 0; b < bases.size(); ++b) FC_RETURN_IF_ERROR(profile_at(theta, &(*ds)[b], b));
+    return Status::OK();
   };
   const int np = static_cast<int>(params.size());
   std::vector<double> theta(np), theta0(np);
@@ -369,11 +489,11 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
   int iterations = 0;
   std::vector<bool> active(np, true);
   for (int round = 0; round < 3; ++round) {
-    DeviceProfile cur;
-    FC_RETURN_IF_ERROR(profile_at(theta, &cur));
+    std::vector<DeviceProfile> cur;
+    FC_RETURN_IF_ERROR(profiles_at(theta, &cur));
     std::vector<Plan> fresh(rows.size());
     for (size_t i = 0; i < rows.size(); ++i)
-      FC_RETURN_IF_ERROR(resolve_row_plan(cfg, cur, rows[i], &fresh[i]));
+      FC_RETURN_IF_ERROR(resolve_row_plan(cfg, cur[which[i]], rows[i], &fresh[i]));
     if (round > 0) {
       bool same = true;
       for (size_t i = 0; i < rows.size(); ++i) same = same && same_choices(fresh[i], plans[i]);
@@ -384,12 +504,12 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
     // Residuals: relative time errors of the fit rows, then the prior rows.
     const int nr = static_cast<int>(fit.size()) + (opts.prior_weight > 0 ? np : 0);
     auto residuals = [&](const std::vector<double>& th, std::vector<double>* res) {
-      DeviceProfile d;
-      FC_RETURN_IF_ERROR(profile_at(th, &d));
+      std::vector<DeviceProfile> d;
+      FC_RETURN_IF_ERROR(profiles_at(th, &d));
       res->assign(nr, 0);
       for (size_t i = 0; i < fit.size(); ++i) {
         RowPrediction pr;
-        FC_RETURN_IF_ERROR(predict_row(d, rows[fit[i]], plans[fit[i]], &pr));
+        FC_RETURN_IF_ERROR(predict_row(d[which[fit[i]]], rows[fit[i]], plans[fit[i]], &pr));
         const double m = *rows[fit[i]].time_ms;
         (*res)[i] = (pr.time_ms - m) / m;
       }
@@ -474,13 +594,16 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
     params[k].value = from_theta(params[k].name, theta[k]);
     params[k].determined = active[k];
   }
-  FC_RETURN_IF_ERROR(profile_at(theta, &r.profile));
+  std::vector<DeviceProfile> fitted;
+  FC_RETURN_IF_ERROR(profiles_at(theta, &fitted));
+  r.profile = fitted[0];
+  r.thread_profiles.assign(fitted.begin() + 1, fitted.end());
   r.params = params;
   r.iterations = iterations;
   r.predictions.resize(rows.size());
   double ss = 0;
   for (size_t i = 0; i < rows.size(); ++i) {
-    FC_RETURN_IF_ERROR(predict_row(r.profile, rows[i], plans[i], &r.predictions[i]));
+    FC_RETURN_IF_ERROR(predict_row(fitted[which[i]], rows[i], plans[i], &r.predictions[i]));
     if (rows[i].time_ms && *rows[i].time_ms > 0) {
       const double e = (r.predictions[i].time_ms - *rows[i].time_ms) / *rows[i].time_ms;
       ss += e * e;
@@ -491,6 +614,16 @@ Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start0,
   *out = std::move(r);
   return Status::OK();
 }
+
+namespace {
+std::string policy_cell(const FitRow& w) {
+  if (w.policy) return recompute_name(*w.policy);
+  std::string c;
+  for (const auto& [rc, n] : w.policy_counts)
+    c += (c.empty() ? "" : "+") + std::string(recompute_name(rc)) + ":" + std::to_string(n);
+  return c.empty() ? "-" : c;
+}
+}  // namespace
 
 std::string fit_report(const std::vector<FitRow>& rows, const std::vector<RowPrediction>& pred) {
   std::ostringstream o;
@@ -508,7 +641,7 @@ std::string fit_report(const std::vector<FitRow>& rows, const std::vector<RowPre
   for (size_t i = 0; i < rows.size() && i < pred.size(); ++i) {
     const FitRow& w = rows[i];
     o << "| " << w.line << " | " << w.s << " | " << w.r << " | " << w.blocks << " | " << w.train
-      << " | " << (w.policy ? recompute_name(*w.policy) : "-") << " | " << w.devices << " | "
+      << " | " << policy_cell(w) << " | " << w.devices << " | "
       << (w.dap > 0 ? std::to_string(w.dap) : "-") << " | "
       << (w.dtype ? plan_dtype_name(*w.dtype) : "-") << " | " << pred[i].plan << " | "
       << cell(w.time_ms, pred[i].time_ms) << " | " << cell(w.peak_mb, pred[i].peak_mb) << " | "

@@ -17,18 +17,24 @@
 namespace fc {
 
 // One measured row. Header (exact): s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,
-// activation_mb. Empty cells are unknown: policy (training: the planner chooses per block), dap
-// (the planner chooses DAP x DP over the devices), dtype (the profile's), the measurements.
+// activation_mb, optionally followed by ,threads or ,threads,stack. Empty cells are unknown:
+// policy (training: the planner chooses per block), dap (the planner chooses DAP x DP over the
+// devices), dtype (the profile's), the measurements, threads (the profile's), stack (evoformer).
 // MB are MiB (2^20 bytes).
 struct FitRow {
   int line = 0;  // 1-based line in the table
   int64_t s = 0, r = 0, blocks = 0;
   bool train = false;
   std::optional<Recompute> policy;
+  // A mix of policies (cell e.g. none:38+block:10, counts summing to blocks; training rows with
+  // a DAP degree): the blocks' policies in that order. Exclusive with `policy`.
+  std::vector<std::pair<Recompute, int64_t>> policy_counts;
   int devices = 1;
   int dap = 0;  // 0 = unknown
   std::optional<DType> dtype;
   std::optional<double> time_ms, peak_mb, activation_mb;
+  int threads = 0;         // threads per process; 0 = unknown (the profile's)
+  bool extra_msa = false;  // the ExtraMSA stack (AF2's c_e = 64, C = 8 unless the config says)
 };
 
 // policy: none|module|block (the seeds' small|large also). Strict parser: the exact header, 11
@@ -65,6 +71,10 @@ struct FitOptions {
   // determine near the start profile (0: none; parameters with no effect are frozen anyway).
   double prior_weight = 0;
   int max_iterations = 200;
+  // Start profiles at other thread counts (each calibrated at its count): a row with `threads`
+  // T != the start's uses the one with threads == T, with the same fitted parameters applied
+  // (the rates come from each count's calibration, the fit's corrections are shared).
+  std::vector<DeviceProfile> thread_profiles;
 };
 
 struct FitParameter {
@@ -75,6 +85,7 @@ struct FitParameter {
 
 struct FitResult {
   DeviceProfile profile;  // the start profile with the fitted parameters applied
+  std::vector<DeviceProfile> thread_profiles;  // FitOptions::thread_profiles, fitted likewise
   std::vector<FitParameter> params;
   std::vector<Plan> plans;  // the plan of every row (resolved on the fitted profile)
   std::vector<RowPrediction> predictions;
@@ -90,7 +101,13 @@ struct FitResult {
 Status fit_profile(const EvoformerConfig& cfg, const DeviceProfile& start,
                    const std::vector<FitRow>& fit_rows, const FitOptions& opts, FitResult* out);
 
-// The start profile with parameter values applied (names of fit_parameter_names()).
+// The profile of a row: `main` unless the row's thread count is another's (one of `others`
+// with that `threads`); an error naming the row when none has it.
+Status row_profile(const DeviceProfile& main, const std::vector<DeviceProfile>& others,
+                   const FitRow& row, DeviceProfile* out);
+
+// The start profile with parameter values applied (names of fit_parameter_names(), or the tied
+// scales `compute` and `memory`).
 Status apply_fit_parameters(const DeviceProfile& start, const std::vector<FitParameter>& params,
                             DeviceProfile* out);
 
