@@ -68,6 +68,19 @@ inline double max_nan(double a, double b) {
 
 // The golden README metric: max |x - ref| / max(rms(ref), 1). Shapes must match. +Inf when x or
 // ref holds a non-finite value, so no comparison against a tolerance passes on NaN or Inf.
+// ||x - ref||_2 / ||ref||_2 over all elements (the bf16 accuracy metric; docs/benchmarks.md).
+inline double normwise_err(const Tensor& x, const Tensor& ref) {
+  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
+  if (a.numel() != b.numel()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double d = a.data<double>()[i] - b.data<double>()[i];
+    num += d * d;
+    den += b.data<double>()[i] * b.data<double>()[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
 inline double golden_err(const Tensor& x, const Tensor& ref) {
   Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
   const double* pa = a.data<double>();  // [numel]

@@ -146,6 +146,29 @@ void Bf16ToF32(const uint16_t* src, float* dst, size_t n) {
 }
 void F16ToF32(const uint16_t* src, float* dst, size_t n) { WidenRows(src, dst, n, F16ToF32Bits); }
 
+// dst = bf16(src) widened back: the low 16 bits of the rounded pattern cleared (src == dst
+// allowed).
+void RoundToBf16(const float* src, float* dst, size_t n) {
+  const D d;
+  const DU du;
+  Convert(
+      n,
+      [&](size_t i, size_t count) {
+        if (count == hn::Lanes(d)) return hn::BitCast(du, hn::LoadU(d, src + i));
+        HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
+        std::copy_n(src + i, count, buf);
+        return hn::BitCast(du, hn::Load(d, buf));
+      },
+      [&](size_t i, size_t count, VU r) {
+        const auto f = hn::BitCast(d, r);
+        if (count == hn::Lanes(d)) return hn::StoreU(f, d, dst + i);
+        HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+        hn::Store(f, d, buf);
+        std::copy_n(buf, count, dst + i);
+      },
+      [](VU u) { return hn::ShiftLeft<16>(Bf16Bits(u)); });
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
 HWY_AFTER_NAMESPACE();
@@ -157,6 +180,7 @@ HWY_EXPORT(F32ToBf16);
 HWY_EXPORT(F32ToF16);
 HWY_EXPORT(Bf16ToF32);
 HWY_EXPORT(F16ToF32);
+HWY_EXPORT(RoundToBf16);
 
 namespace {
 // Calls f(begin, end) on pieces of [0, n): one per OpenMP thread for large n (a conversion moves
@@ -192,6 +216,11 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for_pieces(n, [&](int64_t a, int64_t b) {
     HWY_DYNAMIC_DISPATCH(F16ToF32)(src + a, dst + a, static_cast<size_t>(b - a));
+  });
+}
+void round_to_bf16(const float* src, float* dst, int64_t n) {
+  for_pieces(n, [&](int64_t a, int64_t b) {
+    HWY_DYNAMIC_DISPATCH(RoundToBf16)(src + a, dst + a, static_cast<size_t>(b - a));
   });
 }
 
