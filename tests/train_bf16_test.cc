@@ -28,12 +28,12 @@ namespace {
 using R = Recompute;
 
 // Normwise tolerances of a bf16 training step against the float64 reference, per tensor:
-// outputs and dL/d inputs (worst measured 7.7e-3 and 4.5e-2, docs/benchmarks.md) and every
-// parameter gradient (worst measured 0.10, on a LayerNorm bias: a sum over all rows of terms that
-// mostly cancel). About 2.5x the worst measured values.
+// outputs and dL/d inputs (worst measured 8.4e-3 and 4.2e-2, docs/benchmarks.md) and every
+// parameter gradient (worst measured 0.135, a LayerNorm bias: a sum over all rows of terms that
+// mostly cancel). 2.2-2.4x the worst measured values.
 constexpr double kBf16OutTol = 2e-2;
 constexpr double kBf16InputGradTol = 0.1;
-constexpr double kBf16ParamGradTol = 0.25;
+constexpr double kBf16ParamGradTol = 0.3;
 
 double norm2(const Tensor& x) {
   const Tensor a = x.to(DType::F64);

@@ -534,6 +534,7 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
     kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
                        P.f32() + c0 * rr, r, rr);
   }
+  round_for_store(ctx, P);
   return P;
 }
 
@@ -550,7 +551,7 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
   tri_mul_output(w, ctx, P.f32(), x_ln.f32(), r, tri_mul_train_chunks(ctx).rows,
                  dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz),
                  dropout_per_item(ctx, outgoing ? "tri_mul_out" : "tri_mul_in"), 0, z);
-  if (st) st->P = std::move(P);
+  if (st) st->P = to_store(ctx, std::move(P));
 }
 
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
@@ -561,7 +562,8 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   const float eps = cfg.eps_ln;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
   NormedRows ln = layernorm_with_stats(z_in, rr, cz, w.ln_in, eps);  // LN_in(z_in)
-  Tensor P = st->P.defined() ? std::move(st->P) : tri_mul_products(w, ctx, outgoing, ln.y.f32());
+  Tensor P = st->P.defined() ? from_store(std::move(st->P))
+                             : tri_mul_products(w, ctx, outgoing, ln.y.f32());
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});  // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, r, r});  // dL/d triangle products, channel-major
@@ -802,6 +804,7 @@ void tri_mul_train_replay(AllocReplay& S, const BlockContext& ctx, bool keep) {
   replay_products(S, ctx);
   S.alloc(rows * (ct + 2 * cz));  // p, y, g
   S.free(rows * (ct + 2 * cz));
+  if (keep) to_store_replay(S, ctx, ct * rr);  // P
   S.free(rr * cz);
   if (!keep) S.free(ct * rr);
 }
@@ -812,7 +815,8 @@ void tri_mul_backward_replay(AllocReplay& S, const BlockContext& ctx, bool kept)
   const int64_t rows = chunks.rows * r;
   S.alloc(rr * cz + 2 * rr);  // x_ln, mean, rstd
   if (!kept) replay_products(S, ctx);
-  S.alloc(rr * cz + ct * rr);  // dxln, dP
+  if (kept) from_store_replay(S, ctx, ct * rr);  // P
+  S.alloc(rr * cz + ct * rr);                    // dxln, dP
   const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
   S.alloc(phase2);
   S.free(phase2);

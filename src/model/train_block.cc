@@ -65,7 +65,10 @@ void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, flo
     case LayerKind::kOuterProductMean: {
       OuterProductMeanState o;  // the state is built even when it is not kept
       outer_product_mean_train(layer_params<OuterProductMeanW>(l, w), ctx, m, z, &o);
-      if (st) st->opm = std::move(o);
+      if (st) {
+        st->opm = std::move(o);
+        opm_state_to_store(ctx, &st->opm);
+      }
       return;
     }
     case LayerKind::kTriangleMultiplication:
@@ -107,7 +110,10 @@ void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockConte
                                  stream_channels(ctx, l.updates));
     case LayerKind::kOuterProductMean: {
       const OuterProductMeanW& wo = layer_params<OuterProductMeanW>(l, w);
-      if (!st->opm.a.defined()) outer_product_mean_train(wo, ctx, read_in, nullptr, &st->opm);
+      if (!st->opm.a.defined())
+        outer_product_mean_train(wo, ctx, read_in, nullptr, &st->opm);
+      else
+        opm_state_from_store(&st->opm);
       outer_product_mean_backward(wo, &layer_params<OuterProductMeanW>(l, g), ctx, read_in, st->opm,
                                   dz, dm);
       st->opm = {};

@@ -78,7 +78,9 @@ void layer_fwd(AllocReplay& S, const BlockContext& ctx, const LayerDesc& l, bool
                                      l.kind == LayerKind::kMaskedTransition);
     }
     case LayerKind::kOuterProductMean:
-      return opm_train_replay(S, ctx, true, keep);
+      opm_train_replay(S, ctx, true, keep);
+      if (keep) opm_state_to_store_replay(S, ctx);
+      return;
     case LayerKind::kTriangleMultiplication:
       return tri_mul_train_replay(S, ctx, keep);
     case LayerKind::kSwiGluTransition: {
@@ -108,6 +110,7 @@ void layer_bwd(AllocReplay& S, const BlockContext& ctx, const LayerDesc& l, bool
     }
     case LayerKind::kOuterProductMean:
       if (!kept) opm_train_replay(S, ctx, false, true);
+      if (kept) opm_state_from_store_replay(S, ctx);
       opm_backward_replay(S, ctx);
       S.free(opm_state_floats(ctx));
       return;
