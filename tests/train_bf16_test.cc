@@ -48,10 +48,7 @@ double grad_err(const Tensor& x, const Tensor& ref) {
   return norm2(ref) < 1e-6 ? norm2(x) : test::normwise_err(x, ref);
 }
 
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && test::all_finite(a) && test::all_finite(b) &&
-         std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
-}
+using test::bit_equal;
 
 struct Step {
   Tensor m, z;
@@ -99,13 +96,7 @@ void check_golden(const std::string& file) {
   ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
   Stack stack;
   ASSERT_TRUE(Stack::load(cfg, f, &stack).ok());
-  std::vector<std::vector<R>> policies = {{R::kNone}, {R::kModule}, {R::kBlock}};
-  if (cfg.no_blocks >= 2) {
-    std::vector<R> mixed(cfg.no_blocks, R::kNone);
-    mixed[0] = R::kBlock;
-    mixed[1] = R::kModule;
-    policies.push_back(mixed);
-  }
+  const std::vector<std::vector<R>> policies = test::golden_policy_sets(cfg.no_blocks);
   const Errors e32 = step_errors(f, golden_step(f, stack, TrainOptions()));
   Step base;
   Errors e16;
@@ -202,7 +193,9 @@ TEST_P(TrainBf16Memory, ActivationAndPeakMatchAllocator) {
   // Under policies module and block the kept bytes are the stream copies alone: exactly halved.
   bool only_inputs = true;
   for (R p : c.policy) only_inputs = only_inputs && p != R::kNone;
-  if (only_inputs) EXPECT_EQ(2 * act, act32);
+  if (only_inputs) {
+    EXPECT_EQ(2 * act, act32);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
