@@ -72,7 +72,8 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
                 "inference: run the unfused LayerNorm/Linear/transition reference path");
   run->add_option("--dtype", ra.dtype,
                   "inference GEMM inputs: fp32 (default) | bf16 (bf16 inputs, f32 accumulation "
-                  "and storage; one process, stacks and --model af2)")
+                  "and storage; one process, stacks and --model af2); training (Evoformer, "
+                  "ExtraMSA): the layer inputs kept for the backward in bf16")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   run->add_option("--model", ra.model,
                   "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "

@@ -66,8 +66,6 @@ Status run_options(const RunArgs& a, RunOptions* o) {
   o->profile = a.profile;
   o->fused = !a.unfused;
   o->dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
-  if (o->dtype != DType::F32 && is_training(a))
-    return Status::InvalidArgument("--dtype bf16: training runs in fp32 only (not implemented)");
   o->dropout = a.train;
   o->seed = a.seed;
   if (!a.memory_budget.empty()) FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &o->memory_budget));
@@ -173,18 +171,19 @@ std::pair<int64_t, int64_t> training_model_bytes(const RunOptions& o, const Job&
                                                  const TrainReport& t) {
   const bool extra = job.kind == StackKind::kExtraMsa;
   const int64_t s = t.m.dim(0), r = t.m.dim(1), nb = job.cfg.no_blocks;
-  return {
-      stack_activation_bytes(job.cfg, s, r, nb, o.policy, 4, o.chunk, o.chunk_target_bytes, extra),
-      stack_step_peak_bytes(job.cfg, s, r, nb, o.policy, num_threads(), 4, o.chunk,
-                            o.chunk_target_bytes, extra)};
+  return {stack_activation_bytes(job.cfg, s, r, nb, o.policy, 4, o.chunk, o.chunk_target_bytes,
+                                 extra, o.dtype),
+          stack_step_peak_bytes(job.cfg, s, r, nb, o.policy, num_threads(), 4, o.chunk,
+                                o.chunk_target_bytes, extra, o.dtype)};
 }
 
 // ---- One process: training step (--backward, --grad-outputs, --policy, --train) --------------
 void print_training(const RunArgs& a, const RunOptions& o, const Job& job, const TrainReport& t) {
   std::printf(
-      "foldcube run (training step, %s): %s %lld block(s), s=%lld r=%lld, "
+      "foldcube run (training step, %s%s): %s %lld block(s), s=%lld r=%lld, "
       "policy %s, %d thread(s)\n",
       a.train ? "dropout on" : "eval mode, no dropout",
+      o.dtype == DType::BF16 ? ", bf16 kept inputs" : "",
       job.kind == StackKind::kExtraMsa ? "ExtraMSA" : "Evoformer",
       static_cast<long long>(job.cfg.no_blocks), static_cast<long long>(t.m.dim(0)),
       static_cast<long long>(t.m.dim(1)), policy_string(o.policy).c_str(), num_threads());
@@ -224,6 +223,7 @@ nlohmann::json training_report_json(const RunOptions& o, const Job& job, const T
   j["peak_tracked_bytes"] = t.peak_tracked_bytes;
   j["peak_rss_bytes"] = t.peak_rss_bytes;
   j["policy"] = policy_string(o.policy);
+  j["dtype"] = o.dtype == DType::BF16 ? "bf16" : "fp32";
   j["stack"] = stack_kind_name(job.kind);
   j["s"] = t.m.dim(0);
   j["r"] = t.m.dim(1);
@@ -459,6 +459,9 @@ int run_command(const RunArgs& a) {
     return fail(Status::InvalidArgument(
         "--dtype bf16 runs inference only: the Evoformer/ExtraMSA forward in one process, or "
         "--model af2 (also under --dap); no --plan"));
+  if (a.dtype != "fp32" && is_training(a) && (a.model == "af2" || is_af3_run(a)))
+    return fail(Status::InvalidArgument(
+        "--dtype bf16 with --backward/--train: the Evoformer and ExtraMSA stacks only"));
   if (a.model == "af2") return run_af2(a);
   if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;

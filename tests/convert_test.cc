@@ -70,6 +70,26 @@ TEST(Convert, NarrowingMatchesReferenceOnEveryTarget) {
   });
 }
 
+// round_to_bf16 (the bf16 training's stream rounding) gives the reference's bits out of place and
+// in place, tails included.
+TEST(Convert, RoundToBf16MatchesReferenceOnEveryTarget) {
+  const std::vector<float> x = probe_inputs();
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<float> want(n), got(n);
+  kern::ref::round_to_bf16(x.data(), want.data(), n);
+  ForEachTarget([&] {
+    for (int64_t len : {n, int64_t{1}, int64_t{7}, int64_t{33}}) {
+      std::fill(got.begin(), got.end(), 5.f);
+      kern::round_to_bf16(x.data(), got.data(), len);
+      EXPECT_EQ(std::memcmp(got.data(), want.data(), 4 * len), 0) << len;
+      EXPECT_EQ(got[len % n], len == n ? got[0] : 5.f) << "wrote past " << len;
+    }
+    got = x;
+    kern::round_to_bf16(got.data(), got.data(), n);
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), 4 * n), 0);
+  });
+}
+
 TEST(Convert, WideningIsExactAndRoundTripsEveryPattern) {
   std::vector<uint16_t> all(0x10000), back(0x10000);
   for (uint32_t i = 0; i < 0x10000; ++i) all[i] = static_cast<uint16_t>(i);

@@ -52,10 +52,7 @@ void load_golden(const std::string& file, Golden* g) {
     ASSERT_TRUE(g->f.get_f32(name, {}, t).ok()) << name;
 }
 
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && test::all_finite(a) && test::all_finite(b) &&
-         std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
-}
+using test::bit_equal;
 
 // ---- extra_tiny golden gradients ---------------------------------------------------------------
 

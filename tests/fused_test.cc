@@ -326,18 +326,6 @@ TEST(FusedBlock, GoldenAf2DimsBothPaths) {
   }
 }
 
-// ||x - ref|| / ||ref|| over all elements (the bf16 accuracy metric; docs/benchmarks.md).
-double normwise_err(const Tensor& x, const Tensor& ref) {
-  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) {
-    const double d = a.data<double>()[i] - b.data<double>()[i];
-    num += d * d;
-    den += b.data<double>()[i] * b.data<double>()[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
 // bf16 GEMM inputs on the golden cases, against the float64 reference: every output and block-0
 // trace within a normwise tolerance; fp32 on the same run for the record.
 class GoldenBf16 : public ::testing::TestWithParam<std::string> {};
@@ -367,7 +355,7 @@ TEST_P(GoldenBf16, OutputsAndTracesWithinTolerance) {
     traces["output.m"] = m, traces["output.z"] = z, traces["output.s"] = s_out;
     double worst = 0, worst_golden = 0;
     for (const auto& [name, t] : traces) {
-      const double e = normwise_err(t, f.tensors.at(name));
+      const double e = test::normwise_err(t, f.tensors.at(name));
       worst = std::max(worst, e);
       worst_golden = std::max(worst_golden, test::golden_err(t, f.tensors.at(name)));
       if (dt == DType::BF16) {
@@ -398,7 +386,7 @@ TEST(FusedCli, DtypeAndUnfusedFlags) {
         << text;
   }
   for (const std::string& bad :
-       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --backward"),
+       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --backward --dap 1"),
         std::string("--dtype bf16 --dap 1")}) {
     const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
     EXPECT_NE(r.code, 0) << bad;

@@ -35,11 +35,7 @@ StepResult run_step(const TensorFile& f, const EvoformerStack& stack, const Trai
   return out;
 }
 
-// Same shape, same bits, and finite (two equal NaN outputs are not a pass).
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && test::all_finite(a) && test::all_finite(b) &&
-         std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
-}
+using test::bit_equal;
 
 class GoldenGrad : public ::testing::TestWithParam<std::string> {};
 

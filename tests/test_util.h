@@ -8,12 +8,14 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "foldcube/config.h"
+#include "foldcube/model.h"
 #include "foldcube/tensor.h"
 
 namespace fc::test {
@@ -68,6 +70,39 @@ inline double max_nan(double a, double b) {
 
 // The golden README metric: max |x - ref| / max(rms(ref), 1). Shapes must match. +Inf when x or
 // ref holds a non-finite value, so no comparison against a tolerance passes on NaN or Inf.
+// Same shape, same bits, and finite (two equal NaN outputs are not a pass).
+inline bool bit_equal(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && all_finite(a) && all_finite(b) &&
+         std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
+}
+
+// The recompute-policy lists the golden training tests run: none, module, block for every block,
+// and with two blocks or more a mixed list (block, module, then none).
+inline std::vector<std::vector<Recompute>> golden_policy_sets(int64_t blocks) {
+  std::vector<std::vector<Recompute>> sets = {
+      {Recompute::kNone}, {Recompute::kModule}, {Recompute::kBlock}};
+  if (blocks >= 2) {
+    std::vector<Recompute> mixed(blocks, Recompute::kNone);
+    mixed[0] = Recompute::kBlock;
+    mixed[1] = Recompute::kModule;
+    sets.push_back(mixed);
+  }
+  return sets;
+}
+
+// ||x - ref||_2 / ||ref||_2 over all elements (the bf16 accuracy metric; docs/benchmarks.md).
+inline double normwise_err(const Tensor& x, const Tensor& ref) {
+  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
+  if (a.numel() != b.numel()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    const double d = a.data<double>()[i] - b.data<double>()[i];
+    num += d * d;
+    den += b.data<double>()[i] * b.data<double>()[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
 inline double golden_err(const Tensor& x, const Tensor& ref) {
   Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
   const double* pa = a.data<double>();  // [numel]

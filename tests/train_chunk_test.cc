@@ -78,10 +78,7 @@ double rms(const Tensor& t) {
 }
 
 // Same shape, same bits, and finite (two equal NaN outputs are not a pass).
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && test::all_finite(a) && test::all_finite(b) &&
-         std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()) == 0;
-}
+using test::bit_equal;
 
 // Every output and gradient of `x` against the unchunked `ref`: within 1e-6 relative. Returns the
 // names of those that are not bit-identical; worst[3]: the largest error of the outputs, the input
@@ -142,13 +139,7 @@ TEST_P(ChunkedTraining, MatchesUnchunkedForEveryPolicy) {
   ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
   EvoformerStack stack;
   ASSERT_TRUE(EvoformerStack::load(cfg, f, &stack).ok());
-  std::vector<std::vector<R>> policies = {{R::kNone}, {R::kModule}, {R::kBlock}};
-  if (cfg.no_blocks >= 2) {
-    std::vector<R> mixed(cfg.no_blocks, R::kNone);
-    mixed[0] = R::kBlock;
-    mixed[1] = R::kModule;
-    policies.push_back(mixed);
-  }
+  const std::vector<std::vector<R>> policies = test::golden_policy_sets(cfg.no_blocks);
   for (const std::vector<R>& policy : policies) {
     TrainOptions opts;
     opts.policy = policy;

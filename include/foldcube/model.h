@@ -64,6 +64,10 @@ struct TrainOptions {
   uint64_t seed = 0;
   // Time every module's training forward and backward (TrainResult::module_ms).
   bool profile = false;
+  // F32, or BF16: the layer inputs kept for the backward are stored in bf16, each layer reading
+  // its streams rounded to bf16 (BlockContext::store says how); gradients, weights, streams and
+  // the layers' internal states stay f32.
+  DType dtype = DType::F32;
 };
 
 // Policy of block b under opts (a single entry applies to every block; empty = kNone).

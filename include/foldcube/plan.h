@@ -29,6 +29,9 @@ struct MemoryQuery {
   // The training queries model ExtraMsaStack::train_step (c_m holds c_e) instead of the
   // Evoformer's.
   bool extra_msa = false;
+  // Training queries: TrainOptions::dtype of the step (F32, or BF16: the kept layer inputs in
+  // bf16 at 2 bytes per element, statistics, states, weights and gradients at elem_bytes).
+  DType dtype = DType::F32;
 
   Status validate() const;
 };

@@ -293,6 +293,7 @@ Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const Tensor& 
   to.seed = o.seed;
   to.profile = o.profile;
   to.policy = o.policy;
+  to.dtype = o.dtype;
   const int passes = o.warmup + o.repeats;
   for (int it = 0; it < passes; ++it) {
     const bool last = it + 1 == passes;

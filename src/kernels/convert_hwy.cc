@@ -85,20 +85,33 @@ HWY_INLINE VU F16ToF32Bits(VU h) {
   return hn::Or(o, hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000))));
 }
 
+// count (<= one vector) f32 values from src + i as u32 lanes; a partial vector zero-padded.
+HWY_INLINE VU LoadF32Bits(const float* src, size_t i, size_t count) {
+  const D d;
+  const DU du;
+  if (count == hn::Lanes(d)) return hn::BitCast(du, hn::LoadU(d, src + i));
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
+  std::copy_n(src + i, count, buf);
+  return hn::BitCast(du, hn::Load(d, buf));
+}
+
+// Stores the first count u32 lanes of r, as f32 bits, to dst + i.
+HWY_INLINE void StoreF32Bits(VU r, float* dst, size_t i, size_t count) {
+  const D d;
+  const auto f = hn::BitCast(d, r);
+  if (count == hn::Lanes(d)) return hn::StoreU(f, d, dst + i);
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(f, d, buf);
+  std::copy_n(buf, count, dst + i);
+}
+
 template <class Op>
 HWY_INLINE void NarrowRows(const float* src, uint16_t* dst, size_t n, Op op) {
   const D d;
-  const DU du;
   const DI di;
   const DH dh;
   Convert(
-      n,
-      [&](size_t i, size_t count) {
-        if (count == hn::Lanes(d)) return hn::BitCast(du, hn::LoadU(d, src + i));
-        HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
-        std::copy_n(src + i, count, buf);
-        return hn::BitCast(du, hn::Load(d, buf));
-      },
+      n, [&](size_t i, size_t count) { return LoadF32Bits(src, i, count); },
       [&](size_t i, size_t count, VU r) {
         const auto h = hn::DemoteTo(dh, hn::BitCast(di, r));  // values fit in 16 bits
         if (count == hn::Lanes(d)) return hn::StoreU(h, dh, dst + i);
@@ -122,14 +135,7 @@ HWY_INLINE void WidenRows(const uint16_t* src, float* dst, size_t n, Op op) {
         std::copy_n(src + i, count, buf);
         return hn::PromoteTo(du, hn::Load(dh, buf));
       },
-      [&](size_t i, size_t count, VU r) {
-        const auto f = hn::BitCast(d, r);
-        if (count == hn::Lanes(d)) return hn::StoreU(f, d, dst + i);
-        HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
-        hn::Store(f, d, buf);
-        std::copy_n(buf, count, dst + i);
-      },
-      op);
+      [&](size_t i, size_t count, VU r) { StoreF32Bits(r, dst, i, count); }, op);
 }
 
 void F32ToBf16(const float* src, uint16_t* dst, size_t n) { NarrowRows(src, dst, n, Bf16Bits); }
@@ -138,6 +144,15 @@ void Bf16ToF32(const uint16_t* src, float* dst, size_t n) {
   WidenRows(src, dst, n, [](VU h) { return hn::ShiftLeft<16>(h); });
 }
 void F16ToF32(const uint16_t* src, float* dst, size_t n) { WidenRows(src, dst, n, F16ToF32Bits); }
+
+// dst = bf16(src) widened back: the low 16 bits of the rounded pattern cleared (src == dst
+// allowed).
+void RoundToBf16(const float* src, float* dst, size_t n) {
+  Convert(
+      n, [&](size_t i, size_t count) { return LoadF32Bits(src, i, count); },
+      [&](size_t i, size_t count, VU r) { StoreF32Bits(r, dst, i, count); },
+      [](VU u) { return hn::ShiftLeft<16>(Bf16Bits(u)); });
+}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
@@ -150,6 +165,7 @@ HWY_EXPORT(F32ToBf16);
 HWY_EXPORT(F32ToF16);
 HWY_EXPORT(Bf16ToF32);
 HWY_EXPORT(F16ToF32);
+HWY_EXPORT(RoundToBf16);
 
 namespace {
 // Calls f(begin, end) on pieces of [0, n): one per OpenMP thread for large n (a conversion moves
@@ -185,6 +201,11 @@ void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for_pieces(n, [&](int64_t a, int64_t b) {
     HWY_DYNAMIC_DISPATCH(F16ToF32)(src + a, dst + a, static_cast<size_t>(b - a));
+  });
+}
+void round_to_bf16(const float* src, float* dst, int64_t n) {
+  for_pieces(n, [&](int64_t a, int64_t b) {
+    HWY_DYNAMIC_DISPATCH(RoundToBf16)(src + a, dst + a, static_cast<size_t>(b - a));
   });
 }
 

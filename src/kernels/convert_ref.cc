@@ -68,6 +68,14 @@ void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_of(static_cast<uint32_t>(src[i]) << 16);
 }
 
+void round_to_bf16(const float* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t h = 0;
+    f32_to_bf16(&src[i], &h, 1);
+    bf16_to_f32(&h, &dst[i], 1);
+  }
+}
+
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float x = src[i];

@@ -43,6 +43,12 @@ struct BlockContext {
   // GEMM input type of the fused projections and transitions (F32 | BF16: bf16 inputs, f32
   // accumulation and storage; see src/kernels/fused.h). BF16 needs fused.
   DType dtype = DType::F32;
+  // Training (src/model/train_block.cc): element type of the layer inputs a step keeps for its
+  // backward (the saved stream copies, the policy-block input). BF16: before each layer the streams
+  // it reads or updates are rounded to bf16 values in place (so the kept copy is exact and a
+  // recompute sees the same input); the gradient passes the rounding unchanged (straight-through),
+  // and streams, gradients, weights and the layers' own states stay f32.
+  DType store = DType::F32;
   // Channel-parallel triangle multiplication (src/exec/partition.h): this process holds
   // cfg->c_hidden_mul of the layer's channels and LN_out's statistics are summed over the ranks
   // through this hook. nullptr: the layer holds every channel.

@@ -197,6 +197,7 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   k.qkvg = Tensor::empty({rows, 4 * hc});
   kern::linear(x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
                4 * hc);
+  round_for_store(ctx, k.qkvg);
   k.og = Tensor::empty({rows, hc});
   k.lse = Tensor::empty({n, at.H, at.v.L});
   kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
@@ -204,6 +205,7 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   a.lse = k.lse.f32();
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
+  round_for_store(ctx, k.og);
   return k;
 }
 
@@ -338,7 +340,11 @@ void attention_layer_train(const GatedAttentionSpec& at, const BlockContext& ctx
         apply_dropout(u.f32(), n, v.L, v.c, mask);
       scatter_add(u.f32(), v, n0, n, S);
     }
-    if (keep) keep->push_back(std::move(k));
+    if (keep) {
+      k.qkvg = to_store(ctx, std::move(k.qkvg));
+      k.og = to_store(ctx, std::move(k.og));
+      keep->push_back(std::move(k));
+    }
   }
 }
 
@@ -359,12 +365,13 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
                "attention state was saved with another chunking");
   for (int64_t n0 = 0, idx = 0; n0 < v.N; n0 += ch, ++idx) {
     const int64_t n = std::min(ch, v.N - n0), rows = n * v.L;
-    Tensor x_ln = Tensor::empty({n, v.L, c});
-    Tensor mean = Tensor::empty({rows});
-    Tensor rstd = Tensor::empty({rows});
-    layernorm_items(at.ln, ctx.cfg->eps_ln, S_in, v, n0, n, x_ln.f32(), mean.f32(), rstd.f32());
+    NormedRows ln = normed_rows({n, v.L, c}, rows);  // LN of the chunk's items
+    layernorm_items(at.ln, ctx.cfg->eps_ln, S_in, v, n0, n, ln.y.f32(), ln.mean.f32(),
+                    ln.rstd.f32());
     AttentionChunk k =
-        kept->empty() ? chunk_state(at, ctx, x_ln.f32(), n0, n, bias) : std::move((*kept)[idx]);
+        kept->empty() ? chunk_state(at, ctx, ln.y.f32(), n0, n, bias) : std::move((*kept)[idx]);
+    k.qkvg = from_store(std::move(k.qkvg));
+    k.og = from_store(std::move(k.og));
     Tensor du = Tensor::empty({n, v.L, c});  // dL/d update, then dL/d x_in
     gather(dS, v, n0, n, du.f32());
     if (per_item)
@@ -392,19 +399,20 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     k.lse = Tensor();
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
-    kern::linear_backward(x_ln.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
+    kern::linear_backward(ln.y.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
                           dln.f32(), c, gw->w_qkvg.f32(), gw->b_qkvg.f32());
     dqkvg = Tensor();
     k.qkvg = Tensor();
-    x_ln = Tensor();
+    ln.y = Tensor();
     {
       // The chunk's input rows: in place in S_in, or gathered [n, L, c] when transposed.
       Tensor x = v.transposed ? Tensor::empty({n, v.L, c}) : Tensor();
       if (v.transposed) gather(S_in, v, n0, n, x.f32());
       const float* xp = v.transposed ? x.f32() : S_in + v.item(n0);
       Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, c)});
-      kern::layernorm_backward(xp, c, dln.f32(), c, rows, c, at.ln.w.f32(), mean.f32(), rstd.f32(),
-                               du.f32(), c, gln->w.f32(), gln->b.f32(), scratch.f32());
+      kern::layernorm_backward(xp, c, dln.f32(), c, rows, c, at.ln.w.f32(), ln.mean.f32(),
+                               ln.rstd.f32(), du.f32(), c, gln->w.f32(), gln->b.f32(),
+                               scratch.f32());
     }
     scatter_add(du.f32(), v, n0, n, dS);
   }
@@ -504,6 +512,10 @@ void attention_train_replay(AllocReplay& S, const BlockContext& ctx, const Atten
     S.alloc(rows * d.c);  // u
     S.free(rows * d.c);
     if (!keep) S.free(rows * (5 * hc + d.H));
+    if (keep) {
+      to_store_replay(S, ctx, rows * 4 * hc);  // qkvg
+      to_store_replay(S, ctx, rows * hc);      // og
+    }
   }
   if (d.bias && !keep) S.free(d.H * ctx.r * ctx.r);
 }
@@ -527,6 +539,9 @@ void attention_backward_replay(AllocReplay& S, const BlockContext& ctx, const At
       S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
       S.alloc(scratch);
       S.free(scratch);
+    } else {
+      from_store_replay(S, ctx, rows * 4 * hc);  // qkvg
+      from_store_replay(S, ctx, rows * hc);      // og
     }
     S.alloc(rows * d.c);     // du
     S.alloc(rows * hc);      // dog

@@ -55,6 +55,7 @@ int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int
 // The attention runs over a stream viewed as N batch items of L positions with c channels
 // (transposed layers read columns with strides, as attention_module does).
 struct AttentionChunk {
+  // Both rounded to bf16 values and kept in bf16 under BlockContext::store BF16 (layer_util.h).
   Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items
   Tensor og;    // [n*L, H*C]   gated attention output (input of linear_o)
   Tensor lse;   // [n, H, L]     log-sum-exp of the logits per query (saved for the backward)

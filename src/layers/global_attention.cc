@@ -288,14 +288,12 @@ void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
                "global attention state was saved with another chunking");
   for (int64_t r0 = 0, idx = 0; r0 < d.r; r0 += ch, ++idx) {
     const int64_t n = std::min(ch, d.r - r0), rows = n * d.s;
-    Tensor x = Tensor::empty({n, d.s, d.ce});  // LN of the chunk's columns
-    Tensor mean = Tensor::empty({rows});
-    Tensor rstd = Tensor::empty({rows});
-    layernorm_columns(w.ln_m, ctx, d, m_in, r0, n, x.f32(), mean.f32(), rstd.f32());
+    NormedRows ln = normed_rows({n, d.s, d.ce}, rows);  // LN of the chunk's columns
+    layernorm_columns(w.ln_m, ctx, d, m_in, r0, n, ln.y.f32(), ln.mean.f32(), ln.rstd.f32());
     GlobalAttentionChunk k =
-        kept.empty() ? chunk_state(w, ctx, d, x.f32(), r0, n) : std::move(kept[idx]);
+        kept.empty() ? chunk_state(w, ctx, d, ln.y.f32(), r0, n) : std::move(kept[idx]);
     Tensor mu = Tensor::empty({n, d.ce});  // masked means (input of linear_q)
-    masked_means(ctx, d, x.f32(), r0, n, mu.f32());
+    masked_means(ctx, d, ln.y.f32(), r0, n, mu.f32());
     Tensor dy = Tensor::empty({rows, d.hc});  // dL/d the gated output
     {
       Tensor du = Tensor::empty({n, d.s, d.ce});  // dL/d update
@@ -335,11 +333,11 @@ void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
     k.q = Tensor();
     mu = Tensor();
     Tensor dxln = Tensor::empty({n, d.s, d.ce});  // dL/d LN(x)
-    kern::linear_backward(x.f32(), d.ce, rows, d.ce, w.kvg.w.f32(), d.ld, dkvg.f32(), d.ld,
+    kern::linear_backward(ln.y.f32(), d.ce, rows, d.ce, w.kvg.w.f32(), d.ld, dkvg.f32(), d.ld,
                           dxln.f32(), d.ce, g->kvg.w.f32(), g->kvg.b.f32());
     dkvg = Tensor();
     k.kvg = Tensor();
-    x = Tensor();
+    ln.y = Tensor();
     // The masked mean's share: dLN(x)[b, j] += mask[j, b] / (count_b + eps) * dmu[b].
     const float* dmp = dmu.f32();
     float* dxp = dxln.f32();
@@ -355,10 +353,10 @@ void msa_column_global_attention_backward(const MsaColumnGlobalAttentionW& w,
     dmu = Tensor();
     Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(d.s, d.ce)});
     for (int64_t b = 0; b < n; ++b)
-      kern::layernorm_backward(m_in + (r0 + b) * d.ce, d.r * d.ce, dxp + b * d.s * d.ce, d.ce, d.s,
-                               d.ce, w.ln_m.w.f32(), mean.f32() + b * d.s, rstd.f32() + b * d.s,
-                               dm + (r0 + b) * d.ce, d.r * d.ce, g->ln_m.w.f32(), g->ln_m.b.f32(),
-                               scratch.f32(), /*accumulate=*/true);
+      kern::layernorm_backward(
+          m_in + (r0 + b) * d.ce, d.r * d.ce, dxp + b * d.s * d.ce, d.ce, d.s, d.ce, w.ln_m.w.f32(),
+          ln.mean.f32() + b * d.s, ln.rstd.f32() + b * d.s, dm + (r0 + b) * d.ce, d.r * d.ce,
+          g->ln_m.w.f32(), g->ln_m.b.f32(), scratch.f32(), /*accumulate=*/true);
   }
   kept.clear();
 }

@@ -60,14 +60,23 @@ struct WorkChunks {
   }
 };
 
-// Live and peak element counts of a replayed allocation sequence.
+// Live and peak bytes of a replayed allocation sequence. alloc / free count elements of the f32
+// buffers (elem bytes each: 4, or the element size a scaled prediction assumes); alloc_bf16 /
+// free_bf16 the bf16 ones (2 bytes each), so a bf16 training step's kept inputs and its f32
+// statistics, states, weights and gradients each count at their own size.
 struct AllocReplay {
   int64_t live = 0, peak = 0;
-  void alloc(int64_t n) {
-    live += n;
+  int64_t elem = 4;
+  void alloc(int64_t n) { add(n * elem); }
+  void free(int64_t n) { live -= n * elem; }
+  void alloc_bf16(int64_t n) { add(2 * n); }
+  void free_bf16(int64_t n) { live -= 2 * n; }
+
+ private:
+  void add(int64_t bytes) {
+    live += bytes;
     peak = std::max(peak, live);
   }
-  void free(int64_t n) { live -= n; }
 };
 
 // Floats of the LayerNorm backward kernel's scratch on [rows, n].

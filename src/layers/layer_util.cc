@@ -36,6 +36,52 @@ bool bf16_products(const BlockContext& ctx, int64_t parts) {
   return ctx.fused && ctx.dtype == DType::BF16 && parts == 1;
 }
 
+NormedRows normed_rows(const Shape& y_shape, int64_t rows) {
+  NormedRows t;
+  t.y = Tensor::empty(y_shape);
+  t.mean = Tensor::empty({rows});
+  t.rstd = Tensor::empty({rows});
+  return t;
+}
+
+NormedRows layernorm_with_stats(const float* x, int64_t rows, int64_t n, const LayerNormW& ln,
+                                float eps) {
+  NormedRows t = normed_rows({rows, n}, rows);
+  kern::layernorm(x, n, t.y.f32(), n, rows, n, ln.w.f32(), ln.b.f32(), eps, t.mean.f32(),
+                  t.rstd.f32());
+  return t;
+}
+
+void round_for_store(const BlockContext& ctx, Tensor& t) {
+  if (ctx.store == DType::BF16) kern::round_to_bf16(t.f32(), t.f32(), t.numel());
+}
+
+Tensor to_store(const BlockContext& ctx, Tensor t) {
+  if (ctx.store != DType::BF16) return t;
+  Tensor b = Tensor::empty(t.shape(), DType::BF16);
+  kern::f32_to_bf16(t.f32(), b.data<uint16_t>(), t.numel());
+  return b;
+}
+
+Tensor from_store(Tensor t) {
+  if (t.dtype() != DType::BF16) return t;
+  Tensor f = Tensor::empty(t.shape());
+  kern::bf16_to_f32(t.data<uint16_t>(), f.f32(), t.numel());
+  return f;
+}
+
+void to_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n) {
+  if (ctx.store != DType::BF16) return;
+  S.alloc_bf16(n);
+  S.free(n);
+}
+
+void from_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n) {
+  if (ctx.store != DType::BF16) return;
+  S.alloc(n);
+  S.free_bf16(n);
+}
+
 // dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.
 void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int64_t n,
                              const LayerNormW& ln, const float* mean, const float* rstd, float* dx,

@@ -7,6 +7,7 @@
 #include "foldcube/tensor.h"
 #include "kernels/fused.h"
 #include "layers/context.h"
+#include "layers/layer_models.h"
 #include "model/weights.h"
 
 namespace fc {
@@ -24,6 +25,28 @@ const uint16_t* bf16_ptr(const Tensor& t);
 // bf16 products in the outer product mean and the triangle multiplication: fused BF16 on a single
 // shard (the shard gathers move f32 and keep f32 products).
 bool bf16_products(const BlockContext& ctx, int64_t parts);
+// A row chunk's LayerNorm output with the statistics its backward needs (the opening of every
+// unit's backward). Allocated in this order: y, mean, rstd.
+struct NormedRows {
+  Tensor y;     // LN(x) in the shape given ([rows, n] or [items, L, n])
+  Tensor mean;  // [rows]
+  Tensor rstd;  // [rows]
+};
+// Allocates the three for `rows` rows; the caller fills them (gathered or strided layouts).
+NormedRows normed_rows(const Shape& y_shape, int64_t rows);
+// LN of the contiguous rows x [rows, n] with weights ln and epsilon eps, with its statistics.
+NormedRows layernorm_with_stats(const float* x, int64_t rows, int64_t n, const LayerNormW& ln,
+                                float eps);
+// bf16 storage of training state (BlockContext::store): a tensor the forward keeps is rounded to
+// bf16 values before the forward uses it (round_for_store), kept as bf16 (to_store: a bf16 copy,
+// the f32 one released) and widened for the backward (from_store: an f32 copy, the bf16 one
+// released). Under F32 storage all three leave t as it is.
+void round_for_store(const BlockContext& ctx, Tensor& t);
+Tensor to_store(const BlockContext& ctx, Tensor t);
+Tensor from_store(Tensor t);
+// The replay of to_store / from_store on n elements (layer_models.h).
+void to_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n);
+void from_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n);
 // dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.
 void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int64_t n,
                              const LayerNormW& ln, const float* mean, const float* rstd, float* dx,

@@ -162,9 +162,11 @@ void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t c
 
 // The OPM state's LN(m) with its statistics and the masked projections a [s, cols, ca], b
 // [s, cols, co] for m [s, cols, c_m] (all residues, or a DAP shard's columns) with mask
-// [s, cols]; ca = opm_a_channels.
-void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* m,
-                     int64_t s, int64_t cols, const float* mask, OuterProductMeanState* st) {
+// [s, cols]; ca = opm_a_channels. LN(m), a and b rounded to bf16 values under ctx.store BF16
+// before they are used.
+void opm_projections(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t s,
+                     int64_t cols, const float* mask, OuterProductMeanState* st) {
+  const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, ca = opm_a_channels(w, cfg), rows = s * cols;
   const int64_t cab = ca + co;
   st->mean = Tensor::empty({rows});
@@ -174,6 +176,7 @@ void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, con
   st->b = Tensor::empty({s, cols, co});
   kern::layernorm(m, cm, st->x_ln.f32(), cm, rows, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
                   st->mean.f32(), st->rstd.f32());
+  round_for_store(ctx, st->x_ln);
   Tensor ab = Tensor::empty({rows, cab});  // linear_1 | linear_2, before masking
   kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), cab, ab.f32(), cab);
   const float* abp = ab.f32();
@@ -184,6 +187,8 @@ void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, con
     for (int64_t c = 0; c < ca; ++c) ap[row * ca + c] = abp[row * cab + c] * mask[row];
     for (int64_t c = 0; c < co; ++c) bp[row * co + c] = abp[row * cab + ca + c] * mask[row];
   }
+  round_for_store(ctx, st->a);
+  round_for_store(ctx, st->b);
 }
 }  // namespace
 
@@ -303,7 +308,7 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
   const int64_t ca = opm_a_channels(w, cfg);
-  opm_projections(w, cfg, m, s, r, ctx.msa_mask, st);
+  opm_projections(w, ctx, m, s, r, ctx.msa_mask, st);
   st->norm = Tensor::empty({r, r});
   kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, st->norm.f32(), r);
   if (!z) return;
@@ -319,6 +324,33 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
                  w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
     opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
+}
+
+void opm_state_to_store(const BlockContext& ctx, OuterProductMeanState* st) {
+  st->x_ln = to_store(ctx, std::move(st->x_ln));
+  st->a = to_store(ctx, std::move(st->a));
+  st->b = to_store(ctx, std::move(st->b));
+}
+
+void opm_state_from_store(OuterProductMeanState* st) {
+  st->x_ln = from_store(std::move(st->x_ln));
+  st->a = from_store(std::move(st->a));
+  st->b = from_store(std::move(st->b));
+}
+
+// bf16 storage runs in one process with every channel: a has c_o channels (opm_a_channels).
+void opm_state_to_store_replay(AllocReplay& S, const BlockContext& ctx) {
+  const int64_t sr = ctx.s * ctx.r, co = ctx.cfg->c_hidden_opm;
+  to_store_replay(S, ctx, sr * ctx.cfg->c_m);
+  to_store_replay(S, ctx, sr * co);
+  to_store_replay(S, ctx, sr * co);
+}
+
+void opm_state_from_store_replay(AllocReplay& S, const BlockContext& ctx) {
+  const int64_t sr = ctx.s * ctx.r, co = ctx.cfg->c_hidden_opm;
+  from_store_replay(S, ctx, sr * ctx.cfg->c_m);
+  from_store_replay(S, ctx, sr * co);
+  from_store_replay(S, ctx, sr * co);
 }
 
 void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* g,
@@ -384,7 +416,7 @@ void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockConte
   const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
   const int64_t sc = s * cols, parts = gather.parts;
   FC_CHECK(parts >= 1 && cols * parts == r);
-  opm_projections(w, cfg, m, s, cols, mask_cols, st);
+  opm_projections(w, ctx, m, s, cols, mask_cols, st);
   st->norm = Tensor::empty({cols, r});
   kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f,
              st->norm.f32(), r);

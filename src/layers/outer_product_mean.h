@@ -59,11 +59,18 @@ void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const 
 // Saved: s*r*(c_m + 2 c_o + 2) + r*r floats (the input m is the caller's).
 struct OuterProductMeanState {
   Tensor mean, rstd;  // [s*r]
-  Tensor x_ln;        // [s*r, c_m]
-  Tensor a, b;        // [s, r, c_o] masked projections
-  Tensor norm;        // [r, r]  sum_s mask[s,i] mask[s,j]
+  // Under BlockContext::store BF16: bf16 values, and in bf16 while kept (opm_state_to_store).
+  Tensor x_ln;  // [s*r, c_m]
+  Tensor a, b;  // [s, r, c_o] masked projections
+  Tensor norm;  // [r, r]  sum_s mask[s,i] mask[s,j]
   // The outer product [r*r, c_o*c_o] is not kept: backward recomputes it chunk by chunk.
 };
+// The kept state's LN(m), a and b in the storage type (to_store), and back in f32 (from_store),
+// with their replays.
+void opm_state_to_store(const BlockContext& ctx, OuterProductMeanState* st);
+void opm_state_from_store(OuterProductMeanState* st);
+void opm_state_to_store_replay(AllocReplay& S, const BlockContext& ctx);
+void opm_state_from_store_replay(AllocReplay& S, const BlockContext& ctx);
 // z == nullptr: only the state is built (the recompute of policy module), z is not updated.
 void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                               float* z, OuterProductMeanState* st);

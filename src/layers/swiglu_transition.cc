@@ -6,6 +6,7 @@
 #include "kernels/backward.h"
 #include "kernels/fused.h"
 #include "kernels/kernels.h"
+#include "layers/layer_util.h"
 
 namespace fc {
 
@@ -99,15 +100,11 @@ void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g
     const int64_t n = std::min(ch, rows - r0);
     const float* xr = x_in + r0 * c;
     float* dxr = dx + r0 * c;
-    Tensor x_ln = Tensor::empty({n, c});
-    Tensor mean = Tensor::empty({n});
-    Tensor rstd = Tensor::empty({n});
-    kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
-                    mean.f32(), rstd.f32());
+    NormedRows ln = layernorm_with_stats(xr, n, c, w.ln, ctx.cfg->eps_ln);
     Tensor h;  // [n, 2nc] fc1 | fc2, kept by the forward or recomputed
     if (st->h.empty()) {
       h = Tensor::empty({n, 2 * nc});
-      kern::linear(x_ln.f32(), c, n, c, w.fc12.w.f32(), bias_ptr(w.fc12), 2 * nc, h.f32(), 2 * nc);
+      kern::linear(ln.y.f32(), c, n, c, w.fc12.w.f32(), bias_ptr(w.fc12), 2 * nc, h.f32(), 2 * nc);
     } else {
       h = std::move(st->h[idx]);
     }
@@ -125,13 +122,12 @@ void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g
     }
     h = Tensor();
     Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
-    kern::linear_backward(x_ln.f32(), c, n, c, w.fc12.w.f32(), 2 * nc, dh.f32(), 2 * nc, dxln.f32(),
+    kern::linear_backward(ln.y.f32(), c, n, c, w.fc12.w.f32(), 2 * nc, dh.f32(), 2 * nc, dxln.f32(),
                           c, g->fc12.w.f32(), bias_ptr(g->fc12));
     dh = Tensor();
-    x_ln = Tensor();
-    Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(n, c)});
-    kern::layernorm_backward(xr, c, dxln.f32(), c, n, c, w.ln.w.f32(), mean.f32(), rstd.f32(), dxr,
-                             c, g->ln.w.f32(), g->ln.b.f32(), scratch.f32(), true);
+    ln.y = Tensor();
+    layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, ln.mean.f32(), ln.rstd.f32(), dxr, &g->ln,
+                            true);
   }
   st->h.clear();
 }

@@ -115,6 +115,7 @@ void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, i
       kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
     }
     kern::relu_inplace(h.f32(), nc, n, nc);
+    round_for_store(ctx, h);
     if (row_mask == nullptr) {
       kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
     } else {
@@ -123,7 +124,7 @@ void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, i
       kern::scale_rows(u.f32(), c, row_mask + r0, n, c);
       kern::add_inplace(xr, c, u.f32(), c, n, c);
     }
-    if (st) st->h.push_back(std::move(h));
+    if (st) st->h.push_back(to_store(ctx, std::move(h)));
   }
 }
 
@@ -140,18 +141,15 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
     const int64_t n = std::min(ch, rows - r0);
     const float* xr = x_in + r0 * c;
     float* dxr = dx + r0 * c;
-    Tensor x_ln = Tensor::empty({n, c});
-    Tensor mean = Tensor::empty({n});
-    Tensor rstd = Tensor::empty({n});
-    kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln,
-                    mean.f32(), rstd.f32());
+    NormedRows ln = layernorm_with_stats(xr, n, c, w.ln, ctx.cfg->eps_ln);
     Tensor h;  // [n, nc] kept by the forward, or recomputed
     if (st->h.empty()) {
       h = Tensor::empty({n, nc});
-      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+      kern::linear(ln.y.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
       kern::relu_inplace(h.f32(), nc, n, nc);
+      round_for_store(ctx, h);
     } else {
-      h = std::move(st->h[idx]);
+      h = from_store(std::move(st->h[idx]));
     }
     Tensor dh = Tensor::empty({n, nc});  // dL/d h, then dL/d linear_1 output
     {
@@ -167,11 +165,12 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
     kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
     h = Tensor();
     Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
-    kern::linear_backward(x_ln.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
+    kern::linear_backward(ln.y.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
                           g->l1.w.f32(), g->l1.b.f32());
     dh = Tensor();
-    x_ln = Tensor();
-    layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, mean.f32(), rstd.f32(), dxr, &g->ln, true);
+    ln.y = Tensor();
+    layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, ln.mean.f32(), ln.rstd.f32(), dxr, &g->ln,
+                            true);
   }
   st->h.clear();
 }
@@ -210,6 +209,7 @@ void transition_train_replay(AllocReplay& S, const BlockContext& ctx, int64_t ro
       S.free(n * c);
     }
     if (!keep) S.free(n * nc);
+    if (keep) to_store_replay(S, ctx, n * nc);
   }
 }
 
@@ -220,7 +220,8 @@ void transition_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t
     const int64_t n = std::min(ch, rows - r0);
     S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
     if (!kept) S.alloc(n * nc);  // h
-    S.alloc(n * nc);             // dh
+    if (kept) from_store_replay(S, ctx, n * nc);
+    S.alloc(n * nc);  // dh
     if (masked) {
       S.alloc(n * c);  // du
       S.free(n * c);

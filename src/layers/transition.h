@@ -32,7 +32,9 @@ int64_t transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64
 
 // ---- Training (conventions: src/model/train.h) ------------------------------------------------
 struct TransitionState {
-  std::vector<Tensor> h;  // per row chunk [n, n_t*c] relu(linear_1(LN(x))); empty: recomputed
+  // per row chunk [n, n_t*c] relu(linear_1(LN(x))) (bf16 values, kept in bf16, under
+  // BlockContext::store BF16); empty: recomputed
+  std::vector<Tensor> h;
 };
 // row_mask [rows] (or nullptr): the update of row i is multiplied by row_mask[i] (the ExtraMSA
 // block's masked MSA transition, ctx.msa_mask); the masked forms take one more [n, c] buffer per

@@ -663,6 +663,7 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
     kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
                        P.f32() + c0 * rr, r, rr);
   }
+  round_for_store(ctx, P);
   return P;
 }
 
@@ -679,7 +680,7 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
   tri_mul_output(w, ctx, P.f32(), x_ln.f32(), r, tri_mul_train_chunks(ctx).rows,
                  dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz),
                  dropout_per_item(ctx, outgoing ? "tri_mul_out" : "tri_mul_in"), 0, z);
-  if (st) st->P = std::move(P);
+  if (st) st->P = to_store(ctx, std::move(P));
 }
 
 void triangle_multiplication_backward(const TriangleMultiplicationW& w, TriangleMultiplicationW* g,
@@ -689,18 +690,15 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = r * r;
   const float eps = cfg.eps_ln;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
-  Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z_in)
-  Tensor mean = Tensor::empty({rr});
-  Tensor rstd = Tensor::empty({rr});
-  kern::layernorm(z_in, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps,
-                  mean.f32(), rstd.f32());
-  Tensor P = st->P.defined() ? std::move(st->P) : tri_mul_products(w, ctx, outgoing, x_ln.f32());
+  NormedRows ln = layernorm_with_stats(z_in, rr, cz, w.ln_in, eps);  // LN_in(z_in)
+  Tensor P = st->P.defined() ? from_store(std::move(st->P))
+                             : tri_mul_products(w, ctx, outgoing, ln.y.f32());
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});  // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, r, r});  // dL/d triangle products, channel-major
   // Phase 2 backward, by rows i: dP and the gate branch's part of dxln (the dL/d out rows of dz
   // are read before the LN_in backward at the end accumulates into them).
-  tri_mul_output_backward(w, g, ctx, P.f32(), x_ln.f32(), r, chunks.rows,
+  tri_mul_output_backward(w, g, ctx, P.f32(), ln.y.f32(), r, chunks.rows,
                           dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz),
                           dropout_per_item(ctx, outgoing ? "tri_mul_out" : "tri_mul_in"), 0, dz,
                           dP.f32(), dxln.f32());
@@ -712,7 +710,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
     TriMulGroupBackward gb(cg, cz, chunks.proj_rows * r, r, r);
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
       const int64_t nc = std::min(cg, ct - c0);
-      gb.rebuild(w, ct, c0, nc, x_ln.f32(), rr, ctx.pair_mask);
+      gb.rebuild(w, ct, c0, nc, ln.y.f32(), rr, ctx.pair_mask);
       const float* A = gb.A.f32();
       const float* B = gb.B.f32();
       float* dA = gb.dA.f32();
@@ -725,13 +723,13 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
         kern::gemm_batched(nc, false, true, r, r, r, 1.f, B, r, rr, dPg, r, rr, 0.f, dA, r, rr);
         kern::gemm_batched(nc, false, false, r, r, r, 1.f, A, r, rr, dPg, r, rr, 0.f, dB, r, rr);
       }
-      gb.backward(g, ct, x_ln.f32(), rr, ctx.pair_mask, dxln.f32());
+      gb.backward(g, ct, ln.y.f32(), rr, ctx.pair_mask, dxln.f32());
     }
   }
   dP = Tensor();
-  x_ln = Tensor();
-  layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, mean.f32(), rstd.f32(), dz, &g->ln_in,
-                          true);
+  ln.y = Tensor();
+  layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, ln.mean.f32(), ln.rstd.f32(), dz,
+                          &g->ln_in, true);
 }
 
 // ---- Triangle multiplication on a row shard (DAP) ----------------------------------------------
@@ -798,18 +796,14 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   FC_CHECK(parts >= 1 && rows * parts == r && reduce.parts == parts);
   const float eps = cfg.eps_ln;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx, rows, parts);
-  Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z_in) of the shard
-  Tensor mean = Tensor::empty({rr});
-  Tensor rstd = Tensor::empty({rr});
-  kern::layernorm(z_in, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps,
-                  mean.f32(), rstd.f32());
+  NormedRows ln = layernorm_with_stats(z_in, rr, cz, w.ln_in, eps);  // LN_in(z_in) of the shard
   Tensor P = st->P.defined()
                  ? std::move(st->P)
-                 : tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());
+                 : tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, ln.y.f32());
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});     // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, rows, r});  // dL/d triangle products, channel-major
-  tri_mul_output_backward(w, g, ctx, P.f32(), x_ln.f32(), rows, chunks.rows,
+  tri_mul_output_backward(w, g, ctx, P.f32(), ln.y.f32(), rows, chunks.rows,
                           dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz),
                           left_is_b, row0, dz, dP.f32(), dxln.f32());
   P = Tensor();
@@ -822,7 +816,7 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
     Tensor dG = Tensor::empty({parts * cg, rows, r});  // this shard's part of every dR_k
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
       const int64_t nc = std::min(cg, ct - c0);
-      gb.rebuild(w, ct, c0, nc, x_ln.f32(), rr, mask);
+      gb.rebuild(w, ct, c0, nc, ln.y.f32(), rr, mask);
       const float* L = (left_is_b ? gb.B : gb.A).f32();
       float* dL = (left_is_b ? gb.dB : gb.dA).f32();
       float* dR = (left_is_b ? gb.dA : gb.dB).f32();
@@ -835,13 +829,13 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
                            0.f, dG.f32() + k * nc * rr, r, rr);
       }
       reduce.fn(dG.f32(), nc * rr, dR);
-      gb.backward(g, ct, x_ln.f32(), rr, mask, dxln.f32());
+      gb.backward(g, ct, ln.y.f32(), rr, mask, dxln.f32());
     }
   }
   dP = Tensor();
-  x_ln = Tensor();
-  layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, mean.f32(), rstd.f32(), dz, &g->ln_in,
-                          true);
+  ln.y = Tensor();
+  layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, ln.mean.f32(), ln.rstd.f32(), dz,
+                          &g->ln_in, true);
 }
 
 // ---- Models ------------------------------------------------------------------------------------
@@ -939,6 +933,7 @@ void tri_mul_train_replay(AllocReplay& S, const BlockContext& ctx, bool keep) {
   replay_products(S, ctx);
   S.alloc(rows * (ct + 2 * cz));  // p, y, g
   S.free(rows * (ct + 2 * cz));
+  if (keep) to_store_replay(S, ctx, ct * rr);  // P
   S.free(rr * cz);
   if (!keep) S.free(ct * rr);
 }
@@ -949,7 +944,8 @@ void tri_mul_backward_replay(AllocReplay& S, const BlockContext& ctx, bool kept)
   const int64_t rows = chunks.rows * r;
   S.alloc(rr * cz + 2 * rr);  // x_ln, mean, rstd
   if (!kept) replay_products(S, ctx);
-  S.alloc(rr * cz + ct * rr);  // dxln, dP
+  if (kept) from_store_replay(S, ctx, ct * rr);  // P
+  S.alloc(rr * cz + ct * rr);                    // dxln, dP
   const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
   S.alloc(phase2);
   S.free(phase2);

@@ -65,7 +65,9 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, in
 // The saved state is the triangle products only; LN_in(z), the projections, A and B are rebuilt
 // group by group in the backward (they are 6 c_t r^2 floats, the products c_t r^2).
 struct TriangleMultiplicationState {
-  Tensor P;  // [c_t, r, r] triangle products, channel-major; undefined: recomputed
+  // [c_t, r, r] triangle products, channel-major (bf16 values, kept in bf16, under
+  // BlockContext::store BF16); undefined: recomputed
+  Tensor P;
 };
 void triangle_multiplication_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
                                    bool outgoing, float* z, TriangleMultiplicationState* st);

@@ -11,6 +11,7 @@
 #include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "kernels/backward.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 #include "layers/swiglu_transition.h"
 #include "model/block_table.h"
@@ -64,7 +65,10 @@ void layer_train(const LayerDesc& l, const void* w, const BlockContext& ctx, flo
     case LayerKind::kOuterProductMean: {
       OuterProductMeanState o;  // the state is built even when it is not kept
       outer_product_mean_train(layer_params<OuterProductMeanW>(l, w), ctx, m, z, &o);
-      if (st) st->opm = std::move(o);
+      if (st) {
+        st->opm = std::move(o);
+        opm_state_to_store(ctx, &st->opm);
+      }
       return;
     }
     case LayerKind::kTriangleMultiplication:
@@ -106,7 +110,10 @@ void layer_backward(const LayerDesc& l, const void* w, void* g, const BlockConte
                                  stream_channels(ctx, l.updates));
     case LayerKind::kOuterProductMean: {
       const OuterProductMeanW& wo = layer_params<OuterProductMeanW>(l, w);
-      if (!st->opm.a.defined()) outer_product_mean_train(wo, ctx, read_in, nullptr, &st->opm);
+      if (!st->opm.a.defined())
+        outer_product_mean_train(wo, ctx, read_in, nullptr, &st->opm);
+      else
+        opm_state_from_store(&st->opm);
       outer_product_mean_backward(wo, &layer_params<OuterProductMeanW>(l, g), ctx, read_in, st->opm,
                                   dz, dm);
       st->opm = {};
@@ -142,6 +149,23 @@ Tensor copy_of(const float* p, const Shape& shape) {
   Tensor t = Tensor::empty(shape);
   std::memcpy(t.f32(), p, t.nbytes());
   return t;
+}
+
+// A kept copy of p [shape] in element type `store` (F32 or BF16: p holds bf16 values already, so
+// the copy is exact).
+Tensor kept_copy(const float* p, const Shape& shape, DType store) {
+  if (store == DType::F32) return copy_of(p, shape);
+  Tensor t = Tensor::empty(shape, DType::BF16);
+  kern::f32_to_bf16(p, t.data<uint16_t>(), t.numel());
+  return t;
+}
+
+// t as f32: t itself (F32 or undefined), or its widened copy (BF16).
+Tensor as_f32(const Tensor& t) {
+  if (!t.defined() || t.dtype() == DType::F32) return t;
+  Tensor f = Tensor::empty(t.shape());
+  kern::bf16_to_f32(t.data<uint16_t>(), f.f32(), t.numel());
+  return f;
 }
 
 // Everything a block keeps from its forward for its backward.
@@ -180,11 +204,21 @@ void block_forward(const BlockTable& t, const void* w, const BlockContext& ctx, 
                    Recompute policy, BlockState* st, const ModuleClock& clk) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const Shape ms = {ctx.s, ctx.r, cfg.c_m}, zs = {ctx.r, ctx.r, cfg.c_z};
-  auto copy = [&](Stream x) { return x == Stream::kM ? copy_of(m, ms) : copy_of(z, zs); };
+  auto copy = [&](Stream x) {
+    return x == Stream::kM ? kept_copy(m, ms, ctx.store) : kept_copy(z, zs, ctx.store);
+  };
+  // BF16 storage: the streams a layer touches are rounded to bf16 values before it runs.
+  auto round = [&](Stream x) {
+    if (ctx.store != DType::BF16 || x == Stream::kNone) return;
+    if (x == Stream::kM)
+      kern::round_to_bf16(m, m, shape_numel(ms));
+    else
+      kern::round_to_bf16(z, z, shape_numel(zs));
+  };
   st->policy = policy;
   if (policy == Recompute::kBlock) {
-    st->m0 = copy_of(m, ms);
-    st->z0 = copy_of(z, zs);
+    st->m0 = copy(Stream::kM);
+    st->z0 = copy(Stream::kZ);
   }
   const bool keep = policy == Recompute::kNone;
   st->in_updated.assign(t.count, Tensor());
@@ -192,6 +226,8 @@ void block_forward(const BlockTable& t, const void* w, const BlockContext& ctx, 
   st->layers.assign(t.count, LayerState());
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& l = t.layers[i];
+    round(l.updates);
+    round(l.reads);
     if (policy != Recompute::kBlock) {
       const SavedInputs in = saved_inputs(t, i);
       if (in.updated) st->in_updated[i] = copy(l.updates);
@@ -211,8 +247,11 @@ void block_backward(const BlockTable& t, const void* w, void* g, const BlockCont
                     const ModuleClock& clk) {
   if (st->policy == Recompute::kBlock) {
     // Recompute on the saved input: z0 in place; m0 on a copy, since the caller still holds m0
-    // as the previous block's output (z0 too when a layer reads the block's output z).
-    Tensor m = st->m0.clone(), z = reads_block_output(t, Stream::kZ) ? st->z0.clone() : st->z0;
+    // as the previous block's output (z0 too when a layer reads the block's output z). Kept in
+    // bf16, both are widened copies.
+    const bool wide = st->m0.dtype() == DType::BF16;
+    Tensor m = wide ? as_f32(st->m0) : st->m0.clone();
+    Tensor z = wide ? as_f32(st->z0) : reads_block_output(t, Stream::kZ) ? st->z0.clone() : st->z0;
     st->m0 = Tensor();
     st->z0 = Tensor();
     BlockState full;
@@ -224,10 +263,15 @@ void block_backward(const BlockTable& t, const void* w, void* g, const BlockCont
     const LayerDesc& l = t.layers[i];
     const Tensor& read =
         st->in_read[i].defined() ? st->in_read[i] : (l.reads == Stream::kM ? m_out : z_out);
-    clk.run(l.name, [&] {
-      layer_backward(l, w, g, ctx, st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr,
-                     l.reads != Stream::kNone ? read.f32() : nullptr, &st->layers[i], dm, dz);
-    });
+    {
+      // f32 views of the kept inputs (widened copies while the layer runs when kept in bf16)
+      const Tensor x_in = as_f32(st->in_updated[i]);
+      const Tensor read_in = l.reads != Stream::kNone ? as_f32(read) : Tensor();
+      clk.run(l.name, [&] {
+        layer_backward(l, w, g, ctx, x_in.defined() ? x_in.f32() : nullptr,
+                       read_in.defined() ? read_in.f32() : nullptr, &st->layers[i], dm, dz);
+      });
+    }
     st->in_updated[i] = Tensor();
     st->in_read[i] = Tensor();
   }
@@ -257,6 +301,8 @@ Status check_train_options(const TrainOptions& opts, int nb) {
     return Status::InvalidArgument(
         "chunk (" + std::to_string(opts.chunk) + ") and chunk_target_bytes (" +
         std::to_string(opts.chunk_target_bytes) + ") must be >= 0 (0 = automatic)");
+  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
+    return Status::InvalidArgument("training dtype must be fp32 or bf16");
   return Status::OK();
 }
 
@@ -267,6 +313,7 @@ BlockContext train_context(const EvoformerConfig& cfg, const StackInputs& in,
                    opts.chunk_target_bytes > 0 ? opts.chunk_target_bytes
                                                : default_train_chunk_target_bytes(cfg, in.s, in.r));
   ctx.dropout = opts.dropout;
+  ctx.store = opts.dtype;
   return ctx;
 }
 

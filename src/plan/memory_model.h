@@ -11,19 +11,23 @@
 
 namespace fc {
 
-// extra_msa: the ExtraMSA stack (ExtraMsaStack::train_step), else the Evoformer's.
+// extra_msa: the ExtraMSA stack (ExtraMsaStack::train_step), else the Evoformer's. store:
+// TrainOptions::dtype (BF16: the kept layer inputs count 2 bytes per element, everything else
+// elem_bytes).
 int64_t block_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, Recompute policy,
                                int64_t elem_bytes = 4, int64_t chunk = 0,
-                               int64_t chunk_target_bytes = 0, bool extra_msa = false);
+                               int64_t chunk_target_bytes = 0, bool extra_msa = false,
+                               DType store = DType::F32);
 // policy: empty, one entry, or `blocks` entries.
 int64_t stack_activation_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                                const std::vector<Recompute>& policy, int64_t elem_bytes = 4,
                                int64_t chunk = 0, int64_t chunk_target_bytes = 0,
-                               bool extra_msa = false);
+                               bool extra_msa = false, DType store = DType::F32);
 int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, int64_t blocks,
                               const std::vector<Recompute>& policy, int threads,
                               int64_t elem_bytes = 4, int64_t chunk = 0,
-                              int64_t chunk_target_bytes = 0, bool extra_msa = false);
+                              int64_t chunk_target_bytes = 0, bool extra_msa = false,
+                              DType store = DType::F32);
 // The same over any block table whose weights and streams cfg describes (the functions above
 // take kExtraMsaBlock when extra_msa, else kEvoformerBlock): kEvoformerBlock (with
 // EvoformerStack::train_step's single projection), kExtraMsaBlock (c_m holds c_e), the AF3
@@ -31,13 +35,15 @@ int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, 
 struct BlockTable;
 int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
                                int64_t r, Recompute policy, int64_t elem_bytes, int64_t chunk,
-                               int64_t chunk_target_bytes);
+                               int64_t chunk_target_bytes, DType store = DType::F32);
 int64_t stack_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
                                int64_t r, int64_t blocks, const std::vector<Recompute>& policy,
-                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes);
+                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes,
+                               DType store = DType::F32);
 int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s, int64_t r,
                               int64_t blocks, const std::vector<Recompute>& policy, int threads,
-                              int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes);
+                              int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes,
+                              DType store = DType::F32);
 // Elements of one block's parameter (or parameter-gradient) struct of table t.
 int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t);
 // Largest workspace of table t's layers in a forward at (s, r) with these options (dtype:

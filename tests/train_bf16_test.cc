@@ -1,0 +1,252 @@
+// bf16 training (TrainOptions::dtype = BF16, BlockContext::store): the layer inputs kept for the
+// backward in bf16, each layer reading its streams rounded to bf16. Checks: gradients of the golden
+// cases within a normwise tolerance of the float64 reference and bit-identical across recompute
+// policies (every recompute sees the same rounded inputs); the memory model byte-exact against
+// the allocator in bf16 (activations and step peak, Evoformer and ExtraMSA, chunked), and
+// different from the fp32 model (so a model that ignores the dtype fails); the CLI flag.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "foldcube/extra_msa.h"
+#include "foldcube/io.h"
+#include "foldcube/model.h"
+#include "foldcube/plan.h"
+#include "foldcube/runtime.h"
+#include "plan/memory_model.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+using R = Recompute;
+
+// Normwise tolerances of a bf16 training step against the float64 reference, per tensor:
+// outputs and dL/d inputs (worst measured 8.4e-3 and 4.2e-2, docs/benchmarks.md) and every
+// parameter gradient (worst measured 0.135, a LayerNorm bias: a sum over all rows of terms that
+// mostly cancel). 2.2-2.4x the worst measured values.
+constexpr double kBf16OutTol = 2e-2;
+constexpr double kBf16InputGradTol = 0.1;
+constexpr double kBf16ParamGradTol = 0.3;
+
+double norm2(const Tensor& x) {
+  const Tensor a = x.to(DType::F64);
+  double ss = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) ss += a.data<double>()[i] * a.data<double>()[i];
+  return std::sqrt(ss);
+}
+
+// The normwise error, or ||x|| where the reference is zero to rounding (a LayerNorm bias whose
+// effect the softmax cancels: msa_att_row.layer_norm_z.bias).
+double grad_err(const Tensor& x, const Tensor& ref) {
+  return norm2(ref) < 1e-6 ? norm2(x) : test::normwise_err(x, ref);
+}
+
+using test::bit_equal;
+
+struct Step {
+  Tensor m, z;
+  TrainResult r;
+};
+
+template <typename Stack>
+Step golden_step(const TensorFile& f, const Stack& stack, const TrainOptions& opts) {
+  Step out;
+  Tensor m, z, mm, pm, pr_m, pr_z;
+  EXPECT_TRUE(f.get_f32("input.m", {}, &m).ok());
+  EXPECT_TRUE(f.get_f32("input.z", {}, &z).ok());
+  out.m = m.clone();  // the step updates them in place
+  out.z = z.clone();
+  EXPECT_TRUE(f.get_f32("input.msa_mask", {}, &mm).ok());
+  EXPECT_TRUE(f.get_f32("input.pair_mask", {}, &pm).ok());
+  EXPECT_TRUE(f.get_f32("probe.m", {}, &pr_m).ok());
+  EXPECT_TRUE(f.get_f32("probe.z", {}, &pr_z).ok());
+  const Status st = stack.train_step(out.m, out.z, mm, pm, pr_m, pr_z, opts, &out.r);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  return out;
+}
+
+// Worst normwise errors of a step against the golden file: outputs, dL/d inputs, parameter
+// gradients.
+struct Errors {
+  double out = 0, input_grad = 0, param_grad = 0;
+};
+Errors step_errors(const TensorFile& f, const Step& s) {
+  Errors e;
+  e.out = std::max(test::normwise_err(s.m, f.tensors.at("output.m")),
+                   test::normwise_err(s.z, f.tensors.at("output.z")));
+  e.input_grad = std::max(test::normwise_err(s.r.grad_m, f.tensors.at("grad.input.m")),
+                          test::normwise_err(s.r.grad_z, f.tensors.at("grad.input.z")));
+  for (const auto& [name, g] : s.r.grad_params)
+    e.param_grad = std::max(e.param_grad, grad_err(g, f.tensors.at("grad.param." + name)));
+  return e;
+}
+
+template <typename Stack>
+void check_golden(const std::string& file) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path(file), &f).ok());
+  EvoformerConfig cfg;
+  ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
+  Stack stack;
+  ASSERT_TRUE(Stack::load(cfg, f, &stack).ok());
+  const std::vector<std::vector<R>> policies = test::golden_policy_sets(cfg.no_blocks);
+  const Errors e32 = step_errors(f, golden_step(f, stack, TrainOptions()));
+  Step base;
+  Errors e16;
+  for (size_t pi = 0; pi < policies.size(); ++pi) {
+    SCOPED_TRACE("policy set " + std::to_string(pi));
+    TrainOptions opts;
+    opts.dtype = DType::BF16;
+    opts.policy = policies[pi];
+    Step s = golden_step(f, stack, opts);
+    const Errors e = step_errors(f, s);
+    EXPECT_LT(e.out, kBf16OutTol);
+    EXPECT_LT(e.input_grad, kBf16InputGradTol);
+    EXPECT_LT(e.param_grad, kBf16ParamGradTol);
+    EXPECT_GT(e.out, 10 * e32.out);  // the bf16 path did run
+    e16 = e;
+    if (pi == 0) {
+      base = std::move(s);
+      continue;
+    }
+    EXPECT_TRUE(bit_equal(s.m, base.m));
+    EXPECT_TRUE(bit_equal(s.r.grad_m, base.r.grad_m));
+    EXPECT_TRUE(bit_equal(s.r.grad_z, base.r.grad_z));
+    for (size_t i = 0; i < s.r.grad_params.size(); ++i)
+      EXPECT_TRUE(bit_equal(s.r.grad_params[i].second, base.r.grad_params[i].second))
+          << s.r.grad_params[i].first;
+  }
+  std::printf(
+      "%s training, worst normwise error fp32 | bf16: outputs %.2e | %.2e, input gradients "
+      "%.2e | %.2e, parameter gradients %.2e | %.2e\n",
+      file.c_str(), e32.out, e16.out, e32.input_grad, e16.input_grad, e32.param_grad,
+      e16.param_grad);
+}
+
+TEST(TrainBf16Golden, EvoTiny) { check_golden<EvoformerStack>("evo_tiny.safetensors"); }
+TEST(TrainBf16Golden, EvoAf2Dims) { check_golden<EvoformerStack>("evo_af2dims.safetensors"); }
+TEST(TrainBf16Golden, ExtraTiny) { check_golden<ExtraMsaStack>("extra_tiny.safetensors"); }
+
+// ---- Memory model ------------------------------------------------------------------------------
+
+struct MemCase {
+  bool extra_msa;
+  int64_t s, r, blocks;
+  std::vector<R> policy;
+  int64_t chunk = 0;
+};
+std::string mem_case_name(const MemCase& c) {
+  std::string n = std::string(c.extra_msa ? "extra" : "evo") + "_s" + std::to_string(c.s) + "_r" +
+                  std::to_string(c.r) + "_b" + std::to_string(c.blocks);
+  for (R p : c.policy) n += std::string("_") + recompute_name(p);
+  if (c.chunk > 0) n += "_chunk" + std::to_string(c.chunk);
+  return n;
+}
+void PrintTo(const MemCase& c, std::ostream* os) { *os << mem_case_name(c); }
+
+class TrainBf16Memory : public ::testing::TestWithParam<MemCase> {};
+
+template <typename Stack>
+TrainResult random_step(const EvoformerConfig& cfg, const MemCase& c, DType dtype) {
+  Stack stack = Stack::random(cfg, 5);
+  Tensor m = Tensor::full({c.s, c.r, cfg.c_m}, 0.3f), z = Tensor::full({c.r, c.r, cfg.c_z}, -0.2f);
+  Tensor gm = Tensor::full(m.shape(), 1.f), gz = Tensor::full(z.shape(), 1.f);
+  TrainOptions opts;
+  opts.policy = c.policy;
+  opts.chunk = c.chunk;
+  opts.dtype = dtype;
+  TrainResult res;
+  EXPECT_TRUE(stack.train_step(m, z, Tensor(), Tensor(), gm, gz, opts, &res).ok());
+  return res;
+}
+
+TEST_P(TrainBf16Memory, ActivationAndPeakMatchAllocator) {
+  const MemCase c = GetParam();
+  EvoformerConfig cfg = test::small_config();
+  if (c.extra_msa) cfg.c_m = 16;
+  cfg.no_blocks = c.blocks;
+  const TrainResult res = c.extra_msa ? random_step<ExtraMsaStack>(cfg, c, DType::BF16)
+                                      : random_step<EvoformerStack>(cfg, c, DType::BF16);
+  MemoryQuery q;
+  q.cfg = cfg;
+  q.s = c.s, q.r = c.r, q.blocks = c.blocks, q.policy = c.policy, q.chunk = c.chunk;
+  q.threads = num_threads();
+  q.extra_msa = c.extra_msa;
+  q.dtype = DType::BF16;
+  int64_t act = 0, peak = 0, act32 = 0, peak32 = 0;
+  ASSERT_TRUE(stack_activation_bytes(q, &act).ok());
+  ASSERT_TRUE(stack_step_peak_bytes(q, &peak).ok());
+  EXPECT_EQ(res.activation_bytes, act);
+  EXPECT_EQ(res.peak_bytes, peak);
+  q.dtype = DType::F32;
+  ASSERT_TRUE(stack_activation_bytes(q, &act32).ok());
+  ASSERT_TRUE(stack_step_peak_bytes(q, &peak32).ok());
+  EXPECT_LT(act, act32);  // the kept inputs count 2 bytes each, not 4
+  EXPECT_NE(peak, peak32);
+  // Under policies module and block the kept bytes are the stream copies alone: exactly halved.
+  bool only_inputs = true;
+  for (R p : c.policy) only_inputs = only_inputs && p != R::kNone;
+  if (only_inputs) {
+    EXPECT_EQ(2 * act, act32);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Policies, TrainBf16Memory,
+    ::testing::Values(MemCase{false, 6, 10, 3, {R::kNone}}, MemCase{false, 6, 10, 3, {R::kModule}},
+                      MemCase{false, 6, 10, 3, {R::kBlock}},
+                      MemCase{false, 5, 7, 3, {R::kBlock, R::kModule, R::kNone}},
+                      MemCase{false, 7, 11, 4, {R::kNone, R::kBlock, R::kModule, R::kBlock}},
+                      MemCase{false, 9, 13, 2, {R::kModule}, 3},
+                      MemCase{false, 1, 5, 1, {R::kBlock}}, MemCase{true, 6, 10, 2, {R::kNone}},
+                      MemCase{true, 6, 10, 2, {R::kModule}}, MemCase{true, 6, 10, 2, {R::kBlock}},
+                      MemCase{true, 5, 7, 3, {R::kBlock, R::kModule, R::kNone}, 2}),
+    [](const auto& info) { return mem_case_name(info.param); });
+
+// A dtype the step does not run is a user error, in the options and in the memory query.
+TEST(TrainBf16, UnsupportedDtypeIsUserError) {
+  EvoformerConfig cfg = test::small_config();
+  cfg.no_blocks = 1;
+  EvoformerStack stack = EvoformerStack::random(cfg, 1);
+  Tensor m = Tensor::full({3, 5, cfg.c_m}, 0.1f), z = Tensor::full({5, 5, cfg.c_z}, 0.1f);
+  TrainOptions opts;
+  opts.dtype = DType::F16;
+  TrainResult res;
+  const Status st = stack.train_step(m, z, Tensor(), Tensor(), Tensor::full(m.shape(), 1.f),
+                                     Tensor::full(z.shape(), 1.f), opts, &res);
+  EXPECT_FALSE(st.ok());
+  MemoryQuery q;
+  q.cfg = cfg, q.s = 3, q.r = 5, q.dtype = DType::F16;
+  int64_t out = 0;
+  EXPECT_FALSE(stack_activation_bytes(q, &out).ok());
+}
+
+// `run --dtype bf16 --backward` runs and reports bf16 with the model's bytes equal to the measured
+// ones; the AF3 stacks refuse bf16 training.
+TEST(TrainBf16Cli, RunBackward) {
+  const std::string report = test::temp_file("train_bf16_report.json");
+  const test::Result r = test::run_cli(
+      "run --s 6 --r 10 --blocks 2 --quiet --backward --dtype bf16 --policy module --report " +
+      report);
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::ifstream f(report);
+  const nlohmann::json j = nlohmann::json::parse(f);
+  EXPECT_EQ(j["dtype"], "bf16");
+  EXPECT_EQ(j["activation_bytes"], j["activation_bytes_model"]);
+  EXPECT_EQ(j["step_peak_bytes"], j["step_peak_bytes_model"]);
+  const test::Result bad = test::run_cli(
+      "run --s 6 --r 10 --blocks 1 --quiet --backward --dtype bf16 --stack "
+      "pairformer");
+  EXPECT_NE(bad.code, 0) << bad.out;
+  EXPECT_NE(bad.out.find("error"), std::string::npos) << bad.out;
+}
+
+}  // namespace
+}  // namespace fc
