@@ -44,8 +44,8 @@ Status dap_forward(const MsaModule& mod, const dist::Communicator& comm, Tensor&
                    const Tensor& token_mask, const DapOptions& opts = {},
                    DapStats* stats = nullptr);
 
-// Training step (policies and chunking as PairformerStack::train_step; dropout is refused: AF3's
-// per-row masks are not drawn by global rows yet). On the root: s, z become the outputs,
+// Training step (policies, chunking and dropout as PairformerStack::train_step: the same masks as
+// one process with the same seed, AF3's per-row masks drawn by global rows). On the root: s, z become the outputs,
 // out->grad_m = dL/d s, out->grad_z = dL/d z; every rank: out->grad_params under Boltz names,
 // summed over the ranks.
 Status dap_train_step(const PairformerStack& stack, const dist::Communicator& comm, Tensor& s,
