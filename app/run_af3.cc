@@ -99,6 +99,13 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
         std::printf("\n");
       };
       row("tracked peak per rank (MiB)", rep.rank_peak_bytes);
+      if (!rep.rank_planned_bytes.empty()) {
+        row("  estimate per rank (MiB)", rep.rank_planned_bytes);
+        std::printf("  memory budget %s: chunk target %.1f MiB%s%s, least budget %.1f MiB\n",
+                    a.memory_budget.c_str(), r.chunk_target_bytes / 1048576.0,
+                    r.policy.empty() ? "" : ", policy ", r.policy.c_str(),
+                    r.least_budget_bytes / 1048576.0);
+      }
       row("  above the call's start (MiB)", rep.rank_work_peak_bytes);
       row("shards of the streams (MiB)", rep.rank_shard_bytes);
       if (spec.training) row("activations per rank (MiB)", rep.rank_activation_bytes);
@@ -117,6 +124,7 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
       j["blocks"] = rep.blocks;
       j["block_sent_bytes_model"] = rep.block_sent_bytes_model;
       if (spec.training) j["rank_activation_bytes"] = rep.rank_activation_bytes;
+      if (!rep.rank_planned_bytes.empty()) j["rank_planned_bytes"] = rep.rank_planned_bytes;
       st = write_report(a.report, r, spec.training, j);
     }
   }

@@ -207,6 +207,55 @@ INSTANTIATE_TEST_SUITE_P(Cases, DapAf3CliDropout,
                                            Af3DropoutCase{"msa_module", "block"}),
                          [](const auto& info) { return DropoutName(info.param); });
 
+// run --dap 2 --memory-budget: the per-rank estimate bounds every rank's measured tracked peak
+// (and is within 25 % of the largest), a budget below the automatic forward's estimate lowers the
+// chunk target and is met, training without --policy takes the least recompute whose estimate
+// fits, and a budget nothing fits ends every rank with one message naming the least budget.
+TEST(DapAf3CliBudget, EstimateBoundsEveryRankAndTheBudgetIsMet) {
+  const std::string report = test::temp_file("dap_budget.json");
+  auto run = [&](const std::string& job, const std::string& budget, nlohmann::json* j) {
+    const test::Result r = test::run_mpi_cli(
+        2, "run " + job + " --blocks 1 --seed 3 --threads 1 --quiet --dap 2 --memory-budget " +
+               budget + " --report " + report);
+    if (r.code == 0) {
+      std::ifstream in(report);
+      *j = nlohmann::json::parse(in);
+    }
+    return r;
+  };
+  auto check = [](const nlohmann::json& j, int64_t budget) {
+    const int64_t est = j["memory_plan"]["planned_peak_bytes"].get<int64_t>();
+    const int64_t measured = j["memory_plan"]["measured_peak_bytes"].get<int64_t>();
+    for (const auto& p : j["rank_peak_tracked_bytes"]) EXPECT_LE(p.get<int64_t>(), est);
+    EXPECT_LE(est, measured + measured / 4);
+    EXPECT_LE(measured, budget);
+  };
+  for (const std::string job : {"--stack pairformer --r 40", "--stack msa_module --r 36 --s 20"}) {
+    SCOPED_TRACE(job);
+    nlohmann::json free, tight, train, train_tight;
+    ASSERT_EQ(run(job, "4GiB", &free).code, 0);
+    check(free, int64_t{4} << 30);
+    const int64_t est = free["memory_plan"]["planned_peak_bytes"].get<int64_t>();
+    const int64_t least = free["memory_plan"]["least_budget_bytes"].get<int64_t>();
+    ASSERT_LT(least, est) << "the automatic chunking is already the least";
+    const int64_t mid = (least + est) / 2;
+    ASSERT_EQ(run(job, std::to_string(mid), &tight).code, 0);
+    check(tight, mid);
+    EXPECT_LT(tight["memory_plan"]["chunk_target_bytes"].get<int64_t>(),
+              free["memory_plan"]["chunk_target_bytes"].get<int64_t>());
+    ASSERT_EQ(run(job + " --train", "4GiB", &train).code, 0);
+    EXPECT_EQ(train["memory_plan"]["policy"], "none");
+    check(train, int64_t{4} << 30);
+    const int64_t none = train["memory_plan"]["planned_peak_bytes"].get<int64_t>();
+    ASSERT_EQ(run(job + " --train", std::to_string(none - 1), &train_tight).code, 0);
+    EXPECT_NE(train_tight["memory_plan"]["policy"], "none");
+    check(train_tight, none - 1);
+    const test::Result r = run(job, std::to_string(least - 1), &tight);
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.out.find("needs at least"), std::string::npos) << r.out;
+  }
+}
+
 // User errors end every rank quickly with one message: a missing inputs file on rank 0, a rank
 // count that is not --dap.
 TEST(DapAf3CliErrors, RefusedWithOneMessage) {
