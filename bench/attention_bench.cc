@@ -65,24 +65,30 @@ BENCHMARK(BM_Attention)
     ->Args({32, 128, 8, 32})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
-// Args: B, L, H, C, pair bias (0/1), mask and gate (0/1). Whole module calls at r = 256 residues,
-// s = 128 sequences: MSA row attention (pair bias), MSA column attention, triangle attention, and
-// a long sequence (8 rows of 2048 residues, pair bias only). Output into a separate buffer.
+// Args: B, L, H, C, pair bias (0/1), mask and gate (0/1), bf16 products (0/1, optional). Whole
+// module calls at r = 256 residues, s = 128 sequences: MSA row attention (pair bias), MSA column
+// attention, triangle attention, and a long sequence (8 rows of 2048 residues, pair bias only), in
+// fp32 and with bf16 products. Output into a separate buffer.
 void BM_AttentionEvoformer(benchmark::State& st) {
   const int64_t B = st.range(0), L = st.range(1), H = st.range(2), C = st.range(3);
   Buffers b = make(B, L, H, C, false, st.range(4) != 0, st.range(5) != 0);
   std::vector<float> o(B * L * H * C);  // [B*L, H*C]
   b.a.o = o.data(), b.a.o_bs = L * H * C, b.a.o_rs = H * C;
+  if (st.range(6) != 0) b.a.dtype = fc::DType::BF16;
   for (auto _ : st) fc::kern::attention(b.a, b.scratch.data(), fc::num_threads());
   st.counters["GFLOP/s"] =
       benchmark::Counter(4.0 * B * H * L * L * C * st.iterations(), benchmark::Counter::kIsRate,
                          benchmark::Counter::kIs1000);
 }
 BENCHMARK(BM_AttentionEvoformer)
-    ->Args({128, 256, 8, 32, 1, 1})
-    ->Args({256, 128, 8, 32, 0, 1})
-    ->Args({256, 256, 4, 32, 1, 1})
-    ->Args({8, 2048, 4, 32, 1, 0})
+    ->Args({128, 256, 8, 32, 1, 1, 0})
+    ->Args({128, 256, 8, 32, 1, 1, 1})
+    ->Args({256, 128, 8, 32, 0, 1, 0})
+    ->Args({256, 128, 8, 32, 0, 1, 1})
+    ->Args({256, 256, 4, 32, 1, 1, 0})
+    ->Args({256, 256, 4, 32, 1, 1, 1})
+    ->Args({8, 2048, 4, 32, 1, 0, 0})
+    ->Args({8, 2048, 4, 32, 1, 0, 1})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 

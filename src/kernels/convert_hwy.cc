@@ -14,6 +14,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 // Per-target headers: must come after foreach_target.h, which re-includes this file per target.
 #include "hwy/highway.h"
+#include "kernels/hwy_util-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace fc::kern {
@@ -36,16 +37,8 @@ HWY_INLINE void Convert(size_t n, Load load, Store store, Op op) {
   if (i < n) store(i, n - i, op(load(i, n - i)));
 }
 
-// u32 lanes holding f32 bits -> u32 lanes holding bf16 bits (round to nearest even; NaN quiet).
-HWY_INLINE VU Bf16Bits(VU u) {
-  const DU du;
-  const DI di;
-  const VU lsb = hn::And(hn::ShiftRight<16>(u), hn::Set(du, 1));
-  const VU rounded = hn::ShiftRight<16>(hn::Add(hn::Add(u, hn::Set(du, 0x7FFF)), lsb));
-  const VU mag = hn::And(u, hn::Set(du, 0x7FFFFFFF));
-  const auto nan = hn::RebindMask(du, hn::Gt(hn::BitCast(di, mag), hn::Set(di, 0x7F800000)));
-  return hn::IfThenElse(nan, hn::Or(hn::ShiftRight<16>(u), hn::Set(du, 0x40)), rounded);
-}
+// u32 lanes holding f32 bits -> u32 lanes holding bf16 bits (hwy_util-inl.h).
+HWY_INLINE VU Bf16Bits(VU u) { return hwy_util::Bf16Bits(DU(), u); }
 
 // u32 lanes holding f32 bits -> u32 lanes holding f16 bits (round to nearest even).
 HWY_INLINE VU F16Bits(VU u) {

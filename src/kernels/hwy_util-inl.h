@@ -9,6 +9,7 @@
 #endif
 
 #include <cstddef>
+#include <cstdint>
 
 #include "hwy/highway.h"
 
@@ -36,6 +37,19 @@ HWY_INLINE void StorePart(D d, hn::Vec<D> v, hn::TFromD<D>* p, size_t count) {
   HWY_ALIGN hn::TFromD<D> buf[HWY_MAX_BYTES / sizeof(hn::TFromD<D>)];
   hn::Store(v, d, buf);
   for (size_t i = 0; i < count; ++i) p[i] = buf[i];
+}
+
+// u32 lanes holding f32 bits -> u32 lanes holding bf16 bits in their low half (round to nearest
+// even; NaN stays a quiet NaN). The one rounding of every SIMD bf16 conversion (convert_hwy.cc,
+// attention.cc), so all targets round alike.
+template <class DU>
+HWY_INLINE hn::Vec<DU> Bf16Bits(DU du, hn::Vec<DU> u) {
+  const hn::RebindToSigned<DU> di;
+  const auto lsb = hn::And(hn::ShiftRight<16>(u), hn::Set(du, 1));
+  const auto rounded = hn::ShiftRight<16>(hn::Add(hn::Add(u, hn::Set(du, 0x7FFF)), lsb));
+  const auto mag = hn::And(u, hn::Set(du, 0x7FFFFFFF));
+  const auto nan = hn::RebindMask(du, hn::Gt(hn::BitCast(di, mag), hn::Set(di, 0x7F800000)));
+  return hn::IfThenElse(nan, hn::Or(hn::ShiftRight<16>(u), hn::Set(du, 0x40)), rounded);
 }
 
 }  // namespace hwy_util
