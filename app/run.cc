@@ -454,10 +454,11 @@ int end_mpi(const Comm& world, const Status& st) {
 }
 
 int run_command(const RunArgs& a) {
-  if (a.dtype != "fp32" && (!a.plan.empty() || a.dap > 0 || mpi_launched_world_size() > 1))
+  const bool mpi = a.dap > 0 || mpi_launched_world_size() > 1;
+  if (a.dtype != "fp32" && (!a.plan.empty() || (mpi && a.model != "af2")))
     return fail(Status::InvalidArgument(
-        "--dtype bf16 runs one-process inference only (the Evoformer/ExtraMSA forward or "
-        "--model af2; no --plan, --dap)"));
+        "--dtype bf16 runs inference only: the Evoformer/ExtraMSA forward in one process, or "
+        "--model af2 (also under --dap); no --plan"));
   if (a.model == "af2") return run_af2(a);
   if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;

@@ -115,13 +115,21 @@ Status write_report(const RunArgs& a, const std::vector<AlphaFoldStageStat>& sta
   return write_text_atomic(a.report, j.dump(2) + "\n");
 }
 
+// --dp D (data parallelism) needs one protein per group of ranks, and the whole-model run folds
+// one feature set: D groups would fold the same protein D times. Refused, not ignored.
+Status af2_dp_refused(const RunArgs& a) {
+  if (a.dp <= 1) return Status::OK();
+  return Status::InvalidArgument(
+      "--dp " + std::to_string(a.dp) +
+      ": --model af2 folds one feature set per job, so data parallelism has nothing to split; "
+      "drop --dp (mpirun -np N ... --dap N shards the one protein over N ranks)");
+}
+
 // `--dap N` under `mpirun -np N`: every rank reads the weights and features and runs its shards
 // (src/exec/af2_dap.h); rank 0 writes the outputs and the report with every rank's peaks.
 Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
-  if (world.size() != a.dap)
-    return Status::InvalidArgument("--dap " + std::to_string(a.dap) + " needs " +
-                                   std::to_string(a.dap) + " MPI ranks, the job has " +
-                                   std::to_string(world.size()));
+  FC_RETURN_IF_ERROR(af2_dp_refused(a));
+  FC_RETURN_IF_ERROR(check_dap_ranks(a, world));
   FC_RETURN_IF_ERROR(check_same_flags(a, world, "--dap"));
   AlphaFold model;
   FeatureDict feats;
@@ -134,10 +142,9 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &opts.chunk_target_bytes));
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
   opts.recycle_tolerance = a.recycle_tolerance;
-  // --memory-budget X per rank: every rank holds the weights and features (base) and 1/N of the
-  // activations, so the one-process plan for base + N*(X - base) gives the chunk target and pair
-  // blocks, divided by N for the shards. An estimate, not a per-rank memory model: the measured
-  // per-rank peaks are printed and reported beside the budget.
+  opts.dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
+  // --memory-budget X per rank: the chunking from the per-rank memory model (every rank's peak,
+  // the largest base over the ranks: the same chunking on every rank).
   int64_t budget = 0;
   AlphaFoldPlan plan;
   if (!a.memory_budget.empty()) {
@@ -148,20 +155,17 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     AlphaFoldDims dims;
     FC_RETURN_IF_ERROR(alphafold_dims(model.config(), feats, &dims).WithContext(a.features));
     if (opts.passes > 0) dims.passes = std::min(dims.passes, opts.passes);
-    const int64_t base = mem_stats().live_bytes;
+    const std::vector<int64_t> bases = world.all_gather_i64(mem_stats().live_bytes);
+    const int64_t base = *std::max_element(bases.begin(), bases.end());
     if (budget <= base)
       return Status::InvalidArgument("memory budget " + a.memory_budget +
                                      " per rank is below the weights and features every rank "
                                      "holds (" +
                                      std::to_string(base) + " bytes)");
-    FC_RETURN_IF_ERROR(plan_alphafold(model.config(), dims, base, base + a.dap * (budget - base),
-                                      num_threads(), &plan)
-                           .WithContext("--dap " + std::to_string(a.dap) +
-                                        " (planned as one process with " + std::to_string(a.dap) +
-                                        "x the activation budget)"));
-    opts.chunk_target_bytes = std::max<int64_t>(plan.chunk_target_bytes / a.dap, 1);
-    opts.pair_block_bytes =
-        plan.pair_block_bytes > 0 ? std::max<int64_t>(plan.pair_block_bytes / a.dap, 1) : 0;
+    FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap,
+                                          &plan, opts.dtype));
+    opts.chunk_target_bytes = plan.chunk_target_bytes;
+    opts.pair_block_bytes = plan.pair_block_bytes;
   }
   std::vector<AlphaFoldStageStat> stats;
   opts.stats = &stats;
@@ -181,16 +185,38 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                                 comm, &write_peak),
                     true));
   const std::map<std::string, Tensor>& out = outs.whole;
+  // This rank's forward peak from the per-rank memory model, for the passes that ran (an early
+  // stop ends like a run of that many passes); 0 when the model does not apply.
+  int64_t predicted = 0;
+  {
+    AlphaFoldDims dims;
+    AlphaFoldMemory mem;
+    if (alphafold_dims(model.config(), feats, &dims).ok()) {
+      dims.passes = static_cast<int>(out.at("num_recycles").data<int64_t>()[0]);
+      if (alphafold_dap_forward_memory(model.config(), dims, opts, num_threads(), world.size(),
+                                       world.rank(), &mem)
+              .ok())
+        predicted = base + mem.peak_bytes;
+    }
+  }
   const std::vector<int64_t> peaks = world.all_gather_i64(ds.forward_peak_bytes);
   const std::vector<int64_t> bases = world.all_gather_i64(base);
   const std::vector<int64_t> shards = world.all_gather_i64(ds.shard_bytes);
   const std::vector<int64_t> out_peaks = world.all_gather_i64(write_peak);
   const std::vector<int64_t> sent = world.all_gather_i64(ds.comm.total_bytes());
+  const std::vector<int64_t> predicted_peaks = world.all_gather_i64(predicted);
   if (world.rank() == 0) {
     if (st.ok() && !a.quiet) {
       print_summary(a, out, stats, ms, peaks[0]);
       std::printf("  DAP over %d ranks; forward tracked peak per rank (MiB):", a.dap);
       for (int64_t p : peaks) std::printf(" %.1f", p / 1048576.0);
+      if (predicted_peaks[0] > 0) {
+        std::printf("\n  memory model, forward peak per rank (MiB):");
+        for (int64_t p : predicted_peaks) std::printf(" %.1f", p / 1048576.0);
+        bool exact = true;
+        for (size_t i = 0; i < peaks.size(); ++i) exact = exact && peaks[i] == predicted_peaks[i];
+        std::printf(exact ? " (= measured, to the byte)" : " (differs from measured)");
+      }
       std::printf("\n  shards of m+z per rank (MiB):");
       for (int64_t b : shards) std::printf(" %.1f", b / 1048576.0);
       if (!a.out.empty()) {
@@ -207,7 +233,9 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
       j["model"] = "af2";
       j["dap"] = a.dap;
       j["time_ms"] = ms;
-      j["rank_forward_peak_tracked_bytes"] = peaks;   // absolute, during the forward
+      j["rank_forward_peak_tracked_bytes"] = peaks;  // absolute, during the forward
+      if (predicted_peaks[0] > 0)                    // the per-rank memory model's, absolute
+        j["rank_predicted_forward_peak_bytes"] = predicted_peaks;
       j["rank_base_tracked_bytes"] = bases;           // weights and features on each rank
       j["rank_shard_bytes"] = shards;                 // the Evoformer's shards of m and z
       j["rank_output_write_peak_bytes"] = out_peaks;  // absolute, while writing --out
@@ -244,6 +272,7 @@ int run_af2(const RunArgs& a) {
         "--model af2 runs inference; --plan and training are not supported for the whole model "
         "yet"));
   if (a.dap > 0 || mpi_launched_world_size() > 1) return run_af2_dap(a);
+  if (const Status st = af2_dp_refused(a); !st.ok()) return fail(st);
   AlphaFold model;
   if (Status st = load_model(a, &model); !st.ok()) return fail(st);
   FeatureDict feats;

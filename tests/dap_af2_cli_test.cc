@@ -3,12 +3,15 @@
 // and each rank's tracked peak drops with N. Every launch runs under `timeout`.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "foldcube/io.h"
 #include "test_util.h"
@@ -131,6 +134,77 @@ TEST(DapAf2Cli, MismatchedCommandLinesAreDetected) {
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.code, 124) << "timed out: " << r.out;
   EXPECT_NE(r.out.find("different command lines"), std::string::npos) << r.out;
+}
+
+// --dp D beside --model af2 --dap N (one feature set: nothing for data parallelism to split) ends
+// the job with one message naming --dp, on the N ranks it used to run on while ignoring --dp
+// and on the D*N ranks a training job would need; without mpirun too.
+TEST(DapAf2Cli, DataParallelismIsRefusedNotIgnored) {
+  const std::string args =
+      "run --model af2 --r 8 --s 3 --extra 4 --templates 1 --blocks 1 --recycles 0 --quiet";
+  for (const auto& [np, flags] :
+       {std::pair{2, " --dap 2 --dp 2"}, {4, " --dap 2 --dp 2"}, {0, " --dp 2"}}) {
+    const test::Result r = launch(np, args + flags);
+    EXPECT_NE(r.code, 0) << np << flags << ": " << r.out;
+    EXPECT_NE(r.code, 124) << "timed out: " << r.out;
+    EXPECT_NE(r.out.find("--dp 2: --model af2 folds one feature set"), std::string::npos)
+        << np << flags << ": " << r.out;
+    EXPECT_EQ(r.out.find("mean pLDDT"), std::string::npos) << np << flags << ": ran: " << r.out;
+  }
+}
+
+// The per-rank memory model beside the measurement: on 2 ranks the report's predicted forward
+// peak of every rank equals its measured tracked peak to the byte (and the printout says so);
+// --memory-budget X (per rank, between the finest chunking's peak and the default's) is planned
+// from that model: every rank's peak within X, still equal to the prediction; a budget below the
+// finest chunking is refused with the smallest feasible budget per rank; the same under --dtype
+// bf16 (the budget kept, predicted = measured); an early stop is predicted for the passes run.
+TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
+  const std::string args =
+      "run --model af2 --r 64 --s 8 --extra 48 --templates 2 --blocks 1 --recycles 0 --threads 1 "
+      "--dap 2 --report ";
+  auto peaks = [](const std::string& rep, const char* key) {
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    return j[key].get<std::vector<int64_t>>();
+  };
+  const std::string rep = test::temp_file("af2_model.json");
+  test::Result r = launch(2, args + rep);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("(= measured, to the byte)"), std::string::npos) << r.out;
+  const std::vector<int64_t> got = peaks(rep, "rank_forward_peak_tracked_bytes");
+  EXPECT_EQ(peaks(rep, "rank_predicted_forward_peak_bytes"), got);
+  const std::vector<int64_t> base = peaks(rep, "rank_base_tracked_bytes");
+  const int64_t top = std::max(got[0], got[1]);
+  const std::string rep_b = test::temp_file("af2_model_budget.json");
+  r = launch(2,
+             args + rep_b + " --memory-budget " + std::to_string(base[0] + (top - base[0]) / 10));
+  EXPECT_NE(r.code, 0) << r.out;
+  const std::string key = "the smallest feasible budget per rank is ";
+  const size_t at = r.out.find(key);
+  ASSERT_NE(at, std::string::npos) << r.out;
+  const int64_t finest = static_cast<int64_t>(std::stod(r.out.substr(at + key.size())) * 1048576);
+  ASSERT_GT(top - finest, 1 << 18) << "no room between the finest and the default chunking";
+  const int64_t budget = (finest + top) / 2;
+  r = launch(2, args + rep_b + " --memory-budget " + std::to_string(budget));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::vector<int64_t> got_b = peaks(rep_b, "rank_forward_peak_tracked_bytes");
+  EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_b);
+  for (int64_t p : got_b) EXPECT_LE(p, budget);
+  r = launch(2, args + rep_b + " --dtype bf16 --memory-budget " + std::to_string(budget));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::vector<int64_t> got_h = peaks(rep_b, "rank_forward_peak_tracked_bytes");
+  EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_h);
+  for (int64_t p : got_h) EXPECT_LE(p, budget);
+  // An early stop (after the second of three passes) is predicted as a run of two passes.
+  const std::string rep_e = test::temp_file("af2_model_early.json");
+  r = launch(2,
+             "run --model af2 --r 24 --s 5 --extra 8 --templates 1 --blocks 1 --recycles 2 "
+             "--recycle-tolerance 1000 --threads 1 --dap 2 --report " +
+                 rep_e);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("2 pass(es)"), std::string::npos) << r.out;
+  EXPECT_EQ(peaks(rep_e, "rank_predicted_forward_peak_bytes"),
+            peaks(rep_e, "rank_forward_peak_tracked_bytes"));
 }
 
 // Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "core/rng.h"
@@ -334,35 +335,117 @@ TEST(Partition, BadPartitionIsRefusedOnEveryRank) {
 // Bytes a rank sends during the blocks' forward (every collective kind: layout changes, DAP
 // gathers, partial-sum all-reduces) equal the planner's count (estimate_partition), per split
 // policy and for a mixed list that differs per block.
-TEST(Partition, ForwardVolumeMatchesPlannerModel) {
-  const dist::Communicator comm = dist::Communicator::world();
-  const int n = comm.size();
-  EvoformerConfig cfg;
-  cfg.c_m = 16, cfg.c_z = 8, cfg.c_hidden_msa_att = 4, cfg.no_heads_msa = 4;
+// The byte-count tests' setting: 2 blocks, 4 heads and 8 channels (every split on 2 and 4
+// ranks), s = 8, r = 12 (multiples of 2 and 4: no padding), the DAP group of the world.
+Plan volume_plan(int64_t c_m, bool extra_msa, bool training) {
+  Plan plan;
+  EvoformerConfig& cfg = plan.cfg;
+  cfg.c_m = c_m, cfg.c_z = 8, cfg.c_hidden_msa_att = 4, cfg.no_heads_msa = 4;
   cfg.c_hidden_pair_att = 4, cfg.no_heads_pair = 4, cfg.c_hidden_opm = 4, cfg.c_hidden_mul = 8;
   cfg.no_blocks = 2, cfg.c_s = 4;
-  const int64_t s = 8, r = 12;  // multiples of 2 and 4: no padding
-  EvoformerStack stack = EvoformerStack::random(cfg, 5);
+  plan.extra_msa = extra_msa;
+  plan.training = training;
+  plan.s = 8, plan.r = 12, plan.r_real = 12;
+  plan.dap = dist::Communicator::world().size();
+  return plan;
+}
+
+// The bytes a rank sends during the blocks' forward of stack (table: its block type) equal
+// the planner's count for plan, per split policy (partition_for) over its 2 blocks.
+template <typename Stack>
+void expect_forward_volume(const Stack& stack, const BlockTable& table, const Plan& plan) {
+  const dist::Communicator comm = dist::Communicator::world();
+  const EvoformerConfig& cfg = plan.cfg;
+  const int64_t s = plan.s, r = plan.r;
   DeviceProfile dev;
   dev.link_gbps = 1;
-  Plan plan;
-  plan.cfg = cfg;
-  plan.s = s, plan.r = r, plan.r_real = r, plan.dap = n;
   for (const char* policy : {"dap", "heads", "channels", "replicated", "mixed"}) {
     Tensor m, z, so;
     if (comm.rank() == 0) m = rnd({s, r, cfg.c_m}, 1), z = rnd({r, r, cfg.c_z}, 2);
     DapOptions o;
-    o.partitions = partition_for(policy, 2);
+    o.partitions = partition_for(policy, 2, table);
     DapStats stats;
-    ASSERT_TRUE(dap_forward(stack, comm, m, z, Tensor(), Tensor(), &so, o, &stats).ok());
+    Status st;
+    if constexpr (std::is_same_v<Stack, EvoformerStack>)
+      st = dap_forward(stack, comm, m, z, Tensor(), Tensor(), &so, o, &stats);
+    else
+      st = dap_forward(stack, comm, m, z, Tensor(), Tensor(), o, &stats);
+    ASSERT_TRUE(st.ok()) << st.ToString();
     int64_t counted = 0;
     for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) counted += stats.blocks.bytes[k];
     std::vector<std::vector<Split>> splits;
-    ASSERT_TRUE(resolve_partition(kEvoformerBlock, o.partitions, 2, &splits).ok());
+    ASSERT_TRUE(resolve_partition(table, o.partitions, 2, &splits).ok());
     int64_t model = 0;
     for (const auto& b : splits) model += estimate_partition(plan, dev, b).sent_fwd_bytes;
     EXPECT_EQ(counted, model) << policy;
   }
+}
+
+TEST(Partition, ForwardVolumeMatchesPlannerModel) {
+  const Plan plan = volume_plan(16, false, false);
+  expect_forward_volume(EvoformerStack::random(plan.cfg, 5), kEvoformerBlock, plan);
+}
+
+// Training: the bytes of the blocks' forward and of their backward (rebuild included, without
+// the parameter-gradient all-reduce) equal the planner's sent_fwd_bytes and sent_bwd_bytes
+// (policy module: + sent_rec_bytes), for pure DAP, the channel splits (the triangle
+// multiplications' LayerNorm sums, forward and backward) and a mixed list.
+TEST(Partition, TrainingVolumeMatchesPlannerModel) {
+  const dist::Communicator comm = dist::Communicator::world();
+  const Plan plan = volume_plan(16, false, true);
+  const EvoformerConfig& cfg = plan.cfg;
+  const int64_t s = plan.s, r = plan.r;
+  EvoformerStack stack = EvoformerStack::random(cfg, 5);
+  DeviceProfile dev;
+  dev.link_gbps = 1;
+  for (const char* policy : {"dap", "channels", "mixed"})
+    for (Recompute rc : {Recompute::kNone, Recompute::kModule}) {
+      Tensor m, z, gm, gz;
+      if (comm.rank() == 0) {
+        m = rnd({s, r, cfg.c_m}, 1), z = rnd({r, r, cfg.c_z}, 2);
+        gm = rnd({s, r, cfg.c_m}, 3), gz = rnd({r, r, cfg.c_z}, 4);
+      }
+      TrainOptions o;
+      o.policy = {rc};
+      const StackPartition parts = partition_for(policy, 2);
+      DapTrainStats stats;
+      TrainResult res;
+      ASSERT_TRUE(
+          dap_train_step(stack, comm, m, z, Tensor(), Tensor(), gm, gz, o, parts, &stats, &res)
+              .ok());
+      std::vector<std::vector<Split>> splits;
+      ASSERT_TRUE(resolve_partition(kEvoformerBlock, parts, 2, &splits).ok());
+      int64_t fwd = 0, bwd = 0;
+      for (const auto& b : splits) {
+        const PartitionEstimate e = estimate_partition(plan, dev, b);
+        fwd += e.sent_fwd_bytes;
+        bwd += e.sent_bwd_bytes + (rc == Recompute::kModule ? e.sent_rec_bytes : 0);
+      }
+      EXPECT_EQ(stats.forward.total_bytes(), fwd) << policy << " " << recompute_name(rc);
+      EXPECT_EQ(stats.backward.total_bytes(), bwd) << policy << " " << recompute_name(rc);
+    }
+}
+
+// The same for the ExtraMSA stack (its block table in the planner: Plan::extra_msa).
+TEST(Partition, ExtraMsaForwardVolumeMatchesPlannerModel) {
+  const Plan plan = volume_plan(8, true, false);
+  expect_forward_volume(ExtraMsaStack::random(plan.cfg, 7), kExtraMsaBlock, plan);
+}
+
+// A channel-parallel triangle multiplication needs a channel on every rank (each takes part in
+// its LayerNorm's sums): fewer channels than ranks is a user error on every rank.
+TEST(Partition, TriMulChannelsNeedAChannelPerRank) {
+  const dist::Communicator comm = dist::Communicator::world();
+  EvoformerConfig cfg = volume_plan(8, false, false).cfg;
+  cfg.c_hidden_mul = 1;
+  EvoformerStack stack = EvoformerStack::random(cfg, 3);
+  Tensor m, z, s;
+  if (comm.rank() == 0) m = rnd({3, 4, cfg.c_m}, 1), z = rnd({4, 4, cfg.c_z}, 2);
+  DapOptions o;
+  o.partitions = {{{"tri_mul_in", Split::kChannels}}};
+  const Status st = dap_forward(stack, comm, m, z, Tensor(), Tensor(), &s, o);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument) << st.ToString();
+  EXPECT_NE(st.message().find("channel per rank"), std::string::npos) << st.message();
 }
 
 // The plan JSON keeps the partitions; a plan without them reads as pure DAP; bad splits are

@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <string>
 
 #include "exec/partition.h"
 #include "foldcube/planner.h"
+#include "model/block_table.h"
 #include "plan/partition_cost.h"
 
 namespace fc {
@@ -80,20 +82,112 @@ TEST(PartitionPlan, ChoiceFollowsTheLinkModel) {
   EXPECT_EQ(again.peak_bytes, slow.peak_bytes);
 }
 
+// Plan p (pure DAP) with an explicit all-dap list of table t estimates exactly as p.
+void expect_all_dap_list_as_pure_dap(const DeviceProfile& dev, Plan p, const BlockTable& t) {
+  Plan listed = p;
+  std::vector<LayerSplit> all;
+  for (const LayerDesc& l : t) all.push_back({l.name, Split::kDap});
+  listed.partitions = {all};
+  ASSERT_TRUE(evaluate_plan(dev, &listed).ok());
+  ASSERT_TRUE(evaluate_plan(dev, &p).ok());
+  EXPECT_DOUBLE_EQ(listed.time_ms, p.time_ms);
+  EXPECT_EQ(listed.peak_bytes, p.peak_bytes);
+}
+
 // An explicit all-dap list is estimated exactly as pure DAP.
 TEST(PartitionPlan, AllDapListEstimatesAsPureDap) {
   PlanRequest q = request(2, 1, true);
   q.split_auto = false;
   Plan p;
   ASSERT_TRUE(make_plan(q, &p).ok());
-  Plan listed = p;
-  std::vector<LayerSplit> all;
-  for (const LayerDesc& l : kEvoformerBlock) all.push_back({l.name, Split::kDap});
-  listed.partitions = {all};
-  ASSERT_TRUE(evaluate_plan(q.profile, &listed).ok());
-  ASSERT_TRUE(evaluate_plan(q.profile, &p).ok());
-  EXPECT_DOUBLE_EQ(listed.time_ms, p.time_ms);
-  EXPECT_EQ(listed.peak_bytes, p.peak_bytes);
+  expect_all_dap_list_as_pure_dap(q.profile, p, kEvoformerBlock);
+}
+
+// Per-block lists under a memory limit: with a slow link (whole-stream layers pay) and limits
+// between pure DAP's peak and the unconstrained choice's, every plan fits its limit, is no slower
+// than pure DAP under the same limit, and the estimate of its per-block lists is the search's;
+// somewhere in that range the blocks get different lists.
+TEST(PartitionPlan, PerBlockListsFitTheMemoryLimit) {
+  PlanRequest q = request(2, 0.01, true);
+  q.cfg.no_blocks = 8;
+  Plan free_plan;
+  ASSERT_TRUE(make_plan(q, &free_plan).ok());
+  ASSERT_FALSE(free_plan.partitions.empty());
+  q.split_auto = false;
+  Plan dap;
+  ASSERT_TRUE(make_plan(q, &dap).ok());
+  int differing = 0;
+  for (int k = 1; k <= 8; ++k) {
+    PlanRequest lim = q;
+    lim.memory_bytes = dap.peak_bytes + (free_plan.peak_bytes - dap.peak_bytes) * k / 8;
+    Plan d, p;
+    ASSERT_TRUE(make_plan(lim, &d).ok());
+    lim.split_auto = true;
+    ASSERT_TRUE(make_plan(lim, &p).ok());
+    EXPECT_LE(p.peak_bytes, lim.memory_bytes) << k;
+    EXPECT_LE(p.time_ms, d.time_ms + 1e-9) << k;
+    Plan again = p;
+    ASSERT_TRUE(evaluate_plan(lim.profile, &again).ok());
+    EXPECT_NEAR(again.time_ms, p.time_ms, 1e-6 * p.time_ms) << k;
+    bool differ = false;
+    for (const auto& list : p.partitions) differ = differ || list != p.partitions[0];
+    differing += differ;
+    std::printf("[ info ] limit %d/8: %zu lists, %s, %.1f ms vs dap %.1f ms\n", k,
+                p.partitions.size(), differ ? "differing" : "all equal", p.time_ms, d.time_ms);
+  }
+  EXPECT_GT(differing, 0);
+}
+
+// The ExtraMSA stack (AF2: c_e = 64, 8 heads of 8, 4 blocks, s = 1024 extra sequences): the
+// search evaluates its block table's splits; an all-dap list estimates as pure DAP; a slow link
+// makes whole-stream layers pay as for the Evoformer, and the lists resolve against its table.
+TEST(PartitionPlan, ExtraMsaStackIsSearched) {
+  auto extra = [](double link_gbps) {
+    PlanRequest q = request(2, link_gbps, true);
+    q.extra_msa = true;
+    q.cfg.c_m = 64, q.cfg.c_hidden_msa_att = 8, q.cfg.no_blocks = 4;
+    q.s = 1024;
+    return q;
+  };
+  PlanRequest q = extra(0.01);
+  Plan slow, dap;
+  ASSERT_TRUE(make_plan(q, &slow).ok());
+  q.split_auto = false;
+  ASSERT_TRUE(make_plan(q, &dap).ok());
+  ASSERT_FALSE(slow.partitions.empty());
+  EXPECT_LT(slow.time_ms, dap.time_ms);
+  std::vector<std::vector<Split>> splits;
+  EXPECT_TRUE(resolve_partition(kExtraMsaBlock, slow.partitions, 4, &splits).ok());
+  expect_all_dap_list_as_pure_dap(q.profile, dap, kExtraMsaBlock);
+}
+
+// Channel-parallel triangle multiplication and OPM: on N ranks their compute is below the whole
+// layer's (the products, LN_out, linear_z; the outer product and linear_out shrink) and above
+// 1/N of it (LN_in, the gate, b's projection stay whole); the triangle multiplication adds its
+// LayerNorm statistics (two all-reduces of r^2 floats) to the sum of the partial updates.
+TEST(PartitionPlan, ChannelSplitsOfTriMulAndOpmAreCosted) {
+  PlanRequest q = request(4, 1, false);
+  q.split_auto = false;
+  Plan p;
+  ASSERT_TRUE(make_plan(q, &p).ok());
+  const BlockTable& t = kEvoformerBlock;
+  for (const char* name : {"tri_mul_out", "outer_product_mean"}) {
+    const int i = static_cast<int>(find_layer(t, name) - t.layers);
+    std::vector<Split> rep(t.count, Split::kDap), ch(t.count, Split::kDap);
+    rep[i] = Split::kReplicated, ch[i] = Split::kChannels;
+    const PartitionEstimate a = estimate_partition(p, q.profile, rep);
+    const PartitionEstimate b = estimate_partition(p, q.profile, ch);
+    std::vector<Split> dap(t.count, Split::kDap);
+    const PartitionEstimate d = estimate_partition(p, q.profile, dap);
+    // a - d = W (1 - 1/N) for the whole layer's W, b - d = C - W/N + the partial-sum passes.
+    EXPECT_LT(b.fwd_ms, a.fwd_ms) << name;
+    EXPECT_GT(b.fwd_ms, d.fwd_ms) << name;
+    const int64_t wz = int64_t{256} * 256 * 128, rr = int64_t{256} * 256, n = 4;
+    const int64_t stats = std::string(name) == "tri_mul_out" ? 2 * (2 * (n - 1) * rr / n) : 0;
+    // replicated: the all-gather of z (and m for the OPM); channels: that plus the partial sums,
+    // a reduce-scatter into the next layer's shard of z ((n-1)/n of z).
+    EXPECT_EQ(b.sent_fwd_bytes - a.sent_fwd_bytes, ((n - 1) * (wz / n) + stats) * 4) << name;
+  }
 }
 
 }  // namespace

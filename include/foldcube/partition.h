@@ -5,7 +5,10 @@
 //   heads      attention layers: each rank holds the whole stream(s) the layer uses and computes
 //              its 1/N of the heads; the partial output projections are summed (all-reduce).
 //   channels   transitions: column-parallel first linear (1/N of the hidden channels per rank),
-//              row-parallel second linear, partial outputs summed (all-reduce).
+//              row-parallel second linear, partial outputs summed (all-reduce); triangle
+//              multiplication: 1/N of the c_t channels of a, b, the products and LN_out (its
+//              statistics all-reduced), row-parallel linear_z; outer product mean: 1/N of a's
+//              channels (b whole), row-parallel linear_out.
 //   replicated every rank runs the whole layer on the whole stream(s) (no communication).
 // The executor inserts the layout changes between layers (all-gather to whole streams, a local
 // slice back to a shard, all-to-alls between DAP layouts) from the per-layer list.

@@ -67,15 +67,18 @@ Tensor gather_rows(const Tensor& shard, int64_t rows, int64_t cols,
   return crop3(all, rows, cols);
 }
 
-}  // namespace
+// The stacks' contexts run in the forward's dtype (bf16 GEMM inputs, as one process).
+void set_dtype(DapShards* sh, DType dtype) {
+  for (BlockContext* c : {&sh->row, &sh->col, &sh->full}) c->dtype = dtype;
+}
 
-Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& comm,
-                             const FeatureDict& feats, AlphaFoldDapOutputs* out,
-                             const AlphaFoldOptions& opts, AlphaFoldDapStats* stats) {
+// The sharded forward on features of r residues; keep > 0: the outputs are those of the first
+// `keep` residues (a pad_to run: pTM over them, every output cropped to them).
+Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
+                        const FeatureDict& feats, AlphaFoldDapOutputs* out,
+                        const AlphaFoldOptions& opts, AlphaFoldDapStats* stats, int64_t keep) {
   const AlphaFold::Impl& M = AlphaFoldAccess::impl(model);
   const AlphaFoldConfig& cfg = M.cfg;
-  if (opts.trace || opts.pad_to > 0)
-    return Status::InvalidArgument("the whole model under DAP runs without trace and pad_to");
   auto it = feats.find("aatype");
   if (it == feats.end()) return Status::NotFound("feature 'aatype' is missing");
   if (!it->second.defined() || it->second.ndim() != 2 || it->second.dim(1) < 1)
@@ -90,6 +93,10 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
   const dist::CommStats comm0 = comm.stats();
   const ShardGather gather{
       n, [&](const float* mine, int64_t count, float* all) { comm.all_gather(mine, all, count); }};
+  // Traces: whole tensors on the root; sharded ones gathered to it on a communicator of their own
+  // (so the stats count only the forward's traffic).
+  const bool tracing = static_cast<bool>(opts.trace);
+  const dist::Communicator trace_comm = tracing ? comm.split(0, me) : comm;
 
   Tensor m_prev;                         // [r, c_m] on the root: m[0] of the previous pass
   Tensor z_prev;                         // [r_loc, r_pad, c_z] this rank's rows of the previous z
@@ -112,6 +119,22 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
       z_prev = Tensor::zeros({rl, rp, cz});
       x_prev = Tensor::zeros({r, af2::kAtom37, 3});
     }
+    // The root traces a tensor every rank holds whole, or the first rows x cols of the row
+    // shards [loc, w, c] of every rank, gathered.
+    auto trace_whole = [&](const std::string& name, int index, const Tensor& v) {
+      if (tracing && me == 0) opts.trace(k, name, index, v);
+    };
+    auto trace_rows = [&](const std::string& name, int index, const Tensor& shard, int64_t rows,
+                          int64_t cols) {
+      if (!tracing) return;
+      const Tensor all = gather_rows(shard, rows, cols, trace_comm);  // [rows, cols, c] on the root
+      if (me == 0) opts.trace(k, name, index, all);
+    };
+    AlphaFold::Impl::Emit emit_root;  // the root's trace of whole tensors
+    if (tracing && me == 0)
+      emit_root.fn = [&opts, k](const std::string& name, int index, const Tensor& v) {
+        opts.trace(k, name, index, v);
+      };
     auto stage = [&](const char* name, auto&& fn) -> Status {
       if (cancel_requested())
         return Status::Cancelled(std::string("AlphaFold interrupted before ") + name);
@@ -126,39 +149,47 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
       return st;
     };
     const PaddedMasks pm = padded_masks(f, T, le, lx);
-    Tensor m = Tensor::zeros({sl, rp, cm});  // [s_loc, r_pad, c_m] Evoformer rows of this rank
+    // The Evoformer rows of m are embedded at the start of the Evoformer stage, so that they are
+    // not alive during the extra-MSA stack (the largest stage); until then only the template
+    // single rows are kept.
+    Tensor m;                                // [s_loc, r_pad, c_m] Evoformer rows of this rank
+    Tensor tmpl_single;                      // [T, r, c_m] the template rows S .. S+T of m
     Tensor z = Tensor::zeros({rl, rp, cz});  // [r_loc, r_pad, c_z] pair rows of this rank
     FC_RETURN_IF_ERROR(stage("input_embedder", [&] {
       const AlphaFold::Impl::InputTables t = M.input_tables(f);
       M.embed_pair_rows(f, t, i0, nrow, rp, z.f32());
-      M.embed_msa_rows(f, me * sl, valid_rows(S, sl, me), rp, m.f32());
       return Status::OK();
     }));
+    trace_rows("input_embedder.z", -1, z, r, r);
+    trace_whole("recycling_embedder.in_m", -1, m_prev);
+    trace_rows("recycling_embedder.in_z", -1, z_prev, r, r);
     FC_RETURN_IF_ERROR(stage("recycling_embedder", [&] {
       Tensor pb = Tensor::empty({r, 3});  // [r, 3]
       af2::pseudo_beta(f.aatype.data<int64_t>(), x_prev.f32(), r, pb.f32());
-      if (me == 0) {                         // m[0] is the root's first row
-        Tensor rm = Tensor::empty({r, cm});  // [r, c_m]
-        af2::apply_layernorm(M.rec_ln_m, m_prev.f32(), r, cm, rm.f32());
-        kern::add_inplace(m.f32(), cm, rm.f32(), cm, r, cm);
-      }
-      const int64_t rows = af2::pair_block_rows(r, cz, opts.pair_block_bytes);
-      Tensor blk = Tensor::empty({std::min(rows, std::max<int64_t>(nrow, 1)), rp, cz});
+      trace_whole("recycling_embedder.in_pseudo_beta", -1, pb);
+      // Traced: all of this rank's recycled rows at once, [r_loc, r_pad, c_z].
+      const int64_t rows =
+          tracing ? std::max<int64_t>(rl, 1) : af2::pair_block_rows(r, cz, opts.pair_block_bytes);
+      Tensor blk = tracing ? Tensor::zeros({rl, rp, cz})
+                           : Tensor::empty({std::min(rows, std::max<int64_t>(nrow, 1)), rp, cz});
       for (int64_t a = 0; a < nrow; a += rows) {
         const int64_t nb = std::min(rows, nrow - a);
         M.recycled_pair_rows(pb.f32(), r, z_prev.f32() + a * rp * cz, i0 + a, nb, rp, blk.f32());
         kern::add_inplace(z.f32() + a * rp * cz, cz, blk.f32(), cz, nb * rp, cz);
       }
+      trace_rows("recycling_embedder.z", -1, blk, r, r);
       z_prev = Tensor();
       return Status::OK();
     }));
     if (T > 0) {
+      trace_rows("template.in_z", -1, z, r, r);
       FC_RETURN_IF_ERROR(stage("template_embedder", [&] {
         const EvoformerConfig& tc = cfg.template_pair;
         const int64_t ct = tc.c_z, H = cfg.template_att_heads, hc = H * cfg.template_att_hidden;
         const DapLayout lt = dap_layout(n, r, n, me);  // pair-only: one dummy sequence per rank
-        const DapShards sh = make_dap_shards(tc, lt, Tensor::zeros({lt.s_pad, rp}), pm.pair,
-                                             opts.chunk, opts.chunk_target_bytes, num_threads());
+        DapShards sh = make_dap_shards(tc, lt, Tensor::zeros({lt.s_pad, rp}), pm.pair, opts.chunk,
+                                       opts.chunk_target_bytes, num_threads());
+        set_dtype(&sh, opts.dtype);
         std::vector<const void*> blocks;
         for (const TemplateBlock& b : M.tmpl_blocks) blocks.push_back(&b.w);
         const int64_t npos = rl * rp;
@@ -171,10 +202,13 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
           {
             Tensor feat = Tensor::zeros({rl, rp, 88});  // [r_loc, r_pad, 88]
             af2::template_pair_feat(f, t, i0, nrow, rp, feat.f32());
+            trace_rows("template.pair_feat", static_cast<int>(t), feat, r, r);
             af2::apply_linear(M.tmpl_pair_lin, feat.f32(), npos, act.f32());
           }
+          trace_rows("template.pair_act", static_cast<int>(t), act, r, r);
           dap_run_blocks(kTemplatePairBlock, blocks, sh, comm, nullptr, &act);
           af2::apply_layernorm(M.tmpl_ln, act.f32(), npos, ct, act.f32());
+          trace_rows("template.pair_stack", static_cast<int>(t), act, r, r);
           const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);
           M.template_attention_update(z.f32(), act.f32(), npos, block, mask_bias, o.f32(),
                                       den.f32(), mx.f32());
@@ -182,35 +216,71 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
         M.template_attention_normalise(o.f32(), den.f32(), npos);
         float any = 0.0f;
         for (int64_t t = 0; t < T; ++t) any += f.t_mask.f32()[t];
-        if (any > 0.0f) M.template_attention_add(o.f32(), npos, block, z.f32());
-        // The template rows S .. S+T of the Evoformer's MSA: this rank's among them.
-        const Tensor single = M.template_single(f, AlphaFold::Impl::Emit{});  // [T, r, c_m]
-        for (int64_t i = 0; i < sl; ++i) {
-          const int64_t g = me * sl + i - S;
-          if (g >= 0 && g < T)
-            std::memcpy(m.f32() + i * rp * cm, single.f32() + g * r * cm, r * cm * kF);
+        if (tracing) {  // as one process when traced: the whole local projection, then added
+          Tensor att = Tensor::empty({rl, rp, cz});  // [r_loc, r_pad, c_z]
+          af2::apply_linear(M.tmpl_o, o.f32(), npos, att.f32());
+          trace_rows("template.pointwise_att", -1, att, r, r);
+          if (!(any > 0.0f)) std::fill(att.f32(), att.f32() + att.numel(), 0.0f);
+          trace_rows("template.template_pair_embedding", -1, att, r, r);
+          kern::add_inplace(z.f32(), cz, att.f32(), cz, npos, cz);
+        } else if (any > 0.0f) {
+          M.template_attention_add(o.f32(), npos, block, z.f32());
         }
+        tmpl_single = M.template_single(f, emit_root);
         return Status::OK();
       }));
     }
     FC_RETURN_IF_ERROR(stage("extra_msa_stack", [&] {
       const int64_t ce = cfg.extra_msa.c_m, el = lx.s_loc;
       Tensor a = Tensor::zeros({el, rp, ce});  // [e_loc, r_pad, c_e] extra rows of this rank
-      for (int64_t i = 0; i < valid_rows(E, el, me); ++i)
-        M.extra_embedding_rows(f, me * el + i, 1, a.f32() + i * rp * ce, AlphaFold::Impl::Emit{});
+      Tensor xf = tracing ? Tensor::zeros({el, rp, 25}) : Tensor();  // [e_loc, r_pad, 25] traced
+      for (int64_t i = 0; i < valid_rows(E, el, me); ++i) {
+        AlphaFold::Impl::Emit row_feat;  // [1, r, 25] into row i of xf
+        if (tracing)
+          row_feat.fn = [&, i](const std::string&, int, const Tensor& v) {
+            std::memcpy(xf.f32() + i * rp * 25, v.f32(), v.numel() * kF);
+          };
+        M.extra_embedding_rows(f, me * el + i, 1, a.f32() + i * rp * ce, row_feat);
+      }
+      trace_rows("extra_msa.feat", -1, xf, E, r);
+      xf = Tensor();
+      trace_rows("extra_msa.embedding", -1, a, E, r);
+      trace_rows("extra_msa_stack.in_z", -1, z, r, r);
       DapShards sh = make_dap_shards(cfg.extra_msa, lx, pm.extra, pm.pair, opts.chunk,
                                      opts.chunk_target_bytes, num_threads());
+      set_dtype(&sh, opts.dtype);
       for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->global_eps = M.extra.global_eps();
       std::vector<const void*> blocks;
       for (int b = 0; b < cfg.extra_msa.no_blocks; ++b)
         blocks.push_back(&StackAccess::block(M.extra, b));
       dap_run_blocks(kExtraMsaBlock, blocks, sh, comm, &a, &z);
+      trace_rows("extra_msa_stack.z", -1, z, r, r);
       return Status::OK();
     }));
     Tensor s = Tensor::empty({r, cs});  // [r, c_s] on every rank
     FC_RETURN_IF_ERROR(stage("evoformer", [&] {
+      // This rank's Evoformer rows: clusters (input embedder), m[0] += LN(m_prev) (recycling
+      // embedder; m[0] is the root's first row), the template rows among them.
+      m = Tensor::zeros({sl, rp, cm});
+      M.embed_msa_rows(f, me * sl, valid_rows(S, sl, me), rp, m.f32());
+      trace_rows("input_embedder.m", -1, m, S, r);
+      if (me == 0) {
+        Tensor rm = Tensor::empty({r, cm});  // [r, c_m]
+        af2::apply_layernorm(M.rec_ln_m, m_prev.f32(), r, cm, rm.f32());
+        trace_whole("recycling_embedder.m", -1, rm);
+        kern::add_inplace(m.f32(), cm, rm.f32(), cm, r, cm);
+      }
+      for (int64_t i = 0; i < sl; ++i) {
+        const int64_t g = me * sl + i - S;
+        if (g >= 0 && g < T)
+          std::memcpy(m.f32() + i * rp * cm, tmpl_single.f32() + g * r * cm, r * cm * kF);
+      }
+      tmpl_single = Tensor();
+      trace_rows("evoformer.in_m", -1, m, S + T, r);
+      trace_rows("evoformer.in_z", -1, z, r, r);
       DapShards sh = make_dap_shards(cfg.evoformer, le, pm.msa, pm.pair, opts.chunk,
                                      opts.chunk_target_bytes, num_threads());
+      set_dtype(&sh, opts.dtype);
       for (BlockContext* c : {&sh.row, &sh.col, &sh.full})
         c->global_eps = ExtraMsaStack::kDefaultGlobalEps;
       std::vector<const void*> blocks;
@@ -223,19 +293,30 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
       comm.broadcast(s.f32(), r * cs, 0);
       return Status::OK();
     }));
+    trace_rows("evoformer.m", -1, m, S + T, r);
+    trace_rows("evoformer.z", -1, z, r, r);
+    trace_whole("evoformer.s", -1, s);
     shard_bytes = (m.numel() + z.numel()) * kF;
     af2::StructureModuleOutput sm_out;
     FC_RETURN_IF_ERROR(stage("structure_module", [&] {
+      if (tracing) {                              // LN_z(z) of this rank's rows, only to be traced
+        Tensor zl = Tensor::empty({rl, rp, cz});  // [r_loc, r_pad, c_z]
+        af2::apply_layernorm(M.sm.ln_z, z.f32(), rl * rp, cz, zl.f32());
+        trace_rows("sm.pair_ln", -1, zl, r, r);
+      }
       const af2::PairRows pv{z.f32(), i0, rl, rp, gather};
       return af2::structure_module_rows(M.sm, M.sm_cfg, s, pv, f.aatype.data<int64_t>(),
-                                        f.seq_mask.f32(), &sm_out, {}, opts.pair_block_bytes);
+                                        f.seq_mask.f32(), &sm_out, emit_root.structure(),
+                                        opts.pair_block_bytes);
     }));
+    emit_root.structure_outputs(sm_out);
     const int64_t L = M.sm_cfg.no_blocks;
     Tensor x37 = Tensor::empty({r, af2::kAtom37, 3});  // [r, 37, 3]
     Tensor mask37 = Tensor::empty({r, af2::kAtom37});  // [r, 37]
     af2::atom14_to_atom37(f.aatype.data<int64_t>(),
                           sm_out.positions.f32() + (L - 1) * r * af2::kAtom14 * 3, r, x37.f32(),
                           mask37.f32());
+    trace_whole("final_atom_positions", -1, x37);
     // The root decides the early stop (every rank computed the same structure).
     int converged = opts.recycle_tolerance > 0 && k > 0 &&
                     af2::ca_distance_change(x_prev, x37, f.seq_mask) < opts.recycle_tolerance;
@@ -263,7 +344,9 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
           af2::apply_linear(M.tm, z.f32(), rl * rp, logits.f32());
           Tensor probs = Tensor::empty({rl, rp, tb}), pae = Tensor::empty({rl, rp, 1});
           af2::aligned_error_positions(logits.f32(), rl * rp, tb, 31.0f, probs.f32(), pae.f32());
-          float mine = af2::predicted_tm_rows(logits.f32(), nullptr, nrow, r, rp, tb, 31.0f);
+          const int64_t rk = keep > 0 ? keep : r;  // pTM over the kept residues
+          float mine = af2::predicted_tm_rows(logits.f32(), nullptr, valid_rows(rk, rl, me), rk, rp,
+                                              tb, 31.0f);
           std::vector<float> all(n);  // [n] each rank's best row
           comm.all_gather(&mine, all.data(), 1);
           std::vector<float> centres(tb);  // [bins]
@@ -298,13 +381,45 @@ Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& c
     stats->shard_bytes = shard_bytes;
     stats->comm = comm.stats().since(comm0);
   }
+  const int64_t rk = keep > 0 ? keep : r;  // the residues the outputs keep
   AlphaFoldDapOutputs o;
   o.whole = std::move(result);
+  if (rk < r)
+    for (auto& [name, t] : o.whole) {
+      for (int a : af2::output_residue_axes(name)) t = t.slice(a, 0, rk);
+      t = t.contiguous();
+    }
   for (auto& [name, t] : pair_shards)
-    o.rows[name] = {t, r, name == "predicted_aligned_error" ? Shape{r, r} : Shape{r, r, t.dim(2)}};
-  for (auto& [name, t] : msa_shards) o.rows[name] = {t, S, Shape{S, r, t.dim(2)}};
+    o.rows[name] = {t, rk,
+                    name == "predicted_aligned_error" ? Shape{rk, rk} : Shape{rk, rk, t.dim(2)}};
+  for (auto& [name, t] : msa_shards) o.rows[name] = {t, S, Shape{S, rk, t.dim(2)}};
   *out = std::move(o);
   return Status::OK();
+}
+
+}  // namespace
+
+Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& comm,
+                             const FeatureDict& feats, AlphaFoldDapOutputs* out,
+                             const AlphaFoldOptions& opts, AlphaFoldDapStats* stats) {
+  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
+    return Status::InvalidArgument(std::string("AlphaFold DAP forward: unsupported dtype ") +
+                                   dtype_name(opts.dtype) + " (F32 or BF16)");
+  if (!comm.all_equal(static_cast<bool>(opts.trace)))
+    return Status::InvalidArgument(
+        "AlphaFoldOptions::trace must be set on every rank of a DAP forward or on none");
+  auto it = feats.find("aatype");
+  if (opts.pad_to > 0 && it != feats.end() && it->second.defined() && it->second.ndim() == 2 &&
+      opts.pad_to != it->second.dim(0)) {
+    // Size bucket, as one process: every rank pads its features, the outputs are cropped back.
+    const int64_t r = it->second.dim(0);
+    FeatureDict padded;
+    FC_RETURN_IF_ERROR(af2::pad_residues(feats, r, opts.pad_to, &padded));
+    AlphaFoldOptions o = opts;
+    o.pad_to = 0;
+    return dap_forward_impl(model, comm, padded, out, o, stats, r);
+  }
+  return dap_forward_impl(model, comm, feats, out, opts, stats, 0);
 }
 
 void gather_alphafold_dap_outputs(const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "dist/comm.h"
+#include "exec/dap.h"
 #include "foldcube/alphafold.h"
 
 namespace fc {
@@ -41,7 +42,10 @@ struct AlphaFoldDapOutputs {
 //                                of its pair rows all-gathered (af2::PairRows)
 //   heads                        distogram (+ its transpose by all-to-all), TM logits, PAE,
 //                                masked MSA on the shards; pTM as the max over ranks
-// Not supported: trace, pad_to. opts.stats receives this rank's per-stage entries.
+// opts.trace (set on every rank or on none) is called on the root with the one-process traces,
+// the sharded ones gathered; opts.pad_to pads the features as one process does and crops the
+// outputs; opts.dtype BF16 gives the stacks bf16 GEMM inputs. opts.stats receives this rank's
+// per-stage entries.
 Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& comm,
                              const FeatureDict& features, AlphaFoldDapOutputs* out,
                              const AlphaFoldOptions& opts = {}, AlphaFoldDapStats* stats = nullptr);
@@ -58,5 +62,27 @@ Status write_alphafold_dap_outputs(const std::string& path,
                                    const std::map<std::string, std::string>& metadata,
                                    const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,
                                    int64_t* peak_bytes = nullptr);
+
+// ---- Memory model (src/plan/af2_dap_memory.cc) ---------------------------------------------
+// Tracked bytes alphafold_dap_forward allocates on rank `rank` of n, by replaying its allocations
+// (fp32 or bf16, no trace, no pad_to): per stage and pass the bytes at the stage's start and at its
+// peak, and the forward's peak, above what the rank held when the call started (weights and
+// features), as AlphaFoldDapStats::forward_peak_bytes minus that. Exact for the tracked allocator
+// (tests/dap_af2_test.cc, every stage of every rank on 2 and 4 ranks).
+Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims,
+                                    const AlphaFoldOptions& opts, int threads, int n, int rank,
+                                    AlphaFoldMemory* out);
+// The chunking that keeps every rank's tracked peak (base_bytes, the weights and features each
+// rank holds, plus the forward's peak of alphafold_dap_forward_memory, the largest over the n
+// ranks) within budget_bytes, as plan_alphafold does for one process (dtype: the forward's): the
+// same chunk target on every rank, or OutOfMemory naming the smallest feasible budget per rank.
+Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims, int64_t base_bytes,
+                          int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out,
+                          DType dtype = DType::F32);
+// The largest transient work of dap_run_blocks(t, ...) on layout l beside the shards of m and z
+// and the masks of make_dap_shards (the contexts make_dap_shards gives for chunk and target): a
+// layer's work on its shards, or one more stream shard while a layout changes.
+int64_t dap_blocks_work_bytes(const BlockTable& t, const EvoformerConfig& cfg, const DapLayout& l,
+                              int64_t chunk, int64_t target, int threads, DType dtype = DType::F32);
 
 }  // namespace fc

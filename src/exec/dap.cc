@@ -439,7 +439,7 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
   const int n = comm.size(), me = comm.rank();
   const int64_t cm = cfg.c_m, cz = cfg.c_z;
   std::vector<std::vector<Split>> splits;  // per block and layer; empty: pure DAP
-  FC_RETURN_IF_ERROR(resolve_partition(table, opts.partitions, cfg.no_blocks, &splits));
+  FC_RETURN_IF_ERROR(resolve_partition(table, opts.partitions, cfg, n, &splits));
 
   // The root validates its inputs and shares the sizes (or its error) with every rank.
   DapLayout l;
@@ -501,9 +501,12 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
       if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
       if (split == Split::kDap)
         dap_layer_forward(ly, &StackAccess::block(stack, b), sh, comm, gather, &st);
-      else
+      else {
+        const ReduceTo rt =
+            partition_reduce_to(table, splits[b], i, &st.m, &st.z, &st.m_how, &st.z_how);
         partition_layer_forward(table, ly, &StackAccess::block(stack, b), sh, comm, split,
-                                st.m.defined() ? st.m.f32() : nullptr, st.z.f32());
+                                st.m.defined() ? st.m.f32() : nullptr, st.z.f32(), &rt);
+      }
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
       if (i == last_m) dap_to_layout(&st.m, &st.m_how, dap_boundary_m(table), l, comm);

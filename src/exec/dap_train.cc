@@ -373,8 +373,10 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
     LayerState* ls = keep ? &st->layers[i] : nullptr;
     if (split == Split::kDap)
       dap_layer_train(ly, w, sh, comm, m_how, mr.f32(), zr.f32(), ls);
-    else
-      partition_layer_train(t, ly, w, sh, comm, split, mr.f32(), zr.f32(), ls);
+    else {
+      const ReduceTo rt = partition_reduce_to(t, splits, i, &mr, &zr, &m_how, &z_how);
+      partition_layer_train(t, ly, w, sh, comm, split, mr.f32(), zr.f32(), ls, &rt);
+    }
     if (i == last_m) dap_to_layout(&mr, &m_how, m_edge, l, comm);
     if (i == last_z) dap_to_layout(&zr, &z_how, Shard::kPairRows, l, comm);
   }
@@ -421,9 +423,14 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     if (st->splits.empty() || st->splits[i] == Split::kDap)
       dap_layer_backward(ly, w, g, sh, comm, m_how, x_in, read_in, &st->layers[i], dmr.f32(),
                          dzr.f32());
-    else
+    else {
+      const ReduceTo rm =
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kM, &dmr, &dm_how);
+      const ReduceTo rz =
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kZ, &dzr, &dz_how);
       partition_layer_backward(t, ly, w, g, sh, comm, st->splits[i], x_in, read_in, &st->layers[i],
-                               dmr.f32(), dzr.f32());
+                               dmr.f32(), dzr.f32(), &rm, &rz);
+    }
     read = Tensor();
     st->in_updated[i] = Tensor();
     st->in_read[i] = Tensor();
@@ -490,7 +497,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
     return Status::OK();
   };
   std::vector<std::vector<Split>> splits;  // per block and layer; empty: pure DAP
-  FC_RETURN_IF_ERROR(resolve_partition(table, partitions, nb, &splits));
+  FC_RETURN_IF_ERROR(resolve_partition(table, partitions, cfg, comm.size(), &splits));
   FC_RETURN_IF_ERROR(
       share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, root_check, &l, &msa_p, &pair_p));
   const int64_t sp = l.s_pad, rp = l.r_pad, cm = cfg.c_m, cz = cfg.c_z;

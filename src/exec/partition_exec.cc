@@ -21,8 +21,10 @@ bool uses(const LayerDesc& ly, Stream x) { return ly.updates == x || ly.reads ==
 // How a parameter is divided over the ranks: whole (every rank holds it; its gradient is summed
 // over the ranks), rows / columns (rank k holds units [lo, lo + n) of each of `sections` equal
 // sections of axis 0, or of axis 1; one unit is `unit` rows or columns), root (the output bias of
-// a row-parallel projection: the root holds it, the others zeros, so that the sum adds it once).
-enum class Cut { kWhole, kRows, kCols, kRoot };
+// a row-parallel projection: the root holds it, the others zeros, so that the sum adds it once),
+// rows of the first section (as rows, in the first of `sections` equal sections of axis 0; the
+// others whole: the OPM's a | b projection, a split, b whole).
+enum class Cut { kWhole, kRows, kCols, kRoot, kRowsFirst };
 
 // Visits the parameters of a layer's weight struct pairwise in a and b: f(Tensor& a, Tensor& b,
 // Cut, sections, unit). Undefined tensors are skipped by the callers of f.
@@ -72,18 +74,27 @@ void visit(LinearW& a, LinearW& b, F& f) {
   f(a.w, b.w, Cut::kWhole, 1, 1);
   f(a.b, b.b, Cut::kWhole, 1, 1);
 }
+// Channel-parallel OPM: a's channels c split (rows of linear_1, the columns (c, e) of
+// linear_out: c_o columns per channel), b whole.
 template <typename F>
-void visit(OuterProductMeanW& a, OuterProductMeanW& b, const EvoformerConfig&, F& f) {
+void visit(OuterProductMeanW& a, OuterProductMeanW& b, const EvoformerConfig& cfg, F& f) {
   visit(a.ln, b.ln, f);
-  visit(a.l12, b.l12, f);
-  visit(a.out, b.out, f);
+  f(a.l12.w, b.l12.w, Cut::kRowsFirst, 2, 1);  // [2 c_o, c_m]: rows a | b
+  f(a.l12.b, b.l12.b, Cut::kRowsFirst, 2, 1);
+  f(a.out.w, b.out.w, Cut::kCols, 1, cfg.c_hidden_opm);  // [c_z, c_o * c_o]
+  f(a.out.b, b.out.b, Cut::kRoot, 1, 1);
 }
+// Channel-parallel triangle multiplication: the channels of a and b (rows of each of a_p | a_g |
+// b_p | b_g), of LN_out and the columns of linear_z; LN_in and the gate whole.
 template <typename F>
 void visit(TriangleMultiplicationW& a, TriangleMultiplicationW& b, const EvoformerConfig&, F& f) {
   visit(a.ln_in, b.ln_in, f);
-  visit(a.ab, b.ab, f);
-  visit(a.ln_out, b.ln_out, f);
-  visit(a.lin_z, b.lin_z, f);
+  f(a.ab.w, b.ab.w, Cut::kRows, 4, 1);  // [4 c_t, c_z]
+  f(a.ab.b, b.ab.b, Cut::kRows, 4, 1);
+  f(a.ln_out.w, b.ln_out.w, Cut::kRows, 1, 1);  // [c_t]
+  f(a.ln_out.b, b.ln_out.b, Cut::kRows, 1, 1);
+  f(a.lin_z.w, b.lin_z.w, Cut::kCols, 1, 1);  // [c_z, c_t]: row-parallel
+  f(a.lin_z.b, b.lin_z.b, Cut::kRoot, 1, 1);
   visit(a.lin_g, b.lin_g, f);
 }
 template <typename F>
@@ -130,15 +141,20 @@ struct Part {
   int64_t lo = 0, n = 0;
 };
 
+// The heads or channels a heads / channels layer divides over the ranks.
+int64_t split_units(const LayerDesc& ly, const void* bw, const EvoformerConfig& cfg, Split s) {
+  if (s == Split::kHeads)
+    return ly.kind == LayerKind::kTriangleAttention ? cfg.no_heads_pair : cfg.no_heads_msa;
+  if (ly.kind == LayerKind::kTriangleMultiplication) return cfg.c_hidden_mul;
+  if (ly.kind == LayerKind::kOuterProductMean) return cfg.c_hidden_opm;
+  return layer_params<TransitionW>(ly, bw).l1.w.dim(0);
+}
+
 // This rank's heads or hidden channels of layer ly (block weights bw): units ceil(k*T/N) ..
 // ceil((k+1)*T/N), so that the root (which adds the row-parallel output bias) always has some.
 Part rank_part(const LayerDesc& ly, const void* bw, const EvoformerConfig& cfg, Split s,
                const DapLayout& l) {
-  int64_t total = 0;
-  if (s == Split::kHeads)
-    total = ly.kind == LayerKind::kTriangleAttention ? cfg.no_heads_pair : cfg.no_heads_msa;
-  else
-    total = layer_params<TransitionW>(ly, bw).l1.w.dim(0);
+  const int64_t total = split_units(ly, bw, cfg, s);
   Part p;
   p.lo = (total * l.rank + l.n - 1) / l.n;
   p.n = (total * (l.rank + 1) + l.n - 1) / l.n - p.lo;
@@ -150,6 +166,15 @@ Tensor take(const Tensor& t0, Cut cut, int sections, int64_t unit, Part p) {
   const Tensor t = t0.contiguous();
   const int64_t rows = t.dim(0), inner = t.numel() / rows;
   const float* src = t.f32();
+  if (cut == Cut::kRowsFirst) {
+    const int64_t sec = rows / sections, take_rows = p.n * unit;
+    Shape sh = t.shape();
+    sh[0] = take_rows + (sections - 1) * sec;
+    Tensor out = Tensor::empty(sh);  // [n * unit + (sections - 1) * sec, ...]
+    std::memcpy(out.f32(), src + p.lo * unit * inner, take_rows * inner * kF);
+    std::memcpy(out.f32() + take_rows * inner, src + sec * inner, (rows - sec) * inner * kF);
+    return out;
+  }
   if (cut == Cut::kRows) {
     const int64_t sec = rows / sections, take_rows = p.n * unit;
     Shape sh = t.shape();
@@ -173,6 +198,12 @@ void put_add(Tensor& dst, const Tensor& src, Cut cut, int sections, int64_t unit
   float* d = dst.f32();
   const float* s = src.f32();
   const int64_t rows = dst.dim(0), inner = dst.numel() / rows;
+  if (cut == Cut::kRowsFirst) {  // the first section's slice, then the whole other sections
+    const int64_t sec = rows / sections, n = p.n * unit * inner;
+    for (int64_t i = 0; i < n; ++i) d[p.lo * unit * inner + i] += s[i];
+    for (int64_t i = 0; i < (rows - sec) * inner; ++i) d[sec * inner + i] += s[n + i];
+    return;
+  }
   if (cut == Cut::kRows) {
     const int64_t sec = rows / sections, n = p.n * unit * inner;
     for (int q = 0; q < sections; ++q)
@@ -208,6 +239,7 @@ void slice_layer(const LayerDesc& ly, const void* bw, const EvoformerConfig& cfg
 // The heads of this rank in a copy of cfg.
 EvoformerConfig rank_config(const LayerDesc& ly, const EvoformerConfig& cfg, Split s, Part p) {
   EvoformerConfig c = cfg;
+  if (s == Split::kChannels && ly.kind == LayerKind::kTriangleMultiplication) c.c_hidden_mul = p.n;
   if (s == Split::kHeads) {
     if (ly.kind == LayerKind::kTriangleAttention)
       c.no_heads_pair = p.n;
@@ -215,6 +247,17 @@ EvoformerConfig rank_config(const LayerDesc& ly, const EvoformerConfig& cfg, Spl
       c.no_heads_msa = p.n;
   }
   return c;
+}
+
+// The hook of a channel-parallel triangle multiplication (LN_out's statistics summed over the
+// group); empty for every other layer and split.
+ChannelSum channel_sum(const LayerDesc& ly, const EvoformerConfig& cfg, Split s,
+                       const dist::Communicator& comm) {
+  ChannelSum cs;
+  if (s != Split::kChannels || ly.kind != LayerKind::kTriangleMultiplication) return cs;
+  cs.channels = cfg.c_hidden_mul;
+  cs.fn = [&comm](float* x, int64_t count) { comm.all_reduce(x, count); };
+  return cs;
 }
 
 // *x (count floats) = x0 + sum over the ranks of (*x - x0): the partial updates (or partial
@@ -227,11 +270,51 @@ void sum_partials(float* x, const float* x0, int64_t count, const dist::Communic
   for (int64_t i = 0; i < count; ++i) x[i] += x0[i];
 }
 
-// A copy of count floats (tracked).
-Tensor copy_of(const float* x, int64_t count) {
-  Tensor t = Tensor::empty({count});  // [count]
+// A copy of count floats (tracked), of the given shape (default [count]).
+Tensor copy_of(const float* x, int64_t count, const Shape& shape = {}) {
+  Tensor t = Tensor::empty(shape.empty() ? Shape{count} : shape);  // shape
   std::memcpy(t.f32(), x, count * kF);
   return t;
+}
+
+// The reduce-scatter ending of a heads / channels layer: *rt->x (whole, count floats) = this
+// rank's part of x0 + sum over the ranks of (x - x0) in the shard layout rt->want. The ranks'
+// parts are packed rank-major first unless they are consecutive rows already (kMsaBySeq,
+// kPairRows).
+void reduce_to_shard(const ReduceTo& rt, const Tensor& x0, const DapLayout& l,
+                     const dist::Communicator& comm) {
+  float* x = rt.x->f32();
+  const int64_t count = rt.x->numel(), per = count / l.n;
+  const float* d0 = x0.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < count; ++i) x[i] -= d0[i];
+  const bool consecutive = rt.want == Shard::kMsaBySeq || rt.want == Shard::kPairRows;
+  const Shard whole = *rt.how;
+  FC_CHECK_MSG(is_full(whole), "reduce_to_shard: the partial updates are not a whole stream");
+  Tensor packed;  // [n * per]: rank k's part of the partial sums at block k
+  if (!consecutive) {
+    packed = Tensor::empty({count});
+    for (int k = 0; k < l.n; ++k) {
+      DapLayout lk = l;
+      lk.rank = k;
+      Tensor part = *rt.x;  // a view of the whole partial stream; the slice is a new tensor
+      Shard how = whole;
+      full_to_layout(&part, &how, rt.want, lk, comm);
+      std::memcpy(packed.f32() + k * per, part.f32(), per * kF);
+    }
+  }
+  Tensor shard = x0;  // x0 whole, then this rank's part of it
+  Shard how = whole;
+  full_to_layout(&shard, &how, rt.want, l, comm);
+  Tensor mine = Tensor::empty(shard.shape());  // the summed partial updates of this rank's part
+  comm.reduce_scatter(consecutive ? x : packed.f32(), mine.f32(), per);
+  packed = Tensor();
+  float* o = mine.f32();
+  const float* a = shard.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < per; ++i) o[i] += a[i];
+  *rt.x = std::move(mine);
+  *rt.how = rt.want;
 }
 
 int64_t whole_count(const DapShards& sh, Stream x) {
@@ -243,27 +326,37 @@ int64_t whole_count(const DapShards& sh, Stream x) {
 // sums the ranks' partial updates of the stream the layer updates.
 template <typename W, typename Run>
 void sliced_forward(const LayerDesc& ly, const void* bw, const DapShards& sh,
-                    const dist::Communicator& comm, Split s, float* m, float* z, Run run) {
+                    const dist::Communicator& comm, Split s, float* m, float* z, const ReduceTo* rt,
+                    Run run) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const Part p = rank_part(ly, bw, cfg, s, sh.l);
   float* x = ly.updates == Stream::kM ? m : z;
   const int64_t count = whole_count(sh, ly.updates);
-  const Tensor x0 = copy_of(x, count);  // the layer's input, [count]
+  const bool scatter = rt != nullptr && !is_full(rt->want);
+  FC_CHECK_MSG(!scatter || rt->x->f32() == x, "ReduceTo names another stream");
+  // The layer's input, [count] (reduce-scatter: the whole stream's shape).
+  const Tensor x0 = copy_of(x, count, scatter ? rt->x->shape() : Shape{});
   if (p.n > 0) {
     W wk;
     slice_layer<W>(ly, bw, cfg, p, comm.rank() == 0, &wk, nullptr);
     const EvoformerConfig ck = rank_config(ly, cfg, s, p);
     BlockContext ctx = sh.full;
     ctx.cfg = &ck;
+    const ChannelSum cs = channel_sum(ly, cfg, s, comm);
+    if (cs.fn) ctx.channel_sum = &cs;
     run(static_cast<const void*>(&wk), ctx);
   }
-  sum_partials(x, x0.f32(), count, comm);
+  if (scatter)
+    reduce_to_shard(*rt, x0, sh.l, comm);
+  else
+    sum_partials(x, x0.f32(), count, comm);
 }
 
 template <typename W>
 void backward_impl(const LayerDesc& ly, const void* bw, void* g, const DapShards& sh,
                    const dist::Communicator& comm, Split s, const float* x_in, const float* read_in,
-                   LayerState* st, float* dm, float* dz) {
+                   LayerState* st, float* dm, float* dz, const ReduceTo* rt_m,
+                   const ReduceTo* rt_z) {
   const EvoformerConfig& cfg = *sh.full.cfg;
   const bool root = comm.rank() == 0;
   if (s == Split::kReplicated) {  // every rank computes everything; the root's gradient counts
@@ -279,18 +372,34 @@ void backward_impl(const LayerDesc& ly, const void* bw, void* g, const DapShards
   float* dr = ly.reads == Stream::kNone ? nullptr : (ly.reads == Stream::kM ? dm : dz);
   const int64_t nx = whole_count(sh, ly.updates);
   const int64_t nr = dr ? whole_count(sh, ly.reads) : 0;
-  const Tensor dx0 = copy_of(dx, nx);                  // dL/d out, [nx]
-  const Tensor dr0 = dr ? copy_of(dr, nr) : Tensor();  // [nr]
+  // Where each partial gradient goes: a reduce-scatter into the shard the gradient is next needed
+  // in (its tensor's shape for the copies below), else an all-reduce.
+  auto target = [&](Stream x) {
+    const ReduceTo* rt = x == Stream::kM ? rt_m : rt_z;
+    return rt != nullptr && !is_full(rt->want) ? rt : nullptr;
+  };
+  const ReduceTo* tx = target(ly.updates);
+  const ReduceTo* tr = dr ? target(ly.reads) : nullptr;
+  const Tensor dx0 = copy_of(dx, nx, tx ? tx->x->shape() : Shape{});  // dL/d out
+  const Tensor dr0 = dr ? copy_of(dr, nr, tr ? tr->x->shape() : Shape{}) : Tensor();
   W wk, gk;
   if (p.n > 0) {
     slice_layer<W>(ly, bw, cfg, p, root, &wk, &gk);
     const EvoformerConfig ck = rank_config(ly, cfg, s, p);
     BlockContext ctx = sh.full;
     ctx.cfg = &ck;
+    const ChannelSum cs = channel_sum(ly, cfg, s, comm);
+    if (cs.fn) ctx.channel_sum = &cs;
     layer_backward(ly, &wk, &gk, ctx, x_in, read_in, st, dm, dz);
   }
-  sum_partials(dx, dx0.f32(), nx, comm);
-  if (dr) sum_partials(dr, dr0.f32(), nr, comm);
+  if (tx)
+    reduce_to_shard(*tx, dx0, sh.l, comm);
+  else
+    sum_partials(dx, dx0.f32(), nx, comm);
+  if (tr)
+    reduce_to_shard(*tr, dr0, sh.l, comm);
+  else if (dr)
+    sum_partials(dr, dr0.f32(), nr, comm);
   if (p.n == 0) return;
   visit_layer(ly, g, &gk, cfg, [&](Tensor& a, Tensor& b, Cut cut, int sections, int64_t unit) {
     if (!b.defined()) return;
@@ -316,7 +425,8 @@ bool split_supported(const LayerDesc& l, Split s) {
       return l.kind == LayerKind::kMsaRowAttention || l.kind == LayerKind::kMsaColumnAttention ||
              l.kind == LayerKind::kTriangleAttention;
     case Split::kChannels:
-      return l.kind == LayerKind::kTransition || l.kind == LayerKind::kMaskedTransition;
+      return l.kind == LayerKind::kTransition || l.kind == LayerKind::kMaskedTransition ||
+             l.kind == LayerKind::kTriangleMultiplication || l.kind == LayerKind::kOuterProductMean;
   }
   return false;
 }
@@ -342,6 +452,21 @@ Status resolve_partition(const BlockTable& table, const StackPartition& p, int n
     }
     out->push_back(std::move(splits));
   }
+  return Status::OK();
+}
+
+Status resolve_partition(const BlockTable& table, const StackPartition& p,
+                         const EvoformerConfig& cfg, int ranks,
+                         std::vector<std::vector<Split>>* out) {
+  FC_RETURN_IF_ERROR(resolve_partition(table, p, static_cast<int>(cfg.no_blocks), out));
+  for (const std::vector<Split>& splits : *out)
+    for (int i = 0; i < table.count; ++i)
+      if (splits[i] == Split::kChannels &&
+          table.layers[i].kind == LayerKind::kTriangleMultiplication && cfg.c_hidden_mul < ranks)
+        return Status::InvalidArgument(
+            std::string("partitions: layer '") + table.layers[i].name + "' on 'channels' needs " +
+            "at least one channel per rank (c_hidden_mul " + std::to_string(cfg.c_hidden_mul) +
+            ", " + std::to_string(ranks) + " ranks)");
   return Status::OK();
 }
 
@@ -455,34 +580,73 @@ void full_to_layout(Tensor* x, Shard* how, Shard want, const DapLayout& l,
 
 void partition_layer_forward(const BlockTable& table, const LayerDesc& ly, const void* bw,
                              const DapShards& sh, const dist::Communicator& comm, Split s, float* m,
-                             float* z) {
+                             float* z, const ReduceTo* rt) {
   if (s == Split::kReplicated) return layer_forward(ly, bw, sh.full, m, z);
   auto run = [&](const void* wk, const BlockContext& ctx) { layer_forward(ly, wk, ctx, m, z); };
   if (is_extra(table))
-    sliced_forward<ExtraMsaBlockWeights>(ly, bw, sh, comm, s, m, z, run);
+    sliced_forward<ExtraMsaBlockWeights>(ly, bw, sh, comm, s, m, z, rt, run);
   else
-    sliced_forward<BlockWeights>(ly, bw, sh, comm, s, m, z, run);
+    sliced_forward<BlockWeights>(ly, bw, sh, comm, s, m, z, rt, run);
 }
 
 void partition_layer_train(const BlockTable& table, const LayerDesc& ly, const void* bw,
                            const DapShards& sh, const dist::Communicator& comm, Split s, float* m,
-                           float* z, LayerState* st) {
+                           float* z, LayerState* st, const ReduceTo* rt) {
   if (s == Split::kReplicated) return layer_train(ly, bw, sh.full, m, z, st);
   auto run = [&](const void* wk, const BlockContext& ctx) { layer_train(ly, wk, ctx, m, z, st); };
   if (is_extra(table))
-    sliced_forward<ExtraMsaBlockWeights>(ly, bw, sh, comm, s, m, z, run);
+    sliced_forward<ExtraMsaBlockWeights>(ly, bw, sh, comm, s, m, z, rt, run);
   else
-    sliced_forward<BlockWeights>(ly, bw, sh, comm, s, m, z, run);
+    sliced_forward<BlockWeights>(ly, bw, sh, comm, s, m, z, rt, run);
+}
+
+bool partition_reduces(Split s) { return s == Split::kHeads || s == Split::kChannels; }
+
+Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& splits, int i) {
+  const Stream x = t.layers[i].updates;
+  for (int j = i + 1; j < t.count; ++j) {
+    const LayerDesc& ly = t.layers[j];
+    if (!uses(ly, x)) continue;
+    const DapLayerLayout want =
+        partition_layer_layout(ly, splits[j], Shard::kMsaFull, Shard::kPairFull);
+    return *(x == Stream::kM ? want.m : want.z);
+  }
+  return x == Stream::kM ? dap_boundary_m(t) : Shard::kPairRows;
+}
+
+Shard partition_prev_layout(const BlockTable& t,
+                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x) {
+  for (int j = i - 1; j >= 0; --j)
+    if (uses(t.layers[j], x)) return x == Stream::kM ? layouts[j].first : layouts[j].second;
+  return x == Stream::kM ? dap_boundary_m(t) : Shard::kPairRows;
+}
+
+ReduceTo partition_grad_reduce_to(const BlockTable& t, const std::vector<Split>& splits,
+                                  const std::vector<std::pair<Shard, Shard>>& layouts, int i,
+                                  Stream x, Tensor* dx, Shard* how) {
+  const bool scatter = partition_reduces(splits[i]) && uses(t.layers[i], x);
+  return {dx, how,
+          scatter ? partition_prev_layout(t, layouts, i, x)
+                  : (x == Stream::kM ? Shard::kMsaFull : Shard::kPairFull)};
+}
+
+ReduceTo partition_reduce_to(const BlockTable& t, const std::vector<Split>& splits, int i,
+                             Tensor* m, Tensor* z, Shard* m_how, Shard* z_how) {
+  const bool is_m = t.layers[i].updates == Stream::kM;
+  return {is_m ? m : z, is_m ? m_how : z_how,
+          partition_reduces(splits[i]) ? partition_next_layout(t, splits, i)
+                                       : (is_m ? Shard::kMsaFull : Shard::kPairFull)};
 }
 
 void partition_layer_backward(const BlockTable& table, const LayerDesc& ly, const void* bw, void* g,
                               const DapShards& sh, const dist::Communicator& comm, Split s,
                               const float* x_in, const float* read_in, LayerState* st, float* dm,
-                              float* dz) {
+                              float* dz, const ReduceTo* rt_m, const ReduceTo* rt_z) {
   if (is_extra(table))
-    backward_impl<ExtraMsaBlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz);
+    backward_impl<ExtraMsaBlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz, rt_m,
+                                        rt_z);
   else
-    backward_impl<BlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz);
+    backward_impl<BlockWeights>(ly, bw, g, sh, comm, s, x_in, read_in, st, dm, dz, rt_m, rt_z);
 }
 
 }  // namespace fc

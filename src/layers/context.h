@@ -12,6 +12,7 @@
 namespace fc {
 
 struct BlockTable;
+struct ChannelSum;
 
 // What a layer unit reads besides its weights and streams: the shapes, masks and mask biases,
 // chunking, threads, dropout and the inference path (fused, dtype).
@@ -46,6 +47,10 @@ struct BlockContext {
   // GEMM input type of the fused projections and transitions (F32 | BF16: bf16 inputs, f32
   // accumulation and storage; see src/kernels/fused.h). BF16 needs fused.
   DType dtype = DType::F32;
+  // Channel-parallel triangle multiplication (src/exec/partition.h): this process holds
+  // cfg->c_hidden_mul of the layer's channels and LN_out's statistics are summed over the ranks
+  // through this hook. nullptr: the layer holds every channel.
+  const ChannelSum* channel_sum = nullptr;
 };
 
 // Batch items per chunk for a module whose chunk buffers take bytes_per_item per item.
@@ -67,6 +72,13 @@ struct ShardGather {
 struct ShardReduce {
   int parts = 1;
   std::function<void(const float* all, int64_t count, float* mine)> fn;
+};
+
+// Sums `count` floats element-wise over the ranks that share a channel-split layer, in place on
+// every rank (the executor's all-reduce); channels: the layer's channels over all those ranks.
+struct ChannelSum {
+  int64_t channels = 0;
+  std::function<void(float* data, int64_t count)> fn;
 };
 
 }  // namespace fc

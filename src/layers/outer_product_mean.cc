@@ -153,36 +153,37 @@ void opm_residual_backward(const OuterProductMeanW& w, const EvoformerConfig& cf
 // One chunk of the outer product: rows i0 .. i0+n of outer[(i, j), (c, e)] = sum_s a[s,i,c]
 // b[s,j,e] into p [n*r, co*co], through o [n*co, r*co] (the GEMM layout [(i, c), (j, e)]). As in
 // outer_product_mean.
-void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t co, int64_t i0,
-                 int64_t n, float* o, float* p) {
-  kern::gemm(true, false, n * co, r * co, s, 1.f, a + i0 * co, r * co, b, r * co, 0.f, o, r * co);
-  opm_pairs_from_outer(o, n, r, co, p);
+// a [s, r, ca], b [s, r, co]: ca < co when the layer is channel-parallel (opm_a_channels).
+void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t ca, int64_t co,
+                 int64_t i0, int64_t n, float* o, float* p) {
+  kern::gemm(true, false, n * ca, r * co, s, 1.f, a + i0 * ca, r * ca, b, r * co, 0.f, o, r * co);
+  opm_pairs_from_outer(o, n, r, ca, co, p);
 }
 
-// The OPM state's LN(m) with its statistics and the masked projections a, b for m [s, cols, c_m]
-// (all residues, or a DAP shard's columns) with mask [s, cols].
+// The OPM state's LN(m) with its statistics and the masked projections a [s, cols, ca], b
+// [s, cols, co] for m [s, cols, c_m] (all residues, or a DAP shard's columns) with mask
+// [s, cols]; ca = opm_a_channels.
 void opm_projections(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* m,
                      int64_t s, int64_t cols, const float* mask, OuterProductMeanState* st) {
-  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, rows = s * cols;
+  const int64_t cm = cfg.c_m, co = cfg.c_hidden_opm, ca = opm_a_channels(w, cfg), rows = s * cols;
+  const int64_t cab = ca + co;
   st->mean = Tensor::empty({rows});
   st->rstd = Tensor::empty({rows});
   st->x_ln = Tensor::empty({rows, cm});
-  st->a = Tensor::empty({s, cols, co});
+  st->a = Tensor::empty({s, cols, ca});
   st->b = Tensor::empty({s, cols, co});
   kern::layernorm(m, cm, st->x_ln.f32(), cm, rows, cm, w.ln.w.f32(), w.ln.b.f32(), cfg.eps_ln,
                   st->mean.f32(), st->rstd.f32());
-  Tensor ab = Tensor::empty({rows, 2 * co});  // linear_1 | linear_2, before masking
-  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), 2 * co, ab.f32(),
-               2 * co);
+  Tensor ab = Tensor::empty({rows, cab});  // linear_1 | linear_2, before masking
+  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), cab, ab.f32(), cab);
   const float* abp = ab.f32();
   float* ap = st->a.f32();
   float* bp = st->b.f32();
 #pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row)
-    for (int64_t c = 0; c < co; ++c) {
-      ap[row * co + c] = abp[row * 2 * co + c] * mask[row];
-      bp[row * co + c] = abp[row * 2 * co + co + c] * mask[row];
-    }
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t c = 0; c < ca; ++c) ap[row * ca + c] = abp[row * cab + c] * mask[row];
+    for (int64_t c = 0; c < co; ++c) bp[row * co + c] = abp[row * cab + ca + c] * mask[row];
+  }
 }
 }  // namespace
 
@@ -203,20 +204,32 @@ int64_t opm_outer_backward_chunk(const BlockContext& ctx, int64_t cols) {
   return pick_chunk(ctx, cols, 3 * co * r * co * kF + r * cz * kF);
 }
 
-void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p) {
+void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t ca, int64_t co, float* p) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < r; ++j)
-      for (int64_t c = 0; c < co; ++c)
-        std::memcpy(p + ((i * r + j) * co + c) * co, o + (i * co + c) * r * co + j * co, co * kF);
+      for (int64_t c = 0; c < ca; ++c)
+        std::memcpy(p + ((i * r + j) * ca + c) * co, o + (i * ca + c) * r * co + j * co, co * kF);
+}
+
+void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t ca, int64_t co, float* o) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < ca; ++c)
+        std::memcpy(o + (i * ca + c) * r * co + j * co, p + ((i * r + j) * ca + c) * co, co * kF);
+}
+
+void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p) {
+  opm_pairs_from_outer(o, n, r, co, co, p);
 }
 
 void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t co, float* o) {
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t c = 0; c < co; ++c)
-        std::memcpy(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co * kF);
+  opm_outer_from_pairs(p, n, r, co, co, o);
+}
+
+int64_t opm_a_channels(const OuterProductMeanW& w, const EvoformerConfig& cfg) {
+  return w.l12.w.dim(0) - cfg.c_hidden_opm;
 }
 
 void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
@@ -242,6 +255,10 @@ void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const 
 
 void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                         float* z) {
+  if (opm_a_channels(w, *ctx.cfg) != ctx.cfg->c_hidden_opm) {  // channel-parallel: training form
+    OuterProductMeanState st;
+    return outer_product_mean_train(w, ctx, m, z, &st);
+  }
   opm_impl(w, ctx, m, 0, ctx.r, ctx.msa_mask, nullptr, z);
 }
 
@@ -285,19 +302,20 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   *st = OuterProductMeanState{};
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t ca = opm_a_channels(w, cfg);
   opm_projections(w, cfg, m, s, r, ctx.msa_mask, st);
   st->norm = Tensor::empty({r, r});
   kern::gemm(true, false, r, r, s, 1.f, ctx.msa_mask, r, ctx.msa_mask, r, 0.f, st->norm.f32(), r);
   if (!z) return;
 
   const int64_t ch = opm_outer_chunk(ctx, r);
-  Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
-  Tensor p = Tensor::empty({ch * r, co * co});  // [(i, j), (c, e)]
+  Tensor o = Tensor::empty({ch * ca, r * co});  // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, ca * co});  // [(i, j), (c, e)]
   Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
   for (int64_t i0 = 0; i0 < r; i0 += ch) {
     const int64_t n = std::min(ch, r - i0);
-    outer_chunk(st->a.f32(), st->b.f32(), s, r, co, i0, n, o.f32(), p.f32());
-    kern::linear(p.f32(), co * co, n * r, co * co, w.out.w.f32(),
+    outer_chunk(st->a.f32(), st->b.f32(), s, r, ca, co, i0, n, o.f32(), p.f32());
+    kern::linear(p.f32(), ca * co, n * r, ca * co, w.out.w.f32(),
                  w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
     opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
@@ -308,35 +326,36 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
                                  const OuterProductMeanState& st, const float* dz, float* dm) {
   const EvoformerConfig& cfg = *ctx.cfg;
   const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t sr = s * r, rco = r * co;
+  const int64_t ca = opm_a_channels(w, cfg), cab = ca + co;
+  const int64_t sr = s * r, rco = r * co, rca = r * ca;
   Tensor dxln = Tensor::empty({sr, cm});  // dL/d LN(m)
   {
-    Tensor dab = Tensor::empty({sr, 2 * co});  // dL/d (linear_1 | linear_2), before masking
+    Tensor dab = Tensor::empty({sr, cab});  // dL/d (linear_1 | linear_2), before masking
     {
-      Tensor da = Tensor::empty({s, r, co});  // dL/d a
+      Tensor da = Tensor::empty({s, r, ca});  // dL/d a
       Tensor db = Tensor::zeros({s, r, co});  // dL/d b (summed over the chunks of i)
       const float* ap = st.a.f32();
       const float* bp = st.b.f32();
       const int64_t ch = opm_outer_backward_chunk(ctx, r);
-      Tensor o = Tensor::empty({ch * co, rco});      // outer, then its gradient, [(i, c), (j, e)]
-      Tensor p = Tensor::empty({ch * r, co * co});   // outer [(i, j), (c, e)]
-      Tensor dp = Tensor::empty({ch * r, co * co});  // dL/d outer [(i, j), (c, e)]
+      Tensor o = Tensor::empty({ch * ca, rco});      // outer, then its gradient, [(i, c), (j, e)]
+      Tensor p = Tensor::empty({ch * r, ca * co});   // outer [(i, j), (c, e)]
+      Tensor dp = Tensor::empty({ch * r, ca * co});  // dL/d outer [(i, j), (c, e)]
       Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
       for (int64_t i0 = 0; i0 < r; i0 += ch) {
         const int64_t n = std::min(ch, r - i0);
-        outer_chunk(ap, bp, s, r, co, i0, n, o.f32(), p.f32());
+        outer_chunk(ap, bp, s, r, ca, co, i0, n, o.f32(), p.f32());
         float* dyp = dy.f32();
         opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-        kern::linear_backward(p.f32(), co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz,
-                              dp.f32(), co * co, g->out.w.f32(),
+        kern::linear_backward(p.f32(), ca * co, n * r, ca * co, w.out.w.f32(), cz, dyp, cz,
+                              dp.f32(), ca * co, g->out.w.f32(),
                               w.mean_first ? nullptr : bias_ptr(g->out));
         const float* dpp = dp.f32();
         float* dop = o.f32();
-        opm_outer_from_pairs(dpp, n, r, co, dop);
-        // outer = A^T B with A = a, B = b viewed [s, r*c_o]: dA = B dO^T, dB += A dO.
-        kern::gemm(false, true, s, n * co, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * co,
-                   rco);
-        kern::gemm(false, false, s, rco, n * co, 1.f, ap + i0 * co, rco, dop, rco, 1.f, db.f32(),
+        opm_outer_from_pairs(dpp, n, r, ca, co, dop);
+        // outer = A^T B with A = a [s, r*ca], B = b [s, r*c_o]: dA = B dO^T, dB += A dO.
+        kern::gemm(false, true, s, n * ca, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * ca,
+                   rca);
+        kern::gemm(false, false, s, rco, n * ca, 1.f, ap + i0 * ca, rca, dop, rco, 1.f, db.f32(),
                    rco);
       }
       const float* dap = da.f32();
@@ -344,14 +363,13 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
       float* dabp = dab.f32();
       const float* mask = ctx.msa_mask;
 #pragma omp parallel for schedule(static)
-      for (int64_t row = 0; row < sr; ++row)
-        for (int64_t c = 0; c < co; ++c) {
-          dabp[row * 2 * co + c] = dap[row * co + c] * mask[row];
-          dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask[row];
-        }
+      for (int64_t row = 0; row < sr; ++row) {
+        for (int64_t c = 0; c < ca; ++c) dabp[row * cab + c] = dap[row * ca + c] * mask[row];
+        for (int64_t c = 0; c < co; ++c) dabp[row * cab + ca + c] = dbp[row * co + c] * mask[row];
+      }
     }
-    kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
-                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
+    kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), cab, dab.f32(), cab, dxln.f32(),
+                          cm, g->l12.w.f32(), bias_ptr(g->l12));
   }
   layernorm_backward_into(m_in, dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
                           true);

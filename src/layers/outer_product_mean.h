@@ -41,6 +41,14 @@ int64_t opm_outer_backward_chunk(const BlockContext& ctx, int64_t cols);
 // it ((i, c), (j, e)) and p [n*r, c_o*c_o] ((i, j), (c, e)) as linear_out reads it.
 void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p);
 void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t co, float* o);
+// The same with ca channels c of a (channel-parallel: fewer than the c_o channels e of b):
+// o [n*ca, r*c_o], p [n*r, ca*c_o].
+void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t ca, int64_t co, float* p);
+void opm_outer_from_pairs(const float* p, int64_t n, int64_t r, int64_t ca, int64_t co, float* o);
+// Channels of a the weights hold: rows of w.l12 beyond b's c_o (c_o, unless the executor gave
+// this rank a slice of a's channels: channel-parallel, where the inference form runs the training
+// form and the sharded forms are not used).
+int64_t opm_a_channels(const OuterProductMeanW& w, const EvoformerConfig& cfg);
 // The OPM's residual update of `rows` pairs from y = linear_out.w outer [rows, c_z] (without the
 // bias when w.mean_first, else with it) and norm [rows] = sum_s mask[s,i] mask[s,j]: z [rows, c_z]
 // += y / (norm + eps_opm) (AF2), or y / max(norm, 1) + linear_out.b (AF3, w.mean_first).

@@ -217,6 +217,8 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
 
 void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
                              bool outgoing, float* z) {
+  // Channel-parallel: the training forward (no dropout outside training), which takes the hook.
+  if (ctx.channel_sum) return triangle_multiplication_train(w, ctx, outgoing, z, nullptr);
   tri_mul_impl(w, ctx, outgoing, false, ctx.r, ctx.pair_mask, nullptr, z);
 }
 
@@ -447,6 +449,110 @@ void tri_mul_dropout(float* u, int64_t n, int64_t r, int64_t cz, const Tensor& m
       for (int64_t c = 0; c < cz; ++c) u[(i * r + j) * cz + c] *= mp[(grow0 + i) * cz + c];
 }
 
+// ---- Channel-parallel LN_out (ctx.channel_sum) --------------------------------------------------
+// This rank holds ct = cfg.c_hidden_mul of the C = channel_sum->channels channels of P; LN_out
+// normalises each pair over all C, so its statistics are sums over the ranks.
+
+// Pairs per block of the channel-major passes below (a block's sums stay in cache).
+constexpr int64_t kStatPairs = 1024;
+
+// stats [2, rr] = mean | rstd over all C channels of each pair of P [ct, rr] (two summed passes:
+// the sums, then the squared deviations from the mean).
+void tri_mul_split_stats(const BlockContext& ctx, const float* P, int64_t rr, float* stats) {
+  const ChannelSum& cs = *ctx.channel_sum;
+  const int64_t ct = ctx.cfg->c_hidden_mul;
+  const double inv = 1.0 / static_cast<double>(cs.channels);
+  float* mean = stats;
+  float* rstd = stats + rr;
+  for (int pass = 0; pass < 2; ++pass) {
+    float* acc = pass == 0 ? mean : rstd;
+#pragma omp parallel for schedule(static)
+    for (int64_t p0 = 0; p0 < rr; p0 += kStatPairs) {
+      const int64_t n = std::min(kStatPairs, rr - p0);
+      double sum[kStatPairs] = {};
+      for (int64_t c = 0; c < ct; ++c) {
+        const float* row = P + c * rr + p0;
+        if (pass == 0)
+          for (int64_t q = 0; q < n; ++q) sum[q] += row[q];
+        else
+          for (int64_t q = 0; q < n; ++q) {
+            const double d = row[q] - static_cast<double>(mean[p0 + q]);
+            sum[q] += d * d;
+          }
+      }
+      for (int64_t q = 0; q < n; ++q) acc[p0 + q] = static_cast<float>(sum[q]);
+    }
+    cs.fn(acc, rr);
+    if (pass == 0)
+      for (int64_t q = 0; q < rr; ++q) mean[q] = static_cast<float>(mean[q] * inv);
+  }
+  const double eps = ctx.cfg->eps_ln;
+  for (int64_t q = 0; q < rr; ++q)
+    rstd[q] = static_cast<float>(1.0 / std::sqrt(rstd[q] * inv + eps));
+}
+
+// p [n, ct] (pairs pair0.. in rows) = LN_out(p) with the statistics stats [2, rr].
+void tri_mul_split_normalize(float* p, int64_t n, int64_t ct, const float* stats, int64_t rr,
+                             int64_t pair0, const LayerNormW& ln) {
+  const float* g = ln.w.f32();
+  const float* b = ln.b.f32();
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < n; ++q) {
+    const float mu = stats[pair0 + q], rs = stats[rr + pair0 + q];
+    float* row = p + q * ct;
+    for (int64_t c = 0; c < ct; ++c) row[c] = (row[c] - mu) * rs * g[c] + b[c];
+  }
+}
+
+// First part of LN_out's backward on n pairs pair0..: from p [n, ct] (the products), dp [n, ct]
+// = dL/d LN_out(p) (overwritten by dL/d x_hat = dp * gamma), ACCUMULATES this rank's gamma and
+// beta gradients and writes the pairs' sums of dL/d x_hat and dL/d x_hat * x_hat into
+// sums [2, rr] (summed over the ranks before tri_mul_split_ln_backward).
+void tri_mul_split_ln_grads(const float* p, float* dp, int64_t n, int64_t ct, const float* stats,
+                            int64_t rr, int64_t pair0, const LayerNormW& ln, LayerNormW* g,
+                            float* sums) {
+  const float* gamma = ln.w.f32();
+  float* gw = g->w.f32();
+  float* gb = g->b.f32();
+  for (int64_t q = 0; q < n; ++q) {
+    const float mu = stats[pair0 + q], rs = stats[rr + pair0 + q];
+    const float* pr = p + q * ct;
+    const float* dr = dp + q * ct;
+    for (int64_t c = 0; c < ct; ++c) {
+      gw[c] += dr[c] * (pr[c] - mu) * rs;
+      gb[c] += dr[c];
+    }
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t q = 0; q < n; ++q) {
+    const float mu = stats[pair0 + q], rs = stats[rr + pair0 + q];
+    const float* pr = p + q * ct;
+    float* dr = dp + q * ct;
+    double s1 = 0, s2 = 0;
+    for (int64_t c = 0; c < ct; ++c) {
+      dr[c] *= gamma[c];
+      s1 += dr[c];
+      s2 += static_cast<double>(dr[c]) * (pr[c] - mu) * rs;
+    }
+    sums[pair0 + q] = static_cast<float>(s1);
+    sums[rr + pair0 + q] = static_cast<float>(s2);
+  }
+}
+
+// Second part: dP [ct, rr] (channel-major dL/d x_hat on entry) = dL/d P, with sums [2, rr]
+// summed over the ranks: rstd * (dx_hat - mean_C(dx_hat) - x_hat * mean_C(dx_hat * x_hat)).
+void tri_mul_split_ln_backward(const float* P, float* dP, int64_t ct, int64_t channels,
+                               const float* stats, const float* sums, int64_t rr) {
+  const float inv = 1.f / static_cast<float>(channels);
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < ct; ++c)
+    for (int64_t q = 0; q < rr; ++q) {
+      const float rs = stats[rr + q], xh = (P[c * rr + q] - stats[q]) * rs;
+      float& d = dP[c * rr + q];
+      d = rs * (d - sums[q] * inv - xh * sums[rr + q] * inv);
+    }
+}
+
 // Phase 2 (the output side) on `rows` pair rows i of r columns, ch rows per chunk: from the
 // products P [c_t, rows, r] and x_ln = LN_in(z) [rows*r, c_z], z [rows, r, c_z] += dropout(
 // sigmoid(linear_g(x_ln)) * linear_z(LN_out(p))). dmask, per_row, row0: as tri_mul_dropout.
@@ -458,11 +564,17 @@ void tri_mul_output(const TriangleMultiplicationW& w, const BlockContext& ctx, c
   Tensor p = Tensor::empty({ch * r, ct});  // products of the rows, channel-last, then LN_out
   Tensor y = Tensor::empty({ch * r, cz});  // linear_z(LN_out(p)), then the update
   Tensor g = Tensor::empty({ch * r, cz});  // linear_g(x_ln), pre-sigmoid
+  // Channel-parallel: LN_out's mean | rstd over every rank's channels.
+  Tensor stats = ctx.channel_sum ? Tensor::empty({2, rr}) : Tensor();
+  if (ctx.channel_sum) tri_mul_split_stats(ctx, P, rr, stats.f32());
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0);
     float* pp = p.f32();
     kern::transpose(P + i0 * r, rr, pp, ct, ct, n * r);
-    kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+    if (ctx.channel_sum)
+      tri_mul_split_normalize(pp, n * r, ct, stats.f32(), rr, i0 * r, w.ln_out);
+    else
+      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
     kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
     kern::linear(x_ln + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(),
                  cz);
@@ -492,12 +604,22 @@ void tri_mul_output_backward(const TriangleMultiplicationW& w, TriangleMultiplic
   Tensor dg = Tensor::empty({ch * r, cz});    // dL/d gate
   Tensor dp = Tensor::empty({ch * r, ct});    // dL/d p_ln, then (in place) dL/d p
   Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(ch * r, ct)});
+  // Channel-parallel: LN_out's statistics and the pairs' sums of its backward (src above).
+  const ChannelSum* cs = ctx.channel_sum;
+  Tensor stats = cs ? Tensor::empty({2, rr}) : Tensor();  // mean | rstd
+  Tensor sums = cs ? Tensor::empty({2, rr}) : Tensor();   // sum dx_hat | sum dx_hat * x_hat
+  if (cs) tri_mul_split_stats(ctx, P, rr, stats.f32());
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0), nr = n * r;
     const float* xr = x_ln + i0 * r * cz;
     kern::transpose(P + i0 * r, rr, p.f32(), ct, ct, nr);
-    kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
-                    mean2.f32(), rstd2.f32());
+    if (cs) {
+      std::memcpy(p_ln.f32(), p.f32(), static_cast<size_t>(nr * ct) * kF);
+      tri_mul_split_normalize(p_ln.f32(), nr, ct, stats.f32(), rr, i0 * r, w.ln_out);
+    } else {
+      kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
+                      mean2.f32(), rstd2.f32());
+    }
     kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
     kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, gt.f32(), cz);
     std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(nr * cz) * kF);
@@ -508,11 +630,18 @@ void tri_mul_output_backward(const TriangleMultiplicationW& w, TriangleMultiplic
                           g->lin_g.w.f32(), bias_ptr(g->lin_g));
     kern::linear_backward(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(), ct,
                           g->lin_z.w.f32(), bias_ptr(g->lin_z));
-    kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, nr, ct, w.ln_out.w.f32(), mean2.f32(),
-                             rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
-                             scratch.f32());
+    if (cs)
+      tri_mul_split_ln_grads(p.f32(), dp.f32(), nr, ct, stats.f32(), rr, i0 * r, w.ln_out,
+                             &g->ln_out, sums.f32());
+    else
+      kern::layernorm_backward(p.f32(), ct, dp.f32(), ct, nr, ct, w.ln_out.w.f32(), mean2.f32(),
+                               rstd2.f32(), dp.f32(), ct, g->ln_out.w.f32(), g->ln_out.b.f32(),
+                               scratch.f32());
     kern::transpose(dp.f32(), ct, dP + i0 * r, rr, nr, ct);
   }
+  if (!cs) return;
+  cs->fn(sums.f32(), 2 * rr);
+  tri_mul_split_ln_backward(P, dP, ct, cs->channels, stats.f32(), sums.f32(), rr);
 }
 
 // Phase 1: the triangle products P [c_t, r, r] from x_ln = LN_in(z) [r*r, c_z], channel group by

@@ -18,7 +18,10 @@ namespace fc {
 // AF3 has none) -> a = a_p * sigmoid(a_g) * mask, b likewise; outgoing p[i, j] = sum_k a[i, k]
 // b[j, k], incoming p[i, j] = sum_k a[k, i] b[k, j]; z += sigmoid(LN_in(z) W_g^T + b_g) *
 // (LN_out(p) W_z^T + b_z). Phase 1 (projections, products) runs by channel groups, phase 2 (the
-// output side) by pair rows.
+// output side) by pair rows. Channel-parallel (ctx.channel_sum set): the weights hold this rank's
+// c_t = cfg.c_hidden_mul channels (a, b, LN_out, the columns of linear_z), LN_out's statistics
+// are summed over the ranks through the hook, and the update is this rank's partial sum of
+// linear_z (the inference form runs the training form).
 
 // ---- Inference ---------------------------------------------------------------------------------
 void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,

@@ -12,6 +12,7 @@
 #include "model/af2/block_sizes.h"
 #include "model/block_table.h"
 #include "model/common.h"
+#include "plan/af2_memory_internal.h"
 #include "plan/memory_model.h"
 
 namespace fc {
@@ -19,23 +20,6 @@ namespace {
 
 constexpr int64_t kF = 4, kI = 8;  // bytes of F32 and I64
 constexpr int64_t kAtom37 = 37, kAtom14 = 14, kRigidGroups = 8, kAngles = 7;
-
-// Live bytes of a replayed allocation sequence, with the peak of the whole replay and of the
-// current stage.
-struct Replay {
-  int64_t live = 0, peak = 0, stage_peak = 0, entry = 0;
-  void alloc(int64_t b) {
-    live += b;
-    note(live);
-  }
-  void free(int64_t b) { live -= b; }
-  void transient(int64_t b) { note(live + b); }  // allocated and freed again
-  void begin() { entry = stage_peak = live; }
-  void note(int64_t v) {
-    peak = std::max(peak, v);
-    stage_peak = std::max(stage_peak, v);
-  }
-};
 
 // Bytes of one pass of each feature the model reads, in the order pass_features copies them
 // (template_mask last, apart); each entry is (numel, element bytes).
@@ -58,9 +42,31 @@ std::vector<std::pair<int64_t, int64_t>> pass_features(const AlphaFoldConfig& cf
   return f;
 }
 
-// One pass's copies of the features (pass_features): none when the recycling axis has length 1,
-// and none of a feature with one element (its pass is then a contiguous view).
-int64_t pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
+}  // namespace
+
+int64_t af2_sm_output_bytes(const AlphaFoldConfig& cfg, int64_t r) {
+  return cfg.structure_layers * r *
+         (7 + kRigidGroups * 16 + 2 * kAngles * 2 + kAtom14 * 3 + cfg.evoformer.c_s) * kF;
+}
+
+int64_t af2_sm_layer_bytes(const AlphaFoldConfig& cfg, int64_t r, int64_t o_pair) {
+  const int64_t H = cfg.ipa_heads, C = cfg.ipa_hidden, Pq = cfg.ipa_qk_points;
+  const int64_t Pv = cfg.ipa_v_points, cr = cfg.c_resnet, cs = cfg.evoformer.c_s;
+  const int64_t width = H * (C + 4 * Pv + cfg.evoformer.c_z);
+  const int64_t ipa_in = r * (3 * H * C + 3 * H * Pq + 3 * H * (Pq + Pv)) * kF;
+  const int64_t ipa = ipa_in + std::max(r * 3 * H * (Pq + Pv) * kF,
+                                        (r * width + H * r * r + 2 * r * Pv * 3) * kF + o_pair);
+  const int64_t resnet = (2 * r * cr + std::max(2 * r * cs, r * cr)) * kF;
+  return std::max({ipa, 3 * r * cs * kF, resnet});
+}
+
+void af2_plddt_head(const AlphaFoldConfig& cfg, int64_t r, Af2Replay* m) {
+  const int64_t ch = cfg.plddt_hidden, cs = cfg.evoformer.c_s;
+  m->alloc((r * cs + 2 * r * ch + r * cfg.plddt_bins + r) * kF);
+  m->free((r * cs + 2 * r * ch) * kF);  // the hidden layers
+}
+
+int64_t af2_pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
   if (R <= 1) return 0;
   int64_t b = 0;
@@ -68,8 +74,6 @@ int64_t pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   if (cfg.templates && d.templates_given && d.T > 1) b += d.T * kF;  // template_mask
   return b;
 }
-
-}  // namespace
 
 Status alphafold_dims(const AlphaFoldConfig& cfg, const FeatureDict& f, AlphaFoldDims* out) {
   auto dim = [&](const char* name, int axis, int64_t* v) -> Status {
@@ -112,11 +116,11 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
   const int64_t T = cfg.templates ? d.T : 0;
   const int64_t rows = af2::pair_block_rows(r, cz, opts.pair_block_bytes);
   AlphaFoldMemory mem;
-  Replay m;
+  Af2Replay m;
   auto stage = [&](int pass, const char* name) {
     mem.stages.push_back({pass, name, 0.0, m.entry, m.stage_peak});
   };
-  const int64_t pf = pass_feature_bytes(cfg, d);
+  const int64_t pf = af2_pass_feature_bytes(cfg, d);
   const int64_t prev = (r * cm + rr * cz + r * kAtom37 * 3) * kF;  // m_prev, z_prev, x_prev
   const bool padded = d.r_features > 0 && d.r_features < d.r;
   if (padded) {
@@ -175,28 +179,19 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
     m.alloc(r * cs * kF);  // s
     stage(k, "evoformer");
     // structure module
-    const int64_t L = cfg.structure_layers, H = cfg.ipa_heads, C = cfg.ipa_hidden;
-    const int64_t Pq = cfg.ipa_qk_points, Pv = cfg.ipa_v_points, cr = cfg.c_resnet;
-    const int64_t outs = L * r * (7 + kRigidGroups * 16 + 2 * kAngles * 2 + kAtom14 * 3 + cs) * kF;
+    const int64_t H = cfg.ipa_heads, outs = af2_sm_output_bytes(cfg, r);
     m.begin();
     m.alloc((2 * r * cs + rr * H) * kF);  // s0, s, pair bias
     m.transient(rows * r * cz * kF);      // a block of LN_z(z) rows for the pair bias
     m.alloc(outs + (r * cs + r * 6) * kF);
-    const int64_t ipa_in = r * (3 * H * C + 3 * H * Pq + 3 * H * (Pq + Pv)) * kF;
-    const int64_t width = H * (C + 4 * Pv + cz);
-    const int64_t ipa =
-        ipa_in + std::max(r * 3 * H * (Pq + Pv) * kF,
-                          (r * width + H * rr + 2 * r * Pv * 3 + rows * r * cz) * kF);
-    const int64_t resnet = (2 * r * cr + std::max(2 * r * cs, r * cr)) * kF;
-    m.transient(std::max({ipa, 3 * r * cs * kF, resnet}));
+    m.transient(af2_sm_layer_bytes(cfg, r, rows * r * cz * kF));  // o_pair: a block of LN_z(z)
     m.free((2 * r * cs + rr * H + r * 6) * kF);  // s0, pair bias, ipa, upd; s is an output
     stage(k, "structure_module");
     m.alloc((r * kAtom37 * 3 + r * kAtom37) * kF);  // x37, mask37
     if (k + 1 == d.passes) {
       m.begin();
-      const int64_t ch = cfg.plddt_hidden, db = cfg.distogram_bins, tb = cfg.tm_bins;
-      m.alloc((r * cs + 2 * r * ch + r * cfg.plddt_bins + r) * kF);
-      m.free((r * cs + 2 * r * ch) * kF);  // the pLDDT head's hidden layers
+      const int64_t db = cfg.distogram_bins, tb = cfg.tm_bins;
+      af2_plddt_head(cfg, r, &m);
       m.alloc((rr * db + S * r * 23 + r * kAtom37) * kF);
       if (cfg.ptm) m.alloc((2 * rr * tb + rr + 2) * kF);
       stage(k, "heads");

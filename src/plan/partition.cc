@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <climits>
+#include <cmath>
 #include <functional>
 
 #include "foldcube/partition.h"
@@ -45,6 +46,11 @@ namespace fc {
 namespace {
 constexpr int64_t kF = sizeof(float);
 
+// The block type of the plan's stack.
+const BlockTable& plan_table(const Plan& p) {
+  return p.extra_msa ? kExtraMsaBlock : kEvoformerBlock;
+}
+
 bool full(Shard h) { return h == Shard::kMsaFull || h == Shard::kPairFull; }
 
 // Floats a rank sends to change a stream of w whole (padded) floats from layout a to b over n
@@ -74,18 +80,24 @@ int64_t dap_gather_floats(const LayerDesc& ly, const EvoformerConfig& cfg, const
 
 // The layers' single-device costs at the plan's shape: as they are (dap: times the shard share;
 // replicated), and at this rank's heads (ceil(H/N) heads: the projections and the attention
-// shrink, the LayerNorms of the whole stream do not) and hidden channels (ceil(n/N) of the
-// transition factor n), the forms heads and channels run.
+// shrink, the LayerNorms of the whole stream do not) and channels (ceil(n/N) of the transition
+// factor n; ceil(c_t/N) triangle-multiplication channels: the projections, products and LN_out
+// shrink, LN_in and the gate do not; the OPM at ceil(c_o/N)/c_o of its whole cost: its outer
+// product and linear_out shrink so, its LayerNorm and b's projection do not, a small part), the
+// forms heads and channels run.
 struct LayerCosts {
   std::vector<ModuleCost> whole, heads, channels;
 };
 
 // The share of a heads / channels layer's units the most loaded rank holds.
 double cost_share(const LayerDesc& ly, const EvoformerConfig& cfg, Split s, int64_t n) {
-  const int64_t total =
-      s == Split::kHeads
-          ? (ly.kind == LayerKind::kTriangleAttention ? cfg.no_heads_pair : cfg.no_heads_msa)
-          : cfg.transition_n * (ly.updates == Stream::kM ? cfg.c_m : cfg.c_z);
+  int64_t total = cfg.transition_n * (ly.updates == Stream::kM ? cfg.c_m : cfg.c_z);
+  if (s == Split::kHeads)
+    total = ly.kind == LayerKind::kTriangleAttention ? cfg.no_heads_pair : cfg.no_heads_msa;
+  else if (ly.kind == LayerKind::kTriangleMultiplication)
+    total = cfg.c_hidden_mul;
+  else if (ly.kind == LayerKind::kOuterProductMean)
+    total = cfg.c_hidden_opm;
   return static_cast<double>((total + n - 1) / n) / static_cast<double>(total);
 }
 
@@ -118,6 +130,8 @@ int64_t layer_param_floats(const LayerDesc& ly, const EvoformerConfig& cfg) {
       return 2 * co * cm + 2 * co + cz * co * co + cz + 2 * cm;
     case LayerKind::kTriangleMultiplication:
       return 4 * ct * cz + 4 * ct + 2 * ct + cz * ct + cz + cz * cz + cz + 2 * cz;
+    case LayerKind::kMsaColumnGlobalAttention:  // q (H heads), k | v (one head), g, o
+      return 2 * cm + hm * cm + 2 * cfg.c_hidden_msa_att * cm + hm * cm + hm + cm * hm + cm;
     default:
       return 0;
   }
@@ -142,23 +156,33 @@ LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
   heads.no_heads_msa = part(p.cfg.no_heads_msa);
   heads.no_heads_pair = part(p.cfg.no_heads_pair);
   channels.transition_n = part(p.cfg.transition_n);
-  return {costs(p.cfg), costs(heads), costs(channels)};
+  channels.c_hidden_mul = part(p.cfg.c_hidden_mul);
+  LayerCosts c{costs(p.cfg), costs(heads), costs(channels)};
+  const BlockTable& t = plan_table(p);
+  for (int i = 0; i < t.count && i < static_cast<int>(c.channels.size()); ++i)
+    if (t.layers[i].kind == LayerKind::kOuterProductMean) {
+      const double share = cost_share(t.layers[i], p.cfg, Split::kChannels, n);
+      ModuleCost& m = c.channels[i];
+      m = c.whole[i];
+      m.forward_ms *= share, m.backward_ms *= share, m.rebuild_ms *= share;
+    }
+  return c;
 }
 
 // estimate_partition with the layers' single-device costs at the plan's shape given.
 PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
                                 const std::vector<Split>& splits) {
   const EvoformerConfig& cfg = p.cfg;
-  const BlockTable& t = kEvoformerBlock;
+  const BlockTable& t = plan_table(p);
   const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
   const int n = l.n;
   const int64_t e = static_cast<int64_t>(dtype_size(p.dtype));
   const int64_t wm = l.s_pad * l.r_pad * cfg.c_m, wz = l.r_pad * l.r_pad * cfg.c_z;
   const std::vector<std::pair<Shard, Shard>> lay = partition_block_layouts(t, splits);
   PartitionEstimate est;
-  int64_t fwd_floats = 0, bwd_floats = 0;
-  int fwd_calls = 0, bwd_calls = 0;
-  Shard m = Shard::kMsaBySeq, z = Shard::kPairRows;
+  int64_t fwd_floats = 0, bwd_floats = 0, rec_floats = 0;
+  int fwd_calls = 0, bwd_calls = 0, rec_calls = 0;
+  Shard m = dap_boundary_m(t), z = Shard::kPairRows;
   auto change = [&](Shard& from, Shard to, int64_t w) {
     const int64_t f = change_floats(from, to, w, n), b = change_floats(to, from, w, n);
     fwd_floats += f, bwd_floats += b;
@@ -178,14 +202,40 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     est.rec_ms += c.rebuild_ms * share;
     const int64_t wx = ly.updates == Stream::kM ? wm : wz;
     const int64_t wr = ly.reads == Stream::kNone ? 0 : (ly.reads == Stream::kM ? wm : wz);
+    if (s == Split::kChannels && ly.kind == LayerKind::kTriangleMultiplication) {
+      // LN_out's statistics over the ranks' channels: forward mean and variance (all-reduces of
+      // r_pad^2 floats); backward the same again and the two sums of its gradient (2 r_pad^2).
+      const int64_t rr = l.r_pad * l.r_pad;
+      fwd_floats += 2 * (2 * (n - 1) * rr / n);
+      bwd_floats += 2 * (2 * (n - 1) * rr / n) + 2 * (n - 1) * (2 * rr) / n;
+      fwd_calls += 2, bwd_calls += 3;
+    }
     if (s == Split::kDap) {
       const int64_t g = dap_gather_floats(ly, cfg, l);
-      fwd_floats += g, bwd_floats += 2 * g;  // backward: reduce-scatter and a re-gather
-      fwd_calls += g > 0, bwd_calls += 2 * (g > 0);
+      // Backward (states kept): the reduce-scatter, and a re-gather where the backward rebuilds
+      // what the gather gave (the triangle multiplication's right operand, the OPM's b; the
+      // attentions keep their bias). A module rebuild gathers again for the attentions' bias and
+      // the triangle multiplication's products (the OPM's rebuilt state needs no gather).
+      const LayerKind k = ly.kind;
+      const bool regather =
+          k == LayerKind::kTriangleMultiplication || k == LayerKind::kOuterProductMean;
+      const bool rebuild = k == LayerKind::kMsaRowAttention || k == LayerKind::kTriangleAttention ||
+                           k == LayerKind::kTriangleMultiplication;
+      fwd_floats += g, bwd_floats += (1 + regather) * g, rec_floats += rebuild * g;
+      fwd_calls += g > 0, bwd_calls += (1 + regather) * (g > 0), rec_calls += rebuild * (g > 0);
     } else {
-      if (s != Split::kReplicated) {  // partial sums: all-reduce (ring: 2 (n-1)/n of the stream)
-        fwd_floats += 2 * (n - 1) * (wx / n);
-        bwd_floats += 2 * (n - 1) * ((wx + wr) / n);
+      if (s != Split::kReplicated) {
+        // Partial sums: a reduce-scatter ((n-1)/n of the stream) into the shard the stream is
+        // next needed in, else an all-reduce (2 (n-1)/n); backward all-reduces.
+        const bool to_shard = !full(partition_next_layout(t, splits, i));
+        fwd_floats += to_shard ? (n - 1) * (wx / n) : 2 * (n - 1) * wx / n;
+        // Backward: the partial gradients likewise into the layout the backward next needs.
+        auto sum = [&](Stream x, int64_t w) {
+          if (w == 0) return int64_t{0};
+          return full(partition_prev_layout(t, lay, i, x)) ? 2 * (n - 1) * w / n
+                                                           : (n - 1) * (w / n);
+        };
+        bwd_floats += sum(ly.updates, wx) + sum(ly.reads, wr);
         fwd_calls += 1, bwd_calls += 1 + (wr > 0);
         // Copy, subtract, add over the whole stream: forward and backward.
         const double ms = 4.0 * (wx + wr) * kF / (mem_gbps * 1e9) * 1e3;
@@ -197,6 +247,15 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       if (ly.updates == Stream::kM || ly.reads == Stream::kM) extra += wm - wm / n;
       if (ly.updates == Stream::kZ || ly.reads == Stream::kZ) extra += wz - wz / n;
       if (s != Split::kReplicated) extra += wx + (p.training ? wr : 0);
+      // The reduce-scatter into a shard whose rank parts are not consecutive rows packs them
+      // rank-major first (a whole copy).
+      auto packs = [](Shard h) { return h == Shard::kMsaByRes || h == Shard::kPairRowsT; };
+      if (partition_reduces(s)) {
+        if (packs(partition_next_layout(t, splits, i)) ||
+            (p.training && packs(partition_prev_layout(t, lay, i, ly.updates))))
+          extra += wx;
+        if (p.training && wr > 0 && packs(partition_prev_layout(t, lay, i, ly.reads))) extra += wr;
+      }
       // This rank's weight slices (and their gradients); a replicated layer's gradients on the
       // ranks other than the root (discarded scratch).
       const int64_t params = layer_param_floats(ly, cfg);
@@ -210,18 +269,20 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
         est.saved_bytes += ((in.updated ? wx - wx / n : 0) + (in.read ? wr - wr / n : 0)) * e;
       }
     }
-    // The OPM's backward rebuilds its m (not kept) from the block output by sequences.
+    // The OPM's backward rebuilds its m (not kept) from the block output at the boundary.
     if (p.training && ly.reads == Stream::kM && !saved_inputs(t, i).read) {
-      const int64_t f = change_floats(Shard::kMsaBySeq, lay[i].first, wm, n);
+      const int64_t f = change_floats(dap_boundary_m(t), lay[i].first, wm, n);
       bwd_floats += f, bwd_calls += f > 0;
     }
   }
-  change(m, Shard::kMsaBySeq, wm);
+  change(m, dap_boundary_m(t), wm);
   change(z, Shard::kPairRows, wz);
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
+  est.sent_rec_bytes = rec_floats * e;
   est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev);
   est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev);
+  est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev);
   return est;
 }
 }  // namespace
@@ -253,25 +314,26 @@ void delta(const Plan& p, const PartitionEstimate& a, const PartitionEstimate& d
   *dt_rec = p.training ? modules * (a.rec_ms - d.rec_ms) + blocks * (a.fwd_ms - d.fwd_ms) : 0;
   *dt_comm =
       B * (a.comm_fwd_ms - d.comm_fwd_ms) +
-      (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) + blocks * (a.comm_fwd_ms - d.comm_fwd_ms)
+      (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) + blocks * (a.comm_fwd_ms - d.comm_fwd_ms) +
+                        modules * (a.comm_rec_ms - d.comm_rec_ms)
                   : 0);
   *dpeak = a.transient_bytes + keeping_blocks(p) * a.saved_bytes;
 }
 
-std::vector<Split> resolve_one(const std::vector<LayerSplit>& list) {
-  std::vector<Split> out(kEvoformerBlock.count, Split::kDap);
+std::vector<Split> resolve_one(const BlockTable& t, const std::vector<LayerSplit>& list) {
+  std::vector<Split> out(t.count, Split::kDap);
   for (const LayerSplit& ls : list) {
-    const LayerDesc* d = find_layer(kEvoformerBlock, ls.layer.c_str());
-    if (d) out[d - kEvoformerBlock.layers] = ls.split;
+    const LayerDesc* d = find_layer(t, ls.layer.c_str());
+    if (d) out[d - t.layers] = ls.split;
   }
   return out;
 }
 }  // namespace
 
 void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
-  if (p->partitions.empty() || p->dap < 2 || p->extra_msa) return;
+  if (p->partitions.empty() || p->dap < 2) return;
   const LayerCosts costs = plan_layer_costs(*p, dev);
-  const std::vector<Split> dap(kEvoformerBlock.count, Split::kDap);
+  const std::vector<Split> dap(plan_table(*p).count, Split::kDap);
   const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
   // Blocks may differ: the estimate of each block's list, averaged over the blocks.
   double f = 0, b = 0, r = 0, c = 0;
@@ -279,7 +341,7 @@ void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   const int64_t B = p->cfg.no_blocks;
   for (int64_t k = 0; k < B; ++k) {
     const auto& list = p->partitions[p->partitions.size() == 1 ? 0 : k];
-    const PartitionEstimate a = estimate_with(*p, dev, costs, resolve_one(list));
+    const PartitionEstimate a = estimate_with(*p, dev, costs, resolve_one(plan_table(*p), list));
     double df, db, dr, dc;
     int64_t dp;
     delta(*p, a, d, &df, &db, &dr, &dc, &dp);
@@ -299,26 +361,60 @@ void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   p->fits = p->memory_limit_bytes <= 0 || p->peak_bytes <= p->memory_limit_bytes;
 }
 
+namespace {
+// A split list of the search with its per-block time difference to pure DAP under each recompute
+// policy (inference: index 0) and its memory.
+struct Candidate {
+  std::vector<Split> splits;
+  double dt[3] = {0, 0, 0};  // ms per block: policy none, module, block
+  int64_t transient = 0, saved = 0;
+};
+
+Candidate candidate(const Plan& p, const PartitionEstimate& a, const PartitionEstimate& d,
+                    const std::vector<Split>& splits) {
+  Candidate c;
+  c.splits = splits;
+  const double f = a.fwd_ms - d.fwd_ms, cf = a.comm_fwd_ms - d.comm_fwd_ms;
+  if (!p.training) {
+    c.dt[0] = c.dt[1] = c.dt[2] = f + cf;
+  } else {
+    const double base = f + (a.bwd_ms - d.bwd_ms) + cf + (a.comm_bwd_ms - d.comm_bwd_ms);
+    c.dt[0] = base;
+    c.dt[1] = base + (a.rec_ms - d.rec_ms) + (a.comm_rec_ms - d.comm_rec_ms);
+    c.dt[2] = base + f + cf;  // block recompute: the forward again
+  }
+  c.transient = a.transient_bytes;
+  c.saved = p.training ? a.saved_bytes : 0;
+  return c;
+}
+
+// Budget units of the kept-bytes knapsack below (kept bytes rounded up: feasible).
+constexpr int kUnits = 256;
+}  // namespace
+
+// The search: every split list of the block table (every combination of supported splits) is
+// estimated once; then per block a list is chosen under the memory limit. The peak grows by the
+// largest transient of any chosen list plus the saved bytes of the lists of the blocks that keep
+// inputs (policies none / module), so for each cap on the transient (its distinct values) the
+// blocks without kept inputs take their fastest list under the cap, and the keeping blocks solve a
+// knapsack over the remaining bytes (DP over blocks, kUnits budget units); the fastest cap wins.
+// Blocks of different policies therefore may get different lists.
 void choose_partition(const DeviceProfile& dev, Plan* p) {
   p->partitions.clear();
-  if (p->dap < 2 || p->extra_msa) return;
-  const BlockTable& t = kEvoformerBlock;
+  if (p->dap < 2) return;
+  const BlockTable& t = plan_table(*p);
   const LayerCosts costs = plan_layer_costs(*p, dev);
   const std::vector<Split> dap(t.count, Split::kDap);
   const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
   const int64_t spare =
-      p->memory_limit_bytes > 0 ? p->memory_limit_bytes - p->peak_bytes : INT64_MAX;
-  std::vector<Split> cur(t.count, Split::kDap), best = dap;
-  double best_dt = 0;
-  // Every combination of supported splits, layer by layer.
+      p->memory_limit_bytes > 0 ? p->memory_limit_bytes - p->peak_bytes : INT64_MAX / 4;
+  if (spare < 0) return;
+  std::vector<Candidate> cands;
+  std::vector<Split> cur(t.count, Split::kDap);
   std::function<void(int)> walk = [&](int i) {
     if (i == t.count) {
-      const PartitionEstimate a = estimate_with(*p, dev, costs, cur);
-      double df, db, dr, dc;
-      int64_t dpk;
-      delta(*p, a, d, &df, &db, &dr, &dc, &dpk);
-      const double dt = df + db + dr + dc;
-      if (dpk <= spare && dt < best_dt - 1e-9) best_dt = dt, best = cur;
+      const Candidate c = candidate(*p, estimate_with(*p, dev, costs, cur), d, cur);
+      if (c.transient <= spare) cands.push_back(c);
       return;
     }
     for (int k = 0; k < kSplits; ++k) {
@@ -330,10 +426,90 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
     cur[i] = Split::kDap;
   };
   walk(0);
-  if (best == dap) return;
-  std::vector<LayerSplit> list;
-  for (int i = 0; i < t.count; ++i) list.push_back({t.layers[i].name, best[i]});
-  p->partitions.assign(p->cfg.no_blocks, list);
+  const int64_t B = p->cfg.no_blocks;
+  auto policy_of = [&](int64_t b) {
+    return p->training && b < static_cast<int64_t>(p->policy.size()) ? p->policy[b]
+                                                                     : Recompute::kBlock;
+  };
+  std::vector<int64_t> caps;
+  for (const Candidate& c : cands) caps.push_back(c.transient);
+  std::sort(caps.begin(), caps.end());
+  caps.erase(std::unique(caps.begin(), caps.end()), caps.end());
+  // Per policy: the candidates fastest first (ties: fewer kept bytes).
+  std::vector<int> order[3];
+  for (int pol = 0; pol < 3; ++pol) {
+    order[pol].resize(cands.size());
+    for (int k = 0; k < static_cast<int>(cands.size()); ++k) order[pol][k] = k;
+    std::sort(order[pol].begin(), order[pol].end(), [&](int a, int b) {
+      return cands[a].dt[pol] != cands[b].dt[pol] ? cands[a].dt[pol] < cands[b].dt[pol]
+                                                  : cands[a].saved < cands[b].saved;
+    });
+  }
+  const bool limited = p->memory_limit_bytes > 0;
+  double best_dt = -1e-9;  // pure DAP unless a choice is faster
+  std::vector<int> best;   // per block: index into cands
+  for (const int64_t cap : caps) {
+    const int64_t budget = spare - cap;
+    const double unit = std::max(1.0, static_cast<double>(budget) / kUnits);
+    // Per policy: the candidates under the cap on the (saved, dt) Pareto front (fastest first).
+    std::vector<int> front[3];
+    for (int pol = 0; pol < 3; ++pol) {
+      int64_t least = INT64_MAX;
+      for (int k : order[pol])
+        if (cands[k].transient <= cap && cands[k].saved < least)
+          front[pol].push_back(k), least = cands[k].saved;
+    }
+    // DP over the blocks: cost[u] = the least time of the blocks so far using u budget units.
+    const double inf = 1e300;
+    std::vector<double> cost(kUnits + 1, inf), next;
+    cost[0] = 0;
+    std::vector<std::vector<std::pair<int, int>>> from(B);  // per block and unit: (choice, prev)
+    for (int64_t b = 0; b < B; ++b) {
+      const Recompute pol = policy_of(b);
+      const int pi = static_cast<int>(pol);
+      const bool keeps = limited && p->training && pol != Recompute::kBlock;
+      next.assign(kUnits + 1, inf);
+      from[b].assign(kUnits + 1, {-1, -1});
+      for (int u = 0; u <= kUnits; ++u) {
+        if (cost[u] >= inf) continue;
+        for (int k : front[pi]) {
+          const int64_t need =
+              keeps ? static_cast<int64_t>(std::ceil(cands[k].saved / unit - 1e-12)) : 0;
+          if (keeps && static_cast<double>(cands[k].saved) > budget) continue;
+          const int64_t v = u + need;
+          if (v > kUnits) continue;
+          const double c = cost[u] + cands[k].dt[pi];
+          if (c < next[v]) next[v] = c, from[b][v] = {k, u};
+          if (!keeps) break;  // the fastest under the cap
+        }
+      }
+      cost.swap(next);
+    }
+    int bu = -1;
+    for (int u = 0; u <= kUnits; ++u)
+      if (cost[u] < inf && (bu < 0 || cost[u] < cost[bu])) bu = u;
+    if (bu < 0 || cost[bu] >= best_dt) continue;
+    best_dt = cost[bu];
+    best.assign(B, -1);
+    for (int64_t b = B - 1, u = bu; b >= 0; --b) {
+      best[b] = from[b][u].first;
+      u = from[b][u].second;
+    }
+  }
+  if (best.empty()) return;
+  bool any = false;
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<LayerSplit> list;
+    for (int i = 0; i < t.count; ++i) {
+      list.push_back({t.layers[i].name, cands[best[b]].splits[i]});
+      any = any || cands[best[b]].splits[i] != Split::kDap;
+    }
+    p->partitions.push_back(std::move(list));
+  }
+  if (!any) {
+    p->partitions.clear();
+    return;
+  }
   add_partition_estimates(dev, p);
 }
 

@@ -10,13 +10,15 @@
 
 namespace fc {
 
-// One block over the plan's DAP group with a per-layer split list (kEvoformerBlock order), per
+// One block over the plan's DAP group with a per-layer split list (the order of its block table:
+// kExtraMsaBlock for p.extra_msa, else kEvoformerBlock), per
 // rank: compute, collectives (layout changes included) and memory beyond pure DAP.
 struct PartitionEstimate {
-  double fwd_ms = 0, bwd_ms = 0, rec_ms = 0;       // compute; rec: the rebuild of policy module
-  double comm_fwd_ms = 0, comm_bwd_ms = 0;         // collectives (forward; backward without the
-                                                   // parameter-gradient all-reduce)
-  int64_t sent_fwd_bytes = 0, sent_bwd_bytes = 0;  // bytes a rank sends (dist counting)
+  double fwd_ms = 0, bwd_ms = 0, rec_ms = 0;  // compute; rec: the rebuild of policy module
+  // Collectives: forward; backward with the layers' states kept (policy none, and block after its
+  // recompute), without the parameter-gradient all-reduce; the extra of a policy-module rebuild.
+  double comm_fwd_ms = 0, comm_bwd_ms = 0, comm_rec_ms = 0;
+  int64_t sent_fwd_bytes = 0, sent_bwd_bytes = 0, sent_rec_bytes = 0;  // bytes a rank sends
   int64_t transient_bytes = 0;  // largest extra live bytes of one layer over its DAP form
   int64_t saved_bytes = 0;      // extra bytes a block keeps for its backward (policies none/module)
 };

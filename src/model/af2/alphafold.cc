@@ -376,8 +376,9 @@ int residue_axis(const std::string& name) {
   return it == axis.end() ? -1 : it->second;
 }
 
-// Residue axes of each output (empty: none).
-std::vector<int> output_residue_axes(const std::string& name) {
+}  // namespace
+
+std::vector<int> af2::output_residue_axes(const std::string& name) {
   if (name == "distogram_logits" || name == "tm_logits" || name == "predicted_aligned_error" ||
       name == "aligned_confidence_probs" || name == "pair")
     return {0, 1};
@@ -388,9 +389,10 @@ std::vector<int> output_residue_axes(const std::string& name) {
   return {0};
 }
 
-// The features the model reads, zero-padded along their residue axis from r to n residues (the
-// masks of the new residues are 0); features the model does not read are dropped.
-Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
+Status af2::pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out) {
+  if (n < r)
+    return Status::InvalidArgument("pad_to " + std::to_string(n) + " is below the " +
+                                   std::to_string(r) + " residues of the features");
   FeatureDict d;
   for (const auto& [name, t] : in) {
     const int a = residue_axis(name);
@@ -412,8 +414,6 @@ Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* ou
   return Status::OK();
 }
 
-}  // namespace
-
 Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
                                 const AlphaFoldOptions& opts) const {
   auto it = feats.find("aatype");
@@ -427,17 +427,14 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
     // Size bucket: run padded, crop the outputs back to the r residues.
     const int64_t r = it->second.dim(0);
-    if (opts.pad_to < r)
-      return Status::InvalidArgument("pad_to " + std::to_string(opts.pad_to) + " is below the " +
-                                     std::to_string(r) + " residues of the features");
     FeatureDict padded;
-    FC_RETURN_IF_ERROR(pad_residues(feats, r, opts.pad_to, &padded));
+    FC_RETURN_IF_ERROR(af2::pad_residues(feats, r, opts.pad_to, &padded));
     AlphaFoldOptions o = opts;
     o.pad_to = 0;
     std::map<std::string, Tensor> res;
     FC_RETURN_IF_ERROR(forward(padded, &res, o));
     for (auto& [name, t] : res) {
-      for (int a : output_residue_axes(name)) t = t.slice(a, 0, r);
+      for (int a : af2::output_residue_axes(name)) t = t.slice(a, 0, r);
       t = t.contiguous();
     }
     if (res.count("tm_logits")) {
@@ -540,22 +537,11 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
     emit("evoformer.s", -1, s);
     af2::StructureModuleOutput sm_out;
     FC_RETURN_IF_ERROR(stage("structure_module", [&] {
-      return af2::structure_module_forward(
-          sm, sm_cfg, s, z, f.aatype.data<int64_t>(), f.seq_mask.f32(), &sm_out,
-          emit ? af2::StructureTraceFn([&](const std::string& name, int layer, const Tensor& v) {
-            emit(name, layer, v);
-          })
-               : af2::StructureTraceFn(),
-          opts.pair_block_bytes);
+      return af2::structure_module_forward(sm, sm_cfg, s, z, f.aatype.data<int64_t>(),
+                                           f.seq_mask.f32(), &sm_out, emit.structure(),
+                                           opts.pair_block_bytes);
     }));
-    for (const auto& [name, t] : {std::pair{"sm.frames", &sm_out.frames},
-                                  {"sm.sidechain_frames", &sm_out.sidechain_frames},
-                                  {"sm.unnormalized_angles", &sm_out.unnormalized_angles},
-                                  {"sm.angles", &sm_out.angles},
-                                  {"sm.positions", &sm_out.positions},
-                                  {"sm.states", &sm_out.states},
-                                  {"sm.single", &sm_out.single}})
-      emit(name, -1, *t);
+    emit.structure_outputs(sm_out);
     const int64_t L = sm_cfg.no_blocks;
     Tensor x37 = Tensor::empty({r, af2::kAtom37, 3});  // [r, 37, 3]
     Tensor mask37 = Tensor::empty({r, af2::kAtom37});  // [r, 37]

@@ -6,6 +6,8 @@
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "foldcube/alphafold.h"
 #include "foldcube/extra_msa.h"
@@ -64,6 +66,22 @@ struct AlphaFold::Impl {
     explicit operator bool() const { return static_cast<bool>(fn); }
     void operator()(const std::string& stage, int index, const Tensor& value) const {
       if (fn) fn(stage, index, value);
+    }
+    // The structure module's trace hook forwarding to this one (empty when this one is).
+    af2::StructureTraceFn structure() const {
+      if (!fn) return {};
+      return [f = fn](const std::string& name, int layer, const Tensor& v) { f(name, layer, v); };
+    }
+    // The structure module's outputs under their trace names (sm.frames ... sm.single).
+    void structure_outputs(const af2::StructureModuleOutput& o) const {
+      for (const auto& [name, t] : {std::pair{"sm.frames", &o.frames},
+                                    {"sm.sidechain_frames", &o.sidechain_frames},
+                                    {"sm.unnormalized_angles", &o.unnormalized_angles},
+                                    {"sm.angles", &o.angles},
+                                    {"sm.positions", &o.positions},
+                                    {"sm.states", &o.states},
+                                    {"sm.single", &o.single}})
+        (*this)(name, -1, *t);
     }
   };
 
@@ -131,6 +149,12 @@ Status pass_features(const FeatureDict& d, bool templates, int k, int64_t passes
                      PassFeatures* out);
 // Pair mask [r, r] = seq_mask_i seq_mask_j.
 Tensor pair_mask_of(const Tensor& seq_mask);
+// The features the model reads, zero-padded along their residue axis from r to n residues (the
+// masks of the new residues are 0); features the model does not read are dropped (pad_to). n < r
+// is an error naming both.
+Status pad_residues(const FeatureDict& in, int64_t r, int64_t n, FeatureDict* out);
+// Residue axes of each output (empty: none), along which a padded run's outputs are cropped.
+std::vector<int> output_residue_axes(const std::string& name);
 // RMS change of the CA distance matrix between two passes' atom37 positions [r, 37, 3] (A).
 double ca_distance_change(const Tensor& prev, const Tensor& cur, const Tensor& seq_mask);
 // Template pair features of template t for rows i0 .. i0+n, out [n, ld, 88] (columns r .. ld

@@ -1,0 +1,319 @@
+// The whole AlphaFold2 model under DAP in process (foldcube_dap_tests, run by CTest under
+// `mpirun -np 2` and `-np 4`): the per-rank memory model against the allocator byte for byte;
+// traces gathered to the root, pad_to and bf16 against one process and OpenFold.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "dist/comm.h"
+#include "exec/af2_dap.h"
+#include "foldcube/alphafold.h"
+#include "foldcube/io.h"
+#include "foldcube/memory.h"
+#include "foldcube/runtime.h"
+#include "test_util.h"
+
+namespace fc {
+namespace {
+
+using test::golden_path;
+
+struct Golden {
+  AlphaFold model;
+  FeatureDict feats;
+};
+
+// The golden file as both the model and the features (false when it is not found).
+bool load_golden(const std::string& name, Golden* g) {
+  const std::string path = golden_path(name + ".safetensors");
+  if (path.empty()) return false;
+  TensorFile f;
+  EXPECT_TRUE(read_safetensors(path, &f).ok()) << path;
+  AlphaFoldConfig cfg;
+  EXPECT_TRUE(alphafold_config_from_weights(f, &cfg).ok()) << path;
+  EXPECT_TRUE(AlphaFold::load(cfg, f, &g->model).ok()) << path;
+  for (const std::string& n : f.names)
+    if (n.rfind("feature.", 0) == 0) g->feats[n.substr(8)] = f.tensors.at(n);
+  return true;
+}
+
+// A golden case with the knobs the memory model follows.
+struct MemCase {
+  std::string name;
+  int64_t chunk = 0;             // items per chunk in the stacks (0: from the chunk target)
+  int64_t chunk_target = 0;      // bytes (0: the DAP default)
+  int64_t pair_block_bytes = 0;  // 0: 4 MiB; 1: one row per block
+  DType dtype = DType::F32;
+};
+std::string MemCaseName(const ::testing::TestParamInfo<MemCase>& p) {
+  return p.param.name + "_chunk" + std::to_string(p.param.chunk) + "_target" +
+         std::to_string(p.param.chunk_target) + "_pairblock" +
+         std::to_string(p.param.pair_block_bytes) + (p.param.dtype == DType::BF16 ? "_bf16" : "");
+}
+
+class DapAf2Memory : public ::testing::TestWithParam<MemCase> {};
+
+// Every stage of every pass on this rank: the bytes at its start and its peak, and the forward's
+// peak, as replayed by alphafold_dap_forward_memory, equal the tracked allocator's to the byte.
+TEST_P(DapAf2Memory, EveryStageOfEveryRankMatchesTheAllocator) {
+  Golden g;
+  if (!load_golden(GetParam().name, &g)) GTEST_SKIP() << "golden file not found";
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  AlphaFoldOptions opts;
+  opts.chunk = GetParam().chunk;
+  opts.chunk_target_bytes = GetParam().chunk_target;
+  opts.pair_block_bytes = GetParam().pair_block_bytes;
+  opts.dtype = GetParam().dtype;
+  std::vector<AlphaFoldStageStat> stats;
+  opts.stats = &stats;
+  AlphaFoldDims dims;
+  ASSERT_TRUE(alphafold_dims(g.model.config(), g.feats, &dims).ok());
+  AlphaFoldMemory mem;
+  const Status ms = alphafold_dap_forward_memory(g.model.config(), dims, opts, num_threads(),
+                                                 comm.size(), comm.rank(), &mem);
+  ASSERT_TRUE(ms.ok()) << ms.ToString();
+  const int64_t live0 = mem_stats().live_bytes;
+  AlphaFoldDapOutputs out;
+  AlphaFoldDapStats ds;
+  const Status st = alphafold_dap_forward(g.model, comm, g.feats, &out, opts, &ds);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(stats.size(), mem.stages.size());
+  for (size_t i = 0; i < stats.size(); ++i) {
+    const AlphaFoldStageStat &got = stats[i], &want = mem.stages[i];
+    EXPECT_EQ(got.pass, want.pass) << i;
+    EXPECT_EQ(got.stage, want.stage) << i;
+    EXPECT_EQ(got.entry_bytes, want.entry_bytes)
+        << "rank " << comm.rank() << " pass " << got.pass << " " << got.stage << " entry";
+    EXPECT_EQ(got.peak_bytes, want.peak_bytes)
+        << "rank " << comm.rank() << " pass " << got.pass << " " << got.stage << " peak";
+  }
+  EXPECT_EQ(ds.forward_peak_bytes - live0, mem.peak_bytes) << "rank " << comm.rank();
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Memory,
+                         ::testing::Values(MemCase{"af2_model_tiny"}, MemCase{"af2_model_tiny", 1},
+                                           MemCase{"af2_model_tiny", 0, 4096, 1},
+                                           MemCase{"af2_model_af2dims"},
+                                           MemCase{"af2_model_af2dims", 5, 0, 1},
+                                           MemCase{"af2_model_tiny", 0, 0, 0, DType::BF16},
+                                           MemCase{"af2_model_af2dims", 0, 0, 0, DType::BF16},
+                                           MemCase{"af2_model_af2dims", 5, 0, 1, DType::BF16}),
+                         MemCaseName);
+
+bool structure_group(const std::string& name) {
+  for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",
+                        "final_atom_positions", "final_affine_tensor"})
+    if (name.find(s) != std::string::npos) return true;
+  return false;
+}
+
+// Traces by golden name (trace.iter<pass>.<stage>), indexed ones (templates, structure-module
+// layers) stacked along a new first axis as in the golden files.
+struct Traces {
+  std::map<std::string, Tensor> whole;
+  std::map<std::string, std::vector<Tensor>> parts;
+  decltype(AlphaFoldOptions::trace) fn() {
+    return [this](int pass, const std::string& stage, int index, const Tensor& v) {
+      const std::string name = "trace.iter" + std::to_string(pass) + "." + stage;
+      if (index < 0)
+        whole[name] = v.clone();
+      else
+        parts[name].push_back(v.clone());
+    };
+  }
+  std::map<std::string, Tensor> all() const {
+    std::map<std::string, Tensor> out = whole;
+    for (const auto& [name, p] : parts) {
+      Shape shape = p[0].shape();
+      shape.insert(shape.begin(), static_cast<int64_t>(p.size()));
+      Tensor t = Tensor::empty(shape);
+      for (size_t i = 0; i < p.size(); ++i) t.select(0, static_cast<int64_t>(i)).copy_from(p[i]);
+      out[name] = t;
+    }
+    return out;
+  }
+};
+
+class DapAf2Trace : public ::testing::TestWithParam<std::string> {};
+
+// AlphaFoldOptions::trace under DAP: the root receives every trace the one-process forward gives
+// (same names, shapes), each within 1e-5 of it (1e-4 for the structure group: the angle
+// normalisation amplifies summation-order noise, 3.3e-5 in sm.angles) and within the golden
+// tolerance of OpenFold (1e-4, 5e-4 for the structure group), every golden trace among them; the
+// outputs of the traced run are those of the one-process run.
+TEST_P(DapAf2Trace, GatheredTracesEqualOneProcessAndOpenFold) {
+  Golden g;
+  if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(golden_path(GetParam() + ".safetensors"), &f).ok());
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  Traces one, dap;
+  AlphaFoldOptions opts;
+  opts.trace = one.fn();
+  std::map<std::string, Tensor> ref;
+  ASSERT_TRUE(g.model.forward(g.feats, &ref, opts).ok());
+  opts.trace = dap.fn();
+  AlphaFoldDapOutputs outs;
+  const Status st = alphafold_dap_forward(g.model, comm, g.feats, &outs, opts);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  std::map<std::string, Tensor> got;
+  gather_alphafold_dap_outputs(outs, comm, &got);
+  if (comm.rank() != 0) {
+    EXPECT_TRUE(dap.whole.empty() && dap.parts.empty()) << "traces on rank " << comm.rank();
+    return;
+  }
+  const std::map<std::string, Tensor> a = one.all(), b = dap.all();
+  std::set<std::string> names_a, names_b;
+  for (const auto& [n, t] : a) names_a.insert(n);
+  for (const auto& [n, t] : b) names_b.insert(n);
+  EXPECT_EQ(names_a, names_b);
+  double worst = 0, worst_golden = 0;
+  std::string worst_name;
+  for (const auto& [name, t] : b) {
+    if (!a.count(name)) continue;
+    ASSERT_EQ(t.shape(), a.at(name).shape()) << name;
+    const double e = test::golden_err(t, a.at(name));
+    EXPECT_LT(e, structure_group(name) ? 1e-4 : 1e-5) << name << " vs one process";
+    if (e > worst) worst = e, worst_name = name;
+    if (f.has(name)) {
+      const double eg = test::golden_err(t, f.tensors.at(name));
+      EXPECT_LT(eg, structure_group(name) ? 5e-4 : 1e-4) << name << " vs OpenFold";
+      worst_golden = std::max(worst_golden, eg);
+    }
+  }
+  for (const std::string& n : f.names) {
+    if (n.rfind("trace.", 0) == 0 && !b.count(n)) ADD_FAILURE() << "golden trace not given: " << n;
+  }
+  for (const auto& [name, t] : ref) {
+    if (t.dtype() != DType::F32) continue;
+    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? 1e-4 : 1e-5) << name;
+  }
+  std::printf("%s on %d ranks: %zu traces, worst vs one process %.3g (%s), vs OpenFold %.3g\n",
+              GetParam().c_str(), comm.size(), b.size(), worst, worst_name.c_str(), worst_golden);
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Trace,
+                         ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
+                         [](const auto& info) { return info.param; });
+
+// AlphaFoldOptions::pad_to under DAP (every row count padded again over the ranks): the outputs
+// have the unpadded shapes and equal the unpadded DAP run's within 1e-5 (pTM over the real
+// residues), for buckets r + 3 and 2r + 1; a bucket below r is refused on every rank.
+TEST(DapAf2PadTo, PaddedRunEqualsTheUnpaddedRun) {
+  Golden g;
+  ASSERT_TRUE(load_golden("af2_model_tiny", &g));
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const int64_t r = g.feats.at("aatype").dim(0);
+  AlphaFoldDapOutputs plain;
+  ASSERT_TRUE(alphafold_dap_forward(g.model, comm, g.feats, &plain).ok());
+  std::map<std::string, Tensor> want;
+  gather_alphafold_dap_outputs(plain, comm, &want);
+  for (int64_t bucket : {r + 3, 2 * r + 1}) {
+    SCOPED_TRACE("bucket " + std::to_string(bucket));
+    AlphaFoldOptions opts;
+    opts.pad_to = bucket;
+    AlphaFoldDapOutputs outs;
+    const Status st = alphafold_dap_forward(g.model, comm, g.feats, &outs, opts);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    std::map<std::string, Tensor> got;
+    gather_alphafold_dap_outputs(outs, comm, &got);
+    if (comm.rank() != 0) continue;
+    ASSERT_EQ(got.size(), want.size());
+    for (const auto& [name, t] : want) {
+      ASSERT_TRUE(got.count(name)) << name;
+      ASSERT_EQ(got.at(name).shape(), t.shape()) << name;
+      if (t.dtype() == DType::I64) {
+        EXPECT_EQ(got.at(name).data<int64_t>()[0], t.data<int64_t>()[0]) << name;
+        continue;
+      }
+      EXPECT_LT(test::golden_err(got.at(name), t), 1e-5) << name;
+    }
+  }
+  AlphaFoldOptions small;
+  small.pad_to = r - 1;
+  AlphaFoldDapOutputs outs;
+  EXPECT_FALSE(alphafold_dap_forward(g.model, comm, g.feats, &outs, small).ok());
+}
+
+double normwise(const Tensor& x, const Tensor& ref) {
+  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    const double d = a.data<double>()[i] - b.data<double>()[i];
+    num += d * d;
+    den += b.data<double>()[i] * b.data<double>()[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-300));
+}
+
+class DapAf2Bf16 : public ::testing::TestWithParam<std::string> {};
+
+// AlphaFoldOptions::dtype BF16 under DAP, first pass, against the one-process bf16 run with the
+// Af2ModelBf16 tolerances: every gathered first-pass trace within a normwise 2e-2 of the
+// one-process bf16 trace, the CA atoms within 0.25 A RMS; and the DAP bf16 run differs from the
+// DAP fp32 run (the stacks did take bf16 inputs).
+TEST_P(DapAf2Bf16, FirstPassWithinTheBf16TolerancesOfOneProcess) {
+  Golden g;
+  if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  AlphaFoldOptions opts;
+  opts.passes = 1;
+  opts.dtype = DType::BF16;
+  Traces one, dap;
+  opts.trace = one.fn();
+  std::map<std::string, Tensor> ref;
+  ASSERT_TRUE(g.model.forward(g.feats, &ref, opts).ok());
+  opts.trace = dap.fn();
+  AlphaFoldDapOutputs outs;
+  Status st = alphafold_dap_forward(g.model, comm, g.feats, &outs, opts);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  std::map<std::string, Tensor> got, fp32;
+  gather_alphafold_dap_outputs(outs, comm, &got);
+  opts.trace = nullptr;
+  opts.dtype = DType::F32;
+  st = alphafold_dap_forward(g.model, comm, g.feats, &outs, opts);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  gather_alphafold_dap_outputs(outs, comm, &fp32);
+  if (comm.rank() != 0) return;
+  const std::map<std::string, Tensor> a = one.all(), b = dap.all();
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  std::string worst_name;
+  for (const auto& [name, t] : b) {
+    ASSERT_TRUE(a.count(name)) << name;
+    const double e = normwise(t, a.at(name));
+    EXPECT_LT(e, 2e-2) << name;
+    if (e > worst) worst = e, worst_name = name;
+  }
+  auto ca_rms = [](const Tensor& x, const Tensor& y) {  // [r, 37, 3]
+    double sq = 0;
+    for (int64_t i = 0; i < x.dim(0); ++i)
+      for (int c = 0; c < 3; ++c) {
+        const double d = x.f32()[(i * 37 + 1) * 3 + c] - y.f32()[(i * 37 + 1) * 3 + c];
+        sq += d * d;
+      }
+    return std::sqrt(sq / static_cast<double>(x.dim(0)));
+  };
+  const double rms = ca_rms(got.at("final_atom_positions"), ref.at("final_atom_positions"));
+  EXPECT_LT(rms, 0.25);
+  EXPECT_GT(test::golden_err(got.at("pair"), fp32.at("pair")), 0.0) << "bf16 changed nothing";
+  std::printf("%s bf16 on %d ranks: worst normwise vs one-process bf16 %.3g (%s), CA RMS %.4f A\n",
+              GetParam().c_str(), comm.size(), worst, worst_name.c_str(), rms);
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Bf16,
+                         ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
+                         [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace fc
