@@ -11,7 +11,10 @@
 #include "foldcube/memory.h"
 #include "foldcube/parallel.h"
 #include "foldcube/plan.h"
+#include "foldcube/planner.h"
 #include "foldcube/runtime.h"
+#include "model/block_table.h"
+#include "plan/table_cost.h"
 
 namespace fc::app {
 
@@ -99,6 +102,13 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
         std::printf("\n");
       };
       row("tracked peak per rank (MiB)", rep.rank_peak_bytes);
+      if (!rep.rank_planned_bytes.empty()) {
+        row("  estimate per rank (MiB)", rep.rank_planned_bytes);
+        std::printf("  memory budget %s: chunk target %.1f MiB%s%s, least budget %.1f MiB\n",
+                    a.memory_budget.c_str(), r.chunk_target_bytes / 1048576.0,
+                    r.policy.empty() ? "" : ", policy ", r.policy.c_str(),
+                    r.least_budget_bytes / 1048576.0);
+      }
       row("  above the call's start (MiB)", rep.rank_work_peak_bytes);
       row("shards of the streams (MiB)", rep.rank_shard_bytes);
       if (spec.training) row("activations per rank (MiB)", rep.rank_activation_bytes);
@@ -117,6 +127,7 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
       j["blocks"] = rep.blocks;
       j["block_sent_bytes_model"] = rep.block_sent_bytes_model;
       if (spec.training) j["rank_activation_bytes"] = rep.rank_activation_bytes;
+      if (!rep.rank_planned_bytes.empty()) j["rank_planned_bytes"] = rep.rank_planned_bytes;
       st = write_report(a.report, r, spec.training, j);
     }
   }
@@ -164,6 +175,27 @@ int run_af3(const RunArgs& a) {
   return 0;
 }
 
+namespace {
+// The cost model's time of the plan row (table_module_costs): blocks x the modules' forward, and
+// training their backward plus what the policy re-runs (module: the rebuilds; block: the forward).
+double af3_time_ms(const Af3PlanRequest& q, const Af3PlanRow& row, const DeviceProfile& dev) {
+  const bool pf = q.cfg.kind == "pairformer";
+  const EvoformerConfig t = af3_trunk_config(q.cfg);
+  const int64_t blocks = q.blocks > 0 ? q.blocks : q.cfg.no_blocks;
+  double ms = 0;
+  for (const ModuleCost& c :
+       table_module_costs(pf ? kPairformerBlock : kMsaModuleBlock, t, pf ? 1 : q.n_msa, q.n,
+                          q.chunk, row.chunk_target_bytes, q.train, dev)) {
+    ms += c.forward_ms;
+    if (!q.train) continue;
+    ms += c.backward_ms;
+    if (row.policy == Recompute::kModule) ms += c.rebuild_ms;
+    if (row.policy == Recompute::kBlock) ms += c.forward_ms;
+  }
+  return blocks * ms;
+}
+}  // namespace
+
 int plan_af3(const PlanArgs& a) {
   Af3PlanRequest q;
   if (!a.weights.empty()) {
@@ -179,10 +211,10 @@ int plan_af3(const PlanArgs& a) {
     if (a.stack == "msa_module") q.cfg.no_blocks = 4;  // Boltz-2 / AF3 defaults otherwise
   }
   if (a.devices > 1 || a.dap > 1 || a.dp > 1 || a.bucket || !a.buckets.empty() ||
-      !a.cache.empty() || !a.config.empty() || !a.profile.empty() || a.calibrate)
+      !a.cache.empty() || !a.config.empty() || a.calibrate)
     return fail(Status::InvalidArgument("plan --stack " + a.stack +
                                         ": one device, no --dap/--dp/--bucket/--cache/--config/"
-                                        "--profile/--calibrate (a memory plan only, yet)"));
+                                        "--calibrate (a memory plan with time estimates, yet)"));
   q.n = a.r;
   q.n_msa = a.s;
   q.blocks = a.blocks;
@@ -199,7 +231,20 @@ int plan_af3(const PlanArgs& a) {
   }
   Af3Plan plan;
   if (st.ok()) st = af3_plan(q, &plan);
+  // Time estimates from --profile, else this machine's cached profile when there is one.
+  DeviceProfile dev;
+  bool timed = false;
+  if (st.ok()) {
+    const std::string path = a.profile.empty() ? default_profile_path() : a.profile;
+    if (!a.profile.empty() || std::ifstream(path).good()) {
+      st = load_or_calibrate_profile(path, false, &dev);
+      timed = st.ok();
+    }
+  }
   if (!st.ok()) return fail(st);
+  std::vector<double> row_ms(plan.rows.size(), 0.0);
+  if (timed)
+    for (size_t i = 0; i < plan.rows.size(); ++i) row_ms[i] = af3_time_ms(q, plan.rows[i], dev);
   nlohmann::json j;
   j["stack"] = q.cfg.kind;
   j["n"] = q.n;
@@ -218,17 +263,17 @@ int plan_af3(const PlanArgs& a) {
       row["policy"] = recompute_name(r.policy);
       row["activation_bytes"] = r.activation_bytes;
     }
+    if (timed) row["time_ms_estimate"] = row_ms[&r - plan.rows.data()];
     j["rows"].push_back(row);
   }
   if (a.json) {
     std::printf("%s\n", j.dump(2).c_str());
   } else {
-    std::printf(
-        "foldcube plan: %s, n=%lld%s, %lld block(s), %s (memory model; no time "
-        "estimate)\n",
-        q.cfg.kind.c_str(), static_cast<long long>(q.n),
-        q.cfg.kind == "msa_module" ? (", N_msa=" + std::to_string(q.n_msa)).c_str() : "",
-        static_cast<long long>(q.blocks), q.train ? "training step" : "inference");
+    std::printf("foldcube plan: %s, n=%lld%s, %lld block(s), %s (memory model; %s)\n",
+                q.cfg.kind.c_str(), static_cast<long long>(q.n),
+                q.cfg.kind == "msa_module" ? (", N_msa=" + std::to_string(q.n_msa)).c_str() : "",
+                static_cast<long long>(q.blocks), q.train ? "training step" : "inference",
+                timed ? ("time from profile " + dev.name).c_str() : "no time estimate");
     for (size_t i = 0; i < plan.rows.size(); ++i) {
       const Af3PlanRow& r = plan.rows[i];
       std::printf(
@@ -239,6 +284,7 @@ int plan_af3(const PlanArgs& a) {
               ? (", activations " + std::to_string(r.activation_bytes / 1048576) + " MiB").c_str()
               : "",
           static_cast<int>(i) == plan.chosen ? "  <- chosen" : (r.fits ? "" : "  (over)"));
+      if (timed) std::printf("          time %10.1f ms (cost model)\n", row_ms[i]);
     }
   }
   if (!a.out.empty()) {

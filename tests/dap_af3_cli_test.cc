@@ -1,9 +1,11 @@
 // `mpirun -np N foldcube run --stack pairformer|msa_module --dap N`: the AF3 trunk with the single
 // stream sharded by tokens, m by sequences / residues and z by rows gives Boltz's golden outputs
 // and gradients (README tolerances) and the one-process ones (1e-5), under every recompute policy
-// and chunking, on 2 ranks and (Pairformer) 4 oversubscribed ranks.
+// and chunking, on 2 ranks and (Pairformer) 4 oversubscribed ranks; with dropout, the one-process
+// run with the same seed.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -151,8 +153,111 @@ TEST(DapAf3CliPadding, RandomJobOnThreeRanksMatchesOneProcess) {
   }
 }
 
-// User errors end every rank quickly with one message: dropout (not supported under DAP yet), a
-// missing inputs file on rank 0, a rank count that is not --dap.
+// Training with AF3 dropout (run --train --seed) under DAP draws the one-process masks: the
+// per-row (per-column, per-MSA-row) masks are keyed by global rows, so every output and gradient
+// equals the one-process run with the same seed, under every policy, on 2 and 4 ranks, with
+// token and MSA-row counts the ranks do not divide (padded). Masks drawn by local rows would give
+// rank 1.. the draws of rank 0's rows and differences of the order of the updates. Limit 5e-5:
+// over two blocks the eval-mode step (--backward) differs from one process by up to 2.2e-5 (the
+// sharded sums' order), with or without dropout.
+struct Af3DropoutCase {
+  std::string stack;   // pairformer | msa_module
+  std::string policy;  // none | module | block
+};
+std::string DropoutName(const Af3DropoutCase& c) { return c.stack + "_" + c.policy; }
+void PrintTo(const Af3DropoutCase& c, std::ostream* os) { *os << DropoutName(c); }
+
+class DapAf3CliDropout : public ::testing::TestWithParam<Af3DropoutCase> {};
+
+TEST_P(DapAf3CliDropout, MatchesOneProcessWithTheSameSeed) {
+  const Af3DropoutCase& c = GetParam();
+  const std::string job =
+      c.stack == "pairformer" ? "--stack pairformer --r 13" : "--stack msa_module --r 11 --s 5";
+  std::map<int, TensorFile> outs;
+  for (int np : {0, 2, 4}) {
+    const std::string out =
+        test::temp_file("dropout_" + DropoutName(c) + "_np" + std::to_string(np) + ".st");
+    const test::Result r =
+        test::run_mpi_cli(np, "run " + job + " --blocks 2 --seed 11 --train --policy " + c.policy +
+                                  " --threads 1 --quiet --out " + out +
+                                  (np > 0 ? " --dap " + std::to_string(np) : ""));
+    ASSERT_EQ(r.code, 0) << r.out;
+    ASSERT_TRUE(read_safetensors(out, &outs[np]).ok());
+  }
+  for (int np : {2, 4}) {
+    SCOPED_TRACE("np " + std::to_string(np));
+    int compared = 0;
+    for (const std::string& name : outs[0].names) {
+      ASSERT_TRUE(outs[np].has(name)) << name;
+      EXPECT_LT(test::golden_err(outs[np].tensors.at(name), outs[0].tensors.at(name)),
+                std::max(5e-5, one_process_limit(name)))
+          << name;
+      ++compared;
+    }
+    EXPECT_GT(compared, 20);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, DapAf3CliDropout,
+                         ::testing::Values(Af3DropoutCase{"pairformer", "none"},
+                                           Af3DropoutCase{"pairformer", "module"},
+                                           Af3DropoutCase{"pairformer", "block"},
+                                           Af3DropoutCase{"msa_module", "none"},
+                                           Af3DropoutCase{"msa_module", "module"},
+                                           Af3DropoutCase{"msa_module", "block"}),
+                         [](const auto& info) { return DropoutName(info.param); });
+
+// run --dap 2 --memory-budget: the per-rank estimate bounds every rank's measured tracked peak
+// (and is within 25 % of the largest), a budget below the automatic forward's estimate lowers the
+// chunk target and is met, training without --policy takes the least recompute whose estimate
+// fits, and a budget nothing fits ends every rank with one message naming the least budget.
+TEST(DapAf3CliBudget, EstimateBoundsEveryRankAndTheBudgetIsMet) {
+  const std::string report = test::temp_file("dap_budget.json");
+  auto run = [&](const std::string& job, const std::string& budget, nlohmann::json* j) {
+    const test::Result r = test::run_mpi_cli(
+        2, "run " + job + " --blocks 1 --seed 3 --threads 1 --quiet --dap 2 --memory-budget " +
+               budget + " --report " + report);
+    if (r.code == 0) {
+      std::ifstream in(report);
+      *j = nlohmann::json::parse(in);
+    }
+    return r;
+  };
+  auto check = [](const nlohmann::json& j, int64_t budget) {
+    const int64_t est = j["memory_plan"]["planned_peak_bytes"].get<int64_t>();
+    const int64_t measured = j["memory_plan"]["measured_peak_bytes"].get<int64_t>();
+    for (const auto& p : j["rank_peak_tracked_bytes"]) EXPECT_LE(p.get<int64_t>(), est);
+    EXPECT_LE(est, measured + measured / 4);
+    EXPECT_LE(measured, budget);
+  };
+  for (const std::string job : {"--stack pairformer --r 40", "--stack msa_module --r 36 --s 20"}) {
+    SCOPED_TRACE(job);
+    nlohmann::json free, tight, train, train_tight;
+    ASSERT_EQ(run(job, "4GiB", &free).code, 0);
+    check(free, int64_t{4} << 30);
+    const int64_t est = free["memory_plan"]["planned_peak_bytes"].get<int64_t>();
+    const int64_t least = free["memory_plan"]["least_budget_bytes"].get<int64_t>();
+    ASSERT_LT(least, est) << "the automatic chunking is already the least";
+    const int64_t mid = (least + est) / 2;
+    ASSERT_EQ(run(job, std::to_string(mid), &tight).code, 0);
+    check(tight, mid);
+    EXPECT_LT(tight["memory_plan"]["chunk_target_bytes"].get<int64_t>(),
+              free["memory_plan"]["chunk_target_bytes"].get<int64_t>());
+    ASSERT_EQ(run(job + " --train", "4GiB", &train).code, 0);
+    EXPECT_EQ(train["memory_plan"]["policy"], "none");
+    check(train, int64_t{4} << 30);
+    const int64_t none = train["memory_plan"]["planned_peak_bytes"].get<int64_t>();
+    ASSERT_EQ(run(job + " --train", std::to_string(none - 1), &train_tight).code, 0);
+    EXPECT_NE(train_tight["memory_plan"]["policy"], "none");
+    check(train_tight, none - 1);
+    const test::Result r = run(job, std::to_string(least - 1), &tight);
+    EXPECT_NE(r.code, 0);
+    EXPECT_NE(r.out.find("needs at least"), std::string::npos) << r.out;
+  }
+}
+
+// User errors end every rank quickly with one message: a missing inputs file on rank 0, a rank
+// count that is not --dap.
 TEST(DapAf3CliErrors, RefusedWithOneMessage) {
   const std::string g = test::data_path("pairformer_tiny.safetensors");
   const std::string base =
@@ -161,8 +266,7 @@ TEST(DapAf3CliErrors, RefusedWithOneMessage) {
     int np;
     std::string args, message;
   };
-  for (const Case& c : {Case{2, " --inputs " + g + " --train --dap 2", "AF3 dropout under DAP"},
-                        Case{2, " --inputs /nonexistent.safetensors --dap 2", "rank 0: "},
+  for (const Case& c : {Case{2, " --inputs /nonexistent.safetensors --dap 2", "rank 0: "},
                         Case{2, " --inputs " + g + " --dap 3", "needs 3 MPI ranks"}}) {
     const test::Result r = test::run_mpi_cli(c.np, base + c.args);
     EXPECT_NE(r.code, 0) << c.args << "\n" << r.out;

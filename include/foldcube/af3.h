@@ -155,8 +155,8 @@ Status read_af3_weights(const std::string& path, const std::string& kind, Tensor
                         Af3Config* cfg);
 Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep);
 
-// ---- Memory plan (exact for the tracked allocator; no time estimates: the cost model does not
-// cover the AF3 layers yet) --------------------------------------------------------------------
+// ---- Memory plan (exact for the tracked allocator; `foldcube plan --stack` adds the cost model's
+// time per row, src/plan/table_cost.h) ------------------------------------------------------------
 struct Af3PlanRequest {
   Af3Config cfg;
   int64_t n = 0;       // tokens

@@ -15,6 +15,7 @@
 #include "model/af3_access.h"
 #include "model/af3_weights.h"
 #include "model/block_table.h"
+#include "model/dropout.h"
 #include "model/train.h"
 
 namespace fc {
@@ -122,13 +123,27 @@ void fill_forward_stats(const dist::CommStats& c0, const dist::CommStats& b0,
   stats->shard_bytes = shard_bytes;
 }
 
+// Block b's dropout on every shard context of sh: on when opts.dropout, the key of train_blocks
+// (src/model/train_block.cc) for (opts.seed, b), t's rates and axes, and each context's first
+// global item (m by sequences: rank * s_loc; z rows and rows of z^T: rank * r_loc).
+void set_af3_dap_dropout(const BlockTable& t, const TrainOptions& opts, int b, DapShards* sh) {
+  set_dap_dropout(sh, opts.dropout, block_dropout_key(opts.seed, b));
+  const DapLayout& l = sh->l;
+  for (BlockContext* c : {&sh->row, &sh->col, &sh->full}) c->table = &t;
+  sh->row.dropout_item0 = l.rank * l.s_loc;
+  sh->col.dropout_item0 = l.rank * l.r_loc;
+  sh->full.dropout_item0 = l.rank * l.r_loc;
+}
+
 // Every layer's training forward, then the backward, of the blocks w (weight structs W of table
 // t) on this rank's shards mr (layout dap_boundary_m(t)), zr [r_loc, r_pad, c_z]; dmr, dzr: dL/d
 // outputs on entry, dL/d inputs on exit. Parameter gradients (Boltz names, summed over the
-// ranks) are appended to out->grad_params in block order.
+// ranks) are appended to out->grad_params in block order. Dropout (opts.dropout): block b's
+// contexts take the one-process key of (opts.seed, b) and t's rates, and draw AF3's per-item
+// masks by global items (set_af3_dap_dropout), so the masks are those of one process.
 template <typename W>
 void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
-                      void (*alloc)(const EvoformerConfig&, W*), const DapShards& sh,
+                      void (*alloc)(const EvoformerConfig&, W*), DapShards& sh,
                       const dist::Communicator& comm, const TrainOptions& opts, Tensor& mr,
                       Tensor& zr, Tensor& dmr, Tensor& dzr, TrainResult* out,
                       DapTrainStats* stats) {
@@ -140,6 +155,7 @@ void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
   auto t0 = Clock::now();
   for (int b = 0; b < nb; ++b) {
     states.push_back(std::make_unique<DapBlockState>());
+    set_af3_dap_dropout(t, opts, b, &sh);
     dap_block_forward(t, w[b], sh, comm, mr, zr, policy_of(opts, b), {}, states.back().get());
   }
   out->forward_ms = ms_since(t0);
@@ -163,6 +179,7 @@ void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
     alloc(cfg, &g);
     Tensor m_in = kept_input(*states[b], Stream::kM);
     Tensor z_in = keep_z ? kept_input(*states[b], Stream::kZ) : Tensor();
+    set_af3_dap_dropout(t, opts, b, &sh);
     dap_block_backward(t, w[b], &g, sh, comm, states[b].get(), m_out, z_out, dmr, dzr);
     states[b].reset();
     m_out = m_in;
@@ -189,14 +206,12 @@ void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
 Status check_train(const dist::Communicator& comm, const EvoformerConfig& cfg,
                    const TrainOptions& opts, int nb) {
   std::string key = cfg.to_json() + "|" + std::to_string(opts.chunk) + "|" +
-                    std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout);
+                    std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout) +
+                    "|" + std::to_string(opts.seed);
   for (Recompute p : opts.policy) key += std::string("|") + recompute_name(p);
   if (!comm.all_equal(hash_string(key)))
     return Status::InvalidArgument(
         "DAP ranks hold different model configurations or training options");
-  if (opts.dropout)
-    return Status::InvalidArgument(
-        "AF3 dropout under DAP is not supported yet (its per-row masks are drawn by local rows)");
   return check_train_options(opts, nb);
 }
 }  // namespace

@@ -44,10 +44,10 @@ Status dap_forward(const MsaModule& mod, const dist::Communicator& comm, Tensor&
                    const Tensor& token_mask, const DapOptions& opts = {},
                    DapStats* stats = nullptr);
 
-// Training step (policies and chunking as PairformerStack::train_step; dropout is refused: AF3's
-// per-row masks are not drawn by global rows yet). On the root: s, z become the outputs,
-// out->grad_m = dL/d s, out->grad_z = dL/d z; every rank: out->grad_params under Boltz names,
-// summed over the ranks.
+// Training step (policies, chunking and dropout as PairformerStack::train_step: the same masks as
+// one process with the same seed, AF3's per-row masks drawn by global rows). On the root: s, z
+// become the outputs, out->grad_m = dL/d s, out->grad_z = dL/d z; every rank: out->grad_params
+// under Boltz names, summed over the ranks.
 Status dap_train_step(const PairformerStack& stack, const dist::Communicator& comm, Tensor& s,
                       Tensor& z, const Tensor& mask, const Tensor& grad_out_s,
                       const Tensor& grad_out_z, const TrainOptions& opts, DapTrainStats* stats,
@@ -71,10 +71,16 @@ struct Af3DapRunReport {
       rank_activation_bytes;
   int64_t blocks = 0;
   int64_t block_sent_bytes_model = 0;  // dap_table_volume per rank and block (the forward's)
+  // With --memory-budget: the bound af3_dap_plan gives every rank's tracked peak during the stack
+  // call (absolute, as rank_peak_bytes: rank 0's estimate, which holds the inputs), also in
+  // run.planned_peak_bytes beside run.measured_peak_bytes (the largest rank_peak_bytes).
+  std::vector<int64_t> rank_planned_bytes;
 };
 // Every rank of world builds the stack from spec.weights (or the same seeded random weights);
-// rank 0 reads the inputs (and grad outputs) and gets the outputs. spec.memory_bytes and
-// spec.repeats > 1 are refused; errors on any rank end the call on every rank (Comm::agree).
+// rank 0 reads the inputs (and grad outputs) and gets the outputs. spec.memory_bytes > 0: the
+// per-rank plan (src/plan/af3_dap_plan.h) sets the chunk target and, training without a policy,
+// the least recompute that fits; a budget too small is the same error on every rank.
+// spec.repeats > 1 is refused; errors on any rank end the call on every rank (Comm::agree).
 Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* rep);
 
 }  // namespace fc

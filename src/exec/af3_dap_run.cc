@@ -1,8 +1,12 @@
 // af3_dap_run (src/exec/af3_dap.h): the AF3 stacks from files under DAP, as af3_run runs them in
 // one process. Every fallible step is followed by Comm::agree, so no rank waits in a collective
 // that another rank never reaches.
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <initializer_list>
 #include <optional>
+#include <string>
 
 #include "dist/comm_api.h"
 #include "exec/af3_dap.h"
@@ -10,20 +14,70 @@
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "model/block_table.h"
+#include "plan/af3_dap_plan.h"
 
 namespace fc {
 
 namespace {
 using Clock = std::chrono::steady_clock;
+
+int64_t bytes_of(std::initializer_list<Tensor> ts) {
+  int64_t b = 0;
+  for (const Tensor& t : ts) b += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+  return b;
+}
+
+std::string mib(int64_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f MiB", bytes / 1048576.0);
+  return b;
+}
+
+// The per-rank plan of the run (af3_dap_plan) under spec.memory_bytes: the rank's chunk target
+// and (training without --policy) the least recompute that fits, its estimates in rep; a budget
+// nothing fits is a user error naming the least that would.
+Status af3_dap_budget(const Af3Config& cfg, const Af3RunSpec& spec, int ranks, int64_t n,
+                      int64_t n_msa, int64_t root_streams, int64_t root_held, DapOptions* fopts,
+                      TrainOptions* topts, Af3DapRunReport* rep) {
+  Af3DapPlanRequest req;
+  req.q.cfg = cfg;
+  req.q.n = n;
+  req.q.n_msa = n_msa;
+  req.q.train = spec.training;
+  req.q.policy = spec.policy;
+  req.q.chunk = spec.chunk;
+  req.q.chunk_target_bytes = spec.chunk_target_bytes;
+  req.q.memory_bytes = spec.memory_bytes;
+  req.q.threads = num_threads();
+  req.ranks = ranks;
+  req.root_stream_bytes = root_streams;
+  req.root_held_bytes = root_held;
+  Af3DapPlan plan;
+  FC_RETURN_IF_ERROR(af3_dap_plan(req, &plan));
+  rep->run.least_budget_bytes = plan.least_bytes;
+  if (plan.chosen < 0)
+    return Status::InvalidArgument(
+        "--memory-budget " + mib(spec.memory_bytes) + ": the " + cfg.kind +
+        (spec.training ? " training step" : " forward") + " at n=" + std::to_string(n) + " over " +
+        std::to_string(ranks) + " DAP ranks needs at least " + mib(plan.least_bytes) + " per rank");
+  const Af3PlanRow& row = plan.rows[plan.chosen];
+  fopts->chunk_target_bytes = row.chunk_target_bytes;
+  topts->chunk_target_bytes = row.chunk_target_bytes;
+  if (spec.training && topts->policy.empty()) topts->policy = {row.policy};
+  rep->run.planned_peak_bytes = row.peak_bytes;
+  rep->run.chunk_target_bytes = row.chunk_target_bytes;
+  if (spec.training) rep->run.policy = recompute_name(topts->policy.front());
+  rep->rank_planned_bytes.assign(ranks, row.peak_bytes);  // rank 0's, the largest
+  return Status::OK();
+}
 }  // namespace
 
 Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* rep) {
   *rep = Af3DapRunReport{};
   const dist::Communicator& comm = CommAccess::get(world);
   const bool root = world.rank() == 0;
-  if (spec.memory_bytes > 0 || spec.repeats > 1)
-    return Status::InvalidArgument(
-        "the AF3 stacks under --dap support neither --memory-budget nor --repeats yet");
+  if (spec.repeats > 1)
+    return Status::InvalidArgument("the AF3 stacks under --dap do not support --repeats yet");
   TensorFile w, in, g;
   Af3Config cfg;
   FC_RETURN_IF_ERROR(world.agree(af3_load_weights(spec, &w, &cfg), true));
@@ -40,10 +94,21 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
   Af3RunReport& run = rep->run;
   run.stack = cfg.kind;
   af3_output_metadata(cfg.kind, &run.out);
-  const TrainOptions topts = af3_train_options(spec);
+  TrainOptions topts = af3_train_options(spec);
   DapOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;
+  // With a budget: every rank plans from rank 0's shapes and input bytes (the same plan, so a
+  // budget too small is the same error on every rank, before any collective of the stack).
+  auto plan = [&](int64_t n, int64_t n_msa, int64_t streams, int64_t held) -> Status {
+    if (spec.memory_bytes <= 0) return Status::OK();
+    const std::vector<int64_t> shape = world.all_gather_i64(root ? n : 0);
+    const std::vector<int64_t> msa = world.all_gather_i64(root ? n_msa : 0);
+    const std::vector<int64_t> sb = world.all_gather_i64(root ? streams : 0);
+    const std::vector<int64_t> hb = world.all_gather_i64(root ? held : 0);
+    return af3_dap_budget(cfg, spec, world.size(), shape[0], std::max<int64_t>(msa[0], 1), sb[0],
+                          hb[0], &fopts, &topts, rep);
+  };
   std::optional<MemoryScope> scope;  // the stack call
   TrainResult tr;
   DapStats fs;
@@ -69,6 +134,7 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
       in = g = TensorFile{};
     }
     FC_RETURN_IF_ERROR(world.agree(st, true));
+    FC_RETURN_IF_ERROR(plan(run.n, 1, bytes_of({s, z}), bytes_of({mask, gs, gz})));
     world.barrier();
     scope.emplace();
     const auto t0 = Clock::now();
@@ -108,6 +174,8 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
       in = g = TensorFile{};
     }
     FC_RETURN_IF_ERROR(world.agree(st, true));
+    FC_RETURN_IF_ERROR(
+        plan(run.n, run.n_msa, bytes_of({z}), bytes_of({emb, feat, msa_mask, tok, gz})));
     world.barrier();
     Tensor g_emb;
     scope.emplace();
@@ -148,6 +216,9 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
                        dap_layout(pf ? 1 : run.n_msa, run.n, world.size(), 0))
           .total();
   run.peak_tracked_bytes = rep->rank_work_peak_bytes[0];
+  if (run.planned_peak_bytes > 0)
+    run.measured_peak_bytes =
+        *std::max_element(rep->rank_peak_bytes.begin(), rep->rank_peak_bytes.end());
   return Status::OK();
 }
 

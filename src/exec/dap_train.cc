@@ -8,7 +8,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "core/rng.h"
 #include "exec/partition.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
@@ -507,9 +506,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
   msa_p = pair_p = Tensor();
   for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->global_eps = global_eps;
   auto policy = [&](int b) { return policy_of(opts, b); };
-  auto block_key = [&](int b) {
-    return splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
-  };
+  auto block_key = [&](int b) { return block_dropout_key(opts.seed, b); };
 
   Tensor mr = scatter_rows(m, sp, rp, cm, comm);  // [s_loc, r_pad, c_m]
   Tensor zr = scatter_rows(z, rp, rp, cz, comm);  // [r_loc, r_pad, c_z]

@@ -34,6 +34,10 @@ struct BlockContext {
   // which the driver derives from (seed, block index).
   bool dropout = false;
   uint64_t dropout_key = 0;
+  // Global index of this context's first batch item: an AF3 per-item dropout mask (one draw per
+  // row, column or MSA row) gives local item n the draw of item dropout_item0 + n, so that a
+  // DAP shard draws what one process draws for the same rows (0 in one process).
+  int64_t dropout_item0 = 0;
   // Global column attention (ExtraMSA): added to each column's mask count before the masked mean.
   float global_eps = 1e-8f;
   // Inference: LayerNorm fused into the following Linear and the fused transition (src/kernels/

@@ -320,8 +320,8 @@ void attention_layer_train(const GatedAttentionSpec& at, const BlockContext& ctx
   const int64_t ch = attention_train_chunk(ctx, v.N, v.L, v.c, at.H * at.C);
   // [L, c] shared over the items, or [N, 1] one per item (AF3), or undefined
   const bool per_item = dropout_per_item(ctx, at.module);
-  const Tensor mask =
-      per_item ? dropout_mask(ctx, at.module, v.N, 1) : dropout_mask(ctx, at.module, v.L, v.c);
+  const Tensor mask = per_item ? dropout_mask(ctx, at.module, v.N, 1, ctx.dropout_item0)
+                               : dropout_mask(ctx, at.module, v.L, v.c);
   for (int64_t n0 = 0; n0 < v.N; n0 += ch) {
     const int64_t n = std::min(ch, v.N - n0);
     AttentionChunk k;
@@ -359,8 +359,8 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
   const int64_t ch = attention_train_chunk(ctx, v.N, v.L, c, hc);
   // as in attention_forward
   const bool per_item = dropout_per_item(ctx, at.module);
-  const Tensor mask =
-      per_item ? dropout_mask(ctx, at.module, v.N, 1) : dropout_mask(ctx, at.module, v.L, c);
+  const Tensor mask = per_item ? dropout_mask(ctx, at.module, v.N, 1, ctx.dropout_item0)
+                               : dropout_mask(ctx, at.module, v.L, c);
   FC_CHECK_MSG(kept->empty() || static_cast<int64_t>(kept->size()) == (v.N + ch - 1) / ch,
                "attention state was saved with another chunking");
   for (int64_t n0 = 0, idx = 0; n0 < v.N; n0 += ch, ++idx) {

@@ -166,4 +166,25 @@ void swiglu_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t row
   }
 }
 
+// ---- Models ------------------------------------------------------------------------------------
+
+LayerWork swiglu_transition_work(int64_t rows, int64_t c, int64_t nc, const WorkChunks& ch,
+                                 LayerWork* rb) {
+  LayerWork w;
+  const int64_t k = ch.training ? swiglu_transition_train_chunk(*ch.ctx, rows, c, nc)
+                                : swiglu_transition_chunk(*ch.ctx, rows, c, nc);
+  w.gemm.push_back({4.0 * rows * c * nc, static_cast<double>(k)});  // fc1 | fc2
+  w.gemm.push_back({2.0 * rows * nc * c, static_cast<double>(k)});  // fc3
+  w.chunks += div_ceil(rows, k);
+  w.mem += 2.0 * rows * c + 3.0 * rows * nc;  // LayerNorm; silu(a) * b reads 2 nc, writes nc
+  w.re_mem += 2.0 * rows * c;                 // LayerNorm rebuilt per chunk
+  if (rb) {
+    *rb = LayerWork{};
+    rb->chunks = w.chunks;
+    rb->gemm.push_back(w.gemm[0]);
+    rb->mem = 2.0 * rows * c;
+  }
+  return w;
+}
+
 }  // namespace fc

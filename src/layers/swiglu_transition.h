@@ -34,6 +34,12 @@ void swiglu_transition_backward(const SwiGluTransitionW& w, SwiGluTransitionW* g
                                 const BlockContext& ctx, const float* x_in, TransitionState* st,
                                 float* dx, int64_t rows, int64_t c);
 
+// Work for the cost model (src/plan/cost_model.cc): fc1 | fc2 (4 rows c nc FLOPs) and fc3 (2 rows
+// nc c) on chunks of the inference or training row count, LayerNorm and the gate as memory passes;
+// rb (training, may be null): what the backward rebuilds when nothing was kept (LN, fc1 | fc2).
+LayerWork swiglu_transition_work(int64_t rows, int64_t c, int64_t nc, const WorkChunks& ch,
+                                 LayerWork* rb);
+
 // The training forward's allocations (keep: the state stays, policy none) and the backward's
 // (kept: the forward's state is live), for the memory model.
 // The SwiGLU transition (src/layers/swiglu_transition.cc): h [n, 2nc] kept per chunk.

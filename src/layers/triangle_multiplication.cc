@@ -735,6 +735,13 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
 // ---- Triangle multiplication on a row shard (DAP) ----------------------------------------------
 
 namespace {
+// Whether the shard's update rows take one mask row each (tri_mul_dropout's per_row). The mask is
+// indexed by rows of z in both cases: an AF2 mask (shared over the rows of z, indexed by column j)
+// applies per row of z^T; an AF3 mask (one draw per row i of z) per row of z, and on z^T (the
+// incoming shard) it is shared over the rows, indexed by the column of z^T.
+bool shard_dropout_per_row(const BlockContext& ctx, const char* module, bool left_is_b) {
+  return dropout_per_item(ctx, module) != left_is_b;
+}
 
 // P [c_t, rows, r] of the shard: per group, P_c[:, shard q's rows] = L_c R_{q,c}^T.
 Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockContext& ctx,
@@ -778,9 +785,10 @@ void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
   Tensor P =
       tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());  // [c_t, rows, r]
-  tri_mul_output(
-      w, ctx, P.f32(), x_ln.f32(), rows, tri_mul_train_chunks(ctx, rows, gather.parts).rows,
-      dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz), left_is_b, row0, z);
+  const char* name = left_is_b ? "tri_mul_in" : "tri_mul_out";
+  tri_mul_output(w, ctx, P.f32(), x_ln.f32(), rows,
+                 tri_mul_train_chunks(ctx, rows, gather.parts).rows, dropout_mask(ctx, name, r, cz),
+                 shard_dropout_per_row(ctx, name, left_is_b), row0, z);
   if (st) st->P = std::move(P);
 }
 
@@ -803,9 +811,10 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});     // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, rows, r});  // dL/d triangle products, channel-major
-  tri_mul_output_backward(w, g, ctx, P.f32(), ln.y.f32(), rows, chunks.rows,
-                          dropout_mask(ctx, left_is_b ? "tri_mul_in" : "tri_mul_out", r, cz),
-                          left_is_b, row0, dz, dP.f32(), dxln.f32());
+  const char* name = left_is_b ? "tri_mul_in" : "tri_mul_out";
+  tri_mul_output_backward(
+      w, g, ctx, P.f32(), ln.y.f32(), rows, chunks.rows, dropout_mask(ctx, name, r, cz),
+      shard_dropout_per_row(ctx, name, left_is_b), row0, dz, dP.f32(), dxln.f32());
   P = Tensor();
   {
     // Phase 1 backward by channel groups: rebuild the group's A, B and every shard's R;

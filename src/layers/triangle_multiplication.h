@@ -80,7 +80,9 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
 // p[i, j] = sum_k L[i, k] R[j, k] with L this shard's projection and R every shard's, gathered one
 // channel group at a time. left_is_b = false: the outgoing module on z (dropout mask over (j, c),
 // shared over the rows); true: the incoming module on z^T (mask^T; its dropout mask, over the
-// columns of z, applies per row of z^T). st->P [c_t, rows, r] kept when st is non-null.
+// columns of z, applies per row of z^T). AF3's per-row masks (one draw per global row i of z)
+// apply per row on z and shared over the rows on z^T. st->P [c_t, rows, r] kept when st is
+// non-null.
 void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const BlockContext& ctx,
                                          bool left_is_b, int64_t rows, int64_t row0,
                                          const float* mask, const ShardGather& gather, float* z,

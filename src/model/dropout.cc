@@ -40,7 +40,8 @@ float module_rate(const BlockContext& ctx, const char* module) {
 }
 }  // namespace
 
-Tensor dropout_mask(const BlockContext& ctx, const char* module, int64_t L, int64_t c) {
+Tensor dropout_mask(const BlockContext& ctx, const char* module, int64_t L, int64_t c,
+                    int64_t item0) {
   if (!ctx.dropout) return Tensor();
   const float p = module_rate(ctx, module);
   if (p <= 0.f) return Tensor();
@@ -52,11 +53,15 @@ Tensor dropout_mask(const BlockContext& ctx, const char* module, int64_t L, int6
   const float threshold = 2.f * p - 1.f;  // uniform_pm1 < threshold with probability p
   if (dropout_per_item(ctx, module)) {
     for (int64_t i = 0; i < L; ++i)
-      std::fill(mp + i * c, mp + (i + 1) * c, uniform_pm1(key, i) < threshold ? 0.f : keep);
+      std::fill(mp + i * c, mp + (i + 1) * c, uniform_pm1(key, item0 + i) < threshold ? 0.f : keep);
     return mask;
   }
   for (int64_t i = 0; i < L * c; ++i) mp[i] = uniform_pm1(key, i) < threshold ? 0.f : keep;
   return mask;
+}
+
+uint64_t block_dropout_key(uint64_t seed, int b) {
+  return splitmix64(seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
 }
 
 bool dropout_per_item(const BlockContext& ctx, const char* module) {

@@ -18,8 +18,14 @@ namespace fc {
 // The mask [L, c] for `module` (golden trace name) of the context's block table, or an undefined
 // tensor when dropout is off or the module has no dropout. For a Boltz (AF3) layer
 // (DropoutShare kPerRow / kPerColumn) the mask is indexed by the layer's batch items instead:
-// mask[l, :] is one draw for item l (see dropout_per_item).
-Tensor dropout_mask(const BlockContext& ctx, const char* module, int64_t L, int64_t c);
+// mask[l, :] is the draw of global item item0 + l (see dropout_per_item), the same draw on every
+// DAP shard that holds that item.
+Tensor dropout_mask(const BlockContext& ctx, const char* module, int64_t L, int64_t c,
+                    int64_t item0 = 0);
+
+// The dropout key of block b of a training step seeded by `seed` (BlockContext::dropout_key): the
+// one-process and the DAP drivers draw the same masks from it.
+uint64_t block_dropout_key(uint64_t seed, int b);
 
 // True when `module`'s dropout (Boltz, AF3) is one draw per batch item of the layer's chunk axis
 // (per row i of z for tri_mul_out/in and tri_att_start, per column j for tri_att_end, per MSA row

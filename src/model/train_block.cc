@@ -5,7 +5,6 @@
 #include <functional>
 #include <memory>
 
-#include "core/rng.h"
 #include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
@@ -16,6 +15,7 @@
 #include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 #include "model/common.h"
+#include "model/dropout.h"
 #include "model/train.h"
 
 namespace fc {
@@ -326,7 +326,7 @@ Status train_blocks(const BlockTable& t, const std::vector<const void*>& w,
   // Per-block dropout keys: block b's masks depend on (seed, b) only.
   auto block_ctx = [&](int b) {
     BlockContext c = ctx;
-    c.dropout_key = splitmix64(opts.seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(b + 1)));
+    c.dropout_key = block_dropout_key(opts.seed, b);
     return c;
   };
   auto policy = [&](int b) { return policy_of(opts, b); };

@@ -11,10 +11,12 @@
 #include "foldcube/model.h"
 #include "foldcube/planner.h"
 #include "foldcube/tensor.h"
+#include "layers/swiglu_transition.h"
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
 #include "model/train.h"
+#include "plan/table_cost.h"
 
 namespace fc {
 
@@ -145,8 +147,11 @@ LayerWork layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, 
       return global_attention_work(cfg, s, r, ch, rb);
     case LayerKind::kMaskedTransition:
       return transition_work(s * r, cfg.c_m, cfg.transition_n, ch, rb);
-    case LayerKind::kSwiGluTransition:  // AF3: not modelled / sharded yet
-      break;
+    case LayerKind::kSwiGluTransition: {  // AF3: hidden transition_n x c, as the layer's weights
+      const int64_t rows = l.updates == Stream::kM ? s * r : r * r;
+      const int64_t c = l.updates == Stream::kM ? cfg.c_m : cfg.c_z;
+      return swiglu_transition_work(rows, c, cfg.transition_n * c, ch, rb);
+    }
   }
   FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no cost model");
   return {};
@@ -154,26 +159,23 @@ LayerWork layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, 
 
 }  // namespace
 
-std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
-                                           int64_t chunk, int64_t chunk_target_bytes, bool training,
-                                           const DeviceProfile& dev, bool extra_msa) {
-  const BlockContext ctx = shape_context(cfg, s, r, chunk,
-                                         chunk_target_bytes > 0 || !training
-                                             ? chunk_target_bytes
-                                             : default_train_chunk_target_bytes(cfg, s, r),
-                                         dev.threads);
+namespace {
+// The costs of table t's layers at the context's shapes and chunking; whole[i]: bytes of layer i's
+// chunk buffers when it runs in one chunk (a chunk's working set is about the target, at most
+// that).
+std::vector<ModuleCost> module_costs(const BlockTable& t, const EvoformerConfig& cfg,
+                                     const BlockContext& ctx, bool training,
+                                     const DeviceProfile& dev, const std::vector<int64_t>& whole) {
+  const int64_t s = ctx.s, r = ctx.r;
   const WorkChunks ch{&ctx, training};
   const int64_t e = dtype_bytes(dev.dtype);
-  const BlockTable& t = extra_msa ? kExtraMsaBlock : kEvoformerBlock;
   std::vector<LayerWork> mods(t.count);
   std::vector<LayerWork> rb(
       t.count);  // training: what each layer's backward rebuilds under policy module
   for (int i = 0; i < t.count; ++i)
     mods[i] = layer_work(t.layers[i], cfg, s, r, ch, training ? &rb[i] : nullptr);
-  // Working sets: a chunk's buffers are about the target, at most the module's whole-axis ones.
-  const auto whole = training_module_whole_bytes(cfg, s, r, extra_msa);
   for (int i = 0; i < t.count; ++i) {
-    mods[i].ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i].second));
+    mods[i].ws = static_cast<double>(std::min(ctx.chunk_target_bytes, whole[i]));
     rb[i].ws = mods[i].ws;
   }
   std::vector<ModuleCost> out;
@@ -191,6 +193,37 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
     out.push_back(c);
   }
   return out;
+}
+}  // namespace
+
+std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                           int64_t chunk, int64_t chunk_target_bytes, bool training,
+                                           const DeviceProfile& dev, bool extra_msa) {
+  const BlockContext ctx = shape_context(cfg, s, r, chunk,
+                                         chunk_target_bytes > 0 || !training
+                                             ? chunk_target_bytes
+                                             : default_train_chunk_target_bytes(cfg, s, r),
+                                         dev.threads);
+  std::vector<int64_t> whole;
+  for (const auto& [name, bytes] : training_module_whole_bytes(cfg, s, r, extra_msa))
+    whole.push_back(bytes);
+  return module_costs(extra_msa ? kExtraMsaBlock : kEvoformerBlock, cfg, ctx, training, dev, whole);
+}
+
+std::vector<ModuleCost> table_module_costs(const BlockTable& t, const EvoformerConfig& cfg,
+                                           int64_t s, int64_t r, int64_t chunk,
+                                           int64_t chunk_target_bytes, bool training,
+                                           const DeviceProfile& dev) {
+  const BlockContext ctx = shape_context(cfg, s, r, chunk,
+                                         chunk_target_bytes > 0 || !training
+                                             ? chunk_target_bytes
+                                             : default_train_chunk_target_bytes(cfg, s, r),
+                                         dev.threads);
+  BlockContext one = ctx;  // each layer in one chunk
+  one.chunk = std::max<int64_t>({s, r * r, s * r});
+  std::vector<int64_t> whole;
+  for (const LayerDesc& l : t) whole.push_back(layer_workspace_bytes(l, one));
+  return module_costs(t, cfg, ctx, training, dev, whole);
 }
 
 // ---- DAP communication -------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+// The cost model against the measured time per module of one AF3-dims Pairformer block (n tokens)
+// and one MSA-module block (n tokens, N_msa rows): inference (trace-timed forward) and the
+// training step under policy none (TrainOptions::profile), minimum over rounds, beside
+// table_module_costs with this machine's profile (cached, else calibrated). Prints est / meas per
+// module and per block, and the load average before and after (ratios are same-run).
+// Usage: af3_modules_bench [n] [n_msa] [rounds]   (default 256 128 3).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "bench_util.h"
+#include "core/rng.h"
+#include "foldcube/af3.h"
+#include "foldcube/model.h"
+#include "foldcube/planner.h"
+#include "foldcube/runtime.h"
+#include "model/block_table.h"
+#include "plan/table_cost.h"
+
+namespace {
+using Clock = std::chrono::steady_clock;
+
+fc::Tensor random_tensor(const fc::Shape& shape, uint64_t seed) {
+  fc::Tensor t = fc::Tensor::empty(shape);  // shape as given
+  float* p = t.f32();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = fc::uniform_pm1(seed, i);
+  return t;
+}
+
+double ms_since(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+using Times = std::map<std::string, double>;  // module -> minimum ms
+
+void keep_min(Times* t, const std::string& module, double ms) {
+  auto it = t->find(module);
+  if (it == t->end() || ms < it->second) (*t)[module] = ms;
+}
+
+void print_table(const char* title, const fc::BlockTable& table,
+                 const std::vector<fc::ModuleCost>& est, const Times& meas, bool training) {
+  std::printf("\n%s\n\n| module | est ms | meas ms | est/meas |\n|---|---|---|---|\n", title);
+  double se = 0, sm = 0;
+  for (int i = 0; i < table.count; ++i) {
+    const std::string name = table.layers[i].name;
+    const double e = est[i].forward_ms + (training ? est[i].backward_ms : 0.0);
+    const auto it = meas.find(name);
+    const double m = it == meas.end() ? 0.0 : it->second;
+    se += e;
+    sm += m;
+    std::printf("| %s | %.1f | %.1f | %.2f |\n", name.c_str(), e, m, m > 0 ? e / m : 0.0);
+  }
+  std::printf("| **block** | %.1f | %.1f | %.2f |\n", se, sm, sm > 0 ? se / sm : 0.0);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t n = argc > 1 ? std::atoll(argv[1]) : 256;
+  const int64_t n_msa = argc > 2 ? std::atoll(argv[2]) : 128;
+  const int rounds = argc > 3 ? std::atoi(argv[3]) : 3;
+  if (n < 8 || n_msa < 1 || rounds < 1) {
+    std::fprintf(stderr, "usage: af3_modules_bench [n >= 8] [n_msa >= 1] [rounds >= 1]\n");
+    return 2;
+  }
+  std::printf("af3_modules_bench: n = %lld, N_msa = %lld, %d rounds, %d threads\n",
+              static_cast<long long>(n), static_cast<long long>(n_msa), rounds, fc::num_threads());
+  std::printf("load average before: %s\n", fc::bench::loadavg().c_str());
+  fc::DeviceProfile dev;
+  if (fc::Status st = fc::load_or_calibrate_profile("", false, &dev); !st.ok()) {
+    std::fprintf(stderr, "af3_modules_bench: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  std::printf("profile: %s\n", dev.name.c_str());
+  for (const char* kind : {"pairformer", "msa_module"}) {
+    fc::Af3Config cfg;  // Boltz-2 / AF3 dims
+    cfg.kind = kind;
+    cfg.no_blocks = 1;
+    const bool pf = cfg.kind == "pairformer";
+    const fc::EvoformerConfig trunk = fc::af3_trunk_config(cfg);
+    const fc::BlockTable& table = pf ? fc::kPairformerBlock : fc::kMsaModuleBlock;
+    const fc::Tensor z0 = random_tensor({n, n, cfg.c_z}, 4);           // [n, n, c_z]
+    const fc::Tensor s0 = random_tensor({n, cfg.c_s}, 3);              // [n, c_s]
+    const fc::Tensor f0 = random_tensor({n_msa, n, cfg.msa_feat}, 5);  // [N, n, msa_feat]
+    const fc::Tensor gz = fc::Tensor::full({n, n, cfg.c_z}, 1.f);      // [n, n, c_z]
+    const fc::Tensor gs = fc::Tensor::full({n, cfg.c_s}, 1.f);         // [n, c_s]
+    const fc::PairformerStack pstack = fc::PairformerStack::random(cfg, 1);
+    const fc::MsaModule mstack = fc::MsaModule::random(cfg, 1);
+    Times fwd, train;
+    for (int round = 0; round <= rounds; ++round) {  // round 0: warm-up
+      fc::ForwardOptions opts;
+      Clock::time_point mark = Clock::now();
+      opts.trace = [&](int, const std::string& module, const std::string&, const fc::Tensor&) {
+        if (round > 0) keep_min(&fwd, module, ms_since(mark));
+        mark = Clock::now();
+      };
+      fc::Tensor z = z0.clone(), s = s0.clone();
+      fc::Status st = pf ? pstack.forward(s, z, fc::Tensor(), opts)
+                         : mstack.forward(z, s0, f0, fc::Tensor(), fc::Tensor(), opts);
+      fc::TrainOptions to;
+      to.policy = {fc::Recompute::kNone};
+      to.profile = true;
+      fc::TrainResult tr;
+      fc::Tensor g_emb;  // [n, c_s] dL/d emb (MSA module)
+      z = z0.clone(), s = s0.clone();
+      if (st.ok())
+        st = pf ? pstack.train_step(s, z, fc::Tensor(), gs, gz, to, &tr)
+                : mstack.train_step(z, s0, f0, fc::Tensor(), fc::Tensor(), gz, to, &tr, &g_emb);
+      if (!st.ok()) {
+        std::fprintf(stderr, "af3_modules_bench: %s\n", st.ToString().c_str());
+        return 1;
+      }
+      if (round > 0)
+        for (const fc::ModuleTime& t : tr.module_ms)
+          keep_min(&train, t.module, t.forward_ms + t.backward_ms);
+    }
+    const int64_t s_rows = pf ? 1 : n_msa;
+    const std::string what = std::string(kind) + ", one block, n = " + std::to_string(n) +
+                             (pf ? "" : ", N_msa = " + std::to_string(n_msa));
+    print_table(("Inference: " + what).c_str(), table,
+                fc::table_module_costs(table, trunk, s_rows, n, 0, 0, false, dev), fwd, false);
+    print_table(("Training step, policy none (forward + backward): " + what).c_str(), table,
+                fc::table_module_costs(table, trunk, s_rows, n, 0, 0, true, dev), train, true);
+  }
+  std::printf("\nload average after: %s\n", fc::bench::loadavg().c_str());
+  return 0;
+}
