@@ -109,7 +109,7 @@ std::function<int()> add_fold_command(CLI::App& app) {
     } else if (a->bucket) {
       a->opts.buckets = default_buckets();
     }
-    a->opts.dtype = a->dtype == "bf16" ? DType::BF16 : DType::F32;
+    if (Status st = parse_compute_dtype(a->dtype, &a->opts.dtype); !st.ok()) return fail(st);
     set_num_threads(a->threads);
     for (const std::string& m : split(a->models, ',')) {
       char* end = nullptr;

@@ -65,7 +65,7 @@ Status run_options(const RunArgs& a, RunOptions* o) {
   o->repeats = a.repeats;
   o->profile = a.profile;
   o->fused = !a.unfused;
-  o->dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
+  FC_RETURN_IF_ERROR(parse_compute_dtype(a.dtype, &o->dtype));
   o->dropout = a.train;
   o->seed = a.seed;
   if (!a.memory_budget.empty()) FC_RETURN_IF_ERROR(parse_bytes(a.memory_budget, &o->memory_budget));

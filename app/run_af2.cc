@@ -142,7 +142,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &opts.chunk_target_bytes));
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
   opts.recycle_tolerance = a.recycle_tolerance;
-  opts.dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
+  FC_RETURN_IF_ERROR(parse_compute_dtype(a.dtype, &opts.dtype));
   // --memory-budget X per rank: the chunking from the per-rank memory model (every rank's peak,
   // the largest base over the ranks: the same chunking on every rank).
   int64_t budget = 0;
@@ -284,7 +284,7 @@ int run_af2(const RunArgs& a) {
   opts.chunk = a.chunk;
   opts.chunk_target_bytes = chunk_target;
   opts.passes = a.recycles >= 0 ? a.recycles + 1 : 0;
-  opts.dtype = a.dtype == "bf16" ? DType::BF16 : DType::F32;
+  if (Status st = parse_compute_dtype(a.dtype, &opts.dtype); !st.ok()) return fail(st);
   // --memory-budget: the stacks' chunking and the pair blocks from the whole-model memory model,
   // refused before any work when no chunking fits.
   AlphaFoldPlan plan;

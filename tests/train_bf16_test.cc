@@ -210,6 +210,21 @@ INSTANTIATE_TEST_SUITE_P(
                       MemCase{true, 5, 7, 3, {R::kBlock, R::kModule, R::kNone}, 2}),
     [](const auto& info) { return mem_case_name(info.param); });
 
+// The CLI's and Python's dtype spelling: "fp32" and "bf16" only, anything else one message.
+TEST(TrainBf16, ComputeDtypeSpellings) {
+  DType t = DType::F64;
+  ASSERT_TRUE(parse_compute_dtype("fp32", &t).ok());
+  EXPECT_EQ(t, DType::F32);
+  ASSERT_TRUE(parse_compute_dtype("bf16", &t).ok());
+  EXPECT_EQ(t, DType::BF16);
+  for (const char* bad : {"fp16", "BF16", "", "bf16 "}) {
+    const Status st = parse_compute_dtype(bad, &t);
+    EXPECT_FALSE(st.ok()) << bad;
+    EXPECT_NE(st.message().find("expected 'fp32' or 'bf16'"), std::string::npos) << st.message();
+  }
+  EXPECT_EQ(t, DType::BF16);  // unchanged by the errors
+}
+
 // A dtype the step does not run is a user error, in the options and in the memory query.
 TEST(TrainBf16, UnsupportedDtypeIsUserError) {
   EvoformerConfig cfg = test::small_config();

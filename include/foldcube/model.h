@@ -41,6 +41,9 @@ struct ForwardOptions {
 
 // A user error unless opts.dtype is F32, or BF16 with opts.fused.
 Status check_forward_dtype(const ForwardOptions& opts);
+// The compute dtype's command-line / Python spelling: "fp32" -> F32, "bf16" -> BF16 (GEMM inputs
+// in bf16; ForwardOptions, TrainOptions and AlphaFoldOptions::dtype); anything else is an error.
+Status parse_compute_dtype(const std::string& name, DType* out);
 
 // Activation recompute policy of one block in training (see src/model/train.h):
 // kNone keeps every module's saved state, kModule ("small") keeps each module's input and

@@ -66,9 +66,10 @@ int threads_arg(std::optional<int> threads) {
 
 // "fp32" | "bf16": the GEMM inputs of the stacks (AlphaFoldOptions::dtype).
 fc::DType dtype_arg(const std::string& dtype) {
-  if (dtype == "fp32") return fc::DType::F32;
-  if (dtype == "bf16") return fc::DType::BF16;
-  throw nb::value_error(("dtype: expected 'fp32' or 'bf16', got '" + dtype + "'").c_str());
+  fc::DType out = fc::DType::F32;
+  const fc::Status st = fc::parse_compute_dtype(dtype, &out);
+  if (!st.ok()) throw nb::value_error(st.message().c_str());
+  return out;
 }
 
 int64_t chunk_arg(std::optional<int64_t> chunk) {

@@ -99,6 +99,14 @@ Status EvoformerStack::forward(Tensor& m, Tensor& z, const Tensor& msa_mask_in,
   return Status::OK();
 }
 
+Status parse_compute_dtype(const std::string& name, DType* out) {
+  if (name == "fp32" || name == "bf16") {
+    *out = name == "bf16" ? DType::BF16 : DType::F32;
+    return Status::OK();
+  }
+  return Status::InvalidArgument("dtype: expected 'fp32' or 'bf16', got '" + name + "'");
+}
+
 Status check_forward_dtype(const ForwardOptions& opts) {
   if (opts.dtype == DType::F32) return Status::OK();
   if (opts.dtype != DType::BF16)
