@@ -195,7 +195,7 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   const int64_t hc = at.H * at.C, c = at.v.c, rows = n * at.v.L;
   AttentionChunk k;
   k.qkvg = Tensor::empty({rows, 4 * hc});
-  kern::linear(x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
+  train_linear(ctx, x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
                4 * hc);
   round_for_store(ctx, k.qkvg);
   k.og = Tensor::empty({rows, hc});
@@ -203,6 +203,7 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
                                          at.mask_bias + n0 * at.v.L, bias, k.og.f32());
   a.lse = k.lse.f32();
+  a.dtype = ctx.store;  // bf16 training: bf16 dot products (q|k|v|g hold bf16 values already)
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   round_for_store(ctx, k.og);
@@ -332,8 +333,8 @@ void attention_layer_train(const GatedAttentionSpec& at, const BlockContext& ctx
     }
     {
       Tensor u = Tensor::empty({n, v.L, v.c});  // update of the chunk
-      kern::linear(k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(), bias_ptr(at.w.o),
-                   v.c, u.f32(), v.c);
+      train_linear(ctx, k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(),
+                   bias_ptr(at.w.o), v.c, u.f32(), v.c);
       if (per_item)
         apply_item_dropout(u.f32(), n0, n, v.L * v.c, mask);
       else
@@ -379,8 +380,8 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     else
       apply_dropout(du.f32(), n, v.L, c, mask);
     Tensor dog = Tensor::empty({rows, hc});
-    kern::linear_backward(k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
-                          gw->o.w.f32(), bias_ptr(gw->o));
+    train_linear_backward(ctx, k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(),
+                          hc, gw->o.w.f32(), bias_ptr(gw->o));
     k.og = Tensor();
     Tensor dqkvg = Tensor::empty({rows, 4 * hc});
     {
@@ -399,8 +400,8 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     k.lse = Tensor();
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
-    kern::linear_backward(ln.y.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
-                          dln.f32(), c, gw->w_qkvg.f32(), gw->b_qkvg.f32());
+    train_linear_backward(ctx, ln.y.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(),
+                          4 * hc, dln.f32(), c, gw->w_qkvg.f32(), gw->b_qkvg.f32());
     dqkvg = Tensor();
     k.qkvg = Tensor();
     ln.y = Tensor();
@@ -504,12 +505,15 @@ void attention_train_replay(AllocReplay& S, const BlockContext& ctx, const Atten
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
     const int64_t scratch = kern::attention_scratch_floats(replay_dims(d, n), ctx.threads);
-    S.alloc(rows * d.c);             // x_ln
-    S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
+    S.alloc(rows * d.c);     // x_ln
+    S.alloc(rows * 4 * hc);  // qkvg
+    train_linear_replay(S, ctx, rows, d.c, 4 * hc);
+    S.alloc(rows * (hc + d.H));  // og, lse
     S.alloc(scratch);
     S.free(scratch);
     S.free(rows * d.c);
     S.alloc(rows * d.c);  // u
+    train_linear_replay(S, ctx, rows, hc, d.c);
     S.free(rows * d.c);
     if (!keep) S.free(rows * (5 * hc + d.H));
     if (keep) {
@@ -536,22 +540,26 @@ void attention_backward_replay(AllocReplay& S, const BlockContext& ctx, const At
     S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
     if (!kept) {
       const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
-      S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
+      S.alloc(rows * 4 * hc);  // qkvg
+      train_linear_replay(S, ctx, rows, d.c, 4 * hc);
+      S.alloc(rows * (hc + d.H));  // og, lse
       S.alloc(scratch);
       S.free(scratch);
     } else {
       from_store_replay(S, ctx, rows * 4 * hc);  // qkvg
       from_store_replay(S, ctx, rows * hc);      // og
     }
-    S.alloc(rows * d.c);     // du
-    S.alloc(rows * hc);      // dog
+    S.alloc(rows * d.c);  // du
+    S.alloc(rows * hc);   // dog
+    train_linear_backward_replay(S, ctx, rows, hc, d.c);
     S.free(rows * hc);       // og
     S.alloc(rows * 4 * hc);  // dqkvg
     const int64_t scratch = kern::attention_backward_scratch_floats(a, ctx.threads, d.bias);
     S.alloc(scratch);
     S.free(scratch);
-    S.free(rows * (d.H + hc));           // lse, dog
-    S.alloc(rows * d.c);                 // dln
+    S.free(rows * (d.H + hc));  // lse, dog
+    S.alloc(rows * d.c);        // dln
+    train_linear_backward_replay(S, ctx, rows, d.c, 4 * hc);
     S.free(rows * 8 * hc + rows * d.c);  // dqkvg, qkvg, x_ln
     const int64_t x = d.transposed ? rows * d.c : 0;
     S.alloc(x + ln_scratch(rows, d.c));
