@@ -385,8 +385,9 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     k.og = Tensor();
     Tensor dqkvg = Tensor::empty({rows, 4 * hc});
     {
-      const kern::AttentionArgs a =
+      kern::AttentionArgs a =
           attention_args(k.qkvg.f32(), at.H, at.C, n, v.L, at.mask_bias + n0 * v.L, bias, nullptr);
+      a.dtype = ctx.store;  // bf16 training: bf16 inputs to the backward's products
       kern::AttentionGrads g;
       float* d = dqkvg.f32();
       g.d_out = dog.f32();
@@ -536,7 +537,8 @@ void attention_backward_replay(AllocReplay& S, const BlockContext& ctx, const At
   }
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
-    const kern::AttentionArgs a = replay_dims(d, n);
+    kern::AttentionArgs a = replay_dims(d, n);
+    a.dtype = ctx.store;             // the backward's scratch depends on it
     S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
     if (!kept) {
       const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
