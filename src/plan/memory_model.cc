@@ -417,4 +417,17 @@ Status forward_chunking(const MemoryQuery& q, bool extra_msa, std::vector<Module
   return Status::OK();
 }
 
+LayerReplayBytes layer_train_replay_bytes(const BlockContext& ctx, const LayerDesc& l, bool keep) {
+  AllocReplay S;
+  layer_fwd(S, ctx, l, keep);
+  return {S.peak, S.live};
+}
+
+LayerReplayBytes layer_backward_replay_bytes(const BlockContext& ctx, const LayerDesc& l,
+                                             bool kept) {
+  AllocReplay S;
+  layer_bwd(S, ctx, l, kept);
+  return {S.peak, S.live};
+}
+
 }  // namespace fc
