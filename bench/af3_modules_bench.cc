@@ -3,7 +3,12 @@
 // training step under policy none (TrainOptions::profile), minimum over rounds, beside
 // table_module_costs with this machine's profile (cached, else calibrated). Prints est / meas per
 // module and per block, and the load average before and after (ratios are same-run).
-// Usage: af3_modules_bench [n] [n_msa] [rounds]   (default 256 128 3).
+// The same run times one AF2-dims Evoformer block at (s = n_msa, r = n) against
+// block_module_costs (the cost model checked within 10 % on an idle machine, docs/benchmarks.md):
+// each AF3 module's est/meas over the Evoformer block's est/meas ("rel") cancels the load and the
+// profile's age, so rel = 1 +- 0.1 says the AF3 formula is as right as the Evoformer's.
+// Usage: af3_modules_bench [n] [n_msa] [rounds]   (default 256 128 3). For a load-robust run:
+// OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive (a 1-thread profile is cached or calibrated).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -42,20 +47,29 @@ void keep_min(Times* t, const std::string& module, double ms) {
   if (it == t->end() || ms < it->second) (*t)[module] = ms;
 }
 
-void print_table(const char* title, const fc::BlockTable& table,
-                 const std::vector<fc::ModuleCost>& est, const Times& meas, bool training) {
-  std::printf("\n%s\n\n| module | est ms | meas ms | est/meas |\n|---|---|---|---|\n", title);
+// Prints est / meas per module and for the block, and rel = (est / meas) / ref (ref: the same
+// run's Evoformer block est / meas; 0: no rel column). Returns the block's est / meas.
+double print_table(const char* title, const std::vector<fc::ModuleCost>& est, const Times& meas,
+                   bool training, double ref) {
+  std::printf("\n%s\n\n| module | est ms | meas ms | est/meas |%s\n|---|---|---|---|%s\n", title,
+              ref > 0 ? " rel |" : "", ref > 0 ? "---|" : "");
   double se = 0, sm = 0;
-  for (int i = 0; i < table.count; ++i) {
-    const std::string name = table.layers[i].name;
-    const double e = est[i].forward_ms + (training ? est[i].backward_ms : 0.0);
-    const auto it = meas.find(name);
+  auto row = [&](const std::string& name, double e, double m) {
+    const double q = m > 0 ? e / m : 0.0;
+    std::printf("| %s | %.1f | %.1f | %.2f |", name.c_str(), e, m, q);
+    if (ref > 0) std::printf(" %.2f |", q / ref);
+    std::printf("\n");
+  };
+  for (const fc::ModuleCost& c : est) {
+    const double e = c.forward_ms + (training ? c.backward_ms : 0.0);
+    const auto it = meas.find(c.name);
     const double m = it == meas.end() ? 0.0 : it->second;
     se += e;
     sm += m;
-    std::printf("| %s | %.1f | %.1f | %.2f |\n", name.c_str(), e, m, m > 0 ? e / m : 0.0);
+    row(c.name, e, m);
   }
-  std::printf("| **block** | %.1f | %.1f | %.2f |\n", se, sm, sm > 0 ? se / sm : 0.0);
+  row("**block**", se, sm);
+  return sm > 0 ? se / sm : 0.0;
 }
 }  // namespace
 
@@ -76,6 +90,48 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::printf("profile: %s\n", dev.name.c_str());
+  // The reference: one Evoformer block (AF2 dims) at s = n_msa, r = n, the same rounds.
+  double ref_fwd = 0, ref_train = 0;
+  {
+    fc::EvoformerConfig ecfg;
+    ecfg.no_blocks = 1;
+    const fc::EvoformerStack evo = fc::EvoformerStack::random(ecfg, 2);
+    const fc::Tensor m0 = random_tensor({n_msa, n, ecfg.c_m}, 6);       // [s, r, c_m]
+    const fc::Tensor z0 = random_tensor({n, n, ecfg.c_z}, 7);           // [r, r, c_z]
+    const fc::Tensor gm = fc::Tensor::full({n_msa, n, ecfg.c_m}, 1.f);  // [s, r, c_m]
+    const fc::Tensor gz = fc::Tensor::full({n, n, ecfg.c_z}, 1.f);      // [r, r, c_z]
+    Times fwd, train;
+    for (int round = 0; round <= rounds; ++round) {  // round 0: warm-up
+      fc::ForwardOptions opts;
+      Clock::time_point mark = Clock::now();
+      opts.trace = [&](int, const std::string& module, const std::string&, const fc::Tensor&) {
+        if (round > 0) keep_min(&fwd, module, ms_since(mark));
+        mark = Clock::now();
+      };
+      fc::Tensor m = m0.clone(), z = z0.clone();
+      fc::Status st = evo.forward(m, z, fc::Tensor(), fc::Tensor(), nullptr, opts);
+      fc::TrainOptions to;
+      to.policy = {fc::Recompute::kNone};
+      to.profile = true;
+      fc::TrainResult tr;
+      m = m0.clone(), z = z0.clone();
+      if (st.ok()) st = evo.train_step(m, z, fc::Tensor(), fc::Tensor(), gm, gz, to, &tr);
+      if (!st.ok()) {
+        std::fprintf(stderr, "af3_modules_bench: %s\n", st.ToString().c_str());
+        return 1;
+      }
+      if (round > 0)
+        for (const fc::ModuleTime& t : tr.module_ms)
+          keep_min(&train, t.module, t.forward_ms + t.backward_ms);
+    }
+    const std::string what = "evoformer (reference), one block, s = " + std::to_string(n_msa) +
+                             ", r = " + std::to_string(n);
+    ref_fwd = print_table(("Inference: " + what).c_str(),
+                          fc::block_module_costs(ecfg, n_msa, n, 0, 0, false, dev), fwd, false, 0);
+    ref_train =
+        print_table(("Training step, policy none: " + what).c_str(),
+                    fc::block_module_costs(ecfg, n_msa, n, 0, 0, true, dev), train, true, 0);
+  }
   for (const char* kind : {"pairformer", "msa_module"}) {
     fc::Af3Config cfg;  // Boltz-2 / AF3 dims
     cfg.kind = kind;
@@ -121,10 +177,12 @@ int main(int argc, char** argv) {
     const int64_t s_rows = pf ? 1 : n_msa;
     const std::string what = std::string(kind) + ", one block, n = " + std::to_string(n) +
                              (pf ? "" : ", N_msa = " + std::to_string(n_msa));
-    print_table(("Inference: " + what).c_str(), table,
-                fc::table_module_costs(table, trunk, s_rows, n, 0, 0, false, dev), fwd, false);
-    print_table(("Training step, policy none (forward + backward): " + what).c_str(), table,
-                fc::table_module_costs(table, trunk, s_rows, n, 0, 0, true, dev), train, true);
+    print_table(("Inference: " + what).c_str(),
+                fc::table_module_costs(table, trunk, s_rows, n, 0, 0, false, dev), fwd, false,
+                ref_fwd);
+    print_table(("Training step, policy none (forward + backward): " + what).c_str(),
+                fc::table_module_costs(table, trunk, s_rows, n, 0, 0, true, dev), train, true,
+                ref_train);
   }
   std::printf("\nload average after: %s\n", fc::bench::loadavg().c_str());
   return 0;
