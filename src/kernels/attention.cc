@@ -248,6 +248,16 @@ HWY_INLINE void BiasOnlyBlock(D d, const float* mb, const float* pb, int64_t ldp
   StoreLogits<R, kMask, kPair>(d, zero, zero, 1.f, mb, pb, ldpb, valid, S, ldS, mx);
 }
 
+// BiasOnlyBlock over key tile [0, w) (mb, pb offset to the tile).
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void BiasOnlyLogits(D d, const AttentionArgs& a, const Layout& L, const float* mb,
+                               const float* pb, int64_t w, float* S, V* mx) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  for (int64_t j = 0; j < w; j += 2 * N)
+    BiasOnlyBlock<R, kMask, kPair>(d, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
+                                   static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
+}
+
 // Logits of R rows from the raw dot products already in S (the bf16 path's bf16dot::logits).
 template <int R, bool kMask, bool kPair>
 HWY_INLINE void BiasBlock(D d, float scale, const float* mb, const float* pb, int64_t ldpb,
@@ -310,16 +320,11 @@ HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const Layout& L, const flo
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   V mx[R];
   for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
-  for (int64_t j = 0; j < w; j += 2 * N) {
-    const size_t valid = static_cast<size_t>(std::min(2 * N, w - j));
-    if (a.bias_logits)
-      BiasOnlyBlock<R, kMask, kPair>(d, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
-                                     valid, S + j, L.ldS, mx);
-    else
-      LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + (j - j % kPanel) * a.C + j % kPanel, a.scale,
-                                   kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk, valid,
-                                   S + j, L.ldS, mx);
-  }
+  if (a.bias_logits) BiasOnlyLogits<R, kMask, kPair>(d, a, L, mb, pb, w, S, mx);
+  for (int64_t j = 0; !a.bias_logits && j < w; j += 2 * N)
+    LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + (j - j % kPanel) * a.C + j % kPanel, a.scale,
+                                 kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
+                                 static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
   float alpha[R];
   SoftmaxUpdate<R, false>(d, L, w, first, mx, S, m, l, alpha);
   int64_t c = 0;
@@ -339,15 +344,10 @@ HWY_INLINE void RowBlockBf16(D d, const AttentionArgs& a, const Layout& L, const
   if (!a.bias_logits) bf16dot::logits(Q32, cq, R, KP, L.ldk, w, S, L.ldS);
   V mx[R];
   for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
-  for (int64_t j = 0; j < w; j += 2 * N) {
-    const size_t valid = static_cast<size_t>(std::min(2 * N, w - j));
-    if (a.bias_logits)
-      BiasOnlyBlock<R, kMask, kPair>(d, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
-                                     valid, S + j, L.ldS, mx);
-    else
-      BiasBlock<R, kMask, kPair>(d, a.scale, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr,
-                                 a.Lk, valid, S + j, L.ldS, mx);
-  }
+  if (a.bias_logits) BiasOnlyLogits<R, kMask, kPair>(d, a, L, mb, pb, w, S, mx);
+  for (int64_t j = 0; !a.bias_logits && j < w; j += 2 * N)
+    BiasBlock<R, kMask, kPair>(d, a.scale, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
+                               static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
   float alpha[R];
   SoftmaxUpdate<R, true>(d, L, w, first, mx, S, m, l, alpha);
   bf16dot::probs_to_bf16(S, L.ldS, R, w);
