@@ -105,8 +105,12 @@ double cost_share(const LayerDesc& ly, const EvoformerConfig& cfg, Split s, int6
 const ModuleCost& cost_of(const LayerCosts& c, int i, Split s) {
   return s == Split::kHeads ? c.heads[i] : s == Split::kChannels ? c.channels[i] : c.whole[i];
 }
-double share_of(Split s, const DapLayout& l) {
-  return s == Split::kDap ? static_cast<double>(l.r_loc) / static_cast<double>(l.r) : 1.0;
+// A layer's cost on the most loaded rank: dap takes the shard share of its work, but its fixed
+// per-module overhead (dispatch, launches) in full, as block_times (search.cc) charges it; the
+// other splits are costed at this rank's heads / channels or whole, overhead included.
+double rank_ms(double ms, Split s, const DapLayout& l, double fixed_ms) {
+  if (s != Split::kDap || ms <= 0) return ms;
+  return (ms - fixed_ms) * static_cast<double>(l.r_loc) / static_cast<double>(l.r) + fixed_ms;
 }
 
 // Floats of a layer's parameters (the Evoformer's kinds; LayerNorms included).
@@ -196,10 +200,12 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     change(m, lay[i].first, wm);
     change(z, lay[i].second, wz);
     const ModuleCost& c = cost_of(costs, i, s);
-    const double share = share_of(s, l);
-    est.fwd_ms += c.forward_ms * share;
-    est.bwd_ms += c.backward_ms * share;
-    est.rec_ms += c.rebuild_ms * share;
+    const double fixed = dev.module_overhead_us * 1e-3;
+    est.fwd_ms += rank_ms(c.forward_ms, s, l, fixed);
+    if (p.training) {
+      est.bwd_ms += rank_ms(c.backward_ms, s, l, fixed);
+      est.rec_ms += rank_ms(c.rebuild_ms, s, l, fixed);
+    }
     const int64_t wx = ly.updates == Stream::kM ? wm : wz;
     const int64_t wr = ly.reads == Stream::kNone ? 0 : (ly.reads == Stream::kM ? wm : wz);
     if (s == Split::kChannels && ly.kind == LayerKind::kTriangleMultiplication) {
@@ -283,6 +289,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev);
   est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev);
   est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev);
+  est.calls_fwd = fwd_calls, est.calls_bwd = bwd_calls, est.calls_rec = rec_calls;
   return est;
 }
 }  // namespace
@@ -511,6 +518,97 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
     return;
   }
   add_partition_estimates(dev, p);
+}
+
+}  // namespace fc
+
+// ---- Explanation of the search (src/plan/partition_cost.h) -------------------------------------
+
+namespace fc {
+
+namespace {
+// Per-step terms of estimate a relative to d (or of a alone: d zero) under the plan's policies.
+SplitTerms step_terms(const Plan& p, const DeviceProfile& dev, const PartitionEstimate& a,
+                      const PartitionEstimate& d) {
+  SplitTerms t;
+  double calls = 0, bytes = 0;
+  const int64_t B = p.cfg.no_blocks;
+  for (int64_t b = 0; b < B; ++b) {
+    const Recompute pol =
+        p.training && b < static_cast<int64_t>(p.policy.size()) ? p.policy[b] : Recompute::kBlock;
+    t.compute_ms += a.fwd_ms - d.fwd_ms;
+    calls += a.calls_fwd - d.calls_fwd;
+    bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
+    if (!p.training) continue;
+    t.compute_ms += a.bwd_ms - d.bwd_ms;
+    calls += a.calls_bwd - d.calls_bwd;
+    bytes += static_cast<double>(a.sent_bwd_bytes - d.sent_bwd_bytes);
+    if (pol == Recompute::kModule) {
+      t.compute_ms += a.rec_ms - d.rec_ms;
+      calls += a.calls_rec - d.calls_rec;
+      bytes += static_cast<double>(a.sent_rec_bytes - d.sent_rec_bytes);
+    } else if (pol == Recompute::kBlock) {
+      t.compute_ms += a.fwd_ms - d.fwd_ms;
+      calls += a.calls_fwd - d.calls_fwd;
+      bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
+    }
+  }
+  const double gbps = dev.link_gbps > 0 ? dev.link_gbps : 10.0;
+  t.latency_ms = calls * dev.link_latency_us * 1e-3;
+  t.link_ms = 2.0 * bytes / (gbps * 1e9) * 1e3;
+  t.extra_peak_bytes = a.transient_bytes + keeping_blocks(p) * a.saved_bytes -
+                       (d.transient_bytes + keeping_blocks(p) * d.saved_bytes);
+  return t;
+}
+}  // namespace
+
+std::vector<SplitTerms> explain_splits(const DeviceProfile& dev, const Plan& p) {
+  std::vector<SplitTerms> out;
+  if (p.dap < 2) return out;
+  const BlockTable& t = plan_table(p);
+  const LayerCosts costs = plan_layer_costs(p, dev);
+  const std::vector<Split> dap(t.count, Split::kDap);
+  const PartitionEstimate d = estimate_with(p, dev, costs, dap);
+  auto terms = [&](const std::vector<Split>& s) {
+    SplitTerms r = step_terms(p, dev, estimate_with(p, dev, costs, s), d);
+    r.splits = s;
+    return r;
+  };
+  for (int i = 0; i < t.count; ++i)
+    for (int k = 1; k < kSplits; ++k)
+      if (split_supported(t.layers[i], static_cast<Split>(k))) {
+        std::vector<Split> s = dap;
+        s[i] = static_cast<Split>(k);
+        out.push_back(terms(s));
+      }
+  SplitTerms best = terms(dap);
+  std::vector<Split> cur = dap;
+  std::function<void(int)> walk = [&](int i) {
+    if (i == t.count) {
+      if (cur == dap) return;
+      SplitTerms c = terms(cur);
+      if (best.splits == dap || c.total_ms() < best.total_ms()) best = std::move(c);
+      return;
+    }
+    for (int k = 0; k < kSplits; ++k)
+      if (split_supported(t.layers[i], static_cast<Split>(k))) {
+        cur[i] = static_cast<Split>(k);
+        walk(i + 1);
+      }
+    cur[i] = Split::kDap;
+  };
+  walk(0);
+  out.push_back(std::move(best));
+  return out;
+}
+
+void dap_link_terms(const DeviceProfile& dev, const Plan& p, double* link_ms, double* latency_ms) {
+  const BlockTable& t = plan_table(p);
+  const LayerCosts costs = plan_layer_costs(p, dev);
+  const std::vector<Split> dap(t.count, Split::kDap);
+  const SplitTerms s = step_terms(p, dev, estimate_with(p, dev, costs, dap), PartitionEstimate{});
+  *link_ms = s.link_ms;
+  *latency_ms = s.latency_ms;
 }
 
 }  // namespace fc
