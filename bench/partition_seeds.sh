@@ -42,7 +42,7 @@ best, coll = "", ""
 for line in open(f"{base}.auto.txt"):
     f = line.split()
     if f[:3] == ["pure", "DAP's", "layer"]:
-        coll = f"{float(f[6]) + float(f[10]):.1f}"
+        coll = f"{float(f[7]) + float(f[11]):.1f}"
     if f[:2] == ["best", "list"]:
         best = f"{float(f[5]):+.1f} ({float(f[2]):+.1f}/{float(f[3]):+.1f}/{float(f[4]):+.1f}) {float(f[6]):+.0f}MiB"
 t_a, t_d, t_b = a["time_ms_estimate"], d["time_ms_estimate"], b["time_ms_estimate"]

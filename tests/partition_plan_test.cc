@@ -82,6 +82,34 @@ TEST(PartitionPlan, ChoiceFollowsTheLinkModel) {
   EXPECT_EQ(again.peak_bytes, slow.peak_bytes);
 }
 
+// Layouts carried across blocks (inference): an all-dap list enters at the block boundary (so
+// pure DAP is unchanged); with a slow link the chosen inference plan re-evaluates to its estimate,
+// and the carried per-block count sends fewer bytes than returning every block to the boundary.
+TEST(PartitionPlan, InferenceCarriesLayoutsAcrossBlocks) {
+  for (const BlockTable* t : {&kEvoformerBlock, &kExtraMsaBlock}) {
+    const BlockLayouts e = partition_entry_layouts(*t, std::vector<Split>(t->count, Split::kDap));
+    EXPECT_EQ(e.first, dap_boundary_m(*t));
+    EXPECT_EQ(e.second, Shard::kPairRows);
+  }
+  PlanRequest q = request(2, 0.01, false);
+  Plan slow;
+  ASSERT_TRUE(make_plan(q, &slow).ok());
+  ASSERT_FALSE(slow.partitions.empty());
+  Plan again = slow;
+  ASSERT_TRUE(evaluate_plan(q.profile, &again).ok());
+  EXPECT_NEAR(again.time_ms, slow.time_ms, 1e-6 * slow.time_ms);
+  std::vector<std::vector<Split>> lists;
+  ASSERT_TRUE(resolve_partition(kEvoformerBlock, slow.partitions, 48, &lists).ok());
+  int64_t carried = 0, boundary = 0;
+  for (int b = 0; b < 48; ++b) {
+    carried += estimate_partition_in_stack(slow, q.profile, lists, b).sent_fwd_bytes;
+    boundary += estimate_partition(slow, q.profile, lists[b]).sent_fwd_bytes;
+  }
+  std::printf("[ info ] inference, slow link: %lld bytes carried vs %lld via the boundary\n",
+              static_cast<long long>(carried), static_cast<long long>(boundary));
+  EXPECT_LT(carried, boundary);
+}
+
 // Plan p (pure DAP) with an explicit all-dap list of table t estimates exactly as p.
 void expect_all_dap_list_as_pure_dap(const DeviceProfile& dev, Plan p, const BlockTable& t) {
   Plan listed = p;

@@ -174,8 +174,11 @@ LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
 }
 
 // estimate_partition with the layers' single-device costs at the plan's shape given.
+// in / out: the layouts the block starts in and leaves its streams in (nullptr: the boundary);
+// a whole stream carried out of the block is counted as live over the rest of the block.
 PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
-                                const std::vector<Split>& splits) {
+                                const std::vector<Split>& splits, const BlockLayouts* in = nullptr,
+                                const BlockLayouts* out = nullptr) {
   const EvoformerConfig& cfg = p.cfg;
   const BlockTable& t = plan_table(p);
   const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
@@ -186,7 +189,10 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   PartitionEstimate est;
   int64_t fwd_floats = 0, bwd_floats = 0, rec_floats = 0;
   int fwd_calls = 0, bwd_calls = 0, rec_calls = 0;
-  Shard m = dap_boundary_m(t), z = Shard::kPairRows;
+  const BlockLayouts boundary{dap_boundary_m(t), Shard::kPairRows};
+  const BlockLayouts exit = out ? *out : boundary;
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  Shard m = (in ? *in : boundary).first, z = (in ? *in : boundary).second;
   auto change = [&](Shard& from, Shard to, int64_t w) {
     const int64_t f = change_floats(from, to, w, n), b = change_floats(to, from, w, n);
     fwd_floats += f, bwd_floats += b;
@@ -197,8 +203,10 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& ly = t.layers[i];
     const Split s = splits[i];
-    change(m, lay[i].first, wm);
-    change(z, lay[i].second, wz);
+    const bool uses_m = ly.updates == Stream::kM || ly.reads == Stream::kM;
+    const bool uses_z = ly.updates == Stream::kZ || ly.reads == Stream::kZ;
+    if (uses_m) change(m, lay[i].first, wm);
+    if (uses_z) change(z, lay[i].second, wz);
     const ModuleCost& c = cost_of(costs, i, s);
     const double fixed = dev.module_overhead_us * 1e-3;
     est.fwd_ms += rank_ms(c.forward_ms, s, l, fixed);
@@ -233,7 +241,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       if (s != Split::kReplicated) {
         // Partial sums: a reduce-scatter ((n-1)/n of the stream) into the shard the stream is
         // next needed in, else an all-reduce (2 (n-1)/n); backward all-reduces.
-        const bool to_shard = !full(partition_next_layout(t, splits, i));
+        const bool to_shard = !full(partition_next_layout(t, splits, i, &exit));
         fwd_floats += to_shard ? (n - 1) * (wx / n) : 2 * (n - 1) * wx / n;
         // Backward: the partial gradients likewise into the layout the backward next needs.
         auto sum = [&](Stream x, int64_t w) {
@@ -257,7 +265,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       // rank-major first (a whole copy).
       auto packs = [](Shard h) { return h == Shard::kMsaByRes || h == Shard::kPairRowsT; };
       if (partition_reduces(s)) {
-        if (packs(partition_next_layout(t, splits, i)) ||
+        if (packs(partition_next_layout(t, splits, i, &exit)) ||
             (p.training && packs(partition_prev_layout(t, lay, i, ly.updates))))
           extra += wx;
         if (p.training && wr > 0 && packs(partition_prev_layout(t, lay, i, ly.reads))) extra += wr;
@@ -280,9 +288,13 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       const int64_t f = change_floats(dap_boundary_m(t), lay[i].first, wm, n);
       bwd_floats += f, bwd_calls += f > 0;
     }
+    // After its last use in the block a stream goes to the block's exit layout.
+    if (i == last_m) change(m, exit.first, wm);
+    if (i == last_z) change(z, exit.second, wz);
   }
-  change(m, dap_boundary_m(t), wm);
-  change(z, Shard::kPairRows, wz);
+  const int64_t carried =
+      (full(exit.first) ? wm - wm / n : 0) + (full(exit.second) ? wz - wz / n : 0);
+  est.transient_bytes += carried * e;
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
   est.sent_rec_bytes = rec_floats * e;
@@ -297,6 +309,26 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
 PartitionEstimate estimate_partition(const Plan& p, const DeviceProfile& dev,
                                      const std::vector<Split>& splits) {
   return estimate_with(p, dev, plan_layer_costs(p, dev), splits);
+}
+
+namespace {
+// Block b's estimate in a stack running lists `blocks`: inference carries layouts across blocks
+// (partition_exit_layouts), training keeps every block at the boundary.
+PartitionEstimate block_estimate(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
+                                 const std::vector<std::vector<Split>>& blocks, int b) {
+  if (p.training) return estimate_with(p, dev, costs, blocks[b]);
+  const BlockTable& t = plan_table(p);
+  const BlockLayouts in = b == 0 ? BlockLayouts{dap_boundary_m(t), Shard::kPairRows}
+                                 : partition_entry_layouts(t, blocks[b]);
+  const BlockLayouts out = partition_exit_layouts(t, blocks, b);
+  return estimate_with(p, dev, costs, blocks[b], &in, &out);
+}
+}  // namespace
+
+PartitionEstimate estimate_partition_in_stack(const Plan& p, const DeviceProfile& dev,
+                                              const std::vector<std::vector<Split>>& blocks,
+                                              int b) {
+  return block_estimate(p, dev, plan_layer_costs(p, dev), blocks, b);
 }
 
 namespace {
@@ -346,9 +378,11 @@ void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   double f = 0, b = 0, r = 0, c = 0;
   int64_t peak = 0, kept = 0;
   const int64_t B = p->cfg.no_blocks;
+  std::vector<std::vector<Split>> lists;
+  for (int64_t k = 0; k < B; ++k)
+    lists.push_back(resolve_one(plan_table(*p), p->partitions[p->partitions.size() == 1 ? 0 : k]));
   for (int64_t k = 0; k < B; ++k) {
-    const auto& list = p->partitions[p->partitions.size() == 1 ? 0 : k];
-    const PartitionEstimate a = estimate_with(*p, dev, costs, resolve_one(plan_table(*p), list));
+    const PartitionEstimate a = block_estimate(*p, dev, costs, lists, static_cast<int>(k));
     double df, db, dr, dc;
     int64_t dp;
     delta(*p, a, d, &df, &db, &dr, &dc, &dp);
@@ -418,9 +452,15 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
   if (spare < 0) return;
   std::vector<Candidate> cands;
   std::vector<Split> cur(t.count, Split::kDap);
+  // Inference carries layouts across blocks: a list is estimated as it repeats (entering and
+  // leaving in its own entry layouts); the chosen lists are then re-estimated block by block.
+  const bool carry = !p->training && p->cfg.no_blocks > 1;
   std::function<void(int)> walk = [&](int i) {
     if (i == t.count) {
-      const Candidate c = candidate(*p, estimate_with(*p, dev, costs, cur), d, cur);
+      const BlockLayouts e = partition_entry_layouts(t, cur);
+      const Candidate c = candidate(
+          *p, estimate_with(*p, dev, costs, cur, carry ? &e : nullptr, carry ? &e : nullptr), d,
+          cur);
       if (c.transient <= spare) cands.push_back(c);
       return;
     }

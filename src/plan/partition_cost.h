@@ -26,6 +26,12 @@ struct PartitionEstimate {
 PartitionEstimate estimate_partition(const Plan& p, const DeviceProfile& dev,
                                      const std::vector<Split>& splits);
 
+// Block b of a stack whose blocks run the lists `blocks` (one per block): inference leaves each
+// block's streams in the layouts the next block starts with (partition_exit_layouts), training
+// starts and ends every block at the block boundary (as estimate_partition).
+PartitionEstimate estimate_partition_in_stack(const Plan& p, const DeviceProfile& dev,
+                                              const std::vector<std::vector<Split>>& blocks, int b);
+
 // Adds the partitions' difference to pure DAP to the plan's estimates (time, comm, peak, fits);
 // a plan without partitions is left as it is.
 void add_partition_estimates(const DeviceProfile& dev, Plan* p);
