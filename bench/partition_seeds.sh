@@ -14,6 +14,7 @@ build=${1:-build}
 fc=$build/foldcube
 profiles=${PROFILES:-"seeds-fitted-fp16 seeds-fitted-link-fp16"}
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 echo "# out: $out"
 printf '%-22s %-2s %-8s %-52s %8s %8s %8s %7s %7s %8s %8s %-44s %6s\n' profile N shape \
   "auto plan" auto_ms dap_ms dapblk_ms gain gain_blk search_s dap_coll \
