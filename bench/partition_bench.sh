@@ -9,8 +9,11 @@
 # When auto keeps pure DAP (the model says DAP wins), it says so and is not run again.
 #
 # Usage: bench/partition_bench.sh [BUILD_DIR]
-#   env: NPS="2 4" SHAPES="128:256 512:256" BLOCKS=2 THREADS=1 TRAIN=0|1 OUT=DIR
-# Rerun on a quiet machine for the timing targets; under load the ratios are the comparison.
+#   env: NPS="2 4" SHAPES="128:256 512:256" BLOCKS=2 THREADS=1 TRAIN=0|1 OUT=DIR CALIBRATE=0|1
+# The plans use this machine's calibrated profile at THREADS threads (a rank's thread count);
+# CALIBRATE=1 calibrates it afresh first (an empty profile cache under OUT), so that the estimates
+# and the runs see the same machine state. Rerun on a quiet machine for the timing targets; under
+# load the ratios are the comparison.
 set -euo pipefail
 build=${1:-build}
 fc=$build/foldcube
@@ -20,6 +23,7 @@ blocks=${BLOCKS:-2}
 threads=${THREADS:-1}
 out=${OUT:-$(mktemp -d)}
 mkdir -p "$out"
+[ "${CALIBRATE:-0}" = 1 ] && export XDG_CACHE_HOME=$out/cache
 train=()
 [ "${TRAIN:-0}" = 1 ] && train=(--train)
 mpi=(mpirun)
@@ -49,8 +53,10 @@ for np in $nps; do
     s=${sh%%:*} r=${sh##*:}
     base=$out/np${np}_s${s}_r${r}
     common=(--s "$s" --r "$r" --blocks "$blocks" --dap "$np" --devices "$np" "${train[@]}")
-    "$fc" plan "${common[@]}" --split-policy dap --out "$base.dap.json" >/dev/null
-    "$fc" plan "${common[@]}" --split-policy auto --out "$base.auto.json" >/dev/null
+    OMP_NUM_THREADS=$threads "$fc" plan "${common[@]}" --split-policy dap --out "$base.dap.json" \
+      >/dev/null
+    OMP_NUM_THREADS=$threads "$fc" plan "${common[@]}" --split-policy auto \
+      --out "$base.auto.json" >/dev/null
     mix "$base.dap.json" "$base.mixed.json"
     kinds="dap mixed"
     if python3 -c "import json,sys; sys.exit(0 if json.load(open('$base.auto.json')).get('partitions') else 1)"; then
