@@ -557,7 +557,13 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
     p->partitions.clear();
     return;
   }
+  // The per-block estimate is exact where the search's repeated-list estimate of a carried
+  // inference list is not (the first block's entry, the last block's exit): keep pure DAP unless
+  // the chosen lists are faster or as fast.
+  Plan dap_plan = *p;
+  dap_plan.partitions.clear();
   add_partition_estimates(dev, p);
+  if (p->time_ms > dap_plan.time_ms) *p = std::move(dap_plan);
 }
 
 }  // namespace fc
