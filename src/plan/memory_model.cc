@@ -48,7 +48,7 @@ AttentionDims attn_dims(const LayerDesc& l, const BlockContext& ctx) {
   const int64_t Hp = c.no_heads_pair, Cp = c.c_hidden_pair_att;
   switch (l.kind) {
     case LayerKind::kMsaRowAttention:
-      return {s, r, c.c_m, Hm, Cm, true, false};
+      return {s, r, c.c_m, Hm, Cm, true, false, l.bias_logits};
     case LayerKind::kMsaColumnAttention:
       return {r, s, c.c_m, Hm, Cm, false, true};
     case LayerKind::kTriangleAttention:
