@@ -6,8 +6,6 @@
 // split; element_bytes round-trips and is validated.
 #include <gtest/gtest.h>
 
-#include <climits>
-#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -105,56 +103,6 @@ INSTANTIATE_TEST_SUITE_P(Policies, PlannerStore,
                                            StoreCase{false, R::kBlock}, StoreCase{true, R::kNone},
                                            StoreCase{true, R::kBlock}),
                          [](const auto& info) { return store_case_name(info.param); });
-
-// Under BF16 storage a block that is not the last widens its bf16 outputs in its backward, and the
-// input it holds for the previous block is a bf16 kept one: the search's position decomposition
-// (per-position terms) must stay exact. Exhaustive over the 3^4 orders x the chunk targets (the
-// exact replay through evaluate_plan) against make_plan at 13 budgets, both stacks.
-TEST(PlannerStoreSearch, Bf16SearchIsOptimal) {
-  for (bool extra : {false, true}) {
-    EvoformerConfig cfg = test::small_config();
-    if (extra) cfg.c_m = 16;
-    cfg.no_blocks = 4;
-    const int64_t s = 7, r = 11;
-    std::vector<Plan> all;
-    int64_t lo = INT64_MAX, hi = 0;
-    for (int64_t tgt : training_chunk_targets(cfg, s, r, extra))
-      for (int code = 0; code < 81; ++code) {
-        Plan p;
-        p.cfg = cfg;
-        p.s = s, p.r = p.r_real = r;
-        p.training = true;
-        p.extra_msa = extra;
-        p.dtype = DType::BF16;
-        p.threads = num_threads();
-        p.chunk_target_bytes = tgt;
-        for (int b = 0, c = code; b < 4; ++b, c /= 3) p.policy.push_back(static_cast<R>(c % 3));
-        ASSERT_TRUE(evaluate_plan(cpu_profile(), &p).ok());
-        lo = std::min(lo, p.peak_bytes);
-        hi = std::max(hi, p.peak_bytes);
-        all.push_back(p);
-      }
-    for (int i = 0; i <= 12; ++i) {
-      const int64_t limit = lo + (hi - lo) * i / 12;
-      double best = INFINITY;
-      for (const Plan& p : all)
-        if (p.peak_bytes <= limit) best = std::min(best, p.time_ms);
-      PlanRequest q;
-      q.cfg = cfg;
-      q.s = s, q.r = r;
-      q.training = true;
-      q.extra_msa = extra;
-      q.profile = cpu_profile();
-      q.dtype = DType::BF16;
-      q.memory_bytes = limit;
-      Plan got;
-      const Status st = make_plan(q, &got);
-      ASSERT_TRUE(st.ok()) << st.message();
-      EXPECT_LE(got.peak_bytes, limit);
-      EXPECT_NEAR(got.time_ms, best, 1e-9 * best) << (extra ? "extra" : "evo") << " " << limit;
-    }
-  }
-}
 
 std::string docs_profile(const std::string& name) {
   std::ifstream f(std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../docs/profiles/" + name);
