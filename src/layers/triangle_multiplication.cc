@@ -259,6 +259,19 @@ int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t row
 // Bytes of one projection block of the training triangle multiplication (t and dt), at most.
 constexpr int64_t kProjBlockBytes = 2 << 20;
 
+namespace {
+// Per channel of a group (backward): A, B, dA, dB over the rr pairs of the rows, and with shards
+// every shard's gathered right operand and its gradient.
+int64_t tri_mul_group_item_bytes(int64_t rr, int64_t parts) { return (4 + 2 * parts) * rr * kF; }
+// Per pair row i of a group's projection block: T and its gradient (or the projection's scratch),
+// 4 + 4 floats per channel and pair.
+int64_t tri_mul_proj_row_bytes(int64_t r, int64_t group) { return r * 8 * group * kF; }
+// Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
+int64_t tri_mul_output_row_bytes(int64_t r, int64_t ct, int64_t cz) {
+  return r * (3 * ct + 5 * cz + 2) * kF;
+}
+}  // namespace
+
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   return tri_mul_train_chunks(ctx, ctx.r, 0);
 }
@@ -266,9 +279,7 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, int64_t parts) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, rr = rows * r;
   TriMulTrainChunks c;
-  // Per channel of a group (backward): A, B, dA, dB over the rows' pairs, and with shards every
-  // shard's gathered right operand and its gradient.
-  c.group = pick_chunk(ctx, ct, (4 + 2 * parts) * rr * kF);
+  c.group = pick_chunk(ctx, ct, tri_mul_group_item_bytes(rr, parts));
   // Automatic groups round to the nearest multiple of 16 channels once 8 or more fit (as the
   // inference path does): narrower groups run the projections, gates and their gradients on rows of
   // a few floats (perf, (128, 256), AF2 dims, 32 MiB target: groups of 10 -> 16 channels took 7 %
@@ -276,16 +287,20 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, in
   constexpr int64_t kAlign = 16;
   if (ctx.chunk <= 0 && c.group < ct && c.group >= kAlign / 2)
     c.group = std::min(ct, (c.group + kAlign / 2) / kAlign * kAlign);
-  // Per pair row i of a group's projection block: T and its gradient (or the projection's
-  // scratch), 4 + 4 floats per channel and pair. The block is swept by several elementwise passes
-  // after its GEMM, so it stays cache-sized (kProjBlockBytes) whatever the target: (128, 256), AF2
-  // dims, 1 thread, 32 MiB target: blocks of 16 MiB made the module 1.5x slower than at 8 MiB.
+  // A group's projection block is swept by several elementwise passes after its GEMM, so it stays
+  // cache-sized (kProjBlockBytes) whatever the target: (128, 256), AF2 dims, 1 thread, 32 MiB
+  // target: blocks of 16 MiB made the module 1.5x slower than at 8 MiB.
   BlockContext pc = ctx;
   pc.chunk_target_bytes = std::min<int64_t>(ctx.chunk_target_bytes, kProjBlockBytes);
-  c.proj_rows = pick_chunk(pc, rows, r * 8 * c.group * kF);
-  // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
-  c.rows = pick_chunk(ctx, rows, r * (3 * ct + 5 * cz + 2) * kF);
+  c.proj_rows = pick_chunk(pc, rows, tri_mul_proj_row_bytes(r, c.group));
+  c.rows = pick_chunk(ctx, rows, tri_mul_output_row_bytes(r, ct, cz));
   return c;
+}
+
+int64_t tri_mul_train_whole_bytes(const BlockContext& ctx) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  return std::max({ct * tri_mul_group_item_bytes(r * r, 0), r * tri_mul_proj_row_bytes(r, ct),
+                   r * tri_mul_output_row_bytes(r, ct, cz)});
 }
 
 namespace {
