@@ -2,8 +2,10 @@
 // (ForwardOptions::fused, ::dtype), per module and per block, in one process: the modes take turns
 // (order rotated every round) so machine load hits all alike; the table reports the minimum and
 // the median over the rounds and the ratios of the minima.
-// Usage: fused_bench [s] [r] [rounds] [kernels]   (default 128 256 5); with "kernels", the kernel
-// table at s*r rows instead. Prints /proc/loadavg before and after.
+// Usage: fused_bench [s] [r] [rounds] [kernels | unfused | fused | bf16]   (default 128 256 5);
+// with "kernels", the kernel table at s*r rows instead; with a mode name, that mode alone and no
+// table (for a profiler: perf record -g build/fused_bench 128 256 2 fused). Prints /proc/loadavg
+// before and after.
 #include <time.h>
 
 #include <algorithm>
@@ -157,6 +159,10 @@ int main(int argc, char** argv) {
   // Modes: unfused fp32, fused fp32, fused with bf16 GEMM inputs.
   constexpr int kModes = 3;
   const char* names[kModes] = {"unfused fp32", "fused fp32", "fused bf16"};
+  const char* mode_args[kModes] = {"unfused", "fused", "bf16"};
+  int only = -1;  // a single mode to run (profiling), else all
+  for (int k = 0; argc > 4 && k < kModes; ++k)
+    if (std::string(argv[4]) == mode_args[k]) only = k;
   std::vector<std::string> order;                            // modules in run order
   std::map<std::string, std::vector<double>> times[kModes];  // [mode][module] ms per round
   std::vector<double> block[kModes], block_cpu[kModes];
@@ -164,6 +170,7 @@ int main(int argc, char** argv) {
   for (int round = 0; round < rounds + 1; ++round) {  // round 0: warm-up
     for (int k = 0; k < kModes; ++k) {
       const int mode = (round + k) % kModes;  // rotate the order every round
+      if (only >= 0 && mode != only) continue;
       fc::ForwardOptions opts;
       opts.fused = mode != 0;
       opts.dtype = mode == 2 ? fc::DType::BF16 : fc::DType::F32;
@@ -188,6 +195,13 @@ int main(int argc, char** argv) {
         block_cpu[mode].push_back(cpu_ms() - c0);
       }
     }
+  }
+  if (only >= 0) {
+    std::printf("%s: block %.1f ms (min), process CPU %.1f ms\nload average after: %s\n",
+                names[only], *std::min_element(block[only].begin(), block[only].end()),
+                *std::min_element(block_cpu[only].begin(), block_cpu[only].end()),
+                loadavg().c_str());
+    return 0;
   }
   std::printf(
       "\nminimum (median) ms over the rounds\n\n| module | %s | %s | %s | fused/unfused | "

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "foldcube/status.h"
 #include "kernels/convert.h"
@@ -197,6 +198,60 @@ void transition(const TransitionArgs& a, float* scratch, int threads) {
   });
 }
 
+// Row blocks of the triangle multiplication's fused phases: the block's [rows, 4*nc] projections
+// (gated_projection) or its [rows, cp + 3*cz] working rows (gated_output) within kBlockBytes.
+int64_t gated_projection_block_rows(int64_t nc) { return block_rows_for(4 * nc); }
+int64_t gated_output_block_rows(int64_t cp, int64_t cz) { return block_rows_for(cp + 3 * cz); }
+
+int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads) {
+  const int64_t rb = gated_projection_block_rows(a.nc);
+  if (a.rows <= 0) return 0;
+  return busy_threads(a.rows, rb, threads) * std::min(rb, a.rows) * 4 * a.nc;
+}
+
+void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads) {
+  const int64_t nc = a.nc, ld = 4 * nc, rb = gated_projection_block_rows(nc);
+  const int64_t per_slot = std::min(rb, a.rows) * ld;
+  for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    const int64_t n = g1 - g0;
+    float* t = scratch + slot * per_slot;  // [n, 4*nc] a_p | a_g | b_p | b_g of the block
+    linear(a.x + g0 * a.ldx, a.ldx, n, a.in, a.W, a.bias, ld, t, ld);
+    for (int64_t part = 0; part < 2; ++part) {  // a, then b
+      float* proj = t + 2 * part * nc;          // [n, nc] with ld 4*nc; its gate follows
+      sigmoid_inplace(proj + nc, ld, n, nc);
+      mul_inplace(proj, ld, proj + nc, ld, n, nc);
+      scale_rows(proj, ld, a.mask + g0, n, nc);
+      transpose(proj, ld, (part ? a.B : a.A) + g0, a.ld_ab, n, nc);
+    }
+  });
+}
+
+int64_t gated_output_scratch_floats(const GatedOutputArgs& a, int threads) {
+  const int64_t rb = gated_output_block_rows(a.cp, a.cz);
+  if (a.rows <= 0) return 0;
+  return busy_threads(a.rows, rb, threads) * std::min(rb, a.rows) * (a.cp + 3 * a.cz);
+}
+
+void gated_output(const GatedOutputArgs& a, float* scratch, int threads) {
+  const int64_t cp = a.cp, cz = a.cz, rb = gated_output_block_rows(cp, cz);
+  const int64_t rows_max = std::min(rb, a.rows), per_slot = rows_max * (cp + 3 * cz);
+  for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    const int64_t n = g1 - g0;
+    float* pp = scratch + slot * per_slot;  // [n, cp] the block's products, then LN_p of them
+    float* y = pp + rows_max * cp;          // [n, cz] linear_z, then the gated update
+    float* xz = y + rows_max * cz;          // [n, cz] LN_z of the z rows
+    float* g = xz + rows_max * cz;          // [n, cz] linear_g
+    float* zr = a.z + g0 * cz;
+    transpose(a.P + g0, a.ldp, pp, cp, cp, n);
+    layernorm(pp, cp, pp, cp, n, cp, a.gamma_p, a.beta_p, a.eps);
+    linear(pp, cp, n, cp, a.Wp, a.bp, cz, y, cz);
+    layernorm(zr, cz, xz, cz, n, cz, a.gamma_z, a.beta_z, a.eps);
+    linear(xz, cz, n, cz, a.Wg, a.bg, cz, g, cz);
+    sigmoid_mul(y, cz, g, cz, n, cz);
+    add_inplace(zr, cz, y, cz, n, cz);
+  });
+}
+
 namespace ref {
 
 namespace {
@@ -273,6 +328,42 @@ void transition(const TransitionArgs& a, float* scratch) {
       ref::linear(h, nh, 1, nh, a.W2, a.b2, c, t, c);
     const float s = a.row_scale != nullptr ? a.row_scale[r] : 1.f;
     for (int64_t i = 0; i < c; ++i) xr[i] += t[i] * s;
+  }
+}
+
+void gated_projection(const GatedProjectionArgs& a) {
+  const int64_t nc = a.nc;
+  for (int64_t p = 0; p < a.rows; ++p) {
+    const float* x = a.x + p * a.ldx;
+    auto proj = [&](int64_t o) {  // t[p, o] in double
+      double acc = a.bias != nullptr ? a.bias[o] : 0.0;
+      for (int64_t i = 0; i < a.in; ++i) acc += static_cast<double>(x[i]) * a.W[o * a.in + i];
+      return acc;
+    };
+    for (int64_t part = 0; part < 2; ++part)
+      for (int64_t c = 0; c < nc; ++c) {
+        const double v = proj(2 * part * nc + c), gate = proj(2 * part * nc + nc + c);
+        (part ? a.B : a.A)[c * a.ld_ab + p] =
+            static_cast<float>(v / (1.0 + std::exp(-gate)) * a.mask[p]);
+      }
+  }
+}
+
+void gated_output(const GatedOutputArgs& a, float* scratch) {
+  const int64_t cp = a.cp, cz = a.cz;
+  float* pp = scratch;  // [cp] the pair's products
+  float* y = pp + cp;   // [cz]
+  float* xz = y + cz;   // [cz]
+  float* g = xz + cz;   // [cz]
+  for (int64_t p = 0; p < a.rows; ++p) {
+    float* zr = a.z + p * cz;
+    for (int64_t c = 0; c < cp; ++c) pp[c] = a.P[c * a.ldp + p];
+    ref::layernorm(pp, cp, pp, cp, 1, cp, a.gamma_p, a.beta_p, a.eps);
+    ref::linear(pp, cp, 1, cp, a.Wp, a.bp, cz, y, cz);
+    ref::layernorm(zr, cz, xz, cz, 1, cz, a.gamma_z, a.beta_z, a.eps);
+    ref::linear(xz, cz, 1, cz, a.Wg, a.bg, cz, g, cz);
+    ref::sigmoid_mul(y, cz, g, cz, 1, cz);
+    for (int64_t c = 0; c < cz; ++c) zr[c] += y[c];
   }
 }
 

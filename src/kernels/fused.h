@@ -92,6 +92,51 @@ int64_t transition_block_rows(int64_t c, int64_t hidden, DType dtype = DType::F3
 int64_t transition_scratch_floats(const TransitionArgs& a, int threads);
 void transition(const TransitionArgs& a, float* scratch, int threads);
 
+// The triangle multiplication's projection phase on one channel group, per row block: for the
+// `rows` pairs p of x [rows, in] (ld ldx, the normalised pair rows), t[p, :] = x[p, :] W^T + bias
+// with W [4*nc, in] the group's rows a_p | a_g | b_p | b_g, then
+//   A[c * ld_ab + p] = (t[p, c] * sigmoid(t[p, nc + c])) * mask[p]              (a, c < nc)
+//   B[c * ld_ab + p] = (t[p, 2nc + c] * sigmoid(t[p, 3nc + c])) * mask[p]       (b)
+// written channel-major. Per row the arithmetic is the unfused sequence (kern::linear,
+// sigmoid_inplace, mul_inplace, scale_rows, transpose); the block [rows of a block, 4*nc] stays in
+// the thread's scratch (cache) between them. F32 only.
+struct GatedProjectionArgs {
+  int64_t rows = 0, in = 0, nc = 0;
+  const float* x = nullptr;  // [rows, in], leading dimension ldx
+  int64_t ldx = 0;
+  const float* W = nullptr;     // [4*nc, in]
+  const float* bias = nullptr;  // [4*nc] or nullptr
+  const float* mask = nullptr;  // [rows]
+  float* A = nullptr;           // [nc, ld_ab] (columns 0 .. rows-1 written)
+  float* B = nullptr;           // [nc, ld_ab]
+  int64_t ld_ab = 0;
+};
+int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads);
+void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads);
+
+// The triangle multiplication's output phase, per row block: for the `rows` pairs p,
+//   y = LN_p(P[:, p]) Wp^T + bp,  g = LN_z(z[p, :]) Wg^T + bg,  z[p, :] += y * sigmoid(g)
+// with P channel-major [cp, ldp] (column p: the pair's cp products) and z [rows, cz] contiguous.
+// Per row the arithmetic is the unfused sequence (kern::transpose, layernorm, linear, layernorm,
+// linear, sigmoid_mul, add_inplace) on the thread's scratch block. F32 only.
+struct GatedOutputArgs {
+  int64_t rows = 0, cp = 0, cz = 0;
+  const float* P = nullptr;  // [cp, ldp]
+  int64_t ldp = 0;
+  const float* gamma_p = nullptr;  // [cp] LN_out
+  const float* beta_p = nullptr;
+  const float* Wp = nullptr;       // [cz, cp] linear_z
+  const float* bp = nullptr;       // [cz] or nullptr
+  float* z = nullptr;              // [rows, cz]
+  const float* gamma_z = nullptr;  // [cz] LN_in
+  const float* beta_z = nullptr;
+  const float* Wg = nullptr;  // [cz, cz] linear_g
+  const float* bg = nullptr;  // [cz] or nullptr
+  float eps = 1e-5f;
+};
+int64_t gated_output_scratch_floats(const GatedOutputArgs& a, int threads);
+void gated_output(const GatedOutputArgs& a, float* scratch, int threads);
+
 namespace ref {
 // One row at a time in double (statistics, dot products); with BF16 the normalised row (and the
 // hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
@@ -100,6 +145,10 @@ namespace ref {
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
 void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  // BF16: in floats
 void transition(const TransitionArgs& a, float* scratch);
+// One row at a time in double (dot products), sigmoid in double; no scratch.
+void gated_projection(const GatedProjectionArgs& a);
+// One row at a time; scratch: cp + 3 * cz floats.
+void gated_output(const GatedOutputArgs& a, float* scratch);
 }  // namespace ref
 
 }  // namespace fc::kern

@@ -34,6 +34,37 @@ constexpr int64_t kKeepLnTargets = 12;
 
 // ---- Inference ---------------------------------------------------------------------------------
 
+namespace {
+// The fused f32 path (ctx.fused, f32 products): the projections of a channel group go through
+// kern::gated_projection and the output phase through kern::gated_output, per row block.
+bool fused_f32(const BlockContext& ctx, int64_t parts) {
+  return ctx.fused && !bf16_products(ctx, parts);
+}
+// Their sizes (what the scratch formulas read); the caller sets the pointers.
+kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc) {
+  kern::GatedProjectionArgs a;
+  a.rows = pairs, a.in = cz, a.nc = nc;
+  return a;
+}
+// Floats of the group's projection buffer t: a chunk of ch rows [ch*r, 4*cg] (unfused), or the
+// fused kernel's scratch for the widest of the groups (cg, and a last group of ct % cg).
+int64_t projection_floats(const BlockContext& ctx, int64_t parts, int64_t cg, int64_t ch) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  if (!fused_f32(ctx, parts)) return ch * r * 4 * cg;
+  int64_t floats = 0;
+  for (const int64_t nc : {cg, ct % cg})
+    if (nc > 0)
+      floats = std::max(floats, kern::gated_projection_scratch_floats(
+                                    gated_projection_dims(ch * r, cz, nc), ctx.threads));
+  return floats;
+}
+kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz) {
+  kern::GatedOutputArgs a;
+  a.rows = pairs, a.cp = ct, a.cz = cz;
+  return a;
+}
+}  // namespace
+
 // rows: rows of z the shard holds (ctx.r for one shard); parts > 1 adds the gathered right
 // projection of a group [parts*cg, rows, r].
 TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts) {
@@ -44,8 +75,9 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
   p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
-  // A_g, B_g, the projection chunk and, with several groups, the group's rows of w.ab and b.ab.
-  const int64_t group = (2 * p.cg * rr + 4 * p.cg * p.ch * r +
+  // A_g, B_g, the projection chunk (or the fused kernel's scratch) and, with several groups, the
+  // group's rows of w.ab and b.ab.
+  const int64_t group = (2 * p.cg * rr + projection_floats(ctx, parts, p.cg, p.ch) +
                          (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + p.cg * gathered) *
                         kF;
   if (bf16_products(ctx, parts)) {
@@ -99,7 +131,10 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     Tensor B = Tensor::empty({cg, rows, r}, abt);
     // LN_in(z): all rows or a chunk (bf16: none, the fused kernel normalises per row block).
     Tensor x = bf16 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
-    Tensor t = Tensor::empty({ch * r, 4 * cg});  // a_p | a_g | b_p | b_g of the group
+    // a_p | a_g | b_p | b_g of the group: a chunk [ch*r, 4*cg], or (fused f32) the fused
+    // kernel's per-thread row blocks.
+    const bool fused32 = fused_f32(ctx, parts);
+    Tensor t = Tensor::empty({projection_floats(ctx, parts, cg, ch)});
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
     Tensor wg16 = bf16 ? Tensor::empty({4 * cg, cz}, DType::BF16) : Tensor();  // bf16 of the rows
@@ -136,6 +171,13 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
           if (!ph.keep_ln)
             kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
                             w.ln_in.b.f32(), eps);
+          if (fused32) {
+            kern::GatedProjectionArgs ga = gated_projection_dims(n * r, cz, nc);
+            ga.x = xp, ga.ldx = cz, ga.W = wp, ga.bias = bp, ga.mask = mask_rows + i0 * r;
+            ga.A = A.f32() + i0 * r, ga.B = B.f32() + i0 * r, ga.ld_ab = rr;
+            kern::gated_projection(ga, t.f32(), ctx.threads);
+            continue;
+          }
           kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
         }
         float* tp = t.f32();
@@ -172,6 +214,18 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
                              r, rr, 0.f, P.f32() + c0 * rr + q * rows, r, rr);
       }
     }
+  }
+  if (fused_f32(ctx, parts)) {
+    // LN_out, linear_z, the gate from LN_in(z) and the residual add per row block of pairs.
+    kern::GatedOutputArgs go = gated_output_dims(rr, ct, cz);
+    go.P = P.f32(), go.ldp = rr;
+    go.gamma_p = w.ln_out.w.f32(), go.beta_p = w.ln_out.b.f32();
+    go.Wp = w.lin_z.w.f32(), go.bp = bias_ptr(w.lin_z);
+    go.z = z, go.gamma_z = w.ln_in.w.f32(), go.beta_z = w.ln_in.b.f32();
+    go.Wg = w.lin_g.w.f32(), go.bg = bias_ptr(w.lin_g), go.eps = eps;
+    Tensor scratch = Tensor::empty({kern::gated_output_scratch_floats(go, ctx.threads)});
+    kern::gated_output(go, scratch.f32(), ctx.threads);
+    return;
   }
   const int64_t ch = tri_mul_output_chunk(ctx, rows);
   Tensor pc = Tensor::empty({ch * r, ct});                        // p rows, channel-last
@@ -232,6 +286,12 @@ void triangle_multiplication_shard(const TriangleMultiplicationW& w, const Block
 int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
   const int64_t ch2 = tri_mul_output_chunk(ctx, rows);
+  const int64_t phase1 = tri_mul_phase1(ctx, rows, parts).bytes;
+  if (fused_f32(ctx, parts))  // output phase: kern::gated_output's scratch
+    return ct * rows * r * kF +
+           std::max(phase1, kern::gated_output_scratch_floats(gated_output_dims(rows * r, ct, cz),
+                                                              ctx.threads) *
+                                kF);
   // Output phase: pc, y, g and LN_in(z) (unfused) or the fused kernel's scratch for lin_g.
   const int64_t out = ctx.fused
                           ? ch2 * r * (ct + 2 * cz) +
@@ -247,8 +307,7 @@ int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t row
                   kern::layernorm_linear_scratch_floats(
                       ln_linear_dims(1, ch2 * r, cz, cz, DType::BF16), ctx.threads);
   }
-  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes,
-                                       (out + std::max<int64_t>(out_scratch, 0)) * kF + wb);
+  return ct * rows * r * kF + std::max(phase1, (out + std::max<int64_t>(out_scratch, 0)) * kF + wb);
 }
 
 // ---- Training ----------------------------------------------------------------------------------
