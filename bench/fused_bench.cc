@@ -165,6 +165,7 @@ int main(int argc, char** argv) {
     if (std::string(argv[4]) == mode_args[k]) only = k;
   std::vector<std::string> order;                            // modules in run order
   std::map<std::string, std::vector<double>> times[kModes];  // [mode][module] ms per round
+  std::map<std::string, std::vector<double>> cpu[kModes];    // [mode][module] process CPU ms
   std::vector<double> block[kModes], block_cpu[kModes];
   int64_t peak[kModes] = {0, 0, 0};  // tracked bytes above the inputs during the forward
   for (int round = 0; round < rounds + 1; ++round) {  // round 0: warm-up
@@ -175,19 +176,24 @@ int main(int argc, char** argv) {
       opts.fused = mode != 0;
       opts.dtype = mode == 2 ? fc::DType::BF16 : fc::DType::F32;
       Clock::time_point mark;
+      double cpu_mark = 0;
       opts.trace = [&](int, const std::string& module, const std::string&, const fc::Tensor&) {
         const auto now = Clock::now();
         if (round > 0)
           times[mode][module].push_back(
               std::chrono::duration<double, std::milli>(now - mark).count());
         if (round == 1 && mode == 0) order.push_back(module);
+        const double c = cpu_ms();
+        if (round > 0) cpu[mode][module].push_back(c - cpu_mark);
         mark = now;
+        cpu_mark = c;
       };
       fc::Tensor m = m0.clone(), z = z0.clone();
       fc::MemoryScope scope;
       const double c0 = cpu_ms();
       const auto t0 = Clock::now();
       mark = t0;
+      cpu_mark = c0;
       if (!stack.forward(m, z, fc::Tensor(), fc::Tensor(), nullptr, opts).ok()) return 1;
       peak[mode] = std::max(peak[mode], scope.peak() - scope.start_live());
       if (round > 0) {
@@ -223,6 +229,16 @@ int main(int argc, char** argv) {
   }
   row("block", block);
   row("block, process CPU ms", block_cpu);
+  std::printf(
+      "\nprocess CPU ms per module (both threads; robust under load), minimum (median)\n\n| module "
+      "| %s | %s | %s | fused/unfused | bf16/fp32 fused | bf16 fused/unfused |\n"
+      "|---|---|---|---|---|---|---|\n",
+      names[0], names[1], names[2]);
+  for (const std::string& mod : order) {
+    const std::vector<double> v[kModes] = {cpu[0][mod], cpu[1][mod], cpu[2][mod]};
+    row(mod, v);
+  }
+  row("block", block_cpu);
   const double mz = static_cast<double>(m0.nbytes() + z0.nbytes());
   std::printf(
       "\ntracked forward workspace above m, z (MiB; x bytes(m+z)): %s %.1f (%.2f), %s %.1f "

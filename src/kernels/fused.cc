@@ -229,24 +229,31 @@ void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads)
 int64_t gated_output_scratch_floats(const GatedOutputArgs& a, int threads) {
   const int64_t rb = gated_output_block_rows(a.cp, a.cz);
   if (a.rows <= 0) return 0;
-  return busy_threads(a.rows, rb, threads) * std::min(rb, a.rows) * (a.cp + 3 * a.cz);
+  const int64_t rows = std::min(rb, a.rows);
+  return busy_threads(a.rows, rb, threads) *
+         (rows * (a.cp + 3 * a.cz) +
+          (a.dtype == DType::BF16 ? bf16_floats(rows * std::max(a.cp, a.cz)) : 0));
 }
 
 void gated_output(const GatedOutputArgs& a, float* scratch, int threads) {
+  FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
   const int64_t cp = a.cp, cz = a.cz, rb = gated_output_block_rows(cp, cz);
-  const int64_t rows_max = std::min(rb, a.rows), per_slot = rows_max * (cp + 3 * cz);
+  const int64_t rows_max = std::min(rb, a.rows);
+  const int64_t per_slot = rows_max * (cp + 3 * cz) +
+                           (a.dtype == DType::BF16 ? bf16_floats(rows_max * std::max(cp, cz)) : 0);
   for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
     const int64_t n = g1 - g0;
     float* pp = scratch + slot * per_slot;  // [n, cp] the block's products, then LN_p of them
     float* y = pp + rows_max * cp;          // [n, cz] linear_z, then the gated update
     float* xz = y + rows_max * cz;          // [n, cz] LN_z of the z rows
     float* g = xz + rows_max * cz;          // [n, cz] linear_g
+    uint16_t* xb = reinterpret_cast<uint16_t*>(g + rows_max * cz);  // bf16 of pp or xz (BF16)
     float* zr = a.z + g0 * cz;
     transpose(a.P + g0, a.ldp, pp, cp, cp, n);
     layernorm(pp, cp, pp, cp, n, cp, a.gamma_p, a.beta_p, a.eps);
-    linear(pp, cp, n, cp, a.Wp, a.bp, cz, y, cz);
+    block_linear(a.dtype, pp, xb, n, cp, a.Wp, a.Wp_bf16, a.bp, cz, y, cz, false);
     layernorm(zr, cz, xz, cz, n, cz, a.gamma_z, a.beta_z, a.eps);
-    linear(xz, cz, n, cz, a.Wg, a.bg, cz, g, cz);
+    block_linear(a.dtype, xz, xb, n, cz, a.Wg, a.Wg_bf16, a.bg, cz, g, cz, false);
     sigmoid_mul(y, cz, g, cz, n, cz);
     add_inplace(zr, cz, y, cz, n, cz);
   });
@@ -351,17 +358,24 @@ void gated_projection(const GatedProjectionArgs& a) {
 
 void gated_output(const GatedOutputArgs& a, float* scratch) {
   const int64_t cp = a.cp, cz = a.cz;
-  float* pp = scratch;  // [cp] the pair's products
-  float* y = pp + cp;   // [cz]
-  float* xz = y + cz;   // [cz]
-  float* g = xz + cz;   // [cz]
+  float* pp = scratch;                                 // [cp] the pair's products
+  float* y = pp + cp;                                  // [cz]
+  float* xz = y + cz;                                  // [cz]
+  float* g = xz + cz;                                  // [cz]
+  uint16_t* xb = reinterpret_cast<uint16_t*>(g + cz);  // [max(cp, cz)] bf16 (BF16 only)
+  const bool bf16 = a.dtype == DType::BF16;
   for (int64_t p = 0; p < a.rows; ++p) {
     float* zr = a.z + p * cz;
     for (int64_t c = 0; c < cp; ++c) pp[c] = a.P[c * a.ldp + p];
     ref::layernorm(pp, cp, pp, cp, 1, cp, a.gamma_p, a.beta_p, a.eps);
-    ref::linear(pp, cp, 1, cp, a.Wp, a.bp, cz, y, cz);
     ref::layernorm(zr, cz, xz, cz, 1, cz, a.gamma_z, a.beta_z, a.eps);
-    ref::linear(xz, cz, 1, cz, a.Wg, a.bg, cz, g, cz);
+    if (bf16) {
+      linear_row_bf16(pp, xb, cp, a.Wp_bf16, a.bp, cz, y, false);
+      linear_row_bf16(xz, xb, cz, a.Wg_bf16, a.bg, cz, g, false);
+    } else {
+      ref::linear(pp, cp, 1, cp, a.Wp, a.bp, cz, y, cz);
+      ref::linear(xz, cz, 1, cz, a.Wg, a.bg, cz, g, cz);
+    }
     ref::sigmoid_mul(y, cz, g, cz, 1, cz);
     for (int64_t c = 0; c < cz; ++c) zr[c] += y[c];
   }

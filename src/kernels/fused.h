@@ -118,7 +118,9 @@ void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads)
 //   y = LN_p(P[:, p]) Wp^T + bp,  g = LN_z(z[p, :]) Wg^T + bg,  z[p, :] += y * sigmoid(g)
 // with P channel-major [cp, ldp] (column p: the pair's cp products) and z [rows, cz] contiguous.
 // Per row the arithmetic is the unfused sequence (kern::transpose, layernorm, linear, layernorm,
-// linear, sigmoid_mul, add_inplace) on the thread's scratch block. F32 only.
+// linear, sigmoid_mul, add_inplace) on the thread's scratch block. BF16: both normalised blocks
+// are rounded to bf16 in the slot and multiplied by Wp_bf16 / Wg_bf16 with f32 accumulation (as
+// layernorm_linear); the statistics, biases, gate and residual add stay f32.
 struct GatedOutputArgs {
   int64_t rows = 0, cp = 0, cz = 0;
   const float* P = nullptr;  // [cp, ldp]
@@ -133,6 +135,9 @@ struct GatedOutputArgs {
   const float* Wg = nullptr;  // [cz, cz] linear_g
   const float* bg = nullptr;  // [cz] or nullptr
   float eps = 1e-5f;
+  DType dtype = DType::F32;           // GEMM inputs: F32 or BF16
+  const uint16_t* Wp_bf16 = nullptr;  // [cz, cp] bf16 bits of Wp (dtype BF16; Wp unused then)
+  const uint16_t* Wg_bf16 = nullptr;  // [cz, cz] bf16 bits of Wg (dtype BF16; Wg unused then)
 };
 int64_t gated_output_scratch_floats(const GatedOutputArgs& a, int threads);
 void gated_output(const GatedOutputArgs& a, float* scratch, int threads);
@@ -147,7 +152,7 @@ void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  //
 void transition(const TransitionArgs& a, float* scratch);
 // One row at a time in double (dot products), sigmoid in double; no scratch.
 void gated_projection(const GatedProjectionArgs& a);
-// One row at a time; scratch: cp + 3 * cz floats.
+// One row at a time; scratch: cp + 3 * cz floats, plus max(cp, cz) / 2 + 1 with BF16.
 void gated_output(const GatedOutputArgs& a, float* scratch);
 }  // namespace ref
 

@@ -35,8 +35,9 @@ constexpr int64_t kKeepLnTargets = 12;
 // ---- Inference ---------------------------------------------------------------------------------
 
 namespace {
-// The fused f32 path (ctx.fused, f32 products): the projections of a channel group go through
-// kern::gated_projection and the output phase through kern::gated_output, per row block.
+// The fused path: with f32 products (ctx.fused, not bf16_products) the projections of a channel
+// group go through kern::gated_projection; in every dtype the output phase goes through
+// kern::gated_output. Both per row block.
 bool fused_f32(const BlockContext& ctx, int64_t parts) {
   return ctx.fused && !bf16_products(ctx, parts);
 }
@@ -58,9 +59,9 @@ int64_t projection_floats(const BlockContext& ctx, int64_t parts, int64_t cg, in
                                     gated_projection_dims(ch * r, cz, nc), ctx.threads));
   return floats;
 }
-kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz) {
+kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz, DType dtype) {
   kern::GatedOutputArgs a;
-  a.rows = pairs, a.cp = ct, a.cz = cz;
+  a.rows = pairs, a.cp = ct, a.cz = cz, a.dtype = dtype;
   return a;
 }
 }  // namespace
@@ -108,9 +109,9 @@ namespace {
 // The triangle multiplication on rows of z [rows, r, c_z] with mask [rows, r]. gather == nullptr:
 // one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
 // (see triangle_multiplication_shard). With bf16 products (bf16_products) the projections come
-// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16, the products take bf16
-// inputs with f32 accumulation (P stays f32), and LN_out + linear_z is the fused LayerNorm-Linear
-// in bf16; gating, masking and the residual add stay f32.
+// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16 and the products take bf16
+// inputs with f32 accumulation (P stays f32); gating, masking and the residual add stay f32.
+// Fused (ctx.fused), the output phase is kern::gated_output with GEMM inputs of ctx.dtype.
 void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                   bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
                   float* z) {
@@ -215,54 +216,37 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
       }
     }
   }
-  if (fused_f32(ctx, parts)) {
-    // LN_out, linear_z, the gate from LN_in(z) and the residual add per row block of pairs.
-    kern::GatedOutputArgs go = gated_output_dims(rr, ct, cz);
+  if (ctx.fused) {
+    // LN_out, linear_z, the gate from LN_in(z) and the residual add per row block of pairs, with
+    // GEMM inputs of ctx.dtype.
+    const Tensor wz_b = gemm_weights(w.lin_z.w, ctx.dtype);  // [c_z, c_t] bf16 (BF16 only)
+    const Tensor wg_b = gemm_weights(w.lin_g.w, ctx.dtype);  // [c_z, c_z] bf16 (BF16 only)
+    kern::GatedOutputArgs go = gated_output_dims(rr, ct, cz, ctx.dtype);
     go.P = P.f32(), go.ldp = rr;
     go.gamma_p = w.ln_out.w.f32(), go.beta_p = w.ln_out.b.f32();
-    go.Wp = w.lin_z.w.f32(), go.bp = bias_ptr(w.lin_z);
+    go.Wp = w.lin_z.w.f32(), go.bp = bias_ptr(w.lin_z), go.Wp_bf16 = bf16_ptr(wz_b);
     go.z = z, go.gamma_z = w.ln_in.w.f32(), go.beta_z = w.ln_in.b.f32();
-    go.Wg = w.lin_g.w.f32(), go.bg = bias_ptr(w.lin_g), go.eps = eps;
+    go.Wg = w.lin_g.w.f32(), go.bg = bias_ptr(w.lin_g), go.Wg_bf16 = bf16_ptr(wg_b);
+    go.eps = eps;
     Tensor scratch = Tensor::empty({kern::gated_output_scratch_floats(go, ctx.threads)});
     kern::gated_output(go, scratch.f32(), ctx.threads);
     return;
   }
+  // Unfused reference path (f32).
   const int64_t ch = tri_mul_output_chunk(ctx, rows);
-  Tensor pc = Tensor::empty({ch * r, ct});                        // p rows, channel-last
-  Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * r, cz});  // LN_in(z) chunk (unfused)
+  Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
+  Tensor x = Tensor::empty({ch * r, cz});   // LN_in(z) chunk
   Tensor y = Tensor::empty({ch * r, cz});
   Tensor g = Tensor::empty({ch * r, cz});
-  const Tensor wg_b = ctx.fused ? gemm_weights(w.lin_g.w, ctx.dtype) : Tensor();  // [c_z, c_z]
-  const Tensor wz_b = bf16 ? gemm_weights(w.lin_z.w, DType::BF16) : Tensor();     // [c_z, c_t]
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0);
     float* pp = pc.f32();
     kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
-    if (bf16) {
-      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, ct, cz, DType::BF16);
-      la.x = pp, la.x_rs = ct;
-      la.gamma = w.ln_out.w.f32(), la.beta = w.ln_out.b.f32(), la.eps = eps;
-      la.W = w.lin_z.w.f32(), la.bias = bias_ptr(w.lin_z), la.W_bf16 = wz_b.data<uint16_t>();
-      la.y = y.f32(), la.ldy = cz;
-      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
-      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
-    } else {
-      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
-    }
+    kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
     float* zr = z + i0 * r * cz;
-    if (ctx.fused) {
-      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz, ctx.dtype);
-      la.x = zr, la.x_rs = cz;
-      la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
-      la.W = w.lin_g.w.f32(), la.bias = bias_ptr(w.lin_g), la.W_bf16 = bf16_ptr(wg_b);
-      la.y = g.f32(), la.ldy = cz;
-      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
-      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
-    } else {
-      kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-      kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
-    }
+    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+    kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
   }
@@ -287,27 +271,15 @@ int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t row
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
   const int64_t ch2 = tri_mul_output_chunk(ctx, rows);
   const int64_t phase1 = tri_mul_phase1(ctx, rows, parts).bytes;
-  if (fused_f32(ctx, parts))  // output phase: kern::gated_output's scratch
+  if (ctx.fused)  // output phase: the GEMM-input weights and kern::gated_output's scratch
     return ct * rows * r * kF +
-           std::max(phase1, kern::gated_output_scratch_floats(gated_output_dims(rows * r, ct, cz),
-                                                              ctx.threads) *
-                                kF);
-  // Output phase: pc, y, g and LN_in(z) (unfused) or the fused kernel's scratch for lin_g.
-  const int64_t out = ctx.fused
-                          ? ch2 * r * (ct + 2 * cz) +
-                                kern::layernorm_linear_scratch_floats(
-                                    ln_linear_dims(1, ch2 * r, cz, cz, ctx.dtype), ctx.threads)
-                          : ch2 * r * (ct + 3 * cz);
-  int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
-  int64_t out_scratch = 0;  // bf16: LN_out + linear_z is a second LayerNorm-Linear call
-  if (bf16_products(ctx, parts)) {
-    wb += gemm_weights_bytes(cz * ct, DType::BF16);
-    out_scratch = kern::layernorm_linear_scratch_floats(
-                      ln_linear_dims(1, ch2 * r, ct, cz, DType::BF16), ctx.threads) -
-                  kern::layernorm_linear_scratch_floats(
-                      ln_linear_dims(1, ch2 * r, cz, cz, DType::BF16), ctx.threads);
-  }
-  return ct * rows * r * kF + std::max(phase1, (out + std::max<int64_t>(out_scratch, 0)) * kF + wb);
+           std::max(phase1, gemm_weights_bytes(cz * ct, ctx.dtype) +
+                                gemm_weights_bytes(cz * cz, ctx.dtype) +
+                                kern::gated_output_scratch_floats(
+                                    gated_output_dims(rows * r, ct, cz, ctx.dtype), ctx.threads) *
+                                    kF);
+  // Unfused output phase: pc, LN_in(z), y and g chunks.
+  return ct * rows * r * kF + std::max(phase1, ch2 * r * (ct + 3 * cz) * kF);
 }
 
 // ---- Training ----------------------------------------------------------------------------------
