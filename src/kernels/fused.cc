@@ -200,22 +200,37 @@ void transition(const TransitionArgs& a, float* scratch, int threads) {
 
 // Row blocks of the triangle multiplication's fused phases: the block's [rows, 4*nc] projections
 // (gated_projection) or its [rows, cp + 3*cz] working rows (gated_output) within kBlockBytes.
-int64_t gated_projection_block_rows(int64_t nc) { return block_rows_for(4 * nc); }
+int64_t gated_projection_block_rows(const GatedProjectionArgs& a) {
+  return block_rows_for(4 * a.nc + (a.gamma != nullptr ? a.in : 0));
+}
 int64_t gated_output_block_rows(int64_t cp, int64_t cz) { return block_rows_for(cp + 3 * cz); }
 
+// Floats of one gated_projection slot: the block's projections, and its normalised rows with LN.
+int64_t gated_projection_slot_floats(const GatedProjectionArgs& a) {
+  return std::min(gated_projection_block_rows(a), a.rows) *
+         (4 * a.nc + (a.gamma != nullptr ? a.in : 0));
+}
+
 int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads) {
-  const int64_t rb = gated_projection_block_rows(a.nc);
   if (a.rows <= 0) return 0;
-  return busy_threads(a.rows, rb, threads) * std::min(rb, a.rows) * 4 * a.nc;
+  return busy_threads(a.rows, gated_projection_block_rows(a), threads) *
+         gated_projection_slot_floats(a);
 }
 
 void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads) {
-  const int64_t nc = a.nc, ld = 4 * nc, rb = gated_projection_block_rows(nc);
-  const int64_t per_slot = std::min(rb, a.rows) * ld;
+  const int64_t nc = a.nc, ld = 4 * nc, rb = gated_projection_block_rows(a);
+  const int64_t rows_max = std::min(rb, a.rows), per_slot = gated_projection_slot_floats(a);
   for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
     const int64_t n = g1 - g0;
     float* t = scratch + slot * per_slot;  // [n, 4*nc] a_p | a_g | b_p | b_g of the block
-    linear(a.x + g0 * a.ldx, a.ldx, n, a.in, a.W, a.bias, ld, t, ld);
+    const float* x = a.x + g0 * a.ldx;
+    int64_t ldx = a.ldx;
+    if (a.gamma != nullptr) {
+      float* xs = t + rows_max * ld;  // [n, in] LN of the block's rows
+      layernorm(x, ldx, xs, a.in, n, a.in, a.gamma, a.beta, a.eps);
+      x = xs, ldx = a.in;
+    }
+    linear(x, ldx, n, a.in, a.W, a.bias, ld, t, ld);
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
       float* proj = t + 2 * part * nc;          // [n, nc] with ld 4*nc; its gate follows
       sigmoid_inplace(proj + nc, ld, n, nc);
@@ -338,10 +353,14 @@ void transition(const TransitionArgs& a, float* scratch) {
   }
 }
 
-void gated_projection(const GatedProjectionArgs& a) {
+void gated_projection(const GatedProjectionArgs& a, float* scratch) {
   const int64_t nc = a.nc;
   for (int64_t p = 0; p < a.rows; ++p) {
     const float* x = a.x + p * a.ldx;
+    if (a.gamma != nullptr) {
+      ref::layernorm(x, a.in, scratch, a.in, 1, a.in, a.gamma, a.beta, a.eps);
+      x = scratch;
+    }
     auto proj = [&](int64_t o) {  // t[p, o] in double
       double acc = a.bias != nullptr ? a.bias[o] : 0.0;
       for (int64_t i = 0; i < a.in; ++i) acc += static_cast<double>(x[i]) * a.W[o * a.in + i];

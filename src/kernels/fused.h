@@ -93,7 +93,8 @@ int64_t transition_scratch_floats(const TransitionArgs& a, int threads);
 void transition(const TransitionArgs& a, float* scratch, int threads);
 
 // The triangle multiplication's projection phase on one channel group, per row block: for the
-// `rows` pairs p of x [rows, in] (ld ldx, the normalised pair rows), t[p, :] = x[p, :] W^T + bias
+// `rows` pairs p of x [rows, in] (ld ldx; with gamma, x is normalised per row block in the
+// thread's scratch first, LN(x) = kern::layernorm), t[p, :] = x[p, :] W^T + bias
 // with W [4*nc, in] the group's rows a_p | a_g | b_p | b_g, then
 //   A[c * ld_ab + p] = (t[p, c] * sigmoid(t[p, nc + c])) * mask[p]              (a, c < nc)
 //   B[c * ld_ab + p] = (t[p, 2nc + c] * sigmoid(t[p, 3nc + c])) * mask[p]       (b)
@@ -104,6 +105,9 @@ struct GatedProjectionArgs {
   int64_t rows = 0, in = 0, nc = 0;
   const float* x = nullptr;  // [rows, in], leading dimension ldx
   int64_t ldx = 0;
+  const float* gamma = nullptr;  // [in] LayerNorm of x, or nullptr (x already normalised)
+  const float* beta = nullptr;   // [in]
+  float eps = 1e-5f;
   const float* W = nullptr;     // [4*nc, in]
   const float* bias = nullptr;  // [4*nc] or nullptr
   const float* mask = nullptr;  // [rows]
@@ -150,8 +154,8 @@ namespace ref {
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
 void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  // BF16: in floats
 void transition(const TransitionArgs& a, float* scratch);
-// One row at a time in double (dot products), sigmoid in double; no scratch.
-void gated_projection(const GatedProjectionArgs& a);
+// One row at a time in double (dot products), sigmoid in double; scratch: in floats (LN row).
+void gated_projection(const GatedProjectionArgs& a, float* scratch);
 // One row at a time; scratch: cp + 3 * cz floats, plus max(cp, cz) / 2 + 1 with BF16.
 void gated_output(const GatedOutputArgs& a, float* scratch);
 }  // namespace ref

@@ -43,8 +43,11 @@ bool fused_f32(const BlockContext& ctx, int64_t parts) {
 }
 // Their sizes (what the scratch formulas read); the caller sets the pointers.
 kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc) {
+  // A placeholder gamma: the rows are normalised in the kernel (the scratch formula counts the
+  // normalised block); the caller sets the real LayerNorm weights with the other pointers.
+  static const float kPlaceholder = 1.f;
   kern::GatedProjectionArgs a;
-  a.rows = pairs, a.in = cz, a.nc = nc;
+  a.rows = pairs, a.in = cz, a.nc = nc, a.gamma = &kPlaceholder;
   return a;
 }
 // Floats of the group's projection buffer t: a chunk of ch rows [ch*r, 4*cg] (unfused), or the
@@ -75,7 +78,8 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   p.cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
-  p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
+  // Fused f32: no chunk buffers (the kernel works in per-thread row blocks), one call per group.
+  p.ch = fused_f32(ctx, parts) ? rows : pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
   // A_g, B_g, the projection chunk (or the fused kernel's scratch) and, with several groups, the
   // group's rows of w.ab and b.ab.
   const int64_t group = (2 * p.cg * rr + projection_floats(ctx, parts, p.cg, p.ch) +
@@ -93,6 +97,10 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
     p.bytes = 2 * p.cg * rr * 2 +
               (4 * p.cg * p.ch * r + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + scratch) * kF +
               gemm_weights_bytes(4 * p.cg * cz, DType::BF16);
+    return p;
+  }
+  if (fused_f32(ctx, parts)) {  // LN_in(z) per row block inside kern::gated_projection
+    p.bytes = group;
     return p;
   }
   p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
@@ -131,10 +139,10 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     Tensor A = Tensor::empty({cg, rows, r}, abt);  // a[c][i][k] = mask * sigmoid(a_g) * a_p
     Tensor B = Tensor::empty({cg, rows, r}, abt);
     // LN_in(z): all rows or a chunk (bf16: none, the fused kernel normalises per row block).
-    Tensor x = bf16 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
+    const bool fused32 = fused_f32(ctx, parts);
+    Tensor x = bf16 || fused32 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
     // a_p | a_g | b_p | b_g of the group: a chunk [ch*r, 4*cg], or (fused f32) the fused
     // kernel's per-thread row blocks.
-    const bool fused32 = fused_f32(ctx, parts);
     Tensor t = Tensor::empty({projection_floats(ctx, parts, cg, ch)});
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
@@ -168,17 +176,19 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
           Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
           kern::layernorm_linear(la, scratch.f32(), ctx.threads);
         } else {
-          const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
-          if (!ph.keep_ln)
-            kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
-                            w.ln_in.b.f32(), eps);
           if (fused32) {
             kern::GatedProjectionArgs ga = gated_projection_dims(n * r, cz, nc);
-            ga.x = xp, ga.ldx = cz, ga.W = wp, ga.bias = bp, ga.mask = mask_rows + i0 * r;
+            ga.x = z + i0 * r * cz, ga.ldx = cz;
+            ga.gamma = w.ln_in.w.f32(), ga.beta = w.ln_in.b.f32(), ga.eps = eps;
+            ga.W = wp, ga.bias = bp, ga.mask = mask_rows + i0 * r;
             ga.A = A.f32() + i0 * r, ga.B = B.f32() + i0 * r, ga.ld_ab = rr;
             kern::gated_projection(ga, t.f32(), ctx.threads);
             continue;
           }
+          const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
+          if (!ph.keep_ln)
+            kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
+                            w.ln_in.b.f32(), eps);
           kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
         }
         float* tp = t.f32();
