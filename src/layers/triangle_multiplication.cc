@@ -78,8 +78,7 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   p.cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
-  // Fused f32: no chunk buffers (the kernel works in per-thread row blocks), one call per group.
-  p.ch = fused_f32(ctx, parts) ? rows : pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
+  p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
   // A_g, B_g, the projection chunk (or the fused kernel's scratch) and, with several groups, the
   // group's rows of w.ab and b.ab.
   const int64_t group = (2 * p.cg * rr + projection_floats(ctx, parts, p.cg, p.ch) +
@@ -226,24 +225,28 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
       }
     }
   }
+  const int64_t ch = tri_mul_output_chunk(ctx, rows);
   if (ctx.fused) {
     // LN_out, linear_z, the gate from LN_in(z) and the residual add per row block of pairs, with
-    // GEMM inputs of ctx.dtype.
+    // GEMM inputs of ctx.dtype; chunks of ch rows bound the kernel's scratch.
     const Tensor wz_b = gemm_weights(w.lin_z.w, ctx.dtype);  // [c_z, c_t] bf16 (BF16 only)
     const Tensor wg_b = gemm_weights(w.lin_g.w, ctx.dtype);  // [c_z, c_z] bf16 (BF16 only)
-    kern::GatedOutputArgs go = gated_output_dims(rr, ct, cz, ctx.dtype);
-    go.P = P.f32(), go.ldp = rr;
+    kern::GatedOutputArgs go = gated_output_dims(ch * r, ct, cz, ctx.dtype);
+    Tensor scratch = Tensor::empty({kern::gated_output_scratch_floats(go, ctx.threads)});
+    go.ldp = rr;
     go.gamma_p = w.ln_out.w.f32(), go.beta_p = w.ln_out.b.f32();
     go.Wp = w.lin_z.w.f32(), go.bp = bias_ptr(w.lin_z), go.Wp_bf16 = bf16_ptr(wz_b);
-    go.z = z, go.gamma_z = w.ln_in.w.f32(), go.beta_z = w.ln_in.b.f32();
+    go.gamma_z = w.ln_in.w.f32(), go.beta_z = w.ln_in.b.f32();
     go.Wg = w.lin_g.w.f32(), go.bg = bias_ptr(w.lin_g), go.Wg_bf16 = bf16_ptr(wg_b);
     go.eps = eps;
-    Tensor scratch = Tensor::empty({kern::gated_output_scratch_floats(go, ctx.threads)});
-    kern::gated_output(go, scratch.f32(), ctx.threads);
+    for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+      go.rows = std::min(ch, rows - i0) * r;
+      go.P = P.f32() + i0 * r, go.z = z + i0 * r * cz;
+      kern::gated_output(go, scratch.f32(), ctx.threads);
+    }
     return;
   }
   // Unfused reference path (f32).
-  const int64_t ch = tri_mul_output_chunk(ctx, rows);
   Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
   Tensor x = Tensor::empty({ch * r, cz});   // LN_in(z) chunk
   Tensor y = Tensor::empty({ch * r, cz});
@@ -286,7 +289,7 @@ int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t row
            std::max(phase1, gemm_weights_bytes(cz * ct, ctx.dtype) +
                                 gemm_weights_bytes(cz * cz, ctx.dtype) +
                                 kern::gated_output_scratch_floats(
-                                    gated_output_dims(rows * r, ct, cz, ctx.dtype), ctx.threads) *
+                                    gated_output_dims(ch2 * r, ct, cz, ctx.dtype), ctx.threads) *
                                     kF);
   // Unfused output phase: pc, LN_in(z), y and g chunks.
   return ct * rows * r * kF + std::max(phase1, ch2 * r * (ct + 3 * cz) * kF);
