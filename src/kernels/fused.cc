@@ -1,6 +1,7 @@
-// Fused LayerNorm + Linear and fused transition (contracts in fused.h), with their naive
-// references. The fast versions compose the existing kernels per row block; the GEMMs run
-// single-threaded inside the row-block loop (oneDNN inside an OpenMP region uses one thread).
+// Fused LayerNorm + Linear, fused transition and the triangle multiplication's fused phases
+// (contracts in fused.h), with their naive references. The fast versions compose the existing
+// kernels per row block; the GEMMs run single-threaded inside the row-block loop (oneDNN inside an
+// OpenMP region uses one thread).
 #include "kernels/fused.h"
 
 #include <omp.h>

@@ -1,7 +1,8 @@
-// Fused kernels: LayerNorm + Linear and the whole transition (LayerNorm -> Linear -> ReLU ->
-// Linear -> residual add). Rows are processed in cache-sized row blocks: each thread normalises a
-// block of rows into its own scratch and runs the GEMM(s) on it while it is hot, so no normalised
-// copy (or hidden activation) of more than one block per thread ever exists.
+// Fused kernels: LayerNorm + Linear, the whole transition (LayerNorm -> Linear -> ReLU ->
+// Linear -> residual add) and the triangle multiplication's projection and output phases. Rows are
+// processed in cache-sized row blocks: each thread normalises a block of rows into its own scratch
+// and runs the GEMM(s) on it while it is hot, so no normalised copy (or hidden activation) of more
+// than one block per thread ever exists.
 //
 // Contract as kernels.h: caller-owned memory, no allocation (scratch passed in, its size from the
 // *_scratch_floats function), parallel over row blocks with OpenMP (on the calling thread inside a
