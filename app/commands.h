@@ -119,6 +119,7 @@ struct PlanArgs {
   std::string profile;       // profile JSON (default: this machine, calibrated and cached)
   bool calibrate = false;    // re-run the calibration of this machine
   std::string dtype;         // fp32 | bf16 | fp16 (default: the profile's)
+  int element_bytes = -1;    // bytes of every device buffer: 0 (engine) | 2 | 4; -1: the profile's
   std::string policy;        // evaluate this recompute policy for every block
   int64_t chunk = 0;         // force items per chunk
   std::string chunk_target;  // force the chunk target, e.g. "32MiB"

@@ -170,7 +170,14 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
   plan->add_option("--profile", pa.profile,
                    "device profile JSON (default: this machine, calibrated once and cached)");
   plan->add_flag("--calibrate", pa.calibrate, "re-calibrate this machine's profile");
-  plan->add_option("--dtype", pa.dtype, "fp32 | bf16 | fp16 (default: the profile's)");
+  plan->add_option("--dtype", pa.dtype,
+                   "fp32 | bf16 | fp16 (default: the profile's); on the engine's layout bf16 is "
+                   "`run --dtype bf16`: f32 buffers, the kept layer inputs in bf16");
+  plan->add_option("--element-bytes", pa.element_bytes,
+                   "bytes of every device buffer: 0 = foldcube's engine (f32, kept inputs in the "
+                   "dtype), 2 = every buffer in 2 bytes (the seeds' fp16 GPUs), 4 (default: the "
+                   "profile's element_bytes)")
+      ->check(CLI::IsMember({0, 2, 4}));
   plan->add_option("--policy", pa.policy,
                    "evaluate this recompute policy (none|module|block) for every block");
   plan->add_option("--chunk", pa.chunk, "force batch items per chunk")

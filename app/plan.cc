@@ -317,6 +317,7 @@ Status plan_request(const PlanArgs& a, PlanRequest* req) {
     FC_RETURN_IF_ERROR(parse_plan_dtype(a.dtype, &t));
     req->dtype = t;
   }
+  if (a.element_bytes >= 0) req->element_bytes = a.element_bytes;
   if (!a.policy.empty()) {
     FC_RETURN_IF_ERROR(parse_recompute(a.policy, &req->policy));
     req->fixed_policy = true;
@@ -336,11 +337,14 @@ Status plan_request(const PlanArgs& a, PlanRequest* req) {
 
 void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
   std::printf(
-      "foldcube plan: %s%s, s=%lld r=%lld%s blocks=%lld, %s, %d device(s), profile %s\n",
+      "foldcube plan: %s%s, s=%lld r=%lld%s blocks=%lld, %s%s, %d device(s), profile %s\n",
       plan.training ? "training step" : "inference", plan.extra_msa ? " (ExtraMSA stack)" : "",
       static_cast<long long>(plan.s), static_cast<long long>(plan.r),
       plan.r != plan.r_real ? (" (bucket of r=" + std::to_string(plan.r_real) + ")").c_str() : "",
       static_cast<long long>(plan.cfg.no_blocks), plan_dtype_name(plan.dtype),
+      plan.element_bytes > 0
+          ? (", every buffer " + std::to_string(plan.element_bytes) + " B").c_str()
+          : "",
       req.devices > 0 ? req.devices : req.profile.devices, plan.profile.c_str());
   std::printf(
       "  estimate    %10.1f ms per step (%.1f ms per protein; forward %.1f, backward "

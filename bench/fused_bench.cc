@@ -2,8 +2,10 @@
 // (ForwardOptions::fused, ::dtype), per module and per block, in one process: the modes take turns
 // (order rotated every round) so machine load hits all alike; the table reports the minimum and
 // the median over the rounds and the ratios of the minima.
-// Usage: fused_bench [s] [r] [rounds] [kernels]   (default 128 256 5); with "kernels", the kernel
-// table at s*r rows instead. Prints /proc/loadavg before and after.
+// Usage: fused_bench [s] [r] [rounds] [kernels | unfused | fused | bf16]   (default 128 256 5);
+// with "kernels", the kernel table at s*r rows instead; with a mode name, that mode alone and no
+// table (for a profiler: perf record -g build/fused_bench 128 256 2 fused). Prints /proc/loadavg
+// before and after.
 #include <time.h>
 
 #include <algorithm>
@@ -157,30 +159,41 @@ int main(int argc, char** argv) {
   // Modes: unfused fp32, fused fp32, fused with bf16 GEMM inputs.
   constexpr int kModes = 3;
   const char* names[kModes] = {"unfused fp32", "fused fp32", "fused bf16"};
+  const char* mode_args[kModes] = {"unfused", "fused", "bf16"};
+  int only = -1;  // a single mode to run (profiling), else all
+  for (int k = 0; argc > 4 && k < kModes; ++k)
+    if (std::string(argv[4]) == mode_args[k]) only = k;
   std::vector<std::string> order;                            // modules in run order
   std::map<std::string, std::vector<double>> times[kModes];  // [mode][module] ms per round
+  std::map<std::string, std::vector<double>> cpu[kModes];    // [mode][module] process CPU ms
   std::vector<double> block[kModes], block_cpu[kModes];
   int64_t peak[kModes] = {0, 0, 0};  // tracked bytes above the inputs during the forward
   for (int round = 0; round < rounds + 1; ++round) {  // round 0: warm-up
     for (int k = 0; k < kModes; ++k) {
       const int mode = (round + k) % kModes;  // rotate the order every round
+      if (only >= 0 && mode != only) continue;
       fc::ForwardOptions opts;
       opts.fused = mode != 0;
       opts.dtype = mode == 2 ? fc::DType::BF16 : fc::DType::F32;
       Clock::time_point mark;
+      double cpu_mark = 0;
       opts.trace = [&](int, const std::string& module, const std::string&, const fc::Tensor&) {
         const auto now = Clock::now();
         if (round > 0)
           times[mode][module].push_back(
               std::chrono::duration<double, std::milli>(now - mark).count());
         if (round == 1 && mode == 0) order.push_back(module);
+        const double c = cpu_ms();
+        if (round > 0) cpu[mode][module].push_back(c - cpu_mark);
         mark = now;
+        cpu_mark = c;
       };
       fc::Tensor m = m0.clone(), z = z0.clone();
       fc::MemoryScope scope;
       const double c0 = cpu_ms();
       const auto t0 = Clock::now();
       mark = t0;
+      cpu_mark = c0;
       if (!stack.forward(m, z, fc::Tensor(), fc::Tensor(), nullptr, opts).ok()) return 1;
       peak[mode] = std::max(peak[mode], scope.peak() - scope.start_live());
       if (round > 0) {
@@ -188,6 +201,13 @@ int main(int argc, char** argv) {
         block_cpu[mode].push_back(cpu_ms() - c0);
       }
     }
+  }
+  if (only >= 0) {
+    std::printf("%s: block %.1f ms (min), process CPU %.1f ms\nload average after: %s\n",
+                names[only], *std::min_element(block[only].begin(), block[only].end()),
+                *std::min_element(block_cpu[only].begin(), block_cpu[only].end()),
+                loadavg().c_str());
+    return 0;
   }
   std::printf(
       "\nminimum (median) ms over the rounds\n\n| module | %s | %s | %s | fused/unfused | "
@@ -209,6 +229,16 @@ int main(int argc, char** argv) {
   }
   row("block", block);
   row("block, process CPU ms", block_cpu);
+  std::printf(
+      "\nprocess CPU ms per module (both threads; robust under load), minimum (median)\n\n| module "
+      "| %s | %s | %s | fused/unfused | bf16/fp32 fused | bf16 fused/unfused |\n"
+      "|---|---|---|---|---|---|---|\n",
+      names[0], names[1], names[2]);
+  for (const std::string& mod : order) {
+    const std::vector<double> v[kModes] = {cpu[0][mod], cpu[1][mod], cpu[2][mod]};
+    row(mod, v);
+  }
+  row("block", block_cpu);
   const double mz = static_cast<double>(m0.nbytes() + z0.nbytes());
   std::printf(
       "\ntracked forward workspace above m, z (MiB; x bytes(m+z)): %s %.1f (%.2f), %s %.1f "

@@ -161,6 +161,95 @@ TEST(FusedLinearResidual, StridedAndContiguousRows) {
     }
 }
 
+// The triangle multiplication's fused projection (masked, gated, written channel-major) against
+// the double reference, with the LayerNorm in the kernel and on normalised input: partial row
+// blocks, a narrow group (5 channels), zero mask entries, the columns past `rows` of A and B
+// untouched; identical across thread counts.
+TEST(FusedTriMul, GatedProjectionMatchesReferenceAndThreadCounts) {
+  for (const bool ln : {true, false})
+    for (const int64_t rows : {7, 1000})
+      for (const int64_t nc : {16, 5}) {
+        const int64_t in = 32, ld_ab = rows + 9;
+        const std::vector<float> x = vec(rows * in, 51, 1.f), W = vec(4 * nc * in, 52, 0.3f);
+        const std::vector<float> bias = vec(4 * nc, 53, 0.1f);
+        std::vector<float> mask(rows);
+        for (int64_t p = 0; p < rows; ++p) mask[p] = p % 7 == 3 ? 0.f : 1.f;
+        kern::GatedProjectionArgs a;
+        a.rows = rows, a.in = in, a.nc = nc, a.x = x.data(), a.ldx = in;
+        a.W = W.data(), a.bias = bias.data(), a.mask = mask.data(), a.ld_ab = ld_ab;
+        const std::vector<float> gamma = vec(in, 55, 0.1f, 1.f), beta = vec(in, 56, 0.1f);
+        if (ln) a.gamma = gamma.data(), a.beta = beta.data();
+        const std::vector<float> ab0 = vec(nc * ld_ab, 54);
+        std::vector<float> wantA = ab0, wantB = ab0, ref_scratch(in);
+        a.A = wantA.data(), a.B = wantB.data();
+        kern::ref::gated_projection(a, ref_scratch.data());
+        std::vector<std::vector<float>> got;
+        for (int threads : {1, 2, 3}) {
+          std::vector<float> A = ab0, B = ab0;
+          std::vector<float> s(kern::gated_projection_scratch_floats(a, threads) + 1, 123.f);
+          a.A = A.data(), a.B = B.data();
+          kern::gated_projection(a, s.data(), threads);
+          EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+          for (int64_t c = 0; c < nc; ++c)
+            for (int64_t p = rows; p < ld_ab; ++p) {
+              ASSERT_EQ(A[c * ld_ab + p], ab0[c * ld_ab + p]);
+              ASSERT_EQ(B[c * ld_ab + p], ab0[c * ld_ab + p]);
+            }
+          EXPECT_LT(norm_rel_err(A, wantA), kF32Tol)
+              << "rows " << rows << " nc " << nc << " ln " << ln;
+          EXPECT_LT(norm_rel_err(B, wantB), kF32Tol)
+              << "rows " << rows << " nc " << nc << " ln " << ln;
+          A.insert(A.end(), B.begin(), B.end());
+          got.push_back(A);
+        }
+        for (size_t t = 1; t < got.size(); ++t)
+          EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+              << "threads differ, rows " << rows << " nc " << nc;
+      }
+}
+
+// The triangle multiplication's fused output phase (LN_out, linear_z, the gate from LN_in(z), the
+// residual add) against the double reference: partial row blocks, channel-major products with a
+// padded leading dimension, with and without biases, f32 and bf16 GEMM inputs; identical across
+// thread counts.
+TEST(FusedTriMul, GatedOutputMatchesReferenceAndThreadCounts) {
+  for (const DType dt : {DType::F32, DType::BF16})
+    for (const int64_t rows : {5, 1100})
+      for (const bool bias : {true, false}) {
+        const int64_t cp = 24, cz = 16, ldp = rows + 3;
+        const std::vector<float> P = vec(cp * ldp, 61, 2.f, 0.3f), z0 = vec(rows * cz, 62, 1.f);
+        const std::vector<float> gp = vec(cp, 63, 0.1f, 1.f), bp_ln = vec(cp, 64, 0.1f);
+        const std::vector<float> gz = vec(cz, 65, 0.1f, 1.f), bz_ln = vec(cz, 66, 0.1f);
+        const std::vector<float> Wp = vec(cz * cp, 67, 0.2f), Wg = vec(cz * cz, 68, 0.25f);
+        const std::vector<float> bp = vec(cz, 69, 0.1f), bg = vec(cz, 70, 0.1f);
+        kern::GatedOutputArgs a;
+        a.rows = rows, a.cp = cp, a.cz = cz, a.P = P.data(), a.ldp = ldp;
+        a.gamma_p = gp.data(), a.beta_p = bp_ln.data(), a.Wp = Wp.data();
+        a.bp = bias ? bp.data() : nullptr;
+        a.gamma_z = gz.data(), a.beta_z = bz_ln.data(), a.Wg = Wg.data();
+        a.bg = bias ? bg.data() : nullptr;
+        const std::vector<uint16_t> Wpb = to_bf16(Wp), Wgb = to_bf16(Wg);
+        a.dtype = dt, a.Wp_bf16 = Wpb.data(), a.Wg_bf16 = Wgb.data();
+        std::vector<float> want = z0, ref_scratch(cp + 3 * cz + std::max(cp, cz));
+        a.z = want.data();
+        kern::ref::gated_output(a, ref_scratch.data());
+        std::vector<std::vector<float>> got;
+        for (int threads : {1, 2, 3}) {
+          std::vector<float> z = z0;
+          std::vector<float> s(kern::gated_output_scratch_floats(a, threads) + 1, 123.f);
+          a.z = z.data();
+          kern::gated_output(a, s.data(), threads);
+          EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+          EXPECT_LT(norm_rel_err(z, want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
+              << "rows " << rows << " bias " << bias << " " << dtype_name(dt);
+          got.push_back(z);
+        }
+        for (size_t t = 1; t < got.size(); ++t)
+          EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+              << "threads differ, rows " << rows;
+      }
+}
+
 struct TransCase {
   int64_t rows, c, n;
   bool masked;

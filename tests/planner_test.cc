@@ -281,8 +281,9 @@ TEST(Planner, DecompositionMatchesMemoryModel) {
 }
 
 // Exhaustive search over 3^B orders times the chunk targets against make_plan on the same model
-// (extra_msa: the ExtraMSA stack's plans).
-void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra_msa = false) {
+// (extra_msa: the ExtraMSA stack's plans; dtype BF16: the bf16 kept inputs of `run --dtype bf16`).
+void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra_msa = false,
+                    DType dtype = DType::F32) {
   const int B = static_cast<int>(cfg.no_blocks);
   std::vector<Plan> all;
   int total = 1;
@@ -295,6 +296,7 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra
       for (int b = 0, c = code; b < B; ++b, c /= 3) pol.push_back(static_cast<R>(c % 3));
       Plan p = base_plan(cfg, s, r, pol);
       p.extra_msa = extra_msa;
+      p.dtype = dtype;
       p.chunk_target_bytes = tgt;
       ASSERT_TRUE(evaluate_plan(test_profile(), &p).ok());
       lo = std::min(lo, p.peak_bytes);
@@ -309,6 +311,7 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra
     Plan got;
     PlanRequest req = train_request(cfg, s, r, limit);
     req.extra_msa = extra_msa;
+    req.dtype = dtype;
     Status st = make_plan(req, &got);
     ASSERT_TRUE(st.ok()) << st.message();
     EXPECT_EQ(got.extra_msa, extra_msa);
@@ -317,6 +320,7 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra
     // The plan's own peak is the memory model's.
     Plan check = base_plan(cfg, s, r, got.policy);
     check.extra_msa = extra_msa;
+    check.dtype = dtype;
     check.chunk_target_bytes = got.chunk_target_bytes;
     ASSERT_TRUE(evaluate_plan(test_profile(), &check).ok());
     EXPECT_EQ(check.peak_bytes, got.peak_bytes);
@@ -324,6 +328,7 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra
   Plan none;
   PlanRequest req = train_request(cfg, s, r, lo - 1);
   req.extra_msa = extra_msa;
+  req.dtype = dtype;
   Status st = make_plan(req, &none);
   EXPECT_EQ(st.code(), Status::Code::kOutOfMemory);
   EXPECT_NE(st.message().find("smallest feasible budget"), std::string::npos) << st.message();
@@ -332,6 +337,16 @@ void expect_optimal(const EvoformerConfig& cfg, int64_t s, int64_t r, bool extra
 TEST(Planner, SearchIsOptimalSmallConfig) {
   expect_optimal(small_cfg(4), 7, 11);
   expect_optimal(small_cfg(5), 20, 8);
+}
+
+// Under BF16 storage a block that is not the last widens its bf16 outputs in its backward, and the
+// input it holds for the previous block is a bf16 kept one: the search's position decomposition
+// takes per-position terms and stays exact.
+TEST(Planner, SearchIsOptimalBf16) {
+  expect_optimal(small_cfg(4), 7, 11, false, DType::BF16);
+  EvoformerConfig extra = small_cfg(4);
+  extra.c_m = 16;
+  expect_optimal(extra, 7, 11, true, DType::BF16);
 }
 
 // The ExtraMSA stack: the same search over its block table, and the plan keeps its stack through

@@ -78,6 +78,12 @@ struct DeviceProfile {
   // Fixed cost of one module's pass (framework dispatch, kernel launches): charged once per module
   // to its forward, its backward and its rebuild; 0 unless given (fitted by `profile fit`).
   double module_overhead_us = 0;
+  // Bytes of every buffer on the device (docs/planner.md, "Element size and store dtype"): 0 =
+  // foldcube's engine (f32 streams, workspaces and weights; a BF16 / F16 plan keeps the layer
+  // inputs for the backward in 2 bytes, as `run --dtype bf16 --backward`); 2 = a device that
+  // holds every activation, weight and message in 2 bytes (the seeds' all-fp16 GPU runs); 4 =
+  // every buffer in 4 bytes whatever the dtype.
+  int element_bytes = 0;
 
   std::string to_json() const;
   // Either the calibrated fields or peak_gflops + peak_mem_gbps (+ optional efficiencies
@@ -145,6 +151,7 @@ struct Plan {
   std::vector<std::pair<std::string, int64_t>> module_chunks;  // items per chunk, by pick_chunk
   int dap = 1, dp = 1;
   DType dtype = DType::F32;  // F32 | BF16 | F16 (JSON "fp32" | "bf16" | "fp16")
+  int element_bytes = 0;     // DeviceProfile::element_bytes of the plan (JSON, absent = 0)
   int threads = 1;
   // The ExtraMSA stack (JSON "stack": "extra_msa"; c_m holds c_e): inference and training, DAP
   // and DP as for the Evoformer.
@@ -188,6 +195,7 @@ struct PlanRequest {
   // Per-layer partitions (include/foldcube/partition.h): false keeps pure DAP; true picks each
   // layer's split for the chosen DAP degree (Plan::partitions).
   bool split_auto = false;
+  std::optional<int> element_bytes;  // unset = profile.element_bytes
 };
 
 // Searches (or, with fixed_policy, evaluates) and fills *out with the fastest plan that fits.
@@ -228,5 +236,12 @@ int64_t dtype_bytes(DType dtype);          // bytes per element: 4, 2, 2 (8 for 
 const char* plan_dtype_name(DType dtype);  // "fp32", "bf16", "fp16" ("fp64" for F64)
 Status parse_plan_dtype(const std::string& name, DType* out);  // the three planner spellings
 Status check_plan_dtype(DType dtype);  // a user error unless F32, BF16 or F16
+// What a plan's (dtype, element_bytes) put in memory: bytes per element of its f32-class buffers
+// (element_bytes, or 4 for the engine's 0) and the dtype of the layer inputs kept for the backward
+// (the memory model's `store`: BF16 for an engine plan in BF16 or F16, both 2 bytes; else F32,
+// i.e. element_bytes for everything).
+int64_t plan_buffer_bytes(int element_bytes);
+DType plan_store_dtype(DType dtype, int element_bytes);
+Status check_element_bytes(int element_bytes);  // a user error unless 0, 2 or 4
 
 }  // namespace fc

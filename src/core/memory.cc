@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 
@@ -14,6 +15,7 @@ namespace {
 std::atomic<int64_t> g_live{0};
 std::atomic<int64_t> g_peak{0};
 std::atomic<int64_t> g_allocs{0};
+std::atomic<bool> g_reuse_large_blocks{false};  // configure_allocator's reuse_large_blocks
 
 // One slot per open MemoryScope: claimed by its constructor, `open` once its peak is set up.
 // Allocations raise the peak of every open slot below g_slot_end (the highest slot ever claimed
@@ -110,7 +112,19 @@ void configure_allocator(const AllocatorOptions& opts) {
   if (opts.reuse_large_blocks) {
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, -1);  // -1: never trim (glibc treats it as the largest size)
+    g_reuse_large_blocks.store(true);
   }
+}
+
+double prefault_heap(int64_t bytes) {
+  if (bytes <= 0 || !g_reuse_large_blocks.load()) return 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto* p = static_cast<volatile char*>(std::malloc(static_cast<size_t>(bytes)));
+  if (p == nullptr) return 0;
+  constexpr int64_t kPage = 4096;
+  for (int64_t i = 0; i < bytes; i += kPage) p[i] = 0;
+  std::free(const_cast<char*>(p));
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace fc

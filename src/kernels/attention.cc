@@ -419,24 +419,10 @@ HWY_INLINE void PrefetchRow(const float* base, int64_t ld, int64_t j, int64_t ro
 // C: one row of pairs of attention_bf16.h. Inline per target: the packing runs once per key, value
 // and query row of every item, too often for a dispatched call.
 HWY_INLINE void RowToPairs(const float* x, int64_t C, uint32_t* dst) {
-  const D d;
-  const hn::RebindToUnsigned<D> du;
-  const hn::RebindToSigned<D> di;
-  const hn::Rebind<uint16_t, D> dh;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   uint16_t* out = reinterpret_cast<uint16_t*>(dst);  // [2 * ceil(C/2)]
-  for (int64_t c = 0; c < C; c += N) {
-    const size_t k = static_cast<size_t>(std::min(N, C - c));
-    const auto r = hwy_util::Bf16Bits(du, hn::BitCast(du, LoadPart(d, x + c, k, 0.f)));
-    const auto h = hn::DemoteTo(dh, hn::BitCast(di, r));  // values fit in 16 bits
-    if (k == hn::Lanes(d)) {
-      hn::StoreU(h, dh, out + c);
-    } else {
-      HWY_ALIGN uint16_t buf[HWY_MAX_BYTES / sizeof(float)];
-      hn::Store(h, dh, buf);
-      std::copy_n(buf, k, out + c);
-    }
-  }
+  hwy_util::NarrowRows(x, out, static_cast<size_t>(C), [](hn::Vec<hn::ScalableTag<uint32_t>> u) {
+    return hwy_util::Bf16Bits(hn::ScalableTag<uint32_t>(), u);
+  });
   if (C % 2) out[C] = 0;
 }
 

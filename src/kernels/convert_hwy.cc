@@ -20,22 +20,15 @@ HWY_BEFORE_NAMESPACE();
 namespace fc::kern {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
+using hwy_util::Convert;
+using hwy_util::LoadF32Bits;
+using hwy_util::NarrowRows;
 
 using D = hn::ScalableTag<float>;
 using DU = hn::RebindToUnsigned<D>;  // u32 lanes
 using DI = hn::RebindToSigned<D>;    // i32 lanes
 using DH = hn::Rebind<uint16_t, D>;  // u16, same lane count
 using VU = hn::Vec<DU>;
-
-// Runs body(vector of n32 lanes) over n elements: full vectors from memory, the tail through a
-// zero-padded stack copy so it sees the same lane arithmetic.
-template <class Load, class Store, class Op>
-HWY_INLINE void Convert(size_t n, Load load, Store store, Op op) {
-  const size_t N = hn::Lanes(D());
-  size_t i = 0;
-  for (; i + N <= n; i += N) store(i, N, op(load(i, N)));
-  if (i < n) store(i, n - i, op(load(i, n - i)));
-}
 
 // u32 lanes holding f32 bits -> u32 lanes holding bf16 bits (hwy_util-inl.h).
 HWY_INLINE VU Bf16Bits(VU u) { return hwy_util::Bf16Bits(DU(), u); }
@@ -85,16 +78,6 @@ HWY_INLINE VU F16ToF32Bits(VU h) {
   return hn::Or(o, hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000))));
 }
 
-// count (<= one vector) f32 values from src + i as u32 lanes; a partial vector zero-padded.
-HWY_INLINE VU LoadF32Bits(const float* src, size_t i, size_t count) {
-  const D d;
-  const DU du;
-  if (count == hn::Lanes(d)) return hn::BitCast(du, hn::LoadU(d, src + i));
-  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
-  std::copy_n(src + i, count, buf);
-  return hn::BitCast(du, hn::Load(d, buf));
-}
-
 // Stores the first count u32 lanes of r, as f32 bits, to dst + i.
 HWY_INLINE void StoreF32Bits(VU r, float* dst, size_t i, size_t count) {
   const D d;
@@ -103,23 +86,6 @@ HWY_INLINE void StoreF32Bits(VU r, float* dst, size_t i, size_t count) {
   HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)];
   hn::Store(f, d, buf);
   std::copy_n(buf, count, dst + i);
-}
-
-template <class Op>
-HWY_INLINE void NarrowRows(const float* src, uint16_t* dst, size_t n, Op op) {
-  const D d;
-  const DI di;
-  const DH dh;
-  Convert(
-      n, [&](size_t i, size_t count) { return LoadF32Bits(src, i, count); },
-      [&](size_t i, size_t count, VU r) {
-        const auto h = hn::DemoteTo(dh, hn::BitCast(di, r));  // values fit in 16 bits
-        if (count == hn::Lanes(d)) return hn::StoreU(h, dh, dst + i);
-        HWY_ALIGN uint16_t buf[HWY_MAX_BYTES / sizeof(float)];
-        hn::Store(h, dh, buf);
-        std::copy_n(buf, count, dst + i);
-      },
-      op);
 }
 
 template <class Op>

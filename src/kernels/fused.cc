@@ -1,11 +1,13 @@
-// Fused LayerNorm + Linear and fused transition (contracts in fused.h), with their naive
-// references. The fast versions compose the existing kernels per row block; the GEMMs run
-// single-threaded inside the row-block loop (oneDNN inside an OpenMP region uses one thread).
+// Fused LayerNorm + Linear, fused transition and the triangle multiplication's fused phases
+// (contracts in fused.h), with their naive references. The fast versions compose the existing
+// kernels per row block; the GEMMs run single-threaded inside the row-block loop (oneDNN inside an
+// OpenMP region uses one thread).
 #include "kernels/fused.h"
 
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "foldcube/status.h"
 #include "kernels/convert.h"
@@ -197,6 +199,82 @@ void transition(const TransitionArgs& a, float* scratch, int threads) {
   });
 }
 
+// Row blocks of the triangle multiplication's fused phases: the block's [rows, 4*nc] projections
+// (gated_projection) or its [rows, cp + 3*cz] working rows (gated_output) within kBlockBytes.
+int64_t gated_projection_block_rows(const GatedProjectionArgs& a) {
+  return block_rows_for(4 * a.nc + (a.gamma != nullptr ? a.in : 0));
+}
+int64_t gated_output_block_rows(int64_t cp, int64_t cz) { return block_rows_for(cp + 3 * cz); }
+
+// Floats of one gated_projection slot: the block's projections, and its normalised rows with LN.
+int64_t gated_projection_slot_floats(const GatedProjectionArgs& a) {
+  return std::min(gated_projection_block_rows(a), a.rows) *
+         (4 * a.nc + (a.gamma != nullptr ? a.in : 0));
+}
+
+int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads) {
+  if (a.rows <= 0) return 0;
+  return busy_threads(a.rows, gated_projection_block_rows(a), threads) *
+         gated_projection_slot_floats(a);
+}
+
+void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads) {
+  const int64_t nc = a.nc, ld = 4 * nc, rb = gated_projection_block_rows(a);
+  const int64_t rows_max = std::min(rb, a.rows), per_slot = gated_projection_slot_floats(a);
+  for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    const int64_t n = g1 - g0;
+    float* t = scratch + slot * per_slot;  // [n, 4*nc] a_p | a_g | b_p | b_g of the block
+    const float* x = a.x + g0 * a.ldx;
+    int64_t ldx = a.ldx;
+    if (a.gamma != nullptr) {
+      float* xs = t + rows_max * ld;  // [n, in] LN of the block's rows
+      layernorm(x, ldx, xs, a.in, n, a.in, a.gamma, a.beta, a.eps);
+      x = xs, ldx = a.in;
+    }
+    linear(x, ldx, n, a.in, a.W, a.bias, ld, t, ld);
+    for (int64_t part = 0; part < 2; ++part) {  // a, then b
+      float* proj = t + 2 * part * nc;          // [n, nc] with ld 4*nc; its gate follows
+      sigmoid_inplace(proj + nc, ld, n, nc);
+      mul_inplace(proj, ld, proj + nc, ld, n, nc);
+      scale_rows(proj, ld, a.mask + g0, n, nc);
+      transpose(proj, ld, (part ? a.B : a.A) + g0, a.ld_ab, n, nc);
+    }
+  });
+}
+
+int64_t gated_output_scratch_floats(const GatedOutputArgs& a, int threads) {
+  const int64_t rb = gated_output_block_rows(a.cp, a.cz);
+  if (a.rows <= 0) return 0;
+  const int64_t rows = std::min(rb, a.rows);
+  return busy_threads(a.rows, rb, threads) *
+         (rows * (a.cp + 3 * a.cz) +
+          (a.dtype == DType::BF16 ? bf16_floats(rows * std::max(a.cp, a.cz)) : 0));
+}
+
+void gated_output(const GatedOutputArgs& a, float* scratch, int threads) {
+  FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
+  const int64_t cp = a.cp, cz = a.cz, rb = gated_output_block_rows(cp, cz);
+  const int64_t rows_max = std::min(rb, a.rows);
+  const int64_t per_slot = rows_max * (cp + 3 * cz) +
+                           (a.dtype == DType::BF16 ? bf16_floats(rows_max * std::max(cp, cz)) : 0);
+  for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
+    const int64_t n = g1 - g0;
+    float* pp = scratch + slot * per_slot;  // [n, cp] the block's products, then LN_p of them
+    float* y = pp + rows_max * cp;          // [n, cz] linear_z, then the gated update
+    float* xz = y + rows_max * cz;          // [n, cz] LN_z of the z rows
+    float* g = xz + rows_max * cz;          // [n, cz] linear_g
+    uint16_t* xb = reinterpret_cast<uint16_t*>(g + rows_max * cz);  // bf16 of pp or xz (BF16)
+    float* zr = a.z + g0 * cz;
+    transpose(a.P + g0, a.ldp, pp, cp, cp, n);
+    layernorm(pp, cp, pp, cp, n, cp, a.gamma_p, a.beta_p, a.eps);
+    block_linear(a.dtype, pp, xb, n, cp, a.Wp, a.Wp_bf16, a.bp, cz, y, cz, false);
+    layernorm(zr, cz, xz, cz, n, cz, a.gamma_z, a.beta_z, a.eps);
+    block_linear(a.dtype, xz, xb, n, cz, a.Wg, a.Wg_bf16, a.bg, cz, g, cz, false);
+    sigmoid_mul(y, cz, g, cz, n, cz);
+    add_inplace(zr, cz, y, cz, n, cz);
+  });
+}
+
 namespace ref {
 
 namespace {
@@ -273,6 +351,53 @@ void transition(const TransitionArgs& a, float* scratch) {
       ref::linear(h, nh, 1, nh, a.W2, a.b2, c, t, c);
     const float s = a.row_scale != nullptr ? a.row_scale[r] : 1.f;
     for (int64_t i = 0; i < c; ++i) xr[i] += t[i] * s;
+  }
+}
+
+void gated_projection(const GatedProjectionArgs& a, float* scratch) {
+  const int64_t nc = a.nc;
+  for (int64_t p = 0; p < a.rows; ++p) {
+    const float* x = a.x + p * a.ldx;
+    if (a.gamma != nullptr) {
+      ref::layernorm(x, a.in, scratch, a.in, 1, a.in, a.gamma, a.beta, a.eps);
+      x = scratch;
+    }
+    auto proj = [&](int64_t o) {  // t[p, o] in double
+      double acc = a.bias != nullptr ? a.bias[o] : 0.0;
+      for (int64_t i = 0; i < a.in; ++i) acc += static_cast<double>(x[i]) * a.W[o * a.in + i];
+      return acc;
+    };
+    for (int64_t part = 0; part < 2; ++part)
+      for (int64_t c = 0; c < nc; ++c) {
+        const double v = proj(2 * part * nc + c), gate = proj(2 * part * nc + nc + c);
+        (part ? a.B : a.A)[c * a.ld_ab + p] =
+            static_cast<float>(v / (1.0 + std::exp(-gate)) * a.mask[p]);
+      }
+  }
+}
+
+void gated_output(const GatedOutputArgs& a, float* scratch) {
+  const int64_t cp = a.cp, cz = a.cz;
+  float* pp = scratch;                                 // [cp] the pair's products
+  float* y = pp + cp;                                  // [cz]
+  float* xz = y + cz;                                  // [cz]
+  float* g = xz + cz;                                  // [cz]
+  uint16_t* xb = reinterpret_cast<uint16_t*>(g + cz);  // [max(cp, cz)] bf16 (BF16 only)
+  const bool bf16 = a.dtype == DType::BF16;
+  for (int64_t p = 0; p < a.rows; ++p) {
+    float* zr = a.z + p * cz;
+    for (int64_t c = 0; c < cp; ++c) pp[c] = a.P[c * a.ldp + p];
+    ref::layernorm(pp, cp, pp, cp, 1, cp, a.gamma_p, a.beta_p, a.eps);
+    ref::layernorm(zr, cz, xz, cz, 1, cz, a.gamma_z, a.beta_z, a.eps);
+    if (bf16) {
+      linear_row_bf16(pp, xb, cp, a.Wp_bf16, a.bp, cz, y, false);
+      linear_row_bf16(xz, xb, cz, a.Wg_bf16, a.bg, cz, g, false);
+    } else {
+      ref::linear(pp, cp, 1, cp, a.Wp, a.bp, cz, y, cz);
+      ref::linear(xz, cz, 1, cz, a.Wg, a.bg, cz, g, cz);
+    }
+    ref::sigmoid_mul(y, cz, g, cz, 1, cz);
+    for (int64_t c = 0; c < cz; ++c) zr[c] += y[c];
   }
 }
 

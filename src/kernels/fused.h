@@ -1,7 +1,8 @@
-// Fused kernels: LayerNorm + Linear and the whole transition (LayerNorm -> Linear -> ReLU ->
-// Linear -> residual add). Rows are processed in cache-sized row blocks: each thread normalises a
-// block of rows into its own scratch and runs the GEMM(s) on it while it is hot, so no normalised
-// copy (or hidden activation) of more than one block per thread ever exists.
+// Fused kernels: LayerNorm + Linear, the whole transition (LayerNorm -> Linear -> ReLU ->
+// Linear -> residual add) and the triangle multiplication's projection and output phases. Rows are
+// processed in cache-sized row blocks: each thread normalises a block of rows into its own scratch
+// and runs the GEMM(s) on it while it is hot, so no normalised copy (or hidden activation) of more
+// than one block per thread ever exists.
 //
 // Contract as kernels.h: caller-owned memory, no allocation (scratch passed in, its size from the
 // *_scratch_floats function), parallel over row blocks with OpenMP (on the calling thread inside a
@@ -92,6 +93,60 @@ int64_t transition_block_rows(int64_t c, int64_t hidden, DType dtype = DType::F3
 int64_t transition_scratch_floats(const TransitionArgs& a, int threads);
 void transition(const TransitionArgs& a, float* scratch, int threads);
 
+// The triangle multiplication's projection phase on one channel group, per row block: for the
+// `rows` pairs p of x [rows, in] (ld ldx; with gamma, x is normalised per row block in the
+// thread's scratch first, LN(x) = kern::layernorm), t[p, :] = x[p, :] W^T + bias
+// with W [4*nc, in] the group's rows a_p | a_g | b_p | b_g, then
+//   A[c * ld_ab + p] = (t[p, c] * sigmoid(t[p, nc + c])) * mask[p]              (a, c < nc)
+//   B[c * ld_ab + p] = (t[p, 2nc + c] * sigmoid(t[p, 3nc + c])) * mask[p]       (b)
+// written channel-major. Per row the arithmetic is the unfused sequence (kern::linear,
+// sigmoid_inplace, mul_inplace, scale_rows, transpose); the block [rows of a block, 4*nc] stays in
+// the thread's scratch (cache) between them. F32 only.
+struct GatedProjectionArgs {
+  int64_t rows = 0, in = 0, nc = 0;
+  const float* x = nullptr;  // [rows, in], leading dimension ldx
+  int64_t ldx = 0;
+  const float* gamma = nullptr;  // [in] LayerNorm of x, or nullptr (x already normalised)
+  const float* beta = nullptr;   // [in]
+  float eps = 1e-5f;
+  const float* W = nullptr;     // [4*nc, in]
+  const float* bias = nullptr;  // [4*nc] or nullptr
+  const float* mask = nullptr;  // [rows]
+  float* A = nullptr;           // [nc, ld_ab] (columns 0 .. rows-1 written)
+  float* B = nullptr;           // [nc, ld_ab]
+  int64_t ld_ab = 0;
+};
+int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads);
+void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads);
+
+// The triangle multiplication's output phase, per row block: for the `rows` pairs p,
+//   y = LN_p(P[:, p]) Wp^T + bp,  g = LN_z(z[p, :]) Wg^T + bg,  z[p, :] += y * sigmoid(g)
+// with P channel-major [cp, ldp] (column p: the pair's cp products) and z [rows, cz] contiguous.
+// Per row the arithmetic is the unfused sequence (kern::transpose, layernorm, linear, layernorm,
+// linear, sigmoid_mul, add_inplace) on the thread's scratch block. BF16: both normalised blocks
+// are rounded to bf16 in the slot and multiplied by Wp_bf16 / Wg_bf16 with f32 accumulation (as
+// layernorm_linear); the statistics, biases, gate and residual add stay f32.
+struct GatedOutputArgs {
+  int64_t rows = 0, cp = 0, cz = 0;
+  const float* P = nullptr;  // [cp, ldp]
+  int64_t ldp = 0;
+  const float* gamma_p = nullptr;  // [cp] LN_out
+  const float* beta_p = nullptr;
+  const float* Wp = nullptr;       // [cz, cp] linear_z
+  const float* bp = nullptr;       // [cz] or nullptr
+  float* z = nullptr;              // [rows, cz]
+  const float* gamma_z = nullptr;  // [cz] LN_in
+  const float* beta_z = nullptr;
+  const float* Wg = nullptr;  // [cz, cz] linear_g
+  const float* bg = nullptr;  // [cz] or nullptr
+  float eps = 1e-5f;
+  DType dtype = DType::F32;           // GEMM inputs: F32 or BF16
+  const uint16_t* Wp_bf16 = nullptr;  // [cz, cp] bf16 bits of Wp (dtype BF16; Wp unused then)
+  const uint16_t* Wg_bf16 = nullptr;  // [cz, cz] bf16 bits of Wg (dtype BF16; Wg unused then)
+};
+int64_t gated_output_scratch_floats(const GatedOutputArgs& a, int threads);
+void gated_output(const GatedOutputArgs& a, float* scratch, int threads);
+
 namespace ref {
 // One row at a time in double (statistics, dot products); with BF16 the normalised row (and the
 // hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
@@ -100,6 +155,10 @@ namespace ref {
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
 void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  // BF16: in floats
 void transition(const TransitionArgs& a, float* scratch);
+// One row at a time in double (dot products), sigmoid in double; scratch: in floats (LN row).
+void gated_projection(const GatedProjectionArgs& a, float* scratch);
+// One row at a time; scratch: cp + 3 * cz floats, plus max(cp, cz) / 2 + 1 with BF16.
+void gated_output(const GatedOutputArgs& a, float* scratch);
 }  // namespace ref
 
 }  // namespace fc::kern

@@ -1,6 +1,6 @@
 // Per-target Highway helpers shared by the SIMD kernels (elementwise_hwy.cc, backward.cc,
-// attention.cc). Include after hwy/highway.h from a file that foreach_target.h re-includes per
-// target; the guard toggles per target, as Highway's -inl.h convention requires.
+// attention.cc, convert_hwy.cc). Include after hwy/highway.h from a file that foreach_target.h
+// re-includes per target; the guard toggles per target, as Highway's -inl.h convention requires.
 #if defined(FC_KERNELS_HWY_UTIL_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef FC_KERNELS_HWY_UTIL_INL_H_
 #undef FC_KERNELS_HWY_UTIL_INL_H_
@@ -8,6 +8,7 @@
 #define FC_KERNELS_HWY_UTIL_INL_H_
 #endif
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -50,6 +51,48 @@ HWY_INLINE hn::Vec<DU> Bf16Bits(DU du, hn::Vec<DU> u) {
   const auto mag = hn::And(u, hn::Set(du, 0x7FFFFFFF));
   const auto nan = hn::RebindMask(du, hn::Gt(hn::BitCast(di, mag), hn::Set(di, 0x7F800000)));
   return hn::IfThenElse(nan, hn::Or(hn::ShiftRight<16>(u), hn::Set(du, 0x40)), rounded);
+}
+
+// Runs store(i, count, op(load(i, count))) over n elements in vectors of f32 lanes: full vectors
+// from memory, the tail (count < Lanes) zero-padded so it sees the same lane arithmetic.
+template <class Load, class Store, class Op>
+HWY_INLINE void Convert(size_t n, Load load, Store store, Op op) {
+  const size_t N = hn::Lanes(hn::ScalableTag<float>());
+  size_t i = 0;
+  for (; i + N <= n; i += N) store(i, N, op(load(i, N)));
+  if (i < n) store(i, n - i, op(load(i, n - i)));
+}
+
+// count (<= one vector) f32 values from src + i as u32 lanes; a partial vector zero-padded.
+HWY_INLINE hn::Vec<hn::ScalableTag<uint32_t>> LoadF32Bits(const float* src, size_t i,
+                                                          size_t count) {
+  const hn::ScalableTag<float> d;
+  const hn::RebindToUnsigned<decltype(d)> du;
+  if (count == hn::Lanes(d)) return hn::BitCast(du, hn::LoadU(d, src + i));
+  HWY_ALIGN float buf[HWY_MAX_BYTES / sizeof(float)] = {};
+  std::copy_n(src + i, count, buf);
+  return hn::BitCast(du, hn::Load(d, buf));
+}
+
+// dst[i] = the low 16 bits of op(f32 bits of src[i]) for i < n: op maps u32 lanes of f32 bits to
+// u32 lanes whose values fit in 16 bits (Bf16Bits, an f16 rounding). Never reads past src + n
+// nor writes past dst + n. The one narrowing loop of kern::f32_to_bf16 / f32_to_f16 and the
+// attention kernel's bf16 packing.
+template <class Op>
+HWY_INLINE void NarrowRows(const float* src, uint16_t* dst, size_t n, Op op) {
+  const hn::ScalableTag<float> d;
+  const hn::RebindToSigned<decltype(d)> di;
+  const hn::Rebind<uint16_t, decltype(d)> dh;
+  Convert(
+      n, [&](size_t i, size_t count) { return LoadF32Bits(src, i, count); },
+      [&](size_t i, size_t count, hn::Vec<hn::ScalableTag<uint32_t>> r) {
+        const auto h = hn::DemoteTo(dh, hn::BitCast(di, r));  // values fit in 16 bits
+        if (count == hn::Lanes(d)) return hn::StoreU(h, dh, dst + i);
+        HWY_ALIGN uint16_t buf[HWY_MAX_BYTES / sizeof(float)];
+        hn::Store(h, dh, buf);
+        std::copy_n(buf, count, dst + i);
+      },
+      op);
 }
 
 }  // namespace hwy_util

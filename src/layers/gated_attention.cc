@@ -349,10 +349,14 @@ int64_t msa_row_attention_bytes(const BlockContext& ctx) {
 
 int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int64_t c,
                               int64_t hc) {
+  return pick_chunk(ctx, N, attention_train_item_bytes(L, c, hc));
+}
+
+int64_t attention_train_item_bytes(int64_t L, int64_t c, int64_t hc) {
   // Per item: the chunk state (q|k|v|g, og) and the backward's buffers (x_ln, du, dln, dog,
   // dq|dk|dv|dg). The saved lse (H floats per position, small next to 5*H*C) is left out, so the
   // chunk picks are those from before it was saved.
-  return pick_chunk(ctx, N, L * (3 * c + 10 * hc) * kF);
+  return L * (3 * c + 10 * hc) * kF;
 }
 
 // Forward over all chunks: S += update; chunk states appended to `keep` when non-null.

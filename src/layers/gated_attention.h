@@ -52,6 +52,8 @@ int64_t msa_row_attention_bytes(const BlockContext& ctx);
 // ---- Training (conventions: src/model/train.h) ------------------------------------------------
 // Attention over N items of L positions, c channels, hc = H*C: items per chunk.
 int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int64_t c, int64_t hc);
+// Bytes of its chunk buffers per item (N items: the whole axis in one chunk).
+int64_t attention_train_item_bytes(int64_t L, int64_t c, int64_t hc);
 // The attention runs over a stream viewed as N batch items of L positions with c channels
 // (transposed layers read columns with strides, as attention_module does).
 struct AttentionChunk {

@@ -247,11 +247,14 @@ int64_t msa_column_global_attention_bytes(const BlockContext& ctx) {
 // ---- Training ----------------------------------------------------------------------------------
 
 int64_t global_attention_train_chunk(const BlockContext& ctx) {
+  return pick_chunk(ctx, global_dims(ctx).r, global_attention_train_item_bytes(ctx));
+}
+
+int64_t global_attention_train_item_bytes(const BlockContext& ctx) {
   const GlobalDims d = global_dims(ctx);
   // Per column: x, du, dLN(x) [s, c_e]; k|v|g and its gradient [s, ld]; y, dy [s, H*C]; the LN
   // statistics; the small per-column vectors (mu, q, o, dq, do, dmu).
-  return pick_chunk(ctx, d.r,
-                    (d.s * (3 * d.ce + 2 * d.ld + 2 * d.hc + 2) + 2 * d.ce + 4 * d.hc) * kF);
+  return (d.s * (3 * d.ce + 2 * d.ld + 2 * d.hc + 2) + 2 * d.ce + 4 * d.hc) * kF;
 }
 
 void msa_column_global_attention_train(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,

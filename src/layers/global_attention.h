@@ -46,6 +46,8 @@ struct GlobalAttentionState {
 };
 // Columns per chunk of the training forward and backward.
 int64_t global_attention_train_chunk(const BlockContext& ctx);
+// Bytes of its chunk buffers per residue column.
+int64_t global_attention_train_item_bytes(const BlockContext& ctx);
 // st == nullptr: nothing is kept (policy module). eps: ctx.global_eps.
 void msa_column_global_attention_train(const MsaColumnGlobalAttentionW& w, const BlockContext& ctx,
                                        float* m, GlobalAttentionState* st);

@@ -87,8 +87,12 @@ int64_t pair_bias_heads_bytes(const BlockContext& ctx, int64_t H) {
 // ---- Training ----------------------------------------------------------------------------------
 
 int64_t bias_train_chunk(const BlockContext& ctx, int64_t H) {
+  return pick_chunk(ctx, ctx.r, bias_train_row_bytes(ctx, H));
+}
+
+int64_t bias_train_row_bytes(const BlockContext& ctx, int64_t H) {
   // Per row of z: LN(z) and its gradient, the bias rows and their gradient.
-  return pick_chunk(ctx, ctx.r, ctx.r * (2 * ctx.cfg->c_z + 2 * H + 2) * kF);
+  return ctx.r * (2 * ctx.cfg->c_z + 2 * H + 2) * kF;
 }
 
 // Bias branch forward: bias[h][q][k] = (LN(z) W^T)[q, k, h] (or [k, q, h] when transposed), by

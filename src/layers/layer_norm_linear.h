@@ -42,6 +42,8 @@ int64_t pair_bias_heads_bytes(const BlockContext& ctx, int64_t H);
 // ---- Training ----------------------------------------------------------------------------------
 // Rows i of z per block of the pair-bias branch (H heads).
 int64_t bias_train_chunk(const BlockContext& ctx, int64_t H);
+// Bytes of its block buffers per row of z.
+int64_t bias_train_row_bytes(const BlockContext& ctx, int64_t H);
 // The training forward of pair_bias_heads by blocks of bias_train_chunk rows of z.
 Tensor pair_bias_train(const LayerNormW& ln, const LinearW& lin, const BlockContext& ctx,
                        const float* z, bool transposed);

@@ -227,8 +227,12 @@ int64_t opm_outer_chunk(const BlockContext& ctx, int64_t cols) {
 }
 
 int64_t opm_outer_backward_chunk(const BlockContext& ctx, int64_t cols) {
+  return pick_chunk(ctx, cols, opm_outer_backward_item_bytes(ctx));
+}
+
+int64_t opm_outer_backward_item_bytes(const BlockContext& ctx) {
   const int64_t r = ctx.r, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
-  return pick_chunk(ctx, cols, 3 * co * r * co * kF + r * cz * kF);
+  return 3 * co * r * co * kF + r * cz * kF;
 }
 
 void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t ca, int64_t co, float* p) {

@@ -37,6 +37,8 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
 int64_t opm_projection_chunk(const BlockContext& ctx, int64_t cols);
 int64_t opm_outer_chunk(const BlockContext& ctx, int64_t cols);
 int64_t opm_outer_backward_chunk(const BlockContext& ctx, int64_t cols);
+// Bytes of the outer-product backward's chunk buffers per pair row i.
+int64_t opm_outer_backward_item_bytes(const BlockContext& ctx);
 // The outer product's two layouts for n rows i of r residues: o [n*c_o, r*c_o] as its GEMM writes
 // it ((i, c), (j, e)) and p [n*r, c_o*c_o] ((i, j), (c, e)) as linear_out reads it.
 void opm_pairs_from_outer(const float* o, int64_t n, int64_t r, int64_t co, float* p);

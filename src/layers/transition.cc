@@ -97,8 +97,12 @@ int64_t transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64
 // ---- Training ----------------------------------------------------------------------------------
 
 int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
+  return pick_chunk(ctx, rows, transition_train_row_bytes(c, nc));
+}
+
+int64_t transition_train_row_bytes(int64_t c, int64_t nc) {
   // Per row: the kept hidden row and the backward's buffers (LN(x), dLN(x), dh).
-  return pick_chunk(ctx, rows, (2 * c + 2 * nc + 2) * kF);
+  return (2 * c + 2 * nc + 2) * kF;
 }
 
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,

@@ -47,6 +47,8 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
                          const float* row_mask = nullptr);
 // Transition on [rows, c] with hidden nc: rows per chunk.
 int64_t transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
+// Bytes of its chunk buffers per row.
+int64_t transition_train_row_bytes(int64_t c, int64_t nc);
 
 // ---- Models ------------------------------------------------------------------------------------
 // Work of a transition on [rows, c] with hidden n*c (inference, or training with ch.training);

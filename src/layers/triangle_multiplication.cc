@@ -34,6 +34,41 @@ constexpr int64_t kKeepLnTargets = 12;
 
 // ---- Inference ---------------------------------------------------------------------------------
 
+namespace {
+// The fused path: with f32 products (ctx.fused, not bf16_products) the projections of a channel
+// group go through kern::gated_projection; in every dtype the output phase goes through
+// kern::gated_output. Both per row block.
+bool fused_f32(const BlockContext& ctx, int64_t parts) {
+  return ctx.fused && !bf16_products(ctx, parts);
+}
+// Their sizes (what the scratch formulas read); the caller sets the pointers.
+kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc) {
+  // A placeholder gamma: the rows are normalised in the kernel (the scratch formula counts the
+  // normalised block); the caller sets the real LayerNorm weights with the other pointers.
+  static const float kPlaceholder = 1.f;
+  kern::GatedProjectionArgs a;
+  a.rows = pairs, a.in = cz, a.nc = nc, a.gamma = &kPlaceholder;
+  return a;
+}
+// Floats of the group's projection buffer t: a chunk of ch rows [ch*r, 4*cg] (unfused), or the
+// fused kernel's scratch for the widest of the groups (cg, and a last group of ct % cg).
+int64_t projection_floats(const BlockContext& ctx, int64_t parts, int64_t cg, int64_t ch) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  if (!fused_f32(ctx, parts)) return ch * r * 4 * cg;
+  int64_t floats = 0;
+  for (const int64_t nc : {cg, ct % cg})
+    if (nc > 0)
+      floats = std::max(floats, kern::gated_projection_scratch_floats(
+                                    gated_projection_dims(ch * r, cz, nc), ctx.threads));
+  return floats;
+}
+kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz, DType dtype) {
+  kern::GatedOutputArgs a;
+  a.rows = pairs, a.cp = ct, a.cz = cz, a.dtype = dtype;
+  return a;
+}
+}  // namespace
+
 // rows: rows of z the shard holds (ctx.r for one shard); parts > 1 adds the gathered right
 // projection of a group [parts*cg, rows, r].
 TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts) {
@@ -44,8 +79,9 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
   p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
-  // A_g, B_g, the projection chunk and, with several groups, the group's rows of w.ab and b.ab.
-  const int64_t group = (2 * p.cg * rr + 4 * p.cg * p.ch * r +
+  // A_g, B_g, the projection chunk (or the fused kernel's scratch) and, with several groups, the
+  // group's rows of w.ab and b.ab.
+  const int64_t group = (2 * p.cg * rr + projection_floats(ctx, parts, p.cg, p.ch) +
                          (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + p.cg * gathered) *
                         kF;
   if (bf16_products(ctx, parts)) {
@@ -62,6 +98,10 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
               gemm_weights_bytes(4 * p.cg * cz, DType::BF16);
     return p;
   }
+  if (fused_f32(ctx, parts)) {  // LN_in(z) per row block inside kern::gated_projection
+    p.bytes = group;
+    return p;
+  }
   p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
   p.bytes = group + (p.keep_ln ? rows : p.ch) * r * cz * kF;
   return p;
@@ -76,9 +116,9 @@ namespace {
 // The triangle multiplication on rows of z [rows, r, c_z] with mask [rows, r]. gather == nullptr:
 // one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
 // (see triangle_multiplication_shard). With bf16 products (bf16_products) the projections come
-// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16, the products take bf16
-// inputs with f32 accumulation (P stays f32), and LN_out + linear_z is the fused LayerNorm-Linear
-// in bf16; gating, masking and the residual add stay f32.
+// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16 and the products take bf16
+// inputs with f32 accumulation (P stays f32); gating, masking and the residual add stay f32.
+// Fused (ctx.fused), the output phase is kern::gated_output with GEMM inputs of ctx.dtype.
 void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                   bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
                   float* z) {
@@ -98,8 +138,11 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     Tensor A = Tensor::empty({cg, rows, r}, abt);  // a[c][i][k] = mask * sigmoid(a_g) * a_p
     Tensor B = Tensor::empty({cg, rows, r}, abt);
     // LN_in(z): all rows or a chunk (bf16: none, the fused kernel normalises per row block).
-    Tensor x = bf16 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
-    Tensor t = Tensor::empty({ch * r, 4 * cg});  // a_p | a_g | b_p | b_g of the group
+    const bool fused32 = fused_f32(ctx, parts);
+    Tensor x = bf16 || fused32 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
+    // a_p | a_g | b_p | b_g of the group: a chunk [ch*r, 4*cg], or (fused f32) the fused
+    // kernel's per-thread row blocks.
+    Tensor t = Tensor::empty({projection_floats(ctx, parts, cg, ch)});
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
     Tensor wg16 = bf16 ? Tensor::empty({4 * cg, cz}, DType::BF16) : Tensor();  // bf16 of the rows
@@ -132,6 +175,15 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
           Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
           kern::layernorm_linear(la, scratch.f32(), ctx.threads);
         } else {
+          if (fused32) {
+            kern::GatedProjectionArgs ga = gated_projection_dims(n * r, cz, nc);
+            ga.x = z + i0 * r * cz, ga.ldx = cz;
+            ga.gamma = w.ln_in.w.f32(), ga.beta = w.ln_in.b.f32(), ga.eps = eps;
+            ga.W = wp, ga.bias = bp, ga.mask = mask_rows + i0 * r;
+            ga.A = A.f32() + i0 * r, ga.B = B.f32() + i0 * r, ga.ld_ab = rr;
+            kern::gated_projection(ga, t.f32(), ctx.threads);
+            continue;
+          }
           const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
           if (!ph.keep_ln)
             kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
@@ -174,41 +226,40 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     }
   }
   const int64_t ch = tri_mul_output_chunk(ctx, rows);
-  Tensor pc = Tensor::empty({ch * r, ct});                        // p rows, channel-last
-  Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * r, cz});  // LN_in(z) chunk (unfused)
+  if (ctx.fused) {
+    // LN_out, linear_z, the gate from LN_in(z) and the residual add per row block of pairs, with
+    // GEMM inputs of ctx.dtype; chunks of ch rows bound the kernel's scratch.
+    const Tensor wz_b = gemm_weights(w.lin_z.w, ctx.dtype);  // [c_z, c_t] bf16 (BF16 only)
+    const Tensor wg_b = gemm_weights(w.lin_g.w, ctx.dtype);  // [c_z, c_z] bf16 (BF16 only)
+    kern::GatedOutputArgs go = gated_output_dims(ch * r, ct, cz, ctx.dtype);
+    Tensor scratch = Tensor::empty({kern::gated_output_scratch_floats(go, ctx.threads)});
+    go.ldp = rr;
+    go.gamma_p = w.ln_out.w.f32(), go.beta_p = w.ln_out.b.f32();
+    go.Wp = w.lin_z.w.f32(), go.bp = bias_ptr(w.lin_z), go.Wp_bf16 = bf16_ptr(wz_b);
+    go.gamma_z = w.ln_in.w.f32(), go.beta_z = w.ln_in.b.f32();
+    go.Wg = w.lin_g.w.f32(), go.bg = bias_ptr(w.lin_g), go.Wg_bf16 = bf16_ptr(wg_b);
+    go.eps = eps;
+    for (int64_t i0 = 0; i0 < rows; i0 += ch) {
+      go.rows = std::min(ch, rows - i0) * r;
+      go.P = P.f32() + i0 * r, go.z = z + i0 * r * cz;
+      kern::gated_output(go, scratch.f32(), ctx.threads);
+    }
+    return;
+  }
+  // Unfused reference path (f32).
+  Tensor pc = Tensor::empty({ch * r, ct});  // p rows, channel-last
+  Tensor x = Tensor::empty({ch * r, cz});   // LN_in(z) chunk
   Tensor y = Tensor::empty({ch * r, cz});
   Tensor g = Tensor::empty({ch * r, cz});
-  const Tensor wg_b = ctx.fused ? gemm_weights(w.lin_g.w, ctx.dtype) : Tensor();  // [c_z, c_z]
-  const Tensor wz_b = bf16 ? gemm_weights(w.lin_z.w, DType::BF16) : Tensor();     // [c_z, c_t]
   for (int64_t i0 = 0; i0 < rows; i0 += ch) {
     const int64_t n = std::min(ch, rows - i0);
     float* pp = pc.f32();
     kern::transpose(P.f32() + i0 * r, rr, pp, ct, ct, n * r);
-    if (bf16) {
-      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, ct, cz, DType::BF16);
-      la.x = pp, la.x_rs = ct;
-      la.gamma = w.ln_out.w.f32(), la.beta = w.ln_out.b.f32(), la.eps = eps;
-      la.W = w.lin_z.w.f32(), la.bias = bias_ptr(w.lin_z), la.W_bf16 = wz_b.data<uint16_t>();
-      la.y = y.f32(), la.ldy = cz;
-      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
-      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
-    } else {
-      kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-      kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
-    }
+    kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
+    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
     float* zr = z + i0 * r * cz;
-    if (ctx.fused) {
-      kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, cz, ctx.dtype);
-      la.x = zr, la.x_rs = cz;
-      la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
-      la.W = w.lin_g.w.f32(), la.bias = bias_ptr(w.lin_g), la.W_bf16 = bf16_ptr(wg_b);
-      la.y = g.f32(), la.ldy = cz;
-      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
-      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
-    } else {
-      kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-      kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
-    }
+    kern::layernorm(zr, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
+    kern::linear(x.f32(), cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(), cz);
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     kern::add_inplace(zr, cz, y.f32(), cz, n * r, cz);
   }
@@ -232,23 +283,16 @@ void triangle_multiplication_shard(const TriangleMultiplicationW& w, const Block
 int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t rows, int parts) {
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
   const int64_t ch2 = tri_mul_output_chunk(ctx, rows);
-  // Output phase: pc, y, g and LN_in(z) (unfused) or the fused kernel's scratch for lin_g.
-  const int64_t out = ctx.fused
-                          ? ch2 * r * (ct + 2 * cz) +
-                                kern::layernorm_linear_scratch_floats(
-                                    ln_linear_dims(1, ch2 * r, cz, cz, ctx.dtype), ctx.threads)
-                          : ch2 * r * (ct + 3 * cz);
-  int64_t wb = ctx.fused ? gemm_weights_bytes(cz * cz, ctx.dtype) : 0;
-  int64_t out_scratch = 0;  // bf16: LN_out + linear_z is a second LayerNorm-Linear call
-  if (bf16_products(ctx, parts)) {
-    wb += gemm_weights_bytes(cz * ct, DType::BF16);
-    out_scratch = kern::layernorm_linear_scratch_floats(
-                      ln_linear_dims(1, ch2 * r, ct, cz, DType::BF16), ctx.threads) -
-                  kern::layernorm_linear_scratch_floats(
-                      ln_linear_dims(1, ch2 * r, cz, cz, DType::BF16), ctx.threads);
-  }
-  return ct * rows * r * kF + std::max(tri_mul_phase1(ctx, rows, parts).bytes,
-                                       (out + std::max<int64_t>(out_scratch, 0)) * kF + wb);
+  const int64_t phase1 = tri_mul_phase1(ctx, rows, parts).bytes;
+  if (ctx.fused)  // output phase: the GEMM-input weights and kern::gated_output's scratch
+    return ct * rows * r * kF +
+           std::max(phase1, gemm_weights_bytes(cz * ct, ctx.dtype) +
+                                gemm_weights_bytes(cz * cz, ctx.dtype) +
+                                kern::gated_output_scratch_floats(
+                                    gated_output_dims(ch2 * r, ct, cz, ctx.dtype), ctx.threads) *
+                                    kF);
+  // Unfused output phase: pc, LN_in(z), y and g chunks.
+  return ct * rows * r * kF + std::max(phase1, ch2 * r * (ct + 3 * cz) * kF);
 }
 
 // ---- Training ----------------------------------------------------------------------------------
@@ -259,6 +303,19 @@ int64_t triangle_multiplication_shard_bytes(const BlockContext& ctx, int64_t row
 // Bytes of one projection block of the training triangle multiplication (t and dt), at most.
 constexpr int64_t kProjBlockBytes = 2 << 20;
 
+namespace {
+// Per channel of a group (backward): A, B, dA, dB over the rr pairs of the rows, and with shards
+// every shard's gathered right operand and its gradient.
+int64_t tri_mul_group_item_bytes(int64_t rr, int64_t parts) { return (4 + 2 * parts) * rr * kF; }
+// Per pair row i of a group's projection block: T and its gradient (or the projection's scratch),
+// 4 + 4 floats per channel and pair.
+int64_t tri_mul_proj_row_bytes(int64_t r, int64_t group) { return r * 8 * group * kF; }
+// Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
+int64_t tri_mul_output_row_bytes(int64_t r, int64_t ct, int64_t cz) {
+  return r * (3 * ct + 5 * cz + 2) * kF;
+}
+}  // namespace
+
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
   return tri_mul_train_chunks(ctx, ctx.r, 0);
 }
@@ -266,9 +323,7 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx) {
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, int64_t parts) {
   const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul, rr = rows * r;
   TriMulTrainChunks c;
-  // Per channel of a group (backward): A, B, dA, dB over the rows' pairs, and with shards every
-  // shard's gathered right operand and its gradient.
-  c.group = pick_chunk(ctx, ct, (4 + 2 * parts) * rr * kF);
+  c.group = pick_chunk(ctx, ct, tri_mul_group_item_bytes(rr, parts));
   // Automatic groups round to the nearest multiple of 16 channels once 8 or more fit (as the
   // inference path does): narrower groups run the projections, gates and their gradients on rows of
   // a few floats (perf, (128, 256), AF2 dims, 32 MiB target: groups of 10 -> 16 channels took 7 %
@@ -276,16 +331,20 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, in
   constexpr int64_t kAlign = 16;
   if (ctx.chunk <= 0 && c.group < ct && c.group >= kAlign / 2)
     c.group = std::min(ct, (c.group + kAlign / 2) / kAlign * kAlign);
-  // Per pair row i of a group's projection block: T and its gradient (or the projection's
-  // scratch), 4 + 4 floats per channel and pair. The block is swept by several elementwise passes
-  // after its GEMM, so it stays cache-sized (kProjBlockBytes) whatever the target: (128, 256), AF2
-  // dims, 1 thread, 32 MiB target: blocks of 16 MiB made the module 1.5x slower than at 8 MiB.
+  // A group's projection block is swept by several elementwise passes after its GEMM, so it stays
+  // cache-sized (kProjBlockBytes) whatever the target: (128, 256), AF2 dims, 1 thread, 32 MiB
+  // target: blocks of 16 MiB made the module 1.5x slower than at 8 MiB.
   BlockContext pc = ctx;
   pc.chunk_target_bytes = std::min<int64_t>(ctx.chunk_target_bytes, kProjBlockBytes);
-  c.proj_rows = pick_chunk(pc, rows, r * 8 * c.group * kF);
-  // Per row i (backward): p, LN_out(p), dp (3 c_t), y, gate, du, dy, dg (5 c_z).
-  c.rows = pick_chunk(ctx, rows, r * (3 * ct + 5 * cz + 2) * kF);
+  c.proj_rows = pick_chunk(pc, rows, tri_mul_proj_row_bytes(r, c.group));
+  c.rows = pick_chunk(ctx, rows, tri_mul_output_row_bytes(r, ct, cz));
   return c;
+}
+
+int64_t tri_mul_train_whole_bytes(const BlockContext& ctx) {
+  const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
+  return std::max({ct * tri_mul_group_item_bytes(r * r, 0), r * tri_mul_proj_row_bytes(r, ct),
+                   r * tri_mul_output_row_bytes(r, ct, cz)});
 }
 
 namespace {

@@ -62,6 +62,8 @@ TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx);
 // The same for a shard of `rows` of the r rows whose right operand is gathered from `parts` shards
 // (DAP, triangle_multiplication_shard_*); parts = 0: one process (nothing gathered).
 TriMulTrainChunks tri_mul_train_chunks(const BlockContext& ctx, int64_t rows, int64_t parts);
+// Bytes of the largest of these chunk buffers when each loop runs in one chunk (one process).
+int64_t tri_mul_train_whole_bytes(const BlockContext& ctx);
 // The saved state is the triangle products only; LN_in(z), the projections, A and B are rebuilt
 // group by group in the backward (they are 6 c_t r^2 floats, the products c_t r^2).
 struct TriangleMultiplicationState {

@@ -168,7 +168,7 @@ std::vector<ModuleCost> module_costs(const BlockTable& t, const EvoformerConfig&
                                      const DeviceProfile& dev, const std::vector<int64_t>& whole) {
   const int64_t s = ctx.s, r = ctx.r;
   const WorkChunks ch{&ctx, training};
-  const int64_t e = dtype_bytes(dev.dtype);
+  const int64_t e = plan_buffer_bytes(dev.element_bytes);  // the memory-bound passes' elements
   std::vector<LayerWork> mods(t.count);
   std::vector<LayerWork> rb(
       t.count);  // training: what each layer's backward rebuilds under policy module

@@ -348,6 +348,23 @@ int64_t stack_step_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, 
                                elem_bytes, chunk, chunk_target_bytes, store);
 }
 
+int64_t block_backward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                  Recompute policy, int threads, int64_t elem_bytes, int64_t chunk,
+                                  int64_t chunk_target_bytes, bool extra_msa, DType store,
+                                  bool last) {
+  const BlockTable& t = stack_table(extra_msa);
+  const BlockContext ctx = model_context(cfg, s, r, threads, chunk, chunk_target_bytes, store);
+  AllocReplay S;
+  S.elem = elem_bytes;
+  block_fwd(S, t, ctx, policy);
+  S.peak = S.live;  // the forward's transients are not the backward's
+  const int64_t kept = S.live;
+  alloc_block_grads(S, cfg, t);
+  const int64_t grads = S.live - kept;
+  block_bwd(S, t, ctx, policy, true, last);
+  return S.peak - grads;
+}
+
 // ---- Checked public entries (include/foldcube/plan.h) ------------------------------------------
 
 Status MemoryQuery::validate() const {

@@ -55,6 +55,15 @@ struct LayerDesc;
 LayerReplayBytes layer_train_replay_bytes(const BlockContext& ctx, const LayerDesc& l, bool keep);
 LayerReplayBytes layer_backward_replay_bytes(const BlockContext& ctx, const LayerDesc& l,
                                              bool kept);
+// The backward of one block of the stack's table under `policy` (its kept state from its
+// forward live, then its gradient struct, then block_bwd as train_blocks runs it): the peak above
+// its gradient struct, i.e. the kept state and the backward's transients. last: the stack's last
+// block, whose outputs are f32; else they are the next block's kept inputs (bf16 under BF16
+// storage, which the backward widens). With F32 storage both are the same.
+int64_t block_backward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
+                                  Recompute policy, int threads, int64_t elem_bytes, int64_t chunk,
+                                  int64_t chunk_target_bytes, bool extra_msa, DType store,
+                                  bool last);
 // Elements of one block's parameter (or parameter-gradient) struct of table t.
 int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t);
 // Largest workspace of table t's layers in a forward at (s, r) with these options (dtype:

@@ -150,6 +150,7 @@ double link_ms(int64_t sent_bytes, int calls, const DeviceProfile& dev) {
 LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
   DeviceProfile d = dev;
   d.dtype = p.dtype;
+  d.element_bytes = p.element_bytes;
   auto costs = [&](const EvoformerConfig& cfg) {
     return block_module_costs(cfg, p.s, p.r, p.chunk, p.chunk_target_bytes, p.training, d,
                               p.extra_msa);
@@ -183,7 +184,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   const BlockTable& t = plan_table(p);
   const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
   const int n = l.n;
-  const int64_t e = static_cast<int64_t>(dtype_size(p.dtype));
+  const int64_t e = plan_buffer_bytes(p.element_bytes);
   const int64_t wm = l.s_pad * l.r_pad * cfg.c_m, wz = l.r_pad * l.r_pad * cfg.c_z;
   const std::vector<std::pair<Shard, Shard>> lay = partition_block_layouts(t, splits);
   PartitionEstimate est;

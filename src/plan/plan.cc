@@ -27,6 +27,8 @@ Status Plan::validate() const {
   if (!check_plan_dtype(dtype).ok())
     return Status::InvalidArgument(std::string("plan: unknown dtype '") + plan_dtype_name(dtype) +
                                    "' (fp32|bf16|fp16)");
+  if (const Status st = check_element_bytes(element_bytes); !st.ok())
+    return Status::InvalidArgument("plan: " + st.message());
   if (chunk < 0 || chunk_target_bytes < 0)
     return Status::InvalidArgument("plan: chunk and chunk_target_bytes must be >= 0");
   if (training && static_cast<int64_t>(policy.size()) != cfg.no_blocks)
@@ -66,6 +68,7 @@ std::string Plan::to_json(int indent) const {
   j["dap"] = dap;
   j["dp"] = dp;
   j["dtype"] = plan_dtype_name(dtype);
+  j["element_bytes"] = element_bytes;
   j["threads"] = threads;
   j["time_ms_estimate"] = time_ms;
   j["time_per_protein_ms_estimate"] = time_per_protein_ms;
@@ -146,6 +149,7 @@ Status Plan::from_json(const std::string& text, Plan* out) {
       const Status st = parse_plan_dtype(j["dtype"].get<std::string>(), &p.dtype);
       if (!st.ok()) return Status::InvalidArgument("plan: " + st.message());
     }
+    p.element_bytes = json_int<int>(j, "element_bytes", 0);
     p.threads = json_int<int>(j, "threads", 1);
     p.time_ms = j.value("time_ms_estimate", 0.0);
     p.time_per_protein_ms = j.value("time_per_protein_ms_estimate", 0.0);
@@ -188,6 +192,7 @@ ForwardOptions to_forward_options(const Plan& plan) {
   ForwardOptions o;
   o.chunk = plan.chunk;
   o.chunk_target_bytes = plan.chunk_target_bytes;
+  o.dtype = plan_store_dtype(plan.dtype, plan.element_bytes);
   return o;
 }
 
@@ -196,6 +201,7 @@ TrainOptions to_train_options(const Plan& plan) {
   o.policy = plan.policy;
   o.chunk = plan.chunk;
   o.chunk_target_bytes = plan.chunk_target_bytes;
+  o.dtype = plan_store_dtype(plan.dtype, plan.element_bytes);
   return o;
 }
 
@@ -260,6 +266,7 @@ std::string plan_cache_key(const PlanRequest& req) {
     << "|mem=" << (req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes)
     << "|train=" << req.training
     << "|dtype=" << plan_dtype_name(req.dtype.value_or(req.profile.dtype))
+    << "|element_bytes=" << req.element_bytes.value_or(req.profile.element_bytes)
     << "|fixed=" << req.fixed_policy << ":" << recompute_name(req.policy) << "|chunk=" << req.chunk
     << "|target=" << req.chunk_target << "|dap=" << req.dap << "|dp=" << req.dp
     << "|profile=" << req.profile.to_json() << (req.extra_msa ? "|stack=extra_msa" : "")

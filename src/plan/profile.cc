@@ -65,6 +65,18 @@ Status check_plan_dtype(DType dtype) {
                                  plan_dtype_name(dtype) + "' (fp32|bf16|fp16)");
 }
 
+int64_t plan_buffer_bytes(int element_bytes) { return element_bytes > 0 ? element_bytes : 4; }
+
+DType plan_store_dtype(DType dtype, int element_bytes) {
+  return element_bytes == 0 && dtype != DType::F32 ? DType::BF16 : DType::F32;
+}
+
+Status check_element_bytes(int element_bytes) {
+  if (element_bytes == 0 || element_bytes == 2 || element_bytes == 4) return Status::OK();
+  return Status::InvalidArgument("element_bytes must be 0 (the engine's layout), 2 or 4, not " +
+                                 std::to_string(element_bytes));
+}
+
 // ---- Profiles ----------------------------------------------------------------------------------
 
 std::string DeviceProfile::to_json() const {
@@ -75,6 +87,7 @@ std::string DeviceProfile::to_json() const {
   j["threads"] = threads;
   j["memory_bytes"] = memory_bytes;
   j["dtype"] = plan_dtype_name(dtype);
+  j["element_bytes"] = element_bytes;
   j["gemm_gflops"] = gemm_gflops;
   j["gemm_half_rows"] = gemm_half_rows;
   j["gemm_half_cols"] = gemm_half_cols;
@@ -110,6 +123,8 @@ Status DeviceProfile::validate() const {
   if (!check_plan_dtype(dtype).ok())
     return Status::InvalidArgument(std::string("profile: unknown dtype '") +
                                    plan_dtype_name(dtype) + "' (fp32|bf16|fp16)");
+  if (const Status st = check_element_bytes(element_bytes); !st.ok())
+    return Status::InvalidArgument("profile: " + st.message());
   const std::pair<const char*, double> rates[] = {{"gemm_gflops", gemm_gflops},
                                                   {"gemm_bwd_gflops", gemm_bwd_gflops},
                                                   {"batched_gflops", batched_gflops},
@@ -190,6 +205,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
       const Status st = parse_plan_dtype(j["dtype"].get<std::string>(), &p.dtype);
       if (!st.ok()) return Status::InvalidArgument("profile: " + st.message());
     }
+    p.element_bytes = json_int<int>(j, "element_bytes", p.element_bytes);
     num("gemm_gflops", &p.gemm_gflops);
     num("gemm_half_rows", &p.gemm_half_rows);
     num("gemm_half_cols", &p.gemm_half_cols);

@@ -388,6 +388,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
     p.dap = row.dap;
     p.dp = dp;
     p.dtype = dtype;
+    p.element_bytes = dev.element_bytes;
     p.threads = dev.threads;
     p.memory_limit_bytes = dev.memory_bytes;
     const Status st = evaluate_plan(dev, &p);

@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cstdio>
 #include <limits>
+#include <map>
+#include <tuple>
 
 #include "foldcube/plan.h"
 #include "foldcube/planner.h"
@@ -39,21 +41,29 @@ struct Setting {
 // Memory of the training step per device, decomposed by block position (docs/planner.md):
 // peak = base + max(K_total + C, max_b [K_<b + C + (B - b) G + m [b < B-1] + w_type(b)]) with
 // K_<b the bytes kept by the blocks before b. k, w, C, m, G are read off stack_step_peak_bytes.
+// wm: w of a block that is not the last (BF16 storage: its outputs are the next block's bf16
+// inputs, which its backward widens; F32: wm = w).
 struct Terms {
-  int64_t k[kTypes] = {}, w[kTypes] = {};
+  int64_t k[kTypes] = {}, w[kTypes] = {}, wm[kTypes] = {};
   int64_t C = 0, m = 0, G = 0, gather = 0;
 };
 
-// extra_msa: the ExtraMSA stack (one process: dap = 1).
+// extra_msa: the ExtraMSA stack (one process: dap = 1). e: plan_buffer_bytes; store: the kept
+// inputs' dtype (plan_store_dtype).
+// G: per-block parameter-gradient bytes. At s = r = 1 the streams are tiny and the backward of
+// block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
+int64_t block_grad_bytes(const EvoformerConfig& cfg, int threads, int64_t e, DType store,
+                         int64_t chunk, int64_t target, bool extra_msa) {
+  return stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target,
+                               extra_msa, store) -
+         stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target,
+                               extra_msa, store);
+}
+
 Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threads, int64_t e,
-                     int dap, int64_t chunk, int64_t target, bool extra_msa) {
+                     DType store, int dap, int64_t chunk, int64_t target, bool extra_msa) {
   Terms t;
-  // G: per-block parameter-gradient bytes. At s = r = 1 the streams are tiny and the backward of
-  // block 0 (under all the gradient structs) is the peak, so one more block adds exactly G.
-  t.G = stack_step_peak_bytes(cfg, 1, 1, 3, {Recompute::kBlock}, threads, e, chunk, target,
-                              extra_msa) -
-        stack_step_peak_bytes(cfg, 1, 1, 2, {Recompute::kBlock}, threads, e, chunk, target,
-                              extra_msa);
+  t.G = block_grad_bytes(cfg, threads, e, store, chunk, target, extra_msa);
   if (dap > 1) {  // the padded shape; target 0: the DAP executor's default (make_dap_shards)
     s = ceil_div(s, dap) * dap, r = ceil_div(r, dap) * dap;
     if (target <= 0 && chunk <= 0)
@@ -61,15 +71,22 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
   }
   const int64_t m = s * r * cfg.c_m * e, z = r * r * cfg.c_z * e;
   t.C = m + z;
-  t.m = m;
+  t.m = store == DType::BF16 ? s * r * cfg.c_m * 2 : m;  // the held input: a kept one
   // DAP: a rank's chunk buffers at target T are those of one process at N T divided by N (the
   // shards are 1/N of the items), so the work terms come from the one-process model at N T.
   const int64_t wt = dap > 1 && chunk <= 0 ? target * dap : target;
   for (int i = 0; i < kTypes; ++i) {
-    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target, extra_msa);
+    t.k[i] = block_activation_bytes(cfg, s, r, kType[i], e, chunk, target, extra_msa, store);
     // A one-block stack's peak is the backward of its only block: C + G + w.
-    t.w[i] = stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, wt, extra_msa) -
-             t.C - t.G;
+    t.w[i] =
+        stack_step_peak_bytes(cfg, s, r, 1, {kType[i]}, threads, e, chunk, wt, extra_msa, store) -
+        t.C - t.G;
+    t.wm[i] = t.w[i];
+    if (store == DType::BF16)
+      t.wm[i] += block_backward_peak_bytes(cfg, s, r, kType[i], threads, e, chunk, wt, extra_msa,
+                                           store, false) -
+                 block_backward_peak_bytes(cfg, s, r, kType[i], threads, e, chunk, wt, extra_msa,
+                                           store, true);
   }
   if (dap > 1) {  // each rank holds 1/N of every padded activation and whole gathered operands
     const int64_t sp = s, rp = r;
@@ -77,7 +94,7 @@ Terms training_terms(const EvoformerConfig& cfg, int64_t s, int64_t r, int threa
     const int64_t bias = (cfg.no_heads_msa + 2 * cfg.no_heads_pair) * rp * rp * e;
     t.k[0] = ceil_div(t.k[0] - bias, dap) + bias;
     for (int i = 1; i < kTypes; ++i) t.k[i] = ceil_div(t.k[i], dap);
-    for (int i = 0; i < kTypes; ++i) t.w[i] = ceil_div(t.w[i], dap);
+    for (int i = 0; i < kTypes; ++i) t.w[i] = t.wm[i] = ceil_div(t.w[i], dap);
     t.C = ceil_div(t.C, dap);
     t.m = ceil_div(t.m, dap);
     // Beside a block's work: the largest gathered operand (a triangle multiplication's channel
@@ -162,7 +179,7 @@ PolicyDp policy_dp(const Terms& t, int B) {
         const int64_t K = a * t.k[0] + c * t.k[1] + (b - a - c) * t.k[2];
         for (int ty = 0; ty < kTypes; ++ty) {
           const int na = a + (ty == 0), nc = c + (ty == 1);
-          const int64_t nv = std::max(v, K + pos + t.w[ty]);
+          const int64_t nv = std::max(v, K + pos + (b + 1 < B ? t.wm[ty] : t.w[ty]));
           int64_t& slot = nxt[dp.idx(na, nc)];
           if (nv < slot) {
             slot = nv;
@@ -362,10 +379,14 @@ struct BlockTimes {
   std::vector<ModuleCost> costs;
 };
 
+// costs: block_module_costs of this shape and chunking on dev when known (it does not depend on
+// the DAP degree), else computed.
 BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool training,
-                       const Setting& st, const DeviceProfile& dev, bool extra_msa) {
+                       const Setting& st, const DeviceProfile& dev, bool extra_msa,
+                       const std::vector<ModuleCost>* costs = nullptr) {
   BlockTimes bt;
-  bt.costs = block_module_costs(cfg, s, r, st.chunk, st.target, training, dev, extra_msa);
+  bt.costs =
+      costs ? *costs : block_module_costs(cfg, s, r, st.chunk, st.target, training, dev, extra_msa);
   // DAP: every module's work splits over the ranks along one axis of length r (or s); the
   // padded shard length sets the time.
   const double share = st.dap > 1 ? static_cast<double>(ceil_div(r, st.dap)) / r : 1.0;
@@ -380,7 +401,7 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
     bt.rec[1] += c.rebuild_ms;  // kModule rebuilds each module's saved state
   }
   bt.rec[2] = bt.fwd;  // kBlock re-runs the block forward
-  const int64_t e = dtype_bytes(dev.dtype);
+  const int64_t e = plan_buffer_bytes(dev.element_bytes);
   bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e), dev);
   for (int i = 0; i < kTypes; ++i)
     bt.comm_bwd[i] = comm_ms(dap_block_backward_comm(cfg, s, r, st.dap, e, kType[i]), dev);
@@ -394,20 +415,69 @@ double allreduce_ms(int64_t grad_bytes, int dp, const DeviceProfile& dev) {
          2.0 * (dp - 1) * dev.link_latency_us * 1e-3;
 }
 
-DeviceProfile with_dtype(const DeviceProfile& dev, DType dtype) {
+DeviceProfile with_dtype(const DeviceProfile& dev, DType dtype, int element_bytes) {
   DeviceProfile d = dev;
   d.dtype = dtype;
+  d.element_bytes = element_bytes;
   return d;
 }
 
-// Fills the estimates of `p` (choices set, validated) on `dev`.
-void estimate(const DeviceProfile& dev0, Plan* p) {
-  const DeviceProfile dev = with_dtype(dev0, p->dtype);
-  const int64_t e = dtype_bytes(p->dtype), B = p->cfg.no_blocks;
+// What make_plan's settings share (one request: the same config, shape, stack, device and
+// dtypes): the memory terms per (dap, chunk, target) and the block's module costs per (chunk,
+// target), which every DAP degree and every estimate of a setting reuse.
+struct SearchCache {
+  std::map<std::tuple<int, int64_t, int64_t>, Terms> terms;
+  std::map<std::pair<int64_t, int64_t>, std::vector<ModuleCost>> costs;
+  std::map<std::tuple<int, int64_t, int64_t>, int64_t> inference_peak;  // fp32 bytes, no weights
+};
+
+const Terms& cached_terms(SearchCache& c, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                          int threads, int64_t e, DType store, const Setting& st, bool extra_msa) {
+  const auto key = std::make_tuple(st.dap, st.chunk, st.target);
+  auto it = c.terms.find(key);
+  if (it == c.terms.end())
+    it = c.terms
+             .emplace(key, training_terms(cfg, s, r, threads, e, store, st.dap, st.chunk, st.target,
+                                          extra_msa))
+             .first;
+  return it->second;
+}
+
+const std::vector<ModuleCost>& cached_costs(SearchCache& c, const EvoformerConfig& cfg, int64_t s,
+                                            int64_t r, bool training, const Setting& st,
+                                            const DeviceProfile& dev, bool extra_msa) {
+  const auto key = std::make_pair(st.chunk, st.target);
+  auto it = c.costs.find(key);
+  if (it == c.costs.end())
+    it = c.costs
+             .emplace(key,
+                      block_module_costs(cfg, s, r, st.chunk, st.target, training, dev, extra_msa))
+             .first;
+  return it->second;
+}
+
+// Fills the estimates of `p` (choices set, validated) on `dev`. With a cache (make_plan's search)
+// the terms are shared between settings and a one-process training peak comes from the position
+// decomposition, which make_plan checks against the replay for the plan it returns.
+void estimate(const DeviceProfile& dev0, Plan* p, SearchCache* cache = nullptr) {
+  const DeviceProfile dev = with_dtype(dev0, p->dtype, p->element_bytes);
+  const int64_t e = plan_buffer_bytes(p->element_bytes), B = p->cfg.no_blocks;
+  const DType store = plan_store_dtype(p->dtype, p->element_bytes);
   const Setting st{p->dap, p->dp, p->chunk, p->chunk_target_bytes};
-  const BlockTimes bt = block_times(p->cfg, p->s, p->r, p->training, st, dev, p->extra_msa);
-  const Terms t = training_terms(p->cfg, p->s, p->r, p->threads, e, p->dap, p->chunk,
-                                 p->chunk_target_bytes, p->extra_msa);
+  const BlockTimes bt = block_times(
+      p->cfg, p->s, p->r, p->training, st, dev, p->extra_msa,
+      cache ? &cached_costs(*cache, p->cfg, p->s, p->r, p->training, st, dev, p->extra_msa)
+            : nullptr);
+  // Inference needs only the gradient struct's size (G) of the terms: the weights' bytes.
+  Terms t;
+  if (!p->training)
+    t.G = block_grad_bytes(p->cfg, p->threads, e, store, p->chunk, p->chunk_target_bytes,
+                           p->extra_msa);
+  else if (cache)
+    t = cached_terms(*cache, p->cfg, p->s, p->r, p->threads, e, store, st, p->extra_msa);
+  else
+    t = training_terms(p->cfg, p->s, p->r, p->threads, e, store, p->dap, p->chunk,
+                       p->chunk_target_bytes, p->extra_msa);
   const int64_t base = base_bytes(p->cfg, p->s, p->r, p->training, t.G, e, p->dap, p->extra_msa);
   p->module_costs = bt.costs;
   p->module_chunks = module_chunks(p->cfg, p->s, p->r, p->training, p->chunk, p->chunk_target_bytes,
@@ -418,18 +488,27 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     p->backward_ms = p->recompute_ms = 0;
     p->comm_ms = B * bt.comm_fwd;
     p->activation_bytes = 0;
-    const int64_t fwd =
-        (p->extra_msa ? extra_msa_forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
-                                                     p->chunk_target_bytes, p->threads)
-                      : forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
-                                           p->chunk_target_bytes, p->threads)) /
-        kF * e;
-    p->peak_bytes = base + fwd;
-    if (p->dap > 1)
-      p->peak_bytes = weights_bytes(p->cfg, t.G, e, p->extra_msa) +
-                      dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
-                                         p->chunk_target_bytes, p->threads, p->extra_msa) /
-                          kF * e;
+    // The forward's peak above the weights (and inputs, one process), fp32 bytes: the same for
+    // every dp degree of a setting.
+    auto peak = [&] {
+      return p->dap > 1     ? dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
+                                                 p->chunk_target_bytes, p->threads, p->extra_msa)
+             : p->extra_msa ? extra_msa_forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
+                                                           p->chunk_target_bytes, p->threads)
+                            : forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
+                                                 p->chunk_target_bytes, p->threads, store);
+    };
+    int64_t fwd = 0;
+    if (cache) {
+      const auto key = std::make_tuple(p->dap, p->chunk, p->chunk_target_bytes);
+      auto it = cache->inference_peak.find(key);
+      if (it == cache->inference_peak.end()) it = cache->inference_peak.emplace(key, peak()).first;
+      fwd = it->second;
+    } else {
+      fwd = peak();
+    }
+    p->peak_bytes =
+        (p->dap > 1 ? weights_bytes(p->cfg, t.G, e, p->extra_msa) : base) + fwd / kF * e;
   } else {
     p->forward_ms = B * bt.fwd;
     p->backward_ms = B * bt.bwd;
@@ -445,19 +524,24 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
     // Parameter gradients: all-reduced over the DAP ranks of a group (each holds a partial sum),
     // then over the dp groups.
     p->comm_ms += allreduce_ms(B * t.G, p->dap, dev) + allreduce_ms(B * t.G, p->dp, dev);
-    if (p->dap == 1) {
-      p->peak_bytes = base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e,
-                                                   p->chunk, p->chunk_target_bytes, p->extra_msa);
-    } else {  // the decomposition, with per-rank shards
+    if (p->dap == 1 && !cache) {
+      p->peak_bytes =
+          base + stack_step_peak_bytes(p->cfg, p->s, p->r, B, p->policy, p->threads, e, p->chunk,
+                                       p->chunk_target_bytes, p->extra_msa, store);
+    } else {  // the decomposition (DAP: with per-rank shards)
       int64_t K = 0, peak = 0;
       for (int64_t b = 0; b < B; ++b) {
         const int ty = static_cast<int>(p->policy[b]);
-        peak = std::max(peak, K + t.C + (B - b) * t.G + (b + 1 < B ? t.m : 0) + t.gather + t.w[ty]);
+        peak = std::max(
+            peak, K + t.C + (B - b) * t.G + (b + 1 < B ? t.m + t.wm[ty] : t.w[ty]) + t.gather);
         K += t.k[ty];
       }
-      p->peak_bytes = dap_train_peak(
-          base + std::max({peak, K + t.C + t.gather,
-                           B * t.G + dap_train_end_bytes(p->cfg, p->s, p->r, p->dap, e)}));
+      p->peak_bytes =
+          p->dap == 1
+              ? base + std::max(peak, K + t.C + t.gather)
+              : dap_train_peak(base + std::max({peak, K + t.C + t.gather,
+                                                B * t.G + dap_train_end_bytes(p->cfg, p->s, p->r,
+                                                                              p->dap, e)}));
     }
   }
   p->time_ms = p->forward_ms + p->backward_ms + p->recompute_ms + p->comm_ms;
@@ -471,49 +555,46 @@ void estimate(const DeviceProfile& dev0, Plan* p) {
 std::vector<std::pair<std::string, int64_t>> training_module_whole_bytes(const EvoformerConfig& cfg,
                                                                          int64_t s, int64_t r,
                                                                          bool extra_msa) {
-  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n, co = cfg.c_hidden_opm;
-  const int64_t ct = cfg.c_hidden_mul;
+  // The units' chunk buffers per item (src/layers/*) times the whole axis: attention (and the
+  // bias branch's row blocks), transitions, OPM residue blocks, tri-mul channel groups with their
+  // projection blocks and the output side's rows.
+  const BlockContext ctx = shape_context(cfg, s, r, 0, 0, 1);
   const int64_t hm = cfg.no_heads_msa * cfg.c_hidden_msa_att;
   const int64_t hp = cfg.no_heads_pair * cfg.c_hidden_pair_att;
-  // The chunk functions' per-item bytes (src/model/train.h) times the whole axis: attention
-  // (and the bias branch's row blocks), transitions, OPM residue blocks, tri-mul channel groups
-  // with their projection blocks and the output side's rows.
-  const int64_t row_bias = r * r * (2 * cz + 2 * cfg.no_heads_msa + 2);
-  const int64_t tri_bias = r * r * (2 * cz + 2 * cfg.no_heads_pair + 2);
   std::vector<std::pair<std::string, int64_t>> out;
   for (const LayerDesc& l : extra_msa ? kExtraMsaBlock : kEvoformerBlock) {
-    int64_t e = 0;  // elements
+    int64_t bytes = 0;
     switch (l.kind) {
       case LayerKind::kMsaRowAttention:
-        e = std::max(s * r * (3 * cm + 10 * hm), row_bias);
+        bytes = std::max(s * attention_train_item_bytes(r, cfg.c_m, hm),
+                         r * bias_train_row_bytes(ctx, cfg.no_heads_msa));
         break;
       case LayerKind::kMsaColumnAttention:
-        e = s * r * (3 * cm + 10 * hm);
+        bytes = r * attention_train_item_bytes(s, cfg.c_m, hm);
         break;
-      case LayerKind::kMsaColumnGlobalAttention: {
-        const int64_t ld = 2 * cfg.c_hidden_msa_att + hm;  // k | v | g
-        e = r * (s * (3 * cm + 2 * ld + 2 * hm + 2) + 2 * cm + 4 * hm);
+      case LayerKind::kMsaColumnGlobalAttention:
+        bytes = r * global_attention_train_item_bytes(ctx);
         break;
-      }
       case LayerKind::kTransition:
       case LayerKind::kMaskedTransition: {
-        const int64_t c = l.updates == Stream::kM ? cm : cz;
-        e = (l.updates == Stream::kM ? s * r : r * r) * (2 * c + 2 * n * c + 2);
+        const int64_t c = stream_channels(ctx, l.updates);
+        bytes = stream_rows(ctx, l.updates) * transition_train_row_bytes(c, cfg.transition_n * c);
         break;
       }
       case LayerKind::kOuterProductMean:
-        e = r * (3 * co * r * co + r * cz);
+        bytes = r * opm_outer_backward_item_bytes(ctx);
         break;
       case LayerKind::kTriangleMultiplication:
-        e = std::max(ct * 8 * r * r, r * r * (3 * ct + 5 * cz + 2));
+        bytes = tri_mul_train_whole_bytes(ctx);
         break;
       case LayerKind::kTriangleAttention:
-        e = std::max(r * r * (3 * cz + 10 * hp), tri_bias);
+        bytes = std::max(r * attention_train_item_bytes(r, cfg.c_z, hp),
+                         r * bias_train_row_bytes(ctx, cfg.no_heads_pair));
         break;
       default:
         FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
     }
-    out.emplace_back(l.name, kF * e);
+    out.emplace_back(l.name, bytes);
   }
   return out;
 }
@@ -556,6 +637,8 @@ Status make_plan(const PlanRequest& req, Plan* out) {
                                    " device(s)");
   const DType dtype = req.dtype.value_or(req.profile.dtype);
   FC_RETURN_IF_ERROR(check_plan_dtype(dtype));
+  const int element_bytes = req.element_bytes.value_or(req.profile.element_bytes);
+  FC_RETURN_IF_ERROR(check_element_bytes(element_bytes));
   const int64_t limit = req.memory_bytes > 0 ? req.memory_bytes : req.profile.memory_bytes;
   if (limit <= 0)
     return Status::InvalidArgument(
@@ -569,9 +652,10 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         bucket_residues(req.r, req.buckets.empty() ? default_buckets() : req.buckets, &r));
   if (devices > 1 && req.profile.link_gbps <= 0)
     return Status::InvalidArgument("more than one device needs link_gbps in the profile");
-  DeviceProfile dev = with_dtype(req.profile, dtype);
+  DeviceProfile dev = with_dtype(req.profile, dtype, element_bytes);
   dev.devices = devices;
-  const int64_t e = dtype_bytes(dtype), B = req.cfg.no_blocks;
+  const int64_t e = plan_buffer_bytes(element_bytes), B = req.cfg.no_blocks;
+  const DType store = plan_store_dtype(dtype, element_bytes);
 
   // Candidate settings: DAP/DP degrees (dap x dp <= devices) and chunk targets, coarsest first:
   // for inference from the default down by halves, for training the geometric set of
@@ -607,8 +691,9 @@ Status make_plan(const PlanRequest& req, Plan* out) {
   Plan best;
   bool found = false;
   int64_t smallest = std::numeric_limits<int64_t>::max();
-  auto consider = [&](Plan p) {
-    estimate(dev, &p);
+  SearchCache cache;
+  auto consider = [&](Plan p, bool estimated) {
+    if (!estimated) estimate(dev, &p, &cache);
     smallest = std::min(smallest, p.peak_bytes);
     if (p.peak_bytes > limit && !req.fixed_policy) return;
     const bool fits = p.peak_bytes <= limit;
@@ -634,23 +719,26 @@ Status make_plan(const PlanRequest& req, Plan* out) {
     p.dap = st.dap;
     p.dp = st.dp;
     p.dtype = dtype;
+    p.element_bytes = element_bytes;
     p.threads = dev.threads;
     p.memory_limit_bytes = limit;
     if (!req.training) {
-      consider(std::move(p));
+      consider(std::move(p), false);
       continue;
     }
     if (req.fixed_policy) {
       p.policy.assign(B, req.policy);
-      consider(std::move(p));
+      consider(std::move(p), false);
       continue;
     }
     // Time depends only on the counts of each policy, memory on their order: the DP gives the
     // smallest peak of every count vector; the fastest count vector that fits wins.
-    const Terms t = training_terms(req.cfg, req.s, r, dev.threads, e, st.dap, st.chunk, st.target,
-                                   req.extra_msa);
+    const Terms& t =
+        cached_terms(cache, req.cfg, req.s, r, dev.threads, e, store, st, req.extra_msa);
     const int64_t base = base_bytes(req.cfg, req.s, r, true, t.G, e, st.dap, req.extra_msa);
-    const BlockTimes bt = block_times(req.cfg, req.s, r, true, st, dev, req.extra_msa);
+    const BlockTimes bt =
+        block_times(req.cfg, req.s, r, true, st, dev, req.extra_msa,
+                    &cached_costs(cache, req.cfg, req.s, r, true, st, dev, req.extra_msa));
     const PolicyDp dp = policy_dp(t, static_cast<int>(B));
     const int64_t end =
         st.dap > 1 ? B * t.G + dap_train_end_bytes(req.cfg, req.s, r, st.dap, e) : 0;
@@ -670,13 +758,12 @@ Status make_plan(const PlanRequest& req, Plan* out) {
       }
     if (ba < 0) continue;
     p.policy = dp.order(ba, bc);
-    Plan q = p;
-    estimate(dev, &q);
-    if (st.dap == 1 && q.peak_bytes != bpeak)
-      return Status::Internal("planner: the position decomposition of the memory model (" +
-                              std::to_string(bpeak) + " B) disagrees with stack_step_peak_bytes (" +
-                              std::to_string(q.peak_bytes) + " B)");
-    consider(std::move(p));
+    estimate(dev, &p, &cache);
+    if (st.dap == 1 && p.peak_bytes != bpeak)
+      return Status::Internal("planner: the DP's peak (" + std::to_string(bpeak) +
+                              " B) disagrees with the position decomposition (" +
+                              std::to_string(p.peak_bytes) + " B)");
+    consider(std::move(p), true);
   }
   if (!found)
     return Status::OutOfMemory(
@@ -684,6 +771,15 @@ Status make_plan(const PlanRequest& req, Plan* out) {
         " r=" + std::to_string(r) + " blocks=" + std::to_string(B) + " (" +
         (req.training ? "training" : "inference") + ", " + plan_dtype_name(dtype) + ", " +
         std::to_string(devices) + " device(s)); the smallest feasible budget is " + mib(smallest));
+  if (best.training && best.dap == 1) {  // the decomposition against the exact replay
+    Plan check = best;
+    estimate(dev, &check);
+    if (check.peak_bytes != best.peak_bytes)
+      return Status::Internal("planner: the position decomposition of the memory model (" +
+                              std::to_string(best.peak_bytes) +
+                              " B) disagrees with stack_step_peak_bytes (" +
+                              std::to_string(check.peak_bytes) + " B)");
+  }
   if (req.split_auto) choose_partition(dev, &best);
   best.search_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
