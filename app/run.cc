@@ -218,6 +218,7 @@ nlohmann::json training_report_json(const RunOptions& o, const Job& job, const T
   j["time_ms"] = median(t.total_ms);
   j["forward_ms"] = median(t.forward_ms);
   j["backward_ms"] = median(t.backward_ms);
+  j["cpu_ms"] = median(t.cpu_ms);
   j["activation_bytes"] = t.result.activation_bytes;
   j["step_peak_bytes"] = t.result.peak_bytes;
   j["peak_tracked_bytes"] = t.peak_tracked_bytes;

@@ -386,11 +386,12 @@ struct Af3MemCase {
   std::string kind;  // pairformer | msa_module
   std::vector<Recompute> policy;
   int64_t chunk;
+  DType store = DType::F32;  // TrainOptions::dtype (BF16: bf16 kept inputs and GEMM inputs)
 };
 std::string CaseName(const Af3MemCase& c) {
   std::string n = c.kind + "_chunk" + std::to_string(c.chunk);
   for (Recompute p : c.policy) n += std::string("_") + recompute_name(p);
-  return n;
+  return n + (c.store == DType::BF16 ? "_bf16" : "");
 }
 void PrintTo(const Af3MemCase& p, std::ostream* os) { *os << CaseName(p); }
 
@@ -412,6 +413,7 @@ TEST_P(Af3TrainMemory, ActivationsAndPeakMatchAllocator) {
   TrainOptions opts;
   opts.policy = c.policy;
   opts.chunk = c.chunk;
+  opts.dtype = c.store;
   TrainResult res;
   Tensor z = Tensor::full({n, n, cfg.c_z}, 0.2f), gz = Tensor::full(z.shape(), 1.f);
   const BlockTable& t = cfg.kind == "pairformer" ? kPairformerBlock : kMsaModuleBlock;
@@ -427,10 +429,15 @@ TEST_P(Af3TrainMemory, ActivationsAndPeakMatchAllocator) {
     ASSERT_TRUE(mod.train_step(z, emb, feat, Tensor(), Tensor(), gz, opts, &res, &ge).ok());
   }
   const int64_t target = default_train_chunk_target_bytes(trunk, s, n);
-  EXPECT_EQ(res.activation_bytes,
-            stack_activation_bytes(t, trunk, s, n, cfg.no_blocks, c.policy, 4, c.chunk, target));
-  EXPECT_EQ(res.peak_bytes, stack_step_peak_bytes(t, trunk, s, n, cfg.no_blocks, c.policy,
-                                                  num_threads(), 4, c.chunk, target));
+  EXPECT_EQ(res.activation_bytes, stack_activation_bytes(t, trunk, s, n, cfg.no_blocks, c.policy, 4,
+                                                         c.chunk, target, c.store));
+  const int64_t peak = stack_step_peak_bytes(t, trunk, s, n, cfg.no_blocks, c.policy, num_threads(),
+                                             4, c.chunk, target, c.store);
+  EXPECT_EQ(res.peak_bytes, peak);
+  if (c.store == DType::BF16) {  // a model that ignored the dtype would give the fp32 peak
+    EXPECT_NE(peak, stack_step_peak_bytes(t, trunk, s, n, cfg.no_blocks, c.policy, num_threads(), 4,
+                                          c.chunk, target));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -446,7 +453,16 @@ INSTANTIATE_TEST_SUITE_P(
         Af3MemCase{"msa_module", {Recompute::kModule}, 0},
         Af3MemCase{"msa_module", {Recompute::kBlock}, 0},
         Af3MemCase{"msa_module", {Recompute::kModule}, 3},
-        Af3MemCase{"msa_module", {Recompute::kNone, Recompute::kBlock, Recompute::kModule}, 2}),
+        Af3MemCase{"msa_module", {Recompute::kNone, Recompute::kBlock, Recompute::kModule}, 2},
+        Af3MemCase{"pairformer_af3dims", {Recompute::kNone}, 0, DType::BF16},
+        Af3MemCase{"pairformer", {Recompute::kModule}, 0, DType::BF16},
+        Af3MemCase{"pairformer",
+                   {Recompute::kBlock, Recompute::kNone, Recompute::kModule},
+                   2,
+                   DType::BF16},
+        Af3MemCase{"msa_module", {Recompute::kNone}, 0, DType::BF16},
+        Af3MemCase{"msa_module", {Recompute::kModule}, 3, DType::BF16},
+        Af3MemCase{"msa_module", {Recompute::kBlock}, 0, DType::BF16}),
     [](const auto& info) { return CaseName(info.param); });
 
 // The inference peak formula and the weight bytes against the tracking allocator.

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -89,6 +90,67 @@ INSTANTIATE_TEST_SUITE_P(Shapes, TypedGemmBatched,
                                            BatchCase{4, 16, 24, 64, false, false},
                                            BatchCase{2, 9, 17, 31, true, true}),
                          [](const auto& info) { return BatchName(info.param); });
+
+// linear_bf16 / linear_backward_bf16 (the bf16 training's Linear) against their naive references,
+// with strided x, dy, y, dx, accumulation into y, dx and dW, and odd shapes; the fast kernels use
+// no more scratch than their formula gives (a guard element after it stays intact).
+TEST(TypedLinear, Bf16ForwardAndBackwardMatchReference) {
+  struct Dims {
+    int64_t rows, in, out;
+  };
+  constexpr uint16_t kGuard = 0xABCD;
+  for (const Dims d : {Dims{1, 3, 2}, Dims{37, 20, 9}, Dims{130, 64, 48}}) {
+    SCOPED_TRACE(::testing::Message() << d.rows << "x" << d.in << "->" << d.out);
+    const int64_t ldx = d.in + 3, ldy = d.out + 2, K = std::max(d.in, d.rows);
+    std::vector<float> x(d.rows * ldx), W(d.out * d.in), b(d.out), dy(d.rows * ldy);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = uniform_pm1(21, i);
+    for (size_t i = 0; i < W.size(); ++i) W[i] = uniform_pm1(22, i);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = uniform_pm1(23, i);
+    for (size_t i = 0; i < dy.size(); ++i) dy[i] = uniform_pm1(24, i);
+    std::vector<uint16_t> Wb(W.size());  // [out, in] bf16
+    kern::f32_to_bf16(W.data(), Wb.data(), static_cast<int64_t>(W.size()));
+    // f32 accumulation of K products of magnitude <= 1 against double accumulation
+    const double tol = (K + 4) * 0x1p-24 * K + 1e-6;
+    for (bool acc : {false, true}) {
+      SCOPED_TRACE(acc ? "accumulate" : "overwrite");
+      std::vector<float> y0(d.rows * ldy);  // [rows, ldy]
+      for (size_t i = 0; i < y0.size(); ++i) y0[i] = uniform_pm1(25, i);
+      std::vector<float> y = y0, yr = y0;
+      std::vector<uint16_t> sc(kern::linear_bf16_scratch(d.rows, d.in) + 1, kGuard);
+      kern::linear_bf16(x.data(), ldx, d.rows, d.in, Wb.data(), b.data(), d.out, y.data(), ldy, acc,
+                        sc.data());
+      EXPECT_EQ(sc.back(), kGuard);
+      kern::ref::linear_bf16(x.data(), ldx, d.rows, d.in, Wb.data(), b.data(), d.out, yr.data(),
+                             ldy, acc, sc.data());
+      for (int64_t r = 0; r < d.rows; ++r)
+        for (int64_t o = 0; o < ldy; ++o)
+          ASSERT_LE(std::abs(y[r * ldy + o] - yr[r * ldy + o]), tol) << r << "," << o;
+
+      const int64_t lddx = d.in + 1;
+      std::vector<float> dx0(d.rows * lddx), dW0(W.size()), db0(d.out);
+      for (size_t i = 0; i < dx0.size(); ++i) dx0[i] = uniform_pm1(26, i);
+      for (size_t i = 0; i < dW0.size(); ++i) dW0[i] = uniform_pm1(27, i);
+      for (size_t i = 0; i < db0.size(); ++i) db0[i] = uniform_pm1(28, i);
+      std::vector<float> dx = dx0, dW = dW0, db = db0, dxr = dx0, dWr = dW0, dbr = db0;
+      std::vector<uint16_t> sb(kern::linear_backward_bf16_scratch(d.rows, d.in, d.out, true) + 1,
+                               kGuard);
+      kern::linear_backward_bf16(x.data(), ldx, d.rows, d.in, Wb.data(), d.out, dy.data(), ldy,
+                                 dx.data(), lddx, dW.data(), db.data(), acc, sb.data());
+      EXPECT_EQ(sb.back(), kGuard);
+      kern::ref::linear_backward_bf16(x.data(), ldx, d.rows, d.in, Wb.data(), d.out, dy.data(), ldy,
+                                      dxr.data(), lddx, dWr.data(), dbr.data(), acc, sb.data());
+      for (size_t i = 0; i < dx.size(); ++i) ASSERT_LE(std::abs(dx[i] - dxr[i]), tol) << i;
+      for (size_t i = 0; i < dW.size(); ++i) ASSERT_LE(std::abs(dW[i] - dWr[i]), tol) << i;
+      for (size_t i = 0; i < db.size(); ++i) ASSERT_LE(std::abs(db[i] - dbr[i]), 1e-5) << i;
+      // dx alone needs only dy's rounding
+      std::vector<uint16_t> s1(kern::linear_backward_bf16_scratch(d.rows, d.in, d.out, false) + 1,
+                               kGuard);
+      kern::linear_backward_bf16(x.data(), ldx, d.rows, d.in, Wb.data(), d.out, dy.data(), ldy,
+                                 dx.data(), lddx, nullptr, nullptr, false, s1.data());
+      EXPECT_EQ(s1.back(), kGuard);
+    }
+  }
+}
 
 }  // namespace
 }  // namespace fc

@@ -118,6 +118,7 @@ struct TrainReport {
   Tensor m, z;         // outputs of the last pass
   TrainResult result;  // last pass: gradients, activation and step peak bytes
   std::vector<double> forward_ms, backward_ms, total_ms;  // per timed pass
+  std::vector<double> cpu_ms;         // process CPU time (all threads) of each timed pass
   std::vector<ModuleTime> module_ms;  // profile: mean over the timed passes, block order
   int64_t peak_tracked_bytes = 0, peak_rss_bytes = 0;  // process-wide peaks after the step
 };

@@ -300,6 +300,7 @@ Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const Tensor& 
     out->m = last ? job->m : job->m.clone();
     out->z = last ? job->z : job->z.clone();
     if (last) job->m = job->z = Tensor();
+    const double cpu0 = process_cpu_ms();
     FC_RETURN_IF_ERROR(extra ? job->extra_stack.train_step(out->m, out->z, job->msa_mask,
                                                            job->pair_mask, gm, gz, to, &out->result)
                              : job->stack.train_step(out->m, out->z, job->msa_mask, job->pair_mask,
@@ -309,6 +310,7 @@ Status run_training(Job* job, const Tensor& gm, const Tensor& gz, const Tensor& 
     out->forward_ms.push_back(res.forward_ms);
     out->backward_ms.push_back(res.backward_ms);
     out->total_ms.push_back(res.forward_ms + res.backward_ms);
+    out->cpu_ms.push_back(process_cpu_ms() - cpu0);
     add_module_times(res.module_ms, o.repeats, &out->module_ms);
   }
   out->peak_tracked_bytes = mem_stats().peak_bytes;

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "foldcube/status.h"
+#include "kernels/convert.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/backward.cc"
@@ -392,9 +393,10 @@ int64_t range_begin(int64_t items, int t, int nt) { return items * t / nt; }
 // Offsets (in floats) of one thread's buffers:
 //   K, V, dK, dV [Lk, C] | Q, dO, O [qt, C] (O doubles as the dQ tile) | dP [qt, Lk] |
 //   S [qt, Lk]: logits -> P -> dS of the current tile | Dr [qt] rowsum(dO * O) (lse path) |
-//   slot [Lq, Lk] (kRanges only).
+//   slot [Lq, Lk] (kRanges only) | BF16 only, bf16 elements in float slots: K16, V16 [Lk, C],
+//   Q16, dO16 [qt, C], P16 [qt, Lk] (the products' inputs rounded to bf16).
 struct BwdLayout {
-  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, Dr, slot, total;
+  int64_t qt, K, V, dK, dV, Q, dO, O, dP, S, Dr, slot, K16, V16, Q16, dO16, P16, total;
 };
 
 BwdLayout bwd_layout(const AttentionArgs& a, Schedule sched) {
@@ -417,6 +419,13 @@ BwdLayout bwd_layout(const AttentionArgs& a, Schedule sched) {
   L.S = take(L.qt * a.Lk);
   L.Dr = take(L.qt);
   L.slot = take(sched == Schedule::kRanges ? a.Lq * a.Lk : 0);
+  const bool bf = a.dtype == DType::BF16;
+  auto take16 = [&](int64_t elems) { return take(bf ? ceil_div(elems, 2) : 0); };
+  L.K16 = take16(a.Lk * a.C);
+  L.V16 = take16(a.Lk * a.C);
+  L.Q16 = take16(L.qt * a.C);
+  L.dO16 = take16(L.qt * a.C);
+  L.P16 = take16(L.qt * a.Lk);
   L.total = off;
   return L;
 }
@@ -444,10 +453,32 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   float* O = ws + L.O;    // [qt, C]
   float* dP = ws + L.dP;  // [qt, Lk]
   float* Dr = ws + L.Dr;  // [qt]
+  // BF16: every product takes bf16 inputs (f32 accumulation): the f32 operand X is rounded into
+  // X16 just before its products, and mm(X, ...) picks X16 when the path is bf16.
+  const bool bf = a.dtype == DType::BF16;
+  auto b16 = [&](int64_t off) { return reinterpret_cast<uint16_t*>(ws + off); };
+  uint16_t* K16 = b16(L.K16);    // [Lk, C]
+  uint16_t* V16 = b16(L.V16);    // [Lk, C]
+  uint16_t* Q16 = b16(L.Q16);    // [qt, C]
+  uint16_t* dO16 = b16(L.dO16);  // [qt, C]
+  uint16_t* P16 = b16(L.P16);    // [qt, Lk]
+  auto to16 = [&](const float* x, uint16_t* x16, int64_t n) {
+    if (bf) f32_to_bf16(x, x16, n);
+  };
+  auto mm = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t Kd, float alpha, const float* A,
+                const uint16_t* A16, int64_t lda, const float* B, const uint16_t* B16, int64_t ldb,
+                float beta, float* Cm, int64_t ldc) {
+    if (bf)
+      gemm_typed(DType::BF16, ta, tb, M, N, Kd, alpha, A16, lda, B16, ldb, beta, Cm, ldc);
+    else
+      gemm(ta, tb, M, N, Kd, alpha, A, lda, B, ldb, beta, Cm, ldc);
+  };
   // Logits with a q.k term; else bias only (no K, Q, dq, dk).
   const bool qk = !a.bias_logits;
   if (qk) pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
   pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
+  if (qk) to16(K, K16, Lk * C);
+  to16(V, V16, Lk * C);
   std::fill(dK, dK + Lk * C, 0.f);
   std::fill(dV, dV + Lk * C, 0.f);
   const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;   // [Lk]
@@ -462,7 +493,8 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     // reference does.
     if (qk) {
       pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
-      gemm(false, true, n, Lk, C, a.scale, Q, C, K, C, 0.f, P, Lk);
+      to16(Q, Q16, n * C);
+      mm(false, true, n, Lk, C, a.scale, Q, Q16, C, K, K16, C, 0.f, P, Lk);
     } else {
       std::fill(P, P + n * Lk, 0.f);
     }
@@ -476,8 +508,9 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     }
     // Gating: dO = d_out * sigmoid(gate), dgate from O = P V recomputed.
     const float* dout = g.d_out + b * a.o_bs + i0 * a.o_rs + h * C;
+    to16(P, P16, n * Lk);
     if (a.gate) {
-      gemm(false, false, n, C, Lk, 1.f, P, Lk, V, C, 0.f, O, C);
+      mm(false, false, n, C, Lk, 1.f, P, P16, Lk, V, V16, C, 0.f, O, C);
       const int64_t go = b * a.g_bs + i0 * a.g_rs + h * C;
       sigmoid_mul_backward(O, C, a.gate + go, a.g_rs, dout, a.o_rs, dO, C,
                            g.dgate ? g.dgate + go : nullptr, a.g_rs, n, C);
@@ -490,19 +523,22 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     } else {
       pack(dout, a.o_rs, n, C, dO);
     }
-    if (g.dv) gemm(true, false, Lk, C, n, 1.f, P, Lk, dO, C, 1.f, dV, C);  // dV += P^T dO
+    to16(dO, dO16, n * C);
+    if (g.dv) mm(true, false, Lk, C, n, 1.f, P, P16, Lk, dO, dO16, C, 1.f, dV, C);  // dV += P^T dO
     if (!need_ds) continue;
-    gemm(false, true, n, Lk, C, 1.f, dO, C, V, C, 0.f, dP, Lk);  // dP = dO V^T
-    if (lse && a.gate) {                                         // P <- dS
+    mm(false, true, n, Lk, C, 1.f, dO, dO16, C, V, V16, C, 0.f, dP, Lk);  // dP = dO V^T
+    if (lse && a.gate) {                                                  // P <- dS
       HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)(P, Lk, dP, Lk, Dr, n, Lk);
     } else {
       softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
     }
-    if (dq) {  // dQ = scale dS K
-      gemm(false, false, n, C, Lk, a.scale, P, Lk, K, C, 0.f, O, C);
+    to16(P, P16, n * Lk);  // dS
+    if (dq) {              // dQ = scale dS K
+      mm(false, false, n, C, Lk, a.scale, P, P16, Lk, K, K16, C, 0.f, O, C);
       unpack(O, n, C, dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
     }
-    if (dk) gemm(true, false, Lk, C, n, a.scale, P, Lk, Q, C, 1.f, dK, C);  // dK += scale dS^T Q
+    if (dk)  // dK += scale dS^T Q
+      mm(true, false, Lk, C, n, a.scale, P, P16, Lk, Q, Q16, C, 1.f, dK, C);
     if (dpb) add_inplace(dpb + i0 * Lk, Lk, P, Lk, n, Lk);
   }
   if (dk) unpack(dK, Lk, C, dk + b * a.k_bs + h * C, a.k_rs);

@@ -120,6 +120,10 @@ struct AttentionGrads {
 //    head-major order; a range that starts inside a head sums that head's part into its slot, the
 //    slots being added to d_pair_bias after all ranges, in thread order. Bit-identical for a fixed
 //    thread count; across thread counts equal to rounding.
+// AttentionArgs::dtype BF16: every product above (the logits, O, dV, dP, dQ, dK) takes bf16-rounded
+// inputs (q, k, v, dO, P and dS rounded per tile) with f32 accumulation (gemm_typed); the
+// softmax, its backward, the gate and every sum stay f32. The scratch then holds the bf16 copies
+// as well. Determinism as in f32.
 // Outputs must not alias inputs; dq, dk, dv, dgate may share one buffer (interleaved like
 // q | k | v | g) since items write disjoint columns.
 // Fully masked key rows (mask bias -1e9 everywhere) give the same uniform softmax as the forward

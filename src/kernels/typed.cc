@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "foldcube/status.h"
+#include "kernels/backward.h"
 #include "kernels/convert.h"
 #include "kernels/kernels.h"
 
@@ -59,7 +60,88 @@ void gemm_batched_typed(DType ab, int64_t batch, bool trans_a, bool trans_b, int
   }
 }
 
+namespace {
+// dst [rows, n] (dense) = bf16(src [rows, n], leading dimension ld).
+void rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t n, uint16_t* dst) {
+  if (ld == n) return f32_to_bf16(src, dst, rows * n);
+#pragma omp parallel for schedule(static) if (rows * n > kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) f32_to_bf16(src + r * ld, dst + r * n, n);
+}
+}  // namespace
+
+int64_t linear_bf16_scratch(int64_t rows, int64_t in) { return rows * in; }
+
+int64_t linear_backward_bf16_scratch(int64_t rows, int64_t in, int64_t out, bool dW) {
+  return rows * out + (dW ? rows * in : 0);
+}
+
+void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
+                 uint16_t* scratch) {
+  float beta = accumulate ? 1.f : 0.f;
+  if (b != nullptr) {
+    if (!accumulate) {
+#pragma omp parallel for schedule(static) if (rows * out > kParallelMin)
+      for (int64_t r = 0; r < rows; ++r) std::copy(b, b + out, y + r * ldy);
+    } else {
+      add_bias_rows(y, ldy, b, rows, out);
+    }
+    beta = 1.f;
+  }
+  rows_to_bf16(x, ldx, rows, in, scratch);
+  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, scratch, in, Wb, in, beta, y, ldy);
+}
+
+void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                          int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                          float* dW, float* db, bool accumulate, uint16_t* scratch) {
+  if (db)
+    linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr, db);
+  if (!dx && !dW) return;
+  uint16_t* dyb = scratch;  // [rows, out]
+  rows_to_bf16(dy, lddy, rows, out, dyb);
+  if (dx)
+    gemm_typed(DType::BF16, false, false, rows, in, out, 1.f, dyb, out, Wb, in,
+               accumulate ? 1.f : 0.f, dx, lddx);
+  if (dW) {
+    uint16_t* xb = scratch + rows * out;  // [rows, in]
+    rows_to_bf16(x, ldx, rows, in, xb);
+    gemm_typed(DType::BF16, true, false, out, in, rows, 1.f, dyb, out, xb, in, 1.f, dW, in);
+  }
+}
+
 namespace ref {
+
+void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
+                 uint16_t* scratch) {
+  for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(x + r * ldx, scratch + r * in, in);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      float acc = 0.f;
+      ref::gemm_bf16(false, true, 1, 1, in, 1.f, scratch + r * in, in, Wb + o * in, in, 0.f, &acc,
+                     1);
+      y[r * ldy + o] = (b ? b[o] : 0.f) + acc + (accumulate ? y[r * ldy + o] : 0.f);
+    }
+}
+
+void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                          int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                          float* dW, float* db, bool accumulate, uint16_t* scratch) {
+  if (db)
+    ref::linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr,
+                         db);
+  uint16_t* dyb = scratch;
+  for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(dy + r * lddy, dyb + r * out, out);
+  if (dx)
+    ref::gemm_bf16(false, false, rows, in, out, 1.f, dyb, out, Wb, in, accumulate ? 1.f : 0.f, dx,
+                   lddx);
+  if (dW) {
+    uint16_t* xb = scratch + rows * out;
+    for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(x + r * ldx, xb + r * in, in);
+    ref::gemm_bf16(true, false, out, in, rows, 1.f, dyb, out, xb, in, 1.f, dW, in);
+  }
+}
 
 void transpose_to_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
                        int64_t cols) {

@@ -26,7 +26,32 @@ void gemm_batched_typed(DType ab, int64_t batch, bool trans_a, bool trans_b, int
                         const void* B, int64_t ldb, int64_t stride_b, float beta, float* C,
                         int64_t ldc, int64_t stride_c);
 
+// ---- Linear with bf16 GEMM inputs (the bf16 training step) -------------------------------------
+// kern::linear and kern::linear_backward with the operands of every product rounded to bf16 and
+// f32 accumulation (gemm_typed BF16); storage, bias and db stay f32. Wb [out, in] is the bf16
+// copy of W (made by the caller, once per module call). The roundings of x and dy go to caller
+// scratch (bf16 elements): linear_bf16_scratch for the forward, linear_backward_bf16_scratch for
+// the backward (dy [rows, out], then x [rows, in] when dW is wanted).
+int64_t linear_bf16_scratch(int64_t rows, int64_t in);
+int64_t linear_backward_bf16_scratch(int64_t rows, int64_t in, int64_t out, bool dW);
+// y[rows, out] = bf16(x) @ Wb^T + b (+ y when accumulate); bias may be nullptr.
+void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
+                 uint16_t* scratch);
+// dx (+)= bf16(dy) @ Wb, dW += bf16(dy)^T @ bf16(x), db += column sums of dy (f32, as
+// kern::linear_backward); any of dx, dW, db may be nullptr. dx must not alias dy, x.
+void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                          int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                          float* dW, float* db, bool accumulate, uint16_t* scratch);
+
 namespace ref {
+// Naive forms of the two above (ref::gemm_bf16, double accumulation); scratch as the fast ones.
+void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
+                 uint16_t* scratch);
+void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                          int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                          float* dW, float* db, bool accumulate, uint16_t* scratch);
 void transpose_to_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
                        int64_t cols);
 // BF16 inputs only: kern::ref::gemm_bf16 per product (double accumulation).

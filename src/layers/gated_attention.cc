@@ -231,7 +231,9 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   const int64_t hc = at.H * at.C, c = at.v.c, rows = n * at.v.L;
   AttentionChunk k;
   k.qkvg = Tensor::empty({rows, 4 * hc});
-  project_qkvg(at.w, hc, x_ln, rows, k.qkvg.f32());
+  const int64_t c0 = proj_col0(at.w, hc);  // bias-only logits: the v | g columns only
+  train_linear(ctx, x_ln, c, rows, c, at.w.w_qkvg.f32() + c0 * c, at.w.b_qkvg.f32() + c0,
+               4 * hc - c0, k.qkvg.f32() + c0, 4 * hc);
   round_for_store(ctx, k.qkvg);
   k.og = Tensor::empty({rows, hc});
   k.lse = Tensor::empty({n, at.H, at.v.L});
@@ -239,11 +241,15 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
                                          at.mask_bias + n0 * at.v.L, bias, k.og.f32());
   a.lse = k.lse.f32();
   set_bias_logits(at.w, &a);
+  a.dtype = ctx.store;  // bf16 training: bf16 dot products (q|k|v|g hold bf16 values already)
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   round_for_store(ctx, k.og);
   return k;
 }
+
+// The first projected column of q | k | v | g in the replays (proj_col0 of the weights).
+int64_t proj_cols0(const AttentionDims& d) { return d.bias_logits ? 2 * d.H * d.C : 0; }
 
 kern::AttentionArgs replay_dims(const AttentionDims& d, int64_t n) {
   kern::AttentionArgs a;
@@ -372,8 +378,8 @@ void attention_layer_train(const GatedAttentionSpec& at, const BlockContext& ctx
     }
     {
       Tensor u = Tensor::empty({n, v.L, v.c});  // update of the chunk
-      kern::linear(k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(), bias_ptr(at.w.o),
-                   v.c, u.f32(), v.c);
+      train_linear(ctx, k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(),
+                   bias_ptr(at.w.o), v.c, u.f32(), v.c);
       if (per_item)
         apply_item_dropout(u.f32(), n0, n, v.L * v.c, mask);
       else
@@ -419,14 +425,15 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     else
       apply_dropout(du.f32(), n, v.L, c, mask);
     Tensor dog = Tensor::empty({rows, hc});
-    kern::linear_backward(k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(), hc,
-                          gw->o.w.f32(), bias_ptr(gw->o));
+    train_linear_backward(ctx, k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(),
+                          hc, gw->o.w.f32(), bias_ptr(gw->o));
     k.og = Tensor();
     Tensor dqkvg = Tensor::empty({rows, 4 * hc});
     {
       kern::AttentionArgs a =
           attention_args(k.qkvg.f32(), at.H, at.C, n, v.L, at.mask_bias + n0 * v.L, bias, nullptr);
       set_bias_logits(at.w, &a);  // then no dq, dk: their columns of dqkvg stay unwritten
+      a.dtype = ctx.store;        // bf16 training: bf16 inputs to the backward's products
       kern::AttentionGrads g;
       float* d = dqkvg.f32();
       g.d_out = dog.f32();
@@ -441,7 +448,7 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
     const int64_t c0 = proj_col0(at.w, hc);  // the projected columns: their weights' gradients
-    kern::linear_backward(ln.y.f32(), c, rows, c, at.w.w_qkvg.f32() + c0 * c, 4 * hc - c0,
+    train_linear_backward(ctx, ln.y.f32(), c, rows, c, at.w.w_qkvg.f32() + c0 * c, 4 * hc - c0,
                           dqkvg.f32() + c0, 4 * hc, dln.f32(), c, gw->w_qkvg.f32() + c0 * c,
                           gw->b_qkvg.f32() + c0);
     dqkvg = Tensor();
@@ -548,12 +555,15 @@ void attention_train_replay(AllocReplay& S, const BlockContext& ctx, const Atten
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
     const int64_t scratch = kern::attention_scratch_floats(replay_dims(d, n), ctx.threads);
-    S.alloc(rows * d.c);             // x_ln
-    S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
+    S.alloc(rows * d.c);     // x_ln
+    S.alloc(rows * 4 * hc);  // qkvg
+    train_linear_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d));
+    S.alloc(rows * (hc + d.H));  // og, lse
     S.alloc(scratch);
     S.free(scratch);
     S.free(rows * d.c);
     S.alloc(rows * d.c);  // u
+    train_linear_replay(S, ctx, rows, hc, d.c);
     S.free(rows * d.c);
     if (!keep) S.free(rows * (5 * hc + d.H));
     if (keep) {
@@ -576,26 +586,31 @@ void attention_backward_replay(AllocReplay& S, const BlockContext& ctx, const At
   }
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
-    const kern::AttentionArgs a = replay_dims(d, n);
+    kern::AttentionArgs a = replay_dims(d, n);
+    a.dtype = ctx.store;             // the backward's scratch depends on it
     S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
     if (!kept) {
       const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
-      S.alloc(rows * (5 * hc + d.H));  // qkvg, og, lse
+      S.alloc(rows * 4 * hc);  // qkvg
+      train_linear_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d));
+      S.alloc(rows * (hc + d.H));  // og, lse
       S.alloc(scratch);
       S.free(scratch);
     } else {
       from_store_replay(S, ctx, rows * 4 * hc);  // qkvg
       from_store_replay(S, ctx, rows * hc);      // og
     }
-    S.alloc(rows * d.c);     // du
-    S.alloc(rows * hc);      // dog
+    S.alloc(rows * d.c);  // du
+    S.alloc(rows * hc);   // dog
+    train_linear_backward_replay(S, ctx, rows, hc, d.c);
     S.free(rows * hc);       // og
     S.alloc(rows * 4 * hc);  // dqkvg
     const int64_t scratch = kern::attention_backward_scratch_floats(a, ctx.threads, d.bias);
     S.alloc(scratch);
     S.free(scratch);
-    S.free(rows * (d.H + hc));           // lse, dog
-    S.alloc(rows * d.c);                 // dln
+    S.free(rows * (d.H + hc));  // lse, dog
+    S.alloc(rows * d.c);        // dln
+    train_linear_backward_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d));
     S.free(rows * 8 * hc + rows * d.c);  // dqkvg, qkvg, x_ln
     const int64_t x = d.transposed ? rows * d.c : 0;
     S.alloc(x + ln_scratch(rows, d.c));

@@ -134,6 +134,7 @@ LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, 
 struct AttentionDims {
   int64_t N, L, c, H, C;
   bool bias, transposed;
+  bool bias_logits = false;  // GatedAttentionW::bias_logits: only v | g are projected
 };
 // The training forward's allocations (keep: the chunk states and the bias stay, policy none) and
 // the backward's (kept: the forward's state is live and freed chunk by chunk, else recomputed).

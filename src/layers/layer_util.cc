@@ -3,6 +3,7 @@
 #include "kernels/backward.h"
 #include "kernels/convert.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
 
 namespace fc {
 
@@ -80,6 +81,53 @@ void from_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n) {
   if (ctx.store != DType::BF16) return;
   S.alloc(n);
   S.free_bf16(n);
+}
+
+int64_t train_linear_bf16_elems(int64_t rows, int64_t in, int64_t out) {
+  return out * in + kern::linear_bf16_scratch(rows, in);
+}
+
+int64_t train_linear_backward_bf16_elems(int64_t rows, int64_t in, int64_t out, bool dW) {
+  return out * in + kern::linear_backward_bf16_scratch(rows, in, out, dW);
+}
+
+void train_linear(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows, int64_t in,
+                  const float* W, const float* b, int64_t out, float* y, int64_t ldy,
+                  bool accumulate) {
+  if (ctx.store != DType::BF16)
+    return kern::linear(x, ldx, rows, in, W, b, out, y, ldy, accumulate);
+  Tensor buf = Tensor::empty({train_linear_bf16_elems(rows, in, out)}, DType::BF16);  // Wb | x
+  uint16_t* wb = buf.data<uint16_t>();                                                // [out, in]
+  kern::f32_to_bf16(W, wb, out * in);
+  kern::linear_bf16(x, ldx, rows, in, wb, b, out, y, ldy, accumulate, wb + out * in);
+}
+
+void train_linear_backward(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows,
+                           int64_t in, const float* W, int64_t out, const float* dy, int64_t lddy,
+                           float* dx, int64_t lddx, float* dW, float* db, bool accumulate) {
+  if (ctx.store != DType::BF16)
+    return kern::linear_backward(x, ldx, rows, in, W, out, dy, lddy, dx, lddx, dW, db, accumulate);
+  // Wb [out, in] | dy [rows, out] | x [rows, in] (with dW)
+  Tensor buf =
+      Tensor::empty({train_linear_backward_bf16_elems(rows, in, out, dW != nullptr)}, DType::BF16);
+  uint16_t* wb = buf.data<uint16_t>();
+  kern::f32_to_bf16(W, wb, out * in);
+  kern::linear_backward_bf16(x, ldx, rows, in, wb, out, dy, lddy, dx, lddx, dW, db, accumulate,
+                             wb + out * in);
+}
+
+void train_linear_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
+                         int64_t out) {
+  if (ctx.store != DType::BF16) return;
+  S.alloc_bf16(train_linear_bf16_elems(rows, in, out));
+  S.free_bf16(train_linear_bf16_elems(rows, in, out));
+}
+
+void train_linear_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
+                                  int64_t out, bool dW) {
+  if (ctx.store != DType::BF16) return;
+  S.alloc_bf16(train_linear_backward_bf16_elems(rows, in, out, dW));
+  S.free_bf16(train_linear_backward_bf16_elems(rows, in, out, dW));
 }
 
 // dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.

@@ -47,6 +47,26 @@ Tensor from_store(Tensor t);
 // The replay of to_store / from_store on n elements (layer_models.h).
 void to_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n);
 void from_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n);
+// The training step's Linear products in the GEMM input type of BlockContext::store: F32 is
+// kern::linear / kern::linear_backward (unchanged bits); BF16 rounds every product's operands to
+// bf16 with f32 accumulation (kern::linear_bf16 / linear_backward_bf16), W [out, in] copied to
+// bf16 per call into one tracked buffer together with the kernel's scratch (bf16 elements:
+// train_linear_bf16_elems / train_linear_backward_bf16_elems; replays below). Master weights,
+// gradients (accumulated in f32) and outputs stay f32.
+void train_linear(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows, int64_t in,
+                  const float* W, const float* b, int64_t out, float* y, int64_t ldy,
+                  bool accumulate = false);
+void train_linear_backward(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows,
+                           int64_t in, const float* W, int64_t out, const float* dy, int64_t lddy,
+                           float* dx, int64_t lddx, float* dW, float* db, bool accumulate = false);
+int64_t train_linear_bf16_elems(int64_t rows, int64_t in, int64_t out);
+int64_t train_linear_backward_bf16_elems(int64_t rows, int64_t in, int64_t out, bool dW);
+// The replay of one train_linear / train_linear_backward call (its transient buffer; nothing
+// under F32).
+void train_linear_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
+                         int64_t out);
+void train_linear_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
+                                  int64_t out, bool dW = true);
 // dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.
 void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int64_t n,
                              const LayerNormW& ln, const float* mean, const float* rstd, float* dx,

@@ -160,6 +160,27 @@ void outer_chunk(const float* a, const float* b, int64_t s, int64_t r, int64_t c
   opm_pairs_from_outer(o, n, r, ca, co, p);
 }
 
+// bf16 training (ctx.store BF16, one process): a and b as bf16 GEMM inputs, one tracked buffer
+// [s*r*ca | s*r*co] (a, b hold bf16 values, so the copy is exact); undefined under F32.
+Tensor opm_ab_bf16(const BlockContext& ctx, const Tensor& a, const Tensor& b) {
+  if (ctx.store != DType::BF16) return Tensor();
+  Tensor t = Tensor::empty({a.numel() + b.numel()}, DType::BF16);
+  kern::f32_to_bf16(a.f32(), t.data<uint16_t>(), a.numel());
+  kern::f32_to_bf16(b.f32(), t.data<uint16_t>() + a.numel(), b.numel());
+  return t;
+}
+
+// outer_chunk with the product's inputs from opm_ab_bf16's buffer ab16 when it is defined.
+void outer_chunk_train(const Tensor& ab16, const float* a, const float* b, int64_t s, int64_t r,
+                       int64_t ca, int64_t co, int64_t i0, int64_t n, float* o, float* p) {
+  if (!ab16.defined()) return outer_chunk(a, b, s, r, ca, co, i0, n, o, p);
+  const uint16_t* a16 = ab16.data<uint16_t>();  // [s, r, ca]
+  const uint16_t* b16 = a16 + s * r * ca;       // [s, r, co]
+  kern::gemm_typed(DType::BF16, true, false, n * ca, r * co, s, 1.f, a16 + i0 * ca, r * ca, b16,
+                   r * co, 0.f, o, r * co);
+  opm_pairs_from_outer(o, n, r, ca, co, p);
+}
+
 // The OPM state's LN(m) with its statistics and the masked projections a [s, cols, ca], b
 // [s, cols, co] for m [s, cols, c_m] (all residues, or a DAP shard's columns) with mask
 // [s, cols]; ca = opm_a_channels. LN(m), a and b rounded to bf16 values under ctx.store BF16
@@ -178,7 +199,8 @@ void opm_projections(const OuterProductMeanW& w, const BlockContext& ctx, const 
                   st->mean.f32(), st->rstd.f32());
   round_for_store(ctx, st->x_ln);
   Tensor ab = Tensor::empty({rows, cab});  // linear_1 | linear_2, before masking
-  kern::linear(st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), cab, ab.f32(), cab);
+  train_linear(ctx, st->x_ln.f32(), cm, rows, cm, w.l12.w.f32(), bias_ptr(w.l12), cab, ab.f32(),
+               cab);
   const float* abp = ab.f32();
   float* ap = st->a.f32();
   float* bp = st->b.f32();
@@ -318,13 +340,14 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   if (!z) return;
 
   const int64_t ch = opm_outer_chunk(ctx, r);
-  Tensor o = Tensor::empty({ch * ca, r * co});  // [(i, c), (j, e)]
-  Tensor p = Tensor::empty({ch * r, ca * co});  // [(i, j), (c, e)]
-  Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
+  const Tensor ab16 = opm_ab_bf16(ctx, st->a, st->b);  // [s*r*(ca + co)] bf16 (BF16 only)
+  Tensor o = Tensor::empty({ch * ca, r * co});         // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, ca * co});         // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});              // linear_out(p)
   for (int64_t i0 = 0; i0 < r; i0 += ch) {
     const int64_t n = std::min(ch, r - i0);
-    outer_chunk(st->a.f32(), st->b.f32(), s, r, ca, co, i0, n, o.f32(), p.f32());
-    kern::linear(p.f32(), ca * co, n * r, ca * co, w.out.w.f32(),
+    outer_chunk_train(ab16, st->a.f32(), st->b.f32(), s, r, ca, co, i0, n, o.f32(), p.f32());
+    train_linear(ctx, p.f32(), ca * co, n * r, ca * co, w.out.w.f32(),
                  w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
     opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
@@ -377,18 +400,30 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
       Tensor p = Tensor::empty({ch * r, ca * co});   // outer [(i, j), (c, e)]
       Tensor dp = Tensor::empty({ch * r, ca * co});  // dL/d outer [(i, j), (c, e)]
       Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
+      const Tensor ab16 = opm_ab_bf16(ctx, st.a, st.b);  // [s*r*(ca + co)] bf16 (BF16 only)
       for (int64_t i0 = 0; i0 < r; i0 += ch) {
         const int64_t n = std::min(ch, r - i0);
-        outer_chunk(ap, bp, s, r, ca, co, i0, n, o.f32(), p.f32());
+        outer_chunk_train(ab16, ap, bp, s, r, ca, co, i0, n, o.f32(), p.f32());
         float* dyp = dy.f32();
         opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-        kern::linear_backward(p.f32(), ca * co, n * r, ca * co, w.out.w.f32(), cz, dyp, cz,
+        train_linear_backward(ctx, p.f32(), ca * co, n * r, ca * co, w.out.w.f32(), cz, dyp, cz,
                               dp.f32(), ca * co, g->out.w.f32(),
                               w.mean_first ? nullptr : bias_ptr(g->out));
         const float* dpp = dp.f32();
         float* dop = o.f32();
         opm_outer_from_pairs(dpp, n, r, ca, co, dop);
         // outer = A^T B with A = a [s, r*ca], B = b [s, r*c_o]: dA = B dO^T, dB += A dO.
+        if (ab16.defined()) {
+          const uint16_t* a16 = ab16.data<uint16_t>();              // [s, r, ca]
+          const uint16_t* b16 = a16 + sr * ca;                      // [s, r, co]
+          Tensor do16 = Tensor::empty({n * ca, rco}, DType::BF16);  // bf16 dO
+          kern::f32_to_bf16(dop, do16.data<uint16_t>(), n * ca * rco);
+          kern::gemm_typed(DType::BF16, false, true, s, n * ca, rco, 1.f, b16, rco,
+                           do16.data<uint16_t>(), rco, 0.f, da.f32() + i0 * ca, rca);
+          kern::gemm_typed(DType::BF16, false, false, s, rco, n * ca, 1.f, a16 + i0 * ca, rca,
+                           do16.data<uint16_t>(), rco, 1.f, db.f32(), rco);
+          continue;
+        }
         kern::gemm(false, true, s, n * ca, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * ca,
                    rca);
         kern::gemm(false, false, s, rco, n * ca, 1.f, ap + i0 * ca, rca, dop, rco, 1.f, db.f32(),
@@ -404,8 +439,8 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
         for (int64_t c = 0; c < co; ++c) dabp[row * cab + ca + c] = dbp[row * co + c] * mask[row];
       }
     }
-    kern::linear_backward(st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), cab, dab.f32(), cab, dxln.f32(),
-                          cm, g->l12.w.f32(), bias_ptr(g->l12));
+    train_linear_backward(ctx, st.x_ln.f32(), cm, sr, cm, w.l12.w.f32(), cab, dab.f32(), cab,
+                          dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
   }
   layernorm_backward_into(m_in, dxln.f32(), sr, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,
                           true);
@@ -553,13 +588,19 @@ void opm_train_replay(AllocReplay& S, const BlockContext& ctx, bool z_update, bo
   const int64_t s = ctx.s, r = ctx.r, sr = s * r, co = cfg.c_hidden_opm, cz = cfg.c_z;
   S.alloc(sr * (2 + cfg.c_m + 2 * co));  // mean, rstd, x_ln, a, b
   S.alloc(2 * sr * co);                  // ab
+  train_linear_replay(S, ctx, sr, cfg.c_m, 2 * co);
   S.free(2 * sr * co);
   S.alloc(r * r);  // norm
   if (z_update) {
+    const bool bf16 = ctx.store == DType::BF16;
+    if (bf16) S.alloc_bf16(2 * sr * co);  // ab16
     const int64_t ch = opm_outer_chunk(ctx, r);
     const int64_t chunk = ch * r * (2 * co * co + cz);  // o, p, y
     S.alloc(chunk);
+    for (int64_t i0 = 0; i0 < r; i0 += ch)
+      train_linear_replay(S, ctx, std::min(ch, r - i0) * r, co * co, cz);
     S.free(chunk);
+    if (bf16) S.free_bf16(2 * sr * co);
   }
   if (!keep) S.free(opm_state_floats(ctx));
 }
@@ -573,7 +614,18 @@ void opm_backward_replay(AllocReplay& S, const BlockContext& ctx) {
   const int64_t ch = opm_outer_backward_chunk(ctx, r);
   const int64_t inner = 2 * sr * co + ch * r * (3 * co * co + cz);  // da, db; o, p, dp, dy
   S.alloc(inner);
+  if (ctx.store == DType::BF16) {
+    S.alloc_bf16(2 * sr * co);  // ab16
+    for (int64_t i0 = 0; i0 < r; i0 += ch) {
+      const int64_t n = std::min(ch, r - i0);
+      train_linear_backward_replay(S, ctx, n * r, co * co, cz);
+      S.alloc_bf16(n * co * r * co);  // do16
+      S.free_bf16(n * co * r * co);
+    }
+    S.free_bf16(2 * sr * co);
+  }
   S.free(inner);
+  train_linear_backward_replay(S, ctx, sr, cm, 2 * co);
   S.free(2 * sr * co);
   S.alloc(ln_scratch(sr, cm));
   S.free(ln_scratch(sr, cm));

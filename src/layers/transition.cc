@@ -116,15 +116,15 @@ void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, i
     {
       Tensor x_ln = Tensor::empty({n, c});
       kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
-      kern::linear(x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+      train_linear(ctx, x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
     }
     kern::relu_inplace(h.f32(), nc, n, nc);
     round_for_store(ctx, h);
     if (row_mask == nullptr) {
-      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
+      train_linear(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
     } else {
       Tensor u = Tensor::empty({n, c});  // the chunk's update, masked per row
-      kern::linear(h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, u.f32(), c);
+      train_linear(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, u.f32(), c);
       kern::scale_rows(u.f32(), c, row_mask + r0, n, c);
       kern::add_inplace(xr, c, u.f32(), c, n, c);
     }
@@ -149,7 +149,7 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
     Tensor h;  // [n, nc] kept by the forward, or recomputed
     if (st->h.empty()) {
       h = Tensor::empty({n, nc});
-      kern::linear(ln.y.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+      train_linear(ctx, ln.y.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
       kern::relu_inplace(h.f32(), nc, n, nc);
       round_for_store(ctx, h);
     } else {
@@ -163,13 +163,13 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
         std::memcpy(du.f32(), dxr, static_cast<size_t>(n * c) * kF);
         kern::scale_rows(du.f32(), c, row_mask + r0, n, c);
       }
-      kern::linear_backward(h.f32(), nc, n, nc, w.l2.w.f32(), c, du.defined() ? du.f32() : dxr, c,
-                            dh.f32(), nc, g->l2.w.f32(), g->l2.b.f32());
+      train_linear_backward(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), c, du.defined() ? du.f32() : dxr,
+                            c, dh.f32(), nc, g->l2.w.f32(), g->l2.b.f32());
     }
     kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
     h = Tensor();
     Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
-    kern::linear_backward(ln.y.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
+    train_linear_backward(ctx, ln.y.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
                           g->l1.w.f32(), g->l1.b.f32());
     dh = Tensor();
     ln.y = Tensor();
@@ -207,11 +207,11 @@ void transition_train_replay(AllocReplay& S, const BlockContext& ctx, int64_t ro
     const int64_t n = std::min(ch, rows - r0);
     S.alloc(n * nc);  // h
     S.alloc(n * c);   // x_ln
+    train_linear_replay(S, ctx, n, c, nc);
     S.free(n * c);
-    if (masked) {
-      S.alloc(n * c);  // u
-      S.free(n * c);
-    }
+    if (masked) S.alloc(n * c);  // u
+    train_linear_replay(S, ctx, n, nc, c);
+    if (masked) S.free(n * c);
     if (!keep) S.free(n * nc);
     if (keep) to_store_replay(S, ctx, n * nc);
   }
@@ -224,14 +224,15 @@ void transition_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t
     const int64_t n = std::min(ch, rows - r0);
     S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
     if (!kept) S.alloc(n * nc);  // h
+    if (!kept) train_linear_replay(S, ctx, n, c, nc);
     if (kept) from_store_replay(S, ctx, n * nc);
-    S.alloc(n * nc);  // dh
-    if (masked) {
-      S.alloc(n * c);  // du
-      S.free(n * c);
-    }
-    S.free(n * nc);          // h
-    S.alloc(n * c);          // dxln
+    S.alloc(n * nc);             // dh
+    if (masked) S.alloc(n * c);  // du
+    train_linear_backward_replay(S, ctx, n, nc, c);
+    if (masked) S.free(n * c);
+    S.free(n * nc);  // h
+    S.alloc(n * c);  // dxln
+    train_linear_backward_replay(S, ctx, n, c, nc);
     S.free(n * nc + n * c);  // dh, x_ln
     S.alloc(ln_scratch(n, c));
     S.free(ln_scratch(n, c));

@@ -357,6 +357,9 @@ struct TriMulGroup {
   int64_t c0 = 0, nc = 0;
   Tensor W;  // [4*group, c_z]; the first 4*nc rows: a_p | a_g | b_p | b_g of channels c0 .. c0+nc
   Tensor b;  // [4*group]; the first 4*nc entries, likewise
+  // bf16 training: W's bf16 rounding [4*group, c_z] (in a caller's buffer), the projections' GEMM
+  // input; nullptr under F32.
+  uint16_t* Wb = nullptr;
   void load(const TriangleMultiplicationW& w, int64_t ct, int64_t first, int64_t count) {
     const int64_t cz = w.ab.w.dim(1);
     c0 = first, nc = count;
@@ -365,6 +368,7 @@ struct TriMulGroup {
                   static_cast<size_t>(nc * cz) * kF);
       std::memcpy(b.f32() + part * nc, w.ab.b.f32() + part * ct + c0, static_cast<size_t>(nc) * kF);
     }
+    if (Wb) kern::f32_to_bf16(W.f32(), Wb, 4 * nc * cz);
   }
   // Adds the group's weight gradients gW [4*nc, c_z], gb [4*nc] into the fused gradient g.
   void add_grads(TriangleMultiplicationW* g, int64_t ct, const float* gW, const float* gb) const {
@@ -383,9 +387,21 @@ struct TriMulGroup {
 // overhead than in arithmetic). oneDNN runs X W^T then a transpose faster than W X^T from
 // 16 outputs up, and W X^T faster below (1 thread, 32768 x 128 inputs: 131 vs 45 GFLOP/s at 16
 // outputs, 134 vs 110 at 64; 40 vs 64-86 at 4).
-void tri_mul_group_project(const TriMulGroup& G, const float* x, int64_t n, int64_t cz, float* Y,
-                           float* T) {
+// x16 (bf16 training, else nullptr): x rounded to bf16, with G.Wb the GEMM's inputs.
+void tri_mul_group_project(const TriMulGroup& G, const float* x, const uint16_t* x16, int64_t n,
+                           int64_t cz, float* Y, float* T) {
   const int64_t n4 = 4 * G.nc;
+  if (x16 && n4 < 16) {
+    for (int64_t o = 0; o < n4; ++o) std::fill(T + o * n, T + (o + 1) * n, G.b.f32()[o]);
+    kern::gemm_typed(DType::BF16, false, true, n4, n, cz, 1.f, G.Wb, cz, x16, cz, 1.f, T, n);
+    return;
+  }
+  if (x16) {
+    for (int64_t i = 0; i < n; ++i) std::copy(G.b.f32(), G.b.f32() + n4, Y + i * n4);
+    kern::gemm_typed(DType::BF16, false, true, n, n4, cz, 1.f, x16, cz, G.Wb, cz, 1.f, Y, n4);
+    kern::transpose(Y, n4, T, n, n, n4);
+    return;
+  }
   if (n4 < 16) {
     for (int64_t o = 0; o < n4; ++o) std::fill(T + o * n, T + (o + 1) * n, G.b.f32()[o]);
     kern::gemm(false, true, n4, n, cz, 1.f, G.W.f32(), cz, x, cz, 1.f, T, n);
@@ -403,12 +419,13 @@ void copy_rows(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t n
 
 // A, B [nc, rr] of the group from x_ln [rr, c_z] and the mask [rr] (a = mask * sigmoid(a_g) *
 // a_p), in blocks of q pairs through T [4*nc, q] (Y [q, 4*nc]: scratch).
-void tri_mul_group_ab(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
-                      const float* mask, int64_t q, float* Y, float* T, float* A, float* B) {
+void tri_mul_group_ab(const TriMulGroup& G, const float* x_ln, const uint16_t* x16, int64_t rr,
+                      int64_t cz, const float* mask, int64_t q, float* Y, float* T, float* A,
+                      float* B) {
   const int64_t nc = G.nc;
   for (int64_t p0 = 0; p0 < rr; p0 += q) {
     const int64_t n = std::min(q, rr - p0);
-    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, Y, T);
+    tri_mul_group_project(G, x_ln + p0 * cz, x16 ? x16 + p0 * cz : nullptr, n, cz, Y, T);
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
       const float* Tp = T + 2 * part * nc * n;  // [nc, n] a_p (b_p)
       float* Tg = T + (2 * part + 1) * nc * n;  // [nc, n] a_g (b_g), sigmoid in place
@@ -425,14 +442,17 @@ void tri_mul_group_ab(const TriMulGroup& G, const float* x_ln, int64_t rr, int64
 // re-projects T [4*nc, q] (pre-activation), forms dT [4*nc, q] = dL/d T and ACCUMULATES
 // dT^T W into dx_ln [rr, c_z] and the weight gradients into gW [4*nc, c_z], gb [4*nc]
 // (ones: q floats of 1).
-void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, int64_t rr, int64_t cz,
-                            const float* mask, int64_t q, const float* dA, const float* dB,
-                            const float* ones, float* T, float* dT, float* dxln, float* gW,
-                            float* gb) {
+// x16, dT16 (bf16 training, else nullptr): x_ln rounded to bf16 and scratch [4*nc, q] for dT's
+// rounding; the products with dT then take bf16 inputs.
+void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, const uint16_t* x16,
+                            int64_t rr, int64_t cz, const float* mask, int64_t q, const float* dA,
+                            const float* dB, const float* ones, float* T, float* dT, uint16_t* dT16,
+                            float* dxln, float* gW, float* gb) {
   const int64_t nc = G.nc, n4 = 4 * nc;
   for (int64_t p0 = 0; p0 < rr; p0 += q) {
     const int64_t n = std::min(q, rr - p0);
-    tri_mul_group_project(G, x_ln + p0 * cz, n, cz, dT, T);  // dT: scratch until filled below
+    // dT: scratch until filled below
+    tri_mul_group_project(G, x_ln + p0 * cz, x16 ? x16 + p0 * cz : nullptr, n, cz, dT, T);
     // a = mask * sigmoid(a_g) * a_p: da_p = mask*da * sigmoid(a_g),
     // da_g = mask*da * a_p * s(1-s).
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
@@ -444,8 +464,15 @@ void tri_mul_group_backward(const TriMulGroup& G, const float* x_ln, int64_t rr,
       kern::sigmoid_mul_backward(T + off, n, T + off + nc * n, n, dTp, n, dTp, n, dTg, n, nc, n);
     }
     const float* x = x_ln + p0 * cz;
-    kern::gemm(true, false, n, cz, n4, 1.f, dT, n, G.W.f32(), cz, 1.f, dxln + p0 * cz, cz);
-    kern::gemm(false, false, n4, cz, n, 1.f, dT, n, x, cz, 1.f, gW, cz);
+    if (x16) {
+      const DType bf = DType::BF16;
+      kern::f32_to_bf16(dT, dT16, n4 * n);
+      kern::gemm_typed(bf, true, false, n, cz, n4, 1.f, dT16, n, G.Wb, cz, 1.f, dxln + p0 * cz, cz);
+      kern::gemm_typed(bf, false, false, n4, cz, n, 1.f, dT16, n, x16 + p0 * cz, cz, 1.f, gW, cz);
+    } else {
+      kern::gemm(true, false, n, cz, n4, 1.f, dT, n, G.W.f32(), cz, 1.f, dxln + p0 * cz, cz);
+      kern::gemm(false, false, n4, cz, n, 1.f, dT, n, x, cz, 1.f, gW, cz);
+    }
     kern::gemm(false, false, n4, 1, n, 1.f, dT, n, ones, 1, 1.f, gb, 1);
   }
 }
@@ -461,6 +488,22 @@ struct TriMulGroupBackward {
   Tensor A, B;    // [group, rows, r]: a, b of the group, channel-major
   Tensor dA, dB;  // [group, rows, r]: dL/d a, dL/d b
   int64_t q;
+  // bf16 training (one process, set_bf16): A | B | dP of the group rounded to bf16
+  // ([3, group, rows, r]), grp.Wb [4*group, c_z] and dT16 [4*group, q] in one buffer, with x16
+  // [rows*r, c_z] = LN_in(z) rounded to bf16 (the caller's); undefined / nullptr otherwise.
+  Tensor AB16;
+  const uint16_t* x16 = nullptr;
+  uint16_t* dT16 = nullptr;
+  void set_bf16(const uint16_t* x_ln16) {
+    const int64_t cg = A.dim(0), rr = A.dim(1) * A.dim(2), cz = grp.W.dim(1);
+    AB16 = Tensor::empty({bf16_elems(cg, rr, cz, q)}, DType::BF16);
+    grp.Wb = AB16.data<uint16_t>() + 3 * cg * rr;
+    dT16 = grp.Wb + 4 * cg * cz;
+    x16 = x_ln16;
+  }
+  static int64_t bf16_elems(int64_t cg, int64_t rr, int64_t cz, int64_t q) {
+    return 3 * cg * rr + 4 * cg * cz + 4 * cg * q;
+  }
   TriMulGroupBackward(int64_t cg, int64_t cz, int64_t q_, int64_t rows, int64_t r)
       : grp{0, 0, Tensor::empty({4 * cg, cz}), Tensor::empty({4 * cg})},
         gW(Tensor::empty({4 * cg, cz})),
@@ -477,7 +520,8 @@ struct TriMulGroupBackward {
   void rebuild(const TriangleMultiplicationW& w, int64_t ct, int64_t c0, int64_t nc,
                const float* x_ln, int64_t rr, const float* mask) {
     grp.load(w, ct, c0, nc);
-    tri_mul_group_ab(grp, x_ln, rr, grp.W.dim(1), mask, q, dT.f32(), T.f32(), A.f32(), B.f32());
+    tri_mul_group_ab(grp, x_ln, x16, rr, grp.W.dim(1), mask, q, dT.f32(), T.f32(), A.f32(),
+                     B.f32());
   }
   // With dA, dB filled: ACCUMULATES into dx_ln [rr, c_z] and the fused gradient g.
   void backward(TriangleMultiplicationW* g, int64_t ct, const float* x_ln, int64_t rr,
@@ -485,11 +529,23 @@ struct TriMulGroupBackward {
     const int64_t cz = grp.W.dim(1), nc = grp.nc;
     std::memset(gW.f32(), 0, static_cast<size_t>(4 * nc * cz) * kF);
     std::memset(gb.f32(), 0, static_cast<size_t>(4 * nc) * kF);
-    tri_mul_group_backward(grp, x_ln, rr, cz, mask, q, dA.f32(), dB.f32(), ones.f32(), T.f32(),
-                           dT.f32(), dxln, gW.f32(), gb.f32());
+    tri_mul_group_backward(grp, x_ln, x16, rr, cz, mask, q, dA.f32(), dB.f32(), ones.f32(), T.f32(),
+                           dT.f32(), dT16, dxln, gW.f32(), gb.f32());
     grp.add_grads(g, ct, gW.f32(), gb.f32());
   }
 };
+
+// bf16 GEMM inputs in the training step (BlockContext::store BF16; one process, so the shard and
+// channel-parallel forms, which run F32, never see it).
+bool bf16_train(const BlockContext& ctx) { return ctx.store == DType::BF16; }
+
+// LN_in(z) [rr, c_z] rounded to bf16 under bf16 training (a tracked tensor), else undefined.
+Tensor ln_in_bf16(const BlockContext& ctx, const Tensor& x_ln) {
+  if (!bf16_train(ctx)) return Tensor();
+  Tensor t = Tensor::empty(x_ln.shape(), DType::BF16);
+  kern::f32_to_bf16(x_ln.f32(), t.data<uint16_t>(), x_ln.numel());
+  return t;
+}
 
 // Dropout of the update u [n, r, c_z] of rows i0.. (global row0 + i0..): the mask [r, c_z]
 // shared over the rows (one process, and the outgoing shard), or per row, row j scaled by
@@ -634,9 +690,9 @@ void tri_mul_output(const TriangleMultiplicationW& w, const BlockContext& ctx, c
       tri_mul_split_normalize(pp, n * r, ct, stats.f32(), rr, i0 * r, w.ln_out);
     else
       kern::layernorm(pp, ct, pp, ct, n * r, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps);
-    kern::linear(pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
-    kern::linear(x_ln + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, g.f32(),
-                 cz);
+    train_linear(ctx, pp, ct, n * r, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    train_linear(ctx, x_ln + i0 * r * cz, cz, n * r, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz,
+                 g.f32(), cz);
     kern::sigmoid_mul(y.f32(), cz, g.f32(), cz, n * r, cz);
     tri_mul_dropout(y.f32(), n, r, cz, dmask, per_row, row0 + i0);
     kern::add_inplace(z + i0 * r * cz, cz, y.f32(), cz, n * r, cz);
@@ -679,16 +735,16 @@ void tri_mul_output_backward(const TriangleMultiplicationW& w, TriangleMultiplic
       kern::layernorm(p.f32(), ct, p_ln.f32(), ct, nr, ct, w.ln_out.w.f32(), w.ln_out.b.f32(), eps,
                       mean2.f32(), rstd2.f32());
     }
-    kern::linear(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
-    kern::linear(xr, cz, nr, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, gt.f32(), cz);
+    train_linear(ctx, p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), bias_ptr(w.lin_z), cz, y.f32(), cz);
+    train_linear(ctx, xr, cz, nr, cz, w.lin_g.w.f32(), bias_ptr(w.lin_g), cz, gt.f32(), cz);
     std::memcpy(du.f32(), dz + i0 * r * cz, static_cast<size_t>(nr * cz) * kF);
     tri_mul_dropout(du.f32(), n, r, cz, dmask, per_row, row0 + i0);
     kern::sigmoid_mul_backward(y.f32(), cz, gt.f32(), cz, du.f32(), cz, dy.f32(), cz, dg.f32(), cz,
                                nr, cz);
-    kern::linear_backward(xr, cz, nr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz, dxln + i0 * r * cz, cz,
-                          g->lin_g.w.f32(), bias_ptr(g->lin_g));
-    kern::linear_backward(p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(), ct,
-                          g->lin_z.w.f32(), bias_ptr(g->lin_z));
+    train_linear_backward(ctx, xr, cz, nr, cz, w.lin_g.w.f32(), cz, dg.f32(), cz,
+                          dxln + i0 * r * cz, cz, g->lin_g.w.f32(), bias_ptr(g->lin_g));
+    train_linear_backward(ctx, p_ln.f32(), ct, nr, ct, w.lin_z.w.f32(), cz, dy.f32(), cz, dp.f32(),
+                          ct, g->lin_z.w.f32(), bias_ptr(g->lin_z));
     if (cs)
       tri_mul_split_ln_grads(p.f32(), dp.f32(), nr, ct, stats.f32(), rr, i0 * r, w.ln_out,
                              &g->ln_out, sums.f32());
@@ -705,8 +761,9 @@ void tri_mul_output_backward(const TriangleMultiplicationW& w, TriangleMultiplic
 
 // Phase 1: the triangle products P [c_t, r, r] from x_ln = LN_in(z) [r*r, c_z], channel group by
 // channel group (outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c).
+// x16: x_ln rounded to bf16 under bf16 training (the projections' GEMM input), else nullptr.
 Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
-                        const float* x_ln) {
+                        const float* x_ln, const uint16_t* x16) {
   const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
   const int64_t cg = chunks.group, q = chunks.proj_rows * r;
@@ -716,14 +773,55 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
   Tensor Y = Tensor::empty({q, 4 * cg});  // scratch of the projection
   Tensor A = Tensor::empty({cg, r, r});   // a of the group, channel-major
   Tensor B = Tensor::empty({cg, r, r});
+  // bf16 training: A | B rounded to bf16, the products' inputs ([2, cg, r, r]), and G.Wb
+  // [4*cg, c_z]
+  Tensor AB16 = x16 ? Tensor::empty({2 * cg * rr + 4 * cg * cz}, DType::BF16) : Tensor();
+  if (x16) G.Wb = AB16.data<uint16_t>() + 2 * cg * rr;
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
     G.load(w, ct, c0, std::min(cg, ct - c0));
-    tri_mul_group_ab(G, x_ln, rr, cz, ctx.pair_mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
-    kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr, 0.f,
-                       P.f32() + c0 * rr, r, rr);
+    tri_mul_group_ab(G, x_ln, x16, rr, cz, ctx.pair_mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
+    if (!AB16.defined()) {
+      kern::gemm_batched(G.nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,
+                         0.f, P.f32() + c0 * rr, r, rr);
+      continue;
+    }
+    uint16_t* a16 = AB16.data<uint16_t>();  // [nc, r, r]
+    uint16_t* b16 = a16 + cg * rr;          // [nc, r, r]
+    kern::f32_to_bf16(A.f32(), a16, G.nc * rr);
+    kern::f32_to_bf16(B.f32(), b16, G.nc * rr);
+    kern::gemm_batched_typed(DType::BF16, G.nc, !outgoing, outgoing, r, r, r, 1.f, a16, r, rr, b16,
+                             r, rr, 0.f, P.f32() + c0 * rr, r, rr);
   }
   round_for_store(ctx, P);
   return P;
+}
+
+// dA, dB of the group's nc channels from dPg [nc, r, r] with bf16 inputs (gb.AB16 defined):
+// outgoing P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c; incoming P_c = A_c^T B_c:
+// dA_c = B_c dP_c^T, dB_c = A_c dP_c.
+void products_backward_bf16(TriMulGroupBackward& gb, bool outgoing, int64_t nc, int64_t r,
+                            const float* dPg) {
+  const int64_t rr = r * r, cg = gb.A.dim(0);
+  uint16_t* a16 = gb.AB16.data<uint16_t>();  // [nc, r, r]
+  uint16_t* b16 = a16 + cg * rr;
+  uint16_t* d16 = b16 + cg * rr;
+  kern::f32_to_bf16(gb.A.f32(), a16, nc * rr);
+  kern::f32_to_bf16(gb.B.f32(), b16, nc * rr);
+  kern::f32_to_bf16(dPg, d16, nc * rr);
+  float* dA = gb.dA.f32();
+  float* dB = gb.dB.f32();
+  const DType bf = DType::BF16;
+  if (outgoing) {
+    kern::gemm_batched_typed(bf, nc, false, false, r, r, r, 1.f, d16, r, rr, b16, r, rr, 0.f, dA, r,
+                             rr);
+    kern::gemm_batched_typed(bf, nc, true, false, r, r, r, 1.f, d16, r, rr, a16, r, rr, 0.f, dB, r,
+                             rr);
+  } else {
+    kern::gemm_batched_typed(bf, nc, false, true, r, r, r, 1.f, b16, r, rr, d16, r, rr, 0.f, dA, r,
+                             rr);
+    kern::gemm_batched_typed(bf, nc, false, false, r, r, r, 1.f, a16, r, rr, d16, r, rr, 0.f, dB, r,
+                             rr);
+  }
 }
 
 }  // namespace
@@ -735,7 +833,8 @@ void triangle_multiplication_train(const TriangleMultiplicationW& w, const Block
   const float eps = cfg.eps_ln;
   Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z)
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-  Tensor P = tri_mul_products(w, ctx, outgoing, x_ln.f32());
+  const Tensor x16 = ln_in_bf16(ctx, x_ln);  // [rr, c_z] bf16 (bf16 training only)
+  Tensor P = tri_mul_products(w, ctx, outgoing, x_ln.f32(), bf16_ptr(x16));
   tri_mul_output(w, ctx, P.f32(), x_ln.f32(), r, tri_mul_train_chunks(ctx).rows,
                  dropout_mask(ctx, outgoing ? "tri_mul_out" : "tri_mul_in", r, cz),
                  dropout_per_item(ctx, outgoing ? "tri_mul_out" : "tri_mul_in"), 0, z);
@@ -750,8 +849,9 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   const float eps = cfg.eps_ln;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
   NormedRows ln = layernorm_with_stats(z_in, rr, cz, w.ln_in, eps);  // LN_in(z_in)
+  Tensor x16 = ln_in_bf16(ctx, ln.y);  // [rr, c_z] bf16 (bf16 training only)
   Tensor P = st->P.defined() ? from_store(std::move(st->P))
-                             : tri_mul_products(w, ctx, outgoing, ln.y.f32());
+                             : tri_mul_products(w, ctx, outgoing, ln.y.f32(), bf16_ptr(x16));
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});  // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, r, r});  // dL/d triangle products, channel-major
@@ -767,6 +867,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
     // (by blocks of pairs) d(projections), accumulating into dxln and the parameter gradients.
     const int64_t cg = chunks.group;
     TriMulGroupBackward gb(cg, cz, chunks.proj_rows * r, r, r);
+    if (x16.defined()) gb.set_bf16(bf16_ptr(x16));
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
       const int64_t nc = std::min(cg, ct - c0);
       gb.rebuild(w, ct, c0, nc, ln.y.f32(), rr, ctx.pair_mask);
@@ -775,7 +876,9 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
       float* dA = gb.dA.f32();
       float* dB = gb.dB.f32();
       const float* dPg = dP.f32() + c0 * rr;
-      if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
+      if (gb.AB16.defined()) {
+        products_backward_bf16(gb, outgoing, nc, r, dPg);
+      } else if (outgoing) {  // P_c = A_c B_c^T: dA_c = dP_c B_c, dB_c = dP_c^T A_c
         kern::gemm_batched(nc, false, false, r, r, r, 1.f, dPg, r, rr, B, r, rr, 0.f, dA, r, rr);
         kern::gemm_batched(nc, true, false, r, r, r, 1.f, dPg, r, rr, A, r, rr, 0.f, dB, r, rr);
       } else {  // P_c = A_c^T B_c: dA_c = B_c dP_c^T, dB_c = A_c dP_c
@@ -787,6 +890,7 @@ void triangle_multiplication_backward(const TriangleMultiplicationW& w, Triangle
   }
   dP = Tensor();
   ln.y = Tensor();
+  x16 = Tensor();
   layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, ln.mean.f32(), ln.rstd.f32(), dz,
                           &g->ln_in, true);
 }
@@ -820,7 +924,7 @@ Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockConte
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
     grp.load(w, ct, c0, std::min(cg, ct - c0));
     const int64_t nc = grp.nc;
-    tri_mul_group_ab(grp, x_ln, rr, cz, mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
+    tri_mul_group_ab(grp, x_ln, nullptr, rr, cz, mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
     const float* L = (left_is_b ? B : A).f32();
     gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
     for (int64_t k = 0; k < parts; ++k)
@@ -988,9 +1092,27 @@ void replay_products(AllocReplay& S, const BlockContext& ctx) {
   const TriMulTrainChunks c = tri_mul_train_chunks(ctx);
   const int64_t tmp = tri_mul_group_w(ctx, c.group) + 2 * c.proj_rows * r * 4 * c.group +
                       2 * c.group * rr;  // G.W, G.b, T, Y, A, B
+  const int64_t ab16 = ctx.store == DType::BF16 ? 2 * c.group * rr + 4 * c.group * ctx.cfg->c_z
+                                                : 0;  // A16, B16, G.Wb
   S.alloc(ct * rr);
   S.alloc(tmp);
+  S.alloc_bf16(ab16);
   S.free(tmp);
+  S.free_bf16(ab16);
+}
+// linear_z and linear_g of phase 2 per row chunk (their bf16 buffers; nothing under F32), with
+// their backward when `backward`.
+void replay_output_linears(AllocReplay& S, const BlockContext& ctx, bool backward) {
+  const int64_t r = ctx.r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
+  const int64_t ch = tri_mul_train_chunks(ctx).rows;
+  for (int64_t i0 = 0; i0 < r; i0 += ch) {
+    const int64_t nr = std::min(ch, r - i0) * r;
+    train_linear_replay(S, ctx, nr, ct, cz);
+    train_linear_replay(S, ctx, nr, cz, cz);
+    if (!backward) continue;
+    train_linear_backward_replay(S, ctx, nr, cz, cz);
+    train_linear_backward_replay(S, ctx, nr, ct, cz);
+  }
 }
 }  // namespace
 
@@ -998,11 +1120,15 @@ void tri_mul_train_replay(AllocReplay& S, const BlockContext& ctx, bool keep) {
   const int64_t r = ctx.r, rr = r * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   const int64_t rows = tri_mul_train_chunks(ctx).rows * r;
   S.alloc(rr * cz);  // x_ln
+  const int64_t x16 = ctx.store == DType::BF16 ? rr * cz : 0;
+  S.alloc_bf16(x16);
   replay_products(S, ctx);
   S.alloc(rows * (ct + 2 * cz));  // p, y, g
+  replay_output_linears(S, ctx, false);
   S.free(rows * (ct + 2 * cz));
   if (keep) to_store_replay(S, ctx, ct * rr);  // P
   S.free(rr * cz);
+  S.free_bf16(x16);
   if (!keep) S.free(ct * rr);
 }
 
@@ -1011,11 +1137,14 @@ void tri_mul_backward_replay(AllocReplay& S, const BlockContext& ctx, bool kept)
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx);
   const int64_t rows = chunks.rows * r;
   S.alloc(rr * cz + 2 * rr);  // x_ln, mean, rstd
+  const int64_t x16 = ctx.store == DType::BF16 ? rr * cz : 0;
+  S.alloc_bf16(x16);
   if (!kept) replay_products(S, ctx);
   if (kept) from_store_replay(S, ctx, ct * rr);  // P
   S.alloc(rr * cz + ct * rr);                    // dxln, dP
   const int64_t phase2 = rows * (3 * ct + 2 + 5 * cz) + ln_scratch(rows, ct);
   S.alloc(phase2);
+  replay_output_linears(S, ctx, true);
   S.free(phase2);
   S.free(ct * rr);  // P
   const int64_t cg = chunks.group;
@@ -1023,8 +1152,12 @@ void tri_mul_backward_replay(AllocReplay& S, const BlockContext& ctx, bool kept)
   const int64_t phase1 = 2 * tri_mul_group_w(ctx, cg) + 2 * q * 4 * cg + q +
                          4 * cg * rr;  // G.W, G.b, gW, gb, T, dT, ones, A, B, dA, dB
   S.alloc(phase1);
+  const int64_t ab16 = x16 ? TriMulGroupBackward::bf16_elems(cg, rr, cz, q) : 0;
+  S.alloc_bf16(ab16);
   S.free(phase1);
+  S.free_bf16(ab16);
   S.free(ct * rr + rr * cz);  // dP, x_ln
+  S.free_bf16(x16);
   S.alloc(ln_scratch(rr, cz));
   S.free(ln_scratch(rr, cz));
   S.free(rr * cz + 2 * rr);  // dxln, mean, rstd

@@ -48,7 +48,7 @@ AttentionDims attn_dims(const LayerDesc& l, const BlockContext& ctx) {
   const int64_t Hp = c.no_heads_pair, Cp = c.c_hidden_pair_att;
   switch (l.kind) {
     case LayerKind::kMsaRowAttention:
-      return {s, r, c.c_m, Hm, Cm, true, false};
+      return {s, r, c.c_m, Hm, Cm, true, false, l.bias_logits};
     case LayerKind::kMsaColumnAttention:
       return {r, s, c.c_m, Hm, Cm, false, true};
     case LayerKind::kTriangleAttention:
@@ -432,6 +432,19 @@ Status forward_chunking(const MemoryQuery& q, bool extra_msa, std::vector<Module
   FC_RETURN_IF_ERROR(q.validate());
   *out = forward_chunking(q.cfg, q.s, q.r, q.chunk, q.chunk_target_bytes, q.threads, extra_msa);
   return Status::OK();
+}
+
+LayerReplayBytes layer_train_replay_bytes(const BlockContext& ctx, const LayerDesc& l, bool keep) {
+  AllocReplay S;
+  layer_fwd(S, ctx, l, keep);
+  return {S.peak, S.live};
+}
+
+LayerReplayBytes layer_backward_replay_bytes(const BlockContext& ctx, const LayerDesc& l,
+                                             bool kept) {
+  AllocReplay S;
+  layer_bwd(S, ctx, l, kept);
+  return {S.peak, S.live};
 }
 
 }  // namespace fc

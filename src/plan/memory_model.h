@@ -44,6 +44,17 @@ int64_t stack_step_peak_bytes(const BlockTable& t, const EvoformerConfig& cfg, i
                               int64_t blocks, const std::vector<Recompute>& policy, int threads,
                               int64_t elem_bytes, int64_t chunk, int64_t chunk_target_bytes,
                               DType store = DType::F32);
+// One layer's training forward (keep: its state stays) and backward (kept: that state is live)
+// as the step replays them, in bytes above the live bytes at the call (peak, and live after):
+// what layer_train / layer_backward (src/model/train.h) allocate for these options.
+struct LayerReplayBytes {
+  int64_t peak = 0, live = 0;
+};
+struct BlockContext;
+struct LayerDesc;
+LayerReplayBytes layer_train_replay_bytes(const BlockContext& ctx, const LayerDesc& l, bool keep);
+LayerReplayBytes layer_backward_replay_bytes(const BlockContext& ctx, const LayerDesc& l,
+                                             bool kept);
 // The backward of one block of the stack's table under `policy` (its kept state from its
 // forward live, then its gradient struct, then block_bwd as train_blocks runs it): the peak above
 // its gradient struct, i.e. the kept state and the backward's transients. last: the stack's last
