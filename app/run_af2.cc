@@ -134,6 +134,9 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
   AlphaFold model;
   FeatureDict feats;
   Status st = load_model(a, &model);
+  // Weight sharding (default under --dap): this rank keeps every N-th stack block.
+  const bool sharded = !a.replicate_weights && world.size() > 1;
+  if (st.ok() && sharded) st = shard_alphafold_weights(&model, world.size(), world.rank());
   if (st.ok()) st = load_features(a, &feats);
   FC_RETURN_IF_ERROR(world.agree(st, true));
   AlphaFoldOptions opts;
@@ -163,7 +166,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                      "holds (" +
                                      std::to_string(base) + " bytes)");
     FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap,
-                                          &plan, opts.dtype));
+                                          &plan, opts.dtype, sharded));
     opts.chunk_target_bytes = plan.chunk_target_bytes;
     opts.pair_block_bytes = plan.pair_block_bytes;
   }
@@ -194,7 +197,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     if (alphafold_dims(model.config(), feats, &dims).ok()) {
       dims.passes = static_cast<int>(out.at("num_recycles").data<int64_t>()[0]);
       if (alphafold_dap_forward_memory(model.config(), dims, opts, num_threads(), world.size(),
-                                       world.rank(), &mem)
+                                       world.rank(), &mem, sharded)
               .ok())
         predicted = base + mem.peak_bytes;
     }
@@ -232,6 +235,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
       nlohmann::json j;
       j["model"] = "af2";
       j["dap"] = a.dap;
+      j["sharded_weights"] = sharded;
       j["time_ms"] = ms;
       j["rank_forward_peak_tracked_bytes"] = peaks;  // absolute, during the forward
       if (predicted_peaks[0] > 0)                    // the per-rank memory model's, absolute

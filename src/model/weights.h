@@ -96,6 +96,9 @@ struct BlockWeights {
 
 // Allocates every parameter of one block (uninitialised) for cfg.
 void allocate_block(const EvoformerConfig& cfg, BlockWeights* w);
+// Allocates only the pair modules of *w (tri_mul_out/in, tri_att_start/end, pair_transition),
+// uninitialised: the parameters of a template pair block (kTemplatePairBlock).
+void allocate_pair_layers(const EvoformerConfig& cfg, BlockWeights* w);
 
 // The block's parameters under OpenFold state_dict names with prefix "blocks.<i>." as views into
 // the fused storage (writing a view writes the parameter). Biases that OpenFold does not have
@@ -138,6 +141,9 @@ struct StackAccess {
   static const ExtraMsaBlockWeights& block(const ExtraMsaStack& stack, int i) {
     return *stack.blocks_[i];
   }
+  // Mutable, for releasing a block a DAP rank does not own (src/exec/af2_dap_weights.cc).
+  static BlockWeights& block(EvoformerStack& stack, int i) { return *stack.blocks_[i]; }
+  static ExtraMsaBlockWeights& block(ExtraMsaStack& stack, int i) { return *stack.blocks_[i]; }
 };
 
 }  // namespace fc

@@ -421,9 +421,13 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (!it->second.defined() || it->second.ndim() != 2)
     return Status::InvalidArgument("feature 'aatype' must be [r, R]");
   const int64_t R = it->second.dim(1);
-  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
-    return Status::InvalidArgument(std::string("AlphaFold forward: unsupported dtype ") +
-                                   dtype_name(opts.dtype) + " (F32 or BF16)");
+  ForwardOptions stack_opts;  // the stacks' dtype rule (fused path)
+  stack_opts.dtype = opts.dtype;
+  FC_RETURN_IF_ERROR(check_forward_dtype(stack_opts).WithContext("AlphaFold"));
+  if (weight_ranks > 1)
+    return Status::InvalidArgument(
+        "AlphaFold forward: the stacks' block weights are sharded over " +
+        std::to_string(weight_ranks) + " DAP ranks; run alphafold_dap_forward over them");
   if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
     // Size bucket: run padded, crop the outputs back to the r residues.
     const int64_t r = it->second.dim(0);
