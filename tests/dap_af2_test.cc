@@ -2,11 +2,13 @@
 // `mpirun -np 2` and `-np 4`): the per-rank memory model against the allocator byte for byte;
 // traces gathered to the root, pad_to and bf16 against one process and OpenFold.
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <string>
@@ -18,6 +20,8 @@
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
+#include "io/param_names.h"
+#include "npz_util.h"
 #include "test_util.h"
 
 namespace fc {
@@ -145,6 +149,24 @@ TEST(DapAf2MemoryModel, RefusesATracedRun) {
   EXPECT_NE(st.message().find("traced run"), std::string::npos) << st.message();
 }
 
+// Rank 0's outputs of two sharded forwards gathered: every output present in both, byte for byte.
+void expect_bit_identical(const AlphaFoldDapOutputs& a, const AlphaFoldDapOutputs& b,
+                          const dist::Communicator& comm) {
+  std::map<std::string, Tensor> want, got;
+  gather_alphafold_dap_outputs(a, comm, &want);
+  gather_alphafold_dap_outputs(b, comm, &got);
+  if (comm.rank() != 0) return;
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [name, y] : want) {
+    ASSERT_TRUE(got.count(name)) << name;
+    const Tensor& x = got.at(name);
+    ASSERT_EQ(x.shape(), y.shape()) << name;
+    ASSERT_EQ(x.nbytes(), y.nbytes()) << name;
+    EXPECT_EQ(std::memcmp(x.contiguous().data<char>(), y.contiguous().data<char>(), x.nbytes()), 0)
+        << name << " differs from the replicated run";
+  }
+}
+
 class DapAf2Sharded : public ::testing::TestWithParam<std::string> {};
 
 // Weight sharding: each rank releases exactly alphafold_released_weight_bytes (its share of the
@@ -186,21 +208,7 @@ TEST_P(DapAf2Sharded, OutputsBitIdenticalToTheReplicatedRun) {
     int64_t more = 0;
     for (int64_t v : comm.all_gather_i64(sb.comm.total_bytes() - sa.comm.total_bytes())) more += v;
     EXPECT_EQ(more, (n - 1) * passes * per_pass);
-    std::map<std::string, Tensor> want, got;
-    gather_alphafold_dap_outputs(a, comm, &want);
-    gather_alphafold_dap_outputs(b, comm, &got);
-    if (me == 0) {
-      ASSERT_EQ(got.size(), want.size());
-      for (const auto& [name, t] : want) {
-        ASSERT_TRUE(got.count(name)) << name;
-        const Tensor &x = got.at(name), &y = t;
-        ASSERT_EQ(x.shape(), y.shape()) << name;
-        ASSERT_EQ(x.nbytes(), y.nbytes()) << name;
-        EXPECT_EQ(std::memcmp(x.contiguous().data<char>(), y.contiguous().data<char>(), x.nbytes()),
-                  0)
-            << name << " differs from the replicated run";
-      }
-    }
+    expect_bit_identical(a, b, comm);
     std::map<std::string, Tensor> one;
     EXPECT_EQ(s.model.forward(s.feats, &one).code(), Status::Code::kInvalidArgument);
     EXPECT_FALSE(shard_alphafold_weights(&s.model, n, me).ok());
@@ -210,6 +218,67 @@ TEST_P(DapAf2Sharded, OutputsBitIdenticalToTheReplicatedRun) {
 INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Sharded,
                          ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
                          [](const auto& info) { return info.param; });
+
+// Loading sharded from the start (load_alphafold_sharded, the CLI's path under --dap), from a
+// safetensors state dict and from an AlphaFold .npz of a random model with 5 Evoformer, 3
+// Extra-MSA and 3 template blocks: each rank ends up holding exactly the replicated model less
+// alphafold_released_weight_bytes, its tracked peak while loading stays below the replicated
+// load's (the blocks it neither owns nor needs for the config are never read into memory), and
+// the forward's outputs equal the replicated run's bit for bit.
+TEST(DapAf2ShardedLoad, ReadsOnlyItsShareAndRunsBitIdentical) {
+  TensorFile tiny;
+  ASSERT_TRUE(read_safetensors(golden_path("af2_model_tiny.safetensors"), &tiny).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(tiny, &cfg).ok());
+  cfg.evoformer.no_blocks = 5;
+  cfg.extra_msa.no_blocks = 3;
+  cfg.template_pair.no_blocks = 3;
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const int n = comm.size(), me = comm.rank();
+  std::string dir;  // the root's temporary directory, shared by every rank
+  if (me == 0) {
+    std::string tmpl = ::testing::TempDir() + "foldcube_dap_load_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
+    dir = tmpl;
+    const TensorFile sd = AlphaFold::random_weights(cfg, 11);
+    ASSERT_TRUE(write_safetensors(dir + "/w.safetensors", sd).ok());
+    TensorFile af2;
+    ASSERT_TRUE(openfold_to_af2(sd, cfg.template_att_heads, &af2).ok());
+    std::ofstream(dir + "/w.npz", std::ios::binary) << test::npz_of(af2);
+  }
+  comm.broadcast_string(&dir, 0);
+  const FeatureDict feats = random_alphafold_features(12, 3, 5, 2, 2, 5);
+  for (const char* file : {"/w.safetensors", "/w.npz"}) {
+    SCOPED_TRACE(file);
+    const std::string path = dir + file;
+    auto load = [&](bool sharded, AlphaFold* m, int64_t* held, int64_t* peak) {
+      const int64_t live0 = mem_stats().live_bytes;
+      MemoryScope scope;
+      const Status st = sharded ? load_alphafold_sharded(path, n, me, m) : load_alphafold(path, m);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      *held = mem_stats().live_bytes - live0;
+      *peak = scope.peak() - live0;
+    };
+    AlphaFold full, part;
+    int64_t full_held = 0, full_peak = 0, part_held = 0, part_peak = 0;
+    load(false, &full, &full_held, &full_peak);
+    load(true, &part, &part_held, &part_peak);
+    EXPECT_EQ(part_held, full_held - alphafold_released_weight_bytes(full.config(), n, me));
+    EXPECT_LT(part_peak, full_peak);
+    if (me == 0)
+      std::printf("%s rank 0 of %d: held %lld of %lld bytes, load peak %lld of %lld\n", file, n,
+                  static_cast<long long>(part_held), static_cast<long long>(full_held),
+                  static_cast<long long>(part_peak), static_cast<long long>(full_peak));
+    AlphaFoldDapOutputs a, b;
+    ASSERT_TRUE(alphafold_dap_forward(full, comm, feats, &a).ok());
+    const Status st = alphafold_dap_forward(part, comm, feats, &b);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    expect_bit_identical(a, b, comm);
+  }
+  comm.barrier();
+  if (me == 0) std::filesystem::remove_all(dir);
+}
 
 bool structure_group(const std::string& name) {
   for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",

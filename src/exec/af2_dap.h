@@ -10,6 +10,7 @@
 #include "dist/comm.h"
 #include "exec/dap.h"
 #include "foldcube/alphafold.h"
+#include "foldcube/io.h"
 
 namespace fc {
 
@@ -75,6 +76,16 @@ int dap_block_owner(int block, int n);
 // alphafold_dap_forward over n ranks with this rank at `rank` (checked there; AlphaFold::forward
 // refuses it). n = 1: nothing released.
 Status shard_alphafold_weights(AlphaFold* model, int n, int rank);
+// Loading sharded from the start, so that no rank ever holds all stack weights: the file is read
+// with dap_weight_filter(n, rank) (read_weights with a BlockFilter, foldcube/io.h: this rank's
+// blocks of each stack plus the stack's first and last block, which the config is inferred from),
+// and load_alphafold_shard loads only this rank's blocks (the model is then as after
+// shard_alphafold_weights).
+BlockFilter dap_weight_filter(int n, int rank);
+Status load_alphafold_shard(const AlphaFoldConfig& cfg, const TensorFile& weights, int n, int rank,
+                            AlphaFold* out);
+// load_alphafold (foldcube/alphafold.h) that way.
+Status load_alphafold_sharded(const std::string& path, int n, int rank, AlphaFold* out);
 // The tracked bytes shard_alphafold_weights(model of cfg, n, rank) releases.
 int64_t alphafold_released_weight_bytes(const AlphaFoldConfig& cfg, int n, int rank);
 // The tracked bytes of one block buffer of table t (the parameters its layers use) for cfg.

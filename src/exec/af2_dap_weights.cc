@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "exec/af2_dap.h"
+#include "foldcube/io.h"
 #include "model/af2/alphafold_impl.h"
 #include "model/block_table.h"
 
@@ -152,6 +153,38 @@ Status shard_alphafold_weights(AlphaFold* model, int n, int rank) {
   M.weight_ranks = n;
   M.weight_rank = rank;
   return Status::OK();
+}
+
+BlockFilter dap_weight_filter(int n, int rank) {
+  return [n, rank](const std::string&, int64_t b, int64_t blocks) {
+    return dap_block_owner(static_cast<int>(b), n) == rank || b == 0 || b == blocks - 1;
+  };
+}
+
+Status load_alphafold_shard(const AlphaFoldConfig& cfg, const TensorFile& weights, int n, int rank,
+                            AlphaFold* out) {
+  if (n < 1 || rank < 0 || rank >= n)
+    return Status::InvalidArgument("load_alphafold_shard: need 0 <= rank < n, got rank " +
+                                   std::to_string(rank) + " of " + std::to_string(n));
+  AlphaFold model;  // a default-constructed model has its (empty) implementation
+  AlphaFold::Impl& M = AlphaFoldAccess::impl(model);
+  M.cfg = cfg;
+  M.weight_ranks = n;
+  M.weight_rank = rank;
+  FC_RETURN_IF_ERROR(M.load(weights));
+  *out = std::move(model);
+  return Status::OK();
+}
+
+Status load_alphafold_sharded(const std::string& path, int n, int rank, AlphaFold* out) {
+  if (n < 1 || rank < 0 || rank >= n)
+    return Status::InvalidArgument("load_alphafold_sharded: need 0 <= rank < n, got rank " +
+                                   std::to_string(rank) + " of " + std::to_string(n));
+  TensorFile w;
+  FC_RETURN_IF_ERROR(read_weights(path, &w, dap_weight_filter(n, rank)));
+  AlphaFoldConfig cfg;
+  FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg).WithContext(path));
+  return load_alphafold_shard(cfg, w, n, rank, out).WithContext(path);
 }
 
 void allocate_dap_block_buffer(const BlockTable& t, const EvoformerConfig& cfg,

@@ -2,12 +2,14 @@
 // fused (one GEMM instead of several); the OpenFold-named parameters are views into them.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "foldcube/config.h"
 #include "foldcube/extra_msa.h"
+#include "foldcube/io.h"
 #include "foldcube/model.h"
 #include "foldcube/tensor.h"
 
@@ -144,6 +146,12 @@ struct StackAccess {
   // Mutable, for releasing a block a DAP rank does not own (src/exec/af2_dap_weights.cc).
   static BlockWeights& block(EvoformerStack& stack, int i) { return *stack.blocks_[i]; }
   static ExtraMsaBlockWeights& block(ExtraMsaStack& stack, int i) { return *stack.blocks_[i]; }
+  // EvoformerStack::load / ExtraMsaStack::load allocating and loading only the blocks i with
+  // keep(i) (the others left empty, and absent from the file if it likes): a DAP rank's share.
+  static Status load_blocks(const EvoformerConfig& cfg, const TensorFile& weights,
+                            const std::function<bool(int)>& keep, EvoformerStack* out);
+  static Status load_blocks(const EvoformerConfig& cfg, const TensorFile& weights,
+                            const std::function<bool(int)>& keep, ExtraMsaStack* out);
 };
 
 }  // namespace fc

@@ -89,6 +89,7 @@ struct AlphaFold::Impl {
     }
   };
 
+  // With weight_ranks > 1 (set before): only the stack blocks b % weight_ranks == weight_rank.
   Status load(const TensorFile& f);
   Status forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
                  const AlphaFoldOptions& opts) const;
