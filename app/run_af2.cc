@@ -169,8 +169,8 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                      " per rank is below the weights and features every rank "
                                      "holds (" +
                                      std::to_string(base) + " bytes)");
-    FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap,
-                                          &plan, opts.dtype, sharded));
+    FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, bases, budget, num_threads(), &plan,
+                                          opts.dtype, sharded));
     opts.chunk_target_bytes = plan.chunk_target_bytes;
     opts.pair_block_bytes = plan.pair_block_bytes;
   }

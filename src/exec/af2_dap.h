@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "dist/comm.h"
 #include "exec/dap.h"
@@ -123,6 +124,11 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
 Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims, int64_t base_bytes,
                           int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out,
                           DType dtype = DType::F32, bool sharded_weights = false);
+// The same with each rank's own base (bases[k]: what rank k holds; they differ when the weights
+// are sharded): every rank's bases[k] + its forward peak within budget_bytes.
+Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims,
+                          const std::vector<int64_t>& bases, int64_t budget_bytes, int threads,
+                          AlphaFoldPlan* out, DType dtype, bool sharded_weights);
 // The largest transient work of dap_run_blocks(t, ...) on layout l beside the shards of m and z
 // and the masks of make_dap_shards (the contexts make_dap_shards gives for chunk and target): a
 // layer's work on its shards, or one more stream shard while a layout changes.

@@ -292,7 +292,18 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
 Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, int64_t base_bytes,
                           int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out, DType dtype,
                           bool sharded_weights) {
-  if (base_bytes < 0 || budget_bytes < 1 || n < 1)
+  if (base_bytes < 0 || n < 1)
+    return Status::InvalidArgument(
+        "plan_alphafold_dap: base bytes must be >= 0, the budget and the ranks >= 1");
+  return plan_alphafold_dap(cfg, d, std::vector<int64_t>(n, base_bytes), budget_bytes, threads, out,
+                            dtype, sharded_weights);
+}
+
+Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d,
+                          const std::vector<int64_t>& bases, int64_t budget_bytes, int threads,
+                          AlphaFoldPlan* out, DType dtype, bool sharded_weights) {
+  const int n = static_cast<int>(bases.size());
+  if (n < 1 || budget_bytes < 1 || *std::min_element(bases.begin(), bases.end()) < 0)
     return Status::InvalidArgument(
         "plan_alphafold_dap: base bytes must be >= 0, the budget and the ranks >= 1");
   // One knob, as plan_alphafold: the stacks' chunk target, which also caps the pair blocks.
@@ -304,14 +315,17 @@ Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, in
     return o;
   };
   std::string stage;  // the stage at the largest rank's peak
+  int64_t held = 0;   // what that rank holds
+  // The largest over the ranks of what a rank holds plus its forward's peak.
   auto peak = [&](int64_t target, int64_t* bytes) -> Status {
     *bytes = 0;
     for (int k = 0; k < n; ++k) {
       AlphaFoldMemory mem;
       FC_RETURN_IF_ERROR(alphafold_dap_forward_memory(cfg, d, options(target), threads, n, k, &mem,
                                                       sharded_weights));
-      if (mem.peak_bytes <= *bytes) continue;
-      *bytes = mem.peak_bytes;
+      if (bases[k] + mem.peak_bytes <= *bytes) continue;
+      *bytes = bases[k] + mem.peak_bytes;
+      held = bases[k];
       for (const AlphaFoldStageStat& s : mem.stages)
         if (s.peak_bytes == mem.peak_bytes) stage = s.stage;
     }
@@ -324,30 +338,30 @@ Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, in
   };
   int64_t p = 0;
   FC_RETURN_IF_ERROR(peak(0, &p));
-  if (base_bytes + p <= budget_bytes) {
-    *out = {0, 0, base_bytes + p, stage};
+  if (p <= budget_bytes) {
+    *out = {0, 0, p, stage};
     return Status::OK();
   }
   FC_RETURN_IF_ERROR(peak(1, &p));
-  if (base_bytes + p > budget_bytes)
-    return Status::OutOfMemory(
-        "memory budget " + mib(budget_bytes) +
-        " per rank is too small for AlphaFold2 at r=" + std::to_string(d.r) + " on " +
-        std::to_string(n) + " DAP ranks: even the finest chunking peaks at " + mib(base_bytes + p) +
-        " in the " + stage + " (weights and features " + mib(base_bytes) +
-        "); the smallest feasible budget per rank is " + mib(base_bytes + p));
+  if (p > budget_bytes)
+    return Status::OutOfMemory("memory budget " + mib(budget_bytes) +
+                               " per rank is too small for AlphaFold2 at r=" + std::to_string(d.r) +
+                               " on " + std::to_string(n) +
+                               " DAP ranks: even the finest chunking peaks at " + mib(p) +
+                               " in the " + stage + " (weights and features " + mib(held) +
+                               "); the smallest feasible budget per rank is " + mib(p));
   int64_t lo = 1, hi = std::max({default_chunk_target_bytes(cfg.evoformer, d.S + d.T, d.r),
                                  default_chunk_target_bytes(cfg.extra_msa, d.E, d.r),
                                  default_chunk_target_bytes(cfg.template_pair, 1, d.r)});
   FC_RETURN_IF_ERROR(peak(hi, &p));
-  if (base_bytes + p <= budget_bytes) lo = hi;
+  if (p <= budget_bytes) lo = hi;
   while (hi - lo > 1) {  // lo fits; the peak never grows as the target shrinks
     const int64_t mid = lo + (hi - lo) / 2;
     FC_RETURN_IF_ERROR(peak(mid, &p));
-    (base_bytes + p <= budget_bytes ? lo : hi) = mid;
+    (p <= budget_bytes ? lo : hi) = mid;
   }
   FC_RETURN_IF_ERROR(peak(lo, &p));
-  *out = {lo, options(lo).pair_block_bytes, base_bytes + p, stage};
+  *out = {lo, options(lo).pair_block_bytes, p, stage};
   return Status::OK();
 }
 
