@@ -131,6 +131,7 @@ struct PlanArgs {
   std::string cache;         // plan cache directory
   std::string out;           // also write the plan JSON here
   bool json = false;
+  bool explain_splits = false;
   std::string stack = "evoformer";  // evoformer | extra_msa (training) | pairformer | msa_module
   std::string weights;              // AF3 stacks: take the dims from this Boltz state dict
 };

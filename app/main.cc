@@ -186,6 +186,9 @@ CLI::App* add_plan(CLI::App& app, fc::app::PlanArgs& pa) {
                    "dap: pure DAP; auto: choose each layer's partition (heads, channels, "
                    "replicated or dap) for the DAP degree")
       ->check(CLI::IsMember({"dap", "auto"}));
+  plan->add_flag("--explain-splits", pa.explain_splits,
+                 "print each layer's non-DAP splits and the fastest list as step-time terms "
+                 "relative to pure DAP (compute, link bytes, link latency, memory)");
   plan->add_flag("--bucket", pa.bucket, "pad r up to the next bucket (AF3 list by default)");
   plan->add_option("--buckets", pa.buckets, "comma-separated bucket list (implies --bucket)");
   plan->add_option("--config", pa.config, "model config JSON (default AF2 model_1)");

@@ -18,6 +18,8 @@
 #include "foldcube/parallel.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
+#include "model/block_table.h"
+#include "plan/partition_cost.h"
 
 namespace fc::app {
 
@@ -370,6 +372,40 @@ void print_plan(const PlanRequest& req, const Plan& plan, bool hit) {
 }
 }  // namespace
 
+namespace {
+// explain_splits as a table: one row per layer and non-DAP split, then the fastest whole list.
+void print_split_terms(const DeviceProfile& dev, const Plan& plan) {
+  if (plan.dap < 2) {
+    std::printf("  splits: DAP degree 1, nothing to partition\n");
+    return;
+  }
+  double link = 0, lat = 0;
+  dap_link_terms(dev, plan, &link, &lat);
+  std::printf("  pure DAP's layer collectives per step: link %.1f ms + latency %.1f ms\n", link,
+              lat);
+  std::printf("  %-24s %-10s %10s %10s %10s %10s %11s\n", "layer", "split", "compute", "link",
+              "latency", "total", "+peak MiB");
+  const std::vector<SplitTerms> rows = explain_splits(dev, plan);
+  const BlockTable& t = plan.extra_msa ? kExtraMsaBlock : kEvoformerBlock;
+  for (size_t k = 0; k < rows.size(); ++k) {
+    const SplitTerms& r = rows[k];
+    std::string layer = "best list", split;
+    for (int i = 0; i < t.count; ++i)
+      if (k + 1 < rows.size() && r.splits[i] != Split::kDap)
+        layer = t.layers[i].name, split = split_name(r.splits[i]);
+    std::printf("  %-24s %-10s %+10.1f %+10.1f %+10.1f %+10.1f %+11.1f\n", layer.c_str(),
+                split.c_str(), r.compute_ms, r.link_ms, r.latency_ms, r.total_ms(),
+                mib(r.extra_peak_bytes));
+    if (k + 1 == rows.size()) {
+      std::printf("    ");
+      for (int i = 0; i < t.count; ++i)
+        std::printf(" %s=%s", t.layers[i].name, split_name(r.splits[i]));
+      std::printf("\n");
+    }
+  }
+}
+}  // namespace
+
 int plan_command(const PlanArgs& a) {
   if (a.stack == "pairformer" || a.stack == "msa_module") return plan_af3(a);
   PlanRequest req;
@@ -383,6 +419,7 @@ int plan_command(const PlanArgs& a) {
     std::printf("%s\n", plan.to_json().c_str());
   else
     print_plan(req, plan, hit);
+  if (a.explain_splits) print_split_terms(req.profile, plan);
   if (!a.out.empty()) {
     std::ofstream f(a.out);
     f << plan.to_json() << "\n";

@@ -5,6 +5,10 @@
 // time (issue 17's target: <= 1.3 at n = 512), the Pairformer forward's tracked peak above its
 // inputs as a multiple of bytes(z + s) (target <= 2.5), and the same-run SGEMM rate.
 // Usage: af3_bench [n] [rounds]   (default 512 3). Prints /proc/loadavg before and after.
+// Also times every module by process CPU time: with OMP_NUM_THREADS=1 that is the work itself,
+// nearly independent of other processes on the machine (the ratio to quote under load).
+// Quiet-machine rerun: OMP_WAIT_POLICY=passive build/af3_bench 512 3; under load:
+// OMP_NUM_THREADS=1 OMP_WAIT_POLICY=passive build/af3_bench 512 2.
 #include <time.h>
 
 #include <algorithm>
@@ -31,6 +35,13 @@ using fc::bench::median;
 
 double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+// Process CPU time, ms (all threads).
+double cpu_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
 double minimum(const std::vector<double>& v) {
@@ -84,31 +95,38 @@ int main(int argc, char** argv) {
   const fc::Tensor m0 = random_tensor({1, n, ecfg.c_m}, 5);   // [1, n, c_m]
   const fc::Tensor ez0 = random_tensor({n, n, ecfg.c_z}, 6);  // [n, n, c_z]
 
-  std::map<std::string, std::vector<double>> pf_ms, ev_ms;  // module -> ms per round
+  std::map<std::string, std::vector<double>> pf_ms, ev_ms;    // module -> ms per round
+  std::map<std::string, std::vector<double>> pf_cpu, ev_cpu;  // module -> CPU ms per round
   std::vector<std::string> pf_order, ev_order;
-  std::vector<double> pf_block, ev_block, ev_pair;
+  std::vector<double> pf_block, ev_block, ev_pair, pf_block_cpu, ev_pair_cpu;
   int64_t pf_peak = 0;
   for (int round = 0; round <= rounds; ++round) {  // round 0: warm-up
     for (int k = 0; k < 2; ++k) {
       const bool run_pf = (round + k) % 2 == 0;  // alternate which stack goes first
       auto& times = run_pf ? pf_ms : ev_ms;
+      auto& cpu = run_pf ? pf_cpu : ev_cpu;
       auto& order = run_pf ? pf_order : ev_order;
       fc::ForwardOptions opts;
       Clock::time_point mark;
+      double cpu_mark = 0;
       opts.trace = [&](int, const std::string& module, const std::string&, const fc::Tensor&) {
         if (round > 0) times[module].push_back(ms_since(mark));
+        if (round > 0) cpu[module].push_back(cpu_ms() - cpu_mark);
         if (round == 1) order.push_back(module);
         mark = Clock::now();
+        cpu_mark = cpu_ms();
       };
       fc::Status st;
       const auto t0 = Clock::now();
+      const double c0 = cpu_ms();
       mark = t0;
+      cpu_mark = c0;
       if (run_pf) {
         fc::Tensor s = s0.clone(), z = z0.clone();
         fc::MemoryScope scope;
         st = pairformer.forward(s, z, fc::Tensor(), opts);
         pf_peak = std::max(pf_peak, scope.peak() - scope.start_live());
-        if (round > 0) pf_block.push_back(ms_since(t0));
+        if (round > 0) pf_block.push_back(ms_since(t0)), pf_block_cpu.push_back(cpu_ms() - c0);
       } else {
         fc::Tensor m = m0.clone(), z = ez0.clone();
         st = evoformer.forward(m, z, fc::Tensor(), fc::Tensor(), nullptr, opts);
@@ -121,21 +139,32 @@ int main(int argc, char** argv) {
     }
   }
   for (int r = 0; r < rounds; ++r) {
-    double sum = 0;
-    for (const char* mod : kPairModules) sum += ev_ms[mod].at(r);
+    double sum = 0, sum_cpu = 0;
+    for (const char* mod : kPairModules) sum += ev_ms[mod].at(r), sum_cpu += ev_cpu[mod].at(r);
     ev_pair.push_back(sum);
+    ev_pair_cpu.push_back(sum_cpu);
   }
 
-  std::printf("\nminimum (median) ms over %d rounds\n\n| Pairformer module | ms |\n|---|---|\n",
-              rounds);
+  std::printf(
+      "\nminimum (median) ms over %d rounds; process CPU ms (minimum)\n\n"
+      "| Pairformer module | ms | CPU ms |\n|---|---|---|\n",
+      rounds);
   for (const std::string& mod : pf_order)
-    std::printf("| %s | %.1f (%.1f) |\n", mod.c_str(), minimum(pf_ms[mod]), median(pf_ms[mod]));
-  std::printf("| **block** | %.1f (%.1f) |\n\n| Evoformer module (s = 1) | ms |\n|---|---|\n",
-              minimum(pf_block), median(pf_block));
+    std::printf("| %s | %.1f (%.1f) | %.1f |\n", mod.c_str(), minimum(pf_ms[mod]),
+                median(pf_ms[mod]), minimum(pf_cpu[mod]));
+  std::printf(
+      "| **block** | %.1f (%.1f) | %.1f |\n\n| Evoformer module (s = 1) | ms | CPU ms |\n"
+      "|---|---|---|\n",
+      minimum(pf_block), median(pf_block), minimum(pf_block_cpu));
   for (const std::string& mod : ev_order)
-    std::printf("| %s | %.1f (%.1f) |\n", mod.c_str(), minimum(ev_ms[mod]), median(ev_ms[mod]));
-  std::printf("| block | %.1f (%.1f) |\n| **pair stack** (the five pair modules) | %.1f (%.1f) |\n",
-              minimum(ev_block), median(ev_block), minimum(ev_pair), median(ev_pair));
+    std::printf("| %s | %.1f (%.1f) | %.1f |\n", mod.c_str(), minimum(ev_ms[mod]),
+                median(ev_ms[mod]), minimum(ev_cpu[mod]));
+  std::printf(
+      "| block | %.1f (%.1f) | |\n| **pair stack** (the five pair modules) | %.1f (%.1f) | %.1f "
+      "|\n",
+      minimum(ev_block), median(ev_block), minimum(ev_pair), median(ev_pair), minimum(ev_pair_cpu));
+  std::printf("\nPairformer block / Evoformer pair stack by process CPU time: %.2f (%d threads)\n",
+              minimum(pf_block_cpu) / minimum(ev_pair_cpu), fc::num_threads());
   const double zs_bytes = 4.0 * (n * n * acfg.c_z + n * acfg.c_s);
   std::printf(
       "\nPairformer block / Evoformer pair stack (minima): %.2f (target <= 1.3)\n"

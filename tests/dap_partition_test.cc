@@ -376,7 +376,8 @@ void expect_forward_volume(const Stack& stack, const BlockTable& table, const Pl
     std::vector<std::vector<Split>> splits;
     ASSERT_TRUE(resolve_partition(table, o.partitions, 2, &splits).ok());
     int64_t model = 0;
-    for (const auto& b : splits) model += estimate_partition(plan, dev, b).sent_fwd_bytes;
+    for (int b = 0; b < 2; ++b)
+      model += estimate_partition_in_stack(plan, dev, splits, b).sent_fwd_bytes;
     EXPECT_EQ(counted, model) << policy;
   }
 }
@@ -384,6 +385,61 @@ void expect_forward_volume(const Stack& stack, const BlockTable& table, const Pl
 TEST(Partition, ForwardVolumeMatchesPlannerModel) {
   const Plan plan = volume_plan(16, false, false);
   expect_forward_volume(EvoformerStack::random(plan.cfg, 5), kEvoformerBlock, plan);
+}
+
+// Layouts carried from one block into the next (inference forward): block 0 leaves m whole for
+// block 1's head-parallel row attention (its channel-parallel OPM all-reduces instead of
+// reduce-scattering into the boundary shard that block 1 would gather again) and z whole from its
+// replicated pair transition (no slice and re-gather); block 1 returns both to the boundary before
+// the output gather. Outputs vs one process (1e-5) and OpenFold (1e-4); the bytes sent equal the
+// planner's carried count and are below the count of going through the boundary, so a skipped or
+// extra reshard fails.
+TEST(Partition, LayoutsCarryAcrossBlocks) {
+  const dist::Communicator comm = dist::Communicator::world();
+  PartCase c;
+  TensorFile f;
+  ASSERT_TRUE(read_case(comm, "evo_tiny.safetensors", &c, &f));
+  ASSERT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  ASSERT_EQ(c.stack.config().no_blocks, 2);
+  DapOptions o;
+  o.partitions = {
+      {{"outer_product_mean", Split::kChannels}, {"pair_transition", Split::kReplicated}},
+      {{"msa_att_row", Split::kHeads}}};
+  Tensor m, z, s;
+  if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
+  DapStats stats;
+  const Status st = dap_forward(c.stack, comm, m, z, c.msa_mask, c.pair_mask, &s, o, &stats);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  int64_t counted = 0;
+  for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) counted += stats.blocks.bytes[k];
+  Plan plan;
+  plan.cfg = c.stack.config();
+  plan.s = 8, plan.r = 12, plan.r_real = 12;
+  plan.dap = comm.size();
+  DeviceProfile dev;
+  dev.link_gbps = 1;
+  std::vector<std::vector<Split>> lists;
+  ASSERT_TRUE(resolve_partition(kEvoformerBlock, o.partitions, 2, &lists).ok());
+  ASSERT_EQ(partition_exit_layouts(kEvoformerBlock, lists, 0),
+            BlockLayouts(Shard::kMsaFull, Shard::kPairFull));
+  int64_t carried = 0, boundary = 0;
+  for (int b = 0; b < 2; ++b) {
+    carried += estimate_partition_in_stack(plan, dev, lists, b).sent_fwd_bytes;
+    boundary += estimate_partition(plan, dev, lists[b]).sent_fwd_bytes;
+  }
+  EXPECT_EQ(counted, carried);
+  EXPECT_LT(carried, boundary);
+  if (comm.rank() != 0) return;
+  Tensor m1 = c.m.clone(), z1 = c.z.clone(), s1;
+  ASSERT_TRUE(c.stack.forward(m1, z1, c.msa_mask, c.pair_mask, &s1, ForwardOptions()).ok());
+  const double err =
+      std::max({test::golden_err(m, m1), test::golden_err(z, z1), test::golden_err(s, s1)});
+  std::printf("[ info ] N=%d carried layouts: vs single process %.2e, bytes %lld (boundary %lld)\n",
+              comm.size(), err, static_cast<long long>(counted), static_cast<long long>(boundary));
+  EXPECT_LT(err, 1e-5);
+  EXPECT_LT(test::golden_err(m, f.tensors.at("output.m")), 1e-4);
+  EXPECT_LT(test::golden_err(z, f.tensors.at("output.z")), 1e-4);
+  EXPECT_LT(test::golden_err(s, f.tensors.at("output.s")), 1e-4);
 }
 
 // Training: the bytes of the blocks' forward and of their backward (rebuild included, without

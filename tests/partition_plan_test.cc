@@ -82,6 +82,63 @@ TEST(PartitionPlan, ChoiceFollowsTheLinkModel) {
   EXPECT_EQ(again.peak_bytes, slow.peak_bytes);
 }
 
+// Layouts carried across blocks (inference): an all-dap list enters at the block boundary (so
+// pure DAP is unchanged); with a slow link the chosen inference plan re-evaluates to its estimate,
+// and the carried per-block count sends fewer bytes than returning every block to the boundary.
+TEST(PartitionPlan, InferenceCarriesLayoutsAcrossBlocks) {
+  for (const BlockTable* t : {&kEvoformerBlock, &kExtraMsaBlock}) {
+    const BlockLayouts e = partition_entry_layouts(*t, std::vector<Split>(t->count, Split::kDap));
+    EXPECT_EQ(e.first, dap_boundary_m(*t));
+    EXPECT_EQ(e.second, Shard::kPairRows);
+  }
+  PlanRequest q = request(2, 0.01, false);
+  Plan slow;
+  ASSERT_TRUE(make_plan(q, &slow).ok());
+  ASSERT_FALSE(slow.partitions.empty());
+  Plan again = slow;
+  ASSERT_TRUE(evaluate_plan(q.profile, &again).ok());
+  EXPECT_NEAR(again.time_ms, slow.time_ms, 1e-6 * slow.time_ms);
+  std::vector<std::vector<Split>> lists;
+  ASSERT_TRUE(resolve_partition(kEvoformerBlock, slow.partitions, 48, &lists).ok());
+  int64_t carried = 0, boundary = 0;
+  for (int b = 0; b < 48; ++b) {
+    carried += estimate_partition_in_stack(slow, q.profile, lists, b).sent_fwd_bytes;
+    boundary += estimate_partition(slow, q.profile, lists[b]).sent_fwd_bytes;
+  }
+  std::printf("[ info ] inference, slow link: %lld bytes carried vs %lld via the boundary\n",
+              static_cast<long long>(carried), static_cast<long long>(boundary));
+  EXPECT_LT(carried, boundary);
+}
+
+// explain_splits (plan --explain-splits): with a fast link every list is slower than pure DAP;
+// the fastest list's terms add up to the difference of its plan's estimate to pure DAP's, and no
+// single-layer row beats it.
+TEST(PartitionPlan, ExplainedTermsAddUpToThePlanEstimate) {
+  for (bool training : {false, true}) {
+    PlanRequest q = request(2, 1000, training);
+    q.cfg.no_blocks = 4;
+    q.split_auto = false;
+    Plan p;
+    ASSERT_TRUE(make_plan(q, &p).ok());
+    const std::vector<SplitTerms> rows = explain_splits(q.profile, p);
+    ASSERT_GT(rows.size(), 1u);
+    for (const SplitTerms& r : rows) EXPECT_GT(r.total_ms(), 0) << training;
+    const SplitTerms& best = rows.back();
+    for (const SplitTerms& r : rows) EXPECT_GE(r.total_ms(), best.total_ms() - 1e-9);
+    Plan listed = p;
+    std::vector<LayerSplit> list;
+    for (int i = 0; i < kEvoformerBlock.count; ++i)
+      list.push_back({kEvoformerBlock.layers[i].name, best.splits[i]});
+    listed.partitions = {list};
+    ASSERT_TRUE(evaluate_plan(q.profile, &listed).ok());
+    // (Inference plans carry layouts across blocks, the explanation counts each block from the
+    // boundary: equal only when the list enters at the boundary.)
+    if (training || partition_entry_layouts(kEvoformerBlock, best.splits) ==
+                        BlockLayouts(dap_boundary_m(kEvoformerBlock), Shard::kPairRows))
+      EXPECT_NEAR(listed.time_ms - p.time_ms, best.total_ms(), 1e-6 * p.time_ms) << training;
+  }
+}
+
 // Plan p (pure DAP) with an explicit all-dap list of table t estimates exactly as p.
 void expect_all_dap_list_as_pure_dap(const DeviceProfile& dev, Plan p, const BlockTable& t) {
   Plan listed = p;

@@ -489,10 +489,12 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
 
   const dist::CommStats before_blocks = comm.stats();
   // The block table's layers, each in its shard layout: an all-to-all where the layout changes,
-  // and each stream back to its block-boundary layout after its last use in the block.
+  // and each stream after its last use in the block into the layout the next block starts with
+  // (partition_exit_layouts; pure DAP and after the last block: the block boundary).
   const int last_m = dap_last_use(table, Stream::kM), last_z = dap_last_use(table, Stream::kZ);
   for (int b = 0; b < cfg.no_blocks; ++b) {
     blk = b;
+    const BlockLayouts exit = partition_exit_layouts(table, splits, b);
     for (int i = 0; i < table.count; ++i) {
       const LayerDesc& ly = table.layers[i];
       const Split split = splits.empty() ? Split::kDap : splits[b][i];
@@ -503,14 +505,14 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
         dap_layer_forward(ly, &StackAccess::block(stack, b), sh, comm, gather, &st);
       else {
         const ReduceTo rt =
-            partition_reduce_to(table, splits[b], i, &st.m, &st.z, &st.m_how, &st.z_how);
+            partition_reduce_to(table, splits[b], i, &st.m, &st.z, &st.m_how, &st.z_how, &exit);
         partition_layer_forward(table, ly, &StackAccess::block(stack, b), sh, comm, split,
                                 st.m.defined() ? st.m.f32() : nullptr, st.z.f32(), &rt);
       }
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
-      if (i == last_m) dap_to_layout(&st.m, &st.m_how, dap_boundary_m(table), l, comm);
-      if (i == last_z) dap_to_layout(&st.z, &st.z_how, Shard::kPairRows, l, comm);
+      if (i == last_m) dap_to_layout(&st.m, &st.m_how, exit.first, l, comm);
+      if (i == last_z) dap_to_layout(&st.z, &st.z_how, exit.second, l, comm);
     }
   }
   const dist::CommStats after_blocks = comm.stats();

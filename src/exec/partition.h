@@ -58,14 +58,28 @@ struct ReduceTo {
 };
 // Whether split s sums partial updates over the ranks (heads, channels).
 bool partition_reduces(Split s);
+// Layouts (m, z) of the streams at a block's edge.
+using BlockLayouts = std::pair<Shard, Shard>;
+// The layouts the first layers of a block using m and z take under splits (a pointwise DAP layer:
+// the block-boundary shard; an unused stream: the boundary). All-dap lists: the boundary.
+BlockLayouts partition_entry_layouts(const BlockTable& t, const std::vector<Split>& splits);
+// Where block b of a partitioned inference forward leaves its streams after their last use
+// (blocks: the per-block lists): the entry layouts of block b + 1, so that a layout carries from
+// one block into the next and only layouts that differ are changed; the block boundary after the
+// last block. (Training keeps every block at the boundary: the layout its backward and block
+// recompute take the saved input in.)
+BlockLayouts partition_exit_layouts(const BlockTable& t,
+                                    const std::vector<std::vector<Split>>& blocks, int b);
 // The layout in which the stream layer i of t updates is next needed (splits: the block's list):
 // that of the next layer of the block that uses it (a pointwise DAP layer: the block-boundary
-// shard), or the block-boundary layout after its last use.
-Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& splits, int i);
+// shard), or after its last use the block's exit layout (exit; nullptr: the block boundary).
+Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& splits, int i,
+                            const BlockLayouts* exit = nullptr);
 // The ReduceTo of layer i: its updated stream, want = partition_next_layout for heads / channels
 // (always a shard or a whole layout, which the executor would otherwise reach by a slice).
 ReduceTo partition_reduce_to(const BlockTable& t, const std::vector<Split>& splits, int i,
-                             Tensor* m, Tensor* z, Shard* m_how, Shard* z_how);
+                             Tensor* m, Tensor* z, Shard* m_how, Shard* z_how,
+                             const BlockLayouts* exit = nullptr);
 
 // Inference forward of a heads / channels / replicated layer on the whole padded streams m
 // [s_pad, r_pad, c_m], z [r_pad, r_pad, c_z] (those it uses); table: the block type of bw. rt:

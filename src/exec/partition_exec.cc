@@ -602,15 +602,38 @@ void partition_layer_train(const BlockTable& table, const LayerDesc& ly, const v
 
 bool partition_reduces(Split s) { return s == Split::kHeads || s == Split::kChannels; }
 
-Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& splits, int i) {
-  const Stream x = t.layers[i].updates;
-  for (int j = i + 1; j < t.count; ++j) {
+namespace {
+// The layout the first layer of t from layer `from` on that uses stream x takes (a pointwise DAP
+// layer: the block-boundary shard); nullopt when none uses it.
+std::optional<Shard> first_want(const BlockTable& t, const std::vector<Split>& splits, int from,
+                                Stream x) {
+  for (int j = from; j < t.count; ++j) {
     const LayerDesc& ly = t.layers[j];
     if (!uses(ly, x)) continue;
     const DapLayerLayout want =
         partition_layer_layout(ly, splits[j], Shard::kMsaFull, Shard::kPairFull);
     return *(x == Stream::kM ? want.m : want.z);
   }
+  return std::nullopt;
+}
+}  // namespace
+
+BlockLayouts partition_entry_layouts(const BlockTable& t, const std::vector<Split>& splits) {
+  return {first_want(t, splits, 0, Stream::kM).value_or(dap_boundary_m(t)),
+          first_want(t, splits, 0, Stream::kZ).value_or(Shard::kPairRows)};
+}
+
+BlockLayouts partition_exit_layouts(const BlockTable& t,
+                                    const std::vector<std::vector<Split>>& blocks, int b) {
+  if (b + 1 >= static_cast<int>(blocks.size())) return {dap_boundary_m(t), Shard::kPairRows};
+  return partition_entry_layouts(t, blocks[b + 1]);
+}
+
+Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& splits, int i,
+                            const BlockLayouts* exit) {
+  const Stream x = t.layers[i].updates;
+  if (const std::optional<Shard> h = first_want(t, splits, i + 1, x)) return *h;
+  if (exit) return x == Stream::kM ? exit->first : exit->second;
   return x == Stream::kM ? dap_boundary_m(t) : Shard::kPairRows;
 }
 
@@ -631,10 +654,11 @@ ReduceTo partition_grad_reduce_to(const BlockTable& t, const std::vector<Split>&
 }
 
 ReduceTo partition_reduce_to(const BlockTable& t, const std::vector<Split>& splits, int i,
-                             Tensor* m, Tensor* z, Shard* m_how, Shard* z_how) {
+                             Tensor* m, Tensor* z, Shard* m_how, Shard* z_how,
+                             const BlockLayouts* exit) {
   const bool is_m = t.layers[i].updates == Stream::kM;
   return {is_m ? m : z, is_m ? m_how : z_how,
-          partition_reduces(splits[i]) ? partition_next_layout(t, splits, i)
+          partition_reduces(splits[i]) ? partition_next_layout(t, splits, i, exit)
                                        : (is_m ? Shard::kMsaFull : Shard::kPairFull)};
 }
 

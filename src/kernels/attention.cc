@@ -238,6 +238,26 @@ HWY_INLINE void LogitsBlock(D d, const float* Q, int64_t C, const float* KT, flo
   StoreLogits<R, kMask, kPair>(d, acc0, acc1, scale, mb, pb, ldpb, valid, S, ldS, mx);
 }
 
+// Logits of R rows without a q.k term (AttentionArgs::bias_logits): s = mb + pb, as
+// LogitsBlock with zero products.
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void BiasOnlyBlock(D d, const float* mb, const float* pb, int64_t ldpb, size_t valid,
+                              float* S, int64_t ldS, V* mx) {
+  V zero[R];
+  for (int r = 0; r < R; ++r) zero[r] = hn::Zero(d);
+  StoreLogits<R, kMask, kPair>(d, zero, zero, 1.f, mb, pb, ldpb, valid, S, ldS, mx);
+}
+
+// BiasOnlyBlock over key tile [0, w) (mb, pb offset to the tile).
+template <int R, bool kMask, bool kPair>
+HWY_INLINE void BiasOnlyLogits(D d, const AttentionArgs& a, const Layout& L, const float* mb,
+                               const float* pb, int64_t w, float* S, V* mx) {
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  for (int64_t j = 0; j < w; j += 2 * N)
+    BiasOnlyBlock<R, kMask, kPair>(d, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
+                                   static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
+}
+
 // Logits of R rows from the raw dot products already in S (the bf16 path's bf16dot::logits).
 template <int R, bool kMask, bool kPair>
 HWY_INLINE void BiasBlock(D d, float scale, const float* mb, const float* pb, int64_t ldpb,
@@ -300,7 +320,8 @@ HWY_INLINE void RowBlock(D d, const AttentionArgs& a, const Layout& L, const flo
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   V mx[R];
   for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
-  for (int64_t j = 0; j < w; j += 2 * N)
+  if (a.bias_logits) BiasOnlyLogits<R, kMask, kPair>(d, a, L, mb, pb, w, S, mx);
+  for (int64_t j = 0; !a.bias_logits && j < w; j += 2 * N)
     LogitsBlock<R, kMask, kPair>(d, Q, a.C, KT + (j - j % kPanel) * a.C + j % kPanel, a.scale,
                                  kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
                                  static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
@@ -320,10 +341,11 @@ HWY_INLINE void RowBlockBf16(D d, const AttentionArgs& a, const Layout& L, const
                              const float* pb, int64_t w, bool first, float* S, float* m, float* l,
                              float* O) {
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
-  bf16dot::logits(Q32, cq, R, KP, L.ldk, w, S, L.ldS);
+  if (!a.bias_logits) bf16dot::logits(Q32, cq, R, KP, L.ldk, w, S, L.ldS);
   V mx[R];
   for (int r = 0; r < R; ++r) mx[r] = hn::Set(d, kNegInf);
-  for (int64_t j = 0; j < w; j += 2 * N)
+  if (a.bias_logits) BiasOnlyLogits<R, kMask, kPair>(d, a, L, mb, pb, w, S, mx);
+  for (int64_t j = 0; !a.bias_logits && j < w; j += 2 * N)
     BiasBlock<R, kMask, kPair>(d, a.scale, kMask ? mb + j : nullptr, kPair ? pb + j : nullptr, a.Lk,
                                static_cast<size_t>(std::min(2 * N, w - j)), S + j, L.ldS, mx);
   float alpha[R];
@@ -427,8 +449,8 @@ void PackKvBf16(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L, u
   const hn::RebindToUnsigned<D> du;
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   const int64_t Lk = a.Lk, C = a.C, cq = (C + 1) / 2;
-  const float* k = a.k + b * a.k_bs + h * C;
-  for (int64_t j = 0; j < L.ldk; ++j) {
+  const float* k = a.bias_logits ? nullptr : a.k + b * a.k_bs + h * C;  // no keys: no KP
+  for (int64_t j = 0; k && j < L.ldk; ++j) {
     PrefetchRow(k, a.k_rs, j, Lk, C);
     if (j < Lk) RowToPairs(k + j * a.k_rs, C, tmp);
     for (int64_t p = 0; p < cq; ++p) KP[p * L.ldk + j] = j < Lk ? tmp[p] : 0u;
@@ -471,8 +493,8 @@ void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L
     PackKvBf16(a, b, h, L, reinterpret_cast<uint32_t*>(KT), reinterpret_cast<uint32_t*>(Vp),
                reinterpret_cast<uint32_t*>(Kd));
   // Each panel's keys are copied densely (row by row, like the V rows), then transposed from L1.
-  const float* k = a.k + b * a.k_bs + h * C;
-  for (int64_t j0 = 0; !bf16 && j0 < L.ldk; j0 += kPanel) {
+  const float* k = a.bias_logits ? nullptr : a.k + b * a.k_bs + h * C;  // no keys: KT unused
+  for (int64_t j0 = 0; !bf16 && k && j0 < L.ldk; j0 += kPanel) {
     const int64_t nj = std::min(kPanel, Lk - j0);
     for (int64_t j = 0; j < nj; ++j) {
       PrefetchRow(k, a.k_rs, j0 + j, Lk, C);
@@ -492,8 +514,8 @@ void AttentionItem(const AttentionArgs& a, int64_t b, int64_t h, const Layout& L
   const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;  // [Lk]
   for (int64_t i0 = 0; i0 < Lq; i0 += L.tq) {
     const int64_t n = std::min(L.tq, Lq - i0);
-    const float* q = a.q + b * a.q_bs + i0 * a.q_rs + h * C;
-    for (int64_t i = 0; i < n; ++i) {
+    const float* q = a.bias_logits ? nullptr : a.q + b * a.q_bs + i0 * a.q_rs + h * C;
+    for (int64_t i = 0; q && i < n; ++i) {
       PrefetchRow(q, a.q_rs, i, n, C);
       if (bf16)
         RowToPairs(q + i * a.q_rs, C, Q32 + i * cq);
@@ -558,13 +580,13 @@ void attention(const AttentionArgs& a, float* scratch) {
   for (int64_t b = 0; b < a.B; ++b)
     for (int64_t h = 0; h < a.H; ++h)
       for (int64_t i = 0; i < a.Lq; ++i) {
-        const float* q = a.q + b * a.q_bs + i * a.q_rs + h * a.C;
         double mx = -INFINITY;
         for (int64_t j = 0; j < a.Lk; ++j) {
-          const float* k = a.k + b * a.k_bs + j * a.k_rs + h * a.C;
           double dot = 0.0;
-          for (int64_t c = 0; c < a.C; ++c) dot += in(q[c]) * in(k[c]);
-          float x = static_cast<float>(dot * a.scale);
+          for (int64_t c = 0; !a.bias_logits && c < a.C; ++c)
+            dot += in(a.q[b * a.q_bs + i * a.q_rs + h * a.C + c]) *
+                   in(a.k[b * a.k_bs + j * a.k_rs + h * a.C + c]);
+          float x = a.bias_logits ? 0.f : static_cast<float>(dot * a.scale);
           if (a.mask_bias) x += a.mask_bias[b * a.Lk + j];
           if (a.pair_bias) x += a.pair_bias[(h * a.Lq + i) * a.Lk + j];
           logit[j] = x;

@@ -444,20 +444,28 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   float* O = ws + L.O;    // [qt, C]
   float* dP = ws + L.dP;  // [qt, Lk]
   float* Dr = ws + L.Dr;  // [qt]
-  pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
+  // Logits with a q.k term; else bias only (no K, Q, dq, dk).
+  const bool qk = !a.bias_logits;
+  if (qk) pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
   pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
   std::fill(dK, dK + Lk * C, 0.f);
   std::fill(dV, dV + Lk * C, 0.f);
   const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;   // [Lk]
   const float* lse = g.lse ? g.lse + (b * a.H + h) * Lq : nullptr;  // [Lq]
-  const bool need_ds = g.dq || g.dk || dpb;
+  float* dq = qk ? g.dq : nullptr;
+  float* dk = qk ? g.dk : nullptr;
+  const bool need_ds = dq || dk || dpb;
   for (int64_t i0 = 0; i0 < Lq; i0 += L.qt) {
     const int64_t n = std::min(L.qt, Lq - i0);
     float* P = ws + L.S;  // [n, Lk]
     // Recompute P: in one pass from the saved lse, else with a full softmax as the forward
     // reference does.
-    pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
-    gemm(false, true, n, Lk, C, a.scale, Q, C, K, C, 0.f, P, Lk);
+    if (qk) {
+      pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
+      gemm(false, true, n, Lk, C, a.scale, Q, C, K, C, 0.f, P, Lk);
+    } else {
+      std::fill(P, P + n * Lk, 0.f);
+    }
     const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
     if (lse) {
       HWY_DYNAMIC_DISPATCH(ProbsFromLseRows)(P, Lk, n, Lk, mb, pb, Lk, lse + i0);
@@ -490,14 +498,14 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     } else {
       softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
     }
-    if (g.dq) {  // dQ = scale dS K
+    if (dq) {  // dQ = scale dS K
       gemm(false, false, n, C, Lk, a.scale, P, Lk, K, C, 0.f, O, C);
-      unpack(O, n, C, g.dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
+      unpack(O, n, C, dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
     }
-    if (g.dk) gemm(true, false, Lk, C, n, a.scale, P, Lk, Q, C, 1.f, dK, C);  // dK += scale dS^T Q
+    if (dk) gemm(true, false, Lk, C, n, a.scale, P, Lk, Q, C, 1.f, dK, C);  // dK += scale dS^T Q
     if (dpb) add_inplace(dpb + i0 * Lk, Lk, P, Lk, n, Lk);
   }
-  if (g.dk) unpack(dK, Lk, C, g.dk + b * a.k_bs + h * C, a.k_rs);
+  if (dk) unpack(dK, Lk, C, dk + b * a.k_bs + h * C, a.k_rs);
   if (g.dv) unpack(dV, Lk, C, g.dv + b * a.v_bs + h * C, a.v_rs);
 }
 }  // namespace

@@ -88,7 +88,8 @@ void swiglu_backward(const float* a, int64_t lda, const float* b, int64_t ldb, c
 //   dO = d_out * sigma,  dgate = d_out * O * sigma * (1 - sigma)
 //   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dP * P))
 //   dQ = scale * dS K,  dK = scale * dS^T Q,  d_pair_bias[h] += sum over b of dS
-// The mask bias is a constant (no gradient).
+// The mask bias is a constant (no gradient). With a.bias_logits (no q.k term) q and k are not read
+// and dq, dk are not written (skipped as if nullptr).
 struct AttentionGrads {
   const float* d_out = nullptr;  // gradient of the gated output, layout of o (o_bs, o_rs)
   float* dq = nullptr;           // layout of q (q_bs, q_rs); overwritten; nullptr skips it

@@ -132,8 +132,9 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
         double mx = -std::numeric_limits<double>::infinity();
         for (int64_t j = 0; j < Lk; ++j) {
           double dot = 0;
-          for (int64_t c = 0; c < C; ++c) dot += static_cast<double>(q(i, c)) * k(j, c);
-          float x = static_cast<float>(dot * a.scale);
+          for (int64_t c = 0; !a.bias_logits && c < C; ++c)
+            dot += static_cast<double>(q(i, c)) * k(j, c);
+          float x = a.bias_logits ? 0.f : static_cast<float>(dot * a.scale);
           if (a.mask_bias) x += a.mask_bias[b * Lk + j];
           if (a.pair_bias) x += a.pair_bias[(h * Lq + i) * Lk + j];
           p[j] = x;
@@ -179,7 +180,7 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
       }
       if (g.d_pair_bias)
         for (int64_t i = 0; i < Lq * Lk; ++i) g.d_pair_bias[h * Lq * Lk + i] += dS[i];
-      if (g.dq)
+      if (g.dq && !a.bias_logits)
         for (int64_t i = 0; i < Lq; ++i)
           for (int64_t c = 0; c < C; ++c) {
             double acc = 0;
@@ -190,10 +191,11 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
         for (int64_t c = 0; c < C; ++c) {
           double acc_k = 0, acc_v = 0;
           for (int64_t i = 0; i < Lq; ++i) {
-            acc_k += static_cast<double>(dS[i * Lk + j]) * q(i, c);
+            if (!a.bias_logits) acc_k += static_cast<double>(dS[i * Lk + j]) * q(i, c);
             acc_v += static_cast<double>(P[i * Lk + j]) * dO[i * C + c];
           }
-          if (g.dk) g.dk[b * a.k_bs + j * a.k_rs + h * C + c] = static_cast<float>(a.scale * acc_k);
+          if (g.dk && !a.bias_logits)
+            g.dk[b * a.k_bs + j * a.k_rs + h * C + c] = static_cast<float>(a.scale * acc_k);
           if (g.dv) g.dv[b * a.v_bs + j * a.v_rs + h * C + c] = static_cast<float>(acc_v);
         }
     }

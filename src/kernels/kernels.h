@@ -103,6 +103,10 @@ struct AttentionArgs {
   // rounded to bf16 and multiplied with f32 accumulation (src/kernels/attention_bf16.h); the
   // biases, the softmax statistics, the gate and o stay f32. Same scratch in both.
   DType dtype = DType::F32;
+  // Bias-only logits (AF3 pair-weighted averaging, which has no query or key projection): logits
+  // = mask_bias + pair_bias; q, k and scale are not read (q and k may be null). The backward
+  // (backward.h) then writes no dq, dk.
+  bool bias_logits = false;
 };
 // Flash-style kernel: query tiles sweep key tiles with an online softmax, so neither [H, Lq, Lk]
 // nor a [query tile, Lk] block is ever formed. Results are bit-identical across runs and thread

@@ -28,6 +28,25 @@ kern::AttentionArgs attention_dims(int64_t H, int64_t C, int64_t B, int64_t L) {
   return a;
 }
 
+// Without a query / key projection (w.bias_logits) the projections write the v | g columns of
+// q|k|v|g only: the first column written and how many (of 4*H*C).
+int64_t proj_col0(const GatedAttentionW& w, int64_t hc) { return w.bias_logits ? 2 * hc : 0; }
+
+// Bias-only logits for such weights: q and k are not read.
+void set_bias_logits(const GatedAttentionW& w, kern::AttentionArgs* a) {
+  if (!w.bias_logits) return;
+  a->bias_logits = true;
+  a->q = nullptr, a->k = nullptr;
+}
+
+// y [rows, 4*H*C] (q | k | v | g columns; v | g only under w.bias_logits) = x [rows, c_in]
+// W_qkvg^T + b_qkvg.
+void project_qkvg(const GatedAttentionW& w, int64_t hc, const float* x, int64_t rows, float* y) {
+  const int64_t c_in = w.w_qkvg.dim(1), c0 = proj_col0(w, hc);
+  kern::linear(x, c_in, rows, c_in, w.w_qkvg.f32() + c0 * c_in, w.b_qkvg.f32() + c0, 4 * hc - c0,
+               y + c0, 4 * hc);
+}
+
 // Gated self-attention over L positions for B batch items.
 // x [B, L, c_in] is the normalised input; out [B, L, c_in] receives linear_o(gated attention).
 // mask_bias [B, L] (per key), bias [H, L, L] (shared over the batch) or nullptr.
@@ -38,7 +57,7 @@ void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float
   const int64_t c_in = w.w_qkvg.dim(1), hc = H * C, ld = 4 * hc;
   Tensor qkvg = Tensor::empty({B * L, ld});  // [B*L, q | k | v | g]
   float* p = qkvg.f32();
-  kern::linear(x, c_in, B * L, c_in, w.w_qkvg.f32(), w.b_qkvg.f32(), ld, p, ld);
+  project_qkvg(w, hc, x, B * L, p);
   kern::AttentionArgs a = attention_dims(H, C, B, L);
   a.q = p, a.q_bs = L * ld, a.q_rs = ld;
   a.k = p + hc, a.k_bs = L * ld, a.k_rs = ld;
@@ -47,6 +66,7 @@ void gated_attention(const GatedAttentionW& w, int64_t H, int64_t C, const float
   a.o = p, a.o_bs = L * ld, a.o_rs = ld;  // each (b, h) item overwrites only its own q slot
   a.mask_bias = mask_bias;
   a.pair_bias = bias;
+  set_bias_logits(w, &a);
   {
     Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, threads)});
     kern::attention(a, scratch.f32(), threads);
@@ -108,12 +128,6 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
   float* p = qkvg.f32();
   for (int64_t n0 = 0; n0 < N; n0 += ch) {
     const int64_t n = std::min(ch, N - n0);
-    {
-      const kern::LayerNormLinearArgs la =
-          qkvg_args(ln, w, wb, ctx.dtype, ctx.cfg->eps_ln, S, n0, n, N, L, c, transposed, p);
-      Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
-      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
-    }
     kern::AttentionArgs a = attention_dims(H, C, n, L);
     a.q = p, a.q_bs = L * ld, a.q_rs = ld;
     a.k = p + hc, a.k_bs = L * ld, a.k_rs = ld;
@@ -123,6 +137,28 @@ void attention_module_fused(const LayerNormW& ln, const GatedAttentionW& w, int6
     a.mask_bias = mask_bias + n0 * L;
     a.pair_bias = bias;
     a.dtype = ctx.dtype;
+    set_bias_logits(w, &a);
+    {
+      kern::LayerNormLinearArgs la =
+          qkvg_args(ln, w, wb, ctx.dtype, ctx.cfg->eps_ln, S, n0, n, N, L, c, transposed, p);
+      int64_t floats = kern::layernorm_linear_scratch_floats(la, ctx.threads);
+      if (w.bias_logits) {
+        // v | g only, when its (larger-block) scratch fits under the module's other scratch
+        // buffers, so that the peak is attention_module_bytes' (else all four projections).
+        kern::LayerNormLinearArgs vg = la;
+        const int64_t c0 = proj_col0(w, hc);
+        vg.out -= c0, vg.W += c0 * c, vg.bias += c0, vg.y += c0;
+        if (vg.W_bf16) vg.W_bf16 += c0 * c;
+        const int64_t need = kern::layernorm_linear_scratch_floats(vg, ctx.threads);
+        kern::LinearResidualArgs lr;
+        lr.B = n, lr.L = L, lr.in = hc, lr.out = c, lr.dtype = ctx.dtype;
+        if (need <= std::max({floats, kern::attention_scratch_floats(a, ctx.threads),
+                              kern::linear_residual_scratch_floats(lr, ctx.threads)}))
+          la = vg, floats = need;
+      }
+      Tensor scratch = Tensor::empty({floats});
+      kern::layernorm_linear(la, scratch.f32(), ctx.threads);
+    }
     {
       Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
       kern::attention(a, scratch.f32(), ctx.threads);
@@ -195,14 +231,14 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   const int64_t hc = at.H * at.C, c = at.v.c, rows = n * at.v.L;
   AttentionChunk k;
   k.qkvg = Tensor::empty({rows, 4 * hc});
-  kern::linear(x_ln, c, rows, c, at.w.w_qkvg.f32(), at.w.b_qkvg.f32(), 4 * hc, k.qkvg.f32(),
-               4 * hc);
+  project_qkvg(at.w, hc, x_ln, rows, k.qkvg.f32());
   round_for_store(ctx, k.qkvg);
   k.og = Tensor::empty({rows, hc});
   k.lse = Tensor::empty({n, at.H, at.v.L});
   kern::AttentionArgs a = attention_args(k.qkvg.f32(), at.H, at.C, n, at.v.L,
                                          at.mask_bias + n0 * at.v.L, bias, k.og.f32());
   a.lse = k.lse.f32();
+  set_bias_logits(at.w, &a);
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   round_for_store(ctx, k.og);
@@ -384,8 +420,9 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     k.og = Tensor();
     Tensor dqkvg = Tensor::empty({rows, 4 * hc});
     {
-      const kern::AttentionArgs a =
+      kern::AttentionArgs a =
           attention_args(k.qkvg.f32(), at.H, at.C, n, v.L, at.mask_bias + n0 * v.L, bias, nullptr);
+      set_bias_logits(at.w, &a);  // then no dq, dk: their columns of dqkvg stay unwritten
       kern::AttentionGrads g;
       float* d = dqkvg.f32();
       g.d_out = dog.f32();
@@ -399,8 +436,10 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     k.lse = Tensor();
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
-    kern::linear_backward(ln.y.f32(), c, rows, c, at.w.w_qkvg.f32(), 4 * hc, dqkvg.f32(), 4 * hc,
-                          dln.f32(), c, gw->w_qkvg.f32(), gw->b_qkvg.f32());
+    const int64_t c0 = proj_col0(at.w, hc);  // the projected columns: their weights' gradients
+    kern::linear_backward(ln.y.f32(), c, rows, c, at.w.w_qkvg.f32() + c0 * c, 4 * hc - c0,
+                          dqkvg.f32() + c0, 4 * hc, dln.f32(), c, gw->w_qkvg.f32() + c0 * c,
+                          gw->b_qkvg.f32() + c0);
     dqkvg = Tensor();
     k.qkvg = Tensor();
     ln.y = Tensor();
@@ -462,7 +501,7 @@ void attention_rows_backward(const LayerNormW& ln, const GatedAttentionW& w, Lay
 // module (src/model/train.h): here the bias branch and per chunk LN, q|k|v|g and the attention
 // (og, lse), not the output projection nor the residual add.
 LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool bias,
-                         int64_t r, int64_t cz, const WorkChunks& ch, LayerWork* rb) {
+                         int64_t r, int64_t cz, const WorkChunks& ch, LayerWork* rb, bool qk) {
   LayerWork w;
   const double rows = static_cast<double>(N) * L, hc = static_cast<double>(H) * C;
   const int64_t n = ch.training ? attention_train_chunk(*ch.ctx, N, L, c, H * C)
@@ -474,9 +513,10 @@ LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, 
     w.gemm.push_back({2.0 * r * r * cz * H, static_cast<double>(nb * r)});
     w.mem += 2.0 * r * r * cz + 2.0 * H * r * r;  // LayerNorm of z, bias transpose
   }
-  w.gemm.push_back({2.0 * rows * c * 4 * hc, static_cast<double>(n * L)});
+  const double proj = qk ? 4 : 2, prod = qk ? 1 : 0.5;  // bias-only: v | g, P.V (of QK^T, PV)
+  w.gemm.push_back({2.0 * rows * c * proj * hc, static_cast<double>(n * L)});
   w.gemm.push_back({2.0 * rows * hc * c, static_cast<double>(n * L)});
-  w.att.push_back({attention_flops(N, H, L, L, C), static_cast<double>(L)});
+  w.att.push_back({prod * attention_flops(N, H, L, L, C), static_cast<double>(L)});
   w.att_scores = static_cast<double>(N) * H * L * L;
   w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
   w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk

@@ -56,7 +56,8 @@ int64_t attention_train_chunk(const BlockContext& ctx, int64_t N, int64_t L, int
 // (transposed layers read columns with strides, as attention_module does).
 struct AttentionChunk {
   // Both rounded to bf16 values and kept in bf16 under BlockContext::store BF16 (layer_util.h).
-  Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items
+  Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items (q | k
+                // not written under GatedAttentionW::bias_logits)
   Tensor og;    // [n*L, H*C]   gated attention output (input of linear_o)
   Tensor lse;   // [n, H, L]     log-sum-exp of the logits per query (saved for the backward)
 };
@@ -121,8 +122,11 @@ void attention_rows_backward(const LayerNormW& ln, const GatedAttentionW& w, Lay
 // rows of z with c_z channels); rb (training, may be null) receives the work the backward rebuilds
 // under policy module: the bias branch and per chunk LN, q|k|v|g and the attention (og, lse), not
 // the output projection nor the residual add.
+// qk = false: bias-only logits (GatedAttentionW::bias_logits): the v | g projection and the P.V
+// product only.
 LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, bool bias,
-                         int64_t r, int64_t cz, const WorkChunks& ch, LayerWork* rb);
+                         int64_t r, int64_t cz, const WorkChunks& ch, LayerWork* rb,
+                         bool qk = true);
 // One gated-attention layer as the memory model sees it: N items of L positions with c channels, H
 // heads of C; `bias`: with the pair-bias branch from z; `transposed`: the items are columns.
 struct AttentionDims {

@@ -177,6 +177,11 @@ LayerWork swiglu_transition_work(int64_t rows, int64_t c, int64_t nc, const Work
   w.gemm.push_back({2.0 * rows * nc * c, static_cast<double>(k)});  // fc3
   w.chunks += div_ceil(rows, k);
   w.mem += 2.0 * rows * c + 3.0 * rows * nc;  // LayerNorm; silu(a) * b reads 2 nc, writes nc
+  // Training: fc1 is copied out of h into u (reads and writes nc) before the gate, in the forward
+  // and again in the backward's rebuild of u; with it the backward's 2 x mem + re_mem is its
+  // passes (LN statistics 2c; u rebuilt 5nc; swiglu_backward reads a, b, du, writes da, db: 5nc;
+  // LayerNorm backward 4c). The fused inference kernel gates in cache, without the copy.
+  if (ch.training) w.mem += 2.0 * rows * nc;
   w.re_mem += 2.0 * rows * c;                 // LayerNorm rebuilt per chunk
   if (rb) {
     *rb = LayerWork{};

@@ -95,6 +95,7 @@ void allocate_pairformer_block(const EvoformerConfig& cfg, PairformerBlockWeight
 
 void allocate_msa_module_block(const EvoformerConfig& cfg, MsaModuleBlockWeights* w) {
   row_attention(cfg, &w->pair_weighted_averaging);
+  w->pair_weighted_averaging.mha.bias_logits = true;  // Boltz has no proj_q / proj_k
   swiglu(cfg.c_m, cfg.transition_n, &w->msa_transition);
   OuterProductMeanW& o = w->outer_product_mean;
   ln(cfg.c_m, &o.ln);

@@ -97,7 +97,7 @@ constexpr LayerDesc kPairformerLayers[] = {
 // The Boltz-2 MSA-module block (differs from AF3 Algorithm 8, which runs the OPM first).
 constexpr LayerDesc kMsaModuleLayers[] = {
     {"pair_weighted_averaging", K::kMsaRowAttention, S::kM, S::kZ, false, R::kMsa, D::kPerRow,
-     A::kMsaRows, FC_PARAMS(MsaModuleBlockWeights, pair_weighted_averaging)},
+     A::kMsaRows, FC_PARAMS(MsaModuleBlockWeights, pair_weighted_averaging), false, true},
     {"msa_transition", K::kSwiGluTransition, S::kM, S::kNone, false, R::kNone, D::kNone,
      A::kMsaPositions, FC_PARAMS(MsaModuleBlockWeights, msa_transition)},
     {"outer_product_mean", K::kOuterProductMean, S::kZ, S::kM, false, R::kNone, D::kNone,

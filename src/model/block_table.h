@@ -69,6 +69,9 @@ struct LayerDesc {
   // The stream it updates is a single representation (AF3's s [n, c_s], the m stream of a one-row
   // MSA): DAP shards it by tokens, and its attention runs with the shard's tokens as the queries.
   bool single = false;
+  // Bias-only logits (AF3 pair-weighted averaging: no query / key projection; the weights say the
+  // same, GatedAttentionW::bias_logits): the cost model counts no q.k work.
+  bool bias_logits = false;
 };
 
 struct BlockTable {

@@ -33,6 +33,10 @@ struct GatedAttentionW {
   Tensor b_qkvg;  // [4*H*C]: linear_g.bias for g, zeros for q, k, v (AF3 single attention: the
                   // query bias for q) and wherever the file has no bias
   LinearW o;      // [c_in, H*C], [c_in] (AF3: no bias)
+  // No query / key projection (AF3 pair-weighted averaging): the logits are the biases alone
+  // (kern::AttentionArgs::bias_logits); only the v | g rows of w_qkvg are used (the q | k rows
+  // stay zero, their gradients zero) and the q | k columns of the q|k|v|g buffers are not written.
+  bool bias_logits = false;
 };
 
 struct MsaRowAttentionW {

@@ -131,7 +131,7 @@ LayerWork layer_work(const LayerDesc& l, const EvoformerConfig& cfg, int64_t s, 
   const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
   switch (l.kind) {
     case LayerKind::kMsaRowAttention:
-      return attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch, rb);
+      return attention_work(s, r, cfg.c_m, Hm, Cm, true, r, cfg.c_z, ch, rb, !l.bias_logits);
     case LayerKind::kMsaColumnAttention:
       return attention_work(r, s, cfg.c_m, Hm, Cm, false, r, cfg.c_z, ch, rb);
     case LayerKind::kTransition:

@@ -105,8 +105,12 @@ double cost_share(const LayerDesc& ly, const EvoformerConfig& cfg, Split s, int6
 const ModuleCost& cost_of(const LayerCosts& c, int i, Split s) {
   return s == Split::kHeads ? c.heads[i] : s == Split::kChannels ? c.channels[i] : c.whole[i];
 }
-double share_of(Split s, const DapLayout& l) {
-  return s == Split::kDap ? static_cast<double>(l.r_loc) / static_cast<double>(l.r) : 1.0;
+// A layer's cost on the most loaded rank: dap takes the shard share of its work, but its fixed
+// per-module overhead (dispatch, launches) in full, as block_times (search.cc) charges it; the
+// other splits are costed at this rank's heads / channels or whole, overhead included.
+double rank_ms(double ms, Split s, const DapLayout& l, double fixed_ms) {
+  if (s != Split::kDap || ms <= 0) return ms;
+  return (ms - fixed_ms) * static_cast<double>(l.r_loc) / static_cast<double>(l.r) + fixed_ms;
 }
 
 // Floats of a layer's parameters (the Evoformer's kinds; LayerNorms included).
@@ -170,8 +174,11 @@ LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
 }
 
 // estimate_partition with the layers' single-device costs at the plan's shape given.
+// in / out: the layouts the block starts in and leaves its streams in (nullptr: the boundary);
+// a whole stream carried out of the block is counted as live over the rest of the block.
 PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
-                                const std::vector<Split>& splits) {
+                                const std::vector<Split>& splits, const BlockLayouts* in = nullptr,
+                                const BlockLayouts* out = nullptr) {
   const EvoformerConfig& cfg = p.cfg;
   const BlockTable& t = plan_table(p);
   const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
@@ -182,7 +189,10 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   PartitionEstimate est;
   int64_t fwd_floats = 0, bwd_floats = 0, rec_floats = 0;
   int fwd_calls = 0, bwd_calls = 0, rec_calls = 0;
-  Shard m = dap_boundary_m(t), z = Shard::kPairRows;
+  const BlockLayouts boundary{dap_boundary_m(t), Shard::kPairRows};
+  const BlockLayouts exit = out ? *out : boundary;
+  const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
+  Shard m = (in ? *in : boundary).first, z = (in ? *in : boundary).second;
   auto change = [&](Shard& from, Shard to, int64_t w) {
     const int64_t f = change_floats(from, to, w, n), b = change_floats(to, from, w, n);
     fwd_floats += f, bwd_floats += b;
@@ -193,13 +203,17 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& ly = t.layers[i];
     const Split s = splits[i];
-    change(m, lay[i].first, wm);
-    change(z, lay[i].second, wz);
+    const bool uses_m = ly.updates == Stream::kM || ly.reads == Stream::kM;
+    const bool uses_z = ly.updates == Stream::kZ || ly.reads == Stream::kZ;
+    if (uses_m) change(m, lay[i].first, wm);
+    if (uses_z) change(z, lay[i].second, wz);
     const ModuleCost& c = cost_of(costs, i, s);
-    const double share = share_of(s, l);
-    est.fwd_ms += c.forward_ms * share;
-    est.bwd_ms += c.backward_ms * share;
-    est.rec_ms += c.rebuild_ms * share;
+    const double fixed = dev.module_overhead_us * 1e-3;
+    est.fwd_ms += rank_ms(c.forward_ms, s, l, fixed);
+    if (p.training) {
+      est.bwd_ms += rank_ms(c.backward_ms, s, l, fixed);
+      est.rec_ms += rank_ms(c.rebuild_ms, s, l, fixed);
+    }
     const int64_t wx = ly.updates == Stream::kM ? wm : wz;
     const int64_t wr = ly.reads == Stream::kNone ? 0 : (ly.reads == Stream::kM ? wm : wz);
     if (s == Split::kChannels && ly.kind == LayerKind::kTriangleMultiplication) {
@@ -227,7 +241,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       if (s != Split::kReplicated) {
         // Partial sums: a reduce-scatter ((n-1)/n of the stream) into the shard the stream is
         // next needed in, else an all-reduce (2 (n-1)/n); backward all-reduces.
-        const bool to_shard = !full(partition_next_layout(t, splits, i));
+        const bool to_shard = !full(partition_next_layout(t, splits, i, &exit));
         fwd_floats += to_shard ? (n - 1) * (wx / n) : 2 * (n - 1) * wx / n;
         // Backward: the partial gradients likewise into the layout the backward next needs.
         auto sum = [&](Stream x, int64_t w) {
@@ -251,7 +265,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       // rank-major first (a whole copy).
       auto packs = [](Shard h) { return h == Shard::kMsaByRes || h == Shard::kPairRowsT; };
       if (partition_reduces(s)) {
-        if (packs(partition_next_layout(t, splits, i)) ||
+        if (packs(partition_next_layout(t, splits, i, &exit)) ||
             (p.training && packs(partition_prev_layout(t, lay, i, ly.updates))))
           extra += wx;
         if (p.training && wr > 0 && packs(partition_prev_layout(t, lay, i, ly.reads))) extra += wr;
@@ -274,15 +288,20 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       const int64_t f = change_floats(dap_boundary_m(t), lay[i].first, wm, n);
       bwd_floats += f, bwd_calls += f > 0;
     }
+    // After its last use in the block a stream goes to the block's exit layout.
+    if (i == last_m) change(m, exit.first, wm);
+    if (i == last_z) change(z, exit.second, wz);
   }
-  change(m, dap_boundary_m(t), wm);
-  change(z, Shard::kPairRows, wz);
+  const int64_t carried =
+      (full(exit.first) ? wm - wm / n : 0) + (full(exit.second) ? wz - wz / n : 0);
+  est.transient_bytes += carried * e;
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
   est.sent_rec_bytes = rec_floats * e;
   est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev);
   est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev);
   est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev);
+  est.calls_fwd = fwd_calls, est.calls_bwd = bwd_calls, est.calls_rec = rec_calls;
   return est;
 }
 }  // namespace
@@ -290,6 +309,26 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
 PartitionEstimate estimate_partition(const Plan& p, const DeviceProfile& dev,
                                      const std::vector<Split>& splits) {
   return estimate_with(p, dev, plan_layer_costs(p, dev), splits);
+}
+
+namespace {
+// Block b's estimate in a stack running lists `blocks`: inference carries layouts across blocks
+// (partition_exit_layouts), training keeps every block at the boundary.
+PartitionEstimate block_estimate(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
+                                 const std::vector<std::vector<Split>>& blocks, int b) {
+  if (p.training) return estimate_with(p, dev, costs, blocks[b]);
+  const BlockTable& t = plan_table(p);
+  const BlockLayouts in = b == 0 ? BlockLayouts{dap_boundary_m(t), Shard::kPairRows}
+                                 : partition_entry_layouts(t, blocks[b]);
+  const BlockLayouts out = partition_exit_layouts(t, blocks, b);
+  return estimate_with(p, dev, costs, blocks[b], &in, &out);
+}
+}  // namespace
+
+PartitionEstimate estimate_partition_in_stack(const Plan& p, const DeviceProfile& dev,
+                                              const std::vector<std::vector<Split>>& blocks,
+                                              int b) {
+  return block_estimate(p, dev, plan_layer_costs(p, dev), blocks, b);
 }
 
 namespace {
@@ -339,9 +378,11 @@ void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   double f = 0, b = 0, r = 0, c = 0;
   int64_t peak = 0, kept = 0;
   const int64_t B = p->cfg.no_blocks;
+  std::vector<std::vector<Split>> lists;
+  for (int64_t k = 0; k < B; ++k)
+    lists.push_back(resolve_one(plan_table(*p), p->partitions[p->partitions.size() == 1 ? 0 : k]));
   for (int64_t k = 0; k < B; ++k) {
-    const auto& list = p->partitions[p->partitions.size() == 1 ? 0 : k];
-    const PartitionEstimate a = estimate_with(*p, dev, costs, resolve_one(plan_table(*p), list));
+    const PartitionEstimate a = block_estimate(*p, dev, costs, lists, static_cast<int>(k));
     double df, db, dr, dc;
     int64_t dp;
     delta(*p, a, d, &df, &db, &dr, &dc, &dp);
@@ -411,9 +452,15 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
   if (spare < 0) return;
   std::vector<Candidate> cands;
   std::vector<Split> cur(t.count, Split::kDap);
+  // Inference carries layouts across blocks: a list is estimated as it repeats (entering and
+  // leaving in its own entry layouts); the chosen lists are then re-estimated block by block.
+  const bool carry = !p->training && p->cfg.no_blocks > 1;
   std::function<void(int)> walk = [&](int i) {
     if (i == t.count) {
-      const Candidate c = candidate(*p, estimate_with(*p, dev, costs, cur), d, cur);
+      const BlockLayouts e = partition_entry_layouts(t, cur);
+      const Candidate c = candidate(
+          *p, estimate_with(*p, dev, costs, cur, carry ? &e : nullptr, carry ? &e : nullptr), d,
+          cur);
       if (c.transient <= spare) cands.push_back(c);
       return;
     }
@@ -510,7 +557,104 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
     p->partitions.clear();
     return;
   }
+  // The per-block estimate is exact where the search's repeated-list estimate of a carried
+  // inference list is not (the first block's entry, the last block's exit): keep pure DAP unless
+  // the chosen lists are faster or as fast.
+  Plan dap_plan = *p;
+  dap_plan.partitions.clear();
   add_partition_estimates(dev, p);
+  if (p->time_ms > dap_plan.time_ms) *p = std::move(dap_plan);
+}
+
+}  // namespace fc
+
+// ---- Explanation of the search (src/plan/partition_cost.h) -------------------------------------
+
+namespace fc {
+
+namespace {
+// Per-step terms of estimate a relative to d (or of a alone: d zero) under the plan's policies.
+SplitTerms step_terms(const Plan& p, const DeviceProfile& dev, const PartitionEstimate& a,
+                      const PartitionEstimate& d) {
+  SplitTerms t;
+  double calls = 0, bytes = 0;
+  const int64_t B = p.cfg.no_blocks;
+  for (int64_t b = 0; b < B; ++b) {
+    const Recompute pol =
+        p.training && b < static_cast<int64_t>(p.policy.size()) ? p.policy[b] : Recompute::kBlock;
+    t.compute_ms += a.fwd_ms - d.fwd_ms;
+    calls += a.calls_fwd - d.calls_fwd;
+    bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
+    if (!p.training) continue;
+    t.compute_ms += a.bwd_ms - d.bwd_ms;
+    calls += a.calls_bwd - d.calls_bwd;
+    bytes += static_cast<double>(a.sent_bwd_bytes - d.sent_bwd_bytes);
+    if (pol == Recompute::kModule) {
+      t.compute_ms += a.rec_ms - d.rec_ms;
+      calls += a.calls_rec - d.calls_rec;
+      bytes += static_cast<double>(a.sent_rec_bytes - d.sent_rec_bytes);
+    } else if (pol == Recompute::kBlock) {
+      t.compute_ms += a.fwd_ms - d.fwd_ms;
+      calls += a.calls_fwd - d.calls_fwd;
+      bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
+    }
+  }
+  const double gbps = dev.link_gbps > 0 ? dev.link_gbps : 10.0;
+  t.latency_ms = calls * dev.link_latency_us * 1e-3;
+  t.link_ms = 2.0 * bytes / (gbps * 1e9) * 1e3;
+  t.extra_peak_bytes = a.transient_bytes + keeping_blocks(p) * a.saved_bytes -
+                       (d.transient_bytes + keeping_blocks(p) * d.saved_bytes);
+  return t;
+}
+}  // namespace
+
+std::vector<SplitTerms> explain_splits(const DeviceProfile& dev, const Plan& p) {
+  std::vector<SplitTerms> out;
+  if (p.dap < 2) return out;
+  const BlockTable& t = plan_table(p);
+  const LayerCosts costs = plan_layer_costs(p, dev);
+  const std::vector<Split> dap(t.count, Split::kDap);
+  const PartitionEstimate d = estimate_with(p, dev, costs, dap);
+  auto terms = [&](const std::vector<Split>& s) {
+    SplitTerms r = step_terms(p, dev, estimate_with(p, dev, costs, s), d);
+    r.splits = s;
+    return r;
+  };
+  for (int i = 0; i < t.count; ++i)
+    for (int k = 1; k < kSplits; ++k)
+      if (split_supported(t.layers[i], static_cast<Split>(k))) {
+        std::vector<Split> s = dap;
+        s[i] = static_cast<Split>(k);
+        out.push_back(terms(s));
+      }
+  SplitTerms best = terms(dap);
+  std::vector<Split> cur = dap;
+  std::function<void(int)> walk = [&](int i) {
+    if (i == t.count) {
+      if (cur == dap) return;
+      SplitTerms c = terms(cur);
+      if (best.splits == dap || c.total_ms() < best.total_ms()) best = std::move(c);
+      return;
+    }
+    for (int k = 0; k < kSplits; ++k)
+      if (split_supported(t.layers[i], static_cast<Split>(k))) {
+        cur[i] = static_cast<Split>(k);
+        walk(i + 1);
+      }
+    cur[i] = Split::kDap;
+  };
+  walk(0);
+  out.push_back(std::move(best));
+  return out;
+}
+
+void dap_link_terms(const DeviceProfile& dev, const Plan& p, double* link_ms, double* latency_ms) {
+  const BlockTable& t = plan_table(p);
+  const LayerCosts costs = plan_layer_costs(p, dev);
+  const std::vector<Split> dap(t.count, Split::kDap);
+  const SplitTerms s = step_terms(p, dev, estimate_with(p, dev, costs, dap), PartitionEstimate{});
+  *link_ms = s.link_ms;
+  *latency_ms = s.latency_ms;
 }
 
 }  // namespace fc
