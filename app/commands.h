@@ -59,10 +59,11 @@ struct RunArgs {
   std::string model;         // "" (a stack) or "af2" (the whole AlphaFold2 model)
   std::string features;      // --model af2: safetensors with feature.<name> tensors
   int recycles = -1;         // --model af2: recycling iterations (-1 = as many as the features)
-  double recycle_tolerance = 0;  // --model af2: early stop (CA distance change, A); 0 = off
-  int64_t extra = 1024;          // --model af2, random features: extra sequences
-  int64_t templates = 4;         // --model af2, random features: templates
-  bool blocks_given = false;     // --blocks was on the command line
+  double recycle_tolerance = 0;    // --model af2: early stop (CA distance change, A); 0 = off
+  int64_t extra = 1024;            // --model af2, random features: extra sequences
+  int64_t templates = 4;           // --model af2, random features: templates
+  bool blocks_given = false;       // --blocks was on the command line
+  bool replicate_weights = false;  // --model af2 --dap: every rank holds every stack block
 };
 int run_command(const RunArgs& a);
 // `run --model af2`: the whole AlphaFold2 model (app/run_af2.cc).

@@ -89,6 +89,9 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
                   "--model af2: stop recycling once the CA distance matrix changes by less than "
                   "this (RMS, Angstrom) between passes (0 = run every pass)")
       ->check(CLI::Range(0.0, 1e6));
+  run->add_flag("--replicate-weights", ra.replicate_weights,
+                "--model af2 --dap N: every rank holds all stack weights (default: each rank "
+                "holds every N-th block and receives the others by broadcast as they run)");
   run->add_option("--recycles", ra.recycles,
                   "--model af2: recycling iterations (default: as many as the features hold)")
       ->check(CLI::Range(0, 1000));

@@ -500,7 +500,8 @@ uint64_t run_args_hash(const RunArgs& a) {
         static_cast<int64_t>(a.quiet), static_cast<int64_t>(a.profile),
         static_cast<int64_t>(a.backward), static_cast<int64_t>(a.train),
         static_cast<int64_t>(a.dap), static_cast<int64_t>(a.dp), static_cast<int64_t>(a.unfused),
-        static_cast<int64_t>(a.recycles), a.extra, a.templates})
+        static_cast<int64_t>(a.recycles), a.extra, a.templates,
+        static_cast<int64_t>(a.replicate_weights)})
     k += std::to_string(v) + '\x1f';
   k += std::to_string(a.recycle_tolerance);
   uint64_t h = 1469598103934665603ull;  // FNV-1a, 64 bit

@@ -25,7 +25,9 @@ namespace {
 // Without --weights: seeded random parameters of that preset (default model_1_ptm; --blocks
 // Evoformer blocks when given). With --weights: the config comes from the parameters; a preset must
 // agree with them, a JSON file supplies the counts the shapes do not hold.
-Status load_model(const RunArgs& a, AlphaFold* model) {
+// ranks > 1: the stack blocks sharded over that many ranks, this one at `rank`
+// (src/exec/af2_dap.h): a parameter file is read and loaded by this rank's share only.
+Status load_model(const RunArgs& a, AlphaFold* model, int ranks = 1, int rank = 0) {
   const bool json_file = !a.config.empty() && a.config.find(".json") != std::string::npos;
   AlphaFoldConfig preset = alphafold_model_1_ptm();
   if (!a.config.empty() && !json_file) FC_RETURN_IF_ERROR(alphafold_preset(a.config, &preset));
@@ -36,10 +38,12 @@ Status load_model(const RunArgs& a, AlphaFold* model) {
                                      "preset name, e.g. model_3_ptm)");
     AlphaFoldConfig cfg = preset;
     if (a.blocks_given) cfg.evoformer.no_blocks = a.blocks;
-    return AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model);
+    FC_RETURN_IF_ERROR(AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model));
+    return ranks > 1 ? shard_alphafold_weights(model, ranks, rank) : Status::OK();
   }
-  TensorFile w;
-  FC_RETURN_IF_ERROR(read_weights(a.weights, &w));  // safetensors or AlphaFold .npz
+  TensorFile w;  // safetensors or AlphaFold .npz
+  FC_RETURN_IF_ERROR(ranks > 1 ? read_weights(a.weights, &w, dap_weight_filter(ranks, rank))
+                               : read_weights(a.weights, &w));
   if (json_file) {
     std::ifstream in(a.config);
     if (!in) return Status::NotFound("cannot read --config " + a.config);
@@ -55,7 +59,8 @@ Status load_model(const RunArgs& a, AlphaFold* model) {
     return Status::InvalidArgument("--config " + a.config + " does not match " + a.weights +
                                    ": the parameters have " + (cfg.templates ? "" : "no ") +
                                    "templates and " + (cfg.ptm ? "a" : "no") + " TM head");
-  const Status st = AlphaFold::load(cfg, w, model);
+  const Status st =
+      ranks > 1 ? load_alphafold_shard(cfg, w, ranks, rank, model) : AlphaFold::load(cfg, w, model);
   return st.WithContext(a.weights);
 }
 
@@ -133,7 +138,9 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
   FC_RETURN_IF_ERROR(check_same_flags(a, world, "--dap"));
   AlphaFold model;
   FeatureDict feats;
-  Status st = load_model(a, &model);
+  // Weight sharding (default under --dap): this rank reads and keeps every N-th stack block.
+  const bool sharded = !a.replicate_weights && world.size() > 1;
+  Status st = sharded ? load_model(a, &model, world.size(), world.rank()) : load_model(a, &model);
   if (st.ok()) st = load_features(a, &feats);
   FC_RETURN_IF_ERROR(world.agree(st, true));
   AlphaFoldOptions opts;
@@ -162,8 +169,8 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
                                      " per rank is below the weights and features every rank "
                                      "holds (" +
                                      std::to_string(base) + " bytes)");
-    FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, base, budget, num_threads(), a.dap,
-                                          &plan, opts.dtype));
+    FC_RETURN_IF_ERROR(plan_alphafold_dap(model.config(), dims, bases, budget, num_threads(), &plan,
+                                          opts.dtype, sharded));
     opts.chunk_target_bytes = plan.chunk_target_bytes;
     opts.pair_block_bytes = plan.pair_block_bytes;
   }
@@ -194,7 +201,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
     if (alphafold_dims(model.config(), feats, &dims).ok()) {
       dims.passes = static_cast<int>(out.at("num_recycles").data<int64_t>()[0]);
       if (alphafold_dap_forward_memory(model.config(), dims, opts, num_threads(), world.size(),
-                                       world.rank(), &mem)
+                                       world.rank(), &mem, sharded)
               .ok())
         predicted = base + mem.peak_bytes;
     }
@@ -232,6 +239,7 @@ Status run_af2_dap_job(const RunArgs& a, const Comm& world) {
       nlohmann::json j;
       j["model"] = "af2";
       j["dap"] = a.dap;
+      j["sharded_weights"] = sharded;
       j["time_ms"] = ms;
       j["rank_forward_peak_tracked_bytes"] = peaks;  // absolute, during the forward
       if (predicted_peaks[0] > 0)                    // the per-rank memory model's, absolute

@@ -1,8 +1,9 @@
 // The whole AlphaFold2 model's tracked peak per rank under DAP against one process, from the two
 // memory models (src/plan/af2_memory.cc and af2_dap_memory.cc, each equal to the tracked
 // allocator byte for byte: tests Af2Memory.*, DapAf2Memory.*). The model's seeded random weights
-// and random features of the given shape are built and measured (every rank holds both); the
-// forward is not run, so shapes too large for this machine can be tabulated too.
+// and random features of the given shape are built and measured (every rank holds the features,
+// and all weights or, sharded, its share of the stack blocks); the forward is not run, so shapes
+// too large for this machine can be tabulated too.
 //
 //   build/af2_dap_memory_bench [--r 256] [--s 128] [--extra 1024] [--templates 4] [--blocks 48]
 //                              [--recycles 3] [--ranks 2,4] [--threads 1]
@@ -76,25 +77,29 @@ int main(int argc, char** argv) {
       static_cast<long long>(recycles + 1), static_cast<long long>(threads));
   std::printf("weights %.1f MiB, features %.1f MiB (held by every rank)\n", mib(weights),
               mib(base - weights));
-  std::printf("%-10s %14s %16s %10s %14s\n", "run", "peak (MiB)", "above base (MiB)", "ratio",
+  std::printf("%-22s %14s %16s %10s %14s\n", "run", "peak (MiB)", "above held (MiB)", "ratio",
               "ratio above");
-  std::printf("%-10s %14.1f %16.1f %10.3f %14.3f\n", "1 process", mib(base + one.peak_bytes),
+  std::printf("%-22s %14.1f %16.1f %10.3f %14.3f\n", "1 process", mib(base + one.peak_bytes),
               mib(one.peak_bytes), 1.0, 1.0);
-  for (int n : ranks) {
-    int64_t top = 0;
-    for (int k = 0; k < n; ++k) {
-      fc::AlphaFoldMemory mem;
-      st = fc::alphafold_dap_forward_memory(model.config(), dims, {}, static_cast<int>(threads), n,
-                                            k, &mem);
-      if (!st.ok()) return std::fprintf(stderr, "%s\n", st.ToString().c_str()), 1;
-      top = std::max(top, mem.peak_bytes);
-      char name[32];
-      std::snprintf(name, sizeof name, "%d ranks:%d", n, k);
-      std::printf("%-10s %14.1f %16.1f %10.3f %14.3f\n", name, mib(base + mem.peak_bytes),
-                  mib(mem.peak_bytes),
-                  static_cast<double>(base + mem.peak_bytes) / (base + one.peak_bytes),
-                  static_cast<double>(mem.peak_bytes) / one.peak_bytes);
+  // Replicated weights (--replicate-weights) and sharded ones (the default under --dap): a rank
+  // then holds the base less the stack blocks it does not own, plus one block buffer per stage.
+  for (bool sharded : {false, true})
+    for (int n : ranks) {
+      for (int k = 0; k < n; ++k) {
+        fc::AlphaFoldMemory mem;
+        st = fc::alphafold_dap_forward_memory(model.config(), dims, {}, static_cast<int>(threads),
+                                              n, k, &mem, sharded);
+        if (!st.ok()) return std::fprintf(stderr, "%s\n", st.ToString().c_str()), 1;
+        const int64_t held =
+            base - (sharded ? fc::alphafold_released_weight_bytes(model.config(), n, k) : 0);
+        char name[48];
+        std::snprintf(name, sizeof name, "%d ranks:%d %s", n, k,
+                      sharded ? "sharded" : "replicated");
+        std::printf("%-22s %14.1f %16.1f %10.3f %14.3f\n", name, mib(held + mem.peak_bytes),
+                    mib(mem.peak_bytes),
+                    static_cast<double>(held + mem.peak_bytes) / (base + one.peak_bytes),
+                    static_cast<double>(mem.peak_bytes) / one.peak_bytes);
+      }
     }
-  }
   return 0;
 }

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "exec/af2_dap.h"
 #include "foldcube/io.h"
 #include "test_util.h"
 
@@ -158,7 +159,8 @@ TEST(DapAf2Cli, DataParallelismIsRefusedNotIgnored) {
 // --memory-budget X (per rank, between the finest chunking's peak and the default's) is planned
 // from that model: every rank's peak within X, still equal to the prediction; a budget below the
 // finest chunking is refused with the smallest feasible budget per rank; the same under --dtype
-// bf16 (the budget kept, predicted = measured); an early stop is predicted for the passes run.
+// bf16 (a budget between its own finest and default peaks kept, predicted = measured); an early
+// stop is predicted for the passes run.
 TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
   const std::string args =
       "run --model af2 --r 64 --s 8 --extra 48 --templates 2 --blocks 1 --recycles 0 --threads 1 "
@@ -190,11 +192,20 @@ TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
   const std::vector<int64_t> got_b = peaks(rep_b, "rank_forward_peak_tracked_bytes");
   EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_b);
   for (int64_t p : got_b) EXPECT_LE(p, budget);
-  r = launch(2, args + rep_b + " --dtype bf16 --memory-budget " + std::to_string(budget));
+  // bf16: its own finest and default peaks (its work buffers differ), a budget between them.
+  r = launch(2, args + rep_b + " --dtype bf16");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::vector<int64_t> top_h = peaks(rep_b, "rank_forward_peak_tracked_bytes");
+  r = launch(2, args + rep_b + " --dtype bf16 --memory-budget " + std::to_string(base[0] + 1));
+  ASSERT_NE(r.out.find(key), std::string::npos) << r.out;
+  const int64_t finest_h =
+      static_cast<int64_t>(std::stod(r.out.substr(r.out.find(key) + key.size())) * 1048576);
+  const int64_t budget_h = (finest_h + std::max(top_h[0], top_h[1])) / 2;
+  r = launch(2, args + rep_b + " --dtype bf16 --memory-budget " + std::to_string(budget_h));
   ASSERT_EQ(r.code, 0) << r.out;
   const std::vector<int64_t> got_h = peaks(rep_b, "rank_forward_peak_tracked_bytes");
   EXPECT_EQ(peaks(rep_b, "rank_predicted_forward_peak_bytes"), got_h);
-  for (int64_t p : got_h) EXPECT_LE(p, budget);
+  for (int64_t p : got_h) EXPECT_LE(p, budget_h);
   // An early stop (after the second of three passes) is predicted as a run of two passes.
   const std::string rep_e = test::temp_file("af2_model_early.json");
   r = launch(2,
@@ -207,10 +218,12 @@ TEST(DapAf2Cli, MemoryModelEqualsEveryRankPeakAndPlansTheBudget) {
             peaks(rep_e, "rank_forward_peak_tracked_bytes"));
 }
 
-// Per-rank peaks: on 2 ranks each rank's forward peak above its weights and features is below
-// the one-rank peak by at least half the one-rank shards of m and z (they halve; the work buffers
-// follow the shard sizes); each rank's shards are half of m and z; writing the outputs (one
-// shard at a time) adds at most one z shard to a rank's forward peak.
+// Per-rank peaks: on 2 ranks with replicated weights each rank's forward peak above its weights
+// and features is below the one-rank peak by at least half the one-rank shards of m and z (they
+// halve; the work buffers follow the shard sizes); each rank's shards are half of m and z; writing
+// the outputs (one shard at a time) adds at most one z shard to a rank's forward peak. With
+// sharded weights (the default) each rank holds less, and its forward peak above that is at most
+// one Evoformer block's buffer more.
 TEST(DapAf2Cli, RankPeakDropsWithTwoRanks) {
   const std::string args =
       "run --model af2 --r 48 --s 16 --extra 32 --templates 2 --blocks 2 --recycles 1 "
@@ -220,8 +233,13 @@ TEST(DapAf2Cli, RankPeakDropsWithTwoRanks) {
   const std::string rep2 = test::temp_file("af2_peak2.json");
   test::Result r1 = launch(0, args + rep1 + " --dap 1");
   ASSERT_EQ(r1.code, 0) << r1.out;
-  test::Result r2 = launch(2, args + rep2 + " --dap 2");
+  test::Result r2 = launch(2, args + rep2 + " --dap 2 --replicate-weights");
   ASSERT_EQ(r2.code, 0) << r2.out;
+  const std::string rep3 = test::temp_file("af2_peak3.json");
+  test::Result r3 = launch(2, args + rep3 + " --dap 2");
+  ASSERT_EQ(r3.code, 0) << r3.out;
+  nlohmann::json j3 = nlohmann::json::parse(std::ifstream(rep3));
+  EXPECT_TRUE(j3["sharded_weights"].get<bool>());
   nlohmann::json j1 = nlohmann::json::parse(std::ifstream(rep1));
   nlohmann::json j2 = nlohmann::json::parse(std::ifstream(rep2));
   auto work = [](const nlohmann::json& j, int k) {
@@ -235,6 +253,10 @@ TEST(DapAf2Cli, RankPeakDropsWithTwoRanks) {
     EXPECT_LE(j2["rank_shard_bytes"][k].get<int64_t>(), (m_bytes + z_bytes) / 2);
     EXPECT_LE(j2["rank_output_write_peak_bytes"][k].get<int64_t>(),
               j2["rank_forward_peak_tracked_bytes"][k].get<int64_t>() + z_bytes / 2);
+    EXPECT_LT(j3["rank_base_tracked_bytes"][k].get<int64_t>(),
+              j2["rank_base_tracked_bytes"][k].get<int64_t>());
+    EXPECT_LE(work(j3, k), work(j2, k) + dap_block_buffer_bytes(kEvoformerBlock,
+                                                                alphafold_model_1_ptm().evoformer));
   }
 }
 

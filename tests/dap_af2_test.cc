@@ -2,10 +2,13 @@
 // `mpirun -np 2` and `-np 4`): the per-rank memory model against the allocator byte for byte;
 // traces gathered to the root, pad_to and bf16 against one process and OpenFold.
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 #include <string>
@@ -17,6 +20,8 @@
 #include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
+#include "io/param_names.h"
+#include "npz_util.h"
 #include "test_util.h"
 
 namespace fc {
@@ -50,22 +55,31 @@ struct MemCase {
   int64_t chunk_target = 0;      // bytes (0: the DAP default)
   int64_t pair_block_bytes = 0;  // 0: 4 MiB; 1: one row per block
   DType dtype = DType::F32;
+  bool sharded = false;  // stack block weights sharded over the ranks (shard_alphafold_weights)
+  int64_t pad = 0;       // > 0: AlphaFoldOptions::pad_to = r + pad
 };
 std::string MemCaseName(const ::testing::TestParamInfo<MemCase>& p) {
   return p.param.name + "_chunk" + std::to_string(p.param.chunk) + "_target" +
          std::to_string(p.param.chunk_target) + "_pairblock" +
-         std::to_string(p.param.pair_block_bytes) + (p.param.dtype == DType::BF16 ? "_bf16" : "");
+         std::to_string(p.param.pair_block_bytes) + (p.param.dtype == DType::BF16 ? "_bf16" : "") +
+         (p.param.sharded ? "_sharded" : "") +
+         (p.param.pad > 0 ? "_pad" + std::to_string(p.param.pad) : "");
 }
 
 class DapAf2Memory : public ::testing::TestWithParam<MemCase> {};
 
 // Every stage of every pass on this rank: the bytes at its start and its peak, and the forward's
 // peak, as replayed by alphafold_dap_forward_memory, equal the tracked allocator's to the byte.
+// Sharded cases: the per-stack block buffer is part of the stages (a model without it misses
+// every stack stage's peak by its bytes).
 TEST_P(DapAf2Memory, EveryStageOfEveryRankMatchesTheAllocator) {
   Golden g;
   if (!load_golden(GetParam().name, &g)) GTEST_SKIP() << "golden file not found";
   const dist::Communicator comm =
       dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  if (GetParam().sharded) {
+    ASSERT_TRUE(shard_alphafold_weights(&g.model, comm.size(), comm.rank()).ok());
+  }
   AlphaFoldOptions opts;
   opts.chunk = GetParam().chunk;
   opts.chunk_target_bytes = GetParam().chunk_target;
@@ -75,9 +89,15 @@ TEST_P(DapAf2Memory, EveryStageOfEveryRankMatchesTheAllocator) {
   opts.stats = &stats;
   AlphaFoldDims dims;
   ASSERT_TRUE(alphafold_dims(g.model.config(), g.feats, &dims).ok());
+  if (GetParam().pad > 0) {  // the bucket; the features keep their residues
+    dims.r_features = dims.r;
+    dims.r += GetParam().pad;
+    opts.pad_to = dims.r;
+  }
   AlphaFoldMemory mem;
-  const Status ms = alphafold_dap_forward_memory(g.model.config(), dims, opts, num_threads(),
-                                                 comm.size(), comm.rank(), &mem);
+  const Status ms =
+      alphafold_dap_forward_memory(g.model.config(), dims, opts, num_threads(), comm.size(),
+                                   comm.rank(), &mem, GetParam().sharded);
   ASSERT_TRUE(ms.ok()) << ms.ToString();
   const int64_t live0 = mem_stats().live_bytes;
   AlphaFoldDapOutputs out;
@@ -97,15 +117,168 @@ TEST_P(DapAf2Memory, EveryStageOfEveryRankMatchesTheAllocator) {
   EXPECT_EQ(ds.forward_peak_bytes - live0, mem.peak_bytes) << "rank " << comm.rank();
 }
 
-INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Memory,
-                         ::testing::Values(MemCase{"af2_model_tiny"}, MemCase{"af2_model_tiny", 1},
-                                           MemCase{"af2_model_tiny", 0, 4096, 1},
-                                           MemCase{"af2_model_af2dims"},
-                                           MemCase{"af2_model_af2dims", 5, 0, 1},
-                                           MemCase{"af2_model_tiny", 0, 0, 0, DType::BF16},
-                                           MemCase{"af2_model_af2dims", 0, 0, 0, DType::BF16},
-                                           MemCase{"af2_model_af2dims", 5, 0, 1, DType::BF16}),
-                         MemCaseName);
+INSTANTIATE_TEST_SUITE_P(
+    Golden, DapAf2Memory,
+    ::testing::Values(MemCase{"af2_model_tiny"}, MemCase{"af2_model_tiny", 1},
+                      MemCase{"af2_model_tiny", 0, 4096, 1}, MemCase{"af2_model_af2dims"},
+                      MemCase{"af2_model_af2dims", 5, 0, 1},
+                      MemCase{"af2_model_tiny", 0, 0, 0, DType::BF16},
+                      MemCase{"af2_model_af2dims", 0, 0, 0, DType::BF16},
+                      MemCase{"af2_model_af2dims", 5, 0, 1, DType::BF16},
+                      MemCase{"af2_model_tiny", 0, 0, 0, DType::F32, true},
+                      MemCase{"af2_model_tiny", 1, 0, 0, DType::F32, true},
+                      MemCase{"af2_model_af2dims", 0, 0, 0, DType::F32, true},
+                      MemCase{"af2_model_af2dims", 5, 0, 1, DType::BF16, true},
+                      MemCase{"af2_model_tiny", 0, 0, 0, DType::F32, false, 3},
+                      MemCase{"af2_model_tiny", 1, 0, 1, DType::F32, true, 5},
+                      MemCase{"af2_model_af2dims", 0, 0, 0, DType::F32, true, 7}),
+    MemCaseName);
+
+// A traced run is not modelled: the per-rank memory model refuses it with one message naming the
+// trace hook (the planner never passes one).
+TEST(DapAf2MemoryModel, RefusesATracedRun) {
+  const AlphaFoldConfig cfg = alphafold_model_1_ptm();
+  AlphaFoldDims dims;
+  dims.r = 16, dims.S = 4, dims.E = 8, dims.T = 2;
+  AlphaFoldOptions opts;
+  AlphaFoldMemory mem;
+  ASSERT_TRUE(alphafold_dap_forward_memory(cfg, dims, opts, 1, 2, 0, &mem).ok());
+  opts.trace = [](int, const std::string&, int, const Tensor&) {};
+  const Status st = alphafold_dap_forward_memory(cfg, dims, opts, 1, 2, 0, &mem);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(st.message().find("traced run"), std::string::npos) << st.message();
+}
+
+// Rank 0's outputs of two sharded forwards gathered: every output present in both, byte for byte.
+void expect_bit_identical(const AlphaFoldDapOutputs& a, const AlphaFoldDapOutputs& b,
+                          const dist::Communicator& comm) {
+  std::map<std::string, Tensor> want, got;
+  gather_alphafold_dap_outputs(a, comm, &want);
+  gather_alphafold_dap_outputs(b, comm, &got);
+  if (comm.rank() != 0) return;
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [name, y] : want) {
+    ASSERT_TRUE(got.count(name)) << name;
+    const Tensor& x = got.at(name);
+    ASSERT_EQ(x.shape(), y.shape()) << name;
+    ASSERT_EQ(x.nbytes(), y.nbytes()) << name;
+    EXPECT_EQ(std::memcmp(x.contiguous().data<char>(), y.contiguous().data<char>(), x.nbytes()), 0)
+        << name << " differs from the replicated run";
+  }
+}
+
+class DapAf2Sharded : public ::testing::TestWithParam<std::string> {};
+
+// Weight sharding: each rank releases exactly alphafold_released_weight_bytes (its share of the
+// stack blocks kept), the sharded run's outputs are bit-identical to the replicated run's on the
+// same ranks, in fp32 and bf16, and every stack block's weights travel by broadcast (the bytes
+// each rank sent grow by its blocks' buffers). A sharded model is refused by the one-process
+// forward and by sharding it again.
+TEST_P(DapAf2Sharded, OutputsBitIdenticalToTheReplicatedRun) {
+  Golden g;
+  if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const int n = comm.size(), me = comm.rank();
+  const AlphaFoldConfig cfg = g.model.config();
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    Golden s;  // the same model, sharded
+    ASSERT_TRUE(load_golden(GetParam(), &s));
+    const int64_t before = mem_stats().live_bytes;
+    ASSERT_TRUE(shard_alphafold_weights(&s.model, n, me).ok());
+    EXPECT_EQ(before - mem_stats().live_bytes, alphafold_released_weight_bytes(cfg, n, me));
+    AlphaFoldOptions opts;
+    opts.dtype = dtype;
+    opts.passes = dtype == DType::BF16 ? 1 : 0;
+    AlphaFoldDapOutputs a, b;
+    AlphaFoldDapStats sa, sb;
+    ASSERT_TRUE(alphafold_dap_forward(g.model, comm, g.feats, &a, opts, &sa).ok());
+    const Status st = alphafold_dap_forward(s.model, comm, s.feats, &b, opts, &sb);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    // Over the ranks: each block's buffer sent to n - 1 ranks, per pass (per template too).
+    AlphaFoldDims dims;
+    ASSERT_TRUE(alphafold_dims(cfg, g.feats, &dims).ok());
+    const int64_t passes = opts.passes > 0 ? std::min(opts.passes, dims.passes) : dims.passes;
+    const int64_t per_pass =
+        cfg.evoformer.no_blocks * dap_block_buffer_bytes(kEvoformerBlock, cfg.evoformer) +
+        cfg.extra_msa.no_blocks * dap_block_buffer_bytes(kExtraMsaBlock, cfg.extra_msa) +
+        (cfg.templates ? dims.T : 0) * cfg.template_pair.no_blocks *
+            dap_block_buffer_bytes(kTemplatePairBlock, cfg.template_pair);
+    int64_t more = 0;
+    for (int64_t v : comm.all_gather_i64(sb.comm.total_bytes() - sa.comm.total_bytes())) more += v;
+    EXPECT_EQ(more, (n - 1) * passes * per_pass);
+    expect_bit_identical(a, b, comm);
+    std::map<std::string, Tensor> one;
+    EXPECT_EQ(s.model.forward(s.feats, &one).code(), Status::Code::kInvalidArgument);
+    EXPECT_FALSE(shard_alphafold_weights(&s.model, n, me).ok());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Sharded,
+                         ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
+                         [](const auto& info) { return info.param; });
+
+// Loading sharded from the start (load_alphafold_sharded, the CLI's path under --dap), from a
+// safetensors state dict and from an AlphaFold .npz of a random model with 5 Evoformer, 3
+// Extra-MSA and 3 template blocks: each rank ends up holding exactly the replicated model less
+// alphafold_released_weight_bytes, its tracked peak while loading stays below the replicated
+// load's (the blocks it neither owns nor needs for the config are never read into memory), and
+// the forward's outputs equal the replicated run's bit for bit.
+TEST(DapAf2ShardedLoad, ReadsOnlyItsShareAndRunsBitIdentical) {
+  TensorFile tiny;
+  ASSERT_TRUE(read_safetensors(golden_path("af2_model_tiny.safetensors"), &tiny).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(tiny, &cfg).ok());
+  cfg.evoformer.no_blocks = 5;
+  cfg.extra_msa.no_blocks = 3;
+  cfg.template_pair.no_blocks = 3;
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const int n = comm.size(), me = comm.rank();
+  std::string dir;  // the root's temporary directory, shared by every rank
+  if (me == 0) {
+    std::string tmpl = ::testing::TempDir() + "foldcube_dap_load_XXXXXX";
+    ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
+    dir = tmpl;
+    const TensorFile sd = AlphaFold::random_weights(cfg, 11);
+    ASSERT_TRUE(write_safetensors(dir + "/w.safetensors", sd).ok());
+    TensorFile af2;
+    ASSERT_TRUE(openfold_to_af2(sd, cfg.template_att_heads, &af2).ok());
+    std::ofstream(dir + "/w.npz", std::ios::binary) << test::npz_of(af2);
+  }
+  comm.broadcast_string(&dir, 0);
+  const FeatureDict feats = random_alphafold_features(12, 3, 5, 2, 2, 5);
+  for (const char* file : {"/w.safetensors", "/w.npz"}) {
+    SCOPED_TRACE(file);
+    const std::string path = dir + file;
+    auto load = [&](bool sharded, AlphaFold* m, int64_t* held, int64_t* peak) {
+      const int64_t live0 = mem_stats().live_bytes;
+      MemoryScope scope;
+      const Status st = sharded ? load_alphafold_sharded(path, n, me, m) : load_alphafold(path, m);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      *held = mem_stats().live_bytes - live0;
+      *peak = scope.peak() - live0;
+    };
+    AlphaFold full, part;
+    int64_t full_held = 0, full_peak = 0, part_held = 0, part_peak = 0;
+    load(false, &full, &full_held, &full_peak);
+    load(true, &part, &part_held, &part_peak);
+    EXPECT_EQ(part_held, full_held - alphafold_released_weight_bytes(full.config(), n, me));
+    EXPECT_LT(part_peak, full_peak);
+    if (me == 0)
+      std::printf("%s rank 0 of %d: held %lld of %lld bytes, load peak %lld of %lld\n", file, n,
+                  static_cast<long long>(part_held), static_cast<long long>(full_held),
+                  static_cast<long long>(part_peak), static_cast<long long>(full_peak));
+    AlphaFoldDapOutputs a, b;
+    ASSERT_TRUE(alphafold_dap_forward(full, comm, feats, &a).ok());
+    const Status st = alphafold_dap_forward(part, comm, feats, &b);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    expect_bit_identical(a, b, comm);
+  }
+  comm.barrier();
+  if (me == 0) std::filesystem::remove_all(dir);
+}
 
 bool structure_group(const std::string& name) {
   for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",

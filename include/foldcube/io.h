@@ -58,6 +58,15 @@ Status read_tensor_file(const std::string& path, TensorFile* out);
 // state dict (src/io/param_names.h); other files are returned as read.
 Status read_weights(const std::string& path, TensorFile* out);
 
+// Which blocks of a layer stack a filtered read keeps: a tensor named "<stack>blocks.<i>.<rest>"
+// (<stack> empty or ending in '.') is block i of the `blocks` blocks (the largest index + 1 in the
+// file) of that stack; tensors outside any stack are always kept.
+using BlockFilter = std::function<bool(const std::string& stack, int64_t block, int64_t blocks)>;
+// read_weights keeping only the blocks `keep` accepts; the others are never whole in memory: a
+// safetensors file's are skipped, an AlphaFold .npz's stacked arrays are read one at a time and
+// the unwanted blocks dropped before the next (a plain .npz is read whole, then filtered).
+Status read_weights(const std::string& path, TensorFile* out, const BlockFilter& keep);
+
 // Writes tensors (F32, F64, I64 or I32, any strides) in names order with the given metadata.
 // Writes a temporary file beside path (path.tmp.<pid>.<n>), fsyncs it and renames it onto path:
 // a failed or interrupted write never leaves a partial file at path, and a previous file at path

@@ -87,6 +87,7 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
   const int passes =
       opts.passes > 0 ? static_cast<int>(std::min<int64_t>(opts.passes, R)) : static_cast<int>(R);
   const int n = comm.size(), me = comm.rank();
+  const bool sharded = M.weight_ranks > 1;  // checked: sharded over these n ranks
   const int64_t cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z, cs = cfg.evoformer.c_s;
   const int64_t live0 = mem_stats().live_bytes;  // weights and features
   MemoryScope fwd_scope;
@@ -197,6 +198,8 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
         Tensor o = Tensor::zeros({npos, hc});            // [r_loc*r_pad, H*C]
         Tensor den = Tensor::zeros({npos, H});           // [r_loc*r_pad, H]
         Tensor mx = Tensor::full({npos, H}, -INFINITY);  // [r_loc*r_pad, H]
+        DapBlockBuffer buf;  // sharded weights: one template block from its owner
+        if (sharded) allocate_dap_block_buffer(kTemplatePairBlock, tc, &buf);
         for (int64_t t = 0; t < T; ++t) {
           Tensor act = Tensor::empty({rl, rp, ct});  // [r_loc, r_pad, c_t]
           {
@@ -206,7 +209,8 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
             af2::apply_linear(M.tmpl_pair_lin, feat.f32(), npos, act.f32());
           }
           trace_rows("template.pair_act", static_cast<int>(t), act, r, r);
-          dap_run_blocks(kTemplatePairBlock, blocks, sh, comm, nullptr, &act);
+          dap_run_sharded_blocks(kTemplatePairBlock, blocks, sharded ? &buf : nullptr, sh, comm,
+                                 nullptr, &act);
           af2::apply_layernorm(M.tmpl_ln, act.f32(), npos, ct, act.f32());
           trace_rows("template.pair_stack", static_cast<int>(t), act, r, r);
           const float mask_bias = cfg.template_att_inf * (f.t_mask.f32()[t] - 1.0f);
@@ -253,7 +257,9 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
       std::vector<const void*> blocks;
       for (int b = 0; b < cfg.extra_msa.no_blocks; ++b)
         blocks.push_back(&StackAccess::block(M.extra, b));
-      dap_run_blocks(kExtraMsaBlock, blocks, sh, comm, &a, &z);
+      DapBlockBuffer buf;  // sharded weights: one Extra-MSA block from its owner
+      if (sharded) allocate_dap_block_buffer(kExtraMsaBlock, cfg.extra_msa, &buf);
+      dap_run_sharded_blocks(kExtraMsaBlock, blocks, sharded ? &buf : nullptr, sh, comm, &a, &z);
       trace_rows("extra_msa_stack.z", -1, z, r, r);
       return Status::OK();
     }));
@@ -286,7 +292,9 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
       std::vector<const void*> blocks;
       for (int b = 0; b < cfg.evoformer.no_blocks; ++b)
         blocks.push_back(&StackAccess::block(M.evoformer, b));
-      dap_run_blocks(kEvoformerBlock, blocks, sh, comm, &m, &z);
+      DapBlockBuffer buf;  // sharded weights: one Evoformer block from its owner
+      if (sharded) allocate_dap_block_buffer(kEvoformerBlock, cfg.evoformer, &buf);
+      dap_run_sharded_blocks(kEvoformerBlock, blocks, sharded ? &buf : nullptr, sh, comm, &m, &z);
       if (me == 0)
         kern::linear(m.f32(), cm, r, cm, M.evoformer.linear_weight().f32(),
                      M.evoformer.linear_bias().f32(), cs, s.f32(), cs);
@@ -402,9 +410,20 @@ Status dap_forward_impl(const AlphaFold& model, const dist::Communicator& comm,
 Status alphafold_dap_forward(const AlphaFold& model, const dist::Communicator& comm,
                              const FeatureDict& feats, AlphaFoldDapOutputs* out,
                              const AlphaFoldOptions& opts, AlphaFoldDapStats* stats) {
-  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
-    return Status::InvalidArgument(std::string("AlphaFold DAP forward: unsupported dtype ") +
-                                   dtype_name(opts.dtype) + " (F32 or BF16)");
+  ForwardOptions stack_opts;  // the stacks' dtype rule (fused path)
+  stack_opts.dtype = opts.dtype;
+  FC_RETURN_IF_ERROR(check_forward_dtype(stack_opts).WithContext("AlphaFold DAP"));
+  const AlphaFold::Impl& M = AlphaFoldAccess::impl(model);
+  // Sharded weights need the same ranks on every rank (both collectives run on every rank).
+  const bool same_ranks = comm.all_equal(static_cast<uint64_t>(M.weight_ranks));
+  const bool mine_ok =
+      M.weight_ranks == 1 || (M.weight_ranks == comm.size() && M.weight_rank == comm.rank());
+  const bool all_ok = comm.all_equal(static_cast<uint64_t>(mine_ok)) && mine_ok;
+  if (!same_ranks || !all_ok)
+    return Status::InvalidArgument(
+        "AlphaFold DAP forward: block weights sharded over " + std::to_string(M.weight_ranks) +
+        " ranks here, the run has " + std::to_string(comm.size()) +
+        ": shard them with shard_alphafold_weights over the run's ranks on every rank, or on none");
   if (!comm.all_equal(static_cast<bool>(opts.trace)))
     return Status::InvalidArgument(
         "AlphaFoldOptions::trace must be set on every rank of a DAP forward or on none");

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "dist/comm.h"
 #include "exec/dap.h"
 #include "foldcube/alphafold.h"
+#include "foldcube/io.h"
 
 namespace fc {
 
@@ -63,22 +65,70 @@ Status write_alphafold_dap_outputs(const std::string& path,
                                    const AlphaFoldDapOutputs& outs, const dist::Communicator& comm,
                                    int64_t* peak_bytes = nullptr);
 
+// ---- Weight sharding (src/exec/af2_dap_weights.cc) -------------------------------------------
+// ZeRO-3 style, for the blocks of the three stacks (template pair, Extra-MSA, Evoformer), which
+// hold nearly all of the weights: on n ranks block b of each stack is held by rank
+// dap_block_owner(b, n) = b % n only. Before a block runs, its owner broadcasts the tensors its
+// layers use (dist::Communicator::broadcast) into a per-stack buffer of one block on the other
+// ranks (DapBlockBuffer, alive during that stack's stage), so the results are bit-identical to
+// the replicated run. Everything outside the stacks stays replicated.
+int dap_block_owner(int block, int n);
+// Releases on rank `rank` of n the stack blocks it does not own; *model then runs only under
+// alphafold_dap_forward over n ranks with this rank at `rank` (checked there; AlphaFold::forward
+// refuses it). n = 1: nothing released.
+Status shard_alphafold_weights(AlphaFold* model, int n, int rank);
+// Loading sharded from the start, so that no rank ever holds all stack weights: the file is read
+// with dap_weight_filter(n, rank) (read_weights with a BlockFilter, foldcube/io.h: this rank's
+// blocks of each stack plus the stack's first and last block, which the config is inferred from),
+// and load_alphafold_shard loads only this rank's blocks (the model is then as after
+// shard_alphafold_weights).
+BlockFilter dap_weight_filter(int n, int rank);
+Status load_alphafold_shard(const AlphaFoldConfig& cfg, const TensorFile& weights, int n, int rank,
+                            AlphaFold* out);
+// load_alphafold (foldcube/alphafold.h) that way.
+Status load_alphafold_sharded(const std::string& path, int n, int rank, AlphaFold* out);
+// The tracked bytes shard_alphafold_weights(model of cfg, n, rank) releases.
+int64_t alphafold_released_weight_bytes(const AlphaFoldConfig& cfg, int n, int rank);
+// The tracked bytes of one block buffer of table t (the parameters its layers use) for cfg.
+int64_t dap_block_buffer_bytes(const BlockTable& t, const EvoformerConfig& cfg);
+// One block's weights of table t as received from its owner (kEvoformerBlock: `evoformer`,
+// kExtraMsaBlock: `extra`, kTemplatePairBlock: the pair modules of `evoformer`).
+struct DapBlockBuffer {
+  BlockWeights evoformer;
+  ExtraMsaBlockWeights extra;
+  void* block = nullptr;  // the struct of t's block type
+};
+void allocate_dap_block_buffer(const BlockTable& t, const EvoformerConfig& cfg,
+                               DapBlockBuffer* out);
+// dap_run_blocks(t, blocks, ...), where buf == nullptr (replicated weights); otherwise blocks[b]
+// is read on its owner only, and broadcast from it into *buf on the others before block b runs.
+void dap_run_sharded_blocks(const BlockTable& t, const std::vector<const void*>& blocks,
+                            DapBlockBuffer* buf, const DapShards& sh,
+                            const dist::Communicator& comm, Tensor* m, Tensor* z);
+
 // ---- Memory model (src/plan/af2_dap_memory.cc) ---------------------------------------------
 // Tracked bytes alphafold_dap_forward allocates on rank `rank` of n, by replaying its allocations
 // (fp32 or bf16, no trace, no pad_to): per stage and pass the bytes at the stage's start and at its
 // peak, and the forward's peak, above what the rank held when the call started (weights and
 // features), as AlphaFoldDapStats::forward_peak_bytes minus that. Exact for the tracked allocator
 // (tests/dap_af2_test.cc, every stage of every rank on 2 and 4 ranks).
+// sharded_weights: the model's stack blocks are sharded (shard_alphafold_weights; the rank's
+// share is part of what it holds, the per-stack block buffer part of the stages).
 Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims,
                                     const AlphaFoldOptions& opts, int threads, int n, int rank,
-                                    AlphaFoldMemory* out);
+                                    AlphaFoldMemory* out, bool sharded_weights = false);
 // The chunking that keeps every rank's tracked peak (base_bytes, the weights and features each
 // rank holds, plus the forward's peak of alphafold_dap_forward_memory, the largest over the n
 // ranks) within budget_bytes, as plan_alphafold does for one process (dtype: the forward's): the
 // same chunk target on every rank, or OutOfMemory naming the smallest feasible budget per rank.
 Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims, int64_t base_bytes,
                           int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out,
-                          DType dtype = DType::F32);
+                          DType dtype = DType::F32, bool sharded_weights = false);
+// The same with each rank's own base (bases[k]: what rank k holds; they differ when the weights
+// are sharded): every rank's bases[k] + its forward peak within budget_bytes.
+Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& dims,
+                          const std::vector<int64_t>& bases, int64_t budget_bytes, int threads,
+                          AlphaFoldPlan* out, DType dtype, bool sharded_weights);
 // The largest transient work of dap_run_blocks(t, ...) on layout l beside the shards of m and z
 // and the masks of make_dap_shards (the contexts make_dap_shards gives for chunk and target): a
 // layer's work on its shards, or one more stream shard while a layout changes.

@@ -102,4 +102,21 @@ Status write_file_atomic(const std::string& path, const std::function<Status(std
   return Status::OK();
 }
 
+bool parse_block_name(const std::string& name, std::string* stack, int64_t* block) {
+  const std::string key = "blocks.";
+  for (size_t pos = name.find(key); pos != std::string::npos; pos = name.find(key, pos + 1)) {
+    if (pos > 0 && name[pos - 1] != '.') continue;
+    size_t end = pos + key.size();
+    int64_t i = 0;
+    const size_t digits = end;
+    while (end < name.size() && name[end] >= '0' && name[end] <= '9' && end - digits < 18)
+      i = i * 10 + (name[end++] - '0');
+    if (end == digits || end >= name.size() || name[end] != '.') continue;
+    *stack = name.substr(0, pos);
+    *block = i;
+    return true;
+  }
+  return false;
+}
+
 }  // namespace fc::io

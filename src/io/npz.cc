@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <string>
@@ -404,9 +405,12 @@ Status list_members(zip_t* za, uint64_t archive_size, const std::string& where,
   return Status::OK();
 }
 
-// Opens `src` (taking ownership) as a zip archive of `archive_size` bytes and reads every member.
-Status parse_archive(zip_source_t* src, uint64_t archive_size, const std::string& where,
-                     TensorFile* out) {
+using MemberFn = std::function<Status(const std::string& key, Tensor t)>;
+
+// Opens `src` (taking ownership) as a zip archive of `archive_size` bytes and passes every member
+// to fn as it is read.
+Status parse_archive_each(zip_source_t* src, uint64_t archive_size, const std::string& where,
+                          const MemberFn& fn) {
   if (archive_size < kMinZipBytes) {  // libzip opens an empty source as an empty archive
     zip_source_free(src);
     return Status::InvalidArgument(where + "not a readable zip archive (" +
@@ -425,13 +429,43 @@ Status parse_archive(zip_source_t* src, uint64_t archive_size, const std::string
   zip_error_fini(&ze);
   std::vector<Member> members;
   FC_RETURN_IF_ERROR(list_members(za.get(), archive_size, where, &members));
-  TensorFile result;
   for (const Member& m : members) {
     Tensor t;
     FC_RETURN_IF_ERROR(read_member(za.get(), m, where, &t));
-    result.put(m.key, t);
+    FC_RETURN_IF_ERROR(fn(m.key, std::move(t)));
   }
+  return Status::OK();
+}
+
+// Every member into *out (untouched on error).
+Status parse_archive(zip_source_t* src, uint64_t archive_size, const std::string& where,
+                     TensorFile* out) {
+  TensorFile result;
+  FC_RETURN_IF_ERROR(
+      parse_archive_each(src, archive_size, where, [&](const std::string& key, Tensor t) {
+        result.put(key, t);
+        return Status::OK();
+      }));
   *out = std::move(result);
+  return Status::OK();
+}
+
+// The archive at path as a zip source, with its size.
+Status open_archive(const std::string& path, zip_source_t** src, uint64_t* size) {
+  const std::string where = path + ": ";
+  FC_RETURN_IF_ERROR(io::check_regular_file(path));
+  std::error_code ec;
+  *size = std::filesystem::file_size(path, ec);
+  if (ec) return Status::IOError(where + "cannot tell size: " + ec.message());
+  zip_error_t ze;
+  zip_error_init(&ze);
+  *src = zip_source_file_create(path.c_str(), 0, 0, &ze);
+  if (*src == nullptr) {
+    const std::string why = zip_error_strerror(&ze);
+    zip_error_fini(&ze);
+    return Status::IOError(where + "cannot open (" + why + ")");
+  }
+  zip_error_fini(&ze);
   return Status::OK();
 }
 
@@ -458,32 +492,32 @@ Status parse_npz_bytes(const uint8_t* data, size_t size, const std::string& labe
 }
 
 Status read_npz(const std::string& path, TensorFile* out) {
-  const std::string where = path + ": ";
-  FC_RETURN_IF_ERROR(io::check_regular_file(path));
-  std::error_code ec;
-  const uint64_t size = std::filesystem::file_size(path, ec);
-  if (ec) return Status::IOError(where + "cannot tell size: " + ec.message());
-  zip_error_t ze;
-  zip_error_init(&ze);
-  zip_source_t* src = zip_source_file_create(path.c_str(), 0, 0, &ze);
-  if (src == nullptr) {
-    const std::string why = zip_error_strerror(&ze);
-    zip_error_fini(&ze);
-    return Status::IOError(where + "cannot open (" + why + ")");
-  }
-  zip_error_fini(&ze);
-  return parse_archive(src, size, where, out);
+  zip_source_t* src = nullptr;
+  uint64_t size = 0;
+  FC_RETURN_IF_ERROR(open_archive(path, &src, &size));
+  return parse_archive(src, size, path + ": ", out);
 }
 
-Status read_tensor_file(const std::string& path, TensorFile* out) {
-  FC_RETURN_IF_ERROR(io::check_regular_file(path));
+Status io::read_npz_each(const std::string& path, const MemberFn& fn) {
+  zip_source_t* src = nullptr;
+  uint64_t size = 0;
+  FC_RETURN_IF_ERROR(open_archive(path, &src, &size));
+  return parse_archive_each(src, size, path + ": ", fn);
+}
+
+bool io::starts_like_zip(const std::string& path) {
   unsigned char magic[4] = {0, 0, 0, 0};
   size_t n = 0;
   if (FILE* f = std::fopen(path.c_str(), "rb")) {
     n = std::fread(magic, 1, sizeof magic, f);
     std::fclose(f);
   }
-  return is_zip_magic(magic, n) ? read_npz(path, out) : read_safetensors(path, out);
+  return is_zip_magic(magic, n);
+}
+
+Status read_tensor_file(const std::string& path, TensorFile* out) {
+  FC_RETURN_IF_ERROR(io::check_regular_file(path));
+  return io::starts_like_zip(path) ? read_npz(path, out) : read_safetensors(path, out);
 }
 
 }  // namespace fc

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <span>
 #include <unordered_map>
 #include <unordered_set>
@@ -542,38 +543,58 @@ bool is_af2_npz(const TensorFile& f) {
                      [](const std::string& n) { return n.rfind("alphafold/", 0) == 0; });
 }
 
-Status af2_to_openfold(TensorFile&& npz, const std::string& label, TensorFile* out) {
+namespace {
+// One AlphaFold array `name` into its OpenFold parameter(s) in *result (the stacked ones split
+// per block, those keep rejects dropped; `where` = "<label>: ").
+Status af2_member_to_openfold(const std::string& where, const std::string& name, const Tensor& a,
+                              const BlockFilter* keep, TensorFile* result) {
   static const std::unordered_map<std::string, const Af2Param*> index = [] {
     std::unordered_map<std::string, const Af2Param*> m;
     for (const Af2Param& p : af2_param_table()) m.emplace(p.af2, &p);
     return m;
   }();
+  auto it = index.find(name);
+  if (it == index.end())
+    return Status::InvalidArgument(where + "unknown AlphaFold parameter " + io::printable(name) +
+                                   " (not an AlphaFold2 monomer parameter file?)");
+  const Af2Param& p = *it->second;
+  if (!p.stacked) {
+    Tensor t;
+    FC_RETURN_IF_ERROR(forward_transform(where, p, a, &t));
+    result->put(p.openfold, t);
+    return Status::OK();
+  }
+  if (a.ndim() < 1 || a.dim(0) < 1)
+    return Status::InvalidArgument(where + io::printable(name) + " has shape " +
+                                   shape_str(a.shape()) + ": no leading block axis");
+  for (int64_t i = 0; i < a.dim(0); ++i) {
+    const std::string of = with_block(p.openfold, i);
+    std::string stack;
+    int64_t block = 0;
+    if (keep && io::parse_block_name(of, &stack, &block) && !(*keep)(stack, block, a.dim(0)))
+      continue;
+    Tensor t;
+    FC_RETURN_IF_ERROR(forward_transform(where, p, a.select(0, i), &t));
+    result->put(of, t);
+  }
+  return Status::OK();
+}
+
+// The head count of the template pointwise attention is in the AF2 array's shape [c_z, H, C]
+// only; the state dict flattens it, so it is kept as metadata for the config.
+const char kTemplateQuery[] =
+    "alphafold/alphafold_iteration/evoformer/template_embedding/attention//query_w";
+}  // namespace
+
+Status af2_to_openfold(TensorFile&& npz, const std::string& label, TensorFile* out) {
   const std::string where = label + ": ";
   TensorFile result;
   result.metadata = npz.metadata;
   const std::vector<std::string> names = std::move(npz.names);
   for (const std::string& name : names) {
-    auto it = index.find(name);
-    if (it == index.end())
-      return Status::InvalidArgument(where + "unknown AlphaFold parameter " + io::printable(name) +
-                                     " (not an AlphaFold2 monomer parameter file?)");
-    const Af2Param& p = *it->second;
     auto node = npz.tensors.extract(name);
     const Tensor a = std::move(node.mapped());
-    if (!p.stacked) {
-      Tensor t;
-      FC_RETURN_IF_ERROR(forward_transform(where, p, a, &t));
-      result.put(p.openfold, t);
-      continue;
-    }
-    if (a.ndim() < 1 || a.dim(0) < 1)
-      return Status::InvalidArgument(where + io::printable(name) + " has shape " +
-                                     shape_str(a.shape()) + ": no leading block axis");
-    for (int64_t i = 0; i < a.dim(0); ++i) {
-      Tensor t;
-      FC_RETURN_IF_ERROR(forward_transform(where, p, a.select(0, i), &t));
-      result.put(with_block(p.openfold, i), t);
-    }
+    FC_RETURN_IF_ERROR(af2_member_to_openfold(where, name, a, nullptr, &result));
   }
   *out = std::move(result);
   return Status::OK();
@@ -696,14 +717,50 @@ Status read_weights(const std::string& path, TensorFile* out) {
     *out = std::move(f);
     return Status::OK();
   }
-  // The head count of the template pointwise attention is in the AF2 array's shape
-  // [c_z, H, C] only; the state dict flattens it, so keep it as metadata for the config.
-  const std::string q =
-      "alphafold/alphafold_iteration/evoformer/template_embedding/attention//query_w";
+  const std::string q = kTemplateQuery;
   int64_t heads = 0;
   if (f.has(q) && f.tensors.at(q).ndim() == 3) heads = f.tensors.at(q).dim(1);
   FC_RETURN_IF_ERROR(af2_to_openfold(std::move(f), path, out));
   if (heads > 0) out->metadata["template_pointwise_attention_heads"] = std::to_string(heads);
+  return Status::OK();
+}
+
+Status read_weights(const std::string& path, TensorFile* out, const BlockFilter& keep) {
+  FC_RETURN_IF_ERROR(io::check_regular_file(path));
+  if (!io::starts_like_zip(path)) return io::read_safetensors_filtered(path, keep, out);
+  // AlphaFold keys converted (and filtered) member by member; other keys kept for a plain .npz.
+  const std::string where = path + ": ";
+  TensorFile af2, plain;
+  int64_t heads = 0;
+  FC_RETURN_IF_ERROR(io::read_npz_each(path, [&](const std::string& key, Tensor a) -> Status {
+    if (key.rfind("alphafold/", 0) != 0) {
+      plain.put(key, a);
+      return Status::OK();
+    }
+    if (key == kTemplateQuery && a.ndim() == 3) heads = a.dim(1);
+    return af2_member_to_openfold(where, key, a, &keep, &af2);
+  }));
+  if (!af2.names.empty()) {
+    if (!plain.names.empty())
+      return Status::InvalidArgument(where + "unknown AlphaFold parameter " +
+                                     io::printable(plain.names[0]) +
+                                     " (not an AlphaFold2 monomer parameter file?)");
+    if (heads > 0) af2.metadata["template_pointwise_attention_heads"] = std::to_string(heads);
+    *out = std::move(af2);
+    return Status::OK();
+  }
+  // A plain .npz: read whole, then filtered (each stack's block count from its names).
+  std::map<std::string, int64_t> blocks;
+  std::string stack;
+  int64_t block = 0;
+  for (const std::string& n : plain.names)
+    if (io::parse_block_name(n, &stack, &block)) blocks[stack] = std::max(blocks[stack], block + 1);
+  TensorFile result;
+  result.metadata = plain.metadata;
+  for (const std::string& n : plain.names)
+    if (!io::parse_block_name(n, &stack, &block) || keep(stack, block, blocks[stack]))
+      result.put(n, plain.tensors.at(n));
+  *out = std::move(result);
   return Status::OK();
 }
 

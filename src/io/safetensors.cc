@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -362,8 +363,9 @@ namespace {
 using ReadFn = std::function<bool(void* dst, size_t n)>;
 
 // The whole reader over a source of file_size bytes; `where` ("path: ") prefixes every message.
+// keep (optional): the stack blocks to materialise (io::read_safetensors_filtered).
 Status parse_source(const std::string& where, uint64_t file_size, const ReadFn& read,
-                    TensorFile* out) {
+                    TensorFile* out, const BlockFilter* keep = nullptr) {
   if (file_size < 8)
     return Status::InvalidArgument(where + "file is " + std::to_string(file_size) +
                                    " bytes, too short for a safetensors header");
@@ -425,9 +427,34 @@ Status parse_source(const std::string& where, uint64_t file_size, const ReadFn& 
     return Status::InvalidArgument(where + std::to_string(data_size - expected) +
                                    " bytes of data after the last tensor are not in the header");
 
-  // Everything is consistent: allocate (at most data_size bytes in total) and read in file order.
+  // With a filter: each stack's block count (largest index + 1), and the tensors it keeps.
+  std::map<std::string, int64_t> blocks;
+  std::string stack;
+  int64_t block = 0;
+  if (keep)
+    for (const Placed& p : placed)
+      if (io::parse_block_name(p.raw->name, &stack, &block))
+        blocks[stack] = std::max(blocks[stack], block + 1);
+  auto kept = [&](const std::string& name) {
+    return !keep || !io::parse_block_name(name, &stack, &block) ||
+           (*keep)(stack, block, blocks[stack]);
+  };
+  // Everything is consistent: allocate (at most data_size bytes in total) and read in file order;
+  // a tensor not kept is read through a small scratch buffer and dropped.
   TensorFile result;
+  std::vector<char> scratch;
   for (const Placed& p : by_offset) {
+    if (!kept(p.raw->name)) {
+      scratch.resize(std::min<uint64_t>(p.end - p.begin, uint64_t{1} << 20));
+      for (uint64_t left = p.end - p.begin; left > 0;) {
+        const size_t n = static_cast<size_t>(std::min<uint64_t>(left, scratch.size()));
+        if (!read(scratch.data(), n))
+          return Status::IOError(where + "cannot read the data of " + tensor_label(p.raw->name) +
+                                 " (file changed while reading?)");
+        left -= n;
+      }
+      continue;
+    }
     Tensor t;
     FC_RETURN_IF_ERROR(
         Tensor::try_empty(p.raw->shape, p.dtype, where + tensor_label(p.raw->name), &t));
@@ -438,7 +465,8 @@ Status parse_source(const std::string& where, uint64_t file_size, const ReadFn& 
     result.tensors.emplace(p.raw->name, std::move(t));
   }
   result.names.reserve(placed.size());
-  for (const Placed& p : placed) result.names.push_back(p.raw->name);
+  for (const Placed& p : placed)
+    if (result.tensors.count(p.raw->name)) result.names.push_back(p.raw->name);
   result.metadata = std::move(hp.metadata);
   *out = std::move(result);
   return Status::OK();
@@ -457,7 +485,8 @@ Status parse_safetensors_bytes(std::string_view bytes, const std::string& name, 
   return parse_source(name + ": ", bytes.size(), read, out);
 }
 
-Status read_safetensors(const std::string& path, TensorFile* out) {
+namespace {
+Status read_file(const std::string& path, TensorFile* out, const BlockFilter* keep) {
   const std::string where = path + ": ";
   // Not a regular file (directory, FIFO, device): refused rather than blocking or reading forever.
   FC_RETURN_IF_ERROR(io::check_regular_file(path));
@@ -470,7 +499,18 @@ Status read_safetensors(const std::string& path, TensorFile* out) {
   if (size_or_err < 0) return Status::IOError(where + "cannot tell size: " + errno_text());
   std::rewind(f.get());
   auto read = [&](void* dst, size_t n) { return std::fread(dst, 1, n, f.get()) == n; };
-  return parse_source(where, static_cast<uint64_t>(size_or_err), read, out);
+  return parse_source(where, static_cast<uint64_t>(size_or_err), read, out, keep);
+}
+
+}  // namespace
+
+Status read_safetensors(const std::string& path, TensorFile* out) {
+  return read_file(path, out, nullptr);
+}
+
+Status io::read_safetensors_filtered(const std::string& path, const BlockFilter& keep,
+                                     TensorFile* out) {
+  return read_file(path, out, &keep);
 }
 
 Status write_safetensors(const std::string& path, const TensorFile& file) {

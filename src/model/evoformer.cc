@@ -20,15 +20,25 @@ EvoformerStack& EvoformerStack::operator=(EvoformerStack&&) noexcept = default;
 
 Status EvoformerStack::load(const EvoformerConfig& cfg, const TensorFile& weights,
                             EvoformerStack* out) {
+  return StackAccess::load_blocks(cfg, weights, {}, out);
+}
+
+Status StackAccess::load_blocks(const EvoformerConfig& cfg, const TensorFile& weights,
+                                const std::function<bool(int)>& keep, EvoformerStack* out) {
   FC_RETURN_IF_ERROR(cfg.validate());
   FC_RETURN_IF_ERROR(check_block_count(cfg, weights));
-  FC_RETURN_IF_ERROR(check_weights_cover_config(cfg, weights));
+  EvoformerConfig held = cfg;  // the blocks loaded, for the coverage check
+  held.no_blocks = 0;
+  for (int i = 0; i < cfg.no_blocks; ++i) held.no_blocks += !keep || keep(i);
+  FC_RETURN_IF_ERROR(check_weights_cover_config(held, weights));
   EvoformerStack st;
   st.cfg_ = cfg;
   for (int i = 0; i < cfg.no_blocks; ++i) {
     auto w = std::make_unique<BlockWeights>();
-    allocate_block(cfg, w.get());
-    FC_RETURN_IF_ERROR(load_params(named_params(*w, block_prefix(i)), weights));
+    if (!keep || keep(i)) {
+      allocate_block(cfg, w.get());
+      FC_RETURN_IF_ERROR(load_params(named_params(*w, block_prefix(i)), weights));
+    }
     st.blocks_.push_back(std::move(w));
   }
   FC_RETURN_IF_ERROR(weights.get_f32("linear.weight", {cfg.c_s, cfg.c_m}, &st.linear_w_));

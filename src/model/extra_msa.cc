@@ -62,16 +62,26 @@ Status read_extra_msa_metadata(const TensorFile& f, float* eps) {
 
 Status ExtraMsaStack::load(const EvoformerConfig& cfg, const TensorFile& weights,
                            ExtraMsaStack* out) {
+  return StackAccess::load_blocks(cfg, weights, {}, out);
+}
+
+Status StackAccess::load_blocks(const EvoformerConfig& cfg, const TensorFile& weights,
+                                const std::function<bool(int)>& keep, ExtraMsaStack* out) {
   FC_RETURN_IF_ERROR(cfg.validate());
   FC_RETURN_IF_ERROR(check_block_count(cfg, weights));
-  FC_RETURN_IF_ERROR(check_weights_cover_config(cfg, weights));
+  EvoformerConfig held = cfg;  // the blocks loaded, for the coverage check
+  held.no_blocks = 0;
+  for (int i = 0; i < cfg.no_blocks; ++i) held.no_blocks += !keep || keep(i);
+  FC_RETURN_IF_ERROR(check_weights_cover_config(held, weights));
   ExtraMsaStack st;
   st.cfg_ = cfg;
   FC_RETURN_IF_ERROR(read_extra_msa_metadata(weights, &st.eps_global_));
   for (int i = 0; i < cfg.no_blocks; ++i) {
     auto w = std::make_unique<ExtraMsaBlockWeights>();
-    allocate_extra_msa_block(cfg, w.get());
-    FC_RETURN_IF_ERROR(load_params(named_params(*w, block_prefix(i)), weights));
+    if (!keep || keep(i)) {
+      allocate_extra_msa_block(cfg, w.get());
+      FC_RETURN_IF_ERROR(load_params(named_params(*w, block_prefix(i)), weights));
+    }
     st.blocks_.push_back(std::move(w));
   }
   *out = std::move(st);

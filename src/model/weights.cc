@@ -85,9 +85,7 @@ void add_block_tail(Named* v, const std::string& p, const TransitionW& msa_trans
 
 void allocate_block(const EvoformerConfig& cfg, BlockWeights* w) {
   const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n;
-  const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att;
-  const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att;
-  const int64_t co = cfg.c_hidden_opm, ct = cfg.c_hidden_mul;
+  const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att, co = cfg.c_hidden_opm;
 
   ln(cm, &w->msa_att_row.ln_m);
   ln(cz, &w->msa_att_row.ln_z);
@@ -97,17 +95,20 @@ void allocate_block(const EvoformerConfig& cfg, BlockWeights* w) {
   ln(cm, &w->msa_att_col.ln_m);
   mha(Hm, Cm, cm, &w->msa_att_col.mha);
 
-  for (TransitionW* t : {&w->msa_transition, &w->pair_transition}) {
-    const int64_t c = t == &w->msa_transition ? cm : cz;
-    ln(c, &t->ln);
-    lin(n * c, c, true, &t->l1);
-    lin(c, n * c, true, &t->l2);
-  }
+  ln(cm, &w->msa_transition.ln);
+  lin(n * cm, cm, true, &w->msa_transition.l1);
+  lin(cm, n * cm, true, &w->msa_transition.l2);
 
   ln(cm, &w->outer_product_mean.ln);
   lin(2 * co, cm, true, &w->outer_product_mean.l12);
   lin(cz, co * co, true, &w->outer_product_mean.out);
 
+  allocate_pair_layers(cfg, w);
+}
+
+void allocate_pair_layers(const EvoformerConfig& cfg, BlockWeights* w) {
+  const int64_t cz = cfg.c_z, n = cfg.transition_n;
+  const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att, ct = cfg.c_hidden_mul;
   for (TriangleMultiplicationW* t : {&w->tri_mul_out, &w->tri_mul_in}) {
     ln(cz, &t->ln_in);
     lin(4 * ct, cz, true, &t->ab);
@@ -120,6 +121,9 @@ void allocate_block(const EvoformerConfig& cfg, BlockWeights* w) {
     lin(Hp, cz, false, &t->lin);
     mha(Hp, Cp, cz, &t->mha);
   }
+  ln(cz, &w->pair_transition.ln);
+  lin(n * cz, cz, true, &w->pair_transition.l1);
+  lin(cz, n * cz, true, &w->pair_transition.l2);
 }
 
 std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,

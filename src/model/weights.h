@@ -2,12 +2,14 @@
 // fused (one GEMM instead of several); the OpenFold-named parameters are views into them.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "foldcube/config.h"
 #include "foldcube/extra_msa.h"
+#include "foldcube/io.h"
 #include "foldcube/model.h"
 #include "foldcube/tensor.h"
 
@@ -100,6 +102,9 @@ struct BlockWeights {
 
 // Allocates every parameter of one block (uninitialised) for cfg.
 void allocate_block(const EvoformerConfig& cfg, BlockWeights* w);
+// Allocates only the pair modules of *w (tri_mul_out/in, tri_att_start/end, pair_transition),
+// uninitialised: the parameters of a template pair block (kTemplatePairBlock).
+void allocate_pair_layers(const EvoformerConfig& cfg, BlockWeights* w);
 
 // The block's parameters under OpenFold state_dict names with prefix "blocks.<i>." as views into
 // the fused storage (writing a view writes the parameter). Biases that OpenFold does not have
@@ -142,6 +147,15 @@ struct StackAccess {
   static const ExtraMsaBlockWeights& block(const ExtraMsaStack& stack, int i) {
     return *stack.blocks_[i];
   }
+  // Mutable, for releasing a block a DAP rank does not own (src/exec/af2_dap_weights.cc).
+  static BlockWeights& block(EvoformerStack& stack, int i) { return *stack.blocks_[i]; }
+  static ExtraMsaBlockWeights& block(ExtraMsaStack& stack, int i) { return *stack.blocks_[i]; }
+  // EvoformerStack::load / ExtraMsaStack::load allocating and loading only the blocks i with
+  // keep(i) (the others left empty, and absent from the file if it likes): a DAP rank's share.
+  static Status load_blocks(const EvoformerConfig& cfg, const TensorFile& weights,
+                            const std::function<bool(int)>& keep, EvoformerStack* out);
+  static Status load_blocks(const EvoformerConfig& cfg, const TensorFile& weights,
+                            const std::function<bool(int)>& keep, ExtraMsaStack* out);
 };
 
 }  // namespace fc

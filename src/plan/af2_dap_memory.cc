@@ -139,16 +139,33 @@ int64_t dap_blocks_work_bytes(const BlockTable& t, const EvoformerConfig& cfg, c
 
 Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims& d,
                                     const AlphaFoldOptions& opts, int threads, int n, int rank,
-                                    AlphaFoldMemory* out) {
+                                    AlphaFoldMemory* out, bool sharded_weights) {
   FC_RETURN_IF_ERROR(cfg.evoformer.validate());
   if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
     return Status::InvalidArgument("alphafold DAP memory: dtype must be F32 or BF16");
   if (d.r < 1 || d.S < 1 || d.E < 1 || d.T < 0 || d.passes < 1 || opts.chunk < 0 ||
       opts.chunk_target_bytes < 0 || opts.pair_block_bytes < 0 || threads < 1 || n < 1 ||
-      rank < 0 || rank >= n || d.r_features > 0)
+      rank < 0 || rank >= n || d.r_features < 0 || d.r_features > d.r)
     return Status::InvalidArgument(
         "alphafold DAP memory: r, S, E, passes, threads and ranks must be >= 1, 0 <= rank < "
-        "ranks, T, chunk and the chunk target >= 0, no pad_to");
+        "ranks, T, chunk and the chunk target >= 0, 0 <= r_features <= r");
+  // A trace hook gathers sharded values to the root and computes some stages whole on each
+  // rank's rows: not modelled.
+  if (opts.trace)
+    return Status::InvalidArgument(
+        "alphafold DAP memory: a traced run (AlphaFoldOptions::trace) is not modelled; plan the "
+        "untraced run");
+  if (d.r_features > 0 && d.r_features < d.r) {
+    // pad_to: every rank pads its features (held beside the forward, counted in its peak), then
+    // runs the unpadded forward at the bucket, whose stages count from there. The cropped outputs
+    // are made after the forward's peak is taken.
+    AlphaFoldDims bucket = d;
+    bucket.r_features = 0;
+    FC_RETURN_IF_ERROR(
+        alphafold_dap_forward_memory(cfg, bucket, opts, threads, n, rank, out, sharded_weights));
+    out->peak_bytes += af2_padded_feature_bytes(cfg, d);
+    return Status::OK();
+  }
   const int me = rank;
   const int64_t chunk = opts.chunk, target = opts.chunk_target_bytes;
   const int64_t pbb = opts.pair_block_bytes;
@@ -165,6 +182,10 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
   const int64_t xprev = r * kAtom37 * 3 * kF;
   const int64_t pf = af2_pass_feature_bytes(cfg, d);
   const int64_t masks = (rp * rp + le.s_pad * rp + lx.s_pad * rp) * kF;  // padded_masks
+  // Sharded weights: each stack's stage holds a buffer of one of its blocks.
+  auto block_buffer = [&](const BlockTable& t, const EvoformerConfig& c) {
+    return sharded_weights && n > 1 ? dap_block_buffer_bytes(t, c) : 0;
+  };
   AlphaFoldMemory mem;
   Af2Replay m;
   auto stage = [&](int pass, const char* name) {
@@ -193,7 +214,8 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
       const int64_t blk = std::min(af2::template_block_positions(r * r, hc, pbb), npos);
       m.begin();
       const int64_t sh = lt.s_pad * rp * kF + shard_mask_bytes(lt);  // dummy MSA mask + shards'
-      const int64_t acc = (npos * hc + 2 * npos * H) * kF;           // o, den, mx
+      const int64_t acc = (npos * hc + 2 * npos * H) * kF +          // o, den, mx
+                          block_buffer(kTemplatePairBlock, tc);
       m.alloc(sh + acc);
       const int64_t act = npos * ct * kF;
       const int64_t ws =
@@ -213,8 +235,9 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
       m.begin();
       m.alloc(a);
       if (valid_rows(E, el, me) > 0) m.transient(r * kExtraFeat * kF);
-      m.transient(shard_mask_bytes(lx) + dap_blocks_work_bytes(kExtraMsaBlock, xc, lx, chunk,
-                                                               target, threads, opts.dtype));
+      m.transient(
+          shard_mask_bytes(lx) + block_buffer(kExtraMsaBlock, xc) +
+          dap_blocks_work_bytes(kExtraMsaBlock, xc, lx, chunk, target, threads, opts.dtype));
       m.free(a);
       stage(k, "extra_msa_stack");
     }
@@ -225,7 +248,7 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
     m.alloc(msh);
     m.transient(r * cm * kF);
     m.free(T * r * cm * kF);
-    m.transient(shard_mask_bytes(le) +
+    m.transient(shard_mask_bytes(le) + block_buffer(kEvoformerBlock, ev) +
                 dap_blocks_work_bytes(kEvoformerBlock, ev, le, chunk, target, threads, opts.dtype));
     stage(k, "evoformer");
     // structure module (structure_module_rows with this rank's pair rows)
@@ -267,9 +290,20 @@ Status alphafold_dap_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldD
 }
 
 Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, int64_t base_bytes,
-                          int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out,
-                          DType dtype) {
-  if (base_bytes < 0 || budget_bytes < 1 || n < 1)
+                          int64_t budget_bytes, int threads, int n, AlphaFoldPlan* out, DType dtype,
+                          bool sharded_weights) {
+  if (base_bytes < 0 || n < 1)
+    return Status::InvalidArgument(
+        "plan_alphafold_dap: base bytes must be >= 0, the budget and the ranks >= 1");
+  return plan_alphafold_dap(cfg, d, std::vector<int64_t>(n, base_bytes), budget_bytes, threads, out,
+                            dtype, sharded_weights);
+}
+
+Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d,
+                          const std::vector<int64_t>& bases, int64_t budget_bytes, int threads,
+                          AlphaFoldPlan* out, DType dtype, bool sharded_weights) {
+  const int n = static_cast<int>(bases.size());
+  if (n < 1 || budget_bytes < 1 || *std::min_element(bases.begin(), bases.end()) < 0)
     return Status::InvalidArgument(
         "plan_alphafold_dap: base bytes must be >= 0, the budget and the ranks >= 1");
   // One knob, as plan_alphafold: the stacks' chunk target, which also caps the pair blocks.
@@ -281,14 +315,17 @@ Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, in
     return o;
   };
   std::string stage;  // the stage at the largest rank's peak
+  int64_t held = 0;   // what that rank holds
+  // The largest over the ranks of what a rank holds plus its forward's peak.
   auto peak = [&](int64_t target, int64_t* bytes) -> Status {
     *bytes = 0;
     for (int k = 0; k < n; ++k) {
       AlphaFoldMemory mem;
-      FC_RETURN_IF_ERROR(
-          alphafold_dap_forward_memory(cfg, d, options(target), threads, n, k, &mem));
-      if (mem.peak_bytes <= *bytes) continue;
-      *bytes = mem.peak_bytes;
+      FC_RETURN_IF_ERROR(alphafold_dap_forward_memory(cfg, d, options(target), threads, n, k, &mem,
+                                                      sharded_weights));
+      if (bases[k] + mem.peak_bytes <= *bytes) continue;
+      *bytes = bases[k] + mem.peak_bytes;
+      held = bases[k];
       for (const AlphaFoldStageStat& s : mem.stages)
         if (s.peak_bytes == mem.peak_bytes) stage = s.stage;
     }
@@ -301,30 +338,30 @@ Status plan_alphafold_dap(const AlphaFoldConfig& cfg, const AlphaFoldDims& d, in
   };
   int64_t p = 0;
   FC_RETURN_IF_ERROR(peak(0, &p));
-  if (base_bytes + p <= budget_bytes) {
-    *out = {0, 0, base_bytes + p, stage};
+  if (p <= budget_bytes) {
+    *out = {0, 0, p, stage};
     return Status::OK();
   }
   FC_RETURN_IF_ERROR(peak(1, &p));
-  if (base_bytes + p > budget_bytes)
-    return Status::OutOfMemory(
-        "memory budget " + mib(budget_bytes) +
-        " per rank is too small for AlphaFold2 at r=" + std::to_string(d.r) + " on " +
-        std::to_string(n) + " DAP ranks: even the finest chunking peaks at " + mib(base_bytes + p) +
-        " in the " + stage + " (weights and features " + mib(base_bytes) +
-        "); the smallest feasible budget per rank is " + mib(base_bytes + p));
+  if (p > budget_bytes)
+    return Status::OutOfMemory("memory budget " + mib(budget_bytes) +
+                               " per rank is too small for AlphaFold2 at r=" + std::to_string(d.r) +
+                               " on " + std::to_string(n) +
+                               " DAP ranks: even the finest chunking peaks at " + mib(p) +
+                               " in the " + stage + " (weights and features " + mib(held) +
+                               "); the smallest feasible budget per rank is " + mib(p));
   int64_t lo = 1, hi = std::max({default_chunk_target_bytes(cfg.evoformer, d.S + d.T, d.r),
                                  default_chunk_target_bytes(cfg.extra_msa, d.E, d.r),
                                  default_chunk_target_bytes(cfg.template_pair, 1, d.r)});
   FC_RETURN_IF_ERROR(peak(hi, &p));
-  if (base_bytes + p <= budget_bytes) lo = hi;
+  if (p <= budget_bytes) lo = hi;
   while (hi - lo > 1) {  // lo fits; the peak never grows as the target shrinks
     const int64_t mid = lo + (hi - lo) / 2;
     FC_RETURN_IF_ERROR(peak(mid, &p));
-    (base_bytes + p <= budget_bytes ? lo : hi) = mid;
+    (p <= budget_bytes ? lo : hi) = mid;
   }
   FC_RETURN_IF_ERROR(peak(lo, &p));
-  *out = {lo, options(lo).pair_block_bytes, base_bytes + p, stage};
+  *out = {lo, options(lo).pair_block_bytes, p, stage};
   return Status::OK();
 }
 

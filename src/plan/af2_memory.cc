@@ -66,6 +66,13 @@ void af2_plddt_head(const AlphaFoldConfig& cfg, int64_t r, Af2Replay* m) {
   m->free((r * cs + 2 * r * ch) * kF);  // the hidden layers
 }
 
+int64_t af2_padded_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
+  const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
+  int64_t b = 0;
+  for (auto [numel, elem] : pass_features(cfg, d, d.r)) b += numel * elem * R;
+  return b;
+}
+
 int64_t af2_pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d) {
   const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
   if (R <= 1) return 0;
@@ -125,8 +132,7 @@ Status alphafold_forward_memory(const AlphaFoldConfig& cfg, const AlphaFoldDims&
   const bool padded = d.r_features > 0 && d.r_features < d.r;
   if (padded) {
     // pad_residues: a copy of every feature the model reads at r residues, all R passes
-    const int64_t R = d.feature_passes > 0 ? d.feature_passes : d.passes;
-    for (auto [numel, elem] : pass_features(cfg, d, d.r)) m.alloc(numel * elem * R);
+    m.alloc(af2_padded_feature_bytes(cfg, d));
   }
   for (int k = 0; k < d.passes; ++k) {
     m.alloc(pf);

@@ -37,5 +37,7 @@ void af2_plddt_head(const AlphaFoldConfig& cfg, int64_t r, Af2Replay* m);
 // One pass's copies of the features (pass_features): none when the recycling axis has length 1,
 // and none of a feature with one element (its pass is then a contiguous view).
 int64_t af2_pass_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d);
+// The copy pad_residues makes of every feature the model reads at d.r residues, all R passes.
+int64_t af2_padded_feature_bytes(const AlphaFoldConfig& cfg, const AlphaFoldDims& d);
 
 }  // namespace fc

@@ -154,10 +154,12 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
 Status AlphaFold::Impl::load(const TensorFile& f) {
   const EvoformerConfig& ev = cfg.evoformer;
   const int64_t cm = ev.c_m, cz = ev.c_z, cs = ev.c_s;
-  FC_RETURN_IF_ERROR(
-      EvoformerStack::load(ev, submodule_state_dict(TensorFile(f), "evoformer"), &evoformer));
-  FC_RETURN_IF_ERROR(ExtraMsaStack::load(
-      cfg.extra_msa, submodule_state_dict(TensorFile(f), "extra_msa_stack"), &extra));
+  // Sharded (weight_ranks > 1, set before loading): only this rank's blocks of each stack.
+  const auto mine = [this](int b) { return weight_ranks <= 1 || b % weight_ranks == weight_rank; };
+  FC_RETURN_IF_ERROR(StackAccess::load_blocks(ev, submodule_state_dict(TensorFile(f), "evoformer"),
+                                              mine, &evoformer));
+  FC_RETURN_IF_ERROR(StackAccess::load_blocks(
+      cfg.extra_msa, submodule_state_dict(TensorFile(f), "extra_msa_stack"), mine, &extra));
   const std::string ie = "input_embedder.";
   FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_tf_z_i", cz, kTargetFeat, true, &tf_z_i));
   FC_RETURN_IF_ERROR(load_linear(f, ie + "linear_tf_z_j", cz, kTargetFeat, true, &tf_z_j));
@@ -180,6 +182,7 @@ Status AlphaFold::Impl::load(const TensorFile& f) {
                                    true, &tmpl_pair_lin));
     tmpl_blocks.resize(cfg.template_pair.no_blocks);
     for (size_t b = 0; b < tmpl_blocks.size(); ++b) {
+      if (!mine(static_cast<int>(b))) continue;
       allocate_block(cfg.template_pair, &tmpl_blocks[b].w);
       // The Evoformer block's pair modules under the template block's names (no "pair_stack.").
       std::vector<std::pair<std::string, Tensor>> params;
@@ -421,9 +424,13 @@ Status AlphaFold::Impl::forward(const FeatureDict& feats, std::map<std::string, 
   if (!it->second.defined() || it->second.ndim() != 2)
     return Status::InvalidArgument("feature 'aatype' must be [r, R]");
   const int64_t R = it->second.dim(1);
-  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
-    return Status::InvalidArgument(std::string("AlphaFold forward: unsupported dtype ") +
-                                   dtype_name(opts.dtype) + " (F32 or BF16)");
+  ForwardOptions stack_opts;  // the stacks' dtype rule (fused path)
+  stack_opts.dtype = opts.dtype;
+  FC_RETURN_IF_ERROR(check_forward_dtype(stack_opts).WithContext("AlphaFold"));
+  if (weight_ranks > 1)
+    return Status::InvalidArgument(
+        "AlphaFold forward: the stacks' block weights are sharded over " +
+        std::to_string(weight_ranks) + " DAP ranks; run alphafold_dap_forward over them");
   if (opts.pad_to > 0 && opts.pad_to != it->second.dim(0)) {
     // Size bucket: run padded, crop the outputs back to the r residues.
     const int64_t r = it->second.dim(0);

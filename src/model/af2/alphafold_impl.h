@@ -41,6 +41,10 @@ struct TemplateBlock {
 
 struct AlphaFold::Impl {
   AlphaFoldConfig cfg;
+  // DAP weight sharding (shard_alphafold_weights, src/exec/af2_dap.h): > 1 when only the stack
+  // blocks b with b % weight_ranks == weight_rank are held (the others released); such a model
+  // runs only under alphafold_dap_forward over weight_ranks ranks.
+  int weight_ranks = 1, weight_rank = 0;
   EvoformerStack evoformer;
   ExtraMsaStack extra;
   // Embedders
@@ -85,6 +89,7 @@ struct AlphaFold::Impl {
     }
   };
 
+  // With weight_ranks > 1 (set before): only the stack blocks b % weight_ranks == weight_rank.
   Status load(const TensorFile& f);
   Status forward(const FeatureDict& feats, std::map<std::string, Tensor>* out,
                  const AlphaFoldOptions& opts) const;
@@ -141,6 +146,7 @@ struct AlphaFold::Impl {
 
 struct AlphaFoldAccess {
   static const AlphaFold::Impl& impl(const AlphaFold& m) { return *m.impl_; }
+  static AlphaFold::Impl& impl(AlphaFold& m) { return *m.impl_; }
 };
 
 namespace af2 {
