@@ -220,7 +220,9 @@ TEST(PlannerStoreSeeds, SearchChoosesThePlansItChoseBefore) {
   EXPECT_EQ(p.chunk, 0);
   EXPECT_EQ(p.chunk_target_bytes, 301989888);
   EXPECT_NEAR(p.time_ms, 172364.53091665354, 1e-9 * 172364.53);
-  EXPECT_EQ(p.peak_bytes, 2903980928);
+  // 2903980928 on main 5e87fcf; the fused f32 triangle multiplication (h-fuse) no longer keeps
+  // LN_in(z) whole, which lowers the inference workspace.
+  EXPECT_EQ(p.peak_bytes, 2753182592);
 }
 
 TEST(PlannerStoreJson, ElementBytesRoundTripAndValidation) {
