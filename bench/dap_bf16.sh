@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # bf16 vs fp32 under DAP (issue 15): `mpirun -np N foldcube run --dap N` on the Evoformer stack,
 # forward and training step, fp32 then bf16 in the same run, one thread per rank, AF2 model_1
-# dims, random weights. Prints the same-run oneDNN GEMM rates (f32 and bf16 inputs, n = 1024, one
-# thread) before and after, the load average before each row, the median times, every rank's
-# tracked peak (and, training, activations), the time inside the blocks' collectives and the bytes
-# each rank sent, then the fp32/bf16 ratios of the same run. OMP_WAIT_POLICY is passed through.
+# dims, random weights. Prints the same-run oneDNN GEMM rates (f32 and bf16 inputs, one thread,
+# the MSA transition's second product at (128, 256): M = 32768, N = 256, K = 1024) before and
+# after, the load average before each row, the median times, every rank's tracked peak (and,
+# training, activations), the time inside the blocks' collectives and the bytes each rank sent,
+# then the fp32/bf16 ratios of the same run. OMP_WAIT_POLICY is passed through.
 # Usage: bench/dap_bf16.sh [build_dir] [ranks] [s] [r] [blocks] [policy]
 set -euo pipefail
 build=${1:-build}
@@ -21,13 +22,13 @@ mpi="mpirun -np $n --oversubscribe"
 gemm_rates() {
   [ -x "$build/gemm_bench" ] || { echo "GEMM rates: $build/gemm_bench not built"; return; }
   OMP_NUM_THREADS=1 "$build/gemm_bench" \
-    --benchmark_filter='BM_(Sgemm|Bf16gemm)_oneDNN/1024/1024/1024' --benchmark_repetitions=3 \
+    --benchmark_filter='BM_(Sgemm|Bf16gemm)_oneDNN/32768/256/1024/' --benchmark_repetitions=3 \
     --benchmark_report_aggregates_only=true --benchmark_format=json 2>/dev/null |
     python3 -c '
 import json, sys
 rates = {b["name"].split("/")[0]: b["GFLOP/s"] / 1e9 for b in json.load(sys.stdin)["benchmarks"]
          if b.get("aggregate_name") == "median"}
-print("GEMM n=1024, 1 thread, median of 3: f32 %.1f GFLOP/s, bf16 inputs %.1f GFLOP/s (%.2fx)" % (
+print("GEMM 32768x256x1024, 1 thread, median of 3: f32 %.1f GFLOP/s, bf16 inputs %.1f GFLOP/s (%.2fx)" % (
     rates["BM_Sgemm_oneDNN"], rates["BM_Bf16gemm_oneDNN"],
     rates["BM_Bf16gemm_oneDNN"] / rates["BM_Sgemm_oneDNN"]))'
 }

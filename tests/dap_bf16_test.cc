@@ -76,8 +76,8 @@ struct Out {
   Tensor m, z, s;
 };
 
-Out dap_fwd(const dist::Communicator& comm, const EvoformerStack& st, const Golden<EvoformerStack>& g,
-            DType dtype) {
+Out dap_fwd(const dist::Communicator& comm, const EvoformerStack& st,
+            const Golden<EvoformerStack>& g, DType dtype) {
   Out o;
   if (comm.rank() == 0) o.m = g.m.clone(), o.z = g.z.clone();
   DapOptions opts;
@@ -130,9 +130,10 @@ void check_forward(const std::string& file) {
   Out ref{g.f.tensors.at("output.m"), g.f.tensors.at("output.z"),
           g.f.tensors.count("output.s") ? g.f.tensors.at("output.s") : Tensor()};
   const double golden = out_err(d16, ref), vs_one = out_err(d16, o16), f32 = out_err(d32, ref);
-  std::printf("[ info ] N=%d %s bf16 forward: golden %.2e (one process %.2e), vs one process "
-              "%.2e; DAP fp32 golden %.2e\n",
-              comm.size(), file.c_str(), golden, out_err(o16, ref), vs_one, f32);
+  std::printf(
+      "[ info ] N=%d %s bf16 forward: golden %.2e (one process %.2e), vs one process "
+      "%.2e; DAP fp32 golden %.2e\n",
+      comm.size(), file.c_str(), golden, out_err(o16, ref), vs_one, f32);
   EXPECT_LT(golden, kBf16ForwardTol);
   EXPECT_LT(vs_one, kDapVsOneForwardTol);
   EXPECT_GT(golden, 10 * f32);  // the bf16 path did run
@@ -228,8 +229,8 @@ void check_training(const std::string& file) {
       "out %.2e\n",
       comm.size(), file.c_str(), golden.out, golden.input_grad, golden.param_grad, one_golden.out,
       one_golden.input_grad, one_golden.param_grad, golden.worst_param.c_str(),
-      one_golden.worst_param.c_str(), vs_one.out, vs_one.input_grad,
-      vs_one.param_grad, f32_golden.out);
+      one_golden.worst_param.c_str(), vs_one.out, vs_one.input_grad, vs_one.param_grad,
+      f32_golden.out);
   EXPECT_LT(golden.out, kBf16OutTol);
   EXPECT_LT(golden.input_grad, kBf16InputGradTol);
   EXPECT_LT(golden.param_grad, kBf16ParamGradTol);

@@ -157,30 +157,31 @@ double smallest_budget_mib(const std::string& args) {
 // (`run --plan auto --dtype bf16`: bf16 GEMM inputs, kept layer inputs in bf16).
 TEST(PlannerCli, RunPlanAutoWithinBudget) {
   for (const std::string dtype : {"fp32", "bf16"})
-  for (const std::string mode : {"", "--backward"}) {
-    SCOPED_TRACE(dtype + " " + mode);
-    const std::string args = "--s 8 --r 24 --blocks 2 --threads 2 --plan-profile " +
-                             profile_path() + " --dtype " + dtype + " " + mode;
-    const double mib = smallest_budget_mib(args);
-    ASSERT_GT(mib, 0) << mode;
-    const std::string report = test::temp_file("run_plan.json");
-    const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
-    const Result r =
-        run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
-    ASSERT_EQ(r.code, 0) << r.out;
-    EXPECT_NE(r.out.find("estimate"), std::string::npos) << r.out;
-    const nlohmann::json j = read_json(report);
-    for (const char* key : {"time_ms_estimate", "time_ms", "peak_bytes_estimate",
-                            "peak_tracked_bytes", "activation_bytes_estimate", "activation_bytes"})
-      EXPECT_TRUE(j.contains(key)) << key;
-    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
-    EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);  // exact (inference too)
-    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
-    EXPECT_EQ(j["training"].get<bool>(), !mode.empty());
-    EXPECT_EQ(j["dtype"].get<std::string>(), dtype);
-    EXPECT_EQ(j["plan"]["dtype"].get<std::string>(), dtype);
-    EXPECT_GT(j["time_ms"].get<double>(), 0);
-  }
+    for (const std::string mode : {"", "--backward"}) {
+      SCOPED_TRACE(dtype + " " + mode);
+      const std::string args = "--s 8 --r 24 --blocks 2 --threads 2 --plan-profile " +
+                               profile_path() + " --dtype " + dtype + " " + mode;
+      const double mib = smallest_budget_mib(args);
+      ASSERT_GT(mib, 0) << mode;
+      const std::string report = test::temp_file("run_plan.json");
+      const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
+      const Result r =
+          run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
+      ASSERT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find("estimate"), std::string::npos) << r.out;
+      const nlohmann::json j = read_json(report);
+      for (const char* key :
+           {"time_ms_estimate", "time_ms", "peak_bytes_estimate", "peak_tracked_bytes",
+            "activation_bytes_estimate", "activation_bytes"})
+        EXPECT_TRUE(j.contains(key)) << key;
+      EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
+      EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);  // exact (inference too)
+      EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+      EXPECT_EQ(j["training"].get<bool>(), !mode.empty());
+      EXPECT_EQ(j["dtype"].get<std::string>(), dtype);
+      EXPECT_EQ(j["plan"]["dtype"].get<std::string>(), dtype);
+      EXPECT_GT(j["time_ms"].get<double>(), 0);
+    }
 }
 
 // `run --plan auto --stack extra_msa` (AF2 extra-MSA dims) just above the smallest feasible budget,
@@ -189,26 +190,26 @@ TEST(PlannerCli, RunPlanAutoWithinBudget) {
 // --stack evoformer with it is a user error.
 TEST(PlannerCli, RunPlanAutoExtraMsa) {
   for (const std::string dtype : {"fp32", "bf16"})
-  for (const std::string mode : {"", "--backward"}) {
-    SCOPED_TRACE(dtype + " " + mode);
-    const std::string args =
-        "--stack extra_msa --s 24 --r 20 --blocks 2 --threads 2 --plan-profile " + profile_path() +
-        " --dtype " + dtype + " " + mode;
-    const double mib = smallest_budget_mib(args);
-    ASSERT_GT(mib, 0) << mode;
-    const std::string report = test::temp_file("run_plan_extra.json");
-    const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
-    const Result r =
-        run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
-    ASSERT_EQ(r.code, 0) << r.out;
-    EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
-    const nlohmann::json j = read_json(report);
-    EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
-    EXPECT_EQ(j["plan"]["dtype"].get<std::string>(), dtype);
-    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
-    EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);
-    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
-  }
+    for (const std::string mode : {"", "--backward"}) {
+      SCOPED_TRACE(dtype + " " + mode);
+      const std::string args =
+          "--stack extra_msa --s 24 --r 20 --blocks 2 --threads 2 --plan-profile " +
+          profile_path() + " --dtype " + dtype + " " + mode;
+      const double mib = smallest_budget_mib(args);
+      ASSERT_GT(mib, 0) << mode;
+      const std::string report = test::temp_file("run_plan_extra.json");
+      const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
+      const Result r =
+          run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
+      ASSERT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+      const nlohmann::json j = read_json(report);
+      EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
+      EXPECT_EQ(j["plan"]["dtype"].get<std::string>(), dtype);
+      EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
+      EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);
+      EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+    }
   const std::string plan = test::temp_file("saved_extra_plan.json");
   Result r = run_cli(
       "plan --stack extra_msa --train --s 16 --r 12 --blocks 2 --memory 1GiB --policy block "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import foldcube
-from conftest import REPO
+from conftest import REPO, data_path, golden, stack_inputs
 
 PROFILE = str(REPO / "docs" / "profiles" / "this-machine-2026-11-23-2threads.json")
 CFG = {"c_m": 32, "c_z": 16, "c_hidden_msa_att": 8, "no_heads_msa": 4, "c_hidden_pair_att": 8,

@@ -193,7 +193,7 @@ void shard_outer_chunk(const Tensor& ab16, const float* a, const Tensor& b_all, 
                  0.f, o + q * bw, ldo);
       continue;
     }
-    const uint16_t* a16 = ab16.data<uint16_t>();  // [s, bw]
+    const uint16_t* a16 = ab16.data<uint16_t>();   // [s, bw]
     const uint16_t* b16 = a16 + (1 + q) * s * bw;  // shard q's b [s, bw]
     kern::gemm_typed(DType::BF16, true, false, n * co, bw, s, 1.f, a16 + i0 * co, bw, b16, bw, 0.f,
                      o + q * bw, ldo);
@@ -215,8 +215,8 @@ void shard_outer_backward_bf16(const Tensor& ab16, const float* dO, int64_t s, i
     const uint16_t* b16 = a16 + (1 + q) * s * bw;
     kern::gemm_typed(DType::BF16, false, true, s, n * co, bw, 1.f, b16, bw, d16 + q * bw, ldo,
                      q == 0 ? 0.f : 1.f, da + i0 * co, bw);
-    kern::gemm_typed(DType::BF16, false, false, s, bw, n * co, 1.f, a16 + i0 * co, bw,
-                     d16 + q * bw, ldo, 1.f, db_all + q * s * bw, bw);
+    kern::gemm_typed(DType::BF16, false, false, s, bw, n * co, 1.f, a16 + i0 * co, bw, d16 + q * bw,
+                     ldo, 1.f, db_all + q * s * bw, bw);
   }
 }
 
@@ -565,8 +565,7 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
           opm_outer_from_pairs(dpp, n, r, co, dop);
           // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
           if (ab16.defined()) {
-            shard_outer_backward_bf16(ab16, dop, s, bw, co, parts, i0, n, da.f32(),
-                                      db_all.f32());
+            shard_outer_backward_bf16(ab16, dop, s, bw, co, parts, i0, n, da.f32(), db_all.f32());
             continue;
           }
           for (int64_t q = 0; q < parts; ++q) {

@@ -494,8 +494,7 @@ void estimate(const DeviceProfile& dev0, Plan* p, SearchCache* cache = nullptr) 
     // every dp degree of a setting.
     auto peak = [&] {
       return p->dap > 1     ? dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
-                                                 p->chunk_target_bytes, p->threads, p->extra_msa,
-                                                 store)
+                                                 p->chunk_target_bytes, p->threads, p->extra_msa, store)
              : p->extra_msa ? extra_msa_forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
                                                            p->chunk_target_bytes, p->threads, store)
                             : forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
