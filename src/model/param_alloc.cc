@@ -131,48 +131,33 @@ int64_t layer_param_elems(const EvoformerConfig& cfg, const LayerDesc& l, bool b
   int64_t n = 0;
   const ParamAlloc a{bias_free, false, &n};
   // A scratch struct of the kind's type; counting mode writes only undefined tensors into it.
+  auto count = [&](auto scratch) { allocate_kind(a, cfg, l, &scratch); };
   switch (l.kind) {
-    case LayerKind::kMsaRowAttention: {
-      MsaRowAttentionW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kMsaRowAttention:
+      count(MsaRowAttentionW{});
       break;
-    }
-    case LayerKind::kMsaColumnAttention: {
-      MsaColumnAttentionW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kMsaColumnAttention:
+      count(MsaColumnAttentionW{});
       break;
-    }
-    case LayerKind::kMsaColumnGlobalAttention: {
-      MsaColumnGlobalAttentionW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kMsaColumnGlobalAttention:
+      count(MsaColumnGlobalAttentionW{});
       break;
-    }
     case LayerKind::kTransition:
-    case LayerKind::kMaskedTransition: {
-      TransitionW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kMaskedTransition:
+      count(TransitionW{});
       break;
-    }
-    case LayerKind::kOuterProductMean: {
-      OuterProductMeanW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kOuterProductMean:
+      count(OuterProductMeanW{});
       break;
-    }
-    case LayerKind::kTriangleMultiplication: {
-      TriangleMultiplicationW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kTriangleMultiplication:
+      count(TriangleMultiplicationW{});
       break;
-    }
-    case LayerKind::kTriangleAttention: {
-      TriangleAttentionW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kTriangleAttention:
+      count(TriangleAttentionW{});
       break;
-    }
-    case LayerKind::kSwiGluTransition: {
-      SwiGluTransitionW w;
-      allocate_kind(a, cfg, l, &w);
+    case LayerKind::kSwiGluTransition:
+      count(SwiGluTransitionW{});
       break;
-    }
   }
   return n;
 }
