@@ -283,6 +283,7 @@ nlohmann::json dap_forward_report_json(const RunArgs& a, const DapForwardReport&
   j["time_ms"] = d.time_ms;
   j["times_ms"] = d.times_ms;
   j["dap"] = a.dap;
+  j["dtype"] = a.dtype;
   j["rank_block_collective_ms"] = d.rank_block_collective_ms;
   j["peak_tracked_bytes"] = d.rank_peak_tracked_bytes[0];
   j["rank_peak_tracked_bytes"] = d.rank_peak_tracked_bytes;
@@ -366,6 +367,7 @@ nlohmann::json dap_training_report_json(const RunArgs& a, const RunOptions& o,
   j["dap"] = a.dap;
   j["dp"] = a.dp;
   j["policy"] = policy_string(o.policy);
+  j["dtype"] = o.dtype == DType::BF16 ? "bf16" : "fp32";
   j["activation_bytes"] = t.rank_activation_bytes[0];
   j["step_peak_bytes"] = t.rank_step_peak_bytes[0];
   j["rank_activation_bytes"] = t.rank_activation_bytes;
