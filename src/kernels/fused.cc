@@ -62,20 +62,38 @@ int64_t busy_threads(int64_t n, int64_t rb, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), blocks));
 }
 
-// Calls f(slot, g0, g1) for each row block [g0, g1) of n rows; slot < busy_threads(n, rb, threads)
-// indexes the caller's per-thread scratch. Blocks are handed out dynamically (the machine is
-// shared); which thread runs a block never changes its result. Every GEMM inside a block runs
-// single-threaded, also with one busy thread (a multi-threaded GEMM may split its work
-// differently), so results do not depend on the thread count.
+// Rows per block actually run for n rows and blocks of at most rb rows: the fewest blocks of at
+// most rb rows, rounded up to an even count when there are several, with rows spread evenly (in
+// multiples of kRowAlign, so at most rb). The two threads of this machine then finish a call
+// together: at (128, 256) with the default chunk target an MSA row attention chunk is 5 rows, 1280
+// pairs of rows, which ran as 7 projection blocks of 192 rows and 3 output blocks of 512, so one
+// thread idled for up to a block at the end of each of the module's 52 calls (the unfused path's
+// multi-threaded GEMMs split evenly); now 8 of 160 and 4 of 320. Depends on n and rb only, so
+// results do not depend on the thread count.
+int64_t even_block_rows(int64_t n, int64_t rb) {
+  int64_t blocks = (n + rb - 1) / rb;
+  if (blocks <= 1) return rb;
+  blocks += blocks % 2;
+  const int64_t rows = (n + blocks - 1) / blocks;
+  return std::min(rb, (rows + kRowAlign - 1) / kRowAlign * kRowAlign);
+}
+
+// Calls f(slot, g0, g1) for each row block [g0, g1) of n rows (even_block_rows(n, rb) rows, at
+// most rb); slot < busy_threads(n, rb, threads) indexes the caller's per-thread scratch, sized for
+// blocks of min(rb, n) rows. Blocks are handed out dynamically (the machine is shared); which
+// thread runs a block never changes its result. Every GEMM inside a block runs single-threaded,
+// also with one busy thread (a multi-threaded GEMM may split its work differently), so results do
+// not depend on the thread count.
 template <class F>
 void for_row_blocks(int64_t n, int64_t rb, int threads, F f) {
   if (n <= 0) return;
+  const int t = static_cast<int>(busy_threads(n, rb, threads));
+  rb = even_block_rows(n, rb);
   const int64_t blocks = (n + rb - 1) / rb;
   if (omp_in_parallel()) {
     for (int64_t b = 0; b < blocks; ++b) f(0, b * rb, std::min(n, (b + 1) * rb));
     return;
   }
-  const int t = static_cast<int>(busy_threads(n, rb, threads));
 #pragma omp parallel num_threads(t)
   {
     omp_set_num_threads(1);  // this implicit task's nested regions (oneDNN's) get one thread
