@@ -78,15 +78,18 @@ kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz, D
 TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts) {
   const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   const int64_t gathered = parts > 1 ? parts * rr : 0;  // per channel
+  // A_g, B_g per channel: bf16 with bf16 products, so twice the channels fit the same target
+  // (half the groups: LN_in(z) and the GEMM's input rows are swept once per group, and the
+  // group's projection GEMM is twice as wide).
+  const bool bf16 = bf16_products(ctx, parts);
   TriMulPhase1 p;
-  p.cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
+  p.cg = pick_chunk(ctx, ct, 2 * rr * (bf16 ? 2 : kF) + gathered * kF);
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
   p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
   // A_g, B_g (bf16 with bf16 products), the projection chunk (or the fused kernel's scratch), with
   // several groups the group's rows of w.ab and b.ab, the gathered right projections of the group,
   // and with bf16 products the bf16 rows of w.ab.
-  const bool bf16 = bf16_products(ctx, parts);
   p.bytes = 2 * p.cg * rr * (bf16 ? 2 : kF) +
             (projection_floats(ctx, parts, p.cg, p.ch) + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) +
              p.cg * gathered) *
