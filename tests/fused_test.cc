@@ -131,81 +131,101 @@ INSTANTIATE_TEST_SUITE_P(Shapes, FusedLayerNormLinear,
 // thread counts.
 TEST(FusedLinearResidual, StridedAndContiguousRows) {
   for (DType dt : {DType::F32, DType::BF16})
-    for (bool strided : {true, false}) {
-      const int64_t B = 6, L = 45, in = 64, out = 32, ldx = 4 * in;  // x: the o slots of qkvg
-      const std::vector<float> x = vec(B * L * ldx, 41), W = vec(out * in, 42, 0.125f);
-      const std::vector<float> bias = vec(out, 43, 0.1f), y0 = vec(B * L * out, 44);
-      const std::vector<uint16_t> Wb = to_bf16(W);
-      kern::LinearResidualArgs a;
-      a.B = B, a.L = L, a.in = in, a.out = out, a.x = x.data(), a.ldx = ldx;
-      a.W = W.data(), a.bias = bias.data();
-      a.y_bs = strided ? out : L * out;
-      a.y_rs = strided ? B * out : out;
-      a.dtype = dt, a.W_bf16 = Wb.data();
-      std::vector<float> want = y0, ref_scratch(in + out);
-      a.y = want.data();
-      kern::ref::linear_residual(a, ref_scratch.data());
-      std::vector<std::vector<float>> got;
-      for (int threads : {1, 2, 3}) {
-        std::vector<float> y = y0;
-        std::vector<float> s(kern::linear_residual_scratch_floats(a, threads) + 1, 123.f);
-        a.y = y.data();
-        kern::linear_residual(a, s.data(), threads);
-        EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-        EXPECT_LT(norm_rel_err(y, want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
-            << "threads " << threads << " strided " << strided << " " << dtype_name(dt);
-        got.push_back(y);
+    for (bool strided : {true, false})
+      for (bool has_bias : {true, false}) {
+        const int64_t B = 6, L = 45, in = 64, out = 32, ldx = 4 * in;  // x: the o slots of qkvg
+        const std::vector<float> x = vec(B * L * ldx, 41), W = vec(out * in, 42, 0.125f);
+        const std::vector<float> bias = vec(out, 43, 0.1f), y0 = vec(B * L * out, 44);
+        const std::vector<uint16_t> Wb = to_bf16(W);
+        kern::LinearResidualArgs a;
+        a.B = B, a.L = L, a.in = in, a.out = out, a.x = x.data(), a.ldx = ldx;
+        a.W = W.data(), a.bias = has_bias ? bias.data() : nullptr;
+        a.y_bs = strided ? out : L * out;
+        a.y_rs = strided ? B * out : out;
+        a.dtype = dt, a.W_bf16 = Wb.data();
+        std::vector<float> want = y0, ref_scratch(in + out);
+        a.y = want.data();
+        kern::ref::linear_residual(a, ref_scratch.data());
+        std::vector<std::vector<float>> got;
+        for (int threads : {1, 2, 3}) {
+          std::vector<float> y = y0;
+          std::vector<float> s(kern::linear_residual_scratch_floats(a, threads) + 1, 123.f);
+          a.y = y.data();
+          kern::linear_residual(a, s.data(), threads);
+          EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+          EXPECT_LT(norm_rel_err(y, want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
+              << "threads " << threads << " strided " << strided << " bias " << has_bias << " "
+              << dtype_name(dt);
+          got.push_back(y);
+        }
+        for (size_t t = 1; t < got.size(); ++t)
+          EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
       }
-      for (size_t t = 1; t < got.size(); ++t)
-        EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
-    }
 }
 
 // The triangle multiplication's fused projection (masked, gated, written channel-major) against
-// the double reference, with the LayerNorm in the kernel and on normalised input: partial row
-// blocks, a narrow group (5 channels), zero mask entries, the columns past `rows` of A and B
-// untouched; identical across thread counts.
+// the double reference, with the LayerNorm in the kernel and on normalised input (contiguous and
+// strided rows): partial row blocks, a narrow group (5 channels), zero mask entries, the columns
+// past `rows` of A and B untouched, f32 and bf16 (GEMM inputs, A and B); identical across thread
+// counts.
 TEST(FusedTriMul, GatedProjectionMatchesReferenceAndThreadCounts) {
-  for (const bool ln : {true, false})
-    for (const int64_t rows : {7, 1000})
-      for (const int64_t nc : {16, 5}) {
-        const int64_t in = 32, ld_ab = rows + 9;
-        const std::vector<float> x = vec(rows * in, 51, 1.f), W = vec(4 * nc * in, 52, 0.3f);
-        const std::vector<float> bias = vec(4 * nc, 53, 0.1f);
-        std::vector<float> mask(rows);
-        for (int64_t p = 0; p < rows; ++p) mask[p] = p % 7 == 3 ? 0.f : 1.f;
-        kern::GatedProjectionArgs a;
-        a.rows = rows, a.in = in, a.nc = nc, a.x = x.data(), a.ldx = in;
-        a.W = W.data(), a.bias = bias.data(), a.mask = mask.data(), a.ld_ab = ld_ab;
-        const std::vector<float> gamma = vec(in, 55, 0.1f, 1.f), beta = vec(in, 56, 0.1f);
-        if (ln) a.gamma = gamma.data(), a.beta = beta.data();
-        const std::vector<float> ab0 = vec(nc * ld_ab, 54);
-        std::vector<float> wantA = ab0, wantB = ab0, ref_scratch(in);
-        a.A = wantA.data(), a.B = wantB.data();
-        kern::ref::gated_projection(a, ref_scratch.data());
-        std::vector<std::vector<float>> got;
-        for (int threads : {1, 2, 3}) {
-          std::vector<float> A = ab0, B = ab0;
-          std::vector<float> s(kern::gated_projection_scratch_floats(a, threads) + 1, 123.f);
-          a.A = A.data(), a.B = B.data();
-          kern::gated_projection(a, s.data(), threads);
-          EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-          for (int64_t c = 0; c < nc; ++c)
-            for (int64_t p = rows; p < ld_ab; ++p) {
-              ASSERT_EQ(A[c * ld_ab + p], ab0[c * ld_ab + p]);
-              ASSERT_EQ(B[c * ld_ab + p], ab0[c * ld_ab + p]);
+  for (const DType dt : {DType::F32, DType::BF16})
+    for (const bool ln : {true, false})
+      for (const int64_t rows : {7, 1000})
+        for (const int64_t nc : {16, 5}) {
+          const int64_t in = 32, ld_ab = rows + 9, ldx = ln ? in : in + 3;
+          const std::vector<float> x = vec(rows * ldx, 51, 1.f), W = vec(4 * nc * in, 52, 0.3f);
+          const std::vector<float> bias = vec(4 * nc, 53, 0.1f);
+          const std::vector<uint16_t> Wb = to_bf16(W);
+          std::vector<float> mask(rows);
+          for (int64_t p = 0; p < rows; ++p) mask[p] = p % 7 == 3 ? 0.f : 1.f;
+          kern::GatedProjectionArgs a;
+          a.rows = rows, a.in = in, a.nc = nc, a.x = x.data(), a.ldx = ldx;
+          a.W = W.data(), a.bias = bias.data(), a.mask = mask.data(), a.ld_ab = ld_ab;
+          a.dtype = dt, a.W_bf16 = Wb.data();
+          const std::vector<float> gamma = vec(in, 55, 0.1f, 1.f), beta = vec(in, 56, 0.1f);
+          if (ln) a.gamma = gamma.data(), a.beta = beta.data();
+          // A and B before the call (f32, or their bf16 bits), and as f32 values after it.
+          const std::vector<float> ab0 = vec(nc * ld_ab, 54);
+          const std::vector<uint16_t> ab0b = to_bf16(ab0);
+          auto run = [&](auto call) {
+            std::vector<float> A = ab0, B = ab0;
+            std::vector<uint16_t> Ab = ab0b, Bb = ab0b;
+            a.A = A.data(), a.B = B.data(), a.A_bf16 = Ab.data(), a.B_bf16 = Bb.data();
+            call();
+            if (dt == DType::BF16) {
+              for (int64_t c = 0; c < nc; ++c)
+                for (int64_t p = rows; p < ld_ab; ++p) {
+                  EXPECT_EQ(Ab[c * ld_ab + p], ab0b[c * ld_ab + p]);
+                  EXPECT_EQ(Bb[c * ld_ab + p], ab0b[c * ld_ab + p]);
+                }
+              EXPECT_EQ(A, ab0);  // the f32 outputs are not touched
+              kern::bf16_to_f32(Ab.data(), A.data(), nc * ld_ab);
+              kern::bf16_to_f32(Bb.data(), B.data(), nc * ld_ab);
             }
-          EXPECT_LT(norm_rel_err(A, wantA), kF32Tol)
-              << "rows " << rows << " nc " << nc << " ln " << ln;
-          EXPECT_LT(norm_rel_err(B, wantB), kF32Tol)
-              << "rows " << rows << " nc " << nc << " ln " << ln;
-          A.insert(A.end(), B.begin(), B.end());
-          got.push_back(A);
+            for (int64_t c = 0; c < nc && dt == DType::F32; ++c)
+              for (int64_t p = rows; p < ld_ab; ++p) {
+                EXPECT_EQ(A[c * ld_ab + p], ab0[c * ld_ab + p]);
+                EXPECT_EQ(B[c * ld_ab + p], ab0[c * ld_ab + p]);
+              }
+            A.insert(A.end(), B.begin(), B.end());
+            return A;
+          };
+          std::vector<float> ref_scratch(in + in / 2 + 1);
+          const std::vector<float> want =
+              run([&] { kern::ref::gated_projection(a, ref_scratch.data()); });
+          std::vector<std::vector<float>> got;
+          for (int threads : {1, 2, 3}) {
+            std::vector<float> s(kern::gated_projection_scratch_floats(a, threads) + 1, 123.f);
+            got.push_back(run([&] { kern::gated_projection(a, s.data(), threads); }));
+            EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+            EXPECT_LT(norm_rel_err(got.back(), want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
+                << "rows " << rows << " nc " << nc << " ln " << ln << " " << dtype_name(dt);
+          }
+          for (size_t t = 1; t < got.size(); ++t)
+            EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+                << "threads differ, rows " << rows << " nc " << nc;
         }
-        for (size_t t = 1; t < got.size(); ++t)
-          EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-              << "threads differ, rows " << rows << " nc " << nc;
-      }
 }
 
 // The triangle multiplication's fused output phase (LN_out, linear_z, the gate from LN_in(z), the

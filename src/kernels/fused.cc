@@ -12,6 +12,7 @@
 #include "foldcube/status.h"
 #include "kernels/convert.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
 
 namespace fc::kern {
 
@@ -61,20 +62,38 @@ int64_t busy_threads(int64_t n, int64_t rb, int threads) {
   return std::max<int64_t>(1, std::min<int64_t>(std::max(threads, 1), blocks));
 }
 
-// Calls f(slot, g0, g1) for each row block [g0, g1) of n rows; slot < busy_threads(n, rb, threads)
-// indexes the caller's per-thread scratch. Blocks are handed out dynamically (the machine is
-// shared); which thread runs a block never changes its result. Every GEMM inside a block runs
-// single-threaded, also with one busy thread (a multi-threaded GEMM may split its work
-// differently), so results do not depend on the thread count.
+// Rows per block actually run for n rows and blocks of at most rb rows: the fewest blocks of at
+// most rb rows, rounded up to an even count when there are several, with rows spread evenly (in
+// multiples of kRowAlign, so at most rb). The two threads of this machine then finish a call
+// together: at (128, 256) with the default chunk target an MSA row attention chunk is 5 rows, 1280
+// pairs of rows, which ran as 7 projection blocks of 192 rows and 3 output blocks of 512, so one
+// thread idled for up to a block at the end of each of the module's 52 calls (the unfused path's
+// multi-threaded GEMMs split evenly); now 8 of 160 and 4 of 320. Depends on n and rb only, so
+// results do not depend on the thread count.
+int64_t even_block_rows(int64_t n, int64_t rb) {
+  int64_t blocks = (n + rb - 1) / rb;
+  if (blocks <= 1) return rb;
+  blocks += blocks % 2;
+  const int64_t rows = (n + blocks - 1) / blocks;
+  return std::min(rb, (rows + kRowAlign - 1) / kRowAlign * kRowAlign);
+}
+
+// Calls f(slot, g0, g1) for each row block [g0, g1) of n rows (even_block_rows(n, rb) rows, at
+// most rb); slot < busy_threads(n, rb, threads) indexes the caller's per-thread scratch, sized for
+// blocks of min(rb, n) rows. Blocks are handed out dynamically (the machine is shared); which
+// thread runs a block never changes its result. Every GEMM inside a block runs single-threaded,
+// also with one busy thread (a multi-threaded GEMM may split its work differently), so results do
+// not depend on the thread count.
 template <class F>
 void for_row_blocks(int64_t n, int64_t rb, int threads, F f) {
   if (n <= 0) return;
+  const int t = static_cast<int>(busy_threads(n, rb, threads));
+  rb = even_block_rows(n, rb);
   const int64_t blocks = (n + rb - 1) / rb;
   if (omp_in_parallel()) {
     for (int64_t b = 0; b < blocks; ++b) f(0, b * rb, std::min(n, (b + 1) * rb));
     return;
   }
-  const int t = static_cast<int>(busy_threads(n, rb, threads));
 #pragma omp parallel num_threads(t)
   {
     omp_set_num_threads(1);  // this implicit task's nested regions (oneDNN's) get one thread
@@ -127,18 +146,24 @@ void linear_residual(const LinearResidualArgs& a, float* scratch, int threads) {
   const int64_t rows_max = std::min(rb, n);
   const int64_t per_slot =
       rows_max * out + (a.dtype == DType::BF16 ? bf16_floats(rows_max * a.in) : 0);
+  // Contiguous y rows (an MSA row, a triangle's starting node): the block's product accumulates
+  // into them directly (bias added first, as kern::linear with accumulate), no update slot.
+  const bool contiguous = a.y_rs == out && a.y_bs == a.L * out;
   for_row_blocks(n, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
-    float* t = scratch + slot * per_slot;  // [g1 - g0, out] the block's update
+    float* t = scratch + slot * per_slot;  // [g1 - g0, out] the block's update (strided y)
+    float* yt = contiguous ? a.y + g0 * out : t;
     if (a.dtype == DType::BF16) {
       uint16_t* xb = reinterpret_cast<uint16_t*>(t + rows_max * out);  // [g1 - g0, in] bf16 x
       for (int64_t g = g0; g < g1; ++g) f32_to_bf16(a.x + g * a.ldx, xb + (g - g0) * a.in, a.in);
-      for (int64_t g = 0; g < g1 - g0; ++g)
-        if (a.bias != nullptr) std::copy_n(a.bias, out, t + g * out);
+      if (a.bias != nullptr && contiguous) add_bias_rows(yt, out, a.bias, g1 - g0, out);
+      if (a.bias != nullptr && !contiguous)
+        for (int64_t g = 0; g < g1 - g0; ++g) std::copy_n(a.bias, out, t + g * out);
       gemm_typed(DType::BF16, false, true, g1 - g0, out, a.in, 1.f, xb, a.in, a.W_bf16, a.in,
-                 a.bias != nullptr ? 1.f : 0.f, t, out);
+                 a.bias != nullptr || contiguous ? 1.f : 0.f, yt, out);
     } else {
-      linear(a.x + g0 * a.ldx, a.ldx, g1 - g0, a.in, a.W, a.bias, out, t, out);
+      linear(a.x + g0 * a.ldx, a.ldx, g1 - g0, a.in, a.W, a.bias, out, yt, out, contiguous);
     }
+    if (contiguous) return;
     for (int64_t g = g0; g < g1;) {  // runs of rows of one batch item
       const int64_t b = g / a.L, l = g % a.L, cnt = std::min(g1 - g, a.L - l);
       add_inplace(a.y + b * a.y_bs + l * a.y_rs, a.y_rs, t + (g - g0) * out, out, cnt, out);
@@ -206,10 +231,12 @@ int64_t gated_projection_block_rows(const GatedProjectionArgs& a) {
 }
 int64_t gated_output_block_rows(int64_t cp, int64_t cz) { return block_rows_for(cp + 3 * cz); }
 
-// Floats of one gated_projection slot: the block's projections, and its normalised rows with LN.
+// Floats of one gated_projection slot: the block's projections, its normalised rows with LN, and
+// with BF16 the bf16 copy of its (normalised) rows.
 int64_t gated_projection_slot_floats(const GatedProjectionArgs& a) {
-  return std::min(gated_projection_block_rows(a), a.rows) *
-         (4 * a.nc + (a.gamma != nullptr ? a.in : 0));
+  const int64_t rows = std::min(gated_projection_block_rows(a), a.rows);
+  return rows * (4 * a.nc + (a.gamma != nullptr ? a.in : 0)) +
+         (a.dtype == DType::BF16 ? bf16_floats(rows * a.in) : 0);
 }
 
 int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads) {
@@ -219,25 +246,42 @@ int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int thread
 }
 
 void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads) {
-  const int64_t nc = a.nc, ld = 4 * nc, rb = gated_projection_block_rows(a);
+  FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
+  const bool bf16 = a.dtype == DType::BF16;
+  const int64_t nc = a.nc, in = a.in, ld = 4 * nc, rb = gated_projection_block_rows(a);
   const int64_t rows_max = std::min(rb, a.rows), per_slot = gated_projection_slot_floats(a);
+  const int64_t ln_floats = a.gamma != nullptr ? rows_max * in : 0;
   for_row_blocks(a.rows, rb, threads, [&](int slot, int64_t g0, int64_t g1) {
     const int64_t n = g1 - g0;
     float* t = scratch + slot * per_slot;  // [n, 4*nc] a_p | a_g | b_p | b_g of the block
+    float* xs = t + rows_max * ld;         // [n, in] LN of the block's rows (with gamma)
+    uint16_t* xb = reinterpret_cast<uint16_t*>(xs + ln_floats);  // [n, in] their bf16 (BF16)
     const float* x = a.x + g0 * a.ldx;
     int64_t ldx = a.ldx;
     if (a.gamma != nullptr) {
-      float* xs = t + rows_max * ld;  // [n, in] LN of the block's rows
-      layernorm(x, ldx, xs, a.in, n, a.in, a.gamma, a.beta, a.eps);
-      x = xs, ldx = a.in;
+      layernorm(x, ldx, xs, in, n, in, a.gamma, a.beta, a.eps);
+      x = xs, ldx = in;
     }
-    linear(x, ldx, n, a.in, a.W, a.bias, ld, t, ld);
+    if (!bf16) {
+      linear(x, ldx, n, in, a.W, a.bias, ld, t, ld);
+    } else if (ldx != in) {  // strided rows: round them one by one, then the contiguous GEMM
+      for (int64_t p = 0; p < n; ++p) f32_to_bf16(x + p * ldx, xb + p * in, in);
+      if (a.bias != nullptr)
+        for (int64_t p = 0; p < n; ++p) std::copy_n(a.bias, ld, t + p * ld);
+      gemm_typed(DType::BF16, false, true, n, ld, in, 1.f, xb, in, a.W_bf16, in,
+                 a.bias != nullptr ? 1.f : 0.f, t, ld);
+    } else {
+      block_linear(a.dtype, x, xb, n, in, a.W, a.W_bf16, a.bias, ld, t, ld, false);
+    }
     for (int64_t part = 0; part < 2; ++part) {  // a, then b
       float* proj = t + 2 * part * nc;          // [n, nc] with ld 4*nc; its gate follows
       sigmoid_inplace(proj + nc, ld, n, nc);
       mul_inplace(proj, ld, proj + nc, ld, n, nc);
       scale_rows(proj, ld, a.mask + g0, n, nc);
-      transpose(proj, ld, (part ? a.B : a.A) + g0, a.ld_ab, n, nc);
+      if (bf16)
+        transpose_to_bf16(proj, ld, (part ? a.B_bf16 : a.A_bf16) + g0, a.ld_ab, n, nc);
+      else
+        transpose(proj, ld, (part ? a.B : a.A) + g0, a.ld_ab, n, nc);
     }
   });
 }
@@ -356,22 +400,37 @@ void transition(const TransitionArgs& a, float* scratch) {
 
 void gated_projection(const GatedProjectionArgs& a, float* scratch) {
   const int64_t nc = a.nc;
+  const bool bf16 = a.dtype == DType::BF16;
+  uint16_t* xb = reinterpret_cast<uint16_t*>(scratch + a.in);  // [in] bf16 of the row (BF16)
+  auto widen = [](uint16_t b) {
+    float f;
+    ref::bf16_to_f32(&b, &f, 1);
+    return static_cast<double>(f);
+  };
   for (int64_t p = 0; p < a.rows; ++p) {
     const float* x = a.x + p * a.ldx;
     if (a.gamma != nullptr) {
       ref::layernorm(x, a.in, scratch, a.in, 1, a.in, a.gamma, a.beta, a.eps);
       x = scratch;
     }
+    if (bf16) ref::f32_to_bf16(x, xb, a.in);
     auto proj = [&](int64_t o) {  // t[p, o] in double
       double acc = a.bias != nullptr ? a.bias[o] : 0.0;
-      for (int64_t i = 0; i < a.in; ++i) acc += static_cast<double>(x[i]) * a.W[o * a.in + i];
+      for (int64_t i = 0; i < a.in; ++i)
+        acc += bf16 ? widen(xb[i]) * widen(a.W_bf16[o * a.in + i])
+                    : static_cast<double>(x[i]) * a.W[o * a.in + i];
       return acc;
     };
     for (int64_t part = 0; part < 2; ++part)
       for (int64_t c = 0; c < nc; ++c) {
         const double v = proj(2 * part * nc + c), gate = proj(2 * part * nc + nc + c);
-        (part ? a.B : a.A)[c * a.ld_ab + p] =
-            static_cast<float>(v / (1.0 + std::exp(-gate)) * a.mask[p]);
+        const double y = v / (1.0 + std::exp(-gate)) * a.mask[p];
+        if (bf16) {  // rounded once: to f32 by rounding to odd, then to nearest-even bf16
+          const float yf = ref::f64_to_f32_round_odd(y);
+          ref::f32_to_bf16(&yf, (part ? a.B_bf16 : a.A_bf16) + c * a.ld_ab + p, 1);
+        } else {
+          (part ? a.B : a.A)[c * a.ld_ab + p] = static_cast<float>(y);
+        }
       }
   }
 }

@@ -49,10 +49,12 @@ void layernorm_linear(const LayerNormLinearArgs& a, float* scratch, int threads)
 
 // y[b, l, :] += x[b*L + l, :] W^T + bias for b < B, l < L: a Linear whose output is a residual
 // update of rows that may be strided (row (b, l) of y at y + b*y_bs + l*y_rs; x rows with leading
-// dimension ldx). Each row block's product goes to per-thread scratch and is then added, so a GEMM
-// never writes rows that are a power-of-two stride apart (an MSA column: 256 KiB at r=256), whose
-// cache-set conflicts made that 2.5x slower. BF16: the block's x rows are rounded to bf16 in the
-// slot and multiplied by W_bf16 with f32 accumulation (bias and the residual add f32).
+// dimension ldx). With strided rows each row block's product goes to per-thread scratch and is
+// then added, so a GEMM never writes rows that are a power-of-two stride apart (an MSA column:
+// 256 KiB at r=256), whose cache-set conflicts made that 2.5x slower; contiguous rows (y_rs = out,
+// y_bs = L*out) get the bias added and the product accumulated in place (the scratch formula
+// still counts the update slot). BF16: the block's x rows are rounded to bf16 in the slot and
+// multiplied by W_bf16 with f32 accumulation (bias and the residual add f32).
 struct LinearResidualArgs {
   int64_t B = 1, L = 0, in = 0, out = 0;
   const float* x = nullptr;
@@ -101,7 +103,11 @@ void transition(const TransitionArgs& a, float* scratch, int threads);
 //   B[c * ld_ab + p] = (t[p, 2nc + c] * sigmoid(t[p, 3nc + c])) * mask[p]       (b)
 // written channel-major. Per row the arithmetic is the unfused sequence (kern::linear,
 // sigmoid_inplace, mul_inplace, scale_rows, transpose); the block [rows of a block, 4*nc] stays in
-// the thread's scratch (cache) between them. F32 only.
+// the thread's scratch (cache) between them.
+// BF16: the block's (normalised) rows are rounded to bf16 in the slot and multiplied by W_bf16 with
+// f32 accumulation (as layernorm_linear); the gate, mask and LayerNorm statistics stay f32, and A,
+// B are written as bf16 (A_bf16, B_bf16; rounded in the transpose, kern::transpose_to_bf16) for
+// the bf16 products.
 struct GatedProjectionArgs {
   int64_t rows = 0, in = 0, nc = 0;
   const float* x = nullptr;  // [rows, in], leading dimension ldx
@@ -112,9 +118,13 @@ struct GatedProjectionArgs {
   const float* W = nullptr;     // [4*nc, in]
   const float* bias = nullptr;  // [4*nc] or nullptr
   const float* mask = nullptr;  // [rows]
-  float* A = nullptr;           // [nc, ld_ab] (columns 0 .. rows-1 written)
-  float* B = nullptr;           // [nc, ld_ab]
+  float* A = nullptr;           // [nc, ld_ab] (columns 0 .. rows-1 written; F32)
+  float* B = nullptr;           // [nc, ld_ab] (F32)
   int64_t ld_ab = 0;
+  DType dtype = DType::F32;          // GEMM inputs and A, B storage: F32 or BF16
+  const uint16_t* W_bf16 = nullptr;  // [4*nc, in] bf16 bits of W (BF16; W unused then)
+  uint16_t* A_bf16 = nullptr;        // [nc, ld_ab] bf16 bits (BF16; A, B unused then)
+  uint16_t* B_bf16 = nullptr;        // [nc, ld_ab]
 };
 int64_t gated_projection_scratch_floats(const GatedProjectionArgs& a, int threads);
 void gated_projection(const GatedProjectionArgs& a, float* scratch, int threads);
@@ -155,7 +165,8 @@ namespace ref {
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
 void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  // BF16: in floats
 void transition(const TransitionArgs& a, float* scratch);
-// One row at a time in double (dot products), sigmoid in double; scratch: in floats (LN row).
+// One row at a time in double (dot products), sigmoid in double; scratch: in floats (LN row),
+// plus in / 2 + 1 with BF16 (the row's bf16; A and B rounded to bf16 from the double result).
 void gated_projection(const GatedProjectionArgs& a, float* scratch);
 // One row at a time; scratch: cp + 3 * cz floats, plus max(cp, cz) / 2 + 1 with BF16.
 void gated_output(const GatedOutputArgs& a, float* scratch);

@@ -35,31 +35,35 @@ constexpr int64_t kKeepLnTargets = 12;
 // ---- Inference ---------------------------------------------------------------------------------
 
 namespace {
-// The fused path: with f32 products (ctx.fused, not bf16_products) the projections of a channel
-// group go through kern::gated_projection; in every dtype the output phase goes through
-// kern::gated_output. Both per row block.
-bool fused_f32(const BlockContext& ctx, int64_t parts) {
-  return ctx.fused && !bf16_products(ctx, parts);
+// The fused path (ctx.fused): the projections of a channel group go through
+// kern::gated_projection, with bf16 GEMM inputs and bf16 A, B under bf16 products
+// (bf16_products), and the output phase through kern::gated_output with GEMM inputs of ctx.dtype.
+// Both per row block.
+DType projection_dtype(const BlockContext& ctx, int64_t parts) {
+  return bf16_products(ctx, parts) ? DType::BF16 : DType::F32;
 }
 // Their sizes (what the scratch formulas read); the caller sets the pointers.
-kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc) {
+kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc,
+                                                DType dtype) {
   // A placeholder gamma: the rows are normalised in the kernel (the scratch formula counts the
   // normalised block); the caller sets the real LayerNorm weights with the other pointers.
   static const float kPlaceholder = 1.f;
   kern::GatedProjectionArgs a;
-  a.rows = pairs, a.in = cz, a.nc = nc, a.gamma = &kPlaceholder;
+  a.rows = pairs, a.in = cz, a.nc = nc, a.gamma = &kPlaceholder, a.dtype = dtype;
   return a;
 }
 // Floats of the group's projection buffer t: a chunk of ch rows [ch*r, 4*cg] (unfused), or the
 // fused kernel's scratch for the widest of the groups (cg, and a last group of ct % cg).
 int64_t projection_floats(const BlockContext& ctx, int64_t parts, int64_t cg, int64_t ch) {
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
-  if (!fused_f32(ctx, parts)) return ch * r * 4 * cg;
+  if (!ctx.fused) return ch * r * 4 * cg;
   int64_t floats = 0;
   for (const int64_t nc : {cg, ct % cg})
     if (nc > 0)
-      floats = std::max(floats, kern::gated_projection_scratch_floats(
-                                    gated_projection_dims(ch * r, cz, nc), ctx.threads));
+      floats = std::max(
+          floats,
+          kern::gated_projection_scratch_floats(
+              gated_projection_dims(ch * r, cz, nc, projection_dtype(ctx, parts)), ctx.threads));
   return floats;
 }
 kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz, DType dtype) {
@@ -74,36 +78,26 @@ kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz, D
 TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts) {
   const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   const int64_t gathered = parts > 1 ? parts * rr : 0;  // per channel
+  // A_g, B_g per channel: bf16 with bf16 products, so twice the channels fit the same target
+  // (half the groups: LN_in(z) and the GEMM's input rows are swept once per group, and the
+  // group's projection GEMM is twice as wide).
+  const bool bf16 = bf16_products(ctx, parts);
   TriMulPhase1 p;
-  p.cg = pick_chunk(ctx, ct, (2 * rr + gathered) * kF);
+  p.cg = pick_chunk(ctx, ct, 2 * rr * (bf16 ? 2 : kF) + gathered * kF);
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
   p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
-  // A_g, B_g, the projection chunk (or the fused kernel's scratch) and, with several groups, the
-  // group's rows of w.ab and b.ab.
-  const int64_t group = (2 * p.cg * rr + projection_floats(ctx, parts, p.cg, p.ch) +
-                         (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + p.cg * gathered) *
-                        kF;
-  if (bf16_products(ctx, parts)) {
-    // A_g, B_g in bf16, the projection chunk, the group's f32 rows of w.ab and b.ab and its bf16
-    // rows of w.ab, and the LayerNorm-Linear scratch (LN_in(z) per row block, never kept whole).
-    int64_t scratch = 0;
-    for (const int64_t nc : {p.cg, ct % p.cg})
-      if (nc > 0)
-        scratch = std::max(scratch,
-                           kern::layernorm_linear_scratch_floats(
-                               ln_linear_dims(1, p.ch * r, cz, 4 * nc, DType::BF16), ctx.threads));
-    p.bytes = 2 * p.cg * rr * 2 +
-              (4 * p.cg * p.ch * r + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) + scratch) * kF +
-              gemm_weights_bytes(4 * p.cg * cz, DType::BF16);
-    return p;
-  }
-  if (fused_f32(ctx, parts)) {  // LN_in(z) per row block inside kern::gated_projection
-    p.bytes = group;
-    return p;
-  }
-  p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + group <= kKeepLnTargets * ctx.chunk_target_bytes;
-  p.bytes = group + (p.keep_ln ? rows : p.ch) * r * cz * kF;
+  // A_g, B_g (bf16 with bf16 products), the projection chunk (or the fused kernel's scratch), with
+  // several groups the group's rows of w.ab and b.ab, the gathered right projections of the group,
+  // and with bf16 products the bf16 rows of w.ab.
+  p.bytes = 2 * p.cg * rr * (bf16 ? 2 : kF) +
+            (projection_floats(ctx, parts, p.cg, p.ch) + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) +
+             p.cg * gathered) *
+                kF +
+            gemm_weights_bytes(4 * p.cg * cz, projection_dtype(ctx, parts));
+  if (ctx.fused) return p;  // LN_in(z) per row block inside kern::gated_projection
+  p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + p.bytes <= kKeepLnTargets * ctx.chunk_target_bytes;
+  p.bytes += (p.keep_ln ? rows : p.ch) * r * cz * kF;
   return p;
 }
 
@@ -115,10 +109,11 @@ int64_t tri_mul_output_chunk(const BlockContext& ctx, int64_t rows) {
 namespace {
 // The triangle multiplication on rows of z [rows, r, c_z] with mask [rows, r]. gather == nullptr:
 // one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
-// (see triangle_multiplication_shard). With bf16 products (bf16_products) the projections come
-// from the fused LayerNorm-Linear in bf16, A and B are stored in bf16 and the products take bf16
-// inputs with f32 accumulation (P stays f32); gating, masking and the residual add stay f32.
-// Fused (ctx.fused), the output phase is kern::gated_output with GEMM inputs of ctx.dtype.
+// (see triangle_multiplication_shard). Fused (ctx.fused), the projection phase is
+// kern::gated_projection per channel group and the output phase kern::gated_output with GEMM
+// inputs of ctx.dtype. With bf16 products (bf16_products) the projections take bf16 GEMM inputs,
+// A and B are stored in bf16 and the products take bf16 inputs with f32 accumulation (P stays
+// f32); gating, masking and the residual add stay f32.
 void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                   bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
                   float* z) {
@@ -137,11 +132,10 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     const DType abt = bf16 ? DType::BF16 : DType::F32;
     Tensor A = Tensor::empty({cg, rows, r}, abt);  // a[c][i][k] = mask * sigmoid(a_g) * a_p
     Tensor B = Tensor::empty({cg, rows, r}, abt);
-    // LN_in(z): all rows or a chunk (bf16: none, the fused kernel normalises per row block).
-    const bool fused32 = fused_f32(ctx, parts);
-    Tensor x = bf16 || fused32 ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
-    // a_p | a_g | b_p | b_g of the group: a chunk [ch*r, 4*cg], or (fused f32) the fused
-    // kernel's per-thread row blocks.
+    // LN_in(z), unfused only: all rows or a chunk (fused, the kernel normalises per row block).
+    Tensor x = ctx.fused ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
+    // a_p | a_g | b_p | b_g of the group: a chunk [ch*r, 4*cg], or (fused) the fused kernel's
+    // per-thread row blocks.
     Tensor t = Tensor::empty({projection_floats(ctx, parts, cg, ch)});
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
@@ -166,30 +160,25 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
       if (bf16) kern::f32_to_bf16(wp, wg16.data<uint16_t>(), ld * cz);
       for (int64_t i0 = 0; i0 < rows; i0 += ch) {
         const int64_t n = std::min(ch, rows - i0);
-        if (bf16) {
-          kern::LayerNormLinearArgs la = ln_linear_dims(1, n * r, cz, ld, DType::BF16);
-          la.x = z + i0 * r * cz, la.x_rs = cz;
-          la.gamma = w.ln_in.w.f32(), la.beta = w.ln_in.b.f32(), la.eps = eps;
-          la.W = wp, la.bias = bp, la.W_bf16 = wg16.data<uint16_t>();
-          la.y = t.f32(), la.ldy = ld;
-          Tensor scratch = Tensor::empty({kern::layernorm_linear_scratch_floats(la, ctx.threads)});
-          kern::layernorm_linear(la, scratch.f32(), ctx.threads);
-        } else {
-          if (fused32) {
-            kern::GatedProjectionArgs ga = gated_projection_dims(n * r, cz, nc);
-            ga.x = z + i0 * r * cz, ga.ldx = cz;
-            ga.gamma = w.ln_in.w.f32(), ga.beta = w.ln_in.b.f32(), ga.eps = eps;
-            ga.W = wp, ga.bias = bp, ga.mask = mask_rows + i0 * r;
-            ga.A = A.f32() + i0 * r, ga.B = B.f32() + i0 * r, ga.ld_ab = rr;
-            kern::gated_projection(ga, t.f32(), ctx.threads);
-            continue;
-          }
-          const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
-          if (!ph.keep_ln)
-            kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
-                            w.ln_in.b.f32(), eps);
-          kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
+        if (ctx.fused) {
+          kern::GatedProjectionArgs ga = gated_projection_dims(n * r, cz, nc, abt);
+          ga.x = z + i0 * r * cz, ga.ldx = cz;
+          ga.gamma = w.ln_in.w.f32(), ga.beta = w.ln_in.b.f32(), ga.eps = eps;
+          ga.W = wp, ga.bias = bp, ga.W_bf16 = bf16_ptr(wg16), ga.mask = mask_rows + i0 * r;
+          if (bf16)
+            ga.A_bf16 = A.data<uint16_t>() + i0 * r, ga.B_bf16 = B.data<uint16_t>() + i0 * r;
+          else
+            ga.A = A.f32() + i0 * r, ga.B = B.f32() + i0 * r;
+          ga.ld_ab = rr;
+          kern::gated_projection(ga, t.f32(), ctx.threads);
+          continue;
         }
+        // Unfused reference path (f32).
+        const float* xp = x.f32() + (ph.keep_ln ? i0 * r * cz : 0);
+        if (!ph.keep_ln)
+          kern::layernorm(z + i0 * r * cz, cz, x.f32(), cz, n * r, cz, w.ln_in.w.f32(),
+                          w.ln_in.b.f32(), eps);
+        kern::linear(xp, cz, n * r, cz, wp, bp, ld, t.f32(), ld);
         float* tp = t.f32();
         const float* mask = mask_rows + i0 * r;
         for (int64_t part = 0; part < 2; ++part) {  // a, then b
@@ -197,11 +186,7 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
           kern::sigmoid_inplace(proj + nc, ld, n * r, nc);
           kern::mul_inplace(proj, ld, proj + nc, ld, n * r, nc);
           kern::scale_rows(proj, ld, mask, n * r, nc);
-          if (bf16)
-            kern::transpose_to_bf16(proj, ld, (part ? B : A).data<uint16_t>() + i0 * r, rr, n * r,
-                                    nc);
-          else
-            kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
+          kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
         }
       }
       if (bf16) {
