@@ -41,19 +41,24 @@ Status load_model(const RunArgs& a, AlphaFold* model, int ranks = 1, int rank = 
     FC_RETURN_IF_ERROR(AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model));
     return ranks > 1 ? shard_alphafold_weights(model, ranks, rank) : Status::OK();
   }
-  TensorFile w;  // safetensors or AlphaFold .npz
-  FC_RETURN_IF_ERROR(ranks > 1 ? read_weights(a.weights, &w, dap_weight_filter(ranks, rank))
-                               : read_weights(a.weights, &w));
+  TensorFile w;         // safetensors or AlphaFold .npz
+  TensorShapes shapes;  // every tensor's, under --dap those of the other ranks' blocks too
+  if (ranks > 1) {
+    FC_RETURN_IF_ERROR(read_weights(a.weights, &w, dap_weight_filter(ranks, rank), &shapes));
+  } else {
+    FC_RETURN_IF_ERROR(read_weights(a.weights, &w));
+    shapes = shapes_of(w);
+  }
   if (json_file) {
     std::ifstream in(a.config);
     if (!in) return Status::NotFound("cannot read --config " + a.config);
     const std::string text((std::istreambuf_iterator<char>(in)), {});
     if (nlohmann::json::parse(text, nullptr, false).is_discarded())
       return Status::InvalidArgument(a.config + ": not valid JSON");
-    w.metadata["config"] = text;
+    w.metadata["config"] = shapes.metadata["config"] = text;
   }
   AlphaFoldConfig cfg;
-  FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg));
+  FC_RETURN_IF_ERROR(alphafold_config_from_shapes(shapes, &cfg));
   if (!a.config.empty() && !json_file &&
       (cfg.templates != preset.templates || cfg.ptm != preset.ptm))
     return Status::InvalidArgument("--config " + a.config + " does not match " + a.weights +

@@ -5,9 +5,12 @@
 #include <string>
 #include <vector>
 
+#include "exec/af2_dap.h"
 #include "foldcube/alphafold.h"
+#include "foldcube/io.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
+#include "model/af2/alphafold_impl.h"
 #include "test_util.h"
 
 namespace fc {
@@ -148,6 +151,36 @@ TEST(Af2MemoryPlan, BudgetIsKeptAndTooSmallIsRefused) {
   st = plan_alphafold(cfg, dims, base, base + fine.peak_bytes - 1, num_threads(), &plan);
   EXPECT_EQ(st.code(), Status::Code::kOutOfMemory);
   EXPECT_NE(st.message().find("smallest feasible budget"), std::string::npos) << st.ToString();
+}
+
+// A template pair block holds its pair modules only (allocate_pair_layers): no MSA-layer tensor
+// is allocated, and releasing a block frees exactly the pair layers' parameter bytes (the DAP
+// block buffer of kTemplatePairBlock), on the golden model and on random weights.
+TEST(Af2ModelWeights, TemplatePairBlocksHoldOnlyTheirPairLayers) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &f).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(f, &cfg).ok());
+  ASSERT_TRUE(cfg.templates);
+  for (bool random : {false, true}) {
+    SCOPED_TRACE(random ? "random weights" : "golden weights");
+    AlphaFold model;
+    ASSERT_TRUE(AlphaFold::load(cfg, random ? AlphaFold::random_weights(cfg, 3) : f, &model).ok());
+    AlphaFold::Impl& M = AlphaFoldAccess::impl(model);
+    ASSERT_EQ(M.tmpl_blocks.size(), static_cast<size_t>(cfg.template_pair.no_blocks));
+    for (TemplateBlock& b : M.tmpl_blocks) {
+      EXPECT_FALSE(b.w.msa_att_row.ln_m.w.defined());
+      EXPECT_FALSE(b.w.msa_att_col.mha.w_qkvg.defined());
+      EXPECT_FALSE(b.w.msa_transition.l1.w.defined());
+      EXPECT_FALSE(b.w.outer_product_mean.out.w.defined());
+      EXPECT_TRUE(b.w.tri_mul_out.ab.w.defined());
+      EXPECT_TRUE(b.w.pair_transition.l2.w.defined());
+      const int64_t live = mem_stats().live_bytes;
+      b.w = BlockWeights{};
+      EXPECT_EQ(live - mem_stats().live_bytes,
+                dap_block_buffer_bytes(kTemplatePairBlock, cfg.template_pair));
+    }
+  }
 }
 
 }  // namespace

@@ -219,7 +219,8 @@ TEST_P(Af2Structure, ConfidenceFromLogits) {
 TEST_P(Af2Structure, StructureModuleReproducesEveryTrace) {
   af2::StructureModuleConfig cfg;
   cfg.no_blocks = get("trace.iter0.sm.frames").dim(0);
-  ASSERT_TRUE(af2::structure_module_config_from_weights(*file_, "structure_module.", &cfg).ok());
+  ASSERT_TRUE(
+      af2::structure_module_config_from_weights(shapes_of(*file_), "structure_module.", &cfg).ok());
   af2::StructureModuleWeights w;
   Status st = af2::load_structure_module(*file_, "structure_module.", cfg, &w);
   ASSERT_TRUE(st.ok()) << st.ToString();

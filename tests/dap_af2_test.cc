@@ -21,6 +21,7 @@
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "io/param_names.h"
+#include "layers/outer_product_mean.h"
 #include "npz_util.h"
 #include "test_util.h"
 
@@ -223,8 +224,8 @@ INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Sharded,
 // safetensors state dict and from an AlphaFold .npz of a random model with 5 Evoformer, 3
 // Extra-MSA and 3 template blocks: each rank ends up holding exactly the replicated model less
 // alphafold_released_weight_bytes, its tracked peak while loading stays below the replicated
-// load's (the blocks it neither owns nor needs for the config are never read into memory), and
-// the forward's outputs equal the replicated run's bit for bit.
+// load's (the blocks it does not own are never read into memory: the config comes from the
+// file's shapes), and the forward's outputs equal the replicated run's bit for bit.
 TEST(DapAf2ShardedLoad, ReadsOnlyItsShareAndRunsBitIdentical) {
   TensorFile tiny;
   ASSERT_TRUE(read_safetensors(golden_path("af2_model_tiny.safetensors"), &tiny).ok());
@@ -487,6 +488,109 @@ TEST_P(DapAf2Bf16, FirstPassWithinTheBf16TolerancesOfOneProcess) {
 INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Bf16,
                          ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
                          [](const auto& info) { return info.param; });
+
+class DapAf2OpmChunks : public ::testing::TestWithParam<std::string> {};
+
+// The outer product mean under DAP in chunks of MSA rows (opm_msa_row_chunk < s: forced chunk 2,
+// so the Extra-MSA and Evoformer OPMs both run in several chunks): every output within the golden
+// tolerances of OpenFold (1e-4, 5e-4 for the structure group) and of the one-process run with the
+// same chunking (1e-5, 1e-4 for the structure group). The chunks sum in another order than one
+// process, so the results are not bit-identical.
+TEST_P(DapAf2OpmChunks, ChunkedOuterProductMeanWithinTheGoldenTolerances) {
+  Golden g;
+  if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(golden_path(GetParam() + ".safetensors"), &f).ok());
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  AlphaFoldOptions opts;
+  opts.chunk = 2;
+  AlphaFoldDims dims;
+  ASSERT_TRUE(alphafold_dims(g.model.config(), g.feats, &dims).ok());
+  BlockContext ctx;  // the extra-MSA stack's shard context
+  ctx.cfg = &g.model.config().extra_msa;
+  ctx.s = dap_layout(dims.E, dims.r, comm.size(), comm.rank()).s_pad;
+  ctx.chunk = opts.chunk;
+  ASSERT_LT(opm_msa_row_chunk(ctx, 1, comm.size()), ctx.s);
+  std::map<std::string, Tensor> ref;
+  ASSERT_TRUE(g.model.forward(g.feats, &ref, opts).ok());
+  AlphaFoldDapOutputs outs;
+  const Status st = alphafold_dap_forward(g.model, comm, g.feats, &outs, opts);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  std::map<std::string, Tensor> got;
+  gather_alphafold_dap_outputs(outs, comm, &got);
+  if (comm.rank() != 0) return;
+  int golden_outputs = 0;
+  double worst = 0;
+  for (const auto& [name, t] : ref) {
+    if (t.dtype() != DType::F32) continue;
+    ASSERT_TRUE(got.count(name)) << name;
+    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? 1e-4 : 1e-5) << name;
+    const std::string golden = "output." + name;
+    if (!f.has(golden)) continue;
+    ++golden_outputs;
+    const double e = test::golden_err(got.at(name), f.tensors.at(golden));
+    EXPECT_LT(e, structure_group(name) ? 5e-4 : 1e-4) << name << " vs OpenFold";
+    worst = std::max(worst, e);
+  }
+  EXPECT_GT(golden_outputs, 5);
+  std::printf("%s, OPM in chunks of 2 MSA rows on %d ranks: worst output vs OpenFold %.3g\n",
+              GetParam().c_str(), comm.size(), worst);
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, DapAf2OpmChunks,
+                         ::testing::Values("af2_model_tiny", "af2_model_af2dims"),
+                         [](const auto& info) { return info.param; });
+
+// Automatic chunking with a deep extra MSA (160 rows; 4 c_z = 64 rows per chunk at the tiny
+// widths, a 4 KiB chunk target): the Extra-MSA OPM runs in 3 chunks of MSA rows, the outputs are
+// within 1e-4 of one process (1e-3 for the structure group), and the per-rank memory model still
+// equals the allocator, stage by stage, pass by pass.
+TEST(DapAf2OpmChunks, DeepExtraMsaChunkedAutomaticallyAndModelledExactly) {
+  Golden g;
+  ASSERT_TRUE(load_golden("af2_model_tiny", &g));
+  const dist::Communicator comm =
+      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const FeatureDict feats = random_alphafold_features(14, 5, 160, 2, 2, 23);
+  AlphaFoldOptions opts;
+  opts.chunk_target_bytes = 4096;
+  std::vector<AlphaFoldStageStat> stats;
+  opts.stats = &stats;
+  AlphaFoldDims dims;
+  ASSERT_TRUE(alphafold_dims(g.model.config(), feats, &dims).ok());
+  const DapLayout lx = dap_layout(dims.E, dims.r, comm.size(), comm.rank());
+  BlockContext ctx;
+  ctx.cfg = &g.model.config().extra_msa;
+  ctx.s = lx.s_pad;
+  ctx.r = lx.r_pad;
+  ctx.chunk_target_bytes = opts.chunk_target_bytes;
+  const int64_t sc = opm_msa_row_chunk(ctx, lx.r_loc, comm.size());
+  EXPECT_EQ(sc, 4 * ctx.cfg->c_z);
+  EXPECT_LT(sc, ctx.s);
+  AlphaFoldMemory mem;
+  ASSERT_TRUE(alphafold_dap_forward_memory(g.model.config(), dims, opts, num_threads(), comm.size(),
+                                           comm.rank(), &mem)
+                  .ok());
+  const int64_t live0 = mem_stats().live_bytes;
+  AlphaFoldDapOutputs outs;
+  AlphaFoldDapStats ds;
+  const Status st = alphafold_dap_forward(g.model, comm, feats, &outs, opts, &ds);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(stats.size(), mem.stages.size());
+  for (size_t i = 0; i < stats.size(); ++i)
+    EXPECT_EQ(stats[i].peak_bytes, mem.stages[i].peak_bytes)
+        << "rank " << comm.rank() << " pass " << stats[i].pass << " " << stats[i].stage;
+  EXPECT_EQ(ds.forward_peak_bytes - live0, mem.peak_bytes) << "rank " << comm.rank();
+  std::map<std::string, Tensor> got, ref;
+  gather_alphafold_dap_outputs(outs, comm, &got);
+  opts.stats = nullptr;
+  ASSERT_TRUE(g.model.forward(feats, &ref, opts).ok());
+  if (comm.rank() != 0) return;
+  for (const auto& [name, t] : ref) {
+    if (t.dtype() != DType::F32) continue;
+    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? 1e-3 : 1e-4) << name;
+  }
+}
 
 }  // namespace
 }  // namespace fc

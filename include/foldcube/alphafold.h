@@ -47,6 +47,9 @@ Status alphafold_preset(const std::string& name, AlphaFoldConfig* out);
 // not hold (template pointwise-attention heads, structure-module layers) come from the file's
 // metadata `config` (OpenFold model config JSON) when present, else the AF2 defaults.
 Status alphafold_config_from_weights(const TensorFile& weights, AlphaFoldConfig* out);
+// The same from names, shapes and metadata only: a DAP rank's filtered read (read_weights with a
+// BlockFilter and TensorShapes) holds only its own blocks but gives every tensor's shape.
+Status alphafold_config_from_shapes(const TensorShapes& shapes, AlphaFoldConfig* out);
 
 // Features: OpenFold batch names without prefix (aatype, target_feat, residue_index, msa_feat,
 // seq_mask, msa_mask, extra_msa, extra_has_deletion, extra_deletion_value, extra_msa_mask,

@@ -27,6 +27,20 @@ struct TensorFile {
   Status get_f32(const std::string& name, const Shape& shape, Tensor* out) const;
 };
 
+// The names and shapes of a parameter file's tensors with its metadata: what config inference
+// reads (a filtered read gives them for the tensors it leaves out too).
+struct TensorShapes {
+  std::vector<std::string> names;  // header order
+  std::map<std::string, Shape> shapes;
+  std::map<std::string, std::string> metadata;
+
+  bool has(const std::string& name) const { return shapes.count(name) != 0; }
+  // Size of dimension d (negative counts from the back) of `name`; -1 if absent or of lower rank.
+  int64_t dim(const std::string& name, int d) const;
+};
+// The names, shapes and metadata of f's tensors.
+TensorShapes shapes_of(const TensorFile& f);
+
 // Reads a whole safetensors file. Supported dtypes: F32, F64, I64, I32 (others: a clear error).
 // Validates everything before trusting it: header length within the file, JSON well formed,
 // dtype/shape/offsets consistent, offsets in range, tensors non-overlapping, no trailing gap
@@ -65,7 +79,11 @@ using BlockFilter = std::function<bool(const std::string& stack, int64_t block, 
 // read_weights keeping only the blocks `keep` accepts; the others are never whole in memory: a
 // safetensors file's are skipped, an AlphaFold .npz's stacked arrays are read one at a time and
 // the unwanted blocks dropped before the next (a plain .npz is read whole, then filtered).
-Status read_weights(const std::string& path, TensorFile* out, const BlockFilter& keep);
+// shapes (optional) receives the names and shapes of every tensor of the file, those left out
+// included (an AlphaFold .npz's under their OpenFold names and shapes), and out's metadata: a DAP
+// rank infers the whole config from them while holding only its own blocks.
+Status read_weights(const std::string& path, TensorFile* out, const BlockFilter& keep,
+                    TensorShapes* shapes = nullptr);
 
 // Writes tensors (F32, F64, I64 or I32, any strides) in names order with the given metadata.
 // Writes a temporary file beside path (path.tmp.<pid>.<n>), fsyncs it and renames it onto path:

@@ -151,6 +151,8 @@ double evoformer_block_flops(const EvoformerConfig& cfg, int64_t s, int64_t r);
 // Config from the parameter shapes of an OpenFold EvoformerStack state dict (for weight files
 // without config metadata). Constants (inf, eps) keep their defaults.
 Status infer_config_from_weights(const TensorFile& weights, EvoformerConfig* out);
+// The same from names and shapes only (shapes_of a state dict, or a filtered read's TensorShapes).
+Status infer_config_from_shapes(const TensorShapes& shapes, EvoformerConfig* out);
 
 // Automatic chunking: bytes that one module's chunk buffers aim for at (s, r).
 int64_t default_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r);

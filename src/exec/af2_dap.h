@@ -78,10 +78,10 @@ int dap_block_owner(int block, int n);
 // refuses it). n = 1: nothing released.
 Status shard_alphafold_weights(AlphaFold* model, int n, int rank);
 // Loading sharded from the start, so that no rank ever holds all stack weights: the file is read
-// with dap_weight_filter(n, rank) (read_weights with a BlockFilter, foldcube/io.h: this rank's
-// blocks of each stack plus the stack's first and last block, which the config is inferred from),
-// and load_alphafold_shard loads only this rank's blocks (the model is then as after
-// shard_alphafold_weights).
+// with dap_weight_filter(n, rank) (read_weights with a BlockFilter, foldcube/io.h: only this
+// rank's blocks of each stack are read), the config is inferred from every tensor's shape
+// (alphafold_config_from_shapes on the read's TensorShapes), and load_alphafold_shard loads only
+// this rank's blocks (the model is then as after shard_alphafold_weights).
 BlockFilter dap_weight_filter(int n, int rank);
 Status load_alphafold_shard(const AlphaFoldConfig& cfg, const TensorFile& weights, int n, int rank,
                             AlphaFold* out);

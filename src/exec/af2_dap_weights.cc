@@ -126,13 +126,13 @@ int64_t alphafold_released_weight_bytes(const AlphaFoldConfig& cfg, int n, int r
     for (int b = 0; b < blocks; ++b) k += dap_block_owner(b, n) != rank;
     return static_cast<int64_t>(k);
   };
-  // The loaded template blocks are whole BlockWeights (allocate_block), MSA part included.
+  // The loaded template blocks hold their pair modules only (allocate_pair_layers).
   int64_t bytes =
       released(cfg.evoformer.no_blocks) * dap_block_buffer_bytes(kEvoformerBlock, cfg.evoformer) +
       released(cfg.extra_msa.no_blocks) * dap_block_buffer_bytes(kExtraMsaBlock, cfg.extra_msa);
   if (cfg.templates)
     bytes += released(cfg.template_pair.no_blocks) *
-             dap_block_buffer_bytes(kEvoformerBlock, cfg.template_pair);
+             dap_block_buffer_bytes(kTemplatePairBlock, cfg.template_pair);
   return bytes;
 }
 
@@ -156,8 +156,8 @@ Status shard_alphafold_weights(AlphaFold* model, int n, int rank) {
 }
 
 BlockFilter dap_weight_filter(int n, int rank) {
-  return [n, rank](const std::string&, int64_t b, int64_t blocks) {
-    return dap_block_owner(static_cast<int>(b), n) == rank || b == 0 || b == blocks - 1;
+  return [n, rank](const std::string&, int64_t b, int64_t) {
+    return dap_block_owner(static_cast<int>(b), n) == rank;
   };
 }
 
@@ -181,9 +181,10 @@ Status load_alphafold_sharded(const std::string& path, int n, int rank, AlphaFol
     return Status::InvalidArgument("load_alphafold_sharded: need 0 <= rank < n, got rank " +
                                    std::to_string(rank) + " of " + std::to_string(n));
   TensorFile w;
-  FC_RETURN_IF_ERROR(read_weights(path, &w, dap_weight_filter(n, rank)));
+  TensorShapes shapes;  // every tensor's, the blocks left out included: the whole config
+  FC_RETURN_IF_ERROR(read_weights(path, &w, dap_weight_filter(n, rank), &shapes));
   AlphaFoldConfig cfg;
-  FC_RETURN_IF_ERROR(alphafold_config_from_weights(w, &cfg).WithContext(path));
+  FC_RETURN_IF_ERROR(alphafold_config_from_shapes(shapes, &cfg).WithContext(path));
   return load_alphafold_shard(cfg, w, n, rank, out).WithContext(path);
 }
 

@@ -28,8 +28,10 @@ Status write_file_atomic(const std::string& path, const std::function<Status(std
 bool parse_block_name(const std::string& name, std::string* stack, int64_t* block);
 
 // read_safetensors materialising only the tensors `keep` accepts (BlockFilter, foldcube/io.h);
-// the others are validated like every tensor, then skipped.
-Status read_safetensors_filtered(const std::string& path, const BlockFilter& keep, TensorFile* out);
+// the others are validated like every tensor, then skipped. shapes (optional): every tensor's
+// name and shape, skipped ones included, and the metadata.
+Status read_safetensors_filtered(const std::string& path, const BlockFilter& keep, TensorFile* out,
+                                 TensorShapes* shapes = nullptr);
 // read_npz passing each member to `fn` as it is read (archive order) instead of keeping them all.
 Status read_npz_each(const std::string& path,
                      const std::function<Status(const std::string& key, Tensor t)>& fn);

@@ -349,37 +349,61 @@ std::string with_block(const std::string& name, int64_t i) {
   return name.substr(0, p) + std::to_string(i) + name.substr(p + 3);
 }
 
-Status rank_error(const std::string& where, const Af2Param& p, const Tensor& t, int rank) {
-  return Status::InvalidArgument(where + io::printable(p.af2) + " has shape " +
-                                 shape_str(t.shape()) + (p.stacked ? " per block" : "") +
-                                 ", expected rank " + std::to_string(rank));
+// The OpenFold shape of an AF2 array (one block) of shape a, its rank checked: forward_transform's
+// output shape, without the data (the blocks a filtered read leaves out).
+Status forward_shape(const std::string& where, const Af2Param& p, const Shape& a, Shape* out) {
+  auto need = [&](size_t rank) {
+    return a.size() == rank
+               ? Status::OK()
+               : Status::InvalidArgument(where + io::printable(p.af2) + " has shape " +
+                                         shape_str(a) + (p.stacked ? " per block" : "") +
+                                         ", expected rank " + std::to_string(rank));
+  };
+  switch (p.transform) {
+    case T::kIdentity:
+      *out = a;
+      return Status::OK();
+    case T::kLinear:
+      FC_RETURN_IF_ERROR(need(2));
+      *out = {a[1], a[0]};
+      return Status::OK();
+    case T::kHeadsIn:  // [c_in, H, C] -> [H*C, c_in]
+      FC_RETURN_IF_ERROR(need(3));
+      *out = {a[1] * a[2], a[0]};
+      return Status::OK();
+    case T::kHeadsBias:  // [H, C] -> [H*C]
+      FC_RETURN_IF_ERROR(need(2));
+      *out = {a[0] * a[1]};
+      return Status::OK();
+    case T::kHeadsOut:  // [H, C, c_out] -> [c_out, H*C]
+    case T::kOpmOut:    // [C, C, c_z] -> [c_z, C*C]
+      FC_RETURN_IF_ERROR(need(3));
+      *out = {a[2], a[0] * a[1]};
+      return Status::OK();
+  }
+  return Status::Internal("unknown transform");
 }
 
-// AF2 array (one block) -> OpenFold parameter, contiguous.
+// AF2 array (one block) -> OpenFold parameter, contiguous (of forward_shape's shape).
 Status forward_transform(const std::string& where, const Af2Param& p, const Tensor& a,
                          Tensor* out) {
-  auto need = [&](int rank) {
-    return a.ndim() == rank ? Status::OK() : rank_error(where, p, a, rank);
-  };
+  Shape shape;
+  FC_RETURN_IF_ERROR(forward_shape(where, p, a.shape(), &shape));
   switch (p.transform) {
     case T::kIdentity:
       *out = a.contiguous();
       return Status::OK();
     case T::kLinear:
-      FC_RETURN_IF_ERROR(need(2));
       *out = a.transpose(0, 1).contiguous();
       return Status::OK();
-    case T::kHeadsIn:  // [c_in, H, C] -> [H*C, c_in]
-      FC_RETURN_IF_ERROR(need(3));
+    case T::kHeadsIn:
       *out = a.contiguous().reshape({a.dim(0), a.dim(1) * a.dim(2)}).transpose(0, 1).contiguous();
       return Status::OK();
-    case T::kHeadsBias:  // [H, C] -> [H*C]
-      FC_RETURN_IF_ERROR(need(2));
-      *out = a.contiguous().reshape({a.dim(0) * a.dim(1)});
+    case T::kHeadsBias:
+      *out = a.contiguous().reshape(shape);
       return Status::OK();
-    case T::kHeadsOut:  // [H, C, c_out] -> [c_out, H*C]
-    case T::kOpmOut:    // [C, C, c_z] -> [c_z, C*C]
-      FC_RETURN_IF_ERROR(need(3));
+    case T::kHeadsOut:
+    case T::kOpmOut:
       *out = a.contiguous().reshape({a.dim(0) * a.dim(1), a.dim(2)}).transpose(0, 1).contiguous();
       return Status::OK();
   }
@@ -545,9 +569,11 @@ bool is_af2_npz(const TensorFile& f) {
 
 namespace {
 // One AlphaFold array `name` into its OpenFold parameter(s) in *result (the stacked ones split
-// per block, those keep rejects dropped; `where` = "<label>: ").
+// per block, those keep rejects dropped; `where` = "<label>: "); shapes (optional) receives every
+// parameter's OpenFold name and shape, dropped ones included.
 Status af2_member_to_openfold(const std::string& where, const std::string& name, const Tensor& a,
-                              const BlockFilter* keep, TensorFile* result) {
+                              const BlockFilter* keep, TensorFile* result,
+                              TensorShapes* shapes = nullptr) {
   static const std::unordered_map<std::string, const Af2Param*> index = [] {
     std::unordered_map<std::string, const Af2Param*> m;
     for (const Af2Param& p : af2_param_table()) m.emplace(p.af2, &p);
@@ -558,9 +584,14 @@ Status af2_member_to_openfold(const std::string& where, const std::string& name,
     return Status::InvalidArgument(where + "unknown AlphaFold parameter " + io::printable(name) +
                                    " (not an AlphaFold2 monomer parameter file?)");
   const Af2Param& p = *it->second;
+  auto record = [&](const std::string& of, const Shape& shape) {
+    if (shapes == nullptr) return;
+    if (shapes->shapes.insert_or_assign(of, shape).second) shapes->names.push_back(of);
+  };
   if (!p.stacked) {
     Tensor t;
     FC_RETURN_IF_ERROR(forward_transform(where, p, a, &t));
+    record(p.openfold, t.shape());
     result->put(p.openfold, t);
     return Status::OK();
   }
@@ -571,10 +602,16 @@ Status af2_member_to_openfold(const std::string& where, const std::string& name,
     const std::string of = with_block(p.openfold, i);
     std::string stack;
     int64_t block = 0;
-    if (keep && io::parse_block_name(of, &stack, &block) && !(*keep)(stack, block, a.dim(0)))
+    if (keep && io::parse_block_name(of, &stack, &block) && !(*keep)(stack, block, a.dim(0))) {
+      Shape shape;
+      FC_RETURN_IF_ERROR(
+          forward_shape(where, p, Shape(a.shape().begin() + 1, a.shape().end()), &shape));
+      record(of, shape);
       continue;
+    }
     Tensor t;
     FC_RETURN_IF_ERROR(forward_transform(where, p, a.select(0, i), &t));
+    record(of, t.shape());
     result->put(of, t);
   }
   return Status::OK();
@@ -710,6 +747,21 @@ TensorFile submodule_state_dict(TensorFile&& f, const std::string& prefix) {
   return sub;
 }
 
+TensorShapes submodule_shapes(const TensorShapes& f, const std::string& prefix) {
+  const std::string p = prefix + ".";
+  const bool whole = std::any_of(f.names.begin(), f.names.end(),
+                                 [&](const std::string& n) { return n.rfind(p, 0) == 0; });
+  if (!whole) return f;
+  TensorShapes sub;
+  sub.metadata = f.metadata;
+  for (const std::string& n : f.names)
+    if (n.rfind(p, 0) == 0) {
+      sub.names.push_back(n.substr(p.size()));
+      sub.shapes[sub.names.back()] = f.shapes.at(n);
+    }
+  return sub;
+}
+
 Status read_weights(const std::string& path, TensorFile* out) {
   TensorFile f;
   FC_RETURN_IF_ERROR(read_tensor_file(path, &f));
@@ -725,12 +777,14 @@ Status read_weights(const std::string& path, TensorFile* out) {
   return Status::OK();
 }
 
-Status read_weights(const std::string& path, TensorFile* out, const BlockFilter& keep) {
+Status read_weights(const std::string& path, TensorFile* out, const BlockFilter& keep,
+                    TensorShapes* shapes) {
   FC_RETURN_IF_ERROR(io::check_regular_file(path));
-  if (!io::starts_like_zip(path)) return io::read_safetensors_filtered(path, keep, out);
+  if (!io::starts_like_zip(path)) return io::read_safetensors_filtered(path, keep, out, shapes);
   // AlphaFold keys converted (and filtered) member by member; other keys kept for a plain .npz.
   const std::string where = path + ": ";
   TensorFile af2, plain;
+  TensorShapes af2_shapes;
   int64_t heads = 0;
   FC_RETURN_IF_ERROR(io::read_npz_each(path, [&](const std::string& key, Tensor a) -> Status {
     if (key.rfind("alphafold/", 0) != 0) {
@@ -738,7 +792,7 @@ Status read_weights(const std::string& path, TensorFile* out, const BlockFilter&
       return Status::OK();
     }
     if (key == kTemplateQuery && a.ndim() == 3) heads = a.dim(1);
-    return af2_member_to_openfold(where, key, a, &keep, &af2);
+    return af2_member_to_openfold(where, key, a, &keep, &af2, &af2_shapes);
   }));
   if (!af2.names.empty()) {
     if (!plain.names.empty())
@@ -746,6 +800,10 @@ Status read_weights(const std::string& path, TensorFile* out, const BlockFilter&
                                      io::printable(plain.names[0]) +
                                      " (not an AlphaFold2 monomer parameter file?)");
     if (heads > 0) af2.metadata["template_pointwise_attention_heads"] = std::to_string(heads);
+    if (shapes != nullptr) {
+      af2_shapes.metadata = af2.metadata;
+      *shapes = std::move(af2_shapes);
+    }
     *out = std::move(af2);
     return Status::OK();
   }
@@ -755,6 +813,7 @@ Status read_weights(const std::string& path, TensorFile* out, const BlockFilter&
   int64_t block = 0;
   for (const std::string& n : plain.names)
     if (io::parse_block_name(n, &stack, &block)) blocks[stack] = std::max(blocks[stack], block + 1);
+  if (shapes != nullptr) *shapes = shapes_of(plain);
   TensorFile result;
   result.metadata = plain.metadata;
   for (const std::string& n : plain.names)

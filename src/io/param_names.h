@@ -85,5 +85,7 @@ Status check_param_names(const TensorFile& f, const std::vector<std::string>& na
 // without it ("evoformer.blocks.0.x" -> "blocks.0.x"), metadata kept. A file with no name under
 // the prefix is returned unchanged (it already holds the submodule alone).
 TensorFile submodule_state_dict(TensorFile&& f, const std::string& prefix);
+// The same on names and shapes.
+TensorShapes submodule_shapes(const TensorShapes& f, const std::string& prefix);
 
 }  // namespace fc

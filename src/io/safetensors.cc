@@ -357,6 +357,22 @@ Status TensorFile::get_f32(const std::string& name, const Shape& shape, Tensor* 
   return Status::OK();
 }
 
+int64_t TensorShapes::dim(const std::string& name, int d) const {
+  auto it = shapes.find(name);
+  if (it == shapes.end()) return -1;
+  const int64_t n = static_cast<int64_t>(it->second.size());
+  const int64_t i = d < 0 ? n + d : d;
+  return i < 0 || i >= n ? -1 : it->second[static_cast<size_t>(i)];
+}
+
+TensorShapes shapes_of(const TensorFile& f) {
+  TensorShapes s;
+  s.names = f.names;
+  for (const auto& [name, t] : f.tensors) s.shapes[name] = t.shape();
+  s.metadata = f.metadata;
+  return s;
+}
+
 namespace {
 
 // Reads the next n bytes of the file (sequentially from its start) into dst; false on a short read.
@@ -365,7 +381,8 @@ using ReadFn = std::function<bool(void* dst, size_t n)>;
 // The whole reader over a source of file_size bytes; `where` ("path: ") prefixes every message.
 // keep (optional): the stack blocks to materialise (io::read_safetensors_filtered).
 Status parse_source(const std::string& where, uint64_t file_size, const ReadFn& read,
-                    TensorFile* out, const BlockFilter* keep = nullptr) {
+                    TensorFile* out, const BlockFilter* keep = nullptr,
+                    TensorShapes* shapes = nullptr) {
   if (file_size < 8)
     return Status::InvalidArgument(where + "file is " + std::to_string(file_size) +
                                    " bytes, too short for a safetensors header");
@@ -468,6 +485,15 @@ Status parse_source(const std::string& where, uint64_t file_size, const ReadFn& 
   for (const Placed& p : placed)
     if (result.tensors.count(p.raw->name)) result.names.push_back(p.raw->name);
   result.metadata = std::move(hp.metadata);
+  if (shapes != nullptr) {
+    TensorShapes sh;
+    for (const Placed& p : placed) {
+      sh.names.push_back(p.raw->name);
+      sh.shapes[p.raw->name] = p.raw->shape;
+    }
+    sh.metadata = result.metadata;
+    *shapes = std::move(sh);
+  }
   *out = std::move(result);
   return Status::OK();
 }
@@ -486,7 +512,8 @@ Status parse_safetensors_bytes(std::string_view bytes, const std::string& name, 
 }
 
 namespace {
-Status read_file(const std::string& path, TensorFile* out, const BlockFilter* keep) {
+Status read_file(const std::string& path, TensorFile* out, const BlockFilter* keep,
+                 TensorShapes* shapes = nullptr) {
   const std::string where = path + ": ";
   // Not a regular file (directory, FIFO, device): refused rather than blocking or reading forever.
   FC_RETURN_IF_ERROR(io::check_regular_file(path));
@@ -499,7 +526,7 @@ Status read_file(const std::string& path, TensorFile* out, const BlockFilter* ke
   if (size_or_err < 0) return Status::IOError(where + "cannot tell size: " + errno_text());
   std::rewind(f.get());
   auto read = [&](void* dst, size_t n) { return std::fread(dst, 1, n, f.get()) == n; };
-  return parse_source(where, static_cast<uint64_t>(size_or_err), read, out, keep);
+  return parse_source(where, static_cast<uint64_t>(size_or_err), read, out, keep, shapes);
 }
 
 }  // namespace
@@ -509,8 +536,8 @@ Status read_safetensors(const std::string& path, TensorFile* out) {
 }
 
 Status io::read_safetensors_filtered(const std::string& path, const BlockFilter& keep,
-                                     TensorFile* out) {
-  return read_file(path, out, &keep);
+                                     TensorFile* out, TensorShapes* shapes) {
+  return read_file(path, out, &keep, shapes);
 }
 
 Status write_safetensors(const std::string& path, const TensorFile& file) {

@@ -28,22 +28,15 @@ void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t co,
         kern::f32_to_bf16(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co);
 }
 
-// The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
-// nullptr means one shard holding every column (cols = r). With bf16 products (bf16_products) a
-// and b are stored in bf16, the outer products take bf16 inputs with f32 accumulation, and the
-// pairs p are rounded to bf16 for the output Linear (bf16 weights, f32 accumulation); the mask
-// counts, the normalisation and the residual add stay f32.
-void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t col0,
-              int64_t cols, const float* mask_cols, const ShardGather* gather, float* z) {
+// The masked projections a = linear_1(LN(m)) * mask, b = linear_2(LN(m)) * mask of the MSA rows
+// m [rows, cols, c_m] with mask [rows, cols] into a, b [rows, cols, c_o] (bf16 when bf16, else
+// f32), in chunks of opm_projection_chunk rows (at most rows).
+void opm_project(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t rows,
+                 int64_t cols, const float* mask_cols, bool bf16, Tensor* a, Tensor* b) {
   const EvoformerConfig& cfg = *ctx.cfg;
-  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
-  const int64_t parts = gather != nullptr ? gather->parts : 1;
-  const bool bf16 = bf16_products(ctx, parts);
-  const DType pt = bf16 ? DType::BF16 : DType::F32;  // storage of a, b and p
-  Tensor a = Tensor::empty({s, cols, co}, pt);       // linear_1(LN(m)) * mask
-  Tensor b = Tensor::empty({s, cols, co}, pt);       // linear_2(LN(m)) * mask
+  const int64_t s = rows, cm = cfg.c_m, co = cfg.c_hidden_opm;
   {
-    const int64_t ch = opm_projection_chunk(ctx, cols);
+    const int64_t ch = std::min(opm_projection_chunk(ctx, cols), rows);
     Tensor x = ctx.fused ? Tensor() : Tensor::empty({ch * cols, cm});  // LN(m) chunk (unfused)
     Tensor ab = Tensor::empty({ch * cols, 2 * co});
     const Tensor wb = ctx.fused ? gemm_weights(w.l12.w, ctx.dtype) : Tensor();  // [2*c_o, c_m]
@@ -66,8 +59,8 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
       float* abp = ab.f32();
       const float* mask = mask_cols + s0 * cols;
       if (bf16) {
-        uint16_t* ap = a.data<uint16_t>() + s0 * cols * co;
-        uint16_t* bp = b.data<uint16_t>() + s0 * cols * co;
+        uint16_t* ap = a->data<uint16_t>() + s0 * cols * co;
+        uint16_t* bp = b->data<uint16_t>() + s0 * cols * co;
         kern::scale_rows(abp, 2 * co, mask, n * cols, 2 * co);
 #pragma omp parallel for schedule(static)
         for (int64_t row = 0; row < n * cols; ++row) {
@@ -76,8 +69,8 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
         }
         continue;
       }
-      float* ap = a.f32() + s0 * cols * co;
-      float* bp = b.f32() + s0 * cols * co;
+      float* ap = a->f32() + s0 * cols * co;
+      float* bp = b->f32() + s0 * cols * co;
 #pragma omp parallel for schedule(static)
       for (int64_t row = 0; row < n * cols; ++row)
         for (int64_t c = 0; c < co; ++c) {
@@ -86,6 +79,81 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
         }
     }
   }
+}
+
+// z += W_out outer / (norm + eps) (AF2) or / max(norm, 1) (AF3, w.mean_first) for `rows` pairs
+// from y = W_out outer [rows, c_z] without any bias: the update of one chunk of MSA rows after the
+// first (whose opm_residual carries the bias).
+void opm_residual_more(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
+                       const float* norm, int64_t rows, float* z) {
+  const int64_t cz = cfg.c_z;
+  const float eps = cfg.eps_opm;
+  const bool af3 = w.mean_first;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const float inv = af3 ? 1.f / std::max(norm[row], 1.f) : 1.f / (norm[row] + eps);
+    for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv;
+  }
+}
+
+// The shard form in chunks of sc < s MSA rows (opm_msa_row_chunk; f32 products): per chunk the
+// projections a, b [sc, cols, c_o] of its rows, every shard's b [parts, sc, cols, c_o] gathered,
+// and its outer products sum_{s in chunk} a (x) b through linear_out added to z, scaled by the
+// whole mask count (the bias with the first chunk): linear_out is linear, so the chunks add up to
+// the unchunked update up to the summation order. The gathered right projection is never whole.
+void opm_msa_chunked(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
+                     int64_t col0, int64_t cols, const float* mask_cols, const ShardGather& gather,
+                     int64_t sc, float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, cm = cfg.c_m, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t parts = gather.parts, bw = cols * co;  // bw: columns (j, e) of one shard
+  Tensor norm = Tensor::empty({cols, r});              // sum_s mask[s,i] mask[s,j] over every row
+  kern::gemm(true, false, cols, r, s, 1.f, ctx.msa_mask + col0, r, ctx.msa_mask, r, 0.f, norm.f32(),
+             r);
+  const int64_t ch = opm_outer_chunk(ctx, cols);
+  Tensor a = Tensor::empty({sc, cols, co});           // linear_1(LN(m)) * mask, this chunk
+  Tensor b = Tensor::empty({sc, cols, co});           // linear_2(LN(m)) * mask, this chunk
+  Tensor all = Tensor::empty({parts, sc, cols, co});  // every shard's b of this chunk
+  Tensor o = Tensor::empty({ch * co, r * co});        // [(i, c), (j, e)]
+  Tensor p = Tensor::empty({ch * r, co * co});        // [(i, j), (c, e)]
+  Tensor y = Tensor::empty({ch * r, cz});
+  for (int64_t s0 = 0; s0 < s; s0 += sc) {
+    const int64_t n = std::min(sc, s - s0);
+    opm_project(w, ctx, m + s0 * cols * cm, n, cols, mask_cols + s0 * cols, false, &a, &b);
+    gather.fn(b.f32(), n * bw, all.f32());  // [parts][n, cols, c_o]
+    for (int64_t i0 = 0; i0 < cols; i0 += ch) {
+      const int64_t ni = std::min(ch, cols - i0);
+      for (int64_t q = 0; q < parts; ++q)
+        kern::gemm(true, false, ni * co, bw, n, 1.f, a.f32() + i0 * co, bw, all.f32() + q * n * bw,
+                   bw, 0.f, o.f32() + q * bw, r * co);
+      opm_pairs_from_outer(o.f32(), ni, r, co, p.f32());
+      const bool first = s0 == 0;
+      kern::linear(p.f32(), co * co, ni * r, co * co, w.out.w.f32(),
+                   first && !w.mean_first ? bias_ptr(w.out) : nullptr, cz, y.f32(), cz);
+      (first ? opm_residual : opm_residual_more)(w, cfg, y.f32(), norm.f32() + i0 * r, ni * r,
+                                                 z + i0 * r * cz);
+    }
+  }
+}
+
+// The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
+// nullptr means one shard holding every column (cols = r). With bf16 products (bf16_products) a
+// and b are stored in bf16, the outer products take bf16 inputs with f32 accumulation, and the
+// pairs p are rounded to bf16 for the output Linear (bf16 weights, f32 accumulation); the mask
+// counts, the normalisation and the residual add stay f32. Sharded with fewer MSA rows per chunk
+// than s (opm_msa_row_chunk): opm_msa_chunked.
+void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* m, int64_t col0,
+              int64_t cols, const float* mask_cols, const ShardGather* gather, float* z) {
+  const EvoformerConfig& cfg = *ctx.cfg;
+  const int64_t s = ctx.s, r = ctx.r, co = cfg.c_hidden_opm, cz = cfg.c_z;
+  const int64_t parts = gather != nullptr ? gather->parts : 1;
+  const int64_t sc = opm_msa_row_chunk(ctx, cols, parts);
+  if (sc < s) return opm_msa_chunked(w, ctx, m, col0, cols, mask_cols, *gather, sc, z);
+  const bool bf16 = bf16_products(ctx, parts);
+  const DType pt = bf16 ? DType::BF16 : DType::F32;  // storage of a, b and p
+  Tensor a = Tensor::empty({s, cols, co}, pt);       // linear_1(LN(m)) * mask
+  Tensor b = Tensor::empty({s, cols, co}, pt);       // linear_2(LN(m)) * mask
+  opm_project(w, ctx, m, s, cols, mask_cols, bf16, &a, &b);
   // Every shard's b, shard-major: [parts][s, cols, c_o] (= b itself for one shard).
   if (gather != nullptr && !bf16) {
     Tensor all = Tensor::empty({gather->parts, s, cols, co});
@@ -260,6 +328,17 @@ int64_t opm_projection_chunk(const BlockContext& ctx, int64_t cols) {
   return pick_chunk(ctx, ctx.s, cols * (cm + 2 * co) * kF);
 }
 
+int64_t opm_msa_row_chunk(const BlockContext& ctx, int64_t cols, int64_t parts) {
+  const int64_t s = ctx.s, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
+  if (parts <= 1 || bf16_products(ctx, parts) || s <= 0) return s;
+  if (ctx.chunk > 0) return std::min(ctx.chunk, s);
+  // Each chunk after the first repeats linear_out ((c_o^2 c_z) per pair against (c_o^2 rows) for
+  // the products): at least kOpmRowsPerZChannel * c_z rows keep that under 1/4 of the products.
+  constexpr int64_t kOpmRowsPerZChannel = 4;
+  const int64_t fewest = std::min(s, kOpmRowsPerZChannel * cz);
+  return std::max(fewest, pick_chunk(ctx, s, (2 + parts) * cols * co * kF));
+}
+
 int64_t opm_outer_chunk(const BlockContext& ctx, int64_t cols) {
   const int64_t r = ctx.r, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
   return pick_chunk(ctx, cols, 2 * co * r * co * kF + r * cz * kF);
@@ -346,13 +425,21 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
   const int64_t ch1 = opm_projection_chunk(ctx, cols);
   const int64_t ch2 = opm_outer_chunk(ctx, cols);
   const int64_t gathered = parts > 1 ? s * r * co : 0;
-  // Projection phase: the ab chunk beside LN(m) (unfused) or the fused kernel's scratch.
-  const int64_t proj =
-      ctx.fused ? ch1 * cols * 2 * co +
-                      kern::layernorm_linear_scratch_floats(
-                          ln_linear_dims(1, ch1 * cols, cm, 2 * co, ctx.dtype), ctx.threads)
-                : ch1 * cols * (cm + 2 * co);
+  // Projection phase (opm_project) on chunks of n MSA rows: the ab chunk beside LN(m) (unfused) or
+  // the fused kernel's scratch.
+  auto projection = [&](int64_t n) {
+    return ctx.fused ? n * cols * 2 * co +
+                           kern::layernorm_linear_scratch_floats(
+                               ln_linear_dims(1, n * cols, cm, 2 * co, ctx.dtype), ctx.threads)
+                     : n * cols * (cm + 2 * co);
+  };
+  const int64_t proj = projection(ch1);
   const int64_t wb = ctx.fused ? gemm_weights_bytes(2 * co * cm, ctx.dtype) : 0;
+  const int64_t sc = opm_msa_row_chunk(ctx, cols, parts);
+  if (sc < s)  // everything of opm_msa_chunked is alive while a chunk is projected
+    return kF * (cols * r + (2 + parts) * sc * cols * co + ch2 * (2 * co * r * co + r * cz) +
+                 projection(std::min(ch1, sc))) +
+           wb;
   if (bf16_products(ctx, parts)) {
     // a, b and the pairs chunk in bf16, beside the bf16 copy of linear_out's weights.
     const int64_t ab_bytes = ab * 2;

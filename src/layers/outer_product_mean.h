@@ -24,14 +24,24 @@ void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, con
 // Outer product mean of a residue-column shard: m [s, cols, c_m] holds columns [col0, col0+cols)
 // of the MSA stream (s = ctx.s, r = ctx.r columns in all; ctx.msa_mask [s, r] in full), mask_cols
 // [s, cols] their mask; z [cols, r, c_z] (pair rows col0..) += the update. gather collects the
-// right projection [s, cols, c_o] of every shard (its shards are consecutive column blocks).
+// right projection [s, cols, c_o] of every shard (its shards are consecutive column blocks), in
+// chunks of opm_msa_row_chunk MSA rows: with more than one chunk the update is summed chunk by
+// chunk (not bit-identical to one process; within fp32 rounding) and the gathered projection is
+// never whole.
 void outer_product_mean_shard(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                               int64_t col0, int64_t cols, const float* mask_cols,
                               const ShardGather& gather, float* z);
 // Workspace of the shard form on `cols` of the ctx.r residues with `parts` shards (the
-// single-process layer is parts = 1 on all r): a, b [s, cols, c_o] beside the projection chunk,
-// then a, every shard's b, the mask counts [cols, r] and the outer-product chunk.
+// single-process layer is parts = 1 on all r): in one chunk of MSA rows a, b [s, cols, c_o]
+// beside the projection chunk, then a, every shard's b, the mask counts [cols, r] and the
+// outer-product chunk; in chunks of sc rows the mask counts, a, b [sc, cols, c_o], every shard's b
+// of the chunk and the outer-product chunk, beside the projection chunk.
 int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts);
+// MSA rows per chunk of the shard form (parts > 1, f32 products): from the chunk target
+// ((2 + parts) cols c_o floats per row), but at least min(s, 4 c_z) rows so that repeating
+// linear_out per chunk costs at most ~1/4 of the outer products; ctx.chunk when forced; s (one
+// chunk) for one shard or bf16 products.
+int64_t opm_msa_row_chunk(const BlockContext& ctx, int64_t cols, int64_t parts);
 // MSA rows per chunk of the projections on `cols` columns; pair rows i per chunk of the outer
 // product on `cols` rows, forward (o, p, y) and backward (o, p, dp, dy).
 int64_t opm_projection_chunk(const BlockContext& ctx, int64_t cols);

@@ -136,11 +136,14 @@ int64_t default_train_chunk_target_bytes(const EvoformerConfig& cfg, int64_t s, 
 }
 
 Status infer_config_from_weights(const TensorFile& w, EvoformerConfig* out) {
+  return infer_config_from_shapes(shapes_of(w), out);
+}
+
+Status infer_config_from_shapes(const TensorShapes& w, EvoformerConfig* out) {
   auto dim = [&](const std::string& name, int d, int64_t* v) -> Status {
-    auto it = w.tensors.find(name);
-    if (it == w.tensors.end() || it->second.ndim() <= d)
+    *v = w.dim(name, d);
+    if (*v < 0)
       return Status::InvalidArgument("cannot infer the config: weights lack '" + name + "'");
-    *v = it->second.dim(d);
     return Status::OK();
   };
   EvoformerConfig c;

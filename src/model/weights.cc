@@ -49,6 +49,18 @@ void add_tri_att(Named* v, const std::string& p, const TriangleAttentionW& w) {
   add_lin(v, p + ".linear", w.lin);
   add_mha(v, p + ".mha", w.mha);
 }
+// The pair modules in state_dict order under prefix p ("pair_stack." in the Evoformer and
+// ExtraMSA blocks, "" in a template pair block).
+void add_pair_layers(Named* v, const std::string& p, const TriangleMultiplicationW& tri_mul_out,
+                     const TriangleMultiplicationW& tri_mul_in,
+                     const TriangleAttentionW& tri_att_start, const TriangleAttentionW& tri_att_end,
+                     const TransitionW& pair_transition) {
+  add_tri_mul(v, p + "tri_mul_out", tri_mul_out);
+  add_tri_mul(v, p + "tri_mul_in", tri_mul_in);
+  add_tri_att(v, p + "tri_att_start", tri_att_start);
+  add_tri_att(v, p + "tri_att_end", tri_att_end);
+  add_transition(v, p + "pair_transition", pair_transition);
+}
 // The modules both block types share, from the MSA transition on, in state_dict order.
 void add_block_tail(Named* v, const std::string& p, const TransitionW& msa_transition,
                     const OuterProductMeanW& o, const TriangleMultiplicationW& tri_mul_out,
@@ -63,11 +75,8 @@ void add_block_tail(Named* v, const std::string& p, const TransitionW& msa_trans
   v->emplace_back(p + "outer_product_mean.linear_2.weight", o.l12.w.slice(0, co, 2 * co));
   v->emplace_back(p + "outer_product_mean.linear_2.bias", o.l12.b.slice(0, co, 2 * co));
   add_lin(v, p + "outer_product_mean.linear_out", o.out);
-  add_tri_mul(v, p + "pair_stack.tri_mul_out", tri_mul_out);
-  add_tri_mul(v, p + "pair_stack.tri_mul_in", tri_mul_in);
-  add_tri_att(v, p + "pair_stack.tri_att_start", tri_att_start);
-  add_tri_att(v, p + "pair_stack.tri_att_end", tri_att_end);
-  add_transition(v, p + "pair_stack.pair_transition", pair_transition);
+  add_pair_layers(v, p + "pair_stack.", tri_mul_out, tri_mul_in, tri_att_start, tri_att_end,
+                  pair_transition);
 }
 }  // namespace
 
@@ -90,6 +99,14 @@ std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
   add_mha(&v, p + "msa_att_col._msa_att.mha", w.msa_att_col.mha);
   add_block_tail(&v, p, w.msa_transition, w.outer_product_mean, w.tri_mul_out, w.tri_mul_in,
                  w.tri_att_start, w.tri_att_end, w.pair_transition);
+  return v;
+}
+
+std::vector<std::pair<std::string, Tensor>> named_pair_params(const BlockWeights& w,
+                                                              const std::string& p) {
+  Named v;
+  add_pair_layers(&v, p, w.tri_mul_out, w.tri_mul_in, w.tri_att_start, w.tri_att_end,
+                  w.pair_transition);
   return v;
 }
 

@@ -111,6 +111,11 @@ void allocate_pair_layers(const EvoformerConfig& cfg, BlockWeights* w);
 // (q, k, v parts of b_qkvg) are not listed.
 std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
                                                          const std::string& prefix);
+// Only the pair modules of *w (allocate_pair_layers) under the template pair block's state_dict
+// names, prefix + "tri_mul_out.…", "tri_mul_in.…", "tri_att_start.…", "tri_att_end.…",
+// "pair_transition.…" (OpenFold's TemplatePairStackBlock: no "pair_stack." level).
+std::vector<std::pair<std::string, Tensor>> named_pair_params(const BlockWeights& w,
+                                                              const std::string& prefix);
 
 // ---- ExtraMSA block (OpenFold ExtraMSABlock) ------------------------------------------------
 // Global column attention (MSAColumnGlobalAttention); k and v have ONE head shared by all H

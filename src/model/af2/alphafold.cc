@@ -39,7 +39,7 @@ int64_t dim_of(const TensorFile& f, const std::string& name, int d) {
   return it == f.tensors.end() || it->second.ndim() <= d ? -1 : it->second.dim(d);
 }
 
-int64_t count_blocks(const TensorFile& f, const std::string& prefix) {
+int64_t count_blocks(const TensorShapes& f, const std::string& prefix) {
   int64_t n = 0;
   for (const std::string& name : f.names)
     if (name.rfind(prefix, 0) == 0)
@@ -61,20 +61,23 @@ Tensor pass_of(const Tensor& t, int k) { return t.select(t.ndim() - 1, k).contig
 }  // namespace
 
 Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) {
+  return alphafold_config_from_shapes(shapes_of(w), out);
+}
+
+Status alphafold_config_from_shapes(const TensorShapes& w, AlphaFoldConfig* out) {
   AlphaFoldConfig c;
-  FC_RETURN_IF_ERROR(
-      infer_config_from_weights(submodule_state_dict(TensorFile(w), "evoformer"), &c.evoformer));
+  FC_RETURN_IF_ERROR(infer_config_from_shapes(submodule_shapes(w, "evoformer"), &c.evoformer));
   // Extra-MSA stack: its own dims; the global column attention has one key/value head of C.
-  const TensorFile x = submodule_state_dict(TensorFile(w), "extra_msa_stack");
+  const TensorShapes x = submodule_shapes(w, "extra_msa_stack");
   EvoformerConfig e = c.evoformer;
-  e.c_m = dim_of(x, "blocks.0.msa_att_row.layer_norm_m.weight", 0);
-  e.no_heads_msa = dim_of(x, "blocks.0.msa_att_row.linear_z.weight", 0);
-  e.c_hidden_msa_att = dim_of(x, "blocks.0.msa_att_col.global_attention.linear_k.weight", 0);
-  e.no_heads_pair = dim_of(x, "blocks.0.pair_stack.tri_att_start.linear.weight", 0);
-  const int64_t xp = dim_of(x, "blocks.0.pair_stack.tri_att_start.mha.linear_q.weight", 0);
-  e.c_hidden_opm = dim_of(x, "blocks.0.outer_product_mean.linear_1.weight", 0);
-  e.c_hidden_mul = dim_of(x, "blocks.0.pair_stack.tri_mul_out.linear_a_p.weight", 0);
-  const int64_t xt = dim_of(x, "blocks.0.msa_transition.linear_1.weight", 0);
+  e.c_m = x.dim("blocks.0.msa_att_row.layer_norm_m.weight", 0);
+  e.no_heads_msa = x.dim("blocks.0.msa_att_row.linear_z.weight", 0);
+  e.c_hidden_msa_att = x.dim("blocks.0.msa_att_col.global_attention.linear_k.weight", 0);
+  e.no_heads_pair = x.dim("blocks.0.pair_stack.tri_att_start.linear.weight", 0);
+  const int64_t xp = x.dim("blocks.0.pair_stack.tri_att_start.mha.linear_q.weight", 0);
+  e.c_hidden_opm = x.dim("blocks.0.outer_product_mean.linear_1.weight", 0);
+  e.c_hidden_mul = x.dim("blocks.0.pair_stack.tri_mul_out.linear_a_p.weight", 0);
+  const int64_t xt = x.dim("blocks.0.msa_transition.linear_1.weight", 0);
   e.no_blocks = count_blocks(x, "blocks.");
   if (e.c_m <= 0 || e.no_heads_msa <= 0 || e.c_hidden_msa_att <= 0 || e.no_heads_pair <= 0 ||
       xp <= 0 || xp % e.no_heads_pair || xt <= 0 || xt % e.c_m || e.no_blocks <= 0)
@@ -84,15 +87,15 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
   c.extra_msa = e;
   // Template pair stack (pair modules at width c_t).
   const std::string tp = "template_embedder.template_pair_stack";
-  const TensorFile t = submodule_state_dict(TensorFile(w), tp);
+  const TensorShapes t = submodule_shapes(w, tp);
   c.templates = t.has("layer_norm.weight");
   if (c.templates) {
     EvoformerConfig tc = c.evoformer;
-    tc.c_z = dim_of(t, "layer_norm.weight", 0);
-    tc.no_heads_pair = dim_of(t, "blocks.0.tri_att_start.linear.weight", 0);
-    const int64_t tq = dim_of(t, "blocks.0.tri_att_start.mha.linear_q.weight", 0);
-    tc.c_hidden_mul = dim_of(t, "blocks.0.tri_mul_out.linear_a_p.weight", 0);
-    const int64_t tt = dim_of(t, "blocks.0.pair_transition.linear_1.weight", 0);
+    tc.c_z = t.dim("layer_norm.weight", 0);
+    tc.no_heads_pair = t.dim("blocks.0.tri_att_start.linear.weight", 0);
+    const int64_t tq = t.dim("blocks.0.tri_att_start.mha.linear_q.weight", 0);
+    tc.c_hidden_mul = t.dim("blocks.0.tri_mul_out.linear_a_p.weight", 0);
+    const int64_t tt = t.dim("blocks.0.pair_transition.linear_1.weight", 0);
     tc.no_blocks = count_blocks(t, "blocks.");
     if (tc.c_z <= 0 || tc.no_heads_pair <= 0 || tq <= 0 || tq % tc.no_heads_pair || tt <= 0 ||
         tt % tc.c_z || tc.no_blocks <= 0)
@@ -114,7 +117,7 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
                          {"aux_heads.plddt.linear_3.weight", &c.plddt_bins},
                          {"aux_heads.distogram.linear.weight", &c.distogram_bins},
                          {"aux_heads.tm.linear.weight", &c.tm_bins}})
-    if (dim_of(w, name, 0) > 0) *v = dim_of(w, name, 0);
+    if (w.dim(name, 0) > 0) *v = w.dim(name, 0);
   // Counts the shapes do not hold: from the OpenFold config in the metadata.
   auto md = w.metadata.find("config");
   if (md != w.metadata.end()) {
@@ -140,7 +143,7 @@ Status alphafold_config_from_weights(const TensorFile& w, AlphaFoldConfig* out) 
     const long h = std::strtol(heads->second.c_str(), nullptr, 10);
     if (h > 0) c.template_att_heads = h;
   }
-  const int64_t q = dim_of(w, "template_embedder.template_pointwise_att.mha.linear_q.weight", 0);
+  const int64_t q = w.dim("template_embedder.template_pointwise_att.mha.linear_q.weight", 0);
   if (c.templates && q != c.template_att_heads * c.template_att_hidden) {
     // No config: keep the head count and take the width from the shapes.
     if (q <= 0 || q % c.template_att_heads)
@@ -183,17 +186,11 @@ Status AlphaFold::Impl::load(const TensorFile& f) {
     tmpl_blocks.resize(cfg.template_pair.no_blocks);
     for (size_t b = 0; b < tmpl_blocks.size(); ++b) {
       if (!mine(static_cast<int>(b))) continue;
-      allocate_block(cfg.template_pair, &tmpl_blocks[b].w);
-      // The Evoformer block's pair modules under the template block's names (no "pair_stack.").
-      std::vector<std::pair<std::string, Tensor>> params;
-      for (auto& [name, view] : named_params(tmpl_blocks[b].w, "")) {
-        const std::string key = "pair_stack.";
-        if (name.rfind(key, 0) != 0) continue;
-        params.push_back({te + "template_pair_stack." + block_prefix(static_cast<int>(b)) +
-                              name.substr(key.size()),
-                          view});
-      }
-      FC_RETURN_IF_ERROR(load_params(params, f));
+      allocate_pair_layers(cfg.template_pair, &tmpl_blocks[b].w);  // the pair modules only
+      FC_RETURN_IF_ERROR(load_params(
+          named_pair_params(tmpl_blocks[b].w,
+                            te + "template_pair_stack." + block_prefix(static_cast<int>(b))),
+          f));
     }
     FC_RETURN_IF_ERROR(load_layernorm(f, te + "template_pair_stack.layer_norm", ct, &tmpl_ln));
     const int64_t hc = cfg.template_att_heads * cfg.template_att_hidden;
@@ -204,7 +201,8 @@ Status AlphaFold::Impl::load(const TensorFile& f) {
     FC_RETURN_IF_ERROR(load_linear(f, pa + "linear_o", cz, hc, true, &tmpl_o));
   }
   sm_cfg.no_blocks = cfg.structure_layers;
-  FC_RETURN_IF_ERROR(af2::structure_module_config_from_weights(f, "structure_module.", &sm_cfg));
+  FC_RETURN_IF_ERROR(
+      af2::structure_module_config_from_weights(shapes_of(f), "structure_module.", &sm_cfg));
   FC_RETURN_IF_ERROR(af2::load_structure_module(f, "structure_module.", sm_cfg, &sm));
   const std::string h = "aux_heads.";
   const int64_t ch = dim_of(f, h + "plddt.linear_1.weight", 0);

@@ -36,7 +36,7 @@ struct PassFeatures {
 // A template pair block's weights; its layers and their order are kTemplatePairBlock
 // (src/model/block_table.cc; unlike the Evoformer: attention first).
 struct TemplateBlock {
-  BlockWeights w;  // only the pair modules are used
+  BlockWeights w;  // only the pair modules are allocated (allocate_pair_layers)
 };
 
 struct AlphaFold::Impl {

@@ -98,14 +98,10 @@ TensorFile AlphaFold::random_weights(const AlphaFoldConfig& cfg, uint64_t seed) 
     lin(te + "template_pointwise_att.mha.linear_o", cz, hc);
     for (int64_t b = 0; b < cfg.template_pair.no_blocks; ++b) {
       BlockWeights w;
-      allocate_block(cfg.template_pair, &w);
-      for (auto& [name, view] : named_params(w, "")) {
-        const std::string key = "pair_stack.";
-        if (name.rfind(key, 0) == 0)
-          specs.push_back({te + "template_pair_stack." + block_prefix(static_cast<int>(b)) +
-                               name.substr(key.size()),
-                           view.shape()});
-      }
+      allocate_pair_layers(cfg.template_pair, &w);
+      for (auto& [name, view] :
+           named_pair_params(w, te + "template_pair_stack." + block_prefix(static_cast<int>(b))))
+        specs.push_back({name, view.shape()});
     }
   }
   const std::string p = "structure_module.";

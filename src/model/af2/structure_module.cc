@@ -15,11 +15,6 @@ namespace {
 
 constexpr int64_t kAngles = 7;
 
-int64_t dim0(const TensorFile& f, const std::string& name, int i) {
-  auto it = f.tensors.find(name);
-  return it == f.tensors.end() || it->second.ndim() <= i ? -1 : it->second.dim(i);
-}
-
 // relu(x) into a new [rows, c] tensor.
 Tensor relu_copy(const float* x, int64_t rows, int64_t c) {
   Tensor t = Tensor::empty({rows, c});
@@ -256,16 +251,16 @@ void apply_layernorm(const LayerNormW& w, const float* x, int64_t rows, int64_t 
   kern::layernorm(x, c, y, c, rows, c, w.w.f32(), w.b.f32(), 1e-5f);
 }
 
-Status structure_module_config_from_weights(const TensorFile& f, const std::string& prefix,
+Status structure_module_config_from_weights(const TensorShapes& f, const std::string& prefix,
                                             StructureModuleConfig* cfg) {
   StructureModuleConfig c = *cfg;
-  c.c_s = dim0(f, prefix + "layer_norm_s.weight", 0);
-  c.c_z = dim0(f, prefix + "layer_norm_z.weight", 0);
-  c.no_heads_ipa = dim0(f, prefix + "ipa.head_weights", 0);
-  c.c_resnet = dim0(f, prefix + "angle_resnet.linear_in.weight", 0);
-  const int64_t hc = dim0(f, prefix + "ipa.linear_q.weight", 0);
-  const int64_t qp = dim0(f, prefix + "ipa.linear_q_points.linear.weight", 0);
-  const int64_t kvp = dim0(f, prefix + "ipa.linear_kv_points.linear.weight", 0);
+  c.c_s = f.dim(prefix + "layer_norm_s.weight", 0);
+  c.c_z = f.dim(prefix + "layer_norm_z.weight", 0);
+  c.no_heads_ipa = f.dim(prefix + "ipa.head_weights", 0);
+  c.c_resnet = f.dim(prefix + "angle_resnet.linear_in.weight", 0);
+  const int64_t hc = f.dim(prefix + "ipa.linear_q.weight", 0);
+  const int64_t qp = f.dim(prefix + "ipa.linear_q_points.linear.weight", 0);
+  const int64_t kvp = f.dim(prefix + "ipa.linear_kv_points.linear.weight", 0);
   if (c.c_s <= 0 || c.c_z <= 0 || c.no_heads_ipa <= 0 || c.c_resnet <= 0 || hc <= 0 || qp <= 0 ||
       kvp <= 0 || hc % c.no_heads_ipa || qp % (3 * c.no_heads_ipa) || kvp % (3 * c.no_heads_ipa))
     return Status::InvalidArgument("structure module: parameters under '" + prefix +

@@ -37,9 +37,10 @@ struct StructureModuleConfig {
   float trans_scale_factor = 10.0f;  // frames are in nm inside, Angstrom outside
 };
 
-// Dimensions from the parameter shapes under `prefix` (e.g. "structure_module."); the layer count
-// is not in the weights and is kept from *cfg.
-Status structure_module_config_from_weights(const TensorFile& f, const std::string& prefix,
+// Dimensions from the parameter shapes under `prefix` (e.g. "structure_module."; shapes_of a
+// state dict, or a filtered read's TensorShapes); the layer count is not in the weights and is
+// kept from *cfg.
+Status structure_module_config_from_weights(const TensorShapes& f, const std::string& prefix,
                                             StructureModuleConfig* cfg);
 
 struct StructureModuleWeights {
