@@ -310,6 +310,11 @@ Status row_profile_index(const std::vector<DeviceProfile>& profiles, const FitRo
 
 const std::vector<std::string>& fit_parameter_names() { return kParams; }
 
+int row_element_bytes(const DeviceProfile& dev, DType dtype) {
+  if (dev.element_bytes == 2 && dtype == DType::F32) return 4;
+  return dev.element_bytes;
+}
+
 Status row_profile(const DeviceProfile& main, const std::vector<DeviceProfile>& others,
                    const FitRow& row, DeviceProfile* out) {
   std::vector<DeviceProfile> all = {main};
@@ -370,6 +375,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
     cfg.c_hidden_msa_att = 8;
   }
   const DType dtype = row.dtype.value_or(dev.dtype);
+  const int element_bytes = row_element_bytes(dev, dtype);
   const int dp = row.dap > 0 ? row.devices / row.dap : 0;
   if (row.train && (row.policy || !row.policy_counts.empty()) && row.dap > 0) {
     // every choice given: no chunking
@@ -388,7 +394,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
     p.dap = row.dap;
     p.dp = dp;
     p.dtype = dtype;
-    p.element_bytes = dev.element_bytes;
+    p.element_bytes = element_bytes;
     p.threads = dev.threads;
     p.memory_limit_bytes = dev.memory_bytes;
     const Status st = evaluate_plan(dev, &p);
@@ -406,6 +412,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
   req.devices = row.devices;
   req.memory_bytes = dev.memory_bytes > 0 ? dev.memory_bytes : int64_t{1} << 60;
   req.dtype = dtype;
+  req.element_bytes = element_bytes;
   if (row.train && row.policy) {
     req.fixed_policy = true;
     req.policy = *row.policy;

@@ -44,6 +44,11 @@ struct FitRow {
 Status parse_fit_table(const std::string& text, const std::string& name, std::vector<FitRow>* out);
 Status read_fit_table(const std::string& path, std::vector<FitRow>* out);
 
+// Bytes per buffer element of a row in `dtype` on `dev`: a device that keeps every buffer in
+// half precision (element_bytes 2) keeps them in 4 bytes for an fp32 row (the seeds' T1044
+// inference ran in float32 on their fp16 GPUs); otherwise the profile's element_bytes.
+int row_element_bytes(const DeviceProfile& dev, DType dtype);
+
 // The plan a row stands for: its given choices, the planner's for the unknown ones (make_plan
 // on `dev` with the row's devices, under dev.memory_bytes, or without a limit when 0); training
 // plans with a given policy and DAP degree use the whole-axis chunk target ("no chunking").
