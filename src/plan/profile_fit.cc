@@ -17,7 +17,7 @@ namespace {
 // left off from the end (a table with the 11-column header is read as before).
 const std::vector<std::string> kColumns = {
     "s",     "r",       "blocks",  "train",         "policy",  "devices", "dap",
-    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack"};
+    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack", "chunk_launches"};
 constexpr int kRequired = 11;
 
 std::string header_of(size_t n) {
@@ -147,6 +147,11 @@ Status parse_line(const std::string& where, const std::string& line, int cells, 
     if (c[12] != "evoformer" && c[12] != "extra_msa")
       return cell_error(where, "stack", c[12], "is not evoformer|extra_msa (or empty)");
     row->extra_msa = c[12] == "extra_msa";
+  }
+  if (cells > 13 && !c[13].empty()) {
+    std::optional<double> n;
+    FC_RETURN_IF_ERROR(parse_measure(where, "chunk_launches", c[13], &n));
+    row->chunk_launches = *n;
   }
   return Status::OK();
 }
@@ -340,7 +345,8 @@ Status parse_fit_table(const std::string& text, const std::string& name, std::ve
         if (line == header_of(k)) cells = static_cast<int>(k);
       if (cells == 0)
         return Status::InvalidArgument(where + ": expected the header '" + header_of(kRequired) +
-                                       "' (optionally followed by ,threads and ,stack), found " +
+                                       "' (optionally followed by ,threads, ,stack and "
+                                       ",chunk_launches), found " +
                                        quote(line));
       continue;
     }
@@ -430,9 +436,20 @@ Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan
   if (!st.ok())
     return Status::InvalidArgument("row at line " + std::to_string(row.line) + ": " + st.message());
   out->time_ms = q.time_ms;
+  out->plan = describe(q);
+  if (row.chunk_launches > 0) {
+    if (!(dev.module_kernels > 0))
+      return Status::InvalidArgument("row at line " + std::to_string(row.line) +
+                                     ": chunk_launches needs a profile with module_kernels > 0");
+    const double ms = static_cast<double>(row.blocks) * row.chunk_launches / std::max(q.dap, 1) *
+                      dev.module_overhead_us / dev.module_kernels * 1e-3;
+    out->time_ms += ms;
+    char buf[64];
+    std::snprintf(buf, sizeof buf, ", chunk launches %.1f ms", ms);
+    out->plan += buf;
+  }
   out->peak_mb = static_cast<double>(q.peak_bytes) / kMiB;
   out->activation_mb = static_cast<double>(q.activation_bytes) / kMiB;
-  out->plan = describe(q);
   return Status::OK();
 }
 
