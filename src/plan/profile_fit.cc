@@ -17,7 +17,7 @@ namespace {
 // left off from the end (a table with the 11-column header is read as before).
 const std::vector<std::string> kColumns = {
     "s",     "r",       "blocks",  "train",         "policy",  "devices", "dap",
-    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack", "chunk_launches"};
+    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack",   "chunk_launches"};
 constexpr int kRequired = 11;
 
 std::string header_of(size_t n) {

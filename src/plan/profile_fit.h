@@ -17,10 +17,11 @@
 namespace fc {
 
 // One measured row. Header (exact): s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,
-// activation_mb, optionally followed by ,threads or ,threads,stack or ,threads,stack,chunk_launches.
-// Empty cells are unknown: policy (training: the planner chooses per block), dap (the planner
-// chooses DAP x DP over the devices), dtype (the profile's), the measurements, threads (the
-// profile's), stack (evoformer), chunk_launches (0). MB are MiB (2^20 bytes).
+// activation_mb, optionally followed by ,threads or ,threads,stack or
+// ,threads,stack,chunk_launches. Empty cells are unknown: policy (training: the planner chooses per
+// block), dap (the planner chooses DAP x DP over the devices), dtype (the profile's), the
+// measurements, threads (the profile's), stack (evoformer), chunk_launches (0). MB are MiB (2^20
+// bytes).
 struct FitRow {
   int line = 0;  // 1-based line in the table
   int64_t s = 0, r = 0, blocks = 0;
