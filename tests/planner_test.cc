@@ -132,6 +132,7 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
   p.train_fwd_factor = 1.25;
   p.train_bwd_factor = 1.3;
   p.chunk_overhead_us = 100;
+  p.module_kernels = 14.5;
   DeviceProfile q;
   ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &q).ok());
   EXPECT_EQ(q.gemm_bwd_half_rows, 40);
@@ -140,6 +141,7 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
   EXPECT_EQ(q.train_fwd_factor, 1.25);
   EXPECT_EQ(q.train_bwd_factor, 1.3);
   EXPECT_EQ(q.chunk_overhead_us, 100);
+  EXPECT_EQ(q.module_kernels, 14.5);
   ASSERT_TRUE(DeviceProfile::from_json(R"({"peak_gflops": 100, "peak_mem_gbps": 10,
       "gemm_half_rows": 50})",
                                        &q)

@@ -250,3 +250,77 @@ TEST(ProfileFit, ModuleOverheadRunsInFullOnEveryRank) {
 
 }  // namespace
 }  // namespace fc
+
+namespace fc {
+namespace {
+
+// The optional chunk_launches column (after threads and stack), and its errors.
+TEST(ProfileFitTable, ReadsChunkLaunches) {
+  std::vector<FitRow> rows;
+  const std::string h =
+      "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb,threads,stack,"
+      "chunk_launches\n";
+  ASSERT_TRUE(parse_fit_table(h + "128,2048,48,0,,2,2,fp32,192577.34,13006,,,,14208\n"
+                                  "128,256,4,1,none,2,2,fp16,139.15,,,,,\n",
+                              "t.csv", &rows)
+                  .ok());
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_DOUBLE_EQ(rows[0].chunk_launches, 14208);
+  EXPECT_EQ(*rows[0].dtype, DType::F32);
+  EXPECT_DOUBLE_EQ(rows[1].chunk_launches, 0);
+  const Status bad =
+      parse_fit_table(h + "128,256,4,1,none,2,2,fp16,139.15,,,,,-1\n", "t.csv", &rows);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("t.csv:2: column chunk_launches: '-1'"), std::string::npos)
+      << bad.message();
+}
+
+// A row's chunk launches cost blocks x launches / dap x module_overhead_us / module_kernels on
+// top of its plan's estimate; without module_kernels they are an error.
+TEST(ProfileFit, ChunkLaunchesCostTheProfilesPerLaunchOverhead) {
+  DeviceProfile dev = start_profile();
+  dev.module_overhead_us = 300;
+  dev.module_kernels = 15;  // 20 us per launch
+  FitRow w;
+  w.line = 7;
+  w.s = 16, w.r = 64, w.blocks = 3, w.devices = 2, w.dap = 2;
+  Plan p;
+  ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, dev, w, &p).ok());
+  ASSERT_EQ(p.dap, 2);
+  RowPrediction base, with;
+  ASSERT_TRUE(predict_row(dev, w, p, &base).ok());
+  w.chunk_launches = 1000;
+  ASSERT_TRUE(predict_row(dev, w, p, &with).ok());
+  EXPECT_NEAR(with.time_ms - base.time_ms, 3 * 1000 / 2 * 0.020, 1e-9);
+  EXPECT_EQ(with.peak_mb, base.peak_mb);
+  dev.module_kernels = 0;
+  const Status st = predict_row(dev, w, p, &with);
+  ASSERT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("line 7: chunk_launches needs a profile with module_kernels"),
+            std::string::npos)
+      << st.message();
+}
+
+// An fp32 row on a profile that keeps every buffer in 2 bytes is planned with 4-byte buffers
+// (the seeds' T1044 ran in float32 on their fp16 GPUs); fp16 rows and the engine's layout keep
+// the profile's element size.
+TEST(ProfileFit, Fp32RowOnAHalfPrecisionDeviceHasFourByteBuffers) {
+  DeviceProfile half = start_profile();
+  half.element_bytes = 2;
+  EXPECT_EQ(row_element_bytes(half, DType::F32), 4);
+  EXPECT_EQ(row_element_bytes(half, DType::F16), 2);
+  EXPECT_EQ(row_element_bytes(start_profile(), DType::F32), 0);
+  FitRow w;
+  w.s = 16, w.r = 64, w.blocks = 2, w.devices = 1, w.dap = 1;
+  w.dtype = DType::F32;
+  Plan p32, p16;
+  ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, half, w, &p32).ok());
+  w.dtype = DType::F16;
+  ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, half, w, &p16).ok());
+  EXPECT_EQ(p32.element_bytes, 4);
+  EXPECT_EQ(p16.element_bytes, 2);
+  EXPECT_GT(p32.time_ms, p16.time_ms);
+}
+
+}  // namespace
+}  // namespace fc

@@ -78,6 +78,11 @@ struct DeviceProfile {
   // Fixed cost of one module's pass (framework dispatch, kernel launches): charged once per module
   // to its forward, its backward and its rebuild; 0 unless given (fitted by `profile fit`).
   double module_overhead_us = 0;
+  // Kernel launches per module pass of the software the profile describes (the seeds' PyTorch
+  // code: 132 per Evoformer block forward over 9 modules, docs/planner.md): module_overhead_us /
+  // module_kernels is the cost of one launch, charged to the launches of a fit row's chunk loops
+  // (profile fit's chunk_launches column); 0: no such rows.
+  double module_kernels = 0;
   // Bytes of every buffer on the device (docs/planner.md, "Element size and store dtype"): 0 =
   // foldcube's engine (f32 streams, workspaces and weights; a BF16 / F16 plan keeps the layer
   // inputs for the backward in 2 bytes, as `run --dtype bf16 --backward`); 2 = a device that

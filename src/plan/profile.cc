@@ -113,6 +113,7 @@ std::string DeviceProfile::to_json() const {
   j["train_bwd_factor"] = train_bwd_factor;
   j["chunk_overhead_us"] = chunk_overhead_us;
   j["module_overhead_us"] = module_overhead_us;
+  j["module_kernels"] = module_kernels;
   return j.dump(2);
 }
 
@@ -141,6 +142,8 @@ Status DeviceProfile::validate() const {
     return Status::InvalidArgument("profile: chunk_overhead_us must be >= 0");
   if (!(module_overhead_us >= 0) || !std::isfinite(module_overhead_us))
     return Status::InvalidArgument("profile: module_overhead_us must be >= 0");
+  if (!(module_kernels >= 0) || !std::isfinite(module_kernels))
+    return Status::InvalidArgument("profile: module_kernels must be >= 0");
   for (const double v : {attention_score_gps, attention_bwd_score_gps, attention_score_passes,
                          attention_bwd_score_passes})
     if (!(v >= 0) || !std::isfinite(v))
@@ -232,6 +235,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("train_bwd_factor", &p.train_bwd_factor);
     num("chunk_overhead_us", &p.chunk_overhead_us);
     num("module_overhead_us", &p.module_overhead_us);
+    num("module_kernels", &p.module_kernels);
     // A machine we do not have: rates from peaks and efficiencies.
     double peak = 0, bw = 0;
     num("peak_gflops", &peak);

@@ -17,7 +17,7 @@ namespace {
 // left off from the end (a table with the 11-column header is read as before).
 const std::vector<std::string> kColumns = {
     "s",     "r",       "blocks",  "train",         "policy",  "devices", "dap",
-    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack"};
+    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack",   "chunk_launches"};
 constexpr int kRequired = 11;
 
 std::string header_of(size_t n) {
@@ -147,6 +147,11 @@ Status parse_line(const std::string& where, const std::string& line, int cells, 
     if (c[12] != "evoformer" && c[12] != "extra_msa")
       return cell_error(where, "stack", c[12], "is not evoformer|extra_msa (or empty)");
     row->extra_msa = c[12] == "extra_msa";
+  }
+  if (cells > 13 && !c[13].empty()) {
+    std::optional<double> n;
+    FC_RETURN_IF_ERROR(parse_measure(where, "chunk_launches", c[13], &n));
+    row->chunk_launches = *n;
   }
   return Status::OK();
 }
@@ -310,6 +315,11 @@ Status row_profile_index(const std::vector<DeviceProfile>& profiles, const FitRo
 
 const std::vector<std::string>& fit_parameter_names() { return kParams; }
 
+int row_element_bytes(const DeviceProfile& dev, DType dtype) {
+  if (dev.element_bytes == 2 && dtype == DType::F32) return 4;
+  return dev.element_bytes;
+}
+
 Status row_profile(const DeviceProfile& main, const std::vector<DeviceProfile>& others,
                    const FitRow& row, DeviceProfile* out) {
   std::vector<DeviceProfile> all = {main};
@@ -335,7 +345,8 @@ Status parse_fit_table(const std::string& text, const std::string& name, std::ve
         if (line == header_of(k)) cells = static_cast<int>(k);
       if (cells == 0)
         return Status::InvalidArgument(where + ": expected the header '" + header_of(kRequired) +
-                                       "' (optionally followed by ,threads and ,stack), found " +
+                                       "' (optionally followed by ,threads, ,stack and "
+                                       ",chunk_launches), found " +
                                        quote(line));
       continue;
     }
@@ -370,6 +381,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
     cfg.c_hidden_msa_att = 8;
   }
   const DType dtype = row.dtype.value_or(dev.dtype);
+  const int element_bytes = row_element_bytes(dev, dtype);
   const int dp = row.dap > 0 ? row.devices / row.dap : 0;
   if (row.train && (row.policy || !row.policy_counts.empty()) && row.dap > 0) {
     // every choice given: no chunking
@@ -388,7 +400,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
     p.dap = row.dap;
     p.dp = dp;
     p.dtype = dtype;
-    p.element_bytes = dev.element_bytes;
+    p.element_bytes = element_bytes;
     p.threads = dev.threads;
     p.memory_limit_bytes = dev.memory_bytes;
     const Status st = evaluate_plan(dev, &p);
@@ -406,6 +418,7 @@ Status resolve_row_plan(const EvoformerConfig& cfg0, const DeviceProfile& dev0, 
   req.devices = row.devices;
   req.memory_bytes = dev.memory_bytes > 0 ? dev.memory_bytes : int64_t{1} << 60;
   req.dtype = dtype;
+  req.element_bytes = element_bytes;
   if (row.train && row.policy) {
     req.fixed_policy = true;
     req.policy = *row.policy;
@@ -423,9 +436,20 @@ Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan
   if (!st.ok())
     return Status::InvalidArgument("row at line " + std::to_string(row.line) + ": " + st.message());
   out->time_ms = q.time_ms;
+  out->plan = describe(q);
+  if (row.chunk_launches > 0) {
+    if (!(dev.module_kernels > 0))
+      return Status::InvalidArgument("row at line " + std::to_string(row.line) +
+                                     ": chunk_launches needs a profile with module_kernels > 0");
+    const double ms = static_cast<double>(row.blocks) * row.chunk_launches / std::max(q.dap, 1) *
+                      dev.module_overhead_us / dev.module_kernels * 1e-3;
+    out->time_ms += ms;
+    char buf[64];
+    std::snprintf(buf, sizeof buf, ", chunk launches %.1f ms", ms);
+    out->plan += buf;
+  }
   out->peak_mb = static_cast<double>(q.peak_bytes) / kMiB;
   out->activation_mb = static_cast<double>(q.activation_bytes) / kMiB;
-  out->plan = describe(q);
   return Status::OK();
 }
 

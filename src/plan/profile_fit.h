@@ -17,10 +17,11 @@
 namespace fc {
 
 // One measured row. Header (exact): s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,
-// activation_mb, optionally followed by ,threads or ,threads,stack. Empty cells are unknown:
-// policy (training: the planner chooses per block), dap (the planner chooses DAP x DP over the
-// devices), dtype (the profile's), the measurements, threads (the profile's), stack (evoformer).
-// MB are MiB (2^20 bytes).
+// activation_mb, optionally followed by ,threads or ,threads,stack or
+// ,threads,stack,chunk_launches. Empty cells are unknown: policy (training: the planner chooses per
+// block), dap (the planner chooses DAP x DP over the devices), dtype (the profile's), the
+// measurements, threads (the profile's), stack (evoformer), chunk_launches (0). MB are MiB (2^20
+// bytes).
 struct FitRow {
   int line = 0;  // 1-based line in the table
   int64_t s = 0, r = 0, blocks = 0;
@@ -35,6 +36,10 @@ struct FitRow {
   std::optional<double> time_ms, peak_mb, activation_mb;
   int threads = 0;         // threads per process; 0 = unknown (the profile's)
   bool extra_msa = false;  // the ExtraMSA stack (AF2's c_e = 64, C = 8 unless the config says)
+  // Kernel launches per block of the chunk loops of the code that ran (on one device, beyond the
+  // module passes' own; e.g. the seeds' chunked inference): each costs module_overhead_us /
+  // module_kernels of the profile; under DAP every rank runs 1/dap of them.
+  double chunk_launches = 0;
 };
 
 // policy: none|module|block (the seeds' small|large also). Strict parser: the exact header, 11
@@ -43,6 +48,11 @@ struct FitRow {
 // lines starting with '#' are skipped. Errors are one line naming name:line.
 Status parse_fit_table(const std::string& text, const std::string& name, std::vector<FitRow>* out);
 Status read_fit_table(const std::string& path, std::vector<FitRow>* out);
+
+// Bytes per buffer element of a row in `dtype` on `dev`: a device that keeps every buffer in
+// half precision (element_bytes 2) keeps them in 4 bytes for an fp32 row (the seeds' T1044
+// inference ran in float32 on their fp16 GPUs); otherwise the profile's element_bytes.
+int row_element_bytes(const DeviceProfile& dev, DType dtype);
 
 // The plan a row stands for: its given choices, the planner's for the unknown ones (make_plan
 // on `dev` with the row's devices, under dev.memory_bytes, or without a limit when 0); training
@@ -54,7 +64,9 @@ struct RowPrediction {
   double time_ms = 0, peak_mb = 0, activation_mb = 0;
   std::string plan;  // e.g. "dap 2, dp 1, 48 x block, target 512 MiB"
 };
-// The estimates of `plan` (its choices kept) on `dev` with the row's device count.
+// The estimates of `plan` (its choices kept) on `dev` with the row's device count, plus the row's
+// chunk launches (blocks x chunk_launches / dap x module_overhead_us / module_kernels; an error
+// when the row has some and the profile no module_kernels).
 Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan,
                    RowPrediction* out);
 
