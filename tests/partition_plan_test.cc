@@ -82,32 +82,38 @@ TEST(PartitionPlan, ChoiceFollowsTheLinkModel) {
   EXPECT_EQ(again.peak_bytes, slow.peak_bytes);
 }
 
-// Layouts carried across blocks (inference): an all-dap list enters at the block boundary (so
-// pure DAP is unchanged); with a slow link the chosen inference plan re-evaluates to its estimate,
-// and the carried per-block count sends fewer bytes than returning every block to the boundary.
-TEST(PartitionPlan, InferenceCarriesLayoutsAcrossBlocks) {
+// Layouts carried across blocks (inference and training): an all-dap list enters at the block
+// boundary (so pure DAP is unchanged); with a slow link the chosen plan re-evaluates to its
+// estimate, and the carried per-block count sends fewer bytes (forward, and for training forward
+// and backward) than returning every block to the boundary.
+TEST(PartitionPlan, LayoutsCarryAcrossBlocks) {
   for (const BlockTable* t : {&kEvoformerBlock, &kExtraMsaBlock}) {
     const BlockLayouts e = partition_entry_layouts(*t, std::vector<Split>(t->count, Split::kDap));
     EXPECT_EQ(e.first, dap_boundary_m(*t));
     EXPECT_EQ(e.second, Shard::kPairRows);
   }
-  PlanRequest q = request(2, 0.01, false);
-  Plan slow;
-  ASSERT_TRUE(make_plan(q, &slow).ok());
-  ASSERT_FALSE(slow.partitions.empty());
-  Plan again = slow;
-  ASSERT_TRUE(evaluate_plan(q.profile, &again).ok());
-  EXPECT_NEAR(again.time_ms, slow.time_ms, 1e-6 * slow.time_ms);
-  std::vector<std::vector<Split>> lists;
-  ASSERT_TRUE(resolve_partition(kEvoformerBlock, slow.partitions, 48, &lists).ok());
-  int64_t carried = 0, boundary = 0;
-  for (int b = 0; b < 48; ++b) {
-    carried += estimate_partition_in_stack(slow, q.profile, lists, b).sent_fwd_bytes;
-    boundary += estimate_partition(slow, q.profile, lists[b]).sent_fwd_bytes;
+  for (bool training : {false, true}) {
+    PlanRequest q = request(2, 0.01, training);
+    Plan slow;
+    ASSERT_TRUE(make_plan(q, &slow).ok());
+    ASSERT_FALSE(slow.partitions.empty()) << training;
+    Plan again = slow;
+    ASSERT_TRUE(evaluate_plan(q.profile, &again).ok());
+    EXPECT_NEAR(again.time_ms, slow.time_ms, 1e-6 * slow.time_ms) << training;
+    std::vector<std::vector<Split>> lists;
+    ASSERT_TRUE(resolve_partition(kEvoformerBlock, slow.partitions, 48, &lists).ok());
+    int64_t carried = 0, boundary = 0;
+    for (int b = 0; b < 48; ++b) {
+      const PartitionEstimate c = estimate_partition_in_stack(slow, q.profile, lists, b);
+      const PartitionEstimate o = estimate_partition(slow, q.profile, lists[b]);
+      carried += c.sent_fwd_bytes + (training ? c.sent_bwd_bytes : 0);
+      boundary += o.sent_fwd_bytes + (training ? o.sent_bwd_bytes : 0);
+    }
+    std::printf("[ info ] %s, slow link: %lld bytes carried vs %lld via the boundary\n",
+                training ? "training" : "inference", static_cast<long long>(carried),
+                static_cast<long long>(boundary));
+    EXPECT_LT(carried, boundary) << training;
   }
-  std::printf("[ info ] inference, slow link: %lld bytes carried vs %lld via the boundary\n",
-              static_cast<long long>(carried), static_cast<long long>(boundary));
-  EXPECT_LT(carried, boundary);
 }
 
 // explain_splits (plan --explain-splits): with a fast link every list is slower than pure DAP;
@@ -131,10 +137,10 @@ TEST(PartitionPlan, ExplainedTermsAddUpToThePlanEstimate) {
       list.push_back({kEvoformerBlock.layers[i].name, best.splits[i]});
     listed.partitions = {list};
     ASSERT_TRUE(evaluate_plan(q.profile, &listed).ok());
-    // (Inference plans carry layouts across blocks, the explanation counts each block from the
-    // boundary: equal only when the list enters at the boundary.)
-    if (training || partition_entry_layouts(kEvoformerBlock, best.splits) ==
-                        BlockLayouts(dap_boundary_m(kEvoformerBlock), Shard::kPairRows))
+    // (Plans carry layouts across blocks, the explanation counts each block from the boundary:
+    // equal only when the list enters at the boundary.)
+    if (partition_entry_layouts(kEvoformerBlock, best.splits) ==
+        BlockLayouts(dap_boundary_m(kEvoformerBlock), Shard::kPairRows))
       EXPECT_NEAR(listed.time_ms - p.time_ms, best.total_ms(), 1e-6 * p.time_ms) << training;
   }
 }
