@@ -152,8 +152,9 @@ struct PlanRunOptions {
 Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& opts,
                     PlanMeasurement* mine, std::vector<PlanMeasurement>* all = nullptr,
                     PlanMeasurement* max = nullptr);
-// The link model for ranks on this node when the profile has none: link_gbps = mem_gbps / 2,
-// 5 us per collective call (docs/planner.md); devices = max(devices, ranks).
+// The link model for ranks on this node when the profile has none: link_gbps = stream_gbps / 2
+// (mem_gbps / 2 without a sweep rate), 5 us per collective call (docs/planner.md); devices =
+// max(devices, ranks).
 void profile_for_ranks(int ranks, DeviceProfile* dev);
 // The profile a plan for `devices` devices is made with (both front ends): `path` through
 // load_or_calibrate_profile, and for this machine's calibrated profile, which has no link rate,

@@ -246,7 +246,9 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
 void profile_for_ranks(int ranks, DeviceProfile* dev) {
   dev->devices = std::max(dev->devices, ranks);
   if (dev->devices > 1 && dev->link_gbps <= 0) {
-    dev->link_gbps = dev->mem_gbps / 2;
+    // Each byte a rank sends is copied into the shared segment and out of it (a DRAM read and
+    // write each, at the sweep rate): sent + received bytes at half of stream_gbps.
+    dev->link_gbps = (dev->stream_gbps > 0 ? dev->stream_gbps : dev->mem_gbps) / 2;
     dev->link_latency_us = 5;
   }
 }
