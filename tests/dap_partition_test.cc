@@ -494,9 +494,9 @@ TEST(Partition, TrainingLayoutsCarryAcrossBlocks) {
     Tensor m1 = c.m.clone(), z1 = c.z.clone();
     TrainResult r1;
     ASSERT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, c.gm, c.gz, o, &r1).ok());
-    double err = std::max({test::golden_err(m, m1), test::golden_err(z, z1),
-                           test::golden_err(r2.grad_m, r1.grad_m),
-                           test::golden_err(r2.grad_z, r1.grad_z)});
+    double err =
+        std::max({test::golden_err(m, m1), test::golden_err(z, z1),
+                  test::golden_err(r2.grad_m, r1.grad_m), test::golden_err(r2.grad_z, r1.grad_z)});
     double golden = std::max(test::golden_err(r2.grad_m, f.tensors.at("grad.input.m")),
                              test::golden_err(r2.grad_z, f.tensors.at("grad.input.z")));
     ASSERT_EQ(r1.grad_params.size(), r2.grad_params.size());
@@ -507,10 +507,11 @@ TEST(Partition, TrainingLayoutsCarryAcrossBlocks) {
         golden =
             std::max(golden, test::golden_err(t.contiguous(), f.tensors.at("grad.param." + name)));
     }
-    std::printf("[ info ] N=%d carried layouts, training %s: vs single process %.2e, vs golden "
-                "%.2e, bytes %lld + %lld (boundary %lld)\n",
-                comm.size(), recompute_name(rc), err, golden, static_cast<long long>(fwd),
-                static_cast<long long>(bwd), static_cast<long long>(boundary));
+    std::printf(
+        "[ info ] N=%d carried layouts, training %s: vs single process %.2e, vs golden "
+        "%.2e, bytes %lld + %lld (boundary %lld)\n",
+        comm.size(), recompute_name(rc), err, golden, static_cast<long long>(fwd),
+        static_cast<long long>(bwd), static_cast<long long>(boundary));
     EXPECT_LT(err, 2e-5) << recompute_name(rc);
     EXPECT_LT(golden, 2e-4) << recompute_name(rc);
   }

@@ -130,9 +130,9 @@ struct LayerTimeRow {
 };
 struct PlanMeasurement {
   double time_ms = 0, forward_ms = 0, backward_ms = 0;
-  double cpu_ms = 0;               // process CPU time (all threads) per timed pass, median
-  int64_t peak_tracked_bytes = 0;  // absolute tracked peak: weights, inputs, masks, work
-  int64_t activation_bytes = 0;    // training: kept from forward for backward
+  double cpu_ms = 0;                 // process CPU time (all threads) per timed pass, median
+  int64_t peak_tracked_bytes = 0;    // absolute tracked peak: weights, inputs, masks, work
+  int64_t activation_bytes = 0;      // training: kept from forward for backward
   std::vector<LayerTimeRow> layers;  // with PlanRunOptions::layer_times and dap > 1 (max: per
                                      // entry the max over ranks)
 };

@@ -344,8 +344,8 @@ void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapS
 
 void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
                        const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
-                       const std::vector<Split>& splits, DapBlockState* st,
-                       const BlockLayouts* in, const BlockLayouts* out) {
+                       const std::vector<Split>& splits, DapBlockState* st, const BlockLayouts* in,
+                       const BlockLayouts* out) {
   const DapLayout& l = sh.l;
   const BlockLayouts boundary{dap_boundary_m(t), Shard::kPairRows};
   st->policy = policy;
@@ -449,10 +449,10 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
       dap_layer_backward(ly, w, g, sh, comm, m_how, x_in, read_in, &st->layers[i], dmr.f32(),
                          dzr.f32());
     else {
-      const ReduceTo rm = partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kM, &dmr,
-                                                   &dm_how, &st->in);
-      const ReduceTo rz = partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kZ, &dzr,
-                                                   &dz_how, &st->in);
+      const ReduceTo rm =
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kM, &dmr, &dm_how, &st->in);
+      const ReduceTo rz =
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kZ, &dzr, &dz_how, &st->in);
       partition_layer_backward(t, ly, w, g, sh, comm, st->splits[i], x_in, read_in, &st->layers[i],
                                dmr.f32(), dzr.f32(), &rm, &rz);
     }
@@ -583,7 +583,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
     if (b > 0) {  // kept as boundary shards (kBlock) or in layer i0's layout
       Shard how = sb.policy == Recompute::kBlock ? dap_boundary_m(table)
                   : sb.splits.empty()            ? dap_block_layouts(table)[i0].first
-                                                 : partition_block_layouts(table, sb.splits)[i0].first;
+                                      : partition_block_layouts(table, sb.splits)[i0].first;
       dap_to_layout(&m_in, &how, sb.in.first, l, comm);
     }
     dap_block_backward(table, &StackAccess::block(stack, b), grads[b].get(), sh, comm,

@@ -59,7 +59,8 @@ void LayerClock::lap(bool change) {
   const double out = (cpu - cpu_s_) * 1e3 - ccpu;  // CPU outside the collectives
   LayerTime& e = g_table.t[static_cast<int>(g_phase)][layer_];
   if (change)
-    e.change_ms += ms, e.change_comm_ms += cms, e.change_cpu_ms += out, e.change_comm_cpu_ms += ccpu;
+    e.change_ms += ms, e.change_comm_ms += cms, e.change_cpu_ms += out,
+        e.change_comm_cpu_ms += ccpu;
   else
     e.layer_ms += ms, e.layer_comm_ms += cms, e.layer_cpu_ms += out, e.layer_comm_cpu_ms += ccpu;
   t_ = now;

@@ -149,13 +149,13 @@ void gather_measured(const Comm& world, const PlanMeasurement& mine,
   auto us = [](double ms) { return static_cast<int64_t>(std::llround(ms * 1e3)); };
   // Layer times (the same rows on every rank of a DAP run): per entry the max over ranks.
   const std::vector<int64_t> nrows = world.all_gather_i64(static_cast<int64_t>(mine.layers.size()));
-  const bool rows = std::all_of(nrows.begin(), nrows.end(),
-                                [&](int64_t n) { return n == nrows[0] && n > 0; });
+  const bool rows =
+      std::all_of(nrows.begin(), nrows.end(), [&](int64_t n) { return n == nrows[0] && n > 0; });
   std::vector<LayerTimeRow> top = rows ? mine.layers : std::vector<LayerTimeRow>();
   for (LayerTimeRow& row : top)
-    for (double* v : {&row.change_ms, &row.change_comm_ms, &row.layer_ms, &row.layer_comm_ms,
-                      &row.change_cpu_ms, &row.change_comm_cpu_ms, &row.layer_cpu_ms,
-                      &row.layer_comm_cpu_ms}) {
+    for (double* v :
+         {&row.change_ms, &row.change_comm_ms, &row.layer_ms, &row.layer_comm_ms,
+          &row.change_cpu_ms, &row.change_comm_cpu_ms, &row.layer_cpu_ms, &row.layer_comm_cpu_ms}) {
       const std::vector<int64_t> x = world.all_gather_i64(us(*v));
       *v = *std::max_element(x.begin(), x.end()) / 1e3;
     }

@@ -172,7 +172,9 @@ double link_ms(int64_t sent_bytes, int calls, const DeviceProfile& dev) {
 // Time of moving `bytes` (reads plus writes) through DRAM on the CPU: the calibrated sweep rate
 // (stream_gbps; else mem_gbps), the rate of the large buffers the collectives copy.
 double copy_ms(int64_t bytes, const DeviceProfile& dev) {
-  const double gbps = dev.stream_gbps > 0 ? dev.stream_gbps : dev.mem_gbps > 0 ? dev.mem_gbps : 10.0;
+  const double gbps = dev.stream_gbps > 0 ? dev.stream_gbps
+                      : dev.mem_gbps > 0  ? dev.mem_gbps
+                                          : 10.0;
   return bytes / (gbps * 1e9) * 1e3;
 }
 
@@ -241,9 +243,8 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     double fwd, bwd, rec;
   };
   auto totals = [&] {
-    return Totals{fwd_floats, bwd_floats, rec_floats, fwd_calls,  bwd_calls,
-                  rec_calls,  fwd_copy,   bwd_copy,   rec_copy,   est.fwd_ms,
-                  est.bwd_ms, est.rec_ms};
+    return Totals{fwd_floats, bwd_floats, rec_floats, fwd_calls,  bwd_calls,  rec_calls,
+                  fwd_copy,   bwd_copy,   rec_copy,   est.fwd_ms, est.bwd_ms, est.rec_ms};
   };
   auto traffic = [&](int64_t floats, int calls, int64_t copy) {
     return link_ms(floats * e, calls, dev) + copy_ms(copy * e, dev);
@@ -374,10 +375,10 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     le.comm_fwd_ms = traffic(t2.f - t1.f, t2.fc - t1.fc, t2.fy - t1.fy);
     le.comm_bwd_ms = traffic(t2.b - t1.b, t2.bc - t1.bc, t2.by - t1.by);
     le.comm_rec_ms = traffic(t2.r - t1.r, t2.rc - t1.rc, t2.ry - t1.ry);
-    le.change_fwd_ms =
-        traffic(t1.f - t0.f + t3.f - t2.f, t1.fc - t0.fc + t3.fc - t2.fc, t1.fy - t0.fy + t3.fy - t2.fy);
-    le.change_bwd_ms =
-        traffic(t1.b - t0.b + t3.b - t2.b, t1.bc - t0.bc + t3.bc - t2.bc, t1.by - t0.by + t3.by - t2.by);
+    le.change_fwd_ms = traffic(t1.f - t0.f + t3.f - t2.f, t1.fc - t0.fc + t3.fc - t2.fc,
+                               t1.fy - t0.fy + t3.fy - t2.fy);
+    le.change_bwd_ms = traffic(t1.b - t0.b + t3.b - t2.b, t1.bc - t0.bc + t3.bc - t2.bc,
+                               t1.by - t0.by + t3.by - t2.by);
   }
   const int64_t carried =
       (full(exit.first) ? wm - wm / n : 0) + (full(exit.second) ? wz - wz / n : 0);
@@ -394,8 +395,8 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
                        2 * change_copy_elems(boundary.first, entry.first, wm, n);
     const int64_t yz = change_copy_elems(entry.second, boundary.second, wz, n) +
                        change_copy_elems(boundary.second, entry.second, wz, n);
-    est.comm_block_rec_ms = link_ms(est.sent_block_rec_bytes, est.calls_block_rec, dev) +
-                            copy_ms((ym + yz) * e, dev);
+    est.comm_block_rec_ms =
+        link_ms(est.sent_block_rec_bytes, est.calls_block_rec, dev) + copy_ms((ym + yz) * e, dev);
   }
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
@@ -462,9 +463,8 @@ std::vector<StackLayerEstimate> estimate_stack_layers(const Plan& p, const Devic
                         : resolve_one(t, p.partitions[p.partitions.size() == 1 ? 0 : k]));
   for (int64_t k = 0; k < B; ++k) {
     const PartitionEstimate a = block_estimate(p, dev, costs, lists, static_cast<int>(k));
-    const Recompute pol = p.training && k < static_cast<int64_t>(p.policy.size())
-                              ? p.policy[k]
-                              : Recompute::kBlock;
+    const Recompute pol =
+        p.training && k < static_cast<int64_t>(p.policy.size()) ? p.policy[k] : Recompute::kBlock;
     for (int i = 0; i < t.count; ++i) {
       const LayerEstimate& le = a.layers[i];
       StackLayerEstimate& o = out[i];
@@ -501,13 +501,12 @@ void delta(const Plan& p, const PartitionEstimate& a, const PartitionEstimate& d
   *dt_fwd = B * (a.fwd_ms - d.fwd_ms);
   *dt_bwd = p.training ? B * (a.bwd_ms - d.bwd_ms) : 0;
   *dt_rec = p.training ? modules * (a.rec_ms - d.rec_ms) + blocks * (a.fwd_ms - d.fwd_ms) : 0;
-  *dt_comm =
-      B * (a.comm_fwd_ms - d.comm_fwd_ms) +
-      (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) +
-                        blocks * (a.comm_fwd_ms - d.comm_fwd_ms + a.comm_block_rec_ms -
-                                  d.comm_block_rec_ms) +
-                        modules * (a.comm_rec_ms - d.comm_rec_ms)
-                  : 0);
+  *dt_comm = B * (a.comm_fwd_ms - d.comm_fwd_ms) +
+             (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) +
+                               blocks * (a.comm_fwd_ms - d.comm_fwd_ms + a.comm_block_rec_ms -
+                                         d.comm_block_rec_ms) +
+                               modules * (a.comm_rec_ms - d.comm_rec_ms)
+                         : 0);
   *dpeak = a.transient_bytes + keeping_blocks(p) * a.saved_bytes;
 }
 
