@@ -219,6 +219,10 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   const int64_t wm = l.s_pad * l.r_pad * cfg.c_m, wz = l.r_pad * l.r_pad * cfg.c_z;
   const std::vector<std::pair<Shard, Shard>> lay = partition_block_layouts(t, splits);
   PartitionEstimate est;
+  // The CPU copies below are those of foldcube's executor (element_bytes 0: the engine's f32
+  // buffers); a profile of another executor (element_bytes 2 or 4, e.g. the seeds' GPUs) keeps the
+  // link model alone and its partial sums at the LayerNorm rate.
+  const bool engine = p.element_bytes == 0;
   int64_t fwd_floats = 0, bwd_floats = 0, rec_floats = 0;
   int fwd_calls = 0, bwd_calls = 0, rec_calls = 0;
   // Elements the CPU moves for the collectives and layout changes (change_copy_elems, the
@@ -246,8 +250,9 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     return Totals{fwd_floats, bwd_floats, rec_floats, fwd_calls,  bwd_calls,  rec_calls,
                   fwd_copy,   bwd_copy,   rec_copy,   est.fwd_ms, est.bwd_ms, est.rec_ms};
   };
+  auto copy_time = [&](int64_t elems) { return engine ? copy_ms(elems * e, dev) : 0.0; };
   auto traffic = [&](int64_t floats, int calls, int64_t copy) {
-    return link_ms(floats * e, calls, dev) + copy_ms(copy * e, dev);
+    return link_ms(floats * e, calls, dev) + copy_time(copy);
   };
   est.layers.assign(t.count, LayerEstimate());
   for (int i = 0; i < t.count; ++i) {
@@ -326,9 +331,16 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
           }
           return y;
         };
-        fwd_copy += passes(partition_next_layout(t, splits, i, &exit), wx);
-        bwd_copy += passes(partition_prev_layout(t, lay, i, ly.updates, &entry), wx) +
-                    passes(partition_prev_layout(t, lay, i, ly.reads, &entry), wr);
+        if (engine) {
+          fwd_copy += passes(partition_next_layout(t, splits, i, &exit), wx);
+          bwd_copy += passes(partition_prev_layout(t, lay, i, ly.updates, &entry), wx) +
+                      passes(partition_prev_layout(t, lay, i, ly.reads, &entry), wr);
+        } else {  // another executor's partial sums: copy, subtract, add at the LayerNorm rate
+          const double gbps = dev.mem_gbps > 0 ? dev.mem_gbps : 10.0;
+          const double ms = 4.0 * (wx + wr) * kF / (gbps * 1e9) * 1e3;
+          est.fwd_ms += ms * wx / (wx + wr);
+          est.bwd_ms += ms;
+        }
       }
       // Whole streams on every rank instead of shards, and the partial-sum copies.
       int64_t extra = 0;
@@ -395,15 +407,16 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
                        2 * change_copy_elems(boundary.first, entry.first, wm, n);
     const int64_t yz = change_copy_elems(entry.second, boundary.second, wz, n) +
                        change_copy_elems(boundary.second, entry.second, wz, n);
+    est.copy_block_rec_ms = copy_time(ym + yz);
     est.comm_block_rec_ms =
-        link_ms(est.sent_block_rec_bytes, est.calls_block_rec, dev) + copy_ms((ym + yz) * e, dev);
+        link_ms(est.sent_block_rec_bytes, est.calls_block_rec, dev) + est.copy_block_rec_ms;
   }
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
   est.sent_rec_bytes = rec_floats * e;
-  est.copy_fwd_ms = copy_ms(fwd_copy * e, dev);
-  est.copy_bwd_ms = copy_ms(bwd_copy * e, dev);
-  est.copy_rec_ms = copy_ms(rec_copy * e, dev);
+  est.copy_fwd_ms = copy_time(fwd_copy);
+  est.copy_bwd_ms = copy_time(bwd_copy);
+  est.copy_rec_ms = copy_time(rec_copy);
   est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev) + est.copy_fwd_ms;
   est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev) + est.copy_bwd_ms;
   est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev) + est.copy_rec_ms;
@@ -733,19 +746,20 @@ SplitTerms step_terms(const Plan& p, const DeviceProfile& dev, const PartitionEs
   for (int64_t b = 0; b < B; ++b) {
     const Recompute pol =
         p.training && b < static_cast<int64_t>(p.policy.size()) ? p.policy[b] : Recompute::kBlock;
-    t.compute_ms += a.fwd_ms - d.fwd_ms;
+    t.compute_ms += a.fwd_ms - d.fwd_ms + a.copy_fwd_ms - d.copy_fwd_ms;
     calls += a.calls_fwd - d.calls_fwd;
     bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
     if (!p.training) continue;
-    t.compute_ms += a.bwd_ms - d.bwd_ms;
+    t.compute_ms += a.bwd_ms - d.bwd_ms + a.copy_bwd_ms - d.copy_bwd_ms;
     calls += a.calls_bwd - d.calls_bwd;
     bytes += static_cast<double>(a.sent_bwd_bytes - d.sent_bwd_bytes);
     if (pol == Recompute::kModule) {
-      t.compute_ms += a.rec_ms - d.rec_ms;
+      t.compute_ms += a.rec_ms - d.rec_ms + a.copy_rec_ms - d.copy_rec_ms;
       calls += a.calls_rec - d.calls_rec;
       bytes += static_cast<double>(a.sent_rec_bytes - d.sent_rec_bytes);
     } else if (pol == Recompute::kBlock) {
-      t.compute_ms += a.fwd_ms - d.fwd_ms;
+      t.compute_ms += a.fwd_ms - d.fwd_ms + a.copy_fwd_ms - d.copy_fwd_ms + a.copy_block_rec_ms -
+                      d.copy_block_rec_ms;
       calls += a.calls_fwd - d.calls_fwd + a.calls_block_rec - d.calls_block_rec;
       bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes + a.sent_block_rec_bytes -
                                    d.sent_block_rec_bytes);

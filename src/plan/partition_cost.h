@@ -19,7 +19,8 @@ struct LayerEstimate {
   double fwd_ms = 0, bwd_ms = 0, rec_ms = 0;
   double comm_fwd_ms = 0, comm_bwd_ms = 0, comm_rec_ms = 0;
   // Of these, the CPU's copies at the DRAM rate (copy_ms): the collectives' own copies and sums,
-  // the packing / reassembly of layout changes, the partial sums' passes over the stream.
+  // the packing / reassembly of layout changes, the partial sums' passes over the stream
+  // (foldcube's executor, element_bytes 0; 0 for other profiles).
   double copy_fwd_ms = 0, copy_bwd_ms = 0, copy_rec_ms = 0;
   double change_fwd_ms = 0, change_bwd_ms = 0;
 };
@@ -40,7 +41,7 @@ struct PartitionEstimate {
   // The extra collectives of a policy-block block's backward beyond its forward run again: the
   // kept boundary shards of a whole entry stream gathered again (for the recompute, and m for the
   // previous block's backward).
-  double comm_block_rec_ms = 0;
+  double comm_block_rec_ms = 0, copy_block_rec_ms = 0;
   int64_t sent_block_rec_bytes = 0;
   int calls_block_rec = 0;
   int64_t transient_bytes = 0;  // largest extra live bytes of one layer over its DAP form
@@ -88,6 +89,7 @@ void choose_partition(const DeviceProfile& dev, Plan* p);
 // (the same for every block, the plan's recompute policies), in compute (work formulas and
 // per-module overheads), link bandwidth (bytes) and link latency (collective calls), with the
 // extra peak memory.
+// (compute_ms includes the CPU's copies of the collectives and layout changes, copy_*_ms.)
 struct SplitTerms {
   std::vector<Split> splits;                           // table order
   double compute_ms = 0, link_ms = 0, latency_ms = 0;  // per step, relative to pure DAP
