@@ -116,9 +116,10 @@ TEST(PartitionPlan, LayoutsCarryAcrossBlocks) {
   }
 }
 
-// explain_splits (plan --explain-splits): with a fast link every list is slower than pure DAP;
-// the fastest list's terms add up to the difference of its plan's estimate to pure DAP's, and no
-// single-layer row beats it.
+// explain_splits (plan --explain-splits): the fastest list's terms add up to the difference of
+// its plan's estimate to pure DAP's, and no single-layer row beats it. (With a fast link a list
+// may now beat pure DAP: DAP's all-to-alls cost their CPU copies, which a whole-stream layer
+// saves.)
 TEST(PartitionPlan, ExplainedTermsAddUpToThePlanEstimate) {
   for (bool training : {false, true}) {
     PlanRequest q = request(2, 1000, training);
@@ -129,7 +130,6 @@ TEST(PartitionPlan, ExplainedTermsAddUpToThePlanEstimate) {
     ASSERT_TRUE(make_plan(q, &p).ok());
     const std::vector<SplitTerms> rows = explain_splits(q.profile, p);
     ASSERT_GT(rows.size(), 1u);
-    for (const SplitTerms& r : rows) EXPECT_GT(r.total_ms(), 0) << training;
     const SplitTerms& best = rows.back();
     for (const SplitTerms& r : rows) EXPECT_GE(r.total_ms(), best.total_ms() - 1e-9);
     Plan listed = p;
