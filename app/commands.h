@@ -46,6 +46,7 @@ struct RunArgs {
   bool profile = false;        // per-module time breakdown (last timed pass)
   bool unfused = false;        // inference: the unfused reference path (ForwardOptions::fused)
   std::string dtype = "fp32";  // inference GEMM inputs: fp32 | bf16 (ForwardOptions::dtype)
+  bool dtype_given = false;    // --dtype was on the command line (run --plan: must match the plan)
   bool backward = false;       // training step: forward + backward
   std::string grad_outputs;    // safetensors with grad.output.m, grad.output.z
   std::string policy;          // recompute policy, one or comma-separated per block

@@ -74,8 +74,9 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
                 "inference: run the unfused LayerNorm/Linear/transition reference path");
   run->add_option("--dtype", ra.dtype,
                   "inference GEMM inputs: fp32 (default) | bf16 (bf16 inputs, f32 accumulation "
-                  "and storage; one process, stacks and --model af2); training (Evoformer, "
-                  "ExtraMSA): the layer inputs kept for the backward in bf16")
+                  "and storage; the stacks, also under --dap and --plan, and --model af2); "
+                  "training (Evoformer, ExtraMSA, also under --dap and --plan): the layer inputs "
+                  "kept for the backward in bf16")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   run->add_option("--model", ra.model,
                   "af2: the whole AlphaFold2 model (inference) from --weights (OpenFold AlphaFold "
@@ -274,6 +275,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   ra.blocks_given = run->count("--blocks") > 0;
+  ra.dtype_given = run->count("--dtype") > 0;
   const auto command = [&]() -> int {
     if (*run) return fc::app::run_command(ra);
     if (*bench) return fc::app::bench_command(ba, argv[0]);

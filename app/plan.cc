@@ -83,6 +83,8 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_o
     return Status::InvalidArgument("--plan runs --stack evoformer or extra_msa, not '" + a.stack +
                                    "'");
   const bool extra_msa = a.stack == "extra_msa";
+  DType dtype = DType::F32;  // --dtype: the engine's fp32 or bf16 (ForwardOptions/TrainOptions)
+  FC_RETURN_IF_ERROR(parse_compute_dtype(a.dtype, &dtype));
   DeviceProfile dev;
   FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.plan_profile, false, &dev));
   dev.threads = num_threads();  // memory (per-thread scratch) follows this run's threads
@@ -107,7 +109,8 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_o
     req.profile = dev;
     req.devices = ranks;
     req.memory_bytes = budget;
-    req.dtype = DType::F32;
+    req.dtype = dtype;
+    req.element_bytes = 0;  // the engine's layout
     // Every rank of the job takes part: inference runs DAP over all of them; training takes the
     // fastest split dap x dp = ranks (ties: more DAP, the smaller peak per rank).
     FC_RETURN_IF_ERROR(make_plan_for_ranks(req, ranks, &plan));
@@ -141,9 +144,18 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_o
     if (budget > 0) plan.memory_limit_bytes = budget;
     FC_RETURN_IF_ERROR(evaluate_plan(dev, &plan));  // this machine's estimates for the choices
   }
-  if (plan.dtype != DType::F32)
-    return Status::InvalidArgument(std::string("the engine runs fp32; this plan is for ") +
-                                   plan_dtype_name(plan.dtype));
+  // The engine runs fp32, or bf16 on its own layout (element_bytes 0: f32 buffers, bf16 GEMM
+  // inputs and kept layer inputs); the plan's dtype is the run's unless --dtype says otherwise.
+  if (plan.dtype == DType::F16 || (plan.dtype == DType::BF16 && plan.element_bytes != 0))
+    return Status::InvalidArgument(
+        std::string("the engine runs fp32, or bf16 with f32 buffers (plan --dtype bf16 "
+                    "--element-bytes 0); this plan is for ") +
+        plan_dtype_name(plan.dtype) + " with " + std::to_string(plan.element_bytes) +
+        "-byte buffers");
+  if (a.dtype_given && dtype != plan.dtype)
+    return Status::InvalidArgument(a.plan + " is a plan for " + plan_dtype_name(plan.dtype) +
+                                   ", not --dtype " + a.dtype + " (make one with foldcube plan " +
+                                   "--dtype " + a.dtype + ")");
   if (plan.threads != num_threads())
     return Status::InvalidArgument("the plan is for " + std::to_string(plan.threads) +
                                    " thread(s), this run has " + std::to_string(num_threads()));
@@ -224,9 +236,9 @@ Status report_planned(const RunArgs& a, const Plan& plan, const DeviceProfile& d
   const bool within = budget <= 0 || ms.peak_tracked_bytes <= budget;
   if (!a.quiet) {
     std::printf(
-        "foldcube run --plan %s: %s, %s %lld block(s), s=%lld r=%lld, %d thread(s)%s, "
+        "foldcube run --plan %s: %s (%s), %s %lld block(s), s=%lld r=%lld, %d thread(s)%s, "
         "profile %s\n",
-        a.plan.c_str(), plan.training ? "training step" : "inference",
+        a.plan.c_str(), plan.training ? "training step" : "inference", plan_dtype_name(plan.dtype),
         plan.extra_msa ? "ExtraMSA" : "Evoformer", static_cast<long long>(plan.cfg.no_blocks),
         static_cast<long long>(plan.s), static_cast<long long>(plan.r), num_threads(),
         ranks.size() > 1 ? " per rank" : "", plan.profile.c_str());
@@ -269,6 +281,7 @@ Status report_planned(const RunArgs& a, const Plan& plan, const DeviceProfile& d
     nlohmann::json j;
     j["plan"] = nlohmann::json::parse(plan.to_json());
     j["training"] = plan.training;
+    j["dtype"] = plan_dtype_name(plan.dtype);
     j["time_ms_estimate"] = plan.time_ms;
     j["time_ms"] = ms.time_ms;
     j["cpu_ms"] = ms.cpu_ms;

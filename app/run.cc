@@ -283,6 +283,7 @@ nlohmann::json dap_forward_report_json(const RunArgs& a, const DapForwardReport&
   j["time_ms"] = d.time_ms;
   j["times_ms"] = d.times_ms;
   j["dap"] = a.dap;
+  j["dtype"] = a.dtype;
   j["rank_block_collective_ms"] = d.rank_block_collective_ms;
   j["peak_tracked_bytes"] = d.rank_peak_tracked_bytes[0];
   j["rank_peak_tracked_bytes"] = d.rank_peak_tracked_bytes;
@@ -366,6 +367,7 @@ nlohmann::json dap_training_report_json(const RunArgs& a, const RunOptions& o,
   j["dap"] = a.dap;
   j["dp"] = a.dp;
   j["policy"] = policy_string(o.policy);
+  j["dtype"] = o.dtype == DType::BF16 ? "bf16" : "fp32";
   j["activation_bytes"] = t.rank_activation_bytes[0];
   j["step_peak_bytes"] = t.rank_step_peak_bytes[0];
   j["rank_activation_bytes"] = t.rank_activation_bytes;
@@ -407,7 +409,10 @@ Status check_dap_flags(const RunArgs& a, const Comm& world, RunOptions* o) {
   FC_RETURN_IF_ERROR(check_same_flags(a, world, "--dap"));
   if (!a.memory_budget.empty() || a.profile)
     return Status::InvalidArgument("--dap does not support --memory-budget or --profile yet");
-  return run_options(a, o);
+  FC_RETURN_IF_ERROR(run_options(a, o));
+  if (o->dtype == DType::BF16 && !o->fused)
+    return Status::InvalidArgument("--dtype bf16 runs the fused path; drop --unfused");
+  return Status::OK();
 }
 
 // `--dap N` under `mpirun -np N` (x D with --dp D): any rank's error ends every rank with
@@ -456,10 +461,10 @@ int end_mpi(const Comm& world, const Status& st) {
 
 int run_command(const RunArgs& a) {
   const bool mpi = a.dap > 0 || mpi_launched_world_size() > 1;
-  if (a.dtype != "fp32" && (!a.plan.empty() || (mpi && a.model != "af2")))
+  if (a.dtype != "fp32" && mpi && is_af3_run(a))
     return fail(Status::InvalidArgument(
-        "--dtype bf16 runs inference only: the Evoformer/ExtraMSA forward in one process, or "
-        "--model af2 (also under --dap); no --plan"));
+        "--dtype bf16 under --dap runs the Evoformer and ExtraMSA stacks and --model af2, not "
+        "the AF3 trunk"));
   if (a.dtype != "fp32" && is_training(a) && (a.model == "af2" || is_af3_run(a)))
     return fail(Status::InvalidArgument(
         "--dtype bf16 with --backward/--train: the Evoformer and ExtraMSA stacks only"));

@@ -212,6 +212,63 @@ TEST(DapCli, ExtraMsaGoldenOnTwoAndFourRanks) {
   }
 }
 
+// `--dtype bf16` under `--dap N` for the stacks, forward and training (evo_tiny and extra_tiny on
+// 2 and 3 ranks; on 3 ranks s = 8 and 10 are padded to 9 and 12): every tensor of the output file
+// within a normwise 2e-2 of the one-process bf16 run (tests/dap_bf16_test.cc: the tolerance, and
+// the golden checks). The AF3 trunk and --unfused with bf16 under --dap are refused.
+TEST(DapCli, Bf16StacksMatchOneProcessBf16) {
+  for (const char* file : {"evo_tiny.safetensors", "extra_tiny.safetensors"}) {
+    SCOPED_TRACE(file);
+    const std::string g = test::data_path(file);
+    TensorFile f, go;
+    ASSERT_TRUE(read_safetensors(g, &f).ok());
+    go.put("grad.output.m", f.tensors.at("probe.m"));
+    go.put("grad.output.z", f.tensors.at("probe.z"));
+    const std::string gfile = tmp("bf16_gout.safetensors");
+    ASSERT_TRUE(write_safetensors(gfile, go).ok());
+    const std::string base =
+        " run --weights " + g + " --inputs " + g + " --dtype bf16 --threads 1 --quiet";
+    const std::string fwd = base + " --out ";
+    const std::string train = base + " --grad-outputs " + gfile + " --policy module --out ";
+    const std::string f1 = tmp("bf16_f1.safetensors"), t1 = tmp("bf16_t1.safetensors");
+    ASSERT_EQ(run(cli() + fwd + f1).code, 0);
+    ASSERT_EQ(run(cli() + train + t1).code, 0);
+    for (int n : {2, 3}) {
+      SCOPED_TRACE("ranks " + std::to_string(n));
+      const std::string fn = tmp("bf16_fn.safetensors"), tn = tmp("bf16_tn.safetensors");
+      const std::string dap = " --dap " + std::to_string(n);
+      Result rf = run(mpirun(n) + cli() + fwd + fn + dap);
+      ASSERT_EQ(rf.code, 0) << rf.out;
+      Result rt = run(mpirun(n) + cli() + train + tn + dap);
+      ASSERT_EQ(rt.code, 0) << rt.out;
+      for (const auto& [one, many] : {std::make_pair(f1, fn), std::make_pair(t1, tn)}) {
+        TensorFile a, b;
+        ASSERT_TRUE(read_safetensors(one, &a).ok());
+        ASSERT_TRUE(read_safetensors(many, &b).ok());
+        EXPECT_EQ(a.names.size(), b.names.size());
+        for (const std::string& name : a.names) {
+          ASSERT_TRUE(b.has(name)) << name;
+          // A gradient that is zero to rounding in the float64 reference (a LayerNorm bias whose
+          // effect the softmax cancels) is summation noise in both runs: not compared.
+          const Tensor gold = f.tensors.at(name).to(DType::F64);
+          double ss = 0;
+          for (int64_t i = 0; i < gold.numel(); ++i)
+            ss += gold.data<double>()[i] * gold.data<double>()[i];
+          if (ss < 1e-12) continue;
+          EXPECT_LT(test::normwise_err(b.tensors.at(name), a.tensors.at(name)), 2e-2) << name;
+        }
+      }
+    }
+  }
+  Result r =
+      run(mpirun(2) + cli() + " run --stack pairformer --r 8 --blocks 1 --dap 2 --dtype bf16");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("not the AF3 trunk"), std::string::npos) << r.out;
+  r = run(mpirun(2) + cli() + " run --s 4 --r 4 --blocks 1 --dap 2 --dtype bf16 --unfused");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("drop --unfused"), std::string::npos) << r.out;
+}
+
 // Data parallelism: D = 2 groups of N = 1 and of N = 2 (4 ranks, oversubscribed) give the average
 // of the two single-process steps' parameter gradients; rank 0 writes protein 0's outputs and
 // input gradients. Protein 1 is protein 0's file with m scaled by 0.5; upstream gradients and
@@ -336,78 +393,83 @@ std::string plan_profile() {
 // (the finest choices), inference and a training step, AF2 dims, s and r not multiples of 2: the
 // plan runs DAP over both ranks, every rank's figures are reported, measured peak (max over
 // ranks) <= estimate <= budget, the inference estimate is exact, the training one within 7 %
-// (the DAP training model's stated tolerance), the activation estimate exact.
+// (the DAP training model's stated tolerance), the activation estimate exact; fp32 and bf16.
 TEST(DapCli, RunPlanAutoOnTwoRanks) {
-  for (const std::string mode : {"", " --backward"}) {
-    const std::string args =
-        " run --plan auto --s 7 --r 23 --blocks 2 --threads 1 --plan-profile " + plan_profile() +
-        mode;
-    Result r = run(mpirun(2) + cli() + args + " --memory-budget 1MiB");
-    const std::string key = "smallest feasible budget is ";
-    const size_t at = r.out.find(key);
-    ASSERT_NE(at, std::string::npos) << r.out;
-    EXPECT_NE(r.code, 0) << r.out;
-    const double mib = std::stod(r.out.substr(at + key.size()));
-    const int64_t budget = static_cast<int64_t>((mib + 0.2) * 1048576);
-    const std::string rep = tmp("plan_auto.json");
-    r = run(mpirun(2) + cli() + args + " --memory-budget " + std::to_string(budget) + " --report " +
-            rep);
-    ASSERT_EQ(r.code, 0) << r.out;
-    EXPECT_NE(r.out.find("rank 1"), std::string::npos) << r.out;
-    const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
-    EXPECT_EQ(j["dap"].get<int>() * j["dp"].get<int>(), 2) << mode;
-    ASSERT_EQ(j["rank_peak_tracked_bytes"].size(), 2u);
-    const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
-    const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
-    EXPECT_EQ(meas, std::max(j["rank_peak_tracked_bytes"][0].get<int64_t>(),
-                             j["rank_peak_tracked_bytes"][1].get<int64_t>()));
-    EXPECT_LE(meas, est) << mode;
-    EXPECT_LE(est, budget) << mode;
-    if (mode.empty())
-      EXPECT_EQ(est, meas);
-    else
-      EXPECT_LE(est - meas, meas * 7 / 100) << "estimate " << est << " measured " << meas;
-    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << mode;
-    EXPECT_TRUE(j["within_budget"].get<bool>());
-    EXPECT_GT(j["time_ms"].get<double>(), 0);
-  }
+  for (const std::string dtype : {" --dtype fp32", " --dtype bf16"})
+    for (const std::string mode : {"", " --backward"}) {
+      SCOPED_TRACE(dtype + mode);
+      const std::string args =
+          " run --plan auto --s 7 --r 23 --blocks 2 --threads 1 --plan-profile " + plan_profile() +
+          mode + dtype;
+      Result r = run(mpirun(2) + cli() + args + " --memory-budget 1MiB");
+      const std::string key = "smallest feasible budget is ";
+      const size_t at = r.out.find(key);
+      ASSERT_NE(at, std::string::npos) << r.out;
+      EXPECT_NE(r.code, 0) << r.out;
+      const double mib = std::stod(r.out.substr(at + key.size()));
+      const int64_t budget = static_cast<int64_t>((mib + 0.2) * 1048576);
+      const std::string rep = tmp("plan_auto.json");
+      r = run(mpirun(2) + cli() + args + " --memory-budget " + std::to_string(budget) +
+              " --report " + rep);
+      ASSERT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find("rank 1"), std::string::npos) << r.out;
+      const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+      EXPECT_EQ(j["dap"].get<int>() * j["dp"].get<int>(), 2) << mode;
+      ASSERT_EQ(j["rank_peak_tracked_bytes"].size(), 2u);
+      const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
+      const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
+      EXPECT_EQ(meas, std::max(j["rank_peak_tracked_bytes"][0].get<int64_t>(),
+                               j["rank_peak_tracked_bytes"][1].get<int64_t>()));
+      EXPECT_LE(meas, est) << mode;
+      EXPECT_LE(est, budget) << mode;
+      if (mode.empty())
+        EXPECT_EQ(est, meas);
+      else
+        EXPECT_LE(est - meas, meas * 7 / 100) << "estimate " << est << " measured " << meas;
+      EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << mode;
+      EXPECT_TRUE(j["within_budget"].get<bool>());
+      EXPECT_GT(j["time_ms"].get<double>(), 0);
+    }
 }
 
 // The ExtraMSA stack's plans on 2 ranks (issue 16): `mpirun -np 2 run --plan auto --stack
 // extra_msa` just above the smallest feasible budget, inference and training (s, r = 7, 23:
 // padded shards): measured peak within the budget; inference peak = estimate, training at most
-// 7 % below it (the Evoformer's DAP decomposition); activations per rank as estimated.
+// 7 % below it (the Evoformer's DAP decomposition); activations per rank as estimated; fp32 and
+// bf16.
 TEST(DapCli, ExtraMsaPlanAutoOnTwoRanks) {
-  for (const std::string mode : {"", " --backward"}) {
-    const std::string args =
-        " run --plan auto --stack extra_msa --s 7 --r 23 --blocks 2 --threads 1 "
-        "--plan-profile " +
-        plan_profile() + mode;
-    Result r = run(mpirun(2) + cli() + args + " --memory-budget 1MiB");
-    const std::string key = "smallest feasible budget is ";
-    const size_t at = r.out.find(key);
-    ASSERT_NE(at, std::string::npos) << r.out;
-    const double mib = std::stod(r.out.substr(at + key.size()));
-    const int64_t budget = static_cast<int64_t>((mib + 0.2) * 1048576);
-    const std::string rep = tmp("extra_plan_auto.json");
-    r = run(mpirun(2) + cli() + args + " --memory-budget " + std::to_string(budget) + " --report " +
-            rep);
-    ASSERT_EQ(r.code, 0) << r.out;
-    EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
-    const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
-    EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
-    EXPECT_EQ(j["dap"].get<int>() * j["dp"].get<int>(), 2) << mode;
-    const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
-    const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
-    EXPECT_LE(meas, est) << mode;
-    EXPECT_LE(est, budget) << mode;
-    if (mode.empty())  // DAP inference: exact, as for the Evoformer
-      EXPECT_EQ(est, meas);
-    else
-      EXPECT_LE(est - meas, meas * 7 / 100) << "estimate " << est << " measured " << meas;
-    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << mode;
-    EXPECT_TRUE(j["within_budget"].get<bool>());
-  }
+  for (const std::string dtype : {" --dtype fp32", " --dtype bf16"})
+    for (const std::string mode : {"", " --backward"}) {
+      SCOPED_TRACE(dtype + mode);
+      const std::string args =
+          " run --plan auto --stack extra_msa --s 7 --r 23 --blocks 2 --threads 1 "
+          "--plan-profile " +
+          plan_profile() + mode + dtype;
+      Result r = run(mpirun(2) + cli() + args + " --memory-budget 1MiB");
+      const std::string key = "smallest feasible budget is ";
+      const size_t at = r.out.find(key);
+      ASSERT_NE(at, std::string::npos) << r.out;
+      const double mib = std::stod(r.out.substr(at + key.size()));
+      const int64_t budget = static_cast<int64_t>((mib + 0.2) * 1048576);
+      const std::string rep = tmp("extra_plan_auto.json");
+      r = run(mpirun(2) + cli() + args + " --memory-budget " + std::to_string(budget) +
+              " --report " + rep);
+      ASSERT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+      const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+      EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
+      EXPECT_EQ(j["dap"].get<int>() * j["dp"].get<int>(), 2) << mode;
+      const int64_t meas = j["peak_tracked_bytes"].get<int64_t>();
+      const int64_t est = j["peak_bytes_estimate"].get<int64_t>();
+      EXPECT_LE(meas, est) << mode;
+      EXPECT_LE(est, budget) << mode;
+      if (mode.empty())  // DAP inference: exact, as for the Evoformer
+        EXPECT_EQ(est, meas);
+      else
+        EXPECT_LE(est - meas, meas * 7 / 100) << "estimate " << est << " measured " << meas;
+      EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]) << mode;
+      EXPECT_TRUE(j["within_budget"].get<bool>());
+    }
 }
 
 // The golden extra_tiny step under a DAP plan's choices: `foldcube plan --stack extra_msa --train

@@ -459,12 +459,14 @@ TEST_P(GoldenBf16, OutputsAndTracesWithinTolerance) {
 INSTANTIATE_TEST_SUITE_P(Cases, GoldenBf16, ::testing::Values("evo_tiny", "evo_af2dims"),
                          [](const auto& info) { return info.param; });
 
-// The CLI: `run --dtype bf16` and `--unfused` reach the forward (named in the report), and the
-// combinations the library does not run are user errors.
+// The CLI: `run --dtype bf16` and `--unfused` reach the forward (named in the report), also under
+// `--dap 1` (forward and training), and the combinations the library does not run are user errors.
 TEST(FusedCli, DtypeAndUnfusedFlags) {
   const std::string report = test::temp_file("fused_cli_report.json");
-  for (const std::string& flags : {std::string("--dtype bf16"), std::string("--unfused"),
-                                   std::string("--dtype bf16 --memory-budget 1GiB")}) {
+  for (const std::string& flags :
+       {std::string("--dtype bf16"), std::string("--unfused"),
+        std::string("--dtype bf16 --memory-budget 1GiB"), std::string("--dtype bf16 --dap 1"),
+        std::string("--dtype bf16 --backward --dap 1")}) {
     const test::Result r =
         test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + flags + " --report " + report);
     ASSERT_EQ(r.code, 0) << r.out;
@@ -475,10 +477,10 @@ TEST(FusedCli, DtypeAndUnfusedFlags) {
         << text;
   }
   for (const std::string& bad :
-       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --backward --dap 1"),
-        std::string("--dtype bf16 --dap 1")}) {
+       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --dap 1 --unfused"),
+        std::string("--dtype bf16 --dap 1 --stack pairformer")}) {
     const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
-    EXPECT_NE(r.code, 0) << bad;
+    EXPECT_EQ(r.code, 1) << bad;
     EXPECT_NE(r.out.find("error"), std::string::npos) << bad << ": " << r.out;
   }
 }

@@ -153,54 +153,63 @@ double smallest_budget_mib(const std::string& args) {
 
 // `run --plan auto` at a budget just above the smallest feasible one (it forces the finest
 // choices): the measured tracked peak stays within it, the report has the estimates beside the
-// measurements, and the memory estimates are the allocator's figures.
+// measurements, and the memory estimates are the allocator's figures, in fp32 and bf16
+// (`run --plan auto --dtype bf16`: bf16 GEMM inputs, kept layer inputs in bf16).
 TEST(PlannerCli, RunPlanAutoWithinBudget) {
-  for (const std::string mode : {"", "--backward"}) {
-    const std::string args =
-        "--s 8 --r 24 --blocks 2 --threads 2 --plan-profile " + profile_path() + " " + mode;
-    const double mib = smallest_budget_mib(args);
-    ASSERT_GT(mib, 0) << mode;
-    const std::string report = test::temp_file("run_plan.json");
-    const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
-    const Result r =
-        run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
-    ASSERT_EQ(r.code, 0) << r.out;
-    EXPECT_NE(r.out.find("estimate"), std::string::npos) << r.out;
-    const nlohmann::json j = read_json(report);
-    for (const char* key : {"time_ms_estimate", "time_ms", "peak_bytes_estimate",
-                            "peak_tracked_bytes", "activation_bytes_estimate", "activation_bytes"})
-      EXPECT_TRUE(j.contains(key)) << key;
-    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
-    EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);  // exact (inference too)
-    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
-    EXPECT_EQ(j["training"].get<bool>(), !mode.empty());
-    EXPECT_GT(j["time_ms"].get<double>(), 0);
-  }
+  for (const std::string dtype : {"fp32", "bf16"})
+    for (const std::string mode : {"", "--backward"}) {
+      SCOPED_TRACE(dtype + " " + mode);
+      const std::string args = "--s 8 --r 24 --blocks 2 --threads 2 --plan-profile " +
+                               profile_path() + " --dtype " + dtype + " " + mode;
+      const double mib = smallest_budget_mib(args);
+      ASSERT_GT(mib, 0) << mode;
+      const std::string report = test::temp_file("run_plan.json");
+      const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
+      const Result r =
+          run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
+      ASSERT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find("estimate"), std::string::npos) << r.out;
+      const nlohmann::json j = read_json(report);
+      for (const char* key :
+           {"time_ms_estimate", "time_ms", "peak_bytes_estimate", "peak_tracked_bytes",
+            "activation_bytes_estimate", "activation_bytes"})
+        EXPECT_TRUE(j.contains(key)) << key;
+      EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
+      EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);  // exact (inference too)
+      EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+      EXPECT_EQ(j["training"].get<bool>(), !mode.empty());
+      EXPECT_EQ(j["dtype"].get<std::string>(), dtype);
+      EXPECT_EQ(j["plan"]["dtype"].get<std::string>(), dtype);
+      EXPECT_GT(j["time_ms"].get<double>(), 0);
+    }
 }
 
 // `run --plan auto --stack extra_msa` (AF2 extra-MSA dims) just above the smallest feasible budget,
 // inference and training: within the budget, the tracked peak (and the training step's
-// activations) the memory model's to the byte; a saved ExtraMSA plan runs, and --stack evoformer
-// with it is a user error.
+// activations) the memory model's to the byte, fp32 and bf16; a saved ExtraMSA plan runs, and
+// --stack evoformer with it is a user error.
 TEST(PlannerCli, RunPlanAutoExtraMsa) {
-  for (const std::string mode : {"", "--backward"}) {
-    const std::string args =
-        "--stack extra_msa --s 24 --r 20 --blocks 2 --threads 2 --plan-profile " + profile_path() +
-        " " + mode;
-    const double mib = smallest_budget_mib(args);
-    ASSERT_GT(mib, 0) << mode;
-    const std::string report = test::temp_file("run_plan_extra.json");
-    const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
-    const Result r =
-        run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
-    ASSERT_EQ(r.code, 0) << r.out;
-    EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
-    const nlohmann::json j = read_json(report);
-    EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
-    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
-    EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);
-    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
-  }
+  for (const std::string dtype : {"fp32", "bf16"})
+    for (const std::string mode : {"", "--backward"}) {
+      SCOPED_TRACE(dtype + " " + mode);
+      const std::string args =
+          "--stack extra_msa --s 24 --r 20 --blocks 2 --threads 2 --plan-profile " +
+          profile_path() + " --dtype " + dtype + " " + mode;
+      const double mib = smallest_budget_mib(args);
+      ASSERT_GT(mib, 0) << mode;
+      const std::string report = test::temp_file("run_plan_extra.json");
+      const std::string budget = std::to_string(static_cast<int64_t>((mib + 0.2) * 1048576));
+      const Result r =
+          run_cli("run --plan auto --memory-budget " + budget + " " + args + " --report " + report);
+      ASSERT_EQ(r.code, 0) << r.out;
+      EXPECT_NE(r.out.find("ExtraMSA"), std::string::npos) << r.out;
+      const nlohmann::json j = read_json(report);
+      EXPECT_EQ(j["plan"]["stack"].get<std::string>(), "extra_msa");
+      EXPECT_EQ(j["plan"]["dtype"].get<std::string>(), dtype);
+      EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["memory_budget_bytes"].get<int64_t>());
+      EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);
+      EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+    }
   const std::string plan = test::temp_file("saved_extra_plan.json");
   Result r = run_cli(
       "plan --stack extra_msa --train --s 16 --r 12 --blocks 2 --memory 1GiB --policy block "
@@ -245,6 +254,35 @@ TEST(PlannerCli, RunSavedPlanAndErrors) {
   std::ofstream(cfg) << R"({"c_m": 64})";
   expect_user_error(run_cli("run --plan " + plan + " --threads 2 --config " + cfg + prof),
                     "was made for another config");
+}
+
+// `plan --dtype bf16` records the dtype and `run --plan` runs it (bf16 GEMM inputs): the tracked
+// peak is the plan's to the byte; a --dtype that contradicts the plan, and plans the engine has no
+// path for (fp16, or bf16 with 2-byte buffers), are user errors.
+TEST(PlannerCli, RunSavedBf16Plan) {
+  const std::string plan = test::temp_file("saved_bf16_plan.json");
+  const std::string report = test::temp_file("run_saved_bf16.json");
+  const std::string prof = " --threads 2 --plan-profile " + profile_path();
+  const std::string make = "plan --s 8 --r 16 --blocks 2 --memory 1GiB --devices 1 --profile " +
+                           profile_path() + " --out " + plan;
+  Result r = run_cli(make + " --dtype bf16 --element-bytes 0");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read_json(plan)["dtype"].get<std::string>(), "bf16");
+  r = run_cli("run --plan " + plan + prof + " --report " + report);
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("inference (bf16)"), std::string::npos) << r.out;
+  nlohmann::json j = read_json(report);
+  EXPECT_EQ(j["dtype"].get<std::string>(), "bf16");
+  EXPECT_EQ(j["peak_tracked_bytes"], j["peak_bytes_estimate"]);
+  ASSERT_EQ(run_cli("run --plan " + plan + prof + " --dtype bf16").code, 0);
+  expect_user_error(run_cli("run --plan " + plan + prof + " --dtype fp32"), "plan for bf16");
+  ASSERT_EQ(run_cli(make + " --dtype fp32").code, 0);
+  expect_user_error(run_cli("run --plan " + plan + prof + " --dtype bf16"),
+                    "foldcube plan --dtype bf16");
+  ASSERT_EQ(run_cli(make + " --dtype fp16 --element-bytes 2").code, 0);
+  expect_user_error(run_cli("run --plan " + plan + prof), "this plan is for fp16");
+  ASSERT_EQ(run_cli(make + " --dtype bf16 --element-bytes 2").code, 0);
+  expect_user_error(run_cli("run --plan " + plan + prof), "2-byte buffers");
 }
 
 }  // namespace

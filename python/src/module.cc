@@ -141,6 +141,14 @@ void check_plan(const fc::Plan& p, const fc::EvoformerConfig& cfg, const Streams
                 bool training) {
   if (p.dap != 1 || p.dp != 1)
     throw nb::value_error("plan: a DAP/DP plan needs several processes (foldcube run --plan)");
+  // The engine runs fp32 or bf16 with f32 buffers (docs/planner.md, "Element size and store
+  // dtype"); an fp16 plan, or one with 2- or 4-byte buffers in half precision, has no path here.
+  if (p.dtype == fc::DType::F16 || (p.dtype == fc::DType::BF16 && p.element_bytes != 0))
+    throw nb::value_error(
+        ("plan: the engine runs fp32, or bf16 with f32 buffers; this plan is for " +
+         std::string(plan_dtype_name(p.dtype)) + " with element_bytes " +
+         std::to_string(p.element_bytes))
+            .c_str());
   if (p.training != training)
     throw nb::value_error(training ? "plan: an inference plan cannot run a training step"
                                    : "plan: a training plan; use train_step or plan(train=False)");

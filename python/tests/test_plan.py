@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import foldcube
-from conftest import REPO
+from conftest import REPO, data_path, golden, stack_inputs
 
 PROFILE = str(REPO / "docs" / "profiles" / "this-machine-2026-11-23-2threads.json")
 CFG = {"c_m": 32, "c_z": 16, "c_hidden_msa_att": 8, "no_heads_msa": 4, "c_hidden_pair_att": 8,
@@ -53,3 +53,40 @@ def test_a_plan_drives_a_training_step_and_a_forward():
         ev(m, z, plan=p)
     with pytest.raises(ValueError, match="s=16, r=48"):
         ev(m[:8].copy(), z, plan=pi)
+
+
+def _normwise(x, ref):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def test_a_bf16_plan_runs_the_stacks_in_bf16():
+    """plan(dtype="bf16") on the engine's layout is `run --dtype bf16`: the stack's forward takes
+    bf16 GEMM inputs and its training step keeps bf16 layer inputs, within the bf16 tolerances of
+    the golden reference (normwise 1e-2 forward, 2e-2 outputs and 0.1 dL/d inputs in training;
+    tests/fused_test.cc, tests/train_bf16_test.cc) and far from the fp32 results."""
+    t, _ = golden("evo_tiny")
+    ev = foldcube.Evoformer.load(data_path("evo_tiny.safetensors"))
+    s, r = t["input.m"].shape[:2]
+    kw = dict(s=s, r=r, blocks=2, memory="256MiB", config=CFG, profile=PROFILE)
+    p16 = foldcube.plan(dtype="bf16", **kw)
+    assert p16.dtype == "bf16" and not p16.training
+    m, z, mm, pm = stack_inputs(t)
+    ev(m, z, mm, pm, plan=p16)
+    m32, z32, _, _ = stack_inputs(t)
+    ev(m32, z32, mm, pm)
+    e16, e32 = _normwise(m, t["output.m"]), _normwise(m32, t["output.m"])
+    assert e16 < 1e-2 and _normwise(z, t["output.z"]) < 1e-2
+    assert e16 > 10 * e32
+    t16 = foldcube.plan(dtype="bf16", train=True, **kw)
+    m, z, mm, pm = stack_inputs(t)
+    res = ev.train_step(m, z, t["probe.m"], t["probe.z"], msa_mask=mm, pair_mask=pm, plan=t16)
+    m32, z32, _, _ = stack_inputs(t)
+    res32 = ev.train_step(m32, z32, t["probe.m"], t["probe.z"], msa_mask=mm, pair_mask=pm)
+    assert _normwise(res["m"], t["output.m"]) < 2e-2
+    assert _normwise(res["grad_z"], t["grad.input.z"]) < 0.1
+    assert _normwise(res["grad_z"], t["grad.input.z"]) > 10 * _normwise(res32["grad_z"],
+                                                                          t["grad.input.z"])
+    assert res["activation_bytes"] < res32["activation_bytes"]
+    with pytest.raises(ValueError, match="fp16"):
+        ev(m, z, mm, pm, plan=foldcube.plan(dtype="fp16", **kw))

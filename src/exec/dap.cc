@@ -441,6 +441,15 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
   const int64_t cm = cfg.c_m, cz = cfg.c_z;
   std::vector<std::vector<Split>> splits;  // per block and layer; empty: pure DAP
   FC_RETURN_IF_ERROR(resolve_partition(table, opts.partitions, cfg, n, &splits));
+  {
+    ForwardOptions fo;
+    fo.dtype = opts.dtype;
+    FC_RETURN_IF_ERROR(check_forward_dtype(fo).WithContext("DAP"));
+    if (!comm.all_equal(static_cast<uint64_t>(opts.dtype)))
+      return Status::InvalidArgument("DAP ranks were given different dtypes");
+    if (opts.dtype == DType::BF16 && !splits.empty())
+      return Status::InvalidArgument("DAP: dtype BF16 with per-layer partitions is not supported");
+  }
 
   // The root validates its inputs and shares the sizes (or its error) with every rank.
   DapLayout l;
@@ -450,7 +459,10 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
   const int64_t sl = l.s_loc, rl = l.r_loc, sp = l.s_pad, rp = l.r_pad;
   DapShards sh = make_dap_shards(cfg, l, std::move(msa_p), std::move(pair_p), opts.chunk,
                                  opts.chunk_target_bytes, num_threads());
-  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->global_eps = global_eps;
+  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) {
+    c->global_eps = global_eps;
+    c->dtype = opts.dtype;
+  }
 
   // Shards: m by sequences [s_loc, r_pad, c_m], z by rows [r_loc, r_pad, c_z].
   DapStreams st;

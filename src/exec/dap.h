@@ -155,6 +155,10 @@ struct DapOptions {
   TraceFn trace;
   // Per-layer partition of each block (include/foldcube/partition.h); empty: pure DAP.
   StackPartition partitions;
+  // GEMM input type of the fused layers (ForwardOptions::dtype): BF16 rounds them to bf16 with
+  // f32 accumulation on every rank, as one process does; the collectives carry f32. BF16 with
+  // partitions is refused.
+  DType dtype = DType::F32;
 };
 
 struct DapStats {

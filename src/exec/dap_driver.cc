@@ -100,6 +100,7 @@ Status run_dap(const Comm& world, const JobSpec& spec, const RunOptions& o, DapF
   DapOptions opts;
   opts.chunk = o.chunk;
   opts.chunk_target_bytes = o.chunk_target_bytes;
+  opts.dtype = o.dtype;
   DapStats stats;
   int64_t peak = 0, work_peak = 0;
   const int passes = o.warmup + o.repeats;
@@ -188,6 +189,7 @@ Status run_dap_training(const Comm& world_h, int dap, int dp, const JobSpec& spe
   opts.dropout = o.dropout;
   opts.seed = spec.seed + static_cast<uint64_t>(grp);
   opts.policy = o.policy;
+  opts.dtype = o.dtype;
   Job job;
   Tensor gm, gz;  // the group root's upstream gradients
   Status st;

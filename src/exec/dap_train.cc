@@ -13,6 +13,7 @@
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
 #include "foldcube/status.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 #include "layers/single_attention_shard.h"
 #include "layers/swiglu_transition.h"
@@ -247,7 +248,10 @@ void dap_layer_train(const LayerDesc& ly, const void* bw, const DapShards& sh,
     case LayerKind::kOuterProductMean: {
       OuterProductMeanState o;  // the state is built even when it is not kept
       dap_outer_product_mean_train(layer_params<OuterProductMeanW>(ly, bw), sh, comm, m, z, &o);
-      if (st) st->opm = std::move(o);
+      if (st) {
+        st->opm = std::move(o);
+        opm_state_to_store(sh.full, &st->opm);
+      }
       return;
     }
     case LayerKind::kTriangleMultiplication:
@@ -308,6 +312,8 @@ void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapS
       const OuterProductMeanW& w = layer_params<OuterProductMeanW>(ly, bw);
       if (!st->opm.a.defined())
         dap_outer_product_mean_train(w, sh, comm, read_in, nullptr, &st->opm);
+      else
+        opm_state_from_store(&st->opm);
       dap_outer_product_mean_backward(w, &layer_params<OuterProductMeanW>(ly, g), sh, comm, read_in,
                                       st->opm, dz, dm);
       st->opm = {};
@@ -348,17 +354,26 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
                        const BlockLayouts* out) {
   const DapLayout& l = sh.l;
   const BlockLayouts boundary{dap_boundary_m(t), Shard::kPairRows};
+  const DType store = sh.full.store;  // F32, or BF16: kept copies in bf16 (as one process)
+  auto copy = [&](const Tensor& x) { return kept_copy(x.f32(), x.shape(), store); };
+  // BF16 storage: the streams a layer touches are rounded to bf16 values before it runs.
+  auto round = [&](Stream x) {
+    Tensor& t = x == Stream::kM ? mr : zr;
+    if (store == DType::BF16 && x != Stream::kNone && t.defined())
+      kern::round_to_bf16(t.f32(), t.f32(), t.numel());
+  };
   st->policy = policy;
   st->splits = splits;
   st->in = in ? *in : boundary;
   st->out = out ? *out : boundary;
   if (policy == Recompute::kBlock) {  // kept as shards (a slice of a whole stream: a local copy)
+    Tensor m0 = mr, z0 = zr;  // handles: a layout change makes new tensors, never writes these
     Shard how = st->in.first;
-    st->m0 = mr.clone();
-    dap_to_layout(&st->m0, &how, boundary.first, l, comm);
+    dap_to_layout(&m0, &how, boundary.first, l, comm);
     how = st->in.second;
-    st->z0 = zr.clone();
-    dap_to_layout(&st->z0, &how, boundary.second, l, comm);
+    dap_to_layout(&z0, &how, boundary.second, l, comm);
+    st->m0 = copy(m0);
+    st->z0 = copy(z0);
   }
   const bool keep = policy == Recompute::kNone;
   st->in_updated.assign(t.count, Tensor());
@@ -374,11 +389,12 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
     if (want.m) dap_to_layout(&mr, &m_how, *want.m, l, comm);
     if (want.z) dap_to_layout(&zr, &z_how, *want.z, l, comm);
     clock.change();
+    round(ly.updates);
+    round(ly.reads);
     if (policy != Recompute::kBlock) {
       const SavedInputs in = saved_inputs(t, i);
-      auto copy = [&](Stream x) { return (x == Stream::kM ? mr : zr).clone(); };
-      if (in.updated) st->in_updated[i] = copy(ly.updates);
-      if (in.read) st->in_read[i] = copy(ly.reads);
+      if (in.updated) st->in_updated[i] = copy(ly.updates == Stream::kM ? mr : zr);
+      if (in.read) st->in_read[i] = copy(ly.reads == Stream::kM ? mr : zr);
     }
     LayerState* ls = keep ? &st->layers[i] : nullptr;
     if (split == Split::kDap)
@@ -399,9 +415,11 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
                         const Tensor& z_out, Tensor& dmr, Tensor& dzr) {
   const DapLayout& l = sh.l;
   if (st->policy == Recompute::kBlock) {
-    // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output.
-    Tensor mr = st->m0.clone(), zr = std::move(st->z0);  // block-boundary layouts
-    st->m0 = Tensor();
+    // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output
+    // (kept in bf16, both are widened copies).
+    Tensor mr = st->m0.dtype() == DType::BF16 ? as_f32(st->m0) : st->m0.clone();
+    Tensor zr = as_f32(st->z0);  // block-boundary layouts
+    st->m0 = st->z0 = Tensor();
     DapBlockState full;
     const LayerPhase phase = layer_times_current_phase();
     layer_times_phase(LayerPhase::kRecompute);
@@ -430,20 +448,21 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     LayerClock clock(i, comm);
     if (uses(Stream::kZ)) dap_to_layout(&dzr, &dz_how, z_how, l, comm);
     if (uses(Stream::kM)) dap_to_layout(&dmr, &dm_how, m_how, l, comm);
-    Tensor read = st->in_read[i];
+    Tensor read = as_f32(st->in_read[i]);  // f32 views of the kept inputs (widened when bf16)
     if (ly.reads == Stream::kM && !read.defined()) {  // the block output in the layer's layout
       Shard how = st->out.first;
-      read = m_out;
+      read = as_f32(m_out);
       dap_to_layout(&read, &how, m_how, l, comm);
     }
     if (ly.reads == Stream::kZ && !read.defined()) {
       FC_CHECK_MSG(z_out.defined(), std::string(ly.name) + " reads the block output z");
       Shard how = st->out.second;
-      read = z_out;
+      read = as_f32(z_out);
       dap_to_layout(&read, &how, z_how, l, comm);
     }
     clock.change();
-    const float* x_in = st->in_updated[i].defined() ? st->in_updated[i].f32() : nullptr;
+    const Tensor x_kept = as_f32(st->in_updated[i]);
+    const float* x_in = x_kept.defined() ? x_kept.f32() : nullptr;
     const float* read_in = read.defined() ? read.f32() : nullptr;
     if (st->splits.empty() || st->splits[i] == Split::kDap)
       dap_layer_backward(ly, w, g, sh, comm, m_how, x_in, read_in, &st->layers[i], dmr.f32(),
@@ -499,7 +518,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
   {
     std::string key = cfg.to_json() + "|" + std::to_string(opts.chunk) + "|" +
                       std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout) +
-                      "|" + std::to_string(opts.seed);
+                      "|" + std::to_string(opts.seed) + "|" + dtype_name(opts.dtype);
     for (Recompute p : opts.policy) key += std::string("|") + recompute_name(p);
     for (const auto& block : partitions) {
       key += "|b";
@@ -526,13 +545,21 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
   };
   std::vector<std::vector<Split>> splits;  // per block and layer; empty: pure DAP
   FC_RETURN_IF_ERROR(resolve_partition(table, partitions, cfg, comm.size(), &splits));
+  if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
+    return Status::InvalidArgument("training dtype must be fp32 or bf16");
+  if (opts.dtype == DType::BF16 && !splits.empty())
+    return Status::InvalidArgument(
+        "DAP training: dtype BF16 with per-layer partitions is not supported");
   FC_RETURN_IF_ERROR(
       share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, root_check, &l, &msa_p, &pair_p));
   const int64_t sp = l.s_pad, rp = l.r_pad, cm = cfg.c_m, cz = cfg.c_z;
   DapShards sh =
       make_dap_shards(cfg, l, msa_p, pair_p, opts.chunk, opts.chunk_target_bytes, num_threads());
   msa_p = pair_p = Tensor();
-  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->global_eps = global_eps;
+  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) {
+    c->global_eps = global_eps;
+    c->store = opts.dtype;  // bf16 training: kept inputs and states in bf16, bf16 GEMM inputs
+  }
   auto policy = [&](int b) { return policy_of(opts, b); };
   auto block_key = [&](int b) { return block_dropout_key(opts.seed, b); };
 
@@ -584,6 +611,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
       Shard how = sb.policy == Recompute::kBlock ? dap_boundary_m(table)
                   : sb.splits.empty()            ? dap_block_layouts(table)[i0].first
                                       : partition_block_layouts(table, sb.splits)[i0].first;
+      if (how != sb.in.first) m_in = as_f32(m_in);  // a kept bf16 copy, widened to move it
       dap_to_layout(&m_in, &how, sb.in.first, l, comm);
     }
     dap_block_backward(table, &StackAccess::block(stack, b), grads[b].get(), sh, comm,

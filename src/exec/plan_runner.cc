@@ -109,6 +109,7 @@ Status step(Replica& R, const PlanRunOptions& opts, int pass, Pass* out) {
   o.chunk = plan.chunk;
   o.chunk_target_bytes = plan.chunk_target_bytes;
   o.partitions = plan.partitions;
+  o.dtype = to_forward_options(plan).dtype;
   Tensor s_out;  // [r, c_s] on the group root
   const auto t0 = Clock::now();
   if (st.ok() && plan.extra_msa)

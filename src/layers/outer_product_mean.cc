@@ -181,6 +181,45 @@ void outer_chunk_train(const Tensor& ab16, const float* a, const float* b, int64
   opm_pairs_from_outer(o, n, r, ca, co, p);
 }
 
+// The shard's outer-product chunk: rows i0 .. i0+n of its columns against every shard's b, into
+// o [n*c_o, r*c_o] ([(i, c), (j, e)], shard q's block at columns q*bw). From ab16 (a [s, bw] |
+// b_all [parts, s, bw] in bf16) when defined, else from a [s, bw] and b_all in f32; bw = cols*c_o.
+void shard_outer_chunk(const Tensor& ab16, const float* a, const Tensor& b_all, int64_t s,
+                       int64_t bw, int64_t co, int64_t parts, int64_t i0, int64_t n, float* o) {
+  const int64_t ldo = parts * bw;
+  for (int64_t q = 0; q < parts; ++q) {
+    if (!ab16.defined()) {
+      kern::gemm(true, false, n * co, bw, s, 1.f, a + i0 * co, bw, b_all.f32() + q * s * bw, bw,
+                 0.f, o + q * bw, ldo);
+      continue;
+    }
+    const uint16_t* a16 = ab16.data<uint16_t>();   // [s, bw]
+    const uint16_t* b16 = a16 + (1 + q) * s * bw;  // shard q's b [s, bw]
+    kern::gemm_typed(DType::BF16, true, false, n * co, bw, s, 1.f, a16 + i0 * co, bw, b16, bw, 0.f,
+                     o + q * bw, ldo);
+  }
+}
+
+// The bf16 form of the shard's dA, dB products: dO [n*c_o, parts*bw] rounded to bf16, then
+// dA[:, i0..] = sum_q B_q dO_q^T and dB_q += A dO_q (bf16 inputs, f32 accumulation), with a, b as
+// in shard_outer_chunk; da [s, bw], db_all [parts, s, bw].
+void shard_outer_backward_bf16(const Tensor& ab16, const float* dO, int64_t s, int64_t bw,
+                               int64_t co, int64_t parts, int64_t i0, int64_t n, float* da,
+                               float* db_all) {
+  const int64_t ldo = parts * bw;
+  Tensor do16 = Tensor::empty({n * co, ldo}, DType::BF16);  // bf16 dO
+  kern::f32_to_bf16(dO, do16.data<uint16_t>(), n * co * ldo);
+  const uint16_t* a16 = ab16.data<uint16_t>();
+  const uint16_t* d16 = do16.data<uint16_t>();
+  for (int64_t q = 0; q < parts; ++q) {
+    const uint16_t* b16 = a16 + (1 + q) * s * bw;
+    kern::gemm_typed(DType::BF16, false, true, s, n * co, bw, 1.f, b16, bw, d16 + q * bw, ldo,
+                     q == 0 ? 0.f : 1.f, da + i0 * co, bw);
+    kern::gemm_typed(DType::BF16, false, false, s, bw, n * co, 1.f, a16 + i0 * co, bw, d16 + q * bw,
+                     ldo, 1.f, db_all + q * s * bw, bw);
+  }
+}
+
 // The OPM state's LN(m) with its statistics and the masked projections a [s, cols, ca], b
 // [s, cols, co] for m [s, cols, c_m] (all residues, or a DAP shard's columns) with mask
 // [s, cols]; ca = opm_a_channels. LN(m), a and b rounded to bf16 values under ctx.store BF16
@@ -462,6 +501,9 @@ void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockConte
   if (!z) return;
   Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
   gather.fn(st->b.f32(), sc * co, b_all.f32());
+  // bf16 training: a | every shard's b as the products' bf16 inputs [s*cols*co*(1 + parts)]
+  Tensor ab16 = opm_ab_bf16(ctx, st->a, b_all);
+  if (ab16.defined()) b_all = Tensor();
   const int64_t ch = opm_outer_chunk(ctx, cols);
   const int64_t bw = cols * co;                 // columns (j, e) of one shard
   Tensor o = Tensor::empty({ch * co, r * co});  // [(i, c), (j, e)]
@@ -469,13 +511,11 @@ void outer_product_mean_shard_train(const OuterProductMeanW& w, const BlockConte
   Tensor y = Tensor::empty({ch * r, cz});       // linear_out(p)
   for (int64_t i0 = 0; i0 < cols; i0 += ch) {
     const int64_t n = std::min(ch, cols - i0);
-    for (int64_t q = 0; q < parts; ++q)
-      kern::gemm(true, false, n * co, bw, s, 1.f, st->a.f32() + i0 * co, bw,
-                 b_all.f32() + q * s * bw, bw, 0.f, o.f32() + q * bw, r * co);
+    shard_outer_chunk(ab16, st->a.f32(), b_all, s, bw, co, parts, i0, n, o.f32());
     const float* op = o.f32();
     float* pp = p.f32();
     opm_pairs_from_outer(op, n, r, co, pp);
-    kern::linear(pp, co * co, n * r, co * co, w.out.w.f32(),
+    train_linear(ctx, pp, co * co, n * r, co * co, w.out.w.f32(),
                  w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
     opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
@@ -499,6 +539,9 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
       {
         Tensor b_all = Tensor::empty({parts, s, cols, co});  // every shard's b, shard-major
         gather.fn(st.b.f32(), sc * co, b_all.f32());
+        // bf16 training: a | every shard's b, bf16 [s*cols*co*(1 + parts)]
+        Tensor ab16 = opm_ab_bf16(ctx, st.a, b_all);
+        if (ab16.defined()) b_all = Tensor();
         Tensor db_all = Tensor::zeros({parts, s, cols, co});  // this shard's part of dL/d b
         const float* ap = st.a.f32();
         const int64_t ch = opm_outer_backward_chunk(ctx, cols);
@@ -508,20 +551,23 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
         Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
         for (int64_t i0 = 0; i0 < cols; i0 += ch) {
           const int64_t n = std::min(ch, cols - i0);
-          for (int64_t q = 0; q < parts; ++q)
-            kern::gemm(true, false, n * co, bw, s, 1.f, ap + i0 * co, bw, b_all.f32() + q * s * bw,
-                       bw, 0.f, o.f32() + q * bw, rco);
+          shard_outer_chunk(ab16, ap, b_all, s, bw, co, parts, i0, n, o.f32());
           const float* op = o.f32();
           float* pp = p.f32();
           opm_pairs_from_outer(op, n, r, co, pp);
           float* dyp = dy.f32();
           opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-          kern::linear_backward(pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz, dp.f32(),
-                                co * co, g->out.w.f32(), w.mean_first ? nullptr : bias_ptr(g->out));
+          train_linear_backward(ctx, pp, co * co, n * r, co * co, w.out.w.f32(), cz, dyp, cz,
+                                dp.f32(), co * co, g->out.w.f32(),
+                                w.mean_first ? nullptr : bias_ptr(g->out));
           const float* dpp = dp.f32();
           float* dop = o.f32();
           opm_outer_from_pairs(dpp, n, r, co, dop);
           // outer = A^T B per shard block q of B: dA = sum_q B_q dO_q^T, dB_q += A dO_q.
+          if (ab16.defined()) {
+            shard_outer_backward_bf16(ab16, dop, s, bw, co, parts, i0, n, da.f32(), db_all.f32());
+            continue;
+          }
           for (int64_t q = 0; q < parts; ++q) {
             kern::gemm(false, true, s, n * co, bw, 1.f, b_all.f32() + q * s * bw, bw, dop + q * bw,
                        rco, q == 0 ? 0.f : 1.f, da.f32() + i0 * co, bw);
@@ -543,7 +589,7 @@ void outer_product_mean_shard_backward(const OuterProductMeanW& w, OuterProductM
           dabp[row * 2 * co + co + c] = dbp[row * co + c] * mask_cols[row];
         }
     }
-    kern::linear_backward(st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
+    train_linear_backward(ctx, st.x_ln.f32(), cm, sc, cm, w.l12.w.f32(), 2 * co, dab.f32(), 2 * co,
                           dxln.f32(), cm, g->l12.w.f32(), bias_ptr(g->l12));
   }
   layernorm_backward_into(m_in, dxln.f32(), sc, cm, w.ln, st.mean.f32(), st.rstd.f32(), dm, &g->ln,

@@ -535,8 +535,8 @@ struct TriMulGroupBackward {
   }
 };
 
-// bf16 GEMM inputs in the training step (BlockContext::store BF16; one process, so the shard and
-// channel-parallel forms, which run F32, never see it).
+// bf16 GEMM inputs in the training step (BlockContext::store BF16; one process and the DAP row
+// shard; the channel-parallel form runs F32).
 bool bf16_train(const BlockContext& ctx) { return ctx.store == DType::BF16; }
 
 // LN_in(z) [rr, c_z] rounded to bf16 under bf16 training (a tracked tensor), else undefined.
@@ -907,9 +907,11 @@ bool shard_dropout_per_row(const BlockContext& ctx, const char* module, bool lef
 }
 
 // P [c_t, rows, r] of the shard: per group, P_c[:, shard q's rows] = L_c R_{q,c}^T.
+// x16: x_ln rounded to bf16 under bf16 training (the projections' and, with L and R rounded,
+// the products' inputs; P rounded to bf16 values as one process), else nullptr.
 Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockContext& ctx,
                               bool left_is_b, int64_t rows, const float* mask,
-                              const ShardGather& gather, const float* x_ln) {
+                              const ShardGather& gather, const float* x_ln, const uint16_t* x16) {
   const int64_t r = ctx.r, rr = rows * r, cz = ctx.cfg->c_z, ct = ctx.cfg->c_hidden_mul;
   const int64_t parts = gather.parts;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx, rows, parts);
@@ -921,17 +923,54 @@ Tensor tri_mul_shard_products(const TriangleMultiplicationW& w, const BlockConte
   Tensor A = Tensor::empty({cg, rows, r});  // a, b of the group, channel-major
   Tensor B = Tensor::empty({cg, rows, r});
   Tensor G = Tensor::empty({parts * cg, rows, r});  // every shard's R of the group, shard-major
+  // bf16 training: L | every shard's R rounded to bf16 ([(1 + parts) * cg, rows, r]), the
+  // products' inputs, and grp.Wb [4*cg, c_z]
+  Tensor LG16 = x16 ? Tensor::empty({(1 + parts) * cg * rr + 4 * cg * cz}, DType::BF16) : Tensor();
+  if (x16) grp.Wb = LG16.data<uint16_t>() + (1 + parts) * cg * rr;
   for (int64_t c0 = 0; c0 < ct; c0 += cg) {
     grp.load(w, ct, c0, std::min(cg, ct - c0));
     const int64_t nc = grp.nc;
-    tri_mul_group_ab(grp, x_ln, nullptr, rr, cz, mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
+    tri_mul_group_ab(grp, x_ln, x16, rr, cz, mask, q, Y.f32(), T.f32(), A.f32(), B.f32());
     const float* L = (left_is_b ? B : A).f32();
     gather.fn((left_is_b ? A : B).f32(), nc * rr, G.f32());
+    if (!x16) {
+      for (int64_t k = 0; k < parts; ++k)
+        kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + k * nc * rr, r,
+                           rr, 0.f, P.f32() + c0 * rr + k * rows, r, rr);
+      continue;
+    }
+    uint16_t* l16 = LG16.data<uint16_t>();  // [nc, rows, r]
+    uint16_t* g16 = l16 + cg * rr;          // [parts * nc, rows, r]
+    kern::f32_to_bf16(L, l16, nc * rr);
+    kern::f32_to_bf16(G.f32(), g16, parts * nc * rr);
     for (int64_t k = 0; k < parts; ++k)
-      kern::gemm_batched(nc, false, true, rows, rows, r, 1.f, L, r, rr, G.f32() + k * nc * rr, r,
-                         rr, 0.f, P.f32() + c0 * rr + k * rows, r, rr);
+      kern::gemm_batched_typed(DType::BF16, nc, false, true, rows, rows, r, 1.f, l16, r, rr,
+                               g16 + k * nc * rr, r, rr, 0.f, P.f32() + c0 * rr + k * rows, r, rr);
   }
+  round_for_store(ctx, P);
   return P;
+}
+
+// The shard's dL = sum_k dP_k R_k and dR_k = dP_k^T L (dG [parts*nc, rows, r]) with bf16 inputs:
+// L [nc, rows, r], every shard's R in G [parts*nc, rows, r] and the group's dP [nc, rows, r] are
+// rounded into gb's buffers (A and dP slots) and G16.
+void shard_products_backward_bf16(TriMulGroupBackward& gb, const float* L, const float* G,
+                                  const float* dPg, int64_t nc, int64_t rows, int64_t r,
+                                  int64_t parts, Tensor& G16, float* dL, float* dG) {
+  const int64_t rr = rows * r, cg = gb.A.dim(0);
+  uint16_t* l16 = gb.AB16.data<uint16_t>();  // [nc, rows, r]
+  uint16_t* d16 = l16 + 2 * cg * rr;         // [nc, rows, r]
+  uint16_t* g16 = G16.data<uint16_t>();      // [parts * nc, rows, r]
+  kern::f32_to_bf16(L, l16, nc * rr);
+  kern::f32_to_bf16(G, g16, parts * nc * rr);
+  kern::f32_to_bf16(dPg, d16, nc * rr);
+  const DType bf = DType::BF16;
+  for (int64_t k = 0; k < parts; ++k) {
+    kern::gemm_batched_typed(bf, nc, false, false, rows, r, rows, 1.f, d16 + k * rows, r, rr,
+                             g16 + k * nc * rr, r, rr, k == 0 ? 0.f : 1.f, dL, r, rr);
+    kern::gemm_batched_typed(bf, nc, true, false, rows, r, rows, 1.f, d16 + k * rows, r, rr, l16, r,
+                             rr, 0.f, dG + k * nc * rr, r, rr);
+  }
 }
 
 }  // namespace
@@ -946,13 +985,14 @@ void triangle_multiplication_shard_train(const TriangleMultiplicationW& w, const
   const float eps = cfg.eps_ln;
   Tensor x_ln = Tensor::empty({rr, cz});  // LN_in(z) of the shard
   kern::layernorm(z, cz, x_ln.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
-  Tensor P =
-      tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32());  // [c_t, rows, r]
+  const Tensor x16 = ln_in_bf16(ctx, x_ln);  // [rr, c_z] bf16 (bf16 training only)
+  Tensor P = tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, x_ln.f32(),
+                                    bf16_ptr(x16));  // [c_t, rows, r]
   const char* name = left_is_b ? "tri_mul_in" : "tri_mul_out";
   tri_mul_output(w, ctx, P.f32(), x_ln.f32(), rows,
                  tri_mul_train_chunks(ctx, rows, gather.parts).rows, dropout_mask(ctx, name, r, cz),
                  shard_dropout_per_row(ctx, name, left_is_b), row0, z);
-  if (st) st->P = std::move(P);
+  if (st) st->P = to_store(ctx, std::move(P));
 }
 
 void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
@@ -968,9 +1008,10 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   const float eps = cfg.eps_ln;
   const TriMulTrainChunks chunks = tri_mul_train_chunks(ctx, rows, parts);
   NormedRows ln = layernorm_with_stats(z_in, rr, cz, w.ln_in, eps);  // LN_in(z_in) of the shard
-  Tensor P = st->P.defined()
-                 ? std::move(st->P)
-                 : tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather, ln.y.f32());
+  Tensor x16 = ln_in_bf16(ctx, ln.y);  // [rr, c_z] bf16 (bf16 training only)
+  Tensor P = st->P.defined() ? from_store(std::move(st->P))
+                             : tri_mul_shard_products(w, ctx, left_is_b, rows, mask, gather,
+                                                      ln.y.f32(), bf16_ptr(x16));
   st->P = Tensor();
   Tensor dxln = Tensor::empty({rr, cz});     // dL/d LN_in(z), both branches
   Tensor dP = Tensor::empty({ct, rows, r});  // dL/d triangle products, channel-major
@@ -986,6 +1027,10 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
     TriMulGroupBackward gb(cg, cz, chunks.proj_rows * r, rows, r);
     Tensor G = Tensor::empty({parts * cg, rows, r});   // every shard's R, shard-major
     Tensor dG = Tensor::empty({parts * cg, rows, r});  // this shard's part of every dR_k
+    // bf16 training: gb's bf16 buffers (its A slot holds L, its dP slot dP) and every shard's R
+    // rounded to bf16 [parts * cg, rows, r]
+    Tensor G16 = x16.defined() ? Tensor::empty({parts * cg * rr}, DType::BF16) : Tensor();
+    if (x16.defined()) gb.set_bf16(bf16_ptr(x16));
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
       const int64_t nc = std::min(cg, ct - c0);
       gb.rebuild(w, ct, c0, nc, ln.y.f32(), rr, mask);
@@ -994,6 +1039,12 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
       float* dR = (left_is_b ? gb.dA : gb.dB).f32();
       gather.fn((left_is_b ? gb.A : gb.B).f32(), nc * rr, G.f32());
       const float* dPg = dP.f32() + c0 * rr;
+      if (G16.defined()) {
+        shard_products_backward_bf16(gb, L, G.f32(), dPg, nc, rows, r, parts, G16, dL, dG.f32());
+        reduce.fn(dG.f32(), nc * rr, dR);
+        gb.backward(g, ct, ln.y.f32(), rr, mask, dxln.f32());
+        continue;
+      }
       for (int64_t k = 0; k < parts; ++k) {
         kern::gemm_batched(nc, false, false, rows, r, rows, 1.f, dPg + k * rows, r, rr,
                            G.f32() + k * nc * rr, r, rr, k == 0 ? 0.f : 1.f, dL, r, rr);
@@ -1006,6 +1057,7 @@ void triangle_multiplication_shard_backward(const TriangleMultiplicationW& w,
   }
   dP = Tensor();
   ln.y = Tensor();
+  x16 = Tensor();
   layernorm_backward_into(z_in, dxln.f32(), rr, cz, w.ln_in, ln.mean.f32(), ln.rstd.f32(), dz,
                           &g->ln_in, true);
 }

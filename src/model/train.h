@@ -47,6 +47,12 @@ namespace fc {
 void allocate_block_grads(const EvoformerConfig& cfg, BlockWeights* g);
 void allocate_block_grads(const EvoformerConfig& cfg, ExtraMsaBlockWeights* g);
 
+// bf16 storage of the kept stream copies (BlockContext::store; the DAP executor shares them):
+// a copy of p [shape] in element type `store` (F32, or BF16: p holds bf16 values already, so
+// the copy is exact), and t as f32 (t itself when F32 or undefined, else its widened copy).
+Tensor kept_copy(const float* p, const Shape& shape, DType store);
+Tensor as_f32(const Tensor& t);
+
 // ---- Per-layer dispatch over the block table (src/model/block_table.h) -------------------------
 // A layer's saved state under policy none (the member of the layer's kind is used).
 struct LayerState {

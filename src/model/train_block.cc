@@ -150,9 +150,8 @@ Tensor copy_of(const float* p, const Shape& shape) {
   std::memcpy(t.f32(), p, t.nbytes());
   return t;
 }
+}  // namespace
 
-// A kept copy of p [shape] in element type `store` (F32 or BF16: p holds bf16 values already, so
-// the copy is exact).
 Tensor kept_copy(const float* p, const Shape& shape, DType store) {
   if (store == DType::F32) return copy_of(p, shape);
   Tensor t = Tensor::empty(shape, DType::BF16);
@@ -160,7 +159,6 @@ Tensor kept_copy(const float* p, const Shape& shape, DType store) {
   return t;
 }
 
-// t as f32: t itself (F32 or undefined), or its widened copy (BF16).
 Tensor as_f32(const Tensor& t) {
   if (!t.defined() || t.dtype() == DType::F32) return t;
   Tensor f = Tensor::empty(t.shape());
@@ -168,6 +166,7 @@ Tensor as_f32(const Tensor& t) {
   return f;
 }
 
+namespace {
 // Everything a block keeps from its forward for its backward.
 struct BlockState {
   Recompute policy = Recompute::kNone;

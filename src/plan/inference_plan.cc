@@ -47,9 +47,10 @@ int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, boo
 
 int64_t extra_msa_forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                      bool masks_given, int64_t chunk, int64_t chunk_target_bytes,
-                                     int threads) {
-  return mask_input_bytes(s, r, masks_given) +
-         stack_workspace_bytes(kExtraMsaBlock, cfg, s, r, chunk, chunk_target_bytes, threads);
+                                     int threads, DType dtype) {
+  return mask_input_bytes(s, r, masks_given) + stack_workspace_bytes(kExtraMsaBlock, cfg, s, r,
+                                                                     chunk, chunk_target_bytes,
+                                                                     threads, dtype);
 }
 
 Status plan_inference(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,

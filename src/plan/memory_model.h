@@ -74,10 +74,10 @@ int64_t stack_workspace_bytes(const BlockTable& t, const EvoformerConfig& cfg, i
 int64_t forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r, bool masks_given,
                            int64_t chunk, int64_t chunk_target_bytes, int threads,
                            DType dtype = DType::F32);
-// The same for ExtraMsaStack::forward (its block table; no output s; fp32).
+// The same for ExtraMsaStack::forward (its block table; no output s).
 int64_t extra_msa_forward_peak_bytes(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                      bool masks_given, int64_t chunk, int64_t chunk_target_bytes,
-                                     int threads);
+                                     int threads, DType dtype = DType::F32);
 std::vector<ModuleChunk> forward_chunking(const EvoformerConfig& cfg, int64_t s, int64_t r,
                                           int64_t chunk, int64_t chunk_target_bytes, int threads,
                                           bool extra_msa = false);

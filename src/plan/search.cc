@@ -295,7 +295,7 @@ int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl) {
   return 3 * sp * rp + sp * rl + 4 * rp * rp;
 }
 
-// Tracked peak per rank of dap_forward (src/exec/dap.cc) over n ranks, fp32 bytes, the largest
+// Tracked peak per rank of dap_forward (src/exec/dap.cc) over n ranks, in bytes, the largest
 // over ranks (docs/planner.md). Every rank holds the weights, the padded masks, its shards of m
 // and z and, at one time, one module's work on the shards: the biased attentions' gathered bias
 // [H, r_p, r_p] (2x while it is permuted), column attention and the transitions on the shard
@@ -304,9 +304,10 @@ int64_t dap_mask_elems(int64_t sp, int64_t rp, int64_t rl) {
 // the whole inputs before the scatter and the outputs after the gather. Without the weights.
 // extra_msa: the ExtraMSA stack's dap_forward (global column attention and the masked
 // transition, which runs on m by sequences or by residues, in place of the column attention and
-// the MSA transition; no output s).
+// the MSA transition; no output s). dtype: DapOptions::dtype (BF16: the layers' bf16 weight
+// copies and GEMM scratch in their workspaces).
 int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int n, int64_t chunk,
-                           int64_t target, int threads, bool extra_msa) {
+                           int64_t target, int threads, bool extra_msa, DType dtype) {
   const int64_t sl = ceil_div(s, n), rl = ceil_div(r, n), sp = sl * n, rp = rl * n;
   const int64_t cm = cfg.c_m, cz = cfg.c_z;
   const int64_t shards = (sl * rp * cm + rl * rp * cz) * kF;
@@ -315,6 +316,7 @@ int64_t dap_inference_peak(const EvoformerConfig& cfg, int64_t s, int64_t r, int
   base.chunk = chunk;
   base.chunk_target_bytes = target > 0 ? target : std::max<int64_t>(shards / 8, 1 << 20);
   base.threads = std::max(threads, 1);
+  base.dtype = dtype;
   BlockContext full = base, col = base;  // (s_p, r_p) and m by residues (s_p, r_l)
   full.s = col.s = sp;
   full.r = rp;
@@ -499,9 +501,9 @@ void estimate(const DeviceProfile& dev0, Plan* p, SearchCache* cache = nullptr) 
     // every dp degree of a setting.
     auto peak = [&] {
       return p->dap > 1     ? dap_inference_peak(p->cfg, p->s, p->r, p->dap, p->chunk,
-                                                 p->chunk_target_bytes, p->threads, p->extra_msa)
+                                                 p->chunk_target_bytes, p->threads, p->extra_msa, store)
              : p->extra_msa ? extra_msa_forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
-                                                           p->chunk_target_bytes, p->threads)
+                                                           p->chunk_target_bytes, p->threads, store)
                             : forward_peak_bytes(p->cfg, p->s, p->r, true, p->chunk,
                                                  p->chunk_target_bytes, p->threads, store);
     };
