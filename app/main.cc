@@ -67,7 +67,9 @@ CLI::App* add_run(CLI::App& app, fc::app::RunArgs& ra) {
   run->add_option(
       "--plan-profile", ra.plan_profile,
       "device profile JSON for --plan (default: this machine's, calibrated and cached)");
-  run->add_flag("--profile", ra.profile, "print time per module (summed over blocks)");
+  run->add_flag("--profile", ra.profile,
+                "print time per module (summed over blocks); with --plan of a DAP plan: per layer "
+                "the estimate beside the wall and CPU time of the layer and its layout changes");
   run->add_flag("--unfused", ra.unfused,
                 "inference: run the unfused LayerNorm/Linear/transition reference path");
   run->add_option("--dtype", ra.dtype,

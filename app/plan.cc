@@ -61,7 +61,7 @@ Status read_text(const std::string& path, std::string* out) {
 
 // The plan a `run --plan` job runs on `ranks` ranks (1: no MPI launcher), with its estimates on
 // this machine's profile (or --plan-profile) and this run's thread count.
-Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
+Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_out) {
   const bool training = a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty();
   if (!a.policy.empty() || a.chunk > 0)
     return Status::InvalidArgument(
@@ -73,12 +73,11 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
     return Status::InvalidArgument(
         "--plan takes the DAP and DP degrees from the plan; drop --dap / --dp (launch "
         "mpirun -np dap*dp)");
-  if (!a.weights.empty() || !a.inputs.empty() || !a.grad_outputs.empty() || !a.out.empty() ||
-      a.profile)
+  if (!a.weights.empty() || !a.inputs.empty() || !a.grad_outputs.empty() || !a.out.empty())
     return Status::InvalidArgument(
         "--plan runs the Evoformer (or with --stack extra_msa the ExtraMSA) stack on random "
         "weights and inputs (--s, --r, --blocks, --config, --seed); drop --weights, --inputs, "
-        "--grad-outputs, --out, --profile");
+        "--grad-outputs, --out");
   const bool stack_given = !a.stack.empty() && a.stack != "auto";
   if (stack_given && a.stack != "evoformer" && a.stack != "extra_msa")
     return Status::InvalidArgument("--plan runs --stack evoformer or extra_msa, not '" + a.stack +
@@ -162,14 +161,77 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out) {
                                    " thread(s), this run has " + std::to_string(num_threads()));
   if (plan.dap * plan.dp > 1 && plan.r != plan.r_real)
     return Status::InvalidArgument("a bucketed plan (r_real < r) runs in one process only");
+  if (a.profile && plan.dap < 2)
+    return Status::InvalidArgument(
+        "--plan --profile times the layers of a DAP plan (dap > 1); this plan has dap=" +
+        std::to_string(plan.dap));
   *out = std::move(plan);
+  *dev_out = dev;
   return Status::OK();
 }
 
 // Prints (unless quiet) and writes the report of a planned run: the estimates beside the measured
 // figures (for MPI jobs the max over ranks, with every rank's in rank_*).
-Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement& ms,
-                      const std::vector<PlanMeasurement>& ranks) {
+// The layer timers of a DAP run beside the estimate's per-layer terms (run --plan --profile):
+// per phase and layer, ms per pass summed over the blocks (measured: max over ranks per entry):
+// the estimate (compute, own collectives, layout changes), the wall time of the layer and of its
+// layout changes with the part inside collectives, and the process CPU time outside and inside
+// the collectives (on a loaded machine the CPU time outside them is the steadier figure).
+void print_layer_times(const Plan& plan, const DeviceProfile& dev, const PlanMeasurement& ms,
+                       bool print, nlohmann::json* report) {
+  const BlockTable& t = plan.extra_msa ? kExtraMsaBlock : kEvoformerBlock;
+  const std::vector<StackLayerEstimate> est = estimate_stack_layers(plan, dev);
+  if (print)
+    std::printf(
+        "\n  per layer, ms per pass summed over blocks (max over ranks)\n"
+        "  %-9s %-18s|%8s %8s %8s %8s |%8s %8s %8s %8s |%8s %8s %8s %8s |%6s\n",
+        "", "", "estimate", "", "", "", "wall", "", "", "", "CPU", "", "", "", "");
+  if (print)
+    std::printf("  %-9s %-18s|%8s %8s %8s %8s |%8s %8s %8s %8s |%8s %8s %8s %8s |%6s\n", "phase",
+                "layer", "compute", "comm", "change", "all", "layer", "in coll", "change",
+                "in coll", "layer", "in coll", "change", "in coll", "e/wall");
+  std::string phase;
+  double se = 0, sm = 0;
+  auto total = [&] {
+    if (print && !phase.empty())
+      std::printf("  %-9s %-18s|%35.1f |%35.1f |%35s |%6.2f\n", phase.c_str(), "(sum)", se, sm, "",
+                  sm > 0 ? se / sm : 0.0);
+    se = sm = 0;
+  };
+  for (const LayerTimeRow& r : ms.layers) {
+    if (r.phase != phase) total(), phase = r.phase;
+    PhaseEstimate e;
+    for (int i = 0; i < t.count; ++i)
+      if (r.layer == t.layers[i].name)
+        e = r.phase == "forward" ? est[i].fwd : r.phase == "backward" ? est[i].bwd : est[i].rec;
+    const double ea = e.compute_ms + e.comm_ms + e.change_ms, mt = r.layer_ms + r.change_ms;
+    se += ea, sm += mt;
+    if (print)
+      std::printf(
+          "  %-9s %-18s|%8.1f %8.1f %8.1f %8.1f |%8.1f %8.1f %8.1f %8.1f |%8.1f %8.1f %8.1f %8.1f "
+          "|%6.2f\n",
+          r.phase.c_str(), r.layer.c_str(), e.compute_ms, e.comm_ms, e.change_ms, ea, r.layer_ms,
+          r.layer_comm_ms, r.change_ms, r.change_comm_ms, r.layer_cpu_ms, r.layer_comm_cpu_ms,
+          r.change_cpu_ms, r.change_comm_cpu_ms, mt > 0 ? ea / mt : 0.0);
+    report->push_back({{"phase", r.phase},
+                       {"layer", r.layer},
+                       {"compute_ms_estimate", e.compute_ms},
+                       {"comm_ms_estimate", e.comm_ms},
+                       {"change_ms_estimate", e.change_ms},
+                       {"layer_ms", r.layer_ms},
+                       {"layer_comm_ms", r.layer_comm_ms},
+                       {"change_ms", r.change_ms},
+                       {"change_comm_ms", r.change_comm_ms},
+                       {"layer_cpu_ms", r.layer_cpu_ms},
+                       {"layer_comm_cpu_ms", r.layer_comm_cpu_ms},
+                       {"change_cpu_ms", r.change_cpu_ms},
+                       {"change_comm_cpu_ms", r.change_comm_cpu_ms}});
+  }
+  total();
+}
+
+Status report_planned(const RunArgs& a, const Plan& plan, const DeviceProfile& dev,
+                      const PlanMeasurement& ms, const std::vector<PlanMeasurement>& ranks) {
   const int64_t budget = plan.memory_limit_bytes;
   const bool within = budget <= 0 || ms.peak_tracked_bytes <= budget;
   if (!a.quiet) {
@@ -213,6 +275,8 @@ Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement&
       std::printf("  budget         %12.1f MiB: %s\n", mib(budget),
                   within ? "measured peak within" : "MEASURED PEAK EXCEEDS IT");
   }
+  nlohmann::json layers = nlohmann::json::array();
+  if (!ms.layers.empty()) print_layer_times(plan, dev, ms, !a.quiet, &layers);
   if (!a.report.empty()) {
     nlohmann::json j;
     j["plan"] = nlohmann::json::parse(plan.to_json());
@@ -239,6 +303,7 @@ Status report_planned(const RunArgs& a, const Plan& plan, const PlanMeasurement&
     j["dap"] = plan.dap;
     j["dp"] = plan.dp;
     j["ranks"] = static_cast<int>(ranks.size());
+    if (!layers.empty()) j["layers"] = layers;
     for (const PlanMeasurement& m : ranks) {
       j["rank_peak_tracked_bytes"].push_back(m.peak_tracked_bytes);
       j["rank_activation_bytes"].push_back(m.activation_bytes);
@@ -267,12 +332,14 @@ int run_planned(const RunArgs& a) {
   ro.seed = a.seed;
   ro.warmup = a.warmup;
   ro.repeats = a.repeats;
+  ro.layer_times = a.profile;
   if (mpi_launched_world_size() == 1) {
     Plan plan;
-    Status st = prepare_plan(a, 1, &plan);
+    DeviceProfile dev;
+    Status st = prepare_plan(a, 1, &plan, &dev);
     PlanMeasurement ms;
     if (st.ok()) st = run_plan_dap(plan, Comm(), ro, &ms);
-    if (st.ok()) st = report_planned(a, plan, ms, {ms});
+    if (st.ok()) st = report_planned(a, plan, dev, ms, {ms});
     return st.ok() ? 0 : fail(st);
   }
   Status st = mpi_init();
@@ -285,9 +352,10 @@ int run_planned(const RunArgs& a) {
   };
   if (const Status st = check_same_flags(a, world, "--plan"); !st.ok()) return end(st);
   Plan plan;
+  DeviceProfile dev;  // rank 0's: the per-layer estimates of --profile
   std::string text;
   if (world.rank() == 0) {
-    st = prepare_plan(a, world.size(), &plan);
+    st = prepare_plan(a, world.size(), &plan, &dev);
     if (st.ok()) text = plan.to_json();
   }
   st = world.agree(st);
@@ -303,7 +371,7 @@ int run_planned(const RunArgs& a) {
   if (!st.ok()) return end(st);
   const bool within =
       plan.memory_limit_bytes <= 0 || max.peak_tracked_bytes <= plan.memory_limit_bytes;
-  if (world.rank() == 0) st = report_planned(a, plan, max, all);
+  if (world.rank() == 0) st = report_planned(a, plan, dev, max, all);
   return end(world.rank() == 0 ? st : (within ? Status::OK() : Status::Internal("over budget")));
 }
 

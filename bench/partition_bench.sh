@@ -10,6 +10,8 @@
 #
 # Usage: bench/partition_bench.sh [BUILD_DIR]
 #   env: NPS="2 4" SHAPES="128:256 512:256" BLOCKS=2 THREADS=1 TRAIN=0|1 OUT=DIR CALIBRATE=0|1
+#        LAYERS=0|1 (1: run --profile, the per-layer estimate beside the measured wall and CPU time
+#        in $OUT/np*_s*_r*.<plan>.log and the reports' "layers")
 # The plans use this machine's calibrated profile at THREADS threads (a rank's thread count);
 # CALIBRATE=1 calibrates it afresh first (an empty profile cache under OUT), so that the estimates
 # and the runs see the same machine state. Rerun on a quiet machine for the timing targets; under
@@ -26,6 +28,8 @@ mkdir -p "$out"
 [ "${CALIBRATE:-0}" = 1 ] && export XDG_CACHE_HOME=$out/cache
 train=()
 [ "${TRAIN:-0}" = 1 ] && train=(--train)
+layers=()
+[ "${LAYERS:-0}" = 1 ] && layers=(--profile)
 mpi=(mpirun)
 [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
 
@@ -66,7 +70,7 @@ for np in $nps; do
     fi
     for kind in $kinds; do
       "${mpi[@]}" -np "$np" "${over[@]}" "$fc" run --plan "$base.$kind.json" --threads "$threads" \
-        --report "$base.$kind.report.json" >"$base.$kind.log" 2>&1
+        "${layers[@]}" --report "$base.$kind.report.json" >"$base.$kind.log" 2>&1
       load=$(cut -d' ' -f1 /proc/loadavg)
       python3 - "$base" "$kind" "$np" "$s:$r" "$load" "$(nproc)" <<'EOF'
 import json, sys

@@ -442,6 +442,81 @@ TEST(Partition, LayoutsCarryAcrossBlocks) {
   EXPECT_LT(test::golden_err(s, f.tensors.at("output.s")), 1e-4);
 }
 
+// The same lists in a training step, every recompute policy: block 0 leaves m and z whole for
+// block 1's heads-split row attention (and the backward carries their gradients back whole); the
+// bytes of forward and backward equal the planner's carried count (policy block: the forward
+// again from the kept boundary shards, gathered) and are below the count through the boundary;
+// outputs and gradients match one process (2e-5: partial sums) and OpenFold's gradients.
+TEST(Partition, TrainingLayoutsCarryAcrossBlocks) {
+  const dist::Communicator comm = dist::Communicator::world();
+  PartCase c;
+  TensorFile f;
+  ASSERT_TRUE(read_case(comm, "evo_tiny.safetensors", &c, &f));
+  ASSERT_TRUE(dap_share_stack(comm, &c.stack).ok());
+  const StackPartition parts = {
+      {{"outer_product_mean", Split::kChannels}, {"pair_transition", Split::kReplicated}},
+      {{"msa_att_row", Split::kHeads}}};
+  Plan plan;
+  plan.cfg = c.stack.config();
+  plan.s = 8, plan.r = 12, plan.r_real = 12;
+  plan.dap = comm.size();
+  plan.training = true;
+  DeviceProfile dev;
+  dev.link_gbps = 1;
+  std::vector<std::vector<Split>> lists;
+  ASSERT_TRUE(resolve_partition(kEvoformerBlock, parts, 2, &lists).ok());
+  for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
+    TrainOptions o;
+    o.policy = {rc};
+    plan.policy = {rc, rc};
+    DapTrainStats stats;
+    TrainResult r2;
+    Tensor m, z;
+    if (comm.rank() == 0) m = c.m.clone(), z = c.z.clone();
+    const Status st = dap_train_step(c.stack, comm, m, z, c.msa_mask, c.pair_mask, c.gm, c.gz, o,
+                                     parts, &stats, &r2);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    int64_t fwd = 0, bwd = 0, boundary = 0;
+    for (int b = 0; b < 2; ++b) {
+      const PartitionEstimate e = estimate_partition_in_stack(plan, dev, lists, b);
+      const PartitionEstimate o0 = estimate_partition(plan, dev, lists[b]);
+      fwd += e.sent_fwd_bytes;
+      bwd += e.sent_bwd_bytes + (rc == Recompute::kModule ? e.sent_rec_bytes : 0) +
+             (rc == Recompute::kBlock ? e.sent_fwd_bytes + e.sent_block_rec_bytes : 0);
+      boundary += o0.sent_fwd_bytes + o0.sent_bwd_bytes +
+                  (rc == Recompute::kModule ? o0.sent_rec_bytes : 0) +
+                  (rc == Recompute::kBlock ? o0.sent_fwd_bytes : 0);
+    }
+    EXPECT_EQ(stats.forward.total_bytes(), fwd) << recompute_name(rc);
+    EXPECT_EQ(stats.backward.total_bytes(), bwd) << recompute_name(rc);
+    EXPECT_LT(fwd + bwd, boundary) << recompute_name(rc);
+    if (comm.rank() != 0) continue;
+    Tensor m1 = c.m.clone(), z1 = c.z.clone();
+    TrainResult r1;
+    ASSERT_TRUE(c.stack.train_step(m1, z1, c.msa_mask, c.pair_mask, c.gm, c.gz, o, &r1).ok());
+    double err =
+        std::max({test::golden_err(m, m1), test::golden_err(z, z1),
+                  test::golden_err(r2.grad_m, r1.grad_m), test::golden_err(r2.grad_z, r1.grad_z)});
+    double golden = std::max(test::golden_err(r2.grad_m, f.tensors.at("grad.input.m")),
+                             test::golden_err(r2.grad_z, f.tensors.at("grad.input.z")));
+    ASSERT_EQ(r1.grad_params.size(), r2.grad_params.size());
+    for (size_t i = 0; i < r1.grad_params.size(); ++i) {
+      const auto& [name, t] = r2.grad_params[i];
+      err = std::max(err, test::golden_err(t.contiguous(), r1.grad_params[i].second.contiguous()));
+      if (f.tensors.count("grad.param." + name))
+        golden =
+            std::max(golden, test::golden_err(t.contiguous(), f.tensors.at("grad.param." + name)));
+    }
+    std::printf(
+        "[ info ] N=%d carried layouts, training %s: vs single process %.2e, vs golden "
+        "%.2e, bytes %lld + %lld (boundary %lld)\n",
+        comm.size(), recompute_name(rc), err, golden, static_cast<long long>(fwd),
+        static_cast<long long>(bwd), static_cast<long long>(boundary));
+    EXPECT_LT(err, 2e-5) << recompute_name(rc);
+    EXPECT_LT(golden, 2e-4) << recompute_name(rc);
+  }
+}
+
 // Training: the bytes of the blocks' forward and of their backward (rebuild included, without
 // the parameter-gradient all-reduce) equal the planner's sent_fwd_bytes and sent_bwd_bytes
 // (policy module: + sent_rec_bytes), for pure DAP, the channel splits (the triangle
@@ -455,7 +530,7 @@ TEST(Partition, TrainingVolumeMatchesPlannerModel) {
   DeviceProfile dev;
   dev.link_gbps = 1;
   for (const char* policy : {"dap", "channels", "mixed"})
-    for (Recompute rc : {Recompute::kNone, Recompute::kModule}) {
+    for (Recompute rc : {Recompute::kNone, Recompute::kModule, Recompute::kBlock}) {
       Tensor m, z, gm, gz;
       if (comm.rank() == 0) {
         m = rnd({s, r, cfg.c_m}, 1), z = rnd({r, r, cfg.c_z}, 2);
@@ -471,11 +546,14 @@ TEST(Partition, TrainingVolumeMatchesPlannerModel) {
               .ok());
       std::vector<std::vector<Split>> splits;
       ASSERT_TRUE(resolve_partition(kEvoformerBlock, parts, 2, &splits).ok());
+      // Layouts carry across the blocks (estimate_partition_in_stack); policy block runs the
+      // forward again from the kept boundary shards.
       int64_t fwd = 0, bwd = 0;
-      for (const auto& b : splits) {
-        const PartitionEstimate e = estimate_partition(plan, dev, b);
+      for (int b = 0; b < static_cast<int>(splits.size()); ++b) {
+        const PartitionEstimate e = estimate_partition_in_stack(plan, dev, splits, b);
         fwd += e.sent_fwd_bytes;
-        bwd += e.sent_bwd_bytes + (rc == Recompute::kModule ? e.sent_rec_bytes : 0);
+        bwd += e.sent_bwd_bytes + (rc == Recompute::kModule ? e.sent_rec_bytes : 0) +
+               (rc == Recompute::kBlock ? e.sent_fwd_bytes + e.sent_block_rec_bytes : 0);
       }
       EXPECT_EQ(stats.forward.total_bytes(), fwd) << policy << " " << recompute_name(rc);
       EXPECT_EQ(stats.backward.total_bytes(), bwd) << policy << " " << recompute_name(rc);

@@ -116,15 +116,30 @@ Status run_dap_training(const Comm& world, int dap, int dp, const JobSpec& spec,
 
 // ---- Running a plan ---------------------------------------------------------------------------
 // Measured figures of one planned run (medians over the timed passes, peaks over all passes).
+// Where a DAP group's time goes, per layer (PlanRunOptions::layer_times): for one phase
+// ("forward", "backward", "recompute": a block recompute's forward) and one layer of the block
+// table (or "grad_all_reduce": the backward's parameter-gradient all-reduce), ms per timed pass
+// summed over the blocks: the layout changes the executor makes for the layer, the layer itself,
+// and the time inside collectives during each.
+struct LayerTimeRow {
+  std::string phase, layer;
+  double change_ms = 0, change_comm_ms = 0, layer_ms = 0, layer_comm_ms = 0;
+  // Process CPU time outside the collectives and inside them (MPI's copies, and its polling
+  // while a rank waits for the others).
+  double change_cpu_ms = 0, change_comm_cpu_ms = 0, layer_cpu_ms = 0, layer_comm_cpu_ms = 0;
+};
 struct PlanMeasurement {
   double time_ms = 0, forward_ms = 0, backward_ms = 0;
-  double cpu_ms = 0;               // process CPU time (all threads) per timed pass, median
-  int64_t peak_tracked_bytes = 0;  // absolute tracked peak: weights, inputs, masks, work
-  int64_t activation_bytes = 0;    // training: kept from forward for backward
+  double cpu_ms = 0;                 // process CPU time (all threads) per timed pass, median
+  int64_t peak_tracked_bytes = 0;    // absolute tracked peak: weights, inputs, masks, work
+  int64_t activation_bytes = 0;      // training: kept from forward for backward
+  std::vector<LayerTimeRow> layers;  // with PlanRunOptions::layer_times and dap > 1 (max: per
+                                     // entry the max over ranks)
 };
 struct PlanRunOptions {
   uint64_t seed = 0;  // random weights (every rank) and protein g's inputs (seed + g)
   int warmup = 0, repeats = 1;
+  bool layer_times = false;  // time every layer of the DAP executors (PlanMeasurement::layers)
   // Test hook: called on every rank before each pass's step; a non-OK status is this rank's
   // step failing (the drivers must still end on every rank with that status).
   std::function<Status(int rank, int pass)> inject_failure;
@@ -137,8 +152,9 @@ struct PlanRunOptions {
 Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& opts,
                     PlanMeasurement* mine, std::vector<PlanMeasurement>* all = nullptr,
                     PlanMeasurement* max = nullptr);
-// The link model for ranks on this node when the profile has none: link_gbps = mem_gbps / 2,
-// 5 us per collective call (docs/planner.md); devices = max(devices, ranks).
+// The link model for ranks on this node when the profile has none: link_gbps = stream_gbps / 2
+// (mem_gbps / 2 without a sweep rate), 5 us per collective call (docs/planner.md); devices =
+// max(devices, ranks).
 void profile_for_ranks(int ranks, DeviceProfile* dev);
 // The profile a plan for `devices` devices is made with (both front ends): `path` through
 // load_or_calibrate_profile, and for this machine's calibrated profile, which has no link rate,

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 
 #ifdef FOLDCUBE_HAVE_MPI
 #include <mpi.h>
@@ -186,18 +187,28 @@ CommStats CommStats::since(const CommStats& before) const {
     d.calls[k] = calls[k] - before.calls[k];
     d.seconds[k] = seconds[k] - before.seconds[k];
   }
+  d.cpu_seconds = cpu_seconds - before.cpu_seconds;
   return d;
 }
 
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
 struct Communicator::Timer {
-  Timer(const Communicator& c, Op op) : c(c), op(op), t0(std::chrono::steady_clock::now()) {}
+  Timer(const Communicator& c, Op op)
+      : c(c), op(op), t0(std::chrono::steady_clock::now()), cpu0(process_cpu_seconds()) {}
   ~Timer() {
     c.impl_->stats.seconds[static_cast<int>(op)] +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    c.impl_->stats.cpu_seconds += process_cpu_seconds() - cpu0;
   }
   const Communicator& c;
   Op op;
   std::chrono::steady_clock::time_point t0;
+  double cpu0;
 };
 
 Communicator::Communicator() : impl_(std::make_shared<Impl>()) {}

@@ -73,11 +73,15 @@ struct CommStats {
   int64_t bytes[static_cast<int>(Op::kCount)] = {};
   int64_t calls[static_cast<int>(Op::kCount)] = {};
   double seconds[static_cast<int>(Op::kCount)] = {};
+  double cpu_seconds = 0;  // process CPU time (all threads) inside the collectives
   int64_t total_bytes() const;
   double total_seconds() const;
   // this - before, per kind (the counters of a region).
   CommStats since(const CommStats& before) const;
 };
+
+// Process CPU time (all threads), seconds.
+double process_cpu_seconds();
 
 class Communicator {
  public:

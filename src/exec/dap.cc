@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "exec/layer_times.h"
 #include "exec/partition.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
@@ -510,9 +511,11 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
     for (int i = 0; i < table.count; ++i) {
       const LayerDesc& ly = table.layers[i];
       const Split split = splits.empty() ? Split::kDap : splits[b][i];
+      LayerClock clock(i, comm);
       const DapLayerLayout want = partition_layer_layout(ly, split, st.m_how, st.z_how);
       if (want.m) dap_to_layout(&st.m, &st.m_how, *want.m, l, comm);
       if (want.z) dap_to_layout(&st.z, &st.z_how, *want.z, l, comm);
+      clock.change();
       if (split == Split::kDap)
         dap_layer_forward(ly, &StackAccess::block(stack, b), sh, comm, gather, &st);
       else {
@@ -521,10 +524,13 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
         partition_layer_forward(table, ly, &StackAccess::block(stack, b), sh, comm, split,
                                 st.m.defined() ? st.m.f32() : nullptr, st.z.f32(), &rt);
       }
+      clock.layer();
       const bool is_m = ly.updates == Stream::kM;
       trace(ly.name, is_m ? st.m : st.z, is_m ? st.m_how : st.z_how);
+      clock.skip();  // the trace's gathers are not the layer's
       if (i == last_m) dap_to_layout(&st.m, &st.m_how, exit.first, l, comm);
       if (i == last_z) dap_to_layout(&st.z, &st.z_how, exit.second, l, comm);
+      clock.change();
     }
   }
   const dist::CommStats after_blocks = comm.stats();

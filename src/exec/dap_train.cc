@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "exec/layer_times.h"
 #include "exec/partition.h"
 #include "foldcube/memory.h"
 #include "foldcube/runtime.h"
@@ -349,8 +350,10 @@ void dap_layer_backward(const LayerDesc& ly, const void* bw, void* g, const DapS
 
 void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
                        const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
-                       const std::vector<Split>& splits, DapBlockState* st) {
+                       const std::vector<Split>& splits, DapBlockState* st, const BlockLayouts* in,
+                       const BlockLayouts* out) {
   const DapLayout& l = sh.l;
+  const BlockLayouts boundary{dap_boundary_m(t), Shard::kPairRows};
   const DType store = sh.full.store;  // F32, or BF16: kept copies in bf16 (as one process)
   auto copy = [&](const Tensor& x) { return kept_copy(x.f32(), x.shape(), store); };
   // BF16 storage: the streams a layer touches are rounded to bf16 values before it runs.
@@ -361,23 +364,31 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
   };
   st->policy = policy;
   st->splits = splits;
-  if (policy == Recompute::kBlock) {
-    st->m0 = copy(mr);
-    st->z0 = copy(zr);
+  st->in = in ? *in : boundary;
+  st->out = out ? *out : boundary;
+  if (policy == Recompute::kBlock) {  // kept as shards (a slice of a whole stream: a local copy)
+    Tensor m0 = mr, z0 = zr;  // handles: a layout change makes new tensors, never writes these
+    Shard how = st->in.first;
+    dap_to_layout(&m0, &how, boundary.first, l, comm);
+    how = st->in.second;
+    dap_to_layout(&z0, &how, boundary.second, l, comm);
+    st->m0 = copy(m0);
+    st->z0 = copy(z0);
   }
   const bool keep = policy == Recompute::kNone;
   st->in_updated.assign(t.count, Tensor());
   st->in_read.assign(t.count, Tensor());
   st->layers.assign(t.count, LayerState());
   const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
-  const Shard m_edge = dap_boundary_m(t);
-  Shard m_how = m_edge, z_how = Shard::kPairRows;
+  Shard m_how = st->in.first, z_how = st->in.second;
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& ly = t.layers[i];
     const Split split = splits.empty() ? Split::kDap : splits[i];
+    LayerClock clock(i, comm);
     const DapLayerLayout want = partition_layer_layout(ly, split, m_how, z_how);
     if (want.m) dap_to_layout(&mr, &m_how, *want.m, l, comm);
     if (want.z) dap_to_layout(&zr, &z_how, *want.z, l, comm);
+    clock.change();
     round(ly.updates);
     round(ly.reads);
     if (policy != Recompute::kBlock) {
@@ -389,11 +400,13 @@ void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
     if (split == Split::kDap)
       dap_layer_train(ly, w, sh, comm, m_how, mr.f32(), zr.f32(), ls);
     else {
-      const ReduceTo rt = partition_reduce_to(t, splits, i, &mr, &zr, &m_how, &z_how);
+      const ReduceTo rt = partition_reduce_to(t, splits, i, &mr, &zr, &m_how, &z_how, &st->out);
       partition_layer_train(t, ly, w, sh, comm, split, mr.f32(), zr.f32(), ls, &rt);
     }
-    if (i == last_m) dap_to_layout(&mr, &m_how, m_edge, l, comm);
-    if (i == last_z) dap_to_layout(&zr, &z_how, Shard::kPairRows, l, comm);
+    clock.layer();
+    if (i == last_m) dap_to_layout(&mr, &m_how, st->out.first, l, comm);
+    if (i == last_z) dap_to_layout(&zr, &z_how, st->out.second, l, comm);
+    clock.change();
   }
 }
 
@@ -401,7 +414,6 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
                         const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
                         const Tensor& z_out, Tensor& dmr, Tensor& dzr) {
   const DapLayout& l = sh.l;
-  const Shard m_edge = dap_boundary_m(t);
   if (st->policy == Recompute::kBlock) {
     // z0 in place; m0 on a copy, since the caller still holds it as the previous block's output
     // (kept in bf16, both are widened copies).
@@ -409,32 +421,46 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
     Tensor zr = as_f32(st->z0);  // block-boundary layouts
     st->m0 = st->z0 = Tensor();
     DapBlockState full;
-    dap_block_forward(t, w, sh, comm, mr, zr, Recompute::kNone, st->splits, &full);
+    const LayerPhase phase = layer_times_current_phase();
+    layer_times_phase(LayerPhase::kRecompute);
+    {
+      LayerClock clock(0, comm);  // back to the layouts the block came in
+      Shard how = dap_boundary_m(t);
+      dap_to_layout(&mr, &how, st->in.first, l, comm);
+      how = Shard::kPairRows;
+      dap_to_layout(&zr, &how, st->in.second, l, comm);
+      clock.change();
+    }
+    dap_block_forward(t, w, sh, comm, mr, zr, Recompute::kNone, st->splits, &full, &st->in,
+                      &st->out);
+    layer_times_phase(phase);
     if (!reads_block_output(t, Stream::kZ)) zr = Tensor();
     dap_block_backward(t, w, g, sh, comm, &full, mr, zr, dmr, dzr);
     return;
   }
   const std::vector<std::pair<Shard, Shard>> layouts =
       st->splits.empty() ? dap_block_layouts(t) : partition_block_layouts(t, st->splits);
-  Shard dm_how = m_edge, dz_how = Shard::kPairRows;
+  Shard dm_how = st->out.first, dz_how = st->out.second;
   for (int i = t.count - 1; i >= 0; --i) {
     const LayerDesc& ly = t.layers[i];
     const auto [m_how, z_how] = layouts[i];
     auto uses = [&](Stream x) { return ly.updates == x || ly.reads == x; };
+    LayerClock clock(i, comm);
     if (uses(Stream::kZ)) dap_to_layout(&dzr, &dz_how, z_how, l, comm);
     if (uses(Stream::kM)) dap_to_layout(&dmr, &dm_how, m_how, l, comm);
     Tensor read = as_f32(st->in_read[i]);  // f32 views of the kept inputs (widened when bf16)
     if (ly.reads == Stream::kM && !read.defined()) {  // the block output in the layer's layout
-      Shard how = m_edge;
+      Shard how = st->out.first;
       read = as_f32(m_out);
       dap_to_layout(&read, &how, m_how, l, comm);
     }
     if (ly.reads == Stream::kZ && !read.defined()) {
       FC_CHECK_MSG(z_out.defined(), std::string(ly.name) + " reads the block output z");
-      Shard how = Shard::kPairRows;
+      Shard how = st->out.second;
       read = as_f32(z_out);
       dap_to_layout(&read, &how, z_how, l, comm);
     }
+    clock.change();
     const Tensor x_kept = as_f32(st->in_updated[i]);
     const float* x_in = x_kept.defined() ? x_kept.f32() : nullptr;
     const float* read_in = read.defined() ? read.f32() : nullptr;
@@ -443,18 +469,21 @@ void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapSh
                          dzr.f32());
     else {
       const ReduceTo rm =
-          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kM, &dmr, &dm_how);
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kM, &dmr, &dm_how, &st->in);
       const ReduceTo rz =
-          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kZ, &dzr, &dz_how);
+          partition_grad_reduce_to(t, st->splits, layouts, i, Stream::kZ, &dzr, &dz_how, &st->in);
       partition_layer_backward(t, ly, w, g, sh, comm, st->splits[i], x_in, read_in, &st->layers[i],
                                dmr.f32(), dzr.f32(), &rm, &rz);
     }
+    clock.layer();
     read = Tensor();
     st->in_updated[i] = Tensor();
     st->in_read[i] = Tensor();
   }
-  dap_to_layout(&dzr, &dz_how, Shard::kPairRows, l, comm);
-  dap_to_layout(&dmr, &dm_how, m_edge, l, comm);
+  LayerClock clock(0, comm);  // back to the layouts the block came in: the first layer's
+  dap_to_layout(&dzr, &dz_how, st->in.second, l, comm);
+  dap_to_layout(&dmr, &dm_how, st->in.first, l, comm);
+  clock.change();
 }
 
 Tensor scatter_rows(const Tensor& x, int64_t rows_p, int64_t cols_p, int64_t c,
@@ -541,11 +570,18 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
   const dist::CommStats c0 = comm.stats();
   std::vector<std::unique_ptr<DapBlockState>> states;
   auto t0 = std::chrono::steady_clock::now();
+  layer_times_phase(LayerPhase::kForward);
+  // Each block leaves its streams in the layouts the next block starts with (a whole stream stays
+  // whole between blocks); the first block enters at the boundary, the last one leaves there.
+  BlockLayouts in{dap_boundary_m(table), Shard::kPairRows};
   for (int b = 0; b < nb; ++b) {
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     states.push_back(std::make_unique<DapBlockState>());
+    const BlockLayouts out = splits.empty() ? in : partition_exit_layouts(table, splits, b);
     dap_block_forward(table, &StackAccess::block(stack, b), sh, comm, mr, zr, policy(b),
-                      splits.empty() ? std::vector<Split>() : splits[b], states.back().get());
+                      splits.empty() ? std::vector<Split>() : splits[b], states.back().get(), &in,
+                      &out);
+    in = out;
   }
   out->forward_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -559,26 +595,33 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
   std::vector<std::unique_ptr<W>> grads(nb);
   dist::CommStats reduce;
   Tensor m_out = mr;  // output m [by sequences] of the block being differentiated
+  layer_times_phase(LayerPhase::kBackward);
   for (int b = nb - 1; b >= 0; --b) {
     set_dap_dropout(&sh, opts.dropout, block_key(b));
     grads[b] = std::make_unique<W>();
     allocate_block_grads(cfg, grads[b].get());
-    // The block's input m [s_loc, r_pad, c_m]: the output m of block b - 1.
+    // The block's input m: the output m of block b - 1, in the layout it left that block in
+    // (sb.in.first), for block b - 1's backward.
     const DapBlockState& sb = *states[b];
     const int i0 = block_input_m_layer(table);
     Tensor m_in = sb.policy == Recompute::kBlock           ? sb.m0
                   : table.layers[i0].updates == Stream::kM ? sb.in_updated[i0]
                                                            : sb.in_read[i0];
-    if (sb.policy != Recompute::kBlock && !sb.splits.empty()) {  // kept in layer i0's layout
-      Shard how = partition_block_layouts(table, sb.splits)[i0].first;
-      dap_to_layout(&m_in, &how, Shard::kMsaBySeq, l, comm);
+    if (b > 0) {  // kept as boundary shards (kBlock) or in layer i0's layout
+      Shard how = sb.policy == Recompute::kBlock ? dap_boundary_m(table)
+                  : sb.splits.empty()            ? dap_block_layouts(table)[i0].first
+                                      : partition_block_layouts(table, sb.splits)[i0].first;
+      if (how != sb.in.first) m_in = as_f32(m_in);  // a kept bf16 copy, widened to move it
+      dap_to_layout(&m_in, &how, sb.in.first, l, comm);
     }
     dap_block_backward(table, &StackAccess::block(stack, b), grads[b].get(), sh, comm,
                        states[b].get(), m_out, Tensor(), dmr, dzr);
     states[b].reset();
     m_out = m_in;
     const dist::CommStats r0 = comm.stats();
+    LayerClock clock(table.count, comm);  // the parameter-gradient all-reduce
     dap_all_reduce_grads(comm, grads[b].get());
+    clock.layer();
     const dist::CommStats d = comm.stats().since(r0);
     for (int k = 0; k < static_cast<int>(dist::Op::kCount); ++k) {
       reduce.bytes[k] += d.bytes[k];
@@ -586,6 +629,7 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
       reduce.seconds[k] += d.seconds[k];
     }
   }
+  layer_times_phase(LayerPhase::kForward);
   out->backward_ms =
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const dist::CommStats c2 = comm.stats();

@@ -18,6 +18,7 @@
 
 #include "dist/comm.h"
 #include "exec/dap.h"
+#include "exec/partition.h"
 #include "foldcube/tensor.h"
 #include "model/modules.h"
 #include "model/train.h"
@@ -79,23 +80,30 @@ struct DapBlockState {
   std::vector<Tensor> in_updated, in_read;
   // kNone: the layers' saved states.
   std::vector<LayerState> layers;
-  // kBlock: the block input in the block-boundary layouts (m: dap_boundary_m, z: rows).
+  // kBlock: the block input in the block-boundary layouts (m: dap_boundary_m, z: rows; a whole
+  // input stream is kept as this rank's shard, and gathered again by the recompute).
   Tensor m0, z0;
   // Per layer: its partition (empty: pure DAP).
   std::vector<Split> splits;
+  // The layouts (m, z) the block's input came in and its output left in (the block boundary, or
+  // with partitions the layouts carried from the previous block and into the next).
+  BlockLayouts in{Shard::kMsaBySeq, Shard::kPairRows}, out{Shard::kMsaBySeq, Shard::kPairRows};
 };
-// The sharded block forward over the block table: mr (layout dap_boundary_m(t)) and zr [r_loc,
-// r_pad, c_z] by rows in, the same layouts out; each layer in its layouts (dap_block_layouts),
-// its inputs copied as saved_inputs says. splits: per layer, or empty (pure DAP).
+// The sharded block forward over the block table: mr and zr in the layouts `in` (nullptr: the
+// block boundary, m dap_boundary_m(t) and z [r_loc, r_pad, c_z] by rows), out in the layouts
+// `out` (nullptr: the boundary; with partitions the next block's entry layouts,
+// partition_exit_layouts); each layer in its layouts (partition_block_layouts), its inputs copied
+// as saved_inputs says. splits: per layer, or empty (pure DAP).
 void dap_block_forward(const BlockTable& t, const void* w, const DapShards& sh,
                        const dist::Communicator& comm, Tensor& mr, Tensor& zr, Recompute policy,
-                       const std::vector<Split>& splits, DapBlockState* st);
-// The sharded block backward: dmr, dzr (block-boundary layouts) hold dL/d block output on entry
-// and dL/d block input on exit; m_out, z_out: the block's output (the next block's kept input, or
-// the stack output), from which a read input that was not copied is rebuilt (z_out may be
-// undefined when no layer reads the block's output z: reads_block_output). Before each layer
-// (last first) the gradients are brought to the layouts it ran in, each all-to-all the adjoint of
-// the forward's; each layer's inputs are freed after its backward.
+                       const std::vector<Split>& splits, DapBlockState* st,
+                       const BlockLayouts* in = nullptr, const BlockLayouts* out = nullptr);
+// The sharded block backward: dmr, dzr hold dL/d block output on entry (layouts st->out) and dL/d
+// block input on exit (layouts st->in); m_out, z_out: the block's output (layouts st->out; the
+// next block's kept input, or the stack output), from which a read input that was not copied is
+// rebuilt (z_out may be undefined when no layer reads the block's output z: reads_block_output).
+// Before each layer (last first) the gradients are brought to the layouts it ran in, each
+// all-to-all the adjoint of the forward's; each layer's inputs are freed after its backward.
 void dap_block_backward(const BlockTable& t, const void* w, void* g, const DapShards& sh,
                         const dist::Communicator& comm, DapBlockState* st, const Tensor& m_out,
                         const Tensor& z_out, Tensor& dmr, Tensor& dzr);

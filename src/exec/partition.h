@@ -63,11 +63,12 @@ using BlockLayouts = std::pair<Shard, Shard>;
 // The layouts the first layers of a block using m and z take under splits (a pointwise DAP layer:
 // the block-boundary shard; an unused stream: the boundary). All-dap lists: the boundary.
 BlockLayouts partition_entry_layouts(const BlockTable& t, const std::vector<Split>& splits);
-// Where block b of a partitioned inference forward leaves its streams after their last use
-// (blocks: the per-block lists): the entry layouts of block b + 1, so that a layout carries from
-// one block into the next and only layouts that differ are changed; the block boundary after the
-// last block. (Training keeps every block at the boundary: the layout its backward and block
-// recompute take the saved input in.)
+// Where block b of a partitioned forward (inference and training) leaves its streams after their
+// last use (blocks: the per-block lists): the entry layouts of block b + 1, so that a layout
+// carries from one block into the next and only layouts that differ are changed; the block
+// boundary after the last block. The training backward carries the gradients the same way in
+// reverse; a policy-block block keeps its input as boundary shards (a whole stream sliced: no
+// communication) and its recompute gathers it again.
 BlockLayouts partition_exit_layouts(const BlockTable& t,
                                     const std::vector<std::vector<Split>>& blocks, int b);
 // The layout in which the stream layer i of t updates is next needed (splits: the block's list):
@@ -102,13 +103,16 @@ void partition_layer_backward(const BlockTable& table, const LayerDesc& ly, cons
                               float* dz, const ReduceTo* rt_m = nullptr,
                               const ReduceTo* rt_z = nullptr);
 // The layout the backward next needs the gradient of stream x in, before layer i of t (layouts:
-// partition_block_layouts): that of the nearest earlier layer using x, or the block boundary.
+// partition_block_layouts): that of the nearest earlier layer using x, or the layout the block's
+// input came in (entry; nullptr: the block boundary).
 Shard partition_prev_layout(const BlockTable& t,
-                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x);
+                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x,
+                            const BlockLayouts* entry = nullptr);
 // The backward's ReduceTo of stream x's gradient dx (layout *how) at layer i: want =
 // partition_prev_layout when layer i is heads / channels and uses x, else whole (all-reduce).
 ReduceTo partition_grad_reduce_to(const BlockTable& t, const std::vector<Split>& splits,
                                   const std::vector<std::pair<Shard, Shard>>& layouts, int i,
-                                  Stream x, Tensor* dx, Shard* how);
+                                  Stream x, Tensor* dx, Shard* how,
+                                  const BlockLayouts* entry = nullptr);
 
 }  // namespace fc

@@ -638,18 +638,20 @@ Shard partition_next_layout(const BlockTable& t, const std::vector<Split>& split
 }
 
 Shard partition_prev_layout(const BlockTable& t,
-                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x) {
+                            const std::vector<std::pair<Shard, Shard>>& layouts, int i, Stream x,
+                            const BlockLayouts* entry) {
   for (int j = i - 1; j >= 0; --j)
     if (uses(t.layers[j], x)) return x == Stream::kM ? layouts[j].first : layouts[j].second;
+  if (entry) return x == Stream::kM ? entry->first : entry->second;
   return x == Stream::kM ? dap_boundary_m(t) : Shard::kPairRows;
 }
 
 ReduceTo partition_grad_reduce_to(const BlockTable& t, const std::vector<Split>& splits,
                                   const std::vector<std::pair<Shard, Shard>>& layouts, int i,
-                                  Stream x, Tensor* dx, Shard* how) {
+                                  Stream x, Tensor* dx, Shard* how, const BlockLayouts* entry) {
   const bool scatter = partition_reduces(splits[i]) && uses(t.layers[i], x);
   return {dx, how,
-          scatter ? partition_prev_layout(t, layouts, i, x)
+          scatter ? partition_prev_layout(t, layouts, i, x, entry)
                   : (x == Stream::kM ? Shard::kMsaFull : Shard::kPairFull)};
 }
 

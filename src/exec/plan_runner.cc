@@ -9,6 +9,7 @@
 #include "dist/comm_api.h"
 #include "exec/dap.h"
 #include "exec/dap_train.h"
+#include "exec/layer_times.h"
 #include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/parallel.h"
@@ -123,10 +124,42 @@ Status step(Replica& R, const PlanRunOptions& opts, int pass, Pass* out) {
   return R.world.agree(st);
 }
 
+// The layer timers' table (layer_times) per timed pass, rows of the phases that ran.
+std::vector<LayerTimeRow> layer_time_rows(const BlockTable& t, int passes) {
+  const LayerTimeTable& tt = layer_times();
+  std::vector<LayerTimeRow> rows;
+  for (int ph = 0; ph < kLayerPhases; ++ph) {
+    double any = 0;
+    for (const LayerTime& e : tt.t[ph]) any += e.change_ms + e.layer_ms;
+    if (any <= 0) continue;
+    for (int i = 0; i <= tt.layers; ++i) {
+      const LayerTime& e = tt.t[ph][i];
+      rows.push_back({layer_phase_name(static_cast<LayerPhase>(ph)),
+                      i < t.count ? t.layers[i].name : "grad_all_reduce", e.change_ms / passes,
+                      e.change_comm_ms / passes, e.layer_ms / passes, e.layer_comm_ms / passes,
+                      e.change_cpu_ms / passes, e.change_comm_cpu_ms / passes,
+                      e.layer_cpu_ms / passes, e.layer_comm_cpu_ms / passes});
+    }
+  }
+  return rows;
+}
+
 // Every rank's figures and their maximum.
 void gather_measured(const Comm& world, const PlanMeasurement& mine,
                      std::vector<PlanMeasurement>* all, PlanMeasurement* max) {
   auto us = [](double ms) { return static_cast<int64_t>(std::llround(ms * 1e3)); };
+  // Layer times (the same rows on every rank of a DAP run): per entry the max over ranks.
+  const std::vector<int64_t> nrows = world.all_gather_i64(static_cast<int64_t>(mine.layers.size()));
+  const bool rows =
+      std::all_of(nrows.begin(), nrows.end(), [&](int64_t n) { return n == nrows[0] && n > 0; });
+  std::vector<LayerTimeRow> top = rows ? mine.layers : std::vector<LayerTimeRow>();
+  for (LayerTimeRow& row : top)
+    for (double* v :
+         {&row.change_ms, &row.change_comm_ms, &row.layer_ms, &row.layer_comm_ms,
+          &row.change_cpu_ms, &row.change_comm_cpu_ms, &row.layer_cpu_ms, &row.layer_comm_cpu_ms}) {
+      const std::vector<int64_t> x = world.all_gather_i64(us(*v));
+      *v = *std::max_element(x.begin(), x.end()) / 1e3;
+    }
   const std::vector<int64_t> t = world.all_gather_i64(us(mine.time_ms));
   const std::vector<int64_t> f = world.all_gather_i64(us(mine.forward_ms));
   const std::vector<int64_t> b = world.all_gather_i64(us(mine.backward_ms));
@@ -146,6 +179,8 @@ void gather_measured(const Comm& world, const PlanMeasurement& mine,
     max->peak_tracked_bytes = std::max(max->peak_tracked_bytes, m.peak_tracked_bytes);
     max->activation_bytes = std::max(max->activation_bytes, m.activation_bytes);
   }
+  (*all)[world.rank()].layers = mine.layers;
+  max->layers = std::move(top);
 }
 }  // namespace
 
@@ -180,9 +215,14 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
   // otherwise pay a first-touch page fault for every new page of its peak (12 % of an Extra-MSA
   // step's CPU time), a one-time cost the estimates (a step of a running job) leave out.
   prefault_heap(plan.peak_bytes - mem_stats().live_bytes);
+  const BlockTable& table = plan.extra_msa ? kExtraMsaBlock : kEvoformerBlock;
+  const bool timing = opts.layer_times && N > 1;
   for (int it = 0; it < opts.warmup + opts.repeats; ++it) {
+    if (timing && it == opts.warmup) layer_times_start(table.count);
     Pass p;
-    FC_RETURN_IF_ERROR(step(R, opts, it, &p));
+    const Status ps = step(R, opts, it, &p);
+    if (timing) layer_times_stop();
+    FC_RETURN_IF_ERROR(ps);
     if (it >= opts.warmup) {
       tot.push_back(p.tot), fwd.push_back(p.fwd), cpu.push_back(p.cpu);
       if (plan.training) bwd.push_back(p.bwd);
@@ -194,6 +234,7 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
   me.time_ms = upper_median(tot);
   me.forward_ms = upper_median(fwd);
   me.backward_ms = upper_median(bwd);
+  if (timing) me.layers = layer_time_rows(table, opts.repeats);
   if (mine != nullptr) *mine = me;
   std::vector<PlanMeasurement> every;
   PlanMeasurement top;
@@ -206,7 +247,9 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
 void profile_for_ranks(int ranks, DeviceProfile* dev) {
   dev->devices = std::max(dev->devices, ranks);
   if (dev->devices > 1 && dev->link_gbps <= 0) {
-    dev->link_gbps = dev->mem_gbps / 2;
+    // Each byte a rank sends is copied into the shared segment and out of it (a DRAM read and
+    // write each, at the sweep rate): sent + received bytes at half of stream_gbps.
+    dev->link_gbps = (dev->stream_gbps > 0 ? dev->stream_gbps : dev->mem_gbps) / 2;
     dev->link_latency_us = 5;
   }
 }

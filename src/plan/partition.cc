@@ -61,6 +61,28 @@ int64_t change_floats(Shard a, Shard b, int64_t w, int n) {
   return (n - 1) * (w / n / n);
 }
 
+// Elements a rank's CPU moves (reads plus writes) to change a stream of w floats from layout a to
+// b over n ranks, beside the link's copies of the bytes it sends and receives (change_floats):
+//   shard -> shard (all-to-all, sh = w/n): the collective's copy of the block the rank keeps
+//     (sh/n), and the packing of its shard into rank-major blocks (m by sequences -> residues),
+//     the unpacking (m by residues -> sequences), or both (rows of z <-> rows of z^T);
+//   shard -> whole (all-gather): the collective's copy of the rank's own shard, and reassembling
+//     the whole stream where the rank blocks are not consecutive rows (m by residues: a join; rows
+//     of z^T: the transpose back), w;
+//   whole -> shard: the slice, sh.
+// Each copy reads and writes once: 2 elements per float.
+int64_t change_copy_elems(Shard a, Shard b, int64_t w, int n) {
+  if (a == b) return 0;
+  const int64_t sh = w / n;
+  if (full(a)) return 2 * sh;
+  if (full(b)) {
+    const bool reassemble = a == Shard::kMsaByRes || a == Shard::kPairRowsT;
+    return 2 * sh + (reassemble ? 2 * w : 0);
+  }
+  const bool pair = a == Shard::kPairRows || a == Shard::kPairRowsT;
+  return 2 * (sh / n) + (pair ? 4 : 2) * sh;
+}
+
 // Floats a rank sends in the layer's own DAP collectives (docs/dap.md), forward.
 int64_t dap_gather_floats(const LayerDesc& ly, const EvoformerConfig& cfg, const DapLayout& l) {
   const int64_t n1 = l.n - 1, rl = l.r_loc, rp = l.r_pad;
@@ -147,6 +169,15 @@ double link_ms(int64_t sent_bytes, int calls, const DeviceProfile& dev) {
   return calls * dev.link_latency_us * 1e-3 + 2.0 * sent_bytes / (gbps * 1e9) * 1e3;
 }
 
+// Time of moving `bytes` (reads plus writes) through DRAM on the CPU: the calibrated sweep rate
+// (stream_gbps; else mem_gbps), the rate of the large buffers the collectives copy.
+double copy_ms(int64_t bytes, const DeviceProfile& dev) {
+  const double gbps = dev.stream_gbps > 0 ? dev.stream_gbps
+                      : dev.mem_gbps > 0  ? dev.mem_gbps
+                                          : 10.0;
+  return bytes / (gbps * 1e9) * 1e3;
+}
+
 LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
   DeviceProfile d = dev;
   d.dtype = p.dtype;
@@ -177,7 +208,7 @@ LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
 // estimate_partition with the layers' single-device costs at the plan's shape given.
 // in / out: the layouts the block starts in and leaves its streams in (nullptr: the boundary);
 // a whole stream carried out of the block is counted as live over the rest of the block.
-PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
+PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const LayerCosts* costs,
                                 const std::vector<Split>& splits, const BlockLayouts* in = nullptr,
                                 const BlockLayouts* out = nullptr) {
   const EvoformerConfig& cfg = p.cfg;
@@ -188,8 +219,15 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
   const int64_t wm = l.s_pad * l.r_pad * cfg.c_m, wz = l.r_pad * l.r_pad * cfg.c_z;
   const std::vector<std::pair<Shard, Shard>> lay = partition_block_layouts(t, splits);
   PartitionEstimate est;
+  // The CPU copies below are those of foldcube's executor (element_bytes 0: the engine's f32
+  // buffers); a profile of another executor (element_bytes 2 or 4, e.g. the seeds' GPUs) keeps the
+  // link model alone and its partial sums at the LayerNorm rate.
+  const bool engine = p.element_bytes == 0;
   int64_t fwd_floats = 0, bwd_floats = 0, rec_floats = 0;
   int fwd_calls = 0, bwd_calls = 0, rec_calls = 0;
+  // Elements the CPU moves for the collectives and layout changes (change_copy_elems, the
+  // collectives' own copies and sums, the partial sums' passes), at the DRAM rate.
+  int64_t fwd_copy = 0, bwd_copy = 0, rec_copy = 0;
   const BlockLayouts boundary{dap_boundary_m(t), Shard::kPairRows};
   const BlockLayouts exit = out ? *out : boundary;
   const int last_m = dap_last_use(t, Stream::kM), last_z = dap_last_use(t, Stream::kZ);
@@ -198,22 +236,42 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
     const int64_t f = change_floats(from, to, w, n), b = change_floats(to, from, w, n);
     fwd_floats += f, bwd_floats += b;
     fwd_calls += f > 0, bwd_calls += b > 0;
+    fwd_copy += change_copy_elems(from, to, w, n), bwd_copy += change_copy_elems(to, from, w, n);
     from = to;
   };
-  const double mem_gbps = dev.mem_gbps > 0 ? dev.mem_gbps : 10.0;
+  // Per layer: the running totals before its layout changes, after them, and after the layer.
+  struct Totals {
+    int64_t f, b, r;
+    int fc, bc, rc;
+    int64_t fy, by, ry;
+    double fwd, bwd, rec;
+  };
+  auto totals = [&] {
+    return Totals{fwd_floats, bwd_floats, rec_floats, fwd_calls,  bwd_calls,  rec_calls,
+                  fwd_copy,   bwd_copy,   rec_copy,   est.fwd_ms, est.bwd_ms, est.rec_ms};
+  };
+  auto copy_time = [&](int64_t elems) { return engine ? copy_ms(elems * e, dev) : 0.0; };
+  auto traffic = [&](int64_t floats, int calls, int64_t copy) {
+    return link_ms(floats * e, calls, dev) + copy_time(copy);
+  };
+  est.layers.assign(t.count, LayerEstimate());
   for (int i = 0; i < t.count; ++i) {
     const LayerDesc& ly = t.layers[i];
     const Split s = splits[i];
     const bool uses_m = ly.updates == Stream::kM || ly.reads == Stream::kM;
     const bool uses_z = ly.updates == Stream::kZ || ly.reads == Stream::kZ;
+    const Totals t0 = totals();
     if (uses_m) change(m, lay[i].first, wm);
     if (uses_z) change(z, lay[i].second, wz);
-    const ModuleCost& c = cost_of(costs, i, s);
-    const double fixed = dev.module_overhead_us * 1e-3;
-    est.fwd_ms += rank_ms(c.forward_ms, s, l, fixed);
-    if (p.training) {
-      est.bwd_ms += rank_ms(c.backward_ms, s, l, fixed);
-      est.rec_ms += rank_ms(c.rebuild_ms, s, l, fixed);
+    const Totals t1 = totals();
+    if (costs) {
+      const ModuleCost& c = cost_of(*costs, i, s);
+      const double fixed = dev.module_overhead_us * 1e-3;
+      est.fwd_ms += rank_ms(c.forward_ms, s, l, fixed);
+      if (p.training) {
+        est.bwd_ms += rank_ms(c.backward_ms, s, l, fixed);
+        est.rec_ms += rank_ms(c.rebuild_ms, s, l, fixed);
+      }
     }
     const int64_t wx = ly.updates == Stream::kM ? wm : wz;
     const int64_t wr = ly.reads == Stream::kNone ? 0 : (ly.reads == Stream::kM ? wm : wz);
@@ -238,6 +296,11 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
                            k == LayerKind::kTriangleMultiplication;
       fwd_floats += g, bwd_floats += (1 + regather) * g, rec_floats += rebuild * g;
       fwd_calls += g > 0, bwd_calls += (1 + regather) * (g > 0), rec_calls += rebuild * (g > 0);
+      // The collective's copy of this rank's own part (g / (n - 1) floats); the reduce-scatter's
+      // sums, 3 elements for each of the n - 1 contributions to this rank's part.
+      const int64_t part = g / (n - 1);
+      fwd_copy += 2 * part, rec_copy += rebuild * 2 * part;
+      bwd_copy += 3 * g + regather * 2 * part;
     } else {
       if (s != Split::kReplicated) {
         // Partial sums: a reduce-scatter ((n-1)/n of the stream) into the shard the stream is
@@ -245,17 +308,39 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
         const bool to_shard = !full(partition_next_layout(t, splits, i, &exit));
         fwd_floats += to_shard ? (n - 1) * (wx / n) : 2 * (n - 1) * wx / n;
         // Backward: the partial gradients likewise into the layout the backward next needs.
+        const BlockLayouts entry = in ? *in : boundary;
         auto sum = [&](Stream x, int64_t w) {
           if (w == 0) return int64_t{0};
-          return full(partition_prev_layout(t, lay, i, x)) ? 2 * (n - 1) * w / n
-                                                           : (n - 1) * (w / n);
+          return full(partition_prev_layout(t, lay, i, x, &entry)) ? 2 * (n - 1) * w / n
+                                                                   : (n - 1) * (w / n);
         };
         bwd_floats += sum(ly.updates, wx) + sum(ly.reads, wr);
         fwd_calls += 1, bwd_calls += 1 + (wr > 0);
-        // Copy, subtract, add over the whole stream: forward and backward.
-        const double ms = 4.0 * (wx + wr) * kF / (mem_gbps * 1e9) * 1e3;
-        est.fwd_ms += ms * wx / (wx + wr);
-        est.bwd_ms += ms;
+        // The CPU side of a partial sum of a stream of w floats: the copy of the common value
+        // (2 w elements), the partial update minus it (3 w), the collective's sums (3 (n-1)/n w)
+        // and, into a shard, the packing of rank blocks that are not consecutive rows (2 w), the
+        // slice of the common value and its add (2 w/n + 3 w/n), or, whole, its add (3 w).
+        auto passes = [&](Shard want, int64_t w) {
+          if (w == 0) return int64_t{0};
+          int64_t y = 2 * w + 3 * w + 3 * (n - 1) * w / n;
+          if (!full(want)) {
+            const bool packs = want == Shard::kMsaByRes || want == Shard::kPairRowsT;
+            y += (packs ? 2 * w : 0) + 5 * w / n;
+          } else {
+            y += 3 * w;
+          }
+          return y;
+        };
+        if (engine) {
+          fwd_copy += passes(partition_next_layout(t, splits, i, &exit), wx);
+          bwd_copy += passes(partition_prev_layout(t, lay, i, ly.updates, &entry), wx) +
+                      passes(partition_prev_layout(t, lay, i, ly.reads, &entry), wr);
+        } else {  // another executor's partial sums: copy, subtract, add at the LayerNorm rate
+          const double gbps = dev.mem_gbps > 0 ? dev.mem_gbps : 10.0;
+          const double ms = 4.0 * (wx + wr) * kF / (gbps * 1e9) * 1e3;
+          est.fwd_ms += ms * wx / (wx + wr);
+          est.bwd_ms += ms;
+        }
       }
       // Whole streams on every rank instead of shards, and the partial-sum copies.
       int64_t extra = 0;
@@ -266,10 +351,12 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       // rank-major first (a whole copy).
       auto packs = [](Shard h) { return h == Shard::kMsaByRes || h == Shard::kPairRowsT; };
       if (partition_reduces(s)) {
+        const BlockLayouts entry = in ? *in : boundary;
         if (packs(partition_next_layout(t, splits, i, &exit)) ||
-            (p.training && packs(partition_prev_layout(t, lay, i, ly.updates))))
+            (p.training && packs(partition_prev_layout(t, lay, i, ly.updates, &entry))))
           extra += wx;
-        if (p.training && wr > 0 && packs(partition_prev_layout(t, lay, i, ly.reads))) extra += wr;
+        if (p.training && wr > 0 && packs(partition_prev_layout(t, lay, i, ly.reads, &entry)))
+          extra += wr;
       }
       // This rank's weight slices (and their gradients); a replicated layer's gradients on the
       // ranks other than the root (discarded scratch).
@@ -284,24 +371,55 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
         est.saved_bytes += ((in.updated ? wx - wx / n : 0) + (in.read ? wr - wr / n : 0)) * e;
       }
     }
-    // The OPM's backward rebuilds its m (not kept) from the block output at the boundary.
+    const Totals t2 = totals();
+    // The OPM's backward rebuilds its m (not kept) from the block output (in the exit layout).
     if (p.training && ly.reads == Stream::kM && !saved_inputs(t, i).read) {
-      const int64_t f = change_floats(dap_boundary_m(t), lay[i].first, wm, n);
+      const int64_t f = change_floats(exit.first, lay[i].first, wm, n);
       bwd_floats += f, bwd_calls += f > 0;
+      bwd_copy += change_copy_elems(exit.first, lay[i].first, wm, n);
     }
     // After its last use in the block a stream goes to the block's exit layout.
     if (i == last_m) change(m, exit.first, wm);
     if (i == last_z) change(z, exit.second, wz);
+    const Totals t3 = totals();
+    LayerEstimate& le = est.layers[i];
+    le.fwd_ms = t2.fwd - t1.fwd, le.bwd_ms = t2.bwd - t1.bwd, le.rec_ms = t2.rec - t1.rec;
+    le.comm_fwd_ms = traffic(t2.f - t1.f, t2.fc - t1.fc, t2.fy - t1.fy);
+    le.comm_bwd_ms = traffic(t2.b - t1.b, t2.bc - t1.bc, t2.by - t1.by);
+    le.comm_rec_ms = traffic(t2.r - t1.r, t2.rc - t1.rc, t2.ry - t1.ry);
+    le.change_fwd_ms = traffic(t1.f - t0.f + t3.f - t2.f, t1.fc - t0.fc + t3.fc - t2.fc,
+                               t1.fy - t0.fy + t3.fy - t2.fy);
+    le.change_bwd_ms = traffic(t1.b - t0.b + t3.b - t2.b, t1.bc - t0.bc + t3.bc - t2.bc,
+                               t1.by - t0.by + t3.by - t2.by);
   }
   const int64_t carried =
       (full(exit.first) ? wm - wm / n : 0) + (full(exit.second) ? wz - wz / n : 0);
   est.transient_bytes += carried * e;
+  if (p.training) {
+    // A policy-block block keeps its input as boundary shards: its recompute gathers a whole
+    // entry stream again, and so does the backward driver for the previous block's output m.
+    const BlockLayouts entry = in ? *in : boundary;
+    const int64_t fm = change_floats(boundary.first, entry.first, wm, n);
+    const int64_t fz = change_floats(boundary.second, entry.second, wz, n);
+    est.sent_block_rec_bytes = (2 * fm + fz) * e;
+    est.calls_block_rec = 2 * (fm > 0) + (fz > 0);
+    const int64_t ym = change_copy_elems(entry.first, boundary.first, wm, n) +
+                       2 * change_copy_elems(boundary.first, entry.first, wm, n);
+    const int64_t yz = change_copy_elems(entry.second, boundary.second, wz, n) +
+                       change_copy_elems(boundary.second, entry.second, wz, n);
+    est.copy_block_rec_ms = copy_time(ym + yz);
+    est.comm_block_rec_ms =
+        link_ms(est.sent_block_rec_bytes, est.calls_block_rec, dev) + est.copy_block_rec_ms;
+  }
   est.sent_fwd_bytes = fwd_floats * e;
   est.sent_bwd_bytes = bwd_floats * e;
   est.sent_rec_bytes = rec_floats * e;
-  est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev);
-  est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev);
-  est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev);
+  est.copy_fwd_ms = copy_time(fwd_copy);
+  est.copy_bwd_ms = copy_time(bwd_copy);
+  est.copy_rec_ms = copy_time(rec_copy);
+  est.comm_fwd_ms = link_ms(est.sent_fwd_bytes, fwd_calls, dev) + est.copy_fwd_ms;
+  est.comm_bwd_ms = link_ms(est.sent_bwd_bytes, bwd_calls, dev) + est.copy_bwd_ms;
+  est.comm_rec_ms = link_ms(est.sent_rec_bytes, rec_calls, dev) + est.copy_rec_ms;
   est.calls_fwd = fwd_calls, est.calls_bwd = bwd_calls, est.calls_rec = rec_calls;
   return est;
 }
@@ -309,20 +427,20 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
 
 PartitionEstimate estimate_partition(const Plan& p, const DeviceProfile& dev,
                                      const std::vector<Split>& splits) {
-  return estimate_with(p, dev, plan_layer_costs(p, dev), splits);
+  const LayerCosts costs_of_plan = plan_layer_costs(p, dev);
+  return estimate_with(p, dev, &costs_of_plan, splits);
 }
 
 namespace {
-// Block b's estimate in a stack running lists `blocks`: inference carries layouts across blocks
-// (partition_exit_layouts), training keeps every block at the boundary.
+// Block b's estimate in a stack running lists `blocks`: layouts carry across blocks
+// (partition_exit_layouts), in inference and training.
 PartitionEstimate block_estimate(const Plan& p, const DeviceProfile& dev, const LayerCosts& costs,
                                  const std::vector<std::vector<Split>>& blocks, int b) {
-  if (p.training) return estimate_with(p, dev, costs, blocks[b]);
   const BlockTable& t = plan_table(p);
   const BlockLayouts in = b == 0 ? BlockLayouts{dap_boundary_m(t), Shard::kPairRows}
                                  : partition_entry_layouts(t, blocks[b]);
   const BlockLayouts out = partition_exit_layouts(t, blocks, b);
-  return estimate_with(p, dev, costs, blocks[b], &in, &out);
+  return estimate_with(p, dev, &costs, blocks[b], &in, &out);
 }
 }  // namespace
 
@@ -330,6 +448,50 @@ PartitionEstimate estimate_partition_in_stack(const Plan& p, const DeviceProfile
                                               const std::vector<std::vector<Split>>& blocks,
                                               int b) {
   return block_estimate(p, dev, plan_layer_costs(p, dev), blocks, b);
+}
+
+namespace {
+std::vector<Split> resolve_one(const BlockTable& t, const std::vector<LayerSplit>& list);
+}  // namespace
+
+PartitionEstimate dap_copy_estimate(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                                    bool training, bool extra_msa, const DeviceProfile& dev) {
+  Plan p;
+  p.cfg = cfg, p.s = s, p.r = r, p.dap = dap, p.training = training, p.extra_msa = extra_msa;
+  p.element_bytes = dev.element_bytes;
+  if (dap < 2) return PartitionEstimate();
+  return estimate_with(p, dev, nullptr, std::vector<Split>(plan_table(p).count, Split::kDap));
+}
+
+std::vector<StackLayerEstimate> estimate_stack_layers(const Plan& p, const DeviceProfile& dev) {
+  const BlockTable& t = plan_table(p);
+  std::vector<StackLayerEstimate> out(t.count);
+  if (p.dap < 2) return out;
+  const LayerCosts costs = plan_layer_costs(p, dev);
+  const int64_t B = p.cfg.no_blocks;
+  std::vector<std::vector<Split>> lists;
+  for (int64_t k = 0; k < B; ++k)
+    lists.push_back(p.partitions.empty()
+                        ? std::vector<Split>(t.count, Split::kDap)
+                        : resolve_one(t, p.partitions[p.partitions.size() == 1 ? 0 : k]));
+  for (int64_t k = 0; k < B; ++k) {
+    const PartitionEstimate a = block_estimate(p, dev, costs, lists, static_cast<int>(k));
+    const Recompute pol =
+        p.training && k < static_cast<int64_t>(p.policy.size()) ? p.policy[k] : Recompute::kBlock;
+    for (int i = 0; i < t.count; ++i) {
+      const LayerEstimate& le = a.layers[i];
+      StackLayerEstimate& o = out[i];
+      auto add = [](PhaseEstimate* ph, double compute, double comm, double change) {
+        ph->compute_ms += compute, ph->comm_ms += comm, ph->change_ms += change;
+      };
+      add(&o.fwd, le.fwd_ms, le.comm_fwd_ms, le.change_fwd_ms);
+      if (!p.training) continue;
+      add(&o.bwd, le.bwd_ms, le.comm_bwd_ms, le.change_bwd_ms);
+      if (pol == Recompute::kModule) add(&o.bwd, le.rec_ms, le.comm_rec_ms, 0);
+      if (pol == Recompute::kBlock) add(&o.rec, le.fwd_ms, le.comm_fwd_ms, le.change_fwd_ms);
+    }
+  }
+  return out;
 }
 
 namespace {
@@ -352,11 +514,12 @@ void delta(const Plan& p, const PartitionEstimate& a, const PartitionEstimate& d
   *dt_fwd = B * (a.fwd_ms - d.fwd_ms);
   *dt_bwd = p.training ? B * (a.bwd_ms - d.bwd_ms) : 0;
   *dt_rec = p.training ? modules * (a.rec_ms - d.rec_ms) + blocks * (a.fwd_ms - d.fwd_ms) : 0;
-  *dt_comm =
-      B * (a.comm_fwd_ms - d.comm_fwd_ms) +
-      (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) + blocks * (a.comm_fwd_ms - d.comm_fwd_ms) +
-                        modules * (a.comm_rec_ms - d.comm_rec_ms)
-                  : 0);
+  *dt_comm = B * (a.comm_fwd_ms - d.comm_fwd_ms) +
+             (p.training ? B * (a.comm_bwd_ms - d.comm_bwd_ms) +
+                               blocks * (a.comm_fwd_ms - d.comm_fwd_ms + a.comm_block_rec_ms -
+                                         d.comm_block_rec_ms) +
+                               modules * (a.comm_rec_ms - d.comm_rec_ms)
+                         : 0);
   *dpeak = a.transient_bytes + keeping_blocks(p) * a.saved_bytes;
 }
 
@@ -374,7 +537,7 @@ void add_partition_estimates(const DeviceProfile& dev, Plan* p) {
   if (p->partitions.empty() || p->dap < 2) return;
   const LayerCosts costs = plan_layer_costs(*p, dev);
   const std::vector<Split> dap(plan_table(*p).count, Split::kDap);
-  const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
+  const PartitionEstimate d = estimate_with(*p, dev, &costs, dap);
   // Blocks may differ: the estimate of each block's list, averaged over the blocks.
   double f = 0, b = 0, r = 0, c = 0;
   int64_t peak = 0, kept = 0;
@@ -423,7 +586,7 @@ Candidate candidate(const Plan& p, const PartitionEstimate& a, const PartitionEs
     const double base = f + (a.bwd_ms - d.bwd_ms) + cf + (a.comm_bwd_ms - d.comm_bwd_ms);
     c.dt[0] = base;
     c.dt[1] = base + (a.rec_ms - d.rec_ms) + (a.comm_rec_ms - d.comm_rec_ms);
-    c.dt[2] = base + f + cf;  // block recompute: the forward again
+    c.dt[2] = base + f + cf + a.comm_block_rec_ms - d.comm_block_rec_ms;  // the forward again
   }
   c.transient = a.transient_bytes;
   c.saved = p.training ? a.saved_bytes : 0;
@@ -447,20 +610,20 @@ void choose_partition(const DeviceProfile& dev, Plan* p) {
   const BlockTable& t = plan_table(*p);
   const LayerCosts costs = plan_layer_costs(*p, dev);
   const std::vector<Split> dap(t.count, Split::kDap);
-  const PartitionEstimate d = estimate_with(*p, dev, costs, dap);
+  const PartitionEstimate d = estimate_with(*p, dev, &costs, dap);
   const int64_t spare =
       p->memory_limit_bytes > 0 ? p->memory_limit_bytes - p->peak_bytes : INT64_MAX / 4;
   if (spare < 0) return;
   std::vector<Candidate> cands;
   std::vector<Split> cur(t.count, Split::kDap);
-  // Inference carries layouts across blocks: a list is estimated as it repeats (entering and
-  // leaving in its own entry layouts); the chosen lists are then re-estimated block by block.
-  const bool carry = !p->training && p->cfg.no_blocks > 1;
+  // Layouts carry across blocks: a list is estimated as it repeats (entering and leaving in its
+  // own entry layouts); the chosen lists are then re-estimated block by block.
+  const bool carry = p->cfg.no_blocks > 1;
   std::function<void(int)> walk = [&](int i) {
     if (i == t.count) {
       const BlockLayouts e = partition_entry_layouts(t, cur);
       const Candidate c = candidate(
-          *p, estimate_with(*p, dev, costs, cur, carry ? &e : nullptr, carry ? &e : nullptr), d,
+          *p, estimate_with(*p, dev, &costs, cur, carry ? &e : nullptr, carry ? &e : nullptr), d,
           cur);
       if (c.transient <= spare) cands.push_back(c);
       return;
@@ -583,21 +746,23 @@ SplitTerms step_terms(const Plan& p, const DeviceProfile& dev, const PartitionEs
   for (int64_t b = 0; b < B; ++b) {
     const Recompute pol =
         p.training && b < static_cast<int64_t>(p.policy.size()) ? p.policy[b] : Recompute::kBlock;
-    t.compute_ms += a.fwd_ms - d.fwd_ms;
+    t.compute_ms += a.fwd_ms - d.fwd_ms + a.copy_fwd_ms - d.copy_fwd_ms;
     calls += a.calls_fwd - d.calls_fwd;
     bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
     if (!p.training) continue;
-    t.compute_ms += a.bwd_ms - d.bwd_ms;
+    t.compute_ms += a.bwd_ms - d.bwd_ms + a.copy_bwd_ms - d.copy_bwd_ms;
     calls += a.calls_bwd - d.calls_bwd;
     bytes += static_cast<double>(a.sent_bwd_bytes - d.sent_bwd_bytes);
     if (pol == Recompute::kModule) {
-      t.compute_ms += a.rec_ms - d.rec_ms;
+      t.compute_ms += a.rec_ms - d.rec_ms + a.copy_rec_ms - d.copy_rec_ms;
       calls += a.calls_rec - d.calls_rec;
       bytes += static_cast<double>(a.sent_rec_bytes - d.sent_rec_bytes);
     } else if (pol == Recompute::kBlock) {
-      t.compute_ms += a.fwd_ms - d.fwd_ms;
-      calls += a.calls_fwd - d.calls_fwd;
-      bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes);
+      t.compute_ms += a.fwd_ms - d.fwd_ms + a.copy_fwd_ms - d.copy_fwd_ms + a.copy_block_rec_ms -
+                      d.copy_block_rec_ms;
+      calls += a.calls_fwd - d.calls_fwd + a.calls_block_rec - d.calls_block_rec;
+      bytes += static_cast<double>(a.sent_fwd_bytes - d.sent_fwd_bytes + a.sent_block_rec_bytes -
+                                   d.sent_block_rec_bytes);
     }
   }
   const double gbps = dev.link_gbps > 0 ? dev.link_gbps : 10.0;
@@ -615,9 +780,9 @@ std::vector<SplitTerms> explain_splits(const DeviceProfile& dev, const Plan& p) 
   const BlockTable& t = plan_table(p);
   const LayerCosts costs = plan_layer_costs(p, dev);
   const std::vector<Split> dap(t.count, Split::kDap);
-  const PartitionEstimate d = estimate_with(p, dev, costs, dap);
+  const PartitionEstimate d = estimate_with(p, dev, &costs, dap);
   auto terms = [&](const std::vector<Split>& s) {
-    SplitTerms r = step_terms(p, dev, estimate_with(p, dev, costs, s), d);
+    SplitTerms r = step_terms(p, dev, estimate_with(p, dev, &costs, s), d);
     r.splits = s;
     return r;
   };
@@ -653,7 +818,7 @@ void dap_link_terms(const DeviceProfile& dev, const Plan& p, double* link_ms, do
   const BlockTable& t = plan_table(p);
   const LayerCosts costs = plan_layer_costs(p, dev);
   const std::vector<Split> dap(t.count, Split::kDap);
-  const SplitTerms s = step_terms(p, dev, estimate_with(p, dev, costs, dap), PartitionEstimate{});
+  const SplitTerms s = step_terms(p, dev, estimate_with(p, dev, &costs, dap), PartitionEstimate{});
   *link_ms = s.link_ms;
   *latency_ms = s.latency_ms;
 }

@@ -407,6 +407,13 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e), dev);
   for (int i = 0; i < kTypes; ++i)
     bt.comm_bwd[i] = comm_ms(dap_block_backward_comm(cfg, s, r, st.dap, e, kType[i]), dev);
+  // The CPU's copies of the collectives and layout changes (packing, the collectives' own copies
+  // and sums), which the link model leaves out: forward, and the backward per policy.
+  const PartitionEstimate c = dap_copy_estimate(cfg, s, r, st.dap, training, extra_msa, dev);
+  bt.comm_fwd += c.copy_fwd_ms;
+  for (int i = 0; i < kTypes; ++i)
+    bt.comm_bwd[i] += c.copy_bwd_ms + (kType[i] == Recompute::kModule ? c.copy_rec_ms : 0) +
+                      (kType[i] == Recompute::kBlock ? c.copy_fwd_ms : 0);
   return bt;
 }
 
