@@ -26,6 +26,13 @@ fi
 
 [ "${1:-}" = "--deps-only" ] && exit 0
 
+# ccache, when installed, serves both builds below (CMake reads the launcher from the environment);
+# the base directory makes its hits independent of where the checkout lives.
+if command -v ccache >/dev/null; then
+  export CMAKE_CXX_COMPILER_LAUNCHER=ccache CMAKE_C_COMPILER_LAUNCHER=ccache
+  export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
+fi
+
 # The Python package (docs/python.md): built by scikit-build-core from this CMake project into
 # build-python/ (incremental on later runs); ctest runs its pytest suite (label python).
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv

@@ -3,50 +3,11 @@
 #include <cstring>
 
 #include "model/common.h"
+#include "model/param_alloc.h"
 
 namespace fc {
 
 namespace {
-void ln(int64_t c, LayerNormW* w) {
-  w->w = Tensor::zeros({c});
-  w->b = Tensor::zeros({c});
-}
-void lin(int64_t out, int64_t in, bool bias, LinearW* w) {
-  w->w = Tensor::zeros({out, in});
-  if (bias) w->b = Tensor::zeros({out});
-}
-// Gated attention without an output bias; b_qkvg holds zeros (or a query bias, once loaded).
-void mha(int64_t H, int64_t C, int64_t c_in, GatedAttentionW* w) {
-  w->w_qkvg = Tensor::zeros({4 * H * C, c_in});
-  w->b_qkvg = Tensor::zeros({4 * H * C});
-  lin(c_in, H * C, false, &w->o);
-}
-void tri_mul(const EvoformerConfig& cfg, TriangleMultiplicationW* t) {
-  const int64_t cz = cfg.c_z, ct = cfg.c_hidden_mul;
-  ln(cz, &t->ln_in);
-  lin(4 * ct, cz, true, &t->ab);  // zero biases: Boltz has none
-  ln(ct, &t->ln_out);
-  lin(cz, ct, false, &t->lin_z);
-  lin(cz, cz, false, &t->lin_g);
-}
-void tri_att(const EvoformerConfig& cfg, TriangleAttentionW* t) {
-  ln(cfg.c_z, &t->ln);
-  lin(cfg.no_heads_pair, cfg.c_z, false, &t->lin);
-  mha(cfg.no_heads_pair, cfg.c_hidden_pair_att, cfg.c_z, &t->mha);
-}
-void swiglu(int64_t c, int64_t n, SwiGluTransitionW* t) {
-  ln(c, &t->ln);
-  lin(2 * n * c, c, false, &t->fc12);
-  lin(c, n * c, false, &t->fc3);
-}
-// Row attention with pair bias over c channels (cfg's MSA heads), pair bias from z.
-void row_attention(const EvoformerConfig& cfg, MsaRowAttentionW* a) {
-  ln(cfg.c_m, &a->ln_m);
-  ln(cfg.c_z, &a->ln_z);
-  lin(cfg.no_heads_msa, cfg.c_z, false, &a->lin_z);
-  mha(cfg.no_heads_msa, cfg.c_hidden_msa_att, cfg.c_m, &a->mha);
-}
-
 void add(NamedParams* v, const std::string& name, const Tensor& t) { v->push_back({name, {t}}); }
 void add_ln(NamedParams* v, const std::string& p, const LayerNormW& w) {
   add(v, p + ".weight", w.w);
@@ -84,29 +45,13 @@ void add_swiglu(NamedParams* v, const std::string& p, const SwiGluTransitionW& w
 }  // namespace
 
 void allocate_pairformer_block(const EvoformerConfig& cfg, PairformerBlockWeights* w) {
-  tri_mul(cfg, &w->tri_mul_out);
-  tri_mul(cfg, &w->tri_mul_in);
-  tri_att(cfg, &w->tri_att_start);
-  tri_att(cfg, &w->tri_att_end);
-  swiglu(cfg.c_z, cfg.transition_n, &w->transition_z);
-  row_attention(cfg, &w->attention);
-  swiglu(cfg.c_m, cfg.transition_n, &w->transition_s);
+  allocate_table(ParamAlloc{true, true}, cfg, kPairformerBlock, w);
 }
 
 void allocate_msa_module_block(const EvoformerConfig& cfg, MsaModuleBlockWeights* w) {
-  row_attention(cfg, &w->pair_weighted_averaging);
+  allocate_table(ParamAlloc{true, true}, cfg, kMsaModuleBlock, w);
   w->pair_weighted_averaging.mha.bias_logits = true;  // Boltz has no proj_q / proj_k
-  swiglu(cfg.c_m, cfg.transition_n, &w->msa_transition);
-  OuterProductMeanW& o = w->outer_product_mean;
-  ln(cfg.c_m, &o.ln);
-  lin(2 * cfg.c_hidden_opm, cfg.c_m, false, &o.l12);
-  lin(cfg.c_z, cfg.c_hidden_opm * cfg.c_hidden_opm, true, &o.out);
-  o.mean_first = true;
-  tri_mul(cfg, &w->tri_mul_out);
-  tri_mul(cfg, &w->tri_mul_in);
-  tri_att(cfg, &w->tri_att_start);
-  tri_att(cfg, &w->tri_att_end);
-  swiglu(cfg.c_z, cfg.transition_n, &w->transition_z);
+  w->outer_product_mean.mean_first = true;
 }
 
 NamedParams boltz_params(const PairformerBlockWeights& w, const std::string& p) {

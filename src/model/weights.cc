@@ -2,23 +2,11 @@
 
 #include <cstring>
 
+#include "model/param_alloc.h"
+
 namespace fc {
 
 namespace {
-void ln(int64_t c, LayerNormW* w) {
-  w->w = Tensor::empty({c});
-  w->b = Tensor::empty({c});
-}
-void lin(int64_t out, int64_t in, bool bias, LinearW* w) {
-  w->w = Tensor::empty({out, in});
-  if (bias) w->b = Tensor::empty({out});
-}
-void mha(int64_t H, int64_t C, int64_t c_in, GatedAttentionW* w) {
-  w->w_qkvg = Tensor::empty({4 * H * C, c_in});
-  w->b_qkvg = Tensor::zeros({4 * H * C});
-  lin(c_in, H * C, true, &w->o);
-}
-
 using Named = std::vector<std::pair<std::string, Tensor>>;
 
 void add_ln(Named* v, const std::string& p, const LayerNormW& w) {
@@ -84,46 +72,11 @@ void add_block_tail(Named* v, const std::string& p, const TransitionW& msa_trans
 }  // namespace
 
 void allocate_block(const EvoformerConfig& cfg, BlockWeights* w) {
-  const int64_t cm = cfg.c_m, cz = cfg.c_z, n = cfg.transition_n;
-  const int64_t Hm = cfg.no_heads_msa, Cm = cfg.c_hidden_msa_att, co = cfg.c_hidden_opm;
-
-  ln(cm, &w->msa_att_row.ln_m);
-  ln(cz, &w->msa_att_row.ln_z);
-  lin(Hm, cz, false, &w->msa_att_row.lin_z);
-  mha(Hm, Cm, cm, &w->msa_att_row.mha);
-
-  ln(cm, &w->msa_att_col.ln_m);
-  mha(Hm, Cm, cm, &w->msa_att_col.mha);
-
-  ln(cm, &w->msa_transition.ln);
-  lin(n * cm, cm, true, &w->msa_transition.l1);
-  lin(cm, n * cm, true, &w->msa_transition.l2);
-
-  ln(cm, &w->outer_product_mean.ln);
-  lin(2 * co, cm, true, &w->outer_product_mean.l12);
-  lin(cz, co * co, true, &w->outer_product_mean.out);
-
-  allocate_pair_layers(cfg, w);
+  allocate_table(ParamAlloc{}, cfg, kEvoformerBlock, w);
 }
 
 void allocate_pair_layers(const EvoformerConfig& cfg, BlockWeights* w) {
-  const int64_t cz = cfg.c_z, n = cfg.transition_n;
-  const int64_t Hp = cfg.no_heads_pair, Cp = cfg.c_hidden_pair_att, ct = cfg.c_hidden_mul;
-  for (TriangleMultiplicationW* t : {&w->tri_mul_out, &w->tri_mul_in}) {
-    ln(cz, &t->ln_in);
-    lin(4 * ct, cz, true, &t->ab);
-    ln(ct, &t->ln_out);
-    lin(cz, ct, true, &t->lin_z);
-    lin(cz, cz, true, &t->lin_g);
-  }
-  for (TriangleAttentionW* t : {&w->tri_att_start, &w->tri_att_end}) {
-    ln(cz, &t->ln);
-    lin(Hp, cz, false, &t->lin);
-    mha(Hp, Cp, cz, &t->mha);
-  }
-  ln(cz, &w->pair_transition.ln);
-  lin(n * cz, cz, true, &w->pair_transition.l1);
-  lin(cz, n * cz, true, &w->pair_transition.l2);
+  allocate_table(ParamAlloc{}, cfg, kTemplatePairBlock, w);
 }
 
 std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
@@ -143,24 +96,7 @@ std::vector<std::pair<std::string, Tensor>> named_params(const BlockWeights& w,
 // ---- ExtraMSA block --------------------------------------------------------------------------
 
 void allocate_extra_msa_block(const EvoformerConfig& cfg, ExtraMsaBlockWeights* w) {
-  const int64_t ce = cfg.c_m, H = cfg.no_heads_msa, C = cfg.c_hidden_msa_att;
-  BlockWeights b;  // the modules both block types share; its column attention is dropped
-  allocate_block(cfg, &b);
-  w->msa_att_row = std::move(b.msa_att_row);
-  w->msa_transition = std::move(b.msa_transition);
-  w->outer_product_mean = std::move(b.outer_product_mean);
-  w->tri_mul_out = std::move(b.tri_mul_out);
-  w->tri_mul_in = std::move(b.tri_mul_in);
-  w->tri_att_start = std::move(b.tri_att_start);
-  w->tri_att_end = std::move(b.tri_att_end);
-  w->pair_transition = std::move(b.pair_transition);
-
-  MsaColumnGlobalAttentionW& g = w->msa_att_col;
-  ln(ce, &g.ln_m);
-  lin(H * C, ce, false, &g.q);
-  g.kvg.w = Tensor::empty({2 * C + H * C, ce});
-  g.kvg.b = Tensor::zeros({2 * C + H * C});
-  lin(ce, H * C, true, &g.o);
+  allocate_table(ParamAlloc{}, cfg, kExtraMsaBlock, w);
 }
 
 std::vector<std::pair<std::string, Tensor>> named_params(const ExtraMsaBlockWeights& w,

@@ -14,6 +14,7 @@
 #include "model/block_table.h"
 #include "model/common.h"
 #include "model/modules.h"
+#include "model/param_alloc.h"
 #include "model/train.h"
 
 namespace fc {
@@ -194,70 +195,10 @@ void block_bwd(AllocReplay& S, const BlockTable& t, const BlockContext& ctx, Rec
   }
 }
 
-// Elements of one layer's parameter-gradient struct (allocate_block in src/model/weights.cc: the
-// fused storage, including the q, k, v parts of b_qkvg).
-int64_t stream_channels_of(const EvoformerConfig& c, Stream st) {
-  return st == Stream::kM ? c.c_m : c.c_z;
-}
-
-// AF3 tables (t.bias_free): the projections without a file bias have none (src/model/
-// af3_weights.cc), except the fused storage (b_qkvg, the a|b projections' biases) and the OPM's
-// output bias.
-int64_t layer_param_elems(const EvoformerConfig& c, const LayerDesc& l, bool bias_free) {
-  auto ln = [](int64_t n) { return 2 * n; };
-  auto lin = [&](int64_t out, int64_t in, bool bias) {
-    return out * in + (bias && !bias_free ? out : 0);
-  };
-  auto mha = [&](int64_t H, int64_t C, int64_t cin) {
-    return 4 * H * C * (cin + 1) + lin(cin, H * C, true);
-  };
-  const int64_t cm = c.c_m, cz = c.c_z, co = c.c_hidden_opm, ct = c.c_hidden_mul;
-  switch (l.kind) {
-    case LayerKind::kMsaRowAttention:
-      return ln(cm) + ln(cz) + lin(c.no_heads_msa, cz, false) +
-             mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
-    case LayerKind::kMsaColumnAttention:
-      return ln(cm) + mha(c.no_heads_msa, c.c_hidden_msa_att, cm);
-    case LayerKind::kTransition:
-    case LayerKind::kMaskedTransition: {
-      const int64_t ch = l.updates == Stream::kM ? cm : cz;
-      return ln(ch) + lin(c.transition_n * ch, ch, true) + lin(ch, c.transition_n * ch, true);
-    }
-    case LayerKind::kOuterProductMean:
-      return ln(cm) + lin(2 * co, cm, true) + cz * co * co + cz;
-    case LayerKind::kTriangleMultiplication:
-      return ln(cz) + 4 * ct * (cz + 1) + ln(ct) + lin(cz, ct, true) + lin(cz, cz, true);
-    case LayerKind::kTriangleAttention:
-      return ln(cz) + lin(c.no_heads_pair, cz, false) +
-             mha(c.no_heads_pair, c.c_hidden_pair_att, cz);
-    case LayerKind::kSwiGluTransition: {
-      const int64_t ch = stream_channels_of(c, l.updates), nc = c.transition_n * ch;
-      return ln(ch) + lin(2 * nc, ch, false) + lin(ch, nc, false);
-    }
-    case LayerKind::kMsaColumnGlobalAttention: {
-      const int64_t hc = c.no_heads_msa * c.c_hidden_msa_att, ld = 2 * c.c_hidden_msa_att + hc;
-      return ln(cm) + lin(hc, cm, false) + lin(ld, cm, true) + lin(cm, hc, true);
-    }
-  }
-  FC_CHECK_MSG(false, std::string("layer ") + l.name + " has no training path");
-  return 0;
-}
-
-int64_t param_elems(const EvoformerConfig& c, const BlockTable& t) {
-  int64_t n = 0;
-  for (const LayerDesc& l : t) n += layer_param_elems(c, l, t.bias_free);
-  return n;
-}
-
-// allocate_block_grads: an ExtraMSA block's gradient struct is built from an Evoformer block's
-// (allocate_extra_msa_block), whose MSA column attention lives until the global one is allocated.
+// The gradient structs (allocate_block_grads, allocate_pairformer_block, ...): the layers'
+// parameter descriptions (model/param_alloc.h) in counting mode.
 void alloc_block_grads(AllocReplay& S, const EvoformerConfig& c, const BlockTable& t) {
-  if (&t != &kExtraMsaBlock) return S.alloc(param_elems(c, t));
-  const int64_t evo = param_elems(c, kEvoformerBlock);
-  const int64_t col = layer_param_elems(c, *find_layer(kEvoformerBlock, "msa_att_col"), false);
-  S.alloc(evo);
-  S.alloc(layer_param_elems(c, *find_layer(kExtraMsaBlock, "msa_att_col"), false));
-  S.free(col);
+  S.alloc(table_param_elems(c, t));
 }
 
 const BlockTable& stack_table(bool extra_msa) {
@@ -274,7 +215,7 @@ Recompute policy_of(const std::vector<Recompute>& policy, int64_t b) {
 }  // namespace
 
 int64_t block_param_elems(const EvoformerConfig& cfg, const BlockTable& t) {
-  return param_elems(cfg, t);
+  return table_param_elems(cfg, t);
 }
 
 int64_t block_activation_bytes(const BlockTable& t, const EvoformerConfig& cfg, int64_t s,
