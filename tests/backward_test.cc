@@ -542,28 +542,6 @@ TEST(ReluBackward, MatchesReferenceExactly) {
   });
 }
 
-// column_sums_bf16 (the bf16 training's db with dy's rounding): linear_backward's db bits and
-// f32_to_bf16's bits, on strided rows, several column chunks and a tail; and its reference.
-TEST(ColumnSumsBf16, MatchesLinearBackwardDbAndRounding) {
-  for (int64_t rows : {1, 37, 300})
-    for (int64_t n : {1, 9, 64, 130}) {
-      SCOPED_TRACE(shape(rows, n, 3));
-      const Mat y(rows, n, 3, 86);
-      std::vector<float> db(n, 0.5f), db16 = db, dbr = db;
-      std::vector<uint16_t> yb(rows * n), want(rows * n), ybr(rows * n);
-      kern::linear_backward(nullptr, 0, rows, 0, nullptr, n, y.data(), y.ld, nullptr, 0, nullptr,
-                            db.data());
-      for (int64_t r = 0; r < rows; ++r)
-        kern::f32_to_bf16(y.data() + r * y.ld, want.data() + r * n, n);
-      kern::column_sums_bf16(y.data(), y.ld, rows, n, db16.data(), yb.data());
-      EXPECT_TRUE(BitEqual(db, db16));
-      EXPECT_EQ(yb, want);
-      kern::ref::column_sums_bf16(y.data(), y.ld, rows, n, dbr.data(), ybr.data());
-      EXPECT_TRUE(NormClose(db16, dbr, 1e-6));
-      EXPECT_EQ(ybr, want);
-    }
-}
-
 // The bf16-x form (the bf16 training's kept ReLU output) equals the f32 form on the widened x,
 // and its reference, bit for bit.
 TEST(ReluBackward, Bf16InputMatchesF32AndReference) {

@@ -249,20 +249,6 @@ void ReluBackwardBf16Rows(const uint16_t* x, int64_t ldx, const float* dy, int64
     }
 }
 
-// One column chunk of column_sums_bf16: acc[j] += y[r, j] over the rows in order (double, as
-// column_sums), and each row's w values rounded to bf16 into yb (row stride ldb).
-void ColumnSumsBf16Rows(const float* y, int64_t ld, int64_t rows, int64_t w, double* acc,
-                        uint16_t* yb, int64_t ldb) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* yr = y + r * ld;  // [w]
-    for (int64_t j = 0; j < w; ++j) acc[j] += yr[j];
-    hwy_util::NarrowRows(yr, yb + r * ldb, static_cast<size_t>(w),
-                         [](hn::Vec<hn::ScalableTag<uint32_t>> u) {
-                           return hwy_util::Bf16Bits(hn::ScalableTag<uint32_t>(), u);
-                         });
-  }
-}
-
 // dst [rows, C] (dense bf16) = bf16(src [rows, C], leading dimension ld): the bf16 attention
 // backward's K, V and Q packed straight from the strided q|k|v|g rows (kern::f32_to_bf16's
 // rounding, hwy_util::NarrowRows), without an f32 copy.
@@ -289,7 +275,6 @@ HWY_EXPORT(ReluBackwardBf16Rows);
 HWY_EXPORT(ProbsFromLseRows);
 HWY_EXPORT(SoftmaxBackwardGivenDotRows);
 HWY_EXPORT(PackRowsBf16);
-HWY_EXPORT(ColumnSumsBf16Rows);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -332,30 +317,12 @@ void column_sums(const float* y, int64_t ld, int64_t rows, int64_t n, float* sum
   }
 }
 
-void column_sums_bf16_impl(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
-                           uint16_t* yb) {
-  const int64_t chunks = ceil_div(n, kColChunk);
-  const bool par = chunks > 1 && rows * n >= kParallelMinElems && !omp_in_parallel();
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    const int64_t c0 = ch * kColChunk, w = std::min(kColChunk, n - c0);
-    double acc[kColChunk] = {};
-    HWY_DYNAMIC_DISPATCH(ColumnSumsBf16Rows)(y + c0, ld, rows, w, acc, yb + c0, n);
-    for (int64_t j = 0; j < w; ++j) sums[c0 + j] = static_cast<float>(sums[c0 + j] + acc[j]);
-  }
-}
-
 // Row blocks of layernorm_backward: large enough that the partial slots are < 1% of x, small
 // enough to give every thread several blocks at Evoformer shapes (s*r or r*r rows).
 constexpr int64_t kLnRowBlock = 256;
 }  // namespace
 
 // ---- linear ------------------------------------------------------------------------------------
-
-void column_sums_bf16(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
-                      uint16_t* yb) {
-  column_sums_bf16_impl(y, ld, rows, n, sums, yb);
-}
 
 void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* W,
                      int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx, float* dW,

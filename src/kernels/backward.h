@@ -34,12 +34,6 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
                      int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx, float* dW,
                      float* db, bool accumulate = false);
 
-// sums[j] += sum over rows of y[r, j] (linear_backward's db, the same bits) and yb [rows, n]
-// (dense) = bf16(y) (kern::f32_to_bf16's rounding), in one pass over y: the bf16 training's bias
-// gradient beside its dy rounding.
-void column_sums_bf16(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
-                      uint16_t* yb);
-
 // ---- LayerNorm ---------------------------------------------------------------------------------
 // Forward (kern::layernorm): y = xhat * gamma + beta, xhat = (x - mean) * rstd per row of n, with
 // mean/rstd [rows] saved by the forward. Given x, dy:
@@ -145,8 +139,6 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
                         int threads);
 
 namespace ref {
-void column_sums_bf16(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
-                      uint16_t* yb);
 void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* W,
                      int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx, float* dW,
                      float* db, bool accumulate = false);

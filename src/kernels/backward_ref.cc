@@ -113,12 +113,6 @@ void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, f
     }
 }
 
-void column_sums_bf16(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
-                      uint16_t* yb) {
-  ref::linear_backward(nullptr, ld, rows, 0, nullptr, n, y, ld, nullptr, 0, nullptr, sums);
-  for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(y + r * ld, yb + r * n, n);
-}
-
 void relu_backward(const uint16_t* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                    int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
   for (int64_t r = 0; r < rows; ++r)
