@@ -101,7 +101,10 @@ void BM_ReluBackward(benchmark::State& state) {
   const int64_t rows = state.range(0), n = state.range(1);
   const std::vector<float> x = rnd(rows * n, 13), dy = rnd(rows * n, 14);
   std::vector<float> dx(rows * n);
-  auto* f = kFast ? kern::relu_backward : kern::ref::relu_backward;
+  using Fn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                      int64_t, bool);
+  const Fn f =
+      kFast ? static_cast<Fn>(kern::relu_backward) : static_cast<Fn>(kern::ref::relu_backward);
   for (auto _ : state) {
     f(x.data(), n, dy.data(), n, dx.data(), n, rows, n, false);
     benchmark::DoNotOptimize(dx.data());
@@ -150,10 +153,11 @@ void attention_counters(benchmark::State& state, double flops_per_elem) {
                          benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 
-// Args: B, L, H, C.
+// Args: B, L, H, C. dtype: AttentionArgs::dtype (BF16: the bf16 training step's products).
 template <bool kFast>
-void BM_AttentionBackward(benchmark::State& state) {
+void attention_backward_bench(benchmark::State& state, DType dtype) {
   AttnBuffers b = make_attention(state.range(0), state.range(1), state.range(2), state.range(3));
+  b.a.dtype = dtype;
   const int threads = num_threads();
   b.scratch.resize(kFast ? kern::attention_backward_scratch_floats(b.a, threads)
                          : kern::ref::attention_backward_scratch_floats(b.a));
@@ -165,6 +169,15 @@ void BM_AttentionBackward(benchmark::State& state) {
     benchmark::DoNotOptimize(b.dqkvg.data());
   }
   attention_counters(state, 12.0);
+}
+
+template <bool kFast>
+void BM_AttentionBackward(benchmark::State& state) {
+  attention_backward_bench<kFast>(state, DType::F32);
+}
+
+void BM_AttentionBackwardBf16(benchmark::State& state) {
+  attention_backward_bench<true>(state, DType::BF16);
 }
 
 // The forward kernel at the same shapes, for the backward/forward time ratio.
@@ -212,6 +225,12 @@ BENCHMARK_TEMPLATE(BM_AttentionBackward, true)
     ->Name("BM_AttentionBackward/fast")
     ->Args({16, 256, 8, 32})  // MSA row attention chunk
     ->Args({16, 256, 4, 32})  // triangle attention chunk
+    ->Args({32, 128, 8, 32})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_AttentionBackwardBf16)
+    ->Args({16, 256, 8, 32})
+    ->Args({16, 256, 4, 32})
     ->Args({32, 128, 8, 32})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);

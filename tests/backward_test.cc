@@ -33,6 +33,7 @@
 
 #include "core/rng.h"
 #include "hwy/targets.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 #include "test_util.h"
 
@@ -538,6 +539,34 @@ TEST(ReluBackward, MatchesReferenceExactly) {
             EXPECT_TRUE(BitEqual(dx.v, dx_ref.v));
             EXPECT_TRUE(PadUntouched(dx));
           }
+  });
+}
+
+// The bf16-x form (the bf16 training's kept ReLU output) equals the f32 form on the widened x,
+// and its reference, bit for bit.
+TEST(ReluBackward, Bf16InputMatchesF32AndReference) {
+  ForEachTarget([] {
+    for (int64_t rows : {1, 3, 37, 300})
+      for (int64_t n : {1, 7, 16, 33, 257})
+        for (bool acc : {false, true}) {
+          SCOPED_TRACE(shape(rows, n, 0) + " acc=" + std::to_string(acc));
+          Mat x(rows, n, 0, 83);
+          x.at(0, 0) = 0.f;
+          if (n > 1) x.at(0, 1) = -0.f;
+          if (n > 2) x.at(0, 2) = std::numeric_limits<float>::quiet_NaN();
+          if (n > 3) x.at(0, 3) = 1e-40f;  // rounds to a bf16 subnormal, still > 0
+          std::vector<uint16_t> xb(rows * n);
+          kern::f32_to_bf16(x.data(), xb.data(), rows * n);
+          Mat xw(rows, n, 0, 0);
+          kern::bf16_to_f32(xb.data(), xw.data(), rows * n);
+          const Mat dy(rows, n, 0, 84);
+          Mat dx(rows, n, 0, 85), dx_f32 = dx, dx_ref = dx;
+          kern::relu_backward(xb.data(), n, dy.data(), n, dx.data(), n, rows, n, acc);
+          kern::relu_backward(xw.data(), n, dy.data(), n, dx_f32.data(), n, rows, n, acc);
+          kern::ref::relu_backward(xb.data(), n, dy.data(), n, dx_ref.data(), n, rows, n, acc);
+          EXPECT_TRUE(BitEqual(dx.v, dx_f32.v));
+          EXPECT_TRUE(BitEqual(dx.v, dx_ref.v));
+        }
   });
 }
 

@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
@@ -21,6 +22,7 @@
 
 #include "core/rng.h"
 #include "hwy/targets.h"
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 
 namespace fc {
@@ -118,6 +120,43 @@ TEST(ElementwiseLayerNorm, MatchesReferenceWithStats) {
           EXPECT_TRUE(Close(mean.data(), 1, mean_ref.data(), 1, 1, rows, 1e-5, 1e-6));
           EXPECT_TRUE(Close(rstd.data(), 1, rstd_ref.data(), 1, 1, rows, 1e-5, 0));
           EXPECT_TRUE(PadUntouched(y));
+        }
+  });
+}
+
+// layernorm_bf16 (the bf16 training's GEMM input): the bits of f32_to_bf16 applied to layernorm's
+// output, the same statistics, rows with padding left untouched; and the reference within one
+// bf16 rounding of the f32 reference (2^-8 relative, plus the f32 tolerance above).
+TEST(ElementwiseLayerNorm, Bf16IsTheRoundingOfF32) {
+  ForEachTarget([] {
+    for (int64_t rows : kRows)
+      for (int64_t n : kCols)
+        for (int64_t pad : {0, 5}) {
+          SCOPED_TRACE(shape(rows, n, pad));
+          const Mat x(rows, n, pad, 7, 3.f, 5.f);
+          const std::vector<float> gamma = vec(n, 8, 0.5f, 1.f), beta = vec(n, 9);
+          Mat y(rows, n, 0, 0);
+          std::vector<float> mean(rows), rstd(rows), mean16(rows), rstd16(rows);
+          kern::layernorm(x.data(), x.ld, y.data(), y.ld, rows, n, gamma.data(), beta.data(), 1e-5f,
+                          mean.data(), rstd.data());
+          std::vector<uint16_t> want(rows * n), got(rows * (n + pad + 1), 0xABCD), ref(rows * n);
+          kern::f32_to_bf16(y.data(), want.data(), rows * n);
+          const int64_t ldg = n + pad + 1;
+          kern::layernorm_bf16(x.data(), x.ld, got.data(), ldg, rows, n, gamma.data(), beta.data(),
+                               1e-5f, mean16.data(), rstd16.data());
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t i = 0; i < n; ++i)
+              ASSERT_EQ(got[r * ldg + i], want[r * n + i]) << r << "," << i;
+            for (int64_t i = n; i < ldg; ++i) ASSERT_EQ(got[r * ldg + i], 0xABCD);
+          }
+          EXPECT_EQ(std::memcmp(mean.data(), mean16.data(), rows * sizeof(float)), 0);
+          EXPECT_EQ(std::memcmp(rstd.data(), rstd16.data(), rows * sizeof(float)), 0);
+          kern::ref::layernorm_bf16(x.data(), x.ld, ref.data(), n, rows, n, gamma.data(),
+                                    beta.data(), 1e-5f);
+          std::vector<float> fr(rows * n), fg(rows * n);
+          kern::bf16_to_f32(ref.data(), fr.data(), rows * n);
+          kern::bf16_to_f32(want.data(), fg.data(), rows * n);
+          EXPECT_TRUE(Close(fg.data(), n, fr.data(), n, rows, n, 1.0 / 128, 1e-5));
         }
   });
 }

@@ -152,5 +152,58 @@ TEST(TypedLinear, Bf16ForwardAndBackwardMatchReference) {
   }
 }
 
+// The bf16-x forms (x rounded by its producer) give the f32-x forms' bits on xb = bf16(x), and
+// their references agree with the f32-x references; the backward's scratch holds dy alone.
+TEST(TypedLinear, Bf16InputFormsEqualF32InputForms) {
+  constexpr uint16_t kGuard = 0xABCD;
+  for (const int64_t rows : {1, 37, 130}) {
+    const int64_t in = 20, out = 9, ldx = in + 3, ldy = out + 2;
+    SCOPED_TRACE(rows);
+    std::vector<float> x(rows * ldx), W(out * in), b(out), dy(rows * ldy);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = uniform_pm1(31, i);
+    for (size_t i = 0; i < W.size(); ++i) W[i] = uniform_pm1(32, i);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = uniform_pm1(33, i);
+    for (size_t i = 0; i < dy.size(); ++i) dy[i] = uniform_pm1(34, i);
+    std::vector<uint16_t> Wb(W.size()), xb(rows * ldx, 0);  // xb: [rows, ldx] bf16(x)
+    kern::f32_to_bf16(W.data(), Wb.data(), static_cast<int64_t>(W.size()));
+    kern::f32_to_bf16(x.data(), xb.data(), static_cast<int64_t>(x.size()));
+    for (bool acc : {false, true}) {
+      std::vector<float> y0(rows * ldy);
+      for (size_t i = 0; i < y0.size(); ++i) y0[i] = uniform_pm1(35, i);
+      std::vector<float> y = y0, y16 = y0, yr = y0, yr16 = y0;
+      std::vector<uint16_t> sc(kern::linear_bf16_scratch(rows, in));
+      kern::linear_bf16(x.data(), ldx, rows, in, Wb.data(), b.data(), out, y.data(), ldy, acc,
+                        sc.data());
+      kern::linear_bf16(xb.data(), ldx, rows, in, Wb.data(), b.data(), out, y16.data(), ldy, acc);
+      EXPECT_EQ(std::memcmp(y.data(), y16.data(), y.size() * sizeof(float)), 0);
+      kern::ref::linear_bf16(x.data(), ldx, rows, in, Wb.data(), b.data(), out, yr.data(), ldy, acc,
+                             sc.data());
+      kern::ref::linear_bf16(xb.data(), ldx, rows, in, Wb.data(), b.data(), out, yr16.data(), ldy,
+                             acc);
+      EXPECT_EQ(std::memcmp(yr.data(), yr16.data(), yr.size() * sizeof(float)), 0);
+
+      std::vector<float> dx(rows * in), dW(W.size()), db(out);
+      for (size_t i = 0; i < dW.size(); ++i) dW[i] = uniform_pm1(36, i);
+      std::vector<float> dx16 = dx, dW16 = dW, db16 = db, dxr = dx, dWr = dW, dbr = db;
+      std::vector<uint16_t> sb(kern::linear_backward_bf16_scratch(rows, in, out, true));
+      std::vector<uint16_t> sb16(kern::linear_backward_bf16_scratch(rows, in, out, false) + 1,
+                                 kGuard);
+      kern::linear_backward_bf16(x.data(), ldx, rows, in, Wb.data(), out, dy.data(), ldy, dx.data(),
+                                 in, dW.data(), db.data(), acc, sb.data());
+      kern::linear_backward_bf16(xb.data(), ldx, rows, in, Wb.data(), out, dy.data(), ldy,
+                                 dx16.data(), in, dW16.data(), db16.data(), acc, sb16.data());
+      EXPECT_EQ(sb16.back(), kGuard);
+      EXPECT_EQ(std::memcmp(dx.data(), dx16.data(), dx.size() * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(dW.data(), dW16.data(), dW.size() * sizeof(float)), 0);
+      EXPECT_EQ(std::memcmp(db.data(), db16.data(), db.size() * sizeof(float)), 0);
+      kern::ref::linear_backward_bf16(xb.data(), ldx, rows, in, Wb.data(), out, dy.data(), ldy,
+                                      dxr.data(), in, dWr.data(), dbr.data(), acc, sb16.data());
+      const double tol = (in + rows + 4) * 0x1p-24 * (in + rows) + 1e-6;
+      for (size_t i = 0; i < dx.size(); ++i) ASSERT_LE(std::abs(dx16[i] - dxr[i]), tol) << i;
+      for (size_t i = 0; i < dW.size(); ++i) ASSERT_LE(std::abs(dW16[i] - dWr[i]), tol) << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fc

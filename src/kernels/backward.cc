@@ -229,6 +229,37 @@ void ReluBackwardRows(const float* x, int64_t ldx, const float* dy, int64_t lddy
     }
 }
 
+// ReluBackwardRows with x given as bf16 bits (widened exactly before the comparison).
+void ReluBackwardBf16Rows(const uint16_t* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                          int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  if (ldx == n && lddy == n && lddx == n) n *= std::exchange(rows, 1);
+  const D d;
+  const hn::RebindToUnsigned<D> du;
+  const hn::Rebind<uint16_t, D> dh;
+  const size_t N = hn::Lanes(d);
+  const size_t un = static_cast<size_t>(n);
+  for (int64_t r = 0; r < rows; ++r)
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const V xv = hn::BitCast(
+          d, hn::ShiftLeft<16>(hn::PromoteTo(du, LoadPart(dh, x + r * ldx + i, c, uint16_t{0}))));
+      const auto pos = hn::Gt(xv, hn::Zero(d));
+      Output(d, hn::IfThenElseZero(pos, LoadPart(d, dy + r * lddy + i, c)), dx + r * lddx + i, c,
+             accumulate);
+    }
+}
+
+// dst [rows, C] (dense bf16) = bf16(src [rows, C], leading dimension ld): the bf16 attention
+// backward's K, V and Q packed straight from the strided q|k|v|g rows (kern::f32_to_bf16's
+// rounding, hwy_util::NarrowRows), without an f32 copy.
+void PackRowsBf16(const float* src, int64_t ld, int64_t rows, int64_t C, uint16_t* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    hwy_util::NarrowRows(src + i * ld, dst + i * C, static_cast<size_t>(C),
+                         [](hn::Vec<hn::ScalableTag<uint32_t>> u) {
+                           return hwy_util::Bf16Bits(hn::ScalableTag<uint32_t>(), u);
+                         });
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
 HWY_AFTER_NAMESPACE();
@@ -240,8 +271,10 @@ HWY_EXPORT(LayerNormBackwardRows);
 HWY_EXPORT(SoftmaxBackwardRows);
 HWY_EXPORT(SigmoidMulBackwardRows);
 HWY_EXPORT(ReluBackwardRows);
+HWY_EXPORT(ReluBackwardBf16Rows);
 HWY_EXPORT(ProbsFromLseRows);
 HWY_EXPORT(SoftmaxBackwardGivenDotRows);
+HWY_EXPORT(PackRowsBf16);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -367,6 +400,14 @@ void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, f
   });
 }
 
+void relu_backward(const uint16_t* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                   int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(ReluBackwardBf16Rows)
+    (x + r0 * ldx, ldx, dy + r0 * lddy, lddy, dx + r0 * lddx, lddx, r1 - r0, n, accumulate);
+  });
+}
+
 // ---- attention ---------------------------------------------------------------------------------
 
 namespace {
@@ -474,11 +515,16 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       gemm(ta, tb, M, N, Kd, alpha, A, lda, B, ldb, beta, Cm, ldc);
   };
   // Logits with a q.k term; else bias only (no K, Q, dq, dk).
+  // BF16 packs K, V and Q straight to K16, V16, Q16 (the f32 copies are not read there).
   const bool qk = !a.bias_logits;
-  if (qk) pack(a.k + b * a.k_bs + h * C, a.k_rs, Lk, C, K);
-  pack(a.v + b * a.v_bs + h * C, a.v_rs, Lk, C, V);
-  if (qk) to16(K, K16, Lk * C);
-  to16(V, V16, Lk * C);
+  auto pack_in = [&](const float* src, int64_t ld, int64_t rows, float* dst, uint16_t* dst16) {
+    if (bf)
+      HWY_DYNAMIC_DISPATCH(PackRowsBf16)(src, ld, rows, C, dst16);
+    else
+      pack(src, ld, rows, C, dst);
+  };
+  if (qk) pack_in(a.k + b * a.k_bs + h * C, a.k_rs, Lk, K, K16);
+  pack_in(a.v + b * a.v_bs + h * C, a.v_rs, Lk, V, V16);
   std::fill(dK, dK + Lk * C, 0.f);
   std::fill(dV, dV + Lk * C, 0.f);
   const float* mb = a.mask_bias ? a.mask_bias + b * Lk : nullptr;   // [Lk]
@@ -492,8 +538,7 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     // Recompute P: in one pass from the saved lse, else with a full softmax as the forward
     // reference does.
     if (qk) {
-      pack(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, Q);
-      to16(Q, Q16, n * C);
+      pack_in(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, Q, Q16);
       mm(false, true, n, Lk, C, a.scale, Q, Q16, C, K, K16, C, 0.f, P, Lk);
     } else {
       std::fill(P, P + n * Lk, 0.f);

@@ -74,6 +74,9 @@ void sigmoid_mul_backward(const float* a, int64_t lda, const float* g, int64_t l
 // alias dy or x.
 void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                    int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
+// The same with x as bf16 bits (the bf16 training's kept ReLU output).
+void relu_backward(const uint16_t* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                   int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
 
 // Forward y = silu(a) * b (kern::swiglu, a and b the values before gating). Given dy:
 //   da = dy * b * s * (1 + a * (1 - s)),  db = dy * a * s,  s = sigmoid(a)
@@ -150,6 +153,8 @@ void sigmoid_mul_backward(const float* a, int64_t lda, const float* g, int64_t l
                           int64_t lddy, float* da, int64_t ldda, float* dg, int64_t lddg,
                           int64_t rows, int64_t n, bool accumulate = false);
 void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                   int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
+void relu_backward(const uint16_t* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
                    int64_t lddx, int64_t rows, int64_t n, bool accumulate = false);
 void swiglu_backward(const float* a, int64_t lda, const float* b, int64_t ldb, const float* dy,
                      int64_t lddy, float* da, int64_t ldda, float* db, int64_t lddb, int64_t rows,

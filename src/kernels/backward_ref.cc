@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "kernels/backward.h"
+#include "kernels/convert.h"
 
 namespace fc::kern::ref {
 
@@ -108,6 +109,17 @@ void relu_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, f
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < n; ++i) {
       const float v = x[r * ldx + i] > 0.f ? dy[r * lddy + i] : 0.f;
+      dx[r * lddx + i] = accumulate ? dx[r * lddx + i] + v : v;
+    }
+}
+
+void relu_backward(const uint16_t* x, int64_t ldx, const float* dy, int64_t lddy, float* dx,
+                   int64_t lddx, int64_t rows, int64_t n, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) {
+      float xv = 0.f;
+      ref::bf16_to_f32(x + r * ldx + i, &xv, 1);
+      const float v = xv > 0.f ? dy[r * lddy + i] : 0.f;
       dx[r * lddx + i] = accumulate ? dx[r * lddx + i] + v : v;
     }
 }

@@ -104,15 +104,19 @@ HWY_INLINE V Sigmoid(D d, V x) {
 
 // Two-pass statistics in float: the row (n <= a few thousand) stays in L1 between the passes, and
 // centring before squaring avoids the cancellation of E[x^2] - E[x]^2 for rows with an offset.
-void LayerNormRows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t n,
-                   const float* gamma, const float* beta, float eps, float* mean, float* rstd) {
+// store(yr, i, count, v) writes the first count lanes of the normalised vector v to element i of
+// output row r (f32, or its bf16 rounding).
+template <class Out, class Store>
+HWY_INLINE void LayerNormRowsTo(const float* x, int64_t ldx, Out* y, int64_t ldy, int64_t rows,
+                                int64_t n, const float* gamma, const float* beta, float eps,
+                                float* mean, float* rstd, Store store) {
   const D d;
   const size_t N = hn::Lanes(d);
   const size_t un = static_cast<size_t>(n);
   const float inv_n = 1.f / static_cast<float>(n);
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * ldx;  // [n]
-    float* yr = y + r * ldy;        // [n]
+    Out* yr = y + r * ldy;          // [n]
     const float mu =
         inv_n * SumOf(d, xr, un, 0.f, [](V v, V acc) HWY_ATTR { return hn::Add(v, acc); });
     const V vmu = hn::Set(d, mu);
@@ -128,15 +132,39 @@ void LayerNormRows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t r
     size_t i = 0;
     for (; i + N <= un; i += N) {
       const V t = hn::Mul(hn::Sub(hn::LoadU(d, xr + i), vmu), vrs);
-      hn::StoreU(hn::MulAdd(t, hn::LoadU(d, gamma + i), hn::LoadU(d, beta + i)), d, yr + i);
+      store(yr, i, N, hn::MulAdd(t, hn::LoadU(d, gamma + i), hn::LoadU(d, beta + i)));
     }
     if (i < un) {
       const size_t c = un - i;
       const V t = hn::Mul(hn::Sub(LoadPart(d, xr + i, c, 0.f), vmu), vrs);
-      StorePart(d, hn::MulAdd(t, LoadPart(d, gamma + i, c, 0.f), LoadPart(d, beta + i, c, 0.f)),
-                yr + i, c);
+      store(yr, i, c, hn::MulAdd(t, LoadPart(d, gamma + i, c, 0.f), LoadPart(d, beta + i, c, 0.f)));
     }
   }
+}
+
+void LayerNormRows(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t n,
+                   const float* gamma, const float* beta, float eps, float* mean, float* rstd) {
+  LayerNormRowsTo(x, ldx, y, ldy, rows, n, gamma, beta, eps, mean, rstd,
+                  [](float* yr, size_t i, size_t count, V v)
+                      HWY_ATTR { StorePart(D(), v, yr + i, count); });
+}
+
+// LayerNormRows writing the bf16 rounding of each output (hwy_util::Bf16Bits: kern::f32_to_bf16's).
+void LayerNormRowsBf16(const float* x, int64_t ldx, uint16_t* y, int64_t ldy, int64_t rows,
+                       int64_t n, const float* gamma, const float* beta, float eps, float* mean,
+                       float* rstd) {
+  LayerNormRowsTo(x, ldx, y, ldy, rows, n, gamma, beta, eps, mean, rstd,
+                  [](uint16_t* yr, size_t i, size_t count, V v) HWY_ATTR {
+                    const hn::RebindToUnsigned<D> du;
+                    const hn::RebindToSigned<D> di;
+                    const hn::Rebind<uint16_t, D> dh;
+                    const auto b = hwy_util::Bf16Bits(du, hn::BitCast(du, v));
+                    const auto h = hn::DemoteTo(dh, hn::BitCast(di, b));  // values fit in 16 bits
+                    if (count == hn::Lanes(dh)) return hn::StoreU(h, dh, yr + i);
+                    HWY_ALIGN uint16_t buf[HWY_MAX_BYTES / sizeof(float)];
+                    hn::Store(h, dh, buf);
+                    std::copy_n(buf, count, yr + i);
+                  });
 }
 
 // Three passes per row: max, exp(x - max) written in place while summing, scale by 1/sum.
@@ -229,6 +257,7 @@ HWY_AFTER_NAMESPACE();
 namespace fc::kern {
 
 HWY_EXPORT(LayerNormRows);
+HWY_EXPORT(LayerNormRowsBf16);
 HWY_EXPORT(SoftmaxRows);
 HWY_EXPORT(SigmoidMulRows);
 HWY_EXPORT(SiluMulRows);
@@ -262,6 +291,15 @@ void layernorm(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
                const float* gamma, const float* beta, float eps, float* mean, float* rstd) {
   for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
     HWY_DYNAMIC_DISPATCH(LayerNormRows)
+    (x + r0 * ldx, ldx, y + r0 * ldy, ldy, r1 - r0, n, gamma, beta, eps, mean ? mean + r0 : nullptr,
+     rstd ? rstd + r0 : nullptr);
+  });
+}
+
+void layernorm_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t ldy, int64_t rows, int64_t n,
+                    const float* gamma, const float* beta, float eps, float* mean, float* rstd) {
+  for_row_blocks(rows, n, [&](int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(LayerNormRowsBf16)
     (x + r0 * ldx, ldx, y + r0 * ldy, ldy, r1 - r0, n, gamma, beta, eps, mean ? mean + r0 : nullptr,
      rstd ? rstd + r0 : nullptr);
   });

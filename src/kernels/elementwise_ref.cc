@@ -4,7 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
+#include "kernels/convert.h"
 #include "kernels/kernels.h"
 
 namespace fc::kern::ref {
@@ -30,6 +32,16 @@ void layernorm(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
       yr[i] = static_cast<float>((xr[i] - mu) * rs * gamma[i] + beta[i]);
     if (mean) mean[r] = static_cast<float>(mu);
     if (rstd) rstd[r] = static_cast<float>(rs);
+  }
+}
+
+void layernorm_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t ldy, int64_t rows, int64_t n,
+                    const float* gamma, const float* beta, float eps, float* mean, float* rstd) {
+  std::vector<float> row(static_cast<size_t>(std::max<int64_t>(n, 0)));  // [n] one f32 row
+  for (int64_t r = 0; r < rows; ++r) {
+    ref::layernorm(x + r * ldx, ldx, row.data(), n, 1, n, gamma, beta, eps,
+                   mean ? mean + r : nullptr, rstd ? rstd + r : nullptr);
+    ref::f32_to_bf16(row.data(), y + r * ldy, n);
   }
 }
 

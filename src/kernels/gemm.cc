@@ -74,25 +74,35 @@ uint32_t float_bits(float x) {
 // shape, transposition, leading dimensions, alpha, beta and the thread count they were made for
 // (omp_get_max_threads: 1 inside the fused kernels' row blocks), one cache per calling thread:
 // a primitive shared by concurrent callers gave results that differed in the last bits now and
-// then (fused_test, three threads on two cores), per-thread primitives never did.
+// then (fused_test, three threads on two cores), per-thread primitives never did. Each cache entry
+// keeps its three memory objects (pointed at the call's data) and the thread keeps one stream, and
+// the primitive runs through the C API's argument array: the attention backward's small tile
+// products made ~100k calls per block, where per-call objects and the C++ argument map (heap
+// allocations each) cost more than the products' packing.
+struct Bf16Matmul {
+  dnnl::matmul prim;
+  dnnl::memory a, b, c;  // [M, K], [K, N] bf16 and [M, N] f32 with the key's strides
+};
+
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
                int64_t ldc) {
   using dims = dnnl::memory::dims;
   using dt = dnnl::memory::data_type;
   static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  thread_local dnnl::stream stream(engine);
   thread_local std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                                    uint32_t, uint32_t, int>,
-                        dnnl::matmul>
+                        Bf16Matmul>
       cache;
-  // Logical A [M, K], B [K, N], C [M, N] with the strides of the row-major storage.
-  const dnnl::memory::desc a_md({M, K}, dt::bf16, trans_a ? dims{1, lda} : dims{lda, 1});
-  const dnnl::memory::desc b_md({K, N}, dt::bf16, trans_b ? dims{1, ldb} : dims{ldb, 1});
-  const dnnl::memory::desc c_md({M, N}, dt::f32, dims{ldc, 1});
   const auto key = std::make_tuple(trans_a, trans_b, M, N, K, lda, ldb, ldc, float_bits(alpha),
                                    float_bits(beta), omp_get_max_threads());
   auto it = cache.find(key);
   if (it == cache.end()) {
+    // Logical A [M, K], B [K, N], C [M, N] with the strides of the row-major storage.
+    const dnnl::memory::desc a_md({M, K}, dt::bf16, trans_a ? dims{1, lda} : dims{lda, 1});
+    const dnnl::memory::desc b_md({K, N}, dt::bf16, trans_b ? dims{1, ldb} : dims{ldb, 1});
+    const dnnl::memory::desc c_md({M, N}, dt::f32, dims{ldc, 1});
     dnnl::primitive_attr attr;
     if (alpha != 1.f) attr.set_output_scales(0, {alpha});
     if (beta != 0.f) {
@@ -101,14 +111,19 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
       attr.set_post_ops(ops);
     }
     const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
-    it = cache.emplace(key, dnnl::matmul(pd)).first;
+    Bf16Matmul e{dnnl::matmul(pd), dnnl::memory(a_md, engine, DNNL_MEMORY_NONE),
+                 dnnl::memory(b_md, engine, DNNL_MEMORY_NONE),
+                 dnnl::memory(c_md, engine, DNNL_MEMORY_NONE)};
+    it = cache.emplace(key, std::move(e)).first;
   }
-  const dnnl::matmul& prim = it->second;
-  dnnl::stream stream(engine);
-  dnnl::memory am(a_md, engine, const_cast<void*>(A));
-  dnnl::memory bm(b_md, engine, const_cast<void*>(B));
-  dnnl::memory cm(c_md, engine, C);
-  prim.execute(stream, {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}});
+  Bf16Matmul& e = it->second;
+  e.a.set_data_handle(const_cast<void*>(A));
+  e.b.set_data_handle(const_cast<void*>(B));
+  e.c.set_data_handle(C);
+  const dnnl_exec_arg_t args[3] = {
+      {DNNL_ARG_SRC, e.a.get()}, {DNNL_ARG_WEIGHTS, e.b.get()}, {DNNL_ARG_DST, e.c.get()}};
+  FC_CHECK_MSG(dnnl_primitive_execute(e.prim.get(), stream.get(), 3, args) == dnnl_success,
+               "oneDNN bf16 matmul failed");
   stream.wait();
 }
 }  // namespace

@@ -42,6 +42,13 @@ void layernorm(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows,
                const float* gamma, const float* beta, float eps, float* mean = nullptr,
                float* rstd = nullptr);
 
+// layernorm writing the bf16 rounding (kern::f32_to_bf16's) of each output, y [rows, n] bf16
+// with leading dimension ldy: the same bits as layernorm followed by f32_to_bf16 (the bf16
+// training's GEMM input straight from the LayerNorm).
+void layernorm_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t ldy, int64_t rows, int64_t n,
+                    const float* gamma, const float* beta, float eps, float* mean = nullptr,
+                    float* rstd = nullptr);
+
 // In-place softmax over each row. A row whose max is -inf yields zeros (never NaN).
 void softmax_rows(float* x, int64_t ld, int64_t rows, int64_t n);
 
@@ -123,6 +130,10 @@ void linear(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* 
 void layernorm(const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t n,
                const float* gamma, const float* beta, float eps, float* mean = nullptr,
                float* rstd = nullptr);
+// ref::layernorm rounded to bf16 by ref::f32_to_bf16.
+void layernorm_bf16(const float* x, int64_t ldx, uint16_t* y, int64_t ldy, int64_t rows, int64_t n,
+                    const float* gamma, const float* beta, float eps, float* mean = nullptr,
+                    float* rstd = nullptr);
 void softmax_rows(float* x, int64_t ld, int64_t rows, int64_t n);
 void sigmoid_mul(float* y, int64_t ldy, const float* g, int64_t ldg, int64_t rows, int64_t n);
 void sigmoid_inplace(float* x, int64_t ld, int64_t rows, int64_t n);

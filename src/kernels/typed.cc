@@ -75,9 +75,8 @@ int64_t linear_backward_bf16_scratch(int64_t rows, int64_t in, int64_t out, bool
   return rows * out + (dW ? rows * in : 0);
 }
 
-void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
-                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
-                 uint16_t* scratch) {
+void linear_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate) {
   float beta = accumulate ? 1.f : 0.f;
   if (b != nullptr) {
     if (!accumulate) {
@@ -88,13 +87,19 @@ void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const ui
     }
     beta = 1.f;
   }
-  rows_to_bf16(x, ldx, rows, in, scratch);
-  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, scratch, in, Wb, in, beta, y, ldy);
+  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in, beta, y, ldy);
 }
 
-void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
-                          int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
-                          float* dW, float* db, bool accumulate, uint16_t* scratch) {
+void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
+                 uint16_t* scratch) {
+  rows_to_bf16(x, ldx, rows, in, scratch);
+  linear_bf16(scratch, in, rows, in, Wb, b, out, y, ldy, accumulate);
+}
+
+void linear_backward_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in,
+                          const uint16_t* Wb, int64_t out, const float* dy, int64_t lddy, float* dx,
+                          int64_t lddx, float* dW, float* db, bool accumulate, uint16_t* scratch) {
   if (db)
     linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr, db);
   if (!dx && !dW) return;
@@ -103,31 +108,39 @@ void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in,
   if (dx)
     gemm_typed(DType::BF16, false, false, rows, in, out, 1.f, dyb, out, Wb, in,
                accumulate ? 1.f : 0.f, dx, lddx);
-  if (dW) {
-    uint16_t* xb = scratch + rows * out;  // [rows, in]
-    rows_to_bf16(x, ldx, rows, in, xb);
-    gemm_typed(DType::BF16, true, false, out, in, rows, 1.f, dyb, out, xb, in, 1.f, dW, in);
-  }
-}
-
-namespace ref {
-
-void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
-                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
-                 uint16_t* scratch) {
-  for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(x + r * ldx, scratch + r * in, in);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      float acc = 0.f;
-      ref::gemm_bf16(false, true, 1, 1, in, 1.f, scratch + r * in, in, Wb + o * in, in, 0.f, &acc,
-                     1);
-      y[r * ldy + o] = (b ? b[o] : 0.f) + acc + (accumulate ? y[r * ldy + o] : 0.f);
-    }
+  if (dW) gemm_typed(DType::BF16, true, false, out, in, rows, 1.f, dyb, out, xb, ldx, 1.f, dW, in);
 }
 
 void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
                           int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                           float* dW, float* db, bool accumulate, uint16_t* scratch) {
+  uint16_t* xb = scratch + rows * out;  // [rows, in] (with dW)
+  if (dW) rows_to_bf16(x, ldx, rows, in, xb);
+  linear_backward_bf16(xb, in, rows, in, Wb, out, dy, lddy, dx, lddx, dW, db, accumulate, scratch);
+}
+
+namespace ref {
+
+void linear_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      float acc = 0.f;
+      ref::gemm_bf16(false, true, 1, 1, in, 1.f, xb + r * ldx, ldx, Wb + o * in, in, 0.f, &acc, 1);
+      y[r * ldy + o] = (b ? b[o] : 0.f) + acc + (accumulate ? y[r * ldy + o] : 0.f);
+    }
+}
+
+void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
+                 uint16_t* scratch) {
+  for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(x + r * ldx, scratch + r * in, in);
+  ref::linear_bf16(scratch, in, rows, in, Wb, b, out, y, ldy, accumulate);
+}
+
+void linear_backward_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in,
+                          const uint16_t* Wb, int64_t out, const float* dy, int64_t lddy, float* dx,
+                          int64_t lddx, float* dW, float* db, bool accumulate, uint16_t* scratch) {
   if (db)
     ref::linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr,
                          db);
@@ -136,11 +149,17 @@ void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in,
   if (dx)
     ref::gemm_bf16(false, false, rows, in, out, 1.f, dyb, out, Wb, in, accumulate ? 1.f : 0.f, dx,
                    lddx);
-  if (dW) {
-    uint16_t* xb = scratch + rows * out;
+  if (dW) ref::gemm_bf16(true, false, out, in, rows, 1.f, dyb, out, xb, ldx, 1.f, dW, in);
+}
+
+void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                          int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
+                          float* dW, float* db, bool accumulate, uint16_t* scratch) {
+  uint16_t* xb = scratch + rows * out;
+  if (dW)
     for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(x + r * ldx, xb + r * in, in);
-    ref::gemm_bf16(true, false, out, in, rows, 1.f, dyb, out, xb, in, 1.f, dW, in);
-  }
+  ref::linear_backward_bf16(xb, in, rows, in, Wb, out, dy, lddy, dx, lddx, dW, db, accumulate,
+                            scratch);
 }
 
 void transpose_to_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,

@@ -44,14 +44,29 @@ void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in,
                           int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                           float* dW, float* db, bool accumulate, uint16_t* scratch);
 
+// The same two with x given in bf16 (xb [rows, in], leading dimension ldx): a producer that
+// writes the bf16 copy itself (LayerNorm, ReLU, the attention output) saves the rounding pass.
+// The backward's scratch holds dy only: linear_backward_bf16_scratch(rows, in, out, false).
+// Equal bits to the f32-x forms on xb = bf16(x).
+void linear_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate);
+void linear_backward_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in,
+                          const uint16_t* Wb, int64_t out, const float* dy, int64_t lddy, float* dx,
+                          int64_t lddx, float* dW, float* db, bool accumulate, uint16_t* scratch);
+
 namespace ref {
-// Naive forms of the two above (ref::gemm_bf16, double accumulation); scratch as the fast ones.
+// Naive forms of the four above (ref::gemm_bf16, double accumulation); scratch as the fast ones.
 void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
                  const float* b, int64_t out, float* y, int64_t ldy, bool accumulate,
                  uint16_t* scratch);
 void linear_backward_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
                           int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx,
                           float* dW, float* db, bool accumulate, uint16_t* scratch);
+void linear_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
+                 const float* b, int64_t out, float* y, int64_t ldy, bool accumulate);
+void linear_backward_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in,
+                          const uint16_t* Wb, int64_t out, const float* dy, int64_t lddy, float* dx,
+                          int64_t lddx, float* dW, float* db, bool accumulate, uint16_t* scratch);
 void transpose_to_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
                        int64_t cols);
 // BF16 inputs only: kern::ref::gemm_bf16 per product (double accumulation).

@@ -195,18 +195,22 @@ void scatter_add(const float* x, const AttentionView& v, int64_t n0, int64_t n, 
     kern::add_inplace(S + v.item(n0 + b), v.row_stride(), x + b * v.L * v.c, v.c, v.L, v.c);
 }
 
-// y [n, L, c] = LayerNorm of items n0 .. n0+n of S (statistics [n*L] when mean/rstd non-null).
+// y [n, L, c] = LayerNorm of items n0 .. n0+n of S (statistics [n*L] when mean/rstd non-null), in
+// y's element type (F32, or BF16: the rounding, the bf16 training's GEMM input).
 void layernorm_items(const LayerNormW& ln, float eps, const float* S, const AttentionView& v,
-                     int64_t n0, int64_t n, float* y, float* mean, float* rstd) {
-  if (!v.transposed) {
-    kern::layernorm(S + v.item(n0), v.c, y, v.c, n * v.L, v.c, ln.w.f32(), ln.b.f32(), eps, mean,
-                    rstd);
-    return;
-  }
+                     int64_t n0, int64_t n, Tensor& y, float* mean, float* rstd) {
+  const bool bf = y.dtype() == DType::BF16;
+  auto rows = [&](const float* x, int64_t ldx, int64_t count, int64_t off, float* mu, float* rs) {
+    if (bf)
+      kern::layernorm_bf16(x, ldx, y.data<uint16_t>() + off, v.c, count, v.c, ln.w.f32(),
+                           ln.b.f32(), eps, mu, rs);
+    else
+      kern::layernorm(x, ldx, y.f32() + off, v.c, count, v.c, ln.w.f32(), ln.b.f32(), eps, mu, rs);
+  };
+  if (!v.transposed) return rows(S + v.item(n0), v.c, n * v.L, 0, mean, rstd);
   for (int64_t b = 0; b < n; ++b)
-    kern::layernorm(S + v.item(n0 + b), v.row_stride(), y + b * v.L * v.c, v.c, v.L, v.c,
-                    ln.w.f32(), ln.b.f32(), eps, mean ? mean + b * v.L : nullptr,
-                    rstd ? rstd + b * v.L : nullptr);
+    rows(S + v.item(n0 + b), v.row_stride(), v.L, b * v.L * v.c, mean ? mean + b * v.L : nullptr,
+         rstd ? rstd + b * v.L : nullptr);
 }
 
 kern::AttentionArgs attention_args(const float* qkvg, int64_t H, int64_t C, int64_t n, int64_t L,
@@ -225,15 +229,21 @@ kern::AttentionArgs attention_args(const float* qkvg, int64_t H, int64_t C, int6
   return a;
 }
 
-// q|k|v|g and the gated output of items n0 .. n0+n from their normalised input x_ln [n, L, c].
-AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx, const float* x_ln,
-                           int64_t n0, int64_t n, const float* bias) {
+// q|k|v|g and the gated output of items n0 .. n0+n from their normalised input x_ln [n, L, c]
+// (bf16 under BF16 storage; og then bf16 too).
+AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx,
+                           const Tensor& x_ln, int64_t n0, int64_t n, const float* bias) {
   const int64_t hc = at.H * at.C, c = at.v.c, rows = n * at.v.L;
+  const bool bf = ctx.store == DType::BF16;
   AttentionChunk k;
   k.qkvg = Tensor::empty({rows, 4 * hc});
   const int64_t c0 = proj_col0(at.w, hc);  // bias-only logits: the v | g columns only
-  train_linear(ctx, x_ln, c, rows, c, at.w.w_qkvg.f32() + c0 * c, at.w.b_qkvg.f32() + c0,
-               4 * hc - c0, k.qkvg.f32() + c0, 4 * hc);
+  if (bf)
+    train_linear(ctx, x_ln.data<uint16_t>(), c, rows, c, at.w.w_qkvg.f32() + c0 * c,
+                 at.w.b_qkvg.f32() + c0, 4 * hc - c0, k.qkvg.f32() + c0, 4 * hc);
+  else
+    train_linear(ctx, x_ln.f32(), c, rows, c, at.w.w_qkvg.f32() + c0 * c, at.w.b_qkvg.f32() + c0,
+                 4 * hc - c0, k.qkvg.f32() + c0, 4 * hc);
   round_for_store(ctx, k.qkvg);
   k.og = Tensor::empty({rows, hc});
   k.lse = Tensor::empty({n, at.H, at.v.L});
@@ -242,10 +252,25 @@ AttentionChunk chunk_state(const GatedAttentionSpec& at, const BlockContext& ctx
   a.lse = k.lse.f32();
   set_bias_logits(at.w, &a);
   a.dtype = ctx.store;  // bf16 training: bf16 dot products (q|k|v|g hold bf16 values already)
-  Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
-  kern::attention(a, scratch.f32(), ctx.threads);
-  round_for_store(ctx, k.og);
+  {
+    Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
+    kern::attention(a, scratch.f32(), ctx.threads);
+  }
+  if (bf) {
+    Tensor og = Tensor::empty({rows, hc}, DType::BF16);  // bf16(og)
+    kern::f32_to_bf16(k.og.f32(), og.data<uint16_t>(), rows * hc);
+    k.og = std::move(og);
+  }
   return k;
+}
+
+// linear_o's input: og in f32, or bf16 under BF16 storage (chunk_state).
+void linear_o_train(const BlockContext& ctx, const GatedAttentionW& w, const Tensor& og,
+                    int64_t rows, int64_t hc, float* u, int64_t c) {
+  if (og.dtype() == DType::BF16)
+    train_linear(ctx, og.data<uint16_t>(), hc, rows, hc, w.o.w.f32(), bias_ptr(w.o), c, u, c);
+  else
+    train_linear(ctx, og.f32(), hc, rows, hc, w.o.w.f32(), bias_ptr(w.o), c, u, c);
 }
 
 // The first projected column of q | k | v | g in the replays (proj_col0 of the weights).
@@ -372,14 +397,13 @@ void attention_layer_train(const GatedAttentionSpec& at, const BlockContext& ctx
     const int64_t n = std::min(ch, v.N - n0);
     AttentionChunk k;
     {
-      Tensor x_ln = Tensor::empty({n, v.L, v.c});
-      layernorm_items(at.ln, ctx.cfg->eps_ln, S, v, n0, n, x_ln.f32(), nullptr, nullptr);
-      k = chunk_state(at, ctx, x_ln.f32(), n0, n, bias);
+      Tensor x_ln = Tensor::empty({n, v.L, v.c}, ctx.store);  // LN (bf16 under BF16 storage)
+      layernorm_items(at.ln, ctx.cfg->eps_ln, S, v, n0, n, x_ln, nullptr, nullptr);
+      k = chunk_state(at, ctx, x_ln, n0, n, bias);
     }
     {
       Tensor u = Tensor::empty({n, v.L, v.c});  // update of the chunk
-      train_linear(ctx, k.og.f32(), at.H * at.C, n * v.L, at.H * at.C, at.w.o.w.f32(),
-                   bias_ptr(at.w.o), v.c, u.f32(), v.c);
+      linear_o_train(ctx, at.w, k.og, n * v.L, at.H * at.C, u.f32(), v.c);
       if (per_item)
         apply_item_dropout(u.f32(), n0, n, v.L * v.c, mask);
       else
@@ -388,7 +412,6 @@ void attention_layer_train(const GatedAttentionSpec& at, const BlockContext& ctx
     }
     if (keep) {
       k.qkvg = to_store(ctx, std::move(k.qkvg));
-      k.og = to_store(ctx, std::move(k.og));
       keep->push_back(std::move(k));
     }
   }
@@ -411,13 +434,12 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
                "attention state was saved with another chunking");
   for (int64_t n0 = 0, idx = 0; n0 < v.N; n0 += ch, ++idx) {
     const int64_t n = std::min(ch, v.N - n0), rows = n * v.L;
-    NormedRows ln = normed_rows({n, v.L, c}, rows);  // LN of the chunk's items
-    layernorm_items(at.ln, ctx.cfg->eps_ln, S_in, v, n0, n, ln.y.f32(), ln.mean.f32(),
-                    ln.rstd.f32());
+    // LN of the chunk's items (bf16 under BF16 storage)
+    NormedRows ln = normed_rows({n, v.L, c}, rows, ctx.store);
+    layernorm_items(at.ln, ctx.cfg->eps_ln, S_in, v, n0, n, ln.y, ln.mean.f32(), ln.rstd.f32());
     AttentionChunk k =
-        kept->empty() ? chunk_state(at, ctx, ln.y.f32(), n0, n, bias) : std::move((*kept)[idx]);
+        kept->empty() ? chunk_state(at, ctx, ln.y, n0, n, bias) : std::move((*kept)[idx]);
     k.qkvg = from_store(std::move(k.qkvg));
-    k.og = from_store(std::move(k.og));
     Tensor du = Tensor::empty({n, v.L, c});  // dL/d update, then dL/d x_in
     gather(dS, v, n0, n, du.f32());
     if (per_item)
@@ -425,8 +447,12 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     else
       apply_dropout(du.f32(), n, v.L, c, mask);
     Tensor dog = Tensor::empty({rows, hc});
-    train_linear_backward(ctx, k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c, dog.f32(),
-                          hc, gw->o.w.f32(), bias_ptr(gw->o));
+    if (k.og.dtype() == DType::BF16)
+      train_linear_backward(ctx, k.og.data<uint16_t>(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(),
+                            c, dog.f32(), hc, gw->o.w.f32(), bias_ptr(gw->o));
+    else
+      train_linear_backward(ctx, k.og.f32(), hc, rows, hc, at.w.o.w.f32(), c, du.f32(), c,
+                            dog.f32(), hc, gw->o.w.f32(), bias_ptr(gw->o));
     k.og = Tensor();
     Tensor dqkvg = Tensor::empty({rows, 4 * hc});
     {
@@ -448,9 +474,14 @@ void attention_layer_backward(const GatedAttentionSpec& at, LayerNormW* gln, Gat
     dog = Tensor();
     Tensor dln = Tensor::empty({rows, c});
     const int64_t c0 = proj_col0(at.w, hc);  // the projected columns: their weights' gradients
-    train_linear_backward(ctx, ln.y.f32(), c, rows, c, at.w.w_qkvg.f32() + c0 * c, 4 * hc - c0,
-                          dqkvg.f32() + c0, 4 * hc, dln.f32(), c, gw->w_qkvg.f32() + c0 * c,
-                          gw->b_qkvg.f32() + c0);
+    if (ln.y.dtype() == DType::BF16)
+      train_linear_backward(ctx, ln.y.data<uint16_t>(), c, rows, c, at.w.w_qkvg.f32() + c0 * c,
+                            4 * hc - c0, dqkvg.f32() + c0, 4 * hc, dln.f32(), c,
+                            gw->w_qkvg.f32() + c0 * c, gw->b_qkvg.f32() + c0);
+    else
+      train_linear_backward(ctx, ln.y.f32(), c, rows, c, at.w.w_qkvg.f32() + c0 * c, 4 * hc - c0,
+                            dqkvg.f32() + c0, 4 * hc, dln.f32(), c, gw->w_qkvg.f32() + c0 * c,
+                            gw->b_qkvg.f32() + c0);
     dqkvg = Tensor();
     k.qkvg = Tensor();
     ln.y = Tensor();
@@ -546,30 +577,48 @@ LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, 
   return w;
 }
 
+// chunk_state on n items: qkvg, og, lse stay live (og in bf16 under BF16 storage).
+void chunk_state_replay(AllocReplay& S, const BlockContext& ctx, const AttentionDims& d,
+                        int64_t n) {
+  const int64_t hc = d.H * d.C, rows = n * d.L;
+  const bool bf = ctx.store == DType::BF16;
+  kern::AttentionArgs a = replay_dims(d, n);
+  a.dtype = ctx.store;
+  const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
+  S.alloc(rows * 4 * hc);  // qkvg
+  train_linear_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d), bf);
+  S.alloc(rows * (hc + d.H));  // og, lse
+  S.alloc(scratch);
+  S.free(scratch);
+  if (bf) {
+    S.alloc_bf16(rows * hc);  // bf16(og)
+    S.free(rows * hc);
+  }
+}
+
 // Forward of an attention module; keep: the chunk states (q|k|v|g, og, lse) and the bias stay
 // (policy none).
 void attention_train_replay(AllocReplay& S, const BlockContext& ctx, const AttentionDims& d,
                             bool keep) {
   const int64_t hc = d.H * d.C, ch = attention_train_chunk(ctx, d.N, d.L, d.c, hc);
+  const bool bf = ctx.store == DType::BF16;
+  // x_ln and og in the storage type (bf16 under BF16)
+  auto alloc_s = [&](int64_t k) { bf ? S.alloc_bf16(k) : S.alloc(k); };
+  auto free_s = [&](int64_t k) { bf ? S.free_bf16(k) : S.free(k); };
   if (d.bias) pair_bias_train_replay(S, ctx, d.H);
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
-    const int64_t scratch = kern::attention_scratch_floats(replay_dims(d, n), ctx.threads);
-    S.alloc(rows * d.c);     // x_ln
-    S.alloc(rows * 4 * hc);  // qkvg
-    train_linear_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d));
-    S.alloc(rows * (hc + d.H));  // og, lse
-    S.alloc(scratch);
-    S.free(scratch);
-    S.free(rows * d.c);
+    alloc_s(rows * d.c);  // x_ln
+    chunk_state_replay(S, ctx, d, n);
+    free_s(rows * d.c);
     S.alloc(rows * d.c);  // u
-    train_linear_replay(S, ctx, rows, hc, d.c);
+    train_linear_replay(S, ctx, rows, hc, d.c, bf);
     S.free(rows * d.c);
-    if (!keep) S.free(rows * (5 * hc + d.H));
-    if (keep) {
-      to_store_replay(S, ctx, rows * 4 * hc);  // qkvg
-      to_store_replay(S, ctx, rows * hc);      // og
+    if (!keep) {
+      S.free(rows * (4 * hc + d.H));  // qkvg, lse
+      free_s(rows * hc);              // og
     }
+    if (keep) to_store_replay(S, ctx, rows * 4 * hc);  // qkvg
   }
   if (d.bias && !keep) S.free(d.H * ctx.r * ctx.r);
 }
@@ -584,34 +633,33 @@ void attention_backward_replay(AllocReplay& S, const BlockContext& ctx, const At
     if (!kept) pair_bias_train_replay(S, ctx, d.H);
     S.alloc(d.H * rr);  // dbias
   }
+  const bool bf = ctx.store == DType::BF16;
+  // x_ln and og in the storage type (bf16 under BF16)
+  auto alloc_s = [&](int64_t k) { bf ? S.alloc_bf16(k) : S.alloc(k); };
+  auto free_s = [&](int64_t k) { bf ? S.free_bf16(k) : S.free(k); };
   for (int64_t n0 = 0; n0 < d.N; n0 += ch) {
     const int64_t n = std::min(ch, d.N - n0), rows = n * d.L;
     kern::AttentionArgs a = replay_dims(d, n);
-    a.dtype = ctx.store;             // the backward's scratch depends on it
-    S.alloc(rows * d.c + 2 * rows);  // x_ln, mean, rstd
-    if (!kept) {
-      const int64_t scratch = kern::attention_scratch_floats(a, ctx.threads);
-      S.alloc(rows * 4 * hc);  // qkvg
-      train_linear_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d));
-      S.alloc(rows * (hc + d.H));  // og, lse
-      S.alloc(scratch);
-      S.free(scratch);
-    } else {
+    a.dtype = ctx.store;  // the backward's scratch depends on it
+    alloc_s(rows * d.c);  // x_ln
+    S.alloc(2 * rows);    // mean, rstd
+    if (!kept)
+      chunk_state_replay(S, ctx, d, n);
+    else
       from_store_replay(S, ctx, rows * 4 * hc);  // qkvg
-      from_store_replay(S, ctx, rows * hc);      // og
-    }
-    S.alloc(rows * d.c);  // du
-    S.alloc(rows * hc);   // dog
-    train_linear_backward_replay(S, ctx, rows, hc, d.c);
-    S.free(rows * hc);       // og
+    S.alloc(rows * d.c);                         // du
+    S.alloc(rows * hc);                          // dog
+    train_linear_backward_replay(S, ctx, rows, hc, d.c, true, bf);
+    free_s(rows * hc);       // og
     S.alloc(rows * 4 * hc);  // dqkvg
     const int64_t scratch = kern::attention_backward_scratch_floats(a, ctx.threads, d.bias);
     S.alloc(scratch);
     S.free(scratch);
     S.free(rows * (d.H + hc));  // lse, dog
     S.alloc(rows * d.c);        // dln
-    train_linear_backward_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d));
-    S.free(rows * 8 * hc + rows * d.c);  // dqkvg, qkvg, x_ln
+    train_linear_backward_replay(S, ctx, rows, d.c, 4 * hc - proj_cols0(d), true, bf);
+    S.free(rows * 8 * hc);  // dqkvg, qkvg
+    free_s(rows * d.c);     // x_ln
     const int64_t x = d.transposed ? rows * d.c : 0;
     S.alloc(x + ln_scratch(rows, d.c));
     S.free(x + ln_scratch(rows, d.c));

@@ -57,7 +57,8 @@ int64_t attention_train_item_bytes(int64_t L, int64_t c, int64_t hc);
 // The attention runs over a stream viewed as N batch items of L positions with c channels
 // (transposed layers read columns with strides, as attention_module does).
 struct AttentionChunk {
-  // Both rounded to bf16 values and kept in bf16 under BlockContext::store BF16 (layer_util.h).
+  // Under BlockContext::store BF16: qkvg rounded to bf16 values (f32 storage while in use, kept
+  // in bf16, layer_util.h), og a bf16 tensor from the start (linear_o's input, read as it is).
   Tensor qkvg;  // [n*L, 4*H*C] q | k | v | g (pre-sigmoid gate) of the chunk's n items (q | k
                 // not written under GatedAttentionW::bias_logits)
   Tensor og;    // [n*L, H*C]   gated attention output (input of linear_o)

@@ -1,5 +1,6 @@
 #include "layers/layer_util.h"
 
+#include "foldcube/status.h"
 #include "kernels/backward.h"
 #include "kernels/convert.h"
 #include "kernels/kernels.h"
@@ -37,19 +38,23 @@ bool bf16_products(const BlockContext& ctx, int64_t parts) {
   return ctx.fused && ctx.dtype == DType::BF16 && parts == 1;
 }
 
-NormedRows normed_rows(const Shape& y_shape, int64_t rows) {
+NormedRows normed_rows(const Shape& y_shape, int64_t rows, DType y_type) {
   NormedRows t;
-  t.y = Tensor::empty(y_shape);
+  t.y = Tensor::empty(y_shape, y_type);
   t.mean = Tensor::empty({rows});
   t.rstd = Tensor::empty({rows});
   return t;
 }
 
 NormedRows layernorm_with_stats(const float* x, int64_t rows, int64_t n, const LayerNormW& ln,
-                                float eps) {
-  NormedRows t = normed_rows({rows, n}, rows);
-  kern::layernorm(x, n, t.y.f32(), n, rows, n, ln.w.f32(), ln.b.f32(), eps, t.mean.f32(),
-                  t.rstd.f32());
+                                float eps, DType y_type) {
+  NormedRows t = normed_rows({rows, n}, rows, y_type);
+  if (y_type == DType::BF16)
+    kern::layernorm_bf16(x, n, t.y.data<uint16_t>(), n, rows, n, ln.w.f32(), ln.b.f32(), eps,
+                         t.mean.f32(), t.rstd.f32());
+  else
+    kern::layernorm(x, n, t.y.f32(), n, rows, n, ln.w.f32(), ln.b.f32(), eps, t.mean.f32(),
+                    t.rstd.f32());
   return t;
 }
 
@@ -83,12 +88,13 @@ void from_store_replay(AllocReplay& S, const BlockContext& ctx, int64_t n) {
   S.free_bf16(n);
 }
 
-int64_t train_linear_bf16_elems(int64_t rows, int64_t in, int64_t out) {
-  return out * in + kern::linear_bf16_scratch(rows, in);
+int64_t train_linear_bf16_elems(int64_t rows, int64_t in, int64_t out, bool x_bf16) {
+  return out * in + (x_bf16 ? 0 : kern::linear_bf16_scratch(rows, in));
 }
 
-int64_t train_linear_backward_bf16_elems(int64_t rows, int64_t in, int64_t out, bool dW) {
-  return out * in + kern::linear_backward_bf16_scratch(rows, in, out, dW);
+int64_t train_linear_backward_bf16_elems(int64_t rows, int64_t in, int64_t out, bool dW,
+                                         bool x_bf16) {
+  return out * in + kern::linear_backward_bf16_scratch(rows, in, out, dW && !x_bf16);
 }
 
 void train_linear(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows, int64_t in,
@@ -100,6 +106,15 @@ void train_linear(const BlockContext& ctx, const float* x, int64_t ldx, int64_t 
   uint16_t* wb = buf.data<uint16_t>();                                                // [out, in]
   kern::f32_to_bf16(W, wb, out * in);
   kern::linear_bf16(x, ldx, rows, in, wb, b, out, y, ldy, accumulate, wb + out * in);
+}
+
+void train_linear(const BlockContext& ctx, const uint16_t* xb, int64_t ldx, int64_t rows,
+                  int64_t in, const float* W, const float* b, int64_t out, float* y, int64_t ldy,
+                  bool accumulate) {
+  FC_CHECK(ctx.store == DType::BF16);
+  Tensor wb = Tensor::empty({out, in}, DType::BF16);  // [out, in] bf16(W)
+  kern::f32_to_bf16(W, wb.data<uint16_t>(), out * in);
+  kern::linear_bf16(xb, ldx, rows, in, wb.data<uint16_t>(), b, out, y, ldy, accumulate);
 }
 
 void train_linear_backward(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows,
@@ -116,18 +131,31 @@ void train_linear_backward(const BlockContext& ctx, const float* x, int64_t ldx,
                              wb + out * in);
 }
 
+void train_linear_backward(const BlockContext& ctx, const uint16_t* xb, int64_t ldx, int64_t rows,
+                           int64_t in, const float* W, int64_t out, const float* dy, int64_t lddy,
+                           float* dx, int64_t lddx, float* dW, float* db, bool accumulate) {
+  FC_CHECK(ctx.store == DType::BF16);
+  // Wb [out, in] | dy [rows, out]
+  Tensor buf = Tensor::empty({train_linear_backward_bf16_elems(rows, in, out, dW != nullptr, true)},
+                             DType::BF16);
+  uint16_t* wb = buf.data<uint16_t>();
+  kern::f32_to_bf16(W, wb, out * in);
+  kern::linear_backward_bf16(xb, ldx, rows, in, wb, out, dy, lddy, dx, lddx, dW, db, accumulate,
+                             wb + out * in);
+}
+
 void train_linear_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
-                         int64_t out) {
+                         int64_t out, bool x_bf16) {
   if (ctx.store != DType::BF16) return;
-  S.alloc_bf16(train_linear_bf16_elems(rows, in, out));
-  S.free_bf16(train_linear_bf16_elems(rows, in, out));
+  S.alloc_bf16(train_linear_bf16_elems(rows, in, out, x_bf16));
+  S.free_bf16(train_linear_bf16_elems(rows, in, out, x_bf16));
 }
 
 void train_linear_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
-                                  int64_t out, bool dW) {
+                                  int64_t out, bool dW, bool x_bf16) {
   if (ctx.store != DType::BF16) return;
-  S.alloc_bf16(train_linear_backward_bf16_elems(rows, in, out, dW));
-  S.free_bf16(train_linear_backward_bf16_elems(rows, in, out, dW));
+  S.alloc_bf16(train_linear_backward_bf16_elems(rows, in, out, dW, x_bf16));
+  S.free_bf16(train_linear_backward_bf16_elems(rows, in, out, dW, x_bf16));
 }
 
 // dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.

@@ -32,11 +32,13 @@ struct NormedRows {
   Tensor mean;  // [rows]
   Tensor rstd;  // [rows]
 };
-// Allocates the three for `rows` rows; the caller fills them (gathered or strided layouts).
-NormedRows normed_rows(const Shape& y_shape, int64_t rows);
-// LN of the contiguous rows x [rows, n] with weights ln and epsilon eps, with its statistics.
+// Allocates the three for `rows` rows (y in element type y_type); the caller fills them
+// (gathered or strided layouts).
+NormedRows normed_rows(const Shape& y_shape, int64_t rows, DType y_type = DType::F32);
+// LN of the contiguous rows x [rows, n] with weights ln and epsilon eps, with its statistics; y
+// in f32, or (y_type BF16) its bf16 rounding, the bf16 training's GEMM input.
 NormedRows layernorm_with_stats(const float* x, int64_t rows, int64_t n, const LayerNormW& ln,
-                                float eps);
+                                float eps, DType y_type = DType::F32);
 // bf16 storage of training state (BlockContext::store): a tensor the forward keeps is rounded to
 // bf16 values before the forward uses it (round_for_store), kept as bf16 (to_store: a bf16 copy,
 // the f32 one released) and widened for the backward (from_store: an f32 copy, the bf16 one
@@ -59,14 +61,24 @@ void train_linear(const BlockContext& ctx, const float* x, int64_t ldx, int64_t 
 void train_linear_backward(const BlockContext& ctx, const float* x, int64_t ldx, int64_t rows,
                            int64_t in, const float* W, int64_t out, const float* dy, int64_t lddy,
                            float* dx, int64_t lddx, float* dW, float* db, bool accumulate = false);
-int64_t train_linear_bf16_elems(int64_t rows, int64_t in, int64_t out);
-int64_t train_linear_backward_bf16_elems(int64_t rows, int64_t in, int64_t out, bool dW);
+// The two with x already in bf16 (BF16 storage only; a producer wrote the rounded copy xb
+// [rows, in], leading dimension ldx): the transient buffer holds W's copy (and dy's rounding in
+// the backward), no copy of x. Equal bits to the f32-x forms on xb = bf16(x).
+void train_linear(const BlockContext& ctx, const uint16_t* xb, int64_t ldx, int64_t rows,
+                  int64_t in, const float* W, const float* b, int64_t out, float* y, int64_t ldy,
+                  bool accumulate = false);
+void train_linear_backward(const BlockContext& ctx, const uint16_t* xb, int64_t ldx, int64_t rows,
+                           int64_t in, const float* W, int64_t out, const float* dy, int64_t lddy,
+                           float* dx, int64_t lddx, float* dW, float* db, bool accumulate = false);
+int64_t train_linear_bf16_elems(int64_t rows, int64_t in, int64_t out, bool x_bf16 = false);
+int64_t train_linear_backward_bf16_elems(int64_t rows, int64_t in, int64_t out, bool dW,
+                                         bool x_bf16 = false);
 // The replay of one train_linear / train_linear_backward call (its transient buffer; nothing
-// under F32).
+// under F32); x_bf16: the bf16-x forms.
 void train_linear_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
-                         int64_t out);
+                         int64_t out, bool x_bf16 = false);
 void train_linear_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t in,
-                                  int64_t out, bool dW = true);
+                                  int64_t out, bool dW = true, bool x_bf16 = false);
 // dx (+)= LayerNorm backward; dgamma/dbeta accumulate into ln_grad. Allocates the kernel scratch.
 void layernorm_backward_into(const float* x, const float* dy, int64_t rows, int64_t n,
                              const LayerNormW& ln, const float* mean, const float* rstd, float* dx,

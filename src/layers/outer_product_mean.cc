@@ -28,6 +28,15 @@ void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t co,
         kern::f32_to_bf16(o + (i * co + c) * r * co + j * co, p + ((i * r + j) * co + c) * co, co);
 }
 
+// opm_outer_from_pairs rounding to bf16: o [(i, c), (j, e)] (bf16) from p [(i, j), (c, e)] (f32).
+void opm_outer_from_pairs_bf16(const float* p, int64_t n, int64_t r, int64_t co, uint16_t* o) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t c = 0; c < co; ++c)
+        kern::f32_to_bf16(p + ((i * r + j) * co + c) * co, o + (i * co + c) * r * co + j * co, co);
+}
+
 // The masked projections a = linear_1(LN(m)) * mask, b = linear_2(LN(m)) * mask of the MSA rows
 // m [rows, cols, c_m] with mask [rows, cols] into a, b [rows, cols, c_o] (bf16 when bf16, else
 // f32), in chunks of opm_projection_chunk rows (at most rows).
@@ -238,15 +247,15 @@ Tensor opm_ab_bf16(const BlockContext& ctx, const Tensor& a, const Tensor& b) {
   return t;
 }
 
-// outer_chunk with the product's inputs from opm_ab_bf16's buffer ab16 when it is defined.
-void outer_chunk_train(const Tensor& ab16, const float* a, const float* b, int64_t s, int64_t r,
-                       int64_t ca, int64_t co, int64_t i0, int64_t n, float* o, float* p) {
-  if (!ab16.defined()) return outer_chunk(a, b, s, r, ca, co, i0, n, o, p);
-  const uint16_t* a16 = ab16.data<uint16_t>();  // [s, r, ca]
-  const uint16_t* b16 = a16 + s * r * ca;       // [s, r, co]
-  kern::gemm_typed(DType::BF16, true, false, n * ca, r * co, s, 1.f, a16 + i0 * ca, r * ca, b16,
+// outer_chunk with the product's inputs from opm_ab_bf16's buffer ab16 (bf16 storage: one process,
+// ca = co) and the pairs p16 [n*r, co*co] rounded to bf16 for the output Linear.
+void outer_chunk_bf16(const Tensor& ab16, int64_t s, int64_t r, int64_t co, int64_t i0, int64_t n,
+                      float* o, uint16_t* p16) {
+  const uint16_t* a16 = ab16.data<uint16_t>();  // [s, r, co]
+  const uint16_t* b16 = a16 + s * r * co;       // [s, r, co]
+  kern::gemm_typed(DType::BF16, true, false, n * co, r * co, s, 1.f, a16 + i0 * co, r * co, b16,
                    r * co, 0.f, o, r * co);
-  opm_pairs_from_outer(o, n, r, ca, co, p);
+  opm_pairs_from_outer_bf16(o, n, r, co, p16);
 }
 
 // The shard's outer-product chunk: rows i0 .. i0+n of its columns against every shard's b, into
@@ -467,14 +476,23 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
 
   const int64_t ch = opm_outer_chunk(ctx, r);
   const Tensor ab16 = opm_ab_bf16(ctx, st->a, st->b);  // [s*r*(ca + co)] bf16 (BF16 only)
-  Tensor o = Tensor::empty({ch * ca, r * co});         // [(i, c), (j, e)]
-  Tensor p = Tensor::empty({ch * r, ca * co});         // [(i, j), (c, e)]
-  Tensor y = Tensor::empty({ch * r, cz});              // linear_out(p)
+  const bool bf = ab16.defined();
+  FC_CHECK_MSG(!bf || ca == co, "bf16 outer product mean: every channel in one process");
+  Tensor o = Tensor::empty({ch * ca, r * co});  // [(i, c), (j, e)]
+  // [(i, j), (c, e)], in bf16 (the Linear's input, written by the transpose) under BF16
+  Tensor p = Tensor::empty({ch * r, ca * co}, bf ? DType::BF16 : DType::F32);
+  Tensor y = Tensor::empty({ch * r, cz});  // linear_out(p)
+  const float* bias = w.mean_first ? nullptr : bias_ptr(w.out);
   for (int64_t i0 = 0; i0 < r; i0 += ch) {
     const int64_t n = std::min(ch, r - i0);
-    outer_chunk_train(ab16, st->a.f32(), st->b.f32(), s, r, ca, co, i0, n, o.f32(), p.f32());
-    train_linear(ctx, p.f32(), ca * co, n * r, ca * co, w.out.w.f32(),
-                 w.mean_first ? nullptr : bias_ptr(w.out), cz, y.f32(), cz);
+    if (bf) {
+      outer_chunk_bf16(ab16, s, r, co, i0, n, o.f32(), p.data<uint16_t>());
+      train_linear(ctx, p.data<uint16_t>(), co * co, n * r, co * co, w.out.w.f32(), bias, cz,
+                   y.f32(), cz);
+    } else {
+      outer_chunk(st->a.f32(), st->b.f32(), s, r, ca, co, i0, n, o.f32(), p.f32());
+      train_linear(ctx, p.f32(), ca * co, n * r, ca * co, w.out.w.f32(), bias, cz, y.f32(), cz);
+    }
     opm_residual(w, cfg, y.f32(), st->norm.f32() + i0 * r, n * r, z + i0 * r * cz);
   }
 }
@@ -522,34 +540,41 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
       const float* ap = st.a.f32();
       const float* bp = st.b.f32();
       const int64_t ch = opm_outer_backward_chunk(ctx, r);
-      Tensor o = Tensor::empty({ch * ca, rco});      // outer, then its gradient, [(i, c), (j, e)]
-      Tensor p = Tensor::empty({ch * r, ca * co});   // outer [(i, j), (c, e)]
-      Tensor dp = Tensor::empty({ch * r, ca * co});  // dL/d outer [(i, j), (c, e)]
-      Tensor dy = Tensor::empty({ch * r, cz});       // dL/d linear_out(outer)
+      const bool bf = ctx.store == DType::BF16;
+      FC_CHECK_MSG(!bf || ca == co, "bf16 outer product mean: every channel in one process");
+      Tensor o = Tensor::empty({ch * ca, rco});  // outer, then (f32) its gradient, [(i, c), (j, e)]
+      // outer [(i, j), (c, e)], in bf16 under BF16 (the output Linear's x)
+      Tensor p = Tensor::empty({ch * r, ca * co}, bf ? DType::BF16 : DType::F32);
+      Tensor dp = Tensor::empty({ch * r, ca * co});      // dL/d outer [(i, j), (c, e)]
+      Tensor dy = Tensor::empty({ch * r, cz});           // dL/d linear_out(outer)
       const Tensor ab16 = opm_ab_bf16(ctx, st.a, st.b);  // [s*r*(ca + co)] bf16 (BF16 only)
+      float* db_out = w.mean_first ? nullptr : bias_ptr(g->out);
       for (int64_t i0 = 0; i0 < r; i0 += ch) {
         const int64_t n = std::min(ch, r - i0);
-        outer_chunk_train(ab16, ap, bp, s, r, ca, co, i0, n, o.f32(), p.f32());
         float* dyp = dy.f32();
-        opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-        train_linear_backward(ctx, p.f32(), ca * co, n * r, ca * co, w.out.w.f32(), cz, dyp, cz,
-                              dp.f32(), ca * co, g->out.w.f32(),
-                              w.mean_first ? nullptr : bias_ptr(g->out));
-        const float* dpp = dp.f32();
-        float* dop = o.f32();
-        opm_outer_from_pairs(dpp, n, r, ca, co, dop);
         // outer = A^T B with A = a [s, r*ca], B = b [s, r*c_o]: dA = B dO^T, dB += A dO.
-        if (ab16.defined()) {
-          const uint16_t* a16 = ab16.data<uint16_t>();              // [s, r, ca]
-          const uint16_t* b16 = a16 + sr * ca;                      // [s, r, co]
-          Tensor do16 = Tensor::empty({n * ca, rco}, DType::BF16);  // bf16 dO
-          kern::f32_to_bf16(dop, do16.data<uint16_t>(), n * ca * rco);
-          kern::gemm_typed(DType::BF16, false, true, s, n * ca, rco, 1.f, b16, rco,
-                           do16.data<uint16_t>(), rco, 0.f, da.f32() + i0 * ca, rca);
-          kern::gemm_typed(DType::BF16, false, false, s, rco, n * ca, 1.f, a16 + i0 * ca, rca,
+        if (bf) {
+          outer_chunk_bf16(ab16, s, r, co, i0, n, o.f32(), p.data<uint16_t>());
+          opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
+          train_linear_backward(ctx, p.data<uint16_t>(), co * co, n * r, co * co, w.out.w.f32(), cz,
+                                dyp, cz, dp.f32(), co * co, g->out.w.f32(), db_out);
+          const uint16_t* a16 = ab16.data<uint16_t>();              // [s, r, co]
+          const uint16_t* b16 = a16 + sr * co;                      // [s, r, co]
+          Tensor do16 = Tensor::empty({n * co, rco}, DType::BF16);  // bf16 dO [(i, c), (j, e)]
+          opm_outer_from_pairs_bf16(dp.f32(), n, r, co, do16.data<uint16_t>());
+          kern::gemm_typed(DType::BF16, false, true, s, n * co, rco, 1.f, b16, rco,
+                           do16.data<uint16_t>(), rco, 0.f, da.f32() + i0 * co, rca);
+          kern::gemm_typed(DType::BF16, false, false, s, rco, n * co, 1.f, a16 + i0 * co, rca,
                            do16.data<uint16_t>(), rco, 1.f, db.f32(), rco);
           continue;
         }
+        outer_chunk(ap, bp, s, r, ca, co, i0, n, o.f32(), p.f32());
+        opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
+        train_linear_backward(ctx, p.f32(), ca * co, n * r, ca * co, w.out.w.f32(), cz, dyp, cz,
+                              dp.f32(), ca * co, g->out.w.f32(), db_out);
+        const float* dpp = dp.f32();
+        float* dop = o.f32();
+        opm_outer_from_pairs(dpp, n, r, ca, co, dop);
         kern::gemm(false, true, s, n * ca, rco, 1.f, bp, rco, dop, rco, 0.f, da.f32() + i0 * ca,
                    rca);
         kern::gemm(false, false, s, rco, n * ca, 1.f, ap + i0 * ca, rca, dop, rco, 1.f, db.f32(),
@@ -728,11 +753,13 @@ void opm_train_replay(AllocReplay& S, const BlockContext& ctx, bool z_update, bo
     const bool bf16 = ctx.store == DType::BF16;
     if (bf16) S.alloc_bf16(2 * sr * co);  // ab16
     const int64_t ch = opm_outer_chunk(ctx, r);
-    const int64_t chunk = ch * r * (2 * co * co + cz);  // o, p, y
+    const int64_t chunk = ch * r * ((bf16 ? 1 : 2) * co * co + cz);  // o, p (f32), y
     S.alloc(chunk);
+    if (bf16) S.alloc_bf16(ch * r * co * co);  // p (bf16)
     for (int64_t i0 = 0; i0 < r; i0 += ch)
-      train_linear_replay(S, ctx, std::min(ch, r - i0) * r, co * co, cz);
+      train_linear_replay(S, ctx, std::min(ch, r - i0) * r, co * co, cz, bf16);
     S.free(chunk);
+    if (bf16) S.free_bf16(ch * r * co * co);
     if (bf16) S.free_bf16(2 * sr * co);
   }
   if (!keep) S.free(opm_state_floats(ctx));
@@ -745,17 +772,19 @@ void opm_backward_replay(AllocReplay& S, const BlockContext& ctx) {
   S.alloc(sr * cm);      // dxln
   S.alloc(2 * sr * co);  // dab
   const int64_t ch = opm_outer_backward_chunk(ctx, r);
-  const int64_t inner = 2 * sr * co + ch * r * (3 * co * co + cz);  // da, db; o, p, dp, dy
+  const bool bf16 = ctx.store == DType::BF16;
+  // da, db; o, p (f32), dp, dy
+  const int64_t inner = 2 * sr * co + ch * r * ((bf16 ? 2 : 3) * co * co + cz);
   S.alloc(inner);
-  if (ctx.store == DType::BF16) {
-    S.alloc_bf16(2 * sr * co);  // ab16
+  if (bf16) {
+    S.alloc_bf16(ch * r * co * co + 2 * sr * co);  // p (bf16), ab16
     for (int64_t i0 = 0; i0 < r; i0 += ch) {
       const int64_t n = std::min(ch, r - i0);
-      train_linear_backward_replay(S, ctx, n * r, co * co, cz);
+      train_linear_backward_replay(S, ctx, n * r, co * co, cz, true, true);
       S.alloc_bf16(n * co * r * co);  // do16
       S.free_bf16(n * co * r * co);
     }
-    S.free_bf16(2 * sr * co);
+    S.free_bf16(ch * r * co * co + 2 * sr * co);
   }
   S.free(inner);
   train_linear_backward_replay(S, ctx, sr, cm, 2 * co);

@@ -105,30 +105,51 @@ int64_t transition_train_row_bytes(int64_t c, int64_t nc) {
   return (2 * c + 2 * nc + 2) * kF;
 }
 
+// BF16 storage: LN(x) is written in bf16 by the LayerNorm (the GEMM's input), and the hidden h
+// rounded to bf16 once after the ReLU; that bf16 h is linear_2's input and the kept state, and the
+// backward reads it as it is (dW_2's input, the ReLU mask). Same values as rounding f32 copies.
 void transition_train(const TransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                       int64_t c, TransitionState* st, const float* row_mask) {
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  const bool bf = ctx.store == DType::BF16;
+  const float eps = ctx.cfg->eps_ln;
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
     const int64_t n = std::min(ch, rows - r0);
     float* xr = x + r0 * c;
     Tensor h = Tensor::empty({n, nc});  // relu(linear_1(LN(x))) of the chunk
-    {
+    if (bf) {
+      Tensor x_ln = Tensor::empty({n, c}, DType::BF16);  // bf16(LN(x))
+      kern::layernorm_bf16(xr, c, x_ln.data<uint16_t>(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), eps);
+      train_linear(ctx, x_ln.data<uint16_t>(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(),
+                   nc);
+    } else {
       Tensor x_ln = Tensor::empty({n, c});
-      kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), ctx.cfg->eps_ln);
+      kern::layernorm(xr, c, x_ln.f32(), c, n, c, w.ln.w.f32(), w.ln.b.f32(), eps);
       train_linear(ctx, x_ln.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
     }
     kern::relu_inplace(h.f32(), nc, n, nc);
-    round_for_store(ctx, h);
+    if (bf) {
+      Tensor hb = Tensor::empty({n, nc}, DType::BF16);  // bf16(h)
+      kern::f32_to_bf16(h.f32(), hb.data<uint16_t>(), n * nc);
+      h = std::move(hb);
+    }
+    auto linear_2 = [&](float* y, bool accumulate) {
+      if (bf)
+        train_linear(ctx, h.data<uint16_t>(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, y, c,
+                     accumulate);
+      else
+        train_linear(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, y, c, accumulate);
+    };
     if (row_mask == nullptr) {
-      train_linear(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, xr, c, true);
+      linear_2(xr, true);
     } else {
       Tensor u = Tensor::empty({n, c});  // the chunk's update, masked per row
-      train_linear(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), w.l2.b.f32(), c, u.f32(), c);
+      linear_2(u.f32(), false);
       kern::scale_rows(u.f32(), c, row_mask + r0, n, c);
       kern::add_inplace(xr, c, u.f32(), c, n, c);
     }
-    if (st) st->h.push_back(to_store(ctx, std::move(h)));
+    if (st) st->h.push_back(std::move(h));
   }
 }
 
@@ -139,21 +160,31 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
                          const float* row_mask) {
   const int64_t nc = w.l1.w.dim(0);
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  const bool bf = ctx.store == DType::BF16;
   FC_CHECK_MSG(st->h.empty() || static_cast<int64_t>(st->h.size()) == (rows + ch - 1) / ch,
                "transition state was saved with another chunking");
   for (int64_t r0 = 0, idx = 0; r0 < rows; r0 += ch, ++idx) {
     const int64_t n = std::min(ch, rows - r0);
     const float* xr = x_in + r0 * c;
     float* dxr = dx + r0 * c;
-    NormedRows ln = layernorm_with_stats(xr, n, c, w.ln, ctx.cfg->eps_ln);
-    Tensor h;  // [n, nc] kept by the forward, or recomputed
-    if (st->h.empty()) {
-      h = Tensor::empty({n, nc});
-      train_linear(ctx, ln.y.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
-      kern::relu_inplace(h.f32(), nc, n, nc);
-      round_for_store(ctx, h);
+    // LN(x) ([n, c], bf16 under BF16 storage) with its statistics
+    NormedRows ln = layernorm_with_stats(xr, n, c, w.ln, ctx.cfg->eps_ln, ctx.store);
+    Tensor h;  // [n, nc] kept by the forward, or recomputed (bf16 under BF16 storage)
+    if (!st->h.empty()) {
+      h = std::move(st->h[idx]);
     } else {
-      h = from_store(std::move(st->h[idx]));
+      h = Tensor::empty({n, nc});
+      if (bf)
+        train_linear(ctx, ln.y.data<uint16_t>(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(),
+                     nc);
+      else
+        train_linear(ctx, ln.y.f32(), c, n, c, w.l1.w.f32(), w.l1.b.f32(), nc, h.f32(), nc);
+      kern::relu_inplace(h.f32(), nc, n, nc);
+      if (bf) {
+        Tensor hb = Tensor::empty({n, nc}, DType::BF16);
+        kern::f32_to_bf16(h.f32(), hb.data<uint16_t>(), n * nc);
+        h = std::move(hb);
+      }
     }
     Tensor dh = Tensor::empty({n, nc});  // dL/d h, then dL/d linear_1 output
     {
@@ -163,14 +194,26 @@ void transition_backward(const TransitionW& w, TransitionW* g, const BlockContex
         std::memcpy(du.f32(), dxr, static_cast<size_t>(n * c) * kF);
         kern::scale_rows(du.f32(), c, row_mask + r0, n, c);
       }
-      train_linear_backward(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), c, du.defined() ? du.f32() : dxr,
-                            c, dh.f32(), nc, g->l2.w.f32(), g->l2.b.f32());
+      const float* dy = du.defined() ? du.f32() : dxr;
+      if (bf)
+        train_linear_backward(ctx, h.data<uint16_t>(), nc, n, nc, w.l2.w.f32(), c, dy, c, dh.f32(),
+                              nc, g->l2.w.f32(), g->l2.b.f32());
+      else
+        train_linear_backward(ctx, h.f32(), nc, n, nc, w.l2.w.f32(), c, dy, c, dh.f32(), nc,
+                              g->l2.w.f32(), g->l2.b.f32());
     }
-    kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
+    if (bf)
+      kern::relu_backward(h.data<uint16_t>(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
+    else
+      kern::relu_backward(h.f32(), nc, dh.f32(), nc, dh.f32(), nc, n, nc);
     h = Tensor();
     Tensor dxln = Tensor::empty({n, c});  // dL/d LN(x)
-    train_linear_backward(ctx, ln.y.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
-                          g->l1.w.f32(), g->l1.b.f32());
+    if (bf)
+      train_linear_backward(ctx, ln.y.data<uint16_t>(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc,
+                            dxln.f32(), c, g->l1.w.f32(), g->l1.b.f32());
+    else
+      train_linear_backward(ctx, ln.y.f32(), c, n, c, w.l1.w.f32(), nc, dh.f32(), nc, dxln.f32(), c,
+                            g->l1.w.f32(), g->l1.b.f32());
     dh = Tensor();
     ln.y = Tensor();
     layernorm_backward_into(xr, dxln.f32(), n, c, w.ln, ln.mean.f32(), ln.rstd.f32(), dxr, &g->ln,
@@ -203,37 +246,61 @@ LayerWork transition_work(int64_t rows, int64_t c, int64_t n, const WorkChunks& 
 void transition_train_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
                              int64_t nc, bool keep, bool masked) {
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  const bool bf = ctx.store == DType::BF16;
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
     const int64_t n = std::min(ch, rows - r0);
     S.alloc(n * nc);  // h
-    S.alloc(n * c);   // x_ln
-    train_linear_replay(S, ctx, n, c, nc);
-    S.free(n * c);
+    if (bf) {
+      S.alloc_bf16(n * c);  // x_ln
+      train_linear_replay(S, ctx, n, c, nc, true);
+      S.free_bf16(n * c);
+      S.alloc_bf16(n * nc);  // bf16(h)
+      S.free(n * nc);
+    } else {
+      S.alloc(n * c);  // x_ln
+      train_linear_replay(S, ctx, n, c, nc);
+      S.free(n * c);
+    }
     if (masked) S.alloc(n * c);  // u
-    train_linear_replay(S, ctx, n, nc, c);
+    train_linear_replay(S, ctx, n, nc, c, bf);
     if (masked) S.free(n * c);
-    if (!keep) S.free(n * nc);
-    if (keep) to_store_replay(S, ctx, n * nc);
+    if (!keep) {
+      if (bf)
+        S.free_bf16(n * nc);
+      else
+        S.free(n * nc);
+    }
   }
 }
 
 void transition_backward_replay(AllocReplay& S, const BlockContext& ctx, int64_t rows, int64_t c,
                                 int64_t nc, bool kept, bool masked) {
   const int64_t ch = transition_train_chunk(ctx, rows, c, nc);
+  const bool bf = ctx.store == DType::BF16;
+  // x_ln and h in the storage type (bf16 under BF16)
+  auto alloc_s = [&](int64_t k) { bf ? S.alloc_bf16(k) : S.alloc(k); };
+  auto free_s = [&](int64_t k) { bf ? S.free_bf16(k) : S.free(k); };
   for (int64_t r0 = 0; r0 < rows; r0 += ch) {
     const int64_t n = std::min(ch, rows - r0);
-    S.alloc(n * c + 2 * n);      // x_ln, mean, rstd
-    if (!kept) S.alloc(n * nc);  // h
-    if (!kept) train_linear_replay(S, ctx, n, c, nc);
-    if (kept) from_store_replay(S, ctx, n * nc);
+    alloc_s(n * c);  // x_ln
+    S.alloc(2 * n);  // mean, rstd
+    if (!kept) {
+      S.alloc(n * nc);  // h
+      train_linear_replay(S, ctx, n, c, nc, bf);
+      if (bf) {
+        S.alloc_bf16(n * nc);  // bf16(h)
+        S.free(n * nc);
+      }
+    }
     S.alloc(n * nc);             // dh
     if (masked) S.alloc(n * c);  // du
-    train_linear_backward_replay(S, ctx, n, nc, c);
+    train_linear_backward_replay(S, ctx, n, nc, c, true, bf);
     if (masked) S.free(n * c);
-    S.free(n * nc);  // h
+    free_s(n * nc);  // h
     S.alloc(n * c);  // dxln
-    train_linear_backward_replay(S, ctx, n, c, nc);
-    S.free(n * nc + n * c);  // dh, x_ln
+    train_linear_backward_replay(S, ctx, n, c, nc, true, bf);
+    S.free(n * nc);  // dh
+    free_s(n * c);   // x_ln
     S.alloc(ln_scratch(n, c));
     S.free(ln_scratch(n, c));
     S.free(n * c + 2 * n);  // dxln, mean, rstd
