@@ -90,18 +90,23 @@ void opm_project(const OuterProductMeanW& w, const BlockContext& ctx, const floa
   }
 }
 
-// z += W_out outer / (norm + eps) (AF2) or / max(norm, 1) (AF3, w.mean_first) for `rows` pairs
-// from y = W_out outer [rows, c_z] without any bias: the update of one chunk of MSA rows after the
-// first (whose opm_residual carries the bias).
-void opm_residual_more(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
-                       const float* norm, int64_t rows, float* z) {
+// The scale of one pair's update: 1 / (norm + eps) (AF2) or 1 / max(norm, 1) (AF3,
+// w.mean_first), norm the pair's mask count.
+float opm_pair_scale(const OuterProductMeanW& w, float eps, float norm) {
+  return w.mean_first ? 1.f / std::max(norm, 1.f) : 1.f / (norm + eps);
+}
+
+// z += y * opm_pair_scale (+ b, unscaled, when b != nullptr) for `rows` pairs, y [rows, c_z].
+void opm_scaled_add(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
+                    const float* norm, int64_t rows, const float* b, float* z) {
   const int64_t cz = cfg.c_z;
-  const float eps = cfg.eps_opm;
-  const bool af3 = w.mean_first;
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
-    const float inv = af3 ? 1.f / std::max(norm[row], 1.f) : 1.f / (norm[row] + eps);
-    for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv;
+    const float inv = opm_pair_scale(w, cfg.eps_opm, norm[row]);
+    if (b == nullptr)
+      for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv;
+    else
+      for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv + b[c];
   }
 }
 
@@ -139,8 +144,8 @@ void opm_msa_chunked(const OuterProductMeanW& w, const BlockContext& ctx, const 
       const bool first = s0 == 0;
       kern::linear(p.f32(), co * co, ni * r, co * co, w.out.w.f32(),
                    first && !w.mean_first ? bias_ptr(w.out) : nullptr, cz, y.f32(), cz);
-      (first ? opm_residual : opm_residual_more)(w, cfg, y.f32(), norm.f32() + i0 * r, ni * r,
-                                                 z + i0 * r * cz);
+      opm_scaled_add(w, cfg, y.f32(), norm.f32() + i0 * r, ni * r,
+                     first && w.mean_first ? bias_ptr(w.out) : nullptr, z + i0 * r * cz);
     }
   }
 }
@@ -211,15 +216,13 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
 void opm_residual_backward(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* dz,
                            const float* norm, int64_t rows, float* dy, OuterProductMeanW* g) {
   const int64_t cz = cfg.c_z;
-  const float eps = cfg.eps_opm;
-  const bool af3 = w.mean_first;
 #pragma omp parallel for schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
-    const float inv = af3 ? 1.f / std::max(norm[row], 1.f) : 1.f / (norm[row] + eps);
+    const float inv = opm_pair_scale(w, cfg.eps_opm, norm[row]);
     for (int64_t c = 0; c < cz; ++c) dy[row * cz + c] = dz[row * cz + c] * inv;
   }
   float* gb = bias_ptr(g->out);
-  if (!af3 || gb == nullptr) return;
+  if (!w.mean_first || gb == nullptr) return;
   for (int64_t c = 0; c < cz; ++c) {
     double sum = 0;
     for (int64_t row = 0; row < rows; ++row) sum += dz[row * cz + c];
@@ -392,23 +395,7 @@ int64_t opm_a_channels(const OuterProductMeanW& w, const EvoformerConfig& cfg) {
 
 void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const float* y,
                   const float* norm, int64_t rows, float* z) {
-  const int64_t cz = cfg.c_z;
-  if (!w.mean_first) {
-    const float eps = cfg.eps_opm;
-#pragma omp parallel for schedule(static)
-    for (int64_t row = 0; row < rows; ++row) {
-      const float inv = 1.f / (norm[row] + eps);
-      for (int64_t c = 0; c < cz; ++c) z[row * cz + c] += y[row * cz + c] * inv;
-    }
-    return;
-  }
-  const float* b = bias_ptr(w.out);
-#pragma omp parallel for schedule(static)
-  for (int64_t row = 0; row < rows; ++row) {
-    const float inv = 1.f / std::max(norm[row], 1.f);
-    for (int64_t c = 0; c < cz; ++c)
-      z[row * cz + c] += y[row * cz + c] * inv + (b != nullptr ? b[c] : 0.f);
-  }
+  opm_scaled_add(w, cfg, y, norm, rows, w.mean_first ? bias_ptr(w.out) : nullptr, z);
 }
 
 void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
