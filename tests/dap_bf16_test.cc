@@ -38,16 +38,9 @@ constexpr double kDapVsOneForwardTol = 2e-2, kDapVsOneTrainTol = 2e-2;
 
 dist::Communicator world() { return dist::Communicator::world(); }
 
-double norm2(const Tensor& x) {
-  const Tensor a = x.to(DType::F64);
-  double ss = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) ss += a.data<double>()[i] * a.data<double>()[i];
-  return std::sqrt(ss);
-}
-
-// Normwise error, or ||x|| where the reference is zero to rounding (as train_bf16_test.cc).
+// Normwise error (outputs and dL/d inputs).
 double err(const Tensor& x, const Tensor& ref) {
-  return norm2(ref) < 1e-6 ? norm2(x) : test::normwise_err(x.contiguous(), ref.contiguous());
+  return test::normwise_err(x.contiguous(), ref.contiguous());
 }
 
 // A golden file's stack and inputs, read on every rank (small files).
@@ -168,10 +161,10 @@ Step one_step(const Golden<Stack>& g, const TrainOptions& o) {
   return st;
 }
 
-// Worst errors of a step: outputs, dL/d inputs, parameter gradients, against another step; with
-// `zero` (the golden step), the parameter gradients that are zero to rounding there (a LayerNorm
-// bias whose effect the softmax cancels) are left out: between two bf16 runs they are summation
-// noise of either sign.
+// Worst errors of a step: outputs, dL/d inputs, parameter gradients, against another step (a
+// gradient that is zero to rounding in the reference step: its noise, test::param_grad_err);
+// with `zero` (the golden step), the gradients that are zero to rounding there are left out:
+// between two bf16 runs they are summation noise of either sign.
 struct Errors {
   double out = 0, input_grad = 0, param_grad = 0;
   std::string worst_param;
@@ -181,12 +174,18 @@ Errors step_err(const Step& a, const Step& b, const Step* zero = nullptr) {
   Errors e;
   e.out = std::max(err(a.m, b.m), err(a.z, b.z));
   e.input_grad = std::max(err(a.r.grad_m, b.r.grad_m), err(a.r.grad_z, b.r.grad_z));
-  EXPECT_EQ(a.r.grad_params.size(), b.r.grad_params.size());
-  for (size_t i = 0; i < a.r.grad_params.size() && i < b.r.grad_params.size(); ++i)
-    if (zero == nullptr || norm2(zero->r.grad_params[i].second) >= 1e-6) {
-      const double x = err(a.r.grad_params[i].second, b.r.grad_params[i].second);
-      if (x > e.param_grad) e.param_grad = x, e.worst_param = a.r.grad_params[i].first;
-    }
+  const auto& ga = a.r.grad_params;  // (name, gradient) in the stack's order
+  const auto& gb = b.r.grad_params;
+  EXPECT_EQ(ga.size(), gb.size());
+  for (size_t i = 0; i < ga.size() && i < gb.size(); ++i) {
+    if (zero != nullptr && test::zero_to_rounding(zero->r.grad_params[i].second)) continue;
+    const std::string scale_name = test::noise_scale_name(ga[i].first);
+    const Tensor* scale = &gb[i].second;
+    for (const auto& [name, t] : gb)
+      if (name == scale_name) scale = &t;
+    const double x = test::param_grad_err(ga[i].second, gb[i].second, *scale);
+    if (x > e.param_grad) e.param_grad = x, e.worst_param = ga[i].first;
+  }
   return e;
 }
 // The golden file's outputs and gradients as a step.

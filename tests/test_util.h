@@ -103,6 +103,37 @@ inline double normwise_err(const Tensor& x, const Tensor& ref) {
   return std::sqrt(num / std::max(den, 1e-300));
 }
 
+// ||x||_2 in double precision.
+inline double norm2(const Tensor& x) {
+  const Tensor a = x.to(DType::F64);
+  double ss = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) ss += a.data<double>()[i] * a.data<double>()[i];
+  return std::sqrt(ss);
+}
+
+// A reference gradient that is zero to rounding: a LayerNorm bias whose effect a softmax
+// cancels (msa_att_row.layer_norm_z.bias: a constant added to every logit of a row).
+inline bool zero_to_rounding(const Tensor& ref) { return norm2(ref) < 1e-6; }
+
+// The reference whose norm scales a zero-to-rounding gradient's noise: the same LayerNorm's
+// weight gradient, a sum over the same rows that does not cancel ("....bias" -> "....weight";
+// the name itself when it does not end in "bias").
+inline std::string noise_scale_name(const std::string& name) {
+  const std::string suffix = "bias";
+  if (name.size() < suffix.size() || name.compare(name.size() - 4, 4, suffix) != 0) return name;
+  return name.substr(0, name.size() - 4) + "weight";
+}
+
+// The normwise error of a parameter gradient. Where the reference is zero to rounding there is
+// no relative error: the computed gradient is summation noise, measured as ||x|| / ||scale||
+// (scale: the reference named by noise_scale_name), so the metric does not depend on the
+// gradient's units or on which kernels a machine's oneDNN picks.
+inline double param_grad_err(const Tensor& x, const Tensor& ref, const Tensor& scale) {
+  if (!zero_to_rounding(ref)) return normwise_err(x.contiguous(), ref.contiguous());
+  const double s = norm2(scale);
+  return s < 1e-6 ? norm2(x) : norm2(x) / s;
+}
+
 inline double golden_err(const Tensor& x, const Tensor& ref) {
   Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
   const double* pa = a.data<double>();  // [numel]

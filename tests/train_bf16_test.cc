@@ -32,23 +32,20 @@ using R = Recompute;
 
 // Normwise tolerances of a bf16 training step against the float64 reference, per tensor:
 // outputs and dL/d inputs (worst measured 8.4e-3 and 4.2e-2, docs/benchmarks.md) and every
-// parameter gradient (worst measured 0.135, a LayerNorm bias: a sum over all rows of terms that
-// mostly cancel). 2.2-2.4x the worst measured values.
+// parameter gradient (worst measured 9.7e-2, evo_tiny's pair_transition.layer_norm.weight: a sum
+// over all rows). A gradient that is zero to rounding in the reference is measured as noise
+// against its LayerNorm's weight gradient (test::param_grad_err): as ||x|| alone it was 0.15 on
+// one process and 0.31 under DAP on another machine's kernels, a unit-dependent number.
 constexpr double kBf16OutTol = 2e-2;
 constexpr double kBf16InputGradTol = 0.1;
 constexpr double kBf16ParamGradTol = 0.3;
 
-double norm2(const Tensor& x) {
-  const Tensor a = x.to(DType::F64);
-  double ss = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) ss += a.data<double>()[i] * a.data<double>()[i];
-  return std::sqrt(ss);
-}
-
-// The normwise error, or ||x|| where the reference is zero to rounding (a LayerNorm bias whose
-// effect the softmax cancels: msa_att_row.layer_norm_z.bias).
-double grad_err(const Tensor& x, const Tensor& ref) {
-  return norm2(ref) < 1e-6 ? norm2(x) : test::normwise_err(x, ref);
+// A gradient's error against the golden file's `name`: normwise, or the noise of a gradient
+// that is zero to rounding there against its LayerNorm's weight gradient (test_util.h).
+double grad_err(const TensorFile& f, const std::string& name, const Tensor& x) {
+  const Tensor& ref = f.tensors.at(name);
+  const std::string scale = test::noise_scale_name(name);
+  return test::param_grad_err(x, ref, f.has(scale) ? f.tensors.at(scale) : ref);
 }
 
 using test::bit_equal;
@@ -87,7 +84,7 @@ Errors step_errors(const TensorFile& f, const Step& s) {
   e.input_grad = std::max(test::normwise_err(s.r.grad_m, f.tensors.at("grad.input.m")),
                           test::normwise_err(s.r.grad_z, f.tensors.at("grad.input.z")));
   for (const auto& [name, g] : s.r.grad_params)
-    e.param_grad = std::max(e.param_grad, grad_err(g, f.tensors.at("grad.param." + name)));
+    e.param_grad = std::max(e.param_grad, grad_err(f, "grad.param." + name, g));
   return e;
 }
 
@@ -224,7 +221,7 @@ void check_af3_golden(const std::string& file) {
     for (const std::string& name : f.names) {
       if (name.rfind("grad.", 0) != 0) continue;
       ASSERT_TRUE(s.grads.count(name)) << name;
-      const double e = grad_err(s.grads.at(name), f.tensors.at(name));
+      const double e = grad_err(f, name, s.grads.at(name));
       const bool param = name.rfind("grad.param.", 0) == 0;
       EXPECT_LT(e, param ? kBf16ParamGradTol : kBf16InputGradTol) << name;
       (param ? worst_param : worst_in) = std::max(param ? worst_param : worst_in, e);
