@@ -195,6 +195,22 @@ LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
   channels.c_hidden_mul = part(p.cfg.c_hidden_mul);
   LayerCosts c{costs(p.cfg), costs(heads), costs(channels)};
   const BlockTable& t = plan_table(p);
+  // A channel-parallel triangle multiplication runs its training forward also in inference (the
+  // form with LN_out's channel_sum hook: triangle_multiplication in src/layers): channel groups
+  // of the training chunking, narrow projections, LN_in(z) swept per group. Its inference cost is
+  // that form's forward at this rank's channels, not the inference form's.
+  if (!p.training) {
+    // The executor's target when the plan has none (dap.cc: 1/8 of a rank's shard bytes).
+    const DapLayout l = dap_layout(p.s, p.r, p.dap, 0);
+    const int64_t shards = (l.s_loc * l.r_pad * p.cfg.c_m + l.r_loc * l.r_pad * p.cfg.c_z) * kF;
+    const int64_t target =
+        p.chunk_target_bytes > 0 ? p.chunk_target_bytes : std::max<int64_t>(shards / 8, 1 << 20);
+    const std::vector<ModuleCost> train =
+        block_module_costs(channels, p.s, p.r, p.chunk, target, true, d, p.extra_msa);
+    for (int i = 0; i < t.count && i < static_cast<int>(train.size()); ++i)
+      if (t.layers[i].kind == LayerKind::kTriangleMultiplication)
+        c.channels[i].forward_ms = train[i].forward_ms;
+  }
   for (int i = 0; i < t.count && i < static_cast<int>(c.channels.size()); ++i)
     if (t.layers[i].kind == LayerKind::kOuterProductMean) {
       const double share = cost_share(t.layers[i], p.cfg, Split::kChannels, n);
@@ -282,6 +298,12 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       fwd_floats += 2 * (2 * (n - 1) * rr / n);
       bwd_floats += 2 * (2 * (n - 1) * rr / n) + 2 * (n - 1) * (2 * rr) / n;
       fwd_calls += 2, bwd_calls += 3;
+      // The statistics' own passes over this rank's products P [c_t/N, r_pad^2] (channel-major,
+      // as large as z): forward two reads (the sums, the squared deviations); the backward those
+      // again and the second part of LN_out's backward (P and dP read, dP written).
+      const int64_t pc = (cfg.c_hidden_mul + n - 1) / n * rr;
+      est.fwd_ms += copy_time(2 * pc);
+      if (p.training) est.bwd_ms += copy_time(5 * pc);
     }
     if (s == Split::kDap) {
       const int64_t g = dap_gather_floats(ly, cfg, l);
