@@ -94,7 +94,9 @@ void print_forward(const RunArgs& a, const RunOptions& o, const Job& job, const 
               mib(f.inference_peak_bytes), static_cast<double>(f.inference_peak_bytes) / f.mz_bytes,
               mib(f.mz_bytes));
   std::printf("  peak RSS    %9.1f MiB\n", mib(f.peak_rss_bytes));
-  for (const auto& [module, ms] : f.module_ms) {
+  for (size_t k = 0; k < f.module_ms.size(); ++k) {
+    const auto& [module, ms] = f.module_ms[k];
+    const double cpu = k < f.module_cpu_ms.size() ? f.module_cpu_ms[k].second : 0.0;
     std::string chunks;  // "items/length" per chunk loop of the module
     for (const ModuleChunk& c : f.chunking)
       if (c.module == module)
@@ -102,7 +104,8 @@ void print_forward(const RunArgs& a, const RunOptions& o, const Job& job, const 
             .append(std::to_string(c.items))
             .append("/")
             .append(std::to_string(c.length));
-    std::printf("    %-20s %9.1f ms   chunks%s\n", module.c_str(), ms, chunks.c_str());
+    std::printf("    %-20s %9.1f ms  (CPU %9.1f ms)  chunks%s\n", module.c_str(), ms, cpu,
+                chunks.c_str());
   }
   if (o.memory_budget > 0)
     std::printf(
@@ -150,6 +153,7 @@ nlohmann::json forward_report_json(const RunArgs& a, const RunOptions& o, const 
   j["config"] = nlohmann::json::parse(cfg.to_json());
   if (a.profile)
     for (const auto& [module, ms] : f.module_ms) j["module_ms"][module] = ms;
+  for (const auto& [module, ms] : f.module_cpu_ms) j["module_cpu_ms"][module] = ms;
   return j;
 }
 

@@ -108,7 +108,8 @@ struct ForwardReport {
   int64_t chunk_target_bytes_used = 0;  // the target in effect
   InferencePlan plan;                   // memory_budget > 0
   std::vector<ModuleChunk> chunking;    // every module's chunk loops
-  std::vector<std::pair<std::string, double>> module_ms;  // profile: last pass, run order
+  std::vector<std::pair<std::string, double>> module_ms;      // profile: last pass, run order
+  std::vector<std::pair<std::string, double>> module_cpu_ms;  // the same, process CPU time
 };
 // warmup + repeats forward passes; the last runs on job->m, job->z themselves (moved out), the
 // others on copies. A memory budget refuses (OutOfMemory) when nothing fits.

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <thread>
 
 #include "dist/comm_api.h"
 #include "exec/dap.h"
@@ -13,6 +15,7 @@
 #include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/parallel.h"
+#include "plan/profile_fit.h"
 
 namespace fc {
 
@@ -251,6 +254,28 @@ void profile_for_ranks(int ranks, DeviceProfile* dev) {
     // write each, at the sweep rate): sent + received bytes at half of stream_gbps.
     dev->link_gbps = (dev->stream_gbps > 0 ? dev->stream_gbps : dev->mem_gbps) / 2;
     dev->link_latency_us = 5;
+  }
+  // This machine's calibrated profile describes ranks on this node: more ranks x threads than
+  // cores (mpirun --oversubscribe) share the cores, each getting cores / (ranks x threads) of the
+  // time its threads were calibrated with, so every rate scales by that share.
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  const int wanted = ranks * std::max(dev->threads, 1);
+  const bool shared_already = dev->name.find(" cores: rates x ") != std::string::npos;
+  if (dev->calibrated && cores > 0 && wanted > cores && !shared_already) {
+    const double share = static_cast<double>(cores) / wanted;
+    DeviceProfile shared;
+    const Status st =
+        apply_fit_parameters(*dev, {{"compute", share, share}, {"memory", share, share}}, &shared);
+    if (st.ok()) {
+      shared.chunk_overhead_us /= share;
+      shared.module_overhead_us /= share;
+      shared.link_gbps *= share;  // the collectives' copies run on the shared cores too
+      char note[96];
+      std::snprintf(note, sizeof note, " [%d ranks x %d threads on %d cores: rates x %.2f]", ranks,
+                    std::max(dev->threads, 1), cores, share);
+      shared.name += note;
+      *dev = shared;
+    }
   }
 }
 
