@@ -256,5 +256,35 @@ TEST(PartitionPlan, ChannelSplitsOfTriMulAndOpmAreCosted) {
   }
 }
 
+// A channel-parallel triangle multiplication runs its training forward in inference too (the form
+// with LN_out's channel sums): its inference compute on a rank is that form's forward at c_t / N
+// channels (not the inference form's), plus the statistics' two reads of its products.
+TEST(PartitionPlan, ChannelTriMulInInferenceIsCostedAsTheTrainingForwardItRuns) {
+  for (int n : {2, 4}) {
+    PlanRequest q = request(n, 1, false);
+    q.split_auto = false;
+    q.profile.stream_gbps = 20;
+    Plan p;
+    ASSERT_TRUE(make_plan(q, &p).ok());
+    const BlockTable& t = kEvoformerBlock;
+    const int i = static_cast<int>(find_layer(t, "tri_mul_out") - t.layers);
+    std::vector<Split> ch(t.count, Split::kDap);
+    ch[i] = Split::kChannels;
+    const PartitionEstimate b = estimate_partition(p, q.profile, ch);
+    EvoformerConfig c = p.cfg;
+    c.c_hidden_mul = (c.c_hidden_mul + n - 1) / n;
+    DeviceProfile d = q.profile;
+    d.dtype = p.dtype;
+    d.element_bytes = p.element_bytes;
+    const double train =
+        block_module_costs(c, p.s, p.r, p.chunk, p.chunk_target_bytes, true, d)[i].forward_ms;
+    const double stats_ms = 2.0 * c.c_hidden_mul * p.r * p.r * 4 / (20 * 1e9) * 1e3;
+    EXPECT_NEAR(b.layers[i].fwd_ms, train + stats_ms, 1e-9 * train) << n;
+    const double infer =
+        block_module_costs(c, p.s, p.r, p.chunk, p.chunk_target_bytes, false, d)[i].forward_ms;
+    EXPECT_NE(train, infer) << n;
+  }
+}
+
 }  // namespace
 }  // namespace fc
