@@ -270,12 +270,14 @@ TEST(PartitionPlan, ChannelTriMulInInferenceIsCostedAsTheTrainingForwardItRuns) 
     const int i = static_cast<int>(find_layer(t, "tri_mul_out") - t.layers);
     std::vector<Split> ch(t.count, Split::kDap);
     ch[i] = Split::kChannels;
-    const PartitionEstimate b = estimate_partition(p, q.profile, ch);
     EvoformerConfig c = p.cfg;
     c.c_hidden_mul = (c.c_hidden_mul + n - 1) / n;
     DeviceProfile d = q.profile;
     d.dtype = p.dtype;
     d.element_bytes = p.element_bytes;
+    d.train_fwd_factor = 1;  // the form keeps no state: the factor does not apply
+    q.profile.train_fwd_factor = 1.3;
+    const PartitionEstimate b = estimate_partition(p, q.profile, ch);
     const double train =
         block_module_costs(c, p.s, p.r, p.chunk, p.chunk_target_bytes, true, d)[i].forward_ms;
     const double stats_ms = 2.0 * c.c_hidden_mul * p.r * p.r * 4 / (20 * 1e9) * 1e3;
