@@ -96,8 +96,8 @@ TEST(Convert, RoundToBf16MatchesReferenceOnEveryTarget) {
 TEST(Convert, F32ToBf16RowsMatchesReferenceOnEveryTarget) {
   const std::vector<float> x = probe_inputs();
   ForEachTarget([&] {
-    for (const auto& [rows, n] : {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {300, 32},
-                                  {9000, 33}, {40, 1000}}) {
+    for (const auto& [rows, n] :
+         {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {300, 32}, {9000, 33}, {40, 1000}}) {
       const int64_t lds = n + 3, ldd = n + 5;
       ASSERT_LE(rows * lds, static_cast<int64_t>(x.size()));
       std::vector<uint16_t> want(rows * ldd, 0xABCD), got(rows * ldd, 0xABCD);

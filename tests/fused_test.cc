@@ -319,15 +319,15 @@ TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
     std::vector<float> want = x0, scratch(2 * (c.c + nh));
     a.x = want.data();
     kern::ref::transition(a, scratch.data());
-    const std::vector<std::vector<float>> got = run_thread_counts(
-        [&](int threads) { return kern::transition_scratch_floats(a, threads); },
-        [&](float* s, int threads) {
-          std::vector<float> x = x0;
-          a.x = x.data();
-          kern::transition(a, s, threads);
-          return x;
-        },
-        want, tol, dtype_name(dt));
+    const std::vector<std::vector<float>> got =
+        run_thread_counts([&](int threads) { return kern::transition_scratch_floats(a, threads); },
+                          [&](float* s, int threads) {
+                            std::vector<float> x = x0;
+                            a.x = x.data();
+                            kern::transition(a, s, threads);
+                            return x;
+                          },
+                          want, tol, dtype_name(dt));
     for (const std::vector<float>& x : got)  // masked rows untouched
       for (int64_t r = 1; c.masked && r < c.rows; r += 3)
         for (int64_t i = 0; i < c.c; ++i) ASSERT_EQ(x[r * c.c + i], x0[r * c.c + i]);

@@ -208,9 +208,9 @@ void SoftmaxBackwardGivenDotBf16Rows(const float* p, int64_t ldp, const float* d
   const size_t N = hn::Lanes(d);
   const size_t un = static_cast<size_t>(n);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* pr = p + r * ldp;           // [n]
-    const float* dpr = dp + r * lddp;        // [n]
-    uint16_t* hr = ds16 + r * ld16;          // [n]
+    const float* pr = p + r * ldp;                // [n]
+    const float* dpr = dp + r * lddp;             // [n]
+    uint16_t* hr = ds16 + r * ld16;               // [n]
     float* br = dpb ? dpb + r * lddpb : nullptr;  // [n]
     const V vd = hn::Set(d, dot[r]);
     for (size_t i = 0; i < un; i += N) {
@@ -566,7 +566,8 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     }
     const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
     if (lse) {  // P16 written with P
-      HWY_DYNAMIC_DISPATCH(ProbsFromLseRows)(P, Lk, n, Lk, mb, pb, Lk, lse + i0, bf ? P16 : nullptr);
+      HWY_DYNAMIC_DISPATCH(ProbsFromLseRows)
+      (P, Lk, n, Lk, mb, pb, Lk, lse + i0, bf ? P16 : nullptr);
     } else {
       if (mb) add_bias_rows(P, Lk, mb, n, Lk);
       if (pb) add_inplace(P, Lk, pb, Lk, n, Lk);
