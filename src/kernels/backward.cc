@@ -175,47 +175,30 @@ void ProbsFromLseRows(float* S, int64_t ld, int64_t rows, int64_t n, const float
   }
 }
 
-// Softmax backward with the row dot products given: p = p * (dp - dot[r]) in place, per row r
-// (dot[r] = rowsum(dp * p) = rowsum(dO * O) for attention).
+// Softmax backward with the row dot products given, dS = p * (dp - dot[r]) per row r
+// (dot[r] = rowsum(dp * p) = rowsum(dO * O) for attention): into p in place when ds16 is nullptr;
+// else (bf16 products) dS is not stored in f32 but as its bf16 rounding in ds16 (ld as p; the dQ,
+// dK products' input) and added into dpb (ld as p; d_pair_bias; nullptr skips it) in the same
+// pass: the values of the f32 form followed by f32_to_bf16 and add_inplace.
 void SoftmaxBackwardGivenDotRows(float* p, int64_t ldp, const float* dp, int64_t lddp,
-                                 const float* dot, int64_t rows, int64_t n) {
+                                 const float* dot, int64_t rows, int64_t n, uint16_t* ds16,
+                                 float* dpb) {
   const D d;
   const size_t N = hn::Lanes(d);
   const size_t un = static_cast<size_t>(n);
   for (int64_t r = 0; r < rows; ++r) {
-    float* pr = p + r * ldp;           // [n]
-    const float* dpr = dp + r * lddp;  // [n]
-    const V vd = hn::Set(d, dot[r]);
-    size_t i = 0;
-    for (; i + N <= un; i += N)
-      hn::StoreU(hn::Mul(hn::LoadU(d, pr + i), hn::Sub(hn::LoadU(d, dpr + i), vd)), d, pr + i);
-    if (i < un) {
-      const size_t c = un - i;
-      StorePart(d, hn::Mul(LoadPart(d, pr + i, c), hn::Sub(LoadPart(d, dpr + i, c), vd)), pr + i,
-                c);
-    }
-  }
-}
-
-// SoftmaxBackwardGivenDotRows for bf16 products: dS = p * (dp - dot[r]) is not stored in f32 but
-// as its bf16 rounding in ds16 [rows, ld16] (the dQ, dK products' input), and added into dpb
-// [rows, lddpb] (d_pair_bias; nullptr skips it). Same values as the f32 kernel followed by
-// f32_to_bf16 and add_inplace.
-void SoftmaxBackwardGivenDotBf16Rows(const float* p, int64_t ldp, const float* dp, int64_t lddp,
-                                     const float* dot, int64_t rows, int64_t n, uint16_t* ds16,
-                                     int64_t ld16, float* dpb, int64_t lddpb) {
-  const D d;
-  const size_t N = hn::Lanes(d);
-  const size_t un = static_cast<size_t>(n);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* pr = p + r * ldp;                // [n]
-    const float* dpr = dp + r * lddp;             // [n]
-    uint16_t* hr = ds16 + r * ld16;               // [n]
-    float* br = dpb ? dpb + r * lddpb : nullptr;  // [n]
+    float* pr = p + r * ldp;                            // [n]
+    const float* dpr = dp + r * lddp;                   // [n]
+    uint16_t* hr = ds16 ? ds16 + r * ldp : nullptr;     // [n]
+    float* br = ds16 && dpb ? dpb + r * ldp : nullptr;  // [n]
     const V vd = hn::Set(d, dot[r]);
     for (size_t i = 0; i < un; i += N) {
       const size_t c = std::min(N, un - i);
       const V ds = hn::Mul(LoadPart(d, pr + i, c), hn::Sub(LoadPart(d, dpr + i, c), vd));
+      if (!hr) {
+        StorePart(d, ds, pr + i, c);
+        continue;
+      }
       hwy_util::StoreBf16Part(d, ds, hr + i, c);
       if (br) StorePart(d, hn::Add(LoadPart(d, br + i, c), ds), br + i, c);
     }
@@ -294,7 +277,6 @@ HWY_EXPORT(ReluBackwardRows);
 HWY_EXPORT(ReluBackwardBf16Rows);
 HWY_EXPORT(ProbsFromLseRows);
 HWY_EXPORT(SoftmaxBackwardGivenDotRows);
-HWY_EXPORT(SoftmaxBackwardGivenDotBf16Rows);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -598,11 +580,12 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     // same pass; otherwise P <- dS (f32), then its rounding and the dpb add.
     const bool ds_fused = bf && lse && a.gate;
     if (ds_fused) {
-      HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotBf16Rows)
-      (P, Lk, dP, Lk, Dr, n, Lk, P16, Lk, dpb ? dpb + i0 * Lk : nullptr, Lk);
+      HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
+      (P, Lk, dP, Lk, Dr, n, Lk, P16, dpb ? dpb + i0 * Lk : nullptr);
     } else {
       if (lse && a.gate)
-        HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)(P, Lk, dP, Lk, Dr, n, Lk);
+        HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
+        (P, Lk, dP, Lk, Dr, n, Lk, nullptr, nullptr);
       else
         softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
       to16(P, P16, n * Lk);
