@@ -301,6 +301,60 @@ TEST(ProfileFit, ChunkLaunchesCostTheProfilesPerLaunchOverhead) {
       << st.message();
 }
 
+// A training row whose row attention ran in checkpointed chunks of ckpt_chunk sequences pays,
+// per block, n = ceil(s / chunk) zero-filled gradients of the whole q, k, v, gate and bias plus
+// n - 1 accumulations (read 2, write 1), at the stream rate; per DAP rank over s / dap sequences.
+TEST(ProfileFit, CheckpointedChunkGradientsGrowWithTheSquareOfTheSequences) {
+  DeviceProfile dev = start_profile();
+  dev.element_bytes = 2;
+  FitRow w;
+  w.line = 4;
+  w.s = 64, w.r = 16, w.blocks = 3, w.train = true, w.devices = 1, w.dap = 1;
+  w.policy = Recompute::kBlock;
+  w.extra_msa = true;
+  Plan p;
+  ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, dev, w, &p).ok());
+  RowPrediction base, with;
+  ASSERT_TRUE(predict_row(dev, w, p, &base).ok());
+  w.ckpt_chunk = 4;
+  ASSERT_TRUE(predict_row(dev, w, p, &with).ok());
+  const double H = 8, C = 8, whole = 4 * 64 * 16 * H * C + H * 16 * 16, n = 16;
+  const double bytes = (n + 3 * (n - 1)) * whole * 2;
+  EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p, 4), bytes);
+  const double rate = dev.stream_gbps > 0 ? dev.stream_gbps : dev.mem_gbps;
+  EXPECT_NEAR(with.time_ms - base.time_ms, 3 * bytes / (rate * 1e9) * 1e3, 1e-9);
+  EXPECT_NE(with.plan.find("chunk gradients"), std::string::npos) << with.plan;
+  // Twice the sequences: about four times the bytes (the chunks and the tensors both double).
+  Plan p2 = p;
+  p2.s = 128;
+  EXPECT_NEAR(ckpt_chunk_grad_bytes(p2, 4) / bytes, 4.0, 0.05);
+  // Two DAP ranks: each holds half the sequences.
+  p2.dap = 2;
+  EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p2, 4), bytes);
+}
+
+TEST(ProfileFitTable, ReadsCkptChunk) {
+  std::vector<FitRow> rows;
+  const std::string h =
+      "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb,threads,stack,"
+      "chunk_launches,ckpt_chunk\n";
+  ASSERT_TRUE(parse_fit_table(h + "1024,256,4,1,block,1,1,fp16,2306,3236,1166,,extra_msa,,4\n"
+                                  "128,256,4,1,none,2,2,fp16,139.15,,,,,,\n",
+                              "t.csv", &rows)
+                  .ok());
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].ckpt_chunk, 4);
+  EXPECT_TRUE(rows[0].extra_msa);
+  EXPECT_EQ(rows[1].ckpt_chunk, 0);
+  Status bad = parse_fit_table(h + "128,256,4,1,none,2,2,fp16,139.15,,,,,,0\n", "t.csv", &rows);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("t.csv:2: column ckpt_chunk: '0'"), std::string::npos)
+      << bad.message();
+  bad = parse_fit_table(h + "128,256,4,0,,2,2,fp16,139.15,,,,,,4\n", "t.csv", &rows);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.message().find("is for training rows"), std::string::npos) << bad.message();
+}
+
 // An fp32 row on a profile that keeps every buffer in 2 bytes is planned with 4-byte buffers
 // (the seeds' T1044 ran in float32 on their fp16 GPUs); fp16 rows and the engine's layout keep
 // the profile's element size.
