@@ -146,9 +146,9 @@ Status DeviceProfile::validate() const {
     return Status::InvalidArgument("profile: module_overhead_us must be >= 0");
   if (!(module_kernels >= 0) || !std::isfinite(module_kernels))
     return Status::InvalidArgument("profile: module_kernels must be >= 0");
-  for (const double v : {attention_score_gps, attention_bwd_score_gps, attention_score_passes,
-                         attention_bwd_score_passes, attention_bias_score_passes,
-                         attention_bias_bwd_score_passes})
+  for (const double v :
+       {attention_score_gps, attention_bwd_score_gps, attention_score_passes,
+        attention_bwd_score_passes, attention_bias_score_passes, attention_bias_bwd_score_passes})
     if (!(v >= 0) || !std::isfinite(v))
       return Status::InvalidArgument(
           "profile: attention_score_gps, attention_bwd_score_gps and the attention score passes "

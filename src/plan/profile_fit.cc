@@ -16,8 +16,8 @@ namespace {
 // The header's columns: the first 11 are required (the original header), the later ones may be
 // left off from the end (a table with the 11-column header is read as before).
 const std::vector<std::string> kColumns = {
-    "s",     "r",       "blocks",  "train",         "policy",  "devices", "dap",
-    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack",   "chunk_launches",
+    "s",         "r",       "blocks",  "train",         "policy",  "devices", "dap",
+    "dtype",     "time_ms", "peak_mb", "activation_mb", "threads", "stack",   "chunk_launches",
     "ckpt_chunk"};
 constexpr int kRequired = 11;
 
