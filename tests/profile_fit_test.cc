@@ -254,25 +254,37 @@ TEST(ProfileFit, ModuleOverheadRunsInFullOnEveryRank) {
 namespace fc {
 namespace {
 
-// The optional chunk_launches column (after threads and stack), and its errors.
-TEST(ProfileFitTable, ReadsChunkLaunches) {
+// The optional chunk_launches and ckpt_chunk columns (after threads and stack), and their errors;
+// a table may end at chunk_launches.
+TEST(ProfileFitTable, ReadsChunkLaunchesAndCkptChunk) {
   std::vector<FitRow> rows;
-  const std::string h =
+  const std::string h14 =
       "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb,threads,stack,"
-      "chunk_launches\n";
-  ASSERT_TRUE(parse_fit_table(h + "128,2048,48,0,,2,2,fp32,192577.34,13006,,,,14208\n"
-                                  "128,256,4,1,none,2,2,fp16,139.15,,,,,\n",
+      "chunk_launches";
+  const std::string h = h14 + ",ckpt_chunk\n";
+  ASSERT_TRUE(parse_fit_table(h + "128,2048,48,0,,2,2,fp32,192577.34,13006,,,,14208,\n"
+                                  "1024,256,4,1,block,1,1,fp16,2306,3236,1166,,extra_msa,,4\n",
                               "t.csv", &rows)
                   .ok());
   ASSERT_EQ(rows.size(), 2u);
   EXPECT_DOUBLE_EQ(rows[0].chunk_launches, 14208);
   EXPECT_EQ(*rows[0].dtype, DType::F32);
+  EXPECT_EQ(rows[0].ckpt_chunk, 0);
   EXPECT_DOUBLE_EQ(rows[1].chunk_launches, 0);
-  const Status bad =
-      parse_fit_table(h + "128,256,4,1,none,2,2,fp16,139.15,,,,,-1\n", "t.csv", &rows);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.message().find("t.csv:2: column chunk_launches: '-1'"), std::string::npos)
-      << bad.message();
+  EXPECT_EQ(rows[1].ckpt_chunk, 4);
+  EXPECT_TRUE(rows[1].extra_msa);
+  ASSERT_TRUE(
+      parse_fit_table(h14 + "\n128,256,4,1,none,2,2,fp16,139.15,,,,,\n", "t.csv", &rows).ok());
+  EXPECT_EQ(rows[0].ckpt_chunk, 0);
+  for (const auto& [line, needle] :
+       {std::pair<std::string, std::string>{"128,256,4,1,none,2,2,fp16,139.15,,,,,-1,",
+                                            "t.csv:2: column chunk_launches: '-1'"},
+        {"128,256,4,1,none,2,2,fp16,139.15,,,,,,0", "t.csv:2: column ckpt_chunk: '0'"},
+        {"128,256,4,0,,2,2,fp16,139.15,,,,,,4", "ckpt_chunk: '4' is for training rows"}}) {
+    const Status bad = parse_fit_table(h + line + "\n", "t.csv", &rows);
+    ASSERT_FALSE(bad.ok()) << line;
+    EXPECT_NE(bad.message().find(needle), std::string::npos) << bad.message();
+  }
 }
 
 // A row's chunk launches cost blocks x launches / dap x module_overhead_us / module_kernels on
@@ -331,28 +343,6 @@ TEST(ProfileFit, CheckpointedChunkGradientsGrowWithTheSquareOfTheSequences) {
   // Two DAP ranks: each holds half the sequences.
   p2.dap = 2;
   EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p2, 4), bytes);
-}
-
-TEST(ProfileFitTable, ReadsCkptChunk) {
-  std::vector<FitRow> rows;
-  const std::string h =
-      "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb,threads,stack,"
-      "chunk_launches,ckpt_chunk\n";
-  ASSERT_TRUE(parse_fit_table(h + "1024,256,4,1,block,1,1,fp16,2306,3236,1166,,extra_msa,,4\n"
-                                  "128,256,4,1,none,2,2,fp16,139.15,,,,,,\n",
-                              "t.csv", &rows)
-                  .ok());
-  ASSERT_EQ(rows.size(), 2u);
-  EXPECT_EQ(rows[0].ckpt_chunk, 4);
-  EXPECT_TRUE(rows[0].extra_msa);
-  EXPECT_EQ(rows[1].ckpt_chunk, 0);
-  Status bad = parse_fit_table(h + "128,256,4,1,none,2,2,fp16,139.15,,,,,,0\n", "t.csv", &rows);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.message().find("t.csv:2: column ckpt_chunk: '0'"), std::string::npos)
-      << bad.message();
-  bad = parse_fit_table(h + "128,256,4,0,,2,2,fp16,139.15,,,,,,4\n", "t.csv", &rows);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.message().find("is for training rows"), std::string::npos) << bad.message();
 }
 
 // An fp32 row on a profile that keeps every buffer in 2 bytes is planned with 4-byte buffers
