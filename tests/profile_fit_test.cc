@@ -324,6 +324,7 @@ TEST(ProfileFit, CheckpointedChunkGradientsGrowWithTheSquareOfTheSequences) {
   w.s = 64, w.r = 16, w.blocks = 3, w.train = true, w.devices = 1, w.dap = 1;
   w.policy = Recompute::kBlock;
   w.extra_msa = true;
+  w.dtype = DType::F16;  // 2-byte buffers (an fp32 row would keep 4)
   Plan p;
   ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, dev, w, &p).ok());
   RowPrediction base, with;
@@ -336,10 +337,12 @@ TEST(ProfileFit, CheckpointedChunkGradientsGrowWithTheSquareOfTheSequences) {
   const double rate = dev.stream_gbps > 0 ? dev.stream_gbps : dev.mem_gbps;
   EXPECT_NEAR(with.time_ms - base.time_ms, 3 * bytes / (rate * 1e9) * 1e3, 1e-9);
   EXPECT_NE(with.plan.find("chunk gradients"), std::string::npos) << with.plan;
-  // Twice the sequences: about four times the bytes (the chunks and the tensors both double).
+  // Twice the sequences: twice the chunks over twice the q, k, v, gate (about 4x the bytes).
   Plan p2 = p;
   p2.s = 128;
-  EXPECT_NEAR(ckpt_chunk_grad_bytes(p2, 4) / bytes, 4.0, 0.05);
+  const double bytes2 = (32 + 3 * 31) * (4 * 128 * 16 * H * C + H * 16 * 16) * 2;
+  EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p2, 4), bytes2);
+  EXPECT_NEAR(bytes2 / bytes, 4.0, 0.1);
   // Two DAP ranks: each holds half the sequences.
   p2.dap = 2;
   EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p2, 4), bytes);
