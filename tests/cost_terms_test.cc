@@ -53,6 +53,42 @@ TEST(CostTerms, UnfusedAttentionChargesItsScorePasses) {
   EXPECT_DOUBLE_EQ(module(b, "msa_transition").forward_ms, module(a, "msa_transition").forward_ms);
 }
 
+// The bias add of an unfused attention with a pair bias is its own pass over the scores
+// (attention_bias_score_passes): charged on the biased attentions only (the row and triangle
+// attentions), not on the column attention.
+TEST(CostTerms, BiasAddPassesChargeTheBiasedAttentionsOnly) {
+  EvoformerConfig cfg;
+  const int64_t s = 8, r = 16;
+  DeviceProfile base = peak_profile(1000, 100, 1);
+  base.attention_score_passes = 6;
+  base.attention_bwd_score_passes = 9;
+  DeviceProfile biased = base;
+  biased.attention_bias_score_passes = 2;
+  biased.attention_bias_bwd_score_passes = 1;
+  const auto a = block_module_costs(cfg, s, r, 0, 0, true, base);
+  const auto b = block_module_costs(cfg, s, r, 0, 0, true, biased);
+  const double row = static_cast<double>(s) * cfg.no_heads_msa * r * r;
+  const double tri = static_cast<double>(r) * cfg.no_heads_pair * r * r;
+  for (const auto& [name, scores] : {std::pair<std::string, double>{"msa_att_row", row},
+                                     {"tri_att_start", tri},
+                                     {"tri_att_end", tri}}) {
+    EXPECT_NEAR(module(b, name).forward_ms - module(a, name).forward_ms,
+                2 * scores * 4 / (base.mem_gbps * 1e9) * 1e3, 1e-9)
+        << name;
+    EXPECT_NEAR(module(b, name).backward_ms - module(a, name).backward_ms,
+                1 * scores * 4 / (base.mem_bwd_gbps * 1e9) * 1e3, 1e-9)
+        << name;
+  }
+  EXPECT_DOUBLE_EQ(module(b, "msa_att_col").forward_ms, module(a, "msa_att_col").forward_ms);
+  EXPECT_DOUBLE_EQ(module(b, "msa_att_col").backward_ms, module(a, "msa_att_col").backward_ms);
+  DeviceProfile back;
+  ASSERT_TRUE(DeviceProfile::from_json(biased.to_json(), &back).ok());
+  EXPECT_EQ(back.attention_bias_score_passes, 2);
+  EXPECT_EQ(back.attention_bias_bwd_score_passes, 1);
+  biased.attention_bias_bwd_score_passes = -1;
+  EXPECT_FALSE(biased.validate().ok());
+}
+
 // The global column attention runs H queries of one head over s keys per residue column:
 // r * H * s scores, each at the fused kernel's per-score rate.
 TEST(CostTerms, GlobalAttentionHasHQueriesOverSKeys) {

@@ -254,25 +254,37 @@ TEST(ProfileFit, ModuleOverheadRunsInFullOnEveryRank) {
 namespace fc {
 namespace {
 
-// The optional chunk_launches column (after threads and stack), and its errors.
-TEST(ProfileFitTable, ReadsChunkLaunches) {
+// The optional chunk_launches and ckpt_chunk columns (after threads and stack), and their errors;
+// a table may end at chunk_launches.
+TEST(ProfileFitTable, ReadsChunkLaunchesAndCkptChunk) {
   std::vector<FitRow> rows;
-  const std::string h =
+  const std::string h14 =
       "s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,activation_mb,threads,stack,"
-      "chunk_launches\n";
-  ASSERT_TRUE(parse_fit_table(h + "128,2048,48,0,,2,2,fp32,192577.34,13006,,,,14208\n"
-                                  "128,256,4,1,none,2,2,fp16,139.15,,,,,\n",
+      "chunk_launches";
+  const std::string h = h14 + ",ckpt_chunk\n";
+  ASSERT_TRUE(parse_fit_table(h + "128,2048,48,0,,2,2,fp32,192577.34,13006,,,,14208,\n"
+                                  "1024,256,4,1,block,1,1,fp16,2306,3236,1166,,extra_msa,,4\n",
                               "t.csv", &rows)
                   .ok());
   ASSERT_EQ(rows.size(), 2u);
   EXPECT_DOUBLE_EQ(rows[0].chunk_launches, 14208);
   EXPECT_EQ(*rows[0].dtype, DType::F32);
+  EXPECT_EQ(rows[0].ckpt_chunk, 0);
   EXPECT_DOUBLE_EQ(rows[1].chunk_launches, 0);
-  const Status bad =
-      parse_fit_table(h + "128,256,4,1,none,2,2,fp16,139.15,,,,,-1\n", "t.csv", &rows);
-  ASSERT_FALSE(bad.ok());
-  EXPECT_NE(bad.message().find("t.csv:2: column chunk_launches: '-1'"), std::string::npos)
-      << bad.message();
+  EXPECT_EQ(rows[1].ckpt_chunk, 4);
+  EXPECT_TRUE(rows[1].extra_msa);
+  ASSERT_TRUE(
+      parse_fit_table(h14 + "\n128,256,4,1,none,2,2,fp16,139.15,,,,,\n", "t.csv", &rows).ok());
+  EXPECT_EQ(rows[0].ckpt_chunk, 0);
+  for (const auto& [line, needle] :
+       {std::pair<std::string, std::string>{"128,256,4,1,none,2,2,fp16,139.15,,,,,-1,",
+                                            "t.csv:2: column chunk_launches: '-1'"},
+        {"128,256,4,1,none,2,2,fp16,139.15,,,,,,0", "t.csv:2: column ckpt_chunk: '0'"},
+        {"128,256,4,0,,2,2,fp16,139.15,,,,,,4", "ckpt_chunk: '4' is for training rows"}}) {
+    const Status bad = parse_fit_table(h + line + "\n", "t.csv", &rows);
+    ASSERT_FALSE(bad.ok()) << line;
+    EXPECT_NE(bad.message().find(needle), std::string::npos) << bad.message();
+  }
 }
 
 // A row's chunk launches cost blocks x launches / dap x module_overhead_us / module_kernels on
@@ -299,6 +311,41 @@ TEST(ProfileFit, ChunkLaunchesCostTheProfilesPerLaunchOverhead) {
   EXPECT_NE(st.message().find("line 7: chunk_launches needs a profile with module_kernels"),
             std::string::npos)
       << st.message();
+}
+
+// A training row whose row attention ran in checkpointed chunks of ckpt_chunk sequences pays,
+// per block, n = ceil(s / chunk) zero-filled gradients of the whole q, k, v, gate and bias plus
+// n - 1 accumulations (read 2, write 1), at the stream rate; per DAP rank over s / dap sequences.
+TEST(ProfileFit, CheckpointedChunkGradientsGrowWithTheSquareOfTheSequences) {
+  DeviceProfile dev = start_profile();
+  dev.element_bytes = 2;
+  FitRow w;
+  w.line = 4;
+  w.s = 64, w.r = 16, w.blocks = 3, w.train = true, w.devices = 1, w.dap = 1;
+  w.policy = Recompute::kBlock;
+  w.extra_msa = true;
+  w.dtype = DType::F16;  // 2-byte buffers (an fp32 row would keep 4)
+  Plan p;
+  ASSERT_TRUE(resolve_row_plan(EvoformerConfig{}, dev, w, &p).ok());
+  RowPrediction base, with;
+  ASSERT_TRUE(predict_row(dev, w, p, &base).ok());
+  w.ckpt_chunk = 4;
+  ASSERT_TRUE(predict_row(dev, w, p, &with).ok());
+  const double H = 8, C = 8, whole = 4 * 64 * 16 * H * C + H * 16 * 16, n = 16;
+  const double bytes = (n + 3 * (n - 1)) * whole * 2;
+  EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p, 4), bytes);
+  const double rate = dev.stream_gbps > 0 ? dev.stream_gbps : dev.mem_gbps;
+  EXPECT_NEAR(with.time_ms - base.time_ms, 3 * bytes / (rate * 1e9) * 1e3, 1e-9);
+  EXPECT_NE(with.plan.find("chunk gradients"), std::string::npos) << with.plan;
+  // Twice the sequences: twice the chunks over twice the q, k, v, gate (about 4x the bytes).
+  Plan p2 = p;
+  p2.s = 128;
+  const double bytes2 = (32 + 3 * 31) * (4 * 128 * 16 * H * C + H * 16 * 16) * 2;
+  EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p2, 4), bytes2);
+  EXPECT_NEAR(bytes2 / bytes, 4.0, 0.1);
+  // Two DAP ranks: each holds half the sequences.
+  p2.dap = 2;
+  EXPECT_DOUBLE_EQ(ckpt_chunk_grad_bytes(p2, 4), bytes);
 }
 
 // An fp32 row on a profile that keeps every buffer in 2 bytes is planned with 4-byte buffers

@@ -57,6 +57,10 @@ struct DeviceProfile {
   // OpenFold's): elements moved through memory per score element, forward and backward, at the
   // memory-bound rates (0: a fused kernel). docs/planner.md counts 8 and 8 for OpenFold's.
   double attention_score_passes = 0, attention_bwd_score_passes = 0;
+  // Of an unfused attention with a pair bias, the further passes of the bias add over the scores
+  // it is added to, forward and backward (the seeds' code: 2 and 1, docs/planner.md); 0 when
+  // attention_score_passes already counts them.
+  double attention_bias_score_passes = 0, attention_bias_bwd_score_passes = 0;
   double mem_gbps = 0;      // memory-bound kernels (LayerNorm, elementwise, transposes)
   double mem_bwd_gbps = 0;  // their backward (LayerNorm backward; 0 or absent: mem_gbps)
   // Memory-bound passes by working set (LayerNorm forward and backward with in + out = bytes):

@@ -560,6 +560,7 @@ LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, 
   w.gemm.push_back({2.0 * rows * hc * c, static_cast<double>(n * L)});
   w.att.push_back({prod * attention_flops(N, H, L, L, C), static_cast<double>(L)});
   w.att_scores = static_cast<double>(N) * H * L * L;
+  w.att_bias_scores = bias ? w.att_scores : 0.0;
   w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
   w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk
   if (rb) {
@@ -572,6 +573,7 @@ LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, 
     rb->gemm.push_back(w.gemm[bias ? 1 : 0]);
     rb->att = w.att;
     rb->att_scores = w.att_scores;
+    rb->att_bias_scores = w.att_bias_scores;
     rb->mem += 2 * rows * c;
   }
   return w;

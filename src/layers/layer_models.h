@@ -28,6 +28,9 @@ struct LayerWork {
   // (exp, scale, masking; an unfused attention's passes over [B, H, Lq, Lk]) that does not
   // grow with the head width C, unlike the FLOPs.
   double att_scores = 0;
+  // Of those, the scores a pair bias is added to (an unfused attention's bias add is its own
+  // pass over them: DeviceProfile::attention_bias_score_passes).
+  double att_bias_scores = 0;
   double mem = 0;  // elements read + written by memory-bound kernels
   // Forward work the backward re-runs (recomputed LayerNorms, the triangle projections, the OPM
   // outer products; src/model/train.h says what each backward rebuilds).

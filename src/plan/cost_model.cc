@@ -87,8 +87,11 @@ double score_seconds(const LayerWork& w, const DeviceProfile& d, int64_t e, int 
   if (w.att_scores <= 0) return 0;
   const double gps = col == 1 ? d.attention_score_gps : d.attention_bwd_score_gps;
   const double passes = col == 1 ? d.attention_score_passes : d.attention_bwd_score_passes;
+  const double bias_passes =
+      col == 1 ? d.attention_bias_score_passes : d.attention_bias_bwd_score_passes;
   double s = gps > 0 ? w.att_scores / (gps * 1e9) : 0;
-  if (passes > 0) s += passes * w.att_scores * e / (mem_rate(d, w.ws, col) * 1e9);
+  const double moved = passes * w.att_scores + bias_passes * w.att_bias_scores;
+  if (moved > 0) s += moved * e / (mem_rate(d, w.ws, col) * 1e9);
   return s;
 }
 

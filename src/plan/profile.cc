@@ -103,6 +103,8 @@ std::string DeviceProfile::to_json() const {
   j["attention_bwd_score_gps"] = attention_bwd_score_gps;
   j["attention_score_passes"] = attention_score_passes;
   j["attention_bwd_score_passes"] = attention_bwd_score_passes;
+  j["attention_bias_score_passes"] = attention_bias_score_passes;
+  j["attention_bias_bwd_score_passes"] = attention_bias_bwd_score_passes;
   j["mem_gbps"] = mem_gbps;
   j["mem_bwd_gbps"] = mem_bwd_gbps;
   j["stream_gbps"] = stream_gbps;
@@ -144,12 +146,13 @@ Status DeviceProfile::validate() const {
     return Status::InvalidArgument("profile: module_overhead_us must be >= 0");
   if (!(module_kernels >= 0) || !std::isfinite(module_kernels))
     return Status::InvalidArgument("profile: module_kernels must be >= 0");
-  for (const double v : {attention_score_gps, attention_bwd_score_gps, attention_score_passes,
-                         attention_bwd_score_passes})
+  for (const double v :
+       {attention_score_gps, attention_bwd_score_gps, attention_score_passes,
+        attention_bwd_score_passes, attention_bias_score_passes, attention_bias_bwd_score_passes})
     if (!(v >= 0) || !std::isfinite(v))
       return Status::InvalidArgument(
-          "profile: attention_score_gps, attention_bwd_score_gps, attention_score_passes and "
-          "attention_bwd_score_passes must be >= 0");
+          "profile: attention_score_gps, attention_bwd_score_gps and the attention score passes "
+          "(attention_[bias_][bwd_]score_passes) must be >= 0");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
   if (!(stream_gbps >= 0) || !std::isfinite(stream_gbps))
@@ -226,6 +229,8 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("attention_bwd_score_gps", &p.attention_bwd_score_gps);
     num("attention_score_passes", &p.attention_score_passes);
     num("attention_bwd_score_passes", &p.attention_bwd_score_passes);
+    num("attention_bias_score_passes", &p.attention_bias_score_passes);
+    num("attention_bias_bwd_score_passes", &p.attention_bias_bwd_score_passes);
     num("mem_gbps", &p.mem_gbps);
     num("mem_bwd_gbps", &p.mem_bwd_gbps);
     num("stream_gbps", &p.stream_gbps);

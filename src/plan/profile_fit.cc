@@ -16,8 +16,9 @@ namespace {
 // The header's columns: the first 11 are required (the original header), the later ones may be
 // left off from the end (a table with the 11-column header is read as before).
 const std::vector<std::string> kColumns = {
-    "s",     "r",       "blocks",  "train",         "policy",  "devices", "dap",
-    "dtype", "time_ms", "peak_mb", "activation_mb", "threads", "stack",   "chunk_launches"};
+    "s",         "r",       "blocks",  "train",         "policy",  "devices", "dap",
+    "dtype",     "time_ms", "peak_mb", "activation_mb", "threads", "stack",   "chunk_launches",
+    "ckpt_chunk"};
 constexpr int kRequired = 11;
 
 std::string header_of(size_t n) {
@@ -152,6 +153,11 @@ Status parse_line(const std::string& where, const std::string& line, int cells, 
     std::optional<double> n;
     FC_RETURN_IF_ERROR(parse_measure(where, "chunk_launches", c[13], &n));
     row->chunk_launches = *n;
+  }
+  if (cells > 14 && !c[14].empty()) {
+    FC_RETURN_IF_ERROR(parse_int(where, "ckpt_chunk", c[14], 1, 1 << 20, &row->ckpt_chunk));
+    if (!row->train)
+      return cell_error(where, "ckpt_chunk", c[14], "is for training rows (empty otherwise)");
   }
   return Status::OK();
 }
@@ -345,8 +351,8 @@ Status parse_fit_table(const std::string& text, const std::string& name, std::ve
         if (line == header_of(k)) cells = static_cast<int>(k);
       if (cells == 0)
         return Status::InvalidArgument(where + ": expected the header '" + header_of(kRequired) +
-                                       "' (optionally followed by ,threads, ,stack and "
-                                       ",chunk_launches), found " +
+                                       "' (optionally followed by ,threads, ,stack, "
+                                       ",chunk_launches and ,ckpt_chunk), found " +
                                        quote(line));
       continue;
     }
@@ -448,9 +454,25 @@ Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan
     std::snprintf(buf, sizeof buf, ", chunk launches %.1f ms", ms);
     out->plan += buf;
   }
+  if (row.ckpt_chunk > 0) {
+    const double ms = row.blocks * ckpt_chunk_grad_bytes(q, row.ckpt_chunk) /
+                      ((dev.stream_gbps > 0 ? dev.stream_gbps : dev.mem_gbps) * 1e9) * 1e3;
+    out->time_ms += ms;
+    char buf[64];
+    std::snprintf(buf, sizeof buf, ", chunk gradients %.1f ms", ms);
+    out->plan += buf;
+  }
   out->peak_mb = static_cast<double>(q.peak_bytes) / kMiB;
   out->activation_mb = static_cast<double>(q.activation_bytes) / kMiB;
   return Status::OK();
+}
+
+double ckpt_chunk_grad_bytes(const Plan& plan, int64_t chunk) {
+  const int64_t s = (plan.s + std::max(plan.dap, 1) - 1) / std::max(plan.dap, 1);
+  const double H = static_cast<double>(plan.cfg.no_heads_msa), r = static_cast<double>(plan.r);
+  const double whole = 4 * s * r * H * plan.cfg.c_hidden_msa_att + H * r * r;  // q, k, v, g; bias
+  const double n = static_cast<double>((s + chunk - 1) / chunk);
+  return (n + 3 * (n - 1)) * whole * plan_buffer_bytes(plan.element_bytes);
 }
 
 Status apply_fit_parameters(const DeviceProfile& start, const std::vector<FitParameter>& params,

@@ -18,10 +18,10 @@ namespace fc {
 
 // One measured row. Header (exact): s,r,blocks,train,policy,devices,dap,dtype,time_ms,peak_mb,
 // activation_mb, optionally followed by ,threads or ,threads,stack or
-// ,threads,stack,chunk_launches. Empty cells are unknown: policy (training: the planner chooses per
-// block), dap (the planner chooses DAP x DP over the devices), dtype (the profile's), the
-// measurements, threads (the profile's), stack (evoformer), chunk_launches (0). MB are MiB (2^20
-// bytes).
+// ,threads,stack,chunk_launches or ,threads,stack,chunk_launches,ckpt_chunk. Empty cells are
+// unknown: policy (training: the planner chooses per block), dap (the planner chooses DAP x DP
+// over the devices), dtype (the profile's), the measurements, threads (the profile's), stack
+// (evoformer), chunk_launches and ckpt_chunk (0). MB are MiB (2^20 bytes).
 struct FitRow {
   int line = 0;  // 1-based line in the table
   int64_t s = 0, r = 0, blocks = 0;
@@ -40,6 +40,11 @@ struct FitRow {
   // module passes' own; e.g. the seeds' chunked inference): each costs module_overhead_us /
   // module_kernels of the profile; under DAP every rank runs 1/dap of them.
   double chunk_launches = 0;
+  // Training: sequences per chunk of the MSA row attention of the code that ran, each chunk a
+  // checkpoint taking the whole q, k, v, gate and pair bias (the seeds' ExtraMSA stack: 4; 0: not
+  // chunked so). Each chunk's backward returns zero-filled gradients of those whole tensors, added
+  // into the running ones: ckpt_chunk_grad_bytes per block, at the profile's stream rate.
+  int64_t ckpt_chunk = 0;
 };
 
 // policy: none|module|block (the seeds' small|large also). Strict parser: the exact header, 11
@@ -69,6 +74,12 @@ struct RowPrediction {
 // when the row has some and the profile no module_kernels).
 Status predict_row(const DeviceProfile& dev, const FitRow& row, const Plan& plan,
                    RowPrediction* out);
+
+// Bytes one block of `plan` moves for the gradients of a row attention checkpointed in chunks of
+// `chunk` sequences (FitRow::ckpt_chunk), per rank (a DAP rank holds s / dap sequences): n =
+// ceil(s / chunk) chunks each write zero-filled gradients of the whole q, k, v, gate [s, r, H, C]
+// and bias [H, r, r], and n - 1 of them add theirs into the running sums (read 2, write 1).
+double ckpt_chunk_grad_bytes(const Plan& plan, int64_t chunk);
 
 // The free parameters. Rate classes are scales of the start profile's rates (scalar and the
 // calibrated tables' columns): gemm (forward projections, narrow products), gemm_bwd, batched,
