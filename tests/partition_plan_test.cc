@@ -141,8 +141,9 @@ TEST(PartitionPlan, ExplainedTermsAddUpToThePlanEstimate) {
     // (Plans carry layouts across blocks, the explanation counts each block from the boundary:
     // equal only when the list enters at the boundary.)
     if (partition_entry_layouts(kEvoformerBlock, best.splits) ==
-        BlockLayouts(dap_boundary_m(kEvoformerBlock), Shard::kPairRows))
+        BlockLayouts(dap_boundary_m(kEvoformerBlock), Shard::kPairRows)) {
       EXPECT_NEAR(listed.time_ms - p.time_ms, best.total_ms(), 1e-6 * p.time_ms) << training;
+    }
   }
 }
 
