@@ -130,10 +130,11 @@ INSTANTIATE_TEST_SUITE_P(
 // `--dtype bf16` (the forward): the shards take bf16 GEMM inputs where one process does (the
 // triangle and outer products on the gathered bf16 values, the single attention's projections
 // and attention products), so the DAP output is within kDapVsOneBf16 of the one-process bf16 run
-// (f32 summation order of other GEMM shapes; the bf16 effect itself is ~1e-2) and within the
-// bf16 forward tolerance (tests/fused_test.cc kBf16GoldenTol, normwise) of Boltz's float64
-// outputs at the unpadded positions; fp32 vs bf16 differ (the bf16 path ran).
-constexpr double kDapVsOneBf16 = 1e-3, kBf16GoldenTol = 1e-2;
+// (measured: bit-identical but for pairformer_af3dims' s, 1.4e-6, f32 summation order; the bf16
+// effect itself is ~1e-2) and within the bf16 forward tolerance (tests/fused_test.cc
+// kBf16GoldenTol, normwise) of Boltz's float64 outputs at the unpadded positions; fp32 and bf16
+// differ (the bf16 path ran).
+constexpr double kDapVsOneBf16 = 1e-5, kBf16GoldenTol = 1e-2;
 // t with the positions keep [numel / c] marks 0 set to 0 (c trailing channels per position).
 Tensor masked_copy(const Tensor& t, const Tensor& keep) {
   Tensor out = t.to(DType::F32).contiguous().clone();
@@ -171,7 +172,7 @@ TEST_P(DapAf3CliBf16, ForwardMatchesGoldenAndOneProcessBf16) {
         test::masked_err(f32.tensors.at(name), d, mask));
     EXPECT_LT(vs_one, kDapVsOneBf16) << name;
     EXPECT_LT(golden_dap, kBf16GoldenTol) << name;
-    EXPECT_GT(test::masked_err(f32.tensors.at(name), d, mask), 10 * vs_one) << name;
+    EXPECT_GT(test::masked_err(f32.tensors.at(name), d, mask), 100 * kDapVsOneBf16) << name;
   }
 }
 
