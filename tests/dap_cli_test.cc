@@ -553,7 +553,8 @@ TEST(DapCli, RunSavedDapPlan) {
 // Per-layer partitions end to end: `plan --split-policy auto` with a very slow link writes a plan
 // with `partitions` (whole-stream layers save the link), `mpirun -np 2 run --plan` runs it
 // (training, policy module) with the measured peak within the estimate and the kept activations
-// as estimated; a plan naming an unknown split is a one-line error.
+// as estimated, in fp32 and in bf16 (`plan --dtype bf16`: kept whole-stream inputs in bf16); a
+// plan naming an unknown split is a one-line error.
 TEST(DapCli, PlanWithPartitionsRunsOnTwoRanks) {
   const std::string prof = tmp("slow_link_" + std::to_string(getpid()) + ".json");
   std::ofstream(prof) << R"({"name": "slow-link", "threads": 1, "gemm_gflops": 400,
@@ -561,22 +562,30 @@ TEST(DapCli, PlanWithPartitionsRunsOnTwoRanks) {
     "attention_gflops": 250, "attention_bwd_gflops": 150, "attention_len_exp": 0.2,
     "mem_gbps": 15, "link_gbps": 0.001, "link_latency_us": 20, "devices": 2})";
   const std::string plan = tmp("split_plan.json"), rep = tmp("split_plan_report.json");
-  Result r = run(cli() + " plan --train --s 8 --r 24 --blocks 2 --memory 1GiB --dap 2 --dp 1 " +
-                 "--policy module --split-policy auto --profile " + prof + " --out " + plan);
-  ASSERT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("partitions"), std::string::npos) << r.out;
+  for (const std::string dtype : {"fp32", "bf16"}) {
+    SCOPED_TRACE(dtype);
+    Result r = run(cli() + " plan --train --s 8 --r 24 --blocks 2 --memory 1GiB --dap 2 --dp 1 " +
+                   "--policy module --split-policy auto --profile " + prof + " --dtype " + dtype +
+                   " --out " + plan);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("partitions"), std::string::npos) << r.out;
+    const nlohmann::json p = nlohmann::json::parse(std::ifstream(plan));
+    ASSERT_TRUE(p.contains("partitions")) << p.dump();
+    EXPECT_EQ(p["partitions"].size(), 2u);
+    EXPECT_EQ(p["dtype"], dtype);
+    r = run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof +
+            " --threads 1 --quiet --report " + rep);
+    ASSERT_EQ(r.code, 0) << r.out;
+    const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    EXPECT_EQ(j["dtype"], dtype);
+    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["peak_bytes_estimate"].get<int64_t>());
+    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+  }
   nlohmann::json p = nlohmann::json::parse(std::ifstream(plan));
-  ASSERT_TRUE(p.contains("partitions")) << p.dump();
-  EXPECT_EQ(p["partitions"].size(), 2u);
-  r = run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof +
-          " --threads 1 --quiet --report " + rep);
-  ASSERT_EQ(r.code, 0) << r.out;
-  const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
-  EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["peak_bytes_estimate"].get<int64_t>());
-  EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
   p["partitions"][0][0]["split"] = "rows";
   std::ofstream(plan) << p.dump();
-  r = run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof + " --threads 1");
+  const Result r =
+      run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof + " --threads 1");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("unknown split 'rows'"), std::string::npos) << r.out;
 }
