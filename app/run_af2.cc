@@ -101,8 +101,18 @@ void print_summary(const RunArgs& a, const std::map<std::string, Tensor>& out,
   if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
 }
 
+// The Evoformer stack's matmul GFLOP per pass (evoformer_block_flops on its S + T rows: the
+// cluster rows and, with templates, the template rows), for the report's GFLOP/s.
+double evoformer_gflop_per_pass(const AlphaFoldConfig& cfg, const FeatureDict& feats) {
+  AlphaFoldDims d;
+  if (!alphafold_dims(cfg, feats, &d).ok()) return 0;
+  const int64_t rows = d.S + (cfg.templates ? d.T : 0);
+  return evoformer_block_flops(cfg.evoformer, rows, d.r) * cfg.evoformer.no_blocks / 1e9;
+}
+
 Status write_report(const RunArgs& a, const std::vector<AlphaFoldStageStat>& stats, double ms,
-                    int64_t peak, int64_t base, int64_t budget, const AlphaFoldPlan& plan) {
+                    int64_t peak, int64_t base, int64_t budget, const AlphaFoldPlan& plan,
+                    double evoformer_gflop) {
   nlohmann::json j;
   j["model"] = "af2";
   j["time_ms"] = ms;
@@ -116,12 +126,15 @@ Status write_report(const RunArgs& a, const std::vector<AlphaFoldStageStat>& sta
                           {"pair_block_bytes", plan.pair_block_bytes}};
   j["peak_rss_bytes"] = peak_rss_bytes();
   j["threads"] = num_threads();
-  for (const AlphaFoldStageStat& s : stats)
-    j["stages"].push_back({{"pass", s.pass},
-                           {"stage", s.stage},
-                           {"ms", s.ms},
-                           {"entry_tracked_bytes", s.entry_bytes},  // above base_tracked_bytes
-                           {"peak_tracked_bytes", s.peak_bytes}});
+  for (const AlphaFoldStageStat& s : stats) {
+    nlohmann::json st = {{"pass", s.pass},
+                         {"stage", s.stage},
+                         {"ms", s.ms},
+                         {"entry_tracked_bytes", s.entry_bytes},  // above base_tracked_bytes
+                         {"peak_tracked_bytes", s.peak_bytes}};
+    if (s.stage == "evoformer" && evoformer_gflop > 0) st["gflop"] = evoformer_gflop;  // matmuls
+    j["stages"].push_back(st);
+  }
   return write_text_atomic(a.report, j.dump(2) + "\n");
 }
 
@@ -342,7 +355,9 @@ int run_af2(const RunArgs& a) {
   }
   if (!a.quiet) print_summary(a, out, stats, ms, peak);
   if (!a.report.empty())
-    if (Status st = write_report(a, stats, ms, peak, scope.start_live(), budget, plan); !st.ok())
+    if (Status st = write_report(a, stats, ms, peak, scope.start_live(), budget, plan,
+                                 evoformer_gflop_per_pass(model.config(), feats));
+        !st.ok())
       return fail(st);
   return 0;
 }

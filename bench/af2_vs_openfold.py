@@ -64,11 +64,13 @@ def run_foldcube(a, r, tmp, dtype):
     subprocess.run(cmd, check=True)
     rep = json.load(open(rep))
     stages = {}
+    evo_gflop = 0.0  # the Evoformer's matmul GFLOP over the passes (the report's per-pass figure)
     for s in rep["stages"]:
         stages[s["stage"]] = stages.get(s["stage"], 0.0) + s["ms"] / 1e3
+        evo_gflop += s.get("gflop", 0.0)
     stages["input_embedder+recycling_embedder"] = (stages.pop("input_embedder", 0.0) +
                                                    stages.pop("recycling_embedder", 0.0))
-    return {"total_s": rep["time_ms"] / 1e3, "stages_s": stages,
+    return {"total_s": rep["time_ms"] / 1e3, "stages_s": stages, "evoformer_gflop": evo_gflop,
             "peak_tracked_mib": rep["peak_tracked_bytes"] / 2**20,
             "peak_rss_mib": rep["peak_rss_bytes"] / 2**20, "load": [l0, load()]}
 
@@ -129,6 +131,12 @@ def main():
                     ratio = f"{t2 / t1:7.2f}" if t1 > 0 and t2 > 0 else "      -"
                     line += f" {t1:11.2f} {ratio}"
                 print(f"  {fs:36s}{line} {t2:11.2f}")
+            for d in dtypes:
+                g, t = fcs[d]["evoformer_gflop"], fcs[d]["stages_s"].get("evoformer", 0.0)
+                if g > 0 and t > 0:
+                    pct = f", {100 * g / t / gemm:.0f} % of the same-run SGEMM" if gemm else ""
+                    print(f"  Evoformer {d}: {g:.0f} GFLOP (matmuls) in {t:.2f} s = "
+                          f"{g / t:.0f} GFLOP/s{pct}")
             for d in dtypes:
                 print(f"  peak RSS MiB: foldcube {d} {fcs[d]['peak_rss_mib']:.0f} (tracked "
                       f"{fcs[d]['peak_tracked_mib']:.0f})")

@@ -39,7 +39,7 @@ void load_tiny(TensorFile* f, AlphaFold* model, FeatureDict* feats) {
 std::string golden_path(const std::string& name) {
   std::string p = test::data_path(name + ".safetensors");
   if (std::filesystem::exists(p)) return p;
-  return std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name + ".safetensors";
+  return std::string(test::data_dir()) + "/../../../shared/golden/" + name + ".safetensors";
 }
 
 // (golden case, items per chunk in the stacks (0 = automatic), traced or outputs only; bytes per

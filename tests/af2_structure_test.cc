@@ -33,8 +33,8 @@ class Af2Structure : public ::testing::TestWithParam<std::string> {
   void SetUp() override {
     std::string path = test::data_path(GetParam() + ".safetensors");
     if (!std::filesystem::exists(path))
-      path = std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + GetParam() +
-             ".safetensors";
+      path =
+          std::string(test::data_dir()) + "/../../../shared/golden/" + GetParam() + ".safetensors";
     if (!std::filesystem::exists(path)) GTEST_SKIP() << "golden file not found: " << path;
     file_ = std::make_unique<TensorFile>();
     const Status st = read_safetensors(path, file_.get());

@@ -530,7 +530,6 @@ TEST(Af3Plan, ChoosesLeastRecomputeThatFits) {
 
 // ---- CLI: `foldcube run --stack pairformer|msa_module` with the golden files as inputs ---------
 
-#ifdef FOLDCUBE_CLI_PATH
 struct Af3CliCase {
   std::string file;
   std::string flags;  // stack / training flags
@@ -631,7 +630,6 @@ TEST(Af3CliErrors, StackMismatchIsAUserError) {
   EXPECT_NE(r.out.find("holds a Boltz pairformer state dict, not a msa_module"), std::string::npos)
       << r.out;
 }
-#endif
 
 }  // namespace
 }  // namespace fc

@@ -448,7 +448,7 @@ int interrupted_run(const std::string& out, const std::string& log) {
   if (pid == 0) {
     std::freopen(log.c_str(), "w", stdout);
     dup2(fileno(stdout), STDERR_FILENO);
-    execl(FOLDCUBE_CLI_PATH, FOLDCUBE_CLI_PATH, "run", "--s", "128", "--r", "256", "--blocks", "8",
+    execl(test::cli_path(), test::cli_path(), "run", "--s", "128", "--r", "256", "--blocks", "8",
           "--threads", "1", "--out", out.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }

@@ -98,7 +98,7 @@ TEST(DapAf2Cli, GoldenTinyOnTwoAndFourRanksMatchesOneProcessAndOpenFold) {
 TEST(DapAf2Cli, GoldenAf2DimsOnTwoRanksMatchesOpenFold) {
   const char* dir = std::getenv("FOLDCUBE_GOLDEN_DIR");
   const std::string g =
-      (dir ? std::string(dir) : std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden") +
+      (dir ? std::string(dir) : std::string(test::data_dir()) + "/../../../shared/golden") +
       "/af2_model_af2dims.safetensors";
   if (!std::filesystem::exists(g)) GTEST_SKIP() << "golden file not found: " << g;
   std::string name;
@@ -129,8 +129,8 @@ TEST(DapAf2Cli, MismatchedCommandLinesAreDetected) {
   const std::string args = "run --model af2 --r 8 --s 3 --extra 4 --templates 1 --blocks 1 --quiet";
   const std::string limit = std::to_string(static_cast<int>(120 * test::kTimeScale));
   const test::Result r = test::run_cli_env(
-      "timeout " + limit + " " + std::string(FOLDCUBE_MPIEXEC) + " --oversubscribe -np 1",
-      args + " --recycles 0 --dap 2 : -np 1 " + std::string(FOLDCUBE_CLI_PATH) + " " + args +
+      "timeout " + limit + " " + std::string(test::mpiexec()) + " --oversubscribe -np 1",
+      args + " --recycles 0 --dap 2 : -np 1 " + std::string(test::cli_path()) + " " + args +
           " --recycles 1 --dap 2");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.code, 124) << "timed out: " << r.out;

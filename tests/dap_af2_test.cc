@@ -49,6 +49,31 @@ bool load_golden(const std::string& name, Golden* g) {
   return true;
 }
 
+// Every rank in one communicator of its own (the model's collectives do not see the test's).
+dist::Communicator model_comm() {
+  return dist::Communicator::world().split(0, dist::Communicator::world().rank());
+}
+
+bool structure_group(const std::string& name) {
+  for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",
+                        "final_atom_positions", "final_affine_tensor"})
+    if (name.find(s) != std::string::npos) return true;
+  return false;
+}
+
+// Every f32 output of `ref` is in `got` within `tol` of it (golden metric; `tol_structure` for
+// the structure group).
+void expect_outputs_near(const std::map<std::string, Tensor>& got,
+                         const std::map<std::string, Tensor>& ref, double tol,
+                         double tol_structure) {
+  for (const auto& [name, t] : ref) {
+    if (t.dtype() != DType::F32) continue;
+    ASSERT_TRUE(got.count(name)) << name;
+    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? tol_structure : tol)
+        << name;
+  }
+}
+
 // A golden case with the knobs the memory model follows.
 struct MemCase {
   std::string name;
@@ -76,8 +101,7 @@ class DapAf2Memory : public ::testing::TestWithParam<MemCase> {};
 TEST_P(DapAf2Memory, EveryStageOfEveryRankMatchesTheAllocator) {
   Golden g;
   if (!load_golden(GetParam().name, &g)) GTEST_SKIP() << "golden file not found";
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   if (GetParam().sharded) {
     ASSERT_TRUE(shard_alphafold_weights(&g.model, comm.size(), comm.rank()).ok());
   }
@@ -178,8 +202,7 @@ class DapAf2Sharded : public ::testing::TestWithParam<std::string> {};
 TEST_P(DapAf2Sharded, OutputsBitIdenticalToTheReplicatedRun) {
   Golden g;
   if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   const int n = comm.size(), me = comm.rank();
   const AlphaFoldConfig cfg = g.model.config();
   for (DType dtype : {DType::F32, DType::BF16}) {
@@ -234,8 +257,7 @@ TEST(DapAf2ShardedLoad, ReadsOnlyItsShareAndRunsBitIdentical) {
   cfg.evoformer.no_blocks = 5;
   cfg.extra_msa.no_blocks = 3;
   cfg.template_pair.no_blocks = 3;
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   const int n = comm.size(), me = comm.rank();
   std::string dir;  // the root's temporary directory, shared by every rank
   if (me == 0) {
@@ -281,13 +303,6 @@ TEST(DapAf2ShardedLoad, ReadsOnlyItsShareAndRunsBitIdentical) {
   if (me == 0) std::filesystem::remove_all(dir);
 }
 
-bool structure_group(const std::string& name) {
-  for (const char* s : {"sm.frames", "sm.sidechain_frames", "sm.positions", "sm.angles",
-                        "final_atom_positions", "final_affine_tensor"})
-    if (name.find(s) != std::string::npos) return true;
-  return false;
-}
-
 // Traces by golden name (trace.iter<pass>.<stage>), indexed ones (templates, structure-module
 // layers) stacked along a new first axis as in the golden files.
 struct Traces {
@@ -327,8 +342,7 @@ TEST_P(DapAf2Trace, GatheredTracesEqualOneProcessAndOpenFold) {
   if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
   TensorFile f;
   ASSERT_TRUE(read_safetensors(golden_path(GetParam() + ".safetensors"), &f).ok());
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   Traces one, dap;
   AlphaFoldOptions opts;
   opts.trace = one.fn();
@@ -366,10 +380,7 @@ TEST_P(DapAf2Trace, GatheredTracesEqualOneProcessAndOpenFold) {
   for (const std::string& n : f.names) {
     if (n.rfind("trace.", 0) == 0 && !b.count(n)) ADD_FAILURE() << "golden trace not given: " << n;
   }
-  for (const auto& [name, t] : ref) {
-    if (t.dtype() != DType::F32) continue;
-    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? 1e-4 : 1e-5) << name;
-  }
+  expect_outputs_near(got, ref, 1e-5, 1e-4);
   std::printf("%s on %d ranks: %zu traces, worst vs one process %.3g (%s), vs OpenFold %.3g\n",
               GetParam().c_str(), comm.size(), b.size(), worst, worst_name.c_str(), worst_golden);
 }
@@ -384,8 +395,7 @@ INSTANTIATE_TEST_SUITE_P(Golden, DapAf2Trace,
 TEST(DapAf2PadTo, PaddedRunEqualsTheUnpaddedRun) {
   Golden g;
   ASSERT_TRUE(load_golden("af2_model_tiny", &g));
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   const int64_t r = g.feats.at("aatype").dim(0);
   AlphaFoldDapOutputs plain;
   ASSERT_TRUE(alphafold_dap_forward(g.model, comm, g.feats, &plain).ok());
@@ -418,17 +428,6 @@ TEST(DapAf2PadTo, PaddedRunEqualsTheUnpaddedRun) {
   EXPECT_FALSE(alphafold_dap_forward(g.model, comm, g.feats, &outs, small).ok());
 }
 
-double normwise(const Tensor& x, const Tensor& ref) {
-  const Tensor a = x.to(DType::F64), b = ref.to(DType::F64);
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    const double d = a.data<double>()[i] - b.data<double>()[i];
-    num += d * d;
-    den += b.data<double>()[i] * b.data<double>()[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-300));
-}
-
 class DapAf2Bf16 : public ::testing::TestWithParam<std::string> {};
 
 // AlphaFoldOptions::dtype BF16 under DAP, first pass, against the one-process bf16 run with the
@@ -438,8 +437,7 @@ class DapAf2Bf16 : public ::testing::TestWithParam<std::string> {};
 TEST_P(DapAf2Bf16, FirstPassWithinTheBf16TolerancesOfOneProcess) {
   Golden g;
   if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   AlphaFoldOptions opts;
   opts.passes = 1;
   opts.dtype = DType::BF16;
@@ -465,7 +463,7 @@ TEST_P(DapAf2Bf16, FirstPassWithinTheBf16TolerancesOfOneProcess) {
   std::string worst_name;
   for (const auto& [name, t] : b) {
     ASSERT_TRUE(a.count(name)) << name;
-    const double e = normwise(t, a.at(name));
+    const double e = test::normwise_err(t, a.at(name));
     EXPECT_LT(e, 2e-2) << name;
     if (e > worst) worst = e, worst_name = name;
   }
@@ -501,8 +499,7 @@ TEST_P(DapAf2OpmChunks, ChunkedOuterProductMeanWithinTheGoldenTolerances) {
   if (!load_golden(GetParam(), &g)) GTEST_SKIP() << "golden file not found";
   TensorFile f;
   ASSERT_TRUE(read_safetensors(golden_path(GetParam() + ".safetensors"), &f).ok());
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   AlphaFoldOptions opts;
   opts.chunk = 2;
   AlphaFoldDims dims;
@@ -520,16 +517,14 @@ TEST_P(DapAf2OpmChunks, ChunkedOuterProductMeanWithinTheGoldenTolerances) {
   std::map<std::string, Tensor> got;
   gather_alphafold_dap_outputs(outs, comm, &got);
   if (comm.rank() != 0) return;
+  expect_outputs_near(got, ref, 1e-5, 1e-4);
   int golden_outputs = 0;
   double worst = 0;
-  for (const auto& [name, t] : ref) {
-    if (t.dtype() != DType::F32) continue;
-    ASSERT_TRUE(got.count(name)) << name;
-    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? 1e-4 : 1e-5) << name;
+  for (const auto& [name, t] : got) {
     const std::string golden = "output." + name;
-    if (!f.has(golden)) continue;
+    if (t.dtype() != DType::F32 || !f.has(golden)) continue;
     ++golden_outputs;
-    const double e = test::golden_err(got.at(name), f.tensors.at(golden));
+    const double e = test::golden_err(t, f.tensors.at(golden));
     EXPECT_LT(e, structure_group(name) ? 5e-4 : 1e-4) << name << " vs OpenFold";
     worst = std::max(worst, e);
   }
@@ -549,8 +544,7 @@ INSTANTIATE_TEST_SUITE_P(Golden, DapAf2OpmChunks,
 TEST(DapAf2OpmChunks, DeepExtraMsaChunkedAutomaticallyAndModelledExactly) {
   Golden g;
   ASSERT_TRUE(load_golden("af2_model_tiny", &g));
-  const dist::Communicator comm =
-      dist::Communicator::world().split(0, dist::Communicator::world().rank());
+  const dist::Communicator comm = model_comm();
   const FeatureDict feats = random_alphafold_features(14, 5, 160, 2, 2, 23);
   AlphaFoldOptions opts;
   opts.chunk_target_bytes = 4096;
@@ -585,11 +579,7 @@ TEST(DapAf2OpmChunks, DeepExtraMsaChunkedAutomaticallyAndModelledExactly) {
   gather_alphafold_dap_outputs(outs, comm, &got);
   opts.stats = nullptr;
   ASSERT_TRUE(g.model.forward(feats, &ref, opts).ok());
-  if (comm.rank() != 0) return;
-  for (const auto& [name, t] : ref) {
-    if (t.dtype() != DType::F32) continue;
-    EXPECT_LT(test::golden_err(got.at(name), t), structure_group(name) ? 1e-3 : 1e-4) << name;
-  }
+  if (comm.rank() == 0) expect_outputs_near(got, ref, 1e-4, 1e-3);
 }
 
 }  // namespace

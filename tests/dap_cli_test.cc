@@ -41,9 +41,9 @@ Result run(const std::string& cmd) {
   return r;
 }
 
-std::string cli() { return FOLDCUBE_CLI_PATH; }
+std::string cli() { return test::cli_path(); }
 std::string mpirun(int np) {
-  return std::string(FOLDCUBE_MPIEXEC) + " -np " + std::to_string(np) + " --oversubscribe ";
+  return std::string(test::mpiexec()) + " -np " + std::to_string(np) + " --oversubscribe ";
 }
 std::string tmp(const std::string& name) { return test::temp_file(name); }
 
@@ -100,7 +100,7 @@ TEST(DapCli, ErrorOnRankZeroEndsTheJob) {
 }
 
 TEST(DapCli, MismatchedCommandLinesAreDetected) {
-  Result r = run(std::string(FOLDCUBE_MPIEXEC) + " -np 1 " + cli() +
+  Result r = run(std::string(test::mpiexec()) + " -np 1 " + cli() +
                  " run --s 4 --r 4 --blocks 1 --seed 1 --dap 2 : -np 1 " + cli() +
                  " run --s 4 --r 4 --blocks 1 --seed 2 --dap 2");
   EXPECT_NE(r.code, 0) << r.out;

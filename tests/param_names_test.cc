@@ -69,7 +69,7 @@ void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 // af2_model_tiny is in tests/data; af2_model_af2dims (AF2 model_1_ptm widths, 28 + 42 MB) is read
 // from the shared golden folder when it exists.
 const std::string kSharedGolden = "/work/shared/golden";
-const Case kCases[] = {{"tiny", FOLDCUBE_TEST_DATA_DIR}, {"af2dims", kSharedGolden}};
+const Case kCases[] = {{"tiny", test::data_dir()}, {"af2dims", kSharedGolden}};
 
 class Af2NpzTest : public ::testing::TestWithParam<Case> {
  protected:

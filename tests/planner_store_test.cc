@@ -107,7 +107,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, PlannerStore,
 // The seeds' fitted profile as of 2026-12-07 (fit A before the fp32 T1044 rows and the chunk
 // launches; docs/planner.md), kept in tests/data so that these pins do not move with the fits.
 std::string pinned_seeds_profile() {
-  std::ifstream f(std::string(FOLDCUBE_TEST_DATA_DIR) + "/seeds-fitted-fp16-2026-12-07.json");
+  std::ifstream f(std::string(test::data_dir()) + "/seeds-fitted-fp16-2026-12-07.json");
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();

@@ -22,7 +22,7 @@ namespace fc {
 namespace {
 
 std::string data_path(const std::string& name) {
-  return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;
+  return std::string(test::data_dir()) + "/" + name;
 }
 
 std::string read_bytes(const std::string& path) {

@@ -35,15 +35,22 @@ inline EvoformerConfig small_config() {
   return cfg;
 }
 
+// Paths the build fixes, defined in one generated TU (CMakeLists.txt, foldcube_test_paths) so
+// that every other test TU compiles with a path-free command line and ccache shares it between
+// checkouts: tests/data, the foldcube executable, and mpirun ("" when MPI is not configured).
+const char* data_dir();
+const char* cli_path();
+const char* mpiexec();
+
 inline std::string data_path(const std::string& name) {
-  return std::string(FOLDCUBE_TEST_DATA_DIR) + "/" + name;
+  return std::string(data_dir()) + "/" + name;
 }
 
 // Where a golden file is: tests/data, else ../shared/golden beside the checkout (large cases),
 // else $FOLDCUBE_GOLDEN_DIR, else "".
 inline std::string golden_path(const std::string& name) {
-  std::vector<std::string> paths = {
-      data_path(name), std::string(FOLDCUBE_TEST_DATA_DIR) + "/../../../shared/golden/" + name};
+  std::vector<std::string> paths = {data_path(name),
+                                    std::string(data_dir()) + "/../../../shared/golden/" + name};
   if (const char* dir = std::getenv("FOLDCUBE_GOLDEN_DIR"))
     paths.push_back(std::string(dir) + "/" + name);
   for (const std::string& p : paths)
@@ -231,7 +238,6 @@ inline constexpr double kTimeScale = 10;
 inline constexpr double kTimeScale = 1;
 #endif
 
-#ifdef FOLDCUBE_CLI_PATH
 struct Result {
   int code;
   std::string out;  // stdout + stderr
@@ -240,7 +246,7 @@ struct Result {
 // Runs the foldcube CLI with `args` behind `env_prefix` (e.g. "env -u VAR") and collects its
 // exit code and output.
 inline Result run_cli_env(const std::string& env_prefix, const std::string& args) {
-  const std::string cmd = env_prefix + " " + std::string(FOLDCUBE_CLI_PATH) + " " + args + " 2>&1";
+  const std::string cmd = env_prefix + " " + std::string(cli_path()) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   Result r{-1, ""};
   if (!p) return r;
@@ -255,18 +261,15 @@ inline Result run_cli_env(const std::string& env_prefix, const std::string& args
 // Runs the foldcube CLI with `args` and collects its exit code and output.
 inline Result run_cli(const std::string& args) { return run_cli_env("", args); }
 
-#ifdef FOLDCUBE_MPIEXEC
 // `foldcube <args>` on np MPI ranks (np 0: one process without mpirun), under `timeout` (120 s,
 // times kTimeScale) so that a hang fails the test instead of blocking the suite.
 inline Result run_mpi_cli(int np, const std::string& args) {
   const std::string limit = std::to_string(static_cast<int>(120 * kTimeScale));
-  return run_cli_env("timeout " + limit +
-                         (np > 0 ? " " + std::string(FOLDCUBE_MPIEXEC) + " -np " +
-                                       std::to_string(np) + " --oversubscribe"
-                                 : ""),
-                     args);
+  return run_cli_env(
+      "timeout " + limit +
+          (np > 0 ? " " + std::string(mpiexec()) + " -np " + std::to_string(np) + " --oversubscribe"
+                  : ""),
+      args);
 }
-#endif
-#endif
 
 }  // namespace fc::test
