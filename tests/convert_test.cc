@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "core/rng.h"
@@ -87,6 +88,29 @@ TEST(Convert, RoundToBf16MatchesReferenceOnEveryTarget) {
     got = x;
     kern::round_to_bf16(got.data(), got.data(), n);
     EXPECT_EQ(std::memcmp(got.data(), want.data(), 4 * n), 0);
+  });
+}
+
+// f32_to_bf16_rows on strided rows (short rows, tails, and enough elements to split across
+// threads) gives the reference's bits per row and leaves each destination row's padding alone.
+TEST(Convert, F32ToBf16RowsMatchesReferenceOnEveryTarget) {
+  const std::vector<float> x = probe_inputs();
+  ForEachTarget([&] {
+    for (const auto& [rows, n] :
+         {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {300, 32}, {9000, 33}, {40, 1000}}) {
+      const int64_t lds = n + 3, ldd = n + 5;
+      ASSERT_LE(rows * lds, static_cast<int64_t>(x.size()));
+      std::vector<uint16_t> want(rows * ldd, 0xABCD), got(rows * ldd, 0xABCD);
+      kern::ref::f32_to_bf16_rows(x.data(), lds, want.data(), ldd, rows, n);
+      kern::f32_to_bf16_rows(x.data(), lds, got.data(), ldd, rows, n);
+      EXPECT_EQ(got, want) << rows << " x " << n;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<uint16_t> row(n);
+        kern::ref::f32_to_bf16(x.data() + r * lds, row.data(), n);
+        ASSERT_EQ(std::memcmp(want.data() + r * ldd, row.data(), 2 * n), 0) << r;
+        for (int64_t i = n; i < ldd; ++i) ASSERT_EQ(got[r * ldd + i], 0xABCD) << r << " " << i;
+      }
+    }
   });
 }
 

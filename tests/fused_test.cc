@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <string>
@@ -59,6 +60,26 @@ double norm_rel_err(const std::vector<float>& got, const std::vector<float>& wan
   return std::sqrt(num / std::max(den, 1e-30));
 }
 
+// A fused kernel at 1, 2 and 3 threads: run(scratch, threads) calls it with scratch of
+// scratch_floats(threads) floats (and a sentinel after them that must survive) and returns its
+// output. Every output is within tol of want (normwise) and all are bit-identical; returns them.
+std::vector<std::vector<float>> run_thread_counts(
+    const std::function<int64_t(int)>& scratch_floats,
+    const std::function<std::vector<float>(float*, int)>& run, const std::vector<float>& want,
+    double tol, const std::string& what) {
+  std::vector<std::vector<float>> got;
+  for (int threads : {1, 2, 3}) {
+    std::vector<float> s(scratch_floats(threads) + 1, 123.f);
+    got.push_back(run(s.data(), threads));
+    EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads << ", " << what;
+    EXPECT_LT(norm_rel_err(got.back(), want), tol) << "threads " << threads << ", " << what;
+  }
+  for (size_t t = 1; t < got.size(); ++t)
+    EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
+        << "threads differ, " << what << ", run " << t;
+  return got;
+}
+
 struct LnLinCase {
   int64_t B, L, in, out;
   bool strided, accumulate, bias;
@@ -99,21 +120,18 @@ TEST_P(FusedLayerNormLinear, MatchesReferenceAndThreadCounts) {
     std::vector<float> want = y0, scratch(2 * c.in);
     a.y = want.data();
     kern::ref::layernorm_linear(a, scratch.data());
-    std::vector<std::vector<float>> got;
-    for (int threads : {1, 2, 3}) {
-      std::vector<float> y = y0;
-      std::vector<float> s(kern::layernorm_linear_scratch_floats(a, threads) + 1, 123.f);
-      a.y = y.data();
-      kern::layernorm_linear(a, s.data(), threads);
-      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
+    const std::vector<std::vector<float>> got = run_thread_counts(
+        [&](int threads) { return kern::layernorm_linear_scratch_floats(a, threads); },
+        [&](float* s, int threads) {
+          std::vector<float> y = y0;
+          a.y = y.data();
+          kern::layernorm_linear(a, s, threads);
+          return y;
+        },
+        want, tol, dtype_name(dt));
+    for (const std::vector<float>& y : got)
       for (int64_t g = 0; g < c.B * c.L; ++g)  // padding untouched
         for (int64_t i = c.out; i < ldy; ++i) ASSERT_EQ(y[g * ldy + i], y0[g * ldy + i]);
-      EXPECT_LT(norm_rel_err(y, want), tol) << "threads " << threads << " " << dtype_name(dt);
-      got.push_back(y);
-    }
-    for (size_t t = 1; t < got.size(); ++t)
-      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-          << "threads differ, " << dtype_name(dt) << " run " << t;
   }
 }
 
@@ -146,20 +164,17 @@ TEST(FusedLinearResidual, StridedAndContiguousRows) {
         std::vector<float> want = y0, ref_scratch(in + out);
         a.y = want.data();
         kern::ref::linear_residual(a, ref_scratch.data());
-        std::vector<std::vector<float>> got;
-        for (int threads : {1, 2, 3}) {
-          std::vector<float> y = y0;
-          std::vector<float> s(kern::linear_residual_scratch_floats(a, threads) + 1, 123.f);
-          a.y = y.data();
-          kern::linear_residual(a, s.data(), threads);
-          EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-          EXPECT_LT(norm_rel_err(y, want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
-              << "threads " << threads << " strided " << strided << " bias " << has_bias << " "
-              << dtype_name(dt);
-          got.push_back(y);
-        }
-        for (size_t t = 1; t < got.size(); ++t)
-          EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0);
+        run_thread_counts(
+            [&](int threads) { return kern::linear_residual_scratch_floats(a, threads); },
+            [&](float* s, int threads) {
+              std::vector<float> y = y0;
+              a.y = y.data();
+              kern::linear_residual(a, s, threads);
+              return y;
+            },
+            want, dt == DType::BF16 ? kBf16Tol : kF32Tol,
+            "strided " + std::to_string(strided) + " bias " + std::to_string(has_bias) + " " +
+                dtype_name(dt));
       }
 }
 
@@ -188,7 +203,7 @@ TEST(FusedTriMul, GatedProjectionMatchesReferenceAndThreadCounts) {
           // A and B before the call (f32, or their bf16 bits), and as f32 values after it.
           const std::vector<float> ab0 = vec(nc * ld_ab, 54);
           const std::vector<uint16_t> ab0b = to_bf16(ab0);
-          auto run = [&](auto call) {
+          auto outputs = [&](auto call) {
             std::vector<float> A = ab0, B = ab0;
             std::vector<uint16_t> Ab = ab0b, Bb = ab0b;
             a.A = A.data(), a.B = B.data(), a.A_bf16 = Ab.data(), a.B_bf16 = Bb.data();
@@ -213,18 +228,15 @@ TEST(FusedTriMul, GatedProjectionMatchesReferenceAndThreadCounts) {
           };
           std::vector<float> ref_scratch(in + in / 2 + 1);
           const std::vector<float> want =
-              run([&] { kern::ref::gated_projection(a, ref_scratch.data()); });
-          std::vector<std::vector<float>> got;
-          for (int threads : {1, 2, 3}) {
-            std::vector<float> s(kern::gated_projection_scratch_floats(a, threads) + 1, 123.f);
-            got.push_back(run([&] { kern::gated_projection(a, s.data(), threads); }));
-            EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-            EXPECT_LT(norm_rel_err(got.back(), want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
-                << "rows " << rows << " nc " << nc << " ln " << ln << " " << dtype_name(dt);
-          }
-          for (size_t t = 1; t < got.size(); ++t)
-            EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-                << "threads differ, rows " << rows << " nc " << nc;
+              outputs([&] { kern::ref::gated_projection(a, ref_scratch.data()); });
+          run_thread_counts(
+              [&](int threads) { return kern::gated_projection_scratch_floats(a, threads); },
+              [&](float* s, int threads) {
+                return outputs([&] { kern::gated_projection(a, s, threads); });
+              },
+              want, dt == DType::BF16 ? kBf16Tol : kF32Tol,
+              "rows " + std::to_string(rows) + " nc " + std::to_string(nc) + " ln " +
+                  std::to_string(ln) + " " + dtype_name(dt));
         }
 }
 
@@ -253,20 +265,17 @@ TEST(FusedTriMul, GatedOutputMatchesReferenceAndThreadCounts) {
         std::vector<float> want = z0, ref_scratch(cp + 3 * cz + std::max(cp, cz));
         a.z = want.data();
         kern::ref::gated_output(a, ref_scratch.data());
-        std::vector<std::vector<float>> got;
-        for (int threads : {1, 2, 3}) {
-          std::vector<float> z = z0;
-          std::vector<float> s(kern::gated_output_scratch_floats(a, threads) + 1, 123.f);
-          a.z = z.data();
-          kern::gated_output(a, s.data(), threads);
-          EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-          EXPECT_LT(norm_rel_err(z, want), dt == DType::BF16 ? kBf16Tol : kF32Tol)
-              << "rows " << rows << " bias " << bias << " " << dtype_name(dt);
-          got.push_back(z);
-        }
-        for (size_t t = 1; t < got.size(); ++t)
-          EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-              << "threads differ, rows " << rows;
+        run_thread_counts(
+            [&](int threads) { return kern::gated_output_scratch_floats(a, threads); },
+            [&](float* s, int threads) {
+              std::vector<float> z = z0;
+              a.z = z.data();
+              kern::gated_output(a, s, threads);
+              return z;
+            },
+            want, dt == DType::BF16 ? kBf16Tol : kF32Tol,
+            "rows " + std::to_string(rows) + " bias " + std::to_string(bias) + " " +
+                dtype_name(dt));
       }
 }
 
@@ -310,23 +319,18 @@ TEST_P(FusedTransition, MatchesReferenceAndThreadCounts) {
     std::vector<float> want = x0, scratch(2 * (c.c + nh));
     a.x = want.data();
     kern::ref::transition(a, scratch.data());
-    std::vector<std::vector<float>> got;
-    for (int threads : {1, 2, 3}) {
-      std::vector<float> x = x0;
-      std::vector<float> s(kern::transition_scratch_floats(a, threads) + 1, 123.f);
-      a.x = x.data();
-      kern::transition(a, s.data(), threads);
-      EXPECT_EQ(s.back(), 123.f) << "scratch overrun, threads " << threads;
-      EXPECT_LT(norm_rel_err(x, want), tol) << "threads " << threads << " " << dtype_name(dt);
-      if (c.masked) {
-        for (int64_t r = 1; r < c.rows; r += 3)
-          for (int64_t i = 0; i < c.c; ++i) ASSERT_EQ(x[r * c.c + i], x0[r * c.c + i]);
-      }
-      got.push_back(x);
-    }
-    for (size_t t = 1; t < got.size(); ++t)
-      EXPECT_EQ(std::memcmp(got[t].data(), got[0].data(), got[0].size() * sizeof(float)), 0)
-          << "threads differ, " << dtype_name(dt) << " run " << t;
+    const std::vector<std::vector<float>> got =
+        run_thread_counts([&](int threads) { return kern::transition_scratch_floats(a, threads); },
+                          [&](float* s, int threads) {
+                            std::vector<float> x = x0;
+                            a.x = x.data();
+                            kern::transition(a, s, threads);
+                            return x;
+                          },
+                          want, tol, dtype_name(dt));
+    for (const std::vector<float>& x : got)  // masked rows untouched
+      for (int64_t r = 1; c.masked && r < c.rows; r += 3)
+        for (int64_t i = 0; i < c.c; ++i) ASSERT_EQ(x[r * c.c + i], x0[r * c.c + i]);
   }
 }
 

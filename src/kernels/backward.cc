@@ -131,18 +131,21 @@ void SoftmaxBackwardRows(const float* p, int64_t ldp, const float* dp, int64_t l
 // pb rows [n] optional), one pass. A row with lse = -inf (all logits -inf) becomes 0. A row whose
 // sum is off 1 by more than kLseRenorm is divided by its sum: lse rounded to float drops log(sum)
 // when the logits are huge, e.g. a fully masked row (every logit -1e9, uniform P) has
-// lse = -1e9 + log(n) = -1e9 in float.
+// lse = -1e9 + log(n) = -1e9 in float. S16 (bf16 products, else nullptr; ld as S) receives the
+// bf16 rounding of the result as well.
 constexpr float kLseRenorm = 1e-5f;
 void ProbsFromLseRows(float* S, int64_t ld, int64_t rows, int64_t n, const float* mb,
-                      const float* pb, int64_t ldpb, const float* lse) {
+                      const float* pb, int64_t ldpb, const float* lse, uint16_t* S16) {
   const D d;
   const size_t N = hn::Lanes(d);
   const size_t un = static_cast<size_t>(n);
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = S + r * ld;                          // [n]
     const float* pr = pb ? pb + r * ldpb : nullptr;  // [n]
+    uint16_t* hr = S16 ? S16 + r * ld : nullptr;     // [n]
     if (lse[r] == -std::numeric_limits<float>::infinity()) {
       std::fill(sr, sr + un, 0.f);
+      if (hr) std::fill(hr, hr + un, uint16_t{0});
       continue;
     }
     const V vl = hn::Set(d, lse[r]);
@@ -157,36 +160,47 @@ void ProbsFromLseRows(float* S, int64_t ld, int64_t rows, int64_t n, const float
       const V e = hn::IfThenElseZero(valid, hn::Exp(d, hn::Sub(hn::IfThenElse(valid, x, vl), vl)));
       acc = hn::Add(acc, e);
       StorePart(d, e, sr + i, c);
+      if (hr) hwy_util::StoreBf16Part(d, e, hr + i, c);
     }
     const float sum = hn::GetLane(hn::SumOfLanes(d, acc));
     if (std::abs(sum - 1.f) > kLseRenorm && sum > 0.f) {
       const V inv = hn::Set(d, 1.f / sum);
       for (size_t i = 0; i < un; i += N) {
         const size_t c = std::min(N, un - i);
-        StorePart(d, hn::Mul(LoadPart(d, sr + i, c), inv), sr + i, c);
+        const V e = hn::Mul(LoadPart(d, sr + i, c), inv);
+        StorePart(d, e, sr + i, c);
+        if (hr) hwy_util::StoreBf16Part(d, e, hr + i, c);
       }
     }
   }
 }
 
-// Softmax backward with the row dot products given: p = p * (dp - dot[r]) in place, per row r
-// (dot[r] = rowsum(dp * p) = rowsum(dO * O) for attention).
+// Softmax backward with the row dot products given, dS = p * (dp - dot[r]) per row r
+// (dot[r] = rowsum(dp * p) = rowsum(dO * O) for attention): into p in place when ds16 is nullptr;
+// else (bf16 products) dS is not stored in f32 but as its bf16 rounding in ds16 (ld as p; the dQ,
+// dK products' input) and added into dpb (ld as p; d_pair_bias; nullptr skips it) in the same
+// pass: the values of the f32 form followed by f32_to_bf16 and add_inplace.
 void SoftmaxBackwardGivenDotRows(float* p, int64_t ldp, const float* dp, int64_t lddp,
-                                 const float* dot, int64_t rows, int64_t n) {
+                                 const float* dot, int64_t rows, int64_t n, uint16_t* ds16,
+                                 float* dpb) {
   const D d;
   const size_t N = hn::Lanes(d);
   const size_t un = static_cast<size_t>(n);
   for (int64_t r = 0; r < rows; ++r) {
-    float* pr = p + r * ldp;           // [n]
-    const float* dpr = dp + r * lddp;  // [n]
+    float* pr = p + r * ldp;                            // [n]
+    const float* dpr = dp + r * lddp;                   // [n]
+    uint16_t* hr = ds16 ? ds16 + r * ldp : nullptr;     // [n]
+    float* br = ds16 && dpb ? dpb + r * ldp : nullptr;  // [n]
     const V vd = hn::Set(d, dot[r]);
-    size_t i = 0;
-    for (; i + N <= un; i += N)
-      hn::StoreU(hn::Mul(hn::LoadU(d, pr + i), hn::Sub(hn::LoadU(d, dpr + i), vd)), d, pr + i);
-    if (i < un) {
-      const size_t c = un - i;
-      StorePart(d, hn::Mul(LoadPart(d, pr + i, c), hn::Sub(LoadPart(d, dpr + i, c), vd)), pr + i,
-                c);
+    for (size_t i = 0; i < un; i += N) {
+      const size_t c = std::min(N, un - i);
+      const V ds = hn::Mul(LoadPart(d, pr + i, c), hn::Sub(LoadPart(d, dpr + i, c), vd));
+      if (!hr) {
+        StorePart(d, ds, pr + i, c);
+        continue;
+      }
+      hwy_util::StoreBf16Part(d, ds, hr + i, c);
+      if (br) StorePart(d, hn::Add(LoadPart(d, br + i, c), ds), br + i, c);
     }
   }
 }
@@ -249,17 +263,6 @@ void ReluBackwardBf16Rows(const uint16_t* x, int64_t ldx, const float* dy, int64
     }
 }
 
-// dst [rows, C] (dense bf16) = bf16(src [rows, C], leading dimension ld): the bf16 attention
-// backward's K, V and Q packed straight from the strided q|k|v|g rows (kern::f32_to_bf16's
-// rounding, hwy_util::NarrowRows), without an f32 copy.
-void PackRowsBf16(const float* src, int64_t ld, int64_t rows, int64_t C, uint16_t* dst) {
-  for (int64_t i = 0; i < rows; ++i)
-    hwy_util::NarrowRows(src + i * ld, dst + i * C, static_cast<size_t>(C),
-                         [](hn::Vec<hn::ScalableTag<uint32_t>> u) {
-                           return hwy_util::Bf16Bits(hn::ScalableTag<uint32_t>(), u);
-                         });
-}
-
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
 HWY_AFTER_NAMESPACE();
@@ -274,7 +277,6 @@ HWY_EXPORT(ReluBackwardRows);
 HWY_EXPORT(ReluBackwardBf16Rows);
 HWY_EXPORT(ProbsFromLseRows);
 HWY_EXPORT(SoftmaxBackwardGivenDotRows);
-HWY_EXPORT(PackRowsBf16);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -515,11 +517,12 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       gemm(ta, tb, M, N, Kd, alpha, A, lda, B, ldb, beta, Cm, ldc);
   };
   // Logits with a q.k term; else bias only (no K, Q, dq, dk).
-  // BF16 packs K, V and Q straight to K16, V16, Q16 (the f32 copies are not read there).
+  // BF16 packs K, V and Q straight from the strided q|k|v|g rows to K16, V16, Q16 (the f32 copies
+  // are not read there).
   const bool qk = !a.bias_logits;
   auto pack_in = [&](const float* src, int64_t ld, int64_t rows, float* dst, uint16_t* dst16) {
     if (bf)
-      HWY_DYNAMIC_DISPATCH(PackRowsBf16)(src, ld, rows, C, dst16);
+      f32_to_bf16_rows(src, ld, dst16, C, rows, C);
     else
       pack(src, ld, rows, C, dst);
   };
@@ -544,16 +547,17 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       std::fill(P, P + n * Lk, 0.f);
     }
     const float* pb = a.pair_bias ? a.pair_bias + (h * Lq + i0) * Lk : nullptr;  // [n, Lk]
-    if (lse) {
-      HWY_DYNAMIC_DISPATCH(ProbsFromLseRows)(P, Lk, n, Lk, mb, pb, Lk, lse + i0);
+    if (lse) {  // P16 written with P
+      HWY_DYNAMIC_DISPATCH(ProbsFromLseRows)
+      (P, Lk, n, Lk, mb, pb, Lk, lse + i0, bf ? P16 : nullptr);
     } else {
       if (mb) add_bias_rows(P, Lk, mb, n, Lk);
       if (pb) add_inplace(P, Lk, pb, Lk, n, Lk);
       softmax_rows(P, Lk, n, Lk);
+      to16(P, P16, n * Lk);
     }
     // Gating: dO = d_out * sigmoid(gate), dgate from O = P V recomputed.
     const float* dout = g.d_out + b * a.o_bs + i0 * a.o_rs + h * C;
-    to16(P, P16, n * Lk);
     if (a.gate) {
       mm(false, false, n, C, Lk, 1.f, P, P16, Lk, V, V16, C, 0.f, O, C);
       const int64_t go = b * a.g_bs + i0 * a.g_rs + h * C;
@@ -572,19 +576,27 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
     if (g.dv) mm(true, false, Lk, C, n, 1.f, P, P16, Lk, dO, dO16, C, 1.f, dV, C);  // dV += P^T dO
     if (!need_ds) continue;
     mm(false, true, n, Lk, C, 1.f, dO, dO16, C, V, V16, C, 0.f, dP, Lk);  // dP = dO V^T
-    if (lse && a.gate) {                                                  // P <- dS
-      HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)(P, Lk, dP, Lk, Dr, n, Lk);
+    // dS: BF16 with the lse and a gate writes only P16 <- bf16(dS) and adds dS into dpb in the
+    // same pass; otherwise P <- dS (f32), then its rounding and the dpb add.
+    const bool ds_fused = bf && lse && a.gate;
+    if (ds_fused) {
+      HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
+      (P, Lk, dP, Lk, Dr, n, Lk, P16, dpb ? dpb + i0 * Lk : nullptr);
     } else {
-      softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
+      if (lse && a.gate)
+        HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
+        (P, Lk, dP, Lk, Dr, n, Lk, nullptr, nullptr);
+      else
+        softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
+      to16(P, P16, n * Lk);
     }
-    to16(P, P16, n * Lk);  // dS
-    if (dq) {              // dQ = scale dS K
+    if (dq) {  // dQ = scale dS K
       mm(false, false, n, C, Lk, a.scale, P, P16, Lk, K, K16, C, 0.f, O, C);
       unpack(O, n, C, dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs);
     }
     if (dk)  // dK += scale dS^T Q
       mm(true, false, Lk, C, n, a.scale, P, P16, Lk, Q, Q16, C, 1.f, dK, C);
-    if (dpb) add_inplace(dpb + i0 * Lk, Lk, P, Lk, n, Lk);
+    if (dpb && !ds_fused) add_inplace(dpb + i0 * Lk, Lk, P, Lk, n, Lk);
   }
   if (dk) unpack(dK, Lk, C, dk + b * a.k_bs + h * C, a.k_rs);
   if (g.dv) unpack(dV, Lk, C, g.dv + b * a.v_bs + h * C, a.v_rs);

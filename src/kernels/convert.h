@@ -24,6 +24,12 @@ void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
 // dst[i] = bf16_to_f32(f32_to_bf16(src[i])): the value rounded to bf16, kept in f32 storage (the
 // bf16 training's stream rounding); src == dst allowed.
 void round_to_bf16(const float* src, float* dst, int64_t n);
+// f32_to_bf16 on `rows` rows of n elements with their own leading dimensions: dst [rows, ldd]
+// row i = bf16(src [rows, lds] row i); the elements past n of each dst row are not written. One
+// call for many short rows (a layout change with the rounding, e.g. the outer product mean's
+// pairs or the attention backward's packed K, V, Q). Parallel over the rows when large.
+void f32_to_bf16_rows(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                      int64_t n);
 
 // Row-major C[M,N] (f32) = alpha * op(A) op(B) + beta * C with A and B of element type `ab`
 // (F32: kern::gemm; BF16: oneDNN matmul with f32 accumulation; F16 is not supported, FC_CHECK).
@@ -43,6 +49,8 @@ void bf16_to_f32(const uint16_t* src, float* dst, int64_t n);
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n);
 void f16_to_f32(const uint16_t* src, float* dst, int64_t n);
 void round_to_bf16(const float* src, float* dst, int64_t n);
+void f32_to_bf16_rows(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                      int64_t n);
 // f64 to f32 rounding to odd: a following round-to-nearest-even to bf16 or f16 then equals the
 // direct rounding of the double (the intermediate keeps more than two extra bits).
 float f64_to_f32_round_odd(double x);

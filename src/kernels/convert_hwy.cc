@@ -105,6 +105,9 @@ HWY_INLINE void WidenRows(const uint16_t* src, float* dst, size_t n, Op op) {
 }
 
 void F32ToBf16(const float* src, uint16_t* dst, size_t n) { NarrowRows(src, dst, n, Bf16Bits); }
+void F32ToBf16Rows(const float* src, size_t lds, uint16_t* dst, size_t ldd, size_t rows, size_t n) {
+  for (size_t r = 0; r < rows; ++r) NarrowRows(src + r * lds, dst + r * ldd, n, Bf16Bits);
+}
 void F32ToF16(const float* src, uint16_t* dst, size_t n) { NarrowRows(src, dst, n, F16Bits); }
 void Bf16ToF32(const uint16_t* src, float* dst, size_t n) {
   WidenRows(src, dst, n, [](VU h) { return hn::ShiftLeft<16>(h); });
@@ -128,6 +131,7 @@ HWY_AFTER_NAMESPACE();
 namespace fc::kern {
 
 HWY_EXPORT(F32ToBf16);
+HWY_EXPORT(F32ToBf16Rows);
 HWY_EXPORT(F32ToF16);
 HWY_EXPORT(Bf16ToF32);
 HWY_EXPORT(F16ToF32);
@@ -152,6 +156,17 @@ void for_pieces(int64_t n, F f) {
 void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   for_pieces(n, [&](int64_t a, int64_t b) {
     HWY_DYNAMIC_DISPATCH(F32ToBf16)(src + a, dst + a, static_cast<size_t>(b - a));
+  });
+}
+void f32_to_bf16_rows(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                      int64_t n) {
+  if (rows <= 0 || n <= 0) return;
+  for_pieces(rows * n, [&](int64_t a, int64_t b) {
+    // Rows [a/n, b/n): adjacent pieces share a boundary, so each row falls in exactly one.
+    const int64_t r0 = a / n, r1 = b / n;
+    HWY_DYNAMIC_DISPATCH(F32ToBf16Rows)
+    (src + r0 * lds, static_cast<size_t>(lds), dst + r0 * ldd, static_cast<size_t>(ldd),
+     static_cast<size_t>(r1 - r0), static_cast<size_t>(n));
   });
 }
 void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {

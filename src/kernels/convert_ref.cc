@@ -76,6 +76,11 @@ void round_to_bf16(const float* src, float* dst, int64_t n) {
   }
 }
 
+void f32_to_bf16_rows(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                      int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) f32_to_bf16(src + r * lds, dst + r * ldd, n);
+}
+
 void f32_to_f16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float x = src[i];

@@ -53,6 +53,20 @@ HWY_INLINE hn::Vec<DU> Bf16Bits(DU du, hn::Vec<DU> u) {
   return hn::IfThenElse(nan, hn::Or(hn::ShiftRight<16>(u), hn::Set(du, 0x40)), rounded);
 }
 
+// Stores the bf16 rounding (Bf16Bits) of the first count <= Lanes lanes of the f32 vector v to p;
+// never writes past p + count.
+template <class D>
+HWY_INLINE void StoreBf16Part(D d, hn::Vec<D> v, uint16_t* p, size_t count) {
+  const hn::RebindToUnsigned<D> du;
+  const hn::RebindToSigned<D> di;
+  const hn::Rebind<uint16_t, D> dh;
+  const auto h = hn::DemoteTo(dh, hn::BitCast(di, Bf16Bits(du, hn::BitCast(du, v))));
+  if (count == hn::Lanes(d)) return hn::StoreU(h, dh, p);
+  HWY_ALIGN uint16_t buf[HWY_MAX_BYTES / sizeof(float)];
+  hn::Store(h, dh, buf);
+  std::copy_n(buf, count, p);
+}
+
 // Runs store(i, count, op(load(i, count))) over n elements in vectors of f32 lanes: full vectors
 // from memory, the tail (count < Lanes) zero-padded so it sees the same lane arithmetic.
 template <class Load, class Store, class Op>

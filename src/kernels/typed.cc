@@ -64,8 +64,7 @@ namespace {
 // dst [rows, n] (dense) = bf16(src [rows, n], leading dimension ld).
 void rows_to_bf16(const float* src, int64_t ld, int64_t rows, int64_t n, uint16_t* dst) {
   if (ld == n) return f32_to_bf16(src, dst, rows * n);
-#pragma omp parallel for schedule(static) if (rows * n > kParallelMin)
-  for (int64_t r = 0; r < rows; ++r) f32_to_bf16(src + r * ld, dst + r * n, n);
+  f32_to_bf16_rows(src, ld, dst, n, rows, n);
 }
 }  // namespace
 

@@ -20,24 +20,26 @@ namespace {
 constexpr int64_t kF = sizeof(float);
 
 // opm_pairs_from_outer rounding to bf16: p [(i, j), (c, e)] (bf16) from o [(i, c), (j, e)] (f32),
-// c < ca (a's channels), e < co.
+// c < ca (a's channels), e < co; one strided conversion per (i, c): its r rows of c_o values
+// (j, e) go to p's rows (i, j).
 void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t ca, int64_t co,
                                uint16_t* p) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t c = 0; c < ca; ++c)
-        kern::f32_to_bf16(o + (i * ca + c) * r * co + j * co, p + ((i * r + j) * ca + c) * co, co);
+    for (int64_t c = 0; c < ca; ++c)
+      kern::f32_to_bf16_rows(o + (i * ca + c) * r * co, co, p + (i * r * ca + c) * co, ca * co, r,
+                             co);
 }
 
-// opm_outer_from_pairs rounding to bf16: o [(i, c), (j, e)] (bf16) from p [(i, j), (c, e)] (f32).
+// opm_outer_from_pairs rounding to bf16: o [(i, c), (j, e)] (bf16) from p [(i, j), (c, e)] (f32),
+// one strided conversion per (i, c).
 void opm_outer_from_pairs_bf16(const float* p, int64_t n, int64_t r, int64_t ca, int64_t co,
                                uint16_t* o) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t c = 0; c < ca; ++c)
-        kern::f32_to_bf16(p + ((i * r + j) * ca + c) * co, o + (i * ca + c) * r * co + j * co, co);
+    for (int64_t c = 0; c < ca; ++c)
+      kern::f32_to_bf16_rows(p + (i * r * ca + c) * co, ca * co, o + (i * ca + c) * r * co, co, r,
+                             co);
 }
 
 // The masked projections a = linear_1(LN(m)) * mask, b = linear_2(LN(m)) * mask of the MSA rows

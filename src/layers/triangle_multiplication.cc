@@ -393,20 +393,16 @@ struct TriMulGroup {
 // n floats, however narrow the group (row-major rows of a few floats cost more in per-row
 // overhead than in arithmetic). oneDNN runs X W^T then a transpose faster than W X^T from
 // 16 outputs up, and W X^T faster below (1 thread, 32768 x 128 inputs: 131 vs 45 GFLOP/s at 16
-// outputs, 134 vs 110 at 64; 40 vs 64-86 at 4).
+// outputs, 134 vs 110 at 64; 40 vs 64-86 at 4). oneDNN's bf16 matmul runs W X^T faster at every
+// width (1 thread, 4096 x 128 inputs: 1.0 vs 1.7 ms at 64 outputs with the transpose, 2.1 vs 4.1
+// at 128; the same bits), so the bf16 form writes T directly and leaves Y unused.
 // x16 (bf16 training, else nullptr): x rounded to bf16, with G.Wb the GEMM's inputs.
 void tri_mul_group_project(const TriMulGroup& G, const float* x, const uint16_t* x16, int64_t n,
                            int64_t cz, float* Y, float* T) {
   const int64_t n4 = 4 * G.nc;
-  if (x16 && n4 < 16) {
+  if (x16) {
     for (int64_t o = 0; o < n4; ++o) std::fill(T + o * n, T + (o + 1) * n, G.b.f32()[o]);
     kern::gemm_typed(DType::BF16, false, true, n4, n, cz, 1.f, G.Wb, cz, x16, cz, 1.f, T, n);
-    return;
-  }
-  if (x16) {
-    for (int64_t i = 0; i < n; ++i) std::copy(G.b.f32(), G.b.f32() + n4, Y + i * n4);
-    kern::gemm_typed(DType::BF16, false, true, n, n4, cz, 1.f, x16, cz, G.Wb, cz, 1.f, Y, n4);
-    kern::transpose(Y, n4, T, n, n, n4);
     return;
   }
   if (n4 < 16) {
