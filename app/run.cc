@@ -464,11 +464,6 @@ int end_mpi(const Comm& world, const Status& st) {
 }
 
 int run_command(const RunArgs& a) {
-  const bool mpi = a.dap > 0 || mpi_launched_world_size() > 1;
-  if (a.dtype != "fp32" && mpi && is_af3_run(a))
-    return fail(Status::InvalidArgument(
-        "--dtype bf16 under --dap runs the Evoformer and ExtraMSA stacks and --model af2, not "
-        "the AF3 trunk"));
   if (a.dtype != "fp32" && is_training(a) && (a.model == "af2" || is_af3_run(a)))
     return fail(Status::InvalidArgument(
         "--dtype bf16 with --backward/--train: the Evoformer and ExtraMSA stacks only"));

@@ -36,6 +36,11 @@ Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
   spec->seed = a.seed;
   spec->repeats = std::max(a.repeats, 1);
   spec->chunk = a.chunk;
+  FC_RETURN_IF_ERROR(parse_compute_dtype(a.dtype, &spec->dtype));
+  if (spec->dtype != DType::F32 && (spec->training || spec->memory_bytes > 0))
+    return Status::InvalidArgument(
+        "--dtype bf16 with the AF3 stacks runs the forward without --memory-budget (training "
+        "and the AF3 memory model are fp32)");
   if (!a.chunk_target.empty())
     FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &spec->chunk_target_bytes));
   for (const std::string& p : split(a.policy, ',')) {

@@ -31,12 +31,13 @@ std::string CaseName(const Af3DapCase& c) {
 }
 void PrintTo(const Af3DapCase& c, std::ostream* os) { *os << CaseName(c); }
 
-// Runs the case on np ranks (0: one process) and reads its output file.
-TensorFile run_case(const Af3DapCase& c, int np) {
+// Runs the case on np ranks (0: one process) with `extra` flags and reads its output file.
+TensorFile run_case(const Af3DapCase& c, int np, const std::string& extra = "") {
   const std::string g = test::golden_path(c.file);
-  const std::string out = test::temp_file(CaseName(c) + "_" + std::to_string(np) + ".st");
+  const std::string out =
+      test::temp_file(CaseName(c) + "_" + std::to_string(np) + (extra.empty() ? "" : "_x") + ".st");
   std::string args = "run --weights " + g + " --inputs " + g + " --out " + out +
-                     " --threads 1 --quiet --chunk " + std::to_string(c.chunk);
+                     " --threads 1 --quiet --chunk " + std::to_string(c.chunk) + extra;
   if (!c.policy.empty()) args += " --grad-outputs " + g + " --policy " + c.policy;
   const std::string report = out + ".json";
   if (np > 0) args += " --dap " + std::to_string(np) + " --report " + report;
@@ -125,6 +126,63 @@ INSTANTIATE_TEST_SUITE_P(
                       Af3DapCase{"msa_module_tiny.safetensors", 2, "module", 1},
                       Af3DapCase{"msa_module_tiny.safetensors", 2, "block", 3}),
     [](const auto& info) { return CaseName(info.param); });
+
+// `--dtype bf16` (the forward): the shards take bf16 GEMM inputs where one process does (the
+// triangle and outer products on the gathered bf16 values, the single attention's projections
+// and attention products), so the DAP output is within kDapVsOneBf16 of the one-process bf16 run
+// (measured: bit-identical but for pairformer_af3dims' s, 1.4e-6, f32 summation order; the bf16
+// effect itself is ~1e-2) and within the bf16 forward tolerance (tests/fused_test.cc
+// kBf16GoldenTol, normwise) of Boltz's float64 outputs at the unpadded positions; fp32 and bf16
+// differ (the bf16 path ran).
+constexpr double kDapVsOneBf16 = 1e-5, kBf16GoldenTol = 1e-2;
+// t with the positions keep [numel / c] marks 0 set to 0 (c trailing channels per position).
+Tensor masked_copy(const Tensor& t, const Tensor& keep) {
+  Tensor out = t.to(DType::F32).contiguous().clone();
+  const Tensor k = keep.to(DType::F32).contiguous();
+  const int64_t c = out.numel() / k.numel();
+  for (int64_t i = 0; i < out.numel(); ++i)
+    if (k.f32()[i / c] == 0) out.f32()[i] = 0;
+  return out;
+}
+class DapAf3CliBf16 : public ::testing::TestWithParam<Af3DapCase> {};
+
+TEST_P(DapAf3CliBf16, ForwardMatchesGoldenAndOneProcessBf16) {
+  const Af3DapCase& c = GetParam();
+  const std::string path = test::golden_path(c.file);
+  if (path.empty()) GTEST_SKIP() << c.file << " not present (shared/golden)";
+  TensorFile ref;
+  ASSERT_TRUE(read_safetensors(path, &ref).ok());
+  const TensorFile one = run_case(c, 0, " --dtype bf16"), dap = run_case(c, c.np, " --dtype bf16");
+  const TensorFile f32 = run_case(c, c.np);
+  ASSERT_FALSE(one.names.empty());
+  ASSERT_FALSE(dap.names.empty());
+  ASSERT_FALSE(f32.names.empty());
+  std::map<std::string, Tensor> keep = {{"output.z", golden(ref, "input.pair_mask")}};
+  if (c.file.rfind("pairformer", 0) == 0) keep["output.s"] = golden(ref, "input.mask");
+  for (const auto& [name, mask] : keep) {
+    const Tensor& d = dap.tensors.at(name);
+    const double vs_one = test::masked_err(d, one.tensors.at(name), mask);
+    const Tensor gold = masked_copy(ref.tensors.at(name), mask);
+    const double golden_one = test::normwise_err(masked_copy(one.tensors.at(name), mask), gold);
+    const double golden_dap = test::normwise_err(masked_copy(d, mask), gold);
+    std::printf(
+        "[ info ] %s %s bf16: vs one process %.2e, normwise vs Boltz %.2e (one process "
+        "%.2e), fp32 vs bf16 %.2e\n",
+        CaseName(c).c_str(), name.c_str(), vs_one, golden_dap, golden_one,
+        test::masked_err(f32.tensors.at(name), d, mask));
+    EXPECT_LT(vs_one, kDapVsOneBf16) << name;
+    EXPECT_LT(golden_dap, kBf16GoldenTol) << name;
+    EXPECT_GT(test::masked_err(f32.tensors.at(name), d, mask), 100 * kDapVsOneBf16) << name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, DapAf3CliBf16,
+                         ::testing::Values(Af3DapCase{"pairformer_tiny.safetensors", 2, "", 0},
+                                           Af3DapCase{"pairformer_tiny.safetensors", 4, "", 3},
+                                           Af3DapCase{"pairformer_af3dims.safetensors", 2, "", 0},
+                                           Af3DapCase{"msa_module_tiny.safetensors", 2, "", 0},
+                                           Af3DapCase{"msa_module_tiny.safetensors", 3, "", 0}),
+                         [](const auto& info) { return CaseName(info.param); });
 
 // Random AF3-dimension weights and inputs whose token count (and MSA rows) 3 ranks do not divide:
 // the padded tokens and sequences are masked and cropped, so every output and gradient equals

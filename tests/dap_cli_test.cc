@@ -215,7 +215,8 @@ TEST(DapCli, ExtraMsaGoldenOnTwoAndFourRanks) {
 // `--dtype bf16` under `--dap N` for the stacks, forward and training (evo_tiny and extra_tiny on
 // 2 and 3 ranks; on 3 ranks s = 8 and 10 are padded to 9 and 12): every tensor of the output file
 // within a normwise 2e-2 of the one-process bf16 run (tests/dap_bf16_test.cc: the tolerance, and
-// the golden checks). The AF3 trunk and --unfused with bf16 under --dap are refused.
+// the golden checks). --unfused with bf16, and the AF3 trunk's bf16 training and budgets, are
+// refused under --dap.
 TEST(DapCli, Bf16StacksMatchOneProcessBf16) {
   for (const char* file : {"evo_tiny.safetensors", "extra_tiny.safetensors"}) {
     SCOPED_TRACE(file);
@@ -256,10 +257,17 @@ TEST(DapCli, Bf16StacksMatchOneProcessBf16) {
       }
     }
   }
-  Result r =
-      run(mpirun(2) + cli() + " run --stack pairformer --r 8 --blocks 1 --dap 2 --dtype bf16");
+  // The AF3 trunk runs its bf16 forward under DAP (DapAf3Cli.Bf16ForwardMatchesOneProcessBf16);
+  // its bf16 training and bf16 memory budgets are refused.
+  Result r = run(mpirun(2) + cli() +
+                 " run --stack pairformer --r 8 --blocks 1 --dap 2 --dtype bf16 --backward");
   EXPECT_EQ(r.code, 1) << r.out;
-  EXPECT_NE(r.out.find("not the AF3 trunk"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("the Evoformer and ExtraMSA stacks only"), std::string::npos) << r.out;
+  r = run(mpirun(2) + cli() +
+          " run --stack msa_module --r 8 --s 4 --blocks 1 --dap 2 --dtype bf16 --memory-budget "
+          "64MiB");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("without --memory-budget"), std::string::npos) << r.out;
   r = run(mpirun(2) + cli() + " run --s 4 --r 4 --blocks 1 --dap 2 --dtype bf16 --unfused");
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("drop --unfused"), std::string::npos) << r.out;
@@ -545,7 +553,8 @@ TEST(DapCli, RunSavedDapPlan) {
 // Per-layer partitions end to end: `plan --split-policy auto` with a very slow link writes a plan
 // with `partitions` (whole-stream layers save the link), `mpirun -np 2 run --plan` runs it
 // (training, policy module) with the measured peak within the estimate and the kept activations
-// as estimated; a plan naming an unknown split is a one-line error.
+// as estimated, in fp32 and in bf16 (`plan --dtype bf16`: kept whole-stream inputs in bf16); a
+// plan naming an unknown split is a one-line error.
 TEST(DapCli, PlanWithPartitionsRunsOnTwoRanks) {
   const std::string prof = tmp("slow_link_" + std::to_string(getpid()) + ".json");
   std::ofstream(prof) << R"({"name": "slow-link", "threads": 1, "gemm_gflops": 400,
@@ -553,22 +562,30 @@ TEST(DapCli, PlanWithPartitionsRunsOnTwoRanks) {
     "attention_gflops": 250, "attention_bwd_gflops": 150, "attention_len_exp": 0.2,
     "mem_gbps": 15, "link_gbps": 0.001, "link_latency_us": 20, "devices": 2})";
   const std::string plan = tmp("split_plan.json"), rep = tmp("split_plan_report.json");
-  Result r = run(cli() + " plan --train --s 8 --r 24 --blocks 2 --memory 1GiB --dap 2 --dp 1 " +
-                 "--policy module --split-policy auto --profile " + prof + " --out " + plan);
-  ASSERT_EQ(r.code, 0) << r.out;
-  EXPECT_NE(r.out.find("partitions"), std::string::npos) << r.out;
+  for (const std::string dtype : {"fp32", "bf16"}) {
+    SCOPED_TRACE(dtype);
+    Result r = run(cli() + " plan --train --s 8 --r 24 --blocks 2 --memory 1GiB --dap 2 --dp 1 " +
+                   "--policy module --split-policy auto --profile " + prof + " --dtype " + dtype +
+                   " --out " + plan);
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("partitions"), std::string::npos) << r.out;
+    const nlohmann::json p = nlohmann::json::parse(std::ifstream(plan));
+    ASSERT_TRUE(p.contains("partitions")) << p.dump();
+    EXPECT_EQ(p["partitions"].size(), 2u);
+    EXPECT_EQ(p["dtype"], dtype);
+    r = run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof +
+            " --threads 1 --quiet --report " + rep);
+    ASSERT_EQ(r.code, 0) << r.out;
+    const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
+    EXPECT_EQ(j["dtype"], dtype);
+    EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["peak_bytes_estimate"].get<int64_t>());
+    EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
+  }
   nlohmann::json p = nlohmann::json::parse(std::ifstream(plan));
-  ASSERT_TRUE(p.contains("partitions")) << p.dump();
-  EXPECT_EQ(p["partitions"].size(), 2u);
-  r = run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof +
-          " --threads 1 --quiet --report " + rep);
-  ASSERT_EQ(r.code, 0) << r.out;
-  const nlohmann::json j = nlohmann::json::parse(std::ifstream(rep));
-  EXPECT_LE(j["peak_tracked_bytes"].get<int64_t>(), j["peak_bytes_estimate"].get<int64_t>());
-  EXPECT_EQ(j["activation_bytes"], j["activation_bytes_estimate"]);
   p["partitions"][0][0]["split"] = "rows";
   std::ofstream(plan) << p.dump();
-  r = run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof + " --threads 1");
+  const Result r =
+      run(mpirun(2) + cli() + " run --plan " + plan + " --plan-profile " + prof + " --threads 1");
   EXPECT_NE(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("unknown split 'rows'"), std::string::npos) << r.out;
 }

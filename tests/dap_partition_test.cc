@@ -21,11 +21,14 @@
 #include "foldcube/partition.h"
 #include "foldcube/planner.h"
 #include "model/train.h"
+#include "partition_util.h"
 #include "plan/partition_cost.h"
 #include "test_util.h"
 
 namespace fc {
 namespace {
+
+using test::partition_for;
 
 // Uniform in [-1, 1); masks ~85 % ones with the diagonal kept (no fully masked row).
 Tensor rnd(const Shape& shape, uint64_t seed) {
@@ -43,34 +46,6 @@ struct PartCase {
   EvoformerStack stack;
   Tensor m, z, msa_mask, pair_mask, gm, gz;  // root only
 };
-
-// "heads" | "channels" | "replicated": that split for every layer that has it, dap elsewhere;
-// "mixed": a different split per layer, rotated from block to block.
-StackPartition partition_for(const std::string& policy, int blocks,
-                             const BlockTable& table = kEvoformerBlock) {
-  StackPartition p;
-  const Split cycle[] = {Split::kHeads, Split::kReplicated, Split::kChannels, Split::kDap};
-  for (int b = 0; b < blocks; ++b) {
-    std::vector<LayerSplit> list;
-    int k = b;
-    for (const LayerDesc& ly : table) {
-      Split s = Split::kDap;
-      if (policy == "mixed") {
-        for (int t = 0; t < 4; ++t, ++k)
-          if (split_supported(ly, cycle[k % 4])) break;
-        s = cycle[k % 4];
-        ++k;
-      } else {
-        Split want = Split::kDap;
-        FC_CHECK(parse_split(policy, &want).ok());
-        if (split_supported(ly, want)) s = want;
-      }
-      list.push_back({ly.name, s});
-    }
-    p.push_back(list);
-  }
-  return p;
-}
 
 // Reads a golden file on the root; every rank learns whether it worked.
 bool read_case(const dist::Communicator& comm, const std::string& file, PartCase* c,

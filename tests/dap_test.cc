@@ -26,6 +26,8 @@
 #include "foldcube/parallel.h"
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
+#include "layers/outer_product_mean.h"
+#include "layers/triangle_multiplication.h"
 #include "model/train.h"
 #include "model/weights.h"
 #include "test_util.h"
@@ -561,6 +563,82 @@ TEST(DapTrain, OuterProductMeanMatchesSingleProcess) {
     EXPECT_LT(rel_err(gather_rows(comm, z2, r, r, false), z1), 1e-5);
     EXPECT_LT(rel_err(gather_cols(comm, dm2, s, r), dm1), 1e-5);
     EXPECT_LT(worst_grad_err(g2, g1), 1e-5);
+  }
+}
+
+// bf16 inference forms of the products on shards (DapBf16: also CTest dap_mpi_np3): the outer
+// product mean (m by residues, z by rows) and both triangle multiplications (z rows, z^T rows;
+// automatic and forced channel groups) with bf16 GEMM inputs, padding and masks, against the
+// one-process bf16 layer. The shards round a, b (and A, B) where one process does and multiply
+// the gathered bf16 values in the one-process product's shape, so the difference is only the
+// f32 summation order of GEMMs of other shapes (kDapBf16ProductTol; the f32 products of the
+// tenth session differed by the bf16 rounding itself, ~1e-2).
+constexpr double kDapBf16ProductTol = 1e-5;
+DapShards padded_shards(const EvoformerConfig& cfg, const Case& c, const DapLayout& l,
+                        int64_t chunk) {
+  const int64_t s = c.m.dim(0), r = c.m.dim(1);
+  const Tensor msa_p = pad_copy(c.msa_mask.reshape({s, r, 1}), l.s_pad, l.r_pad, false);
+  const Tensor pair_p = pad_copy(c.pair_mask.reshape({r, r, 1}), l.r_pad, l.r_pad, false);
+  DapShards sh = make_dap_shards(cfg, l, msa_p.reshape({l.s_pad, l.r_pad}),
+                                 pair_p.reshape({l.r_pad, l.r_pad}), chunk, 0, 1);
+  for (BlockContext* ctx : {&sh.row, &sh.col, &sh.full}) ctx->dtype = DType::BF16;
+  return sh;
+}
+ShardGather all_gather_hook(const dist::Communicator& comm) {
+  return {comm.size(), [&comm](const float* mine, int64_t count, float* all) {
+            comm.all_gather(mine, all, count);
+          }};
+}
+
+TEST(DapBf16, ShardProductsMatchOneProcessBf16) {
+  const dist::Communicator comm = world();
+  EvoformerConfig cfg = small_config(1);
+  cfg.c_hidden_mul = 16, cfg.c_hidden_opm = 8;
+  const int64_t s = 5, r = 7;
+  Case c = random_case(cfg, s, r, true, 81);
+  const BlockWeights& w = StackAccess::block(c.stack, 0);
+  const DapLayout l = dap_layout(s, r, comm.size(), comm.rank());
+  const int64_t rl = l.r_loc;
+  const ShardGather gather = all_gather_hook(comm);
+  for (int64_t chunk : {0, 3}) {
+    DapShards one =
+        make_dap_shards(cfg, dap_layout(s, r, 1, 0), c.msa_mask, c.pair_mask, chunk, 0, 1);
+    one.full.dtype = DType::BF16;
+    const DapShards sh = padded_shards(cfg, c, l, chunk);
+    const std::string what = "chunk " + std::to_string(chunk);
+    {
+      Tensor z1 = c.z.clone(), z1f = c.z.clone();
+      outer_product_mean(w.outer_product_mean, one.full, c.m.f32(), z1.f32());
+      BlockContext f32 = one.full;
+      f32.dtype = DType::F32;
+      outer_product_mean(w.outer_product_mean, f32, c.m.f32(), z1f.f32());
+      const Tensor m_in = cols_of(pad_copy(c.m, l.s_pad, l.r_pad, false), l.rank * rl, rl);
+      Tensor z2 = rows_of(pad_copy(c.z, l.r_pad, l.r_pad, false), l.rank * rl, rl);
+      outer_product_mean_shard(w.outer_product_mean, sh.full, m_in.f32(), l.rank * rl, rl,
+                               sh.msa_mask_cols.f32(), gather, z2.f32());
+      const Tensor got = gather_rows(comm, z2, r, r, false);
+      const double err = rel_err(got, z1), bf16_effect = rel_err(z1f, z1);
+      if (comm.rank() == 0)
+        std::printf("[ info ] N=%d OPM %s: shards vs one process bf16 %.2e (bf16 vs f32 %.2e)\n",
+                    comm.size(), what.c_str(), err, bf16_effect);
+      EXPECT_LT(err, kDapBf16ProductTol) << "OPM " << what;
+      EXPECT_GT(bf16_effect, 100 * kDapBf16ProductTol) << "OPM " << what;
+    }
+    for (bool incoming : {false, true}) {
+      const TriangleMultiplicationW& tw = incoming ? w.tri_mul_in : w.tri_mul_out;
+      Tensor z1 = c.z.clone();
+      triangle_multiplication(tw, one.full, !incoming, z1.f32());
+      Tensor z2 = rows_of(pad_copy(c.z, l.r_pad, l.r_pad, incoming), l.rank * rl, rl);
+      triangle_multiplication_shard(
+          tw, sh.full, incoming, rl,
+          (incoming ? sh.pair_mask_t : sh.pair_mask).f32() + l.rank * rl * l.r_pad, gather,
+          z2.f32());
+      const double err = rel_err(gather_rows(comm, z2, r, r, incoming), z1);
+      if (comm.rank() == 0)
+        std::printf("[ info ] N=%d tri_mul %s %s: shards vs one process bf16 %.2e\n", comm.size(),
+                    incoming ? "incoming" : "outgoing", what.c_str(), err);
+      EXPECT_LT(err, kDapBf16ProductTol) << (incoming ? "incoming " : "outgoing ") << what;
+    }
   }
 }
 

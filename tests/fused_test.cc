@@ -502,7 +502,7 @@ TEST(FusedCli, DtypeAndUnfusedFlags) {
   }
   for (const std::string& bad :
        {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --dap 1 --unfused"),
-        std::string("--dtype bf16 --dap 1 --stack pairformer")}) {
+        std::string("--dtype bf16 --dap 1 --stack pairformer --backward")}) {
     const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
     EXPECT_EQ(r.code, 1) << bad;
     EXPECT_NE(r.out.find("error"), std::string::npos) << bad << ": " << r.out;

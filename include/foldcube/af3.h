@@ -124,6 +124,9 @@ struct Af3RunSpec {
   std::string grad_outputs;  // empty with training: dL/d output = 1 everywhere
   std::vector<Recompute> policy;
   int64_t chunk = 0, chunk_target_bytes = 0;
+  // GEMM inputs of the forward (run --dtype): F32, or BF16 (bf16 inputs, f32 accumulation, as
+  // ForwardOptions::dtype; one process and under DAP). Training and memory budgets run F32 only.
+  DType dtype = DType::F32;
   // Budget for the tracked peak of the whole run (weights, inputs and the work), 0 = none: the
   // chunk target (and, training without `policy`, the least recompute) come from af3_plan, and a
   // budget nothing fits is a user error naming the smallest one that would.

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "foldcube/memory.h"
+#include "foldcube/model.h"
 #include "foldcube/runtime.h"
 #include "model/af3_access.h"
 #include "model/af3_weights.h"
@@ -44,7 +45,17 @@ Status check_options(const dist::Communicator& comm, const EvoformerConfig& cfg,
   if (opts.trace || !opts.partitions.empty())
     return Status::InvalidArgument(
         "the AF3 stacks under DAP support neither traces nor per-layer partitions yet");
+  ForwardOptions fo;
+  fo.dtype = opts.dtype;
+  FC_RETURN_IF_ERROR(check_forward_dtype(fo).WithContext("DAP"));
+  if (!comm.all_equal(static_cast<uint64_t>(opts.dtype)))
+    return Status::InvalidArgument("DAP ranks were given different dtypes");
   return Status::OK();
+}
+
+// The forward's GEMM input type (DapOptions::dtype) on every shard context.
+void set_dtype(DType dtype, DapShards* sh) {
+  for (BlockContext* c : {&sh->row, &sh->col, &sh->full}) c->dtype = dtype;
 }
 
 // Shares the root's validated inputs: its error (root_st) on every rank, else the layout of
@@ -317,6 +328,7 @@ Status dap_forward(const PairformerStack& stack, const dist::Communicator& comm,
   Af3Shards a;
   FC_RETURN_IF_ERROR(
       pairformer_shards(stack, comm, s, z, mask, nullptr, opts.chunk, opts.chunk_target_bytes, &a));
+  set_dtype(opts.dtype, &a.sh);
   const DapLayout& l = a.l;
   Tensor& sr = a.m;  // [1, r_loc, c_s]
   Tensor& zr = a.z;  // [r_loc, r_pad, c_z]
@@ -341,6 +353,7 @@ Status dap_forward(const MsaModule& mod, const dist::Communicator& comm, Tensor&
   Af3Shards a;
   FC_RETURN_IF_ERROR(msa_module_shards(mod, comm, z, emb, msa_feat, msa_mask, token_mask, nullptr,
                                        opts.chunk, opts.chunk_target_bytes, &a));
+  set_dtype(opts.dtype, &a.sh);
   const DapLayout& l = a.l;
   Tensor& mr = a.m;  // [s_loc, r_pad, c_m]
   Tensor& zr = a.z;  // [r_loc, r_pad, c_z]

@@ -98,6 +98,7 @@ Status af3_dap_run(const Af3RunSpec& spec, const Comm& world, Af3DapRunReport* r
   DapOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;
+  fopts.dtype = spec.dtype;
   // With a budget: every rank plans from rank 0's shapes and input bytes (the same plan, so a
   // budget too small is the same error on every rank, before any collective of the stack).
   auto plan = [&](int64_t n, int64_t n_msa, int64_t streams, int64_t held) -> Status {

@@ -218,6 +218,7 @@ Status af3_run(const Af3RunSpec& spec, Af3RunReport* rep) {
   ForwardOptions fopts;
   fopts.chunk = spec.chunk;
   fopts.chunk_target_bytes = spec.chunk_target_bytes;
+  fopts.dtype = spec.dtype;
   TrainResult tr;
   af3_output_metadata(cfg.kind, &rep->out);
   MemoryScope scope;

@@ -447,8 +447,6 @@ Status dap_forward_impl(const Stack& stack, const BlockTable& table, float globa
     FC_RETURN_IF_ERROR(check_forward_dtype(fo).WithContext("DAP"));
     if (!comm.all_equal(static_cast<uint64_t>(opts.dtype)))
       return Status::InvalidArgument("DAP ranks were given different dtypes");
-    if (opts.dtype == DType::BF16 && !splits.empty())
-      return Status::InvalidArgument("DAP: dtype BF16 with per-layer partitions is not supported");
   }
 
   // The root validates its inputs and shares the sizes (or its error) with every rank.

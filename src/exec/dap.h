@@ -156,8 +156,11 @@ struct DapOptions {
   // Per-layer partition of each block (include/foldcube/partition.h); empty: pure DAP.
   StackPartition partitions;
   // GEMM input type of the fused layers (ForwardOptions::dtype): BF16 rounds them to bf16 with
-  // f32 accumulation on every rank, as one process does; the collectives carry f32. BF16 with
-  // partitions is refused.
+  // f32 accumulation on every rank, as one process does (the triangle and outer products too:
+  // the gathered operands are bf16 values moved as f32); the collectives carry f32. With
+  // partitions, heads / replicated layers run the one-process bf16 layer, channel-parallel
+  // transitions too, channel-parallel triangle multiplications and OPMs their training form
+  // (f32 products, docs/dap.md).
   DType dtype = DType::F32;
 };
 

@@ -547,9 +547,6 @@ Status dap_train_impl(const Stack& stack, const BlockTable& table, float global_
   FC_RETURN_IF_ERROR(resolve_partition(table, partitions, cfg, comm.size(), &splits));
   if (opts.dtype != DType::F32 && opts.dtype != DType::BF16)
     return Status::InvalidArgument("training dtype must be fp32 or bf16");
-  if (opts.dtype == DType::BF16 && !splits.empty())
-    return Status::InvalidArgument(
-        "DAP training: dtype BF16 with per-layer partitions is not supported");
   FC_RETURN_IF_ERROR(
       share_padded_masks(cfg, comm, m, z, msa_mask, pair_mask, root_check, &l, &msa_p, &pair_p));
   const int64_t sp = l.s_pad, rp = l.r_pad, cm = cfg.c_m, cz = cfg.c_z;

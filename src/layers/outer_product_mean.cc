@@ -20,22 +20,25 @@ namespace {
 constexpr int64_t kF = sizeof(float);
 
 // opm_pairs_from_outer rounding to bf16: p [(i, j), (c, e)] (bf16) from o [(i, c), (j, e)] (f32),
-// one strided conversion per (i, c): its r rows of c_o values (j, e) go to p's rows (i, j).
-void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t co, uint16_t* p) {
+// c < ca (a's channels), e < co; one strided conversion per (i, c): its r rows of c_o values
+// (j, e) go to p's rows (i, j).
+void opm_pairs_from_outer_bf16(const float* o, int64_t n, int64_t r, int64_t ca, int64_t co,
+                               uint16_t* p) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < co; ++c)
-      kern::f32_to_bf16_rows(o + (i * co + c) * r * co, co, p + (i * r * co + c) * co, co * co, r,
+    for (int64_t c = 0; c < ca; ++c)
+      kern::f32_to_bf16_rows(o + (i * ca + c) * r * co, co, p + (i * r * ca + c) * co, ca * co, r,
                              co);
 }
 
 // opm_outer_from_pairs rounding to bf16: o [(i, c), (j, e)] (bf16) from p [(i, j), (c, e)] (f32),
 // one strided conversion per (i, c).
-void opm_outer_from_pairs_bf16(const float* p, int64_t n, int64_t r, int64_t co, uint16_t* o) {
+void opm_outer_from_pairs_bf16(const float* p, int64_t n, int64_t r, int64_t ca, int64_t co,
+                               uint16_t* o) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < co; ++c)
-      kern::f32_to_bf16_rows(p + (i * r * co + c) * co, co * co, o + (i * co + c) * r * co, co, r,
+    for (int64_t c = 0; c < ca; ++c)
+      kern::f32_to_bf16_rows(p + (i * r * ca + c) * co, ca * co, o + (i * ca + c) * r * co, co, r,
                              co);
 }
 
@@ -152,6 +155,35 @@ void opm_msa_chunked(const OuterProductMeanW& w, const BlockContext& ctx, const 
   }
 }
 
+// MSA rows per gather of opm_gather_bf16 (its f32 send and receive buffers from the chunk
+// target).
+int64_t opm_gather_rows(const BlockContext& ctx, int64_t cols, int64_t parts) {
+  return pick_chunk(ctx, ctx.s, (1 + parts) * cols * ctx.cfg->c_hidden_opm * kF);
+}
+
+// Every shard's right projection b16 [s, cols, c_o] (bf16) as the one-process b [s, r, c_o] in
+// bf16 (shard q's columns at q*cols), gathered as f32 in chunks of opm_gather_rows MSA rows (the
+// bf16 values convert back exactly). Allocates the result, then the two chunk buffers.
+Tensor opm_gather_bf16(const BlockContext& ctx, const ShardGather& gather, const Tensor& b16,
+                       int64_t cols) {
+  const int64_t s = ctx.s, r = ctx.r, co = ctx.cfg->c_hidden_opm, parts = gather.parts;
+  const int64_t bw = cols * co, g = opm_gather_rows(ctx, cols, parts);
+  Tensor full = Tensor::empty({s, r, co}, DType::BF16);
+  Tensor send = Tensor::empty({g, cols, co});        // this shard's rows of the chunk, f32
+  Tensor all = Tensor::empty({parts, g, cols, co});  // every shard's, shard-major
+  for (int64_t s0 = 0; s0 < s; s0 += g) {
+    const int64_t n = std::min(g, s - s0);
+    kern::bf16_to_f32(b16.data<uint16_t>() + s0 * bw, send.f32(), n * bw);
+    gather.fn(send.f32(), n * bw, all.f32());
+    uint16_t* f = full.data<uint16_t>() + s0 * r * co;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t q = 0; q < parts; ++q)
+      for (int64_t i = 0; i < n; ++i)
+        kern::f32_to_bf16(all.f32() + (q * n + i) * bw, f + i * r * co + q * bw, bw);
+  }
+  return full;
+}
+
 // The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
 // nullptr means one shard holding every column (cols = r). With bf16 products (bf16_products) a
 // and b are stored in bf16, the outer products take bf16 inputs with f32 accumulation, and the
@@ -165,13 +197,16 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
   const int64_t parts = gather != nullptr ? gather->parts : 1;
   const int64_t sc = opm_msa_row_chunk(ctx, cols, parts);
   if (sc < s) return opm_msa_chunked(w, ctx, m, col0, cols, mask_cols, *gather, sc, z);
-  const bool bf16 = bf16_products(ctx, parts);
+  const bool bf16 = bf16_products(ctx);
   const DType pt = bf16 ? DType::BF16 : DType::F32;  // storage of a, b and p
   Tensor a = Tensor::empty({s, cols, co}, pt);       // linear_1(LN(m)) * mask
   Tensor b = Tensor::empty({s, cols, co}, pt);       // linear_2(LN(m)) * mask
   opm_project(w, ctx, m, s, cols, mask_cols, bf16, &a, &b);
-  // Every shard's b, shard-major: [parts][s, cols, c_o] (= b itself for one shard).
-  if (gather != nullptr && !bf16) {
+  // Every shard's b: f32 shard-major [parts][s, cols, c_o], or with bf16 products the
+  // one-process b [s, r, c_o] in bf16 (= b itself for one shard).
+  if (gather != nullptr && bf16) {
+    b = opm_gather_bf16(ctx, *gather, b, cols);
+  } else if (gather != nullptr) {
     Tensor all = Tensor::empty({gather->parts, s, cols, co});
     gather->fn(b.f32(), s * cols * co, all.f32());
     b = all;
@@ -192,7 +227,7 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
       kern::gemm_typed(DType::BF16, true, false, n * co, r * co, s, 1.f,
                        a.data<uint16_t>() + i0 * co, cols * co, b.data<uint16_t>(), r * co, 0.f,
                        o.f32(), r * co);
-      opm_pairs_from_outer_bf16(o.f32(), n, r, co, p.data<uint16_t>());
+      opm_pairs_from_outer_bf16(o.f32(), n, r, co, co, p.data<uint16_t>());
       float beta = 0.f;
       if (out_bias != nullptr) {
         for (int64_t row = 0; row < n * r; ++row) std::copy_n(out_bias, cz, y.f32() + row * cz);
@@ -252,15 +287,16 @@ Tensor opm_ab_bf16(const BlockContext& ctx, const Tensor& a, const Tensor& b) {
   return t;
 }
 
-// outer_chunk with the product's inputs from opm_ab_bf16's buffer ab16 (bf16 storage: one process,
-// ca = co) and the pairs p16 [n*r, co*co] rounded to bf16 for the output Linear.
-void outer_chunk_bf16(const Tensor& ab16, int64_t s, int64_t r, int64_t co, int64_t i0, int64_t n,
-                      float* o, uint16_t* p16) {
-  const uint16_t* a16 = ab16.data<uint16_t>();  // [s, r, co]
-  const uint16_t* b16 = a16 + s * r * co;       // [s, r, co]
-  kern::gemm_typed(DType::BF16, true, false, n * co, r * co, s, 1.f, a16 + i0 * co, r * co, b16,
+// outer_chunk with the product's inputs from opm_ab_bf16's buffer ab16 (bf16 storage: a [s, r, ca]
+// then b [s, r, co]; ca < co when channel-parallel) and the pairs p16 [n*r, ca*co] rounded to
+// bf16 for the output Linear.
+void outer_chunk_bf16(const Tensor& ab16, int64_t s, int64_t r, int64_t ca, int64_t co, int64_t i0,
+                      int64_t n, float* o, uint16_t* p16) {
+  const uint16_t* a16 = ab16.data<uint16_t>();  // [s, r, ca]
+  const uint16_t* b16 = a16 + s * r * ca;       // [s, r, co]
+  kern::gemm_typed(DType::BF16, true, false, n * ca, r * co, s, 1.f, a16 + i0 * ca, r * ca, b16,
                    r * co, 0.f, o, r * co);
-  opm_pairs_from_outer_bf16(o, n, r, co, p16);
+  opm_pairs_from_outer_bf16(o, n, r, ca, co, p16);
 }
 
 // The shard's outer-product chunk: rows i0 .. i0+n of its columns against every shard's b, into
@@ -344,7 +380,7 @@ int64_t opm_projection_chunk(const BlockContext& ctx, int64_t cols) {
 
 int64_t opm_msa_row_chunk(const BlockContext& ctx, int64_t cols, int64_t parts) {
   const int64_t s = ctx.s, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
-  if (parts <= 1 || bf16_products(ctx, parts) || s <= 0) return s;
+  if (parts <= 1 || bf16_products(ctx) || s <= 0) return s;
   if (ctx.chunk > 0) return std::min(ctx.chunk, s);
   // Each chunk after the first repeats linear_out ((c_o^2 c_z) per pair against (c_o^2 rows) for
   // the products): at least kOpmRowsPerZChannel * c_z rows keep that under 1/4 of the products.
@@ -438,12 +474,18 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
     return kF * (cols * r + (2 + parts) * sc * cols * co + ch2 * (2 * co * r * co + r * cz) +
                  projection(std::min(ch1, sc))) +
            wb;
-  if (bf16_products(ctx, parts)) {
-    // a, b and the pairs chunk in bf16, beside the bf16 copy of linear_out's weights.
+  if (bf16_products(ctx)) {
+    // a, b and the pairs chunk in bf16, beside the bf16 copy of linear_out's weights; on a shard
+    // b is every shard's [s, r, c_o] (opm_gather_bf16: made beside this shard's b and the gather's
+    // f32 chunk buffers).
     const int64_t ab_bytes = ab * 2;
-    return std::max(ab_bytes + kF * proj + wb,
-                    ab_bytes + gemm_weights_bytes(cz * co * co, DType::BF16) +
-                        kF * (cols * r + ch2 * (co * r * co + r * cz)) + 2 * ch2 * r * co * co);
+    const int64_t b_all = parts > 1 ? 2 * s * r * co : 0;
+    const int64_t gather =
+        parts > 1 ? b_all + kF * (1 + parts) * opm_gather_rows(ctx, cols, parts) * cols * co : 0;
+    const int64_t outer = (parts > 1 ? ab_bytes / 2 + b_all : ab_bytes) +
+                          gemm_weights_bytes(cz * co * co, DType::BF16) +
+                          kF * (cols * r + ch2 * (co * r * co + r * cz)) + 2 * ch2 * r * co * co;
+    return std::max({ab_bytes + kF * proj + wb, ab_bytes + gather, outer});
   }
   return std::max({kF * (ab + proj) + wb, kF * (ab + gathered),
                    kF * (s * cols * co + (parts > 1 ? gathered : s * cols * co) + cols * r +
@@ -466,7 +508,6 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   const int64_t ch = opm_outer_chunk(ctx, r);
   const Tensor ab16 = opm_ab_bf16(ctx, st->a, st->b);  // [s*r*(ca + co)] bf16 (BF16 only)
   const bool bf = ab16.defined();
-  FC_CHECK_MSG(!bf || ca == co, "bf16 outer product mean: every channel in one process");
   Tensor o = Tensor::empty({ch * ca, r * co});  // [(i, c), (j, e)]
   // [(i, j), (c, e)], in bf16 (the Linear's input, written by the transpose) under BF16
   Tensor p = Tensor::empty({ch * r, ca * co}, bf ? DType::BF16 : DType::F32);
@@ -475,8 +516,8 @@ void outer_product_mean_train(const OuterProductMeanW& w, const BlockContext& ct
   for (int64_t i0 = 0; i0 < r; i0 += ch) {
     const int64_t n = std::min(ch, r - i0);
     if (bf) {
-      outer_chunk_bf16(ab16, s, r, co, i0, n, o.f32(), p.data<uint16_t>());
-      train_linear(ctx, p.data<uint16_t>(), co * co, n * r, co * co, w.out.w.f32(), bias, cz,
+      outer_chunk_bf16(ab16, s, r, ca, co, i0, n, o.f32(), p.data<uint16_t>());
+      train_linear(ctx, p.data<uint16_t>(), ca * co, n * r, ca * co, w.out.w.f32(), bias, cz,
                    y.f32(), cz);
     } else {
       outer_chunk(st->a.f32(), st->b.f32(), s, r, ca, co, i0, n, o.f32(), p.f32());
@@ -530,7 +571,6 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
       const float* bp = st.b.f32();
       const int64_t ch = opm_outer_backward_chunk(ctx, r);
       const bool bf = ctx.store == DType::BF16;
-      FC_CHECK_MSG(!bf || ca == co, "bf16 outer product mean: every channel in one process");
       Tensor o = Tensor::empty({ch * ca, rco});  // outer, then (f32) its gradient, [(i, c), (j, e)]
       // outer [(i, j), (c, e)], in bf16 under BF16 (the output Linear's x)
       Tensor p = Tensor::empty({ch * r, ca * co}, bf ? DType::BF16 : DType::F32);
@@ -543,17 +583,17 @@ void outer_product_mean_backward(const OuterProductMeanW& w, OuterProductMeanW* 
         float* dyp = dy.f32();
         // outer = A^T B with A = a [s, r*ca], B = b [s, r*c_o]: dA = B dO^T, dB += A dO.
         if (bf) {
-          outer_chunk_bf16(ab16, s, r, co, i0, n, o.f32(), p.data<uint16_t>());
+          outer_chunk_bf16(ab16, s, r, ca, co, i0, n, o.f32(), p.data<uint16_t>());
           opm_residual_backward(w, cfg, dz + i0 * r * cz, st.norm.f32() + i0 * r, n * r, dyp, g);
-          train_linear_backward(ctx, p.data<uint16_t>(), co * co, n * r, co * co, w.out.w.f32(), cz,
-                                dyp, cz, dp.f32(), co * co, g->out.w.f32(), db_out);
-          const uint16_t* a16 = ab16.data<uint16_t>();              // [s, r, co]
-          const uint16_t* b16 = a16 + sr * co;                      // [s, r, co]
-          Tensor do16 = Tensor::empty({n * co, rco}, DType::BF16);  // bf16 dO [(i, c), (j, e)]
-          opm_outer_from_pairs_bf16(dp.f32(), n, r, co, do16.data<uint16_t>());
-          kern::gemm_typed(DType::BF16, false, true, s, n * co, rco, 1.f, b16, rco,
-                           do16.data<uint16_t>(), rco, 0.f, da.f32() + i0 * co, rca);
-          kern::gemm_typed(DType::BF16, false, false, s, rco, n * co, 1.f, a16 + i0 * co, rca,
+          train_linear_backward(ctx, p.data<uint16_t>(), ca * co, n * r, ca * co, w.out.w.f32(), cz,
+                                dyp, cz, dp.f32(), ca * co, g->out.w.f32(), db_out);
+          const uint16_t* a16 = ab16.data<uint16_t>();              // [s, r, ca]
+          const uint16_t* b16 = a16 + sr * ca;                      // [s, r, co]
+          Tensor do16 = Tensor::empty({n * ca, rco}, DType::BF16);  // bf16 dO [(i, c), (j, e)]
+          opm_outer_from_pairs_bf16(dp.f32(), n, r, ca, co, do16.data<uint16_t>());
+          kern::gemm_typed(DType::BF16, false, true, s, n * ca, rco, 1.f, b16, rco,
+                           do16.data<uint16_t>(), rco, 0.f, da.f32() + i0 * ca, rca);
+          kern::gemm_typed(DType::BF16, false, false, s, rco, n * ca, 1.f, a16 + i0 * ca, rca,
                            do16.data<uint16_t>(), rco, 1.f, db.f32(), rco);
           continue;
         }

@@ -27,7 +27,9 @@ void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, con
 // right projection [s, cols, c_o] of every shard (its shards are consecutive column blocks), in
 // chunks of opm_msa_row_chunk MSA rows: with more than one chunk the update is summed chunk by
 // chunk (not bit-identical to one process; within fp32 rounding) and the gathered projection is
-// never whole.
+// never whole. With bf16 products (fused bf16) the gathered projection is one process's bf16 b
+// [s, r, c_o] (gathered as f32 in row chunks) and the outer products are one process's GEMM on
+// this shard's rows.
 void outer_product_mean_shard(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                               int64_t col0, int64_t cols, const float* mask_cols,
                               const ShardGather& gather, float* z);
@@ -35,7 +37,8 @@ void outer_product_mean_shard(const OuterProductMeanW& w, const BlockContext& ct
 // single-process layer is parts = 1 on all r): in one chunk of MSA rows a, b [s, cols, c_o]
 // beside the projection chunk, then a, every shard's b, the mask counts [cols, r] and the
 // outer-product chunk; in chunks of sc rows the mask counts, a, b [sc, cols, c_o], every shard's b
-// of the chunk and the outer-product chunk, beside the projection chunk.
+// of the chunk and the outer-product chunk, beside the projection chunk; with bf16 products a, b
+// in bf16 and, on a shard, every shard's b [s, r, c_o] in bf16 (beside the gather's f32 chunks).
 int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, int parts);
 // MSA rows per chunk of the shard form (parts > 1, f32 products): from the chunk target
 // ((2 + parts) cols c_o floats per row), but at least min(s, 4 c_z) rows so that repeating

@@ -5,6 +5,8 @@
 
 #include "kernels/backward.h"
 #include "kernels/kernels.h"
+#include "kernels/typed.h"
+#include "layers/layer_util.h"
 
 namespace fc {
 
@@ -22,9 +24,10 @@ struct SingleAttentionFwd {
 };
 
 kern::AttentionArgs args(const SingleAttentionFwd& f, int64_t H, int64_t C, int64_t rows, int64_t r,
-                         const float* key_bias) {
+                         const float* key_bias, DType dtype = DType::F32) {
   const int64_t hc = H * C;
   kern::AttentionArgs a;
+  a.dtype = dtype;
   a.B = 1, a.Lq = rows, a.Lk = r, a.H = H, a.C = C;
   a.scale = 1.f / std::sqrt(static_cast<float>(C));
   a.q = f.qg.f32(), a.q_bs = rows * 2 * hc, a.q_rs = 2 * hc;
@@ -38,10 +41,17 @@ kern::AttentionArgs args(const SingleAttentionFwd& f, int64_t H, int64_t C, int6
   return a;
 }
 
-// Everything up to the gated attention output og (s, z: the layer's input shards).
+// bf16 GEMM inputs in the forward (inference, fused BF16): the one-process layer's roundings.
+bool bf16_forward(const BlockContext& ctx) { return ctx.fused && ctx.dtype == DType::BF16; }
+
+// Everything up to the gated attention output og (s, z: the layer's input shards). In bf16
+// (inference, bf16_forward) LN(s) and the weights are rounded to bf16 for the projections
+// (f32 accumulation), and the attention's products take bf16 inputs, as the one-process fused
+// layer; the gather moves the f32 LN(s) (rounding is elementwise: the same values).
 SingleAttentionFwd forward_state(const MsaRowAttentionW& w, const BlockContext& ctx, int64_t H,
                                  int64_t C, const float* s, int64_t rows, const float* z,
-                                 const float* key_bias, const ShardGather& gather) {
+                                 const float* key_bias, const ShardGather& gather,
+                                 bool bf16 = false) {
   const int64_t r = ctx.r, c = ctx.cfg->c_m, hc = H * C;
   const float* W = w.mha.w_qkvg.f32();  // [4HC, c] q | k | v | g
   const float* b = w.mha.b_qkvg.f32();  // [4HC]
@@ -65,13 +75,25 @@ SingleAttentionFwd forward_state(const MsaRowAttentionW& w, const BlockContext& 
   f.X = Tensor::empty({r, c});
   gather.fn(f.x.f32(), rows * c, f.X.f32());
   f.qg = Tensor::empty({rows, 2 * hc});
-  kern::linear(f.x.f32(), c, rows, c, W, b, hc, f.qg.f32(), 2 * hc);
-  kern::linear(f.x.f32(), c, rows, c, W + 3 * hc * c, b + 3 * hc, hc, f.qg.f32() + hc, 2 * hc);
   f.kv = Tensor::empty({r, 2 * hc});
-  kern::linear(f.X.f32(), c, r, c, W + hc * c, b + hc, 2 * hc, f.kv.f32(), 2 * hc);
+  if (bf16) {
+    const Tensor wb = gemm_weights(w.mha.w_qkvg, DType::BF16);                  // [4HC, c] bf16
+    Tensor xs = Tensor::empty({kern::linear_bf16_scratch(r, c)}, DType::BF16);  // bf16 LN rows
+    const uint16_t* Wb = wb.data<uint16_t>();
+    uint16_t* xp = xs.data<uint16_t>();
+    kern::linear_bf16(f.x.f32(), c, rows, c, Wb, b, hc, f.qg.f32(), 2 * hc, false, xp);
+    kern::linear_bf16(f.x.f32(), c, rows, c, Wb + 3 * hc * c, b + 3 * hc, hc, f.qg.f32() + hc,
+                      2 * hc, false, xp);
+    kern::linear_bf16(f.X.f32(), c, r, c, Wb + hc * c, b + hc, 2 * hc, f.kv.f32(), 2 * hc, false,
+                      xp);
+  } else {
+    kern::linear(f.x.f32(), c, rows, c, W, b, hc, f.qg.f32(), 2 * hc);
+    kern::linear(f.x.f32(), c, rows, c, W + 3 * hc * c, b + 3 * hc, hc, f.qg.f32() + hc, 2 * hc);
+    kern::linear(f.X.f32(), c, r, c, W + hc * c, b + hc, 2 * hc, f.kv.f32(), 2 * hc);
+  }
   f.og = Tensor::empty({rows, hc});
   f.lse = Tensor::empty({H, rows});
-  const kern::AttentionArgs a = args(f, H, C, rows, r, key_bias);
+  const kern::AttentionArgs a = args(f, H, C, rows, r, key_bias, bf16 ? DType::BF16 : DType::F32);
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   return f;
@@ -82,8 +104,15 @@ void single_attention_shard(const MsaRowAttentionW& w, const BlockContext& ctx, 
                             int64_t C, float* s, int64_t rows, const float* z,
                             const float* key_bias, const ShardGather& gather) {
   const int64_t c = ctx.cfg->c_m, hc = H * C;
-  const SingleAttentionFwd f = forward_state(w, ctx, H, C, s, rows, z, key_bias, gather);
-  kern::linear(f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), bias_ptr(w.mha.o), c, s, c, true);
+  const bool bf16 = bf16_forward(ctx);
+  const SingleAttentionFwd f = forward_state(w, ctx, H, C, s, rows, z, key_bias, gather, bf16);
+  if (!bf16)
+    return kern::linear(f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), bias_ptr(w.mha.o), c, s, c,
+                        true);
+  const Tensor wo = gemm_weights(w.mha.o.w, DType::BF16);                         // [c, HC] bf16
+  Tensor xs = Tensor::empty({kern::linear_bf16_scratch(rows, hc)}, DType::BF16);  // bf16 og
+  kern::linear_bf16(f.og.f32(), hc, rows, hc, wo.data<uint16_t>(), bias_ptr(w.mha.o), c, s, c, true,
+                    xs.data<uint16_t>());
 }
 
 void single_attention_shard_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,

@@ -39,8 +39,8 @@ namespace {
 // kern::gated_projection, with bf16 GEMM inputs and bf16 A, B under bf16 products
 // (bf16_products), and the output phase through kern::gated_output with GEMM inputs of ctx.dtype.
 // Both per row block.
-DType projection_dtype(const BlockContext& ctx, int64_t parts) {
-  return bf16_products(ctx, parts) ? DType::BF16 : DType::F32;
+DType projection_dtype(const BlockContext& ctx) {
+  return bf16_products(ctx) ? DType::BF16 : DType::F32;
 }
 // Their sizes (what the scratch formulas read); the caller sets the pointers.
 kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc,
@@ -54,16 +54,15 @@ kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64
 }
 // Floats of the group's projection buffer t: a chunk of ch rows [ch*r, 4*cg] (unfused), or the
 // fused kernel's scratch for the widest of the groups (cg, and a last group of ct % cg).
-int64_t projection_floats(const BlockContext& ctx, int64_t parts, int64_t cg, int64_t ch) {
+int64_t projection_floats(const BlockContext& ctx, int64_t cg, int64_t ch) {
   const int64_t r = ctx.r, ct = ctx.cfg->c_hidden_mul, cz = ctx.cfg->c_z;
   if (!ctx.fused) return ch * r * 4 * cg;
   int64_t floats = 0;
   for (const int64_t nc : {cg, ct % cg})
     if (nc > 0)
       floats = std::max(
-          floats,
-          kern::gated_projection_scratch_floats(
-              gated_projection_dims(ch * r, cz, nc, projection_dtype(ctx, parts)), ctx.threads));
+          floats, kern::gated_projection_scratch_floats(
+                      gated_projection_dims(ch * r, cz, nc, projection_dtype(ctx)), ctx.threads));
   return floats;
 }
 kern::GatedOutputArgs gated_output_dims(int64_t pairs, int64_t ct, int64_t cz, DType dtype) {
@@ -81,20 +80,24 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   // A_g, B_g per channel: bf16 with bf16 products, so twice the channels fit the same target
   // (half the groups: LN_in(z) and the GEMM's input rows are swept once per group, and the
   // group's projection GEMM is twice as wide).
-  const bool bf16 = bf16_products(ctx, parts);
+  const bool bf16 = bf16_products(ctx);
+  // bf16 products on a shard: the f32 copy of this shard's right projection sent to the gather
+  // and every shard's in bf16, per channel.
+  const int64_t shard16 = bf16 && parts > 1 ? rr * kF + gathered * 2 : 0;
   TriMulPhase1 p;
-  p.cg = pick_chunk(ctx, ct, 2 * rr * (bf16 ? 2 : kF) + gathered * kF);
+  p.cg = pick_chunk(ctx, ct, 2 * rr * (bf16 ? 2 : kF) + gathered * kF + shard16);
   if (ctx.chunk <= 0 && p.cg < ct && p.cg >= kGroupAlign / 2)
     p.cg = std::min(ct, (p.cg + kGroupAlign / 2) / kGroupAlign * kGroupAlign);
   p.ch = pick_chunk(ctx, rows, r * (cz + 4 * p.cg) * kF);
   // A_g, B_g (bf16 with bf16 products), the projection chunk (or the fused kernel's scratch), with
   // several groups the group's rows of w.ab and b.ab, the gathered right projections of the group,
-  // and with bf16 products the bf16 rows of w.ab.
-  p.bytes = 2 * p.cg * rr * (bf16 ? 2 : kF) +
-            (projection_floats(ctx, parts, p.cg, p.ch) + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) +
+  // with bf16 products the bf16 rows of w.ab, and on a shard the gather's f32 send buffer and the
+  // group's gathered projections in bf16.
+  p.bytes = 2 * p.cg * rr * (bf16 ? 2 : kF) + p.cg * shard16 +
+            (projection_floats(ctx, p.cg, p.ch) + (p.cg < ct ? 4 * p.cg * (cz + 1) : 0) +
              p.cg * gathered) *
                 kF +
-            gemm_weights_bytes(4 * p.cg * cz, projection_dtype(ctx, parts));
+            gemm_weights_bytes(4 * p.cg * cz, projection_dtype(ctx));
   if (ctx.fused) return p;  // LN_in(z) per row block inside kern::gated_projection
   p.keep_ln = p.cg < ct && (ct + cz) * rr * kF + p.bytes <= kKeepLnTargets * ctx.chunk_target_bytes;
   p.bytes += (p.keep_ln ? rows : p.ch) * r * cz * kF;
@@ -113,7 +116,9 @@ namespace {
 // kern::gated_projection per channel group and the output phase kern::gated_output with GEMM
 // inputs of ctx.dtype. With bf16 products (bf16_products) the projections take bf16 GEMM inputs,
 // A and B are stored in bf16 and the products take bf16 inputs with f32 accumulation (P stays
-// f32); gating, masking and the residual add stay f32.
+// f32; on a shard every shard's right operand, gathered as f32, is multiplied as one
+// channel-major [r, r] operand per channel, the one-process product's shape but for the rows);
+// gating, masking and the residual add stay f32.
 void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, bool outgoing,
                   bool left_is_b, int64_t rows, const float* mask_rows, const ShardGather* gather,
                   float* z) {
@@ -121,7 +126,7 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
   const int64_t parts = gather != nullptr ? gather->parts : 1;
   const float eps = cfg.eps_ln;
-  const bool bf16 = bf16_products(ctx, parts);
+  const bool bf16 = bf16_products(ctx);
   Tensor P = Tensor::empty({ct, rows, r});  // triangle products, channel-major
   {
     // Channels in groups of cg: each group projects its rows of w.ab from LN_in(z) (kept whole or
@@ -136,12 +141,19 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
     Tensor x = ctx.fused ? Tensor() : Tensor::empty({(ph.keep_ln ? rows : ch) * r, cz});
     // a_p | a_g | b_p | b_g of the group: a chunk [ch*r, 4*cg], or (fused) the fused kernel's
     // per-thread row blocks.
-    Tensor t = Tensor::empty({projection_floats(ctx, parts, cg, ch)});
+    Tensor t = Tensor::empty({projection_floats(ctx, cg, ch)});
     // The group's rows of w.ab [4*cg, cz], then of b.ab [4*cg]; only with several groups.
     Tensor wg = cg < ct ? Tensor::empty({4 * cg * (cz + 1)}) : Tensor();
     Tensor wg16 = bf16 ? Tensor::empty({4 * cg, cz}, DType::BF16) : Tensor();  // bf16 of the rows
-    // Every shard's right projection of the group, shard-major [parts][cg, rows, r].
-    Tensor G = gather != nullptr && !bf16 ? Tensor::empty({parts * cg, rows, r}) : Tensor();
+    // Every shard's right projection of the group, shard-major [parts][cg, rows, r] (f32: the
+    // gathers move f32).
+    Tensor G = gather != nullptr ? Tensor::empty({parts * cg, rows, r}) : Tensor();
+    // bf16 products on a shard: this shard's right projection widened to f32 for the gather
+    // [cg, rows, r], and every shard's, back in bf16 and channel-major [cg, r, r] (the one-process
+    // B_c: row j of shard q at q*rows + j).
+    const bool shard16 = bf16 && gather != nullptr;
+    Tensor S = shard16 ? Tensor::empty({cg, rows, r}) : Tensor();
+    Tensor R16 = shard16 ? Tensor::empty({cg, r, r}, DType::BF16) : Tensor();
     if (ph.keep_ln)
       kern::layernorm(z, cz, x.f32(), cz, rr, cz, w.ln_in.w.f32(), w.ln_in.b.f32(), eps);
     for (int64_t c0 = 0; c0 < ct; c0 += cg) {
@@ -189,13 +201,23 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
           kern::transpose(proj, ld, (part ? B : A).f32() + i0 * r, rr, n * r, nc);
         }
       }
-      if (bf16) {
-        // One shard: outgoing P_c = A_c B_c^T (L_c R_c^T from a shard call), incoming A_c^T B_c.
-        const bool left_b = gather != nullptr && left_is_b;
-        const bool out_form = outgoing || gather != nullptr;
-        kern::gemm_batched_typed(
-            DType::BF16, nc, !out_form, out_form, r, r, r, 1.f, (left_b ? B : A).data<uint16_t>(),
-            r, rr, (left_b ? A : B).data<uint16_t>(), r, rr, 0.f, P.f32() + c0 * rr, r, rr);
+      if (shard16) {
+        // P_c = L_c R_c^T over every shard's rows of R, with the bf16 values one process
+        // multiplies: R's bf16 values move as f32 and are converted back (exactly).
+        kern::bf16_to_f32((left_is_b ? A : B).data<uint16_t>(), S.f32(), nc * rr);
+        gather->fn(S.f32(), nc * rr, G.f32());
+        uint16_t* r16 = R16.data<uint16_t>();
+        for (int64_t q = 0; q < parts; ++q)
+          for (int64_t c = 0; c < nc; ++c)
+            kern::f32_to_bf16(G.f32() + (q * nc + c) * rr, r16 + c * r * r + q * rr, rr);
+        kern::gemm_batched_typed(DType::BF16, nc, false, true, rows, r, r, 1.f,
+                                 (left_is_b ? B : A).data<uint16_t>(), r, rr, r16, r, r * r, 0.f,
+                                 P.f32() + c0 * rr, r, rr);
+      } else if (bf16) {
+        // One shard: outgoing P_c = A_c B_c^T, incoming A_c^T B_c.
+        kern::gemm_batched_typed(DType::BF16, nc, !outgoing, outgoing, r, r, r, 1.f,
+                                 A.data<uint16_t>(), r, rr, B.data<uint16_t>(), r, rr, 0.f,
+                                 P.f32() + c0 * rr, r, rr);
       } else if (gather == nullptr) {
         // outgoing: P_c = A_c B_c^T; incoming: P_c = A_c^T B_c.
         kern::gemm_batched(nc, !outgoing, outgoing, r, r, r, 1.f, A.f32(), r, rr, B.f32(), r, rr,

@@ -249,10 +249,12 @@ Status pairformer_inputs(const EvoformerConfig& cfg, const Tensor& s, const Tens
 Status PairformerStack::forward(Tensor& s, Tensor& z, const Tensor& mask,
                                 const ForwardOptions& opts) const {
   const EvoformerConfig& cfg = impl_->trunk;
+  FC_RETURN_IF_ERROR(check_forward_dtype(opts));
   StackInputs in;
   FC_RETURN_IF_ERROR(pairformer_inputs(cfg, s, z, mask, &in));
   BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
   ctx.fused = opts.fused;
+  ctx.dtype = opts.dtype;
   for (int b = 0; b < static_cast<int>(impl_->blocks.size()); ++b)
     for (const LayerDesc& l : kPairformerBlock) {
       layer_forward(l, impl_->blocks[b].get(), ctx, s.f32(), z.f32());
@@ -362,6 +364,7 @@ Status MsaModule::forward(Tensor& z, const Tensor& emb, const Tensor& msa_feat,
                           const ForwardOptions& opts) const {
   const Impl& im = *impl_;
   const EvoformerConfig& cfg = im.trunk;
+  FC_RETURN_IF_ERROR(check_forward_dtype(opts));
   StackInputs in;
   Tensor m;  // [N, n, c_m]
   FC_RETURN_IF_ERROR(msa_module_inputs(im.cfg, cfg, im.s_proj, im.msa_proj, z, emb, msa_feat,
@@ -369,6 +372,7 @@ Status MsaModule::forward(Tensor& z, const Tensor& emb, const Tensor& msa_feat,
   if (opts.trace) opts.trace(-1, "embed", "m", m);
   BlockContext ctx = make_context(cfg, in, opts.chunk, opts.chunk_target_bytes);
   ctx.fused = opts.fused;
+  ctx.dtype = opts.dtype;
   for (int b = 0; b < static_cast<int>(im.blocks.size()); ++b)
     for (const LayerDesc& l : kMsaModuleBlock) {
       layer_forward(l, im.blocks[b].get(), ctx, m.f32(), z.f32());

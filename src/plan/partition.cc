@@ -393,9 +393,11 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       else if (p.training)
         extra += params;
       est.transient_bytes = std::max(est.transient_bytes, extra * e);
-      if (p.training) {
+      if (p.training) {  // kept whole-stream inputs in the store dtype (bf16 training: 2 bytes)
         const SavedInputs in = saved_inputs(t, i);
-        est.saved_bytes += ((in.updated ? wx - wx / n : 0) + (in.read ? wr - wr / n : 0)) * e;
+        const int64_t ke =
+            engine && plan_store_dtype(p.dtype, p.element_bytes) == DType::BF16 ? 2 : e;
+        est.saved_bytes += ((in.updated ? wx - wx / n : 0) + (in.read ? wr - wr / n : 0)) * ke;
       }
     }
     const Totals t2 = totals();
