@@ -32,9 +32,8 @@ int64_t gemm_weights_bytes(int64_t numel, DType dtype) {
 
 const uint16_t* bf16_ptr(const Tensor& t) { return t.defined() ? t.data<uint16_t>() : nullptr; }
 
-// bf16 products in the outer product mean and the triangle multiplication: fused BF16, on one
-// shard or many (the shard gathers move the bf16 values as f32).
-bool bf16_products(const BlockContext& ctx) { return ctx.fused && ctx.dtype == DType::BF16; }
+// Fused BF16 (layer_util.h).
+bool bf16_fused(const BlockContext& ctx) { return ctx.fused && ctx.dtype == DType::BF16; }
 
 NormedRows normed_rows(const Shape& y_shape, int64_t rows, DType y_type) {
   NormedRows t;

@@ -22,10 +22,10 @@ Tensor gemm_weights(const Tensor& w, DType dtype);
 int64_t gemm_weights_bytes(int64_t numel, DType dtype);
 // The bf16 data of gemm_weights' result, or nullptr when it is undefined.
 const uint16_t* bf16_ptr(const Tensor& t);
-// bf16 products in the outer product mean and the triangle multiplication: fused BF16, on one
-// shard or many (the shard gathers move the bf16 values as f32, so every shard multiplies the
-// values one process multiplies).
-bool bf16_products(const BlockContext& ctx);
+// Fused BF16: bf16 GEMM inputs in the forward and bf16 products in the outer product mean and
+// the triangle multiplication, on one shard or many (the shard gathers move the bf16 values as
+// f32, so every shard multiplies the values one process multiplies).
+bool bf16_fused(const BlockContext& ctx);
 // A row chunk's LayerNorm output with the statistics its backward needs (the opening of every
 // unit's backward). Allocated in this order: y, mean, rstd.
 struct NormedRows {

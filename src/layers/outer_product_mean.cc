@@ -185,7 +185,7 @@ Tensor opm_gather_bf16(const BlockContext& ctx, const ShardGather& gather, const
 }
 
 // The outer product mean of columns [col0, col0+cols) (see outer_product_mean_shard); gather ==
-// nullptr means one shard holding every column (cols = r). With bf16 products (bf16_products) a
+// nullptr means one shard holding every column (cols = r). With bf16 products (bf16_fused) a
 // and b are stored in bf16, the outer products take bf16 inputs with f32 accumulation, and the
 // pairs p are rounded to bf16 for the output Linear (bf16 weights, f32 accumulation); the mask
 // counts, the normalisation and the residual add stay f32. Sharded with fewer MSA rows per chunk
@@ -197,7 +197,7 @@ void opm_impl(const OuterProductMeanW& w, const BlockContext& ctx, const float* 
   const int64_t parts = gather != nullptr ? gather->parts : 1;
   const int64_t sc = opm_msa_row_chunk(ctx, cols, parts);
   if (sc < s) return opm_msa_chunked(w, ctx, m, col0, cols, mask_cols, *gather, sc, z);
-  const bool bf16 = bf16_products(ctx);
+  const bool bf16 = bf16_fused(ctx);
   const DType pt = bf16 ? DType::BF16 : DType::F32;  // storage of a, b and p
   Tensor a = Tensor::empty({s, cols, co}, pt);       // linear_1(LN(m)) * mask
   Tensor b = Tensor::empty({s, cols, co}, pt);       // linear_2(LN(m)) * mask
@@ -380,7 +380,7 @@ int64_t opm_projection_chunk(const BlockContext& ctx, int64_t cols) {
 
 int64_t opm_msa_row_chunk(const BlockContext& ctx, int64_t cols, int64_t parts) {
   const int64_t s = ctx.s, co = ctx.cfg->c_hidden_opm, cz = ctx.cfg->c_z;
-  if (parts <= 1 || bf16_products(ctx) || s <= 0) return s;
+  if (parts <= 1 || bf16_fused(ctx) || s <= 0) return s;
   if (ctx.chunk > 0) return std::min(ctx.chunk, s);
   // Each chunk after the first repeats linear_out ((c_o^2 c_z) per pair against (c_o^2 rows) for
   // the products): at least kOpmRowsPerZChannel * c_z rows keep that under 1/4 of the products.
@@ -474,7 +474,7 @@ int64_t outer_product_mean_shard_bytes(const BlockContext& ctx, int64_t cols, in
     return kF * (cols * r + (2 + parts) * sc * cols * co + ch2 * (2 * co * r * co + r * cz) +
                  projection(std::min(ch1, sc))) +
            wb;
-  if (bf16_products(ctx)) {
+  if (bf16_fused(ctx)) {
     // a, b and the pairs chunk in bf16, beside the bf16 copy of linear_out's weights; on a shard
     // b is every shard's [s, r, c_o] (opm_gather_bf16: made beside this shard's b and the gather's
     // f32 chunk buffers).

@@ -41,11 +41,8 @@ kern::AttentionArgs args(const SingleAttentionFwd& f, int64_t H, int64_t C, int6
   return a;
 }
 
-// bf16 GEMM inputs in the forward (inference, fused BF16): the one-process layer's roundings.
-bool bf16_forward(const BlockContext& ctx) { return ctx.fused && ctx.dtype == DType::BF16; }
-
 // Everything up to the gated attention output og (s, z: the layer's input shards). In bf16
-// (inference, bf16_forward) LN(s) and the weights are rounded to bf16 for the projections
+// (inference, bf16_fused) LN(s) and the weights are rounded to bf16 for the projections
 // (f32 accumulation), and the attention's products take bf16 inputs, as the one-process fused
 // layer; the gather moves the f32 LN(s) (rounding is elementwise: the same values).
 SingleAttentionFwd forward_state(const MsaRowAttentionW& w, const BlockContext& ctx, int64_t H,
@@ -104,7 +101,7 @@ void single_attention_shard(const MsaRowAttentionW& w, const BlockContext& ctx, 
                             int64_t C, float* s, int64_t rows, const float* z,
                             const float* key_bias, const ShardGather& gather) {
   const int64_t c = ctx.cfg->c_m, hc = H * C;
-  const bool bf16 = bf16_forward(ctx);
+  const bool bf16 = bf16_fused(ctx);
   const SingleAttentionFwd f = forward_state(w, ctx, H, C, s, rows, z, key_bias, gather, bf16);
   if (!bf16)
     return kern::linear(f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), bias_ptr(w.mha.o), c, s, c,

@@ -37,10 +37,10 @@ constexpr int64_t kKeepLnTargets = 12;
 namespace {
 // The fused path (ctx.fused): the projections of a channel group go through
 // kern::gated_projection, with bf16 GEMM inputs and bf16 A, B under bf16 products
-// (bf16_products), and the output phase through kern::gated_output with GEMM inputs of ctx.dtype.
+// (bf16_fused), and the output phase through kern::gated_output with GEMM inputs of ctx.dtype.
 // Both per row block.
 DType projection_dtype(const BlockContext& ctx) {
-  return bf16_products(ctx) ? DType::BF16 : DType::F32;
+  return bf16_fused(ctx) ? DType::BF16 : DType::F32;
 }
 // Their sizes (what the scratch formulas read); the caller sets the pointers.
 kern::GatedProjectionArgs gated_projection_dims(int64_t pairs, int64_t cz, int64_t nc,
@@ -80,7 +80,7 @@ TriMulPhase1 tri_mul_phase1(const BlockContext& ctx, int64_t rows, int64_t parts
   // A_g, B_g per channel: bf16 with bf16 products, so twice the channels fit the same target
   // (half the groups: LN_in(z) and the GEMM's input rows are swept once per group, and the
   // group's projection GEMM is twice as wide).
-  const bool bf16 = bf16_products(ctx);
+  const bool bf16 = bf16_fused(ctx);
   // bf16 products on a shard: the f32 copy of this shard's right projection sent to the gather
   // and every shard's in bf16, per channel.
   const int64_t shard16 = bf16 && parts > 1 ? rr * kF + gathered * 2 : 0;
@@ -114,7 +114,7 @@ namespace {
 // one shard (rows = r), outgoing or incoming; else the outgoing form with L = b when left_is_b
 // (see triangle_multiplication_shard). Fused (ctx.fused), the projection phase is
 // kern::gated_projection per channel group and the output phase kern::gated_output with GEMM
-// inputs of ctx.dtype. With bf16 products (bf16_products) the projections take bf16 GEMM inputs,
+// inputs of ctx.dtype. With bf16 products (bf16_fused) the projections take bf16 GEMM inputs,
 // A and B are stored in bf16 and the products take bf16 inputs with f32 accumulation (P stays
 // f32; on a shard every shard's right operand, gathered as f32, is multiplied as one
 // channel-major [r, r] operand per channel, the one-process product's shape but for the rows);
@@ -126,7 +126,7 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
   const int64_t r = ctx.r, cz = cfg.c_z, ct = cfg.c_hidden_mul, rr = rows * r;
   const int64_t parts = gather != nullptr ? gather->parts : 1;
   const float eps = cfg.eps_ln;
-  const bool bf16 = bf16_products(ctx);
+  const bool bf16 = bf16_fused(ctx);
   Tensor P = Tensor::empty({ct, rows, r});  // triangle products, channel-major
   {
     // Channels in groups of cg: each group projects its rows of w.ab from LN_in(z) (kept whole or
