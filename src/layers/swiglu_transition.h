@@ -24,7 +24,9 @@ int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c
 int64_t swiglu_transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
 
 // Training: the state keeps, per row chunk, h [n, 2nc] = fc1 | fc2 outputs (before the gate);
-// st == nullptr keeps nothing (the backward then recomputes h per chunk). Rows per chunk:
+// st == nullptr keeps nothing (the backward then recomputes h per chunk). Under BF16 storage
+// (ctx.store) as the AF2 transition: bf16 GEMM inputs (LN(x), the gate, dL/d outputs, weights
+// copied per call), h rounded to bf16 values before the gate and kept in bf16. Rows per chunk:
 int64_t swiglu_transition_train_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
 void swiglu_transition_train(const SwiGluTransitionW& w, const BlockContext& ctx, float* x,
                              int64_t rows, int64_t c, TransitionState* st);
