@@ -464,9 +464,10 @@ int end_mpi(const Comm& world, const Status& st) {
 }
 
 int run_command(const RunArgs& a) {
-  if (a.dtype != "fp32" && is_training(a) && (a.model == "af2" || is_af3_run(a)))
+  if (a.dtype != "fp32" && is_training(a) && a.model == "af2")
     return fail(Status::InvalidArgument(
-        "--dtype bf16 with --backward/--train: the Evoformer and ExtraMSA stacks only"));
+        "--dtype bf16 with --backward/--train: the stacks only (Evoformer, ExtraMSA, Pairformer, "
+        "MSA module), not the whole AF2 model"));
   if (a.model == "af2") return run_af2(a);
   if (is_af3_run(a)) return run_af3(a);
   int64_t chunk_target = 0;

@@ -37,10 +37,6 @@ Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
   spec->repeats = std::max(a.repeats, 1);
   spec->chunk = a.chunk;
   FC_RETURN_IF_ERROR(parse_compute_dtype(a.dtype, &spec->dtype));
-  if (spec->dtype != DType::F32 && (spec->training || spec->memory_bytes > 0))
-    return Status::InvalidArgument(
-        "--dtype bf16 with the AF3 stacks runs the forward without --memory-budget (training "
-        "and the AF3 memory model are fp32)");
   if (!a.chunk_target.empty())
     FC_RETURN_IF_ERROR(parse_bytes(a.chunk_target, &spec->chunk_target_bytes));
   for (const std::string& p : split(a.policy, ',')) {
@@ -227,7 +223,9 @@ int plan_af3(const PlanArgs& a) {
   q.chunk = a.chunk;
   q.threads = num_threads();
   Status st = Status::OK();
-  if (!a.chunk_target.empty()) st = parse_bytes(a.chunk_target, &q.chunk_target_bytes);
+  if (!a.dtype.empty())
+    st = parse_compute_dtype(a.dtype, &q.dtype).WithContext("plan --stack " + a.stack);
+  if (st.ok() && !a.chunk_target.empty()) st = parse_bytes(a.chunk_target, &q.chunk_target_bytes);
   if (st.ok() && !a.memory.empty()) st = parse_bytes(a.memory, &q.memory_bytes);
   for (const std::string& p : split(a.policy, ',')) {
     if (!st.ok()) break;
@@ -243,7 +241,9 @@ int plan_af3(const PlanArgs& a) {
     const std::string path = a.profile.empty() ? default_profile_path() : a.profile;
     if (!a.profile.empty() || std::ifstream(path).good()) {
       st = load_or_calibrate_profile(path, false, &dev);
-      timed = st.ok();
+      // The cost model prices the profile's precision: no estimate for a dtype it was not
+      // measured in.
+      timed = st.ok() && dev.dtype == q.dtype;
     }
   }
   if (!st.ok()) return fail(st);
@@ -256,6 +256,7 @@ int plan_af3(const PlanArgs& a) {
   if (q.cfg.kind == "msa_module") j["n_msa"] = q.n_msa;
   j["blocks"] = q.blocks;
   j["train"] = q.train;
+  j["dtype"] = q.dtype == DType::BF16 ? "bf16" : "fp32";
   j["memory_bytes"] = q.memory_bytes;
   j["input_bytes"] = plan.input_bytes;
   j["chosen"] = plan.chosen;
@@ -274,10 +275,11 @@ int plan_af3(const PlanArgs& a) {
   if (a.json) {
     std::printf("%s\n", j.dump(2).c_str());
   } else {
-    std::printf("foldcube plan: %s, n=%lld%s, %lld block(s), %s (memory model; %s)\n",
+    std::printf("foldcube plan: %s, n=%lld%s, %lld block(s), %s, %s (memory model; %s)\n",
                 q.cfg.kind.c_str(), static_cast<long long>(q.n),
                 q.cfg.kind == "msa_module" ? (", N_msa=" + std::to_string(q.n_msa)).c_str() : "",
                 static_cast<long long>(q.blocks), q.train ? "training step" : "inference",
+                q.dtype == DType::BF16 ? "bf16" : "fp32",
                 timed ? ("time from profile " + dev.name).c_str() : "no time estimate");
     for (size_t i = 0; i < plan.rows.size(); ++i) {
       const Af3PlanRow& r = plan.rows[i];

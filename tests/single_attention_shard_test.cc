@@ -17,7 +17,14 @@
 namespace fc {
 namespace {
 
-TEST(SingleAttentionShard, OneShardMatchesTheRowAttentionUnit) {
+// store: BlockContext::store (BF16: the bf16 training's roundings, which the shard form makes
+// where the unit does, so the two still agree to f32 summation order; and differ from F32).
+struct ShardRun {
+  Tensor s, ds, dz;
+  std::vector<Tensor> grads;  // every block parameter's gradient, in boltz_params order
+};
+void compare_one_shard(DType store, ShardRun* out_shard) {
+  SCOPED_TRACE(store == DType::BF16 ? "bf16" : "fp32");
   Af3Config a;
   a.c_s = 24, a.c_z = 16, a.no_heads_single = 4, a.no_heads_pair = 2, a.c_hidden_pair = 8;
   a.no_blocks = 1;
@@ -39,16 +46,17 @@ TEST(SingleAttentionShard, OneShardMatchesTheRowAttentionUnit) {
   StackInputs in;
   ASSERT_TRUE(prepare_inputs(cfg, s, z, mask, pair, &in).ok());
   for (int64_t j = 0; j < r; ++j) in.msa_bias.f32()[j] = 1e6f * (mask.f32()[j] - 1.f);
-  const BlockContext ctx = make_context(cfg, in, 0, 0);
+  BlockContext ctx = make_context(cfg, in, 0, 0);
+  ctx.store = store;
   const ShardGather one{1, [](const float* mine, int64_t n, float* all) {
                           std::memcpy(all, mine, n * sizeof(float));
                         }};
   const ShardReduce self{1, [](const float* all, int64_t n, float* mine) {
                            std::memcpy(mine, all, n * sizeof(float));
                          }};
-  // Forward.
+  // Forward (the training forward of the unit: the roundings of ctx.store).
   Tensor s_ref = s.clone(), s_sh = s.clone();
-  msa_row_attention(w.attention, ctx, s_ref.f32(), z.f32());
+  msa_row_attention_train(w.attention, ctx, s_ref.f32(), z.f32(), nullptr);
   single_attention_shard(w.attention, ctx, H, C, s_sh.f32(), r, z.f32(), in.msa_bias.f32(), one);
   EXPECT_LT(test::golden_err(s_sh, s_ref), 1e-5);
   // Backward from the same dL/d out.
@@ -71,9 +79,24 @@ TEST(SingleAttentionShard, OneShardMatchesTheRowAttentionUnit) {
   int compared = 0;  // every block parameter: the other layers' gradients are zero in both
   for (size_t i = 0; i < p1.size(); ++i) {
     EXPECT_LT(test::golden_err(gather_named(p2[i]), gather_named(p1[i])), 1e-5) << p1[i].name;
+    out_shard->grads.push_back(gather_named(p2[i]));
     ++compared;
   }
   EXPECT_GE(compared, 8);
+  *out_shard = ShardRun{s_sh, ds2, dz2, std::move(out_shard->grads)};
+}
+
+TEST(SingleAttentionShard, OneShardMatchesTheRowAttentionUnit) {
+  ShardRun f32, bf16;
+  compare_one_shard(DType::F32, &f32);
+  compare_one_shard(DType::BF16, &bf16);
+  // The bf16 roundings did happen (bf16's relative precision is 2^-8).
+  EXPECT_GT(test::golden_err(bf16.s, f32.s), 1e-4);
+  EXPECT_GT(test::golden_err(bf16.ds, f32.ds), 1e-4);
+  double worst = 0;
+  for (size_t i = 0; i < f32.grads.size(); ++i)
+    worst = std::max(worst, test::normwise_err(bf16.grads[i], f32.grads[i]));
+  EXPECT_GT(worst, 1e-3);
 }
 
 }  // namespace

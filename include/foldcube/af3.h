@@ -124,8 +124,9 @@ struct Af3RunSpec {
   std::string grad_outputs;  // empty with training: dL/d output = 1 everywhere
   std::vector<Recompute> policy;
   int64_t chunk = 0, chunk_target_bytes = 0;
-  // GEMM inputs of the forward (run --dtype): F32, or BF16 (bf16 inputs, f32 accumulation, as
-  // ForwardOptions::dtype; one process and under DAP). Training and memory budgets run F32 only.
+  // F32, or BF16 (run --dtype): the forward's GEMM inputs in bf16 with f32 accumulation
+  // (ForwardOptions::dtype), the training step's kept state and GEMM inputs in bf16
+  // (TrainOptions::dtype); one process and under DAP, with or without a memory budget.
   DType dtype = DType::F32;
   // Budget for the tracked peak of the whole run (weights, inputs and the work), 0 = none: the
   // chunk target (and, training without `policy`, the least recompute) come from af3_plan, and a
@@ -170,6 +171,9 @@ struct Af3PlanRequest {
   int64_t chunk = 0, chunk_target_bytes = 0;  // as TrainOptions / ForwardOptions (0 = automatic)
   int64_t memory_bytes = 0;                   // budget for the tracked peak; 0 = none
   int threads = 1;
+  // F32, or BF16: the bf16 forward's GEMM-input copies (ForwardOptions::dtype) and, training, the
+  // bf16 kept state and GEMM inputs (TrainOptions::dtype).
+  DType dtype = DType::F32;
 };
 struct Af3PlanRow {
   Recompute policy = Recompute::kNone;  // training rows
@@ -189,9 +193,9 @@ struct Af3Plan {
 // activations and step peaks from the memory model.
 Status af3_plan(const Af3PlanRequest& req, Af3Plan* out);
 // Tracked peak of PairformerStack::forward / MsaModule::forward above what was live before (masks
-// not given: all-ones masks are allocated).
+// not given: all-ones masks are allocated); dtype as ForwardOptions::dtype.
 int64_t af3_forward_peak_bytes(const Af3Config& cfg, int64_t n, int64_t n_msa, int64_t chunk,
-                               int64_t chunk_target_bytes, int threads);
+                               int64_t chunk_target_bytes, int threads, DType dtype = DType::F32);
 
 // Boltz's MSA feature [N, n, 36] from msa [N, n] (I64 token classes 0..32), has_deletion,
 // deletion_value and msa_paired [N, n] (F32): one_hot(msa, 33) | has_deletion | deletion_value |

@@ -162,6 +162,8 @@ void train_blocks_dap(const BlockTable& t, const std::vector<const void*>& w,
   const int nb = static_cast<int>(w.size());
   const int64_t live_start = mem_stats().live_bytes;
   const dist::CommStats c0 = comm.stats();
+  // bf16 training: kept inputs and states in bf16, bf16 GEMM inputs (as one process)
+  for (BlockContext* c : {&sh.row, &sh.col, &sh.full}) c->store = opts.dtype;
   std::vector<std::unique_ptr<DapBlockState>> states;
   auto t0 = Clock::now();
   for (int b = 0; b < nb; ++b) {
@@ -218,7 +220,8 @@ Status check_train(const dist::Communicator& comm, const EvoformerConfig& cfg,
                    const TrainOptions& opts, int nb) {
   std::string key = cfg.to_json() + "|" + std::to_string(opts.chunk) + "|" +
                     std::to_string(opts.chunk_target_bytes) + "|" + std::to_string(opts.dropout) +
-                    "|" + std::to_string(opts.seed);
+                    "|" + std::to_string(opts.seed) + "|" +
+                    std::to_string(static_cast<int>(opts.dtype));
   for (Recompute p : opts.policy) key += std::string("|") + recompute_name(p);
   if (!comm.all_equal(hash_string(key)))
     return Status::InvalidArgument(

@@ -49,6 +49,7 @@ Status af3_dap_budget(const Af3Config& cfg, const Af3RunSpec& spec, int ranks, i
   req.q.chunk_target_bytes = spec.chunk_target_bytes;
   req.q.memory_bytes = spec.memory_bytes;
   req.q.threads = num_threads();
+  req.q.dtype = spec.dtype;
   req.ranks = ranks;
   req.root_stream_bytes = root_streams;
   req.root_held_bytes = root_held;

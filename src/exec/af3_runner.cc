@@ -47,6 +47,7 @@ TrainOptions af3_train_options(const Af3RunSpec& spec) {
   o.chunk_target_bytes = spec.chunk_target_bytes;
   o.dropout = spec.dropout;
   o.seed = spec.seed;
+  o.dtype = spec.dtype;
   return o;
 }
 
@@ -164,6 +165,7 @@ Status apply_budget(const Af3Config& cfg, const Af3RunSpec& spec, int64_t n, int
   q.chunk = spec.chunk;
   q.chunk_target_bytes = spec.chunk_target_bytes;
   q.threads = num_threads();
+  q.dtype = spec.dtype;
   Af3Plan free_plan;
   FC_RETURN_IF_ERROR(af3_plan(q, &free_plan));
   const int64_t base = free_plan.rows[0].param_bytes + free_plan.input_bytes;
@@ -178,7 +180,7 @@ Status apply_budget(const Af3Config& cfg, const Af3RunSpec& spec, int64_t n, int
                                    spec.chunk == 0 && spec.chunk_target_bytes == 0
                                        ? 1
                                        : free_plan.rows[0].chunk_target_bytes,
-                                   q.threads);
+                                   q.threads, q.dtype);
   }
   rep->least_budget_bytes = least;
   Af3Plan plan;

@@ -44,7 +44,10 @@ kern::AttentionArgs args(const SingleAttentionFwd& f, int64_t H, int64_t C, int6
 // Everything up to the gated attention output og (s, z: the layer's input shards). In bf16
 // (inference, bf16_fused) LN(s) and the weights are rounded to bf16 for the projections
 // (f32 accumulation), and the attention's products take bf16 inputs, as the one-process fused
-// layer; the gather moves the f32 LN(s) (rounding is elementwise: the same values).
+// layer; the gather moves the f32 LN(s) (rounding is elementwise: the same values). Under bf16
+// storage (training, ctx.store) as the one-process training layer (gated_attention.cc): LN(s)
+// rounded to bf16 values before the gather, the projections through train_linear, q | g and
+// k | v rounded to bf16 values, bf16 attention products.
 SingleAttentionFwd forward_state(const MsaRowAttentionW& w, const BlockContext& ctx, int64_t H,
                                  int64_t C, const float* s, int64_t rows, const float* z,
                                  const float* key_bias, const ShardGather& gather,
@@ -69,6 +72,7 @@ SingleAttentionFwd forward_state(const MsaRowAttentionW& w, const BlockContext& 
   f.x = Tensor::empty({rows, c});
   kern::layernorm(s, c, f.x.f32(), c, rows, c, w.ln_m.w.f32(), w.ln_m.b.f32(), ctx.cfg->eps_ln,
                   f.mean.f32(), f.rstd.f32());
+  round_for_store(ctx, f.x);
   f.X = Tensor::empty({r, c});
   gather.fn(f.x.f32(), rows * c, f.X.f32());
   f.qg = Tensor::empty({rows, 2 * hc});
@@ -84,13 +88,16 @@ SingleAttentionFwd forward_state(const MsaRowAttentionW& w, const BlockContext& 
     kern::linear_bf16(f.X.f32(), c, r, c, Wb + hc * c, b + hc, 2 * hc, f.kv.f32(), 2 * hc, false,
                       xp);
   } else {
-    kern::linear(f.x.f32(), c, rows, c, W, b, hc, f.qg.f32(), 2 * hc);
-    kern::linear(f.x.f32(), c, rows, c, W + 3 * hc * c, b + 3 * hc, hc, f.qg.f32() + hc, 2 * hc);
-    kern::linear(f.X.f32(), c, r, c, W + hc * c, b + hc, 2 * hc, f.kv.f32(), 2 * hc);
+    train_linear(ctx, f.x.f32(), c, rows, c, W, b, hc, f.qg.f32(), 2 * hc);
+    train_linear(ctx, f.x.f32(), c, rows, c, W + 3 * hc * c, b + 3 * hc, hc, f.qg.f32() + hc,
+                 2 * hc);
+    train_linear(ctx, f.X.f32(), c, r, c, W + hc * c, b + hc, 2 * hc, f.kv.f32(), 2 * hc);
+    round_for_store(ctx, f.qg);
+    round_for_store(ctx, f.kv);
   }
   f.og = Tensor::empty({rows, hc});
   f.lse = Tensor::empty({H, rows});
-  const kern::AttentionArgs a = args(f, H, C, rows, r, key_bias, bf16 ? DType::BF16 : DType::F32);
+  const kern::AttentionArgs a = args(f, H, C, rows, r, key_bias, bf16 ? DType::BF16 : ctx.store);
   Tensor scratch = Tensor::empty({kern::attention_scratch_floats(a, ctx.threads)});
   kern::attention(a, scratch.f32(), ctx.threads);
   return f;
@@ -103,8 +110,8 @@ void single_attention_shard(const MsaRowAttentionW& w, const BlockContext& ctx, 
   const int64_t c = ctx.cfg->c_m, hc = H * C;
   const bool bf16 = bf16_fused(ctx);
   const SingleAttentionFwd f = forward_state(w, ctx, H, C, s, rows, z, key_bias, gather, bf16);
-  if (!bf16)
-    return kern::linear(f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), bias_ptr(w.mha.o), c, s, c,
+  if (!bf16)  // f32, or bf16 storage: og rounded to bf16 as linear_o's input
+    return train_linear(ctx, f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), bias_ptr(w.mha.o), c, s, c,
                         true);
   const Tensor wo = gemm_weights(w.mha.o.w, DType::BF16);                         // [c, HC] bf16
   Tensor xs = Tensor::empty({kern::linear_bf16_scratch(rows, hc)}, DType::BF16);  // bf16 og
@@ -123,13 +130,13 @@ void single_attention_shard_backward(const MsaRowAttentionW& w, MsaRowAttentionW
   float* gb = g->mha.b_qkvg.f32();      // [4HC]
   SingleAttentionFwd f = forward_state(w, ctx, H, C, s_in, rows, z_in, key_bias, gather);
   Tensor dog = Tensor::empty({rows, hc});  // dL/d og
-  kern::linear_backward(f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), c, ds, c, dog.f32(), hc,
+  train_linear_backward(ctx, f.og.f32(), hc, rows, hc, w.mha.o.w.f32(), c, ds, c, dog.f32(), hc,
                         g->mha.o.w.f32(), bias_ptr(g->mha.o));
   Tensor dqg = Tensor::empty({rows, 2 * hc});  // dL/d q | g
   Tensor dkv = Tensor::empty({r, 2 * hc});     // dL/d k | v of every token (this shard's queries)
   Tensor dbias = Tensor::zeros({H, rows, r});
   {
-    const kern::AttentionArgs a = args(f, H, C, rows, r, key_bias);
+    const kern::AttentionArgs a = args(f, H, C, rows, r, key_bias, ctx.store);
     kern::AttentionGrads ag;
     ag.d_out = dog.f32();
     ag.dq = dqg.f32(), ag.dgate = dqg.f32() + hc;
@@ -140,19 +147,21 @@ void single_attention_shard_backward(const MsaRowAttentionW& w, MsaRowAttentionW
     kern::attention_backward(a, ag, scratch.f32(), ctx.threads);
   }
   dog = Tensor();
-  f.qg = f.kv = f.bias = f.og = Tensor();
+  f.qg = f.kv = f.bias = f.og = f.X = Tensor();
   Tensor dx = Tensor::empty({rows, c});  // dL/d LN(s) of the shard
   {
-    Tensor dX = Tensor::empty({r, c});  // this shard's part of dL/d LN(s) of every token
-    kern::linear_backward(f.X.f32(), c, r, c, W + hc * c, 2 * hc, dkv.f32(), 2 * hc, dX.f32(), c,
-                          gW + hc * c, gb + hc);
+    // dL/d k | v of the shard's tokens, summed over every shard's queries before its products
+    // (under bf16 storage it is rounded once, as one process rounds its dL/d k | v)
+    Tensor dkv_mine = Tensor::empty({rows, 2 * hc});
+    reduce.fn(dkv.f32(), rows * 2 * hc, dkv_mine.f32());
     dkv = Tensor();
-    f.X = Tensor();
-    reduce.fn(dX.f32(), rows * c, dx.f32());
+    train_linear_backward(ctx, f.x.f32(), c, rows, c, W + hc * c, 2 * hc, dkv_mine.f32(), 2 * hc,
+                          dx.f32(), c, gW + hc * c, gb + hc);
   }
-  kern::linear_backward(f.x.f32(), c, rows, c, W, hc, dqg.f32(), 2 * hc, dx.f32(), c, gW, gb, true);
-  kern::linear_backward(f.x.f32(), c, rows, c, W + 3 * hc * c, hc, dqg.f32() + hc, 2 * hc, dx.f32(),
-                        c, gW + 3 * hc * c, gb + 3 * hc, true);
+  train_linear_backward(ctx, f.x.f32(), c, rows, c, W, hc, dqg.f32(), 2 * hc, dx.f32(), c, gW, gb,
+                        true);
+  train_linear_backward(ctx, f.x.f32(), c, rows, c, W + 3 * hc * c, hc, dqg.f32() + hc, 2 * hc,
+                        dx.f32(), c, gW + 3 * hc * c, gb + 3 * hc, true);
   dqg = Tensor();
   {
     Tensor scratch = Tensor::empty({kern::layernorm_backward_scratch_floats(rows, c)});

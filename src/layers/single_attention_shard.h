@@ -10,7 +10,9 @@
 //   bias [H, rows, r] = LN(z) W_z^T          from the shard's own rows of z: no communication
 //   s += linear_o(sigmoid(g) * softmax(q k^T / sqrt(C) + key_bias + bias) v)
 // The single-process layer is the MSA row attention unit on a one-row MSA (src/model/modules.cc);
-// this form computes the same function (equal to f32 rounding).
+// this form computes the same function (equal to f32 rounding), also in bf16: the inference's
+// bf16 GEMM inputs (ctx.dtype, fused) and the training's bf16 storage (ctx.store: rounded LN(s),
+// q | k | v | g and og, bf16 products and gradient GEMMs), as that unit rounds.
 #pragma once
 
 #include <cstdint>
@@ -34,8 +36,9 @@ void single_attention_shard(const MsaRowAttentionW& w, const BlockContext& ctx, 
 // ds holds dL/d out on entry and dL/d s_in on exit; dz [rows, r, c_z] += the bias branch's
 // gradient; g accumulates this shard's part of the parameter gradients (the caller sums them over
 // the shards). Nothing is kept from the forward: the state is recomputed (one all-gather of LN(s)),
-// and the key/value gradients of every token are summed to their shards by reduce (adjoint of the
-// gather).
+// and the k | v gradients of every token [r, 2HC] are summed to their shards by reduce (the
+// adjoint of the gather, moved before the k | v projection's backward, so that each token's
+// summed gradient is what its products take, as in one process).
 void single_attention_shard_backward(const MsaRowAttentionW& w, MsaRowAttentionW* g,
                                      const BlockContext& ctx, int64_t H, int64_t C,
                                      const float* s_in, int64_t rows, const float* z_in,

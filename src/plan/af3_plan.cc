@@ -50,10 +50,11 @@ int64_t train_step_inputs_bytes(const Af3Config& c, int64_t n, int64_t n_msa) {
 }  // namespace
 
 int64_t af3_forward_peak_bytes(const Af3Config& c, int64_t n, int64_t n_msa, int64_t chunk,
-                               int64_t chunk_target_bytes, int threads) {
+                               int64_t chunk_target_bytes, int threads, DType dtype) {
   const EvoformerConfig cfg = af3_trunk_config(c);
   const int64_t s = m_rows(c, n_msa), r = n;
-  const BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
+  BlockContext ctx = shape_context(cfg, s, r, chunk, chunk_target_bytes, threads);
+  ctx.dtype = dtype;
   const BlockTable& t = is_pairformer(c) ? kPairformerBlock : kMsaModuleBlock;
   int64_t work = 0;
   for (const LayerDesc& l : t) work = std::max(work, layer_workspace_bytes(l, ctx));
@@ -78,6 +79,8 @@ Status af3_plan(const Af3PlanRequest& q, Af3Plan* out) {
     return Status::InvalidArgument(
         "af3 plan: n, n_msa, blocks and threads must be >= 1; chunk, chunk target and memory "
         ">= 0");
+  if (q.dtype != DType::F32 && q.dtype != DType::BF16)
+    return Status::InvalidArgument("af3 plan: dtype must be fp32 or bf16");
   if (!q.policy.empty() && q.policy.size() != 1 && static_cast<int64_t>(q.policy.size()) != blocks)
     return Status::InvalidArgument("af3 plan: " + std::to_string(q.policy.size()) +
                                    " recompute policies for " + std::to_string(blocks) + " blocks");
@@ -95,7 +98,7 @@ Status af3_plan(const Af3PlanRequest& q, Af3Plan* out) {
     Af3PlanRow row;
     row.param_bytes = params;
     auto peak = [&](int64_t target) {
-      return af3_forward_peak_bytes(c, q.n, q.n_msa, q.chunk, target, q.threads);
+      return af3_forward_peak_bytes(c, q.n, q.n_msa, q.chunk, target, q.threads, q.dtype);
     };
     int64_t hi =
         q.chunk_target_bytes > 0 ? q.chunk_target_bytes : default_chunk_target_bytes(t, s, r);
@@ -127,7 +130,8 @@ Status af3_plan(const Af3PlanRequest& q, Af3Plan* out) {
     row.policy = p.front();
     row.chunk_target_bytes = target;
     row.param_bytes = params;
-    row.activation_bytes = stack_activation_bytes(table, t, s, r, blocks, p, kF, q.chunk, target);
+    row.activation_bytes =
+        stack_activation_bytes(table, t, s, r, blocks, p, kF, q.chunk, target, q.dtype);
     // After the blocks, the Boltz-named gradients of the triangle multiplications' p_in and
     // g_in are gathered from two row ranges each (copies: 8 c_z^2 floats per block), beside the
     // step's other outputs; counted on top of the blocks' peak, so the row is an upper bound by
@@ -136,7 +140,7 @@ Status af3_plan(const Af3PlanRequest& q, Af3Plan* out) {
     const int64_t gathered = blocks * 8 * c.c_z * c.c_z * kF;
     row.peak_bytes =
         train_step_inputs_bytes(c, q.n, q.n_msa) + gathered +
-        stack_step_peak_bytes(table, t, s, r, blocks, p, q.threads, kF, q.chunk, target);
+        stack_step_peak_bytes(table, t, s, r, blocks, p, q.threads, kF, q.chunk, target, q.dtype);
     row.fits = fits(row.peak_bytes);
     if (row.fits && out->chosen < 0) out->chosen = static_cast<int>(out->rows.size());
     out->rows.push_back(row);
