@@ -47,9 +47,11 @@ Status af3_spec(const RunArgs& a, Af3RunSpec* spec) {
   return Status::OK();
 }
 
-Status write_report(const std::string& path, const Af3RunReport& rep, bool training,
+Status write_report(const std::string& path, const Af3RunReport& rep, const Af3RunSpec& spec,
                     nlohmann::json j = nlohmann::json::object()) {
+  const bool training = spec.training;
   j["stack"] = rep.stack;
+  j["dtype"] = spec.dtype == DType::BF16 ? "bf16" : "fp32";
   j["n"] = rep.n;
   if (rep.stack == "msa_module") j["n_msa"] = rep.n_msa;
   j["training"] = training;
@@ -90,10 +92,11 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
     const Af3RunReport& r = rep.run;
     if (!a.out.empty()) st = write_safetensors(a.out, r.out);
     if (st.ok() && !a.quiet) {
-      std::printf("foldcube run: %s, n=%lld%s, %s, DAP over %d ranks, %d thread(s) per rank\n",
+      std::printf("foldcube run: %s, n=%lld%s, %s%s, DAP over %d ranks, %d thread(s) per rank\n",
                   r.stack.c_str(), static_cast<long long>(r.n),
                   r.stack == "msa_module" ? (", N_msa=" + std::to_string(r.n_msa)).c_str() : "",
-                  spec.training ? "training step" : "forward", a.dap, num_threads());
+                  spec.training ? "training step" : "forward",
+                  spec.dtype == DType::BF16 ? " (bf16)" : "", a.dap, num_threads());
       std::printf("  time        %10.1f ms\n", r.time_ms);
       if (spec.training)
         std::printf("  forward %.1f ms, backward %.1f ms\n", r.forward_ms, r.backward_ms);
@@ -129,7 +132,7 @@ int run_af3_dap(const RunArgs& a, const Af3RunSpec& spec) {
       j["block_sent_bytes_model"] = rep.block_sent_bytes_model;
       if (spec.training) j["rank_activation_bytes"] = rep.rank_activation_bytes;
       if (!rep.rank_planned_bytes.empty()) j["rank_planned_bytes"] = rep.rank_planned_bytes;
-      st = write_report(a.report, r, spec.training, j);
+      st = write_report(a.report, r, spec, j);
     }
   }
   return end_mpi(world, world.agree(st, true));
@@ -153,10 +156,11 @@ int run_af3(const RunArgs& a) {
   if (!a.out.empty())
     if (Status st = write_safetensors(a.out, rep.out); !st.ok()) return fail(st);
   if (!a.quiet) {
-    std::printf("foldcube run: %s, n=%lld%s, %s, %d thread(s)\n", rep.stack.c_str(),
+    std::printf("foldcube run: %s, n=%lld%s, %s%s, %d thread(s)\n", rep.stack.c_str(),
                 static_cast<long long>(rep.n),
                 rep.stack == "msa_module" ? (", N_msa=" + std::to_string(rep.n_msa)).c_str() : "",
-                spec.training ? "training step" : "forward", num_threads());
+                spec.training ? "training step" : "forward",
+                spec.dtype == DType::BF16 ? " (bf16)" : "", num_threads());
     std::printf("  time        %10.1f ms\n", rep.time_ms);
     if (spec.training)
       std::printf("  forward %.1f ms, backward %.1f ms, activations %.1f MiB\n", rep.forward_ms,
@@ -172,7 +176,7 @@ int run_af3(const RunArgs& a) {
     if (!a.out.empty()) std::printf("  wrote %s\n", a.out.c_str());
   }
   if (!a.report.empty())
-    if (Status st = write_report(a.report, rep, spec.training); !st.ok()) return fail(st);
+    if (Status st = write_report(a.report, rep, spec); !st.ok()) return fail(st);
   return 0;
 }
 

@@ -467,43 +467,51 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The inference peak formula and the weight bytes against the tracking allocator.
 TEST(Af3ForwardMemory, PeakAndWeightsMatchAllocator) {
-  for (const char* kind : {"pairformer", "msa_module"})
-    for (int64_t chunk : {0, 1, 4}) {
-      Af3Config cfg;
-      cfg.kind = kind;
-      cfg.c_s = 24, cfg.c_z = 16, cfg.c_m = 8, cfg.no_heads_single = 4, cfg.no_heads_pair = 2;
-      cfg.c_hidden_pair = 8, cfg.pwa_heads = 4, cfg.pwa_head_dim = 8, cfg.c_hidden_opm = 8;
-      cfg.no_blocks = 2;
-      const int64_t n = 13, N = 6;
-      Af3PlanRequest q;
-      q.cfg = cfg;
-      q.n = n;
-      q.n_msa = N;
-      q.threads = num_threads();
-      Af3Plan plan;
-      ASSERT_TRUE(af3_plan(q, &plan).ok());
-      const int64_t live0 = mem_stats().live_bytes;
-      Tensor z = Tensor::full({n, n, cfg.c_z}, 0.2f);
-      ForwardOptions opts;
-      opts.chunk = chunk;
-      const int64_t predicted = af3_forward_peak_bytes(cfg, n, N, chunk, 0, num_threads());
-      if (cfg.kind == "pairformer") {
-        const PairformerStack st = PairformerStack::random(cfg, 3);
-        EXPECT_EQ(mem_stats().live_bytes - live0 - z.nbytes(), plan.rows[0].param_bytes);
-        Tensor x = Tensor::full({n, cfg.c_s}, 0.1f);
-        MemoryScope scope;
-        ASSERT_TRUE(st.forward(x, z, Tensor(), opts).ok());
-        EXPECT_EQ(scope.peak() - scope.start_live(), predicted) << kind << " chunk " << chunk;
-      } else {
-        const MsaModule mod = MsaModule::random(cfg, 3);
-        EXPECT_EQ(mem_stats().live_bytes - live0 - z.nbytes(), plan.rows[0].param_bytes);
-        Tensor feat = Tensor::full({N, n, cfg.msa_feat}, 0.1f),
-               emb = Tensor::full({n, cfg.c_s}, 1.f);
-        MemoryScope scope;
-        ASSERT_TRUE(mod.forward(z, emb, feat, Tensor(), Tensor(), opts).ok());
-        EXPECT_EQ(scope.peak() - scope.start_live(), predicted) << kind << " chunk " << chunk;
+  int bf16_differs = 0;  // bf16 cases whose peak is not the fp32 one
+  for (const DType dtype : {DType::F32, DType::BF16})
+    for (const char* kind : {"pairformer", "msa_module"})
+      for (int64_t chunk : {0, 1, 4}) {
+        SCOPED_TRACE(dtype == DType::BF16 ? "bf16" : "fp32");
+        Af3Config cfg;
+        cfg.kind = kind;
+        cfg.c_s = 24, cfg.c_z = 16, cfg.c_m = 8, cfg.no_heads_single = 4, cfg.no_heads_pair = 2;
+        cfg.c_hidden_pair = 8, cfg.pwa_heads = 4, cfg.pwa_head_dim = 8, cfg.c_hidden_opm = 8;
+        cfg.no_blocks = 2;
+        const int64_t n = 13, N = 6;
+        Af3PlanRequest q;
+        q.cfg = cfg;
+        q.n = n;
+        q.n_msa = N;
+        q.threads = num_threads();
+        Af3Plan plan;
+        ASSERT_TRUE(af3_plan(q, &plan).ok());
+        const int64_t live0 = mem_stats().live_bytes;
+        Tensor z = Tensor::full({n, n, cfg.c_z}, 0.2f);
+        ForwardOptions opts;
+        opts.chunk = chunk;
+        opts.dtype = dtype;
+        const int64_t predicted = af3_forward_peak_bytes(cfg, n, N, chunk, 0, num_threads(), dtype);
+        // the bf16 GEMM-input copies of the weights and rows (where the peak falls in a layer)
+        if (dtype == DType::BF16)
+          bf16_differs += predicted != af3_forward_peak_bytes(cfg, n, N, chunk, 0, num_threads());
+        if (cfg.kind == "pairformer") {
+          const PairformerStack st = PairformerStack::random(cfg, 3);
+          EXPECT_EQ(mem_stats().live_bytes - live0 - z.nbytes(), plan.rows[0].param_bytes);
+          Tensor x = Tensor::full({n, cfg.c_s}, 0.1f);
+          MemoryScope scope;
+          ASSERT_TRUE(st.forward(x, z, Tensor(), opts).ok());
+          EXPECT_EQ(scope.peak() - scope.start_live(), predicted) << kind << " chunk " << chunk;
+        } else {
+          const MsaModule mod = MsaModule::random(cfg, 3);
+          EXPECT_EQ(mem_stats().live_bytes - live0 - z.nbytes(), plan.rows[0].param_bytes);
+          Tensor feat = Tensor::full({N, n, cfg.msa_feat}, 0.1f),
+                 emb = Tensor::full({n, cfg.c_s}, 1.f);
+          MemoryScope scope;
+          ASSERT_TRUE(mod.forward(z, emb, feat, Tensor(), Tensor(), opts).ok());
+          EXPECT_EQ(scope.peak() - scope.start_live(), predicted) << kind << " chunk " << chunk;
+        }
       }
-    }
+  EXPECT_GT(bf16_differs, 0);
 }
 
 TEST(Af3Plan, ChoosesLeastRecomputeThatFits) {
@@ -602,6 +610,29 @@ TEST(Af3Cli, PlanPairformerTraining) {
   EXPECT_EQ(j["chosen"], 0);
 }
 
+// plan --dtype bf16: the memory plan of the bf16 step (kept state in bf16: fewer activation bytes
+// under every policy), the dtype in the JSON; a dtype the engine does not run is one message.
+TEST(Af3Cli, PlanBf16Training) {
+  auto plan = [](const std::string& dtype) {
+    const test::Result r = test::run_cli(
+        "plan --stack msa_module --r 24 --s 8 --blocks 2 --train --json --dtype " + dtype);
+    EXPECT_EQ(r.code, 0) << r.out;
+    return nlohmann::json::parse(r.out);
+  };
+  const nlohmann::json f32 = plan("fp32"), bf16 = plan("bf16");
+  EXPECT_EQ(f32["dtype"], "fp32");
+  EXPECT_EQ(bf16["dtype"], "bf16");
+  ASSERT_EQ(bf16["rows"].size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_LT(bf16["rows"][i]["activation_bytes"].get<int64_t>(),
+              f32["rows"][i]["activation_bytes"].get<int64_t>())
+        << i;
+  }
+  const test::Result bad = test::run_cli("plan --stack pairformer --r 24 --train --dtype fp16");
+  EXPECT_EQ(bad.code, 1) << bad.out;
+  EXPECT_NE(bad.out.find("expected 'fp32' or 'bf16'"), std::string::npos) << bad.out;
+}
+
 // run --train: AF3 dropout (Boltz's axes) in the training step, reproducible from --seed and
 // different from the eval-mode step.
 TEST(Af3CliDropout, TrainIsSeededDropout) {
@@ -643,9 +674,11 @@ namespace {
 struct Af3BudgetCase {
   std::string stack;
   bool training;
+  DType dtype = DType::F32;  // Af3RunSpec::dtype (BF16: the bf16 plan, forward or training)
 };
 std::string BudgetName(const Af3BudgetCase& c) {
-  return c.stack + (c.training ? "_training" : "_forward");
+  return c.stack + (c.training ? "_training" : "_forward") +
+         (c.dtype == DType::BF16 ? "_bf16" : "");
 }
 void PrintTo(const Af3BudgetCase& c, std::ostream* os) { *os << BudgetName(c); }
 
@@ -659,6 +692,7 @@ TEST_P(Af3Budget, PlannedPeakEqualsMeasuredUnderTheBudget) {
   spec.n_msa = 16;
   spec.blocks = 2;
   spec.training = c.training;
+  spec.dtype = c.dtype;
   Af3RunReport free_run;
   spec.memory_bytes = int64_t{1} << 40;  // a budget that does not bind: the default plan
   ASSERT_TRUE(af3_run(spec, &free_run).ok());
@@ -703,7 +737,11 @@ INSTANTIATE_TEST_SUITE_P(Stacks, Af3Budget,
                          ::testing::Values(Af3BudgetCase{"pairformer", false},
                                            Af3BudgetCase{"pairformer", true},
                                            Af3BudgetCase{"msa_module", false},
-                                           Af3BudgetCase{"msa_module", true}),
+                                           Af3BudgetCase{"msa_module", true},
+                                           Af3BudgetCase{"pairformer", false, DType::BF16},
+                                           Af3BudgetCase{"pairformer", true, DType::BF16},
+                                           Af3BudgetCase{"msa_module", false, DType::BF16},
+                                           Af3BudgetCase{"msa_module", true, DType::BF16}),
                          [](const auto& info) { return BudgetName(info.param); });
 
 }  // namespace
