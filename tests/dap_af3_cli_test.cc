@@ -340,7 +340,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, DapAf3CliDropout,
 // run --dap 2 --memory-budget: the per-rank estimate bounds every rank's measured tracked peak
 // (and is within 25 % of the largest), a budget below the automatic forward's estimate lowers the
 // chunk target and is met, training without --policy takes the least recompute whose estimate
-// fits, and a budget nothing fits ends every rank with one message naming the least budget.
+// fits, and a budget nothing fits ends every rank with one message naming the least budget; in
+// fp32 and in bf16 (--dtype bf16, forward and training).
 TEST(DapAf3CliBudget, EstimateBoundsEveryRankAndTheBudgetIsMet) {
   const std::string report = test::temp_file("dap_budget.json");
   auto run = [&](const std::string& job, const std::string& budget, nlohmann::json* j) {
@@ -360,7 +361,10 @@ TEST(DapAf3CliBudget, EstimateBoundsEveryRankAndTheBudgetIsMet) {
     EXPECT_LE(est, measured + measured / 4);
     EXPECT_LE(measured, budget);
   };
-  for (const std::string job : {"--stack pairformer --r 40", "--stack msa_module --r 36 --s 20"}) {
+  // fp32 and bf16 (the bf16 step's one-process plan inside the per-rank decomposition)
+  for (const std::string job : {"--stack pairformer --r 40", "--stack msa_module --r 36 --s 20",
+                                "--stack pairformer --r 40 --dtype bf16",
+                                "--stack msa_module --r 36 --s 20 --dtype bf16"}) {
     SCOPED_TRACE(job);
     nlohmann::json free, tight, train, train_tight;
     ASSERT_EQ(run(job, "4GiB", &free).code, 0);
