@@ -43,6 +43,9 @@ class Plan:
     memory_limit_bytes: int
     fits: bool
     profile: str
+    partitions: List[List[Tuple[str, str]]]
+    """Per block, the layers whose split is not pure DAP: (layer, "heads" | "channels" |
+    "replicated" | "dap"); empty: pure DAP (split_policy="dap")."""
     def to_json(self) -> str: ...
     @staticmethod
     def from_json(text: str) -> Plan: ...
@@ -60,11 +63,17 @@ def plan(
     profile: Optional[str] = None,
     policy: Optional[str] = None,
     chunk: Optional[int] = None,
+    dap: Optional[int] = None,
+    dp: Optional[int] = None,
+    split_policy: str = "dap",
 ) -> Plan:
     """The fastest schedule the cost model finds under `memory` per device (recompute policy per
     block, chunking, DAP/DP degrees) with its time and memory estimates. profile: a device profile
     JSON (None = this machine, calibrated once, ~5 s, then cached). policy: evaluate this policy for
-    every block instead of searching. A one-device plan can be passed to Evoformer calls."""
+    every block instead of searching. dap, dp: force the degrees (None = search). split_policy:
+    "dap" (pure DAP) or "auto" (each layer's partition for the DAP degree: heads, channels,
+    replicated or dap; Plan.partitions), as `foldcube plan --split-policy`. A one-device plan can
+    be passed to Evoformer calls."""
 
 class Evoformer:
     """The AlphaFold2 Evoformer stack (OpenFold EvoformerStack state-dict names)."""
@@ -186,8 +195,10 @@ class Pairformer:
         *,
         chunk: Optional[int] = None,
         threads: Optional[int] = None,
+        dtype: str = "fp32",
     ) -> Tuple[F32, F32]:
-        """s [n, c_s], z [n, n, c_z] overwritten with the outputs and returned; mask [n]."""
+        """s [n, c_s], z [n, n, c_z] overwritten with the outputs and returned; mask [n].
+        dtype: "fp32" | "bf16" (bf16 GEMM inputs, f32 accumulation; `run --dtype`)."""
     def train_step(
         self,
         s: F32,
@@ -201,8 +212,10 @@ class Pairformer:
         seed: int = 0,
         chunk: Optional[int] = None,
         threads: Optional[int] = None,
+        dtype: str = "fp32",
     ) -> Dict[str, Any]:
-        """s, z, grad_s, grad_z, grad_params (Boltz names), activation_bytes, peak_bytes, ..."""
+        """s, z, grad_s, grad_z, grad_params (Boltz names), activation_bytes, peak_bytes, ...
+        dtype "bf16": kept state and GEMM inputs in bf16, f32 weights and gradients."""
 
 class MsaModule:
     """Boltz-2's MSA module (AlphaFold3 trunk), parameters under Boltz names."""
@@ -224,8 +237,10 @@ class MsaModule:
         *,
         chunk: Optional[int] = None,
         threads: Optional[int] = None,
+        dtype: str = "fp32",
     ) -> F32:
-        """z [n, n, c_z] overwritten and returned; emb [n, c_s]; msa_feat [N, n, 36]."""
+        """z [n, n, c_z] overwritten and returned; emb [n, c_s]; msa_feat [N, n, 36]; dtype as
+        Pairformer.__call__."""
     def train_step(
         self,
         z: F32,
@@ -240,8 +255,10 @@ class MsaModule:
         seed: int = 0,
         chunk: Optional[int] = None,
         threads: Optional[int] = None,
+        dtype: str = "fp32",
     ) -> Dict[str, Any]:
-        """z, grad_z, grad_emb, grad_msa_embedding, grad_params (Boltz names), ..."""
+        """z, grad_z, grad_emb, grad_msa_embedding, grad_params (Boltz names), ...; dtype as
+        Pairformer.train_step."""
 
 def af3_msa_features(
     msa: npt.NDArray[np.int64], has_deletion: F32, deletion_value: F32, msa_paired: F32

@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/filesystem.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -21,6 +22,7 @@
 #include "foldcube/memory.h"
 #include "foldcube/model.h"
 #include "foldcube/parallel.h"
+#include "foldcube/partition.h"
 #include "foldcube/plan.h"
 #include "foldcube/planner.h"
 #include "foldcube/runner.h"
@@ -454,10 +456,12 @@ SingleStreams take_single(const fc::Af3Config& c, nb::handle s, nb::handle z, nb
 }
 
 nb::tuple pairformer_call(Pairformer& self, nb::handle s, nb::handle z, nb::handle mask,
-                          std::optional<int64_t> chunk, std::optional<int> threads) {
+                          std::optional<int64_t> chunk, std::optional<int> threads,
+                          const std::string& dtype) {
   SingleStreams in = take_single(self.stack.config(), s, z, mask);
   fc::ForwardOptions fo;
   fo.chunk = chunk_arg(chunk);
+  fo.dtype = dtype_arg(dtype);
   compute(threads_arg(threads), [&] { return self.stack.forward(in.s, in.z, in.mask, fo); });
   return nb::make_tuple(s, z);
 }
@@ -465,7 +469,7 @@ nb::tuple pairformer_call(Pairformer& self, nb::handle s, nb::handle z, nb::hand
 nb::dict pairformer_train_step(Pairformer& self, nb::handle s, nb::handle z, nb::handle grad_s,
                                nb::handle grad_z, nb::handle mask, nb::handle policy, bool dropout,
                                uint64_t seed, std::optional<int64_t> chunk,
-                               std::optional<int> threads) {
+                               std::optional<int> threads, const std::string& dtype) {
   const fc::Af3Config& c = self.stack.config();
   SingleStreams in = take_single(c, s, z, mask);
   const std::string n = std::to_string(in.n);
@@ -474,7 +478,8 @@ nb::dict pairformer_train_step(Pairformer& self, nb::handle s, nb::handle z, nb:
   const fc::Tensor gz = take_f32(
       grad_z,
       {"grad_z", in.z.shape(), "[n=" + n + ", n=" + n + ", c_z=" + std::to_string(c.c_z) + "]"});
-  const fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  to.dtype = dtype_arg(dtype);
   fc::TrainResult res;
   compute(threads_arg(threads),
           [&] { return self.stack.train_step(in.s, in.z, in.mask, gs, gz, to, &res); });
@@ -514,10 +519,11 @@ MsaInputs take_msa_inputs(const fc::Af3Config& c, nb::handle z, nb::handle emb, 
 
 nb::object msa_module_call(MsaModulePy& self, nb::handle z, nb::handle emb, nb::handle msa_feat,
                            nb::handle msa_mask, nb::handle token_mask, std::optional<int64_t> chunk,
-                           std::optional<int> threads) {
+                           std::optional<int> threads, const std::string& dtype) {
   MsaInputs in = take_msa_inputs(self.module.config(), z, emb, msa_feat, msa_mask, token_mask);
   fc::ForwardOptions fo;
   fo.chunk = chunk_arg(chunk);
+  fo.dtype = dtype_arg(dtype);
   compute(threads_arg(threads), [&] {
     return self.module.forward(in.z, in.emb, in.msa_feat, in.msa_mask, in.token_mask, fo);
   });
@@ -527,14 +533,16 @@ nb::object msa_module_call(MsaModulePy& self, nb::handle z, nb::handle emb, nb::
 nb::dict msa_module_train_step(MsaModulePy& self, nb::handle z, nb::handle emb, nb::handle msa_feat,
                                nb::handle grad_z, nb::handle msa_mask, nb::handle token_mask,
                                nb::handle policy, bool dropout, uint64_t seed,
-                               std::optional<int64_t> chunk, std::optional<int> threads) {
+                               std::optional<int64_t> chunk, std::optional<int> threads,
+                               const std::string& dtype) {
   const fc::Af3Config& c = self.module.config();
   MsaInputs in = take_msa_inputs(c, z, emb, msa_feat, msa_mask, token_mask);
   const std::string n = std::to_string(in.n);
   const fc::Tensor gz = take_f32(
       grad_z,
       {"grad_z", in.z.shape(), "[n=" + n + ", n=" + n + ", c_z=" + std::to_string(c.c_z) + "]"});
-  const fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  fc::TrainOptions to = train_options(policy, dropout, seed, chunk);
+  to.dtype = dtype_arg(dtype);
   fc::TrainResult res;
   fc::Tensor grad_emb;
   compute(threads_arg(threads), [&] {
@@ -675,7 +683,8 @@ nb::list fold_fn(const std::filesystem::path& fasta, const std::filesystem::path
 fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle memory, int devices,
                  const std::string& dtype, nb::handle config,
                  std::optional<std::filesystem::path> profile, std::optional<std::string> policy,
-                 std::optional<int64_t> chunk) {
+                 std::optional<int64_t> chunk, std::optional<int> dap, std::optional<int> dp,
+                 const std::string& split_policy) {
   fc::PlanRequest req;
   req.cfg = make_config(config, fc::EvoformerConfig());
   req.cfg.no_blocks = blocks;
@@ -694,6 +703,15 @@ fc::Plan plan_fn(int64_t s, int64_t r, int64_t blocks, bool train, nb::handle me
     req.fixed_policy = true;
   }
   req.chunk = chunk_arg(chunk);
+  // `foldcube plan --dap / --dp / --split-policy`
+  if ((dap && *dap < 1) || (dp && *dp < 1)) throw nb::value_error("dap, dp: must be >= 1");
+  req.dap = dap.value_or(0);
+  req.dp = dp.value_or(0);
+  if (split_policy != "dap" && split_policy != "auto")
+    throw nb::value_error(("split_policy: '" + split_policy +
+                           "' is not 'dap' (pure DAP) or 'auto' (each layer's partition)")
+                              .c_str());
+  req.split_auto = split_policy == "auto";
   fc::Plan plan;
   compute(0, [&]() -> fc::Status {
     FC_RETURN_IF_ERROR(
@@ -751,6 +769,16 @@ NB_MODULE(_core, mod) {
       .def_ro("memory_limit_bytes", &fc::Plan::memory_limit_bytes)
       .def_ro("fits", &fc::Plan::fits)
       .def_ro("profile", &fc::Plan::profile)
+      .def_prop_ro("partitions",
+                   [](const fc::Plan& p) {
+                     std::vector<std::vector<std::pair<std::string, std::string>>> v;
+                     for (const std::vector<fc::LayerSplit>& block : p.partitions) {
+                       v.emplace_back();
+                       for (const fc::LayerSplit& l : block)
+                         v.back().emplace_back(l.layer, fc::split_name(l.split));
+                     }
+                     return v;
+                   })
       .def("to_json", [](const fc::Plan& p) { return p.to_json(2); })
       .def_static(
           "from_json",
@@ -771,7 +799,8 @@ NB_MODULE(_core, mod) {
   mod.def("plan", &plan_fn, "s"_a, "r"_a, "blocks"_a = 48, "train"_a = false,
           "memory"_a = nb::none(), "devices"_a = 1, "dtype"_a = "fp32", nb::kw_only(),
           "config"_a = nb::none(), "profile"_a = nb::none(), "policy"_a = nb::none(),
-          "chunk"_a = nb::none());
+          "chunk"_a = nb::none(), "dap"_a = nb::none(), "dp"_a = nb::none(),
+          "split_policy"_a = "dap");
 
   nb::class_<Evoformer>(mod, "Evoformer")
       .def_static(
@@ -891,10 +920,10 @@ NB_MODULE(_core, mod) {
              return state_dict_of(f);
            })
       .def("__call__", &pairformer_call, "s"_a, "z"_a, "mask"_a = nb::none(), nb::kw_only(),
-           "chunk"_a = nb::none(), "threads"_a = nb::none())
+           "chunk"_a = nb::none(), "threads"_a = nb::none(), "dtype"_a = "fp32")
       .def("train_step", &pairformer_train_step, "s"_a, "z"_a, "grad_s"_a, "grad_z"_a,
            nb::kw_only(), "mask"_a = nb::none(), "policy"_a = "none", "dropout"_a = false,
-           "seed"_a = 0, "chunk"_a = nb::none(), "threads"_a = nb::none());
+           "seed"_a = 0, "chunk"_a = nb::none(), "threads"_a = nb::none(), "dtype"_a = "fp32");
 
   nb::class_<MsaModulePy>(mod, "MsaModule")
       .def_static(
@@ -929,11 +958,11 @@ NB_MODULE(_core, mod) {
            })
       .def("__call__", &msa_module_call, "z"_a, "emb"_a, "msa_feat"_a, "msa_mask"_a = nb::none(),
            "token_mask"_a = nb::none(), nb::kw_only(), "chunk"_a = nb::none(),
-           "threads"_a = nb::none())
+           "threads"_a = nb::none(), "dtype"_a = "fp32")
       .def("train_step", &msa_module_train_step, "z"_a, "emb"_a, "msa_feat"_a, "grad_z"_a,
            nb::kw_only(), "msa_mask"_a = nb::none(), "token_mask"_a = nb::none(),
            "policy"_a = "none", "dropout"_a = false, "seed"_a = 0, "chunk"_a = nb::none(),
-           "threads"_a = nb::none());
+           "threads"_a = nb::none(), "dtype"_a = "fp32");
   mod.def("af3_msa_features", &af3_msa_features, "msa"_a, "has_deletion"_a, "deletion_value"_a,
           "msa_paired"_a);
 

@@ -126,3 +126,48 @@ def test_bad_af3_inputs_are_python_errors():
         foldcube.MsaModule.load(data_path("pairformer_tiny.safetensors"))
     with pytest.raises(foldcube.NotFoundError):
         foldcube.Pairformer.load("/nonexistent/pairformer.safetensors")
+
+
+def _normwise(x, ref, keep=None):
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if keep is not None:
+        k = np.asarray(keep).astype(bool)
+        sel = np.broadcast_to(k.reshape(k.shape + (1,) * (ref.ndim - k.ndim)), ref.shape)
+        x, ref = x[sel], ref[sel]
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("stack", ["pairformer", "msa_module"])
+def test_bf16_training_step(stack):
+    """train_step(dtype="bf16"): bf16 kept state and GEMM inputs (f32 weights and gradients), as
+    `run --dtype bf16 --backward`: within the bf16 training tolerances of the golden reference
+    (normwise 2e-2 outputs, 0.1 dL/d inputs; tests/train_bf16_test.cc), far from the fp32 step's
+    error, fewer kept bytes; the bf16 forward too."""
+    t, _ = golden(stack + "_tiny")
+    path = data_path(stack + "_tiny.safetensors")
+
+    def step(dtype):
+        if stack == "pairformer":
+            pf = foldcube.Pairformer.load(path)
+            s, z = t["input.s"].copy(), t["input.z"].copy()
+            return pf.train_step(s, z, t["probe.s"], t["probe.z"], mask=t["input.mask"],
+                                 policy="none", dtype=dtype)
+        mm = foldcube.MsaModule.load(path)
+        z = t["input.z"].copy()
+        return mm.train_step(z, t["input.emb"], t["input.msa_feat"], t["probe.z"],
+                             msa_mask=t["input.msa_mask"], token_mask=t["input.token_pad_mask"],
+                             policy="none", dtype=dtype)
+
+    r16, r32 = step("bf16"), step("fp32")
+    e16 = _normwise(r16["z"], t["output.z"], t["input.pair_mask"])
+    e32 = _normwise(r32["z"], t["output.z"], t["input.pair_mask"])
+    assert e16 < 2e-2 and e16 > 10 * e32
+    assert _normwise(r16["grad_z"], t["grad.input.z"]) < 0.1
+    assert r16["activation_bytes"] < r32["activation_bytes"]
+    with pytest.raises(ValueError, match="fp32"):
+        step("fp16")
+    if stack == "pairformer":
+        pf = foldcube.Pairformer.load(path)
+        s, z = t["input.s"].copy(), t["input.z"].copy()
+        pf(s, z, t["input.mask"], dtype="bf16")
+        assert 1e-4 < _normwise(s, t["output.s"], t["input.mask"]) < 1e-2

@@ -90,3 +90,34 @@ def test_a_bf16_plan_runs_the_stacks_in_bf16():
     assert res["activation_bytes"] < res32["activation_bytes"]
     with pytest.raises(ValueError, match="fp16"):
         ev(m, z, mm, pm, plan=foldcube.plan(dtype="fp16", **kw))
+
+
+SLOW_LINK = {"name": "slow-link", "threads": 1, "gemm_gflops": 400, "gemm_half_rows": 300,
+             "gemm_bwd_gflops": 300, "batched_gflops": 250, "attention_gflops": 250,
+             "attention_bwd_gflops": 150, "attention_len_exp": 0.2, "mem_gbps": 15,
+             "link_gbps": 0.001, "link_latency_us": 20, "devices": 2}
+
+
+def test_split_policy_mirrors_the_cli(tmp_path):
+    """plan(split_policy=) is `foldcube plan --split-policy`: "auto" picks each layer's partition
+    for the DAP degree (with a very slow link, whole-stream layers save it: partitions per block,
+    as tests/dap_cli_test.cc's PlanWithPartitionsRunsOnTwoRanks), "dap" keeps pure DAP; the JSON
+    carries them; anything else is a ValueError."""
+    prof = tmp_path / "slow_link.json"
+    prof.write_text(json.dumps(SLOW_LINK))
+    kw = dict(s=8, r=24, blocks=2, train=True, memory="1GiB", devices=2, dap=2, dp=1,
+              policy="module", profile=str(prof))
+    auto = foldcube.plan(split_policy="auto", **kw)
+    pure = foldcube.plan(**kw)
+    assert auto.dap == 2 and pure.dap == 2
+    assert pure.partitions == []
+    assert len(auto.partitions) == 2
+    splits = {split for block in auto.partitions for _, split in block}
+    assert splits and splits <= {"heads", "channels", "replicated", "dap"}
+    assert splits != {"dap"}
+    assert len(json.loads(auto.to_json())["partitions"]) == 2
+    assert foldcube.Plan.from_json(auto.to_json()).partitions == auto.partitions
+    with pytest.raises(ValueError, match="split_policy"):
+        foldcube.plan(split_policy="heads", **kw)
+    with pytest.raises(ValueError, match="dap, dp"):
+        foldcube.plan(**dict(kw, dap=0))
