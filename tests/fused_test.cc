@@ -511,3 +511,87 @@ TEST(FusedCli, DtypeAndUnfusedFlags) {
 
 }  // namespace
 }  // namespace fc
+
+#include "kernels/kernels.h"
+#include "model/block_table.h"
+#include "model/common.h"
+#include "model/weights.h"
+
+namespace fc {
+namespace {
+
+// Why a per-layer heads split in bf16 differs from one process by ~1e-4 downstream (docs/dap.md,
+// "bf16 under DAP"): the split itself is f32-order exact (DapBf16.HeadsSplitIsF32OrderExact:
+// ~5e-8 normwise), but the next bf16 layer rounds its inputs (LN(m), then q | k | v | g) to bf16,
+// and an f32-order change of m moves a few of them across a bf16 rounding boundary: each such
+// element then differs by a whole bf16 step (2^-8 relative), where an fp32 layer sees the
+// change at its own size. Here evo_af2dims' block 0 (golden weights and inputs, one process,
+// bf16) up to its MSA row attention, then its MSA column attention once on that m and once on m
+// perturbed by a relative 5e-8 (the size of the heads split's partial-sum difference): bf16 flips
+// some of LN(m)'s roundings and its output moves by orders of magnitude more than fp32's.
+TEST(Bf16Rounding, AmplifiesAnF32OrderDifferenceOfTheInput) {
+  TensorFile f;
+  ASSERT_TRUE(read_safetensors(test::data_path("evo_af2dims.safetensors"), &f).ok());
+  EvoformerConfig cfg;
+  ASSERT_TRUE(EvoformerConfig::from_metadata(f.metadata, &cfg).ok());
+  BlockWeights w;
+  allocate_block(cfg, &w);
+  ASSERT_TRUE(load_params(named_params(w, block_prefix(0)), f).ok());
+  Tensor m0, z, mm, pm;
+  ASSERT_TRUE(f.get_f32("input.m", {}, &m0).ok());
+  ASSERT_TRUE(f.get_f32("input.z", {}, &z).ok());
+  ASSERT_TRUE(f.get_f32("input.msa_mask", {}, &mm).ok());
+  ASSERT_TRUE(f.get_f32("input.pair_mask", {}, &pm).ok());
+  m0 = m0.clone();
+  z = z.clone();
+  StackInputs in;
+  ASSERT_TRUE(prepare_inputs(cfg, m0, z, mm, pm, &in).ok());
+  BlockContext ctx = make_context(cfg, in, 0, 0);
+  ctx.dtype = DType::BF16;
+  layer_forward(*find_layer(kEvoformerBlock, "msa_att_row"), &w, ctx, m0.f32(), z.f32());
+  Tensor m1 = m0.clone();  // m0 * (1 + 5e-8 u), u uniform in [-1, 1)
+  {
+    Tensor u = Tensor::empty(m0.shape());
+    random_fill("test.u", u, 6);  // U(-a, a), a = 1 / sqrt(c)
+    const float a = 1.f / std::sqrt(static_cast<float>(m0.dim(2)));
+    for (int64_t i = 0; i < m1.numel(); ++i)
+      m1.f32()[i] = static_cast<float>(m0.f32()[i] * (1.0 + 5e-8 * u.f32()[i] / a));
+  }
+  const double input = test::normwise_err(m1, m0);
+  // The bf16 roundings of LN(m) (the layer's first GEMM input) that the perturbation changes.
+  int64_t flips = 0;
+  {
+    const int64_t rows = m0.numel() / cfg.c_m;
+    Tensor y0 = Tensor::empty(m0.shape()), y1 = Tensor::empty(m0.shape());
+    Tensor b0 = Tensor::empty(m0.shape(), DType::BF16), b1 = Tensor::empty(m0.shape(), DType::BF16);
+    const LayerNormW& ln = w.msa_att_col.ln_m;
+    kern::layernorm(m0.f32(), cfg.c_m, y0.f32(), cfg.c_m, rows, cfg.c_m, ln.w.f32(), ln.b.f32(),
+                    cfg.eps_ln);
+    kern::layernorm(m1.f32(), cfg.c_m, y1.f32(), cfg.c_m, rows, cfg.c_m, ln.w.f32(), ln.b.f32(),
+                    cfg.eps_ln);
+    kern::f32_to_bf16(y0.f32(), b0.data<uint16_t>(), y0.numel());
+    kern::f32_to_bf16(y1.f32(), b1.data<uint16_t>(), y1.numel());
+    for (int64_t i = 0; i < b0.numel(); ++i)
+      flips += b0.data<uint16_t>()[i] != b1.data<uint16_t>()[i];
+  }
+  const LayerDesc* col = find_layer(kEvoformerBlock, "msa_att_col");
+  double out[2] = {0, 0};
+  for (DType dt : {DType::F32, DType::BF16}) {
+    ctx.dtype = dt;
+    Tensor a = m0.clone(), b = m1.clone();
+    layer_forward(*col, &w, ctx, a.f32(), z.f32());
+    layer_forward(*col, &w, ctx, b.f32(), z.f32());
+    out[dt == DType::BF16] = test::normwise_err(b, a);
+  }
+  std::printf(
+      "[ info ] m perturbed by %.2e (normwise): %lld of %lld bf16(LN(m)) elements flip; column "
+      "attention output difference fp32 %.2e, bf16 %.2e\n",
+      input, static_cast<long long>(flips), static_cast<long long>(m0.numel()), out[0], out[1]);
+  EXPECT_GT(flips, 0);
+  EXPECT_LT(out[0], 10 * input);   // fp32: passed through at about its size
+  EXPECT_GT(out[1], 100 * input);  // bf16: the flipped roundings
+  EXPECT_LT(out[1], 1e-3);         // ... far below the bf16 error itself (~1e-2)
+}
+
+}  // namespace
+}  // namespace fc
