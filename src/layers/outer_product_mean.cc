@@ -439,8 +439,12 @@ void opm_residual(const OuterProductMeanW& w, const EvoformerConfig& cfg, const 
 void outer_product_mean(const OuterProductMeanW& w, const BlockContext& ctx, const float* m,
                         float* z) {
   if (opm_a_channels(w, *ctx.cfg) != ctx.cfg->c_hidden_opm) {  // channel-parallel: training form
+    // In the bf16 forward under bf16 storage, which rounds where opm_impl's bf16 products do
+    // (LN(m), a, b and the pairs as GEMM inputs).
+    BlockContext c = ctx;
+    if (bf16_fused(ctx)) c.store = DType::BF16;
     OuterProductMeanState st;
-    return outer_product_mean_train(w, ctx, m, z, &st);
+    return outer_product_mean_train(w, c, m, z, &st);
   }
   opm_impl(w, ctx, m, 0, ctx.r, ctx.msa_mask, nullptr, z);
 }

@@ -275,8 +275,14 @@ void tri_mul_impl(const TriangleMultiplicationW& w, const BlockContext& ctx, boo
 
 void triangle_multiplication(const TriangleMultiplicationW& w, const BlockContext& ctx,
                              bool outgoing, float* z) {
-  // Channel-parallel: the training forward (no dropout outside training), which takes the hook.
-  if (ctx.channel_sum) return triangle_multiplication_train(w, ctx, outgoing, z, nullptr);
+  // Channel-parallel: the training forward (no dropout outside training), which takes the hook;
+  // in the bf16 forward under bf16 storage, which rounds where the fused bf16 forward does (LN_in,
+  // A and B, LN_out(P) and the weights as GEMM inputs; P stays f32: tri_mul_products).
+  if (ctx.channel_sum) {
+    BlockContext c = ctx;
+    if (bf16_fused(ctx)) c.store = DType::BF16;
+    return triangle_multiplication_train(w, c, outgoing, z, nullptr);
+  }
   tri_mul_impl(w, ctx, outgoing, false, ctx.r, ctx.pair_mask, nullptr, z);
 }
 
@@ -795,7 +801,9 @@ Tensor tri_mul_products(const TriangleMultiplicationW& w, const BlockContext& ct
     kern::gemm_batched_typed(DType::BF16, G.nc, !outgoing, outgoing, r, r, r, 1.f, a16, r, rr, b16,
                              r, rr, 0.f, P.f32() + c0 * rr, r, rr);
   }
-  round_for_store(ctx, P);
+  // Kept for the backward in training (bf16 values under bf16 storage); the bf16 forward of a
+  // channel-parallel layer (bf16_fused) gives LN_out the f32 products, as kern::gated_output does.
+  if (!bf16_fused(ctx)) round_for_store(ctx, P);
   return P;
 }
 
