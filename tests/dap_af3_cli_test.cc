@@ -144,21 +144,38 @@ Tensor masked_copy(const Tensor& t, const Tensor& keep) {
     if (k.f32()[i / c] == 0) out.f32()[i] = 0;
   return out;
 }
-class DapAf3CliBf16 : public ::testing::TestWithParam<Af3DapCase> {};
+// Case c's golden file, its one-process and DAP bf16 runs and its DAP fp32 run, and the unpadded
+// positions of each output (README "Masks"); false when the golden file is not present.
+struct Bf16Runs {
+  TensorFile ref, one, dap, f32;
+  std::map<std::string, Tensor> keep;
+};
+bool bf16_runs(const Af3DapCase& c, Bf16Runs* r) {
+  const std::string path = test::golden_path(c.file);
+  if (path.empty()) return false;
+  EXPECT_TRUE(read_safetensors(path, &r->ref).ok());
+  r->one = run_case(c, 0, " --dtype bf16");
+  r->dap = run_case(c, c.np, " --dtype bf16");
+  r->f32 = run_case(c, c.np);
+  r->keep = {{"output.z", golden(r->ref, "input.pair_mask")}};
+  if (c.file.rfind("pairformer", 0) == 0) r->keep["output.s"] = golden(r->ref, "input.mask");
+  return true;
+}
+// The bf16 cases' fixture: the runs of the case (skipped when its golden file is not present).
+class Bf16Case : public ::testing::TestWithParam<Af3DapCase> {
+ protected:
+  void SetUp() override {
+    if (!bf16_runs(GetParam(), &runs_)) GTEST_SKIP() << GetParam().file << " not present";
+    ASSERT_FALSE(runs_.one.names.empty() || runs_.dap.names.empty() || runs_.f32.names.empty());
+  }
+  Bf16Runs runs_;
+};
+class DapAf3CliBf16 : public Bf16Case {};
 
 TEST_P(DapAf3CliBf16, ForwardMatchesGoldenAndOneProcessBf16) {
   const Af3DapCase& c = GetParam();
-  const std::string path = test::golden_path(c.file);
-  if (path.empty()) GTEST_SKIP() << c.file << " not present (shared/golden)";
-  TensorFile ref;
-  ASSERT_TRUE(read_safetensors(path, &ref).ok());
-  const TensorFile one = run_case(c, 0, " --dtype bf16"), dap = run_case(c, c.np, " --dtype bf16");
-  const TensorFile f32 = run_case(c, c.np);
-  ASSERT_FALSE(one.names.empty());
-  ASSERT_FALSE(dap.names.empty());
-  ASSERT_FALSE(f32.names.empty());
-  std::map<std::string, Tensor> keep = {{"output.z", golden(ref, "input.pair_mask")}};
-  if (c.file.rfind("pairformer", 0) == 0) keep["output.s"] = golden(ref, "input.mask");
+  const TensorFile &ref = runs_.ref, &one = runs_.one, &dap = runs_.dap, &f32 = runs_.f32;
+  const std::map<std::string, Tensor>& keep = runs_.keep;
   for (const auto& [name, mask] : keep) {
     const Tensor& d = dap.tensors.at(name);
     const double vs_one = test::masked_err(d, one.tensors.at(name), mask);
@@ -195,21 +212,12 @@ INSTANTIATE_TEST_SUITE_P(Cases, DapAf3CliBf16,
 // either sign there and left out of the comparison to one process. fp32 and bf16 differ.
 constexpr double kBf16OutTol = 2e-2, kBf16InputGradTol = 0.1, kBf16ParamGradTol = 0.3;
 constexpr double kDapVsOneTrainTol = 1e-3;
-class DapAf3CliBf16Training : public ::testing::TestWithParam<Af3DapCase> {};
+class DapAf3CliBf16Training : public Bf16Case {};
 
 TEST_P(DapAf3CliBf16Training, MatchesGoldenAndOneProcessBf16) {
   const Af3DapCase& c = GetParam();
-  const std::string path = test::golden_path(c.file);
-  if (path.empty()) GTEST_SKIP() << c.file << " not present (shared/golden)";
-  TensorFile ref;
-  ASSERT_TRUE(read_safetensors(path, &ref).ok());
-  const TensorFile one = run_case(c, 0, " --dtype bf16"), dap = run_case(c, c.np, " --dtype bf16");
-  const TensorFile f32 = run_case(c, c.np);
-  ASSERT_FALSE(one.names.empty());
-  ASSERT_FALSE(dap.names.empty());
-  ASSERT_FALSE(f32.names.empty());
-  std::map<std::string, Tensor> keep = {{"output.z", golden(ref, "input.pair_mask")}};
-  if (c.file.rfind("pairformer", 0) == 0) keep["output.s"] = golden(ref, "input.mask");
+  const TensorFile &ref = runs_.ref, &one = runs_.one, &dap = runs_.dap, &f32 = runs_.f32;
+  const std::map<std::string, Tensor>& keep = runs_.keep;
   double out = 0, in_grad = 0, param_grad = 0, vs_one = 0, vs_f32 = 0;
   for (const auto& [name, mask] : keep) {
     const Tensor gold = masked_copy(ref.tensors.at(name), mask);

@@ -139,6 +139,32 @@ void check_forward(const std::string& file) {
   EXPECT_GT(golden, 10 * f32);  // the bf16 path did run
 }
 
+// Block 0's module traces of the forward in dtype dt, DAP (with per-layer partitions `parts`) and
+// one process, on the root (empty elsewhere): (module, trace) in table order.
+using Traces = std::vector<std::pair<std::string, Tensor>>;
+void block0_traces(const dist::Communicator& comm, const Golden<EvoformerStack>& g, DType dt,
+                   const StackPartition& parts, Traces* dap, Traces* one) {
+  auto keep = [](Traces* out) {
+    return [out](int b, const std::string& module, const std::string&, const Tensor& v) {
+      if (b == 0) out->emplace_back(module, v.clone());
+    };
+  };
+  Out o;
+  if (comm.rank() == 0) o.m = g.m.clone(), o.z = g.z.clone();
+  DapOptions opts;
+  opts.dtype = dt;
+  opts.trace = keep(dap);
+  opts.partitions = parts;
+  EXPECT_TRUE(dap_forward(g.stack, comm, o.m, o.z, g.msa_mask, g.pair_mask, &o.s, opts).ok());
+  if (comm.rank() != 0) return;
+  Out p{g.m.clone(), g.z.clone(), Tensor()};
+  ForwardOptions fo;
+  fo.dtype = dt;
+  fo.trace = keep(one);
+  EXPECT_TRUE(g.stack.forward(p.m, p.z, g.msa_mask, g.pair_mask, &p.s, fo).ok());
+  EXPECT_EQ(dap->size(), one->size());
+}
+
 // Where the bf16 forward under DAP stops being one process's bits (evo_af2dims, block 0's module
 // traces gathered to the root): every module through the starting triangle attention is
 // bit-identical; the ending triangle attention (one process: the layer on z transposed in place,
@@ -148,24 +174,9 @@ TEST(DapBf16, ForwardTracesBitIdenticalUpToTheEndingAttention) {
   const dist::Communicator comm = world();
   Golden<EvoformerStack> g;
   ASSERT_TRUE(load("evo_af2dims.safetensors", &g));
-  std::vector<std::pair<std::string, Tensor>> dap, one;  // (module, block-0 trace)
-  auto keep = [](std::vector<std::pair<std::string, Tensor>>* out) {
-    return [out](int b, const std::string& module, const std::string&, const Tensor& v) {
-      if (b == 0) out->emplace_back(module, v.clone());
-    };
-  };
-  Out o;
-  if (comm.rank() == 0) o.m = g.m.clone(), o.z = g.z.clone();
-  DapOptions opts;
-  opts.dtype = DType::BF16;
-  opts.trace = keep(&dap);
-  ASSERT_TRUE(dap_forward(g.stack, comm, o.m, o.z, g.msa_mask, g.pair_mask, &o.s, opts).ok());
+  Traces dap, one;
+  block0_traces(comm, g, DType::BF16, {}, &dap, &one);
   if (comm.rank() != 0) return;
-  Out p{g.m.clone(), g.z.clone(), Tensor()};
-  ForwardOptions fo;
-  fo.dtype = DType::BF16;
-  fo.trace = keep(&one);
-  ASSERT_TRUE(g.stack.forward(p.m, p.z, g.msa_mask, g.pair_mask, &p.s, fo).ok());
   ASSERT_EQ(dap.size(), one.size());
   bool bitwise = true;
   for (size_t i = 0; i < dap.size(); ++i) {
@@ -385,27 +396,10 @@ TEST(DapBf16, HeadsSplitIsF32OrderExact) {
   ASSERT_TRUE(load("evo_af2dims.safetensors", &g));
   // Block 0's traces of `layer` split by heads, DAP against one process, in dtype dt.
   auto traces = [&](const char* layer, DType dt) {
-    std::vector<std::pair<std::string, Tensor>> dap, one;
-    auto keep = [](std::vector<std::pair<std::string, Tensor>>* out) {
-      return [out](int b, const std::string& module, const std::string&, const Tensor& v) {
-        if (b == 0) out->emplace_back(module, v.clone());
-      };
-    };
-    Out o;
-    if (comm.rank() == 0) o.m = g.m.clone(), o.z = g.z.clone();
-    DapOptions opts;
-    opts.dtype = dt;
-    opts.trace = keep(&dap);
-    opts.partitions = {{LayerSplit{layer, Split::kHeads}}};
-    EXPECT_TRUE(dap_forward(g.stack, comm, o.m, o.z, g.msa_mask, g.pair_mask, &o.s, opts).ok());
+    Traces dap, one;
+    block0_traces(comm, g, dt, {{LayerSplit{layer, Split::kHeads}}}, &dap, &one);
     std::map<std::string, double> e;
-    if (comm.rank() != 0) return e;
-    Out p{g.m.clone(), g.z.clone(), Tensor()};
-    ForwardOptions fo;
-    fo.dtype = dt;
-    fo.trace = keep(&one);
-    EXPECT_TRUE(g.stack.forward(p.m, p.z, g.msa_mask, g.pair_mask, &p.s, fo).ok());
-    for (size_t i = 0; i < 2 && i < dap.size(); ++i) {
+    for (size_t i = 0; i < 2 && i < dap.size() && i < one.size(); ++i) {
       e[dap[i].first] = err(dap[i].second, one[i].second);
       std::printf("[ info ] N=%d %s split by heads, %s: block 0 %s DAP vs one process %.2e\n",
                   comm.size(), layer, dt == DType::BF16 ? "bf16" : "fp32", dap[i].first.c_str(),
@@ -441,25 +435,9 @@ TEST(DapBf16, ChannelSplitLayersRoundAsOneProcess) {
   for (const std::string layer :
        {"msa_transition", "outer_product_mean", "tri_mul_out", "tri_mul_in", "pair_transition"}) {
     SCOPED_TRACE(layer);
-    std::vector<std::pair<std::string, Tensor>> dap, one;
-    auto keep = [](std::vector<std::pair<std::string, Tensor>>* out) {
-      return [out](int b, const std::string& module, const std::string&, const Tensor& v) {
-        if (b == 0) out->emplace_back(module, v.clone());
-      };
-    };
-    Out o;
-    if (comm.rank() == 0) o.m = g.m.clone(), o.z = g.z.clone();
-    DapOptions opts;
-    opts.dtype = DType::BF16;
-    opts.trace = keep(&dap);
-    opts.partitions = {{LayerSplit{layer, Split::kChannels}}};
-    ASSERT_TRUE(dap_forward(g.stack, comm, o.m, o.z, g.msa_mask, g.pair_mask, &o.s, opts).ok());
+    Traces dap, one;
+    block0_traces(comm, g, DType::BF16, {{LayerSplit{layer, Split::kChannels}}}, &dap, &one);
     if (comm.rank() != 0) continue;
-    Out p{g.m.clone(), g.z.clone(), Tensor()};
-    ForwardOptions fo;
-    fo.dtype = DType::BF16;
-    fo.trace = keep(&one);
-    ASSERT_TRUE(g.stack.forward(p.m, p.z, g.msa_mask, g.pair_mask, &p.s, fo).ok());
     ASSERT_EQ(dap.size(), one.size());
     for (size_t i = 0; i < dap.size(); ++i) {
       ASSERT_EQ(dap[i].first, one[i].first);
