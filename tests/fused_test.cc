@@ -29,6 +29,10 @@
 #include "foldcube/io.h"
 #include "foldcube/model.h"
 #include "kernels/convert.h"
+#include "kernels/kernels.h"
+#include "model/block_table.h"
+#include "model/common.h"
+#include "model/weights.h"
 #include "test_util.h"
 
 namespace fc {
@@ -484,13 +488,15 @@ INSTANTIATE_TEST_SUITE_P(Cases, GoldenBf16, ::testing::Values("evo_tiny", "evo_a
                          [](const auto& info) { return info.param; });
 
 // The CLI: `run --dtype bf16` and `--unfused` reach the forward (named in the report), also under
-// `--dap 1` (forward and training), and the combinations the library does not run are user errors.
+// `--dap 1` (forward and training, the AF3 stacks' bf16 training too), and the combinations the
+// library does not run are user errors.
 TEST(FusedCli, DtypeAndUnfusedFlags) {
   const std::string report = test::temp_file("fused_cli_report.json");
   for (const std::string& flags :
        {std::string("--dtype bf16"), std::string("--unfused"),
         std::string("--dtype bf16 --memory-budget 1GiB"), std::string("--dtype bf16 --dap 1"),
-        std::string("--dtype bf16 --backward --dap 1")}) {
+        std::string("--dtype bf16 --backward --dap 1"),
+        std::string("--dtype bf16 --dap 1 --stack pairformer --backward")}) {
     const test::Result r =
         test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + flags + " --report " + report);
     ASSERT_EQ(r.code, 0) << r.out;
@@ -501,24 +507,12 @@ TEST(FusedCli, DtypeAndUnfusedFlags) {
         << text;
   }
   for (const std::string& bad :
-       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --dap 1 --unfused"),
-        std::string("--dtype bf16 --dap 1 --stack pairformer --backward")}) {
+       {std::string("--dtype bf16 --unfused"), std::string("--dtype bf16 --dap 1 --unfused")}) {
     const test::Result r = test::run_cli("run --s 6 --r 10 --blocks 1 --quiet " + bad);
     EXPECT_EQ(r.code, 1) << bad;
     EXPECT_NE(r.out.find("error"), std::string::npos) << bad << ": " << r.out;
   }
 }
-
-}  // namespace
-}  // namespace fc
-
-#include "kernels/kernels.h"
-#include "model/block_table.h"
-#include "model/common.h"
-#include "model/weights.h"
-
-namespace fc {
-namespace {
 
 // Why a per-layer heads split in bf16 differs from one process by ~1e-4 downstream (docs/dap.md,
 // "bf16 under DAP"): the split itself is f32-order exact (DapBf16.HeadsSplitIsF32OrderExact:
