@@ -130,7 +130,7 @@ INSTANTIATE_TEST_SUITE_P(
 // `--dtype bf16` (the forward): the shards take bf16 GEMM inputs where one process does (the
 // triangle and outer products on the gathered bf16 values, the single attention's projections
 // and attention products), so the DAP output is within kDapVsOneBf16 of the one-process bf16 run
-// (measured: bit-identical but for pairformer_af3dims' s, 1.4e-6, f32 summation order; the bf16
+// (measured: bit-identical in every case since the SwiGLU transitions' bf16 form; the bf16
 // effect itself is ~1e-2) and within the bf16 forward tolerance (tests/fused_test.cc
 // kBf16GoldenTol, normwise) of Boltz's float64 outputs at the unpadded positions; fp32 and bf16
 // differ (the bf16 path ran).
@@ -207,9 +207,10 @@ INSTANTIATE_TEST_SUITE_P(Cases, DapAf3CliBf16,
 // training tolerances (tests/train_bf16_test.cc) of Boltz's float64 ones and within
 // kDapVsOneTrainTol of the one-process bf16 step. Measured (normwise, worst tensor): 2.7e-7 –
 // 3.3e-7 for pairformer_tiny and msa_module_tiny on 2, 3 and 4 ranks; 1.3e-4 for
-// pairformer_af3dims (its forward's 1.4e-6 f32-order difference in s flips a few roundings, which
-// the backward carries). Gradients that are zero to rounding in the golden file are noise of
-// either sign there and left out of the comparison to one process. fp32 and bf16 differ.
+// pairformer_af3dims (f32-order differences between the shard and one-process forms at AF3
+// dimensions flip a few bf16 roundings, which the backward carries; as for the AF2 stacks).
+// Gradients that are zero to rounding in the golden file are noise of either sign there and left
+// out of the comparison to one process. fp32 and bf16 differ.
 constexpr double kBf16OutTol = 2e-2, kBf16InputGradTol = 0.1, kBf16ParamGradTol = 0.3;
 constexpr double kDapVsOneTrainTol = 1e-3;
 class DapAf3CliBf16Training : public Bf16Case {};

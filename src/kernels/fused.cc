@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "foldcube/status.h"
 #include "kernels/convert.h"
@@ -190,7 +191,6 @@ int64_t transition_scratch_floats(const TransitionArgs& a, int threads) {
 
 void transition(const TransitionArgs& a, float* scratch, int threads) {
   FC_CHECK(a.dtype == DType::F32 || a.dtype == DType::BF16);
-  FC_CHECK_MSG(!a.swiglu || a.dtype == DType::F32, "the SwiGLU transition is f32 only");
   const int64_t c = a.c, nh = a.hidden, nh1 = first_width(a);
   const int64_t rb = transition_block_rows(c, nh1, a.dtype), rows_max = std::min(rb, a.rows);
   const int64_t per_slot = slot_floats(rows_max * (c + nh1), a.dtype);
@@ -203,11 +203,15 @@ void transition(const TransitionArgs& a, float* scratch, int threads) {
     layernorm(xr, c, t, c, n, c, a.gamma, a.beta, a.eps);
     block_linear(a.dtype, t, xb, n, c, a.W1, a.W1_bf16, a.b1, nh1, h, nh1, false);
     if (a.swiglu) {
-      swiglu(h, nh1, h + nh, nh1, n, nh);  // silu(fc1) * fc2 into the fc1 half
-      if (a.row_scale == nullptr) {
-        linear(h, nh1, n, nh, a.W2, a.b2, c, xr, c, true);
+      swiglu(h, nh1, h + nh, nh1, n, nh);          // silu(fc1) * fc2 into the fc1 half
+      float* y = a.row_scale == nullptr ? xr : t;  // fc3 accumulates into x, or the update
+      if (a.dtype == DType::BF16) {  // the gate rows packed to [n, nh], then rounded into xb
+        for (int64_t r = 1; r < n; ++r) std::memmove(h + r * nh, h + r * nh1, nh * sizeof(float));
+        block_linear(a.dtype, h, xb, n, nh, a.W2, a.W2_bf16, a.b2, c, y, c, y == xr);
       } else {
-        linear(h, nh1, n, nh, a.W2, a.b2, c, t, c);
+        linear(h, nh1, n, nh, a.W2, a.b2, c, y, c, y == xr);
+      }
+      if (a.row_scale != nullptr) {
         scale_rows(t, c, a.row_scale + g0, n, c);
         add_inplace(xr, c, t, c, n, c);
       }
@@ -369,17 +373,24 @@ void linear_residual(const LinearResidualArgs& a, float* scratch) {
 
 void transition(const TransitionArgs& a, float* scratch) {
   const int64_t c = a.c, nh = a.hidden;
-  float* t = scratch;                                  // [c] LN(x row), then the update
-  float* h = t + c;                                    // [hidden] ([2 * hidden] SwiGLU)
-  uint16_t* xb = reinterpret_cast<uint16_t*>(h + nh);  // [max(c, hidden)] bf16
+  float* t = scratch;  // [c] LN(x row), then the update
+  float* h = t + c;    // [hidden] ([2 * hidden] SwiGLU)
+  const int64_t nh1 = a.swiglu ? 2 * nh : nh;
+  uint16_t* xb = reinterpret_cast<uint16_t*>(h + nh1);  // [max(c, hidden)] bf16
   const bool bf16 = a.dtype == DType::BF16;
   for (int64_t r = 0; r < a.rows; ++r) {
     float* xr = a.x + r * c;
     ref::layernorm(xr, c, t, c, 1, c, a.gamma, a.beta, a.eps);
     if (a.swiglu) {
-      ref::linear(t, c, 1, c, a.W1, a.b1, 2 * nh, h, 2 * nh);
+      if (bf16)
+        linear_row_bf16(t, xb, c, a.W1_bf16, a.b1, 2 * nh, h, false);
+      else
+        ref::linear(t, c, 1, c, a.W1, a.b1, 2 * nh, h, 2 * nh);
       ref::swiglu(h, 2 * nh, h + nh, 2 * nh, 1, nh);
-      ref::linear(h, 2 * nh, 1, nh, a.W2, a.b2, c, t, c);
+      if (bf16)
+        linear_row_bf16(h, xb, nh, a.W2_bf16, a.b2, c, t, false);
+      else
+        ref::linear(h, 2 * nh, 1, nh, a.W2, a.b2, c, t, c);
       const float s = a.row_scale != nullptr ? a.row_scale[r] : 1.f;
       for (int64_t i = 0; i < c; ++i) xr[i] += t[i] * s;
       continue;

@@ -73,8 +73,9 @@ void linear_residual(const LinearResidualArgs& a, float* scratch, int threads);
 // x [rows, c] contiguous, W1 [hidden, c], W2 [c, hidden]. Without row_scale the second Linear
 // accumulates into x directly (kern::linear with accumulate); with it, the update is scaled and
 // then added (the ExtraMSA masked transition).
-// swiglu (AF3's SwiGLU transition, F32 only): W1 [2 * hidden, c] holds fc1 then fc2 (b1
-// [2 * hidden]), and silu(fc1) * fc2 (kern::swiglu) replaces the ReLU.
+// swiglu (AF3's SwiGLU transition): W1 [2 * hidden, c] holds fc1 then fc2 (b1 [2 * hidden]),
+// and silu(fc1) * fc2 (kern::swiglu, f32) replaces the ReLU; with BF16 the gate is rounded to
+// bf16 as the second Linear's input, as the ReLU's hidden is.
 struct TransitionArgs {
   int64_t rows = 0, c = 0, hidden = 0;
   float* x = nullptr;
@@ -160,8 +161,8 @@ void gated_output(const GatedOutputArgs& a, float* scratch, int threads);
 namespace ref {
 // One row at a time in double (statistics, dot products); with BF16 the normalised row (and the
 // hidden row) is rounded to bf16 (kern::ref::f32_to_bf16) and multiplied by W_bf16 in double
-// (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden)) floats; linear_residual: out + in
-// floats with BF16, none with F32.
+// (kern::ref::gemm_bf16). Scratch: 2 * in (2 * (c + hidden), SwiGLU 2 * (c + 2 * hidden))
+// floats; linear_residual: out + in floats with BF16, none with F32.
 void layernorm_linear(const LayerNormLinearArgs& a, float* scratch);
 void linear_residual(const LinearResidualArgs& a, float* scratch = nullptr);  // BF16: in floats
 void transition(const TransitionArgs& a, float* scratch);

@@ -19,16 +19,19 @@ int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c
 }
 
 namespace {
-// The fused kernel's arguments (weights unset: only the shapes matter for the scratch size).
-kern::TransitionArgs fused_args(int64_t rows, int64_t c, int64_t nc) {
+// The fused kernel's arguments (weights unset: only the shapes and the GEMM input type matter for
+// the scratch size).
+kern::TransitionArgs fused_args(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
   kern::TransitionArgs a;
-  a.rows = rows, a.c = c, a.hidden = nc, a.swiglu = true;
+  a.rows = rows, a.c = c, a.hidden = nc, a.swiglu = true, a.dtype = ctx.dtype;
   return a;
 }
 }  // namespace
 
 int64_t swiglu_transition_bytes(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc) {
-  if (ctx.fused) return kern::transition_scratch_floats(fused_args(rows, c, nc), ctx.threads) * kF;
+  if (ctx.fused)  // the scratch and, BF16, the weights' bf16 copies (fc1 | fc2 and fc3)
+    return kern::transition_scratch_floats(fused_args(ctx, rows, c, nc), ctx.threads) * kF +
+           gemm_weights_bytes(3 * nc * c, ctx.dtype);
   return swiglu_transition_chunk(ctx, rows, c, nc) * (c + 2 * nc) * kF;
 }
 
@@ -36,11 +39,14 @@ void swiglu_transition(const SwiGluTransitionW& w, const BlockContext& ctx, floa
                        int64_t c) {
   const int64_t nc = w.fc3.w.dim(1);
   if (ctx.fused) {  // per-thread row blocks: LN, fc1 | fc2, gate and fc3 while in cache
-    kern::TransitionArgs a = fused_args(rows, c, nc);
+    kern::TransitionArgs a = fused_args(ctx, rows, c, nc);
     a.x = x;
     a.gamma = w.ln.w.f32(), a.beta = w.ln.b.f32(), a.eps = ctx.cfg->eps_ln;
     a.W1 = w.fc12.w.f32(), a.b1 = bias_ptr(w.fc12);
     a.W2 = w.fc3.w.f32(), a.b2 = bias_ptr(w.fc3);
+    const Tensor w1 = gemm_weights(w.fc12.w, ctx.dtype);  // [2nc, c] bf16 (BF16 only)
+    const Tensor w2 = gemm_weights(w.fc3.w, ctx.dtype);   // [c, nc]
+    a.W1_bf16 = bf16_ptr(w1), a.W2_bf16 = bf16_ptr(w2);
     Tensor scratch = Tensor::empty({kern::transition_scratch_floats(a, ctx.threads)});
     kern::transition(a, scratch.f32(), ctx.threads);
     return;

@@ -17,7 +17,8 @@ namespace fc {
 void swiglu_transition(const SwiGluTransitionW& w, const BlockContext& ctx, float* x, int64_t rows,
                        int64_t c);
 // Inference: with ctx.fused (the default) the fused kernel (kern::transition with swiglu) over
-// per-thread row blocks; otherwise the reference path over row chunks of LN(x) [ch, c] and the
+// per-thread row blocks, with GEMM inputs of ctx.dtype (BF16: LN(x), the gate and the weights
+// rounded, f32 accumulation); otherwise the reference path over row chunks of LN(x) [ch, c] and the
 // fc1 | fc2 output [ch, 2nc] (the gated product overwrites the fc1 half). Rows per chunk of the
 // reference path, and the peak bytes either path allocates:
 int64_t swiglu_transition_chunk(const BlockContext& ctx, int64_t rows, int64_t c, int64_t nc);
