@@ -18,13 +18,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // What every rank holds in full (see the header), bytes.
 int64_t replicated_bytes(const EvoformerConfig& t, bool pairformer, int64_t s, int64_t r, int ranks,
-                         int64_t target, int64_t chunk) {
+                         int64_t target, int64_t chunk, DType dtype) {
   const int64_t sl = ceil_div(s, ranks), rl = ceil_div(r, ranks), sp = sl * ranks, rp = rl * ranks;
   const int64_t masks = 3 * sp * rp + sp * rl + 4 * rp * rp;  // DapShards
   const int64_t H = pairformer ? t.no_heads_pair : std::max(t.no_heads_pair, t.no_heads_msa);
   const BlockContext full = shape_context(t, sp, rp, chunk, target, 1);
   const int64_t group = tri_mul_train_chunks(full, rl, ranks).group;
-  return (masks + 2 * H * rp * rp + 2 * group * rp * rp) * kF + target;
+  // The bf16 forward's copies of the largest SwiGLU transition's weights (fc1 | fc2 and fc3, made
+  // per call on every rank; the one-process work counts them once, not per rank).
+  const int64_t c = std::max(t.c_m, t.c_z);
+  const int64_t swiglu = dtype == DType::BF16 ? 3 * t.transition_n * c * c * 2 : 0;
+  return (masks + 2 * H * rp * rp + 2 * group * rp * rp) * kF + target + swiglu;
 }
 }  // namespace
 
@@ -50,7 +54,8 @@ Status af3_dap_plan(const Af3DapPlanRequest& req, Af3DapPlan* out) {
   const int64_t m_bytes = pf ? 0 : s * r * t.c_m * kF;
   // Rank 0's peak for the rank target `target` and the one-process row `row` at N x target.
   auto rank_peak = [&](const Af3PlanRow& row, int64_t target) {
-    const int64_t rep = replicated_bytes(t, pf, s, r, N, target, q.chunk);
+    const int64_t rep =
+        replicated_bytes(t, pf, s, r, N, target, q.chunk, q.train ? DType::F32 : q.dtype);
     const int64_t work = (row.peak_bytes - grads) / N + grads + rep;
     const int64_t ends = (q.train ? 2 : 1) * req.root_stream_bytes + m_bytes + shard_bytes + rep;
     return row.param_bytes + req.root_held_bytes + std::max(ends, work + work * 6 / 100);

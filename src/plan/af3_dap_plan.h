@@ -32,7 +32,8 @@ struct Af3DapPlan {
 // rank holds in full: the padded masks and biases [s_p, r_p], [r_p, r_p], the gathered attention
 // bias and its permuted copy [H, r_p, r_p] (H: the triangle attention's and the PWA's heads; the
 // single attention's bias is the shard's rows), the triangle multiplication's gathered right
-// operands and their gradients [2 x group, r_p, r_p], and one chunk buffer of the rank's target
+// operands and their gradients [2 x group, r_p, r_p], one chunk buffer of the rank's target, and
+// in the bf16 forward the bf16 copies of the largest SwiGLU transition's weights
 // (at small shapes the one-process work is below N targets, and its 1/N undercounts the rank's).
 // Inference lowers the rank's chunk target (bisection) until the peak fits; training takes the
 // least recompute that fits.
