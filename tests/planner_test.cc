@@ -10,8 +10,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "exec/dap.h"
+#include "foldcube/parallel.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
 #include "plan/memory_model.h"
@@ -165,6 +167,62 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
     return t;
   };
   EXPECT_GT(step_ms(tg.front()), step_ms(tg.back()));
+}
+
+// profile_for_ranks: the measured link row of the rank count is the link (no core share on it);
+// without one, stream_gbps / 2 and 5 us; a calibrated profile with more ranks x threads than
+// cores gets its rates x the share once, recorded in core_share, which round-trips through JSON
+// so a written profile is not shared again.
+TEST(Planner, ProfileForRanksLinkAndCoreShare) {
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  ASSERT_GT(cores, 0);
+  DeviceProfile p = test_profile();
+  p.calibrated = true;
+  p.threads = cores;  // 2 ranks: 2 x cores threads, share 0.5
+  p.link_gbps = 0;
+  p.link_latency_us = 0;
+  p.stream_gbps = 20;
+  DeviceProfile q = p;
+  profile_for_ranks(2, &q);
+  EXPECT_EQ(q.devices, 2);
+  EXPECT_DOUBLE_EQ(q.core_share, 0.5);
+  EXPECT_DOUBLE_EQ(q.gemm_gflops, 200);
+  EXPECT_DOUBLE_EQ(q.mem_gbps, 7.5);
+  EXPECT_DOUBLE_EQ(q.link_gbps, 5);  // stream_gbps / 2, on the shared cores
+  EXPECT_DOUBLE_EQ(q.link_latency_us, 5);
+  DeviceProfile again = q;
+  profile_for_ranks(2, &again);
+  EXPECT_EQ(again.to_json(), q.to_json());  // applied once
+  DeviceProfile read;
+  ASSERT_TRUE(DeviceProfile::from_json(q.to_json(), &read).ok());
+  EXPECT_EQ(read.core_share, 0.5);
+  profile_for_ranks(2, &read);
+  EXPECT_DOUBLE_EQ(read.gemm_gflops, 200);  // not shared twice after the round trip
+  // A measured row for 2 ranks is the link as measured; 3 ranks have none.
+  p.link_by_ranks = {{2, 3.5, 40}, {4, 1.5, 60}};
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &read).ok());
+  EXPECT_EQ(read.link_by_ranks, p.link_by_ranks);
+  profile_for_ranks(2, &read);
+  EXPECT_DOUBLE_EQ(read.link_gbps, 3.5);
+  EXPECT_DOUBLE_EQ(read.link_latency_us, 40);
+  DeviceProfile three = p;
+  profile_for_ranks(3, &three);
+  EXPECT_DOUBLE_EQ(three.link_gbps, 10 * three.core_share);
+  // set_link_row replaces the row of its rank count and keeps the rows ascending.
+  set_link_row({3, 2.5, 50}, &p);
+  set_link_row({2, 3.0, 45}, &p);
+  const std::vector<std::array<double, 3>> want = {{2, 3.0, 45}, {3, 2.5, 50}, {4, 1.5, 60}};
+  EXPECT_EQ(p.link_by_ranks, want);
+  // Validation: the share in [0, 1], the table's rows positive and ascending.
+  auto fails = [](const std::string& key, const std::string& value) {
+    DeviceProfile x;
+    const Status st = DeviceProfile::from_json(
+        R"({"peak_gflops": 100, "peak_mem_gbps": 10, ")" + key + "\": " + value + "}", &x);
+    return !st.ok() && st.message().find(key) != std::string::npos;
+  };
+  EXPECT_TRUE(fails("core_share", "1.5"));
+  EXPECT_TRUE(fails("link_by_ranks", "[[2, 0, 5]]"));
+  EXPECT_TRUE(fails("link_by_ranks", "[[4, 1, 5], [2, 1, 5]]"));
 }
 
 // The calibrated narrow-projection table and the stream rate round-trip, are validated, and set

@@ -73,6 +73,15 @@ struct DeviceProfile {
   double stream_gbps = 0;
   double link_gbps = 0;        // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;  // per collective call
+  // This machine's collectives measured under mpirun (calibrate_link, src/exec/plan_runner.cc):
+  // (ranks, GB/s of bytes sent + received, latency us per call), ranks ascending; the time of an
+  // all-to-all and an all-gather of a DAP block's message sizes, MPI's copies into and out of the
+  // shared segment included. profile_for_ranks takes the row of its rank count as the link; empty
+  // or no such row: link_gbps (or stream_gbps / 2).
+  std::vector<std::array<double, 3>> link_by_ranks;
+  // The core share profile_for_ranks applied (ranks x threads > cores: every rate x core_share);
+  // 0: none. Kept in JSON so a profile written after the sharing is not shared again.
+  double core_share = 0;
   // Measured / modelled time of a training step's forward and backward (calibration: one block
   // at (32, 128), policy none, whole chunks); 1 for user profiles unless given.
   double train_fwd_factor = 1, train_bwd_factor = 1;

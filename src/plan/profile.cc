@@ -111,6 +111,8 @@ std::string DeviceProfile::to_json() const {
   j["mem_by_size"] = mem_by_size;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
+  j["link_by_ranks"] = link_by_ranks;
+  j["core_share"] = core_share;
   j["train_fwd_factor"] = train_fwd_factor;
   j["train_bwd_factor"] = train_bwd_factor;
   j["chunk_overhead_us"] = chunk_overhead_us;
@@ -161,6 +163,8 @@ Status DeviceProfile::validate() const {
       !std::isfinite(attention_len_exp) || !(link_gbps >= 0) || !(link_latency_us >= 0))
     return Status::InvalidArgument(
         "profile: gemm_half_rows, link_gbps and link_latency_us must be >= 0");
+  if (!(core_share >= 0 && core_share <= 1))
+    return Status::InvalidArgument("profile: core_share must be in [0, 1] (0: not shared)");
   if (devices > 1 && link_gbps <= 0)
     return Status::InvalidArgument("profile: link_gbps must be > 0 with more than one device");
   return Status::OK();
@@ -236,6 +240,8 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("stream_gbps", &p.stream_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
+    FC_RETURN_IF_ERROR(read_table(j, "link_by_ranks", &p.link_by_ranks));
+    num("core_share", &p.core_share);
     num("train_fwd_factor", &p.train_fwd_factor);
     num("train_bwd_factor", &p.train_bwd_factor);
     num("chunk_overhead_us", &p.chunk_overhead_us);
