@@ -16,6 +16,9 @@
 #include "foldcube/parallel.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "layers/layer_models.h"
+#include "layers/triangle_multiplication.h"
+#include "model/common.h"
 #include "plan/memory_model.h"
 #include "test_util.h"
 
@@ -167,6 +170,38 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
     return t;
   };
   EXPECT_GT(step_ms(tg.front()), step_ms(tg.back()));
+}
+
+// Inference: the passes the fused kernels make over whole streams (LayerNorm of the stream rows,
+// residual adds, the triangle multiplication's LN_in(z) per group and its P transpose) run at the
+// rate of the stream's size, whatever the chunk target; the training forward is unchanged.
+TEST(Planner, InferenceStreamPassesAtTheStreamsRate) {
+  DeviceProfile fast = test_profile();
+  fast.mem_by_size = {{4 << 20, 60, 50}, {256 << 20, 60, 50}};
+  DeviceProfile slow = fast;
+  slow.mem_by_size = {{4 << 20, 60, 50}, {256 << 20, 10, 50}};  // DRAM-sized buffers 6x slower
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  const int64_t s = 64, r = 128, target = 1 << 20;  // m and z: 8 MiB each
+  const std::vector<ModuleCost> f = block_module_costs(cfg, s, r, 0, target, false, fast);
+  const std::vector<ModuleCost> w = block_module_costs(cfg, s, r, 0, target, false, slow);
+  ASSERT_EQ(f.size(), w.size());
+  for (size_t i = 0; i < f.size(); ++i) EXPECT_GT(w[i].forward_ms, f[i].forward_ms) << f[i].name;
+  // The stream passes alone: the triangle multiplication's LN_in(z) per group, the gate's, the P
+  // transpose and the residual add, at the rates of 8 MiB.
+  BlockContext ctx = shape_context(cfg, s, r, 0, target, 1);
+  const LayerWork tw = trimul_work(cfg, r, WorkChunks{&ctx, false});
+  const TriMulPhase1 ph = tri_mul_phase1(ctx, r, 1);
+  const double groups = static_cast<double>((cfg.c_hidden_mul + ph.cg - 1) / ph.cg);
+  const double rr = static_cast<double>(r) * r;
+  EXPECT_DOUBLE_EQ(tw.mem_stream,
+                   2 * rr * cfg.c_z * (groups + 1) + 2 * rr * cfg.c_hidden_mul + 3 * rr * cfg.c_z);
+  EXPECT_DOUBLE_EQ(tw.ws_stream, rr * cfg.c_z * 4);
+  // Training forward: the chunk buffers' rate as before (no stream passes).
+  const std::vector<ModuleCost> tf = block_module_costs(cfg, s, r, 0, target, true, fast);
+  const std::vector<ModuleCost> tsl = block_module_costs(cfg, s, r, 0, target, true, slow);
+  for (size_t i = 0; i < tf.size(); ++i)
+    EXPECT_DOUBLE_EQ(tf[i].forward_ms, tsl[i].forward_ms) << tf[i].name;
 }
 
 // profile_for_ranks: the measured link row of the rank count is the link (no core share on it);

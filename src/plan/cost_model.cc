@@ -103,6 +103,7 @@ double forward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (mem_rate(d, w.ws, 1) * 1e9);
+  s += w.mem_stream * e / (mem_rate(d, w.ws_stream, 1) * 1e9);
   // The calibrated narrow_gemm table was measured on DRAM-sized inputs: its rates contain the
   // sweeps; without it (user profiles) they are charged here.
   if (d.narrow_gemm.empty()) s += w.stream * e / (stream_rate(d) * 1e9);
