@@ -45,7 +45,12 @@ struct DeviceProfile {
   double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
   double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
   double batched_gflops = 0;      // batched r x r x r products (triangle mult.), OPM outer product
-  double attention_gflops = 0;    // fused attention forward at 256 keys, C = 32
+  // Calibrated batched products of M x M outputs over K = 256 (16 per call, as the triangle
+  // multiplication's channel group): (M, GFLOP/s of P = A B^T, GFLOP/s of A^T B), M ascending.
+  // A DAP shard's triangle products are [r_loc, r_loc] blocks (one per rank's part), slower than
+  // the one-process [r, r] ones; empty (user profiles): batched_gflops at every size.
+  std::vector<std::array<double, 3>> batched_by_rows;
+  double attention_gflops = 0;      // fused attention forward at 256 keys, C = 32
   double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   // Per score element (B * H * Lq * Lk) of an attention, the work that does not grow with the head

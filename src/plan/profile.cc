@@ -96,6 +96,7 @@ std::string DeviceProfile::to_json() const {
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
   j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
+  j["batched_by_rows"] = batched_by_rows;
   j["attention_gflops"] = attention_gflops;
   j["attention_bwd_gflops"] = attention_bwd_gflops;
   j["attention_len_exp"] = attention_len_exp;
@@ -222,6 +223,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     FC_RETURN_IF_ERROR(read_table(j, "narrow_gemm", &p.narrow_gemm));
     FC_RETURN_IF_ERROR(read_table(j, "gemm_by_rows", &p.gemm_by_rows));
     FC_RETURN_IF_ERROR(read_table(j, "mem_by_size", &p.mem_by_size));
+    FC_RETURN_IF_ERROR(read_table(j, "batched_by_rows", &p.batched_by_rows));
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
     p.gemm_bwd_half_rows = -1;  // absent: the forward's
     num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
