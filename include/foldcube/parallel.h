@@ -167,7 +167,9 @@ std::array<double, 3> calibrate_link(const Comm& world, const EvoformerConfig& c
 // Collective. Rank 0 reads the profile at path (empty: this machine's, calibrated and cached);
 // when it is calibrated and has no link_by_ranks row for world's size (or remeasure), every rank
 // measures it (calibrate_link at (s, r)) and rank 0 adds it and, with save, writes the profile
-// back to path (the cache). *out (may be null): rank 0's profile (others: unset).
+// back to path (the cache), unless a rank got less than 60 % of a core during the measurement (a
+// busy machine: the row is used, marked in the profile's name, not written). *out (may be null):
+// rank 0's profile (others: unset).
 Status measure_profile_link(const Comm& world, const std::string& path, int64_t s, int64_t r,
                             bool remeasure, bool save, DeviceProfile* out,
                             std::vector<LinkPoint>* points = nullptr);

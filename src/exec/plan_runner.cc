@@ -16,6 +16,7 @@
 #include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/parallel.h"
+#include "foldcube/runtime.h"
 #include "plan/profile_fit.h"
 
 namespace fc {
@@ -334,10 +335,25 @@ Status measure_profile_link(const Comm& world, const std::string& path, int64_t 
     if (out != nullptr) *out = dev;
     return Status::OK();
   }
+  // As a calibration: ranks that did not get their cores (other processes running) measure the
+  // load, not the link; such a row is used for this run and not cached.
+  const auto t0 = std::chrono::steady_clock::now();
+  const double cpu0 = process_cpu_ms();
   const std::array<double, 3> row = calibrate_link(world, EvoformerConfig{}, s, r, points);
+  const double wall =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const auto shares = world.all_gather_i64(
+      static_cast<int64_t>(1000 * (process_cpu_ms() - cpu0) / std::max(wall, 1e-9)));
+  const bool busy = *std::min_element(shares.begin(), shares.end()) < 600;
   if (world.rank() == 0) {
     set_link_row(row, &dev);
-    if (save && (cached || std::ifstream(file).good())) {
+    if (busy) {
+      char note[96];
+      std::snprintf(note, sizeof note, " [link over %d ranks measured busy: not cached]",
+                    world.size());
+      dev.name += note;
+    }
+    if (save && !busy && (cached || std::ifstream(file).good())) {
       std::ofstream f(file);
       f << dev.to_json() << "\n";
       if (!f) st = Status::IOError("cannot write profile " + file);
