@@ -321,9 +321,7 @@ Status measure_profile_link(const Comm& world, const std::string& path, int64_t 
   Status st;
   int64_t need = 0;
   const std::string file = path.empty() ? default_profile_path() : path;
-  bool cached = false;  // a calibration not cached (a busy machine) is not written either
   if (world.rank() == 0) {
-    cached = std::ifstream(file).good();
     st = load_or_calibrate_profile(path, false, &dev);
     const bool has = std::any_of(dev.link_by_ranks.begin(), dev.link_by_ranks.end(),
                                  [&](const auto& e) { return e[0] == world.size(); });
@@ -353,7 +351,9 @@ Status measure_profile_link(const Comm& world, const std::string& path, int64_t 
                     world.size());
       dev.name += note;
     }
-    if (save && !busy && (cached || std::ifstream(file).good())) {
+    // Only into a file that holds the profile (a calibration not cached, on a busy machine, is
+    // not written here either).
+    if (save && !busy && std::ifstream(file).good()) {
       std::ofstream f(file);
       f << dev.to_json() << "\n";
       if (!f) st = Status::IOError("cannot write profile " + file);
