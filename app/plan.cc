@@ -60,8 +60,10 @@ Status read_text(const std::string& path, std::string* out) {
 }
 
 // The plan a `run --plan` job runs on `ranks` ranks (1: no MPI launcher), with its estimates on
-// this machine's profile (or --plan-profile) and this run's thread count.
-Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_out) {
+// this machine's profile (or --plan-profile; `loaded`: that profile already read, with its
+// measured link) and this run's thread count.
+Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_out,
+                    const DeviceProfile* loaded = nullptr) {
   const bool training = a.backward || a.train || !a.grad_outputs.empty() || !a.policy.empty();
   if (!a.policy.empty() || a.chunk > 0)
     return Status::InvalidArgument(
@@ -86,7 +88,10 @@ Status prepare_plan(const RunArgs& a, int ranks, Plan* out, DeviceProfile* dev_o
   DType dtype = DType::F32;  // --dtype: the engine's fp32 or bf16 (ForwardOptions/TrainOptions)
   FC_RETURN_IF_ERROR(parse_compute_dtype(a.dtype, &dtype));
   DeviceProfile dev;
-  FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.plan_profile, false, &dev));
+  if (loaded != nullptr)
+    dev = *loaded;
+  else
+    FC_RETURN_IF_ERROR(load_or_calibrate_profile(a.plan_profile, false, &dev));
   dev.threads = num_threads();  // memory (per-thread scratch) follows this run's threads
   profile_for_ranks(ranks, &dev);
   int64_t budget = 0;
@@ -351,11 +356,17 @@ int run_planned(const RunArgs& a) {
     return s.ok() ? 0 : 1;
   };
   if (const Status st = check_same_flags(a, world, "--plan"); !st.ok()) return end(st);
+  // This machine's collectives at this rank count, measured once and cached with the calibrated
+  // profile (docs/planner.md, "Measured collectives"); a --plan-profile file is not rewritten.
+  DeviceProfile loaded;  // rank 0's
+  st =
+      measure_profile_link(world, a.plan_profile, a.s, a.r, false, a.plan_profile.empty(), &loaded);
+  if (!st.ok()) return end(st);
   Plan plan;
   DeviceProfile dev;  // rank 0's: the per-layer estimates of --profile
   std::string text;
   if (world.rank() == 0) {
-    st = prepare_plan(a, world.size(), &plan, &dev);
+    st = prepare_plan(a, world.size(), &plan, &dev, &loaded);
     if (st.ok()) text = plan.to_json();
   }
   st = world.agree(st);

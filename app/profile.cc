@@ -6,7 +6,9 @@
 #include <memory>
 
 #include "commands.h"
+#include "foldcube/parallel.h"
 #include "foldcube/planner.h"
+#include "foldcube/runtime.h"
 #include "plan/profile_fit.h"
 
 namespace fc::app {
@@ -20,7 +22,42 @@ struct ProfileArgs {
   int fit_threads = 0;  // fit on the rows with this thread count only (0: any); predict the others
   std::string fit_stack = "any";  // fit on this stack's rows only (evoformer|extra_msa|any)
   std::vector<std::string> thread_profiles;  // start profiles at other thread counts
+  // profile link
+  std::string link_profile;  // empty: this machine's cached profile
+  int64_t s = 128, r = 256;
+  int threads = 0;
 };
+
+// `mpirun -np N foldcube profile link`: this machine's collectives over N ranks, measured and
+// written into the calibrated profile (link_by_ranks), which `plan` and `run --plan` then use.
+int link_command(const ProfileArgs& a) {
+  set_num_threads(a.threads);
+  if (mpi_launched_world_size() < 2)
+    return fail(Status::InvalidArgument(
+        "profile link measures the collectives between ranks: run it under mpirun -np N (N >= 2)"));
+  Status st = mpi_init();
+  if (!st.ok()) return fail(st);
+  const Comm world = Comm::world();
+  DeviceProfile dev;
+  std::vector<LinkPoint> pts;
+  st = measure_profile_link(world, a.link_profile, a.s, a.r, true, true, &dev, &pts);
+  if (world.rank() == 0) {
+    if (!st.ok()) {
+      fail(st);
+    } else {
+      for (const LinkPoint& q : pts)
+        std::printf("  %-10s %10.3f MB sent + received  %9.3f ms  %6.2f GB/s\n", q.op,
+                    q.bytes / 1e6, q.seconds * 1e3, q.bytes / q.seconds * 1e-9);
+      for (const auto& row : dev.link_by_ranks)
+        if (row[0] == world.size())
+          std::printf("link over %d ranks: %.2f GB/s (bytes sent + received), %.1f us per call\n",
+                      world.size(), row[1], row[2]);
+      if (!dev.calibrated) std::printf("(not a calibrated profile: nothing measured)\n");
+    }
+  }
+  mpi_finalize();
+  return st.ok() ? 0 : 1;
+}
 
 Status fit_command(const ProfileArgs& a) {
   std::vector<FitRow> all, rows, extra;
@@ -91,7 +128,8 @@ Status fit_command(const ProfileArgs& a) {
 
 std::function<int()> add_profile_command(CLI::App& app) {
   auto a = std::make_shared<ProfileArgs>();
-  CLI::App* cmd = app.add_subcommand("profile", "Device profiles: fit one to measured rows");
+  CLI::App* cmd = app.add_subcommand(
+      "profile", "Device profiles: fit one to measured rows; measure the link between ranks");
   cmd->require_subcommand(1);
   CLI::App* fit = cmd->add_subcommand(
       "fit",
@@ -130,12 +168,24 @@ std::function<int()> add_profile_command(CLI::App& app) {
   fit->add_option("--thread-profile", a->thread_profiles,
                   "a profile calibrated at another thread count (repeatable): rows with that "
                   "threads cell use it, with the fitted parameters applied");
-  return [cmd, fit, a]() -> int {
+  CLI::App* link = cmd->add_subcommand(
+      "link",
+      "under mpirun -np N: time an all-to-all and an all-gather of a DAP block's message sizes "
+      "and store the fitted rate and per-call latency in this machine's calibrated profile");
+  link->add_option("--profile", a->link_profile,
+                   "a calibrated profile JSON to update (default: this machine's cached one)");
+  link->add_option("--s", a->s, "the block's sequences (message sizes; default 128)")
+      ->check(CLI::Range(1, 1 << 20));
+  link->add_option("--r", a->r, "the block's residues (message sizes; default 256)")
+      ->check(CLI::Range(1, 1 << 20));
+  link->add_option("--threads", a->threads, "threads per rank (the profile of that count)");
+  return [cmd, fit, link, a]() -> int {
     if (!*cmd) return -1;
     if (*fit) {
       const Status st = fit_command(*a);
       return st.ok() ? 0 : fail(st);
     }
+    if (*link) return link_command(*a);
     return 2;
   };
 }

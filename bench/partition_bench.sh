@@ -12,9 +12,10 @@
 #   env: NPS="2 4" SHAPES="128:256 512:256" BLOCKS=2 THREADS=1 TRAIN=0|1 OUT=DIR CALIBRATE=0|1
 #        LAYERS=0|1 (1: run --profile, the per-layer estimate beside the measured wall and CPU time
 #        in $OUT/np*_s*_r*.<plan>.log and the reports' "layers")
-# The plans use this machine's calibrated profile at THREADS threads (a rank's thread count);
-# CALIBRATE=1 calibrates it afresh first (an empty profile cache under OUT), so that the estimates
-# and the runs see the same machine state. Rerun on a quiet machine for the timing targets; under
+# The plans use this machine's calibrated profile at THREADS threads (a rank's thread count) with
+# the collectives measured for each rank count (`profile link`, run first); CALIBRATE=1
+# calibrates it afresh first (an empty profile cache under OUT), so that the estimates and the
+# runs see the same machine state. Rerun on a quiet machine for the timing targets; under
 # load the ratios are the comparison.
 set -euo pipefail
 build=${1:-build}
@@ -53,6 +54,10 @@ printf '%-3s %-8s %-6s %11s %11s %11s %9s %9s %9s %9s %-4s %6s\n' np shape plan 
 for np in $nps; do
   over=()
   [ "$np" -gt 2 ] && over=(--oversubscribe)
+  # This machine's profile (calibrated by this first plan if missing) and its collectives over np
+  # ranks, measured under mpirun and cached with it (link_by_ranks), before any plan is made.
+  OMP_NUM_THREADS=$threads "$fc" plan --s 8 --r 8 --blocks 1 >/dev/null
+  "${mpi[@]}" -np "$np" "${over[@]}" "$fc" profile link --threads "$threads" | sed 's/^/# /'
   for sh in $shapes; do
     s=${sh%%:*} r=${sh##*:}
     base=$out/np${np}_s${s}_r${r}

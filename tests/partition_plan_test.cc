@@ -168,6 +168,33 @@ TEST(PartitionPlan, AllDapListEstimatesAsPureDap) {
   expect_all_dap_list_as_pure_dap(q.profile, p, kEvoformerBlock);
 }
 
+// A DAP shard's triangle products are [r_loc, r_loc] blocks over K = r: with the calibrated
+// batched_by_rows table the inference forward charges them at the rate of M = r_loc (here 128:
+// 60 against 90 GFLOP/s at r = 256), on both triangle multiplications and only there; pure DAP
+// and an all-dap list agree; training and profiles without the table are unchanged.
+TEST(PartitionPlan, DapShardTriMulProductsAtTheShardsRate) {
+  PlanRequest q = request(2, 1, false);
+  q.cfg.no_blocks = 2;
+  q.split_auto = false;
+  Plan flat;
+  ASSERT_TRUE(make_plan(q, &flat).ok());
+  q.profile.batched_by_rows = {{64, 40, 40}, {128, 60, 60}, {256, 90, 90}};
+  Plan shard;
+  ASSERT_TRUE(make_plan(q, &shard).ok());
+  const double extra = 2.0 * 128 * 256 * 256 * q.cfg.c_hidden_mul * (1 / 60.0 - 1 / 90.0) * 1e-6;
+  for (const LayerDesc& l : kEvoformerBlock) {
+    const double e = dap_shard_extra_ms(l, q.cfg, 128, 256, 2, false, q.profile);
+    EXPECT_DOUBLE_EQ(e, l.kind == LayerKind::kTriangleMultiplication ? extra : 0.0) << l.name;
+    EXPECT_EQ(dap_shard_extra_ms(l, q.cfg, 128, 256, 2, true, q.profile), 0.0) << l.name;
+    EXPECT_EQ(dap_shard_extra_ms(l, q.cfg, 128, 256, 1, false, q.profile), 0.0) << l.name;
+  }
+  EXPECT_NEAR(shard.forward_ms - flat.forward_ms, 2 * 2 * extra, 1e-6 * shard.forward_ms);
+  expect_all_dap_list_as_pure_dap(q.profile, shard, kEvoformerBlock);
+  DeviceProfile read;
+  ASSERT_TRUE(DeviceProfile::from_json(q.profile.to_json(), &read).ok());
+  EXPECT_EQ(read.batched_by_rows, q.profile.batched_by_rows);
+}
+
 // Per-block lists under a memory limit: with a slow link (whole-stream layers pay) and limits
 // between pure DAP's peak and the unconstrained choice's, every plan fits its limit, is no slower
 // than pure DAP under the same limit, and the estimate of its per-block lists is the search's;

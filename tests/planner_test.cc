@@ -10,10 +10,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "exec/dap.h"
+#include "foldcube/parallel.h"
 #include "foldcube/plan.h"
 #include "foldcube/runtime.h"
+#include "layers/layer_models.h"
+#include "layers/triangle_multiplication.h"
+#include "model/common.h"
 #include "plan/memory_model.h"
 #include "test_util.h"
 
@@ -165,6 +170,94 @@ TEST(Planner, ProfileTrainingFieldsRoundTrip) {
     return t;
   };
   EXPECT_GT(step_ms(tg.front()), step_ms(tg.back()));
+}
+
+// Inference: the passes the fused kernels make over whole streams (LayerNorm of the stream rows,
+// residual adds, the triangle multiplication's LN_in(z) per group and its P transpose) run at the
+// rate of the stream's size, whatever the chunk target; the training forward is unchanged.
+TEST(Planner, InferenceStreamPassesAtTheStreamsRate) {
+  DeviceProfile fast = test_profile();
+  fast.mem_by_size = {{4 << 20, 60, 50}, {256 << 20, 60, 50}};
+  DeviceProfile slow = fast;
+  slow.mem_by_size = {{4 << 20, 60, 50}, {256 << 20, 10, 50}};  // DRAM-sized buffers 6x slower
+  EvoformerConfig cfg;
+  cfg.no_blocks = 1;
+  const int64_t s = 64, r = 128, target = 1 << 20;  // m and z: 8 MiB each
+  const std::vector<ModuleCost> f = block_module_costs(cfg, s, r, 0, target, false, fast);
+  const std::vector<ModuleCost> w = block_module_costs(cfg, s, r, 0, target, false, slow);
+  ASSERT_EQ(f.size(), w.size());
+  for (size_t i = 0; i < f.size(); ++i) EXPECT_GT(w[i].forward_ms, f[i].forward_ms) << f[i].name;
+  // The stream passes alone: the triangle multiplication's LN_in(z) per group, the gate's, the P
+  // transpose and the residual add, at the rates of 8 MiB.
+  BlockContext ctx = shape_context(cfg, s, r, 0, target, 1);
+  const LayerWork tw = trimul_work(cfg, r, WorkChunks{&ctx, false});
+  const TriMulPhase1 ph = tri_mul_phase1(ctx, r, 1);
+  const double groups = static_cast<double>((cfg.c_hidden_mul + ph.cg - 1) / ph.cg);
+  const double rr = static_cast<double>(r) * r;
+  EXPECT_DOUBLE_EQ(tw.mem_stream,
+                   2 * rr * cfg.c_z * (groups + 1) + 2 * rr * cfg.c_hidden_mul + 3 * rr * cfg.c_z);
+  EXPECT_DOUBLE_EQ(tw.ws_stream, rr * cfg.c_z * 4);
+  // Training forward: the chunk buffers' rate as before (no stream passes).
+  const std::vector<ModuleCost> tf = block_module_costs(cfg, s, r, 0, target, true, fast);
+  const std::vector<ModuleCost> tsl = block_module_costs(cfg, s, r, 0, target, true, slow);
+  for (size_t i = 0; i < tf.size(); ++i)
+    EXPECT_DOUBLE_EQ(tf[i].forward_ms, tsl[i].forward_ms) << tf[i].name;
+}
+
+// profile_for_ranks: the measured link row of the rank count is the link (no core share on it);
+// without one, stream_gbps / 2 and 5 us; a calibrated profile with more ranks x threads than
+// cores gets its rates x the share once, recorded in core_share, which round-trips through JSON
+// so a written profile is not shared again.
+TEST(Planner, ProfileForRanksLinkAndCoreShare) {
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  ASSERT_GT(cores, 0);
+  DeviceProfile p = test_profile();
+  p.calibrated = true;
+  p.threads = cores;  // 2 ranks: 2 x cores threads, share 0.5
+  p.link_gbps = 0;
+  p.link_latency_us = 0;
+  p.stream_gbps = 20;
+  DeviceProfile q = p;
+  profile_for_ranks(2, &q);
+  EXPECT_EQ(q.devices, 2);
+  EXPECT_DOUBLE_EQ(q.core_share, 0.5);
+  EXPECT_DOUBLE_EQ(q.gemm_gflops, 200);
+  EXPECT_DOUBLE_EQ(q.mem_gbps, 7.5);
+  EXPECT_DOUBLE_EQ(q.link_gbps, 5);  // stream_gbps / 2, on the shared cores
+  EXPECT_DOUBLE_EQ(q.link_latency_us, 5);
+  DeviceProfile again = q;
+  profile_for_ranks(2, &again);
+  EXPECT_EQ(again.to_json(), q.to_json());  // applied once
+  DeviceProfile read;
+  ASSERT_TRUE(DeviceProfile::from_json(q.to_json(), &read).ok());
+  EXPECT_EQ(read.core_share, 0.5);
+  profile_for_ranks(2, &read);
+  EXPECT_DOUBLE_EQ(read.gemm_gflops, 200);  // not shared twice after the round trip
+  // A measured row for 2 ranks is the link as measured; 3 ranks have none.
+  p.link_by_ranks = {{2, 3.5, 40}, {4, 1.5, 60}};
+  ASSERT_TRUE(DeviceProfile::from_json(p.to_json(), &read).ok());
+  EXPECT_EQ(read.link_by_ranks, p.link_by_ranks);
+  profile_for_ranks(2, &read);
+  EXPECT_DOUBLE_EQ(read.link_gbps, 3.5);
+  EXPECT_DOUBLE_EQ(read.link_latency_us, 40);
+  DeviceProfile three = p;
+  profile_for_ranks(3, &three);
+  EXPECT_DOUBLE_EQ(three.link_gbps, 10 * three.core_share);
+  // set_link_row replaces the row of its rank count and keeps the rows ascending.
+  set_link_row({3, 2.5, 50}, &p);
+  set_link_row({2, 3.0, 45}, &p);
+  const std::vector<std::array<double, 3>> want = {{2, 3.0, 45}, {3, 2.5, 50}, {4, 1.5, 60}};
+  EXPECT_EQ(p.link_by_ranks, want);
+  // Validation: the share in [0, 1], the table's rows positive and ascending.
+  auto fails = [](const std::string& key, const std::string& value) {
+    DeviceProfile x;
+    const Status st = DeviceProfile::from_json(
+        R"({"peak_gflops": 100, "peak_mem_gbps": 10, ")" + key + "\": " + value + "}", &x);
+    return !st.ok() && st.message().find(key) != std::string::npos;
+  };
+  EXPECT_TRUE(fails("core_share", "1.5"));
+  EXPECT_TRUE(fails("link_by_ranks", "[[2, 0, 5]]"));
+  EXPECT_TRUE(fails("link_by_ranks", "[[4, 1, 5], [2, 1, 5]]"));
 }
 
 // The calibrated narrow-projection table and the stream rate round-trip, are validated, and set

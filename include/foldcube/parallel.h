@@ -6,6 +6,7 @@
 // library (src/dist); built without MPI, every communicator has one rank.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -152,9 +153,33 @@ struct PlanRunOptions {
 Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& opts,
                     PlanMeasurement* mine, std::vector<PlanMeasurement>* all = nullptr,
                     PlanMeasurement* max = nullptr);
-// The link model for ranks on this node when the profile has none: link_gbps = stream_gbps / 2
-// (mem_gbps / 2 without a sweep rate), 5 us per collective call (docs/planner.md); devices =
-// max(devices, ranks).
+// Times an all-to-all and an all-gather of a DAP block's message sizes at (s, r) over the ranks
+// of world (collective; the slowest rank, best of 8 after a warm-up), and fits time = latency +
+// bytes sent and received / rate: the row (ranks, GB/s, latency us) of
+// DeviceProfile::link_by_ranks. One rank: {1, 0, 0}.
+struct LinkPoint {
+  const char* op;  // "all_to_all" | "all_gather"
+  double bytes;    // sent + received by a rank
+  double seconds;  // the slowest rank's, best of 8
+};
+std::array<double, 3> calibrate_link(const Comm& world, const EvoformerConfig& cfg, int64_t s,
+                                     int64_t r, std::vector<LinkPoint>* points = nullptr);
+// Collective. Rank 0 reads the profile at path (empty: this machine's, calibrated and cached);
+// when it is calibrated and has no link_by_ranks row for world's size (or remeasure), every rank
+// measures it (calibrate_link at (s, r)) and rank 0 adds it and, with save, writes the profile
+// back to path (the cache), unless a rank got less than 60 % of a core during the measurement (a
+// busy machine: the row is used, marked in the profile's name, not written). *out (may be null):
+// rank 0's profile (others: unset).
+Status measure_profile_link(const Comm& world, const std::string& path, int64_t s, int64_t r,
+                            bool remeasure, bool save, DeviceProfile* out,
+                            std::vector<LinkPoint>* points = nullptr);
+// Puts row into dev->link_by_ranks (replacing the row of the same rank count; ranks ascending).
+void set_link_row(const std::array<double, 3>& row, DeviceProfile* dev);
+// The link for `ranks` ranks on this node: the profile's measured row of link_by_ranks for that
+// count; else, when the profile has no link, link_gbps = stream_gbps / 2 (mem_gbps / 2 without a
+// sweep rate), 5 us per collective call (docs/planner.md). devices = max(devices, ranks). A
+// calibrated profile with more ranks x threads than cores gets every rate x the core share
+// (recorded in core_share; applied once).
 void profile_for_ranks(int ranks, DeviceProfile* dev);
 // The profile a plan for `devices` devices is made with (both front ends): `path` through
 // load_or_calibrate_profile, and for this machine's calibrated profile, which has no link rate,

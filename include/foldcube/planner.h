@@ -45,7 +45,12 @@ struct DeviceProfile {
   double gemm_bwd_gflops = 0;     // linear backward (dX = dY W, dW = dY^T X), M -> infinity
   double gemm_bwd_half_rows = 0;  // rows at half of gemm_bwd_gflops (absent in JSON: the forward's)
   double batched_gflops = 0;      // batched r x r x r products (triangle mult.), OPM outer product
-  double attention_gflops = 0;    // fused attention forward at 256 keys, C = 32
+  // Calibrated batched products of M x M outputs over K = 256 (16 per call, as the triangle
+  // multiplication's channel group): (M, GFLOP/s of P = A B^T, GFLOP/s of A^T B), M ascending.
+  // A DAP shard's triangle products are [r_loc, r_loc] blocks (one per rank's part), slower than
+  // the one-process [r, r] ones; empty (user profiles): batched_gflops at every size.
+  std::vector<std::array<double, 3>> batched_by_rows;
+  double attention_gflops = 0;      // fused attention forward at 256 keys, C = 32
   double attention_bwd_gflops = 0;  // fused attention backward at 256 keys
   double attention_len_exp = 0;     // rate(L) = rate(256) * (L / 256)^exp, L clamped to [32, 4096]
   // Per score element (B * H * Lq * Lk) of an attention, the work that does not grow with the head
@@ -73,6 +78,15 @@ struct DeviceProfile {
   double stream_gbps = 0;
   double link_gbps = 0;        // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;  // per collective call
+  // This machine's collectives measured under mpirun (calibrate_link, src/exec/plan_runner.cc):
+  // (ranks, GB/s of bytes sent + received, latency us per call), ranks ascending; the time of an
+  // all-to-all and an all-gather of a DAP block's message sizes, MPI's copies into and out of the
+  // shared segment included. profile_for_ranks takes the row of its rank count as the link; empty
+  // or no such row: link_gbps (or stream_gbps / 2).
+  std::vector<std::array<double, 3>> link_by_ranks;
+  // The core share profile_for_ranks applied (ranks x threads > cores: every rate x core_share);
+  // 0: none. Kept in JSON so a profile written after the sharing is not shared again.
+  double core_share = 0;
   // Device memory traffic of each DAP collective of the software the profile describes, at the
   // stream rate (stream_gbps, else mem_gbps): elements moved (read + write) per element of an
   // all-to-all's per-rank shard, and per element of an all-gather's (or reduce-scatter's) whole

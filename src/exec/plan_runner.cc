@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <thread>
 
 #include "dist/comm_api.h"
@@ -15,6 +16,7 @@
 #include "foldcube/extra_msa.h"
 #include "foldcube/memory.h"
 #include "foldcube/parallel.h"
+#include "foldcube/runtime.h"
 #include "plan/profile_fit.h"
 
 namespace fc {
@@ -247,9 +249,131 @@ Status run_plan_dap(const Plan& plan, const Comm& world, const PlanRunOptions& o
   return Status::OK();
 }
 
+std::array<double, 3> calibrate_link(const Comm& world, const EvoformerConfig& cfg, int64_t s,
+                                     int64_t r, std::vector<LinkPoint>* points) {
+  const dist::Communicator& c = CommAccess::get(world);
+  const int n = c.size();
+  if (n < 2) return {1, 0, 0};
+  const DapLayout l = dap_layout(s, r, n, c.rank());
+  // Per-peer floats of a DAP block's collectives (docs/dap.md): the all-to-alls of z's and m's
+  // shards (sh / n each), and the all-gathers of a bias [H, r_loc, r_pad] and of the OPM's right
+  // projection [s_pad, r_loc, c_o]; a tiny message for the latency.
+  const int64_t a2a[] = {l.r_loc * l.r_pad * cfg.c_z / n, l.s_loc * l.r_pad * cfg.c_m / n, 256};
+  const int64_t gat[] = {cfg.no_heads_pair * l.r_loc * l.r_pad,
+                         l.s_pad * l.r_loc * cfg.c_hidden_opm, 256};
+  int64_t most = 0;
+  for (int64_t k : a2a) most = std::max(most, k);
+  for (int64_t k : gat) most = std::max(most, k);
+  std::vector<float> send(static_cast<size_t>(n * most), 1.f);  // [n * most]
+  std::vector<float> recv(static_cast<size_t>(n * most), 0.f);  // [n * most]
+  std::vector<LinkPoint> pts;
+  auto time_op = [&](bool gather, int64_t count) {
+    double best = 1e30;
+    for (int rep = 0; rep < 9; ++rep) {
+      c.barrier();
+      const auto t0 = std::chrono::steady_clock::now();
+      if (gather)
+        c.all_gather(send.data(), recv.data(), count);
+      else
+        c.all_to_all(send.data(), recv.data(), count);
+      const double ns =
+          std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+      int64_t slowest = 0;
+      for (int64_t v : c.all_gather_i64(static_cast<int64_t>(ns))) slowest = std::max(slowest, v);
+      if (rep > 0) best = std::min(best, slowest * 1e-9);
+    }
+    pts.push_back(
+        {gather ? "all_gather" : "all_to_all", 2.0 * (n - 1) * count * sizeof(float), best});
+  };
+  for (int64_t k : a2a) time_op(false, k);
+  for (int64_t k : gat) time_op(true, k);
+  // t = latency + bytes / rate by least squares; a non-positive latency: the rate through the
+  // largest messages alone.
+  double sx = 0, sy = 0, sxx = 0, sxy = 0;
+  for (const auto& [op, x, y] : pts) sx += x, sy += y, sxx += x * x, sxy += x * y;
+  const double m = static_cast<double>(pts.size());
+  const double slope = (m * sxy - sx * sy) / (m * sxx - sx * sx);
+  double lat = (sy - slope * sx) / m;
+  double gbps = slope > 0 ? 1 / slope * 1e-9 : 0;
+  if (!(lat > 0) || !(gbps > 0)) {
+    lat = std::max(lat, 0.0);
+    double bx = 0, by = 0;
+    for (const auto& [op, x, y] : pts) bx += x, by += std::max(y - lat, 1e-12);
+    gbps = bx / by * 1e-9;
+  }
+  if (points != nullptr) *points = pts;
+  return {static_cast<double>(n), gbps, std::max(lat * 1e6, 0.1)};
+}
+
+void set_link_row(const std::array<double, 3>& row, DeviceProfile* dev) {
+  auto& t = dev->link_by_ranks;
+  auto it = std::find_if(t.begin(), t.end(), [&](const auto& e) { return e[0] >= row[0]; });
+  if (it != t.end() && (*it)[0] == row[0])
+    *it = row;
+  else
+    t.insert(it, row);
+}
+
+Status measure_profile_link(const Comm& world, const std::string& path, int64_t s, int64_t r,
+                            bool remeasure, bool save, DeviceProfile* out,
+                            std::vector<LinkPoint>* points) {
+  DeviceProfile dev;
+  Status st;
+  int64_t need = 0;
+  const std::string file = path.empty() ? default_profile_path() : path;
+  if (world.rank() == 0) {
+    st = load_or_calibrate_profile(path, false, &dev);
+    const bool has = std::any_of(dev.link_by_ranks.begin(), dev.link_by_ranks.end(),
+                                 [&](const auto& e) { return e[0] == world.size(); });
+    need = st.ok() && dev.calibrated && world.size() > 1 && (remeasure || !has);
+  }
+  st = world.agree(st);
+  if (!st.ok()) return st;
+  if (world.all_gather_i64(need)[0] == 0) {
+    if (out != nullptr) *out = dev;
+    return Status::OK();
+  }
+  // As a calibration: ranks that did not get their cores (other processes running) measure the
+  // load, not the link; such a row is used for this run and not cached.
+  const auto t0 = std::chrono::steady_clock::now();
+  const double cpu0 = process_cpu_ms();
+  const std::array<double, 3> row = calibrate_link(world, EvoformerConfig{}, s, r, points);
+  const double wall =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const auto shares = world.all_gather_i64(
+      static_cast<int64_t>(1000 * (process_cpu_ms() - cpu0) / std::max(wall, 1e-9)));
+  const bool busy = *std::min_element(shares.begin(), shares.end()) < 600;
+  if (world.rank() == 0) {
+    set_link_row(row, &dev);
+    if (busy) {
+      char note[96];
+      std::snprintf(note, sizeof note, " [link over %d ranks measured busy: not cached]",
+                    world.size());
+      dev.name += note;
+    }
+    // Only into a file that holds the profile (a calibration not cached, on a busy machine, is
+    // not written here either).
+    if (save && !busy && std::ifstream(file).good()) {
+      std::ofstream f(file);
+      f << dev.to_json() << "\n";
+      if (!f) st = Status::IOError("cannot write profile " + file);
+    }
+  }
+  if (out != nullptr) *out = dev;
+  return world.agree(st);
+}
+
 void profile_for_ranks(int ranks, DeviceProfile* dev) {
   dev->devices = std::max(dev->devices, ranks);
-  if (dev->devices > 1 && dev->link_gbps <= 0) {
+  // The collectives measured on this node with this many ranks (calibrate_link) are the link;
+  // they ran with the ranks sharing the cores as they do here, so no core share applies to them.
+  const std::array<double, 3>* measured = nullptr;
+  for (const auto& row : dev->link_by_ranks)
+    if (static_cast<int>(row[0]) == ranks) measured = &row;
+  if (measured != nullptr) {
+    dev->link_gbps = (*measured)[1];
+    dev->link_latency_us = (*measured)[2];
+  } else if (dev->devices > 1 && dev->link_gbps <= 0) {
     // Each byte a rank sends is copied into the shared segment and out of it (a DRAM read and
     // write each, at the sweep rate): sent + received bytes at half of stream_gbps.
     dev->link_gbps = (dev->stream_gbps > 0 ? dev->stream_gbps : dev->mem_gbps) / 2;
@@ -260,8 +384,7 @@ void profile_for_ranks(int ranks, DeviceProfile* dev) {
   // time its threads were calibrated with, so every rate scales by that share.
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const int wanted = ranks * std::max(dev->threads, 1);
-  const bool shared_already = dev->name.find(" cores: rates x ") != std::string::npos;
-  if (dev->calibrated && cores > 0 && wanted > cores && !shared_already) {
+  if (dev->calibrated && cores > 0 && wanted > cores && dev->core_share <= 0) {
     const double share = static_cast<double>(cores) / wanted;
     DeviceProfile shared;
     const Status st =
@@ -269,7 +392,9 @@ void profile_for_ranks(int ranks, DeviceProfile* dev) {
     if (st.ok()) {
       shared.chunk_overhead_us /= share;
       shared.module_overhead_us /= share;
-      shared.link_gbps *= share;  // the collectives' copies run on the shared cores too
+      // The collectives' copies run on the shared cores too (a measured link already did).
+      if (measured == nullptr) shared.link_gbps *= share;
+      shared.core_share = share;
       char note[96];
       std::snprintf(note, sizeof note, " [%d ranks x %d threads on %d cores: rates x %.2f]", ranks,
                     std::max(dev->threads, 1), cores, share);

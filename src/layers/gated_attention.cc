@@ -563,6 +563,14 @@ LayerWork attention_work(int64_t N, int64_t L, int64_t c, int64_t H, int64_t C, 
   w.att_bias_scores = bias ? w.att_scores : 0.0;
   w.mem += 2 * rows * c + 3 * rows * c;                        // LayerNorm, residual add
   w.re_mem += 2 * rows * c + (bias ? 2.0 * r * r * cz : 0.0);  // LayerNorms rebuilt per chunk
+  if (!ch.training) {
+    // Inference reads the stream rows into the LayerNorm-Linear kernel and adds linear_o into
+    // the stream in place (and normalises z's rows for the bias): passes over whole streams.
+    const double zln = bias ? 2.0 * r * r * cz : 0.0;
+    w.mem -= 5 * rows * c + zln;
+    w.mem_stream += 5 * rows * c + zln;
+    w.ws_stream = std::max(rows * c, bias ? static_cast<double>(r) * r * cz : 0.0) * sizeof(float);
+  }
   if (rb) {
     *rb = LayerWork{};
     rb->chunks = w.chunks;

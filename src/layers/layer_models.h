@@ -40,6 +40,12 @@ struct LayerWork {
   // Elements swept through memory far larger than the caches (at stream_gbps), forward and
   // backward: the training triangle multiplication re-reads LN_in(z) per channel group.
   double stream = 0, bwd_stream = 0;
+  // Inference: elements of the memory-bound passes that read or write a whole stream in place
+  // (the fused kernels' LayerNorm of the stream rows, residual adds into the stream, the triangle
+  // multiplication's LN_in(z) per channel group and its channel-major products P), forward, at
+  // the memory-bound rate of ws_stream bytes (the stream's size), not of the chunk buffers: their
+  // operands come from DRAM whatever the chunk target (kernels in src/kernels/fused.cc).
+  double mem_stream = 0, ws_stream = 0;
   double chunks = 0;  // iterations of the module's chunk loops (each pays chunk_overhead_us)
   double ws = 0;      // bytes of the module's chunk buffers (sets its memory-bound passes' rate)
 };

@@ -760,6 +760,11 @@ LayerWork opm_work(const EvoformerConfig& cfg, int64_t s, int64_t r, const WorkC
   w.gemm.push_back({2 * rr * co * co * cz, static_cast<double>(c2 * r)});
   w.mem += 2 * sr * cm + 4 * sr * co + 2 * rr * co * co + 3 * rr * cz;
   w.re_batched += 2 * rr * co * co * s;  // the outer product is rebuilt chunk by chunk
+  if (!ch.training) {  // the LayerNorm of m's rows and the residual add into z: whole streams
+    w.mem -= 2 * sr * cm + 3 * rr * cz;
+    w.mem_stream += 2 * sr * cm + 3 * rr * cz;
+    w.ws_stream = std::max(sr * cm, rr * cz) * sizeof(float);
+  }
   if (rb) {
     *rb = LayerWork{};
     rb->gemm = {w.gemm[0], w.gemm[1]};

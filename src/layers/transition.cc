@@ -233,6 +233,11 @@ LayerWork transition_work(int64_t rows, int64_t c, int64_t n, const WorkChunks& 
   w.chunks += div_ceil(rows, k);
   w.mem += 2.0 * rows * c + 2.0 * rows * n * c;  // LayerNorm, ReLU
   w.re_mem += 2.0 * rows * c;                    // LayerNorm rebuilt per chunk
+  if (!ch.training) {  // the fused transition normalises the stream rows (ReLU: its row block)
+    w.mem -= 2.0 * rows * c;
+    w.mem_stream += 2.0 * rows * c;
+    w.ws_stream = static_cast<double>(rows) * c * sizeof(float);
+  }
   if (rb) {
     *rb = LayerWork{};
     rb->chunks = w.chunks;

@@ -1100,6 +1100,13 @@ LayerWork trimul_work(const EvoformerConfig& cfg, int64_t r, const WorkChunks& c
   const double ln_in_passes = ph.keep_ln || groups == 1 ? 1.0 : static_cast<double>(groups);
   w.mem += 2 * rr * cz * (ln_in_passes + 1) + 2 * rr * ct * (2 + 3 + 2 + 2) + 2 * rr * ct * 2 +
            6 * rr * cz;
+  // Over whole buffers (z, and P [c_t, r, r] channel-major): the LN_in(z) passes (fused: the
+  // kernel normalises the rows of z per group) and the gate's, the transpose of P's channels into
+  // rows, the residual add into z.
+  const double whole = 2 * rr * cz * (ln_in_passes + 1) + 2 * rr * ct + 3 * rr * cz;
+  w.mem -= whole;
+  w.mem_stream += whole;
+  w.ws_stream = rr * std::max(cz, ct) * sizeof(float);
   return w;
 }
 

@@ -202,6 +202,23 @@ void measure_batched(int reps, DeviceProfile* p) {
       },
       reps);
   p->batched_gflops = 2.0 * batch * n * n * n / sec / 1e9;
+  // The same products of M x M outputs (a DAP shard's parts: M = r / ranks), K = 256, written as
+  // a block of rows of a [256, 256] channel as the shard writes its part of P: A B^T (the shard's
+  // form and the outgoing one) and A^T B (the incoming one).
+  p->batched_by_rows.clear();
+  for (const int64_t m : {64, 128, 256}) {
+    double rate[2] = {p->batched_gflops, 0};  // A B^T at M = 256: the measurement above
+    for (int t = m == n ? 1 : 0; t < 2; ++t) {
+      const double s = best_seconds(
+          [&] {
+            kern::gemm_batched(batch, t == 1, t == 0, m, m, n, 1.f, A.f32(), t == 1 ? m : n, n * n,
+                               B.f32(), t == 1 ? m : n, n * n, 0.f, C.f32(), n, n * n);
+          },
+          reps);
+      rate[t] = 2.0 * batch * m * m * n / s / 1e9;
+    }
+    p->batched_by_rows.push_back({static_cast<double>(m), rate[0], rate[1]});
+  }
 }
 
 // Per-score and per-FLOP costs from seconds per score at two head widths: t = 4 C / R + 1 / S

@@ -27,10 +27,7 @@ constexpr double kRefKeys = 256;  // attention rates refer to this key length
 
 // ---- Time per module ---------------------------------------------------------------------------
 
-namespace {
-
-// Interpolates column col of a table of (x, rate, rate) rows, x ascending, in log x; clamped.
-double interpolate(const std::vector<std::array<double, 3>>& t, double x, int col) {
+double interpolate_table(const std::vector<std::array<double, 3>>& t, double x, int col) {
   if (x <= t.front()[0]) return t.front()[col];
   if (x >= t.back()[0]) return t.back()[col];
   size_t i = 1;
@@ -39,17 +36,19 @@ double interpolate(const std::vector<std::array<double, 3>>& t, double x, int co
   return t[i - 1][col] + u * (t[i][col] - t[i - 1][col]);
 }
 
+namespace {
+
 // Projection rate at a row count: the calibrated gemm_by_rows table, or the fitted
 // R_inf * M / (M + M_half).
 double gemm_rate(const DeviceProfile& d, double rows) {
-  if (!d.gemm_by_rows.empty()) return interpolate(d.gemm_by_rows, rows, 1);
+  if (!d.gemm_by_rows.empty()) return interpolate_table(d.gemm_by_rows, rows, 1);
   return d.gemm_gflops * rows / (rows + d.gemm_half_rows);
 }
 
 // The backward's dX and dW products have the forward's row count (dW reduces over it), so the
 // same row-count efficiency applies.
 double gemm_bwd_rate(const DeviceProfile& d, double rows) {
-  if (!d.gemm_by_rows.empty()) return interpolate(d.gemm_by_rows, rows, 2);
+  if (!d.gemm_by_rows.empty()) return interpolate_table(d.gemm_by_rows, rows, 2);
   return d.gemm_bwd_gflops * rows / (rows + d.gemm_bwd_half_rows);
 }
 
@@ -61,7 +60,7 @@ double narrow_factor(const DeviceProfile& d, double n) { return n / (n + d.gemm_
 double narrow_rate(const DeviceProfile& d, double rows, double n, int col) {
   if (d.narrow_gemm.empty())
     return (col == 1 ? gemm_rate(d, rows) : gemm_bwd_rate(d, rows)) * narrow_factor(d, n);
-  return interpolate(d.narrow_gemm, n, col);
+  return interpolate_table(d.narrow_gemm, n, col);
 }
 
 // Memory-bound rate at working set ws (bytes): the calibrated table, interpolated in log ws and
@@ -69,7 +68,7 @@ double narrow_rate(const DeviceProfile& d, double rows, double n, int col) {
 double mem_rate(const DeviceProfile& d, double ws, int col) {
   if (d.mem_by_size.empty() || ws <= 0)
     return col == 1 || d.mem_bwd_gbps <= 0 ? d.mem_gbps : d.mem_bwd_gbps;
-  return interpolate(d.mem_by_size, ws, col);
+  return interpolate_table(d.mem_by_size, ws, col);
 }
 
 double stream_rate(const DeviceProfile& d) {
@@ -103,6 +102,7 @@ double forward_ms(const LayerWork& w, const DeviceProfile& d, int64_t e) {
   s += w.batched / (d.batched_gflops * 1e9);
   for (const auto& [f, L] : w.att) s += f / (d.attention_gflops * att_scale(d, L) * 1e9);
   s += w.mem * e / (mem_rate(d, w.ws, 1) * 1e9);
+  s += w.mem_stream * e / (mem_rate(d, w.ws_stream, 1) * 1e9);
   // The calibrated narrow_gemm table was measured on DRAM-sized inputs: its rates contain the
   // sweeps; without it (user profiles) they are charged here.
   if (d.narrow_gemm.empty()) s += w.stream * e / (stream_rate(d) * 1e9);

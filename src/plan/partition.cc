@@ -11,6 +11,7 @@
 #include "foldcube/partition.h"
 #include "model/block_table.h"
 #include "plan/partition_cost.h"
+#include "plan/table_cost.h"
 
 namespace fc {
 
@@ -178,6 +179,22 @@ double copy_ms(int64_t bytes, const DeviceProfile& dev) {
   return bytes / (gbps * 1e9) * 1e3;
 }
 
+}  // namespace
+
+double dap_shard_extra_ms(const LayerDesc& ly, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                          int dap, bool training, const DeviceProfile& dev) {
+  if (dap <= 1 || training || dev.batched_by_rows.empty() ||
+      ly.kind != LayerKind::kTriangleMultiplication)
+    return 0;
+  const DapLayout l = dap_layout(s, r, dap, 0);
+  auto rate = [&](double m) { return interpolate_table(dev.batched_by_rows, m, 1); };
+  // This rank's products: 2 r_loc r_pad^2 c_t FLOPs, as the whole layer x r_loc / r charges them.
+  const double flops = 2.0 * l.r_loc * l.r_pad * l.r_pad * cfg.c_hidden_mul;
+  return flops * (1 / rate(static_cast<double>(l.r_loc)) - 1 / rate(static_cast<double>(r))) * 1e-6;
+}
+
+namespace {
+
 LayerCosts plan_layer_costs(const Plan& p, const DeviceProfile& dev) {
   DeviceProfile d = dev;
   d.dtype = p.dtype;
@@ -289,6 +306,7 @@ PartitionEstimate estimate_with(const Plan& p, const DeviceProfile& dev, const L
       const ModuleCost& c = cost_of(*costs, i, s);
       const double fixed = dev.module_overhead_us * 1e-3;
       est.fwd_ms += rank_ms(c.forward_ms, s, l, fixed);
+      if (s == Split::kDap) est.fwd_ms += dap_shard_extra_ms(ly, cfg, p.s, p.r, n, p.training, dev);
       if (p.training) {
         est.bwd_ms += rank_ms(c.backward_ms, s, l, fixed);
         est.rec_ms += rank_ms(c.rebuild_ms, s, l, fixed);

@@ -7,6 +7,7 @@
 
 #include "foldcube/partition.h"
 #include "foldcube/planner.h"
+#include "model/block_table.h"
 
 namespace fc {
 
@@ -50,6 +51,14 @@ struct PartitionEstimate {
 };
 PartitionEstimate estimate_partition(const Plan& p, const DeviceProfile& dev,
                                      const std::vector<Split>& splits);
+
+// Inference: the DAP shard form's forward work beyond the whole layer's x r_loc / r, per rank
+// and block, ms: the triangle multiplication's products run as one [r_loc, r_loc] x r_pad block
+// per rank's part and channel (batched_by_rows' rate at r_loc) instead of [r, r] x r (its rate at
+// r); 0 without the table, for training, one rank, and the other layers (their shard forms are
+// the one-process layer on fewer items).
+double dap_shard_extra_ms(const LayerDesc& ly, const EvoformerConfig& cfg, int64_t s, int64_t r,
+                          int dap, bool training, const DeviceProfile& dev);
 
 // Pure DAP's collectives and layout changes of one block at shape (s, r) over `dap` ranks, without
 // the compute terms (their copy_*_ms are what the link model of dap_block_comm leaves out; the

@@ -96,6 +96,7 @@ std::string DeviceProfile::to_json() const {
   j["gemm_bwd_gflops"] = gemm_bwd_gflops;
   j["gemm_bwd_half_rows"] = gemm_bwd_half_rows;
   j["batched_gflops"] = batched_gflops;
+  j["batched_by_rows"] = batched_by_rows;
   j["attention_gflops"] = attention_gflops;
   j["attention_bwd_gflops"] = attention_bwd_gflops;
   j["attention_len_exp"] = attention_len_exp;
@@ -111,6 +112,8 @@ std::string DeviceProfile::to_json() const {
   j["mem_by_size"] = mem_by_size;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
+  j["link_by_ranks"] = link_by_ranks;
+  j["core_share"] = core_share;
   j["collective_a2a_copies"] = collective_a2a_copies;
   j["collective_gather_copies"] = collective_gather_copies;
   j["dap_form"] = dap_form;
@@ -170,6 +173,8 @@ Status DeviceProfile::validate() const {
       !std::isfinite(attention_len_exp) || !(link_gbps >= 0) || !(link_latency_us >= 0))
     return Status::InvalidArgument(
         "profile: gemm_half_rows, link_gbps and link_latency_us must be >= 0");
+  if (!(core_share >= 0 && core_share <= 1))
+    return Status::InvalidArgument("profile: core_share must be in [0, 1] (0: not shared)");
   if (devices > 1 && link_gbps <= 0)
     return Status::InvalidArgument("profile: link_gbps must be > 0 with more than one device");
   return Status::OK();
@@ -227,6 +232,7 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     FC_RETURN_IF_ERROR(read_table(j, "narrow_gemm", &p.narrow_gemm));
     FC_RETURN_IF_ERROR(read_table(j, "gemm_by_rows", &p.gemm_by_rows));
     FC_RETURN_IF_ERROR(read_table(j, "mem_by_size", &p.mem_by_size));
+    FC_RETURN_IF_ERROR(read_table(j, "batched_by_rows", &p.batched_by_rows));
     num("gemm_bwd_gflops", &p.gemm_bwd_gflops);
     p.gemm_bwd_half_rows = -1;  // absent: the forward's
     num("gemm_bwd_half_rows", &p.gemm_bwd_half_rows);
@@ -245,6 +251,8 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("stream_gbps", &p.stream_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
+    FC_RETURN_IF_ERROR(read_table(j, "link_by_ranks", &p.link_by_ranks));
+    num("core_share", &p.core_share);
     num("collective_a2a_copies", &p.collective_a2a_copies);
     num("collective_gather_copies", &p.collective_gather_copies);
     if (j.contains("dap_form")) p.dap_form = j["dap_form"].get<std::string>();

@@ -395,8 +395,12 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   // A module's fixed overhead (module_overhead_us: dispatch, launches) runs in full on every rank.
   const double fixed = dev.module_overhead_us * 1e-3;
   auto split = [&](double ms) { return (ms - fixed) * share + fixed; };
-  for (ModuleCost& c : bt.costs) {
+  const BlockTable& table = extra_msa ? kExtraMsaBlock : kEvoformerBlock;
+  for (size_t i = 0; i < bt.costs.size(); ++i) {
+    ModuleCost& c = bt.costs[i];
     c.forward_ms = split(c.forward_ms);
+    if (static_cast<int>(i) < table.count)
+      c.forward_ms += dap_shard_extra_ms(table.layers[i], cfg, s, r, st.dap, training, dev);
     if (training) c.backward_ms = split(c.backward_ms), c.rebuild_ms = split(c.rebuild_ms);
     bt.fwd += c.forward_ms;
     bt.bwd += c.backward_ms;

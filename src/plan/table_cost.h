@@ -3,6 +3,7 @@
 // layers), as block_module_costs gives them for the Evoformer and ExtraMSA blocks.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -10,6 +11,10 @@
 #include "model/block_table.h"
 
 namespace fc {
+
+// Column col of a calibrated table of (x, rate, rate) rows, x ascending, interpolated in log x and
+// clamped at its ends (the profiles' gemm_by_rows, narrow_gemm, mem_by_size, batched_by_rows).
+double interpolate_table(const std::vector<std::array<double, 3>>& t, double x, int col);
 
 // Forward (and with training the backward and policy-module rebuild) ms of each layer of t at
 // (s, r) (s = 1: the Pairformer's single stream as a one-row MSA), in table order, named by the
