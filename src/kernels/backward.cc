@@ -25,6 +25,14 @@
 #include "hwy/highway.h"
 #include "kernels/hwy_util-inl.h"
 
+#ifndef FC_KERNELS_BACKWARD_CONSTANTS_
+#define FC_KERNELS_BACKWARD_CONSTANTS_
+namespace fc::kern {
+// Columns per task of column_sums (ColumnSumsChunk's largest width).
+constexpr int64_t kColChunk = 64;
+}  // namespace fc::kern
+#endif  // FC_KERNELS_BACKWARD_CONSTANTS_
+
 HWY_BEFORE_NAMESPACE();
 namespace fc::kern {
 namespace HWY_NAMESPACE {
@@ -263,6 +271,32 @@ void ReluBackwardBf16Rows(const uint16_t* x, int64_t ldx, const float* dy, int64
     }
 }
 
+// Column sums of one chunk of w <= kColChunk columns: sums[j] += sum over rows of y[r, j], each
+// column accumulated in double from 0, rows in order (the lanes of a vector are columns, so the
+// additions are those of the scalar loop: the same bits on every target). yb (or nullptr; rows
+// ldb apart) receives the chunk's bf16 rounding (hwy_util::Bf16Bits) in the same pass.
+void ColumnSumsChunk(const float* y, int64_t ld, int64_t rows, int64_t w, float* sums, uint16_t* yb,
+                     int64_t ldb) {
+  const D d;
+  const hn::ScalableTag<double> dd;
+  const hn::Rebind<float, decltype(dd)> df;  // half-width f32 vectors, one double lane each
+  const int64_t N = static_cast<int64_t>(hn::Lanes(dd)), NF = static_cast<int64_t>(hn::Lanes(d));
+  HWY_ALIGN double acc[kColChunk] = {};  // [w] running sums
+  const int64_t wv = w / N * N;          // columns in whole vectors; the rest scalar
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* yr = y + r * ld;  // [w]
+    for (int64_t j = 0; yb && j < w; j += NF) {
+      const size_t c = static_cast<size_t>(std::min(NF, w - j));
+      hwy_util::StoreBf16Part(d, LoadPart(d, yr + j, c), yb + r * ldb + j, c);
+    }
+    for (int64_t j = 0; j < wv; j += N)
+      hn::Store(hn::Add(hn::Load(dd, acc + j), hn::PromoteTo(dd, hn::LoadU(df, yr + j))), dd,
+                acc + j);
+    for (int64_t j = wv; j < w; ++j) acc[j] += yr[j];
+  }
+  for (int64_t j = 0; j < w; ++j) sums[j] = static_cast<float>(sums[j] + acc[j]);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
 HWY_AFTER_NAMESPACE();
@@ -277,6 +311,7 @@ HWY_EXPORT(ReluBackwardRows);
 HWY_EXPORT(ReluBackwardBf16Rows);
 HWY_EXPORT(ProbsFromLseRows);
 HWY_EXPORT(SoftmaxBackwardGivenDotRows);
+HWY_EXPORT(ColumnSumsChunk);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -302,20 +337,18 @@ void for_row_blocks(int64_t rows, int64_t n, F f) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // sums[j] += sum over rows of y[r, j], in double. Columns go in chunks of kColChunk, one chunk per
-// task, rows in order within a chunk: the result does not depend on the thread count.
-constexpr int64_t kColChunk = 64;
-void column_sums(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums) {
+// task, rows in order within a chunk (ColumnSumsChunk): the result does not depend on the thread
+// count.
+// yb (or nullptr; rows ldb apart) receives bf16(y) in the same pass.
+void column_sums(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
+                 uint16_t* yb = nullptr, int64_t ldb = 0) {
   const int64_t chunks = ceil_div(n, kColChunk);
   const bool par = chunks > 1 && rows * n >= kParallelMinElems && !omp_in_parallel();
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t c0 = ch * kColChunk, w = std::min(kColChunk, n - c0);
-    double acc[kColChunk] = {};
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* yr = y + r * ld + c0;  // [w]
-      for (int64_t j = 0; j < w; ++j) acc[j] += yr[j];
-    }
-    for (int64_t j = 0; j < w; ++j) sums[c0 + j] = static_cast<float>(sums[c0 + j] + acc[j]);
+    HWY_DYNAMIC_DISPATCH(ColumnSumsChunk)
+    (y + c0, ld, rows, w, sums + c0, yb ? yb + c0 : nullptr, ldb);
   }
 }
 
@@ -334,6 +367,17 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
   // dW[out, in] += dy^T[out, rows] @ x[rows, in]
   if (dW) gemm(true, false, out, in, rows, 1.f, dy, lddy, x, ldx, 1.f, dW, in);
   if (db) column_sums(dy, lddy, rows, out, db);
+}
+
+void column_sums_bf16(const float* dy, int64_t lddy, int64_t rows, int64_t out, float* db,
+                      uint16_t* dyb) {
+  if (rows <= 0 || out <= 0) return;
+  // One task per column chunk: fused only when the chunks keep every thread busy.
+  const bool one_pass = ceil_div(out, kColChunk) >= (omp_in_parallel() ? 1 : omp_get_max_threads());
+  if (one_pass) return column_sums(dy, lddy, rows, out, db, dyb, out);
+  column_sums(dy, lddy, rows, out, db);
+  if (lddy == out) return f32_to_bf16(dy, dyb, rows * out);
+  f32_to_bf16_rows(dy, lddy, dyb, out, rows, out);
 }
 
 // ---- layernorm ---------------------------------------------------------------------------------
@@ -482,10 +526,37 @@ void unpack(const float* src, int64_t rows, int64_t C, float* dst, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, src + i * C, C * sizeof(float));
 }
 
+// Prefetches into L2 the cache lines of `rows` rows of n floats, ld floats apart, for reading or
+// (write) for writing. An item's q|k|v|g, d_out and gradient rows sit up to a page apart, which
+// the hardware prefetchers do not follow: without these the gate's backward and the packing
+// stalled on nearly every row.
+void prefetch_rows(const float* p, int64_t ld, int64_t rows, int64_t n, bool write) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* r = p + i * ld;  // [n]
+    for (int64_t c = 0; c < n; c += 16) {
+      if (write)
+        __builtin_prefetch(r + c, 1, 2);
+      else
+        __builtin_prefetch(r + c, 0, 2);
+    }
+    if (write)
+      __builtin_prefetch(r + n - 1, 1, 2);
+    else
+      __builtin_prefetch(r + n - 1, 0, 2);
+  }
+}
+
+// The K and V rows of item (b, h) (K only with a q.k term), for reading.
+void prefetch_kv(const AttentionArgs& a, int64_t b, int64_t h) {
+  if (!a.bias_logits) prefetch_rows(a.k + b * a.k_bs + h * a.C, a.k_rs, a.Lk, a.C, false);
+  prefetch_rows(a.v + b * a.v_bs + h * a.C, a.v_rs, a.Lk, a.C, false);
+}
+
 // One (b, h) item on the calling thread; dS is added into dpb [Lq, Lk] (d_pair_bias[h] or a
-// slot) unless dpb is nullptr.
+// slot) unless dpb is nullptr. next_b: the batch element of this thread's next item of head h
+// (its K and V rows are prefetched during the last query tile), or -1.
 void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, int64_t b, int64_t h,
-                             const BwdLayout& L, float* dpb, float* ws) {
+                             int64_t next_b, const BwdLayout& L, float* dpb, float* ws) {
   const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
   float* K = ws + L.K;    // [Lk, C]
   float* V = ws + L.V;    // [Lk, C]
@@ -520,6 +591,20 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   // BF16 packs K, V and Q straight from the strided q|k|v|g rows to K16, V16, Q16 (the f32 copies
   // are not read there).
   const bool qk = !a.bias_logits;
+  // The strided rows a query tile reads (q, gate, d_out) and writes (dq, dgate), prefetched a
+  // tile ahead (q) or at the tile's start (the rest, first read after two products).
+  auto prefetch_tile = [&](int64_t i0, bool q_only) {
+    const int64_t n = std::min(L.qt, Lq - i0);
+    if (qk) prefetch_rows(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, false);
+    if (q_only) return;
+    prefetch_rows(g.d_out + b * a.o_bs + i0 * a.o_rs + h * C, a.o_rs, n, C, false);
+    const int64_t go = b * a.g_bs + i0 * a.g_rs + h * C;
+    if (a.gate) prefetch_rows(a.gate + go, a.g_rs, n, C, false);
+    if (a.gate && g.dgate) prefetch_rows(g.dgate + go, a.g_rs, n, C, true);
+    if (qk && g.dq) prefetch_rows(g.dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, true);
+  };
+  prefetch_kv(a, b, h);
+  prefetch_tile(0, true);
   auto pack_in = [&](const float* src, int64_t ld, int64_t rows, float* dst, uint16_t* dst16) {
     if (bf)
       f32_to_bf16_rows(src, ld, dst16, C, rows, C);
@@ -537,6 +622,14 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   const bool need_ds = dq || dk || dpb;
   for (int64_t i0 = 0; i0 < Lq; i0 += L.qt) {
     const int64_t n = std::min(L.qt, Lq - i0);
+    prefetch_tile(i0, false);
+    if (i0 + L.qt < Lq) {
+      prefetch_tile(i0 + L.qt, true);
+    } else {  // the last tile: this item's dK, dV rows and the next item's K, V
+      if (qk && g.dk) prefetch_rows(g.dk + b * a.k_bs + h * C, a.k_rs, Lk, C, true);
+      if (g.dv) prefetch_rows(g.dv + b * a.v_bs + h * C, a.v_rs, Lk, C, true);
+      if (next_b >= 0) prefetch_kv(a, next_b, h);
+    }
     float* P = ws + L.S;  // [n, Lk]
     // Recompute P: in one pass from the saved lse, else with a full softmax as the forward
     // reference does.
@@ -583,11 +676,9 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
       (P, Lk, dP, Lk, Dr, n, Lk, P16, dpb ? dpb + i0 * Lk : nullptr);
     } else {
-      if (lse && a.gate)
-        HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
-        (P, Lk, dP, Lk, Dr, n, Lk, nullptr, nullptr);
-      else
-        softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
+      if (lse && a.gate) HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
+      (P, Lk, dP, Lk, Dr, n, Lk, nullptr, nullptr);
+      else softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
       to16(P, P16, n * Lk);
     }
     if (dq) {  // dQ = scale dS K
@@ -631,13 +722,14 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
     if (sched == Schedule::kItems) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it)
-        attention_backward_item(a, g, it % a.B, it / a.B, L, nullptr, ws);
+        attention_backward_item(a, g, it % a.B, it / a.B, -1, L, nullptr, ws);
     } else if (sched == Schedule::kHeads) {
       // The thread owns d_pair_bias[h] and adds the batch elements in order.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t h = 0; h < a.H; ++h)
         for (int64_t b = 0; b < a.B; ++b)
-          attention_backward_item(a, g, b, h, L, g.d_pair_bias + h * head, ws);
+          attention_backward_item(a, g, b, h, b + 1 < a.B ? b + 1 : -1, L, g.d_pair_bias + h * head,
+                                  ws);
     } else {
       // A head whose b = 0 lies in this range is added straight into d_pair_bias, by this range
       // alone, in b order; later ranges reaching into it start mid-way. A range that starts
@@ -650,7 +742,8 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
       for (int64_t it = i0; it < i1; ++it) {
         const int64_t h = it / a.B, b = it % a.B;
         float* dpb = mid && h == i0 / a.B ? slot : g.d_pair_bias + h * head;
-        attention_backward_item(a, g, b, h, L, dpb, ws);
+        const int64_t next_b = it + 1 < i1 && (it + 1) / a.B == h ? b + 1 : -1;
+        attention_backward_item(a, g, b, h, next_b, L, dpb, ws);
       }
 #pragma omp barrier
       const int64_t tiles = a.Lq == 0 ? 0 : ceil_div(a.Lq, L.qt);

@@ -76,17 +76,12 @@ int64_t linear_backward_bf16_scratch(int64_t rows, int64_t in, int64_t out, bool
 
 void linear_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
                  const float* b, int64_t out, float* y, int64_t ldy, bool accumulate) {
-  float beta = accumulate ? 1.f : 0.f;
-  if (b != nullptr) {
-    if (!accumulate) {
-#pragma omp parallel for schedule(static) if (rows * out > kParallelMin)
-      for (int64_t r = 0; r < rows; ++r) std::copy(b, b + out, y + r * ldy);
-    } else {
-      add_bias_rows(y, ldy, b, rows, out);
-    }
-    beta = 1.f;
-  }
-  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in, beta, y, ldy);
+  if (b != nullptr && !accumulate)  // the bias as the product's (the bits of y = b, then y +=)
+    return gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in, 0.f, y, ldy,
+                      b);
+  if (b != nullptr) add_bias_rows(y, ldy, b, rows, out);
+  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in,
+             accumulate || b != nullptr ? 1.f : 0.f, y, ldy);
 }
 
 void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
@@ -99,11 +94,16 @@ void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const ui
 void linear_backward_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in,
                           const uint16_t* Wb, int64_t out, const float* dy, int64_t lddy, float* dx,
                           int64_t lddx, float* dW, float* db, bool accumulate, uint16_t* scratch) {
-  if (db)
-    linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr, db);
-  if (!dx && !dW) return;
   uint16_t* dyb = scratch;  // [rows, out]
-  rows_to_bf16(dy, lddy, rows, out, dyb);
+  if (!dx && !dW) {
+    if (db)
+      linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr, db);
+    return;
+  }
+  if (db)
+    column_sums_bf16(dy, lddy, rows, out, db, dyb);
+  else
+    rows_to_bf16(dy, lddy, rows, out, dyb);
   if (dx)
     gemm_typed(DType::BF16, false, false, rows, in, out, 1.f, dyb, out, Wb, in,
                accumulate ? 1.f : 0.f, dx, lddx);
