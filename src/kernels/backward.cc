@@ -25,14 +25,6 @@
 #include "hwy/highway.h"
 #include "kernels/hwy_util-inl.h"
 
-#ifndef FC_KERNELS_BACKWARD_CONSTANTS_
-#define FC_KERNELS_BACKWARD_CONSTANTS_
-namespace fc::kern {
-// Columns per task of column_sums (ColumnSumsChunk's largest width).
-constexpr int64_t kColChunk = 64;
-}  // namespace fc::kern
-#endif  // FC_KERNELS_BACKWARD_CONSTANTS_
-
 HWY_BEFORE_NAMESPACE();
 namespace fc::kern {
 namespace HWY_NAMESPACE {
@@ -271,32 +263,6 @@ void ReluBackwardBf16Rows(const uint16_t* x, int64_t ldx, const float* dy, int64
     }
 }
 
-// Column sums of one chunk of w <= kColChunk columns: sums[j] += sum over rows of y[r, j], each
-// column accumulated in double from 0, rows in order (the lanes of a vector are columns, so the
-// additions are those of the scalar loop: the same bits on every target). yb (or nullptr; rows
-// ldb apart) receives the chunk's bf16 rounding (hwy_util::Bf16Bits) in the same pass.
-void ColumnSumsChunk(const float* y, int64_t ld, int64_t rows, int64_t w, float* sums, uint16_t* yb,
-                     int64_t ldb) {
-  const D d;
-  const hn::ScalableTag<double> dd;
-  const hn::Rebind<float, decltype(dd)> df;  // half-width f32 vectors, one double lane each
-  const int64_t N = static_cast<int64_t>(hn::Lanes(dd)), NF = static_cast<int64_t>(hn::Lanes(d));
-  HWY_ALIGN double acc[kColChunk] = {};  // [w] running sums
-  const int64_t wv = w / N * N;          // columns in whole vectors; the rest scalar
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* yr = y + r * ld;  // [w]
-    for (int64_t j = 0; yb && j < w; j += NF) {
-      const size_t c = static_cast<size_t>(std::min(NF, w - j));
-      hwy_util::StoreBf16Part(d, LoadPart(d, yr + j, c), yb + r * ldb + j, c);
-    }
-    for (int64_t j = 0; j < wv; j += N)
-      hn::Store(hn::Add(hn::Load(dd, acc + j), hn::PromoteTo(dd, hn::LoadU(df, yr + j))), dd,
-                acc + j);
-    for (int64_t j = wv; j < w; ++j) acc[j] += yr[j];
-  }
-  for (int64_t j = 0; j < w; ++j) sums[j] = static_cast<float>(sums[j] + acc[j]);
-}
-
 }  // namespace HWY_NAMESPACE
 }  // namespace fc::kern
 HWY_AFTER_NAMESPACE();
@@ -311,7 +277,6 @@ HWY_EXPORT(ReluBackwardRows);
 HWY_EXPORT(ReluBackwardBf16Rows);
 HWY_EXPORT(ProbsFromLseRows);
 HWY_EXPORT(SoftmaxBackwardGivenDotRows);
-HWY_EXPORT(ColumnSumsChunk);
 
 namespace {
 // Below this many elements a fork/join (~1-2 us) costs more than it saves.
@@ -337,18 +302,20 @@ void for_row_blocks(int64_t rows, int64_t n, F f) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // sums[j] += sum over rows of y[r, j], in double. Columns go in chunks of kColChunk, one chunk per
-// task, rows in order within a chunk (ColumnSumsChunk): the result does not depend on the thread
-// count.
-// yb (or nullptr; rows ldb apart) receives bf16(y) in the same pass.
-void column_sums(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums,
-                 uint16_t* yb = nullptr, int64_t ldb = 0) {
+// task, rows in order within a chunk: the result does not depend on the thread count.
+constexpr int64_t kColChunk = 64;
+void column_sums(const float* y, int64_t ld, int64_t rows, int64_t n, float* sums) {
   const int64_t chunks = ceil_div(n, kColChunk);
   const bool par = chunks > 1 && rows * n >= kParallelMinElems && !omp_in_parallel();
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t c0 = ch * kColChunk, w = std::min(kColChunk, n - c0);
-    HWY_DYNAMIC_DISPATCH(ColumnSumsChunk)
-    (y + c0, ld, rows, w, sums + c0, yb ? yb + c0 : nullptr, ldb);
+    double acc[kColChunk] = {};
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* yr = y + r * ld + c0;  // [w]
+      for (int64_t j = 0; j < w; ++j) acc[j] += yr[j];
+    }
+    for (int64_t j = 0; j < w; ++j) sums[c0 + j] = static_cast<float>(sums[c0 + j] + acc[j]);
   }
 }
 
@@ -367,17 +334,6 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
   // dW[out, in] += dy^T[out, rows] @ x[rows, in]
   if (dW) gemm(true, false, out, in, rows, 1.f, dy, lddy, x, ldx, 1.f, dW, in);
   if (db) column_sums(dy, lddy, rows, out, db);
-}
-
-void column_sums_bf16(const float* dy, int64_t lddy, int64_t rows, int64_t out, float* db,
-                      uint16_t* dyb) {
-  if (rows <= 0 || out <= 0) return;
-  // One task per column chunk: fused only when the chunks keep every thread busy.
-  const bool one_pass = ceil_div(out, kColChunk) >= (omp_in_parallel() ? 1 : omp_get_max_threads());
-  if (one_pass) return column_sums(dy, lddy, rows, out, db, dyb, out);
-  column_sums(dy, lddy, rows, out, db);
-  if (lddy == out) return f32_to_bf16(dy, dyb, rows * out);
-  f32_to_bf16_rows(dy, lddy, dyb, out, rows, out);
 }
 
 // ---- layernorm ---------------------------------------------------------------------------------

@@ -34,13 +34,6 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
                      int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx, float* dW,
                      float* db, bool accumulate = false);
 
-// The bf16 Linear backward's two passes over dy in one: db[out] += column sums of dy [rows, out]
-// (leading dimension lddy; linear_backward's db, the same bits) and dyb [rows, out] (dense) =
-// bf16(dy) (f32_to_bf16's bits). One pass when dy has at least a 64-column chunk per thread,
-// else the two (the results are the same).
-void column_sums_bf16(const float* dy, int64_t lddy, int64_t rows, int64_t out, float* db,
-                      uint16_t* dyb);
-
 // ---- LayerNorm ---------------------------------------------------------------------------------
 // Forward (kern::layernorm): y = xhat * gamma + beta, xhat = (x - mean) * rstd per row of n, with
 // mean/rstd [rows] saved by the forward. Given x, dy:
@@ -149,8 +142,6 @@ namespace ref {
 void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* W,
                      int64_t out, const float* dy, int64_t lddy, float* dx, int64_t lddx, float* dW,
                      float* db, bool accumulate = false);
-void column_sums_bf16(const float* dy, int64_t lddy, int64_t rows, int64_t out, float* db,
-                      uint16_t* dyb);
 // Same signature as the fast kernel; scratch is not used (may be nullptr).
 void layernorm_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, int64_t rows,
                         int64_t n, const float* gamma, const float* mean, const float* rstd,

@@ -45,12 +45,6 @@ void linear_backward(const float* x, int64_t ldx, int64_t rows, int64_t in, cons
     }
 }
 
-void column_sums_bf16(const float* dy, int64_t lddy, int64_t rows, int64_t out, float* db,
-                      uint16_t* dyb) {
-  ref::linear_backward(nullptr, 0, rows, 0, nullptr, out, dy, lddy, nullptr, 0, nullptr, db);
-  for (int64_t r = 0; r < rows; ++r) ref::f32_to_bf16(dy + r * lddy, dyb + r * out, out);
-}
-
 void layernorm_backward(const float* x, int64_t ldx, const float* dy, int64_t lddy, int64_t rows,
                         int64_t n, const float* gamma, const float* mean, const float* rstd,
                         float* dx, int64_t lddx, float* dgamma, float* dbeta, float* /*scratch*/,

@@ -94,16 +94,11 @@ void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const ui
 void linear_backward_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in,
                           const uint16_t* Wb, int64_t out, const float* dy, int64_t lddy, float* dx,
                           int64_t lddx, float* dW, float* db, bool accumulate, uint16_t* scratch) {
-  uint16_t* dyb = scratch;  // [rows, out]
-  if (!dx && !dW) {
-    if (db)
-      linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr, db);
-    return;
-  }
   if (db)
-    column_sums_bf16(dy, lddy, rows, out, db, dyb);
-  else
-    rows_to_bf16(dy, lddy, rows, out, dyb);
+    linear_backward(nullptr, ldx, rows, in, nullptr, out, dy, lddy, nullptr, lddx, nullptr, db);
+  if (!dx && !dW) return;
+  uint16_t* dyb = scratch;  // [rows, out]
+  rows_to_bf16(dy, lddy, rows, out, dyb);
   if (dx)
     gemm_typed(DType::BF16, false, false, rows, in, out, 1.f, dyb, out, Wb, in,
                accumulate ? 1.f : 0.f, dx, lddx);
