@@ -38,8 +38,10 @@ Status load_model(const RunArgs& a, AlphaFold* model, int ranks = 1, int rank = 
                                      "preset name, e.g. model_3_ptm)");
     AlphaFoldConfig cfg = preset;
     if (a.blocks_given) cfg.evoformer.no_blocks = a.blocks;
-    FC_RETURN_IF_ERROR(AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model));
-    return ranks > 1 ? shard_alphafold_weights(model, ranks, rank) : Status::OK();
+    if (ranks == 1) return AlphaFold::load(cfg, AlphaFold::random_weights(cfg, a.seed), model);
+    return load_alphafold_shard(
+        cfg, AlphaFold::random_weights(cfg, a.seed, dap_weight_filter(ranks, rank)), ranks, rank,
+        model);
   }
   TensorFile w;         // safetensors or AlphaFold .npz
   TensorShapes shapes;  // every tensor's, under --dap those of the other ranks' blocks too

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -15,6 +16,7 @@
 #include "exec/af2_dap.h"
 #include "foldcube/alphafold.h"
 #include "foldcube/io.h"
+#include "foldcube/memory.h"
 #include "io/io_util.h"
 #include "io/param_names.h"
 #include "npz_util.h"
@@ -187,6 +189,41 @@ TEST_F(WeightFilter, SkippedTensorsAreStillValidated) {
   const Status st = read_weights(path, &got, filter());
   EXPECT_FALSE(st.ok());
   EXPECT_NE(st.message().find(path), std::string::npos) << st.message();
+}
+
+// Random parameters generated with a DAP rank's filter are exactly the unfiltered ones without the
+// other ranks' blocks (each tensor's values depend on its name only), and the filtered call never
+// holds the left-out blocks: its tracked peak is below the whole file's bytes.
+TEST(RandomWeights, AFilteredCallGivesTheSameTensorsWithoutTheOtherRanksBlocks) {
+  TensorFile tiny;
+  ASSERT_TRUE(read_safetensors(test::data_path("af2_model_tiny.safetensors"), &tiny).ok());
+  AlphaFoldConfig cfg;
+  ASSERT_TRUE(alphafold_config_from_weights(tiny, &cfg).ok());
+  cfg.evoformer.no_blocks = 5;
+  cfg.extra_msa.no_blocks = cfg.template_pair.no_blocks = 3;
+  const TensorFile whole = AlphaFold::random_weights(cfg, 9);
+  int64_t whole_bytes = 0;
+  for (const std::string& n : whole.names) whole_bytes += whole.tensors.at(n).nbytes();
+  for (int rank = 0; rank < 2; ++rank) {
+    SCOPED_TRACE(rank);
+    MemoryScope scope;
+    const int64_t live0 = mem_stats().live_bytes;
+    const TensorFile part = AlphaFold::random_weights(cfg, 9, dap_weight_filter(2, rank));
+    EXPECT_LT(scope.peak() - live0, whole_bytes);
+    std::set<std::string> expected;
+    for (const std::string& n : whole.names) {
+      std::string stack;
+      int64_t block = 0;
+      if (!io::parse_block_name(n, &stack, &block) || block % 2 == rank) expected.insert(n);
+    }
+    ASSERT_EQ(std::set<std::string>(part.names.begin(), part.names.end()), expected);
+    for (const std::string& n : part.names) {
+      const Tensor& a = part.tensors.at(n);
+      const Tensor& b = whole.tensors.at(n);
+      ASSERT_EQ(a.shape(), b.shape()) << n;
+      EXPECT_EQ(std::memcmp(a.contiguous().f32(), b.contiguous().f32(), a.nbytes()), 0) << n;
+    }
+  }
 }
 
 }  // namespace

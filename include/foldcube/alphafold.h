@@ -169,7 +169,11 @@ class AlphaFold {
   static Status load(const AlphaFoldConfig& cfg, const TensorFile& weights, AlphaFold* out);
   // Seeded random parameters (as a state dict) scaled so that activations stay O(1), for
   // benchmarks and the embedded default job. Structure-module and head widths are AF2's.
-  static TensorFile random_weights(const AlphaFoldConfig& cfg, uint64_t seed);
+  // Each tensor's values depend only on its name and the seed, so `keep` (BlockFilter, as for a
+  // filtered read_weights) leaves out stack blocks without changing the others: a DAP rank
+  // generates only its own blocks (load_alphafold_shard, src/exec/af2_dap.h).
+  static TensorFile random_weights(const AlphaFoldConfig& cfg, uint64_t seed,
+                                   const BlockFilter& keep = {});
 
   // Outputs of the last pass under OpenFold output names: final_atom_positions [r, 37, 3],
   // final_atom_mask, final_affine_tensor, plddt, lddt_logits, distogram_logits,

@@ -666,8 +666,10 @@ namespace {
 std::string policy_cell(const FitRow& w) {
   if (w.policy) return recompute_name(*w.policy);
   std::string c;
-  for (const auto& [rc, n] : w.policy_counts)
-    c += (c.empty() ? "" : "+") + std::string(recompute_name(rc)) + ":" + std::to_string(n);
+  for (const auto& [rc, n] : w.policy_counts) {
+    if (!c.empty()) c += '+';
+    c.append(recompute_name(rc)).append(":").append(std::to_string(n));
+  }
   return c.empty() ? "-" : c;
 }
 }  // namespace

@@ -53,16 +53,38 @@ Status alphafold_preset(const std::string& name, AlphaFoldConfig* out) {
   return Status::OK();
 }
 
-TensorFile AlphaFold::random_weights(const AlphaFoldConfig& cfg, uint64_t seed) {
+TensorFile AlphaFold::random_weights(const AlphaFoldConfig& cfg, uint64_t seed,
+                                     const BlockFilter& keep) {
   TensorFile f;
   f.metadata["format"] = "foldcube-random-af2/1";
-  TensorFile part;
-  EvoformerStack::random(cfg.evoformer, seed).export_weights(&part);
-  for (const std::string& n : part.names) f.put("evoformer." + n, part.tensors.at(n));
-  part = TensorFile();
-  ExtraMsaStack::random(cfg.extra_msa, seed + 1).export_weights(&part);
-  for (const std::string& n : part.names) f.put("extra_msa_stack." + n, part.tensors.at(n));
+  auto kept = [&](const std::string& stack, int64_t b, int64_t blocks) {
+    return !keep || keep(stack, b, blocks);
+  };
+  // The stacks' blocks one at a time (the values EvoformerStack::random / ExtraMsaStack::random
+  // give), so that a filtered call never holds a left-out block.
+  auto put_random = [&](const std::string& stack,
+                        const std::vector<std::pair<std::string, Tensor>>& params, uint64_t s) {
+    for (const auto& [name, view] : params) {
+      random_fill(name, view, s);
+      f.put(stack + name, view);
+    }
+  };
+  for (int b = 0; b < cfg.evoformer.no_blocks; ++b) {
+    if (!kept("evoformer.", b, cfg.evoformer.no_blocks)) continue;
+    BlockWeights w;
+    allocate_block(cfg.evoformer, &w);
+    put_random("evoformer.", named_params(w, block_prefix(b)), seed);
+  }
   const int64_t cm = cfg.evoformer.c_m, cz = cfg.evoformer.c_z, cs = cfg.evoformer.c_s;
+  put_random("evoformer.",
+             {{"linear.weight", Tensor::empty({cs, cm})}, {"linear.bias", Tensor::empty({cs})}},
+             seed);
+  for (int b = 0; b < cfg.extra_msa.no_blocks; ++b) {
+    if (!kept("extra_msa_stack.", b, cfg.extra_msa.no_blocks)) continue;
+    ExtraMsaBlockWeights w;
+    allocate_extra_msa_block(cfg.extra_msa, &w);
+    put_random("extra_msa_stack.", named_params(w, block_prefix(b)), seed + 1);
+  }
   const int64_t ce = cfg.extra_msa.c_m, ct = cfg.template_pair.c_z;
   const int64_t hc = cfg.template_att_heads * cfg.template_att_hidden;
   const af2::StructureModuleConfig sm;  // AF2 widths
@@ -97,6 +119,7 @@ TensorFile AlphaFold::random_weights(const AlphaFoldConfig& cfg, uint64_t seed) 
     lin(te + "template_pointwise_att.mha.linear_v", hc, ct, false);
     lin(te + "template_pointwise_att.mha.linear_o", cz, hc);
     for (int64_t b = 0; b < cfg.template_pair.no_blocks; ++b) {
+      if (!kept(te + "template_pair_stack.", b, cfg.template_pair.no_blocks)) continue;
       BlockWeights w;
       allocate_pair_layers(cfg.template_pair, &w);
       for (auto& [name, view] :
