@@ -482,37 +482,10 @@ void unpack(const float* src, int64_t rows, int64_t C, float* dst, int64_t ld) {
   for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, src + i * C, C * sizeof(float));
 }
 
-// Prefetches into L2 the cache lines of `rows` rows of n floats, ld floats apart, for reading or
-// (write) for writing. An item's q|k|v|g, d_out and gradient rows sit up to a page apart, which
-// the hardware prefetchers do not follow: without these the gate's backward and the packing
-// stalled on nearly every row.
-void prefetch_rows(const float* p, int64_t ld, int64_t rows, int64_t n, bool write) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* r = p + i * ld;  // [n]
-    for (int64_t c = 0; c < n; c += 16) {
-      if (write)
-        __builtin_prefetch(r + c, 1, 2);
-      else
-        __builtin_prefetch(r + c, 0, 2);
-    }
-    if (write)
-      __builtin_prefetch(r + n - 1, 1, 2);
-    else
-      __builtin_prefetch(r + n - 1, 0, 2);
-  }
-}
-
-// The K and V rows of item (b, h) (K only with a q.k term), for reading.
-void prefetch_kv(const AttentionArgs& a, int64_t b, int64_t h) {
-  if (!a.bias_logits) prefetch_rows(a.k + b * a.k_bs + h * a.C, a.k_rs, a.Lk, a.C, false);
-  prefetch_rows(a.v + b * a.v_bs + h * a.C, a.v_rs, a.Lk, a.C, false);
-}
-
 // One (b, h) item on the calling thread; dS is added into dpb [Lq, Lk] (d_pair_bias[h] or a
-// slot) unless dpb is nullptr. next_b: the batch element of this thread's next item of head h
-// (its K and V rows are prefetched during the last query tile), or -1.
+// slot) unless dpb is nullptr.
 void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, int64_t b, int64_t h,
-                             int64_t next_b, const BwdLayout& L, float* dpb, float* ws) {
+                             const BwdLayout& L, float* dpb, float* ws) {
   const int64_t Lq = a.Lq, Lk = a.Lk, C = a.C;
   float* K = ws + L.K;    // [Lk, C]
   float* V = ws + L.V;    // [Lk, C]
@@ -547,20 +520,6 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   // BF16 packs K, V and Q straight from the strided q|k|v|g rows to K16, V16, Q16 (the f32 copies
   // are not read there).
   const bool qk = !a.bias_logits;
-  // The strided rows a query tile reads (q, gate, d_out) and writes (dq, dgate), prefetched a
-  // tile ahead (q) or at the tile's start (the rest, first read after two products).
-  auto prefetch_tile = [&](int64_t i0, bool q_only) {
-    const int64_t n = std::min(L.qt, Lq - i0);
-    if (qk) prefetch_rows(a.q + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, false);
-    if (q_only) return;
-    prefetch_rows(g.d_out + b * a.o_bs + i0 * a.o_rs + h * C, a.o_rs, n, C, false);
-    const int64_t go = b * a.g_bs + i0 * a.g_rs + h * C;
-    if (a.gate) prefetch_rows(a.gate + go, a.g_rs, n, C, false);
-    if (a.gate && g.dgate) prefetch_rows(g.dgate + go, a.g_rs, n, C, true);
-    if (qk && g.dq) prefetch_rows(g.dq + b * a.q_bs + i0 * a.q_rs + h * C, a.q_rs, n, C, true);
-  };
-  prefetch_kv(a, b, h);
-  prefetch_tile(0, true);
   auto pack_in = [&](const float* src, int64_t ld, int64_t rows, float* dst, uint16_t* dst16) {
     if (bf)
       f32_to_bf16_rows(src, ld, dst16, C, rows, C);
@@ -578,14 +537,6 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
   const bool need_ds = dq || dk || dpb;
   for (int64_t i0 = 0; i0 < Lq; i0 += L.qt) {
     const int64_t n = std::min(L.qt, Lq - i0);
-    prefetch_tile(i0, false);
-    if (i0 + L.qt < Lq) {
-      prefetch_tile(i0 + L.qt, true);
-    } else {  // the last tile: this item's dK, dV rows and the next item's K, V
-      if (qk && g.dk) prefetch_rows(g.dk + b * a.k_bs + h * C, a.k_rs, Lk, C, true);
-      if (g.dv) prefetch_rows(g.dv + b * a.v_bs + h * C, a.v_rs, Lk, C, true);
-      if (next_b >= 0) prefetch_kv(a, next_b, h);
-    }
     float* P = ws + L.S;  // [n, Lk]
     // Recompute P: in one pass from the saved lse, else with a full softmax as the forward
     // reference does.
@@ -632,9 +583,11 @@ void attention_backward_item(const AttentionArgs& a, const AttentionGrads& g, in
       HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
       (P, Lk, dP, Lk, Dr, n, Lk, P16, dpb ? dpb + i0 * Lk : nullptr);
     } else {
-      if (lse && a.gate) HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
-      (P, Lk, dP, Lk, Dr, n, Lk, nullptr, nullptr);
-      else softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
+      if (lse && a.gate)
+        HWY_DYNAMIC_DISPATCH(SoftmaxBackwardGivenDotRows)
+        (P, Lk, dP, Lk, Dr, n, Lk, nullptr, nullptr);
+      else
+        softmax_backward(P, Lk, dP, Lk, P, Lk, n, Lk);
       to16(P, P16, n * Lk);
     }
     if (dq) {  // dQ = scale dS K
@@ -678,14 +631,13 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
     if (sched == Schedule::kItems) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < items; ++it)
-        attention_backward_item(a, g, it % a.B, it / a.B, -1, L, nullptr, ws);
+        attention_backward_item(a, g, it % a.B, it / a.B, L, nullptr, ws);
     } else if (sched == Schedule::kHeads) {
       // The thread owns d_pair_bias[h] and adds the batch elements in order.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t h = 0; h < a.H; ++h)
         for (int64_t b = 0; b < a.B; ++b)
-          attention_backward_item(a, g, b, h, b + 1 < a.B ? b + 1 : -1, L, g.d_pair_bias + h * head,
-                                  ws);
+          attention_backward_item(a, g, b, h, L, g.d_pair_bias + h * head, ws);
     } else {
       // A head whose b = 0 lies in this range is added straight into d_pair_bias, by this range
       // alone, in b order; later ranges reaching into it start mid-way. A range that starts
@@ -698,8 +650,7 @@ void attention_backward(const AttentionArgs& a, const AttentionGrads& g, float* 
       for (int64_t it = i0; it < i1; ++it) {
         const int64_t h = it / a.B, b = it % a.B;
         float* dpb = mid && h == i0 / a.B ? slot : g.d_pair_bias + h * head;
-        const int64_t next_b = it + 1 < i1 && (it + 1) / a.B == h ? b + 1 : -1;
-        attention_backward_item(a, g, b, h, next_b, L, dpb, ws);
+        attention_backward_item(a, g, b, h, L, dpb, ws);
       }
 #pragma omp barrier
       const int64_t tiles = a.Lq == 0 ? 0 : ceil_div(a.Lq, L.qt);
