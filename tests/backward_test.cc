@@ -227,8 +227,8 @@ TEST(LinearBackward, MatchesReferencePaddedAndAccumulating) {
 // reference's bits, for widths around the task width, padded rows, and enough elements to split
 // across threads.
 TEST(LinearBackward, BiasGradientEqualsReferenceBits) {
-  for (const auto& [rows, out] : {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {33, 64}, {70, 65},
-                                  {3000, 130}, {9, 300}}) {
+  for (const auto& [rows, out] :
+       {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {33, 64}, {70, 65}, {3000, 130}, {9, 300}}) {
     SCOPED_TRACE(shape(rows, out, 3));
     const Mat dy(rows, out, 3, 12);
     std::vector<float> db = vec(out, 13), db_ref = db;
