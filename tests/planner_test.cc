@@ -526,6 +526,55 @@ TEST(Planner, DapCommunicationVolume) {
     }
 }
 
+// The seeds' collectives (docs/planner.md "The seeds' collectives"): the PASDAP form's volume by
+// hand at (128, 256), N = 2, fp16, and the device copies at the stream rate; the fields
+// round-trip and are validated.
+TEST(Planner, SeedsPasdapCommunicationAndCopies) {
+  EvoformerConfig cfg;
+  const double m = 128.0 * 256 * 256, z = 256.0 * 256 * 128;
+  // Forward: 2 m + 7 z all-to-all'd, each rank sends (N - 1) / N^2 = 1/4; gathers of the whole
+  // z, the OPM's right operand [128, 256, 32], two [256, 256, 128] and two [256, 256, 4]: 1/2.
+  const double a2a = (2 * m + 7 * z) / 4, gather = (z + 128.0 * 256 * 32 + 2 * z + 2 * z / 32) / 2;
+  const DapComm f = pasdap_block_comm(cfg, 128, 256, 2, 2, false, Recompute::kNone);
+  EXPECT_EQ(f.all_to_all_bytes, static_cast<int64_t>(2 * 2 * a2a));
+  EXPECT_EQ(f.all_gather_bytes, static_cast<int64_t>(2 * 2 * gather));
+  EXPECT_EQ(f.all_to_all_calls, 9);
+  EXPECT_EQ(f.all_gather_calls, 6);
+  EXPECT_EQ(f.dap, 2);
+  // Backward: the same reversed; a block recompute doubles both, a module recompute the gathers.
+  const DapComm bn = pasdap_block_comm(cfg, 128, 256, 2, 2, true, Recompute::kNone);
+  const DapComm bm = pasdap_block_comm(cfg, 128, 256, 2, 2, true, Recompute::kModule);
+  const DapComm bb = pasdap_block_comm(cfg, 128, 256, 2, 2, true, Recompute::kBlock);
+  EXPECT_EQ(bn.all_to_all_bytes, f.all_to_all_bytes);
+  EXPECT_EQ(bm.all_to_all_bytes, f.all_to_all_bytes);
+  EXPECT_EQ(bm.all_gather_bytes, 2 * f.all_gather_bytes);
+  EXPECT_EQ(bb.all_to_all_bytes, 2 * f.all_to_all_bytes);
+  EXPECT_EQ(bb.all_to_all_calls, 18);
+  EXPECT_EQ(pasdap_block_comm(cfg, 128, 256, 1, 2, false, Recompute::kNone).all_gather_bytes, 0);
+
+  DeviceProfile d = test_profile();
+  d.link_gbps = 100, d.link_latency_us = 0, d.stream_gbps = 50;
+  const double link_ms = (f.all_to_all_bytes + f.all_gather_bytes) / 100e9 * 1e3;
+  EXPECT_NEAR(comm_ms(f, d), link_ms, 1e-9);
+  // 3 passes over each all-to-all's per-rank shard (T / N), 4 over each gathered tensor.
+  d.collective_a2a_copies = 3, d.collective_gather_copies = 4;
+  const double copied = 3 * (2 * m + 7 * z) / 2 * 2 + 4 * 2 * gather * 2;
+  EXPECT_NEAR(comm_ms(f, d), link_ms + copied / 50e9 * 1e3, 1e-6);
+  d.dap_form = "pasdap";
+  DeviceProfile q;
+  ASSERT_TRUE(DeviceProfile::from_json(d.to_json(), &q).ok());
+  EXPECT_EQ(q.collective_a2a_copies, 3);
+  EXPECT_EQ(q.collective_gather_copies, 4);
+  EXPECT_EQ(q.dap_form, "pasdap");
+  nlohmann::json j = nlohmann::json::parse(d.to_json());
+  j["dap_form"] = "ring";
+  EXPECT_NE(DeviceProfile::from_json(j.dump(), &q).message().find("dap_form"), std::string::npos);
+  j = nlohmann::json::parse(d.to_json());
+  j["collective_gather_copies"] = -1;
+  EXPECT_NE(DeviceProfile::from_json(j.dump(), &q).message().find("collective_gather_copies"),
+            std::string::npos);
+}
+
 // Per-rank DAP inference peak against the measurements of docs/dap.md (AF2 dims, one block, one
 // thread per rank, rank 0's absolute tracked peak, which is every run's largest): within 10 %.
 TEST(Planner, DapInferencePeakMatchesMeasured) {

@@ -50,6 +50,23 @@ TEST(ProfileFitTable, ParsesCellsAndEmptyOnes) {
   EXPECT_FALSE(rows[1].time_ms.has_value());
 }
 
+// The report counts the rows within issue 20's 15 % of time, on one device and on more.
+TEST(ProfileFitReport, CountsRowsWithinFifteenPercent) {
+  std::vector<FitRow> rows;
+  ASSERT_TRUE(parse_fit_table(std::string(kHeader) + "128,256,4,1,none,1,1,fp32,100,,\n"
+                                                     "128,256,4,1,none,2,2,fp32,100,,\n"
+                                                     "128,256,4,1,none,4,4,fp32,100,,\n"
+                                                     "128,256,4,1,none,4,4,fp32,,,\n",
+                              "t.csv", &rows)
+                  .ok());
+  std::vector<RowPrediction> pred(4);
+  pred[0].time_ms = 115, pred[1].time_ms = 84, pred[2].time_ms = 86, pred[3].time_ms = 1;
+  const std::string rep = fit_report(rows, pred);
+  EXPECT_NE(rep.find("Time within 15 %: 2 of 3 rows (one device 1 of 1, more devices 1 of 2)"),
+            std::string::npos)
+      << rep;
+}
+
 struct BadTable {
   const char* name;
   std::string text;

@@ -73,6 +73,16 @@ struct DeviceProfile {
   double stream_gbps = 0;
   double link_gbps = 0;        // collective bandwidth per device (bytes sent + received)
   double link_latency_us = 0;  // per collective call
+  // Device memory traffic of each DAP collective of the software the profile describes, at the
+  // stream rate (stream_gbps, else mem_gbps): elements moved (read + write) per element of an
+  // all-to-all's per-rank shard, and per element of an all-gather's (or reduce-scatter's) whole
+  // tensor. The seeds' nnScaler + PyTorch collectives: 3 and 4 (docs/planner.md, "The seeds'
+  // collectives"); 0 (default): none beyond the link (foldcube's own executor's copies are
+  // dap_copy_estimate's).
+  double collective_a2a_copies = 0, collective_gather_copies = 0;
+  // Which DAP form the software runs, for the link volume: "engine" (foldcube's executor,
+  // dap_block_comm) or "pasdap" (the seeds' nnScaler PASDAP, pasdap_block_comm).
+  std::string dap_form = "engine";
   // Measured / modelled time of a training step's forward and backward (calibration: one block
   // at (32, 128), policy none, whole chunks); 1 for user profiles unless given.
   double train_fwd_factor = 1, train_bwd_factor = 1;
@@ -140,12 +150,18 @@ std::vector<ModuleCost> block_module_costs(const EvoformerConfig& cfg, int64_t s
 struct DapComm {
   int64_t all_to_all_bytes = 0, all_gather_bytes = 0;
   int all_to_all_calls = 0, all_gather_calls = 0;
+  int dap = 1;  // ranks of the collectives
 };
 DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
                        int64_t elem_bytes);
 // One block's backward under `policy`, recompute included (without the gradient all-reduce).
 DapComm dap_block_backward_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
                                 int64_t elem_bytes, Recompute policy);
+// The same for the seeds' DAP form (nnScaler examples/alphafold2 PASDAP: every node of a module
+// split on one axis of its first input, nnScaler's adapters between them; docs/planner.md "The
+// seeds' collectives"): forward, or the backward under `policy` with its recompute.
+DapComm pasdap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                          int64_t elem_bytes, bool backward, Recompute policy);
 double comm_ms(const DapComm& c, const DeviceProfile& dev);
 
 // ---- Plan --------------------------------------------------------------------------------------

@@ -242,6 +242,7 @@ DapComm dap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap
   c.all_gather_bytes = 2 * v.all_gather_bytes / kF * elem_bytes;
   c.all_to_all_calls = 6;
   c.all_gather_calls = 6;  // at least: the tri-mul gathers run once per channel group
+  c.dap = dap;
   return c;
 }
 
@@ -257,6 +258,42 @@ DapComm dap_block_backward_comm(const EvoformerConfig& cfg, int64_t s, int64_t r
   // biases and products, kBlock repeats the whole forward.
   c.all_to_all_calls = 7 + (policy == Recompute::kBlock ? 6 : 0);
   c.all_gather_calls = 6 + 3 + (policy == Recompute::kNone ? 0 : 6);
+  c.dap = dap;
+  return c;
+}
+
+DapComm pasdap_block_comm(const EvoformerConfig& cfg, int64_t s, int64_t r, int dap,
+                          int64_t elem_bytes, bool backward, Recompute policy) {
+  DapComm c;
+  if (dap <= 1) return c;
+  const double n = dap;
+  const double m = static_cast<double>(s) * r * cfg.c_m, z = static_cast<double>(r) * r * cfg.c_z;
+  // Forward, elements a rank sends: all-to-alls of m at the column attention and at the next
+  // block's row attention, of z around the OPM's residual add (z and the OPM output to columns,
+  // their sum back to rows for the outgoing triangle multiplication) and at the incoming
+  // multiplication, both triangle attentions and the pair transition: (N - 1) / N^2 of each.
+  // All-gathers, (N - 1) / N of each gathered tensor: the whole z (the row attention is one
+  // registered op whose pair input has no sequence axis, so every rank gets all of it), the
+  // OPM's right operand [s, r, c_opm], both triangle multiplications' right operands [r, r, c_mul]
+  // and the two triangle-attention biases [r, r, H_pair].
+  const double a2a = (n - 1) / (n * n) * (2 * m + 7 * z);
+  const double gather = (n - 1) / n *
+                        (z + static_cast<double>(s) * r * cfg.c_hidden_opm +
+                         2.0 * r * r * cfg.c_hidden_mul + 2.0 * r * r * cfg.no_heads_pair);
+  const int a2a_calls = 9, gather_calls = 6;
+  // Backward (autograd through the adapters): each all-to-all reversed, a reduce-scatter for each
+  // all-gather; a block recompute runs the forward's collectives again, a module recompute the
+  // gathers inside the modules.
+  double k_a2a = 1, k_gather = 1;
+  if (backward) {
+    k_a2a = policy == Recompute::kBlock ? 2 : 1;
+    k_gather = policy == Recompute::kNone ? 1 : 2;
+  }
+  c.all_to_all_bytes = static_cast<int64_t>(2 * k_a2a * a2a * elem_bytes);
+  c.all_gather_bytes = static_cast<int64_t>(2 * k_gather * gather * elem_bytes);
+  c.all_to_all_calls = static_cast<int>(k_a2a * a2a_calls);
+  c.all_gather_calls = static_cast<int>(k_gather * gather_calls);
+  c.dap = dap;
   return c;
 }
 
@@ -264,7 +301,14 @@ double comm_ms(const DapComm& c, const DeviceProfile& dev) {
   const int calls = c.all_to_all_calls + c.all_gather_calls;
   if (calls == 0) return 0;
   const double bytes = static_cast<double>(c.all_to_all_bytes + c.all_gather_bytes);
-  return calls * dev.link_latency_us * 1e-3 + bytes / (dev.link_gbps * 1e9) * 1e3;
+  // The collectives' device copies: a rank sends and receives 2 (N - 1) / N^2 of an all-to-all's
+  // tensor T (its shard is T / N) and 2 (N - 1) / N of an all-gather's, so both per-call sizes are
+  // the link bytes x N / (2 (N - 1)).
+  const double per_link_byte = c.dap > 1 ? c.dap / (2.0 * (c.dap - 1)) : 0;
+  const double copied = per_link_byte * (dev.collective_a2a_copies * c.all_to_all_bytes +
+                                         dev.collective_gather_copies * c.all_gather_bytes);
+  return calls * dev.link_latency_us * 1e-3 + bytes / (dev.link_gbps * 1e9) * 1e3 +
+         copied / (stream_rate(dev) * 1e9) * 1e3;
 }
 
 }  // namespace fc

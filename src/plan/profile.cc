@@ -111,6 +111,9 @@ std::string DeviceProfile::to_json() const {
   j["mem_by_size"] = mem_by_size;
   j["link_gbps"] = link_gbps;
   j["link_latency_us"] = link_latency_us;
+  j["collective_a2a_copies"] = collective_a2a_copies;
+  j["collective_gather_copies"] = collective_gather_copies;
+  j["dap_form"] = dap_form;
   j["train_fwd_factor"] = train_fwd_factor;
   j["train_bwd_factor"] = train_bwd_factor;
   j["chunk_overhead_us"] = chunk_overhead_us;
@@ -153,6 +156,12 @@ Status DeviceProfile::validate() const {
       return Status::InvalidArgument(
           "profile: attention_score_gps, attention_bwd_score_gps and the attention score passes "
           "(attention_[bias_][bwd_]score_passes) must be >= 0");
+  if (!(collective_a2a_copies >= 0) || !std::isfinite(collective_a2a_copies) ||
+      !(collective_gather_copies >= 0) || !std::isfinite(collective_gather_copies))
+    return Status::InvalidArgument(
+        "profile: collective_a2a_copies and collective_gather_copies must be >= 0");
+  if (dap_form != "engine" && dap_form != "pasdap")
+    return Status::InvalidArgument("profile: dap_form must be engine or pasdap");
   if (!(mem_bwd_gbps >= 0) || !std::isfinite(mem_bwd_gbps))
     return Status::InvalidArgument("profile: mem_bwd_gbps must be >= 0 (0: mem_gbps)");
   if (!(stream_gbps >= 0) || !std::isfinite(stream_gbps))
@@ -236,6 +245,9 @@ Status DeviceProfile::from_json(const std::string& text, DeviceProfile* out) {
     num("stream_gbps", &p.stream_gbps);
     num("link_gbps", &p.link_gbps);
     num("link_latency_us", &p.link_latency_us);
+    num("collective_a2a_copies", &p.collective_a2a_copies);
+    num("collective_gather_copies", &p.collective_gather_copies);
+    if (j.contains("dap_form")) p.dap_form = j["dap_form"].get<std::string>();
     num("train_fwd_factor", &p.train_fwd_factor);
     num("train_bwd_factor", &p.train_bwd_factor);
     num("chunk_overhead_us", &p.chunk_overhead_us);

@@ -696,6 +696,17 @@ std::string fit_report(const std::vector<FitRow>& rows, const std::vector<RowPre
       << cell(w.time_ms, pred[i].time_ms) << " | " << cell(w.peak_mb, pred[i].peak_mb) << " | "
       << cell(w.activation_mb, pred[i].activation_mb) << " |\n";
   }
+  // Issue 20's time target (within 15 %), counted on one device and on more.
+  int within[2] = {0, 0}, timed[2] = {0, 0};
+  for (size_t i = 0; i < rows.size() && i < pred.size(); ++i) {
+    if (!rows[i].time_ms || !(*rows[i].time_ms > 0)) continue;
+    const int k = rows[i].devices > 1;
+    ++timed[k];
+    within[k] += std::abs(pred[i].time_ms - *rows[i].time_ms) <= 0.15 * *rows[i].time_ms;
+  }
+  o << "\nTime within 15 %: " << within[0] + within[1] << " of " << timed[0] + timed[1]
+    << " rows (one device " << within[0] << " of " << timed[0] << ", more devices " << within[1]
+    << " of " << timed[1] << ")\n";
   return o.str();
 }
 

@@ -404,9 +404,15 @@ BlockTimes block_times(const EvoformerConfig& cfg, int64_t s, int64_t r, bool tr
   }
   bt.rec[2] = bt.fwd;  // kBlock re-runs the block forward
   const int64_t e = plan_buffer_bytes(dev.element_bytes);
-  bt.comm_fwd = comm_ms(dap_block_comm(cfg, s, r, st.dap, e), dev);
+  // The seeds' PASDAP form is the Evoformer stack's (the seeds ran no ExtraMSA stack under DAP).
+  const bool pasdap = dev.dap_form == "pasdap" && !extra_msa;
+  bt.comm_fwd = comm_ms(pasdap ? pasdap_block_comm(cfg, s, r, st.dap, e, false, Recompute::kNone)
+                               : dap_block_comm(cfg, s, r, st.dap, e),
+                        dev);
   for (int i = 0; i < kTypes; ++i)
-    bt.comm_bwd[i] = comm_ms(dap_block_backward_comm(cfg, s, r, st.dap, e, kType[i]), dev);
+    bt.comm_bwd[i] = comm_ms(pasdap ? pasdap_block_comm(cfg, s, r, st.dap, e, true, kType[i])
+                                    : dap_block_backward_comm(cfg, s, r, st.dap, e, kType[i]),
+                             dev);
   // The CPU's copies of the collectives and layout changes (packing, the collectives' own copies
   // and sums), which the link model leaves out: forward, and the backward per policy.
   const PartitionEstimate c = dap_copy_estimate(cfg, s, r, st.dap, training, extra_msa, dev);
