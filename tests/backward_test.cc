@@ -223,6 +223,23 @@ TEST(LinearBackward, MatchesReferencePaddedAndAccumulating) {
     }
 }
 
+// The bias gradient alone (column sums in double, rows in order, per 64-column task): the
+// reference's bits, for widths around the task width, padded rows, and enough elements to split
+// across threads.
+TEST(LinearBackward, BiasGradientEqualsReferenceBits) {
+  for (const auto& [rows, out] :
+       {std::pair<int64_t, int64_t>{1, 1}, {5, 7}, {33, 64}, {70, 65}, {3000, 130}, {9, 300}}) {
+    SCOPED_TRACE(shape(rows, out, 3));
+    const Mat dy(rows, out, 3, 12);
+    std::vector<float> db = vec(out, 13), db_ref = db;
+    kern::linear_backward(nullptr, 0, rows, 0, nullptr, out, dy.data(), dy.ld, nullptr, 0, nullptr,
+                          db.data());
+    kern::ref::linear_backward(nullptr, 0, rows, 0, nullptr, out, dy.data(), dy.ld, nullptr, 0,
+                               nullptr, db_ref.data());
+    EXPECT_TRUE(BitEqual(db, db_ref));
+  }
+}
+
 TEST(LinearBackward, NullOutputsAreSkipped) {
   const int64_t rows = 9, in = 6, out = 4;
   const Mat x(rows, in, 0, 7), dy(rows, out, 0, 8);

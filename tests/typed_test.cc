@@ -94,6 +94,46 @@ INSTANTIATE_TEST_SUITE_P(Shapes, TypedGemmBatched,
 // linear_bf16 / linear_backward_bf16 (the bf16 training's Linear) against their naive references,
 // with strided x, dy, y, dx, accumulation into y, dx and dW, and odd shapes; the fast kernels use
 // no more scratch than their formula gives (a guard element after it stays intact).
+// gemm_typed's bias (the bf16 Linear forward's): C = A B^T + bias on every row, against the
+// double-accumulated reference within f32 accumulation error, at the Linear shapes (K blocked or
+// not, ragged tails), on one thread and two; nothing is written past a row of C. (oneDNN adds the
+// bias after the whole K sum; C prefilled with the bias rows and beta 1, linear_bf16's way before,
+// gives the same bits only while K is not split into blocks: K <= 256 here.)
+TEST(TypedGemm, Bf16BiasMatchesReference) {
+  struct Shape {
+    int64_t M, N, K;
+  };
+  for (const Shape s : {Shape{1, 1, 1}, Shape{7, 5, 3}, Shape{97, 512, 128}, Shape{300, 1024, 256},
+                        Shape{130, 256, 1024}, Shape{33, 130, 2500}})
+    for (int threads : {1, 2}) {
+      SCOPED_TRACE(::testing::Message()
+                   << s.M << "x" << s.N << "x" << s.K << " threads " << threads);
+      const int64_t ldc = s.N + 3;
+      std::vector<float> a(s.M * s.K), b(s.N * s.K), bias(s.N);  // A [M, K], B [N, K]
+      for (int64_t i = 0; i < s.M * s.K; ++i) a[i] = uniform_pm1(21, i);
+      for (int64_t i = 0; i < s.N * s.K; ++i) b[i] = uniform_pm1(22, i);
+      for (int64_t i = 0; i < s.N; ++i) bias[i] = 4.f * uniform_pm1(23, i);
+      std::vector<uint16_t> ab(a.size()), bb(b.size());
+      kern::f32_to_bf16(a.data(), ab.data(), s.M * s.K);
+      kern::f32_to_bf16(b.data(), bb.data(), s.N * s.K);
+      std::vector<float> got(s.M * ldc, 7.f), want(s.M * ldc, 7.f);  // [M, ldc]
+      for (int64_t i = 0; i < s.M; ++i) std::copy(bias.begin(), bias.end(), want.begin() + i * ldc);
+      const int prev = omp_get_max_threads();
+      omp_set_num_threads(threads);
+      kern::gemm_typed(DType::BF16, false, true, s.M, s.N, s.K, 1.f, ab.data(), s.K, bb.data(), s.K,
+                       0.f, got.data(), ldc, bias.data());
+      omp_set_num_threads(prev);
+      kern::ref::gemm_bf16(false, true, s.M, s.N, s.K, 1.f, ab.data(), s.K, bb.data(), s.K, 1.f,
+                           want.data(), ldc);
+      const double tol = 1e-6 * (4.0 + static_cast<double>(s.K));  // f32 sums of K products
+      for (int64_t i = 0; i < s.M; ++i) {
+        for (int64_t j = 0; j < s.N; ++j)
+          ASSERT_NEAR(got[i * ldc + j], want[i * ldc + j], tol) << i << "," << j;
+        for (int64_t j = s.N; j < ldc; ++j) ASSERT_EQ(got[i * ldc + j], 7.f);
+      }
+    }
+}
+
 TEST(TypedLinear, Bf16ForwardAndBackwardMatchReference) {
   struct Dims {
     int64_t rows, in, out;

@@ -36,10 +36,12 @@ void f32_to_bf16_rows(const float* src, int64_t lds, uint16_t* dst, int64_t ldd,
 // Shapes and leading dimensions as kern::gemm (in elements of `ab`). The bf16 path keeps one
 // oneDNN matmul primitive per distinct call shape and thread count in a per-thread cache; it may
 // be called from several threads at once (inside an OpenMP region each call runs on its calling
-// thread, as kern::gemm does).
+// thread, as kern::gemm does). bias (BF16 with beta 0 only, else FC_CHECK): C = alpha op(A) op(B)
+// + bias[N] on every row, added by oneDNN after the product: the bits of beta 1 on C prefilled
+// with the bias rows, without writing and reading C twice.
 void gemm_typed(DType ab, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                 const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
-                int64_t ldc);
+                int64_t ldc, const float* bias = nullptr);
 
 namespace ref {
 // Naive one-element-at-a-time conversions (the definitions the fast ones are tested against):

@@ -79,30 +79,32 @@ uint32_t float_bits(float x) {
 // the primitive runs through the C API's argument array: the attention backward's small tile
 // products made ~100k calls per block, where per-call objects and the C++ argument map (heap
 // allocations each) cost more than the products' packing.
+// A bias (f32 [N], added to every row of C) goes in as the primitive's bias argument.
 struct Bf16Matmul {
   dnnl::matmul prim;
-  dnnl::memory a, b, c;  // [M, K], [K, N] bf16 and [M, N] f32 with the key's strides
+  dnnl::memory a, b, c, bias;  // [M, K], [K, N] bf16, [M, N] f32 with the key's strides, [1, N] f32
 };
 
 void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
-               int64_t ldc) {
+               int64_t ldc, const float* bias) {
   using dims = dnnl::memory::dims;
   using dt = dnnl::memory::data_type;
   static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   thread_local dnnl::stream stream(engine);
   thread_local std::map<std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                   uint32_t, uint32_t, int>,
+                                   uint32_t, uint32_t, int, bool>,
                         Bf16Matmul>
       cache;
   const auto key = std::make_tuple(trans_a, trans_b, M, N, K, lda, ldb, ldc, float_bits(alpha),
-                                   float_bits(beta), omp_get_max_threads());
+                                   float_bits(beta), omp_get_max_threads(), bias != nullptr);
   auto it = cache.find(key);
   if (it == cache.end()) {
     // Logical A [M, K], B [K, N], C [M, N] with the strides of the row-major storage.
     const dnnl::memory::desc a_md({M, K}, dt::bf16, trans_a ? dims{1, lda} : dims{lda, 1});
     const dnnl::memory::desc b_md({K, N}, dt::bf16, trans_b ? dims{1, ldb} : dims{ldb, 1});
     const dnnl::memory::desc c_md({M, N}, dt::f32, dims{ldc, 1});
+    const dnnl::memory::desc bias_md({1, N}, dt::f32, dims{N, 1});
     dnnl::primitive_attr attr;
     if (alpha != 1.f) attr.set_output_scales(0, {alpha});
     if (beta != 0.f) {
@@ -110,34 +112,47 @@ void gemm_bf16(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, floa
       ops.append_sum(beta);
       attr.set_post_ops(ops);
     }
-    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, engine);
+    const dnnl::matmul::desc desc =
+        bias ? dnnl::matmul::desc(a_md, b_md, bias_md, c_md) : dnnl::matmul::desc(a_md, b_md, c_md);
+    const dnnl::matmul::primitive_desc pd(desc, attr, engine);
     Bf16Matmul e{dnnl::matmul(pd), dnnl::memory(a_md, engine, DNNL_MEMORY_NONE),
                  dnnl::memory(b_md, engine, DNNL_MEMORY_NONE),
-                 dnnl::memory(c_md, engine, DNNL_MEMORY_NONE)};
+                 dnnl::memory(c_md, engine, DNNL_MEMORY_NONE),
+                 dnnl::memory(bias_md, engine, DNNL_MEMORY_NONE)};
     it = cache.emplace(key, std::move(e)).first;
   }
   Bf16Matmul& e = it->second;
   e.a.set_data_handle(const_cast<void*>(A));
   e.b.set_data_handle(const_cast<void*>(B));
   e.c.set_data_handle(C);
-  const dnnl_exec_arg_t args[3] = {
-      {DNNL_ARG_SRC, e.a.get()}, {DNNL_ARG_WEIGHTS, e.b.get()}, {DNNL_ARG_DST, e.c.get()}};
-  FC_CHECK_MSG(dnnl_primitive_execute(e.prim.get(), stream.get(), 3, args) == dnnl_success,
-               "oneDNN bf16 matmul failed");
+  if (bias) e.bias.set_data_handle(const_cast<float*>(bias));
+  const dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, e.a.get()},
+                                   {DNNL_ARG_WEIGHTS, e.b.get()},
+                                   {DNNL_ARG_DST, e.c.get()},
+                                   {DNNL_ARG_BIAS, e.bias.get()}};
+  FC_CHECK_MSG(
+      dnnl_primitive_execute(e.prim.get(), stream.get(), bias ? 4 : 3, args) == dnnl_success,
+      "oneDNN bf16 matmul failed");
   stream.wait();
 }
 }  // namespace
 
 void gemm_typed(DType ab, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                 const void* A, int64_t lda, const void* B, int64_t ldb, float beta, float* C,
-                int64_t ldc) {
+                int64_t ldc, const float* bias) {
   FC_CHECK_MSG(ab == DType::F32 || ab == DType::BF16, "gemm_typed: inputs must be F32 or BF16");
+  FC_CHECK_MSG(!bias || (ab == DType::BF16 && beta == 0.f),
+               "gemm_typed: a bias needs BF16 inputs and beta 0");
+  if (bias && (M == 0 || N == 0 || K == 0)) {  // C = bias rows (then the product, if any)
+    for (int64_t i = 0; i < M; ++i) std::memcpy(C + i * ldc, bias, N * sizeof(float));
+    beta = 1.f, bias = nullptr;
+  }
   if (ab == DType::F32 || M == 0 || N == 0 || K == 0) {  // K == 0: C = beta * C, as gemm
     gemm(trans_a, trans_b, M, N, K, alpha, static_cast<const float*>(A), lda,
          static_cast<const float*>(B), ldb, beta, C, ldc);
     return;
   }
-  gemm_bf16(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  gemm_bf16(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias);
 }
 
 namespace ref {

@@ -76,17 +76,12 @@ int64_t linear_backward_bf16_scratch(int64_t rows, int64_t in, int64_t out, bool
 
 void linear_bf16(const uint16_t* xb, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
                  const float* b, int64_t out, float* y, int64_t ldy, bool accumulate) {
-  float beta = accumulate ? 1.f : 0.f;
-  if (b != nullptr) {
-    if (!accumulate) {
-#pragma omp parallel for schedule(static) if (rows * out > kParallelMin)
-      for (int64_t r = 0; r < rows; ++r) std::copy(b, b + out, y + r * ldy);
-    } else {
-      add_bias_rows(y, ldy, b, rows, out);
-    }
-    beta = 1.f;
-  }
-  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in, beta, y, ldy);
+  if (b != nullptr && !accumulate)  // the bias as the product's (the bits of y = b, then y +=)
+    return gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in, 0.f, y, ldy,
+                      b);
+  if (b != nullptr) add_bias_rows(y, ldy, b, rows, out);
+  gemm_typed(DType::BF16, false, true, rows, out, in, 1.f, xb, ldx, Wb, in,
+             accumulate || b != nullptr ? 1.f : 0.f, y, ldy);
 }
 
 void linear_bf16(const float* x, int64_t ldx, int64_t rows, int64_t in, const uint16_t* Wb,
