@@ -139,6 +139,9 @@ std::string default_profile_path();
 // Reads `path` (empty = default_profile_path()); when the file is missing (or recalibrate) and
 // the path is the local default, calibrates and writes it. A missing explicit path is an error.
 Status load_or_calibrate_profile(const std::string& path, bool recalibrate, DeviceProfile* out);
+// Writes dev's JSON to path all or nothing (a temporary file renamed over path), creating the
+// directory: the profile cache is never left half-written.
+Status write_profile(const std::string& path, const DeviceProfile& dev);
 
 // ---- Cost model --------------------------------------------------------------------------------
 // Estimated time of one module at (s, r) on one device, from its FLOPs per class and bytes moved.

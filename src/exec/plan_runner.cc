@@ -353,11 +353,7 @@ Status measure_profile_link(const Comm& world, const std::string& path, int64_t 
     }
     // Only into a file that holds the profile (a calibration not cached, on a busy machine, is
     // not written here either).
-    if (save && !busy && std::ifstream(file).good()) {
-      std::ofstream f(file);
-      f << dev.to_json() << "\n";
-      if (!f) st = Status::IOError("cannot write profile " + file);
-    }
+    if (save && !busy && std::ifstream(file).good()) st = write_profile(file, dev);
   }
   if (out != nullptr) *out = dev;
   return world.agree(st);

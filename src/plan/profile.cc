@@ -18,6 +18,7 @@
 #include "foldcube/planner.h"
 #include "foldcube/runtime.h"
 #include "foldcube/tensor.h"
+#include "io/io_util.h"
 #include "plan/json_int.h"
 
 namespace fc {
@@ -344,12 +345,18 @@ Status load_or_calibrate_profile(const std::string& path, bool recalibrate, Devi
     out->name += note;
     return Status::OK();
   }
+  return write_profile(p, *out);
+}
+
+Status write_profile(const std::string& path, const DeviceProfile& dev) {
   std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(p).parent_path(), ec);
-  std::ofstream f(p);
-  f << out->to_json() << "\n";
-  if (!f) return Status::IOError("cannot write profile " + p);
-  return Status::OK();
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  const std::string text = dev.to_json() + "\n";
+  return io::write_file_atomic(path, [&](std::FILE* f) {
+    return std::fwrite(text.data(), 1, text.size(), f) == text.size()
+               ? Status::OK()
+               : Status::IOError("cannot write profile " + path);
+  });
 }
 
 }  // namespace fc
